@@ -1,0 +1,473 @@
+"""Checkpoint formats: the official Vita-CLIP release, OpenAI/open_clip CLIP weights, and our own.
+
+Nothing here unpickles arbitrary objects: ``.pth``/``.pt`` files go through ``torch.load(weights_only=True)``,
+OpenAI's TorchScript archives through ``torch.jit.load`` (tensors only are kept), our own format is safetensors.
+
+Formats:
+    ``official``: the official trainer's ``checkpoint-N.pth`` (``{"model": state_dict}``, keys with a ``module.``
+        prefix) and the released Vita-CLIP-B file: keys ``visual.*``, ``textual.*``, ``prompt_learner.*``,
+        ``logit_scale``.
+    ``openai``: OpenAI CLIP / open_clip state dicts (``visual.conv1.weight``, ``token_embedding.weight``, ...), also
+        wrapped in ``{"state_dict": ...}`` as open_clip's trainer saves them; used as a frozen backbone.
+    ``vitaclip``: a folder with ``model.safetensors`` and ``config.json`` (model config, label names, sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+
+from vitaclip.config import TextContextConfig, VitaClipConfig
+from vitaclip.model import VitaClip, backbone_model_config
+
+CheckpointFormat = Literal["official", "openai", "vitaclip"]
+FORMAT_NAME = "vitaclip-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, of an unknown format, or not matching the model."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Finds the state dict inside a loaded object and strips DDP's ``module.`` prefix."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "module"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return _unwrap(obj[key], path)
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: no state dict found (got {type(obj).__name__})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: the state dict holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads tensors from a ``.pth``/``.pt``/``.bin``, TorchScript archive or ``.safetensors`` file, safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+    try:
+        if _is_torchscript(path):
+            return {k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: it holds objects other than tensors and plain containers "
+            f"(torch.load weights_only=True said: {str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+    return _unwrap(obj, path)
+
+
+def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
+    keys = set(state)
+    if "visual.time_embed" in keys or "visual.patch_embed.proj.weight" in keys or "prompt_learner.ctx" in keys:
+        return "official"
+    if "visual.conv1.weight" in keys and "token_embedding.weight" in keys:
+        return "openai"
+    if any(k.startswith("clip.visual.") for k in keys):
+        return "vitaclip"
+    sample = sorted(keys)[:5]
+    raise CheckpointError(f"unknown checkpoint format (first keys: {sample}); expected official Vita-CLIP, "
+                          "OpenAI/open_clip CLIP or a vitaclip checkpoint folder")
+
+
+# ---------------------------------------------------------------------------------------------- official
+
+_BLOCK = re.compile(r"^visual\.blocks\.(\d+)\.(.+)$")
+_BLOCK_RENAMES = {
+    "norm1.": "ln_1.",
+    "norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "attn.out_proj.": "attn.out_proj.",
+}
+_VISUAL_RENAMES = {
+    "visual.patch_embed.proj.weight": "clip.visual.conv1.weight",
+    "visual.patch_embed.proj.bias": "patch_bias",
+    "visual.cls_token": "clip.visual.class_embedding",
+    "visual.pos_embed": "clip.visual.positional_embedding",
+    "visual.time_embed": "temporal.weight",
+    "visual.proj": "clip.visual.proj",
+    "visual.global_prompts": "global_prompts.tokens",
+    "logit_scale": "logit_scale",
+    "prompt_learner.ctx": "text_context.ctx",
+    "prompt_learner.token_prefix": "text_context.token_prefix",
+    "prompt_learner.token_suffix": "text_context.token_suffix",
+}
+
+
+def map_official_key(key: str) -> str:
+    """Our parameter name for an official parameter name (q/k/v projections map to the fused ``in_proj``)."""
+    if key in _VISUAL_RENAMES:
+        return _VISUAL_RENAMES[key]
+    for norm in ("ln_pre", "ln_post"):
+        if key.startswith(f"visual.{norm}."):
+            return "clip." + key
+    if key.startswith("textual."):
+        return "clip." + key[len("textual.") :]
+    m = _BLOCK.match(key)
+    if m:
+        layer, rest = m.group(1), m.group(2)
+        if rest == "local_prompts":
+            return "local_prompts.tokens"
+        if rest.startswith("cls_proj."):
+            return f"cls_proj.{layer}.{rest[len('cls_proj.'):]}"
+        if rest.startswith("summary_ln."):
+            return f"summary.norms.{layer}.{rest[len('summary_ln.'):]}"
+        if rest.startswith("summary_attn_layer."):
+            return f"summary.attns.{layer}.{rest[len('summary_attn_layer.'):]}"
+        if re.match(r"attn\.[qkv]_proj\.(weight|bias)$", rest):
+            return f"clip.visual.transformer.resblocks.{layer}.attn.in_proj_{rest.rsplit('.', 1)[1]}"
+        for old, new in _BLOCK_RENAMES.items():
+            if rest.startswith(old):
+                return f"clip.visual.transformer.resblocks.{layer}.{new}{rest[len(old):]}"
+    raise CheckpointError(f"official checkpoint key {key!r} is not part of Vita-CLIP")
+
+
+def _count_layers(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    found = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    if found != set(range(len(found))):
+        raise CheckpointError(f"layers under {prefix} are not numbered 0..N-1: {sorted(found)}")
+    return len(found)
+
+
+def _require(state: Mapping[str, torch.Tensor], *keys: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"official checkpoint is missing {missing}")
+
+
+def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig) -> VitaClipConfig:
+    """Infers the backbone shape, T, G, local prompts, summary token and text context from official tensors.
+
+    ``base`` supplies what tensors cannot tell: attention heads, the text context's name position, the label set.
+    """
+    _require(state, "visual.patch_embed.proj.weight", "visual.cls_token", "visual.pos_embed", "visual.proj",
+             "visual.time_embed", "logit_scale")
+    if "textual.token_embedding.weight" not in state:
+        raise CheckpointError(
+            "official checkpoint has no text tower (textual.*): it was saved in zero-shot mode; Vita-CLIP needs the "
+            "text tower stored with it"
+        )
+    width = state["visual.cls_token"].shape[0]
+    patch = state["visual.patch_embed.proj.weight"].shape[-1]
+    grid = round((state["visual.pos_embed"].shape[0] - 1) ** 0.5)
+    layers = _count_layers(state, "visual.blocks.")
+    mlp_width = state["visual.blocks.0.mlp.fc1.weight"].shape[0]
+    text_width = state["textual.ln_final.weight"].shape[0]
+    base_cfg = backbone_model_config(base)
+    base_vision, base_text = base_cfg["vision_cfg"], base_cfg["text_cfg"]
+
+    def heads(base_part: Mapping[str, Any], w: int) -> int:
+        # Head counts are not visible in tensors: take them from the named config when widths agree, else CLIP's
+        # 64-wide heads.
+        if base_part.get("width") == w and "heads" in base_part:
+            return int(base_part["heads"])
+        if base_part.get("width") == w and "head_width" in base_part:
+            return w // int(base_part["head_width"])
+        return max(1, w // 64)
+
+    inferred = {
+        "embed_dim": int(state["visual.proj"].shape[1]),
+        "quick_gelu": True,  # the official blocks use QuickGELU
+        "vision_cfg": {
+            "image_size": int(grid * patch),
+            "patch_size": int(patch),
+            "width": int(width),
+            "layers": layers,
+            "head_width": int(width // heads(base_vision, width)),
+            "mlp_ratio": mlp_width / width,
+        },
+        "text_cfg": {
+            "context_length": int(state["textual.positional_embedding"].shape[0]),
+            "vocab_size": int(state["textual.token_embedding.weight"].shape[0]),
+            "width": int(text_width),
+            "heads": heads(base_text, text_width),
+            "layers": _count_layers(state, "textual.transformer.resblocks."),
+        },
+    }
+    same_backbone = all(
+        base_vision.get(k, v) == v for k, v in inferred["vision_cfg"].items() if k not in ("head_width", "mlp_ratio")
+    ) and all(base_text.get(k, v) == v for k, v in inferred["text_cfg"].items() if k != "heads") and (
+        base_cfg.get("embed_dim") == inferred["embed_dim"] and float(base_vision.get("mlp_ratio", 4.0)) == mlp_width / width
+    )
+    ctx = state.get("prompt_learner.ctx")
+    text_context = None
+    if ctx is not None:
+        base_ctx = base.text_context or TextContextConfig()
+        text_context = TextContextConfig(
+            num_tokens=int(ctx.shape[-2]),
+            kind="class_specific" if ctx.ndim == 3 else "generic",
+            position=base_ctx.position,
+        )
+    local = state.get("visual.blocks.0.local_prompts")
+    backbone_fields: dict[str, Any] = (
+        {"backbone": base.backbone, "backbone_config": base.backbone_config}
+        if same_backbone
+        else {"backbone": None, "backbone_config": inferred}
+    )
+    return base.replace(
+        **backbone_fields,
+        num_frames=int(state["visual.time_embed"].shape[0]),
+        temporal_embedding=True,
+        num_global_prompts=int(state["visual.global_prompts"].shape[1]) if "visual.global_prompts" in state else 0,
+        num_local_prompts=int(local.shape[1]) if local is not None else 0,
+        summary_token="visual.blocks.0.summary_ln.weight" in state,
+        text_context=text_context,
+    )
+
+
+def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official state dict -> ours. Fuses q/k/v, stacks per-layer local prompts; every key must be used."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    local: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _BLOCK.match(key)
+        if m and re.match(r"attn\.[qkv]_proj\.(weight|bias)$", m.group(2)):
+            which, kind = m.group(2).split(".")[1][0], m.group(2).rsplit(".", 1)[1]
+            qkv.setdefault((m.group(1), kind), {})[which] = value
+            continue
+        if m and m.group(2) == "local_prompts":
+            if value.ndim != 3 or value.shape[0] != 1:
+                raise CheckpointError(f"{key} must be [1, T, D], got {tuple(value.shape)}")
+            local[int(m.group(1))] = value[0]
+            continue
+        out[map_official_key(key)] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"visual.blocks.{layer}.attn is missing {sorted({'q', 'k', 'v'} - set(parts))}_proj")
+        out[f"clip.visual.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]], dim=0
+        )
+    if local:
+        if sorted(local) != list(range(len(local))):
+            raise CheckpointError(f"local prompts found for layers {sorted(local)} only")
+        out["local_prompts.tokens"] = torch.stack([local[i] for i in range(len(local))])
+    # open_clip keeps its own logit_scale; keep it equal to the model's.
+    out["clip.logit_scale"] = out["logit_scale"].clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors {missing[:6]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors {unexpected[:6]}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong[:6]}")
+        raise CheckpointError(f"{source} does not match model {getattr(model, 'config', None) and model.config.name}: "
+                              + "; ".join(parts))
+    model.load_state_dict(dict(state), strict=True)
+
+
+def load_official(
+    path: str | Path,
+    base: VitaClipConfig,
+    *,
+    label_names: Sequence[str] | None,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> VitaClip:
+    """A Vita-CLIP model from an official checkpoint; ``base`` is the named config it is read against."""
+    state = read_state_dict(path) if state is None else state
+    if detect_format(state) != "official":
+        raise CheckpointError(f"{path} is not an official Vita-CLIP checkpoint")
+    config = config_from_official(state, base)
+    names = _label_names_for(config, label_names, state.get("prompt_learner.ctx"))
+    model = VitaClip(config, label_names=names)
+    converted = convert_official_state(state)
+    if model.text_context is not None and not model.text_context.label_names:
+        # A generic context whose training label names were not given: its stored label prompts cannot be matched to
+        # names, and every name's prompt is built from the token embedding instead.
+        converted.pop("text_context.token_prefix", None)
+        converted.pop("text_context.token_suffix", None)
+        model.text_context.register_buffer("token_prefix", None)
+        model.text_context.register_buffer("token_suffix", None)
+    _load_strict(model, converted, f"official checkpoint {path}")
+    model.source_sha256 = file_sha256(path)
+    return model
+
+
+def _label_names_for(
+    config: VitaClipConfig, label_names: Sequence[str] | None, ctx: torch.Tensor | None
+) -> tuple[str, ...] | None:
+    if label_names is not None:
+        names = tuple(label_names)
+    elif config.label_set is not None:
+        from vitaclip.labels import load_label_set
+
+        names = load_label_set(config.label_set)
+    else:
+        names = None
+    if ctx is not None and ctx.ndim == 3 and (names is None or len(names) != ctx.shape[0]):
+        got = "none" if names is None else str(len(names))
+        raise CheckpointError(
+            f"the checkpoint's class-specific text context covers {ctx.shape[0]} labels but {got} label names were "
+            "given: pass label_names=[...] in training order (the official checkpoint stores no names)"
+        )
+    return names
+
+
+def load_backbone(
+    path: str | Path,
+    config: VitaClipConfig,
+    *,
+    label_names: Sequence[str] | None,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> VitaClip:
+    """A fresh Vita-CLIP model (prompts initialised) on OpenAI/open_clip backbone weights."""
+    state = read_state_dict(path) if state is None else state
+    if detect_format(state) != "openai":
+        raise CheckpointError(f"{path} is not an OpenAI/open_clip CLIP checkpoint")
+    model = VitaClip(config, label_names=label_names)
+    state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    _load_strict(model.clip, state, f"CLIP checkpoint {path}")
+    with torch.no_grad():
+        model.logit_scale.copy_(model.clip.logit_scale)
+    model.refresh_label_prompts()
+    model.source_sha256 = file_sha256(path)
+    return model
+
+
+def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
+    """Writes ``out_dir/model.safetensors`` and ``out_dir/config.json`` (last, atomically). Returns the sha256."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_NAME, "config": model.config.to_json()})
+        sha = file_sha256(tmp)
+        os.replace(tmp, out_dir / WEIGHTS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "label_names": list(model.text_context.label_names) if model.text_context is not None else None,
+        "default_labels": list(model.label_names) if model.label_names is not None else None,
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": sha,
+    }
+    tmp_cfg = out_dir / (CONFIG_FILE + ".tmp")
+    tmp_cfg.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_cfg, out_dir / CONFIG_FILE)
+    return sha
+
+
+def is_vitaclip_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path.is_dir() and (path / CONFIG_FILE).is_file()) or (
+        path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file()
+    )
+
+
+def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None) -> VitaClip:
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable checkpoint config: {exc}") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{folder}: not a vitaclip checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: checkpoint format version {meta.get('format_version')} is not supported (this vitaclip reads "
+            f"version {FORMAT_VERSION})"
+        )
+    weights = folder / meta.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: weights file {weights.name} is missing")
+    sha = file_sha256(weights)
+    if sha != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: sha256 {sha} does not match the recorded {meta.get('weights_sha256')}")
+    config = VitaClipConfig.from_dict(meta["config"])
+    trained = meta.get("label_names")
+    model = VitaClip(config, label_names=trained if trained else label_names)
+    if label_names is not None:
+        model.label_names = tuple(label_names)
+    elif meta.get("default_labels") is not None:
+        model.label_names = tuple(meta["default_labels"])
+    state = read_state_dict(weights)
+    _load_strict(model, state, f"checkpoint {weights}")
+    model.source_sha256 = sha
+    return model
+
+
+def load_checkpoint(
+    path: str | Path, *, config: VitaClipConfig | None, label_names: Sequence[str] | None = None
+) -> VitaClip:
+    """Loads any supported checkpoint; ``config`` is required for the official and OpenAI/open_clip formats."""
+    if is_vitaclip_checkpoint(path):
+        return load_vitaclip(path, label_names=label_names)
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint")
+    state = read_state_dict(path)
+    state_format = detect_format(state)
+    if config is None:
+        raise CheckpointError(f"{path} is a {state_format} checkpoint: name the model it belongs to")
+    if state_format == "official":
+        return load_official(path, config, label_names=label_names, state=state)
+    if state_format == "openai":
+        return load_backbone(path, config, label_names=label_names, state=state)
+    raise CheckpointError(f"{path}: a bare vitaclip state dict needs its config.json beside it")

@@ -1,0 +1,155 @@
+"""Model configuration: frozen dataclasses with a JSON twin.
+
+A :class:`VitaClipConfig` names an open_clip backbone (a registered open_clip model name or an inline open_clip
+model config) and the Vita-CLIP additions on top of it. Every addition is a count or an optional sub-config, so the
+all-off config is plain CLIP frame averaging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ContextPosition = Literal["end", "middle", "front"]
+ContextKind = Literal["generic", "class_specific"]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TextContextConfig:
+    """CoOp-style learned text context (Vita-CLIP's text-side prompts).
+
+    Attributes:
+        num_tokens: learned context tokens per prompt.
+        kind: one context shared by every label (``generic``) or one per training label (``class_specific``).
+        position: where the label name sits relative to the context.
+        init_words: words whose token embeddings initialise a generic context (empty: random init); their count
+            must equal ``num_tokens``.
+    """
+
+    num_tokens: int = 8
+    kind: ContextKind = "class_specific"
+    position: ContextPosition = "end"
+    init_words: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError(f"text_context.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.kind not in ("generic", "class_specific"):
+            raise ValueError(f"text_context.kind must be 'generic' or 'class_specific', got {self.kind!r}")
+        if self.position not in ("end", "middle", "front"):
+            raise ValueError(f"text_context.position must be 'end', 'middle' or 'front', got {self.position!r}")
+        if self.init_words and len(self.init_words.replace("_", " ").split()) != self.num_tokens:
+            raise ValueError(
+                f"text_context.init_words has {len(self.init_words.split())} words but num_tokens={self.num_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class VitaClipConfig:
+    """A Vita-CLIP model: an open_clip ViT backbone plus learned video and text prompts.
+
+    Attributes:
+        name: the registry name (part of every output row's model id).
+        backbone: an open_clip model name (``ViT-B-16-quickgelu``), or None when ``backbone_config`` is given.
+        backbone_config: an inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``,
+            ``quick_gelu``), used for models open_clip does not register (tests, the demo model).
+        num_frames: frames per video at training time (T); inference accepts any T >= 1.
+        temporal_embedding: a learned per-frame embedding added after the positional embedding.
+        num_global_prompts: video-level prompt tokens per layer (G), 0 for none.
+        num_local_prompts: frame-conditioned prompt tokens per layer, 0 for none. The official recipe uses one per
+            training frame; at another T they are resampled to T by nearest neighbour.
+        summary_token: a per-layer summary token from attention across the frames' CLS tokens.
+        text_context: learned text context, or None for CLIP's own text prompts.
+        label_set: the packaged label list a class-specific context was trained on, when it is one of ours.
+        mean: per-channel normalisation mean of input frames (RGB in [0, 1]).
+        std: per-channel normalisation std.
+        seed: seed for the random initialisation of everything not loaded from a checkpoint.
+    """
+
+    name: str
+    backbone: str | None = None
+    backbone_config: Mapping[str, Any] | None = None
+    num_frames: int = 8
+    temporal_embedding: bool = True
+    num_global_prompts: int = 8
+    num_local_prompts: int = 8
+    summary_token: bool = True
+    text_context: TextContextConfig | None = field(default_factory=TextContextConfig)
+    label_set: str | None = None
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.backbone is None) == (self.backbone_config is None):
+            raise ValueError(f"config {self.name!r}: give exactly one of backbone (a name) or backbone_config")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.num_global_prompts < 0 or self.num_local_prompts < 0:
+            raise ValueError(
+                f"prompt counts must be >= 0, got num_global_prompts={self.num_global_prompts}, "
+                f"num_local_prompts={self.num_local_prompts}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.backbone_config is not None:
+            object.__setattr__(self, "backbone_config", json.loads(json.dumps(dict(self.backbone_config))))
+
+    @property
+    def has_prompts(self) -> bool:
+        """Whether anything beyond plain CLIP frame averaging is configured."""
+        return (
+            self.temporal_embedding
+            or self.num_global_prompts > 0
+            or self.num_local_prompts > 0
+            or self.summary_token
+            or self.text_context is not None
+        )
+
+    def replace(self, **changes: Any) -> VitaClipConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mean"] = list(self.mean)
+        out["std"] = list(self.std)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VitaClipConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        values = dict(data)
+        ctx = values.get("text_context")
+        if isinstance(ctx, Mapping):
+            ctx_known = {f.name for f in dataclasses.fields(TextContextConfig)}
+            bad = sorted(set(ctx) - ctx_known)
+            if bad:
+                raise ValueError(f"unknown text_context keys {bad}; allowed: {sorted(ctx_known)}")
+            values["text_context"] = TextContextConfig(**ctx)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> VitaClipConfig:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))

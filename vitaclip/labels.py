@@ -1,0 +1,34 @@
+"""Packaged label lists (one name per line, in the order a model was trained on)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+_PACKAGED = {"kinetics400": "kinetics400.txt"}
+
+
+def list_label_sets() -> list[str]:
+    return sorted(_PACKAGED)
+
+
+@lru_cache(maxsize=None)
+def load_label_set(name_or_path: str) -> tuple[str, ...]:
+    """Label names of a packaged set (``kinetics400``) or of a text file with one name per line."""
+    if name_or_path in _PACKAGED:
+        text = resources.files("vitaclip").joinpath("data", _PACKAGED[name_or_path]).read_text(encoding="utf-8")
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(
+                f"label set {name_or_path!r} is neither a packaged set {list_label_sets()} nor a readable file"
+            )
+        text = path.read_text(encoding="utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not names:
+        raise ValueError(f"label set {name_or_path!r} has no names")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"label set {name_or_path!r} repeats names: {dupes[:5]}")
+    return names

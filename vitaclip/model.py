@@ -1,0 +1,371 @@
+"""Vita-CLIP on an unmodified open_clip ViT.
+
+The backbone is an open_clip ``CLIP`` model, kept frozen and never subclassed. :class:`VitaClip` drives the
+backbone's own pieces (``conv1``, ``ln_pre``, each block's ``ln_1``/``attention``/``ln_2``/``mlp``, ``ln_post``,
+``proj``, and the text tower) and adds the learned modules of :mod:`vitaclip.prompts` around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+from vitaclip.config import VitaClipConfig
+from vitaclip.labels import load_label_set
+from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
+from vitaclip.zeroshot import TEMPLATES
+
+_TOKENIZER: SimpleTokenizer | None = None
+
+
+def _tokenizer() -> SimpleTokenizer:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SimpleTokenizer()
+    return _TOKENIZER
+
+
+def _clean_name(name: str) -> str:
+    # The official prompt learner turns underscores into spaces; names are matched in that form.
+    return name.replace("_", " ").strip()
+
+
+def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
+    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) of a config."""
+    if config.backbone_config is not None:
+        return dict(config.backbone_config)
+    assert config.backbone is not None
+    cfg = open_clip.get_model_config(config.backbone)
+    if cfg is None:
+        raise ValueError(f"open_clip has no model config named {config.backbone!r}")
+    return dict(cfg)
+
+
+def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
+    """Builds the open_clip model of a config (random weights) and checks it is a ViT CLIP we can drive."""
+    cfg = backbone_model_config(config)
+    unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
+    if unknown or cfg.get("custom_text"):
+        raise ValueError(f"backbone {config.backbone or 'config'}: unsupported open_clip options {sorted(unknown)}")
+    clip = open_clip.model.CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=cfg["text_cfg"],
+        quick_gelu=bool(cfg.get("quick_gelu", False)),
+    )
+    visual = clip.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise ValueError(f"backbone {config.backbone!r}: Vita-CLIP needs a ViT image tower, got {type(visual).__name__}")
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError(f"backbone {config.backbone!r}: Vita-CLIP needs CLS-token pooling (pool_type='tok')")
+    if visual.proj is None or not isinstance(clip.text_projection, torch.Tensor):
+        raise ValueError(f"backbone {config.backbone!r}: image and text projections must be matrices")
+    if clip.text_pool_type != "argmax":
+        raise ValueError(f"backbone {config.backbone!r}: text pooling must be 'argmax' (CLIP's end token)")
+    return clip
+
+
+class VitaClip(nn.Module):
+    """A video-text model: frozen CLIP ViT + Vita-CLIP prompts.
+
+    Args:
+        config: what to build.
+        label_names: names of the labels a class-specific text context was trained on, in training order. When
+            omitted, the packaged list ``config.label_set`` is used.
+
+    Attributes:
+        clip: the unmodified open_clip backbone (frozen).
+        label_names: the default label set of :meth:`encode_labels` users (the zero-shot helper, the job).
+    """
+
+    def __init__(self, config: VitaClipConfig, *, label_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if label_names is None and config.label_set is not None:
+            label_names = load_label_set(config.label_set)
+        self.label_names: tuple[str, ...] | None = tuple(label_names) if label_names is not None else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self._build(config)
+        self.source_sha256: str | None = None  # sha256 of the checkpoint file the weights came from
+
+    def _build(self, config: VitaClipConfig) -> None:
+        self.clip = build_backbone(config)
+        visual = self.clip.visual
+        width = visual.conv1.out_channels
+        num_layers = len(visual.transformer.resblocks)
+        num_heads = visual.transformer.resblocks[0].attn.num_heads
+        patch_size = visual.patch_size[0]
+
+        # The official patch embedding is a convolution with a bias (open_clip's has none); a zero bias is exact CLIP.
+        self.patch_bias = nn.Parameter(torch.zeros(width), requires_grad=False)
+        self.temporal = TemporalEmbedding(config.num_frames, width) if config.temporal_embedding else None
+        self.global_prompts = (
+            GlobalPrompts(num_layers, config.num_global_prompts, width, patch_size=patch_size)
+            if config.num_global_prompts > 0
+            else None
+        )
+        # One projection of the CLS token per layer, shared by local prompts and the summary token. It stays at its
+        # random initial value (frozen), as in the official recipe, and is stored in checkpoints.
+        uses_cls = config.num_local_prompts > 0 or config.summary_token
+        self.cls_proj = nn.ModuleList([nn.Linear(width, width) for _ in range(num_layers)]) if uses_cls else None
+        self.local_prompts = (
+            LocalPrompts(num_layers, config.num_local_prompts, width, patch_size=patch_size)
+            if config.num_local_prompts > 0
+            else None
+        )
+        self.summary = SummaryToken(num_layers, width, num_heads) if config.summary_token else None
+        self.logit_scale = nn.Parameter(self.clip.logit_scale.detach().clone())
+
+        self.text_context: TextContext | None = None
+        if config.text_context is not None:
+            tc = config.text_context
+            text_width = self.clip.ln_final.weight.shape[0]
+            names = self.label_names or ()
+            if tc.kind == "class_specific":
+                if not names:
+                    raise ValueError(
+                        f"model {config.name!r} has a class-specific text context: give label_names (training order)"
+                    )
+                ctx = torch.empty(len(names), tc.num_tokens, text_width)
+                nn.init.normal_(ctx, std=0.02)
+            elif tc.init_words:
+                tokens = open_clip.tokenize([_clean_name(tc.init_words)], context_length=self.clip.context_length)
+                with torch.no_grad():
+                    ctx = self.clip.token_embedding(tokens)[0, 1 : 1 + tc.num_tokens].clone()
+            else:
+                ctx = torch.empty(tc.num_tokens, text_width)
+                nn.init.normal_(ctx, std=0.02)
+            self.text_context = TextContext(
+                ctx, token_prefix=None, token_suffix=None, label_names=tuple(names), position=tc.position
+            )
+            if names:
+                self.refresh_label_prompts()
+
+        # Freeze by module, not by parameter-name matching: the backbone and the CLS projections stay fixed.
+        self.clip.requires_grad_(False)
+        if self.cls_proj is not None:
+            self.cls_proj.requires_grad_(False)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip.visual.image_size[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.visual.proj.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    @property
+    def model_id(self) -> str:
+        """Model name + sha256 of the weights' source: the id every output row carries."""
+        if self.source_sha256 is None:
+            self.source_sha256 = self.weights_sha256()
+        return f"{self.config.name}@sha256:{self.source_sha256}"
+
+    def weights_sha256(self) -> str:
+        """sha256 over the state dict (names, dtypes, shapes, bytes): identifies randomly initialised models."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ video
+
+    def encode_video(self, video: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Video features.
+
+        Args:
+            video: float ``[B, T, 3, H, W]``, CLIP-normalised frames, H = W = ``image_size``; any T >= 1.
+            normalize: L2-normalise the output.
+
+        Returns:
+            ``[B, E]``: the mean over frames of each frame's projected CLS token.
+        """
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        B, T, _, H, W = video.shape
+        if (H, W) != (self.image_size, self.image_size):
+            raise ValueError(f"frames must be {self.image_size}x{self.image_size} for {self.config.name}, got {H}x{W}")
+        if not video.is_floating_point():
+            raise ValueError(f"video must be a float tensor (CLIP-normalised), got {video.dtype}")
+        visual = self.clip.visual
+        x = visual.conv1(video.reshape(B * T, 3, H, W).to(self.dtype))  # [B*T, D, g, g]
+        x = x.flatten(2).transpose(1, 2) + self.patch_bias.to(x.dtype)  # [B*T, N, D]
+        cls = visual.class_embedding.to(x.dtype).expand(B * T, 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [B*T, 1+N, D]
+        if self.temporal is not None:
+            x = (x.view(B, T, *x.shape[1:]) + self.temporal(T).to(x.dtype)[None, :, None, :]).flatten(0, 1)
+        x = visual.ln_pre(x)
+        for layer, block in enumerate(visual.transformer.resblocks):
+            x = self._video_block(layer, block, x, B, T)
+        cls_out = visual.ln_post(x[:, 0]) @ visual.proj  # [B*T, E]
+        features = cls_out.view(B, T, -1).mean(dim=1)  # [B, E]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _video_block(self, layer: int, block: nn.Module, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """One backbone block with Vita-CLIP's tokens. ``x``: ``[B*T, 1+N, D]`` -> same shape."""
+        num_global = 0
+        if self.global_prompts is not None:
+            g = self.global_prompts.tokens[layer].to(x.dtype)  # [G, D]
+            num_global = g.shape[0]
+            x = torch.cat([x[:, :1], g.expand(B * T, -1, -1), x[:, 1:]], dim=1)  # [B*T, 1+G+N, D]
+
+        # Tokens visible inside attention only: [CLS | local prompts | global prompts, patches | summary].
+        head, tail = [x[:, :1]], [x[:, 1:]]
+        num_local = num_summary = 0
+        if self.cls_proj is not None:
+            cls_projected = self.cls_proj[layer](x[:, 0].view(B, T, -1))  # [B, T, D]
+            if self.summary is not None:
+                summary = self.summary(layer, cls_projected)  # [B, T, D]
+                tail.append(summary.reshape(B * T, 1, -1))  # frame t sees summary t
+                num_summary = 1
+            if self.local_prompts is not None:
+                local = self.local_prompts(layer, cls_projected)  # [B, T, D]
+                head.append(local.repeat_interleave(T, dim=0))  # [B*T, T, D]: every frame sees all T
+                num_local = T
+        h = torch.cat(head + tail, dim=1) if len(head) + len(tail) > 2 else x
+        h = h + block.ls_1(block.attention(block.ln_1(h)))
+        if num_local or num_summary:
+            x = torch.cat([h[:, :1], h[:, 1 + num_local : h.shape[1] - num_summary]], dim=1)
+        else:
+            x = h
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        if num_global:
+            x = torch.cat([x[:, :1], x[:, 1 + num_global :]], dim=1)
+        return x
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return open_clip.tokenize(list(texts), context_length=self.clip.context_length).to(self.device)
+
+    def _context_words(self) -> str:
+        assert self.text_context is not None
+        tc = self.config.text_context
+        if tc is not None and tc.init_words:
+            return _clean_name(tc.init_words)
+        return " ".join(["X"] * self.text_context.num_tokens)
+
+    def _label_prompt_tokens(self, names: Sequence[str]) -> torch.Tensor:
+        words = self._context_words()
+        return self.tokenize([f"{words} {_clean_name(n)}." for n in names])  # [K, L]
+
+    def _encode_embedded(self, x: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
+        """Runs the text tower on prompt embeddings ``[K, L, W]``; features at ``end_index`` ``[K]`` -> ``[K, E]``."""
+        clip = self.clip
+        x = x + clip.positional_embedding.to(x.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), end_index]  # [K, W]
+        return x @ clip.text_projection
+
+    @torch.no_grad()
+    def refresh_label_prompts(self) -> None:
+        """Recomputes the stored label prompt embeddings from the current token embedding (after a backbone load)."""
+        tc = self.text_context
+        if tc is None or not tc.label_names:
+            return
+        tokens = self._label_prompt_tokens(tc.label_names)
+        emb = self.clip.token_embedding(tokens).to(self.dtype)  # [K, L, W]
+        tc.register_buffer("token_prefix", emb[:, :1].clone())
+        tc.register_buffer("token_suffix", emb[:, 1 + tc.num_tokens :].clone())
+
+    def _encode_with_context(self, names: Sequence[str], rows: torch.Tensor | None, stored: bool) -> torch.Tensor:
+        tc = self.text_context
+        assert tc is not None
+        tokens = self._label_prompt_tokens(names)
+        if stored:
+            assert rows is not None and tc.token_prefix is not None and tc.token_suffix is not None
+            prefix, suffix = tc.token_prefix[rows], tc.token_suffix[rows]
+        else:
+            emb = self.clip.token_embedding(tokens).to(self.dtype)
+            prefix, suffix = emb[:, :1], emb[:, 1 + tc.num_tokens :]
+        name_lengths = [len(_tokenizer().encode(_clean_name(n))) for n in names]
+        prompts = tc.assemble(prefix, suffix, tc.context_for(rows, len(names)), name_lengths)
+        return self._encode_embedded(prompts, tokens.argmax(dim=-1))
+
+    def _encode_templates(self, names: Sequence[str]) -> torch.Tensor:
+        """CLIP-style zero-shot prompt ensemble: the mean of normalised template features, per name."""
+        texts = [t.format(_clean_name(n)) for n in names for t in TEMPLATES]
+        feats = F.normalize(self.clip.encode_text(self.tokenize(texts)), dim=-1)
+        return feats.view(len(names), len(TEMPLATES), -1).mean(dim=1)
+
+    def encode_labels(self, label_names: Sequence[str] | None = None, normalize: bool = True) -> torch.Tensor:
+        """Label features ``[K, E]``.
+
+        A name the class-specific context was trained on uses its learned context (exactly as the official prompt
+        learner builds it); with a generic context every name gets ``<context> <name>.``; any other name falls back to
+        the zero-shot prompt ensemble of the plain CLIP text tower.
+        """
+        names = list(label_names) if label_names is not None else list(self.label_names or ())
+        if not names:
+            raise ValueError("no label names: pass label_names or create the model with a label set")
+        out: list[torch.Tensor | None] = [None] * len(names)
+        tc = self.text_context
+        learned = {_clean_name(n): i for i, n in enumerate(tc.label_names)} if tc is not None else {}
+        known = [i for i, n in enumerate(names) if _clean_name(n) in learned]
+        if tc is not None and known:
+            rows = torch.tensor([learned[_clean_name(names[i])] for i in known], device=self.device)
+            feats = self._encode_with_context([names[i] for i in known], rows, stored=tc.token_prefix is not None)
+            for j, i in enumerate(known):
+                out[i] = feats[j]
+        rest = [i for i in range(len(names)) if out[i] is None]
+        if rest and tc is not None and not tc.class_specific:
+            feats = self._encode_with_context([names[i] for i in rest], None, stored=False)
+            for j, i in enumerate(rest):
+                out[i] = feats[j]
+            rest = []
+        if rest:
+            feats = self._encode_templates([names[i] for i in rest])
+            for j, i in enumerate(rest):
+                out[i] = feats[j]
+        features = torch.stack([f for f in out if f is not None])
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts: Sequence[str] | str, normalize: bool = True) -> torch.Tensor:
+        """Free-text features ``[K, E]``: ``<generic context> <text>`` when the model learned a generic context,
+        else the plain CLIP text tower."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("encode_text needs at least one text")
+        tc = self.text_context
+        if tc is not None and not tc.class_specific:
+            words = self._context_words()
+            tokens = self.tokenize([f"{words} {t.strip()}" for t in texts])
+            emb = self.clip.token_embedding(tokens).to(self.dtype)
+            # Free text has no separate name: the context always follows the start token.
+            ctx = tc.context_for(None, len(texts)).to(emb.dtype)
+            prompts = torch.cat([emb[:, :1], ctx, emb[:, 1 + tc.num_tokens :]], dim=1)  # [K, L, W]
+            features = self._encode_embedded(prompts, tokens.argmax(dim=-1))
+        else:
+            features = self.clip.encode_text(self.tokenize(texts))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, video: torch.Tensor, label_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, K]`` = ``exp(logit_scale) * cos(video, label)`` over the model's labels (training loss)."""
+        video_features = self.encode_video(video, normalize=True)
+        if label_features is None:
+            label_features = self.encode_labels(normalize=True)
+        return self.logit_scale.exp() * video_features @ label_features.to(video_features.dtype).t()

@@ -1,0 +1,86 @@
+"""Named model presets (JSON files in ``vitaclip/model_configs``) and :func:`create_model`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from vitaclip.checkpoints import CheckpointError, is_vitaclip_checkpoint, load_checkpoint
+from vitaclip.config import VitaClipConfig
+from vitaclip.model import VitaClip
+
+
+@lru_cache(maxsize=1)
+def _presets() -> dict[str, VitaClipConfig]:
+    out = {}
+    for entry in resources.files("vitaclip").joinpath("model_configs").iterdir():
+        if entry.name.endswith(".json"):
+            config = VitaClipConfig.from_dict(json.loads(entry.read_text(encoding="utf-8")))
+            out[config.name] = config
+    return out
+
+
+def list_models() -> list[str]:
+    """Registered model names."""
+    return sorted(_presets())
+
+
+def get_model_config(name: str) -> VitaClipConfig:
+    """The config of a registered model, or of a JSON config file."""
+    presets = _presets()
+    if name in presets:
+        return presets[name]
+    if name.endswith(".json") and Path(name).is_file():
+        return VitaClipConfig.from_json(Path(name))
+    raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+
+
+def create_model(
+    name: str | VitaClipConfig | None,
+    *,
+    checkpoint: str | Path | None = None,
+    label_names: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> VitaClip:
+    """Builds a model by name, optionally loading a checkpoint, in eval mode.
+
+    Args:
+        name: a registered name (:func:`list_models`), a JSON config path or a config. May be None when
+            ``checkpoint`` is a vitaclip checkpoint folder, which carries its own config.
+        checkpoint: an official Vita-CLIP checkpoint (``.pth``), OpenAI/open_clip CLIP weights (used as the frozen
+            backbone; prompts are freshly initialised), or a vitaclip checkpoint folder. None: random weights.
+        label_names: the labels a class-specific text context was trained on, in training order; also the default
+            labels for zero-shot labelling. Defaults to the config's packaged label set.
+        device: where to put the model.
+        dtype: parameter dtype (``torch.bfloat16`` on GPUs for speed).
+
+    Raises:
+        ValueError: an unknown name; :class:`~vitaclip.checkpoints.CheckpointError` (a ValueError) for a checkpoint
+            that cannot be used.
+    """
+    config: VitaClipConfig | None
+    if isinstance(name, VitaClipConfig):
+        config = name
+    elif name is None:
+        if checkpoint is None or not is_vitaclip_checkpoint(checkpoint):
+            raise ValueError("create_model needs a model name unless the checkpoint is a vitaclip checkpoint folder")
+        config = None
+    else:
+        config = get_model_config(name)
+    if checkpoint is not None:
+        if not Path(checkpoint).exists():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        model = load_checkpoint(checkpoint, config=config, label_names=label_names)
+    else:
+        assert config is not None
+        model = VitaClip(config, label_names=label_names)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
