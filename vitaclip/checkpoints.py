@@ -90,14 +90,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
     try:
         if _is_torchscript(path):
-            return {k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+            return {
+                k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
+            }
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # Keep torch's diagnosis (which global was blocked) and drop its advice to load unsafely.
+        detail = [ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
         raise CheckpointError(
-            f"{path}: refusing to unpickle it: it holds objects other than tensors and plain containers "
-            f"(torch.load weights_only=True said: {str(exc).splitlines()[0]})"
+            f"{path}: refusing to unpickle it: not a plain tensor checkpoint, or it holds code or objects other "
+            f"than tensors and containers ({' '.join(detail[:1]) or 'unsupported content'})"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
     return _unwrap(obj, path)
 
@@ -111,8 +115,10 @@ def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
     if any(k.startswith("clip.visual.") for k in keys):
         return "vitaclip"
     sample = sorted(keys)[:5]
-    raise CheckpointError(f"unknown checkpoint format (first keys: {sample}); expected official Vita-CLIP, "
-                          "OpenAI/open_clip CLIP or a vitaclip checkpoint folder")
+    raise CheckpointError(
+        f"unknown checkpoint format (first keys: {sample}); expected official Vita-CLIP, "
+        "OpenAI/open_clip CLIP or a vitaclip checkpoint folder"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- official
@@ -155,16 +161,16 @@ def map_official_key(key: str) -> str:
         if rest == "local_prompts":
             return "local_prompts.tokens"
         if rest.startswith("cls_proj."):
-            return f"cls_proj.{layer}.{rest[len('cls_proj.'):]}"
+            return f"cls_proj.{layer}.{rest[len('cls_proj.') :]}"
         if rest.startswith("summary_ln."):
-            return f"summary.norms.{layer}.{rest[len('summary_ln.'):]}"
+            return f"summary.norms.{layer}.{rest[len('summary_ln.') :]}"
         if rest.startswith("summary_attn_layer."):
-            return f"summary.attns.{layer}.{rest[len('summary_attn_layer.'):]}"
+            return f"summary.attns.{layer}.{rest[len('summary_attn_layer.') :]}"
         if re.match(r"attn\.[qkv]_proj\.(weight|bias)$", rest):
             return f"clip.visual.transformer.resblocks.{layer}.attn.in_proj_{rest.rsplit('.', 1)[1]}"
         for old, new in _BLOCK_RENAMES.items():
             if rest.startswith(old):
-                return f"clip.visual.transformer.resblocks.{layer}.{new}{rest[len(old):]}"
+                return f"clip.visual.transformer.resblocks.{layer}.{new}{rest[len(old) :]}"
     raise CheckpointError(f"official checkpoint key {key!r} is not part of Vita-CLIP")
 
 
@@ -186,8 +192,15 @@ def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig
 
     ``base`` supplies what tensors cannot tell: attention heads, the text context's name position, the label set.
     """
-    _require(state, "visual.patch_embed.proj.weight", "visual.cls_token", "visual.pos_embed", "visual.proj",
-             "visual.time_embed", "logit_scale")
+    _require(
+        state,
+        "visual.patch_embed.proj.weight",
+        "visual.cls_token",
+        "visual.pos_embed",
+        "visual.proj",
+        "visual.time_embed",
+        "logit_scale",
+    )
     if "textual.token_embedding.weight" not in state:
         raise CheckpointError(
             "official checkpoint has no text tower (textual.*): it was saved in zero-shot mode; Vita-CLIP needs the "
@@ -211,29 +224,29 @@ def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig
             return w // int(base_part["head_width"])
         return max(1, w // 64)
 
-    inferred = {
-        "embed_dim": int(state["visual.proj"].shape[1]),
-        "quick_gelu": True,  # the official blocks use QuickGELU
-        "vision_cfg": {
-            "image_size": int(grid * patch),
-            "patch_size": int(patch),
-            "width": int(width),
-            "layers": layers,
-            "head_width": int(width // heads(base_vision, width)),
-            "mlp_ratio": mlp_width / width,
-        },
-        "text_cfg": {
-            "context_length": int(state["textual.positional_embedding"].shape[0]),
-            "vocab_size": int(state["textual.token_embedding.weight"].shape[0]),
-            "width": int(text_width),
-            "heads": heads(base_text, text_width),
-            "layers": _count_layers(state, "textual.transformer.resblocks."),
-        },
+    vision_cfg: dict[str, Any] = {
+        "image_size": int(grid * patch),
+        "patch_size": int(patch),
+        "width": int(width),
+        "layers": layers,
+        "head_width": int(width // heads(base_vision, width)),
+        "mlp_ratio": mlp_width / width,
     }
-    same_backbone = all(
-        base_vision.get(k, v) == v for k, v in inferred["vision_cfg"].items() if k not in ("head_width", "mlp_ratio")
-    ) and all(base_text.get(k, v) == v for k, v in inferred["text_cfg"].items() if k != "heads") and (
-        base_cfg.get("embed_dim") == inferred["embed_dim"] and float(base_vision.get("mlp_ratio", 4.0)) == mlp_width / width
+    text_cfg: dict[str, Any] = {
+        "context_length": int(state["textual.positional_embedding"].shape[0]),
+        "vocab_size": int(state["textual.token_embedding.weight"].shape[0]),
+        "width": int(text_width),
+        "heads": heads(base_text, text_width),
+        "layers": _count_layers(state, "textual.transformer.resblocks."),
+    }
+    embed_dim = int(state["visual.proj"].shape[1])
+    # The official blocks use QuickGELU.
+    inferred = {"embed_dim": embed_dim, "quick_gelu": True, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    same_backbone = (
+        all(base_vision.get(k, v) == v for k, v in vision_cfg.items() if k not in ("head_width", "mlp_ratio"))
+        and all(base_text.get(k, v) == v for k, v in text_cfg.items() if k != "heads")
+        and base_cfg.get("embed_dim") == embed_dim
+        and float(base_vision.get("mlp_ratio", 4.0)) == mlp_width / width
     )
     ctx = state.get("prompt_learner.ctx")
     text_context = None
@@ -296,7 +309,9 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def _load_strict(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *, model_name: str | None = None
+) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -313,8 +328,8 @@ def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
             parts.append(f"unexpected {len(unexpected)} tensors {unexpected[:6]}")
         if wrong:
             parts.append(f"wrong shapes {wrong[:6]}")
-        raise CheckpointError(f"{source} does not match model {getattr(model, 'config', None) and model.config.name}: "
-                              + "; ".join(parts))
+        name = model_name or getattr(getattr(model, "config", None), "name", type(model).__name__)
+        raise CheckpointError(f"{source} does not match model {name}: " + "; ".join(parts))
     model.load_state_dict(dict(state), strict=True)
 
 
@@ -377,8 +392,10 @@ def load_backbone(
     if detect_format(state) != "openai":
         raise CheckpointError(f"{path} is not an OpenAI/open_clip CLIP checkpoint")
     model = VitaClip(config, label_names=label_names)
-    state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    _load_strict(model.clip, state, f"CLIP checkpoint {path}")
+    # Metadata scalars of OpenAI's files and the (recomputed) causal mask are not weights.
+    skip = ("input_resolution", "context_length", "vocab_size")
+    state = {k: v for k, v in state.items() if k not in skip and not k.endswith("attn_mask")}
+    _load_strict(model.clip, state, f"CLIP checkpoint {path}", model_name=f"{config.name} backbone")
     with torch.no_grad():
         model.logit_scale.copy_(model.clip.logit_scale)
     model.refresh_label_prompts()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -13,11 +13,13 @@ def list_label_sets() -> list[str]:
     return sorted(_PACKAGED)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_label_set(name_or_path: str) -> tuple[str, ...]:
     """Label names of a packaged set (``kinetics400``) or of a text file with one name per line."""
     if name_or_path in _PACKAGED:
-        text = resources.files("vitaclip").joinpath("data", _PACKAGED[name_or_path]).read_text(encoding="utf-8")
+        text = (
+            resources.files("vitaclip").joinpath("data").joinpath(_PACKAGED[name_or_path]).read_text(encoding="utf-8")
+        )
     else:
         path = Path(name_or_path)
         if not path.is_file():

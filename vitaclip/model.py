@@ -62,7 +62,9 @@ def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     )
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
-        raise ValueError(f"backbone {config.backbone!r}: Vita-CLIP needs a ViT image tower, got {type(visual).__name__}")
+        raise ValueError(
+            f"backbone {config.backbone!r}: Vita-CLIP needs a ViT image tower, got {type(visual).__name__}"
+        )
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
         raise ValueError(f"backbone {config.backbone!r}: Vita-CLIP needs CLS-token pooling (pool_type='tok')")
     if visual.proj is None or not isinstance(clip.text_projection, torch.Tensor):
@@ -224,7 +226,7 @@ class VitaClip(nn.Module):
         features = cls_out.view(B, T, -1).mean(dim=1)  # [B, E]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _video_block(self, layer: int, block: nn.Module, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    def _video_block(self, layer: int, block: Any, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """One backbone block with Vita-CLIP's tokens. ``x``: ``[B*T, 1+N, D]`` -> same shape."""
         num_global = 0
         if self.global_prompts is not None:

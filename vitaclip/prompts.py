@@ -130,6 +130,7 @@ class SummaryToken(nn.Module):
     def forward(self, layer: int, cls_projected: torch.Tensor) -> torch.Tensor:
         """``[B, T, D]`` projected CLS tokens -> ``[B, T, D]`` summary tokens."""
         norm = self.norms[layer]
+        assert isinstance(norm, nn.LayerNorm)
         # LayerNorm in float32, as CLIP does, then back to the activation dtype.
         normed = F.layer_norm(
             cls_projected.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps

@@ -62,6 +62,6 @@ def top_k_labels(
     probs = logits.softmax(dim=-1)
     values, indices = probs.topk(min(k, len(label_names)), dim=-1)
     return [
-        [LabelScore(label_names[int(i)], float(p)) for p, i in zip(row_p, row_i)]
-        for row_p, row_i in zip(values.cpu(), indices.cpu())
+        [LabelScore(label_names[int(i)], float(p)) for p, i in zip(row_p, row_i, strict=True)]
+        for row_p, row_i in zip(values.cpu(), indices.cpu(), strict=True)
     ]
