@@ -84,3 +84,57 @@ def create_model(
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
+    """The ``model_id`` a model would report, without loading its weights when a checkpoint file is given.
+
+    Name + sha256 of the checkpoint (the recorded weights hash for a vitaclip folder); for random init, the hash of
+    the initial weights (this builds the model).
+    """
+    from vitaclip.checkpoints import CONFIG_FILE, file_sha256
+
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        return f"{meta['config']['name']}@sha256:{meta['weights_sha256']}"
+    if name is None:
+        raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
+    config = get_model_config(name)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        return f"{config.name}@sha256:{file_sha256(checkpoint)}"
+    return VitaClip(config).model_id
+
+
+def default_label_names(name: str | None, checkpoint: str | Path | None) -> tuple[str, ...] | None:
+    """The labels a model scores by default: a vitaclip checkpoint's recorded labels, else the config's label set."""
+    from vitaclip.checkpoints import CONFIG_FILE
+    from vitaclip.labels import load_label_set
+
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        names = meta.get("default_labels") or meta.get("label_names")
+        if names:
+            return tuple(names)
+        label_set = meta["config"].get("label_set")
+        return load_label_set(label_set) if label_set else None
+    if name is None:
+        return None
+    config = get_model_config(name)
+    return load_label_set(config.label_set) if config.label_set else None
+
+
+def resolve_config(name: str | None, checkpoint: str | Path | None) -> VitaClipConfig:
+    """The config a run should plan with (frames, image size) without loading weights: a vitaclip checkpoint's own
+    config, else the named one."""
+    from vitaclip.checkpoints import CONFIG_FILE
+
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        return VitaClipConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["config"])
+    if name is None:
+        raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
+    return get_model_config(name)

@@ -1,0 +1,1 @@
+"""Ray jobs that index videos: listing, reading, decoding, embedding and writing, wired together."""

@@ -1,0 +1,159 @@
+"""Configuration of the indexing job: a frozen dataclass, from flags and an optional YAML file (flags override)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp")
+
+
+@dataclass(frozen=True)
+class IndexJobConfig:
+    """What one indexing run does.
+
+    Attributes:
+        inputs: ``s3://bucket/prefix``, local folders, or manifest files (CSV/Parquet with a ``uri`` column).
+        output: a local folder or an ``s3://bucket/prefix``.
+        model: registered model name or JSON config.
+        checkpoint: weights (official .pth, OpenAI/open_clip, vitaclip folder). Required unless ``random_weights``.
+        random_weights: allow a model without a checkpoint (smoke runs; labels mean nothing).
+        labels: label set name or a file of names; None: the model's own label set.
+        top_k: labels kept per video and segment.
+        num_frames: frames per clip; None: the model's training T.
+        segment_seconds: also embed consecutive segments of this length.
+        s3_endpoint_url: S3-compatible endpoint (MinIO, a local server); None: AWS.
+        ray_address: an existing Ray cluster (``auto``, ``ray://...``); None: start an embedded local Ray.
+        num_cpus: CPUs of the embedded local Ray (None: all).
+        decode_workers: decode actors (None: the CPUs left after the embed actors).
+        embed_workers: most embed actors (the pool autoscales from 1).
+        gpus_per_embed_worker: GPUs per embed actor when the cluster has GPUs (0: embed on CPU actors).
+        decode_batch_size: videos per decode call.
+        embed_batch_size: clips per embed forward pass.
+        chunk_size: videos planned and run per streaming chunk (bounds driver memory; staging is flushed per chunk).
+        rows_per_part: rows per Parquet part file.
+        decode_timeout_seconds: per-video decode time limit.
+        min_size_bytes: skip smaller objects.
+        max_size_bytes: skip larger objects (None: no limit).
+        extensions: video file extensions to list.
+        build_index: build ``OUT/index`` after committing.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    model: str = "vitaclip-b16"
+    checkpoint: str | None = None
+    random_weights: bool = False
+    labels: str | None = None
+    top_k: int = 5
+    num_frames: int | None = None
+    segment_seconds: float | None = None
+    s3_endpoint_url: str | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    decode_workers: int | None = None
+    embed_workers: int = 1
+    gpus_per_embed_worker: float = 1.0
+    decode_batch_size: int = 4
+    embed_batch_size: int = 32
+    chunk_size: int = 2000
+    rows_per_part: int = 5000
+    decode_timeout_seconds: float = 120.0
+    min_size_bytes: int = 0
+    max_size_bytes: int | None = None
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    build_index: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one input (s3://bucket/prefix, a folder or a manifest)")
+        if not self.output:
+            raise ValueError("give --output (a folder or s3://bucket/prefix)")
+        for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "chunk_size", "rows_per_part"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.segment_seconds is not None and self.segment_seconds <= 0:
+            raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
+        if self.checkpoint is None and not self.random_weights:
+            raise ValueError(
+                f"model {self.model!r} needs --checkpoint: without weights its embeddings and labels mean nothing "
+                "(pass --random-weights for a smoke run)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(IndexJobConfig)}
+
+
+def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Index videos: embeddings, zero-shot labels, Parquet, FAISS.")
+    p.add_argument("inputs", nargs="*", help="s3://bucket/prefix, local folders, or manifest files (CSV/Parquet)")
+    p.add_argument("--output", help="output folder or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
+    p.add_argument("--model", help="registered model name or JSON config (default: vitaclip-b16)")
+    p.add_argument("--checkpoint", help="model weights: official .pth, OpenAI/open_clip, or a vitaclip folder")
+    p.add_argument("--random-weights", action="store_const", const=True, help="allow running without --checkpoint")
+    p.add_argument("--labels", help="label set (kinetics400) or a file with one label per line")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--segment-seconds", type=float, help="also embed consecutive segments of this many seconds")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, a local server)")
+    p.add_argument("--ray-address", help="existing Ray cluster; default: start an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray")
+    p.add_argument("--decode-workers", type=int)
+    p.add_argument("--embed-workers", type=int)
+    p.add_argument("--gpus-per-embed-worker", type=float)
+    p.add_argument("--decode-batch-size", type=int)
+    p.add_argument("--embed-batch-size", type=int)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--rows-per-part", type=int)
+    p.add_argument("--decode-timeout-seconds", type=float)
+    p.add_argument("--min-size-bytes", type=int)
+    p.add_argument("--max-size-bytes", type=int)
+    p.add_argument("--extensions", help="comma-separated list")
+    p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
+    return p
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a YAML mapping of option names to values is expected")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS and name != "inputs":
+            raise ValueError(f"{path}: unknown option {key!r}; allowed: {sorted(_FIELDS)}")
+        out[name] = value
+    return out
+
+
+def config_from_args(argv: Sequence[str]) -> IndexJobConfig:
+    """Parses flags (and ``--config`` YAML) into a config; raises ValueError with a clear message."""
+    args = build_parser().parse_args(list(argv))
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for name, value in vars(args).items():
+        if name in ("config", "inputs") or value is None:
+            continue
+        values[name] = value
+    if args.inputs:
+        values["inputs"] = args.inputs
+    if isinstance(values.get("inputs"), str):
+        values["inputs"] = [values["inputs"]]
+    values["inputs"] = tuple(values.get("inputs") or ())
+    if isinstance(values.get("extensions"), str):
+        values["extensions"] = tuple(e.strip().lstrip(".").lower() for e in values["extensions"].split(",") if e)
+    elif values.get("extensions") is not None:
+        values["extensions"] = tuple(values["extensions"])
+    values.setdefault("output", "")
+    return IndexJobConfig(**values)

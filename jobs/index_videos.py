@@ -1,0 +1,39 @@
+"""Entry point of the indexing job, the same locally, under ``ray job submit`` and in a KubeRay ``RayJob``::
+
+python -m jobs.index_videos s3://bucket/videos/ --output s3://bucket/index/ --checkpoint models/vitaclip-b16
+vitaclip index ./videos --output ./out --model vitaclip-tiny --random-weights
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from jobs.config import config_from_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(sys.argv[1:] if argv is None else argv)
+        from jobs.pipeline import run_index_job
+
+        summary = run_index_job(config)
+    except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
+        print(f"vitaclip index: error: {exc}", file=sys.stderr)
+        return 2
+    counts = summary["counts"]
+    print(
+        f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
+        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('reused_from_killed_run', 0)} reused; "
+        f"status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
+    )
+    print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

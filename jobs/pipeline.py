@@ -1,0 +1,343 @@
+"""The indexing run: list -> plan -> read+decode (CPU actors) -> embed+label (GPU or CPU actors) -> stage -> commit.
+
+Ray Data does the distributed part; this module only wires the stage classes of ``vitaclip.stages`` and writes the
+results through ``jobs.tables`` (staging, commit, cleanup). The driver streams the listing in chunks, so memory stays
+bounded whatever the number of objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from index.schema import STATUS_OK, row_id_for, schema_for, video_id_for
+from jobs import tables
+from jobs.config import IndexJobConfig
+from jobs.storage import Store, VideoObject, list_videos, make_s3_client, open_store, open_video
+from vitaclip.stages import DecodeStage, EmbedStage
+
+log = logging.getLogger("vitaclip.job")
+
+# Statuses worth another try on the next run (the object may read fine later); decode failures are final.
+RETRYABLE = frozenset({"read_error", "timeout", "error"})
+CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_PARTS"  # test hook: SIGKILL the driver after this many staged parts
+
+
+class ReadDecode(DecodeStage):
+    """DecodeStage reading from local files or S3 (ranged GETs for large objects)."""
+
+    def __init__(self, *, s3_endpoint_url: str | None, **kwargs: Any) -> None:
+        self._endpoint = s3_endpoint_url
+        self._client: Any = None
+        super().__init__(opener=self._open, **kwargs)
+
+    def _open(self, uri: str, size_bytes: int) -> Any:
+        if uri.startswith("s3://") and self._client is None:
+            self._client = make_s3_client(endpoint_url=self._endpoint)
+        return open_video(uri, size_bytes=size_bytes, s3_client=self._client)
+
+
+class TimedEmbed(EmbedStage):
+    """EmbedStage that records its own seconds per clip, for the run summary."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = super().__call__(batch)
+        n = max(1, len(batch["status"]))
+        out["embed_seconds"] = np.full(len(batch["status"]), (time.perf_counter() - start) / n)
+        return out
+
+
+def _chunks(items: Iterable[VideoObject], size: int) -> Iterator[list[VideoObject]]:
+    chunk: list[VideoObject] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
+    """Connects to (or starts) Ray; returns the cluster's CPUs and GPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        if config.ray_address:
+            ray.init(address=config.ray_address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=config.num_cpus,
+                include_dashboard=False,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            )
+    resources = ray.cluster_resources()
+    return int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+
+
+class _Planner:
+    """Streams the listing and keeps only videos that need work, counting the rest."""
+
+    def __init__(self, committed: dict[str, tuple[str, str]], staged: dict[str, str]) -> None:
+        self.committed, self.staged = committed, staged
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, objects: Iterable[VideoObject]) -> Iterator[VideoObject]:
+        for obj in objects:
+            self.counts["listed"] += 1
+            vid = video_id_for(obj.uri)
+            done = self.committed.get(vid)
+            if done is not None and done[0] == obj.etag and done[1] not in RETRYABLE:
+                self.counts["already_indexed"] += 1
+                continue
+            if self.staged.get(vid) == obj.etag:
+                self.counts["reused_from_killed_run"] += 1
+                continue
+            self.counts["planned"] += 1
+            yield obj
+
+
+def _to_tables(
+    batch: dict[str, np.ndarray], *, model_id: str, run_id: str, label_names: list[str], embed_dim: int
+) -> tuple[pa.Table, pa.Table]:
+    """One embed output batch -> (video rows, segment rows) as Arrow tables of the declared schemas."""
+    now = datetime.now(timezone.utc)
+    n = len(batch["uri"])
+    ok = np.asarray([s == STATUS_OK for s in batch["status"]])
+    is_video = np.asarray(batch["segment_index"]) < 0
+    labels = [
+        [label_names[j] for j in row if j >= 0] if ok[i] else None for i, row in enumerate(batch["label_indices"])
+    ]
+    scores = [batch["label_scores"][i].tolist() if ok[i] else None for i in range(n)]
+    embeddings = [batch["embedding"][i] if ok[i] else None for i in range(n)]
+    video_ids = [video_id_for(str(u)) for u in batch["uri"]]
+    emb_type = pa.list_(pa.float32(), embed_dim)
+
+    def col(values: Any, mask: np.ndarray) -> list[Any]:
+        return [v for v, m in zip(values, mask, strict=True) if m]
+
+    def emb(mask: np.ndarray) -> pa.Array:
+        vals = col(embeddings, mask)
+        return pa.array([None if v is None else v.astype(np.float32) for v in vals], type=emb_type)
+
+    vm = is_video
+    videos = pa.table(
+        {
+            "video_id": col(video_ids, vm),
+            "row_id": [row_id_for(v) for v in col(video_ids, vm)],
+            "uri": [str(u) for u in col(batch["uri"], vm)],
+            "etag": [str(e) for e in col(batch["etag"], vm)],
+            "size_bytes": [int(s) for s in col(batch["size_bytes"], vm)],
+            "duration_seconds": [None if np.isnan(d) else float(d) for d in col(batch["duration_seconds"], vm)],
+            "fps": [None if np.isnan(f) else float(f) for f in col(batch["fps"], vm)],
+            "width": [None if w < 0 else int(w) for w in col(batch["width"], vm)],
+            "height": [None if h < 0 else int(h) for h in col(batch["height"], vm)],
+            "codec": [c or None for c in col(batch["codec"], vm)],
+            "status": [str(s) for s in col(batch["status"], vm)],
+            "error_message": [m or None for m in col(batch["error_message"], vm)],
+            "embedding": emb(vm),
+            "labels": col(labels, vm),
+            "label_scores": col(scores, vm),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], vm)],
+            "model_id": [model_id] * int(vm.sum()),
+            "run_id": [run_id] * int(vm.sum()),
+            "indexed_at": [now] * int(vm.sum()),
+        },
+        schema=schema_for("videos", embed_dim),
+    )
+    sm = ~is_video
+    seg_index = [int(i) for i in col(batch["segment_index"], sm)]
+    segments = pa.table(
+        {
+            "video_id": col(video_ids, sm),
+            "row_id": [row_id_for(v, i) for v, i in zip(col(video_ids, sm), seg_index, strict=True)],
+            "uri": [str(u) for u in col(batch["uri"], sm)],
+            "segment_index": seg_index,
+            "start_seconds": [float(s) for s in col(batch["start_seconds"], sm)],
+            "end_seconds": [float(s) for s in col(batch["end_seconds"], sm)],
+            "embedding": emb(sm),
+            "labels": col(labels, sm),
+            "label_scores": col(scores, sm),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], sm)],
+            "model_id": [model_id] * int(sm.sum()),
+            "run_id": [run_id] * int(sm.sum()),
+            "indexed_at": [now] * int(sm.sum()),
+        },
+        schema=schema_for("segments", embed_dim),
+    )
+    return videos, segments
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+    import ray
+    import torch
+
+    import vitaclip
+
+    return {
+        "vitaclip": vitaclip.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pa.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
+    """Runs one indexing run to completion and returns its summary (also written to ``OUT/runs/<run_id>.json``)."""
+    import ray
+
+    import vitaclip
+    from index.build import build_from_output
+    from vitaclip.model import backbone_model_config
+    from vitaclip.registry import default_label_names, model_id_for, resolve_config
+
+    started = time.time()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
+    model_config = resolve_config(config.model, config.checkpoint)
+    num_frames = config.num_frames or model_config.num_frames
+    image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
+    model_id = model_id_for(config.model, config.checkpoint)
+    label_names = list(
+        vitaclip.load_label_set(config.labels)
+        if config.labels
+        else default_label_names(config.model, config.checkpoint) or ()
+    )
+    if not label_names:
+        raise ValueError(f"model {config.model!r} has no label set: pass --labels")
+    log.info("run %s: model %s, output %s", run_id, model_id, store.url_for(""))
+
+    deleted = tables.cleanup(store)
+    reusable = tables.staged_runs(store)
+    planner = _Planner(tables.committed_keys(store, model_id), tables.staged_keys(store, reusable, model_id))
+    log.info("cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable))
+
+    listing = list_videos(
+        config.inputs,
+        extensions=config.extensions,
+        min_size_bytes=config.min_size_bytes,
+        max_size_bytes=config.max_size_bytes,
+        endpoint_url=config.s3_endpoint_url,
+    )
+
+    cpus, gpus = _init_ray(config)
+    use_gpu = gpus > 0 and config.gpus_per_embed_worker > 0
+    embed_workers = (
+        max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker))) if use_gpu else config.embed_workers
+    )
+    cpu_for_embed = 0 if use_gpu else embed_workers
+    decode_workers = config.decode_workers or max(1, cpus - cpu_for_embed)
+    embed_dim: int | None = None
+
+    writers: dict[str, tables.StagingWriter] = {}
+    status_counts: Counter[str] = Counter()
+    decode_seconds = embed_seconds = 0.0
+    clips = 0
+    crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
+
+    for chunk in _chunks(planner(listing), config.chunk_size):
+        ds: ray.data.Dataset = ray.data.from_items(
+            [{"uri": o.uri, "etag": o.etag, "size_bytes": o.size_bytes} for o in chunk],
+            override_num_blocks=min(len(chunk), max(1, decode_workers * 4)),
+        )
+        # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
+        # max_task_retries=-1); a batch is written only once, by the driver, so retries cannot duplicate rows.
+        ds = ds.map_batches(
+            ReadDecode,
+            fn_constructor_kwargs=dict(
+                num_frames=num_frames,
+                size=image_size,
+                segment_seconds=config.segment_seconds,
+                timeout_seconds=config.decode_timeout_seconds,
+                s3_endpoint_url=config.s3_endpoint_url,
+            ),
+            batch_size=config.decode_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=decode_workers),
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            TimedEmbed,
+            fn_constructor_kwargs=dict(
+                model=config.model,
+                checkpoint=config.checkpoint,
+                label_names=label_names,
+                top_k=config.top_k,
+                batch_size=config.embed_batch_size,
+                device=None if use_gpu else "cpu",
+            ),
+            batch_size=config.embed_batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
+            num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if embed_dim is None:
+                embed_dim = int(batch["embedding"].shape[1])
+                for name in tables.TABLES:
+                    writers[name] = tables.StagingWriter(
+                        store, run_id, name, schema_for(name, embed_dim), rows_per_part=config.rows_per_part
+                    )
+            videos, segments = _to_tables(
+                batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
+            )
+            status_counts.update(videos.column("status").to_pylist())
+            decode_seconds += float(np.sum(batch["decode_seconds"]))
+            embed_seconds += float(np.sum(batch["embed_seconds"]))
+            clips += len(batch["uri"])
+            writers["videos"].add(videos)
+            writers["segments"].add(segments)
+        for writer in writers.values():  # a chunk's work survives a crash from here on
+            writer.flush()
+        if crash_after and sum(w.parts_written for w in writers.values()) >= crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted driver
+        log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
+
+    record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])
+    index_info = build_from_output(store, model_id=model_id) if config.build_index else None
+    elapsed = time.time() - started
+    processed = sum(status_counts.values())
+    summary = {
+        "run_id": run_id,
+        "output": store.url_for(""),
+        "model_id": model_id,
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "elapsed_seconds": round(elapsed, 3),
+        "counts": {**planner.counts, "processed": processed},
+        "status": dict(status_counts),
+        "clips_embedded": clips,
+        "throughput": {
+            "end_to_end_videos_per_second": round(processed / elapsed, 3) if elapsed else None,
+            "decode_videos_per_worker_second": round(processed / decode_seconds, 3) if decode_seconds else None,
+            "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
+            "decode_workers": decode_workers,
+            "embed_workers_max": embed_workers,
+            "embed_device": "gpu" if use_gpu else "cpu",
+        },
+        "commit": {
+            "seq": record["seq"],
+            "files": {t: len(v) for t, v in record["files"].items()},
+            "consumed_staging": record["consumed_staging"],
+        },
+        "index": index_info,
+        "config": config.to_dict(),  # holds no credentials: those come from the AWS chain only
+        "versions": _versions(),
+    }
+    store.put_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
+    return summary

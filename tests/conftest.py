@@ -1,0 +1,286 @@
+"""Shared fixtures: a local S3 server (moto) with fresh buckets, S3 fault injection, and a small generated video."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import threading
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+FAULT_KINDS: tuple[str, ...] = ("500", "503", "throttle", "reset", "truncate")
+"""Faults `inject_s3_faults` injects by default. Also available: "incomplete" (a body that errors when read short)."""
+
+_STATUS_FAULTS = {
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "503": (503, "ServiceUnavailable", "Please reduce your request rate."),
+    "throttle": (503, "SlowDown", "Please reduce your request rate."),
+}
+_BODY_FAULTS = ("truncate", "incomplete")  # only for GetObject
+
+
+# ----------------------------------------------------------------------------------------------------- S3 server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL (`http://127.0.0.1:<port>`) of a moto S3 server that runs for the whole session.
+
+    While it runs, the environment holds dummy credentials (`testing`) and region (`us-east-1`), `AWS_ENDPOINT_URL`
+    points at the server so that even a client made without `endpoint_url` cannot reach AWS, shared AWS config
+    files and the instance metadata service are out of reach, and every other `AWS_*` variable is unset. All of it
+    is restored when the session ends.
+    """
+    from moto.server import ThreadedMotoServer
+
+    patch = pytest.MonkeyPatch()
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            patch.delenv(name)
+    patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    patch.setenv("AWS_CONFIG_FILE", os.devnull)
+    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("NO_PROXY", "no_proxy"):  # a configured HTTP proxy must not see loopback traffic
+        patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"])))
+    werkzeug_log = logging.getLogger("werkzeug")
+    werkzeug_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.ERROR)  # one line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield endpoint
+    finally:
+        server.stop()
+        patch.undo()
+        werkzeug_log.setLevel(werkzeug_level)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> Iterator[tuple[Any, str]]:
+    """`(client, bucket_name)`: a new, uniquely named, empty bucket on `s3_server` and a client for it.
+
+    The client comes from `jobs.storage.make_s3_client` (3 attempts per request). The bucket and what the test
+    left in it are deleted afterwards.
+    """
+    from jobs.storage import make_s3_client
+
+    client = make_s3_client(endpoint_url=s3_server, max_attempts=3)
+    bucket = f"test-{uuid.uuid4().hex[:20]}"
+    client.create_bucket(Bucket=bucket)
+    yield client, bucket
+    _delete_bucket(client, bucket)
+
+
+def _delete_bucket(client: Any, bucket: str) -> None:
+    import botocore.exceptions
+
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": entry["Key"]} for entry in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError:
+        pass  # a test that broke the bucket on purpose; the server goes away with the session
+
+
+class AwsKeys(NamedTuple):
+    """An access key pair known to the moto server."""
+
+    access_key_id: str
+    secret_access_key: str
+
+
+def _set_auth_enforcement(endpoint: str, free_requests: str) -> str:
+    """Sets how many requests moto serves before it checks signatures and IAM policies; returns the old setting."""
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=free_requests.encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
+
+
+@pytest.fixture
+def s3_strict_auth(s3_server: str) -> Iterator[AwsKeys]:
+    """Turns on moto's signature and IAM checks for one test; yields the keys of an IAM user with no permissions.
+
+    While it is on, unknown keys (including the session's `testing` keys) get `InvalidAccessKeyId` and the yielded
+    user gets `AccessDenied`. Put the keys in the environment (monkeypatch) to exercise the standard credential
+    chain. Checks are off again after the test.
+    """
+    import boto3
+
+    iam = boto3.session.Session().client("iam", endpoint_url=s3_server, region_name="us-east-1")
+    user = f"nobody-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    previous = _set_auth_enforcement(s3_server, "0")
+    try:
+        yield AwsKeys(key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        _set_auth_enforcement(s3_server, previous)
+
+
+# ----------------------------------------------------------------------------------------------------- fault injection
+
+
+@dataclass
+class FaultLog:
+    """What `inject_s3_faults` saw and did: requests counted and faults injected by kind."""
+
+    requests: int = 0
+    injected: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.injected.values())
+
+
+class _ErrorBody:
+    """Just enough of a urllib3 response for botocore to read an error body."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._body
+
+
+@contextmanager
+def inject_s3_faults(
+    client: Any,
+    *,
+    every_nth: int = 3,
+    kinds: Sequence[str] = FAULT_KINDS,
+    operations: Sequence[str] | None = None,
+) -> Iterator[FaultLog]:
+    """Makes every `every_nth` request of `client` fail, cycling through `kinds`, while the block runs.
+
+    Requests still go to the real server otherwise. Kinds: "500", "503" and "throttle" (503 SlowDown) answer with
+    that error instead of sending; "reset" raises `ConnectionClosedError` as a dropped connection would;
+    "truncate" lets a GetObject through but hands back half its body with the original ContentLength (a short
+    read nobody noticed); "incomplete" does the same but the body raises `IncompleteReadError` when read. Body
+    faults apply only to GetObject: other operations skip them. Retries count as requests. Thread-safe.
+
+    Args:
+        operations: Operation names (such as "GetObject") to count and fault; None for all.
+
+    Yields:
+        A `FaultLog` updated as requests go by.
+    """
+    import botocore.awsrequest
+    import botocore.exceptions
+    import botocore.response
+
+    if every_nth < 1:
+        raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+    unknown = set(kinds) - set(_STATUS_FAULTS) - {"reset", *_BODY_FAULTS}
+    if unknown or not kinds:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; allowed: {FAULT_KINDS + ('incomplete',)}")
+    log = FaultLog()
+    lock = threading.Lock()
+    cycle = itertools.cycle(kinds)
+    pending = threading.local()  # body fault waiting for this thread's GetObject response
+
+    def before_send(request: Any, event_name: str, **_: Any) -> Any:
+        operation = event_name.rsplit(".", 1)[-1]
+        if operations is not None and operation not in operations:
+            return None
+        with lock:
+            log.requests += 1
+            if log.requests % every_nth:
+                return None
+            for _turn in range(len(kinds)):  # the next kind in turn that applies to this operation
+                kind = next(cycle)
+                if operation == "GetObject" or kind not in _BODY_FAULTS:
+                    break
+            else:
+                return None
+            if kind not in _BODY_FAULTS:
+                log.injected[kind] += 1
+        if kind == "reset":
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url=request.url)
+        if kind in _STATUS_FAULTS:
+            status, code, message = _STATUS_FAULTS[kind]
+            body = (
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+                "<RequestId>injected-fault</RequestId></Error>"
+            ).encode()
+            headers = {"Content-Type": "application/xml", "Content-Length": str(len(body))}
+            return botocore.awsrequest.AWSResponse(request.url, status, headers, _ErrorBody(body))
+        pending.kind = kind
+        return None
+
+    def after_get(parsed: dict[str, Any], **_: Any) -> None:
+        kind = getattr(pending, "kind", None)
+        pending.kind = None
+        body = parsed.get("Body")
+        if kind is None or body is None:
+            return
+        data = body.read()
+        body.close()
+        if not data:
+            parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data), 0)
+            return
+        cut = len(data) // 2
+        announced = cut if kind == "truncate" else len(data)
+        parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data[:cut]), announced)
+        with lock:
+            log.injected[kind] += 1
+
+    events = client.meta.events
+    events.register("before-send.s3", before_send, unique_id=f"fault-send-{id(log)}")
+    events.register("after-call.s3.GetObject", after_get, unique_id=f"fault-body-{id(log)}")
+    try:
+        yield log
+    finally:
+        events.unregister("before-send.s3", unique_id=f"fault-send-{id(log)}")
+        events.unregister("after-call.s3.GetObject", unique_id=f"fault-body-{id(log)}")
+
+
+@pytest.fixture
+def s3_faults() -> Callable[..., Any]:
+    """The `inject_s3_faults(client, *, every_nth=3, kinds=FAULT_KINDS, operations=None)` context manager."""
+    return inject_s3_faults
+
+
+# ----------------------------------------------------------------------------------------------------- videos
+
+
+@pytest.fixture(scope="session")
+def noise_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a small MPEG-4 video (24 frames of random noise, 64x48, 12 fps) made once per session."""
+    import av
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("videos") / "noise.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(24):
+            image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)  # [H, W, 3]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path

@@ -1,0 +1,226 @@
+"""The indexing job end to end on an embedded Ray with 2 CPUs, tiny model, generated videos.
+
+Local folders here; S3 (moto server, faults) and `ray job submit` live in tests/test_index_job_s3.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import ray
+
+from index.build import open_index
+from index.schema import video_id_for
+from jobs import tables
+from jobs.index_videos import main
+from jobs.storage import open_store
+from vitaclip.samples import write_sample_video
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKEN = {"empty.mp4": b"", "noise.mp4": bytes(range(256)) * 64, "notes.mkv": b"this is not a video\n" * 50}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_videos(folder: Path, count: int, *, start: int = 0, broken: bool = True) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        paths.append(
+            write_sample_video(
+                sub / f"clip{i:02d}.mp4", num_frames=36 + 6 * i, fps=12, width=96, height=72, pattern="shape", seed=i
+            )
+        )
+    if broken:
+        for name, data in BROKEN.items():
+            (folder / name).write_bytes(data)
+    (folder / "readme.txt").write_text("not listed: wrong extension")
+    return paths
+
+
+def run(inputs: list[str], out: Path, *extra: str) -> int:
+    return main(
+        [
+            *inputs,
+            "--output",
+            str(out),
+            "--model",
+            "vitaclip-tiny",
+            "--random-weights",
+            "--chunk-size",
+            "4",
+            "--decode-batch-size",
+            "2",
+            "--embed-batch-size",
+            "4",
+            *extra,
+        ]
+    )
+
+
+def committed_videos(out: Path):
+    table = tables.read_table(open_store(str(out)), "videos")
+    assert table is not None
+    return table
+
+
+def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
+    videos = make_videos(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out, "--segment-seconds", "1.5", "--top-k", "3") == 0
+
+    table = committed_videos(out)
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert len(rows) == len(videos) + len(BROKEN) == table.num_rows
+    for path in videos:
+        r = rows[str(path)]
+        assert r["status"] == "ok" and r["error_message"] is None
+        assert r["video_id"] == video_id_for(str(path))
+        assert abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4 and len(r["embedding"]) == 32
+        assert len(r["labels"]) == 3 and r["label_scores"] == sorted(r["label_scores"], reverse=True)
+        assert r["width"] == 96 and r["height"] == 72 and r["codec"] == "h264"
+        assert r["duration_seconds"] == pytest.approx(
+            path.stat().st_size and (36 + 6 * int(path.stem[-2:])) / 12, abs=0.2
+        )
+        assert r["thumbnail_jpeg"][:2] == b"\xff\xd8"
+        assert r["model_id"].startswith("vitaclip-tiny@sha256:") and r["size_bytes"] == path.stat().st_size
+    for name in BROKEN:
+        r = rows[str(tmp_path / "in" / name)]
+        assert r["status"] not in ("ok", "error") and r["error_message"]
+        assert r["embedding"] is None and r["labels"] is None
+    assert rows[str(tmp_path / "in" / "empty.mp4")]["status"] == "empty"
+
+    # Segments: consecutive 1.5 s windows covering each ok video.
+    segs = tables.read_table(open_store(str(out)), "segments")
+    assert segs is not None
+    for path in videos:
+        mine = segs.filter(pc.equal(segs.column("uri"), str(path))).sort_by("segment_index").to_pylist()
+        assert [s["segment_index"] for s in mine] == list(range(len(mine))) and mine
+        assert mine[0]["start_seconds"] == pytest.approx(0.0)
+        for a, b in zip(mine, mine[1:], strict=False):
+            assert b["start_seconds"] == pytest.approx(a["end_seconds"])
+
+    # Run summary, index, and what an analyst sees with DuckDB on the plain files.
+    summary_files = list((out / "runs").glob("*.json"))
+    assert len(summary_files) == 1
+    summary = json.loads(summary_files[0].read_text())
+    assert summary["counts"]["processed"] == len(rows) and summary["status"]["ok"] == len(videos)
+    assert "AWS_SECRET_ACCESS_KEY" not in summary_files[0].read_text()
+    index = open_index(out)
+    assert index.index.ntotal == len(videos)
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    scores, ids = index.search(np.asarray([ok[0]["embedding"]]), 1)
+    assert ids[0, 0] == ok[0]["row_id"] and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    con = duckdb.connect()
+    n, n_ok, n_ids = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(DISTINCT video_id) "
+        f"FROM read_parquet('{out}/videos/*.parquet')"
+    ).fetchone()
+    assert (n, n_ok, n_ids) == (len(rows), len(videos), len(rows))
+
+
+def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> None:
+    make_videos(tmp_path / "in", 3, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    first = committed_videos(out)
+
+    assert run([str(tmp_path / "in")], out) == 0
+    summaries = sorted((out / "runs").glob("*.json"))
+    second = json.loads(summaries[-1].read_text())
+    assert second["counts"]["processed"] == 0 and second["counts"]["already_indexed"] == 3
+    again = committed_videos(out)
+    assert sorted(again.column("video_id").to_pylist()) == sorted(first.column("video_id").to_pylist())
+    assert again.column("run_id").to_pylist() == first.column("run_id").to_pylist()
+
+    # One new object and one changed object: exactly those two are processed; still one row per video.
+    make_videos(tmp_path / "in", 1, start=3, broken=False)
+    changed = sorted((tmp_path / "in").rglob("clip00.mp4"))[0]
+    write_sample_video(changed, num_frames=30, fps=12, width=96, height=72, pattern="shape", seed=99)
+    os.utime(changed, ns=(1, 10**18))
+    assert run([str(tmp_path / "in")], out) == 0
+    third = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert third["counts"]["processed"] == 2 and third["counts"]["already_indexed"] == 2
+    final = committed_videos(out)
+    assert final.num_rows == 4 and len(set(final.column("video_id").to_pylist())) == 4
+    new_row = [r for r in final.to_pylist() if r["uri"] == str(changed)][0]
+    assert new_row["duration_seconds"] == pytest.approx(2.5, abs=0.2)
+    assert len(list((out / "videos").glob("*.parquet"))) == len(tables.live_files(open_store(str(out)), "videos"))
+    assert open_index(out).index.ntotal == 4
+
+
+def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
+    videos = make_videos(tmp_path / "in", 6, broken=False)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.index_videos",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--model",
+        "vitaclip-tiny",
+        "--random-weights",
+        "--num-cpus",
+        "2",
+        "--chunk-size",
+        "2",
+        "--rows-per-part",
+        "1",
+    ]
+    env = dict(os.environ, VITACLIP_TEST_CRASH_AFTER_PARTS="2", PYTHONPATH=str(ROOT))
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    store = open_store(str(out))
+    assert tables.read_table(store, "videos") is None  # nothing committed is visible
+    assert tables.staged_runs(store)  # but finished work is staged
+
+    env.pop("VITACLIP_TEST_CRASH_AFTER_PARTS")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = tables.read_table(store, "videos")
+    assert table is not None
+    assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
+    summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert summary["counts"]["reused_from_killed_run"] >= 2
+    assert summary["counts"]["processed"] + summary["counts"]["reused_from_killed_run"] == len(videos)
+    assert (
+        not tables.staged_runs(store)
+        and not (out / "_staging").exists()
+        or not any((out / "_staging").rglob("*.parquet"))
+    )
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-b16"]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+    assert (
+        main(
+            [str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--model", "vitaclip-tiny", "--random-weights"]
+        )
+        == 2
+    )
+    assert "missing" in capsys.readouterr().err
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("model: vitaclip-tiny\nrandom-weights: true\ntop_kk: 3\n")
+    assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(yaml_file)]) == 2
+    assert "unknown option 'top_kk'" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)

@@ -1,0 +1,510 @@
+"""The job's I/O layer against a real (moto) S3 server and local folders: listing, reading, retries, stores."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.storage import (
+    DEFAULT_VIDEO_EXTENSIONS,
+    UNKNOWN_SIZE,
+    EmptyInputError,
+    LocalStore,
+    S3RangeReader,
+    S3Store,
+    StorageError,
+    VideoObject,
+    describe_listing,
+    list_videos,
+    make_s3_client,
+    open_store,
+    open_video,
+    require_any,
+)
+
+Bucket = tuple[Any, str]
+
+
+def put(client: Any, bucket: str, key: str, data: bytes) -> str:
+    """Uploads `data` and returns its ETag without quotes."""
+    return str(client.put_object(Bucket=bucket, Key=key, Body=data)["ETag"]).strip('"')
+
+
+def count_requests(client: Any, operation: str) -> list[int]:
+    """A one-item list counting `operation` requests sent by `client` from now on."""
+    counter = [0]
+
+    def seen(**_: Any) -> None:
+        counter[0] += 1
+
+    client.meta.events.register(f"before-send.s3.{operation}", seen)
+    return counter
+
+
+def decode_all(source: Any) -> list[np.ndarray]:
+    with av.open(source) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]  # each [H, W, 3]
+
+
+# ----------------------------------------------------------------------------------------------------- client
+
+
+def test_client_retries_timeouts_and_path_style() -> None:
+    client = make_s3_client(endpoint_url="http://127.0.0.1:9", max_attempts=4, retry_mode="adaptive")
+    config = client.meta.config
+    assert config.retries == {"total_max_attempts": 4, "mode": "adaptive"}
+    assert config.connect_timeout == 10.0 and config.read_timeout == 60.0
+    assert config.s3 == {"addressing_style": "path"}
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    with pytest.raises(ValueError, match="max_attempts"):
+        make_s3_client(max_attempts=0)
+
+
+# ----------------------------------------------------------------------------------------------------- listing S3
+
+
+def test_s3_listing_streams_page_by_page(s3_bucket: Bucket) -> None:
+    client, bucket = s3_bucket
+    keys = [f"videos/{i:02d}.mp4" for i in range(23)]
+    etags = {key: put(client, bucket, key, b"x" * (i + 1)) for i, key in enumerate(keys)}
+    lists = count_requests(client, "ListObjectsV2")
+
+    listing = list_videos([f"s3://{bucket}/videos/"], page_size=5, s3_client=client)
+    assert lists[0] == 0  # nothing is requested before iterating
+    first = next(listing)
+    assert lists[0] == 1  # the first video comes before the later pages are fetched
+    rest = list(listing)
+    assert lists[0] == 5
+
+    assert [first, *rest] == [
+        VideoObject(f"s3://{bucket}/{key}", etags[key], i + 1) for i, key in enumerate(sorted(keys))
+    ]
+
+
+def test_s3_listing_filters_by_extension_and_size(s3_bucket: Bucket) -> None:
+    client, bucket = s3_bucket
+    sizes = {"a.MP4": 10, "b.mov": 200, "c.txt": 10, "noext": 10, "d.webm": 0, "e.tar.mkv": 50, "dir/": 0}
+    for key, size in sizes.items():
+        put(client, bucket, f"p/{key}", b"v" * size)
+    put(client, bucket, "other/f.mp4", b"v")
+
+    def names(**options: Any) -> list[str]:
+        return [video.uri.rsplit("/", 1)[1] for video in list_videos([f"s3://{bucket}/p"], s3_client=client, **options)]
+
+    assert names() == ["a.MP4", "b.mov", "d.webm", "e.tar.mkv"]  # zero-byte objects stay, folder markers go
+    assert names(min_size_bytes=1) == ["a.MP4", "b.mov", "e.tar.mkv"]
+    assert names(max_size_bytes=50) == ["a.MP4", "d.webm", "e.tar.mkv"]
+    assert names(extensions=[".TXT", "mov"]) == ["b.mov", "c.txt"]
+    assert names(extensions=None) == ["a.MP4", "b.mov", "c.txt", "d.webm", "e.tar.mkv", "noext"]
+    with pytest.raises(ValueError, match="max_size_bytes"):
+        list_videos([f"s3://{bucket}/p"], min_size_bytes=10, max_size_bytes=5, s3_client=client)
+    with pytest.raises(TypeError):
+        list_videos(f"s3://{bucket}/p", s3_client=client)
+
+
+def test_empty_prefix_lists_nothing_and_require_any_says_where(s3_bucket: Bucket) -> None:
+    client, bucket = s3_bucket
+    inputs = [f"s3://{bucket}/nothing/here/"]
+    assert list(list_videos(inputs, s3_client=client)) == []
+
+    where = describe_listing(inputs, min_size_bytes=1)
+    with pytest.raises(EmptyInputError, match="no videos under s3://.*/nothing/here/ .*filters: extensions 3gp,avi"):
+        require_any(list_videos(inputs, s3_client=client), where=where)
+    assert "size >= 1 bytes" in where
+
+    put(client, bucket, "nothing/here/v.mp4", b"1")
+    assert [v.uri for v in require_any(list_videos(inputs, s3_client=client), where=where)] == [
+        f"s3://{bucket}/nothing/here/v.mp4"
+    ]
+
+
+def test_missing_bucket_is_named(s3_server: str) -> None:
+    listing = list_videos(["s3://no-such-bucket-here/some/prefix"], endpoint_url=s3_server)
+    with pytest.raises(
+        StorageError, match="bucket 'no-such-bucket-here' does not exist.*s3://no-such-bucket-here/some/p"
+    ):
+        next(listing)
+    with pytest.raises(StorageError) as caught:
+        list(list_videos(["s3://no-such-bucket-here/x"], endpoint_url=s3_server))
+    assert caught.value.reason == "no_such_bucket" and caught.value.uri == "s3://no-such-bucket-here/x"
+
+
+def test_inputs_that_name_nothing_fail_at_once(tmp_path: Path) -> None:
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    for location, match in [
+        (str(tmp_path / "missing"), "neither an s3:// URI nor an existing folder or manifest"),
+        (str(tmp_path / "clip.mp4"), "is a file but not a manifest"),
+        ("gs://bucket/prefix", "unsupported input"),
+        ("s3:///prefix", "no bucket"),
+    ]:
+        with pytest.raises(StorageError, match=match) as caught:
+            list_videos([location])  # raised by the call, before iterating
+        assert caught.value.reason == "invalid_input"
+
+
+def test_refused_credentials_say_access_denied_without_secrets(
+    s3_bucket: Bucket, s3_strict_auth: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto accepts any keys by default; s3_strict_auth turns its signature and IAM checks on.
+    _, bucket = s3_bucket
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-do-not-print")
+    with pytest.raises(StorageError, match=f"access denied: cannot list s3://{bucket}/p.*InvalidAccessKeyId") as caught:
+        next(list_videos([f"s3://{bucket}/p"], endpoint_url=s3_server))
+    assert caught.value.reason == "access_denied"
+    assert "wrong-secret" not in str(caught.value) and "AKIAWRONG" not in str(caught.value)
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_strict_auth.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_strict_auth.secret_access_key)
+    with pytest.raises(StorageError, match="access denied.*AccessDenied") as caught:
+        next(list_videos([f"s3://{bucket}/p"], endpoint_url=s3_server))
+    assert s3_strict_auth.secret_access_key not in str(caught.value)
+
+
+def test_missing_credentials_say_so(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no usable AWS credentials") as caught:
+        next(list_videos(["s3://any-bucket/p"], endpoint_url=s3_server))
+    assert caught.value.reason == "access_denied"
+
+
+def test_storage_errors_survive_pickling() -> None:
+    for error in (StorageError("gone", reason="not_found", uri="s3://b/k"), EmptyInputError("none", uri="s3://b/")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert (type(copy), str(copy), copy.reason, copy.uri) == (type(error), str(error), error.reason, error.uri)
+
+
+# ----------------------------------------------------------------------------------------------- local and manifests
+
+
+def test_local_folder_walk_is_recursive_sorted_and_fingerprinted(tmp_path: Path) -> None:
+    files = {"a.mp4": b"12", "a/x.MOV": b"123", "a/sub/y.mkv": b"", "b.txt": b"1", "B.avi": b"1", "c/z.webm": b"1"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "linked").symlink_to(tmp_path / "c")  # symlinked folders are not followed
+
+    videos = list(list_videos([str(tmp_path)]))
+    # Same order as S3 gives for these keys: plain sorted relative paths ("a.mp4" < "a/...").
+    assert [v.uri for v in videos] == [
+        str(tmp_path / rel) for rel in ["B.avi", "a.mp4", "a/sub/y.mkv", "a/x.MOV", "c/z.webm"]
+    ]
+    stat = os.stat(tmp_path / "a.mp4")
+    assert videos[1] == VideoObject(str(tmp_path / "a.mp4"), f"local-2-{stat.st_mtime_ns}", 2)
+    assert videos[2].size_bytes == 0
+
+    os.utime(tmp_path / "a.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert list(list_videos([str(tmp_path)]))[1].etag != videos[1].etag  # a touched file looks changed
+
+
+def test_csv_manifests_with_header_or_plain_lines(s3_bucket: Bucket, s3_server: str, tmp_path: Path) -> None:
+    client, bucket = s3_bucket
+    etag = put(client, bucket, "m/remote.mp4", b"remote")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "local.mp4").write_bytes(b"local!!")
+    header = tmp_path / "with_header.csv"
+    header.write_text(
+        "\ufeffuri,etag,size_bytes,notes\n"
+        "clips/local.mp4,,,relative to the manifest\n"
+        f"s3://{bucket}/m/remote.mp4,,,size and etag looked up\n"
+        f's3://{bucket}/m/given.mp4,abc,"42",taken as given\n'
+        f"s3://{bucket}/m/gone.mp4,,,missing\n"
+        "skip.txt,,,not a video\n"
+    )
+    videos = list(list_videos([str(header)], s3_client=client))
+    local_stat = os.stat(tmp_path / "clips" / "local.mp4")
+    assert videos == [
+        VideoObject(str(tmp_path / "clips" / "local.mp4"), f"local-7-{local_stat.st_mtime_ns}", 7),
+        VideoObject(f"s3://{bucket}/m/remote.mp4", etag, 6),
+        VideoObject(f"s3://{bucket}/m/given.mp4", "abc", 42),
+        VideoObject(f"s3://{bucket}/m/gone.mp4", "", UNKNOWN_SIZE),  # reading it will record why
+    ]
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text(f"# one per line\n\ns3://{bucket}/m/remote.mp4\n{tmp_path}/clips/local.mp4\n")
+    # A local manifest naming S3 objects gets a client of its own for the lookups.
+    assert [(v.uri, v.size_bytes) for v in list_videos([str(plain)], endpoint_url=s3_server)] == [
+        (f"s3://{bucket}/m/remote.mp4", 6),
+        (str(tmp_path / "clips" / "local.mp4"), 7),
+    ]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uri,size_bytes\nx.mp4,big\n")
+    with pytest.raises(StorageError, match="size_bytes 'big' is not an integer"):
+        list(list_videos([str(bad)]))
+
+
+def test_parquet_manifests_local_and_on_s3(s3_bucket: Bucket, tmp_path: Path) -> None:
+    client, bucket = s3_bucket
+    etag = put(client, bucket, "v/one.mp4", b"one")
+    table = pa.table(
+        {
+            "uri": [f"s3://{bucket}/v/one.mp4", f"s3://{bucket}/v/two.mkv", f"s3://{bucket}/v/three.jpg"],
+            "size_bytes": pa.array([None, 9, 1], pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "list.parquet")
+    expected = [VideoObject(f"s3://{bucket}/v/one.mp4", etag, 3), VideoObject(f"s3://{bucket}/v/two.mkv", "", 9)]
+    assert list(list_videos([str(tmp_path / "list.parquet")], s3_client=client)) == expected
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    put(client, bucket, "manifests/list.parquet", sink.getvalue())
+    put(client, bucket, "manifests/list.csv", f"uri\ns3://{bucket}/v/one.mp4\nrelative.mp4\n".encode())
+    assert list(list_videos([f"s3://{bucket}/manifests/list.parquet"], s3_client=client)) == expected
+    assert list(list_videos([f"s3://{bucket}/manifests/list.csv"], s3_client=client)) == [
+        expected[0],
+        VideoObject(f"s3://{bucket}/manifests/relative.mp4", "", UNKNOWN_SIZE),
+    ]
+
+    pq.write_table(pa.table({"path": ["a.mp4"]}), tmp_path / "no_uri.parquet")
+    with pytest.raises(StorageError, match="no 'uri' column"):
+        list(list_videos([str(tmp_path / "no_uri.parquet")]))
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def test_whole_and_ranged_reads_are_byte_exact(s3_bucket: Bucket) -> None:
+    client, bucket = s3_bucket
+    data = random.Random(0).randbytes(300_001)
+    etag = put(client, bucket, "big.bin", data)
+    uri = f"s3://{bucket}/big.bin"
+
+    assert open_video(uri, size_bytes=len(data), s3_client=client) == data
+    assert open_video(uri, size_bytes=None, s3_client=client) == data  # size looked up first
+    put(client, bucket, "empty.mp4", b"")
+    assert open_video(f"s3://{bucket}/empty.mp4", size_bytes=0, s3_client=client) == b""
+
+    reader = open_video(
+        uri, size_bytes=len(data), etag=etag, s3_client=client, whole_object_max_bytes=1000, block_size_bytes=16_384
+    )
+    assert isinstance(reader, S3RangeReader)
+    expected = io.BytesIO(data)
+    rng = random.Random(1)
+    with reader:
+        for _ in range(200):
+            whence = rng.choice([io.SEEK_SET, io.SEEK_CUR, io.SEEK_END])
+            offset = {
+                io.SEEK_SET: rng.randrange(len(data) + 10),
+                io.SEEK_CUR: rng.randrange(-100, 100),
+                io.SEEK_END: -rng.randrange(1, 5000),
+            }[whence]
+            if expected.tell() + offset < 0 and whence == io.SEEK_CUR:
+                offset = -expected.tell()
+            assert reader.seek(offset, whence) == expected.seek(offset, whence)
+            size = rng.choice([0, 1, 100, 16_384, 40_000, -1])
+            assert reader.read(size) == expected.read(size)
+            assert reader.tell() == expected.tell()
+        buffer = bytearray(50_000)
+        reader.seek(123)
+        assert reader.readinto(buffer) == 50_000 and bytes(buffer) == data[123:50_123]
+        reader.seek(len(data) - 10)
+        assert reader.read(100) == data[-10:] and reader.read(100) == b""
+        with pytest.raises(ValueError):
+            reader.seek(-1)
+    with pytest.raises(ValueError, match="closed"):
+        reader.read(1)
+
+    cached = S3RangeReader(uri, s3_client=client, size_bytes=len(data), block_size_bytes=65_536, max_cached_blocks=2)
+    for _ in range(3):
+        cached.seek(0)
+        cached.read(70_000)  # blocks 0 and 1, fetched once
+    assert cached.requests_made == 2
+
+
+def test_pyav_decodes_through_the_ranged_reader(s3_bucket: Bucket, noise_video: Path) -> None:
+    client, bucket = s3_bucket
+    data = noise_video.read_bytes()
+    put(client, bucket, "clips/noise.mp4", data)
+    reader = open_video(
+        f"s3://{bucket}/clips/noise.mp4",
+        size_bytes=len(data),
+        s3_client=client,
+        whole_object_max_bytes=0,
+        block_size_bytes=4096,
+    )
+    assert isinstance(reader, S3RangeReader)
+    frames = decode_all(reader)
+    reference = decode_all(str(noise_video))
+    assert len(frames) == len(reference) == 24
+    assert all(np.array_equal(a, b) for a, b in zip(frames, reference, strict=True))
+    assert open_video(str(noise_video), size_bytes=len(data)) == str(noise_video)  # local files go by path
+
+
+def test_missing_and_changed_objects(s3_bucket: Bucket, tmp_path: Path) -> None:
+    client, bucket = s3_bucket
+    put(client, bucket, "k.mp4", b"content")
+    for size in (7, None, 10**9):
+        with pytest.raises(StorageError, match=f"no object at s3://{bucket}/gone.mp4") as caught:
+            reader = open_video(f"s3://{bucket}/gone.mp4", size_bytes=size, s3_client=client)
+            assert isinstance(reader, S3RangeReader)
+            reader.read(1)
+        assert caught.value.reason == "not_found"
+    for size in (7, 10**9):  # replaced after listing: the ETag no longer matches
+        with pytest.raises(StorageError) as caught:
+            reader = open_video(f"s3://{bucket}/k.mp4", size_bytes=size, etag="0" * 32, s3_client=client)
+            assert isinstance(reader, S3RangeReader)
+            reader.read(1)
+        assert caught.value.reason == "changed"
+    with pytest.raises(StorageError, match="no file") as caught:
+        open_video(str(tmp_path / "nope.mp4"), size_bytes=1)
+    assert caught.value.reason == "not_found"
+
+
+def test_reads_survive_injected_faults_on_our_retries(
+    s3_bucket: Bucket, s3_server: str, s3_faults: Callable[..., Any]
+) -> None:
+    """With botocore's retries off, every fault reaches our retry loop, body faults included."""
+    _, bucket = s3_bucket
+    client = make_s3_client(endpoint_url=s3_server, max_attempts=1)
+    data = random.Random(2).randbytes(100_000)
+    put(client, bucket, "f.bin", data)
+    uri = f"s3://{bucket}/f.bin"
+    kinds = ("500", "503", "throttle", "reset", "truncate", "incomplete")
+    with s3_faults(client, every_nth=2, kinds=kinds, operations=["GetObject"]) as faults:
+        for _ in range(3):
+            assert open_video(uri, size_bytes=len(data), s3_client=client, backoff_seconds=0.001) == data
+        reader = open_video(
+            uri,
+            size_bytes=len(data),
+            s3_client=client,
+            whole_object_max_bytes=0,
+            block_size_bytes=8192,
+            backoff_seconds=0.001,
+        )
+        assert isinstance(reader, S3RangeReader)
+        order = list(range(0, len(data), 5000))
+        random.Random(3).shuffle(order)
+        for start in order:
+            reader.seek(start)
+            assert reader.read(5000) == data[start : start + 5000]
+    assert set(faults.injected) == set(kinds), faults
+    assert reader.requests_made > len(range(0, len(data), 8192))  # retries happened
+
+
+def test_listing_and_reads_survive_faults_on_botocore_retries(s3_bucket: Bucket, s3_faults: Callable[..., Any]) -> None:
+    client, bucket = s3_bucket  # 3 attempts per request
+    for i in range(6):
+        put(client, bucket, f"p/{i}.mp4", bytes([i]) * (i + 1))
+    with s3_faults(client, every_nth=3, kinds=("503", "reset", "throttle")) as faults:
+        videos = list(list_videos([f"s3://{bucket}/p/"], page_size=2, s3_client=client))
+        contents = [open_video(v.uri, size_bytes=v.size_bytes, s3_client=client) for v in videos]
+    assert [v.size_bytes for v in videos] == [1, 2, 3, 4, 5, 6]
+    assert contents == [bytes([i]) * (i + 1) for i in range(6)]
+    assert faults.total >= 3
+
+
+def test_bodies_that_stay_truncated_give_up(s3_bucket: Bucket, s3_faults: Callable[..., Any]) -> None:
+    client, bucket = s3_bucket
+    put(client, bucket, "t.bin", b"0123456789")
+    with s3_faults(client, every_nth=1, kinds=("truncate",), operations=["GetObject"]):
+        with pytest.raises(StorageError, match="truncated.*got 5 of 10 bytes") as caught:
+            open_video(f"s3://{bucket}/t.bin", size_bytes=10, s3_client=client, max_attempts=3, backoff_seconds=0.001)
+    assert caught.value.reason == "truncated"
+
+
+# ----------------------------------------------------------------------------------------------------- stores
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "local":
+        return open_store(str(tmp_path / "out"))
+    client, bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/out", s3_client=client)
+
+
+def test_store_round_trip(store: Any) -> None:
+    assert store.list() == [] and not store.exists("runs/a.json")
+    store.put_bytes("runs/a.json", b"1")
+    store.put_bytes("runs/b.json", b"2")
+    store.put_bytes("runs2/c.json", b"3")
+    store.put_bytes("_staging/r1/videos/part-0.parquet", b"")
+    store.put_bytes("runs/a.json", b"one")  # overwrite
+
+    assert store.get_bytes("runs/a.json") == b"one" and store.get_bytes("_staging/r1/videos/part-0.parquet") == b""
+    assert store.exists("runs/a.json") and not store.exists("runs")
+    assert store.list() == ["_staging/r1/videos/part-0.parquet", "runs/a.json", "runs/b.json", "runs2/c.json"]
+    assert store.list("runs/") == ["runs/a.json", "runs/b.json"]
+    assert store.list("runs") == ["runs/a.json", "runs/b.json", "runs2/c.json"]
+    assert store.list("_staging/r1/") == ["_staging/r1/videos/part-0.parquet"]
+    assert store.list("nothing/") == []
+
+    store.delete("runs/a.json")
+    store.delete("runs/a.json")  # already gone: fine
+    assert not store.exists("runs/a.json")
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("runs/a.json")
+    for bad in ("/abs", "a/../b", "a//b", "", "./a"):
+        with pytest.raises(ValueError):
+            store.put_bytes(bad, b"")
+
+    if isinstance(store, LocalStore):
+        assert store.local_path("runs/b.json") == store.root / "runs" / "b.json"
+        assert store.url_for("runs/b.json") == str(store.root / "runs" / "b.json")
+    else:
+        assert isinstance(store, S3Store)
+        assert store.local_path("runs/b.json") is None
+        assert store.url_for("runs/b.json") == f"s3://{store.bucket}/out/runs/b.json"
+        assert store.url_for("") == f"s3://{store.bucket}/out"
+
+
+def test_local_put_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(str(tmp_path))
+    store.put_bytes("a/file.bin", b"old")
+
+    def crash(*_: Any) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        store.put_bytes("a/file.bin", b"new")
+    monkeypatch.undo()
+    assert store.get_bytes("a/file.bin") == b"old"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["file.bin"]  # no temporary left behind
+
+    (tmp_path / "a" / ".file.bin.123.tmp-write").write_bytes(b"half")  # a writer killed mid-way
+    assert store.list() == ["a/file.bin"]
+
+
+def test_store_locations(s3_server: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="not a folder"):
+        open_store(str(tmp_path / "file"))
+    with pytest.raises(StorageError, match="unsupported output location"):
+        open_store("gs://bucket/out")
+    missing = open_store("s3://no-such-out-bucket/out", endpoint_url=s3_server)
+    with pytest.raises(StorageError, match="bucket 'no-such-out-bucket' does not exist") as caught:
+        missing.put_bytes("runs/x.json", b"{}")
+    assert caught.value.reason == "no_such_bucket"
+    assert open_store(f"file://{tmp_path}/new").local_path("x") == tmp_path / "new" / "x"
+
+
+def test_default_extensions_cover_common_containers() -> None:
+    assert {
+        "mp4",
+        "mov",
+        "mkv",
+        "webm",
+        "avi",
+        "m4v",
+        "mpg",
+        "mpeg",
+        "ts",
+        "flv",
+        "wmv",
+        "3gp",
+    } == DEFAULT_VIDEO_EXTENSIONS

@@ -1,0 +1,276 @@
+"""Pipeline stages as plain callable classes: expensive setup in ``__init__``, ``__call__(batch) -> batch``.
+
+Batches are dicts of equal-length numpy arrays (Ray Data's ``numpy`` batch format), so each stage runs the same
+under Ray Data, in a test, or in a loop. A video that cannot be read or decoded becomes a row with a ``status`` and
+an ``error_message``; only bugs raise.
+
+Rows leaving :class:`DecodeStage` are clips: one whole-video clip per input video (``segment_index == -1``) and,
+when segments are requested, one clip per segment. Every row carries fixed-shape frames (zeros when not ok) so the
+batch stays a dense tensor column.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitaclip.video import VideoDecodeError, decode_clip, decode_clips, probe
+
+VideoSource = Any  # a path, bytes, or a seekable binary file object
+Opener = Callable[[str, int], VideoSource]
+
+READ_ERROR = "read_error"
+INTERNAL_ERROR = "error"
+THUMBNAIL_SIZE = 160
+
+
+def open_local(uri: str, size_bytes: int) -> VideoSource:
+    """The default opener: a local path as it is."""
+    return uri
+
+
+def _rewind(source: VideoSource) -> VideoSource:
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return source
+
+
+def _thumbnail(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(frame)
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+class DecodeStage:
+    """Reads and decodes videos: ``uri``, ``etag``, ``size_bytes`` in; one row per clip out.
+
+    Args:
+        num_frames: frames per clip (T).
+        size: square frame size (the model's input size).
+        segment_seconds: also emit one clip per consecutive segment of this length (None: whole videos only).
+        timeout_seconds: per-video decode time limit.
+        opener: turns ``(uri, size_bytes)`` into something the decoder reads (a path, bytes, a file object).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_frames: int,
+        size: int,
+        segment_seconds: float | None = None,
+        timeout_seconds: float = 60.0,
+        opener: Opener | None = None,
+    ) -> None:
+        if num_frames < 1 or size < 1:
+            raise ValueError(f"num_frames and size must be >= 1, got {num_frames} and {size}")
+        if segment_seconds is not None and segment_seconds <= 0:
+            raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
+        self.num_frames = num_frames
+        self.size = size
+        self.segment_seconds = segment_seconds
+        self.timeout_seconds = timeout_seconds
+        self.opener = opener or open_local
+
+    def _empty_frames(self) -> np.ndarray:
+        return np.zeros((self.num_frames, self.size, self.size, 3), dtype=np.uint8)
+
+    def decode_one(self, uri: str, size_bytes: int) -> list[dict[str, Any]]:
+        """Rows (whole video first, then segments) for one video, or one failed row."""
+        base: dict[str, Any] = {
+            "duration_seconds": np.nan,
+            "fps": np.nan,
+            "width": -1,
+            "height": -1,
+            "codec": "",
+            "segment_index": -1,
+            "start_seconds": 0.0,
+            "end_seconds": 0.0,
+            "thumbnail_jpeg": b"",
+            "decode_seconds": 0.0,
+        }
+        start = time.perf_counter()
+        try:
+            source = self.opener(uri, size_bytes)
+        except Exception as exc:  # per-video boundary: any read failure becomes this video's status
+            return [
+                dict(base, status=READ_ERROR, error_message=f"{type(exc).__name__}: {exc}", frames=self._empty_frames())
+            ]
+        try:
+            info = probe(source)
+            clip = decode_clip(
+                _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=self.timeout_seconds
+            )
+            segments = []
+            if self.segment_seconds is not None:
+                segments = decode_clips(
+                    _rewind(source),
+                    num_frames=self.num_frames,
+                    size=self.size,
+                    sampling="windows",
+                    segment_seconds=self.segment_seconds,
+                    timeout_seconds=self.timeout_seconds,
+                )
+        except VideoDecodeError as exc:
+            return [
+                dict(
+                    base,
+                    status=exc.reason,
+                    error_message=str(exc),
+                    frames=self._empty_frames(),
+                    decode_seconds=time.perf_counter() - start,
+                )
+            ]
+        except Exception as exc:  # per-video boundary: record, never crash the job
+            return [
+                dict(
+                    base,
+                    status=INTERNAL_ERROR,
+                    error_message=f"{type(exc).__name__}: {exc}",
+                    frames=self._empty_frames(),
+                    decode_seconds=time.perf_counter() - start,
+                )
+            ]
+        finally:
+            close = getattr(source, "close", None)
+            if callable(close):
+                close()
+        meta = dict(
+            base,
+            duration_seconds=float(info.duration_seconds),
+            fps=float(info.fps),
+            width=int(info.width),
+            height=int(info.height),
+            codec=str(info.codec),
+            status="ok",
+            error_message="",
+        )
+        rows = [
+            dict(
+                meta,
+                frames=clip.frames,
+                end_seconds=float(info.duration_seconds),
+                thumbnail_jpeg=_thumbnail(clip.frames[len(clip.frames) // 2]),
+            )
+        ]
+        for index, seg in enumerate(segments):
+            rows.append(
+                dict(
+                    meta,
+                    frames=seg.frames,
+                    segment_index=index,
+                    start_seconds=float(seg.start_seconds),
+                    end_seconds=float(seg.end_seconds),
+                    thumbnail_jpeg=_thumbnail(seg.frames[len(seg.frames) // 2]),
+                )
+            )
+        rows[0]["decode_seconds"] = time.perf_counter() - start
+        return rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out_rows: list[dict[str, Any]] = []
+        passthrough = [k for k in batch if k not in ("frames",)]
+        for i in range(len(batch["uri"])):
+            for row in self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i])):
+                for key in passthrough:
+                    row.setdefault(key, batch[key][i])
+                out_rows.append(row)
+        return _columns(out_rows)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "frames":
+            out[key] = np.stack(values)  # [N, T, S, S, 3] uint8
+        elif isinstance(values[0], (bytes, str)):
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            out[key] = arr
+        else:
+            out[key] = np.asarray(values)
+    return out
+
+
+class EmbedStage:
+    """Embeds clips and labels them: ``frames`` in; ``embedding``, ``label_indices``, ``label_scores`` out.
+
+    The model and the label features are built once. Rows whose ``status`` is not ``ok`` pass through with zero
+    embeddings. On CUDA the model runs in bfloat16.
+
+    Args:
+        model: registered model name or JSON config.
+        checkpoint: checkpoint path (None: the model's random init, for smoke runs).
+        label_names: labels to score (None: the model's label set).
+        top_k: labels kept per clip.
+        device: torch device (None: cuda when available).
+        batch_size: clips per forward pass.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        checkpoint: str | None = None,
+        label_names: Sequence[str] | None = None,
+        top_k: int = 5,
+        device: str | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        import vitaclip
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = vitaclip.create_model(model, checkpoint=checkpoint, device=self.device, dtype=dtype)
+        names = list(label_names) if label_names is not None else list(self.model.label_names or ())
+        if not names:
+            raise ValueError(f"model {model!r} has no label set: give label names")
+        self.label_names = names
+        self.top_k = min(top_k, len(names))
+        self.batch_size = batch_size
+        mean = torch.tensor(self.model.config.mean, device=self.device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(self.model.config.std, device=self.device).view(1, 1, 3, 1, 1)
+        self._mean, self._std = mean, std
+        with torch.inference_mode():
+            self.label_features = self.model.encode_labels(names).float()  # [K, E]
+            self.scale = float(self.model.logit_scale.float().exp())
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    def _embed(self, frames: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(frames).to(self.device)  # [B, T, S, S, 3] uint8
+        x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B, T, 3, S, S]
+        x = ((x - self._mean) / self._std).to(self.model.dtype)
+        return self.model.encode_video(x).float()  # [B, E]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames = batch["frames"]
+        n = len(frames)
+        ok = np.asarray([s == "ok" for s in batch["status"]], dtype=bool)
+        embedding = np.zeros((n, self.model.embed_dim), dtype=np.float32)
+        label_indices = np.full((n, self.top_k), -1, dtype=np.int32)
+        label_scores = np.zeros((n, self.top_k), dtype=np.float32)
+        rows = np.flatnonzero(ok)
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                idx = rows[start : start + self.batch_size]
+                feats = self._embed(frames[idx])
+                probs = (self.scale * feats @ self.label_features.t()).softmax(dim=-1)
+                top_p, top_i = probs.topk(self.top_k, dim=-1)
+                embedding[idx] = feats.cpu().numpy()
+                label_indices[idx] = top_i.cpu().numpy()
+                label_scores[idx] = top_p.cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "frames"}
+        out.update(embedding=embedding, label_indices=label_indices, label_scores=label_scores)
+        return out
