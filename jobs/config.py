@@ -37,6 +37,7 @@ class IndexJobConfig:
         chunk_size: videos planned and run per streaming chunk (bounds driver memory; staging is flushed per chunk).
         rows_per_part: rows per Parquet part file.
         decode_timeout_seconds: per-video decode time limit.
+        whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
         max_size_bytes: skip larger objects (None: no limit).
         extensions: video file extensions to list.
@@ -63,6 +64,7 @@ class IndexJobConfig:
     chunk_size: int = 2000
     rows_per_part: int = 5000
     decode_timeout_seconds: float = 120.0
+    whole_object_max_bytes: int = 32 * 2**20
     min_size_bytes: int = 0
     max_size_bytes: int | None = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -116,6 +118,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--rows-per-part", type=int)
     p.add_argument("--decode-timeout-seconds", type=float)
+    p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)
     p.add_argument("--extensions", help="comma-separated list")

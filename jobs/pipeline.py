@@ -25,7 +25,16 @@ import pyarrow as pa
 from index.schema import STATUS_OK, row_id_for, schema_for, video_id_for
 from jobs import tables
 from jobs.config import IndexJobConfig
-from jobs.storage import Store, VideoObject, list_videos, make_s3_client, open_store, open_video
+from jobs.storage import (
+    Store,
+    VideoObject,
+    describe_listing,
+    list_videos,
+    make_s3_client,
+    open_store,
+    open_video,
+    require_any,
+)
 from vitaclip.stages import DecodeStage, EmbedStage
 
 log = logging.getLogger("vitaclip.job")
@@ -38,15 +47,16 @@ CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_PARTS"  # test hook: SIGKILL the dri
 class ReadDecode(DecodeStage):
     """DecodeStage reading from local files or S3 (ranged GETs for large objects)."""
 
-    def __init__(self, *, s3_endpoint_url: str | None, **kwargs: Any) -> None:
+    def __init__(self, *, s3_endpoint_url: str | None, whole_object_max_bytes: int, **kwargs: Any) -> None:
         self._endpoint = s3_endpoint_url
+        self._whole_max = whole_object_max_bytes
         self._client: Any = None
         super().__init__(opener=self._open, **kwargs)
 
     def _open(self, uri: str, size_bytes: int) -> Any:
         if uri.startswith("s3://") and self._client is None:
             self._client = make_s3_client(endpoint_url=self._endpoint)
-        return open_video(uri, size_bytes=size_bytes, s3_client=self._client)
+        return open_video(uri, size_bytes=size_bytes, s3_client=self._client, whole_object_max_bytes=self._whole_max)
 
 
 class TimedEmbed(EmbedStage):
@@ -76,15 +86,11 @@ def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
     import ray
 
     if not ray.is_initialized():
-        if config.ray_address:
-            ray.init(address=config.ray_address, log_to_driver=True)
+        address = config.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:  # an existing cluster: also the case under `ray job submit`, which sets RAY_ADDRESS
+            ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(
-                num_cpus=config.num_cpus,
-                include_dashboard=False,
-                log_to_driver=True,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-            )
+            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
     resources = ray.cluster_resources()
     return int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
 
@@ -229,12 +235,14 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     planner = _Planner(tables.committed_keys(store, model_id), tables.staged_keys(store, reusable, model_id))
     log.info("cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable))
 
-    listing = list_videos(
-        config.inputs,
-        extensions=config.extensions,
-        min_size_bytes=config.min_size_bytes,
-        max_size_bytes=config.max_size_bytes,
-        endpoint_url=config.s3_endpoint_url,
+    filters = dict(
+        extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
+    )
+    # The first page is fetched here, before Ray starts: a wrong bucket, refused credentials or an empty prefix
+    # fail fast with a clear message.
+    listing = require_any(
+        list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
+        where=describe_listing(config.inputs, **filters),
     )
 
     cpus, gpus = _init_ray(config)
@@ -267,6 +275,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
                 segment_seconds=config.segment_seconds,
                 timeout_seconds=config.decode_timeout_seconds,
                 s3_endpoint_url=config.s3_endpoint_url,
+                whole_object_max_bytes=config.whole_object_max_bytes,
             ),
             batch_size=config.decode_batch_size,
             compute=ray.data.ActorPoolStrategy(size=decode_workers),

@@ -1,0 +1,99 @@
+"""A faulty HTTP proxy in front of the local S3 server, for fault injection across processes (Ray workers).
+
+Every ``every_nth`` request gets a fault, cycling through the kinds: ``503`` (SlowDown), ``500`` (InternalError),
+``reset`` (the connection closes without an answer) and ``truncate`` (a GetObject body cut short while
+Content-Length announces all of it). Other requests are forwarded unchanged. Listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+FAULT_KINDS = ("503", "500", "reset", "truncate")
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, every_nth: int = 4, kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+        target = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = target.hostname or "127.0.0.1", target.port or 80
+        self.every_nth = every_nth
+        self._kinds = itertools.cycle(kinds)
+        self._count = itertools.count(1)
+        self._lock = threading.Lock()
+        self.injected: Counter[str] = Counter()
+        self.requests = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    n = next(proxy._count)
+                    proxy.requests = n
+                    fault = next(proxy._kinds) if n % proxy.every_nth == 0 else None
+                is_get_object = self.command == "GET" and "list-type" not in self.path and self.path.count("/") >= 2
+                if fault == "truncate" and not is_get_object:
+                    fault = "503"
+                if fault in ("503", "500"):
+                    proxy.injected[fault] += 1
+                    code = "SlowDown" if fault == "503" else "InternalError"
+                    payload = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(int(fault))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if fault == "reset":
+                    proxy.injected[fault] += 1
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                if fault == "truncate" and len(data) > 16:
+                    proxy.injected[fault] += 1
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
