@@ -235,7 +235,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     planner = _Planner(tables.committed_keys(store, model_id), tables.staged_keys(store, reusable, model_id))
     log.info("cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable))
 
-    filters = dict(
+    filters: dict[str, Any] = dict(
         extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
     )
     # The first page is fetched here, before Ray starts: a wrong bucket, refused credentials or an empty prefix
