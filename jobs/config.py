@@ -32,6 +32,7 @@ class IndexJobConfig:
         decode_workers: decode actors (None: the CPUs left after the embed actors).
         embed_workers: most embed actors (the pool autoscales from 1).
         gpus_per_embed_worker: GPUs per embed actor when the cluster has GPUs (0: embed on CPU actors).
+        cpus_per_embed_worker: CPUs per embed actor when embedding on CPUs.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
         chunk_size: videos planned and run per streaming chunk (bounds driver memory; staging is flushed per chunk).
@@ -59,6 +60,7 @@ class IndexJobConfig:
     decode_workers: int | None = None
     embed_workers: int = 1
     gpus_per_embed_worker: float = 1.0
+    cpus_per_embed_worker: float = 1.0
     decode_batch_size: int = 4
     embed_batch_size: int = 32
     chunk_size: int = 2000
@@ -78,6 +80,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "chunk_size", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
+            raise ValueError("cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.segment_seconds is not None and self.segment_seconds <= 0:
@@ -113,6 +117,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--decode-workers", type=int)
     p.add_argument("--embed-workers", type=int)
     p.add_argument("--gpus-per-embed-worker", type=float)
+    p.add_argument("--cpus-per-embed-worker", type=float)
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument("--chunk-size", type=int)

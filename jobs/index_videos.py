@@ -17,6 +17,7 @@ from jobs.config import config_from_args
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant it tried
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv)
         from jobs.pipeline import run_index_job

@@ -250,8 +250,12 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     embed_workers = (
         max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker))) if use_gpu else config.embed_workers
     )
-    cpu_for_embed = 0 if use_gpu else embed_workers
-    decode_workers = config.decode_workers or max(1, cpus - cpu_for_embed)
+    # One decoder per core. Without GPUs the embed actors share the cores: the decoders' CPU request shrinks so that
+    # decoders and embedders fit the cluster together, and the OS shares the cores by demand.
+    cpus_per_embedder = min(config.cpus_per_embed_worker, cpus / (2 * embed_workers))  # leave half to decoding
+    cpu_for_embed = 0.0 if use_gpu else embed_workers * cpus_per_embedder
+    decode_workers = config.decode_workers or max(1, cpus)
+    cpus_per_decoder = min(1.0, max(0.1, (cpus - cpu_for_embed) / decode_workers))
     embed_dim: int | None = None
 
     writers: dict[str, tables.StagingWriter] = {}
@@ -279,7 +283,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             ),
             batch_size=config.decode_batch_size,
             compute=ray.data.ActorPoolStrategy(size=decode_workers),
-            num_cpus=1,
+            num_cpus=cpus_per_decoder,
         )
         ds = ds.map_batches(
             TimedEmbed,
@@ -294,7 +298,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             batch_size=config.embed_batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
             num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
-            num_cpus=0 if use_gpu else 1,
+            num_cpus=0 if use_gpu else cpus_per_embedder,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if embed_dim is None:

@@ -134,6 +134,13 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
         f"FROM read_parquet('{out}/videos/*.parquet')"
     ).fetchone()
     assert (n, n_ok, n_ids) == (len(rows), len(videos), len(rows))
+    import pandas as pd
+    import polars as pl
+
+    frame = pd.read_parquet(out / "videos")
+    assert len(frame) == len(rows) and set(frame["status"]) == {r["status"] for r in rows.values()}
+    polars_frame = pl.read_parquet(str(out / "videos" / "*.parquet"))
+    assert polars_frame.height == len(rows) and polars_frame["embedding"].dtype.size == 32
 
 
 def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> None:

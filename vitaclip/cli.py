@@ -130,25 +130,64 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    """Generates sample videos (plus one broken file), runs the real indexing job on them, prints the rows."""
     from vitaclip.samples import write_sample_video
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_sample_video(out / "sample.mp4", num_frames=96, fps=24, width=320, height=240, pattern="shape")
-    print(f"wrote a generated sample video: {path}")
-    print(f"embedding it with {args.model} and printing its top {args.top_k} Kinetics-400 labels")
-    print("(vitaclip-tiny has random weights: the labels show the pipeline works, not what the video shows)")
-    results = label_videos(
-        [str(path)],
-        model_name=args.model,
-        checkpoint=args.checkpoint,
-        labels=None,
-        top_k=args.top_k,
-        num_frames=None,
-        device=args.device,
+    videos = out / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    for i in range(args.num_videos):
+        write_sample_video(
+            videos / f"sample-{i:02d}.mp4",
+            num_frames=48 + 12 * i,
+            fps=24,
+            width=320,
+            height=240,
+            pattern="shape",
+            seed=i,
+        )
+    (videos / "broken.mp4").write_bytes(b"not a video, to show how failures are recorded\n")
+    print(f"wrote {args.num_videos} generated videos and one broken file under {videos}")
+    from jobs.index_videos import main as index_main
+
+    argv = [str(videos), "--output", str(out / "index-output"), "--model", args.model, "--top-k", str(args.top_k)]
+    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights"]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    rc = index_main(argv)
+    if rc != 0:
+        return rc
+    import pyarrow.compute as pc
+
+    from index.tables import read_table
+    from jobs.storage import open_store
+
+    table = read_table(open_store(str(out / "index-output")), "videos")
+    assert table is not None
+    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (Parquet):")
+    for row in table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist():
+        if row["status"] == "ok":
+            tops = ", ".join(f"{n} ({p:.3f})" for n, p in zip(row["labels"], row["label_scores"], strict=True))
+        else:
+            tops = "(no embedding)"
+        print(f"  {Path(row['uri']).name:16s} {row['status']:12s} {tops}")
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    if args.model.endswith("-tiny") and not args.checkpoint:
+        print(
+            "\nvitaclip-tiny has random weights: the labels show the pipeline runs end to end, not what the videos "
+            "show."
+        )
+    print(
+        f"query the rows with DuckDB: SELECT uri, status, labels FROM "
+        f"read_parquet('{out / 'index-output'}/videos/*.parquet')  ({ok} ok)"
     )
-    _print_labels(results, as_json=False)
-    return 0 if results[0]["status"] == "ok" else 1
+    return 0
+
+
+def _cmd_index(argv: Sequence[str]) -> int:
+    from jobs.index_videos import main as index_main
+
+    return index_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,17 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("quickstart", help="generate a sample video, embed it and print its top labels")
+    p = sub.add_parser("quickstart", help="generate sample videos, run the indexing job on them, print the rows")
     _add_model_args(p)
     p.add_argument("--output", default="out/quickstart")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--num-videos", type=int, default=6)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--top-k", type=int, default=3)
     p.set_defaults(func=_cmd_quickstart)
+
+    sub.add_parser("index", help="run the indexing job (same flags as python -m jobs.index_videos)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["index"]:  # the job parses its own flags
+        return _cmd_index(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except ValueError as exc:  # configuration and checkpoint errors: a clear message, no traceback

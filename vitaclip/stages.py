@@ -14,12 +14,14 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from vitaclip.video import VideoDecodeError, decode_clip, decode_clips, probe
+
+if TYPE_CHECKING:
+    import torch
 
 VideoSource = Any  # a path, bytes, or a seekable binary file object
 Opener = Callable[[str, int], VideoSource]
@@ -226,6 +228,8 @@ class EmbedStage:
         device: str | None = None,
         batch_size: int = 32,
     ) -> None:
+        import torch
+
         import vitaclip
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -249,6 +253,8 @@ class EmbedStage:
         return self.model.model_id
 
     def _embed(self, frames: np.ndarray) -> torch.Tensor:
+        import torch
+
         x = torch.from_numpy(frames).to(self.device)  # [B, T, S, S, 3] uint8
         x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B, T, 3, S, S]
         x = ((x - self._mean) / self._std).to(self.model.dtype)
@@ -262,6 +268,8 @@ class EmbedStage:
         label_indices = np.full((n, self.top_k), -1, dtype=np.int32)
         label_scores = np.zeros((n, self.top_k), dtype=np.float32)
         rows = np.flatnonzero(ok)
+        import torch
+
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 idx = rows[start : start + self.batch_size]
