@@ -27,7 +27,20 @@ _EXPORTS = {
     "top_k_labels": "vitaclip.zeroshot",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointError",
+    "LabelScore",
+    "TextContextConfig",
+    "VitaClip",
+    "VitaClipConfig",
+    "create_model",
+    "get_model_config",
+    "list_label_sets",
+    "list_models",
+    "load_label_set",
+    "save_checkpoint",
+    "top_k_labels",
+]
 
 if TYPE_CHECKING:
     from vitaclip.checkpoints import CheckpointError, save_checkpoint

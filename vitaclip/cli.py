@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-tiny") -> None:
@@ -64,7 +65,7 @@ def label_videos(
     top_k: int,
     num_frames: int | None,
     device: str | None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Top-k zero-shot labels for local video files (one dict per video, with a status for bad files)."""
     import torch
 
@@ -78,7 +79,7 @@ def label_videos(
     T = num_frames or model.config.num_frames
     with torch.inference_mode():
         label_features = model.encode_labels(names)
-        results = []
+        results: list[dict[str, Any]] = []
         for path in paths:
             start = time.perf_counter()
             try:
@@ -103,7 +104,7 @@ def label_videos(
     return results
 
 
-def _print_labels(results: list[dict], as_json: bool) -> None:
+def _print_labels(results: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=2))
         return
