@@ -1,31 +1,50 @@
-"""FAISS index over committed embeddings: exact inner product on L2-normalised vectors.
+"""FAISS indexes over committed embeddings, following FAISS's own stages: choose, train, add, tune, save.
 
-``OUT/index/videos.faiss`` (and ``segments.faiss`` when segments exist) map int64 row ids (the tables' ``row_id``)
-to vectors; ``OUT/index/index_info.json`` records what was built, from which commit, with which model.
+Inner product on L2-normalised vectors. The kind is chosen from the vector count and a memory budget (overridable):
+exact search up to ``flat_max`` vectors, IVF beyond, compressed codes (IVF-PQ) only past the memory budget and then
+with re-ranking from the stored full vectors (a memory-mapped ``.npy``), since compressed CLIP indexes lose recall
+on text queries. Search parameters (``nprobe``, ``efSearch``) are tuned to a recall target measured with text-side
+queries against exact search. A GPU (faiss-gpu) trains and adds when present.
+
+Files of one index named NAME (``videos`` or ``segments``) in the index folder::
+
+    NAME.faiss        the FAISS index (ids are the tables' int64 row_id)
+    NAME.ids.npy      row ids in insertion order
+    NAME.stamps.npy   indexed_at (ms) per id, to tell changed rows on incremental builds
+    NAME.vectors.npy  full vectors in insertion order (kept for re-ranking and rebuilds)
+    index_info.json   kind, factory, parameters, counts, model id, measured recall and latency, source commit
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
 
-from index.tables import TABLES, latest_commit, read_table
+log = logging.getLogger("vitaclip.index")
 
-INDEX_DIR = "index"
 INFO_FILE = "index_info.json"
-INDEX_FORMAT_VERSION = 1
+INDEX_DIR = "index"
+INDEX_FORMAT_VERSION = 2
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+
+DEFAULT_FLAT_MAX = 100_000  # exact search of 100k x 512 stays within a few ms per query on 2 cores
+DEFAULT_MEMORY_BUDGET_BYTES = 8 * 2**30
+DEFAULT_RECALL_TARGET = 0.95
+RERANK_FACTOR = 4
 
 
-class IndexError_(ValueError):
-    """An index that cannot be used (missing, another model, unknown version)."""
+class IndexUnusableError(ValueError):
+    """An index that cannot serve a request: missing, another model, an unknown format."""
 
 
 class WritableStore(Protocol):
@@ -35,12 +54,229 @@ class WritableStore(Protocol):
 
     def put_bytes(self, rel_path: str, data: bytes) -> None: ...
 
+    def local_path(self, rel_path: str) -> Path | None: ...
 
-def _exact_index(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    if len(vectors):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str
+    factory: str
+    nlist: int = 0
+    rerank: bool = False
+
+
+def plan_index(
+    count: int,
+    dim: int,
+    *,
+    kind: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    flat_max: int = DEFAULT_FLAT_MAX,
+) -> IndexPlan:
+    """Which index to build for ``count`` vectors of ``dim`` floats (``kind`` may also be a FAISS factory string)."""
+    nlist = max(1, min(int(4 * math.sqrt(max(count, 1))), max(1, count // 39)))
+    m = next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2 or m == 1)
+    if kind == "auto":
+        if count <= flat_max:
+            kind = "flat"
+        elif count * dim * 4 <= memory_budget_bytes:
+            kind = "ivf"
+        else:
+            kind = "ivfpq"
+    if kind == "flat":
+        return IndexPlan("flat", "IDMap2,Flat")
+    if kind == "ivf":
+        return IndexPlan("ivf", f"IVF{nlist},Flat", nlist=nlist)
+    if kind == "ivfpq":
+        return IndexPlan("ivfpq", f"IVF{nlist},PQ{m}x8", nlist=nlist, rerank=True)
+    if kind == "hnsw":
+        return IndexPlan("hnsw", "IDMap2,HNSW32,Flat")
+    if "," in kind or kind.startswith(("IVF", "HNSW", "Flat", "PQ", "IDMap")):
+        nl = int(kind[3:].split(",")[0].split("_")[0]) if kind.startswith("IVF") else 0
+        return IndexPlan(
+            "factory",
+            kind if kind.startswith(("IVF", "IDMap")) else f"IDMap2,{kind}",
+            nlist=nl,
+            rerank="PQ" in kind or "SQ" in kind,
+        )
+    raise ValueError(f"unknown index kind {kind!r}; use auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
+
+
+def _use_gpu() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the exact top-k by inner product, ``[Q, k]``."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return pos
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k ids found in the returned top-k."""
+    hits = [
+        len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found_ids, true_ids, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+@dataclass
+class VectorIndex:
+    """An index with its row ids and (optionally) full vectors for re-ranking.
+
+    ``search(queries [Q, E], k) -> (scores [Q, k], ids [Q, k])``, id -1 where fewer than k exist.
+    """
+
+    index: faiss.Index
+    ids: np.ndarray  # [N] int64, insertion order
+    vectors: np.ndarray | None  # [N, E] float32 (memory-mapped when loaded), for re-ranking
+    plan: IndexPlan
+    params: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    _pos: np.ndarray | None = None  # argsort of ids, for id -> position
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def set_params(self, **params: int) -> None:
+        self.params.update(params)
+        ivf = _ivf(self.index)
+        if ivf is not None and "nprobe" in params:
+            ivf.nprobe = int(params["nprobe"])
+        hnsw = _hnsw(self.index)
+        if hnsw is not None and "efSearch" in params:
+            hnsw.hnsw.efSearch = int(params["efSearch"])
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        if self._pos is None:
+            self._pos = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[self._pos]
+        where = np.searchsorted(sorted_ids, ids)
+        where = np.clip(where, 0, len(sorted_ids) - 1)
+        return self._pos[where]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if not self.plan.rerank or self.vectors is None:
+            return self.index.search(q, k)
+        _, cand = self.index.search(q, k * RERANK_FACTOR)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        for i in range(len(q)):
+            c = cand[i][cand[i] >= 0]
+            if not len(c):
+                continue
+            full = np.asarray(self.vectors[self._positions(c)], dtype=np.float32)  # [C, E] exact re-ranking
+            s = full @ q[i]
+            top = np.argsort(-s)[:k]
+            scores[i, : len(top)] = s[top]
+            ids[i, : len(top)] = c[top]
+        return scores, ids
+
+
+def _ivf(index: faiss.Index) -> Any:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _hnsw(index: faiss.Index) -> Any:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, seed: int = 0) -> faiss.Index:
+    dim = vectors.shape[1]
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample_size = min(len(vectors), max(256 * max(plan.nlist, 1), 50_000))
+        sample = vectors[np.sort(rng.choice(len(vectors), sample_size, replace=False))]
+        if _use_gpu() and plan.nlist:
+            ivf = faiss.extract_index_ivf(index)
+            clustering = faiss.Clustering(dim, ivf.nlist)
+            clustering.seed = seed
+            gpu_quantizer = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
+            clustering.train(np.ascontiguousarray(sample), gpu_quantizer)
+            centroids = faiss.vector_float_to_array(clustering.centroids).reshape(ivf.nlist, dim)
+            ivf.quantizer.add(centroids)
+            index.train(np.ascontiguousarray(sample))  # trains the codes (PQ) on the fixed quantizer
+        else:
+            ivf = _ivf(index)
+            if ivf is not None:
+                ivf.cp.seed = seed
+            index.train(np.ascontiguousarray(sample))
+    for start in range(0, len(vectors), 65_536):
+        index.add_with_ids(
+            np.ascontiguousarray(vectors[start : start + 65_536]), np.ascontiguousarray(ids[start : start + 65_536])
+        )
     return index
+
+
+def tune(
+    vindex: VectorIndex,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    *,
+    recall_target: float = DEFAULT_RECALL_TARGET,
+    k: int = 10,
+) -> dict[str, Any]:
+    """Smallest ``nprobe``/``efSearch`` whose recall@k against exact search meets the target; measures latency."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, max(1, vindex.count))
+    truth = vindex.ids[exact_search(vectors, queries, k)] if len(queries) else np.zeros((0, k), np.int64)
+    if vindex.plan.nlist:
+        grid = [("nprobe", v) for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if v <= vindex.plan.nlist]
+        grid.append(("nprobe", vindex.plan.nlist))
+    elif _hnsw(vindex.index) is not None:
+        grid = [("efSearch", v) for v in (16, 32, 64, 128, 256, 512)]
+    else:
+        grid = [("exact", 0)]
+    chosen: dict[str, Any] = {}
+    for name, value in grid:
+        if name != "exact":
+            vindex.set_params(**{name: value})
+        _, found = vindex.search(queries, k)
+        recall = recall_at_k(found, truth) if len(queries) else 1.0
+        chosen = {"param": name, "value": value, "recall_at_10": round(recall, 4)}
+        if recall >= recall_target:
+            break
+    chosen.update(measure_latency(vindex, queries))
+    return chosen
+
+
+def measure_latency(
+    vindex: VectorIndex, queries: np.ndarray, *, k: int = 10, max_queries: int = 200
+) -> dict[str, float]:
+    """Single-query latency percentiles (ms) and batch throughput (queries/s)."""
+    if not len(queries):
+        return {}
+    qs = queries[:max_queries]
+    times = []
+    for q in qs:
+        start = time.perf_counter()
+        vindex.search(q[None], k)
+        times.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    vindex.search(qs, k)
+    batch = time.perf_counter() - start
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 4),
+        "p99_ms": round(float(np.percentile(times, 99)), 4),
+        "batch_queries_per_second": round(len(qs) / batch, 1) if batch > 0 else float("inf"),
+    }
 
 
 def build_index(
@@ -48,102 +284,272 @@ def build_index(
     ids: np.ndarray,
     out_dir: str | Path,
     *,
-    kind: str = "flat",
+    kind: str = "auto",
     model_id: str,
     name: str = "videos",
+    stamps: np.ndarray | None = None,
+    tune_queries: np.ndarray | Callable[[], np.ndarray] | None = None,
+    recall_target: float = DEFAULT_RECALL_TARGET,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    flat_max: int = DEFAULT_FLAT_MAX,
 ) -> dict[str, Any]:
-    """Builds an index of ``vectors`` ``[N, E]`` with int64 ``ids`` ``[N]`` into ``out_dir``. Returns its info."""
-    if kind not in ("flat", "auto"):
-        raise ValueError(f"index kind {kind!r} is not available yet; available: flat")
+    """Builds index NAME of ``vectors`` ``[N, E]`` (L2-normalised) with int64 ``ids`` into ``out_dir``.
+
+    Returns this index's entry of ``index_info.json`` (also written, merged with other indexes of the folder).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
     if vectors.ndim != 2 or len(vectors) != len(ids):
-        raise ValueError(f"need vectors [N, E] and ids [N], got {vectors.shape} and {np.shape(ids)}")
+        raise ValueError(f"need vectors [N, E] and ids [N], got {vectors.shape} and {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    plan = plan_index(
+        len(vectors), vectors.shape[1], kind=kind, memory_budget_bytes=memory_budget_bytes, flat_max=flat_max
+    )
+    if plan.nlist and plan.nlist * 39 > len(vectors):
+        plan = IndexPlan("flat", "IDMap2,Flat")  # too few vectors to train the clusters: exact is better anyway
+    start = time.perf_counter()
+    index = _train_and_add(plan, vectors, ids)
+    build_seconds = time.perf_counter() - start
+    vindex = VectorIndex(index, ids, vectors if plan.rerank else None, plan)
+    approximate = plan.kind != "flat"
+    if callable(tune_queries):  # text queries cost a model load: only when there is something to tune
+        tune_queries = tune_queries() if approximate else None
+    queries = tune_queries if tune_queries is not None else _default_queries(vectors)
+    tuning = tune(vindex, vectors, queries, recall_target=recall_target)
+    entry = {
+        "kind": plan.kind,
+        "factory": plan.factory,
+        "metric": "inner_product",
+        "count": vindex.count,
+        "dim": int(vectors.shape[1]),
+        "rerank": plan.rerank,
+        "search_params": {tuning["param"]: tuning["value"]} if tuning.get("param") not in (None, "exact") else {},
+        "trained_count": len(vectors) if plan.nlist else 0,
+        "train_quantization_error": _quantization_error(index, vectors) if plan.nlist else None,
+        "measured": {k: v for k, v in tuning.items() if k not in ("param", "value")},
+        "tuned_with": (
+            "exact search"
+            if not approximate
+            else "text queries"
+            if tune_queries is not None
+            else "perturbed index vectors"
+        ),
+        "recall_target": recall_target,
+        "build_seconds": round(build_seconds, 3),
+        "gpu": _use_gpu(),
+    }
+    _save(out_dir, name, vindex, stamps if stamps is not None else np.zeros(len(ids), np.int64), entry, model_id)
+    return entry
+
+
+def _default_queries(vectors: np.ndarray, n: int = 200, seed: int = 0) -> np.ndarray:
+    # Without text queries: index vectors pushed away from the data, as text embeddings sit apart from video ones.
+    rng = np.random.default_rng(seed)
+    base = vectors[rng.choice(len(vectors), min(n, len(vectors)), replace=False)]
+    noisy = base + rng.normal(scale=0.6 / math.sqrt(vectors.shape[1]), size=base.shape).astype(np.float32) * 2
+    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+
+
+def _quantization_error(index: faiss.Index, vectors: np.ndarray, n: int = 5000) -> float:
+    ivf = _ivf(index)
+    if ivf is None:
+        return 0.0
+    sample = vectors[:n]
+    d, _ = ivf.quantizer.search(sample, 1)
+    return float(np.mean(1.0 - d[:, 0]))  # 1 - cosine to the nearest centroid
+
+
+def _save(
+    out_dir: str | Path, name: str, vindex: VectorIndex, stamps: np.ndarray, entry: dict[str, Any], model_id: str
+) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = _exact_index(vectors, ids)
-    faiss.write_index(index, str(out / f"{name}.faiss"))
-    info = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "model_id": model_id,
-        "embed_dim": int(vectors.shape[1]),
-        "indexes": {
-            name: {"kind": "flat", "factory": "IDMap2,Flat", "metric": "inner_product", "count": int(index.ntotal)}
-        },
-    }
-    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
-    return info
+    faiss.write_index(vindex.index, str(out / f"{name}.faiss"))
+    np.save(out / f"{name}.ids.npy", vindex.ids)
+    np.save(out / f"{name}.stamps.npy", np.asarray(stamps, dtype=np.int64))
+    if vindex.plan.rerank and vindex.vectors is not None:
+        np.save(out / f"{name}.vectors.npy", np.asarray(vindex.vectors, dtype=np.float32))
+    info_path = out / INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("model_id") not in (None, model_id):
+        info = {}  # another model's index is replaced whole
+    info.update({"format_version": INDEX_FORMAT_VERSION, "model_id": model_id})
+    info.setdefault("indexes", {})[name] = entry
+    info_path.write_text(json.dumps(info, indent=1))
 
 
-def build_from_output(store: WritableStore, *, model_id: str) -> dict[str, Any]:
-    """Builds ``OUT/index/`` from the committed ok rows of ``model_id``."""
-    state = latest_commit(store)
-    info: dict[str, Any] = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "model_id": model_id,
-        "commit_seq": state.seq,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "indexes": {},
-    }
-    for table in TABLES:
-        rows = read_table(store, table, ["row_id", "embedding", "model_id"] + (["status"] if table == "videos" else []))
-        if rows is None:
-            continue
-        mask = pc.equal(rows.column("model_id"), model_id)
-        if table == "videos":
-            mask = pc.and_(mask, pc.equal(rows.column("status"), "ok"))
-        rows = rows.filter(mask)
-        if rows.num_rows == 0:
-            continue
-        emb = rows.column("embedding").combine_chunks()
-        dim = emb.type.list_size
-        vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-        ids = rows.column("row_id").to_numpy()
-        start = time.perf_counter()
-        index = _exact_index(vectors, ids)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{table}.faiss"
-            faiss.write_index(index, str(path))
-            store.put_bytes(f"{INDEX_DIR}/{table}.faiss", path.read_bytes())
-        info["embed_dim"] = int(dim)
-        info["indexes"][table] = {
-            "kind": "flat",
-            "factory": "IDMap2,Flat",
-            "metric": "inner_product",
-            "count": int(index.ntotal),
-            "build_seconds": round(time.perf_counter() - start, 4),
-        }
-    store.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode())
-    return info
+def read_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
+    info = json.loads(path.read_text())
+    if info.get("format_version") != INDEX_FORMAT_VERSION:
+        raise IndexUnusableError(
+            f"index format version {info.get('format_version')} is not supported (this vitaclip reads "
+            f"{INDEX_FORMAT_VERSION}): rebuild it with `vitaclip build-index`"
+        )
+    return dict(info)
 
 
-@dataclass
-class OpenIndex:
-    """A loaded index: ``search(queries [Q, E], k) -> (scores [Q, k], ids [Q, k])`` (id -1: no result)."""
-
-    index: faiss.Index
-    info: dict[str, Any]
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if q.shape[1] != self.index.d:
-            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.index.d}")
-        scores, ids = self.index.search(q, k)
-        return scores, ids
-
-
-def open_index(out_dir: str | Path, *, name: str = "videos", model_id: str | None = None) -> OpenIndex:
-    """Opens ``OUT/index`` (or an index folder) read-only; refuses an index built with another model."""
+def open_index(out_dir: str | Path, *, name: str = "videos", model_id: str | None = None) -> VectorIndex:
+    """Opens an index read-only (``OUT`` or ``OUT/index``); refuses one built with another model."""
     folder = Path(out_dir)
     if (folder / INDEX_DIR / INFO_FILE).is_file():
         folder = folder / INDEX_DIR
-    info_path = folder / INFO_FILE
-    if not info_path.is_file():
-        raise IndexError_(f"no index at {out_dir} ({INFO_FILE} missing)")
-    info = json.loads(info_path.read_text())
-    if info.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexError_(f"index format version {info.get('format_version')} is not supported")
+    info = read_info(folder)
     if model_id is not None and info["model_id"] != model_id:
-        raise IndexError_(f"index was built with {info['model_id']}, queries use {model_id}: rebuild or use that model")
+        raise IndexUnusableError(
+            f"the index was built with {info['model_id']} but the queries use {model_id}: query with that model or "
+            "rebuild the index"
+        )
     if name not in info["indexes"]:
-        raise IndexError_(f"index {out_dir} has no {name!r} index; it has {sorted(info['indexes'])}")
-    index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_READ_ONLY)
-    return OpenIndex(index=index, info=info)
+        raise IndexUnusableError(f"{out_dir} has no {name!r} index; it has {sorted(info['indexes'])}")
+    entry = info["indexes"][name]
+    try:
+        index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # kinds that cannot be memory-mapped are read whole
+        index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_READ_ONLY)
+    ids = np.load(folder / f"{name}.ids.npy")
+    vec_path = folder / f"{name}.vectors.npy"
+    vectors = np.load(vec_path, mmap_mode="r") if vec_path.is_file() else None
+    plan = IndexPlan(entry["kind"], entry["factory"], rerank=bool(entry.get("rerank")))
+    vindex = VectorIndex(index, ids, vectors, plan, info=info)
+    if entry.get("search_params"):
+        vindex.set_params(**entry["search_params"])
+    return vindex
+
+
+# ------------------------------------------------------------------------------------------- from job outputs
+
+
+def _rows(store: Any, table: str, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    import pyarrow.compute as pc
+
+    from index.tables import read_table
+
+    columns = ["row_id", "embedding", "model_id", "indexed_at"] + (["status"] if table == "videos" else [])
+    rows = read_table(store, table, columns)
+    if rows is None:
+        return None
+    mask = pc.equal(rows.column("model_id"), model_id)
+    if table == "videos":
+        mask = pc.and_(mask, pc.equal(rows.column("status"), "ok"))
+    rows = rows.filter(mask)
+    if rows.num_rows == 0:
+        return None
+    emb = rows.column("embedding").combine_chunks()
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32)
+    stamps = rows.column("indexed_at").cast("int64").to_numpy()
+    return vectors, rows.column("row_id").to_numpy().astype(np.int64), stamps
+
+
+def _try_incremental(
+    folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, stamps: np.ndarray, model_id: str
+) -> dict[str, Any] | None:
+    """Adds new rows to an existing index and removes replaced ones, without retraining, when that stays sound.
+
+    Returns the updated entry, or None when a rebuild is needed (no index, another model, a kind that cannot remove
+    ids, the collection grew past twice the training set, or new vectors fit the clusters clearly worse).
+    """
+    try:
+        old = open_index(folder, name=name, model_id=model_id)
+    except (IndexUnusableError, FileNotFoundError, RuntimeError):
+        return None
+    entry = dict(old.info["indexes"][name])
+    if entry["kind"] == "hnsw":
+        return None
+    old_stamps = np.load(folder / f"{name}.stamps.npy")
+    current = dict(zip(ids.tolist(), stamps.tolist(), strict=True))
+    indexed = dict(zip(old.ids.tolist(), old_stamps.tolist(), strict=True))
+    stale = [i for i, s in indexed.items() if current.get(i) != s]
+    fresh = np.asarray([i for i, s in current.items() if indexed.get(i) != s], dtype=np.int64)
+    if entry.get("trained_count") and len(ids) > 2 * entry["trained_count"]:
+        return None
+    index = faiss.read_index(str(folder / f"{name}.faiss"))  # writable copy
+    pos = {int(v): p for p, v in enumerate(ids.tolist())}
+    new_vectors = vectors[[pos[int(i)] for i in fresh]] if len(fresh) else np.zeros((0, vectors.shape[1]), np.float32)
+    if entry.get("train_quantization_error") and len(new_vectors):
+        err = _quantization_error(index, new_vectors)
+        if err > 1.5 * entry["train_quantization_error"] + 1e-3:
+            return None
+    if stale:
+        index.remove_ids(np.asarray(stale, dtype=np.int64))  # type: ignore[arg-type]  # numpy ids are accepted
+    if len(fresh):
+        index.add_with_ids(np.ascontiguousarray(new_vectors), fresh)
+    stale_set = set(stale)
+    keep = np.asarray([i for i in old.ids.tolist() if i not in stale_set], dtype=np.int64)
+    all_ids = np.concatenate([keep, fresh])
+    plan = IndexPlan(
+        entry["kind"],
+        entry["factory"],
+        nlist=_ivf(index).nlist if _ivf(index) is not None else 0,
+        rerank=bool(entry.get("rerank")),
+    )
+    full = vectors[[pos[int(i)] for i in all_ids]]
+    vindex = VectorIndex(index, all_ids, full if plan.rerank else None, plan)
+    if entry.get("search_params"):
+        vindex.set_params(**entry["search_params"])
+    entry.update(count=vindex.count, incremental={"added": int(len(fresh)), "removed": len(stale)})
+    _save(folder, name, vindex, np.asarray([current[int(i)] for i in all_ids], dtype=np.int64), entry, model_id)
+    return entry
+
+
+def build_from_output(
+    store: WritableStore,
+    *,
+    model_id: str,
+    kind: str = "auto",
+    tune_queries: np.ndarray | Callable[[], np.ndarray] | None = None,
+    recall_target: float = DEFAULT_RECALL_TARGET,
+    rebuild: bool = False,
+) -> dict[str, Any]:
+    """Builds or extends ``OUT/index/`` from the committed ok rows of ``model_id``; returns ``index_info``."""
+    from index.tables import TABLES, latest_commit
+
+    state = latest_commit(store)
+    local = store.local_path(INDEX_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = local if local is not None else Path(tmp)
+        if local is None:  # S3: start from the current index files
+            for rel in store.list(INDEX_DIR + "/"):
+                (Path(tmp) / Path(rel).name).write_bytes(store.get_bytes(rel))
+        folder.mkdir(parents=True, exist_ok=True)
+        built = []
+        for table in TABLES:
+            rows = _rows(store, table, model_id)
+            if rows is None:
+                continue
+            vectors, ids, stamps = rows
+            entry = (
+                None if rebuild or kind != "auto" else _try_incremental(folder, table, vectors, ids, stamps, model_id)
+            )
+            if entry is None:
+                entry = build_index(
+                    vectors,
+                    ids,
+                    folder,
+                    kind=kind,
+                    model_id=model_id,
+                    name=table,
+                    stamps=stamps,
+                    tune_queries=tune_queries,
+                    recall_target=recall_target,
+                )
+            log.info("index %s: %s, %d vectors", table, entry["kind"], entry["count"])
+            built.append(table)
+        info_path = folder / INFO_FILE
+        info: dict[str, Any] = (
+            json.loads(info_path.read_text())
+            if info_path.is_file()
+            else {"format_version": INDEX_FORMAT_VERSION, "model_id": model_id, "indexes": {}}
+        )
+        info["indexes"] = {k: v for k, v in info.get("indexes", {}).items() if k in built}
+        info.update(commit_seq=state.seq, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        info_path.write_text(json.dumps(info, indent=1))
+        if local is None:
+            for path in sorted(folder.iterdir()):
+                if path.name != INFO_FILE:
+                    store.put_bytes(f"{INDEX_DIR}/{path.name}", path.read_bytes())
+            store.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", info_path.read_bytes())  # last: readers see whole indexes
+        return info

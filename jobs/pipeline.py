@@ -211,6 +211,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
 
     import vitaclip
     from index.build import build_from_output
+    from index.cli import label_queries
     from vitaclip.model import backbone_model_config
     from vitaclip.registry import default_label_names, model_id_for, resolve_config
 
@@ -323,7 +324,11 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
         log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
 
     record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])
-    index_info = build_from_output(store, model_id=model_id) if config.build_index else None
+    index_info = (
+        build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
+        if config.build_index and status_counts.get(STATUS_OK, 0) + planner.counts["already_indexed"] > 0
+        else None
+    )
     elapsed = time.time() - started
     processed = sum(status_counts.values())
     summary = {

@@ -185,6 +185,80 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_output(out: str, endpoint_url: str | None) -> Path:
+    """A local folder with the output's index and tables: the folder itself, or a cached copy of an S3 output."""
+    if not out.startswith("s3://"):
+        return Path(out)
+    import hashlib
+
+    from jobs.storage import open_store
+
+    store = open_store(out, endpoint_url=endpoint_url)
+    cache = Path.home() / ".cache" / "vitaclip" / "outputs" / hashlib.sha256(out.encode()).hexdigest()[:16]
+    for prefix in ("_commits/", "videos/", "segments/", "index/"):
+        for rel in store.list(prefix):
+            target = cache / rel
+            if not target.exists() or prefix in ("_commits/", "index/"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(store.get_bytes(rel))
+    return cache
+
+
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    from index.cli import build_index_for_output
+    from jobs.storage import open_store
+
+    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    info = build_index_for_output(
+        store,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        kind=args.kind,
+        recall_target=args.recall_target,
+        rebuild=args.rebuild,
+    )
+    for name, entry in info["indexes"].items():
+        measured = entry.get("measured", {})
+        print(
+            f"{name}: {entry['kind']} ({entry['factory']}), {entry['count']} vectors, "
+            f"params {entry.get('search_params') or '-'}, recall@10 {measured.get('recall_at_10', '-')}, "
+            f"p50 {measured.get('p50_ms', '-')} ms"
+        )
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from index.search import SearchEngine
+
+    return SearchEngine(
+        _local_output(args.index, args.s3_endpoint_url),
+        model=args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+    )
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from index.cli import format_hits
+
+    engine = _engine(args)
+    hits = engine.search(
+        " ".join(args.query), k=args.k, segments=args.segments, label=args.label, min_duration=args.min_duration
+    )
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+    else:
+        print(format_hits(hits, segments=args.segments))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from index.service import serve
+
+    serve(_engine(args), host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_index(argv: Sequence[str]) -> int:
     from jobs.index_videos import main as index_main
 
@@ -224,6 +298,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quickstart)
 
     sub.add_parser("index", help="run the indexing job (same flags as python -m jobs.index_videos)", add_help=False)
+    sub.add_parser("submit", help="submit the indexing job to a Ray cluster (see infra/README.md)", add_help=False)
+
+    p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
+    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("--kind", default="auto", help="auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
+    p.add_argument("--recall-target", type=float, default=0.95)
+    p.add_argument("--rebuild", action="store_true", help="rebuild instead of extending")
+    p.add_argument("--model", default=None, help="the rows' model (default: the only one in the output)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--s3-endpoint-url", default=None)
+    p.set_defaults(func=_cmd_build_index)
+
+    for name, help_text in (("search", "search the index by text"), ("serve", "HTTP search service and page")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--index", required=True, help="the job's output folder or s3:// prefix")
+        p.add_argument("--model", default=None, help="text encoder (default: the index's model)")
+        p.add_argument("--checkpoint", default=None, help="the weights the index was built with")
+        p.add_argument("--device", default=None)
+        p.add_argument("--s3-endpoint-url", default=None)
+        if name == "search":
+            p.add_argument("query", nargs="+", help="the text to search for")
+            p.add_argument("-k", type=int, default=10)
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--segments", action="store_true", help="search moments of long videos")
+            p.add_argument("--label", default=None, help="only videos with this label among their top labels")
+            p.add_argument("--min-duration", type=float, default=None, help="only videos at least this long (s)")
+            p.set_defaults(func=_cmd_search)
+        else:
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8000)
+            p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -231,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["index"]:  # the job parses its own flags
         return _cmd_index(argv[1:])
+    if argv[:1] == ["submit"]:
+        from jobs.submit import main as submit_main
+
+        return submit_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

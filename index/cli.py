@@ -1,0 +1,75 @@
+"""Library functions behind ``vitaclip build-index``, ``vitaclip search`` and ``vitaclip serve``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from index.build import build_from_output
+from index.tables import read_table
+
+
+def committed_model_ids(store: Any) -> list[str]:
+    table = read_table(store, "videos", ["model_id"])
+    return sorted(set(table.column("model_id").to_pylist())) if table is not None else []
+
+
+def label_queries(model: str | None, checkpoint: str | None) -> Callable[[], np.ndarray]:
+    """Text-side tuning queries: the label names' text features of the index's model (loaded when called)."""
+
+    def make() -> np.ndarray:
+        import torch
+
+        import vitaclip
+
+        encoder = vitaclip.create_model(model, checkpoint=checkpoint)
+        names = list(encoder.label_names or [])[:400] or ["a video"]
+        with torch.inference_mode():
+            return encoder.encode_labels(names).float().numpy()
+
+    return make
+
+
+def build_index_for_output(
+    store: Any,
+    *,
+    model: str | None,
+    checkpoint: str | None,
+    kind: str = "auto",
+    recall_target: float = 0.95,
+    rebuild: bool = False,
+) -> dict[str, Any]:
+    """Builds ``OUT/index`` for the output's model (the only one in its rows, or the one named)."""
+    from vitaclip.registry import model_id_for
+
+    ids = committed_model_ids(store)
+    if not ids:
+        raise ValueError("the output has no committed rows: run the indexing job first")
+    if model is None and checkpoint is None:
+        if len(ids) > 1:
+            raise ValueError(f"the output holds rows of several models {ids}: name one with --model/--checkpoint")
+        model_id = ids[0]
+        model = model_id.split("@", 1)[0]
+    else:
+        model_id = model_id_for(model, checkpoint)
+        if model_id not in ids:
+            raise ValueError(f"no committed rows of {model_id}; the output has {ids}")
+    return build_from_output(
+        store,
+        model_id=model_id,
+        kind=kind,
+        recall_target=recall_target,
+        rebuild=rebuild,
+        tune_queries=label_queries(model, checkpoint),
+    )
+
+
+def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
+    lines = []
+    for rank, hit in enumerate(hits, 1):
+        span = f" [{hit.start_seconds:.1f}-{hit.end_seconds:.1f} s]" if segments else ""
+        labels = ", ".join(hit.labels[:3])
+        lines.append(f"{rank:2d}. {hit.score:.3f}  {hit.uri}{span}  ({labels})")
+    return "\n".join(lines) if lines else "no results"

@@ -1,0 +1,235 @@
+"""HTTP search service: a JSON API, Prometheus metrics, thumbnails, and a search page. Standard library only.
+
+    GET /search?q=TEXT&k=10[&segments=1][&label=NAME][&min_duration=S]   -> {"query", "results": [...], "took_ms"}
+    GET /videos/{video_id}     -> the video's row (no embedding)
+    GET /thumbnails/{row_id}.jpg
+    GET /media/{video_id}      -> the video file (local outputs) or a redirect to its URI
+    GET /healthz, GET /metrics (Prometheus text format), GET / (the page)
+
+Bad input gets a 4xx with a JSON message; an unexpected failure gets a 500 with no internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from index.search import MAX_K, SearchEngine
+
+log = logging.getLogger("vitaclip.serve")
+
+SEARCH_PARAMS = {"q", "k", "segments", "label", "min_duration"}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Request counters and a search-latency histogram, rendered in Prometheus' text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.buckets = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def record(self, route: str, status: int, seconds: float | None = None) -> None:
+        with self._lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            if seconds is not None:
+                self.latency_sum += seconds
+                self.latency_count += 1
+                for i, bound in enumerate(LATENCY_BUCKETS):
+                    if seconds <= bound:
+                        self.buckets[i] += 1
+
+    def render(self, engine: SearchEngine) -> str:
+        lines = [
+            "# HELP vitaclip_http_requests_total HTTP requests by route and status.",
+            "# TYPE vitaclip_http_requests_total counter",
+        ]
+        with self._lock:
+            for (route, status), n in sorted(self.requests.items()):
+                lines.append(f'vitaclip_http_requests_total{{route="{route}",status="{status}"}} {n}')
+            lines += [
+                "# HELP vitaclip_search_seconds Search latency, text encoding included.",
+                "# TYPE vitaclip_search_seconds histogram",
+            ]
+            for bound, n in zip(LATENCY_BUCKETS, self.buckets, strict=True):
+                lines.append(f'vitaclip_search_seconds_bucket{{le="{bound}"}} {n}')
+            lines.append(f'vitaclip_search_seconds_bucket{{le="+Inf"}} {self.latency_count}')
+            lines.append(f"vitaclip_search_seconds_sum {self.latency_sum:.6f}")
+            lines.append(f"vitaclip_search_seconds_count {self.latency_count}")
+        lines += ["# HELP vitaclip_index_vectors Vectors in each loaded index.", "# TYPE vitaclip_index_vectors gauge"]
+        for name, index in engine.indexes.items():
+            lines.append(f'vitaclip_index_vectors{{index="{name}"}} {index.count}')
+        return "\n".join(lines) + "\n"
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _parse_search(query: dict[str, list[str]]) -> dict[str, Any]:
+    unknown = sorted(set(query) - SEARCH_PARAMS)
+    if unknown:
+        raise BadRequest(f"unknown parameters {unknown}; allowed: {sorted(SEARCH_PARAMS)}")
+    repeated = sorted(k for k, v in query.items() if len(v) > 1)
+    if repeated:
+        raise BadRequest(f"parameters given more than once: {repeated}")
+    args = {k: v[0] for k, v in query.items()}
+    if "q" not in args:
+        raise BadRequest("missing q (the query text)")
+    out: dict[str, Any] = {"text": args["q"]}
+    try:
+        out["k"] = int(args.get("k", "10"))
+    except ValueError:
+        raise BadRequest(f"k must be an integer between 1 and {MAX_K}, got {args['k']!r}") from None
+    seg = args.get("segments", "0").lower()
+    if seg not in ("0", "1", "true", "false"):
+        raise BadRequest(f"segments must be 0/1/true/false, got {args['segments']!r}")
+    out["segments"] = seg in ("1", "true")
+    if "label" in args:
+        out["label"] = args["label"]
+    if "min_duration" in args:
+        try:
+            out["min_duration"] = float(args["min_duration"])
+        except ValueError:
+            raise BadRequest(f"min_duration must be a number of seconds, got {args['min_duration']!r}") from None
+    return out
+
+
+def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "vitaclip"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            content_type: str,
+            route: str,
+            seconds: float | None = None,
+            headers: dict[str, str] | None = None,
+        ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store" if route != "thumbnail" else "max-age=3600")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            metrics.record(route, status, seconds)
+
+        def _json(self, status: int, obj: Any, route: str, seconds: float | None = None) -> None:
+            self._send(status, json.dumps(obj).encode(), "application/json", route, seconds)
+
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            route = "unknown"
+            try:
+                url = urlsplit(self.path)
+                path = url.path
+                query = parse_qs(url.query, keep_blank_values=True)
+                if path == "/search":
+                    route = "search"
+                    args = _parse_search(query)
+                    start = time.perf_counter()
+                    hits = engine.search(**args)
+                    took = time.perf_counter() - start
+                    results = [
+                        dict(h.to_dict(), thumbnail_url=f"/thumbnails/{h.row_id}.jpg", media_url=f"/media/{h.video_id}")
+                        for h in hits
+                    ]
+                    self._json(
+                        200, {"query": args["text"], "results": results, "took_ms": round(took * 1000, 2)}, route, took
+                    )
+                elif path.startswith("/videos/"):
+                    route = "video"
+                    row = engine.video(path[len("/videos/") :])
+                    if row is None:
+                        self._json(404, {"error": "no such video"}, route)
+                    else:
+                        self._json(200, dict(row, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
+                elif path.startswith("/thumbnails/") and path.endswith(".jpg"):
+                    route = "thumbnail"
+                    try:
+                        row_id = int(path[len("/thumbnails/") : -4])
+                    except ValueError:
+                        raise BadRequest("thumbnail ids are integers") from None
+                    data = engine.thumbnail(row_id)
+                    if data is None:
+                        self._json(404, {"error": "no thumbnail"}, route)
+                    else:
+                        self._send(200, data, "image/jpeg", route)
+                elif path.startswith("/media/"):
+                    route = "media"
+                    self._media(path[len("/media/") :], route)
+                elif path == "/healthz":
+                    route = "healthz"
+                    self._json(200, {"status": "ok", **engine.stats()}, route)
+                elif path == "/metrics":
+                    route = "metrics"
+                    self._send(200, metrics.render(engine).encode(), "text/plain; version=0.0.4", route)
+                elif path in ("/", "/index.html"):
+                    route = "page"
+                    self._send(200, page, "text/html; charset=utf-8", route)
+                else:
+                    self._json(404, {"error": f"no route {path}"}, route)
+            except (BadRequest, ValueError) as exc:
+                self._json(400, {"error": str(exc)}, route)
+            except BrokenPipeError:
+                pass
+            except Exception:  # the service boundary: log it, answer without internals
+                log.exception("request %s failed", self.path)
+                self._json(500, {"error": "internal error"}, route)
+
+        def _media(self, video_id: str, route: str) -> None:
+            row = engine.video(video_id)
+            if row is None:
+                self._json(404, {"error": "no such video"}, route)
+                return
+            uri = str(row["uri"])
+            path = Path(uri)
+            if not uri.startswith(("s3://", "http://", "https://")) and path.is_file():
+                kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                self._send(200, path.read_bytes(), kind, route)
+            else:
+                self._send(302, b"", "text/plain", route, headers={"Location": uri})
+
+        do_HEAD = do_GET
+
+    return Handler
+
+
+def load_page() -> bytes:
+    return resources.files("index").joinpath("static").joinpath("index.html").read_bytes()
+
+
+def make_server(engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), make_handler(engine, Metrics(), load_page()))
+    server.daemon_threads = True
+    return server
+
+
+def serve(engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    server = make_server(engine, host=host, port=port)
+    print(f"vitaclip search service on http://{host}:{server.server_address[1]}/ ({engine.stats()['indexes']})")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

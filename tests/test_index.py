@@ -1,0 +1,68 @@
+"""FAISS index kinds, tuning, id mapping, incremental builds and model-id checks, on synthetic CLIP-like data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.build import IndexUnusableError, build_index, exact_search, open_index, plan_index, recall_at_k
+
+
+def clustered(n: int, dim: int = 64, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    x = centers[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def text_like_queries(data: np.ndarray, n: int = 100, seed: int = 1) -> np.ndarray:
+    """Queries offset from the data: a shared direction plus noise, as text embeddings sit apart from video ones."""
+    rng = np.random.default_rng(seed)
+    offset = rng.normal(size=data.shape[1])
+    q = data[rng.choice(len(data), n, replace=False)] + 0.5 * offset / np.linalg.norm(offset)
+    q += 0.3 * rng.normal(size=q.shape) / np.sqrt(data.shape[1])
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_plan_follows_count_and_memory_budget() -> None:
+    assert plan_index(50_000, 512).kind == "flat"
+    assert plan_index(1_000_000, 512).kind == "ivf"
+    assert plan_index(1_000_000, 512).nlist == 4000
+    compressed = plan_index(10_000_000, 512, memory_budget_bytes=2**30)
+    assert compressed.kind == "ivfpq" and compressed.rerank
+    assert plan_index(10, 8, kind="hnsw").factory == "IDMap2,HNSW32,Flat"
+    assert plan_index(10, 8, kind="IVF16,SQ8").rerank
+    with pytest.raises(ValueError, match="unknown index kind"):
+        plan_index(10, 8, kind="lsh-forest")
+
+
+@pytest.mark.parametrize(("kind", "threshold"), [("flat", 1.0), ("ivf", 0.95), ("ivfpq", 0.9), ("hnsw", 0.9)])
+def test_recall_of_each_kind_against_exact(tmp_path, kind: str, threshold: float) -> None:
+    data = clustered(20_000)
+    ids = np.arange(10**12, 10**12 + len(data), dtype=np.int64)[::-1].copy()  # arbitrary int64 ids
+    queries = text_like_queries(data)
+    entry = build_index(data, ids, tmp_path, kind=kind, model_id="m@1", tune_queries=queries)
+    index = open_index(tmp_path, model_id="m@1")
+    truth = ids[exact_search(data, queries, 10)]
+    _, found = index.search(queries, 10)
+    recall = recall_at_k(found, truth)
+    assert recall >= threshold, (kind, recall, entry)
+    assert entry["measured"]["recall_at_10"] >= min(threshold, 0.95) - 1e-9
+    assert entry["measured"]["p50_ms"] > 0
+    if kind == "ivfpq":
+        assert entry["rerank"] and (tmp_path / "videos.vectors.npy").is_file()
+
+
+def test_ids_map_back_and_model_mismatch_is_refused(tmp_path) -> None:
+    data = clustered(500)
+    ids = np.random.default_rng(3).choice(2**62, 500, replace=False).astype(np.int64)
+    build_index(data, ids, tmp_path, kind="flat", model_id="vitaclip-b16@sha256:aa")
+    index = open_index(tmp_path)
+    scores, found = index.search(data[[7, 42]], 1)
+    assert found[:, 0].tolist() == [ids[7], ids[42]] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    with pytest.raises(IndexUnusableError, match="built with vitaclip-b16@sha256:aa"):
+        open_index(tmp_path, model_id="vitaclip-b16@sha256:bb")
+    with pytest.raises(IndexUnusableError, match="no index"):
+        open_index(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="unique"):
+        build_index(data[:2], np.array([1, 1]), tmp_path, model_id="x")
