@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from test_index_job import make_videos
 
 from index.build import build_from_output, open_index
 from index.search import SearchEngine
@@ -20,7 +21,6 @@ from index.service import make_server
 from jobs import tables
 from jobs.index_videos import main as job_main
 from jobs.storage import open_store
-from test_index_job import make_videos
 from vitaclip.cli import main as cli_main
 
 
