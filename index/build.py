@@ -74,7 +74,8 @@ def plan_index(
     flat_max: int = DEFAULT_FLAT_MAX,
 ) -> IndexPlan:
     """Which index to build for ``count`` vectors of ``dim`` floats (``kind`` may also be a FAISS factory string)."""
-    nlist = max(1, min(int(4 * math.sqrt(max(count, 1))), max(1, count // 39)))
+    # About 2 * sqrt(N) lists: ~500 vectors per list at 1M, trainable on a CPU in minutes.
+    nlist = max(1, min(int(2 * math.sqrt(max(count, 1))), max(1, count // 39)))
     m = next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2 or m == 1)
     if kind == "auto":
         if count <= flat_max:
@@ -202,7 +203,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, see
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample_size = min(len(vectors), max(256 * max(plan.nlist, 1), 50_000))
+        sample_size = min(len(vectors), max(64 * max(plan.nlist, 1), 50_000))
         sample = vectors[np.sort(rng.choice(len(vectors), sample_size, replace=False))]
         if _use_gpu() and plan.nlist:
             ivf = faiss.extract_index_ivf(index)

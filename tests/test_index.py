@@ -27,7 +27,7 @@ def text_like_queries(data: np.ndarray, n: int = 100, seed: int = 1) -> np.ndarr
 def test_plan_follows_count_and_memory_budget() -> None:
     assert plan_index(50_000, 512).kind == "flat"
     assert plan_index(1_000_000, 512).kind == "ivf"
-    assert plan_index(1_000_000, 512).nlist == 4000
+    assert plan_index(1_000_000, 512).nlist == 2000
     compressed = plan_index(10_000_000, 512, memory_budget_bytes=2**30)
     assert compressed.kind == "ivfpq" and compressed.rerank
     assert plan_index(10, 8, kind="hnsw").factory == "IDMap2,HNSW32,Flat"
