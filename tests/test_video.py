@@ -1,0 +1,657 @@
+"""Tests for vitaclip.video: frame-exact sampling on generated videos, sources, probing and bad inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from video_helpers import (
+    CountingReader,
+    Truth,
+    clip_indices,
+    expected_uniform,
+    frame_at,
+    ground_truth,
+    write_avi_with_b_frames,
+)
+
+from vitaclip.samples import (
+    INDEX_MODULUS,
+    available_sample_codecs,
+    read_frame_index,
+    render_frame,
+    sample_frame_times,
+    write_sample_video,
+)
+from vitaclip.video import (
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    DecodeStats,
+    VideoDecodeError,
+    decode_clip,
+    decode_clips,
+    dense_indices,
+    frame_indices_at,
+    frames_to_tensor,
+    probe,
+    uniform_times,
+    window_bounds,
+)
+
+SIZE = 64  # model-side output size used in these tests (small to keep them fast)
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("videos")
+
+
+@pytest.fixture(scope="module")
+def make_video(video_dir: Path) -> Callable[..., tuple[Path, Truth]]:
+    """Write a sample video once per module and return it with its ground truth."""
+    cache: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Path, Truth]] = {}
+
+    def make(name: str, **options: Any) -> tuple[Path, Truth]:
+        options = {"width": 128, "height": 96, "num_frames": 60, "gop": 12, **options}
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            path = write_sample_video(video_dir / name, **options)
+            cache[key] = (path, ground_truth(path))
+        return cache[key]
+
+    return make
+
+
+def _codec_params() -> list[Any]:
+    available = set(available_sample_codecs())
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("h264.mp4", {"codec": "h264"}),
+        ("hevc.mkv", {"codec": "hevc"}),
+        ("vp9.webm", {"codec": "vp9"}),
+        ("av1.mp4", {"codec": "av1"}),
+        ("mpeg4.avi", {"codec": "mpeg4"}),
+        ("h264.mov", {"codec": "h264", "bframes": 3}),
+        ("hevc.mp4", {"codec": "hevc", "gop": 7}),
+    ]
+    return [
+        pytest.param(
+            name,
+            options,
+            id=name,
+            marks=pytest.mark.skipif(options["codec"] not in available, reason=f"no {options['codec']} encoder"),
+        )
+        for name, options in cases
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling as pure functions (no video)
+
+
+def test_uniform_times_are_slice_centres() -> None:
+    np.testing.assert_allclose(uniform_times(2.0, num_frames=4), [0.25, 0.75, 1.25, 1.75])
+    np.testing.assert_allclose(uniform_times(1.0, num_frames=2, start_seconds=3.0), [3.25, 3.75])
+    with pytest.raises(ValueError, match="num_frames"):
+        uniform_times(1.0, num_frames=0)
+    with pytest.raises(ValueError, match="duration"):
+        uniform_times(float("nan"), num_frames=2)
+
+
+def test_frame_indices_at_picks_the_frame_on_screen() -> None:
+    pts = np.array([0.0, 0.1, 0.5, 0.6])  # variable frame rate
+    times = np.array([0.05, 0.1, 0.4999, 0.55, 10.0, -1.0])
+    assert frame_indices_at(pts, times).tolist() == [0, 1, 1, 2, 3, 0]
+    # A time equal to a timestamp up to float rounding still selects that frame.
+    assert frame_indices_at(np.array([0.0, 0.1 + 0.2]), np.array([0.3])).tolist() == [1]
+    with pytest.raises(ValueError, match="ascending"):
+        frame_indices_at(np.array([0.0, 0.5, 0.2]), np.array([0.3]))
+
+
+def test_dense_indices_follow_the_official_protocol() -> None:
+    # n=60, T=4, stride 4: seg_len 13, slide 47.
+    assert dense_indices(60, num_frames=4, stride=4).tolist() == [[23, 27, 31, 35]]
+    assert dense_indices(60, num_frames=4, stride=4, num_views=3).tolist() == [
+        [0, 4, 8, 12],
+        [24, 28, 32, 36],  # round(47 / 2 * 1) = 24
+        [47, 51, 55, 59],
+    ]
+    # Shorter than seg_len (113): padded by repeating the last frame.
+    assert dense_indices(60, num_frames=8, stride=16).tolist() == [[0, 16, 32, 48, 59, 59, 59, 59]]
+    assert dense_indices(1, num_frames=3, stride=2, num_views=2).tolist() == [[0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="stride"):
+        dense_indices(10, num_frames=2, stride=0)
+
+
+def test_window_bounds() -> None:
+    assert window_bounds(10.0, segment_seconds=4.0) == [(0.0, 4.0), (4.0, 8.0), (8.0, 10.0)]
+    assert window_bounds(10.0, segment_seconds=4.0, overlap_seconds=1.0) == [(0.0, 4.0), (3.0, 7.0), (6.0, 10.0)]
+    assert window_bounds(8.0, segment_seconds=4.0) == [(0.0, 4.0), (4.0, 8.0)]  # no empty trailing window
+    assert window_bounds(3.0, segment_seconds=4.0) == [(0.0, 3.0)]
+    with pytest.raises(ValueError, match="overlap"):
+        window_bounds(10.0, segment_seconds=4.0, overlap_seconds=4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sample writer's index code
+
+
+def test_index_code_round_trips_and_rejects_wrong_orientation() -> None:
+    for index in (0, 1, 5, 1000, INDEX_MODULUS - 1, INDEX_MODULUS + 3):
+        frame = render_frame(index, width=160, height=90)
+        assert read_frame_index(frame) == index % INDEX_MODULUS
+    frame = render_frame(37, width=160, height=90)
+    # Shorter side to 224 (nearest-neighbour upscale) and a centre crop keep the code readable.
+    big = np.repeat(np.repeat(frame, 3, axis=0), 3, axis=1)[:, :]
+    top, left = (big.shape[0] - 224) // 2, (big.shape[1] - 224) // 2
+    assert read_frame_index(big[top : top + 224, left : left + 224]) == 37
+    for turns in (1, 2, 3):
+        with pytest.raises(ValueError, match="orientation|ambiguous|parity"):
+            read_frame_index(np.rot90(frame, k=turns))
+    with pytest.raises(ValueError, match="ambiguous"):
+        read_frame_index(np.full((64, 64, 3), 128, dtype=np.uint8))
+
+
+def test_sample_writer_is_deterministic(tmp_path: Path) -> None:
+    a = write_sample_video(tmp_path / "a.mp4", num_frames=10, width=64, height=48, seed=3)
+    b = write_sample_video(tmp_path / "b.mp4", num_frames=10, width=64, height=48, seed=3)
+    assert a.read_bytes() == b.read_bytes()
+    assert ground_truth(a).indices == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Frame-exact decoding
+
+
+def _check_clip_shape(frames: np.ndarray, num_frames: int) -> None:
+    assert frames.shape == (num_frames, SIZE, SIZE, 3)
+    assert frames.dtype == np.uint8
+    assert frames.flags.c_contiguous
+
+
+@pytest.mark.parametrize(("name", "options"), _codec_params())
+def test_uniform_is_frame_exact_for_every_codec(make_video: Callable[..., Any], name: str, options: dict) -> None:
+    path, truth = make_video(name, **options)
+    info = probe(path)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=8, size=SIZE, stats=stats)
+    _check_clip_shape(clip.frames, 8)
+    expected = expected_uniform(truth, info.duration_seconds, 8)
+    assert clip_indices(clip.frames) == expected
+    positions = [frame_at(truth, (i + 0.5) * info.duration_seconds / 8) for i in range(8)]
+    np.testing.assert_allclose(clip.pts_seconds, truth.pts_seconds[positions], atol=1e-6)
+    assert (clip.start_seconds, clip.end_seconds) == (0.0, pytest.approx(info.duration_seconds))
+    # Decoding stops short of the whole video and converts only the distinct targets.
+    assert stats.index == "demux"
+    assert stats.frames_converted == len(set(expected))
+    assert stats.packets_decoded < len(truth.indices)
+
+
+def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("sparse.mp4", num_frames=120, gop=24)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=4, size=SIZE, stats=stats)
+    expected = expected_uniform(truth, 5.0, 4)
+    assert clip_indices(clip.frames) == expected
+    # Per target: from its keyframe to the target, plus a few packets for B-frame reordering; keyframes shared by
+    # several targets count once.
+    keyframe_positions = [frame_at(truth, k) for k in truth.keyframe_seconds]
+    targets = [frame_at(truth, (i + 0.5) * 5.0 / 4) for i in range(4)]
+    last_per_keyframe: dict[int, int] = {}
+    for target in targets:
+        keyframe = max(k for k in keyframe_positions if k <= target)
+        last_per_keyframe[keyframe] = max(last_per_keyframe.get(keyframe, 0), target)
+    budget = sum(last - keyframe + 1 + 3 for keyframe, last in last_per_keyframe.items())
+    assert stats.packets_decoded <= budget < len(truth.indices)
+    assert stats.seeks <= len(last_per_keyframe)
+
+
+def test_non_reference_frames_are_skipped_but_results_stay_exact(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("nonref.mp4", num_frames=120, gop=60, bframes=3)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=3, size=SIZE, stats=stats)
+    assert clip_indices(clip.frames) == expected_uniform(truth, 5.0, 3)
+    assert stats.packets_nonref_skippable > 0
+    assert stats.frames_decoded < stats.packets_decoded  # the decoder really dropped some
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        pytest.param("odd.mp4", {"width": 161, "height": 121}, id="odd-h264-444"),
+        pytest.param("odd.webm", {"codec": "vp9", "width": 161, "height": 121}, id="odd-vp9"),
+        pytest.param("odd.avi", {"codec": "mpeg4", "width": 150, "height": 86}, id="odd-mpeg4"),
+        pytest.param("portrait.mp4", {"width": 96, "height": 160}, id="portrait"),
+        pytest.param("ten_bit.mp4", {"pix_fmt": "yuv420p10le"}, id="10bit-h264"),
+        pytest.param("ten_bit.mkv", {"codec": "hevc", "pix_fmt": "yuv420p10le"}, id="10bit-hevc"),
+        pytest.param("vfr.mp4", {"vfr": True}, id="vfr-mp4"),
+        pytest.param("vfr.mkv", {"vfr": True, "bframes": 0}, id="vfr-mkv"),
+        pytest.param("rot90.mp4", {"rotation": 90}, id="rotate-90"),
+        pytest.param("rot180.mkv", {"rotation": 180}, id="rotate-180"),
+        pytest.param("rot270.mov", {"rotation": 270, "width": 96, "height": 160}, id="rotate-270-portrait"),
+    ],
+)
+def test_uniform_is_frame_exact_for_variants(make_video: Callable[..., Any], name: str, options: dict) -> None:
+    path, truth = make_video(name, **options)
+    info = probe(path)
+    clip = decode_clip(path, num_frames=8, size=SIZE)
+    _check_clip_shape(clip.frames, 8)
+    assert clip_indices(clip.frames) == expected_uniform(truth, info.duration_seconds, 8)
+    assert (info.width, info.height) == (options.get("width", 128), options.get("height", 96))
+    assert info.rotation == options.get("rotation", 0)
+
+
+def test_non_square_pixels_are_displayed_wide(video_dir: Path) -> None:
+    path = write_sample_video(video_dir / "sar.mp4", width=128, height=96, gop=12, sample_aspect_ratio=Fraction(2))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.width == 64  # stored half as wide as displayed
+    info = probe(path)
+    assert (info.width, info.height) == (128, 96)
+    clip = decode_clip(path, num_frames=8, size=SIZE)
+    # 48 frames at a constant 24 fps: frame k is shown from k / 24 s. The code reads only if pixels were stretched.
+    assert clip_indices(clip.frames) == [int((i + 0.5) * 2.0 / 8 * 24) for i in range(8)]
+
+
+@pytest.mark.parametrize(("name", "options"), [("h264.mp4", {"codec": "h264"}), ("hevc.mkv", {"codec": "hevc"})])
+def test_decoder_threads_stay_frame_exact(make_video: Callable[..., Any], name: str, options: dict) -> None:
+    path, truth = make_video(name, **options)
+    expected = expected_uniform(truth, probe(path).duration_seconds, 8)
+    assert clip_indices(decode_clip(path, num_frames=8, size=SIZE, num_threads=2).frames) == expected
+
+
+def test_out_of_order_timestamps_fall_back_to_output_order(video_dir: Path) -> None:
+    path = write_avi_with_b_frames(video_dir / "bframes.avi", num_frames=60)
+    assert np.any(np.diff(ground_truth(path).pts_seconds) < 0)  # the container's timestamps are not display order
+    # Frames are then numbered as the decoder shows them, at the nominal 24 fps.
+    for source in (path, path.read_bytes()):
+        stats = DecodeStats()
+        clip = decode_clip(source, num_frames=8, size=SIZE, stats=stats)
+        assert clip_indices(clip.frames) == [int((i + 0.5) * 60 / 8) for i in range(8)]
+        assert stats.sequential_fallback
+    views = decode_clips(path, num_frames=4, size=SIZE, sampling="dense", stride=4, num_views=2)
+    assert [clip_indices(v.frames) for v in views] == [[0, 4, 8, 12], [47, 51, 55, 59]]
+
+
+def test_variable_frame_rate_uses_timestamps(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("vfr.mp4", vfr=True)
+    pts, durations, time_base = sample_frame_times(60, fps=24, vfr=True)
+    intervals = np.diff(truth.pts_seconds)
+    assert intervals.max() > 2 * intervals.min()  # really irregular
+    info = probe(path)
+    assert info.duration_seconds == pytest.approx(float((pts[-1] + durations[-1]) * time_base), abs=1.5 / 24)
+    clip = decode_clip(path, num_frames=16, size=SIZE)
+    expected = expected_uniform(truth, info.duration_seconds, 16)
+    assert clip_indices(clip.frames) == expected
+    # With irregular spacing, time-based picks differ from picking evenly spaced frame numbers.
+    by_count = [truth.indices[int((i + 0.5) * 60 / 16)] for i in range(16)]
+    assert expected != by_count
+
+
+def test_one_frame_video(make_video: Callable[..., Any]) -> None:
+    path, _ = make_video("one.mp4", num_frames=1)
+    info = probe(path)
+    assert info.num_frames == 1
+    clip = decode_clip(path, num_frames=8, size=SIZE)
+    assert clip_indices(clip.frames) == [0] * 8
+    dense = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=2)
+    assert clip_indices(dense.frames) == [0] * 4
+
+
+def test_dense_sampling_views(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")
+    clip = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=4)
+    assert clip_indices(clip.frames) == [truth.indices[k] for k in (23, 27, 31, 35)]
+    np.testing.assert_allclose(clip.pts_seconds, truth.pts_seconds[[23, 27, 31, 35]], atol=1e-6)
+    stats = DecodeStats()
+    views = decode_clips(path, num_frames=4, size=SIZE, sampling="dense", stride=4, num_views=3, stats=stats)
+    expected_positions = [[0, 4, 8, 12], [24, 28, 32, 36], [47, 51, 55, 59]]
+    assert [clip_indices(v.frames) for v in views] == [[truth.indices[k] for k in ks] for ks in expected_positions]
+    assert [v.start_seconds for v in views] == pytest.approx([truth.pts_seconds[ks[0]] for ks in expected_positions])
+    assert stats.frames_converted == 12
+    padded = decode_clip(path, num_frames=8, size=SIZE, sampling="dense", stride=16)
+    assert clip_indices(padded.frames) == [truth.indices[k] for k in (0, 16, 32, 48, 59, 59, 59, 59)]
+
+
+def test_dense_sampling_on_variable_frame_rate_counts_frames(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("vfr.mp4", vfr=True)
+    clip = decode_clip(path, num_frames=5, size=SIZE, sampling="dense", stride=3)
+    # n=60, seg_len=13, slide=47, start=23: presentation positions, whatever their timestamps.
+    assert clip_indices(clip.frames) == [truth.indices[k] for k in (23, 26, 29, 32, 35)]
+
+
+def test_windows_sampling(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")
+    duration = probe(path).duration_seconds  # 60 frames at 24 fps: 2.5 s
+    stats = DecodeStats()
+    clips = decode_clips(path, num_frames=4, size=SIZE, sampling="windows", segment_seconds=1.0, overlap_seconds=0.25)
+    bounds = [(0.0, 1.0), (0.75, 1.75), (1.5, 2.5)]
+    assert [(c.start_seconds, c.end_seconds) for c in clips] == [pytest.approx(b) for b in bounds]
+    for clip, (start, end) in zip(clips, bounds, strict=True):
+        assert clip_indices(clip.frames) == expected_uniform(truth, end - start, 4, start=start)
+    assert duration == pytest.approx(2.5)
+    decode_clips(
+        path, num_frames=4, size=SIZE, sampling="windows", segment_seconds=1.0, overlap_seconds=0.25, stats=stats
+    )
+    assert stats.frames_converted == len({i for c in clips for i in clip_indices(c.frames)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+@pytest.mark.parametrize(("name", "options"), [("h264.mp4", {"codec": "h264"}), ("vp9.webm", {"codec": "vp9"})])
+def test_bytes_and_file_objects_match_paths(make_video: Callable[..., Any], name: str, options: dict) -> None:
+    path, truth = make_video(name, **options)
+    from_path = decode_clip(path, num_frames=8, size=SIZE)
+    from_str = decode_clip(str(path), num_frames=8, size=SIZE)
+    from_bytes = decode_clip(path.read_bytes(), num_frames=8, size=SIZE)
+    stats = DecodeStats()
+    with open(path, "rb") as f:
+        from_file = decode_clip(f, num_frames=8, size=SIZE, stats=stats)
+        assert not f.closed  # the caller owns it
+        f.seek(0)
+        assert f.read(4) == path.read_bytes()[:4]
+    assert stats.index == "container"
+    for clip in (from_str, from_bytes, from_file):
+        np.testing.assert_array_equal(clip.frames, from_path.frames)
+        np.testing.assert_allclose(clip.pts_seconds, from_path.pts_seconds)
+    assert clip_indices(from_file.frames) == expected_uniform(truth, probe(path).duration_seconds, 8)
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_file_object_is_not_read_whole_when_seeking(video_dir: Path, ext: str) -> None:
+    path = write_sample_video(video_dir / f"long.{ext}", num_frames=300, fps=10, width=320, height=240, gop=10)
+    truth = ground_truth(path)
+    reader = CountingReader(path)
+    try:
+        stats = DecodeStats()
+        clip = decode_clip(reader, num_frames=4, size=SIZE, stats=stats)
+    finally:
+        reader.close()
+    assert clip_indices(clip.frames) == expected_uniform(truth, 30.0, 4)
+    assert stats.index == "container"
+    assert reader.bytes_read < 0.5 * reader.size, f"read {reader.bytes_read} of {reader.size} bytes"
+    # (FFmpeg reads through forward gaps under 64 KiB instead of seeking, hence few, far-apart targets here.)
+    # The demux-first path reads everything, which is what the file-object path avoids.
+    full = CountingReader(path)
+    try:
+        decode_clip(full, num_frames=8, size=SIZE, sampling="dense", stride=4)
+    finally:
+        full.close()
+    assert full.bytes_read >= full.size
+
+
+def test_unseekable_file_objects_are_refused() -> None:
+    class Pipe(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return False
+
+    with pytest.raises(ValueError, match="seekable"):
+        decode_clip(Pipe())
+    with pytest.raises(TypeError):
+        decode_clip(12345)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Probe
+
+
+def test_probe_metadata_and_demux(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")
+    info = probe(path)
+    assert info.duration_seconds == pytest.approx(2.5)
+    assert info.fps == pytest.approx(24.0)
+    assert (info.num_frames, info.num_frames_exact) == (60, True)
+    assert (info.width, info.height, info.codec, info.rotation) == (128, 96, "h264", 0)
+    assert info.keyframe_seconds is None  # MP4 indexes decode times; with B-frames they are not display times
+    exact = probe(path, method="demux")
+    assert exact.keyframe_seconds == pytest.approx(truth.keyframe_seconds)
+    assert len(truth.keyframe_seconds) == 5
+    assert (exact.num_frames, exact.num_frames_exact) == (60, True)
+
+    mkv, mkv_truth = make_video("hevc.mkv", codec="hevc")
+    info = probe(mkv)
+    assert info.codec == "hevc"
+    assert info.num_frames == 60 and not info.num_frames_exact  # Matroska has no frame count: estimated
+    exact = probe(mkv, method="demux")
+    assert (exact.num_frames, exact.num_frames_exact) == (len(mkv_truth.indices), True)
+    assert exact.keyframe_seconds == pytest.approx(mkv_truth.keyframe_seconds)
+
+    avi, avi_truth = make_video("mpeg4.avi", codec="mpeg4")
+    info = probe(avi)
+    assert info.keyframe_seconds == pytest.approx(avi_truth.keyframe_seconds)  # complete index, no B-frames
+
+    rotated, _ = make_video("rot90.mp4", rotation=90)
+    info = probe(rotated)
+    assert (info.width, info.height, info.rotation) == (128, 96, 90)
+
+
+def test_probe_falls_back_to_demuxing_when_metadata_is_missing(video_dir: Path) -> None:
+    # A raw H.264 elementary stream carries no duration or frame count in a header.
+    path = write_sample_video(video_dir / "raw.mkv", num_frames=30, width=64, height=48, gop=10)
+    raw = video_dir / "raw.h264"
+    with av.open(str(path)) as src, av.open(str(raw), "w", format="h264") as dst:
+        in_stream = src.streams.video[0]
+        out_stream = dst.add_stream_from_template(in_stream)
+        for packet in src.demux(in_stream):
+            if packet.size:
+                packet.stream = out_stream
+                dst.mux(packet)
+    info = probe(raw)
+    assert (info.num_frames, info.num_frames_exact) == (30, True)
+    clip = decode_clip(raw, num_frames=3, size=SIZE)
+    assert len(set(clip_indices(clip.frames))) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _reason(source: Any, **options: Any) -> str:
+    with pytest.raises(VideoDecodeError) as info:
+        decode_clip(source, size=SIZE, **options)
+    assert info.value.message
+    return info.value.reason
+
+
+def _audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any]) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert _reason(b"") == "empty"
+    assert _reason(empty) == "empty"
+    assert _reason(io.BytesIO()) == "empty"
+    assert _reason(np.random.default_rng(0).bytes(5000)) == "not_a_video"
+    text = b"this is not a video, just a few lines of text\n" * 50
+    assert _reason(text) == "not_a_video"
+    text_file = tmp_path / "notes.txt"  # FFmpeg renders .txt as ANSI art; that is still not a video
+    text_file.write_bytes(text)
+    assert _reason(text_file) == "not_a_video"
+    assert _reason(_audio_only(tmp_path / "audio.m4a")) == "no_video_stream"
+
+    path, _ = make_video("h264.mp4", codec="h264")
+    data = path.read_bytes()
+    assert _reason(data[: len(data) // 2]) == "truncated"  # the index (moov) was at the end
+    assert _reason(data, max_pixels=100) == "too_large"
+    huge = b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(1000)
+    assert _reason(huge) == "too_large"  # refused from the header, before allocating a picture
+    with pytest.raises(VideoDecodeError) as error:
+        probe(huge)
+    assert error.value.reason == "too_large"
+
+
+def test_damaged_files_give_a_clip_or_a_reason(make_video: Callable[..., Any]) -> None:
+    rng = np.random.default_rng(1)
+    outcomes: list[str] = []
+    for name, options in (("h264.mp4", {"codec": "h264"}), ("hevc.mkv", {"codec": "hevc"})):
+        path, _ = make_video(name, **options)
+        data = path.read_bytes()
+        damaged = bytearray(data)
+        for start in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
+            damaged[start : start + 300] = rng.bytes(300)
+        candidates = [bytes(damaged), data[: int(len(data) * 0.6)], data[: int(len(data) * 0.97)]]
+        for candidate in candidates:
+            try:
+                clip = decode_clip(candidate, num_frames=8, size=SIZE, timeout_seconds=10)
+            except VideoDecodeError as e:
+                assert e.reason in ("truncated", "corrupt")
+                outcomes.append(e.reason)
+            else:
+                _check_clip_shape(clip.frames, 8)
+                assert np.all(np.diff(clip.pts_seconds) >= 0)
+                outcomes.append("clip")
+    assert "clip" in outcomes  # some damage is recoverable
+
+
+def test_undecodable_metadata_text_is_ignored(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")
+    data = path.read_bytes()
+    assert b"Lavf" in data  # the muxer's name, stored as a metadata string
+    damaged = data.replace(b"Lavf", b"\x91\xff\xfe\x80")
+    clip = decode_clip(damaged, num_frames=8, size=SIZE)
+    assert clip_indices(clip.frames) == expected_uniform(truth, 2.5, 8)
+
+
+def test_timeout_bounds_a_slow_source(video_dir: Path) -> None:
+    path = write_sample_video(video_dir / "slow.mp4", num_frames=120, width=128, height=96, gop=12)
+    reader = CountingReader(path, delay_seconds=0.05)
+    started = time.monotonic()
+    try:
+        with pytest.raises(VideoDecodeError) as error:
+            decode_clip(reader, num_frames=8, size=SIZE, timeout_seconds=0.2)
+    finally:
+        reader.close()
+    assert error.value.reason == "timeout"
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(VideoDecodeError) as error:
+        decode_clip(path.read_bytes(), timeout_seconds=1e-6)
+    assert error.value.reason == "timeout"
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(VideoDecodeError("truncated", "moov atom not found")))
+    assert (error.reason, error.message) == ("truncated", "moov atom not found")
+    with pytest.raises(ValueError, match="reason"):
+        VideoDecodeError("nope", "x")  # type: ignore[arg-type]
+
+
+def test_containers_are_closed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make_video: Callable[..., Any]) -> None:
+    opened: list[Any] = []
+    real_open = av.open
+
+    class Tracked:
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+            self.closed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def __enter__(self) -> Tracked:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.closed = True
+            self._inner.__exit__(*exc)
+
+        def close(self) -> None:
+            self.closed = True
+            self._inner.close()
+
+    def tracking_open(*args: Any, **kwargs: Any) -> Any:
+        container = Tracked(real_open(*args, **kwargs))
+        opened.append(container)
+        return container
+
+    monkeypatch.setattr(av, "open", tracking_open)
+    path, _ = make_video("h264.mp4", codec="h264")
+    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    decode_clip(path, size=SIZE)
+    decode_clips(path, size=SIZE, sampling="windows", segment_seconds=1.0)
+    probe(path)
+    for bad, options in (
+        (_audio_only(tmp_path / "a.m4a"), {}),
+        (path, {"max_pixels": 10}),
+        (path.read_bytes(), {"timeout_seconds": 1e-6}),
+    ):
+        with pytest.raises(VideoDecodeError):
+            decode_clip(bad, size=SIZE, **options)
+    assert len(opened) >= 6
+    assert all(c.closed for c in opened)
+    if fds_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options and tensors
+
+
+def test_option_errors(make_video: Callable[..., Any]) -> None:
+    path, _ = make_video("h264.mp4", codec="h264")
+    with pytest.raises(ValueError, match="decode_clips"):
+        decode_clip(path, sampling="windows", segment_seconds=1.0)
+    with pytest.raises(ValueError, match="num_views"):
+        decode_clips(path, num_views=2)
+    with pytest.raises(ValueError, match="segment_seconds"):
+        decode_clips(path, sampling="windows")
+    with pytest.raises(ValueError, match="sampling"):
+        decode_clips(path, sampling="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="size"):
+        decode_clip(path, size=0)
+
+
+def test_frames_to_tensor() -> None:
+    frames = np.zeros((2, 4, 5, 3), dtype=np.uint8)
+    frames[1] = 255
+    x = frames_to_tensor(frames)
+    assert x.shape == (2, 3, 4, 5) and x.dtype == torch.float32
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+    torch.testing.assert_close(x[0, :, 0, 0], -mean / std)
+    torch.testing.assert_close(x[1, :, 2, 3], (1 - mean) / std)
+    y = frames_to_tensor(torch.from_numpy(frames), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.testing.assert_close(y[1], torch.ones(3, 4, 5))
+    with pytest.raises(ValueError, match="uint8"):
+        frames_to_tensor(frames.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        frames_to_tensor(frames[0])
+
+
+def test_frames_to_tensor_on_a_decoded_clip(make_video: Callable[..., Any]) -> None:
+    path, _ = make_video("h264.mp4", codec="h264")
+    x = frames_to_tensor(decode_clip(path, num_frames=4, size=SIZE).frames)  # [T, 3, H, W]
+    assert x.shape == (4, 3, SIZE, SIZE)
+    assert -2.0 < float(x.min()) and float(x.max()) < 2.2
+
+
+def test_import_does_not_load_the_cloud_stack() -> None:
+    code = "import sys, vitaclip.video; print('ray' in sys.modules, 'boto3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -1,0 +1,131 @@
+"""Ground truth for decoder tests: decode every frame the plain way and read back the drawn indices."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vitaclip.samples import read_frame_index
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Every frame of a sample video in presentation order."""
+
+    pts_seconds: np.ndarray  # [N] seconds from the first frame
+    indices: list[int]  # [N] the index drawn on each frame
+    keyframe_seconds: list[float]
+    width: int  # displayed
+    height: int
+
+
+def ground_truth(path: str | os.PathLike[str]) -> Truth:
+    """Decode all frames sequentially with PyAV (no seeking), apply rotation, read each frame's index."""
+    pts: list[float] = []
+    indices: list[int] = []
+    keyframes: list[float] = []
+    width = height = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.time_base is not None
+        for frame in container.decode(stream):
+            assert frame.pts is not None
+            seconds = float(frame.pts * stream.time_base)
+            image = np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90) % 4)
+            pts.append(seconds)
+            indices.append(read_frame_index(image))
+            if frame.key_frame:
+                keyframes.append(seconds)
+            height, width = image.shape[:2]
+    start = pts[0]
+    return Truth(
+        pts_seconds=np.asarray(pts) - start,
+        indices=indices,
+        keyframe_seconds=[k - start for k in keyframes],
+        width=width,
+        height=height,
+    )
+
+
+def frame_at(truth: Truth, seconds: float) -> int:
+    """Position (in presentation order) of the frame on screen at ``seconds``: the last one starting at or before it.
+
+    Written independently of ``vitaclip.video.sampling`` on purpose, as a plain loop.
+    """
+    position = 0
+    for k, pts in enumerate(truth.pts_seconds):
+        if pts <= seconds + 1e-6:
+            position = k
+    return position
+
+
+def expected_uniform(truth: Truth, duration: float, num_frames: int, *, start: float = 0.0) -> list[int]:
+    return [truth.indices[frame_at(truth, start + (i + 0.5) * duration / num_frames)] for i in range(num_frames)]
+
+
+def clip_indices(frames: np.ndarray) -> list[int]:
+    return [read_frame_index(frame) for frame in frames]
+
+
+class CountingReader(io.RawIOBase):
+    """A seekable binary reader over a file that counts bytes read (like an S3 object read by ranged GETs)."""
+
+    def __init__(self, path: Path, *, delay_seconds: float = 0.0) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.size = os.path.getsize(path)
+        self.bytes_read = 0
+        self.reads = 0
+        self.delay_seconds = delay_seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.delay_seconds:
+            time.sleep(self.delay_seconds)
+        data = self._file.read(-1 if size is None else size)
+        self.bytes_read += len(data)
+        self.reads += 1
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def write_avi_with_b_frames(path: Path, *, num_frames: int, fps: int = 24) -> Path:
+    """H.264 with B-frames in AVI: the container keeps decode order only, so frame timestamps come out of order.
+
+    ``write_sample_video`` refuses this combination on purpose; decoders must still cope with such files.
+    """
+    from vitaclip.samples import render_frame
+
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream(
+            "libx264", rate=fps, options={"preset": "veryfast", "x264-params": "keyint=12:min-keyint=12:bframes=2"}
+        )
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(render_frame(index, width=128, height=96), format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path

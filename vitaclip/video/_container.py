@@ -1,0 +1,410 @@
+"""Opening sources, reading container headers and demuxing packet tables (no decoding here)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Literal, Protocol, Union
+
+import av
+import av.error
+import numpy as np
+from av.container import InputContainer
+from av.video.stream import VideoStream
+
+from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
+
+
+class SeekableReader(Protocol):
+    """What a file-like source must offer: ``read``, ``seek`` and ``tell`` over bytes (an open file, an S3 reader)."""
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
+VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, SeekableReader]
+"""A local path, the encoded bytes, or a seekable binary file-like object (for example an S3 object reader)."""
+
+MAX_DURATION_SECONDS = 1e6  # about 11.6 days: anything longer is corrupt metadata
+MAX_FPS = 1000.0
+
+# Demuxers that turn text or character art into pictures; a text file is not a video.
+_TEXT_DEMUXERS = frozenset({"tty", "bin", "idf", "adf", "xbin", "ansi"})
+
+
+class DeadlineExceeded(Exception):
+    """Raised inside I/O and decode loops when the per-video time limit has passed."""
+
+
+class Deadline:
+    """A per-video time limit, checked between packets, frames and reads."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
+        self.timeout_seconds = timeout_seconds
+        self._end = time.monotonic() + timeout_seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self._end:
+            raise DeadlineExceeded(f"gave up after {self.timeout_seconds:g} s")
+
+    def remaining(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+
+class _GuardedReader:
+    """The subset of a binary file that PyAV uses, checking the deadline on every call.
+
+    It has no ``close``: the caller owns the wrapped object.
+    """
+
+    def __init__(self, raw: Any, deadline: Deadline) -> None:
+        self._raw = raw
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        self._deadline.check()
+        data = self._raw.read(size) or b""
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._deadline.check()
+        return int(self._raw.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._raw.tell())
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the container says about the chosen video stream, with insane values dropped."""
+
+    time_base: Fraction
+    start_pts: int | None
+    duration_ticks: Fraction | None  # sane metadata duration in time_base ticks
+    frames: int  # from the container, 0 when unknown
+    average_fps: float | None
+    width: int  # coded
+    height: int
+    sample_aspect_ratio: Fraction
+    codec: str
+    format_name: str
+    has_b_frames: bool
+    index_has_dts: bool  # ISO-BMFF sample tables index decode timestamps
+    index_complete: bool  # the seek index lists every frame (sample tables), not just some keyframes
+
+    def seconds(self, ticks: float | Fraction) -> float:
+        return float(ticks * self.time_base)
+
+    def ticks(self, seconds: float) -> Fraction:
+        return Fraction(seconds) / self.time_base
+
+
+@dataclass(frozen=True)
+class PacketTable:
+    """Timestamps of every video packet, from one demux pass (no decoding).
+
+    Raw elementary streams (``.h264``) carry no timestamps at all; their packets are then numbered in order at the
+    nominal frame rate (``synthetic``), and frames must be decoded in one pass and numbered as they come out.
+    """
+
+    pts: np.ndarray  # [N] int64, presentation order, unique
+    keyframe_pts: np.ndarray  # [K] int64, ascending
+    end_pts: Fraction  # end of the last displayed frame
+    median_interval: float  # ticks between consecutive frames (0 for one frame)
+    time_base: Fraction
+    synthetic: bool = False
+
+
+@dataclass
+class OpenedVideo:
+    container: InputContainer
+    stream: VideoStream
+    header: Header
+    is_file_like: bool
+
+
+def _head_bytes(source: VideoSource, size: int) -> bytes:
+    """First bytes of a source, for classifying open failures; leaves file-likes at position 0."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read(size)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:size])
+    source.seek(0)
+    head = source.read(size) or b""
+    source.seek(0)
+    return bytes(head)
+
+
+def _source_size(source: VideoSource) -> int:
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    size = int(source.seek(0, io.SEEK_END))
+    source.seek(0)
+    return size
+
+
+def _read_at(source: VideoSource, offset: int, size: int) -> bytes:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[offset : offset + size])
+    source.seek(offset)
+    data = bytes(source.read(size) or b"")
+    source.seek(0)
+    return data
+
+
+def _iso_bmff_truncated(source: VideoSource, total: int) -> bool | None:
+    """Walk the top-level boxes of an MP4/MOV: True if one runs past the end, False if complete, None if unknown."""
+    offset = 0
+    for _ in range(10_000):
+        if offset == total:
+            return False
+        header = _read_at(source, offset, 16)
+        if len(header) < 8:
+            return True
+        size = int.from_bytes(header[:4], "big")
+        if size == 1:
+            if len(header) < 16:
+                return True
+            size = int.from_bytes(header[8:16], "big")
+        elif size == 0:  # box extends to the end of the file
+            return False
+        if size < 8:
+            return None
+        offset += size
+        if offset > total:
+            return True
+    return None
+
+
+def _looks_like_container(head: bytes) -> bool:
+    return (
+        head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+        or head.startswith((b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"YUV4MPEG2", b"\x00\x00\x01\xba"))
+        or (head.startswith(b"RIFF") and head[8:12] in (b"AVI ", b"AVIX"))
+    )
+
+
+def _classify_open_error(source: VideoSource, error: Exception) -> DecodeErrorReason:
+    try:
+        head = _head_bytes(source, 64)
+        total = _source_size(source)
+    except OSError:
+        return "corrupt"
+    if not _looks_like_container(head):
+        return "not_a_video"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        truncated = _iso_bmff_truncated(source, total)
+        if truncated is not None:
+            return "truncated" if truncated else "corrupt"
+    if isinstance(error, av.error.EOFError) or getattr(error, "errno", None) == 5:  # EIO: read past the end
+        return "truncated"
+    return "corrupt"
+
+
+def _sane_fraction(value: Fraction | None) -> Fraction | None:
+    if value is None or value.denominator == 0 or value <= 0:
+        return None
+    return value
+
+
+def _read_header(container: InputContainer, stream: VideoStream) -> Header:
+    time_base = _sane_fraction(stream.time_base)
+    if time_base is None:
+        raise VideoDecodeError("corrupt", f"video stream has no usable time base ({stream.time_base})")
+    duration_ticks: Fraction | None = None
+    if stream.duration is not None and stream.duration > 0:
+        duration_ticks = Fraction(stream.duration)
+    elif container.duration is not None and container.duration > 0:
+        duration_ticks = Fraction(container.duration, av.time_base) / time_base
+    if duration_ticks is not None and not 0 < duration_ticks * time_base <= MAX_DURATION_SECONDS:
+        duration_ticks = None
+    fps: float | None = None
+    for rate in (stream.average_rate, stream.guessed_rate):
+        rate = _sane_fraction(rate)
+        if rate is not None and 0 < rate <= MAX_FPS:
+            fps = float(rate)
+            break
+    ctx = stream.codec_context
+    if ctx is None:
+        # A damaged header (or a codec this FFmpeg lacks) leaves the stream without a decoder.
+        raise VideoDecodeError("corrupt", "the video stream has no usable decoder (unknown codec or damaged header)")
+    is_iso_bmff = "mp4" in container.format.name or "mov" in container.format.name
+    sar = _sane_fraction(stream.sample_aspect_ratio)
+    if sar is None or not Fraction(1, 16) <= sar <= 16:
+        sar = Fraction(1)
+    return Header(
+        time_base=time_base,
+        start_pts=stream.start_time,
+        duration_ticks=duration_ticks,
+        frames=max(0, int(stream.frames or 0)),
+        average_fps=fps,
+        width=int(ctx.width or 0),
+        height=int(ctx.height or 0),
+        sample_aspect_ratio=sar,
+        codec=stream.codec.canonical_name,
+        format_name=container.format.name,
+        has_b_frames=bool(ctx.has_b_frames),
+        index_has_dts=is_iso_bmff,
+        index_complete=is_iso_bmff or container.format.name == "avi",
+    )
+
+
+def _pick_stream(container: InputContainer) -> VideoStream:
+    if container.format.name in _TEXT_DEMUXERS:
+        raise VideoDecodeError("not_a_video", f"input was detected as {container.format.name!r} (text), not video")
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        if len(container.streams) == 0:
+            raise VideoDecodeError("not_a_video", f"{container.format.name!r} input has no streams")
+        kinds = sorted({s.type for s in container.streams})
+        raise VideoDecodeError("no_video_stream", f"input has only {', '.join(kinds)} streams")
+    return videos[0]
+
+
+def _check_source(source: VideoSource) -> None:
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return
+    if not (hasattr(source, "read") and hasattr(source, "seek") and hasattr(source, "tell")):
+        raise TypeError(f"source must be a path, bytes or a seekable binary file object, got {type(source).__name__}")
+    seekable = getattr(source, "seekable", None)
+    if seekable is not None and not seekable():
+        raise ValueError("file-like sources must be seekable (wrap a stream in a ranged reader or read it to bytes)")
+
+
+@contextmanager
+def open_video(
+    source: VideoSource, *, deadline: Deadline, max_pixels: int, num_threads: int = 1
+) -> Iterator[OpenedVideo]:
+    """Open ``source``, pick its video stream and refuse oversized pictures; the container is closed on exit."""
+    _check_source(source)
+    if _source_size(source) == 0:
+        raise VideoDecodeError("empty", "the input has zero bytes")
+    file: Any
+    is_file_like = False
+    if isinstance(source, (str, os.PathLike)):
+        file = os.fspath(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        file = _GuardedReader(io.BytesIO(source if isinstance(source, bytes) else bytes(source)), deadline)
+    else:
+        source.seek(0)
+        file = _GuardedReader(source, deadline)
+        is_file_like = True
+    # PyAV's own timeout interrupts a single blocking FFmpeg call (for example a probe that never ends).
+    timeout = max(1.0, deadline.remaining())
+    try:
+        container = av.open(file, "r", timeout=(timeout, timeout), metadata_errors="replace")
+    except DeadlineExceeded as e:
+        raise VideoDecodeError("timeout", str(e)) from None
+    except FileNotFoundError:
+        raise
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {e}") from None
+    with container:
+        stream = _pick_stream(container)
+        header = _read_header(container, stream)
+        if header.width * header.height > max_pixels:
+            raise VideoDecodeError(
+                "too_large", f"{header.width}x{header.height} exceeds max_pixels={max_pixels} (refused before decoding)"
+            )
+        ctx = stream.codec_context
+        ctx.thread_count = num_threads
+        # Slice threads add no latency; frame threads are only worth it when one decoder gets several cores.
+        ctx.thread_type = "SLICE" if num_threads == 1 else "AUTO"
+        yield OpenedVideo(container=container, stream=stream, header=header, is_file_like=is_file_like)
+
+
+def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
+    """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes."""
+    container, stream = opened.container, opened.stream
+    pts_list: list[int] = []
+    key_list: list[int] = []
+    duration_of: dict[int, int] = {}
+    untimed = 0
+    untimed_keys: list[int] = []
+    packets = container.demux(stream)
+    while True:
+        deadline.check()
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError:
+            break  # a damaged tail: keep what was read before it
+        if packet.size == 0:
+            continue
+        pts = packet.pts if packet.pts is not None else packet.dts
+        if pts is None:
+            if packet.is_keyframe:
+                untimed_keys.append(untimed)
+            untimed += 1
+            continue
+        pts_list.append(pts)
+        duration_of[pts] = packet.duration or 0
+        if packet.is_keyframe:
+            key_list.append(pts)
+    if not pts_list:
+        if untimed:
+            fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
+            return PacketTable(
+                pts=np.arange(untimed, dtype=np.int64),
+                keyframe_pts=np.asarray(untimed_keys, dtype=np.int64),
+                end_pts=Fraction(untimed),
+                median_interval=1.0,
+                time_base=1 / fps,
+                synthetic=True,
+            )
+        raise VideoDecodeError("truncated", "the video stream holds no packets")
+    frame_pts = np.unique(np.asarray(pts_list, dtype=np.int64))  # [N]
+    keyframes = np.unique(np.asarray(key_list, dtype=np.int64))  # [K]
+    median_interval = float(np.median(np.diff(frame_pts))) if frame_pts.size > 1 else 0.0
+    last = int(frame_pts[-1])
+    last_duration: float = duration_of.get(last, 0)
+    if last_duration <= 0:
+        if median_interval > 0:
+            last_duration = median_interval
+        elif opened.header.average_fps:
+            last_duration = float(1 / (opened.header.average_fps * opened.header.time_base))
+    return PacketTable(
+        pts=frame_pts,
+        keyframe_pts=keyframes,
+        end_pts=Fraction(last) + Fraction(last_duration),
+        median_interval=median_interval,
+        time_base=opened.header.time_base,
+    )
+
+
+IndexKind = Literal["pts", "dts"]
+
+
+def keyframe_index(stream: VideoStream, *, has_dts: bool) -> tuple[np.ndarray, IndexKind] | None:
+    """Keyframe timestamps from the container's own seek index (no packet reads), or None if it has none."""
+    entries = stream.index_entries
+    if len(entries) == 0:
+        return None
+    timestamps = [entry.timestamp for entry in entries if entry.is_keyframe]
+    if not timestamps:
+        return None
+    return np.unique(np.asarray(timestamps, dtype=np.int64)), ("dts" if has_dts else "pts")

@@ -1,0 +1,77 @@
+"""Picture geometry (resize, centre crop, rotation) and the model's input normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from av.video.frame import VideoFrame
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never need it
+    import torch
+
+__all__ = ["OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD", "frame_to_rgb", "frames_to_tensor", "resized_size"]
+
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resized_size(width: int, height: int, *, size: int, sample_aspect_ratio: Fraction = Fraction(1)) -> tuple[int, int]:
+    """Width and height after scaling the shorter displayed side to ``size`` (both at least ``size``)."""
+    display_width = width * sample_aspect_ratio
+    if display_width <= height:
+        return size, max(size, round(height * size / display_width))
+    return max(size, round(display_width * size / height)), size
+
+
+def frame_to_rgb(frame: VideoFrame, *, size: int, sample_aspect_ratio: Fraction = Fraction(1)) -> np.ndarray:
+    """Scale the shorter side to ``size``, centre-crop a square and apply the frame's rotation metadata.
+
+    Only the returned picture is scaled; swscale converts and resizes in one pass.
+
+    Returns:
+        uint8 ``[size, size, 3]`` RGB, upright.
+    """
+    out_width, out_height = resized_size(frame.width, frame.height, size=size, sample_aspect_ratio=sample_aspect_ratio)
+    rgb = frame.to_ndarray(width=out_width, height=out_height, format="rgb24", interpolation="BILINEAR")  # [h, w, 3]
+    top, left = (out_height - size) // 2, (out_width - size) // 2
+    crop = rgb[top : top + size, left : left + size]  # [size, size, 3]
+    # The display matrix turns the stored picture counter-clockwise, as np.rot90 does for positive k.
+    turns = round(frame.rotation / 90) % 4
+    if turns:
+        crop = np.rot90(crop, k=turns)
+    return np.ascontiguousarray(crop)
+
+
+def frames_to_tensor(
+    frames: np.ndarray | torch.Tensor,
+    *,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+) -> torch.Tensor:
+    """Turn decoded frames into the model's input layout, normalised per channel.
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]`` RGB, as in ``Clip.frames``.
+        mean: Per-channel mean on the 0-1 scale (OpenAI CLIP's by default).
+        std: Per-channel standard deviation on the 0-1 scale.
+
+    Returns:
+        float32 ``[T, 3, H, W]``.
+    """
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if tensor.dtype != torch.uint8 or tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {tensor.dtype} {tuple(tensor.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # [T, 3, H, W]
+    return x.sub_(mean_t).div_(std_t)
