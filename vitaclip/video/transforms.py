@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
-
 from typing import TYPE_CHECKING
 
 import numpy as np
