@@ -40,7 +40,8 @@ IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 DEFAULT_FLAT_MAX = 100_000  # exact search of 100k x 512 stays within a few ms per query on 2 cores
 DEFAULT_MEMORY_BUDGET_BYTES = 8 * 2**30
 DEFAULT_RECALL_TARGET = 0.95
-RERANK_FACTOR = 4
+RERANK_FACTOR = 16  # candidates per result re-ranked with full vectors (at least RERANK_MIN)
+RERANK_MIN = 100
 
 
 class IndexUnusableError(ValueError):
@@ -171,7 +172,7 @@ class VectorIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if not self.plan.rerank or self.vectors is None:
             return self.index.search(q, k)
-        _, cand = self.index.search(q, k * RERANK_FACTOR)
+        _, cand = self.index.search(q, max(k * RERANK_FACTOR, RERANK_MIN))
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
         for i in range(len(q)):
