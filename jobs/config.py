@@ -33,6 +33,8 @@ class IndexJobConfig:
         embed_workers: most embed actors (the pool autoscales from 1).
         gpus_per_embed_worker: GPUs per embed actor when the cluster has GPUs (0: embed on CPU actors).
         cpus_per_embed_worker: CPUs per embed actor when embedding on CPUs.
+        embed_device: ``auto`` (GPUs when the cluster has some at start), ``gpu`` (always request GPUs, so an
+            autoscaling cluster adds GPU nodes; up to ``embed_workers`` actors), or ``cpu``.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
         chunk_size: videos planned and run per streaming chunk (bounds driver memory; staging is flushed per chunk).
@@ -61,6 +63,7 @@ class IndexJobConfig:
     embed_workers: int = 1
     gpus_per_embed_worker: float = 1.0
     cpus_per_embed_worker: float = 1.0
+    embed_device: str = "auto"
     decode_batch_size: int = 4
     embed_batch_size: int = 32
     chunk_size: int = 2000
@@ -80,6 +83,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "chunk_size", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
         if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
             raise ValueError("cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0")
         if self.num_frames is not None and self.num_frames < 1:
@@ -118,6 +123,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--embed-workers", type=int)
     p.add_argument("--gpus-per-embed-worker", type=float)
     p.add_argument("--cpus-per-embed-worker", type=float)
+    p.add_argument("--embed-device", choices=["auto", "gpu", "cpu"], help="where the embed actors run")
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument("--chunk-size", type=int)

@@ -42,6 +42,7 @@ log = logging.getLogger("vitaclip.job")
 # Statuses worth another try on the next run (the object may read fine later); decode failures are final.
 RETRYABLE = frozenset({"read_error", "timeout", "error"})
 CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_PARTS"  # test hook: SIGKILL the driver after this many staged parts
+ACTOR_KILL_HOOK_ENV = "VITACLIP_TEST_KILL_EMBED_ACTOR_ONCE"  # test hook: a marker path; the first embed call dies
 
 
 class ReadDecode(DecodeStage):
@@ -63,6 +64,10 @@ class TimedEmbed(EmbedStage):
     """EmbedStage that records its own seconds per clip, for the run summary."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        marker = os.environ.get(ACTOR_KILL_HOOK_ENV)
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # die mid-batch like an OOM-killed worker; Ray restarts the actor and retries the batch
         start = time.perf_counter()
         out = super().__call__(batch)
         n = max(1, len(batch["status"]))
@@ -221,6 +226,9 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     model_config = resolve_config(config.model, config.checkpoint)
     num_frames = config.num_frames or model_config.num_frames
     image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
+    if config.checkpoint is not None:
+        # Fail here, with the loader's message, rather than in every embed actor.
+        vitaclip.create_model(config.model, checkpoint=config.checkpoint)
     model_id = model_id_for(config.model, config.checkpoint)
     label_names = list(
         vitaclip.load_label_set(config.labels)
@@ -247,10 +255,15 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     )
 
     cpus, gpus = _init_ray(config)
-    use_gpu = gpus > 0 and config.gpus_per_embed_worker > 0
-    embed_workers = (
-        max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker))) if use_gpu else config.embed_workers
+    # "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an autoscaling
+    # cluster adds GPU nodes for the embed pool as it grows.
+    use_gpu = config.embed_device == "gpu" or (
+        config.embed_device == "auto" and gpus > 0 and config.gpus_per_embed_worker > 0
     )
+    if use_gpu and config.embed_device == "auto":
+        embed_workers = max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker)))
+    else:
+        embed_workers = config.embed_workers
     # One decoder per core. Without GPUs the embed actors share the cores: the decoders' CPU request shrinks so that
     # decoders and embedders fit the cluster together, and the OS shares the cores by demand.
     cpus_per_embedder = min(config.cpus_per_embed_worker, cpus / (2 * embed_workers))  # leave half to decoding

@@ -216,6 +216,53 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     )
 
 
+def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path) -> None:
+    videos = make_videos(tmp_path / "in", 3, broken=False)
+    out = tmp_path / "out"
+    marker = tmp_path / "killed-once"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.index_videos",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--model",
+        "vitaclip-tiny",
+        "--random-weights",
+        "--num-cpus",
+        "2",
+        "--embed-batch-size",
+        "2",
+    ]
+    env = dict(os.environ, VITACLIP_TEST_KILL_EMBED_ACTOR_ONCE=str(marker), PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.exists()  # the actor really died once
+    table = tables.read_table(open_store(str(out)), "videos")
+    assert table is not None
+    assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> None:
+    make_videos(tmp_path / "in", 1, broken=False)
+    (tmp_path / "bad.pth").write_bytes(b"garbage" * 100)
+    rc = main(
+        [
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            "vitaclip-tiny",
+            "--checkpoint",
+            str(tmp_path / "bad.pth"),
+        ]
+    )
+    assert rc == 2 and "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "_commits").exists()
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-b16"]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err

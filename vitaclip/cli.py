@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("index", help="run the indexing job (same flags as python -m jobs.index_videos)", add_help=False)
     sub.add_parser("submit", help="submit the indexing job to a Ray cluster (see infra/README.md)", add_help=False)
+    sub.add_parser("train", help="train Vita-CLIP prompts on Ray Train (python -m jobs.train)", add_help=False)
+    sub.add_parser("eval", help="top-1/top-5 of a checkpoint, supervised or zero-shot", add_help=False)
+    sub.add_parser("eval-retrieval", help="text-to-video retrieval recall of a checkpoint", add_help=False)
 
     p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
     p.add_argument("output", help="the job's output folder or s3:// prefix")
@@ -340,6 +343,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobs.submit import main as submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from jobs.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from jobs.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv[:1] == ["eval-retrieval"]:
+        from jobs.evaluate import main_retrieval
+
+        return main_retrieval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

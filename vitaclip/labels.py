@@ -6,7 +6,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-_PACKAGED = {"kinetics400": "kinetics400.txt"}
+_PACKAGED = {"kinetics400": "kinetics400.txt", "hmdb51": "hmdb51.txt", "ucf101": "ucf101.txt"}
 
 
 def list_label_sets() -> list[str]:

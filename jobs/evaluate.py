@@ -1,0 +1,472 @@
+"""Evaluation entry points: ``vitaclip eval`` (classification, supervised or zero-shot) and ``vitaclip eval-retrieval``.
+
+::
+
+    vitaclip eval --checkpoint runs/k400 --list val.csv --data-root /data/k400 --label-names kinetics400 --views 3x1
+    vitaclip eval --checkpoint vita_clip_b16.pth --model vitaclip-b16 --mode zero-shot --protocol hmdb51 \\
+        --split-dir hmdb51_splits --data-root /data/hmdb51 --baseline --json
+    vitaclip eval --checkpoint models/vitaclip-b16 --mode zero-shot --protocol k600 --list k600_val.csv \\
+        --label-names kinetics600.txt --data-root s3://media/k600/
+    vitaclip eval-retrieval --checkpoint models/vitaclip-b16 --captions msrvtt_1k.csv --data-root /data/msrvtt
+
+``--checkpoint`` takes any checkpoint ``create_model`` reads, a training output folder (its latest checkpoint) local
+or on S3. Lists are ``path,label`` lines or Parquet manifests, local or S3, as for training. Several ``--list`` flags
+(or a protocol) are scored separately and summarised as mean and standard deviation. ``--baseline`` also scores the
+frozen-CLIP frame-averaging model (every prompt off) on the same backbone, in the same run. Decoding runs on a local
+thread pool, or with ``--ray`` on Ray Data CPU actors (local Ray or ``--ray-address``); the model runs in this
+process (on its GPU when it has one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger("vitaclip.eval")
+
+Mode = Literal["supervised", "zero-shot"]
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint, or a training output folder (local or s3://): its latest one")
+    p.add_argument("--model", help="model name for official/OpenAI checkpoints (default: vitaclip-b16)")
+    p.add_argument("--random-weights", action="store_true", help="allow running without --checkpoint (smoke runs)")
+    p.add_argument("--data-root", default="", help="prefix of relative paths in the lists (folder or s3://...)")
+    p.add_argument("--num-frames", type=int, help="frames per view (default: the model's training T)")
+    p.add_argument("--sampling", choices=["dense", "uniform"], default="dense")
+    p.add_argument("--stride", type=int, default=16, help="frame stride of dense sampling (official: 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass")
+    p.add_argument("--threads", type=int, default=4, help="decode threads")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--baseline", action="store_true", help="also score the all-prompts-off frame-averaging baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
+    p.add_argument("--ray", action="store_true", help="decode on Ray Data CPU actors (local Ray or --ray-address)")
+    p.add_argument("--ray-address", help="existing Ray cluster (with --ray); default: an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray")
+    p.add_argument("--decode-workers", type=int, default=2, help="Ray decode actors (with --ray)")
+
+
+def build_parser(prog: str = "vitaclip eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Top-1/top-5 of a checkpoint, views softmax-averaged.")
+    _common_arguments(p)
+    p.add_argument("--list", action="append", default=[], help="path,label list or Parquet manifest (repeatable)")
+    p.add_argument("--label-names", help="label set (kinetics400, hmdb51, ucf101) or a file with one name per line")
+    p.add_argument("--mode", choices=["supervised", "zero-shot"], default=None)
+    p.add_argument("--views", default="3x1", help="temporal x spatial views (official: 3x1)")
+    p.add_argument(
+        "--protocol",
+        choices=["hmdb51", "ucf101", "k600"],
+        help="zero-shot protocol: hmdb51/ucf101 read the 3 official splits from --split-dir; k600 scores 3 seeded "
+        "subsets of 160 of the 220 Kinetics-600 classes not in Kinetics-400 (--list with K600 labels)",
+    )
+    p.add_argument("--split-dir", help="folder of the official HMDB51 (*_test_split<k>.txt) or UCF101 split files")
+    p.add_argument("--k400-names", default="kinetics400", help="Kinetics-400 class names for --protocol k600")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Kinetics-600 subsets")
+    p.add_argument(
+        "--text",
+        choices=["model", "class-only", "templates"],
+        help="label text: the model's own (learned context; default for supervised), the bare class name through "
+        "the CLIP text tower (default for zero-shot, as the official zero-shot features), or a template ensemble",
+    )
+    p.add_argument("--confusion-png", help="write a confusion matrix PNG here (label sets up to 60 classes)")
+    return p
+
+
+def build_retrieval_parser(prog: str = "vitaclip eval-retrieval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Text-to-video and video-to-text retrieval (recall@1/5/10).")
+    _common_arguments(p)
+    p.add_argument("--captions", required=True, help="video,caption lines (CSV; a video may have several captions)")
+    p.add_argument("--views", default="1x1", help="temporal x spatial views, embeddings averaged (default 1x1)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def load_model(args: argparse.Namespace, label_names: Sequence[str] | None) -> Any:
+    import torch
+
+    from jobs.train import resolve_checkpoint
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.registry import create_model
+
+    if args.checkpoint is None and not args.random_weights:
+        raise ValueError("give --checkpoint (or --random-weights for a smoke run)")
+    checkpoint = resolve_checkpoint(args.checkpoint, s3_endpoint_url=args.s3_endpoint_url) if args.checkpoint else None
+    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else (args.model or "vitaclip-b16")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = create_model(name, checkpoint=checkpoint, device=device, dtype=dtype)
+    if label_names is not None:
+        model.label_names = tuple(label_names)
+    return model
+
+
+def _clean(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+def label_features(model: Any, names: Sequence[str], text: str) -> Any:
+    """``[K, E]`` label features: the model's own, bare class names, or the template ensemble."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitaclip.zeroshot import TEMPLATES
+
+    with torch.inference_mode():
+        if text == "model":
+            return model.encode_labels(list(names))
+        if text == "class-only":
+            return F.normalize(model.clip.encode_text(model.tokenize([_clean(n) for n in names])).float(), dim=-1)
+        prompts = [t.format(_clean(n)) for n in names for t in TEMPLATES]
+        feats = F.normalize(model.clip.encode_text(model.tokenize(prompts)).float(), dim=-1)
+        return F.normalize(feats.view(len(names), len(TEMPLATES), -1).mean(dim=1), dim=-1)
+
+
+def _read_entries(uri: str, names: Sequence[str], args: argparse.Namespace) -> list[tuple[str, int]]:
+    from jobs.train import load_entries
+
+    return [
+        (e.uri, e.label)
+        for e in load_entries(uri, names, data_root=args.data_root, s3_endpoint_url=args.s3_endpoint_url)
+    ]
+
+
+def _splits(args: argparse.Namespace) -> tuple[list[tuple[str, list[tuple[str, int]], list[str]]], list[str]]:
+    """(name, entries, label names) per split, and the full label list."""
+    from jobs.train import join_root, load_label_names
+    from vitaclip import evaluation as ev
+
+    if args.protocol in ("hmdb51", "ucf101"):
+        names = list(load_label_names(args.label_names or args.protocol, s3_endpoint_url=args.s3_endpoint_url))
+        if not args.split_dir:
+            raise ValueError(f"--protocol {args.protocol} needs --split-dir (the official split files)")
+        out = []
+        for k in (1, 2, 3):
+            if args.protocol == "hmdb51":
+                raw = ev.read_hmdb51_split(args.split_dir, k, class_names=names)
+            else:
+                raw = ev.read_ucf101_split(Path(args.split_dir) / f"testlist0{k}.txt", class_names=names)
+            out.append((f"split{k}", [(join_root(args.data_root, p), y) for p, y in raw], names))
+        return out, names
+    if not args.list:
+        raise ValueError("give --list (a path,label list or Parquet manifest) or a --protocol")
+    if not args.label_names:
+        raise ValueError("give --label-names (a label set or a file with one name per line)")
+    names = list(load_label_names(args.label_names, s3_endpoint_url=args.s3_endpoint_url))
+    lists = [(Path(u).name if len(args.list) > 1 else "all", _read_entries(u, names, args)) for u in args.list]
+    if args.protocol == "k600":
+        k400 = ev.load_class_list(args.k400_names)
+        novel = ev.kinetics600_novel_classes(names, k400)
+        out = []
+        for i, subset in enumerate(ev.kinetics600_subsets(novel, seed=args.seed)):
+            entries = [e for _, lst in lists for e in ev.restrict_to_classes(lst, names, subset)]
+            out.append((f"subset{i + 1}", entries, subset))
+        return out, names
+    return [(n, entries, names) for n, entries in lists], names
+
+
+def _summarise(splits: list[dict[str, Any]]) -> dict[str, Any]:
+    from vitaclip.evaluation import mean_std
+
+    if len(splits) == 1:
+        return dict(splits[0])
+    top1, top1_std = mean_std([s["top1"] for s in splits])
+    top5, top5_std = mean_std([s["top5"] for s in splits])
+    per_class: dict[str, float | None] = {}
+    for s in splits:
+        for name, acc in s["per_class"].items():
+            if acc is not None:
+                per_class.setdefault(name, 0.0)
+    for name in per_class:
+        vals = [s["per_class"][name] for s in splits if s["per_class"].get(name) is not None]
+        per_class[name] = float(np.mean(vals))
+    return {
+        "top1": top1,
+        "top1_std": top1_std,
+        "top5": top5,
+        "top5_std": top5_std,
+        "num_videos": int(sum(s["num_videos"] for s in splits)),
+        "per_class": per_class,
+    }
+
+
+def _opener(args: argparse.Namespace) -> Any:
+    from jobs.train import Opener
+
+    return Opener(args.s3_endpoint_url)
+
+
+class DecodeViewsStage:
+    """Ray Data stage: ``{"i", "uri"}`` rows in, ``{"i", "views" uint8 [b, V, T, S, S, 3], "error"}`` out."""
+
+    def __init__(self, spec: Any, s3_endpoint_url: str | None) -> None:
+        from jobs.train import Opener
+
+        self.spec = spec
+        self.opener = Opener(s3_endpoint_url)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vitaclip.evaluation import decode_views_safely
+
+        spec = self.spec
+        empty = np.zeros((spec.num_views, spec.num_frames, spec.size, spec.size, 3), dtype=np.uint8)
+        views, errors = [], []
+        for uri in batch["uri"]:
+            v, error = decode_views_safely(str(uri), spec, opener=self.opener)
+            views.append(empty if v is None else v)
+            errors.append(error)
+        return {"i": batch["i"], "views": np.stack(views), "error": np.asarray(errors, dtype=object)}
+
+
+def _decoded(uris: Sequence[str], spec: Any, args: argparse.Namespace) -> Any:
+    """``(index, views, error)`` of every video decoded on Ray Data CPU actors, or None without ``--ray``."""
+    if not args.ray:
+        return None
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        address = args.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = ray.data.from_items([{"i": i, "uri": u} for i, u in enumerate(uris)])
+    ds = items.map_batches(
+        DecodeViewsStage,
+        fn_constructor_kwargs={"spec": spec, "s3_endpoint_url": args.s3_endpoint_url},
+        batch_size=4,
+        compute=ray.data.ActorPoolStrategy(size=args.decode_workers),
+        num_cpus=1,
+    )
+
+    def rows() -> Any:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, views, error in zip(batch["i"], batch["views"], batch["error"], strict=True):
+                yield int(i), (None if error else views), str(error)
+
+    return rows()
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
+    from vitaclip import evaluation as ev
+
+    temporal, spatial = ev.parse_views(args.views)
+    splits, names = _splits(args)
+    model = load_model(args, names)
+    text = args.text or ("model" if mode == "supervised" else "class-only")
+    if (
+        mode == "supervised"
+        and text == "model"
+        and model.text_context is not None
+        and model.text_context.class_specific
+    ):
+        trained = {_clean(n).lower() for n in model.text_context.label_names}
+        unknown = [n for n in names if _clean(n).lower() not in trained]
+        if unknown:
+            raise ValueError(
+                f"supervised evaluation: {len(unknown)} label names were not trained ({unknown[:3]}...); "
+                "use --mode zero-shot"
+            )
+    spec = ev.ViewSpec(
+        num_frames=args.num_frames or model.config.num_frames,
+        size=model.image_size,
+        sampling=args.sampling,
+        stride=args.stride,
+        temporal_views=temporal,
+        spatial_views=spatial,
+    )
+    models = [("model", model, text)]
+    if args.baseline:
+        models.append(("baseline", ev.frame_averaging_baseline(model), "templates" if text == "model" else text))
+    report: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "model_id": model.model_id,
+        "mode": mode,
+        "views": f"{temporal}x{spatial}",
+        "num_frames": spec.num_frames,
+        "sampling": spec.sampling,
+    }
+    for key, m, how in models:
+        results = []
+        for split_name, entries, split_names in splits:
+            feats = label_features(m, split_names, how)
+            uris = [u for u, _ in entries]
+            logits, errors = ev.video_logits(
+                m,
+                uris,
+                feats,
+                spec,
+                opener=_opener(args),
+                batch_size=args.batch_size,
+                threads=args.threads,
+                decoded=_decoded(uris, spec, args),
+            )
+            probs = ev.average_view_probabilities(logits)
+            labels = [y for _, y in entries]
+            metrics = ev.classification_metrics(probs, labels, split_names)
+            metrics["decode_errors"] = sum(1 for e in errors if e)
+            metrics["split"] = split_name
+            results.append(metrics)
+            if key == "model" and args.confusion_png and len(split_names) <= ev.CONFUSION_MAX_CLASSES:
+                matrix = ev.confusion_matrix(probs.argmax(axis=1), labels, len(split_names))
+                path = Path(args.confusion_png)
+                if len(splits) > 1:
+                    path = path.with_name(f"{path.stem}-{split_name}{path.suffix}")
+                ev.save_confusion_png(matrix, split_names, path, title=f"{m.config.name} {split_name}")
+        summary = _summarise(results)
+        if len(results) > 1:
+            summary["splits"] = [{k: v for k, v in r.items() if k != "per_class"} for r in results]
+        else:
+            summary["decode_errors"] = results[0]["decode_errors"]
+            summary["mean_class_accuracy"] = results[0]["mean_class_accuracy"]
+        if key == "model":
+            report.update(summary)
+        else:
+            report["baseline"] = summary
+    return report
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    def line(label: str, r: dict[str, Any]) -> str:
+        std = f" +/- {r['top1_std']:.2f}" if "top1_std" in r else ""
+        std5 = f" +/- {r['top5_std']:.2f}" if "top5_std" in r else ""
+        return f"{label:<10} top-1 {r['top1']:6.2f}{std}   top-5 {r['top5']:6.2f}{std5}   ({r['num_videos']} videos)"
+
+    print(f"{report['model_id']}  mode {report['mode']}  views {report['views']}  frames {report['num_frames']}")
+    print(line("model", report))
+    for s in report.get("splits", []):
+        print(f"  {s['split']:<8} top-1 {s['top1']:6.2f}   top-5 {s['top5']:6.2f}   ({s['num_videos']} videos)")
+    if "baseline" in report:
+        print(line("baseline", report["baseline"]))
+
+
+def main(argv: Sequence[str] | None = None, mode: Mode | None = None) -> int:
+    """``vitaclip eval``; 0 on success, 2 on bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        chosen: Mode = args.mode or mode or ("zero-shot" if args.protocol else "supervised")
+        report = run_eval(args, chosen)
+    except ValueError as exc:
+        print(f"vitaclip eval: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_report(report)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def read_captions(uri: str, *, data_root: str = "", s3_endpoint_url: str | None = None) -> list[tuple[str, str]]:
+    """``video,caption`` rows (CSV; quoted captions may hold commas; a header ``video,caption`` is skipped)."""
+    from jobs.train import join_root, read_bytes
+
+    text = read_bytes(uri, s3_endpoint_url=s3_endpoint_url).decode("utf-8")
+    rows = []
+    for n, row in enumerate(csv.reader(io.StringIO(text))):
+        if not row or not row[0].strip() or row[0].startswith("#"):
+            continue
+        if n == 0 and [c.strip().lower() for c in row[:2]] == ["video", "caption"]:
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{uri}:{n + 1}: expected video,caption, got {row!r}")
+        rows.append((join_root(data_root, row[0].strip()), ",".join(row[1:]).strip()))
+    if not rows:
+        raise ValueError(f"{uri}: no captions")
+    return rows
+
+
+def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from vitaclip import evaluation as ev
+
+    rows = read_captions(args.captions, data_root=args.data_root, s3_endpoint_url=args.s3_endpoint_url)
+    videos = sorted({v for v, _ in rows}, key=[v for v, _ in rows].index)
+    index = {v: i for i, v in enumerate(videos)}
+    model = load_model(args, None)
+    temporal, spatial = ev.parse_views(args.views)
+    spec = ev.ViewSpec(
+        num_frames=args.num_frames or model.config.num_frames,
+        size=model.image_size,
+        sampling=args.sampling,
+        stride=args.stride,
+        temporal_views=temporal,
+        spatial_views=spatial,
+    )
+    models = [("model", model)]
+    if args.baseline:
+        models.append(("baseline", ev.frame_averaging_baseline(model)))
+    report: dict[str, Any] = {"checkpoint": args.checkpoint, "model_id": model.model_id, "views": args.views}
+    for key, m in models:
+        video_feats, errors = ev.video_embeddings(
+            m,
+            videos,
+            spec,
+            opener=_opener(args),
+            batch_size=args.batch_size,
+            threads=args.threads,
+            decoded=_decoded(videos, spec, args),
+        )
+        with torch.inference_mode():
+            texts = [c for _, c in rows]
+            text_feats = torch.cat([m.encode_text(texts[i : i + 256]).float().cpu() for i in range(0, len(texts), 256)])
+        sim = text_feats @ video_feats.t()  # [num_captions, num_videos]
+        metrics = ev.retrieval_metrics(sim, [index[v] for v, _ in rows])
+        metrics["decode_errors"] = sum(1 for e in errors if e)
+        if key == "model":
+            report.update(metrics)
+        else:
+            report["baseline"] = metrics
+    return report
+
+
+def main_retrieval(argv: Sequence[str] | None = None) -> int:
+    """``vitaclip eval-retrieval``; 0 on success, 2 on bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args = build_retrieval_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        report = run_retrieval(args)
+    except ValueError as exc:
+        print(f"vitaclip eval-retrieval: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['model_id']}  {report['num_captions']} captions, {report['num_videos']} videos")
+    for key in ("model", "baseline"):
+        r = report if key == "model" else report.get("baseline")
+        if r is None:
+            continue
+        for direction in ("text_to_video", "video_to_text"):
+            d = r[direction]
+            print(
+                f"{key:<9} {direction:<14} R@1 {d['r1']:6.2f}  R@5 {d['r5']:6.2f}  R@10 {d['r10']:6.2f}  "
+                f"MdR {d['median_rank']:.1f}  MnR {d['mean_rank']:.1f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    # python -m jobs.evaluate ARGS (classification) or python -m jobs.evaluate retrieval ARGS
+    sys.exit(main_retrieval(sys.argv[2:]) if sys.argv[1:2] == ["retrieval"] else main())

@@ -1,0 +1,720 @@
+"""Vita-CLIP prompt learning on Ray Train: ``python -m jobs.train`` (also ``vitaclip train``)::
+
+    python -m jobs.train --train-list train.csv --data-root s3://media/k400/ --label-names kinetics400 \\
+        --checkpoint ViT-B-16.pt --output s3://media/runs/k400 --num-workers 8 --use-gpu
+    python -m jobs.train --config train.yaml --steps 100        # YAML keys = flag names; flags override
+
+Data: ``path,label`` list files (as the official trainer takes, with ``--data-root``) or Parquet manifests
+(``path``/``uri`` and ``label`` columns), local or on S3. Each training worker gets its own Ray Data stream: a range
+of sample counters mapped (by :class:`vitaclip.training.TrainClipSource` on CPU decode actors) to data positions,
+decoded clips and augmentations, in order. A sample's content is a function of its data position, and a step's
+positions are a function of the step, so a run resumed from a checkpoint reads exactly what it would have read.
+
+Outputs under ``--output`` (a folder or ``s3://bucket/prefix``): ``checkpoints/step-NNNNNNNNN/`` (the model in the
+project's format plus ``training_state.pt``: optimizer, scheduler, scaler, step, data position, RNG states; the last
+``--keep-last`` kept), ``metrics.jsonl``, ``curves.png``, ``train_config.json`` and ``train_summary.json``. A run
+started on an output folder that holds checkpoints resumes from the latest one. The output folder works wherever a
+checkpoint is expected (``vitaclip eval --checkpoint OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitaclip.training import (
+    CHECKPOINTS_DIR,
+    TRAINING_STATE_FILE,
+    LabelledVideo,
+    TrainClipSource,
+    TrainConfig,
+    checkpoint_dir_name,
+    join_root,
+    label_lookup,
+    parse_label,
+    parse_list_text,
+)
+
+log = logging.getLogger("vitaclip.train")
+
+CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_STEP"  # test hook: SIGKILL rank 0 right after the checkpoint of this step
+_CHECKPOINT_FILES = ("model.safetensors", TRAINING_STATE_FILE, "config.json")  # config.json last: the commit
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train Vita-CLIP prompts on a frozen CLIP backbone (Ray Train).")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
+    p.add_argument("--model", help="registered model name or JSON config (default: vitaclip-b16)")
+    p.add_argument("--checkpoint", help="start from: OpenAI/open_clip CLIP weights or a Vita-CLIP checkpoint")
+    p.add_argument("--train-list", help="path,label list or Parquet manifest (local or s3://)")
+    p.add_argument("--val-list", help="held-out list, evaluated every --eval-every steps")
+    p.add_argument("--label-names", help="label set (kinetics400, hmdb51, ucf101) or a file, training order")
+    p.add_argument("--data-root", help="prefix of relative list paths (folder or s3://bucket/prefix)")
+    p.add_argument("--output", help="output folder or s3://bucket/prefix")
+    for name, kind in (
+        ("steps", int),
+        ("batch-size", int),
+        ("micro-batch-size", int),
+        ("lr", float),
+        ("weight-decay", float),
+        ("warmup-steps", int),
+        ("min-lr", float),
+        ("max-grad-norm", float),
+        ("num-frames", int),
+        ("stride", int),
+        ("train-temporal-views", int),
+        ("decode-scale", float),
+        ("randaug-num-ops", int),
+        ("randaug-magnitude", float),
+        ("randaug-magnitude-std", float),
+        ("hflip-prob", float),
+        ("seed", int),
+        ("save-every", int),
+        ("keep-last", int),
+        ("eval-every", int),
+        ("log-every", int),
+        ("num-workers", int),
+        ("cpus-per-worker", float),
+        ("decode-workers", int),
+        ("decode-cpus", float),
+        ("num-cpus", int),
+        ("decode-threads", int),
+        ("decode-timeout-seconds", float),
+        ("max-failures", int),
+    ):
+        p.add_argument(f"--{name}", type=kind)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--sampling", choices=["dense", "uniform"])
+    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker")
+    p.add_argument("--no-gpu", dest="use_gpu", action="store_const", const=False)
+    p.add_argument("--local", action="store_const", const=True, help="run in this process without Ray (one worker)")
+    p.add_argument("--ray-address", help="existing Ray cluster; default: an embedded local Ray")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, a local server)")
+    return p
+
+
+def config_from_args(argv: Sequence[str]) -> TrainConfig:
+    """Flags (and ``--config`` YAML) -> :class:`TrainConfig`; raises ValueError with a clear message."""
+    args = build_parser().parse_args(list(argv))
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config}: a YAML mapping of option names to values is expected")
+        values.update({str(k).replace("-", "_"): v for k, v in data.items()})
+    for name, value in vars(args).items():
+        if name != "config" and value is not None:
+            values[name] = value
+    config = TrainConfig.from_dict(values)
+    if not config.train_list:
+        raise ValueError("give --train-list (a path,label list or a Parquet manifest)")
+    if not config.output:
+        raise ValueError("give --output (a folder or s3://bucket/prefix)")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ reading inputs
+
+
+class Opener:
+    """Turns a list entry's URI into something the decoder reads: a local path, or S3 bytes / a ranged reader.
+
+    Picklable (the S3 client is made lazily in the process that uses it), so Ray decode actors can hold one.
+    """
+
+    def __init__(self, s3_endpoint_url: str | None = None) -> None:
+        self.s3_endpoint_url = s3_endpoint_url
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"s3_endpoint_url": self.s3_endpoint_url, "_client": None}
+
+    def __call__(self, uri: str) -> Any:
+        from jobs.storage import make_s3_client, open_video
+
+        if uri.startswith("s3://") and self._client is None:
+            self._client = make_s3_client(endpoint_url=self.s3_endpoint_url)
+        return open_video(uri, size_bytes=None, s3_client=self._client)
+
+
+def read_bytes(uri: str, *, s3_endpoint_url: str | None = None) -> bytes:
+    """A whole local file or S3 object."""
+    if uri.startswith("s3://"):
+        from jobs.storage import make_s3_client, parse_s3_uri
+
+        bucket, key = parse_s3_uri(uri)
+        client = make_s3_client(endpoint_url=s3_endpoint_url)
+        return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return Path(path).read_bytes()
+
+
+def load_label_names(name_or_path: str, *, s3_endpoint_url: str | None = None) -> tuple[str, ...]:
+    """A packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``) or a local/S3 file with one name per line."""
+    from vitaclip.evaluation import PACKAGED_CLASS_LISTS, load_class_list
+
+    if name_or_path in PACKAGED_CLASS_LISTS:
+        return load_class_list(name_or_path)
+    text = read_bytes(name_or_path, s3_endpoint_url=s3_endpoint_url).decode("utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not names:
+        raise ValueError(f"label names {name_or_path!r} are empty")
+    return names
+
+
+def load_entries(
+    uri: str, label_names: Sequence[str], *, data_root: str = "", s3_endpoint_url: str | None = None
+) -> list[LabelledVideo]:
+    """Entries of a ``path,label`` list or a Parquet manifest (``path`` or ``uri`` column, ``label`` column)."""
+    data = read_bytes(uri, s3_endpoint_url=s3_endpoint_url)
+    if uri.endswith(".parquet") or data[:4] == b"PAR1":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        column = "path" if "path" in table.column_names else "uri"
+        if column not in table.column_names or "label" not in table.column_names:
+            raise ValueError(f"{uri}: a manifest needs 'path' (or 'uri') and 'label' columns, has {table.column_names}")
+        index = label_lookup(label_names)
+        return [
+            LabelledVideo(join_root(data_root, str(p)), parse_label(lbl, index, where=f"{uri} row {i}"))
+            for i, (p, lbl) in enumerate(
+                zip(table.column(column).to_pylist(), table.column("label").to_pylist(), strict=True)
+            )
+        ]
+    return parse_list_text(data.decode("utf-8"), label_names, data_root=data_root, where=uri)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+class Output:
+    """The run's output location: checkpoints written atomically (a folder rename locally; on S3, whole objects with
+    ``config.json`` last), the latest complete checkpoint found, old ones pruned, small files written whole."""
+
+    def __init__(self, url: str, *, s3_endpoint_url: str | None = None) -> None:
+        self.url = url.rstrip("/") if url.startswith("s3://") else url
+        self.is_s3 = url.startswith("s3://")
+        self._endpoint = s3_endpoint_url
+        self._store: Any = None
+        self._scratch: Path | None = None
+        if not self.is_s3:
+            Path(url).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from jobs.storage import open_store
+
+            self._store = open_store(self.url, endpoint_url=self._endpoint)
+        return self._store
+
+    @property
+    def scratch(self) -> Path:
+        """A local folder for S3 checkpoints on their way up or down."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="vitaclip-train-"))
+        return self._scratch
+
+    def checkpoint_steps(self) -> list[int]:
+        if not self.is_s3:
+            from vitaclip.training import list_training_checkpoints
+
+            return [s for s, _ in list_training_checkpoints(self.url)]
+        files: dict[int, set[str]] = {}
+        for rel in self.store.list(CHECKPOINTS_DIR + "/"):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[1].startswith("step-") and parts[1][5:].isdigit():
+                files.setdefault(int(parts[1][5:]), set()).add(parts[2])
+        return sorted(s for s, names in files.items() if set(_CHECKPOINT_FILES) <= names)
+
+    def local_checkpoint(self, step: int) -> Path:
+        """A local folder holding checkpoint ``step`` (downloaded from S3 when needed)."""
+        name = checkpoint_dir_name(step)
+        if not self.is_s3:
+            return Path(self.url) / CHECKPOINTS_DIR / name
+        folder = self.scratch / "download" / name
+        if not (folder / "config.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for file in _CHECKPOINT_FILES:
+                (folder / file).write_bytes(self.store.get_bytes(f"{CHECKPOINTS_DIR}/{name}/{file}"))
+        return folder
+
+    def checkpoint_target(self, step: int) -> Path:
+        """Where to write checkpoint ``step`` (its final place locally; a scratch folder for S3)."""
+        if not self.is_s3:
+            return Path(self.url) / CHECKPOINTS_DIR / checkpoint_dir_name(step)
+        return self.scratch / "upload" / checkpoint_dir_name(step)
+
+    def publish_checkpoint(self, step: int, keep_last: int) -> None:
+        """Makes checkpoint ``step`` visible (uploads it on S3) and prunes the old ones."""
+        if self.is_s3:
+            folder = self.checkpoint_target(step)
+            for file in _CHECKPOINT_FILES:  # config.json last: a checkpoint without it is incomplete
+                self.store.put_bytes(f"{CHECKPOINTS_DIR}/{folder.name}/{file}", (folder / file).read_bytes())
+            shutil.rmtree(folder, ignore_errors=True)
+        steps = self.checkpoint_steps()
+        for old in steps[: max(0, len(steps) - keep_last)]:
+            if self.is_s3:
+                for file in reversed(_CHECKPOINT_FILES):
+                    self.store.delete(f"{CHECKPOINTS_DIR}/{checkpoint_dir_name(old)}/{file}")
+            else:
+                shutil.rmtree(Path(self.url) / CHECKPOINTS_DIR / checkpoint_dir_name(old), ignore_errors=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.is_s3:
+            self.store.put_bytes(rel, data)
+            return
+        path = Path(self.url) / rel
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def read_text(self, rel: str) -> str | None:
+        if self.is_s3:
+            return self.store.get_bytes(rel).decode() if self.store.exists(rel) else None
+        path = Path(self.url) / rel
+        return path.read_text() if path.is_file() else None
+
+
+def resolve_checkpoint(location: str, *, s3_endpoint_url: str | None = None) -> str:
+    """A checkpoint argument as a local path: a training output folder (local or S3) becomes its latest checkpoint;
+    anything else is returned as given."""
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+
+    if location.startswith("s3://"):
+        out = Output(location, s3_endpoint_url=s3_endpoint_url)
+        steps = out.checkpoint_steps()
+        if not steps:
+            raise ValueError(f"{location}: no complete checkpoint under {CHECKPOINTS_DIR}/")
+        return str(out.local_checkpoint(steps[-1]))
+    path = Path(location)
+    if path.is_dir() and not is_vitaclip_checkpoint(path):
+        from vitaclip.training import resolve_checkpoint_path
+
+        return str(resolve_checkpoint_path(path))
+    return location
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def _local_micro_batches(
+    source: TrainClipSource, *, num_samples: int, micro_batch_size: int, threads: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The same micro-batches as the Ray Data stream, decoded by a thread pool in this process (``--local``)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        window: deque[Future[Any]] = deque()
+        next_index = 0
+        ahead = max(2 * threads, 2 * micro_batch_size)
+        while next_index < num_samples or window:
+            while next_index < num_samples and len(window) < ahead:
+                window.append(pool.submit(source.clip_at, source.position(next_index)))
+                next_index += 1
+            take = min(micro_batch_size, len(window))
+            items = [window.popleft().result() for _ in range(take)]
+            yield {
+                "video": np.stack([v.numpy() for v, _, _ in items]),
+                "label": np.asarray([lbl for _, lbl, _ in items], dtype=np.int64),
+                "valid": np.asarray([ok for _, _, ok in items], dtype=bool),
+            }
+
+
+def _model_for(config: TrainConfig, label_names: Sequence[str], s3_endpoint_url: str | None) -> Any:
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.registry import create_model
+
+    checkpoint = resolve_checkpoint(config.checkpoint, s3_endpoint_url=s3_endpoint_url) if config.checkpoint else None
+    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else config.model
+    model = create_model(name, checkpoint=checkpoint, label_names=list(label_names))
+    if model.text_context is not None and model.text_context.class_specific:
+        trained = [n.replace("_", " ").strip() for n in model.text_context.label_names]
+        wanted = [n.replace("_", " ").strip() for n in label_names]
+        if trained != wanted:
+            raise ValueError(
+                "the checkpoint's class-specific text context was trained on other labels; start from CLIP weights "
+                "or a checkpoint trained on these --label-names"
+            )
+    model.label_names = tuple(label_names)
+    return model
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One training worker: under Ray Train (DDP, a Ray Data stream per worker) or in this process (``--local``)."""
+    import torch
+
+    from vitaclip.evaluation import ViewSpec, evaluate_classification, save_curves_png
+    from vitaclip.training import (
+        build_optimizer,
+        build_scaler,
+        build_scheduler,
+        count_parameters,
+        load_training_checkpoint,
+        resolve_precision,
+        save_training_checkpoint,
+        train_step,
+    )
+
+    config = TrainConfig.from_dict(loop_config["config"])
+    data_start_step = int(loop_config["data_start_step"])
+    distributed = not config.local
+    if distributed:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        rank, world_size = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        rank, world_size = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    endpoint = config.s3_endpoint_url
+    output = Output(config.output, s3_endpoint_url=endpoint)
+    label_names = load_label_names(config.label_names, s3_endpoint_url=endpoint)
+    model = _model_for(config, label_names, endpoint)
+    model.to(device)
+    model.train()
+    precision = resolve_precision(config.precision, device)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    scaler = build_scaler(precision, device)
+    trainable, total = count_parameters(model)
+    start_step = 0
+    steps_done = output.checkpoint_steps()
+    if steps_done:
+        state = load_training_checkpoint(output.local_checkpoint(steps_done[-1]), model, optimizer, scheduler, scaler)
+        start_step = state.step
+        if rank == 0:
+            log.info("resumed from step %d (%s)", start_step, output.url)
+    ddp_model: Any = model
+    if distributed and world_size > 1:
+        import ray.train.torch
+
+        ddp_model = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
+        )
+    accumulation = config.accumulation_steps
+    per_worker = config.per_worker_batch_size
+    remaining = config.steps - start_step
+    if distributed:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(f"train_{rank}")
+        stream: Iterator[dict[str, np.ndarray]] = iter(
+            shard.iter_batches(batch_size=config.micro_batch_size, batch_format="numpy", prefetch_batches=2)
+        )
+        # After a worker restart the stream starts where the driver planned, possibly before the checkpoint.
+        for _ in range(max(0, start_step - data_start_step) * accumulation):
+            next(stream)
+    else:
+        entries = load_entries(config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
+        num_frames = config.num_frames or model.config.num_frames
+        source = TrainClipSource(
+            entries,
+            config=config,
+            num_frames=num_frames,
+            image_size=model.image_size,
+            start_step=start_step,
+            opener=Opener(endpoint),
+        )
+        stream = _local_micro_batches(
+            source,
+            num_samples=max(0, remaining) * per_worker,
+            micro_batch_size=config.micro_batch_size,
+            threads=config.decode_threads,
+        )
+    val_entries = None
+    if config.val_list and rank == 0:
+        val_entries = [
+            (e.uri, e.label)
+            for e in load_entries(config.val_list, label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
+        ]
+
+    metrics_lines = []
+    if rank == 0:
+        text = output.read_text("metrics.jsonl") or ""
+        metrics_lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        output.write_bytes("train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+    metrics_path = None if output.is_s3 else Path(output.url) / "metrics.jsonl"
+    if metrics_path is not None and rank == 0:
+        metrics_path.write_text("".join(ln + "\n" for ln in metrics_lines))
+
+    progress: Any = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        log.info(
+            "training %d of %d parameters (%s); %d steps of %d videos, %d x %d per worker per step, %s",
+            trainable,
+            total,
+            ", ".join(model.trainable_parameter_names()),
+            config.steps,
+            config.batch_size,
+            accumulation,
+            config.micro_batch_size,
+            precision,
+        )
+    crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
+    no_sync = getattr(ddp_model, "no_sync", None)
+    started = time.perf_counter()
+    videos_done = 0
+    last: dict[str, Any] = {}
+    for step in range(start_step, config.steps):
+        micro = []
+        for _ in range(accumulation):
+            batch = next(stream)
+            # Ray Data hands out read-only arrays; torch wants writable ones.
+            video, label, valid = (np.require(batch[k], requirements=["W"]) for k in ("video", "label", "valid"))
+            micro.append(
+                (
+                    torch.from_numpy(video).to(device, non_blocking=True),
+                    torch.from_numpy(label).to(device),
+                    torch.from_numpy(valid).to(device),
+                )
+            )
+        stats = train_step(
+            ddp_model,
+            optimizer,
+            scheduler,
+            scaler,
+            micro,
+            precision=precision,
+            mean=model.config.mean,
+            std=model.config.std,
+            max_grad_norm=config.max_grad_norm,
+            no_sync=no_sync if world_size > 1 else None,
+        )
+        totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
+        if world_size > 1:
+            import torch.distributed as dist
+
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        count = max(float(totals[2]), 1.0)
+        videos_done += config.batch_size
+        elapsed = time.perf_counter() - started
+        done = step + 1
+        last = {
+            "step": done,
+            "loss": float(totals[0]) / count,
+            "accuracy": float(totals[1]) / count,
+            "lr": stats.lr,
+            "videos_per_second": videos_done / max(elapsed, 1e-9),
+            "samples_seen": done * config.batch_size,
+            "valid_videos": int(totals[2]),
+        }
+        if rank != 0:
+            continue
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{last['loss']:.4f}",
+            acc=f"{last['accuracy']:.3f}",
+            lr=f"{stats.lr:.2e}",
+            vid_s=f"{last['videos_per_second']:.1f}",
+        )
+        if config.eval_every and val_entries and (done % config.eval_every == 0 or done == config.steps):
+            model.eval()
+            spec = ViewSpec(
+                num_frames=config.num_frames or model.config.num_frames,
+                size=model.image_size,
+                sampling=config.sampling,
+                stride=config.stride,
+                temporal_views=1,
+                spatial_views=1,
+            )
+            val, _ = evaluate_classification(
+                model, val_entries, label_names, spec, opener=Opener(endpoint), threads=config.decode_threads
+            )
+            model.train()
+            last["val_top1"], last["val_top5"] = val["top1"], val["top5"]
+        if done % config.log_every == 0 or done == config.steps or "val_top1" in last:
+            line = json.dumps(last)
+            metrics_lines.append(line)
+            if metrics_path is not None:
+                with open(metrics_path, "a") as f:
+                    f.write(line + "\n")
+        if done % config.save_every == 0 or done == config.steps:
+            save_training_checkpoint(
+                output.checkpoint_target(done),
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                step=done,
+                samples_seen=done * config.batch_size,
+                extra={"train_config": config.to_dict()},
+            )
+            output.publish_checkpoint(done, config.keep_last)
+            if output.is_s3:
+                output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in metrics_lines).encode())
+            if crash_after and done >= crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted worker
+    if rank == 0:
+        if progress is not None:
+            progress.close()
+        records = [json.loads(ln) for ln in metrics_lines]
+        scratch = Path(tempfile.mkdtemp(prefix="vitaclip-plot-"))
+        png = save_curves_png(
+            records,
+            [k for k in ("loss", "accuracy", "lr", "val_top1") if any(k in r for r in records)],
+            scratch / "curves.png",
+        )
+        output.write_bytes("curves.png", png.read_bytes())
+        shutil.rmtree(scratch, ignore_errors=True)
+        if output.is_s3:
+            output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in metrics_lines).encode())
+        summary = {
+            "output": output.url,
+            "steps": config.steps,
+            "resumed_from_step": start_step,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "trainable_parameter_names": model.trainable_parameter_names(),
+            "precision": precision,
+            "world_size": world_size,
+            "last": last,
+            "elapsed_seconds": round(time.perf_counter() - started, 3),
+        }
+        output.write_bytes("train_summary.json", json.dumps(summary, indent=2).encode())
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _rank_datasets(config: TrainConfig, start_step: int, model_config: Any, image_size: int) -> dict[str, Any]:
+    """One ordered Ray Data stream per training worker: sample counters -> decoded, augmented clips."""
+    import ray.data
+
+    label_names = load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
+    entries = load_entries(
+        config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
+    )
+    pairs = [(e.uri, e.label) for e in entries]
+    per_worker = config.per_worker_batch_size
+    num_samples = max(0, config.steps - start_step) * per_worker
+    num_frames = config.num_frames or model_config.num_frames
+    datasets = {}
+    for rank in range(config.workers):
+        ds = ray.data.range(max(num_samples, 1), override_num_blocks=max(1, min(64, num_samples // per_worker or 1)))
+        datasets[f"train_{rank}"] = ds.map_batches(
+            TrainClipSource,
+            fn_constructor_kwargs=dict(
+                entries=pairs,
+                config=config,
+                num_frames=num_frames,
+                image_size=image_size,
+                rank=rank,
+                world_size=config.workers,
+                start_step=start_step,
+                opener=Opener(config.s3_endpoint_url),
+            ),
+            batch_size=config.micro_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.decode_workers),
+            num_cpus=config.decode_cpus,
+        )
+    return datasets
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) a training run to its last step; returns the summary written to ``train_summary.json``."""
+    output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    steps_done = output.checkpoint_steps()
+    start_step = steps_done[-1] if steps_done else 0
+    loop_config = {"config": config.to_dict(), "data_start_step": start_step}
+    if start_step < config.steps:
+        if config.local:
+            train_loop(loop_config)
+        else:
+            _run_ray(config, loop_config, start_step)
+    text = output.read_text("train_summary.json")
+    return json.loads(text) if text else {"output": output.url, "steps": config.steps, "resumed_from_step": start_step}
+
+
+def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) -> None:
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vitaclip.model import backbone_model_config
+    from vitaclip.registry import resolve_config
+
+    if not ray.is_initialized():
+        address = config.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+    checkpoint = (
+        resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
+    )
+    model_config = resolve_config(config.model, checkpoint)
+    image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = _rank_datasets(config, start_step, model_config, image_size)
+    storage = tempfile.mkdtemp(prefix="vitaclip-ray-train-")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name="vitaclip-train",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Trains (or resumes) a run; 0 when it reached its last step, 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(sys.argv[1:] if argv is None else argv)
+        summary = run_training(config)
+    except ValueError as exc:
+        print(f"vitaclip train: error: {exc}", file=sys.stderr)
+        return 2
+    last = summary.get("last") or {}
+    print(
+        f"trained {summary.get('steps')} steps (resumed from {summary.get('resumed_from_step', 0)}); "
+        f"loss {last.get('loss', float('nan')):.4f}, accuracy {last.get('accuracy', float('nan')):.3f}; "
+        f"{summary.get('trainable_parameters', '?')} trainable parameters; output {summary.get('output')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
