@@ -27,13 +27,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from vitaclip.labels import load_label_set
 from vitaclip.model import VitaClip
 
 PAPER_REFERENCE = {
@@ -52,21 +52,7 @@ CONFUSION_MAX_CLASSES = 60
 
 def load_class_list(name_or_path: str) -> tuple[str, ...]:
     """A packaged class list (``hmdb51``, ``ucf101``, ``kinetics400``) or a file with one name per line."""
-    if name_or_path in PACKAGED_CLASS_LISTS:
-        text = (
-            resources.files("vitaclip").joinpath("data").joinpath(PACKAGED_CLASS_LISTS[name_or_path]).read_text("utf-8")
-        )
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(
-                f"{name_or_path!r} is neither a packaged class list {sorted(PACKAGED_CLASS_LISTS)} nor a file"
-            )
-        text = path.read_text(encoding="utf-8")
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not names:
-        raise ValueError(f"class list {name_or_path!r} is empty")
-    return names
+    return load_label_set(name_or_path)
 
 
 def normalize_class_name(name: str) -> str:
