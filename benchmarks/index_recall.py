@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index.build import build_index, exact_search, open_index, plan_index, recall_at_k  # noqa: E402
 
 
-def synthetic(count: int, dim: int, *, clusters: int = 2000, seed: int = 0) -> np.ndarray:
+def synthetic(count: int, dim: int, *, clusters: int = 20000, seed: int = 0) -> np.ndarray:
     # Overlapping clusters (centre spread below the noise), so neighbours straddle IVF lists as CLIP embeddings do.
     rng = np.random.default_rng(seed)
     centers = 0.7 * rng.normal(size=(clusters, dim)).astype(np.float32)
