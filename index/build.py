@@ -394,8 +394,13 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     return dict(info)
 
 
-def open_index(out_dir: str | Path, *, name: str = "videos", model_id: str | None = None) -> VectorIndex:
-    """Opens an index read-only (``OUT`` or ``OUT/index``); refuses one built with another model."""
+def open_index(
+    out_dir: str | Path, *, name: str = "videos", model_id: str | None = None, gpu: bool = False
+) -> VectorIndex:
+    """Opens an index read-only (``OUT`` or ``OUT/index``); refuses one built with another model.
+
+    ``gpu=True`` moves flat and IVF indexes to the GPUs when faiss-gpu sees any (the CPU index otherwise).
+    """
     folder = Path(out_dir)
     if (folder / INDEX_DIR / INFO_FILE).is_file():
         folder = folder / INDEX_DIR
@@ -412,6 +417,9 @@ def open_index(out_dir: str | Path, *, name: str = "videos", model_id: str | Non
         index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:  # kinds that cannot be memory-mapped are read whole
         index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_READ_ONLY)
+    if gpu and _use_gpu() and entry["kind"] in ("flat", "ivf"):
+        # faiss-gpu: search on the GPUs (the memory-mapped CPU copy is the source); other kinds stay on the CPU.
+        index = faiss.index_cpu_to_all_gpus(index)
     ids = np.load(folder / f"{name}.ids.npy")
     vec_path = folder / f"{name}.vectors.npy"
     vectors = np.load(vec_path, mmap_mode="r") if vec_path.is_file() else None

@@ -57,7 +57,7 @@ def test_ids_map_back_and_model_mismatch_is_refused(tmp_path) -> None:
     data = clustered(500)
     ids = np.random.default_rng(3).choice(2**62, 500, replace=False).astype(np.int64)
     build_index(data, ids, tmp_path, kind="flat", model_id="vitaclip-b16@sha256:aa")
-    index = open_index(tmp_path)
+    index = open_index(tmp_path, gpu=True)  # without faiss-gpu or a GPU: the CPU index, same results
     scores, found = index.search(data[[7, 42]], 1)
     assert found[:, 0].tolist() == [ids[7], ids[42]] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
     with pytest.raises(IndexUnusableError, match="built with vitaclip-b16@sha256:aa"):
