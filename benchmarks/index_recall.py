@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index.build import build_index, exact_search, open_index, plan_index, recall_at_k  # noqa: E402
 
 
-def synthetic(count: int, dim: int, *, clusters: int = 20000, seed: int = 0) -> np.ndarray:
+def synthetic(count: int, dim: int, *, clusters: int = 2000, seed: int = 0) -> np.ndarray:
     # Overlapping clusters (centre spread below the noise), so neighbours straddle IVF lists as CLIP embeddings do.
     rng = np.random.default_rng(seed)
     centers = 0.7 * rng.normal(size=(clusters, dim)).astype(np.float32)
@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--kinds", default="flat,ivf,ivfpq")
+    p.add_argument("--clusters", type=int, default=2000, help="cluster centres of the synthetic data")
     p.add_argument("--skip-service", action="store_true")
     args = p.parse_args(argv)
 
     t = time.perf_counter()
-    data = synthetic(args.count, args.dim)
+    data = synthetic(args.count, args.dim, clusters=args.clusters)
     ids = np.arange(len(data), dtype=np.int64)
     tune_q, test_q = text_like(data, args.queries, seed=1), text_like(data, args.queries, seed=2)
     print(
