@@ -42,6 +42,19 @@ def _with_meta(name: str, fields: list[pa.Field], embed_dim: int) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+def _result_fields(embed_dim: int) -> list[pa.Field]:
+    """The columns every embedded row ends with (videos and segments alike)."""
+    return [
+        pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("label_scores", pa.list_(pa.float32())),
+        pa.field("thumbnail_jpeg", pa.binary()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("indexed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+    ]
+
+
 def videos_schema(embed_dim: int) -> pa.Schema:
     """One row per input video per model id."""
     return _with_meta(
@@ -59,13 +72,7 @@ def videos_schema(embed_dim: int) -> pa.Schema:
             pa.field("codec", pa.string()),
             pa.field("status", pa.string(), nullable=False),
             pa.field("error_message", pa.string()),
-            pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
-            pa.field("labels", pa.list_(pa.string())),
-            pa.field("label_scores", pa.list_(pa.float32())),
-            pa.field("thumbnail_jpeg", pa.binary()),
-            pa.field("model_id", pa.string(), nullable=False),
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("indexed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+            *_result_fields(embed_dim),
         ],
         embed_dim,
     )
@@ -82,13 +89,7 @@ def segments_schema(embed_dim: int) -> pa.Schema:
             pa.field("segment_index", pa.int32(), nullable=False),
             pa.field("start_seconds", pa.float64(), nullable=False),
             pa.field("end_seconds", pa.float64(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
-            pa.field("labels", pa.list_(pa.string())),
-            pa.field("label_scores", pa.list_(pa.float32())),
-            pa.field("thumbnail_jpeg", pa.binary()),
-            pa.field("model_id", pa.string(), nullable=False),
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("indexed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+            *_result_fields(embed_dim),
         ],
         embed_dim,
     )
