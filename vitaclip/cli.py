@@ -178,6 +178,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
             "\nvitaclip-tiny has random weights: the labels show the pipeline runs end to end, not what the videos "
             "show."
         )
+    print(f"search them by text: vitaclip search --index {out / 'index-output'} 'a red circle moving left'")
     print(
         f"query the rows with DuckDB: SELECT uri, status, labels FROM "
         f"read_parquet('{out / 'index-output'}/videos/*.parquet')  ({ok} ok)"
