@@ -504,18 +504,23 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
         yield VideoObject(uri, etag, size_bytes)
 
 
+def _head(uri: str, *, client: S3Client, action: str) -> Any:
+    """HEAD of an S3 object, retried a few times on transient failures."""
+    bucket, key = parse_s3_uri(uri)
+    return _with_retries(
+        lambda: client.head_object(Bucket=bucket, Key=key),
+        uri=uri,
+        action=action,
+        max_attempts=3,
+        backoff_seconds=0.2,
+    )
+
+
 def _look_up(uri: str, *, client: S3Client) -> VideoObject:
     """ETag and size of one object; a missing or refused one comes back with UNKNOWN_SIZE."""
     if uri.startswith("s3://"):
-        bucket, key = parse_s3_uri(uri)
         try:
-            head = _with_retries(
-                lambda: client.head_object(Bucket=bucket, Key=key),
-                uri=uri,
-                action="look up",
-                max_attempts=3,
-                backoff_seconds=0.2,
-            )
+            head = _head(uri, client=client, action="look up")
         except StorageError as error:
             if error.reason == "unavailable":
                 raise
@@ -532,14 +537,7 @@ def _manifest_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]
     if location.lower().endswith(".parquet"):
         source: Any = location
         if location.startswith("s3://"):
-            bucket, key = parse_s3_uri(location)
-            head = _with_retries(
-                lambda: client.head_object(Bucket=bucket, Key=key),
-                uri=location,
-                action="read manifest",
-                max_attempts=3,
-                backoff_seconds=0.2,
-            )
+            head = _head(location, client=client, action="read manifest")
             source = S3RangeReader(location, s3_client=client, size_bytes=int(head["ContentLength"]))
         yield from _parquet_rows(source, where=location)
         return

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from fault_proxy import FaultProxy
-from test_index_job import BROKEN, make_videos
+from test_index_job import BROKEN, job_args, make_videos
 
 from index.schema import check_schema
 from jobs import tables
@@ -94,32 +94,10 @@ def test_s3_in_and_out_with_faults(ray_with_s3: str, s3_bucket, tmp_path: Path) 
 
 def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys) -> None:
     client, bucket = s3_bucket
-    rc = main(
-        [
-            f"s3://{bucket}-missing/raw/",
-            "--output",
-            str(tmp_path / "out"),
-            "--s3-endpoint-url",
-            ray_with_s3,
-            "--model",
-            "vitaclip-tiny",
-            "--random-weights",
-        ]
-    )
+    rc = main(job_args([f"s3://{bucket}-missing/raw/"], tmp_path / "out", "--s3-endpoint-url", ray_with_s3))
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{bucket}-missing" in err and "bucket" in err.lower()
-    rc = main(
-        [
-            f"s3://{bucket}/nothing-here/",
-            "--output",
-            str(tmp_path / "out"),
-            "--s3-endpoint-url",
-            ray_with_s3,
-            "--model",
-            "vitaclip-tiny",
-            "--random-weights",
-        ]
-    )
+    rc = main(job_args([f"s3://{bucket}/nothing-here/"], tmp_path / "out", "--s3-endpoint-url", ray_with_s3))
     assert rc == 2
     assert "no videos under" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_index_job import make_videos
+from test_index_job import job_args, make_videos
 
 from jobs import submit, tables
 from jobs.config import build_parser, config_from_args
@@ -487,12 +487,7 @@ def test_submit_wait_runs_the_job_to_success(local_stack: dict[str, Any], tmp_pa
         "purpose=test",
         "--wait",
         "--",
-        str(tmp_path / "in"),
-        "--output",
-        str(out),
-        "--model",
-        "vitaclip-tiny",
-        "--random-weights",
+        *job_args([str(tmp_path / "in")], out),
     ]
     assert submit.main(argv) == 0
     table = tables.read_table(open_store(str(out)), "videos")

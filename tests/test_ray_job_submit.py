@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_index_job import make_videos
+from test_index_job import job_command, make_videos
 
 from jobs import tables
 from jobs.storage import open_store
@@ -68,15 +68,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path: Path) -> None:
             f"--address=http://127.0.0.1:{dash}",
             f"--working-dir={ROOT}",
             "--",
-            sys.executable,
-            "-m",
-            "jobs.index_videos",
-            str(tmp_path / "in"),
-            "--output",
-            str(out),
-            "--model",
-            "vitaclip-tiny",
-            "--random-weights",
+            *job_command([str(tmp_path / "in")], out),
         ]
         for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
             submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)

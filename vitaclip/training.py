@@ -287,13 +287,14 @@ def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
 class AugmentConfig:
     """What :func:`augment_clip` does (the part of :class:`TrainConfig` it needs)."""
 
+    # Defaults are the training recipe's, defined once on TrainConfig.
     size: int
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    randaug_num_ops: int = 4
-    randaug_magnitude: float = 7.0
-    randaug_magnitude_std: float = 0.5
-    hflip_prob: float = 0.0
+    crop_scale: tuple[float, float] = TrainConfig.crop_scale
+    crop_ratio: tuple[float, float] = TrainConfig.crop_ratio
+    randaug_num_ops: int = TrainConfig.randaug_num_ops
+    randaug_magnitude: float = TrainConfig.randaug_magnitude
+    randaug_magnitude_std: float = TrainConfig.randaug_magnitude_std
+    hflip_prob: float = TrainConfig.hflip_prob
 
     @classmethod
     def from_train_config(cls, config: TrainConfig, size: int) -> AugmentConfig:
