@@ -68,6 +68,9 @@ class VitaClipConfig:
         summary_token: a per-layer summary token from attention across the frames' CLS tokens.
         text_context: learned text context, or None for CLIP's own text prompts.
         label_set: the packaged label list a class-specific context was trained on, when it is one of ours.
+        tokenizer: the text tower's BPE merges file (open_clip's ``SimpleTokenizer`` format, gzip): a file name
+            packaged in ``vitaclip/data`` or a path; None for CLIP's own 49,408-token vocabulary. Small models (the
+            demo model) use a small vocabulary to keep their token embedding small.
         mean: per-channel normalisation mean of input frames (RGB in [0, 1]).
         std: per-channel normalisation std.
         seed: seed for the random initialisation of everything not loaded from a checkpoint.
@@ -83,6 +86,7 @@ class VitaClipConfig:
     summary_token: bool = True
     text_context: TextContextConfig | None = field(default_factory=TextContextConfig)
     label_set: str | None = None
+    tokenizer: str | None = None
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     seed: int = 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -22,14 +25,18 @@ from vitaclip.labels import load_label_set
 from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
 from vitaclip.zeroshot import TEMPLATES
 
-_TOKENIZER: SimpleTokenizer | None = None
 
-
-def _tokenizer() -> SimpleTokenizer:
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = SimpleTokenizer()
-    return _TOKENIZER
+@lru_cache(maxsize=8)
+def get_tokenizer(bpe: str | None = None) -> SimpleTokenizer:
+    """The tokenizer of a config's ``tokenizer`` field: CLIP's own for None, else the named BPE merges file (a file
+    packaged in ``vitaclip/data`` or a path)."""
+    if bpe is None:
+        return SimpleTokenizer()
+    packaged = resources.files("vitaclip").joinpath("data").joinpath(bpe)
+    path = Path(str(packaged)) if packaged.is_file() else Path(bpe)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {bpe!r} is neither a file packaged in vitaclip/data nor an existing path")
+    return SimpleTokenizer(bpe_path=str(path))
 
 
 def _clean_name(name: str) -> str:
@@ -100,6 +107,13 @@ class VitaClip(nn.Module):
 
     def _build(self, config: VitaClipConfig) -> None:
         self.clip = build_backbone(config)
+        self._tokenizer = get_tokenizer(config.tokenizer)
+        vocab_size = self.clip.token_embedding.num_embeddings
+        if self._tokenizer.vocab_size > vocab_size:
+            raise ValueError(
+                f"model {config.name!r}: tokenizer {config.tokenizer or 'CLIP BPE'} has {self._tokenizer.vocab_size} "
+                f"tokens but the text tower's vocab_size is {vocab_size}"
+            )
         visual = self.clip.visual
         width = visual.conv1.out_channels
         num_layers = len(visual.transformer.resblocks)
@@ -139,7 +153,7 @@ class VitaClip(nn.Module):
                 ctx = torch.empty(len(names), tc.num_tokens, text_width)
                 nn.init.normal_(ctx, std=0.02)
             elif tc.init_words:
-                tokens = open_clip.tokenize([_clean_name(tc.init_words)], context_length=self.clip.context_length)
+                tokens = self._tokenizer([_clean_name(tc.init_words)], context_length=self.clip.context_length)
                 with torch.no_grad():
                     ctx = self.clip.token_embedding(tokens)[0, 1 : 1 + tc.num_tokens].clone()
             else:
@@ -261,7 +275,7 @@ class VitaClip(nn.Module):
     # ------------------------------------------------------------------ text
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return open_clip.tokenize(list(texts), context_length=self.clip.context_length).to(self.device)
+        return self._tokenizer(list(texts), context_length=self.clip.context_length).to(self.device)
 
     def _context_words(self) -> str:
         assert self.text_context is not None
@@ -304,7 +318,7 @@ class VitaClip(nn.Module):
         else:
             emb = self.clip.token_embedding(tokens).to(self.dtype)
             prefix, suffix = emb[:, :1], emb[:, 1 + tc.num_tokens :]
-        name_lengths = [len(_tokenizer().encode(_clean_name(n))) for n in names]
+        name_lengths = [len(self._tokenizer.encode(_clean_name(n))) for n in names]
         prompts = tc.assemble(prefix, suffix, tc.context_for(rows, len(names)), name_lengths)
         return self._encode_embedded(prompts, tokens.argmax(dim=-1))
 
