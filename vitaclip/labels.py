@@ -6,7 +6,12 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-_PACKAGED = {"kinetics400": "kinetics400.txt", "hmdb51": "hmdb51.txt", "ucf101": "ucf101.txt"}
+_PACKAGED = {
+    "kinetics400": "kinetics400.txt",
+    "hmdb51": "hmdb51.txt",
+    "ucf101": "ucf101.txt",
+    "demo": "demo.txt",  # the demo world's colour-shape-motion combinations (vitaclip.demo.world)
+}
 
 
 def list_label_sets() -> list[str]:
