@@ -213,3 +213,20 @@ def test_import_does_not_load_ray_or_boto3() -> None:
     code = "import sys, vitaclip, vitaclip.model; print('ray' in sys.modules, 'boto3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_frozen_label_features_are_computed_once_per_training_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = vitaclip.get_model_config("vitaclip-tiny").replace(text_context=None)
+    model = vitaclip.create_model(config, label_names=["red circle", "blue square"])
+    calls = []
+    original = model.encode_labels
+    monkeypatch.setattr(model, "encode_labels", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.train()
+    video = random_video(2, 8)
+    first = model(video)
+    second = model(video)
+    assert len(calls) == 1 and torch.allclose(first, second)
+    model.eval()  # a new phase (weights may have been loaded): recomputed, and never cached outside training
+    model(video)
+    model(video)
+    assert len(calls) == 3

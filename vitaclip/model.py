@@ -104,6 +104,9 @@ class VitaClip(nn.Module):
             torch.manual_seed(config.seed)
             self._build(config)
         self.source_sha256: str | None = None  # sha256 of the checkpoint file the weights came from
+        # Label features of a model without learned text context depend on frozen weights only: forward() computes
+        # them once per training phase instead of running the text tower on every step.
+        self._frozen_label_features: torch.Tensor | None = None
 
     def _build(self, config: VitaClipConfig) -> None:
         self.clip = build_backbone(config)
@@ -379,9 +382,18 @@ class VitaClip(nn.Module):
             features = self.clip.encode_text(self.tokenize(texts))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def train(self, mode: bool = True) -> VitaClip:
+        self._frozen_label_features = None  # weights may have been loaded since: recompute on the next step
+        return super().train(mode)
+
     def forward(self, video: torch.Tensor, label_features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, K]`` = ``exp(logit_scale) * cos(video, label)`` over the model's labels (training loss)."""
         video_features = self.encode_video(video, normalize=True)
+        if label_features is None and self.text_context is None and self.training:
+            if self._frozen_label_features is None or self._frozen_label_features.device != video_features.device:
+                with torch.no_grad():
+                    self._frozen_label_features = self.encode_labels(normalize=True)
+            label_features = self._frozen_label_features
         if label_features is None:
             label_features = self.encode_labels(normalize=True)
         return self.logit_scale.exp() * video_features @ label_features.to(video_features.dtype).t()
