@@ -155,6 +155,7 @@ def test_generic_context_serves_any_name_and_free_text() -> None:
         )
         moved = model.encode_text(["a red circle"])
     assert labels.shape == (2, model.embed_dim)
+    assert torch.allclose(text[0], labels[0], atol=1e-6)  # free text takes the label prompt's form
     assert not torch.allclose(text, plain, atol=1e-4)  # the context is used
     assert not torch.allclose(text, moved, atol=1e-4)
 

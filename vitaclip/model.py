@@ -44,6 +44,11 @@ def _clean_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def _as_sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
 def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) of a config."""
     if config.backbone_config is not None:
@@ -364,15 +369,17 @@ class VitaClip(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: Sequence[str] | str, normalize: bool = True) -> torch.Tensor:
-        """Free-text features ``[K, E]``: ``<generic context> <text>`` when the model learned a generic context,
-        else the plain CLIP text tower."""
+        """Free-text features ``[K, E]``: ``<generic context> <text>.`` (the label prompt's form, so a label name as
+        text gets exactly its label feature) when the model learned a generic context, else the plain CLIP text
+        tower."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("encode_text needs at least one text")
         tc = self.text_context
         if tc is not None and not tc.class_specific:
             words = self._context_words()
-            tokens = self.tokenize([f"{words} {t.strip()}" for t in texts])
+            # The same template as a label prompt ("<context> name."): the context was learned on that form.
+            tokens = self.tokenize([f"{words} {_as_sentence(t)}" for t in texts])
             emb = self.clip.token_embedding(tokens).to(self.dtype)
             # Free text has no separate name: the context always follows the start token.
             ctx = tc.context_for(None, len(texts)).to(emb.dtype)
