@@ -12,6 +12,12 @@ from typing import Any
 DEFAULT_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp")
 
 
+def _has_packaged_weights(model: str) -> bool:
+    from vitaclip.registry import packaged_checkpoint
+
+    return packaged_checkpoint(model) is not None
+
+
 @dataclass(frozen=True)
 class IndexJobConfig:
     """What one indexing run does.
@@ -20,7 +26,8 @@ class IndexJobConfig:
         inputs: ``s3://bucket/prefix``, local folders, or manifest files (CSV/Parquet with a ``uri`` column).
         output: a local folder or an ``s3://bucket/prefix``.
         model: registered model name or JSON config.
-        checkpoint: weights (official .pth, OpenAI/open_clip, vitaclip folder). Required unless ``random_weights``.
+        checkpoint: weights (official .pth, OpenAI/open_clip, vitaclip folder). Required unless ``random_weights`` or
+            the model ships its own (``vitaclip-demo``).
         random_weights: allow a model without a checkpoint (smoke runs; labels mean nothing).
         labels: label set name or a file of names; None: the model's own label set.
         top_k: labels kept per video and segment.
@@ -91,7 +98,7 @@ class IndexJobConfig:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.segment_seconds is not None and self.segment_seconds <= 0:
             raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
-        if self.checkpoint is None and not self.random_weights:
+        if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
                 f"model {self.model!r} needs --checkpoint: without weights its embeddings and labels mean nothing "
                 "(pass --random-weights for a smoke run)"

@@ -284,3 +284,13 @@ def noise_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
     return path
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """An embedded local Ray with 2 CPUs (the CI machine's), for tests that run the job in this process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()

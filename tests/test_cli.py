@@ -1,22 +1,12 @@
-"""The command line as users run it: models, label, quickstart (the README's first command), index."""
+"""The command line as users run it: models, label, index (the quickstart is tested in test_demo_model.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
-import ray
-
 from vitaclip.cli import main
 from vitaclip.samples import write_sample_video
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_models_lists_registry(capsys) -> None:
@@ -38,13 +28,6 @@ def test_label_prints_json_and_status_for_bad_files(tmp_path: Path, capsys) -> N
 def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["label", str(tmp_path / "x.mp4"), "--model", "vitaclip-b99"]) == 2
     assert "unknown model 'vitaclip-b99'" in capsys.readouterr().err
-
-
-def test_quickstart_runs_the_job(local_ray, tmp_path: Path, capsys) -> None:
-    assert main(["quickstart", "--output", str(tmp_path), "--num-videos", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "sample-00.mp4" in out and "broken.mp4" in out and "not_a_video" in out
-    assert list((tmp_path / "index-output" / "videos").glob("*.parquet"))
 
 
 def test_index_subcommand_passes_flags_to_the_job(tmp_path: Path, capsys) -> None:

@@ -25,14 +25,16 @@ def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitacli
 
 def _cmd_models(args: argparse.Namespace) -> int:
     import vitaclip
+    from vitaclip.registry import packaged_checkpoint
 
     for name in vitaclip.list_models():
         config = vitaclip.get_model_config(name)
         backbone = config.backbone or "inline"
+        weights = "packaged" if packaged_checkpoint(name) else "--checkpoint"
         print(
             f"{name:18s} backbone={backbone:20s} T={config.num_frames} G={config.num_global_prompts} "
             f"local={config.num_local_prompts} summary={config.summary_token} "
-            f"text_context={config.text_context.kind if config.text_context else None}"
+            f"text_context={config.text_context.kind if config.text_context else None} weights={weights}"
         )
     return 0
 
@@ -130,29 +132,36 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
+#: Queries the quickstart runs: label combinations of the demo world, so the reader can check every hit.
+QUICKSTART_QUERIES = (
+    "blue square moving up",
+    "red circle moving left",
+    "yellow star rotating",
+    "white triangle growing",
+)
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    """Generates sample videos (plus one broken file), runs the real indexing job on them, prints the rows."""
-    from vitaclip.samples import write_sample_video
+    """Generates demo-world videos (plus one broken file), runs the real indexing job on them with the packaged
+    ``vitaclip-demo`` model, prints labels against the generator's truth and a few text searches."""
+    import json
+
+    from vitaclip.demo.world import generate, parse_label, world_labels
 
     out = Path(args.output)
     videos = out / "videos"
-    videos.mkdir(parents=True, exist_ok=True)
-    for i in range(args.num_videos):
-        write_sample_video(
-            videos / f"sample-{i:02d}.mp4",
-            num_frames=48 + 12 * i,
-            fps=24,
-            width=320,
-            height=240,
-            pattern="shape",
-            seed=i,
-        )
+    generated = generate(videos, args.num_videos, seed=args.seed, labels=world_labels())
+    truth = {}
+    for line in generated.manifest_path.read_text(encoding="utf-8").splitlines():
+        spec = json.loads(line)
+        truth[spec["name"]] = spec
     (videos / "broken.mp4").write_bytes(b"not a video, to show how failures are recorded\n")
-    print(f"wrote {args.num_videos} generated videos and one broken file under {videos}")
+    print(f"wrote {args.num_videos} demo videos (and one broken file) under {videos}")
     from jobs.index_videos import main as index_main
 
     argv = [str(videos), "--output", str(out / "index-output"), "--model", args.model, "--top-k", str(args.top_k)]
-    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights"]
+    if args.checkpoint:
+        argv += ["--checkpoint", args.checkpoint]
     if args.num_cpus:
         argv += ["--num-cpus", str(args.num_cpus)]
     rc = index_main(argv)
@@ -160,28 +169,50 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         return rc
     import pyarrow.compute as pc
 
+    from index.search import SearchEngine
     from index.tables import read_table
     from jobs.storage import open_store
 
     table = read_table(open_store(str(out / "index-output")), "videos")
     assert table is not None
-    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (Parquet):")
-    for row in table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist():
+    rows = table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist()
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (Parquet); the first few:")
+    print(f"  {'file':16s} {'status':12s} {'truth':30s} top labels (probability)")
+    for row in rows[: args.show]:
+        name = Path(row["uri"]).name
+        spec = truth.get(Path(name).stem)
+        true_label = spec["label"] if spec else "-"
         if row["status"] == "ok":
-            tops = ", ".join(f"{n} ({p:.3f})" for n, p in zip(row["labels"], row["label_scores"], strict=True))
+            tops = ", ".join(f"{n} ({p:.2f})" for n, p in zip(row["labels"], row["label_scores"], strict=True))
         else:
             tops = "(no embedding)"
-        print(f"  {Path(row['uri']).name:16s} {row['status']:12s} {tops}")
-    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    if args.model.endswith("-tiny") and not args.checkpoint:
+        print(f"  {name:16s} {row['status']:12s} {true_label:30s} {tops}")
+    scored = [(truth[Path(r["uri"]).stem]["label"], r["labels"]) for r in rows if Path(r["uri"]).stem in truth]
+    scored = [(t, labels) for t, labels in scored if labels]
+    if scored:
+        top1 = sum(labels[0] == t for t, labels in scored) / len(scored)
+        topk = sum(t in labels for t, labels in scored) / len(scored)
+        parts = [(parse_label(t), parse_label(labels[0])) for t, labels in scored]
+        right = [sum(a[i] == b[i] for a, b in parts) / len(parts) for i in range(3)]
         print(
-            "\nvitaclip-tiny has random weights: the labels show the pipeline runs end to end, not what the videos "
-            "show."
+            f"top-1 label is the generator's truth for {top1:.0%} of {len(scored)} videos, top-{args.top_k} for "
+            f"{topk:.0%} (chance: {1 / len(world_labels()):.1%}); the top-1 label has the right colour for "
+            f"{right[0]:.0%}, shape {right[1]:.0%}, motion {right[2]:.0%}"
         )
-    print(f"search them by text: vitaclip search --index {out / 'index-output'} 'a red circle moving left'")
+    engine = SearchEngine(out / "index-output", model=args.model, checkpoint=args.checkpoint)
+    for query in QUICKSTART_QUERIES:
+        print(f'\nsearch "{query}":')
+        for rank, hit in enumerate(engine.search(query, k=3), start=1):
+            spec = truth.get(Path(hit.uri).stem)
+            caption = spec["caption"] if spec else "?"
+            mark = "match" if spec and spec["label"] == query else ""
+            print(f"  {rank}. {hit.score:.3f}  {Path(hit.uri).name:16s} {caption:55s} {mark}")
+    print(f"\nmore: vitaclip search --index {out / 'index-output'} 'green star bouncing'")
+    print(f"      vitaclip serve --index {out / 'index-output'}   (a search page on http://127.0.0.1:8000)")
     print(
-        f"query the rows with DuckDB: SELECT uri, status, labels FROM "
-        f"read_parquet('{out / 'index-output'}/videos/*.parquet')  ({ok} ok)"
+        f"      DuckDB: SELECT uri, status, labels FROM read_parquet('{out / 'index-output'}/videos/*.parquet')"
+        f"  ({ok} ok rows)"
     )
     return 0
 
@@ -290,10 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("quickstart", help="generate sample videos, run the indexing job on them, print the rows")
-    _add_model_args(p)
+    p = sub.add_parser(
+        "quickstart", help="generate demo videos, index them with vitaclip-demo, print labels and searches"
+    )
+    _add_model_args(p, default_model="vitaclip-demo")
     p.add_argument("--output", default="out/quickstart")
-    p.add_argument("--num-videos", type=int, default=6)
+    p.add_argument("--num-videos", type=int, default=300)
+    p.add_argument("--seed", type=int, default=2026, help="seed of the generated videos")
+    p.add_argument("--show", type=int, default=8, help="rows to print")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     p.add_argument("--top-k", type=int, default=3)
     p.set_defaults(func=_cmd_quickstart)
@@ -302,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("submit", help="submit the indexing job to a Ray cluster (see infra/README.md)", add_help=False)
     sub.add_parser("train", help="train Vita-CLIP prompts on Ray Train (python -m jobs.train)", add_help=False)
     sub.add_parser("eval", help="top-1/top-5 of a checkpoint, supervised or zero-shot", add_help=False)
+    sub.add_parser("demo", help="rebuild or re-score the vitaclip-demo model (python -m jobs.demo)", add_help=False)
     sub.add_parser("eval-retrieval", help="text-to-video retrieval recall of a checkpoint", add_help=False)
 
     p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
@@ -352,6 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobs.evaluate import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from jobs.demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv[:1] == ["eval-retrieval"]:
         from jobs.evaluate import main_retrieval
 

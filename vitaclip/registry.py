@@ -30,6 +30,19 @@ def list_models() -> list[str]:
     return sorted(_presets())
 
 
+def packaged_checkpoint(name: str | None) -> Path | None:
+    """The trained weights shipped with the package for a registered name (``vitaclip/pretrained/<name>/``, a
+    vitaclip checkpoint folder), or None: most presets are architectures whose weights come from ``--checkpoint``."""
+    if name is None or name not in _presets():
+        return None
+    folder = Path(str(resources.files("vitaclip").joinpath("pretrained").joinpath(name)))
+    return folder if is_vitaclip_checkpoint(folder) else None
+
+
+def _with_packaged(name: str | None, checkpoint: str | Path | None) -> str | Path | None:
+    return checkpoint if checkpoint is not None else packaged_checkpoint(name)
+
+
 def get_model_config(name: str) -> VitaClipConfig:
     """The config of a registered model, or of a JSON config file."""
     presets = _presets()
@@ -54,7 +67,8 @@ def create_model(
         name: a registered name (:func:`list_models`), a JSON config path or a config. May be None when
             ``checkpoint`` is a vitaclip checkpoint folder, which carries its own config.
         checkpoint: an official Vita-CLIP checkpoint (``.pth``), OpenAI/open_clip CLIP weights (used as the frozen
-            backbone; prompts are freshly initialised), or a vitaclip checkpoint folder. None: random weights.
+            backbone; prompts are freshly initialised), or a vitaclip checkpoint folder. None: the weights packaged
+            for ``name`` (:func:`packaged_checkpoint`, e.g. ``vitaclip-demo``), else random weights.
         label_names: the labels a class-specific text context was trained on, in training order; also the default
             labels for zero-shot labelling. Defaults to the config's packaged label set.
         device: where to put the model.
@@ -64,6 +78,8 @@ def create_model(
         ValueError: an unknown name; :class:`~vitaclip.checkpoints.CheckpointError` (a ValueError) for a checkpoint
             that cannot be used.
     """
+    if isinstance(name, str):
+        checkpoint = _with_packaged(name, checkpoint)
     config: VitaClipConfig | None
     if isinstance(name, VitaClipConfig):
         config = name
@@ -92,6 +108,7 @@ def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
     Name + sha256 of the checkpoint (the recorded weights hash for a vitaclip folder); for random init, the hash of
     the initial weights (this builds the model).
     """
+    checkpoint = _with_packaged(name, checkpoint)
     from vitaclip.checkpoints import CONFIG_FILE, file_sha256
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
@@ -110,6 +127,7 @@ def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
 
 def default_label_names(name: str | None, checkpoint: str | Path | None) -> tuple[str, ...] | None:
     """The labels a model scores by default: a vitaclip checkpoint's recorded labels, else the config's label set."""
+    checkpoint = _with_packaged(name, checkpoint)
     from vitaclip.checkpoints import CONFIG_FILE
     from vitaclip.labels import load_label_set
 
@@ -130,6 +148,7 @@ def default_label_names(name: str | None, checkpoint: str | Path | None) -> tupl
 def resolve_config(name: str | None, checkpoint: str | Path | None) -> VitaClipConfig:
     """The config a run should plan with (frames, image size) without loading weights: a vitaclip checkpoint's own
     config, else the named one."""
+    checkpoint = _with_packaged(name, checkpoint)
     from vitaclip.checkpoints import CONFIG_FILE
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):

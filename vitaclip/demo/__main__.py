@@ -84,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vitaclip-demo", help="model whose backbone config is trained")
     p.add_argument("--eval-world", default=None, help="a held-out world to report frame accuracies on")
     # Defaults (None) are PretrainConfig's; importing it here would load torch for every subcommand.
-    p.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, help="frame-caption pairs per step (default 256)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, help="initialisation and batch order seed (default 0)")

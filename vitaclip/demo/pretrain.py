@@ -53,7 +53,7 @@ class PretrainConfig:
         seed: seed of the initialisation and the batch order.
     """
 
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05

@@ -1,0 +1,353 @@
+"""Rebuilds the demo world's model from nothing: ``python -m jobs.demo build`` (also ``vitaclip demo build``).
+
+Steps, each a real component of the project, all on CPU:
+
+1. the BPE vocabulary of the demo text tower (:mod:`vitaclip.demo.vocab`);
+2. three generated worlds (:mod:`vitaclip.demo.world`): ``train`` (videos of the *seen* label combinations),
+   ``val`` (held-out videos of seen combinations) and ``zeroshot`` (videos of combinations never seen in training);
+3. contrastive pretraining of a small CLIP on single frames of ``train`` and their captions
+   (:mod:`vitaclip.demo.pretrain`), saved as open_clip weights;
+4. Vita-CLIP prompt training on top of the frozen CLIP with ``vitaclip train`` (:mod:`jobs.train`), labels = seen
+   combinations, generic learned text context;
+5. evaluation against the frozen frame-averaging baseline (:mod:`jobs.evaluate`): supervised top-1 on ``val``,
+   zero-shot top-1 on ``zeroshot`` (among the unseen labels only), text-to-video retrieval on ``val``'s captions;
+6. the final checkpoint (default labels: every label of the world) with ``report.json`` and ``report.md``; with
+   ``--install`` it replaces the packaged ``vitaclip/pretrained/vitaclip-demo``.
+
+``python -m jobs.demo evaluate`` scores a checkpoint on freshly generated worlds of another seed (what the tests use to
+check the shipped numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vitaclip.demo")
+
+MODEL_NAME = "vitaclip-demo"
+PACKAGED_DIR = Path(__file__).resolve().parent.parent / "vitaclip" / "pretrained" / MODEL_NAME
+
+
+@dataclass(frozen=True)
+class DemoBuildConfig:
+    """Sizes and seeds of a demo build (defaults: the shipped model).
+
+    Attributes:
+        seed: seed of the seen/unseen split and of every world (each world adds its own offset).
+        unseen_fraction: share of label combinations held out for zero-shot evaluation.
+        train_videos: videos of the training world (seen combinations).
+        val_per_label: held-out videos per seen combination.
+        zeroshot_per_label: videos per unseen combination.
+        pretrain_steps: CLIP pretraining steps (batch 256 frames).
+        prompt_steps: Vita-CLIP prompt training steps.
+        prompt_batch_size: videos per prompt training step.
+        prompt_lr: peak learning rate of prompt training.
+        workers: generator processes (None: up to 4).
+        threads: torch threads for pretraining, training and evaluation (None: torch's default, one per core; use
+            fewer when other work shares the cores: oversubscribed threads slow training down several times).
+    """
+
+    seed: int = 0
+    unseen_fraction: float = 0.25
+    train_videos: int = 2400
+    val_per_label: int = 2
+    zeroshot_per_label: int = 4
+    pretrain_steps: int = 1000
+    prompt_steps: int = 1000
+    prompt_batch_size: int = 32
+    prompt_lr: float = 5e-3
+    workers: int | None = None
+    threads: int | None = None
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def generate_worlds(
+    work: Path,
+    *,
+    split_seed: int,
+    world_seed: int,
+    unseen_fraction: float,
+    train_videos: int,
+    val_per_label: int,
+    zeroshot_per_label: int,
+    workers: int | None = None,
+) -> None:
+    """Writes ``seen.txt``/``unseen.txt`` (the split of ``split_seed``) and the worlds ``train`` (when
+    ``train_videos`` > 0), ``val`` and ``zeroshot`` under ``work``, each world with its own seed."""
+    from vitaclip.demo.world import generate, split_labels
+
+    seen, unseen = split_labels(seed=split_seed, unseen_fraction=unseen_fraction)
+    _write_lines(work / "seen.txt", seen)
+    _write_lines(work / "unseen.txt", unseen)
+    plan = [("train", 1, seen, train_videos), ("val", 2, seen, len(seen) * val_per_label)]
+    plan.append(("zeroshot", 3, unseen, len(unseen) * zeroshot_per_label))
+    for name, offset, labels, count in plan:
+        if count <= 0:
+            continue
+        seed = world_seed * 100 + offset
+        # A finished world records what it holds; re-running a build skips worlds that are already complete.
+        stamp = {"seed": seed, "num_videos": count, "labels": list(labels)}
+        done = work / name / "world.json"
+        if done.is_file() and json.loads(done.read_text()) == stamp:
+            log.info("world %s is complete (%d videos); not regenerating", name, count)
+            continue
+        generate(work / name, count, seed=seed, labels=list(labels), workers=workers)
+        done.write_text(json.dumps(stamp))
+
+
+def evaluate_demo(checkpoint: str | Path, work: Path, *, threads: int = 4) -> dict[str, Any]:
+    """Supervised, zero-shot and retrieval scores of a checkpoint and its frame-averaging baseline on the worlds in
+    ``work`` (``val``, ``zeroshot``, ``seen.txt``, ``unseen.txt``)."""
+    from jobs.evaluate import build_parser, build_retrieval_parser, run_eval, run_retrieval
+
+    common = ["--checkpoint", str(checkpoint), "--sampling", "uniform", "--threads", str(threads), "--baseline"]
+    common += ["--batch-size", "32", "--device", "cpu"]
+    report: dict[str, Any] = {}
+    for key, world, labels, mode in (
+        ("supervised", "val", "seen.txt", "supervised"),
+        ("zero_shot", "zeroshot", "unseen.txt", "zero-shot"),
+    ):
+        for text in ("model", "class-only"):
+            args = build_parser().parse_args(
+                [*common, "--list", str(work / world / "list.csv"), "--data-root", str(work / world)]
+                + ["--label-names", str(work / labels), "--views", "1x1", "--text", text]
+            )
+            result = run_eval(args, mode)  # type: ignore[arg-type]
+            if text == "model":
+                report[key] = {"model": result["top1"], "baseline_templates": result["baseline"]["top1"]}
+                report[key]["num_videos"] = result["num_videos"]
+                report[key]["num_labels"] = len((work / labels).read_text().split("\n")) - 1
+            else:
+                report[key]["baseline_class_only"] = result["baseline"]["top1"]
+    args = build_retrieval_parser().parse_args(
+        [*common, "--captions", str(work / "val" / "captions.csv"), "--data-root", str(work / "val")]
+    )
+    result = run_retrieval(args)
+    report["retrieval"] = {
+        "model": {k: result["text_to_video"][k] for k in ("r1", "r5", "r10")},
+        "baseline": {k: result["baseline"]["text_to_video"][k] for k in ("r1", "r5", "r10")},
+        "num_captions": result["num_captions"],
+    }
+    return report
+
+
+def motion_text_similarity(model: Any) -> dict[str, float]:
+    """Mean cosine similarity between label features that differ only in motion (same colour and shape), with the
+    model's own text (learned context) and with the plain text tower: how well each text side keeps motions apart
+    (lower is better separated)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitaclip.demo.world import MOTIONS, world_labels
+
+    labels = world_labels()
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        motion = next(m for m in MOTIONS if label.endswith(m))
+        groups.setdefault(label[: -len(motion)], []).append(i)
+    with torch.inference_mode():
+        own = model.encode_labels(list(labels)).float()
+        plain = F.normalize(model.clip.encode_text(model.tokenize([f"a {label}" for label in labels])).float(), dim=-1)
+    out = {}
+    for key, feats in (("model_text", own), ("plain_text", plain)):
+        sims = [float(feats[a] @ feats[b]) for idx in groups.values() for a in idx for b in idx if a < b]
+        out[key] = sum(sims) / len(sims)
+    return out
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The README table of a demo report."""
+    sup, zs, ret = report["supervised"], report["zero_shot"], report["retrieval"]
+    baseline_sup = max(sup["baseline_templates"], sup["baseline_class_only"])
+    baseline_zs = max(zs["baseline_templates"], zs["baseline_class_only"])
+    rows = [
+        "| | Vita-CLIP prompts | frame averaging (frozen CLIP) |",
+        "|---|---|---|",
+        f"| supervised top-1, held-out videos of seen combinations ({sup['num_videos']} videos, "
+        f"{sup['num_labels']} labels) | {sup['model']:.1f}% | {baseline_sup:.1f}% |",
+        f"| zero-shot top-1, combinations never seen in training ({zs['num_videos']} videos, {zs['num_labels']} "
+        f"labels) | {zs['model']:.1f}% | {baseline_zs:.1f}% |",
+    ]
+    for k in ("r1", "r5", "r10"):
+        rows.append(
+            f"| text-to-video R@{k[1:]}, held-out captions ({ret['num_captions']}) | {ret['model'][k]:.1f}% | "
+            f"{ret['baseline'][k]:.1f}% |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict[str, Any]:
+    """Runs every step; returns the report (also written to ``work/report.json`` and ``work/report.md``).
+
+    Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
+    kept, and prompt training resumes from its latest checkpoint.
+    """
+    from jobs.train import main as train_main
+    from jobs.train import resolve_checkpoint
+    from vitaclip.checkpoints import save_checkpoint
+    from vitaclip.demo.pretrain import PretrainConfig, run_pretraining, summarize
+    from vitaclip.demo.vocab import DEMO_WORDS, learn_merges, vocab_size, write_merges
+    from vitaclip.demo.world import world_labels
+    from vitaclip.registry import create_model, get_model_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # 1. The vocabulary must be the packaged one: the model config names it and sizes the embedding from it.
+    merges = learn_merges(DEMO_WORDS)
+    write_merges(merges, work / "demo-bpe.txt.gz")
+    config_model = get_model_config(MODEL_NAME)
+    packaged_bpe = Path(__file__).resolve().parent.parent / "vitaclip" / "data" / str(config_model.tokenizer)
+    if packaged_bpe.read_bytes() != (work / "demo-bpe.txt.gz").read_bytes():
+        raise ValueError(f"{packaged_bpe} differs from the vocabulary of DEMO_WORDS; rewrite it first")
+    assert config_model.backbone_config is not None
+    if config_model.backbone_config["text_cfg"]["vocab_size"] != vocab_size(len(merges)):
+        raise ValueError(f"{MODEL_NAME}: text vocab_size must be {vocab_size(len(merges))}")
+
+    # 2. Worlds.
+    t = time.perf_counter()
+    generate_worlds(
+        work, split_seed=config.seed, world_seed=config.seed, unseen_fraction=config.unseen_fraction,
+        train_videos=config.train_videos, val_per_label=config.val_per_label,
+        zeroshot_per_label=config.zeroshot_per_label, workers=config.workers,
+    )  # fmt: skip
+    timings["generate_seconds"] = time.perf_counter() - t
+
+    # 3. CLIP pretraining on frames of the training world.
+    t = time.perf_counter()
+    clip_path = work / "clip" / "clip.safetensors"
+    pretrain = run_pretraining(
+        work / "train",
+        config_model,
+        clip_path,
+        PretrainConfig(steps=config.pretrain_steps, seed=config.seed),
+        eval_world_dir=work / "val",
+    )
+    for line in summarize(pretrain):
+        print(line)
+    timings["pretrain_seconds"] = time.perf_counter() - t
+
+    # 4. Vita-CLIP prompts with the project's trainer.
+    t = time.perf_counter()
+    prompts_out = work / "prompts"
+    argv = [
+        "--model", MODEL_NAME, "--checkpoint", str(clip_path), "--train-list", str(work / "train" / "list.csv"),
+        "--data-root", str(work / "train"), "--label-names", str(work / "seen.txt"), "--output", str(prompts_out),
+        "--steps", str(config.prompt_steps), "--batch-size", str(config.prompt_batch_size),
+        "--micro-batch-size", str(config.prompt_batch_size), "--lr", str(config.prompt_lr),
+        "--warmup-steps", str(max(1, config.prompt_steps // 20)), "--sampling", "uniform",
+        "--crop-scale", "0.6", "1.0", "--randaug-num-ops", "0", "--decode-scale", "1.0",
+        "--save-every", str(config.prompt_steps), "--eval-every", "0", "--local", "--seed", str(config.seed),
+    ]  # fmt: skip
+    if train_main(argv) != 0:
+        raise RuntimeError("prompt training failed (see the log above)")
+    timings["prompt_training_seconds"] = time.perf_counter() - t
+
+    # 5. The shipped checkpoint: the trained weights, labelling every combination of the world by default.
+    final = work / MODEL_NAME
+    model = create_model(None, checkpoint=resolve_checkpoint(str(prompts_out)))
+    model.label_names = world_labels()
+    save_checkpoint(model, final)
+    model = create_model(None, checkpoint=final)  # as users load it (its model id names the shipped weights)
+
+    t = time.perf_counter()
+    report: dict[str, Any] = evaluate_demo(final, work)
+    timings["evaluate_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - started
+    report.update(
+        motion_text_similarity=motion_text_similarity(model),
+        build_config=asdict(config),
+        model_id=model.model_id,
+        pretrain={k: pretrain[k] for k in ("train_accuracy", "held_out_accuracy", "num_videos")},
+        timings=timings,
+    )
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.md").write_text(report_markdown(report))
+    shutil.copy(work / "report.json", final / "report.json")
+    if install:
+        if PACKAGED_DIR.exists():
+            shutil.rmtree(PACKAGED_DIR)
+        shutil.copytree(final, PACKAGED_DIR)
+        print(f"installed {PACKAGED_DIR}")
+    return report
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 25 minutes on 2 CPUs)")
+    b.add_argument("--work", default="out/demo-build", help="working folder (worlds, CLIP, prompts, report)")
+    b.add_argument("--install", action="store_true", help="replace the packaged vitaclip-demo checkpoint")
+    defaults = DemoBuildConfig()
+    for name, value in asdict(defaults).items():
+        kind = type(value) if value is not None else int
+        b.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    e = sub.add_parser("evaluate", help="score a checkpoint on freshly generated worlds")
+    e.add_argument("--checkpoint", default=str(PACKAGED_DIR))
+    e.add_argument("--work", default="out/demo-eval")
+    e.add_argument("--seed", type=int, default=7, help="seed of the fresh worlds (the split's seed is the build's)")
+    e.add_argument("--val-per-label", type=int, default=1)
+    e.add_argument("--zeroshot-per-label", type=int, default=2)
+    e.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jobs.demo build|evaluate``; 0 on success, 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "build":
+            fields = {k: getattr(args, k) for k in asdict(DemoBuildConfig())}
+            report = build(Path(args.work), DemoBuildConfig(**fields), install=args.install)
+        else:
+            report = evaluate_fresh(
+                args.checkpoint, Path(args.work), seed=args.seed, val_per_label=args.val_per_label,
+                zeroshot_per_label=args.zeroshot_per_label,
+            )  # fmt: skip
+    except ValueError as exc:
+        print(f"python -m jobs.demo: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    else:
+        print(report_markdown(report))
+    return 0
+
+
+def evaluate_fresh(
+    checkpoint: str | Path, work: Path, *, seed: int, val_per_label: int = 1, zeroshot_per_label: int = 2
+) -> dict[str, Any]:
+    """Scores a demo checkpoint on new worlds of ``seed`` with the seen/unseen split it was built with."""
+    report_path = Path(checkpoint) / "report.json"
+    if not report_path.is_file():
+        raise ValueError(f"{checkpoint} has no report.json: not a demo build")
+    built = json.loads(report_path.read_text())["build_config"]
+    generate_worlds(
+        work, split_seed=built["seed"], world_seed=seed, unseen_fraction=built["unseen_fraction"], train_videos=0,
+        val_per_label=val_per_label, zeroshot_per_label=zeroshot_per_label,
+    )  # fmt: skip
+    return evaluate_demo(checkpoint, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
