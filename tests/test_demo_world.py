@@ -399,6 +399,7 @@ def test_frame_captions_follow_the_shape_and_never_name_the_motion() -> None:
     left = specs["moving left"]
     first, last = world.frame_caption(left, 0.0), world.frame_caption(left, 1.0)
     assert "left" in last.split() and "left" not in first.split(), (first, last)
+
     def size_rank(caption: str) -> int:  # small < (unnamed) medium < large
         words = caption.split()
         return 0 if "small" in words else 2 if "large" in words else 1
