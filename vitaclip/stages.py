@@ -106,10 +106,21 @@ class DecodeStage:
             return [
                 dict(base, status=READ_ERROR, error_message=f"{type(exc).__name__}: {exc}", frames=self._empty_frames())
             ]
+        # One decode time limit for the whole video: each call below gets what the previous ones left.
+        deadline = time.perf_counter() + self.timeout_seconds
+
+        def remaining_seconds() -> float:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise VideoDecodeError("timeout", f"gave up after {self.timeout_seconds:g} s")
+            return left
+
         try:
-            info = probe(source)
+            # Up to three passes (probe, whole clip, segments), each reopening the container: vitaclip.video has no call
+            # yet that returns the metadata and the clips of two samplings from one open and one packet scan.
+            info = probe(source, timeout_seconds=remaining_seconds())
             clip = decode_clip(
-                _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=self.timeout_seconds
+                _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=remaining_seconds()
             )
             segments = []
             if self.segment_seconds is not None:
@@ -119,7 +130,7 @@ class DecodeStage:
                     size=self.size,
                     sampling="windows",
                     segment_seconds=self.segment_seconds,
-                    timeout_seconds=self.timeout_seconds,
+                    timeout_seconds=remaining_seconds(),
                 )
         except VideoDecodeError as exc:
             return [
