@@ -166,6 +166,17 @@ def test_sample_writer_is_deterministic(tmp_path: Path) -> None:
     a = write_sample_video(tmp_path / "a.mp4", num_frames=10, width=64, height=48, seed=3)
     b = write_sample_video(tmp_path / "b.mp4", num_frames=10, width=64, height=48, seed=3)
     assert a.read_bytes() == b.read_bytes()
+    # Other encoders running in between must not change the bytes (libvpx did, through libx264's mbtree).
+    others = [c for c in ("vp9", "hevc", "mpeg4") if c in available_sample_codecs()]
+    assert others, "no second encoder in this FFmpeg build"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        width, height = (int(v) * 2 for v in rng.integers(32, 90, size=2))
+        codec = others[i % len(others)]
+        write_sample_video(tmp_path / "other.mp4", num_frames=int(rng.integers(2, 20)), width=width, height=height,
+                           codec=codec, seed=i)  # fmt: skip
+        again = write_sample_video(tmp_path / "again.mp4", num_frames=10, width=64, height=48, seed=3)
+        assert again.read_bytes() == a.read_bytes(), f"bytes changed after a {codec} encode (round {i})"
     assert ground_truth(a).indices == list(range(10))
 
 

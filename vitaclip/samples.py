@@ -231,7 +231,9 @@ def read_frame_index(frame: np.ndarray) -> int:
 
 def _encoder_options(codec: str, encoder: str, *, gop: int, bframes: int) -> dict[str, str]:
     if codec == "h264":
-        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}"
+        # mbtree off: with it, libx264's bytes for small pictures varied with what other encoders (libvpx) had run
+        # earlier in the process, and a sample video must be a function of its arguments alone.
+        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:mbtree=0"
         return {"preset": "veryfast", "crf": "20", "x264-params": params}
     if codec == "hevc":
         params = f"log-level=error:keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}"
