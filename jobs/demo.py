@@ -235,13 +235,25 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     # 3. CLIP pretraining on frames of the training world.
     t = time.perf_counter()
     clip_path = work / "clip" / "clip.safetensors"
-    pretrain = run_pretraining(
-        work / "train",
-        config_model,
-        clip_path,
-        PretrainConfig(steps=config.pretrain_steps, seed=config.seed),
-        eval_world_dir=work / "val",
-    )
+    pretrain_config = PretrainConfig(steps=config.pretrain_steps, seed=config.seed)
+    # What the CLIP depends on; a CLIP pretrained from the same inputs is kept on a re-run.
+    clip_stamp = {
+        "pretrain": asdict(pretrain_config),
+        "train_world": json.loads((work / "train" / "world.json").read_text()),
+        "val_world": json.loads((work / "val" / "world.json").read_text()),
+        "backbone": config_model.backbone_config,
+        "threads": config.threads,
+    }
+    stamp_path = clip_path.with_name("stamp.json")
+    if clip_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == clip_stamp:
+        log.info("CLIP %s was pretrained with these settings; not pretraining again", clip_path)
+        pretrain = json.loads(clip_path.with_suffix(".json").read_text())
+    else:
+        stamp_path.unlink(missing_ok=True)
+        pretrain = run_pretraining(
+            work / "train", config_model, clip_path, pretrain_config, eval_world_dir=work / "val"
+        )
+        stamp_path.write_text(json.dumps(clip_stamp, indent=2))
     for line in summarize(pretrain):
         print(line)
     timings["pretrain_seconds"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,15 @@ def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
         assert 0 <= report[key]["model"] <= 100 and report[key]["num_videos"] > 0
     model = create_model(None, checkpoint=tmp_path / "vitaclip-demo")
     assert model.label_names == world_labels() and model.model_id == report["model_id"]
+
+    # A re-run keeps the CLIP pretrained from the same inputs; other pretraining settings pretrain again.
+    clip = tmp_path / "clip" / "clip.safetensors"
+    before = clip.stat().st_mtime_ns
+    build(tmp_path, config)
+    assert clip.stat().st_mtime_ns == before
+    build(tmp_path, replace(config, pretrain_steps=4))
+    assert clip.stat().st_mtime_ns != before
+    assert json.loads((tmp_path / "clip" / "clip.json").read_text())["config"]["steps"] == 4
 
 
 # ------------------------------------------------------------------------------------------------ README command
