@@ -44,8 +44,12 @@ class IndexJobConfig:
             autoscaling cluster adds GPU nodes; up to ``embed_workers`` actors), or ``cpu``.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
-        chunk_size: videos planned and run per streaming chunk (bounds driver memory; staging is flushed per chunk).
-        rows_per_part: rows per Parquet part file.
+        chunk_size: videos planned and run per Ray Dataset. The actor pools (model loads) start once per chunk and
+            the listing of a chunk is planned before it runs; the driver holds one chunk's plan (about 200 bytes a
+            video).
+        rows_per_part: most rows per staged Parquet part file.
+        flush_seconds: staged parts are written at least this often while rows are pending (bounds the finished
+            work a killed driver loses).
         decode_timeout_seconds: per-video decode time limit.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
@@ -73,8 +77,9 @@ class IndexJobConfig:
     embed_device: str = "auto"
     decode_batch_size: int = 4
     embed_batch_size: int = 32
-    chunk_size: int = 2000
+    chunk_size: int = 50_000
     rows_per_part: int = 5000
+    flush_seconds: float = 120.0
     decode_timeout_seconds: float = 120.0
     whole_object_max_bytes: int = 32 * 2**20
     min_size_bytes: int = 0
@@ -90,6 +95,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "chunk_size", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.flush_seconds < 0:
+            raise ValueError(f"flush_seconds must be >= 0, got {self.flush_seconds}")
         if self.embed_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
         if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
@@ -135,6 +142,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--rows-per-part", type=int)
+    p.add_argument("--flush-seconds", type=float, help="write staged parts at least this often (default 120)")
     p.add_argument("--decode-timeout-seconds", type=float)
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)

@@ -1,8 +1,9 @@
 """The indexing run: list -> plan -> read+decode (CPU actors) -> embed+label (GPU or CPU actors) -> stage -> commit.
 
 Ray Data does the distributed part; this module only wires the stage classes of ``vitaclip.stages`` and writes the
-results through ``jobs.tables`` (staging, commit, cleanup). The driver streams the listing in chunks, so memory stays
-bounded whatever the number of objects.
+results through ``jobs.tables`` (staging, commit, cleanup). The driver streams the listing in chunks of up to
+``chunk_size`` videos, one Ray Dataset each, so memory stays bounded whatever the number of objects; staged parts are
+written as rows accumulate (and at least every ``flush_seconds``), so a killed run loses little finished work.
 """
 
 from __future__ import annotations
@@ -210,6 +211,14 @@ def _versions() -> dict[str, str]:
     }
 
 
+_BLOCK_VIDEOS = 128  # most videos per input block of the Dataset (a retried block repeats at most this much work)
+
+
+def _crash_hook(stager: tables.RunStager, crash_after: int) -> None:
+    if crash_after and stager.parts_written >= crash_after:
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted driver
+
+
 def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     """Runs one indexing run to completion and returns its summary (also written to ``OUT/runs/<run_id>.json``)."""
     import ray
@@ -272,16 +281,18 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     cpus_per_decoder = min(1.0, max(0.1, (cpus - cpu_for_embed) / decode_workers))
     embed_dim: int | None = None
 
-    writers: dict[str, tables.StagingWriter] = {}
+    stager: tables.RunStager | None = None
     status_counts: Counter[str] = Counter()
     decode_seconds = embed_seconds = 0.0
     clips = 0
     crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
 
+    # One Dataset (one start of the actor pools) per chunk of the plan; a chunk holds up to chunk_size videos, so
+    # the driver never holds the whole listing. Blocks of at most _BLOCK_VIDEOS keep retries and memory small.
     for chunk in _chunks(planner(listing), config.chunk_size):
         ds: ray.data.Dataset = ray.data.from_items(
             [{"uri": o.uri, "etag": o.etag, "size_bytes": o.size_bytes} for o in chunk],
-            override_num_blocks=min(len(chunk), max(1, decode_workers * 4)),
+            override_num_blocks=min(len(chunk), max(decode_workers * 4, -(-len(chunk) // _BLOCK_VIDEOS))),
         )
         # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
         # max_task_retries=-1); a batch is written only once, by the driver, so retries cannot duplicate rows.
@@ -315,12 +326,16 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             num_cpus=0 if use_gpu else cpus_per_embedder,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if embed_dim is None:
+            if stager is None:
                 embed_dim = int(batch["embedding"].shape[1])
-                for name in tables.TABLES:
-                    writers[name] = tables.StagingWriter(
-                        store, run_id, name, schema_for(name, embed_dim), rows_per_part=config.rows_per_part
-                    )
+                stager = tables.RunStager(
+                    store,
+                    run_id,
+                    {name: schema_for(name, embed_dim) for name in tables.TABLES},
+                    rows_per_part=config.rows_per_part,
+                    flush_seconds=config.flush_seconds,
+                )
+            assert embed_dim is not None
             videos, segments = _to_tables(
                 batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
             )
@@ -328,12 +343,10 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             decode_seconds += float(np.sum(batch["decode_seconds"]))
             embed_seconds += float(np.sum(batch["embed_seconds"]))
             clips += len(batch["uri"])
-            writers["videos"].add(videos)
-            writers["segments"].add(segments)
-        for writer in writers.values():  # a chunk's work survives a crash from here on
-            writer.flush()
-        if crash_after and sum(w.parts_written for w in writers.values()) >= crash_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted driver
+            if stager.add(videos, segments):  # the staged videos survive a crash from here on
+                _crash_hook(stager, crash_after)
+        if stager is not None and stager.flush():
+            _crash_hook(stager, crash_after)
         log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
 
     record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])

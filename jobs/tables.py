@@ -75,11 +75,17 @@ class StagingWriter:
         self.rows_written = 0
         self.parts_written = 0
 
-    def add(self, table: pa.Table) -> None:
+    @property
+    def pending_rows(self) -> int:
+        """Rows added but not yet written."""
+        return self._pending_rows
+
+    def add(self, table: pa.Table, *, flush: bool = True) -> None:
+        """Queues ``table``'s rows; with ``flush``, writes a part once ``rows_per_part`` rows are pending."""
         if table.num_rows:
             self._pending.append(table)
             self._pending_rows += table.num_rows
-        if self._pending_rows >= self.rows_per_part:
+        if flush and self._pending_rows >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> str | None:
@@ -93,6 +99,49 @@ class StagingWriter:
         self.parts_written += 1
         self._pending, self._pending_rows = [], 0
         return rel
+
+
+class RunStager:
+    """The staging of one run: a video's segment rows are always written before its video row.
+
+    A resumed run treats a staged video row as finished work, so a video row must never reach storage before the
+    segment rows it owns; segment rows whose video row never made it (a kill between the two writes) are dropped at
+    commit. Parts are written once ``rows_per_part`` rows of either table are pending, or ``flush_seconds`` after the
+    previous write, which bounds the work a killed driver loses.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        schemas: dict[str, pa.Schema],
+        *,
+        rows_per_part: int,
+        flush_seconds: float,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.writers = {t: StagingWriter(store, run_id, t, schemas[t], rows_per_part=rows_per_part) for t in TABLES}
+        self.rows_per_part, self.flush_seconds, self._clock = rows_per_part, flush_seconds, clock
+        self._last_flush = clock()
+
+    @property
+    def parts_written(self) -> int:
+        return sum(w.parts_written for w in self.writers.values())
+
+    def add(self, videos: pa.Table, segments: pa.Table) -> bool:
+        """Queues one batch's rows; returns whether parts were written."""
+        self.writers["segments"].add(segments, flush=False)
+        self.writers["videos"].add(videos, flush=False)
+        full = any(w.pending_rows >= self.rows_per_part for w in self.writers.values())
+        if full or self._clock() - self._last_flush >= self.flush_seconds:
+            return self.flush()
+        return False
+
+    def flush(self) -> bool:
+        """Writes every pending row, segments first; returns whether anything was written."""
+        wrote = [self.writers[t].flush() for t in ("segments", "videos")]
+        self._last_flush = self._clock()
+        return any(w is not None for w in wrote)
 
 
 def _keys(table: pa.Table) -> list[tuple[str, str]]:
@@ -146,7 +195,9 @@ def commit(store: Store, *, run_id: str, staged_run_ids: Sequence[str], now: flo
             run, name = rel.split("/")[1], rel.rsplit("/", 1)[1]
             final = f"{table}/part-{run}-{name.removeprefix('part-')}"
             part = read_part(store, rel, table)
-            losers = {k for k in _keys(part) if k in newest and newest[k][1] != run}
+            # Rows of a video staged by a newer run lose; segment rows without a staged video row are orphans
+            # of a run killed between its two writes (the video was planned again and staged by a later run).
+            losers = {k for k in _keys(part) if (newest[k][1] != run if k in newest else table != "videos")}
             if losers:
                 part = _drop_keys(part, losers)
                 if part.num_rows:

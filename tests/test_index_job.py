@@ -172,7 +172,12 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
 def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     videos = make_videos(tmp_path / "in", 6, broken=False)
     out = tmp_path / "out"
-    cmd = job_command([str(tmp_path / "in")], out, "--num-cpus", "2", "--chunk-size", "2", "--rows-per-part", "1")
+    # One chunk (one Dataset) for all videos: the kill lands in the middle of it, after the first batch's segment
+    # and video parts are staged.
+    cmd = job_command(
+        [str(tmp_path / "in")], out, "--num-cpus", "2", "--rows-per-part", "1", "--segment-seconds", "1",
+        "--decode-batch-size", "1", "--embed-batch-size", "2",
+    )  # fmt: skip
     env = dict(os.environ, VITACLIP_TEST_CRASH_AFTER_PARTS="2", PYTHONPATH=str(ROOT))
     killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -186,8 +191,15 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     table = tables.read_table(store, "videos")
     assert table is not None
     assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
+    segments = tables.read_table(store, "segments")
+    assert segments is not None
+    keys = list(zip(segments.column("video_id").to_pylist(), segments.column("segment_index").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys))  # exactly one row per segment
+    for row in table.to_pylist():  # and every segment of every video: 1-second segments of 3 to 5.5 s videos
+        indices = sorted(i for v, i in keys if v == row["video_id"])
+        assert indices == list(range(len(indices))) and len(indices) >= int(row["duration_seconds"]), row["uri"]
     summary = json.loads(next((out / "runs").glob("*.json")).read_text())
-    assert summary["counts"]["reused_from_killed_run"] >= 2
+    assert summary["counts"]["reused_from_killed_run"] >= 1
     assert summary["counts"]["processed"] + summary["counts"]["reused_from_killed_run"] == len(videos)
     assert not tables.staged_runs(store) and not any((out / "_staging").rglob("*.parquet"))
 
