@@ -356,6 +356,26 @@ def test_windows_sampling(make_video: Callable[..., Any]) -> None:
     assert stats.frames_converted == len({i for c in clips for i in clip_indices(c.frames)})
 
 
+def test_whole_video_and_windows_in_one_pass(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")
+    separate = DecodeStats(), DecodeStats()
+    whole = decode_clip(path, num_frames=8, size=SIZE, stats=separate[0])
+    windows = decode_clips(path, num_frames=8, size=SIZE, sampling="windows", segment_seconds=1.0, stats=separate[1])
+    together = DecodeStats()
+    first, *rest = decode_clips(
+        path, num_frames=8, size=SIZE, sampling="windows", segment_seconds=1.0, with_whole_video=True, stats=together
+    )
+    assert clip_indices(first.frames) == clip_indices(whole.frames) == expected_uniform(truth, 2.5, 8)
+    assert (first.start_seconds, first.end_seconds) == (0.0, pytest.approx(2.5))
+    assert [clip_indices(c.frames) for c in rest] == [clip_indices(c.frames) for c in windows]
+    np.testing.assert_array_equal(first.frames, whole.frames)
+    # Frames both samplings want are converted once, and the packets are decoded in one pass.
+    shared = set(clip_indices(whole.frames)) & {i for c in windows for i in clip_indices(c.frames)}
+    assert shared
+    assert together.frames_converted == sum(s.frames_converted for s in separate) - len(shared)
+    assert together.packets_decoded < sum(s.packets_decoded for s in separate)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
 
@@ -633,6 +653,8 @@ def test_option_errors(make_video: Callable[..., Any]) -> None:
         decode_clips(path, num_views=2)
     with pytest.raises(ValueError, match="segment_seconds"):
         decode_clips(path, sampling="windows")
+    with pytest.raises(ValueError, match="with_whole_video"):
+        decode_clips(path, with_whole_video=True)
     with pytest.raises(ValueError, match="sampling"):
         decode_clips(path, sampling="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="size"):

@@ -116,20 +116,22 @@ class DecodeStage:
             return left
 
         try:
-            # Up to three passes (probe, whole clip, segments), each reopening the container: vitaclip.video has no call
-            # yet that returns the metadata and the clips of two samplings from one open and one packet scan.
+            # Two passes: the metadata, then every clip (the whole video and its segments share one scan and decode
+            # the frames they share once).
             info = probe(source, timeout_seconds=remaining_seconds())
-            clip = decode_clip(
-                _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=remaining_seconds()
-            )
             segments = []
-            if self.segment_seconds is not None:
-                segments = decode_clips(
+            if self.segment_seconds is None:
+                clip = decode_clip(
+                    _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=remaining_seconds()
+                )
+            else:
+                clip, *segments = decode_clips(
                     _rewind(source),
                     num_frames=self.num_frames,
                     size=self.size,
                     sampling="windows",
                     segment_seconds=self.segment_seconds,
+                    with_whole_video=True,
                     timeout_seconds=remaining_seconds(),
                 )
         except VideoDecodeError as exc:

@@ -202,16 +202,21 @@ def _plan_views(
     num_views: int,
     segment_seconds: float | None,
     overlap_seconds: float,
+    with_whole_video: bool = False,
 ) -> list[_View]:
     time_base = timeline.time_base
     duration_seconds = float(timeline.duration * time_base)
-    if sampling == "uniform":
+
+    def uniform_view() -> _View:
         times = uniform_times(duration_seconds, num_frames=num_frames)
         thresholds = np.array([_threshold(timeline, float(t)) for t in times], dtype=np.int64)
-        return [_View(thresholds, 0.0, duration_seconds)]
+        return _View(thresholds, 0.0, duration_seconds)
+
+    if sampling == "uniform":
+        return [uniform_view()]
     if sampling == "windows":
         assert segment_seconds is not None
-        views = []
+        views = [uniform_view()] if with_whole_video else []
         for start, end in window_bounds(
             duration_seconds, segment_seconds=segment_seconds, overlap_seconds=overlap_seconds
         ):
@@ -510,7 +515,10 @@ def _check_options(
     num_threads: int,
     timeout_seconds: float,
     max_pixels: int,
+    with_whole_video: bool = False,
 ) -> None:
+    if with_whole_video and sampling != "windows":
+        raise ValueError(f"with_whole_video only applies to sampling='windows', got sampling={sampling!r}")
     if sampling not in ("uniform", "dense", "windows"):
         raise ValueError(f"sampling must be 'uniform', 'dense' or 'windows', got {sampling!r}")
     for name, value in (("num_frames", num_frames), ("stride", stride), ("num_views", num_views)):
@@ -654,6 +662,7 @@ def decode_clips(
     timeout_seconds: float = 60.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     stats: DecodeStats | None = None,
+    with_whole_video: bool = False,
 ) -> list[Clip]:
     """Decode every clip a sampling asks for (several dense views or windows), decoding each frame once.
 
@@ -672,9 +681,11 @@ def decode_clips(
         timeout_seconds: Time limit for this video, checked between reads, packets and frames.
         max_pixels: Pictures larger than this (width * height) are refused before decoding.
         stats: Optional counters to fill in (what was demuxed, decoded and converted).
+        with_whole_video: With ``windows``, also return the ``uniform`` clip of the whole video, first, from the same
+            pass (frames shared by the whole clip and a window are decoded once).
 
     Returns:
-        One ``Clip`` per view or window, in time order.
+        One ``Clip`` per view or window, in time order (after the whole-video clip with ``with_whole_video``).
 
     Raises:
         VideoDecodeError: the input is not a decodable video, is too large, or took too long.
@@ -697,6 +708,7 @@ def decode_clips(
         num_threads=num_threads,
         timeout_seconds=timeout_seconds,
         max_pixels=max_pixels,
+        with_whole_video=with_whole_video,
     )
     deadline = Deadline(timeout_seconds)
     try:
@@ -713,6 +725,7 @@ def decode_clips(
                 "num_views": num_views,
                 "segment_seconds": segment_seconds,
                 "overlap_seconds": overlap_seconds,
+                "with_whole_video": with_whole_video,
             },
             stats=stats if stats is not None else DecodeStats(),
         )
