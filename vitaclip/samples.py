@@ -28,7 +28,7 @@ __all__ = [
     "write_sample_video",
 ]
 
-SampleCodec = Literal["h264", "hevc", "vp9", "av1", "mpeg4"]
+SampleCodec = Literal["h264", "hevc", "vp9", "av1", "mpeg4", "mpeg2"]
 SamplePattern = Literal["index", "shape"]
 
 # Candidate encoders per codec, first available wins.
@@ -38,8 +38,17 @@ _ENCODERS: dict[str, tuple[str, ...]] = {
     "vp9": ("libvpx-vp9",),
     "av1": ("libsvtav1", "libaom-av1", "librav1e"),
     "mpeg4": ("mpeg4",),
+    "mpeg2": ("mpeg2video",),
 }
-_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
+_CONTAINERS = {
+    ".mp4": "mp4",
+    ".mov": "mov",
+    ".mkv": "matroska",
+    ".webm": "webm",
+    ".avi": "avi",
+    ".ts": "mpegts",  # broadcast and HLS segments; seeks land on any packet, not on keyframes
+    ".mpg": "mpeg",  # MPEG program stream
+}
 
 # Code layout: a 4x4 grid; the four corners are orientation markers (only the top-left one is white), the other
 # twelve cells hold 11 index bits and one even-parity bit.
@@ -308,12 +317,13 @@ def write_sample_video(
     """Write a small deterministic video; the container follows the file extension.
 
     Args:
-        path: Output file; ``.mp4``, ``.mov``, ``.mkv``, ``.webm`` or ``.avi``.
+        path: Output file; ``.mp4``, ``.mov``, ``.mkv``, ``.webm``, ``.avi``, ``.ts`` (MPEG-TS) or ``.mpg`` (MPEG-PS).
         num_frames: Number of frames.
         fps: Nominal frame rate (the average rate when ``vfr`` is set).
         width: Displayed width in pixels (after rotation).
         height: Displayed height in pixels (after rotation).
-        codec: ``h264`` (libx264), ``hevc`` (libx265), ``vp9`` (libvpx-vp9), ``av1`` (SVT-AV1 or libaom) or ``mpeg4``.
+        codec: ``h264`` (libx264), ``hevc`` (libx265), ``vp9`` (libvpx-vp9), ``av1`` (SVT-AV1 or libaom), ``mpeg4`` or
+            ``mpeg2`` (mpeg2video).
         gop: Keyframe interval in frames; defaults to two seconds.
         bframes: Consecutive B-frames (alt-ref frames for VP9); defaults to 2, or 0 for ``mpeg4``, AV1 and AVI.
         rotation: Display rotation in degrees counter-clockwise (0, 90, 180 or 270), stored as a display matrix.
@@ -376,7 +386,7 @@ def write_sample_video(
         stream.codec_context.time_base = time_base
         if sar != 1:
             stream.codec_context.sample_aspect_ratio = sar
-        if codec == "mpeg4":
+        if codec in ("mpeg4", "mpeg2"):
             stream.codec_context.gop_size = gop
             stream.codec_context.max_b_frames = bframes
         if turns:

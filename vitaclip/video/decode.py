@@ -56,7 +56,7 @@ DEFAULT_MAX_PIXELS = 8192 * 4320
 # Decoders whose skip_frame="NONREF" is known to drop only frames nothing else refers to, switchable per packet.
 _NONREF_SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video"})
 _LOOKAHEAD_BYTES = 32 << 20  # compressed bytes demuxed ahead of the decoder before it must start
-_MAX_RETREATS = 8
+_MAX_RETREATS = 16  # then seeking is given up for one pass from the start
 SkipMode = Literal["DEFAULT", "NONREF"]
 
 
@@ -120,7 +120,9 @@ class DecodeStats:
 
 
 class _Overshoot(Exception):
-    def __init__(self, pts: int, dts: int | None) -> None:
+    """A seek landed past the target: on a later keyframe (``pts``), or at the end of the stream (``pts`` None)."""
+
+    def __init__(self, pts: int | None, dts: int | None) -> None:
         super().__init__(pts)
         self.pts = pts
         self.dts = dts
@@ -167,8 +169,16 @@ def _first_keyframe_pts(opened: OpenedVideo, start_pts: int) -> int | None:
     return None
 
 
+# Demuxers whose seek index comes from the file's own index (MP4/MOV moov, Matroska cues, AVI idx1, ASF). Others,
+# MPEG-TS and MPEG-PS among them, fill the index only with what they have read so far (and may flag any packet as a
+# keyframe): their frames are found by a demux scan instead.
+_INDEXED_DEMUXERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "asf"})
+
+
 def _timeline_from_index(opened: OpenedVideo) -> _Timeline | None:
     header = opened.header
+    if not _INDEXED_DEMUXERS.intersection(opened.container.format.name.split(",")):
+        return None
     if header.duration_ticks is None or header.start_pts is None:
         return None
     try:
@@ -260,8 +270,11 @@ class _Collector:
         stats: DecodeStats,
         trust_keyframes: bool = True,
         number_frames: bool = False,
+        start_pts: int | None = None,
     ) -> None:
         self._container = opened.container
+        self._start_pts = start_pts  # the stream's first timestamp: no keyframe lies before it
+        self._second_ticks = max(1, int(1 / opened.header.time_base))
         self._stream = opened.stream
         self._ctx = opened.stream.codec_context
         self._sar = opened.header.sample_aspect_ratio
@@ -339,11 +352,21 @@ class _Collector:
         self._may_retreat = may_retreat
 
     def _retreat(self, overshoot: _Overshoot) -> None:
-        # The seek landed on a keyframe after the first target: step back before it and try again.
+        # The seek landed on a keyframe after the first target: step back and try again. First just before that
+        # keyframe's decode time (MP4 indexes hold decode times); then, for demuxers whose seeks land on any packet
+        # (MPEG-TS/PS search by timestamp, not by keyframe), twice as far back each time.
         self._retreats += 1
-        earlier = (overshoot.dts if overshoot.dts is not None else overshoot.pts) - 1
-        if self._retreats > _MAX_RETREATS or earlier >= self._seek_target:
-            self._seek(self._seek_target, may_retreat=False)  # nothing earlier: targets before it get its first frame
+        if self._retreats > _MAX_RETREATS:
+            raise _SeekUnreliable(f"seeks kept landing after the target ({_MAX_RETREATS} retreats)")
+        landed = overshoot.dts if overshoot.dts is not None else overshoot.pts
+        earlier = landed - 1 if landed is not None else self._seek_target
+        if self._retreats > 1 or earlier >= self._seek_target:
+            past = overshoot.pts - self._seek_target if overshoot.pts is not None else 0
+            step = max(past, self._second_ticks)
+            earlier = min(earlier, self._seek_target - step * 2 ** max(0, self._retreats - 2))
+        if self._start_pts is not None and earlier < self._start_pts:
+            # Back before the start: a keyframe after the target is the stream's first; earlier targets get its frame.
+            self._seek(earlier, may_retreat=False)
         else:
             self._seek(earlier, may_retreat=True)
 
@@ -375,14 +398,14 @@ class _Collector:
         try:
             packet = next(self._packets)
         except StopIteration:
-            self._eof = True
+            self._end_of_stream()
             return
         except av.error.FFmpegError:
             self._check_timeout()
-            self._eof = True  # a damaged tail ends the stream here
+            self._end_of_stream()  # a damaged tail ends the stream here
             return
         if packet.size == 0:  # PyAV's end-of-stream marker
-            self._eof = True
+            self._end_of_stream()
             return
         pts = packet.pts if packet.pts is not None else packet.dts
         if self._number_frames or (pts is None and not self._trust_keyframes):
@@ -416,6 +439,11 @@ class _Collector:
             self._max_dts = packet.dts
         if self._frontier is None or pts > self._frontier:
             self._frontier = pts
+
+    def _end_of_stream(self) -> None:
+        if self._may_retreat and self._region_kf is None:
+            raise _Overshoot(None, None)  # the seek went past the last keyframe before the target
+        self._eof = True
 
     def _cannot_be_target(self, pts: int) -> bool:
         """True when a later-shown frame is known to come at or before the next target at or after ``pts``."""
@@ -576,7 +604,7 @@ def _collect(
     def open_source() -> AbstractContextManager[OpenedVideo]:
         return open_video(source, deadline=deadline, max_pixels=max_pixels, num_threads=num_threads)
 
-    def collector(opened: OpenedVideo, **options: bool) -> _Collector:
+    def collector(opened: OpenedVideo, **options: Any) -> _Collector:
         return _Collector(opened, deadline=deadline, size=size, max_pixels=max_pixels, stats=stats, **options)
 
     results: dict[int, tuple[int, np.ndarray] | None] | None = None
@@ -599,7 +627,8 @@ def _collect(
         thresholds = sorted({int(t) for view in views for t in view.thresholds})
         if not timeline.synthetic:
             try:
-                results = collector(opened).run(_group_by_keyframe(thresholds, timeline.seek_points))
+                seeking = collector(opened, start_pts=timeline.start)
+                results = seeking.run(_group_by_keyframe(thresholds, timeline.seek_points))
             except _SeekUnreliable:
                 results = None
             except _TimestampsUnreliable:
