@@ -80,7 +80,6 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
         ("max-grad-norm", float),
         ("num-frames", int),
         ("stride", int),
-        ("train-temporal-views", int),
         ("decode-scale", float),
         ("randaug-num-ops", int),
         ("randaug-magnitude", float),
@@ -107,6 +106,13 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     p.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker")
     p.add_argument("--no-gpu", dest="use_gpu", action="store_const", const=False)
+    p.add_argument(
+        "--no-temporal-jitter",
+        dest="temporal_jitter",
+        action="store_const",
+        const=False,
+        help="train on the centre dense view (default: a random start per clip, as the official trainer)",
+    )
     p.add_argument("--local", action="store_const", const=True, help="run in this process without Ray (one worker)")
     p.add_argument("--ray-address", help="existing Ray cluster; default: an embedded local Ray")
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, a local server)")

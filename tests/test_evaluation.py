@@ -12,6 +12,7 @@ import torch
 from jobs import evaluate as eval_job
 from vitaclip import evaluation as ev
 from vitaclip.registry import create_model
+from vitaclip.samples import write_sample_video
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -158,6 +159,32 @@ def test_several_views_are_decoded_and_softmax_averaged(videos: dict[str, Path])
     assert metrics["views"] == "3x1" and metrics["num_videos"] == 3
     two_by_two = ev.decode_views(uris[0], num_frames=4, size=64, stride=4, temporal_views=2, spatial_views=2)
     assert two_by_two.shape == (4, 4, 64, 64, 3)
+
+
+def test_spatial_views_are_crops_along_the_longer_side() -> None:
+    wide = np.random.default_rng(0).integers(0, 256, size=(2, 64, 113, 3), dtype=np.uint8)  # [T, H, W, 3]
+    left, middle, right = ev.spatial_crops(wide, 64, 3)
+    np.testing.assert_array_equal(left, wide[:, :, 0:64])
+    np.testing.assert_array_equal(middle, wide[:, :, 24:88])  # margin 49: 49 // 2
+    np.testing.assert_array_equal(right, wide[:, :, 49:113])
+    (centre,) = ev.spatial_crops(wide, 64, 1)
+    np.testing.assert_array_equal(centre, middle)
+    tall = wide.transpose(0, 2, 1, 3)  # [T, 113, 64, 3]
+    np.testing.assert_array_equal(ev.spatial_crops(tall, 64, 3)[2], tall[:, 49:113])
+    with pytest.raises(ValueError, match="shorter side"):
+        ev.spatial_crops(wide, 48, 3)
+
+
+def test_three_spatial_views_of_a_wide_video_cover_it_end_to_end(tmp_path: Path) -> None:
+    from vitaclip.video import decode_clips
+
+    path = write_sample_video(tmp_path / "wide.mp4", num_frames=24, fps=12, width=160, height=90, seed=2)
+    views = ev.decode_views(str(path), num_frames=4, size=64, stride=2, temporal_views=1, spatial_views=3)
+    assert views.shape == (3, 4, 64, 64, 3)
+    (whole,) = decode_clips(str(path), num_frames=4, size=64, sampling="dense", stride=2, square=False)
+    assert whole.frames.shape == (4, 64, 114, 3)  # 160x90 with the shorter side at 64
+    for view, offset in zip(views, (0, 25, 50), strict=True):
+        np.testing.assert_array_equal(view, whole.frames[:, :, offset : offset + 64])
 
 
 def test_eval_cli_json_baseline_and_confusion_png(

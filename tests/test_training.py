@@ -29,6 +29,7 @@ from vitaclip.registry import create_model, get_model_config
 from vitaclip.training import (
     AugmentConfig,
     EpochOrder,
+    TrainClipSource,
     TrainConfig,
     augment_clip,
     build_optimizer,
@@ -433,3 +434,27 @@ def test_train_throughput_on_gpu_has_no_frozen_gradients() -> None:
     )
     result = train_throughput.measure(args)
     assert result["precision"] == "bf16" and result["frozen_parameters_with_grad"] == 0
+
+
+def test_training_clips_start_at_random_frames_as_the_official_trainer(tmp_path: Path) -> None:
+    from vitaclip.samples import read_frame_index, write_sample_video
+
+    path = write_sample_video(tmp_path / "v.mp4", num_frames=60, fps=24, width=64, height=64, seed=1)
+    plain = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_num_ops=0, decode_scale=1.0)
+
+    def first_frames(config: TrainConfig) -> list[int]:
+        source = TrainClipSource([(str(path), 0)], config=config, num_frames=4, image_size=64)
+        firsts = []
+        for position in range(40):
+            video, _, valid = source.clip_at(position)  # uint8 [T, 3, S, S]
+            assert valid
+            indices = [read_frame_index(f.permute(1, 2, 0).numpy()) for f in video]
+            assert np.diff(indices).tolist() == [4, 4, 4]  # stride 4 from wherever it starts
+            firsts.append(indices[0])
+        return firsts
+
+    jittered = first_frames(TrainConfig(sampling="dense", stride=4, **plain))  # type: ignore[arg-type]
+    assert len(set(jittered)) >= 20 and min(jittered) >= 0 and max(jittered) <= 47  # starts 0 .. 47 possible
+    assert jittered == first_frames(TrainConfig(sampling="dense", stride=4, **plain))  # type: ignore[arg-type]
+    centre = first_frames(TrainConfig(sampling="dense", stride=4, temporal_jitter=False, **plain))  # type: ignore[arg-type]
+    assert set(centre) == {23}

@@ -337,6 +337,33 @@ def test_dense_sampling_views(make_video: Callable[..., Any]) -> None:
     assert clip_indices(padded.frames) == [truth.indices[k] for k in (0, 16, 32, 48, 59, 59, 59, 59)]
 
 
+def test_dense_start_fraction_is_the_official_random_start(make_video: Callable[..., Any]) -> None:
+    # 60 frames, T=4, stride 4: seg_len 13, so the starts 0 .. 47 are possible, each for 1/48 of the fractions.
+    starts = [int(dense_indices(60, num_frames=4, stride=4, start_fraction=k / 48)[0, 0]) for k in range(48)]
+    assert starts == list(range(48))
+    assert dense_indices(60, num_frames=4, stride=4, start_fraction=0.9999).tolist() == [[47, 51, 55, 59]]
+    assert dense_indices(5, num_frames=4, stride=4, start_fraction=0.7).tolist() == [[0, 4, 4, 4]]  # too short
+    with pytest.raises(ValueError, match="start_fraction"):
+        dense_indices(60, num_frames=4, stride=4, start_fraction=1.0)
+    with pytest.raises(ValueError, match="num_views"):
+        dense_indices(60, num_frames=4, stride=4, num_views=2, start_fraction=0.5)
+    path, truth = make_video("h264.mp4", codec="h264")
+    clip = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=4, start_fraction=10 / 48)
+    assert clip_indices(clip.frames) == [truth.indices[k] for k in (10, 14, 18, 22)]
+    with pytest.raises(ValueError, match="start_fraction"):
+        decode_clip(path, num_frames=4, size=SIZE, start_fraction=0.5)  # uniform sampling has no start
+
+
+def test_whole_pictures_keep_their_aspect_ratio(make_video: Callable[..., Any]) -> None:
+    path, truth = make_video("h264.mp4", codec="h264")  # 128x96
+    whole = decode_clip(path, num_frames=4, size=48, square=False)
+    assert whole.frames.shape == (4, 48, 64, 3)
+    square = decode_clip(path, num_frames=4, size=48)
+    np.testing.assert_array_equal(whole.frames[:, :, 8:56], square.frames)  # the square is the centre of the whole
+    rotated, _ = make_video("rot90.mp4", codec="h264", rotation=90)  # displayed 128x96, stored 96x128
+    assert decode_clip(rotated, num_frames=2, size=48, square=False).frames.shape == (2, 48, 64, 3)
+
+
 def test_dense_sampling_on_variable_frame_rate_counts_frames(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("vfr.mp4", vfr=True)
     clip = decode_clip(path, num_frames=5, size=SIZE, sampling="dense", stride=3)

@@ -263,13 +263,19 @@ def retrieval_metrics(
 
 
 def spatial_crops(frames: np.ndarray, size: int, num_views: int) -> list[np.ndarray]:
-    """``num_views`` square crops of side ``size`` along the diagonal of ``[T, S, S, 3]`` frames (1: the centre)."""
-    s = frames.shape[1]
-    if num_views == 1:
-        off = (s - size) // 2
-        return [frames[:, off : off + size, off : off + size]]
-    offsets = [round((s - size) * i / (num_views - 1)) for i in range(num_views)]
-    return [frames[:, o : o + size, o : o + size] for o in offsets]
+    """``num_views`` square crops of side ``size`` from ``[T, H, W, 3]`` frames whose shorter side is ``size``.
+
+    One view is the centre. Several are spread evenly along the longer side, from one end to the other (three: start,
+    middle, end, as the official evaluation takes them); a square picture gives the same crop each time.
+    """
+    height, width = frames.shape[1:3]
+    if min(height, width) != size:
+        raise ValueError(f"frames must have their shorter side equal to {size}, got {height}x{width}")
+    margin = max(height, width) - size
+    offsets = [margin // 2] if num_views == 1 else [margin * i // (num_views - 1) for i in range(num_views)]
+    if height > width:
+        return [frames[:, o : o + size, :] for o in offsets]
+    return [frames[:, :, o : o + size] for o in offsets]
 
 
 def decode_views(
@@ -285,22 +291,22 @@ def decode_views(
 ) -> np.ndarray:
     """uint8 ``[temporal_views * spatial_views, T, size, size, 3]`` clips of one video (temporal-major).
 
-    One spatial view is the decoder's centre crop. Several are crops of side ``size`` along the diagonal of a
-    square decoded with side ``size * 256 / 224`` (the decoder returns squares, so the long side is not used).
+    One spatial view is the decoder's centre crop. Several are decoded with the shorter side ``size`` and cropped
+    along the longer side (``spatial_crops``), as the official multi-view evaluation does.
     """
     from vitaclip.video import decode_clips
 
     if sampling == "uniform" and temporal_views != 1:
         raise ValueError("several temporal views need sampling='dense'")
-    decode_size = size if spatial_views == 1 else int(round(size * 256 / 224))
     clips = decode_clips(
         source,
         num_frames=num_frames,
-        size=decode_size,
+        size=size,
         sampling=sampling,
         stride=stride,
         num_views=temporal_views,
         timeout_seconds=timeout_seconds,
+        square=spatial_views == 1,
     )
     views = [crop for clip in clips for crop in spatial_crops(clip.frames, size, spatial_views)]
     return np.stack(views)  # [V, T, S, S, 3]

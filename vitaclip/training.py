@@ -72,8 +72,8 @@ class TrainConfig:
         num_frames: frames per clip (None: the model's training T).
         sampling: ``dense`` (``num_frames`` frames ``stride`` apart, the official protocol) or ``uniform``.
         stride: frame stride of dense sampling.
-        train_temporal_views: dense views decoded per training video, one picked at random (temporal jitter).
-            1 decodes only the centre view.
+        temporal_jitter: with dense sampling, each training clip starts at a random frame (uniform over every start
+            that fits, as the official trainer); False: the centre view.
         decode_scale: training frames are decoded with a side of ``image_size * decode_scale`` before the crop.
         crop_scale: area range of the random resized crop (of the decoded square).
         crop_ratio: aspect ratio range of the random resized crop.
@@ -119,7 +119,7 @@ class TrainConfig:
     num_frames: int | None = None
     sampling: Sampling = "dense"
     stride: int = 16
-    train_temporal_views: int = 1
+    temporal_jitter: bool = True
     decode_scale: float = 256 / 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -146,7 +146,7 @@ class TrainConfig:
     max_failures: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "micro_batch_size", "stride", "train_temporal_views", "save_every")
+        positive = ("steps", "batch_size", "micro_batch_size", "stride", "save_every")
         for name in (*positive, "keep_last", "log_every", "num_workers", "decode_workers", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,8 +156,6 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.sampling not in ("uniform", "dense"):
             raise ValueError(f"sampling must be 'dense' or 'uniform', got {self.sampling!r}")
-        if self.sampling == "uniform" and self.train_temporal_views != 1:
-            raise ValueError("train_temporal_views > 1 needs sampling='dense'")
         workers = 1 if self.local else self.num_workers
         if self.batch_size % (workers * self.micro_batch_size):
             raise ValueError(
@@ -836,7 +834,8 @@ class TrainClipSource:
 
         entry = self.entries[self.order(position)]
         rng = sample_rng(self.config.seed, position)
-        views = self.config.train_temporal_views
+        jitter = self.config.sampling == "dense" and self.config.temporal_jitter
+        start_fraction = float(rng.random()) if jitter else None
         try:
             source = self.opener(entry.uri) if self.opener is not None else entry.uri
             try:
@@ -846,7 +845,7 @@ class TrainClipSource:
                     size=self.decode_size,
                     sampling=self.config.sampling,
                     stride=self.config.stride,
-                    num_views=views if self.config.sampling == "dense" else 1,
+                    start_fraction=start_fraction,
                     timeout_seconds=self.config.decode_timeout_seconds,
                 )
             finally:
@@ -856,8 +855,7 @@ class TrainClipSource:
         except Exception:  # per-video boundary: a bad or unreadable video is skipped in the loss, never fatal
             empty = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
             return empty, entry.label, False
-        clip = clips[int(rng.integers(0, len(clips)))] if len(clips) > 1 else clips[0]
-        return augment_clip(clip.frames, self.augment, rng), entry.label, True
+        return augment_clip(clips[0].frames, self.augment, rng), entry.label, True
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         counters = batch["index"] if "index" in batch else batch["id"]  # "id": the column of ray.data.range

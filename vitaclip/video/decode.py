@@ -213,6 +213,7 @@ def _plan_views(
     segment_seconds: float | None,
     overlap_seconds: float,
     with_whole_video: bool = False,
+    start_fraction: float | None = None,
 ) -> list[_View]:
     time_base = timeline.time_base
     duration_seconds = float(timeline.duration * time_base)
@@ -237,7 +238,10 @@ def _plan_views(
     assert timeline.frame_pts is not None, "dense sampling needs every frame's timestamp"
     frame_pts = timeline.frame_pts
     views = []
-    for indices in dense_indices(frame_pts.size, num_frames=num_frames, stride=stride, num_views=num_views):
+    all_views = dense_indices(
+        frame_pts.size, num_frames=num_frames, stride=stride, num_views=num_views, start_fraction=start_fraction
+    )
+    for indices in all_views:
         thresholds = frame_pts[indices]  # [T] exact timestamps
         start = float((int(thresholds[0]) - timeline.start) * time_base)
         last = int(indices[-1])
@@ -271,7 +275,9 @@ class _Collector:
         trust_keyframes: bool = True,
         number_frames: bool = False,
         start_pts: int | None = None,
+        square: bool = True,
     ) -> None:
+        self._square = square
         self._container = opened.container
         self._start_pts = start_pts  # the stream's first timestamp: no keyframe lies before it
         self._second_ticks = max(1, int(1 / opened.header.time_base))
@@ -525,7 +531,7 @@ class _Collector:
             return
         rgb = self._converted.get(pts)
         if rgb is None:
-            rgb = frame_to_rgb(frame, size=self._size, sample_aspect_ratio=self._sar)
+            rgb = frame_to_rgb(frame, size=self._size, sample_aspect_ratio=self._sar, square=self._square)
             self._converted[pts] = rgb
             self._stats.frames_converted += 1
         self._results[t] = (pts, rgb)
@@ -544,9 +550,15 @@ def _check_options(
     timeout_seconds: float,
     max_pixels: int,
     with_whole_video: bool = False,
+    start_fraction: float | None = None,
 ) -> None:
     if with_whole_video and sampling != "windows":
         raise ValueError(f"with_whole_video only applies to sampling='windows', got sampling={sampling!r}")
+    if start_fraction is not None:
+        if sampling != "dense" or num_views != 1:
+            raise ValueError("start_fraction applies to sampling='dense' with num_views=1")
+        if not 0.0 <= start_fraction < 1.0:
+            raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
     if sampling not in ("uniform", "dense", "windows"):
         raise ValueError(f"sampling must be 'uniform', 'dense' or 'windows', got {sampling!r}")
     for name, value in (("num_frames", num_frames), ("stride", stride), ("num_views", num_views)):
@@ -600,12 +612,15 @@ def _collect(
     num_threads: int,
     plan: dict[str, Any],
     stats: DecodeStats,
+    square: bool = True,
 ) -> list[Clip]:
     def open_source() -> AbstractContextManager[OpenedVideo]:
         return open_video(source, deadline=deadline, max_pixels=max_pixels, num_threads=num_threads)
 
     def collector(opened: OpenedVideo, **options: Any) -> _Collector:
-        return _Collector(opened, deadline=deadline, size=size, max_pixels=max_pixels, stats=stats, **options)
+        return _Collector(
+            opened, deadline=deadline, size=size, max_pixels=max_pixels, stats=stats, square=square, **options
+        )
 
     results: dict[int, tuple[int, np.ndarray] | None] | None = None
     with open_source() as opened:
@@ -692,6 +707,8 @@ def decode_clips(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     stats: DecodeStats | None = None,
     with_whole_video: bool = False,
+    start_fraction: float | None = None,
+    square: bool = True,
 ) -> list[Clip]:
     """Decode every clip a sampling asks for (several dense views or windows), decoding each frame once.
 
@@ -712,6 +729,10 @@ def decode_clips(
         stats: Optional counters to fill in (what was demuxed, decoded and converted).
         with_whole_video: With ``windows``, also return the ``uniform`` clip of the whole video, first, from the same
             pass (frames shared by the whole clip and a window are decoded once).
+        start_fraction: With ``dense`` and one view, where the view starts, as a fraction in ``[0, 1)`` of the
+            possible starts (training's random temporal jitter; see ``dense_indices``). None: the centre view.
+        square: Centre-crop a ``size`` square (default). False keeps the whole picture with its shorter side
+            ``size`` (frames ``[T, H, W, 3]``), for crops taken elsewhere (several spatial views).
 
     Returns:
         One ``Clip`` per view or window, in time order (after the whole-video clip with ``with_whole_video``).
@@ -738,6 +759,7 @@ def decode_clips(
         timeout_seconds=timeout_seconds,
         max_pixels=max_pixels,
         with_whole_video=with_whole_video,
+        start_fraction=start_fraction,
     )
     deadline = Deadline(timeout_seconds)
     try:
@@ -755,8 +777,10 @@ def decode_clips(
                 "segment_seconds": segment_seconds,
                 "overlap_seconds": overlap_seconds,
                 "with_whole_video": with_whole_video,
+                "start_fraction": start_fraction,
             },
             stats=stats if stats is not None else DecodeStats(),
+            square=square,
         )
     except DeadlineExceeded as e:
         raise VideoDecodeError("timeout", str(e)) from None
@@ -782,6 +806,8 @@ def decode_clip(
     timeout_seconds: float = 60.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     stats: DecodeStats | None = None,
+    start_fraction: float | None = None,
+    square: bool = True,
 ) -> Clip:
     """Decode one clip of ``num_frames`` frames; see ``decode_clips`` for the options.
 
@@ -806,5 +832,7 @@ def decode_clip(
         timeout_seconds=timeout_seconds,
         max_pixels=max_pixels,
         stats=stats,
+        start_fraction=start_fraction,
+        square=square,
     )
     return clip

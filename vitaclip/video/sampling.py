@@ -6,6 +6,7 @@ screen at a given time. Times are seconds from the first frame.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -67,12 +68,23 @@ def frame_indices_at(pts_seconds: np.ndarray, times_seconds: np.ndarray) -> np.n
     return np.clip(indices, 0, pts.size - 1).astype(np.int64)
 
 
-def dense_indices(num_video_frames: int, *, num_frames: int, stride: int, num_views: int = 1) -> np.ndarray:
+def dense_indices(
+    num_video_frames: int,
+    *,
+    num_frames: int,
+    stride: int,
+    num_views: int = 1,
+    start_fraction: float | None = None,
+) -> np.ndarray:
     """The official Vita-CLIP dense protocol on frame indices (presentation order).
 
     A view is ``num_frames`` frames ``stride`` apart, spanning ``seg_len = (num_frames - 1) * stride + 1`` frames.
     With ``slide = num_video_frames - seg_len``, one view starts at ``slide // 2``; ``V > 1`` views start at
     ``round(slide / (V - 1) * i)``. A video shorter than ``seg_len`` is padded by repeating its last frame.
+
+    ``start_fraction`` in ``[0, 1)`` places one view instead (training's temporal jitter): it starts at
+    ``floor(start_fraction * (slide + 1))``, so a uniform fraction gives every start in ``0 .. slide`` the same
+    chance, as the official trainer's random start does.
 
     Returns:
         int64 ``[num_views, num_frames]`` frame indices.
@@ -83,7 +95,13 @@ def dense_indices(num_video_frames: int, *, num_frames: int, stride: int, num_vi
     _check_positive("num_views", num_views)
     seg_len = (num_frames - 1) * stride + 1
     slide = max(num_video_frames, seg_len) - seg_len  # padding makes a short video exactly seg_len long
-    if num_views == 1:
+    if start_fraction is not None:
+        if not 0.0 <= start_fraction < 1.0:
+            raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
+        if num_views != 1:
+            raise ValueError("start_fraction places a single view; num_views must be 1")
+        starts = [min(slide, math.floor(start_fraction * (slide + 1)))]
+    elif num_views == 1:
         starts = [slide // 2]
     else:
         starts = [round(slide / (num_views - 1) * i) for i in range(num_views)]

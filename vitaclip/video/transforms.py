@@ -26,18 +26,24 @@ def resized_size(width: int, height: int, *, size: int, sample_aspect_ratio: Fra
     return max(size, round(display_width * size / height)), size
 
 
-def frame_to_rgb(frame: VideoFrame, *, size: int, sample_aspect_ratio: Fraction = Fraction(1)) -> np.ndarray:
-    """Scale the shorter side to ``size``, centre-crop a square and apply the frame's rotation metadata.
+def frame_to_rgb(
+    frame: VideoFrame, *, size: int, sample_aspect_ratio: Fraction = Fraction(1), square: bool = True
+) -> np.ndarray:
+    """Scale the shorter side to ``size``, centre-crop a square (unless ``square`` is False) and apply the frame's
+    rotation metadata.
 
     Only the returned picture is scaled; swscale converts and resizes in one pass.
 
     Returns:
-        uint8 ``[size, size, 3]`` RGB, upright.
+        uint8 ``[size, size, 3]`` RGB, upright; with ``square=False`` the whole picture, ``[H, W, 3]`` with the
+        shorter side ``size``.
     """
     out_width, out_height = resized_size(frame.width, frame.height, size=size, sample_aspect_ratio=sample_aspect_ratio)
     rgb = frame.to_ndarray(width=out_width, height=out_height, format="rgb24", interpolation="BILINEAR")  # [h, w, 3]
-    top, left = (out_height - size) // 2, (out_width - size) // 2
-    crop = rgb[top : top + size, left : left + size]  # [size, size, 3]
+    crop = rgb
+    if square:
+        top, left = (out_height - size) // 2, (out_width - size) // 2
+        crop = rgb[top : top + size, left : left + size]  # [size, size, 3]
     # The display matrix turns the stored picture counter-clockwise, as np.rot90 does for positive k.
     turns = round(frame.rotation / 90) % 4
     if turns:
