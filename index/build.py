@@ -319,6 +319,21 @@ def build_index(
         tune_queries = tune_queries() if approximate else None
     queries = tune_queries if tune_queries is not None else _default_queries(vectors)
     tuning = tune(vindex, vectors, queries, recall_target=recall_target)
+    auto_note = None
+    if kind == "auto" and plan.kind == "ivf" and 2 * int(tuning["value"]) >= plan.nlist:
+        # The recall target needs most of the lists: the data has no cluster structure IVF can use (nearly
+        # isotropic vectors), and scanning most lists is slower than exact search. Exact it is.
+        auto_note = (
+            f"IVF needed nprobe {tuning['value']} of {plan.nlist} lists for recall {recall_target}: exact search "
+            f"chosen instead (IVF p50 {tuning.get('p50_ms')} ms)"
+        )
+        plan = IndexPlan("flat", "IDMap2,Flat")
+        start = time.perf_counter()
+        index = _train_and_add(plan, vectors, ids)
+        build_seconds += time.perf_counter() - start
+        vindex = VectorIndex(index, ids, None, plan)
+        approximate = False
+        tuning = tune(vindex, vectors, queries, recall_target=recall_target)
     entry = {
         "kind": plan.kind,
         "factory": plan.factory,
@@ -341,6 +356,8 @@ def build_index(
         "build_seconds": round(build_seconds, 3),
         "gpu": _use_gpu(),
     }
+    if auto_note:
+        entry["auto_choice"] = auto_note
     _save(out_dir, name, vindex, stamps if stamps is not None else np.zeros(len(ids), np.int64), entry, model_id)
     return entry
 

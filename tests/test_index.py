@@ -53,6 +53,27 @@ def test_recall_of_each_kind_against_exact(tmp_path, kind: str, threshold: float
         assert entry["rerank"] and (tmp_path / "videos.vectors.npy").is_file()
 
 
+def test_auto_takes_exact_search_when_ivf_would_scan_most_lists(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    clustered_data = clustered(12_000)
+    entry = build_index(
+        clustered_data, np.arange(12_000), tmp_path / "c", model_id="m", flat_max=5_000,
+        tune_queries=text_like_queries(clustered_data),
+    )  # fmt: skip
+    assert entry["kind"] == "ivf" and "auto_choice" not in entry  # clusters: IVF reaches the target cheaply
+    isotropic = rng.standard_normal((12_000, 64)).astype(np.float32)
+    isotropic /= np.linalg.norm(isotropic, axis=1, keepdims=True)
+    queries = rng.standard_normal((100, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    entry = build_index(
+        isotropic, np.arange(12_000), tmp_path / "i", model_id="m", flat_max=5_000, tune_queries=queries
+    )
+    assert entry["kind"] == "flat" and "exact search chosen" in entry["auto_choice"], entry
+    assert entry["measured"]["recall_at_10"] == 1.0
+    forced = build_index(isotropic, np.arange(12_000), tmp_path / "f", kind="ivf", model_id="m", tune_queries=queries)
+    assert forced["kind"] == "ivf"  # an explicit kind is kept
+
+
 def test_ids_map_back_and_model_mismatch_is_refused(tmp_path) -> None:
     data = clustered(500)
     ids = np.random.default_rng(3).choice(2**62, 500, replace=False).astype(np.int64)
