@@ -212,7 +212,9 @@ def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-videos", type=int, nargs="+", default=[96], help="one or more set sizes")
+    p.add_argument(
+        "--num-videos", type=int, nargs="+", default=[96, 384], help="set sizes; the verdict is on the largest"
+    )
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=360)
