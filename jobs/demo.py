@@ -62,7 +62,7 @@ class DemoBuildConfig:
     val_per_label: int = 2
     zeroshot_per_label: int = 4
     pretrain_steps: int = 1000
-    prompt_steps: int = 1000
+    prompt_steps: int = 3000
     prompt_batch_size: int = 32
     prompt_lr: float = 5e-3
     workers: int | None = None
@@ -85,9 +85,11 @@ def generate_worlds(
     val_per_label: int,
     zeroshot_per_label: int,
     workers: int | None = None,
-) -> None:
+) -> list[str]:
     """Writes ``seen.txt``/``unseen.txt`` (the split of ``split_seed``) and the worlds ``train`` (when
-    ``train_videos`` > 0), ``val`` and ``zeroshot`` under ``work``, each world with its own seed."""
+    ``train_videos`` > 0), ``val`` and ``zeroshot`` under ``work``, each world with its own seed.
+
+    Returns the names of the worlds generated (complete ones from an earlier build are kept)."""
     from vitaclip.demo.world import generate, split_labels
 
     seen, unseen = split_labels(seed=split_seed, unseen_fraction=unseen_fraction)
@@ -95,6 +97,7 @@ def generate_worlds(
     _write_lines(work / "unseen.txt", unseen)
     plan = [("train", 1, seen, train_videos), ("val", 2, seen, len(seen) * val_per_label)]
     plan.append(("zeroshot", 3, unseen, len(unseen) * zeroshot_per_label))
+    generated = []
     for name, offset, labels, count in plan:
         if count <= 0:
             continue
@@ -107,6 +110,8 @@ def generate_worlds(
             continue
         generate(work / name, count, seed=seed, labels=list(labels), workers=workers)
         done.write_text(json.dumps(stamp))
+        generated.append(name)
+    return generated
 
 
 def evaluate_demo(checkpoint: str | Path, work: Path, *, threads: int = 4) -> dict[str, Any]:
@@ -224,13 +229,16 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         raise ValueError(f"{MODEL_NAME}: text vocab_size must be {vocab_size(len(merges))}")
 
     # 2. Worlds.
+    reused: list[str] = []  # steps whose results an earlier build left (their timings here are near zero)
     t = time.perf_counter()
-    generate_worlds(
+    generated = generate_worlds(
         work, split_seed=config.seed, world_seed=config.seed, unseen_fraction=config.unseen_fraction,
         train_videos=config.train_videos, val_per_label=config.val_per_label,
         zeroshot_per_label=config.zeroshot_per_label, workers=config.workers,
     )  # fmt: skip
     timings["generate_seconds"] = time.perf_counter() - t
+    if not generated:
+        reused.append("generate")
 
     # 3. CLIP pretraining on frames of the training world.
     t = time.perf_counter()
@@ -248,6 +256,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     if clip_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == clip_stamp:
         log.info("CLIP %s was pretrained with these settings; not pretraining again", clip_path)
         pretrain = json.loads(clip_path.with_suffix(".json").read_text())
+        reused.append("pretrain")
     else:
         stamp_path.unlink(missing_ok=True)
         pretrain = run_pretraining(
@@ -273,6 +282,9 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     if train_main(argv) != 0:
         raise RuntimeError("prompt training failed (see the log above)")
     timings["prompt_training_seconds"] = time.perf_counter() - t
+    summary = json.loads((prompts_out / "train_summary.json").read_text())
+    if summary.get("resumed_from_step", 0) >= config.prompt_steps:
+        reused.append("prompt_training")
 
     # 5. The shipped checkpoint: the trained weights, labelling every combination of the world by default.
     final = work / MODEL_NAME
@@ -291,6 +303,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         model_id=model.model_id,
         pretrain={k: pretrain[k] for k in ("train_accuracy", "held_out_accuracy", "num_videos")},
         timings=timings,
+        reused_steps=reused,
     )
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(report_markdown(report))
