@@ -139,8 +139,10 @@ def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
     # A re-run keeps the CLIP pretrained from the same inputs; other pretraining settings pretrain again.
     clip = tmp_path / "clip" / "clip.safetensors"
     before = clip.stat().st_mtime_ns
-    build(tmp_path, config)
+    assert report["reused_steps"] == []
+    again = build(tmp_path, config)
     assert clip.stat().st_mtime_ns == before
+    assert again["reused_steps"] == ["generate", "pretrain", "prompt_training"]
     build(tmp_path, replace(config, pretrain_steps=4))
     assert clip.stat().st_mtime_ns != before
     assert json.loads((tmp_path / "clip" / "clip.json").read_text())["config"]["steps"] == 4
