@@ -51,6 +51,9 @@ class DemoBuildConfig:
         prompt_steps: Vita-CLIP prompt training steps.
         prompt_batch_size: videos per prompt training step.
         prompt_lr: peak learning rate of prompt training.
+        prompt_refine_steps: steps of a second cosine cycle from the first one's prompts, with another data order
+            (0: none).
+        prompt_refine_lr: peak learning rate of the second cycle.
         workers: generator processes (None: up to 4).
         threads: torch threads for pretraining, training and evaluation (None: torch's default, one per core; use
             fewer when other work shares the cores: oversubscribed threads slow training down several times).
@@ -65,6 +68,8 @@ class DemoBuildConfig:
     prompt_steps: int = 3000
     prompt_batch_size: int = 32
     prompt_lr: float = 5e-3
+    prompt_refine_steps: int = 1000
+    prompt_refine_lr: float = 2e-3
     workers: int | None = None
     threads: int | None = None
 
@@ -195,14 +200,29 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _finished(output: Path, steps: int) -> bool:
+    """Whether a training output already holds its last checkpoint (the trainer then only returns its summary)."""
+    from jobs.train import Output
+
+    return any(s >= steps for s in Output(str(output)).checkpoint_steps())
+
+
+def _with_options(argv: Sequence[str], **options: str) -> list[str]:
+    """``argv`` with the values of ``--name value`` options replaced (underscores in names become dashes)."""
+    out = list(argv)
+    for name, value in options.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = value
+    return out
+
+
 def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict[str, Any]:
     """Runs every step; returns the report (also written to ``work/report.json`` and ``work/report.md``).
 
     Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
     kept, and prompt training resumes from its latest checkpoint.
     """
-    from jobs.train import Output, resolve_checkpoint
     from jobs.train import main as train_main
+    from jobs.train import resolve_checkpoint
     from vitaclip.checkpoints import save_checkpoint
     from vitaclip.demo.pretrain import PretrainConfig, run_pretraining, summarize
     from vitaclip.demo.vocab import DEMO_WORDS, learn_merges, vocab_size, write_merges
@@ -250,8 +270,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         "train_world": json.loads((work / "train" / "world.json").read_text()),
         "val_world": json.loads((work / "val" / "world.json").read_text()),
         "backbone": config_model.backbone_config,
-        "threads": config.threads,
-    }
+    }  # not the thread count: it changes float rounding, not the recipe
     stamp_path = clip_path.with_name("stamp.json")
     if clip_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == clip_stamp:
         log.info("CLIP %s was pretrained with these settings; not pretraining again", clip_path)
@@ -279,12 +298,29 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         "--crop-scale", "0.6", "1.0", "--randaug-num-ops", "0", "--decode-scale", "1.0",
         "--save-every", str(min(config.prompt_steps, 500)), "--eval-every", "0", "--local", "--seed", str(config.seed),
     ]  # fmt: skip
-    finished = [s for s in Output(str(prompts_out)).checkpoint_steps() if s >= config.prompt_steps]
-    if finished:
-        reused.append("prompt_training")  # the trainer only returns the summary of the finished run
+    if _finished(prompts_out, config.prompt_steps):
+        reused.append("prompt_training")
     if train_main(argv) != 0:
         raise RuntimeError("prompt training failed (see the log above)")
     timings["prompt_training_seconds"] = time.perf_counter() - t
+    if config.prompt_refine_steps > 0:
+        # A second cosine cycle (a warm restart) from the first cycle's prompts, in another data order: the motions
+        # that change size or angle kept improving after the first schedule had decayed to zero.
+        t = time.perf_counter()
+        refine_out = work / "prompts-refine"
+        steps = config.prompt_refine_steps
+        argv = _with_options(
+            argv,
+            checkpoint=str(resolve_checkpoint(str(prompts_out))), output=str(refine_out), steps=str(steps),
+            lr=str(config.prompt_refine_lr), warmup_steps=str(max(1, steps // 20)),
+            save_every=str(min(steps, 500)), seed=str(config.seed + 1),
+        )  # fmt: skip
+        if _finished(refine_out, steps):
+            reused.append("prompt_refine")
+        if train_main(argv) != 0:
+            raise RuntimeError("prompt refinement failed (see the log above)")
+        timings["prompt_refine_seconds"] = time.perf_counter() - t
+        prompts_out = refine_out
 
     # 5. The shipped checkpoint: the trained weights, labelling every combination of the world by default.
     final = work / MODEL_NAME
@@ -319,7 +355,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 80 minutes on 2 CPUs)")
+    b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 95 minutes on 2 CPUs)")
     b.add_argument("--work", default="out/demo-build", help="working folder (worlds, CLIP, prompts, report)")
     b.add_argument("--install", action="store_true", help="replace the packaged vitaclip-demo checkpoint")
     defaults = DemoBuildConfig()

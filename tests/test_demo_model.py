@@ -126,7 +126,14 @@ def test_shipped_numbers_reproduce_on_freshly_generated_videos(tmp_path: Path) -
 
 def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
     config = DemoBuildConfig(
-        train_videos=40, val_per_label=1, zeroshot_per_label=1, pretrain_steps=3, prompt_steps=2, workers=1, threads=2
+        train_videos=40,
+        val_per_label=1,
+        zeroshot_per_label=1,
+        pretrain_steps=3,
+        prompt_steps=2,
+        prompt_refine_steps=2,
+        workers=1,
+        threads=2,
     )
     report = build(tmp_path, config)
     assert (tmp_path / "report.md").read_text().startswith("| | Vita-CLIP prompts")
@@ -142,7 +149,8 @@ def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
     assert report["reused_steps"] == []
     again = build(tmp_path, config)
     assert clip.stat().st_mtime_ns == before
-    assert again["reused_steps"] == ["generate", "pretrain", "prompt_training"]
+    assert again["reused_steps"] == ["generate", "pretrain", "prompt_training", "prompt_refine"]
+    assert (tmp_path / "prompts-refine" / "train_summary.json").is_file()
     build(tmp_path, replace(config, pretrain_steps=4))
     assert clip.stat().st_mtime_ns != before
     assert json.loads((tmp_path / "clip" / "clip.json").read_text())["config"]["steps"] == 4
