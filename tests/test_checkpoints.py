@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
+import struct
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import vitaclip
-from vitaclip.checkpoints import CheckpointError, read_state_dict
+from vitaclip.checkpoints import CheckpointError, load_torch_file, read_state_dict
 from vitaclip.cli import main as cli_main
 from vitaclip.model import build_backbone
 
@@ -186,3 +191,379 @@ def test_unknown_layout_and_missing_file(tmp_path: Path) -> None:
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="model name"):
         vitaclip.create_model(None)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript archives
+# torch.jit.load runs code from the archive (a scripted module's __setstate__); vitaclip reads archives as data only.
+
+
+class TupleStateWriter(torch.nn.Module):
+    """Pickles a tuple that its own ``__setstate__`` restores; restoring it overwrites ``target``."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+        self.target = target
+        self.written = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.weight, self.target, self.training = state
+        # Keep the result: TorchScript drops an in-place write whose tensor is never used again.
+        self.written = int(torch.from_file(self.target, shared=True, size=8, dtype=torch.uint8).fill_(88).sum())
+
+
+class DictStateWriter(torch.nn.Module):
+    """Pickles its weights as a plain dict, so they can be read, but its ``__setstate__`` overwrites ``target``."""
+
+    __constants__ = ["target"]  # compiled into the archive's code
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+        self.target = target
+        self.written = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    @torch.jit.export
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight = state["weight"]
+        self.training = False
+        self.written = int(torch.from_file(self.target, shared=True, size=8, dtype=torch.uint8).fill_(88).sum())
+
+
+def hostile_archive(tmp_path: Path, writer: type[torch.nn.Module]) -> tuple[Path, Path]:
+    """A scripted archive of ``writer`` and the canary file its ``__setstate__`` overwrites, checked to be hostile."""
+    canary = tmp_path / "canary.bin"
+    canary.write_bytes(bytes(8))
+    archive = tmp_path / "evil.pt"
+    torch.jit.script(writer(str(canary))).save(str(archive))
+    assert canary.read_bytes() == bytes(8)
+    torch.jit.load(str(archive))  # the one deliberate load: proves the archive runs its code when torch loads it
+    assert canary.read_bytes() == b"X" * 8
+    canary.write_bytes(bytes(8))
+    return archive, canary
+
+
+def forbid_code_loading(monkeypatch: pytest.MonkeyPatch, *archives: Path) -> None:
+    """Fails the test if torch.jit.load runs at all, or torch.load sees one of ``archives``."""
+
+    def jit_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.jit.load was called")
+
+    torch_load = torch.load
+
+    def checked_load(f: object, *args: object, **kwargs: object) -> object:
+        name = getattr(f, "name", f)
+        assert not any(Path(str(name)).resolve() == a.resolve() for a in archives), f"torch.load({name})"
+        return torch_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", jit_load)
+    monkeypatch.setattr(torch, "load", checked_load)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("writer", [TupleStateWriter, DictStateWriter])
+def test_torchscript_archive_code_never_runs(
+    writer: type[torch.nn.Module], tmp_path: Path, noise_video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, canary = hostile_archive(tmp_path, writer)
+    forbid_code_loading(monkeypatch, archive)
+    if writer is TupleStateWriter:  # only its __setstate__ could say what the tuple means: refused
+        with pytest.raises(CheckpointError, match=r"__torch__\..*TupleStateWriter pickles a tuple .*__setstate__"):
+            read_state_dict(archive)
+        model_error = "__setstate__"
+    else:  # the weights are plain data: read without the code
+        state = read_state_dict(archive)
+        assert list(state) == ["weight"] and torch.equal(state["weight"], torch.ones(4))
+        model_error = "unknown checkpoint format"
+    assert canary.read_bytes() == bytes(8)
+    with pytest.raises(CheckpointError, match=model_error):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=archive)
+    assert canary.read_bytes() == bytes(8)
+    rc = cli_main(["label", str(noise_video), "--model", "vitaclip-tiny", "--checkpoint", str(archive)])
+    assert rc == 2 and canary.read_bytes() == bytes(8)
+    assert cli_main(["convert", str(archive), str(tmp_path / "out"), "--model", "vitaclip-tiny"]) == 2
+    assert canary.read_bytes() == bytes(8) and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_load_torch_file_refuses_torchscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, canary = hostile_archive(tmp_path, TupleStateWriter)
+    forbid_code_loading(monkeypatch, archive)
+    with pytest.raises(CheckpointError, match="TorchScript or other zip archive"):
+        load_torch_file(archive)
+    assert canary.read_bytes() == bytes(8)
+    torch.save({"step": 3, "rng": torch.arange(3)}, tmp_path / "state.pt")
+    loaded = load_torch_file(tmp_path / "state.pt")
+    assert loaded["step"] == 3 and torch.equal(loaded["rng"], torch.arange(3))
+
+
+def rewrite_zip(src: Path, dst: Path, *, replace: dict[str, bytes] | None = None, drop: str | None = None) -> Path:
+    """A copy of the zip ``src`` with entries replaced (by name suffix) or dropped (names matching ``drop``)."""
+    replace = replace or {}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if drop is not None and re.search(drop, info.filename):
+                continue
+            suffix = info.filename.split("/", 1)[1]
+            zout.writestr(info.filename, replace.get(suffix, zin.read(info)))
+    return dst
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("drop", "match"),
+    [
+        # Not TorchScript to torch.load any more, but its code is still there: read as data, refused.
+        (r"/constants\.pkl$", "pickles a tuple"),
+        # torch.save's layout: torch.load with weights only, which refuses the __torch__ class.
+        (r"/constants\.pkl$|/code/", r"refusing to unpickle.*global __torch__\..*TupleStateWriter"),
+    ],
+)
+def test_torchscript_archive_without_its_markers_is_refused(
+    drop: str, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, canary = hostile_archive(tmp_path, TupleStateWriter)
+    stripped = rewrite_zip(archive, tmp_path / "stripped.pt", drop=drop)
+    forbid_code_loading(monkeypatch)
+    with pytest.raises(CheckpointError, match=match):
+        read_state_dict(stripped)
+    assert canary.read_bytes() == bytes(8)
+
+
+class GlobalPayload:
+    def __init__(self, func: object, arg: str) -> None:
+        self.func, self.arg = func, arg
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (self.func, (self.arg,))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("func", "name"), [(os.system, r"(posix|nt)\.system"), (eval, r"(__builtin__|builtins)\.eval")]
+)
+def test_torchscript_pickle_naming_a_dangerous_global_is_refused(func: object, name: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    arg = f"touch {marker}" if func is os.system else f"open({str(marker)!r}, 'w').close()"
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "linear.pt"))
+    for protocol in (0, 2, 4):  # GLOBAL, and STACK_GLOBAL from protocol 4
+        evil = rewrite_zip(
+            tmp_path / "linear.pt",
+            tmp_path / f"evil{protocol}.pt",
+            replace={"data.pkl": pickle.dumps(GlobalPayload(func, arg), protocol=protocol)},
+        )
+        with pytest.raises(CheckpointError, match=rf"names the global {name}\b"):
+            read_state_dict(evil)
+        assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def traced_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``torch.jit.trace_module`` of the tiny open_clip backbone, saved once, as OpenAI's CLIP files are made."""
+    clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny")).eval()
+    path = tmp_path_factory.mktemp("torchscript") / "traced.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace_module(clip, {"encode_image": torch.randn(1, 3, 64, 64)}, check_trace=False).save(str(path))
+    return path
+
+
+def tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+class Holder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2, bias=False)
+        self.register_buffer("steps", torch.arange(4))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.plain = torch.zeros(5)  # a tensor attribute, neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.plain.sum() + self.scratch.sum()
+
+
+class ManyAttributes(torch.nn.Module):
+    """Shared submodules, non-persistent buffers, odd dtypes and strides, and attributes of most TorchScript types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Holder()
+        self.b = self.a
+        self.names = {"k": 1}
+        self.words = ["x"]
+        self.tensors = [torch.ones(1)]
+        self.pair = (1, 2.5)
+        self.nothing = None
+        self.device = torch.device("cpu")
+        g = torch.Generator().manual_seed(0)
+        self.transposed = torch.nn.Parameter(torch.randn(2, 3, generator=g).t())
+        self.brain = torch.nn.Parameter(torch.randn(3, generator=g).to(torch.bfloat16))
+        self.complex = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64, generator=g))
+        self.mask = torch.nn.Parameter(torch.randn(3, generator=g) > 0, requires_grad=False)
+        self.seq = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2).half())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) + self.seq(x.half()).float()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("kind", ["traced", "scripted", "attributes"])
+def test_torchscript_reader_matches_torch_jit_load(kind: str, traced_archive: Path, tmp_path: Path) -> None:
+    path = traced_archive if kind == "traced" else tmp_path / f"{kind}.pt"
+    if kind == "attributes":
+        torch.jit.script(ManyAttributes()).save(str(path))
+    elif kind == "scripted":
+        torch.jit.script(build_backbone(vitaclip.get_model_config("vitaclip-tiny")).eval()).save(str(path))
+    expected = torch.jit.load(str(path), map_location="cpu").state_dict()  # benign archives only
+    state = read_state_dict(path)
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        got = state[key]
+        assert (got.dtype, got.shape, got.stride()) == (value.dtype, value.shape, value.stride()), key
+        assert torch.equal(tensor_bits(got), tensor_bits(value)), key
+        assert not got.requires_grad
+
+
+# A minimal TorchScript archive written by hand: protocol-2 opcodes for a module M with one parameter "weight".
+M_CODE = 'class M(Module):\n  __parameters__ = ["weight", ]\n  __buffers__ = []\n  weight : Tensor\n'
+
+
+def p_global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def p_str(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def p_int(n: int) -> bytes:
+    if -(1 << 31) <= n < 1 << 31:
+        return b"J" + struct.pack("<i", n)  # BININT
+    return b"\x8a\x08" + n.to_bytes(8, "little", signed=True)  # LONG1
+
+
+def p_tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def p_tensor(numel: int, size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0) -> bytes:
+    storage = p_tuple(p_str("storage"), p_global("torch", "FloatStorage"), p_str("0"), p_str("cpu"), p_int(numel))
+    hooks = p_global("collections", "OrderedDict") + b")R"
+    args = (storage + b"Q", p_int(offset), p_tuple(*map(p_int, size)), p_tuple(*map(p_int, stride)), b"\x89", hooks)
+    return p_global("torch._utils", "_rebuild_tensor_v2") + p_tuple(*args) + b"R"
+
+
+def p_module(**attributes: bytes) -> bytes:
+    items = b"".join(p_str(name) + value for name, value in attributes.items())
+    return p_global("__torch__", "M") + b")\x81}(" + items + b"ub"
+
+
+def hand_archive(path: Path, data_pkl: bytes, *, storage: bytes = bytes(24)) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("m/data.pkl", b"\x80\x02" + data_pkl + b".")
+        zf.writestr("m/data/0", storage)
+        zf.writestr("m/code/__torch__.py", M_CODE)
+        zf.writestr("m/constants.pkl", b"\x80\x02).")
+        zf.writestr("m/byteorder", "little")
+    return path
+
+
+# NEWOBJ M, memo it as 0, then BUILD it with {"weight": None, "me": <memo 0>}.
+SELF_CONTAINING = p_global("__torch__", "M") + b")\x81q\x00}(" + p_str("weight") + b"N" + p_str("me") + b"h\x00ub"
+
+
+def nested_modules(depth: int) -> bytes:
+    data = p_module(weight=b"N")
+    for _ in range(depth):
+        data = p_module(weight=b"N", inner=data)
+    return data
+
+
+def test_hand_written_torchscript_archive_reads(tmp_path: Path) -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    path = hand_archive(
+        tmp_path / "ok.pt", p_module(weight=p_tensor(6, (3, 2), (1, 3))), storage=values.numpy().tobytes()
+    )
+    state = read_state_dict(path)
+    assert list(state) == ["weight"] and torch.equal(state["weight"], values.view(2, 3).t())
+    big_endian = rewrite_zip(
+        path, tmp_path / "big.pt", replace={"byteorder": b"big", "data/0": values.numpy().astype(">f4").tobytes()}
+    )
+    assert torch.equal(read_state_dict(big_endian)["weight"], values.view(2, 3).t())
+
+
+@pytest.mark.parametrize(
+    ("data_pkl", "storage", "match"),
+    [
+        (p_module(weight=p_tensor(6, (3, 3), (3, 1))), bytes(24), "does not fit in storage 0 of 6"),
+        (p_module(weight=p_tensor(6, (2, 3), (3, 1), offset=1)), bytes(24), "does not fit"),
+        (p_module(weight=p_tensor(6, (-1,), (1,))), bytes(24), "malformed size"),
+        (p_module(weight=p_tensor(6, (2, 3), (3, 1))), bytes(20), "holds 20 bytes, but data.pkl declares 6"),
+        (p_module(weight=p_tensor(1 << 40, (1,), (1,))), bytes(24), r"declares 1099511627776 x FloatStorage"),
+        (p_module(weight=p_global("builtins", "eval") + p_tuple(p_str("1")) + b"R"), bytes(24), "global builtins.eval"),
+        (p_module(weight=p_global("torch", "load") + p_tuple(p_str("x")) + b"R"), bytes(24), "global torch.load"),
+        (SELF_CONTAINING, bytes(24), "contains itself"),
+        (b"r\xf0\xff\xff\xff" + p_module(weight=b"N"), bytes(24), "memo index 4294967280"),
+        (b"\x82\x01", bytes(24), "EXT1 opcode"),
+        (b"h\x05", bytes(24), "memo index 5"),
+        (nested_modules(300), bytes(24), "deeper than 200"),
+        (p_module(weight=p_str("not a tensor")), bytes(24), "weight is a str"),
+        (p_str("just a string"), bytes(24), "holds a str, not a TorchScript module"),
+        (bytes(random.Random(7).getrandbits(8) for _ in range(512)), bytes(24), "data.pkl"),
+    ],
+)
+def test_malformed_torchscript_archives_are_refused(
+    data_pkl: bytes, storage: bytes, match: str, tmp_path: Path
+) -> None:
+    path = hand_archive(tmp_path / "bad.pt", data_pkl, storage=storage)
+    with pytest.raises(CheckpointError, match=match):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("truncated", "refusing this zip archive|not a readable"),
+        ("tail cut", "refusing this zip archive|not a readable"),
+        ("short storage", r"data/0 holds 100 bytes"),
+        ("garbage data.pkl", "data.pkl"),
+        ("no data.pkl", "has no traced/data.pkl"),
+        ("no code", "has no code file"),
+    ],
+)
+def test_damaged_traced_archives_are_refused(damage: str, match: str, traced_archive: Path, tmp_path: Path) -> None:
+    raw = traced_archive.read_bytes()
+    path = tmp_path / "damaged.pt"
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "tail cut":
+        path.write_bytes(raw[:-100])
+    elif damage == "short storage":
+        rewrite_zip(traced_archive, path, replace={"data/0": bytes(100)})
+    elif damage == "garbage data.pkl":
+        rewrite_zip(traced_archive, path, replace={"data.pkl": random.Random(8).randbytes(4096)})
+    elif damage == "no data.pkl":
+        rewrite_zip(traced_archive, path, drop=r"/data\.pkl$")
+    else:
+        rewrite_zip(traced_archive, path, drop=r"/code/.*transformer")
+    with pytest.raises(CheckpointError, match=match):
+        read_state_dict(path)

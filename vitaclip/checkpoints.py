@@ -1,7 +1,11 @@
 """Checkpoint formats: the official Vita-CLIP release, OpenAI/open_clip CLIP weights, and our own.
 
-Nothing here unpickles arbitrary objects: ``.pth``/``.pt`` files go through ``torch.load(weights_only=True)``,
-OpenAI's TorchScript archives through ``torch.jit.load`` (tensors only are kept), our own format is safetensors.
+Loading a checkpoint never runs code from it. ``.pth``/``.pt`` files written by ``torch.save`` go through
+``torch.load(weights_only=True)``; our own format is safetensors. TorchScript archives (OpenAI's CLIP ``.pt`` files)
+are never given to ``torch.jit.load``, which runs the archive's code (a scripted module's ``__setstate__``) while
+loading, nor to ``torch.load``, which hands them to ``torch.jit.load``: any zip that is not exactly ``torch.save``'s
+layout is read by `vitaclip._torchscript` as data (an allow-listed unpickler, storages copied from the zip), and
+anything it cannot read that way is refused with a `CheckpointError`.
 
 Formats:
     ``official``: the official trainer's ``checkpoint-N.pth`` (``{"model": state_dict}``, keys with a ``module.``
@@ -23,11 +27,12 @@ import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import safetensors.torch
 import torch
 
+from vitaclip import _torchscript
 from vitaclip.config import TextContextConfig, VitaClipConfig
 from vitaclip.model import VitaClip, backbone_model_config
 
@@ -53,11 +58,74 @@ def file_sha256(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.load reads a file as a zip archive exactly when it starts with these bytes
+
+
+def _zip_layout(f: BinaryIO, path: Path) -> Literal["pickle", "torch.save", "other"]:
+    """How ``torch.load`` would read the open file: a legacy pickle, a ``torch.save`` zip, or some other zip.
+
+    "other" covers TorchScript archives, which ``torch.load`` hands to ``torch.jit.load`` (even with
+    ``weights_only=True`` before torch 2.6, CVE-2025-32434): only files that are "pickle" or "torch.save" may reach
+    ``torch.load``. Raises `CheckpointError` for a zip that cannot be read.
+    """
+    f.seek(0)
+    if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+        return "pickle"  # torch.load unpickles it (weights only), never as TorchScript
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as zf:
+            if not _torchscript.is_torch_save_layout(zf):
+                return "other"
+        # Python's zip reader saw torch.save's layout; torch's own reader (the one torch.load uses) must not see a
+        # TorchScript archive either, as a crafted zip can read differently to two readers.
+        f.seek(0)
+        if "constants.pkl" in torch._C.PyTorchFileReader(f).get_all_records():
+            raise CheckpointError(f"{path}: refusing this zip archive: its entries read differently to torch")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile and torch's reader fail in many ways on damaged or crafted zips
+        raise CheckpointError(f"{path}: refusing this zip archive: {exc}") from exc
+    return "torch.save"
+
+
+def _read_torchscript(f: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as zf:
+            return _torchscript.read_state_dict(zf, archive_bytes=os.fstat(f.fileno()).st_size)
+    except Exception as exc:  # ArchiveError names what was refused; zipfile raises its own errors on damaged entries
+        raise CheckpointError(f"{path}: refusing this zip archive: {exc}") from exc
+
+
+def _torch_load(f: BinaryIO, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a legacy pickle or ``torch.save`` zip (see `_zip_layout`)."""
+    try:
+        f.seek(0)
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # Keep torch's diagnosis (which global was blocked) and drop its advice to load unsafely.
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        detail = [ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln and "load" not in ln]
+        reason = f"it names the global {blocked.group(1)}" if blocked else " ".join(detail[:1]) or "unsupported content"
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: not a plain tensor checkpoint, or it holds code or objects other "
+            f"than tensors and containers ({reason})"
+        ) from exc
+    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, IndexError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` for files written by ``torch.save``, refusing any other zip archive.
+
+    Unlike a bare ``torch.load``, it never hands a TorchScript archive to ``torch.jit.load``, whatever the torch
+    version. Raises `CheckpointError`.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:  # one open file for the checks and the load: the path cannot change in between
+        if _zip_layout(f, path) == "other":
+            raise CheckpointError(f"{path}: a TorchScript or other zip archive, not a file written by torch.save")
+        return _torch_load(f, path)
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -88,21 +156,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
-    try:
-        if _is_torchscript(path):
-            return {
-                k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
-            }
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # Keep torch's diagnosis (which global was blocked) and drop its advice to load unsafely.
-        detail = [ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
-        raise CheckpointError(
-            f"{path}: refusing to unpickle it: not a plain tensor checkpoint, or it holds code or objects other "
-            f"than tensors and containers ({' '.join(detail[:1]) or 'unsupported content'})"
-        ) from exc
-    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, IndexError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+    with open(path, "rb") as f:  # one open file for the checks and the load: the path cannot change in between
+        if _zip_layout(f, path) == "other":
+            return _read_torchscript(f, path)
+        obj = _torch_load(f, path)
     return _unwrap(obj, path)
 
 
@@ -458,7 +515,10 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
     sha = file_sha256(weights)
     if sha != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights}: sha256 {sha} does not match the recorded {meta.get('weights_sha256')}")
-    config = VitaClipConfig.from_dict(meta["config"])
+    try:
+        config = VitaClipConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:  # wrong keys or types in a hand-edited config.json
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
     trained = meta.get("label_names")
     model = VitaClip(config, label_names=trained if trained else label_names)
     if label_names is not None:
