@@ -7,6 +7,7 @@ a version they do not know. A schema change bumps ``SCHEMA_VERSION``.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 
@@ -20,6 +21,11 @@ STATUS_OK = "ok"
 
 class SchemaError(ValueError):
     """A table written by an unknown or incompatible version of vitaclip."""
+
+
+def local_etag(stat: os.stat_result) -> str:
+    """The ``etag`` of a local file: changes when its size or modification time does."""
+    return f"local-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def video_id_for(uri: str) -> str:

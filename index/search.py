@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.build import INDEX_DIR, IndexUnusableError, VectorIndex, open_index, read_info
+from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
 from index.tables import latest_commit, live_files, read_table
 
 MAX_QUERY_CHARS = 500
@@ -110,6 +111,9 @@ class SearchEngine:
         self._thumb_cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._encode_lock = threading.Lock()
+        self._roots_lock = threading.Lock()
+        self._roots: list[str] = []
+        self._roots_stamp: int | None = None
         self.encode = text_encoder or self._model_encoder(model, checkpoint, device)
 
     # ------------------------------------------------------------------ loading
@@ -142,7 +146,9 @@ class SearchEngine:
     def _load_meta(self, name: str) -> dict[str, Any]:
         cols = ["row_id", "video_id", "uri", "labels", "label_scores", "model_id"]
         cols += (
-            ["duration_seconds", "status"] if name == "videos" else ["segment_index", "start_seconds", "end_seconds"]
+            ["duration_seconds", "status", "etag", "size_bytes"]
+            if name == "videos"
+            else ["segment_index", "start_seconds", "end_seconds"]
         )
         table = read_table(self.store, name, cols)
         if table is None:
@@ -165,6 +171,30 @@ class SearchEngine:
         if row is None:
             return None
         return {k: v for k, v in row.items() if k != "model_id"}
+
+    def open_media(self, video_id: str) -> MediaFile:
+        """The indexed file of a video, opened and checked (:func:`index.media.open_media`); the caller closes it.
+
+        Raises:
+            MediaRefused: no such video, or a file that must not be served (with a safe message and HTTP status).
+        """
+        row = self._meta.get("videos", {}).get("by_video", {}).get(video_id)
+        if row is None:
+            raise MediaRefused("not_indexed", "no such video")
+        return open_media(row, self._media_roots())
+
+    def _media_roots(self) -> list[str]:
+        """Input roots recorded by the runs, re-read when a run has written since the last look."""
+        runs = self.root / RUNS_DIR
+        try:
+            stamp = runs.stat().st_mtime_ns
+        except OSError:
+            return []
+        with self._roots_lock:
+            if self._roots_stamp != stamp:
+                self._roots = recorded_roots(self.root)
+                self._roots_stamp = stamp
+            return self._roots
 
     def search(
         self,

@@ -3,7 +3,7 @@
     GET /search?q=TEXT&k=10[&segments=1][&label=NAME][&min_duration=S]   -> {"query", "results": [...], "took_ms"}
     GET /videos/{video_id}     -> the video's row (no embedding)
     GET /thumbnails/{row_id}.jpg
-    GET /media/{video_id}      -> the video file (local outputs) or a redirect to its URI
+    GET /media/{video_id}      -> the indexed video file, streamed (local inputs only; see index.media)
     GET /healthz, GET /metrics (Prometheus text format), GET / (the page)
 
 Bad input gets a 4xx with a JSON message; an unexpected failure gets a 500 with no internals.
@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
+import shutil
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from index.media import MediaRefused
 from index.search import MAX_K, SearchEngine
+from vitaclip.redact import redact_url
 
 log = logging.getLogger("vitaclip.serve")
 
 SEARCH_PARAMS = {"q", "k", "segments", "label", "min_duration"}
+MEDIA_CHUNK_BYTES = 1 << 20
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -150,7 +153,12 @@ def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[Ba
                     hits = engine.search(**args)
                     took = time.perf_counter() - start
                     results = [
-                        dict(h.to_dict(), thumbnail_url=f"/thumbnails/{h.row_id}.jpg", media_url=f"/media/{h.video_id}")
+                        dict(
+                            h.to_dict(),
+                            uri=redact_url(h.uri),
+                            thumbnail_url=f"/thumbnails/{h.row_id}.jpg",
+                            media_url=f"/media/{h.video_id}",
+                        )
                         for h in hits
                     ]
                     self._json(
@@ -162,7 +170,8 @@ def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[Ba
                     if row is None:
                         self._json(404, {"error": "no such video"}, route)
                     else:
-                        self._json(200, dict(row, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
+                        safe = dict(row, uri=redact_url(str(row["uri"])))
+                        self._json(200, dict(safe, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
                 elif path.startswith("/thumbnails/") and path.endswith(".jpg"):
                     route = "thumbnail"
                     try:
@@ -197,17 +206,24 @@ def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[Ba
                 self._json(500, {"error": "internal error"}, route)
 
         def _media(self, video_id: str, route: str) -> None:
-            row = engine.video(video_id)
-            if row is None:
-                self._json(404, {"error": "no such video"}, route)
+            # Only the indexed file, checked by index.media.open_media; nothing taken from the row reaches a header.
+            try:
+                media = engine.open_media(video_id)
+            except MediaRefused as refused:
+                self._json(refused.http_status, {"error": refused.message, "reason": refused.reason}, route)
                 return
-            uri = str(row["uri"])
-            path = Path(uri)
-            if not uri.startswith(("s3://", "http://", "https://")) and path.is_file():
-                kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                self._send(200, path.read_bytes(), kind, route)
-            else:
-                self._send(302, b"", "text/plain", route, headers={"Location": uri})
+            with media.file:
+                self.send_response(200)
+                self.send_header("Content-Type", media.content_type)
+                self.send_header("Content-Length", str(media.size_bytes))
+                self.send_header("ETag", media.etag)
+                self.send_header("Last-Modified", formatdate(media.mtime_ns / 1e9, usegmt=True))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                if self.command != "HEAD":
+                    shutil.copyfileobj(media.file, self.wfile, MEDIA_CHUNK_BYTES)  # streamed, never read whole
+            metrics.record(route, 200)
 
         do_HEAD = do_GET
 

@@ -9,23 +9,29 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from jobs.config import config_from_args
+from vitaclip.redact import install_log_redaction, redact_text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
     """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # endpoint URLs may carry userinfo: never print it
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant it tried
     try:
-        config = config_from_args(sys.argv[1:] if argv is None else argv)
+        config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
         from jobs.pipeline import run_index_job
 
         summary = run_index_job(config)
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
-        print(f"vitaclip index: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
     counts = summary["counts"]
     print(
         f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "

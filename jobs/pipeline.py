@@ -16,13 +16,14 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from index.media import roots_of_inputs
 from index.schema import STATUS_OK, row_id_for, schema_for, video_id_for
 from jobs import tables
 from jobs.config import IndexJobConfig
@@ -36,12 +37,15 @@ from jobs.storage import (
     open_video,
     require_any,
 )
-from vitaclip.stages import DecodeStage, EmbedStage
+from vitaclip.redact import redact_url, redact_value
+from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
 
 log = logging.getLogger("vitaclip.job")
 
 # Statuses worth another try on the next run (the object may read fine later); decode failures are final.
-RETRYABLE = frozenset({"read_error", "timeout", "error"})
+RETRYABLE = frozenset(
+    {"read_error", "timeout", "error", "unavailable", "truncated", "changed", "access_denied", "s3_error"}
+)
 CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_PARTS"  # test hook: SIGKILL the driver after this many staged parts
 ACTOR_KILL_HOOK_ENV = "VITACLIP_TEST_KILL_EMBED_ACTOR_ONCE"  # test hook: a marker path; the first embed call dies
 
@@ -102,15 +106,25 @@ def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
 
 
 class _Planner:
-    """Streams the listing and keeps only videos that need work, counting the rest."""
+    """Streams the listing and keeps only videos that need work, counting the rest.
 
-    def __init__(self, committed: dict[str, tuple[str, str]], staged: dict[str, str]) -> None:
+    It also notes the folders of local files that no folder input covers (manifest entries): with the folder
+    inputs they are the run's input roots, the only places the search service may serve media from.
+    """
+
+    def __init__(
+        self, committed: dict[str, tuple[str, str]], staged: dict[str, str], *, folder_inputs: Sequence[str] = ()
+    ) -> None:
         self.committed, self.staged = committed, staged
         self.counts: Counter[str] = Counter()
+        self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
+        self.other_local_dirs: set[str] = set()
 
     def __call__(self, objects: Iterable[VideoObject]) -> Iterator[VideoObject]:
         for obj in objects:
             self.counts["listed"] += 1
+            if "://" not in obj.uri and not obj.uri.startswith(self._folders):
+                self.other_local_dirs.add(os.path.dirname(obj.uri))
             vid = video_id_for(obj.uri)
             done = self.committed.get(vid)
             if done is not None and done[0] == obj.etag and done[1] not in RETRYABLE:
@@ -246,11 +260,35 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     )
     if not label_names:
         raise ValueError(f"model {config.model!r} has no label set: pass --labels")
-    log.info("run %s: model %s, output %s", run_id, model_id, store.url_for(""))
+    log.info("run %s: model %s, output %s", run_id, model_id, redact_url(store.url_for("")))
+
+    folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
+    safe_config = redact_value(config.to_dict())
+    # Written first, so that a killed run still says what it was and where its inputs are (the search service
+    # serves media only from recorded input roots); rewritten with the full summary at the end.
+    store.put_bytes(
+        f"runs/{run_id}.json",
+        json.dumps(
+            {
+                "run_id": run_id,
+                "state": "running",
+                "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+                "output": redact_url(store.url_for("")),
+                "model_id": model_id,
+                "input_roots": roots_of_inputs(folder_inputs),
+                "config": safe_config,
+            },
+            indent=1,
+        ).encode(),
+    )
 
     deleted = tables.cleanup(store)
     reusable = tables.staged_runs(store)
-    planner = _Planner(tables.committed_keys(store, model_id), tables.staged_keys(store, reusable, model_id))
+    planner = _Planner(
+        tables.committed_keys(store, model_id),
+        tables.staged_keys(store, reusable, model_id),
+        folder_inputs=folder_inputs,
+    )
     log.info("cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable))
 
     filters: dict[str, Any] = dict(
@@ -291,7 +329,16 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     # the driver never holds the whole listing. Blocks of at most _BLOCK_VIDEOS keep retries and memory small.
     for chunk in _chunks(planner(listing), config.chunk_size):
         ds: ray.data.Dataset = ray.data.from_items(
-            [{"uri": o.uri, "etag": o.etag, "size_bytes": o.size_bytes} for o in chunk],
+            [
+                {
+                    "uri": o.uri,
+                    "etag": o.etag,
+                    "size_bytes": o.size_bytes,
+                    LISTING_STATUS: o.status,
+                    LISTING_ERROR: o.error_message,
+                }
+                for o in chunk
+            ],
             override_num_blocks=min(len(chunk), max(decode_workers * 4, -(-len(chunk) // _BLOCK_VIDEOS))),
         )
         # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
@@ -359,8 +406,10 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     processed = sum(status_counts.values())
     summary = {
         "run_id": run_id,
-        "output": store.url_for(""),
+        "state": "committed",
+        "output": redact_url(store.url_for("")),
         "model_id": model_id,
+        "input_roots": roots_of_inputs([*folder_inputs, *sorted(planner.other_local_dirs)]),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "elapsed_seconds": round(elapsed, 3),
         "counts": {**planner.counts, "processed": processed},
@@ -380,7 +429,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             "consumed_staging": record["consumed_staging"],
         },
         "index": index_info,
-        "config": config.to_dict(),  # holds no credentials: those come from the AWS chain only
+        "config": safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
         "versions": _versions(),
     }
     store.put_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=1, default=str).encode())

@@ -15,6 +15,7 @@ import io
 import itertools
 import os
 import random
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +27,9 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import pyarrow.parquet as pq
+
+from index.schema import local_etag
+from vitaclip.redact import redact_text
 
 S3Client = Any
 """A boto3 S3 client (boto3 ships no type stubs)."""
@@ -99,9 +103,10 @@ class StorageError(ValueError):
     """An input, output or object that cannot be used; `reason` says why in one word, `uri` says where."""
 
     def __init__(self, message: str, *, reason: StorageErrorReason, uri: str | None = None) -> None:
-        super().__init__(message)
+        # botocore's messages carry the endpoint URL, userinfo included: mask it before anyone prints this.
+        super().__init__(redact_text(message))
         self.reason: StorageErrorReason = reason
-        self.uri = uri
+        self.uri = None if uri is None else redact_text(uri)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive the default exception pickling (Ray ships errors between processes).
@@ -135,6 +140,9 @@ class VideoObject:
     uri: str
     etag: str
     size_bytes: int
+    status: str = ""
+    """Set when the listing already knows this entry cannot be read (e.g. ``broken_link``); empty otherwise."""
+    error_message: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------- clients
@@ -455,33 +463,72 @@ def _list_s3_prefix(
         raise _storage_error(error, uri=location, action="list") from error
 
 
-def _local_etag(stat: os.stat_result) -> str:
-    return f"local-{stat.st_size}-{stat.st_mtime_ns}"
+def printable_path(path: str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _walk_sorted(folder: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed."""
+def _odd(path: str, status: str, message: str) -> VideoObject:
+    return VideoObject(printable_path(path), "", UNKNOWN_SIZE, status=status, error_message=message)
+
+
+def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
+    """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
+
+    Entries that cannot be videos come out with a listing `status` instead of stopping the listing: a name that is
+    not valid UTF-8 (`invalid_name`), a dangling symlink or a symlink loop (`broken_link`), a FIFO, socket or device
+    (`not_a_file`, which a decoder would block on), a file that cannot be inspected (`read_error`).
+    """
     try:
         with os.scandir(folder) as scan:
-            entries = [
-                (entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name, entry) for entry in scan
-            ]
+            entries = []
+            for entry in scan:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                entries.append((entry.name + "/" if is_dir else entry.name, entry))
     except PermissionError as error:
-        raise StorageError(f"access denied: cannot list folder {folder}", reason="access_denied", uri=folder) from error
+        raise StorageError(
+            f"access denied: cannot list folder {printable_path(folder)}", reason="access_denied", uri=folder
+        ) from error
+    except FileNotFoundError:  # removed since its parent was read
+        return
     for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
         if sort_name.endswith("/"):
-            yield from _walk_sorted(entry.path)
-        elif entry.is_file():
-            try:
-                yield entry.path, entry.stat()
-            except FileNotFoundError:  # removed since the folder was read
-                continue
+            yield from _walk_sorted(entry.path, keep_name=keep_name)
+            continue
+        if not keep_name(entry.path):
+            continue
+        try:
+            st = entry.stat()  # follows symlinks
+        except FileNotFoundError:
+            if entry.is_symlink():
+                yield _odd(entry.path, "broken_link", "symbolic link to a missing file")
+            continue  # removed since the folder was read
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                yield _odd(entry.path, "broken_link", "symbolic link loop")
+            else:
+                yield _odd(entry.path, "read_error", f"cannot inspect the file: {error.strerror or error}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            continue  # a symlinked folder: not followed
+        if not stat.S_ISREG(st.st_mode):
+            yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
+            continue
+        if printable_path(entry.path) != entry.path:
+            yield _odd(entry.path, "invalid_name", "the file name is not valid UTF-8 (shown with \\x escapes)")
+            continue
+        yield VideoObject(entry.path, local_etag(st), st.st_size)
 
 
 def _list_folder(location: str, *, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
-    for path, stat in _walk_sorted(os.path.abspath(location)):
-        if keep_name(path):
-            yield VideoObject(path, _local_etag(stat), stat.st_size)
+    yield from _walk_sorted(os.path.abspath(location), keep_name=keep_name)
 
 
 _ManifestRow = tuple[str, "str | None", "int | None"]  # uri, etag, size_bytes
@@ -527,10 +574,10 @@ def _look_up(uri: str, *, client: S3Client) -> VideoObject:
             return VideoObject(uri, "", UNKNOWN_SIZE)
         return VideoObject(uri, str(head.get("ETag", "")).strip('"'), int(head["ContentLength"]))
     try:
-        stat = os.stat(uri)
+        st = os.stat(uri)
     except OSError:
         return VideoObject(uri, "", UNKNOWN_SIZE)
-    return VideoObject(uri, _local_etag(stat), stat.st_size)
+    return VideoObject(uri, local_etag(st), st.st_size)
 
 
 def _manifest_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]:
@@ -644,8 +691,12 @@ def open_video(
     """
     if not uri.startswith("s3://"):
         path = uri[len("file://") :] if uri.startswith("file://") else uri
-        if not os.path.isfile(path):
-            raise StorageError(f"no file at {path}", reason="not_found", uri=uri)
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
+        if not regular:  # a FIFO or device would block the decoder
+            raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_found", uri=uri)
         return path
     bucket, key = parse_s3_uri(uri)
     client = s3_client if s3_client is not None else make_s3_client()
@@ -948,8 +999,10 @@ class LocalStore(Store):
         if not start.is_dir():
             return []
         found = []
-        for path, _ in _walk_sorted(str(start)):
-            rel = Path(path).relative_to(self.root).as_posix()
+        for found_file in _walk_sorted(str(start), keep_name=lambda _: True):
+            if found_file.status:
+                continue  # not a file this store wrote
+            rel = Path(found_file.uri).relative_to(self.root).as_posix()
             if rel.startswith(rel_prefix) and not rel.endswith(_TMP_SUFFIX):
                 found.append(rel)
         return sorted(found)

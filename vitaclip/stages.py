@@ -12,12 +12,15 @@ batch stays a dense tensor column.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitaclip.redact import redact_text
 from vitaclip.video import VideoDecodeError, decode_clip, decode_clips, probe
 
 if TYPE_CHECKING:
@@ -27,12 +30,38 @@ VideoSource = Any  # a path, bytes, or a seekable binary file object
 Opener = Callable[[str, int], VideoSource]
 
 READ_ERROR = "read_error"
+NOT_FOUND = "not_found"
 INTERNAL_ERROR = "error"
+# Kinds of read failure an opener's exception may name in its ``reason`` (the job's storage errors do).
+READ_REASONS = frozenset({"not_found", "changed", "truncated", "unavailable", "access_denied", "s3_error"})
+# Columns a listing may set for entries it already knows are unreadable (e.g. "broken_link"): no read is tried.
+LISTING_STATUS, LISTING_ERROR = "listing_status", "listing_error"
 THUMBNAIL_SIZE = 160
+# The columns of a clip row before decoding fills them in (NaN, -1 and empty mean unknown).
+_BASE_ROW: dict[str, Any] = {
+    "duration_seconds": np.nan,
+    "fps": np.nan,
+    "width": -1,
+    "height": -1,
+    "codec": "",
+    "segment_index": -1,
+    "start_seconds": 0.0,
+    "end_seconds": 0.0,
+    "thumbnail_jpeg": b"",
+    "decode_seconds": 0.0,
+}
 
 
 def open_local(uri: str, size_bytes: int) -> VideoSource:
-    """The default opener: a local path as it is."""
+    """The default opener: a local path as it is, once it is known to be a regular file.
+
+    Raises:
+        FileNotFoundError: the file is gone (deleted since it was listed).
+        OSError: it is not a regular file (a FIFO would block the decoder) or cannot be inspected.
+    """
+    st = os.stat(uri)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"not a regular file: {uri}")
     return uri
 
 
@@ -85,27 +114,30 @@ class DecodeStage:
     def _empty_frames(self) -> np.ndarray:
         return np.zeros((self.num_frames, self.size, self.size, 3), dtype=np.uint8)
 
+    def failed_row(self, status: str, message: str, *, decode_seconds: float = 0.0) -> dict[str, Any]:
+        """The one row of a video that could not be read or decoded (messages have credentials masked)."""
+        return dict(
+            _BASE_ROW,
+            status=status,
+            error_message=redact_text(message),
+            frames=self._empty_frames(),
+            decode_seconds=decode_seconds,
+        )
+
     def decode_one(self, uri: str, size_bytes: int) -> list[dict[str, Any]]:
         """Rows (whole video first, then segments) for one video, or one failed row."""
-        base: dict[str, Any] = {
-            "duration_seconds": np.nan,
-            "fps": np.nan,
-            "width": -1,
-            "height": -1,
-            "codec": "",
-            "segment_index": -1,
-            "start_seconds": 0.0,
-            "end_seconds": 0.0,
-            "thumbnail_jpeg": b"",
-            "decode_seconds": 0.0,
-        }
+        base = _BASE_ROW
         start = time.perf_counter()
         try:
             source = self.opener(uri, size_bytes)
+        except FileNotFoundError:
+            return [self.failed_row(NOT_FOUND, "the file is gone (deleted since it was listed)")]
         except Exception as exc:  # per-video boundary: any read failure becomes this video's status
-            return [
-                dict(base, status=READ_ERROR, error_message=f"{type(exc).__name__}: {exc}", frames=self._empty_frames())
-            ]
+            # Storage errors name their kind (not_found, changed, unavailable, ...): keep it as the status.
+            reason = getattr(exc, "reason", None)
+            if isinstance(reason, str) and reason in READ_REASONS:
+                return [self.failed_row(reason, str(exc))]
+            return [self.failed_row(READ_ERROR, f"{type(exc).__name__}: {exc}")]
         # One decode time limit for the whole video: each call below gets what the previous ones left.
         deadline = time.perf_counter() + self.timeout_seconds
 
@@ -134,24 +166,12 @@ class DecodeStage:
                     with_whole_video=True,
                     timeout_seconds=remaining_seconds(),
                 )
-        except VideoDecodeError as exc:
-            return [
-                dict(
-                    base,
-                    status=exc.reason,
-                    error_message=str(exc),
-                    frames=self._empty_frames(),
-                    decode_seconds=time.perf_counter() - start,
-                )
-            ]
+        except VideoDecodeError as exc:  # the status says the reason; the message says the rest
+            return [self.failed_row(exc.reason, exc.message, decode_seconds=time.perf_counter() - start)]
         except Exception as exc:  # per-video boundary: record, never crash the job
             return [
-                dict(
-                    base,
-                    status=INTERNAL_ERROR,
-                    error_message=f"{type(exc).__name__}: {exc}",
-                    frames=self._empty_frames(),
-                    decode_seconds=time.perf_counter() - start,
+                self.failed_row(
+                    INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", decode_seconds=time.perf_counter() - start
                 )
             ]
         finally:
@@ -192,9 +212,14 @@ class DecodeStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_rows: list[dict[str, Any]] = []
-        passthrough = [k for k in batch if k not in ("frames",)]
+        passthrough = [k for k in batch if k not in ("frames", LISTING_STATUS, LISTING_ERROR)]
+        listed = batch.get(LISTING_STATUS)
         for i in range(len(batch["uri"])):
-            for row in self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i])):
+            if listed is not None and listed[i]:
+                rows = [self.failed_row(str(listed[i]), str(batch[LISTING_ERROR][i]))]
+            else:
+                rows = self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i]))
+            for row in rows:
                 for key in passthrough:
                     row.setdefault(key, batch[key][i])
                 out_rows.append(row)

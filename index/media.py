@@ -1,0 +1,147 @@
+"""Which file a media request may read: the indexed object, unchanged, inside the inputs it was listed from.
+
+A row's ``uri`` is data from the listing, and the file system under it can change after indexing (a video replaced
+by a symlink to ``/etc/passwd``, a symlink that always pointed outside the input folder). :func:`open_media` is the
+one gate, independent of any web framework: it opens the file only when
+
+- the row's status is ``ok`` (a row that failed to decode was never shown to be a video);
+- the URI is a local path (``s3://`` objects are not served from here);
+- its resolved path lies inside one of the input roots recorded at index time (``runs/<run_id>.json``,
+  ``input_roots``), so no symlink leads out of them;
+- the opened object is a regular file, is the path that was checked, and its size and modification time still
+  match the row's ETag.
+
+Refusals carry a short ``reason`` and an HTTP status; their messages never contain paths, so they are safe to send.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import stat
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from index.schema import STATUS_OK, local_etag
+
+RUNS_DIR = "runs"
+
+
+class MediaRefused(Exception):
+    """A media request that must not be served; ``message`` is safe to show to the client."""
+
+    def __init__(self, reason: str, message: str, *, http_status: int = 404) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """An opened, checked media file. ``file`` is positioned at 0; the caller closes it."""
+
+    file: BinaryIO
+    size_bytes: int
+    mtime_ns: int
+    content_type: str
+    etag: str  # an HTTP entity tag made of safe characters only
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _content_type(path: str) -> str:
+    kind = mimetypes.guess_type(path, strict=False)[0]
+    return kind if kind and kind.startswith("video/") else "application/octet-stream"
+
+
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel has for an open descriptor (Linux), or None where it cannot tell."""
+    if sys.platform.startswith("linux"):
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+    return None
+
+
+def open_media(row: Mapping[str, Any], roots: Sequence[str]) -> MediaFile:
+    """Opens the file of an indexed row for serving, or raises :class:`MediaRefused`.
+
+    Args:
+        row: the row's ``uri``, ``status``, ``etag`` and ``size_bytes``.
+        roots: resolved input folders recorded at index time (:func:`recorded_roots`).
+    """
+    if row.get("status") != STATUS_OK:
+        raise MediaRefused("not_ok", "this row is not a decoded video")
+    uri = str(row.get("uri") or "")
+    if "://" in uri:
+        raise MediaRefused("remote", "media of remote objects are not served")
+    if not os.path.isabs(uri) or "\x00" in uri:
+        raise MediaRefused("not_local", "the row does not name a local file")
+    resolved = os.path.realpath(uri)
+    if not any(_inside(resolved, root) for root in roots):
+        raise MediaRefused("outside_roots", "the file is not inside the indexed input folders", http_status=403)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(resolved, flags)
+    except OSError:
+        raise MediaRefused("missing", "the file is gone or unreadable") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MediaRefused("not_a_file", "the indexed path is not a regular file", http_status=403)
+        opened = _opened_path(fd)
+        if opened is not None and opened != resolved:
+            raise MediaRefused("changed", "the file moved while it was opened", http_status=409)
+        if row.get("etag") != local_etag(st) or int(row.get("size_bytes") or -1) != st.st_size:
+            raise MediaRefused("changed", "the file changed since it was indexed", http_status=410)
+        os.set_blocking(fd, True)
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return MediaFile(
+        file=file,
+        size_bytes=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        content_type=_content_type(resolved),
+        etag=f'"{st.st_size:x}-{st.st_mtime_ns:x}"',
+    )
+
+
+def roots_of_inputs(local_paths: Iterable[str]) -> list[str]:
+    """Resolved, de-duplicated roots for folders (themselves) and listed files (their folders)."""
+    out: set[str] = set()
+    for path in local_paths:
+        if "://" in path:
+            continue
+        target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        out.add(os.path.realpath(target))
+    return sorted(out)
+
+
+def recorded_roots(out_dir: str | Path) -> list[str]:
+    """The input roots every run recorded in ``OUT/runs/*.json`` (a run writes them when it starts and ends)."""
+    folder = Path(out_dir) / RUNS_DIR
+    roots: set[str] = set()
+    if not folder.is_dir():
+        return []
+    for path in folder.glob("*.json"):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        found = summary.get("input_roots") if isinstance(summary, dict) else None
+        if isinstance(found, list):
+            roots.update(r for r in found if isinstance(r, str) and os.path.isabs(r))
+    return sorted(roots)

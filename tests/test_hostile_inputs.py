@@ -1,0 +1,240 @@
+"""Odd and hostile inputs, end to end: a folder full of traps through the real job, then the search service.
+
+One job run (tiny model, embedded Ray) covers the listing traps (each becomes a row with a status, the run commits)
+and gives the service an output whose media requests are attacked: symlinks out of the input folder, files replaced
+after indexing, header injection through file names.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from index.media import MediaRefused, open_media, recorded_roots
+from index.schema import local_etag, video_id_for
+from index.search import SearchEngine
+from index.service import make_server
+from jobs import tables
+from jobs.index_videos import main as job_main
+from jobs.pipeline import ReadDecode
+from jobs.storage import list_videos, open_store
+from vitaclip.samples import write_sample_video
+
+LONG_NAME = "l" * 251 + ".mp4"  # 255 bytes, the most most file systems allow
+CRLF_NAME = "crlf\r\nX-Injected: yes.mp4"
+
+
+def _video(path: Path, seed: int) -> Path:
+    return write_sample_video(path, num_frames=24, fps=12, width=64, height=48, pattern="shape", seed=seed)
+
+
+@pytest.fixture(scope="module")
+def traps(tmp_path_factory) -> dict[str, Any]:
+    """A folder of traps, indexed once by the real job; returns paths and the committed rows by file name."""
+    root = tmp_path_factory.mktemp("traps")
+    src = root / "in"
+    src.mkdir()
+    _video(src / "plain.mp4", 1)
+    _video(src / "later.mp4", 2)
+    _video(src / "swapped.mp4", 3)
+    _video(src / "-dash.mp4", 4)
+    _video(src / LONG_NAME, 5)
+    _video(src / CRLF_NAME, 6)
+    (src / "x.mp4").mkdir()  # a folder with a video name: walked, not read
+    _video(src / "x.mp4" / "inner.mp4", 7)
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    _video(elsewhere / "real.mp4", 8)
+    os.symlink(elsewhere / "real.mp4", src / "outside.mp4")  # decodes fine, but lies outside the input folder
+    os.symlink("/etc/passwd", src / "passwd.mp4")
+    os.symlink("loop.mp4", src / "loop.mp4")
+    os.symlink("missing.mp4", src / "dangling.mp4")
+    os.mkfifo(src / "fifo.mp4")  # a decoder would block on it forever
+    _video(root / "tmp.mp4", 9)
+    os.rename(root / "tmp.mp4", os.fsencode(src) + b"/bad\xff\xfename.mp4")  # not valid UTF-8
+
+    out = root / "out"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        rc = job_main([str(src), "--output", str(out), "--model", "vitaclip-tiny", "--random-weights"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    table = tables.read_table(open_store(str(out)), "videos")
+    assert table is not None
+    rows = {os.path.relpath(r["uri"], src): r for r in table.to_pylist()}
+    return {"root": root, "src": src, "out": out, "rows": rows, "elsewhere": elsewhere}
+
+
+def test_every_odd_entry_is_a_row_with_a_status_and_the_run_commits(traps: dict[str, Any]) -> None:
+    rows = traps["rows"]
+    expected = {
+        "plain.mp4": "ok",
+        "later.mp4": "ok",
+        "swapped.mp4": "ok",
+        "-dash.mp4": "ok",
+        LONG_NAME: "ok",
+        CRLF_NAME: "ok",
+        "x.mp4/inner.mp4": "ok",
+        "outside.mp4": "ok",
+        "passwd.mp4": "not_a_video",
+        "loop.mp4": "broken_link",
+        "dangling.mp4": "broken_link",
+        "fifo.mp4": "not_a_file",
+        "bad\\xff\\xfename.mp4": "invalid_name",
+    }
+    assert {name: r["status"] for name, r in rows.items()} == expected
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            assert row["error_message"] and row["embedding"] is None, name
+    assert "symbolic link loop" in rows["loop.mp4"]["error_message"]
+    assert "not valid UTF-8" in rows["bad\\xff\\xfename.mp4"]["error_message"]
+    summary_files = list((traps["out"] / "runs").glob("*.json"))
+    summary = json.loads(summary_files[0].read_text())
+    assert summary["state"] == "committed" and summary["status"]["ok"] == 8
+    assert summary["input_roots"] == [os.path.realpath(traps["src"])]
+
+
+def test_a_file_deleted_between_listing_and_reading_is_a_row(tmp_path: Path) -> None:
+    _video(tmp_path / "gone.mp4", 1)
+    listed = list(list_videos([str(tmp_path)]))
+    (tmp_path / "gone.mp4").unlink()
+    stage = ReadDecode(num_frames=2, size=32, s3_endpoint_url=None, whole_object_max_bytes=1 << 20)
+    import numpy as np
+
+    batch = {
+        "uri": np.asarray([v.uri for v in listed], dtype=object),
+        "etag": np.asarray([v.etag for v in listed], dtype=object),
+        "size_bytes": np.asarray([v.size_bytes for v in listed]),
+    }
+    out = stage(batch)
+    assert list(out["status"]) == ["not_found"] and "gone" in str(out["error_message"][0])
+
+
+# ----------------------------------------------------------------------------------------------- the service
+
+
+@pytest.fixture(scope="module")
+def service(traps: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    srv = make_server(SearchEngine(traps["out"]), host="127.0.0.1", port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield "127.0.0.1", srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def _request(service: tuple[str, int], path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*service, timeout=30)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _media(traps: dict[str, Any], name: str) -> str:
+    return "/media/" + traps["rows"][name]["video_id"]
+
+
+def test_media_serves_the_indexed_file_streamed(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    status, headers, body = _request(service, _media(traps, "plain.mp4"))
+    data = (traps["src"] / "plain.mp4").read_bytes()
+    assert status == 200 and body == data and headers["content-length"] == str(len(data))
+    assert headers["content-type"] == "video/mp4" and headers["etag"] and headers["last-modified"]
+    status, headers, body = _request(service, _media(traps, "plain.mp4"), method="HEAD")
+    assert status == 200 and body == b"" and headers["content-length"] == str(len(data))
+
+
+def test_media_refuses_what_was_not_indexed_as_a_video(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    status, headers, body = _request(service, _media(traps, "passwd.mp4"))
+    assert status == 404 and b"root:" not in body and json.loads(body)["reason"] == "not_ok"
+    assert _request(service, "/media/" + video_id_for("/etc/passwd"))[0] == 404
+    assert _request(service, "/media/..%2F..%2Fetc%2Fpasswd")[0] == 404
+
+
+def test_media_refuses_symlinks_out_of_the_input_folder(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    status, _, body = _request(service, _media(traps, "outside.mp4"))
+    assert status == 403 and json.loads(body)["reason"] == "outside_roots"
+    assert str(traps["elsewhere"]).encode() not in body  # no server paths in refusals
+
+
+def test_media_refuses_a_video_replaced_after_indexing(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    later = traps["src"] / "later.mp4"
+    later.unlink()
+    os.symlink("/etc/passwd", later)  # replaced by a symlink out of the folder
+    status, _, body = _request(service, _media(traps, "later.mp4"))
+    assert status == 403 and b"root:" not in body
+    swapped = traps["src"] / "swapped.mp4"
+    swapped.unlink()
+    os.symlink(traps["src"] / "plain.mp4", swapped)  # replaced by another file inside the folder
+    status, _, body = _request(service, _media(traps, "swapped.mp4"))
+    assert status == 410 and json.loads(body)["reason"] == "changed"
+
+
+def test_file_names_never_reach_headers(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    status, headers, body = _request(service, _media(traps, CRLF_NAME))
+    assert status == 200 and body == (traps["src"] / CRLF_NAME).read_bytes()
+    assert "x-injected" not in headers and "location" not in headers
+    for name in (LONG_NAME, "-dash.mp4", "x.mp4/inner.mp4"):
+        assert _request(service, _media(traps, name))[0] == 200
+
+
+# ----------------------------------------------------------------------------------------- the check itself
+
+
+def _row(path: Path, status: str = "ok") -> dict[str, Any]:
+    st = path.stat()
+    return {"uri": str(path), "status": status, "etag": local_etag(st), "size_bytes": st.st_size}
+
+
+def test_open_media_rules(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    video = _video(root / "v.mp4", 1)
+    roots = [os.path.realpath(root)]
+    media = open_media(_row(video), roots)
+    with media.file as f:
+        assert f.read() == video.read_bytes() and media.size_bytes == video.stat().st_size
+
+    def refused(row: dict[str, Any], which: list[str] = roots) -> MediaRefused:
+        with pytest.raises(MediaRefused) as info:
+            open_media(row, which).close()
+        return info.value
+
+    assert refused(_row(video), []).reason == "outside_roots"  # nothing recorded: nothing served
+    assert refused(_row(video, "not_a_video")).reason == "not_ok"
+    assert refused({"uri": "s3://bucket/v.mp4", "status": "ok", "etag": "x", "size_bytes": 1}).reason == "remote"
+    assert refused({"uri": "relative/v.mp4", "status": "ok"}).reason == "not_local"
+    row = _row(video)
+    video.write_bytes(video.read_bytes() + b"\0")  # changed since indexing
+    assert refused(row).reason == "changed" and refused(row).http_status == 410
+    fifo = root / "f.mp4"
+    os.mkfifo(fifo)
+    fifo_row = {"uri": str(fifo), "status": "ok", "etag": local_etag(fifo.stat()), "size_bytes": 0}
+    assert refused(fifo_row).reason == "not_a_file"  # refused at once, not blocked on
+    assert refused(_row(video) | {"uri": str(root / "missing.mp4")}).reason == "missing"
+    # A root recorded through a symlinked folder still matches the resolved file.
+    link_root = tmp_path / "link"
+    os.symlink(root, link_root)
+    open_media(_row(link_root / "v.mp4"), [os.path.realpath(link_root)]).close()
+
+
+def test_recorded_roots_read_every_run(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(json.dumps({"input_roots": ["/data/a"]}))
+    (tmp_path / "runs" / "b.json").write_text(json.dumps({"input_roots": ["/data/b", "relative/ignored"]}))
+    (tmp_path / "runs" / "c.json").write_text("{not json")
+    assert recorded_roots(tmp_path) == ["/data/a", "/data/b"]
+    shutil.rmtree(tmp_path / "runs")
+    assert recorded_roots(tmp_path) == []
