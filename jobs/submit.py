@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vitaclip.redact import redact_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_EXCLUDES = (
@@ -172,7 +174,7 @@ def _submit(client: Any, **kwargs: Any) -> str:
 
 async def _stream_logs(client: Any, submission_id: str) -> None:
     async for lines in client.tail_job_logs(submission_id):
-        print(lines, end="", flush=True)
+        print(redact_text(lines), end="", flush=True)
 
 
 def wait_for_job(client: Any, submission_id: str, *, poll_seconds: float = 2.0) -> str:
@@ -180,7 +182,10 @@ def wait_for_job(client: Any, submission_id: str, *, poll_seconds: float = 2.0) 
     try:
         asyncio.run(_stream_logs(client, submission_id))
     except Exception as exc:  # the log stream broke (proxy, restart): polling still finds the outcome
-        print(f"vitaclip submit: log stream ended early ({type(exc).__name__}: {exc}); polling the status", flush=True)
+        print(
+            redact_text(f"vitaclip submit: log stream ended early ({type(exc).__name__}: {exc}); polling the status"),
+            flush=True,
+        )
     while True:
         job_status = client.get_job_status(submission_id)
         status = str(getattr(job_status, "value", job_status))
@@ -202,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_env = build_runtime_env(args)
         headers = auth_headers(args.auth_token_file)
     except (OSError, ValueError) as exc:
-        print(f"vitaclip submit: error: {exc}", file=sys.stderr)
+        print(f"vitaclip submit: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
 
     from ray.job_submission import JobSubmissionClient
@@ -221,21 +226,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except Exception as exc:  # connection refused, authentication, a rejected runtime_env: one clear line
         print(
-            f"vitaclip submit: error: submitting to {args.address} failed: {type(exc).__name__}: {exc}", file=sys.stderr
+            redact_text(f"vitaclip submit: error: submitting to {args.address} failed: {type(exc).__name__}: {exc}"),
+            file=sys.stderr,
         )
         return 1
     print(f"submission id: {submission_id}", flush=True)
     if not args.wait:
-        print(f"follow it with: ray job logs --address {args.address} --follow {submission_id}")
+        print(redact_text(f"follow it with: ray job logs --address {args.address} --follow {submission_id}"))
         return 0
     try:
         status = wait_for_job(client, submission_id)
     except KeyboardInterrupt:
-        print(f"\nstopped waiting; the job goes on (ray job stop --address {args.address} {submission_id})")
+        stop = f"ray job stop --address {args.address} {submission_id}"
+        print(redact_text(f"\nstopped waiting; the job goes on ({stop})"))
         return 130
     info = client.get_job_info(submission_id)
     message = f": {info.message}" if getattr(info, "message", None) and status != "SUCCEEDED" else ""
-    print(f"job {submission_id} {status}{message}", flush=True)
+    print(redact_text(f"job {submission_id} {status}{message}"), flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 

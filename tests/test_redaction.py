@@ -1,0 +1,100 @@
+"""Credentials in URLs never reach run summaries, logs or error messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import ray
+from test_index_job import job_args, make_videos
+
+from jobs.index_videos import main as job_main
+from jobs.storage import StorageError, list_videos, make_s3_client
+from vitaclip.redact import RedactingFormatter, redact_text, redact_url, redact_value
+
+SECRET = "Sup3rSecretPass"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"http://user:{SECRET}@minio:9000", "http://***@minio:9000"),
+        (f"http://{SECRET}@minio:9000/b", "http://***@minio:9000/b"),
+        (f"ray://admin:{SECRET}@head:10001", "ray://***@head:10001"),
+        (
+            f"https://b.s3.amazonaws.com/k.mp4?X-Amz-Credential=AK%2F1&X-Amz-Signature={SECRET}&max-keys=5",
+            "https://b.s3.amazonaws.com/k.mp4?X-Amz-Credential=***&X-Amz-Signature=***&max-keys=5",
+        ),
+        (f"https://x/?token={SECRET}&page=2", "https://x/?token=***&page=2"),
+        ("s3://bucket/videos/a.mp4", "s3://bucket/videos/a.mp4"),
+        ("/local/folder", "/local/folder"),
+        ("http://minio:9000/?list-type=2&prefix=a", "http://minio:9000/?list-type=2&prefix=a"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+    assert SECRET not in redact_text(f'error: could not reach "{url}", giving up')
+
+
+def test_redact_value_and_log_formatter() -> None:
+    config = {"s3_endpoint_url": f"http://u:{SECRET}@h:1", "inputs": ("s3://b/p", "/x"), "top_k": 5}
+    assert SECRET not in json.dumps(redact_value(config)) and redact_value(config)["top_k"] == 5
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "cannot reach %s", (f"http://u:{SECRET}@h:1/",), None)
+    try:
+        raise ConnectionError(f"refused by http://u:{SECRET}@h:1/")
+    except ConnectionError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    text = RedactingFormatter("%(message)s").format(record)
+    assert SECRET not in text and "***@h:1" in text and "ConnectionError" in text
+
+
+@pytest.fixture
+def dummy_aws(monkeypatch) -> None:
+    """Credentials that are only ever offered to a closed loopback port."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connection_errors_do_not_show_the_password(dummy_aws: None) -> None:
+    client = make_s3_client(endpoint_url=f"http://user:{SECRET}@127.0.0.1:{_closed_port()}", max_attempts=1)
+    with pytest.raises(StorageError) as info:
+        list(list_videos(["s3://bucket/videos/"], s3_client=client))
+    assert SECRET not in str(info.value) and "***@127.0.0.1" in str(info.value)
+
+
+def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dummy_aws: None) -> None:
+    make_videos(tmp_path / "in", 2, broken=False)
+    endpoint = f"http://user:{SECRET}@127.0.0.1:{_closed_port()}"
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        # Local input and output: the endpoint is configured but never contacted; the run commits.
+        assert job_main(job_args([str(tmp_path / "in")], out, "--s3-endpoint-url", endpoint, "--no-index")) == 0
+        # An S3 input behind that endpoint: the connection fails, and the message must not show the password.
+        rc = job_main(job_args(["s3://bucket/videos/"], out, "--s3-endpoint-url", endpoint, "--no-index"))
+    finally:
+        ray.shutdown()
+    assert rc == 2
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err and "***@127.0.0.1" in captured.err
+    summaries = list((out / "runs").glob("*.json"))
+    assert summaries
+    for path in summaries:
+        text = path.read_text()
+        assert SECRET not in text
+        assert json.loads(text)["config"]["s3_endpoint_url"].startswith("http://***@127.0.0.1:")
