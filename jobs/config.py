@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vitaclip.config import check_field_types
 
 DEFAULT_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp")
 
@@ -16,6 +19,16 @@ def _has_packaged_weights(model: str) -> bool:
     from vitaclip.registry import packaged_checkpoint
 
     return packaged_checkpoint(model) is not None
+
+
+def _check_model(model: str, checkpoint: str | None) -> None:
+    """A misspelt model name says so (before any advice about checkpoints)."""
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.registry import get_model_config
+
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        return  # the checkpoint folder carries its own config
+    get_model_config(model)  # ValueError: unknown model ...; registered models: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class IndexJobConfig:
     build_index: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not self.inputs:
             raise ValueError("give at least one input (s3://bucket/prefix, a folder or a manifest)")
         if not self.output:
@@ -105,6 +119,7 @@ class IndexJobConfig:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.segment_seconds is not None and self.segment_seconds <= 0:
             raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
+        _check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
                 f"model {self.model!r} needs --checkpoint: without weights its embeddings and labels mean nothing "
@@ -142,20 +157,48 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--rows-per-part", type=int)
-    p.add_argument("--flush-seconds", type=float, help="write staged parts at least this often (default 120)")
+    p.add_argument("--flush-seconds", type=float, help="write staged parts at least this often")
     p.add_argument("--decode-timeout-seconds", type=float)
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)
     p.add_argument("--extensions", help="comma-separated list")
     p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
+    _show_defaults(p)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Appends each option's default (from the config dataclass: flags default to None so YAML can fill them)."""
+    for action in parser._actions:
+        field_ = _FIELDS.get(action.dest)
+        if field_ is None or action.dest in ("inputs", "output") or not action.option_strings:
+            continue
+        default = field_.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        if action.dest == "build_index":
+            continue
+        shown = "none" if default is None else default
+        action.help = f"{action.help or ''} (default: {shown})".strip()
 
 
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a YAML mapping of option names to values is expected")
     out = {}
@@ -167,9 +210,9 @@ def load_yaml(path: str) -> dict[str, Any]:
     return out
 
 
-def config_from_args(argv: Sequence[str]) -> IndexJobConfig:
+def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.index_videos") -> IndexJobConfig:
     """Parses flags (and ``--config`` YAML) into a config; raises ValueError with a clear message."""
-    args = build_parser().parse_args(list(argv))
+    args = build_parser(prog).parse_args(list(argv))
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for name, value in vars(args).items():
         if name in ("config", "inputs") or value is None:
@@ -185,4 +228,9 @@ def config_from_args(argv: Sequence[str]) -> IndexJobConfig:
     elif values.get("extensions") is not None:
         values["extensions"] = tuple(values["extensions"])
     values.setdefault("output", "")
-    return IndexJobConfig(**values)
+    if isinstance(values.get("inputs"), (list, tuple)):
+        values["inputs"] = tuple(str(i) if isinstance(i, os.PathLike) else i for i in values["inputs"])
+    try:
+        return IndexJobConfig(**values)
+    except ValueError as exc:
+        raise ValueError(f"{args.config}: {exc}" if args.config else str(exc)) from None

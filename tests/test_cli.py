@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from vitaclip.cli import main
 from vitaclip.samples import write_sample_video
 
@@ -18,7 +20,10 @@ def test_models_lists_registry(capsys) -> None:
 def test_label_prints_json_and_status_for_bad_files(tmp_path: Path, capsys) -> None:
     video = write_sample_video(tmp_path / "v.mp4", num_frames=24, fps=12, width=96, height=72, pattern="shape")
     (tmp_path / "bad.mp4").write_bytes(b"")
-    rc = main(["label", str(video), str(tmp_path / "bad.mp4"), "--top-k", "2", "--json"])
+    rc = main(
+        ["label", str(video), str(tmp_path / "bad.mp4"), "--model", "vitaclip-tiny", "--random-weights", "--top-k", "2"]
+        + ["--json"]
+    )
     results = json.loads(capsys.readouterr().out)
     assert rc == 1  # one input failed
     assert results[0]["status"] == "ok" and len(results[0]["labels"]) == 2 and len(results[0]["pts_seconds"]) == 8
@@ -33,3 +38,104 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_index_subcommand_passes_flags_to_the_job(tmp_path: Path, capsys) -> None:
     assert main(["index", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-b16"]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- newcomer traps
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_label_refuses_random_weights_unless_asked(tmp_path: Path, capsys) -> None:
+    video = write_sample_video(tmp_path / "v.mp4", num_frames=12, fps=12, width=64, height=64, pattern="shape")
+    assert main(["label", str(video)]) == 2  # the default model has no packaged weights
+    line = _one_line_error(capsys)
+    assert "needs --checkpoint" in line and "--random-weights" in line and "vitaclip-demo" in line
+    assert main(["label", str(video), "--model", "vitaclip-tiny"]) == 2
+    assert "needs --checkpoint" in _one_line_error(capsys)
+    assert main(["label", str(video), "--model", "vitaclip-tiny", "--random-weights", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "ok"
+    assert main(["label", str(video), "--model", "vitaclip-demo", "--json"]) == 0  # packaged weights: no flag
+
+
+def test_broken_file_says_its_reason_once(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all, just some text to look at\n" * 4)
+    assert main(["label", str(bad), "--model", "vitaclip-demo"]) == 1
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "bad.mp4" in ln][0]
+    assert line.count("not_a_video") == 1, line
+
+
+def test_misspelt_model_is_named_before_checkpoint_advice(tmp_path: Path, capsys) -> None:
+    assert main(["index", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-dmeo"]) == 2
+    line = _one_line_error(capsys)
+    assert "unknown model 'vitaclip-dmeo'" in line and "vitaclip-demo" in line and "checkpoint" not in line
+    assert main(["label", str(tmp_path / "x.mp4"), "--model", "vitaclip-dmeo"]) == 2
+    assert "unknown model 'vitaclip-dmeo'" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("top_k: [1, 2\nmodel: x\n", "not valid YAML"),
+        ('top_k: "three"\n', "top_k must be an integer, got 'three'"),
+        ("- just\n- a list\n", "a YAML mapping"),
+        ("embed_batch_size: 1.5\n", "embed_batch_size must be an integer"),
+        ("segment_seconds: ten\n", "segment_seconds must be a number or null"),
+        ("top_kk: 3\n", "unknown option 'top_kk'"),
+    ],
+)
+def test_bad_config_files_are_one_clear_line(tmp_path: Path, capsys, yaml_text: str, expected: str) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_text)
+    argv = ["index", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-demo", "--config"]
+    assert main([*argv, str(config)]) == 2
+    line = _one_line_error(capsys)
+    assert expected in line and str(config) in line
+
+
+def test_missing_config_file_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    argv = ["index", str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(tmp_path / "nope.yaml")]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "does not exist" in line and "nope.yaml" in line and "FileNotFoundError" not in line
+
+
+def test_checkpoint_config_with_wrong_types_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    import vitaclip
+
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["num_frames"] = "eight"
+    (folder / "config.json").write_text(json.dumps(meta))
+    video = write_sample_video(tmp_path / "v.mp4", num_frames=12, fps=12, width=64, height=64, pattern="shape")
+    assert main(["label", str(video), "--checkpoint", str(folder)]) == 2
+    line = _one_line_error(capsys)
+    assert "num_frames must be an integer, got 'eight'" in line and "config.json" in line
+    assert main(["index", str(tmp_path), "--output", str(tmp_path / "o"), "--checkpoint", str(folder)]) == 2
+    line = _one_line_error(capsys)
+    assert "num_frames must be an integer, got 'eight'" in line
+
+
+def test_help_names_the_command_typed_and_its_defaults(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vitaclip index") and "jobs.index_videos" not in out
+    assert "(default: 5)" in out and "(default: vitaclip-b16)" in out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"vitaclip {vitaclip_version()}"
+
+
+def vitaclip_version() -> str:
+    import vitaclip
+
+    return vitaclip.__version__

@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-tiny") -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
     p.add_argument(
         "--model", default=default_model, help=f"registered model name or JSON config (default: {default_model})"
     )
     p.add_argument("--checkpoint", default=None, help="official .pth, OpenAI/open_clip weights, or vitaclip folder")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow a model without trained weights (smoke runs: its labels mean nothing)",
+    )
     p.add_argument("--labels", default=None, help="label set name (kinetics400) or a file with one label per line")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
@@ -52,6 +57,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_weights(model_name: str | None, checkpoint: str | None, *, random_weights: bool) -> None:
+    """Refuses a model without trained weights unless asked for: random weights give confident nonsense.
+
+    Raises:
+        ValueError: an unknown model name (listing the known ones), or no weights and no ``random_weights``.
+    """
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.registry import get_model_config, packaged_checkpoint
+
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        return
+    if model_name is None:
+        raise ValueError("give --model (or a vitaclip checkpoint folder as --checkpoint)")
+    get_model_config(model_name)
+    if checkpoint is None and packaged_checkpoint(model_name) is None and not random_weights:
+        raise ValueError(
+            f"model {model_name!r} needs --checkpoint: without trained weights its labels mean nothing (the packaged "
+            "demo model is --model vitaclip-demo; pass --random-weights for a smoke run)"
+        )
+
+
 def _pick_device(name: str | None) -> str:
     import torch
 
@@ -67,6 +93,7 @@ def label_videos(
     top_k: int,
     num_frames: int | None,
     device: str | None,
+    random_weights: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-k zero-shot labels for local video files (one dict per video, with a status for bad files)."""
     import torch
@@ -75,6 +102,7 @@ def label_videos(
     from vitaclip import video as vv
 
     dev = _pick_device(device)
+    require_weights(model_name, checkpoint, random_weights=random_weights)
     label_names = vitaclip.load_label_set(labels) if labels else None
     model = vitaclip.create_model(model_name, checkpoint=checkpoint, device=dev)
     names = list(label_names or model.label_names or ())
@@ -87,7 +115,7 @@ def label_videos(
             try:
                 clip = vv.decode_clip(path, num_frames=T, size=model.image_size)
             except vv.VideoDecodeError as exc:
-                results.append({"uri": path, "status": exc.reason, "error_message": str(exc)})
+                results.append({"uri": path, "status": exc.reason, "error_message": exc.message})
                 continue
             x = vv.frames_to_tensor(clip.frames, mean=model.config.mean, std=model.config.std)
             features = model.encode_video(x.unsqueeze(0).to(dev))
@@ -127,6 +155,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         num_frames=args.num_frames,
         device=args.device,
+        random_weights=args.random_weights,
     )
     _print_labels(results, args.json)
     return 0 if all(r["status"] == "ok" for r in results) else 1
@@ -164,7 +193,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         argv += ["--checkpoint", args.checkpoint]
     if args.num_cpus:
         argv += ["--num-cpus", str(args.num_cpus)]
-    rc = index_main(argv)
+    if args.random_weights:
+        argv += ["--random-weights"]
+    rc = index_main(argv, prog="vitaclip quickstart")
     if rc != 0:
         return rc
     import pyarrow.compute as pc
@@ -294,11 +325,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_index(argv: Sequence[str]) -> int:
     from jobs.index_videos import main as index_main
 
-    return index_main(argv)
+    return index_main(argv, prog="vitaclip index")
+
+
+def _version() -> str:
+    from vitaclip import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitaclip", description="Vita-CLIP video embeddings, labels and search.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered models")
@@ -401,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ValueError as exc:  # configuration and checkpoint errors: a clear message, no traceback
-        print(f"vitaclip {args.command}: error: {exc}", file=sys.stderr)
+        from vitaclip.redact import redact_text
+
+        print(f"vitaclip {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -9,16 +9,80 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 ContextPosition = Literal["end", "middle", "front"]
 ContextKind = Literal["generic", "class_specific"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+    if origin is not None and isinstance(origin, type):
+        return isinstance(value, origin)
+    return not isinstance(tp, type) or isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])} values"
+        return f"a list of {len(args)} values"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_field_types(instance: Any, *, where: str = "") -> None:
+    """Raises ValueError naming the first field of a dataclass instance whose value does not fit its annotation.
+
+    Configs come from JSON, YAML and flags; a wrong type (``num_frames: "eight"``) must be one clear message, not a
+    TypeError deep inside the model.
+    """
+    for name, tp in _field_types(type(instance)).items():
+        value = getattr(instance, name)
+        if not _matches(value, tp):
+            raise ValueError(f"{where}{name} must be {_describe(tp)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +103,7 @@ class TextContextConfig:
     init_words: str = ""
 
     def __post_init__(self) -> None:
+        check_field_types(self, where="text_context.")
         if self.num_tokens < 1:
             raise ValueError(f"text_context.num_tokens must be >= 1, got {self.num_tokens}")
         if self.kind not in ("generic", "class_specific"):
@@ -92,6 +157,7 @@ class VitaClipConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self, where=f"model config {self.name!r}: " if isinstance(self.name, str) else "")
         if (self.backbone is None) == (self.backbone_config is None):
             raise ValueError(f"config {self.name!r}: give exactly one of backbone (a name) or backbone_config")
         if self.num_frames < 1:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,31 @@ def _presets() -> dict[str, VitaClipConfig]:
             config = VitaClipConfig.from_dict(json.loads(entry.read_text(encoding="utf-8")))
             out[config.name] = config
     return out
+
+
+def _config_path(checkpoint: str | Path) -> Path:
+    from vitaclip.checkpoints import CONFIG_FILE
+
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    return folder / CONFIG_FILE
+
+
+def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a vitaclip checkpoint folder, checked for the fields the registry reads.
+
+    Raises:
+        CheckpointError: unreadable JSON or missing fields, naming the file.
+    """
+    path = _config_path(checkpoint)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint config: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: no model config in it (a 'config' mapping is expected)")
+    if not isinstance(meta["config"].get("name"), str) or not isinstance(meta.get("weights_sha256"), str):
+        raise CheckpointError(f"{path}: 'config.name' and 'weights_sha256' must be strings")
+    return meta
 
 
 def list_models() -> list[str]:
@@ -109,11 +135,10 @@ def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
     the initial weights (this builds the model).
     """
     checkpoint = _with_packaged(name, checkpoint)
-    from vitaclip.checkpoints import CONFIG_FILE, file_sha256
+    from vitaclip.checkpoints import file_sha256
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = checkpoint_meta(checkpoint)
         return f"{meta['config']['name']}@sha256:{meta['weights_sha256']}"
     if name is None:
         raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
@@ -128,12 +153,10 @@ def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
 def default_label_names(name: str | None, checkpoint: str | Path | None) -> tuple[str, ...] | None:
     """The labels a model scores by default: a vitaclip checkpoint's recorded labels, else the config's label set."""
     checkpoint = _with_packaged(name, checkpoint)
-    from vitaclip.checkpoints import CONFIG_FILE
     from vitaclip.labels import load_label_set
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = checkpoint_meta(checkpoint)
         names = meta.get("default_labels") or meta.get("label_names")
         if names:
             return tuple(names)
@@ -149,11 +172,12 @@ def resolve_config(name: str | None, checkpoint: str | Path | None) -> VitaClipC
     """The config a run should plan with (frames, image size) without loading weights: a vitaclip checkpoint's own
     config, else the named one."""
     checkpoint = _with_packaged(name, checkpoint)
-    from vitaclip.checkpoints import CONFIG_FILE
-
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        return VitaClipConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["config"])
+        meta = checkpoint_meta(checkpoint)
+        try:
+            return VitaClipConfig.from_dict(meta["config"])
+        except ValueError as exc:
+            raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
     if name is None:
         raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
     return get_model_config(name)
