@@ -352,8 +352,8 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     return report
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
+def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 95 minutes on 2 CPUs)")
     b.add_argument("--work", default="out/demo-build", help="working folder (worlds, CLIP, prompts, report)")
@@ -372,10 +372,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.demo") -> int:
     """``python -m jobs.demo build|evaluate``; 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "build":
             fields = {k: getattr(args, k) for k in asdict(DemoBuildConfig())}
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 zeroshot_per_label=args.zeroshot_per_label,
             )  # fmt: skip
     except ValueError as exc:
-        print(f"python -m jobs.demo: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(report))

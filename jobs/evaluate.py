@@ -13,8 +13,9 @@
 or on S3. Lists are ``path,label`` lines or Parquet manifests, local or S3, as for training. Several ``--list`` flags
 (or a protocol) are scored separately and summarised as mean and standard deviation. ``--baseline`` also scores the
 frozen-CLIP frame-averaging model (every prompt off) on the same backbone, in the same run. Decoding runs on a local
-thread pool, or with ``--ray`` on Ray Data CPU actors (local Ray or ``--ray-address``); the model runs in this
-process (on its GPU when it has one).
+thread pool, or with ``--ray`` on Ray Data CPU actors (local Ray or ``--ray-address``: by default one 1-CPU decoder
+per CPU of the cluster, a fraction of a CPU on small machines); the model runs in this process (on its GPU when it
+has one).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from jobs.ray_resources import Cluster, DecodePool, init_ray, plan_decoders, require_fit
+from vitaclip.redact import redact_text
 
 log = logging.getLogger("vitaclip.eval")
 
@@ -52,8 +56,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
     p.add_argument("--ray", action="store_true", help="decode on Ray Data CPU actors (local Ray or --ray-address)")
     p.add_argument("--ray-address", help="existing Ray cluster (with --ray); default: an embedded local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray")
-    p.add_argument("--decode-workers", type=int, default=2, help="Ray decode actors (with --ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--decode-workers", type=int, help="Ray decode actors, at most (with --ray; default: one per CPU)")
+    p.add_argument("--decode-cpus", type=float, help="CPUs per Ray decode actor (default: 1, less on small machines)")
 
 
 def build_parser(prog: str = "vitaclip eval") -> argparse.ArgumentParser:
@@ -98,10 +103,9 @@ def load_model(args: argparse.Namespace, label_names: Sequence[str] | None) -> A
 
     from jobs.train import resolve_checkpoint
     from vitaclip.checkpoints import is_vitaclip_checkpoint
-    from vitaclip.registry import create_model
+    from vitaclip.registry import create_model, require_trained_weights
 
-    if args.checkpoint is None and not args.random_weights:
-        raise ValueError("give --checkpoint (or --random-weights for a smoke run)")
+    require_trained_weights(args.model or "vitaclip-b16", args.checkpoint, random_weights=args.random_weights)
     checkpoint = resolve_checkpoint(args.checkpoint, s3_endpoint_url=args.s3_endpoint_url) if args.checkpoint else None
     name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else (args.model or "vitaclip-b16")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -229,29 +233,51 @@ class DecodeViewsStage:
         return {"i": batch["i"], "views": np.stack(views), "error": np.asarray(errors, dtype=object)}
 
 
+_DECODE_BATCH = 4  # videos per Ray decode call
+
+
+def plan_decode_pool(args: argparse.Namespace, cluster: Cluster, num_videos: int) -> DecodePool:
+    """The Ray decode actors of an evaluation: one per CPU (at most one per batch of videos) unless the flags say;
+    the model runs in the driver, outside Ray's accounting. Raises ValueError when the request cannot fit."""
+    pool = plan_decoders(
+        cluster.usable_cpus,
+        workers=args.decode_workers,
+        cpus_per_worker=args.decode_cpus,
+        max_workers=max(1, -(-num_videos // _DECODE_BATCH)),
+    )
+    require_fit(
+        "the evaluation",
+        [pool.demand()],
+        cluster,
+        hint="lower --decode-workers or --decode-cpus, or use a bigger cluster",
+    )
+    return pool
+
+
+def _check_ray(args: argparse.Namespace, num_videos: int) -> None:
+    """With ``--ray``: starts or joins Ray and refuses a decode pool it cannot hold, before any model is loaded."""
+    if args.ray:
+        plan_decode_pool(args, init_ray(address=args.ray_address, num_cpus=args.num_cpus), num_videos)
+
+
 def _decoded(uris: Sequence[str], spec: Any, args: argparse.Namespace) -> Any:
     """``(index, views, error)`` of every video decoded on Ray Data CPU actors, or None without ``--ray``."""
     if not args.ray:
         return None
-    import os
-
     import ray
 
-    if not ray.is_initialized():
-        address = args.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    cluster = init_ray(address=args.ray_address, num_cpus=args.num_cpus)
+    pool = plan_decode_pool(args, cluster, len(uris))
+    log.info("Ray cluster of %s: %s", cluster.describe(), pool.describe())
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = ray.data.from_items([{"i": i, "uri": u} for i, u in enumerate(uris)])
     ds = items.map_batches(
         DecodeViewsStage,
         fn_constructor_kwargs={"spec": spec, "s3_endpoint_url": args.s3_endpoint_url},
-        batch_size=4,
-        compute=ray.data.ActorPoolStrategy(size=args.decode_workers),
-        num_cpus=1,
+        batch_size=_DECODE_BATCH,
+        **pool.map_batches_args(),
     )
+    ds.context.execution_options = pool.execution_options()
 
     def rows() -> Any:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -264,11 +290,24 @@ def _decoded(uris: Sequence[str], spec: Any, args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------------------------------------ eval
 
 
+def _check_model(args: argparse.Namespace) -> None:
+    """A misspelt model or missing weights is said before any list or video is read."""
+    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.registry import require_trained_weights
+
+    if args.checkpoint is not None and ("://" in args.checkpoint or is_vitaclip_checkpoint(args.checkpoint)):
+        return  # a vitaclip folder carries its config; a remote one is checked once fetched
+    require_trained_weights(args.model or "vitaclip-b16", args.checkpoint, random_weights=args.random_weights)
+
+
 def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     from vitaclip import evaluation as ev
 
+    _check_model(args)
+
     temporal, spatial = ev.parse_views(args.views)
     splits, names = _splits(args)
+    _check_ray(args, max(len(entries) for _, entries, _ in splits))
     model = load_model(args, names)
     text = args.text or ("model" if mode == "supervised" else "class-only")
     if (
@@ -365,7 +404,10 @@ def main(argv: Sequence[str] | None = None, mode: Mode | None = None) -> int:
         chosen: Mode = args.mode or mode or ("zero-shot" if args.protocol else "supervised")
         report = run_eval(args, chosen)
     except ValueError as exc:
-        print(f"vitaclip eval: error: {exc}", file=sys.stderr)
+        print(f"vitaclip eval: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # a list, label or caption file that is not there
+        print(f"vitaclip eval: error: no such file: {exc.filename}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report))
@@ -399,11 +441,13 @@ def read_captions(uri: str, *, data_root: str = "", s3_endpoint_url: str | None 
 def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    _check_model(args)
     from vitaclip import evaluation as ev
 
     rows = read_captions(args.captions, data_root=args.data_root, s3_endpoint_url=args.s3_endpoint_url)
     videos = sorted({v for v, _ in rows}, key=[v for v, _ in rows].index)
     index = {v: i for i, v in enumerate(videos)}
+    _check_ray(args, len(videos))
     model = load_model(args, None)
     temporal, spatial = ev.parse_views(args.views)
     spec = ev.ViewSpec(
@@ -448,7 +492,10 @@ def main_retrieval(argv: Sequence[str] | None = None) -> int:
         args = build_retrieval_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         report = run_retrieval(args)
     except ValueError as exc:
-        print(f"vitaclip eval-retrieval: error: {exc}", file=sys.stderr)
+        print(f"vitaclip eval-retrieval: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # a list, label or caption file that is not there
+        print(f"vitaclip eval-retrieval: error: no such file: {exc.filename}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report))

@@ -10,6 +10,11 @@ of sample counters mapped (by :class:`vitaclip.training.TrainClipSource` on CPU 
 decoded clips and augmentations, in order. A sample's content is a function of its data position, and a step's
 positions are a function of the step, so a run resumed from a checkpoint reads exactly what it would have read.
 
+Resources are sized to the Ray cluster the run finds (:func:`plan_resources`): one training worker per GPU with 1 CPU
+each, or one CPU worker with half the CPUs; the CPUs left feed each worker's pool of 1-CPU decoders (a fraction of a
+CPU on small machines: 2 CPUs give 1 worker x 1 CPU and 1 decoder x 1 CPU). ``--num-workers``, ``--cpus-per-worker``,
+``--decode-workers`` and ``--decode-cpus`` override; a request the cluster cannot hold fails at once.
+
 Outputs under ``--output`` (a folder or ``s3://bucket/prefix``): ``checkpoints/step-NNNNNNNNN/`` (the model in the
 project's format plus ``training_state.pt``: optimizer, scheduler, scaler, step, data position, RNG states; the last
 ``--keep-last`` kept), ``metrics.jsonl``, ``curves.png``, ``train_config.json`` and ``train_summary.json``. A run
@@ -32,11 +37,14 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jobs.ray_resources import Cluster, DecodePool, Demand, count, cpu_request, plan_decoders, require_fit
+from vitaclip.redact import redact_text
 from vitaclip.training import (
     CHECKPOINTS_DIR,
     TRAINING_STATE_FILE,
@@ -119,9 +127,9 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: Sequence[str]) -> TrainConfig:
+def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train") -> TrainConfig:
     """Flags (and ``--config`` YAML) -> :class:`TrainConfig`; raises ValueError with a clear message."""
-    args = build_parser().parse_args(list(argv))
+    args = build_parser(prog).parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
         import yaml
@@ -611,10 +619,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _rank_datasets(config: TrainConfig, start_step: int, model_config: Any, image_size: int) -> dict[str, Any]:
-    """One ordered Ray Data stream per training worker: sample counters -> decoded, augmented clips."""
+def _counters(num_samples: int, num_blocks: int) -> Any:
+    """A dataset of the sample counters ``0 .. num_samples - 1`` (column ``index``) in ``num_blocks`` blocks.
+
+    Built from in-memory Arrow blocks rather than ``ray.data.range``: a range is read by 1-CPU read tasks, and on a
+    small machine the decode actors and training workers hold every CPU, so the read would wait for ever.
+    """
+    import pyarrow as pa
     import ray.data
 
+    bounds = np.linspace(0, num_samples, num_blocks + 1).round().astype(np.int64)
+    tables = [
+        pa.table({"index": np.arange(lo, hi, dtype=np.int64)})
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        if hi > lo
+    ]
+    return ray.data.from_arrow(tables)
+
+
+def _rank_datasets(
+    config: TrainConfig, start_step: int, model_config: Any, image_size: int, decode: DecodePool
+) -> dict[str, Any]:
+    """One ordered Ray Data stream per training worker: sample counters -> decoded, augmented clips."""
     label_names = load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
     entries = load_entries(
         config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
@@ -625,7 +651,7 @@ def _rank_datasets(config: TrainConfig, start_step: int, model_config: Any, imag
     num_frames = config.num_frames or model_config.num_frames
     datasets = {}
     for rank in range(config.workers):
-        ds = ray.data.range(max(num_samples, 1), override_num_blocks=max(1, min(64, num_samples // per_worker or 1)))
+        ds = _counters(max(num_samples, 1), max(1, min(64, num_samples // per_worker or 1)))
         datasets[f"train_{rank}"] = ds.map_batches(
             TrainClipSource,
             fn_constructor_kwargs=dict(
@@ -639,10 +665,59 @@ def _rank_datasets(config: TrainConfig, start_step: int, model_config: Any, imag
                 opener=Opener(config.s3_endpoint_url),
             ),
             batch_size=config.micro_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.decode_workers),
-            num_cpus=config.decode_cpus,
+            **decode.map_batches_args(),
         )
     return datasets
+
+
+@dataclass(frozen=True)
+class TrainResources:
+    """What a Ray run asks for: ``num_workers`` training workers, each with its own pool of CPU decode actors."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    decode: DecodePool  # per training worker
+
+    def describe(self) -> str:
+        each = count(self.cpus_per_worker, "CPU")
+        return (
+            f"{count(self.num_workers, 'training worker')} x {f'({each}, 1 GPU)' if self.use_gpu else each}, each "
+            f"fed by {self.decode.describe()}"
+        )
+
+
+def plan_resources(config: TrainConfig, cluster: Cluster) -> TrainResources:
+    """Training workers and decode actors for ``cluster``; options the config sets are taken as they are.
+
+    Defaults: with GPUs, one worker per GPU (the most that divide the batch) with 1 CPU each; without, one worker
+    with half the CPUs. The CPUs left are split between the workers' decoder pools, one 1-CPU decoder per CPU (one
+    decoder with the fraction left when that is under one CPU). Raises ValueError when the request cannot fit.
+    """
+    use_gpu = config.use_gpu if config.use_gpu is not None else cluster.gpus >= 1
+    if config.num_workers is not None:
+        workers = config.num_workers
+    elif use_gpu:
+        fits = [w for w in range(1, int(cluster.gpus) + 1) if config.batch_size % (w * config.micro_batch_size) == 0]
+        workers = max(fits, default=1)
+    else:
+        workers = 1
+    cpus = cluster.usable_cpus
+    if config.cpus_per_worker is not None:
+        cpus_per_worker = config.cpus_per_worker
+    else:
+        half = cpus / (2 * workers)
+        cpus_per_worker = cpu_request(min(1.0, half) if use_gpu else half)
+    share = max(0.0, (cpus - workers * cpus_per_worker) / workers)
+    decode = plan_decoders(share, workers=config.decode_workers, cpus_per_worker=config.decode_cpus)
+    require_fit(
+        "the run",
+        [Demand("training worker", workers, cpus_per_worker, 1.0 if use_gpu else 0.0), decode.demand(pools=workers)],
+        cluster,
+        hint="lower --num-workers, --cpus-per-worker, --decode-workers or --decode-cpus (or drop --use-gpu), or use a "
+        "bigger cluster",
+    )
+    return TrainResources(workers, use_gpu, cpus_per_worker, decode)
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
@@ -662,36 +737,46 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) -> None:
     import ray
-    from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.ray_resources import init_ray
     from vitaclip.model import backbone_model_config
     from vitaclip.registry import resolve_config
 
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+    cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
+    plan = plan_resources(config, cluster)
+    log.info("Ray cluster of %s: %s", cluster.describe(), plan.describe())
+    # The resolved sizes travel to the workers (the loop reads world size and batch split from the config).
+    config = config.replace(
+        num_workers=plan.num_workers,
+        use_gpu=plan.use_gpu,
+        cpus_per_worker=plan.cpus_per_worker,
+        decode_workers=plan.decode.max_workers,
+        decode_cpus=plan.decode.cpus_per_worker,
+    )
+    loop_config = {**loop_config, "config": config.to_dict()}
     checkpoint = (
         resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
     )
     model_config = resolve_config(config.model, checkpoint)
     image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = _rank_datasets(config, start_step, model_config, image_size)
+    datasets = _rank_datasets(config, start_step, model_config, image_size, plan.decode)
     storage = tempfile.mkdtemp(prefix="vitaclip-ray-train-")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker}
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        # Each worker's stream is budgeted to its own decoder pool: Ray Data would otherwise count on the CPUs the
+        # training workers hold and wait for them.
+        dataset_config=DataConfig(
+            datasets_to_split=[],
+            execution_options={name: plan.decode.execution_options(preserve_order=True) for name in datasets},
+        ),
         run_config=RunConfig(
             name="vitaclip-train",
             storage_path=storage,
@@ -704,14 +789,14 @@ def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) 
         shutil.rmtree(storage, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.train") -> int:
     """Trains (or resumes) a run; 0 when it reached its last step, 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = config_from_args(sys.argv[1:] if argv is None else argv)
+        config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
         summary = run_training(config)
     except ValueError as exc:
-        print(f"vitaclip train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     last = summary.get("last") or {}
     print(

@@ -139,3 +139,22 @@ def vitaclip_version() -> str:
     import vitaclip
 
     return vitaclip.__version__
+
+
+@pytest.mark.parametrize(("command", "usage"), [("train", "vitaclip train"), ("demo", "vitaclip demo")])
+def test_job_commands_show_the_command_typed(capsys, command: str, usage: str) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {usage}")
+
+
+def test_eval_of_the_packaged_model_needs_no_checkpoint(tmp_path: Path, capsys) -> None:
+    """The packaged model has weights: eval must not ask for --checkpoint (it fails later, on the missing list)."""
+    rc = main(["eval", "--model", "vitaclip-demo", "--list", str(tmp_path / "missing.csv"), "--label-names", "demo"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--checkpoint" not in err and "no such file: demo" in err and "Traceback" not in err
+    known = ["--list", str(tmp_path / "missing.csv"), "--label-names", "kinetics400"]
+    assert main(["eval", "--model", "vitaclip-dmeo", *known]) == 2
+    assert "unknown model 'vitaclip-dmeo'" in capsys.readouterr().err
+    assert main(["eval", "--model", "vitaclip-tiny", *known]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err

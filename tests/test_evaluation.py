@@ -222,3 +222,38 @@ def test_eval_retrieval_cli(videos: dict[str, Path], tmp_path: Path, capsys: pyt
         assert 1.0 <= report[key]["median_rank"] <= 3.0
         assert report[key]["r10"] == 100.0
     assert report["num_captions"] == 3 and report["num_videos"] == 3 and "baseline" in report
+
+
+def test_eval_on_ray_with_default_resources_finishes(videos: dict[str, Path], tmp_path: Path) -> None:
+    """``--ray`` with no resource flag: decoders sized to this machine (2 CPUs in CI), run in a guarded subprocess."""
+    from test_training import run_guarded
+
+    from vitaclip.checkpoints import save_checkpoint
+
+    save_checkpoint(create_model("vitaclip-tiny", label_names=["red", "green", "blue"]), tmp_path / "ckpt")
+    root = videos["root"]
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--list", str(root / "list.csv"), "--data-root", str(root)]
+    args += ["--label-names", str(root / "labels.txt"), "--num-frames", "4", "--stride", "4", "--views", "1x1"]
+    proc = run_guarded(["-m", "jobs.evaluate", *args, "--ray", "--json"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert report["num_videos"] == 3 and report["decode_errors"] == 0
+
+
+def test_eval_decoders_are_sized_to_the_cluster_or_refused() -> None:
+    import argparse
+
+    from jobs.ray_resources import Cluster
+
+    def plan(cpus: float, num_videos: int, workers: int | None = None, cpus_each: float | None = None) -> str:
+        args = argparse.Namespace(decode_workers=workers, decode_cpus=cpus_each)
+        cluster = Cluster(cpus=cpus, gpus=0, free_cpus=cpus, node_cpus=cpus, node_gpus=0)
+        return eval_job.plan_decode_pool(args, cluster, num_videos).describe()
+
+    assert plan(2, 100) == "up to 2 decoders x 1 CPU"
+    assert plan(16, 100) == "up to 16 decoders x 1 CPU"
+    assert plan(16, 10) == "up to 3 decoders x 1 CPU"  # one per batch of 4 videos at most
+    assert plan(0.5, 100) == "up to 1 decoder x 0.5 CPUs"
+    assert plan(2, 100, workers=4) == "up to 4 decoders x 0.5 CPUs"
+    with pytest.raises(ValueError, match=r"the evaluation needs 3 CPUs .*\(3 decoders x 1 CPU\) but the Ray cluster"):
+        plan(2, 100, workers=3, cpus_each=1)

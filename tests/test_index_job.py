@@ -198,7 +198,9 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     for row in table.to_pylist():  # and every segment of every video: 1-second segments of 3 to 5.5 s videos
         indices = sorted(i for v, i in keys if v == row["video_id"])
         assert indices == list(range(len(indices))) and len(indices) >= int(row["duration_seconds"]), row["uri"]
-    summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+    summaries = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert sorted(s["state"] for s in summaries) == ["committed", "running"]  # the killed run's record stays "running"
+    summary = next(s for s in summaries if s["state"] == "committed")
     assert summary["counts"]["reused_from_killed_run"] >= 1
     assert summary["counts"]["processed"] + summary["counts"]["reused_from_killed_run"] == len(videos)
     assert not tables.staged_runs(store) and not any((out / "_staging").rglob("*.parquet"))

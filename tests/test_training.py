@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def test_ray_train_two_workers_on_s3(
     args[args.index("--train-list") + 1] = f"s3://{bucket}/data/train.csv"
     args[args.index("--data-root") + 1] = f"s3://{bucket}/data"
     args[args.index("--output") + 1] = output
-    args += ["--num-workers", "2", "--decode-workers", "1", "--num-cpus", "8", "--save-every", "2", "--keep-last", "1"]
+    args += ["--num-workers", "2", "--save-every", "2", "--keep-last", "1"]  # CPUs and decoders: sized to the machine
     args += ["--s3-endpoint-url", endpoint, "--log-every", "1"]
     try:
         assert train_job.main(args) == 0
@@ -293,10 +294,108 @@ def _check_s3_outputs(client: Any, bucket: str, output: str, endpoint: str, caps
         f"s3://{bucket}/data",
     ]
     eval_args += ["--label-names", f"s3://{bucket}/data/labels.txt", "--num-frames", "8", "--stride", "2"]
-    eval_args += ["--views", "1x1", "--s3-endpoint-url", endpoint, "--ray", "--decode-workers", "1", "--json"]
+    eval_args += ["--views", "1x1", "--s3-endpoint-url", endpoint, "--ray", "--json"]
     assert eval_job.main(eval_args) == 0  # decoded on Ray Data actors, read from S3
     report = json.loads(capsys.readouterr().out)
     assert report["num_videos"] == 20 and report["decode_errors"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ Ray resources
+
+RAY_RUN_TIMEOUT_SECONDS = 300  # a Ray job that waits for resources never ends; this fails it instead of the suite
+
+
+def run_guarded(argv: list[str], *, timeout: float = RAY_RUN_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
+    """``python argv`` from the repository in its own process group, without ``RAY_ADDRESS`` (an embedded Ray of this
+    machine's CPUs). Past ``timeout`` the whole group is stopped and the test fails with the end of the log."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the driver stops its embedded Ray on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes share the driver's group
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        pytest.fail(
+            f"{' '.join(argv[:2])} still running after {timeout:.0f} s (waiting for resources?):\n{err[-4000:]}"
+        )
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ray_train_with_default_resources_finishes(motion_data: dict[str, Path], tmp_path: Path) -> None:
+    """The Ray path with no resource flag, on the machine running the tests (2 CPUs in CI). The old fixed defaults (a
+    1-CPU worker, two 1-CPU decoders and a 1-CPU read task) needed 4 CPUs and sat at step 0 for ever on 2."""
+    output = tmp_path / "out"
+    args = train_args(motion_data, output, "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2")
+    args.remove("--local")
+    args += ["--num-frames", "4", "--log-every", "1"]
+    proc = run_guarded(["-m", "jobs.train", *args])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["last"]["step"] == 2 and summary["last"]["valid_videos"] == 4
+    # The sizes the driver chose are recorded, and they fit the cluster it reported.
+    used = json.loads((output / "train_config.json").read_text())
+    cluster = re.search(r"Ray cluster of ([\d.]+) CPUs? and ([\d.]+) GPUs?", proc.stderr)
+    assert cluster is not None, proc.stderr[-4000:]
+    assert used["num_workers"] == 1 and used["decode_workers"] >= 1
+    assert used["cpus_per_worker"] + used["decode_workers"] * used["decode_cpus"] <= float(cluster.group(1))
+
+
+def test_ray_train_refuses_at_once_what_the_cluster_cannot_hold(motion_data: dict[str, Path], tmp_path: Path) -> None:
+    args = train_args(motion_data, tmp_path / "out", "--steps", "2", "--batch-size", "8", "--micro-batch-size", "2")
+    args.remove("--local")
+    args += ["--num-cpus", "2", "--num-workers", "4", "--cpus-per-worker", "2"]
+    proc = run_guarded(["-m", "jobs.train", *args], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "python -m jobs.train: error: the run needs 8.4 CPUs and 0 GPUs (4 training workers x 2 CPUs, "
+    )
+    assert "but the Ray cluster has 2 CPUs and" in line and "--num-workers" in line
+    assert not (tmp_path / "out" / "train_config.json").exists()  # refused before anything started
+
+
+def test_resources_are_sized_to_the_cluster() -> None:
+    from jobs.ray_resources import Cluster
+
+    def plan(cpus: float, gpus: float = 0, *, node_cpus: float | None = None, **options: Any) -> str:
+        cluster = Cluster(cpus=cpus, gpus=gpus, free_cpus=cpus, node_cpus=node_cpus or cpus, node_gpus=gpus)
+        config = TrainConfig(train_list="x", output="y", **options)
+        return train_job.plan_resources(config, cluster).describe()
+
+    assert plan(1) == "1 training worker x 0.5 CPUs, each fed by up to 1 decoder x 0.5 CPUs"
+    assert plan(2) == "1 training worker x 1 CPU, each fed by up to 1 decoder x 1 CPU"
+    assert plan(16) == "1 training worker x 8 CPUs, each fed by up to 8 decoders x 1 CPU"
+    assert plan(2, 1) == "1 training worker x (1 CPU, 1 GPU), each fed by up to 1 decoder x 1 CPU"
+    assert plan(96, 8) == "8 training workers x (1 CPU, 1 GPU), each fed by up to 11 decoders x 1 CPU"
+    # One worker per GPU, as many as divide the batch (256 / 16 per micro-batch: 1, 2, 4, 8, 16 workers).
+    assert plan(12, 6).startswith("4 training workers x (1 CPU, 1 GPU), each fed by up to 2 decoders")
+    # Options given are used as they are; the rest fills what they leave.
+    assert plan(2, num_workers=2, batch_size=8, micro_batch_size=2) == (
+        "2 training workers x 0.5 CPUs, each fed by up to 1 decoder x 0.5 CPUs"
+    )
+    assert plan(4, decode_workers=4) == "1 training worker x 2 CPUs, each fed by up to 4 decoders x 0.5 CPUs"
+    with pytest.raises(ValueError, match=r"needs 4 CPUs and 0 GPUs \(1 training worker x 1 CPU, 3 decoders x 1 CPU\)"):
+        plan(2, decode_workers=3, decode_cpus=1)
+    with pytest.raises(ValueError, match=r"needs 2 CPUs and 1 GPU .* has 2 CPUs and 0 GPUs"):
+        plan(2, use_gpu=True)
+    with pytest.raises(ValueError, match="a training worker needs 4 CPUs and 0 GPUs on one node but the largest node"):
+        plan(8, node_cpus=2, cpus_per_worker=4)
 
 
 # ------------------------------------------------------------------------------------------------ unit pieces

@@ -57,27 +57,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def require_weights(model_name: str | None, checkpoint: str | None, *, random_weights: bool) -> None:
-    """Refuses a model without trained weights unless asked for: random weights give confident nonsense.
-
-    Raises:
-        ValueError: an unknown model name (listing the known ones), or no weights and no ``random_weights``.
-    """
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
-    from vitaclip.registry import get_model_config, packaged_checkpoint
-
-    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        return
-    if model_name is None:
-        raise ValueError("give --model (or a vitaclip checkpoint folder as --checkpoint)")
-    get_model_config(model_name)
-    if checkpoint is None and packaged_checkpoint(model_name) is None and not random_weights:
-        raise ValueError(
-            f"model {model_name!r} needs --checkpoint: without trained weights its labels mean nothing (the packaged "
-            "demo model is --model vitaclip-demo; pass --random-weights for a smoke run)"
-        )
-
-
 def _pick_device(name: str | None) -> str:
     import torch
 
@@ -100,9 +79,10 @@ def label_videos(
 
     import vitaclip
     from vitaclip import video as vv
+    from vitaclip.registry import require_trained_weights
 
     dev = _pick_device(device)
-    require_weights(model_name, checkpoint, random_weights=random_weights)
+    require_trained_weights(model_name, checkpoint, random_weights=random_weights)
     label_names = vitaclip.load_label_set(labels) if labels else None
     model = vitaclip.create_model(model_name, checkpoint=checkpoint, device=dev)
     names = list(label_names or model.label_names or ())
@@ -421,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from jobs.train import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="vitaclip train")
     if argv[:1] == ["eval"]:
         from jobs.evaluate import main as eval_main
 
@@ -429,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         from jobs.demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(argv[1:], prog="vitaclip demo")
     if argv[:1] == ["eval-retrieval"]:
         from jobs.evaluate import main_retrieval
 

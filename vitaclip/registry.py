@@ -181,3 +181,21 @@ def resolve_config(name: str | None, checkpoint: str | Path | None) -> VitaClipC
     if name is None:
         raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
     return get_model_config(name)
+
+
+def require_trained_weights(model_name: str | None, checkpoint: str | None, *, random_weights: bool) -> None:
+    """Refuses a model without trained weights unless asked for: random weights give confident nonsense.
+
+    Raises:
+        ValueError: an unknown model name (listing the known ones), or no weights and no ``random_weights``.
+    """
+    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
+        return
+    if model_name is None:
+        raise ValueError("give --model (or a vitaclip checkpoint folder as --checkpoint)")
+    get_model_config(model_name)
+    if checkpoint is None and packaged_checkpoint(model_name) is None and not random_weights:
+        raise ValueError(
+            f"model {model_name!r} needs --checkpoint: without trained weights its labels mean nothing (the packaged "
+            "demo model is --model vitaclip-demo; pass --random-weights for a smoke run)"
+        )

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, save_checkpoint
+from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, load_torch_file, save_checkpoint
 from vitaclip.model import VitaClip
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -86,11 +86,13 @@ class TrainConfig:
         keep_last: checkpoints kept.
         eval_every: steps between validations (0: never).
         log_every: steps between JSON lines in ``metrics.jsonl``.
-        num_workers: Ray Train workers (DDP processes).
+        num_workers: Ray Train workers (DDP processes). None: one per GPU (the most that divide the batch), or one
+            without GPUs. The data a step reads does not depend on it, so a run may resume with another count.
         use_gpu: one GPU per worker (None: when the cluster has GPUs).
-        cpus_per_worker: CPUs reserved by each training worker.
-        decode_workers: Ray Data decode actors per training worker.
-        decode_cpus: CPUs reserved by each decode actor.
+        cpus_per_worker: CPUs reserved by each training worker (None: 1 with a GPU, else half the cluster's CPUs;
+            fractions under one CPU on small machines).
+        decode_workers: Ray Data decode actors per training worker, at most (None: one per CPU left to it).
+        decode_cpus: CPUs reserved by each decode actor (None: 1, or the fraction left on small machines).
         num_cpus: CPUs of the embedded local Ray (None: all); ignored with ``ray_address``.
         decode_threads: decode threads in local mode (``--local``) and for validation.
         local: run the loop in this process without Ray (one worker).
@@ -132,11 +134,11 @@ class TrainConfig:
     keep_last: int = 3
     eval_every: int = 5000
     log_every: int = 10
-    num_workers: int = 1
+    num_workers: int | None = None
     use_gpu: bool | None = None
-    cpus_per_worker: float = 1.0
-    decode_workers: int = 2
-    decode_cpus: float = 1.0
+    cpus_per_worker: float | None = None
+    decode_workers: int | None = None
+    decode_cpus: float | None = None
     num_cpus: int | None = None
     decode_threads: int = 4
     local: bool = False
@@ -148,15 +150,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "micro_batch_size", "stride", "save_every")
         for name in (*positive, "keep_last", "log_every", "num_workers", "decode_workers", "decode_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cpus_per_worker", "decode_cpus"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.sampling not in ("uniform", "dense"):
             raise ValueError(f"sampling must be 'dense' or 'uniform', got {self.sampling!r}")
-        workers = 1 if self.local else self.num_workers
+        workers = self.workers
         if self.batch_size % (workers * self.micro_batch_size):
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of num_workers * micro_batch_size "
@@ -176,7 +181,8 @@ class TrainConfig:
 
     @property
     def workers(self) -> int:
-        return 1 if self.local else self.num_workers
+        """Training processes: 1 locally or until the Ray driver has sized ``num_workers`` to the cluster."""
+        return 1 if self.local or self.num_workers is None else self.num_workers
 
     @property
     def accumulation_steps(self) -> int:
@@ -655,7 +661,7 @@ def load_training_checkpoint(
     import safetensors.torch
 
     folder = Path(folder)
-    state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_torch_file(folder / TRAINING_STATE_FILE)  # tensors and containers only, never TorchScript
     names = model.trainable_parameter_names()
     if list(state["trainable"]) != names:
         raise ValueError(f"{folder}: trained parameters {state['trainable']} do not match the model's {names}")

@@ -1,0 +1,188 @@
+"""Sizing Ray work to the cluster it runs on.
+
+Starts (or attaches to) Ray, reads its CPUs and GPUs, sizes decode actor pools from them, and refuses at once a
+request the cluster cannot hold: Ray and Ray Data would otherwise wait forever for resources that never come (a run
+that sits at step 0 with ``backpressured:tasks(ResourceBudget)`` in the log).
+
+Requests may be fractions of a CPU (``num_cpus=0.5``): Ray schedules by these logical numbers and the operating
+system shares the cores by demand, so every default fits a 1- or 2-core machine and grows with the cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decode actor is given when CPUs are scarce
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Logical resources of a Ray cluster.
+
+    Attributes:
+        cpus: CPUs of all alive nodes.
+        gpus: GPUs of all alive nodes.
+        free_cpus: CPUs not held by other work when it was read.
+        node_cpus: CPUs of the largest node (one actor or bundle cannot span nodes).
+        node_gpus: GPUs of the node with the most.
+    """
+
+    cpus: float
+    gpus: float
+    free_cpus: float
+    node_cpus: float
+    node_gpus: float
+
+    @property
+    def usable_cpus(self) -> float:
+        """CPUs to size work by: the free ones (others may hold some), or all of them when none is free now."""
+        free = min(self.free_cpus, self.cpus)
+        return free if free > 0 else self.cpus
+
+    def describe(self) -> str:
+        return f"{count(self.cpus, 'CPU')} and {count(self.gpus, 'GPU')}"
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:
+    """Connects to Ray (``address``, else ``RAY_ADDRESS`` as set by ``ray job submit``) or starts an embedded local
+    one with ``num_cpus`` CPUs (None: all cores); an already initialised Ray is used as it is. Returns its size."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return read_cluster()
+
+
+def read_cluster() -> Cluster:
+    """The size of the Ray cluster this process is connected to."""
+    import ray
+
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return Cluster(
+        cpus=float(total.get("CPU", 0)),
+        gpus=float(total.get("GPU", 0)),
+        free_cpus=float(free.get("CPU", 0)),
+        node_cpus=max((float(n.get("CPU", 0)) for n in nodes), default=float(total.get("CPU", 0))),
+        node_gpus=max((float(n.get("GPU", 0)) for n in nodes), default=float(total.get("GPU", 0))),
+    )
+
+
+def cpu_request(cpus: float) -> float:
+    """A CPU request Ray accepts, rounded down so that the parts still fit: whole above one, 4 decimals below."""
+    if cpus >= 1:
+        return float(math.floor(cpus + 1e-9))
+    return math.floor(cpus * 10_000 + 1e-6) / 10_000
+
+
+def count(n: float, noun: str) -> str:
+    """``1 CPU``, ``0.5 CPUs``, ``3 decoders``."""
+    return f"{n:g} {noun}" if n == 1 else f"{n:g} {noun}s"
+
+
+@dataclass(frozen=True)
+class Demand:
+    """``number`` actors (or bundles) of ``cpus`` CPUs and ``gpus`` GPUs each; ``name`` (singular) for messages."""
+
+    name: str
+    number: int
+    cpus: float
+    gpus: float = 0.0
+
+    def describe(self) -> str:
+        each = f"({count(self.cpus, 'CPU')}, {count(self.gpus, 'GPU')})" if self.gpus else count(self.cpus, "CPU")
+        return f"{count(self.number, self.name)} x {each}"
+
+
+def require_fit(job: str, demands: Sequence[Demand], cluster: Cluster, *, hint: str = "") -> None:
+    """Raises ValueError (one line, needed against available) when ``demands`` cannot all run on ``cluster`` at once:
+    in total, or one of them on its largest node. ``job`` names what needs them (``"the run"``)."""
+    cpus = sum(d.number * d.cpus for d in demands)
+    gpus = sum(d.number * d.gpus for d in demands)
+    detail = ", ".join(d.describe() for d in demands if d.number)
+    suffix = f"; {hint}" if hint else ""
+    if cpus > cluster.cpus + 1e-6 or gpus > cluster.gpus + 1e-6:
+        raise ValueError(
+            f"{job} needs {count(cpus, 'CPU')} and {count(gpus, 'GPU')} ({detail}) but the Ray cluster has "
+            f"{cluster.describe()}{suffix}"
+        )
+    for d in demands:
+        if d.number and (d.cpus > cluster.node_cpus + 1e-6 or d.gpus > cluster.node_gpus + 1e-6):
+            raise ValueError(
+                f"{job}: a {d.name} needs {count(d.cpus, 'CPU')} and {count(d.gpus, 'GPU')} on one node but the "
+                f"largest node has {count(cluster.node_cpus, 'CPU')} and {count(cluster.node_gpus, 'GPU')}{suffix}"
+            )
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    """A Ray Data actor pool of CPU decoders: 1 to ``max_workers`` actors of ``cpus_per_worker`` CPUs each."""
+
+    max_workers: int
+    cpus_per_worker: float
+
+    @property
+    def cpus(self) -> float:
+        """CPUs of the whole pool at its largest: the Ray Data budget of the dataset it runs in."""
+        return self.max_workers * self.cpus_per_worker
+
+    def demand(self, *, pools: int = 1) -> Demand:
+        """Every actor of ``pools`` such pools (one per training worker)."""
+        return Demand("decoder", pools * self.max_workers, self.cpus_per_worker)
+
+    def map_batches_args(self) -> dict[str, Any]:
+        """``compute`` and ``num_cpus`` for ``Dataset.map_batches``: the pool starts with one actor and grows."""
+        import ray.data
+
+        return {
+            "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.max_workers),
+            "num_cpus": self.cpus_per_worker,
+        }
+
+    def execution_options(self, *, preserve_order: bool = False) -> Any:
+        """Ray Data options that budget the dataset to this pool (no GPUs), so that its scheduler never counts on
+        CPUs that training workers or other datasets hold."""
+        from ray.data import ExecutionOptions, ExecutionResources
+
+        return ExecutionOptions(resource_limits=ExecutionResources(cpu=self.cpus, gpu=0), preserve_order=preserve_order)
+
+    def describe(self) -> str:
+        return f"up to {count(self.max_workers, 'decoder')} x {count(self.cpus_per_worker, 'CPU')}"
+
+
+def plan_decoders(
+    cpus: float,
+    *,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    max_workers: int | None = None,
+) -> DecodePool:
+    """Decode actors for a share of ``cpus``.
+
+    By default one actor per CPU at 1 CPU each (at most ``max_workers``); a share under one CPU gets one actor of that
+    share (at least :data:`MIN_DECODE_CPUS`). Given ``workers``, they split the share; given ``cpus_per_worker``, it
+    is used as it is (the caller checks the fit).
+    """
+    if workers is not None and workers < 1:
+        raise ValueError(f"decode workers must be >= 1, got {workers}")
+    if cpus_per_worker is not None and cpus_per_worker <= 0:
+        raise ValueError(f"decode CPUs per worker must be > 0, got {cpus_per_worker}")
+    if workers is None:
+        each = cpus_per_worker if cpus_per_worker is not None else cpu_request(min(1.0, max(MIN_DECODE_CPUS, cpus)))
+        workers = max(1, int(cpus / each + 1e-6))
+        if max_workers is not None:
+            workers = max(1, min(workers, max_workers))
+    elif cpus_per_worker is not None:
+        each = cpus_per_worker
+    else:
+        each = cpu_request(min(1.0, max(MIN_DECODE_CPUS, cpus / workers)))
+    return DecodePool(workers, each)
