@@ -1,0 +1,824 @@
+"""Delta Lake output tables: where they live, their schema, data files, conditional commits and reading the log.
+
+The job's output tables ``OUT/videos`` and ``OUT/segments`` are Delta Lake tables written with delta-rs. Ray workers
+write Parquet data files where the rows are made (`write_data_file`); the driver commits only metadata (`commit`:
+add and remove actions in one atomic commit at exactly ``read_version + 1``), so two runs on one output cannot
+corrupt it: the loser of a race gets `CommitConflict`, re-plans and retries. The schema version and the embedding
+size are table properties; readers refuse what they do not know (`check_table`).
+
+Everything here is a plain function of an `OutputLocation` (a picklable value without secrets, so it can travel to
+Ray workers); nothing imports Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt_
+import json
+import math
+import os
+import re
+import time
+import urllib.parse
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, RemoveAction
+
+SCHEMA_VERSION = 2
+"""Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
+
+TABLES: tuple[str, ...] = ("videos", "segments")
+
+TABLE_KEY = "vitaclip.table"
+SCHEMA_VERSION_KEY = "vitaclip.schema_version"
+EMBED_DIM_KEY = "vitaclip.embed_dim"
+
+MAX_STRING_STAT_CHARS = 256
+"""Longer string minimums and maximums are left out of file statistics (a truncated maximum would be wrong)."""
+
+_DEFAULT_DELETED_FILE_RETENTION_HOURS = 7 * 24  # delta.deletedFileRetentionDuration when a table does not set it
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet$")
+Scheme = Literal["file", "s3", "gs", "az", "abfss"]
+
+
+class TableMismatchError(ValueError):
+    """An output table this vitaclip cannot use: another table, schema version or embedding size."""
+
+
+class CommitConflict(RuntimeError):
+    """Another writer committed to the table since the version a commit was planned against."""
+
+
+class LogUnavailableError(LookupError):
+    """A commit of the Delta log is gone (cleaned up after its retention): read the table in full instead."""
+
+
+# ----------------------------------------------------------------------------------------------------- location
+
+
+@dataclass(frozen=True)
+class OutputLocation:
+    """Where an output lives: a local folder or an object store prefix, plus how to reach it, without secrets.
+
+    Build it with `from_url`. It pickles, so the driver can hand it to Ray workers; credentials always come from
+    the environment of the process that uses it (the standard AWS chain for S3, ``GOOGLE_*`` for GCS,
+    ``AZURE_STORAGE_*`` for Azure) and are never stored here.
+
+    Attributes:
+        url: An absolute local path, or ``s3://bucket/prefix`` (``gs://``, ``az://``, ``abfss://`` likewise),
+            without a trailing slash.
+        s3_endpoint_url: An S3-compatible server (MinIO, moto) as ``scheme://host[:port]``, userinfo stripped;
+            None for AWS itself.
+    """
+
+    url: str
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, s3_endpoint_url: str | None = None) -> OutputLocation:
+        """Parses an output URL: a local folder (made absolute) or ``s3://``, ``gs://``, ``az://``, ``abfss://``.
+
+        S3 is what vitaclip tests against (a moto server). GCS and Azure go through the same code by construction:
+        ``pyarrow.fs`` reads and writes the data files and delta-rs the log, both with credentials from their
+        standard environment variables.
+
+        Args:
+            url: The output folder or prefix.
+            s3_endpoint_url: An S3-compatible server for ``s3://`` outputs; when None, ``AWS_ENDPOINT_URL_S3`` or
+                ``AWS_ENDPOINT_URL`` from this process's environment, if set (as `jobs.storage.make_s3_client`
+                does). Userinfo in it (``http://user:pass@host``) is dropped: it is never stored or passed on.
+
+        Raises:
+            ValueError: An unsupported scheme, a missing bucket, or an endpoint given for a non-S3 output.
+        """
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+            path = parts.path if scheme == "file" else url
+            if s3_endpoint_url is not None:
+                raise ValueError(f"s3_endpoint_url is only for s3:// outputs, got a local output {url!r}")
+            return cls(url=os.path.abspath(os.path.expanduser(path)).rstrip(os.sep) or os.sep)
+        if scheme not in ("s3", "gs", "az", "abfss"):
+            raise ValueError(f"unsupported output URL {url!r}; use a local folder, s3://, gs://, az:// or abfss://")
+        if not parts.netloc:
+            raise ValueError(f"output URL {url!r} names no bucket or container")
+        normalized = f"{scheme}://{parts.netloc}{parts.path}".rstrip("/")
+        if scheme != "s3":
+            if s3_endpoint_url is not None:
+                raise ValueError(f"s3_endpoint_url is only for s3:// outputs, got {normalized!r}")
+            return cls(url=normalized)
+        endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return cls(url=normalized, s3_endpoint_url=_strip_userinfo(endpoint) if endpoint else None)
+
+    @property
+    def scheme(self) -> Scheme:
+        """``file`` for a local folder, else the URL's scheme."""
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        return "file" if scheme not in ("s3", "gs", "az", "abfss") else scheme  # type: ignore[return-value]
+
+    def table_uri(self, table: str) -> str:
+        """The URI of one table for delta-rs, e.g. ``s3://bucket/out/videos`` or ``/abs/out/videos``."""
+        _check_table_name(table)
+        return os.path.join(self.url, table) if self.scheme == "file" else f"{self.url}/{table}"
+
+    def storage_options(self) -> dict[str, str]:
+        """Options for delta-rs: the S3 endpoint, plain HTTP when it is ``http://``, and the region; no secrets.
+
+        The region comes from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` in this process's environment, else
+        ``us-east-1``. Other stores need no options: delta-rs reads their environment variables itself.
+        """
+        if self.scheme != "s3":
+            return {}
+        options = {"AWS_REGION": _aws_region()}
+        if self.s3_endpoint_url:
+            options["AWS_ENDPOINT_URL"] = self.s3_endpoint_url
+            if self.s3_endpoint_url.startswith("http://"):
+                options["AWS_ALLOW_HTTP"] = "true"
+        return options
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem and the output's base path in it, for reading and writing data and log files.
+
+        S3 uses the standard credential chain, the endpoint (``endpoint_override`` and its scheme) when one is set
+        and path-style addressing.
+        """
+        if self.scheme == "file":
+            return pafs.LocalFileSystem(), self.url
+        parts = urllib.parse.urlsplit(self.url)
+        base = f"{parts.netloc}{parts.path}".rstrip("/")
+        if self.scheme == "s3":
+            if not self.s3_endpoint_url:
+                return pafs.S3FileSystem(region=_aws_region()), base
+            endpoint = urllib.parse.urlsplit(self.s3_endpoint_url)
+            return (
+                pafs.S3FileSystem(
+                    region=_aws_region(),
+                    endpoint_override=endpoint.netloc,
+                    scheme=endpoint.scheme,
+                    force_virtual_addressing=False,
+                ),
+                base,
+            )
+        if self.scheme == "az":  # delta-rs spells Azure az://container/path; pyarrow wants the account separately
+            return pafs.AzureFileSystem(account_name=os.environ["AZURE_STORAGE_ACCOUNT_NAME"]), base
+        filesystem, path = pafs.FileSystem.from_uri(self.url)
+        return filesystem, path.rstrip("/")
+
+    def table_path(self, table: str) -> tuple[pafs.FileSystem, str]:
+        """`filesystem` and the path of one table's root folder in it."""
+        _check_table_name(table)
+        filesystem, base = self.filesystem()
+        return filesystem, f"{base}/{table}"
+
+
+def _strip_userinfo(endpoint: str) -> str:
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("s3_endpoint_url must look like http(s)://host[:port]")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _aws_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _check_table_name(table: str) -> None:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+
+
+# ----------------------------------------------------------------------------------------------------- schemas
+
+
+def _result_fields() -> list[pa.Field]:
+    """The columns every embedded row ends with (videos and segments alike)."""
+    return [
+        # Delta has no fixed-size list: the size is the table property vitaclip.embed_dim, checked on write.
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("label_scores", pa.list_(pa.float32())),
+        pa.field("thumbnail_jpeg", pa.binary()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        # Delta timestamps are microseconds in UTC; values are truncated to milliseconds (see write_data_file).
+        pa.field("indexed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+
+
+def table_schema(table: str, embed_dim: int) -> pa.Schema:
+    """The arrow schema of a table at schema version 2 (`SCHEMA_VERSION`).
+
+    Same columns in the same order as version 1 (`index.schema`), except that ``embedding`` is a variable-size
+    list (its size is the ``vitaclip.embed_dim`` table property) and ``indexed_at`` is in microseconds.
+
+    Raises:
+        ValueError: An unknown table or an embedding size below 1.
+    """
+    _check_table_name(table)
+    if embed_dim < 1:
+        raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+    if table == "videos":
+        fields = [
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("row_id", pa.int64(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("etag", pa.string()),
+            pa.field("size_bytes", pa.int64()),
+            pa.field("duration_seconds", pa.float64()),
+            pa.field("fps", pa.float64()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("codec", pa.string()),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error_message", pa.string()),
+        ]
+    else:
+        fields = [
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("row_id", pa.int64(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("segment_index", pa.int32(), nullable=False),
+            pa.field("start_seconds", pa.float64(), nullable=False),
+            pa.field("end_seconds", pa.float64(), nullable=False),
+        ]
+    return pa.schema([*fields, *_result_fields()])
+
+
+def _table_properties(table: str, embed_dim: int) -> dict[str, str | None]:
+    return {TABLE_KEY: table, SCHEMA_VERSION_KEY: str(SCHEMA_VERSION), EMBED_DIM_KEY: str(embed_dim)}
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+
+def open_table(location: OutputLocation, table: str, *, version: int | None = None) -> DeltaTable | None:
+    """Opens one table at its latest version (or `version`); None when there is no Delta table there yet."""
+    try:
+        return DeltaTable(location.table_uri(table), version=version, storage_options=location.storage_options())
+    except TableNotFoundError:
+        return None
+
+
+def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | None = None) -> dict[str, int]:
+    """Creates the missing tables of an output and checks all of them; returns each table's latest version.
+
+    Idempotent, and safe when two processes create at once: the loser of the race re-opens the winner's table and
+    checks it like any existing one.
+
+    Args:
+        embed_dim: The embedding size of the model that will write; an existing table must hold the same.
+        model_id: Named in the error when an existing table holds another embedding size.
+
+    Raises:
+        TableMismatchError: An existing table this vitaclip cannot write (see `check_table`).
+    """
+    versions: dict[str, int] = {}
+    for table in TABLES:
+        dt = open_table(location, table)
+        if dt is None:
+            try:
+                dt = DeltaTable.create(
+                    location.table_uri(table),
+                    schema=table_schema(table, embed_dim),
+                    mode="error",
+                    configuration=_table_properties(table, embed_dim),
+                    raise_if_key_not_exists=False,  # custom (non-delta.*) properties are refused otherwise
+                    storage_options=location.storage_options(),
+                    # With retries, the loser of a creation race commits its CREATE again as version 1 (a second
+                    # metaData action, seen on S3); without, it fails and checks the winner's table below.
+                    commit_properties=CommitProperties(max_commit_retries=0),
+                )
+            except Exception:
+                # Lost a creation race (delta-rs raises a generic DeltaError or CommitFailedError): use the winner's
+                # table if there is one; any other failure is re-raised as it was.
+                dt = open_table(location, table)
+                if dt is None:
+                    raise
+        check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
+        versions[table] = dt.version()
+    return versions
+
+
+def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, model_id: str | None = None) -> int:
+    """Checks a Delta table is vitaclip's `table` at this schema version; returns its embedding size.
+
+    Args:
+        embed_dim: The embedding size the caller writes or searches with; None to accept any.
+        model_id: The model that makes `embed_dim`-sized embeddings, named in the error.
+
+    Raises:
+        TableMismatchError: Another table, an unknown schema version, another embedding size, other columns, or
+            Delta reader features (deletion vectors, column mapping) this vitaclip does not read.
+    """
+    _check_table_name(table)
+    where = dt.table_uri.rstrip("/")
+    config = dt.metadata().configuration
+    found_table = config.get(TABLE_KEY)
+    if found_table != table:
+        found = f"a {found_table!r} table" if found_table else "a Delta table without vitaclip properties"
+        raise TableMismatchError(f"{where} is {found}; expected vitaclip's {table!r} table")
+    found_version = config.get(SCHEMA_VERSION_KEY)
+    if found_version != str(SCHEMA_VERSION):
+        raise TableMismatchError(
+            f"{where} has schema version {found_version or '?'}; this vitaclip reads version {SCHEMA_VERSION}"
+        )
+    try:
+        found_dim = int(config.get(EMBED_DIM_KEY, ""))
+    except ValueError:
+        raise TableMismatchError(f"{where} has no valid {EMBED_DIM_KEY} property") from None
+    if embed_dim is not None and found_dim != embed_dim:
+        model = f"model {model_id}" if model_id else "the model"
+        raise TableMismatchError(
+            f"{where} holds {found_dim}-dim embeddings but {model} makes {embed_dim}-dim ones; use another --output"
+        )
+    expected = DeltaSchema.from_arrow(table_schema(table, found_dim))
+    if json.loads(dt.schema().to_json()) != json.loads(expected.to_json()):
+        raise TableMismatchError(f"{where} columns differ from {table} schema version {SCHEMA_VERSION}")
+    protocol = dt.protocol()
+    if protocol.min_reader_version > 1 or protocol.reader_features:
+        # Data files are read directly with pyarrow (read_keys, rewrite_without): deletion vectors or column
+        # mapping would make those reads wrong.
+        raise TableMismatchError(
+            f"{where} needs Delta reader version {protocol.min_reader_version} "
+            f"(features {protocol.reader_features or []}); vitaclip reads version 1 tables"
+        )
+    return found_dim
+
+
+def detect_old_layout(location: OutputLocation) -> bool:
+    """Whether the output was written by vitaclip's previous layout: ``_commits/*.json`` and no Delta ``videos``."""
+    filesystem, base = location.filesystem()
+    commits = filesystem.get_file_info(pafs.FileSelector(f"{base}/_commits", allow_not_found=True))
+    if not any(info.type == pafs.FileType.File and info.base_name.endswith(".json") for info in commits):
+        return False
+    delta_log = filesystem.get_file_info(f"{base}/videos/_delta_log")
+    return delta_log.type == pafs.FileType.NotFound
+
+
+def old_layout_message(location: OutputLocation) -> str:
+    """The error to show for an output of the previous layout (see `detect_old_layout`)."""
+    return (
+        f"{location.url} was written by an older vitaclip (commit records under _commits/); "
+        f"run `vitaclip migrate {location.url}` first"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- data files
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A written, not yet committed Parquet data file: what `commit` needs to add it to a table.
+
+    Attributes:
+        table: The table it belongs to.
+        path: Its path relative to the table root (a plain file name).
+        size_bytes: Its size.
+        num_rows: Its row count.
+        stats: Delta file statistics as JSON (numRecords, minValues, maxValues, nullCount).
+        modification_time_ms: When it was written, in milliseconds since the epoch.
+    """
+
+    table: str
+    path: str
+    size_bytes: int
+    num_rows: int
+    stats: str
+    modification_time_ms: int
+
+
+@dataclass(frozen=True)
+class RemovedFile:
+    """A committed data file to take out of a table (its rows replaced by a rewrite)."""
+
+    path: str
+    size_bytes: int
+
+
+def _conform(data: pa.Table, table: str, embed_dim: int) -> pa.Table:
+    """`data` cast to `table_schema`, with embedding sizes, nulls and millisecond timestamps checked or made so."""
+    schema = table_schema(table, embed_dim)
+    missing = [name for name in schema.names if name not in data.column_names]
+    extra = [name for name in data.column_names if name not in schema.names]
+    if missing or extra:
+        raise ValueError(
+            f"{table} data does not match schema version {SCHEMA_VERSION}: missing {missing}, extra {extra}"
+        )
+    columns = []
+    for schema_field in schema:
+        column = data.column(schema_field.name)
+        if schema_field.name == "indexed_at":
+            # Delta statistics hold milliseconds: truncating the values keeps min/max exact for file skipping.
+            if not pa.types.is_timestamp(column.type):
+                raise ValueError(f"indexed_at must be a timestamp, got {column.type}")
+            if column.type.tz is None:
+                column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))
+            column = pc.floor_temporal(column, unit="millisecond")
+        try:
+            column = column.cast(schema_field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"{table}.{schema_field.name}: cannot use {column.type} as {schema_field.type}") from exc
+        if not schema_field.nullable and column.null_count:
+            raise ValueError(f"{table}.{schema_field.name} must not be null ({column.null_count} nulls)")
+        columns.append(column)
+    conformed = pa.Table.from_arrays(columns, schema=schema)
+    lengths = pc.list_value_length(conformed.column("embedding"))
+    wrong = pc.sum(pc.cast(pc.not_equal(lengths, embed_dim), pa.int64())).as_py() or 0
+    if wrong:
+        sizes = sorted({n for n in lengths.to_pylist() if n is not None and n != embed_dim})
+        raise ValueError(f"{table}: {wrong} embeddings have {sizes} values; the table holds {embed_dim}-dim ones")
+    return conformed
+
+
+def _stat_value(value: pa.Scalar) -> Any:
+    """A min or max in Delta's JSON statistics form; None when it must be left out."""
+    if not value.is_valid:
+        return None
+    if pa.types.is_timestamp(value.type):
+        moment: dt_.datetime = value.cast(pa.timestamp("us", tz="UTC")).as_py()
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    python = value.as_py()
+    if isinstance(python, float) and not math.isfinite(python):
+        return None  # JSON has no NaN or infinity
+    if isinstance(python, str) and len(python) > MAX_STRING_STAT_CHARS:
+        return None  # a truncated maximum would be below the true one
+    return python
+
+
+def file_stats(data: pa.Table) -> dict[str, Any]:
+    """Delta statistics of a data file: numRecords, and min, max and null counts of its non-nested columns.
+
+    Readers (delta-rs, DuckDB, Spark, polars) skip files with these, so they must never exclude a value the file
+    holds: minimums and maximums are given for numbers, strings of at most `MAX_STRING_STAT_CHARS` characters
+    and timestamps (milliseconds, which `write_data_file` makes exact), and left out for floats with NaN.
+    """
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for schema_field in data.schema:
+        kind = schema_field.type
+        if pa.types.is_nested(kind):
+            continue
+        column = data.column(schema_field.name)
+        nulls[schema_field.name] = column.null_count
+        numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+        if not (numeric or pa.types.is_timestamp(kind) or pa.types.is_string(kind)):
+            continue
+        if pa.types.is_floating(kind) and pc.any(pc.is_nan(column)).as_py():
+            continue  # readers order NaN differently; leave the column unbounded
+        extremes = pc.min_max(column)
+        low, high = _stat_value(extremes["min"]), _stat_value(extremes["max"])
+        if low is not None:
+            mins[schema_field.name] = low
+        if high is not None:
+            maxs[schema_field.name] = high
+    return {"numRecords": data.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+
+
+def table_embed_dim(location: OutputLocation, table: str) -> int:
+    """The embedding size of an existing table (its ``vitaclip.embed_dim`` property), after `check_table`."""
+    dt = open_table(location, table)
+    if dt is None:
+        raise FileNotFoundError(f"no Delta table at {location.table_uri(table)}; create_tables first")
+    return check_table(dt, table)
+
+
+def write_data_file(
+    location: OutputLocation, table: str, data: pa.Table, *, name: str, embed_dim: int | None = None
+) -> DataFile:
+    """Writes rows as one Parquet data file (zstd) in a table's folder, ready for `commit`; nothing is committed.
+
+    Runs where the rows are made (Ray workers). A file that is never committed is invisible to readers and goes
+    at the next `vacuum`.
+
+    Args:
+        data: Rows with the table's columns; cast to `table_schema` (a fixed-size embedding list is fine). The
+            ``indexed_at`` values are truncated to milliseconds so that file statistics are exact.
+        name: The file name, such as ``part-<run>-<uuid4>.parquet``: letters, digits, ``._=-``, ending in
+            ``.parquet``. A committed file must never change, so use a fresh name per attempt; an existing file
+            is refused.
+        embed_dim: The table's embedding size; None reads it from the table properties (a log read).
+
+    Raises:
+        ValueError: A bad name, columns other than the table's, nulls in a non-nullable column, or an embedding
+            whose length is not the table's embedding size.
+        FileExistsError: A file of that name exists.
+    """
+    _check_table_name(table)
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"data file name {name!r} must match {_NAME_RE.pattern} and contain no '..'")
+    if embed_dim is None:
+        embed_dim = table_embed_dim(location, table)
+    conformed = _conform(data, table, embed_dim)
+    stats = json.dumps(file_stats(conformed), separators=(",", ":"))
+    filesystem, root = location.table_path(table)
+    target = f"{root}/{name}"
+    if filesystem.get_file_info(target).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"data file {name} exists in {location.table_uri(table)}; names must be fresh")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        # Local files appear whole (temp file, then rename); an object store PUT is atomic already.
+        filesystem.create_dir(root, recursive=True)
+        temporary = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(conformed, temporary, filesystem=filesystem, compression="zstd")
+        filesystem.move(temporary, target)
+    else:
+        pq.write_table(conformed, target, filesystem=filesystem, compression="zstd")
+    info = filesystem.get_file_info(target)
+    mtime = info.mtime_ns // 1_000_000 if info.mtime_ns else int(time.time() * 1000)
+    return DataFile(
+        table=table,
+        path=name,
+        size_bytes=int(info.size or 0),
+        num_rows=conformed.num_rows,
+        stats=stats,
+        modification_time_ms=mtime,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- commits
+
+
+def commit(
+    location: OutputLocation,
+    table: str,
+    *,
+    adds: Sequence[DataFile],
+    removes: Sequence[RemovedFile],
+    read_version: int,
+    app_id: str,
+    app_version: int,
+    metadata: Mapping[str, str],
+) -> int:
+    """Adds and removes data files in one atomic commit at exactly ``read_version + 1``; returns that version.
+
+    The commit is conditional: if any other writer committed after `read_version` (even a plain append), it fails
+    with `CommitConflict` and nothing changes; the caller re-reads, re-plans and retries. The app transaction
+    ``(app_id, app_version)`` lands in the same commit, so after an ambiguous failure (a timeout)
+    `committed_app_version` tells whether it happened.
+
+    Args:
+        adds: Files written with `write_data_file` for this table.
+        removes: Files of the table at `read_version` whose rows the adds replace.
+        read_version: The table version the commit was planned against.
+        app_id: Identifies the writer (e.g. ``vitaclip-index``).
+        app_version: Increases with each commit of that writer.
+        metadata: Custom keys for the commit (run id, counts); they land at the top level of the commit info.
+
+    Raises:
+        CommitConflict: Another writer committed since `read_version`.
+        ValueError: A file of another table, or a removal of a file the table does not hold at `read_version`.
+    """
+    _check_table_name(table)
+    for data_file in adds:
+        if data_file.table != table:
+            raise ValueError(f"cannot add {data_file.table} file {data_file.path} to the {table} table")
+    latest = open_table(location, table)
+    if latest is None:
+        raise FileNotFoundError(f"no Delta table at {location.table_uri(table)}; create_tables first")
+    if latest.version() != read_version:
+        raise CommitConflict(
+            f"{location.table_uri(table)} is at version {latest.version()}, the commit was planned at {read_version}"
+        )
+    if removes:
+        held = {urllib.parse.unquote(path) for path in pa.table(latest.get_add_actions()).column("path").to_pylist()}
+        unknown = sorted(removed.path for removed in removes if removed.path not in held)
+        if unknown:
+            raise ValueError(f"cannot remove files the {table} table does not hold at {read_version}: {unknown}")
+    now_ms = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = [
+        AddAction(
+            path=data_file.path,
+            size=data_file.size_bytes,
+            partition_values={},
+            modification_time=data_file.modification_time_ms,
+            data_change=True,
+            stats=data_file.stats,
+        )
+        for data_file in adds
+    ]
+    actions += [
+        RemoveAction(path=r.path, data_change=True, deletion_timestamp=now_ms, size=r.size_bytes, partition_values={})
+        for r in removes
+    ]
+    properties = CommitProperties(
+        custom_metadata=dict(metadata),
+        max_commit_retries=0,  # a commit at any version but read_version + 1 would not be the one planned
+        app_transactions=[Transaction(app_id, app_version)],
+    )
+    try:
+        # In append mode delta-rs ignores the schema argument (it neither checks the files against it nor changes
+        # the table's); data files were checked against table_schema when written.
+        latest.create_write_transaction(actions, "append", latest.schema(), commit_properties=properties)
+    except CommitFailedError as exc:
+        raise CommitConflict(f"{location.table_uri(table)} changed since version {read_version}: {exc}") from exc
+    return read_version + 1
+
+
+def committed_app_version(location: OutputLocation, table: str, app_id: str) -> int | None:
+    """The last app transaction version `app_id` committed to a table (None if none): did an ambiguous commit land?"""
+    dt = open_table(location, table)
+    return None if dt is None else dt.transaction_version(app_id)
+
+
+# ----------------------------------------------------------------------------------------------------- the log
+
+
+@dataclass(frozen=True)
+class LoggedAdd:
+    """A data file added by a commit."""
+
+    path: str
+    size_bytes: int
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LogCommit:
+    """What one commit of the Delta log changed.
+
+    Attributes:
+        version: The table version it made.
+        adds: Data files it added.
+        removes: Paths (relative to the table root) of data files it removed.
+        commit_info: Its ``commitInfo`` action; custom metadata keys are at the top level.
+        app_transactions: App id -> version of its ``txn`` actions.
+        changes_metadata: Whether it changed the table's metadata or protocol (schema, properties).
+    """
+
+    version: int
+    adds: tuple[LoggedAdd, ...] = ()
+    removes: tuple[str, ...] = ()
+    commit_info: dict[str, Any] = field(default_factory=dict)
+    app_transactions: dict[str, int] = field(default_factory=dict)
+    changes_metadata: bool = False
+
+
+def log_changes(location: OutputLocation, table: str, *, after_version: int, upto_version: int) -> list[LogCommit]:
+    """The commits of a table after `after_version` up to and including `upto_version`, read from the log.
+
+    Reads the small ``_delta_log/<version>.json`` files only, never data files or checkpoints: this is how the
+    index follows a table incrementally.
+
+    Raises:
+        LogUnavailableError: A commit's JSON is gone (log cleanup): read the table in full instead.
+        ValueError: `after_version` is above `upto_version` or negative below -1.
+    """
+    if not -1 <= after_version <= upto_version:
+        raise ValueError(f"need -1 <= after_version <= upto_version, got {after_version} and {upto_version}")
+    filesystem, root = location.table_path(table)
+    commits = []
+    for version in range(after_version + 1, upto_version + 1):
+        log_path = f"{root}/_delta_log/{version:020d}.json"
+        try:
+            with filesystem.open_input_stream(log_path) as stream:
+                text = stream.read().decode("utf-8")
+        except FileNotFoundError as exc:
+            raise LogUnavailableError(
+                f"commit {version} of {location.table_uri(table)} is not in its log (cleaned up or not made yet)"
+            ) from exc
+        commits.append(_parse_commit(version, text))
+    return commits
+
+
+def _parse_commit(version: int, text: str) -> LogCommit:
+    adds: list[LoggedAdd] = []
+    removes: list[str] = []
+    commit_info: dict[str, Any] = {}
+    app_transactions: dict[str, int] = {}
+    changes_metadata = False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        action = json.loads(line)
+        if "add" in action:
+            add = action["add"]
+            stats = json.loads(add["stats"]) if add.get("stats") else {}
+            adds.append(LoggedAdd(urllib.parse.unquote(add["path"]), int(add["size"]), stats))
+        elif "remove" in action:
+            removes.append(urllib.parse.unquote(action["remove"]["path"]))
+        elif "commitInfo" in action:
+            commit_info = action["commitInfo"]
+        elif "txn" in action:
+            app_transactions[action["txn"]["appId"]] = int(action["txn"]["version"])
+        elif "metaData" in action or "protocol" in action:
+            changes_metadata = True
+    return LogCommit(version, tuple(adds), tuple(removes), commit_info, app_transactions, changes_metadata)
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+KEY_COLUMNS = ("video_id", "etag", "status")
+
+
+def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Table:
+    """The planning keys of the videos table at `version` for one model: video_id, etag, status and file.
+
+    Reads only those columns and ``model_id`` (column projection; Parquet row-group statistics skip more), from
+    the files whose Delta statistics allow `model_id`: embeddings and thumbnails are never downloaded.
+
+    Returns:
+        Columns video_id, etag, status, and file (the data file's path relative to the table root).
+    """
+    dt = open_table(location, "videos", version=version)
+    if dt is None:
+        raise FileNotFoundError(f"no Delta table at {location.table_uri('videos')}")
+    check_table(dt, "videos")
+    table_uri = dt.table_uri.rstrip("/")
+    uris = dt.file_uris(file_pruning_predicate=[("model_id", "=", model_id)])
+    filesystem, root = location.table_path("videos")
+    paths = [f"{root}/{_relative_file(uri, table_uri, location.table_uri('videos'))}" for uri in uris]
+    schema = pa.schema([f for f in table_schema("videos", 1) if f.name in (*KEY_COLUMNS, "model_id")])
+    dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
+    scanned = dataset.to_table(columns=[*KEY_COLUMNS, "__filename"], filter=pc.field("model_id") == model_id)
+    prefix = f"{root}/"
+    files = pc.utf8_slice_codeunits(scanned.column("__filename"), len(prefix))
+    return pa.table(
+        [*(scanned.column(name) for name in KEY_COLUMNS), files],
+        schema=pa.schema([*(schema.field(name) for name in KEY_COLUMNS), pa.field("file", pa.string(), False)]),
+    )
+
+
+def _relative_file(uri: str, *table_uris: str) -> str:
+    """The path of a data file URI relative to its table root (delta-rs gives absolute URIs)."""
+    for table_uri in table_uris:
+        for prefix in (table_uri.rstrip("/") + "/", "file://" + table_uri.rstrip("/") + "/"):
+            if uri.startswith(prefix):
+                return uri[len(prefix) :]
+    raise ValueError(f"data file {uri} is not under the table root {table_uris[0]}")
+
+
+def rewrite_without(
+    location: OutputLocation,
+    table: str,
+    path: str,
+    video_ids: Collection[str],
+    *,
+    name: str,
+    embed_dim: int | None = None,
+) -> DataFile | None:
+    """Writes a copy of a data file without the rows of `video_ids`; None when no row is left.
+
+    Used when re-indexed videos replace their old rows: commit the copy as an add and the old file as a remove.
+
+    Args:
+        path: The data file, relative to the table root.
+        name: The new file's name (see `write_data_file`).
+        embed_dim: The table's embedding size; None reads it from the table properties.
+    """
+    filesystem, root = location.table_path(table)
+    data = pq.read_table(f"{root}/{path}", filesystem=filesystem)
+    drop = pc.is_in(data.column("video_id"), value_set=pa.array(sorted(set(video_ids)), pa.string()))
+    rest = data.filter(pc.invert(drop))
+    if rest.num_rows == 0:
+        return None
+    return write_data_file(location, table, rest, name=name, embed_dim=embed_dim)
+
+
+def _retention_hours_of(dt: DeltaTable) -> float:
+    """The table's ``delta.deletedFileRetentionDuration`` in hours (``interval 7 days`` and the like)."""
+    setting = dt.metadata().configuration.get("delta.deletedFileRetentionDuration")
+    match = re.fullmatch(r"\s*interval\s+(\d+)\s+(\w+?)s?\s*", setting or "", flags=re.IGNORECASE)
+    if not match:
+        return _DEFAULT_DELETED_FILE_RETENTION_HOURS
+    hours_per = {"week": 168.0, "day": 24.0, "hour": 1.0, "minute": 1 / 60, "second": 1 / 3600}
+    return int(match.group(1)) * hours_per.get(match.group(2).lower(), math.inf)
+
+
+def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = True) -> dict[str, int]:
+    """Deletes data files of both tables that no version younger than `retention_hours` references; counts them.
+
+    That covers files removed by commits and, with `full`, files no commit ever referenced (left by killed runs or
+    lost commit races). Keep the retention longer than a run takes, or files a running job wrote but has not
+    committed yet go too.
+
+    delta-rs refuses a retention below the table's ``delta.deletedFileRetentionDuration`` (7 days by default)
+    unless its check is turned off; vitaclip turns it off only for such a retention, as the caller chose it.
+    delta-rs takes whole hours: a fraction is rounded up (files are kept longer, never shorter). Vacuum records
+    its own commits, so a run committing at the same time gets `CommitConflict` and retries.
+    """
+    if retention_hours < 0:
+        raise ValueError(f"retention_hours must be >= 0, got {retention_hours}")
+    hours = math.ceil(retention_hours)
+    deleted: dict[str, int] = {}
+    for table in TABLES:
+        dt = open_table(location, table)
+        if dt is None:
+            deleted[table] = 0
+            continue
+        enforce = hours >= _retention_hours_of(dt)
+        files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=enforce, full=full)
+        deleted[table] = len(files)
+    return deleted

@@ -1,0 +1,687 @@
+"""Delta Lake output tables (index.delta_tables): locations, schemas, data files, conditional commits, the log."""
+
+from __future__ import annotations
+
+import datetime as dt_
+import glob
+import importlib.util
+import json
+import os
+import pickle
+import platform
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+from deltalake import Schema as DeltaSchema
+
+from index import delta_tables as dlt
+from index.delta_tables import (
+    SCHEMA_VERSION,
+    CommitConflict,
+    DataFile,
+    LogUnavailableError,
+    OutputLocation,
+    RemovedFile,
+    TableMismatchError,
+)
+from index.schema import schema_for
+
+DIM = 4
+T0 = dt_.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt_.timezone.utc)
+
+
+def video_rows(
+    ids: list[str], *, model_id: str = "m1", dim: int = DIM, thumb_bytes: int = 3, run_id: str = "r1"
+) -> pa.Table:
+    """Rows of the videos table: one per id, microsecond timestamps (truncated on write), one failed row per call."""
+    n = len(ids)
+    return pa.table(
+        {
+            "video_id": ids,
+            "row_id": list(range(n)),
+            "uri": [f"s3://in/{i}.mp4" for i in ids],
+            "etag": [f"etag-{i}" for i in ids],
+            "size_bytes": [1000 + k for k in range(n)],
+            "duration_seconds": [1.5] * n,
+            "fps": [30.0] * n,
+            "width": [640] * n,
+            "height": [360] * n,
+            "codec": ["h264"] * n,
+            "status": ["ok"] * (n - 1) + ["decode_error"],
+            "error_message": [None] * (n - 1) + ["bad frame"],
+            "embedding": [[float(k)] * dim for k in range(n - 1)] + [None],
+            "labels": [["cat", "dog"]] * n,
+            "label_scores": [[0.7, 0.3]] * n,
+            "thumbnail_jpeg": [os.urandom(thumb_bytes) for _ in range(n)],
+            "model_id": [model_id] * n,
+            "run_id": [run_id] * n,
+            "indexed_at": [T0 + dt_.timedelta(seconds=k, microseconds=123_999) for k in range(n)],
+        }
+    )
+
+
+def segment_rows(video_id: str, count: int, *, model_id: str = "m1") -> pa.Table:
+    return pa.table(
+        {
+            "video_id": [video_id] * count,
+            "row_id": list(range(count)),
+            "uri": [f"s3://in/{video_id}.mp4"] * count,
+            "segment_index": list(range(count)),
+            "start_seconds": [float(k) for k in range(count)],
+            "end_seconds": [float(k + 1) for k in range(count)],
+            "embedding": [[0.5] * DIM] * count,
+            "labels": [None] * count,
+            "label_scores": [None] * count,
+            "thumbnail_jpeg": [None] * count,
+            "model_id": [model_id] * count,
+            "run_id": ["r1"] * count,
+            "indexed_at": [T0] * count,
+        }
+    )
+
+
+def fresh_name() -> str:
+    return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def add_files(location: OutputLocation, table: str, files: list[DataFile], **kwargs: Any) -> int:
+    read_version = DeltaTable(location.table_uri(table), storage_options=location.storage_options()).version()
+    options: dict[str, Any] = {"app_id": "test", "app_version": read_version + 1, "metadata": {}}
+    options.update(kwargs)
+    return dlt.commit(location, table, adds=files, removes=[], read_version=read_version, **options)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> OutputLocation:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    dlt.create_tables(location, DIM)
+    return location
+
+
+@pytest.fixture
+def s3_location(s3_server: str, s3_bucket: tuple[Any, str]) -> OutputLocation:
+    location = OutputLocation.from_url(f"s3://{s3_bucket[1]}/out", s3_endpoint_url=s3_server)
+    return location
+
+
+# ----------------------------------------------------------------------------------------------------- location
+
+
+def test_output_location_local_is_absolute_and_picklable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    location = OutputLocation.from_url("rel/out/")
+    assert location.url == str(tmp_path / "rel" / "out")
+    assert location.table_uri("videos") == str(tmp_path / "rel" / "out" / "videos")
+    assert location.storage_options() == {}
+    assert pickle.loads(pickle.dumps(location)) == location
+    filesystem, base = location.filesystem()
+    assert isinstance(filesystem, pafs.LocalFileSystem) and base == location.url
+    with pytest.raises(ValueError, match="unknown table"):
+        location.table_uri("frames")
+
+
+def test_output_location_s3_strips_userinfo_and_sets_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    location = OutputLocation.from_url("s3://bkt/a/b/", s3_endpoint_url="http://key:secret@minio.local:9000/")
+    assert location == OutputLocation("s3://bkt/a/b", "http://minio.local:9000")
+    assert "secret" not in repr(location) and b"secret" not in pickle.dumps(location)
+    assert location.table_uri("segments") == "s3://bkt/a/b/segments"
+    assert location.storage_options() == {
+        "AWS_REGION": "eu-west-3",
+        "AWS_ENDPOINT_URL": "http://minio.local:9000",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    filesystem, base = location.filesystem()
+    assert isinstance(filesystem, pafs.S3FileSystem) and base == "bkt/a/b"
+    assert filesystem.region == "eu-west-3"
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    aws = OutputLocation.from_url("s3://bkt/out")
+    assert aws.s3_endpoint_url is None and aws.storage_options() == {"AWS_REGION": "us-east-1"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://u:p@s3.example.com")
+    assert OutputLocation.from_url("s3://bkt/out").s3_endpoint_url == "https://s3.example.com"
+    assert OutputLocation.from_url("gs://bkt/out/").url == "gs://bkt/out"
+    assert OutputLocation.from_url("az://container/out").table_uri("videos") == "az://container/out/videos"
+    with pytest.raises(ValueError, match="unsupported"):
+        OutputLocation.from_url("ftp://host/out")
+    with pytest.raises(ValueError, match="only for s3"):
+        OutputLocation.from_url("gs://bkt/out", s3_endpoint_url="http://x:1")
+
+
+# ----------------------------------------------------------------------------------------------------- schemas, tables
+
+
+@pytest.mark.parametrize("table", dlt.TABLES)
+def test_table_schema_is_version_1_with_delta_types(table: str) -> None:
+    schema = dlt.table_schema(table, 512)
+    old = schema_for(table, 512)
+    assert schema.names == old.names and not schema.metadata
+    for new_field, old_field in zip(schema, old, strict=True):
+        assert new_field.nullable == old_field.nullable, new_field.name
+        if new_field.name == "embedding":
+            assert new_field.type == pa.list_(pa.float32())
+        elif new_field.name == "indexed_at":
+            assert new_field.type == pa.timestamp("us", tz="UTC")
+        else:
+            assert new_field.type == old_field.type, new_field.name
+    delta = DeltaSchema.from_arrow(schema)  # Delta accepts it and keeps the non-nullable fields non-nullable
+    assert {f.name for f in delta.fields if not f.nullable} == {f.name for f in schema if not f.nullable}
+    assert pa.schema(delta.to_arrow()).names == schema.names
+
+
+def test_create_tables_is_idempotent_and_sets_properties(tmp_path: Path) -> None:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    assert dlt.open_table(location, "videos") is None
+    assert dlt.create_tables(location, DIM) == {"videos": 0, "segments": 0}
+    assert dlt.create_tables(location, DIM) == {"videos": 0, "segments": 0}
+    for table in dlt.TABLES:
+        dt = dlt.open_table(location, table)
+        assert dt is not None and dt.version() == 0
+        config = dt.metadata().configuration
+        assert config["vitaclip.table"] == table
+        assert config["vitaclip.schema_version"] == str(SCHEMA_VERSION) == "2"
+        assert config["vitaclip.embed_dim"] == str(DIM)
+        assert dlt.check_table(dt, table, embed_dim=DIM) == DIM
+
+
+def test_mismatched_tables_are_refused_naming_both_values(tmp_path: Path) -> None:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    dlt.create_tables(location, 512)
+    with pytest.raises(TableMismatchError, match="holds 512-dim embeddings but model X makes 256-dim ones") as info:
+        dlt.create_tables(location, 256, model_id="X")
+    assert "use another --output" in str(info.value) and "videos" in str(info.value)
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None
+    with pytest.raises(TableMismatchError, match="'videos' table; expected vitaclip's 'segments'"):
+        dlt.check_table(videos, "segments")
+
+    future = OutputLocation.from_url(str(tmp_path / "future"))
+    DeltaTable.create(
+        future.table_uri("videos"),
+        schema=dlt.table_schema("videos", 8),
+        configuration={"vitaclip.table": "videos", "vitaclip.schema_version": "3", "vitaclip.embed_dim": "8"},
+        raise_if_key_not_exists=False,
+    )
+    with pytest.raises(TableMismatchError, match="schema version 3; this vitaclip reads version 2"):
+        dlt.create_tables(future, 8)
+
+    foreign = OutputLocation.from_url(str(tmp_path / "foreign"))
+    DeltaTable.create(foreign.table_uri("videos"), schema=pa.schema([pa.field("a", pa.int64())]))
+    with pytest.raises(TableMismatchError, match="without vitaclip properties; expected vitaclip's 'videos'"):
+        dlt.create_tables(foreign, 8)
+
+
+def test_old_layout_is_detected(tmp_path: Path) -> None:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    assert not dlt.detect_old_layout(location)  # nothing there yet
+    (tmp_path / "out" / "_commits").mkdir(parents=True)
+    assert not dlt.detect_old_layout(location)
+    (tmp_path / "out" / "_commits" / "00000001.json").write_text("{}")
+    assert dlt.detect_old_layout(location)
+    message = dlt.old_layout_message(location)
+    assert "older vitaclip (commit records under _commits/)" in message
+    assert f"run `vitaclip migrate {location.url}` first" in message
+    dlt.create_tables(location, DIM)  # migrated: the Delta tables are there
+    assert not dlt.detect_old_layout(location)
+
+
+# ----------------------------------------------------------------------------------------------------- data files
+
+
+def test_written_and_committed_rows_read_back_equal(local: OutputLocation) -> None:
+    rows = video_rows(["a", "b", "c"])
+    data_file = dlt.write_data_file(local, "videos", rows, name="part-0001.parquet")
+    assert data_file.num_rows == 3 and data_file.table == "videos" and data_file.path == "part-0001.parquet"
+    assert data_file.size_bytes == os.path.getsize(os.path.join(local.table_uri("videos"), "part-0001.parquet"))
+    assert add_files(local, "videos", [data_file]) == 1
+
+    got = DeltaTable(local.table_uri("videos")).to_pyarrow_table()
+    assert got.schema.names == dlt.table_schema("videos", DIM).names
+    got_rows = got.sort_by("video_id").to_pylist()
+    want_rows = rows.to_pylist()
+    for row in want_rows:  # truncated to milliseconds on write
+        row["indexed_at"] = row["indexed_at"].replace(microsecond=123_000)
+    assert got_rows == pa.Table.from_pylist(want_rows, schema=dlt.table_schema("videos", DIM)).to_pylist()
+    assert [len(e) for e in got.column("embedding").to_pylist() if e is not None] == [DIM, DIM]
+
+    segments = dlt.write_data_file(local, "segments", segment_rows("a", 3), name=fresh_name(), embed_dim=DIM)
+    add_files(local, "segments", [segments])
+    assert DeltaTable(local.table_uri("segments")).to_pyarrow_table().num_rows == 3
+
+
+def test_write_data_file_refuses_bad_data_and_names(local: OutputLocation) -> None:
+    with pytest.raises(ValueError, match=r"embeddings have \[3\] values; the table holds 4-dim"):
+        dlt.write_data_file(local, "videos", video_rows(["a", "b"], dim=3), name=fresh_name())
+    with pytest.raises(ValueError, match="must not be null"):
+        rows = video_rows(["a", "b"])
+        rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array([None, "ok"], pa.string()))
+        dlt.write_data_file(local, "videos", rows, name=fresh_name())
+    with pytest.raises(ValueError, match=r"missing \['segment_index'"):
+        dlt.write_data_file(local, "segments", segment_rows("a", 1).drop_columns(["segment_index"]), name=fresh_name())
+    for name in ("../x.parquet", "sub/x.parquet", "x..parquet", "_x.parquet", "x.json", ""):
+        with pytest.raises(ValueError, match="data file name"):
+            dlt.write_data_file(local, "videos", video_rows(["a"]), name=name)
+    dlt.write_data_file(local, "videos", video_rows(["a"]), name="part-same.parquet")
+    with pytest.raises(FileExistsError):
+        dlt.write_data_file(local, "videos", video_rows(["a"]), name="part-same.parquet")
+    assert sorted(os.listdir(local.table_uri("videos"))) == ["_delta_log", "part-same.parquet"]  # no temp files left
+
+
+def test_file_stats_are_exact(local: OutputLocation) -> None:
+    rows = video_rows(["b", "a", "c"], model_id="m-7")
+    long_uri = "s3://in/" + "x" * 300
+    rows = rows.set_column(rows.schema.get_field_index("uri"), "uri", pa.array(["s3://in/a", long_uri, "s3://in/c"]))
+    data_file = dlt.write_data_file(local, "videos", rows, name=fresh_name())
+    stats = json.loads(data_file.stats)
+    assert stats["numRecords"] == 3
+    assert stats["minValues"]["video_id"] == "a" and stats["maxValues"]["video_id"] == "c"
+    assert stats["minValues"]["model_id"] == stats["maxValues"]["model_id"] == "m-7"
+    assert stats["minValues"]["indexed_at"] == "2025-03-01T12:00:00.123Z"
+    assert stats["maxValues"]["indexed_at"] == "2025-03-01T12:00:02.123Z"  # the values were truncated: exact
+    assert stats["minValues"]["width"] == 640 and stats["maxValues"]["size_bytes"] == 1002
+    assert stats["minValues"]["uri"] == "s3://in/a" and "uri" not in stats["maxValues"]  # 308 chars: left out
+    assert stats["nullCount"]["error_message"] == 2 and stats["nullCount"]["etag"] == 0
+    assert stats["nullCount"]["thumbnail_jpeg"] == 0
+    assert not {"embedding", "labels", "label_scores"} & set(stats["nullCount"])  # nested: no stats
+    assert not {"embedding", "thumbnail_jpeg"} & set(stats["minValues"])
+    add_files(local, "videos", [data_file])
+    # delta-rs skips files with these stats: the exact maximum keeps the file, another model's id drops it
+    dt = DeltaTable(local.table_uri("videos"))
+    assert len(dt.file_uris(file_pruning_predicate=[("model_id", "=", "m-7")])) == 1
+    assert dt.file_uris(file_pruning_predicate=[("model_id", "=", "m-8")]) == []
+    assert len(dt.file_uris(file_pruning_predicate="indexed_at >= '2025-03-01T12:00:02.123Z'")) == 1
+    assert dt.file_uris(file_pruning_predicate="indexed_at > '2025-03-01T12:00:02.124Z'") == []
+
+
+def test_other_readers_read_the_tables(local: OutputLocation) -> None:
+    polars = pytest.importorskip("polars")
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())])
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["c"]), name=fresh_name())])
+    frame = polars.read_delta(local.table_uri("videos"))
+    assert sorted(frame["video_id"].to_list()) == ["a", "b", "c"] and frame.columns[-1] == "indexed_at"
+    pandas_frame = DeltaTable(local.table_uri("videos")).to_pandas()
+    assert sorted(pandas_frame["video_id"]) == ["a", "b", "c"]
+    assert str(pandas_frame["indexed_at"].dt.tz) == "UTC"
+
+
+# ----------------------------------------------------------------------------------------------------- commits
+
+
+def test_commit_is_conditional_and_records_the_app_transaction(local: OutputLocation) -> None:
+    first = dlt.write_data_file(local, "videos", video_rows(["a"]), name=fresh_name())
+    assert dlt.committed_app_version(local, "videos", "job") is None
+    version = dlt.commit(
+        local, "videos", adds=[first], removes=[], read_version=0, app_id="job", app_version=7, metadata={"run": "r1"}
+    )
+    assert version == 1 and dlt.committed_app_version(local, "videos", "job") == 7
+    second = dlt.write_data_file(local, "videos", video_rows(["b"]), name=fresh_name())
+    with pytest.raises(CommitConflict, match="version 1, the commit was planned at 0"):  # a stale plan
+        dlt.commit(local, "videos", adds=[second], removes=[], read_version=0, app_id="job", app_version=8, metadata={})
+    with pytest.raises(ValueError, match="does not hold"):
+        dlt.commit(
+            local,
+            "videos",
+            adds=[],
+            removes=[RemovedFile("part-nope.parquet", 1)],
+            read_version=1,
+            app_id="job",
+            app_version=8,
+            metadata={},
+        )
+    with pytest.raises(ValueError, match="cannot add videos file"):
+        dlt.commit(local, "segments", adds=[second], removes=[], read_version=0, app_id="j", app_version=1, metadata={})
+    assert DeltaTable(local.table_uri("videos")).version() == 1
+
+
+def _race(location: OutputLocation, commits: list[dict[str, Any]]) -> list[int | CommitConflict]:
+    """Runs `dlt.commit` calls in threads released at once; returns each one's version or CommitConflict."""
+    barrier = threading.Barrier(len(commits))
+    results: list[int | CommitConflict] = [CommitConflict("not run")] * len(commits)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = dlt.commit(location, "videos", **commits[index])
+        except CommitConflict as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(commits))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_concurrent_commits_on_s3_exactly_one_wins(s3_location: OutputLocation) -> None:
+    assert dlt.create_tables(s3_location, DIM) == {"videos": 0, "segments": 0}
+    writers = 4
+    files = [
+        dlt.write_data_file(s3_location, "videos", video_rows([f"w{k}-a", f"w{k}-b"]), name=fresh_name())
+        for k in range(writers)
+    ]
+    results = _race(
+        s3_location,
+        [
+            {"adds": [f], "removes": [], "read_version": 0, "app_id": f"w{k}", "app_version": 1, "metadata": {}}
+            for k, f in enumerate(files)
+        ],
+    )
+    winners = [k for k, result in enumerate(results) if result == 1]
+    assert len(winners) == 1, results
+    assert all(isinstance(result, CommitConflict) for k, result in enumerate(results) if k not in winners)
+    dt = DeltaTable(s3_location.table_uri("videos"), storage_options=s3_location.storage_options())
+    assert dt.version() == 1
+    assert sorted(dt.to_pyarrow_table().column("video_id").to_pylist()) == [f"w{winners[0]}-a", f"w{winners[0]}-b"]
+    # reading back through pyarrow's S3 filesystem: the log and the planning keys
+    (logged,) = dlt.log_changes(s3_location, "videos", after_version=0, upto_version=1)
+    assert [a.path for a in logged.adds] == [files[winners[0]].path]
+    assert logged.app_transactions == {f"w{winners[0]}": 1}
+    keys = dlt.read_keys(s3_location, version=1, model_id="m1")
+    assert sorted(keys.column("video_id").to_pylist()) == [f"w{winners[0]}-a", f"w{winners[0]}-b"]
+    assert set(keys.column("file").to_pylist()) == {files[winners[0]].path}
+
+
+def test_concurrent_removals_of_one_file_on_s3_conflict(s3_location: OutputLocation) -> None:
+    dlt.create_tables(s3_location, DIM)
+    old = dlt.write_data_file(s3_location, "videos", video_rows(["a", "b"]), name=fresh_name())
+    add_files(s3_location, "videos", [old])
+    removed = RemovedFile(old.path, old.size_bytes)
+    rewrites = [
+        dlt.rewrite_without(s3_location, "videos", old.path, [drop], name=fresh_name(), embed_dim=DIM)
+        for drop in ("a", "b")
+    ]
+    results = _race(
+        s3_location,
+        [
+            {"adds": [f], "removes": [removed], "read_version": 1, "app_id": "w", "app_version": 2, "metadata": {}}
+            for f in rewrites
+            if f is not None
+        ],
+    )
+    assert sorted(map(type, results), key=str) == sorted([int, CommitConflict], key=str), results
+    # and the same removal committed after the other one landed: refused too
+    loser = rewrites[[isinstance(r, CommitConflict) for r in results].index(True)]
+    assert loser is not None
+    with pytest.raises(CommitConflict):
+        dlt.commit(
+            s3_location,
+            "videos",
+            adds=[loser],
+            removes=[removed],
+            read_version=1,
+            app_id="w",
+            app_version=3,
+            metadata={},
+        )
+    dt = DeltaTable(s3_location.table_uri("videos"), storage_options=s3_location.storage_options())
+    assert dt.version() == 2 and dt.to_pyarrow_table().num_rows == 1
+
+
+def test_concurrent_create_tables_on_s3(s3_location: OutputLocation) -> None:
+    barrier = threading.Barrier(3)
+    results: list[Any] = [None] * 3
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = dlt.create_tables(s3_location, DIM)
+        except Exception as exc:  # reported below
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [{"videos": 0, "segments": 0}] * 3
+    assert not dlt.detect_old_layout(s3_location)
+
+
+# ----------------------------------------------------------------------------------------------------- the log
+
+
+def test_log_changes_lists_exactly_what_was_committed(local: OutputLocation) -> None:
+    first = dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())
+    dlt.commit(local, "videos", adds=[first], removes=[], read_version=0, app_id="job", app_version=1, metadata={})
+    rewrite = dlt.rewrite_without(local, "videos", first.path, ["a"], name=fresh_name(), embed_dim=DIM)
+    newer = dlt.write_data_file(local, "videos", video_rows(["a"], run_id="r2"), name=fresh_name())
+    assert rewrite is not None
+    dlt.commit(
+        local,
+        "videos",
+        adds=[rewrite, newer],
+        removes=[RemovedFile(first.path, first.size_bytes)],
+        read_version=1,
+        app_id="job",
+        app_version=2,
+        metadata={"vitaclip.run_id": "r2", "vitaclip.videos": "1"},
+    )
+    commits = dlt.log_changes(local, "videos", after_version=0, upto_version=2)
+    assert [c.version for c in commits] == [1, 2]
+    assert [(a.path, a.size_bytes) for a in commits[0].adds] == [(first.path, first.size_bytes)]
+    assert commits[0].adds[0].stats == json.loads(first.stats) and commits[0].removes == ()
+    assert commits[0].app_transactions == {"job": 1}
+    assert {a.path for a in commits[1].adds} == {rewrite.path, newer.path}
+    assert commits[1].removes == (first.path,)
+    assert commits[1].commit_info["vitaclip.run_id"] == "r2" and commits[1].commit_info["vitaclip.videos"] == "1"
+    assert commits[1].app_transactions == {"job": 2} and not commits[1].changes_metadata
+    assert dlt.log_changes(local, "videos", after_version=2, upto_version=2) == []
+    creation = dlt.log_changes(local, "videos", after_version=-1, upto_version=0)[0]
+    assert creation.changes_metadata and creation.adds == ()
+
+    os.remove(os.path.join(local.table_uri("videos"), "_delta_log", f"{1:020d}.json"))
+    with pytest.raises(LogUnavailableError, match="commit 1 of"):
+        dlt.log_changes(local, "videos", after_version=0, upto_version=2)
+    with pytest.raises(LogUnavailableError, match="commit 3 of"):
+        dlt.log_changes(local, "videos", after_version=2, upto_version=3)
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+class _CountingHandler(pafs.FileSystemHandler):
+    """A local filesystem that counts the bytes read from each file opened for reading."""
+
+    def __init__(self) -> None:
+        self.inner = pafs.LocalFileSystem()
+        self.bytes_read: dict[str, int] = {}
+
+    def get_type_name(self) -> str:
+        return "counting"
+
+    def equals(self, other: Any) -> bool:
+        return other is self
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(selector)
+
+    def open_input_file(self, path: str) -> Any:
+        self.bytes_read.setdefault(path, 0)
+        return pa.PythonFile(_CountingReader(self, path, self.inner.open_input_file(path)), mode="r")
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.open_input_file(path)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("read-only")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = _unsupported
+    move = copy_file = open_output_stream = open_append_stream = _unsupported
+
+
+class _CountingReader:
+    def __init__(self, handler: _CountingHandler, path: str, inner: Any) -> None:
+        self.handler, self.path, self.inner, self.closed = handler, path, inner, False
+
+    def read(self, nbytes: int = -1) -> bytes:
+        data = self.inner.read() if nbytes is None or nbytes < 0 else self.inner.read(nbytes)
+        self.handler.bytes_read[self.path] += len(data)
+        return bytes(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self.inner.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self.inner.tell())
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+def test_read_keys_reads_only_key_columns_of_the_model(local: OutputLocation, monkeypatch: pytest.MonkeyPatch) -> None:
+    thumbs = 256 * 1024  # big thumbnails: reading them would show in the byte count
+    m1_a = dlt.write_data_file(local, "videos", video_rows(["a", "b"], thumb_bytes=thumbs), name=fresh_name())
+    m1_b = dlt.write_data_file(local, "videos", video_rows(["c"] * 6, thumb_bytes=thumbs), name=fresh_name())
+    m2 = dlt.write_data_file(
+        local, "videos", video_rows(["a", "z"], model_id="m2", thumb_bytes=thumbs), name=fresh_name()
+    )
+    add_files(local, "videos", [m1_a, m1_b])
+    version = add_files(local, "videos", [m2])
+
+    counting = _CountingHandler()
+    monkeypatch.setattr(OutputLocation, "filesystem", lambda self: (pafs.PyFileSystem(counting), self.url))
+    keys = dlt.read_keys(local, version=version, model_id="m1")
+    assert keys.schema.names == ["video_id", "etag", "status", "file"]
+    got = sorted(zip(*(keys.column(n).to_pylist() for n in keys.schema.names), strict=True))
+    want = [("a", "etag-a", "ok", m1_a.path), ("b", "etag-b", "decode_error", m1_a.path)]
+    want += [("c", "etag-c", "ok", m1_b.path)] * 5 + [("c", "etag-c", "decode_error", m1_b.path)]
+    assert got == sorted(want)
+    root = local.table_uri("videos")
+    assert set(counting.bytes_read) == {f"{root}/{m1_a.path}", f"{root}/{m1_b.path}"}  # m2's file: skipped by stats
+    for data_file in (m1_a, m1_b):  # pyarrow's 64 KiB footer read and the key and model_id columns; no thumbnails
+        assert counting.bytes_read[f"{root}/{data_file.path}"] < 80 * 1024 < data_file.size_bytes / 6
+
+    m2_keys = dlt.read_keys(local, version=version, model_id="m2")
+    assert sorted(m2_keys.column("video_id").to_pylist()) == ["a", "z"]
+    assert set(m2_keys.column("file").to_pylist()) == {m2.path}
+    assert dlt.read_keys(local, version=version - 1, model_id="m2").num_rows == 0  # time travel
+    assert dlt.read_keys(local, version=version, model_id="m3").num_rows == 0
+
+
+def test_rewrite_without_drops_exactly_the_given_ids(local: OutputLocation) -> None:
+    original = dlt.write_data_file(local, "videos", video_rows(["a", "b", "c", "d"]), name=fresh_name())
+    rewrite = dlt.rewrite_without(local, "videos", original.path, {"b", "d", "not-there"}, name=fresh_name())
+    assert rewrite is not None and rewrite.num_rows == 2 and rewrite.path != original.path
+    data = pq.read_table(os.path.join(local.table_uri("videos"), rewrite.path))
+    kept = pq.read_table(os.path.join(local.table_uri("videos"), original.path)).filter(
+        pc.is_in(pc.field("video_id"), pa.array(["a", "c"]))
+    )
+    assert data.equals(kept)
+    assert json.loads(rewrite.stats)["maxValues"]["video_id"] == "c"
+    assert dlt.rewrite_without(local, "videos", original.path, ["a", "b", "c", "d"], name=fresh_name()) is None
+
+
+def test_vacuum_deletes_removed_and_orphaned_files(local: OutputLocation) -> None:
+    old = dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())
+    add_files(local, "videos", [old])
+    new = dlt.rewrite_without(local, "videos", old.path, ["a"], name=fresh_name(), embed_dim=DIM)
+    assert new is not None
+    dlt.commit(
+        local,
+        "videos",
+        adds=[new],
+        removes=[RemovedFile(old.path, old.size_bytes)],
+        read_version=1,
+        app_id="t",
+        app_version=2,
+        metadata={},
+    )
+    orphan = dlt.write_data_file(local, "videos", video_rows(["x"]), name=fresh_name())  # a killed run's file
+    assert dlt.vacuum(local, retention_hours=24 * 30) == {"videos": 0, "segments": 0}  # all too young
+    assert dlt.vacuum(local, retention_hours=0) == {"videos": 2, "segments": 0}
+    root = local.table_uri("videos")
+    assert sorted(p for p in os.listdir(root) if p.endswith(".parquet")) == [new.path]
+    assert not os.path.exists(os.path.join(root, orphan.path))
+    assert DeltaTable(root).to_pyarrow_table().column("video_id").to_pylist() == ["b"]
+
+
+# ----------------------------------------------------------------------------------------------------- DuckDB
+
+
+def _duckdb_delta_extension() -> str | None:
+    """The delta extension file shipped by the `duckdb-ext-delta` package for the installed duckdb, if any."""
+    if importlib.util.find_spec("duckdb") is None or importlib.util.find_spec("duckdb_ext") is None:
+        return None
+    import duckdb
+    import duckdb_ext  # type: ignore[import-not-found]  # namespace package of duckdb-ext-delta
+
+    for folder in duckdb_ext.__path__:
+        found = glob.glob(os.path.join(folder, "extensions", f"v{duckdb.__version__}", "*", "delta.duckdb_extension"))
+        if found:
+            return found[0]
+    return None
+
+
+@pytest.fixture
+def duckdb_delta() -> Iterator[Any]:
+    """A DuckDB connection with the delta extension loaded from the wheel, never downloaded."""
+    if _duckdb_delta_extension() is None:
+        # The dev dependencies pin duckdb and duckdb-ext-delta together; the wheel carries the x86-64 Linux build.
+        if platform.system() == "Linux" and platform.machine() == "x86_64":
+            pytest.fail("duckdb-ext-delta for this duckdb version is not installed (scripts/setup.sh installs it)")
+        pytest.skip("duckdb-ext-delta ships the extension for x86-64 Linux only")
+    import duckdb
+    import duckdb_ext
+
+    config = {
+        "extension_directory": os.path.join(list(duckdb_ext.__path__)[0], "extensions"),
+        "autoinstall_known_extensions": "false",
+        "autoload_known_extensions": "false",
+    }
+    connection = duckdb.connect(config=config)
+    connection.execute("LOAD delta")
+    yield connection
+    connection.close()
+
+
+def test_duckdb_delta_scan_reads_both_tables(local: OutputLocation, duckdb_delta: Any) -> None:
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())])
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["c"]), name=fresh_name())])
+    add_files(local, "segments", [dlt.write_data_file(local, "segments", segment_rows("a", 3), name=fresh_name())])
+    videos = duckdb_delta.execute(
+        "SELECT video_id, count(*), max(len(embedding)), strftime(max(indexed_at), '%Y-%m-%d %H:%M:%S.%g') "
+        "FROM delta_scan(?) GROUP BY video_id ORDER BY video_id",
+        [local.table_uri("videos")],
+    ).fetchall()
+    assert videos == [
+        ("a", 1, DIM, "2025-03-01 12:00:00.123"),
+        ("b", 1, None, "2025-03-01 12:00:01.123"),
+        ("c", 1, None, "2025-03-01 12:00:00.123"),
+    ]
+    segments = duckdb_delta.execute(
+        "SELECT video_id, count(*), count(DISTINCT segment_index) FROM delta_scan(?) GROUP BY video_id",
+        [local.table_uri("segments")],
+    ).fetchall()
+    assert segments == [("a", 3, 3)]
+    skipped = duckdb_delta.execute(
+        "SELECT count(*) FROM delta_scan(?) WHERE model_id = 'm2'", [local.table_uri("videos")]
+    ).fetchone()
+    assert skipped == (0,)
