@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 log = logging.getLogger("vitaclip.index")
 
@@ -465,6 +466,14 @@ def _rows(store: Any, table: str, model_id: str) -> tuple[np.ndarray, np.ndarray
     rows = rows.filter(mask)
     if rows.num_rows == 0:
         return None
+    # One vector per row id: an output written before duplicate listings were planned once may hold a video twice;
+    # its newest row wins instead of the build failing on "ids must be unique".
+    order = pc.sort_indices(rows, sort_keys=[("row_id", "ascending"), ("indexed_at", "descending")])
+    rows = rows.take(order)
+    ids_sorted = rows.column("row_id").to_numpy()
+    if len(ids_sorted) > 1:
+        first = np.concatenate([[True], ids_sorted[1:] != ids_sorted[:-1]])
+        rows = rows.filter(pa.array(first))
     emb = rows.column("embedding").combine_chunks()
     vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32)
     stamps = rows.column("indexed_at").cast("int64").to_numpy()

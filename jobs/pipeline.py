@@ -119,6 +119,7 @@ class _Planner:
         self.counts: Counter[str] = Counter()
         self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self.other_local_dirs: set[str] = set()
+        self._planned: set[str] = set()  # a video listed twice (a folder given twice, folder + manifest) runs once
 
     def __call__(self, objects: Iterable[VideoObject]) -> Iterator[VideoObject]:
         for obj in objects:
@@ -126,6 +127,9 @@ class _Planner:
             if "://" not in obj.uri and not obj.uri.startswith(self._folders):
                 self.other_local_dirs.add(os.path.dirname(obj.uri))
             vid = video_id_for(obj.uri)
+            if vid in self._planned:
+                self.counts["duplicate_in_listing"] += 1
+                continue
             done = self.committed.get(vid)
             if done is not None and done[0] == obj.etag and done[1] not in RETRYABLE:
                 self.counts["already_indexed"] += 1
@@ -134,6 +138,7 @@ class _Planner:
                 self.counts["reused_from_killed_run"] += 1
                 continue
             self.counts["planned"] += 1
+            self._planned.add(vid)
             yield obj
 
 

@@ -254,3 +254,21 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(yaml_file)]) == 2
     assert "unknown option 'top_kk'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
+    videos = make_videos(tmp_path / "in", 3, broken=False)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri\n" + "\n".join(str(v) for v in videos[:2]) + "\n")
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        # The folder twice and a manifest naming two of its files: every video is planned once.
+        assert main(job_args([str(tmp_path / "in"), str(tmp_path / "in"), str(manifest)], out)) == 0
+    finally:
+        ray.shutdown()
+    table = tables.read_table(open_store(str(out)), "videos")
+    assert table is not None and sorted(table.column("uri").to_pylist()) == sorted(str(v) for v in videos)
+    summary = json.loads(next(p for p in (out / "runs").glob("*.json")).read_text())
+    assert summary["counts"]["duplicate_in_listing"] == 5 and summary["counts"]["processed"] == 3
+    assert len(set(open_index(out).ids.tolist())) == 3
