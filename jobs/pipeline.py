@@ -266,6 +266,14 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     if not label_names:
         raise ValueError(f"model {config.model!r} has no label set: pass --labels")
     log.info("run %s: model %s, output %s", run_id, model_id, redact_url(store.url_for("")))
+    # One embedding size per output: a model of another size would commit rows no index or reader can mix.
+    model_dim = int(backbone_model_config(model_config)["embed_dim"])
+    output_dim = tables.committed_embed_dim(store)
+    if output_dim is not None and output_dim != model_dim:
+        raise ValueError(
+            f"{redact_url(store.url_for(''))} holds {output_dim}-dim embeddings but model {model_id} makes "
+            f"{model_dim}-dim ones: use another --output for this model"
+        )
 
     folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
     safe_config = redact_value(config.to_dict())

@@ -17,6 +17,7 @@ end of every commit and at the start of every run).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from index.schema import check_schema
 from index.tables import COMMITS, TABLES, latest_commit, live_files, read_part, read_table, table_to_bytes
 
 __all__ = ["COMMITS", "TABLES", "latest_commit", "live_files", "read_part", "read_table", "table_to_bytes"]
@@ -217,6 +220,15 @@ def commit(store: Store, *, run_id: str, staged_run_ids: Sequence[str], now: flo
     store.put_bytes(f"{COMMITS}/{record['seq']:010d}.json", json.dumps(record, indent=1).encode())
     cleanup(store)
     return record
+
+
+def committed_embed_dim(store: Store) -> int | None:
+    """The embedding size of the committed rows (one per output), from one live part's schema; None when empty."""
+    for table in TABLES:
+        for rel in live_files(store, table):
+            schema = pq.read_schema(io.BytesIO(store.get_bytes(rel)))
+            return check_schema(schema, table)
+    return None
 
 
 def committed_keys(store: Store, model_id: str) -> dict[str, tuple[str, str]]:

@@ -272,3 +272,20 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
     summary = json.loads(next(p for p in (out / "runs").glob("*.json")).read_text())
     assert summary["counts"]["duplicate_in_listing"] == 5 and summary["counts"]["processed"] == 3
     assert len(set(open_index(out).ids.tolist())) == 3
+
+
+def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    make_videos(tmp_path / "in", 1, broken=False)
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        assert main(job_args([str(tmp_path / "in")], out, "--no-index")) == 0  # vitaclip-tiny: 32-dim
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        argv = [str(tmp_path / "in"), "--output", str(out), "--model", "vitaclip-demo", "--no-index"]
+        assert main(argv) == 2  # vitaclip-demo: another size
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert "holds 32-dim embeddings" in err and "vitaclip-demo" in err and "use another --output" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, nothing committed
+    assert tables.committed_embed_dim(open_store(str(out))) == 32
