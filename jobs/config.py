@@ -7,10 +7,9 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from vitaclip.config import check_field_types
+from vitaclip.config import check_field_types, load_yaml_mapping
 
 DEFAULT_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp")
 
@@ -184,29 +183,10 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path} cannot be read: {exc}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a YAML mapping of option names to values is expected")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
+    out = load_yaml_mapping(path)
+    for name in out:
         if name not in _FIELDS and name != "inputs":
-            raise ValueError(f"{path}: unknown option {key!r}; allowed: {sorted(_FIELDS)}")
-        out[name] = value
+            raise ValueError(f"{path}: unknown option {name!r}; allowed: {sorted(_FIELDS)}")
     return out
 
 

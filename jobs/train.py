@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from jobs.ray_resources import Cluster, DecodePool, Demand, count, cpu_request, plan_decoders, require_fit
+from vitaclip.config import load_yaml_mapping
 from vitaclip.redact import redact_text
 from vitaclip.training import (
     CHECKPOINTS_DIR,
@@ -132,16 +133,14 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train")
     args = build_parser(prog).parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
-        import yaml
-
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{args.config}: a YAML mapping of option names to values is expected")
-        values.update({str(k).replace("-", "_"): v for k, v in data.items()})
+        values.update(load_yaml_mapping(args.config))
     for name, value in vars(args).items():
         if name != "config" and value is not None:
             values[name] = value
-    config = TrainConfig.from_dict(values)
+    try:
+        config = TrainConfig.from_dict(values)
+    except ValueError as exc:
+        raise ValueError(f"{args.config}: {exc}" if args.config else str(exc)) from None
     if not config.train_list:
         raise ValueError("give --train-list (a path,label list or a Parquet manifest)")
     if not config.output:

@@ -158,3 +158,18 @@ def test_eval_of_the_packaged_model_needs_no_checkpoint(tmp_path: Path, capsys) 
     assert "unknown model 'vitaclip-dmeo'" in capsys.readouterr().err
     assert main(["eval", "--model", "vitaclip-tiny", *known]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [("steps: [1, 2\n", "not valid YAML (line 2"), ('steps: "three"\n', "steps must be an integer, got 'three'")],
+)
+def test_bad_training_config_files_are_one_clear_line(tmp_path: Path, capsys, yaml_text: str, expected: str) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    argv = ["train", "--config", str(config), "--train-list", str(tmp_path / "x.csv"), "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert expected in line and str(config) in line
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--train-list", "x.csv", "--output", "o"]) == 2
+    assert "config file" in _one_line_error(capsys)

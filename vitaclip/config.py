@@ -73,6 +73,28 @@ def _describe(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file of option names to values; every problem is a ValueError naming the file (and line)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a YAML mapping of option names to values is expected")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
 def check_field_types(instance: Any, *, where: str = "") -> None:
     """Raises ValueError naming the first field of a dataclass instance whose value does not fit its annotation.
 

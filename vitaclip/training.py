@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, load_torch_file, save_checkpoint
+from vitaclip.config import check_field_types
 from vitaclip.model import VitaClip
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -148,6 +149,7 @@ class TrainConfig:
     max_failures: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = ("steps", "batch_size", "micro_batch_size", "stride", "save_every")
         for name in (*positive, "keep_last", "log_every", "num_workers", "decode_workers", "decode_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
