@@ -1,0 +1,738 @@
+"""Planning a run against the output tables and committing its rows so that old rows are replaced, never doubled.
+
+`Planner` decides which listed videos need work: it holds the committed keys of the videos table (about 20 bytes
+a row, in numpy arrays) and names, for each planned video, the data files holding its current rows. Workers write
+data files; the driver hands them to a `Committer`, which reconciles with what other writers committed meanwhile
+(from the Delta log), drops videos another run finished, removes the old rows of the rest by rewriting their files,
+and commits the segments table, then the videos table, each at exactly the version it reconciled against.
+
+The table contract (kept by every writer):
+
+- A committed video row for (video_id, model_id) is DONE when its etag equals the listed etag and its status is
+  final (not in `RETRYABLE`).
+- A batch's video rows go to ``videos/<name>`` and its segment rows to ``segments/<name>``: the same name. A segment
+  file without a videos file of its name is *unpartnered* (a run killed between its two commits, or a rewrite).
+- A round commits segments first, then videos. A segments commit that adds segment rows of a video also removes all
+  current segment rows of that video, so a video has at most one set of segment rows at any time.
+
+Beyond these rules, the Committer closes two races around the gap between the two commits of a round, where
+another run B commits video X too and our videos commit then conflicts:
+
+- B's row of X is DONE, so we drop X. If our segments commit removed B's X segments (B's segments commit came
+  first) and ours had none (our X timed out), X would keep a DONE row without segments forever: we put the removed
+  rows of B back.
+- B's row of X is not DONE (it timed out), so we replace it. If B's segments commit removed our X segments, we
+  commit them again from our data file.
+
+Assumptions: a data file holds the rows of one model and one run (rows carry the committing run's ``run_id``); run
+ids are unique per `Committer`; files removed during a run are not vacuumed before it ends.
+
+Nothing here imports Ray: the job wraps `Planner` as a Ray Data actor and runs `Committer` on the driver.
+
+Known gap (to close when the job is wired to these classes): run A commits X's segments (X ok); run B, whose X
+timed out, commits segments, which removes A's segments of X, and is killed before its videos commit; A then commits
+X's video row (done). X is left done with no segments and is never planned again. Either the Planner also checks that
+done rows with status ok have segments, or a segments commit removes rows only of videos it adds segments for (with
+a clean-up after the videos commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from index import delta_tables as dlt
+from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile
+from index.schema import video_id_for
+
+RETRYABLE: frozenset[str] = frozenset(
+    {"read_error", "timeout", "error", "unavailable", "truncated", "changed", "access_denied", "s3_error"}
+)
+"""Statuses of a video row that a later run indexes again; every other status is final."""
+
+RUN_ID_KEY = "vitaclip.run_id"
+"""Custom commit metadata naming the run that made a commit."""
+
+_DONE_BIT = np.uint32(1 << 31)
+_FILE_MASK = np.uint32((1 << 31) - 1)
+
+
+def is_done(row_etag: str | None, row_status: str, etag: str | None) -> bool:
+    """Whether a committed row with `row_etag` and `row_status` finishes a video whose object has `etag`."""
+    return etag is not None and row_etag == etag and row_status not in RETRYABLE
+
+
+# ----------------------------------------------------------------------------------------------------- hashing
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _k, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _k
+
+
+def _str_hash(values: Iterable[str | None]) -> np.ndarray:
+    """64-bit blake2b of each string (0 for None)."""
+    return np.fromiter(
+        (
+            0 if v is None else int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
+            for v in values
+        ),
+        dtype=np.uint64,
+    )
+
+
+def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A uint64 per video_id: the first 16 hex digits of `video_id_for` ids, else a blake2b hash.
+
+    The fast path reads the Arrow buffer directly, so hashing a whole table creates no Python object per row.
+    """
+    array = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    array = array.cast(pa.string())
+    n = len(array)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if array.null_count == 0:
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
+        if np.all(np.diff(offsets) == 24):
+            data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, 24)
+            nibbles = _HEX[data[:, :16]]
+            if not np.any(nibbles == 255):
+                shifts = np.arange(60, -4, -4, dtype=np.uint64)
+                return np.bitwise_or.reduce(nibbles.astype(np.uint64) << shifts, axis=1)
+    return _str_hash(array.to_pylist())
+
+
+# ----------------------------------------------------------------------------------------------------- snapshots
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The data files of one table at one version: size and model_id statistics of each."""
+
+    version: int
+    sizes: dict[str, int]
+    model_range: dict[str, tuple[str | None, str | None]]
+
+    def may_hold(self, path: str, model_id: str) -> bool:
+        low, high = self.model_range.get(path, (None, None))
+        return (low is None or low <= model_id) and (high is None or model_id <= high)
+
+
+def _snapshot(location: OutputLocation, table: str, version: int | None = None) -> _Snapshot:
+    dt = dlt.open_table(location, table, version=version)
+    if dt is None:
+        raise FileNotFoundError(f"no Delta table at {location.table_uri(table)}; create_tables first")
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    paths = [urllib.parse.unquote(p) for p in actions.column("path").to_pylist()]
+    sizes = dict(zip(paths, actions.column("size_bytes").to_pylist(), strict=True))
+    lows = actions.column("min.model_id").to_pylist() if "min.model_id" in actions.column_names else [None] * len(paths)
+    highs = (
+        actions.column("max.model_id").to_pylist() if "max.model_id" in actions.column_names else [None] * len(paths)
+    )
+    return _Snapshot(dt.version(), sizes, dict(zip(paths, zip(lows, highs, strict=True), strict=True)))
+
+
+def _stats_allow(stats: Mapping[str, Any], model_id: str) -> bool:
+    low = stats.get("minValues", {}).get("model_id")
+    high = stats.get("maxValues", {}).get("model_id")
+    return (low is None or low <= model_id) and (high is None or model_id <= high)
+
+
+def _read_columns(location: OutputLocation, table: str, path: str, columns: list[str], model_id: str) -> pa.Table:
+    """Some columns of one data file (column projection), rows of `model_id` only."""
+    filesystem, root = location.table_path(table)
+    data = pq.read_table(f"{root}/{path}", columns=[*columns, "model_id"], filesystem=filesystem)
+    return data.filter(pc.equal(data.column("model_id"), model_id)).select(columns)
+
+
+def _lines(joined: str) -> list[str]:
+    return [line for line in joined.split("\n") if line]
+
+
+# ----------------------------------------------------------------------------------------------------- planner
+
+
+class Planner:
+    """Keeps the listed objects that need work: not DONE in the videos table, each once.
+
+    Holds the committed keys of one model at fixed table versions in numpy arrays sorted by video_id hash (8 bytes
+    of id hash, 8 of etag hash, 4 of file index and done flag per row), the current file names of both tables and
+    the video ids of unpartnered segment files. A usable Ray Data class UDF: setup in ``__init__``, work in
+    ``__call__``.
+
+    Attributes:
+        counts: ``listed``, ``already_indexed``, ``duplicate_in_listing`` and ``planned`` objects so far.
+        video_files: Current data files of the videos table at the planning version.
+        segment_files: Current data files of the segments table at the planning version.
+    """
+
+    def __init__(self, location: OutputLocation, *, model_id: str, versions: Mapping[str, int]) -> None:
+        self.location = location
+        self.model_id = model_id
+        self.versions = dict(versions)
+        keys = dlt.read_keys(location, version=versions["videos"], model_id=model_id)
+        files = keys.column("file").combine_chunks().dictionary_encode()
+        self._files: list[str] = files.dictionary.to_pylist()  # one entry per file, not per row
+        file_index = files.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
+        final = pc.invert(pc.is_in(keys.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
+        done = pc.and_(final, pc.is_valid(keys.column("etag"))).to_numpy(zero_copy_only=False).astype(bool)
+        id_hash = _id_hash(keys.column("video_id"))
+        etag_hash = _str_hash(keys.column("etag").to_pylist())
+        del keys
+        order = np.argsort(id_hash, kind="stable")
+        self._id_hash = id_hash[order]
+        self._etag_hash = etag_hash[order]
+        self._file_code = (file_index | np.where(done, _DONE_BIT, np.uint32(0)).astype(np.uint32))[order]
+
+        videos = _snapshot(location, "videos", versions["videos"])
+        segments = _snapshot(location, "segments", versions["segments"])
+        self.video_files: frozenset[str] = frozenset(videos.sizes)
+        self.segment_files: frozenset[str] = frozenset(segments.sizes)
+        self._unpartnered: list[str] = sorted(
+            path for path in segments.sizes if path not in videos.sizes and segments.may_hold(path, model_id)
+        )
+        hashes, owners = [], []
+        for index, path in enumerate(self._unpartnered):
+            ids = _read_columns(location, "segments", path, ["video_id"], model_id).column("video_id")
+            unique = np.unique(_id_hash(ids))
+            hashes.append(unique)
+            owners.append(np.full(len(unique), index, dtype=np.uint32))
+        seg_hash = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        seg_owner = np.concatenate(owners) if owners else np.zeros(0, np.uint32)
+        order = np.argsort(seg_hash, kind="stable")
+        self._seg_hash, self._seg_owner = seg_hash[order], seg_owner[order]
+        self._seen: set[int] = set()
+        self.counts = {"listed": 0, "already_indexed": 0, "duplicate_in_listing": 0, "planned": 0}
+
+    @property
+    def unpartnered_segment_files(self) -> list[str]:
+        """Segment files without a videos file of their name at the planning versions."""
+        return list(self._unpartnered)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Listed objects (``uri``, ``etag``, ``size_bytes``, ``listing_status``, ``listing_error``) -> those to index.
+
+        Adds ``video_id``, ``current_video_file`` (the videos file holding its current row, or ""; several
+        newline-joined if an old output holds more than one row) and ``current_segment_files`` (newline-joined
+        segment files holding its segment rows).
+        """
+        uris = [str(u) for u in batch["uri"]]
+        n = len(uris)
+        etags = [None if e is None or (isinstance(e, float) and np.isnan(e)) else str(e) for e in batch["etag"]]
+        video_ids = [video_id_for(u) for u in uris]
+        id_hash = _id_hash(pa.array(video_ids, pa.string()))
+        etag_hash = _str_hash(etags)
+        lo = np.searchsorted(self._id_hash, id_hash, side="left")
+        hi = np.searchsorted(self._id_hash, id_hash, side="right")
+        seg_lo = np.searchsorted(self._seg_hash, id_hash, side="left")
+        seg_hi = np.searchsorted(self._seg_hash, id_hash, side="right")
+        keep = np.zeros(n, dtype=bool)
+        video_files: list[str] = []
+        segment_files: list[str] = []
+        self.counts["listed"] += n
+        for i in range(n):
+            key = int(id_hash[i])
+            if key in self._seen:
+                self.counts["duplicate_in_listing"] += 1
+                continue
+            self._seen.add(key)
+            codes = self._file_code[lo[i] : hi[i]]
+            if etags[i] is not None and np.any(
+                ((codes & _DONE_BIT) != 0) & (self._etag_hash[lo[i] : hi[i]] == etag_hash[i])
+            ):
+                self.counts["already_indexed"] += 1
+                continue
+            keep[i] = True
+            current = sorted({self._files[int(c & _FILE_MASK)] for c in codes})
+            segs = {path for path in current if path in self.segment_files}  # partners
+            segs.update(self._unpartnered[int(k)] for k in self._seg_owner[seg_lo[i] : seg_hi[i]])
+            video_files.append("\n".join(current))
+            segment_files.append("\n".join(sorted(segs)))
+        self.counts["planned"] += int(keep.sum())
+        out = {name: np.asarray(column)[keep] for name, column in batch.items()}
+        out["video_id"] = np.asarray(video_ids, dtype=object)[keep]
+        out["current_video_file"] = np.asarray(video_files, dtype=object)
+        out["current_segment_files"] = np.asarray(segment_files, dtype=object)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------- committer
+
+
+class Rewrite(Protocol):
+    """How a committed data file is rewritten without some videos' rows (`delta_tables.rewrite_without`)."""
+
+    def __call__(
+        self,
+        location: OutputLocation,
+        table: str,
+        path: str,
+        video_ids: Collection[str],
+        *,
+        name: str,
+        embed_dim: int | None = None,
+    ) -> DataFile | None: ...
+
+
+@dataclass(frozen=True)
+class WrittenBatch:
+    """A batch written by a worker, not committed yet.
+
+    Attributes:
+        videos: Its videos data file (None when it has no rows).
+        segments: Its segments data file, of the same name (None when it has no segment rows).
+        keys: ``(video_id, etag, status)`` of each video row.
+        current_video_files: video_id -> the Planner's ``current_video_file``.
+        current_segment_files: video_id -> the Planner's ``current_segment_files``.
+    """
+
+    videos: DataFile | None
+    segments: DataFile | None
+    keys: tuple[tuple[str, str | None, str], ...]
+    current_video_files: Mapping[str, str] = field(default_factory=dict)
+    current_segment_files: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommitReport:
+    """What `Committer.commit` did.
+
+    Attributes:
+        versions: Table versions after the commit.
+        videos_committed: New video rows committed.
+        segments_committed: New segment rows committed (rows of dropped videos left in place included).
+        dropped: Videos not committed because another writer committed them DONE meanwhile.
+        readded: Videos whose segment rows, committed by us in an earlier round, another writer removed before
+            our videos commit landed: committed again from our data file.
+        replaced: Old video rows removed.
+        rounds: Commit rounds it took (1 without conflicts).
+        duplicates: Video rows left out because the video was pending in another batch already.
+    """
+
+    versions: dict[str, int]
+    videos_committed: int
+    segments_committed: int
+    dropped: int
+    readded: int
+    replaced: int
+    rounds: int
+    duplicates: int = 0
+
+
+@dataclass
+class _Plan:
+    video_adds: list[DataFile]
+    video_removes: list[RemovedFile]
+    segment_adds: list[DataFile]
+    segment_removes: list[RemovedFile]
+    # (table, old path, rewrite or None, ids removed): applied to what we know once that table's commit lands
+    moves: list[tuple[str, str, DataFile | None, frozenset[str]]]
+    pending_segments: dict[str, DataFile | None]  # original pending segments path -> what this round commits
+    restore: DataFile | None  # segment rows of dropped videos that our earlier segments commit removed
+    restore_keys: pa.Table | None
+    readd: DataFile | None  # our segment rows another writer removed after our segments commit, to commit again
+    readded: set[str]
+    dropped: set[str]
+    replaced: int
+    video_rows: int
+
+
+class Committer:
+    """Commits written batches of one run so that each video keeps one row and one set of segment rows.
+
+    Args:
+        location: The output.
+        model_id: The model the run indexes.
+        run_id: This run; stored in each commit's metadata (``vitaclip.run_id``) and in its app ids.
+        versions: The table versions the run planned at (the `Planner`'s).
+        rewrite: Rewrites a committed file without some videos' rows; `delta_tables.rewrite_without` by default.
+        max_rounds: Commit rounds (conflicts included) before giving up.
+        before_videos_commit: Called between the segments commit and the videos commit (tests kill a run there).
+    """
+
+    def __init__(
+        self,
+        location: OutputLocation,
+        *,
+        model_id: str,
+        run_id: str,
+        versions: Mapping[str, int],
+        rewrite: Rewrite | None = None,
+        max_rounds: int = 20,
+        before_videos_commit: Callable[[], None] | None = None,
+    ) -> None:
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.location = location
+        self.model_id = model_id
+        self.run_id = run_id
+        self.max_rounds = max_rounds
+        self._rewrite: Rewrite = rewrite or dlt.rewrite_without
+        self._before_videos_commit = before_videos_commit
+        self._embed_dim = dlt.table_embed_dim(location, "videos")
+        self._reconciled = {table: int(versions[table]) for table in dlt.TABLES}
+        self._round = 0
+        self._pending: list[WrittenBatch] = []
+        self._duplicates: list[frozenset[str]] = []  # per pending batch: videos pending in an earlier batch
+        self._committed_hashes = np.zeros(0, dtype=np.uint64)  # sorted id hashes of what earlier calls committed
+        self._pending_keys: dict[str, tuple[str | None, str]] = {}
+        # Files other writers added since `versions`, still current: their key columns (our model's rows).
+        self._others: dict[str, dict[str, pa.Table]] = {table: {} for table in dlt.TABLES}
+        # Our own rewrites of files the Planner knew: old path -> (new path or None, video ids left out).
+        self._moved: dict[str, dict[str, tuple[str | None, frozenset[str]]]] = {table: {} for table in dlt.TABLES}
+        self._rewrites: dict[tuple[str, str, frozenset[str]], DataFile | None] = {}
+        self._names: dict[tuple[str, frozenset[str]], str] = {}
+        self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
+        self._file_ids: dict[str, frozenset[str]] = {}
+        self._removed_segments: list[tuple[str, frozenset[str]]] = []  # by our segments commits in this call
+        self._restored: set[str] = set()
+
+    def add(self, batch: WrittenBatch) -> None:
+        """Queues a written batch for the next `commit`.
+
+        A video already pending in another batch, or committed by an earlier `commit` of this Committer (two
+        Planner actors each saw it listed), is left out of this one.
+
+        Raises:
+            ValueError: A batch naming one video twice.
+        """
+        ids = [video_id for video_id, _, _ in batch.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a batch names a video twice: {sorted(v for v in set(ids) if ids.count(v) > 1)}")
+        hashes = _id_hash(pa.array(ids, pa.string()))
+        at = np.searchsorted(self._committed_hashes, hashes).clip(max=max(len(self._committed_hashes) - 1, 0))
+        committed = (self._committed_hashes[at] == hashes) if len(self._committed_hashes) else np.zeros(len(ids), bool)
+        duplicates = frozenset(v for v, c in zip(ids, committed, strict=True) if v in self._pending_keys or c)
+        for video_id, etag, status in batch.keys:
+            if video_id not in duplicates:
+                self._pending_keys[video_id] = (etag, status)
+        self._pending.append(batch)
+        self._duplicates.append(duplicates)
+
+    @property
+    def pending_videos(self) -> int:
+        return len(self._pending_keys)
+
+    def commit(self) -> CommitReport:
+        """Commits the pending batches (segments, then videos), retrying after conflicts; see the module docstring.
+
+        Raises:
+            RuntimeError: Another writer kept committing for `max_rounds` rounds.
+        """
+        for attempt in range(1, self.max_rounds + 1):
+            try:
+                return self._commit_round(attempt)
+            except CommitConflict:
+                time.sleep(random.uniform(0.005, 0.02) * min(attempt, 10))
+        raise RuntimeError(
+            f"another writer kept committing to {self.location.url}: {self.max_rounds} commit rounds conflicted"
+        )
+
+    # ------------------------------------------------------------------------------------------------- a round
+
+    def _commit_round(self, attempt: int) -> CommitReport:
+        self._round += 1
+        snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
+        for table in dlt.TABLES:
+            self._follow_log(table, snapshots[table])
+        plan = self._plan(snapshots)
+        metadata = {RUN_ID_KEY: self.run_id}
+        versions = {table: snapshots[table].version for table in dlt.TABLES}
+        if plan.segment_adds or plan.segment_removes:
+            versions["segments"] = self._commit_table(
+                "segments",
+                adds=plan.segment_adds,
+                removes=plan.segment_removes,
+                read_version=snapshots["segments"].version,
+                app_id=f"vitaclip:{self.run_id}:segments",
+                app_version=self._round,
+                metadata={**metadata, "vitaclip.segment_files": str(len(plan.segment_adds))},
+            )
+            self._reconciled["segments"] = versions["segments"]
+            self._apply_moves("segments", plan.moves)
+            self._removed_segments += [(old, ids) for table, old, _, ids in plan.moves if table == "segments"]
+            if plan.readd is not None and self._committed_segments is not None:
+                self._committed_segments[plan.readd.path] = plan.readd
+            if plan.restore is not None and plan.restore_keys is not None:
+                self._others["segments"][plan.restore.path] = plan.restore_keys  # rows of another run
+                self._restored.update(plan.restore_keys.column("video_id").to_pylist())
+        if self._committed_segments is None:
+            self._committed_segments = plan.pending_segments
+        if self._before_videos_commit is not None:
+            self._before_videos_commit()
+        if plan.video_adds or plan.video_removes:
+            versions["videos"] = self._commit_table(
+                "videos",
+                adds=plan.video_adds,
+                removes=plan.video_removes,
+                read_version=snapshots["videos"].version,
+                app_id=f"vitaclip:{self.run_id}:videos",
+                app_version=self._round,
+                metadata={**metadata, "vitaclip.videos": str(plan.video_rows)},
+            )
+            self._reconciled["videos"] = versions["videos"]
+            self._apply_moves("videos", plan.moves)
+        segment_rows = sum(f.num_rows for f in (self._committed_segments or {}).values() if f is not None)
+        duplicates = sum(len(d) for d in self._duplicates)
+        done = [video_id for video_id in self._pending_keys if video_id not in plan.dropped]
+        self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(pa.array(done, pa.string())))
+        self._pending, self._pending_keys, self._committed_segments, self._duplicates = [], {}, None, []
+        self._removed_segments, self._restored = [], set()
+        return CommitReport(
+            versions=versions,
+            videos_committed=plan.video_rows,
+            segments_committed=segment_rows,
+            dropped=len(plan.dropped),
+            readded=len(plan.readded),
+            replaced=plan.replaced,
+            rounds=attempt,
+            duplicates=duplicates,
+        )
+
+    def _commit_table(self, table: str, *, app_id: str, app_version: int, read_version: int, **kwargs: Any) -> int:
+        """`delta_tables.commit`; after an ambiguous failure (a timeout), checks whether the commit landed."""
+        try:
+            return dlt.commit(
+                self.location, table, app_id=app_id, app_version=app_version, read_version=read_version, **kwargs
+            )
+        except (CommitConflict, ValueError):
+            raise
+        except Exception:
+            if dlt.committed_app_version(self.location, table, app_id) == app_version:
+                return read_version + 1  # it landed; a commit only ever lands at read_version + 1
+            raise
+
+    def _follow_log(self, table: str, snapshot: _Snapshot) -> None:
+        """Learns what other writers added and removed since the last reconciled version."""
+        known = self._others[table]
+        for change in dlt.log_changes(
+            self.location, table, after_version=self._reconciled[table], upto_version=snapshot.version
+        ):
+            for path in change.removes:
+                known.pop(path, None)
+            if change.commit_info.get(RUN_ID_KEY) == self.run_id:
+                continue
+            for add in change.adds:
+                if add.path not in snapshot.sizes or not _stats_allow(add.stats, self.model_id):
+                    continue
+                columns = ["video_id", "etag", "status", "run_id"] if table == "videos" else ["video_id", "run_id"]
+                known[add.path] = _read_columns(self.location, table, add.path, columns, self.model_id)
+        for path in [p for p in known if p not in snapshot.sizes]:
+            del known[path]
+        self._reconciled[table] = snapshot.version
+
+    def _apply_moves(self, table: str, moves: list[tuple[str, str, DataFile | None, frozenset[str]]]) -> None:
+        """Records our committed rewrites of one table, so later rounds find the rows that moved."""
+        for moved_table, old, new, ids in moves:
+            if moved_table != table:
+                continue
+            known = self._others[table].pop(old, None)
+            if known is not None:
+                if new is not None:
+                    drop = pc.is_in(known.column("video_id"), value_set=pa.array(sorted(ids), pa.string()))
+                    self._others[table][new.path] = known.filter(pc.invert(drop))
+            else:
+                self._moved[table][old] = (None if new is None else new.path, ids)
+
+    def _resolve(self, table: str, path: str, video_id: str) -> str | None:
+        """Where the Planner's `path` holding `video_id` went through our own rewrites (None: not held anymore)."""
+        seen = 0
+        while path in self._moved[table] and seen < 10_000:
+            new, ids = self._moved[table][path]
+            if new is None or video_id in ids:
+                return None
+            path, seen = new, seen + 1
+        return path
+
+    def _rows_of(self, table: str, ids: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Rows of `ids` in files other writers added: video_id -> [(file, row)]."""
+        found: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        value_set = pa.array(sorted(ids), pa.string())
+        for path, keys in self._others[table].items():
+            hits = keys.filter(pc.is_in(keys.column("video_id"), value_set=value_set))
+            for row in hits.to_pylist():
+                found.setdefault(row["video_id"], []).append((path, row))
+        return found
+
+    def _ids_in(self, path: str) -> frozenset[str]:
+        """Video ids of one of our own segments files (read once)."""
+        if path not in self._file_ids:
+            data = _read_columns(self.location, "segments", path, ["video_id"], self.model_id)
+            self._file_ids[path] = frozenset(data.column("video_id").to_pylist())
+        return self._file_ids[path]
+
+    def _rewritten(self, table: str, path: str, ids: frozenset[str], name: str) -> DataFile | None:
+        key = (table, path, ids)
+        if key not in self._rewrites:
+            self._rewrites[key] = self._rewrite(self.location, table, path, ids, name=name, embed_dim=self._embed_dim)
+        return self._rewrites[key]
+
+    def _name(self, path: str, ids: frozenset[str]) -> str:
+        """One fresh name per (file, ids): a videos file and its segments partner rewritten alike share it."""
+        return self._names.setdefault((path, ids), f"part-{self.run_id}-{uuid.uuid4().hex}.parquet")
+
+    def _restore(
+        self,
+        segments: _Snapshot,
+        dropped: set[str],
+        video_rows: Mapping[str, list[tuple[str, dict[str, Any]]]],
+        segment_rows: Mapping[str, list[tuple[str, dict[str, Any]]]],
+    ) -> tuple[DataFile | None, pa.Table | None]:
+        """Segment rows to put back for dropped videos that our earlier segments commit left without any.
+
+        Sequence: A commits X's segments; we commit ours, removing A's (our X has none, e.g. it timed out); A
+        commits X's DONE row; our videos commit conflicts and we drop X. X would keep A's DONE row and no segments,
+        and no later run would plan it: put back the rows of the DONE row's run that our commit removed.
+        """
+        if self._committed_segments is None:
+            return None, None
+        landed = [f.path for f in self._committed_segments.values() if f is not None and f.path in segments.sizes]
+        ours = set().union(*(self._ids_in(path) for path in landed))
+        wanted: dict[str, set[str]] = {}  # file -> "video_id\nrun_id" keys
+        for video_id in sorted(dropped - self._restored):
+            sources = [path for path, ids in self._removed_segments if video_id in ids]
+            if not sources or segment_rows.get(video_id) or video_id in ours:
+                continue
+            etag = self._pending_keys[video_id][0]
+            runs = {row["run_id"] for _, row in video_rows[video_id] if is_done(row["etag"], row["status"], etag)}
+            for path in sources:
+                wanted.setdefault(path, set()).update(f"{video_id}\n{run}" for run in runs)
+        return self._copy_segment_rows(wanted, by_run=True)
+
+    def _copy_segment_rows(
+        self, wanted: Mapping[str, set[str]], *, by_run: bool
+    ) -> tuple[DataFile | None, pa.Table | None]:
+        """Copies some segment rows of some data files into a new data file, also returning its keys; None if none.
+
+        Args:
+            wanted: Data file -> keys of the rows to copy: ``video_id``, or ``video_id + "\\n" + run_id`` with `by_run`.
+        """
+        parts = []
+        filesystem, root = self.location.table_path("segments")
+        for path, keys in sorted(wanted.items()):
+            data = pq.read_table(f"{root}/{path}", filesystem=filesystem)
+            data = data.filter(pc.equal(data.column("model_id"), self.model_id))
+            column = data.column("video_id")
+            if by_run:
+                column = pc.binary_join_element_wise(column, data.column("run_id"), "\n")
+            parts.append(data.filter(pc.is_in(column, value_set=pa.array(sorted(keys), pa.string()))))
+        rows = pa.concat_tables(parts) if parts else None
+        if rows is None or rows.num_rows == 0:
+            return None, None
+        name = f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
+        copied = dlt.write_data_file(self.location, "segments", rows, name=name, embed_dim=self._embed_dim)
+        return copied, rows.select(["video_id", "run_id"])
+
+    def _plan(self, snapshots: Mapping[str, _Snapshot]) -> _Plan:
+        pending = sorted(self._pending_keys)
+        video_rows = self._rows_of("videos", pending)
+        segment_rows = self._rows_of("segments", pending)
+        dropped = {
+            video_id
+            for video_id, rows in video_rows.items()
+            if any(is_done(row["etag"], row["status"], self._pending_keys[video_id][0]) for _, row in rows)
+        }
+        committed = self._committed_segments
+        readd_file, readded = None, set()
+        if committed is not None:
+            # Our segments landed in an earlier round of this call. Another writer may have removed some since (it
+            # re-indexed the video, then lost the videos race or not): those of videos we still commit go in again.
+            current = snapshots["segments"].sizes
+            still_ours = set().union(*(self._ids_in(f.path) for f in committed.values() if f and f.path in current))
+            wanted: dict[str, set[str]] = {}
+            for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+                if batch.segments is None:
+                    continue
+                for video_id in self._ids_in(batch.segments.path) - duplicates - dropped - still_ours:
+                    if not any(r["run_id"] == self.run_id for _, r in segment_rows.get(video_id, [])):
+                        wanted.setdefault(batch.segments.path, set()).add(video_id)
+            readd_file, _ = self._copy_segment_rows(wanted, by_run=False)
+            readded = set().union(*wanted.values()) if readd_file is not None else set()
+        left_out = dropped
+        restore_file, restore_keys = self._restore(snapshots["segments"], dropped, video_rows, segment_rows)
+
+        own = {b.videos.path for b in self._pending if b.videos} | {
+            b.segments.path for b in self._pending if b.segments
+        }
+        own |= {f.path for f in (committed or {}).values() if f is not None}
+        targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
+        replaced = 0
+        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+            for video_id, _, _ in batch.keys:
+                if video_id in left_out or video_id in duplicates:
+                    continue
+                video_files = {
+                    self._resolve("videos", p, video_id) for p in _lines(batch.current_video_files.get(video_id, ""))
+                }
+                video_files |= {path for path, _ in video_rows.get(video_id, [])}
+                segment_files = {
+                    self._resolve("segments", p, video_id)
+                    for p in _lines(batch.current_segment_files.get(video_id, ""))
+                }
+                segment_files |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] != self.run_id}
+                found = False
+                for table, files in (("videos", video_files), ("segments", segment_files)):
+                    for held in files:
+                        if held is None or held in own or held not in snapshots[table].sizes:
+                            continue
+                        targets[table].setdefault(held, set()).add(video_id)
+                        found = found or table == "videos"
+                replaced += found
+
+        moves: list[tuple[str, str, DataFile | None, frozenset[str]]] = []
+        removes: dict[str, list[RemovedFile]] = {table: [] for table in dlt.TABLES}
+        adds: dict[str, list[DataFile]] = {table: [] for table in dlt.TABLES}
+        adds["segments"] += [f for f in (restore_file, readd_file) if f is not None]
+        for path in sorted(targets["videos"].keys() | targets["segments"].keys()):
+            tables = [t for t in dlt.TABLES if path in targets[t]]
+            ids = frozenset(set().union(*(targets[t][path] for t in tables)))
+            name = self._name(path, ids)  # the same for a videos file and its partner, in this round and later ones
+            for table in tables:
+                new = self._rewritten(table, path, ids, name)
+                removes[table].append(RemovedFile(path, snapshots[table].sizes[path]))
+                if new is not None:
+                    adds[table].append(new)
+                moves.append((table, path, new, ids))
+
+        pending_segments: dict[str, DataFile | None] = {}
+        new_video_rows = 0
+        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+            leave = frozenset(video_id for video_id, _, _ in batch.keys if video_id in left_out) | duplicates
+            first = batch.videos or batch.segments
+            name = self._name(first.path if first else "", leave)
+            if batch.videos is not None:
+                videos = self._rewritten("videos", batch.videos.path, leave, name) if leave else batch.videos
+                if videos is not None:
+                    adds["videos"].append(videos)
+                    new_video_rows += videos.num_rows
+            if batch.segments is not None and committed is None:
+                segments = self._rewritten("segments", batch.segments.path, leave, name) if leave else batch.segments
+                pending_segments[batch.segments.path] = segments
+                if segments is not None:
+                    adds["segments"].append(segments)
+        return _Plan(
+            video_adds=adds["videos"],
+            video_removes=removes["videos"],
+            segment_adds=adds["segments"],
+            segment_removes=removes["segments"],
+            moves=moves,
+            pending_segments=pending_segments,
+            restore=restore_file,
+            restore_keys=restore_keys,
+            readd=readd_file,
+            readded=readded,
+            dropped=dropped,
+            replaced=replaced,
+            video_rows=new_video_rows,
+        )

@@ -1,0 +1,614 @@
+"""Planning and committing a run's output (index.commits): one row and one set of segments per video, always."""
+
+from __future__ import annotations
+
+import datetime as dt_
+import os
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+from deltalake import DeltaTable
+
+from index import delta_tables as dlt
+from index.commits import RETRYABLE, CommitReport, Committer, Planner, WrittenBatch
+from index.delta_tables import OutputLocation
+from index.schema import video_id_for
+
+DIM = 4
+SEGMENTS = 3  # segment rows of every "ok" video
+MODEL = "m1"
+T0 = dt_.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt_.timezone.utc)
+
+
+class Killed(Exception):
+    """Stands for a killed driver."""
+
+
+def uri_of(k: int) -> str:
+    return f"s3://in/v{k}.mp4"
+
+
+def vid(k: int) -> str:
+    return video_id_for(uri_of(k))
+
+
+def listing(etags: dict[int, str]) -> dict[str, np.ndarray]:
+    """Listed objects: video k with its etag."""
+    n = len(etags)
+    return {
+        "uri": np.array([uri_of(k) for k in etags], dtype=object),
+        "etag": np.array(list(etags.values()), dtype=object),
+        "size_bytes": np.arange(n, dtype=np.int64) + 1000,
+        "listing_status": np.array(["ok"] * n, dtype=object),
+        "listing_error": np.array([None] * n, dtype=object),
+    }
+
+
+def write_batch(
+    location: OutputLocation,
+    planned: dict[str, np.ndarray],
+    run_id: str,
+    *,
+    statuses: dict[str, str] | None = None,
+    thumb_bytes: int = 3,
+) -> WrittenBatch:
+    """What a worker does: one video row per planned object, `SEGMENTS` segment rows for each "ok" one."""
+    ids = [str(v) for v in planned["video_id"]]
+    uris = [str(u) for u in planned["uri"]]
+    etags = [str(e) for e in planned["etag"]]
+    status = [(statuses or {}).get(v, "ok") for v in ids]
+    n = len(ids)
+    name = f"part-{run_id}-{uuid.uuid4().hex}.parquet"
+    common = {
+        "labels": [["cat"]],
+        "label_scores": [[0.9]],
+        "model_id": [MODEL],
+        "run_id": [run_id],
+        "indexed_at": [T0],
+    }
+    videos = pa.table(
+        {
+            "video_id": ids,
+            "row_id": list(range(n)),
+            "uri": uris,
+            "etag": etags,
+            "size_bytes": [1000] * n,
+            "duration_seconds": [1.5] * n,
+            "fps": [30.0] * n,
+            "width": [64] * n,
+            "height": [48] * n,
+            "codec": ["h264"] * n,
+            "status": status,
+            "error_message": [None if s == "ok" else "failed" for s in status],
+            "embedding": [[0.5] * DIM if s == "ok" else None for s in status],
+            "thumbnail_jpeg": [os.urandom(thumb_bytes) for _ in range(n)],
+            **{key: value * n for key, value in common.items()},
+        }
+    )
+    videos_file = dlt.write_data_file(location, "videos", videos, name=name, embed_dim=DIM)
+    with_segments = [(v, u) for v, u, s in zip(ids, uris, status, strict=True) if s == "ok"]
+    segments_file = None
+    if with_segments:
+        m = len(with_segments) * SEGMENTS
+        segments = pa.table(
+            {
+                "video_id": [v for v, _ in with_segments for _ in range(SEGMENTS)],
+                "row_id": list(range(m)),
+                "uri": [u for _, u in with_segments for _ in range(SEGMENTS)],
+                "segment_index": [k for _ in with_segments for k in range(SEGMENTS)],
+                "start_seconds": [float(k) for _ in with_segments for k in range(SEGMENTS)],
+                "end_seconds": [float(k + 1) for _ in with_segments for k in range(SEGMENTS)],
+                "embedding": [[0.25] * DIM] * m,
+                "thumbnail_jpeg": [os.urandom(thumb_bytes) for _ in range(m)],
+                **{key: value * m for key, value in common.items()},
+            }
+        )
+        segments_file = dlt.write_data_file(location, "segments", segments, name=name, embed_dim=DIM)
+    return WrittenBatch(
+        videos=videos_file,
+        segments=segments_file,
+        keys=tuple(zip(ids, etags, status, strict=True)),
+        current_video_files=dict(zip(ids, (str(f) for f in planned["current_video_file"]), strict=True)),
+        current_segment_files=dict(zip(ids, (str(f) for f in planned["current_segment_files"]), strict=True)),
+    )
+
+
+def latest_versions(location: OutputLocation) -> dict[str, int]:
+    return {
+        table: DeltaTable(location.table_uri(table), storage_options=location.storage_options()).version()
+        for table in dlt.TABLES
+    }
+
+
+def select(planned: dict[str, np.ndarray], keep: set[int]) -> dict[str, np.ndarray]:
+    mask = np.array([str(v) in {vid(k) for k in keep} for v in planned["video_id"]], dtype=bool)
+    return {name: column[mask] for name, column in planned.items()}
+
+
+def run(
+    location: OutputLocation, etags: dict[int, str], run_id: str, *, statuses: dict[int, str] | None = None
+) -> tuple[Planner, CommitReport]:
+    """A whole run: plan the listing, write two batches, commit."""
+    planner = Planner(location, model_id=MODEL, versions=latest_versions(location))
+    planned = planner(listing(etags))
+    committer = Committer(location, model_id=MODEL, run_id=run_id, versions=planner.versions)
+    status_by_id = {vid(k): s for k, s in (statuses or {}).items()}
+    half = len(planned["video_id"]) // 2
+    for part in (slice(0, half), slice(half, None)):
+        chunk = {name: column[part] for name, column in planned.items()}
+        if len(chunk["video_id"]):
+            committer.add(write_batch(location, chunk, run_id, statuses=status_by_id))
+    return planner, committer.commit()
+
+
+def read_tables(location: OutputLocation) -> tuple[pa.Table, pa.Table]:
+    options = location.storage_options()
+    return (
+        DeltaTable(location.table_uri("videos"), storage_options=options).to_pyarrow_table(),
+        DeltaTable(location.table_uri("segments"), storage_options=options).to_pyarrow_table(),
+    )
+
+
+def assert_one_row_and_one_set_each(location: OutputLocation, expected: set[int]) -> dict[str, dict[str, Any]]:
+    """Exactly one video row per expected video; `SEGMENTS` segments from one run for each "ok" one, none else."""
+    videos, segments = read_tables(location)
+    ids = Counter(videos.column("video_id").to_pylist())
+    assert ids == Counter({vid(k): 1 for k in expected})
+    rows = {row["video_id"]: row for row in videos.to_pylist()}
+    by_video: dict[str, list[dict[str, Any]]] = {}
+    for row in segments.to_pylist():
+        by_video.setdefault(row["video_id"], []).append(row)
+    for video_id, row in rows.items():
+        sets = by_video.get(video_id, [])
+        if row["status"] == "ok":
+            assert sorted(s["segment_index"] for s in sets) == list(range(SEGMENTS)), (video_id, sets)
+            assert len({s["run_id"] for s in sets}) == 1
+        else:
+            assert sets == [], video_id
+    assert set(by_video) <= set(rows)
+    return rows
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> OutputLocation:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    dlt.create_tables(location, DIM)
+    return location
+
+
+# ----------------------------------------------------------------------------------------------------- planner
+
+
+def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
+    first = {k: f"e{k}" for k in range(4)}
+    planner, report = run(local, first, "r1")
+    assert planner.counts == {"listed": 4, "already_indexed": 0, "duplicate_in_listing": 0, "planned": 4}
+    assert report.videos_committed == 4 and report.segments_committed == 4 * SEGMENTS and report.rounds == 1
+
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing(first))["video_id"]) == 0
+    assert planner.counts == {"listed": 4, "already_indexed": 4, "duplicate_in_listing": 0, "planned": 0}
+
+    # video 3 changed and its re-indexing timed out: a committed row with a retryable status
+    assert "timeout" in RETRYABLE
+    run(local, {3: "e3-new"}, "r2", statuses={3: "timeout"})
+    versions = latest_versions(local)
+    files = {
+        r["video_id"]: r["file"] for r in dlt.read_keys(local, version=versions["videos"], model_id=MODEL).to_pylist()
+    }
+    planner = Planner(local, model_id=MODEL, versions=versions)
+    changed = {0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}
+    planned = planner(listing(changed))
+    assert list(planned["video_id"]) == [vid(1), vid(3)]  # a changed etag, a retryable status
+    assert set(planned) == {
+        "uri",
+        "etag",
+        "size_bytes",
+        "listing_status",
+        "listing_error",
+        "video_id",
+        "current_video_file",
+        "current_segment_files",
+    }
+    assert list(planned["etag"]) == ["e1-new", "e3-new"]
+    assert list(planned["current_video_file"]) == [files[vid(1)], files[vid(3)]]
+    assert files[vid(1)] != files[vid(3)]  # r1's file, r2's file
+    assert planned["current_segment_files"][0] == files[vid(1)]  # the partner in the segments table
+    assert planned["current_segment_files"][1] == ""  # r2 made no segments and removed r1's
+    assert planner.counts == {"listed": 4, "already_indexed": 2, "duplicate_in_listing": 0, "planned": 2}
+
+    # listed twice (in one batch and across batches): planned once; unknown videos have no current files
+    planned = planner(listing({7: "e7"}))
+    again = planner({name: np.concatenate([a, a]) for name, a in listing({7: "e7", 1: "e1-new"}).items()})
+    assert list(planned["video_id"]) == [vid(7)] and list(planned["current_video_file"]) == [""]
+    assert list(planned["current_segment_files"]) == [""]
+    assert len(again["video_id"]) == 0  # 7 seen before, 1 seen before
+    assert planner.counts["duplicate_in_listing"] == 4 and planner.counts["planned"] == 3
+    assert planner.counts["listed"] == sum(v for k, v in planner.counts.items() if k != "listed")
+    rows = dlt.read_keys(local, version=planner.versions["videos"], model_id=MODEL).num_rows
+    held = planner._id_hash.nbytes + planner._etag_hash.nbytes + planner._file_code.nbytes
+    assert rows == 4 and held == 20 * rows  # 20 bytes a committed row
+
+
+def test_commit_gives_up_when_another_writer_keeps_committing(
+    local: OutputLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    committer = Committer(local, model_id=MODEL, run_id="r1", versions=planner.versions, max_rounds=3)
+    committer.add(write_batch(local, planner(listing({0: "e0"})), "r1"))
+    calls = []
+
+    def conflict(*args: Any, **kwargs: Any) -> int:
+        calls.append(kwargs["app_version"])
+        raise dlt.CommitConflict("another writer committed")
+
+    monkeypatch.setattr(dlt, "commit", conflict)
+    with pytest.raises(RuntimeError, match="another writer kept committing.*3 commit rounds"):
+        committer.commit()
+    assert calls == [1, 2, 3]  # the segments commit of each round, app versions counting rounds
+    monkeypatch.undo()
+    report = committer.commit()  # nothing was lost: the next call commits
+    assert report.videos_committed == 1 and report.rounds == 1
+    assert_one_row_and_one_set_each(local, {0})
+
+
+def test_reindexed_video_replaces_its_row_and_segments_in_one_round(local: OutputLocation) -> None:
+    run(local, {k: f"e{k}" for k in range(4)}, "r1")
+    before = latest_versions(local)
+    planner, report = run(local, {0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}, "r2")
+    assert planner.counts["planned"] == 2
+    assert report.videos_committed == 2 and report.replaced == 2 and report.dropped == 0 and report.rounds == 1
+    assert report.versions == {table: before[table] + 1 for table in dlt.TABLES}  # one commit per table
+    rows = assert_one_row_and_one_set_each(local, set(range(4)))
+    assert {k: rows[vid(k)]["etag"] for k in range(4)} == {0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}
+    assert {k: rows[vid(k)]["run_id"] for k in range(4)} == {0: "r1", 1: "r2", 2: "r1", 3: "r2"}
+    _, segments = read_tables(local)
+    runs = {(r["video_id"], r["run_id"]) for r in segments.to_pylist()}
+    assert runs == {(vid(0), "r1"), (vid(1), "r2"), (vid(2), "r1"), (vid(3), "r2")}
+    # rewritten pairs keep their shared name: nothing is unpartnered
+    assert Planner(local, model_id=MODEL, versions=latest_versions(local)).unpartnered_segment_files == []
+    # and the next run plans nothing
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing({0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}))["uri"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------- concurrency
+
+
+def _race(location: OutputLocation, rep: int) -> None:
+    run(location, {k: f"e{k}" for k in range(6)}, f"r0-{rep}")
+    listed = {0: "e0-new", 1: "e1-new", 2: "e2-new", 3: "e3-new", 4: "e4", 5: "e5", 6: "e6", 7: "e7"}
+    versions = latest_versions(location)
+    committers, expected_planned = [], {0, 1, 2, 3, 6, 7}
+    statuses = {f"rb-{rep}": {vid(2): "timeout"}}  # ra's row of video 2 wins whatever the order
+    for run_id, keep in ((f"ra-{rep}", {0, 1, 2, 3, 6}), (f"rb-{rep}", {1, 2, 3, 6, 7})):
+        planner = Planner(location, model_id=MODEL, versions=versions)
+        planned = planner(listing(listed))
+        assert {str(v) for v in planned["video_id"]} == {vid(k) for k in expected_planned}
+        committer = Committer(location, model_id=MODEL, run_id=run_id, versions=versions)
+        mine = select(planned, keep)
+        half = len(mine["uri"]) // 2
+        for part in (slice(0, half), slice(half, None)):
+            chunk = {name: column[part] for name, column in mine.items()}
+            committer.add(write_batch(location, chunk, run_id, statuses=statuses.get(run_id)))
+        committers.append(committer)
+
+    barrier = threading.Barrier(2)
+    results: list[Any] = [None, None]
+
+    def commit(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = committers[index].commit()
+        except Exception as exc:  # reported below
+            results[index] = exc
+
+    threads = [threading.Thread(target=commit, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(isinstance(r, CommitReport) for r in results), results
+    assert sum(r.videos_committed + r.dropped for r in results) == 10
+    rows = assert_one_row_and_one_set_each(location, set(range(8)))
+    assert {rows[vid(k)]["etag"] for k in (0, 1, 2, 3)} == {"e0-new", "e1-new", "e2-new", "e3-new"}
+    planner = Planner(location, model_id=MODEL, versions=latest_versions(location))
+    assert len(planner(listing(listed))["uri"]) == 0 and planner.counts["already_indexed"] == 8
+
+
+@pytest.mark.slow  # about 2 s a repetition on a busy 2-core machine
+def test_two_runs_committing_at_once_on_s3_leave_one_row_and_one_set_each(
+    s3_server: str, s3_bucket: tuple[Any, str]
+) -> None:
+    for rep in range(3):
+        location = OutputLocation.from_url(f"s3://{s3_bucket[1]}/out{rep}", s3_endpoint_url=s3_server)
+        dlt.create_tables(location, DIM)
+        _race(location, rep)
+
+
+def test_two_runs_committing_at_once_locally(local: OutputLocation) -> None:
+    _race(local, 0)
+
+
+# ----------------------------------------------------------------------------------------------------- killed runs
+
+
+def test_run_killed_between_its_two_commits_is_healed_by_the_next(local: OutputLocation) -> None:
+    run(local, {k: f"e{k}" for k in range(4)}, "r1")
+    changed = {0: "e0", 1: "e1-new", 2: "e2-new", 3: "e3"}
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planned = planner(listing(changed))
+
+    def kill() -> None:
+        raise Killed("killed between the segments and the videos commit")
+
+    killed = Committer(local, model_id=MODEL, run_id="killed", versions=planner.versions, before_videos_commit=kill)
+    killed.add(write_batch(local, planned, "killed"))
+    with pytest.raises(Killed):
+        killed.commit()
+    videos, segments = read_tables(local)
+    assert Counter(r["run_id"] for r in segments.to_pylist() if r["video_id"] == vid(1)) == {"killed": SEGMENTS}
+    assert {r["run_id"] for r in videos.to_pylist()} == {"r1"}  # the videos commit never happened
+
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    orphans = planner.unpartnered_segment_files
+    assert len(orphans) >= 1 and any("killed" in name for name in orphans)
+    planned = planner(listing(changed))
+    assert list(planned["video_id"]) == [vid(1), vid(2)]
+    for joined in planned["current_segment_files"]:
+        assert any("killed" in name for name in str(joined).split("\n"))  # the orphans are found
+    committer = Committer(local, model_id=MODEL, run_id="r3", versions=planner.versions)
+    committer.add(write_batch(local, planned, "r3"))
+    report = committer.commit()
+    assert report.videos_committed == 2 and report.replaced == 2
+    rows = assert_one_row_and_one_set_each(local, set(range(4)))
+    _, segments = read_tables(local)
+    assert {r["run_id"] for r in segments.to_pylist() if r["video_id"] in (vid(1), vid(2))} == {"r3"}
+    assert rows[vid(1)]["run_id"] == rows[vid(2)]["run_id"] == "r3"
+
+
+def test_segments_landed_then_videos_conflict_does_not_add_segments_twice(local: OutputLocation) -> None:
+    """B's videos commit conflicts after its segments landed: B re-plans without committing its segments again."""
+    run(local, {k: f"e{k}" for k in range(3)}, "r1")
+    listed = {0: "e0-new", 1: "e1-new", 2: "e2"}
+    versions = latest_versions(local)
+    committers = {}
+    for run_id, keep in (("ra", {0}), ("rb", {0, 1})):
+        planner = Planner(local, model_id=MODEL, versions=versions)
+        committers[run_id] = Committer(local, model_id=MODEL, run_id=run_id, versions=versions)
+        committers[run_id].add(write_batch(local, select(planner(listing(listed)), keep), run_id))
+    # rb's segments land, then ra commits both tables, then rb's videos commit conflicts and rb retries
+    hooked = {"done": False}
+
+    def other_writer_commits() -> None:
+        if not hooked["done"]:
+            hooked["done"] = True
+            committers["ra"].commit()
+
+    committers["rb"]._before_videos_commit = other_writer_commits
+    report = committers["rb"].commit()
+    assert report.rounds == 2 and report.videos_committed + report.dropped == 2
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert rows[vid(1)]["run_id"] == "rb"
+    log = dlt.log_changes(
+        local, "segments", after_version=versions["segments"], upto_version=report.versions["segments"]
+    )
+    added_by_rb = [a.path for c in log if c.commit_info.get("vitaclip.run_id") == "rb" for a in c.adds]
+    assert len(added_by_rb) == len(set(added_by_rb))
+
+
+def test_dropping_a_video_puts_back_the_segments_our_commit_removed(local: OutputLocation) -> None:
+    """A: segments(X ok) | B: segments(X timeout: removes A's X segments) | A: videos | B: videos conflict, drops X.
+
+    Under the bare rules X ends with A's DONE row and no segment rows, and no later run plans it again; B puts back
+    the rows of A that its segments commit removed.
+    """
+    run(local, {0: "e0", 1: "e1"}, "r1")
+    listed = {0: "e0-new", 1: "e1"}
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    a.add(write_batch(local, planned, "ra"))
+    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+    paused = {"b": True}
+
+    def pause_b() -> None:
+        if paused["b"]:
+            paused["b"] = False
+            raise InterruptedError("b pauses after its segments commit")
+
+    def b_segments_then_pause() -> None:
+        b._before_videos_commit = pause_b
+        with pytest.raises(InterruptedError):
+            b.commit()
+
+    a._before_videos_commit = b_segments_then_pause
+    assert a.commit().videos_committed == 1
+    b._before_videos_commit = None
+    report = b.commit()
+    assert report.dropped == 1 and report.videos_committed == 0
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert rows[vid(0)]["run_id"] == "ra"
+    _, segments = read_tables(local)
+    assert {r["run_id"] for r in segments.to_pylist() if r["video_id"] == vid(0)} == {"ra"}
+
+
+# ----------------------------------------------------------------------------------------------------- I/O
+
+
+class _CountingHandler(pafs.FileSystemHandler):
+    """A local filesystem that counts the bytes read from each file opened for reading."""
+
+    def __init__(self) -> None:
+        self.inner = pafs.LocalFileSystem()
+        self.bytes_read: dict[str, int] = {}
+
+    def get_type_name(self) -> str:
+        return "counting"
+
+    def equals(self, other: Any) -> bool:
+        return other is self
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(selector)
+
+    def open_input_file(self, path: str) -> Any:
+        self.bytes_read.setdefault(path, 0)
+        return pa.PythonFile(_CountingReader(self, path, self.inner.open_input_file(path)), mode="r")
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.open_input_file(path)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("read-only")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = _unsupported
+    move = copy_file = open_output_stream = open_append_stream = _unsupported
+
+
+class _CountingReader:
+    def __init__(self, handler: _CountingHandler, path: str, inner: Any) -> None:
+        self.handler, self.path, self.inner, self.closed = handler, path, inner, False
+
+    def read(self, nbytes: int = -1) -> bytes:
+        data = self.inner.read() if nbytes is None or nbytes < 0 else self.inner.read(nbytes)
+        self.handler.bytes_read[self.path] += len(data)
+        return bytes(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self.inner.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self.inner.tell())
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+def test_planner_reads_only_key_columns(local: OutputLocation, monkeypatch: pytest.MonkeyPatch) -> None:
+    thumbs = 256 * 1024  # big thumbnails: reading them would show in the byte count
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing({k: f"e{k}" for k in range(4)}))
+    batch = write_batch(local, planned, "r1", thumb_bytes=thumbs)
+    assert batch.videos is not None and batch.segments is not None
+    dlt.commit(local, "videos", adds=[batch.videos], removes=[], read_version=0, app_id="t", app_version=1, metadata={})
+    orphan = write_batch(local, select(planned, {0, 1}), "killed", thumb_bytes=thumbs).segments  # unpartnered
+    assert orphan is not None
+    dlt.commit(
+        local,
+        "segments",
+        adds=[batch.segments, orphan],
+        removes=[],
+        read_version=0,
+        app_id="t",
+        app_version=1,
+        metadata={},
+    )
+
+    counting = _CountingHandler()
+    monkeypatch.setattr(OutputLocation, "filesystem", lambda self: (pafs.PyFileSystem(counting), self.url))
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert planner.unpartnered_segment_files == [orphan.path]
+    videos_root, segments_root = local.table_uri("videos"), local.table_uri("segments")
+    assert set(counting.bytes_read) == {f"{videos_root}/{batch.videos.path}", f"{segments_root}/{orphan.path}"}
+    for path, size in (
+        (f"{videos_root}/{batch.videos.path}", batch.videos.size_bytes),
+        (f"{segments_root}/{orphan.path}", orphan.size_bytes),
+    ):
+        assert counting.bytes_read[path] < 80 * 1024 < size / 6  # footer and key columns, no thumbnails
+    monkeypatch.undo()
+    planned = planner(listing({0: "e0-new", 1: "e1", 2: "e2", 3: "e3"}))
+    assert list(planned["video_id"]) == [vid(0)]
+    assert set(str(planned["current_segment_files"][0]).split("\n")) == {batch.segments.path, orphan.path}
+
+
+def test_a_video_pending_in_two_batches_is_committed_once(local: OutputLocation) -> None:
+    versions = latest_versions(local)
+    committer = Committer(local, model_id=MODEL, run_id="r1", versions=versions)
+    for _ in range(2):  # two Planner actors that each saw video 1 listed
+        planned = Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0", 1: "e1"}))
+        committer.add(write_batch(local, select(planned, {0, 1} if not committer.pending_videos else {1}), "r1"))
+    report = committer.commit()
+    assert report.duplicates == 1 and report.videos_committed == 2
+    assert_one_row_and_one_set_each(local, {0, 1})
+    # a third actor's batch of video 1 after that commit: left out too, the table keeps one row
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing({1: "e1", 2: "e2"}))
+    committer.add(write_batch(local, planned, "r1"))
+    report = committer.commit()
+    assert report.duplicates == 1 and report.videos_committed == 1 and report.replaced == 0
+    assert_one_row_and_one_set_each(local, {0, 1, 2})
+    with pytest.raises(ValueError, match="names a video twice"):
+        committer.add(WrittenBatch(None, None, ((vid(0), "e0", "ok"), (vid(0), "e0", "ok"))))
+
+
+def test_a_commit_that_landed_but_failed_is_not_made_twice(
+    local: OutputLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(local, {0: "e0", 1: "e1"}, "r1")
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    committer = Committer(local, model_id=MODEL, run_id="r2", versions=planner.versions)
+    committer.add(write_batch(local, planner(listing({0: "e0-new", 1: "e1"})), "r2"))
+    real = dlt.commit
+
+    def lands_then_times_out(*args: Any, **kwargs: Any) -> int:
+        real(*args, **kwargs)
+        raise OSError("timed out waiting for the store")
+
+    monkeypatch.setattr(dlt, "commit", lands_then_times_out)
+    report = committer.commit()
+    assert report.rounds == 1 and report.videos_committed == 1 and report.replaced == 1
+    assert report.versions == {"videos": 2, "segments": 2}
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert rows[vid(0)]["run_id"] == "r2"
+
+
+def test_segments_another_run_removed_after_ours_landed_are_committed_again(local: OutputLocation) -> None:
+    """A: segments(X ok) | B: segments(X timeout: removes A's X segments), videos(X timeout) | A: videos conflict.
+
+    A replaces B's retryable row; its own X segments are gone, so A commits them again from its data file.
+    """
+    run(local, {0: "e0", 1: "e1"}, "r1")
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0-new", 1: "e1-new"}))
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    a.add(write_batch(local, planned, "ra"))
+    b.add(write_batch(local, select(planned, {0}), "rb", statuses={vid(0): "timeout"}))
+    calls: list[CommitReport] = []
+
+    def b_commits_both_tables() -> None:
+        if not calls:
+            calls.append(b.commit())
+
+    a._before_videos_commit = b_commits_both_tables
+    report = a.commit()
+    assert calls[0].videos_committed == 1 and calls[0].replaced == 1
+    assert report.rounds == 2 and report.readded == 1 and report.dropped == 0 and report.videos_committed == 2
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert rows[vid(0)]["run_id"] == rows[vid(1)]["run_id"] == "ra" and rows[vid(0)]["status"] == "ok"
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing({0: "e0-new", 1: "e1-new"}))["uri"]) == 0
