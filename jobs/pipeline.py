@@ -142,10 +142,21 @@ class _Planner:
             yield obj
 
 
-def _to_tables(
-    batch: dict[str, np.ndarray], *, model_id: str, run_id: str, label_names: list[str], embed_dim: int
+def result_tables(
+    batch: dict[str, np.ndarray],
+    *,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    embed_dim: int,
+    schemas: dict[str, pa.Schema] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """One embed output batch -> (video rows, segment rows) as Arrow tables of the declared schemas."""
+    """One embed output batch -> (video rows, segment rows) as Arrow tables of the given schemas.
+
+    ``schemas`` maps ``videos``/``segments`` to their schema (default: the Parquet layout's, schema version 1); the
+    embedding column takes its type from it (fixed-size in version 1, a plain list in the Delta tables).
+    """
+    schemas = schemas or {name: schema_for(name, embed_dim) for name in ("videos", "segments")}
     now = datetime.now(timezone.utc)
     n = len(batch["uri"])
     ok = np.asarray([s == STATUS_OK for s in batch["status"]])
@@ -156,7 +167,7 @@ def _to_tables(
     scores = [batch["label_scores"][i].tolist() if ok[i] else None for i in range(n)]
     embeddings = [batch["embedding"][i] if ok[i] else None for i in range(n)]
     video_ids = [video_id_for(str(u)) for u in batch["uri"]]
-    emb_type = pa.list_(pa.float32(), embed_dim)
+    emb_type = schemas["videos"].field("embedding").type
 
     def col(values: Any, mask: np.ndarray) -> list[Any]:
         return [v for v, m in zip(values, mask, strict=True) if m]
@@ -188,7 +199,7 @@ def _to_tables(
             "run_id": [run_id] * int(vm.sum()),
             "indexed_at": [now] * int(vm.sum()),
         },
-        schema=schema_for("videos", embed_dim),
+        schema=schemas["videos"],
     )
     sm = ~is_video
     seg_index = [int(i) for i in col(batch["segment_index"], sm)]
@@ -208,7 +219,7 @@ def _to_tables(
             "run_id": [run_id] * int(sm.sum()),
             "indexed_at": [now] * int(sm.sum()),
         },
-        schema=schema_for("segments", embed_dim),
+        schema=schemas["segments"],
     )
     return videos, segments
 
@@ -396,7 +407,7 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
                     flush_seconds=config.flush_seconds,
                 )
             assert embed_dim is not None
-            videos, segments = _to_tables(
+            videos, segments = result_tables(
                 batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
             )
             status_counts.update(videos.column("status").to_pylist())
