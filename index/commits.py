@@ -13,27 +13,26 @@ The table contract (kept by every writer):
 - A batch's video rows go to ``videos/<name>`` and its segment rows to ``segments/<name>``: the same name. A segment
   file without a videos file of its name is *unpartnered* (a run killed between its two commits, or a rewrite).
 - A round commits segments first, then videos. A segments commit that adds segment rows of a video also removes all
-  current segment rows of that video, so a video has at most one set of segment rows at any time.
+  current segment rows of that video, so a video has at most one set of segment rows at any time. It removes no
+  segment rows of the videos it adds none for: another run may have committed their segments and not yet their rows.
+- After its videos commit, a run removes the stale segment rows of the videos it committed without any (failed, or
+  ok and too short) in a clean-up commit on the segments table, reconciled and retried after conflicts like a round:
+  only of videos whose committed row is still the run's own, and only rows that no videos commit can still point
+  at: those of the partner files of the row the Planner saw, and those of runs whose rows the videos commit removed.
+  A kill before the clean-up (or a row of those runs moved by another writer's rewrite) leaves stale segment rows
+  next to a row that is not ok: harmless to this contract, as no ok row points at them (a reader of the segments
+  table alone still sees them), and the next commit of that video that adds segment rows removes them.
 
-Beyond these rules, the Committer closes two races around the gap between the two commits of a round, where
-another run B commits video X too and our videos commit then conflicts:
-
-- B's row of X is DONE, so we drop X. If our segments commit removed B's X segments (B's segments commit came
-  first) and ours had none (our X timed out), X would keep a DONE row without segments forever: we put the removed
-  rows of B back.
-- B's row of X is not DONE (it timed out), so we replace it. If B's segments commit removed our X segments, we
-  commit them again from our data file.
+Beyond these rules, the Committer closes a race around the gap between the two commits of a round, where another
+run B commits video X too and our videos commit then conflicts: B's row of X is not DONE for our etag (B listed
+another etag), so we replace it; if B's segments commit removed our X segments, we commit them again from our data
+file. (If B's row is DONE we drop X: our segments commit removed B's X segments only if it added ours, of the same
+etag, which stay as X's set.)
 
 Assumptions: a data file holds the rows of one model and one run (rows carry the committing run's ``run_id``); run
 ids are unique per `Committer`; files removed during a run are not vacuumed before it ends.
 
 Nothing here imports Ray: the job wraps `Planner` as a Ray Data actor and runs `Committer` on the driver.
-
-Known gap (to close when the job is wired to these classes): run A commits X's segments (X ok); run B, whose X
-timed out, commits segments, which removes A's segments of X, and is killed before its videos commit; A then commits
-X's video row (done). X is left done with no segments and is never planned again. Either the Planner also checks that
-done rows with status ok have segments, or a segments commit removes rows only of videos it adds segments for (with
-a clean-up after the videos commit).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +63,7 @@ RETRYABLE: frozenset[str] = frozenset(
 RUN_ID_KEY = "vitaclip.run_id"
 """Custom commit metadata naming the run that made a commit."""
 
+_T = TypeVar("_T")
 _DONE_BIT = np.uint32(1 << 31)
 _FILE_MASK = np.uint32((1 << 31) - 1)
 
@@ -339,13 +339,13 @@ class _Plan:
     # (table, old path, rewrite or None, ids removed): applied to what we know once that table's commit lands
     moves: list[tuple[str, str, DataFile | None, frozenset[str]]]
     pending_segments: dict[str, DataFile | None]  # original pending segments path -> what this round commits
-    restore: DataFile | None  # segment rows of dropped videos that our earlier segments commit removed
-    restore_keys: pa.Table | None
     readd: DataFile | None  # our segment rows another writer removed after our segments commit, to commit again
     readded: set[str]
     dropped: set[str]
     replaced: int
     video_rows: int
+    # videos committed without segment rows -> (the Planner's segment files of their row, runs of rows replaced)
+    bare: dict[str, tuple[frozenset[str], frozenset[str]]]
 
 
 class Committer:
@@ -395,8 +395,7 @@ class Committer:
         self._names: dict[tuple[str, frozenset[str]], str] = {}
         self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
         self._file_ids: dict[str, frozenset[str]] = {}
-        self._removed_segments: list[tuple[str, frozenset[str]]] = []  # by our segments commits in this call
-        self._restored: set[str] = set()
+        self._bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # committed, stale segments not cleaned
 
     def add(self, batch: WrittenBatch) -> None:
         """Queues a written batch for the next `commit`.
@@ -428,11 +427,18 @@ class Committer:
         """Commits the pending batches (segments, then videos), retrying after conflicts; see the module docstring.
 
         Raises:
-            RuntimeError: Another writer kept committing for `max_rounds` rounds.
+            RuntimeError: Another writer kept committing for `max_rounds` rounds (after the videos commit, of the
+                clean-up: the next call retries it).
         """
+        report = self._retry(self._commit_round)
+        if self._bare:
+            report.versions["segments"] = self._retry(self._clean_up) or report.versions["segments"]
+        return report
+
+    def _retry(self, step: Callable[[int], _T]) -> _T:
         for attempt in range(1, self.max_rounds + 1):
             try:
-                return self._commit_round(attempt)
+                return step(attempt)
             except CommitConflict:
                 time.sleep(random.uniform(0.005, 0.02) * min(attempt, 10))
         raise RuntimeError(
@@ -461,12 +467,8 @@ class Committer:
             )
             self._reconciled["segments"] = versions["segments"]
             self._apply_moves("segments", plan.moves)
-            self._removed_segments += [(old, ids) for table, old, _, ids in plan.moves if table == "segments"]
             if plan.readd is not None and self._committed_segments is not None:
                 self._committed_segments[plan.readd.path] = plan.readd
-            if plan.restore is not None and plan.restore_keys is not None:
-                self._others["segments"][plan.restore.path] = plan.restore_keys  # rows of another run
-                self._restored.update(plan.restore_keys.column("video_id").to_pylist())
         if self._committed_segments is None:
             self._committed_segments = plan.pending_segments
         if self._before_videos_commit is not None:
@@ -488,7 +490,7 @@ class Committer:
         done = [video_id for video_id in self._pending_keys if video_id not in plan.dropped]
         self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(pa.array(done, pa.string())))
         self._pending, self._pending_keys, self._committed_segments, self._duplicates = [], {}, None, []
-        self._removed_segments, self._restored = [], set()
+        self._bare.update(plan.bare)
         return CommitReport(
             versions=versions,
             videos_committed=plan.video_rows,
@@ -499,6 +501,48 @@ class Committer:
             rounds=attempt,
             duplicates=duplicates,
         )
+
+    def _clean_up(self, attempt: int) -> int | None:
+        """Removes the stale segment rows of videos we committed without any; the segments version (None: no commit).
+
+        Only of videos whose current row is still ours, and only rows no live run can still need: those in the
+        Planner's partner files of the row we replaced (through our own rewrites), and those of runs whose rows of
+        the video we removed. Another run's segment rows that landed before its videos commit are left alone.
+        """
+        self._round += 1
+        snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
+        for table in dlt.TABLES:
+            self._follow_log(table, snapshots[table])
+        ids = sorted(self._bare)
+        video_rows, segment_rows = self._rows_of("videos", ids), self._rows_of("segments", ids)
+        targets: dict[str, set[str]] = {}
+        for video_id, (partners, runs) in self._bare.items():
+            if any(row["run_id"] != self.run_id for _, row in video_rows.get(video_id, [])):
+                continue  # another run's row replaced ours: its commit took care of the segments
+            held = {self._resolve("segments", path, video_id) for path in partners}
+            held |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] in runs}
+            for path in held:
+                if path is not None and path in snapshots["segments"].sizes:
+                    targets.setdefault(path, set()).add(video_id)
+        version = None
+        if targets:
+            moves = [
+                ("segments", path, self._rewritten("segments", path, frozenset(v)), frozenset(v))
+                for path, v in sorted(targets.items())
+            ]
+            version = self._commit_table(
+                "segments",
+                adds=[new for _, _, new, _ in moves if new is not None],
+                removes=[RemovedFile(path, snapshots["segments"].sizes[path]) for _, path, _, _ in moves],
+                read_version=snapshots["segments"].version,
+                app_id=f"vitaclip:{self.run_id}:segments",
+                app_version=self._round,
+                metadata={RUN_ID_KEY: self.run_id, "vitaclip.cleaned_videos": str(sum(map(len, targets.values())))},
+            )
+            self._reconciled["segments"] = version
+            self._apply_moves("segments", moves)
+        self._bare = {}
+        return version
 
     def _commit_table(self, table: str, *, app_id: str, app_version: int, read_version: int, **kwargs: Any) -> int:
         """`delta_tables.commit`; after an ambiguous failure (a timeout), checks whether the commit landed."""
@@ -572,67 +616,27 @@ class Committer:
             self._file_ids[path] = frozenset(data.column("video_id").to_pylist())
         return self._file_ids[path]
 
-    def _rewritten(self, table: str, path: str, ids: frozenset[str], name: str) -> DataFile | None:
+    def _rewritten(self, table: str, path: str, ids: frozenset[str]) -> DataFile | None:
+        """`path` without the rows of `ids`, written once; a videos file and its partner rewritten alike share names."""
         key = (table, path, ids)
         if key not in self._rewrites:
+            name = self._names.setdefault((path, ids), f"part-{self.run_id}-{uuid.uuid4().hex}.parquet")
             self._rewrites[key] = self._rewrite(self.location, table, path, ids, name=name, embed_dim=self._embed_dim)
         return self._rewrites[key]
 
-    def _name(self, path: str, ids: frozenset[str]) -> str:
-        """One fresh name per (file, ids): a videos file and its segments partner rewritten alike share it."""
-        return self._names.setdefault((path, ids), f"part-{self.run_id}-{uuid.uuid4().hex}.parquet")
-
-    def _restore(
-        self,
-        segments: _Snapshot,
-        dropped: set[str],
-        video_rows: Mapping[str, list[tuple[str, dict[str, Any]]]],
-        segment_rows: Mapping[str, list[tuple[str, dict[str, Any]]]],
-    ) -> tuple[DataFile | None, pa.Table | None]:
-        """Segment rows to put back for dropped videos that our earlier segments commit left without any.
-
-        Sequence: A commits X's segments; we commit ours, removing A's (our X has none, e.g. it timed out); A
-        commits X's DONE row; our videos commit conflicts and we drop X. X would keep A's DONE row and no segments,
-        and no later run would plan it: put back the rows of the DONE row's run that our commit removed.
-        """
-        if self._committed_segments is None:
-            return None, None
-        landed = [f.path for f in self._committed_segments.values() if f is not None and f.path in segments.sizes]
-        ours = set().union(*(self._ids_in(path) for path in landed))
-        wanted: dict[str, set[str]] = {}  # file -> "video_id\nrun_id" keys
-        for video_id in sorted(dropped - self._restored):
-            sources = [path for path, ids in self._removed_segments if video_id in ids]
-            if not sources or segment_rows.get(video_id) or video_id in ours:
-                continue
-            etag = self._pending_keys[video_id][0]
-            runs = {row["run_id"] for _, row in video_rows[video_id] if is_done(row["etag"], row["status"], etag)}
-            for path in sources:
-                wanted.setdefault(path, set()).update(f"{video_id}\n{run}" for run in runs)
-        return self._copy_segment_rows(wanted, by_run=True)
-
-    def _copy_segment_rows(
-        self, wanted: Mapping[str, set[str]], *, by_run: bool
-    ) -> tuple[DataFile | None, pa.Table | None]:
-        """Copies some segment rows of some data files into a new data file, also returning its keys; None if none.
-
-        Args:
-            wanted: Data file -> keys of the rows to copy: ``video_id``, or ``video_id + "\\n" + run_id`` with `by_run`.
-        """
+    def _copy_segment_rows(self, wanted: Mapping[str, set[str]]) -> DataFile | None:
+        """Copies the segment rows of some videos (data file -> video ids) into a new data file; None if none."""
         parts = []
         filesystem, root = self.location.table_path("segments")
         for path, keys in sorted(wanted.items()):
             data = pq.read_table(f"{root}/{path}", filesystem=filesystem)
             data = data.filter(pc.equal(data.column("model_id"), self.model_id))
-            column = data.column("video_id")
-            if by_run:
-                column = pc.binary_join_element_wise(column, data.column("run_id"), "\n")
-            parts.append(data.filter(pc.is_in(column, value_set=pa.array(sorted(keys), pa.string()))))
+            parts.append(data.filter(pc.is_in(data.column("video_id"), value_set=pa.array(sorted(keys), pa.string()))))
         rows = pa.concat_tables(parts) if parts else None
         if rows is None or rows.num_rows == 0:
-            return None, None
+            return None
         name = f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
-        copied = dlt.write_data_file(self.location, "segments", rows, name=name, embed_dim=self._embed_dim)
-        return copied, rows.select(["video_id", "run_id"])
+        return dlt.write_data_file(self.location, "segments", rows, name=name, embed_dim=self._embed_dim)
 
     def _plan(self, snapshots: Mapping[str, _Snapshot]) -> _Plan:
         pending = sorted(self._pending_keys)
@@ -657,10 +661,8 @@ class Committer:
                 for video_id in self._ids_in(batch.segments.path) - duplicates - dropped - still_ours:
                     if not any(r["run_id"] == self.run_id for _, r in segment_rows.get(video_id, [])):
                         wanted.setdefault(batch.segments.path, set()).add(video_id)
-            readd_file, _ = self._copy_segment_rows(wanted, by_run=False)
+            readd_file = self._copy_segment_rows(wanted)
             readded = set().union(*wanted.values()) if readd_file is not None else set()
-        left_out = dropped
-        restore_file, restore_keys = self._restore(snapshots["segments"], dropped, video_rows, segment_rows)
 
         own = {b.videos.path for b in self._pending if b.videos} | {
             b.segments.path for b in self._pending if b.segments
@@ -668,9 +670,11 @@ class Committer:
         own |= {f.path for f in (committed or {}).values() if f is not None}
         targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
         replaced = 0
+        bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+            with_segments = self._ids_in(batch.segments.path) if batch.segments else frozenset()
             for video_id, _, _ in batch.keys:
-                if video_id in left_out or video_id in duplicates:
+                if video_id in dropped or video_id in duplicates:
                     continue
                 video_files = {
                     self._resolve("videos", p, video_id) for p in _lines(batch.current_video_files.get(video_id, ""))
@@ -681,6 +685,12 @@ class Committer:
                     for p in _lines(batch.current_segment_files.get(video_id, ""))
                 }
                 segment_files |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] != self.run_id}
+                if video_id not in with_segments:  # its stale segment rows go after the videos commit
+                    partners = set(_lines(batch.current_video_files.get(video_id, "")))
+                    partners &= set(_lines(batch.current_segment_files.get(video_id, "")))
+                    runs = {row["run_id"] for _, row in video_rows.get(video_id, [])} - {self.run_id}
+                    bare[video_id] = (frozenset(partners), frozenset(runs))
+                    segment_files = set()
                 found = False
                 for table, files in (("videos", video_files), ("segments", segment_files)):
                     for held in files:
@@ -693,31 +703,27 @@ class Committer:
         moves: list[tuple[str, str, DataFile | None, frozenset[str]]] = []
         removes: dict[str, list[RemovedFile]] = {table: [] for table in dlt.TABLES}
         adds: dict[str, list[DataFile]] = {table: [] for table in dlt.TABLES}
-        adds["segments"] += [f for f in (restore_file, readd_file) if f is not None]
-        for path in sorted(targets["videos"].keys() | targets["segments"].keys()):
-            tables = [t for t in dlt.TABLES if path in targets[t]]
-            ids = frozenset(set().union(*(targets[t][path] for t in tables)))
-            name = self._name(path, ids)  # the same for a videos file and its partner, in this round and later ones
-            for table in tables:
-                new = self._rewritten(table, path, ids, name)
+        if readd_file is not None:
+            adds["segments"].append(readd_file)
+        for table in dlt.TABLES:
+            for path, ids in sorted(targets[table].items()):
+                new = self._rewritten(table, path, frozenset(ids))
                 removes[table].append(RemovedFile(path, snapshots[table].sizes[path]))
                 if new is not None:
                     adds[table].append(new)
-                moves.append((table, path, new, ids))
+                moves.append((table, path, new, frozenset(ids)))
 
         pending_segments: dict[str, DataFile | None] = {}
         new_video_rows = 0
         for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
-            leave = frozenset(video_id for video_id, _, _ in batch.keys if video_id in left_out) | duplicates
-            first = batch.videos or batch.segments
-            name = self._name(first.path if first else "", leave)
+            leave = frozenset(video_id for video_id, _, _ in batch.keys if video_id in dropped) | duplicates
             if batch.videos is not None:
-                videos = self._rewritten("videos", batch.videos.path, leave, name) if leave else batch.videos
+                videos = self._rewritten("videos", batch.videos.path, leave) if leave else batch.videos
                 if videos is not None:
                     adds["videos"].append(videos)
                     new_video_rows += videos.num_rows
             if batch.segments is not None and committed is None:
-                segments = self._rewritten("segments", batch.segments.path, leave, name) if leave else batch.segments
+                segments = self._rewritten("segments", batch.segments.path, leave) if leave else batch.segments
                 pending_segments[batch.segments.path] = segments
                 if segments is not None:
                     adds["segments"].append(segments)
@@ -728,11 +734,10 @@ class Committer:
             segment_removes=removes["segments"],
             moves=moves,
             pending_segments=pending_segments,
-            restore=restore_file,
-            restore_keys=restore_keys,
             readd=readd_file,
             readded=readded,
             dropped=dropped,
             replaced=replaced,
             video_rows=new_video_rows,
+            bare=bare,
         )

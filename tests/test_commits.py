@@ -405,14 +405,14 @@ def test_segments_landed_then_videos_conflict_does_not_add_segments_twice(local:
     assert len(added_by_rb) == len(set(added_by_rb))
 
 
-def test_dropping_a_video_puts_back_the_segments_our_commit_removed(local: OutputLocation) -> None:
-    """A: segments(X ok) | B: segments(X timeout: removes A's X segments) | A: videos | B: videos conflict, drops X.
+def test_a_segments_commit_leaves_the_segments_of_videos_it_has_none_for(local: OutputLocation) -> None:
+    """A: segments(X, Y ok) | B: segments(X timeout, Y ok) | A: videos | B: videos conflict, drops X and Y.
 
-    Under the bare rules X ends with A's DONE row and no segment rows, and no later run plans it again; B puts back
-    the rows of A that its segments commit removed.
+    B's segments commit replaces A's Y segments by its own but leaves A's X segments: it adds none for X. (Under the
+    old rule it removed them too, and B had to put them back after dropping X; that restore path is gone.)
     """
     run(local, {0: "e0", 1: "e1"}, "r1")
-    listed = {0: "e0-new", 1: "e1"}
+    listed = {0: "e0-new", 1: "e1-new"}
     versions = latest_versions(local)
     planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
     a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
@@ -430,16 +430,105 @@ def test_dropping_a_video_puts_back_the_segments_our_commit_removed(local: Outpu
         b._before_videos_commit = pause_b
         with pytest.raises(InterruptedError):
             b.commit()
+        _, segments = read_tables(local)
+        assert Counter((r["video_id"], r["run_id"]) for r in segments.to_pylist()) == {
+            (vid(0), "ra"): SEGMENTS,
+            (vid(1), "rb"): SEGMENTS,
+        }
 
     a._before_videos_commit = b_segments_then_pause
-    assert a.commit().videos_committed == 1
+    assert a.commit().videos_committed == 2
     b._before_videos_commit = None
     report = b.commit()
-    assert report.dropped == 1 and report.videos_committed == 0
+    assert report.dropped == 2 and report.videos_committed == 0
     rows = assert_one_row_and_one_set_each(local, {0, 1})
-    assert rows[vid(0)]["run_id"] == "ra"
+    assert rows[vid(0)]["run_id"] == rows[vid(1)]["run_id"] == "ra"
     _, segments = read_tables(local)
     assert {r["run_id"] for r in segments.to_pylist() if r["video_id"] == vid(0)} == {"ra"}
+
+
+def test_run_killed_after_removing_nothing_of_a_video_it_failed_leaves_it_whole(local: OutputLocation) -> None:
+    """A: segments(X ok) | B: segments(X timeout, Y ok), killed | A: videos. X keeps A's segments (the old gap).
+
+    Under the old rule B's segments commit removed A's X segments and X was left DONE without any, for good.
+    """
+    run(local, {0: "e0", 1: "e1"}, "r1")
+    listed = {0: "e0-new", 1: "e1-new"}
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
+
+    def kill() -> None:
+        raise Killed("killed between the segments and the videos commit")
+
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions, before_videos_commit=kill)
+    a.add(write_batch(local, planned, "ra"))
+    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+
+    def b_commits_segments_and_dies() -> None:
+        with pytest.raises(Killed):
+            b.commit()
+
+    a._before_videos_commit = b_commits_segments_and_dies
+    report = a.commit()
+    assert report.videos_committed == 2 and report.rounds == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert rows[vid(0)]["run_id"] == rows[vid(1)]["run_id"] == "ra" and rows[vid(0)]["status"] == "ok"
+    _, segments = read_tables(local)
+    runs = {(r["video_id"], r["run_id"]) for r in segments.to_pylist()}
+    assert runs == {(vid(0), "ra"), (vid(1), "rb")}  # Y: B's orphans replaced A's, for the same etag
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing(listed))["uri"]) == 0
+
+
+def test_a_video_reindexed_as_a_failure_loses_its_old_segments(local: OutputLocation) -> None:
+    """The clean-up after the videos commit removes the segments of the rows a video without segments replaced."""
+    run(local, {k: f"e{k}" for k in range(4)}, "r1")  # batches {0, 1} and {2, 3}
+    before = latest_versions(local)
+    _, report = run(local, {0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}, "r2", statuses={1: "corrupt"})
+    assert report.videos_committed == 2 and report.replaced == 2 and report.rounds == 1
+    assert report.versions == {"videos": before["videos"] + 1, "segments": before["segments"] + 2}  # + clean-up
+    rows = assert_one_row_and_one_set_each(local, set(range(4)))  # 1 corrupt, without segments
+    assert rows[vid(1)]["status"] == "corrupt" and rows[vid(3)]["run_id"] == "r2"
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert planner.unpartnered_segment_files == []  # the clean-up's rewrite shares its name with the videos one
+    assert len(planner(listing({0: "e0", 1: "e1-new", 2: "e2", 3: "e3-new"}))["uri"]) == 0
+
+    # one batch: 2 re-indexed ok and 3 as a failure, both from r1's second file
+    _, report = run(local, {2: "e2-new", 3: "e3-newer"}, "r3", statuses={3: "corrupt"})
+    rows = assert_one_row_and_one_set_each(local, set(range(4)))
+    assert rows[vid(3)]["status"] == "corrupt" and rows[vid(2)]["run_id"] == "r3"
+
+
+def test_clean_up_leaves_the_segments_another_run_committed_since(local: OutputLocation) -> None:
+    """B: segments(X timeout: none), videos | A: snapshot, segments(X ok) | B: clean-up | A: videos (no conflict).
+
+    B's clean-up runs while X's row is still B's, but A's X segments are not stale: A's videos commit lands next
+    without a conflict. The clean-up removes only rows of runs whose rows of X it replaced.
+    """
+    run(local, {0: "e0"}, "r1")
+    listed = {0: "e0-new"}
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    a.add(write_batch(local, planned, "ra"))
+    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+    clean_up = b._clean_up
+    cleaned: list[int | None] = []
+
+    def a_commits_around_the_clean_up(attempt: int) -> int | None:
+        a._before_videos_commit = lambda: cleaned.append(clean_up(attempt))
+        a.commit()
+        return cleaned[0]
+
+    b._clean_up = a_commits_around_the_clean_up  # type: ignore[method-assign]
+    assert b.commit().videos_committed == 1
+    assert cleaned == [None]  # r1's segments of X went with A's segments commit: nothing left to clean
+    rows = assert_one_row_and_one_set_each(local, {0})
+    assert rows[vid(0)]["run_id"] == "ra" and rows[vid(0)]["status"] == "ok"
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing(listed))["uri"]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------- I/O
@@ -523,9 +612,11 @@ def test_a_commit_that_landed_but_failed_is_not_made_twice(
 
 
 def test_segments_another_run_removed_after_ours_landed_are_committed_again(local: OutputLocation) -> None:
-    """A: segments(X ok) | B: segments(X timeout: removes A's X segments), videos(X timeout) | A: videos conflict.
+    """A: segments(X ok) | B: segments(X ok, another etag: removes A's X segments), videos | A: videos conflict.
 
-    A replaces B's retryable row; its own X segments are gone, so A commits them again from its data file.
+    X's object changed between the two listings. A replaces B's row (not DONE for A's etag) and B's segments; its
+    own X segments are gone, so A commits them again from its data file. (A B whose X timed out no longer removes
+    A's X segments: a segments commit removes only the rows of videos it adds rows for.)
     """
     run(local, {0: "e0", 1: "e1"}, "r1")
     versions = latest_versions(local)
@@ -533,7 +624,8 @@ def test_segments_another_run_removed_after_ours_landed_are_committed_again(loca
     a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
     b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
     a.add(write_batch(local, planned, "ra"))
-    b.add(write_batch(local, select(planned, {0}), "rb", statuses={vid(0): "timeout"}))
+    newer = Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0-newer"}))
+    b.add(write_batch(local, newer, "rb"))
     calls: list[CommitReport] = []
 
     def b_commits_both_tables() -> None:
