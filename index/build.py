@@ -56,6 +56,10 @@ class WritableStore(Protocol):
 
     def put_bytes(self, rel_path: str, data: bytes) -> None: ...
 
+    def put_file(self, rel_path: str, source: Path) -> None: ...
+
+    def get_file(self, rel_path: str, target: Path) -> None: ...
+
     def local_path(self, rel_path: str) -> Path | None: ...
 
 
@@ -549,7 +553,7 @@ def build_from_output(
         folder = local if local is not None else Path(tmp)
         if local is None:  # S3: start from the current index files
             for rel in store.list(INDEX_DIR + "/"):
-                (Path(tmp) / Path(rel).name).write_bytes(store.get_bytes(rel))
+                store.get_file(rel, Path(tmp) / Path(rel).name)  # streamed: index files can be many GiB
         folder.mkdir(parents=True, exist_ok=True)
         built = []
         for table in TABLES:
@@ -586,6 +590,6 @@ def build_from_output(
         if local is None:
             for path in sorted(folder.iterdir()):
                 if path.name != INFO_FILE:
-                    store.put_bytes(f"{INDEX_DIR}/{path.name}", path.read_bytes())
-            store.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", info_path.read_bytes())  # last: readers see whole indexes
+                    store.put_file(f"{INDEX_DIR}/{path.name}", path)  # multipart past 64 MiB
+            store.put_file(f"{INDEX_DIR}/{INFO_FILE}", info_path)  # last: readers see whole indexes
         return info

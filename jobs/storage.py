@@ -15,6 +15,7 @@ import io
 import itertools
 import os
 import random
+import shutil
 import stat
 import time
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import boto3
+import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
 import pyarrow.parquet as pq
@@ -54,6 +56,7 @@ StorageErrorReason = Literal[
 ]
 
 _MiB = 2**20
+_COPY_CHUNK_BYTES = 8 * _MiB
 _ACCESS_CODES = frozenset(
     {
         "AccessDenied",
@@ -915,8 +918,16 @@ class Store(abc.ABC):
         """Writes a whole file at once: readers see the old content or the new one, never a part."""
 
     @abc.abstractmethod
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Writes a local file, streamed (never read whole into memory), as atomically as `put_bytes`."""
+
+    @abc.abstractmethod
     def get_bytes(self, rel_path: str) -> bytes:
         """The file's content. Raises FileNotFoundError when there is none."""
+
+    @abc.abstractmethod
+    def get_file(self, rel_path: str, target: Path) -> None:
+        """Copies the file to a local path, streamed. Raises FileNotFoundError when there is none."""
 
     @abc.abstractmethod
     def exists(self, rel_path: str) -> bool:
@@ -970,6 +981,16 @@ class LocalStore(Store):
         return self.root / _check_rel_path(rel_path)
 
     def put_bytes(self, rel_path: str, data: bytes) -> None:
+        self._write(rel_path, lambda handle: handle.write(data))
+
+    def put_file(self, rel_path: str, source: Path) -> None:
+        def copy(handle: Any) -> None:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, handle, _COPY_CHUNK_BYTES)
+
+        self._write(rel_path, copy)
+
+    def _write(self, rel_path: str, fill: Callable[[Any], Any]) -> None:
         path = self._path(rel_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
@@ -977,7 +998,7 @@ class LocalStore(Store):
             # os.open with 0o666 honours the umask, unlike mkstemp's private 0o600.
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
@@ -988,6 +1009,9 @@ class LocalStore(Store):
 
     def get_bytes(self, rel_path: str) -> bytes:
         return self._path(rel_path).read_bytes()
+
+    def get_file(self, rel_path: str, target: Path) -> None:
+        shutil.copyfile(self._path(rel_path), target)
 
     def exists(self, rel_path: str) -> bool:
         return self._path(rel_path).is_file()
@@ -1018,13 +1042,18 @@ class LocalStore(Store):
 
 
 class S3Store(Store):
-    """An S3 prefix; each write is one whole-object PUT, so readers never see a partial file."""
+    """An S3 prefix; each write is one whole object (a PUT, or a multipart upload completed at once for large files:
+    a single PUT stops at 5 GiB), so readers never see a partial file."""
 
-    def __init__(self, url: str, *, s3_client: S3Client) -> None:
+    def __init__(self, url: str, *, s3_client: S3Client, multipart_threshold_bytes: int = 64 * _MiB) -> None:
         self.bucket, prefix = parse_s3_uri(url)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._client = s3_client
+        # Parts of the threshold's size: S3 allows 10,000 parts, so 64 MiB parts reach 625 GiB per object.
+        self._transfer = boto3.s3.transfer.TransferConfig(
+            multipart_threshold=multipart_threshold_bytes, multipart_chunksize=max(5 * _MiB, multipart_threshold_bytes)
+        )
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
@@ -1042,6 +1071,27 @@ class S3Store(Store):
     def put_bytes(self, rel_path: str, data: bytes) -> None:
         key = self._key(rel_path)
         self._call("write", rel_path, lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data)))
+
+    def put_file(self, rel_path: str, source: Path) -> None:
+        key = self._key(rel_path)
+        self._call(
+            "write",
+            rel_path,
+            lambda: self._client.upload_file(str(source), self.bucket, key, Config=self._transfer),
+        )
+
+    def get_file(self, rel_path: str, target: Path) -> None:
+        key = self._key(rel_path)
+        try:
+            self._call(
+                "read",
+                rel_path,
+                lambda: self._client.download_file(self.bucket, key, str(target), Config=self._transfer),
+            )
+        except StorageError as error:
+            if error.reason == "not_found":
+                raise FileNotFoundError(errno.ENOENT, "no such object", self.url_for(rel_path)) from error
+            raise
 
     def get_bytes(self, rel_path: str) -> bytes:
         key = self._key(rel_path)

@@ -462,6 +462,29 @@ def test_store_round_trip(store: Any) -> None:
         assert store.url_for("") == f"s3://{store.bucket}/out"
 
 
+def test_files_are_streamed_both_ways(store: Any, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(3 << 20))
+    store.put_file("index/videos.faiss", source)
+    target = tmp_path / "copy.bin"
+    store.get_file("index/videos.faiss", target)
+    assert target.read_bytes() == source.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        store.get_file("index/missing.faiss", tmp_path / "x")
+
+
+def test_large_files_go_up_as_multipart_uploads(s3_bucket: tuple[Any, str], tmp_path: Path) -> None:
+    """A single PUT stops at 5 GiB: past the threshold a file is uploaded in parts (small threshold here)."""
+    client, bucket = s3_bucket
+    store = S3Store(f"s3://{bucket}/out", s3_client=client, multipart_threshold_bytes=5 << 20)
+    source = tmp_path / "index.faiss"
+    source.write_bytes(os.urandom(12 << 20))
+    store.put_file("index/videos.faiss", source)
+    etag = client.head_object(Bucket=bucket, Key="out/index/videos.faiss")["ETag"].strip('"')
+    assert etag.endswith("-3")  # three parts of 5 MiB, 5 MiB and 2 MiB
+    assert store.get_bytes("index/videos.faiss") == source.read_bytes()
+
+
 def test_local_put_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(str(tmp_path))
     store.put_bytes("a/file.bin", b"old")

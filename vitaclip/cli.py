@@ -238,12 +238,12 @@ def _local_output(out: str, endpoint_url: str | None) -> Path:
 
     store = open_store(out, endpoint_url=endpoint_url)
     cache = Path.home() / ".cache" / "vitaclip" / "outputs" / hashlib.sha256(out.encode()).hexdigest()[:16]
-    for prefix in ("_commits/", "videos/", "segments/", "index/"):
+    for prefix in ("_commits/", "videos/", "segments/", "index/", "runs/"):
         for rel in store.list(prefix):
             target = cache / rel
-            if not target.exists() or prefix in ("_commits/", "index/"):
+            if not target.exists() or prefix in ("_commits/", "index/", "runs/"):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(store.get_bytes(rel))
+                store.get_file(rel, target)  # streamed: index files can be many GiB
     return cache
 
 
