@@ -27,6 +27,7 @@ from index.media import roots_of_inputs
 from index.schema import STATUS_OK, row_id_for, schema_for, video_id_for
 from jobs import tables
 from jobs.config import IndexJobConfig
+from jobs.ray_resources import Demand, read_cluster, require_fit
 from jobs.storage import (
     Store,
     VideoObject,
@@ -37,7 +38,7 @@ from jobs.storage import (
     open_video,
     require_any,
 )
-from vitaclip.redact import redact_url, redact_value
+from vitaclip.redact import redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
 
 log = logging.getLogger("vitaclip.job")
@@ -290,171 +291,185 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     safe_config = redact_value(config.to_dict())
     # Written first, so that a killed run still says what it was and where its inputs are (the search service
     # serves media only from recorded input roots); rewritten with the full summary at the end.
-    store.put_bytes(
-        f"runs/{run_id}.json",
-        json.dumps(
-            {
-                "run_id": run_id,
-                "state": "running",
-                "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-                "output": redact_url(store.url_for("")),
-                "model_id": model_id,
-                "input_roots": roots_of_inputs(folder_inputs),
-                "config": safe_config,
-            },
-            indent=1,
-        ).encode(),
-    )
-
-    deleted = tables.cleanup(store)
-    reusable = tables.staged_runs(store)
-    planner = _Planner(
-        tables.committed_keys(store, model_id),
-        tables.staged_keys(store, reusable, model_id),
-        folder_inputs=folder_inputs,
-    )
-    log.info("cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable))
-
-    filters: dict[str, Any] = dict(
-        extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
-    )
-    # The first page is fetched here, before Ray starts: a wrong bucket, refused credentials or an empty prefix
-    # fail fast with a clear message.
-    listing = require_any(
-        list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
-        where=describe_listing(config.inputs, **filters),
-    )
-
-    cpus, gpus = _init_ray(config)
-    # "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an autoscaling
-    # cluster adds GPU nodes for the embed pool as it grows.
-    use_gpu = config.embed_device == "gpu" or (
-        config.embed_device == "auto" and gpus > 0 and config.gpus_per_embed_worker > 0
-    )
-    if use_gpu and config.embed_device == "auto":
-        embed_workers = max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker)))
-    else:
-        embed_workers = config.embed_workers
-    # One decoder per core. Without GPUs the embed actors share the cores: the decoders' CPU request shrinks so that
-    # decoders and embedders fit the cluster together, and the OS shares the cores by demand.
-    cpus_per_embedder = min(config.cpus_per_embed_worker, cpus / (2 * embed_workers))  # leave half to decoding
-    cpu_for_embed = 0.0 if use_gpu else embed_workers * cpus_per_embedder
-    decode_workers = config.decode_workers or max(1, cpus)
-    cpus_per_decoder = min(1.0, max(0.1, (cpus - cpu_for_embed) / decode_workers))
-    embed_dim: int | None = None
-
-    stager: tables.RunStager | None = None
-    status_counts: Counter[str] = Counter()
-    decode_seconds = embed_seconds = 0.0
-    clips = 0
-    crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
-
-    # One Dataset (one start of the actor pools) per chunk of the plan; a chunk holds up to chunk_size videos, so
-    # the driver never holds the whole listing. Blocks of at most _BLOCK_VIDEOS keep retries and memory small.
-    for chunk in _chunks(planner(listing), config.chunk_size):
-        ds: ray.data.Dataset = ray.data.from_items(
-            [
-                {
-                    "uri": o.uri,
-                    "etag": o.etag,
-                    "size_bytes": o.size_bytes,
-                    LISTING_STATUS: o.status,
-                    LISTING_ERROR: o.error_message,
-                }
-                for o in chunk
-            ],
-            override_num_blocks=min(len(chunk), max(decode_workers * 4, -(-len(chunk) // _BLOCK_VIDEOS))),
-        )
-        # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
-        # max_task_retries=-1); a batch is written only once, by the driver, so retries cannot duplicate rows.
-        ds = ds.map_batches(
-            ReadDecode,
-            fn_constructor_kwargs=dict(
-                num_frames=num_frames,
-                size=image_size,
-                segment_seconds=config.segment_seconds,
-                timeout_seconds=config.decode_timeout_seconds,
-                s3_endpoint_url=config.s3_endpoint_url,
-                whole_object_max_bytes=config.whole_object_max_bytes,
-            ),
-            batch_size=config.decode_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=decode_workers),
-            num_cpus=cpus_per_decoder,
-        )
-        ds = ds.map_batches(
-            TimedEmbed,
-            fn_constructor_kwargs=dict(
-                model=config.model,
-                checkpoint=config.checkpoint,
-                label_names=label_names,
-                top_k=config.top_k,
-                batch_size=config.embed_batch_size,
-                device=None if use_gpu else "cpu",
-            ),
-            batch_size=config.embed_batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
-            num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
-            num_cpus=0 if use_gpu else cpus_per_embedder,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if stager is None:
-                embed_dim = int(batch["embedding"].shape[1])
-                stager = tables.RunStager(
-                    store,
-                    run_id,
-                    {name: schema_for(name, embed_dim) for name in tables.TABLES},
-                    rows_per_part=config.rows_per_part,
-                    flush_seconds=config.flush_seconds,
-                )
-            assert embed_dim is not None
-            videos, segments = result_tables(
-                batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
-            )
-            status_counts.update(videos.column("status").to_pylist())
-            decode_seconds += float(np.sum(batch["decode_seconds"]))
-            embed_seconds += float(np.sum(batch["embed_seconds"]))
-            clips += len(batch["uri"])
-            if stager.add(videos, segments):  # the staged videos survive a crash from here on
-                _crash_hook(stager, crash_after)
-        if stager is not None and stager.flush():
-            _crash_hook(stager, crash_after)
-        log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
-
-    record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])
-    index_info = (
-        build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
-        if config.build_index and status_counts.get(STATUS_OK, 0) + planner.counts["already_indexed"] > 0
-        else None
-    )
-    elapsed = time.time() - started
-    processed = sum(status_counts.values())
-    summary = {
+    start_record = {
         "run_id": run_id,
-        "state": "committed",
+        "state": "running",
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "output": redact_url(store.url_for("")),
         "model_id": model_id,
-        "input_roots": roots_of_inputs([*folder_inputs, *sorted(planner.other_local_dirs)]),
-        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "elapsed_seconds": round(elapsed, 3),
-        "counts": {**planner.counts, "processed": processed},
-        "status": dict(status_counts),
-        "clips_embedded": clips,
-        "throughput": {
-            "end_to_end_videos_per_second": round(processed / elapsed, 3) if elapsed else None,
-            "decode_videos_per_worker_second": round(processed / decode_seconds, 3) if decode_seconds else None,
-            "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
-            "decode_workers": decode_workers,
-            "embed_workers_max": embed_workers,
-            "embed_device": "gpu" if use_gpu else "cpu",
-        },
-        "commit": {
-            "seq": record["seq"],
-            "files": {t: len(v) for t, v in record["files"].items()},
-            "consumed_staging": record["consumed_staging"],
-        },
-        "index": index_info,
-        "config": safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
-        "versions": _versions(),
+        "input_roots": roots_of_inputs(folder_inputs),
+        "config": safe_config,
     }
-    store.put_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
-    return summary
+    store.put_bytes(f"runs/{run_id}.json", json.dumps(start_record, indent=1).encode())
+    try:
+        deleted = tables.cleanup(store)
+        reusable = tables.staged_runs(store)
+        planner = _Planner(
+            tables.committed_keys(store, model_id),
+            tables.staged_keys(store, reusable, model_id),
+            folder_inputs=folder_inputs,
+        )
+        log.info(
+            "cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable)
+        )
+
+        filters: dict[str, Any] = dict(
+            extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
+        )
+        # The first page is fetched here, before Ray starts: a wrong bucket, refused credentials or an empty prefix
+        # fail fast with a clear message.
+        listing = require_any(
+            list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
+            where=describe_listing(config.inputs, **filters),
+        )
+
+        cpus, gpus = _init_ray(config)
+        # "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an autoscaling
+        # cluster adds GPU nodes for the embed pool as it grows.
+        use_gpu = config.embed_device == "gpu" or (
+            config.embed_device == "auto" and gpus > 0 and config.gpus_per_embed_worker > 0
+        )
+        if use_gpu and config.embed_device == "auto":
+            embed_workers = max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker)))
+        else:
+            embed_workers = config.embed_workers
+        # One decoder per core. Without GPUs the embed actors share the cores: the decoders' CPU request shrinks so that
+        # decoders and embedders fit the cluster together, and the OS shares the cores by demand.
+        cpus_per_embedder = min(config.cpus_per_embed_worker, cpus / (2 * embed_workers))  # leave half to decoding
+        cpu_for_embed = 0.0 if use_gpu else embed_workers * cpus_per_embedder
+        decode_workers = config.decode_workers or max(1, cpus)
+        cpus_per_decoder = min(1.0, max(0.1, (cpus - cpu_for_embed) / decode_workers))
+        # What must run at once (the decode pool and the embed pool's first actor) has to fit, or Ray Data waits for
+        # ever. GPUs are checked on an embedded Ray only: an attached cluster may add GPU nodes as it scales.
+        embedded = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+        gpus_needed = config.gpus_per_embed_worker if use_gpu and embedded else 0.0
+        require_fit(
+            "the run",
+            [
+                Demand("decode actor", decode_workers, cpus_per_decoder),
+                Demand("embed actor", 1, 0.0 if use_gpu else cpus_per_embedder, gpus_needed),
+            ],
+            read_cluster(),
+            hint="lower --decode-workers, use --embed-device cpu or auto, or give the run a bigger cluster",
+        )
+        embed_dim: int | None = None
+
+        stager: tables.RunStager | None = None
+        status_counts: Counter[str] = Counter()
+        decode_seconds = embed_seconds = 0.0
+        clips = 0
+        crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
+
+        # One Dataset (one start of the actor pools) per chunk of the plan; a chunk holds up to chunk_size videos, so
+        # the driver never holds the whole listing. Blocks of at most _BLOCK_VIDEOS keep retries and memory small.
+        for chunk in _chunks(planner(listing), config.chunk_size):
+            ds: ray.data.Dataset = ray.data.from_items(
+                [
+                    {
+                        "uri": o.uri,
+                        "etag": o.etag,
+                        "size_bytes": o.size_bytes,
+                        LISTING_STATUS: o.status,
+                        LISTING_ERROR: o.error_message,
+                    }
+                    for o in chunk
+                ],
+                override_num_blocks=min(len(chunk), max(decode_workers * 4, -(-len(chunk) // _BLOCK_VIDEOS))),
+            )
+            # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
+            # max_task_retries=-1); a batch is written only once, by the driver, so retries cannot duplicate rows.
+            ds = ds.map_batches(
+                ReadDecode,
+                fn_constructor_kwargs=dict(
+                    num_frames=num_frames,
+                    size=image_size,
+                    segment_seconds=config.segment_seconds,
+                    timeout_seconds=config.decode_timeout_seconds,
+                    s3_endpoint_url=config.s3_endpoint_url,
+                    whole_object_max_bytes=config.whole_object_max_bytes,
+                ),
+                batch_size=config.decode_batch_size,
+                compute=ray.data.ActorPoolStrategy(size=decode_workers),
+                num_cpus=cpus_per_decoder,
+            )
+            ds = ds.map_batches(
+                TimedEmbed,
+                fn_constructor_kwargs=dict(
+                    model=config.model,
+                    checkpoint=config.checkpoint,
+                    label_names=label_names,
+                    top_k=config.top_k,
+                    batch_size=config.embed_batch_size,
+                    device=None if use_gpu else "cpu",
+                ),
+                batch_size=config.embed_batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
+                num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
+                num_cpus=0 if use_gpu else cpus_per_embedder,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if stager is None:
+                    embed_dim = int(batch["embedding"].shape[1])
+                    stager = tables.RunStager(
+                        store,
+                        run_id,
+                        {name: schema_for(name, embed_dim) for name in tables.TABLES},
+                        rows_per_part=config.rows_per_part,
+                        flush_seconds=config.flush_seconds,
+                    )
+                assert embed_dim is not None
+                videos, segments = result_tables(
+                    batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
+                )
+                status_counts.update(videos.column("status").to_pylist())
+                decode_seconds += float(np.sum(batch["decode_seconds"]))
+                embed_seconds += float(np.sum(batch["embed_seconds"]))
+                clips += len(batch["uri"])
+                if stager.add(videos, segments):  # the staged videos survive a crash from here on
+                    _crash_hook(stager, crash_after)
+            if stager is not None and stager.flush():
+                _crash_hook(stager, crash_after)
+            log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
+
+        record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])
+        index_info = (
+            build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
+            if config.build_index and status_counts.get(STATUS_OK, 0) + planner.counts["already_indexed"] > 0
+            else None
+        )
+        elapsed = time.time() - started
+        processed = sum(status_counts.values())
+        summary = {
+            "run_id": run_id,
+            "state": "committed",
+            "output": redact_url(store.url_for("")),
+            "model_id": model_id,
+            "input_roots": roots_of_inputs([*folder_inputs, *sorted(planner.other_local_dirs)]),
+            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "elapsed_seconds": round(elapsed, 3),
+            "counts": {**planner.counts, "processed": processed},
+            "status": dict(status_counts),
+            "clips_embedded": clips,
+            "throughput": {
+                "end_to_end_videos_per_second": round(processed / elapsed, 3) if elapsed else None,
+                "decode_videos_per_worker_second": round(processed / decode_seconds, 3) if decode_seconds else None,
+                "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
+                "decode_workers": decode_workers,
+                "embed_workers_max": embed_workers,
+                "embed_device": "gpu" if use_gpu else "cpu",
+            },
+            "commit": {
+                "seq": record["seq"],
+                "files": {t: len(v) for t, v in record["files"].items()},
+                "consumed_staging": record["consumed_staging"],
+            },
+            "index": index_info,
+            "config": safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
+            "versions": _versions(),
+        }
+        store.put_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
+        return summary
+    except ValueError as exc:  # refused or failed on bad input: the record says so instead of "running" for ever
+        failed = dict(start_record, state="failed", error=redact_text(str(exc)))
+        store.put_bytes(f"runs/{run_id}.json", json.dumps(failed, indent=1).encode())
+        raise

@@ -289,3 +289,23 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     assert "holds 32-dim embeddings" in err and "vitaclip-demo" in err and "use another --output" in err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, nothing committed
     assert tables.committed_embed_dim(open_store(str(out))) == 32
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--embed-device", "gpu"], "1 GPU"),  # a local Ray without GPUs would wait for ever
+        (["--decode-workers", "40"], "40 decode actors"),  # 40 x 0.1 CPU on 2 CPUs
+    ],
+)
+def test_a_run_that_cannot_fit_is_refused_at_once(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
+    make_videos(tmp_path / "in", 1, broken=False)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        assert main(job_args([str(tmp_path / "in")], tmp_path / "out", *extra)) == 2
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert "the run needs" in err and "but the Ray cluster has 2 CPUs and 0 GPUs" in err and expected in err
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
+    assert record["state"] == "failed" and "the run needs" in record["error"]  # not "running" for ever
