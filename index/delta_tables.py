@@ -34,6 +34,8 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
+from index.schema import schema_for
+
 SCHEMA_VERSION = 2
 """Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
 
@@ -202,26 +204,16 @@ def _check_table_name(table: str) -> None:
 # ----------------------------------------------------------------------------------------------------- schemas
 
 
-def _result_fields() -> list[pa.Field]:
-    """The columns every embedded row ends with (videos and segments alike)."""
-    return [
-        # Delta has no fixed-size list: the size is the table property vitaclip.embed_dim, checked on write.
-        pa.field("embedding", pa.list_(pa.float32())),
-        pa.field("labels", pa.list_(pa.string())),
-        pa.field("label_scores", pa.list_(pa.float32())),
-        pa.field("thumbnail_jpeg", pa.binary()),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        # Delta timestamps are microseconds in UTC; values are truncated to milliseconds (see write_data_file).
-        pa.field("indexed_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
+# Delta has no fixed-size list (the embedding size is the table property vitaclip.embed_dim, checked on write), and
+# its timestamps are microseconds in UTC (values are truncated to milliseconds, see write_data_file).
+_DELTA_TYPES = {"embedding": pa.list_(pa.float32()), "indexed_at": pa.timestamp("us", tz="UTC")}
 
 
 def table_schema(table: str, embed_dim: int) -> pa.Schema:
     """The arrow schema of a table at schema version 2 (`SCHEMA_VERSION`).
 
-    Same columns in the same order as version 1 (`index.schema`), except that ``embedding`` is a variable-size
-    list (its size is the ``vitaclip.embed_dim`` table property) and ``indexed_at`` is in microseconds.
+    The columns of version 1 (`index.schema`), in the same order, except that ``embedding`` is a variable-size list
+    (its size is the ``vitaclip.embed_dim`` table property) and ``indexed_at`` is in microseconds.
 
     Raises:
         ValueError: An unknown table or an embedding size below 1.
@@ -229,31 +221,10 @@ def table_schema(table: str, embed_dim: int) -> pa.Schema:
     _check_table_name(table)
     if embed_dim < 1:
         raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
-    if table == "videos":
-        fields = [
-            pa.field("video_id", pa.string(), nullable=False),
-            pa.field("row_id", pa.int64(), nullable=False),
-            pa.field("uri", pa.string(), nullable=False),
-            pa.field("etag", pa.string()),
-            pa.field("size_bytes", pa.int64()),
-            pa.field("duration_seconds", pa.float64()),
-            pa.field("fps", pa.float64()),
-            pa.field("width", pa.int32()),
-            pa.field("height", pa.int32()),
-            pa.field("codec", pa.string()),
-            pa.field("status", pa.string(), nullable=False),
-            pa.field("error_message", pa.string()),
-        ]
-    else:
-        fields = [
-            pa.field("video_id", pa.string(), nullable=False),
-            pa.field("row_id", pa.int64(), nullable=False),
-            pa.field("uri", pa.string(), nullable=False),
-            pa.field("segment_index", pa.int32(), nullable=False),
-            pa.field("start_seconds", pa.float64(), nullable=False),
-            pa.field("end_seconds", pa.float64(), nullable=False),
-        ]
-    return pa.schema([*fields, *_result_fields()])
+    version_1 = schema_for(table, embed_dim)
+    return pa.schema(
+        [f.with_type(_DELTA_TYPES[f.name]) if f.name in _DELTA_TYPES else f for f in version_1.remove_metadata()]
+    )
 
 
 def _table_properties(table: str, embed_dim: int) -> dict[str, str | None]:
