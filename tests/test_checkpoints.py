@@ -197,8 +197,8 @@ def test_unknown_layout_and_missing_file(tmp_path: Path) -> None:
 # torch.jit.load runs code from the archive (a scripted module's __setstate__); vitaclip reads archives as data only.
 
 
-class TupleStateWriter(torch.nn.Module):
-    """Pickles a tuple that its own ``__setstate__`` restores; restoring it overwrites ``target``."""
+class _Writer(torch.nn.Module):
+    """A module with one weight and a ``target`` file that its subclasses' ``__setstate__`` overwrites."""
 
     def __init__(self, target: str) -> None:
         super().__init__()
@@ -208,6 +208,10 @@ class TupleStateWriter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weight
+
+
+class TupleStateWriter(_Writer):
+    """Pickles a tuple that its own ``__setstate__`` restores; restoring it overwrites ``target``."""
 
     @torch.jit.export
     def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
@@ -220,19 +224,10 @@ class TupleStateWriter(torch.nn.Module):
         self.written = int(torch.from_file(self.target, shared=True, size=8, dtype=torch.uint8).fill_(88).sum())
 
 
-class DictStateWriter(torch.nn.Module):
+class DictStateWriter(_Writer):
     """Pickles its weights as a plain dict, so they can be read, but its ``__setstate__`` overwrites ``target``."""
 
     __constants__ = ["target"]  # compiled into the archive's code
-
-    def __init__(self, target: str) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(4))
-        self.target = target
-        self.written = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
 
     @torch.jit.export
     def __getstate__(self) -> dict[str, torch.Tensor]:

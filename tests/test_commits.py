@@ -405,20 +405,25 @@ def test_segments_landed_then_videos_conflict_does_not_add_segments_twice(local:
     assert len(added_by_rb) == len(set(added_by_rb))
 
 
+def _two_runs_reindexing(local: OutputLocation, etags: dict[int, str]) -> tuple[Committer, Committer]:
+    """Commits ``etags`` as run r1, then plans them changed for runs ra (all ok) and rb (video 0 timed out)."""
+    run(local, etags, "r1")
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing({k: f"{e}-new" for k, e in etags.items()}))
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    a.add(write_batch(local, planned, "ra"))
+    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+    return a, b
+
+
 def test_a_segments_commit_leaves_the_segments_of_videos_it_has_none_for(local: OutputLocation) -> None:
     """A: segments(X, Y ok) | B: segments(X timeout, Y ok) | A: videos | B: videos conflict, drops X and Y.
 
     B's segments commit replaces A's Y segments by its own but leaves A's X segments: it adds none for X. (Under the
     old rule it removed them too, and B had to put them back after dropping X; that restore path is gone.)
     """
-    run(local, {0: "e0", 1: "e1"}, "r1")
-    listed = {0: "e0-new", 1: "e1-new"}
-    versions = latest_versions(local)
-    planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
-    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
-    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
-    a.add(write_batch(local, planned, "ra"))
-    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+    a, b = _two_runs_reindexing(local, {0: "e0", 1: "e1"})
     paused = {"b": True}
 
     def pause_b() -> None:
@@ -506,14 +511,7 @@ def test_clean_up_leaves_the_segments_another_run_committed_since(local: OutputL
     B's clean-up runs while X's row is still B's, but A's X segments are not stale: A's videos commit lands next
     without a conflict. The clean-up removes only rows of runs whose rows of X it replaced.
     """
-    run(local, {0: "e0"}, "r1")
-    listed = {0: "e0-new"}
-    versions = latest_versions(local)
-    planned = Planner(local, model_id=MODEL, versions=versions)(listing(listed))
-    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
-    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
-    a.add(write_batch(local, planned, "ra"))
-    b.add(write_batch(local, planned, "rb", statuses={vid(0): "timeout"}))
+    a, b = _two_runs_reindexing(local, {0: "e0"})
     clean_up = b._clean_up
     cleaned: list[int | None] = []
 
@@ -528,7 +526,7 @@ def test_clean_up_leaves_the_segments_another_run_committed_since(local: OutputL
     rows = assert_one_row_and_one_set_each(local, {0})
     assert rows[vid(0)]["run_id"] == "ra" and rows[vid(0)]["status"] == "ok"
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
-    assert len(planner(listing(listed))["uri"]) == 0
+    assert len(planner(listing({0: "e0-new"}))["uri"]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------- I/O
