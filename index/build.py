@@ -10,9 +10,9 @@ Files of one index named NAME (``videos`` or ``segments``) in the index folder::
 
     NAME.faiss        the FAISS index (ids are the tables' int64 row_id)
     NAME.ids.npy      row ids in insertion order
-    NAME.stamps.npy   indexed_at (ms) per id, to tell changed rows on incremental builds
     NAME.vectors.npy  full vectors in insertion order (kept for re-ranking and rebuilds)
-    index_info.json   kind, factory, parameters, counts, model id, measured recall and latency, source commit
+    index_info.json   kind, factory, parameters, counts, model id, measured recall and latency, the table
+                      versions it reflects (followed through the Delta log on updates) and why it was last rebuilt
 """
 
 from __future__ import annotations
@@ -25,17 +25,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
+from index.delta_tables import OutputLocation
+
 log = logging.getLogger("vitaclip.index")
 
 INFO_FILE = "index_info.json"
 INDEX_DIR = "index"
-INDEX_FORMAT_VERSION = 2
+INDEX_FORMAT_VERSION = 3  # 3: follows the Delta tables' logs (table_versions)
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 
 DEFAULT_FLAT_MAX = 100_000  # exact search of 100k x 512 stays within a few ms per query on 2 cores
@@ -47,20 +49,6 @@ RERANK_MIN = 100
 
 class IndexUnusableError(ValueError):
     """An index that cannot serve a request: missing, another model, an unknown format."""
-
-
-class WritableStore(Protocol):
-    def get_bytes(self, rel_path: str) -> bytes: ...
-
-    def list(self, rel_prefix: str) -> list[str]: ...
-
-    def put_bytes(self, rel_path: str, data: bytes) -> None: ...
-
-    def put_file(self, rel_path: str, source: Path) -> None: ...
-
-    def get_file(self, rel_path: str, target: Path) -> None: ...
-
-    def local_path(self, rel_path: str) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -294,7 +282,6 @@ def build_index(
     kind: str = "auto",
     model_id: str,
     name: str = "videos",
-    stamps: np.ndarray | None = None,
     tune_queries: np.ndarray | Callable[[], np.ndarray] | None = None,
     recall_target: float = DEFAULT_RECALL_TARGET,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
@@ -363,7 +350,7 @@ def build_index(
     }
     if auto_note:
         entry["auto_choice"] = auto_note
-    _save(out_dir, name, vindex, stamps if stamps is not None else np.zeros(len(ids), np.int64), entry, model_id)
+    _save(out_dir, name, vindex, entry, model_id)
     return entry
 
 
@@ -384,17 +371,19 @@ def _quantization_error(index: faiss.Index, vectors: np.ndarray, n: int = 5000) 
     return float(np.mean(1.0 - d[:, 0]))  # 1 - cosine to the nearest centroid
 
 
-def _save(
-    out_dir: str | Path, name: str, vindex: VectorIndex, stamps: np.ndarray, entry: dict[str, Any], model_id: str
-) -> None:
+def _save(out_dir: str | Path, name: str, vindex: VectorIndex, entry: dict[str, Any], model_id: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     faiss.write_index(vindex.index, str(out / f"{name}.faiss"))
     np.save(out / f"{name}.ids.npy", vindex.ids)
-    np.save(out / f"{name}.stamps.npy", np.asarray(stamps, dtype=np.int64))
     if vindex.plan.rerank and vindex.vectors is not None:
         np.save(out / f"{name}.vectors.npy", np.asarray(vindex.vectors, dtype=np.float32))
-    info_path = out / INFO_FILE
+    (out / f"{name}.stamps.npy").unlink(missing_ok=True)  # written by format version 2
+    _set_entry(out, name, entry, model_id)
+
+
+def _set_entry(folder: Path, name: str, entry: dict[str, Any], model_id: str) -> None:
+    info_path = folder / INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if info.get("model_id") not in (None, model_id):
         info = {}  # another model's index is replaced whole
@@ -455,88 +444,158 @@ def open_index(
 # ------------------------------------------------------------------------------------------- from job outputs
 
 
-def _rows(store: Any, table: str, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    import pyarrow.compute as pc
-
-    from index.tables import read_table
-
-    columns = ["row_id", "embedding", "model_id", "indexed_at"] + (["status"] if table == "videos" else [])
-    rows = read_table(store, table, columns)
-    if rows is None:
-        return None
-    mask = pc.equal(rows.column("model_id"), model_id)
-    if table == "videos":
-        mask = pc.and_(mask, pc.equal(rows.column("status"), "ok"))
-    rows = rows.filter(mask)
-    if rows.num_rows == 0:
-        return None
-    # One vector per row id: an output written before duplicate listings were planned once may hold a video twice;
-    # its newest row wins instead of the build failing on "ids must be unique".
-    order = pc.sort_indices(rows, sort_keys=[("row_id", "ascending"), ("indexed_at", "descending")])
-    rows = rows.take(order)
-    ids_sorted = rows.column("row_id").to_numpy()
-    if len(ids_sorted) > 1:
-        first = np.concatenate([[True], ids_sorted[1:] != ids_sorted[:-1]])
-        rows = rows.filter(pa.array(first))
-    emb = rows.column("embedding").combine_chunks()
-    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32)
-    stamps = rows.column("indexed_at").cast("int64").to_numpy()
-    return vectors, rows.column("row_id").to_numpy().astype(np.int64), stamps
+_ROW_COLUMNS = {
+    "videos": ["row_id", "embedding", "status", "model_id"],
+    "segments": ["row_id", "embedding", "model_id"],
+}
 
 
-def _try_incremental(
-    folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, stamps: np.ndarray, model_id: str
-) -> dict[str, Any] | None:
-    """Adds new rows to an existing index and removes replaced ones, without retraining, when that stays sound.
+class _FullBuild(Exception):
+    """The index cannot follow the log from its recorded version; the message says why (recorded as the reason)."""
 
-    Returns the updated entry, or None when a rebuild is needed (no index, another model, a kind that cannot remove
-    ids, the collection grew past twice the training set, or new vectors fit the clusters clearly worse).
+
+def _ok_rows(
+    location: OutputLocation, table: str, model_id: str, *, version: int, files: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, row ids) of a table's rows with an embedding of one model: all at `version`, or of `files` only.
+
+    Reads four columns, never thumbnails. A row id seen twice (not possible through the job's commits) keeps its
+    last row rather than failing every later build.
     """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from index.delta_tables import open_table, table_schema
+
+    columns = _ROW_COLUMNS[table]
+    condition = (pc.field("model_id") == model_id) & pc.field("embedding").is_valid()
+    if table == "videos":
+        condition = condition & (pc.field("status") == "ok")
+    if files is None:
+        dt = open_table(location, table, version=version)
+        if dt is None:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        dataset = dt.to_pyarrow_dataset()
+    else:
+        if not files:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        filesystem, root = location.table_path(table)
+        schema = pa.schema([f for f in table_schema(table, 1) if f.name in columns])
+        dataset = pads.dataset([f"{root}/{f}" for f in files], schema=schema, format="parquet", filesystem=filesystem)
+    rows = dataset.to_table(columns=["row_id", "embedding"], filter=condition)
+    ids = rows.column("row_id").to_numpy().astype(np.int64)
+    emb = rows.column("embedding").combine_chunks()
+    if len(ids) == 0:
+        return np.zeros((0, 0), np.float32), ids
+    vectors = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
+    _, last = np.unique(ids[::-1], return_index=True)
+    if len(last) != len(ids):
+        keep = np.sort(len(ids) - 1 - last)
+        vectors, ids = vectors[keep], ids[keep]
+    return vectors, ids
+
+
+def _removed_ids(location: OutputLocation, table: str, files: list[str]) -> np.ndarray:
+    """Row ids in data files that commits removed (still on storage until vacuumed)."""
+    import pyarrow.dataset as pads
+
+    if not files:
+        return np.zeros(0, np.int64)
+    filesystem, root = location.table_path(table)
+    dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
     try:
-        old = open_index(folder, name=name, model_id=model_id)
-    except (IndexUnusableError, FileNotFoundError, RuntimeError):
-        return None
+        return dataset.to_table(columns=["row_id"]).column("row_id").to_numpy().astype(np.int64)
+    except (FileNotFoundError, OSError) as exc:
+        raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
+
+
+def _net_changes(location: OutputLocation, table: str, after: int, upto: int) -> tuple[list[str], list[str]]:
+    """Data files added and removed between two table versions, from the log's JSON commits only."""
+    from index.delta_tables import LogUnavailableError, log_changes
+
+    try:
+        commits = log_changes(location, table, after_version=after, upto_version=upto)
+    except LogUnavailableError as exc:
+        raise _FullBuild(str(exc)) from exc
+    added: dict[str, None] = {}
+    removed: dict[str, None] = {}
+    for entry in commits:
+        if entry.changes_metadata:
+            raise _FullBuild(f"commit {entry.version} of the {table} table changed its metadata")
+        for path in entry.removes:
+            if path in added:
+                del added[path]  # added and removed within the span: never indexed
+            else:
+                removed[path] = None
+        for add in entry.adds:
+            added[add.path] = None
+    return list(added), list(removed)
+
+
+def _follow_log(
+    folder: Path, name: str, location: OutputLocation, model_id: str, *, after: int, upto: int
+) -> dict[str, Any]:
+    """Brings index NAME from table version `after` to `upto` by the log: removes the ids of removed files' rows,
+    adds the rows of added files. Reads only those files.
+
+    Raises:
+        _FullBuild: the log or a removed file is gone, the table's metadata changed, the collection outgrew the
+            trained clusters, or the new vectors fit them clearly worse.
+    """
+    old = open_index(folder, name=name, model_id=model_id)
     entry = dict(old.info["indexes"][name])
     if entry["kind"] == "hnsw":
-        return None
-    old_stamps = np.load(folder / f"{name}.stamps.npy")
-    current = dict(zip(ids.tolist(), stamps.tolist(), strict=True))
-    indexed = dict(zip(old.ids.tolist(), old_stamps.tolist(), strict=True))
-    stale = [i for i, s in indexed.items() if current.get(i) != s]
-    fresh = np.asarray([i for i, s in current.items() if indexed.get(i) != s], dtype=np.int64)
-    if entry.get("trained_count") and len(ids) > 2 * entry["trained_count"]:
-        return None
-    index = faiss.read_index(str(folder / f"{name}.faiss"))  # writable copy
-    pos = {int(v): p for p, v in enumerate(ids.tolist())}
-    new_vectors = vectors[[pos[int(i)] for i in fresh]] if len(fresh) else np.zeros((0, vectors.shape[1]), np.float32)
-    if entry.get("train_quantization_error") and len(new_vectors):
+        raise _FullBuild("an HNSW index cannot remove ids")
+    added_files, removed_files = _net_changes(location, name, after, upto)
+    new_vectors, new_ids = _ok_rows(location, name, model_id, version=upto, files=added_files)
+    gone = np.union1d(_removed_ids(location, name, removed_files), new_ids)
+    index = faiss.read_index(str(folder / f"{name}.faiss"))  # a writable copy
+    kept = ~np.isin(old.ids, gone)
+    count = int(kept.sum()) + len(new_ids)
+    if entry.get("trained_count") and count > 2 * entry["trained_count"]:
+        raise _FullBuild(f"{count} vectors outgrew the {entry['trained_count']} the clusters were trained on")
+    if entry.get("train_quantization_error") and len(new_ids):
         err = _quantization_error(index, new_vectors)
         if err > 1.5 * entry["train_quantization_error"] + 1e-3:
-            return None
-    if stale:
-        index.remove_ids(np.asarray(stale, dtype=np.int64))  # type: ignore[arg-type]  # numpy ids are accepted
-    if len(fresh):
-        index.add_with_ids(np.ascontiguousarray(new_vectors), fresh)
-    stale_set = set(stale)
-    keep = np.asarray([i for i in old.ids.tolist() if i not in stale_set], dtype=np.int64)
-    all_ids = np.concatenate([keep, fresh])
+            raise _FullBuild(
+                f"new vectors fit the trained clusters worse ({err:.4f} vs {entry['train_quantization_error']:.4f})"
+            )
+    if len(gone):
+        index.remove_ids(gone)  # type: ignore[arg-type]  # numpy ids are accepted; absent ids are ignored
+    if len(new_ids):
+        index.add_with_ids(np.ascontiguousarray(new_vectors), new_ids)
+    ids = np.concatenate([old.ids[kept], new_ids]).astype(np.int64)
     plan = IndexPlan(
         entry["kind"],
         entry["factory"],
         nlist=_ivf(index).nlist if _ivf(index) is not None else 0,
         rerank=bool(entry.get("rerank")),
     )
-    full = vectors[[pos[int(i)] for i in all_ids]]
-    vindex = VectorIndex(index, all_ids, full if plan.rerank else None, plan)
+    vectors = None
+    if plan.rerank:
+        if old.vectors is None:
+            raise _FullBuild("the re-ranking vectors of the index are missing")
+        vectors = np.concatenate([np.asarray(old.vectors)[kept], new_vectors.reshape(len(new_ids), -1)])
+    vindex = VectorIndex(index, ids, vectors, plan)
     if entry.get("search_params"):
         vindex.set_params(**entry["search_params"])
-    entry.update(count=vindex.count, incremental={"added": int(len(fresh)), "removed": len(stale)})
-    _save(folder, name, vindex, np.asarray([current[int(i)] for i in all_ids], dtype=np.int64), entry, model_id)
+    was_indexed = np.isin(new_ids, old.ids)
+    entry.update(
+        count=vindex.count,
+        incremental={
+            "added": int((~was_indexed).sum()),  # ids new to the index
+            "updated": int(was_indexed.sum()),  # ids whose rows were committed again (new versions, rewritten files)
+            "removed": int((~kept).sum() - was_indexed.sum()),
+            "files_read": len(added_files) + len(removed_files),
+        },
+    )
+    entry.pop("rebuild_reason", None)
+    _save(folder, name, vindex, entry, model_id)
     return entry
 
 
 def build_from_output(
-    store: WritableStore,
+    output: Any,
     *,
     model_id: str,
     kind: str = "auto",
@@ -544,27 +603,57 @@ def build_from_output(
     recall_target: float = DEFAULT_RECALL_TARGET,
     rebuild: bool = False,
 ) -> dict[str, Any]:
-    """Builds or extends ``OUT/index/`` from the committed ok rows of ``model_id``; returns ``index_info``."""
-    from index.tables import TABLES, latest_commit
+    """Builds or updates ``OUT/index/`` from the committed ok rows of ``model_id``; returns ``index_info``.
 
-    state = latest_commit(store)
-    local = store.local_path(INDEX_DIR)
+    An existing index of the model follows the tables' logs from the versions recorded in ``index_info.json``
+    (``table_versions``): only data files added or removed since are read. A full build, reading the embedding
+    columns of the whole table, happens when asked (`rebuild`, another `kind`), when there is no index, or when
+    the log cannot be followed; each index entry's ``rebuild_reason`` then says why.
+
+    Args:
+        output: The job's store (anything with ``location``, ``list``, ``get_file``, ``put_file``, ``local_path``).
+    """
+    from index.delta_tables import TABLES
+    from index.tables import as_location, table_versions
+
+    location = as_location(output)
+    versions = table_versions(location)
+    if versions is None:
+        raise ValueError(f"{location.url} has no output tables: run the indexing job first")
+    local = output.local_path(INDEX_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         folder = local if local is not None else Path(tmp)
-        if local is None:  # S3: start from the current index files
-            for rel in store.list(INDEX_DIR + "/"):
-                store.get_file(rel, Path(tmp) / Path(rel).name)  # streamed: index files can be many GiB
+        if local is None:  # object store: start from the current index files
+            for rel in output.list(INDEX_DIR + "/"):
+                output.get_file(rel, Path(tmp) / Path(rel).name)  # streamed: index files can be many GiB
         folder.mkdir(parents=True, exist_ok=True)
+        info_path = folder / INFO_FILE
+        try:
+            previous = read_info(folder)
+        except IndexUnusableError as exc:
+            previous, why_full = {}, str(exc)
+        else:
+            why_full = ""
+            if previous.get("model_id") != model_id:
+                why_full = f"the index was built with {previous.get('model_id')}"
         built = []
         for table in TABLES:
-            rows = _rows(store, table, model_id)
-            if rows is None:
-                continue
-            vectors, ids, stamps = rows
-            entry = (
-                None if rebuild or kind != "auto" else _try_incremental(folder, table, vectors, ids, stamps, model_id)
+            entry = None
+            reason = (
+                "asked for (--rebuild)" if rebuild else f"index kind {kind!r} asked for" if kind != "auto" else why_full
             )
+            after = previous.get("table_versions", {}).get(table)
+            if not reason and (after is None or table not in previous.get("indexes", {})):
+                reason = f"no {table} index yet"
+            if not reason:
+                try:
+                    entry = _follow_log(folder, table, location, model_id, after=int(after), upto=versions[table])
+                except (_FullBuild, IndexUnusableError, FileNotFoundError, RuntimeError) as exc:
+                    reason = str(exc)
             if entry is None:
+                vectors, ids = _ok_rows(location, table, model_id, version=versions[table])
+                if len(ids) == 0:
+                    continue
                 entry = build_index(
                     vectors,
                     ids,
@@ -572,24 +661,24 @@ def build_from_output(
                     kind=kind,
                     model_id=model_id,
                     name=table,
-                    stamps=stamps,
                     tune_queries=tune_queries,
                     recall_target=recall_target,
                 )
+                entry["rebuild_reason"] = reason
+                _set_entry(folder, table, entry, model_id)
             log.info("index %s: %s, %d vectors", table, entry["kind"], entry["count"])
             built.append(table)
-        info_path = folder / INFO_FILE
         info: dict[str, Any] = (
             json.loads(info_path.read_text())
             if info_path.is_file()
             else {"format_version": INDEX_FORMAT_VERSION, "model_id": model_id, "indexes": {}}
         )
         info["indexes"] = {k: v for k, v in info.get("indexes", {}).items() if k in built}
-        info.update(commit_seq=state.seq, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        info.update(table_versions=versions, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         info_path.write_text(json.dumps(info, indent=1))
         if local is None:
             for path in sorted(folder.iterdir()):
                 if path.name != INFO_FILE:
-                    store.put_file(f"{INDEX_DIR}/{path.name}", path)  # multipart past 64 MiB
-            store.put_file(f"{INDEX_DIR}/{INFO_FILE}", info_path)  # last: readers see whole indexes
+                    output.put_file(f"{INDEX_DIR}/{path.name}", path)  # multipart past 64 MiB
+            output.put_file(f"{INDEX_DIR}/{INFO_FILE}", info_path)  # last: readers see whole indexes
         return info

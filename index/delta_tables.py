@@ -49,6 +49,7 @@ MAX_STRING_STAT_CHARS = 256
 """Longer string minimums and maximums are left out of file statistics (a truncated maximum would be wrong)."""
 
 _DEFAULT_DELETED_FILE_RETENTION_HOURS = 7 * 24  # delta.deletedFileRetentionDuration when a table does not set it
+_S3_MAX_ATTEMPTS = 10
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet$")
 Scheme = Literal["file", "s3", "gs", "az", "abfss"]
 
@@ -159,8 +160,10 @@ class OutputLocation:
         parts = urllib.parse.urlsplit(self.url)
         base = f"{parts.netloc}{parts.path}".rstrip("/")
         if self.scheme == "s3":
+            # Throttling (503 SlowDown), 500s and dropped connections are retried with backoff, as boto3 does.
+            retry = pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS)
             if not self.s3_endpoint_url:
-                return pafs.S3FileSystem(region=_aws_region()), base
+                return pafs.S3FileSystem(region=_aws_region(), retry_strategy=retry), base
             endpoint = urllib.parse.urlsplit(self.s3_endpoint_url)
             return (
                 pafs.S3FileSystem(
@@ -168,6 +171,7 @@ class OutputLocation:
                     endpoint_override=endpoint.netloc,
                     scheme=endpoint.scheme,
                     force_virtual_addressing=False,
+                    retry_strategy=retry,
                 ),
                 base,
             )
@@ -720,6 +724,12 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
         [*(scanned.column(name) for name in KEY_COLUMNS), files],
         schema=pa.schema([*(schema.field(name) for name in KEY_COLUMNS), pa.field("file", pa.string(), False)]),
     )
+
+
+def data_file_paths(dt: DeltaTable) -> list[str]:
+    """Paths, relative to the table root, of the data files of an opened table version (from its add actions)."""
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return sorted(urllib.parse.unquote(p) for p in actions.column("path").to_pylist())
 
 
 def _relative_file(uri: str, *table_uris: str) -> str:

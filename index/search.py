@@ -1,7 +1,7 @@
 """Text-to-video search over a built index: text encoding, FAISS search, filters, one best result per video.
 
-Works on a local output folder (``OUT`` with ``index/``, ``videos/``, ``segments/`` and ``_commits/``); the CLI
-copies an S3 output to a local cache first.
+Works on a local output folder (``OUT`` with ``index/`` and the Delta tables ``videos/`` and ``segments/``); the CLI
+copies an S3 output to a local cache first. A segment is found only while its video's current row is ok.
 """
 
 from __future__ import annotations
@@ -15,36 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.build import INDEX_DIR, IndexUnusableError, VectorIndex, open_index, read_info
+from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
-from index.tables import latest_commit, live_files, read_table
+from index.tables import data_files, read_table, table_versions
 
 MAX_QUERY_CHARS = 500
 MAX_K = 100
-
-
-class _FolderStore:
-    """The read side of a local output folder (``get_bytes``/``list``), without the job's storage layer."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def get_bytes(self, rel_path: str) -> bytes:
-        return (self.root / rel_path).read_bytes()
-
-    def list(self, rel_prefix: str) -> list[str]:
-        base = self.root / rel_prefix
-        folder = base if rel_prefix.endswith("/") else base.parent
-        if not folder.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in folder.rglob("*")
-            if p.is_file() and p.relative_to(self.root).as_posix().startswith(rel_prefix)
-        )
 
 
 @dataclass(frozen=True)
@@ -102,8 +81,8 @@ class SearchEngine:
         folder = self.root / INDEX_DIR
         self.info = read_info(folder)
         self.model_id = str(self.info["model_id"])
-        self.store = _FolderStore(self.root)
-        self.commit_seq = latest_commit(self.store).seq
+        self.location = OutputLocation.from_url(str(self.root))
+        self.table_versions = table_versions(self.location)
         self.indexes: dict[str, VectorIndex] = {
             name: open_index(folder, name=name, model_id=self.model_id) for name in self.info["indexes"]
         }
@@ -150,10 +129,9 @@ class SearchEngine:
             if name == "videos"
             else ["segment_index", "start_seconds", "end_seconds"]
         )
-        table = read_table(self.store, name, cols)
+        table = read_table(self.location, name, cols, model_id=self.model_id)
         if table is None:
             return {"row": {}}
-        table = table.filter(pc.equal(table.column("model_id"), self.model_id))
         rows = table.to_pylist()
         meta: dict[str, Any] = {"row": {r["row_id"]: r for r in rows}}
         if name == "videos":
@@ -253,6 +231,8 @@ class SearchEngine:
                 if row_id < 0 or row is None:
                     continue
                 video_row = videos.get(row["video_id"], {})
+                if name == "segments" and video_row.get("status") != "ok":
+                    continue  # stale segments of a video whose re-indexing failed
                 duration = video_row.get("duration_seconds", row.get("duration_seconds"))
                 if label is not None and label not in (row["labels"] or []):
                     continue
@@ -289,7 +269,8 @@ class SearchEngine:
                 if row_id in cache:
                     return cache[row_id]
             for table in ("videos", "segments"):
-                for rel in live_files(self.store, table):
+                for name in data_files(self.location, table):
+                    rel = f"{table}/{name}"
                     if rel in self._thumb_cache:
                         continue
                     t = pq.read_table(self.root / rel, columns=["row_id", "thumbnail_jpeg"])
@@ -310,7 +291,7 @@ class SearchEngine:
     def stats(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
-            "commit_seq": self.commit_seq,
+            "table_versions": self.table_versions,
             "indexes": {n: {"count": i.count, "kind": i.plan.kind} for n, i in self.indexes.items()},
         }
 

@@ -1,74 +1,104 @@
-"""Reading committed tables: the latest commit record names the live Parquet parts of each table.
+"""Reading the committed output tables (``OUT/videos``, ``OUT/segments``: Delta Lake) for vitaclip's own readers.
 
-The job (``jobs.tables``) writes and commits; this module only reads, through any store with ``get_bytes(rel)`` and
-``list(prefix)`` (a local folder or S3, see ``jobs.storage``).
+The job writes through `index.delta_tables` and `index.commits`; this module reads, at the latest version or a
+given one, only the columns asked for. Analysts need none of it: any Delta reader (DuckDB ``delta_scan``, polars
+``read_delta``, ``deltalake``, Spark) reads the same tables.
+
+Every function takes an output as an `OutputLocation`, a URL or path, or anything with a ``location`` attribute
+(the job's stores).
 """
 
 from __future__ import annotations
 
-import io
-import json
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from index.schema import check_schema
+from index.delta_tables import (
+    TABLES,
+    OutputLocation,
+    check_table,
+    data_file_paths,
+    detect_old_layout,
+    old_layout_message,
+    open_table,
+)
 
-TABLES = ("videos", "segments")
-COMMITS = "_commits"
-
-
-class ReadableStore(Protocol):
-    def get_bytes(self, rel_path: str) -> bytes: ...
-
-    def list(self, rel_prefix: str) -> list[str]: ...
-
-
-def table_to_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+__all__ = ["TABLES", "as_location", "data_files", "read_table", "table_versions"]
 
 
-def read_part(store: ReadableStore, rel: str, table: str, columns: Sequence[str] | None = None) -> pa.Table:
-    data = store.get_bytes(rel)
-    pf = pq.ParquetFile(io.BytesIO(data))
-    check_schema(pf.schema_arrow, table)
-    return pf.read(columns=list(columns) if columns else None)
+def as_location(output: Any) -> OutputLocation:
+    """An `OutputLocation` for an output given as one, as a URL or path, or as a store with a ``location``."""
+    if isinstance(output, OutputLocation):
+        return output
+    location = getattr(output, "location", None)
+    if isinstance(location, OutputLocation):
+        return location
+    if isinstance(output, (str, os.PathLike)):
+        return OutputLocation.from_url(os.fspath(output))
+    raise TypeError(f"not an output: {output!r}")
 
 
-@dataclass
-class CommitState:
-    """The latest commit record (seq 0 and no files when the output is new)."""
-
-    seq: int = 0
-    files: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
-    consumed_staging: list[str] = field(default_factory=list)
-
-
-def latest_commit(store: ReadableStore) -> CommitState:
-    records = [p for p in store.list(COMMITS + "/") if p.endswith(".json")]
-    if not records:
-        return CommitState()
-    rec = json.loads(store.get_bytes(max(records)))
-    return CommitState(
-        seq=int(rec["seq"]),
-        files={t: list(rec["files"].get(t, [])) for t in TABLES},
-        consumed_staging=list(rec.get("consumed_staging", [])),
-    )
-
-
-def live_files(store: ReadableStore, table: str) -> list[str]:
-    """Parts of ``table`` in the latest commit: what readers read."""
+def _open_checked(location: OutputLocation, table: str, version: int | None) -> Any:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; tables: {TABLES}")
-    return latest_commit(store).files[table]
+    dt = open_table(location, table, version=version)
+    if dt is None:
+        if detect_old_layout(location):
+            raise ValueError(old_layout_message(location))
+        return None
+    check_table(dt, table)
+    return dt
 
 
-def read_table(store: ReadableStore, table: str, columns: Sequence[str] | None = None) -> pa.Table | None:
-    """All committed rows of a table (None when nothing is committed)."""
-    parts = [read_part(store, rel, table, columns) for rel in live_files(store, table)]
-    return pa.concat_tables(parts) if parts else None
+def table_versions(output: Any) -> dict[str, int] | None:
+    """The latest version of each table, or None when the output has no tables yet."""
+    location = as_location(output)
+    versions = {}
+    for table in TABLES:
+        dt = _open_checked(location, table, None)
+        if dt is None:
+            return None
+        versions[table] = dt.version()
+    return versions
+
+
+def read_table(
+    output: Any,
+    table: str,
+    columns: Sequence[str] | None = None,
+    *,
+    model_id: str | None = None,
+    version: int | None = None,
+) -> pa.Table | None:
+    """The committed rows of a table (of one model when `model_id` is given); None when there is no table yet.
+
+    Reads only `columns` (plus ``model_id`` for the filter), from the files whose statistics allow `model_id`.
+
+    Raises:
+        ValueError: An output in the previous layout (with the migrate command to run) or an unknown table.
+        TableMismatchError: A table of another schema version.
+    """
+    location = as_location(output)
+    dt = _open_checked(location, table, version)
+    if dt is None:
+        return None
+    wanted = list(columns) if columns else None
+    read_columns = wanted if wanted is None or model_id is None or "model_id" in wanted else [*wanted, "model_id"]
+    row_filter = (pc.field("model_id") == model_id) if model_id is not None else None
+    data = dt.to_pyarrow_dataset().to_table(columns=read_columns, filter=row_filter)
+    if wanted is not None and read_columns != wanted:
+        data = data.select(wanted)
+    return data
+
+
+def data_files(output: Any, table: str, *, version: int | None = None) -> list[str]:
+    """Paths, relative to the table's root, of the data files of a table's version (empty when there is no table)."""
+    location = as_location(output)
+    dt = _open_checked(location, table, version)
+    if dt is None:
+        return []
+    return data_file_paths(dt)

@@ -56,12 +56,12 @@ class IndexJobConfig:
             autoscaling cluster adds GPU nodes; up to ``embed_workers`` actors), or ``cpu``.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
-        chunk_size: videos planned and run per Ray Dataset. The actor pools (model loads) start once per chunk and
-            the listing of a chunk is planned before it runs; the driver holds one chunk's plan (about 200 bytes a
-            video).
-        rows_per_part: most rows per staged Parquet part file.
-        flush_seconds: staged parts are written at least this often while rows are pending (bounds the finished
-            work a killed driver loses).
+        rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
+        commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
+            most this much. Pending rows are written out at least every half of it.
+        vacuum_retention_hours: at the end of a run, data files that no table version younger than this references
+            are deleted (files replaced by re-indexing, files of killed runs). Keep it longer than any run lasts;
+            0 turns vacuuming off.
         decode_timeout_seconds: per-video decode time limit.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
@@ -89,9 +89,9 @@ class IndexJobConfig:
     embed_device: str = "auto"
     decode_batch_size: int = 4
     embed_batch_size: int = 32
-    chunk_size: int = 50_000
-    rows_per_part: int = 5000
-    flush_seconds: float = 120.0
+    rows_per_file: int = 2048
+    commit_seconds: float = 300.0
+    vacuum_retention_hours: float = 7 * 24.0
     decode_timeout_seconds: float = 120.0
     whole_object_max_bytes: int = 32 * 2**20
     min_size_bytes: int = 0
@@ -105,11 +105,13 @@ class IndexJobConfig:
             raise ValueError("give at least one input (s3://bucket/prefix, a folder or a manifest)")
         if not self.output:
             raise ValueError("give --output (a folder or s3://bucket/prefix)")
-        for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "chunk_size", "rows_per_part"):
+        for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.flush_seconds < 0:
-            raise ValueError(f"flush_seconds must be >= 0, got {self.flush_seconds}")
+        if self.commit_seconds <= 0:
+            raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
+        if self.vacuum_retention_hours < 0:
+            raise ValueError(f"vacuum_retention_hours must be >= 0 (0: no vacuum), got {self.vacuum_retention_hours}")
         if self.embed_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
         if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
@@ -154,9 +156,9 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--embed-device", choices=["auto", "gpu", "cpu"], help="where the embed actors run")
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
-    p.add_argument("--chunk-size", type=int)
-    p.add_argument("--rows-per-part", type=int)
-    p.add_argument("--flush-seconds", type=float, help="write staged parts at least this often")
+    p.add_argument("--rows-per-file", type=int, help="clip rows per written data file pair")
+    p.add_argument("--commit-seconds", type=float, help="commit finished work at least this often")
+    p.add_argument("--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this")
     p.add_argument("--decode-timeout-seconds", type=float)
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)

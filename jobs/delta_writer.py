@@ -9,12 +9,92 @@ the driver.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from index.commits import WrittenBatch
 from index.delta_tables import TABLES, OutputLocation, table_schema, write_data_file
-from jobs.pipeline import result_tables
+from index.schema import STATUS_OK, row_id_for, video_id_for
+
+
+def result_tables(
+    batch: dict[str, np.ndarray],
+    *,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    embed_dim: int,
+) -> tuple[pa.Table, pa.Table]:
+    """One embed output batch -> (video rows, segment rows) as Arrow tables of the output tables' schemas."""
+    schemas = {table: table_schema(table, embed_dim) for table in TABLES}
+    now = datetime.now(timezone.utc)
+    n = len(batch["uri"])
+    ok = np.asarray([s == STATUS_OK for s in batch["status"]])
+    is_video = np.asarray(batch["segment_index"]) < 0
+    labels = [
+        [label_names[j] for j in row if j >= 0] if ok[i] else None for i, row in enumerate(batch["label_indices"])
+    ]
+    scores = [batch["label_scores"][i].tolist() if ok[i] else None for i in range(n)]
+    embeddings = [batch["embedding"][i] if ok[i] else None for i in range(n)]
+    video_ids = [video_id_for(str(u)) for u in batch["uri"]]
+    emb_type = schemas["videos"].field("embedding").type
+
+    def col(values: Any, mask: np.ndarray) -> list[Any]:
+        return [v for v, m in zip(values, mask, strict=True) if m]
+
+    def emb(mask: np.ndarray) -> pa.Array:
+        vals = col(embeddings, mask)
+        return pa.array([None if v is None else v.astype(np.float32) for v in vals], type=emb_type)
+
+    vm = is_video
+    videos = pa.table(
+        {
+            "video_id": col(video_ids, vm),
+            "row_id": [row_id_for(v) for v in col(video_ids, vm)],
+            "uri": [str(u) for u in col(batch["uri"], vm)],
+            "etag": [str(e) for e in col(batch["etag"], vm)],
+            "size_bytes": [int(s) for s in col(batch["size_bytes"], vm)],
+            "duration_seconds": [None if np.isnan(d) else float(d) for d in col(batch["duration_seconds"], vm)],
+            "fps": [None if np.isnan(f) else float(f) for f in col(batch["fps"], vm)],
+            "width": [None if w < 0 else int(w) for w in col(batch["width"], vm)],
+            "height": [None if h < 0 else int(h) for h in col(batch["height"], vm)],
+            "codec": [c or None for c in col(batch["codec"], vm)],
+            "status": [str(s) for s in col(batch["status"], vm)],
+            "error_message": [m or None for m in col(batch["error_message"], vm)],
+            "embedding": emb(vm),
+            "labels": col(labels, vm),
+            "label_scores": col(scores, vm),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], vm)],
+            "model_id": [model_id] * int(vm.sum()),
+            "run_id": [run_id] * int(vm.sum()),
+            "indexed_at": [now] * int(vm.sum()),
+        },
+        schema=schemas["videos"],
+    )
+    sm = ~is_video
+    seg_index = [int(i) for i in col(batch["segment_index"], sm)]
+    segments = pa.table(
+        {
+            "video_id": col(video_ids, sm),
+            "row_id": [row_id_for(v, i) for v, i in zip(col(video_ids, sm), seg_index, strict=True)],
+            "uri": [str(u) for u in col(batch["uri"], sm)],
+            "segment_index": seg_index,
+            "start_seconds": [float(s) for s in col(batch["start_seconds"], sm)],
+            "end_seconds": [float(s) for s in col(batch["end_seconds"], sm)],
+            "embedding": emb(sm),
+            "labels": col(labels, sm),
+            "label_scores": col(scores, sm),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], sm)],
+            "model_id": [model_id] * int(sm.sum()),
+            "run_id": [run_id] * int(sm.sum()),
+            "indexed_at": [now] * int(sm.sum()),
+        },
+        schema=schemas["segments"],
+    )
+    return videos, segments
 
 
 def write_result_files(
@@ -39,10 +119,14 @@ def write_result_files(
         The files (None for an empty side), the video rows' ``(video_id, etag, status)`` keys and where their
         current rows are, for `index.commits.Committer.add`.
     """
-    schemas = {table: table_schema(table, embed_dim) for table in TABLES}
     videos, segments = result_tables(
-        batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim, schemas=schemas
+        batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
     )
+    orphans = set(segments.column("video_id").to_pylist()) - set(videos.column("video_id").to_pylist())
+    if orphans:
+        # The decode stage emits a video's clips together and Ray Data never splits a block between write tasks:
+        # clips of one video in two batches would let one batch's segments commit remove the other's.
+        raise RuntimeError(f"bug: segment rows of {len(orphans)} videos came without their video row")
     name = name or f"part-{run_id}-{uuid.uuid4().hex}.parquet"
     files = {
         table: write_data_file(location, table, rows, name=name, embed_dim=embed_dim) if rows.num_rows else None

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     counts = summary["counts"]
     print(
         f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
-        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('reused_from_killed_run', 0)} reused; "
+        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice; "
         f"status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
     )
     print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")

@@ -1,9 +1,19 @@
-"""The indexing run: list -> plan -> read+decode (CPU actors) -> embed+label (GPU or CPU actors) -> stage -> commit.
+"""The indexing run: list -> plan -> read+decode (CPU actors) -> embed+label (GPU or CPU actors) -> write -> commit.
 
-Ray Data does the distributed part; this module only wires the stage classes of ``vitaclip.stages`` and writes the
-results through ``jobs.tables`` (staging, commit, cleanup). The driver streams the listing in chunks of up to
-``chunk_size`` videos, one Ray Dataset each, so memory stays bounded whatever the number of objects; staged parts are
-written as rows accumulate (and at least every ``flush_seconds``), so a killed run loses little finished work.
+One streaming Ray Dataset per run, so the actor pools and the model start once whatever the run's size:
+
+- The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`), which keeps the
+  videos that need work (about 20 bytes of memory per committed row, on that actor) and, when the listing ends,
+  puts them into the object store as blocks. Those blocks are the Dataset's input.
+- Decode and embed run as Ray Data actor pools (`vitaclip.stages`).
+- The driver takes the embed output as block references, never rows, and groups them into write tasks that turn
+  them into a pair of Delta data files where the blocks are (`jobs.delta_writer`). The tasks return metadata: file
+  paths, row counts, the video keys.
+- A `index.commits.Committer` on the driver adds the written files to the Delta log at least every
+  ``commit_seconds`` and at the end: atomically, conditionally, reconciled with other runs on the same output.
+
+Then the index follows the tables' logs (`index.build.build_from_output`), unreferenced files are vacuumed, and
+``OUT/runs/<run_id>.json`` records the run (state, counts, table versions, config without secrets).
 """
 
 from __future__ import annotations
@@ -12,20 +22,27 @@ import json
 import logging
 import os
 import platform
-import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from index.commits import CommitReport, Committer, Planner, WrittenBatch
+from index.delta_tables import (
+    OutputLocation,
+    create_tables,
+    detect_old_layout,
+    old_layout_message,
+    vacuum,
+)
 from index.media import roots_of_inputs
-from index.schema import STATUS_OK, row_id_for, schema_for, video_id_for
-from jobs import tables
+from index.schema import STATUS_OK
 from jobs.config import IndexJobConfig
 from jobs.ray_resources import Demand, read_cluster, require_fit
 from jobs.storage import (
@@ -43,12 +60,24 @@ from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedSta
 
 log = logging.getLogger("vitaclip.job")
 
-# Statuses worth another try on the next run (the object may read fine later); decode failures are final.
-RETRYABLE = frozenset(
-    {"read_error", "timeout", "error", "unavailable", "truncated", "changed", "access_denied", "s3_error"}
-)
-CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_PARTS"  # test hook: SIGKILL the driver after this many staged parts
-ACTOR_KILL_HOOK_ENV = "VITACLIP_TEST_KILL_EMBED_ACTOR_ONCE"  # test hook: a marker path; the first embed call dies
+_LISTING_BATCH = 4096  # listed objects per message to the planner actor
+_PLANS_IN_FLIGHT = 4  # planner calls the driver lets run ahead of the listing
+_BLOCK_VIDEOS = 128  # most videos per input block of the Dataset (a retried block repeats at most this much work)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Points where a test may act inside a run (crash the driver, hold two runs at the same moment).
+
+    Attributes:
+        after_write: Called with the number of written batches the driver has received so far.
+        before_commit: Called before each commit of the run.
+        before_videos_commit: Called between a commit's segments commit and its videos commit.
+    """
+
+    after_write: Callable[[int], None] | None = None
+    before_commit: Callable[[], None] | None = None
+    before_videos_commit: Callable[[], None] | None = None
 
 
 class ReadDecode(DecodeStage):
@@ -70,10 +99,6 @@ class TimedEmbed(EmbedStage):
     """EmbedStage that records its own seconds per clip, for the run summary."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        marker = os.environ.get(ACTOR_KILL_HOOK_ENV)
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)  # die mid-batch like an OOM-killed worker; Ray restarts the actor and retries the batch
         start = time.perf_counter()
         out = super().__call__(batch)
         n = max(1, len(batch["status"]))
@@ -81,15 +106,118 @@ class TimedEmbed(EmbedStage):
         return out
 
 
-def _chunks(items: Iterable[VideoObject], size: int) -> Iterator[list[VideoObject]]:
-    chunk: list[VideoObject] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+class PlanActor:
+    """The run's planner as a Ray actor: listed objects in, blocks of the videos to index out.
+
+    Holds the committed keys (`index.commits.Planner`) and the planned objects until `blocks`, so neither the
+    driver nor the Dataset's input grows with what is already indexed.
+    """
+
+    def __init__(
+        self, location: OutputLocation, *, model_id: str, versions: dict[str, int], folder_inputs: Sequence[str]
+    ) -> None:
+        self.planner = Planner(location, model_id=model_id, versions=versions)
+        self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
+        self._other_local_dirs: set[str] = set()
+        self._planned: list[pa.Table] = []
+
+    def plan(self, listed: pa.Table) -> int:
+        """Plans one batch of listed objects; returns how many need work."""
+        for uri in listed.column("uri").to_pylist():
+            if "://" not in uri and not uri.startswith(self._folders):
+                self._other_local_dirs.add(os.path.dirname(uri))
+        batch = {name: listed.column(name).to_numpy(zero_copy_only=False) for name in listed.column_names}
+        planned = self.planner(batch)
+        table = pa.table({name: pa.array(list(values)) for name, values in planned.items()})
+        if table.num_rows:
+            self._planned.append(table.cast(_planned_schema(table.schema)))
+        return table.num_rows
+
+    def blocks(self, block_videos: int) -> list[Any]:
+        """The planned objects as object store blocks of at most `block_videos` rows (references only)."""
+        import ray
+
+        planned = pa.concat_tables(self._planned) if self._planned else None
+        self._planned = []
+        if planned is None:
+            return []
+        return [ray.put(planned.slice(i, block_videos)) for i in range(0, planned.num_rows, block_videos)]
+
+    def report(self) -> dict[str, Any]:
+        return {"counts": dict(self.planner.counts), "other_local_dirs": sorted(self._other_local_dirs)}
+
+
+def _planned_schema(schema: pa.Schema) -> pa.Schema:
+    """Listing columns as they leave the planner, with null-only columns typed (strings) so blocks concatenate."""
+    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+
+
+def _listing_tables(objects: Iterable[VideoObject]) -> Iterator[pa.Table]:
+    batch: list[VideoObject] = []
+
+    def table() -> pa.Table:
+        return pa.table(
+            {
+                "uri": pa.array([o.uri for o in batch], pa.string()),
+                "etag": pa.array([o.etag for o in batch], pa.string()),
+                "size_bytes": pa.array([o.size_bytes for o in batch], pa.int64()),
+                LISTING_STATUS: pa.array([o.status for o in batch], pa.string()),
+                LISTING_ERROR: pa.array([o.error_message for o in batch], pa.string()),
+            }
+        )
+
+    for obj in objects:
+        batch.append(obj)
+        if len(batch) >= _LISTING_BATCH:
+            yield table()
+            batch = []
+    if batch:
+        yield table()
+
+
+def write_blocks(
+    location: OutputLocation,
+    *blocks: Any,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    embed_dim: int,
+) -> tuple[WrittenBatch, dict[str, float]]:
+    """A write task: embed output blocks -> one pair of Delta data files; returns their metadata and timings."""
+    from ray.data.block import BlockAccessor
+
+    from jobs.delta_writer import write_result_files
+
+    table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks], promote_options="default")
+    batch = BlockAccessor.for_block(table).to_batch_format("numpy")
+    written = write_result_files(
+        location, batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
+    )
+    stats = {
+        "clips": float(len(batch["uri"])),
+        "decode_seconds": float(np.sum(batch["decode_seconds"])),
+        "embed_seconds": float(np.sum(batch["embed_seconds"])),
+    }
+    return written, stats
+
+
+def _versions() -> dict[str, str]:
+    import deltalake
+    import open_clip
+    import ray
+    import torch
+
+    import vitaclip
+
+    return {
+        "vitaclip": vitaclip.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pa.__version__,
+        "deltalake": deltalake.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
@@ -106,152 +234,65 @@ def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
     return int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
 
 
-class _Planner:
-    """Streams the listing and keeps only videos that need work, counting the rest.
+class _Commits:
+    """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts."""
 
-    It also notes the folders of local files that no folder input covers (manifest entries): with the folder
-    inputs they are the run's input roots, the only places the search service may serve media from.
+    def __init__(self, committer: Committer, *, commit_seconds: float, hooks: RunHooks) -> None:
+        self.committer = committer
+        self.commit_seconds = commit_seconds
+        self.hooks = hooks
+        self.in_flight: list[Any] = []
+        self.received = 0
+        self.status: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.reports: list[CommitReport] = []
+        self.last_commit = time.monotonic()
+
+    def collect(self, *, wait: bool = False) -> None:
+        """Hands finished write tasks to the Committer (all of them when `wait`)."""
+        import ray
+
+        if not self.in_flight:
+            return
+        done, self.in_flight = ray.wait(
+            self.in_flight, num_returns=len(self.in_flight) if wait else 1, timeout=None if wait else 0
+        )
+        for written, stats in ray.get(done):
+            self.committer.add(written)
+            self.status.update(status for _, _, status in written.keys)
+            self.stats.update(stats)
+            self.received += 1
+            if self.hooks.after_write:
+                self.hooks.after_write(self.received)
+
+    def maybe_commit(self) -> None:
+        if time.monotonic() - self.last_commit >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        self.last_commit = time.monotonic()
+        if not self.committer.pending_videos:
+            return
+        if self.hooks.before_commit:
+            self.hooks.before_commit()
+        report = self.committer.commit()
+        self.reports.append(report)
+        log.info(
+            "committed %d videos and %d segment rows: tables at versions %s",
+            report.videos_committed,
+            report.segments_committed,
+            report.versions,
+        )
+
+
+def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> dict[str, Any]:
+    """Runs one indexing run to completion and returns its summary (also written to ``OUT/runs/<run_id>.json``).
+
+    Raises:
+        ValueError: The run is refused before any work (an output in the previous layout, a table of another
+            embedding size, a run that cannot fit the cluster, nothing listed) or a bad input; its run record
+            then says ``failed``.
     """
-
-    def __init__(
-        self, committed: dict[str, tuple[str, str]], staged: dict[str, str], *, folder_inputs: Sequence[str] = ()
-    ) -> None:
-        self.committed, self.staged = committed, staged
-        self.counts: Counter[str] = Counter()
-        self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
-        self.other_local_dirs: set[str] = set()
-        self._planned: set[str] = set()  # a video listed twice (a folder given twice, folder + manifest) runs once
-
-    def __call__(self, objects: Iterable[VideoObject]) -> Iterator[VideoObject]:
-        for obj in objects:
-            self.counts["listed"] += 1
-            if "://" not in obj.uri and not obj.uri.startswith(self._folders):
-                self.other_local_dirs.add(os.path.dirname(obj.uri))
-            vid = video_id_for(obj.uri)
-            if vid in self._planned:
-                self.counts["duplicate_in_listing"] += 1
-                continue
-            done = self.committed.get(vid)
-            if done is not None and done[0] == obj.etag and done[1] not in RETRYABLE:
-                self.counts["already_indexed"] += 1
-                continue
-            if self.staged.get(vid) == obj.etag:
-                self.counts["reused_from_killed_run"] += 1
-                continue
-            self.counts["planned"] += 1
-            self._planned.add(vid)
-            yield obj
-
-
-def result_tables(
-    batch: dict[str, np.ndarray],
-    *,
-    model_id: str,
-    run_id: str,
-    label_names: list[str],
-    embed_dim: int,
-    schemas: dict[str, pa.Schema] | None = None,
-) -> tuple[pa.Table, pa.Table]:
-    """One embed output batch -> (video rows, segment rows) as Arrow tables of the given schemas.
-
-    ``schemas`` maps ``videos``/``segments`` to their schema (default: the Parquet layout's, schema version 1); the
-    embedding column takes its type from it (fixed-size in version 1, a plain list in the Delta tables).
-    """
-    schemas = schemas or {name: schema_for(name, embed_dim) for name in ("videos", "segments")}
-    now = datetime.now(timezone.utc)
-    n = len(batch["uri"])
-    ok = np.asarray([s == STATUS_OK for s in batch["status"]])
-    is_video = np.asarray(batch["segment_index"]) < 0
-    labels = [
-        [label_names[j] for j in row if j >= 0] if ok[i] else None for i, row in enumerate(batch["label_indices"])
-    ]
-    scores = [batch["label_scores"][i].tolist() if ok[i] else None for i in range(n)]
-    embeddings = [batch["embedding"][i] if ok[i] else None for i in range(n)]
-    video_ids = [video_id_for(str(u)) for u in batch["uri"]]
-    emb_type = schemas["videos"].field("embedding").type
-
-    def col(values: Any, mask: np.ndarray) -> list[Any]:
-        return [v for v, m in zip(values, mask, strict=True) if m]
-
-    def emb(mask: np.ndarray) -> pa.Array:
-        vals = col(embeddings, mask)
-        return pa.array([None if v is None else v.astype(np.float32) for v in vals], type=emb_type)
-
-    vm = is_video
-    videos = pa.table(
-        {
-            "video_id": col(video_ids, vm),
-            "row_id": [row_id_for(v) for v in col(video_ids, vm)],
-            "uri": [str(u) for u in col(batch["uri"], vm)],
-            "etag": [str(e) for e in col(batch["etag"], vm)],
-            "size_bytes": [int(s) for s in col(batch["size_bytes"], vm)],
-            "duration_seconds": [None if np.isnan(d) else float(d) for d in col(batch["duration_seconds"], vm)],
-            "fps": [None if np.isnan(f) else float(f) for f in col(batch["fps"], vm)],
-            "width": [None if w < 0 else int(w) for w in col(batch["width"], vm)],
-            "height": [None if h < 0 else int(h) for h in col(batch["height"], vm)],
-            "codec": [c or None for c in col(batch["codec"], vm)],
-            "status": [str(s) for s in col(batch["status"], vm)],
-            "error_message": [m or None for m in col(batch["error_message"], vm)],
-            "embedding": emb(vm),
-            "labels": col(labels, vm),
-            "label_scores": col(scores, vm),
-            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], vm)],
-            "model_id": [model_id] * int(vm.sum()),
-            "run_id": [run_id] * int(vm.sum()),
-            "indexed_at": [now] * int(vm.sum()),
-        },
-        schema=schemas["videos"],
-    )
-    sm = ~is_video
-    seg_index = [int(i) for i in col(batch["segment_index"], sm)]
-    segments = pa.table(
-        {
-            "video_id": col(video_ids, sm),
-            "row_id": [row_id_for(v, i) for v, i in zip(col(video_ids, sm), seg_index, strict=True)],
-            "uri": [str(u) for u in col(batch["uri"], sm)],
-            "segment_index": seg_index,
-            "start_seconds": [float(s) for s in col(batch["start_seconds"], sm)],
-            "end_seconds": [float(s) for s in col(batch["end_seconds"], sm)],
-            "embedding": emb(sm),
-            "labels": col(labels, sm),
-            "label_scores": col(scores, sm),
-            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], sm)],
-            "model_id": [model_id] * int(sm.sum()),
-            "run_id": [run_id] * int(sm.sum()),
-            "indexed_at": [now] * int(sm.sum()),
-        },
-        schema=schemas["segments"],
-    )
-    return videos, segments
-
-
-def _versions() -> dict[str, str]:
-    import open_clip
-    import ray
-    import torch
-
-    import vitaclip
-
-    return {
-        "vitaclip": vitaclip.__version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pa.__version__,
-        "python": platform.python_version(),
-    }
-
-
-_BLOCK_VIDEOS = 128  # most videos per input block of the Dataset (a retried block repeats at most this much work)
-
-
-def _crash_hook(stager: tables.RunStager, crash_after: int) -> None:
-    if crash_after and stager.parts_written >= crash_after:
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted driver
-
-
-def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
-    """Runs one indexing run to completion and returns its summary (also written to ``OUT/runs/<run_id>.json``)."""
     import ray
 
     import vitaclip
@@ -260,9 +301,11 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     from vitaclip.model import backbone_model_config
     from vitaclip.registry import default_label_names, model_id_for, resolve_config
 
+    hooks = hooks or RunHooks()
     started = time.time()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
+    location = store.location
     model_config = resolve_config(config.model, config.checkpoint)
     num_frames = config.num_frames or model_config.num_frames
     image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
@@ -277,15 +320,12 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
     )
     if not label_names:
         raise ValueError(f"model {config.model!r} has no label set: pass --labels")
-    log.info("run %s: model %s, output %s", run_id, model_id, redact_url(store.url_for("")))
-    # One embedding size per output: a model of another size would commit rows no index or reader can mix.
-    model_dim = int(backbone_model_config(model_config)["embed_dim"])
-    output_dim = tables.committed_embed_dim(store)
-    if output_dim is not None and output_dim != model_dim:
-        raise ValueError(
-            f"{redact_url(store.url_for(''))} holds {output_dim}-dim embeddings but model {model_id} makes "
-            f"{model_dim}-dim ones: use another --output for this model"
-        )
+    log.info("run %s: model %s, output %s", run_id, model_id, redact_url(location.url))
+    if detect_old_layout(location):
+        raise ValueError(old_layout_message(location))
+    # One embedding size per output (a table property): another model's size is refused before any work.
+    embed_dim = int(backbone_model_config(model_config)["embed_dim"])
+    versions = create_tables(location, embed_dim, model_id=model_id)
 
     folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
     safe_config = redact_value(config.to_dict())
@@ -295,24 +335,14 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
         "run_id": run_id,
         "state": "running",
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "output": redact_url(store.url_for("")),
+        "output": redact_url(location.url),
         "model_id": model_id,
         "input_roots": roots_of_inputs(folder_inputs),
+        "planned_at_versions": versions,
         "config": safe_config,
     }
     store.put_bytes(f"runs/{run_id}.json", json.dumps(start_record, indent=1).encode())
     try:
-        deleted = tables.cleanup(store)
-        reusable = tables.staged_runs(store)
-        planner = _Planner(
-            tables.committed_keys(store, model_id),
-            tables.staged_keys(store, reusable, model_id),
-            folder_inputs=folder_inputs,
-        )
-        log.info(
-            "cleanup removed %d stale files; %d killed runs have reusable staged work", len(deleted), len(reusable)
-        )
-
         filters: dict[str, Any] = dict(
             extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
         )
@@ -352,102 +382,82 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
             read_cluster(),
             hint="lower --decode-workers, use --embed-device cpu or auto, or give the run a bigger cluster",
         )
-        embed_dim: int | None = None
 
-        stager: tables.RunStager | None = None
-        status_counts: Counter[str] = Counter()
-        decode_seconds = embed_seconds = 0.0
-        clips = 0
-        crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
+        # Plan: the listing streams to the planner actor; it needs no CPU of its own (it mostly waits).
+        planner: Any = (
+            ray.remote(PlanActor)
+            .options(num_cpus=0, max_restarts=0)
+            .remote(location, model_id=model_id, versions=versions, folder_inputs=folder_inputs)
+        )
+        in_flight: list[Any] = []
+        planned_count = 0
+        for listed in _listing_tables(listing):
+            in_flight.append(planner.plan.remote(listed))
+            if len(in_flight) >= _PLANS_IN_FLIGHT:
+                planned_count += ray.get(in_flight.pop(0))
+        planned_count += sum(ray.get(in_flight))
+        # Blocks small enough that every decoder gets work, at most _BLOCK_VIDEOS videos each.
+        block_videos = max(1, min(_BLOCK_VIDEOS, -(-planned_count // (4 * decode_workers))))
+        block_refs = ray.get(planner.blocks.remote(block_videos))
+        log.info("planned %d videos in %d blocks", planned_count, len(block_refs))
 
-        # One Dataset (one start of the actor pools) per chunk of the plan; a chunk holds up to chunk_size videos, so
-        # the driver never holds the whole listing. Blocks of at most _BLOCK_VIDEOS keep retries and memory small.
-        for chunk in _chunks(planner(listing), config.chunk_size):
-            ds: ray.data.Dataset = ray.data.from_items(
-                [
-                    {
-                        "uri": o.uri,
-                        "etag": o.etag,
-                        "size_bytes": o.size_bytes,
-                        LISTING_STATUS: o.status,
-                        LISTING_ERROR: o.error_message,
-                    }
-                    for o in chunk
-                ],
-                override_num_blocks=min(len(chunk), max(decode_workers * 4, -(-len(chunk) // _BLOCK_VIDEOS))),
+        committer = Committer(
+            location,
+            model_id=model_id,
+            run_id=run_id,
+            versions=versions,
+            before_videos_commit=hooks.before_videos_commit,
+        )
+        commits = _Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
+        if block_refs:
+            _run_dataset(
+                config,
+                block_refs,
+                commits,
+                location=location,
+                model_id=model_id,
+                run_id=run_id,
+                label_names=label_names,
+                embed_dim=embed_dim,
+                num_frames=num_frames,
+                image_size=image_size,
+                decode_workers=decode_workers,
+                cpus_per_decoder=cpus_per_decoder,
+                embed_workers=embed_workers,
+                cpus_per_embedder=cpus_per_embedder,
+                use_gpu=use_gpu,
             )
-            # Ray Data restarts crashed actors and retries their batches by default (max_restarts=-1,
-            # max_task_retries=-1); a batch is written only once, by the driver, so retries cannot duplicate rows.
-            ds = ds.map_batches(
-                ReadDecode,
-                fn_constructor_kwargs=dict(
-                    num_frames=num_frames,
-                    size=image_size,
-                    segment_seconds=config.segment_seconds,
-                    timeout_seconds=config.decode_timeout_seconds,
-                    s3_endpoint_url=config.s3_endpoint_url,
-                    whole_object_max_bytes=config.whole_object_max_bytes,
-                ),
-                batch_size=config.decode_batch_size,
-                compute=ray.data.ActorPoolStrategy(size=decode_workers),
-                num_cpus=cpus_per_decoder,
-            )
-            ds = ds.map_batches(
-                TimedEmbed,
-                fn_constructor_kwargs=dict(
-                    model=config.model,
-                    checkpoint=config.checkpoint,
-                    label_names=label_names,
-                    top_k=config.top_k,
-                    batch_size=config.embed_batch_size,
-                    device=None if use_gpu else "cpu",
-                ),
-                batch_size=config.embed_batch_size,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
-                num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
-                num_cpus=0 if use_gpu else cpus_per_embedder,
-            )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if stager is None:
-                    embed_dim = int(batch["embedding"].shape[1])
-                    stager = tables.RunStager(
-                        store,
-                        run_id,
-                        {name: schema_for(name, embed_dim) for name in tables.TABLES},
-                        rows_per_part=config.rows_per_part,
-                        flush_seconds=config.flush_seconds,
-                    )
-                assert embed_dim is not None
-                videos, segments = result_tables(
-                    batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
-                )
-                status_counts.update(videos.column("status").to_pylist())
-                decode_seconds += float(np.sum(batch["decode_seconds"]))
-                embed_seconds += float(np.sum(batch["embed_seconds"]))
-                clips += len(batch["uri"])
-                if stager.add(videos, segments):  # the staged videos survive a crash from here on
-                    _crash_hook(stager, crash_after)
-            if stager is not None and stager.flush():
-                _crash_hook(stager, crash_after)
-            log.info("chunk done: %d videos so far (%s)", sum(status_counts.values()), dict(status_counts))
+        del block_refs
+        commits.collect(wait=True)
+        commits.commit()
+        plan_report: dict[str, Any] = ray.get(planner.report.remote())
+        ray.kill(planner)
+        final_versions = commits.reports[-1].versions if commits.reports else versions
+        status_counts = commits.status
 
-        record = tables.commit(store, run_id=run_id, staged_run_ids=[*reusable, run_id])
-        index_info = (
-            build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
-            if config.build_index and status_counts.get(STATUS_OK, 0) + planner.counts["already_indexed"] > 0
+        index_info = None
+        if config.build_index and status_counts.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
+            index_info = build_from_output(
+                store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint)
+            )
+        vacuumed = (
+            vacuum(location, retention_hours=config.vacuum_retention_hours)
+            if config.vacuum_retention_hours > 0
             else None
         )
         elapsed = time.time() - started
         processed = sum(status_counts.values())
+        clips = int(commits.stats["clips"])
+        decode_seconds, embed_seconds = commits.stats["decode_seconds"], commits.stats["embed_seconds"]
         summary = {
             "run_id": run_id,
             "state": "committed",
-            "output": redact_url(store.url_for("")),
+            "output": redact_url(location.url),
             "model_id": model_id,
-            "input_roots": roots_of_inputs([*folder_inputs, *sorted(planner.other_local_dirs)]),
+            "input_roots": roots_of_inputs([*folder_inputs, *plan_report["other_local_dirs"]]),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
             "elapsed_seconds": round(elapsed, 3),
-            "counts": {**planner.counts, "processed": processed},
+            "counts": {**plan_report["counts"], "processed": processed},
             "status": dict(status_counts),
             "clips_embedded": clips,
             "throughput": {
@@ -459,10 +469,17 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
                 "embed_device": "gpu" if use_gpu else "cpu",
             },
             "commit": {
-                "seq": record["seq"],
-                "files": {t: len(v) for t, v in record["files"].items()},
-                "consumed_staging": record["consumed_staging"],
+                "planned_at_versions": versions,
+                "versions": final_versions,
+                "commits": len(commits.reports),
+                "write_tasks": commits.received,
+                "videos_committed": sum(r.videos_committed for r in commits.reports),
+                "segments_committed": sum(r.segments_committed for r in commits.reports),
+                "replaced": sum(r.replaced for r in commits.reports),
+                "dropped_done_by_another_run": sum(r.dropped for r in commits.reports),
+                "conflict_rounds": sum(r.rounds - 1 for r in commits.reports),
             },
+            "vacuumed_files": vacuumed,
             "index": index_info,
             "config": safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
             "versions": _versions(),
@@ -473,3 +490,96 @@ def run_index_job(config: IndexJobConfig) -> dict[str, Any]:
         failed = dict(start_record, state="failed", error=redact_text(str(exc)))
         store.put_bytes(f"runs/{run_id}.json", json.dumps(failed, indent=1).encode())
         raise
+
+
+def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
+    """(block reference, row count) of a Ray Data RefBundle (entries are objects or, in older Rays, pairs)."""
+    for entry in bundle.blocks:
+        ref, metadata = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
+        yield ref, int(metadata.num_rows or 0)
+
+
+def _run_dataset(
+    config: IndexJobConfig,
+    block_refs: list[Any],
+    commits: _Commits,
+    *,
+    location: OutputLocation,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    embed_dim: int,
+    num_frames: int,
+    image_size: int,
+    decode_workers: int,
+    cpus_per_decoder: float,
+    embed_workers: int,
+    cpus_per_embedder: float,
+    use_gpu: bool,
+) -> None:
+    """Runs the one Dataset of the run; the driver sees block references and write metadata only."""
+    import ray
+
+    ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
+    # Ray Data restarts crashed actors and retries their batches by default; a retried batch is written by a new
+    # write task into new files, and the Committer keeps one row per video.
+    ds = ds.map_batches(
+        ReadDecode,
+        fn_constructor_kwargs=dict(
+            num_frames=num_frames,
+            size=image_size,
+            segment_seconds=config.segment_seconds,
+            timeout_seconds=config.decode_timeout_seconds,
+            s3_endpoint_url=config.s3_endpoint_url,
+            whole_object_max_bytes=config.whole_object_max_bytes,
+        ),
+        batch_size=config.decode_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=decode_workers),
+        num_cpus=cpus_per_decoder,
+    )
+    ds = ds.map_batches(
+        TimedEmbed,
+        fn_constructor_kwargs=dict(
+            model=config.model,
+            checkpoint=config.checkpoint,
+            label_names=label_names,
+            top_k=config.top_k,
+            batch_size=config.embed_batch_size,
+            device=None if use_gpu else "cpu",
+        ),
+        batch_size=config.embed_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
+        num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
+        num_cpus=0 if use_gpu else cpus_per_embedder,
+    )
+    # Write tasks take no CPU reservation: the pools hold the cores, and a reserved write would wait for them to
+    # finish. They are scheduled next to their blocks.
+    # A write that fails on storage (after the filesystem's own retries) is tried again, into fresh file names.
+    write: Any = ray.remote(write_blocks).options(  # type: ignore[arg-type]
+        num_cpus=0, max_retries=3, retry_exceptions=[OSError]
+    )
+    options = dict(model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim)
+    pending: list[Any] = []
+    pending_rows = 0
+    first_pending = time.monotonic()
+    flush_seconds = config.commit_seconds / 2
+
+    def flush() -> None:
+        nonlocal pending, pending_rows
+        if pending:
+            commits.in_flight.append(write.remote(location, *pending, **options))
+        pending, pending_rows = [], 0
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for block_ref, num_rows in _block_entries(bundle):
+            if not pending:
+                first_pending = time.monotonic()
+            pending.append(block_ref)
+            pending_rows += num_rows
+        if pending_rows >= config.rows_per_file or time.monotonic() - first_pending >= flush_seconds:
+            flush()
+        commits.collect()
+        if time.monotonic() - commits.last_commit >= config.commit_seconds:
+            commits.collect(wait=True)
+            commits.commit()
+    flush()

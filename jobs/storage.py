@@ -30,6 +30,7 @@ import botocore.config
 import botocore.exceptions
 import pyarrow.parquet as pq
 
+from index.delta_tables import OutputLocation
 from index.schema import local_etag
 from vitaclip.redact import redact_text
 
@@ -949,6 +950,11 @@ class Store(abc.ABC):
     def local_path(self, rel_path: str) -> Path | None:
         """The file's path on this machine, or None for a remote store."""
 
+    @property
+    def location(self) -> OutputLocation:
+        """The same output for the Delta tables (`index.delta_tables`): URL and endpoint, never credentials."""
+        return OutputLocation.from_url(self.url, s3_endpoint_url=getattr(self, "endpoint_url", None))
+
 
 def _fsync_folder(folder: Path) -> None:
     """Makes a rename in `folder` durable; a best effort where folders cannot be opened."""
@@ -1045,7 +1051,15 @@ class S3Store(Store):
     """An S3 prefix; each write is one whole object (a PUT, or a multipart upload completed at once for large files:
     a single PUT stops at 5 GiB), so readers never see a partial file."""
 
-    def __init__(self, url: str, *, s3_client: S3Client, multipart_threshold_bytes: int = 64 * _MiB) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        s3_client: S3Client,
+        multipart_threshold_bytes: int = 64 * _MiB,
+        endpoint_url: str | None = None,
+    ) -> None:
+        self.endpoint_url = endpoint_url
         self.bucket, prefix = parse_s3_uri(url)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
@@ -1148,7 +1162,7 @@ def open_store(url: str, *, s3_client: S3Client | None = None, endpoint_url: str
     """The output store at `url`: a local folder (created when missing) or `s3://bucket/prefix`."""
     if url.startswith("s3://"):
         client = s3_client if s3_client is not None else make_s3_client(endpoint_url=endpoint_url)
-        return S3Store(url, s3_client=client)
+        return S3Store(url, s3_client=client, endpoint_url=endpoint_url)
     if url.startswith("file://"):
         url = url[len("file://") :]
     elif "://" in url:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt_
-import glob
-import importlib.util
 import json
 import os
 import pickle
-import platform
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from counting_fs import CountingHandler
+from delta_readers import duckdb_connection
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
 
@@ -562,38 +560,10 @@ def test_vacuum_deletes_removed_and_orphaned_files(local: OutputLocation) -> Non
 # ----------------------------------------------------------------------------------------------------- DuckDB
 
 
-def _duckdb_delta_extension() -> str | None:
-    """The delta extension file shipped by the `duckdb-ext-delta` package for the installed duckdb, if any."""
-    if importlib.util.find_spec("duckdb") is None or importlib.util.find_spec("duckdb_ext") is None:
-        return None
-    import duckdb
-    import duckdb_ext  # type: ignore[import-not-found]  # namespace package of duckdb-ext-delta
-
-    for folder in duckdb_ext.__path__:
-        found = glob.glob(os.path.join(folder, "extensions", f"v{duckdb.__version__}", "*", "delta.duckdb_extension"))
-        if found:
-            return found[0]
-    return None
-
-
 @pytest.fixture
 def duckdb_delta() -> Iterator[Any]:
     """A DuckDB connection with the delta extension loaded from the wheel, never downloaded."""
-    if _duckdb_delta_extension() is None:
-        # The dev dependencies pin duckdb and duckdb-ext-delta together; the wheel carries the x86-64 Linux build.
-        if platform.system() == "Linux" and platform.machine() == "x86_64":
-            pytest.fail("duckdb-ext-delta for this duckdb version is not installed (scripts/setup.sh installs it)")
-        pytest.skip("duckdb-ext-delta ships the extension for x86-64 Linux only")
-    import duckdb
-    import duckdb_ext
-
-    config = {
-        "extension_directory": os.path.join(list(duckdb_ext.__path__)[0], "extensions"),
-        "autoinstall_known_extensions": "false",
-        "autoload_known_extensions": "false",
-    }
-    connection = duckdb.connect(config=config)
-    connection.execute("LOAD delta")
+    connection = duckdb_connection()
     yield connection
     connection.close()
 

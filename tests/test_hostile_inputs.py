@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import ray
 
+from index import tables
 from index.media import MediaRefused, open_media, recorded_roots
 from index.schema import local_etag, video_id_for
 from index.search import SearchEngine
 from index.service import make_server
-from jobs import tables
 from jobs.index_videos import main as job_main
 from jobs.pipeline import ReadDecode
-from jobs.storage import list_videos, open_store
+from jobs.storage import list_videos
 from vitaclip.samples import write_sample_video
 
 LONG_NAME = "l" * 251 + ".mp4"  # 255 bytes, the most most file systems allow
@@ -69,7 +69,7 @@ def traps(tmp_path_factory) -> dict[str, Any]:
     finally:
         ray.shutdown()
     assert rc == 0
-    table = tables.read_table(open_store(str(out)), "videos")
+    table = tables.read_table(out, "videos")
     assert table is not None
     rows = {os.path.relpath(r["uri"], src): r for r in table.to_pylist()}
     return {"root": root, "src": src, "out": out, "rows": rows, "elsewhere": elsewhere}

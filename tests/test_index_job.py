@@ -7,23 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import ray
 
+from index import tables
 from index.build import open_index
 from index.schema import video_id_for
-from jobs import tables
 from jobs.index_videos import main
-from jobs.storage import open_store
 from vitaclip.samples import write_sample_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +66,11 @@ def job_command(inputs: list[str], out: Path, *extra: str) -> list[str]:
 
 
 def run(inputs: list[str], out: Path, *extra: str) -> int:
-    return main(
-        job_args(inputs, out, "--chunk-size", "4", "--decode-batch-size", "2", "--embed-batch-size", "4", *extra)
-    )
+    return main(job_args(inputs, out, "--decode-batch-size", "2", "--embed-batch-size", "4", *extra))
 
 
 def committed_videos(out: Path):
-    table = tables.read_table(open_store(str(out)), "videos")
+    table = tables.read_table(out, "videos")
     assert table is not None
     return table
 
@@ -104,7 +102,7 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
     assert rows[str(tmp_path / "in" / "empty.mp4")]["status"] == "empty"
 
     # Segments: consecutive 1.5 s windows covering each ok video.
-    segs = tables.read_table(open_store(str(out)), "segments")
+    segs = tables.read_table(out, "segments")
     assert segs is not None
     for path in videos:
         mine = segs.filter(pc.equal(segs.column("uri"), str(path))).sort_by("segment_index").to_pylist()
@@ -113,7 +111,7 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
         for a, b in zip(mine, mine[1:], strict=False):
             assert b["start_seconds"] == pytest.approx(a["end_seconds"])
 
-    # Run summary, index, and what an analyst sees with DuckDB on the plain files.
+    # Run summary, index, and what an analyst sees through Delta readers.
     summary_files = list((out / "runs").glob("*.json"))
     assert len(summary_files) == 1
     summary = json.loads(summary_files[0].read_text())
@@ -124,19 +122,19 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
     ok = [r for r in rows.values() if r["status"] == "ok"]
     scores, ids = index.search(np.asarray([ok[0]["embedding"]]), 1)
     assert ids[0, 0] == ok[0]["row_id"] and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
-    con = duckdb.connect()
-    n, n_ok, n_ids = con.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(DISTINCT video_id) "
-        f"FROM read_parquet('{out}/videos/*.parquet')"
-    ).fetchone()
-    assert (n, n_ok, n_ids) == (len(rows), len(videos), len(rows))
-    import pandas as pd
-    import polars as pl
+    from delta_readers import duckdb_scan
 
-    frame = pd.read_parquet(out / "videos")
+    n, n_ok, n_ids = duckdb_scan(
+        out / "videos", "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(DISTINCT video_id) FROM t"
+    )[0]
+    assert (n, n_ok, n_ids) == (len(rows), len(videos), len(rows))
+    import polars as pl
+    from deltalake import DeltaTable
+
+    frame = DeltaTable(str(out / "videos")).to_pandas()
     assert len(frame) == len(rows) and set(frame["status"]) == {r["status"] for r in rows.values()}
-    polars_frame = pl.read_parquet(str(out / "videos" / "*.parquet"))
-    assert polars_frame.height == len(rows) and polars_frame["embedding"].dtype.size == 32
+    polars_frame = pl.read_delta(str(out / "videos"))
+    assert polars_frame.height == len(rows) and polars_frame["embedding"].list.len().max() == 32
 
 
 def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> None:
@@ -165,57 +163,102 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
     assert final.num_rows == 4 and len(set(final.column("video_id").to_pylist())) == 4
     new_row = [r for r in final.to_pylist() if r["uri"] == str(changed)][0]
     assert new_row["duration_seconds"] == pytest.approx(2.5, abs=0.2)
-    assert len(list((out / "videos").glob("*.parquet"))) == len(tables.live_files(open_store(str(out)), "videos"))
+    # The index followed the tables' log: one added, one replaced, nothing rebuilt.
+    info = json.loads((out / "index" / "index_info.json").read_text())
+    incremental = info["indexes"]["videos"]["incremental"]
+    assert incremental["added"] == 1 and incremental["updated"] >= 1 and incremental["removed"] == 0
+    assert "rebuild_reason" not in info["indexes"]["videos"]
     assert open_index(out).index.ntotal == 4
 
 
-def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
-    videos = make_videos(tmp_path / "in", 6, broken=False)
-    out = tmp_path / "out"
-    # One chunk (one Dataset) for all videos: the kill lands in the middle of it, after the first batch's segment
-    # and video parts are staged.
-    cmd = job_command(
-        [str(tmp_path / "in")], out, "--num-cpus", "2", "--rows-per-part", "1", "--segment-seconds", "1",
-        "--decode-batch-size", "1", "--embed-batch-size", "2",
-    )  # fmt: skip
-    env = dict(os.environ, VITACLIP_TEST_CRASH_AFTER_PARTS="2", PYTHONPATH=str(ROOT))
-    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    store = open_store(str(out))
-    assert tables.read_table(store, "videos") is None  # nothing committed is visible
-    assert tables.staged_runs(store)  # but finished work is staged
-
-    env.pop("VITACLIP_TEST_CRASH_AFTER_PARTS")
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = tables.read_table(store, "videos")
+def _assert_every_video_once(out: Path, videos: list[Path]) -> None:
+    """One row per video, every segment of every ok video exactly once, and no segment of an unknown video."""
+    table = tables.read_table(out, "videos")
     assert table is not None
     assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
-    segments = tables.read_table(store, "segments")
+    segments = tables.read_table(out, "segments")
     assert segments is not None
     keys = list(zip(segments.column("video_id").to_pylist(), segments.column("segment_index").to_pylist(), strict=True))
     assert len(keys) == len(set(keys))  # exactly one row per segment
     for row in table.to_pylist():  # and every segment of every video: 1-second segments of 3 to 5.5 s videos
         indices = sorted(i for v, i in keys if v == row["video_id"])
         assert indices == list(range(len(indices))) and len(indices) >= int(row["duration_seconds"]), row["uri"]
-    summaries = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
-    assert sorted(s["state"] for s in summaries) == ["committed", "running"]  # the killed run's record stays "running"
-    summary = next(s for s in summaries if s["state"] == "committed")
-    assert summary["counts"]["reused_from_killed_run"] >= 1
-    assert summary["counts"]["processed"] + summary["counts"]["reused_from_killed_run"] == len(videos)
-    assert not tables.staged_runs(store) and not any((out / "_staging").rglob("*.parquet"))
+    assert {v for v, _ in keys} <= set(table.column("video_id").to_pylist())
+
+
+def _hooked(action: str, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(ROOT / "tests" / "run_job_with_hooks.py"), action, "--", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) -> None:
+    from deltalake import DeltaTable
+    from ray_head import ray_head
+
+    from index.delta_tables import OutputLocation, vacuum
+
+    videos = make_videos(tmp_path / "in", 4, broken=False)
+    out = tmp_path / "out"
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    actions = [
+        rng.choice(["kill-after-write:", "kill-before-commit:", "kill-before-videos:"]) + str(rng.randint(1, 3))
+        for _ in range(10)
+    ]
+    with ray_head() as head:
+        argv = job_args(
+            [str(tmp_path / "in")], out, "--ray-address", head.address, "--segment-seconds", "1",
+            "--decode-batch-size", "1", "--embed-batch-size", "2", "--rows-per-file", "1", "--commit-seconds", "1",
+            "--no-index",
+        )  # fmt: skip
+        killed = 0
+        for action in actions:
+            done = _hooked(action, argv, head.env)
+            assert done.returncode in (0, -signal.SIGKILL), (seed, action, done.stderr[-3000:])
+            killed += done.returncode == -signal.SIGKILL
+            for name in ("videos", "segments"):  # readable after every kill, by any Delta reader
+                DeltaTable(str(out / name)).to_pyarrow_table(columns=["video_id"])
+        assert killed >= 1, (seed, actions)
+        final = _hooked("none", argv, head.env)
+        assert final.returncode == 0, final.stderr[-3000:]
+        _assert_every_video_once(out, videos)
+        again = _hooked("none", argv, head.env)
+        assert again.returncode == 0, again.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    last = max((r for r in records if r["state"] == "committed"), key=lambda r: r["started_at"])
+    assert last["counts"]["planned"] == 0 and last["counts"]["already_indexed"] == len(videos)
+    assert sum(r["state"] == "running" for r in records) == killed  # a killed run's record stays "running"
+    # What killed runs wrote and never committed is only unreferenced files: vacuum removes them, rows stay.
+    before = {name: tables.read_table(out, name, ["row_id"]).num_rows for name in ("videos", "segments")}
+    vacuum(OutputLocation.from_url(str(out)), retention_hours=0)
+    for name in ("videos", "segments"):
+        referenced = set(tables.data_files(out, name))
+        assert {p.name for p in (out / name).glob("*.parquet")} == referenced
+        assert tables.read_table(out, name, ["row_id"]).num_rows == before[name]
 
 
 def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path) -> None:
-    videos = make_videos(tmp_path / "in", 3, broken=False)
+    from ray_head import ray_head
+
+    videos = make_videos(tmp_path / "in", 6, broken=False)
     out = tmp_path / "out"
-    marker = tmp_path / "killed-once"
-    cmd = job_command([str(tmp_path / "in")], out, "--num-cpus", "2", "--embed-batch-size", "2")
-    env = dict(os.environ, VITACLIP_TEST_KILL_EMBED_ACTOR_ONCE=str(marker), PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert marker.exists()  # the actor really died once
-    table = tables.read_table(open_store(str(out)), "videos")
+    with ray_head() as head:
+        argv = job_args([str(tmp_path / "in")], out, "--ray-address", head.address, "--embed-batch-size", "1")
+        cmd = [sys.executable, str(ROOT / "tests" / "run_job_with_hooks.py"), "none", "--", *argv]
+        job = subprocess.Popen(cmd, cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed = None
+        while job.poll() is None and killed is None:
+            found = subprocess.run(["pgrep", "-f", "MapBatches\\(TimedEmbed\\)"], capture_output=True, text=True)
+            pids = [int(p) for p in found.stdout.split()]
+            if pids:
+                time.sleep(1.0)  # let it take its first batch
+                os.kill(pids[0], signal.SIGKILL)  # like an OOM kill; Ray restarts the actor and retries the batch
+                killed = pids[0]
+            time.sleep(0.05)
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr[-3000:]
+    assert killed is not None
+    table = tables.read_table(out, "videos")
     assert table is not None
     assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
     assert set(table.column("status").to_pylist()) == {"ok"}
@@ -236,7 +279,7 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> 
         ]
     )
     assert rc == 2 and "bad.pth" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "_commits").exists()
+    assert not (tmp_path / "o" / "videos").exists()
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -267,7 +310,7 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
         assert main(job_args([str(tmp_path / "in"), str(tmp_path / "in"), str(manifest)], out)) == 0
     finally:
         ray.shutdown()
-    table = tables.read_table(open_store(str(out)), "videos")
+    table = tables.read_table(out, "videos")
     assert table is not None and sorted(table.column("uri").to_pylist()) == sorted(str(v) for v in videos)
     summary = json.loads(next(p for p in (out / "runs").glob("*.json")).read_text())
     assert summary["counts"]["duplicate_in_listing"] == 5 and summary["counts"]["processed"] == 3
@@ -286,9 +329,11 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     finally:
         ray.shutdown()
     err = capsys.readouterr().err
-    assert "holds 32-dim embeddings" in err and "vitaclip-demo" in err and "use another --output" in err
+    assert "holds 32-dim embeddings" in err and "vitaclip-demo" in err and "use another --output" in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, nothing committed
-    assert tables.committed_embed_dim(open_store(str(out))) == 32
+    from deltalake import DeltaTable
+
+    assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from test_index_job import job_args, make_videos
 
 from jobs import submit, tables
 from jobs.config import build_parser, config_from_args
-from jobs.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -490,7 +489,7 @@ def test_submit_wait_runs_the_job_to_success(local_stack: dict[str, Any], tmp_pa
         *job_args([str(tmp_path / "in")], out),
     ]
     assert submit.main(argv) == 0
-    table = tables.read_table(open_store(str(out)), "videos")
+    table = tables.read_table(out, "videos")
     assert table is not None and sorted(table.column("uri").to_pylist()) == sorted(map(str, videos))
 
 

@@ -15,10 +15,10 @@ import pytest
 import ray
 from test_index_job import make_videos
 
+from index import tables
 from index.build import build_from_output, open_index
 from index.search import SearchEngine
 from index.service import make_server
-from jobs import tables
 from jobs.index_videos import main as job_main
 from jobs.storage import open_store
 from vitaclip.cli import main as cli_main
@@ -57,7 +57,7 @@ def engine(indexed: Path) -> SearchEngine:
 
 
 def committed(indexed: Path, table: str) -> list[dict]:
-    t = tables.read_table(open_store(str(indexed)), table)
+    t = tables.read_table(indexed, table)
     assert t is not None
     return [r for r in t.to_pylist() if table != "videos" or r["status"] == "ok"]
 
@@ -105,26 +105,41 @@ def test_filters_keep_k_results(indexed: Path, engine: SearchEngine) -> None:
 
 
 def test_incremental_index_after_replaced_rows(indexed: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from index.commits import Committer, Planner, WrittenBatch
+    from index.delta_tables import table_schema, write_data_file
+
     out = tmp_path / "out"
     shutil.copytree(indexed, out)
     store = open_store(str(out))
     rows = committed(out, "videos")
     model_id = rows[0]["model_id"]
     info = build_from_output(store, model_id=model_id)
-    assert info["indexes"]["videos"]["incremental"] == {"added": 0, "removed": 0}
-    # Re-stage one video as if re-indexed (same row id, newer indexed_at) and commit: the index replaces it.
-    import pyarrow as pa
-
-    from index.schema import schema_for
-    from jobs.tables import StagingWriter, commit
-
-    row = dict(rows[0], run_id="rerun", indexed_at=rows[0]["indexed_at"].replace(year=2030))
-    writer = StagingWriter(store, "rerun", "videos", schema_for("videos", len(row["embedding"])), rows_per_part=10)
-    writer.add(pa.Table.from_pylist([row], schema=schema_for("videos", len(row["embedding"]))))
-    writer.flush()
-    commit(store, run_id="rerun", staged_run_ids=["rerun"])
+    assert info["indexes"]["videos"]["incremental"] == {"added": 0, "updated": 0, "removed": 0, "files_read": 0}
+    # Commit a new version of one video (another etag) as a run would: the index follows the log and replaces it.
+    versions = tables.table_versions(out)
+    assert versions is not None
+    row = dict(rows[0], run_id="rerun", etag="changed")
+    schema = table_schema("videos", len(row["embedding"]))
+    written = write_data_file(
+        store.location, "videos", pa.Table.from_pylist([row], schema=schema), name="part-rerun-1.parquet"
+    )
+    planned = Planner(store.location, model_id=model_id, versions=versions)(
+        {"uri": np.asarray([row["uri"]], dtype=object), "etag": np.asarray(["changed"], dtype=object)}
+    )
+    current = {row["video_id"]: str(planned["current_video_file"][0])}
+    committer = Committer(store.location, model_id=model_id, run_id="rerun", versions=versions)
+    committer.add(
+        WrittenBatch(
+            videos=written, segments=None, keys=((row["video_id"], "changed", "ok"),), current_video_files=current
+        )
+    )
+    assert committer.commit().replaced == 1
     info = build_from_output(store, model_id=model_id)
-    assert info["indexes"]["videos"]["incremental"] == {"added": 1, "removed": 1}
+    incremental = info["indexes"]["videos"]["incremental"]
+    assert incremental["added"] == 0 and incremental["removed"] == 0 and incremental["updated"] >= 1
+    assert "rebuild_reason" not in info["indexes"]["videos"]
     index = open_index(out)
     assert index.count == len(rows) and len(set(index.ids.tolist())) == len(rows)
 

@@ -188,7 +188,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     assert table is not None
     rows = table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist()
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (Parquet); the first few:")
+    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (a Delta Lake table); the first few:")
     print(f"  {'file':16s} {'status':12s} {'truth':30s} top labels (probability)")
     for row in rows[: args.show]:
         name = Path(row["uri"]).name
@@ -222,8 +222,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"\nmore: vitaclip search --index {out / 'index-output'} 'green star bouncing'")
     print(f"      vitaclip serve --index {out / 'index-output'}   (a search page on http://127.0.0.1:8000)")
     print(
-        f"      DuckDB: SELECT uri, status, labels FROM read_parquet('{out / 'index-output'}/videos/*.parquet')"
-        f"  ({ok} ok rows)"
+        f"      DuckDB: SELECT uri, status, labels FROM delta_scan('{out / 'index-output' / 'videos'}')  ({ok} ok rows)"
     )
     return 0
 
@@ -238,10 +237,12 @@ def _local_output(out: str, endpoint_url: str | None) -> Path:
 
     store = open_store(out, endpoint_url=endpoint_url)
     cache = Path.home() / ".cache" / "vitaclip" / "outputs" / hashlib.sha256(out.encode()).hexdigest()[:16]
-    for prefix in ("_commits/", "videos/", "segments/", "index/", "runs/"):
+    for prefix in ("videos/", "segments/", "index/", "runs/"):
         for rel in store.list(prefix):
             target = cache / rel
-            if not target.exists() or prefix in ("_commits/", "index/", "runs/"):
+            # Data files and Delta commits never change once written; the index, run records and the log's
+            # checkpoint pointer do.
+            if not target.exists() or prefix in ("index/", "runs/") or rel.endswith("_last_checkpoint"):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 store.get_file(rel, target)  # streamed: index files can be many GiB
     return cache
@@ -267,6 +268,22 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
             f"params {entry.get('search_params') or '-'}, recall@10 {measured.get('recall_at_10', '-')}, "
             f"p50 {measured.get('p50_ms', '-')} ms"
         )
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from jobs.migrate import migrate, rows_per_model
+    from jobs.storage import open_store
+
+    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    report = migrate(store)
+    for table in ("videos", "segments"):
+        done = report[table]
+        print(f"{table}: {done['rows']} rows from {done['old_parts']} old parts -> {done['files']} Delta data files")
+    print(
+        f"deleted {report['deleted_old_files']} files of the old layout; video rows per model: {rows_per_model(store)}"
+    )
+    print(f"next: vitaclip build-index {args.output}  (or the next indexing run rebuilds the index)")
     return 0
 
 
@@ -367,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--s3-endpoint-url", default=None)
     p.set_defaults(func=_cmd_build_index)
+
+    p = sub.add_parser("migrate", help="convert an output of the previous layout (_commits/) to Delta tables")
+    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("--s3-endpoint-url", default=None)
+    p.set_defaults(func=_cmd_migrate)
 
     for name, help_text in (("search", "search the index by text"), ("serve", "HTTP search service and page")):
         p = sub.add_parser(name, help=help_text)

@@ -1,0 +1,141 @@
+"""``vitaclip migrate OUT``: converts an output of the previous layout (schema version 1) to the Delta tables.
+
+The previous layout kept Parquet parts under ``OUT/videos`` and ``OUT/segments``, a commit record per commit under
+``OUT/_commits/<seq>.json`` (the highest names the live parts) and uncommitted work under ``OUT/_staging``. The
+migration reads the live parts of the latest record one at a time, keeps one row per row id (the newest, as the
+index build did), writes them as Delta data files of schema version 2 and commits each table once (segments, then
+videos). Only then are the old parts, records and staging deleted, so a migration killed half-way leaves the old
+layout readable and can simply run again. The index (``OUT/index``) is rebuilt by the next run or by
+``vitaclip build-index``; run records (``OUT/runs``) stay.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from index import delta_tables as dlt
+from index.schema import SchemaError, check_schema
+from jobs.storage import Store
+
+log = logging.getLogger("vitaclip.migrate")
+
+_COMMITS, _STAGING = "_commits", "_staging"
+
+
+def _latest_record(store: Store) -> dict[str, Any]:
+    records = [p for p in store.list(_COMMITS + "/") if p.endswith(".json")]
+    if not records:
+        raise ValueError(f"{store.url} has no commit records of the previous layout: nothing to migrate")
+    return dict(json.loads(store.get_bytes(max(records))))
+
+
+def _read_part(store: Store, rel: str, table: str, columns: list[str] | None = None) -> tuple[pa.Table, int]:
+    data = pq.ParquetFile(io.BytesIO(store.get_bytes(rel)))
+    try:
+        embed_dim = check_schema(data.schema_arrow, table)
+    except SchemaError as exc:
+        raise ValueError(f"{store.url_for(rel)}: {exc}") from exc
+    return data.read(columns=columns), embed_dim
+
+
+def migrate(store: Store) -> dict[str, Any]:
+    """Converts the output in `store` to Delta tables; returns what it did (rows and files per table).
+
+    Raises:
+        ValueError: The output is not in the previous layout (already migrated, or not a vitaclip output).
+    """
+    location = store.location
+    if not dlt.detect_old_layout(location):
+        if dlt.open_table(location, "videos") is not None:
+            raise ValueError(f"{location.url} already holds Delta tables: nothing to migrate")
+        raise ValueError(f"{location.url} is not a vitaclip output of the previous layout (no _commits/)")
+    record = _latest_record(store)
+    parts = {table: list(record["files"].get(table, [])) for table in dlt.TABLES}
+    embed_dim = None
+    winners: dict[str, dict[str, np.ndarray]] = {}
+    for table in dlt.TABLES:
+        # One row per row id: the newest (an output written before duplicate listings were planned once may hold
+        # a video twice). Only the key columns of every part are held at once.
+        ids, stamps, part_of, row_of = [], [], [], []
+        for index, rel in enumerate(parts[table]):
+            keys, dim = _read_part(store, rel, table, ["row_id", "indexed_at"])
+            if embed_dim is not None and dim != embed_dim:
+                raise ValueError(f"{store.url_for(rel)} holds {dim}-dim embeddings, other parts {embed_dim}-dim")
+            embed_dim = dim
+            ids.append(keys.column("row_id").to_numpy())
+            stamps.append(keys.column("indexed_at").cast(pa.int64()).to_numpy())
+            part_of.append(np.full(keys.num_rows, index, np.int64))
+            row_of.append(np.arange(keys.num_rows, dtype=np.int64))
+        if not ids:
+            winners[table] = {}
+            continue
+        all_ids, all_stamps = np.concatenate(ids), np.concatenate(stamps)
+        order = np.lexsort((-all_stamps, all_ids))  # by id, newest first
+        first = np.ones(len(order), bool)
+        first[1:] = all_ids[order][1:] != all_ids[order][:-1]
+        chosen = order[first]
+        parts_chosen, rows_chosen = np.concatenate(part_of)[chosen], np.concatenate(row_of)[chosen]
+        winners[table] = {
+            parts[table][p]: np.sort(rows_chosen[parts_chosen == p]) for p in np.unique(parts_chosen).tolist()
+        }
+    if embed_dim is None:
+        raise ValueError(f"{location.url} has commit records but no committed rows: delete it and run the job")
+    versions = dlt.create_tables(location, embed_dim)
+    report: dict[str, Any] = {"embed_dim": embed_dim}
+    migration = uuid.uuid4().hex
+    for table in ("segments", "videos"):  # the job's order: segments never point at missing video rows
+        adds = []
+        rows = 0
+        for index, (rel, keep) in enumerate(sorted(winners[table].items())):
+            data, _ = _read_part(store, rel, table)
+            data = data.take(pa.array(keep)) if len(keep) != data.num_rows else data
+            data = data.replace_schema_metadata(None)
+            name = f"part-migrated-{migration}-{index:06d}.parquet"
+            adds.append(dlt.write_data_file(location, table, data, name=name, embed_dim=embed_dim))
+            rows += data.num_rows
+        if adds:
+            dlt.commit(
+                location,
+                table,
+                adds=adds,
+                removes=[],
+                read_version=versions[table],
+                app_id=f"vitaclip-migrate-{migration}",
+                app_version=1,
+                metadata={"vitaclip.migrated_from_commit": str(record.get("seq"))},
+            )
+        report[table] = {"rows": rows, "files": len(adds), "old_parts": len(parts[table])}
+    # Committed: the old layout goes (parts of tables, records, staging), leaving the Delta files alone.
+    new_files = {f"{t}/{p}" for t in dlt.TABLES for p in dlt.data_file_paths(dlt.open_table(location, t))}  # type: ignore[arg-type]
+    deleted = 0
+    for prefix in (*(f"{t}/" for t in dlt.TABLES), _STAGING + "/", _COMMITS + "/"):
+        for rel in store.list(prefix):
+            if prefix.rstrip("/") in dlt.TABLES and (rel in new_files or "/_delta_log/" in rel):
+                continue
+            if prefix.rstrip("/") in dlt.TABLES and not rel.endswith(".parquet"):
+                continue
+            store.delete(rel)
+            deleted += 1
+    report["deleted_old_files"] = deleted
+    log.info("migrated %s: %s", location.url, report)
+    return report
+
+
+def rows_per_model(store: Store) -> dict[str, int]:
+    """Video rows per model id after migration (what `vitaclip migrate` prints)."""
+    from index.tables import read_table
+
+    table = read_table(store, "videos", ["model_id"])
+    if table is None:
+        return {}
+    counts = pc.value_counts(table.column("model_id")).to_pylist()
+    return {c["values"]: int(c["counts"]) for c in counts}
