@@ -396,6 +396,7 @@ class Committer:
         self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
         self._file_ids: dict[str, frozenset[str]] = {}
         self._bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # committed, stale segments not cleaned
+        self._last_failure = ""
 
     def add(self, batch: WrittenBatch) -> None:
         """Queues a written batch for the next `commit`.
@@ -441,8 +442,10 @@ class Committer:
                 return step(attempt)
             except CommitConflict:
                 time.sleep(random.uniform(0.005, 0.02) * min(attempt, 10))
+        failure = f" (the last on storage: {self._last_failure})" if self._last_failure else ""
         raise RuntimeError(
-            f"another writer kept committing to {self.location.url}: {self.max_rounds} commit rounds conflicted"
+            f"no commit to {self.location.url} succeeded in {self.max_rounds} rounds: other writers kept committing "
+            f"or storage kept failing{failure}"
         )
 
     # ------------------------------------------------------------------------------------------------- a round
@@ -552,9 +555,12 @@ class Committer:
             )
         except (CommitConflict, ValueError):
             raise
-        except Exception:
+        except Exception as exc:
             if dlt.committed_app_version(self.location, table, app_id) == app_version:
                 return read_version + 1  # it landed; a commit only ever lands at read_version + 1
+            if isinstance(exc, OSError):  # a storage failure (throttling, a dropped connection): nothing landed
+                self._last_failure = f"{type(exc).__name__}: {exc}"
+                raise CommitConflict(f"the {table} commit failed on storage and is retried: {exc}") from exc
             raise
 
     def _follow_log(self, table: str, snapshot: _Snapshot) -> None:

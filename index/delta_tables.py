@@ -240,10 +240,17 @@ def _table_properties(table: str, embed_dim: int) -> dict[str, str | None]:
 
 def open_table(location: OutputLocation, table: str, *, version: int | None = None) -> DeltaTable | None:
     """Opens one table at its latest version (or `version`); None when there is no Delta table there yet."""
-    try:
-        return DeltaTable(location.table_uri(table), version=version, storage_options=location.storage_options())
-    except TableNotFoundError:
-        return None
+    for attempt in range(_S3_MAX_ATTEMPTS):
+        try:
+            return DeltaTable(location.table_uri(table), version=version, storage_options=location.storage_options())
+        except TableNotFoundError:
+            return None
+        except OSError:
+            # delta-rs does not retry its log reads: a throttled or dropped request (503, reset) fails the open.
+            if attempt + 1 == _S3_MAX_ATTEMPTS or location.scheme == "file":
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | None = None) -> dict[str, int]:

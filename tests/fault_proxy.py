@@ -37,8 +37,7 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self._body()
                 with proxy._lock:
                     n = next(proxy._count)
                     proxy.requests = n
@@ -63,7 +62,10 @@ class FaultProxy:
                     self.connection.close()
                     return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-connection")}
+                hop = ("connection", "proxy-connection", "transfer-encoding", "content-length", "expect")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                if body:
+                    headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
@@ -71,7 +73,9 @@ class FaultProxy:
                 for key, value in resp.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but announces the object's length: pass that on.
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 if fault == "truncate" and len(data) > 16:
                     proxy.injected[fault] += 1
                     self.end_headers()
@@ -82,6 +86,21 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes:
+                """The request body, whole: by Content-Length, or de-chunked (pyarrow's S3 uploads are chunked)."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
