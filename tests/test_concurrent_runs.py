@@ -1,0 +1,154 @@
+"""Several indexing runs on one S3 output at once, and a run that loses a worker node; input and output on S3.
+
+The runs are separate driver processes (as a scheduler starts them) on one `ray start --head` cluster or on a
+multi-node `ray.cluster_utils.Cluster`. Afterwards: one row per video, the tables readable, a further run plans
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_head import ROOT, ray_head
+from test_index_job import make_videos
+from test_index_job_s3 import upload_folder
+
+from index import tables
+from index.delta_tables import OutputLocation
+
+HOOKED = str(ROOT / "tests" / "run_job_with_hooks.py")
+
+
+def _upload(client: Any, bucket: str, folder: Path, prefix: str) -> list[str]:
+    return [uri for uri in upload_folder(client, bucket, folder, prefix) if uri.endswith(".mp4")]
+
+
+def _argv(bucket: str, endpoint: str, address: str, *extra: str) -> list[str]:
+    return [
+        f"s3://{bucket}/raw/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--s3-endpoint-url",
+        endpoint,
+        "--ray-address",
+        address,
+        "--model",
+        "vitaclip-tiny",
+        "--random-weights",
+        "--segment-seconds",
+        "1",
+        *extra,
+    ]
+
+
+def _start(action: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, HOOKED, action, "--", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(job: subprocess.Popen[str]) -> str:
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-4000:]
+    return out.strip().splitlines()[-1]  # the run id
+
+
+def _check_once(location: OutputLocation, uris: list[str]) -> None:
+    videos = tables.read_table(location, "videos", ["video_id", "uri", "status"])
+    assert videos is not None
+    assert sorted(videos.column("uri").to_pylist()) == sorted(uris)  # one row per video
+    segments = tables.read_table(location, "segments", ["video_id", "segment_index"])
+    assert segments is not None
+    keys = list(zip(segments.column("video_id").to_pylist(), segments.column("segment_index").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) and {v for v, _ in keys} <= set(videos.column("video_id").to_pylist())
+
+
+def _summary(client: Any, bucket: str, run_id: str) -> dict[str, Any]:
+    return dict(json.loads(client.get_object(Bucket=bucket, Key=f"out/runs/{run_id}.json")["Body"].read()))
+
+
+def test_two_runs_committing_at_the_same_moment_and_started_together(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    client, bucket = s3_bucket
+    location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
+    uris: list[str] = []
+    with ray_head() as head:
+        argv = _argv(bucket, s3_server, head.address, "--no-index")
+        for round_ in range(3):
+            # New videos each round, so both runs have work to commit; both are held just before their commit and
+            # released together.
+            folder = tmp_path / f"in{round_}"
+            make_videos(folder, 2, start=2 * round_, broken=False)
+            uris += _upload(client, bucket, folder, f"raw/r{round_}")
+            gate = tmp_path / f"gate{round_}"
+            jobs = [_start(f"hold-before-commit:{gate}", argv, head.env) for _ in range(2)]
+            deadline = time.monotonic() + 240
+            while len(list(tmp_path.glob(f"gate{round_}.ready.*"))) < 2:
+                assert all(job.poll() is None for job in jobs), [job.communicate()[1][-3000:] for job in jobs]
+                assert time.monotonic() < deadline, "the runs never reached their commits"
+                time.sleep(0.05)
+            Path(f"{gate}.go").touch()
+            run_ids = [_finish(job) for job in jobs]
+            _check_once(location, uris)
+            summaries = [_summary(client, bucket, run_id) for run_id in run_ids]
+            # Both planned the new videos; between them they committed each once, the loser dropped what the winner
+            # had committed.
+            assert all(s["counts"]["planned"] == 2 for s in summaries)
+            assert sum(s["commit"]["videos_committed"] for s in summaries) == 2
+            assert sum(s["commit"]["dropped_done_by_another_run"] for s in summaries) == 2
+
+        # Two runs started together end to end, over new videos, with the index.
+        folder = tmp_path / "in-last"
+        make_videos(folder, 2, start=10, broken=False)
+        uris += _upload(client, bucket, folder, "raw/last")
+        both = [_start("none", _argv(bucket, s3_server, head.address), head.env) for _ in range(2)]
+        for job in both:
+            _finish(job)
+        _check_once(location, uris)
+        third = _summary(client, bucket, _finish(_start("none", argv, head.env)))
+        assert third["counts"]["planned"] == 0 and third["counts"]["already_indexed"] == len(uris)
+
+
+def test_a_worker_node_removed_mid_run(s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    client, bucket = s3_bucket
+    make_videos(tmp_path / "in", 8, broken=False)
+    uris = _upload(client, bucket, tmp_path / "in", "raw")
+    location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        cluster.wait_for_nodes()
+        argv = _argv(bucket, s3_server, cluster.address, "--decode-batch-size", "1", "--commit-seconds", "2")
+        env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
+        job = _start("none", argv, env)
+        # Wait until the run has committed some work, then take a worker node (and its actors and blocks) away.
+        deadline = time.monotonic() + 240
+        while not client.list_objects_v2(Bucket=bucket, Prefix="out/videos/_delta_log/00000000000000000001").get(
+            "KeyCount"
+        ):
+            assert job.poll() is None or job.returncode == 0, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run committed nothing"
+            if job.poll() is not None:
+                break
+            time.sleep(0.1)
+        cluster.remove_node(workers[0])
+        job.communicate(timeout=300)
+        # That run completes, or fails and the next one finishes the work.
+        rerun = _start("none", argv, env)
+        _finish(rerun)
+        _check_once(location, uris)
+    finally:
+        cluster.shutdown()
