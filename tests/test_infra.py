@@ -25,7 +25,8 @@ import pytest
 import yaml
 from test_index_job import job_args, make_videos
 
-from jobs import submit, tables
+from index import tables
+from jobs import submit
 from jobs.config import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]

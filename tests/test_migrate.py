@@ -1,0 +1,93 @@
+"""`vitaclip migrate`: an output of the previous layout (Parquet parts + `_commits/` records) becomes Delta tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from index import tables
+from index.schema import row_id_for, schema_for, video_id_for
+from jobs.index_videos import main as job_main
+from vitaclip.cli import main as cli_main
+
+DIM = 8
+
+
+def _old_rows(uris: list[str], *, when: dt.datetime, run_id: str) -> tuple[pa.Table, pa.Table]:
+    rng = np.random.default_rng(len(run_id))
+    videos, segments = [], []
+    for uri in uris:
+        vid = video_id_for(uri)
+        emb = rng.normal(size=DIM).astype(np.float32)
+        common = dict(
+            labels=["a"], label_scores=[1.0], thumbnail_jpeg=None, model_id="m@1", run_id=run_id, indexed_at=when
+        )
+        videos.append(
+            dict(
+                video_id=vid, row_id=row_id_for(vid), uri=uri, etag=f"e-{run_id}", size_bytes=10,
+                duration_seconds=2.0, fps=10.0, width=8, height=8, codec="h264", status="ok", error_message=None,
+                embedding=(emb / np.linalg.norm(emb)).tolist(), **common,
+            )
+        )  # fmt: skip
+        for i in range(2):
+            segments.append(
+                dict(
+                    video_id=vid, row_id=row_id_for(vid, i), uri=uri, segment_index=i, start_seconds=float(i),
+                    end_seconds=float(i + 1), embedding=(emb / np.linalg.norm(emb)).tolist(), **common,
+                )
+            )  # fmt: skip
+    return (
+        pa.Table.from_pylist(videos, schema=schema_for("videos", DIM)),
+        pa.Table.from_pylist(segments, schema=schema_for("segments", DIM)),
+    )
+
+
+def _old_output(out: Path) -> None:
+    """Two committed runs (the second re-indexed one video and, listed twice, holds it twice) and staged work."""
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    first = _old_rows(["/v/a.mp4", "/v/b.mp4", "/v/c.mp4"], when=t0, run_id="r1")
+    second = _old_rows(["/v/a.mp4"], when=t0 + dt.timedelta(days=1), run_id="r2")
+    files: dict[str, list[str]] = {"videos": [], "segments": []}
+    for name, (videos, segments) in (("r1", first), ("r2", second)):
+        for table, rows in (("videos", videos), ("segments", segments)):
+            rel = f"{table}/part-{name}-000000.parquet"
+            (out / table).mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, out / rel)
+            files[table].append(rel)
+    (out / "_staging" / "r3" / "videos").mkdir(parents=True)
+    pq.write_table(first[0], out / "_staging" / "r3" / "videos" / "part-000000.parquet")
+    (out / "_commits").mkdir()
+    (out / "_commits" / "0000000002.json").write_text(json.dumps({"seq": 2, "files": files, "consumed_staging": []}))
+
+
+def test_old_layout_is_refused_then_migrated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _old_output(out)
+    (tmp_path / "in").mkdir()
+    argv = [str(tmp_path / "in"), "--output", str(out), "--model", "vitaclip-tiny", "--random-weights"]
+    assert job_main(argv) == 2
+    assert f"vitaclip migrate {out}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vitaclip migrate"):
+        tables.read_table(out, "videos")
+
+    assert cli_main(["migrate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "videos: 3 rows" in printed and "segments: 6 rows" in printed
+    videos = tables.read_table(out, "videos")
+    assert videos is not None and videos.num_rows == 3  # one row per video: the newest of a
+    rows = {r["uri"]: r for r in videos.to_pylist()}
+    assert rows["/v/a.mp4"]["run_id"] == "r2" and rows["/v/b.mp4"]["run_id"] == "r1"
+    assert len(rows["/v/a.mp4"]["embedding"]) == DIM
+    segments = tables.read_table(out, "segments", ["row_id"])
+    assert segments is not None and segments.num_rows == 6
+    assert not (out / "_commits").exists() or not any((out / "_commits").iterdir())
+    assert not any((out / "_staging").rglob("*.parquet"))
+    assert {p.name for p in (out / "videos").glob("*.parquet")} == set(tables.data_files(out, "videos"))
+    assert cli_main(["migrate", str(out)]) == 2  # already migrated
+    assert "already holds Delta tables" in capsys.readouterr().err
