@@ -3,7 +3,7 @@
 Decode-only: one process per core running the job's own decode stage over the videos (the processes are started
 and warmed up before timing). Job: the real indexing run (list, plan, decode actors, embed + label actor, write
 Parquet, commit, build the index) on an embedded Ray with the same number of CPUs, started before timing; one
-untimed run warms Ray up. Target: the job reaches >= 70% of decode-only throughput.
+untimed run warms Ray up. Target: the job reaches >= 80% of decode-only throughput.
 
 Each run of the job pays a fixed cost whatever the number of videos (its actors' processes starting, the embed actor
 importing torch and open_clip and building the model and the label features, commit, index build), so the ratio
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -196,6 +197,15 @@ def time_decode_only(videos: list[Path], *, cpus: int, num_frames: int, size: in
     return elapsed
 
 
+DRIVER_CPU: dict[int, list[tuple[float, int]]] = {}  # videos -> (driver CPU seconds, rows) per job run
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (the driver: its threads, Ray's core worker included), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
     from jobs.config import IndexJobConfig
     from jobs.pipeline import run_index_job
@@ -203,8 +213,10 @@ def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     job = IndexJobConfig(inputs=(str(folder),), output=str(out), model=model, random_weights=True)
     start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     summary = run_index_job(job)
     elapsed = time.perf_counter() - start
+    DRIVER_CPU.setdefault(count, []).append((_cpu_seconds() - cpu_start, int(summary["clips_embedded"])))
     assert summary["status"] == {"ok": count}, summary["status"]
     shutil.rmtree(out, ignore_errors=True)
     return elapsed
@@ -289,9 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         passes = zip(decode_times[n], job_times[n], other_cores[n], strict=True)
         print(f"{n:6d}  " + "  ".join(f"{dt:.2f} ({do:.2f}) / {jt:.2f} ({jo:.2f})" for dt, jt, (do, jo) in passes))
     ratio = medians[sizes[-1]][0] / medians[sizes[-1]][1]
-    verdict = "met" if ratio >= 0.7 else "NOT met"
+    verdict = "met" if ratio >= 0.8 else "NOT met"
     print(f"\nend to end, fixed cost included ({sizes[-1]} videos): job / decode-only = {ratio:.2f}")
-    print(f"  target >= 0.70: {verdict}")
+    print(f"  target >= 0.80: {verdict}")
+    print("\ndriver CPU seconds per 1,000 rows (the whole run on the driver: planning, commits, the index update)")
+    for n in sizes:
+        runs = DRIVER_CPU.get(n, [])[1:] if n == sizes[0] else DRIVER_CPU.get(n, [])  # the warm-up is not counted
+        if runs:
+            per_1000 = statistics.median(1000 * cpu / max(rows, 1) for cpu, rows in runs)
+            print(f"{n:6d} videos: {per_1000:.4f} s (target <= 0.005)")
     if len(sizes) > 1:
         fit = _fit(sizes[0], sizes[-1], medians)
         print(f"steady state, fixed cost excluded: job / decode-only = {fit['ratio']:.2f}")
