@@ -12,6 +12,9 @@ Then the real job (`python -m jobs.index_videos`, default flags, embedded Ray) i
   (the model, the videos and Python's own files are read in every run alike);
 - the driver's peak resident memory (``VmHWM``).
 
+Each size is run with default flags and with ``--no-index``, which separates the tables' cost (listing, planning,
+writing, commits) from the index update's.
+
 Targets (issue 13): time(1M) / time(0) <= 1.2; <= 100 bytes read per committed row; driver memory growth <= 200 MB
 at 1M rows. Linux only (/proc).
 
@@ -169,8 +172,8 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def run_job(videos: Path, out: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "jobs.index_videos", str(videos), "--output", str(out), "--model", MODEL]
+def run_job(videos: Path, out: Path, *extra: str) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "jobs.index_videos", str(videos), "--output", str(out), "--model", MODEL, *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
     start = time.perf_counter()
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -213,26 +216,30 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
             build_output(base, size, rows_per_file=args.rows_per_file)
             print(f"built an output of {size} rows in {time.perf_counter() - started:.0f} s", flush=True)
-    results: dict[int, list[dict[str, float]]] = {size: [] for size in args.sizes}
+    variants = {"job (default flags)": (), "job --no-index (tables only)": ("--no-index",)}
+    results = {(v, size): [] for v in variants for size in args.sizes}  # type: dict[tuple[str, int], list[dict[str, float]]]
     for repeat in range(args.repeats):
         for size in args.sizes:
-            out = work / "run"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(work / f"base-{size}", out, copy_function=_link_or_copy)
-            measured = run_job(videos, out)
-            results[size].append(measured)
-            print(f"repeat {repeat + 1}, {size:>9} rows: {measured}", flush=True)
-    median = {size: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for size, runs in results.items()}
-    base = median[args.sizes[0]]
+            for variant, extra in variants.items():
+                out = work / "run"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(work / f"base-{size}", out, copy_function=_link_or_copy)
+                measured = run_job(videos, out, *extra)
+                results[variant, size].append(measured)
+                print(f"repeat {repeat + 1}, {size:>9} rows, {variant}: {measured}", flush=True)
+    median = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in results.items()}
     print(f"\nmedians over {args.repeats} runs of a job with {args.new_videos} new videos")
-    print(f"{'committed rows':>15} {'seconds':>8} {'x time(0)':>9} {'MB read':>8} {'B/row':>6} {'driver MB':>10}")
-    for size in args.sizes:
-        m = median[size]
-        per_row = (m["bytes_read"] - base["bytes_read"]) / size if size else 0.0
-        print(
-            f"{size:>15} {m['seconds']:>8.1f} {m['seconds'] / base['seconds']:>9.2f} {m['bytes_read'] / 1e6:>8.0f} "
-            f"{per_row:>6.1f} {m['driver_peak_mb']:>10.0f}"
-        )
+    for variant in variants:
+        base = median[variant, args.sizes[0]]
+        print(f"\n{variant}")
+        print(f"{'committed rows':>15} {'seconds':>8} {'x time(0)':>9} {'MB read':>8} {'B/row':>6} {'driver MB':>10}")
+        for size in args.sizes:
+            m = median[variant, size]
+            per_row = (m["bytes_read"] - base["bytes_read"]) / size if size else 0.0
+            print(
+                f"{size:>15} {m['seconds']:>8.1f} {m['seconds'] / base['seconds']:>9.2f} "
+                f"{m['bytes_read'] / 1e6:>8.0f} {per_row:>6.1f} {m['driver_peak_mb']:>10.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Table schemas: the contract between the indexing job, the index and analysts.
+"""Row ids, video ids, ETags of local files, and the column layout of the tables at schema version 1.
 
-Each table is Parquet with a declared pyarrow schema whose metadata names the table and its version. Readers refuse
-a version they do not know. A schema change bumps ``SCHEMA_VERSION``.
+Version 1 is the previous output layout (plain Parquet parts whose schema metadata names the table and version),
+read by ``vitaclip migrate``. The Delta tables of today (`index.delta_tables`, schema version 2) take their columns
+from it with two types changed; their version and embedding size are table properties.
 """
 
 from __future__ import annotations

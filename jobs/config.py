@@ -135,7 +135,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(IndexJobConfig)}
 
 
 def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Index videos: embeddings, zero-shot labels, Parquet, FAISS.")
+    p = argparse.ArgumentParser(prog=prog, description="Index videos: embeddings, labels, Delta tables, FAISS.")
     p.add_argument("inputs", nargs="*", help="s3://bucket/prefix, local folders, or manifest files (CSV/Parquet)")
     p.add_argument("--output", help="output folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")

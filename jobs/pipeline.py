@@ -201,6 +201,15 @@ def write_blocks(
     return written, stats
 
 
+def update_index(config: IndexJobConfig, model_id: str) -> dict[str, Any]:
+    """Brings ``OUT/index`` up to the tables' latest versions (`index.build.build_from_output`); run as a Ray task."""
+    from index.build import build_from_output
+    from index.cli import label_queries
+
+    store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
+    return build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
+
+
 def _versions() -> dict[str, str]:
     import deltalake
     import open_clip
@@ -296,8 +305,6 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     import ray
 
     import vitaclip
-    from index.build import build_from_output
-    from index.cli import label_queries
     from vitaclip.model import backbone_model_config
     from vitaclip.registry import default_label_names, model_id_for, resolve_config
 
@@ -437,9 +444,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
 
         index_info = None
         if config.build_index and status_counts.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
-            index_info = build_from_output(
-                store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint)
-            )
+            # In a task, not on the driver: the index is held whole while it is updated.
+            update: Any = ray.remote(update_index).options(num_cpus=0, max_retries=0)
+            index_info = ray.get(update.remote(config, model_id))
         vacuumed = (
             vacuum(location, retention_hours=config.vacuum_retention_hours)
             if config.vacuum_retention_hours > 0
