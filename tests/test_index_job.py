@@ -128,6 +128,8 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
         out / "videos", "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(DISTINCT video_id) FROM t"
     )[0]
     assert (n, n_ok, n_ids) == (len(rows), len(videos), len(rows))
+    n_segments, n_segment_ids = duckdb_scan(out / "segments", "SELECT count(*), count(DISTINCT row_id) FROM t")[0]
+    assert n_segments == n_segment_ids == segs.num_rows
     import polars as pl
     from deltalake import DeltaTable
 
