@@ -203,10 +203,10 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) 
     out = tmp_path / "out"
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    actions = [
-        rng.choice(["kill-after-write:", "kill-before-commit:", "kill-before-videos:"]) + str(rng.randint(1, 3))
-        for _ in range(10)
-    ]
+    # Points every run with work reaches: its first or second written batch, its first commit, the gap between the
+    # two tables' commits.
+    points = ["kill-after-write:1", "kill-after-write:2", "kill-before-commit:1", "kill-before-videos:1"]
+    actions = [rng.choice(points) for _ in range(10)]
     with ray_head() as head:
         argv = job_args(
             [str(tmp_path / "in")], out, "--ray-address", head.address, "--segment-seconds", "1",
@@ -214,13 +214,18 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) 
             "--no-index",
         )  # fmt: skip
         killed = 0
-        for action in actions:
+        for step, action in enumerate(actions):
+            # Work for every run: one new video, and one changed video (a new ETag: its rows are replaced).
+            videos += make_videos(tmp_path / "in", 1, start=4 + step, broken=False)
+            changed = videos[rng.randrange(len(videos) - 1)]
+            write_sample_video(changed, num_frames=36, fps=12, width=96, height=72, pattern="shape", seed=100 + step)
+            os.utime(changed, ns=(1, 10**18 + step))
             done = _hooked(action, argv, head.env)
             assert done.returncode in (0, -signal.SIGKILL), (seed, action, done.stderr[-3000:])
             killed += done.returncode == -signal.SIGKILL
             for name in ("videos", "segments"):  # readable after every kill, by any Delta reader
                 DeltaTable(str(out / name)).to_pyarrow_table(columns=["video_id"])
-        assert killed >= 1, (seed, actions)
+        assert killed >= 7, (seed, actions)
         final = _hooked("none", argv, head.env)
         assert final.returncode == 0, final.stderr[-3000:]
         _assert_every_video_once(out, videos)
