@@ -146,6 +146,11 @@ class PlanActor:
     def report(self) -> dict[str, Any]:
         return {"counts": dict(self.planner.counts), "other_local_dirs": sorted(self._other_local_dirs)}
 
+    def update_index(self, config: IndexJobConfig, model_id: str) -> dict[str, Any]:
+        """`update_index` in this already started process (saves a worker start); the keys are dropped first."""
+        del self.planner
+        return update_index(config, model_id)
+
 
 def _planned_schema(schema: pa.Schema) -> pa.Schema:
     """Listing columns as they leave the planner, with null-only columns typed (strings) so blocks concatenate."""
@@ -438,15 +443,14 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         commits.collect(wait=True)
         commits.commit()
         plan_report: dict[str, Any] = ray.get(planner.report.remote())
-        ray.kill(planner)
         final_versions = commits.reports[-1].versions if commits.reports else versions
         status_counts = commits.status
 
         index_info = None
         if config.build_index and status_counts.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
-            # In a task, not on the driver: the index is held whole while it is updated.
-            update: Any = ray.remote(update_index).options(num_cpus=0, max_retries=0)
-            index_info = ray.get(update.remote(config, model_id))
+            # In the planner's process, not on the driver: the index is held whole while it is updated.
+            index_info = ray.get(planner.update_index.remote(config, model_id))
+        ray.kill(planner)
         vacuumed = (
             vacuum(location, retention_hours=config.vacuum_retention_hours)
             if config.vacuum_retention_hours > 0
