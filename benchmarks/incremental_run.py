@@ -141,22 +141,12 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _rchar(pid: int) -> int | None:
+def _proc_number(pid: int, file: str, key: str) -> int | None:
+    """The first number after ``key`` in ``/proc/<pid>/<file>`` (None when the process is gone)."""
     try:
-        with open(f"/proc/{pid}/io") as f:
+        with open(f"/proc/{pid}/{file}") as f:
             for line in f:
-                if line.startswith("rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _hwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -181,10 +171,10 @@ def run_job(videos: Path, out: Path, *extra: str) -> dict[str, float]:
     hwm = 0
     while job.poll() is None:
         for pid in _tree(job.pid):
-            value = _rchar(pid)
+            value = _proc_number(pid, "io", "rchar:")
             if value is not None:
                 reads[pid] = max(reads.get(pid, 0), value)
-        hwm = max(hwm, _hwm_kb(job.pid) or 0)
+        hwm = max(hwm, _proc_number(job.pid, "status", "VmHWM:") or 0)  # kB
         time.sleep(0.1)
     seconds = time.perf_counter() - start
     output = job.stdout.read() if job.stdout else ""

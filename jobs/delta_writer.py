@@ -49,6 +49,19 @@ def result_tables(
         vals = col(embeddings, mask)
         return pa.array([None if v is None else v.astype(np.float32) for v in vals], type=emb_type)
 
+    def result_columns(mask: np.ndarray) -> dict[str, Any]:
+        """The columns every row ends with, videos and segments alike (`index.schema` declares them once too)."""
+        count = int(mask.sum())
+        return {
+            "embedding": emb(mask),
+            "labels": col(labels, mask),
+            "label_scores": col(scores, mask),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], mask)],
+            "model_id": [model_id] * count,
+            "run_id": [run_id] * count,
+            "indexed_at": [now] * count,
+        }
+
     vm = is_video
     videos = pa.table(
         {
@@ -64,13 +77,7 @@ def result_tables(
             "codec": [c or None for c in col(batch["codec"], vm)],
             "status": [str(s) for s in col(batch["status"], vm)],
             "error_message": [m or None for m in col(batch["error_message"], vm)],
-            "embedding": emb(vm),
-            "labels": col(labels, vm),
-            "label_scores": col(scores, vm),
-            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], vm)],
-            "model_id": [model_id] * int(vm.sum()),
-            "run_id": [run_id] * int(vm.sum()),
-            "indexed_at": [now] * int(vm.sum()),
+            **result_columns(vm),
         },
         schema=schemas["videos"],
     )
@@ -84,13 +91,7 @@ def result_tables(
             "segment_index": seg_index,
             "start_seconds": [float(s) for s in col(batch["start_seconds"], sm)],
             "end_seconds": [float(s) for s in col(batch["end_seconds"], sm)],
-            "embedding": emb(sm),
-            "labels": col(labels, sm),
-            "label_scores": col(scores, sm),
-            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], sm)],
-            "model_id": [model_id] * int(sm.sum()),
-            "run_id": [run_id] * int(sm.sum()),
-            "indexed_at": [now] * int(sm.sum()),
+            **result_columns(sm),
         },
         schema=schemas["segments"],
     )
