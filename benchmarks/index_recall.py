@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.build import build_index, exact_search, open_index, plan_index, recall_at_k  # noqa: E402
+from index.build import build_index, exact_search, plan_index, recall_at_k  # noqa: E402
+from index.segments import open_index  # noqa: E402
 
 
 def synthetic(count: int, dim: int, *, clusters: int = 2000, seed: int = 0) -> np.ndarray:

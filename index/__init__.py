@@ -4,6 +4,7 @@
 opens read-only, and its ``.search(queries, k)`` returns ``(scores, ids)``.
 """
 
-from index.build import build_index, open_index
+from index.build import build_index
+from index.segments import open_index
 
 __all__ = ["build_index", "open_index"]

@@ -1,4 +1,5 @@
-"""FAISS indexes over committed embeddings, following FAISS's own stages: choose, train, add, tune, save.
+"""FAISS indexes over committed embeddings, following FAISS's own stages: choose, train, add, tune, save; and their
+updates from the output tables' logs.
 
 Inner product on L2-normalised vectors. The kind is chosen from the vector count and a memory budget (overridable):
 exact search up to ``flat_max`` vectors, IVF beyond, compressed codes (IVF-PQ) only past the memory budget and then
@@ -6,13 +7,10 @@ with re-ranking from the stored full vectors (a memory-mapped ``.npy``), since c
 on text queries. Search parameters (``nprobe``, ``efSearch``) are tuned to a recall target measured with text-side
 queries against exact search. A GPU (faiss-gpu) trains and adds when present.
 
-Files of one index named NAME (``videos`` or ``segments``) in the index folder::
-
-    NAME.faiss        the FAISS index (ids are the tables' int64 row_id)
-    NAME.ids.npy      row ids in insertion order
-    NAME.vectors.npy  full vectors in insertion order (kept for re-ranking and rebuilds)
-    index_info.json   kind, factory, parameters, counts, model id, measured recall and latency, the table
-                      versions it reflects (followed through the Delta log on updates) and why it was last rebuilt
+A full build writes the base segment of each index; `build_from_output` then follows the tables' Delta logs: each
+update reads only the data files added or removed since the versions the index reflects, writes their rows as a
+small exact segment and records the removed ids as deletions (the files on disk: `index.segments`). Segments of
+similar size are merged; the base is rebuilt (and retrained) once the changes since it outgrow a fraction of it.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,31 +29,40 @@ import numpy as np
 import pyarrow as pa
 
 from index.delta_tables import OutputLocation
+from index.segments import (
+    INDEX_DIR,
+    INDEX_FORMAT_VERSION,
+    INFO_FILE,
+    IndexPlan,
+    IndexUnusableError,
+    Segment,
+    VectorIndex,
+    hnsw_of,
+    ivf_of,
+    last_generation,
+    read_deleted,
+    read_info,
+    read_segment,
+    referenced_files,
+    remove_unreferenced,
+    segments_of,
+    write_deleted,
+    write_info,
+    write_segment,
+)
 
 log = logging.getLogger("vitaclip.index")
 
-INFO_FILE = "index_info.json"
-INDEX_DIR = "index"
-INDEX_FORMAT_VERSION = 3  # 3: follows the Delta tables' logs (table_versions)
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 
 DEFAULT_FLAT_MAX = 100_000  # exact search of 100k x 512 stays within a few ms per query on 2 cores
 DEFAULT_MEMORY_BUDGET_BYTES = 8 * 2**30
 DEFAULT_RECALL_TARGET = 0.95
-RERANK_FACTOR = 16  # candidates per result re-ranked with full vectors (at least RERANK_MIN)
-RERANK_MIN = 100
-
-
-class IndexUnusableError(ValueError):
-    """An index that cannot serve a request: missing, another model, an unknown format."""
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    kind: str
-    factory: str
-    nlist: int = 0
-    rerank: bool = False
+# The base is rebuilt when the rows added and deleted since it was built pass this fraction of it (at least
+# DELTA_MIN_ROWS, at most the flat limit: later segments are searched exactly).
+DELTA_FRACTION = 0.25
+DELTA_MIN_ROWS = 10_000
+MAX_DELTA_SEGMENTS = 12  # past this many segments after the base, the newest are merged whatever their sizes
 
 
 def plan_index(
@@ -117,81 +123,6 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-@dataclass
-class VectorIndex:
-    """An index with its row ids and (optionally) full vectors for re-ranking.
-
-    ``search(queries [Q, E], k) -> (scores [Q, k], ids [Q, k])``, id -1 where fewer than k exist.
-    """
-
-    index: faiss.Index
-    ids: np.ndarray  # [N] int64, insertion order
-    vectors: np.ndarray | None  # [N, E] float32 (memory-mapped when loaded), for re-ranking
-    plan: IndexPlan
-    params: dict[str, int] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    _pos: np.ndarray | None = None  # argsort of ids, for id -> position
-
-    @property
-    def count(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
-    def set_params(self, **params: int) -> None:
-        self.params.update(params)
-        ivf = _ivf(self.index)
-        if ivf is not None and "nprobe" in params:
-            ivf.nprobe = int(params["nprobe"])
-        hnsw = _hnsw(self.index)
-        if hnsw is not None and "efSearch" in params:
-            hnsw.hnsw.efSearch = int(params["efSearch"])
-
-    def _positions(self, ids: np.ndarray) -> np.ndarray:
-        if self._pos is None:
-            self._pos = np.argsort(self.ids, kind="stable")
-        sorted_ids = self.ids[self._pos]
-        where = np.searchsorted(sorted_ids, ids)
-        where = np.clip(where, 0, len(sorted_ids) - 1)
-        return self._pos[where]
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if not self.plan.rerank or self.vectors is None:
-            return self.index.search(q, k)
-        _, cand = self.index.search(q, max(k * RERANK_FACTOR, RERANK_MIN))
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
-        for i in range(len(q)):
-            c = cand[i][cand[i] >= 0]
-            if not len(c):
-                continue
-            full = np.asarray(self.vectors[self._positions(c)], dtype=np.float32)  # [C, E] exact re-ranking
-            s = full @ q[i]
-            top = np.argsort(-s)[:k]
-            scores[i, : len(top)] = s[top]
-            ids[i, : len(top)] = c[top]
-        return scores, ids
-
-
-def _ivf(index: faiss.Index) -> Any:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def _hnsw(index: faiss.Index) -> Any:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    return inner if hasattr(inner, "hnsw") else None
-
-
 def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, seed: int = 0) -> faiss.Index:
     dim = vectors.shape[1]
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -200,7 +131,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, see
         sample_size = min(len(vectors), max(64 * max(plan.nlist, 1), 50_000))
         sample = vectors[np.sort(rng.choice(len(vectors), sample_size, replace=False))]
         if _use_gpu() and plan.nlist:
-            ivf = faiss.extract_index_ivf(index)
+            ivf = faiss.extract_indexivf_of(index)
             clustering = faiss.Clustering(dim, ivf.nlist)
             clustering.seed = seed
             gpu_quantizer = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
@@ -209,7 +140,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, see
             ivf.quantizer.add(centroids)
             index.train(np.ascontiguousarray(sample))  # trains the codes (PQ) on the fixed quantizer
         else:
-            ivf = _ivf(index)
+            ivf = ivf_of(index)
             if ivf is not None:
                 ivf.cp.seed = seed
             index.train(np.ascontiguousarray(sample))
@@ -235,7 +166,7 @@ def tune(
     if vindex.plan.nlist:
         grid = [("nprobe", v) for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if v <= vindex.plan.nlist]
         grid.append(("nprobe", vindex.plan.nlist))
-    elif _hnsw(vindex.index) is not None:
+    elif hnsw_of(vindex.index) is not None:
         grid = [("efSearch", v) for v in (16, 32, 64, 128, 256, 512)]
     else:
         grid = [("exact", 0)]
@@ -291,6 +222,46 @@ def build_index(
 
     Returns this index's entry of ``index_info.json`` (also written, merged with other indexes of the folder).
     """
+    folder = Path(out_dir)
+    previous = _info_or_empty(folder)
+    generation = last_generation(previous) + 1
+    entry = _build_base(
+        vectors,
+        ids,
+        folder,
+        generation=generation,
+        kind=kind,
+        name=name,
+        tune_queries=tune_queries,
+        recall_target=recall_target,
+        memory_budget_bytes=memory_budget_bytes,
+        flat_max=flat_max,
+    )
+    info = _with_entry(previous, name, entry, model_id)
+    write_info(folder, info)
+    remove_unreferenced(
+        [p.name for p in folder.iterdir()],
+        referenced_files(previous) | referenced_files(info),
+        _unlink_in(folder),
+        upto=generation - 1,
+    )
+    return entry
+
+
+def _build_base(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    folder: Path,
+    *,
+    generation: int,
+    kind: str,
+    name: str,
+    tune_queries: np.ndarray | Callable[[], np.ndarray] | None,
+    recall_target: float,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    flat_max: int = DEFAULT_FLAT_MAX,
+) -> dict[str, Any]:
+    """Chooses, trains, fills and tunes a base segment of index NAME and writes its files; returns its entry."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if vectors.ndim != 2 or len(vectors) != len(ids):
@@ -350,7 +321,8 @@ def build_index(
     }
     if auto_note:
         entry["auto_choice"] = auto_note
-    _save(out_dir, name, vindex, entry, model_id)
+    base = write_segment(folder, name, generation, vindex)
+    entry.update(generation=generation, segments=[base.to_dict()], deleted=None)
     return entry
 
 
@@ -363,7 +335,7 @@ def _default_queries(vectors: np.ndarray, n: int = 200, seed: int = 0) -> np.nda
 
 
 def _quantization_error(index: faiss.Index, vectors: np.ndarray, n: int = 5000) -> float:
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is None:
         return 0.0
     sample = vectors[:n]
@@ -371,74 +343,27 @@ def _quantization_error(index: faiss.Index, vectors: np.ndarray, n: int = 5000) 
     return float(np.mean(1.0 - d[:, 0]))  # 1 - cosine to the nearest centroid
 
 
-def _save(out_dir: str | Path, name: str, vindex: VectorIndex, entry: dict[str, Any], model_id: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(vindex.index, str(out / f"{name}.faiss"))
-    np.save(out / f"{name}.ids.npy", vindex.ids)
-    if vindex.plan.rerank and vindex.vectors is not None:
-        np.save(out / f"{name}.vectors.npy", np.asarray(vindex.vectors, dtype=np.float32))
-    (out / f"{name}.stamps.npy").unlink(missing_ok=True)  # written by format version 2
-    _set_entry(out, name, entry, model_id)
-
-
-def _set_entry(folder: Path, name: str, entry: dict[str, Any], model_id: str) -> None:
-    info_path = folder / INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if info.get("model_id") not in (None, model_id):
-        info = {}  # another model's index is replaced whole
-    info.update({"format_version": INDEX_FORMAT_VERSION, "model_id": model_id})
-    info.setdefault("indexes", {})[name] = entry
-    info_path.write_text(json.dumps(info, indent=1))
-
-
-def read_info(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
-        raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
-    info = json.loads(path.read_text())
-    if info.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexUnusableError(
-            f"index format version {info.get('format_version')} is not supported (this vitaclip reads "
-            f"{INDEX_FORMAT_VERSION}): rebuild it with `vitaclip build-index`"
-        )
-    return dict(info)
-
-
-def open_index(
-    out_dir: str | Path, *, name: str = "videos", model_id: str | None = None, gpu: bool = False
-) -> VectorIndex:
-    """Opens an index read-only (``OUT`` or ``OUT/index``); refuses one built with another model.
-
-    ``gpu=True`` moves flat and IVF indexes to the GPUs when faiss-gpu sees any (the CPU index otherwise).
-    """
-    folder = Path(out_dir)
-    if (folder / INDEX_DIR / INFO_FILE).is_file():
-        folder = folder / INDEX_DIR
-    info = read_info(folder)
-    if model_id is not None and info["model_id"] != model_id:
-        raise IndexUnusableError(
-            f"the index was built with {info['model_id']} but the queries use {model_id}: query with that model or "
-            "rebuild the index"
-        )
-    if name not in info["indexes"]:
-        raise IndexUnusableError(f"{out_dir} has no {name!r} index; it has {sorted(info['indexes'])}")
-    entry = info["indexes"][name]
+def _info_or_empty(folder: Path) -> dict[str, Any]:
     try:
-        index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # kinds that cannot be memory-mapped are read whole
-        index = faiss.read_index(str(folder / f"{name}.faiss"), faiss.IO_FLAG_READ_ONLY)
-    if gpu and _use_gpu() and entry["kind"] in ("flat", "ivf"):
-        # faiss-gpu: search on the GPUs (the memory-mapped CPU copy is the source); other kinds stay on the CPU.
-        index = faiss.index_cpu_to_all_gpus(index)
-    ids = np.load(folder / f"{name}.ids.npy")
-    vec_path = folder / f"{name}.vectors.npy"
-    vectors = np.load(vec_path, mmap_mode="r") if vec_path.is_file() else None
-    plan = IndexPlan(entry["kind"], entry["factory"], rerank=bool(entry.get("rerank")))
-    vindex = VectorIndex(index, ids, vectors, plan, info=info)
-    if entry.get("search_params"):
-        vindex.set_params(**entry["search_params"])
-    return vindex
+        return read_info(folder, check_format=False)
+    except IndexUnusableError:
+        return {}
+
+
+def _with_entry(info: dict[str, Any], name: str, entry: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """`info` with index NAME set to `entry` (another model's or format's indexes are dropped whole)."""
+    if info.get("model_id") != model_id or info.get("format_version") != INDEX_FORMAT_VERSION:
+        info = {}
+    return {
+        **info,
+        "format_version": INDEX_FORMAT_VERSION,
+        "model_id": model_id,
+        "indexes": {**info.get("indexes", {}), name: entry},
+    }
+
+
+def _unlink_in(folder: Path) -> Callable[[str], None]:
+    return lambda name: (folder / name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- from job outputs
@@ -495,18 +420,26 @@ def _ok_rows(
     return vectors, ids
 
 
-def _removed_ids(location: OutputLocation, table: str, files: list[str]) -> np.ndarray:
-    """Row ids in data files that commits removed (still on storage until vacuumed)."""
+def _removed_ids(location: OutputLocation, table: str, model_id: str, files: list[str]) -> np.ndarray:
+    """Ids of the indexed rows (ok rows of the model) in data files that commits removed (on storage until
+    vacuumed). Reads three small columns of those files only."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     if not files:
         return np.zeros(0, np.int64)
     filesystem, root = location.table_path(table)
+    condition = pc.field("model_id") == model_id
+    columns = ["row_id", "model_id"]
+    if table == "videos":
+        condition = condition & (pc.field("status") == "ok")
+        columns.append("status")
     dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
     try:
-        return dataset.to_table(columns=["row_id"]).column("row_id").to_numpy().astype(np.int64)
+        rows = dataset.to_table(columns=["row_id"], filter=condition)
     except (FileNotFoundError, OSError) as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
+    return np.unique(rows.column("row_id").to_numpy().astype(np.int64))
 
 
 def _net_changes(location: OutputLocation, table: str, after: int, upto: int) -> tuple[list[str], list[str]]:
@@ -533,65 +466,100 @@ def _net_changes(location: OutputLocation, table: str, after: int, upto: int) ->
 
 
 def _follow_log(
-    folder: Path, name: str, location: OutputLocation, model_id: str, *, after: int, upto: int
+    folder: Path,
+    name: str,
+    location: OutputLocation,
+    model_id: str,
+    *,
+    after: int,
+    upto: int,
+    entry: dict[str, Any],
+    generation: int,
+    fetch: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Brings index NAME from table version `after` to `upto` by the log: removes the ids of removed files' rows,
-    adds the rows of added files. Reads only those files.
+    """Brings index NAME (its current `entry`) from table version `after` to `upto` by the log.
+
+    The rows of added files become a new exact segment, the ids of removed files' indexed rows become deletions, and
+    segments of similar size are merged. Reads only those files, the deletions and the segments merged; never the
+    base. Returns the new entry (files written, ``index_info.json`` not).
 
     Raises:
-        _FullBuild: the log or a removed file is gone, the table's metadata changed, the collection outgrew the
-            trained clusters, or the new vectors fit them clearly worse.
+        _FullBuild: the log or a removed file is gone, the table's metadata changed, or the changes since the base
+            outgrew it.
     """
-    old = open_index(folder, name=name, model_id=model_id)
-    entry = dict(old.info["indexes"][name])
-    if entry["kind"] == "hnsw":
-        raise _FullBuild("an HNSW index cannot remove ids")
+    entry = dict(entry)
+    segments = segments_of(entry)
+    if not segments:
+        raise _FullBuild("the index lists no segments")
+    base, deltas = segments[0], segments[1:]
     added_files, removed_files = _net_changes(location, name, after, upto)
     new_vectors, new_ids = _ok_rows(location, name, model_id, version=upto, files=added_files)
-    gone = np.union1d(_removed_ids(location, name, removed_files), new_ids)
-    index = faiss.read_index(str(folder / f"{name}.faiss"))  # a writable copy
-    kept = ~np.isin(old.ids, gone)
-    count = int(kept.sum()) + len(new_ids)
-    if entry.get("trained_count") and count > 2 * entry["trained_count"]:
-        raise _FullBuild(f"{count} vectors outgrew the {entry['trained_count']} the clusters were trained on")
-    if entry.get("train_quantization_error") and len(new_ids):
-        err = _quantization_error(index, new_vectors)
-        if err > 1.5 * entry["train_quantization_error"] + 1e-3:
-            raise _FullBuild(
-                f"new vectors fit the trained clusters worse ({err:.4f} vs {entry['train_quantization_error']:.4f})"
-            )
-    if len(gone):
-        index.remove_ids(gone)  # type: ignore[arg-type]  # numpy ids are accepted; absent ids are ignored
+    removed = _removed_ids(location, name, model_id, removed_files)
+    if entry.get("deleted"):
+        fetch(entry["deleted"]["file"])
+    deleted = read_deleted(folder, entry)
+    if len(removed):
+        deleted = np.concatenate([deleted, np.stack([removed, np.full_like(removed, generation)], 1)])
+    changes = sum(d.count for d in deltas) + len(new_ids) + len(deleted)
+    limit = int(min(max(DELTA_FRACTION * base.count, DELTA_MIN_ROWS), DEFAULT_FLAT_MAX))
+    if changes > limit:
+        raise _FullBuild(
+            f"{changes} rows added or deleted since the base of {base.count} was built (more than {limit}): the base "
+            "is rebuilt with them"
+        )
     if len(new_ids):
-        index.add_with_ids(np.ascontiguousarray(new_vectors), new_ids)
-    ids = np.concatenate([old.ids[kept], new_ids]).astype(np.int64)
-    plan = IndexPlan(
-        entry["kind"],
-        entry["factory"],
-        nlist=_ivf(index).nlist if _ivf(index) is not None else 0,
-        rerank=bool(entry.get("rerank")),
-    )
-    vectors = None
-    if plan.rerank:
-        if old.vectors is None:
-            raise _FullBuild("the re-ranking vectors of the index are missing")
-        vectors = np.concatenate([np.asarray(old.vectors)[kept], new_vectors.reshape(len(new_ids), -1)])
-    vindex = VectorIndex(index, ids, vectors, plan)
-    if entry.get("search_params"):
-        vindex.set_params(**entry["search_params"])
-    was_indexed = np.isin(new_ids, old.ids)
+        flat = IndexPlan("flat", "IDMap2,Flat")
+        deltas.append(
+            write_segment(
+                folder, name, generation, VectorIndex(_train_and_add(flat, new_vectors, new_ids), new_ids, None, flat)
+            )
+        )
+    merged = 0
+    while len(deltas) >= 2 and (deltas[-2].count <= 2 * deltas[-1].count or len(deltas) > MAX_DELTA_SEGMENTS):
+        deltas[-2:] = [_merge(folder, name, deltas[-2:], deleted, generation, fetch)]
+        merged += 1
+    updated = int(np.isin(new_ids, removed).sum())
     entry.update(
-        count=vindex.count,
+        count=int(entry["count"]) - len(removed) + len(new_ids),
+        generation=generation,
+        segments=[s.to_dict() for s in [base, *deltas]],
+        deleted={"file": write_deleted(folder, name, generation, deleted), "count": len(deleted)}
+        if len(deleted)
+        else None,
         incremental={
-            "added": int((~was_indexed).sum()),  # ids new to the index
-            "updated": int(was_indexed.sum()),  # ids whose rows were committed again (new versions, rewritten files)
-            "removed": int((~kept).sum() - was_indexed.sum()),
+            "added": len(new_ids) - updated,  # ids new to the index
+            "updated": updated,  # ids whose rows were committed again (new versions, rewritten files)
+            "removed": len(removed) - updated,
             "files_read": len(added_files) + len(removed_files),
+            "segments_merged": merged,
         },
     )
     entry.pop("rebuild_reason", None)
-    _save(folder, name, vindex, entry, model_id)
     return entry
+
+
+def _merge(
+    folder: Path, name: str, parts: list[Segment], deleted: np.ndarray, generation: int, fetch: Callable[[str], None]
+) -> Segment:
+    """One exact segment holding the live vectors of `parts` (deletions up to `generation` applied)."""
+    vectors, ids = [], []
+    for seg in parts:
+        for file in seg.files(name):
+            fetch(file)
+        vindex = read_segment(folder, name, seg)
+        dead = deleted[deleted[:, 1] > seg.generation, 0] if len(deleted) else deleted[:0, 0]
+        live = ~np.isin(vindex.ids, dead)
+        vectors.append(vindex.all_vectors()[live])
+        ids.append(np.asarray(vindex.ids)[live])
+    all_ids = np.concatenate(ids).astype(np.int64)
+    flat = IndexPlan("flat", "IDMap2,Flat")
+    index = _train_and_add(flat, np.concatenate(vectors).astype(np.float32), all_ids)
+    merged = write_segment(folder, name, generation, VectorIndex(index, all_ids, None, flat))
+    for seg in parts:
+        if seg.generation == generation:  # written by this update, never named by an info: gone at once
+            for file in seg.files(name):
+                (folder / file).unlink(missing_ok=True)
+    return merged
 
 
 def build_from_output(
@@ -623,20 +591,29 @@ def build_from_output(
     local = output.local_path(INDEX_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         folder = local if local is not None else Path(tmp)
-        if local is None:  # object store: start from the current index files
-            for rel in output.list(INDEX_DIR + "/"):
-                output.get_file(rel, Path(tmp) / Path(rel).name)  # streamed: index files can be many GiB
         folder.mkdir(parents=True, exist_ok=True)
-        info_path = folder / INFO_FILE
-        try:
-            previous = read_info(folder)
-        except IndexUnusableError as exc:
-            previous, why_full = {}, str(exc)
-        else:
-            why_full = ""
-            if previous.get("model_id") != model_id:
-                why_full = f"the index was built with {previous.get('model_id')}"
-        built = []
+        fetched: set[str] = set()
+
+        def fetch(name: str) -> None:
+            """Object stores: download one index file on first use (streamed: a base can be many GiB)."""
+            if local is None and name not in fetched and not (folder / name).exists():
+                output.get_file(f"{INDEX_DIR}/{name}", folder / name)
+                fetched.add(name)
+
+        if local is None and output.exists(f"{INDEX_DIR}/{INFO_FILE}"):
+            fetch(INFO_FILE)
+        previous = _info_or_empty(folder)
+        why_full = ""
+        if not previous:
+            why_full = "no index yet"
+        elif previous.get("format_version") != INDEX_FORMAT_VERSION:
+            why_full = (
+                f"index format version {previous.get('format_version')} (this vitaclip writes {INDEX_FORMAT_VERSION})"
+            )
+        elif previous.get("model_id") != model_id:
+            why_full = f"the index was built with {previous.get('model_id')}"
+        generation = last_generation(previous) + 1  # one per update, growing over the index's life
+        entries: dict[str, Any] = {}
         for table in TABLES:
             entry = None
             reason = (
@@ -647,38 +624,60 @@ def build_from_output(
                 reason = f"no {table} index yet"
             if not reason:
                 try:
-                    entry = _follow_log(folder, table, location, model_id, after=int(after), upto=versions[table])
+                    entry = _follow_log(
+                        folder,
+                        table,
+                        location,
+                        model_id,
+                        after=int(after),
+                        upto=versions[table],
+                        entry=previous["indexes"][table],
+                        generation=generation,
+                        fetch=fetch,
+                    )
                 except (_FullBuild, IndexUnusableError, FileNotFoundError, RuntimeError) as exc:
                     reason = str(exc)
             if entry is None:
                 vectors, ids = _ok_rows(location, table, model_id, version=versions[table])
                 if len(ids) == 0:
                     continue
-                entry = build_index(
+                entry = _build_base(
                     vectors,
                     ids,
                     folder,
+                    generation=generation,
                     kind=kind,
-                    model_id=model_id,
                     name=table,
                     tune_queries=tune_queries,
                     recall_target=recall_target,
                 )
                 entry["rebuild_reason"] = reason
-                _set_entry(folder, table, entry, model_id)
-            log.info("index %s: %s, %d vectors", table, entry["kind"], entry["count"])
-            built.append(table)
-        info: dict[str, Any] = (
-            json.loads(info_path.read_text())
-            if info_path.is_file()
-            else {"format_version": INDEX_FORMAT_VERSION, "model_id": model_id, "indexes": {}}
-        )
-        info["indexes"] = {k: v for k, v in info.get("indexes", {}).items() if k in built}
-        info.update(table_versions=versions, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        info_path.write_text(json.dumps(info, indent=1))
+            log.info(
+                "index %s: %s, %d vectors in %d segments", table, entry["kind"], entry["count"], len(entry["segments"])
+            )
+            entries[table] = entry
+        info: dict[str, Any] = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "model_id": model_id,
+            "indexes": entries,
+            "table_versions": versions,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        needed = referenced_files(info)
         if local is None:
-            for path in sorted(folder.iterdir()):
-                if path.name != INFO_FILE:
-                    output.put_file(f"{INDEX_DIR}/{path.name}", path)  # multipart past 64 MiB
-            output.put_file(f"{INDEX_DIR}/{INFO_FILE}", info_path)  # last: readers see whole indexes
+            for name in sorted(needed - fetched):
+                if (folder / name).is_file():  # written by this update; the others are on the store already
+                    output.put_file(f"{INDEX_DIR}/{name}", folder / name)  # multipart past 64 MiB
+            output.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode())  # last: whole indexes
+            current = json.loads(output.get_bytes(f"{INDEX_DIR}/{INFO_FILE}"))  # another run's, if it wrote later
+            names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
+            remove = lambda name: output.delete(f"{INDEX_DIR}/{name}")  # noqa: E731
+        else:
+            write_info(folder, info)
+            current = _info_or_empty(folder)
+            names = [p.name for p in folder.iterdir()]
+            remove = _unlink_in(folder)
+        # Files neither the replaced info nor the new one (nor one another run wrote meanwhile) needs.
+        keep = referenced_files(previous) | needed | referenced_files(current)
+        info["removed_files"] = remove_unreferenced(names, keep, remove, upto=generation - 1)
         return info

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from index.build import INDEX_DIR, IndexUnusableError, VectorIndex, open_index, read_info
 from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
+from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
 from index.tables import data_files, read_table, table_versions
 
 MAX_QUERY_CHARS = 500
@@ -83,7 +83,7 @@ class SearchEngine:
         self.model_id = str(self.info["model_id"])
         self.location = OutputLocation.from_url(str(self.root))
         self.table_versions = table_versions(self.location)
-        self.indexes: dict[str, VectorIndex] = {
+        self.indexes: dict[str, SegmentedIndex] = {
             name: open_index(folder, name=name, model_id=self.model_id) for name in self.info["indexes"]
         }
         self._meta = {name: self._load_meta(name) for name in self.indexes}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.build import IndexUnusableError, build_index, exact_search, open_index, plan_index, recall_at_k
+from index.build import build_index, exact_search, plan_index, recall_at_k
+from index.segments import IndexUnusableError, open_index
 
 
 def clustered(n: int, dim: int = 64, clusters: int = 50, seed: int = 0) -> np.ndarray:
@@ -50,7 +51,8 @@ def test_recall_of_each_kind_against_exact(tmp_path, kind: str, threshold: float
     assert entry["measured"]["recall_at_10"] >= min(threshold, 0.95) - 1e-9
     assert entry["measured"]["p50_ms"] > 0
     if kind == "ivfpq":
-        assert entry["rerank"] and (tmp_path / "videos.vectors.npy").is_file()
+        (base,) = entry["segments"]
+        assert entry["rerank"] and (tmp_path / f"videos.{base['id']}.vectors.npy").is_file()
 
 
 def test_auto_takes_exact_search_when_ivf_would_scan_most_lists(tmp_path) -> None:

@@ -21,8 +21,8 @@ import pytest
 import ray
 
 from index import tables
-from index.build import open_index
 from index.schema import video_id_for
+from index.segments import open_index
 from jobs.index_videos import main
 from vitaclip.samples import write_sample_video
 
@@ -118,7 +118,7 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
     assert summary["counts"]["processed"] == len(rows) and summary["status"]["ok"] == len(videos)
     assert "AWS_SECRET_ACCESS_KEY" not in summary_files[0].read_text()
     index = open_index(out)
-    assert index.index.ntotal == len(videos)
+    assert index.count == len(videos)
     ok = [r for r in rows.values() if r["status"] == "ok"]
     scores, ids = index.search(np.asarray([ok[0]["embedding"]]), 1)
     assert ids[0, 0] == ok[0]["row_id"] and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
@@ -170,7 +170,7 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
     incremental = info["indexes"]["videos"]["incremental"]
     assert incremental["added"] == 1 and incremental["updated"] >= 1 and incremental["removed"] == 0
     assert "rebuild_reason" not in info["indexes"]["videos"]
-    assert open_index(out).index.ntotal == 4
+    assert open_index(out).count == 4
 
 
 def _assert_every_video_once(out: Path, videos: list[Path]) -> None:

@@ -16,8 +16,9 @@ import ray
 from test_index_job import make_videos
 
 from index import tables
-from index.build import build_from_output, open_index
+from index.build import build_from_output
 from index.search import SearchEngine
+from index.segments import open_index
 from index.service import make_server
 from jobs.index_videos import main as job_main
 from jobs.storage import open_store
@@ -116,7 +117,13 @@ def test_incremental_index_after_replaced_rows(indexed: Path, tmp_path: Path) ->
     rows = committed(out, "videos")
     model_id = rows[0]["model_id"]
     info = build_from_output(store, model_id=model_id)
-    assert info["indexes"]["videos"]["incremental"] == {"added": 0, "updated": 0, "removed": 0, "files_read": 0}
+    assert info["indexes"]["videos"]["incremental"] == {
+        "added": 0,
+        "updated": 0,
+        "removed": 0,
+        "files_read": 0,
+        "segments_merged": 0,
+    }
     # Commit a new version of one video (another etag) as a run would: the index follows the log and replaces it.
     versions = tables.table_versions(out)
     assert versions is not None

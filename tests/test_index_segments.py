@@ -1,0 +1,250 @@
+"""The index follows the tables' logs in segments: each update writes a small exact segment and deletions, never
+reads or rewrites the base, merges segments of similar size and rebuilds the base when the changes outgrow it.
+After every update a search equals exact search over the table's current ok rows."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import index.build as build
+from index.build import build_from_output, exact_search
+from index.commits import Committer, Planner, WrittenBatch
+from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
+from index.schema import row_id_for, video_id_for
+from index.segments import INFO_FILE, open_index, read_info, referenced_files
+from index.tables import read_table, table_versions
+from jobs.storage import open_store
+
+DIM = 16
+MODEL = "m@sha256:test"
+
+
+def _rows(uris: list[str], rng: np.random.Generator, *, failed: bool = False) -> pa.Table:
+    n = len(uris)
+    ids = [video_id_for(u) for u in uris]
+    emb = rng.normal(size=(n, DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), DIM)
+    return pa.table(
+        {
+            "video_id": ids,
+            "row_id": [row_id_for(v) for v in ids],
+            "uri": uris,
+            "etag": [uuid.uuid4().hex for _ in range(n)],
+            "size_bytes": np.full(n, 1000),
+            "duration_seconds": np.full(n, 3.0),
+            "fps": np.full(n, 25.0),
+            "width": np.full(n, 64, np.int32),
+            "height": np.full(n, 48, np.int32),
+            "codec": ["h264"] * n,
+            "status": ["failed" if failed else "ok"] * n,
+            "error_message": pa.array(["cannot decode" if failed else None] * n, pa.string()),
+            "embedding": pa.nulls(n, embedding.type) if failed else embedding,
+            "labels": [["a"]] * n,
+            "label_scores": [[1.0]] * n,
+            "thumbnail_jpeg": pa.nulls(n, pa.binary()),
+            "model_id": [MODEL] * n,
+            "run_id": ["test"] * n,
+            "indexed_at": [datetime.now(timezone.utc)] * n,
+        }
+    ).cast(table_schema("videos", DIM), safe=False)
+
+
+def _commit(location: OutputLocation, data: pa.Table) -> None:
+    """Commits video rows as a run does: planned against the table, old rows of the same videos replaced."""
+    versions = table_versions(location)
+    assert versions is not None
+    uris = data.column("uri").to_pylist()
+    etags = data.column("etag").to_pylist()
+    planned = Planner(location, model_id=MODEL, versions=versions)(
+        {"uri": np.asarray(uris, dtype=object), "etag": np.asarray(etags, dtype=object)}
+    )
+    assert len(planned["video_id"]) == len(uris)
+    written = write_data_file(location, "videos", data, name=f"part-{uuid.uuid4().hex}.parquet", embed_dim=DIM)
+    committer = Committer(location, model_id=MODEL, run_id=uuid.uuid4().hex, versions=versions)
+    keys = tuple(zip(data.column("video_id").to_pylist(), etags, data.column("status").to_pylist(), strict=True))
+    current = dict(zip(planned["video_id"].tolist(), planned["current_video_file"].tolist(), strict=True))
+    committer.add(WrittenBatch(videos=written, segments=None, keys=keys, current_video_files=current))
+    committer.commit()
+
+
+def _live(location: OutputLocation) -> tuple[np.ndarray, np.ndarray]:
+    table = read_table(location, "videos", ["row_id", "embedding", "status"], model_id=MODEL)
+    assert table is not None
+    ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
+    ids = ok.column("row_id").to_numpy()
+    vectors = ok.column("embedding").combine_chunks().values.to_numpy().reshape(len(ids), DIM)
+    return vectors, ids
+
+
+def _check_search_is_exact(out: str | Path, location: OutputLocation, rng: np.random.Generator) -> None:
+    vectors, ids = _live(location)
+    index = open_index(out)
+    assert index.count == len(ids)
+    assert sorted(index.ids.tolist()) == sorted(ids.tolist())  # every live row once, nothing dead
+    queries = rng.normal(size=(20, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    k = 10
+    truth = ids[exact_search(vectors, queries, k)]
+    scores, found = index.search(queries, k)
+    assert found.tolist() == truth.tolist()
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # merged across segments by score
+
+
+def _uris(start: int, count: int) -> list[str]:
+    return [f"s3://archive/v/{i:06d}.mp4" for i in range(start, start + count)]
+
+
+def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    out = tmp_path / "out"
+    location = OutputLocation.from_url(str(out))
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(0, 300), rng))
+    store = open_store(str(out))
+    info = build_from_output(store, model_id=MODEL)
+    entry = info["indexes"]["videos"]
+    assert entry["rebuild_reason"] == "no index yet" and len(entry["segments"]) == 1
+    base = entry["segments"][0]
+    base_file = out / "index" / f"videos.{base['id']}.faiss"
+    _check_search_is_exact(out, location, rng)
+
+    next_uri, merged, previous, failed = 300, 0, info, set()
+    for _step in range(10):
+        new = _uris(next_uri, 5)
+        next_uri += 5
+        changed = [f"s3://archive/v/{i:06d}.mp4" for i in rng.choice(next_uri - 5, 3, replace=False)]
+        _commit(location, pa.concat_tables([_rows(new, rng), _rows(changed[:2], rng)]))  # 5 new, 2 new versions
+        _commit(location, _rows(changed[2:], rng, failed=True))  # a new version that failed: out of the index
+        hidden = base_file.rename(base_file.with_suffix(".away"))  # the update must not need the base
+        try:
+            info = build_from_output(store, model_id=MODEL)
+        finally:
+            hidden.rename(base_file)
+        entry = info["indexes"]["videos"]
+        assert "rebuild_reason" not in entry, entry.get("rebuild_reason")
+        assert entry["segments"][0] == base
+        inc = entry["incremental"]
+        back = len(set(changed[:2]) & failed)  # failed before, ok now: new to the index
+        gone = len(set(changed[2:]) - failed)
+        failed = (failed - set(changed[:2])) | set(changed[2:])
+        assert (inc["added"], inc["removed"]) == (5 + back, gone) and inc["files_read"] >= 3, inc
+        merged += inc["segments_merged"]
+        assert len(entry["segments"]) <= 1 + 4, [s["count"] for s in entry["segments"]]  # merged, not piled up
+        assert entry["deleted"]["count"] >= 1
+        _check_search_is_exact(out, location, rng)
+        present = {p.name for p in (out / "index").iterdir()}
+        assert present - {INFO_FILE} <= referenced_files(info) | referenced_files(previous)  # superseded: deleted
+        previous = info
+    assert merged >= 3
+
+
+def test_changes_past_a_fraction_of_the_base_rebuild_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    out = tmp_path / "out"
+    location = OutputLocation.from_url(str(out))
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(0, 200), rng))
+    store = open_store(str(out))
+    previous = build_from_output(store, model_id=MODEL)
+    monkeypatch.setattr(build, "DELTA_MIN_ROWS", 30)  # 25% of 200 = 50 changes allowed; 30 would be the floor
+    _commit(location, _rows(_uris(200, 40), rng))
+    previous = build_from_output(store, model_id=MODEL)
+    entry = previous["indexes"]["videos"]
+    assert "rebuild_reason" not in entry and len(entry["segments"]) == 2
+    _commit(location, _rows(_uris(240, 20), rng))  # 60 rows since the base: more than 50
+    info = build_from_output(store, model_id=MODEL)
+    entry = info["indexes"]["videos"]
+    assert "rows added or deleted since the base of 200" in entry["rebuild_reason"]
+    assert len(entry["segments"]) == 1 and entry["segments"][0]["count"] == 260 and entry["deleted"] is None
+    _check_search_is_exact(out, location, rng)
+    present = {p.name for p in (out / "index").iterdir()}
+    assert present - {INFO_FILE} <= referenced_files(info) | referenced_files(previous)
+
+
+class _Watched:
+    """A real store whose downloads are recorded."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.downloaded: list[str] = []
+
+    def get_file(self, rel_path: str, target: Path) -> None:
+        self.downloaded.append(rel_path)
+        self._store.get_file(rel_path, target)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_s3_update_downloads_no_segment_it_does_not_merge(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(2)
+    client, bucket = s3_bucket
+    url = f"s3://{bucket}/out"
+    location = OutputLocation.from_url(url, s3_endpoint_url=s3_server)
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(0, 100), rng))
+    store = _Watched(open_store(url, endpoint_url=s3_server))
+    info = build_from_output(store, model_id=MODEL)
+    base_files = previous = referenced_files(info)
+    for step in range(4):
+        _commit(location, _rows(_uris(100 + 5 * step, 5), rng))
+        store.downloaded.clear()
+        info = build_from_output(store, model_id=MODEL)
+        assert "rebuild_reason" not in info["indexes"]["videos"], info["indexes"]["videos"]["rebuild_reason"]
+        names = {rel.rsplit("/", 1)[-1] for rel in store.downloaded}
+        assert not names & base_files, names
+        assert INFO_FILE in names
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="out/index/")["Contents"]
+        keys = {o["Key"].rsplit("/", 1)[-1] for o in listed}
+        assert keys - {INFO_FILE} <= referenced_files(info) | previous  # superseded files deleted
+        previous = referenced_files(info)
+    # The uploaded index opens and answers exactly, downloaded whole into a folder.
+    folder = tmp_path / "copy"
+    (folder / "index").mkdir(parents=True)
+    for key in keys:
+        store._store.get_file(f"index/{key}", folder / "index" / key)
+    assert read_info(folder / "index")["indexes"]["videos"]["count"] == 120
+    _check_search_is_exact(folder, location, rng)
+
+
+def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
+    """Two runs finishing together update one index: whichever info lands last, every file it names exists."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    out = tmp_path / "out"
+    location = OutputLocation.from_url(str(out))
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(0, 100), rng))
+    build_from_output(open_store(str(out)), model_id=MODEL)
+    for round_ in range(6):
+        _commit(location, _rows(_uris(100 + 4 * round_, 4), rng))
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def update(barrier: threading.Barrier = barrier, errors: list[BaseException] = errors) -> None:
+            barrier.wait()
+            try:
+                build_from_output(open_store(str(out)), model_id=MODEL)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=update) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        info = read_info(out / "index")
+        assert all((out / "index" / f).is_file() for f in referenced_files(info))
+        _check_search_is_exact(out, location, rng)
