@@ -248,7 +248,7 @@ def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
     return int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
 
 
-class _Commits:
+class Commits:
     """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts."""
 
     def __init__(self, committer: Committer, *, commit_seconds: float, hooks: RunHooks) -> None:
@@ -420,7 +420,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             versions=versions,
             before_videos_commit=hooks.before_videos_commit,
         )
-        commits = _Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
+        commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
         if block_refs:
             _run_dataset(
                 config,
@@ -513,7 +513,7 @@ def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
 def _run_dataset(
     config: IndexJobConfig,
     block_refs: list[Any],
-    commits: _Commits,
+    commits: Commits,
     *,
     location: OutputLocation,
     model_id: str,
@@ -563,6 +563,34 @@ def _run_dataset(
         num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
         num_cpus=0 if use_gpu else cpus_per_embedder,
     )
+    drain(
+        ds,
+        commits,
+        config,
+        location=location,
+        model_id=model_id,
+        run_id=run_id,
+        label_names=label_names,
+        embed_dim=embed_dim,
+    )
+
+
+def drain(
+    ds: Any,
+    commits: Commits,
+    config: IndexJobConfig,
+    *,
+    location: OutputLocation,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    embed_dim: int,
+) -> None:
+    """The driver's loop over a Dataset of embed output: block references grouped into write tasks (by
+    ``rows_per_file`` rows or half of ``commit_seconds``), finished writes handed to the Committer, a commit every
+    ``commit_seconds``. Rows never reach the driver."""
+    import ray
+
     # Write tasks take no CPU reservation: the pools hold the cores, and a reserved write would wait for them to
     # finish. They are scheduled next to their blocks.
     # A write that fails on storage (after the filesystem's own retries) is tried again, into fresh file names.

@@ -1,0 +1,186 @@
+"""What the job's driver spends per row when rows come faster than this machine can embed them.
+
+The job's driver never touches rows: it groups block references into write tasks and commits their file metadata
+(`jobs.pipeline.drain`). Its CPU per row is what limits how many GPUs one driver can feed, but on a CPU-only
+machine the pipeline makes rows so slowly (tens per second) that the driver's time-bound work (Ray Data's
+scheduling loop, about 0.03 CPU-s per second) dominates any per-row figure. This benchmark feeds the same driver
+loop rows of real embed output as fast as the write tasks take them:
+
+1. The job's own stages (`ReadDecode`, `TimedEmbed`, vitaclip-demo, ``--segment-seconds 2``) process a few generated
+   10 s videos once; their output rows (video and segment rows: embeddings, labels, JPEG thumbnails) are repeated
+   under new URIs into blocks of 128 videos, put in the object store before timing.
+2. Timed: a Dataset over those blocks with one pass-through stage of ``--rows-per-task`` rows per task (the job's
+   embed stage makes one output block per ``--embed-batch-size`` rows, 32 by default: Ray Data's scheduling work on
+   the driver is per task), drained by `jobs.pipeline.drain` into real write tasks and Delta commits on a fresh
+   local output.
+
+Measured per size and rows per task, side by side, alternating, medians: rows/s through the driver loop (bounded
+here by the write tasks on this machine's cores) and the driver's CPU seconds (this process: all its threads,
+Ray Data's scheduling loop and Ray's core worker included) per 1,000 rows; the growth between the two sizes per
+further 1,000 rows is the per-row cost. Target (issue 13): <= 0.005 s per 1,000 rows.
+
+    python benchmarks/driver_rows.py --rows 10000 40000 --rows-per-task 32 256 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "vitaclip-demo"
+VIDEOS_PER_BLOCK = 128
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sample_rows(work: Path, videos: int = 8) -> pa.Table:
+    """Embed output rows of `videos` generated 10 s videos, from the job's own decode and embed stages."""
+    from jobs.pipeline import ReadDecode, TimedEmbed
+    from vitaclip.model import backbone_model_config
+    from vitaclip.registry import default_label_names, resolve_config
+    from vitaclip.samples import write_sample_video
+
+    paths = []
+    for i in range(videos):
+        path = work / f"sample-{i}.mp4"
+        write_sample_video(path, num_frames=120, fps=12, width=320, height=240, seed=i)
+        paths.append(path)
+    config = resolve_config(MODEL, None)
+    batch = {
+        "uri": np.asarray([str(p) for p in paths], dtype=object),
+        "etag": np.asarray([f"e{i}" for i in range(videos)], dtype=object),
+        "size_bytes": np.asarray([p.stat().st_size for p in paths]),
+        "listing_status": np.asarray(["ok"] * videos, dtype=object),
+        "listing_error": np.asarray([""] * videos, dtype=object),
+        "current_video_file": np.asarray([""] * videos, dtype=object),
+        "current_segment_files": np.asarray([""] * videos, dtype=object),
+    }
+    decode = ReadDecode(
+        num_frames=config.num_frames,
+        size=int(backbone_model_config(config)["vision_cfg"]["image_size"]),
+        segment_seconds=2.0,
+        s3_endpoint_url=None,
+        whole_object_max_bytes=64 * 2**20,
+    )
+    embed = TimedEmbed(model=MODEL, label_names=list(default_label_names(MODEL, None) or ()), device="cpu")
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.batch_to_block(embed(decode(batch)))  # as Ray Data makes the stage's output block
+
+
+def blocks_of(sample: pa.Table, rows: int) -> list[Any]:
+    """Object refs of blocks holding about `rows` rows: the sample repeated under new URIs."""
+    import ray
+
+    uris = sample.column("uri").to_pylist()
+    per_video = len(uris) / len(set(uris))
+    videos_needed = max(1, int(rows / per_video))
+    refs, done = [], 0
+    while done < videos_needed:
+        parts = []
+        for start in range(done, min(done + VIDEOS_PER_BLOCK, videos_needed), len(set(uris))):
+            renamed = [f"s3://bench/{start + sorted(set(uris)).index(u):09d}.mp4" for u in uris]
+            parts.append(sample.set_column(sample.schema.get_field_index("uri"), "uri", pa.array(renamed)))
+        refs.append(ray.put(pa.concat_tables(parts)))
+        done += VIDEOS_PER_BLOCK
+    return refs
+
+
+def time_drain(
+    refs: list[Any], out: Path, *, embed_dim: int, label_names: list[str], rows_per_task: int
+) -> tuple[float, float, int]:
+    """(seconds, driver CPU seconds, rows committed) of the job's driver loop over `refs`."""
+    import ray
+
+    from index.commits import Committer
+    from index.delta_tables import OutputLocation, create_tables
+    from jobs.config import IndexJobConfig
+    from jobs.pipeline import Commits, RunHooks, drain
+    from vitaclip.registry import model_id_for
+
+    shutil.rmtree(out, ignore_errors=True)
+    location = OutputLocation.from_url(str(out))
+    model_id = model_id_for(MODEL, None)
+    versions = create_tables(location, embed_dim, model_id=model_id)
+    config = IndexJobConfig(inputs=("unused",), output=str(out), model=MODEL)
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    commits = Commits(
+        Committer(location, model_id=model_id, run_id="bench", versions=versions),
+        commit_seconds=config.commit_seconds,
+        hooks=RunHooks(),
+    )
+    ds = ray.data.from_arrow_refs(refs).map_batches(
+        lambda b: b, batch_format="pyarrow", zero_copy_batch=True, batch_size=rows_per_task
+    )
+    drain(ds, commits, config, location=location, model_id=model_id, run_id="bench", label_names=label_names,
+          embed_dim=embed_dim)  # fmt: skip
+    commits.collect(wait=True)
+    commits.commit()
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    rows = sum(r.videos_committed + r.segments_committed for r in commits.reports)
+    return seconds, cpu, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 40_000])
+    parser.add_argument("--rows-per-task", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import ray
+    import ray.data  # noqa: F401  (imported before timing, as the job has by then)
+
+    from vitaclip.model import backbone_model_config
+    from vitaclip.registry import default_label_names, resolve_config
+
+    embed_dim = int(backbone_model_config(resolve_config(MODEL, None))["embed_dim"])
+    label_names = list(default_label_names(MODEL, None) or ())
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sample = sample_rows(work)
+        print(f"sample: {sample.num_rows} rows from {len(set(sample.column('uri').to_pylist()))} videos", flush=True)
+        results: dict[tuple[int, int], list[tuple[float, float, int]]] = {
+            (t, n): [] for t in args.rows_per_task for n in args.rows
+        }
+        for repeat in range(args.repeats):
+            for t, n in results:
+                refs = blocks_of(sample, n)
+                measured = time_drain(refs, work / "out", embed_dim=embed_dim, label_names=label_names, rows_per_task=t)
+                del refs
+                results[t, n].append(measured)
+                s, c, r = measured
+                print(
+                    f"repeat {repeat + 1}, {t} rows per task: {r} rows in {s:.1f} s, driver {c:.2f} CPU-s", flush=True
+                )
+    print(f"\nmedians over {args.repeats} repeats")
+    print(f"{'rows/task':>9} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'driver CPU-s':>12} {'per 1,000 rows':>15}")
+    for t in args.rows_per_task:
+        med = {}
+        for n in args.rows:
+            s, c, r = (statistics.median(x[i] for x in results[t, n]) for i in range(3))
+            med[n] = (c, r)
+            print(f"{t:>9} {int(r):>8} {s:>8.1f} {r / s:>8.0f} {c:>12.2f} {1000 * c / r:>15.4f}")
+        (c0, r0), (c1, r1) = med[args.rows[0]], med[args.rows[1]]
+        print(f"{'':>9} per further 1,000 rows: {1000 * (c1 - c0) / (r1 - r0):.4f} driver CPU-s (target <= 0.005)")
+
+
+if __name__ == "__main__":
+    main()
