@@ -131,7 +131,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, see
         sample_size = min(len(vectors), max(64 * max(plan.nlist, 1), 50_000))
         sample = vectors[np.sort(rng.choice(len(vectors), sample_size, replace=False))]
         if _use_gpu() and plan.nlist:
-            ivf = faiss.extract_indexivf_of(index)
+            ivf = faiss.extract_index_ivf(index)
             clustering = faiss.Clustering(dim, ivf.nlist)
             clustering.seed = seed
             gpu_quantizer = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))

@@ -176,7 +176,7 @@ class OutputLocation:
                 base,
             )
         if self.scheme == "az":  # delta-rs spells Azure az://container/path; pyarrow wants the account separately
-            return pafs.AzureFileSystem(account_name=os.environ["AZURE_STORAGE_ACCOUNT_NAME"]), base
+            return _azure_filesystem(), base
         filesystem, path = pafs.FileSystem.from_uri(self.url)
         return filesystem, path.rstrip("/")
 
@@ -185,6 +185,27 @@ class OutputLocation:
         _check_table_name(table)
         filesystem, base = self.filesystem()
         return filesystem, f"{base}/{table}"
+
+
+def _azure_filesystem() -> pafs.FileSystem:
+    """pyarrow's Azure filesystem from the variables delta-rs reads: ``AZURE_STORAGE_ACCOUNT_NAME``, optionally
+    ``AZURE_STORAGE_ACCOUNT_KEY`` (otherwise Azure's default credential chain), and for the Azurite emulator
+    ``AZURE_STORAGE_USE_EMULATOR=true`` with ``AZURITE_BLOB_STORAGE_URL`` (default ``http://127.0.0.1:10000``)."""
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if not account:
+        raise ValueError("az:// outputs need AZURE_STORAGE_ACCOUNT_NAME in the environment")
+    options: dict[str, str] = {"account_name": account}
+    if os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
+        options["account_key"] = os.environ["AZURE_STORAGE_ACCOUNT_KEY"]
+    if os.environ.get("AZURE_STORAGE_USE_EMULATOR", "").lower() in ("1", "true", "yes"):
+        emulator = urllib.parse.urlsplit(os.environ.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000")
+        options.update(
+            blob_storage_authority=emulator.netloc,
+            blob_storage_scheme=emulator.scheme,
+            dfs_storage_authority=emulator.netloc,
+            dfs_storage_scheme=emulator.scheme,
+        )
+    return pafs.AzureFileSystem(**options)
 
 
 def _strip_userinfo(endpoint: str) -> str:

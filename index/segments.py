@@ -72,11 +72,12 @@ def _search_parameters(index: faiss.Index, selector: Any) -> Any:
     """FAISS search parameters carrying `selector`, of the type the index expects, with its current settings."""
     ivf = ivf_of(index)
     hnsw = hnsw_of(index)
+    params: Any
     if ivf is not None:
         params = faiss.SearchParametersIVF()
         params.nprobe = ivf.nprobe
     elif hnsw is not None:
-        params = faiss.SearchParametersHNSW()
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in the module, not in its stubs
         params.efSearch = hnsw.hnsw.efSearch
     else:
         params = faiss.SearchParameters()

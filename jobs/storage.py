@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from index.delta_tables import OutputLocation
 from index.schema import local_etag
-from vitaclip.redact import redact_text
+from vitaclip.redact import redact_text, redact_url
 
 S3Client = Any
 """A boto3 S3 client (boto3 ships no type stubs)."""
@@ -1158,16 +1158,80 @@ class S3Store(Store):
         return None
 
 
+class ObjectFsStore(Store):
+    """A ``gs://`` or ``az://`` (``abfss://``) prefix through ``pyarrow.fs``, credentials from the environment (see
+    `index.delta_tables.OutputLocation.filesystem`). Blob stores write an object whole when its stream closes, so
+    readers never see a partial file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._fs, self._base = OutputLocation.from_url(self.url).filesystem()
+
+    def __repr__(self) -> str:
+        return f"ObjectFsStore({redact_url(self.url)!r})"
+
+    def _path(self, rel_path: str) -> str:
+        return f"{self._base}/{_check_rel_path(rel_path)}"
+
+    def put_bytes(self, rel_path: str, data: bytes) -> None:
+        with self._fs.open_output_stream(self._path(rel_path)) as out:
+            out.write(data)
+
+    def put_file(self, rel_path: str, source: Path) -> None:
+        with open(source, "rb") as src, self._fs.open_output_stream(self._path(rel_path)) as out:
+            shutil.copyfileobj(src, out, _COPY_CHUNK_BYTES)
+
+    def get_bytes(self, rel_path: str) -> bytes:
+        with self._fs.open_input_stream(self._path(rel_path)) as src:
+            return src.read()
+
+    def get_file(self, rel_path: str, target: Path) -> None:
+        with self._fs.open_input_stream(self._path(rel_path)) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, _COPY_CHUNK_BYTES)
+
+    def exists(self, rel_path: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._fs.get_file_info(self._path(rel_path)).type == pafs.FileType.File
+
+    def list(self, rel_prefix: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
+        _check_rel_path(rel_prefix, prefix=True)
+        folder = rel_prefix.rsplit("/", 1)[0] if "/" in rel_prefix else ""
+        start = f"{self._base}/{folder}" if folder else self._base
+        infos = self._fs.get_file_info(pafs.FileSelector(start, recursive=True, allow_not_found=True))
+        found = [i.path[len(self._base) + 1 :] for i in infos if i.type == pafs.FileType.File]
+        return sorted(rel for rel in found if rel.startswith(rel_prefix))
+
+    def delete(self, rel_path: str) -> None:
+        try:
+            self._fs.delete_file(self._path(rel_path))
+        except FileNotFoundError:
+            pass
+
+    def url_for(self, rel_path: str) -> str:
+        return f"{self.url}/{_check_rel_path(rel_path)}" if rel_path else self.url
+
+    def local_path(self, rel_path: str) -> Path | None:
+        return None
+
+
 def open_store(url: str, *, s3_client: S3Client | None = None, endpoint_url: str | None = None) -> Store:
-    """The output store at `url`: a local folder (created when missing) or `s3://bucket/prefix`."""
+    """The output store at `url`: a local folder (created when missing), `s3://bucket/prefix`, or a ``gs://`` or
+    ``az://`` prefix (through ``pyarrow.fs``)."""
     if url.startswith("s3://"):
         client = s3_client if s3_client is not None else make_s3_client(endpoint_url=endpoint_url)
         return S3Store(url, s3_client=client, endpoint_url=endpoint_url)
+    if url.startswith(("gs://", "az://", "abfss://")):
+        if endpoint_url is not None:
+            raise StorageError("--s3-endpoint-url is only for s3:// outputs", reason="invalid_input", uri=url)
+        return ObjectFsStore(url)
     if url.startswith("file://"):
         url = url[len("file://") :]
     elif "://" in url:
         raise StorageError(
-            f"unsupported output location {url!r}: use a local folder or s3://bucket/prefix",
+            f"unsupported output location {url!r}: use a local folder, s3://, gs://, az:// or abfss://",
             reason="invalid_input",
             uri=url,
         )

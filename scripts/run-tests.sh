@@ -13,6 +13,19 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         exit 1
     fi
 fi
+# Azure outputs are tested against Azurite, Microsoft's storage emulator, from npm (Node.js >= 10).
+if [ ! -x .tools/azurite/node_modules/.bin/azurite-blob ]; then
+    if ! command -v npm >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                nodejs npm >/dev/null || exit 1
+        else
+            echo "install Node.js and npm (apt-get install nodejs npm): the Azure tests run Azurite" >&2
+            exit 1
+        fi
+    fi
+    npm install --prefix .tools/azurite --no-audit --no-fund --silent azurite@3.35.0 || exit 1
+fi
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
 .venv/bin/mypy || exit 1

@@ -508,7 +508,9 @@ def test_store_locations(s3_server: str, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="not a folder"):
         open_store(str(tmp_path / "file"))
     with pytest.raises(StorageError, match="unsupported output location"):
-        open_store("gs://bucket/out")
+        open_store("ftp://host/out")
+    with pytest.raises(StorageError, match="only for s3:// outputs"):
+        open_store("az://container/out", endpoint_url=s3_server)
     missing = open_store("s3://no-such-out-bucket/out", endpoint_url=s3_server)
     with pytest.raises(StorageError, match="bucket 'no-such-out-bucket' does not exist") as caught:
         missing.put_bytes("runs/x.json", b"{}")

@@ -228,9 +228,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _local_output(out: str, endpoint_url: str | None) -> Path:
-    """A local folder with the output's index and tables: the folder itself, or a cached copy of an S3 output."""
-    if not out.startswith("s3://"):
-        return Path(out)
+    """A local folder with the output's index and tables: the folder itself, or a cached copy of an object store
+    output (s3://, gs://, az://)."""
+    if "://" not in out or out.startswith("file://"):
+        return Path(out.removeprefix("file://"))
     import hashlib
 
     from jobs.storage import open_store
@@ -238,7 +239,11 @@ def _local_output(out: str, endpoint_url: str | None) -> Path:
     store = open_store(out, endpoint_url=endpoint_url)
     cache = Path.home() / ".cache" / "vitaclip" / "outputs" / hashlib.sha256(out.encode()).hexdigest()[:16]
     for prefix in ("videos/", "segments/", "index/", "runs/"):
-        for rel in store.list(prefix):
+        listed = store.list(prefix)
+        if prefix == "index/" and (cache / "index").is_dir():
+            for stale in {p.name for p in (cache / "index").iterdir()} - {rel[len(prefix) :] for rel in listed}:
+                (cache / "index" / stale).unlink()  # index files an update superseded
+        for rel in listed:
             target = cache / rel
             # Data files and Delta commits never change once written; the index, run records and the log's
             # checkpoint pointer do.
