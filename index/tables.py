@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +28,7 @@ from index.delta_tables import (
     open_table,
 )
 
-__all__ = ["TABLES", "as_location", "data_files", "read_table", "table_versions"]
+__all__ = ["TABLES", "as_location", "data_files", "local_copy", "read_table", "table_versions"]
 
 
 def as_location(output: Any) -> OutputLocation:
@@ -102,3 +103,40 @@ def data_files(output: Any, table: str, *, version: int | None = None) -> list[s
     if dt is None:
         return []
     return data_file_paths(dt)
+
+
+def local_copy(output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None) -> Path:
+    """A local folder with an output's tables, index and run records: a local output itself, or a cached copy of
+    one on an object store (``s3://``, ``gs://``, ``az://``), for the search engine.
+
+    Data files and Delta commits never change once written and are fetched once; the index files, run records and
+    the log's checkpoint pointer are fetched again, and index files an update superseded are dropped from the cache.
+    The cache lives under ``~/.cache/vitaclip/outputs`` (or `cache_root`), one folder per output URL.
+    """
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    if "://" not in output or output.startswith("file://"):
+        return Path(output.removeprefix("file://"))
+    location = OutputLocation.from_url(output, s3_endpoint_url=s3_endpoint_url)
+    filesystem, base = location.filesystem()
+    root = Path(cache_root) if cache_root else Path.home() / ".cache" / "vitaclip" / "outputs"
+    cache = root / hashlib.sha256(location.url.encode()).hexdigest()[:16]
+    for folder in ("videos", "segments", "index", "runs"):
+        infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
+        listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
+        if folder == "index" and (cache / "index").is_dir():
+            for stale in {p.name for p in (cache / "index").iterdir()} - {rel.split("/", 1)[1] for rel in listed}:
+                (cache / "index" / stale).unlink()
+        for rel in listed:
+            target = cache / rel
+            if target.exists() and folder not in ("index", "runs") and not rel.endswith("_last_checkpoint"):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            with filesystem.open_input_stream(f"{base}/{rel}") as src, open(partial, "wb") as out:
+                while chunk := src.read(8 * 2**20):  # streamed: index files can be many GiB
+                    out.write(chunk)
+            os.replace(partial, target)
+    return cache

@@ -129,11 +129,11 @@ def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path) -> No
     assert entry["count"] == len(videos) and entry["incremental"]["updated"] >= 1 and "rebuild_reason" not in entry
 
     # Search from the cached copy finds a video by its own embedding.
-    from vitaclip.cli import _local_output
+    from index.tables import local_copy
 
     row = next(r for r in table.to_pylist() if r["status"] == "ok")
     target = np.asarray(row["embedding"], dtype=np.float32)
-    engine = SearchEngine(_local_output(url, None), text_encoder=lambda texts: np.stack([target] * len(texts)))
+    engine = SearchEngine(local_copy(url), text_encoder=lambda texts: np.stack([target] * len(texts)))
     (hit,) = engine.search("anything", k=1)
     assert hit.video_id == row["video_id"]
     # Nothing of the output is left on local disk outside the cache; the container holds both tables' logs.

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import vitaclip
+from jobs.cli import main as cli_main
 from vitaclip.checkpoints import CheckpointError, load_torch_file, read_state_dict
-from vitaclip.cli import main as cli_main
 from vitaclip.model import build_backbone
 
 sys.path.insert(0, str(Path(__file__).parent))

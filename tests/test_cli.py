@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vitaclip.cli import main
+from jobs.cli import main
 from vitaclip.samples import write_sample_video
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.cli import QUICKSTART_QUERIES, main
 from jobs.demo import PACKAGED_DIR, DemoBuildConfig, build, evaluate_fresh
-from vitaclip.cli import QUICKSTART_QUERIES, main
 from vitaclip.demo.pretrain import contrastive_loss, load_frames, pretrain_clip
 from vitaclip.demo.vocab import DEMO_WORDS, learn_merges, vocab_size, write_merges
 from vitaclip.demo.world import generate, world_labels

@@ -19,7 +19,7 @@ from index.commits import Committer, Planner, WrittenBatch
 from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
 from index.segments import INFO_FILE, open_index, read_info, referenced_files
-from index.tables import read_table, table_versions
+from index.tables import local_copy, read_table, table_versions
 from jobs.storage import open_store
 
 DIM = 16
@@ -208,12 +208,17 @@ def test_s3_update_downloads_no_segment_it_does_not_merge(
         keys = {o["Key"].rsplit("/", 1)[-1] for o in listed}
         assert keys - {INFO_FILE} <= referenced_files(info) | previous  # superseded files deleted
         previous = referenced_files(info)
-    # The uploaded index opens and answers exactly, downloaded whole into a folder.
-    folder = tmp_path / "copy"
-    (folder / "index").mkdir(parents=True)
-    for key in keys:
-        store._store.get_file(f"index/{key}", folder / "index" / key)
+    # The uploaded index opens and answers exactly from the readers' local copy of the output.
+    folder = local_copy(url, s3_endpoint_url=s3_server, cache_root=str(tmp_path / "cache"))
+    assert {p.name for p in (folder / "index").iterdir()} == keys
     assert read_info(folder / "index")["indexes"]["videos"]["count"] == 120
+    _check_search_is_exact(folder, location, rng)
+    # A later update: the copy follows it and drops the files it superseded.
+    _commit(location, _rows(_uris(200, 5), rng))
+    info = build_from_output(store, model_id=MODEL)
+    folder = local_copy(url, s3_endpoint_url=s3_server, cache_root=str(tmp_path / "cache"))
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="out/index/")["Contents"]
+    assert {p.name for p in (folder / "index").iterdir()} == {o["Key"].rsplit("/", 1)[-1] for o in listed}
     _check_search_is_exact(folder, location, rng)
 
 

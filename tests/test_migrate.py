@@ -13,8 +13,8 @@ import pytest
 
 from index import tables
 from index.schema import row_id_for, schema_for, video_id_for
+from jobs.cli import main as cli_main
 from jobs.index_videos import main as job_main
-from vitaclip.cli import main as cli_main
 
 DIM = 8
 

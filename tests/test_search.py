@@ -20,9 +20,9 @@ from index.build import build_from_output
 from index.search import SearchEngine
 from index.segments import open_index
 from index.service import make_server
+from jobs.cli import main as cli_main
 from jobs.index_videos import main as job_main
 from jobs.storage import open_store
-from vitaclip.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``vitaclip`` command line.
+"""The ``vitaclip`` command line, at the top of the layers (vitaclip <- index <- jobs).
 
 Each subcommand parses its arguments and calls a library function; nothing below ``main`` sees argparse.
 """
@@ -227,32 +227,6 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_output(out: str, endpoint_url: str | None) -> Path:
-    """A local folder with the output's index and tables: the folder itself, or a cached copy of an object store
-    output (s3://, gs://, az://)."""
-    if "://" not in out or out.startswith("file://"):
-        return Path(out.removeprefix("file://"))
-    import hashlib
-
-    from jobs.storage import open_store
-
-    store = open_store(out, endpoint_url=endpoint_url)
-    cache = Path.home() / ".cache" / "vitaclip" / "outputs" / hashlib.sha256(out.encode()).hexdigest()[:16]
-    for prefix in ("videos/", "segments/", "index/", "runs/"):
-        listed = store.list(prefix)
-        if prefix == "index/" and (cache / "index").is_dir():
-            for stale in {p.name for p in (cache / "index").iterdir()} - {rel[len(prefix) :] for rel in listed}:
-                (cache / "index" / stale).unlink()  # index files an update superseded
-        for rel in listed:
-            target = cache / rel
-            # Data files and Delta commits never change once written; the index, run records and the log's
-            # checkpoint pointer do.
-            if not target.exists() or prefix in ("index/", "runs/") or rel.endswith("_last_checkpoint"):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                store.get_file(rel, target)  # streamed: index files can be many GiB
-    return cache
-
-
 def _cmd_build_index(args: argparse.Namespace) -> int:
     from index.cli import build_index_for_output
     from jobs.storage import open_store
@@ -294,9 +268,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> Any:
     from index.search import SearchEngine
+    from index.tables import local_copy
 
     return SearchEngine(
-        _local_output(args.index, args.s3_endpoint_url),
+        local_copy(args.index, s3_endpoint_url=args.s3_endpoint_url),
         model=args.model,
         checkpoint=args.checkpoint,
         device=args.device,
