@@ -52,7 +52,6 @@ def _cpu_seconds() -> float:
 def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     """Embed output rows of `videos` generated 10 s videos, from the job's own decode and embed stages."""
     from jobs.pipeline import ReadDecode, TimedEmbed
-    from vitaclip.model import backbone_model_config
     from vitaclip.registry import default_label_names, resolve_config
     from vitaclip.samples import write_sample_video
 
@@ -73,7 +72,7 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     }
     decode = ReadDecode(
         num_frames=config.num_frames,
-        size=int(backbone_model_config(config)["vision_cfg"]["image_size"]),
+        size=config.image_size,
         segment_seconds=2.0,
         s3_endpoint_url=None,
         whole_object_max_bytes=64 * 2**20,

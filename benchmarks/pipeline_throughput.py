@@ -251,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import vitaclip
-    from vitaclip.model import backbone_model_config
 
     config = vitaclip.get_model_config(args.model)
-    size = int(backbone_model_config(config)["vision_cfg"]["image_size"])
+    size = config.image_size
     work = Path(args.videos_dir or tempfile.mkdtemp(prefix="vitaclip-bench-"))
     videos = make_videos(work / "videos", sizes[-1], args.seconds, args.width, args.height)
     sets = {n: video_set(work, videos[:n]) for n in sizes}

@@ -228,7 +228,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_index(args: argparse.Namespace) -> int:
-    from index.cli import build_index_for_output
+    from index.refresh import build_index_for_output
     from jobs.storage import open_store
 
     store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
@@ -278,9 +278,16 @@ def _engine(args: argparse.Namespace) -> Any:
     )
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from index.cli import format_hits
+def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
+    lines = []
+    for rank, hit in enumerate(hits, 1):
+        span = f" [{hit.start_seconds:.1f}-{hit.end_seconds:.1f} s]" if segments else ""
+        labels = ", ".join(hit.labels[:3])
+        lines.append(f"{rank:2d}. {hit.score:.3f}  {hit.uri}{span}  ({labels})")
+    return "\n".join(lines) if lines else "no results"
 
+
+def _cmd_search(args: argparse.Namespace) -> int:
     engine = _engine(args)
     hits = engine.search(
         " ".join(args.query), k=args.k, segments=args.segments, label=args.label, min_duration=args.min_duration

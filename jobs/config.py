@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.storage import DEFAULT_VIDEO_EXTENSIONS
 from vitaclip.config import check_field_types, load_yaml_mapping
 
-DEFAULT_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp")
+DEFAULT_EXTENSIONS = tuple(sorted(DEFAULT_VIDEO_EXTENSIONS))
 
 
 def _has_packaged_weights(model: str) -> bool:

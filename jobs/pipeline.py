@@ -209,7 +209,7 @@ def write_blocks(
 def update_index(config: IndexJobConfig, model_id: str) -> dict[str, Any]:
     """Brings ``OUT/index`` up to the tables' latest versions (`index.build.build_from_output`); run as a Ray task."""
     from index.build import build_from_output
-    from index.cli import label_queries
+    from index.refresh import label_queries
 
     store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     return build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
@@ -320,7 +320,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     location = store.location
     model_config = resolve_config(config.model, config.checkpoint)
     num_frames = config.num_frames or model_config.num_frames
-    image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
+    image_size = model_config.image_size
     if config.checkpoint is not None:
         # Fail here, with the loader's message, rather than in every embed actor.
         vitaclip.create_model(config.model, checkpoint=config.checkpoint)

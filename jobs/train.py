@@ -740,7 +740,6 @@ def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) 
     from ray.train.torch import TorchTrainer
 
     from jobs.ray_resources import init_ray
-    from vitaclip.model import backbone_model_config
     from vitaclip.registry import resolve_config
 
     cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
@@ -759,7 +758,7 @@ def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) 
         resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
     )
     model_config = resolve_config(config.model, checkpoint)
-    image_size = int(backbone_model_config(model_config)["vision_cfg"]["image_size"])
+    image_size = model_config.image_size
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = _rank_datasets(config, start_step, model_config, image_size, plan.decode)
     storage = tempfile.mkdtemp(prefix="vitaclip-ray-train-")

@@ -102,14 +102,21 @@ def _uris(start: int, count: int) -> list[str]:
     return [f"s3://archive/v/{i:06d}.mp4" for i in range(start, start + count)]
 
 
+def _indexed_output(
+    url: str, rows: int, rng: np.random.Generator, **store_options: Any
+) -> tuple[OutputLocation, Any, dict[str, Any]]:
+    """An output at `url` with `rows` committed videos and its index: (location, store, index_info)."""
+    location = OutputLocation.from_url(url, s3_endpoint_url=store_options.get("endpoint_url"))
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(0, rows), rng))
+    store = open_store(url, **store_options)
+    return location, store, build_from_output(store, model_id=MODEL)
+
+
 def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     out = tmp_path / "out"
-    location = OutputLocation.from_url(str(out))
-    create_tables(location, DIM, model_id=MODEL)
-    _commit(location, _rows(_uris(0, 300), rng))
-    store = open_store(str(out))
-    info = build_from_output(store, model_id=MODEL)
+    location, store, info = _indexed_output(str(out), 300, rng)
     entry = info["indexes"]["videos"]
     assert entry["rebuild_reason"] == "no index yet" and len(entry["segments"]) == 1
     base = entry["segments"][0]
@@ -149,11 +156,7 @@ def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: P
 def test_changes_past_a_fraction_of_the_base_rebuild_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     out = tmp_path / "out"
-    location = OutputLocation.from_url(str(out))
-    create_tables(location, DIM, model_id=MODEL)
-    _commit(location, _rows(_uris(0, 200), rng))
-    store = open_store(str(out))
-    previous = build_from_output(store, model_id=MODEL)
+    location, store, previous = _indexed_output(str(out), 200, rng)
     monkeypatch.setattr(build, "DELTA_MIN_ROWS", 30)  # 25% of 200 = 50 changes allowed; 30 would be the floor
     _commit(location, _rows(_uris(200, 40), rng))
     previous = build_from_output(store, model_id=MODEL)
@@ -190,11 +193,8 @@ def test_s3_update_downloads_no_segment_it_does_not_merge(
     rng = np.random.default_rng(2)
     client, bucket = s3_bucket
     url = f"s3://{bucket}/out"
-    location = OutputLocation.from_url(url, s3_endpoint_url=s3_server)
-    create_tables(location, DIM, model_id=MODEL)
-    _commit(location, _rows(_uris(0, 100), rng))
-    store = _Watched(open_store(url, endpoint_url=s3_server))
-    info = build_from_output(store, model_id=MODEL)
+    location, plain, info = _indexed_output(url, 100, rng, endpoint_url=s3_server)
+    store = _Watched(plain)
     base_files = previous = referenced_files(info)
     for step in range(4):
         _commit(location, _rows(_uris(100 + 5 * step, 5), rng))
@@ -228,10 +228,7 @@ def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(3)
     out = tmp_path / "out"
-    location = OutputLocation.from_url(str(out))
-    create_tables(location, DIM, model_id=MODEL)
-    _commit(location, _rows(_uris(0, 100), rng))
-    build_from_output(open_store(str(out)), model_id=MODEL)
+    location, _, _ = _indexed_output(str(out), 100, rng)
     for round_ in range(6):
         _commit(location, _rows(_uris(100 + 4 * round_, 4), rng))
         barrier = threading.Barrier(2)

@@ -197,6 +197,13 @@ class VitaClipConfig:
             object.__setattr__(self, "backbone_config", json.loads(json.dumps(dict(self.backbone_config))))
 
     @property
+    def image_size(self) -> int:
+        """The backbone's input resolution, pixels per side (from its open_clip config)."""
+        from vitaclip.model import backbone_model_config  # the model module imports this one
+
+        return int(backbone_model_config(self)["vision_cfg"]["image_size"])
+
+    @property
     def has_prompts(self) -> bool:
         """Whether anything beyond plain CLIP frame averaging is configured."""
         return (

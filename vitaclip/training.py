@@ -15,6 +15,7 @@ weights), CPUs float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -526,7 +527,7 @@ def train_step(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for i, (video, labels, valid) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        ctx: Any = no_sync() if (no_sync is not None and not last) else _nullcontext()
+        ctx: Any = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             x = normalize_video(video, mean, std)  # [b, T, 3, H, W]
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -547,14 +548,6 @@ def train_step(
     return StepStats(
         loss=loss_sum / denominator, accuracy=correct / denominator, lr=lr, num_videos=total, grad_norm=grad_norm
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -721,16 +714,6 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
             raise ValueError(f"{p} is neither a checkpoint nor a training output folder with checkpoints")
         return latest
     return p
-
-
-def prune_checkpoints(output: str | Path, keep_last: int) -> list[Path]:
-    """Deletes all but the newest ``keep_last`` checkpoints; returns what was removed."""
-    found = list_training_checkpoints(output)
-    removed = []
-    for _, folder in found[: max(0, len(found) - keep_last)]:
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -254,7 +254,7 @@ def run_pretraining(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Decodes a world, pretrains, saves ``out_path`` (safetensors) and ``out_path``'s ``.json`` report."""
-    image_size = backbone_image_size(config)
+    image_size = config.image_size
     data = load_frames(world_dir, image_size=image_size)
     clip, curve = pretrain_clip(config, data, train, progress=progress)
     report: dict[str, Any] = {
@@ -270,13 +270,6 @@ def run_pretraining(
     save_clip(clip, out_path, metadata={"format": "open_clip", "model": config.name})
     Path(out_path).with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def backbone_image_size(config: VitaClipConfig) -> int:
-    """The image size of an inline backbone config."""
-    if config.backbone_config is None:
-        raise ValueError(f"model {config.name!r} has no inline backbone config")
-    return int(config.backbone_config["vision_cfg"]["image_size"])
 
 
 def summarize(report: dict[str, Any]) -> Sequence[str]:

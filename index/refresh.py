@@ -1,8 +1,8 @@
-"""Library functions behind ``vitaclip build-index``, ``vitaclip search`` and ``vitaclip serve``."""
+"""Building or refreshing an output's index for its model (behind ``vitaclip build-index`` and the job's last step)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,12 +64,3 @@ def build_index_for_output(
         rebuild=rebuild,
         tune_queries=label_queries(model, checkpoint),
     )
-
-
-def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
-    lines = []
-    for rank, hit in enumerate(hits, 1):
-        span = f" [{hit.start_seconds:.1f}-{hit.end_seconds:.1f} s]" if segments else ""
-        labels = ", ".join(hit.labels[:3])
-        lines.append(f"{rank:2d}. {hit.score:.3f}  {hit.uri}{span}  ({labels})")
-    return "\n".join(lines) if lines else "no results"
