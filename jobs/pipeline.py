@@ -44,7 +44,7 @@ from index.delta_tables import (
 from index.media import roots_of_inputs
 from index.schema import STATUS_OK
 from jobs.config import IndexJobConfig
-from jobs.ray_resources import Demand, read_cluster, require_fit
+from jobs.ray_resources import Demand, init_ray, read_cluster, require_fit
 from jobs.storage import (
     Store,
     VideoObject,
@@ -234,20 +234,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _init_ray(config: IndexJobConfig) -> tuple[int, float]:
-    """Connects to (or starts) Ray; returns the cluster's CPUs and GPUs."""
-    import ray
-
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:  # an existing cluster: also the case under `ray job submit`, which sets RAY_ADDRESS
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
-    resources = ray.cluster_resources()
-    return int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-
-
 class Commits:
     """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts."""
 
@@ -365,7 +351,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             where=describe_listing(config.inputs, **filters),
         )
 
-        cpus, gpus = _init_ray(config)
+        cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
+        cpus, gpus = max(1, int(cluster.cpus)), cluster.gpus
         # "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an autoscaling
         # cluster adds GPU nodes for the embed pool as it grows.
         use_gpu = config.embed_device == "gpu" or (
