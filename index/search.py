@@ -221,6 +221,8 @@ class SearchEngine:
         index = self.indexes[name]
         meta = self._meta[name]["row"]
         videos = self._meta.get("videos", {}).get("by_video", {})
+        if index.count == 0:
+            return []  # every indexed row was removed since
         fetch = min(max(4 * k, 16), index.count)
         while True:
             scores, ids = index.search(query[None], fetch)

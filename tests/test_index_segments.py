@@ -250,3 +250,32 @@ def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
         info = read_info(out / "index")
         assert all((out / "index" / f).is_file() for f in referenced_files(info))
         _check_search_is_exact(out, location, rng)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_deleted_ids_never_come_back_from_any_kind(tmp_path: Path, kind: str) -> None:
+    """Each base kind takes the deletions through search parameters of its own type (IVF keeps its nprobe, HNSW its
+    efSearch), so deleted ids are skipped and recall over the live ones holds."""
+    from index.segments import write_deleted, write_info
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(3000, 32)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    ids = np.arange(10**9, 10**9 + 3000, dtype=np.int64)
+    build.build_index(data, ids, tmp_path, kind=kind, model_id=MODEL, tune_queries=data[:50])
+    info = read_info(tmp_path)
+    entry = info["indexes"]["videos"]
+    dead = ids[::3]
+    entry.update(
+        generation=1,
+        deleted={"file": write_deleted(tmp_path, "videos", 1, np.stack([dead, np.ones_like(dead)], 1)), "count": 1000},
+        count=2000,
+    )
+    write_info(tmp_path, info)
+    index = open_index(tmp_path)
+    _, found = index.search(data[:200], 10)
+    assert not np.isin(found, dead).any()
+    live = ~np.isin(ids, dead)
+    truth = ids[live][exact_search(data[live], data[:200], 10)]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert recall >= 0.9, (kind, recall)
