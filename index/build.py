@@ -370,8 +370,8 @@ def _unlink_in(folder: Path) -> Callable[[str], None]:
 
 
 _ROW_COLUMNS = {
-    "videos": ["row_id", "embedding", "status", "model_id"],
-    "segments": ["row_id", "embedding", "model_id"],
+    "videos": ["row_id", "embedding", "status", "model_id", "run_id", "indexed_at"],
+    "segments": ["row_id", "embedding", "model_id", "run_id", "indexed_at"],
 }
 
 
@@ -381,11 +381,12 @@ class _FullBuild(Exception):
 
 def _ok_rows(
     location: OutputLocation, table: str, model_id: str, *, version: int, files: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, row ids) of a table's rows with an embedding of one model: all at `version`, or of `files` only.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, row ids, row versions) of a table's rows with an embedding of one model: all at `version`, or of
+    `files` only. A row's version is the run that committed it and when (`_versions`; only read for `files`).
 
-    Reads four columns, never thumbnails. A row id seen twice (not possible through the job's commits) keeps its
-    last row rather than failing every later build.
+    Reads a few small columns and the embeddings, never thumbnails. A row id seen twice (not possible through the
+    job's commits) keeps its last row rather than failing every later build.
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -399,47 +400,66 @@ def _ok_rows(
     if files is None:
         dt = open_table(location, table, version=version)
         if dt is None:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, object)
         dataset = dt.to_pyarrow_dataset()
     else:
         if not files:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, object)
         filesystem, root = location.table_path(table)
         schema = pa.schema([f for f in table_schema(table, 1) if f.name in columns])
         dataset = pads.dataset([f"{root}/{f}" for f in files], schema=schema, format="parquet", filesystem=filesystem)
-    rows = dataset.to_table(columns=["row_id", "embedding"], filter=condition)
+    versioned = files is not None  # a full build needs no versions (and should not read them for every row)
+    rows = dataset.to_table(
+        columns=["row_id", "embedding", *(["run_id", "indexed_at"] if versioned else [])], filter=condition
+    )
     ids = rows.column("row_id").to_numpy().astype(np.int64)
+    stamps = _versions(rows) if versioned else np.zeros(len(ids), object)
     emb = rows.column("embedding").combine_chunks()
     if len(ids) == 0:
-        return np.zeros((0, 0), np.float32), ids
+        return np.zeros((0, 0), np.float32), ids, stamps
     vectors = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
     _, last = np.unique(ids[::-1], return_index=True)
     if len(last) != len(ids):
         keep = np.sort(len(ids) - 1 - last)
-        vectors, ids = vectors[keep], ids[keep]
-    return vectors, ids
+        vectors, ids, stamps = vectors[keep], ids[keep], stamps[keep]
+    return vectors, ids, stamps
 
 
-def _removed_ids(location: OutputLocation, table: str, model_id: str, files: list[str]) -> np.ndarray:
-    """Ids of the indexed rows (ok rows of the model) in data files that commits removed (on storage until
-    vacuumed). Reads three small columns of those files only."""
+def _versions(rows: pa.Table) -> np.ndarray:
+    """Each row's version: the run that committed it and when (``run_id|indexed_at`` in microseconds)."""
+    import pyarrow.compute as pc
+
+    micros = pc.fill_null(rows.column("indexed_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()), 0)
+    runs = pc.fill_null(rows.column("run_id"), "")
+    return np.asarray(pc.binary_join_element_wise(runs, micros.cast(pa.string()), "|").to_pylist(), dtype=object)
+
+
+def _removed_rows(
+    location: OutputLocation, table: str, model_id: str, files: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, row versions) of the indexed rows (ok rows of the model) in data files that commits removed (on
+    storage until vacuumed). Reads five small columns of those files only."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     if not files:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, object)
     filesystem, root = location.table_path(table)
     condition = pc.field("model_id") == model_id
-    columns = ["row_id", "model_id"]
     if table == "videos":
         condition = condition & (pc.field("status") == "ok")
-        columns.append("status")
     dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
     try:
-        rows = dataset.to_table(columns=["row_id"], filter=condition)
+        rows = dataset.to_table(columns=["row_id", "run_id", "indexed_at"], filter=condition)
     except (FileNotFoundError, OSError) as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
-    return np.unique(rows.column("row_id").to_numpy().astype(np.int64))
+    return rows.column("row_id").to_numpy().astype(np.int64), _versions(rows)
+
+
+def _moved(new_ids: np.ndarray, new_versions: np.ndarray, old_ids: np.ndarray, old_versions: np.ndarray) -> np.ndarray:
+    """Which new rows are old rows moved unchanged into a rewritten data file (same id, same version)."""
+    old = dict(zip(old_ids.tolist(), old_versions.tolist(), strict=True))
+    return np.asarray([old.get(i) == v for i, v in zip(new_ids.tolist(), new_versions.tolist(), strict=True)], bool)
 
 
 def _net_changes(location: OutputLocation, table: str, after: int, upto: int) -> tuple[list[str], list[str]]:
@@ -493,8 +513,14 @@ def _follow_log(
         raise _FullBuild("the index lists no segments")
     base, deltas = segments[0], segments[1:]
     added_files, removed_files = _net_changes(location, name, after, upto)
-    new_vectors, new_ids = _ok_rows(location, name, model_id, version=upto, files=added_files)
-    removed = _removed_ids(location, name, model_id, removed_files)
+    new_vectors, new_ids, new_stamps = _ok_rows(location, name, model_id, version=upto, files=added_files)
+    old_ids, old_stamps = _removed_rows(location, name, model_id, removed_files)
+    # Replacing one video rewrites its data file without that row: the file's other rows come back unchanged in the
+    # added file. They stay where they are indexed; only new versions and removed rows count.
+    moved = _moved(new_ids, new_stamps, old_ids, old_stamps)
+    removed = np.unique(old_ids[~np.isin(old_ids, new_ids[moved])])
+    if moved.any():
+        new_vectors, new_ids = new_vectors[~moved], new_ids[~moved]
     if entry.get("deleted"):
         fetch(entry["deleted"]["file"])
     deleted = read_deleted(folder, entry)
@@ -523,13 +549,16 @@ def _follow_log(
         count=int(entry["count"]) - len(removed) + len(new_ids),
         generation=generation,
         segments=[s.to_dict() for s in [base, *deltas]],
-        deleted={"file": write_deleted(folder, name, generation, deleted), "count": len(deleted)}
-        if len(deleted)
-        else None,
+        deleted=(
+            {"file": write_deleted(folder, name, generation, deleted), "count": len(deleted)}
+            if len(removed)
+            else entry.get("deleted")  # no new deletions: the same file
+        ),
         incremental={
             "added": len(new_ids) - updated,  # ids new to the index
-            "updated": updated,  # ids whose rows were committed again (new versions, rewritten files)
+            "updated": updated,  # ids whose rows were committed again (new versions of their videos)
             "removed": len(removed) - updated,
+            "moved": int(moved.sum()),  # unchanged rows of rewritten data files: left as indexed
             "files_read": len(added_files) + len(removed_files),
             "segments_merged": merged,
         },
@@ -638,7 +667,7 @@ def build_from_output(
                 except (_FullBuild, IndexUnusableError, FileNotFoundError, RuntimeError) as exc:
                     reason = str(exc)
             if entry is None:
-                vectors, ids = _ok_rows(location, table, model_id, version=versions[table])
+                vectors, ids, _ = _ok_rows(location, table, model_id, version=versions[table])
                 if len(ids) == 0:
                     continue
                 entry = _build_base(

@@ -143,6 +143,7 @@ def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: P
         gone = len(set(changed[2:]) - failed)
         failed = (failed - set(changed[:2])) | set(changed[2:])
         assert (inc["added"], inc["removed"]) == (5 + back, gone) and inc["files_read"] >= 3, inc
+        assert inc["updated"] == 2 - back and inc["moved"] > 0, inc  # the rewritten files' other rows stay put
         merged += inc["segments_merged"]
         assert len(entry["segments"]) <= 1 + 4, [s["count"] for s in entry["segments"]]  # merged, not piled up
         assert entry["deleted"]["count"] >= 1
