@@ -242,11 +242,21 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     )
     for name, entry in info["indexes"].items():
         measured = entry.get("measured", {})
+        deleted = (entry.get("deleted") or {}).get("count", 0)
         print(
-            f"{name}: {entry['kind']} ({entry['factory']}), {entry['count']} vectors, "
+            f"{name}: {entry['kind']} ({entry['factory']}), {entry['count']} vectors in "
+            f"{len(entry.get('segments', []))} segment(s) ({deleted} deleted ids), "
             f"params {entry.get('search_params') or '-'}, recall@10 {measured.get('recall_at_10', '-')}, "
             f"p50 {measured.get('p50_ms', '-')} ms"
         )
+        if entry.get("rebuild_reason"):
+            print(f"  built whole: {entry['rebuild_reason']}")
+        elif "incremental" in entry:
+            inc = entry["incremental"]
+            print(
+                f"  followed the tables' log: {inc['added']} added, {inc['updated']} replaced, {inc['removed']} "
+                f"removed, {inc['files_read']} data files read, {inc['segments_merged']} segment merges"
+            )
     return 0
 
 

@@ -152,6 +152,18 @@ def test_incremental_index_after_replaced_rows(indexed: Path, tmp_path: Path) ->
     assert index.count == len(rows) and len(set(index.ids.tolist())) == len(rows)
 
 
+def test_cli_build_index_says_how_it_built(indexed: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    assert cli_main(["build-index", str(out), "--rebuild"]) == 0
+    printed = capsys.readouterr().out
+    assert "videos: flat (IDMap2,Flat)" in printed and "in 1 segment(s) (0 deleted ids)" in printed
+    assert "built whole: asked for (--rebuild)" in printed
+    assert cli_main(["build-index", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "followed the tables' log: 0 added, 0 replaced, 0 removed, 0 data files read" in printed, printed
+
+
 def test_cli_search_json(indexed: Path, capsys) -> None:
     assert cli_main(["search", "--index", str(indexed), "a", "red", "circle", "-k", "2", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
