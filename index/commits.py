@@ -295,6 +295,8 @@ class WrittenBatch:
         keys: ``(video_id, etag, status)`` of each video row.
         current_video_files: video_id -> the Planner's ``current_video_file``.
         current_segment_files: video_id -> the Planner's ``current_segment_files``.
+        segment_video_ids: The videos with rows in `segments`, as the writer knew them (None: the Committer reads
+            them from the file when it needs them).
     """
 
     videos: DataFile | None
@@ -302,6 +304,7 @@ class WrittenBatch:
     keys: tuple[tuple[str, str | None, str], ...]
     current_video_files: Mapping[str, str] = field(default_factory=dict)
     current_segment_files: Mapping[str, str] = field(default_factory=dict)
+    segment_video_ids: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,8 @@ class Committer:
                 self._pending_keys[video_id] = (etag, status)
         self._pending.append(batch)
         self._duplicates.append(duplicates)
+        if batch.segments is not None and batch.segment_video_ids is not None:
+            self._file_ids[batch.segments.path] = batch.segment_video_ids  # the driver reads no data file for them
 
     @property
     def pending_videos(self) -> int:
@@ -493,6 +498,7 @@ class Committer:
         done = [video_id for video_id in self._pending_keys if video_id not in plan.dropped]
         self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(pa.array(done, pa.string())))
         self._pending, self._pending_keys, self._committed_segments, self._duplicates = [], {}, None, []
+        self._file_ids = {}
         self._bare.update(plan.bare)
         return CommitReport(
             versions=versions,
@@ -644,6 +650,66 @@ class Committer:
         name = f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
         return dlt.write_data_file(self.location, "segments", rows, name=name, embed_dim=self._embed_dim)
 
+    def _readd(
+        self,
+        committed: dict[str, DataFile | None],
+        current: _Snapshot,
+        segment_rows: dict[str, list[tuple[str, dict[str, Any]]]],
+        dropped: set[str],
+    ) -> tuple[DataFile | None, set[str]]:
+        """Our segments landed in an earlier round of this call. Another writer may have removed some since (it
+        re-indexed the video, then lost the videos race or not): those of videos we still commit go in again, as a
+        new data file. Returns it (None: nothing to re-add) and their video ids."""
+        still_ours = set().union(*(self._ids_in(f.path) for f in committed.values() if f and f.path in current.sizes))
+        wanted: dict[str, set[str]] = {}
+        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+            if batch.segments is None:
+                continue
+            for video_id in self._ids_in(batch.segments.path) - duplicates - dropped - still_ours:
+                if not any(r["run_id"] == self.run_id for _, r in segment_rows.get(video_id, [])):
+                    wanted.setdefault(batch.segments.path, set()).add(video_id)
+        readd_file = self._copy_segment_rows(wanted)
+        return readd_file, (set().union(*wanted.values()) if readd_file is not None else set())
+
+    def _targets(
+        self,
+        snapshots: Mapping[str, _Snapshot],
+        own: set[str],
+        video_rows: dict[str, list[tuple[str, dict[str, Any]]]],
+        segment_rows: dict[str, list[tuple[str, dict[str, Any]]]],
+        dropped: set[str],
+    ) -> tuple[dict[str, dict[str, set[str]]], int, dict[str, tuple[frozenset[str], frozenset[str]]]]:
+        """The current files holding older rows of the videos we commit (table -> file -> video ids), how many
+        video rows that replaces, and the videos committed without segment rows (their stale segment rows go after
+        the videos commit: video id -> (the Planner's partner files, the runs whose rows we remove))."""
+        targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
+        replaced = 0
+        bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+            with_segments = self._ids_in(batch.segments.path) if batch.segments else frozenset()
+            for video_id, _, _ in batch.keys:
+                if video_id in dropped or video_id in duplicates:
+                    continue
+                planned_videos = _lines(batch.current_video_files.get(video_id, ""))
+                planned_segments = _lines(batch.current_segment_files.get(video_id, ""))
+                video_files = {self._resolve("videos", p, video_id) for p in planned_videos}
+                video_files |= {path for path, _ in video_rows.get(video_id, [])}
+                segment_files = {self._resolve("segments", p, video_id) for p in planned_segments}
+                segment_files |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] != self.run_id}
+                if video_id not in with_segments:
+                    runs = {row["run_id"] for _, row in video_rows.get(video_id, [])} - {self.run_id}
+                    bare[video_id] = (frozenset(set(planned_videos) & set(planned_segments)), frozenset(runs))
+                    segment_files = set()
+                found = False
+                for table, files in (("videos", video_files), ("segments", segment_files)):
+                    for held in files:
+                        if held is None or held in own or held not in snapshots[table].sizes:
+                            continue
+                        targets[table].setdefault(held, set()).add(video_id)
+                        found = found or table == "videos"
+                replaced += found
+        return targets, replaced, bare
+
     def _plan(self, snapshots: Mapping[str, _Snapshot]) -> _Plan:
         pending = sorted(self._pending_keys)
         video_rows = self._rows_of("videos", pending)
@@ -654,57 +720,16 @@ class Committer:
             if any(is_done(row["etag"], row["status"], self._pending_keys[video_id][0]) for _, row in rows)
         }
         committed = self._committed_segments
-        readd_file, readded = None, set()
-        if committed is not None:
-            # Our segments landed in an earlier round of this call. Another writer may have removed some since (it
-            # re-indexed the video, then lost the videos race or not): those of videos we still commit go in again.
-            current = snapshots["segments"].sizes
-            still_ours = set().union(*(self._ids_in(f.path) for f in committed.values() if f and f.path in current))
-            wanted: dict[str, set[str]] = {}
-            for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
-                if batch.segments is None:
-                    continue
-                for video_id in self._ids_in(batch.segments.path) - duplicates - dropped - still_ours:
-                    if not any(r["run_id"] == self.run_id for _, r in segment_rows.get(video_id, [])):
-                        wanted.setdefault(batch.segments.path, set()).add(video_id)
-            readd_file = self._copy_segment_rows(wanted)
-            readded = set().union(*wanted.values()) if readd_file is not None else set()
-
+        readd_file, readded = (
+            self._readd(committed, snapshots["segments"], segment_rows, dropped)
+            if committed is not None
+            else (None, set())
+        )
         own = {b.videos.path for b in self._pending if b.videos} | {
             b.segments.path for b in self._pending if b.segments
         }
         own |= {f.path for f in (committed or {}).values() if f is not None}
-        targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
-        replaced = 0
-        bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
-        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
-            with_segments = self._ids_in(batch.segments.path) if batch.segments else frozenset()
-            for video_id, _, _ in batch.keys:
-                if video_id in dropped or video_id in duplicates:
-                    continue
-                video_files = {
-                    self._resolve("videos", p, video_id) for p in _lines(batch.current_video_files.get(video_id, ""))
-                }
-                video_files |= {path for path, _ in video_rows.get(video_id, [])}
-                segment_files = {
-                    self._resolve("segments", p, video_id)
-                    for p in _lines(batch.current_segment_files.get(video_id, ""))
-                }
-                segment_files |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] != self.run_id}
-                if video_id not in with_segments:  # its stale segment rows go after the videos commit
-                    partners = set(_lines(batch.current_video_files.get(video_id, "")))
-                    partners &= set(_lines(batch.current_segment_files.get(video_id, "")))
-                    runs = {row["run_id"] for _, row in video_rows.get(video_id, [])} - {self.run_id}
-                    bare[video_id] = (frozenset(partners), frozenset(runs))
-                    segment_files = set()
-                found = False
-                for table, files in (("videos", video_files), ("segments", segment_files)):
-                    for held in files:
-                        if held is None or held in own or held not in snapshots[table].sizes:
-                            continue
-                        targets[table].setdefault(held, set()).add(video_id)
-                        found = found or table == "videos"
-                replaced += found
+        targets, replaced, bare = self._targets(snapshots, own, video_rows, segment_rows, dropped)
 
         moves: list[tuple[str, str, DataFile | None, frozenset[str]]] = []
         removes: dict[str, list[RemovedFile]] = {table: [] for table in dlt.TABLES}

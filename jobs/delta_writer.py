@@ -123,7 +123,8 @@ def write_result_files(
     videos, segments = result_tables(
         batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
     )
-    orphans = set(segments.column("video_id").to_pylist()) - set(videos.column("video_id").to_pylist())
+    with_segments = frozenset(segments.column("video_id").to_pylist())
+    orphans = with_segments - set(videos.column("video_id").to_pylist())
     if orphans:
         # The decode stage emits a video's clips together and Ray Data never splits a block between write tasks:
         # clips of one video in two batches would let one batch's segments commit remove the other's.
@@ -156,4 +157,5 @@ def write_result_files(
         keys=keys,
         current_video_files=planned("current_video_file"),
         current_segment_files=planned("current_segment_files"),
+        segment_video_ids=with_segments,
     )
