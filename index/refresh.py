@@ -42,6 +42,7 @@ def build_index_for_output(
     rebuild: bool = False,
 ) -> dict[str, Any]:
     """Builds ``OUT/index`` for the output's model (the only one in its rows, or the one named)."""
+    from vitaclip.model import model_name_of
     from vitaclip.registry import model_id_for
 
     ids = committed_model_ids(store)
@@ -51,7 +52,7 @@ def build_index_for_output(
         if len(ids) > 1:
             raise ValueError(f"the output holds rows of several models {ids}: name one with --model/--checkpoint")
         model_id = ids[0]
-        model = model_id.split("@", 1)[0]
+        model = model_name_of(model_id)
     else:
         model_id = model_id_for(model, checkpoint)
         if model_id not in ids:

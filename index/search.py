@@ -101,8 +101,9 @@ class SearchEngine:
         import torch
 
         import vitaclip
+        from vitaclip.model import model_name_of
 
-        name = model or self.model_id.split("@", 1)[0]
+        name = model or model_name_of(self.model_id)
         try:
             encoder = vitaclip.create_model(name, checkpoint=checkpoint, device=device)
         except ValueError as exc:

@@ -86,6 +86,16 @@ def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     return clip
 
 
+def format_model_id(name: str, sha256: str) -> str:
+    """The ``model_id`` of a model's weights: ``NAME@sha256:HEX`` (the config name and the weights' source hash)."""
+    return f"{name}@sha256:{sha256}"
+
+
+def model_name_of(model_id: str) -> str:
+    """The config name in a ``model_id`` (see `format_model_id`)."""
+    return model_id.split("@", 1)[0]
+
+
 class VitaClip(nn.Module):
     """A video-text model: frozen CLIP ViT + Vita-CLIP prompts.
 
@@ -201,7 +211,7 @@ class VitaClip(nn.Module):
         """Model name + sha256 of the weights' source: the id every output row carries."""
         if self.source_sha256 is None:
             self.source_sha256 = self.weights_sha256()
-        return f"{self.config.name}@sha256:{self.source_sha256}"
+        return format_model_id(self.config.name, self.source_sha256)
 
     def weights_sha256(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes, bytes): identifies randomly initialised models."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from vitaclip.checkpoints import CheckpointError, is_vitaclip_checkpoint, load_checkpoint
 from vitaclip.config import VitaClipConfig
-from vitaclip.model import VitaClip
+from vitaclip.model import VitaClip, format_model_id
 
 
 @lru_cache(maxsize=1)
@@ -128,59 +129,133 @@ def create_model(
     return model
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as a run plans with it, resolved once and without loading weights.
+
+    Attributes:
+        name: The registered name (or JSON config path) asked for; None for a vitaclip checkpoint folder alone.
+        checkpoint: The checkpoint asked for (None: the packaged weights of `name`, if any, else random weights).
+        config: The model's config (a vitaclip checkpoint's own).
+        model_id: What the loaded model reports as ``model_id`` (see `model_id_for`).
+        label_names: The labels it scores: the ones asked for, else its default label set (may be empty).
+        num_frames: Frames per clip: the one asked for, else the config's.
+    """
+
+    name: str | None
+    checkpoint: str | None
+    config: VitaClipConfig
+    model_id: str
+    label_names: tuple[str, ...]
+    num_frames: int
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        from vitaclip.model import backbone_model_config
+
+        return int(backbone_model_config(self.config)["embed_dim"])
+
+
+def resolve_model(
+    name: str | None,
+    checkpoint: str | Path | None,
+    *,
+    label_names: Sequence[str] | None = None,
+    num_frames: int | None = None,
+) -> ResolvedModel:
+    """Config, model id and labels of a model, reading a vitaclip checkpoint's ``config.json`` once.
+
+    Raises:
+        ValueError: An unknown name, or no name and no vitaclip checkpoint folder;
+            :class:`~vitaclip.checkpoints.CheckpointError` for a checkpoint whose config cannot be used.
+    """
+    found = _with_packaged(name, checkpoint)
+    if found is not None and is_vitaclip_checkpoint(found):
+        meta = checkpoint_meta(found)
+        config, model_id, defaults = _config_of(meta, found), _id_of(meta), _labels_of(meta)
+    else:
+        config = _named_config(name)
+        model_id = _id_of_named(config, found)
+        defaults = _label_set(config.label_set)
+    return ResolvedModel(
+        name=name,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        config=config,
+        model_id=model_id,
+        label_names=tuple(label_names) if label_names else tuple(defaults or ()),
+        num_frames=num_frames or config.num_frames,
+    )
+
+
+def _named_config(name: str | None) -> VitaClipConfig:
+    if name is None:
+        raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
+    return get_model_config(name)
+
+
+def _config_of(meta: dict[str, Any], checkpoint: str | Path) -> VitaClipConfig:
+    try:
+        return VitaClipConfig.from_dict(meta["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
+
+
+def _id_of(meta: dict[str, Any]) -> str:
+    return format_model_id(meta["config"]["name"], meta["weights_sha256"])
+
+
+def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
+    from vitaclip.checkpoints import file_sha256
+
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        return format_model_id(config.name, file_sha256(checkpoint))
+    return VitaClip(config).model_id
+
+
+def _labels_of(meta: dict[str, Any]) -> tuple[str, ...] | None:
+    names = meta.get("default_labels") or meta.get("label_names")
+    return tuple(names) if names else _label_set(meta["config"].get("label_set"))
+
+
+def _label_set(label_set: str | None) -> tuple[str, ...] | None:
+    from vitaclip.labels import load_label_set
+
+    return tuple(load_label_set(label_set)) if label_set else None
+
+
 def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
     """The ``model_id`` a model would report, without loading its weights when a checkpoint file is given.
 
     Name + sha256 of the checkpoint (the recorded weights hash for a vitaclip folder); for random init, the hash of
     the initial weights (this builds the model).
     """
-    checkpoint = _with_packaged(name, checkpoint)
-    from vitaclip.checkpoints import file_sha256
-
-    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        meta = checkpoint_meta(checkpoint)
-        return f"{meta['config']['name']}@sha256:{meta['weights_sha256']}"
-    if name is None:
-        raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
-    config = get_model_config(name)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-        return f"{config.name}@sha256:{file_sha256(checkpoint)}"
-    return VitaClip(config).model_id
+    found = _with_packaged(name, checkpoint)
+    if found is not None and is_vitaclip_checkpoint(found):
+        return _id_of(checkpoint_meta(found))
+    return _id_of_named(_named_config(name), found)
 
 
 def default_label_names(name: str | None, checkpoint: str | Path | None) -> tuple[str, ...] | None:
     """The labels a model scores by default: a vitaclip checkpoint's recorded labels, else the config's label set."""
-    checkpoint = _with_packaged(name, checkpoint)
-    from vitaclip.labels import load_label_set
-
-    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        meta = checkpoint_meta(checkpoint)
-        names = meta.get("default_labels") or meta.get("label_names")
-        if names:
-            return tuple(names)
-        label_set = meta["config"].get("label_set")
-        return load_label_set(label_set) if label_set else None
-    if name is None:
-        return None
-    config = get_model_config(name)
-    return load_label_set(config.label_set) if config.label_set else None
+    found = _with_packaged(name, checkpoint)
+    if found is not None and is_vitaclip_checkpoint(found):
+        return _labels_of(checkpoint_meta(found))
+    return None if name is None else _label_set(get_model_config(name).label_set)
 
 
 def resolve_config(name: str | None, checkpoint: str | Path | None) -> VitaClipConfig:
     """The config a run should plan with (frames, image size) without loading weights: a vitaclip checkpoint's own
     config, else the named one."""
-    checkpoint = _with_packaged(name, checkpoint)
-    if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        meta = checkpoint_meta(checkpoint)
-        try:
-            return VitaClipConfig.from_dict(meta["config"])
-        except ValueError as exc:
-            raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
-    if name is None:
-        raise ValueError("a model name is needed unless the checkpoint is a vitaclip checkpoint folder")
-    return get_model_config(name)
+    found = _with_packaged(name, checkpoint)
+    if found is not None and is_vitaclip_checkpoint(found):
+        return _config_of(checkpoint_meta(found), found)
+    return _named_config(name)
 
 
 def require_trained_weights(model_name: str | None, checkpoint: str | None, *, random_weights: bool) -> None:
