@@ -52,7 +52,7 @@ def _cpu_seconds() -> float:
 def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     """Embed output rows of `videos` generated 10 s videos, from the job's own decode and embed stages."""
     from jobs.pipeline import ReadDecode, TimedEmbed
-    from vitaclip.registry import default_label_names, resolve_config
+    from vitaclip.registry import resolve_model
     from vitaclip.samples import write_sample_video
 
     paths = []
@@ -60,7 +60,7 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
         path = work / f"sample-{i}.mp4"
         write_sample_video(path, num_frames=120, fps=12, width=320, height=240, seed=i)
         paths.append(path)
-    config = resolve_config(MODEL, None)
+    model = resolve_model(MODEL, None)
     batch = {
         "uri": np.asarray([str(p) for p in paths], dtype=object),
         "etag": np.asarray([f"e{i}" for i in range(videos)], dtype=object),
@@ -71,13 +71,13 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
         "current_segment_files": np.asarray([""] * videos, dtype=object),
     }
     decode = ReadDecode(
-        num_frames=config.num_frames,
-        size=config.image_size,
+        num_frames=model.num_frames,
+        size=model.image_size,
         segment_seconds=2.0,
         s3_endpoint_url=None,
         whole_object_max_bytes=64 * 2**20,
     )
-    embed = TimedEmbed(model=MODEL, label_names=list(default_label_names(MODEL, None) or ()), device="cpu")
+    embed = TimedEmbed(model=MODEL, label_names=list(model.label_names), device="cpu")
     from ray.data.block import BlockAccessor
 
     return BlockAccessor.batch_to_block(embed(decode(batch)))  # as Ray Data makes the stage's output block
@@ -101,9 +101,7 @@ def blocks_of(sample: pa.Table, rows: int) -> list[Any]:
     return refs
 
 
-def time_drain(
-    refs: list[Any], out: Path, *, embed_dim: int, label_names: list[str], rows_per_task: int
-) -> tuple[float, float, int]:
+def time_drain(refs: list[Any], out: Path, *, model: Any, rows_per_task: int) -> tuple[float, float, int]:
     """(seconds, driver CPU seconds, rows committed) of the job's driver loop over `refs`."""
     import ray
 
@@ -111,24 +109,21 @@ def time_drain(
     from index.delta_tables import OutputLocation, create_tables
     from jobs.config import IndexJobConfig
     from jobs.pipeline import Commits, RunHooks, drain
-    from vitaclip.registry import model_id_for
 
     shutil.rmtree(out, ignore_errors=True)
     location = OutputLocation.from_url(str(out))
-    model_id = model_id_for(MODEL, None)
-    versions = create_tables(location, embed_dim, model_id=model_id)
+    versions = create_tables(location, model.embed_dim, model_id=model.model_id)
     config = IndexJobConfig(inputs=("unused",), output=str(out), model=MODEL)
     start, cpu = time.perf_counter(), _cpu_seconds()
     commits = Commits(
-        Committer(location, model_id=model_id, run_id="bench", versions=versions),
+        Committer(location, model_id=model.model_id, run_id="bench", versions=versions),
         commit_seconds=config.commit_seconds,
         hooks=RunHooks(),
     )
     ds = ray.data.from_arrow_refs(refs).map_batches(
         lambda b: b, batch_format="pyarrow", zero_copy_batch=True, batch_size=rows_per_task
     )
-    drain(ds, commits, config, location=location, model_id=model_id, run_id="bench", label_names=label_names,
-          embed_dim=embed_dim)  # fmt: skip
+    drain(ds, commits, config, location=location, model=model, run_id="bench")
     commits.collect(wait=True)
     commits.commit()
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
@@ -145,11 +140,9 @@ def main() -> None:
     import ray
     import ray.data  # noqa: F401  (imported before timing, as the job has by then)
 
-    from vitaclip.model import backbone_model_config
-    from vitaclip.registry import default_label_names, resolve_config
+    from vitaclip.registry import resolve_model
 
-    embed_dim = int(backbone_model_config(resolve_config(MODEL, None))["embed_dim"])
-    label_names = list(default_label_names(MODEL, None) or ())
+    model = resolve_model(MODEL, None)
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +155,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for t, n in results:
                 refs = blocks_of(sample, n)
-                measured = time_drain(refs, work / "out", embed_dim=embed_dim, label_names=label_names, rows_per_task=t)
+                measured = time_drain(refs, work / "out", model=model, rows_per_task=t)
                 del refs
                 results[t, n].append(measured)
                 s, c, r = measured

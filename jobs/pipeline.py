@@ -44,7 +44,7 @@ from index.delta_tables import (
 from index.media import roots_of_inputs
 from index.schema import STATUS_OK
 from jobs.config import IndexJobConfig
-from jobs.ray_resources import Demand, init_ray, read_cluster, require_fit
+from jobs.ray_resources import IndexPools, init_ray, plan_index_pools
 from jobs.storage import (
     Store,
     VideoObject,
@@ -56,6 +56,7 @@ from jobs.storage import (
     require_any,
 )
 from vitaclip.redact import redact_text, redact_url, redact_value
+from vitaclip.registry import ResolvedModel, resolve_model
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
 
 log = logging.getLogger("vitaclip.job")
@@ -285,6 +286,59 @@ class Commits:
         )
 
 
+class RunRecord:
+    """``OUT/runs/<run_id>.json``: written when the run starts, so that a killed run still says what it was and
+    where its inputs are (the search service serves media only from recorded input roots); rewritten at the end with
+    the run's summary, or with its failure."""
+
+    def __init__(self, store: Store, config: IndexJobConfig, *, model_id: str, versions: dict[str, int]) -> None:
+        self.store = store
+        self.started = time.time()
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+        self.folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
+        self.safe_config = redact_value(config.to_dict())
+        self.start = {
+            "run_id": self.run_id,
+            "state": "running",
+            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
+            "output": redact_url(store.location.url),
+            "model_id": model_id,
+            "input_roots": roots_of_inputs(self.folder_inputs),
+            "planned_at_versions": versions,
+            "config": self.safe_config,
+        }
+        self._write(self.start)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.store.put_bytes(f"runs/{self.run_id}.json", json.dumps(record, indent=1, default=str).encode())
+
+    def fail(self, exc: Exception) -> None:
+        """Records a run refused or failed on bad input, instead of "running" for ever."""
+        self._write(dict(self.start, state="failed", error=redact_text(str(exc))))
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        self._write(summary)
+        return summary
+
+
+def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
+    """The run's model, resolved once; a checkpoint that cannot be loaded fails here, with the loader's message,
+    rather than in every embed actor.
+
+    Raises:
+        ValueError: An unusable model or checkpoint, or a model without labels and no ``--labels``.
+    """
+    import vitaclip
+
+    if config.checkpoint is not None:
+        vitaclip.create_model(config.model, checkpoint=config.checkpoint)
+    labels = vitaclip.load_label_set(config.labels) if config.labels else None
+    model = resolve_model(config.model, config.checkpoint, label_names=labels, num_frames=config.num_frames)
+    if not model.label_names:
+        raise ValueError(f"model {config.model!r} has no label set: pass --labels")
+    return model
+
+
 def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     """Runs one indexing run to completion and returns its summary (also written to ``OUT/runs/<run_id>.json``).
 
@@ -295,199 +349,143 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     """
     import ray
 
-    import vitaclip
-    from vitaclip.model import backbone_model_config
-    from vitaclip.registry import default_label_names, model_id_for, resolve_config
-
     hooks = hooks or RunHooks()
-    started = time.time()
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     location = store.location
-    model_config = resolve_config(config.model, config.checkpoint)
-    num_frames = config.num_frames or model_config.num_frames
-    image_size = model_config.image_size
-    if config.checkpoint is not None:
-        # Fail here, with the loader's message, rather than in every embed actor.
-        vitaclip.create_model(config.model, checkpoint=config.checkpoint)
-    model_id = model_id_for(config.model, config.checkpoint)
-    label_names = list(
-        vitaclip.load_label_set(config.labels)
-        if config.labels
-        else default_label_names(config.model, config.checkpoint) or ()
-    )
-    if not label_names:
-        raise ValueError(f"model {config.model!r} has no label set: pass --labels")
-    log.info("run %s: model %s, output %s", run_id, model_id, redact_url(location.url))
+    model = resolve_run_model(config)
+    log.info("model %s, output %s", model.model_id, redact_url(location.url))
     if detect_old_layout(location):
         raise ValueError(old_layout_message(location))
     # One embedding size per output (a table property): another model's size is refused before any work.
-    embed_dim = int(backbone_model_config(model_config)["embed_dim"])
-    versions = create_tables(location, embed_dim, model_id=model_id)
-
-    folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
-    safe_config = redact_value(config.to_dict())
-    # Written first, so that a killed run still says what it was and where its inputs are (the search service
-    # serves media only from recorded input roots); rewritten with the full summary at the end.
-    start_record = {
-        "run_id": run_id,
-        "state": "running",
-        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "output": redact_url(location.url),
-        "model_id": model_id,
-        "input_roots": roots_of_inputs(folder_inputs),
-        "planned_at_versions": versions,
-        "config": safe_config,
-    }
-    store.put_bytes(f"runs/{run_id}.json", json.dumps(start_record, indent=1).encode())
+    versions = create_tables(location, model.embed_dim, model_id=model.model_id)
+    record = RunRecord(store, config, model_id=model.model_id, versions=versions)
+    log.info("run %s", record.run_id)
     try:
         filters: dict[str, Any] = dict(
             extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
         )
-        # The first page is fetched here, before Ray starts: a wrong bucket, refused credentials or an empty prefix
-        # fail fast with a clear message.
+        # The first page is fetched before Ray starts: a wrong bucket, refused credentials or an empty prefix fail
+        # fast with a clear message.
         listing = require_any(
             list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
             where=describe_listing(config.inputs, **filters),
         )
-
-        cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
-        cpus, gpus = max(1, int(cluster.cpus)), cluster.gpus
-        # "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an autoscaling
-        # cluster adds GPU nodes for the embed pool as it grows.
-        use_gpu = config.embed_device == "gpu" or (
-            config.embed_device == "auto" and gpus > 0 and config.gpus_per_embed_worker > 0
+        pools = plan_index_pools(
+            init_ray(address=config.ray_address, num_cpus=config.num_cpus),
+            embed_device=config.embed_device,
+            embed_workers=config.embed_workers,
+            gpus_per_embed_worker=config.gpus_per_embed_worker,
+            cpus_per_embed_worker=config.cpus_per_embed_worker,
+            decode_workers=config.decode_workers,
+            embedded=not (config.ray_address or os.environ.get("RAY_ADDRESS")),
         )
-        if use_gpu and config.embed_device == "auto":
-            embed_workers = max(1, min(config.embed_workers, int(gpus / config.gpus_per_embed_worker)))
-        else:
-            embed_workers = config.embed_workers
-        # One decoder per core. Without GPUs the embed actors share the cores: the decoders' CPU request shrinks so that
-        # decoders and embedders fit the cluster together, and the OS shares the cores by demand.
-        cpus_per_embedder = min(config.cpus_per_embed_worker, cpus / (2 * embed_workers))  # leave half to decoding
-        cpu_for_embed = 0.0 if use_gpu else embed_workers * cpus_per_embedder
-        decode_workers = config.decode_workers or max(1, cpus)
-        cpus_per_decoder = min(1.0, max(0.1, (cpus - cpu_for_embed) / decode_workers))
-        # What must run at once (the decode pool and the embed pool's first actor) has to fit, or Ray Data waits for
-        # ever. GPUs are checked on an embedded Ray only: an attached cluster may add GPU nodes as it scales.
-        embedded = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
-        gpus_needed = config.gpus_per_embed_worker if use_gpu and embedded else 0.0
-        require_fit(
-            "the run",
-            [
-                Demand("decode actor", decode_workers, cpus_per_decoder),
-                Demand("embed actor", 1, 0.0 if use_gpu else cpus_per_embedder, gpus_needed),
-            ],
-            read_cluster(),
-            hint="lower --decode-workers, use --embed-device cpu or auto, or give the run a bigger cluster",
-        )
-
-        # Plan: the listing streams to the planner actor; it needs no CPU of its own (it mostly waits).
-        planner: Any = (
-            ray.remote(PlanActor)
-            .options(num_cpus=0, max_restarts=0)
-            .remote(location, model_id=model_id, versions=versions, folder_inputs=folder_inputs)
-        )
-        in_flight: list[Any] = []
-        planned_count = 0
-        for listed in _listing_tables(listing):
-            in_flight.append(planner.plan.remote(listed))
-            if len(in_flight) >= _PLANS_IN_FLIGHT:
-                planned_count += ray.get(in_flight.pop(0))
-        planned_count += sum(ray.get(in_flight))
-        # Blocks small enough that every decoder gets work, at most _BLOCK_VIDEOS videos each.
-        block_videos = max(1, min(_BLOCK_VIDEOS, -(-planned_count // (4 * decode_workers))))
-        block_refs = ray.get(planner.blocks.remote(block_videos))
-        log.info("planned %d videos in %d blocks", planned_count, len(block_refs))
-
+        planner, block_refs = plan_run(listing, location, model, versions, record.folder_inputs, pools)
         committer = Committer(
             location,
-            model_id=model_id,
-            run_id=run_id,
+            model_id=model.model_id,
+            run_id=record.run_id,
             versions=versions,
             before_videos_commit=hooks.before_videos_commit,
         )
         commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
         if block_refs:
-            _run_dataset(
-                config,
-                block_refs,
-                commits,
-                location=location,
-                model_id=model_id,
-                run_id=run_id,
-                label_names=label_names,
-                embed_dim=embed_dim,
-                num_frames=num_frames,
-                image_size=image_size,
-                decode_workers=decode_workers,
-                cpus_per_decoder=cpus_per_decoder,
-                embed_workers=embed_workers,
-                cpus_per_embedder=cpus_per_embedder,
-                use_gpu=use_gpu,
-            )
+            ds = index_dataset(config, block_refs, model, pools)
+            drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
         del block_refs
         commits.collect(wait=True)
         commits.commit()
         plan_report: dict[str, Any] = ray.get(planner.report.remote())
-        final_versions = commits.reports[-1].versions if commits.reports else versions
-        status_counts = commits.status
-
         index_info = None
-        if config.build_index and status_counts.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
+        if config.build_index and commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
             # In the planner's process, not on the driver: the index is held whole while it is updated.
-            index_info = ray.get(planner.update_index.remote(config, model_id))
+            index_info = ray.get(planner.update_index.remote(config, model.model_id))
         ray.kill(planner)
-        vacuumed = (
-            vacuum(location, retention_hours=config.vacuum_retention_hours)
-            if config.vacuum_retention_hours > 0
-            else None
-        )
-        elapsed = time.time() - started
-        processed = sum(status_counts.values())
-        clips = int(commits.stats["clips"])
-        decode_seconds, embed_seconds = commits.stats["decode_seconds"], commits.stats["embed_seconds"]
-        summary = {
-            "run_id": run_id,
-            "state": "committed",
-            "output": redact_url(location.url),
-            "model_id": model_id,
-            "input_roots": roots_of_inputs([*folder_inputs, *plan_report["other_local_dirs"]]),
-            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "elapsed_seconds": round(elapsed, 3),
-            "counts": {**plan_report["counts"], "processed": processed},
-            "status": dict(status_counts),
-            "clips_embedded": clips,
-            "throughput": {
-                "end_to_end_videos_per_second": round(processed / elapsed, 3) if elapsed else None,
-                "decode_videos_per_worker_second": round(processed / decode_seconds, 3) if decode_seconds else None,
-                "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
-                "decode_workers": decode_workers,
-                "embed_workers_max": embed_workers,
-                "embed_device": "gpu" if use_gpu else "cpu",
-            },
-            "commit": {
-                "planned_at_versions": versions,
-                "versions": final_versions,
-                "commits": len(commits.reports),
-                "write_tasks": commits.received,
-                "videos_committed": sum(r.videos_committed for r in commits.reports),
-                "segments_committed": sum(r.segments_committed for r in commits.reports),
-                "replaced": sum(r.replaced for r in commits.reports),
-                "dropped_done_by_another_run": sum(r.dropped for r in commits.reports),
-                "conflict_rounds": sum(r.rounds - 1 for r in commits.reports),
-            },
-            "vacuumed_files": vacuumed,
-            "index": index_info,
-            "config": safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
-            "versions": _versions(),
-        }
-        store.put_bytes(f"runs/{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
-        return summary
-    except ValueError as exc:  # refused or failed on bad input: the record says so instead of "running" for ever
-        failed = dict(start_record, state="failed", error=redact_text(str(exc)))
-        store.put_bytes(f"runs/{run_id}.json", json.dumps(failed, indent=1).encode())
+        retention = config.vacuum_retention_hours
+        vacuumed = vacuum(location, retention_hours=retention) if retention > 0 else None
+        return record.finish(run_summary(record, model, pools, commits, plan_report, index_info, vacuumed))
+    except ValueError as exc:
+        record.fail(exc)
         raise
+
+
+def plan_run(
+    listing: Iterable[VideoObject],
+    location: OutputLocation,
+    model: ResolvedModel,
+    versions: dict[str, int],
+    folder_inputs: Sequence[str],
+    pools: IndexPools,
+) -> tuple[Any, list[Any]]:
+    """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
+    that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each."""
+    import ray
+
+    # The planner needs no CPU of its own: it mostly waits.
+    planner: Any = (
+        ray.remote(PlanActor)
+        .options(num_cpus=0, max_restarts=0)
+        .remote(location, model_id=model.model_id, versions=versions, folder_inputs=folder_inputs)
+    )
+    in_flight: list[Any] = []
+    planned = 0
+    for listed in _listing_tables(listing):
+        in_flight.append(planner.plan.remote(listed))
+        if len(in_flight) >= _PLANS_IN_FLIGHT:
+            planned += ray.get(in_flight.pop(0))
+    planned += sum(ray.get(in_flight))
+    block_videos = max(1, min(_BLOCK_VIDEOS, -(-planned // (4 * pools.decode_workers))))
+    block_refs = ray.get(planner.blocks.remote(block_videos))
+    log.info("planned %d videos in %d blocks", planned, len(block_refs))
+    return planner, block_refs
+
+
+def run_summary(
+    record: RunRecord,
+    model: ResolvedModel,
+    pools: IndexPools,
+    commits: Commits,
+    plan_report: dict[str, Any],
+    index_info: dict[str, Any] | None,
+    vacuumed: Any,
+) -> dict[str, Any]:
+    """The run's record once committed: counts, throughput, commits, index and versions."""
+    elapsed = time.time() - record.started
+    processed = sum(commits.status.values())
+    clips = int(commits.stats["clips"])
+    decode_seconds, embed_seconds = commits.stats["decode_seconds"], commits.stats["embed_seconds"]
+    reports = commits.reports
+    return {
+        **{key: record.start[key] for key in ("run_id", "output", "model_id", "started_at")},
+        "state": "committed",
+        "input_roots": roots_of_inputs([*record.folder_inputs, *plan_report["other_local_dirs"]]),
+        "elapsed_seconds": round(elapsed, 3),
+        "counts": {**plan_report["counts"], "processed": processed},
+        "status": dict(commits.status),
+        "clips_embedded": clips,
+        "throughput": {
+            "end_to_end_videos_per_second": round(processed / elapsed, 3) if elapsed else None,
+            "decode_videos_per_worker_second": round(processed / decode_seconds, 3) if decode_seconds else None,
+            "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
+            "decode_workers": pools.decode_workers,
+            "embed_workers_max": pools.embed_workers,
+            "embed_device": "gpu" if pools.use_gpu else "cpu",
+        },
+        "commit": {
+            "planned_at_versions": record.start["planned_at_versions"],
+            "versions": reports[-1].versions if reports else record.start["planned_at_versions"],
+            "commits": len(reports),
+            "write_tasks": commits.received,
+            "videos_committed": sum(r.videos_committed for r in reports),
+            "segments_committed": sum(r.segments_committed for r in reports),
+            "replaced": sum(r.replaced for r in reports),
+            "dropped_done_by_another_run": sum(r.dropped for r in reports),
+            "conflict_rounds": sum(r.rounds - 1 for r in reports),
+        },
+        "vacuumed_files": vacuumed,
+        "index": index_info,
+        "config": record.safe_config,  # credentials come from the AWS chain only; URL userinfo and secrets are masked
+        "versions": _versions(),
+    }
 
 
 def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
@@ -497,25 +495,8 @@ def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
         yield ref, int(metadata.num_rows or 0)
 
 
-def _run_dataset(
-    config: IndexJobConfig,
-    block_refs: list[Any],
-    commits: Commits,
-    *,
-    location: OutputLocation,
-    model_id: str,
-    run_id: str,
-    label_names: list[str],
-    embed_dim: int,
-    num_frames: int,
-    image_size: int,
-    decode_workers: int,
-    cpus_per_decoder: float,
-    embed_workers: int,
-    cpus_per_embedder: float,
-    use_gpu: bool,
-) -> None:
-    """Runs the one Dataset of the run; the driver sees block references and write metadata only."""
+def index_dataset(config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools) -> Any:
+    """The run's one Dataset over the planned blocks: decode, then embed and label (the driver drains it)."""
     import ray
 
     ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
@@ -524,41 +505,31 @@ def _run_dataset(
     ds = ds.map_batches(
         ReadDecode,
         fn_constructor_kwargs=dict(
-            num_frames=num_frames,
-            size=image_size,
+            num_frames=model.num_frames,
+            size=model.image_size,
             segment_seconds=config.segment_seconds,
             timeout_seconds=config.decode_timeout_seconds,
             s3_endpoint_url=config.s3_endpoint_url,
             whole_object_max_bytes=config.whole_object_max_bytes,
         ),
         batch_size=config.decode_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=decode_workers),
-        num_cpus=cpus_per_decoder,
+        compute=ray.data.ActorPoolStrategy(size=pools.decode_workers),
+        num_cpus=pools.cpus_per_decoder,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         TimedEmbed,
         fn_constructor_kwargs=dict(
             model=config.model,
             checkpoint=config.checkpoint,
-            label_names=label_names,
+            label_names=list(model.label_names),
             top_k=config.top_k,
             batch_size=config.embed_batch_size,
-            device=None if use_gpu else "cpu",
+            device=None if pools.use_gpu else "cpu",
         ),
         batch_size=config.embed_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_workers),
-        num_gpus=config.gpus_per_embed_worker if use_gpu else 0,
-        num_cpus=0 if use_gpu else cpus_per_embedder,
-    )
-    drain(
-        ds,
-        commits,
-        config,
-        location=location,
-        model_id=model_id,
-        run_id=run_id,
-        label_names=label_names,
-        embed_dim=embed_dim,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pools.embed_workers),
+        num_gpus=pools.gpus_per_embedder,
+        num_cpus=pools.cpus_per_embedder,
     )
 
 
@@ -568,10 +539,8 @@ def drain(
     config: IndexJobConfig,
     *,
     location: OutputLocation,
-    model_id: str,
+    model: ResolvedModel,
     run_id: str,
-    label_names: list[str],
-    embed_dim: int,
 ) -> None:
     """The driver's loop over a Dataset of embed output: block references grouped into write tasks (by
     ``rows_per_file`` rows or half of ``commit_seconds``), finished writes handed to the Committer, a commit every
@@ -584,7 +553,9 @@ def drain(
     write: Any = ray.remote(write_blocks).options(  # type: ignore[arg-type]
         num_cpus=0, max_retries=3, retry_exceptions=[OSError]
     )
-    options = dict(model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim)
+    options = dict(
+        model_id=model.model_id, run_id=run_id, label_names=list(model.label_names), embed_dim=model.embed_dim
+    )
     pending: list[Any] = []
     pending_rows = 0
     first_pending = time.monotonic()

@@ -186,3 +186,73 @@ def plan_decoders(
     else:
         each = cpu_request(min(1.0, max(MIN_DECODE_CPUS, cpus / workers)))
     return DecodePool(workers, each)
+
+
+@dataclass(frozen=True)
+class IndexPools:
+    """The actor pools of an indexing run: decoders on CPUs, embedders on GPUs or sharing the CPUs.
+
+    Attributes:
+        decode_workers: Decode actors.
+        cpus_per_decoder: CPUs each decode actor asks for.
+        embed_workers: Most embed actors (the pool starts with one and grows).
+        cpus_per_embedder: CPUs each embed actor asks for (0 on GPUs).
+        gpus_per_embedder: GPUs each embed actor asks for (0 on CPUs).
+    """
+
+    decode_workers: int
+    cpus_per_decoder: float
+    embed_workers: int
+    cpus_per_embedder: float
+    gpus_per_embedder: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_embedder > 0
+
+
+def plan_index_pools(
+    cluster: Cluster,
+    *,
+    embed_device: str,
+    embed_workers: int,
+    gpus_per_embed_worker: float,
+    cpus_per_embed_worker: float,
+    decode_workers: int | None,
+    embedded: bool,
+) -> IndexPools:
+    """Sizes an indexing run's pools to `cluster` and refuses at once what it cannot hold.
+
+    ``embed_device`` "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an
+    autoscaling cluster adds GPU nodes for the embed pool as it grows. One decoder per CPU by default; without GPUs
+    the embedders share the cores: the decoders' CPU request shrinks so that both pools fit together, and the
+    operating system shares the cores by demand. GPUs are checked on an `embedded` Ray only (an attached cluster may
+    add GPU nodes as it scales).
+
+    Raises:
+        ValueError: The decode pool and the first embed actor cannot run at once (Ray Data would wait for ever).
+    """
+    cpus, gpus = max(1, int(cluster.cpus)), cluster.gpus
+    use_gpu = embed_device == "gpu" or (embed_device == "auto" and gpus > 0 and gpus_per_embed_worker > 0)
+    if use_gpu and embed_device == "auto":
+        embed_workers = max(1, min(embed_workers, int(gpus / gpus_per_embed_worker)))
+    cpus_per_embedder = 0.0 if use_gpu else min(cpus_per_embed_worker, cpus / (2 * embed_workers))
+    decode_workers = decode_workers or max(1, cpus)
+    cpus_per_decoder = min(1.0, max(MIN_DECODE_CPUS, (cpus - embed_workers * cpus_per_embedder) / decode_workers))
+    pools = IndexPools(
+        decode_workers=decode_workers,
+        cpus_per_decoder=cpus_per_decoder,
+        embed_workers=embed_workers,
+        cpus_per_embedder=cpus_per_embedder,
+        gpus_per_embedder=gpus_per_embed_worker if use_gpu else 0.0,
+    )
+    require_fit(
+        "the run",
+        [
+            Demand("decode actor", decode_workers, cpus_per_decoder),
+            Demand("embed actor", 1, cpus_per_embedder, pools.gpus_per_embedder if embedded else 0.0),
+        ],
+        read_cluster(),
+        hint="lower --decode-workers, use --embed-device cpu or auto, or give the run a bigger cluster",
+    )
+    return pools
