@@ -21,6 +21,7 @@ check the shipped numbers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -207,40 +208,12 @@ def _finished(output: Path, steps: int) -> bool:
     return any(s >= steps for s in Output(str(output)).checkpoint_steps())
 
 
-def _with_options(argv: Sequence[str], **options: str) -> list[str]:
-    """``argv`` with the values of ``--name value`` options replaced (underscores in names become dashes)."""
-    out = list(argv)
-    for name, value in options.items():
-        out[out.index("--" + name.replace("_", "-")) + 1] = value
-    return out
-
-
-def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict[str, Any]:
-    """Runs every step; returns the report (also written to ``work/report.json`` and ``work/report.md``).
-
-    Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
-    kept, and prompt training resumes from its latest checkpoint.
-    """
-    from jobs.train import main as train_main
-    from jobs.train import resolve_checkpoint
-    from vitaclip.checkpoints import save_checkpoint
-    from vitaclip.demo.pretrain import PretrainConfig, run_pretraining, summarize
+def _check_vocabulary(work: Path, config_model: Any) -> None:
+    """The vocabulary must be the packaged one: the model config names it and sizes the embedding from it."""
     from vitaclip.demo.vocab import DEMO_WORDS, learn_merges, vocab_size, write_merges
-    from vitaclip.demo.world import world_labels
-    from vitaclip.registry import create_model, get_model_config
 
-    work.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    # 1. The vocabulary must be the packaged one: the model config names it and sizes the embedding from it.
     merges = learn_merges(DEMO_WORDS)
     write_merges(merges, work / "demo-bpe.txt.gz")
-    config_model = get_model_config(MODEL_NAME)
     packaged_bpe = Path(__file__).resolve().parent.parent / "vitaclip" / "data" / str(config_model.tokenizer)
     if packaged_bpe.read_bytes() != (work / "demo-bpe.txt.gz").read_bytes():
         raise ValueError(f"{packaged_bpe} differs from the vocabulary of DEMO_WORDS; rewrite it first")
@@ -248,23 +221,13 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     if config_model.backbone_config["text_cfg"]["vocab_size"] != vocab_size(len(merges)):
         raise ValueError(f"{MODEL_NAME}: text vocab_size must be {vocab_size(len(merges))}")
 
-    # 2. Worlds.
-    reused: list[str] = []  # steps whose results an earlier build left (their timings here are near zero)
-    t = time.perf_counter()
-    generated = generate_worlds(
-        work, split_seed=config.seed, world_seed=config.seed, unseen_fraction=config.unseen_fraction,
-        train_videos=config.train_videos, val_per_label=config.val_per_label,
-        zeroshot_per_label=config.zeroshot_per_label, workers=config.workers,
-    )  # fmt: skip
-    timings["generate_seconds"] = time.perf_counter() - t
-    if not generated:
-        reused.append("generate")
 
-    # 3. CLIP pretraining on frames of the training world.
-    t = time.perf_counter()
+def _pretrain_clip(work: Path, config: DemoBuildConfig, config_model: Any, reused: list[str]) -> tuple[Path, Any]:
+    """CLIP pretraining on frames of the training world; a CLIP pretrained from the same inputs is kept."""
+    from vitaclip.demo.pretrain import PretrainConfig, run_pretraining, summarize
+
     clip_path = work / "clip" / "clip.safetensors"
     pretrain_config = PretrainConfig(steps=config.pretrain_steps, seed=config.seed)
-    # What the CLIP depends on; a CLIP pretrained from the same inputs is kept on a re-run.
     clip_stamp = {
         "pretrain": asdict(pretrain_config),
         "train_world": json.loads((work / "train" / "world.json").read_text()),
@@ -284,45 +247,91 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         stamp_path.write_text(json.dumps(clip_stamp, indent=2))
     for line in summarize(pretrain):
         print(line)
-    timings["pretrain_seconds"] = time.perf_counter() - t
+    return clip_path, pretrain
 
-    # 4. Vita-CLIP prompts with the project's trainer.
+
+def _train(train_config: Any, step: str, reused: list[str]) -> None:
+    """Runs (or resumes) one prompt training run with the project's trainer."""
+    from jobs.train import run_training
+
+    if _finished(Path(train_config.output), train_config.steps):
+        reused.append(step)
+    summary = run_training(train_config)
+    last = summary.get("last") or {}
+    log.info("%s: %s steps, loss %s, accuracy %s", step, summary.get("steps"), last.get("loss"), last.get("accuracy"))
+
+
+def _train_prompts(
+    work: Path, config: DemoBuildConfig, clip_path: Path, reused: list[str], timings: dict[str, float]
+) -> Path:
+    """Vita-CLIP prompts with the project's trainer, then (optionally) a second cosine cycle; the last output."""
+    from jobs.train import resolve_checkpoint
+    from vitaclip.training import TrainConfig
+
     t = time.perf_counter()
-    prompts_out = work / "prompts"
-    argv = [
-        "--model", MODEL_NAME, "--checkpoint", str(clip_path), "--train-list", str(work / "train" / "list.csv"),
-        "--data-root", str(work / "train"), "--label-names", str(work / "seen.txt"), "--output", str(prompts_out),
-        "--steps", str(config.prompt_steps), "--batch-size", str(config.prompt_batch_size),
-        "--micro-batch-size", str(config.prompt_batch_size), "--lr", str(config.prompt_lr),
-        "--warmup-steps", str(max(1, config.prompt_steps // 20)), "--sampling", "uniform",
-        "--crop-scale", "0.6", "1.0", "--randaug-num-ops", "0", "--decode-scale", "1.0",
-        "--save-every", str(min(config.prompt_steps, 500)), "--eval-every", "0", "--local", "--seed", str(config.seed),
-    ]  # fmt: skip
-    if _finished(prompts_out, config.prompt_steps):
-        reused.append("prompt_training")
-    if train_main(argv) != 0:
-        raise RuntimeError("prompt training failed (see the log above)")
+    prompts = TrainConfig(
+        model=MODEL_NAME, checkpoint=str(clip_path), train_list=str(work / "train" / "list.csv"),
+        data_root=str(work / "train"), label_names=str(work / "seen.txt"), output=str(work / "prompts"),
+        steps=config.prompt_steps, batch_size=config.prompt_batch_size, micro_batch_size=config.prompt_batch_size,
+        lr=config.prompt_lr, warmup_steps=max(1, config.prompt_steps // 20), sampling="uniform",
+        crop_scale=(0.6, 1.0), randaug_num_ops=0, decode_scale=1.0, save_every=min(config.prompt_steps, 500),
+        eval_every=0, local=True, seed=config.seed,
+    )  # fmt: skip
+    _train(prompts, "prompt_training", reused)
     timings["prompt_training_seconds"] = time.perf_counter() - t
-    if config.prompt_refine_steps > 0:
-        # A second cosine cycle (a warm restart) from the first cycle's prompts, in another data order: the motions
-        # that change size or angle kept improving after the first schedule had decayed to zero.
-        t = time.perf_counter()
-        refine_out = work / "prompts-refine"
-        steps = config.prompt_refine_steps
-        argv = _with_options(
-            argv,
-            checkpoint=str(resolve_checkpoint(str(prompts_out))), output=str(refine_out), steps=str(steps),
-            lr=str(config.prompt_refine_lr), warmup_steps=str(max(1, steps // 20)),
-            save_every=str(min(steps, 500)), seed=str(config.seed + 1),
-        )  # fmt: skip
-        if _finished(refine_out, steps):
-            reused.append("prompt_refine")
-        if train_main(argv) != 0:
-            raise RuntimeError("prompt refinement failed (see the log above)")
-        timings["prompt_refine_seconds"] = time.perf_counter() - t
-        prompts_out = refine_out
+    if config.prompt_refine_steps <= 0:
+        return Path(prompts.output)
+    # A second cosine cycle (a warm restart) from the first cycle's prompts, in another data order: the motions that
+    # change size or angle kept improving after the first schedule had decayed to zero.
+    t = time.perf_counter()
+    steps = config.prompt_refine_steps
+    refine = dataclasses.replace(
+        prompts,
+        checkpoint=str(resolve_checkpoint(prompts.output)), output=str(work / "prompts-refine"), steps=steps,
+        lr=config.prompt_refine_lr, warmup_steps=max(1, steps // 20), save_every=min(steps, 500), seed=config.seed + 1,
+    )  # fmt: skip
+    _train(refine, "prompt_refine", reused)
+    timings["prompt_refine_seconds"] = time.perf_counter() - t
+    return Path(refine.output)
 
-    # 5. The shipped checkpoint: the trained weights, labelling every combination of the world by default.
+
+def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict[str, Any]:
+    """Runs every step; returns the report (also written to ``work/report.json`` and ``work/report.md``).
+
+    Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
+    kept, and prompt training resumes from its latest checkpoint.
+    """
+    from jobs.train import resolve_checkpoint
+    from vitaclip.checkpoints import save_checkpoint
+    from vitaclip.demo.world import world_labels
+    from vitaclip.registry import create_model, get_model_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    config_model = get_model_config(MODEL_NAME)
+    _check_vocabulary(work, config_model)
+
+    reused: list[str] = []  # steps whose results an earlier build left (their timings here are near zero)
+    t = time.perf_counter()
+    generated = generate_worlds(
+        work, split_seed=config.seed, world_seed=config.seed, unseen_fraction=config.unseen_fraction,
+        train_videos=config.train_videos, val_per_label=config.val_per_label,
+        zeroshot_per_label=config.zeroshot_per_label, workers=config.workers,
+    )  # fmt: skip
+    timings["generate_seconds"] = time.perf_counter() - t
+    if not generated:
+        reused.append("generate")
+    t = time.perf_counter()
+    clip_path, pretrain = _pretrain_clip(work, config, config_model, reused)
+    timings["pretrain_seconds"] = time.perf_counter() - t
+    prompts_out = _train_prompts(work, config, clip_path, reused, timings)
+
+    # The shipped checkpoint: the trained weights, labelling every combination of the world by default.
     final = work / MODEL_NAME
     model = create_model(None, checkpoint=resolve_checkpoint(str(prompts_out)))
     model.label_names = world_labels()

@@ -30,12 +30,11 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,6 @@ from vitaclip.training import (
 
 log = logging.getLogger("vitaclip.train")
 
-CRASH_HOOK_ENV = "VITACLIP_TEST_CRASH_AFTER_STEP"  # test hook: SIGKILL rank 0 right after the checkpoint of this step
 _CHECKPOINT_FILES = ("model.safetensors", TRAINING_STATE_FILE, "config.json")  # config.json last: the commit
 
 
@@ -373,47 +371,62 @@ def _model_for(config: TrainConfig, label_names: Sequence[str], s3_endpoint_url:
     return model
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """One training worker: under Ray Train (DDP, a Ray Data stream per worker) or in this process (``--local``)."""
+@dataclass
+class _Worker:
+    """What one training worker holds: where it is, the model and its optimizer, and the step it starts from."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    device: Any
+    output: Output
+    label_names: tuple[str, ...]
+    model: Any
+    ddp_model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    precision: str
+    start_step: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.num_frames or self.model.config.num_frames
+
+
+def _start_worker(config: TrainConfig) -> _Worker:
+    """This process's rank and device, the model on it, optimizer, scheduler and scaler, resumed from the latest
+    checkpoint of the output when there is one; under Ray Train with DDP when there are several workers."""
     import torch
 
-    from vitaclip.evaluation import ViewSpec, evaluate_classification, save_curves_png
     from vitaclip.training import (
         build_optimizer,
         build_scaler,
         build_scheduler,
-        count_parameters,
         load_training_checkpoint,
         resolve_precision,
-        save_training_checkpoint,
-        train_step,
     )
 
-    config = TrainConfig.from_dict(loop_config["config"])
-    data_start_step = int(loop_config["data_start_step"])
-    distributed = not config.local
-    if distributed:
+    if config.local:
+        rank, world_size = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         rank, world_size = context.get_world_rank(), context.get_world_size()
         device = ray.train.torch.get_device()
-    else:
-        rank, world_size = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    endpoint = config.s3_endpoint_url
-    output = Output(config.output, s3_endpoint_url=endpoint)
-    label_names = load_label_names(config.label_names, s3_endpoint_url=endpoint)
-    model = _model_for(config, label_names, endpoint)
+    output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    label_names = load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
+    model = _model_for(config, label_names, config.s3_endpoint_url)
     model.to(device)
     model.train()
     precision = resolve_precision(config.precision, device)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     scaler = build_scaler(precision, device)
-    trainable, total = count_parameters(model)
     start_step = 0
     steps_done = output.checkpoint_steps()
     if steps_done:
@@ -422,174 +435,202 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from step %d (%s)", start_step, output.url)
     ddp_model: Any = model
-    if distributed and world_size > 1:
+    if world_size > 1:
         import ray.train.torch
 
         ddp_model = ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
         )
+    return _Worker(
+        config, rank, world_size, device, output, tuple(label_names), model, ddp_model, optimizer, scheduler, scaler,
+        precision, start_step,
+    )  # fmt: skip
+
+
+def _micro_batch_stream(worker: _Worker, data_start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's micro-batches from its start step: its Ray Data shard, or decoded here (``--local``)."""
+    config = worker.config
     accumulation = config.accumulation_steps
-    per_worker = config.per_worker_batch_size
-    remaining = config.steps - start_step
-    if distributed:
+    if not config.local:
         import ray.train
 
-        shard = ray.train.get_dataset_shard(f"train_{rank}")
+        shard = ray.train.get_dataset_shard(f"train_{worker.rank}")
         stream: Iterator[dict[str, np.ndarray]] = iter(
             shard.iter_batches(batch_size=config.micro_batch_size, batch_format="numpy", prefetch_batches=2)
         )
         # After a worker restart the stream starts where the driver planned, possibly before the checkpoint.
-        for _ in range(max(0, start_step - data_start_step) * accumulation):
+        for _ in range(max(0, worker.start_step - data_start_step) * accumulation):
             next(stream)
-    else:
-        entries = load_entries(config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
-        num_frames = config.num_frames or model.config.num_frames
-        source = TrainClipSource(
-            entries,
-            config=config,
-            num_frames=num_frames,
-            image_size=model.image_size,
-            start_step=start_step,
-            opener=Opener(endpoint),
-        )
-        stream = _local_micro_batches(
-            source,
-            num_samples=max(0, remaining) * per_worker,
-            micro_batch_size=config.micro_batch_size,
-            threads=config.decode_threads,
-        )
-    val_entries = None
-    if config.val_list and rank == 0:
-        val_entries = [
-            (e.uri, e.label)
-            for e in load_entries(config.val_list, label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
-        ]
+        return stream
+    endpoint = config.s3_endpoint_url
+    entries = load_entries(config.train_list, worker.label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
+    source = TrainClipSource(
+        entries,
+        config=config,
+        num_frames=worker.num_frames,
+        image_size=worker.model.image_size,
+        start_step=worker.start_step,
+        opener=Opener(endpoint),
+    )
+    return _local_micro_batches(
+        source,
+        num_samples=max(0, config.steps - worker.start_step) * config.per_worker_batch_size,
+        micro_batch_size=config.micro_batch_size,
+        threads=config.decode_threads,
+    )
 
-    metrics_lines = []
-    if rank == 0:
-        text = output.read_text("metrics.jsonl") or ""
-        metrics_lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        output.write_bytes("train_config.json", json.dumps(config.to_dict(), indent=2).encode())
-    metrics_path = None if output.is_s3 else Path(output.url) / "metrics.jsonl"
-    if metrics_path is not None and rank == 0:
-        metrics_path.write_text("".join(ln + "\n" for ln in metrics_lines))
 
-    progress: Any = None
-    if rank == 0:
+def _train_one_step(worker: _Worker, stream: Iterator[dict[str, np.ndarray]]) -> tuple[float, float, float, float]:
+    """One optimizer step over ``accumulation_steps`` micro-batches: (loss sum, correct sum, videos, lr) over all
+    workers."""
+    import torch
+
+    from vitaclip.training import train_step
+
+    micro = []
+    for _ in range(worker.config.accumulation_steps):
+        batch = next(stream)
+        # Ray Data hands out read-only arrays; torch wants writable ones.
+        video, label, valid = (np.require(batch[k], requirements=["W"]) for k in ("video", "label", "valid"))
+        micro.append(
+            (
+                torch.from_numpy(video).to(worker.device, non_blocking=True),
+                torch.from_numpy(label).to(worker.device),
+                torch.from_numpy(valid).to(worker.device),
+            )
+        )
+    stats = train_step(
+        worker.ddp_model,
+        worker.optimizer,
+        worker.scheduler,
+        worker.scaler,
+        micro,
+        precision=worker.precision,
+        mean=worker.model.config.mean,
+        std=worker.model.config.std,
+        max_grad_norm=worker.config.max_grad_norm,
+        no_sync=getattr(worker.ddp_model, "no_sync", None) if worker.world_size > 1 else None,
+    )
+    totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
+    if worker.world_size > 1:
+        import torch.distributed as dist
+
+        totals = totals.to(worker.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return float(totals[0]), float(totals[1]), float(totals[2]), stats.lr
+
+
+class _Recorder:
+    """Rank 0's records of a run: ``metrics.jsonl`` (kept up to the resumed step), the progress bar, validation,
+    checkpoints, ``curves.png`` and ``train_summary.json``."""
+
+    def __init__(self, worker: _Worker, after_checkpoint: Callable[[int], None] | None) -> None:
         from tqdm import tqdm
 
-        progress = tqdm(total=config.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        from vitaclip.training import count_parameters
+
+        config, output = worker.config, worker.output
+        self.worker = worker
+        self.after_checkpoint = after_checkpoint
+        text = output.read_text("metrics.jsonl") or ""
+        self.lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= worker.start_step]
+        output.write_bytes("train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+        self.path = None if output.is_s3 else Path(output.url) / "metrics.jsonl"
+        if self.path is not None:
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+        self.val_entries = None
+        if config.val_list:
+            self.val_entries = [
+                (e.uri, e.label)
+                for e in load_entries(
+                    config.val_list, worker.label_names, data_root=config.data_root,
+                    s3_endpoint_url=config.s3_endpoint_url,
+                )
+            ]  # fmt: skip
+        self.progress = tqdm(
+            total=config.steps, initial=worker.start_step, unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+        self.trainable, self.total = count_parameters(worker.model)
         log.info(
             "training %d of %d parameters (%s); %d steps of %d videos, %d x %d per worker per step, %s",
-            trainable,
-            total,
-            ", ".join(model.trainable_parameter_names()),
-            config.steps,
-            config.batch_size,
-            accumulation,
-            config.micro_batch_size,
-            precision,
-        )
-    crash_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0)
-    no_sync = getattr(ddp_model, "no_sync", None)
-    started = time.perf_counter()
-    videos_done = 0
-    last: dict[str, Any] = {}
-    for step in range(start_step, config.steps):
-        micro = []
-        for _ in range(accumulation):
-            batch = next(stream)
-            # Ray Data hands out read-only arrays; torch wants writable ones.
-            video, label, valid = (np.require(batch[k], requirements=["W"]) for k in ("video", "label", "valid"))
-            micro.append(
-                (
-                    torch.from_numpy(video).to(device, non_blocking=True),
-                    torch.from_numpy(label).to(device),
-                    torch.from_numpy(valid).to(device),
-                )
-            )
-        stats = train_step(
-            ddp_model,
-            optimizer,
-            scheduler,
-            scaler,
-            micro,
-            precision=precision,
-            mean=model.config.mean,
-            std=model.config.std,
-            max_grad_norm=config.max_grad_norm,
-            no_sync=no_sync if world_size > 1 else None,
-        )
-        totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
-        if world_size > 1:
-            import torch.distributed as dist
+            self.trainable, self.total, ", ".join(worker.model.trainable_parameter_names()), config.steps,
+            config.batch_size, config.accumulation_steps, config.micro_batch_size, worker.precision,
+        )  # fmt: skip
 
-            totals = totals.to(device)
-            dist.all_reduce(totals)
-            totals = totals.cpu()
-        count = max(float(totals[2]), 1.0)
-        videos_done += config.batch_size
-        elapsed = time.perf_counter() - started
-        done = step + 1
-        last = {
-            "step": done,
-            "loss": float(totals[0]) / count,
-            "accuracy": float(totals[1]) / count,
-            "lr": stats.lr,
-            "videos_per_second": videos_done / max(elapsed, 1e-9),
-            "samples_seen": done * config.batch_size,
-            "valid_videos": int(totals[2]),
-        }
-        if rank != 0:
-            continue
-        progress.update(1)
-        progress.set_postfix(
+    def step(self, last: dict[str, Any]) -> None:
+        """Progress, validation, metrics and checkpoint after the step ``last["step"]``."""
+        config, done = self.worker.config, last["step"]
+        self.progress.update(1)
+        self.progress.set_postfix(
             loss=f"{last['loss']:.4f}",
             acc=f"{last['accuracy']:.3f}",
-            lr=f"{stats.lr:.2e}",
+            lr=f"{last['lr']:.2e}",
             vid_s=f"{last['videos_per_second']:.1f}",
         )
-        if config.eval_every and val_entries and (done % config.eval_every == 0 or done == config.steps):
-            model.eval()
-            spec = ViewSpec(
-                num_frames=config.num_frames or model.config.num_frames,
-                size=model.image_size,
-                sampling=config.sampling,
-                stride=config.stride,
-                temporal_views=1,
-                spatial_views=1,
-            )
-            val, _ = evaluate_classification(
-                model, val_entries, label_names, spec, opener=Opener(endpoint), threads=config.decode_threads
-            )
-            model.train()
-            last["val_top1"], last["val_top5"] = val["top1"], val["top5"]
+        if config.eval_every and self.val_entries and (done % config.eval_every == 0 or done == config.steps):
+            last["val_top1"], last["val_top5"] = self._validate()
         if done % config.log_every == 0 or done == config.steps or "val_top1" in last:
             line = json.dumps(last)
-            metrics_lines.append(line)
-            if metrics_path is not None:
-                with open(metrics_path, "a") as f:
+            self.lines.append(line)
+            if self.path is not None:
+                with open(self.path, "a") as f:
                     f.write(line + "\n")
         if done % config.save_every == 0 or done == config.steps:
-            save_training_checkpoint(
-                output.checkpoint_target(done),
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                step=done,
-                samples_seen=done * config.batch_size,
-                extra={"train_config": config.to_dict()},
-            )
-            output.publish_checkpoint(done, config.keep_last)
-            if output.is_s3:
-                output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in metrics_lines).encode())
-            if crash_after and done >= crash_after:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted worker
-    if rank == 0:
-        if progress is not None:
-            progress.close()
-        records = [json.loads(ln) for ln in metrics_lines]
+            self._checkpoint(done)
+
+    def _validate(self) -> tuple[float, float]:
+        from vitaclip.evaluation import ViewSpec, evaluate_classification
+
+        worker, config = self.worker, self.worker.config
+        assert self.val_entries is not None
+        worker.model.eval()
+        spec = ViewSpec(
+            num_frames=worker.num_frames,
+            size=worker.model.image_size,
+            sampling=config.sampling,
+            stride=config.stride,
+            temporal_views=1,
+            spatial_views=1,
+        )
+        val, _ = evaluate_classification(
+            worker.model,
+            self.val_entries,
+            worker.label_names,
+            spec,
+            opener=Opener(config.s3_endpoint_url),
+            threads=config.decode_threads,
+        )
+        worker.model.train()
+        return val["top1"], val["top5"]
+
+    def _checkpoint(self, done: int) -> None:
+        from vitaclip.training import save_training_checkpoint
+
+        worker, config, output = self.worker, self.worker.config, self.worker.output
+        save_training_checkpoint(
+            output.checkpoint_target(done),
+            worker.model,
+            worker.optimizer,
+            worker.scheduler,
+            worker.scaler,
+            step=done,
+            samples_seen=done * config.batch_size,
+            extra={"train_config": config.to_dict()},
+        )
+        output.publish_checkpoint(done, config.keep_last)
+        if output.is_s3:
+            output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in self.lines).encode())
+        if self.after_checkpoint is not None:
+            self.after_checkpoint(done)
+
+    def finish(self, last: dict[str, Any], elapsed: float) -> None:
+        """Closes the progress bar; writes the curves, the metrics (on S3) and ``train_summary.json``."""
+        from vitaclip.evaluation import save_curves_png
+
+        worker, output = self.worker, self.worker.output
+        self.progress.close()
+        records = [json.loads(ln) for ln in self.lines]
         scratch = Path(tempfile.mkdtemp(prefix="vitaclip-plot-"))
         png = save_curves_png(
             records,
@@ -599,20 +640,52 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         output.write_bytes("curves.png", png.read_bytes())
         shutil.rmtree(scratch, ignore_errors=True)
         if output.is_s3:
-            output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in metrics_lines).encode())
+            output.write_bytes("metrics.jsonl", "".join(ln + "\n" for ln in self.lines).encode())
         summary = {
             "output": output.url,
-            "steps": config.steps,
-            "resumed_from_step": start_step,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "trainable_parameter_names": model.trainable_parameter_names(),
-            "precision": precision,
-            "world_size": world_size,
+            "steps": worker.config.steps,
+            "resumed_from_step": worker.start_step,
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "trainable_parameter_names": worker.model.trainable_parameter_names(),
+            "precision": worker.precision,
+            "world_size": worker.world_size,
             "last": last,
-            "elapsed_seconds": round(time.perf_counter() - started, 3),
+            "elapsed_seconds": round(elapsed, 3),
         }
         output.write_bytes("train_summary.json", json.dumps(summary, indent=2).encode())
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One training worker: under Ray Train (DDP, a Ray Data stream per worker) or in this process (``--local``).
+
+    ``loop_config``: ``config`` (a `TrainConfig` as a dict), ``data_start_step`` (where the driver started the data
+    streams) and optionally ``after_checkpoint`` (called on rank 0 with the step of each checkpoint it published).
+    """
+    config = TrainConfig.from_dict(loop_config["config"])
+    worker = _start_worker(config)
+    stream = _micro_batch_stream(worker, int(loop_config["data_start_step"]))
+    recorder = _Recorder(worker, loop_config.get("after_checkpoint")) if worker.rank == 0 else None
+    started = time.perf_counter()
+    last: dict[str, Any] = {}
+    for step in range(worker.start_step, config.steps):
+        loss, correct, videos, lr = _train_one_step(worker, stream)
+        done = step + 1
+        count = max(videos, 1.0)
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        last = {
+            "step": done,
+            "loss": loss / count,
+            "accuracy": correct / count,
+            "lr": lr,
+            "videos_per_second": (done - worker.start_step) * config.batch_size / elapsed,
+            "samples_seen": done * config.batch_size,
+            "valid_videos": int(videos),
+        }
+        if recorder is not None:
+            recorder.step(last)
+    if recorder is not None:
+        recorder.finish(last, time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -719,12 +792,16 @@ def plan_resources(config: TrainConfig, cluster: Cluster) -> TrainResources:
     return TrainResources(workers, use_gpu, cpus_per_worker, decode)
 
 
-def run_training(config: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) a training run to its last step; returns the summary written to ``train_summary.json``."""
+def run_training(config: TrainConfig, *, after_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) a training run to its last step; returns the summary written to ``train_summary.json``.
+
+    ``after_checkpoint`` is called by the first worker with the step of each checkpoint it published (a test kills
+    the process there, as a preempted worker dies).
+    """
     output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
     steps_done = output.checkpoint_steps()
     start_step = steps_done[-1] if steps_done else 0
-    loop_config = {"config": config.to_dict(), "data_start_step": start_step}
+    loop_config = {"config": config.to_dict(), "data_start_step": start_step, "after_checkpoint": after_checkpoint}
     if start_step < config.steps:
         if config.local:
             train_loop(loop_config)

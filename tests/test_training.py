@@ -211,11 +211,15 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(motion_data: dict[str
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train_job.main(train_args(motion_data, straight, *recipe)) == 0
 
-    env = dict(os.environ, **{train_job.CRASH_HOOK_ENV: "3"})
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.train", *train_args(motion_data, killed, *recipe)],
+        [
+            sys.executable,
+            str(REPO / "tests" / "run_train_with_crash.py"),
+            "3",
+            "--",
+            *train_args(motion_data, killed, *recipe),
+        ],
         cwd=REPO,
-        env=env,
         capture_output=True,
         timeout=120,
     )
