@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from vitaclip.samples import write_sample_video
-from vitaclip.video import DecodeStats, decode_clip, probe
+from vitaclip.video import DecodeStats, Uniform, decode_clip, probe
 
 FPS = 30
 WIDTH, HEIGHT = 1280, 720
@@ -137,7 +137,7 @@ def naive_clip(path: Path, *, num_frames: int, size: int) -> Result:
 def vitaclip_clip(path: Path, *, num_frames: int, size: int) -> Result:
     started_cpu, started_wall = time.process_time(), time.monotonic()
     stats = DecodeStats()
-    clip = decode_clip(path, num_frames=num_frames, size=size, num_threads=1, stats=stats)
+    clip = decode_clip(path, Uniform(num_frames), size=size, num_threads=1, stats=stats)
     return Result(
         time.process_time() - started_cpu,
         time.monotonic() - started_wall,

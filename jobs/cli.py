@@ -93,7 +93,7 @@ def label_videos(
         for path in paths:
             start = time.perf_counter()
             try:
-                clip = vv.decode_clip(path, num_frames=T, size=model.image_size)
+                clip = vv.decode_clip(path, vv.Uniform(T), size=model.image_size)
             except vv.VideoDecodeError as exc:
                 results.append({"uri": path, "status": exc.reason, "error_message": exc.message})
                 continue

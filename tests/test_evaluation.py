@@ -176,12 +176,12 @@ def test_spatial_views_are_crops_along_the_longer_side() -> None:
 
 
 def test_three_spatial_views_of_a_wide_video_cover_it_end_to_end(tmp_path: Path) -> None:
-    from vitaclip.video import decode_clips
+    from vitaclip.video import Dense, decode_clips
 
     path = write_sample_video(tmp_path / "wide.mp4", num_frames=24, fps=12, width=160, height=90, seed=2)
     views = ev.decode_views(str(path), num_frames=4, size=64, stride=2, temporal_views=1, spatial_views=3)
     assert views.shape == (3, 4, 64, 64, 3)
-    (whole,) = decode_clips(str(path), num_frames=4, size=64, sampling="dense", stride=2, square=False)
+    (whole,) = decode_clips(str(path), Dense(4, stride=2), size=64, crop="none")
     assert whole.frames.shape == (4, 64, 114, 3)  # 160x90 with the shorter side at 64
     for view, offset in zip(views, (0, 25, 50), strict=True):
         np.testing.assert_array_equal(view, whole.frames[:, :, offset : offset + 64])

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import vitaclip.stages as stages
 from vitaclip.samples import write_sample_video
 from vitaclip.stages import DecodeStage
 
@@ -52,24 +51,50 @@ def test_bad_inputs_become_status_rows(tmp_path: Path) -> None:
     assert row["status"] == "read_error" and "connection reset" in row["error_message"]
 
 
-def test_one_time_limit_covers_probe_and_decodes(video: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real_probe = stages.probe
+class SlowReader:
+    """A file object whose every read takes `delay` seconds (a slow network)."""
 
-    def slow_probe(source: Any, **kwargs: Any) -> Any:
-        calls.append("probe")
-        time.sleep(0.3)
-        return real_probe(source, **kwargs)
+    def __init__(self, path: Path, delay: float) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by the stage, as its sources are)
+        self.delay = delay
+        self.reads = 0
 
-    def decode_clip(*args: Any, **kwargs: Any) -> Any:
-        calls.append("decode_clip")
-        raise AssertionError("the time limit was spent before decoding started")
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        time.sleep(self.delay)
+        return self._file.read(size)
 
-    monkeypatch.setattr(stages, "probe", slow_probe)
-    monkeypatch.setattr(stages, "decode_clip", decode_clip)
-    (row,) = DecodeStage(num_frames=4, size=32, timeout_seconds=0.2).decode_one(str(video), video.stat().st_size)
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_one_time_limit_covers_the_whole_video(tmp_path: Path) -> None:
+    # Unhurried, the slow source decodes, clips and metadata from one open input, after many reads.
+    video = write_sample_video(tmp_path / "long.mp4", num_frames=240, fps=24, width=320, height=240)
+    readers: list[SlowReader] = []
+
+    def opener(uri: str, size_bytes: int) -> SlowReader:
+        readers.append(SlowReader(Path(uri), delay=0.05))
+        return readers[-1]
+
+    rows = DecodeStage(num_frames=4, size=32, segment_seconds=1.0, opener=opener).decode_one(str(video), 0)
+    assert {r["status"] for r in rows} == {"ok"} and len(readers) == 1
+    needed = rows[0]["decode_seconds"]
+    assert readers[0].reads * 0.05 > 0.3, readers[0].reads
+    # With a limit of 0.3 s every read still fits, but not all of them: the limit is the video's, not one call's.
+    readers.clear()
+    start = time.perf_counter()
+    (row,) = DecodeStage(num_frames=4, size=32, segment_seconds=1.0, timeout_seconds=0.3, opener=opener).decode_one(
+        str(video), 0
+    )
     assert row["status"] == "timeout", row["error_message"]
-    assert calls == ["probe"]
+    assert time.perf_counter() - start < min(needed, 0.3 + 0.5)
 
 
 def test_batch_keeps_input_columns(video: Path, tmp_path: Path) -> None:

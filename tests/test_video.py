@@ -38,13 +38,18 @@ from vitaclip.video import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
     DecodeStats,
+    Dense,
+    Uniform,
     VideoDecodeError,
+    VideoDecoder,
+    Windows,
     decode_clip,
     decode_clips,
     dense_indices,
     frame_indices_at,
     frames_to_tensor,
     probe,
+    sampling_spec,
     uniform_times,
     window_bounds,
 )
@@ -199,7 +204,7 @@ def test_uniform_is_frame_exact_for_every_codec(make_video: Callable[..., Any], 
     path, truth = make_video(name, **options)
     info = probe(path)
     stats = DecodeStats()
-    clip = decode_clip(path, num_frames=8, size=SIZE, stats=stats)
+    clip = decode_clip(path, Uniform(8), size=SIZE, stats=stats)
     _check_clip_shape(clip.frames, 8)
     expected = expected_uniform(truth, info.duration_seconds, 8)
     assert clip_indices(clip.frames) == expected
@@ -215,7 +220,7 @@ def test_uniform_is_frame_exact_for_every_codec(make_video: Callable[..., Any], 
 def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("sparse.mp4", num_frames=120, gop=24)
     stats = DecodeStats()
-    clip = decode_clip(path, num_frames=4, size=SIZE, stats=stats)
+    clip = decode_clip(path, Uniform(4), size=SIZE, stats=stats)
     expected = expected_uniform(truth, 5.0, 4)
     assert clip_indices(clip.frames) == expected
     # Per target: from its keyframe to the target, plus a few packets for B-frame reordering; keyframes shared by
@@ -234,7 +239,7 @@ def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any
 def test_non_reference_frames_are_skipped_but_results_stay_exact(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("nonref.mp4", num_frames=120, gop=60, bframes=3)
     stats = DecodeStats()
-    clip = decode_clip(path, num_frames=3, size=SIZE, stats=stats)
+    clip = decode_clip(path, Uniform(3), size=SIZE, stats=stats)
     assert clip_indices(clip.frames) == expected_uniform(truth, 5.0, 3)
     assert stats.packets_nonref_skippable > 0
     assert stats.frames_decoded < stats.packets_decoded  # the decoder really dropped some
@@ -259,7 +264,7 @@ def test_non_reference_frames_are_skipped_but_results_stay_exact(make_video: Cal
 def test_uniform_is_frame_exact_for_variants(make_video: Callable[..., Any], name: str, options: dict) -> None:
     path, truth = make_video(name, **options)
     info = probe(path)
-    clip = decode_clip(path, num_frames=8, size=SIZE)
+    clip = decode_clip(path, Uniform(8), size=SIZE)
     _check_clip_shape(clip.frames, 8)
     assert clip_indices(clip.frames) == expected_uniform(truth, info.duration_seconds, 8)
     assert (info.width, info.height) == (options.get("width", 128), options.get("height", 96))
@@ -272,7 +277,7 @@ def test_non_square_pixels_are_displayed_wide(video_dir: Path) -> None:
         assert container.streams.video[0].codec_context.width == 64  # stored half as wide as displayed
     info = probe(path)
     assert (info.width, info.height) == (128, 96)
-    clip = decode_clip(path, num_frames=8, size=SIZE)
+    clip = decode_clip(path, Uniform(8), size=SIZE)
     # 48 frames at a constant 24 fps: frame k is shown from k / 24 s. The code reads only if pixels were stretched.
     assert clip_indices(clip.frames) == [int((i + 0.5) * 2.0 / 8 * 24) for i in range(8)]
 
@@ -281,7 +286,7 @@ def test_non_square_pixels_are_displayed_wide(video_dir: Path) -> None:
 def test_decoder_threads_stay_frame_exact(make_video: Callable[..., Any], name: str, options: dict) -> None:
     path, truth = make_video(name, **options)
     expected = expected_uniform(truth, probe(path).duration_seconds, 8)
-    assert clip_indices(decode_clip(path, num_frames=8, size=SIZE, num_threads=2).frames) == expected
+    assert clip_indices(decode_clip(path, Uniform(8), size=SIZE, num_threads=2).frames) == expected
 
 
 def test_out_of_order_timestamps_fall_back_to_output_order(video_dir: Path) -> None:
@@ -290,10 +295,10 @@ def test_out_of_order_timestamps_fall_back_to_output_order(video_dir: Path) -> N
     # Frames are then numbered as the decoder shows them, at the nominal 24 fps.
     for source in (path, path.read_bytes()):
         stats = DecodeStats()
-        clip = decode_clip(source, num_frames=8, size=SIZE, stats=stats)
+        clip = decode_clip(source, Uniform(8), size=SIZE, stats=stats)
         assert clip_indices(clip.frames) == [int((i + 0.5) * 60 / 8) for i in range(8)]
         assert stats.sequential_fallback
-    views = decode_clips(path, num_frames=4, size=SIZE, sampling="dense", stride=4, num_views=2)
+    views = decode_clips(path, Dense(4, stride=4, num_views=2), size=SIZE)
     assert [clip_indices(v.frames) for v in views] == [[0, 4, 8, 12], [47, 51, 55, 59]]
 
 
@@ -304,7 +309,7 @@ def test_variable_frame_rate_uses_timestamps(make_video: Callable[..., Any]) -> 
     assert intervals.max() > 2 * intervals.min()  # really irregular
     info = probe(path)
     assert info.duration_seconds == pytest.approx(float((pts[-1] + durations[-1]) * time_base), abs=1.5 / 24)
-    clip = decode_clip(path, num_frames=16, size=SIZE)
+    clip = decode_clip(path, Uniform(16), size=SIZE)
     expected = expected_uniform(truth, info.duration_seconds, 16)
     assert clip_indices(clip.frames) == expected
     # With irregular spacing, time-based picks differ from picking evenly spaced frame numbers.
@@ -316,24 +321,24 @@ def test_one_frame_video(make_video: Callable[..., Any]) -> None:
     path, _ = make_video("one.mp4", num_frames=1)
     info = probe(path)
     assert info.num_frames == 1
-    clip = decode_clip(path, num_frames=8, size=SIZE)
+    clip = decode_clip(path, Uniform(8), size=SIZE)
     assert clip_indices(clip.frames) == [0] * 8
-    dense = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=2)
+    dense = decode_clip(path, Dense(4, stride=2), size=SIZE)
     assert clip_indices(dense.frames) == [0] * 4
 
 
 def test_dense_sampling_views(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("h264.mp4", codec="h264")
-    clip = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=4)
+    clip = decode_clip(path, Dense(4, stride=4), size=SIZE)
     assert clip_indices(clip.frames) == [truth.indices[k] for k in (23, 27, 31, 35)]
     np.testing.assert_allclose(clip.pts_seconds, truth.pts_seconds[[23, 27, 31, 35]], atol=1e-6)
     stats = DecodeStats()
-    views = decode_clips(path, num_frames=4, size=SIZE, sampling="dense", stride=4, num_views=3, stats=stats)
+    views = decode_clips(path, Dense(4, stride=4, num_views=3), size=SIZE, stats=stats)
     expected_positions = [[0, 4, 8, 12], [24, 28, 32, 36], [47, 51, 55, 59]]
     assert [clip_indices(v.frames) for v in views] == [[truth.indices[k] for k in ks] for ks in expected_positions]
     assert [v.start_seconds for v in views] == pytest.approx([truth.pts_seconds[ks[0]] for ks in expected_positions])
     assert stats.frames_converted == 12
-    padded = decode_clip(path, num_frames=8, size=SIZE, sampling="dense", stride=16)
+    padded = decode_clip(path, Dense(8, stride=16), size=SIZE)
     assert clip_indices(padded.frames) == [truth.indices[k] for k in (0, 16, 32, 48, 59, 59, 59, 59)]
 
 
@@ -348,25 +353,27 @@ def test_dense_start_fraction_is_the_official_random_start(make_video: Callable[
     with pytest.raises(ValueError, match="num_views"):
         dense_indices(60, num_frames=4, stride=4, num_views=2, start_fraction=0.5)
     path, truth = make_video("h264.mp4", codec="h264")
-    clip = decode_clip(path, num_frames=4, size=SIZE, sampling="dense", stride=4, start_fraction=10 / 48)
+    clip = decode_clip(path, Dense(4, stride=4, start_fraction=10 / 48), size=SIZE)
     assert clip_indices(clip.frames) == [truth.indices[k] for k in (10, 14, 18, 22)]
+    with pytest.raises(ValueError, match="num_views"):
+        Dense(4, num_views=2, start_fraction=0.5)  # a start places one view
     with pytest.raises(ValueError, match="start_fraction"):
-        decode_clip(path, num_frames=4, size=SIZE, start_fraction=0.5)  # uniform sampling has no start
+        Dense(4, start_fraction=1.0)
 
 
 def test_whole_pictures_keep_their_aspect_ratio(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("h264.mp4", codec="h264")  # 128x96
-    whole = decode_clip(path, num_frames=4, size=48, square=False)
+    whole = decode_clip(path, Uniform(4), size=48, crop="none")
     assert whole.frames.shape == (4, 48, 64, 3)
-    square = decode_clip(path, num_frames=4, size=48)
+    square = decode_clip(path, Uniform(4), size=48)
     np.testing.assert_array_equal(whole.frames[:, :, 8:56], square.frames)  # the square is the centre of the whole
     rotated, _ = make_video("rot90.mp4", codec="h264", rotation=90)  # displayed 128x96, stored 96x128
-    assert decode_clip(rotated, num_frames=2, size=48, square=False).frames.shape == (2, 48, 64, 3)
+    assert decode_clip(rotated, Uniform(2), size=48, crop="none").frames.shape == (2, 48, 64, 3)
 
 
 def test_dense_sampling_on_variable_frame_rate_counts_frames(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("vfr.mp4", vfr=True)
-    clip = decode_clip(path, num_frames=5, size=SIZE, sampling="dense", stride=3)
+    clip = decode_clip(path, Dense(5, stride=3), size=SIZE)
     # n=60, seg_len=13, slide=47, start=23: presentation positions, whatever their timestamps.
     assert clip_indices(clip.frames) == [truth.indices[k] for k in (23, 26, 29, 32, 35)]
 
@@ -375,27 +382,23 @@ def test_windows_sampling(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("h264.mp4", codec="h264")
     duration = probe(path).duration_seconds  # 60 frames at 24 fps: 2.5 s
     stats = DecodeStats()
-    clips = decode_clips(path, num_frames=4, size=SIZE, sampling="windows", segment_seconds=1.0, overlap_seconds=0.25)
+    clips = decode_clips(path, Windows(1.0, num_frames=4, overlap_seconds=0.25), size=SIZE)
     bounds = [(0.0, 1.0), (0.75, 1.75), (1.5, 2.5)]
     assert [(c.start_seconds, c.end_seconds) for c in clips] == [pytest.approx(b) for b in bounds]
     for clip, (start, end) in zip(clips, bounds, strict=True):
         assert clip_indices(clip.frames) == expected_uniform(truth, end - start, 4, start=start)
     assert duration == pytest.approx(2.5)
-    decode_clips(
-        path, num_frames=4, size=SIZE, sampling="windows", segment_seconds=1.0, overlap_seconds=0.25, stats=stats
-    )
+    decode_clips(path, Windows(1.0, num_frames=4, overlap_seconds=0.25), size=SIZE, stats=stats)
     assert stats.frames_converted == len({i for c in clips for i in clip_indices(c.frames)})
 
 
 def test_whole_video_and_windows_in_one_pass(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("h264.mp4", codec="h264")
     separate = DecodeStats(), DecodeStats()
-    whole = decode_clip(path, num_frames=8, size=SIZE, stats=separate[0])
-    windows = decode_clips(path, num_frames=8, size=SIZE, sampling="windows", segment_seconds=1.0, stats=separate[1])
+    whole = decode_clip(path, Uniform(8), size=SIZE, stats=separate[0])
+    windows = decode_clips(path, Windows(1.0, num_frames=8), size=SIZE, stats=separate[1])
     together = DecodeStats()
-    first, *rest = decode_clips(
-        path, num_frames=8, size=SIZE, sampling="windows", segment_seconds=1.0, with_whole_video=True, stats=together
-    )
+    first, *rest = decode_clips(path, Windows(1.0, num_frames=8, with_whole_video=True), size=SIZE, stats=together)
     assert clip_indices(first.frames) == clip_indices(whole.frames) == expected_uniform(truth, 2.5, 8)
     assert (first.start_seconds, first.end_seconds) == (0.0, pytest.approx(2.5))
     assert [clip_indices(c.frames) for c in rest] == [clip_indices(c.frames) for c in windows]
@@ -417,12 +420,12 @@ def test_whole_video_and_windows_in_one_pass(make_video: Callable[..., Any]) -> 
 )
 def test_bytes_and_file_objects_match_paths(make_video: Callable[..., Any], name: str, options: dict) -> None:
     path, truth = make_video(name, **options)
-    from_path = decode_clip(path, num_frames=8, size=SIZE)
-    from_str = decode_clip(str(path), num_frames=8, size=SIZE)
-    from_bytes = decode_clip(path.read_bytes(), num_frames=8, size=SIZE)
+    from_path = decode_clip(path, Uniform(8), size=SIZE)
+    from_str = decode_clip(str(path), Uniform(8), size=SIZE)
+    from_bytes = decode_clip(path.read_bytes(), Uniform(8), size=SIZE)
     stats = DecodeStats()
     with open(path, "rb") as f:
-        from_file = decode_clip(f, num_frames=8, size=SIZE, stats=stats)
+        from_file = decode_clip(f, Uniform(8), size=SIZE, stats=stats)
         assert not f.closed  # the caller owns it
         f.seek(0)
         assert f.read(4) == path.read_bytes()[:4]
@@ -441,7 +444,7 @@ def test_file_object_is_not_read_whole_when_seeking(video_dir: Path, ext: str) -
     reader = CountingReader(path)
     try:
         stats = DecodeStats()
-        clip = decode_clip(reader, num_frames=4, size=SIZE, stats=stats)
+        clip = decode_clip(reader, Uniform(4), size=SIZE, stats=stats)
     finally:
         reader.close()
     assert clip_indices(clip.frames) == expected_uniform(truth, 30.0, 4)
@@ -451,7 +454,7 @@ def test_file_object_is_not_read_whole_when_seeking(video_dir: Path, ext: str) -
     # The demux-first path reads everything, which is what the file-object path avoids.
     full = CountingReader(path)
     try:
-        decode_clip(full, num_frames=8, size=SIZE, sampling="dense", stride=4)
+        decode_clip(full, Dense(8, stride=4), size=SIZE)
     finally:
         full.close()
     assert full.bytes_read >= full.size
@@ -518,7 +521,7 @@ def test_probe_falls_back_to_demuxing_when_metadata_is_missing(video_dir: Path) 
                 dst.mux(packet)
     info = probe(raw)
     assert (info.num_frames, info.num_frames_exact) == (30, True)
-    clip = decode_clip(raw, num_frames=3, size=SIZE)
+    clip = decode_clip(raw, Uniform(3), size=SIZE)
     assert len(set(clip_indices(clip.frames))) == 3
 
 
@@ -584,7 +587,7 @@ def test_damaged_files_give_a_clip_or_a_reason(make_video: Callable[..., Any]) -
         candidates = [bytes(damaged), data[: int(len(data) * 0.6)], data[: int(len(data) * 0.97)]]
         for candidate in candidates:
             try:
-                clip = decode_clip(candidate, num_frames=8, size=SIZE, timeout_seconds=10)
+                clip = decode_clip(candidate, Uniform(8), size=SIZE, timeout_seconds=10)
             except VideoDecodeError as e:
                 assert e.reason in ("truncated", "corrupt")
                 outcomes.append(e.reason)
@@ -600,7 +603,7 @@ def test_undecodable_metadata_text_is_ignored(make_video: Callable[..., Any]) ->
     data = path.read_bytes()
     assert b"Lavf" in data  # the muxer's name, stored as a metadata string
     damaged = data.replace(b"Lavf", b"\x91\xff\xfe\x80")
-    clip = decode_clip(damaged, num_frames=8, size=SIZE)
+    clip = decode_clip(damaged, Uniform(8), size=SIZE)
     assert clip_indices(clip.frames) == expected_uniform(truth, 2.5, 8)
 
 
@@ -610,7 +613,7 @@ def test_timeout_bounds_a_slow_source(video_dir: Path) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(VideoDecodeError) as error:
-            decode_clip(reader, num_frames=8, size=SIZE, timeout_seconds=0.2)
+            decode_clip(reader, Uniform(8), size=SIZE, timeout_seconds=0.2)
     finally:
         reader.close()
     assert error.value.reason == "timeout"
@@ -661,7 +664,7 @@ def test_containers_are_closed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     path, _ = make_video("h264.mp4", codec="h264")
     fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     decode_clip(path, size=SIZE)
-    decode_clips(path, size=SIZE, sampling="windows", segment_seconds=1.0)
+    decode_clips(path, Windows(1.0, num_frames=8), size=SIZE)
     probe(path)
     for bad, options in (
         (_audio_only(tmp_path / "a.m4a"), {}),
@@ -682,18 +685,62 @@ def test_containers_are_closed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
 def test_option_errors(make_video: Callable[..., Any]) -> None:
     path, _ = make_video("h264.mp4", codec="h264")
-    with pytest.raises(ValueError, match="decode_clips"):
-        decode_clip(path, sampling="windows", segment_seconds=1.0)
-    with pytest.raises(ValueError, match="num_views"):
-        decode_clips(path, num_views=2)
+    with pytest.raises(ValueError, match="clips"):
+        decode_clip(path, Windows(1.0, num_frames=8))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="clips"):
+        decode_clip(path, Dense(4, num_views=2))
     with pytest.raises(ValueError, match="segment_seconds"):
-        decode_clips(path, sampling="windows")
-    with pytest.raises(ValueError, match="with_whole_video"):
-        decode_clips(path, with_whole_video=True)
+        Windows(0.0)
+    with pytest.raises(ValueError, match="overlap_seconds"):
+        Windows(1.0, overlap_seconds=1.0)
+    for bad in (None, "uniform"):
+        with pytest.raises(TypeError, match="sampling"):
+            decode_clips(path, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_frames"):
+        Uniform(0)
+    with pytest.raises(ValueError, match="stride"):
+        Dense(4, stride=0)
     with pytest.raises(ValueError, match="sampling"):
-        decode_clips(path, sampling="random")  # type: ignore[arg-type]
+        sampling_spec("random", num_frames=8)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="size"):
         decode_clip(path, size=0)
+    with pytest.raises(ValueError, match="crop"):
+        decode_clip(path, crop="left")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_threads"):
+        VideoDecoder(path, num_threads=0)
+
+
+def test_one_decoder_serves_clips_and_info_from_one_open(make_video: Callable[..., Any]) -> None:
+    import vitaclip.video._container as container
+
+    opened = []
+    real_open = container.av.open
+
+    def counting_open(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    for name, options in (("h264.mp4", {"codec": "h264"}), ("rot90.mp4", {"codec": "h264", "rotation": 90})):
+        path, truth = make_video(name, **options)
+        expected_info = probe(path)
+        opened.clear()
+        container.av.open = counting_open
+        try:
+            with VideoDecoder(path) as video:
+                whole, *windows = video.clips(Windows(1.0, num_frames=4, with_whole_video=True), size=SIZE)
+                info = video.info
+        finally:
+            container.av.open = real_open
+        assert len(opened) == 1  # one open for the clips and the metadata
+        assert info == expected_info
+        assert clip_indices(whole.frames) == expected_uniform(truth, info.duration_seconds, 4)
+        assert len(windows) == 3
+    # Asked before any clip, the metadata is probed (as `probe` does); clips then open the input again.
+    with VideoDecoder(path) as video:
+        assert video.info == expected_info
+        assert clip_indices(video.clip(Uniform(4), size=SIZE).frames) == expected_uniform(
+            truth, info.duration_seconds, 4
+        )
 
 
 def test_frames_to_tensor() -> None:
@@ -714,7 +761,7 @@ def test_frames_to_tensor() -> None:
 
 def test_frames_to_tensor_on_a_decoded_clip(make_video: Callable[..., Any]) -> None:
     path, _ = make_video("h264.mp4", codec="h264")
-    x = frames_to_tensor(decode_clip(path, num_frames=4, size=SIZE).frames)  # [T, 3, H, W]
+    x = frames_to_tensor(decode_clip(path, Uniform(4), size=SIZE).frames)  # [T, 3, H, W]
     assert x.shape == (4, 3, SIZE, SIZE)
     assert -2.0 < float(x.min()) and float(x.max()) < 2.2
 

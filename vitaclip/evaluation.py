@@ -35,6 +35,7 @@ import torch
 
 from vitaclip.labels import load_label_set
 from vitaclip.model import VitaClip
+from vitaclip.video.transforms import normalize_frames
 
 PAPER_REFERENCE = {
     "kinetics400_top1": 81.8,
@@ -294,19 +295,16 @@ def decode_views(
     One spatial view is the decoder's centre crop. Several are decoded with the shorter side ``size`` and cropped
     along the longer side (``spatial_crops``), as the official multi-view evaluation does.
     """
-    from vitaclip.video import decode_clips
+    from vitaclip.video import decode_clips, sampling_spec
 
     if sampling == "uniform" and temporal_views != 1:
         raise ValueError("several temporal views need sampling='dense'")
     clips = decode_clips(
         source,
-        num_frames=num_frames,
+        sampling_spec(sampling, num_frames=num_frames, stride=stride, num_views=temporal_views),
         size=size,
-        sampling=sampling,
-        stride=stride,
-        num_views=temporal_views,
+        crop="center" if spatial_views == 1 else "none",
         timeout_seconds=timeout_seconds,
-        square=spatial_views == 1,
     )
     views = [crop for clip in clips for crop in spatial_crops(clip.frames, size, spatial_views)]
     return np.stack(views)  # [V, T, S, S, 3]
@@ -411,10 +409,7 @@ def video_logits(
         if not pending:
             return
         clips = torch.from_numpy(np.concatenate([v for _, v in pending]))  # [b*V, T, S, S, 3]
-        x = clips.to(device).permute(0, 1, 4, 2, 3)  # [b*V, T, 3, S, S]
-        mean_t = torch.tensor(mean, device=device).view(1, 1, 3, 1, 1)
-        std_t = torch.tensor(std, device=device).view(1, 1, 3, 1, 1)
-        x = ((x.float() / 255.0 - mean_t) / std_t).to(model.dtype)
+        x = normalize_frames(clips.to(device), mean, std).to(model.dtype)  # [b*V, T, 3, S, S]
         feats = model.encode_video(x).float()  # [b*V, E]
         logits = scale * feats @ label_features.float().t()  # [b*V, K]
         per_video = logits.view(len(pending), num_views, -1).cpu().numpy()  # [b, V, K]
@@ -451,8 +446,6 @@ def video_embeddings(
 ) -> tuple[torch.Tensor, list[str]]:
     """L2-normalised video embeddings ``[N, E]`` (mean over views, renormalised) and decode errors."""
     device = model.device
-    mean_t = torch.tensor(model.config.mean, device=device).view(1, 1, 3, 1, 1)
-    std_t = torch.tensor(model.config.std, device=device).view(1, 1, 3, 1, 1)
     out = torch.zeros(len(uris), model.embed_dim)
     errors = [""] * len(uris)
     source = decoded if decoded is not None else _decode_all(uris, spec, opener=opener, threads=threads)
@@ -460,8 +453,8 @@ def video_embeddings(
         if views is None:
             errors[i] = error
             continue
-        x = torch.from_numpy(views).to(device).permute(0, 1, 4, 2, 3)  # [V, T, 3, S, S]
-        x = ((x.float() / 255.0 - mean_t) / std_t).to(model.dtype)
+        x = normalize_frames(torch.from_numpy(views).to(device), model.config.mean, model.config.std)
+        x = x.to(model.dtype)  # [V, T, 3, S, S]
         feats = torch.cat([model.encode_video(x[j : j + batch_size]) for j in range(0, len(x), batch_size)])
         out[i] = torch.nn.functional.normalize(feats.float().mean(dim=0), dim=-1).cpu()
     return out, errors

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitaclip.redact import redact_text
-from vitaclip.video import VideoDecodeError, decode_clip, decode_clips, probe
+from vitaclip.video import SamplingSpec, Uniform, VideoDecodeError, VideoDecoder, Windows, normalize_frames
 
 if TYPE_CHECKING:
     import torch
@@ -65,12 +65,6 @@ def open_local(uri: str, size_bytes: int) -> VideoSource:
     return uri
 
 
-def _rewind(source: VideoSource) -> VideoSource:
-    if hasattr(source, "seek"):
-        source.seek(0)
-    return source
-
-
 def _thumbnail(frame: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -110,6 +104,11 @@ class DecodeStage:
         self.segment_seconds = segment_seconds
         self.timeout_seconds = timeout_seconds
         self.opener = opener or open_local
+        self.sampling: SamplingSpec = (
+            Uniform(num_frames)
+            if segment_seconds is None
+            else Windows(segment_seconds, num_frames=num_frames, with_whole_video=True)
+        )
 
     def _empty_frames(self) -> np.ndarray:
         return np.zeros((self.num_frames, self.size, self.size, 3), dtype=np.uint8)
@@ -124,48 +123,31 @@ class DecodeStage:
             decode_seconds=decode_seconds,
         )
 
-    def decode_one(self, uri: str, size_bytes: int) -> list[dict[str, Any]]:
-        """Rows (whole video first, then segments) for one video, or one failed row."""
-        base = _BASE_ROW
-        start = time.perf_counter()
+    def _source_or_failed_row(self, uri: str, size_bytes: int) -> VideoSource | dict[str, Any]:
+        """The opener's source for a video, or the failed row of a video that cannot be read."""
         try:
-            source = self.opener(uri, size_bytes)
+            return self.opener(uri, size_bytes)
         except FileNotFoundError:
-            return [self.failed_row(NOT_FOUND, "the file is gone (deleted since it was listed)")]
+            return self.failed_row(NOT_FOUND, "the file is gone (deleted since it was listed)")
         except Exception as exc:  # per-video boundary: any read failure becomes this video's status
             # Storage errors name their kind (not_found, changed, unavailable, ...): keep it as the status.
             reason = getattr(exc, "reason", None)
             if isinstance(reason, str) and reason in READ_REASONS:
-                return [self.failed_row(reason, str(exc))]
-            return [self.failed_row(READ_ERROR, f"{type(exc).__name__}: {exc}")]
-        # One decode time limit for the whole video: each call below gets what the previous ones left.
-        deadline = time.perf_counter() + self.timeout_seconds
+                return self.failed_row(reason, str(exc))
+            return self.failed_row(READ_ERROR, f"{type(exc).__name__}: {exc}")
 
-        def remaining_seconds() -> float:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise VideoDecodeError("timeout", f"gave up after {self.timeout_seconds:g} s")
-            return left
-
+    def decode_one(self, uri: str, size_bytes: int) -> list[dict[str, Any]]:
+        """Rows (whole video first, then segments) for one video, or one failed row."""
+        start = time.perf_counter()
+        source = self._source_or_failed_row(uri, size_bytes)
+        if isinstance(source, dict):
+            return [source]
         try:
-            # Two passes: the metadata, then every clip (the whole video and its segments share one scan and decode
-            # the frames they share once).
-            info = probe(source, timeout_seconds=remaining_seconds())
-            segments = []
-            if self.segment_seconds is None:
-                clip = decode_clip(
-                    _rewind(source), num_frames=self.num_frames, size=self.size, timeout_seconds=remaining_seconds()
-                )
-            else:
-                clip, *segments = decode_clips(
-                    _rewind(source),
-                    num_frames=self.num_frames,
-                    size=self.size,
-                    sampling="windows",
-                    segment_seconds=self.segment_seconds,
-                    with_whole_video=True,
-                    timeout_seconds=remaining_seconds(),
-                )
+            # One open and one time limit for the whole video: the whole clip and the segments share one scan and
+            # decode the frames they share once; the metadata comes from what decoding learned.
+            with VideoDecoder(source, timeout_seconds=self.timeout_seconds) as video:
+                clip, *segments = video.clips(self.sampling, size=self.size)
+                info = video.info
         except VideoDecodeError as exc:  # the status says the reason; the message says the rest
             return [self.failed_row(exc.reason, exc.message, decode_seconds=time.perf_counter() - start)]
         except Exception as exc:  # per-video boundary: record, never crash the job
@@ -179,7 +161,7 @@ class DecodeStage:
             if callable(close):
                 close()
         meta = dict(
-            base,
+            _BASE_ROW,
             duration_seconds=float(info.duration_seconds),
             fps=float(info.fps),
             width=int(info.width),
@@ -279,9 +261,6 @@ class EmbedStage:
         self.label_names = names
         self.top_k = min(top_k, len(names))
         self.batch_size = batch_size
-        mean = torch.tensor(self.model.config.mean, device=self.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(self.model.config.std, device=self.device).view(1, 1, 3, 1, 1)
-        self._mean, self._std = mean, std
         with torch.inference_mode():
             self.label_features = self.model.encode_labels(names).float()  # [K, E]
             self.scale = float(self.model.logit_scale.float().exp())
@@ -294,8 +273,7 @@ class EmbedStage:
         import torch
 
         x = torch.from_numpy(frames).to(self.device)  # [B, T, S, S, 3] uint8
-        x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B, T, 3, S, S]
-        x = ((x - self._mean) / self._std).to(self.model.dtype)
+        x = normalize_frames(x, self.model.config.mean, self.model.config.std).to(self.model.dtype)  # [B, T, 3, S, S]
         return self.model.encode_video(x).float()  # [B, E]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -308,12 +286,13 @@ class EmbedStage:
         rows = np.flatnonzero(ok)
         import torch
 
+        from vitaclip.zeroshot import top_k_scores
+
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 idx = rows[start : start + self.batch_size]
                 feats = self._embed(frames[idx])
-                probs = (self.scale * feats @ self.label_features.t()).softmax(dim=-1)
-                top_p, top_i = probs.topk(self.top_k, dim=-1)
+                top_p, top_i = top_k_scores(feats, self.label_features, k=self.top_k, logit_scale=self.scale)
                 embedding[idx] = feats.cpu().numpy()
                 label_indices[idx] = top_i.cpu().numpy()
                 label_scores[idx] = top_p.cpu().numpy()

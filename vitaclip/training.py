@@ -37,6 +37,7 @@ from torch import nn
 from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, load_torch_file, save_checkpoint
 from vitaclip.config import check_field_types
 from vitaclip.model import VitaClip
+from vitaclip.video.transforms import normalize_frames
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Sampling = Literal["uniform", "dense"]
@@ -424,9 +425,7 @@ def augment_clip(frames: np.ndarray | torch.Tensor, config: AugmentConfig, rng: 
 
 def normalize_video(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``[B, T, 3, H, W]`` -> CLIP-normalised float32 of the same shape (on the tensor's device)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=video.device).view(1, 1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=video.device).view(1, 1, 3, 1, 1)
-    return (video.to(torch.float32) / 255.0 - mean_t) / std_t
+    return normalize_frames(video, mean, std, channels_last=False)
 
 
 # ------------------------------------------------------------------------------------------------ data order
@@ -821,7 +820,7 @@ class TrainClipSource:
 
     def clip_at(self, position: int) -> tuple[torch.Tensor, int, bool]:
         """(uint8 ``[T, 3, S, S]``, label, valid) of the sample at a data position."""
-        from vitaclip.video import decode_clips
+        from vitaclip.video import decode_clip, sampling_spec
 
         entry = self.entries[self.order(position)]
         rng = sample_rng(self.config.seed, position)
@@ -830,13 +829,15 @@ class TrainClipSource:
         try:
             source = self.opener(entry.uri) if self.opener is not None else entry.uri
             try:
-                clips = decode_clips(
+                clip = decode_clip(
                     source,
-                    num_frames=self.num_frames,
+                    sampling_spec(
+                        self.config.sampling,
+                        num_frames=self.num_frames,
+                        stride=self.config.stride,
+                        start_fraction=start_fraction,
+                    ),
                     size=self.decode_size,
-                    sampling=self.config.sampling,
-                    stride=self.config.stride,
-                    start_fraction=start_fraction,
                     timeout_seconds=self.config.decode_timeout_seconds,
                 )
             finally:
@@ -846,7 +847,7 @@ class TrainClipSource:
         except Exception:  # per-video boundary: a bad or unreadable video is skipped in the loss, never fatal
             empty = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
             return empty, entry.label, False
-        return augment_clip(clips[0].frames, self.augment, rng), entry.label, True
+        return augment_clip(clip.frames, self.augment, rng), entry.label, True
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         counters = batch["index"] if "index" in batch else batch["id"]  # "id": the column of ray.data.range

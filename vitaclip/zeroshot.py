@@ -27,6 +27,23 @@ class LabelScore:
     probability: float
 
 
+def top_k_scores(
+    video_features: torch.Tensor,
+    label_features: torch.Tensor,
+    *,
+    k: int,
+    logit_scale: torch.Tensor | float = 100.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities over all K labels, top ``k`` (capped at K) per video: ``[B, k]`` probabilities and
+    ``[B, k]`` label indices, best first, on the features' device (see `top_k_labels` for the arguments)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scale = logit_scale.detach().float().exp() if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
+    logits = scale * video_features.detach().float() @ label_features.detach().float().t()  # [B, K]
+    values, indices = logits.softmax(dim=-1).topk(min(k, label_features.shape[0]), dim=-1)
+    return values, indices
+
+
 def top_k_labels(
     video_features: torch.Tensor,
     label_features: torch.Tensor,
@@ -55,12 +72,7 @@ def top_k_labels(
         )
     if label_features.shape[0] != len(label_names):
         raise ValueError(f"{label_features.shape[0]} label features but {len(label_names)} names")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    scale = logit_scale.detach().float().exp() if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
-    logits = scale * video_features.detach().float() @ label_features.detach().float().t()  # [B, K]
-    probs = logits.softmax(dim=-1)
-    values, indices = probs.topk(min(k, len(label_names)), dim=-1)
+    values, indices = top_k_scores(video_features, label_features, k=k, logit_scale=logit_scale)
     return [
         [LabelScore(label_names[int(i)], float(p)) for p, i in zip(row_p, row_i, strict=True)]
         for row_p, row_i in zip(values.cpu(), indices.cpu(), strict=True)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from vitaclip.config import VitaClipConfig
 from vitaclip.demo.world import BACKGROUNDS, COLOURS, SHAPES, frame_caption, spec_from_manifest
 from vitaclip.model import build_backbone, get_tokenizer
-from vitaclip.video import decode_clip, frames_to_tensor
+from vitaclip.video import Uniform, decode_clip, frames_to_tensor
 
 log = logging.getLogger("vitaclip.demo.pretrain")
 
@@ -95,7 +95,7 @@ def load_frames(
     records = read_manifest(world_dir)
 
     def decode(record: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
-        clip = decode_clip(str(Path(world_dir) / record["path"]), num_frames=frames_per_video, size=image_size)
+        clip = decode_clip(str(Path(world_dir) / record["path"]), Uniform(frames_per_video), size=image_size)
         spec = spec_from_manifest(record)
         last = max(1, record["num_frames"] - 1)
         captions = [frame_caption(spec, round(t * record["fps"]) / last) for t in clip.pts_seconds.tolist()]

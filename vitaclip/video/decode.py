@@ -13,10 +13,9 @@ output size. Streams whose timestamps cannot be trusted are decoded in one pass,
 from __future__ import annotations
 
 import bisect
-import math
 from collections import deque
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
@@ -40,15 +39,18 @@ from vitaclip.video._container import (
 )
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
 from vitaclip.video.sampling import (
-    TIME_EPSILON_SECONDS,
-    Sampling,
-    dense_indices,
-    uniform_times,
-    window_bounds,
+    Dense,
+    SamplingSpec,
+    Timeline,
+    Uniform,
+    View,
+    Windows,
+    choose_duration,
+    plan_views,
 )
 from vitaclip.video.transforms import frame_to_rgb
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Clip", "DecodeStats", "decode_clip", "decode_clips"]
+__all__ = ["DEFAULT_MAX_PIXELS", "Clip", "Crop", "DecodeStats", "VideoDecoder", "decode_clip", "decode_clips"]
 
 DEFAULT_MAX_PIXELS = 8192 * 4320
 """Largest picture (width * height) decoded by default: DCI 8K."""
@@ -77,25 +79,6 @@ class Clip:
     end_seconds: float
 
 
-@dataclass(frozen=True)
-class _Timeline:
-    """Where frames are, as far as the chosen index knows."""
-
-    start: int  # ticks of the first frame
-    duration: Fraction  # ticks
-    frame_pts: np.ndarray | None  # [N] int64 when every packet was demuxed
-    seek_points: np.ndarray  # [K] int64 keyframe timestamps, ascending
-    time_base: Fraction
-    synthetic: bool = False  # timestamps are output positions (stream without timestamps)
-
-
-@dataclass(frozen=True)
-class _View:
-    thresholds: np.ndarray  # [T] int64: frame i is the last one with pts <= thresholds[i]
-    start_seconds: float
-    end_seconds: float
-
-
 @dataclass
 class DecodeStats:
     """Counters filled in by ``decode_clips(..., stats=DecodeStats())``, for tests and benchmarks.
@@ -108,6 +91,7 @@ class DecodeStats:
         frames_decoded: Frames the decoder returned.
         frames_converted: Frames scaled and converted to RGB (the distinct frames returned).
         sequential_fallback: Whether seeking was abandoned for one pass from the start.
+        rotation: Degrees counter-clockwise the converted frames were turned for display (None before any).
     """
 
     index: str = ""
@@ -117,6 +101,7 @@ class DecodeStats:
     frames_decoded: int = 0
     frames_converted: int = 0
     sequential_fallback: bool = False
+    rotation: int | None = None
 
 
 class _Overshoot(Exception):
@@ -136,20 +121,8 @@ class _TimestampsUnreliable(Exception):
     pass
 
 
-def choose_duration(header: Header, table: PacketTable) -> Fraction:
-    """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets."""
-    start = int(table.pts[0])
-    scanned = table.end_pts - start
-    meta = header.duration_ticks
-    if meta is not None and not table.synthetic:
-        tolerance = max(2 * table.median_interval, 0.02 * float(scanned))
-        if abs(float(meta - scanned)) <= tolerance:
-            return meta
-    return scanned
-
-
-def _timeline_from_scan(header: Header, table: PacketTable) -> _Timeline:
-    return _Timeline(
+def _timeline_from_scan(header: Header, table: PacketTable) -> Timeline:
+    return Timeline(
         start=int(table.pts[0]),
         duration=choose_duration(header, table),
         frame_pts=table.pts,
@@ -175,7 +148,7 @@ def _first_keyframe_pts(opened: OpenedVideo, start_pts: int) -> int | None:
 _INDEXED_DEMUXERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "asf"})
 
 
-def _timeline_from_index(opened: OpenedVideo) -> _Timeline | None:
+def _timeline_from_index(opened: OpenedVideo) -> Timeline | None:
     header = opened.header
     if not _INDEXED_DEMUXERS.intersection(opened.container.format.name.split(",")):
         return None
@@ -190,64 +163,13 @@ def _timeline_from_index(opened: OpenedVideo) -> _Timeline | None:
     index = keyframe_index(opened.stream, has_dts=header.index_has_dts)
     if start is None or index is None:
         return None
-    return _Timeline(
+    return Timeline(
         start=start,
         duration=header.duration_ticks,
         frame_pts=None,
         seek_points=index[0],
         time_base=header.time_base,
     )
-
-
-def _threshold(timeline: _Timeline, seconds: float) -> int:
-    return timeline.start + math.floor(Fraction(seconds + TIME_EPSILON_SECONDS) / timeline.time_base)
-
-
-def _plan_views(
-    timeline: _Timeline,
-    *,
-    sampling: Sampling,
-    num_frames: int,
-    stride: int,
-    num_views: int,
-    segment_seconds: float | None,
-    overlap_seconds: float,
-    with_whole_video: bool = False,
-    start_fraction: float | None = None,
-) -> list[_View]:
-    time_base = timeline.time_base
-    duration_seconds = float(timeline.duration * time_base)
-
-    def uniform_view() -> _View:
-        times = uniform_times(duration_seconds, num_frames=num_frames)
-        thresholds = np.array([_threshold(timeline, float(t)) for t in times], dtype=np.int64)
-        return _View(thresholds, 0.0, duration_seconds)
-
-    if sampling == "uniform":
-        return [uniform_view()]
-    if sampling == "windows":
-        assert segment_seconds is not None
-        views = [uniform_view()] if with_whole_video else []
-        for start, end in window_bounds(
-            duration_seconds, segment_seconds=segment_seconds, overlap_seconds=overlap_seconds
-        ):
-            times = uniform_times(end - start, num_frames=num_frames, start_seconds=start)
-            thresholds = np.array([_threshold(timeline, float(t)) for t in times], dtype=np.int64)
-            views.append(_View(thresholds, start, end))
-        return views
-    assert timeline.frame_pts is not None, "dense sampling needs every frame's timestamp"
-    frame_pts = timeline.frame_pts
-    views = []
-    all_views = dense_indices(
-        frame_pts.size, num_frames=num_frames, stride=stride, num_views=num_views, start_fraction=start_fraction
-    )
-    for indices in all_views:
-        thresholds = frame_pts[indices]  # [T] exact timestamps
-        start = float((int(thresholds[0]) - timeline.start) * time_base)
-        last = int(indices[-1])
-        end_ticks = int(frame_pts[last + 1]) if last + 1 < frame_pts.size else timeline.start + timeline.duration
-        views.append(_View(thresholds, start, float((end_ticks - timeline.start) * time_base)))
-    return views
 
 
 def _group_by_keyframe(thresholds: list[int], seek_points: np.ndarray) -> list[tuple[int | None, list[int]]]:
@@ -532,58 +454,13 @@ class _Collector:
         rgb = self._converted.get(pts)
         if rgb is None:
             rgb = frame_to_rgb(frame, size=self._size, sample_aspect_ratio=self._sar, square=self._square)
+            self._stats.rotation = (round(frame.rotation / 90) % 4) * 90
             self._converted[pts] = rgb
             self._stats.frames_converted += 1
         self._results[t] = (pts, rgb)
 
 
-def _check_options(
-    *,
-    num_frames: int,
-    size: int,
-    sampling: str,
-    stride: int,
-    num_views: int,
-    segment_seconds: float | None,
-    overlap_seconds: float,
-    num_threads: int,
-    timeout_seconds: float,
-    max_pixels: int,
-    with_whole_video: bool = False,
-    start_fraction: float | None = None,
-) -> None:
-    if with_whole_video and sampling != "windows":
-        raise ValueError(f"with_whole_video only applies to sampling='windows', got sampling={sampling!r}")
-    if start_fraction is not None:
-        if sampling != "dense" or num_views != 1:
-            raise ValueError("start_fraction applies to sampling='dense' with num_views=1")
-        if not 0.0 <= start_fraction < 1.0:
-            raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
-    if sampling not in ("uniform", "dense", "windows"):
-        raise ValueError(f"sampling must be 'uniform', 'dense' or 'windows', got {sampling!r}")
-    for name, value in (("num_frames", num_frames), ("stride", stride), ("num_views", num_views)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not 1 <= size <= 4096:
-        raise ValueError(f"size must be in [1, 4096], got {size}")
-    if not 1 <= num_threads <= 64:
-        raise ValueError(f"num_threads must be in [1, 64], got {num_threads}")
-    if not timeout_seconds > 0:
-        raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    if sampling == "windows":
-        if segment_seconds is None or not segment_seconds > 0:
-            raise ValueError(f"sampling='windows' needs segment_seconds > 0, got {segment_seconds}")
-        if not 0 <= overlap_seconds < segment_seconds:
-            raise ValueError(f"overlap_seconds must be in [0, segment_seconds), got {overlap_seconds}")
-    elif segment_seconds is not None:
-        raise ValueError(f"segment_seconds only applies to sampling='windows', got sampling={sampling!r}")
-    if num_views != 1 and sampling != "dense":
-        raise ValueError(f"num_views only applies to sampling='dense', got sampling={sampling!r}")
-
-
-def _numbered_timeline(header: Header, table: PacketTable) -> _Timeline:
+def _numbered_timeline(header: Header, table: PacketTable) -> Timeline:
     """Frames numbered in output order at the nominal rate, for streams whose timestamps cannot be trusted."""
     count = int(table.pts.size)
     if table.synthetic:
@@ -593,7 +470,7 @@ def _numbered_timeline(header: Header, table: PacketTable) -> _Timeline:
     else:
         seconds = float((table.end_pts - int(table.pts[0])) * table.time_base)
         fps = Fraction(count / seconds if seconds > 0 else 25).limit_denominator(1001)
-    return _Timeline(
+    return Timeline(
         start=0,
         duration=Fraction(count),
         frame_pts=np.arange(count, dtype=np.int64),
@@ -604,69 +481,66 @@ def _numbered_timeline(header: Header, table: PacketTable) -> _Timeline:
 
 
 def _collect(
-    source: VideoSource,
+    opened: OpenedVideo,
+    reopen: Callable[[], AbstractContextManager[OpenedVideo]],
     *,
     deadline: Deadline,
     size: int,
     max_pixels: int,
-    num_threads: int,
-    plan: dict[str, Any],
+    sampling: SamplingSpec,
     stats: DecodeStats,
     square: bool = True,
-) -> list[Clip]:
-    def open_source() -> AbstractContextManager[OpenedVideo]:
-        return open_video(source, deadline=deadline, max_pixels=max_pixels, num_threads=num_threads)
+) -> tuple[list[Clip], PacketTable | None]:
+    """The clips of `sampling` from `opened` (a fresh open of the source; `reopen` opens it again for a rescan or a
+    sequential pass), and the packet table when `opened` was demuxed whole."""
 
-    def collector(opened: OpenedVideo, **options: Any) -> _Collector:
+    def collector(video: OpenedVideo, **options: Any) -> _Collector:
         return _Collector(
-            opened, deadline=deadline, size=size, max_pixels=max_pixels, stats=stats, square=square, **options
+            video, deadline=deadline, size=size, max_pixels=max_pixels, stats=stats, square=square, **options
         )
 
     results: dict[int, tuple[int, np.ndarray] | None] | None = None
-    with open_source() as opened:
-        timeline = None
-        if opened.is_file_like and plan["sampling"] != "dense":
-            # Remote reads are what costs here: take keyframes from the container's index and read only what is needed.
-            timeline = _timeline_from_index(opened)
-            if timeline is not None:
-                stats.index = "container"
-        if timeline is None:
-            table = scan_packets(opened, deadline=deadline)
-            timeline = (
-                _numbered_timeline(opened.header, table)
-                if table.synthetic
-                else _timeline_from_scan(opened.header, table)
-            )
-            stats.index = "demux"
-        views = _plan_views(timeline, **plan)
-        thresholds = sorted({int(t) for view in views for t in view.thresholds})
-        if not timeline.synthetic:
-            try:
-                seeking = collector(opened, start_pts=timeline.start)
-                results = seeking.run(_group_by_keyframe(thresholds, timeline.seek_points))
-            except _SeekUnreliable:
-                results = None
-            except _TimestampsUnreliable:
-                # Frames came out of order (for example B-frames in AVI, which stores no presentation times): number
-                # the frames as the decoder shows them instead.
-                with open_source() as rescan:
-                    timeline = _numbered_timeline(rescan.header, scan_packets(rescan, deadline=deadline))
-                views = _plan_views(timeline, **plan)
-                thresholds = sorted({int(t) for view in views for t in view.thresholds})
-                results = None
+    timeline, table = None, None
+    if opened.is_file_like and not isinstance(sampling, Dense):
+        # Remote reads are what costs here: take keyframes from the container's index and read only what is needed.
+        timeline = _timeline_from_index(opened)
+        if timeline is not None:
+            stats.index = "container"
+    if timeline is None:
+        table = scan_packets(opened, deadline=deadline)
+        timeline = (
+            _numbered_timeline(opened.header, table) if table.synthetic else _timeline_from_scan(opened.header, table)
+        )
+        stats.index = "demux"
+    views = plan_views(timeline, sampling)
+    thresholds = sorted({int(t) for view in views for t in view.thresholds})
+    if not timeline.synthetic:
+        try:
+            seeking = collector(opened, start_pts=timeline.start)
+            results = seeking.run(_group_by_keyframe(thresholds, timeline.seek_points))
+        except _SeekUnreliable:
+            results = None
+        except _TimestampsUnreliable:
+            # Frames came out of order (for example B-frames in AVI, which stores no presentation times): number the
+            # frames as the decoder shows them instead.
+            with reopen() as rescan:
+                timeline = _numbered_timeline(rescan.header, scan_packets(rescan, deadline=deadline))
+            views = plan_views(timeline, sampling)
+            thresholds = sorted({int(t) for view in views for t in view.thresholds})
+            results = None
     if results is None or all(r is None for r in results.values()):
         # No usable timestamps, seeking failed, or keyframe flags led nowhere: one plain pass from the start.
         stats.sequential_fallback = True
-        with open_source() as opened:
+        with reopen() as again:
             options = {"trust_keyframes": False, "number_frames": timeline.synthetic}
-            results = collector(opened, **options).run([(None, thresholds)])
-    return _assemble(views, results, timeline)
+            results = collector(again, **options).run([(None, thresholds)])
+    return _assemble(views, results, timeline), table
 
 
 def _assemble(
-    views: list[_View],
+    views: list[View],
     results: dict[int, tuple[int, np.ndarray] | None],
-    timeline: _Timeline,
+    timeline: Timeline,
 ) -> list[Clip]:
     found = sorted((t, r) for t, r in results.items() if r is not None)
     if not found:
@@ -692,96 +566,14 @@ def _assemble(
     return clips
 
 
-def decode_clips(
-    source: VideoSource,
-    *,
-    num_frames: int = 8,
-    size: int = 224,
-    sampling: Sampling = "uniform",
-    stride: int = 16,
-    num_views: int = 1,
-    segment_seconds: float | None = None,
-    overlap_seconds: float = 0.0,
-    num_threads: int = 1,
-    timeout_seconds: float = 60.0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    stats: DecodeStats | None = None,
-    with_whole_video: bool = False,
-    start_fraction: float | None = None,
-    square: bool = True,
-) -> list[Clip]:
-    """Decode every clip a sampling asks for (several dense views or windows), decoding each frame once.
+Crop = Literal["center", "none"]
 
-    Args:
-        source: Local path, encoded bytes, or a seekable binary file-like object (read with ranged reads).
-        num_frames: Frames per clip (T).
-        size: Output side: the shorter side is scaled to it, then the centre square is cropped.
-        sampling: ``uniform`` (T frames at the centres of T equal slices of the video), ``dense`` (the official
-            Vita-CLIP protocol: T frames ``stride`` frames apart, ``num_views`` views spread evenly) or ``windows``
-            (consecutive ``segment_seconds`` windows overlapping by ``overlap_seconds``, T uniform frames each).
-        stride: Frame stride for ``dense``.
-        num_views: Number of views for ``dense``.
-        segment_seconds: Window length for ``windows``.
-        overlap_seconds: Overlap between consecutive windows.
-        num_threads: Decoder threads; 1 suits one decoder per core.
-        timeout_seconds: Time limit for this video, checked between reads, packets and frames.
-        max_pixels: Pictures larger than this (width * height) are refused before decoding.
-        stats: Optional counters to fill in (what was demuxed, decoded and converted).
-        with_whole_video: With ``windows``, also return the ``uniform`` clip of the whole video, first, from the same
-            pass (frames shared by the whole clip and a window are decoded once).
-        start_fraction: With ``dense`` and one view, where the view starts, as a fraction in ``[0, 1)`` of the
-            possible starts (training's random temporal jitter; see ``dense_indices``). None: the centre view.
-        square: Centre-crop a ``size`` square (default). False keeps the whole picture with its shorter side
-            ``size`` (frames ``[T, H, W, 3]``), for crops taken elsewhere (several spatial views).
 
-    Returns:
-        One ``Clip`` per view or window, in time order (after the whole-video clip with ``with_whole_video``).
-
-    Raises:
-        VideoDecodeError: the input is not a decodable video, is too large, or took too long.
-        ValueError: an option is out of range, or a file-like source cannot seek.
-        FileNotFoundError: a path that does not exist. Errors raised by a file-like source's own ``read`` (network
-            failures) also propagate unchanged, so callers can retry them.
-
-    Paths and bytes are demuxed whole first (cheap, no decoding) for exact timestamps. File-like objects are taken
-    to be remote: for ``uniform`` and ``windows`` only the container's index and the stretches around the targets
-    are read; ``dense`` counts frames, so it reads the whole file.
-    """
-    _check_options(
-        num_frames=num_frames,
-        size=size,
-        sampling=sampling,
-        stride=stride,
-        num_views=num_views,
-        segment_seconds=segment_seconds,
-        overlap_seconds=overlap_seconds,
-        num_threads=num_threads,
-        timeout_seconds=timeout_seconds,
-        max_pixels=max_pixels,
-        with_whole_video=with_whole_video,
-        start_fraction=start_fraction,
-    )
-    deadline = Deadline(timeout_seconds)
+@contextmanager
+def _as_decode_errors(deadline: Deadline, what: str) -> Iterator[None]:
+    """FFmpeg failures and the time limit as `VideoDecodeError`s (a missing file stays FileNotFoundError)."""
     try:
-        return _collect(
-            source,
-            deadline=deadline,
-            size=size,
-            max_pixels=max_pixels,
-            num_threads=num_threads,
-            plan={
-                "sampling": sampling,
-                "num_frames": num_frames,
-                "stride": stride,
-                "num_views": num_views,
-                "segment_seconds": segment_seconds,
-                "overlap_seconds": overlap_seconds,
-                "with_whole_video": with_whole_video,
-                "start_fraction": start_fraction,
-            },
-            stats=stats if stats is not None else DecodeStats(),
-            square=square,
-        )
+        yield
     except DeadlineExceeded as e:
         raise VideoDecodeError("timeout", str(e)) from None
     except FileNotFoundError:
@@ -789,50 +581,183 @@ def decode_clips(
     except av.error.FFmpegError as e:
         # Anything FFmpeg still reports (a failed conversion, an interrupted call) is a property of this input.
         reason: DecodeErrorReason = "timeout" if deadline.remaining() <= 0 else "corrupt"
-        raise VideoDecodeError(reason, f"FFmpeg: {e}") from None
+        raise VideoDecodeError(reason, f"{what}: {e}") from None
 
 
-def decode_clip(
+class VideoDecoder:
+    """One video, opened once: its clips (`clips`, `clip`) and what it holds (`info`) from the same open input.
+
+    Use it as a context manager (the input is closed on exit)::
+
+        with VideoDecoder("talk.mp4", timeout_seconds=30) as video:
+            whole, *segments = video.clips(Windows(segment_seconds=2.0, with_whole_video=True), size=224)
+            seconds = video.info.duration_seconds
+
+    Args:
+        source: Local path, encoded bytes, or a seekable binary file-like object (read with ranged reads).
+        num_threads: Decoder threads; 1 suits one decoder per core.
+        timeout_seconds: Time limit for everything done with this video, checked between reads, packets and frames.
+        max_pixels: Pictures larger than this (width * height) are refused before decoding.
+        stats: Optional counters to fill in (what was demuxed, decoded and converted).
+
+    Raises (on opening, and from every method):
+        VideoDecodeError: the input is not a decodable video, is too large, or took too long.
+        ValueError: an option is out of range, or a file-like source cannot seek.
+        FileNotFoundError: a path that does not exist. Errors raised by a file-like source's own ``read`` (network
+            failures) also propagate unchanged, so callers can retry them.
+
+    Paths and bytes are demuxed whole first (cheap, no decoding) for exact timestamps. File-like objects are taken
+    to be remote: for `Uniform` and `Windows` only the container's index and the stretches around the targets are
+    read; `Dense` counts frames, so it reads the whole file.
+    """
+
+    def __init__(
+        self,
+        source: VideoSource,
+        *,
+        num_threads: int = 1,
+        timeout_seconds: float = 60.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        stats: DecodeStats | None = None,
+    ) -> None:
+        if not 1 <= num_threads <= 64:
+            raise ValueError(f"num_threads must be in [1, 64], got {num_threads}")
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self._source = source
+        self._num_threads = num_threads
+        self._max_pixels = max_pixels
+        self._deadline = Deadline(timeout_seconds)
+        self.stats = stats if stats is not None else DecodeStats()
+        self._stack = ExitStack()
+        self._opened: OpenedVideo | None = None
+        self._used = False  # the open input has been read (a second decode opens the source again)
+        self._table: PacketTable | None = None
+        self._info: Any = None
+
+    def _open(self) -> AbstractContextManager[OpenedVideo]:
+        return open_video(
+            self._source, deadline=self._deadline, max_pixels=self._max_pixels, num_threads=self._num_threads
+        )
+
+    def __enter__(self) -> VideoDecoder:
+        if self._opened is None:
+            with _as_decode_errors(self._deadline, "FFmpeg"):
+                self._opened = self._stack.enter_context(self._open())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def clips(self, sampling: SamplingSpec, *, size: int = 224, crop: Crop = "center") -> list[Clip]:
+        """Decode every clip `sampling` asks for (several dense views or windows), decoding each frame once.
+
+        Args:
+            sampling: `Uniform`, `Dense` or `Windows`.
+            size: Output side: the shorter side is scaled to it, then (``crop="center"``) the centre square is cut.
+            crop: ``center`` (frames ``[T, size, size, 3]``) or ``none``: the whole picture with its shorter side
+                ``size`` (``[T, H, W, 3]``), for crops taken elsewhere (several spatial views).
+
+        Returns:
+            One `Clip` per view or window, in time order (after the whole-video clip with ``with_whole_video``).
+        """
+        if not isinstance(sampling, (Uniform, Dense, Windows)):
+            raise TypeError(f"sampling must be Uniform, Dense or Windows, got {type(sampling).__name__}")
+        if not 1 <= size <= 4096:
+            raise ValueError(f"size must be in [1, 4096], got {size}")
+        if crop not in ("center", "none"):
+            raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
+        self.__enter__()
+        with _as_decode_errors(self._deadline, "FFmpeg"), ExitStack() as scratch:
+            opened = self._opened if not self._used else scratch.enter_context(self._open())
+            assert opened is not None
+            fresh = not self._used
+            self._used = True
+            clips, table = _collect(
+                opened,
+                self._open,
+                deadline=self._deadline,
+                size=size,
+                max_pixels=self._max_pixels,
+                sampling=sampling,
+                stats=self.stats,
+                square=crop == "center",
+            )
+        if fresh:
+            self._table = table
+        return clips
+
+    def clip(self, sampling: Uniform | Dense | None = None, *, size: int = 224, crop: Crop = "center") -> Clip:
+        """Decode one clip (`Uniform` by default, or `Dense` with one view); see `clips`."""
+        sampling = sampling if sampling is not None else Uniform()
+        if isinstance(sampling, Windows) or (isinstance(sampling, Dense) and sampling.num_views != 1):
+            raise ValueError("clip returns one clip; use clips for several views or windows")
+        (clip,) = self.clips(sampling, size=size, crop=crop)
+        return clip
+
+    @property
+    def info(self) -> Any:
+        """What the video holds (a `vitaclip.video.VideoInfo`, as `vitaclip.video.probe` gives): after `clips`,
+        from what decoding learned, without reading the input again; before, by a probe of its own."""
+        if self._info is None:
+            from vitaclip.video.probe import info_after_decode, probe
+
+            self.__enter__()
+            assert self._opened is not None
+            with _as_decode_errors(self._deadline, "cannot read the video stream"):
+                if self._used and self.stats.rotation is not None:
+                    self._info = info_after_decode(
+                        self._opened, self._table, self.stats.rotation, source=self._source, deadline=self._deadline,
+                        max_pixels=self._max_pixels,
+                    )  # fmt: skip
+                else:
+                    self._info = probe(
+                        self._source, timeout_seconds=max(self._deadline.remaining(), 1e-3),
+                        max_pixels=self._max_pixels,
+                    )  # fmt: skip
+        return self._info
+
+
+def decode_clips(
     source: VideoSource,
+    sampling: SamplingSpec,
     *,
-    num_frames: int = 8,
     size: int = 224,
-    sampling: Sampling = "uniform",
-    stride: int = 16,
-    num_views: int = 1,
-    segment_seconds: float | None = None,
-    overlap_seconds: float = 0.0,
+    crop: Crop = "center",
     num_threads: int = 1,
     timeout_seconds: float = 60.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     stats: DecodeStats | None = None,
-    start_fraction: float | None = None,
-    square: bool = True,
-) -> Clip:
-    """Decode one clip of ``num_frames`` frames; see ``decode_clips`` for the options.
+) -> list[Clip]:
+    """The clips of `sampling` from one video: `VideoDecoder(source, ...).clips(sampling, size=, crop=)`."""
+    with VideoDecoder(
+        source, num_threads=num_threads, timeout_seconds=timeout_seconds, max_pixels=max_pixels, stats=stats
+    ) as decoder:
+        return decoder.clips(sampling, size=size, crop=crop)
 
-    Only samplings that yield exactly one clip are allowed here: ``uniform``, or ``dense`` with ``num_views=1``.
-    Use ``decode_clips`` for several views or for windows.
+
+def decode_clip(
+    source: VideoSource,
+    sampling: Uniform | Dense | None = None,
+    *,
+    size: int = 224,
+    crop: Crop = "center",
+    num_threads: int = 1,
+    timeout_seconds: float = 60.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    stats: DecodeStats | None = None,
+) -> Clip:
+    """One clip (`Uniform` of 8 frames by default, or `Dense` with one view): `VideoDecoder.clip`.
 
     Returns:
-        ``Clip`` with ``frames`` uint8 ``[T, size, size, 3]`` and ``pts_seconds`` ``[T]``.
+        `Clip` with ``frames`` uint8 ``[T, size, size, 3]`` and ``pts_seconds`` ``[T]``.
     """
-    if sampling == "windows" or num_views != 1:
-        raise ValueError("decode_clip returns one clip; use decode_clips for several views or windows")
-    (clip,) = decode_clips(
-        source,
-        num_frames=num_frames,
-        size=size,
-        sampling=sampling,
-        stride=stride,
-        num_views=num_views,
-        segment_seconds=segment_seconds,
-        overlap_seconds=overlap_seconds,
-        num_threads=num_threads,
-        timeout_seconds=timeout_seconds,
-        max_pixels=max_pixels,
-        stats=stats,
-        start_fraction=start_fraction,
-        square=square,
-    )
-    return clip
+    with VideoDecoder(
+        source, num_threads=num_threads, timeout_seconds=timeout_seconds, max_pixels=max_pixels, stats=stats
+    ) as decoder:
+        return decoder.clip(sampling, size=size, crop=crop)

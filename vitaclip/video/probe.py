@@ -18,10 +18,11 @@ from vitaclip.video._container import (
     open_video,
     scan_packets,
 )
-from vitaclip.video.decode import DEFAULT_MAX_PIXELS, choose_duration
+from vitaclip.video.decode import DEFAULT_MAX_PIXELS
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
+from vitaclip.video.sampling import choose_duration
 
-__all__ = ["VideoInfo", "probe"]
+__all__ = ["VideoInfo", "info_after_decode", "probe"]
 
 _ROTATION_PROBE_PACKETS = 64
 
@@ -116,31 +117,13 @@ def probe(
     if method not in ("metadata", "demux"):
         raise ValueError(f"method must be 'metadata' or 'demux', got {method!r}")
     deadline = Deadline(timeout_seconds)
-    keyframes: tuple[float, ...] | None = None
     try:
         with open_video(source, deadline=deadline, max_pixels=max_pixels) as opened:
-            header = opened.header
-            if method == "demux" or not _metadata_is_sane(header):
+            if method == "demux" or not _metadata_is_sane(opened.header):
                 table = scan_packets(opened, deadline=deadline)
-                start = int(table.pts[0])
-                duration_seconds = float(choose_duration(header, table) * table.time_base)
-                num_frames, exact = int(table.pts.size), True
-                fps = num_frames / duration_seconds if duration_seconds > 0 else (header.average_fps or 0.0)
-                keyframes = tuple(float((int(k) - start) * table.time_base) for k in table.keyframe_pts)
                 rotation = _rotation_after_scan(source, opened, table, deadline=deadline, max_pixels=max_pixels)
-            else:
-                assert header.duration_ticks is not None and header.average_fps is not None
-                assert header.start_pts is not None
-                duration_seconds = header.seconds(header.duration_ticks)
-                fps = header.average_fps
-                exact = header.frames > 0
-                num_frames = header.frames if exact else max(1, round(duration_seconds * fps))
-                # Only sample tables (MP4/MOV, AVI) list every keyframe (Matroska cues may list one per cluster),
-                # and MP4 tables hold decode timestamps, which are not display times when B-frames reorder.
-                index = keyframe_index(opened.stream, has_dts=header.index_has_dts)
-                if index is not None and header.index_complete and (index[1] == "pts" or not header.has_b_frames):
-                    keyframes = tuple(header.seconds(int(k) - header.start_pts) for k in index[0])
-                rotation = _first_frame_rotation(opened, deadline)
+                return _info(opened, table, rotation)
+            return _info(opened, None, _first_frame_rotation(opened, deadline))
     except DeadlineExceeded as e:
         raise VideoDecodeError("timeout", str(e)) from None
     except FileNotFoundError:
@@ -148,6 +131,50 @@ def probe(
     except av.error.FFmpegError as e:
         reason: DecodeErrorReason = "timeout" if deadline.remaining() <= 0 else "corrupt"
         raise VideoDecodeError(reason, f"cannot read the video stream: {e}") from None
+
+
+def info_after_decode(
+    opened: OpenedVideo,
+    table: PacketTable | None,
+    rotation: int,
+    *,
+    source: VideoSource,
+    deadline: Deadline,
+    max_pixels: int,
+) -> VideoInfo:
+    """What `probe` (``metadata``) says, from an input a decoder has read: its header, the packet table when it
+    demuxed every packet, and the rotation of the frames it decoded. Only when the header is not sane and the
+    decoder used the container's index instead of a demux is the input demuxed again (opened anew)."""
+    if _metadata_is_sane(opened.header):
+        return _info(opened, None, rotation)
+    if table is None:
+        with open_video(source, deadline=deadline, max_pixels=max_pixels) as again:
+            return _info(again, scan_packets(again, deadline=deadline), rotation)
+    return _info(opened, table, rotation)
+
+
+def _info(opened: OpenedVideo, table: PacketTable | None, rotation: int) -> VideoInfo:
+    """The video's facts from its demuxed packets (`table`), or from its sane header when None."""
+    header = opened.header
+    keyframes: tuple[float, ...] | None = None
+    if table is not None:
+        start = int(table.pts[0])
+        duration_seconds = float(choose_duration(header, table) * table.time_base)
+        num_frames, exact = int(table.pts.size), True
+        fps = num_frames / duration_seconds if duration_seconds > 0 else (header.average_fps or 0.0)
+        keyframes = tuple(float((int(k) - start) * table.time_base) for k in table.keyframe_pts)
+    else:
+        assert header.duration_ticks is not None and header.average_fps is not None
+        assert header.start_pts is not None
+        duration_seconds = header.seconds(header.duration_ticks)
+        fps = header.average_fps
+        exact = header.frames > 0
+        num_frames = header.frames if exact else max(1, round(duration_seconds * fps))
+        # Only sample tables (MP4/MOV, AVI) list every keyframe (Matroska cues may list one per cluster), and MP4
+        # tables hold decode timestamps, which are not display times when B-frames reorder.
+        index = keyframe_index(opened.stream, has_dts=header.index_has_dts)
+        if index is not None and header.index_complete and (index[1] == "pts" or not header.has_b_frames):
+            keyframes = tuple(header.seconds(int(k) - header.start_pts) for k in index[0])
     width, height = _display_size(header)
     if rotation in (90, 270):
         width, height = height, width

@@ -1,19 +1,36 @@
-"""Frame sampling as pure functions of durations, timestamps and frame counts.
+"""Frame sampling: what a clip takes from a video, as typed specs and pure functions of durations, timestamps and
+frame counts.
 
-Everything works on presentation timestamps, so variable-frame-rate videos sample the frame that is actually on
-screen at a given time. Times are seconds from the first frame.
+A sampling spec says which frames make each clip: `Uniform` (the whole video), `Dense` (the official Vita-CLIP
+protocol, several views) or `Windows` (consecutive segments). `plan_views` turns a spec and a video's `Timeline`
+into per-frame thresholds the decoder answers. Everything works on presentation timestamps, so variable-frame-rate
+videos sample the frame that is actually on screen at a given time. Times are seconds from the first frame.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from vitaclip.video._container import Header, PacketTable
+
 __all__ = [
     "TIME_EPSILON_SECONDS",
+    "Dense",
     "Sampling",
+    "SamplingSpec",
+    "Timeline",
+    "Uniform",
+    "View",
+    "Windows",
+    "choose_duration",
+    "plan_views",
+    "sampling_spec",
     "dense_indices",
     "frame_indices_at",
     "uniform_times",
@@ -21,6 +38,7 @@ __all__ = [
 ]
 
 Sampling = Literal["uniform", "dense", "windows"]
+"""The name of a sampling, as configs and flags give it (see `sampling_spec`)."""
 
 TIME_EPSILON_SECONDS = 1e-6
 """A frame whose timestamp is within this of a sampling time counts as displayed at that time (float rounding)."""
@@ -137,3 +155,165 @@ def window_bounds(
         if end >= duration_seconds - TIME_EPSILON_SECONDS:
             return bounds
         k += 1
+
+
+# ------------------------------------------------------------------------------------------------ sampling specs
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """One clip of the whole video: ``num_frames`` frames at the centres of equal slices of it (`uniform_times`)."""
+
+    num_frames: int = 8
+
+    def __post_init__(self) -> None:
+        _check_positive("num_frames", self.num_frames)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The official Vita-CLIP protocol (`dense_indices`): clips of ``num_frames`` frames ``stride`` frames apart.
+
+    Attributes:
+        num_views: Clips spread evenly over the video (the centre one alone for 1).
+        start_fraction: With one view, where it starts, as a fraction in ``[0, 1)`` of the possible starts
+            (training's random temporal jitter). None: the centre view.
+    """
+
+    num_frames: int = 8
+    stride: int = 16
+    num_views: int = 1
+    start_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "stride", "num_views"):
+            _check_positive(name, getattr(self, name))
+        if self.start_fraction is not None:
+            if self.num_views != 1:
+                raise ValueError(f"start_fraction places a single view; num_views must be 1, got {self.num_views}")
+            if not 0.0 <= self.start_fraction < 1.0:
+                raise ValueError(f"start_fraction must be in [0, 1), got {self.start_fraction}")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Consecutive ``segment_seconds`` windows overlapping by ``overlap_seconds`` (`window_bounds`), ``num_frames``
+    uniform frames each; ``with_whole_video`` adds the `Uniform` clip of the whole video, first, from the same pass
+    (frames shared by it and a window are decoded once)."""
+
+    segment_seconds: float
+    num_frames: int = 8
+    overlap_seconds: float = 0.0
+    with_whole_video: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("num_frames", self.num_frames)
+        if not self.segment_seconds > 0:
+            raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
+        if not 0 <= self.overlap_seconds < self.segment_seconds:
+            raise ValueError(f"overlap_seconds must be in [0, segment_seconds), got {self.overlap_seconds}")
+
+
+SamplingSpec: TypeAlias = "Uniform | Dense | Windows"
+
+
+def sampling_spec(
+    sampling: Sampling, *, num_frames: int, stride: int = 16, num_views: int = 1, start_fraction: float | None = None
+) -> Uniform | Dense:
+    """The spec of a sampling named in a config (``uniform`` or ``dense``; ``stride`` and the views apply to dense)."""
+    if sampling == "uniform":
+        return Uniform(num_frames)
+    if sampling == "dense":
+        return Dense(num_frames, stride=stride, num_views=num_views, start_fraction=start_fraction)
+    raise ValueError(f"sampling must be 'uniform' or 'dense', got {sampling!r}")
+
+
+# ------------------------------------------------------------------------------------------------ view planning
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Where a video's frames are, as far as the chosen index knows (ticks of ``time_base``).
+
+    Attributes:
+        start: The first frame's timestamp.
+        duration: From the first frame's start to the last frame's end.
+        frame_pts: int64 ``[N]`` every frame's timestamp, when every packet was demuxed (None: from the index).
+        seek_points: int64 ``[K]`` keyframe timestamps, ascending.
+        synthetic: Timestamps are output positions (a stream without usable timestamps).
+    """
+
+    start: int
+    duration: Fraction
+    frame_pts: np.ndarray | None
+    seek_points: np.ndarray
+    time_base: Fraction
+    synthetic: bool = False
+
+
+@dataclass(frozen=True)
+class View:
+    """One clip to make: frame ``i`` is the last one whose timestamp is ``<= thresholds[i]`` (int64 ``[T]``)."""
+
+    thresholds: np.ndarray
+    start_seconds: float
+    end_seconds: float
+
+
+def choose_duration(header: Header, table: PacketTable) -> Fraction:
+    """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets."""
+    start = int(table.pts[0])
+    scanned = table.end_pts - start
+    meta = header.duration_ticks
+    if meta is not None and not table.synthetic:
+        tolerance = max(2 * table.median_interval, 0.02 * float(scanned))
+        if abs(float(meta - scanned)) <= tolerance:
+            return meta
+    return scanned
+
+
+def _threshold(timeline: Timeline, seconds: float) -> int:
+    return timeline.start + math.floor(Fraction(seconds + TIME_EPSILON_SECONDS) / timeline.time_base)
+
+
+def _uniform_view(timeline: Timeline, num_frames: int, start: float, end: float) -> View:
+    times = uniform_times(end - start, num_frames=num_frames, start_seconds=start)
+    thresholds = np.array([_threshold(timeline, float(t)) for t in times], dtype=np.int64)
+    return View(thresholds, start, end)
+
+
+def plan_views(timeline: Timeline, sampling: SamplingSpec) -> list[View]:
+    """The clips of `sampling` on `timeline`, in time order (the whole-video clip first with
+    ``Windows.with_whole_video``). `Dense` needs every frame's timestamp (``timeline.frame_pts``)."""
+    time_base = timeline.time_base
+    duration_seconds = float(timeline.duration * time_base)
+    if isinstance(sampling, Uniform):
+        return [_uniform_view(timeline, sampling.num_frames, 0.0, duration_seconds)]
+    if isinstance(sampling, Windows):
+        views = (
+            [_uniform_view(timeline, sampling.num_frames, 0.0, duration_seconds)] if sampling.with_whole_video else []
+        )
+        bounds = window_bounds(
+            duration_seconds, segment_seconds=sampling.segment_seconds, overlap_seconds=sampling.overlap_seconds
+        )
+        return views + [_uniform_view(timeline, sampling.num_frames, start, end) for start, end in bounds]
+    if not isinstance(sampling, Dense):
+        raise TypeError(f"sampling must be Uniform, Dense or Windows, got {type(sampling).__name__}")
+    if timeline.frame_pts is None:
+        raise ValueError("dense sampling needs every frame's timestamp (a demuxed timeline)")
+    frame_pts = timeline.frame_pts
+    all_views = dense_indices(
+        frame_pts.size,
+        num_frames=sampling.num_frames,
+        stride=sampling.stride,
+        num_views=sampling.num_views,
+        start_fraction=sampling.start_fraction,
+    )
+    views = []
+    for indices in all_views:
+        thresholds = frame_pts[indices]  # [T] exact timestamps
+        start = float((int(thresholds[0]) - timeline.start) * time_base)
+        last = int(indices[-1])
+        end_ticks = int(frame_pts[last + 1]) if last + 1 < frame_pts.size else timeline.start + timeline.duration
+        views.append(View(thresholds, start, float((end_ticks - timeline.start) * time_base)))
+    return views

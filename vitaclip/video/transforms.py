@@ -12,7 +12,14 @@ from av.video.frame import VideoFrame
 if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never need it
     import torch
 
-__all__ = ["OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD", "frame_to_rgb", "frames_to_tensor", "resized_size"]
+__all__ = [
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
+    "frame_to_rgb",
+    "frames_to_tensor",
+    "normalize_frames",
+    "resized_size",
+]
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,7 +83,27 @@ def frames_to_tensor(
         raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {tuple(std)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # [T, 3, H, W]
-    return x.sub_(mean_t).div_(std_t)
+    return normalize_frames(tensor, mean, std)
+
+
+def normalize_frames(
+    frames: torch.Tensor,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+    *,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """The model's input normalisation, on the frames' device: uint8 RGB -> ``(x / 255 - mean) / std`` float32.
+
+    Args:
+        frames: uint8 ``[..., H, W, 3]`` (``channels_last``, as decoded) or ``[..., 3, H, W]``.
+
+    Returns:
+        float32 ``[..., 3, H, W]``.
+    """
+    import torch
+
+    x = frames.movedim(-1, -3) if channels_last else frames
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.to(torch.float32) / 255.0 - mean_t) / std_t
