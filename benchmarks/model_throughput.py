@@ -13,12 +13,14 @@ peak bf16 FLOP/s (MFU), with FLOPs counted by torch's FlopCounterMode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,6 +95,51 @@ def count_flops(fn: Callable[[], torch.Tensor]) -> float:
     return float(counter.get_total_flops())
 
 
+def time_official(
+    official: Any, model: vitaclip.VitaClip, x: torch.Tensor, *, repeats: int, cuda: bool
+) -> dict[str, float]:
+    """Checks the official encoder against ours in float32, then times it (bf16 autocast on GPUs): videos/s."""
+    official.to(x.device)
+    x_official = x.permute(0, 2, 1, 3, 4).contiguous()  # official layout [B, 3, T, H, W]
+    model.to(x.device)
+    check = model.encode_video(x[:2], normalize=False)
+    ref = official.visual(x_official[:2])
+    rel = float((check - ref).norm() / ref.norm())
+    print(f"float32 agreement with the official code: relative error {rel:.2e}")
+
+    def run_official() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            return official.visual(x_official)
+
+    t = time_calls(run_official, repeats=repeats, warmup=2, cuda=cuda)
+    official.cpu()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"official" + (" (bf16 autocast)" if cuda else " (float32)"): x.shape[0] / statistics.median(t)}
+
+
+def report(
+    results: dict[str, float], flops_per_video: float, *, repeats: int, device_name: str | None, peak: float | None
+) -> None:
+    """Prints videos/s of each implementation, the speed-up, FLOPs per video and (on a known GPU) the MFU."""
+    print(f"\n{'implementation':52s} {'videos/s':>10s}")
+    for name, vps in results.items():
+        print(f"{name:52s} {vps:10.2f}")
+    names = list(results)
+    if len(names) == 2:
+        print(f"\nspeed-up vitaclip / official: {results[names[1]] / results[names[0]]:.2f}x (median of {repeats})")
+    print(f"FLOPs per video (counted): {flops_per_video / 1e9:.3f} GFLOP")
+    if device_name is None:
+        return
+    peak_flops = peak * 1e12 if peak else None
+    for key, value in PEAK_BF16_FLOPS.items():
+        if peak_flops is None and key in device_name:
+            peak_flops = value
+    if peak_flops:
+        mfu = results[names[-1]] * flops_per_video / peak_flops
+        print(f"MFU (vitaclip, against {peak_flops / 1e12:.0f} TFLOP/s bf16 peak): {100 * mfu:.1f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vitaclip-b16")
@@ -130,30 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     with torch.inference_mode():
         if official is not None:
-            official.to(args.device)
-            x_official = x.permute(0, 2, 1, 3, 4).contiguous()  # official layout [B, 3, T, H, W]
-            model.to(args.device)
-            check = model.encode_video(x[:2], normalize=False)
-            ref = official.visual(x_official[:2])
-            rel = float((check - ref).norm() / ref.norm())
-            print(f"float32 agreement with the official code: relative error {rel:.2e}")
-            if cuda:
-
-                def run_official() -> torch.Tensor:
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        return official.visual(x_official)
-
-            else:
-
-                def run_official() -> torch.Tensor:
-                    return official.visual(x_official)
-
-            t = time_calls(run_official, repeats=repeats, warmup=2, cuda=cuda)
-            results["official" + (" (bf16 autocast)" if cuda else " (float32)")] = batch / statistics.median(t)
-            official.cpu()
-            if cuda:
-                torch.cuda.empty_cache()
-
+            results.update(time_official(official, model, x, repeats=repeats, cuda=cuda))
         if cuda:
             model.to(args.device, dtype=torch.bfloat16)
             xm = x.to(torch.bfloat16)
@@ -168,21 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():  # the FLOP counter's module hooks do not run under inference_mode
         flops_per_video = count_flops(lambda: model.encode_video(xm[:1]))
 
-    print(f"\n{'implementation':52s} {'videos/s':>10s}")
-    for name, vps in results.items():
-        print(f"{name:52s} {vps:10.2f}")
-    names = list(results)
-    if len(names) == 2:
-        print(f"\nspeed-up vitaclip / official: {results[names[1]] / results[names[0]]:.2f}x (median of {repeats})")
-    print(f"FLOPs per video (counted): {flops_per_video / 1e9:.3f} GFLOP")
-    if cuda:
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-        for key, value in PEAK_BF16_FLOPS.items():
-            if peak is None and key in device_name:
-                peak = value
-        if peak:
-            mfu = results[names[-1]] * flops_per_video / peak
-            print(f"MFU (vitaclip, against {peak / 1e12:.0f} TFLOP/s bf16 peak): {100 * mfu:.1f}%")
+    report(results, flops_per_video, repeats=repeats, device_name=device_name if cuda else None, peak=args.peak_tflops)
     return 0
 
 

@@ -288,8 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
 
     print(f"\nray.init {ray_init_seconds:.2f} s; warm-up run ({sizes[0]} videos) {first_run_seconds:.2f} s")
+    report(sizes, decode_times, job_times, other_cores, repeats=args.repeats)
+    return 0
+
+
+def report(
+    sizes: list[int],
+    decode_times: dict[int, list[float]],
+    job_times: dict[int, list[float]],
+    other_cores: dict[int, list[tuple[float, float]]],
+    *,
+    repeats: int,
+) -> None:
+    """Prints videos/s and the job / decode-only ratio per set, the driver's CPU per 1,000 rows and the fit."""
     header = f"{'videos':>6s} {'decode-only v/s':>16s} {'job v/s':>8s} {'job/decode':>11s}"
-    print(f"\n{header}  (medians of {args.repeats})")
+    print(f"\n{header}  (medians of {repeats})")
     medians: dict[int, tuple[float, float]] = {}
     for n in sizes:
         d, j = statistics.median(decode_times[n]), statistics.median(job_times[n])
@@ -324,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             f"  job: {fit['fixed_seconds']:.2f} s fixed per run + {1000 * fit['job_per_video']:.1f} ms per video; "
             f"decode-only: {1000 * fit['decode_per_video']:.1f} ms per video (fit through {sizes[0]}, {sizes[-1]})"
         )
-    return 0
 
 
 def _fit(small: int, large: int, medians: dict[int, tuple[float, float]]) -> dict[str, Any]:

@@ -591,6 +591,92 @@ def _merge(
     return merged
 
 
+def _full_build_reason(previous: dict[str, Any], model_id: str, *, kind: str, rebuild: bool) -> str:
+    """Why every table is built whole this time ("" when the logs may be followed)."""
+    if rebuild:
+        return "asked for (--rebuild)"
+    if kind != "auto":
+        return f"index kind {kind!r} asked for"
+    if not previous:
+        return "no index yet"
+    if previous.get("format_version") != INDEX_FORMAT_VERSION:
+        return f"index format version {previous.get('format_version')} (this vitaclip writes {INDEX_FORMAT_VERSION})"
+    if previous.get("model_id") != model_id:
+        return f"the index was built with {previous.get('model_id')}"
+    return ""
+
+
+def _table_entry(
+    folder: Path,
+    table: str,
+    location: Any,
+    model_id: str,
+    *,
+    previous: dict[str, Any],
+    reason: str,
+    upto: int,
+    generation: int,
+    fetch: Callable[[str], None],
+    **build: Any,
+) -> dict[str, Any] | None:
+    """One table's index entry: its log followed from the previous entry, else built whole (``rebuild_reason``
+    says why); None when the table has no rows to index."""
+    after = previous.get("table_versions", {}).get(table)
+    if not reason and (after is None or table not in previous.get("indexes", {})):
+        reason = f"no {table} index yet"
+    if not reason:
+        try:
+            return _follow_log(
+                folder,
+                table,
+                location,
+                model_id,
+                after=int(after),
+                upto=upto,
+                entry=previous["indexes"][table],
+                generation=generation,
+                fetch=fetch,
+            )
+        except (_FullBuild, IndexUnusableError, FileNotFoundError, RuntimeError) as exc:
+            reason = str(exc)
+    vectors, ids, _ = _ok_rows(location, table, model_id, version=upto)
+    if len(ids) == 0:
+        return None
+    entry = _build_base(vectors, ids, folder, generation=generation, name=table, **build)
+    entry["rebuild_reason"] = reason
+    return entry
+
+
+def _publish(
+    output: Any,
+    folder: Path,
+    info: dict[str, Any],
+    previous: dict[str, Any],
+    *,
+    generation: int,
+    fetched: set[str] | None,
+) -> int:
+    """Writes ``index_info.json`` after the files it names (uploads them first on object stores, ``fetched``: the
+    files downloaded there), then removes older files that neither the replaced info, the new one, nor one another
+    update wrote meanwhile needs, of generations older than this update's. Returns how many it removed."""
+    needed = referenced_files(info)
+    if fetched is not None:
+        for name in sorted(needed - fetched):
+            if (folder / name).is_file():  # written by this update; the others are on the store already
+                output.put_file(f"{INDEX_DIR}/{name}", folder / name)  # multipart past 64 MiB
+        output.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode())  # last: whole indexes
+        current = json.loads(output.get_bytes(f"{INDEX_DIR}/{INFO_FILE}"))  # another run's, if it wrote later
+        names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
+        remove = lambda name: output.delete(f"{INDEX_DIR}/{name}")  # noqa: E731
+    else:
+        write_info(folder, info)
+        current = _info_or_empty(folder)
+        names = [p.name for p in folder.iterdir()]
+        remove = _unlink_in(folder)
+    keep = referenced_files(previous) | needed | referenced_files(current)
+    return remove_unreferenced(names, keep, remove, upto=generation - 1)
+
+
 def build_from_output(
     output: Any,
     *,
@@ -632,59 +718,18 @@ def build_from_output(
         if local is None and output.exists(f"{INDEX_DIR}/{INFO_FILE}"):
             fetch(INFO_FILE)
         previous = _info_or_empty(folder)
-        why_full = ""
-        if not previous:
-            why_full = "no index yet"
-        elif previous.get("format_version") != INDEX_FORMAT_VERSION:
-            why_full = (
-                f"index format version {previous.get('format_version')} (this vitaclip writes {INDEX_FORMAT_VERSION})"
-            )
-        elif previous.get("model_id") != model_id:
-            why_full = f"the index was built with {previous.get('model_id')}"
+        reason = _full_build_reason(previous, model_id, kind=kind, rebuild=rebuild)
         generation = last_generation(previous) + 1  # one per update, growing over the index's life
         entries: dict[str, Any] = {}
         for table in TABLES:
-            entry = None
-            reason = (
-                "asked for (--rebuild)" if rebuild else f"index kind {kind!r} asked for" if kind != "auto" else why_full
-            )
-            after = previous.get("table_versions", {}).get(table)
-            if not reason and (after is None or table not in previous.get("indexes", {})):
-                reason = f"no {table} index yet"
-            if not reason:
-                try:
-                    entry = _follow_log(
-                        folder,
-                        table,
-                        location,
-                        model_id,
-                        after=int(after),
-                        upto=versions[table],
-                        entry=previous["indexes"][table],
-                        generation=generation,
-                        fetch=fetch,
-                    )
-                except (_FullBuild, IndexUnusableError, FileNotFoundError, RuntimeError) as exc:
-                    reason = str(exc)
-            if entry is None:
-                vectors, ids, _ = _ok_rows(location, table, model_id, version=versions[table])
-                if len(ids) == 0:
-                    continue
-                entry = _build_base(
-                    vectors,
-                    ids,
-                    folder,
-                    generation=generation,
-                    kind=kind,
-                    name=table,
-                    tune_queries=tune_queries,
-                    recall_target=recall_target,
-                )
-                entry["rebuild_reason"] = reason
-            log.info(
-                "index %s: %s, %d vectors in %d segments", table, entry["kind"], entry["count"], len(entry["segments"])
-            )
-            entries[table] = entry
+            entry = _table_entry(
+                folder, table, location, model_id, previous=previous, reason=reason, upto=versions[table],
+                generation=generation, fetch=fetch, kind=kind, tune_queries=tune_queries, recall_target=recall_target,
+            )  # fmt: skip
+            if entry is not None:
+                log.info("index %s: %s, %d vectors in %d segments", table, entry["kind"], entry["count"],
+                         len(entry["segments"]))  # fmt: skip
+                entries[table] = entry
         info: dict[str, Any] = {
             "format_version": INDEX_FORMAT_VERSION,
             "model_id": model_id,
@@ -692,21 +737,7 @@ def build_from_output(
             "table_versions": versions,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        needed = referenced_files(info)
-        if local is None:
-            for name in sorted(needed - fetched):
-                if (folder / name).is_file():  # written by this update; the others are on the store already
-                    output.put_file(f"{INDEX_DIR}/{name}", folder / name)  # multipart past 64 MiB
-            output.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode())  # last: whole indexes
-            current = json.loads(output.get_bytes(f"{INDEX_DIR}/{INFO_FILE}"))  # another run's, if it wrote later
-            names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
-            remove = lambda name: output.delete(f"{INDEX_DIR}/{name}")  # noqa: E731
-        else:
-            write_info(folder, info)
-            current = _info_or_empty(folder)
-            names = [p.name for p in folder.iterdir()]
-            remove = _unlink_in(folder)
-        # Files neither the replaced info nor the new one (nor one another run wrote meanwhile) needs.
-        keep = referenced_files(previous) | needed | referenced_files(current)
-        info["removed_files"] = remove_unreferenced(names, keep, remove, upto=generation - 1)
+        info["removed_files"] = _publish(
+            output, folder, info, previous, generation=generation, fetched=None if local is not None else fetched
+        )
         return info

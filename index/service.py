@@ -16,6 +16,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -109,125 +110,132 @@ def _parse_search(query: dict[str, list[str]]) -> dict[str, Any]:
     return out
 
 
-def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "vitaclip"
-        protocol_version = "HTTP/1.1"
+class SearchHandler(BaseHTTPRequestHandler):
+    """The service's routes; `make_handler` binds them to an engine, the metrics and the page."""
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s %s", self.address_string(), format % args)
+    server_version = "vitaclip"
+    protocol_version = "HTTP/1.1"
+    engine: SearchEngine
+    metrics: Metrics
+    page: bytes
 
-        def _send(
-            self,
-            status: int,
-            body: bytes,
-            content_type: str,
-            route: str,
-            seconds: float | None = None,
-            headers: dict[str, str] | None = None,
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store" if route != "thumbnail" else "max-age=3600")
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        route: str,
+        seconds: float | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store" if route != "thumbnail" else "max-age=3600")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.metrics.record(route, status, seconds)
+
+    def _json(self, status: int, obj: Any, route: str, seconds: float | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", route, seconds)
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        route = "unknown"
+        try:
+            url = urlsplit(self.path)
+            route, answer = self._route(url.path)
+            answer(url.path, parse_qs(url.query, keep_blank_values=True), route)
+        except (BadRequest, ValueError) as exc:
+            self._json(400, {"error": str(exc)}, route)
+        except BrokenPipeError:
+            pass
+        except Exception:  # the service boundary: log it, answer without internals
+            log.exception("request %s failed", self.path)
+            self._json(500, {"error": "internal error"}, route)
+
+    do_HEAD = do_GET
+
+    def _route(self, path: str) -> tuple[str, Callable[[str, dict[str, list[str]], str], None]]:
+        if path == "/search":
+            return "search", self._search
+        if path.startswith("/videos/"):
+            return "video", self._video
+        if path.startswith("/thumbnails/") and path.endswith(".jpg"):
+            return "thumbnail", self._thumbnail
+        if path.startswith("/media/"):
+            return "media", self._media
+        if path == "/healthz":
+            return "healthz", lambda _p, _q, route: self._json(200, {"status": "ok", **self.engine.stats()}, route)
+        if path == "/metrics":
+            return "metrics", lambda _p, _q, route: self._send(
+                200, self.metrics.render(self.engine).encode(), "text/plain; version=0.0.4", route
+            )
+        if path in ("/", "/index.html"):
+            return "page", lambda _p, _q, route: self._send(200, self.page, "text/html; charset=utf-8", route)
+        return "unknown", lambda _p, _q, route: self._json(404, {"error": f"no route {path}"}, route)
+
+    def _search(self, _path: str, query: dict[str, list[str]], route: str) -> None:
+        args = _parse_search(query)
+        start = time.perf_counter()
+        hits = self.engine.search(**args)
+        took = time.perf_counter() - start
+        results = [
+            dict(
+                h.to_dict(),
+                uri=redact_url(h.uri),
+                thumbnail_url=f"/thumbnails/{h.row_id}.jpg",
+                media_url=f"/media/{h.video_id}",
+            )
+            for h in hits
+        ]
+        self._json(200, {"query": args["text"], "results": results, "took_ms": round(took * 1000, 2)}, route, took)
+
+    def _video(self, path: str, _query: dict[str, list[str]], route: str) -> None:
+        row = self.engine.video(path[len("/videos/") :])
+        if row is None:
+            self._json(404, {"error": "no such video"}, route)
+        else:
+            safe = dict(row, uri=redact_url(str(row["uri"])))
+            self._json(200, dict(safe, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
+
+    def _thumbnail(self, path: str, _query: dict[str, list[str]], route: str) -> None:
+        try:
+            row_id = int(path[len("/thumbnails/") : -4])
+        except ValueError:
+            raise BadRequest("thumbnail ids are integers") from None
+        data = self.engine.thumbnail(row_id)
+        if data is None:
+            self._json(404, {"error": "no thumbnail"}, route)
+        else:
+            self._send(200, data, "image/jpeg", route)
+
+    def _media(self, path: str, _query: dict[str, list[str]], route: str) -> None:
+        # Only the indexed file, checked by index.media.open_media; nothing taken from the row reaches a header.
+        try:
+            media = self.engine.open_media(path[len("/media/") :])
+        except MediaRefused as refused:
+            self._json(refused.http_status, {"error": refused.message, "reason": refused.reason}, route)
+            return
+        with media.file:
+            self.send_response(200)
+            self.send_header("Content-Type", media.content_type)
+            self.send_header("Content-Length", str(media.size_bytes))
+            self.send_header("ETag", media.etag)
+            self.send_header("Last-Modified", formatdate(media.mtime_ns / 1e9, usegmt=True))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(body)
-            metrics.record(route, status, seconds)
+                shutil.copyfileobj(media.file, self.wfile, MEDIA_CHUNK_BYTES)  # streamed, never read whole
+        self.metrics.record(route, 200)
 
-        def _json(self, status: int, obj: Any, route: str, seconds: float | None = None) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json", route, seconds)
 
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-            route = "unknown"
-            try:
-                url = urlsplit(self.path)
-                path = url.path
-                query = parse_qs(url.query, keep_blank_values=True)
-                if path == "/search":
-                    route = "search"
-                    args = _parse_search(query)
-                    start = time.perf_counter()
-                    hits = engine.search(**args)
-                    took = time.perf_counter() - start
-                    results = [
-                        dict(
-                            h.to_dict(),
-                            uri=redact_url(h.uri),
-                            thumbnail_url=f"/thumbnails/{h.row_id}.jpg",
-                            media_url=f"/media/{h.video_id}",
-                        )
-                        for h in hits
-                    ]
-                    self._json(
-                        200, {"query": args["text"], "results": results, "took_ms": round(took * 1000, 2)}, route, took
-                    )
-                elif path.startswith("/videos/"):
-                    route = "video"
-                    row = engine.video(path[len("/videos/") :])
-                    if row is None:
-                        self._json(404, {"error": "no such video"}, route)
-                    else:
-                        safe = dict(row, uri=redact_url(str(row["uri"])))
-                        self._json(200, dict(safe, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
-                elif path.startswith("/thumbnails/") and path.endswith(".jpg"):
-                    route = "thumbnail"
-                    try:
-                        row_id = int(path[len("/thumbnails/") : -4])
-                    except ValueError:
-                        raise BadRequest("thumbnail ids are integers") from None
-                    data = engine.thumbnail(row_id)
-                    if data is None:
-                        self._json(404, {"error": "no thumbnail"}, route)
-                    else:
-                        self._send(200, data, "image/jpeg", route)
-                elif path.startswith("/media/"):
-                    route = "media"
-                    self._media(path[len("/media/") :], route)
-                elif path == "/healthz":
-                    route = "healthz"
-                    self._json(200, {"status": "ok", **engine.stats()}, route)
-                elif path == "/metrics":
-                    route = "metrics"
-                    self._send(200, metrics.render(engine).encode(), "text/plain; version=0.0.4", route)
-                elif path in ("/", "/index.html"):
-                    route = "page"
-                    self._send(200, page, "text/html; charset=utf-8", route)
-                else:
-                    self._json(404, {"error": f"no route {path}"}, route)
-            except (BadRequest, ValueError) as exc:
-                self._json(400, {"error": str(exc)}, route)
-            except BrokenPipeError:
-                pass
-            except Exception:  # the service boundary: log it, answer without internals
-                log.exception("request %s failed", self.path)
-                self._json(500, {"error": "internal error"}, route)
-
-        def _media(self, video_id: str, route: str) -> None:
-            # Only the indexed file, checked by index.media.open_media; nothing taken from the row reaches a header.
-            try:
-                media = engine.open_media(video_id)
-            except MediaRefused as refused:
-                self._json(refused.http_status, {"error": refused.message, "reason": refused.reason}, route)
-                return
-            with media.file:
-                self.send_response(200)
-                self.send_header("Content-Type", media.content_type)
-                self.send_header("Content-Length", str(media.size_bytes))
-                self.send_header("ETag", media.etag)
-                self.send_header("Last-Modified", formatdate(media.mtime_ns / 1e9, usegmt=True))
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.end_headers()
-                if self.command != "HEAD":
-                    shutil.copyfileobj(media.file, self.wfile, MEDIA_CHUNK_BYTES)  # streamed, never read whole
-            metrics.record(route, 200)
-
-        do_HEAD = do_GET
-
-    return Handler
+def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[BaseHTTPRequestHandler]:
+    """`SearchHandler` bound to `engine`, `metrics` and the search `page`."""
+    return type("Handler", (SearchHandler,), {"engine": engine, "metrics": metrics, "page": page})
 
 
 def load_page() -> bytes:

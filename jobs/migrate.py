@@ -47,6 +47,32 @@ def _read_part(store: Store, rel: str, table: str, columns: list[str] | None = N
     return data.read(columns=columns), embed_dim
 
 
+def _newest_rows(store: Store, table: str, parts: list[str]) -> tuple[dict[str, np.ndarray], int | None]:
+    """Part -> sorted row numbers to keep: one row per row id, the newest (an output written before duplicate
+    listings were planned once may hold a video twice); and the parts' embedding size. Only the key columns of
+    every part are held at once."""
+    embed_dim = None
+    ids, stamps, part_of, row_of = [], [], [], []
+    for index, rel in enumerate(parts):
+        keys, dim = _read_part(store, rel, table, ["row_id", "indexed_at"])
+        if embed_dim is not None and dim != embed_dim:
+            raise ValueError(f"{store.url_for(rel)} holds {dim}-dim embeddings, other parts {embed_dim}-dim")
+        embed_dim = dim
+        ids.append(keys.column("row_id").to_numpy())
+        stamps.append(keys.column("indexed_at").cast(pa.int64()).to_numpy())
+        part_of.append(np.full(keys.num_rows, index, np.int64))
+        row_of.append(np.arange(keys.num_rows, dtype=np.int64))
+    if not ids:
+        return {}, None
+    all_ids, all_stamps = np.concatenate(ids), np.concatenate(stamps)
+    order = np.lexsort((-all_stamps, all_ids))  # by id, newest first
+    first = np.ones(len(order), bool)
+    first[1:] = all_ids[order][1:] != all_ids[order][:-1]
+    chosen = order[first]
+    parts_chosen, rows_chosen = np.concatenate(part_of)[chosen], np.concatenate(row_of)[chosen]
+    return {parts[p]: np.sort(rows_chosen[parts_chosen == p]) for p in np.unique(parts_chosen).tolist()}, embed_dim
+
+
 def migrate(store: Store) -> dict[str, Any]:
     """Converts the output in `store` to Delta tables; returns what it did (rows and files per table).
 
@@ -63,30 +89,10 @@ def migrate(store: Store) -> dict[str, Any]:
     embed_dim = None
     winners: dict[str, dict[str, np.ndarray]] = {}
     for table in dlt.TABLES:
-        # One row per row id: the newest (an output written before duplicate listings were planned once may hold
-        # a video twice). Only the key columns of every part are held at once.
-        ids, stamps, part_of, row_of = [], [], [], []
-        for index, rel in enumerate(parts[table]):
-            keys, dim = _read_part(store, rel, table, ["row_id", "indexed_at"])
-            if embed_dim is not None and dim != embed_dim:
-                raise ValueError(f"{store.url_for(rel)} holds {dim}-dim embeddings, other parts {embed_dim}-dim")
-            embed_dim = dim
-            ids.append(keys.column("row_id").to_numpy())
-            stamps.append(keys.column("indexed_at").cast(pa.int64()).to_numpy())
-            part_of.append(np.full(keys.num_rows, index, np.int64))
-            row_of.append(np.arange(keys.num_rows, dtype=np.int64))
-        if not ids:
-            winners[table] = {}
-            continue
-        all_ids, all_stamps = np.concatenate(ids), np.concatenate(stamps)
-        order = np.lexsort((-all_stamps, all_ids))  # by id, newest first
-        first = np.ones(len(order), bool)
-        first[1:] = all_ids[order][1:] != all_ids[order][:-1]
-        chosen = order[first]
-        parts_chosen, rows_chosen = np.concatenate(part_of)[chosen], np.concatenate(row_of)[chosen]
-        winners[table] = {
-            parts[table][p]: np.sort(rows_chosen[parts_chosen == p]) for p in np.unique(parts_chosen).tolist()
-        }
+        winners[table], dim = _newest_rows(store, table, parts[table])
+        if dim is not None and embed_dim is not None and dim != embed_dim:
+            raise ValueError(f"{location.url}: the {table} parts hold {dim}-dim embeddings, others {embed_dim}-dim")
+        embed_dim = dim if dim is not None else embed_dim
     if embed_dim is None:
         raise ValueError(f"{location.url} has commit records but no committed rows: delete it and run the job")
     versions = dlt.create_tables(location, embed_dim)

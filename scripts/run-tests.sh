@@ -29,6 +29,7 @@ fi
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
 .venv/bin/mypy || exit 1
+.venv/bin/python scripts/check_function_length.py || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -167,6 +167,77 @@ class _ErrorBody:
         yield self._body
 
 
+class _FaultInjector:
+    """The botocore event handlers of `inject_s3_faults`."""
+
+    def __init__(self, log: FaultLog, *, every_nth: int, kinds: Sequence[str], operations: Sequence[str] | None):
+        self.log = log
+        self.every_nth = every_nth
+        self.kinds = kinds
+        self.operations = operations
+        self.lock = threading.Lock()
+        self.cycle = itertools.cycle(kinds)
+        self.pending = threading.local()  # body fault waiting for this thread's GetObject response
+
+    def _next_kind(self, operation: str) -> str | None:
+        """The fault for this request, if it is an every_nth one: the next kind in turn that applies to it."""
+        with self.lock:
+            self.log.requests += 1
+            if self.log.requests % self.every_nth:
+                return None
+            for _turn in range(len(self.kinds)):
+                kind = next(self.cycle)
+                if operation == "GetObject" or kind not in _BODY_FAULTS:
+                    break
+            else:
+                return None
+            if kind not in _BODY_FAULTS:
+                self.log.injected[kind] += 1
+            return kind
+
+    def before_send(self, request: Any, event_name: str, **_: Any) -> Any:
+        import botocore.awsrequest
+        import botocore.exceptions
+
+        operation = event_name.rsplit(".", 1)[-1]
+        if self.operations is not None and operation not in self.operations:
+            return None
+        kind = self._next_kind(operation)
+        if kind is None:
+            return None
+        if kind == "reset":
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url=request.url)
+        if kind in _STATUS_FAULTS:
+            status, code, message = _STATUS_FAULTS[kind]
+            body = (
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+                "<RequestId>injected-fault</RequestId></Error>"
+            ).encode()
+            headers = {"Content-Type": "application/xml", "Content-Length": str(len(body))}
+            return botocore.awsrequest.AWSResponse(request.url, status, headers, _ErrorBody(body))
+        self.pending.kind = kind
+        return None
+
+    def after_get(self, parsed: dict[str, Any], **_: Any) -> None:
+        import botocore.response
+
+        kind = getattr(self.pending, "kind", None)
+        self.pending.kind = None
+        body = parsed.get("Body")
+        if kind is None or body is None:
+            return
+        data = body.read()
+        body.close()
+        if not data:
+            parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data), 0)
+            return
+        cut = len(data) // 2
+        announced = cut if kind == "truncate" else len(data)
+        parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data[:cut]), announced)
+        with self.lock:
+            self.log.injected[kind] += 1
+
+
 @contextmanager
 def inject_s3_faults(
     client: Any,
@@ -189,66 +260,14 @@ def inject_s3_faults(
     Yields:
         A `FaultLog` updated as requests go by.
     """
-    import botocore.awsrequest
-    import botocore.exceptions
-    import botocore.response
-
     if every_nth < 1:
         raise ValueError(f"every_nth must be >= 1, got {every_nth}")
     unknown = set(kinds) - set(_STATUS_FAULTS) - {"reset", *_BODY_FAULTS}
     if unknown or not kinds:
         raise ValueError(f"unknown fault kinds {sorted(unknown)}; allowed: {FAULT_KINDS + ('incomplete',)}")
     log = FaultLog()
-    lock = threading.Lock()
-    cycle = itertools.cycle(kinds)
-    pending = threading.local()  # body fault waiting for this thread's GetObject response
-
-    def before_send(request: Any, event_name: str, **_: Any) -> Any:
-        operation = event_name.rsplit(".", 1)[-1]
-        if operations is not None and operation not in operations:
-            return None
-        with lock:
-            log.requests += 1
-            if log.requests % every_nth:
-                return None
-            for _turn in range(len(kinds)):  # the next kind in turn that applies to this operation
-                kind = next(cycle)
-                if operation == "GetObject" or kind not in _BODY_FAULTS:
-                    break
-            else:
-                return None
-            if kind not in _BODY_FAULTS:
-                log.injected[kind] += 1
-        if kind == "reset":
-            raise botocore.exceptions.ConnectionClosedError(endpoint_url=request.url)
-        if kind in _STATUS_FAULTS:
-            status, code, message = _STATUS_FAULTS[kind]
-            body = (
-                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
-                "<RequestId>injected-fault</RequestId></Error>"
-            ).encode()
-            headers = {"Content-Type": "application/xml", "Content-Length": str(len(body))}
-            return botocore.awsrequest.AWSResponse(request.url, status, headers, _ErrorBody(body))
-        pending.kind = kind
-        return None
-
-    def after_get(parsed: dict[str, Any], **_: Any) -> None:
-        kind = getattr(pending, "kind", None)
-        pending.kind = None
-        body = parsed.get("Body")
-        if kind is None or body is None:
-            return
-        data = body.read()
-        body.close()
-        if not data:
-            parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data), 0)
-            return
-        cut = len(data) // 2
-        announced = cut if kind == "truncate" else len(data)
-        parsed["Body"] = botocore.response.StreamingBody(io.BytesIO(data[:cut]), announced)
-        with lock:
-            log.injected[kind] += 1
-
+    injector = _FaultInjector(log, every_nth=every_nth, kinds=kinds, operations=operations)
+    before_send, after_get = injector.before_send, injector.after_get
     events = client.meta.events
     events.register("before-send.s3", before_send, unique_id=f"fault-send-{id(log)}")
     events.register("after-call.s3.GetObject", after_get, unique_id=f"fault-body-{id(log)}")

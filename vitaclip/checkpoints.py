@@ -244,6 +244,53 @@ def _require(state: Mapping[str, torch.Tensor], *keys: str) -> None:
         raise CheckpointError(f"official checkpoint is missing {missing}")
 
 
+def _heads(base_part: Mapping[str, Any], width: int) -> int:
+    """Head counts are not visible in tensors: the named config's when the widths agree, else CLIP's 64-wide heads."""
+    if base_part.get("width") == width and "heads" in base_part:
+        return int(base_part["heads"])
+    if base_part.get("width") == width and "head_width" in base_part:
+        return width // int(base_part["head_width"])
+    return max(1, width // 64)
+
+
+def _official_backbone(state: Mapping[str, torch.Tensor], base: VitaClipConfig) -> dict[str, Any]:
+    """``backbone`` and ``backbone_config`` for official tensors: the named config's when the shapes agree, else an
+    open_clip config inferred from the tensors (QuickGELU, as the official blocks)."""
+    width = state["visual.cls_token"].shape[0]
+    patch = state["visual.patch_embed.proj.weight"].shape[-1]
+    grid = round((state["visual.pos_embed"].shape[0] - 1) ** 0.5)
+    mlp_width = state["visual.blocks.0.mlp.fc1.weight"].shape[0]
+    text_width = state["textual.ln_final.weight"].shape[0]
+    base_cfg = backbone_model_config(base)
+    base_vision, base_text = base_cfg["vision_cfg"], base_cfg["text_cfg"]
+    vision_cfg: dict[str, Any] = {
+        "image_size": int(grid * patch),
+        "patch_size": int(patch),
+        "width": int(width),
+        "layers": _count_layers(state, "visual.blocks."),
+        "head_width": int(width // _heads(base_vision, width)),
+        "mlp_ratio": mlp_width / width,
+    }
+    text_cfg: dict[str, Any] = {
+        "context_length": int(state["textual.positional_embedding"].shape[0]),
+        "vocab_size": int(state["textual.token_embedding.weight"].shape[0]),
+        "width": int(text_width),
+        "heads": _heads(base_text, text_width),
+        "layers": _count_layers(state, "textual.transformer.resblocks."),
+    }
+    embed_dim = int(state["visual.proj"].shape[1])
+    same_backbone = (
+        all(base_vision.get(k, v) == v for k, v in vision_cfg.items() if k not in ("head_width", "mlp_ratio"))
+        and all(base_text.get(k, v) == v for k, v in text_cfg.items() if k != "heads")
+        and base_cfg.get("embed_dim") == embed_dim
+        and float(base_vision.get("mlp_ratio", 4.0)) == mlp_width / width
+    )
+    if same_backbone:
+        return {"backbone": base.backbone, "backbone_config": base.backbone_config}
+    inferred = {"embed_dim": embed_dim, "quick_gelu": True, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    return {"backbone": None, "backbone_config": inferred}
+
+
 def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig) -> VitaClipConfig:
     """Infers the backbone shape, T, G, local prompts, summary token and text context from official tensors.
 
@@ -263,48 +310,6 @@ def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig
             "official checkpoint has no text tower (textual.*): it was saved in zero-shot mode; Vita-CLIP needs the "
             "text tower stored with it"
         )
-    width = state["visual.cls_token"].shape[0]
-    patch = state["visual.patch_embed.proj.weight"].shape[-1]
-    grid = round((state["visual.pos_embed"].shape[0] - 1) ** 0.5)
-    layers = _count_layers(state, "visual.blocks.")
-    mlp_width = state["visual.blocks.0.mlp.fc1.weight"].shape[0]
-    text_width = state["textual.ln_final.weight"].shape[0]
-    base_cfg = backbone_model_config(base)
-    base_vision, base_text = base_cfg["vision_cfg"], base_cfg["text_cfg"]
-
-    def heads(base_part: Mapping[str, Any], w: int) -> int:
-        # Head counts are not visible in tensors: take them from the named config when widths agree, else CLIP's
-        # 64-wide heads.
-        if base_part.get("width") == w and "heads" in base_part:
-            return int(base_part["heads"])
-        if base_part.get("width") == w and "head_width" in base_part:
-            return w // int(base_part["head_width"])
-        return max(1, w // 64)
-
-    vision_cfg: dict[str, Any] = {
-        "image_size": int(grid * patch),
-        "patch_size": int(patch),
-        "width": int(width),
-        "layers": layers,
-        "head_width": int(width // heads(base_vision, width)),
-        "mlp_ratio": mlp_width / width,
-    }
-    text_cfg: dict[str, Any] = {
-        "context_length": int(state["textual.positional_embedding"].shape[0]),
-        "vocab_size": int(state["textual.token_embedding.weight"].shape[0]),
-        "width": int(text_width),
-        "heads": heads(base_text, text_width),
-        "layers": _count_layers(state, "textual.transformer.resblocks."),
-    }
-    embed_dim = int(state["visual.proj"].shape[1])
-    # The official blocks use QuickGELU.
-    inferred = {"embed_dim": embed_dim, "quick_gelu": True, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    same_backbone = (
-        all(base_vision.get(k, v) == v for k, v in vision_cfg.items() if k not in ("head_width", "mlp_ratio"))
-        and all(base_text.get(k, v) == v for k, v in text_cfg.items() if k != "heads")
-        and base_cfg.get("embed_dim") == embed_dim
-        and float(base_vision.get("mlp_ratio", 4.0)) == mlp_width / width
-    )
     ctx = state.get("prompt_learner.ctx")
     text_context = None
     if ctx is not None:
@@ -315,13 +320,8 @@ def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig
             position=base_ctx.position,
         )
     local = state.get("visual.blocks.0.local_prompts")
-    backbone_fields: dict[str, Any] = (
-        {"backbone": base.backbone, "backbone_config": base.backbone_config}
-        if same_backbone
-        else {"backbone": None, "backbone_config": inferred}
-    )
     return base.replace(
-        **backbone_fields,
+        **_official_backbone(state, base),
         num_frames=int(state["visual.time_embed"].shape[0]),
         temporal_embedding=True,
         num_global_prompts=int(state["visual.global_prompts"].shape[1]) if "visual.global_prompts" in state else 0,

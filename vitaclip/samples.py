@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import av
 import numpy as np
@@ -297,6 +298,93 @@ def _coded_frames(
         yield np.ascontiguousarray(np.rot90(display, k=-turns))
 
 
+@dataclass(frozen=True)
+class _SampleLayout:
+    """How a sample video is stored: container, encoder, GOP, B-frames, turns, coded size, pixel shape and format."""
+
+    container_format: str
+    encoder: str
+    gop: int
+    bframes: int
+    turns: int
+    coded_width: int
+    coded_height: int
+    sar: Fraction
+    pix_fmt: str
+
+    def add_stream(self, container: Any, *, codec: str, fps: int, time_base: Fraction) -> Any:
+        stream = container.add_stream(
+            self.encoder, rate=fps, options=_encoder_options(codec, self.encoder, gop=self.gop, bframes=self.bframes)
+        )
+        stream.width = self.coded_width
+        stream.height = self.coded_height
+        stream.pix_fmt = self.pix_fmt
+        stream.codec_context.time_base = time_base
+        if self.sar != 1:
+            stream.codec_context.sample_aspect_ratio = self.sar
+        if codec in ("mpeg4", "mpeg2"):
+            stream.codec_context.gop_size = self.gop
+            stream.codec_context.max_b_frames = self.bframes
+        if self.turns:
+            stream.set_display_rotation(90 * self.turns)
+        return stream
+
+
+def _sample_layout(
+    out: Path,
+    *,
+    codec: str,
+    fps: int,
+    width: int,
+    height: int,
+    gop: int | None,
+    bframes: int | None,
+    rotation: int,
+    pix_fmt: str | None,
+    sample_aspect_ratio: Fraction,
+) -> _SampleLayout:
+    """Checks `write_sample_video`'s arguments and resolves its defaults (see its Raises)."""
+    container_format = _CONTAINERS.get(out.suffix.lower())
+    if container_format is None:
+        raise ValueError(f"unsupported extension {out.suffix!r}; use one of {sorted(_CONTAINERS)}")
+    if codec not in _ENCODERS:
+        raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}")
+    if rotation % 90 != 0:
+        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
+    if rotation % 360 and container_format == "avi":
+        raise ValueError("AVI cannot store rotation metadata")
+    if width < 16 or height < 16:
+        raise ValueError(f"width and height must be >= 16, got {width}x{height}")
+    encoder = _encoder_name(codec)
+    if encoder is None:
+        raise RuntimeError(f"no {codec} encoder in this FFmpeg build (tried {', '.join(_ENCODERS[codec])})")
+    if bframes is None:
+        bframes = 0 if codec in ("mpeg4", "av1") or container_format == "avi" else 2
+    turns = (rotation // 90) % 4
+    coded_width, coded_height = (height, width) if turns % 2 else (width, height)
+    sar = Fraction(sample_aspect_ratio)
+    if sar != 1:
+        if turns or not Fraction(1, 4) <= sar <= 4:
+            raise ValueError(f"sample_aspect_ratio must be in [1/4, 4] and used without rotation, got {sar}")
+        coded_width = round(width / sar)
+    if codec == "hevc" and coded_width < 64:
+        # Seen with the libx265 bundled in PyAV: narrower pictures corrupt the heap (glibc aborts later).
+        raise ValueError(f"hevc samples need a stored width >= 64, got {coded_width}")
+    if bframes and container_format == "avi":
+        raise ValueError("AVI stores no presentation timestamps, so it cannot hold B-frames faithfully")
+    return _SampleLayout(
+        container_format=container_format,
+        encoder=encoder,
+        gop=gop if gop is not None else 2 * fps,
+        bframes=bframes,
+        turns=turns,
+        coded_width=coded_width,
+        coded_height=coded_height,
+        sar=sar,
+        pix_fmt=pix_fmt or _default_pix_fmt(codec, coded_width, coded_height),
+    )
+
+
 def write_sample_video(
     path: str | os.PathLike[str],
     *,
@@ -343,67 +431,27 @@ def write_sample_video(
         RuntimeError: no encoder for ``codec`` is built into this FFmpeg (see ``available_sample_codecs``).
     """
     out = Path(path)
-    container_format = _CONTAINERS.get(out.suffix.lower())
-    if container_format is None:
-        raise ValueError(f"unsupported extension {out.suffix!r}; use one of {sorted(_CONTAINERS)}")
-    if codec not in _ENCODERS:
-        raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}")
-    if rotation % 90 != 0:
-        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
-    if rotation % 360 and container_format == "avi":
-        raise ValueError("AVI cannot store rotation metadata")
-    if width < 16 or height < 16:
-        raise ValueError(f"width and height must be >= 16, got {width}x{height}")
-    encoder = _encoder_name(codec)
-    if encoder is None:
-        raise RuntimeError(f"no {codec} encoder in this FFmpeg build (tried {', '.join(_ENCODERS[codec])})")
-    gop = gop if gop is not None else 2 * fps
-    if bframes is None:
-        bframes = 0 if codec in ("mpeg4", "av1") or container_format == "avi" else 2
-    turns = (rotation // 90) % 4
-    coded_width, coded_height = (height, width) if turns % 2 else (width, height)
-    sar = Fraction(sample_aspect_ratio)
-    if sar != 1:
-        if turns or not Fraction(1, 4) <= sar <= 4:
-            raise ValueError(f"sample_aspect_ratio must be in [1/4, 4] and used without rotation, got {sar}")
-        coded_width = round(width / sar)
-    if codec == "hevc" and coded_width < 64:
-        # Seen with the libx265 bundled in PyAV: narrower pictures corrupt the heap (glibc aborts later).
-        raise ValueError(f"hevc samples need a stored width >= 64, got {coded_width}")
-    if bframes and container_format == "avi":
-        raise ValueError("AVI stores no presentation timestamps, so it cannot hold B-frames faithfully")
-    pix_fmt = pix_fmt or _default_pix_fmt(codec, coded_width, coded_height)
+    layout = _sample_layout(
+        out, codec=codec, fps=fps, width=width, height=height, gop=gop, bframes=bframes, rotation=rotation,
+        pix_fmt=pix_fmt, sample_aspect_ratio=sample_aspect_ratio,
+    )  # fmt: skip
     pts, durations, time_base = sample_frame_times(num_frames, fps=fps, vfr=vfr, seed=seed)
-
+    frames = _coded_frames(
+        num_frames,
+        width=width,
+        height=height,
+        coded_width=layout.coded_width,
+        rotation=rotation,
+        pattern=pattern,
+        seed=seed,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(out), "w", format=container_format) as container:
-        stream = container.add_stream(
-            encoder, rate=fps, options=_encoder_options(codec, encoder, gop=gop, bframes=bframes)
-        )
-        stream.width = coded_width
-        stream.height = coded_height
-        stream.pix_fmt = pix_fmt
-        stream.codec_context.time_base = time_base
-        if sar != 1:
-            stream.codec_context.sample_aspect_ratio = sar
-        if codec in ("mpeg4", "mpeg2"):
-            stream.codec_context.gop_size = gop
-            stream.codec_context.max_b_frames = bframes
-        if turns:
-            stream.set_display_rotation(90 * turns)
-        frames = _coded_frames(
-            num_frames,
-            width=width,
-            height=height,
-            coded_width=coded_width,
-            rotation=rotation,
-            pattern=pattern,
-            seed=seed,
-        )
+    with av.open(str(out), "w", format=layout.container_format) as container:
+        stream = layout.add_stream(container, codec=codec, fps=fps, time_base=time_base)
         for image, frame_pts, duration in zip(frames, pts, durations, strict=True):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            if pix_fmt != "rgb24":
-                frame = frame.reformat(format=pix_fmt)
+            if layout.pix_fmt != "rgb24":
+                frame = frame.reformat(format=layout.pix_fmt)
             frame.pts = frame_pts
             frame.time_base = time_base
             frame.duration = duration
