@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import numpy as np
@@ -50,6 +50,9 @@ from index.segments import (
     write_info,
     write_segment,
 )
+
+if TYPE_CHECKING:
+    from index.stores import Store
 
 log = logging.getLogger("vitaclip.index")
 
@@ -648,7 +651,7 @@ def _table_entry(
 
 
 def _publish(
-    output: Any,
+    output: Store,
     folder: Path,
     info: dict[str, Any],
     previous: dict[str, Any],
@@ -678,7 +681,7 @@ def _publish(
 
 
 def build_from_output(
-    output: Any,
+    output: Store,
     *,
     model_id: str,
     kind: str = "auto",
@@ -694,7 +697,7 @@ def build_from_output(
     the log cannot be followed; each index entry's ``rebuild_reason`` then says why.
 
     Args:
-        output: The job's store (anything with ``location``, ``list``, ``get_file``, ``put_file``, ``local_path``).
+        output: The output's store (`index.stores.Store`).
     """
     from index.delta_tables import TABLES
     from index.tables import as_location, table_versions

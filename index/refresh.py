@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from index.build import build_from_output
 from index.tables import read_table
 
+if TYPE_CHECKING:
+    from index.stores import Store
 
-def committed_model_ids(store: Any) -> list[str]:
+
+def committed_model_ids(store: Store) -> list[str]:
     table = read_table(store, "videos", ["model_id"])
     return sorted(set(table.column("model_id").to_pylist())) if table is not None else []
 
@@ -33,7 +36,7 @@ def label_queries(model: str | None, checkpoint: str | None) -> Callable[[], np.
 
 
 def build_index_for_output(
-    store: Any,
+    store: Store,
     *,
     model: str | None,
     checkpoint: str | None,

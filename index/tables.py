@@ -4,8 +4,7 @@ The job writes through `index.delta_tables` and `index.commits`; this module rea
 given one, only the columns asked for. Analysts need none of it: any Delta reader (DuckDB ``delta_scan``, polars
 ``read_delta``, ``deltalake``, Spark) reads the same tables.
 
-Every function takes an output as an `OutputLocation`, a URL or path, or anything with a ``location`` attribute
-(the job's stores).
+Every function takes an output as an `OutputLocation`, a URL or path, or a `index.stores.Store`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,18 +27,24 @@ from index.delta_tables import (
     open_table,
 )
 
-__all__ = ["TABLES", "as_location", "data_files", "local_copy", "read_table", "table_versions"]
+if TYPE_CHECKING:
+    from index.stores import Store
+
+__all__ = ["TABLES", "Output", "as_location", "data_files", "local_copy", "read_table", "table_versions"]
+
+Output: TypeAlias = "OutputLocation | Store | str | os.PathLike[str]"
+"""An output as the functions here take it."""
 
 
-def as_location(output: Any) -> OutputLocation:
-    """An `OutputLocation` for an output given as one, as a URL or path, or as a store with a ``location``."""
+def as_location(output: Output) -> OutputLocation:
+    """An `OutputLocation` for an output given as one, as a URL or path, or as a store."""
     if isinstance(output, OutputLocation):
         return output
+    if isinstance(output, (str, os.PathLike)):
+        return OutputLocation.from_url(os.fspath(output))
     location = getattr(output, "location", None)
     if isinstance(location, OutputLocation):
         return location
-    if isinstance(output, (str, os.PathLike)):
-        return OutputLocation.from_url(os.fspath(output))
     raise TypeError(f"not an output: {output!r}")
 
 
@@ -55,7 +60,7 @@ def _open_checked(location: OutputLocation, table: str, version: int | None) -> 
     return dt
 
 
-def table_versions(output: Any) -> dict[str, int] | None:
+def table_versions(output: Output) -> dict[str, int] | None:
     """The latest version of each table, or None when the output has no tables yet."""
     location = as_location(output)
     versions = {}
@@ -68,7 +73,7 @@ def table_versions(output: Any) -> dict[str, int] | None:
 
 
 def read_table(
-    output: Any,
+    output: Output,
     table: str,
     columns: Sequence[str] | None = None,
     *,
@@ -96,7 +101,7 @@ def read_table(
     return data
 
 
-def data_files(output: Any, table: str, *, version: int | None = None) -> list[str]:
+def data_files(output: Output, table: str, *, version: int | None = None) -> list[str]:
     """Paths, relative to the table's root, of the data files of a table's version (empty when there is no table)."""
     location = as_location(output)
     dt = _open_checked(location, table, version)
