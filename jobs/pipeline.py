@@ -7,7 +7,7 @@ One streaming Ray Dataset per run, so the actor pools and the model start once w
   puts them into the object store as blocks. Those blocks are the Dataset's input.
 - Decode and embed run as Ray Data actor pools (`vitaclip.stages`).
 - The driver takes the embed output as block references, never rows, and groups them into write tasks that turn
-  them into a pair of Delta data files where the blocks are (`jobs.delta_writer`). The tasks return metadata: file
+  them into a pair of Delta data files where the blocks are (`index.writer`). The tasks return metadata: file
   paths, row counts, the video keys.
 - A `index.commits.Committer` on the driver adds the written files to the Delta log at least every
   ``commit_seconds`` and at the end: atomically, conditionally, reconciled with other runs on the same output.
@@ -192,13 +192,12 @@ def write_blocks(
     """A write task: embed output blocks -> one pair of Delta data files; returns their metadata and timings."""
     from ray.data.block import BlockAccessor
 
-    from jobs.delta_writer import write_result_files
+    from index.writer import ResultWriter
 
     table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks], promote_options="default")
     batch = BlockAccessor.for_block(table).to_batch_format("numpy")
-    written = write_result_files(
-        location, batch, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim
-    )
+    writer = ResultWriter(location, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim)
+    written = writer(batch)
     stats = {
         "clips": float(len(batch["uri"])),
         "decode_seconds": float(np.sum(batch["decode_seconds"])),

@@ -11,7 +11,7 @@ from test_index_job import make_videos
 
 from index.commits import Committer, Planner
 from index.delta_tables import OutputLocation, create_tables
-from jobs.delta_writer import write_result_files
+from index.writer import ResultWriter
 from jobs.storage import list_videos
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
 
@@ -45,14 +45,10 @@ def test_one_batch_from_listing_to_committed_tables(tmp_path: Path) -> None:
     planned = planner(listed)
     assert planner.counts["planned"] == len(listed["uri"]) == len(planned["uri"])
     decode = DecodeStage(num_frames=2, size=embed.model.image_size, segment_seconds=1.0)
-    written = write_result_files(
-        location,
-        embed(decode(planned)),
-        model_id=model_id,
-        run_id="run-1",
-        label_names=embed.label_names,
-        embed_dim=embed_dim,
+    writer = ResultWriter(
+        location, model_id=model_id, run_id="run-1", label_names=embed.label_names, embed_dim=embed_dim
     )
+    written = writer(embed(decode(planned)))
     assert written.videos is not None and written.segments is not None
     assert written.videos.path == written.segments.path  # a pair: one name in both tables
     committer = Committer(location, model_id=model_id, run_id="run-1", versions=versions)

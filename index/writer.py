@@ -1,0 +1,179 @@
+"""The write stage of the output tables: one embedded batch -> a pair of Delta data files (``videos/<name>``,
+``segments/<name>``), written where the batch was made.
+
+`ResultWriter` turns the embed stage's output batch into rows of the tables' schemas (`ResultWriter.rows`), writes
+them with `index.delta_tables.write_data_file` and returns only metadata (the files, the video keys and the files
+their old rows live in) for the driver's `index.commits.Committer`. Rows never pass through the driver. With
+`index.delta_tables` (schemas, files, commits), `index.commits` (planning and conflict-safe commits) and
+`index.tables` (reading), this is the tables' contract, in one package.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from index.commits import WrittenBatch
+from index.delta_tables import TABLES, OutputLocation, table_schema, write_data_file
+from index.schema import STATUS_OK, row_id_for, video_id_for
+
+
+class ResultWriter:
+    """Writes embed output batches of one run and model into the output tables' data files (not committed).
+
+    Args:
+        location: The output.
+        model_id: The model every row is of.
+        run_id: The run writing (its rows and file names carry it).
+        label_names: The names the batches' ``label_indices`` point into.
+        embed_dim: The tables' embedding size.
+    """
+
+    def __init__(
+        self, location: OutputLocation, *, model_id: str, run_id: str, label_names: list[str], embed_dim: int
+    ) -> None:
+        self.location = location
+        self.model_id = model_id
+        self.run_id = run_id
+        self.label_names = list(label_names)
+        self.embed_dim = embed_dim
+        self.schemas = {table: table_schema(table, embed_dim) for table in TABLES}
+
+    def rows(self, batch: dict[str, np.ndarray]) -> tuple[pa.Table, pa.Table]:
+        """One embed output batch -> (video rows, segment rows) as Arrow tables of the output tables' schemas."""
+        return _result_tables(
+            batch, model_id=self.model_id, run_id=self.run_id, label_names=self.label_names, schemas=self.schemas
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray], *, name: str | None = None) -> WrittenBatch:
+        """Writes one embed output batch as a videos file and (when it has segment rows) a segments file of one name.
+
+        Args:
+            batch: the embed stage's output (clip rows: ``segment_index`` -1 for a whole video), with the Planner's
+                ``current_video_file`` and ``current_segment_files`` columns when it planned them.
+            name: the file name for both tables (default: a fresh ``part-<run_id>-<uuid>.parquet``; a retried write
+                must use a fresh one, a committed file is never overwritten).
+
+        Returns:
+            The files (None for an empty side), the video rows' ``(video_id, etag, status)`` keys and where their
+            current rows are, for `index.commits.Committer.add`.
+        """
+        videos, segments = self.rows(batch)
+        with_segments = frozenset(segments.column("video_id").to_pylist())
+        orphans = with_segments - set(videos.column("video_id").to_pylist())
+        if orphans:
+            # The decode stage emits a video's clips together and Ray Data never splits a block between write tasks:
+            # clips of one video in two batches would let one batch's segments commit remove the other's.
+            raise RuntimeError(f"bug: segment rows of {len(orphans)} videos came without their video row")
+        name = name or f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
+        files = {
+            table: write_data_file(self.location, table, rows, name=name, embed_dim=self.embed_dim)
+            if rows.num_rows
+            else None
+            for table, rows in (("videos", videos), ("segments", segments))
+        }
+        keys = tuple(
+            zip(
+                videos.column("video_id").to_pylist(),
+                videos.column("etag").to_pylist(),
+                videos.column("status").to_pylist(),
+                strict=True,
+            )
+        )
+        is_video = np.asarray(batch["segment_index"]) < 0
+        video_ids = videos.column("video_id").to_pylist()
+
+        def planned(column: str) -> dict[str, str]:
+            if column not in batch:
+                return {}
+            values = [str(v) for v, m in zip(batch[column], is_video, strict=True) if m]
+            return {v: f for v, f in zip(video_ids, values, strict=True) if f}
+
+        return WrittenBatch(
+            videos=files["videos"],
+            segments=files["segments"],
+            keys=keys,
+            current_video_files=planned("current_video_file"),
+            current_segment_files=planned("current_segment_files"),
+            segment_video_ids=with_segments,
+        )
+
+
+def _result_tables(
+    batch: dict[str, np.ndarray],
+    *,
+    model_id: str,
+    run_id: str,
+    label_names: list[str],
+    schemas: dict[str, pa.Schema],
+) -> tuple[pa.Table, pa.Table]:
+    now = datetime.now(timezone.utc)
+    n = len(batch["uri"])
+    ok = np.asarray([s == STATUS_OK for s in batch["status"]])
+    is_video = np.asarray(batch["segment_index"]) < 0
+    labels = [
+        [label_names[j] for j in row if j >= 0] if ok[i] else None for i, row in enumerate(batch["label_indices"])
+    ]
+    scores = [batch["label_scores"][i].tolist() if ok[i] else None for i in range(n)]
+    embeddings = [batch["embedding"][i] if ok[i] else None for i in range(n)]
+    video_ids = [video_id_for(str(u)) for u in batch["uri"]]
+    emb_type = schemas["videos"].field("embedding").type
+
+    def col(values: Any, mask: np.ndarray) -> list[Any]:
+        return [v for v, m in zip(values, mask, strict=True) if m]
+
+    def emb(mask: np.ndarray) -> pa.Array:
+        vals = col(embeddings, mask)
+        return pa.array([None if v is None else v.astype(np.float32) for v in vals], type=emb_type)
+
+    def result_columns(mask: np.ndarray) -> dict[str, Any]:
+        """The columns every row ends with, videos and segments alike (`index.schema` declares them once too)."""
+        count = int(mask.sum())
+        return {
+            "embedding": emb(mask),
+            "labels": col(labels, mask),
+            "label_scores": col(scores, mask),
+            "thumbnail_jpeg": [t or None for t in col(batch["thumbnail_jpeg"], mask)],
+            "model_id": [model_id] * count,
+            "run_id": [run_id] * count,
+            "indexed_at": [now] * count,
+        }
+
+    vm = is_video
+    videos = pa.table(
+        {
+            "video_id": col(video_ids, vm),
+            "row_id": [row_id_for(v) for v in col(video_ids, vm)],
+            "uri": [str(u) for u in col(batch["uri"], vm)],
+            "etag": [str(e) for e in col(batch["etag"], vm)],
+            "size_bytes": [int(s) for s in col(batch["size_bytes"], vm)],
+            "duration_seconds": [None if np.isnan(d) else float(d) for d in col(batch["duration_seconds"], vm)],
+            "fps": [None if np.isnan(f) else float(f) for f in col(batch["fps"], vm)],
+            "width": [None if w < 0 else int(w) for w in col(batch["width"], vm)],
+            "height": [None if h < 0 else int(h) for h in col(batch["height"], vm)],
+            "codec": [c or None for c in col(batch["codec"], vm)],
+            "status": [str(s) for s in col(batch["status"], vm)],
+            "error_message": [m or None for m in col(batch["error_message"], vm)],
+            **result_columns(vm),
+        },
+        schema=schemas["videos"],
+    )
+    sm = ~is_video
+    seg_index = [int(i) for i in col(batch["segment_index"], sm)]
+    segments = pa.table(
+        {
+            "video_id": col(video_ids, sm),
+            "row_id": [row_id_for(v, i) for v, i in zip(col(video_ids, sm), seg_index, strict=True)],
+            "uri": [str(u) for u in col(batch["uri"], sm)],
+            "segment_index": seg_index,
+            "start_seconds": [float(s) for s in col(batch["start_seconds"], sm)],
+            "end_seconds": [float(s) for s in col(batch["end_seconds"], sm)],
+            **result_columns(sm),
+        },
+        schema=schemas["segments"],
+    )
+    return videos, segments
