@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -57,12 +55,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pick_device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def label_videos(
     paths: Sequence[str],
     *,
@@ -74,44 +66,21 @@ def label_videos(
     device: str | None,
     random_weights: bool = False,
 ) -> list[dict[str, Any]]:
-    """Top-k zero-shot labels for local video files (one dict per video, with a status for bad files)."""
-    import torch
-
+    """Top-k zero-shot labels for local video files (`vitaclip.stages.label_files`), refusing untrained weights."""
     import vitaclip
-    from vitaclip import video as vv
     from vitaclip.registry import require_trained_weights
+    from vitaclip.stages import label_files
 
-    dev = _pick_device(device)
     require_trained_weights(model_name, checkpoint, random_weights=random_weights)
-    label_names = vitaclip.load_label_set(labels) if labels else None
-    model = vitaclip.create_model(model_name, checkpoint=checkpoint, device=dev)
-    names = list(label_names or model.label_names or ())
-    T = num_frames or model.config.num_frames
-    with torch.inference_mode():
-        label_features = model.encode_labels(names)
-        results: list[dict[str, Any]] = []
-        for path in paths:
-            start = time.perf_counter()
-            try:
-                clip = vv.decode_clip(path, vv.Uniform(T), size=model.image_size)
-            except vv.VideoDecodeError as exc:
-                results.append({"uri": path, "status": exc.reason, "error_message": exc.message})
-                continue
-            x = vv.frames_to_tensor(clip.frames, mean=model.config.mean, std=model.config.std)
-            features = model.encode_video(x.unsqueeze(0).to(dev))
-            top = vitaclip.top_k_labels(features, label_features, names, k=top_k, logit_scale=model.logit_scale)[0]
-            results.append(
-                {
-                    "uri": path,
-                    "status": "ok",
-                    "labels": [s.name for s in top],
-                    "label_scores": [round(s.probability, 6) for s in top],
-                    "pts_seconds": [round(float(t), 4) for t in clip.pts_seconds],
-                    "seconds": round(time.perf_counter() - start, 4),
-                    "model_id": model.model_id,
-                }
-            )
-    return results
+    return label_files(
+        paths,
+        model=model_name,
+        checkpoint=checkpoint,
+        label_names=vitaclip.load_label_set(labels) if labels else None,
+        top_k=top_k,
+        num_frames=num_frames,
+        device=device,
+    )
 
 
 def _print_labels(results: list[dict[str, Any]], as_json: bool) -> None:
@@ -141,89 +110,21 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-#: Queries the quickstart runs: label combinations of the demo world, so the reader can check every hit.
-QUICKSTART_QUERIES = (
-    "blue square moving up",
-    "red circle moving left",
-    "yellow star rotating",
-    "white triangle growing",
-)
-
-
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    """Generates demo-world videos (plus one broken file), runs the real indexing job on them with the packaged
-    ``vitaclip-demo`` model, prints labels against the generator's truth and a few text searches."""
-    import json
+    from jobs.quickstart import QuickstartConfig, run_quickstart
 
-    from vitaclip.demo.world import generate, parse_label, world_labels
-
-    out = Path(args.output)
-    videos = out / "videos"
-    generated = generate(videos, args.num_videos, seed=args.seed, labels=world_labels())
-    truth = {}
-    for line in generated.manifest_path.read_text(encoding="utf-8").splitlines():
-        spec = json.loads(line)
-        truth[spec["name"]] = spec
-    (videos / "broken.mp4").write_bytes(b"not a video, to show how failures are recorded\n")
-    print(f"wrote {args.num_videos} demo videos (and one broken file) under {videos}")
-    from jobs.index_videos import main as index_main
-
-    argv = [str(videos), "--output", str(out / "index-output"), "--model", args.model, "--top-k", str(args.top_k)]
-    if args.checkpoint:
-        argv += ["--checkpoint", args.checkpoint]
-    if args.num_cpus:
-        argv += ["--num-cpus", str(args.num_cpus)]
-    if args.random_weights:
-        argv += ["--random-weights"]
-    rc = index_main(argv, prog="vitaclip quickstart")
-    if rc != 0:
-        return rc
-    import pyarrow.compute as pc
-
-    from index.search import SearchEngine
-    from index.tables import read_table
-    from jobs.storage import open_store
-
-    table = read_table(open_store(str(out / "index-output")), "videos")
-    assert table is not None
-    rows = table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist()
-    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    print(f"\n{table.num_rows} rows in {out / 'index-output' / 'videos'} (a Delta Lake table); the first few:")
-    print(f"  {'file':16s} {'status':12s} {'truth':30s} top labels (probability)")
-    for row in rows[: args.show]:
-        name = Path(row["uri"]).name
-        spec = truth.get(Path(name).stem)
-        true_label = spec["label"] if spec else "-"
-        if row["status"] == "ok":
-            tops = ", ".join(f"{n} ({p:.2f})" for n, p in zip(row["labels"], row["label_scores"], strict=True))
-        else:
-            tops = "(no embedding)"
-        print(f"  {name:16s} {row['status']:12s} {true_label:30s} {tops}")
-    scored = [(truth[Path(r["uri"]).stem]["label"], r["labels"]) for r in rows if Path(r["uri"]).stem in truth]
-    scored = [(t, labels) for t, labels in scored if labels]
-    if scored:
-        top1 = sum(labels[0] == t for t, labels in scored) / len(scored)
-        topk = sum(t in labels for t, labels in scored) / len(scored)
-        parts = [(parse_label(t), parse_label(labels[0])) for t, labels in scored]
-        right = [sum(a[i] == b[i] for a, b in parts) / len(parts) for i in range(3)]
-        print(
-            f"top-1 label is the generator's truth for {top1:.0%} of {len(scored)} videos, top-{args.top_k} for "
-            f"{topk:.0%} (chance: {1 / len(world_labels()):.1%}); the top-1 label has the right colour for "
-            f"{right[0]:.0%}, shape {right[1]:.0%}, motion {right[2]:.0%}"
-        )
-    engine = SearchEngine(out / "index-output", model=args.model, checkpoint=args.checkpoint)
-    for query in QUICKSTART_QUERIES:
-        print(f'\nsearch "{query}":')
-        for rank, hit in enumerate(engine.search(query, k=3), start=1):
-            spec = truth.get(Path(hit.uri).stem)
-            caption = spec["caption"] if spec else "?"
-            mark = "match" if spec and spec["label"] == query else ""
-            print(f"  {rank}. {hit.score:.3f}  {Path(hit.uri).name:16s} {caption:55s} {mark}")
-    print(f"\nmore: vitaclip search --index {out / 'index-output'} 'green star bouncing'")
-    print(f"      vitaclip serve --index {out / 'index-output'}   (a search page on http://127.0.0.1:8000)")
-    print(
-        f"      DuckDB: SELECT uri, status, labels FROM delta_scan('{out / 'index-output' / 'videos'}')  ({ok} ok rows)"
+    config = QuickstartConfig(
+        output=args.output,
+        num_videos=args.num_videos,
+        seed=args.seed,
+        show=args.show,
+        num_cpus=args.num_cpus,
+        top_k=args.top_k,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        random_weights=args.random_weights,
     )
+    run_quickstart(config)
     return 0
 
 

@@ -11,16 +11,33 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from jobs.config import config_from_args
 from vitaclip.redact import install_log_redaction, redact_text
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
-    """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
+def setup_logging() -> None:
+    """The job's log lines: INFO with times, credentials in URLs masked, faiss's loader quiet."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_log_redaction()  # endpoint URLs may carry userinfo: never print it
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant it tried
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The two lines a finished run prints: its counts and where its record is."""
+    counts = summary["counts"]
+    print(
+        f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
+        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice; "
+        f"status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
+    )
+    print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
+    """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
+    setup_logging()
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
         from jobs.pipeline import run_index_job
@@ -32,13 +49,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         return 1
-    counts = summary["counts"]
-    print(
-        f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
-        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice; "
-        f"status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
-    )
-    print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")
+    print_summary(summary)
     return 0
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.cli import QUICKSTART_QUERIES, main
+from jobs.cli import main
 from jobs.demo import PACKAGED_DIR, DemoBuildConfig, build, evaluate_fresh
+from jobs.quickstart import QUICKSTART_QUERIES
 from vitaclip.demo.pretrain import contrastive_loss, load_frames, pretrain_clip
 from vitaclip.demo.vocab import DEMO_WORDS, learn_merges, vocab_size, write_merges
 from vitaclip.demo.world import generate, world_labels
@@ -175,3 +176,22 @@ def test_quickstart_labels_and_finds_the_demo_videos(local_ray, tmp_path: Path, 
         found += any(Path(h.uri).stem == spec["name"] for h in hits)
     recall = found / len(manifest)
     assert recall >= 0.65, recall  # measured 0.83 at 300 videos (0.69 with the 1,000-step prompts); chance is 5/120
+
+
+def test_label_agreement_scores_against_the_truth() -> None:
+    from jobs.quickstart import label_agreement
+
+    truth = {
+        "a": {"label": "red circle moving up"},
+        "b": {"label": "blue square growing"},
+        "c": {"label": "green star rotating"},
+    }
+    rows = [
+        {"uri": "/v/a.mp4", "labels": ["red circle moving up", "red circle bouncing"]},  # top-1 right
+        {"uri": "/v/b.mp4", "labels": ["blue circle growing", "blue square growing"]},  # top-2 right, shape wrong
+        {"uri": "/v/c.mp4", "labels": None},  # failed: not scored
+        {"uri": "/v/broken.mp4", "labels": ["red circle moving up"]},  # no truth: not scored
+    ]
+    agreement = label_agreement(rows, truth)
+    assert agreement == {"videos": 2, "top1": 0.5, "topk": 1.0, "colour": 1.0, "shape": 0.5, "motion": 1.0}
+    assert label_agreement(rows[2:3], truth) is None

@@ -50,6 +50,7 @@ _BASE_ROW: dict[str, Any] = {
     "thumbnail_jpeg": b"",
     "decode_seconds": 0.0,
 }
+# Also per clip: "pts_seconds", float64 [T], the timestamps of the frames taken (zeros when not ok).
 
 
 def open_local(uri: str, size_bytes: int) -> VideoSource:
@@ -120,6 +121,7 @@ class DecodeStage:
             status=status,
             error_message=redact_text(message),
             frames=self._empty_frames(),
+            pts_seconds=np.zeros(self.num_frames),
             decode_seconds=decode_seconds,
         )
 
@@ -174,6 +176,7 @@ class DecodeStage:
             dict(
                 meta,
                 frames=clip.frames,
+                pts_seconds=clip.pts_seconds,
                 end_seconds=float(info.duration_seconds),
                 thumbnail_jpeg=_thumbnail(clip.frames[len(clip.frames) // 2]),
             )
@@ -183,6 +186,7 @@ class DecodeStage:
                 dict(
                     meta,
                     frames=seg.frames,
+                    pts_seconds=seg.pts_seconds,
                     segment_index=index,
                     start_seconds=float(seg.start_seconds),
                     end_seconds=float(seg.end_seconds),
@@ -299,3 +303,44 @@ class EmbedStage:
         out = {k: v for k, v in batch.items() if k != "frames"}
         out.update(embedding=embedding, label_indices=label_indices, label_scores=label_scores)
         return out
+
+
+def label_files(
+    paths: Sequence[str],
+    *,
+    model: str,
+    checkpoint: str | None = None,
+    label_names: Sequence[str] | None = None,
+    top_k: int = 5,
+    num_frames: int | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Zero-shot labels for local video files, as the job makes them: `DecodeStage` then `EmbedStage`, one file at
+    a time (the model loads once).
+
+    Returns:
+        Per file: ``uri``, ``status`` and, when ok, ``labels`` and ``label_scores`` (best first), ``pts_seconds``
+        of the frames used, ``seconds`` spent and ``model_id``; otherwise ``error_message``.
+    """
+    embed = EmbedStage(model=model, checkpoint=checkpoint, label_names=label_names, top_k=top_k, device=device)
+    decode = DecodeStage(num_frames=num_frames or embed.model.config.num_frames, size=embed.model.image_size)
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        start = time.perf_counter()
+        row = embed(decode({"uri": np.asarray([path], dtype=object), "size_bytes": np.asarray([-1])}))
+        if row["status"][0] != "ok":
+            results.append({"uri": path, "status": str(row["status"][0]), "error_message": row["error_message"][0]})
+            continue
+        picked = [(int(j), float(p)) for j, p in zip(row["label_indices"][0], row["label_scores"][0], strict=True)]
+        results.append(
+            {
+                "uri": path,
+                "status": "ok",
+                "labels": [embed.label_names[j] for j, _ in picked if j >= 0],
+                "label_scores": [round(p, 6) for j, p in picked if j >= 0],
+                "pts_seconds": [round(float(t), 4) for t in row["pts_seconds"][0]],
+                "seconds": round(time.perf_counter() - start, 4),
+                "model_id": embed.model_id,
+            }
+        )
+    return results
