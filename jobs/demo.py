@@ -123,31 +123,33 @@ def generate_worlds(
 def evaluate_demo(checkpoint: str | Path, work: Path, *, threads: int = 4) -> dict[str, Any]:
     """Supervised, zero-shot and retrieval scores of a checkpoint and its frame-averaging baseline on the worlds in
     ``work`` (``val``, ``zeroshot``, ``seen.txt``, ``unseen.txt``)."""
-    from jobs.evaluate import build_parser, build_retrieval_parser, run_eval, run_retrieval
+    from jobs.evaluate import EvalConfig, EvalSourceConfig, RetrievalConfig, run_eval, run_retrieval
 
-    common = ["--checkpoint", str(checkpoint), "--sampling", "uniform", "--threads", str(threads), "--baseline"]
-    common += ["--batch-size", "32", "--device", "cpu"]
+    common = EvalSourceConfig(
+        checkpoint=str(checkpoint), sampling="uniform", threads=threads, baseline=True, batch_size=32, device="cpu"
+    )
+    shared = {f.name: getattr(common, f.name) for f in dataclasses.fields(common)}
     report: dict[str, Any] = {}
     for key, world, labels, mode in (
         ("supervised", "val", "seen.txt", "supervised"),
         ("zero_shot", "zeroshot", "unseen.txt", "zero-shot"),
     ):
         for text in ("model", "class-only"):
-            args = build_parser().parse_args(
-                [*common, "--list", str(work / world / "list.csv"), "--data-root", str(work / world)]
-                + ["--label-names", str(work / labels), "--views", "1x1", "--text", text]
-            )
-            result = run_eval(args, mode)  # type: ignore[arg-type]
+            config = EvalConfig(
+                **{**shared, "data_root": str(work / world)}, list=(str(work / world / "list.csv"),),
+                label_names=str(work / labels), views="1x1", text=text,  # type: ignore[arg-type]
+            )  # fmt: skip
+            result = run_eval(config, mode)  # type: ignore[arg-type]
             if text == "model":
                 report[key] = {"model": result["top1"], "baseline_templates": result["baseline"]["top1"]}
                 report[key]["num_videos"] = result["num_videos"]
                 report[key]["num_labels"] = len((work / labels).read_text().split("\n")) - 1
             else:
                 report[key]["baseline_class_only"] = result["baseline"]["top1"]
-    args = build_retrieval_parser().parse_args(
-        [*common, "--captions", str(work / "val" / "captions.csv"), "--data-root", str(work / "val")]
+    retrieval = RetrievalConfig(
+        **{**shared, "data_root": str(work / "val")}, captions=str(work / "val" / "captions.csv")
     )
-    result = run_retrieval(args)
+    result = run_retrieval(retrieval)
     report["retrieval"] = {
         "model": {k: result["text_to_video"][k] for k in ("r1", "r5", "r10")},
         "baseline": {k: result["baseline"]["text_to_video"][k] for k in ("r1", "r5", "r10")},

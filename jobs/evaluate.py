@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,67 @@ from vitaclip.redact import redact_text
 log = logging.getLogger("vitaclip.eval")
 
 Mode = Literal["supervised", "zero-shot"]
+
+
+@dataclass(frozen=True)
+class EvalSourceConfig:
+    """What both evaluations share: the model, where the videos are, how they are sampled and decoded. Each field
+    is a flag of ``vitaclip eval`` and ``vitaclip eval-retrieval`` (see their ``--help``)."""
+
+    checkpoint: str | None = None
+    model: str | None = None
+    random_weights: bool = False
+    data_root: str = ""
+    num_frames: int | None = None
+    sampling: Literal["dense", "uniform"] = "dense"
+    stride: int = 16
+    batch_size: int = 8
+    threads: int = 4
+    device: str | None = None
+    baseline: bool = False
+    json: bool = False
+    s3_endpoint_url: str | None = None
+    ray: bool = False
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    decode_workers: int | None = None
+    decode_cpus: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvalSourceConfig):
+    """``vitaclip eval``: classification accuracy of lists or a protocol (``mode`` None: zero-shot with a protocol,
+    else supervised)."""
+
+    list: tuple[str, ...] = ()
+    label_names: str | None = None
+    mode: Mode | None = None
+    views: str = "3x1"
+    protocol: Literal["hmdb51", "ucf101", "k600"] | None = None
+    split_dir: str | None = None
+    k400_names: str = "kinetics400"
+    seed: int = 0
+    text: Literal["model", "class-only", "templates"] | None = None
+    confusion_png: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(EvalSourceConfig):
+    """``vitaclip eval-retrieval``: text-to-video and video-to-text recall on a captions file."""
+
+    captions: str = ""
+    views: str = "1x1"
+
+
+def eval_config_from_args(argv: Sequence[str]) -> EvalConfig:
+    """``vitaclip eval`` flags -> `EvalConfig`."""
+    values = vars(build_parser().parse_args(list(argv)))
+    return EvalConfig(**{**values, "list": tuple(values["list"])})
+
+
+def retrieval_config_from_args(argv: Sequence[str]) -> RetrievalConfig:
+    """``vitaclip eval-retrieval`` flags -> `RetrievalConfig`."""
+    return RetrievalConfig(**vars(build_retrieval_parser().parse_args(list(argv))))
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,17 +160,19 @@ def build_retrieval_parser(prog: str = "vitaclip eval-retrieval") -> argparse.Ar
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def load_model(args: argparse.Namespace, label_names: Sequence[str] | None) -> Any:
+def load_model(config: EvalSourceConfig, label_names: Sequence[str] | None) -> Any:
     import torch
 
     from jobs.train import resolve_checkpoint
     from vitaclip.checkpoints import is_vitaclip_checkpoint
     from vitaclip.registry import create_model, require_trained_weights
 
-    require_trained_weights(args.model or "vitaclip-b16", args.checkpoint, random_weights=args.random_weights)
-    checkpoint = resolve_checkpoint(args.checkpoint, s3_endpoint_url=args.s3_endpoint_url) if args.checkpoint else None
-    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else (args.model or "vitaclip-b16")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    require_trained_weights(config.model or "vitaclip-b16", config.checkpoint, random_weights=config.random_weights)
+    checkpoint = (
+        resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
+    )
+    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else (config.model or "vitaclip-b16")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model = create_model(name, checkpoint=checkpoint, device=device, dtype=dtype)
     if label_names is not None:
@@ -137,43 +201,43 @@ def label_features(model: Any, names: Sequence[str], text: str) -> Any:
         return F.normalize(feats.view(len(names), len(TEMPLATES), -1).mean(dim=1), dim=-1)
 
 
-def _read_entries(uri: str, names: Sequence[str], args: argparse.Namespace) -> list[tuple[str, int]]:
+def _read_entries(uri: str, names: Sequence[str], config: EvalSourceConfig) -> list[tuple[str, int]]:
     from jobs.train import load_entries
 
     return [
         (e.uri, e.label)
-        for e in load_entries(uri, names, data_root=args.data_root, s3_endpoint_url=args.s3_endpoint_url)
+        for e in load_entries(uri, names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url)
     ]
 
 
-def _splits(args: argparse.Namespace) -> tuple[list[tuple[str, list[tuple[str, int]], list[str]]], list[str]]:
+def _splits(config: EvalConfig) -> tuple[list[tuple[str, list[tuple[str, int]], list[str]]], list[str]]:
     """(name, entries, label names) per split, and the full label list."""
     from jobs.train import join_root, load_label_names
     from vitaclip import evaluation as ev
 
-    if args.protocol in ("hmdb51", "ucf101"):
-        names = list(load_label_names(args.label_names or args.protocol, s3_endpoint_url=args.s3_endpoint_url))
-        if not args.split_dir:
-            raise ValueError(f"--protocol {args.protocol} needs --split-dir (the official split files)")
+    if config.protocol in ("hmdb51", "ucf101"):
+        names = list(load_label_names(config.label_names or config.protocol, s3_endpoint_url=config.s3_endpoint_url))
+        if not config.split_dir:
+            raise ValueError(f"--protocol {config.protocol} needs --split-dir (the official split files)")
         out = []
         for k in (1, 2, 3):
-            if args.protocol == "hmdb51":
-                raw = ev.read_hmdb51_split(args.split_dir, k, class_names=names)
+            if config.protocol == "hmdb51":
+                raw = ev.read_hmdb51_split(config.split_dir, k, class_names=names)
             else:
-                raw = ev.read_ucf101_split(Path(args.split_dir) / f"testlist0{k}.txt", class_names=names)
-            out.append((f"split{k}", [(join_root(args.data_root, p), y) for p, y in raw], names))
+                raw = ev.read_ucf101_split(Path(config.split_dir) / f"testlist0{k}.txt", class_names=names)
+            out.append((f"split{k}", [(join_root(config.data_root, p), y) for p, y in raw], names))
         return out, names
-    if not args.list:
+    if not config.list:
         raise ValueError("give --list (a path,label list or Parquet manifest) or a --protocol")
-    if not args.label_names:
+    if not config.label_names:
         raise ValueError("give --label-names (a label set or a file with one name per line)")
-    names = list(load_label_names(args.label_names, s3_endpoint_url=args.s3_endpoint_url))
-    lists = [(Path(u).name if len(args.list) > 1 else "all", _read_entries(u, names, args)) for u in args.list]
-    if args.protocol == "k600":
-        k400 = ev.load_class_list(args.k400_names)
+    names = list(load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url))
+    lists = [(Path(u).name if len(config.list) > 1 else "all", _read_entries(u, names, config)) for u in config.list]
+    if config.protocol == "k600":
+        k400 = ev.load_class_list(config.k400_names)
         novel = ev.kinetics600_novel_classes(names, k400)
         out = []
-        for i, subset in enumerate(ev.kinetics600_subsets(novel, seed=args.seed)):
+        for i, subset in enumerate(ev.kinetics600_subsets(novel, seed=config.seed)):
             entries = [e for _, lst in lists for e in ev.restrict_to_classes(lst, names, subset)]
             out.append((f"subset{i + 1}", entries, subset))
         return out, names
@@ -205,10 +269,10 @@ def _summarise(splits: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _opener(args: argparse.Namespace) -> Any:
+def _opener(config: EvalSourceConfig) -> Any:
     from jobs.train import Opener
 
-    return Opener(args.s3_endpoint_url)
+    return Opener(config.s3_endpoint_url)
 
 
 class DecodeViewsStage:
@@ -236,13 +300,13 @@ class DecodeViewsStage:
 _DECODE_BATCH = 4  # videos per Ray decode call
 
 
-def plan_decode_pool(args: argparse.Namespace, cluster: Cluster, num_videos: int) -> DecodePool:
+def plan_decode_pool(config: EvalSourceConfig, cluster: Cluster, num_videos: int) -> DecodePool:
     """The Ray decode actors of an evaluation: one per CPU (at most one per batch of videos) unless the flags say;
     the model runs in the driver, outside Ray's accounting. Raises ValueError when the request cannot fit."""
     pool = plan_decoders(
         cluster.usable_cpus,
-        workers=args.decode_workers,
-        cpus_per_worker=args.decode_cpus,
+        workers=config.decode_workers,
+        cpus_per_worker=config.decode_cpus,
         max_workers=max(1, -(-num_videos // _DECODE_BATCH)),
     )
     require_fit(
@@ -254,26 +318,26 @@ def plan_decode_pool(args: argparse.Namespace, cluster: Cluster, num_videos: int
     return pool
 
 
-def _check_ray(args: argparse.Namespace, num_videos: int) -> None:
+def _check_ray(config: EvalSourceConfig, num_videos: int) -> None:
     """With ``--ray``: starts or joins Ray and refuses a decode pool it cannot hold, before any model is loaded."""
-    if args.ray:
-        plan_decode_pool(args, init_ray(address=args.ray_address, num_cpus=args.num_cpus), num_videos)
+    if config.ray:
+        plan_decode_pool(config, init_ray(address=config.ray_address, num_cpus=config.num_cpus), num_videos)
 
 
-def _decoded(uris: Sequence[str], spec: Any, args: argparse.Namespace) -> Any:
+def _decoded(uris: Sequence[str], spec: Any, config: EvalSourceConfig) -> Any:
     """``(index, views, error)`` of every video decoded on Ray Data CPU actors, or None without ``--ray``."""
-    if not args.ray:
+    if not config.ray:
         return None
     import ray
 
-    cluster = init_ray(address=args.ray_address, num_cpus=args.num_cpus)
-    pool = plan_decode_pool(args, cluster, len(uris))
+    cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
+    pool = plan_decode_pool(config, cluster, len(uris))
     log.info("Ray cluster of %s: %s", cluster.describe(), pool.describe())
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = ray.data.from_items([{"i": i, "uri": u} for i, u in enumerate(uris)])
     ds = items.map_batches(
         DecodeViewsStage,
-        fn_constructor_kwargs={"spec": spec, "s3_endpoint_url": args.s3_endpoint_url},
+        fn_constructor_kwargs={"spec": spec, "s3_endpoint_url": config.s3_endpoint_url},
         batch_size=_DECODE_BATCH,
         **pool.map_batches_args(),
     )
@@ -290,26 +354,26 @@ def _decoded(uris: Sequence[str], spec: Any, args: argparse.Namespace) -> Any:
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def _check_model(args: argparse.Namespace) -> None:
+def _check_model(config: EvalSourceConfig) -> None:
     """A misspelt model or missing weights is said before any list or video is read."""
     from vitaclip.checkpoints import is_vitaclip_checkpoint
     from vitaclip.registry import require_trained_weights
 
-    if args.checkpoint is not None and ("://" in args.checkpoint or is_vitaclip_checkpoint(args.checkpoint)):
+    if config.checkpoint is not None and ("://" in config.checkpoint or is_vitaclip_checkpoint(config.checkpoint)):
         return  # a vitaclip folder carries its config; a remote one is checked once fetched
-    require_trained_weights(args.model or "vitaclip-b16", args.checkpoint, random_weights=args.random_weights)
+    require_trained_weights(config.model or "vitaclip-b16", config.checkpoint, random_weights=config.random_weights)
 
 
-def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
+def run_eval(config: EvalConfig, mode: Mode) -> dict[str, Any]:
     from vitaclip import evaluation as ev
 
-    _check_model(args)
+    _check_model(config)
 
-    temporal, spatial = ev.parse_views(args.views)
-    splits, names = _splits(args)
-    _check_ray(args, max(len(entries) for _, entries, _ in splits))
-    model = load_model(args, names)
-    text = args.text or ("model" if mode == "supervised" else "class-only")
+    temporal, spatial = ev.parse_views(config.views)
+    splits, names = _splits(config)
+    _check_ray(config, max(len(entries) for _, entries, _ in splits))
+    model = load_model(config, names)
+    text = config.text or ("model" if mode == "supervised" else "class-only")
     if (
         mode == "supervised"
         and text == "model"
@@ -324,18 +388,18 @@ def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                 "use --mode zero-shot"
             )
     spec = ev.ViewSpec(
-        num_frames=args.num_frames or model.config.num_frames,
+        num_frames=config.num_frames or model.config.num_frames,
         size=model.image_size,
-        sampling=args.sampling,
-        stride=args.stride,
+        sampling=config.sampling,
+        stride=config.stride,
         temporal_views=temporal,
         spatial_views=spatial,
     )
     models = [("model", model, text)]
-    if args.baseline:
+    if config.baseline:
         models.append(("baseline", ev.frame_averaging_baseline(model), "templates" if text == "model" else text))
     report: dict[str, Any] = {
-        "checkpoint": args.checkpoint,
+        "checkpoint": config.checkpoint,
         "model_id": model.model_id,
         "mode": mode,
         "views": f"{temporal}x{spatial}",
@@ -352,10 +416,10 @@ def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                 uris,
                 feats,
                 spec,
-                opener=_opener(args),
-                batch_size=args.batch_size,
-                threads=args.threads,
-                decoded=_decoded(uris, spec, args),
+                opener=_opener(config),
+                batch_size=config.batch_size,
+                threads=config.threads,
+                decoded=_decoded(uris, spec, config),
             )
             probs = ev.average_view_probabilities(logits)
             labels = [y for _, y in entries]
@@ -363,9 +427,9 @@ def run_eval(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
             metrics["decode_errors"] = sum(1 for e in errors if e)
             metrics["split"] = split_name
             results.append(metrics)
-            if key == "model" and args.confusion_png and len(split_names) <= ev.CONFUSION_MAX_CLASSES:
+            if key == "model" and config.confusion_png and len(split_names) <= ev.CONFUSION_MAX_CLASSES:
                 matrix = ev.confusion_matrix(probs.argmax(axis=1), labels, len(split_names))
-                path = Path(args.confusion_png)
+                path = Path(config.confusion_png)
                 if len(splits) > 1:
                     path = path.with_name(f"{path.stem}-{split_name}{path.suffix}")
                 ev.save_confusion_png(matrix, split_names, path, title=f"{m.config.name} {split_name}")
@@ -400,16 +464,16 @@ def main(argv: Sequence[str] | None = None, mode: Mode | None = None) -> int:
     """``vitaclip eval``; 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        chosen: Mode = args.mode or mode or ("zero-shot" if args.protocol else "supervised")
-        report = run_eval(args, chosen)
+        config = eval_config_from_args(sys.argv[1:] if argv is None else argv)
+        chosen: Mode = config.mode or mode or ("zero-shot" if config.protocol else "supervised")
+        report = run_eval(config, chosen)
     except ValueError as exc:
         print(f"vitaclip eval: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # a list, label or caption file that is not there
         print(f"vitaclip eval: error: no such file: {exc.filename}", file=sys.stderr)
         return 2
-    if args.json:
+    if config.json:
         print(json.dumps(report))
     else:
         _print_report(report)
@@ -438,39 +502,39 @@ def read_captions(uri: str, *, data_root: str = "", s3_endpoint_url: str | None 
     return rows
 
 
-def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
+def run_retrieval(config: RetrievalConfig) -> dict[str, Any]:
     import torch
 
-    _check_model(args)
+    _check_model(config)
     from vitaclip import evaluation as ev
 
-    rows = read_captions(args.captions, data_root=args.data_root, s3_endpoint_url=args.s3_endpoint_url)
+    rows = read_captions(config.captions, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url)
     videos = sorted({v for v, _ in rows}, key=[v for v, _ in rows].index)
     index = {v: i for i, v in enumerate(videos)}
-    _check_ray(args, len(videos))
-    model = load_model(args, None)
-    temporal, spatial = ev.parse_views(args.views)
+    _check_ray(config, len(videos))
+    model = load_model(config, None)
+    temporal, spatial = ev.parse_views(config.views)
     spec = ev.ViewSpec(
-        num_frames=args.num_frames or model.config.num_frames,
+        num_frames=config.num_frames or model.config.num_frames,
         size=model.image_size,
-        sampling=args.sampling,
-        stride=args.stride,
+        sampling=config.sampling,
+        stride=config.stride,
         temporal_views=temporal,
         spatial_views=spatial,
     )
     models = [("model", model)]
-    if args.baseline:
+    if config.baseline:
         models.append(("baseline", ev.frame_averaging_baseline(model)))
-    report: dict[str, Any] = {"checkpoint": args.checkpoint, "model_id": model.model_id, "views": args.views}
+    report: dict[str, Any] = {"checkpoint": config.checkpoint, "model_id": model.model_id, "views": config.views}
     for key, m in models:
         video_feats, errors = ev.video_embeddings(
             m,
             videos,
             spec,
-            opener=_opener(args),
-            batch_size=args.batch_size,
-            threads=args.threads,
-            decoded=_decoded(videos, spec, args),
+            opener=_opener(config),
+            batch_size=config.batch_size,
+            threads=config.threads,
+            decoded=_decoded(videos, spec, config),
         )
         with torch.inference_mode():
             texts = [c for _, c in rows]
@@ -489,15 +553,15 @@ def main_retrieval(argv: Sequence[str] | None = None) -> int:
     """``vitaclip eval-retrieval``; 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        args = build_retrieval_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        report = run_retrieval(args)
+        config = retrieval_config_from_args(sys.argv[1:] if argv is None else argv)
+        report = run_retrieval(config)
     except ValueError as exc:
         print(f"vitaclip eval-retrieval: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # a list, label or caption file that is not there
         print(f"vitaclip eval-retrieval: error: no such file: {exc.filename}", file=sys.stderr)
         return 2
-    if args.json:
+    if config.json:
         print(json.dumps(report))
         return 0
     print(f"{report['model_id']}  {report['num_captions']} captions, {report['num_videos']} videos")

@@ -241,12 +241,10 @@ def test_eval_on_ray_with_default_resources_finishes(videos: dict[str, Path], tm
 
 
 def test_eval_decoders_are_sized_to_the_cluster_or_refused() -> None:
-    import argparse
-
     from jobs.ray_resources import Cluster
 
     def plan(cpus: float, num_videos: int, workers: int | None = None, cpus_each: float | None = None) -> str:
-        args = argparse.Namespace(decode_workers=workers, decode_cpus=cpus_each)
+        args = eval_job.EvalConfig(decode_workers=workers, decode_cpus=cpus_each)
         cluster = Cluster(cpus=cpus, gpus=0, free_cpus=cpus, node_cpus=cpus, node_gpus=0)
         return eval_job.plan_decode_pool(args, cluster, num_videos).describe()
 
