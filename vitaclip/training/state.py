@@ -1,0 +1,186 @@
+"""Training checkpoints that resume exactly: model, optimizer, scheduler, scaler, step, RNG states."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, load_torch_file, save_checkpoint
+from vitaclip.model import VitaClip
+from vitaclip.training.config import CHECKPOINTS_DIR, TRAINING_STATE_FILE
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states, as tensors and plain containers (safe to load)."""
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _to_plain(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _to_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint restores besides the model: where the run stands."""
+
+    step: int
+    samples_seen: int
+    extra: dict[str, Any]
+
+
+def save_training_checkpoint(
+    folder: str | Path,
+    model: VitaClip,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    step: int,
+    samples_seen: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a checkpoint folder: the model in the project format plus ``training_state.pt``.
+
+    The folder is built under a temporary name beside ``folder`` and renamed into place, so a reader sees a whole
+    checkpoint or none. ``training_state.pt`` holds tensors and plain containers only (``weights_only`` loads it):
+    the optimizer, scheduler and scaler state dicts, the step, the data position and the RNG states.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        save_checkpoint(model, tmp)
+        state = {
+            "format": "vitaclip-training-state",
+            "version": 1,
+            "step": int(step),
+            "samples_seen": int(samples_seen),
+            "trainable": model.trainable_parameter_names(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "extra": json.dumps(dict(extra or {})),
+        }
+        torch.save(state, tmp / TRAINING_STATE_FILE)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_training_checkpoint(
+    folder: str | Path,
+    model: VitaClip,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    restore_rng: bool = True,
+) -> TrainingState:
+    """Restores the trainable weights, optimizer, scheduler, scaler and RNG states of a training checkpoint.
+
+    The frozen backbone in the checkpoint must equal the model's: a run resumes on the weights it started from.
+    """
+    import safetensors.torch
+
+    folder = Path(folder)
+    state = load_torch_file(folder / TRAINING_STATE_FILE)  # tensors and containers only, never TorchScript
+    names = model.trainable_parameter_names()
+    if list(state["trainable"]) != names:
+        raise ValueError(f"{folder}: trained parameters {state['trainable']} do not match the model's {names}")
+    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name in own:
+                own[name].copy_(value.to(own[name].dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return TrainingState(
+        step=int(state["step"]), samples_seen=int(state["samples_seen"]), extra=json.loads(state["extra"])
+    )
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_training_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``output/checkpoints`` as ``(step, folder)``, oldest first."""
+    root = Path(output) / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            m = _STEP_DIR.match(entry.name)
+            if m and (entry / CONFIG_FILE).is_file() and (entry / WEIGHTS_FILE).is_file():
+                found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint a path stands for: itself when it is a vitaclip checkpoint folder, else the latest complete
+    checkpoint of a training output folder (``path/checkpoints/step-*``), else None."""
+    path = Path(path)
+    if is_vitaclip_checkpoint(path):
+        return path
+    found = list_training_checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint argument as a loadable path: a training output folder becomes its latest checkpoint."""
+    p = Path(path)
+    if p.is_dir() and not is_vitaclip_checkpoint(p):
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise ValueError(f"{p} is neither a checkpoint nor a training output folder with checkpoints")
+        return latest
+    return p
