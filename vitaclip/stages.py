@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitaclip.redact import redact_text
-from vitaclip.video import SamplingSpec, Uniform, VideoDecodeError, VideoDecoder, Windows, normalize_frames
+from vitaclip.video import (
+    SamplingSpec,
+    Uniform,
+    VideoDecodeError,
+    VideoDecoder,
+    Windows,
+    closing_source,
+    normalize_frames,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +155,7 @@ class DecodeStage:
         try:
             # One open and one time limit for the whole video: the whole clip and the segments share one scan and
             # decode the frames they share once; the metadata comes from what decoding learned.
-            with VideoDecoder(source, timeout_seconds=self.timeout_seconds) as video:
+            with closing_source(source), VideoDecoder(source, timeout_seconds=self.timeout_seconds) as video:
                 clip, *segments = video.clips(self.sampling, size=self.size)
                 info = video.info
         except VideoDecodeError as exc:  # the status says the reason; the message says the rest
@@ -158,10 +166,6 @@ class DecodeStage:
                     INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", decode_seconds=time.perf_counter() - start
                 )
             ]
-        finally:
-            close = getattr(source, "close", None)
-            if callable(close):
-                close()
         meta = dict(
             _BASE_ROW,
             duration_seconds=float(info.duration_seconds),

@@ -109,28 +109,21 @@ def _decode_all(
 
 
 def _decode_one(uri: str, spec: ViewSpec, opener: Callable[[str], Any] | None) -> tuple[np.ndarray | None, str]:
-    try:
-        source = opener(uri) if opener is not None else uri
-        try:
-            return (
-                decode_views(
-                    source,
-                    num_frames=spec.num_frames,
-                    size=spec.size,
-                    sampling=spec.sampling,
-                    stride=spec.stride,
-                    temporal_views=spec.temporal_views,
-                    spatial_views=spec.spatial_views,
-                    timeout_seconds=spec.timeout_seconds,
-                ),
-                "",
-            )
-        finally:
-            close = getattr(source, "close", None)
-            if callable(close):
-                close()
-    except Exception as exc:  # per-video boundary: recorded, counted as a miss
-        return None, f"{type(exc).__name__}: {exc}"
+    from vitaclip.video import decode_or_error
+
+    def views(source: Any) -> np.ndarray:
+        return decode_views(
+            source,
+            num_frames=spec.num_frames,
+            size=spec.size,
+            sampling=spec.sampling,
+            stride=spec.stride,
+            temporal_views=spec.temporal_views,
+            spatial_views=spec.spatial_views,
+            timeout_seconds=spec.timeout_seconds,
+        )
+
+    return decode_or_error(uri, views, opener=opener)  # a failure is recorded and counted as a miss
 
 
 @torch.inference_mode()

@@ -156,31 +156,25 @@ class TrainClipSource:
 
     def clip_at(self, position: int) -> tuple[torch.Tensor, int, bool]:
         """(uint8 ``[T, 3, S, S]``, label, valid) of the sample at a data position."""
-        from vitaclip.video import decode_clip, sampling_spec
+        from vitaclip.video import decode_clip, decode_or_error, sampling_spec
 
         entry = self.entries[self.order(position)]
         rng = sample_rng(self.config.seed, position)
         jitter = self.config.sampling == "dense" and self.config.temporal_jitter
-        start_fraction = float(rng.random()) if jitter else None
-        try:
-            source = self.opener(entry.uri) if self.opener is not None else entry.uri
-            try:
-                clip = decode_clip(
-                    source,
-                    sampling_spec(
-                        self.config.sampling,
-                        num_frames=self.num_frames,
-                        stride=self.config.stride,
-                        start_fraction=start_fraction,
-                    ),
-                    size=self.decode_size,
-                    timeout_seconds=self.config.decode_timeout_seconds,
-                )
-            finally:
-                close = getattr(source, "close", None)
-                if callable(close):
-                    close()
-        except Exception:  # per-video boundary: a bad or unreadable video is skipped in the loss, never fatal
+        sampling = sampling_spec(
+            self.config.sampling,
+            num_frames=self.num_frames,
+            stride=self.config.stride,
+            start_fraction=float(rng.random()) if jitter else None,
+        )
+        clip, _ = decode_or_error(
+            entry.uri,
+            lambda source: decode_clip(
+                source, sampling, size=self.decode_size, timeout_seconds=self.config.decode_timeout_seconds
+            ),
+            opener=self.opener,
+        )
+        if clip is None:  # a bad or unreadable video is skipped in the loss, never fatal
             empty = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
             return empty, entry.label, False
         return augment_clip(clip.frames, self.augment, rng), entry.label, True

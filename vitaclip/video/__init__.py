@@ -7,7 +7,17 @@ file). Bad videos raise ``VideoDecodeError`` with a machine-readable ``reason``.
 """
 
 from vitaclip.video._container import SeekableReader, VideoSource
-from vitaclip.video.decode import DEFAULT_MAX_PIXELS, Clip, Crop, DecodeStats, VideoDecoder, decode_clip, decode_clips
+from vitaclip.video.decode import (
+    DEFAULT_MAX_PIXELS,
+    Clip,
+    Crop,
+    DecodeStats,
+    VideoDecoder,
+    closing_source,
+    decode_clip,
+    decode_clips,
+    decode_or_error,
+)
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
 from vitaclip.video.probe import VideoInfo, probe
 from vitaclip.video.sampling import (
@@ -42,8 +52,10 @@ __all__ = [
     "VideoInfo",
     "VideoSource",
     "Windows",
+    "closing_source",
     "decode_clip",
     "decode_clips",
+    "decode_or_error",
     "dense_indices",
     "frame_indices_at",
     "frames_to_tensor",

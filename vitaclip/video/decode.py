@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import av
 import av.error
@@ -50,7 +50,17 @@ from vitaclip.video.sampling import (
 )
 from vitaclip.video.transforms import frame_to_rgb
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Clip", "Crop", "DecodeStats", "VideoDecoder", "decode_clip", "decode_clips"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Clip",
+    "Crop",
+    "DecodeStats",
+    "VideoDecoder",
+    "closing_source",
+    "decode_clip",
+    "decode_clips",
+    "decode_or_error",
+]
 
 DEFAULT_MAX_PIXELS = 8192 * 4320
 """Largest picture (width * height) decoded by default: DCI 8K."""
@@ -60,6 +70,7 @@ _NONREF_SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1vi
 _LOOKAHEAD_BYTES = 32 << 20  # compressed bytes demuxed ahead of the decoder before it must start
 _MAX_RETREATS = 16  # then seeking is given up for one pass from the start
 SkipMode = Literal["DEFAULT", "NONREF"]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -761,3 +772,26 @@ def decode_clip(
         source, num_threads=num_threads, timeout_seconds=timeout_seconds, max_pixels=max_pixels, stats=stats
     ) as decoder:
         return decoder.clip(sampling, size=size, crop=crop)
+
+
+@contextmanager
+def closing_source(source: VideoSource) -> Iterator[VideoSource]:
+    """`source` for the block, closed after it when it can be (file objects and readers an opener made)."""
+    try:
+        yield source
+    finally:
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+
+
+def decode_or_error(
+    uri: str, decode: Callable[[VideoSource], _T], *, opener: Callable[[str], VideoSource] | None = None
+) -> tuple[_T | None, str]:
+    """The per-video boundary of decoding loops: ``(decode(source), "")`` for the opened `uri` (the uri itself
+    without an `opener`), or ``(None, "Type: message")`` when opening or decoding it failed in any way."""
+    try:
+        with closing_source(opener(uri) if opener is not None else uri) as source:
+            return decode(source), ""
+    except Exception as exc:  # per-video boundary: a bad or unreadable video is a result, never a crash
+        return None, f"{type(exc).__name__}: {exc}"
