@@ -1,4 +1,5 @@
-"""Text-to-video index: table schemas, FAISS build and query, search CLI and HTTP service.
+"""The output and its index: the Delta tables' contract (schemas, writing, commits, reading), the stores they live
+in, the FAISS index built from them and the search over it (engine and HTTP service).
 
 ``index.build_index(vectors, ids, out_dir, kind="auto", model_id=...)`` builds; ``index.open_index(out_dir)``
 opens read-only, and its ``.search(queries, k)`` returns ``(scores, ids)``.
