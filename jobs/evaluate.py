@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.ray_resources import Cluster, DecodePool, init_ray, plan_decoders, require_fit
+from jobs.ray_resources import init_ray, plan_decode_pool
 from vitaclip.redact import redact_text
 
 log = logging.getLogger("vitaclip.eval")
@@ -300,28 +300,15 @@ class DecodeViewsStage:
 _DECODE_BATCH = 4  # videos per Ray decode call
 
 
-def plan_decode_pool(config: EvalSourceConfig, cluster: Cluster, num_videos: int) -> DecodePool:
-    """The Ray decode actors of an evaluation: one per CPU (at most one per batch of videos) unless the flags say;
-    the model runs in the driver, outside Ray's accounting. Raises ValueError when the request cannot fit."""
-    pool = plan_decoders(
-        cluster.usable_cpus,
-        workers=config.decode_workers,
-        cpus_per_worker=config.decode_cpus,
-        max_workers=max(1, -(-num_videos // _DECODE_BATCH)),
-    )
-    require_fit(
-        "the evaluation",
-        [pool.demand()],
-        cluster,
-        hint="lower --decode-workers or --decode-cpus, or use a bigger cluster",
-    )
-    return pool
-
-
 def _check_ray(config: EvalSourceConfig, num_videos: int) -> None:
     """With ``--ray``: starts or joins Ray and refuses a decode pool it cannot hold, before any model is loaded."""
     if config.ray:
-        plan_decode_pool(config, init_ray(address=config.ray_address, num_cpus=config.num_cpus), num_videos)
+        plan_decode_pool(
+            config,
+            init_ray(address=config.ray_address, num_cpus=config.num_cpus),
+            num_videos,
+            videos_per_batch=_DECODE_BATCH,
+        )
 
 
 def _decoded(uris: Sequence[str], spec: Any, config: EvalSourceConfig) -> Any:
@@ -331,7 +318,7 @@ def _decoded(uris: Sequence[str], spec: Any, config: EvalSourceConfig) -> Any:
     import ray
 
     cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
-    pool = plan_decode_pool(config, cluster, len(uris))
+    pool = plan_decode_pool(config, cluster, len(uris), videos_per_batch=_DECODE_BATCH)
     log.info("Ray cluster of %s: %s", cluster.describe(), pool.describe())
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = ray.data.from_items([{"i": i, "uri": u} for i, u in enumerate(uris)])

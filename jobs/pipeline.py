@@ -360,15 +360,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     record = RunRecord(store, config, model_id=model.model_id, versions=versions)
     log.info("run %s", record.run_id)
     try:
-        filters: dict[str, Any] = dict(
-            extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
-        )
-        # The first page is fetched before Ray starts: a wrong bucket, refused credentials or an empty prefix fail
-        # fast with a clear message.
-        listing = require_any(
-            list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
-            where=describe_listing(config.inputs, **filters),
-        )
+        listing = _listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
         pools = plan_index_pools(
             init_ray(address=config.ray_address, num_cpus=config.num_cpus),
             embed_device=config.embed_device,
@@ -380,12 +372,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         )
         planner, block_refs = plan_run(listing, location, model, versions, record.folder_inputs, pools)
         committer = Committer(
-            location,
-            model_id=model.model_id,
-            run_id=record.run_id,
-            versions=versions,
+            location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
-        )
+        )  # fmt: skip
         commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
         if block_refs:
             ds = index_dataset(config, block_refs, model, pools)
@@ -405,6 +394,18 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     except ValueError as exc:
         record.fail(exc)
         raise
+
+
+def _listing(config: IndexJobConfig) -> Iterator[VideoObject]:
+    """The run's listing, its first page fetched already: a wrong bucket, refused credentials or an empty prefix
+    raise here with a clear message."""
+    filters: dict[str, Any] = dict(
+        extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
+    )
+    return require_any(
+        list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
+        where=describe_listing(config.inputs, **filters),
+    )
 
 
 def plan_run(

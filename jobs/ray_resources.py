@@ -1,4 +1,5 @@
-"""Sizing Ray work to the cluster it runs on.
+"""Sizing Ray work to the cluster it runs on: the one place that decides the pools of the indexing job
+(`plan_index_pools`), training (`plan_resources`) and evaluation (`plan_decode_pool`).
 
 Starts (or attaches to) Ray, reads its CPUs and GPUs, sizes decode actor pools from them, and refuses at once a
 request the cluster cannot hold: Ray and Ray Data would otherwise wait forever for resources that never come (a run
@@ -14,7 +15,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobs.evaluate import EvalSourceConfig
+    from vitaclip.training import TrainConfig
 
 MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decode actor is given when CPUs are scarce
 
@@ -256,3 +261,73 @@ def plan_index_pools(
         hint="lower --decode-workers, use --embed-device cpu or auto, or give the run a bigger cluster",
     )
     return pools
+
+
+@dataclass(frozen=True)
+class TrainResources:
+    """What a Ray run asks for: ``num_workers`` training workers, each with its own pool of CPU decode actors."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    decode: DecodePool  # per training worker
+
+    def describe(self) -> str:
+        each = count(self.cpus_per_worker, "CPU")
+        return (
+            f"{count(self.num_workers, 'training worker')} x {f'({each}, 1 GPU)' if self.use_gpu else each}, each "
+            f"fed by {self.decode.describe()}"
+        )
+
+
+def plan_resources(config: TrainConfig, cluster: Cluster) -> TrainResources:
+    """Training workers and decode actors for ``cluster``; options the config sets are taken as they are.
+
+    Defaults: with GPUs, one worker per GPU (the most that divide the batch) with 1 CPU each; without, one worker
+    with half the CPUs. The CPUs left are split between the workers' decoder pools, one 1-CPU decoder per CPU (one
+    decoder with the fraction left when that is under one CPU). Raises ValueError when the request cannot fit.
+    """
+    use_gpu = config.use_gpu if config.use_gpu is not None else cluster.gpus >= 1
+    if config.num_workers is not None:
+        workers = config.num_workers
+    elif use_gpu:
+        fits = [w for w in range(1, int(cluster.gpus) + 1) if config.batch_size % (w * config.micro_batch_size) == 0]
+        workers = max(fits, default=1)
+    else:
+        workers = 1
+    cpus = cluster.usable_cpus
+    if config.cpus_per_worker is not None:
+        cpus_per_worker = config.cpus_per_worker
+    else:
+        half = cpus / (2 * workers)
+        cpus_per_worker = cpu_request(min(1.0, half) if use_gpu else half)
+    share = max(0.0, (cpus - workers * cpus_per_worker) / workers)
+    decode = plan_decoders(share, workers=config.decode_workers, cpus_per_worker=config.decode_cpus)
+    require_fit(
+        "the run",
+        [Demand("training worker", workers, cpus_per_worker, 1.0 if use_gpu else 0.0), decode.demand(pools=workers)],
+        cluster,
+        hint="lower --num-workers, --cpus-per-worker, --decode-workers or --decode-cpus (or drop --use-gpu), or use a "
+        "bigger cluster",
+    )
+    return TrainResources(workers, use_gpu, cpus_per_worker, decode)
+
+
+def plan_decode_pool(
+    config: EvalSourceConfig, cluster: Cluster, num_videos: int, *, videos_per_batch: int
+) -> DecodePool:
+    """The Ray decode actors of an evaluation: one per CPU (at most one per batch of videos) unless the flags say;
+    the model runs in the driver, outside Ray's accounting. Raises ValueError when the request cannot fit."""
+    pool = plan_decoders(
+        cluster.usable_cpus,
+        workers=config.decode_workers,
+        cpus_per_worker=config.decode_cpus,
+        max_workers=max(1, -(-num_videos // videos_per_batch)),
+    )
+    require_fit(
+        "the evaluation",
+        [pool.demand()],
+        cluster,
+        hint="lower --decode-workers or --decode-cpus, or use a bigger cluster",
+    )
+    return pool

@@ -10,10 +10,11 @@ of sample counters mapped (by :class:`vitaclip.training.TrainClipSource` on CPU 
 decoded clips and augmentations, in order. A sample's content is a function of its data position, and a step's
 positions are a function of the step, so a run resumed from a checkpoint reads exactly what it would have read.
 
-Resources are sized to the Ray cluster the run finds (:func:`plan_resources`): one training worker per GPU with 1 CPU
-each, or one CPU worker with half the CPUs; the CPUs left feed each worker's pool of 1-CPU decoders (a fraction of a
-CPU on small machines: 2 CPUs give 1 worker x 1 CPU and 1 decoder x 1 CPU). ``--num-workers``, ``--cpus-per-worker``,
-``--decode-workers`` and ``--decode-cpus`` override; a request the cluster cannot hold fails at once.
+Resources are sized to the Ray cluster the run finds (`jobs.ray_resources.plan_resources`): one training worker per
+GPU with 1 CPU each, or one CPU worker with half the CPUs; the CPUs left feed each worker's pool of 1-CPU decoders (a
+fraction of a CPU on small machines: 2 CPUs give 1 worker x 1 CPU and 1 decoder x 1 CPU). ``--num-workers``,
+``--cpus-per-worker``, ``--decode-workers`` and ``--decode-cpus`` override; a request the cluster cannot hold fails at
+once.
 
 Outputs under ``--output`` (a folder or ``s3://bucket/prefix``): ``checkpoints/step-NNNNNNNNN/`` (the model in the
 project's format plus ``training_state.pt``: optimizer, scheduler, scaler, step, data position, RNG states; the last
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.ray_resources import Cluster, DecodePool, Demand, count, cpu_request, plan_decoders, require_fit
+from jobs.ray_resources import DecodePool, plan_resources
 from vitaclip.config import load_yaml_mapping
 from vitaclip.redact import redact_text
 from vitaclip.training import (
@@ -740,56 +741,6 @@ def _rank_datasets(
             **decode.map_batches_args(),
         )
     return datasets
-
-
-@dataclass(frozen=True)
-class TrainResources:
-    """What a Ray run asks for: ``num_workers`` training workers, each with its own pool of CPU decode actors."""
-
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    decode: DecodePool  # per training worker
-
-    def describe(self) -> str:
-        each = count(self.cpus_per_worker, "CPU")
-        return (
-            f"{count(self.num_workers, 'training worker')} x {f'({each}, 1 GPU)' if self.use_gpu else each}, each "
-            f"fed by {self.decode.describe()}"
-        )
-
-
-def plan_resources(config: TrainConfig, cluster: Cluster) -> TrainResources:
-    """Training workers and decode actors for ``cluster``; options the config sets are taken as they are.
-
-    Defaults: with GPUs, one worker per GPU (the most that divide the batch) with 1 CPU each; without, one worker
-    with half the CPUs. The CPUs left are split between the workers' decoder pools, one 1-CPU decoder per CPU (one
-    decoder with the fraction left when that is under one CPU). Raises ValueError when the request cannot fit.
-    """
-    use_gpu = config.use_gpu if config.use_gpu is not None else cluster.gpus >= 1
-    if config.num_workers is not None:
-        workers = config.num_workers
-    elif use_gpu:
-        fits = [w for w in range(1, int(cluster.gpus) + 1) if config.batch_size % (w * config.micro_batch_size) == 0]
-        workers = max(fits, default=1)
-    else:
-        workers = 1
-    cpus = cluster.usable_cpus
-    if config.cpus_per_worker is not None:
-        cpus_per_worker = config.cpus_per_worker
-    else:
-        half = cpus / (2 * workers)
-        cpus_per_worker = cpu_request(min(1.0, half) if use_gpu else half)
-    share = max(0.0, (cpus - workers * cpus_per_worker) / workers)
-    decode = plan_decoders(share, workers=config.decode_workers, cpus_per_worker=config.decode_cpus)
-    require_fit(
-        "the run",
-        [Demand("training worker", workers, cpus_per_worker, 1.0 if use_gpu else 0.0), decode.demand(pools=workers)],
-        cluster,
-        hint="lower --num-workers, --cpus-per-worker, --decode-workers or --decode-cpus (or drop --use-gpu), or use a "
-        "bigger cluster",
-    )
-    return TrainResources(workers, use_gpu, cpus_per_worker, decode)
 
 
 def run_training(config: TrainConfig, *, after_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:

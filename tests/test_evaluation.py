@@ -241,12 +241,12 @@ def test_eval_on_ray_with_default_resources_finishes(videos: dict[str, Path], tm
 
 
 def test_eval_decoders_are_sized_to_the_cluster_or_refused() -> None:
-    from jobs.ray_resources import Cluster
+    from jobs.ray_resources import Cluster, plan_decode_pool
 
     def plan(cpus: float, num_videos: int, workers: int | None = None, cpus_each: float | None = None) -> str:
         args = eval_job.EvalConfig(decode_workers=workers, decode_cpus=cpus_each)
         cluster = Cluster(cpus=cpus, gpus=0, free_cpus=cpus, node_cpus=cpus, node_gpus=0)
-        return eval_job.plan_decode_pool(args, cluster, num_videos).describe()
+        return plan_decode_pool(args, cluster, num_videos, videos_per_batch=4).describe()
 
     assert plan(2, 100) == "up to 2 decoders x 1 CPU"
     assert plan(16, 100) == "up to 16 decoders x 1 CPU"

@@ -375,12 +375,12 @@ def test_ray_train_refuses_at_once_what_the_cluster_cannot_hold(motion_data: dic
 
 
 def test_resources_are_sized_to_the_cluster() -> None:
-    from jobs.ray_resources import Cluster
+    from jobs.ray_resources import Cluster, plan_resources
 
     def plan(cpus: float, gpus: float = 0, *, node_cpus: float | None = None, **options: Any) -> str:
         cluster = Cluster(cpus=cpus, gpus=gpus, free_cpus=cpus, node_cpus=node_cpus or cpus, node_gpus=gpus)
         config = TrainConfig(train_list="x", output="y", **options)
-        return train_job.plan_resources(config, cluster).describe()
+        return plan_resources(config, cluster).describe()
 
     assert plan(1) == "1 training worker x 0.5 CPUs, each fed by up to 1 decoder x 0.5 CPUs"
     assert plan(2) == "1 training worker x 1 CPU, each fed by up to 1 decoder x 1 CPU"
