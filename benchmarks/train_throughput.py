@@ -45,7 +45,7 @@ def measure(args: argparse.Namespace, *, unfrozen: bool = False) -> dict[str, ob
     optimizer = build_optimizer(model, config)
     if unfrozen:  # what the step would cost if the backbone were trained too (for comparison only)
         model.clip.requires_grad_(True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optimizer.lr)
     scheduler = build_scheduler(optimizer, config)
     precision = resolve_precision("auto", device)
     scaler = build_scaler(precision, device)

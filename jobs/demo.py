@@ -254,11 +254,11 @@ def _pretrain_clip(work: Path, config: DemoBuildConfig, config_model: Any, reuse
 
 def _train(train_config: Any, step: str, reused: list[str]) -> None:
     """Runs (or resumes) one prompt training run with the project's trainer."""
-    from jobs.train import run_training
+    from jobs.train import RayTrainConfig, run_training
 
     if _finished(Path(train_config.output), train_config.steps):
         reused.append(step)
-    summary = run_training(train_config)
+    summary = run_training(train_config, RayTrainConfig(local=True))
     last = summary.get("last") or {}
     log.info("%s: %s steps, loss %s, accuracy %s", step, summary.get("steps"), last.get("loss"), last.get("accuracy"))
 
@@ -268,16 +268,16 @@ def _train_prompts(
 ) -> Path:
     """Vita-CLIP prompts with the project's trainer, then (optionally) a second cosine cycle; the last output."""
     from jobs.train import resolve_checkpoint
-    from vitaclip.training import TrainConfig
+    from vitaclip.training import AugmentConfig, OptimizerConfig, TrainConfig
 
     t = time.perf_counter()
     prompts = TrainConfig(
         model=MODEL_NAME, checkpoint=str(clip_path), train_list=str(work / "train" / "list.csv"),
         data_root=str(work / "train"), label_names=str(work / "seen.txt"), output=str(work / "prompts"),
         steps=config.prompt_steps, batch_size=config.prompt_batch_size, micro_batch_size=config.prompt_batch_size,
-        lr=config.prompt_lr, warmup_steps=max(1, config.prompt_steps // 20), sampling="uniform",
-        crop_scale=(0.6, 1.0), randaug_num_ops=0, decode_scale=1.0, save_every=min(config.prompt_steps, 500),
-        eval_every=0, local=True, seed=config.seed,
+        optimizer=OptimizerConfig(lr=config.prompt_lr, warmup_steps=max(1, config.prompt_steps // 20)),
+        augment=AugmentConfig(crop_scale=(0.6, 1.0), randaug_num_ops=0, decode_scale=1.0), sampling="uniform",
+        save_every=min(config.prompt_steps, 500), eval_every=0, seed=config.seed,
     )  # fmt: skip
     _train(prompts, "prompt_training", reused)
     timings["prompt_training_seconds"] = time.perf_counter() - t
@@ -290,7 +290,8 @@ def _train_prompts(
     refine = dataclasses.replace(
         prompts,
         checkpoint=str(resolve_checkpoint(prompts.output)), output=str(work / "prompts-refine"), steps=steps,
-        lr=config.prompt_refine_lr, warmup_steps=max(1, steps // 20), save_every=min(steps, 500), seed=config.seed + 1,
+        optimizer=dataclasses.replace(prompts.optimizer, lr=config.prompt_refine_lr, warmup_steps=max(1, steps // 20)),
+        save_every=min(steps, 500), seed=config.seed + 1,
     )  # fmt: skip
     _train(refine, "prompt_refine", reused)
     timings["prompt_refine_seconds"] = time.perf_counter() - t

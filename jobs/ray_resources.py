@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jobs.evaluate import EvalSourceConfig
+    from jobs.train import RayTrainConfig
     from vitaclip.training import TrainConfig
 
 MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decode actor is given when CPUs are scarce
@@ -280,29 +281,29 @@ class TrainResources:
         )
 
 
-def plan_resources(config: TrainConfig, cluster: Cluster) -> TrainResources:
+def plan_resources(config: TrainConfig, ray: RayTrainConfig, cluster: Cluster) -> TrainResources:
     """Training workers and decode actors for ``cluster``; options the config sets are taken as they are.
 
     Defaults: with GPUs, one worker per GPU (the most that divide the batch) with 1 CPU each; without, one worker
     with half the CPUs. The CPUs left are split between the workers' decoder pools, one 1-CPU decoder per CPU (one
     decoder with the fraction left when that is under one CPU). Raises ValueError when the request cannot fit.
     """
-    use_gpu = config.use_gpu if config.use_gpu is not None else cluster.gpus >= 1
-    if config.num_workers is not None:
-        workers = config.num_workers
+    use_gpu = ray.use_gpu if ray.use_gpu is not None else cluster.gpus >= 1
+    if ray.num_workers is not None:
+        workers = ray.num_workers
     elif use_gpu:
         fits = [w for w in range(1, int(cluster.gpus) + 1) if config.batch_size % (w * config.micro_batch_size) == 0]
         workers = max(fits, default=1)
     else:
         workers = 1
     cpus = cluster.usable_cpus
-    if config.cpus_per_worker is not None:
-        cpus_per_worker = config.cpus_per_worker
+    if ray.cpus_per_worker is not None:
+        cpus_per_worker = ray.cpus_per_worker
     else:
         half = cpus / (2 * workers)
         cpus_per_worker = cpu_request(min(1.0, half) if use_gpu else half)
     share = max(0.0, (cpus - workers * cpus_per_worker) / workers)
-    decode = plan_decoders(share, workers=config.decode_workers, cpus_per_worker=config.decode_cpus)
+    decode = plan_decoders(share, workers=ray.decode_workers, cpus_per_worker=ray.decode_cpus)
     require_fit(
         "the run",
         [Demand("training worker", workers, cpus_per_worker, 1.0 if use_gpu else 0.0), decode.demand(pools=workers)],

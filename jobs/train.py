@@ -18,14 +18,16 @@ once.
 
 Outputs under ``--output`` (a folder or ``s3://bucket/prefix``): ``checkpoints/step-NNNNNNNNN/`` (the model in the
 project's format plus ``training_state.pt``: optimizer, scheduler, scaler, step, data position, RNG states; the last
-``--keep-last`` kept), ``metrics.jsonl``, ``curves.png``, ``train_config.json`` and ``train_summary.json``. A run
-started on an output folder that holds checkpoints resumes from the latest one. The output folder works wherever a
-checkpoint is expected (``vitaclip eval --checkpoint OUT``).
+``--keep-last`` kept), ``metrics.jsonl``, ``curves.png``, ``train_config.json`` (the recipe), ``train_resources.json``
+(the Ray sizes a run chose) and ``train_summary.json``. A run started on an output folder that holds checkpoints
+resumes from the latest one. The output folder works wherever a checkpoint is expected (``vitaclip eval --checkpoint
+OUT``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from jobs.ray_resources import DecodePool, plan_resources
-from vitaclip.config import load_yaml_mapping
+from vitaclip.config import check_field_types, load_yaml_mapping
 from vitaclip.redact import redact_text
 from vitaclip.training import (
     CHECKPOINTS_DIR,
@@ -127,8 +129,52 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train") -> TrainConfig:
-    """Flags (and ``--config`` YAML) -> :class:`TrainConfig`; raises ValueError with a clear message."""
+@dataclass(frozen=True)
+class RayTrainConfig:
+    """Where a training run runs and how widely; the recipe itself is a `TrainConfig`. Every field is a flag.
+
+    Attributes:
+        num_workers: Ray Train workers (DDP processes). None: one per GPU (the most that divide the batch), or one
+            without GPUs.
+        use_gpu: one GPU per worker (None: when the cluster has GPUs).
+        cpus_per_worker: CPUs reserved by each training worker (None: 1 with a GPU, else half the cluster's CPUs;
+            fractions under one CPU on small machines).
+        decode_workers: Ray Data decode actors per training worker, at most (None: one per CPU left to it).
+        decode_cpus: CPUs reserved by each decode actor (None: 1, or the fraction left on small machines).
+        num_cpus: CPUs of the embedded local Ray (None: all); ignored with ``ray_address``.
+        local: run the loop in this process without Ray (one worker, decoding on ``decode_threads`` threads).
+        ray_address: an existing Ray cluster; None: an embedded local one.
+        max_failures: Ray Train restarts after a worker failure (each resumes from the latest checkpoint).
+    """
+
+    num_workers: int | None = None
+    use_gpu: bool | None = None
+    cpus_per_worker: float | None = None
+    decode_workers: int | None = None
+    decode_cpus: float | None = None
+    num_cpus: int | None = None
+    local: bool = False
+    ray_address: str | None = None
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("num_workers", "decode_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cpus_per_worker", "decode_cpus"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        """Training processes as far as the flags say (1 locally; the cluster decides when ``num_workers`` is None)."""
+        return 1 if self.local or self.num_workers is None else self.num_workers
+
+
+def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train") -> tuple[TrainConfig, RayTrainConfig]:
+    """Flags (and ``--config`` YAML, flat keys) -> the recipe and where it runs; raises ValueError with a clear
+    message."""
     args = build_parser(prog).parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
@@ -136,15 +182,17 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train")
     for name, value in vars(args).items():
         if name != "config" and value is not None:
             values[name] = value
+    ray_names = {f.name for f in dataclasses.fields(RayTrainConfig)}
     try:
-        config = TrainConfig.from_dict(values)
+        ray = RayTrainConfig(**{k: values.pop(k) for k in list(values) if k in ray_names})
+        config = TrainConfig.from_dict({**values, "world_size": ray.world_size})
     except ValueError as exc:
         raise ValueError(f"{args.config}: {exc}" if args.config else str(exc)) from None
     if not config.train_list:
         raise ValueError("give --train-list (a path,label list or a Parquet manifest)")
     if not config.output:
         raise ValueError("give --output (a folder or s3://bucket/prefix)")
-    return config
+    return config, ray
 
 
 # ------------------------------------------------------------------------------------------------ reading inputs
@@ -389,13 +437,14 @@ class _Worker:
     scaler: Any
     precision: str
     start_step: int
+    distributed: bool
 
     @property
     def num_frames(self) -> int:
         return self.config.num_frames or self.model.config.num_frames
 
 
-def _start_worker(config: TrainConfig) -> _Worker:
+def _start_worker(config: TrainConfig, *, distributed: bool) -> _Worker:
     """This process's rank and device, the model on it, optimizer, scheduler and scaler, resumed from the latest
     checkpoint of the output when there is one; under Ray Train with DDP when there are several workers."""
     import torch
@@ -408,7 +457,7 @@ def _start_worker(config: TrainConfig) -> _Worker:
         resolve_precision,
     )
 
-    if config.local:
+    if not distributed:
         rank, world_size = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -424,7 +473,7 @@ def _start_worker(config: TrainConfig) -> _Worker:
     model = _model_for(config, label_names, config.s3_endpoint_url)
     model.to(device)
     model.train()
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_precision(config.optimizer.precision, device)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     scaler = build_scaler(precision, device)
@@ -444,7 +493,7 @@ def _start_worker(config: TrainConfig) -> _Worker:
         )
     return _Worker(
         config, rank, world_size, device, output, tuple(label_names), model, ddp_model, optimizer, scheduler, scaler,
-        precision, start_step,
+        precision, start_step, distributed,
     )  # fmt: skip
 
 
@@ -452,7 +501,7 @@ def _micro_batch_stream(worker: _Worker, data_start_step: int) -> Iterator[dict[
     """This worker's micro-batches from its start step: its Ray Data shard, or decoded here (``--local``)."""
     config = worker.config
     accumulation = config.accumulation_steps
-    if not config.local:
+    if worker.distributed:
         import ray.train
 
         shard = ray.train.get_dataset_shard(f"train_{worker.rank}")
@@ -509,7 +558,7 @@ def _train_one_step(worker: _Worker, stream: Iterator[dict[str, np.ndarray]]) ->
         precision=worker.precision,
         mean=worker.model.config.mean,
         std=worker.model.config.std,
-        max_grad_norm=worker.config.max_grad_norm,
+        max_grad_norm=worker.config.optimizer.max_grad_norm,
         no_sync=getattr(worker.ddp_model, "no_sync", None) if worker.world_size > 1 else None,
     )
     totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
@@ -664,7 +713,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     streams) and optionally ``after_checkpoint`` (called on rank 0 with the step of each checkpoint it published).
     """
     config = TrainConfig.from_dict(loop_config["config"])
-    worker = _start_worker(config)
+    worker = _start_worker(config, distributed=bool(loop_config.get("distributed")))
     stream = _micro_batch_stream(worker, int(loop_config["data_start_step"]))
     recorder = _Recorder(worker, loop_config.get("after_checkpoint")) if worker.rank == 0 else None
     started = time.perf_counter()
@@ -723,7 +772,7 @@ def _rank_datasets(
     num_samples = max(0, config.steps - start_step) * per_worker
     num_frames = config.num_frames or model_config.num_frames
     datasets = {}
-    for rank in range(config.workers):
+    for rank in range(config.world_size):
         ds = _counters(max(num_samples, 1), max(1, min(64, num_samples // per_worker or 1)))
         datasets[f"train_{rank}"] = ds.map_batches(
             TrainClipSource,
@@ -733,7 +782,7 @@ def _rank_datasets(
                 num_frames=num_frames,
                 image_size=image_size,
                 rank=rank,
-                world_size=config.workers,
+                world_size=config.world_size,
                 start_step=start_step,
                 opener=Opener(config.s3_endpoint_url),
             ),
@@ -743,26 +792,38 @@ def _rank_datasets(
     return datasets
 
 
-def run_training(config: TrainConfig, *, after_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_training(
+    config: TrainConfig,
+    ray: RayTrainConfig | None = None,
+    *,
+    after_checkpoint: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Runs (or resumes) a training run to its last step; returns the summary written to ``train_summary.json``.
 
-    ``after_checkpoint`` is called by the first worker with the step of each checkpoint it published (a test kills
-    the process there, as a preempted worker dies).
+    ``ray`` says where (default: an embedded local Ray sized to this machine). ``after_checkpoint`` is called by the
+    first worker with the step of each checkpoint it published (a test kills the process there, as a preempted
+    worker dies).
     """
+    ray = ray or RayTrainConfig()
     output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
     steps_done = output.checkpoint_steps()
     start_step = steps_done[-1] if steps_done else 0
-    loop_config = {"config": config.to_dict(), "data_start_step": start_step, "after_checkpoint": after_checkpoint}
+    loop_config = {
+        "config": config.to_dict(),
+        "data_start_step": start_step,
+        "after_checkpoint": after_checkpoint,
+        "distributed": not ray.local,
+    }
     if start_step < config.steps:
-        if config.local:
-            train_loop(loop_config)
+        if ray.local:
+            train_loop({**loop_config, "config": config.replace(world_size=1).to_dict()})
         else:
-            _run_ray(config, loop_config, start_step)
+            _run_ray(config, ray, loop_config, start_step)
     text = output.read_text("train_summary.json")
     return json.loads(text) if text else {"output": output.url, "steps": config.steps, "resumed_from_step": start_step}
 
 
-def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) -> None:
+def _run_ray(config: TrainConfig, ray_config: RayTrainConfig, loop_config: dict[str, Any], start_step: int) -> None:
     import ray
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -770,17 +831,21 @@ def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) 
     from jobs.ray_resources import init_ray
     from vitaclip.registry import resolve_config
 
-    cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
-    plan = plan_resources(config, cluster)
+    cluster = init_ray(address=ray_config.ray_address, num_cpus=ray_config.num_cpus)
+    plan = plan_resources(config, ray_config, cluster)
     log.info("Ray cluster of %s: %s", cluster.describe(), plan.describe())
-    # The resolved sizes travel to the workers (the loop reads world size and batch split from the config).
-    config = config.replace(
-        num_workers=plan.num_workers,
-        use_gpu=plan.use_gpu,
-        cpus_per_worker=plan.cpus_per_worker,
-        decode_workers=plan.decode.max_workers,
-        decode_cpus=plan.decode.cpus_per_worker,
-    )
+    # The world size travels to the workers (the loop splits the batch by it); the sizes chosen are recorded.
+    config = config.replace(world_size=plan.num_workers)
+    resources = {
+        "num_workers": plan.num_workers,
+        "use_gpu": plan.use_gpu,
+        "cpus_per_worker": plan.cpus_per_worker,
+        "decode_workers": plan.decode.max_workers,
+        "decode_cpus": plan.decode.cpus_per_worker,
+        "cluster": {"cpus": cluster.cpus, "gpus": cluster.gpus},
+    }
+    output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output.write_bytes("train_resources.json", json.dumps(resources, indent=2).encode())
     loop_config = {**loop_config, "config": config.to_dict()}
     checkpoint = (
         resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
@@ -806,7 +871,7 @@ def _run_ray(config: TrainConfig, loop_config: dict[str, Any], start_step: int) 
         run_config=RunConfig(
             name="vitaclip-train",
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(max_failures=ray_config.max_failures),
         ),
     )
     try:
@@ -819,8 +884,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.train
     """Trains (or resumes) a run; 0 when it reached its last step, 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
-        summary = run_training(config)
+        config, ray = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
+        summary = run_training(config, ray)
     except ValueError as exc:
         print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ def main() -> None:
         if done >= int(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    run_training(config_from_args(flags), after_checkpoint=die)
+    config, ray = config_from_args(flags)
+    run_training(config, ray, after_checkpoint=die)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ shape does.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from vitaclip.registry import create_model, get_model_config
 from vitaclip.training import (
     AugmentConfig,
     EpochOrder,
+    OptimizerConfig,
     TrainClipSource,
     TrainConfig,
     augment_clip,
@@ -353,7 +355,7 @@ def test_ray_train_with_default_resources_finishes(motion_data: dict[str, Path],
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["world_size"] == 1 and summary["last"]["step"] == 2 and summary["last"]["valid_videos"] == 4
     # The sizes the driver chose are recorded, and they fit the cluster it reported.
-    used = json.loads((output / "train_config.json").read_text())
+    used = json.loads((output / "train_resources.json").read_text())
     cluster = re.search(r"Ray cluster of ([\d.]+) CPUs? and ([\d.]+) GPUs?", proc.stderr)
     assert cluster is not None, proc.stderr[-4000:]
     assert used["num_workers"] == 1 and used["decode_workers"] >= 1
@@ -379,8 +381,10 @@ def test_resources_are_sized_to_the_cluster() -> None:
 
     def plan(cpus: float, gpus: float = 0, *, node_cpus: float | None = None, **options: Any) -> str:
         cluster = Cluster(cpus=cpus, gpus=gpus, free_cpus=cpus, node_cpus=node_cpus or cpus, node_gpus=gpus)
-        config = TrainConfig(train_list="x", output="y", **options)
-        return plan_resources(config, cluster).describe()
+        recipe = {k: options.pop(k) for k in ("batch_size", "micro_batch_size") if k in options}
+        ray = train_job.RayTrainConfig(**options)
+        config = TrainConfig(train_list="x", output="y", world_size=ray.world_size, **recipe)
+        return plan_resources(config, ray, cluster).describe()
 
     assert plan(1) == "1 training worker x 0.5 CPUs, each fed by up to 1 decoder x 0.5 CPUs"
     assert plan(2) == "1 training worker x 1 CPU, each fed by up to 1 decoder x 1 CPU"
@@ -409,12 +413,12 @@ def test_augmentation_is_identical_across_frames_and_repeatable() -> None:
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
     clip = np.stack([frame] * 6)  # [T, H, W, 3]
-    config = AugmentConfig(size=32, randaug_num_ops=4, randaug_magnitude=9, hflip_prob=0.5)
+    config = AugmentConfig(randaug_num_ops=4, randaug_magnitude=9, hflip_prob=0.5)
     for position in range(20):
-        out = augment_clip(clip, config, sample_rng(0, position))
+        out = augment_clip(clip, config, sample_rng(0, position), size=32)
         assert out.shape == (6, 3, 32, 32) and out.dtype == torch.uint8
         assert all(torch.equal(out[0], out[t]) for t in range(1, 6)), position
-        assert torch.equal(out, augment_clip(clip, config, sample_rng(0, position)))
+        assert torch.equal(out, augment_clip(clip, config, sample_rng(0, position), size=32))
 
 
 def test_data_positions_are_a_function_of_the_step() -> None:
@@ -438,16 +442,23 @@ def test_data_positions_are_a_function_of_the_step() -> None:
 def test_config_defaults_are_the_official_recipe_and_yaml_flags_override(tmp_path: Path) -> None:
     c = TrainConfig(train_list="x", output="y")
     assert (c.model, c.num_frames, c.sampling, c.stride) == ("vitaclip-b16", None, "dense", 16)
-    assert (c.lr, c.weight_decay, c.steps, c.batch_size, c.warmup_steps) == (4e-4, 0.05, 30000, 256, 0)
-    assert (c.randaug_num_ops, c.randaug_magnitude, c.randaug_magnitude_std, c.precision) == (4, 7.0, 0.5, "auto")
+    o, a = c.optimizer, c.augment
+    assert (o.lr, o.weight_decay, c.steps, c.batch_size, o.warmup_steps) == (4e-4, 0.05, 30000, 256, 0)
+    assert (a.randaug_num_ops, a.randaug_magnitude, a.randaug_magnitude_std, o.precision) == (4, 7.0, 0.5, "auto")
+    assert TrainConfig.from_dict(c.to_dict()) == c  # the nested form written to train_config.json reads back
+    assert TrainConfig.from_dict({"train_list": "x", "output": "y", "lr": 0.1, "crop_scale": [0.5, 1]}) == c.replace(
+        optimizer=dataclasses.replace(o, lr=0.1), augment=dataclasses.replace(a, crop_scale=(0.5, 1.0))
+    )  # the flat form of flags and YAML files
+    with pytest.raises(ValueError, match="unknown training options \\['num_workers'\\]"):
+        TrainConfig.from_dict({"num_workers": 2})  # where a run runs is the job's, not the recipe's
     config_b16 = get_model_config("vitaclip-b16")
     assert config_b16.num_frames == 8 and config_b16.num_global_prompts == 8 and config_b16.summary_token
     assert config_b16.text_context is not None and config_b16.text_context.num_tokens == 8
     assert config_b16.text_context.kind == "class_specific" and config_b16.num_local_prompts > 0
     yaml_file = tmp_path / "train.yaml"
     yaml_file.write_text("train_list: a.csv\noutput: out\nsteps: 10\nbatch-size: 32\nlr: 0.001\n")
-    config = train_job.config_from_args(["--config", str(yaml_file), "--steps", "20", "--local"])
-    assert (config.train_list, config.steps, config.batch_size, config.lr, config.local) == (
+    config, ray = train_job.config_from_args(["--config", str(yaml_file), "--steps", "20", "--local"])
+    assert (config.train_list, config.steps, config.batch_size, config.optimizer.lr, ray.local) == (
         "a.csv",
         20,
         32,
@@ -491,7 +502,9 @@ def test_train_step_skips_undecodable_videos_and_accumulates(precision: str) -> 
     def run(micro: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         model = create_model("vitaclip-tiny", label_names=LABELS)
         model.train()
-        config = TrainConfig(train_list="x", output="x", batch_size=4, micro_batch_size=2, lr=1.0)
+        config = TrainConfig(
+            train_list="x", output="x", batch_size=4, micro_batch_size=2, optimizer=OptimizerConfig(lr=1.0)
+        )
         # Plain SGD: the update is the gradient itself, so the comparison below compares gradients.
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         stats = train_step(
@@ -543,7 +556,9 @@ def test_training_clips_start_at_random_frames_as_the_official_trainer(tmp_path:
     from vitaclip.samples import read_frame_index, write_sample_video
 
     path = write_sample_video(tmp_path / "v.mp4", num_frames=60, fps=24, width=64, height=64, seed=1)
-    plain = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_num_ops=0, decode_scale=1.0)
+    plain = dict(
+        augment=AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_num_ops=0, decode_scale=1.0)
+    )
 
     def first_frames(config: TrainConfig) -> list[int]:
         source = TrainClipSource([(str(path), 0)], config=config, num_frames=4, image_size=64)

@@ -16,7 +16,6 @@ weights), CPUs float32.
 from __future__ import annotations
 
 from vitaclip.training.augment import (
-    AugmentConfig,
     augment_clip,
     normalize_video,
     random_resized_box,
@@ -24,6 +23,8 @@ from vitaclip.training.augment import (
 from vitaclip.training.config import (
     CHECKPOINTS_DIR,
     TRAINING_STATE_FILE,
+    AugmentConfig,
+    OptimizerConfig,
     Precision,
     Sampling,
     TrainConfig,
@@ -67,6 +68,7 @@ from vitaclip.training.step import (
 
 __all__ = [
     "AugmentConfig",
+    "OptimizerConfig",
     "CHECKPOINTS_DIR",
     "EpochOrder",
     "LabelledVideo",

@@ -4,40 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vitaclip.training.config import TrainConfig
+from vitaclip.training.config import AugmentConfig
 from vitaclip.video.transforms import normalize_frames
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """What :func:`augment_clip` does (the part of :class:`TrainConfig` it needs)."""
-
-    # Defaults are the training recipe's, defined once on TrainConfig.
-    size: int
-    crop_scale: tuple[float, float] = TrainConfig.crop_scale
-    crop_ratio: tuple[float, float] = TrainConfig.crop_ratio
-    randaug_num_ops: int = TrainConfig.randaug_num_ops
-    randaug_magnitude: float = TrainConfig.randaug_magnitude
-    randaug_magnitude_std: float = TrainConfig.randaug_magnitude_std
-    hflip_prob: float = TrainConfig.hflip_prob
-
-    @classmethod
-    def from_train_config(cls, config: TrainConfig, size: int) -> AugmentConfig:
-        return cls(
-            size=size,
-            crop_scale=config.crop_scale,
-            crop_ratio=config.crop_ratio,
-            randaug_num_ops=config.randaug_num_ops,
-            randaug_magnitude=config.randaug_magnitude,
-            randaug_magnitude_std=config.randaug_magnitude_std,
-            hflip_prob=config.hflip_prob,
-        )
-
 
 _RANDAUG_OPS = (
     "identity",
@@ -113,13 +85,16 @@ def random_resized_box(
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def augment_clip(frames: np.ndarray | torch.Tensor, config: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+def augment_clip(
+    frames: np.ndarray | torch.Tensor, config: AugmentConfig, rng: np.random.Generator, *, size: int
+) -> torch.Tensor:
     """RandAugment, then a random resized crop, drawn once per clip and applied identically to every frame.
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` (as decoded).
         config: what to apply.
         rng: the clip's generator (seeded from the clip's data position, so a resumed run repeats it).
+        size: the output side (the model's input size).
 
     Returns:
         uint8 ``[T, 3, size, size]``.
@@ -139,7 +114,7 @@ def augment_clip(frames: np.ndarray | torch.Tensor, config: AugmentConfig, rng: 
         video = _randaug_op(video, op, level, sign)
     h, w = video.shape[-2:]
     top, left, ch, cw = random_resized_box(h, w, rng, scale=config.crop_scale, ratio=config.crop_ratio)
-    video = TF.resized_crop(video, top, left, ch, cw, [config.size, config.size], antialias=True)
+    video = TF.resized_crop(video, top, left, ch, cw, [size, size], antialias=True)
     if config.hflip_prob > 0 and rng.random() < config.hflip_prob:
         video = video.flip(-1)
     return video.contiguous()  # [T, 3, size, size]

@@ -1,10 +1,15 @@
-"""The training recipe (`TrainConfig`) and its precision."""
+"""The training recipe (`TrainConfig`, with its `OptimizerConfig` and `AugmentConfig`) and its precision.
+
+Nothing here knows about Ray: how many processes train and where is the job's business (`jobs.train`); the recipe
+only needs ``world_size`` to split the global batch. Flags and YAML files name every field flat (``--lr``,
+``randaug_num_ops:``): `TrainConfig.from_dict` takes that form as well as the nested one `TrainConfig.to_dict` writes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,8 +24,71 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW over the trainable set, a cosine schedule and the numeric precision.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: weight decay on matrices and prompt tables (not on 1-D parameters or ``logit_scale``).
+        warmup_steps: linear warm-up before the cosine decay (the official recipe has none).
+        min_lr: learning rate at the end of the cosine.
+        max_grad_norm: clip the gradient norm (None: no clipping, as the official recipe).
+        precision: ``auto`` (bf16 autocast on CUDA, float32 on CPU), ``bf16``, ``fp16`` (with a grad scaler), ``fp32``.
+    """
+
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    max_grad_norm: float | None = None
+    precision: Precision = "auto"
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.min_lr < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0; weight_decay, min_lr and warmup_steps >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What `vitaclip.training.augment_clip` does to a training clip.
+
+    Attributes:
+        decode_scale: frames are decoded with a side of ``image_size * decode_scale`` before the crop.
+        crop_scale: area range of the random resized crop (of the decoded square).
+        crop_ratio: aspect ratio range of the random resized crop.
+        randaug_num_ops: RandAugment operations per clip (0: none).
+        randaug_magnitude: RandAugment magnitude, out of 10.
+        randaug_magnitude_std: standard deviation of the per-clip magnitude.
+        hflip_prob: horizontal flip probability (0 in the recipe; flips change the meaning of direction classes).
+    """
+
+    decode_scale: float = 256 / 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    randaug_num_ops: int = 4
+    randaug_magnitude: float = 7.0
+    randaug_magnitude_std: float = 0.5
+    hflip_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Every field is a ``--flag`` of ``vitaclip train`` and a key of its YAML ``--config``.
+    """One training run: data, schedule, clips, and the nested optimizer and augmentation configs.
 
     Attributes:
         train_list: ``path,label`` lines (label: an index into ``label_names`` or a name), or a Parquet manifest with
@@ -34,46 +102,26 @@ class TrainConfig:
         val_list: optional held-out list, evaluated every ``eval_every`` steps (top-1, one centre view).
         data_root: prefix joined to relative paths of the lists (a folder or ``s3://bucket/prefix``).
         steps: optimizer steps.
-        batch_size: global batch (videos per optimizer step over all workers).
-        micro_batch_size: videos per forward pass on one worker; ``batch_size / (num_workers * micro_batch_size)``
+        batch_size: global batch (videos per optimizer step over all processes).
+        micro_batch_size: videos per forward pass in one process; ``batch_size / (world_size * micro_batch_size)``
             micro-batches are accumulated per step.
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay on matrices and prompt tables (not on 1-D parameters or ``logit_scale``).
-        warmup_steps: linear warm-up before the cosine decay (the official recipe has none).
-        min_lr: learning rate at the end of the cosine.
-        max_grad_norm: clip the gradient norm (None: no clipping, as the official recipe).
-        precision: ``auto`` (bf16 autocast on CUDA, float32 on CPU), ``bf16``, ``fp16`` (with a grad scaler), ``fp32``.
+        world_size: training processes the global batch is split between (the job sets it from the cluster). The
+            data a step reads does not depend on it, so a run may resume with another count.
+        optimizer: `OptimizerConfig`.
+        augment: `AugmentConfig`.
         num_frames: frames per clip (None: the model's training T).
         sampling: ``dense`` (``num_frames`` frames ``stride`` apart, the official protocol) or ``uniform``.
         stride: frame stride of dense sampling.
         temporal_jitter: with dense sampling, each training clip starts at a random frame (uniform over every start
             that fits, as the official trainer); False: the centre view.
-        decode_scale: training frames are decoded with a side of ``image_size * decode_scale`` before the crop.
-        crop_scale: area range of the random resized crop (of the decoded square).
-        crop_ratio: aspect ratio range of the random resized crop.
-        randaug_num_ops: RandAugment operations per clip (0: none).
-        randaug_magnitude: RandAugment magnitude, out of 10.
-        randaug_magnitude_std: standard deviation of the per-clip magnitude.
-        hflip_prob: horizontal flip probability (0 in the recipe; flips change the meaning of direction classes).
         seed: data order, augmentation and RNG seed.
         save_every: steps between checkpoints.
         keep_last: checkpoints kept.
         eval_every: steps between validations (0: never).
         log_every: steps between JSON lines in ``metrics.jsonl``.
-        num_workers: Ray Train workers (DDP processes). None: one per GPU (the most that divide the batch), or one
-            without GPUs. The data a step reads does not depend on it, so a run may resume with another count.
-        use_gpu: one GPU per worker (None: when the cluster has GPUs).
-        cpus_per_worker: CPUs reserved by each training worker (None: 1 with a GPU, else half the cluster's CPUs;
-            fractions under one CPU on small machines).
-        decode_workers: Ray Data decode actors per training worker, at most (None: one per CPU left to it).
-        decode_cpus: CPUs reserved by each decode actor (None: 1, or the fraction left on small machines).
-        num_cpus: CPUs of the embedded local Ray (None: all); ignored with ``ray_address``.
-        decode_threads: decode threads in local mode (``--local``) and for validation.
-        local: run the loop in this process without Ray (one worker).
-        ray_address: an existing Ray cluster; None: an embedded local one.
+        decode_threads: decode threads of a process that decodes its own clips, and of validation.
         s3_endpoint_url: S3-compatible endpoint.
         decode_timeout_seconds: per-video decode time limit.
-        max_failures: Ray Train restarts after a worker failure (each resumes from the latest checkpoint).
     """
 
     train_list: str = ""
@@ -86,108 +134,91 @@ class TrainConfig:
     steps: int = 30000
     batch_size: int = 256
     micro_batch_size: int = 16
-    lr: float = 4e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    max_grad_norm: float | None = None
-    precision: Precision = "auto"
+    world_size: int = 1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_frames: int | None = None
     sampling: Sampling = "dense"
     stride: int = 16
     temporal_jitter: bool = True
-    decode_scale: float = 256 / 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    randaug_num_ops: int = 4
-    randaug_magnitude: float = 7.0
-    randaug_magnitude_std: float = 0.5
-    hflip_prob: float = 0.0
     seed: int = 0
     save_every: int = 5000
     keep_last: int = 3
     eval_every: int = 5000
     log_every: int = 10
-    num_workers: int | None = None
-    use_gpu: bool | None = None
-    cpus_per_worker: float | None = None
-    decode_workers: int | None = None
-    decode_cpus: float | None = None
-    num_cpus: int | None = None
     decode_threads: int = 4
-    local: bool = False
-    ray_address: str | None = None
     s3_endpoint_url: str | None = None
     decode_timeout_seconds: float = 60.0
-    max_failures: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        positive = ("steps", "batch_size", "micro_batch_size", "stride", "save_every")
-        for name in (*positive, "keep_last", "log_every", "num_workers", "decode_workers", "decode_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        positive = ("steps", "batch_size", "micro_batch_size", "world_size", "stride", "save_every")
+        for name in (*positive, "keep_last", "log_every", "decode_threads"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("cpus_per_worker", "decode_cpus"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.sampling not in ("uniform", "dense"):
             raise ValueError(f"sampling must be 'dense' or 'uniform', got {self.sampling!r}")
-        workers = self.workers
-        if self.batch_size % (workers * self.micro_batch_size):
+        if self.batch_size % (self.world_size * self.micro_batch_size):
             raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of num_workers * micro_batch_size "
-                f"({workers} * {self.micro_batch_size})"
+                f"batch_size {self.batch_size} must be a multiple of the number of workers * micro_batch_size "
+                f"({self.world_size} * {self.micro_batch_size})"
             )
-        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
-        object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if not 0 <= self.hflip_prob <= 1:
-            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.min_lr < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0; weight_decay, min_lr and warmup_steps >= 0")
-
-    @property
-    def workers(self) -> int:
-        """Training processes: 1 locally or until the Ray driver has sized ``num_workers`` to the cluster."""
-        return 1 if self.local or self.num_workers is None else self.num_workers
 
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step on each worker."""
-        return self.batch_size // (self.workers * self.micro_batch_size)
+        """Micro-batches per optimizer step in each process."""
+        return self.batch_size // (self.world_size * self.micro_batch_size)
 
     @property
     def per_worker_batch_size(self) -> int:
-        return self.batch_size // self.workers
+        return self.batch_size // self.world_size
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["crop_scale"] = list(self.crop_scale)
-        out["crop_ratio"] = list(self.crop_ratio)
+        out["augment"]["crop_scale"] = list(self.augment.crop_scale)
+        out["augment"]["crop_ratio"] = list(self.augment.crop_ratio)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        """A config from its nested form (`to_dict`) or the flat one flags and YAML files use (``lr``, ``crop_scale``
+        at the top level); keys may use dashes.
+
+        Raises:
+            ValueError: an unknown key (listing the allowed ones) or a bad value.
+        """
         values = {str(k).replace("-", "_"): v for k, v in data.items()}
+        nested = {"optimizer": OptimizerConfig, "augment": AugmentConfig}
+        parts: dict[str, dict[str, Any]] = {name: dict(values.pop(name, None) or {}) for name in nested}
+        for name, kind in nested.items():
+            for key in [k for k in values if k in _field_names(kind)]:
+                parts[name][key] = values.pop(key)
+        known = _field_names(cls) - set(nested)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training options {unknown}; allowed: {sorted(known)}")
+            allowed = sorted(known | _field_names(OptimizerConfig) | _field_names(AugmentConfig))
+            raise ValueError(f"unknown training options {unknown}; allowed: {allowed}")
+        augment = parts["augment"]
         for key in ("crop_scale", "crop_ratio"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
-        return cls(**values)
+            if augment.get(key) is not None:
+                augment[key] = tuple(augment[key])
+        return cls(**values, optimizer=OptimizerConfig(**parts["optimizer"]), augment=AugmentConfig(**augment))
+
+    @classmethod
+    def flat_field_names(cls) -> set[str]:
+        """Every option a flag or a YAML key may set."""
+        return (
+            (_field_names(cls) - {"optimizer", "augment"}) | _field_names(OptimizerConfig) | _field_names(AugmentConfig)
+        )
+
+
+def _field_names(kind: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["bf16", "fp16", "fp32"]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitaclip.training.augment import AugmentConfig, augment_clip
+from vitaclip.training.augment import augment_clip
 from vitaclip.training.config import TrainConfig
 
 
@@ -139,10 +139,9 @@ class TrainClipSource:
         self.config = config
         self.num_frames = num_frames
         self.image_size = image_size
-        self.decode_size = max(image_size, int(round(image_size * config.decode_scale)))
+        self.decode_size = max(image_size, int(round(image_size * config.augment.decode_scale)))
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.order = EpochOrder(len(self.entries), config.seed)
-        self.augment = AugmentConfig.from_train_config(config, image_size)
         self.opener = opener
 
     def position(self, local_index: int) -> int:
@@ -177,7 +176,7 @@ class TrainClipSource:
         if clip is None:  # a bad or unreadable video is skipped in the loss, never fatal
             empty = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
             return empty, entry.label, False
-        return augment_clip(clip.frames, self.augment, rng), entry.label, True
+        return augment_clip(clip.frames, self.config.augment, rng, size=self.image_size), entry.label, True
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         counters = batch["index"] if "index" in batch else batch["id"]  # "id": the column of ray.data.range

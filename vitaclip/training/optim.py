@@ -39,8 +39,11 @@ def build_optimizer(model: VitaClip, config: TrainConfig) -> torch.optim.AdamW:
     named = trainable_parameters(model)
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999))
+    groups = [
+        {"params": decay, "weight_decay": config.optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.optimizer.lr, betas=(0.9, 0.999))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in in_optimizer]
     assert not frozen, f"frozen parameters in the optimizer: {frozen}"
@@ -58,10 +61,10 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, min_ratio: float) -> 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine schedule over ``config.steps`` (stepped once per optimizer step)."""
-    ratio = config.min_lr / config.lr
+    ratio = config.optimizer.min_lr / config.optimizer.lr
 
     def factor(step: int) -> float:
-        return lr_factor(step, steps=config.steps, warmup_steps=config.warmup_steps, min_ratio=ratio)
+        return lr_factor(step, steps=config.steps, warmup_steps=config.optimizer.warmup_steps, min_ratio=ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
