@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +59,7 @@ from vitaclip.training import (
     parse_label,
     parse_list_text,
 )
+from vitaclip.training.loop import TrainingParts, run_steps
 
 log = logging.getLogger("vitaclip.train")
 
@@ -530,47 +530,6 @@ def _micro_batch_stream(worker: _Worker, data_start_step: int) -> Iterator[dict[
     )
 
 
-def _train_one_step(worker: _Worker, stream: Iterator[dict[str, np.ndarray]]) -> tuple[float, float, float, float]:
-    """One optimizer step over ``accumulation_steps`` micro-batches: (loss sum, correct sum, videos, lr) over all
-    workers."""
-    import torch
-
-    from vitaclip.training import train_step
-
-    micro = []
-    for _ in range(worker.config.accumulation_steps):
-        batch = next(stream)
-        # Ray Data hands out read-only arrays; torch wants writable ones.
-        video, label, valid = (np.require(batch[k], requirements=["W"]) for k in ("video", "label", "valid"))
-        micro.append(
-            (
-                torch.from_numpy(video).to(worker.device, non_blocking=True),
-                torch.from_numpy(label).to(worker.device),
-                torch.from_numpy(valid).to(worker.device),
-            )
-        )
-    stats = train_step(
-        worker.ddp_model,
-        worker.optimizer,
-        worker.scheduler,
-        worker.scaler,
-        micro,
-        precision=worker.precision,
-        mean=worker.model.config.mean,
-        std=worker.model.config.std,
-        max_grad_norm=worker.config.optimizer.max_grad_norm,
-        no_sync=getattr(worker.ddp_model, "no_sync", None) if worker.world_size > 1 else None,
-    )
-    totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
-    if worker.world_size > 1:
-        import torch.distributed as dist
-
-        totals = totals.to(worker.device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-    return float(totals[0]), float(totals[1]), float(totals[2]), stats.lr
-
-
 class _Recorder:
     """Rank 0's records of a run: ``metrics.jsonl`` (kept up to the resumed step), the progress bar, validation,
     checkpoints, ``curves.png`` and ``train_summary.json``."""
@@ -716,26 +675,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     worker = _start_worker(config, distributed=bool(loop_config.get("distributed")))
     stream = _micro_batch_stream(worker, int(loop_config["data_start_step"]))
     recorder = _Recorder(worker, loop_config.get("after_checkpoint")) if worker.rank == 0 else None
-    started = time.perf_counter()
-    last: dict[str, Any] = {}
-    for step in range(worker.start_step, config.steps):
-        loss, correct, videos, lr = _train_one_step(worker, stream)
-        done = step + 1
-        count = max(videos, 1.0)
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        last = {
-            "step": done,
-            "loss": loss / count,
-            "accuracy": correct / count,
-            "lr": lr,
-            "videos_per_second": (done - worker.start_step) * config.batch_size / elapsed,
-            "samples_seen": done * config.batch_size,
-            "valid_videos": int(videos),
-        }
-        if recorder is not None:
-            recorder.step(last)
+    parts = TrainingParts(
+        config, worker.model, worker.ddp_model, worker.optimizer, worker.scheduler, worker.scaler, worker.device,
+        worker.precision, worker.world_size, worker.start_step,
+    )  # fmt: skip
+    last, seconds = run_steps(parts, stream, recorder.step if recorder is not None else None)
     if recorder is not None:
-        recorder.finish(last, time.perf_counter() - started)
+        recorder.finish(last, seconds)
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -41,6 +41,7 @@ from vitaclip.training.data import (
     position_for,
     sample_rng,
 )
+from vitaclip.training.loop import TrainingParts, next_micro_batches, one_step, run_steps
 from vitaclip.training.optim import (
     build_optimizer,
     build_scaler,
@@ -67,6 +68,10 @@ from vitaclip.training.step import (
 )
 
 __all__ = [
+    "TrainingParts",
+    "next_micro_batches",
+    "one_step",
+    "run_steps",
     "AugmentConfig",
     "OptimizerConfig",
     "CHECKPOINTS_DIR",
