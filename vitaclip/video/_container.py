@@ -19,6 +19,9 @@ from av.video.stream import VideoStream
 
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
 
+DEFAULT_MAX_PIXELS = 8192 * 4320
+"""Largest picture (width * height) decoded by default: DCI 8K."""
+
 
 class SeekableReader(Protocol):
     """What a file-like source must offer: ``read``, ``seek`` and ``tell`` over bytes (an open file, an S3 reader)."""

@@ -27,6 +27,7 @@ from av.packet import Packet
 from av.video.frame import VideoFrame
 
 from vitaclip.video._container import (
+    DEFAULT_MAX_PIXELS,
     Deadline,
     DeadlineExceeded,
     Header,
@@ -62,8 +63,6 @@ __all__ = [
     "decode_or_error",
 ]
 
-DEFAULT_MAX_PIXELS = 8192 * 4320
-"""Largest picture (width * height) decoded by default: DCI 8K."""
 
 # Decoders whose skip_frame="NONREF" is known to drop only frames nothing else refers to, switchable per packet.
 _NONREF_SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video"})

@@ -8,6 +8,7 @@ from typing import Literal
 import av.error
 
 from vitaclip.video._container import (
+    DEFAULT_MAX_PIXELS,
     Deadline,
     DeadlineExceeded,
     Header,
@@ -18,7 +19,6 @@ from vitaclip.video._container import (
     open_video,
     scan_packets,
 )
-from vitaclip.video.decode import DEFAULT_MAX_PIXELS
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
 from vitaclip.video.sampling import choose_duration
 
