@@ -411,3 +411,18 @@ def keyframe_index(stream: VideoStream, *, has_dts: bool) -> tuple[np.ndarray, I
     if not timestamps:
         return None
     return np.unique(np.asarray(timestamps, dtype=np.int64)), ("dts" if has_dts else "pts")
+
+
+@contextmanager
+def as_decode_errors(deadline: Deadline, what: str) -> Iterator[None]:
+    """FFmpeg failures and the time limit as `VideoDecodeError`s (a missing file stays FileNotFoundError)."""
+    try:
+        yield
+    except DeadlineExceeded as e:
+        raise VideoDecodeError("timeout", str(e)) from None
+    except FileNotFoundError:
+        raise
+    except av.error.FFmpegError as e:
+        # Anything FFmpeg still reports (a failed conversion, an interrupted call) is a property of this input.
+        reason: DecodeErrorReason = "timeout" if deadline.remaining() <= 0 else "corrupt"
+        raise VideoDecodeError(reason, f"{what}: {e}") from None

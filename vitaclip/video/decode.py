@@ -34,11 +34,12 @@ from vitaclip.video._container import (
     OpenedVideo,
     PacketTable,
     VideoSource,
+    as_decode_errors,
     keyframe_index,
     open_video,
     scan_packets,
 )
-from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
+from vitaclip.video.errors import VideoDecodeError
 from vitaclip.video.sampling import (
     Dense,
     SamplingSpec,
@@ -579,21 +580,6 @@ def _assemble(
 Crop = Literal["center", "none"]
 
 
-@contextmanager
-def _as_decode_errors(deadline: Deadline, what: str) -> Iterator[None]:
-    """FFmpeg failures and the time limit as `VideoDecodeError`s (a missing file stays FileNotFoundError)."""
-    try:
-        yield
-    except DeadlineExceeded as e:
-        raise VideoDecodeError("timeout", str(e)) from None
-    except FileNotFoundError:
-        raise
-    except av.error.FFmpegError as e:
-        # Anything FFmpeg still reports (a failed conversion, an interrupted call) is a property of this input.
-        reason: DecodeErrorReason = "timeout" if deadline.remaining() <= 0 else "corrupt"
-        raise VideoDecodeError(reason, f"{what}: {e}") from None
-
-
 class VideoDecoder:
     """One video, opened once: its clips (`clips`, `clip`) and what it holds (`info`) from the same open input.
 
@@ -654,7 +640,7 @@ class VideoDecoder:
 
     def __enter__(self) -> VideoDecoder:
         if self._opened is None:
-            with _as_decode_errors(self._deadline, "FFmpeg"):
+            with as_decode_errors(self._deadline, "FFmpeg"):
                 self._opened = self._stack.enter_context(self._open())
         return self
 
@@ -683,7 +669,7 @@ class VideoDecoder:
         if crop not in ("center", "none"):
             raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
         self.__enter__()
-        with _as_decode_errors(self._deadline, "FFmpeg"), ExitStack() as scratch:
+        with as_decode_errors(self._deadline, "FFmpeg"), ExitStack() as scratch:
             opened = self._opened if not self._used else scratch.enter_context(self._open())
             assert opened is not None
             fresh = not self._used
@@ -719,7 +705,7 @@ class VideoDecoder:
 
             self.__enter__()
             assert self._opened is not None
-            with _as_decode_errors(self._deadline, "cannot read the video stream"):
+            with as_decode_errors(self._deadline, "cannot read the video stream"):
                 if self._used and self.stats.rotation is not None:
                     self._info = info_after_decode(
                         self._opened, self._table, self.stats.rotation, source=self._source, deadline=self._deadline,

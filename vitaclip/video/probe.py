@@ -10,16 +10,15 @@ import av.error
 from vitaclip.video._container import (
     DEFAULT_MAX_PIXELS,
     Deadline,
-    DeadlineExceeded,
     Header,
     OpenedVideo,
     PacketTable,
     VideoSource,
+    as_decode_errors,
     keyframe_index,
     open_video,
     scan_packets,
 )
-from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
 from vitaclip.video.sampling import choose_duration
 
 __all__ = ["VideoInfo", "info_after_decode", "probe"]
@@ -117,20 +116,13 @@ def probe(
     if method not in ("metadata", "demux"):
         raise ValueError(f"method must be 'metadata' or 'demux', got {method!r}")
     deadline = Deadline(timeout_seconds)
-    try:
+    with as_decode_errors(deadline, "cannot read the video stream"):
         with open_video(source, deadline=deadline, max_pixels=max_pixels) as opened:
             if method == "demux" or not _metadata_is_sane(opened.header):
                 table = scan_packets(opened, deadline=deadline)
                 rotation = _rotation_after_scan(source, opened, table, deadline=deadline, max_pixels=max_pixels)
                 return _info(opened, table, rotation)
             return _info(opened, None, _first_frame_rotation(opened, deadline))
-    except DeadlineExceeded as e:
-        raise VideoDecodeError("timeout", str(e)) from None
-    except FileNotFoundError:
-        raise
-    except av.error.FFmpegError as e:
-        reason: DecodeErrorReason = "timeout" if deadline.remaining() <= 0 else "corrupt"
-        raise VideoDecodeError(reason, f"cannot read the video stream: {e}") from None
 
 
 def info_after_decode(
