@@ -242,8 +242,7 @@ class S3Store(Store):
                 lambda: self._client.download_file(self.bucket, key, str(target), Config=self._transfer),
             )
         except StorageError as error:
-            if error.reason == "not_found":
-                raise FileNotFoundError(errno.ENOENT, "no such object", self.url_for(rel_path)) from error
+            self._raise_missing(error, rel_path)
             raise
 
     def get_bytes(self, rel_path: str) -> bytes:
@@ -251,9 +250,13 @@ class S3Store(Store):
         try:
             return read_whole(self._client, self.bucket, key)
         except StorageError as error:
-            if error.reason == "not_found":
-                raise FileNotFoundError(errno.ENOENT, "no such object", self.url_for(rel_path)) from error
+            self._raise_missing(error, rel_path)
             raise
+
+    def _raise_missing(self, error: StorageError, rel_path: str) -> None:
+        """A read of no object raises FileNotFoundError, as the store's contract says (other errors: the caller's)."""
+        if error.reason == "not_found":
+            raise FileNotFoundError(errno.ENOENT, "no such object", self.url_for(rel_path)) from error
 
     def exists(self, rel_path: str) -> bool:
         key = self._key(rel_path)
