@@ -15,15 +15,41 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
+from index.queries import QueryError, embedding_query, upload_frames
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
 from index.tables import data_files, read_table, table_versions
 
 MAX_QUERY_CHARS = 500
 MAX_K = 100
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Conditions a hit must meet, checked inside the search (more candidates are fetched until k pass)."""
+
+    label: str | None = None  # among the row's top labels
+    min_duration: float | None = None  # seconds, of the whole video
+    max_duration: float | None = None
+
+    def check(self) -> None:
+        for field_name in ("min_duration", "max_duration"):
+            value = getattr(self, field_name)
+            if value is not None and (not np.isfinite(value) or value < 0):
+                raise ValueError(f"{field_name} must be a number >= 0, got {value}")
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise ValueError(f"min_duration {self.min_duration} is above max_duration {self.max_duration}")
+
+    def accepts(self, labels: Sequence[str], duration: float | None) -> bool:
+        if self.label is not None and self.label not in labels:
+            return False
+        if self.min_duration is not None and (duration is None or duration < self.min_duration):
+            return False
+        return not (self.max_duration is not None and (duration is None or duration > self.max_duration))
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,8 @@ class SearchEngine:
         self._roots_lock = threading.Lock()
         self._roots: list[str] = []
         self._roots_stamp: int | None = None
+        self._vector_lock = threading.Lock()
+        self._vectors: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self.encode = text_encoder or self._model_encoder(model, checkpoint, device)
 
     # ------------------------------------------------------------------ loading
@@ -137,6 +165,8 @@ class SearchEngine:
         meta: dict[str, Any] = {"row": {r["row_id"]: r for r in rows}}
         if name == "videos":
             meta["by_video"] = {r["video_id"]: r for r in rows}
+        else:
+            meta["by_segment"] = {(r["video_id"], r["segment_index"]): r for r in rows}
         return meta
 
     # ------------------------------------------------------------------ queries
@@ -175,6 +205,20 @@ class SearchEngine:
                 self._roots_stamp = stamp
             return self._roots
 
+    def _check(self, k: int, segments: bool, filters: Filters) -> str:
+        """The index name a query goes to, after checking what every kind of query shares."""
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+        filters.check()
+        name = "segments" if segments else "videos"
+        if name not in self.indexes:
+            raise ValueError(
+                "this index has no segments: run the job with --segment-seconds"
+                if segments
+                else "this index has no videos"
+            )
+        return name
+
     def search(
         self,
         text: str,
@@ -183,6 +227,7 @@ class SearchEngine:
         segments: bool = False,
         label: str | None = None,
         min_duration: float | None = None,
+        max_duration: float | None = None,
         per_video: int = 1,
     ) -> list[Hit]:
         """Top ``k`` hits for ``text``; filters are applied while fetching more, so k results come back if they exist.
@@ -195,19 +240,86 @@ class SearchEngine:
             raise ValueError("the query is empty")
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(f"the query has {len(text)} characters; at most {MAX_QUERY_CHARS} are allowed")
-        if not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-        if min_duration is not None and (not np.isfinite(min_duration) or min_duration < 0):
-            raise ValueError(f"min_duration must be a number >= 0, got {min_duration}")
-        name = "segments" if segments else "videos"
-        if name not in self.indexes:
-            raise ValueError(
-                "this index has no segments: run the job with --segment-seconds"
-                if segments
-                else "this index has no videos"
-            )
+        filters = Filters(label=label, min_duration=min_duration, max_duration=max_duration)
+        name = self._check(k, segments, filters)
         query = np.asarray(self.encode([text]), dtype=np.float32)  # [1, E]
-        return self.search_vector(query[0], k=k, name=name, label=label, min_duration=min_duration, per_video=per_video)
+        return self.search_vector(query[0], k=k, name=name, filters=filters, per_video=per_video)
+
+    def search_embedding(
+        self, values: Any, *, k: int = 10, segments: bool = False, filters: Filters | None = None
+    ) -> list[Hit]:
+        """Top ``k`` hits for a raw embedding (any length-``dim`` list of finite numbers; normalised here)."""
+        filters = filters or Filters()
+        name = self._check(k, segments, filters)
+        return self.search_vector(embedding_query(values, self.indexes[name].dim), k=k, name=name, filters=filters)
+
+    def more_like(
+        self,
+        video_id: str,
+        *,
+        segment_index: int | None = None,
+        k: int = 10,
+        segments: bool = False,
+        filters: Filters | None = None,
+    ) -> list[Hit]:
+        """Other videos (or moments, with `segments`) like an indexed video, or like one of its segments.
+
+        Raises:
+            QueryError: the video (or segment) is not in the index.
+        """
+        filters = filters or Filters()
+        name = self._check(k, segments, filters)
+        query = self.row_vector(video_id, segment_index)
+        return self.search_vector(query, k=k, name=name, filters=filters, exclude_video=video_id)
+
+    def search_upload(
+        self, data: bytes, *, k: int = 10, segments: bool = False, filters: Filters | None = None
+    ) -> list[Hit]:
+        """Top ``k`` hits for an uploaded picture or short clip, embedded by the index's own model."""
+        filters = filters or Filters()
+        name = self._check(k, segments, filters)
+        return self.search_vector(self.encode_upload(data), k=k, name=name, filters=filters)
+
+    def encode_upload(self, data: bytes) -> np.ndarray:
+        """The unit-length embedding of an uploaded picture or clip, decoded and cropped as the job does."""
+        model = getattr(self, "text_model", None)
+        if model is None:
+            raise QueryError("this service has no video encoder (it was started with a text encoder only)")
+        import torch
+
+        from vitaclip.video.transforms import normalize_frames
+
+        frames = upload_frames(data, num_frames=model.config.num_frames, size=model.image_size)
+        with self._encode_lock, torch.inference_mode():
+            x = normalize_frames(torch.from_numpy(frames[None]), model.config.mean, model.config.std)
+            return model.encode_video(x.to(model.dtype)).float().cpu().numpy()[0]
+
+    def row_vector(self, video_id: str, segment_index: int | None = None) -> np.ndarray:
+        """The stored embedding of an indexed video (or of one of its segments), read from its table by row id."""
+        if segment_index is None:
+            row = self._meta.get("videos", {}).get("by_video", {}).get(video_id)
+            name = "videos"
+        else:
+            row = self._meta.get("segments", {}).get("by_segment", {}).get((video_id, segment_index))
+            name = "segments"
+        if row is None or (name == "videos" and row.get("status") != "ok"):
+            what = "video" if segment_index is None else "segment"
+            raise QueryError(f"no such {what} in the index")
+        with self._vector_lock:
+            cached = self._vectors.get((name, row["row_id"]))
+        if cached is not None:
+            return cached
+        found = read_table(
+            self.location, name, ["embedding"], model_id=self.model_id, where=pc.field("row_id") == row["row_id"]
+        )
+        if found is None or found.num_rows == 0:
+            raise QueryError("the row is no longer in the table")
+        vector = embedding_query(found.column("embedding")[0].as_py(), self.indexes[name].dim)
+        with self._vector_lock:
+            self._vectors[(name, row["row_id"])] = vector
+            while len(self._vectors) > 4096:
+                self._vectors.popitem(last=False)
+        return vector
 
     def search_vector(
         self,
@@ -215,13 +327,14 @@ class SearchEngine:
         *,
         k: int = 10,
         name: str = "videos",
-        label: str | None = None,
-        min_duration: float | None = None,
+        filters: Filters | None = None,
         per_video: int = 1,
+        exclude_video: str | None = None,
     ) -> list[Hit]:
+        """Top ``k`` hits for a unit-length query vector ``[E]``; filtered rows are skipped while fetching more,
+        so ``k`` results come back whenever ``k`` exist."""
+        filters = filters or Filters()
         index = self.indexes[name]
-        meta = self._meta[name]["row"]
-        videos = self._meta.get("videos", {}).get("by_video", {})
         if index.count == 0:
             return []  # every indexed row was removed since
         fetch = min(max(4 * k, 16), index.count)
@@ -230,40 +343,41 @@ class SearchEngine:
             hits: list[Hit] = []
             per: dict[str, int] = {}
             for score, row_id in zip(scores[0], ids[0], strict=True):
-                row = meta.get(int(row_id))
-                if row_id < 0 or row is None:
+                hit = self._hit(name, int(row_id), float(score), filters, exclude_video)
+                if hit is None or per.get(hit.video_id, 0) >= per_video:
                     continue
-                video_row = videos.get(row["video_id"], {})
-                if name == "segments" and video_row.get("status") != "ok":
-                    continue  # stale segments of a video whose re-indexing failed
-                duration = video_row.get("duration_seconds", row.get("duration_seconds"))
-                if label is not None and label not in (row["labels"] or []):
-                    continue
-                if min_duration is not None and (duration is None or duration < min_duration):
-                    continue
-                if per.get(row["video_id"], 0) >= per_video:
-                    continue
-                per[row["video_id"]] = per.get(row["video_id"], 0) + 1
-                seg = name == "segments"
-                hits.append(
-                    Hit(
-                        score=float(score),
-                        video_id=row["video_id"],
-                        row_id=int(row_id),
-                        uri=row["uri"],
-                        start_seconds=row["start_seconds"] if seg else 0.0,
-                        end_seconds=row["end_seconds"] if seg else duration,
-                        duration_seconds=duration,
-                        labels=list(row["labels"] or []),
-                        label_scores=[float(s) for s in row["label_scores"] or []],
-                        segment_index=row["segment_index"] if seg else None,
-                    )
-                )
+                per[hit.video_id] = per.get(hit.video_id, 0) + 1
+                hits.append(hit)
                 if len(hits) >= k:
                     return hits
             if fetch >= index.count:
                 return hits
             fetch = min(fetch * 4, index.count)
+
+    def _hit(self, name: str, row_id: int, score: float, filters: Filters, exclude_video: str | None) -> Hit | None:
+        """The hit of one search result, or None when it is stale, filtered out or excluded."""
+        row = self._meta[name]["row"].get(row_id)
+        if row_id < 0 or row is None or row["video_id"] == exclude_video:
+            return None
+        video_row = self._meta.get("videos", {}).get("by_video", {}).get(row["video_id"], {})
+        seg = name == "segments"
+        if seg and video_row.get("status") != "ok":
+            return None  # stale segments of a video whose re-indexing failed
+        duration = video_row.get("duration_seconds", row.get("duration_seconds"))
+        if not filters.accepts(row["labels"] or [], duration):
+            return None
+        return Hit(
+            score=score,
+            video_id=row["video_id"],
+            row_id=row_id,
+            uri=row["uri"],
+            start_seconds=row["start_seconds"] if seg else 0.0,
+            end_seconds=row["end_seconds"] if seg else duration,
+            duration_seconds=duration,
+            labels=list(row["labels"] or []),
+            label_scores=[float(s) for s in row["label_scores"] or []],
+            segment_index=row["segment_index"] if seg else None,
+        )
 
     def thumbnail(self, row_id: int) -> bytes | None:
         """The JPEG thumbnail of a video or segment row, read from its Parquet part on first use."""

@@ -1,259 +1,327 @@
-"""HTTP search service: a JSON API, Prometheus metrics, thumbnails, and a search page. Standard library only.
+"""The search service's core, independent of the web framework: outputs by name, limits, metrics, media targets.
 
-    GET /search?q=TEXT&k=10[&segments=1][&label=NAME][&min_duration=S]   -> {"query", "results": [...], "took_ms"}
-    GET /videos/{video_id}     -> the video's row (no embedding)
-    GET /thumbnails/{row_id}.jpg
-    GET /media/{video_id}      -> the indexed video file, streamed (local inputs only; see index.media)
-    GET /healthz, GET /metrics (Prometheus text format), GET / (the page)
-
-Bad input gets a 4xx with a JSON message; an unexpected failure gets a 500 with no internals.
+`index.api.create_app` turns a `SearchService` into the ASGI app; `serve` runs that app with uvicorn, and
+`jobs.ray_serve` runs the same app in Ray Serve replicas. Needs the ``serve`` extra (fastapi, uvicorn,
+prometheus_client).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
-import shutil
+import os
+import re
+import socket
 import threading
 import time
-from collections.abc import Callable
-from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from index.media import MediaRefused
-from index.search import MAX_K, SearchEngine
-from vitaclip.redact import redact_url
+from index.media import MediaFile, MediaRefused
+from index.search import SearchEngine
 
 log = logging.getLogger("vitaclip.serve")
 
-SEARCH_PARAMS = {"q", "k", "segments", "label", "min_duration"}
-MEDIA_CHUNK_BYTES = 1 << 20
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+T = TypeVar("T")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PRESIGN_SECONDS = 900
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one service process accepts. Defaults suit a small machine; raise them behind a proxy on a big one.
+
+    Attributes:
+        max_json_bytes: largest JSON request body.
+        max_upload_bytes: largest picture or clip uploaded as a query.
+        request_timeout_seconds: a query that takes longer gets 504 (its thread finishes on its own).
+        header_timeout_seconds: a connection that has not sent a whole request head by then is closed.
+        body_timeout_seconds: a request body that stalls for this long between chunks gets 408.
+        max_concurrent_queries: queries computed at once (text and media encoding are CPU or GPU work); more wait.
+        queue_timeout_seconds: a query that waited this long for a slot gets 503 with Retry-After.
+        max_connections: open connections and requests before uvicorn answers 503.
+    """
+
+    max_json_bytes: int = 1 << 20
+    max_upload_bytes: int = 20 << 20
+    request_timeout_seconds: float = 30.0
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    max_concurrent_queries: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
+    queue_timeout_seconds: float = 10.0
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_json_bytes", "max_upload_bytes", "max_concurrent_queries", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class Busy(Exception):
+    """Every query slot stayed taken for the queue timeout (answered 503)."""
+
+
+class QueryTimeout(Exception):
+    """A query ran past the request timeout (answered 504)."""
+
+
+class UnknownIndex(LookupError):
+    """A request named an output this service does not hold (answered 404)."""
 
 
 class Metrics:
-    """Request counters and a search-latency histogram, rendered in Prometheus' text format."""
+    """Prometheus metrics of one service, in a registry of its own (several services can share a process)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.buckets = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+    def __init__(self, service: SearchService) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def record(self, route: str, status: int, seconds: float | None = None) -> None:
-        with self._lock:
-            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
-            if seconds is not None:
-                self.latency_sum += seconds
-                self.latency_count += 1
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    if seconds <= bound:
-                        self.buckets[i] += 1
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vitaclip_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
+        )
+        self.search_seconds = Histogram(
+            "vitaclip_search_seconds",
+            "Query latency (encoding and search), by output and query kind.",
+            ["index", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("vitaclip_queries_in_flight", "Queries computing now.", registry=self.registry)
+        self.waiting = Gauge("vitaclip_queries_waiting", "Queries waiting for a slot.", registry=self.registry)
+        vectors = Gauge(
+            "vitaclip_index_vectors", "Vectors in each loaded index.", ["index", "table"], registry=self.registry
+        )
+        for name, engine in service.engines.items():
+            for table, index in engine.indexes.items():
+                vectors.labels(index=name, table=table).set_function(_counter(index))
 
-    def render(self, engine: SearchEngine) -> str:
-        lines = [
-            "# HELP vitaclip_http_requests_total HTTP requests by route and status.",
-            "# TYPE vitaclip_http_requests_total counter",
-        ]
-        with self._lock:
-            for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'vitaclip_http_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += [
-                "# HELP vitaclip_search_seconds Search latency, text encoding included.",
-                "# TYPE vitaclip_search_seconds histogram",
-            ]
-            for bound, n in zip(LATENCY_BUCKETS, self.buckets, strict=True):
-                lines.append(f'vitaclip_search_seconds_bucket{{le="{bound}"}} {n}')
-            lines.append(f'vitaclip_search_seconds_bucket{{le="+Inf"}} {self.latency_count}')
-            lines.append(f"vitaclip_search_seconds_sum {self.latency_sum:.6f}")
-            lines.append(f"vitaclip_search_seconds_count {self.latency_count}")
-        lines += ["# HELP vitaclip_index_vectors Vectors in each loaded index.", "# TYPE vitaclip_index_vectors gauge"]
-        for name, index in engine.indexes.items():
-            lines.append(f'vitaclip_index_vectors{{index="{name}"}} {index.count}')
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
-class BadRequest(ValueError):
-    pass
+def _counter(index: Any) -> Callable[[], float]:
+    return lambda: float(index.count)
 
 
-def _parse_search(query: dict[str, list[str]]) -> dict[str, Any]:
-    unknown = sorted(set(query) - SEARCH_PARAMS)
-    if unknown:
-        raise BadRequest(f"unknown parameters {unknown}; allowed: {sorted(SEARCH_PARAMS)}")
-    repeated = sorted(k for k, v in query.items() if len(v) > 1)
-    if repeated:
-        raise BadRequest(f"parameters given more than once: {repeated}")
-    args = {k: v[0] for k, v in query.items()}
-    if "q" not in args:
-        raise BadRequest("missing q (the query text)")
-    out: dict[str, Any] = {"text": args["q"]}
-    try:
-        out["k"] = int(args.get("k", "10"))
-    except ValueError:
-        raise BadRequest(f"k must be an integer between 1 and {MAX_K}, got {args['k']!r}") from None
-    seg = args.get("segments", "0").lower()
-    if seg not in ("0", "1", "true", "false"):
-        raise BadRequest(f"segments must be 0/1/true/false, got {args['segments']!r}")
-    out["segments"] = seg in ("1", "true")
-    if "label" in args:
-        out["label"] = args["label"]
-    if "min_duration" in args:
-        try:
-            out["min_duration"] = float(args["min_duration"])
-        except ValueError:
-            raise BadRequest(f"min_duration must be a number of seconds, got {args['min_duration']!r}") from None
-    return out
+class SearchService:
+    """Search engines by output name, the limits they are served under, and the metrics they report.
 
+    Args:
+        engines: output name -> engine; the first is the default for requests that name none.
+        limits: request limits (`ServiceLimits`).
+        s3_endpoint_url: S3-compatible server for presigning media URLs of ``s3://`` inputs (None: AWS).
+    """
 
-class SearchHandler(BaseHTTPRequestHandler):
-    """The service's routes; `make_handler` binds them to an engine, the metrics and the page."""
-
-    server_version = "vitaclip"
-    protocol_version = "HTTP/1.1"
-    engine: SearchEngine
-    metrics: Metrics
-    page: bytes
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _send(
+    def __init__(
         self,
-        status: int,
-        body: bytes,
-        content_type: str,
-        route: str,
-        seconds: float | None = None,
+        engines: Mapping[str, SearchEngine],
+        *,
+        limits: ServiceLimits | None = None,
+        s3_endpoint_url: str | None = None,
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store" if route != "thumbnail" else "max-age=3600")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.metrics.record(route, status, seconds)
+        if not engines:
+            raise ValueError("a search service needs at least one output")
+        for name in engines:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"output name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        self.engines = dict(engines)
+        self.default = next(iter(self.engines))
+        self.limits = limits or ServiceLimits()
+        self.s3_endpoint_url = s3_endpoint_url
+        self._s3: Any = None
+        self._slots: asyncio.Semaphore | None = None
+        self.metrics = Metrics(self)
 
-    def _json(self, status: int, obj: Any, route: str, seconds: float | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", route, seconds)
+    def engine(self, name: str | None) -> tuple[str, SearchEngine]:
+        chosen = name or self.default
+        engine = self.engines.get(chosen)
+        if engine is None:
+            raise UnknownIndex(f"no output named {chosen!r}; this service holds {sorted(self.engines)}")
+        return chosen, engine
 
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        route = "unknown"
+    async def run_query(self, work: Callable[[], T]) -> T:
+        """Runs `work` in a thread once a query slot is free, within the queue and request time limits."""
+        if self._slots is None:  # made on first use, inside the serving event loop
+            self._slots = asyncio.Semaphore(self.limits.max_concurrent_queries)
+        slots = self._slots
+        self.metrics.waiting.inc()
         try:
-            url = urlsplit(self.path)
-            route, answer = self._route(url.path)
-            answer(url.path, parse_qs(url.query, keep_blank_values=True), route)
-        except (BadRequest, ValueError) as exc:
-            self._json(400, {"error": str(exc)}, route)
-        except BrokenPipeError:
-            pass
-        except Exception:  # the service boundary: log it, answer without internals
-            log.exception("request %s failed", self.path)
-            self._json(500, {"error": "internal error"}, route)
+            await asyncio.wait_for(slots.acquire(), self.limits.queue_timeout_seconds)
+        except TimeoutError:
+            raise Busy() from None
+        finally:
+            self.metrics.waiting.dec()
+        loop = asyncio.get_running_loop()
 
-    do_HEAD = do_GET
+        def in_thread() -> T:
+            self.metrics.in_flight.inc()
+            try:
+                return work()
+            finally:
+                self.metrics.in_flight.dec()
+                loop.call_soon_threadsafe(slots.release)  # held until the work ends, even after a timeout
 
-    def _route(self, path: str) -> tuple[str, Callable[[str, dict[str, list[str]], str], None]]:
-        if path == "/search":
-            return "search", self._search
-        if path.startswith("/videos/"):
-            return "video", self._video
-        if path.startswith("/thumbnails/") and path.endswith(".jpg"):
-            return "thumbnail", self._thumbnail
-        if path.startswith("/media/"):
-            return "media", self._media
-        if path == "/healthz":
-            return "healthz", lambda _p, _q, route: self._json(200, {"status": "ok", **self.engine.stats()}, route)
-        if path == "/metrics":
-            return "metrics", lambda _p, _q, route: self._send(
-                200, self.metrics.render(self.engine).encode(), "text/plain; version=0.0.4", route
+        future = loop.run_in_executor(None, in_thread)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
+        except TimeoutError:
+            raise QueryTimeout() from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What `/indexes` lists: per output its model, tables' versions and indexes (count, kind, recall)."""
+        out = []
+        for name, engine in self.engines.items():
+            indexes = {}
+            for table, entry in engine.info.get("indexes", {}).items():
+                index = engine.indexes[table]
+                measured = entry.get("measured") or {}
+                indexes[table] = {
+                    "count": index.count,
+                    "dim": index.dim,
+                    "kind": index.plan.kind,
+                    "recall_at_10": measured.get("recall_at_10"),
+                    "tuned_with": entry.get("tuned_with"),
+                }
+            out.append(
+                {
+                    "name": name,
+                    "model_id": engine.model_id,
+                    "table_versions": engine.table_versions,
+                    "indexes": indexes,
+                    "encodes_media": getattr(engine, "text_model", None) is not None,
+                }
             )
-        if path in ("/", "/index.html"):
-            return "page", lambda _p, _q, route: self._send(200, self.page, "text/html; charset=utf-8", route)
-        return "unknown", lambda _p, _q, route: self._json(404, {"error": f"no route {path}"}, route)
+        return out
 
-    def _search(self, _path: str, query: dict[str, list[str]], route: str) -> None:
-        args = _parse_search(query)
-        start = time.perf_counter()
-        hits = self.engine.search(**args)
-        took = time.perf_counter() - start
-        results = [
-            dict(
-                h.to_dict(),
-                uri=redact_url(h.uri),
-                thumbnail_url=f"/thumbnails/{h.row_id}.jpg",
-                media_url=f"/media/{h.video_id}",
+    def media_target(self, engine: SearchEngine, video_id: str) -> MediaFile | str:
+        """The opened local file of an indexed video, or a presigned URL for an indexed ``s3://`` object that is
+        still the version indexed.
+
+        Raises:
+            MediaRefused: anything that must not be served (with a safe message and status).
+        """
+        row = engine.video(video_id)
+        if row is not None and str(row.get("uri", "")).startswith("s3://") and row.get("status") == "ok":
+            return self._presign(row)
+        return engine.open_media(video_id)
+
+    def _presign(self, row: Mapping[str, Any]) -> str:
+        from index.s3 import make_s3_client, parse_s3_uri
+
+        if self._s3 is None:
+            self._s3 = make_s3_client(endpoint_url=self.s3_endpoint_url, max_attempts=3)
+        bucket, key = parse_s3_uri(str(row["uri"]))
+        try:
+            head = self._s3.head_object(Bucket=bucket, Key=key)
+        except Exception:  # any failure to confirm the object: refuse, without the storage's message
+            raise MediaRefused("missing", "the object is gone or unreadable") from None
+        if head.get("ETag") != row.get("etag"):
+            raise MediaRefused("changed", "the object changed since it was indexed", http_status=410)
+        return str(
+            self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
             )
-            for h in hits
-        ]
-        self._json(200, {"query": args["text"], "results": results, "took_ms": round(took * 1000, 2)}, route, took)
-
-    def _video(self, path: str, _query: dict[str, list[str]], route: str) -> None:
-        row = self.engine.video(path[len("/videos/") :])
-        if row is None:
-            self._json(404, {"error": "no such video"}, route)
-        else:
-            safe = dict(row, uri=redact_url(str(row["uri"])))
-            self._json(200, dict(safe, thumbnail_url=f"/thumbnails/{row['row_id']}.jpg"), route)
-
-    def _thumbnail(self, path: str, _query: dict[str, list[str]], route: str) -> None:
-        try:
-            row_id = int(path[len("/thumbnails/") : -4])
-        except ValueError:
-            raise BadRequest("thumbnail ids are integers") from None
-        data = self.engine.thumbnail(row_id)
-        if data is None:
-            self._json(404, {"error": "no thumbnail"}, route)
-        else:
-            self._send(200, data, "image/jpeg", route)
-
-    def _media(self, path: str, _query: dict[str, list[str]], route: str) -> None:
-        # Only the indexed file, checked by index.media.open_media; nothing taken from the row reaches a header.
-        try:
-            media = self.engine.open_media(path[len("/media/") :])
-        except MediaRefused as refused:
-            self._json(refused.http_status, {"error": refused.message, "reason": refused.reason}, route)
-            return
-        with media.file:
-            self.send_response(200)
-            self.send_header("Content-Type", media.content_type)
-            self.send_header("Content-Length", str(media.size_bytes))
-            self.send_header("ETag", media.etag)
-            self.send_header("Last-Modified", formatdate(media.mtime_ns / 1e9, usegmt=True))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            if self.command != "HEAD":
-                shutil.copyfileobj(media.file, self.wfile, MEDIA_CHUNK_BYTES)  # streamed, never read whole
-        self.metrics.record(route, 200)
+        )
 
 
-def make_handler(engine: SearchEngine, metrics: Metrics, page: bytes) -> type[BaseHTTPRequestHandler]:
-    """`SearchHandler` bound to `engine`, `metrics` and the search `page`."""
-    return type("Handler", (SearchHandler,), {"engine": engine, "metrics": metrics, "page": page})
+def parse_index_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``NAME=OUT`` pairs from ``--index`` values; a bare ``OUT`` is named ``default`` (when it is the only one).
+
+    Raises:
+        ValueError: a malformed or repeated name, or several bare outputs.
+    """
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, out = spec.partition("=")
+        if not sep or "://" in name or "/" in name:  # a bare output (its path may hold '=')
+            name, out = "default", spec
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"--index {spec!r}: the name must be 1-64 letters, digits, '.', '_' or '-'")
+        if not out:
+            raise ValueError(f"--index {spec!r}: no output after '='")
+        if any(name == seen for seen, _ in pairs):
+            raise ValueError(f"--index: the name {name!r} is given twice (use NAME=OUT for each output)")
+        pairs.append((name, out))
+    if not pairs:
+        raise ValueError("give at least one --index")
+    return pairs
 
 
-def load_page() -> bytes:
-    return resources.files("index").joinpath("static").joinpath("index.html").read_bytes()
+def open_service(
+    specs: Sequence[str],
+    *,
+    model: str | None = None,
+    checkpoint: str | None = None,
+    device: str | None = None,
+    s3_endpoint_url: str | None = None,
+    limits: ServiceLimits | None = None,
+) -> SearchService:
+    """A service over the outputs named by ``--index`` values (local folders or ``s3://`` prefixes, cached)."""
+    from index.tables import local_copy
+
+    engines = {}
+    for name, out in parse_index_specs(specs):
+        started = time.perf_counter()
+        engines[name] = SearchEngine(
+            local_copy(out, s3_endpoint_url=s3_endpoint_url), model=model, checkpoint=checkpoint, device=device
+        )
+        log.info("loaded output %s in %.1f s", name, time.perf_counter() - started)
+    return SearchService(engines, limits=limits, s3_endpoint_url=s3_endpoint_url)
 
 
-def make_server(engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(engine, Metrics(), load_page()))
-    server.daemon_threads = True
-    return server
+def _server(service: SearchService, host: str, port: int) -> Any:
+    import uvicorn
+
+    from index.api import create_app, guarded_h11
+
+    limits = service.limits
+    config = uvicorn.Config(
+        create_app(service),
+        host=host,
+        port=port,
+        http=guarded_h11(limits.header_timeout_seconds),
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=5,
+        log_level="warning",
+    )
+    return uvicorn.Server(config)
 
 
-def serve(engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    server = make_server(engine, host=host, port=port)
-    print(f"vitaclip search service on http://{host}:{server.server_address[1]}/ ({engine.stats()['indexes']})")
+def serve(service: SearchService, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serves `service` with uvicorn until interrupted (a header timeout guards against half-sent requests)."""
+    names = ", ".join(f"{n} ({sum(i.count for i in e.indexes.values())} vectors)" for n, e in service.engines.items())
+    print(f"vitaclip search service on http://{host}:{port}/ (API at /docs): {names}", flush=True)
+    _server(service, host, port).run()
+
+
+@contextlib.contextmanager
+def serving(service: SearchService, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serves `service` from a background thread for the block (notebooks, tests, benchmarks); yields its base URL.
+
+    `port` 0 takes a free port.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = _server(service, host, sock.getsockname()[1])
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vitaclip-serve")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the search service did not start")
+        time.sleep(0.01)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        yield f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     finally:
-        server.server_close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -79,10 +79,12 @@ def read_table(
     *,
     model_id: str | None = None,
     version: int | None = None,
+    where: pc.Expression | None = None,
 ) -> pa.Table | None:
     """The committed rows of a table (of one model when `model_id` is given); None when there is no table yet.
 
-    Reads only `columns` (plus ``model_id`` for the filter), from the files whose statistics allow `model_id`.
+    Reads only `columns` (plus ``model_id`` for the filter), from the files whose statistics allow `model_id` and
+    the `where` condition (an Arrow expression over the table's columns).
 
     Raises:
         ValueError: An output in the previous layout (with the migrate command to run) or an unknown table.
@@ -95,6 +97,8 @@ def read_table(
     wanted = list(columns) if columns else None
     read_columns = wanted if wanted is None or model_id is None or "model_id" in wanted else [*wanted, "model_id"]
     row_filter = (pc.field("model_id") == model_id) if model_id is not None else None
+    if where is not None:
+        row_filter = where if row_filter is None else row_filter & where
     data = dt.to_pyarrow_dataset().to_table(columns=read_columns, filter=row_filter)
     if wanted is not None and read_columns != wanted:
         data = data.select(wanted)

@@ -201,7 +201,12 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     engine = _engine(args)
     hits = engine.search(
-        " ".join(args.query), k=args.k, segments=args.segments, label=args.label, min_duration=args.min_duration
+        " ".join(args.query),
+        k=args.k,
+        segments=args.segments,
+        label=args.label,
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
     )
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
@@ -210,10 +215,52 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from index.service import serve
+def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
+    limits = {
+        "max_upload_bytes": int(args.max_upload_mb * 2**20),
+        "request_timeout_seconds": args.request_timeout,
+        "max_connections": args.max_connections,
+    }
+    if args.max_concurrent_queries is not None:
+        limits["max_concurrent_queries"] = args.max_concurrent_queries
+    return limits
 
-    serve(_engine(args), host=args.host, port=args.port)
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from index.service import ServiceLimits, open_service, serve
+
+    if args.ray_serve:
+        return _serve_on_ray(args)
+    service = open_service(
+        args.index,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        s3_endpoint_url=args.s3_endpoint_url,
+        limits=ServiceLimits(**_serve_limits(args)),
+    )
+    serve(service, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    import ray
+
+    from jobs.ray_serve import ServeOptions, run
+
+    options = ServeOptions(
+        indexes=args.index,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        s3_endpoint_url=args.s3_endpoint_url,
+        replicas=args.replicas,
+        num_cpus_per_replica=args.num_cpus_per_replica,
+        limits=_serve_limits(args),
+    )
+    ray.init(address=args.ray_address, include_dashboard=False, ignore_reinit_error=True)
+    print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
+    run(options, host=args.host, port=args.port, blocking=True)
     return 0
 
 
@@ -288,26 +335,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint-url", default=None)
     p.set_defaults(func=_cmd_migrate)
 
-    for name, help_text in (("search", "search the index by text"), ("serve", "HTTP search service and page")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--index", required=True, help="the job's output folder or s3:// prefix")
-        p.add_argument("--model", default=None, help="text encoder (default: the index's model)")
-        p.add_argument("--checkpoint", default=None, help="the weights the index was built with")
-        p.add_argument("--device", default=None)
-        p.add_argument("--s3-endpoint-url", default=None)
-        if name == "search":
-            p.add_argument("query", nargs="+", help="the text to search for")
-            p.add_argument("-k", type=int, default=10)
-            p.add_argument("--json", action="store_true")
-            p.add_argument("--segments", action="store_true", help="search moments of long videos")
-            p.add_argument("--label", default=None, help="only videos with this label among their top labels")
-            p.add_argument("--min-duration", type=float, default=None, help="only videos at least this long (s)")
-            p.set_defaults(func=_cmd_search)
-        else:
-            p.add_argument("--host", default="127.0.0.1")
-            p.add_argument("--port", type=int, default=8000)
-            p.set_defaults(func=_cmd_serve)
+    _add_search_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="text encoder (default: the index's model)")
+    p.add_argument("--checkpoint", default=None, help="the weights the index was built with")
+    p.add_argument("--device", default=None)
+    p.add_argument("--s3-endpoint-url", default=None)
+
+
+def _add_search_parser(sub: Any) -> None:
+    p = sub.add_parser("search", help="search the index by text")
+    p.add_argument("--index", required=True, help="the job's output folder or s3:// prefix")
+    _add_model_options(p)
+    p.add_argument("query", nargs="+", help="the text to search for")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--segments", action="store_true", help="search moments of long videos")
+    p.add_argument("--label", default=None, help="only videos with this label among their top labels")
+    p.add_argument("--min-duration", type=float, default=None, help="only videos at least this long (s)")
+    p.add_argument("--max-duration", type=float, default=None, help="only videos at most this long (s)")
+    p.set_defaults(func=_cmd_search)
+
+
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="HTTP search service (JSON API, OpenAPI at /docs, page at /)")
+    p.add_argument(
+        "--index",
+        required=True,
+        action="append",
+        metavar="[NAME=]OUT",
+        help="an output folder or s3:// prefix, named NAME in requests (?index=NAME); repeat for several outputs",
+    )
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or clip query (MiB)")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
+    p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")
+    p.add_argument(
+        "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: cores, 2-8)"
+    )
+    p.add_argument("--ray-serve", action="store_true", help="serve N replicas with Ray Serve instead of one process")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray-serve: replicas of the service")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray-serve")
+    p.add_argument("--ray-address", default=None, help="with --ray-serve: a running cluster (default: start one)")
+    p.set_defaults(func=_cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

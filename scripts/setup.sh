@@ -15,5 +15,5 @@ if ! .venv/bin/python -c 'import torch, torchvision' 2>/dev/null; then
         *) "${PIP[@]}" torch==2.14.1 torchvision==0.29.1 ;;
     esac
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,serve]"
 echo "vitaclip is installed in .venv"

@@ -313,3 +313,42 @@ def local_ray() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+PADDED_EXTRA_BYTES = 300 * 2**20
+
+
+@pytest.fixture(scope="session")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output folder indexed by the real job: 6 videos (3 to 5.5 s) with 1 s segments, and broken files.
+
+    The first video is padded with 300 MiB of zeros after its last box (a sparse file: no disk used), so media
+    requests have a large indexed file to stream.
+    """
+    import ray
+    from test_index_job import make_videos
+
+    from jobs.index_videos import main as job_main
+
+    root = tmp_path_factory.mktemp("search")
+    videos = make_videos(root / "in", 6)
+    first = sorted(p for p in videos if p.suffix == ".mp4")[0]
+    with open(first, "r+b") as f:
+        f.truncate(first.stat().st_size + PADDED_EXTRA_BYTES)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        rc = job_main(
+            [str(root / "in"), "--output", str(root / "out"), "--model", "vitaclip-tiny", "--random-weights"]
+            + ["--segment-seconds", "1", "--top-k", "5"]
+        )
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="session")
+def engine(indexed: Path) -> Any:
+    from index.search import SearchEngine
+
+    return SearchEngine(indexed)

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from index import tables
 from index.media import MediaRefused, open_media, recorded_roots
 from index.schema import local_etag, video_id_for
 from index.search import SearchEngine
-from index.service import make_server
+from index.service import SearchService, serving
 from jobs.index_videos import main as job_main
 from jobs.pipeline import ReadDecode
 from jobs.storage import list_videos
@@ -125,12 +124,9 @@ def test_a_file_deleted_between_listing_and_reading_is_a_row(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def service(traps: dict[str, Any]) -> Iterator[tuple[str, int]]:
-    srv = make_server(SearchEngine(traps["out"]), host="127.0.0.1", port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield "127.0.0.1", srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
+    with serving(SearchService({"traps": SearchEngine(traps["out"])})) as url:
+        host, port = url.removeprefix("http://").split(":")
+        yield host, int(port)
 
 
 def _request(service: tuple[str, int], path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

@@ -280,7 +280,7 @@ def test_dockerfiles_pin_the_base_and_run_as_non_root() -> None:
         assert "constraints.txt" in text
         assert (INFRA / "docker" / f"{name}.dockerignore").is_file()
     gpu = (INFRA / "docker" / "Dockerfile").read_text()
-    assert ".[gpu]" in gpu and "pip uninstall -y faiss-cpu" in gpu and "StandardGpuResources" in gpu
+    assert ".[gpu,serve]" in gpu and "pip uninstall -y faiss-cpu" in gpu and "StandardGpuResources" in gpu
     pins = [line for line in (INFRA / "docker" / "constraints.txt").read_text().splitlines() if line[:1] not in "#"]
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==\S+", line) for line in pins)
     names = {line.split("==")[0].lower().replace("_", "-") for line in pins}

@@ -4,57 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from test_index_job import make_videos
 
 from index import tables
 from index.build import build_from_output
 from index.search import SearchEngine
 from index.segments import open_index
-from index.service import make_server
 from jobs.cli import main as cli_main
-from jobs.index_videos import main as job_main
 from jobs.storage import open_store
-
-
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory) -> Path:
-    """An output folder indexed by the real job: 6 videos (3 to 5.5 s) with 1 s segments, and broken files."""
-    root = tmp_path_factory.mktemp("search")
-    make_videos(root / "in", 6)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        rc = job_main(
-            [
-                str(root / "in"),
-                "--output",
-                str(root / "out"),
-                "--model",
-                "vitaclip-tiny",
-                "--random-weights",
-                "--segment-seconds",
-                "1",
-                "--top-k",
-                "5",
-            ]
-        )
-    finally:
-        ray.shutdown()
-    assert rc == 0
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
-def engine(indexed: Path) -> SearchEngine:
-    return SearchEngine(indexed)
 
 
 def committed(indexed: Path, table: str) -> list[dict]:
@@ -174,116 +134,3 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert "s]" in capsys.readouterr().out
     assert cli_main(["search", "--index", str(indexed), "x", "--model", "vitaclip-b16"]) == 2
     assert "built with vitaclip-tiny" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def server(engine: SearchEngine):
-    srv = make_server(engine, host="127.0.0.1", port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def get(url: str) -> tuple[int, bytes, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return resp.status, resp.read(), resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as err:
-        return err.code, err.read(), err.headers.get("Content-Type", "")
-
-
-@pytest.mark.parametrize(
-    ("query", "message"),
-    [
-        ("q=", "empty"),
-        ("q=" + "x" * 501, "at most 500"),
-        ("q=cat&k=0", "between 1 and 100"),
-        ("q=cat&k=abc", "integer"),
-        ("q=cat&k=101", "between 1 and 100"),
-        ("q=cat&colour=red", "unknown parameters"),
-        ("q=cat&min_duration=long", "number of seconds"),
-        ("k=3", "missing q"),
-        ("q=cat&segments=maybe", "segments must be"),
-        ("q=a&q=b", "more than once"),
-    ],
-)
-def test_http_bad_inputs_are_4xx_with_a_message(server: str, query: str, message: str) -> None:
-    status, body, kind = get(f"{server}/search?{query}")
-    assert status == 400 and kind == "application/json"
-    assert message in json.loads(body)["error"]
-    assert b"Traceback" not in body
-
-
-def test_http_api(server: str, indexed: Path) -> None:
-    status, body, _ = get(f"{server}/search?q=a%20red%20circle&k=3")
-    data = json.loads(body)
-    assert status == 200 and len(data["results"]) == 3 and data["took_ms"] > 0
-    first = data["results"][0]
-    status, body, kind = get(server + first["thumbnail_url"])
-    assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8"
-    status, body, _ = get(f"{server}/videos/{first['video_id']}")
-    assert status == 200 and json.loads(body)["uri"] == first["uri"] and "embedding" not in json.loads(body)
-    status, body, _ = get(server + first["media_url"])
-    assert status == 200 and body == Path(first["uri"]).read_bytes()
-    assert get(f"{server}/videos/nope")[0] == 404
-    assert get(f"{server}/thumbnails/123.jpg")[0] == 404
-    assert get(f"{server}/nothing")[0] == 404
-    status, body, _ = get(f"{server}/healthz")
-    assert status == 200 and json.loads(body)["indexes"]["videos"]["count"] == 6
-    with ThreadPoolExecutor(8) as pool:  # concurrent requests
-        statuses = list(pool.map(lambda i: get(f"{server}/search?q=query{i}&k=2")[0], range(24)))
-    assert statuses == [200] * 24
-    status, body, kind = get(f"{server}/metrics")
-    text = body.decode()
-    assert status == 200 and kind.startswith("text/plain")
-    assert 'vitaclip_http_requests_total{route="search",status="200"}' in text
-    assert "vitaclip_search_seconds_count" in text and 'vitaclip_index_vectors{index="videos"} 6' in text
-
-
-def _chromium() -> tuple[str, str] | None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (chromium, driver) if chromium and driver else None
-
-
-def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
-    found = _chromium()
-    assert found is not None, "Debian's chromium and chromium-driver are needed (scripts/setup.sh installs them)"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = found[0]
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(found[1]), options=options)
-    try:
-        browser.get(server + "/")
-        box = browser.find_element(By.ID, "q")
-        box.send_keys("a red circle moving left")
-        browser.find_element(By.ID, "go").click()
-        WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".result")))
-        cards = browser.find_elements(By.CSS_SELECTOR, ".result")
-        assert len(cards) == 6
-        assert "score" in cards[0].text and cards[0].find_element(By.TAG_NAME, "a").get_attribute("href")
-        img = cards[0].find_element(By.TAG_NAME, "img")
-        WebDriverWait(browser, 10).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
-        assert "results in" in browser.find_element(By.ID, "status").text
-    finally:
-        browser.quit()

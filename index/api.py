@@ -1,0 +1,510 @@
+"""The search service's HTTP API: one FastAPI app, served by `vitaclip serve` (uvicorn) and by Ray Serve replicas.
+
+Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+    GET  /search?q=TEXT&k=10&segments=false&label=&min_duration=&max_duration=&index=   text query
+    POST /search            {"text" | "video_id" (+ "segment_index") | "embedding", "k", filters, "index"}
+    POST /search/upload?k=..  body: a picture (JPEG, PNG, ...) or a short clip, embedded with the index's model
+    GET  /indexes            the outputs this service holds
+    GET  /videos/{video_id}, GET /thumbnails/{row_id}.jpg, GET|HEAD /media/{video_id}   (?index=NAME)
+    GET  /healthz, GET /metrics (Prometheus), GET / (the page)
+
+The request models are the one place input is checked: a request they refuse gets 422 with ``error`` (one line)
+and ``detail`` (pydantic's list). Answers never carry paths, credentials or internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from index.http_media import media_answer, send_media
+from index.media import MediaFile, MediaRefused
+from index.queries import QueryError
+from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
+from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
+from vitaclip.redact import redact_url
+
+log = logging.getLogger("vitaclip.serve")
+
+MAX_EMBEDDING_DIM = 4096
+UPLOAD_PATH = "/search/upload"
+IndexParam = Annotated[str | None, Query(max_length=64, description="which output (default: the first)")]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+class FilterFields(BaseModel):
+    """Filters applied inside the search: k results come back whenever k rows pass them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, le=MAX_K, description="results wanted")
+    segments: bool = Field(False, description="search moments (segments) instead of whole videos")
+    label: str | None = Field(None, min_length=1, max_length=200, description="only rows with this top label")
+    min_duration: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds, whole video")
+    max_duration: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds, whole video")
+    index: str | None = Field(None, max_length=64, description="which output (see /indexes); default: the first")
+
+    def filters(self) -> Filters:
+        return Filters(label=self.label, min_duration=self.min_duration, max_duration=self.max_duration)
+
+    @model_validator(mode="after")
+    def _durations_in_order(self) -> FilterFields:
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise ValueError("min_duration must not be above max_duration")
+        return self
+
+
+class TextQuery(FilterFields):
+    """``GET /search`` parameters."""
+
+    q: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the text to search for")
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> TextQuery:
+        if not self.q.strip():
+            raise ValueError("q is empty")
+        return self
+
+
+class SearchRequest(FilterFields):
+    """``POST /search``: exactly one of ``text``, ``video_id`` ("more like this") or ``embedding``."""
+
+    text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS)
+    video_id: str | None = Field(None, min_length=1, max_length=128, description="more like this indexed video")
+    segment_index: int | None = Field(None, ge=0, description="with video_id: more like this moment of it")
+    embedding: list[float] | None = Field(
+        None, min_length=1, max_length=MAX_EMBEDDING_DIM, description="a raw query vector of the index's dimension"
+    )
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [name for name in ("text", "video_id", "embedding") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, video_id, embedding (got {given or 'none'})")
+        if self.segment_index is not None and self.video_id is None:
+            raise ValueError("segment_index goes with video_id")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("text is empty")
+        return self
+
+
+class UploadQuery(FilterFields):
+    """``POST /search/upload`` parameters (the body is the picture or clip)."""
+
+
+class HitOut(BaseModel):
+    uri: str = Field(description="the indexed object (credentials masked)")
+    score: float
+    video_id: str
+    row_id: int
+    start_seconds: float | None
+    end_seconds: float | None
+    duration_seconds: float | None
+    segment_index: int | None
+    labels: list[str]
+    label_scores: list[float]
+    thumbnail_url: str
+    media_url: str = Field(description="the video; with #t=start,end a player starts at the matched moment")
+
+
+class SearchResponse(BaseModel):
+    kind: Literal["text", "video", "embedding", "upload"]
+    query: str | None = Field(description="the text, or the video id of a 'more like this' query")
+    index: str
+    results: list[HitOut]
+    took_ms: float
+
+
+class IndexOut(BaseModel):
+    name: str
+    model_id: str
+    table_versions: dict[str, int] | None
+    indexes: dict[str, dict[str, Any]]
+    encodes_media: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    indexes: dict[str, dict[str, Any]]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _hit_out(hit: Hit, name: str) -> HitOut:
+    suffix = f"?index={quote(name)}"
+    media = f"/media/{quote(hit.video_id, safe='')}{suffix}"
+    if hit.start_seconds is not None and hit.end_seconds is not None:
+        media += f"#t={hit.start_seconds:g},{hit.end_seconds:g}"
+    return HitOut(
+        **dict(hit.to_dict(), uri=redact_url(hit.uri)),
+        thumbnail_url=f"/thumbnails/{hit.row_id}.jpg{suffix}",
+        media_url=media,
+    )
+
+
+def _error(status: int, message: str, reason: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if reason is not None:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _no_repeated_parameters(request: Request) -> None:
+    keys = [key for key, _ in request.query_params.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise RequestValidationError([{"loc": ["query", *repeated], "msg": "given more than once", "type": "repeated"}])
+
+
+def _validation_message(errors: Any) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "body"))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts) or "invalid request"
+
+
+class _MediaResponse(Response):
+    """Streams a checked media file (Range, conditional requests); the file is closed whatever happens."""
+
+    def __init__(self, media: MediaFile, request: Request) -> None:
+        super().__init__()
+        self.media = media
+        self.answer = media_answer(media, request.headers, method=request.method)
+        self.status_code = self.answer.status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_media(self.media, self.answer, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+
+
+class RequestLimits:
+    """ASGI middleware: body size (413) and stalled-body (408) limits, and request counts by route and status."""
+
+    def __init__(self, app: ASGIApp, service: SearchService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limits = self.service.limits
+        cap = limits.max_upload_bytes if scope["path"] == UPLOAD_PATH else limits.max_json_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        state: dict[str, Any] = {"status": 500, "answered": False, "received": 0, "body_done": False}
+
+        async def answer(status: int, message: str) -> None:
+            if not state["answered"]:
+                state["answered"], state["status"] = True, status
+                await _error(status, message)(scope, receive, send)
+
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await answer(413, f"the request body is larger than {cap} bytes")
+            self._count(scope, state["status"])
+            return
+
+        async def limited_receive() -> Message:
+            if state["body_done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), limits.body_timeout_seconds)
+            except TimeoutError:
+                await answer(408, f"the request body stalled for {limits.body_timeout_seconds:g} s")
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                state["body_done"] = not message.get("more_body", False)
+                if state["received"] > cap:
+                    await answer(413, f"the request body is larger than {cap} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            if state["answered"]:
+                return  # a limit already answered this request
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        finally:
+            self._count(scope, state["status"])
+
+    def _count(self, scope: Scope, status: int) -> None:
+        endpoint = scope.get("endpoint")
+        route = getattr(endpoint, "__name__", "unknown") if endpoint is not None else "unknown"
+        self.service.metrics.requests.labels(route=route, status=str(status)).inc()
+
+
+def _page() -> str:
+    return resources.files("index").joinpath("static").joinpath("index.html").read_text(encoding="utf-8")
+
+
+def create_app(service: SearchService) -> FastAPI:
+    """The ASGI app for `service` (uvicorn: `index.service.serve`; Ray Serve: `jobs.ray_serve`)."""
+    app = FastAPI(
+        title="vitaclip search",
+        summary="Text, video, picture and embedding search over videos indexed with Vita-CLIP.",
+        version="1",
+    )
+    app.add_middleware(RequestLimits, service=service)
+    page = _page()
+    _add_error_handlers(app)
+    _add_search_routes(app, service)
+    _add_object_routes(app, service)
+
+    @app.get("/indexes", response_model=list[IndexOut])
+    async def indexes() -> list[dict[str, Any]]:
+        return service.describe()
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> dict[str, Any]:
+        stats = {name: engine.stats() for name, engine in service.engines.items()}
+        return {"status": "ok", "indexes": stats}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page_route() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = json.loads(json.dumps(exc.errors(), default=str))  # plain JSON, whatever the inputs held
+        for error in errors:
+            error.pop("input", None)  # never echo what was sent (it may be large)
+            error.pop("ctx", None)
+        return JSONResponse({"error": _validation_message(errors), "detail": errors}, status_code=422)
+
+    @app.exception_handler(UnknownIndex)
+    async def unknown(_request: Request, exc: UnknownIndex) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(QueryError)
+    async def bad_query(_request: Request, exc: QueryError) -> JSONResponse:
+        return _error(400 if "no such" not in str(exc) else 404, str(exc))
+
+    @app.exception_handler(Busy)
+    async def busy(_request: Request, _exc: Busy) -> JSONResponse:
+        return _error(503, "the service is busy: every query slot stayed taken", headers={"Retry-After": "1"})
+
+    @app.exception_handler(QueryTimeout)
+    async def too_slow(_request: Request, _exc: QueryTimeout) -> JSONResponse:
+        return _error(504, "the query took longer than the service's request timeout")
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, _exc: Exception) -> JSONResponse:
+        return _error(404, "not found")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, _exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return _error(500, "internal error")
+
+
+async def _answer(
+    service: SearchService,
+    params: FilterFields,
+    kind: Literal["text", "video", "embedding", "upload"],
+    query: str | None,
+    run: Callable[[SearchEngine], list[Hit]],
+) -> SearchResponse:
+    name, engine = service.engine(params.index)
+    started = asyncio.get_running_loop().time()
+    hits = await service.run_query(lambda: run(engine))
+    took = asyncio.get_running_loop().time() - started
+    service.metrics.search_seconds.labels(index=name, kind=kind).observe(took)
+    return SearchResponse(
+        kind=kind, query=query, index=name, results=[_hit_out(h, name) for h in hits], took_ms=round(took * 1000, 2)
+    )
+
+
+def _add_search_routes(app: FastAPI, service: SearchService) -> None:
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 413, 503, 504)}
+
+    @app.get(
+        "/search", response_model=SearchResponse, responses=errors, dependencies=[Depends(_no_repeated_parameters)]
+    )
+    async def search(params: Annotated[TextQuery, Query()]) -> SearchResponse:
+        """Text to video (or to moments, with ``segments=true``)."""
+        return await _answer(
+            service,
+            params,
+            "text",
+            params.q,
+            lambda e: e.search(params.q, k=params.k, segments=params.segments, **_filter_kwargs(params)),
+        )
+
+    @app.post("/search", response_model=SearchResponse, responses=errors)
+    async def search_post(body: SearchRequest) -> SearchResponse:
+        """Text, "more like this" (an indexed video or one of its segments) or a raw embedding."""
+        filters, k, segments = body.filters(), body.k, body.segments
+        if body.text is not None:
+            text = body.text
+            return await _answer(
+                service, body, "text", text, lambda e: e.search(text, k=k, segments=segments, **_filter_kwargs(body))
+            )
+        if body.video_id is not None:
+            video_id, segment_index = body.video_id, body.segment_index
+            return await _answer(
+                service,
+                body,
+                "video",
+                video_id,
+                lambda e: e.more_like(video_id, segment_index=segment_index, k=k, segments=segments, filters=filters),
+            )
+        vector = body.embedding
+        return await _answer(
+            service,
+            body,
+            "embedding",
+            None,
+            lambda e: e.search_embedding(vector, k=k, segments=segments, filters=filters),
+        )
+
+    @app.post(
+        UPLOAD_PATH,
+        response_model=SearchResponse,
+        responses=errors,
+        dependencies=[Depends(_no_repeated_parameters)],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/*", "video/*")},
+            }
+        },
+    )
+    async def upload(request: Request, params: Annotated[UploadQuery, Query()]) -> SearchResponse | Response:
+        """A picture or a short clip (the request body, up to the service's upload limit) as the query."""
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+        if await request.is_disconnected():
+            return Response(status_code=499)  # a limit answered already, or the client left
+        payload = bytes(data)
+        return await _answer(
+            service,
+            params,
+            "upload",
+            None,
+            lambda e: e.search_upload(payload, k=params.k, segments=params.segments, filters=params.filters()),
+        )
+
+
+def _filter_kwargs(params: FilterFields) -> dict[str, Any]:
+    return {"label": params.label, "min_duration": params.min_duration, "max_duration": params.max_duration}
+
+
+def _add_object_routes(app: FastAPI, service: SearchService) -> None:
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
+
+    @app.get("/videos/{video_id}", responses=not_found)
+    async def video(video_id: str, index: IndexParam = None) -> JSONResponse:
+        """An indexed video's row (no embedding, credentials masked)."""
+        name, engine = service.engine(index)
+        row = engine.video(video_id)
+        if row is None:
+            return _error(404, "no such video")
+        safe = dict(row, uri=redact_url(str(row["uri"])), thumbnail_url=f"/thumbnails/{row['row_id']}.jpg?index={name}")
+        return JSONResponse(json.loads(json.dumps(safe, default=str)))
+
+    @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found)
+    async def thumbnail(filename: str, index: IndexParam = None) -> Response:
+        """The JPEG thumbnail of a video or segment row (``{row_id}.jpg``)."""
+        stem = filename.removesuffix(".jpg")
+        if stem == filename or not stem.isdigit() or len(stem) > 19:
+            return _error(404, "thumbnails are /thumbnails/{row_id}.jpg")
+        _, engine = service.engine(index)
+        data = await asyncio.get_running_loop().run_in_executor(None, engine.thumbnail, int(stem))
+        if data is None:
+            return _error(404, "no thumbnail")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.head("/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_head")
+    @app.get("/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_get")
+    async def media(request: Request, video_id: str, index: IndexParam = None) -> Response:
+        """The indexed video: streamed with Range (206) and conditional requests (304) for local files, a
+        presigned URL (307) for ``s3://`` objects. Only indexed, unchanged objects inside the recorded inputs."""
+        _, engine = service.engine(index)
+        try:
+            target = await asyncio.get_running_loop().run_in_executor(None, service.media_target, engine, video_id)
+        except MediaRefused as refused:
+            return _error(refused.http_status, refused.message, refused.reason)
+        if isinstance(target, str):
+            return RedirectResponse(target, status_code=307, headers={"Cache-Control": "no-store"})
+        return _MediaResponse(target, request)
+
+
+# ------------------------------------------------------------------------------------------ uvicorn protocol
+
+
+def guarded_h11(header_timeout_seconds: float) -> type:
+    """uvicorn's h11 protocol, closing connections that have not sent a whole request head within the timeout.
+
+    uvicorn limits idle keep-alive connections but not a request head that never ends; such connections would
+    hold service slots forever.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:  # noqa: D102
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(header_timeout_seconds, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()  # no request in progress: the head never came
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

@@ -1,0 +1,111 @@
+"""A small Python client for the search service's JSON API (standard library only).
+
+from index.client import SearchClient
+
+client = SearchClient("http://127.0.0.1:8000")
+for hit in client.search("a red circle moving left", k=5):
+    print(hit["score"], hit["uri"], hit["start_seconds"], hit["end_seconds"])
+client.more_like(hit["video_id"], k=5)          # other videos like this one
+client.search_file("query.jpg", k=5)             # a picture or a short clip as the query
+client.search_embedding([0.1] * 512, k=5)        # a raw vector of the index's dimension
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class SearchError(Exception):
+    """The service refused or failed a request; `status` is the HTTP status, the message the service's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class SearchClient:
+    """Queries one search service.
+
+    Args:
+        url: the service's base URL (``http://host:port``).
+        index: the output to search when the service holds several (None: the service's default).
+        timeout_seconds: per request.
+    """
+
+    def __init__(self, url: str, *, index: str | None = None, timeout_seconds: float = 30.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"the service URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.index = index
+        self.timeout_seconds = timeout_seconds
+
+    def _request(self, method: str, path: str, *, body: bytes | None = None, content_type: str | None = None) -> Any:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            try:
+                message = json.loads(err.read()).get("error", err.reason)
+            except ValueError:
+                message = str(err.reason)
+            raise SearchError(err.code, str(message)) from None
+
+    def _params(self, k: int, segments: bool, filters: dict[str, Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {"k": k, "segments": segments}
+        params.update({key: value for key, value in filters.items() if value is not None})
+        if self.index is not None:
+            params["index"] = self.index
+        return params
+
+    def _post(self, query: dict[str, Any], k: int, segments: bool, filters: dict[str, Any]) -> list[dict[str, Any]]:
+        body = json.dumps({**query, **self._params(k, segments, filters)}).encode()
+        return list(self._request("POST", "/search", body=body, content_type="application/json")["results"])
+
+    def search(self, text: str, *, k: int = 10, segments: bool = False, **filters: Any) -> list[dict[str, Any]]:
+        """Hits for a text query; filters: ``label``, ``min_duration``, ``max_duration``."""
+        return self._post({"text": text}, k, segments, filters)
+
+    def more_like(
+        self, video_id: str, *, segment_index: int | None = None, k: int = 10, segments: bool = False, **filters: Any
+    ) -> list[dict[str, Any]]:
+        """Other videos (or moments) like an indexed video, or like one of its segments."""
+        query: dict[str, Any] = {"video_id": video_id}
+        if segment_index is not None:
+            query["segment_index"] = segment_index
+        return self._post(query, k, segments, filters)
+
+    def search_embedding(
+        self, vector: Sequence[float], *, k: int = 10, segments: bool = False, **filters: Any
+    ) -> list[dict[str, Any]]:
+        """Hits for a raw query vector (its length must be the index's dimension)."""
+        return self._post({"embedding": [float(x) for x in vector]}, k, segments, filters)
+
+    def search_file(
+        self, path: str | Path, *, k: int = 10, segments: bool = False, **filters: Any
+    ) -> list[dict[str, Any]]:
+        """Hits for a picture or a short clip, embedded by the service with the index's model."""
+        data = Path(path).read_bytes()
+        params = self._params(k, segments, filters)
+        query = urllib.parse.urlencode({key: str(v).lower() if isinstance(v, bool) else v for key, v in params.items()})
+        return list(
+            self._request("POST", f"/search/upload?{query}", body=data, content_type="application/octet-stream")[
+                "results"
+            ]
+        )
+
+    def indexes(self) -> list[dict[str, Any]]:
+        """The outputs the service holds (model, counts, index kinds, recall)."""
+        return list(self._request("GET", "/indexes"))
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/healthz"))

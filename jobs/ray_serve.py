@@ -1,0 +1,82 @@
+"""The search service as a Ray Serve application: N replicas of the same FastAPI app `vitaclip serve` runs.
+
+Each replica opens the outputs itself (indexes are memory-mapped, so replicas on one node share their pages) and
+answers through `index.api.create_app`, so the input checks, limits and routes are the ones of the single-process
+service. Started by ``vitaclip serve --ray-serve --replicas N`` or by a Serve config file (``serve run
+infra/serve/search.yaml``) through `app_builder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray import serve
+
+from index.service import SearchService, ServiceLimits, open_service, parse_index_specs
+
+DEPLOYMENT_NAME = "VitaclipSearch"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What every replica opens, and how many replicas with how much of a node each."""
+
+    indexes: Sequence[str]
+    model: str | None = None
+    checkpoint: str | None = None
+    device: str | None = None
+    s3_endpoint_url: str | None = None
+    replicas: int = 2
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    limits: dict[str, Any] = field(default_factory=dict)  # ServiceLimits fields
+
+    def __post_init__(self) -> None:
+        parse_index_specs(self.indexes)  # names checked before any replica starts
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        ServiceLimits(**self.limits)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class SearchDeployment:
+    """One replica: the outputs opened once, the API app built on them."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        opts = ServeOptions(**options)
+        self.service: SearchService = open_service(
+            opts.indexes,
+            model=opts.model,
+            checkpoint=opts.checkpoint,
+            device=opts.device,
+            s3_endpoint_url=opts.s3_endpoint_url,
+            limits=ServiceLimits(**opts.limits),
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from index.api import create_app
+
+        return create_app(self.service)
+
+
+def application(options: ServeOptions) -> Any:
+    """The Serve application (``serve.run(application(...))``) with `options.replicas` replicas."""
+    actor: dict[str, Any] = {"num_cpus": options.num_cpus_per_replica}
+    if options.num_gpus_per_replica:
+        actor["num_gpus"] = options.num_gpus_per_replica
+    deployment = SearchDeployment.options(num_replicas=options.replicas, ray_actor_options=actor)  # type: ignore[attr-defined]
+    return deployment.bind(asdict(options))
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Builds the application from a Serve config's ``args`` (the `ServeOptions` fields)."""
+    return application(ServeOptions(**args))
+
+
+def run(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> Any:
+    """Starts Serve's HTTP proxy on `host`:`port` and the application on the connected Ray cluster."""
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(application(options), name="vitaclip-search", route_prefix="/", blocking=blocking)

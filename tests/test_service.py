@@ -1,0 +1,539 @@
+"""The search service: the FastAPI app through its test client and over real HTTP (uvicorn on 127.0.0.1), the
+Python client, Ray Serve with 2 replicas, the page in headless Chromium, and the limits against hostile clients.
+
+The output is the session's `indexed` fixture (the real job over generated videos, the first one padded to 300 MiB).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import PADDED_EXTRA_BYTES
+from fastapi.testclient import TestClient
+
+from index import tables
+from index.api import create_app
+from index.client import SearchClient, SearchError
+from index.search import SearchEngine
+from index.service import SearchService, ServiceLimits, parse_index_specs, serving
+
+
+def ok_rows(out: Path, table: str) -> list[dict[str, Any]]:
+    found = tables.read_table(out, table)
+    assert found is not None
+    return [r for r in found.to_pylist() if table != "videos" or r["status"] == "ok"]
+
+
+@pytest.fixture(scope="module")
+def service(engine: SearchEngine) -> SearchService:
+    return SearchService({"main": engine, "second": engine})
+
+
+@pytest.fixture(scope="module")
+def client(service: SearchService) -> TestClient:
+    return TestClient(create_app(service))
+
+
+@pytest.fixture(scope="module")
+def server(service: SearchService) -> Iterator[str]:
+    with serving(service) as url:
+        yield url
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def request(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*_hostport(url), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("q=", "q: String should have at least 1 character"),
+        ("q=%20%20", "q is empty"),
+        ("q=" + "x" * 501, "q: String should have at most 500 characters"),
+        ("q=cat&k=0", "k: Input should be greater than or equal to 1"),
+        ("q=cat&k=abc", "k: Input should be a valid integer"),
+        ("q=cat&k=101", "k: Input should be less than or equal to 100"),
+        ("q=cat&colour=red", "colour: Extra inputs are not permitted"),
+        ("q=cat&min_duration=long", "min_duration: Input should be a valid number"),
+        ("q=cat&min_duration=-1", "min_duration: Input should be greater than or equal to 0"),
+        ("q=cat&min_duration=inf", "min_duration: Input should be a finite number"),
+        ("q=cat&min_duration=5&max_duration=2", "min_duration must not be above max_duration"),
+        ("k=3", "q: Field required"),
+        ("q=cat&segments=maybe", "segments: Input should be a valid boolean"),
+        ("q=a&q=b", "q: given more than once"),
+    ],
+)
+def test_bad_text_queries_get_422_with_a_message(client: TestClient, query: str, message: str) -> None:
+    response = client.get(f"/search?{query}")
+    assert response.status_code == 422 and response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+    assert "Traceback" not in response.text and "x" * 501 not in response.text  # inputs are not echoed
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"text": "a", "embedding": [1.0]}, 422, "give exactly one of text, video_id, embedding"),
+        ({"k": 3}, 422, "give exactly one of text, video_id, embedding (got none)"),
+        ({"text": "a", "segment_index": 1}, 422, "segment_index goes with video_id"),
+        ({"text": "a", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+        ({"embedding": [0.1] * 4097}, 422, "embedding: List should have at most 4096 items"),
+        ({"embedding": ["a"]}, 422, "embedding.0: Input should be a valid number"),
+        ({"embedding": [0.1] * 8}, 400, "the embedding must have 32 numbers (the index's dimension), got 8"),
+        ({"embedding": [0.0] * 32}, 400, "the embedding is the zero vector"),
+        ({"video_id": "nope"}, 404, "no such video in the index"),
+        ({"video_id": "nope", "segment_index": 0, "segments": True}, 404, "no such segment in the index"),
+        ({"text": "a", "index": "nope"}, 404, "no output named 'nope'"),
+    ],
+)
+def test_bad_query_bodies_are_refused_with_a_message(
+    client: TestClient, body: dict[str, Any], status: int, message: str
+) -> None:
+    response = client.post("/search", json=body)
+    assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_non_finite_embeddings_are_refused(client: TestClient) -> None:
+    body = '{"embedding": [' + ", ".join(["NaN"] + ["0.1"] * 31) + "]}"
+    response = client.post("/search", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "not a finite number" in response.json()["error"]
+
+
+def test_openapi_describes_the_queries(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/search/upload", "/indexes", "/media/{video_id}", "/healthz", "/metrics"} <= set(spec["paths"])
+    body = spec["components"]["schemas"]["SearchRequest"]["properties"]
+    assert {"text", "video_id", "segment_index", "embedding", "k", "label", "min_duration", "index"} <= set(body)
+    assert client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ queries
+
+
+def test_text_search_over_http(server: str, indexed: Path) -> None:
+    status, _, body = request(server, "/search?q=a%20red%20circle&k=3")
+    data = json.loads(body)
+    assert status == 200 and data["kind"] == "text" and data["index"] == "main" and len(data["results"]) == 3
+    first = data["results"][0]
+    status, headers, body = request(server, first["thumbnail_url"])
+    assert status == 200 and headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    status, _, body = request(server, f"/videos/{first['video_id']}")
+    assert status == 200 and json.loads(body)["uri"] == first["uri"] and "embedding" not in json.loads(body)
+    assert first["media_url"].startswith(f"/media/{first['video_id']}?index=main#t=")
+    assert request(server, "/videos/nope")[0] == 404
+    assert request(server, "/thumbnails/123.jpg")[0] == 404
+    assert request(server, "/thumbnails/../../etc/passwd")[0] == 404
+    assert request(server, "/nothing")[0] == 404
+    status, _, body = request(server, "/healthz")
+    assert status == 200 and json.loads(body)["indexes"]["main"]["indexes"]["videos"]["count"] == 6
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests
+        statuses = list(pool.map(lambda i: request(server, f"/search?q=query{i}&k=2")[0], range(24)))
+    assert statuses == [200] * 24
+    status, headers, body = request(server, "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert 'vitaclip_http_requests_total{route="search",status="200"}' in text
+    assert 'vitaclip_search_seconds_count{index="main",kind="text"}' in text
+    assert 'vitaclip_index_vectors{index="main",table="videos"} 6.0' in text
+
+
+def test_more_like_this_is_the_nearest_other_video(client: TestClient, indexed: Path) -> None:
+    rows = ok_rows(indexed, "videos")
+    vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+    source = rows[2]
+    scores = vectors @ np.asarray(source["embedding"], np.float32)
+    order = [rows[i]["video_id"] for i in np.argsort(-scores) if rows[i]["video_id"] != source["video_id"]]
+    data = client.post("/search", json={"video_id": source["video_id"], "k": 3}).json()
+    assert data["kind"] == "video" and data["query"] == source["video_id"]
+    assert [h["video_id"] for h in data["results"]] == order[:3]  # the video itself is left out
+    assert data["results"][0]["score"] == pytest.approx(float(np.sort(scores)[-2]), abs=1e-4)
+
+
+def test_more_like_a_segment_finds_moments_of_other_videos(client: TestClient, indexed: Path) -> None:
+    segments = ok_rows(indexed, "segments")
+    source = segments[0]
+    others = [s for s in segments if s["video_id"] != source["video_id"]]
+    vectors = np.asarray([s["embedding"] for s in others], dtype=np.float32)
+    best = others[int(np.argmax(vectors @ np.asarray(source["embedding"], np.float32)))]
+    body = {"video_id": source["video_id"], "segment_index": source["segment_index"], "segments": True, "k": 2}
+    data = client.post("/search", json=body).json()
+    top = data["results"][0]
+    assert (top["video_id"], top["segment_index"]) == (best["video_id"], best["segment_index"])
+    assert top["media_url"].endswith(f"#t={best['start_seconds']:g},{best['end_seconds']:g}")
+
+
+def test_embedding_query_finds_its_video(client: TestClient, indexed: Path) -> None:
+    row = ok_rows(indexed, "videos")[1]
+    scaled = [3.0 * x for x in row["embedding"]]  # any length: normalised by the service
+    data = client.post("/search", json={"embedding": scaled, "k": 1}).json()
+    assert data["kind"] == "embedding" and data["results"][0]["video_id"] == row["video_id"]
+    assert data["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_uploaded_clip_and_picture(client: TestClient, indexed: Path) -> None:
+    from PIL import Image
+
+    rows = ok_rows(indexed, "videos")
+    row = min(rows, key=lambda r: r["size_bytes"])  # not the padded one
+    data = Path(row["uri"]).read_bytes()
+    # The same file, decoded and embedded by the service as the job did: it finds itself at cosine 1.
+    found = client.post("/search/upload?k=2", content=data).json()
+    assert found["kind"] == "upload" and found["results"][0]["video_id"] == row["video_id"]
+    assert found["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    picture = io.BytesIO()
+    Image.fromarray(np.full((90, 120, 3), (200, 30, 30), np.uint8)).save(picture, format="PNG")
+    response = client.post("/search/upload?k=4&segments=true", content=picture.getvalue())
+    assert response.status_code == 200 and len(response.json()["results"]) == 4
+    for junk, message in ((b"", "empty"), (b"\x89PNG\r\n\x1a\nnot really", "not a readable picture")):
+        response = client.post("/search/upload", content=junk)
+        assert response.status_code == 400 and message in response.json()["error"]
+    response = client.post("/search/upload", content=b"\x00" * 5000)
+    assert response.status_code == 400 and "not a decodable picture or video" in response.json()["error"]
+
+
+def test_filters_keep_k_results_over_http(client: TestClient, indexed: Path) -> None:
+    rows = ok_rows(indexed, "videos")
+    label = rows[0]["labels"][-1]
+    with_label = {r["video_id"] for r in rows if label in r["labels"]}
+    data = client.get("/search", params={"q": "anything", "k": 10, "label": label}).json()
+    assert {h["video_id"] for h in data["results"]} == with_label
+    short = sorted(r["duration_seconds"] for r in rows)[2]
+    data = client.post("/search", json={"text": "anything", "k": 10, "max_duration": short}).json()
+    expected = {r["video_id"] for r in rows if r["duration_seconds"] <= short}
+    assert {h["video_id"] for h in data["results"]} == expected and len(expected) == 3
+
+
+def test_several_outputs(client: TestClient) -> None:
+    listed = client.get("/indexes").json()
+    assert [o["name"] for o in listed] == ["main", "second"]
+    assert listed[0]["indexes"]["videos"]["count"] == 6 and listed[0]["encodes_media"] is True
+    second = client.get("/search", params={"q": "red", "k": 2, "index": "second"}).json()
+    assert second["index"] == "second" and all("index=second" in h["media_url"] for h in second["results"])
+    assert client.get("/search", params={"q": "red", "index": "nope"}).status_code == 404
+
+
+def test_index_specs() -> None:
+    assert parse_index_specs(["/data/out"]) == [("default", "/data/out")]
+    assert parse_index_specs(["a=/x", "b=s3://bucket/p=q"]) == [("a", "/x"), ("b", "s3://bucket/p=q")]
+    assert parse_index_specs(["s3://bucket/k=v"]) == [("default", "s3://bucket/k=v")]
+    for bad, message in ((["a=/x", "a=/y"], "given twice"), (["bad name=/x"], "1-64 letters"), (["a="], "no output")):
+        with pytest.raises(ValueError, match=message):
+            parse_index_specs(bad)
+
+
+# ------------------------------------------------------------------------------------------------ media
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_media_range_head_and_conditionals_on_a_large_file(server: str, indexed: Path) -> None:
+    row = max(ok_rows(indexed, "videos"), key=lambda r: r["size_bytes"])
+    path = Path(row["uri"])
+    size = path.stat().st_size
+    assert size > PADDED_EXTRA_BYTES
+    media = f"/media/{row['video_id']}"
+    before = _rss_bytes()
+    for _ in range(3):  # HEAD reads nothing
+        status, headers, body = request(server, media, "HEAD")
+        assert status == 200 and body == b"" and headers["content-length"] == str(size)
+    assert _rss_bytes() - before < 16 * 2**20
+    assert headers["accept-ranges"] == "bytes" and headers["etag"] and headers["last-modified"]
+    etag = headers["etag"]
+    with path.open("rb") as f:
+        head, tail = f.read(100), (f.seek(size - 50), f.read(50))[1]
+    status, headers, body = request(server, media, headers={"Range": "bytes=0-99"})
+    assert status == 206 and body == head and headers["content-range"] == f"bytes 0-99/{size}"
+    status, headers, body = request(server, media, headers={"Range": "bytes=-50"})
+    assert status == 206 and body == tail and headers["content-range"] == f"bytes {size - 50}-{size - 1}/{size}"
+    status, headers, body = request(server, media, headers={"Range": f"bytes={size - 10}-"})
+    assert status == 206 and len(body) == 10
+    status, headers, _ = request(server, media, headers={"Range": f"bytes={size}-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{size}"
+    assert request(server, media, headers={"If-None-Match": etag})[0] == 304
+    status, headers, _ = request(server, media, "HEAD", headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+    assert status == 200 and headers["content-length"] == str(size)  # the representation changed: the whole file
+    # The whole file, read by the client a chunk at a time: the server holds one chunk per response, not the file.
+    before = _rss_bytes()
+    conn = http.client.HTTPConnection(*_hostport(server), timeout=60)
+    conn.request("GET", media)
+    response = conn.getresponse()
+    assert response.status == 200
+    received, peak = 0, 0
+    while chunk := response.read(1 << 20):
+        received += len(chunk)
+        peak = max(peak, _rss_bytes())
+    conn.close()
+    assert received == size
+    assert peak - before < 64 * 2**20, f"memory grew by {(peak - before) / 2**20:.0f} MiB serving {size >> 20} MiB"
+
+
+def test_a_client_that_leaves_mid_download_frees_the_file(server: str, indexed: Path) -> None:
+    row = max(ok_rows(indexed, "videos"), key=lambda r: r["size_bytes"])
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with socket.create_connection(_hostport(server), timeout=10) as sock:
+            sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 10
+    while len(os.listdir("/proc/self/fd")) > fds_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # every opened video closed
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def _slow_engine(indexed: Path, engine: SearchEngine, seconds: float) -> SearchEngine:
+    def encode(texts: Any) -> np.ndarray:
+        time.sleep(seconds)
+        return engine.encode(texts)
+
+    return SearchEngine(indexed, text_encoder=encode)
+
+
+def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEngine) -> None:
+    limits = ServiceLimits(
+        max_json_bytes=2048,
+        header_timeout_seconds=1.0,
+        body_timeout_seconds=1.0,
+        max_concurrent_queries=1,
+        queue_timeout_seconds=0.3,
+        request_timeout_seconds=0.8,
+    )
+    with serving(SearchService({"slow": _slow_engine(indexed, engine, 0.5)}, limits=limits)) as url:
+        host_port = _hostport(url)
+        # A request head that never ends: closed by the server after the header timeout.
+        with socket.create_connection(host_port, timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert sock.recv(4096) == b"" and time.monotonic() - started < 5
+        # A body that stalls: 408.
+        with socket.create_connection(host_port, timeout=10) as sock:
+            sock.sendall(
+                b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        # Bodies past the limit, declared or not: 413.
+        status, _, body = request(url, "/search", "POST", {"Content-Type": "application/json"}, b"[" + b"1," * 2000)
+        assert status == 413 and b"larger than 2048 bytes" in body
+        # A GET with a body that looks like a request: one answer per request, the body is never a request.
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(host_port, timeout=10) as sock:
+            sock.sendall(
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+                + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            answers = b""
+            while data := sock.recv(65536):
+                answers += data
+        assert answers.count(b"HTTP/1.1 200") == 2 and b"HTTP/1.1 404" not in answers
+        # One query slot: of three at once, one runs, the others wait 0.3 s and get 503 with Retry-After.
+        with ThreadPoolExecutor(3) as pool:
+            answers_ = list(pool.map(lambda i: request(url, f"/search?q=q{i}&k=1"), range(3)))
+        statuses = sorted(status for status, _, _ in answers_)
+        assert statuses == [200, 503, 503], statuses
+        assert all(h.get("retry-after") == "1" for status, h, _ in answers_ if status == 503)
+    with serving(SearchService({"slow": _slow_engine(indexed, engine, 2.0)}, limits=limits)) as url:
+        status, _, body = request(url, "/search?q=x")  # longer than the request timeout: 504
+        assert status == 504 and b"request timeout" in body
+
+
+# ------------------------------------------------------------------------------------------------ client
+
+
+def test_python_client(server: str, indexed: Path) -> None:
+    client = SearchClient(server)
+    hits = client.search("a red circle", k=3)
+    assert len(hits) == 3 and {"uri", "score", "video_id", "media_url"} <= set(hits[0])
+    like = client.more_like(hits[0]["video_id"], k=2)
+    assert len(like) == 2 and hits[0]["video_id"] not in {h["video_id"] for h in like}
+    row = ok_rows(indexed, "videos")[0]
+    assert client.search_embedding(row["embedding"], k=1)[0]["video_id"] == row["video_id"]
+    smallest = min(ok_rows(indexed, "videos"), key=lambda r: r["size_bytes"])
+    assert client.search_file(smallest["uri"], k=1, segments=False)[0]["video_id"] == smallest["video_id"]
+    assert [o["name"] for o in client.indexes()] == ["main", "second"]
+    assert SearchClient(server, index="second").search("red", k=1, max_duration=100.0)[0]["media_url"].find("second")
+    assert client.health()["status"] == "ok"
+    with pytest.raises(SearchError, match="HTTP 422: k: Input should be less than or equal to 100"):
+        client.search("x", k=1000)
+    with pytest.raises(ValueError, match="http"):
+        SearchClient("localhost:8000")
+
+
+# ------------------------------------------------------------------------------------------------ Ray Serve
+
+
+def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: TestClient) -> None:
+    import ray
+    from ray import serve
+
+    from jobs.ray_serve import DEPLOYMENT_NAME, ServeOptions, run
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        options = ServeOptions(indexes=[f"main={indexed}"], replicas=2, num_cpus_per_replica=0.5)
+        run(options, port=port, blocking=False)
+        deployment = serve.status().applications["vitaclip-search"].deployments[DEPLOYMENT_NAME]
+        assert deployment.replica_states.get("RUNNING") == 2
+        url = f"http://127.0.0.1:{port}"
+        for text in ("a red circle", "a person juggling"):
+            status, _, body = request(url, "/search?q=" + text.replace(" ", "%20") + "&k=4")
+            expected = client.get("/search", params={"q": text, "k": 4}).json()["results"]
+            assert status == 200
+            got = json.loads(body)["results"]
+            assert [h["video_id"] for h in got] == [h["video_id"] for h in expected]
+            assert [h["score"] for h in got] == pytest.approx([h["score"] for h in expected], abs=1e-5)
+        status, _, body = request(url, "/search?q=x&k=0")
+        assert status == 422 and "greater than or equal to 1" in json.loads(body)["error"]
+        media = client.get("/search", params={"q": "x", "k": 1}).json()["results"][0]["media_url"].split("#")[0]
+        status, headers, body = request(url, media, headers={"Range": "bytes=0-9"})
+        assert status == 206 and len(body) == 10 and headers["content-range"].startswith("bytes 0-9/")
+        status, headers, body = request(url, media, "HEAD")
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 10
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+
+def _chromium() -> tuple[str, str] | None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
+    found = _chromium()
+    assert found is not None, "Debian's chromium and chromium-driver are needed (scripts/setup.sh installs them)"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(found[1]), options=options)
+    try:
+        browser.get(server + "/")
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "index-choice").is_displayed())
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("a red circle moving left")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".result")))
+        cards = browser.find_elements(By.CSS_SELECTOR, ".result")
+        assert len(cards) == 6
+        assert "score" in cards[0].text and cards[0].find_element(By.TAG_NAME, "a").get_attribute("href")
+        img = cards[0].find_element(By.TAG_NAME, "img")
+        WebDriverWait(browser, 10).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
+        assert "results in" in browser.find_element(By.ID, "status").text
+        # The thumbnail plays the video from the matched moment (the browser reads it with Range requests).
+        img.click()
+        video = cards[0].find_element(By.TAG_NAME, "video")
+        assert "#t=" in video.get_attribute("src")
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script("return arguments[0].readyState", video) >= 1)
+        # "More like this" replaces the results with the videos nearest to that one.
+        cards[1].find_element(By.CSS_SELECTOR, "button.more").click()
+        WebDriverWait(browser, 20).until(lambda b: "(like " in b.find_element(By.ID, "status").text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 5  # the other videos
+    finally:
+        browser.quit()
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def test_vitaclip_serve_command(indexed: Path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "jobs.cli", "serve", "--index", f"main={indexed}", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the service never answered"
+            try:
+                if request(url, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        status, _, body = request(url, "/search?q=red&k=2&index=main")
+        assert status == 200 and len(json.loads(body)["results"]) == 2
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/ (API at /docs): main (" in out
+
+
+def test_serve_config_builds_the_application() -> None:
+    import yaml
+
+    from jobs.ray_serve import ServeOptions, app_builder
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "infra" / "serve" / "search.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "jobs.ray_serve:app_builder"
+    assert ServeOptions(**app["args"]).replicas == 4
+    assert app_builder(app["args"]) is not None
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        ServeOptions(indexes=["a=/x"], replicas=0)
+    with pytest.raises(TypeError):
+        ServeOptions(indexes=["a=/x"], limits={"no_such_limit": 1})
