@@ -223,7 +223,7 @@ class SearchService:
             head = self._s3.head_object(Bucket=bucket, Key=key)
         except Exception:  # any failure to confirm the object: refuse, without the storage's message
             raise MediaRefused("missing", "the object is gone or unreadable") from None
-        if head.get("ETag") != row.get("etag"):
+        if str(head.get("ETag", "")).strip('"') != row.get("etag"):  # listings store ETags unquoted
             raise MediaRefused("changed", "the object changed since it was indexed", http_status=410)
         return str(
             self._s3.generate_presigned_url(

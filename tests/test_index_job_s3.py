@@ -89,6 +89,34 @@ def test_s3_in_and_out_with_faults(ray_with_s3: str, s3_bucket, tmp_path: Path) 
     text = store.get_bytes(summary_rel[0]).decode()
     assert "testing" not in text.replace('"testing', "")  # the dummy secret never lands in the summary
 
+    # The search service over that output: an S3 video is served as a presigned URL while it is the version indexed.
+    import urllib.request
+
+    from fastapi.testclient import TestClient
+
+    from index.api import create_app
+    from index.search import SearchEngine
+    from index.service import SearchService
+
+    cache = tables.local_copy(f"s3://{bucket}/out", s3_endpoint_url=ray_with_s3, cache_root=str(tmp_path / "cache"))
+    service = SearchService({"s3": SearchEngine(cache)}, s3_endpoint_url=ray_with_s3)
+    client_http = TestClient(create_app(service))
+    row = rows[videos[0].name]
+    answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)
+    assert answer.status_code == 307 and answer.headers["cache-control"] == "no-store"
+    location = answer.headers["location"]
+    assert location.startswith(ray_with_s3) and "Signature" in location
+    with urllib.request.urlopen(location, timeout=30) as fetched:
+        assert fetched.read() == videos[0].read_bytes()
+    key = row["uri"].split("/", 3)[3]
+    client.put_object(Bucket=bucket, Key=key, Body=b"replaced after indexing")
+    answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)
+    assert answer.status_code == 410 and answer.json()["reason"] == "changed"
+    client.delete_object(Bucket=bucket, Key=key)
+    answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)
+    assert answer.status_code == 404 and answer.json()["reason"] == "missing" and bucket not in answer.text
+    assert client_http.get(f"/media/{rows['empty.mp4']['video_id']}").status_code == 404  # not a decoded video
+
 
 def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys) -> None:
     client, bucket = s3_bucket
