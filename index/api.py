@@ -473,18 +473,27 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
 # ------------------------------------------------------------------------------------------ uvicorn protocol
 
 
-def guarded_h11(header_timeout_seconds: float) -> type:
-    """uvicorn's h11 protocol, closing connections that have not sent a whole request head within the timeout.
+def guarded_protocol(header_timeout_seconds: float, parser: Literal["auto", "httptools", "h11"] = "auto") -> type:
+    """uvicorn's HTTP protocol (`parser`; auto: httptools when installed, else h11), closing connections that have
+    not sent a whole request head within the timeout.
 
     uvicorn limits idle keep-alive connections but not a request head that never ends; such connections would
     hold service slots forever.
     """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    Base: Any
+    try:
+        if parser == "h11":
+            raise ImportError("h11 asked for")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools is optional: the pure-Python parser
+        if parser == "httptools":
+            raise
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    class GuardedProtocol(Base):  # type: ignore[misc]
         _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: Any) -> None:  # noqa: D102
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 
@@ -507,4 +516,4 @@ def guarded_h11(header_timeout_seconds: float) -> type:
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    return GuardedProtocol

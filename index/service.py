@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from index.media import MediaFile, MediaRefused
 from index.search import SearchEngine
@@ -25,6 +25,7 @@ from index.search import SearchEngine
 log = logging.getLogger("vitaclip.serve")
 
 T = TypeVar("T")
+HttpParser = Literal["auto", "httptools", "h11"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PRESIGN_SECONDS = 900
@@ -134,6 +135,7 @@ class SearchService:
                 raise ValueError(f"output name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         self.engines = dict(engines)
         self.default = next(iter(self.engines))
+        single_query_threads()
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
@@ -232,6 +234,16 @@ class SearchService:
         )
 
 
+def single_query_threads() -> None:
+    """One FAISS thread per query: a service answers one query per search call, and concurrency comes from its
+    query slots. FAISS's and torch's OpenMP pools spin while waiting for work; on a small machine they take turns
+    stealing each other's cores: on 2 cores a 300-vector exact search took 2.4 ms with FAISS's default threads and
+    26 ms after a text encoding, 0.08 ms and 0.95 ms (encoding included) with one (benchmarks/RESULTS.md)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 def parse_index_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     """``NAME=OUT`` pairs from ``--index`` values; a bare ``OUT`` is named ``default`` (when it is the only one).
 
@@ -277,17 +289,17 @@ def open_service(
     return SearchService(engines, limits=limits, s3_endpoint_url=s3_endpoint_url)
 
 
-def _server(service: SearchService, host: str, port: int) -> Any:
+def _server(service: SearchService, host: str, port: int, parser: HttpParser = "auto") -> Any:
     import uvicorn
 
-    from index.api import create_app, guarded_h11
+    from index.api import create_app, guarded_protocol
 
     limits = service.limits
     config = uvicorn.Config(
         create_app(service),
         host=host,
         port=port,
-        http=guarded_h11(limits.header_timeout_seconds),
+        http=guarded_protocol(limits.header_timeout_seconds, parser),
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=5,
         log_level="warning",
@@ -303,15 +315,17 @@ def serve(service: SearchService, *, host: str = "127.0.0.1", port: int = 8000) 
 
 
 @contextlib.contextmanager
-def serving(service: SearchService, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serving(
+    service: SearchService, *, host: str = "127.0.0.1", port: int = 0, parser: HttpParser = "auto"
+) -> Iterator[str]:
     """Serves `service` from a background thread for the block (notebooks, tests, benchmarks); yields its base URL.
 
-    `port` 0 takes a free port.
+    `port` 0 takes a free port; `parser` picks uvicorn's HTTP parser (auto: httptools when installed, else h11).
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = _server(service, host, sock.getsockname()[1])
+    server = _server(service, host, sock.getsockname()[1], parser)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vitaclip-serve")
     thread.start()
     deadline = time.monotonic() + 30

@@ -199,6 +199,9 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from index.service import single_query_threads
+
+    single_query_threads()
     engine = _engine(args)
     hits = engine.search(
         " ".join(args.query),

@@ -324,7 +324,8 @@ def _slow_engine(indexed: Path, engine: SearchEngine, seconds: float) -> SearchE
     return SearchEngine(indexed, text_encoder=encode)
 
 
-def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEngine) -> None:
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEngine, parser: str) -> None:
     limits = ServiceLimits(
         max_json_bytes=2048,
         header_timeout_seconds=1.0,
@@ -333,7 +334,7 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
         queue_timeout_seconds=0.3,
         request_timeout_seconds=0.8,
     )
-    with serving(SearchService({"slow": _slow_engine(indexed, engine, 0.5)}, limits=limits)) as url:
+    with serving(SearchService({"slow": _slow_engine(indexed, engine, 0.5)}, limits=limits), parser=parser) as url:
         host_port = _hostport(url)
         # A request head that never ends: closed by the server after the header timeout.
         with socket.create_connection(host_port, timeout=10) as sock:
@@ -366,7 +367,7 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
         statuses = sorted(status for status, _, _ in answers_)
         assert statuses == [200, 503, 503], statuses
         assert all(h.get("retry-after") == "1" for status, h, _ in answers_ if status == 503)
-    with serving(SearchService({"slow": _slow_engine(indexed, engine, 2.0)}, limits=limits)) as url:
+    with serving(SearchService({"slow": _slow_engine(indexed, engine, 2.0)}, limits=limits), parser=parser) as url:
         status, _, body = request(url, "/search?q=x")  # longer than the request timeout: 504
         assert status == 504 and b"request timeout" in body
 
