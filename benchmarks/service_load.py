@@ -17,6 +17,7 @@ import argparse
 import http.client
 import itertools
 import json
+import os
 import random
 import socket
 import statistics
@@ -84,19 +85,26 @@ def _client(port: int, texts: list[str], offset: int, stop_at: float, out: list[
     conn.close()
 
 
-def run_level(port: int, clients: int, seconds: float, texts: list[str]) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(port: int, clients: int, seconds: float, texts: list[str], server_pid: int) -> dict[str, Any]:
     results: list[list[tuple[float, int]]] = [[] for _ in range(clients)]
     stop_at = time.monotonic() + seconds
     threads = [
         threading.Thread(target=_client, args=(port, texts, i * 7, stop_at, results[i]), daemon=True)
         for i in range(clients)
     ]
-    started = time.perf_counter()
+    started, server_cpu = time.perf_counter(), cpu_seconds(server_pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    server_cpu = cpu_seconds(server_pid) - server_cpu
     samples = [s for r in results for s in r]
     ok = sorted(latency for latency, status in samples if status == 200)
     statuses: dict[str, int] = {}
@@ -116,6 +124,7 @@ def run_level(port: int, clients: int, seconds: float, texts: list[str]) -> dict
         "mean_ms": round(1000 * statistics.fmean(ok), 1) if ok else None,
         "statuses": statuses,
         "errors_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(samples)), 2),
         "failed_connections": statuses.get("0", 0),
     }
 
@@ -136,17 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     proc = start_service(args.index, port)
     try:
-        run_level(port, 4, args.warmup_seconds, texts)  # first queries load lazily-built parts
-        levels = [run_level(port, n, args.seconds, texts) for n in args.clients]
+        run_level(port, 4, args.warmup_seconds, texts, proc.pid)  # first queries load lazily-built parts
+        levels = [run_level(port, n, args.seconds, texts, proc.pid) for n in args.clients]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     report = {"index": args.index, "queries": len(texts), "levels": levels}
-    print(f"{'clients':>8} {'requests':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'5xx':>5}  statuses")
+    print(
+        f"{'clients':>8} {'requests':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'5xx':>5} {'srv CPU ms':>10}"
+        "  statuses"
+    )
     for level in levels:
         print(
             f"{level['clients']:>8} {level['requests']:>9} {level['per_second']:>7} {level['p50_ms']:>7} "
-            f"{level['p99_ms']:>7} {level['errors_5xx']:>5}  {level['statuses']}"
+            f"{level['p99_ms']:>7} {level['errors_5xx']:>5} {level['server_cpu_ms_per_request']:>10}"
+            f"  {level['statuses']}"
         )
     by_clients = {level["clients"]: level for level in levels}
     if 20 in by_clients:

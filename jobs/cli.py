@@ -380,7 +380,7 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")
     p.add_argument(
-        "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: cores, 2-8)"
+        "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: 2 x cores, 4-16)"
     )
     p.add_argument("--ray-serve", action="store_true", help="serve N replicas with Ray Serve instead of one process")
     p.add_argument("--replicas", type=int, default=2, help="with --ray-serve: replicas of the service")
