@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -538,3 +539,36 @@ def test_serve_config_builds_the_application() -> None:
         ServeOptions(indexes=["a=/x"], replicas=0)
     with pytest.raises(TypeError):
         ServeOptions(indexes=["a=/x"], limits={"no_such_limit": 1})
+
+
+def test_query_batcher_encodes_concurrent_texts_together() -> None:
+    from index.search import QueryBatcher
+
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        sizes.append(len(texts))
+        if len(sizes) == 1:
+            gate.wait(5)  # the first batch runs while the others arrive
+        if "boom" in texts:
+            raise RuntimeError("encoder failed")
+        return np.asarray([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
+
+    batcher = QueryBatcher(encode, max_batch=4)
+    texts = [f"{chr(97 + i)}{'x' * i}" for i in range(9)]
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(batcher, texts[0])]
+        time.sleep(0.2)
+        futures += [pool.submit(batcher, t) for t in texts[1:]]
+        time.sleep(0.2)
+        gate.set()
+        results = [f.result(timeout=10) for f in futures]
+    for text, vector in zip(texts, results, strict=True):
+        assert vector.tolist() == [len(text), ord(text[0])]  # each caller gets its own text's vector
+    assert sizes[0] == 1 and sizes[1:] == [4, 4]  # the 8 that waited went in two full batches
+    with ThreadPoolExecutor(2) as pool:
+        failing = [pool.submit(batcher, "boom"), pool.submit(batcher, "fine")]
+        outcomes = [f.exception(timeout=10) for f in failing]
+    assert isinstance(outcomes[0], RuntimeError)
+    assert batcher("again").tolist() == [5, ord("a")]  # the batcher still works after a failure
