@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ)
 SUBJECTS = ["a red circle", "a blue square", "a green triangle", "a person", "a small dog", "a yellow star", "a car"]
 MOTIONS = ["moving left", "moving right", "bouncing", "spinning", "growing", "shrinking", "standing still"]
 PLACES = ["", " on a dark background", " in a bright room", " outdoors", " on grass", " near water"]
@@ -49,7 +50,7 @@ def _free_port() -> int:
 
 def start_service(index: str, port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "jobs.cli", "serve", "--index", index, "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -137,7 +137,7 @@ class SearchService:
                 raise ValueError(f"output name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         self.engines = dict(engines)
         self.default = next(iter(self.engines))
-        single_query_threads()
+        single_query_threads(torch_threads=1)
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
@@ -236,14 +236,23 @@ class SearchService:
         )
 
 
-def single_query_threads() -> None:
+def single_query_threads(*, torch_threads: int | None = None) -> None:
     """One FAISS thread per query: a service answers one query per search call, and concurrency comes from its
     query slots. FAISS's and torch's OpenMP pools spin while waiting for work; on a small machine they take turns
     stealing each other's cores: on 2 cores a 300-vector exact search took 2.4 ms with FAISS's default threads and
-    26 ms after a text encoding, 0.08 ms and 0.95 ms (encoding included) with one (benchmarks/RESULTS.md)."""
+    26 ms after a text encoding, 0.08 ms and 0.95 ms (encoding included) with one (benchmarks/RESULTS.md).
+
+    Args:
+        torch_threads: also set torch's intra-op threads (the service uses 1: its parallelism is its query slots,
+            and under load more threads only spin; Ray Serve replicas get 1 from Ray already).
+    """
     import faiss
 
     faiss.omp_set_num_threads(1)
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
 
 
 def parse_index_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
