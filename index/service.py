@@ -137,7 +137,6 @@ class SearchService:
                 raise ValueError(f"output name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         self.engines = dict(engines)
         self.default = next(iter(self.engines))
-        single_query_threads(torch_threads=1)
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
@@ -320,6 +319,7 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
 
 def serve(service: SearchService, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serves `service` with uvicorn until interrupted (a header timeout guards against half-sent requests)."""
+    single_query_threads(torch_threads=1)  # this process serves; see the function for why
     names = ", ".join(f"{n} ({sum(i.count for i in e.indexes.values())} vectors)" for n, e in service.engines.items())
     print(f"vitaclip search service on http://{host}:{port}/ (API at /docs): {names}", flush=True)
     _server(service, host, port).run()

@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import serve
 
-from index.service import SearchService, ServiceLimits, open_service, parse_index_specs
+from index.service import SearchService, ServiceLimits, open_service, parse_index_specs, single_query_threads
 
 DEPLOYMENT_NAME = "VitaclipSearch"
 
@@ -47,6 +47,7 @@ class SearchDeployment:
 
     def __init__(self, options: dict[str, Any]) -> None:
         opts = ServeOptions(**options)
+        single_query_threads(torch_threads=1)  # a replica's parallelism is Serve's concurrent requests
         self.service: SearchService = open_service(
             opts.indexes,
             model=opts.model,
