@@ -53,8 +53,11 @@ class IndexJobConfig:
         embed_workers: most embed actors (the pool autoscales from 1).
         gpus_per_embed_worker: GPUs per embed actor when the cluster has GPUs (0: embed on CPU actors).
         cpus_per_embed_worker: CPUs per embed actor when embedding on CPUs.
-        embed_device: ``auto`` (GPUs when the cluster has some at start), ``gpu`` (always request GPUs, so an
-            autoscaling cluster adds GPU nodes; up to ``embed_workers`` actors), or ``cpu``.
+        embed_device: ``auto`` (GPUs when the cluster has some at start; on a cluster whose autoscaler can add GPU
+            nodes but runs none yet, waits up to ``gpu_wait_seconds`` for one, then fails rather than embed on
+            CPUs), ``gpu`` (always request GPUs, so an autoscaling cluster adds GPU nodes; up to ``embed_workers``
+            actors), or ``cpu``.
+        gpu_wait_seconds: how long ``auto`` waits for the autoscaler's first GPU node.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
         rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
@@ -88,6 +91,7 @@ class IndexJobConfig:
     gpus_per_embed_worker: float = 1.0
     cpus_per_embed_worker: float = 1.0
     embed_device: str = "auto"
+    gpu_wait_seconds: float = 600.0
     decode_batch_size: int = 4
     embed_batch_size: int = 32
     rows_per_file: int = 2048
@@ -115,6 +119,8 @@ class IndexJobConfig:
             raise ValueError(f"vacuum_retention_hours must be >= 0 (0: no vacuum), got {self.vacuum_retention_hours}")
         if self.embed_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
+        if self.gpu_wait_seconds < 0:
+            raise ValueError(f"gpu_wait_seconds must be >= 0, got {self.gpu_wait_seconds}")
         if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
             raise ValueError("cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0")
         if self.num_frames is not None and self.num_frames < 1:
@@ -155,6 +161,11 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--gpus-per-embed-worker", type=float)
     p.add_argument("--cpus-per-embed-worker", type=float)
     p.add_argument("--embed-device", choices=["auto", "gpu", "cpu"], help="where the embed actors run")
+    p.add_argument(
+        "--gpu-wait-seconds",
+        type=float,
+        help="auto on a cluster that can add GPU nodes but runs none yet: how long to wait for one before failing",
+    )
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument("--rows-per-file", type=int, help="clip rows per written data file pair")

@@ -44,7 +44,14 @@ from index.delta_tables import (
 from index.media import roots_of_inputs
 from index.schema import STATUS_OK
 from jobs.config import IndexJobConfig
-from jobs.ray_resources import IndexPools, init_ray, plan_index_pools
+from jobs.ray_resources import (
+    EmbedDevice,
+    IndexPools,
+    init_ray,
+    plan_index_pools,
+    read_cluster,
+    resolve_embed_device,
+)
 from jobs.storage import (
     Store,
     VideoObject,
@@ -296,6 +303,7 @@ class RunRecord:
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
         self.folder_inputs = [i for i in config.inputs if "://" not in i and os.path.isdir(i)]
         self.safe_config = redact_value(config.to_dict())
+        self.embed_device: EmbedDevice | None = None  # decided once Ray is up
         self.start = {
             "run_id": self.run_id,
             "state": "running",
@@ -318,6 +326,31 @@ class RunRecord:
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         self._write(summary)
         return summary
+
+
+def plan_index_pools_for(config: IndexJobConfig) -> tuple[IndexPools, EmbedDevice]:
+    """Starts or attaches to Ray, decides the embed device (``auto`` may wait for an autoscaler's first GPU node)
+    and sizes the run's pools."""
+    cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
+    embedded = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    device = resolve_embed_device(
+        config.embed_device,
+        cluster,
+        embedded=embedded,
+        gpus_per_embed_worker=config.gpus_per_embed_worker,
+        wait_seconds=config.gpu_wait_seconds,
+    )
+    log.info("embed device: %s (%s)", device.device, device.reason)
+    pools = plan_index_pools(
+        read_cluster() if device.waited_seconds else cluster,
+        embed_device=device.device,
+        embed_workers=config.embed_workers,
+        gpus_per_embed_worker=config.gpus_per_embed_worker,
+        cpus_per_embed_worker=config.cpus_per_embed_worker,
+        decode_workers=config.decode_workers,
+        embedded=embedded,
+    )
+    return pools, device
 
 
 def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
@@ -361,15 +394,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     log.info("run %s", record.run_id)
     try:
         listing = _listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
-        pools = plan_index_pools(
-            init_ray(address=config.ray_address, num_cpus=config.num_cpus),
-            embed_device=config.embed_device,
-            embed_workers=config.embed_workers,
-            gpus_per_embed_worker=config.gpus_per_embed_worker,
-            cpus_per_embed_worker=config.cpus_per_embed_worker,
-            decode_workers=config.decode_workers,
-            embedded=not (config.ray_address or os.environ.get("RAY_ADDRESS")),
-        )
+        pools, device = plan_index_pools_for(config)
+        record.embed_device = device
         planner, block_refs = plan_run(listing, location, model, versions, record.folder_inputs, pools)
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
@@ -469,6 +495,8 @@ def run_summary(
             "decode_workers": pools.decode_workers,
             "embed_workers_max": pools.embed_workers,
             "embed_device": "gpu" if pools.use_gpu else "cpu",
+            "embed_device_reason": record.embed_device.reason if record.embed_device else None,
+            "waited_for_gpu_seconds": round(record.embed_device.waited_seconds, 1) if record.embed_device else 0.0,
         },
         "commit": {
             "planned_at_versions": record.start["planned_at_versions"],

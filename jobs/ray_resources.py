@@ -194,6 +194,94 @@ def plan_decoders(
     return DecodePool(workers, each)
 
 
+def gpus_the_cluster_can_add() -> float:
+    """GPUs the cluster's autoscaler could add (its node groups' GPUs times their most nodes), 0 when it declares
+    none or no autoscaler reports a configuration (a fixed cluster, an embedded Ray)."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()  # what the autoscaler (v2, KubeRay) reported
+    except Exception:  # a private API: treat anything unexpected as "no autoscaler"
+        return 0.0
+    if config is None:
+        return 0.0
+    total = 0.0
+    for group in config.node_group_configs:
+        gpus = float(group.resources.get("GPU", 0))
+        if gpus > 0 and group.max_count != 0:
+            total += math.inf if group.max_count < 0 else gpus * group.max_count
+    return total
+
+
+@dataclass(frozen=True)
+class EmbedDevice:
+    """Where the embed actors run, and why (recorded in the run record)."""
+
+    device: str  # "gpu" or "cpu"
+    reason: str
+    waited_seconds: float = 0.0
+
+
+def resolve_embed_device(
+    requested: str,
+    cluster: Cluster,
+    *,
+    embedded: bool,
+    gpus_per_embed_worker: float,
+    wait_seconds: float,
+    poll_seconds: float = 1.0,
+) -> EmbedDevice:
+    """Turns ``--embed-device`` into "gpu" or "cpu" for this cluster.
+
+    ``auto`` takes GPUs when the cluster has some now, and the CPUs of an embedded Ray or of a cluster that cannot
+    add GPUs. On a cluster whose autoscaler can add GPU nodes but has none running yet (a KubeRay GPU group scaled
+    to zero), it asks the autoscaler for one embed actor's GPUs and waits up to `wait_seconds` for them: a job meant
+    for GPUs never quietly embeds on CPUs.
+
+    Raises:
+        ValueError: ``auto`` waited `wait_seconds` and no GPU joined (with what to do instead).
+    """
+    if requested in ("gpu", "cpu"):
+        return EmbedDevice(requested, f"--embed-device {requested}")
+    if gpus_per_embed_worker <= 0:
+        return EmbedDevice("cpu", "auto: --gpus-per-embed-worker 0")
+    if cluster.gpus > 0:
+        return EmbedDevice("gpu", f"auto: the cluster has {count(cluster.gpus, 'GPU')}")
+    if embedded:
+        return EmbedDevice("cpu", "auto: no GPU on this machine")
+    can_add = gpus_the_cluster_can_add()
+    if can_add <= 0:
+        return EmbedDevice("cpu", "auto: no GPU in the cluster and its autoscaler declares no GPU nodes")
+    return _wait_for_gpus(gpus_per_embed_worker, wait_seconds=wait_seconds, poll_seconds=poll_seconds)
+
+
+def _wait_for_gpus(gpus: float, *, wait_seconds: float, poll_seconds: float) -> EmbedDevice:
+    import logging
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    log = logging.getLogger("vitaclip.job")
+    log.info("auto: the autoscaler can add GPU nodes; asking for %s and waiting up to %.0f s", count(gpus, "GPU"),
+             wait_seconds)  # fmt: skip
+    started = time.monotonic()
+    request_resources(bundles=[{"GPU": gpus}])
+    try:
+        while time.monotonic() - started < wait_seconds:
+            if float(ray.cluster_resources().get("GPU", 0)) >= gpus:
+                waited = time.monotonic() - started
+                return EmbedDevice("gpu", f"auto: a GPU node joined after {waited:.0f} s", waited_seconds=waited)
+            time.sleep(poll_seconds)
+    finally:
+        request_resources(bundles=[])  # the embed pool's own requests keep what it needs from here on
+    raise ValueError(
+        f"--embed-device auto: the cluster's autoscaler can add GPU nodes, but none joined within {wait_seconds:g} s; "
+        "check the GPU node group (quota, image, node selectors), raise --gpu-wait-seconds, or embed on CPUs with "
+        "--embed-device cpu"
+    )
+
+
 @dataclass(frozen=True)
 class IndexPools:
     """The actor pools of an indexing run: decoders on CPUs, embedders on GPUs or sharing the CPUs.
@@ -229,8 +317,9 @@ def plan_index_pools(
 ) -> IndexPools:
     """Sizes an indexing run's pools to `cluster` and refuses at once what it cannot hold.
 
-    ``embed_device`` "auto" embeds on GPUs when the cluster has some now; "gpu" asks for them regardless, so an
-    autoscaling cluster adds GPU nodes for the embed pool as it grows. One decoder per CPU by default; without GPUs
+    ``embed_device`` is "gpu" or "cpu" (`resolve_embed_device` turns "auto" into one of them; "auto" here means GPUs
+    when the cluster has some now); "gpu" asks for them regardless, so an autoscaling cluster adds GPU nodes for
+    the embed pool as it grows. One decoder per CPU by default; without GPUs
     the embedders share the cores: the decoders' CPU request shrinks so that both pools fit together, and the
     operating system shares the cores by demand. GPUs are checked on an `embedded` Ray only (an attached cluster may
     add GPU nodes as it scales).

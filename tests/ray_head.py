@@ -29,6 +29,34 @@ class RayHead:
     dashboard: str  # for `ray job submit --address`
     env: dict[str, str]  # the environment its clients need (token, PYTHONPATH)
     ray_bin: str
+    temp_dir: Path
+
+    def add_node(self, *, num_cpus: int = 1, num_gpus: int = 0) -> None:
+        """Starts a worker node on this machine (GPUs are logical only); stopped with the head."""
+        ports = [free_port() for _ in range(6)]
+        done = subprocess.run(
+            [
+                self.ray_bin,
+                "start",
+                f"--address={self.address}",
+                f"--num-cpus={num_cpus}",
+                f"--num-gpus={num_gpus}",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={self.temp_dir}",
+                f"--dashboard-agent-listen-port={ports[0]}",
+                f"--dashboard-agent-grpc-port={ports[1]}",
+                f"--runtime-env-agent-port={ports[2]}",
+                f"--metrics-export-port={ports[3]}",
+                f"--node-manager-port={ports[4]}",
+                f"--object-manager-port={ports[5]}",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 @contextmanager
@@ -73,7 +101,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     )
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin)
+        yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin, temp_dir)
     finally:
         # Stop this head only (not other Ray instances on the host): its processes hold its temp dir's session.
         subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True, timeout=60)
