@@ -235,7 +235,10 @@ class EmbedStage:
     """Embeds clips and labels them: ``frames`` in; ``embedding``, ``label_indices``, ``label_scores`` out.
 
     The model and the label features are built once. Rows whose ``status`` is not ``ok`` pass through with zero
-    embeddings. On CUDA the model runs in bfloat16.
+    embeddings. On CUDA the video tower computes in float16 under autocast over float32 weights (``mixed``, the
+    default), with label features and normalisation in float32, which keeps the float32 answers: vitaclip-demo on
+    100 demo-world videos, top-1 label the same for 100% and cosine >= 0.99999 (bf16 weights: 98%, 0.999;
+    benchmarks/RESULTS.md). A batch whose half-precision output overflows is recomputed in float32.
 
     Args:
         model: registered model name or JSON config.
@@ -244,6 +247,10 @@ class EmbedStage:
         top_k: labels kept per clip.
         device: torch device (None: cuda when available).
         batch_size: clips per forward pass.
+        dtype: the video tower's compute dtype (None: float16 on CUDA, float32 elsewhere; half precision runs on CPUs
+            too, for tests).
+        mixed: with a bf16 or fp16 `dtype`, float32 weights under autocast, label features and normalisation in
+            float32 (False: weights and everything else in `dtype`).
     """
 
     def __init__(
@@ -255,14 +262,23 @@ class EmbedStage:
         top_k: int = 5,
         device: str | None = None,
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+        mixed: bool = True,
     ) -> None:
         import torch
 
         import vitaclip
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = vitaclip.create_model(model, checkpoint=checkpoint, device=self.device, dtype=dtype)
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # Mixed: float32 weights, the video tower under `dtype` autocast (matrix products in half precision; norms,
+        # softmax and the residual stream in float32), label features in float32. float16 is the CUDA default: its
+        # 11-bit mantissa keeps the float32 labels where bf16's 8 bits flip near-ties, at the same tensor-core rate
+        # on the GPUs the job targets (benchmarks/bf16_agreement.py).
+        self.autocast = dtype if mixed and dtype in (torch.bfloat16, torch.float16) else None
+        load_dtype = torch.float32 if self.autocast is not None else dtype
+        self.model = vitaclip.create_model(model, checkpoint=checkpoint, device=self.device, dtype=load_dtype)
         names = list(label_names) if label_names is not None else list(self.model.label_names or ())
         if not names:
             raise ValueError(f"model {model!r} has no label set: give label names")
@@ -279,10 +295,16 @@ class EmbedStage:
 
     def _embed(self, frames: np.ndarray) -> torch.Tensor:
         import torch
+        import torch.nn.functional as F
 
         x = torch.from_numpy(frames).to(self.device)  # [B, T, S, S, 3] uint8
         x = normalize_frames(x, self.model.config.mean, self.model.config.std).to(self.model.dtype)  # [B, T, 3, S, S]
-        return self.model.encode_video(x).float()  # [B, E]
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            features = self.model.encode_video(x, normalize=False)  # [B, E]
+        if self.autocast is not None and not bool(torch.isfinite(features).all()):
+            features = self.model.encode_video(x, normalize=False)  # a half-precision overflow: this batch in float32
+        # Normalised in float32: in bf16 the stored vectors' lengths were off by up to 0.4%.
+        return F.normalize(features.float(), dim=-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         frames = batch["frames"]
