@@ -1,0 +1,69 @@
+"""The GPU check cannot rot: its dry run (the same code paths on CPU, tiny sizes) and the wheel packing it relies on."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pack_module():
+    spec = importlib.util.spec_from_file_location("pack_wheels", ROOT / "scripts" / "pack_wheels.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wheels_are_packed_into_parts_that_fit_and_join_back(tmp_path: Path) -> None:
+    pack = _pack_module()
+    source = tmp_path / "all"
+    source.mkdir()
+    sizes = {"big-1.0-py3-none-any.whl": 2500, "mid-1.0-py3-none-any.whl": 700, "small-1.0-py3-none-any.whl": 90}
+    digests = {}
+    for name, size in sizes.items():
+        data = bytes((i * 7 + len(name)) % 256 for i in range(size))
+        (source / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    folders = pack.write_parts(source, tmp_path / "parts", 1000)
+    assert all(sum(f.stat().st_size for f in folder.iterdir()) <= 1000 for folder in folders)
+    assert len(folders) == 4  # 3 pieces of the big wheel, the others packed beside them
+    staged = tmp_path / "stage"
+    staged.mkdir()
+    for folder in folders:  # what the GPU machine accumulates, one part per call
+        for piece in folder.iterdir():
+            (staged / piece.name).write_bytes(piece.read_bytes())
+    wheels = pack.join_parts(staged)
+    assert {w.name for w in wheels} == set(sizes)
+    assert {w.name: hashlib.sha256(w.read_bytes()).hexdigest() for w in wheels} == digests
+    assert not list(staged.glob("*.part-*"))
+
+
+def test_dry_run_covers_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    assert set(sections) == {"model", "agreement", "faiss", "train", "job"}
+    assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    modes = {run["mode"] for run in sections["model"]["runs"]}
+    assert modes == {"fp16-autocast", "bf16-weights"} and sections["model"]["gflops_per_video"] > 0
+    assert sections["agreement"]["half_dtype"] == "float16"
+    assert sections["agreement"]["vitaclip-demo"]["cos_min"] >= 0.999
+    flat = [r for r in sections["faiss"]["runs"] if r["kind"] == "Flat"]
+    assert flat and flat[0]["recall_at_10"] == 1.0
+    assert sections["train"]["steps_per_second"] > 0
+    assert sections["job"]["videos_per_second"] > 0 and sections["job"]["embed_device"] == "cpu"
+    assert "sections failed: none" in done.stdout
