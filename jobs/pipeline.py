@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,8 +63,12 @@ from jobs.storage import (
     require_any,
 )
 from vitaclip.redact import redact_text, redact_url, redact_value
-from vitaclip.registry import ResolvedModel, resolve_model
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
+
+if TYPE_CHECKING:
+    # Not at run time: the registry imports torch and open_clip, and every Ray worker that runs this module's
+    # planner, decoders or write tasks imports this module; only the driver and the embed actors need the model.
+    from vitaclip.registry import ResolvedModel
 
 log = logging.getLogger("vitaclip.job")
 
@@ -361,6 +365,7 @@ def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
         ValueError: An unusable model or checkpoint, or a model without labels and no ``--labels``.
     """
     import vitaclip
+    from vitaclip.registry import resolve_model
 
     if config.checkpoint is not None:
         vitaclip.create_model(config.model, checkpoint=config.checkpoint)
