@@ -71,4 +71,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from jobs.index_videos import exit_process
+
+    exit_process(main(sys.argv[1:]))  # as the job's entry point ends
