@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _processes_holding(marker: bytes) -> list[int]:
+    """Processes other than this one whose environment contains ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
 
 
 @dataclass(frozen=True)
@@ -67,12 +80,17 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
     temp_dir = Path("/tmp") / f"vc-ray-{os.getpid()}-{port}"
     # Ray 2.5x clusters require a token; the test's own token, shared by the head and its clients.
+    token = secrets.token_hex(32)
     env = dict(
         os.environ,
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONPATH=str(ROOT),
         RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_AUTH_TOKEN=token,
+        # Idle workers stay until their job ends. By default a node keeps at most as many worker processes as it has
+        # CPUs and kills the idle rest after 1 s; a run's actors alone are more than 2, so each new task of the run
+        # (its write tasks after the Dataset's metadata tasks) waited for a fresh worker: ~1 s per run.
+        RAY_num_workers_soft_limit="16",
     )
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
@@ -103,7 +121,12 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     try:
         yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin, temp_dir)
     finally:
-        # Stop this head only (not other Ray instances on the host): its processes hold its temp dir's session.
+        # Stop this head only (not other Ray instances on the host): its processes hold its temp dir's session, and
+        # those whose command line does not name it (the client server, the dashboard and runtime env agents) hold
+        # its token; left running they use CPU during the tests that follow.
         subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True, timeout=60)
+        for pid in _processes_holding(f"RAY_AUTH_TOKEN={token}".encode()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(1)
         shutil.rmtree(temp_dir, ignore_errors=True)
