@@ -84,7 +84,8 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
     location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
     uris: list[str] = []
     with ray_head() as head:
-        argv = _argv(bucket, s3_server, head.address, "--no-index")
+        one_decoder = ("--decode-workers", "1")  # 2 new videos per run: a second decoder would only be a process more
+        argv = _argv(bucket, s3_server, head.address, "--no-index", *one_decoder)
         for round_ in range(3):
             # New videos each round, so both runs have work to commit; both are held just before their commit and
             # released together.
@@ -112,7 +113,7 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
         folder = tmp_path / "in-last"
         make_videos(folder, 2, start=10, broken=False)
         uris += _upload(client, bucket, folder, "raw/last")
-        both = [_start("none", _argv(bucket, s3_server, head.address), head.env) for _ in range(2)]
+        both = [_start("none", _argv(bucket, s3_server, head.address, *one_decoder), head.env) for _ in range(2)]
         for job in both:
             _finish(job)
         _check_once(location, uris)
