@@ -57,3 +57,15 @@ def test_function_length_check_flags_long_functions_unless_marked(tmp_path: Path
     assert subprocess.run([sys.executable, str(script), str(long)], capture_output=True).returncode == 0
     whole = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stdout  # the project itself keeps the limit
+
+
+def test_the_module_ray_workers_of_a_run_import_leaves_torch_out() -> None:
+    """The planner, decode actors and write tasks unpickle what they run from jobs.pipeline in fresh Ray workers;
+    torch and open_clip there cost each such process ~3.5 s of CPU for nothing (the embed actors import them)."""
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.pipeline; print([m for m in ('torch', 'open_clip') if m in sys.modules])"
+    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip() == "[]"
