@@ -229,19 +229,22 @@ def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
     return limits
 
 
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What every output of a service is opened with (the same for one process and for Ray Serve replicas)."""
+    return {
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "s3_endpoint_url": args.s3_endpoint_url,
+    }
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from index.service import ServiceLimits, open_service, serve
 
     if args.ray_serve:
         return _serve_on_ray(args)
-    service = open_service(
-        args.index,
-        model=args.model,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        s3_endpoint_url=args.s3_endpoint_url,
-        limits=ServiceLimits(**_serve_limits(args)),
-    )
+    service = open_service(args.index, **_model_options(args), limits=ServiceLimits(**_serve_limits(args)))
     serve(service, host=args.host, port=args.port)
     return 0
 
@@ -253,10 +256,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
 
     options = ServeOptions(
         indexes=args.index,
-        model=args.model,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        s3_endpoint_url=args.s3_endpoint_url,
+        **_model_options(args),
         replicas=args.replicas,
         num_cpus_per_replica=args.num_cpus_per_replica,
         limits=_serve_limits(args),
