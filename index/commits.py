@@ -692,6 +692,8 @@ class Committer:
                     continue
                 planned_videos = _lines(batch.current_video_files.get(video_id, ""))
                 planned_segments = _lines(batch.current_segment_files.get(video_id, ""))
+                if not (planned_videos or planned_segments or video_id in video_rows or video_id in segment_rows):
+                    continue  # a new video (the common case): nothing to replace, no stale segment rows
                 video_files = {self._resolve("videos", p, video_id) for p in planned_videos}
                 video_files |= {path for path, _ in video_rows.get(video_id, [])}
                 segment_files = {self._resolve("segments", p, video_id) for p in planned_segments}
