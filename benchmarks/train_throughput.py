@@ -3,7 +3,8 @@
 bf16 autocast on a GPU (the recipe), float32 on CPU. It also checks that the frozen backbone costs no gradient or
 optimizer memory: after a step every frozen parameter has ``grad is None`` and the optimizer holds state for the
 trainable set only; ``--compare-unfrozen`` measures the same step with backbone gradients switched on, to show what
-freezing saves.
+freezing saves; ``--compare-captions`` the same step with a caption per video (the video-text contrastive loss
+added, captions of 12-20 words), to show what caption training costs.
 
     .venv/bin/python benchmarks/train_throughput.py --model vitaclip-b16 --batch-size 32 --steps 20
     .venv/bin/python benchmarks/train_throughput.py --model vitaclip-tiny --batch-size 8 --steps 10   # CPU smoke
@@ -17,6 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +36,14 @@ from vitaclip.training import (  # noqa: E402
 )
 
 
-def measure(args: argparse.Namespace, *, unfrozen: bool = False) -> dict[str, object]:
+def _captions(n: int, generator: torch.Generator) -> list[str]:
+    words = "a man woman dog car ball runs jumps rides down up the street park water red blue small big slowly".split()
+    picks = torch.randint(0, len(words), (n, 20), generator=generator)
+    lengths = torch.randint(12, 21, (n,), generator=generator)
+    return [" ".join(words[int(w)] for w in row[: int(k)]) for row, k in zip(picks, lengths, strict=True)]
+
+
+def measure(args: argparse.Namespace, *, unfrozen: bool = False, captions: bool = False) -> dict[str, object]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     labels = [f"class {i}" for i in range(args.num_labels)]
     model = create_model(args.model, label_names=labels).to(device)
@@ -55,6 +64,7 @@ def measure(args: argparse.Namespace, *, unfrozen: bool = False) -> dict[str, ob
     video = torch.randint(0, 256, (args.batch_size, T, 3, S, S), dtype=torch.uint8, generator=generator).to(device)
     target = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator).to(device)
     valid = torch.ones(args.batch_size, dtype=torch.bool, device=device)
+    micro: Any = (video, target, valid, _captions(args.batch_size, generator)) if captions else (video, target, valid)
 
     def step() -> None:
         train_step(
@@ -62,7 +72,7 @@ def measure(args: argparse.Namespace, *, unfrozen: bool = False) -> dict[str, ob
             optimizer,
             scheduler,
             scaler,
-            [(video, target, valid)],
+            [micro],
             precision=precision,
             mean=model.config.mean,
             std=model.config.std,
@@ -86,6 +96,7 @@ def measure(args: argparse.Namespace, *, unfrozen: bool = False) -> dict[str, ob
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "backbone_gradients": unfrozen,
+        "captions": captions,
         "batch_size": args.batch_size,
         "num_frames": T,
         "num_labels": args.num_labels,
@@ -116,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device")
     p.add_argument("--compare-unfrozen", action="store_true", help="also time the step with backbone gradients on")
+    p.add_argument("--compare-captions", action="store_true", help="also time the step with the caption loss")
     args = p.parse_args(argv)
-    print(json.dumps(measure(args)))
+    base = measure(args)
+    print(json.dumps(base))
     if args.compare_unfrozen:
         print(json.dumps(measure(args, unfrozen=True)))
+    if args.compare_captions:
+        with_captions = measure(args, captions=True)
+        print(json.dumps(with_captions))
+        ratio = float(with_captions["seconds_per_step"]) / float(base["seconds_per_step"])  # type: ignore[arg-type]
+        print(f"captions: {ratio:.2f}x the step time of labels alone")
     return 0
 
 

@@ -89,6 +89,8 @@ class RetrievalConfig(EvalSourceConfig):
 
     captions: str = ""
     views: str = "1x1"
+    plot: str | None = None
+    baseline: bool = True  # frame averaging on the same frozen CLIP, side by side
 
 
 def eval_config_from_args(argv: Sequence[str]) -> EvalConfig:
@@ -154,6 +156,14 @@ def build_retrieval_parser(prog: str = "vitaclip eval-retrieval") -> argparse.Ar
     _common_arguments(p)
     p.add_argument("--captions", required=True, help="video,caption lines (CSV; a video may have several captions)")
     p.add_argument("--views", default="1x1", help="temporal x spatial views, embeddings averaged (default 1x1)")
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip frame averaging on the same frozen CLIP (scored beside the checkpoint by default)",
+    )
+    p.set_defaults(baseline=True)
+    p.add_argument("--plot", metavar="PNG", help="write recall at k against k (checkpoint and baseline) to this PNG")
     return p
 
 
@@ -212,8 +222,9 @@ def _read_entries(uri: str, names: Sequence[str], config: EvalSourceConfig) -> l
 
 def _splits(config: EvalConfig) -> tuple[list[tuple[str, list[tuple[str, int]], list[str]]], list[str]]:
     """(name, entries, label names) per split, and the full label list."""
-    from jobs.train import join_root, load_label_names
+    from jobs.train import load_label_names
     from vitaclip import evaluation as ev
+    from vitaclip.training import join_root
 
     if config.protocol in ("hmdb51", "ucf101"):
         names = list(load_label_names(config.label_names or config.protocol, s3_endpoint_url=config.s3_endpoint_url))
@@ -472,7 +483,8 @@ def main(argv: Sequence[str] | None = None, mode: Mode | None = None) -> int:
 
 def read_captions(uri: str, *, data_root: str = "", s3_endpoint_url: str | None = None) -> list[tuple[str, str]]:
     """``video,caption`` rows (CSV; quoted captions may hold commas; a header ``video,caption`` is skipped)."""
-    from jobs.train import join_root, read_bytes
+    from jobs.train import read_bytes
+    from vitaclip.training import join_root
 
     text = read_bytes(uri, s3_endpoint_url=s3_endpoint_url).decode("utf-8")
     rows = []
@@ -533,6 +545,16 @@ def run_retrieval(config: RetrievalConfig) -> dict[str, Any]:
             report.update(metrics)
         else:
             report["baseline"] = metrics
+    if config.plot:
+        curves = {"checkpoint (Vita-CLIP prompts)": report}
+        if "baseline" in report:
+            curves["frame averaging (same frozen CLIP)"] = report["baseline"]
+        ev.save_recall_png(
+            {name: {d: r[d]["recall_curve"] for d in ("text_to_video", "video_to_text")} for name, r in curves.items()},
+            config.plot,
+            title=f"{report['model_id']}: {report['num_captions']} captions, {report['num_videos']} videos",
+        )
+        report["plot"] = config.plot
     return report
 
 
@@ -552,16 +574,19 @@ def main_retrieval(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(f"{report['model_id']}  {report['num_captions']} captions, {report['num_videos']} videos")
-    for key in ("model", "baseline"):
+    print(f"{'':<19} {'direction':<14} {'R@1':>6}  {'R@5':>6}  {'R@10':>6}  {'MdR':>5}  {'MnR':>6}")
+    for key, name in (("model", "checkpoint"), ("baseline", "frame averaging")):
         r = report if key == "model" else report.get("baseline")
         if r is None:
             continue
         for direction in ("text_to_video", "video_to_text"):
             d = r[direction]
             print(
-                f"{key:<9} {direction:<14} R@1 {d['r1']:6.2f}  R@5 {d['r5']:6.2f}  R@10 {d['r10']:6.2f}  "
-                f"MdR {d['median_rank']:.1f}  MnR {d['mean_rank']:.1f}"
+                f"{name:<19} {direction:<14} {d['r1']:6.2f}  {d['r5']:6.2f}  {d['r10']:6.2f}  "
+                f"{d['median_rank']:5.1f}  {d['mean_rank']:6.1f}"
             )
+    if report.get("plot"):
+        print(f"recall at k: {report['plot']}")
     return 0
 
 

@@ -54,9 +54,7 @@ from vitaclip.training import (
     TrainClipSource,
     TrainConfig,
     checkpoint_dir_name,
-    join_root,
-    label_lookup,
-    parse_label,
+    entries_from_rows,
     parse_list_text,
 )
 from vitaclip.training.loop import TrainingParts, run_steps
@@ -108,6 +106,7 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
         ("decode-threads", int),
         ("decode-timeout-seconds", float),
         ("max-failures", int),
+        ("caption-loss-weight", float),
     ):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
@@ -247,23 +246,41 @@ def load_label_names(name_or_path: str, *, s3_endpoint_url: str | None = None) -
 def load_entries(
     uri: str, label_names: Sequence[str], *, data_root: str = "", s3_endpoint_url: str | None = None
 ) -> list[LabelledVideo]:
-    """Entries of a ``path,label`` list or a Parquet manifest (``path`` or ``uri`` column, ``label`` column)."""
+    """Entries of a ``path,label`` list, a CSV with a header (``path``, ``label`` and/or ``caption``), or a Parquet
+    manifest (``path`` or ``uri`` column; ``label`` and/or ``caption`` columns, a caption a string or a list of
+    strings); rows repeating a path add captions to one video."""
     data = read_bytes(uri, s3_endpoint_url=s3_endpoint_url)
     if uri.endswith(".parquet") or data[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
         column = "path" if "path" in table.column_names else "uri"
-        if column not in table.column_names or "label" not in table.column_names:
-            raise ValueError(f"{uri}: a manifest needs 'path' (or 'uri') and 'label' columns, has {table.column_names}")
-        index = label_lookup(label_names)
-        return [
-            LabelledVideo(join_root(data_root, str(p)), parse_label(lbl, index, where=f"{uri} row {i}"))
-            for i, (p, lbl) in enumerate(
-                zip(table.column(column).to_pylist(), table.column("label").to_pylist(), strict=True)
+        has = {c for c in ("label", "caption") if c in table.column_names}
+        if column not in table.column_names or not has:
+            raise ValueError(
+                f"{uri}: a manifest needs 'path' (or 'uri') and 'label' and/or 'caption' columns, has "
+                f"{table.column_names}"
             )
+        paths = table.column(column).to_pylist()
+        labels = table.column("label").to_pylist() if "label" in has else [None] * len(paths)
+        captions = table.column("caption").to_pylist() if "caption" in has else [None] * len(paths)
+        rows = [
+            (p, lbl, c)
+            for p, lbl, cap in zip(paths, labels, captions, strict=True)
+            for c in (cap if isinstance(cap, list) else [cap])
         ]
+        return entries_from_rows(rows, label_names, data_root=data_root, where=uri)
     return parse_list_text(data.decode("utf-8"), label_names, data_root=data_root, where=uri)
+
+
+def check_entries(entries: Sequence[LabelledVideo], config: TrainConfig, where: str) -> None:
+    """A list with videos but no labels trains on captions only: that needs a caption loss."""
+    unlabelled = sum(1 for e in entries if e.label < 0)
+    if unlabelled and config.caption_loss_weight <= 0:
+        raise ValueError(
+            f"{where}: {unlabelled} videos have captions but no label; caption-only training needs "
+            "--caption-loss-weight > 0"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -386,19 +403,25 @@ def _local_micro_batches(
     """The same micro-batches as the Ray Data stream, decoded by a thread pool in this process (``--local``)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         window: deque[Future[Any]] = deque()
+        positions: list[int] = []  # of the samples in the window, in order
         next_index = 0
         ahead = max(2 * threads, 2 * micro_batch_size)
         while next_index < num_samples or window:
             while next_index < num_samples and len(window) < ahead:
-                window.append(pool.submit(source.clip_at, source.position(next_index)))
+                positions.append(source.position(next_index))
+                window.append(pool.submit(source.clip_at, positions[-1]))
                 next_index += 1
             take = min(micro_batch_size, len(window))
             items = [window.popleft().result() for _ in range(take)]
-            yield {
+            batch = {
                 "video": np.stack([v.numpy() for v, _, _ in items]),
                 "label": np.asarray([lbl for _, lbl, _ in items], dtype=np.int64),
                 "valid": np.asarray([ok for _, _, ok in items], dtype=bool),
             }
+            if source.with_captions:
+                batch["caption"] = np.asarray([source.caption_at(p) for p in positions[:take]], dtype=object)
+            del positions[:take]
+            yield batch
 
 
 def _model_for(config: TrainConfig, label_names: Sequence[str], s3_endpoint_url: str | None) -> Any:
@@ -442,6 +465,15 @@ class _Worker:
     @property
     def num_frames(self) -> int:
         return self.config.num_frames or self.model.config.num_frames
+
+
+def _has_captions(config: TrainConfig, label_names: Sequence[str]) -> bool:
+    if config.caption_loss_weight <= 0:
+        return False
+    entries = load_entries(
+        config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
+    )
+    return any(e.captions for e in entries)
 
 
 def _start_worker(config: TrainConfig, *, distributed: bool) -> _Worker:
@@ -488,9 +520,10 @@ def _start_worker(config: TrainConfig, *, distributed: bool) -> _Worker:
     if world_size > 1:
         import ray.train.torch
 
-        ddp_model = ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
-        )
+        # With captions a step may skip the label logits (a caption-only batch): parameters only they reach are
+        # then unused, which DDP must be told about.
+        strategy = {"broadcast_buffers": False, "find_unused_parameters": _has_captions(config, label_names)}
+        ddp_model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=strategy)
     return _Worker(
         config, rank, world_size, device, output, tuple(label_names), model, ddp_model, optimizer, scheduler, scaler,
         precision, start_step, distributed,
@@ -514,6 +547,7 @@ def _micro_batch_stream(worker: _Worker, data_start_step: int) -> Iterator[dict[
         return stream
     endpoint = config.s3_endpoint_url
     entries = load_entries(config.train_list, worker.label_names, data_root=config.data_root, s3_endpoint_url=endpoint)
+    check_entries(entries, config, config.train_list)
     source = TrainClipSource(
         entries,
         config=config,
@@ -576,6 +610,7 @@ class _Recorder:
             acc=f"{last['accuracy']:.3f}",
             lr=f"{last['lr']:.2e}",
             vid_s=f"{last['videos_per_second']:.1f}",
+            **({"cap": f"{last['caption_loss']:.4f}"} if "caption_loss" in last else {}),
         )
         if config.eval_every and self.val_entries and (done % config.eval_every == 0 or done == config.steps):
             last["val_top1"], last["val_top5"] = self._validate()
@@ -643,7 +678,7 @@ class _Recorder:
         scratch = Path(tempfile.mkdtemp(prefix="vitaclip-plot-"))
         png = save_curves_png(
             records,
-            [k for k in ("loss", "accuracy", "lr", "val_top1") if any(k in r for r in records)],
+            [k for k in ("loss", "accuracy", "caption_loss", "lr", "val_top1") if any(k in r for r in records)],
             scratch / "curves.png",
         )
         output.write_bytes("curves.png", png.read_bytes())
@@ -713,7 +748,7 @@ def _rank_datasets(
     entries = load_entries(
         config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
     )
-    pairs = [(e.uri, e.label) for e in entries]
+    check_entries(entries, config, config.train_list)
     per_worker = config.per_worker_batch_size
     num_samples = max(0, config.steps - start_step) * per_worker
     num_frames = config.num_frames or model_config.num_frames
@@ -723,7 +758,7 @@ def _rank_datasets(
         datasets[f"train_{rank}"] = ds.map_batches(
             TrainClipSource,
             fn_constructor_kwargs=dict(
-                entries=pairs,
+                entries=entries,
                 config=config,
                 num_frames=num_frames,
                 image_size=image_size,

@@ -347,13 +347,20 @@ def test_ray_train_with_default_resources_finishes(motion_data: dict[str, Path],
     """The Ray path with no resource flag, on the machine running the tests (2 CPUs in CI). The old fixed defaults (a
     1-CPU worker, two 1-CPU decoders and a 1-CPU read task) needed 4 CPUs and sat at step 0 for ever on 2."""
     output = tmp_path / "out"
+    # A captioned list (several captions for some videos): captions travel through the Ray Data stream too.
+    captioned = tmp_path / "captioned.csv"
+    rows = [line.split(",") for line in motion_data["train"].read_text().split()]
+    words = {"0": ["a square growing", "the square comes closer"], "1": ["a square shrinking"]}
+    captioned.write_text("path,label,caption\n" + "".join(f"{p},{lbl},{c}\n" for p, lbl in rows for c in words[lbl]))
     args = train_args(motion_data, output, "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2")
+    args[args.index("--train-list") + 1] = str(captioned)
     args.remove("--local")
     args += ["--num-frames", "4", "--log-every", "1"]
     proc = run_guarded(["-m", "jobs.train", *args])
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["world_size"] == 1 and summary["last"]["step"] == 2 and summary["last"]["valid_videos"] == 4
+    assert summary["last"]["captioned_videos"] == 4 and summary["last"]["caption_loss"] > 0
     # The sizes the driver chose are recorded, and they fit the cluster it reported.
     used = json.loads((output / "train_resources.json").read_text())
     cluster = re.search(r"Ray cluster of ([\d.]+) CPUs? and ([\d.]+) GPUs?", proc.stderr)

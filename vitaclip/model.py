@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import open_clip
 import torch
@@ -403,9 +403,41 @@ class VitaClip(nn.Module):
         self._frozen_label_features = None  # weights may have been loaded since: recompute on the next step
         return super().train(mode)
 
-    def forward(self, video: torch.Tensor, label_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, K]`` = ``exp(logit_scale) * cos(video, label)`` over the model's labels (training loss)."""
+    @overload
+    def forward(self, video: torch.Tensor, label_features: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        video: torch.Tensor,
+        label_features: torch.Tensor | None = None,
+        *,
+        texts: Sequence[str],
+        labels: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        label_features: torch.Tensor | None = None,
+        *,
+        texts: Sequence[str] | None = None,
+        labels: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits ``[B, K]`` = ``exp(logit_scale) * cos(video, label)`` over the model's labels (training loss).
+
+        With ``texts`` (captions, ``N`` of them) it returns ``(label logits or None when not labels, text logits
+        [B, N])``, the text logits ``exp(logit_scale) * cos(video, encode_text(text))``: one forward pass for the
+        label loss and the video-text contrastive loss (under DDP every trained parameter is reached through it).
+        """
         video_features = self.encode_video(video, normalize=True)
+        if texts is None:
+            return self._label_logits(video_features, label_features)
+        text_features = self.encode_text(list(texts), normalize=True)
+        text_logits = self.logit_scale.exp() * video_features @ text_features.to(video_features.dtype).t()
+        return (self._label_logits(video_features, label_features) if labels else None), text_logits
+
+    def _label_logits(self, video_features: torch.Tensor, label_features: torch.Tensor | None) -> torch.Tensor:
         if label_features is None and self.text_context is None and self.training:
             if self._frozen_label_features is None or self._frozen_label_features.device != video_features.device:
                 with torch.no_grad():

@@ -41,6 +41,7 @@ from vitaclip.evaluation.metrics import (
 from vitaclip.evaluation.plots import (
     save_confusion_png,
     save_curves_png,
+    save_recall_png,
 )
 from vitaclip.evaluation.protocols import (
     CONFUSION_MAX_CLASSES,
@@ -84,6 +85,7 @@ __all__ = [
     "retrieval_metrics",
     "save_confusion_png",
     "save_curves_png",
+    "save_recall_png",
     "spatial_crops",
     "video_embeddings",
     "video_logits",

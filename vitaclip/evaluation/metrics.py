@@ -67,13 +67,19 @@ def _ranks(sim: np.ndarray, targets: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
-def _rank_summary(ranks: np.ndarray) -> dict[str, float]:
+RECALL_CURVE_MAX_K = 50
+"""Recall is reported for every k from 1 up to this (or the number of candidates, when fewer)."""
+
+
+def _rank_summary(ranks: np.ndarray, candidates: int) -> dict[str, Any]:
+    ks = np.arange(1, min(candidates, RECALL_CURVE_MAX_K) + 1)
     return {
         "r1": float(100.0 * (ranks <= 1).mean()),
         "r5": float(100.0 * (ranks <= 5).mean()),
         "r10": float(100.0 * (ranks <= 10).mean()),
         "median_rank": float(np.median(ranks)),
         "mean_rank": float(ranks.mean()),
+        "recall_curve": [float(100.0 * (ranks <= k).mean()) for k in ks],  # R@k for k = 1, 2, ...
     }
 
 
@@ -88,7 +94,8 @@ def retrieval_metrics(
 
     Returns:
         ``{"text_to_video": {...}, "video_to_text": {...}, "num_captions", "num_videos"}``; each direction has
-        ``r1``, ``r5``, ``r10`` (percent), ``median_rank`` and ``mean_rank`` (1-based). Text-to-video ranks the
+        ``r1``, ``r5``, ``r10`` (percent), ``median_rank`` and ``mean_rank`` (1-based), and ``recall_curve`` (R@k
+        for k = 1 .. min(candidates, `RECALL_CURVE_MAX_K`)). Text-to-video ranks the
         caption's video among all videos; video-to-text ranks the best of the video's captions among all captions.
     """
     sim = np.asarray(torch.as_tensor(similarity, dtype=torch.float64))
@@ -101,8 +108,8 @@ def retrieval_metrics(
     videos = [v for v in range(nv) if captions_of[v]]
     v2t = _ranks(sim.T[videos], [captions_of[v] for v in videos])
     return {
-        "text_to_video": _rank_summary(t2v),
-        "video_to_text": _rank_summary(v2t),
+        "text_to_video": _rank_summary(t2v, nv),
+        "video_to_text": _rank_summary(v2t, nt),
         "num_captions": int(nt),
         "num_videos": int(nv),
     }

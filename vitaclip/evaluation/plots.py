@@ -95,3 +95,59 @@ def save_curves_png(records: Sequence[Mapping[str, Any]], keys: Sequence[str], p
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+_SERIES_COLOURS = ((30, 90, 200), (230, 120, 20), (40, 160, 60), (180, 40, 160))
+
+
+def save_recall_png(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *, title: str = "") -> Path:
+    """Recall at k against k, one panel per direction, one line per model, as a PNG drawn with Pillow.
+
+    Args:
+        curves: model name -> direction (``text_to_video``, ``video_to_text``) -> R@k in percent for k = 1, 2, ...
+            (the ``recall_curve`` of `retrieval_metrics`).
+    """
+    from PIL import Image, ImageDraw
+
+    directions = [d for d in ("text_to_video", "video_to_text") if any(d in c for c in curves.values())]
+    panel_w, panel_h, pad, top = 440, 300, 44, 34
+    image = Image.new("RGB", (panel_w * max(len(directions), 1) + 10, panel_h + top + 24 + 16 * len(curves)), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    draw.text((10, 6), title or "recall at k (percent of queries whose match is in the top k)", fill="black", font=font)
+    for p, direction in enumerate(directions):
+        x0, x1 = p * panel_w + pad, (p + 1) * panel_w - 20
+        y0, y1 = top, top + panel_h - 30
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, y0 - 14), direction.replace("_", " "), fill="black", font=font)
+        kmax = max((len(c.get(direction, ())) for c in curves.values()), default=1)
+        for value in (0, 25, 50, 75, 100):
+            y = y1 - value / 100 * (y1 - y0)
+            draw.line([(x0, y), (x0 + 4, y)], fill="black")
+            draw.text((x0 - pad + 6, y - 5), f"{value}%", fill="black", font=font)
+        for k in sorted({1, 5, 10, kmax}):
+            x = x0 + (k - 1) / max(kmax - 1, 1) * (x1 - x0)
+            draw.line([(x, y1), (x, y1 - 4)], fill="black")
+            draw.text((x - 4, y1 + 4), f"{k}", fill="black", font=font)
+        draw.text((x1 - 10, y1 + 16), "k", fill="black", font=font)
+        for s, curve in enumerate(curves.values()):
+            values = list(curve.get(direction, ()))
+            if not values:
+                continue
+            colour = _SERIES_COLOURS[s % len(_SERIES_COLOURS)]
+            line = [
+                (x0 + i / max(kmax - 1, 1) * (x1 - x0), y1 - float(v) / 100 * (y1 - y0)) for i, v in enumerate(values)
+            ]
+            if len(line) == 1:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
+            else:
+                draw.line(line, fill=colour, width=2)
+    for s, name in enumerate(curves):
+        y = top + panel_h + 4 + 16 * s
+        colour = _SERIES_COLOURS[s % len(_SERIES_COLOURS)]
+        draw.line([(pad, y + 6), (pad + 24, y + 6)], fill=colour, width=3)
+        draw.text((pad + 30, y), name, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path

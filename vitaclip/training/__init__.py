@@ -34,6 +34,7 @@ from vitaclip.training.data import (
     EpochOrder,
     LabelledVideo,
     TrainClipSource,
+    entries_from_rows,
     join_root,
     label_lookup,
     parse_label,
@@ -62,9 +63,11 @@ from vitaclip.training.state import (
     set_rng_state,
 )
 from vitaclip.training.step import (
+    MicroBatch,
     StepStats,
     classification_loss,
     train_step,
+    video_text_contrastive_loss,
 )
 
 __all__ = [
@@ -89,8 +92,10 @@ __all__ = [
     "build_scaler",
     "build_scheduler",
     "checkpoint_dir_name",
+    "MicroBatch",
     "classification_loss",
     "count_parameters",
+    "entries_from_rows",
     "join_root",
     "label_lookup",
     "latest_checkpoint",
@@ -109,5 +114,6 @@ __all__ = [
     "save_training_checkpoint",
     "set_rng_state",
     "train_step",
+    "video_text_contrastive_loss",
     "trainable_parameters",
 ]

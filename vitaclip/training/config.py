@@ -91,8 +91,10 @@ class TrainConfig:
     """One training run: data, schedule, clips, and the nested optimizer and augmentation configs.
 
     Attributes:
-        train_list: ``path,label`` lines (label: an index into ``label_names`` or a name), or a Parquet manifest with
-            ``path`` (or ``uri``) and ``label`` columns; local or ``s3://``.
+        train_list: ``path,label`` lines (label: an index into ``label_names`` or a name), a CSV with a header naming
+            ``path`` (or ``uri``/``video``) and ``label`` and/or ``caption`` columns, or a Parquet manifest with those
+            columns; local or ``s3://``. Rows repeating a path give that video several captions (one is drawn per
+            sample); a list with captions may leave out labels (caption-only training).
         label_names: the training labels in order: a packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``) or
             a file with one name per line.
         output: folder or ``s3://bucket/prefix`` for checkpoints, metrics and plots.
@@ -122,6 +124,9 @@ class TrainConfig:
         decode_threads: decode threads of a process that decodes its own clips, and of validation.
         s3_endpoint_url: S3-compatible endpoint.
         decode_timeout_seconds: per-video decode time limit.
+        caption_loss_weight: weight of the video-text contrastive loss (symmetric InfoNCE over each micro-batch)
+            added to the label loss when the training list has captions; a list without captions trains exactly as
+            before whatever this is. 0 ignores the captions.
     """
 
     train_list: str = ""
@@ -149,9 +154,12 @@ class TrainConfig:
     decode_threads: int = 4
     s3_endpoint_url: str | None = None
     decode_timeout_seconds: float = 60.0
+    caption_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if not self.caption_loss_weight >= 0:
+            raise ValueError(f"caption_loss_weight must be >= 0, got {self.caption_loss_weight}")
         positive = ("steps", "batch_size", "micro_batch_size", "world_size", "stride", "save_every")
         for name in (*positive, "keep_last", "log_every", "decode_threads"):
             if getattr(self, name) < 1:

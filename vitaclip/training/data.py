@@ -4,6 +4,7 @@ resumed run reads what it would have read) and the clip source that decodes and 
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,8 +57,56 @@ def sample_rng(seed: int, position: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class LabelledVideo:
+    """A training video: its location, its label (-1: none, caption-only training) and its captions (may be none)."""
+
     uri: str
     label: int
+    captions: tuple[str, ...] = ()
+
+
+_PATH_COLUMNS = ("path", "uri", "video")
+_HEADER_COLUMNS = frozenset((*_PATH_COLUMNS, "label", "caption"))
+
+
+def _header(cells: Sequence[str]) -> dict[str, int] | None:
+    """Column name -> index when a CSV row is a header (names a path column and only known columns)."""
+    names = [c.strip().lower() for c in cells]
+    if not names or not set(names) <= _HEADER_COLUMNS or not set(names) & set(_PATH_COLUMNS):
+        return None
+    if len(set(names)) != len(names) or not {"label", "caption"} & set(names):
+        return None
+    return {n: i for i, n in enumerate(names)}
+
+
+def entries_from_rows(
+    rows: Sequence[tuple[str, Any, Any]], label_names: Sequence[str], *, data_root: str = "", where: str = "list"
+) -> list[LabelledVideo]:
+    """``(path, label or None, caption or None)`` rows -> entries, one per path (first appearance order): rows that
+    repeat a path add captions (their labels must agree). A video needs a label or a caption."""
+    index = label_lookup(label_names)
+    order: dict[str, tuple[int, list[str]]] = {}
+    for n, (path, label, caption) in enumerate(rows, start=1):
+        key = str(path).strip()
+        if not key:
+            raise ValueError(f"{where}:{n}: empty path")
+        has_label = label is not None and str(label).strip() != ""
+        value = parse_label(label, index, where=f"{where}:{n}") if has_label else -1
+        text = " ".join(str(caption).split()) if caption is not None else ""
+        if key in order:
+            if order[key][0] != value:
+                raise ValueError(f"{where}:{n}: {key} is listed with two labels")
+        else:
+            order[key] = (value, [])
+        if text and text not in order[key][1]:
+            order[key][1].append(text)
+    out = []
+    for key, (label, captions) in order.items():
+        if label < 0 and not captions:
+            raise ValueError(f"{where}: {key} has neither a label nor a caption")
+        out.append(LabelledVideo(join_root(data_root, key), label, tuple(captions)))
+    if not out:
+        raise ValueError(f"{where}: no entries")
+    return out
 
 
 def join_root(data_root: str, path: str) -> str:
@@ -90,14 +139,25 @@ def parse_list_text(
 ) -> list[LabelledVideo]:
     """``path,label`` lines (the official trainer's list format; ``path label`` also works) -> entries.
 
-    The label is an index into ``label_names`` or a name from it. Blank lines and ``#`` comments are skipped.
+    The label is an index into ``label_names`` or a name from it. Blank lines and ``#`` comments are skipped. A
+    first line naming columns (``path``/``uri``/``video``, ``label``, ``caption``; CSV, captions may be quoted)
+    reads the rest as CSV with those columns: see `entries_from_rows` for captions and rows repeating a path.
     """
+    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    header = _header(next(csv.reader([lines[0][1]]))) if lines else None
+    if header is not None:
+        rows = []
+        for n, cells in zip((n for n, _ in lines[1:]), csv.reader(line for _, line in lines[1:]), strict=True):
+            if len(cells) != len(header):
+                raise ValueError(f"{where}:{n}: expected {len(header)} columns ({', '.join(header)}), got {cells!r}")
+            path = next(cells[header[c]] for c in _PATH_COLUMNS if c in header)
+            label = cells[header["label"]] if "label" in header else None
+            rows.append((path, label, cells[header["caption"]] if "caption" in header else None))
+        return entries_from_rows(rows, label_names, data_root=data_root, where=where)
     index = label_lookup(label_names)
     out = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in lines:
         if "," in line:
             path, label = line.rsplit(",", 1)
         else:
@@ -115,7 +175,9 @@ class TrainClipSource:
     """Decodes and augments training clips by data position.
 
     In: ``{"index": int64 [B]}``, a worker's local sample counters (``id``, Ray Data's range column, also works).
-    Out: ``{"video": uint8 [B, T, 3, S, S], "label": int64 [B], "position": int64 [B], "valid": bool [B]}``.
+    Out: ``{"video": uint8 [B, T, 3, S, S], "label": int64 [B], "position": int64 [B], "valid": bool [B]}``, and
+    ``"caption"`` (str [B]; ``""``: none) when the list has captions: one of the video's captions, drawn by the
+    sample's position.
 
     A callable class, so Ray Data can run it on decode actors; the same object runs in a plain loop. Each clip's
     sample and augmentation are functions of its data position only, so the stream is the same whichever process
@@ -143,6 +205,7 @@ class TrainClipSource:
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.order = EpochOrder(len(self.entries), config.seed)
         self.opener = opener
+        self.with_captions = any(e.captions for e in self.entries)
 
     def position(self, local_index: int) -> int:
         return position_for(
@@ -152,6 +215,14 @@ class TrainClipSource:
             batch_size=self.config.batch_size,
             start_step=self.start_step,
         )[1]
+
+    def caption_at(self, position: int) -> str:
+        """The caption of the sample at a data position (``""``: its video has none), drawn from the video's
+        captions by a generator of its own, so adding captions changes no clip or augmentation."""
+        captions = self.entries[self.order(position)].captions
+        if len(captions) < 2:
+            return captions[0] if captions else ""
+        return captions[int(np.random.default_rng([self.config.seed, 2_000_003, position]).integers(len(captions)))]
 
     def clip_at(self, position: int) -> tuple[torch.Tensor, int, bool]:
         """(uint8 ``[T, 3, S, S]``, label, valid) of the sample at a data position."""
@@ -187,9 +258,12 @@ class TrainClipSource:
             videos.append(video.numpy())
             labels.append(label)
             valid.append(ok)
-        return {
+        out = {
             "video": np.stack(videos),  # [B, T, 3, S, S]
             "label": np.asarray(labels, dtype=np.int64),
             "position": np.asarray(positions, dtype=np.int64),
             "valid": np.asarray(valid, dtype=bool),
         }
+        if self.with_captions:
+            out["caption"] = np.asarray([self.caption_at(p) for p in positions], dtype=object)
+        return out

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vitaclip.training.config import TrainConfig
-from vitaclip.training.step import train_step
+from vitaclip.training.step import MicroBatch, train_step
 
 
 @dataclass
@@ -33,28 +33,26 @@ class TrainingParts:
     start_step: int
 
 
-def next_micro_batches(
-    stream: Iterator[dict[str, np.ndarray]], count: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`count` micro-batches (``video``, ``label``, ``valid``) from the stream, on `device`."""
-    micro = []
+def next_micro_batches(stream: Iterator[dict[str, np.ndarray]], count: int, device: torch.device) -> list[MicroBatch]:
+    """`count` micro-batches (``video``, ``label``, ``valid``, and ``caption`` when the stream has it) on `device`."""
+    micro: list[MicroBatch] = []
     for _ in range(count):
         batch = next(stream)
         # Ray Data hands out read-only arrays; torch wants writable ones.
         video, label, valid = (np.require(batch[k], requirements=["W"]) for k in ("video", "label", "valid"))
-        micro.append(
-            (
-                torch.from_numpy(video).to(device, non_blocking=True),
-                torch.from_numpy(label).to(device),
-                torch.from_numpy(valid).to(device),
-            )
+        tensors = (
+            torch.from_numpy(video).to(device, non_blocking=True),
+            torch.from_numpy(label).to(device),
+            torch.from_numpy(valid).to(device),
         )
+        micro.append((*tensors, [str(c) for c in batch["caption"]]) if "caption" in batch else tensors)
     return micro
 
 
-def one_step(parts: TrainingParts, stream: Iterator[dict[str, np.ndarray]]) -> tuple[float, float, float, float]:
-    """One optimizer step over ``accumulation_steps`` micro-batches: (loss sum, correct sum, videos, lr) over every
-    process."""
+def one_step(parts: TrainingParts, stream: Iterator[dict[str, np.ndarray]]) -> dict[str, float]:
+    """One optimizer step over ``accumulation_steps`` micro-batches; sums over every process: ``loss`` (weighted by
+    labelled videos), ``correct``, ``labelled``, ``videos``, ``caption_loss`` (weighted by captioned videos) and
+    ``captioned``, and the step's ``lr``."""
     config = parts.config
     stats = train_step(
         parts.ddp_model,
@@ -67,15 +65,29 @@ def one_step(parts: TrainingParts, stream: Iterator[dict[str, np.ndarray]]) -> t
         std=parts.model.config.std,
         max_grad_norm=config.optimizer.max_grad_norm,
         no_sync=getattr(parts.ddp_model, "no_sync", None) if parts.world_size > 1 else None,
+        caption_loss_weight=config.caption_loss_weight,
     )
-    totals = torch.tensor([stats.loss * stats.num_videos, stats.accuracy * stats.num_videos, stats.num_videos])
+    weight = max(stats.num_labelled, stats.num_captioned)
+    totals = torch.tensor(
+        [
+            stats.loss * weight,
+            stats.accuracy * stats.num_labelled,
+            stats.num_labelled,
+            stats.num_videos,
+            stats.caption_loss * stats.num_captioned,
+            stats.num_captioned,
+            weight,
+        ],
+        dtype=torch.float64,
+    )
     if parts.world_size > 1:
         import torch.distributed as dist
 
         totals = totals.to(parts.device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    return float(totals[0]), float(totals[1]), float(totals[2]), stats.lr
+    keys = ("loss", "correct", "labelled", "videos", "caption_loss", "captioned", "weight")
+    return {**dict(zip(keys, totals.tolist(), strict=True)), "lr": stats.lr}
 
 
 def run_steps(
@@ -90,19 +102,21 @@ def run_steps(
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(parts.start_step, config.steps):
-        loss, correct, videos, lr = one_step(parts, stream)
+        sums = one_step(parts, stream)
         done = step + 1
-        count = max(videos, 1.0)
         elapsed = max(time.perf_counter() - started, 1e-9)
         last = {
             "step": done,
-            "loss": loss / count,
-            "accuracy": correct / count,
-            "lr": lr,
+            "loss": sums["loss"] / max(sums["weight"], 1.0),
+            "accuracy": sums["correct"] / max(sums["labelled"], 1.0),
+            "lr": sums["lr"],
             "videos_per_second": (done - parts.start_step) * config.batch_size / elapsed,
             "samples_seen": done * config.batch_size,
-            "valid_videos": int(videos),
+            "valid_videos": int(sums["videos"]),
         }
+        if sums["captioned"]:
+            last["caption_loss"] = sums["caption_loss"] / sums["captioned"]
+            last["captioned_videos"] = int(sums["captioned"])
         if on_step is not None:
             on_step(last)
     return last, time.perf_counter() - started
