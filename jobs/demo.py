@@ -8,7 +8,8 @@ Steps, each a real component of the project, all on CPU:
 3. contrastive pretraining of a small CLIP on single frames of ``train`` and their captions
    (:mod:`vitaclip.demo.pretrain`), saved as open_clip weights;
 4. Vita-CLIP prompt training on top of the frozen CLIP with ``vitaclip train`` (:mod:`jobs.train`), labels = seen
-   combinations, generic learned text context;
+   combinations, generic learned text context; then a cycle with the training world's captions (several phrasings
+   per video) added through the video-text contrastive loss, so that free-text queries retrieve, not only labels;
 5. evaluation against the frozen frame-averaging baseline (:mod:`jobs.evaluate`): supervised top-1 on ``val``,
    zero-shot top-1 on ``zeroshot`` (among the unseen labels only), text-to-video retrieval on ``val``'s captions;
 6. the final checkpoint (default labels: every label of the world) with ``report.json`` and ``report.md``; with
@@ -55,6 +56,10 @@ class DemoBuildConfig:
         prompt_refine_steps: steps of a second cosine cycle from the first one's prompts, with another data order
             (0: none).
         prompt_refine_lr: peak learning rate of the second cycle.
+        caption_steps: steps of a third cycle with the training world's captions (label loss + caption loss; 0:
+            none).
+        caption_lr: peak learning rate of the caption cycle.
+        caption_loss_weight: weight of the caption loss in that cycle.
         workers: generator processes (None: up to 4).
         threads: torch threads for pretraining, training and evaluation (None: torch's default, one per core; use
             fewer when other work shares the cores: oversubscribed threads slow training down several times).
@@ -71,6 +76,9 @@ class DemoBuildConfig:
     prompt_lr: float = 5e-3
     prompt_refine_steps: int = 1000
     prompt_refine_lr: float = 2e-3
+    caption_steps: int = 600
+    caption_lr: float = 1e-3
+    caption_loss_weight: float = 0.5
     workers: int | None = None
     threads: int | None = None
 
@@ -120,9 +128,11 @@ def generate_worlds(
     return generated
 
 
-def evaluate_demo(checkpoint: str | Path, work: Path, *, threads: int = 4) -> dict[str, Any]:
+def evaluate_demo(
+    checkpoint: str | Path, work: Path, *, threads: int = 4, recall_png: Path | None = None
+) -> dict[str, Any]:
     """Supervised, zero-shot and retrieval scores of a checkpoint and its frame-averaging baseline on the worlds in
-    ``work`` (``val``, ``zeroshot``, ``seen.txt``, ``unseen.txt``)."""
+    ``work`` (``val``, ``zeroshot``, ``seen.txt``, ``unseen.txt``); ``recall_png``: where to draw recall at k."""
     from jobs.evaluate import EvalConfig, EvalSourceConfig, RetrievalConfig, run_eval, run_retrieval
 
     common = EvalSourceConfig(
@@ -147,12 +157,14 @@ def evaluate_demo(checkpoint: str | Path, work: Path, *, threads: int = 4) -> di
             else:
                 report[key]["baseline_class_only"] = result["baseline"]["top1"]
     retrieval = RetrievalConfig(
-        **{**shared, "data_root": str(work / "val")}, captions=str(work / "val" / "captions.csv")
-    )
+        **{**shared, "data_root": str(work / "val")}, captions=str(work / "val" / "captions.csv"),
+        plot=str(recall_png) if recall_png else None,
+    )  # fmt: skip
     result = run_retrieval(retrieval)
     report["retrieval"] = {
-        "model": {k: result["text_to_video"][k] for k in ("r1", "r5", "r10")},
-        "baseline": {k: result["baseline"]["text_to_video"][k] for k in ("r1", "r5", "r10")},
+        "model": {k: result["text_to_video"][k] for k in ("r1", "r5", "r10", "median_rank")},
+        "baseline": {k: result["baseline"]["text_to_video"][k] for k in ("r1", "r5", "r10", "median_rank")},
+        "num_videos": result["num_videos"],
         "num_captions": result["num_captions"],
     }
     return report
@@ -199,6 +211,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         rows.append(
             f"| text-to-video R@{k[1:]}, held-out captions ({ret['num_captions']}) | {ret['model'][k]:.1f}% | "
             f"{ret['baseline'][k]:.1f}% |"
+        )
+    if "median_rank" in ret["model"]:
+        rows.append(
+            f"| text-to-video median rank of the captioned video (of {ret['num_videos']}) | "
+            f"{ret['model']['median_rank']:g} | {ret['baseline']['median_rank']:g} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -298,11 +315,54 @@ def _train_prompts(
     return Path(refine.output)
 
 
-def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict[str, Any]:
+def captioned_list(world: Path) -> Path:
+    """``world/captioned.csv``: the world's ``list.csv`` labels joined with its ``captions.csv`` (a header
+    ``path,label,caption``, one row per caption), the list `vitaclip train` reads captions from."""
+    import csv
+    import io
+
+    labels = dict(line.rsplit(",", 1) for line in (world / "list.csv").read_text().splitlines() if line)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "label", "caption"])
+    with open(world / "captions.csv", newline="") as f:
+        for video, caption in list(csv.reader(f))[1:]:
+            writer.writerow([video, labels[video], caption])
+    path = world / "captioned.csv"
+    path.write_text(out.getvalue())
+    return path
+
+
+def _train_captions(
+    work: Path, config: DemoBuildConfig, start: Path, reused: list[str], timings: dict[str, float]
+) -> Path:
+    """A cosine cycle from the prompts at ``start`` with the label loss and the caption loss; its output."""
+    from jobs.train import resolve_checkpoint
+    from vitaclip.training import AugmentConfig, OptimizerConfig, TrainConfig
+
+    t = time.perf_counter()
+    steps, train_list = config.caption_steps, captioned_list(work / "train")
+    captions = TrainConfig(
+        model=MODEL_NAME, checkpoint=str(resolve_checkpoint(str(start))), train_list=str(train_list),
+        data_root=str(work / "train"), label_names=str(work / "seen.txt"), output=str(work / "prompts-captions"),
+        steps=steps, batch_size=config.prompt_batch_size, micro_batch_size=config.prompt_batch_size,
+        optimizer=OptimizerConfig(lr=config.caption_lr, warmup_steps=max(1, steps // 20)),
+        augment=AugmentConfig(crop_scale=(0.6, 1.0), randaug_num_ops=0, decode_scale=1.0), sampling="uniform",
+        save_every=min(steps, 500), eval_every=0, seed=config.seed + 2, caption_loss_weight=config.caption_loss_weight,
+    )  # fmt: skip
+    _train(captions, "caption_training", reused)
+    timings["caption_training_seconds"] = time.perf_counter() - t
+    return Path(captions.output)
+
+
+def build(
+    work: Path, config: DemoBuildConfig, *, install: bool = False, from_checkpoint: Path | None = None
+) -> dict[str, Any]:
     """Runs every step; returns the report (also written to ``work/report.json`` and ``work/report.md``).
 
     Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
-    kept, and prompt training resumes from its latest checkpoint.
+    kept, and prompt training resumes from its latest checkpoint. ``from_checkpoint`` (a demo build's checkpoint,
+    such as the packaged one) skips pretraining and the first two prompt cycles: the caption cycle starts from it.
     """
     from jobs.train import resolve_checkpoint
     from vitaclip.checkpoints import save_checkpoint
@@ -329,10 +389,17 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     timings["generate_seconds"] = time.perf_counter() - t
     if not generated:
         reused.append("generate")
-    t = time.perf_counter()
-    clip_path, pretrain = _pretrain_clip(work, config, config_model, reused)
-    timings["pretrain_seconds"] = time.perf_counter() - t
-    prompts_out = _train_prompts(work, config, clip_path, reused, timings)
+    if from_checkpoint is None:
+        t = time.perf_counter()
+        clip_path, pretrain = _pretrain_clip(work, config, config_model, reused)
+        timings["pretrain_seconds"] = time.perf_counter() - t
+        prompts_out = _train_prompts(work, config, clip_path, reused, timings)
+    else:
+        started_from = json.loads((from_checkpoint / "report.json").read_text())
+        pretrain, prompts_out = started_from["pretrain"], from_checkpoint
+        reused += ["pretrain", "prompt_training", "prompt_refine"]
+    if config.caption_steps > 0:
+        prompts_out = _train_captions(work, config, prompts_out, reused, timings)
 
     # The shipped checkpoint: the trained weights, labelling every combination of the world by default.
     final = work / MODEL_NAME
@@ -342,7 +409,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
     model = create_model(None, checkpoint=final)  # as users load it (its model id names the shipped weights)
 
     t = time.perf_counter()
-    report: dict[str, Any] = evaluate_demo(final, work)
+    report: dict[str, Any] = evaluate_demo(final, work, recall_png=final / "recall.png")
     timings["evaluate_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
     report.update(
@@ -352,6 +419,7 @@ def build(work: Path, config: DemoBuildConfig, *, install: bool = False) -> dict
         pretrain={k: pretrain[k] for k in ("train_accuracy", "held_out_accuracy", "num_videos")},
         timings=timings,
         reused_steps=reused,
+        started_from=None if from_checkpoint is None else started_from["model_id"],
     )
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(report_markdown(report))
@@ -370,6 +438,11 @@ def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 95 minutes on 2 CPUs)")
     b.add_argument("--work", default="out/demo-build", help="working folder (worlds, CLIP, prompts, report)")
     b.add_argument("--install", action="store_true", help="replace the packaged vitaclip-demo checkpoint")
+    b.add_argument(
+        "--from-checkpoint",
+        help="a demo build's checkpoint (the packaged one: vitaclip/pretrained/vitaclip-demo) to run only the caption "
+        "cycle from, skipping pretraining and the first prompt cycles",
+    )
     defaults = DemoBuildConfig()
     for name, value in asdict(defaults).items():
         kind = type(value) if value is not None else int
@@ -391,7 +464,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.demo"
     try:
         if args.command == "build":
             fields = {k: getattr(args, k) for k in asdict(DemoBuildConfig())}
-            report = build(Path(args.work), DemoBuildConfig(**fields), install=args.install)
+            start = Path(args.from_checkpoint) if args.from_checkpoint else None
+            report = build(Path(args.work), DemoBuildConfig(**fields), install=args.install, from_checkpoint=start)
         else:
             report = evaluate_fresh(
                 args.checkpoint, Path(args.work), seed=args.seed, val_per_label=args.val_per_label,

@@ -274,12 +274,18 @@ def load_entries(
 
 
 def check_entries(entries: Sequence[LabelledVideo], config: TrainConfig, where: str) -> None:
-    """A list with videos but no labels trains on captions only: that needs a caption loss."""
+    """A list with videos but no labels trains on captions only: that needs a caption loss; the caption loss
+    contrasts the videos of one micro-batch: that needs two or more."""
     unlabelled = sum(1 for e in entries if e.label < 0)
     if unlabelled and config.caption_loss_weight <= 0:
         raise ValueError(
             f"{where}: {unlabelled} videos have captions but no label; caption-only training needs "
             "--caption-loss-weight > 0"
+        )
+    if config.caption_loss_weight > 0 and config.micro_batch_size < 2 and any(e.captions for e in entries):
+        raise ValueError(
+            f"{where} has captions: the caption loss contrasts the videos of one micro-batch, so "
+            "--micro-batch-size must be 2 or more (8 or more works better)"
         )
 
 

@@ -100,6 +100,9 @@ def test_captioned_lists_csv_and_parquet(tmp_path: Path) -> None:
     config = TrainConfig(train_list=str(manifest), output="x", caption_loss_weight=0.0)
     with pytest.raises(ValueError, match="caption-loss-weight"):
         train_job.check_entries(parquet, config, str(manifest))
+    single = TrainConfig(train_list=str(manifest), output="x", batch_size=4, micro_batch_size=1)
+    with pytest.raises(ValueError, match="micro-batch-size must be 2 or more"):
+        train_job.check_entries(parquet, single, str(manifest))
 
 
 def _one_step(micro: list[Any], *, weight: float = 1.0) -> tuple[Any, dict[str, torch.Tensor]]:

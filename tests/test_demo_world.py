@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -209,6 +209,7 @@ def test_video_specs_are_balanced_and_deterministic() -> None:
         assert spec.name == f"demo-{spec.index:06d}"
         assert spec.label == f"{spec.colour} {spec.shape} {spec.motion}"
         assert spec.caption == f"a {spec.label} on a {spec.background} background"
+        assert_captions_describe(spec)
         assert spec.background in world.backgrounds_for(spec.colour)
         assert not (spec.colour == "blue" and spec.background == "navy")
         assert spec.texture in world.TEXTURES
@@ -298,19 +299,18 @@ def test_output_files(labelled_videos: tuple[world.GeneratedDemo, list[DemoVideo
     with result.captions_path.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["video", "caption"]
-    assert rows[1:] == [[f"videos/{spec.name}.mp4", spec.caption] for spec in specs]
-    for (_, caption), spec in zip(rows[1:], specs, strict=True):
-        assert spec.label in caption
+    assert rows[1:] == [[f"videos/{spec.name}.mp4", c] for spec in specs for c in spec.captions]
+    for spec in specs:
+        assert len(set(spec.captions)) == world.CAPTIONS_PER_VIDEO  # several phrasings of one video
 
     order = {label: i for i, label in enumerate(world.world_labels())}
     labels = result.labels_path.read_text().splitlines()
     assert labels == sorted({spec.label for spec in specs}, key=order.__getitem__) == list(result.labels)
 
     records = [json.loads(line) for line in result.manifest_path.read_text().splitlines()]
-    names = {f.name for f in fields(DemoVideo)}
     for record, spec in zip(records, specs, strict=True):
         assert record["path"] == f"videos/{spec.name}.mp4"
-        assert DemoVideo(**{k: v for k, v in record.items() if k in names}) == spec
+        assert world.spec_from_manifest(record) == spec
         assert (record["width"], record["height"], record["num_frames"], record["fps"]) == (128, 128, 24, 12)
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
@@ -416,3 +416,30 @@ def test_frame_captions_follow_the_shape_and_never_name_the_motion() -> None:
         assert not {"moving", "growing", "shrinking", "rotating", "staying", "bouncing"} & set(caption.split())
     record = {"path": "videos/x.mp4", "fps": 12, "num_frames": 24, **asdict(left)}
     assert world.spec_from_manifest(record) == left
+
+
+def assert_captions_describe(spec: world.DemoVideo) -> None:
+    """Each caption names the video's colour, one word of its shape, motion and background, in demo words only."""
+    from vitaclip.demo.vocab import DEMO_WORDS
+
+    for caption in spec.captions:
+        assert set(re.findall(r"[a-z]+", caption)) <= set(DEMO_WORDS), caption
+        assert spec.colour in caption.split()
+        assert any(re.search(rf"\b{w}\b", caption) for w in world.SHAPE_WORDS[spec.shape]), caption
+        assert any(re.search(rf"\b{p}\b", caption) for p in world.MOTION_PHRASES[spec.motion]), caption
+        assert any(re.search(rf"\b{w}\b", caption) for w in world.BACKGROUND_WORDS[spec.background]), caption
+
+
+def test_captions_vary_in_phrasing_and_leave_the_pixels_alone() -> None:
+    specs = world.video_specs(200, seed=5)
+    captions = [c for spec in specs for c in spec.captions]
+    starts = Counter(" ".join(c.split()[:2]) for c in captions)
+    assert len(starts) >= 8  # no single template
+    assert max(starts.values()) < 0.35 * len(captions)
+    words = Counter(w for c in captions for w in c.split())
+    for synonym in ("spinning", "ball", "box", "grey", "jumping"):
+        assert words[synonym] > 0, synonym
+    # Captions come from a stream of their own: every other field is what it was without them.
+    spec = specs[17]
+    assert spec.captions == world.captions_for(spec.label, spec.background, seed=5, index=17)
+    assert world.video_specs(18, seed=5)[17] == spec

@@ -101,6 +101,7 @@ _CRF = 20
 _STREAM_VIDEO = 1
 _STREAM_LABEL_ORDER = 2
 _STREAM_TEXTURE = 3
+_STREAM_CAPTION = 4
 
 _NAME_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]*")
 
@@ -162,6 +163,76 @@ def caption_for(label: str, background: str) -> str:
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; allowed: {', '.join(BACKGROUNDS)}")
     return f"a {label} on a {background} background"
+
+
+CAPTIONS_PER_VIDEO = 3
+"""Captions written per video (``captions.csv``), each in another phrasing."""
+
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} {motion} on a {background} background",
+    "video of a {colour} {shape} {motion} on a {background} background",
+    "the {colour} {shape} is {motion} on a {background} background",
+    "a {background} background with a {colour} {shape} {motion}",
+    "clip showing a {colour} {shape} {motion} on {background}",
+    "{colour} {shape} {motion}, {background} background",
+    "a {colour} {shape} on a {background} background, {motion}",
+    "footage of a {colour} {shape} {motion} with a {background} background",
+)
+"""How a video's captions are phrased; ``{motion}`` follows "is" in one of them, so motion phrases are participles.
+Every word is in the demo vocabulary."""
+
+MOTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "moving left": ("moving left", "moving to the left"),
+    "moving right": ("moving right", "moving to the right"),
+    "moving up": ("moving up",),
+    "moving down": ("moving down",),
+    "growing": ("growing", "growing bigger"),
+    "shrinking": ("shrinking", "shrinking smaller"),
+    "rotating": ("rotating", "spinning", "turning"),
+    "staying still": ("staying still", "static", "still"),
+    "bouncing": ("bouncing", "jumping"),
+}
+"""The ways a caption may say each motion (the first is the label's phrase)."""
+
+SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "ball"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+}
+BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
+    "black": ("black",),
+    "gray": ("gray", "grey"),
+    "brown": ("brown",),
+    "navy": ("navy", "dark navy"),
+}
+
+
+def captions_for(
+    label: str, background: str, *, seed: int, index: int, count: int = CAPTIONS_PER_VIDEO
+) -> tuple[str, ...]:
+    """``count`` captions of one video, each from another template with its own choice of words for the motion,
+    shape and background (a random stream of their own: captions never change a video's pixels)."""
+    colour, shape, motion = parse_label(label)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; allowed: {', '.join(BACKGROUNDS)}")
+    if not 1 <= count <= len(CAPTION_TEMPLATES):
+        raise ValueError(f"count must be in 1..{len(CAPTION_TEMPLATES)}, got {count}")
+    rng = np.random.default_rng([_STREAM_CAPTION, seed, index])
+    templates = rng.permutation(len(CAPTION_TEMPLATES))[:count]
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    return tuple(
+        CAPTION_TEMPLATES[int(t)].format(
+            colour=colour,
+            shape=pick(SHAPE_WORDS[shape]),
+            motion=pick(MOTION_PHRASES[motion]),
+            background=pick(BACKGROUND_WORDS[background]),
+        )  # fmt: skip
+        for t in templates
+    )
 
 
 def backgrounds_for(colour: str) -> tuple[str, ...]:
@@ -256,7 +327,8 @@ class DemoVideo:
     bounces_per_clip: float  # bouncing: periods of |sin| over the clip
     bounce_phase: float  # bouncing: where in a period the clip starts, in [0, 1)
     label: str
-    caption: str
+    caption: str  # the canonical form, `caption_for`
+    captions: tuple[str, ...] = ()  # the captions written to captions.csv, `captions_for`
 
 
 def _check_seed(seed: int) -> None:
@@ -378,6 +450,7 @@ def _draw_spec(seed: int, index: int, label: str, name: str) -> DemoVideo:
         bounce_phase=bounce_phase,
         label=label,
         caption=caption_for(label, background),
+        captions=captions_for(label, background, seed=seed, index=index),
     )
 
 
@@ -430,7 +503,10 @@ def frame_caption(spec: DemoVideo, progress: float) -> str:
 def spec_from_manifest(record: dict[str, Any]) -> DemoVideo:
     """The spec of one ``manifest.jsonl`` record (which also holds the path and the encoding settings)."""
     names = {f.name for f in fields(DemoVideo)}
-    return DemoVideo(**{k: v for k, v in record.items() if k in names})
+    values = {k: v for k, v in record.items() if k in names}
+    if "captions" in values:
+        values["captions"] = tuple(values["captions"])
+    return DemoVideo(**values)
 
 
 def _background(spec: DemoVideo, size: int) -> np.ndarray:
@@ -628,7 +704,7 @@ def generate(
     )
     rows = list(zip(relative, specs, strict=True))
     _write_bytes_atomic(result.list_path, _csv_text((rel, spec.label) for rel, spec in rows).encode())
-    captions = _csv_text([("video", "caption"), *((rel, spec.caption) for rel, spec in rows)])
+    captions = _csv_text([("video", "caption"), *((rel, c) for rel, spec in rows for c in spec.captions)])
     _write_bytes_atomic(result.captions_path, captions.encode())
     _write_bytes_atomic(result.labels_path, "".join(f"{label}\n" for label in used_labels).encode())
     manifest = "".join(
