@@ -198,6 +198,7 @@ def time_decode_only(videos: list[Path], *, cpus: int, num_frames: int, size: in
 
 
 DRIVER_CPU: dict[int, list[tuple[float, int]]] = {}  # videos -> (driver CPU seconds, rows) per job run
+PHASES: dict[int, list[dict[str, float]]] = {}  # videos -> the run record's phase_seconds per job run
 
 
 def _cpu_seconds() -> float:
@@ -217,6 +218,7 @@ def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
     summary = run_index_job(job)
     elapsed = time.perf_counter() - start
     DRIVER_CPU.setdefault(count, []).append((_cpu_seconds() - cpu_start, int(summary["clips_embedded"])))
+    PHASES.setdefault(count, []).append(summary["phase_seconds"])
     assert summary["status"] == {"ok": count}, summary["status"]
     shutil.rmtree(out, ignore_errors=True)
     return elapsed
@@ -289,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nray.init {ray_init_seconds:.2f} s; warm-up run ({sizes[0]} videos) {first_run_seconds:.2f} s")
     report(sizes, decode_times, job_times, other_cores, repeats=args.repeats)
+    print("\nwhere a job run's time goes (median seconds per phase, the run record's phase_seconds):")
+    for n in sizes:
+        runs = PHASES[n][-args.repeats :]  # the timed runs, not the warm-up
+        print(f"  {n:>5} videos: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))
     return 0
 
 

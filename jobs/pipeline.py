@@ -397,11 +397,15 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     versions = create_tables(location, model.embed_dim, model_id=model.model_id)
     record = RunRecord(store, config, model_id=model.model_id, versions=versions)
     log.info("run %s", record.run_id)
+    phases = Phases()
     try:
         listing = _listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
+        phases.done("prepare")
         pools, device = plan_index_pools_for(config)
         record.embed_device = device
+        phases.done("ray_start")
         planner, block_refs = plan_run(listing, location, model, versions, record.folder_inputs, pools)
+        phases.done("plan")
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
@@ -411,20 +415,39 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             ds = index_dataset(config, block_refs, model, pools)
             drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
         del block_refs
+        phases.done("decode_embed_write")
         commits.collect(wait=True)
         commits.commit()
+        phases.done("final_commit")
         plan_report: dict[str, Any] = ray.get(planner.report.remote())
         index_info = None
         if config.build_index and commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
             # In the planner's process, not on the driver: the index is held whole while it is updated.
             index_info = ray.get(planner.update_index.remote(config, model.model_id))
         ray.kill(planner)
+        phases.done("index_update")
         retention = config.vacuum_retention_hours
         vacuumed = vacuum(location, retention_hours=retention) if retention > 0 else None
-        return record.finish(run_summary(record, model, pools, commits, plan_report, index_info, vacuumed))
+        phases.done("vacuum")
+        summary = run_summary(record, model, pools, commits, plan_report, index_info, vacuumed)
+        return record.finish({**summary, "phase_seconds": phases.seconds})
     except ValueError as exc:
         record.fail(exc)
         raise
+
+
+class Phases:
+    """Wall seconds of each phase of a run, in order (the run record's ``phase_seconds``; also logged)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+        log.debug("phase %s: %.2f s", name, self.seconds[name])
 
 
 def _listing(config: IndexJobConfig) -> Iterator[VideoObject]:

@@ -117,6 +117,11 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
     summary = json.loads(summary_files[0].read_text())
     assert summary["counts"]["processed"] == len(rows) and summary["status"]["ok"] == len(videos)
     assert "AWS_SECRET_ACCESS_KEY" not in summary_files[0].read_text()
+    phases = summary["phase_seconds"]
+    assert list(phases) == [
+        "prepare", "ray_start", "plan", "decode_embed_write", "final_commit", "index_update", "vacuum"
+    ]  # fmt: skip
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= summary["elapsed_seconds"]
     index = open_index(out)
     assert index.count == len(videos)
     ok = [r for r in rows.values() if r["status"] == "ok"]
