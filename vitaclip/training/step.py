@@ -103,10 +103,8 @@ def train_step(
     """
     with_captions = caption_loss_weight > 0 and any(any(_captions_of(m)) for m in micro_batches)
     if not with_captions:
-        return _label_step(
-            model, optimizer, scheduler, scaler, micro_batches, precision=precision, mean=mean, std=std,
-            max_grad_norm=max_grad_norm, no_sync=no_sync,
-        )  # fmt: skip
+        parts = _StepParts(model, optimizer, scheduler, scaler, precision, mean, std, max_grad_norm, no_sync)
+        return _label_step(parts, micro_batches)
     device = micro_batches[0][0].device
     total = sum(int(m[2].sum()) for m in micro_batches)
     labelled = sum(int((m[2] & (m[1] >= 0)).sum()) for m in micro_batches)
@@ -171,20 +169,23 @@ def _finish_step(
     return grad_norm
 
 
-def _label_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    micro_batches: Sequence[MicroBatch],
-    *,
-    precision: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-    max_grad_norm: float | None,
-    no_sync: Callable[[], Any] | None,
-) -> StepStats:
+@dataclass(frozen=True)
+class _StepParts:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str
+    mean: Sequence[float]
+    std: Sequence[float]
+    max_grad_norm: float | None
+    no_sync: Callable[[], Any] | None
+
+
+def _label_step(parts: _StepParts, micro_batches: Sequence[MicroBatch]) -> StepStats:
     """The label loss alone (the official recipe): summed cross-entropy over the valid videos, averaged."""
+    model, optimizer, scheduler, scaler = parts.model, parts.optimizer, parts.scheduler, parts.scaler
+    precision, mean, std, no_sync = parts.precision, parts.mean, parts.std, parts.no_sync
     device = micro_batches[0][0].device
     total = sum(int(m[2].sum()) for m in micro_batches)
     denominator = max(total, 1)
@@ -206,7 +207,7 @@ def _label_step(
             scaler.scale(loss).backward()
         loss_sum += float(loss.detach()) * denominator
         correct += int(((logits.detach().argmax(dim=-1) == labels) & valid).sum())
-    grad_norm = _finish_step(optimizer, scheduler, scaler, max_grad_norm)
+    grad_norm = _finish_step(optimizer, scheduler, scaler, parts.max_grad_norm)
     return StepStats(
         loss=loss_sum / denominator, accuracy=correct / denominator, lr=lr, num_videos=total, grad_norm=grad_norm,
         num_labelled=total,
