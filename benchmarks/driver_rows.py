@@ -143,7 +143,9 @@ def main() -> None:
     from vitaclip.registry import resolve_model
 
     model = resolve_model(MODEL, None)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    from jobs.ray_resources import embedded_ray_options
+
+    ray.init(**embedded_ray_options(None), log_to_driver=False)  # as the job starts its own
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

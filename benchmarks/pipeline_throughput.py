@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     start = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    from jobs.ray_resources import embedded_ray_options
+
+    ray.init(**embedded_ray_options(args.cpus), log_to_driver=False)  # as the job starts its own
     ray_init_seconds = time.perf_counter() - start
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress lines: the job runs as usual, quieter
     start = time.perf_counter()

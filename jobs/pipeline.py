@@ -217,6 +217,13 @@ def write_blocks(
     return written, stats
 
 
+def warm_write_worker() -> None:
+    """A no-op task that leaves an idle Ray worker with `write_blocks`' imports done."""
+    import ray.data.block  # noqa: F401
+
+    import index.writer  # noqa: F401
+
+
 def update_index(config: IndexJobConfig, model_id: str) -> dict[str, Any]:
     """Brings ``OUT/index`` up to the tables' latest versions (`index.build.build_from_output`); run as a Ray task."""
     from index.build import build_from_output
@@ -623,7 +630,12 @@ def drain(
             commits.in_flight.append(write.remote(location, *pending, **options))
         pending, pending_rows = [], 0
 
+    warm: Any = None
     for bundle in ds.iter_internal_ref_bundles():
+        if warm is None:
+            # The pools hold their workers by now: an idle worker that has imported the write path is ready for
+            # the first write task instead of a cold start (imports alone take seconds) at the end of a small run.
+            warm = ray.remote(warm_write_worker).options(num_cpus=0).remote()
         for block_ref, num_rows in _block_entries(bundle):
             if not pending:
                 first_pending = time.monotonic()

@@ -53,6 +53,10 @@ class Cluster:
         return f"{count(self.cpus, 'CPU')} and {count(self.gpus, 'GPU')}"
 
 
+EMBEDDED_IDLE_WORKERS = 8
+"""Workers an embedded Ray keeps alive while idle (at least; more with more CPUs), so write tasks find them ready."""
+
+
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:
     """Connects to Ray (``address``, else ``RAY_ADDRESS`` as set by ``ray job submit``) or starts an embedded local
     one with ``num_cpus`` CPUs (None: all cores); an already initialised Ray is used as it is. Returns its size."""
@@ -63,8 +67,23 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            ray.init(**embedded_ray_options(num_cpus), log_to_driver=True)
     return read_cluster()
+
+
+def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:
+    """`ray.init` arguments of the job's embedded local Ray with ``num_cpus`` CPUs (None: all cores).
+
+    Ray ends idle workers after a second once a node runs more workers than it has CPUs, which actor pools always do
+    on a small machine: every write task would then start (and import into) a new worker process. The embedded Ray
+    keeps at least `EMBEDDED_IDLE_WORKERS` workers alive.
+    """
+    soft_limit = max(EMBEDDED_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)
+    return {
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "_system_config": {"num_workers_soft_limit": soft_limit},
+    }
 
 
 def read_cluster() -> Cluster:
