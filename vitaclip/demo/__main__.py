@@ -79,7 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = commands.add_parser("pretrain", help="train the demo CLIP contrastively on frames and captions of a world")
-    p.add_argument("world", help="a generated world folder (captions.csv, videos/)")
+    p.add_argument("world", help="a generated world folder (manifest.jsonl, videos/)")
     p.add_argument("out", help="output .safetensors file (open_clip state dict); a .json report is written beside it")
     p.add_argument("--model", default="vitaclip-demo", help="model whose backbone config is trained")
     p.add_argument("--eval-world", default=None, help="a held-out world to report frame accuracies on")

@@ -621,7 +621,7 @@ class GeneratedDemo:
     out_dir: Path
     video_paths: tuple[Path, ...]  # in index order
     list_path: Path  # list.csv: "path,label" rows, no header
-    captions_path: Path  # captions.csv: header "video,caption"
+    captions_path: Path  # captions.csv: header "video,caption", a row per caption
     labels_path: Path  # labels.txt: the labels used, one a line, in world order
     manifest_path: Path  # manifest.jsonl: one spec a line, written last
     labels: tuple[str, ...]
@@ -664,12 +664,12 @@ def generate(
     """Write ``num_videos`` demo videos and their label, caption and manifest files under ``out_dir``.
 
     Layout: ``videos/<name>.mp4``; ``list.csv`` (``videos/<name>.mp4,<label>`` rows, no header); ``captions.csv``
-    (header ``video,caption``, same paths); ``labels.txt`` (the labels used, world order); ``manifest.jsonl`` (the
-    path, every spec field and the frame geometry, one video a line), written last. Every file is replaced
-    atomically, and the bytes depend only on the arguments, not on ``workers`` (default ``min(4, cpu count)``
-    processes; 1 renders in this process). ``on_video`` is called in this process after each video, in index order.
-    Workers are spawned, so a calling script must be importable and guard its entry point with
-    ``if __name__ == "__main__":`` (code piped to ``python -`` can only use ``workers=1``).
+    (header ``video,caption``, same paths, `CAPTIONS_PER_VIDEO` rows per video); ``labels.txt`` (the labels used,
+    world order); ``manifest.jsonl`` (the path, every spec field and the frame geometry, one video a line), written
+    last. Every file is replaced atomically, and the bytes depend only on the arguments, not on ``workers`` (default
+    ``min(4, cpu count)`` processes; 1 renders in this process). ``on_video`` is called in this process after each
+    video, in index order. Workers are spawned, so a calling script must be importable and guard its entry point
+    with ``if __name__ == "__main__":`` (code piped to ``python -`` can only use ``workers=1``).
     """
     _check_frame_args(size, num_frames)
     if fps < 1:
