@@ -562,3 +562,20 @@ def test_damaged_traced_archives_are_refused(damage: str, match: str, traced_arc
         rewrite_zip(traced_archive, path, drop=r"/code/.*transformer")
     with pytest.raises(CheckpointError, match=match):
         read_state_dict(path)
+
+
+def test_saving_the_same_weights_gives_the_same_bytes(tmp_path: Path) -> None:
+    """A checkpoint's sha256 is the model id: it must follow from the weights and config alone. (The safetensors
+    writer ordered the header's metadata differently from one call to the next.)"""
+    import hashlib
+
+    from vitaclip.checkpoints import save_checkpoint
+    from vitaclip.registry import create_model, packaged_checkpoint
+
+    shipped = packaged_checkpoint("vitaclip-demo")
+    assert shipped is not None
+    model = create_model(None, checkpoint=shipped)
+    digests = {save_checkpoint(model, tmp_path / f"copy-{i}") for i in range(6)}
+    assert digests == {hashlib.sha256((Path(shipped) / "model.safetensors").read_bytes()).hexdigest()}
+    again = create_model(None, checkpoint=tmp_path / "copy-0")
+    assert again.model_id == model.model_id

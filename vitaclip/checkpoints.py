@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -460,6 +461,25 @@ def load_backbone(
     return model
 
 
+def _save_safetensors(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, then the header written again with the metadata in the order given.
+
+    The writer keeps the metadata in a hash map whose order changes from one call to the next, so the same weights
+    and config gave files of different bytes, hence different sha256 and model ids. The header is JSON padded with
+    spaces to a multiple of 8 bytes; the tensor data and its offsets are unchanged.
+    """
+    safetensors.torch.save_file(dict(state), path, metadata=metadata)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        data = f.read()
+    header.pop("__metadata__", None)
+    text = json.dumps({"__metadata__": dict(metadata), **header}, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
 def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     """Writes ``out_dir/model.safetensors`` and ``out_dir/config.json`` (last, atomically). Returns the sha256."""
     out_dir = Path(out_dir)
@@ -468,7 +488,7 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".tmp")
     os.close(fd)
     try:
-        safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_NAME, "config": model.config.to_json()})
+        _save_safetensors(state, tmp, {"format": FORMAT_NAME, "config": model.config.to_json()})
         sha = file_sha256(tmp)
         os.replace(tmp, out_dir / WEIGHTS_FILE)
     finally:
