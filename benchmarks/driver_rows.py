@@ -65,7 +65,7 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
         "uri": np.asarray([str(p) for p in paths], dtype=object),
         "etag": np.asarray([f"e{i}" for i in range(videos)], dtype=object),
         "size_bytes": np.asarray([p.stat().st_size for p in paths]),
-        "listing_status": np.asarray(["ok"] * videos, dtype=object),
+        "listing_status": np.asarray([""] * videos, dtype=object),  # "": listed fine (else the listing's failure)
         "listing_error": np.asarray([""] * videos, dtype=object),
         "current_video_file": np.asarray([""] * videos, dtype=object),
         "current_segment_files": np.asarray([""] * videos, dtype=object),
@@ -80,7 +80,11 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     embed = TimedEmbed(model=MODEL, label_names=list(model.label_names), device="cpu")
     from ray.data.block import BlockAccessor
 
-    return BlockAccessor.batch_to_block(embed(decode(batch)))  # as Ray Data makes the stage's output block
+    rows = BlockAccessor.batch_to_block(embed(decode(batch)))  # as Ray Data makes the stage's output block
+    statuses = set(rows.column("status").to_pylist())
+    if statuses != {"ok"} or rows.num_rows != 6 * videos:  # the whole video and five 2 s segments each
+        raise RuntimeError(f"the sample videos did not decode as expected: {rows.num_rows} rows, {statuses}")
+    return rows
 
 
 def blocks_of(sample: pa.Table, rows: int) -> list[Any]:
