@@ -338,6 +338,11 @@ def report(
             r for _, r in DRIVER_CPU[sizes[0]]
         )
         print(f"  per further 1,000 rows: {1000 * (large - small) / max(rows, 1):.4f} s (target <= 0.005)")
+        rate = statistics.median(r for _, r in DRIVER_CPU[sizes[-1]]) / statistics.median(job_times[sizes[-1]])
+        print(
+            f"  (at {rate:.0f} rows/s this is the time-bound part, Ray Data's scheduling loop;"
+            " benchmarks/driver_rows.py measures the driver at full row rate)"
+        )
     if len(sizes) > 1:
         fit = _fit(sizes[0], sizes[-1], medians)
         print(f"steady state, fixed cost excluded: job / decode-only = {fit['ratio']:.2f}")
