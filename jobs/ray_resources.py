@@ -54,7 +54,14 @@ class Cluster:
 
 
 EMBEDDED_IDLE_WORKERS = 8
-"""Workers an embedded Ray keeps alive while idle (at least; more with more CPUs), so write tasks find them ready."""
+"""Workers a Ray node keeps beyond one per CPU before it ends idle ones, so write tasks find them ready (the embedded
+Ray, the local stack and the cluster manifests under ``infra/`` all use `worker_soft_limit`)."""
+
+
+def worker_soft_limit(cpus: int) -> int:
+    """Ray's ``num_workers_soft_limit`` for a node of `cpus` CPUs: one worker per CPU, which the decode and embed
+    actors fill, plus `EMBEDDED_IDLE_WORKERS` for write tasks and the planner."""
+    return max(1, cpus) + EMBEDDED_IDLE_WORKERS
 
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:
@@ -74,11 +81,11 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
 def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:
     """`ray.init` arguments of the job's embedded local Ray with ``num_cpus`` CPUs (None: all cores).
 
-    Ray ends idle workers after a second once a node runs more workers than it has CPUs, which actor pools always do
-    on a small machine: every write task would then start (and import into) a new worker process. The embedded Ray
-    keeps at least `EMBEDDED_IDLE_WORKERS` workers alive.
+    Ray ends idle workers after a second once a node runs more workers than it has CPUs, which the actor pools
+    always do: every write task would then start (and import into) a new worker process. The embedded Ray keeps
+    `EMBEDDED_IDLE_WORKERS` more (`worker_soft_limit`).
     """
-    soft_limit = max(EMBEDDED_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)
+    soft_limit = worker_soft_limit(num_cpus or os.cpu_count() or 1)
     return {
         "num_cpus": num_cpus,
         "include_dashboard": False,

@@ -251,7 +251,7 @@ def test_no_inline_secrets_under_infra() -> None:
 def test_ray_nodes_keep_idle_workers_beyond_the_actor_pools() -> None:
     """Every Ray node keeps at least 8 workers more than its CPUs before Ray ends idle ones (the embedded Ray does
     the same): with the default, one per CPU, write tasks on a node full of pool actors start new processes."""
-    from jobs.ray_resources import EMBEDDED_IDLE_WORKERS
+    from jobs.ray_resources import worker_soft_limit
 
     checked = 0
     for cluster in (_kind("RayCluster")["spec"], _rayjob()["spec"]["rayClusterSpec"]):
@@ -259,12 +259,12 @@ def test_ray_nodes_keep_idle_workers_beyond_the_actor_pools() -> None:
             (container,) = group["template"]["spec"]["containers"]
             env = {e["name"]: e.get("value") for e in container.get("env") or []}
             cpus = int(container["resources"]["limits"]["cpu"])
-            assert int(env["RAY_num_workers_soft_limit"]) >= cpus + EMBEDDED_IDLE_WORKERS, container["name"]
+            assert int(env["RAY_num_workers_soft_limit"]) >= worker_soft_limit(cpus), container["name"]
             checked += 1
     assert checked == 6
     config = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
     (limit,) = [o.split("=")[1] for o in config["docker"]["run_options"] if "RAY_num_workers_soft_limit=" in o]
-    assert int(limit) >= 16 + EMBEDDED_IDLE_WORKERS  # c6i.4xlarge, the largest node type: 16 vCPUs
+    assert int(limit) >= worker_soft_limit(16)  # c6i.4xlarge, the largest node type: 16 vCPUs
 
 
 def test_cluster_launcher_config() -> None:

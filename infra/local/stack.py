@@ -339,6 +339,9 @@ def _start_ray(stack: Stack, env: dict[str, str], ports: dict[str, int], num_cpu
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
+    # Idle workers kept for write tasks beside the actor pools: CPUs + 8, as the embedded Ray and the cluster
+    # manifests keep (jobs.ray_resources.worker_soft_limit; this script imports nothing of the project).
+    env = {**env, "RAY_num_workers_soft_limit": str((num_cpus or os.cpu_count() or 1) + 8)}
     log_path = stack.logs_dir / "ray.log"
     log_path.unlink(missing_ok=True)
     proc = _spawn(cmd, env=env, log_path=log_path, cwd=stack.state_dir)

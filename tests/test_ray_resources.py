@@ -1,0 +1,64 @@
+"""The job's own Ray settings, checked against a real embedded Ray."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_embedded_ray_keeps_idle_workers_beside_full_actor_pools(keep: bool) -> None:
+    """Actors that fill every CPU make Ray end idle task workers beyond one per CPU after a second; the job's
+    embedded Ray keeps them (`worker_soft_limit`), so a run's write tasks reuse workers instead of starting and
+    importing new processes. The second case checks that the first would fail without the setting."""
+    import ray
+
+    from jobs.ray_resources import embedded_ray_options
+
+    options = embedded_ray_options(1)
+    if not keep:
+        options = {k: v for k, v in options.items() if k != "_system_config"}
+    ray.init(**options, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=0.5)
+        class PoolActor:
+            def pid(self) -> int:
+                return os.getpid()
+
+        @ray.remote(num_cpus=0)
+        class Barrier:
+            def __init__(self) -> None:
+                self.arrived = 0
+
+            def arrive(self) -> None:
+                self.arrived += 1
+
+            def count(self) -> int:
+                return self.arrived
+
+        @ray.remote(num_cpus=0)
+        def write_task(barrier: object, parties: int) -> int:
+            ray.get(barrier.arrive.remote())  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 60
+            while ray.get(barrier.count.remote()) < parties and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.05)  # all three at once: three workers
+            return os.getpid()
+
+        actors = [PoolActor.remote() for _ in range(2)]
+        ray.get([a.pid.remote() for a in actors])
+
+        def round_of_three() -> set[int]:
+            barrier = Barrier.remote()
+            return set(ray.get([write_task.remote(barrier, 3) for _ in range(3)]))
+
+        first = round_of_three()
+        time.sleep(4)  # Ray's idle-worker check ends workers idle for over a second beyond its limit
+        again = round_of_three()
+    finally:
+        ray.shutdown()
+    assert len(first) == 3
+    kept = again == first  # the second round ran on the first round's three workers
+    assert kept == keep, (first, again)
