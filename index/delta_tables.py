@@ -91,9 +91,8 @@ class OutputLocation:
     def from_url(cls, url: str, *, s3_endpoint_url: str | None = None) -> OutputLocation:
         """Parses an output URL: a local folder (made absolute) or ``s3://``, ``gs://``, ``az://``, ``abfss://``.
 
-        S3 is what vitaclip tests against (a moto server). GCS and Azure go through the same code by construction:
         ``pyarrow.fs`` reads and writes the data files and delta-rs the log, both with credentials from their
-        standard environment variables.
+        standard environment variables. Tested against moto's S3 server, Azurite and fake-gcs-server.
 
         Args:
             url: The output folder or prefix.
@@ -138,8 +137,17 @@ class OutputLocation:
         """Options for delta-rs: the S3 endpoint, plain HTTP when it is ``http://``, and the region; no secrets.
 
         The region comes from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` in this process's environment, else
-        ``us-east-1``. Other stores need no options: delta-rs reads their environment variables itself.
+        ``us-east-1``. GCS takes its endpoint from ``STORAGE_EMULATOR_HOST`` when that is set (an emulator, no
+        credentials). Other stores need no options: delta-rs reads their environment variables itself.
         """
+        if self.scheme == "gs":
+            emulator = _gcs_emulator()
+            if emulator is None:
+                return {}
+            # object_store takes a GCS endpoint only from a service-account document; this one holds no key.
+            account = {"gcs_base_url": emulator, "disable_oauth": True, "client_email": "", "private_key": "",
+                       "private_key_id": ""}  # fmt: skip
+            return {"google_service_account_key": json.dumps(account)}
         if self.scheme != "s3":
             return {}
         options = {"AWS_REGION": _aws_region()}
@@ -177,6 +185,13 @@ class OutputLocation:
             )
         if self.scheme == "az":  # delta-rs spells Azure az://container/path; pyarrow wants the account separately
             return _azure_filesystem(), base
+        if self.scheme == "gs":
+            if (emulator := _gcs_emulator()) is not None:
+                endpoint = urllib.parse.urlsplit(emulator)
+                gcs = pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
+            else:
+                gcs = pafs.GcsFileSystem()
+            return pafs.PyFileSystem(_RangedGcsReads(gcs, self.storage_options())), base
         filesystem, path = pafs.FileSystem.from_uri(self.url)
         return filesystem, path.rstrip("/")
 
@@ -185,6 +200,92 @@ class OutputLocation:
         _check_table_name(table)
         filesystem, base = self.filesystem()
         return filesystem, f"{base}/{table}"
+
+
+class _RangedGcsReads(pafs.FileSystemHandler):
+    """pyarrow's GCS filesystem, except that files opened for random access read through delta-rs's object store.
+
+    pyarrow's GCS file starts a download of the whole object when it is opened, and reads ranges with further
+    requests; closing it early still costs what the connection took in by then (measured on a local emulator: 7 MB of
+    a 31 MB data file, 12 MB of a 126 MB one, to read four key columns). delta-rs's files read only the ranges asked
+    for. Listings, whole-file streams and writes stay with pyarrow."""
+
+    def __init__(self, gcs: pafs.FileSystem, storage_options: dict[str, str]) -> None:
+        self._gcs = gcs
+        self._options = storage_options
+        self._ranged: dict[str, Any] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RangedGcsReads) and other._gcs.equals(self._gcs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "gcs"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self._gcs.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return list(self._gcs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return list(self._gcs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._gcs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._gcs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._gcs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete every bucket's contents")
+
+    def delete_file(self, path: str) -> None:
+        self._gcs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._gcs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._gcs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self._gcs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        from deltalake.fs import DeltaStorageHandler
+
+        bucket, _, key = path.lstrip("/").partition("/")
+        if bucket not in self._ranged:
+            self._ranged[bucket] = DeltaStorageHandler(f"gs://{bucket}", options=self._options)
+        if self._gcs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(f"gs://{path} does not exist")
+        return self._ranged[bucket].open_input_file(key)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str]) -> pa.NativeFile:
+        return self._gcs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict[str, str]) -> pa.NativeFile:
+        return self._gcs.open_append_stream(path, metadata=metadata)
+
+
+def _gcs_emulator() -> str | None:
+    """The GCS emulator named by ``STORAGE_EMULATOR_HOST`` (the variable Google's client libraries read), as
+    ``scheme://host:port``; None when it is not set (real GCS, credentials from ``GOOGLE_APPLICATION_CREDENTIALS`` or
+    the machine's service account)."""
+    value = os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
+    if not value:
+        return None
+    url = value if "://" in value else f"http://{value}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.username:
+        raise ValueError("STORAGE_EMULATOR_HOST must look like http://host:port")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _azure_filesystem() -> pafs.FileSystem:

@@ -1,0 +1,150 @@
+"""The output on Google Cloud Storage (gs://), against fake-gcs-server on a loopback port (see `fake_gcs`): the job's
+Delta tables (pyarrow.fs data files over the JSON API, delta-rs commits over the XML API), conditional commits, ranged
+reads, run records, the segmented index and the search cache, all through ``STORAGE_EMULATOR_HOST``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_gcs import FakeGcs, create_bucket, fake_gcs
+from test_delta_tables import DIM, _race, add_files, fresh_name, video_rows
+from test_index_job import BROKEN, job_command, make_videos
+
+from index import delta_tables as dlt
+from index.delta_tables import CommitConflict, OutputLocation
+from index.search import SearchEngine
+from index.tables import read_table
+from jobs.storage import ObjectFsStore, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
+    with fake_gcs(tmp_path_factory.mktemp("fake-gcs")) as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_env(gcs: FakeGcs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """``STORAGE_EMULATOR_HOST`` for this process and the job's; the search cache under a fresh home."""
+    env = {"STORAGE_EMULATOR_HOST": gcs.endpoint, "HOME": str(tmp_path / "home")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def bucket(gcs: FakeGcs, gcs_env: dict[str, str]) -> str:
+    name = f"b{os.urandom(6).hex()}"
+    create_bucket(gcs.endpoint, name)
+    return name
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_storage_emulator_host_configures_both_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+
+    location = OutputLocation.from_url("gs://bkt/out")
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    assert location.storage_options() == {}  # real GCS: delta-rs reads GOOGLE_* itself
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
+    account = json.loads(location.storage_options()["google_service_account_key"])
+    assert account["gcs_base_url"] == "http://127.0.0.1:4443" and account["disable_oauth"] is True
+    filesystem, base = location.filesystem()
+    assert isinstance(filesystem, pafs.PyFileSystem) and base == "bkt/out"
+    for bad in ("ftp://h:1", "http://user:secret@h:1", "http://h:1/path"):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", bad)
+        with pytest.raises(ValueError, match="STORAGE_EMULATOR_HOST must look like") as caught:
+            location.storage_options()
+        assert "secret" not in str(caught.value)
+
+
+def test_job_on_a_gcs_output(gcs_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    location = OutputLocation.from_url(f"gs://{bucket}/out")
+    filesystem, _ = location.filesystem()
+    url = location.url
+    videos = make_videos(tmp_path / "in", 4)
+    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), gcs_env)
+
+    store = open_store(url)
+    assert isinstance(store, ObjectFsStore)
+    table = read_table(location, "videos", ["video_id", "uri", "status", "embedding"])
+    assert table is not None and table.num_rows == len(videos) + len(BROKEN)
+    assert len(set(table.column("video_id").to_pylist())) == table.num_rows
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    assert {Path(r["uri"]).name for r in ok} == {p.name for p in videos}
+    segments = read_table(location, "segments", ["video_id", "segment_index"])
+    assert segments is not None and segments.num_rows > len(videos)
+    (record,) = [json.loads(store.get_bytes(rel)) for rel in store.list("runs/")]
+    assert record["state"] == "committed" and record["commit"]["versions"]["videos"] >= 1
+    info = json.loads(store.get_bytes("index/index_info.json"))
+    assert info["indexes"]["videos"]["count"] == len(videos)
+
+    # A second run finds everything done; a changed video is re-indexed, replacing its row.
+    make_videos(tmp_path / "other", 1, start=7, broken=False)
+    shutil.copyfile(next((tmp_path / "other").rglob("*.mp4")), videos[0])  # same name, new content
+    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), gcs_env)
+    table = read_table(location, "videos", ["video_id", "uri", "status", "embedding"])
+    assert table is not None and table.num_rows == len(videos) + len(BROKEN)  # replaced, not added
+    records = [json.loads(store.get_bytes(rel)) for rel in store.list("runs/")]
+    second = max(records, key=lambda r: r["started_at"])
+    assert second["counts"]["already_indexed"] >= len(videos) - 1 and second["commit"]["replaced"] >= 1, second
+    entry = json.loads(store.get_bytes("index/index_info.json"))["indexes"]["videos"]
+    assert entry["count"] == len(videos) and entry["incremental"]["updated"] >= 1 and "rebuild_reason" not in entry
+
+    # Search from the cached copy finds a video by its own embedding.
+    from index.tables import local_copy
+
+    row = next(r for r in table.to_pylist() if r["status"] == "ok")
+    target = np.asarray(row["embedding"], dtype=np.float32)
+    engine = SearchEngine(local_copy(url), text_encoder=lambda texts: np.stack([target] * len(texts)))
+    (hit,) = engine.search("anything", k=1)
+    assert hit.video_id == row["video_id"]
+    names = {info.path for info in filesystem.get_file_info(pafs.FileSelector(bucket, recursive=True))}
+    assert f"{bucket}/out/videos/_delta_log/00000000000000000000.json" in names
+
+
+def test_concurrent_commits_on_gcs_exactly_one_wins(bucket: str) -> None:
+    location = OutputLocation.from_url(f"gs://{bucket}/out")
+    assert dlt.create_tables(location, DIM) == {"videos": 0, "segments": 0}
+    writers = 4
+    files = [
+        dlt.write_data_file(location, "videos", video_rows([f"w{k}-a", f"w{k}-b"]), name=fresh_name())
+        for k in range(writers)
+    ]
+    commits = [
+        {"adds": [f], "removes": [], "read_version": 0, "app_id": f"w{k}", "app_version": 1, "metadata": {}}
+        for k, f in enumerate(files)
+    ]
+    results = _race(location, commits)
+    winners = [k for k, result in enumerate(results) if result == 1]
+    assert len(winners) == 1, results
+    assert all(isinstance(result, CommitConflict) for k, result in enumerate(results) if k not in winners)
+    keys = dlt.read_keys(location, version=1, model_id="m1")
+    assert sorted(keys.column("video_id").to_pylist()) == [f"w{winners[0]}-a", f"w{winners[0]}-b"]
+
+
+def test_reading_keys_on_gcs_reads_ranges_not_whole_files(gcs: FakeGcs, bucket: str) -> None:
+    location = OutputLocation.from_url(f"gs://{bucket}/out")
+    dlt.create_tables(location, DIM)
+    big = dlt.write_data_file(location, "videos", video_rows(list("abcdef"), thumb_bytes=512 * 1024), name=fresh_name())
+    version = add_files(location, "videos", [big])
+    before = gcs.bytes_served
+    keys = dlt.read_keys(location, version=version, model_id="m1")
+    served = gcs.bytes_served - before
+    assert sorted(keys.column("video_id").to_pylist()) == list("abcdef")
+    assert served < big.size_bytes / 6, (served, big.size_bytes)  # the footer and key columns, not the thumbnails
