@@ -4,23 +4,17 @@ cache all go through the Azure API."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_index_job import BROKEN, job_command, make_videos
+from object_store_runs import check_two_runs
 
 from index.delta_tables import OutputLocation
-from index.search import SearchEngine
-from index.tables import read_table
-from jobs.storage import ObjectFsStore, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURITE = ROOT / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -85,57 +79,9 @@ def azure_env(azurite: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     return env
 
 
-def _run(command: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path) -> None:
-    import pyarrow.fs as pafs
-
     container = f"c{os.urandom(6).hex()}"
     location = OutputLocation.from_url(f"az://{container}/out")
     filesystem, _ = location.filesystem()
     filesystem.create_dir(container)
-    url = location.url
-    videos = make_videos(tmp_path / "in", 4)
-    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), azure_env)
-
-    store = open_store(url)
-    assert isinstance(store, ObjectFsStore)
-    table = read_table(location, "videos", ["video_id", "uri", "status", "embedding"])
-    assert table is not None and table.num_rows == len(videos) + len(BROKEN)
-    assert len(set(table.column("video_id").to_pylist())) == table.num_rows
-    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
-    assert {Path(r["uri"]).name for r in ok} == {p.name for p in videos}
-    segments = read_table(location, "segments", ["video_id", "segment_index"])
-    assert segments is not None and segments.num_rows > len(videos)
-    (record,) = [json.loads(store.get_bytes(rel)) for rel in store.list("runs/")]
-    assert record["state"] == "committed" and record["commit"]["versions"]["videos"] >= 1
-    info = json.loads(store.get_bytes("index/index_info.json"))
-    assert info["indexes"]["videos"]["count"] == len(videos)
-
-    # A second run finds everything done; a changed video is re-indexed, replacing its row.
-    make_videos(tmp_path / "other", 1, start=7, broken=False)
-    shutil.copyfile(next((tmp_path / "other").rglob("*.mp4")), videos[0])  # same name, new content
-    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), azure_env)
-    table = read_table(location, "videos", ["video_id", "uri", "status", "embedding"])
-    assert table is not None and table.num_rows == len(videos) + len(BROKEN)  # replaced, not added
-    records = [json.loads(store.get_bytes(rel)) for rel in store.list("runs/")]
-    second = max(records, key=lambda r: r["started_at"])
-    assert second["counts"]["already_indexed"] >= len(videos) - 1 and second["commit"]["replaced"] >= 1, second
-    info = json.loads(store.get_bytes("index/index_info.json"))
-    entry = info["indexes"]["videos"]
-    assert entry["count"] == len(videos) and entry["incremental"]["updated"] >= 1 and "rebuild_reason" not in entry
-
-    # Search from the cached copy finds a video by its own embedding.
-    from index.tables import local_copy
-
-    row = next(r for r in table.to_pylist() if r["status"] == "ok")
-    target = np.asarray(row["embedding"], dtype=np.float32)
-    engine = SearchEngine(local_copy(url), text_encoder=lambda texts: np.stack([target] * len(texts)))
-    (hit,) = engine.search("anything", k=1)
-    assert hit.video_id == row["video_id"]
-    # Nothing of the output is left on local disk outside the cache; the container holds both tables' logs.
-    names = {info.path for info in filesystem.get_file_info(pafs.FileSelector(container, recursive=True))}
-    assert f"{container}/out/videos/_delta_log/00000000000000000000.json" in names
+    check_two_runs(location, azure_env, tmp_path)
