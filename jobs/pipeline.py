@@ -2,9 +2,9 @@
 
 One streaming Ray Dataset per run, so the actor pools and the model start once whatever the run's size:
 
-- The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`), which keeps the
-  videos that need work (about 20 bytes of memory per committed row, on that actor) and, when the listing ends,
-  puts them into the object store as blocks. Those blocks are the Dataset's input.
+- The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`, about 20 bytes of
+  memory per committed row, on that actor), which puts the videos that need work into the object store as blocks
+  while it plans them. When the listing ends, those blocks are the Dataset's input.
 - Decode and embed run as Ray Data actor pools (`vitaclip.stages`).
 - The driver takes the embed output as block references, never rows, and groups them into write tasks that turn
   them into a pair of Delta data files where the blocks are (`index.writer`). The tasks return metadata: file
@@ -121,17 +121,28 @@ class TimedEmbed(EmbedStage):
 class PlanActor:
     """The run's planner as a Ray actor: listed objects in, blocks of the videos to index out.
 
-    Holds the committed keys (`index.commits.Planner`) and the planned objects until `blocks`, so neither the
-    driver nor the Dataset's input grows with what is already indexed.
+    Holds the committed keys (`index.commits.Planner`) and fewer than ``4 * decode_workers * _BLOCK_VIDEOS``
+    planned objects: whole blocks go to the object store (which spills to disk) as soon as there are enough for
+    every decoder to get several, so neither the driver, this actor's memory nor the Dataset's input grows with the
+    listing or with what is already indexed.
     """
 
     def __init__(
-        self, location: OutputLocation, *, model_id: str, versions: dict[str, int], folder_inputs: Sequence[str]
+        self,
+        location: OutputLocation,
+        *,
+        model_id: str,
+        versions: dict[str, int],
+        folder_inputs: Sequence[str],
+        decode_workers: int,
     ) -> None:
         self.planner = Planner(location, model_id=model_id, versions=versions)
         self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self._other_local_dirs: set[str] = set()
-        self._planned: list[pa.Table] = []
+        self._spread = 4 * max(1, decode_workers)  # blocks per decoder, at least, while there are videos for it
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._refs: list[Any] = []
 
     def plan(self, listed: pa.Table) -> int:
         """Plans one batch of listed objects; returns how many need work."""
@@ -142,18 +153,30 @@ class PlanActor:
         planned = self.planner(batch)
         table = pa.table({name: pa.array(list(values)) for name, values in planned.items()})
         if table.num_rows:
-            self._planned.append(table.cast(_planned_schema(table.schema)))
+            self._pending.append(table.cast(_planned_schema(table.schema)))
+            self._pending_rows += table.num_rows
+            if self._pending_rows >= self._spread * _BLOCK_VIDEOS:
+                self._put(_BLOCK_VIDEOS, whole_only=True)
         return table.num_rows
 
-    def blocks(self, block_videos: int) -> list[Any]:
-        """The planned objects as object store blocks of at most `block_videos` rows (references only)."""
+    def _put(self, block_videos: int, *, whole_only: bool = False) -> None:
         import ray
 
-        planned = pa.concat_tables(self._planned) if self._planned else None
-        self._planned = []
-        if planned is None:
-            return []
-        return [ray.put(planned.slice(i, block_videos)) for i in range(0, planned.num_rows, block_videos)]
+        pending = pa.concat_tables(self._pending)
+        whole = pending.num_rows - pending.num_rows % block_videos if whole_only else pending.num_rows
+        self._refs += [ray.put(pending.slice(i, min(block_videos, whole - i))) for i in range(0, whole, block_videos)]
+        rest = pending.slice(whole)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def blocks(self) -> list[Any]:
+        """References to the object store blocks of the planned objects, in listing order: at most
+        ``_BLOCK_VIDEOS`` videos each, smaller on a small run so that every decoder gets some."""
+        if self._pending_rows:
+            spread = self._spread if not self._refs else 1
+            self._put(max(1, min(_BLOCK_VIDEOS, -(-self._pending_rows // spread))))
+        refs, self._refs = self._refs, []
+        return refs
 
     def report(self) -> dict[str, Any]:
         return {"counts": dict(self.planner.counts), "other_local_dirs": sorted(self._other_local_dirs)}
@@ -485,7 +508,13 @@ def plan_run(
     planner: Any = (
         ray.remote(PlanActor)
         .options(num_cpus=0, max_restarts=0)
-        .remote(location, model_id=model.model_id, versions=versions, folder_inputs=folder_inputs)
+        .remote(
+            location,
+            model_id=model.model_id,
+            versions=versions,
+            folder_inputs=folder_inputs,
+            decode_workers=pools.decode_workers,
+        )
     )
     in_flight: list[Any] = []
     planned = 0
@@ -494,8 +523,7 @@ def plan_run(
         if len(in_flight) >= _PLANS_IN_FLIGHT:
             planned += ray.get(in_flight.pop(0))
     planned += sum(ray.get(in_flight))
-    block_videos = max(1, min(_BLOCK_VIDEOS, -(-planned // (4 * pools.decode_workers))))
-    block_refs = ray.get(planner.blocks.remote(block_videos))
+    block_refs = ray.get(planner.blocks.remote())
     log.info("planned %d videos in %d blocks", planned, len(block_refs))
     return planner, block_refs
 
