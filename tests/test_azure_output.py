@@ -5,13 +5,12 @@ cache all go through the Azure API."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_servers import free_port, stop, wait_for_port
 from object_store_runs import check_two_runs
 
 from index.delta_tables import OutputLocation
@@ -23,18 +22,12 @@ ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Blob endpoint URL of an Azurite server started for this module (installed by scripts/run-tests.sh)."""
     if not AZURITE.is_file():
         pytest.fail(f"{AZURITE} is missing: scripts/run-tests.sh installs Azurite from npm")
-    port = _free_port()
+    port = free_port()
     data = tmp_path_factory.mktemp("azurite")
     log = open(data / "azurite.log", "wb")  # noqa: SIM115  (closed below; a pipe could fill up)
     process = subprocess.Popen(
@@ -44,23 +37,10 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Azurite did not start: {(data / 'azurite.log').read_text()[-2000:]}") from None
-                time.sleep(0.2)
+        wait_for_port(port, process, name="Azurite", log=data / "azurite.log")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # it waits for idle keep-alive connections of this process's clients
-            process.kill()
-            process.wait(timeout=30)
+        stop(process)
         log.close()
 
 

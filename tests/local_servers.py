@@ -1,0 +1,39 @@
+"""Emulator processes the tests start on loopback ports (Azurite, fake-gcs-server): a free port, waiting until one
+listens, and stopping them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], *, name: str, log: Path, timeout_s: float = 60) -> None:
+    """Returns once `port` accepts connections; raises with the end of `log` if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.1)
+
+
+def stop(*processes: subprocess.Popen[bytes]) -> None:
+    """Terminates each process, killing it after 10 s (servers wait for idle keep-alive connections of clients)."""
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
