@@ -135,6 +135,7 @@ class IndexOut(BaseModel):
     table_versions: dict[str, int] | None
     indexes: dict[str, dict[str, Any]]
     encodes_media: bool
+    loaded_at: str  # when this process loaded the output's index (UTC); a run's update is loaded within a minute
 
 
 class Health(BaseModel):

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from index.catalog import RowCatalog
 from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
 from index.queries import QueryError, embedding_query, upload_frames
+from index.schema import row_id_for
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
-from index.tables import data_files, read_table, table_versions
+from index.tables import table_versions
 
 MAX_QUERY_CHARS = 500
 MAX_K = 100
@@ -141,6 +141,8 @@ class SearchEngine:
         device: torch device for the text encoder.
         text_encoder: any callable ``texts -> [Q, E]`` L2-normalised array, instead of a model (tests, services
             that encode elsewhere).
+        queries_from: an engine over an earlier state of the same output whose query model this one shares (a
+            service reloading an output that a run updated); its model id must be this index's.
     """
 
     def __init__(
@@ -151,25 +153,38 @@ class SearchEngine:
         checkpoint: str | None = None,
         device: str | None = None,
         text_encoder: Any = None,
+        queries_from: SearchEngine | None = None,
     ) -> None:
+        self.loaded_at = time.time()
         self.root = Path(out_dir)
         folder = self.root / INDEX_DIR
         self.info = read_info(folder)
         self.model_id = str(self.info["model_id"])
+        if queries_from is not None and queries_from.model_id != self.model_id:
+            raise IndexUnusableError(
+                f"the index is now of model {self.model_id}, not {queries_from.model_id}: start the service again"
+            )
         self.location = OutputLocation.from_url(str(self.root))
         self.table_versions = table_versions(self.location)
         self.indexes: dict[str, SegmentedIndex] = {
             name: open_index(folder, name=name, model_id=self.model_id) for name in self.info["indexes"]
         }
-        self._meta = {name: self._load_meta(name) for name in self.indexes}
-        self._thumb_cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
-        self._thumb_lock = threading.Lock()
+        self.catalogs = {name: RowCatalog(self.root, name, self.model_id) for name in sorted({"videos", *self.indexes})}
         self._encode_lock = threading.Lock()
         self._roots_lock = threading.Lock()
         self._roots: list[str] = []
         self._roots_stamp: int | None = None
         self._vector_lock = threading.Lock()
         self._vectors: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self.encode: Any
+        self._encode_one: QueryBatcher
+        self.text_model: Any
+        if queries_from is not None:
+            self._encode_lock = queries_from._encode_lock
+            self.encode, self._encode_one = queries_from.encode, queries_from._encode_one
+            if hasattr(queries_from, "text_model"):
+                self.text_model = queries_from.text_model
+            return
         self.encode = text_encoder or self._model_encoder(model, checkpoint, device)
         self._encode_one = QueryBatcher(self.encode)
 
@@ -201,24 +216,6 @@ class SearchEngine:
 
         return encode
 
-    def _load_meta(self, name: str) -> dict[str, Any]:
-        cols = ["row_id", "video_id", "uri", "labels", "label_scores", "model_id"]
-        cols += (
-            ["duration_seconds", "status", "etag", "size_bytes"]
-            if name == "videos"
-            else ["segment_index", "start_seconds", "end_seconds"]
-        )
-        table = read_table(self.location, name, cols, model_id=self.model_id)
-        if table is None:
-            return {"row": {}}
-        rows = table.to_pylist()
-        meta: dict[str, Any] = {"row": {r["row_id"]: r for r in rows}}
-        if name == "videos":
-            meta["by_video"] = {r["video_id"]: r for r in rows}
-        else:
-            meta["by_segment"] = {(r["video_id"], r["segment_index"]): r for r in rows}
-        return meta
-
     # ------------------------------------------------------------------ queries
 
     @property
@@ -226,10 +223,13 @@ class SearchEngine:
         return "segments" in self.indexes
 
     def video(self, video_id: str) -> dict[str, Any] | None:
-        row = self._meta.get("videos", {}).get("by_video", {}).get(video_id)
-        if row is None:
-            return None
-        return {k: v for k, v in row.items() if k != "model_id"}
+        """The committed row of an indexed video (any status), or None."""
+        return self._row("videos", video_id)
+
+    def _row(self, name: str, video_id: str, segment_index: int = -1) -> dict[str, Any] | None:
+        catalog = self.catalogs.get(name)
+        row = catalog.row(row_id_for(video_id, segment_index)) if catalog is not None else None
+        return row if row is not None and row["video_id"] == video_id else None
 
     def open_media(self, video_id: str) -> MediaFile:
         """The indexed file of a video, opened and checked (:func:`index.media.open_media`); the caller closes it.
@@ -237,7 +237,7 @@ class SearchEngine:
         Raises:
             MediaRefused: no such video, or a file that must not be served (with a safe message and HTTP status).
         """
-        row = self._meta.get("videos", {}).get("by_video", {}).get(video_id)
+        row = self.video(video_id)
         if row is None:
             raise MediaRefused("not_indexed", "no such video")
         return open_media(row, self._media_roots())
@@ -346,12 +346,8 @@ class SearchEngine:
 
     def row_vector(self, video_id: str, segment_index: int | None = None) -> np.ndarray:
         """The stored embedding of an indexed video (or of one of its segments), read from its table by row id."""
-        if segment_index is None:
-            row = self._meta.get("videos", {}).get("by_video", {}).get(video_id)
-            name = "videos"
-        else:
-            row = self._meta.get("segments", {}).get("by_segment", {}).get((video_id, segment_index))
-            name = "segments"
+        name = "videos" if segment_index is None else "segments"
+        row = self._row(name, video_id, -1 if segment_index is None else segment_index)
         if row is None or (name == "videos" and row.get("status") != "ok"):
             what = "video" if segment_index is None else "segment"
             raise QueryError(f"no such {what} in the index")
@@ -359,12 +355,13 @@ class SearchEngine:
             cached = self._vectors.get((name, row["row_id"]))
         if cached is not None:
             return cached
-        found = read_table(
-            self.location, name, ["embedding"], model_id=self.model_id, where=pc.field("row_id") == row["row_id"]
-        )
-        if found is None or found.num_rows == 0:
+        try:
+            stored = self.catalogs[name].cell(row["row_id"], "embedding")
+        except FileNotFoundError:
+            stored = None  # vacuumed since this engine loaded: a reload brings the current files
+        if stored is None:
             raise QueryError("the row is no longer in the table")
-        vector = embedding_query(found.column("embedding")[0].as_py(), self.indexes[name].dim)
+        vector = embedding_query(stored, self.indexes[name].dim)
         with self._vector_lock:
             self._vectors[(name, row["row_id"])] = vector
             while len(self._vectors) > 4096:
@@ -390,10 +387,12 @@ class SearchEngine:
         fetch = min(max(4 * k, 16), index.count)
         while True:
             scores, ids = index.search(query[None], fetch)
+            rows = self.catalogs[name].rows_of(ids[0])
+            videos = self._videos_of(rows) if name == "segments" else rows
             hits: list[Hit] = []
             per: dict[str, int] = {}
-            for score, row_id in zip(scores[0], ids[0], strict=True):
-                hit = self._hit(name, int(row_id), float(score), filters, exclude_video)
+            for score, row_id, row, video_row in zip(scores[0], ids[0], rows, videos, strict=True):
+                hit = self._hit(name, int(row_id), row, video_row, float(score), filters, exclude_video)
                 if hit is None or per.get(hit.video_id, 0) >= per_video:
                     continue
                 per[hit.video_id] = per.get(hit.video_id, 0) + 1
@@ -404,12 +403,25 @@ class SearchEngine:
                 return hits
             fetch = min(fetch * 4, index.count)
 
-    def _hit(self, name: str, row_id: int, score: float, filters: Filters, exclude_video: str | None) -> Hit | None:
+    def _videos_of(self, rows: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+        """The video rows of segment rows (None where there is none)."""
+        ids = [row_id_for(r["video_id"]) if r is not None else -1 for r in rows]
+        return self.catalogs["videos"].rows_of(ids)
+
+    @staticmethod
+    def _hit(
+        name: str,
+        row_id: int,
+        row: dict[str, Any] | None,
+        video_row: dict[str, Any] | None,
+        score: float,
+        filters: Filters,
+        exclude_video: str | None,
+    ) -> Hit | None:
         """The hit of one search result, or None when it is stale, filtered out or excluded."""
-        row = self._meta[name]["row"].get(row_id)
         if row_id < 0 or row is None or row["video_id"] == exclude_video:
             return None
-        video_row = self._meta.get("videos", {}).get("by_video", {}).get(row["video_id"], {})
+        video_row = video_row or {}
         seg = name == "segments"
         if seg and video_row.get("status") != "ok":
             return None  # stale segments of a video whose re-indexing failed
@@ -420,7 +432,7 @@ class SearchEngine:
             score=score,
             video_id=row["video_id"],
             row_id=row_id,
-            uri=row["uri"],
+            uri=video_row["uri"] if seg else row["uri"],
             start_seconds=row["start_seconds"] if seg else 0.0,
             end_seconds=row["end_seconds"] if seg else duration,
             duration_seconds=duration,
@@ -430,29 +442,15 @@ class SearchEngine:
         )
 
     def thumbnail(self, row_id: int) -> bytes | None:
-        """The JPEG thumbnail of a video or segment row, read from its Parquet part on first use."""
-        with self._thumb_lock:
-            for cache in self._thumb_cache.values():
-                if row_id in cache:
-                    return cache[row_id]
-            for table in ("videos", "segments"):
-                for name in data_files(self.location, table):
-                    rel = f"{table}/{name}"
-                    if rel in self._thumb_cache:
-                        continue
-                    t = pq.read_table(self.root / rel, columns=["row_id", "thumbnail_jpeg"])
-                    cache = {
-                        int(r): b
-                        for r, b in zip(
-                            t.column("row_id").to_pylist(), t.column("thumbnail_jpeg").to_pylist(), strict=True
-                        )
-                        if b
-                    }
-                    self._thumb_cache[rel] = cache
-                    while len(self._thumb_cache) > 64:
-                        self._thumb_cache.popitem(last=False)
-                    if row_id in cache:
-                        return cache[row_id]
+        """The JPEG thumbnail of an indexed video or segment row, read from the row group holding it (a row id
+        this engine does not hold reads nothing)."""
+        for catalog in self.catalogs.values():
+            try:
+                data = catalog.cell(row_id, "thumbnail_jpeg")
+            except FileNotFoundError:
+                return None  # vacuumed since this engine loaded
+            if data:
+                return bytes(data)
         return None
 
     def stats(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from index.media import MediaFile, MediaRefused
 from index.search import SearchEngine
+from vitaclip.redact import redact_text
 
 log = logging.getLogger("vitaclip.serve")
 
@@ -101,8 +102,8 @@ class Metrics:
             "vitaclip_index_vectors", "Vectors in each loaded index.", ["index", "table"], registry=self.registry
         )
         for name, engine in service.engines.items():
-            for table, index in engine.indexes.items():
-                vectors.labels(index=name, table=table).set_function(_counter(index))
+            for table in engine.indexes:
+                vectors.labels(index=name, table=table).set_function(_counter(service, name, table))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -110,8 +111,53 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _counter(index: Any) -> Callable[[], float]:
-    return lambda: float(index.count)
+def _counter(service: SearchService, name: str, table: str) -> Callable[[], float]:
+    """The vector count of an output's index as it is loaded now (a reload replaces the engine)."""
+
+    def count() -> float:
+        index = service.engines[name].indexes.get(table)
+        return float(index.count) if index is not None else 0.0
+
+    return count
+
+
+class OutputSource:
+    """Where a served output lives, to notice that a run updated its index and to load it again.
+
+    A local output is read in place; an object-store output (``s3://``, ``gs://``, ``az://``) through its local
+    cached copy (`index.tables.local_copy`), refreshed before each load. A change is noticed from
+    ``index/index_info.json`` alone (its size and modification time; one metadata request on an object store),
+    which an index update writes last.
+    """
+
+    def __init__(self, output: str, *, s3_endpoint_url: str | None = None) -> None:
+        self.output = output
+        self.s3_endpoint_url = s3_endpoint_url
+
+    def stamp(self) -> tuple[int, int] | None:
+        """(size, modification time in ns) of the output's ``index_info.json``; None when there is none."""
+        import pyarrow.fs as pafs
+
+        from index.delta_tables import OutputLocation
+        from index.segments import INDEX_DIR, INFO_FILE
+
+        if "://" not in self.output or self.output.startswith("file://"):
+            try:
+                st = os.stat(os.path.join(self.output.removeprefix("file://"), INDEX_DIR, INFO_FILE))
+            except FileNotFoundError:
+                return None
+            return st.st_size, st.st_mtime_ns
+        filesystem, base = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url).filesystem()
+        info = filesystem.get_file_info(f"{base}/{INDEX_DIR}/{INFO_FILE}")
+        if info.type != pafs.FileType.File:
+            return None
+        return int(info.size or 0), int(info.mtime_ns or 0)
+
+    def open(self, **engine_options: Any) -> SearchEngine:
+        """A search engine over the output as it is now."""
+        from index.tables import local_copy
+
+        return SearchEngine(local_copy(self.output, s3_endpoint_url=self.s3_endpoint_url), **engine_options)
 
 
 class SearchService:
@@ -121,6 +167,8 @@ class SearchService:
         engines: output name -> engine; the first is the default for requests that name none.
         limits: request limits (`ServiceLimits`).
         s3_endpoint_url: S3-compatible server for presigning media URLs of ``s3://`` inputs (None: AWS).
+        sources: output name -> where it lives, for the outputs to load again when a run updates their index
+            (`reload_changed`, `start_reloading`).
     """
 
     def __init__(
@@ -129,6 +177,7 @@ class SearchService:
         *,
         limits: ServiceLimits | None = None,
         s3_endpoint_url: str | None = None,
+        sources: Mapping[str, OutputSource] | None = None,
     ) -> None:
         if not engines:
             raise ValueError("a search service needs at least one output")
@@ -141,7 +190,66 @@ class SearchService:
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
         self._slots: asyncio.Semaphore | None = None
+        self.sources = dict(sources or {})
+        self._stamps = {name: self._stamp(name) for name in self.sources}
+        self._stop_reloading = threading.Event()
+        self._reloader: threading.Thread | None = None
         self.metrics = Metrics(self)
+
+    def _stamp(self, name: str) -> tuple[int, int] | None:
+        try:
+            return self.sources[name].stamp()
+        except OSError as exc:
+            log.warning("output %s: cannot check its index (%s)", name, redact_text(str(exc)))
+            return self._stamps.get(name)
+
+    def reload_changed(self) -> list[str]:
+        """Loads again every output whose index changed since it was loaded; returns their names.
+
+        The new engine shares the old one's query model and replaces it whole once loaded: queries running
+        meanwhile finish on the old one. An output that fails to load (an update still being written, files
+        vacuumed under it, another model) keeps its loaded index and is tried again on the next call.
+        """
+        reloaded = []
+        for name, source in self.sources.items():
+            stamp = self._stamp(name)
+            if stamp is None or stamp == self._stamps.get(name):
+                continue
+            started = time.perf_counter()
+            try:
+                engine = source.open(queries_from=self.engines[name])
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the loaded index; the next call retries
+                log.warning(
+                    "output %s: keeping the index loaded at %s: reloading failed (%s: %s)",
+                    name,
+                    time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.engines[name].loaded_at)),
+                    type(exc).__name__,
+                    redact_text(str(exc)),
+                )
+                continue
+            self.engines[name] = engine
+            self._stamps[name] = stamp
+            reloaded.append(name)
+            count = sum(i.count for i in engine.indexes.values())
+            log.info("output %s: reloaded (%d vectors) in %.1f s", name, count, time.perf_counter() - started)
+        return reloaded
+
+    def start_reloading(self, seconds: float) -> None:
+        """Checks every `seconds` for outputs whose index changed and loads them again (a daemon thread)."""
+        if seconds <= 0 or not self.sources or self._reloader is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop_reloading.wait(seconds):
+                self.reload_changed()
+
+        self._reloader = threading.Thread(target=loop, daemon=True, name="vitaclip-reload")
+        self._reloader.start()
+
+    def stop_reloading(self) -> None:
+        self._stop_reloading.set()
+        if self._reloader is not None:
+            self._reloader.join(timeout=60)
 
     def engine(self, name: str | None) -> tuple[str, SearchEngine]:
         chosen = name or self.default
@@ -200,6 +308,7 @@ class SearchService:
                     "table_versions": engine.table_versions,
                     "indexes": indexes,
                     "encodes_media": getattr(engine, "text_model", None) is not None,
+                    "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(engine.loaded_at)),
                 }
             )
         return out
@@ -285,18 +394,22 @@ def open_service(
     device: str | None = None,
     s3_endpoint_url: str | None = None,
     limits: ServiceLimits | None = None,
+    reload_seconds: float = 60.0,
 ) -> SearchService:
-    """A service over the outputs named by ``--index`` values (local folders or ``s3://`` prefixes, cached)."""
-    from index.tables import local_copy
+    """A service over the outputs named by ``--index`` values (local folders or object-store prefixes, cached).
 
-    engines = {}
+    Every `reload_seconds` (0: never) it checks whether a run updated an output's index and loads that output
+    again (`SearchService.reload_changed`).
+    """
+    engines, sources = {}, {}
     for name, out in parse_index_specs(specs):
         started = time.perf_counter()
-        engines[name] = SearchEngine(
-            local_copy(out, s3_endpoint_url=s3_endpoint_url), model=model, checkpoint=checkpoint, device=device
-        )
+        sources[name] = OutputSource(out, s3_endpoint_url=s3_endpoint_url)
+        engines[name] = sources[name].open(model=model, checkpoint=checkpoint, device=device)
         log.info("loaded output %s in %.1f s", name, time.perf_counter() - started)
-    return SearchService(engines, limits=limits, s3_endpoint_url=s3_endpoint_url)
+    service = SearchService(engines, limits=limits, s3_endpoint_url=s3_endpoint_url, sources=sources)
+    service.start_reloading(reload_seconds)
+    return service
 
 
 def _server(service: SearchService, host: str, port: int, parser: HttpParser = "auto") -> Any:

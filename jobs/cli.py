@@ -244,7 +244,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.ray_serve:
         return _serve_on_ray(args)
-    service = open_service(args.index, **_model_options(args), limits=ServiceLimits(**_serve_limits(args)))
+    service = open_service(
+        args.index,
+        **_model_options(args),
+        limits=ServiceLimits(**_serve_limits(args)),
+        reload_seconds=args.reload_seconds,
+    )
     serve(service, host=args.host, port=args.port)
     return 0
 
@@ -260,6 +265,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         num_cpus_per_replica=args.num_cpus_per_replica,
         limits=_serve_limits(args),
+        reload_seconds=args.reload_seconds,
     )
     ray.init(address=args.ray_address, include_dashboard=False, ignore_reinit_error=True)
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
@@ -381,6 +387,12 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")
     p.add_argument(
         "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: 2 x cores, 4-16)"
+    )
+    p.add_argument(
+        "--reload-seconds",
+        type=float,
+        default=60.0,
+        help="check this often whether a run updated an output's index, and load it again (0: never)",
     )
     p.add_argument("--ray-serve", action="store_true", help="serve N replicas with Ray Serve instead of one process")
     p.add_argument("--replicas", type=int, default=2, help="with --ray-serve: replicas of the service")

@@ -32,6 +32,7 @@ class ServeOptions:
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
     limits: dict[str, Any] = field(default_factory=dict)  # ServiceLimits fields
+    reload_seconds: float = 60.0  # each replica loads an output again when a run updated its index
 
     def __post_init__(self) -> None:
         parse_index_specs(self.indexes)  # names checked before any replica starts
@@ -55,6 +56,7 @@ class SearchDeployment:
             device=opts.device,
             s3_endpoint_url=opts.s3_endpoint_url,
             limits=ServiceLimits(**opts.limits),
+            reload_seconds=opts.reload_seconds,
         )
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -1,0 +1,151 @@
+"""A running search service and the runs that update its outputs: changed indexes are loaded again, a failed load
+keeps the loaded index, and the rows it answers with are read by row group, never by scanning the table.
+
+Outputs are copies of the session's `indexed` fixture (the real job over generated videos), updated as a later run
+would: a committed row for a new video, then the incremental index update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+
+from index import tables
+from index.api import create_app
+from index.build import build_from_output
+from index.commits import Committer, Planner, WrittenBatch
+from index.delta_tables import table_schema, write_data_file
+from index.schema import row_id_for, video_id_for
+from index.search import SearchEngine
+from index.segments import INDEX_DIR, INFO_FILE
+from index.service import open_service
+from jobs.storage import open_store
+
+
+def ok_video(out: Path) -> dict[str, Any]:
+    found = tables.read_table(out, "videos")
+    assert found is not None
+    return next(r for r in found.to_pylist() if r["status"] == "ok")
+
+
+def add_video(out: Path, like: dict[str, Any], uri: str) -> str:
+    """Commits an ok row for a new video at `uri` (with `like`'s embedding) as a run does, then updates the index;
+    returns the new video's id."""
+    store = open_store(str(out))
+    versions = tables.table_versions(out)
+    assert versions is not None
+    video_id = video_id_for(uri)
+    row = dict(like, uri=uri, video_id=video_id, row_id=row_id_for(video_id), etag="later", run_id="later")
+    schema = table_schema("videos", len(row["embedding"]))
+    written = write_data_file(
+        store.location, "videos", pa.Table.from_pylist([row], schema=schema), name=f"part-later-{uuid.uuid4()}.parquet"
+    )
+    planned = Planner(store.location, model_id=row["model_id"], versions=versions)(
+        {"uri": np.asarray([uri], dtype=object), "etag": np.asarray(["later"], dtype=object)}
+    )
+    committer = Committer(store.location, model_id=row["model_id"], run_id="later", versions=versions)
+    committer.add(
+        WrittenBatch(
+            videos=written,
+            segments=None,
+            keys=((video_id, "later", "ok"),),
+            current_video_files={video_id: str(planned["current_video_file"][0])},
+        )
+    )
+    committer.commit()
+    build_from_output(store, model_id=row["model_id"])
+    return video_id
+
+
+def vectors(client: TestClient) -> int:
+    return int(client.get("/indexes").json()[0]["indexes"]["videos"]["count"])
+
+
+def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    first = service.engines["main"]
+    like = ok_video(out)
+    before = vectors(client)
+    assert service.reload_changed() == []  # nothing changed yet
+
+    added = add_video(out, like, str(tmp_path / "elsewhere" / "later.mp4"))
+    assert client.get(f"/videos/{added}").status_code == 404  # still the index it loaded
+    assert service.reload_changed() == ["main"]
+    assert client.get(f"/videos/{added}").status_code == 200
+    assert vectors(client) == before + 1
+    found = client.post("/search", json={"embedding": like["embedding"], "k": 2}).json()["results"]
+    assert {h["video_id"] for h in found} == {like["video_id"], added}
+    assert service.engines["main"].encode is first.encode  # the query model is shared, not loaded again
+    assert service.reload_changed() == []
+
+    # The same from the service's own thread, as `vitaclip serve` runs it.
+    second = service.engines["main"]
+    service.start_reloading(0.1)
+    try:
+        again = add_video(out, like, str(tmp_path / "elsewhere" / "even-later.mp4"))
+        deadline = time.monotonic() + 60
+        while service.engines["main"] is second:
+            assert time.monotonic() < deadline, "the service did not load the updated index"
+            time.sleep(0.05)
+    finally:
+        service.stop_reloading()
+    assert client.get(f"/videos/{again}").status_code == 200
+    assert vectors(client) == before + 2
+    loaded = client.get("/indexes").json()[0]["loaded_at"]
+    assert loaded.endswith("Z") and loaded >= time.strftime("%Y-%m-%dT%H:%M", time.gmtime(second.loaded_at))
+
+
+def test_a_failed_reload_keeps_the_loaded_index(
+    indexed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    like = ok_video(out)
+    before = client.post("/search", json={"embedding": like["embedding"], "k": 3}).json()["results"]
+    info_path = out / INDEX_DIR / INFO_FILE
+    info = json.loads(info_path.read_text())
+    for entry in info["indexes"].values():
+        for segment in entry.get("segments", []):
+            segment["id"] = "missing-" + str(segment["id"])
+    info_path.write_text(json.dumps(info))  # names files that are not there, as a half-copied update would
+    with caplog.at_level(logging.WARNING, logger="vitaclip.serve"):
+        assert service.reload_changed() == []
+    assert "keeping the index loaded at" in caplog.text
+    after = client.post("/search", json={"embedding": like["embedding"], "k": 3}).json()["results"]
+    assert after == before
+
+
+def _read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_thumbnails_and_stored_vectors_read_one_row_group(engine: SearchEngine) -> None:
+    videos = engine.catalogs["videos"]
+    row_id = next(int(r) for r in videos.row_ids if (videos.row(int(r)) or {}).get("status") == "ok")
+    smallest = min(p.stat().st_size for c in engine.catalogs.values() for p in c.files)
+    start = _read_bytes()
+    for unknown in np.random.default_rng(0).integers(0, 2**62, 50):
+        assert engine.thumbnail(int(unknown)) is None
+    assert _read_bytes() - start < smallest // 2  # a row id that was never indexed reads no data file
+    thumb = engine.thumbnail(row_id)
+    assert thumb is not None and thumb[:2] == b"\xff\xd8"  # a JPEG
+    row = videos.row(row_id)
+    assert row is not None and row["row_id"] == row_id and engine.video(row["video_id"]) == row
+    stored = engine.row_vector(row["video_id"])
+    assert stored.shape == (engine.indexes["videos"].dim,) and abs(float(np.linalg.norm(stored)) - 1) < 1e-4
