@@ -133,6 +133,7 @@ class OutputSource:
     def __init__(self, output: str, *, s3_endpoint_url: str | None = None) -> None:
         self.output = output
         self.s3_endpoint_url = s3_endpoint_url
+        self.loaded_stamp: tuple[int, int] | None = None  # the stamp taken before the last successful `open`
 
     def stamp(self) -> tuple[int, int] | None:
         """(size, modification time in ns) of the output's ``index_info.json``; None when there is none."""
@@ -154,10 +155,14 @@ class OutputSource:
         return int(info.size or 0), int(info.mtime_ns or 0)
 
     def open(self, **engine_options: Any) -> SearchEngine:
-        """A search engine over the output as it is now."""
+        """A search engine over the output as it is now (an update that lands while it loads is noticed by the
+        next `stamp`, taken before loading)."""
         from index.tables import local_copy
 
-        return SearchEngine(local_copy(self.output, s3_endpoint_url=self.s3_endpoint_url), **engine_options)
+        stamp = self.stamp()
+        engine = SearchEngine(local_copy(self.output, s3_endpoint_url=self.s3_endpoint_url), **engine_options)
+        self.loaded_stamp = stamp
+        return engine
 
 
 class SearchService:
@@ -191,7 +196,7 @@ class SearchService:
         self._s3: Any = None
         self._slots: asyncio.Semaphore | None = None
         self.sources = dict(sources or {})
-        self._stamps = {name: self._stamp(name) for name in self.sources}
+        self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
         self._stop_reloading = threading.Event()
         self._reloader: threading.Thread | None = None
         self.metrics = Metrics(self)
@@ -201,7 +206,7 @@ class SearchService:
             return self.sources[name].stamp()
         except OSError as exc:
             log.warning("output %s: cannot check its index (%s)", name, redact_text(str(exc)))
-            return self._stamps.get(name)
+            return self._stamps[name]
 
     def reload_changed(self) -> list[str]:
         """Loads again every output whose index changed since it was loaded; returns their names.
@@ -228,7 +233,7 @@ class SearchService:
                 )
                 continue
             self.engines[name] = engine
-            self._stamps[name] = stamp
+            self._stamps[name] = source.loaded_stamp
             reloaded.append(name)
             count = sum(i.count for i in engine.indexes.values())
             log.info("output %s: reloaded (%d vectors) in %.1f s", name, count, time.perf_counter() - started)
