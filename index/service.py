@@ -126,33 +126,34 @@ class OutputSource:
 
     A local output is read in place; an object-store output (``s3://``, ``gs://``, ``az://``) through its local
     cached copy (`index.tables.local_copy`), refreshed before each load. A change is noticed from
-    ``index/index_info.json`` alone (its size and modification time; one metadata request on an object store),
-    which an index update writes last.
+    ``index/index_info.json`` alone (a few KB read per check), which an index update writes last.
     """
 
     def __init__(self, output: str, *, s3_endpoint_url: str | None = None) -> None:
         self.output = output
         self.s3_endpoint_url = s3_endpoint_url
-        self.loaded_stamp: tuple[int, int] | None = None  # the stamp taken before the last successful `open`
+        self.loaded_stamp: str | None = None  # the stamp taken before the last successful `open`
 
-    def stamp(self) -> tuple[int, int] | None:
-        """(size, modification time in ns) of the output's ``index_info.json``; None when there is none."""
-        import pyarrow.fs as pafs
+    def stamp(self) -> str | None:
+        """A digest of the output's ``index_info.json`` (a few KB; modification times on object stores have one
+        second's resolution, too coarse to tell two updates apart); None when there is none."""
+        import hashlib
 
         from index.delta_tables import OutputLocation
         from index.segments import INDEX_DIR, INFO_FILE
 
-        if "://" not in self.output or self.output.startswith("file://"):
-            try:
-                st = os.stat(os.path.join(self.output.removeprefix("file://"), INDEX_DIR, INFO_FILE))
-            except FileNotFoundError:
-                return None
-            return st.st_size, st.st_mtime_ns
-        filesystem, base = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url).filesystem()
-        info = filesystem.get_file_info(f"{base}/{INDEX_DIR}/{INFO_FILE}")
-        if info.type != pafs.FileType.File:
+        try:
+            if "://" not in self.output or self.output.startswith("file://"):
+                with open(os.path.join(self.output.removeprefix("file://"), INDEX_DIR, INFO_FILE), "rb") as f:
+                    data = f.read()
+            else:
+                location = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url)
+                filesystem, base = location.filesystem()
+                with filesystem.open_input_stream(f"{base}/{INDEX_DIR}/{INFO_FILE}") as f:
+                    data = f.read()
+        except FileNotFoundError:
             return None
-        return int(info.size or 0), int(info.mtime_ns or 0)
+        return hashlib.sha256(data).hexdigest()
 
     def open(self, **engine_options: Any) -> SearchEngine:
         """A search engine over the output as it is now (an update that lands while it loads is noticed by the
@@ -201,7 +202,7 @@ class SearchService:
         self._reloader: threading.Thread | None = None
         self.metrics = Metrics(self)
 
-    def _stamp(self, name: str) -> tuple[int, int] | None:
+    def _stamp(self, name: str) -> str | None:
         try:
             return self.sources[name].stamp()
         except OSError as exc:

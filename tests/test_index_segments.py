@@ -19,6 +19,7 @@ from index.commits import Committer, Planner, WrittenBatch
 from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
 from index.segments import INFO_FILE, open_index, read_info, referenced_files
+from index.service import OutputSource
 from index.tables import local_copy, read_table, table_versions
 from jobs.storage import open_store
 
@@ -214,9 +215,12 @@ def test_s3_update_downloads_no_segment_it_does_not_merge(
     assert {p.name for p in (folder / "index").iterdir()} == keys
     assert read_info(folder / "index")["indexes"]["videos"]["count"] == 120
     _check_search_is_exact(folder, location, rng)
-    # A later update: the copy follows it and drops the files it superseded.
+    # A later update: the copy follows it and drops the files it superseded; a service notices it.
+    source = OutputSource(url, s3_endpoint_url=s3_server)
+    before = source.stamp()
     _commit(location, _rows(_uris(200, 5), rng))
     info = build_from_output(store, model_id=MODEL)
+    assert before is not None and source.stamp() not in (None, before)
     folder = local_copy(url, s3_endpoint_url=s3_server, cache_root=str(tmp_path / "cache"))
     listed = client.list_objects_v2(Bucket=bucket, Prefix="out/index/")["Contents"]
     assert {p.name for p in (folder / "index").iterdir()} == {o["Key"].rsplit("/", 1)[-1] for o in listed}
