@@ -8,7 +8,8 @@ loop rows of real embed output as fast as the write tasks take them:
 
 1. The job's own stages (`ReadDecode`, `TimedEmbed`, vitaclip-demo, ``--segment-seconds 2``) process a few generated
    10 s videos once; their output rows (video and segment rows: embeddings, labels, JPEG thumbnails) are repeated
-   under new URIs into blocks of 128 videos, put in the object store before timing.
+   under new URIs into blocks of the planner's size (`jobs.pipeline._BLOCK_VIDEOS` videos), put in the object store
+   before timing.
 2. Timed: a Dataset over those blocks with one pass-through stage of ``--rows-per-task`` rows per task (the job's
    embed stage makes one output block per ``--embed-batch-size`` rows, 32 by default: Ray Data's scheduling work on
    the driver is per task), drained by `jobs.pipeline.drain` into real write tasks and Delta commits on a fresh
@@ -19,7 +20,7 @@ here by the write tasks on this machine's cores) and the driver's CPU seconds (t
 Ray Data's scheduling loop and Ray's core worker included) per 1,000 rows; the growth between the two sizes per
 further 1,000 rows is the per-row cost. Target (issue 13): <= 0.005 s per 1,000 rows.
 
-    python benchmarks/driver_rows.py --rows 10000 40000 --rows-per-task 32 256 --repeats 3
+    python benchmarks/driver_rows.py --rows 20000 160000 --rows-per-task 2048 --videos-per-block 128 512 --repeats 3
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "vitaclip-demo"
-VIDEOS_PER_BLOCK = 128
 
 
 def _cpu_seconds() -> float:
@@ -87,8 +87,8 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     return rows
 
 
-def blocks_of(sample: pa.Table, rows: int) -> list[Any]:
-    """Object refs of blocks holding about `rows` rows: the sample repeated under new URIs."""
+def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
+    """Object refs of blocks of `videos_per_block` videos holding about `rows` rows: the sample under new URIs."""
     import ray
 
     uris = sample.column("uri").to_pylist()
@@ -97,11 +97,11 @@ def blocks_of(sample: pa.Table, rows: int) -> list[Any]:
     refs, done = [], 0
     while done < videos_needed:
         parts = []
-        for start in range(done, min(done + VIDEOS_PER_BLOCK, videos_needed), len(set(uris))):
+        for start in range(done, min(done + videos_per_block, videos_needed), len(set(uris))):
             renamed = [f"s3://bench/{start + sorted(set(uris)).index(u):09d}.mp4" for u in uris]
             parts.append(sample.set_column(sample.schema.get_field_index("uri"), "uri", pa.array(renamed)))
         refs.append(ray.put(pa.concat_tables(parts)))
-        done += VIDEOS_PER_BLOCK
+        done += videos_per_block
     return refs
 
 
@@ -140,7 +140,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 40_000])
     parser.add_argument("--rows-per-task", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--videos-per-block", type=int, nargs="+", default=None, help="input block sizes (default: the planner's)"
+    )
     args = parser.parse_args()
+    from jobs.pipeline import _BLOCK_VIDEOS
+
+    sizes = args.videos_per_block or [_BLOCK_VIDEOS]
     import ray
     import ray.data  # noqa: F401  (imported before timing, as the job has by then)
 
@@ -155,29 +161,30 @@ def main() -> None:
         work = Path(tmp)
         sample = sample_rows(work)
         print(f"sample: {sample.num_rows} rows from {len(set(sample.column('uri').to_pylist()))} videos", flush=True)
-        results: dict[tuple[int, int], list[tuple[float, float, int]]] = {
-            (t, n): [] for t in args.rows_per_task for n in args.rows
+        results: dict[tuple[int, int, int], list[tuple[float, float, int]]] = {
+            (v, t, n): [] for v in sizes for t in args.rows_per_task for n in args.rows
         }
         for repeat in range(args.repeats):
-            for t, n in results:
-                refs = blocks_of(sample, n)
+            for v, t, n in results:
+                refs = blocks_of(sample, n, v)
                 measured = time_drain(refs, work / "out", model=model, rows_per_task=t)
                 del refs
-                results[t, n].append(measured)
+                results[v, t, n].append(measured)
                 s, c, r = measured
-                print(
-                    f"repeat {repeat + 1}, {t} rows per task: {r} rows in {s:.1f} s, driver {c:.2f} CPU-s", flush=True
-                )
+                print(f"repeat {repeat + 1}, {v} videos per block, {t} rows per task: {r} rows in {s:.1f} s, ", end="")
+                print(f"driver {c:.2f} CPU-s", flush=True)
     print(f"\nmedians over {args.repeats} repeats")
-    print(f"{'rows/task':>9} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'driver CPU-s':>12} {'per 1,000 rows':>15}")
-    for t in args.rows_per_task:
-        med = {}
-        for n in args.rows:
-            s, c, r = (statistics.median(x[i] for x in results[t, n]) for i in range(3))
-            med[n] = (c, r)
-            print(f"{t:>9} {int(r):>8} {s:>8.1f} {r / s:>8.0f} {c:>12.2f} {1000 * c / r:>15.4f}")
-        (c0, r0), (c1, r1) = med[args.rows[0]], med[args.rows[1]]
-        print(f"{'':>9} per further 1,000 rows: {1000 * (c1 - c0) / (r1 - r0):.4f} driver CPU-s (target <= 0.005)")
+    print(f"{'videos/block':>12} {'rows/task':>9} {'rows':>8} {'seconds':>8} {'rows/s':>8} ", end="")
+    print(f"{'driver CPU-s':>12} {'per 1,000 rows':>15}")
+    for v in sizes:
+        for t in args.rows_per_task:
+            med = {}
+            for n in args.rows:
+                s, c, r = (statistics.median(x[i] for x in results[v, t, n]) for i in range(3))
+                med[n] = (c, r)
+                print(f"{v:>12} {t:>9} {int(r):>8} {s:>8.1f} {r / s:>8.0f} {c:>12.2f} {1000 * c / r:>15.4f}")
+            (c0, r0), (c1, r1) = med[args.rows[0]], med[args.rows[1]]
+            print(f"{'':>22} per further 1,000 rows: {1000 * (c1 - c0) / (r1 - r0):.4f} driver CPU-s (target <= 0.005)")
 
 
 if __name__ == "__main__":

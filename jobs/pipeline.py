@@ -74,7 +74,11 @@ log = logging.getLogger("vitaclip.job")
 
 _LISTING_BATCH = 4096  # listed objects per message to the planner actor
 _PLANS_IN_FLIGHT = 4  # planner calls the driver lets run ahead of the listing
-_BLOCK_VIDEOS = 128  # most videos per input block of the Dataset (a retried block repeats at most this much work)
+# Most videos per input block of the Dataset: one decode task each (a retried block repeats at most this much work).
+# Every block costs the driver alike (its Ray Data bookkeeping, a decode task to dispatch): 512 against 128 took
+# 0.004-0.005 instead of 0.008 driver CPU-s per further 1,000 rows (benchmarks/driver_rows.py).
+_BLOCK_VIDEOS = 512
+_TAIL_BLOCK_VIDEOS = 128  # videos per block of the run's end (held back, cut finer so every decoder ends together)
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,11 @@ class TimedEmbed(EmbedStage):
 class PlanActor:
     """The run's planner as a Ray actor: listed objects in, blocks of the videos to index out.
 
-    Holds the committed keys (`index.commits.Planner`) and fewer than ``4 * decode_workers * _BLOCK_VIDEOS``
-    planned objects: whole blocks go to the object store (which spills to disk) as soon as there are enough for
-    every decoder to get several, so neither the driver, this actor's memory nor the Dataset's input grows with the
-    listing or with what is already indexed.
+    Holds the committed keys (`index.commits.Planner`) and fewer than ``4 * decode_workers * _TAIL_BLOCK_VIDEOS +
+    _BLOCK_VIDEOS`` planned objects: whole blocks go to the object store (which spills to disk) as soon as the rest
+    is enough for the run's end, so neither the driver, this actor's memory nor the Dataset's input grows with the
+    listing or with what is already indexed. The end (what is held when the listing ends) goes out in four blocks
+    per decoder (of about ``_TAIL_BLOCK_VIDEOS`` videos on a large run), so the decoders finish together.
     """
 
     def __init__(
@@ -139,7 +144,8 @@ class PlanActor:
         self.planner = Planner(location, model_id=model_id, versions=versions)
         self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self._other_local_dirs: set[str] = set()
-        self._spread = 4 * max(1, decode_workers)  # blocks per decoder, at least, while there are videos for it
+        self._spread = 4 * max(1, decode_workers)  # blocks of the run's end: four per decoder
+        self._tail = self._spread * _TAIL_BLOCK_VIDEOS  # videos held back for the end
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._refs: list[Any] = []
@@ -155,26 +161,25 @@ class PlanActor:
         if table.num_rows:
             self._pending.append(table.cast(_planned_schema(table.schema)))
             self._pending_rows += table.num_rows
-            if self._pending_rows >= self._spread * _BLOCK_VIDEOS:
-                self._put(_BLOCK_VIDEOS, whole_only=True)
+            if self._pending_rows >= self._tail + _BLOCK_VIDEOS:
+                self._put(_BLOCK_VIDEOS, (self._pending_rows - self._tail) // _BLOCK_VIDEOS * _BLOCK_VIDEOS)
         return table.num_rows
 
-    def _put(self, block_videos: int, *, whole_only: bool = False) -> None:
+    def _put(self, block_videos: int, videos: int) -> None:
+        """The first `videos` held videos into the object store, in blocks of `block_videos`."""
         import ray
 
         pending = pa.concat_tables(self._pending)
-        whole = pending.num_rows - pending.num_rows % block_videos if whole_only else pending.num_rows
-        self._refs += [ray.put(pending.slice(i, min(block_videos, whole - i))) for i in range(0, whole, block_videos)]
-        rest = pending.slice(whole)
+        self._refs += [ray.put(pending.slice(i, min(block_videos, videos - i))) for i in range(0, videos, block_videos)]
+        rest = pending.slice(videos)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
 
     def blocks(self) -> list[Any]:
-        """References to the object store blocks of the planned objects, in listing order: at most
-        ``_BLOCK_VIDEOS`` videos each, smaller on a small run so that every decoder gets some."""
-        if self._pending_rows:
-            spread = self._spread if not self._refs else 1
-            self._put(max(1, min(_BLOCK_VIDEOS, -(-self._pending_rows // spread))))
+        """References to the object store blocks of the planned objects, in listing order: whole blocks of
+        ``_BLOCK_VIDEOS`` videos, then the run's end (all of a small run) in at least four blocks per decoder."""
+        if self._pending_rows:  # fewer than the tail and one whole block: cut in `_spread` blocks
+            self._put(-(-self._pending_rows // self._spread), self._pending_rows)
         refs, self._refs = self._refs, []
         return refs
 

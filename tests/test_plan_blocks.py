@@ -1,5 +1,5 @@
-"""The planner's blocks: every decoder gets some of a small run, at most 128 videos each of a large one, in listing
-order, and the planner's own memory holds fewer than a few blocks per decoder whatever the listing's size."""
+"""The planner's blocks: every decoder gets some of a small run, whole blocks of a large one and its end cut finer, in
+listing order, and the planner's own memory holds fewer than a few blocks per decoder whatever the listing's size."""
 
 from __future__ import annotations
 
@@ -43,15 +43,19 @@ def test_a_small_run_is_spread_over_every_decoder(tmp_path: Path) -> None:
     assert [u for b in blocks for u in b] == [f"/v/{k:06d}.mp4" for k in range(100)]
 
 
-def test_a_large_run_goes_out_in_blocks_of_128_as_it_is_planned(tmp_path: Path) -> None:
-    planner = _planner(tmp_path, decode_workers=2)  # 8 blocks of 128 = 1,024 videos before any go out
+def test_a_large_run_goes_out_in_whole_blocks_as_it_is_planned_and_ends_finer(tmp_path: Path) -> None:
+    planner = _planner(tmp_path, decode_workers=2)  # the end: 8 blocks of 128 = 1,024 videos held back
+    tail, block = 8 * pipeline._TAIL_BLOCK_VIDEOS, pipeline._BLOCK_VIDEOS
     held = []
     for start in range(0, 7000, 700):
         planner.plan(_page(start, 700))
         held.append(planner._pending_rows)
-    assert max(held) < 1024 and min(held) < 128  # whole blocks left as soon as there were 1,024
-    assert len(planner._refs) >= 40
+    assert max(held) < tail + block and min(held) >= min(tail, 700)  # the end held back, whole blocks gone
+    assert len(planner._refs) >= (7000 - tail - block) // block
     blocks = _blocks(planner)
-    assert all(len(b) == 128 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 128
+    whole = [len(b) for b in blocks if len(b) == block]
+    end = [len(b) for b in blocks[len(whole) :]]
+    assert len(whole) * block + sum(end) == 7000 and len(end) == 8  # four per decoder at the end
+    assert tail // 8 <= max(end) <= (tail + block) // 8 + 1 and max(end) - min(end) <= max(end) // 2
     assert [u for b in blocks for u in b] == [f"/v/{k:06d}.mp4" for k in range(7000)]
     assert planner.blocks() == []  # handed out once
