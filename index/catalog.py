@@ -41,28 +41,37 @@ class RowCatalog:
         columns: the columns held (``row_id`` among them).
     """
 
-    def __init__(self, root: Path, table: str, model_id: str, columns: Sequence[str] = ()) -> None:
-        self.table_name = table
-        columns = list(columns or (VIDEO_COLUMNS if table == "videos" else SEGMENT_COLUMNS))
+    def __init__(
+        self,
+        root: Path,
+        table: str,
+        model_id: str,
+        columns: Sequence[str] = (),
+        *,
+        previous: RowCatalog | None = None,
+    ) -> None:
+        self.table_name, self.model_id = table, model_id
+        self.columns = list(columns or (VIDEO_COLUMNS if table == "videos" else SEGMENT_COLUMNS))
         self.files = [root / table / name for name in data_files(root, table)]
-        self.groups: list[tuple[int, int]] = []
-        pieces = []
+        self.groups: list[tuple[int, int]] = []  # (index into files, row group)
+        pieces, known = [], set()
+        if previous is not None and (previous.table_name, previous.model_id, previous.columns) == (
+            table,
+            model_id,
+            self.columns,
+        ):
+            pieces.append(self._kept(previous))
+            known = set(previous.files)
         for file_index, path in enumerate(self.files):
-            parquet = pq.ParquetFile(path)
-            for group in range(parquet.num_row_groups):
-                rows = parquet.read_row_group(group, columns=[*columns, "model_id"])
-                rows = rows.filter(pc.equal(rows.column("model_id"), model_id)).drop_columns(["model_id"])
-                if rows.num_rows:
-                    marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
-                    pieces.append(rows.append_column(_GROUP, marker))
-                    self.groups.append((file_index, group))
+            if path not in known:
+                pieces += self._read(file_index)
         if pieces:
             rows = pa.concat_tables(pieces)
             order = np.argsort(rows.column("row_id").to_numpy(), kind="stable")
             rows = rows.take(order)
         else:
             schema = pq.read_schema(self.files[0]) if self.files else None
-            fields = [schema.field(c) for c in columns] if schema is not None else [pa.field("row_id", pa.int64())]
+            fields = [schema.field(c) for c in self.columns] if schema else [pa.field("row_id", pa.int64())]
             rows = pa.table({f.name: pa.array([], f.type) for f in fields}).append_column(
                 _GROUP, pa.array([], pa.int32())
             )
@@ -71,6 +80,38 @@ class RowCatalog:
         self._cache: OrderedDict[tuple[int, str], tuple[dict[int, Any], int]] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
+
+    def _read(self, file_index: int) -> list[pa.Table]:
+        """The rows of this model in one data file, a table per row group (marked with its index in `groups`)."""
+        pieces = []
+        parquet = pq.ParquetFile(self.files[file_index])
+        for group in range(parquet.num_row_groups):
+            rows = parquet.read_row_group(group, columns=[*self.columns, "model_id"])
+            rows = rows.filter(pc.equal(rows.column("model_id"), self.model_id)).drop_columns(["model_id"])
+            if rows.num_rows:
+                marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
+                pieces.append(rows.append_column(_GROUP, marker))
+                self.groups.append((file_index, group))
+        return pieces
+
+    def _kept(self, previous: RowCatalog) -> pa.Table:
+        """The rows of `previous` in files that are still the table's (data files never change), renumbered."""
+        index_of = {path: i for i, path in enumerate(self.files)}
+        renumber = np.full(len(previous.groups), -1, dtype=np.int32)
+        for old, (file_index, row_group) in enumerate(previous.groups):
+            new_index = index_of.get(previous.files[file_index])
+            if new_index is not None:
+                renumber[old] = len(self.groups)
+                self.groups.append((new_index, row_group))
+        mapped = renumber[previous.rows.column(_GROUP).to_numpy()]
+        keep = mapped >= 0
+        rows = previous.rows.filter(pa.array(keep))
+        rows = rows.set_column(rows.schema.get_field_index(_GROUP), _GROUP, pa.array(mapped[keep], pa.int32()))
+        if "labels" in rows.column_names:  # plain again, to meet the new files' rows (encoded once, below)
+            item = rows.schema.field("labels").type.value_field.name  # as the files name it ("element")
+            plain = rows.column("labels").cast(pa.list_(pa.field(item, pa.string())))
+            rows = rows.set_column(rows.schema.get_field_index("labels"), "labels", plain)
+        return rows
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -131,5 +172,8 @@ def _compact(rows: pa.Table) -> pa.Table:
     if not pa.types.is_list(labels.type) and not pa.types.is_large_list(labels.type):
         return rows
     values = labels.values.dictionary_encode()
-    compact = type(labels).from_arrays(labels.offsets, values, mask=labels.is_null())
+    list_type = (pa.large_list if pa.types.is_large_list(labels.type) else pa.list_)(
+        pa.field(labels.type.value_field.name, values.type)
+    )
+    compact = type(labels).from_arrays(labels.offsets, values, type=list_type, mask=labels.is_null())
     return rows.set_column(rows.schema.get_field_index("labels"), "labels", compact)

@@ -142,7 +142,8 @@ class SearchEngine:
         text_encoder: any callable ``texts -> [Q, E]`` L2-normalised array, instead of a model (tests, services
             that encode elsewhere).
         queries_from: an engine over an earlier state of the same output whose query model this one shares (a
-            service reloading an output that a run updated); its model id must be this index's.
+            service reloading an output that a run updated); its model id must be this index's. Its index
+            segments and rows of data files that are still the table's are taken over, not read again.
     """
 
     def __init__(
@@ -166,10 +167,19 @@ class SearchEngine:
             )
         self.location = OutputLocation.from_url(str(self.root))
         self.table_versions = table_versions(self.location)
+        # Reloading (`queries_from`): index segments and data files never change, so what the earlier engine holds
+        # of them is taken over and only what the update wrote is read.
+        before = queries_from if queries_from is not None and queries_from.root == self.root else None
         self.indexes: dict[str, SegmentedIndex] = {
-            name: open_index(folder, name=name, model_id=self.model_id) for name in self.info["indexes"]
+            name: open_index(
+                folder, name=name, model_id=self.model_id, reuse=before.indexes.get(name) if before else None
+            )
+            for name in self.info["indexes"]
         }
-        self.catalogs = {name: RowCatalog(self.root, name, self.model_id) for name in sorted({"videos", *self.indexes})}
+        self.catalogs: dict[str, RowCatalog] = {
+            name: RowCatalog(self.root, name, self.model_id, previous=before.catalogs.get(name) if before else None)
+            for name in sorted({"videos", *self.indexes})
+        }
         self._encode_lock = threading.Lock()
         self._roots_lock = threading.Lock()
         self._roots: list[str] = []

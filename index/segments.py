@@ -398,12 +398,19 @@ class SegmentedIndex:
 
 
 def open_index(
-    out_dir: str | Path, *, name: str = "videos", model_id: str | None = None, gpu: bool = False
+    out_dir: str | Path,
+    *,
+    name: str = "videos",
+    model_id: str | None = None,
+    gpu: bool = False,
+    reuse: SegmentedIndex | None = None,
 ) -> SegmentedIndex:
     """Opens an index read-only (``OUT`` or ``OUT/index``); refuses one built with another model.
 
     ``gpu=True`` moves flat and IVF segments without deletions to the GPUs when faiss-gpu sees any (FAISS's GPU
     indexes take no ID selector: a segment with deletions is searched on the CPU until the next rebuild).
+    `reuse`: an open earlier state of the same index (a service reloading it): segments it holds are taken from it
+    instead of read again (segment files never change), so opening an update reads only what the update wrote.
     """
     folder = Path(out_dir)
     if (folder / INDEX_DIR / INFO_FILE).is_file():
@@ -419,8 +426,16 @@ def open_index(
     entry = info["indexes"][name]
     deleted = read_deleted(folder, entry)
     use_gpu = gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    held = {}
+    if reuse is not None and reuse.name == name and not gpu:
+        held = {seg.id: vindex for seg, vindex in reuse.segments}
     segments = []
     for seg in segments_of(entry):
+        if seg.id in held:
+            if seg.search_params:
+                held[seg.id].set_params(**seg.search_params)  # a later tuning of the same segment
+            segments.append((seg, held[seg.id]))
+            continue
         on_gpu = (
             use_gpu and seg.kind in ("flat", "ivf") and not (len(deleted) and (deleted[:, 1] > seg.generation).any())
         )

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from index import tables
 from index.api import create_app
 from index.build import build_from_output
+from index.catalog import RowCatalog
 from index.commits import Committer, Planner, WrittenBatch
 from index.delta_tables import table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
@@ -38,33 +39,43 @@ def ok_video(out: Path) -> dict[str, Any]:
     return next(r for r in found.to_pylist() if r["status"] == "ok")
 
 
-def add_video(out: Path, like: dict[str, Any], uri: str) -> str:
-    """Commits an ok row for a new video at `uri` (with `like`'s embedding) as a run does, then updates the index;
-    returns the new video's id."""
+def add_video(out: Path, like: dict[str, Any], uri: str, etag: str = "later") -> str:
+    """Commits an ok row for the video at `uri` (with `like`'s embedding; a new version of it when it is indexed
+    already) as a run does, then updates the index; returns the video's id."""
     store = open_store(str(out))
     versions = tables.table_versions(out)
     assert versions is not None
     video_id = video_id_for(uri)
-    row = dict(like, uri=uri, video_id=video_id, row_id=row_id_for(video_id), etag="later", run_id="later")
+    row = dict(like, uri=uri, video_id=video_id, row_id=row_id_for(video_id), etag=etag, run_id="later")
     schema = table_schema("videos", len(row["embedding"]))
     written = write_data_file(
         store.location, "videos", pa.Table.from_pylist([row], schema=schema), name=f"part-later-{uuid.uuid4()}.parquet"
     )
     planned = Planner(store.location, model_id=row["model_id"], versions=versions)(
-        {"uri": np.asarray([uri], dtype=object), "etag": np.asarray(["later"], dtype=object)}
+        {"uri": np.asarray([uri], dtype=object), "etag": np.asarray([etag], dtype=object)}
     )
     committer = Committer(store.location, model_id=row["model_id"], run_id="later", versions=versions)
     committer.add(
         WrittenBatch(
             videos=written,
             segments=None,
-            keys=((video_id, "later", "ok"),),
+            keys=((video_id, etag, "ok"),),
             current_video_files={video_id: str(planned["current_video_file"][0])},
         )
     )
     committer.commit()
     build_from_output(store, model_id=row["model_id"])
     return video_id
+
+
+def same_rows(engine: SearchEngine, root: Path) -> None:
+    """The engine's rows (taken over from its predecessor, plus the update's) are those a fresh load reads."""
+    for name, catalog in engine.catalogs.items():
+        fresh = RowCatalog(root, name, engine.model_id)
+        assert catalog.row_ids.tolist() == fresh.row_ids.tolist()
+        assert catalog.rows_of(fresh.row_ids) == fresh.rows_of(fresh.row_ids)
+        for row_id in fresh.row_ids[:5]:
+            assert catalog.cell(int(row_id), "thumbnail_jpeg") == fresh.cell(int(row_id), "thumbnail_jpeg")
 
 
 def vectors(client: TestClient) -> int:
@@ -88,8 +99,19 @@ def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path
     assert vectors(client) == before + 1
     found = client.post("/search", json={"embedding": like["embedding"], "k": 2}).json()["results"]
     assert {h["video_id"] for h in found} == {like["video_id"], added}
-    assert service.engines["main"].encode is first.encode  # the query model is shared, not loaded again
+    reloaded = service.engines["main"]
+    assert reloaded.encode is first.encode  # the query model is shared, not loaded again
+    base = first.indexes["videos"].segments[0][1]
+    assert reloaded.indexes["videos"].segments[0][1] is base  # segments already open are not read again
+    same_rows(reloaded, out)
     assert service.reload_changed() == []
+
+    # A new version of an indexed video replaces its row: the old one's file leaves the table.
+    replaced = add_video(out, like, like["uri"], etag="changed")
+    assert replaced == like["video_id"] and service.reload_changed() == ["main"]
+    assert client.get(f"/videos/{replaced}").json()["etag"] == "changed"
+    assert vectors(client) == before + 1
+    same_rows(service.engines["main"], out)
 
     # The same from the service's own thread, as `vitaclip serve` runs it.
     second = service.engines["main"]
@@ -104,6 +126,7 @@ def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path
         service.stop_reloading()
     assert client.get(f"/videos/{again}").status_code == 200
     assert vectors(client) == before + 2
+    same_rows(service.engines["main"], out)
     loaded = client.get("/indexes").json()[0]["loaded_at"]
     assert loaded.endswith("Z") and loaded >= time.strftime("%Y-%m-%dT%H:%M", time.gmtime(second.loaded_at))
 
