@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from index.delta_tables import OutputLocation
 from index.tables import data_files
 
 VIDEO_COLUMNS = (
@@ -28,14 +29,15 @@ VIDEO_COLUMNS = (
 )  # fmt: skip
 SEGMENT_COLUMNS = ("row_id", "video_id", "labels", "label_scores", "segment_index", "start_seconds", "end_seconds")
 _GROUP = "_group"  # index into RowCatalog.groups: (data file, row group) of the row
-_CACHE_BYTES = 64 * 2**20  # thumbnail row groups kept, per catalog
+_CACHE_BYTES = 64 * 2**20  # row groups' thumbnails or embeddings kept (as Arrow), per catalog
+_MAX_ROW_ID = 2**63 - 1  # row ids are non-negative int64 (`index.schema.row_id_for`)
 
 
 class RowCatalog:
     """One table's committed rows of one model (at the table's latest version), by row id.
 
     Args:
-        root: a local output folder (the tables are ``root/<table>``).
+        location: the output (local or on an object store: data files are read with ranged reads, several at once).
         table: ``videos`` or ``segments``.
         model_id: only this model's rows are held.
         columns: the columns held (``row_id`` among them).
@@ -43,7 +45,7 @@ class RowCatalog:
 
     def __init__(
         self,
-        root: Path,
+        location: OutputLocation,
         table: str,
         model_id: str,
         columns: Sequence[str] = (),
@@ -52,47 +54,56 @@ class RowCatalog:
     ) -> None:
         self.table_name, self.model_id = table, model_id
         self.columns = list(columns or (VIDEO_COLUMNS if table == "videos" else SEGMENT_COLUMNS))
-        self.files = [root / table / name for name in data_files(root, table)]
+        self.location = location
+        self._filesystem, base = location.filesystem()
+        self._folder = f"{base}/{table}"
+        self.files = data_files(location, table)  # names under the table's folder; a data file never changes
         self.groups: list[tuple[int, int]] = []  # (index into files, row group)
         pieces, known = [], set()
-        if previous is not None and (previous.table_name, previous.model_id, previous.columns) == (
+        if previous is not None and (previous.location.url, previous.table_name, previous.model_id) == (
+            location.url,
             table,
             model_id,
-            self.columns,
         ):
-            pieces.append(self._kept(previous))
-            known = set(previous.files)
-        for file_index, path in enumerate(self.files):
-            if path not in known:
-                pieces += self._read(file_index)
+            if previous.columns == self.columns:
+                pieces.append(self._kept(previous))
+                known = set(previous.files)
+        new = [i for i, name in enumerate(self.files) if name not in known]
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(new)))) as pool:  # object stores: latency-bound
+            for file_index, groups in zip(new, pool.map(self._read, new), strict=True):
+                for row_group, rows in groups:
+                    marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
+                    pieces.append(rows.append_column(_GROUP, marker))
+                    self.groups.append((file_index, row_group))
         if pieces:
             rows = pa.concat_tables(pieces)
             order = np.argsort(rows.column("row_id").to_numpy(), kind="stable")
             rows = rows.take(order)
         else:
-            schema = pq.read_schema(self.files[0]) if self.files else None
+            schema = self._open(self.files[0]).schema_arrow if self.files else None
             fields = [schema.field(c) for c in self.columns] if schema else [pa.field("row_id", pa.int64())]
             rows = pa.table({f.name: pa.array([], f.type) for f in fields}).append_column(
                 _GROUP, pa.array([], pa.int32())
             )
         self.rows = _compact(rows)
         self.row_ids: np.ndarray = self.rows.column("row_id").to_numpy()
-        self._cache: OrderedDict[tuple[int, str], tuple[dict[int, Any], int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], tuple[np.ndarray, pa.Array, int]] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
 
-    def _read(self, file_index: int) -> list[pa.Table]:
-        """The rows of this model in one data file, a table per row group (marked with its index in `groups`)."""
-        pieces = []
-        parquet = pq.ParquetFile(self.files[file_index])
+    def _open(self, name: str) -> pq.ParquetFile:
+        return pq.ParquetFile(self._filesystem.open_input_file(f"{self._folder}/{name}"))
+
+    def _read(self, file_index: int) -> list[tuple[int, pa.Table]]:
+        """(row group, its rows of this model) of one data file, the held columns only."""
+        groups = []
+        parquet = self._open(self.files[file_index])
         for group in range(parquet.num_row_groups):
             rows = parquet.read_row_group(group, columns=[*self.columns, "model_id"])
             rows = rows.filter(pc.equal(rows.column("model_id"), self.model_id)).drop_columns(["model_id"])
             if rows.num_rows:
-                marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
-                pieces.append(rows.append_column(_GROUP, marker))
-                self.groups.append((file_index, group))
-        return pieces
+                groups.append((group, rows))
+        return groups
 
     def _kept(self, previous: RowCatalog) -> pa.Table:
         """The rows of `previous` in files that are still the table's (data files never change), renumbered."""
@@ -136,11 +147,14 @@ class RowCatalog:
         return [next(taken) if p >= 0 else None for p in at]
 
     def row(self, row_id: int) -> dict[str, Any] | None:
-        return self.rows_of([row_id])[0]
+        return self.rows_of([row_id])[0] if 0 <= row_id <= _MAX_ROW_ID else None
 
     def cell(self, row_id: int, column: str) -> Any:
         """A column of one row that the catalog does not hold in memory (``thumbnail_jpeg``, ``embedding``), read
-        from the row group holding it (kept in a small cache); None for a row id the catalog does not hold."""
+        from the row group holding it (kept in a small cache, as Arrow); None for a row id the catalog does not
+        hold."""
+        if not 0 <= row_id <= _MAX_ROW_ID:
+            return None
         at = int(self.positions([row_id])[0])
         if at < 0:
             return None
@@ -150,18 +164,25 @@ class RowCatalog:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
-                return cached[0].get(row_id)
+        if cached is None:
+            cached = self._read_cells(group, column)
+            with self._lock:
+                if key not in self._cache:
+                    self._cache[key] = cached
+                    self._cache_bytes += cached[2]
+                while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
+                    _, (_, _, size) = self._cache.popitem(last=False)
+                    self._cache_bytes -= size
+        ids, values, _ = cached
+        found = np.flatnonzero(ids == row_id)
+        return values[int(found[-1])].as_py() if len(found) else None
+
+    def _read_cells(self, group: int, column: str) -> tuple[np.ndarray, pa.Array, int]:
+        """(row ids, `column`) of this model's rows in one row group, and the bytes they hold."""
         file_index, row_group = self.groups[group]
-        read = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=["row_id", column])
-        values = dict(zip(read.column("row_id").to_pylist(), read.column(column).to_pylist(), strict=True))
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = (values, read.nbytes)
-                self._cache_bytes += read.nbytes
-            while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
-                _, (_, size) = self._cache.popitem(last=False)
-                self._cache_bytes -= size
-        return values.get(row_id)
+        read = self._open(self.files[file_index]).read_row_group(row_group, columns=["row_id", "model_id", column])
+        read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
+        return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes
 
 
 def _compact(rows: pa.Table) -> pa.Table:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from index.catalog import RowCatalog
 from index.delta_tables import OutputLocation
@@ -144,6 +146,9 @@ class SearchEngine:
         queries_from: an engine over an earlier state of the same output whose query model this one shares (a
             service reloading an output that a run updated); its model id must be this index's. Its index
             segments and rows of data files that are still the table's are taken over, not read again.
+        tables: where the output's tables are, when not in `out_dir` (an object-store output whose index and run
+            records were copied: `index.tables.local_copy` with ``tables=False``); thumbnails and stored embeddings
+            are then read from there by row group.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class SearchEngine:
         device: str | None = None,
         text_encoder: Any = None,
         queries_from: SearchEngine | None = None,
+        tables: OutputLocation | None = None,
     ) -> None:
         self.loaded_at = time.time()
         self.root = Path(out_dir)
@@ -165,11 +171,15 @@ class SearchEngine:
             raise IndexUnusableError(
                 f"the index is now of model {self.model_id}, not {queries_from.model_id}: start the service again"
             )
-        self.location = OutputLocation.from_url(str(self.root))
+        self.location = tables or OutputLocation.from_url(str(self.root))
         self.table_versions = table_versions(self.location)
         # Reloading (`queries_from`): index segments and data files never change, so what the earlier engine holds
         # of them is taken over and only what the update wrote is read.
-        before = queries_from if queries_from is not None and queries_from.root == self.root else None
+        same = queries_from is not None and (queries_from.root, queries_from.location.url) == (
+            self.root,
+            self.location.url,
+        )
+        before = queries_from if same else None
         self.indexes: dict[str, SegmentedIndex] = {
             name: open_index(
                 folder, name=name, model_id=self.model_id, reuse=before.indexes.get(name) if before else None
@@ -177,7 +187,7 @@ class SearchEngine:
             for name in self.info["indexes"]
         }
         self.catalogs: dict[str, RowCatalog] = {
-            name: RowCatalog(self.root, name, self.model_id, previous=before.catalogs.get(name) if before else None)
+            name: RowCatalog(self.location, name, self.model_id, previous=before.catalogs.get(name) if before else None)
             for name in sorted({"videos", *self.indexes})
         }
         self._encode_lock = threading.Lock()
@@ -220,8 +230,10 @@ class SearchEngine:
             )
         self.text_model = encoder
 
+        lock = self._encode_lock  # not `self`: engines that reload this output share this function
+
         def encode(texts: Sequence[str]) -> np.ndarray:
-            with self._encode_lock, torch.inference_mode():
+            with lock, torch.inference_mode():
                 return encoder.encode_text(list(texts)).float().cpu().numpy()
 
         return encode
@@ -367,7 +379,7 @@ class SearchEngine:
             return cached
         try:
             stored = self.catalogs[name].cell(row["row_id"], "embedding")
-        except FileNotFoundError:
+        except OSError:
             stored = None  # vacuumed since this engine loaded: a reload brings the current files
         if stored is None:
             raise QueryError("the row is no longer in the table")
@@ -397,21 +409,67 @@ class SearchEngine:
         fetch = min(max(4 * k, 16), index.count)
         while True:
             scores, ids = index.search(query[None], fetch)
-            rows = self.catalogs[name].rows_of(ids[0])
-            videos = self._videos_of(rows) if name == "segments" else rows
-            hits: list[Hit] = []
-            per: dict[str, int] = {}
-            for score, row_id, row, video_row in zip(scores[0], ids[0], rows, videos, strict=True):
-                hit = self._hit(name, int(row_id), row, video_row, float(score), filters, exclude_video)
+            hits = self._first_hits(name, scores[0], ids[0], k, filters, per_video, exclude_video)
+            if len(hits) >= k or fetch >= index.count:
+                return hits
+            fetch = min(fetch * 4, index.count)
+
+    def _first_hits(
+        self,
+        name: str,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        k: int,
+        filters: Filters,
+        per_video: int,
+        exclude_video: str | None,
+    ) -> list[Hit]:
+        """The first `k` hits among candidates in score order. The filters are applied to Arrow columns first, so
+        only candidates that pass become Python objects, however many a rare label makes the search fetch."""
+        catalog = self.catalogs[name]
+        at = catalog.positions(ids)
+        order = np.flatnonzero(at >= 0)  # candidates still in the table, in score order
+        if not len(order):
+            return []
+        columns = ["video_id", "labels"] + ([] if name == "segments" else ["duration_seconds"])
+        held = catalog.rows.select(columns).take(at[order])
+        keep = np.ones(len(order), dtype=bool)
+        if exclude_video is not None:
+            keep &= np.asarray(held.column("video_id").to_pylist(), dtype=object) != exclude_video
+        if filters.label is not None:
+            keep &= _has_label(held.column("labels"), filters.label)
+        if name == "segments":  # the video's row: a segment counts while its video is ok, and by its duration
+            picked = np.flatnonzero(keep)
+            video_ids = held.column("video_id").take(pa.array(picked)).to_pylist()
+            videos = self.catalogs["videos"]
+            vat = videos.positions([row_id_for(v) for v in video_ids])
+            found = vat >= 0
+            status = np.full(len(picked), None, dtype=object)
+            duration = np.full(len(picked), np.nan)
+            if found.any():
+                taken = videos.rows.select(["status", "duration_seconds"]).take(vat[found])
+                status[found] = taken.column("status").to_pylist()
+                duration[found] = taken.column("duration_seconds").to_numpy(zero_copy_only=False)
+            keep[picked] = (status == "ok") & _within(duration, filters)
+        else:
+            keep &= _within(held.column("duration_seconds").to_numpy(zero_copy_only=False), filters)
+        passing = order[keep]
+        hits: list[Hit] = []
+        per: dict[str, int] = {}
+        step = max(4 * k, 64)
+        for start in range(0, len(passing), step):  # only as many rows as it takes to find k
+            chunk = passing[start : start + step]
+            rows = catalog.rows_of(ids[chunk])
+            videos_rows = self._videos_of(rows) if name == "segments" else rows
+            for i, row, video_row in zip(chunk, rows, videos_rows, strict=True):
+                hit = self._hit(name, int(ids[i]), row, video_row, float(scores[i]), filters, exclude_video)
                 if hit is None or per.get(hit.video_id, 0) >= per_video:
                     continue
                 per[hit.video_id] = per.get(hit.video_id, 0) + 1
                 hits.append(hit)
                 if len(hits) >= k:
                     return hits
-            if fetch >= index.count:
-                return hits
-            fetch = min(fetch * 4, index.count)
+        return hits
 
     def _videos_of(self, rows: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
         """The video rows of segment rows (None where there is none)."""
@@ -457,7 +515,7 @@ class SearchEngine:
         for catalog in self.catalogs.values():
             try:
                 data = catalog.cell(row_id, "thumbnail_jpeg")
-            except FileNotFoundError:
+            except OSError:
                 return None  # vacuumed since this engine loaded
             if data:
                 return bytes(data)
@@ -469,6 +527,29 @@ class SearchEngine:
             "table_versions": self.table_versions,
             "indexes": {n: {"count": i.count, "kind": i.plan.kind} for n, i in self.indexes.items()},
         }
+
+
+def _has_label(labels: pa.ChunkedArray, label: str) -> np.ndarray:
+    """Which lists of label names hold `label`."""
+    labels = labels.combine_chunks()
+    has = np.zeros(len(labels), dtype=bool)
+    names = pc.list_flatten(labels)
+    if pa.types.is_dictionary(names.type):
+        names = names.dictionary_decode()
+    parents = pc.list_parent_indices(labels).filter(pc.equal(names, label))
+    has[parents.to_numpy(zero_copy_only=False)] = True
+    return has
+
+
+def _within(duration: np.ndarray, filters: Filters) -> np.ndarray:
+    """Which durations (NaN: unknown) the filters' duration range accepts."""
+    duration = np.asarray(duration, dtype=np.float64)
+    keep = np.ones(len(duration), dtype=bool)
+    if filters.min_duration is not None:
+        keep &= duration >= filters.min_duration  # NaN compares False: an unknown duration is refused
+    if filters.max_duration is not None:
+        keep &= duration <= filters.max_duration
+    return keep
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -101,8 +102,8 @@ class Metrics:
         vectors = Gauge(
             "vitaclip_index_vectors", "Vectors in each loaded index.", ["index", "table"], registry=self.registry
         )
-        for name, engine in service.engines.items():
-            for table in engine.indexes:
+        for name in service.engines:
+            for table in ("videos", "segments"):  # a reload may bring an index the first load had not
                 vectors.labels(index=name, table=table).set_function(_counter(service, name, table))
 
     def render(self) -> bytes:
@@ -124,14 +125,17 @@ def _counter(service: SearchService, name: str, table: str) -> Callable[[], floa
 class OutputSource:
     """Where a served output lives, to notice that a run updated its index and to load it again.
 
-    A local output is read in place; an object-store output (``s3://``, ``gs://``, ``az://``) through its local
-    cached copy (`index.tables.local_copy`), refreshed before each load. A change is noticed from
+    A local output is read in place. Of an object-store output (``s3://``, ``gs://``, ``az://``) the index and the
+    run records are copied to a local cache (`index.tables.local_copy`, refreshed before each load) and the tables
+    are read where they are: the columns search answers with, then a thumbnail's or a stored embedding's row group
+    when asked (thumbnails are most of a table's bytes). A change is noticed from
     ``index/index_info.json`` alone (a few KB read per check), which an index update writes last.
     """
 
-    def __init__(self, output: str, *, s3_endpoint_url: str | None = None) -> None:
+    def __init__(self, output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None) -> None:
         self.output = output
         self.s3_endpoint_url = s3_endpoint_url
+        self.cache_root = cache_root
         self.loaded_stamp: str | None = None  # the stamp taken before the last successful `open`
 
     def stamp(self) -> str | None:
@@ -158,10 +162,17 @@ class OutputSource:
     def open(self, **engine_options: Any) -> SearchEngine:
         """A search engine over the output as it is now (an update that lands while it loads is noticed by the
         next `stamp`, taken before loading)."""
+        from index.delta_tables import OutputLocation
         from index.tables import local_copy
 
         stamp = self.stamp()
-        engine = SearchEngine(local_copy(self.output, s3_endpoint_url=self.s3_endpoint_url), **engine_options)
+        remote = "://" in self.output and not self.output.startswith("file://")
+        folder = local_copy(
+            self.output, s3_endpoint_url=self.s3_endpoint_url, cache_root=self.cache_root, tables=not remote
+        )
+        if remote:
+            engine_options["tables"] = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url)
+        engine = SearchEngine(folder, **engine_options)
         self.loaded_stamp = stamp
         return engine
 
@@ -198,6 +209,8 @@ class SearchService:
         self._slots: asyncio.Semaphore | None = None
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
+        self._failed: dict[str, str | None] = {}  # the stamp a reload failed at: not tried again until it changes
+        self._reload_lock = threading.Lock()
         self._stop_reloading = threading.Event()
         self._reloader: threading.Thread | None = None
         self.metrics = Metrics(self)
@@ -216,38 +229,45 @@ class SearchService:
         meanwhile finish on the old one. An output that fails to load (an update still being written, files
         vacuumed under it, another model) keeps its loaded index and is tried again on the next call.
         """
-        reloaded = []
-        for name, source in self.sources.items():
-            stamp = self._stamp(name)
-            if stamp is None or stamp == self._stamps.get(name):
-                continue
-            started = time.perf_counter()
-            try:
-                engine = source.open(queries_from=self.engines[name])
-            except Exception as exc:  # noqa: BLE001 - any failure keeps the loaded index; the next call retries
-                log.warning(
-                    "output %s: keeping the index loaded at %s: reloading failed (%s: %s)",
-                    name,
-                    time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.engines[name].loaded_at)),
-                    type(exc).__name__,
-                    redact_text(str(exc)),
-                )
-                continue
-            self.engines[name] = engine
-            self._stamps[name] = source.loaded_stamp
-            reloaded.append(name)
-            count = sum(i.count for i in engine.indexes.values())
-            log.info("output %s: reloaded (%d vectors) in %.1f s", name, count, time.perf_counter() - started)
-        return reloaded
+        with self._reload_lock:
+            return [name for name, source in self.sources.items() if self._reload(name, source)]
+
+    def _reload(self, name: str, source: OutputSource) -> bool:
+        stamp = self._stamp(name)
+        if stamp is None or stamp == self._stamps.get(name) or stamp == self._failed.get(name):
+            return False
+        started = time.perf_counter()
+        try:
+            engine = source.open(queries_from=self.engines[name])
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the loaded index until index_info.json changes
+            self._failed[name] = stamp
+            log.warning(
+                "output %s: keeping the index loaded at %s: reloading failed (%s: %s)",
+                name,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.engines[name].loaded_at)),
+                type(exc).__name__,
+                redact_text(str(exc)),
+            )
+            return False
+        self.engines[name] = engine
+        self._stamps[name] = source.loaded_stamp
+        count = sum(i.count for i in engine.indexes.values())
+        log.info("output %s: reloaded (%d vectors) in %.1f s", name, count, time.perf_counter() - started)
+        return True
 
     def start_reloading(self, seconds: float) -> None:
         """Checks every `seconds` for outputs whose index changed and loads them again (a daemon thread)."""
-        if seconds <= 0 or not self.sources or self._reloader is not None:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"reload seconds must be a number >= 0 (0: never), got {seconds}")
+        if seconds == 0 or not self.sources or self._reloader is not None:
             return
 
         def loop() -> None:
             while not self._stop_reloading.wait(seconds):
-                self.reload_changed()
+                try:
+                    self.reload_changed()
+                except Exception as exc:  # noqa: BLE001 - a bug here must not end reloading for good
+                    log.error("checking outputs for updates failed: %s: %s", type(exc).__name__, redact_text(str(exc)))
 
         self._reloader = threading.Thread(target=loop, daemon=True, name="vitaclip-reload")
         self._reloader.start()
@@ -407,6 +427,8 @@ def open_service(
     Every `reload_seconds` (0: never) it checks whether a run updated an output's index and loads that output
     again (`SearchService.reload_changed`).
     """
+    if not math.isfinite(reload_seconds) or reload_seconds < 0:
+        raise ValueError(f"reload seconds must be a number >= 0 (0: never), got {reload_seconds}")
     engines, sources = {}, {}
     for name, out in parse_index_specs(specs):
         started = time.perf_counter()

@@ -10,6 +10,8 @@ Every function takes an output as an `OutputLocation`, a URL or path, or a `inde
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -114,13 +116,30 @@ def data_files(output: Output, table: str, *, version: int | None = None) -> lis
     return data_file_paths(dt)
 
 
-def local_copy(output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None) -> Path:
+_SEGMENT_FILE = re.compile(r"\.\d{6}-[0-9a-f]{8}\.")  # index segment and deletion files: a fresh id per write
+
+
+def _written_once(folder: str, rel: str) -> bool:
+    """Whether an output file is written once under a name never reused (data files, Delta commits, index
+    segments), so a cached copy of it stays good; the index's info file, the run records and the log's checkpoint
+    pointer change."""
+    if folder in ("videos", "segments"):
+        return not rel.endswith("_last_checkpoint")
+    return folder == "index" and bool(_SEGMENT_FILE.search(rel.rsplit("/", 1)[-1]))
+
+
+def local_copy(
+    output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None, tables: bool = True
+) -> Path:
     """A local folder with an output's tables, index and run records: a local output itself, or a cached copy of
     one on an object store (``s3://``, ``gs://``, ``az://``), for the search engine.
 
-    Data files and Delta commits never change once written and are fetched once; the index files, run records and
-    the log's checkpoint pointer are fetched again, and index files an update superseded are dropped from the cache.
-    The cache lives under ``~/.cache/vitaclip/outputs`` (or `cache_root`), one folder per output URL.
+    Data files, Delta commits and index segments never change once written and are fetched once; the index's info
+    file, the run records and the log's checkpoint pointer are fetched again, and index files an update superseded
+    are dropped from the cache. Several processes may copy into one cache at once (service replicas on a node).
+    With ``tables=False`` only the index and the run records are copied (the search engine then reads the tables
+    where they are: `index.search.SearchEngine`'s `tables`). The cache lives under ``~/.cache/vitaclip/outputs`` (or
+    `cache_root`), one folder per output URL.
     """
     import hashlib
 
@@ -132,7 +151,7 @@ def local_copy(output: str, *, s3_endpoint_url: str | None = None, cache_root: s
     filesystem, base = location.filesystem()
     root = Path(cache_root) if cache_root else Path.home() / ".cache" / "vitaclip" / "outputs"
     cache = root / hashlib.sha256(location.url.encode()).hexdigest()[:16]
-    for folder in ("videos", "segments", "index", "runs"):
+    for folder in ("videos", "segments", "index", "runs") if tables else ("index", "runs"):
         infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
         listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
         if folder == "index" and (cache / "index").is_dir():
@@ -140,10 +159,10 @@ def local_copy(output: str, *, s3_endpoint_url: str | None = None, cache_root: s
                 (cache / "index" / stale).unlink()
         for rel in listed:
             target = cache / rel
-            if target.exists() and folder not in ("index", "runs") and not rel.endswith("_last_checkpoint"):
+            if target.exists() and _written_once(folder, rel):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
+            partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # per copier
             with filesystem.open_input_stream(f"{base}/{rel}") as src, open(partial, "wb") as out:
                 while chunk := src.read(8 * 2**20):  # streamed: index files can be many GiB
                     out.write(chunk)

@@ -178,15 +178,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from index.search import SearchEngine
-    from index.tables import local_copy
+    from index.service import OutputSource
 
-    return SearchEngine(
-        local_copy(args.index, s3_endpoint_url=args.s3_endpoint_url),
-        model=args.model,
-        checkpoint=args.checkpoint,
-        device=args.device,
-    )
+    source = OutputSource(args.index, s3_endpoint_url=args.s3_endpoint_url)
+    return source.open(model=args.model, checkpoint=args.checkpoint, device=args.device)
 
 
 def format_hits(hits: Sequence[Any], *, segments: bool) -> str:

@@ -8,6 +8,7 @@ infra/serve/search.yaml``) through `app_builder`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         parse_index_specs(self.indexes)  # names checked before any replica starts
+        if not math.isfinite(self.reload_seconds) or self.reload_seconds < 0:
+            raise ValueError(f"reload_seconds must be a number >= 0 (0: never), got {self.reload_seconds}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         ServiceLimits(**self.limits)

@@ -12,8 +12,8 @@ import numpy as np
 from test_index_job import BROKEN, job_command, make_videos
 
 from index.delta_tables import OutputLocation
-from index.search import SearchEngine
-from index.tables import local_copy, read_table
+from index.service import OutputSource
+from index.tables import read_table
 from jobs.storage import ObjectFsStore, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path) -> None:
     """Two job runs on `location` (its bucket or container exists; credentials in `env`): the first indexes four
     videos and the broken inputs, the second finds them done and re-indexes one changed video, replacing its row;
-    the run records, the incremental index and a search from the cached copy follow."""
+    the run records, the incremental index and a search (the index cached, the tables read in place) follow."""
     import pyarrow.fs as pafs
 
     url = location.url
@@ -63,9 +63,13 @@ def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path
     # Search from the cached copy finds a video by its own embedding.
     row = next(r for r in table.to_pylist() if r["status"] == "ok")
     target = np.asarray(row["embedding"], dtype=np.float32)
-    engine = SearchEngine(local_copy(url), text_encoder=lambda texts: np.stack([target] * len(texts)))
+    source = OutputSource(url, cache_root=str(tmp_path / "cache"))
+    engine = source.open(text_encoder=lambda texts: np.stack([target] * len(texts)))
     (hit,) = engine.search("anything", k=1)
     assert hit.video_id == row["video_id"]
+    thumbnail = engine.thumbnail(hit.row_id)  # read where the table is, from the row group holding the row
+    assert thumbnail is not None and thumbnail[:2] == b"\xff\xd8"
+    assert not list((tmp_path / "cache").rglob("*.parquet"))  # the cache holds the index and run records only
     # The bucket or container holds both tables' logs.
     filesystem, base = location.filesystem()
     bucket = base.split("/", 1)[0]

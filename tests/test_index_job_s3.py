@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from fault_proxy import FaultProxy
 from test_index_job import BROKEN, job_args, make_videos
 
 from index import tables
+from index.schema import row_id_for
 from jobs.index_videos import main
 from jobs.storage import make_s3_client, open_store
 
@@ -90,18 +92,18 @@ def test_s3_in_and_out_with_faults(ray_with_s3: str, s3_bucket, tmp_path: Path) 
     assert "testing" not in text.replace('"testing', "")  # the dummy secret never lands in the summary
 
     # The search service over that output: an S3 video is served as a presigned URL while it is the version indexed.
-    import urllib.request
-
     from fastapi.testclient import TestClient
 
     from index.api import create_app
-    from index.search import SearchEngine
-    from index.service import SearchService
+    from index.service import OutputSource, SearchService
 
-    cache = tables.local_copy(f"s3://{bucket}/out", s3_endpoint_url=ray_with_s3, cache_root=str(tmp_path / "cache"))
-    service = SearchService({"s3": SearchEngine(cache)}, s3_endpoint_url=ray_with_s3)
+    source = OutputSource(f"s3://{bucket}/out", s3_endpoint_url=ray_with_s3, cache_root=str(tmp_path / "cache"))
+    service = SearchService({"s3": source.open()}, s3_endpoint_url=ray_with_s3)
     client_http = TestClient(create_app(service))
     row = rows[videos[0].name]
+    thumbnail = client_http.get(f"/thumbnails/{row_id_for(row['video_id'])}.jpg")  # from the table on S3
+    assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
+    assert not list((tmp_path / "cache").rglob("*.parquet"))  # only the index and run records are copied
     answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)
     assert answer.status_code == 307 and answer.headers["cache-control"] == "no-store"
     location = answer.headers["location"]

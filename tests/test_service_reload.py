@@ -7,11 +7,13 @@ would: a committed row for a new video, then the incremental index update.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,11 @@ from index.api import create_app
 from index.build import build_from_output
 from index.catalog import RowCatalog
 from index.commits import Committer, Planner, WrittenBatch
-from index.delta_tables import table_schema, write_data_file
+from index.delta_tables import OutputLocation, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
 from index.search import SearchEngine
 from index.segments import INDEX_DIR, INFO_FILE
-from index.service import open_service
+from index.service import SearchService, open_service
 from jobs.storage import open_store
 
 
@@ -71,7 +73,7 @@ def add_video(out: Path, like: dict[str, Any], uri: str, etag: str = "later") ->
 def same_rows(engine: SearchEngine, root: Path) -> None:
     """The engine's rows (taken over from its predecessor, plus the update's) are those a fresh load reads."""
     for name, catalog in engine.catalogs.items():
-        fresh = RowCatalog(root, name, engine.model_id)
+        fresh = RowCatalog(OutputLocation.from_url(str(root)), name, engine.model_id)
         assert catalog.row_ids.tolist() == fresh.row_ids.tolist()
         assert catalog.rows_of(fresh.row_ids) == fresh.rows_of(fresh.row_ids)
         for row_id in fresh.row_ids[:5]:
@@ -113,6 +115,12 @@ def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path
     assert vectors(client) == before + 1
     same_rows(service.engines["main"], out)
 
+    # Engines replaced are freed (nothing the new ones share holds on to them).
+    gone = weakref.ref(first)
+    del first, reloaded
+    gc.collect()
+    assert gone() is None
+
     # The same from the service's own thread, as `vitaclip serve` runs it.
     second = service.engines["main"]
     service.start_reloading(0.1)
@@ -148,9 +156,16 @@ def test_a_failed_reload_keeps_the_loaded_index(
     info_path.write_text(json.dumps(info))  # names files that are not there, as a half-copied update would
     with caplog.at_level(logging.WARNING, logger="vitaclip.serve"):
         assert service.reload_changed() == []
-    assert "keeping the index loaded at" in caplog.text
+        assert service.reload_changed() == []  # not tried again (nor its files fetched) until the file changes
+    assert caplog.text.count("keeping the index loaded at") == 1
     after = client.post("/search", json={"embedding": like["embedding"], "k": 3}).json()["results"]
     assert after == before
+
+
+def test_reload_interval_is_checked(indexed: Path) -> None:
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="reload seconds"):
+            open_service([f"main={indexed}"], reload_seconds=bad)
 
 
 def _read_bytes() -> int:
@@ -161,11 +176,20 @@ def _read_bytes() -> int:
 def test_thumbnails_and_stored_vectors_read_one_row_group(engine: SearchEngine) -> None:
     videos = engine.catalogs["videos"]
     row_id = next(int(r) for r in videos.row_ids if (videos.row(int(r)) or {}).get("status") == "ok")
-    smallest = min(p.stat().st_size for c in engine.catalogs.values() for p in c.files)
+    smallest = min((engine.root / c.table_name / f).stat().st_size for c in engine.catalogs.values() for f in c.files)
     start = _read_bytes()
     for unknown in np.random.default_rng(0).integers(0, 2**62, 50):
         assert engine.thumbnail(int(unknown)) is None
     assert _read_bytes() - start < smallest // 2  # a row id that was never indexed reads no data file
+    assert engine.thumbnail(2**64) is None and engine.video("") is None  # out of range, not an error
+    client = TestClient(create_app(SearchService({"main": engine})))
+    assert client.get(f"/thumbnails/{2**64 - 1}.jpg").status_code == 404
+    assert (
+        client.post("/search", json={"embedding": [1.0] * engine.indexes["videos"].dim, "label": "no such"}).json()[
+            "results"
+        ]
+        == []
+    )
     thumb = engine.thumbnail(row_id)
     assert thumb is not None and thumb[:2] == b"\xff\xd8"  # a JPEG
     row = videos.row(row_id)
