@@ -31,6 +31,7 @@ HttpParser = Literal["auto", "httptools", "h11"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PRESIGN_SECONDS = 900
+RELOAD_RETRY_SECONDS = 600.0  # a reload that failed is tried again on the same index_info.json after this
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class SearchService:
         self._slots: asyncio.Semaphore | None = None
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
-        self._failed: dict[str, str | None] = {}  # the stamp a reload failed at: not tried again until it changes
+        self._failed: dict[str, tuple[str, float]] = {}  # (stamp, when) of a failed reload: retried only later
         self._reload_lock = threading.Lock()
         self._stop_reloading = threading.Event()
         self._reloader: threading.Thread | None = None
@@ -227,20 +228,24 @@ class SearchService:
 
         The new engine shares the old one's query model and replaces it whole once loaded: queries running
         meanwhile finish on the old one. An output that fails to load (an update still being written, files
-        vacuumed under it, another model) keeps its loaded index and is tried again on the next call.
+        vacuumed under it, another model) keeps its loaded index; the same update is tried again after
+        ``RELOAD_RETRY_SECONDS`` (a transient failure), a newer one at once.
         """
         with self._reload_lock:
             return [name for name, source in self.sources.items() if self._reload(name, source)]
 
     def _reload(self, name: str, source: OutputSource) -> bool:
         stamp = self._stamp(name)
-        if stamp is None or stamp == self._stamps.get(name) or stamp == self._failed.get(name):
+        if stamp is None or stamp == self._stamps.get(name):
+            return False
+        failed_stamp, failed_at = self._failed.get(name, ("", 0.0))
+        if stamp == failed_stamp and time.monotonic() - failed_at < RELOAD_RETRY_SECONDS:
             return False
         started = time.perf_counter()
         try:
             engine = source.open(queries_from=self.engines[name])
         except Exception as exc:  # noqa: BLE001 - any failure keeps the loaded index until index_info.json changes
-            self._failed[name] = stamp
+            self._failed[name] = (stamp, time.monotonic())
             log.warning(
                 "output %s: keeping the index loaded at %s: reloading failed (%s: %s)",
                 name,

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 
+import index.service as service_module
 from index import tables
 from index.api import create_app
 from index.build import build_from_output
@@ -140,7 +141,7 @@ def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path
 
 
 def test_a_failed_reload_keeps_the_loaded_index(
-    indexed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    indexed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(indexed, out)
@@ -156,8 +157,11 @@ def test_a_failed_reload_keeps_the_loaded_index(
     info_path.write_text(json.dumps(info))  # names files that are not there, as a half-copied update would
     with caplog.at_level(logging.WARNING, logger="vitaclip.serve"):
         assert service.reload_changed() == []
-        assert service.reload_changed() == []  # not tried again (nor its files fetched) until the file changes
-    assert caplog.text.count("keeping the index loaded at") == 1
+        assert service.reload_changed() == []  # not tried again at once (nor its files fetched again)
+        assert caplog.text.count("keeping the index loaded at") == 1
+        monkeypatch.setattr(service_module, "RELOAD_RETRY_SECONDS", 0.0)
+        assert service.reload_changed() == []  # later, in case the failure was transient
+    assert caplog.text.count("keeping the index loaded at") == 2
     after = client.post("/search", json={"embedding": like["embedding"], "k": 3}).json()["results"]
     assert after == before
 
