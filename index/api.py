@@ -451,7 +451,8 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         if stem == filename or not stem.isdigit() or len(stem) > 19:
             return _error(404, "thumbnails are /thumbnails/{row_id}.jpg")
         _, engine = service.engine(index)
-        data = await asyncio.get_running_loop().run_in_executor(None, engine.thumbnail, int(stem))
+        row_id = int(stem)
+        data = await service.run_query(lambda: engine.thumbnail(row_id))  # a read: within the query slots
         if data is None:
             return _error(404, "no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})

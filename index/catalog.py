@@ -41,6 +41,9 @@ class RowCatalog:
         table: ``videos`` or ``segments``.
         model_id: only this model's rows are held.
         columns: the columns held (``row_id`` among them).
+        version: the table version (None: the latest).
+        previous: a catalog of an earlier version of the same table: its rows of data files still in this version
+            are taken over instead of read again.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class RowCatalog:
         model_id: str,
         columns: Sequence[str] = (),
         *,
+        version: int | None = None,
         previous: RowCatalog | None = None,
     ) -> None:
         self.table_name, self.model_id = table, model_id
@@ -57,7 +61,7 @@ class RowCatalog:
         self.location = location
         self._filesystem, base = location.filesystem()
         self._folder = f"{base}/{table}"
-        self.files = data_files(location, table)  # names under the table's folder; a data file never changes
+        self.files = data_files(location, table, version=version)  # names in the table's folder, each written once
         self.groups: list[tuple[int, int]] = []  # (index into files, row group)
         pieces, known = [], set()
         if previous is not None and (previous.location.url, previous.table_name, previous.model_id) == (
@@ -66,7 +70,8 @@ class RowCatalog:
             model_id,
         ):
             if previous.columns == self.columns:
-                pieces.append(self._kept(previous))
+                kept = self._kept(previous)
+                pieces += [kept] if kept.num_rows else []
                 known = set(previous.files)
         new = [i for i, name in enumerate(self.files) if name not in known]
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(new)))) as pool:  # object stores: latency-bound
@@ -76,17 +81,16 @@ class RowCatalog:
                     pieces.append(rows.append_column(_GROUP, marker))
                     self.groups.append((file_index, row_group))
         if pieces:
-            rows = pa.concat_tables(pieces)
+            rows = pa.concat_tables(pieces, promote_options="permissive")
             order = np.argsort(rows.column("row_id").to_numpy(), kind="stable")
             rows = rows.take(order)
         else:
-            schema = self._open(self.files[0]).schema_arrow if self.files else None
-            fields = [schema.field(c) for c in self.columns] if schema else [pa.field("row_id", pa.int64())]
-            rows = pa.table({f.name: pa.array([], f.type) for f in fields}).append_column(
-                _GROUP, pa.array([], pa.int32())
-            )
+            empty = self._open(self.files[0]).schema_arrow.empty_table() if self.files else None
+            rows = empty.select(self.columns) if empty is not None else pa.table({"row_id": pa.array([], pa.int64())})
+            rows = rows.append_column(_GROUP, pa.array([], pa.int32()))
         self.rows = _compact(rows)
         self.row_ids: np.ndarray = self.rows.column("row_id").to_numpy()
+        self.label_names = _label_names(self.rows)
         self._cache: OrderedDict[tuple[int, str], tuple[np.ndarray, pa.Array, int]] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -183,6 +187,16 @@ class RowCatalog:
         read = self._open(self.files[file_index]).read_row_group(row_group, columns=["row_id", "model_id", column])
         read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
         return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes
+
+
+def _label_names(rows: pa.Table) -> frozenset[str]:
+    """Every label name the rows hold (a filter on another one can match nothing)."""
+    if "labels" not in rows.column_names or rows.num_rows == 0:
+        return frozenset()
+    names = pc.list_flatten(rows.column("labels"))
+    if pa.types.is_dictionary(names.type):
+        return frozenset(str(n) for n in pa.chunked_array([c.dictionary for c in names.chunks]).to_pylist())
+    return frozenset(pc.unique(names).to_pylist())
 
 
 def _compact(rows: pa.Table) -> pa.Table:

@@ -187,7 +187,13 @@ class SearchEngine:
             for name in self.info["indexes"]
         }
         self.catalogs: dict[str, RowCatalog] = {
-            name: RowCatalog(self.location, name, self.model_id, previous=before.catalogs.get(name) if before else None)
+            name: RowCatalog(
+                self.location,
+                name,
+                self.model_id,
+                version=(self.table_versions or {}).get(name),  # the versions this engine says it answers from
+                previous=before.catalogs.get(name) if before else None,
+            )
             for name in sorted({"videos", *self.indexes})
         }
         self._encode_lock = threading.Lock()
@@ -379,7 +385,7 @@ class SearchEngine:
             return cached
         try:
             stored = self.catalogs[name].cell(row["row_id"], "embedding")
-        except OSError:
+        except (OSError, pa.ArrowException):  # vacuumed or damaged since this engine loaded
             stored = None  # vacuumed since this engine loaded: a reload brings the current files
         if stored is None:
             raise QueryError("the row is no longer in the table")
@@ -406,6 +412,8 @@ class SearchEngine:
         index = self.indexes[name]
         if index.count == 0:
             return []  # every indexed row was removed since
+        if filters.label is not None and filters.label not in self.catalogs[name].label_names:
+            return []  # no row has that label: nothing to fetch the whole index for
         fetch = min(max(4 * k, 16), index.count)
         while True:
             scores, ids = index.search(query[None], fetch)
@@ -435,7 +443,7 @@ class SearchEngine:
         held = catalog.rows.select(columns).take(at[order])
         keep = np.ones(len(order), dtype=bool)
         if exclude_video is not None:
-            keep &= np.asarray(held.column("video_id").to_pylist(), dtype=object) != exclude_video
+            keep &= pc.not_equal(held.column("video_id"), exclude_video).to_numpy(zero_copy_only=False)
         if filters.label is not None:
             keep &= _has_label(held.column("labels"), filters.label)
         if name == "segments":  # the video's row: a segment counts while its video is ok, and by its duration
@@ -515,7 +523,7 @@ class SearchEngine:
         for catalog in self.catalogs.values():
             try:
                 data = catalog.cell(row_id, "thumbnail_jpeg")
-            except OSError:
+            except (OSError, pa.ArrowException):  # vacuumed or damaged since this engine loaded
                 return None  # vacuumed since this engine loaded
             if data:
                 return bytes(data)

@@ -9,6 +9,7 @@ Every function takes an output as an `OutputLocation`, a URL or path, or a `inde
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -28,6 +29,7 @@ from index.delta_tables import (
     old_layout_message,
     open_table,
 )
+from index.segments import INFO_FILE, referenced_files
 
 if TYPE_CHECKING:
     from index.stores import Store
@@ -116,7 +118,7 @@ def data_files(output: Output, table: str, *, version: int | None = None) -> lis
     return data_file_paths(dt)
 
 
-_SEGMENT_FILE = re.compile(r"\.\d{6}-[0-9a-f]{8}\.")  # index segment and deletion files: a fresh id per write
+_SEGMENT_FILE = re.compile(r"\.\d{6,}-[0-9a-f]{8}\.")  # index segment and deletion files: a fresh id per write
 
 
 def _written_once(folder: str, rel: str) -> bool:
@@ -126,6 +128,21 @@ def _written_once(folder: str, rel: str) -> bool:
     if folder in ("videos", "segments"):
         return not rel.endswith("_last_checkpoint")
     return folder == "index" and bool(_SEGMENT_FILE.search(rel.rsplit("/", 1)[-1]))
+
+
+def _drop_superseded(folder: Path, listed: set[str]) -> None:
+    """Removes cached index files that the output no longer has, except those the cached info file still names
+    (a process sharing the cache may be loading them; they go at the next update) and other copiers' partial
+    files."""
+    if not folder.is_dir():
+        return
+    try:
+        named = referenced_files(json.loads((folder / INFO_FILE).read_text()))
+    except (OSError, ValueError):
+        named = set()
+    for path in folder.iterdir():
+        if path.name not in listed and path.name not in named and not path.name.startswith("."):
+            path.unlink(missing_ok=True)
 
 
 def local_copy(
@@ -154,9 +171,9 @@ def local_copy(
     for folder in ("videos", "segments", "index", "runs") if tables else ("index", "runs"):
         infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
         listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
-        if folder == "index" and (cache / "index").is_dir():
-            for stale in {p.name for p in (cache / "index").iterdir()} - {rel.split("/", 1)[1] for rel in listed}:
-                (cache / "index" / stale).unlink()
+        if folder == "index":
+            _drop_superseded(cache / "index", {rel.rsplit("/", 1)[-1] for rel in listed})
+            listed.sort(key=lambda rel: rel.endswith(f"/{INFO_FILE}"))  # the info file last: it names the others
         for rel in listed:
             target = cache / rel
             if target.exists() and _written_once(folder, rel):

@@ -28,11 +28,12 @@ from index.api import create_app
 from index.build import build_from_output
 from index.catalog import RowCatalog
 from index.commits import Committer, Planner, WrittenBatch
-from index.delta_tables import OutputLocation, table_schema, write_data_file
+from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
 from index.search import SearchEngine
-from index.segments import INDEX_DIR, INFO_FILE
+from index.segments import INDEX_DIR, INFO_FILE, Segment
 from index.service import SearchService, open_service
+from index.tables import _drop_superseded
 from jobs.storage import open_store
 
 
@@ -164,6 +165,32 @@ def test_a_failed_reload_keeps_the_loaded_index(
     assert caplog.text.count("keeping the index loaded at") == 2
     after = client.post("/search", json={"embedding": like["embedding"], "k": 3}).json()["results"]
     assert after == before
+
+
+def test_an_output_indexed_after_the_service_started_empty(indexed: Path, tmp_path: Path) -> None:
+    like = ok_video(indexed)
+    out = tmp_path / "out"
+    store = open_store(str(out))
+    create_tables(store.location, len(like["embedding"]), model_id=like["model_id"])
+    build_from_output(store, model_id=like["model_id"])  # an index of nothing yet
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    added = add_video(out, like, str(tmp_path / "first.mp4"))
+    assert service.reload_changed() == ["main"]
+    assert client.get(f"/videos/{added}").status_code == 200
+    same_rows(service.engines["main"], out)
+
+
+def test_cached_index_files_in_use_or_being_copied_are_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    folder.mkdir()
+    segment = Segment("000001-0a0b0c0d", 1, 3, "flat", "Flat")
+    (folder / INFO_FILE).write_text(json.dumps({"indexes": {"videos": {"segments": [segment.to_dict()]}}}))
+    for name in [*segment.files("videos"), "videos.000000-aaaaaaaa.faiss", ".videos.x.faiss.123.partial"]:
+        (folder / name).write_bytes(b"x")
+    _drop_superseded(folder, listed={INFO_FILE, "videos.000002-99999999.faiss"})
+    left = {p.name for p in folder.iterdir()}
+    assert left == {INFO_FILE, *segment.files("videos"), ".videos.x.faiss.123.partial"}
 
 
 def test_reload_interval_is_checked(indexed: Path) -> None:
