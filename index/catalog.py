@@ -34,7 +34,7 @@ _MAX_ROW_ID = 2**63 - 1  # row ids are non-negative int64 (`index.schema.row_id_
 
 
 class RowCatalog:
-    """One table's committed rows of one model (at the table's latest version), by row id.
+    """One table's committed rows of one model at one version of the table, by row id.
 
     Args:
         location: the output (local or on an object store: data files are read with ranged reads, several at once).
