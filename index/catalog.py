@@ -91,6 +91,7 @@ class RowCatalog:
         self.rows = _compact(rows)
         self.row_ids: np.ndarray = self.rows.column("row_id").to_numpy()
         self.label_names = _label_names(self.rows)
+        self.duration_range = _range(self.rows, "duration_seconds")  # (NaN, NaN): none known
         self._cache: OrderedDict[tuple[int, str], tuple[np.ndarray, pa.Array, int]] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -187,6 +188,15 @@ class RowCatalog:
         read = self._open(self.files[file_index]).read_row_group(row_group, columns=["row_id", "model_id", column])
         read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
         return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes
+
+
+def _range(rows: pa.Table, column: str) -> tuple[float, float]:
+    """(smallest, largest) non-null value of a numeric column; NaNs when there is none."""
+    if column not in rows.column_names:
+        return float("nan"), float("nan")
+    found = pc.min_max(rows.column(column))
+    low, high = found["min"].as_py(), found["max"].as_py()
+    return (float("nan"), float("nan")) if low is None or high is None else (float(low), float(high))
 
 
 def _label_names(rows: pa.Table) -> frozenset[str]:

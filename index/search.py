@@ -412,8 +412,8 @@ class SearchEngine:
         index = self.indexes[name]
         if index.count == 0:
             return []  # every indexed row was removed since
-        if filters.label is not None and filters.label not in self.catalogs[name].label_names:
-            return []  # no row has that label: nothing to fetch the whole index for
+        if not self._may_match(name, filters):
+            return []  # no row can pass: nothing to fetch the whole index for
         fetch = min(max(4 * k, 16), index.count)
         while True:
             scores, ids = index.search(query[None], fetch)
@@ -421,6 +421,16 @@ class SearchEngine:
             if len(hits) >= k or fetch >= index.count:
                 return hits
             fetch = min(fetch * 4, index.count)
+
+    def _may_match(self, name: str, filters: Filters) -> bool:
+        """False when no row of the index can pass the filters (a label no row has, a duration range outside every
+        video's), which would otherwise make a search fetch every vector."""
+        if filters.label is not None and filters.label not in self.catalogs[name].label_names:
+            return False
+        low, high = self.catalogs["videos"].duration_range  # NaN (none known) compares False: nothing passes
+        if filters.min_duration is not None and not filters.min_duration <= high:
+            return False
+        return filters.max_duration is None or filters.max_duration >= low
 
     def _first_hits(
         self,

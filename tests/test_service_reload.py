@@ -215,12 +215,11 @@ def test_thumbnails_and_stored_vectors_read_one_row_group(engine: SearchEngine) 
     assert engine.thumbnail(2**64) is None and engine.video("") is None  # out of range, not an error
     client = TestClient(create_app(SearchService({"main": engine})))
     assert client.get(f"/thumbnails/{2**64 - 1}.jpg").status_code == 404
-    assert (
-        client.post("/search", json={"embedding": [1.0] * engine.indexes["videos"].dim, "label": "no such"}).json()[
-            "results"
-        ]
-        == []
-    )
+    query = {"embedding": [1.0] * engine.indexes["videos"].dim}
+    for impossible in ({"label": "no such"}, {"min_duration": 1e9}, {"max_duration": 0.001}):
+        assert client.post("/search", json={**query, **impossible}).json()["results"] == []
+    low, high = engine.catalogs["videos"].duration_range
+    assert client.post("/search", json={**query, "min_duration": low, "max_duration": high}).json()["results"]
     thumb = engine.thumbnail(row_id)
     assert thumb is not None and thumb[:2] == b"\xff\xd8"  # a JPEG
     row = videos.row(row_id)
