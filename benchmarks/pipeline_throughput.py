@@ -16,6 +16,11 @@ previous run's actors have exited (their teardown belongs to the previous run). 
 waits for other processes to go quiet and is repeated when they kept more than ``--max-other-cores`` busy during it;
 the cores they used are printed for every pass.
 
+With ``--decode-stage`` each repeat also times the job's decode stage alone on Ray Data (the run's Dataset up to
+its decode actors, over the blocks its planner cuts, drained by the driver; planned before timing): decode-only
+against it is what Ray Data and the decode actors' start cost, it against the job what the embed actor, planning,
+writes and commits cost.
+
     python benchmarks/pipeline_throughput.py --num-videos 96 384 --repeats 3 --videos-dir /tmp/vitaclip-bench
 """
 
@@ -224,6 +229,71 @@ def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
     return elapsed
 
 
+def time_decode_stage(folder: Path, out: Path, *, model: str, count: int) -> float:
+    """The job's decode stage alone on Ray Data (its Dataset up to decoding, over the blocks the job's planner cuts
+    for this set, the same decode actors): the part of the job's cost that is Ray Data and decoding, with no embed
+    actor, writes or commits. Planning is done before timing."""
+    import ray
+
+    from index.delta_tables import create_tables
+    from jobs.config import IndexJobConfig
+    from jobs.pipeline import decode_dataset, plan_index_pools_for, plan_run, resolve_run_model, run_listing
+    from jobs.storage import open_store
+
+    shutil.rmtree(out, ignore_errors=True)
+    job = IndexJobConfig(inputs=(str(folder),), output=str(out), model=model, random_weights=True)
+    resolved = resolve_run_model(job)
+    location = open_store(job.output).location
+    versions = create_tables(location, resolved.embed_dim, model_id=resolved.model_id)
+    pools, _ = plan_index_pools_for(job)
+    planner, blocks = plan_run(run_listing(job), location, resolved, versions, (str(folder),), pools)
+    start = time.perf_counter()
+    rows = sum(
+        int(bundle.num_rows() or 0)
+        for bundle in decode_dataset(job, blocks, resolved, pools).iter_internal_ref_bundles()
+    )
+    elapsed = time.perf_counter() - start
+    ray.kill(planner)  # after the Dataset: it owns the blocks, as in the job
+    assert rows == count, (rows, count)
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
+
+
+def time_passes(
+    args: argparse.Namespace,
+    sets: dict[int, Path],
+    videos: list[Path],
+    *,
+    num_frames: int,
+    size: int,
+    quiet: dict[str, Any],
+) -> tuple[
+    dict[int, list[float]], dict[int, list[float]], dict[int, list[float]], dict[int, list[tuple[float, float]]]
+]:
+    """Per set, ``--repeats`` times: a decode-only pass, a job run (and the decode stage alone with
+    ``--decode-stage``), alternating. Returns their seconds and the cores other processes used meanwhile."""
+    decode_times: dict[int, list[float]] = {n: [] for n in sets}
+    job_times: dict[int, list[float]] = {n: [] for n in sets}
+    stage_times: dict[int, list[float]] = {n: [] for n in sets}
+    other_cores: dict[int, list[tuple[float, float]]] = {n: [] for n in sets}
+    for n in sorted(sets):
+        for _ in range(args.repeats):
+            decode_pass = partial(time_decode_only, videos[:n], cpus=args.cpus, num_frames=num_frames, size=size)
+            seconds, decode_other = timed(decode_pass, **quiet)
+            decode_times[n].append(seconds)
+            wait_for_actors_to_exit()
+            seconds, job_other = timed(
+                partial(time_job, sets[n], args.work / "out", model=args.model, count=n), **quiet
+            )
+            job_times[n].append(seconds)
+            other_cores[n].append((decode_other, job_other))
+            if args.decode_stage:
+                wait_for_actors_to_exit()
+                stage = partial(time_decode_stage, sets[n], args.work / "out", model=args.model, count=n)
+                stage_times[n].append(timed(stage, **quiet)[0])
+    return decode_times, job_times, stage_times, other_cores
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -243,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         help="repeat a timed pass during which other processes kept more cores than this busy (shared machines)",
     )
     p.add_argument("--tries", type=int, default=4, help="most tries per timed pass")
+    p.add_argument(
+        "--decode-stage",
+        action="store_true",
+        help="also time the job's decode stage alone on Ray Data (no embed actor, writes or commits) in each repeat",
+    )
     args = p.parse_args(argv)
     sizes = sorted(set(args.num_videos))
     if sizes[0] < 1 or args.repeats < 1:
@@ -256,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = vitaclip.get_model_config(args.model)
     size = config.image_size
-    work = Path(args.videos_dir or tempfile.mkdtemp(prefix="vitaclip-bench-"))
+    work = args.work = Path(args.videos_dir or tempfile.mkdtemp(prefix="vitaclip-bench-"))
     videos = make_videos(work / "videos", sizes[-1], args.seconds, args.width, args.height)
     sets = {n: video_set(work, videos[:n]) for n in sizes}
     print(
@@ -275,24 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     time_job(sets[sizes[0]], work / "out", model=args.model, count=sizes[0])  # warm-up: not counted
     first_run_seconds = time.perf_counter() - start
 
-    decode_times: dict[int, list[float]] = {n: [] for n in sizes}
-    job_times: dict[int, list[float]] = {n: [] for n in sizes}
-    other_cores: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
     quiet: dict[str, Any] = dict(max_other_cores=args.max_other_cores, tries=args.tries)
-    for n in sizes:
-        for _ in range(args.repeats):
-            decode_pass = partial(time_decode_only, videos[:n], cpus=args.cpus, num_frames=config.num_frames, size=size)
-            seconds, decode_other = timed(decode_pass, **quiet)
-            decode_times[n].append(seconds)
-            wait_for_actors_to_exit()
-            seconds, job_other = timed(partial(time_job, sets[n], work / "out", model=args.model, count=n), **quiet)
-            job_times[n].append(seconds)
-            other_cores[n].append((decode_other, job_other))
+    times = time_passes(args, sets, videos, num_frames=config.num_frames, size=size, quiet=quiet)
+    decode_times, job_times, stage_times, other_cores = times
     wait_for_actors_to_exit()
     ray.shutdown()
 
     print(f"\nray.init {ray_init_seconds:.2f} s; warm-up run ({sizes[0]} videos) {first_run_seconds:.2f} s")
     report(sizes, decode_times, job_times, other_cores, repeats=args.repeats)
+    if args.decode_stage:
+        report_decode_stage(sizes, decode_times, job_times, stage_times)
     print("\nwhere a job run's time goes (median seconds per phase, the run record's phase_seconds):")
     for n in sizes:
         runs = PHASES[n][-args.repeats :]  # the timed runs, not the warm-up
@@ -350,6 +417,20 @@ def report(
             f"  job: {fit['fixed_seconds']:.2f} s fixed per run + {1000 * fit['job_per_video']:.1f} ms per video; "
             f"decode-only: {1000 * fit['decode_per_video']:.1f} ms per video (fit through {sizes[0]}, {sizes[-1]})"
         )
+
+
+def report_decode_stage(
+    sizes: list[int],
+    decode_times: dict[int, list[float]],
+    job_times: dict[int, list[float]],
+    stage_times: dict[int, list[float]],
+) -> None:
+    """Splits the gap between decode-only and the job: Ray Data with the decode stage alone, then the rest."""
+    print("\nthe job's decode stage alone on Ray Data (its decode actors, no embed actor, writes or commits)")
+    print(f"{'videos':>6s} {'stage v/s':>10s} {'stage/decode-only':>18s} {'job/stage':>10s}  (medians)")
+    for n in sizes:
+        d, j, st = (statistics.median(t[n]) for t in (decode_times, job_times, stage_times))
+        print(f"{n:6d} {n / st:10.2f} {d / st:18.2f} {st / j:10.2f}")
 
 
 def _fit(small: int, large: int, medians: dict[int, tuple[float, float]]) -> dict[str, Any]:

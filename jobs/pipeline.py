@@ -434,7 +434,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     log.info("run %s", record.run_id)
     phases = Phases()
     try:
-        listing = _listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
+        listing = run_listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
         phases.done("prepare")
         pools, device = plan_index_pools_for(config)
         record.embed_device = device
@@ -485,7 +485,7 @@ class Phases:
         log.debug("phase %s: %.2f s", name, self.seconds[name])
 
 
-def _listing(config: IndexJobConfig) -> Iterator[VideoObject]:
+def run_listing(config: IndexJobConfig) -> Iterator[VideoObject]:
     """The run's listing, its first page fetched already: a wrong bucket, refused credentials or an empty prefix
     raise here with a clear message."""
     filters: dict[str, Any] = dict(
@@ -595,24 +595,7 @@ def index_dataset(config: IndexJobConfig, block_refs: list[Any], model: Resolved
     """The run's one Dataset over the planned blocks: decode, then embed and label (the driver drains it)."""
     import ray
 
-    ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
-    # Ray Data restarts crashed actors and retries their batches by default; a retried batch is written by a new
-    # write task into new files, and the Committer keeps one row per video.
-    ds = ds.map_batches(
-        ReadDecode,
-        fn_constructor_kwargs=dict(
-            num_frames=model.num_frames,
-            size=model.image_size,
-            segment_seconds=config.segment_seconds,
-            timeout_seconds=config.decode_timeout_seconds,
-            s3_endpoint_url=config.s3_endpoint_url,
-            whole_object_max_bytes=config.whole_object_max_bytes,
-        ),
-        batch_size=config.decode_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=pools.decode_workers),
-        num_cpus=pools.cpus_per_decoder,
-    )
-    return ds.map_batches(
+    return decode_dataset(config, block_refs, model, pools).map_batches(
         TimedEmbed,
         fn_constructor_kwargs=dict(
             model=config.model,
@@ -626,6 +609,29 @@ def index_dataset(config: IndexJobConfig, block_refs: list[Any], model: Resolved
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pools.embed_workers),
         num_gpus=pools.gpus_per_embedder,
         num_cpus=pools.cpus_per_embedder,
+    )
+
+
+def decode_dataset(config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools) -> Any:
+    """The run's Dataset up to its decode stage (`index_dataset` adds the embed stage; benchmarks time it alone)."""
+    import ray
+
+    ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
+    # Ray Data restarts crashed actors and retries their batches by default; a retried batch is written by a new
+    # write task into new files, and the Committer keeps one row per video.
+    return ds.map_batches(
+        ReadDecode,
+        fn_constructor_kwargs=dict(
+            num_frames=model.num_frames,
+            size=model.image_size,
+            segment_seconds=config.segment_seconds,
+            timeout_seconds=config.decode_timeout_seconds,
+            s3_endpoint_url=config.s3_endpoint_url,
+            whole_object_max_bytes=config.whole_object_max_bytes,
+        ),
+        batch_size=config.decode_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pools.decode_workers),
+        num_cpus=pools.cpus_per_decoder,
     )
 
 
