@@ -310,11 +310,17 @@ def _azure_filesystem() -> pafs.FileSystem:
 
 
 def _strip_userinfo(endpoint: str) -> str:
-    parts = urllib.parse.urlsplit(endpoint)
+    # The messages never quote the URL: what looks like a bad port may be an unencoded password.
+    shape = "s3_endpoint_url must look like http(s)://host[:port] (credentials come from the AWS chain)"
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        raise ValueError(shape) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("s3_endpoint_url must look like http(s)://host[:port]")
+        raise ValueError(shape)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = f"{host}:{port}" if port else host
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 

@@ -30,6 +30,11 @@ SECRET = "Sup3rSecretPass"
         ),
         (f"https://x/?token={SECRET}&page=2", "https://x/?token=***&page=2"),
         ("s3://bucket/videos/a.mp4", "s3://bucket/videos/a.mp4"),
+        # Unencoded passwords holding "/", "?" or "#" (AWS secret keys hold "/"): the parser sees no userinfo.
+        (f"http://AKIA:{SECRET}/x+y@minio:9000/b", "http://***@minio:9000/b"),
+        (f"http://AKIA:a/{SECRET}@minio:9000", "http://***@minio:9000"),
+        (f"https://u:{SECRET}?q#f@minio:9000/?token=t", "https://***@minio:9000/?token=***"),
+        ("s3://bucket/videos/a:b@c.mp4", "s3://bucket/videos/a:b@c.mp4"),  # an object key, kept whole
         ("/local/folder", "/local/folder"),
         ("http://minio:9000/?list-type=2&prefix=a", "http://minio:9000/?list-type=2&prefix=a"),
     ],
@@ -37,6 +42,11 @@ SECRET = "Sup3rSecretPass"
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
     assert SECRET not in redact_text(f'error: could not reach "{url}", giving up')
+
+
+def test_redact_text_keeps_schemes_and_object_keys() -> None:
+    text = f"endpoint http://AKIA:{SECRET}/x@minio:9000 failed; bare AKIA:{SECRET}/y@minio:9000; key s3://b/k@x.mp4"
+    assert redact_text(text) == "endpoint http://***@minio:9000 failed; bare ***@minio:9000; key s3://b/k@x.mp4"
 
 
 def test_redact_value_and_log_formatter() -> None:
@@ -98,3 +108,14 @@ def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dum
         text = path.read_text()
         assert SECRET not in text
         assert json.loads(text)["config"]["s3_endpoint_url"].startswith("http://***@127.0.0.1:")
+
+
+def test_an_endpoint_with_an_unencoded_password_is_refused_without_quoting_it() -> None:
+    from index.delta_tables import OutputLocation
+
+    for endpoint in (f"http://AKIA:{SECRET}/x@127.0.0.1:9000", f"http://u:{SECRET}@"):
+        with pytest.raises(ValueError) as info:
+            OutputLocation.from_url("s3://bucket/out", s3_endpoint_url=endpoint)
+        assert SECRET not in str(info.value) and "http(s)://host[:port]" in str(info.value)
+    ok = OutputLocation.from_url("s3://bucket/out", s3_endpoint_url=f"http://u:{SECRET}@127.0.0.1:9000/")
+    assert ok.s3_endpoint_url == "http://127.0.0.1:9000"

@@ -23,8 +23,12 @@ _SECRET_PARAM = re.compile(
 )
 # A URL inside free text: scheme://... up to whitespace or a quote/bracket.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
-# userinfo without a scheme in front, e.g. "user:secret@host" in a netloc printed on its own.
-_BARE_USERINFO = re.compile(r"(?<![\w/@:])[^\s/@:'\"<>`]+:[^\s/@'\"<>`]+@(?=[\w.\-\[\]]+)")
+# userinfo without a scheme in front, e.g. "user:secret@host" in a netloc printed on its own (the secret may hold
+# "/", as AWS secret keys do).
+_BARE_USERINFO = re.compile(r"(?<![\w/@:])[^\s/@:'\"<>`]+:(?!//)[^\s@'\"<>`]+@(?=[\w.\-\[\]]+)")
+# Schemes whose URLs name bucket objects: any character may be part of a key, "@" and ":" included, and these URLs
+# carry no userinfo in this project, so a key such as "a:b@c.mp4" stays as it is.
+_OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file"})
 
 
 def redact_url(url: str) -> str:
@@ -38,6 +42,10 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
+    elif _raw_userinfo(parts.scheme, url):
+        # A password written without percent-encoding that holds "/", "?" or "#" ends the netloc early, so the
+        # parser sees no userinfo: everything up to the last "@" is masked (a path "@" then masks too much).
+        return redact_url(url.split("://", 1)[0] + "://" + MASK + "@" + url.rsplit("@", 1)[1])
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -49,6 +57,12 @@ def redact_url(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _raw_userinfo(scheme: str, url: str) -> bool:
+    """True when ``url`` has an unencoded ``user:password@`` whose password holds a character that ends a netloc."""
+    rest = url.split("://", 1)[1]
+    return scheme.lower() not in _OBJECT_SCHEMES and "@" in rest and ":" in rest.rsplit("@", 1)[0]
 
 
 def redact_text(text: str) -> str:
