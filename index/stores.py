@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import boto3.exceptions
 import boto3.s3.transfer
 import botocore.exceptions
 
@@ -215,11 +216,15 @@ class S3Store(Store):
         return self.prefix + check_rel_path(rel_path)
 
     def _call(self, action: str, rel_path: str, call: Callable[[], T]) -> T:
+        uri = f"s3://{self.bucket}/{self.prefix}{rel_path}"
         try:
             return call()
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            uri = f"s3://{self.bucket}/{self.prefix}{rel_path}"
             raise storage_error(error, uri=uri, action=action) from error
+        except (boto3.exceptions.S3UploadFailedError, boto3.exceptions.RetriesExceededError) as error:
+            # The transfer manager wraps what S3 said (a ClientError: no such bucket, access denied, a failed part).
+            cause = getattr(error, "last_exception", None) or error.__context__ or error
+            raise storage_error(cause, uri=uri, action=action) from error
 
     def put_bytes(self, rel_path: str, data: bytes) -> None:
         key = self._key(rel_path)

@@ -485,6 +485,19 @@ def test_large_files_go_up_as_multipart_uploads(s3_bucket: tuple[Any, str], tmp_
     assert store.get_bytes("index/videos.faiss") == source.read_bytes()
 
 
+def test_file_uploads_to_a_missing_bucket_fail_as_storage_errors(s3_bucket: tuple[Any, str], tmp_path: Path) -> None:
+    """boto3's transfer manager wraps what S3 said (S3UploadFailedError): it still reads as the store's own error,
+    for small files and multipart uploads alike."""
+    client, _ = s3_bucket
+    for size, threshold in ((1 << 10, 8 << 20), (12 << 20, 5 << 20)):
+        store = S3Store("s3://no-such-bucket-here/out", s3_client=client, multipart_threshold_bytes=threshold)
+        source = tmp_path / f"{size}.bin"
+        source.write_bytes(os.urandom(size))
+        with pytest.raises(StorageError) as info:
+            store.put_file("index/videos.faiss", source)
+        assert info.value.reason == "no_such_bucket" and "no-such-bucket-here" in str(info.value)
+
+
 def test_local_put_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(str(tmp_path))
     store.put_bytes("a/file.bin", b"old")
