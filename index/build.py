@@ -464,8 +464,8 @@ def _removed_rows(
     condition = pc.field("model_id") == model_id
     if table == "videos":
         condition = condition & (pc.field("status") == "ok")
-    dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
-    try:
+    try:  # the dataset's discovery already opens the files
+        dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
         rows = dataset.to_table(columns=["row_id", "run_id", "indexed_at"], filter=condition)
     except (FileNotFoundError, OSError) as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
@@ -631,6 +631,7 @@ def _table_entry(
     previous: dict[str, Any],
     reason: str,
     upto: int,
+    table_id: str,
     generation: int,
     fetch: Callable[[str], None],
     **build: Any,
@@ -638,8 +639,13 @@ def _table_entry(
     """One table's index entry: its log followed from the previous entry, else built whole (``rebuild_reason``
     says why); None when the table has no rows to index."""
     after = previous.get("table_versions", {}).get(table)
+    indexed_id = previous.get("table_ids", {}).get(table)
     if not reason and (after is None or table not in previous.get("indexes", {})):
         reason = f"no {table} index yet"
+    if not reason and indexed_id is not None and indexed_id != table_id:
+        reason = f"the {table} table was created again (Delta table id {indexed_id} -> {table_id})"
+    if not reason and int(after) > upto:
+        reason = f"the {table} table is at version {upto}, behind the indexed version {after} (created again?)"
     if not reason:
         try:
             return _follow_log(
@@ -713,12 +719,13 @@ def build_from_output(
         output: The output's store (`index.stores.Store`).
     """
     from index.delta_tables import TABLES
-    from index.tables import as_location, table_versions
+    from index.tables import as_location, table_states
 
     location = as_location(output)
-    versions = table_versions(location)
-    if versions is None:
+    states = table_states(location)
+    if states is None:
         raise ValueError(f"{location.url} has no output tables: run the indexing job first")
+    versions, table_ids = states
     local = output.local_path(INDEX_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         folder = local if local is not None else Path(tmp)
@@ -740,7 +747,8 @@ def build_from_output(
         for table in TABLES:
             entry = _table_entry(
                 folder, table, location, model_id, previous=previous, reason=reason, upto=versions[table],
-                generation=generation, fetch=fetch, kind=kind, tune_queries=tune_queries, recall_target=recall_target,
+                table_id=table_ids[table], generation=generation, fetch=fetch, kind=kind, tune_queries=tune_queries,
+                recall_target=recall_target,
             )  # fmt: skip
             if entry is not None:
                 log.info("index %s: %s, %d vectors in %d segments", table, entry["kind"], entry["count"],
@@ -751,6 +759,7 @@ def build_from_output(
             "model_id": model_id,
             "indexes": entries,
             "table_versions": versions,
+            "table_ids": table_ids,  # a table created again (a new id) is indexed whole, never followed
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         info["removed_files"] = _publish(

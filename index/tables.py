@@ -34,7 +34,16 @@ from index.segments import INFO_FILE, referenced_files
 if TYPE_CHECKING:
     from index.stores import Store
 
-__all__ = ["TABLES", "Output", "as_location", "data_files", "local_copy", "read_table", "table_versions"]
+__all__ = [
+    "TABLES",
+    "Output",
+    "as_location",
+    "data_files",
+    "local_copy",
+    "read_table",
+    "table_states",
+    "table_versions",
+]
 
 Output: TypeAlias = "OutputLocation | Store | str | os.PathLike[str]"
 """An output as the functions here take it."""
@@ -66,14 +75,23 @@ def _open_checked(location: OutputLocation, table: str, version: int | None) -> 
 
 def table_versions(output: Output) -> dict[str, int] | None:
     """The latest version of each table, or None when the output has no tables yet."""
+    found = table_states(output)
+    return None if found is None else found[0]
+
+
+def table_states(output: Output) -> tuple[dict[str, int], dict[str, str]] | None:
+    """The latest version and the Delta table id (``metaData.id``, fixed when a table is created) of each table, or
+    None when the output has no tables yet. A table deleted and created again has a new id: its versions start over
+    and its log does not continue the old one."""
     location = as_location(output)
-    versions = {}
+    versions, ids = {}, {}
     for table in TABLES:
         dt = _open_checked(location, table, None)
         if dt is None:
             return None
         versions[table] = dt.version()
-    return versions
+        ids[table] = str(dt.metadata().id)
+    return versions, ids
 
 
 def read_table(

@@ -284,3 +284,28 @@ def test_deleted_ids_never_come_back_from_any_kind(tmp_path: Path, kind: str) ->
     truth = ids[live][exact_search(data[live], data[:200], 10)]
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.9, (kind, recall)
+
+
+def test_tables_created_again_are_indexed_whole_never_followed(tmp_path: Path) -> None:
+    """Tables deleted and created again (the index kept) start their versions over: an index that followed the new
+    log from the old version numbers would keep the old rows for ever. The table's Delta id says it is new."""
+    import shutil
+
+    rng = np.random.default_rng(3)
+    out = tmp_path / "out"
+    location, store, _ = _indexed_output(str(out), 40, rng)
+    for i in range(3):
+        _commit(location, _rows(_uris(100 + 10 * i, 5), rng))
+    assert build_from_output(store, model_id=MODEL)["table_versions"]["videos"] == 4
+    for table in ("videos", "segments"):
+        shutil.rmtree(out / table)
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(_uris(500, 12), rng))  # version 1: behind the indexed version 4
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "created again" in entry["rebuild_reason"] and entry["count"] == 12
+    _check_search_is_exact(out, location, rng)
+    for i in range(5):  # past the old version numbers: still the new table's rows only
+        _commit(location, _rows(_uris(600 + 10 * i, 3), rng))
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "rebuild_reason" not in entry and entry["count"] == 27
+    _check_search_is_exact(out, location, rng)
