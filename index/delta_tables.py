@@ -701,6 +701,7 @@ def commit(
         raise CommitConflict(
             f"{location.table_uri(table)} is at version {latest.version()}, the commit was planned at {read_version}"
         )
+    _check_added_files_exist(location, table, adds)
     if removes:
         held = {urllib.parse.unquote(path) for path in pa.table(latest.get_add_actions()).column("path").to_pylist()}
         unknown = sorted(removed.path for removed in removes if removed.path not in held)
@@ -734,6 +735,25 @@ def commit(
     except CommitFailedError as exc:
         raise CommitConflict(f"{location.table_uri(table)} changed since version {read_version}: {exc}") from exc
     return read_version + 1
+
+
+def _check_added_files_exist(location: OutputLocation, table: str, adds: Sequence[DataFile]) -> None:
+    """Raises FileNotFoundError (nothing committed) when a file to add is gone: a commit naming it would leave the
+    table unreadable for every reader. A vacuum with a retention shorter than the writer's commit interval deletes
+    files written but not committed yet."""
+    if not adds:
+        return
+    filesystem, root = location.table_path(table)
+    infos = filesystem.get_file_info([f"{root}/{data_file.path}" for data_file in adds])
+    gone = sorted(
+        data_file.path for data_file, info in zip(adds, infos, strict=True) if info.type != pafs.FileType.File
+    )
+    if gone:
+        raise FileNotFoundError(
+            f"{len(gone)} data files written for the {table} table are gone before their commit (deleted by a vacuum "
+            f"with a retention shorter than the time since they were written?): {', '.join(gone[:5])}; nothing was "
+            "committed, their videos are planned again by the next run"
+        )
 
 
 def committed_app_version(location: OutputLocation, table: str, app_id: str) -> int | None:
@@ -913,6 +933,9 @@ def _retention_hours_of(dt: DeltaTable) -> float:
     return int(match.group(1)) * hours_per.get(match.group(2).lower(), math.inf)
 
 
+_TEMPORARY_RE = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet\.[0-9a-f]{32}\.tmp$")  # write_data_file's
+
+
 def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = True) -> dict[str, int]:
     """Deletes data files of both tables that no version younger than `retention_hours` references; counts them.
 
@@ -936,5 +959,20 @@ def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = Tru
             continue
         enforce = hours >= _retention_hours_of(dt)
         files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=enforce, full=full)
-        deleted[table] = len(files)
+        deleted[table] = len(files) + (_sweep_temporaries(location, table, hours) if full else 0)
     return deleted
+
+
+def _sweep_temporaries(location: OutputLocation, table: str, hours: int) -> int:
+    """Deletes the hidden temporary files (``.<name>.<hex>.tmp``) of local writes killed before their rename that
+    are older than `hours`; delta-rs's vacuum skips hidden files. Object stores write no temporaries."""
+    filesystem, root = location.table_path(table)
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return 0
+    cutoff_ns = time.time_ns() - hours * 3600 * 1_000_000_000
+    swept = 0
+    for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if _TEMPORARY_RE.match(info.base_name) and info.type == pafs.FileType.File and (info.mtime_ns or 0) < cutoff_ns:
+            filesystem.delete_file(info.path)
+            swept += 1
+    return swept

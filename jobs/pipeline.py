@@ -358,9 +358,14 @@ class RunRecord:
     def _write(self, record: dict[str, Any]) -> None:
         self.store.put_bytes(f"runs/{self.run_id}.json", json.dumps(record, indent=1, default=str).encode())
 
-    def fail(self, exc: Exception) -> None:
-        """Records a run refused or failed on bad input, instead of "running" for ever."""
-        self._write(dict(self.start, state="failed", error=redact_text(str(exc))))
+    def fail(self, exc: BaseException) -> None:
+        """Records a run that was refused, failed or interrupted, instead of "running" for ever. A failure to write
+        the record is logged: the run's own error is the one that propagates."""
+        error = redact_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+        try:
+            self._write(dict(self.start, state="failed", error=error))
+        except Exception as write_error:  # the output may be what failed
+            log.warning("could not record the failure in runs/%s.json: %s", self.run_id, redact_text(str(write_error)))
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         self._write(summary)
@@ -461,14 +466,25 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             index_info = ray.get(planner.update_index.remote(config, model.model_id))
         ray.kill(planner)
         phases.done("index_update")
-        retention = config.vacuum_retention_hours
-        vacuumed = vacuum(location, retention_hours=retention) if retention > 0 else None
+        vacuumed = _vacuum(location, config.vacuum_retention_hours)
         phases.done("vacuum")
         summary = run_summary(record, model, pools, commits, plan_report, index_info, vacuumed)
         return record.finish({**summary, "phase_seconds": phases.seconds})
-    except ValueError as exc:
+    except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc)
         raise
+
+
+def _vacuum(location: OutputLocation, retention_hours: float) -> dict[str, int] | None:
+    """The end-of-run vacuum (None: turned off); a failure is a warning, as the run's work is committed already
+    and the next run's vacuum deletes what this one could not."""
+    if retention_hours <= 0:
+        return None
+    try:
+        return vacuum(location, retention_hours=retention_hours)
+    except Exception as exc:
+        log.warning("vacuum failed (the run's commits stand): %s: %s", type(exc).__name__, redact_text(str(exc)))
+        return None
 
 
 class Phases:

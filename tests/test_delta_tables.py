@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -555,6 +556,35 @@ def test_vacuum_deletes_removed_and_orphaned_files(local: OutputLocation) -> Non
     assert sorted(p for p in os.listdir(root) if p.endswith(".parquet")) == [new.path]
     assert not os.path.exists(os.path.join(root, orphan.path))
     assert DeltaTable(root).to_pyarrow_table().column("video_id").to_pylist() == ["b"]
+
+
+def test_a_commit_never_names_a_file_that_is_gone(local: OutputLocation) -> None:
+    """A vacuum with a retention shorter than a writer's commit interval deletes files written but not committed
+    yet: the commit that would add them fails before writing anything, and the table stays readable."""
+    kept = dlt.write_data_file(local, "videos", video_rows(["a"]), name=fresh_name())
+    add_files(local, "videos", [kept])
+    pending = dlt.write_data_file(local, "videos", video_rows(["b"]), name=fresh_name())
+    os.utime(os.path.join(local.table_uri("videos"), pending.path), (time.time() - 7200, time.time() - 7200))
+    assert dlt.vacuum(local, retention_hours=1) == {"videos": 1, "segments": 0}
+    version = DeltaTable(local.table_uri("videos")).version()  # vacuum records its own commits
+    with pytest.raises(FileNotFoundError, match="gone before their commit"):
+        add_files(local, "videos", [pending])
+    assert DeltaTable(local.table_uri("videos")).version() == version
+    assert DeltaTable(local.table_uri("videos")).to_pyarrow_table().column("video_id").to_pylist() == ["a"]
+
+
+def test_vacuum_sweeps_temporaries_of_killed_local_writes(local: OutputLocation) -> None:
+    root = local.table_uri("videos")
+    old, young = (os.path.join(root, f".{fresh_name()}.{uuid.uuid4().hex}.tmp") for _ in range(2))
+    for path in (old, young):
+        with open(path, "wb") as f:
+            f.write(b"PAR1 half written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    other = os.path.join(root, ".keep-me.tmp")  # not a name write_data_file makes
+    open(other, "wb").close()
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    assert dlt.vacuum(local, retention_hours=1) == {"videos": 1, "segments": 0}
+    assert not os.path.exists(old) and os.path.exists(young) and os.path.exists(other)
 
 
 # ----------------------------------------------------------------------------------------------------- DuckDB

@@ -366,3 +366,33 @@ def test_a_run_that_cannot_fit_is_refused_at_once(tmp_path: Path, capsys, extra:
     assert "the run needs" in err and "but the Ray cluster has 2 CPUs and 0 GPUs" in err and expected in err
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
     assert record["state"] == "failed" and "the run needs" in record["error"]  # not "running" for ever
+
+
+def test_any_failure_is_recorded_and_a_failed_vacuum_is_only_a_warning(
+    tmp_path: Path, local_ray: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import jobs.pipeline as pipeline
+    from jobs.config import config_from_args
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(pipeline, "vacuum", unreachable)
+    make_videos(tmp_path / "in", 2, broken=False)
+    summary = pipeline.run_index_job(config_from_args(job_args([str(tmp_path / "in")], tmp_path / "out")))
+    assert summary["state"] == "committed" and summary["vacuumed_files"] is None  # the commits stand
+    assert "vacuum failed (the run's commits stand): OSError: the store went away" in caplog.text
+
+    def broken_commit() -> None:
+        raise RuntimeError("the committer gave up")
+
+    make_videos(tmp_path / "in", 1, start=5, broken=False)
+    with pytest.raises(RuntimeError, match="gave up"):
+        pipeline.run_index_job(
+            config_from_args(job_args([str(tmp_path / "in")], tmp_path / "out")),
+            hooks=pipeline.RunHooks(before_commit=broken_commit),
+        )
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
+    assert sorted(r["state"] for r in records) == ["committed", "failed"]  # not "running" for ever
+    (failed,) = [r for r in records if r["state"] == "failed"]
+    assert failed["error"] == "RuntimeError: the committer gave up"
