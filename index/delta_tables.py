@@ -468,20 +468,18 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
 
 
 def detect_old_layout(location: OutputLocation) -> bool:
-    """Whether the output was written by vitaclip's previous layout: ``_commits/*.json`` and no Delta ``videos``."""
+    """Whether the output holds vitaclip's previous layout: ``_commits/*.json`` commit records, which the migration
+    deletes last (Delta tables next to them are a migration that did not finish: it runs again)."""
     filesystem, base = location.filesystem()
     commits = filesystem.get_file_info(pafs.FileSelector(f"{base}/_commits", allow_not_found=True))
-    if not any(info.type == pafs.FileType.File and info.base_name.endswith(".json") for info in commits):
-        return False
-    delta_log = filesystem.get_file_info(f"{base}/videos/_delta_log")
-    return delta_log.type == pafs.FileType.NotFound
+    return any(info.type == pafs.FileType.File and info.base_name.endswith(".json") for info in commits)
 
 
 def old_layout_message(location: OutputLocation) -> str:
     """The error to show for an output of the previous layout (see `detect_old_layout`)."""
     return (
-        f"{location.url} was written by an older vitaclip (commit records under _commits/); "
-        f"run `vitaclip migrate {location.url}` first"
+        f"{location.url} was written by an older vitaclip (commit records under _commits/, or a migration that did "
+        f"not finish); run `vitaclip migrate {location.url}` first"
     )
 
 
@@ -950,6 +948,8 @@ def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = Tru
     """
     if retention_hours < 0:
         raise ValueError(f"retention_hours must be >= 0, got {retention_hours}")
+    if detect_old_layout(location):  # the old parts sit untracked in the table folders until migrated
+        raise ValueError(old_layout_message(location))
     hours = math.ceil(retention_hours)
     deleted: dict[str, int] = {}
     for table in TABLES:

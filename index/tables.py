@@ -84,6 +84,8 @@ def table_states(output: Output) -> tuple[dict[str, int], dict[str, str]] | None
     None when the output has no tables yet. A table deleted and created again has a new id: its versions start over
     and its log does not continue the old one."""
     location = as_location(output)
+    if detect_old_layout(location):  # old records left: a migration that did not finish (or none yet)
+        raise ValueError(old_layout_message(location))
     versions, ids = {}, {}
     for table in TABLES:
         dt = _open_checked(location, table, None)

@@ -4,9 +4,11 @@ The previous layout kept Parquet parts under ``OUT/videos`` and ``OUT/segments``
 ``OUT/_commits/<seq>.json`` (the highest names the live parts) and uncommitted work under ``OUT/_staging``. The
 migration reads the live parts of the latest record one at a time, keeps one row per row id (the newest, as the
 index build did), writes them as Delta data files of schema version 2 and commits each table once (segments, then
-videos). Only then are the old parts, records and staging deleted, so a migration killed half-way leaves the old
-layout readable and can simply run again. The index (``OUT/index``) is rebuilt by the next run or by
-``vitaclip build-index``; run records (``OUT/runs``) stay.
+videos). Only then are the old parts, staging and, last, the records deleted, so a migration killed half-way leaves
+the old layout readable and can simply run again: while a record is left the output counts as the old layout (the
+job refuses it, vacuum leaves it alone), and a table whose commit landed already (its app transaction
+``vitaclip-migrate`` at the record's number) is not written again. The index (``OUT/index``) is rebuilt by the next
+run or by ``vitaclip build-index``; run records (``OUT/runs``) stay.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jobs.storage import Store
 log = logging.getLogger("vitaclip.migrate")
 
 _COMMITS, _STAGING = "_commits", "_staging"
+_APP_ID = "vitaclip-migrate"
 
 
 def _latest_record(store: Store) -> dict[str, Any]:
@@ -85,6 +88,8 @@ def migrate(store: Store) -> dict[str, Any]:
             raise ValueError(f"{location.url} already holds Delta tables: nothing to migrate")
         raise ValueError(f"{location.url} is not a vitaclip output of the previous layout (no _commits/)")
     record = _latest_record(store)
+    # One app version per source record: a run again after a kill finds the commits that landed.
+    app_version = int(record.get("seq") or 0) + 1
     parts = {table: list(record["files"].get(table, [])) for table in dlt.TABLES}
     embed_dim = None
     winners: dict[str, dict[str, np.ndarray]] = {}
@@ -99,6 +104,9 @@ def migrate(store: Store) -> dict[str, Any]:
     report: dict[str, Any] = {"embed_dim": embed_dim}
     migration = uuid.uuid4().hex
     for table in ("segments", "videos"):  # the job's order: segments never point at missing video rows
+        if dlt.committed_app_version(location, table, _APP_ID) == app_version:
+            report[table] = {"rows": None, "files": None, "old_parts": len(parts[table]), "committed_before": True}
+            continue  # a migration killed after this commit: done
         adds = []
         rows = 0
         for index, (rel, keep) in enumerate(sorted(winners[table].items())):
@@ -115,8 +123,8 @@ def migrate(store: Store) -> dict[str, Any]:
                 adds=adds,
                 removes=[],
                 read_version=versions[table],
-                app_id=f"vitaclip-migrate-{migration}",
-                app_version=1,
+                app_id=_APP_ID,
+                app_version=app_version,
                 metadata={"vitaclip.migrated_from_commit": str(record.get("seq"))},
             )
         report[table] = {"rows": rows, "files": len(adds), "old_parts": len(parts[table])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -91,3 +92,39 @@ def test_old_layout_is_refused_then_migrated(tmp_path: Path, capsys: pytest.Capt
     assert {p.name for p in (out / "videos").glob("*.parquet")} == set(tables.data_files(out, "videos"))
     assert cli_main(["migrate", str(out)]) == 2  # already migrated
     assert "already holds Delta tables" in capsys.readouterr().err
+
+
+def test_a_migration_killed_between_its_commits_runs_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the segments commit: the output still counts as the old layout (the job and vacuum refuse it,
+    the old parts stay), and migrate again finishes without writing the segments twice."""
+    from index import delta_tables as dlt
+    from jobs.migrate import migrate
+    from jobs.storage import open_store
+
+    out = tmp_path / "out"
+    _old_output(out)
+    store = open_store(str(out))
+    real_commit = dlt.commit
+
+    def killed_at_videos(location: Any, table: str, **options: Any) -> int:
+        if table == "videos":
+            raise KeyboardInterrupt("killed")
+        return real_commit(location, table, **options)
+
+    monkeypatch.setattr(dlt, "commit", killed_at_videos)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(store)
+    monkeypatch.setattr(dlt, "commit", real_commit)
+    assert dlt.detect_old_layout(store.location)
+    with pytest.raises(ValueError, match="vitaclip migrate"):
+        dlt.vacuum(store.location, retention_hours=0)
+    with pytest.raises(ValueError, match="vitaclip migrate"):
+        tables.table_versions(out)
+    assert any(p.name.startswith("part-") and "migrated" not in p.name for p in (out / "videos").glob("*.parquet"))
+    report = migrate(store)
+    assert report["segments"]["committed_before"] and report["videos"]["rows"] == 3
+    videos, segments = tables.read_table(out, "videos"), tables.read_table(out, "segments")
+    assert videos is not None and videos.num_rows == 3
+    assert segments is not None and segments.num_rows == 6  # not twice
+    assert not dlt.detect_old_layout(store.location)
+    assert {p.name for p in (out / "videos").glob("*.parquet")} == set(tables.data_files(out, "videos"))
