@@ -27,7 +27,8 @@ Beyond these rules, the Committer closes a race around the gap between the two c
 run B commits video X too and our videos commit then conflicts: B's row of X is not DONE for our etag (B listed
 another etag), so we replace it; if B's segments commit removed our X segments, we commit them again from our data
 file. (If B's row is DONE we drop X: our segments commit removed B's X segments only if it added ours, of the same
-etag, which stay as X's set.)
+etag, which stay as X's set; when B's row is a final failure no row has segments, and our clean-up commit removes
+our landed segment rows of X.)
 
 Assumptions: a data file holds the rows of one model and one run (rows carry the committing run's ``run_id``); run
 ids are unique per `Committer`; files removed during a run are not vacuumed before it ends.
@@ -345,6 +346,7 @@ class _Plan:
     readd: DataFile | None  # our segment rows another writer removed after our segments commit, to commit again
     readded: set[str]
     dropped: set[str]
+    dropped_not_ok: set[str]  # dropped videos whose winning row is a final failure (no segment set belongs to it)
     replaced: int
     video_rows: int
     # videos committed without segment rows -> (the Planner's segment files of their row, runs of rows replaced)
@@ -399,6 +401,10 @@ class Committer:
         self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
         self._file_ids: dict[str, frozenset[str]] = {}
         self._bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # committed, stale segments not cleaned
+        # Videos another run finished with a final failure after our segments of them landed (dropped from our
+        # videos commit): our segment rows of them belong to no row. Their files: our committed segments files.
+        self._orphaned: set[str] = set()
+        self._orphaned_files: set[str] = set()
         self._last_failure = ""
 
     def add(self, batch: WrittenBatch) -> None:
@@ -437,7 +443,7 @@ class Committer:
                 clean-up: the next call retries it).
         """
         report = self._retry(self._commit_round)
-        if self._bare:
+        if self._bare or self._orphaned:
             report.versions["segments"] = self._retry(self._clean_up) or report.versions["segments"]
         return report
 
@@ -495,6 +501,9 @@ class Committer:
             self._apply_moves("videos", plan.moves)
         segment_rows = sum(f.num_rows for f in (self._committed_segments or {}).values() if f is not None)
         duplicates = sum(len(d) for d in self._duplicates)
+        if plan.dropped_not_ok and self._committed_segments:
+            self._orphaned |= plan.dropped_not_ok
+            self._orphaned_files |= {f.path for f in self._committed_segments.values() if f is not None}
         done = [video_id for video_id in self._pending_keys if video_id not in plan.dropped]
         self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(pa.array(done, pa.string())))
         self._pending, self._pending_keys, self._committed_segments, self._duplicates = [], {}, None, []
@@ -522,9 +531,18 @@ class Committer:
         snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
         for table in dlt.TABLES:
             self._follow_log(table, snapshots[table])
-        ids = sorted(self._bare)
+        ids = sorted(set(self._bare) | self._orphaned)
         video_rows, segment_rows = self._rows_of("videos", ids), self._rows_of("segments", ids)
         targets: dict[str, set[str]] = {}
+        for video_id in sorted(self._orphaned):
+            rows = video_rows.get(video_id, [])
+            if not rows or any(row["status"] == "ok" for _, row in rows):
+                continue  # no row to go by, or an ok row now (same etag): our rows may be its set
+            held: set[str | None] = {p for p, row in segment_rows.get(video_id, []) if row["run_id"] == self.run_id}
+            held |= {self._resolve("segments", path, video_id) for path in self._orphaned_files}
+            for path in held:
+                if path is not None and path in snapshots["segments"].sizes and video_id in self._segment_ids(path):
+                    targets.setdefault(path, set()).add(video_id)
         for video_id, (partners, runs) in self._bare.items():
             if any(row["run_id"] != self.run_id for _, row in video_rows.get(video_id, [])):
                 continue  # another run's row replaced ours: its commit took care of the segments
@@ -550,8 +568,13 @@ class Committer:
             )
             self._reconciled["segments"] = version
             self._apply_moves("segments", moves)
-        self._bare = {}
+        self._bare, self._orphaned, self._orphaned_files = {}, set(), set()
         return version
+
+    def _segment_ids(self, path: str) -> frozenset[str]:
+        """Video ids in a segments file: ours read once (`_ids_in`), another writer's from what `_follow_log` read."""
+        known = self._others["segments"].get(path)
+        return frozenset(known.column("video_id").to_pylist()) if known is not None else self._ids_in(path)
 
     def _commit_table(self, table: str, *, app_id: str, app_version: int, read_version: int, **kwargs: Any) -> int:
         """`delta_tables.commit`; after an ambiguous failure (a timeout), checks whether the commit landed."""
@@ -721,6 +744,9 @@ class Committer:
             for video_id, rows in video_rows.items()
             if any(is_done(row["etag"], row["status"], self._pending_keys[video_id][0]) for _, row in rows)
         }
+        dropped_not_ok = {
+            video_id for video_id in dropped if all(row["status"] != "ok" for _, row in video_rows[video_id])
+        }
         committed = self._committed_segments
         readd_file, readded = (
             self._readd(committed, snapshots["segments"], segment_rows, dropped)
@@ -770,6 +796,7 @@ class Committer:
             readd=readd_file,
             readded=readded,
             dropped=dropped,
+            dropped_not_ok=dropped_not_ok,
             replaced=replaced,
             video_rows=new_video_rows,
             bare=bare,

@@ -638,3 +638,21 @@ def test_segments_another_run_removed_after_ours_landed_are_committed_again(loca
     assert rows[vid(0)]["run_id"] == rows[vid(1)]["run_id"] == "ra" and rows[vid(0)]["status"] == "ok"
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
     assert len(planner(listing({0: "e0-new", 1: "e1-new"}))["uri"]) == 0
+
+
+def test_our_landed_segments_go_when_another_run_finishes_the_video_as_a_failure(local: OutputLocation) -> None:
+    """A's segments of X land; B commits X as a final failure (same etag); A's videos commit conflicts and drops X
+    (B's row is done). No row has segments then: A's clean-up removes its own landed segment rows of X."""
+    versions = latest_versions(local)
+    seen = listing({0: "e0", 1: "e1"})
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions)
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    a.add(write_batch(local, Planner(local, model_id=MODEL, versions=versions)(seen), "ra"))
+    b.add(write_batch(local, Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0"})), "rb",
+                      statuses={vid(0): "not_found"}))  # fmt: skip
+    a._before_videos_commit = lambda: (b.commit(), setattr(a, "_before_videos_commit", None))  # type: ignore[func-returns-value]
+    report = a.commit()
+    assert report.dropped == 1 and report.videos_committed == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert rows[vid(0)]["run_id"] == "rb" and rows[vid(0)]["status"] == "not_found"
+    assert rows[vid(1)]["run_id"] == "ra"
