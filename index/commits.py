@@ -404,6 +404,7 @@ class Committer:
         # Videos another run finished with a final failure after our segments of them landed (dropped from our
         # videos commit): our segment rows of them belong to no row. Their files: our committed segments files.
         self._orphaned: set[str] = set()
+        self._run_ids: dict[str, pa.Table] = {}  # videos file -> (video_id, run_id), for `_runs_in`
         self._orphaned_files: set[str] = set()
         self._last_failure = ""
 
@@ -644,6 +645,20 @@ class Committer:
                 found.setdefault(row["video_id"], []).append((path, row))
         return found
 
+    def _runs_in(self, video_id: str, paths: set[str | None], snapshot: _Snapshot) -> set[str]:
+        """Run ids of `video_id`'s rows in current videos files (each file's two columns read once)."""
+        runs: set[str] = set()
+        for path in paths:
+            if path is None or path not in snapshot.sizes:
+                continue
+            if path not in self._run_ids:
+                self._run_ids[path] = _read_columns(
+                    self.location, "videos", path, ["video_id", "run_id"], self.model_id
+                )
+            held = self._run_ids[path]
+            runs.update(held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist())
+        return runs
+
     def _ids_in(self, path: str) -> frozenset[str]:
         """Video ids of one of our own segments files (read once)."""
         if path not in self._file_ids:
@@ -722,8 +737,14 @@ class Committer:
                 segment_files = {self._resolve("segments", p, video_id) for p in planned_segments}
                 segment_files |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] != self.run_id}
                 if video_id not in with_segments:
-                    runs = {row["run_id"] for _, row in video_rows.get(video_id, [])} - {self.run_id}
-                    bare[video_id] = (frozenset(set(planned_videos) & set(planned_segments)), frozenset(runs))
+                    runs = {row["run_id"] for _, row in video_rows.get(video_id, [])}
+                    # The run of the row the Planner saw, which this commit removes too: its segment rows may have
+                    # moved out of the partner file (another run's rewrite for other videos) where only it finds them.
+                    runs |= self._runs_in(video_id, video_files, snapshots["videos"])
+                    bare[video_id] = (
+                        frozenset(set(planned_videos) & set(planned_segments)),
+                        frozenset(runs - {self.run_id}),
+                    )
                     segment_files = set()
                 found = False
                 for table, files in (("videos", video_files), ("segments", segment_files)):

@@ -59,8 +59,10 @@ def write_batch(
     *,
     statuses: dict[str, str] | None = None,
     thumb_bytes: int = 3,
+    without_segments: frozenset[str] = frozenset(),
 ) -> WrittenBatch:
-    """What a worker does: one video row per planned object, `SEGMENTS` segment rows for each "ok" one."""
+    """What a worker does: one video row per planned object, `SEGMENTS` segment rows for each "ok" one (but those
+    `without_segments`: ok videos too short for a segment)."""
     ids = [str(v) for v in planned["video_id"]]
     uris = [str(u) for u in planned["uri"]]
     etags = [str(e) for e in planned["etag"]]
@@ -94,7 +96,9 @@ def write_batch(
         }
     )
     videos_file = dlt.write_data_file(location, "videos", videos, name=name, embed_dim=DIM)
-    with_segments = [(v, u) for v, u, s in zip(ids, uris, status, strict=True) if s == "ok"]
+    with_segments = [
+        (v, u) for v, u, s in zip(ids, uris, status, strict=True) if s == "ok" and v not in without_segments
+    ]
     segments_file = None
     if with_segments:
         m = len(with_segments) * SEGMENTS
@@ -656,3 +660,65 @@ def test_our_landed_segments_go_when_another_run_finishes_the_video_as_a_failure
     rows = assert_one_row_and_one_set_each(local, {0, 1})
     assert rows[vid(0)]["run_id"] == "rb" and rows[vid(0)]["status"] == "not_found"
     assert rows[vid(1)]["run_id"] == "ra"
+
+
+@pytest.mark.parametrize("seed", [22, 24, 43, 57, 79, 88, 103, 113])
+def test_nested_races_leave_one_row_and_segments_only_next_to_ok_rows(tmp_path: Path, seed: int) -> None:
+    """A committed base, then three runs over random etags and outcomes (ok, ok without segments, final and
+    retryable failures), each committing in two parts, a commit nested inside another's gap between its two table
+    commits at random. After all: one row per video, and segment rows (of one run, a whole set) only next to an ok
+    row. The seeds are those that left stale segments next to failed rows before the clean-up found them all."""
+    import random
+
+    rnd = random.Random(seed)
+    local = OutputLocation.from_url(str(tmp_path / "out"))
+    dlt.create_tables(local, DIM)
+    outcomes = ["ok", "ok", "bare", "not_found"]
+
+    def batch(planned: dict[str, np.ndarray], run_id: str, chosen: dict[str, str]) -> WrittenBatch:
+        statuses = {v: ("ok" if s == "bare" else s) for v, s in chosen.items()}
+        bare = frozenset(v for v, s in chosen.items() if s == "bare")
+        return write_batch(local, planned, run_id, statuses=statuses, without_segments=bare)
+
+    base = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planned = base(listing({k: "e0" for k in range(5)}))
+    committer = Committer(local, model_id=MODEL, run_id="r0", versions=base.versions)
+    committer.add(batch(planned, "r0", {str(v): rnd.choice(outcomes) for v in planned["video_id"]}))
+    committer.commit()
+    runs: dict[str, dict[str, Any]] = {}
+    for name in ("ra", "rb", "rc"):
+        etags = {k: rnd.choice(["e0", "e1", "e2"]) for k in range(5) if rnd.random() < 0.8} or {0: "e1"}
+        planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+        planned = planner(listing(etags))
+        chosen = {str(v): rnd.choice([*outcomes, "timeout"]) for v in planned["video_id"]}
+        cut = rnd.randint(0, len(planned["video_id"]))
+        parts = [{k: col[:cut] for k, col in planned.items()}, {k: col[cut:] for k, col in planned.items()}]
+        committer = Committer(local, model_id=MODEL, run_id=name, versions=planner.versions)
+        runs[name] = {"c": committer, "parts": [p for p in parts if len(p["video_id"])], "chosen": chosen}
+
+    def step(name: str, depth: int) -> None:
+        run = runs[name]
+        if not run["parts"]:
+            return
+        run["c"].add(batch(run["parts"].pop(0), name, run["chosen"]))
+
+        def nested() -> None:
+            run["c"]._before_videos_commit = None
+            for other in rnd.sample(list(runs), len(runs)):
+                if other != name and rnd.random() < 0.5 and depth < 3:
+                    step(other, depth + 1)
+
+        run["c"]._before_videos_commit = nested
+        run["c"].commit()
+
+    while any(run["parts"] for run in runs.values()):
+        step(rnd.choice([name for name, run in runs.items() if run["parts"]]), 0)
+    videos, segments = read_tables(local)
+    assert max(Counter(videos.column("video_id").to_pylist()).values()) == 1
+    status = dict(zip(videos.column("video_id").to_pylist(), videos.column("status").to_pylist(), strict=True))
+    sets: dict[str, list[tuple[str, int]]] = {}
+    for row in segments.select(["video_id", "run_id", "segment_index"]).to_pylist():
+        sets.setdefault(row["video_id"], []).append((row["run_id"], row["segment_index"]))
+    for video_id, rows in sets.items():
+        assert status.get(video_id) == "ok", (video_id, status.get(video_id), rows)
+        assert len({run for run, _ in rows}) == 1 and sorted(i for _, i in rows) == list(range(SEGMENTS))
