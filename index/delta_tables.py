@@ -735,17 +735,23 @@ def commit(
     return read_version + 1
 
 
+# Files younger than this cannot have been vacuumed: vacuum's retention is whole hours, at least one (the job turns
+# vacuum off at 0); ten minutes of it allow for the storage's clock running ahead of this one.
+_VACUUM_SAFE_AGE_MS = 50 * 60 * 1000
+
+
 def _check_added_files_exist(location: OutputLocation, table: str, adds: Sequence[DataFile]) -> None:
     """Raises FileNotFoundError (nothing committed) when a file to add is gone: a commit naming it would leave the
-    table unreadable for every reader. A vacuum with a retention shorter than the writer's commit interval deletes
-    files written but not committed yet."""
-    if not adds:
+    table unreadable for every reader. A vacuum with a retention shorter than the time since a file was written
+    deletes it before its commit. Only files old enough for that are looked up (none in a run that commits every
+    few minutes), so a commit of thousands of files costs no request per file."""
+    cutoff_ms = int(time.time() * 1000) - _VACUUM_SAFE_AGE_MS
+    old = [data_file for data_file in adds if data_file.modification_time_ms < cutoff_ms]
+    if not old:
         return
     filesystem, root = location.table_path(table)
-    infos = filesystem.get_file_info([f"{root}/{data_file.path}" for data_file in adds])
-    gone = sorted(
-        data_file.path for data_file, info in zip(adds, infos, strict=True) if info.type != pafs.FileType.File
-    )
+    infos = filesystem.get_file_info([f"{root}/{data_file.path}" for data_file in old])
+    gone = sorted(data_file.path for data_file, info in zip(old, infos, strict=True) if info.type != pafs.FileType.File)
     if gone:
         raise FileNotFoundError(
             f"{len(gone)} data files written for the {table} table are gone before their commit (deleted by a vacuum "

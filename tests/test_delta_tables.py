@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt_
 import json
 import os
@@ -566,12 +567,24 @@ def test_a_commit_never_names_a_file_that_is_gone(local: OutputLocation) -> None
     kept = dlt.write_data_file(local, "videos", video_rows(["a"]), name=fresh_name())
     add_files(local, "videos", [kept])
     pending = dlt.write_data_file(local, "videos", video_rows(["b"]), name=fresh_name())
-    os.utime(os.path.join(local.table_uri("videos"), pending.path), (time.time() - 7200, time.time() - 7200))
+    two_hours_ago = time.time() - 7200
+    os.utime(os.path.join(local.table_uri("videos"), pending.path), (two_hours_ago, two_hours_ago))
+    pending = dataclasses.replace(pending, modification_time_ms=int(two_hours_ago * 1000))  # as if written then
     assert dlt.vacuum(local, retention_hours=1) == {"videos": 1, "segments": 0}
     version = DeltaTable(local.table_uri("videos")).version()  # vacuum records its own commits
     with pytest.raises(FileNotFoundError, match="gone before their commit"):
         add_files(local, "videos", [pending])
     assert DeltaTable(local.table_uri("videos")).version() == version
+    young = dlt.write_data_file(local, "videos", video_rows(["c"]), name=fresh_name())
+    looked_up: list[str] = []
+    real_path = OutputLocation.table_path
+    with pytest.MonkeyPatch.context() as patch:  # files younger than any retention are not looked up
+        patch.setattr(OutputLocation, "table_path", lambda loc, t: looked_up.append(t) or real_path(loc, t))
+        dlt._check_added_files_exist(local, "videos", [young])
+        assert not looked_up
+        with pytest.raises(FileNotFoundError):
+            dlt._check_added_files_exist(local, "videos", [pending])  # an old one is
+    assert looked_up == ["videos"]
     assert DeltaTable(local.table_uri("videos")).to_pyarrow_table().column("video_id").to_pylist() == ["a"]
 
 
