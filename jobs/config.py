@@ -23,7 +23,7 @@ def _has_packaged_weights(model: str) -> bool:
 
 def _check_model(model: str, checkpoint: str | None) -> None:
     """A misspelt model name says so (before any advice about checkpoints)."""
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import get_model_config
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):

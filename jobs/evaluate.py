@@ -174,7 +174,7 @@ def load_model(config: EvalSourceConfig, label_names: Sequence[str] | None) -> A
     import torch
 
     from jobs.train import resolve_checkpoint
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import create_model, require_trained_weights
 
     require_trained_weights(config.model or "vitaclip-b16", config.checkpoint, random_weights=config.random_weights)
@@ -354,7 +354,7 @@ def _decoded(uris: Sequence[str], spec: Any, config: EvalSourceConfig) -> Any:
 
 def _check_model(config: EvalSourceConfig) -> None:
     """A misspelt model or missing weights is said before any list or video is read."""
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import require_trained_weights
 
     if config.checkpoint is not None and ("://" in config.checkpoint or is_vitaclip_checkpoint(config.checkpoint)):

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -262,22 +263,46 @@ def update_index(config: IndexJobConfig, model_id: str) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import deltalake
-    import open_clip
-    import ray
-    import torch
+    """The versions that made the run's rows, from the installed distributions: the driver never imports torch or
+    open_clip for them (seconds of CPU at the end of every run)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import vitaclip
 
-    return {
-        "vitaclip": vitaclip.__version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pa.__version__,
-        "deltalake": deltalake.__version__,
-        "python": platform.python_version(),
-    }
+    found = {"vitaclip": vitaclip.__version__}
+    for key, distribution in _DISTRIBUTIONS.items():
+        try:
+            found[key] = version(distribution)
+        except PackageNotFoundError:
+            found[key] = "unknown"
+    found["torch"] = _torch_build_version() or found["torch"]
+    return {**found, "python": platform.python_version()}
+
+
+def _torch_build_version() -> str | None:
+    """``torch.__version__`` with its build tag (``2.14.1+cu130``), read from ``torch/version.py`` unimported."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(location) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        match = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if match:
+            return match.group(1)
+    return None
+
+
+_DISTRIBUTIONS = {
+    "torch": "torch",
+    "open_clip": "open_clip_torch",
+    "ray": "ray",
+    "pyarrow": "pyarrow",
+    "deltalake": "deltalake",
+}
 
 
 class Commits:
@@ -401,13 +426,21 @@ def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
     """The run's model, resolved once; a checkpoint that cannot be loaded fails here, with the loader's message,
     rather than in every embed actor.
 
+    A vitaclip checkpoint folder is checked without torch (its ``config.json``, the weights' recorded sha256, the
+    safetensors header), so the driver never imports torch or open_clip for it; the embed actors' strict load
+    (every tensor against the model) reports a mismatch as the run's `CheckpointError` (`model_load_error`). Other
+    checkpoint files are loaded here once.
+
     Raises:
         ValueError: An unusable model or checkpoint, or a model without labels and no ``--labels``.
     """
     import vitaclip
+    from vitaclip.checkpoint_folder import check_folder, is_vitaclip_checkpoint
     from vitaclip.registry import resolve_model
 
-    if config.checkpoint is not None:
+    if config.checkpoint is not None and is_vitaclip_checkpoint(config.checkpoint):
+        check_folder(config.checkpoint)
+    elif config.checkpoint is not None:
         vitaclip.create_model(config.model, checkpoint=config.checkpoint)
     labels = vitaclip.load_label_set(config.labels) if config.labels else None
     model = resolve_model(config.model, config.checkpoint, label_names=labels, num_frames=config.num_frames)
@@ -453,7 +486,13 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
         if block_refs:
             ds = index_dataset(config, block_refs, model, pools)
-            drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
+            try:
+                drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
+            except Exception as exc:
+                load_error = model_load_error(exc)
+                if load_error is None:
+                    raise
+                raise load_error from None
         del block_refs
         phases.done("decode_embed_write")
         commits.collect(wait=True)
@@ -473,6 +512,20 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc)
         raise
+
+
+def model_load_error(exc: BaseException) -> ValueError | None:
+    """The `CheckpointError` that made the embed actors fail to build the model (their strict load of a checkpoint
+    folder the driver only checked), from the actor's death error; None for any other failure."""
+    import ray.exceptions
+
+    from vitaclip.checkpoint_folder import CheckpointError
+
+    if not isinstance(exc, ray.exceptions.RayActorError):
+        return None
+    marker = f"{CheckpointError.__module__}.{CheckpointError.__name__}: "
+    lines = [line for line in str(exc).splitlines() if line.startswith(marker)]
+    return CheckpointError(lines[-1][len(marker) :]) if lines else None
 
 
 def _vacuum(location: OutputLocation, retention_hours: float) -> dict[str, int] | None:

@@ -384,7 +384,7 @@ class Output:
 def resolve_checkpoint(location: str, *, s3_endpoint_url: str | None = None) -> str:
     """A checkpoint argument as a local path: a training output folder (local or S3) becomes its latest checkpoint;
     anything else is returned as given."""
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
 
     if location.startswith("s3://"):
         out = Output(location, s3_endpoint_url=s3_endpoint_url)
@@ -431,7 +431,7 @@ def _local_micro_batches(
 
 
 def _model_for(config: TrainConfig, label_names: Sequence[str], s3_endpoint_url: str | None) -> Any:
-    from vitaclip.checkpoints import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import create_model
 
     checkpoint = resolve_checkpoint(config.checkpoint, s3_endpoint_url=s3_endpoint_url) if config.checkpoint else None

@@ -8,6 +8,9 @@ ACTION is one of:
     kill-before-videos:N     SIGKILL it between the segments and videos commits of its N-th commit
     hold-before-commit:PATH  before each commit, create PATH.ready.<pid> and wait until PATH.go exists
     none                     run plainly
+
+A finished run prints "driver imported: ..." (which of torch, open_clip and torchvision the driver imported, or
+"-") and then its run id.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"unknown action {action!r}")
     logging.basicConfig(level=logging.INFO)
     summary = run_index_job(config_from_args(job_argv), hooks=hooks)
+    print("driver imported:", " ".join(sorted({"torch", "open_clip", "torchvision"} & set(sys.modules))) or "-")
     print(summary["run_id"])
     return 0
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import random
 import re
 import struct
+import subprocess
 import sys
 import warnings
 import zipfile
@@ -23,6 +25,8 @@ from vitaclip.model import build_backbone
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_official_golden import GOLDEN, base_config, write_official_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def video(T: int = 8, size: int = 64) -> torch.Tensor:
@@ -65,6 +69,90 @@ def test_own_format_detects_tampering_and_versions(tmp_path: Path) -> None:
     (tmp_path / "d" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="version 99"):
         vitaclip.create_model(None, checkpoint=tmp_path / "d")
+
+
+def _resign(folder: Path, weights: bytes) -> None:
+    """Writes ``weights`` into a vitaclip folder and records their sha256, as a hand-made folder would."""
+    (folder / "model.safetensors").write_bytes(weights)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def test_the_torch_free_folder_check_refuses_what_the_loader_refuses(tmp_path: Path) -> None:
+    from vitaclip.checkpoint_folder import check_folder
+
+    vitaclip.save_checkpoint(vitaclip.create_model("clip-tiny-frames"), tmp_path / "good")
+    good = (tmp_path / "good" / "model.safetensors").read_bytes()
+    assert check_folder(tmp_path / "good")["weights_sha256"] == hashlib.sha256(good).hexdigest()
+    (length,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + length])
+    name = next(k for k in header if k != "__metadata__")
+
+    def with_header(change: dict[str, object]) -> bytes:
+        text = json.dumps({**header, **change}).encode()
+        return struct.pack("<Q", len(text)) + text + good[8 + length :]
+
+    begin, end = header[name]["data_offsets"]
+    cases = {
+        "not a safetensors file": b"\xff" * 8 + good[8:],
+        "unreadable safetensors header": struct.pack("<Q", 9) + b"{not json" + good[17:],
+        "malformed entry": with_header({name: {**header[name], "dtype": "F128"}}),
+        "do not hold its shape": with_header({name: {**header[name], "data_offsets": [begin, end + 4]}}),
+        "holds no tensors": struct.pack("<Q", 2) + b"{}",
+    }
+    for i, (match, weights) in enumerate(cases.items()):
+        folder = tmp_path / f"bad{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+        _resign(folder, weights)
+        with pytest.raises(CheckpointError, match=match):
+            check_folder(folder)
+    meta = json.loads((tmp_path / "good" / "config.json").read_text())
+    for weights_file in ("../good/model.safetensors", "/etc/passwd", ".."):
+        (tmp_path / "good" / "config.json").write_text(json.dumps({**meta, "weights_file": weights_file}))
+        with pytest.raises(CheckpointError, match="weights_file must be a file name"):
+            check_folder(tmp_path / "good")
+        with pytest.raises(CheckpointError, match="weights_file must be a file name"):
+            vitaclip.create_model(None, checkpoint=tmp_path / "good")
+
+
+def test_the_driver_plans_a_folder_model_without_torch(tmp_path: Path) -> None:
+    """A job's driver resolves the packaged model and a checkpoint folder (id, config, labels, embedding size,
+    checks) without importing torch or open_clip; the values match the loaded models'."""
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), tmp_path / "tiny")
+    script = (
+        "import json, sys\n"
+        "from jobs.config import config_from_args\n"
+        "from jobs.pipeline import resolve_run_model\n"
+        "out = []\n"
+        "for extra in (['--model', 'vitaclip-demo'], ['--checkpoint', sys.argv[1]]):\n"
+        "    m = resolve_run_model(config_from_args(['in', '--output', 'out', *extra]))\n"
+        "    out.append([m.model_id, m.embed_dim, m.image_size, len(m.label_names)])\n"
+        "print(json.dumps([out, sorted({'torch', 'open_clip', 'torchvision'} & set(sys.modules))]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "tiny")], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    resolved, imported = json.loads(done.stdout)
+    assert imported == []
+    models = [vitaclip.create_model("vitaclip-demo"), vitaclip.create_model(None, checkpoint=tmp_path / "tiny")]
+    loaded = [[m.model_id, m.embed_dim, m.image_size, len(m.label_names)] for m in models]
+    assert resolved == loaded
+
+
+def test_backbone_configs_are_open_clips_own() -> None:
+    """The config of a named backbone, read from open_clip's files without importing it, is what open_clip gives."""
+    import open_clip
+
+    from vitaclip.config import backbone_model_config
+
+    configs = [vitaclip.get_model_config(name) for name in vitaclip.list_models()]
+    named = [config for config in configs if config.backbone is not None and config.backbone_config is None]
+    assert named, "no preset names an open_clip backbone"
+    for config in named:
+        assert backbone_model_config(config) == open_clip.get_model_config(config.backbone)
 
 
 def test_convert_official_to_own_format_keeps_outputs(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointError": "vitaclip.checkpoints",
+    "CheckpointError": "vitaclip.checkpoint_folder",
     "save_checkpoint": "vitaclip.checkpoints",
     "TextContextConfig": "vitaclip.config",
     "VitaClipConfig": "vitaclip.config",
@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from vitaclip.checkpoints import CheckpointError, save_checkpoint
+    from vitaclip.checkpoint_folder import CheckpointError
+    from vitaclip.checkpoints import save_checkpoint
     from vitaclip.config import TextContextConfig, VitaClipConfig
     from vitaclip.labels import list_label_sets, load_label_set
     from vitaclip.model import VitaClip

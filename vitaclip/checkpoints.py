@@ -18,7 +18,6 @@ Formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -34,26 +33,21 @@ import safetensors.torch
 import torch
 
 from vitaclip import _torchscript
+from vitaclip.checkpoint_folder import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    CheckpointError,
+    file_sha256,
+    is_vitaclip_checkpoint,
+    read_folder_meta,
+    verified_weights,
+)
 from vitaclip.config import TextContextConfig, VitaClipConfig
 from vitaclip.model import VitaClip, backbone_model_config
 
 CheckpointFormat = Literal["official", "openai", "vitaclip"]
-FORMAT_NAME = "vitaclip-checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, unsafe, of an unknown format, or not matching the model."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -509,32 +503,10 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     return sha
 
 
-def is_vitaclip_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return (path.is_dir() and (path / CONFIG_FILE).is_file()) or (
-        path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file()
-    )
-
-
 def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None) -> VitaClip:
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable checkpoint config: {exc}") from exc
-    if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{folder}: not a vitaclip checkpoint (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder}: checkpoint format version {meta.get('format_version')} is not supported (this vitaclip reads "
-            f"version {FORMAT_VERSION})"
-        )
-    weights = folder / meta.get("weights_file", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: weights file {weights.name} is missing")
-    sha = file_sha256(weights)
-    if sha != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights}: sha256 {sha} does not match the recorded {meta.get('weights_sha256')}")
+    meta = read_folder_meta(folder)
+    weights, sha = verified_weights(folder, meta)
     try:
         config = VitaClipConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:  # wrong keys or types in a hand-edited config.json

@@ -8,6 +8,8 @@ all-off config is plain CLIP frame averaging.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import types
 import typing
@@ -199,9 +201,12 @@ class VitaClipConfig:
     @property
     def image_size(self) -> int:
         """The backbone's input resolution, pixels per side (from its open_clip config)."""
-        from vitaclip.model import backbone_model_config  # the model module imports this one
-
         return int(backbone_model_config(self)["vision_cfg"]["image_size"])
+
+    @property
+    def embed_dim(self) -> int:
+        """The size of the embeddings the model makes (from its open_clip config)."""
+        return int(backbone_model_config(self)["embed_dim"])
 
     @property
     def has_prompts(self) -> bool:
@@ -252,3 +257,46 @@ class VitaClipConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
+    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) of a config.
+
+    A named backbone's config is open_clip's own JSON file, read without importing open_clip (a job's driver plans
+    with the config and never builds the model).
+    """
+    if config.backbone_config is not None:
+        return dict(config.backbone_config)
+    assert config.backbone is not None
+    text = _open_clip_config_text(config.backbone)
+    if text is not None:
+        return dict(json.loads(text))
+    import open_clip  # a layout without the JSON files: ask open_clip itself
+
+    cfg = open_clip.get_model_config(config.backbone)
+    if cfg is None:
+        raise ValueError(f"open_clip has no model config named {config.backbone!r}")
+    return dict(cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _open_clip_config_text(name: str) -> str | None:
+    """open_clip's ``model_configs/NAME.json`` found through its package spec (which does not import it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations or Path(name).name != name:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "model_configs" / f"{name}.json"
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def format_model_id(name: str, sha256: str) -> str:
+    """The ``model_id`` of a model's weights: ``NAME@sha256:HEX`` (the config name and the weights' source hash)."""
+    return f"{name}@sha256:{sha256}"
+
+
+def model_name_of(model_id: str) -> str:
+    """The config name in a ``model_id`` (see `format_model_id`)."""
+    return model_id.split("@", 1)[0]

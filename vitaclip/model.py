@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from vitaclip.config import VitaClipConfig
+from vitaclip.config import VitaClipConfig, backbone_model_config, format_model_id, model_name_of
 from vitaclip.labels import load_label_set
 from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
 from vitaclip.zeroshot import TEMPLATES
+
+__all__ = ["VitaClip", "backbone_model_config", "build_backbone", "format_model_id", "model_name_of"]
 
 
 @lru_cache(maxsize=8)
@@ -47,17 +49,6 @@ def _clean_name(name: str) -> str:
 def _as_sentence(text: str) -> str:
     text = text.strip()
     return text if text.endswith((".", "!", "?")) else f"{text}."
-
-
-def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
-    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) of a config."""
-    if config.backbone_config is not None:
-        return dict(config.backbone_config)
-    assert config.backbone is not None
-    cfg = open_clip.get_model_config(config.backbone)
-    if cfg is None:
-        raise ValueError(f"open_clip has no model config named {config.backbone!r}")
-    return dict(cfg)
 
 
 def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
@@ -84,16 +75,6 @@ def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     if clip.text_pool_type != "argmax":
         raise ValueError(f"backbone {config.backbone!r}: text pooling must be 'argmax' (CLIP's end token)")
     return clip
-
-
-def format_model_id(name: str, sha256: str) -> str:
-    """The ``model_id`` of a model's weights: ``NAME@sha256:HEX`` (the config name and the weights' source hash)."""
-    return f"{name}@sha256:{sha256}"
-
-
-def model_name_of(model_id: str) -> str:
-    """The config name in a ``model_id`` (see `format_model_id`)."""
-    return model_id.split("@", 1)[0]
 
 
 class VitaClip(nn.Module):

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from vitaclip.checkpoint_folder import CONFIG_FILE, CheckpointError, is_vitaclip_checkpoint
+from vitaclip.config import VitaClipConfig, format_model_id
 
-from vitaclip.checkpoints import CheckpointError, is_vitaclip_checkpoint, load_checkpoint
-from vitaclip.config import VitaClipConfig
-from vitaclip.model import VitaClip, format_model_id
+if TYPE_CHECKING:  # torch and the model load only where a model is built: planning needs neither
+    import torch
+
+    from vitaclip.model import VitaClip
 
 
 @lru_cache(maxsize=1)
@@ -28,8 +30,6 @@ def _presets() -> dict[str, VitaClipConfig]:
 
 
 def _config_path(checkpoint: str | Path) -> Path:
-    from vitaclip.checkpoints import CONFIG_FILE
-
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     return folder / CONFIG_FILE
 
@@ -105,6 +105,9 @@ def create_model(
         ValueError: an unknown name; :class:`~vitaclip.checkpoints.CheckpointError` (a ValueError) for a checkpoint
             that cannot be used.
     """
+    from vitaclip.checkpoints import load_checkpoint
+    from vitaclip.model import VitaClip
+
     if isinstance(name, str):
         checkpoint = _with_packaged(name, checkpoint)
     config: VitaClipConfig | None
@@ -155,9 +158,7 @@ class ResolvedModel:
 
     @property
     def embed_dim(self) -> int:
-        from vitaclip.model import backbone_model_config
-
-        return int(backbone_model_config(self.config)["embed_dim"])
+        return self.config.embed_dim
 
 
 def resolve_model(
@@ -209,12 +210,14 @@ def _id_of(meta: dict[str, Any]) -> str:
 
 
 def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
-    from vitaclip.checkpoints import file_sha256
+    from vitaclip.checkpoint_folder import file_sha256
 
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist")
         return format_model_id(config.name, file_sha256(checkpoint))
+    from vitaclip.model import VitaClip  # random weights: their id is the hash of the initialised weights
+
     return VitaClip(config).model_id
 
 

@@ -1,0 +1,147 @@
+"""Our checkpoint folder (``model.safetensors`` + ``config.json``) read without torch: what a job's driver needs.
+
+A run's driver plans with the model's config, id and labels, and checks the checkpoint before any work. For a
+vitaclip folder all of that is in ``config.json`` and the safetensors header, so the driver never imports torch or
+open_clip (several seconds and a few hundred MB per driver). The strict load (every tensor's name and shape against
+the model) is `vitaclip.checkpoints.load_vitaclip`, in the processes that build the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "vitaclip-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# safetensors dtypes and their sizes in bytes
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, of an unknown format, or not matching the model."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_vitaclip_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path.is_dir() and (path / CONFIG_FILE).is_file()) or (
+        path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file()
+    )
+
+
+def folder_of(path: str | Path) -> Path:
+    return Path(path) if Path(path).is_dir() else Path(path).parent
+
+
+def read_folder_meta(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a vitaclip checkpoint folder, its format and version checked.
+
+    Raises:
+        CheckpointError: unreadable, another format, or a format version this vitaclip does not read.
+    """
+    folder = folder_of(path)
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable checkpoint config: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        format_name = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{folder}: not a vitaclip checkpoint (format={format_name!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: checkpoint format version {meta.get('format_version')} is not supported (this vitaclip reads "
+            f"version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def verified_weights(path: str | Path, meta: dict[str, Any]) -> tuple[Path, str]:
+    """The folder's weights file and its sha256, which must be the one ``config.json`` records.
+
+    Raises:
+        CheckpointError: the file is missing or its sha256 differs.
+    """
+    folder = folder_of(path)
+    name = meta.get("weights_file", WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: weights_file must be a file name in the folder, got {name!r}")
+    weights = folder / name
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: weights file {weights.name} is missing")
+    sha = file_sha256(weights)
+    if sha != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: sha256 {sha} does not match the recorded {meta.get('weights_sha256')}")
+    return weights, sha
+
+
+def check_safetensors_header(path: Path) -> int:
+    """Checks that ``path`` is a well-formed safetensors file (header, dtypes, every tensor's bytes inside the file
+    and of its shape's size); returns the number of tensors.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= length <= min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {length}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header: not a mapping")
+    data_bytes = size - 8 - length
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, entry in tensors.items():
+        _check_entry(path, name, entry, data_bytes)
+    return len(tensors)
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (
+        not isinstance(entry, dict)
+        or entry.get("dtype") not in _DTYPE_BYTES
+        or not isinstance(shape, list)
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r}: malformed entry {entry!r}"[:500])
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+        raise CheckpointError(f"{path}: tensor {name!r}: bytes {begin}-{end} do not hold its shape {shape}")
+
+
+def check_folder(path: str | Path) -> dict[str, Any]:
+    """What a driver checks of a vitaclip checkpoint folder before any work, without torch: ``config.json`` (format,
+    version), the weights' sha256 against the recorded one, and the safetensors header. Returns ``config.json``.
+
+    Raises:
+        CheckpointError: the first thing that is wrong, naming the file.
+    """
+    meta = read_folder_meta(path)
+    weights, _ = verified_weights(path, meta)
+    if check_safetensors_header(weights) == 0:
+        raise CheckpointError(f"{weights}: holds no tensors")
+    return meta
