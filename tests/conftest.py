@@ -305,6 +305,20 @@ def noise_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vitaclip checkpoint folder of `vitaclip-tiny` (its seeded random weights), saved once per session.
+
+    Job processes given it as ``--checkpoint`` plan with its ``config.json`` and never import torch in the driver,
+    as with any trained model; with ``--random-weights`` every driver would build the model to hash its weights.
+    """
+    import vitaclip
+
+    folder = tmp_path_factory.mktemp("checkpoints") / "vitaclip-tiny"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """An embedded local Ray with 2 CPUs (the CI machine's), for tests that run the job in this process."""

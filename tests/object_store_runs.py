@@ -24,7 +24,7 @@ def _run(command: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path) -> None:
+def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path, checkpoint: Path) -> None:
     """Two job runs on `location` (its bucket or container exists; credentials in `env`): the first indexes four
     videos and the broken inputs, the second finds them done and re-indexes one changed video, replacing its row;
     the run records, the incremental index and a search (the index cached, the tables read in place) follow."""
@@ -32,7 +32,7 @@ def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path
 
     url = location.url
     videos = make_videos(tmp_path / "in", 4)
-    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), env)
+    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2", checkpoint=checkpoint), env)
 
     store = open_store(url)
     assert isinstance(store, ObjectFsStore)
@@ -51,7 +51,7 @@ def check_two_runs(location: OutputLocation, env: dict[str, str], tmp_path: Path
     # A second run finds everything done; a changed video is re-indexed, replacing its row.
     make_videos(tmp_path / "other", 1, start=7, broken=False)
     shutil.copyfile(next((tmp_path / "other").rglob("*.mp4")), videos[0])  # same name, new content
-    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2"), env)
+    _run(job_command([str(tmp_path / "in")], url, "--segment-seconds", "2", checkpoint=checkpoint), env)
     table = read_table(location, "videos", ["video_id", "uri", "status", "embedding"])
     assert table is not None and table.num_rows == len(videos) + len(BROKEN)  # replaced, not added
     records = [json.loads(store.get_bytes(rel)) for rel in store.list("runs/")]

@@ -44,6 +44,16 @@ class RayHead:
     ray_bin: str
     temp_dir: Path
 
+    def pids_titled(self, title: str) -> list[int]:
+        """This cluster's processes whose title (a Ray actor's ``ray::Class...``) contains ``title``; other clusters
+        on the host (tests running in parallel) are never matched."""
+        found = []
+        for pid in _processes_holding(f"RAY_AUTH_TOKEN={self.env['RAY_AUTH_TOKEN']}".encode()):
+            with contextlib.suppress(OSError):
+                if title.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
     def add_node(self, *, num_cpus: int = 1, num_gpus: int = 0) -> None:
         """Starts a worker node on this machine (GPUs are logical only); stopped with the head."""
         ports = [free_port() for _ in range(6)]

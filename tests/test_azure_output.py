@@ -59,9 +59,9 @@ def azure_env(azurite: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     return env
 
 
-def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path) -> None:
+def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path, tiny_checkpoint: Path) -> None:
     container = f"c{os.urandom(6).hex()}"
     location = OutputLocation.from_url(f"az://{container}/out")
     filesystem, _ = location.filesystem()
     filesystem.create_dir(container)
-    check_two_runs(location, azure_env, tmp_path)
+    check_two_runs(location, azure_env, tmp_path, tiny_checkpoint)

@@ -28,7 +28,7 @@ def _upload(client: Any, bucket: str, folder: Path, prefix: str) -> list[str]:
     return [uri for uri in upload_folder(client, bucket, folder, prefix) if uri.endswith(".mp4")]
 
 
-def _argv(bucket: str, endpoint: str, address: str, *extra: str) -> list[str]:
+def _argv(bucket: str, endpoint: str, address: str, checkpoint: Path, *extra: str) -> list[str]:
     return [
         f"s3://{bucket}/raw/",
         "--output",
@@ -37,9 +37,8 @@ def _argv(bucket: str, endpoint: str, address: str, *extra: str) -> list[str]:
         endpoint,
         "--ray-address",
         address,
-        "--model",
-        "vitaclip-tiny",
-        "--random-weights",
+        "--checkpoint",
+        str(checkpoint),
         "--segment-seconds",
         "1",
         *extra,
@@ -78,14 +77,14 @@ def _summary(client: Any, bucket: str, run_id: str) -> dict[str, Any]:
 
 
 def test_two_runs_committing_at_the_same_moment_and_started_together(
-    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     client, bucket = s3_bucket
     location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
     uris: list[str] = []
     with ray_head() as head:
         one_decoder = ("--decode-workers", "1")  # 2 new videos per run: a second decoder would only be a process more
-        argv = _argv(bucket, s3_server, head.address, "--no-index", *one_decoder)
+        argv = _argv(bucket, s3_server, head.address, tiny_checkpoint, "--no-index", *one_decoder)
         for round_ in range(3):
             # New videos each round, so both runs have work to commit; both are held just before their commit and
             # released together.
@@ -113,7 +112,8 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
         folder = tmp_path / "in-last"
         make_videos(folder, 2, start=10, broken=False)
         uris += _upload(client, bucket, folder, "raw/last")
-        both = [_start("none", _argv(bucket, s3_server, head.address, *one_decoder), head.env) for _ in range(2)]
+        with_index = _argv(bucket, s3_server, head.address, tiny_checkpoint, *one_decoder)
+        both = [_start("none", with_index, head.env) for _ in range(2)]
         for job in both:
             _finish(job)
         _check_once(location, uris)
@@ -121,7 +121,9 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
         assert third["counts"]["planned"] == 0 and third["counts"]["already_indexed"] == len(uris)
 
 
-def test_a_worker_node_removed_mid_run(s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path) -> None:
+def test_a_worker_node_removed_mid_run(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     from ray.cluster_utils import Cluster
 
     client, bucket = s3_bucket
@@ -132,7 +134,9 @@ def test_a_worker_node_removed_mid_run(s3_server: str, s3_bucket: tuple[Any, str
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
         cluster.wait_for_nodes()
-        argv = _argv(bucket, s3_server, cluster.address, "--decode-batch-size", "1", "--commit-seconds", "2")
+        argv = _argv(
+            bucket, s3_server, cluster.address, tiny_checkpoint, "--decode-batch-size", "1", "--commit-seconds", "2"
+        )
         env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
         job = _start("none", argv, env)
         # Wait until the run has committed some work, then take a worker node (and its actors and blocks) away.

@@ -58,8 +58,8 @@ def test_storage_emulator_host_configures_both_clients(monkeypatch: pytest.Monke
         assert "secret" not in str(caught.value)
 
 
-def test_job_on_a_gcs_output(gcs_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
-    check_two_runs(OutputLocation.from_url(f"gs://{bucket}/out"), gcs_env, tmp_path)
+def test_job_on_a_gcs_output(gcs_env: dict[str, str], bucket: str, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    check_two_runs(OutputLocation.from_url(f"gs://{bucket}/out"), gcs_env, tmp_path, tiny_checkpoint)
 
 
 def test_concurrent_commits_on_gcs_exactly_one_wins(bucket: str) -> None:

@@ -38,12 +38,14 @@ def _job(argv: list[str], head: RayHead) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_auto_waits_for_the_first_gpu_node_or_fails_saying_so(tmp_path: Path) -> None:
+def test_auto_waits_for_the_first_gpu_node_or_fails_saying_so(tmp_path: Path, tiny_checkpoint: Path) -> None:
     make_videos(tmp_path / "in", 2, broken=False)
     out = tmp_path / "out"
     with ray_head(2) as head:
         _report_gpu_group(head, max_nodes=1)
-        argv = job_args([str(tmp_path / "in")], out, "--ray-address", head.address, "--no-index")
+        argv = job_args(
+            [str(tmp_path / "in")], out, "--ray-address", head.address, "--no-index", checkpoint=tiny_checkpoint
+        )
         # No GPU node comes: the run fails after the wait, before any work, and says what to do.
         refused = _job([*argv, "--gpu-wait-seconds", "3"], head)
         _, err = refused.communicate(timeout=300)

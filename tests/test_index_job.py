@@ -55,14 +55,16 @@ def make_videos(folder: Path, count: int, *, start: int = 0, broken: bool = True
     return paths
 
 
-def job_args(inputs: list[str], out: Path, *extra: str) -> list[str]:
-    """The job's flags for a smoke run of the tiny model (random weights) from ``inputs`` to ``out``."""
-    return [*inputs, "--output", str(out), "--model", "vitaclip-tiny", "--random-weights", *extra]
+def job_args(inputs: list[str], out: Path, *extra: str, checkpoint: Path | None = None) -> list[str]:
+    """The job's flags for a smoke run of the tiny model from ``inputs`` to ``out``: its random weights, or the
+    `tiny_checkpoint` folder (a driver that never imports torch: what separate job processes use)."""
+    model = ["--checkpoint", str(checkpoint)] if checkpoint else ["--model", "vitaclip-tiny", "--random-weights"]
+    return [*inputs, "--output", str(out), *model, *extra]
 
 
-def job_command(inputs: list[str], out: Path, *extra: str) -> list[str]:
+def job_command(inputs: list[str], out: Path | str, *extra: str, checkpoint: Path | None = None) -> list[str]:
     """The same run as a separate process, as `ray job submit` or a scheduler starts it."""
-    return [sys.executable, "-m", "jobs.index_videos", *job_args(inputs, out, *extra)]
+    return [sys.executable, "-m", "jobs.index_videos", *job_args(inputs, out, *extra, checkpoint=checkpoint)]
 
 
 def run(inputs: list[str], out: Path, *extra: str) -> int:
@@ -198,7 +200,7 @@ def _hooked(action: str, argv: list[str], env: dict[str, str]) -> subprocess.Com
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) -> None:
+def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from deltalake import DeltaTable
     from ray_head import ray_head
 
@@ -217,6 +219,7 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) 
             [str(tmp_path / "in")], out, "--ray-address", head.address, "--segment-seconds", "1",
             "--decode-batch-size", "1", "--embed-batch-size", "2", "--rows-per-file", "1", "--commit-seconds", "1",
             "--no-index", "--decode-workers", "1",  # 2 videos per run: a second decoder would only be a process more
+            checkpoint=tiny_checkpoint,
         )  # fmt: skip
         killed = 0
         for step, action in enumerate(actions):
@@ -233,12 +236,17 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) 
         assert killed >= 7, (seed, actions)
         final = _hooked("none", argv, head.env)
         assert final.returncode == 0, final.stderr[-3000:]
+        assert "driver imported: -\n" in final.stdout  # a checkpoint folder's run: no torch in the driver
         _assert_every_video_once(out, videos)
         again = _hooked("none", argv, head.env)
         assert again.returncode == 0, again.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     last = max((r for r in records if r["state"] == "committed"), key=lambda r: r["started_at"])
     assert last["counts"]["planned"] == 0 and last["counts"]["already_indexed"] == len(videos)
+    import open_clip
+    import torch
+
+    assert (last["versions"]["torch"], last["versions"]["open_clip"]) == (torch.__version__, open_clip.__version__)
     assert sum(r["state"] == "running" for r in records) == killed  # a killed run's record stays "running"
     # What killed runs wrote and never committed is only unreferenced files: vacuum removes them, rows stay.
     before = {name: tables.read_table(out, name, ["row_id"]).num_rows for name in ("videos", "segments")}
@@ -249,19 +257,21 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path) 
         assert tables.read_table(out, name, ["row_id"]).num_rows == before[name]
 
 
-def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path) -> None:
+def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from ray_head import ray_head
 
     videos = make_videos(tmp_path / "in", 6, broken=False)
     out = tmp_path / "out"
     with ray_head() as head:
-        argv = job_args([str(tmp_path / "in")], out, "--ray-address", head.address, "--embed-batch-size", "1")
+        argv = job_args(
+            [str(tmp_path / "in")], out, "--ray-address", head.address, "--embed-batch-size", "1",
+            checkpoint=tiny_checkpoint,
+        )  # fmt: skip
         cmd = [sys.executable, str(ROOT / "tests" / "run_job_with_hooks.py"), "none", "--", *argv]
         job = subprocess.Popen(cmd, cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         killed = None
         while job.poll() is None and killed is None:
-            found = subprocess.run(["pgrep", "-f", "MapBatches\\(TimedEmbed\\)"], capture_output=True, text=True)
-            pids = [int(p) for p in found.stdout.split()]
+            pids = head.pids_titled("MapBatches(TimedEmbed)")
             if pids:
                 time.sleep(1.0)  # let it take its first batch
                 os.kill(pids[0], signal.SIGKILL)  # like an OOM kill; Ray restarts the actor and retries the batch
@@ -292,6 +302,34 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> 
     )
     assert rc == 2 and "bad.pth" in capsys.readouterr().err
     assert not (tmp_path / "o" / "videos").exists()
+
+
+def test_a_folder_checkpoint_that_does_not_fit_its_model_fails_the_run_clearly(
+    local_ray, tmp_path: Path, tiny_checkpoint: Path, capsys
+) -> None:
+    """A hand-made folder (its sha256 recorded right) whose tensors do not fit its config passes the driver's
+    torch-free check; the embed actors' strict load fails and the run fails with the loader's message, nothing
+    committed."""
+    import hashlib
+
+    from safetensors.numpy import load_file, save_file
+
+    make_videos(tmp_path / "in", 2, broken=False)
+    folder = tmp_path / "handmade"
+    shutil.copytree(tiny_checkpoint, folder)
+    state = load_file(folder / "model.safetensors")
+    state["clip.positional_embedding"] = np.zeros((3, 5), dtype=np.float32)
+    save_file(state, folder / "model.safetensors")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    assert main(job_args([str(tmp_path / "in")], out, checkpoint=folder)) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "does not match model vitaclip-tiny" in err and "clip.positional_embedding" in err, err
+    (record,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert record["state"] == "failed" and "clip.positional_embedding" in record["error"]
+    assert tables.read_table(out, "videos", ["video_id"]).num_rows == 0
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:

@@ -494,7 +494,9 @@ def test_local_stack_serves_s3_and_prints_the_commands(local_stack: dict[str, An
     assert status.returncode == 0, status.stdout + status.stderr
 
 
-def test_submit_wait_runs_the_job_to_success(local_stack: dict[str, Any], tmp_path: Path) -> None:
+def test_submit_wait_runs_the_job_to_success(
+    local_stack: dict[str, Any], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     videos = make_videos(tmp_path / "in", 2, broken=False)
     out = tmp_path / "out"
     argv = [
@@ -506,7 +508,7 @@ def test_submit_wait_runs_the_job_to_success(local_stack: dict[str, Any], tmp_pa
         "purpose=test",
         "--wait",
         "--",
-        *job_args([str(tmp_path / "in")], out),
+        *job_args([str(tmp_path / "in")], out, checkpoint=tiny_checkpoint),
     ]
     assert submit.main(argv) == 0
     table = tables.read_table(out, "videos")

@@ -12,7 +12,7 @@ from test_index_job import job_command, make_videos
 from index import tables
 
 
-def test_ray_job_submit_to_a_head_node(tmp_path: Path) -> None:
+def test_ray_job_submit_to_a_head_node(tmp_path: Path, tiny_checkpoint: Path) -> None:
     videos = make_videos(tmp_path / "in", 2, broken=False)
     with ray_head() as head:
         out = tmp_path / "out"
@@ -23,7 +23,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path: Path) -> None:
             f"--address={head.dashboard}",
             f"--working-dir={ROOT}",
             "--",
-            *job_command([str(tmp_path / "in")], out),
+            *job_command([str(tmp_path / "in")], out, checkpoint=tiny_checkpoint),
         ]
         # The head's job agent comes up some seconds after `ray start` returns (a minute or more on a loaded
         # 2-core machine): retry "no agent yet" for up to 3 minutes, any other failure fails at once.
