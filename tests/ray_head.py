@@ -83,8 +83,9 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
-    """Starts a head node with `num_cpus` CPUs; stops exactly its processes afterwards."""
+def ray_head(num_cpus: int = 2, *, dashboard: bool = True) -> Iterator[RayHead]:
+    """Starts a head node with `num_cpus` CPUs; stops exactly its processes afterwards. Without ``dashboard`` (only
+    `ray job submit` needs it) the head starts sooner and its processes use less CPU while the test runs."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     # Every port the head opens is a free one: defaults (the agent's 52365) may be held by another Ray on the host.
     port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
@@ -103,6 +104,8 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         RAY_num_workers_soft_limit="16",
     )
     env.pop("RAY_ADDRESS", None)
+    no_dashboard = ["--include-dashboard=false"]
+    dashboard_flags = ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard else no_dashboard
     start = subprocess.run(
         [
             ray_bin,
@@ -112,8 +115,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
             f"--num-cpus={num_cpus}",
             "--num-gpus=0",
             "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
+            *dashboard_flags,
             f"--temp-dir={temp_dir}",
             f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}",

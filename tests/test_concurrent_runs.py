@@ -82,7 +82,7 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
     client, bucket = s3_bucket
     location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
     uris: list[str] = []
-    with ray_head() as head:
+    with ray_head(dashboard=False) as head:
         one_decoder = ("--decode-workers", "1")  # 2 new videos per run: a second decoder would only be a process more
         argv = _argv(bucket, s3_server, head.address, tiny_checkpoint, "--no-index", *one_decoder)
         for round_ in range(3):

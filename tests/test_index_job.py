@@ -214,7 +214,7 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, 
     # two tables' commits.
     points = ["kill-after-write:1", "kill-after-write:2", "kill-before-commit:1", "kill-before-videos:1"]
     actions = [rng.choice(points) for _ in range(10)]
-    with ray_head() as head:
+    with ray_head(dashboard=False) as head:
         argv = job_args(
             [str(tmp_path / "in")], out, "--ray-address", head.address, "--segment-seconds", "1",
             "--decode-batch-size", "1", "--embed-batch-size", "2", "--rows-per-file", "1", "--commit-seconds", "1",
@@ -262,7 +262,7 @@ def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path, tiny
 
     videos = make_videos(tmp_path / "in", 6, broken=False)
     out = tmp_path / "out"
-    with ray_head() as head:
+    with ray_head(dashboard=False) as head:
         argv = job_args(
             [str(tmp_path / "in")], out, "--ray-address", head.address, "--embed-batch-size", "1",
             checkpoint=tiny_checkpoint,
