@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -87,28 +88,48 @@ def test_the_torch_free_folder_check_refuses_what_the_loader_refuses(tmp_path: P
     assert check_folder(tmp_path / "good")["weights_sha256"] == hashlib.sha256(good).hexdigest()
     (length,) = struct.unpack("<Q", good[:8])
     header = json.loads(good[8 : 8 + length])
-    name = next(k for k in header if k != "__metadata__")
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])  # not at 0
 
     def with_header(change: dict[str, object]) -> bytes:
         text = json.dumps({**header, **change}).encode()
         return struct.pack("<Q", len(text)) + text + good[8 + length :]
 
     begin, end = header[name]["data_offsets"]
-    cases = {
-        "not a safetensors file": b"\xff" * 8 + good[8:],
-        "unreadable safetensors header": struct.pack("<Q", 9) + b"{not json" + good[17:],
-        "malformed entry": with_header({name: {**header[name], "dtype": "F128"}}),
-        "do not hold its shape": with_header({name: {**header[name], "data_offsets": [begin, end + 4]}}),
-        "holds no tensors": struct.pack("<Q", 2) + b"{}",
-    }
-    for i, (match, weights) in enumerate(cases.items()):
+    cases = [
+        ("not a safetensors file", b"\xff" * 8 + good[8:]),
+        ("unreadable safetensors header", struct.pack("<Q", 9) + b"{not json" + good[17:]),
+        ("malformed entry", with_header({name: {**header[name], "dtype": "F128"}})),
+        ("malformed entry", with_header({name: {**header[name], "dtype": ["F32"]}})),
+        ("do not hold its shape", with_header({name: {**header[name], "data_offsets": [begin, end + 4]}})),
+        ("holds no tensors", struct.pack("<Q", 2) + b"{}"),
+        ("recursion", struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000 + good[8 + length :]),
+        # two tensors over the same bytes (each of the right size), or bytes no tensor holds
+        ("starts at byte", with_header({name: {**header[name], "data_offsets": [0, end - begin]}})),
+        ("bytes of the", good + b"\0" * 8),
+    ]
+    for i, (match, weights) in enumerate(cases):
         folder = tmp_path / f"bad{i}"
         folder.mkdir()
         (folder / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
         _resign(folder, weights)
         with pytest.raises(CheckpointError, match=match):
             check_folder(folder)
+    # Any dtype of the format passes (the loader decides what the model takes), sub-byte ones included.
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(tmp_path / "good" / "model.safetensors")
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    state["packed"] = torch.zeros(3, dtype=torch.uint32)
+    folder = tmp_path / "dtypes"
+    shutil.copytree(tmp_path / "good", folder)
+    _resign(folder, safetensors.torch.save(state))
+    assert check_folder(folder)
     meta = json.loads((tmp_path / "good" / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**json.loads((folder / "config.json").read_text()), "default_labels": 5})
+    )
+    with pytest.raises(CheckpointError, match="'default_labels' must be a list of label names"):
+        vitaclip.registry.resolve_model(None, folder)
     for weights_file in ("../good/model.safetensors", "/etc/passwd", ".."):
         (tmp_path / "good" / "config.json").write_text(json.dumps({**meta, "weights_file": weights_file}))
         with pytest.raises(CheckpointError, match="weights_file must be a file name"):

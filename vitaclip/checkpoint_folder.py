@@ -20,8 +20,16 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-# safetensors dtypes and their sizes in bytes
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Every dtype of the safetensors format and its size in bits (the sub-byte float types pack several per byte).
+_DTYPE_BITS = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 8),
+    **dict.fromkeys(("U16", "I16", "F16", "BF16"), 16),
+    **dict.fromkeys(("U32", "I32", "F32"), 32),
+    **dict.fromkeys(("U64", "I64", "F64", "C64"), 64),
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 _MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -57,7 +65,7 @@ def read_folder_meta(path: str | Path) -> dict[str, Any]:
     folder = folder_of(path)
     try:
         meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable checkpoint config: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         format_name = meta.get("format") if isinstance(meta, dict) else None
@@ -104,33 +112,42 @@ def check_safetensors_header(path: Path) -> int:
             raise CheckpointError(f"{path}: not a safetensors file (header length {length}, file {size} bytes)")
         try:
             header = json.loads(f.read(length))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
             raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: unreadable safetensors header: not a mapping")
-    data_bytes = size - 8 - length
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    for name, entry in tensors.items():
-        _check_entry(path, name, entry, data_bytes)
+    spans = sorted(_span(path, name, entry) for name, entry in tensors.items())
+    # The format's rule: the data is indexed whole, tensor after tensor, without holes or overlaps.
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, not at {position}")
+        position = end
+    if position != size - 8 - length:
+        raise CheckpointError(f"{path}: the tensors hold {position} bytes of the {size - 8 - length} in the file")
     return len(tensors)
 
 
-def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
+def _span(path: Path, name: str, entry: Any) -> tuple[int, int, str]:
+    """``(begin, end, name)`` of a well-formed header entry whose bytes are those of its dtype and shape."""
     shape = entry.get("shape") if isinstance(entry, dict) else None
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
     if (
         not isinstance(entry, dict)
-        or entry.get("dtype") not in _DTYPE_BYTES
+        or not isinstance(entry.get("dtype"), str)
+        or entry["dtype"] not in _DTYPE_BITS
         or not isinstance(shape, list)
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not all(type(d) is int and d >= 0 for d in shape)
         or not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
     ):
         raise CheckpointError(f"{path}: tensor {name!r}: malformed entry {entry!r}"[:500])
     begin, end = offsets
-    if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+    if not 0 <= begin <= end or (end - begin) * 8 != math.prod(shape) * _DTYPE_BITS[entry["dtype"]]:
         raise CheckpointError(f"{path}: tensor {name!r}: bytes {begin}-{end} do not hold its shape {shape}")
+    return begin, end, name
 
 
 def check_folder(path: str | Path) -> dict[str, Any]:

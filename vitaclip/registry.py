@@ -43,12 +43,16 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     path = _config_path(checkpoint)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint config: {exc}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: no model config in it (a 'config' mapping is expected)")
     if not isinstance(meta["config"].get("name"), str) or not isinstance(meta.get("weights_sha256"), str):
         raise CheckpointError(f"{path}: 'config.name' and 'weights_sha256' must be strings")
+    for key in ("default_labels", "label_names"):
+        names = meta.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise CheckpointError(f"{path}: '{key}' must be a list of label names")
     return meta
 
 
