@@ -11,6 +11,7 @@ their old rows live in) for the driver's `index.commits.Committer`. Rows never p
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,6 +21,75 @@ import pyarrow as pa
 from index.commits import WrittenBatch
 from index.delta_tables import TABLES, OutputLocation, table_schema, write_data_file
 from index.schema import STATUS_OK, row_id_for, video_id_for
+
+
+@dataclass(frozen=True)
+class CompleteVideos:
+    """Embed output rows split by `complete_videos`.
+
+    Attributes:
+        rows: Every clip of each video it holds in full, one decode per video, in their order in the input.
+        leftover: Clips of videos not yet complete, to join the rows that follow (None: none, or ``final``).
+        duplicates: Rows dropped as copies of kept ones (a retried task's output) or of another decode of a video
+            kept in full.
+        incomplete: Rows dropped at the end (``final``) because their video never became complete.
+    """
+
+    rows: pa.Table
+    leftover: pa.Table | None
+    duplicates: int
+    incomplete: int
+
+
+def complete_videos(table: pa.Table, *, final: bool = False) -> CompleteVideos:
+    """Keeps the videos whose clips are all in `table`; the rest is left over for the rows that follow.
+
+    The decode stage emits a video's clips together, but Ray Data cuts a stage's output into blocks by size (about
+    128 MiB), so a long video's clips may arrive in several blocks, in any order, and a retried task's output may
+    arrive twice. A video is complete when one of its decodes (``decode_id``) is present with all of its
+    ``clip_count`` rows; writing only complete videos keeps each video's row and its segment rows in one pair of
+    files, which `index.commits.Committer` relies on.
+
+    Args:
+        table: Embed output rows (with the decode stage's ``decode_id``, ``clip_count`` and ``segment_index``).
+        final: No more rows will come: what is still incomplete is dropped (and counted) instead of left over.
+
+    Raises:
+        RuntimeError: A decode with more distinct clips than its ``clip_count`` (a bug).
+    """
+    uris = table.column("uri").to_pylist()
+    decode_ids = table.column("decode_id").to_pylist()
+    segments = table.column("segment_index").to_pylist()
+    clip_counts = table.column("clip_count").to_pylist()
+    seen: set[tuple[str, int, int]] = set()
+    groups: dict[tuple[str, int], list[int]] = {}  # (uri, decode id) -> row indices, in order of first appearance
+    duplicates = 0
+    for i, key in enumerate(zip(uris, decode_ids, segments, strict=True)):
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        groups.setdefault(key[:2], []).append(i)
+    kept_groups: dict[str, tuple[str, int]] = {}  # uri -> the decode kept
+    for (uri, decode_id), rows in groups.items():
+        expected = clip_counts[rows[0]]
+        if len(rows) > expected:
+            raise RuntimeError(f"bug: decode {decode_id} of {uri} has {len(rows)} distinct clips, {expected} expected")
+        if len(rows) == expected and uri not in kept_groups:
+            kept_groups[uri] = (uri, decode_id)
+    kept: list[int] = []
+    left: list[int] = []
+    for group, rows in groups.items():
+        if kept_groups.get(group[0]) == group:
+            kept += rows
+        elif group[0] in kept_groups:
+            duplicates += len(rows)  # another decode of a video kept in full (a retried decode task)
+        else:
+            left += rows
+    rows_table = table.take(pa.array(sorted(kept), pa.int64()))
+    if final or not left:
+        return CompleteVideos(rows_table, None, duplicates, len(left) if final else 0)
+    return CompleteVideos(rows_table, table.take(pa.array(sorted(left), pa.int64())), duplicates, 0)
 
 
 class ResultWriter:
@@ -66,8 +136,8 @@ class ResultWriter:
         with_segments = frozenset(segments.column("video_id").to_pylist())
         orphans = with_segments - set(videos.column("video_id").to_pylist())
         if orphans:
-            # The decode stage emits a video's clips together and Ray Data never splits a block between write tasks:
-            # clips of one video in two batches would let one batch's segments commit remove the other's.
+            # Write tasks pass only complete videos (`complete_videos`): clips of one video in two batches would let
+            # one batch's segments commit remove the other's.
             raise RuntimeError(f"bug: segment rows of {len(orphans)} videos came without their video row")
         name = name or f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
         files = {

@@ -228,22 +228,39 @@ def write_blocks(
     run_id: str,
     label_names: list[str],
     embed_dim: int,
-) -> tuple[WrittenBatch, dict[str, float]]:
-    """A write task: embed output blocks -> one pair of Delta data files; returns their metadata and timings."""
+    final: bool = False,
+) -> tuple[tuple[WrittenBatch | None, dict[str, float]], pa.Table | None]:
+    """A write task: embed output blocks -> one pair of Delta data files of the complete videos among them.
+
+    Returns:
+        Their metadata (None: no video was complete) and counts, and the clips of videos not complete yet (None:
+        none), which the driver passes to a later write task with the blocks that follow (two return values: the
+        clips stay in the object store, owned by the driver). With ``final`` nothing more is coming: incomplete
+        videos are dropped and counted.
+    """
     from ray.data.block import BlockAccessor
 
-    from index.writer import ResultWriter
+    from index.writer import ResultWriter, complete_videos
 
     table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks], promote_options="default")
-    batch = BlockAccessor.for_block(table).to_batch_format("numpy")
-    writer = ResultWriter(location, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim)
-    written = writer(batch)
+    split = complete_videos(table, final=final)
     stats = {
-        "clips": float(len(batch["uri"])),
-        "decode_seconds": float(np.sum(batch["decode_seconds"])),
-        "embed_seconds": float(np.sum(batch["embed_seconds"])),
+        "clips": float(split.rows.num_rows),
+        "clips_left_over": float(split.leftover.num_rows if split.leftover is not None else 0),
+        "clips_duplicate": float(split.duplicates),
+        "clips_incomplete": float(split.incomplete),
+        "decode_seconds": 0.0,
+        "embed_seconds": 0.0,
     }
-    return written, stats
+    written = None
+    if split.rows.num_rows:
+        batch = BlockAccessor.for_block(split.rows).to_batch_format("numpy")
+        writer = ResultWriter(location, model_id=model_id, run_id=run_id, label_names=label_names, embed_dim=embed_dim)
+        written = writer(batch)
+        stats.update(
+            decode_seconds=float(np.sum(batch["decode_seconds"])), embed_seconds=float(np.sum(batch["embed_seconds"]))
+        )
+    return (written, stats), split.leftover
 
 
 def warm_write_worker() -> None:
@@ -306,18 +323,27 @@ _DISTRIBUTIONS = {
 
 
 class Commits:
-    """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts."""
+    """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts.
+
+    A write task returns the clips of videos it did not hold in full (`write_blocks`); they wait in ``leftovers``
+    (object references and row counts) for the next write task."""
 
     def __init__(self, committer: Committer, *, commit_seconds: float, hooks: RunHooks) -> None:
         self.committer = committer
         self.commit_seconds = commit_seconds
         self.hooks = hooks
-        self.in_flight: list[Any] = []
+        self.in_flight: dict[Any, Any] = {}  # a write's metadata reference -> its leftover clips' reference
+        self.leftovers: list[tuple[Any, int]] = []
         self.received = 0
         self.status: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self.reports: list[CommitReport] = []
         self.last_commit = time.monotonic()
+
+    def submit(self, task: Any, *args: Any, **kwargs: Any) -> None:
+        """Starts a write task (a remote function returning `write_blocks`' two values)."""
+        meta, leftover = task.remote(*args, **kwargs)
+        self.in_flight[meta] = leftover
 
     def collect(self, *, wait: bool = False) -> None:
         """Hands finished write tasks to the Committer (all of them when `wait`)."""
@@ -325,16 +351,23 @@ class Commits:
 
         if not self.in_flight:
             return
-        done, self.in_flight = ray.wait(
-            self.in_flight, num_returns=len(self.in_flight) if wait else 1, timeout=None if wait else 0
-        )
-        for written, stats in ray.get(done):
-            self.committer.add(written)
-            self.status.update(status for _, _, status in written.keys)
+        refs = list(self.in_flight)
+        done, _ = ray.wait(refs, num_returns=len(refs) if wait else 1, timeout=None if wait else 0)
+        for meta_ref, (written, stats) in zip(done, ray.get(done), strict=True):
+            leftover = self.in_flight.pop(meta_ref)
+            if stats["clips_left_over"]:
+                self.leftovers.append((leftover, int(stats["clips_left_over"])))
+            if written is not None:
+                self.committer.add(written)
+                self.status.update(status for _, _, status in written.keys)
             self.stats.update(stats)
             self.received += 1
             if self.hooks.after_write:
                 self.hooks.after_write(self.received)
+
+    def take_leftovers(self) -> list[tuple[Any, int]]:
+        taken, self.leftovers = self.leftovers, []
+        return taken
 
     def maybe_commit(self) -> None:
         if time.monotonic() - self.last_commit >= self.commit_seconds:
@@ -645,6 +678,11 @@ def run_summary(
             "replaced": sum(r.replaced for r in reports),
             "dropped_done_by_another_run": sum(r.dropped for r in reports),
             "conflict_rounds": sum(r.rounds - 1 for r in reports),
+            # Clips of videos cut across blocks, passed on to a later write (counted once per pass), and clips not
+            # written: copies (a retried task's output) and, at the end, pieces of videos that never arrived whole.
+            "clips_carried_over": int(commits.stats["clips_left_over"]),
+            "duplicate_clips_dropped": int(commits.stats["clips_duplicate"]),
+            "incomplete_clips_dropped": int(commits.stats["clips_incomplete"]),
         },
         "vacuumed_files": vacuumed,
         "index": index_info,
@@ -715,14 +753,15 @@ def drain(
 ) -> None:
     """The driver's loop over a Dataset of embed output: block references grouped into write tasks (by
     ``rows_per_file`` rows or half of ``commit_seconds``), finished writes handed to the Committer, a commit every
-    ``commit_seconds``. Rows never reach the driver."""
+    ``commit_seconds``. Clips of videos a write task did not hold in full (cut across blocks) go to the next one,
+    and to a last one at the end. Rows never reach the driver."""
     import ray
 
     # Write tasks take no CPU reservation: the pools hold the cores, and a reserved write would wait for them to
     # finish. They are scheduled next to their blocks.
     # A write that fails on storage (after the filesystem's own retries) is tried again, into fresh file names.
     write: Any = ray.remote(write_blocks).options(  # type: ignore[arg-type]
-        num_cpus=0, max_retries=3, retry_exceptions=[OSError]
+        num_cpus=0, num_returns=2, max_retries=3, retry_exceptions=[OSError]
     )
     options = dict(
         model_id=model.model_id, run_id=run_id, label_names=list(model.label_names), embed_dim=model.embed_dim
@@ -732,11 +771,18 @@ def drain(
     first_pending = time.monotonic()
     flush_seconds = config.commit_seconds / 2
 
-    def flush() -> None:
+    def flush(*, final: bool = False) -> None:
         nonlocal pending, pending_rows
         if pending:
-            commits.in_flight.append(write.remote(location, *pending, **options))
+            commits.submit(write, location, *pending, **options, final=final)
         pending, pending_rows = [], 0
+
+    def add(block_ref: Any, num_rows: int) -> None:
+        nonlocal pending_rows, first_pending
+        if not pending:
+            first_pending = time.monotonic()
+        pending.append(block_ref)
+        pending_rows += num_rows
 
     warm: Any = None
     for bundle in ds.iter_internal_ref_bundles():
@@ -745,14 +791,26 @@ def drain(
             # the first write task instead of a cold start (imports alone take seconds) at the end of a small run.
             warm = ray.remote(warm_write_worker).options(num_cpus=0).remote()
         for block_ref, num_rows in _block_entries(bundle):
-            if not pending:
-                first_pending = time.monotonic()
-            pending.append(block_ref)
-            pending_rows += num_rows
+            add(block_ref, num_rows)
         if pending_rows >= config.rows_per_file or time.monotonic() - first_pending >= flush_seconds:
             flush()
         commits.collect()
+        for leftover in commits.take_leftovers():
+            add(*leftover)
         if time.monotonic() - commits.last_commit >= config.commit_seconds:
             commits.collect(wait=True)
             commits.commit()
     flush()
+    commits.collect(wait=True)
+    leftovers = commits.take_leftovers()
+    if leftovers:  # the last clips of videos cut across blocks: nothing more is coming
+        for leftover in leftovers:
+            add(*leftover)
+        flush(final=True)
+        commits.collect(wait=True)
+    if commits.stats["clips_incomplete"]:
+        log.warning(
+            "%d clips of videos that never arrived whole were not written (a retried task's partial output); "
+            "those videos are planned again by the next run unless another copy was written",
+            commits.stats["clips_incomplete"],
+        )

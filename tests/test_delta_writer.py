@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pytest
 from deltalake import DeltaTable
+from ray.data.block import BlockAccessor
 from test_index_job import make_videos
 
 from index.commits import Committer, Planner
 from index.delta_tables import OutputLocation, create_tables
-from index.writer import ResultWriter
+from index.writer import ResultWriter, complete_videos
 from jobs.storage import list_videos
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
 
@@ -74,3 +77,62 @@ def test_one_batch_from_listing_to_committed_tables(tmp_path: Path) -> None:
     # The next run over the same listing plans nothing.
     again = Planner(location, model_id=model_id, versions=report.versions)
     assert len(again(listed)["uri"]) == 0 and again.counts["already_indexed"] == len(listed["uri"])
+
+
+def test_videos_cut_across_blocks_are_written_whole_and_once(tmp_path: Path) -> None:
+    """Ray Data cuts a stage's output into blocks by size, so a video's clips may come in several blocks, in any
+    order, some twice (a retried task), next to parts of a second decode of a video (a retried decode task)."""
+    make_videos(tmp_path / "in", 3)  # three videos of 3 to 4 s with 1 s segments, plus broken files
+    embed = EmbedStage(model="vitaclip-tiny", top_k=2)
+    model_id, embed_dim = embed.model_id, embed.model.embed_dim
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    versions = create_tables(location, embed_dim, model_id=model_id)
+    listed = _listed(tmp_path / "in")
+    decode = DecodeStage(num_frames=2, size=embed.model.image_size, segment_seconds=1.0)
+    rows = BlockAccessor.batch_to_block(embed(decode(listed)))
+    again = BlockAccessor.batch_to_block(embed(decode(listed)))  # the same videos decoded a second time
+    assert not set(rows.column("decode_id").to_pylist()) & set(again.column("decode_id").to_pylist())
+    first_ok = again.column("clip_count").to_pylist().index(max(again.column("clip_count").to_pylist()))
+
+    pieces = [rows.slice(i, 3) for i in range(0, rows.num_rows, 3)]
+    extra = [pieces[1], again.slice(first_ok, 2)]  # a copy of a block; part of a video's second decode
+    order = np.random.default_rng(7).permutation(len(pieces) + len(extra))
+    arriving = [(pieces + extra)[i] for i in order]
+    writer = ResultWriter(
+        location, model_id=model_id, run_id="run-1", label_names=embed.label_names, embed_dim=embed_dim
+    )
+    committer = Committer(location, model_id=model_id, run_id="run-1", versions=versions)
+    dropped, leftover = 0, None
+    for start in range(0, len(arriving), 2):  # write tasks of two blocks each, with what the last one left over
+        blocks = arriving[start : start + 2] + ([leftover] if leftover is not None else [])
+        split = complete_videos(pa.concat_tables(blocks), final=start + 2 >= len(arriving))
+        leftover = split.leftover
+        dropped += split.duplicates + split.incomplete
+        if split.rows.num_rows:
+            # No segment row without its video's row (the writer checks), one decode per video.
+            for uri in set(split.rows.column("uri").to_pylist()):
+                mine = split.rows.filter(pa.compute.equal(split.rows.column("uri"), uri))
+                assert len(set(mine.column("decode_id").to_pylist())) == 1
+                assert mine.num_rows == mine.column("clip_count")[0].as_py()
+            committer.add(writer(BlockAccessor.for_block(split.rows).to_batch_format("numpy")))
+    assert leftover is None and dropped == sum(e.num_rows for e in extra)
+    committer.commit()
+
+    videos = DeltaTable(location.table_uri("videos")).to_pyarrow_table()
+    segments = DeltaTable(location.table_uri("segments")).to_pyarrow_table()
+    assert sorted(videos.column("uri").to_pylist()) == sorted(listed["uri"].tolist())  # one row per video
+    keys = list(zip(segments.column("video_id").to_pylist(), segments.column("segment_index").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == rows.num_rows - len(listed["uri"])  # every segment once
+    for row in videos.to_pylist():
+        indices = sorted(i for v, i in keys if v == row["video_id"])
+        assert indices == list(range(len(indices))) and len(indices) >= (int(row["duration_seconds"] or 0))
+
+
+def test_a_decode_with_more_clips_than_it_made_is_a_bug(tmp_path: Path) -> None:
+    make_videos(tmp_path / "in", 1, broken=False)
+    decode = DecodeStage(num_frames=2, size=32, segment_seconds=1.0)
+    rows = BlockAccessor.batch_to_block(decode(_listed(tmp_path / "in"))).drop_columns(["frames"])
+    assert rows.num_rows > 2 and complete_videos(rows).rows.num_rows == rows.num_rows
+    short = rows.set_column(rows.schema.get_field_index("clip_count"), "clip_count", pa.array([2] * rows.num_rows))
+    with pytest.raises(RuntimeError, match="bug: decode .* distinct clips, 2 expected"):
+        complete_videos(short)

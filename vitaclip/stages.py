@@ -6,7 +6,10 @@ an ``error_message``; only bugs raise.
 
 Rows leaving :class:`DecodeStage` are clips: one whole-video clip per input video (``segment_index == -1``) and,
 when segments are requested, one clip per segment. Every row carries fixed-shape frames (zeros when not ok) so the
-batch stays a dense tensor column.
+batch stays a dense tensor column, and says which decode of which video it belongs to: ``decode_id`` (random, one
+per decode of a video) and ``clip_count`` (the rows that decode made). Ray Data cuts a stage's output into blocks
+by size, so the clips of a long video may travel in several blocks (and through several embed actors); these two
+columns let a consumer tell when it holds all of them (`index.writer.complete_videos`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ _BASE_ROW: dict[str, Any] = {
     "end_seconds": 0.0,
     "thumbnail_jpeg": b"",
     "decode_seconds": 0.0,
+    "decode_id": 0,
+    "clip_count": 1,
 }
 # Also per clip: "pts_seconds", float64 [T], the timestamps of the frames taken (zeros when not ok).
 
@@ -209,11 +214,18 @@ class DecodeStage:
                 rows = [self.failed_row(str(listed[i]), str(batch[LISTING_ERROR][i]))]
             else:
                 rows = self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i]))
+            decode_id = _new_decode_id()
             for row in rows:
+                row.update(decode_id=decode_id, clip_count=len(rows))
                 for key in passthrough:
                     row.setdefault(key, batch[key][i])
                 out_rows.append(row)
         return _columns(out_rows)
+
+
+def _new_decode_id() -> int:
+    """A random id for one decode of one video (63 bits: an int64 column)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
