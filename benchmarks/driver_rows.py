@@ -54,6 +54,7 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     from jobs.pipeline import ReadDecode, TimedEmbed
     from vitaclip.registry import resolve_model
     from vitaclip.samples import write_sample_video
+    from vitaclip.stages import DecodeStage
 
     paths = []
     for i in range(videos):
@@ -80,7 +81,8 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
     embed = TimedEmbed(model=MODEL, label_names=list(model.label_names), device="cpu")
     from ray.data.block import BlockAccessor
 
-    rows = BlockAccessor.batch_to_block(embed(decode(batch)))  # as Ray Data makes the stage's output block
+    decoded = DecodeStage.__call__(decode, batch)  # all rows at once (the job's stage hands them on as they come)
+    rows = BlockAccessor.batch_to_block(embed(decoded))  # as Ray Data makes the stage's output block
     statuses = set(rows.column("status").to_pylist())
     if statuses != {"ok"} or rows.num_rows != 6 * videos:  # the whole video and five 2 s segments each
         raise RuntimeError(f"the sample videos did not decode as expected: {rows.num_rows} rows, {statuses}")

@@ -111,6 +111,11 @@ class ReadDecode(DecodeStage):
             self._client = make_s3_client(endpoint_url=self._endpoint)
         return open_video(uri, size_bytes=size_bytes, s3_client=self._client, whole_object_max_bytes=self._whole_max)
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]
+        # A generator: Ray Data takes the rows as they are decoded, so an actor never holds a whole batch of long
+        # videos' frames (twice: the rows, then their stacked column).
+        yield from self.iter_batches(batch)
+
 
 class TimedEmbed(EmbedStage):
     """EmbedStage that records its own seconds per clip, for the run summary."""

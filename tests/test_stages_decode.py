@@ -110,3 +110,29 @@ def test_batch_keeps_input_columns(video: Path, tmp_path: Path) -> None:
     assert list(out["etag"]) == ["e1"] * 3 + ["e2"]
     assert list(out["status"]) == ["ok", "ok", "ok", "empty"]
     assert out["frames"].shape == (4, 4, 32, 32, 3)
+
+
+def test_rows_say_which_decode_of_which_video_they_are(video: Path, tmp_path: Path) -> None:
+    """Every row names its decode (random per video and decode) and how many rows that decode made, so a consumer
+    of blocks cut by size can tell when it holds a whole video; `iter_batches` hands them on in whole videos."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    batch = {
+        "uri": np.array([str(video), str(empty), str(video)], dtype=object),
+        "size_bytes": np.array([video.stat().st_size, 0, video.stat().st_size]),
+    }
+    stage = DecodeStage(num_frames=4, size=32, segment_seconds=1.0)
+    out = stage(batch)
+    assert list(out["clip_count"]) == [4] * 4 + [1] + [4] * 4
+    ids = list(out["decode_id"])
+    assert len(set(ids)) == 3 and ids[:4] == [ids[0]] * 4 and ids[5:] == [ids[5]] * 4  # the same file twice: two
+    assert out["decode_id"].dtype == np.int64 and min(ids) > 0
+
+    # Handed on past 10 KB of frames (a clip, failed ones too, is 4 x 32 x 32 x 3 = 12 KB): a video per batch.
+    parts = list(stage.iter_batches(batch, max_bytes=10_000))
+    assert [len(p["uri"]) for p in parts] == [4, 1, 4]
+    for part in parts:
+        assert len(set(part["decode_id"])) == 1 and len(part["uri"]) == part["clip_count"][0]
+    whole = list(stage.iter_batches(batch))  # the default (32 MiB): one batch
+    assert len(whole) == 1 and list(whole[0]["segment_index"]) == list(out["segment_index"])
+    np.testing.assert_array_equal(whole[0]["frames"], out["frames"])

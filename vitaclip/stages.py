@@ -18,7 +18,7 @@ import io
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,7 +206,26 @@ class DecodeStage:
         return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_rows: list[dict[str, Any]] = []
+        return _columns([row for rows in self._videos(batch) for row in rows])
+
+    def iter_batches(
+        self, batch: dict[str, np.ndarray], *, max_bytes: int = 32 * 2**20
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of `__call__` in several batches of whole videos, each handed on once its frames pass
+        `max_bytes`: a batch of long videos with many segments is never held whole (a generator UDF for Ray Data)."""
+        held: list[dict[str, Any]] = []
+        held_bytes = 0
+        for rows in self._videos(batch):
+            held += rows
+            held_bytes += sum(row["frames"].nbytes for row in rows)
+            if held_bytes >= max_bytes:
+                yield _columns(held)
+                held, held_bytes = [], 0
+        if held:
+            yield _columns(held)
+
+    def _videos(self, batch: dict[str, np.ndarray]) -> Iterator[list[dict[str, Any]]]:
+        """Each input video's rows, decoded one video at a time."""
         passthrough = [k for k in batch if k not in ("frames", LISTING_STATUS, LISTING_ERROR)]
         listed = batch.get(LISTING_STATUS)
         for i in range(len(batch["uri"])):
@@ -219,8 +238,7 @@ class DecodeStage:
                 row.update(decode_id=decode_id, clip_count=len(rows))
                 for key in passthrough:
                     row.setdefault(key, batch[key][i])
-                out_rows.append(row)
-        return _columns(out_rows)
+            yield rows
 
 
 def _new_decode_id() -> int:
