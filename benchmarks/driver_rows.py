@@ -3,24 +3,29 @@
 The job's driver never touches rows: it groups block references into write tasks and commits their file metadata
 (`jobs.pipeline.drain`). Its CPU per row is what limits how many GPUs one driver can feed, but on a CPU-only
 machine the pipeline makes rows so slowly (tens per second) that the driver's time-bound work (Ray Data's
-scheduling loop, about 0.03 CPU-s per second) dominates any per-row figure. This benchmark feeds the same driver
-loop rows of real embed output as fast as the write tasks take them:
+scheduling loop) dominates any per-row figure. This benchmark feeds the same driver loop rows of real embed output
+as fast as the write tasks take them, through a Dataset shaped like the job's:
 
 1. The job's own stages (`ReadDecode`, `TimedEmbed`, vitaclip-demo, ``--segment-seconds 2``) process a few generated
    10 s videos once; their output rows (video and segment rows: embeddings, labels, JPEG thumbnails) are repeated
-   under new URIs into blocks of the planner's size (`jobs.pipeline._BLOCK_VIDEOS` videos), put in the object store
-   before timing.
-2. Timed: a Dataset over those blocks with one pass-through stage of ``--rows-per-task`` rows per task (the job's
-   embed stage makes one output block per ``--embed-batch-size`` rows, 32 by default: Ray Data's scheduling work on
-   the driver is per task), drained by `jobs.pipeline.drain` into real write tasks and Delta commits on a fresh
-   local output.
+   under new URIs into input blocks of the planner's size (`jobs.pipeline._BLOCK_VIDEOS` videos), put in the object
+   store before timing.
+2. Timed: a Dataset over those blocks with two actor pools standing for the job's: two "decoders" that hand each
+   input block on in blocks of ``--rows-per-block`` rows (whole videos), as the decode stage's output reaches the
+   embed stage, and one "embedder" that passes each block through (one task per block, as the embed stage's
+   bundles of at least ``--embed-batch-size`` clips are one decoded block each). Ray Data cuts the decode stage's
+   output by size (the job's ``--decoded-block-mib``, 512 by default; Ray Data's own default is 128), so a block
+   holds that many MiB of frames: a clip of 8 x 224 x 224 x 3 bytes (ViT-B/16 and ViT-L/14 at 8 frames) is 1.2 MB,
+   111 clips per 128 MiB and 446 per 512 MiB; a clip of the demo's 8 x 64 x 64 x 3 is 98 KB, 1,365 per 128 MiB.
+   The benchmark sets the block size so that its smaller rows make blocks of ``--rows-per-block`` rows. The embed
+   output is drained by `jobs.pipeline.drain` into real write tasks and Delta commits on a fresh local output.
 
-Measured per size and rows per task, side by side, alternating, medians: rows/s through the driver loop (bounded
-here by the write tasks on this machine's cores) and the driver's CPU seconds (this process: all its threads,
-Ray Data's scheduling loop and Ray's core worker included) per 1,000 rows; the growth between the two sizes per
-further 1,000 rows is the per-row cost. Target (issue 13): <= 0.005 s per 1,000 rows.
+Measured per size, side by side, alternating, medians: rows/s through the driver loop (bounded here by this
+machine's two cores) and the driver's CPU seconds (this process: all its threads, Ray Data's scheduling loop and
+Ray's core worker included) per 1,000 rows; the growth between the two sizes per further 1,000 rows is the per-row
+cost. Target (issue 13): <= 0.005 s per 1,000 rows.
 
-    python benchmarks/driver_rows.py --rows 20000 160000 --rows-per-task 2048 --videos-per-block 128 512 --repeats 3
+    python benchmarks/driver_rows.py --rows 20000 80000 --rows-per-block 111 446 --repeats 3
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +113,33 @@ def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
     return refs
 
 
-def time_drain(refs: list[Any], out: Path, *, model: Any, rows_per_task: int) -> tuple[float, float, int]:
+class _Decoders:
+    """Stands for the decode stage: hands an input block on in blocks of `rows_per_block` rows of whole videos."""
+
+    def __init__(self, rows_per_block: int) -> None:
+        self.rows_per_block = rows_per_block
+
+    def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
+        uris = table.column("uri").to_pylist()
+        start = 0
+        while start < len(uris):
+            end = min(start + self.rows_per_block, len(uris))
+            while end < len(uris) and uris[end] == uris[end - 1]:
+                end += 1  # the decode stage yields whole videos
+            yield table.slice(start, end - start)
+            start = end
+
+
+class _Embedder:
+    """Stands for the embed stage: one output block per input block."""
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return table
+
+
+def time_drain(
+    refs: list[Any], out: Path, *, model: Any, rows_per_block: int, row_bytes: float
+) -> tuple[float, float, int]:
     """(seconds, driver CPU seconds, rows committed) of the job's driver loop over `refs`."""
     import ray
 
@@ -120,14 +152,35 @@ def time_drain(refs: list[Any], out: Path, *, model: Any, rows_per_task: int) ->
     location = OutputLocation.from_url(str(out))
     versions = create_tables(location, model.embed_dim, model_id=model.model_id)
     config = IndexJobConfig(inputs=("unused",), output=str(out), model=MODEL)
+    context = ray.data.DataContext.get_current()
+    # Ray Data ends a task's output block once it passes this size (and cuts only past 1.5 times it): blocks of
+    # `rows_per_block` of these rows, as 128 MiB of frames makes in the job.
+    context.target_max_block_size = int(0.9 * rows_per_block * row_bytes)
     start, cpu = time.perf_counter(), _cpu_seconds()
     commits = Commits(
         Committer(location, model_id=model.model_id, run_id="bench", versions=versions),
         commit_seconds=config.commit_seconds,
         hooks=RunHooks(),
     )
-    ds = ray.data.from_arrow_refs(refs).map_batches(
-        lambda b: b, batch_format="pyarrow", zero_copy_batch=True, batch_size=rows_per_task
+    ds = (
+        ray.data.from_arrow_refs(refs)
+        .map_batches(
+            _Decoders,
+            fn_constructor_kwargs=dict(rows_per_block=rows_per_block),
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            batch_size=None,
+            compute=ray.data.ActorPoolStrategy(size=2),
+            num_cpus=0.5,
+        )
+        .map_batches(
+            _Embedder,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            batch_size=None,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+            num_cpus=0.5,
+        )
     )
     drain(ds, commits, config, location=location, model=model, run_id="bench")
     commits.collect(wait=True)
@@ -139,54 +192,48 @@ def time_drain(refs: list[Any], out: Path, *, model: Any, rows_per_task: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 40_000])
-    parser.add_argument("--rows-per-task", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--rows", type=int, nargs=2, default=[20_000, 80_000])
+    parser.add_argument("--rows-per-block", type=int, nargs="+", default=[111, 446], help="clip rows per decoded block")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--videos-per-block", type=int, nargs="+", default=None, help="input block sizes (default: the planner's)"
-    )
     args = parser.parse_args()
-    from jobs.pipeline import _BLOCK_VIDEOS
-
-    sizes = args.videos_per_block or [_BLOCK_VIDEOS]
     import ray
     import ray.data  # noqa: F401  (imported before timing, as the job has by then)
 
+    from jobs.pipeline import _BLOCK_VIDEOS
     from vitaclip.registry import resolve_model
 
     model = resolve_model(MODEL, None)
     from jobs.ray_resources import embedded_ray_options
 
     ray.init(**embedded_ray_options(None), log_to_driver=False)  # as the job starts its own
-    ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sample = sample_rows(work)
+        row_bytes = sample.nbytes / sample.num_rows
         print(f"sample: {sample.num_rows} rows from {len(set(sample.column('uri').to_pylist()))} videos", flush=True)
-        results: dict[tuple[int, int, int], list[tuple[float, float, int]]] = {
-            (v, t, n): [] for v in sizes for t in args.rows_per_task for n in args.rows
+        results: dict[tuple[int, int], list[tuple[float, float, int]]] = {
+            (b, n): [] for b in args.rows_per_block for n in args.rows
         }
         for repeat in range(args.repeats):
-            for v, t, n in results:
-                refs = blocks_of(sample, n, v)
-                measured = time_drain(refs, work / "out", model=model, rows_per_task=t)
+            for b, n in results:
+                refs = blocks_of(sample, n, _BLOCK_VIDEOS)
+                measured = time_drain(refs, work / "out", model=model, rows_per_block=b, row_bytes=row_bytes)
                 del refs
-                results[v, t, n].append(measured)
+                results[b, n].append(measured)
                 s, c, r = measured
-                print(f"repeat {repeat + 1}, {v} videos per block, {t} rows per task: {r} rows in {s:.1f} s, ", end="")
-                print(f"driver {c:.2f} CPU-s", flush=True)
+                print(
+                    f"repeat {repeat + 1}, {b} rows per block: {r} rows in {s:.1f} s, driver {c:.2f} CPU-s", flush=True
+                )
     print(f"\nmedians over {args.repeats} repeats")
-    print(f"{'videos/block':>12} {'rows/task':>9} {'rows':>8} {'seconds':>8} {'rows/s':>8} ", end="")
-    print(f"{'driver CPU-s':>12} {'per 1,000 rows':>15}")
-    for v in sizes:
-        for t in args.rows_per_task:
-            med = {}
-            for n in args.rows:
-                s, c, r = (statistics.median(x[i] for x in results[v, t, n]) for i in range(3))
-                med[n] = (c, r)
-                print(f"{v:>12} {t:>9} {int(r):>8} {s:>8.1f} {r / s:>8.0f} {c:>12.2f} {1000 * c / r:>15.4f}")
-            (c0, r0), (c1, r1) = med[args.rows[0]], med[args.rows[1]]
-            print(f"{'':>22} per further 1,000 rows: {1000 * (c1 - c0) / (r1 - r0):.4f} driver CPU-s (target <= 0.005)")
+    print(f"{'rows/block':>10} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'driver CPU-s':>12} {'per 1,000 rows':>15}")
+    for b in args.rows_per_block:
+        med = {}
+        for n in args.rows:
+            s, c, r = (statistics.median(x[i] for x in results[b, n]) for i in range(3))
+            med[n] = (c, r)
+            print(f"{b:>10} {int(r):>8} {s:>8.1f} {r / s:>8.0f} {c:>12.2f} {1000 * c / r:>15.4f}")
+        (c0, r0), (c1, r1) = med[args.rows[0]], med[args.rows[1]]
+        print(f"{'':>10} per further 1,000 rows: {1000 * (c1 - c0) / (r1 - r0):.4f} driver CPU-s (target <= 0.005)")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class IndexJobConfig:
         gpu_wait_seconds: how long ``auto`` waits for the autoscaler's first GPU node.
         decode_batch_size: videos per decode call.
         embed_batch_size: clips per embed forward pass.
+        decoded_block_mib: Ray Data's block size for decoded frames (the run's ``target_max_block_size``; Ray Data's
+            own default is 128). Every block costs the driver's scheduling loop the same whatever it holds, so larger
+            blocks let one driver feed more GPUs; each decode actor holds about twice this in memory.
         rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
         commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
             most this much. Pending rows are written out at least every half of it.
@@ -94,6 +97,7 @@ class IndexJobConfig:
     gpu_wait_seconds: float = 600.0
     decode_batch_size: int = 4
     embed_batch_size: int = 32
+    decoded_block_mib: float = 512.0
     rows_per_file: int = 2048
     commit_seconds: float = 300.0
     vacuum_retention_hours: float = 7 * 24.0
@@ -113,6 +117,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decoded_block_mib > 0:
+            raise ValueError(f"decoded_block_mib must be > 0, got {self.decoded_block_mib}")
         if self.commit_seconds <= 0:
             raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.vacuum_retention_hours < 0:
@@ -168,6 +174,11 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     )
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
+    p.add_argument(
+        "--decoded-block-mib",
+        type=float,
+        help="Ray Data block size for decoded frames: larger means less driver work per clip, more decoder memory",
+    )
     p.add_argument("--rows-per-file", type=int, help="clip rows per written data file pair")
     p.add_argument("--commit-seconds", type=float, help="commit finished work at least this often")
     p.add_argument("--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this")

@@ -729,6 +729,9 @@ def decode_dataset(config: IndexJobConfig, block_refs: list[Any], model: Resolve
     import ray
 
     ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
+    # This Dataset's own copy of the context: the decode stage's output blocks (the only large ones) are cut at this
+    # size, and the driver's scheduling work is per block (benchmarks/driver_rows.py).
+    ds.context.target_max_block_size = int(config.decoded_block_mib * 2**20)
     # Ray Data restarts crashed actors and retries their batches by default; a retried batch is written by a new
     # write task into new files, and the Committer keeps one row per video.
     return ds.map_batches(

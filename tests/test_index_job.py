@@ -346,22 +346,21 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     yaml_file.write_text("model: vitaclip-tiny\nrandom-weights: true\ntop_kk: 3\n")
     assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(yaml_file)]) == 2
     assert "unknown option 'top_kk'" in capsys.readouterr().err
+    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decoded-block-mib", "0")) == 2
+    assert "decoded_block_mib must be > 0, got 0.0" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
-def test_videos_whose_clips_ray_data_cuts_across_blocks_are_committed_whole(
-    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_videos_whose_clips_ray_data_cuts_across_blocks_are_committed_whole(local_ray, tmp_path: Path) -> None:
     """Ray Data cuts a stage's output into blocks of about ``target_max_block_size`` (128 MiB): at a real model's
     frame size (8 x 224 x 224 x 3 bytes per clip) a decode batch of a few long videos with segments is cut, and its
-    pieces reach the driver through different embed tasks. Here the limit is small enough to cut every video."""
+    pieces reach the driver through different embed tasks. Here the block size is small enough to cut every video."""
     videos = make_videos(tmp_path / "in", 4, broken=False)  # 3 to 4.5 s: 4 to 6 clips of 98 KB each
-    import ray.data
-
-    monkeypatch.setattr(ray.data.DataContext.get_current(), "target_max_block_size", 150_000)
     out = tmp_path / "out"
-    # One write task per arriving block (--rows-per-file 1), so a video's pieces are in different write tasks.
-    assert run([str(tmp_path / "in")], out, "--segment-seconds", "1", "--rows-per-file", "1") == 0
+    # Blocks of 150 KB, and one write task per arriving block (--rows-per-file 1): a video's pieces are in
+    # different write tasks.
+    extra = ["--segment-seconds", "1", "--decoded-block-mib", "0.15", "--rows-per-file", "1"]
+    assert run([str(tmp_path / "in")], out, *extra) == 0
     _assert_every_video_once(out, videos)
     summary = json.loads(next((out / "runs").glob("*.json")).read_text())
     assert summary["commit"]["clips_carried_over"] > 0  # the pieces did arrive apart
