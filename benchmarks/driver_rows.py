@@ -14,18 +14,19 @@ as fast as the write tasks take them, through a Dataset shaped like the job's:
    input block on in blocks of ``--rows-per-block`` rows (whole videos), as the decode stage's output reaches the
    embed stage, and one "embedder" that passes each block through (one task per block, as the embed stage's
    bundles of at least ``--embed-batch-size`` clips are one decoded block each). Ray Data cuts the decode stage's
-   output by size (the job's ``--decoded-block-mib``, 512 by default; Ray Data's own default is 128), so a block
+   output by size (the job's ``--decoded-block-mib``, 256 by default; Ray Data's own default is 128), so a block
    holds that many MiB of frames: a clip of 8 x 224 x 224 x 3 bytes (ViT-B/16 and ViT-L/14 at 8 frames) is 1.2 MB,
-   111 clips per 128 MiB and 446 per 512 MiB; a clip of the demo's 8 x 64 x 64 x 3 is 98 KB, 1,365 per 128 MiB.
-   The benchmark sets the block size so that its smaller rows make blocks of ``--rows-per-block`` rows. The embed
-   output is drained by `jobs.pipeline.drain` into real write tasks and Delta commits on a fresh local output.
+   111 clips per 128 MiB, 223 per 256 MiB and 446 per 512 MiB; a clip of the demo's 8 x 64 x 64 x 3 is 98 KB,
+   1,365 per 128 MiB. The benchmark sets the block size so that its smaller rows make blocks of
+   ``--rows-per-block`` rows. The embed output is drained by `jobs.pipeline.drain` into real write tasks and Delta
+   commits on a fresh local output.
 
 Measured per size, side by side, alternating, medians: rows/s through the driver loop (bounded here by this
 machine's two cores) and the driver's CPU seconds (this process: all its threads, Ray Data's scheduling loop and
 Ray's core worker included) per 1,000 rows; the growth between the two sizes per further 1,000 rows is the per-row
 cost. Target (issue 13): <= 0.005 s per 1,000 rows.
 
-    python benchmarks/driver_rows.py --rows 20000 80000 --rows-per-block 111 446 --repeats 3
+    python benchmarks/driver_rows.py --rows 20000 80000 --rows-per-block 111 223 446 --repeats 3
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def time_drain(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs=2, default=[20_000, 80_000])
-    parser.add_argument("--rows-per-block", type=int, nargs="+", default=[111, 446], help="clip rows per decoded block")
+    parser.add_argument("--rows-per-block", type=int, nargs="+", default=[111, 223], help="clip rows per decoded block")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import ray

@@ -62,7 +62,8 @@ class IndexJobConfig:
         embed_batch_size: clips per embed forward pass.
         decoded_block_mib: Ray Data's block size for decoded frames (the run's ``target_max_block_size``; Ray Data's
             own default is 128). Every block costs the driver's scheduling loop the same whatever it holds, so larger
-            blocks let one driver feed more GPUs; each decode actor holds about twice this in memory.
+            blocks let one driver feed more GPUs; each decode actor holds about twice this in memory (256: about
+            0.7 GB; 512 halves the driver's work again where nodes have 4 GB or more per vCPU).
         rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
         commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
             most this much. Pending rows are written out at least every half of it.
@@ -97,7 +98,7 @@ class IndexJobConfig:
     gpu_wait_seconds: float = 600.0
     decode_batch_size: int = 4
     embed_batch_size: int = 32
-    decoded_block_mib: float = 512.0
+    decoded_block_mib: float = 256.0
     rows_per_file: int = 2048
     commit_seconds: float = 300.0
     vacuum_retention_hours: float = 7 * 24.0
