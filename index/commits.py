@@ -43,7 +43,7 @@ import random
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -420,10 +420,7 @@ class Committer:
         ids = [video_id for video_id, _, _ in batch.keys]
         if len(set(ids)) != len(ids):
             raise ValueError(f"a batch names a video twice: {sorted(v for v in set(ids) if ids.count(v) > 1)}")
-        hashes = _id_hash(pa.array(ids, pa.string()))
-        at = np.searchsorted(self._committed_hashes, hashes).clip(max=max(len(self._committed_hashes) - 1, 0))
-        committed = (self._committed_hashes[at] == hashes) if len(self._committed_hashes) else np.zeros(len(ids), bool)
-        duplicates = frozenset(v for v, c in zip(ids, committed, strict=True) if v in self._pending_keys or c)
+        duplicates = frozenset(v for v, held in zip(ids, self.holds(ids), strict=True) if held)
         for video_id, etag, status in batch.keys:
             if video_id not in duplicates:
                 self._pending_keys[video_id] = (etag, status)
@@ -431,6 +428,15 @@ class Committer:
         self._duplicates.append(duplicates)
         if batch.segments is not None and batch.segment_video_ids is not None:
             self._file_ids[batch.segments.path] = batch.segment_video_ids  # the driver reads no data file for them
+
+    def holds(self, video_ids: Sequence[str]) -> list[bool]:
+        """Per video: whether this Committer has it already, pending or committed by one of its `commit` calls."""
+        if not video_ids:
+            return []
+        hashes = _id_hash(pa.array(list(video_ids), pa.string()))
+        at = np.searchsorted(self._committed_hashes, hashes).clip(max=max(len(self._committed_hashes) - 1, 0))
+        committed = self._committed_hashes[at] == hashes if len(self._committed_hashes) else np.zeros(len(hashes), bool)
+        return [bool(c) or v in self._pending_keys for v, c in zip(video_ids, committed, strict=True)]
 
     @property
     def pending_videos(self) -> int:

@@ -11,6 +11,7 @@ their old rows live in) for the driver's `index.commits.Committer`. Rows never p
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,8 +31,8 @@ class CompleteVideos:
     Attributes:
         rows: Every clip of each video it holds in full, one decode per video, in their order in the input.
         leftover: Clips of videos not yet complete, to join the rows that follow (None: none, or ``final``).
-        duplicates: Rows dropped as copies of kept ones (a retried task's output) or of another decode of a video
-            kept in full.
+        duplicates: Rows dropped as copies: of kept rows (a retried task's output), of rows of another attempt at a
+            video kept in full, or of videos in `drop_uris`.
         incomplete: Rows dropped at the end (``final``) because their video never became complete.
     """
 
@@ -41,49 +42,55 @@ class CompleteVideos:
     incomplete: int
 
 
-def complete_videos(table: pa.Table, *, final: bool = False) -> CompleteVideos:
+def complete_videos(table: pa.Table, *, final: bool = False, drop_uris: Collection[str] = ()) -> CompleteVideos:
     """Keeps the videos whose clips are all in `table`; the rest is left over for the rows that follow.
 
-    The decode stage emits a video's clips together, but Ray Data cuts a stage's output into blocks by size (about
-    128 MiB), so a long video's clips may arrive in several blocks, in any order, and a retried task's output may
-    arrive twice. A video is complete when one of its decodes (``decode_id``) is present with all of its
-    ``clip_count`` rows; writing only complete videos keeps each video's row and its segment rows in one pair of
+    Ray Data cuts a stage's output into blocks by size (``--decoded-block-mib``), and the decode stage hands a long
+    video's rows on in several batches, so a video's clips may arrive in several blocks, in any order; a retried
+    task's output may arrive twice, and a retried decode task's replay may complete what its first attempt
+    delivered. A video is complete when its rows of one ``decode_id`` and ``clip_count`` (a failed retry makes one
+    row) are all present; writing only complete videos keeps each video's row and its segment rows in one pair of
     files, which `index.commits.Committer` relies on.
 
     Args:
         table: Embed output rows (with the decode stage's ``decode_id``, ``clip_count`` and ``segment_index``).
         final: No more rows will come: what is still incomplete is dropped (and counted) instead of left over.
+        drop_uris: Videos already written whole by another write task: their rows here are copies.
 
     Raises:
         RuntimeError: A decode with more distinct clips than its ``clip_count`` (a bug).
     """
     uris = table.column("uri").to_pylist()
-    decode_ids = table.column("decode_id").to_pylist()
-    segments = table.column("segment_index").to_pylist()
-    clip_counts = table.column("clip_count").to_pylist()
-    seen: set[tuple[str, int, int]] = set()
-    groups: dict[tuple[str, int], list[int]] = {}  # (uri, decode id) -> row indices, in order of first appearance
+    keys = zip(
+        uris,
+        table.column("decode_id").to_pylist(),
+        table.column("clip_count").to_pylist(),
+        table.column("segment_index").to_pylist(),
+        strict=True,
+    )
+    seen: set[tuple[str, int, int, int]] = set()
+    groups: dict[tuple[str, int, int], list[int]] = {}  # (uri, decode id, clip count) -> rows, in order of arrival
     duplicates = 0
-    for i, key in enumerate(zip(uris, decode_ids, segments, strict=True)):
-        if key in seen:
+    for i, key in enumerate(keys):
+        if key in seen or key[0] in drop_uris:
             duplicates += 1
             continue
         seen.add(key)
-        groups.setdefault(key[:2], []).append(i)
-    kept_groups: dict[str, tuple[str, int]] = {}  # uri -> the decode kept
-    for (uri, decode_id), rows in groups.items():
-        expected = clip_counts[rows[0]]
+        groups.setdefault(key[:3], []).append(i)
+    kept_groups: dict[str, tuple[str, int, int]] = {}  # uri -> the group kept
+    for group, rows in groups.items():
+        uri, decode_id, expected = group
         if len(rows) > expected:
             raise RuntimeError(f"bug: decode {decode_id} of {uri} has {len(rows)} distinct clips, {expected} expected")
         if len(rows) == expected and uri not in kept_groups:
-            kept_groups[uri] = (uri, decode_id)
+            kept_groups[uri] = group
     kept: list[int] = []
     left: list[int] = []
     for group, rows in groups.items():
         if kept_groups.get(group[0]) == group:
             kept += rows
         elif group[0] in kept_groups:
-            duplicates += len(rows)  # another decode of a video kept in full (a retried decode task)
+            duplicates += len(rows)  # rows of another attempt at a video kept in full
         else:
             left += rows
     rows_table = table.take(pa.array(sorted(kept), pa.int64()))

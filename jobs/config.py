@@ -118,8 +118,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.decoded_block_mib > 0:
-            raise ValueError(f"decoded_block_mib must be > 0, got {self.decoded_block_mib}")
+        if not 0 < self.decoded_block_mib < 2**20:  # NaN and infinity too
+            raise ValueError(f"decoded_block_mib must be > 0 and finite (MiB), got {self.decoded_block_mib}")
         if self.commit_seconds <= 0:
             raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.vacuum_retention_hours < 0:

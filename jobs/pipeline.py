@@ -43,7 +43,7 @@ from index.delta_tables import (
     vacuum,
 )
 from index.media import roots_of_inputs
-from index.schema import STATUS_OK
+from index.schema import STATUS_OK, video_id_for
 from jobs.config import IndexJobConfig
 from jobs.ray_resources import (
     EmbedDevice,
@@ -87,7 +87,7 @@ class RunHooks:
     """Points where a test may act inside a run (crash the driver, hold two runs at the same moment).
 
     Attributes:
-        after_write: Called with the number of written batches the driver has received so far.
+        after_write: Called with the number of finished write tasks the driver has received so far.
         before_commit: Called before each commit of the run.
         before_videos_commit: Called between a commit's segments commit and its videos commit.
     """
@@ -234,21 +234,24 @@ def write_blocks(
     label_names: list[str],
     embed_dim: int,
     final: bool = False,
-) -> tuple[tuple[WrittenBatch | None, dict[str, float]], pa.Table | None]:
-    """A write task: embed output blocks -> one pair of Delta data files of the complete videos among them.
+    drop_uris: Sequence[str] = (),
+) -> tuple[tuple[WrittenBatch | None, dict[str, float], list[str]], pa.Table | None]:
+    """A write task: embed output blocks -> one pair of Delta data files of the complete videos among them
+    (`index.writer.complete_videos`; rows of `drop_uris`, written whole by another task, are copies).
 
     Returns:
-        Their metadata (None: no video was complete) and counts, and the clips of videos not complete yet (None:
-        none), which the driver passes to a later write task with the blocks that follow (two return values: the
-        clips stay in the object store, owned by the driver). With ``final`` nothing more is coming: incomplete
-        videos are dropped and counted.
+        Two values (two objects, both owned by the driver): the files' metadata (None: no video was complete), the
+        counts and the URIs of the videos not complete yet; and those videos' clips (None: none), which the driver
+        passes to a later write task with the blocks that follow. With ``final`` nothing more is coming:
+        incomplete videos are dropped and counted.
     """
     from ray.data.block import BlockAccessor
 
     from index.writer import ResultWriter, complete_videos
 
     table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks], promote_options="default")
-    split = complete_videos(table, final=final)
+    split = complete_videos(table, final=final, drop_uris=frozenset(drop_uris))
+    left_uris = sorted(set(split.leftover.column("uri").to_pylist())) if split.leftover is not None else []
     stats = {
         "clips": float(split.rows.num_rows),
         "clips_left_over": float(split.leftover.num_rows if split.leftover is not None else 0),
@@ -265,7 +268,7 @@ def write_blocks(
         stats.update(
             decode_seconds=float(np.sum(batch["decode_seconds"])), embed_seconds=float(np.sum(batch["embed_seconds"]))
         )
-    return (written, stats), split.leftover
+    return (written, stats, left_uris), split.leftover
 
 
 def warm_write_worker() -> None:
@@ -330,15 +333,16 @@ _DISTRIBUTIONS = {
 class Commits:
     """The driver's side of writing: write tasks in flight, the Committer, commit timing and the run's counts.
 
-    A write task returns the clips of videos it did not hold in full (`write_blocks`); they wait in ``leftovers``
-    (object references and row counts) for the next write task."""
+    A write task returns the clips of videos it did not hold whole (`write_blocks`); they wait in ``leftovers`` (an
+    object reference, its row count and its videos' URIs) for the next write task, unless every one of their videos
+    was written whole by another task meanwhile."""
 
     def __init__(self, committer: Committer, *, commit_seconds: float, hooks: RunHooks) -> None:
         self.committer = committer
         self.commit_seconds = commit_seconds
         self.hooks = hooks
         self.in_flight: dict[Any, Any] = {}  # a write's metadata reference -> its leftover clips' reference
-        self.leftovers: list[tuple[Any, int]] = []
+        self.leftovers: list[tuple[Any, int, list[str]]] = []
         self.received = 0
         self.status: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -358,21 +362,33 @@ class Commits:
             return
         refs = list(self.in_flight)
         done, _ = ray.wait(refs, num_returns=len(refs) if wait else 1, timeout=None if wait else 0)
-        for meta_ref, (written, stats) in zip(done, ray.get(done), strict=True):
+        for meta_ref, (written, stats, left_uris) in zip(done, ray.get(done), strict=True):
             leftover = self.in_flight.pop(meta_ref)
-            if stats["clips_left_over"]:
-                self.leftovers.append((leftover, int(stats["clips_left_over"])))
             if written is not None:
                 self.committer.add(written)
                 self.status.update(status for _, _, status in written.keys)
+            if left_uris:
+                self.leftovers.append((leftover, int(stats["clips_left_over"]), left_uris))
             self.stats.update(stats)
             self.received += 1
             if self.hooks.after_write:
                 self.hooks.after_write(self.received)
 
-    def take_leftovers(self) -> list[tuple[Any, int]]:
+    def take_leftovers(self) -> tuple[list[tuple[Any, int]], list[str]]:
+        """The leftover clips to pass on (references and row counts), and the URIs among them of videos written
+        whole since (their rows are copies). A leftover whose videos were all written whole is dropped here."""
         taken, self.leftovers = self.leftovers, []
-        return taken
+        passed: list[tuple[Any, int]] = []
+        drop: list[str] = []
+        for ref, rows, uris in taken:
+            holds = self.committer.holds([video_id_for(uri) for uri in uris])
+            written = [uri for uri, held in zip(uris, holds, strict=True) if held]
+            if len(written) == len(uris):
+                self.stats["clips_duplicate"] += rows
+                continue
+            passed.append((ref, rows))
+            drop += written
+        return passed, drop
 
     def maybe_commit(self) -> None:
         if time.monotonic() - self.last_commit >= self.commit_seconds:
@@ -779,11 +795,20 @@ def drain(
     first_pending = time.monotonic()
     flush_seconds = config.commit_seconds / 2
 
+    drop_uris: set[str] = set()  # videos of pending leftovers that were written whole since
+
     def flush(*, final: bool = False) -> None:
         nonlocal pending, pending_rows
         if pending:
-            commits.submit(write, location, *pending, **options, final=final)
+            commits.submit(write, location, *pending, **options, final=final, drop_uris=sorted(drop_uris))
         pending, pending_rows = [], 0
+        drop_uris.clear()
+
+    def take_leftovers() -> None:
+        passed, drop = commits.take_leftovers()
+        for leftover in passed:
+            add(*leftover)
+        drop_uris.update(drop)
 
     def add(block_ref: Any, num_rows: int) -> None:
         nonlocal pending_rows, first_pending
@@ -803,22 +828,19 @@ def drain(
         if pending_rows >= config.rows_per_file or time.monotonic() - first_pending >= flush_seconds:
             flush()
         commits.collect()
-        for leftover in commits.take_leftovers():
-            add(*leftover)
+        take_leftovers()
         if time.monotonic() - commits.last_commit >= config.commit_seconds:
             commits.collect(wait=True)
             commits.commit()
     flush()
     commits.collect(wait=True)
-    leftovers = commits.take_leftovers()
-    if leftovers:  # the last clips of videos cut across blocks: nothing more is coming
-        for leftover in leftovers:
-            add(*leftover)
+    take_leftovers()
+    if pending:  # the last clips of videos cut across blocks: nothing more is coming
         flush(final=True)
         commits.collect(wait=True)
     if commits.stats["clips_incomplete"]:
         log.warning(
-            "%d clips of videos that never arrived whole were not written (a retried task's partial output); "
-            "those videos are planned again by the next run unless another copy was written",
+            "%d clips of videos that never arrived whole were not written (a task lost with its output); those "
+            "videos have no row from this run and are planned again by the next one",
             commits.stats["clips_incomplete"],
         )

@@ -81,7 +81,7 @@ def test_one_batch_from_listing_to_committed_tables(tmp_path: Path) -> None:
 
 def test_videos_cut_across_blocks_are_written_whole_and_once(tmp_path: Path) -> None:
     """Ray Data cuts a stage's output into blocks by size, so a video's clips may come in several blocks, in any
-    order, some twice (a retried task), next to parts of a second decode of a video (a retried decode task)."""
+    order, some twice (a retried embed task), and a retried decode task replays what its first attempt made."""
     make_videos(tmp_path / "in", 3)  # three videos of 3 to 4 s with 1 s segments, plus broken files
     embed = EmbedStage(model="vitaclip-tiny", top_k=2)
     model_id, embed_dim = embed.model_id, embed.model.embed_dim
@@ -91,31 +91,35 @@ def test_videos_cut_across_blocks_are_written_whole_and_once(tmp_path: Path) -> 
     decode = DecodeStage(num_frames=2, size=embed.model.image_size, segment_seconds=1.0)
     rows = BlockAccessor.batch_to_block(embed(decode(listed)))
     again = BlockAccessor.batch_to_block(embed(decode(listed)))  # the same videos decoded a second time
-    assert not set(rows.column("decode_id").to_pylist()) & set(again.column("decode_id").to_pylist())
+    assert again.column("decode_id").equals(rows.column("decode_id"))  # a replay completes the first attempt
     first_ok = again.column("clip_count").to_pylist().index(max(again.column("clip_count").to_pylist()))
 
     pieces = [rows.slice(i, 3) for i in range(0, rows.num_rows, 3)]
-    extra = [pieces[1], again.slice(first_ok, 2)]  # a copy of a block; part of a video's second decode
+    extra = [pieces[1], again.slice(first_ok, 2), pieces[-1]]  # copies of blocks; part of a replayed decode
     order = np.random.default_rng(7).permutation(len(pieces) + len(extra))
     arriving = [(pieces + extra)[i] for i in order]
     writer = ResultWriter(
         location, model_id=model_id, run_id="run-1", label_names=embed.label_names, embed_dim=embed_dim
     )
     committer = Committer(location, model_id=model_id, run_id="run-1", versions=versions)
-    dropped, leftover = 0, None
+    dropped, written, leftover, written_uris = 0, 0, None, set()
     for start in range(0, len(arriving), 2):  # write tasks of two blocks each, with what the last one left over
         blocks = arriving[start : start + 2] + ([leftover] if leftover is not None else [])
-        split = complete_videos(pa.concat_tables(blocks), final=start + 2 >= len(arriving))
+        known = written_uris & set(leftover.column("uri").to_pylist()) if leftover is not None else set()
+        split = complete_videos(pa.concat_tables(blocks), final=start + 2 >= len(arriving), drop_uris=known)
         leftover = split.leftover
         dropped += split.duplicates + split.incomplete
         if split.rows.num_rows:
-            # No segment row without its video's row (the writer checks), one decode per video.
-            for uri in set(split.rows.column("uri").to_pylist()):
-                mine = split.rows.filter(pa.compute.equal(split.rows.column("uri"), uri))
-                assert len(set(mine.column("decode_id").to_pylist())) == 1
-                assert mine.num_rows == mine.column("clip_count")[0].as_py()
+            # No segment row without its video's row (the writer checks), one decode per video, never twice.
+            uris = split.rows.column("uri").to_pylist()
+            for uri in set(uris):
+                assert uris.count(uri) == split.rows.column("clip_count")[uris.index(uri)].as_py()
+            written_uris.update(uris)
+            written += len(uris)
             committer.add(writer(BlockAccessor.for_block(split.rows).to_batch_format("numpy")))
-    assert leftover is None and dropped == sum(e.num_rows for e in extra)
+    # Every arriving row is written or dropped as a copy; a whole copy written again (a failed file's one row) is
+    # the Committer's to leave out.
+    assert leftover is None and written + dropped == rows.num_rows + sum(e.num_rows for e in extra) and dropped > 0
     committer.commit()
 
     videos = DeltaTable(location.table_uri("videos")).to_pyarrow_table()
@@ -126,6 +130,25 @@ def test_videos_cut_across_blocks_are_written_whole_and_once(tmp_path: Path) -> 
     for row in videos.to_pylist():
         indices = sorted(i for v, i in keys if v == row["video_id"])
         assert indices == list(range(len(indices))) and len(indices) >= (int(row["duration_seconds"] or 0))
+
+
+def test_a_failed_retry_of_a_video_is_its_own_complete_decode(tmp_path: Path) -> None:
+    """A retried decode that fails makes one row with the same decode id: it never mixes with the first attempt's
+    clips; the first complete attempt is kept, the other attempt's rows are copies."""
+    make_videos(tmp_path / "in", 1, broken=False)
+    rows = BlockAccessor.batch_to_block(
+        DecodeStage(num_frames=2, size=32, segment_seconds=1.0)(_listed(tmp_path / "in"))
+    ).drop_columns(["frames"])
+    n = rows.num_rows
+    failed = rows.slice(0, 1)
+    failed = failed.set_column(failed.schema.get_field_index("clip_count"), "clip_count", pa.array([1]))
+    failed = failed.set_column(failed.schema.get_field_index("status"), "status", pa.array(["timeout"]))
+    head = complete_videos(pa.concat_tables([rows.slice(0, 2), failed]))  # the failed retry completes at once
+    assert head.rows.column("status").to_pylist() == ["timeout"] and head.leftover is None and head.duplicates == 2
+    whole = complete_videos(pa.concat_tables([rows.slice(0, 2), rows.slice(2), failed]))
+    assert whole.rows.num_rows == n and set(whole.rows.column("status").to_pylist()) == {"ok"} and whole.duplicates == 1
+    later = complete_videos(rows.slice(2), drop_uris={rows.column("uri")[0].as_py()})  # written whole elsewhere
+    assert later.rows.num_rows == 0 and later.leftover is None and later.duplicates == n - 2
 
 
 def test_a_decode_with_more_clips_than_it_made_is_a_bug(tmp_path: Path) -> None:

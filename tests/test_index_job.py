@@ -347,14 +347,17 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(yaml_file)]) == 2
     assert "unknown option 'top_kk'" in capsys.readouterr().err
     assert main(job_args([str(tmp_path)], tmp_path / "o", "--decoded-block-mib", "0")) == 2
-    assert "decoded_block_mib must be > 0, got 0.0" in capsys.readouterr().err
+    assert "decoded_block_mib must be > 0 and finite (MiB), got 0.0" in capsys.readouterr().err
+    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decoded-block-mib", "inf")) == 2
+    assert "decoded_block_mib must be > 0 and finite (MiB), got inf" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
 def test_videos_whose_clips_ray_data_cuts_across_blocks_are_committed_whole(local_ray, tmp_path: Path) -> None:
-    """Ray Data cuts a stage's output into blocks of about ``target_max_block_size`` (128 MiB): at a real model's
-    frame size (8 x 224 x 224 x 3 bytes per clip) a decode batch of a few long videos with segments is cut, and its
-    pieces reach the driver through different embed tasks. Here the block size is small enough to cut every video."""
+    """Ray Data cuts the decode stage's output into blocks of ``--decoded-block-mib`` (256 MiB: 223 clips of 8 x 224
+    x 224 x 3 bytes), and the stage hands a long video's rows on in 32 MiB batches: a video with many segments
+    reaches the driver in pieces, through different embed tasks. Here the blocks are small enough to cut every
+    video."""
     videos = make_videos(tmp_path / "in", 4, broken=False)  # 3 to 4.5 s: 4 to 6 clips of 98 KB each
     out = tmp_path / "out"
     # Blocks of 150 KB, and one write task per arriving block (--rows-per-file 1): a video's pieces are in

@@ -112,27 +112,29 @@ def test_batch_keeps_input_columns(video: Path, tmp_path: Path) -> None:
     assert out["frames"].shape == (4, 4, 32, 32, 3)
 
 
-def test_rows_say_which_decode_of_which_video_they_are(video: Path, tmp_path: Path) -> None:
-    """Every row names its decode (random per video and decode) and how many rows that decode made, so a consumer
-    of blocks cut by size can tell when it holds a whole video; `iter_batches` hands them on in whole videos."""
+def test_rows_say_which_video_they_are_and_how_many_it_made(video: Path, tmp_path: Path) -> None:
+    """Every row names its video's decode (a hash of URI and ETag: the same in every decode of the object) and how
+    many rows that video made, so a consumer of blocks cut by size can tell when it holds a whole video;
+    `iter_batches` hands rows on every `max_bytes` of frames, in the middle of a video too."""
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     batch = {
         "uri": np.array([str(video), str(empty), str(video)], dtype=object),
+        "etag": np.array(["a", "b", "c"], dtype=object),
         "size_bytes": np.array([video.stat().st_size, 0, video.stat().st_size]),
     }
     stage = DecodeStage(num_frames=4, size=32, segment_seconds=1.0)
     out = stage(batch)
     assert list(out["clip_count"]) == [4] * 4 + [1] + [4] * 4
     ids = list(out["decode_id"])
-    assert len(set(ids)) == 3 and ids[:4] == [ids[0]] * 4 and ids[5:] == [ids[5]] * 4  # the same file twice: two
+    assert ids == [ids[0]] * 4 + [ids[4]] + [ids[5]] * 4 and len({ids[0], ids[4], ids[5]}) == 3  # new ETag: new id
     assert out["decode_id"].dtype == np.int64 and min(ids) > 0
+    np.testing.assert_array_equal(stage(batch)["decode_id"], out["decode_id"])  # decoded again: the same ids
 
-    # Handed on past 10 KB of frames (a clip, failed ones too, is 4 x 32 x 32 x 3 = 12 KB): a video per batch.
-    parts = list(stage.iter_batches(batch, max_bytes=10_000))
-    assert [len(p["uri"]) for p in parts] == [4, 1, 4]
-    for part in parts:
-        assert len(set(part["decode_id"])) == 1 and len(part["uri"]) == part["clip_count"][0]
+    # Handed on past 30 KB of frames (a clip, failed ones too, is 4 x 32 x 32 x 3 = 12 KB): every three rows.
+    parts = list(stage.iter_batches(batch, max_bytes=30_000))
+    assert [len(p["uri"]) for p in parts] == [3, 3, 3]
+    for key in ("uri", "decode_id", "segment_index", "frames"):
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), out[key])
     whole = list(stage.iter_batches(batch))  # the default (32 MiB): one batch
     assert len(whole) == 1 and list(whole[0]["segment_index"]) == list(out["segment_index"])
-    np.testing.assert_array_equal(whole[0]["frames"], out["frames"])

@@ -6,14 +6,16 @@ an ``error_message``; only bugs raise.
 
 Rows leaving :class:`DecodeStage` are clips: one whole-video clip per input video (``segment_index == -1``) and,
 when segments are requested, one clip per segment. Every row carries fixed-shape frames (zeros when not ok) so the
-batch stays a dense tensor column, and says which decode of which video it belongs to: ``decode_id`` (random, one
-per decode of a video) and ``clip_count`` (the rows that decode made). Ray Data cuts a stage's output into blocks
-by size, so the clips of a long video may travel in several blocks (and through several embed actors); these two
+batch stays a dense tensor column, and says which video it belongs to and how many rows that video made:
+``decode_id`` (a hash of the object's URI and ETag, the same in every decode of it, so the replay of a retried
+task completes what the first attempt delivered) and ``clip_count``. Ray Data cuts a stage's output into blocks by
+size, so the clips of a long video may travel in several blocks (and through several embed actors); these two
 columns let a consumer tell when it holds all of them (`index.writer.complete_videos`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -211,16 +213,18 @@ class DecodeStage:
     def iter_batches(
         self, batch: dict[str, np.ndarray], *, max_bytes: int = 32 * 2**20
     ) -> Iterator[dict[str, np.ndarray]]:
-        """The rows of `__call__` in several batches of whole videos, each handed on once its frames pass
-        `max_bytes`: a batch of long videos with many segments is never held whole (a generator UDF for Ray Data)."""
+        """The rows of `__call__` in several batches, each handed on once its frames pass `max_bytes` (a generator UDF
+        for Ray Data): a decoder holds one video's clips and at most about `max_bytes` more, never a whole batch of
+        long videos twice over (rows, then their stacked column). A long video's rows may span several batches."""
         held: list[dict[str, Any]] = []
         held_bytes = 0
         for rows in self._videos(batch):
-            held += rows
-            held_bytes += sum(row["frames"].nbytes for row in rows)
-            if held_bytes >= max_bytes:
-                yield _columns(held)
-                held, held_bytes = [], 0
+            for row in rows:
+                held.append(row)
+                held_bytes += row["frames"].nbytes
+                if held_bytes >= max_bytes:
+                    yield _columns(held)
+                    held, held_bytes = [], 0
         if held:
             yield _columns(held)
 
@@ -228,12 +232,13 @@ class DecodeStage:
         """Each input video's rows, decoded one video at a time."""
         passthrough = [k for k in batch if k not in ("frames", LISTING_STATUS, LISTING_ERROR)]
         listed = batch.get(LISTING_STATUS)
+        etags = batch.get("etag")
         for i in range(len(batch["uri"])):
             if listed is not None and listed[i]:
                 rows = [self.failed_row(str(listed[i]), str(batch[LISTING_ERROR][i]))]
             else:
                 rows = self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i]))
-            decode_id = _new_decode_id()
+            decode_id = decode_id_for(str(batch["uri"][i]), "" if etags is None else str(etags[i]))
             for row in rows:
                 row.update(decode_id=decode_id, clip_count=len(rows))
                 for key in passthrough:
@@ -241,9 +246,10 @@ class DecodeStage:
             yield rows
 
 
-def _new_decode_id() -> int:
-    """A random id for one decode of one video (63 bits: an int64 column)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+def decode_id_for(uri: str, etag: str) -> int:
+    """The ``decode_id`` of an object's rows: 63 bits (an int64 column) of a hash of its URI and ETag."""
+    digest = hashlib.blake2b(f"{uri}\0{etag}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
