@@ -1,13 +1,14 @@
-"""What a decode actor holds in memory for each decoded block size (the job's ``--decoded-block-mib``).
+"""What a decode task holds in memory for each piece size (the job's ``--decode-piece-mib``).
 
-Ray Data keeps a stage's output in the actor until a block passes the Dataset's ``target_max_block_size``, then seals
-it into the object store. The job's decode stage hands its rows on every 32 MiB of frames; this benchmark runs a
-stage that does the same with synthetic 224 px clips (8 x 224 x 224 x 3 bytes, 2 GiB per task, two tasks) in front
-of an embed-like actor, on an embedded Ray, once per block size, and reports the decode actor's anonymous memory
-(``RssAnon``, sampled at each of its yields; the object store's shared memory is not counted) and the number of
-blocks the driver received. Decoding itself adds the clips of the video in hand (1.2 MB each at 224 px).
+The job's decode tasks (`jobs.decode_embed.decode_chunk`) are Ray streaming generators: every ``--decode-piece-mib``
+of frames they hand a piece to their embed actor through the object store, at most two pieces ahead of it. This
+benchmark runs a task with the same options that makes synthetic 224 px clips (8 x 224 x 224 x 3 bytes, 1.2 MB; 2 GiB
+per task), stacked into pieces as `vitaclip.stages.DecodeStage.iter_batches` stacks them, and a consumer that takes
+them one at a time, on an embedded Ray, once per piece size. It reports the task's anonymous memory (``RssAnon``,
+sampled at each of its yields; the object store's shared memory is not counted) and the pieces received. Decoding
+itself adds the clips of the video in hand (1.2 MB each at 224 px).
 
-    python benchmarks/decoder_memory.py --block-mib 128 256 512 1024
+    python benchmarks/decoder_memory.py --piece-mib 16 32 64 128
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-CLIPS_PER_YIELD = 27  # 27 x 1.2 MB = 32.5 MB, as the job's decode stage hands on every 32 MiB
-YIELDS_PER_TASK = 64
+CLIP_BYTES = 8 * 224 * 224 * 3
+TASK_BYTES = 2 * 2**30
 
 
 def _anonymous_kib() -> int:
@@ -28,47 +29,38 @@ def _anonymous_kib() -> int:
         return int(next(line for line in status if line.startswith("RssAnon")).split()[1])
 
 
-class _Decoder:
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(YIELDS_PER_TASK):
-            frames = np.full((CLIPS_PER_YIELD, 8, 224, 224, 3), i, np.uint8)
-            yield {"frames": frames, "anon_kib": np.full(CLIPS_PER_YIELD, _anonymous_kib())}
+def _decode(piece_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+    clips_per_piece = max(1, -(-piece_bytes // CLIP_BYTES))
+    for i in range(TASK_BYTES // (clips_per_piece * CLIP_BYTES)):
+        clips = [np.full((8, 224, 224, 3), i, np.uint8) for _ in range(clips_per_piece)]  # the rows, one by one
+        yield {"frames": np.stack(clips), "anon_kib": np.asarray([_anonymous_kib()])}
 
 
-class _Embedder:
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"anon_kib": batch["anon_kib"]}
-
-
-def measure(block_mib: int) -> dict[str, Any]:
+def measure(piece_mib: int) -> dict[str, Any]:
     import ray
 
-    ds = (
-        ray.data.range(2, override_num_blocks=2)
-        .map_batches(_Decoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-        .map_batches(_Embedder, batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    )
-    ds.context.target_max_block_size = block_mib * 2**20
-    ds.context.enable_progress_bars = False
+    task = ray.remote(_decode).options(num_cpus=0.5, num_returns="streaming", _generator_backpressure_num_objects=2)
     start = time.perf_counter()
-    blocks, peak = 0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        blocks += 1
-        peak = max(peak, int(batch["anon_kib"].max()))
-    return {"block_mib": block_mib, "blocks": blocks, "decoder_mb": peak / 1024, "seconds": time.perf_counter() - start}
+    pieces, peak = 0, 0
+    for ref in task.remote(piece_mib * 2**20):
+        piece = ray.get(ref)
+        pieces += 1
+        peak = max(peak, int(piece["anon_kib"][0]))
+        del piece, ref
+    return {"piece_mib": piece_mib, "pieces": pieces, "decoder_mb": peak / 1024, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block-mib", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--piece-mib", type=int, nargs="+", default=[16, 32, 64, 128])
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(f"{'block MiB':>9} {'blocks':>6} {'decoder MB':>10} {'seconds':>7}")
-    for block_mib in args.block_mib:
-        row = measure(block_mib)
-        print(f"{row['block_mib']:>9} {row['blocks']:>6} {row['decoder_mb']:>10.0f} {row['seconds']:>7.1f}", flush=True)
+    print(f"{'piece MiB':>9} {'pieces':>6} {'decoder MB':>10} {'seconds':>7}")
+    for piece_mib in args.piece_mib:
+        row = measure(piece_mib)
+        print(f"{row['piece_mib']:>9} {row['pieces']:>6} {row['decoder_mb']:>10.0f} {row['seconds']:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

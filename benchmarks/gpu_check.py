@@ -15,7 +15,7 @@ still run):
 - ``faiss``: flat and IVF indexes at 1M and 10M x 512 (GPU when faiss has GPU support): build seconds, recall@10
   against exact, single-query latency, queries/s in batches;
 - ``train``: vitaclip-b16 training steps/s at batch 32 in the training precision (bf16 autocast on CUDA);
-- ``job``: the indexing job on ~2,000 generated short videos with one embed actor on the GPU and decode actors on
+- ``job``: the indexing job on ~2,000 generated short videos with one embed actor on the GPU and decode tasks on
   the CPU cores: videos/s, GPU utilisation sampled during the run, decode cores one GPU needs.
 """
 

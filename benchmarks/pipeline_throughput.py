@@ -1,7 +1,7 @@
 """End-to-end indexing job throughput against decoding alone, on the same videos and the same cores.
 
 Decode-only: one process per core running the job's own decode stage over the videos (the processes are started
-and warmed up before timing). Job: the real indexing run (list, plan, decode actors, embed + label actor, write
+and warmed up before timing). Job: the real indexing run (list, plan, decode tasks, embed + label actor, write
 Parquet, commit, build the index) on an embedded Ray with the same number of CPUs, started before timing; one
 untimed run warms Ray up. Target: the job reaches >= 80% of decode-only throughput.
 
@@ -16,10 +16,10 @@ previous run's actors have exited (their teardown belongs to the previous run). 
 waits for other processes to go quiet and is repeated when they kept more than ``--max-other-cores`` busy during it;
 the cores they used are printed for every pass.
 
-With ``--decode-stage`` each repeat also times the job's decode stage alone on Ray Data (the run's Dataset up to
-its decode actors, over the blocks its planner cuts, drained by the driver; planned before timing): decode-only
-against it is what Ray Data and the decode actors' start cost, it against the job what the embed actor, planning,
-writes and commits cost.
+With ``--decode-stage`` each repeat also times the job's decoding alone on Ray Data (the run's Dataset with embed
+actors that have no model: the blocks its planner cuts are decoded by the same tasks and the frames dropped;
+planned before timing): decode-only against it is what Ray Data and the decode tasks cost, it against the job
+what the model, planning, writes and commits cost.
 
     python benchmarks/pipeline_throughput.py --num-videos 96 384 --repeats 3 --videos-dir /tmp/vitaclip-bench
 """
@@ -229,15 +229,29 @@ def time_job(folder: Path, out: Path, *, model: str, count: int) -> float:
     return elapsed
 
 
+def _decode_only_stage() -> type:
+    """The job's `jobs.decode_embed.DecodeEmbed` with no model: its decode tasks' clips are dropped."""
+    from jobs.decode_embed import DecodeEmbed
+
+    class DecodeOnly(DecodeEmbed):
+        def load_embed(self, embed: dict[str, Any]) -> Any:
+            return None
+
+        def _embed(self, clips: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in clips.items() if k != "frames"}
+
+    return DecodeOnly
+
+
 def time_decode_stage(folder: Path, out: Path, *, model: str, count: int) -> float:
-    """The job's decode stage alone on Ray Data (its Dataset up to decoding, over the blocks the job's planner cuts
-    for this set, the same decode actors): the part of the job's cost that is Ray Data and decoding, with no embed
-    actor, writes or commits. Planning is done before timing."""
+    """The job's decode tasks alone on Ray Data (its Dataset with an actor that has the blocks the job's planner
+    cuts for this set decoded by the same tasks, and drops the frames): the part of the job's cost that is Ray Data
+    and decoding, with no model, writes or commits. Planning is done before timing."""
     import ray
 
     from index.delta_tables import create_tables
     from jobs.config import IndexJobConfig
-    from jobs.pipeline import decode_dataset, plan_index_pools_for, plan_run, resolve_run_model, run_listing
+    from jobs.pipeline import index_dataset, plan_index_pools_for, plan_run, resolve_run_model, run_listing
     from jobs.storage import open_store
 
     shutil.rmtree(out, ignore_errors=True)
@@ -250,7 +264,9 @@ def time_decode_stage(folder: Path, out: Path, *, model: str, count: int) -> flo
     start = time.perf_counter()
     rows = sum(
         int(bundle.num_rows() or 0)
-        for bundle in decode_dataset(job, blocks, resolved, pools).iter_internal_ref_bundles()
+        for bundle in index_dataset(
+            job, blocks, resolved, pools, stage=_decode_only_stage()
+        ).iter_internal_ref_bundles()
     )
     elapsed = time.perf_counter() - start
     ray.kill(planner)  # after the Dataset: it owns the blocks, as in the job
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-stage",
         action="store_true",
-        help="also time the job's decode stage alone on Ray Data (no embed actor, writes or commits) in each repeat",
+        help="also time the job's decoding alone on Ray Data (no model, writes or commits) in each repeat",
     )
     args = p.parse_args(argv)
     sizes = sorted(set(args.num_videos))
@@ -425,8 +441,8 @@ def report_decode_stage(
     job_times: dict[int, list[float]],
     stage_times: dict[int, list[float]],
 ) -> None:
-    """Splits the gap between decode-only and the job: Ray Data with the decode stage alone, then the rest."""
-    print("\nthe job's decode stage alone on Ray Data (its decode actors, no embed actor, writes or commits)")
+    """Splits the gap between decode-only and the job: Ray Data with the decoding alone, then the rest."""
+    print("\nthe job's decode tasks alone on Ray Data (its embed actors without a model, no writes or commits)")
     print(f"{'videos':>6s} {'stage v/s':>10s} {'stage/decode-only':>18s} {'job/stage':>10s}  (medians)")
     for n in sizes:
         d, j, st = (statistics.median(t[n]) for t in (decode_times, job_times, stage_times))

@@ -57,7 +57,17 @@ from index.delta_tables import CommitConflict, DataFile, OutputLocation, Removed
 from index.schema import video_id_for
 
 RETRYABLE: frozenset[str] = frozenset(
-    {"read_error", "timeout", "error", "unavailable", "truncated", "changed", "access_denied", "s3_error"}
+    {
+        "read_error",
+        "timeout",
+        "error",
+        "unavailable",
+        "truncated",
+        "changed",
+        "access_denied",
+        "s3_error",
+        "decoder_crashed",  # its decoder's process died: a lost node or a neighbour's memory as well as the video
+    }
 )
 """Statuses of a video row that a later run indexes again; every other status is final."""
 

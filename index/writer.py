@@ -45,7 +45,7 @@ class CompleteVideos:
 def complete_videos(table: pa.Table, *, final: bool = False, drop_uris: Collection[str] = ()) -> CompleteVideos:
     """Keeps the videos whose clips are all in `table`; the rest is left over for the rows that follow.
 
-    Ray Data cuts a stage's output into blocks by size (``--decoded-block-mib``), and the decode stage hands a long
+    Ray Data cuts a stage's output into blocks by size (past 1.5 times its target), and a decode task hands a long
     video's rows on in several batches, so a video's clips may arrive in several blocks, in any order; a retried
     task's output may arrive twice, and a retried decode task's replay may complete what its first attempt
     delivered. A video is complete when its rows of one ``decode_id`` and ``clip_count`` (a failed retry makes one

@@ -49,7 +49,7 @@ class IndexJobConfig:
         s3_endpoint_url: S3-compatible endpoint (MinIO, a local server); None: AWS.
         ray_address: an existing Ray cluster (``auto``, ``ray://...``); None: start an embedded local Ray.
         num_cpus: CPUs of the embedded local Ray (None: all).
-        decode_workers: decode actors (None: the CPUs left after the embed actors).
+        decode_workers: decode tasks running at once (None: the CPUs left after the embed actors).
         embed_workers: most embed actors (the pool autoscales from 1).
         gpus_per_embed_worker: GPUs per embed actor when the cluster has GPUs (0: embed on CPU actors).
         cpus_per_embed_worker: CPUs per embed actor when embedding on CPUs.
@@ -58,12 +58,10 @@ class IndexJobConfig:
             CPUs), ``gpu`` (always request GPUs, so an autoscaling cluster adds GPU nodes; up to ``embed_workers``
             actors), or ``cpu``.
         gpu_wait_seconds: how long ``auto`` waits for the autoscaler's first GPU node.
-        decode_batch_size: videos per decode call.
+        decode_batch_size: videos per decode task.
         embed_batch_size: clips per embed forward pass.
-        decoded_block_mib: Ray Data's block size for decoded frames (the run's ``target_max_block_size``; Ray Data's
-            own default is 128). Every block costs the driver's scheduling loop the same whatever it holds, so larger
-            blocks let one driver feed more GPUs; each decode actor holds about twice this in memory (256: about
-            0.7 GB; 512 halves the driver's work again where nodes have 4 GB or more per vCPU).
+        decode_piece_mib: MiB of decoded frames a decode task hands to its embed actor at a time (through the object
+            store): what a decoder holds beyond one video's clips, and a unit of the embed actors' read-ahead.
         rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
         commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
             most this much. Pending rows are written out at least every half of it.
@@ -98,7 +96,7 @@ class IndexJobConfig:
     gpu_wait_seconds: float = 600.0
     decode_batch_size: int = 4
     embed_batch_size: int = 32
-    decoded_block_mib: float = 256.0
+    decode_piece_mib: float = 32.0
     rows_per_file: int = 2048
     commit_seconds: float = 300.0
     vacuum_retention_hours: float = 7 * 24.0
@@ -118,8 +116,8 @@ class IndexJobConfig:
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.decoded_block_mib < 2**20:  # NaN and infinity too
-            raise ValueError(f"decoded_block_mib must be > 0 and finite (MiB), got {self.decoded_block_mib}")
+        if not 0 < self.decode_piece_mib < 2**20:  # NaN and infinity too
+            raise ValueError(f"decode_piece_mib must be > 0 and finite (MiB), got {self.decode_piece_mib}")
         if self.commit_seconds <= 0:
             raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.vacuum_retention_hours < 0:
@@ -176,9 +174,9 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--decode-batch-size", type=int)
     p.add_argument("--embed-batch-size", type=int)
     p.add_argument(
-        "--decoded-block-mib",
+        "--decode-piece-mib",
         type=float,
-        help="Ray Data block size for decoded frames: larger means less driver work per clip, more decoder memory",
+        help="MiB of decoded frames a decode task hands on at a time (decoder memory beyond one video's clips)",
     )
     p.add_argument("--rows-per-file", type=int, help="clip rows per written data file pair")
     p.add_argument("--commit-seconds", type=float, help="commit finished work at least this often")

@@ -1,11 +1,12 @@
-"""The indexing run: list -> plan -> read+decode (CPU actors) -> embed+label (GPU or CPU actors) -> write -> commit.
+"""The indexing run: list -> plan -> read+decode (CPU tasks) -> embed+label (GPU or CPU actors) -> write -> commit.
 
 One streaming Ray Dataset per run, so the actor pools and the model start once whatever the run's size:
 
 - The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`, about 20 bytes of
   memory per committed row, on that actor), which puts the videos that need work into the object store as blocks
   while it plans them. When the listing ends, those blocks are the Dataset's input.
-- Decode and embed run as Ray Data actor pools (`vitaclip.stages`).
+- Embed actors (a Ray Data actor pool) take whole blocks and have their videos decoded by Ray tasks on the CPUs,
+  which hand the frames straight to them (`jobs.decode_embed`): decoded frames never pass through the driver.
 - The driver takes the embed output as block references, never rows, and groups them into write tasks that turn
   them into a pair of Delta data files where the blocks are (`index.writer`). The tasks return metadata: file
   paths, row counts, the video keys.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -45,6 +47,7 @@ from index.delta_tables import (
 from index.media import roots_of_inputs
 from index.schema import STATUS_OK, video_id_for
 from jobs.config import IndexJobConfig
+from jobs.decode_embed import DecodeEmbed
 from jobs.ray_resources import (
     EmbedDevice,
     IndexPools,
@@ -58,13 +61,11 @@ from jobs.storage import (
     VideoObject,
     describe_listing,
     list_videos,
-    make_s3_client,
     open_store,
-    open_video,
     require_any,
 )
 from vitaclip.redact import redact_text, redact_url, redact_value
-from vitaclip.stages import LISTING_ERROR, LISTING_STATUS, DecodeStage, EmbedStage
+from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
 if TYPE_CHECKING:
     # Not at run time: the registry imports torch and open_clip, and every Ray worker that runs this module's
@@ -95,37 +96,6 @@ class RunHooks:
     after_write: Callable[[int], None] | None = None
     before_commit: Callable[[], None] | None = None
     before_videos_commit: Callable[[], None] | None = None
-
-
-class ReadDecode(DecodeStage):
-    """DecodeStage reading from local files or S3 (ranged GETs for large objects)."""
-
-    def __init__(self, *, s3_endpoint_url: str | None, whole_object_max_bytes: int, **kwargs: Any) -> None:
-        self._endpoint = s3_endpoint_url
-        self._whole_max = whole_object_max_bytes
-        self._client: Any = None
-        super().__init__(opener=self._open, **kwargs)
-
-    def _open(self, uri: str, size_bytes: int) -> Any:
-        if uri.startswith("s3://") and self._client is None:
-            self._client = make_s3_client(endpoint_url=self._endpoint)
-        return open_video(uri, size_bytes=size_bytes, s3_client=self._client, whole_object_max_bytes=self._whole_max)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]
-        # A generator: Ray Data takes the rows as they are decoded, so an actor never holds a whole batch of long
-        # videos' frames (twice: the rows, then their stacked column).
-        yield from self.iter_batches(batch)
-
-
-class TimedEmbed(EmbedStage):
-    """EmbedStage that records its own seconds per clip, for the run summary."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        out = super().__call__(batch)
-        n = max(1, len(batch["status"]))
-        out["embed_seconds"] = np.full(len(batch["status"]), (time.perf_counter() - start) / n)
-        return out
 
 
 class PlanActor:
@@ -719,50 +689,58 @@ def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
         yield ref, int(metadata.num_rows or 0)
 
 
-def index_dataset(config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools) -> Any:
-    """The run's one Dataset over the planned blocks: decode, then embed and label (the driver drains it)."""
-    import ray
-
-    return decode_dataset(config, block_refs, model, pools).map_batches(
-        TimedEmbed,
-        fn_constructor_kwargs=dict(
-            model=config.model,
-            checkpoint=config.checkpoint,
-            label_names=list(model.label_names),
-            top_k=config.top_k,
-            batch_size=config.embed_batch_size,
-            device=None if pools.use_gpu else "cpu",
-        ),
-        batch_size=config.embed_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pools.embed_workers),
-        num_gpus=pools.gpus_per_embedder,
-        num_cpus=pools.cpus_per_embedder,
-    )
-
-
-def decode_dataset(config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools) -> Any:
-    """The run's Dataset up to its decode stage (`index_dataset` adds the embed stage; benchmarks time it alone)."""
+def index_dataset(
+    config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools, *, stage: type = DecodeEmbed
+) -> Any:
+    """The run's one Dataset over the planned blocks: embed actors that have them decoded by CPU tasks
+    (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes."""
     import ray
 
     ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
-    # This Dataset's own copy of the context: the decode stage's output blocks (the only large ones) are cut at this
-    # size, and the driver's scheduling work is per block (benchmarks/driver_rows.py).
-    ds.context.target_max_block_size = int(config.decoded_block_mib * 2**20)
-    # Ray Data restarts crashed actors and retries their batches by default; a retried batch is written by a new
-    # write task into new files, and the Committer keeps one row per video.
+    # Each embed actor may keep every decoder busy, with half as many tasks again queued, so that one actor (the
+    # pool's start, the run's end) feeds them all; more tasks than decoders wait in Ray's queue, where they hold no
+    # memory. Its two calls at once share them: one block's decoding starts while the other's last videos finish.
+    in_flight = max(2, math.ceil(1.5 * pools.decode_workers))
     return ds.map_batches(
-        ReadDecode,
+        stage,
         fn_constructor_kwargs=dict(
-            num_frames=model.num_frames,
-            size=model.image_size,
-            segment_seconds=config.segment_seconds,
-            timeout_seconds=config.decode_timeout_seconds,
-            s3_endpoint_url=config.s3_endpoint_url,
-            whole_object_max_bytes=config.whole_object_max_bytes,
+            decoder=decoder_args(config, model),
+            decode_cpus=pools.cpus_per_decoder,
+            decode_batch_size=config.decode_batch_size,
+            in_flight=in_flight,
+            piece_mib=config.decode_piece_mib,
+            cpu_threads=max(1, round(pools.cpus_per_embedder)),
+            embed=dict(
+                model=config.model,
+                checkpoint=config.checkpoint,
+                label_names=list(model.label_names),
+                top_k=config.top_k,
+                batch_size=config.embed_batch_size,
+                device=None if pools.use_gpu else "cpu",
+            ),
         ),
-        batch_size=config.decode_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=pools.decode_workers),
-        num_cpus=pools.cpus_per_decoder,
+        batch_size=_BLOCK_VIDEOS,  # a whole planned block per call (the end's smaller blocks go together)
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=pools.embed_workers, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+        ),
+        num_gpus=pools.gpus_per_embedder,
+        # Next to no CPU reservation, on CPUs either: an embed actor waits on decode tasks, which need CPUs, so
+        # actors that held them (two runs' on one small cluster) could leave none to the tasks. Its share of the
+        # cores is left free by the decoders' sizing (`plan_index_pools`). Not 0: a node without CPUs (a
+        # Kubernetes head) takes no embed actor.
+        num_cpus=0.0 if pools.use_gpu else 0.01,
+    )
+
+
+def decoder_args(config: IndexJobConfig, model: ResolvedModel) -> dict[str, Any]:
+    """`jobs.decode_embed.ReadDecode`'s arguments for a run."""
+    return dict(
+        num_frames=model.num_frames,
+        size=model.image_size,
+        segment_seconds=config.segment_seconds,
+        timeout_seconds=config.decode_timeout_seconds,
+        s3_endpoint_url=config.s3_endpoint_url,
+        whole_object_max_bytes=config.whole_object_max_bytes,
     )
 
 

@@ -1,7 +1,7 @@
 """Sizing Ray work to the cluster it runs on: the one place that decides the pools of the indexing job
 (`plan_index_pools`), training (`plan_resources`) and evaluation (`plan_decode_pool`).
 
-Starts (or attaches to) Ray, reads its CPUs and GPUs, sizes decode actor pools from them, and refuses at once a
+Starts (or attaches to) Ray, reads its CPUs and GPUs, sizes decoders and embed actors from them, and refuses at once a
 request the cluster cannot hold: Ray and Ray Data would otherwise wait forever for resources that never come (a run
 that sits at step 0 with ``backpressured:tasks(ResourceBudget)`` in the log).
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from jobs.train import RayTrainConfig
     from vitaclip.training import TrainConfig
 
-MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decode actor is given when CPUs are scarce
+MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decoder (task or actor) is given when CPUs are scarce
 
 
 @dataclass(frozen=True)
@@ -313,10 +313,11 @@ class IndexPools:
     """The actor pools of an indexing run: decoders on CPUs, embedders on GPUs or sharing the CPUs.
 
     Attributes:
-        decode_workers: Decode actors.
-        cpus_per_decoder: CPUs each decode actor asks for.
+        decode_workers: Decode tasks running at once (`jobs.decode_embed`).
+        cpus_per_decoder: CPUs each decode task asks for.
         embed_workers: Most embed actors (the pool starts with one and grows).
-        cpus_per_embedder: CPUs each embed actor asks for (0 on GPUs).
+        cpus_per_embedder: CPUs left free for each embed actor when it embeds on CPUs (0 on GPUs); it reserves none
+            (it waits on decode tasks, which need CPUs: `jobs.pipeline.index_dataset`).
         gpus_per_embedder: GPUs each embed actor asks for (0 on CPUs).
     """
 
@@ -370,7 +371,7 @@ def plan_index_pools(
     require_fit(
         "the run",
         [
-            Demand("decode actor", decode_workers, cpus_per_decoder),
+            Demand("decode task", decode_workers, cpus_per_decoder),
             Demand("embed actor", 1, cpus_per_embedder, pools.gpus_per_embedder if embedded else 0.0),
         ],
         read_cluster(),

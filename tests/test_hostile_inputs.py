@@ -23,8 +23,8 @@ from index.media import MediaRefused, open_media, recorded_roots
 from index.schema import local_etag, video_id_for
 from index.search import SearchEngine
 from index.service import SearchService, serving
+from jobs.decode_embed import ReadDecode
 from jobs.index_videos import main as job_main
-from jobs.pipeline import ReadDecode
 from jobs.storage import list_videos
 from vitaclip.samples import write_sample_video
 

@@ -5,6 +5,7 @@ Local folders here; S3 (moto server, faults) and `ray job submit` live in tests/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -257,7 +258,9 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, 
         assert tables.read_table(out, name, ["row_id"]).num_rows == before[name]
 
 
-def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_killed_decoder_and_embed_actor_are_replaced_without_duplicates(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """A decode task's worker killed mid-task (Ray retries the task, resuming after the pieces its actor holds),
+    then the embed actor (Ray Data restarts it and retries its block, decode tasks and all)."""
     from ray_head import ray_head
 
     videos = make_videos(tmp_path / "in", 6, broken=False)
@@ -265,21 +268,23 @@ def test_killed_embed_actor_is_restarted_without_duplicates(tmp_path: Path, tiny
     with ray_head(dashboard=False) as head:
         argv = job_args(
             [str(tmp_path / "in")], out, "--ray-address", head.address, "--embed-batch-size", "1",
-            checkpoint=tiny_checkpoint,
+            "--decode-batch-size", "1", checkpoint=tiny_checkpoint,
         )  # fmt: skip
         cmd = [sys.executable, str(ROOT / "tests" / "run_job_with_hooks.py"), "none", "--", *argv]
         job = subprocess.Popen(cmd, cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        killed = None
-        while job.poll() is None and killed is None:
-            pids = head.pids_titled("MapBatches(TimedEmbed)")
+        killed: dict[str, int] = {}
+        while job.poll() is None and len(killed) < 2:
+            title = "ray::decode_chunk" if not killed else "MapBatches(DecodeEmbed)"
+            pids = head.pids_titled(title)
             if pids:
-                time.sleep(1.0)  # let it take its first batch
-                os.kill(pids[0], signal.SIGKILL)  # like an OOM kill; Ray restarts the actor and retries the batch
-                killed = pids[0]
-            time.sleep(0.05)
+                time.sleep(0.05 if not killed else 1.0)  # mid-task; the actor after its first batches
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids[0], signal.SIGKILL)  # like an OOM kill
+                    killed[title] = pids[0]
+            time.sleep(0.02)
         _, stderr = job.communicate(timeout=300)
         assert job.returncode == 0, stderr[-3000:]
-    assert killed is not None
+    assert len(killed) == 2, killed
     table = tables.read_table(out, "videos")
     assert table is not None
     assert sorted(table.column("uri").to_pylist()) == sorted(str(p) for p in videos)
@@ -346,28 +351,25 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     yaml_file.write_text("model: vitaclip-tiny\nrandom-weights: true\ntop_kk: 3\n")
     assert main([str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(yaml_file)]) == 2
     assert "unknown option 'top_kk'" in capsys.readouterr().err
-    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decoded-block-mib", "0")) == 2
-    assert "decoded_block_mib must be > 0 and finite (MiB), got 0.0" in capsys.readouterr().err
-    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decoded-block-mib", "inf")) == 2
-    assert "decoded_block_mib must be > 0 and finite (MiB), got inf" in capsys.readouterr().err
+    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decode-piece-mib", "0")) == 2
+    assert "decode_piece_mib must be > 0 and finite (MiB), got 0.0" in capsys.readouterr().err
+    assert main(job_args([str(tmp_path)], tmp_path / "o", "--decode-piece-mib", "inf")) == 2
+    assert "decode_piece_mib must be > 0 and finite (MiB), got inf" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
-def test_videos_whose_clips_ray_data_cuts_across_blocks_are_committed_whole(local_ray, tmp_path: Path) -> None:
-    """Ray Data cuts the decode stage's output into blocks of ``--decoded-block-mib`` (256 MiB: 223 clips of 8 x 224
-    x 224 x 3 bytes), and the stage hands a long video's rows on in 32 MiB batches: a video with many segments
-    reaches the driver in pieces, through different embed tasks. Here the blocks are small enough to cut every
-    video."""
+def test_videos_decoded_in_pieces_are_committed_whole(local_ray, tmp_path: Path) -> None:
+    """A decode task hands its clips on every ``--decode-piece-mib`` of frames (32 MiB: 27 clips of 8 x 224 x 224 x
+    3 bytes), so a long video with many segments reaches its embed actor in several pieces, and embed batches mix
+    pieces of several videos. Here the pieces are small enough to cut every video."""
     videos = make_videos(tmp_path / "in", 4, broken=False)  # 3 to 4.5 s: 4 to 6 clips of 98 KB each
     out = tmp_path / "out"
-    # Blocks of 150 KB, and one write task per arriving block (--rows-per-file 1): a video's pieces are in
-    # different write tasks.
-    extra = ["--segment-seconds", "1", "--decoded-block-mib", "0.15", "--rows-per-file", "1"]
+    extra = ["--segment-seconds", "1", "--decode-piece-mib", "0.15", "--rows-per-file", "1", "--embed-batch-size", "3"]
     assert run([str(tmp_path / "in")], out, *extra) == 0
     _assert_every_video_once(out, videos)
     summary = json.loads(next((out / "runs").glob("*.json")).read_text())
-    assert summary["commit"]["clips_carried_over"] > 0  # the pieces did arrive apart
     assert summary["commit"]["incomplete_clips_dropped"] == 0 and summary["status"] == {"ok": 4}
+    assert summary["commit"]["duplicate_clips_dropped"] == 0
 
 
 def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
@@ -411,7 +413,7 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     ("extra", "expected"),
     [
         (["--embed-device", "gpu"], "1 GPU"),  # a local Ray without GPUs would wait for ever
-        (["--decode-workers", "40"], "40 decode actors"),  # 40 x 0.1 CPU on 2 CPUs
+        (["--decode-workers", "40"], "40 decode tasks"),  # 40 x 0.1 CPU on 2 CPUs
     ],
 )
 def test_a_run_that_cannot_fit_is_refused_at_once(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:

@@ -60,7 +60,7 @@ def test_function_length_check_flags_long_functions_unless_marked(tmp_path: Path
 
 
 def test_the_module_ray_workers_of_a_run_import_leaves_torch_out() -> None:
-    """The planner, decode actors and write tasks unpickle what they run from jobs.pipeline in fresh Ray workers;
+    """The planner, decode tasks and write tasks unpickle what they run from jobs.pipeline in fresh Ray workers;
     torch and open_clip there cost each such process ~3.5 s of CPU for nothing (the embed actors import them)."""
     import subprocess
     import sys
