@@ -200,7 +200,7 @@ class DecodeEmbed:
     def _embed(self, clips: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.embed_ready.wait()
         if self.embed_failure is not None:
-            raise RuntimeError(f"the embed model failed to load: {self.embed_failure}") from self.embed_failure
+            raise self.embed_failure  # as the model's loader raised it (the driver reports a bad checkpoint as such)
         with self.embed_lock:
             out: dict[str, np.ndarray] = self.embed(clips)
             return out

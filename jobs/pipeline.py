@@ -540,16 +540,23 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
 
 def model_load_error(exc: BaseException) -> ValueError | None:
     """The `CheckpointError` that made the embed actors fail to build the model (their strict load of a checkpoint
-    folder the driver only checked), from the actor's death error; None for any other failure."""
+    folder the driver only checked), from the error of the call that needed it (the actor loads its model in the
+    background) or of the actor's death; None for any other failure."""
     import ray.exceptions
 
     from vitaclip.checkpoint_folder import CheckpointError
 
-    if not isinstance(exc, ray.exceptions.RayActorError):
-        return None
     marker = f"{CheckpointError.__module__}.{CheckpointError.__name__}: "
-    lines = [line for line in str(exc).splitlines() if line.startswith(marker)]
-    return CheckpointError(lines[-1][len(marker) :]) if lines else None
+    seen: BaseException | None = exc
+    for _ in range(32):  # the chain of causes (never a cycle, but bounded all the same)
+        if seen is None:
+            break
+        if isinstance(seen, ray.exceptions.RayError):
+            lines = [line for line in str(seen).splitlines() if line.startswith(marker)]
+            if lines:
+                return CheckpointError(lines[-1][len(marker) :])
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _vacuum(location: OutputLocation, retention_hours: float) -> dict[str, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import json
@@ -326,6 +327,7 @@ def local_ray() -> Iterator[None]:
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
+    gc.collect()  # object references a test left in cycles (a kept traceback) go while Ray is still up
     ray.shutdown()
 
 
