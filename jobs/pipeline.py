@@ -76,10 +76,14 @@ log = logging.getLogger("vitaclip.job")
 
 _LISTING_BATCH = 4096  # listed objects per message to the planner actor
 _PLANS_IN_FLIGHT = 4  # planner calls the driver lets run ahead of the listing
-# Most videos per input block of the Dataset: one decode task each (a retried block repeats at most this much work).
-# Every block costs the driver alike (its Ray Data bookkeeping, a decode task to dispatch): 512 against 128 took
-# 0.004-0.005 instead of 0.008 driver CPU-s per further 1,000 rows (benchmarks/driver_rows.py).
-_BLOCK_VIDEOS = 512
+# Most videos per input block of the Dataset: one Ray Data task each, on one embed actor (a retried block repeats at
+# most this much work). Every block costs the driver alike, about 3 ms (its Ray Data bookkeeping, its output's write
+# task), whatever its rows: without segments (one row per video) blocks of 512 took 0.0067 driver CPU-s per further
+# 1,000 rows, of 2,048 0.0012 (net of the time-bound work; benchmarks/driver_rows.py).
+_BLOCK_VIDEOS = 2048
+# Most videos per call of the embed actor (Ray Data's batch size): a block is decoded and embedded in calls of this
+# many, one after the other; the run's end goes out in smaller blocks, which Ray Data bundles back up to this.
+_CALL_VIDEOS = 512
 _TAIL_BLOCK_VIDEOS = 128  # videos per block of the run's end (held back, cut finer so every decoder ends together)
 
 
@@ -726,7 +730,7 @@ def index_dataset(
                 device=None if pools.use_gpu else "cpu",
             ),
         ),
-        batch_size=_BLOCK_VIDEOS,  # a whole planned block per call (the end's smaller blocks go together)
+        batch_size=_CALL_VIDEOS,  # a planned block in a few calls (the end's smaller blocks go together)
         compute=ray.data.ActorPoolStrategy(
             min_size=1, max_size=pools.embed_workers, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
         ),
