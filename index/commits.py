@@ -44,7 +44,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -296,26 +296,65 @@ class Rewrite(Protocol):
     ) -> DataFile | None: ...
 
 
+KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("current_video_file", pa.string(), nullable=False),
+        pa.field("current_segment_files", pa.string(), nullable=False),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class WrittenBatch:
     """A batch written by a worker, not committed yet.
 
+    Its keys are an Arrow table (`KEYS_SCHEMA`), so that the driver moves and checks them without a Python object
+    per video.
+
     Attributes:
         videos: Its videos data file (None when it has no rows).
         segments: Its segments data file, of the same name (None when it has no segment rows).
-        keys: ``(video_id, etag, status)`` of each video row.
-        current_video_files: video_id -> the Planner's ``current_video_file``.
-        current_segment_files: video_id -> the Planner's ``current_segment_files``.
+        keys: One row per video row: ``video_id``, ``etag``, ``status``, and where the Planner saw its current rows
+            (``current_video_file`` and ``current_segment_files``, newline-joined, "" for none).
         segment_video_ids: The videos with rows in `segments`, as the writer knew them (None: the Committer reads
             them from the file when it needs them).
     """
 
     videos: DataFile | None
     segments: DataFile | None
-    keys: tuple[tuple[str, str | None, str], ...]
-    current_video_files: Mapping[str, str] = field(default_factory=dict)
-    current_segment_files: Mapping[str, str] = field(default_factory=dict)
-    segment_video_ids: frozenset[str] | None = None
+    keys: pa.Table
+    segment_video_ids: pa.Array | None = None
+
+    @classmethod
+    def of(
+        cls,
+        videos: DataFile | None,
+        segments: DataFile | None,
+        keys: Iterable[tuple[str, str | None, str]],
+        *,
+        current_video_files: Mapping[str, str] | None = None,
+        current_segment_files: Mapping[str, str] | None = None,
+        segment_video_ids: Iterable[str] | None = None,
+    ) -> WrittenBatch:
+        """A batch from ``(video_id, etag, status)`` keys and the Planner's files by video id."""
+        rows = list(keys)
+        ids = [video_id for video_id, _, _ in rows]
+        video_files, segment_files = current_video_files or {}, current_segment_files or {}
+        table = pa.table(
+            [
+                ids,
+                [etag for _, etag, _ in rows],
+                [status for _, _, status in rows],
+                [video_files.get(v, "") for v in ids],
+                [segment_files.get(v, "") for v in ids],
+            ],
+            schema=KEYS_SCHEMA,
+        )
+        with_segments = None if segment_video_ids is None else pa.array(sorted(set(segment_video_ids)), pa.string())
+        return cls(videos, segments, table, with_segments)
 
 
 @dataclass(frozen=True)
@@ -399,9 +438,11 @@ class Committer:
         self._reconciled = {table: int(versions[table]) for table in dlt.TABLES}
         self._round = 0
         self._pending: list[WrittenBatch] = []
-        self._duplicates: list[frozenset[str]] = []  # per pending batch: videos pending in an earlier batch
+        # Per pending batch, by key row: False for a video pending in an earlier batch or committed by an earlier call
+        self._fresh: list[np.ndarray] = []
         self._committed_hashes = np.zeros(0, dtype=np.uint64)  # sorted id hashes of what earlier calls committed
-        self._pending_keys: dict[str, tuple[str | None, str]] = {}
+        self._pending_hashes: set[int] = set()  # id hashes of the pending videos
+        self._pending_count = 0
         # Files other writers added since `versions`, still current: their key columns (our model's rows).
         self._others: dict[str, dict[str, pa.Table]] = {table: {} for table in dlt.TABLES}
         # Our own rewrites of files the Planner knew: old path -> (new path or None, video ids left out).
@@ -409,7 +450,8 @@ class Committer:
         self._rewrites: dict[tuple[str, str, frozenset[str]], DataFile | None] = {}
         self._names: dict[tuple[str, frozenset[str]], str] = {}
         self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
-        self._file_ids: dict[str, frozenset[str]] = {}
+        self._file_ids: dict[str, frozenset[str]] = {}  # segments file -> its video ids (`_ids_in`)
+        self._written_ids: dict[str, pa.Array] = {}  # pending segments file -> its video ids, as the writer sent them
         self._bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # committed, stale segments not cleaned
         # Videos another run finished with a final failure after our segments of them landed (dropped from our
         # videos commit): our segment rows of them belong to no row. Their files: our committed segments files.
@@ -427,30 +469,54 @@ class Committer:
         Raises:
             ValueError: A batch naming one video twice.
         """
-        ids = [video_id for video_id, _, _ in batch.keys]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"a batch names a video twice: {sorted(v for v in set(ids) if ids.count(v) > 1)}")
-        duplicates = frozenset(v for v, held in zip(ids, self.holds(ids), strict=True) if held)
-        for video_id, etag, status in batch.keys:
-            if video_id not in duplicates:
-                self._pending_keys[video_id] = (etag, status)
+        ids = batch.keys.column("video_id")
+        if pc.count_distinct(ids).as_py() != batch.keys.num_rows:
+            counts = pc.value_counts(ids)
+            twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+            raise ValueError(f"a batch names a video twice: {sorted(twice.to_pylist())}")
+        hashes = _id_hash(ids)
+        fresh = ~self._held(hashes)
+        self._pending_hashes.update(hashes[fresh].tolist())
+        self._pending_count += int(fresh.sum())
         self._pending.append(batch)
-        self._duplicates.append(duplicates)
+        self._fresh.append(fresh)
         if batch.segments is not None and batch.segment_video_ids is not None:
-            self._file_ids[batch.segments.path] = batch.segment_video_ids  # the driver reads no data file for them
+            self._written_ids[batch.segments.path] = batch.segment_video_ids  # the driver reads no data file for them
 
     def holds(self, video_ids: Sequence[str]) -> list[bool]:
         """Per video: whether this Committer has it already, pending or committed by one of its `commit` calls."""
         if not video_ids:
             return []
-        hashes = _id_hash(pa.array(list(video_ids), pa.string()))
-        at = np.searchsorted(self._committed_hashes, hashes).clip(max=max(len(self._committed_hashes) - 1, 0))
-        committed = self._committed_hashes[at] == hashes if len(self._committed_hashes) else np.zeros(len(hashes), bool)
-        return [bool(c) or v in self._pending_keys for v, c in zip(video_ids, committed, strict=True)]
+        return [bool(held) for held in self._held(_id_hash(pa.array(list(video_ids), pa.string())))]
+
+    def _held(self, hashes: np.ndarray) -> np.ndarray:
+        committed = np.zeros(len(hashes), dtype=bool)
+        if len(self._committed_hashes):
+            at = np.searchsorted(self._committed_hashes, hashes).clip(max=len(self._committed_hashes) - 1)
+            committed = self._committed_hashes[at] == hashes
+        pending = self._pending_hashes
+        return committed | np.fromiter((h in pending for h in hashes.tolist()), dtype=bool, count=len(hashes))
 
     @property
     def pending_videos(self) -> int:
-        return len(self._pending_keys)
+        return self._pending_count
+
+    def _pending_keys(self) -> pa.Table:
+        """The key rows of the pending videos, each once (the first batch's)."""
+        parts = [batch.keys.filter(pa.array(fresh)) for batch, fresh in zip(self._pending, self._fresh, strict=True)]
+        return pa.concat_tables(parts) if parts else KEYS_SCHEMA.empty_table()
+
+    def _left_out(self, index: int, dropped: Collection[str]) -> frozenset[str]:
+        """The videos of pending batch `index` that its commit leaves out: pending in an earlier batch, or in
+        `dropped`."""
+        ids = self._pending[index].keys.column("video_id")
+        out = ~self._fresh[index]
+        if dropped:
+            value_set = pa.array(sorted(dropped), pa.string())
+            out |= pc.is_in(ids, value_set=value_set).to_numpy(zero_copy_only=False)
+        if not out.any():
+            return frozenset()
+        return frozenset(pc.filter(ids, pa.array(out)).to_pylist())
 
     def commit(self) -> CommitReport:
         """Commits the pending batches (segments, then videos), retrying after conflicts; see the module docstring.
@@ -483,7 +549,8 @@ class Committer:
         snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
         for table in dlt.TABLES:
             self._follow_log(table, snapshots[table])
-        plan = self._plan(snapshots)
+        pending = self._pending_keys()
+        plan = self._plan(snapshots, pending)
         metadata = {RUN_ID_KEY: self.run_id}
         versions = {table: snapshots[table].version for table in dlt.TABLES}
         if plan.segment_adds or plan.segment_removes:
@@ -517,14 +584,17 @@ class Committer:
             self._reconciled["videos"] = versions["videos"]
             self._apply_moves("videos", plan.moves)
         segment_rows = sum(f.num_rows for f in (self._committed_segments or {}).values() if f is not None)
-        duplicates = sum(len(d) for d in self._duplicates)
+        duplicates = sum(int((~fresh).sum()) for fresh in self._fresh)
         if plan.dropped_not_ok and self._committed_segments:
             self._orphaned |= plan.dropped_not_ok
             self._orphaned_files |= {f.path for f in self._committed_segments.values() if f is not None}
-        done = [video_id for video_id in self._pending_keys if video_id not in plan.dropped]
-        self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(pa.array(done, pa.string())))
-        self._pending, self._pending_keys, self._committed_segments, self._duplicates = [], {}, None, []
-        self._file_ids = {}
+        done = pending.column("video_id")
+        if plan.dropped:
+            done = pc.filter(done, pc.invert(pc.is_in(done, value_set=pa.array(sorted(plan.dropped), pa.string()))))
+        self._committed_hashes = np.union1d(self._committed_hashes, _id_hash(done))
+        self._pending, self._fresh, self._committed_segments = [], [], None
+        self._pending_hashes, self._pending_count = set(), 0
+        self._file_ids, self._written_ids = {}, {}
         self._bare.update(plan.bare)
         return CommitReport(
             versions=versions,
@@ -651,10 +721,16 @@ class Committer:
             path, seen = new, seen + 1
         return path
 
-    def _rows_of(self, table: str, ids: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    def _rows_of(
+        self, table: str, ids: Sequence[str] | pa.Array | pa.ChunkedArray
+    ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Rows of `ids` in files other writers added: video_id -> [(file, row)]."""
         found: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        value_set = pa.array(sorted(ids), pa.string())
+        if not self._others[table]:
+            return found
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        value_set = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
         for path, keys in self._others[table].items():
             hits = keys.filter(pc.is_in(keys.column("video_id"), value_set=value_set))
             for row in hits.to_pylist():
@@ -676,10 +752,12 @@ class Committer:
         return runs
 
     def _ids_in(self, path: str) -> frozenset[str]:
-        """Video ids of one of our own segments files (read once)."""
+        """Video ids of one of our own segments files (as its writer sent them, else read once)."""
         if path not in self._file_ids:
-            data = _read_columns(self.location, "segments", path, ["video_id"], self.model_id)
-            self._file_ids[path] = frozenset(data.column("video_id").to_pylist())
+            ids = self._written_ids.get(path)
+            if ids is None:
+                ids = _read_columns(self.location, "segments", path, ["video_id"], self.model_id).column("video_id")
+            self._file_ids[path] = frozenset(ids.to_pylist())
         return self._file_ids[path]
 
     def _rewritten(self, table: str, path: str, ids: frozenset[str]) -> DataFile | None:
@@ -716,10 +794,10 @@ class Committer:
         new data file. Returns it (None: nothing to re-add) and their video ids."""
         still_ours = set().union(*(self._ids_in(f.path) for f in committed.values() if f and f.path in current.sizes))
         wanted: dict[str, set[str]] = {}
-        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+        for index, batch in enumerate(self._pending):
             if batch.segments is None:
                 continue
-            for video_id in self._ids_in(batch.segments.path) - duplicates - dropped - still_ours:
+            for video_id in self._ids_in(batch.segments.path) - self._left_out(index, dropped) - still_ours:
                 if not any(r["run_id"] == self.run_id for _, r in segment_rows.get(video_id, [])):
                     wanted.setdefault(batch.segments.path, set()).add(video_id)
         readd_file = self._copy_segment_rows(wanted)
@@ -739,15 +817,19 @@ class Committer:
         targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
         replaced = 0
         bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
-        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
+        known = pa.array(sorted(set(video_rows) | set(segment_rows)), pa.string())
+        for index, batch in enumerate(self._pending):
+            replacing = self._replacing(index, dropped, known)
+            if replacing.num_rows == 0:
+                continue  # new videos only (the common case): nothing to replace, no stale segment rows
             with_segments = self._ids_in(batch.segments.path) if batch.segments else frozenset()
-            for video_id, _, _ in batch.keys:
-                if video_id in dropped or video_id in duplicates:
-                    continue
-                planned_videos = _lines(batch.current_video_files.get(video_id, ""))
-                planned_segments = _lines(batch.current_segment_files.get(video_id, ""))
+            for video_id, video_lines, segment_lines in zip(
+                *(replacing.column(c).to_pylist() for c in ("video_id", "current_video_file", "current_segment_files")),
+                strict=True,
+            ):
+                planned_videos, planned_segments = _lines(video_lines or ""), _lines(segment_lines or "")
                 if not (planned_videos or planned_segments or video_id in video_rows or video_id in segment_rows):
-                    continue  # a new video (the common case): nothing to replace, no stale segment rows
+                    continue
                 video_files = {self._resolve("videos", p, video_id) for p in planned_videos}
                 video_files |= {path for path, _ in video_rows.get(video_id, [])}
                 segment_files = {self._resolve("segments", p, video_id) for p in planned_segments}
@@ -772,14 +854,33 @@ class Committer:
                 replaced += found
         return targets, replaced, bare
 
-    def _plan(self, snapshots: Mapping[str, _Snapshot]) -> _Plan:
-        pending = sorted(self._pending_keys)
-        video_rows = self._rows_of("videos", pending)
-        segment_rows = self._rows_of("segments", pending)
+    def _replacing(self, index: int, dropped: Collection[str], known: pa.Array) -> pa.Table:
+        """The key rows of pending batch `index` that its commit takes and that may have older rows: the Planner saw
+        some, or another writer's (`known`)."""
+        keys = self._pending[index].keys
+        take = self._fresh[index].copy()
+        if dropped:
+            take &= ~pc.is_in(keys.column("video_id"), value_set=pa.array(sorted(dropped), pa.string())).to_numpy(
+                zero_copy_only=False
+            )
+        older = pc.or_(
+            pc.not_equal(keys.column("current_video_file"), ""), pc.not_equal(keys.column("current_segment_files"), "")
+        )
+        if len(known):
+            older = pc.or_(older, pc.is_in(keys.column("video_id"), value_set=known))
+        older = pc.fill_null(older, True)  # no file names given: looked at as if the Planner had seen some
+        return keys.filter(pa.array(take & older.to_numpy(zero_copy_only=False)))
+
+    def _plan(self, snapshots: Mapping[str, _Snapshot], pending: pa.Table) -> _Plan:
+        ids = pending.column("video_id")
+        video_rows = self._rows_of("videos", ids)
+        segment_rows = self._rows_of("segments", ids)
+        found = pending.filter(pc.is_in(ids, value_set=pa.array(sorted(video_rows), pa.string())))
+        etags = dict(zip(found.column("video_id").to_pylist(), found.column("etag").to_pylist(), strict=True))
         dropped = {
             video_id
             for video_id, rows in video_rows.items()
-            if any(is_done(row["etag"], row["status"], self._pending_keys[video_id][0]) for _, row in rows)
+            if any(is_done(row["etag"], row["status"], etags[video_id]) for _, row in rows)
         }
         dropped_not_ok = {
             video_id for video_id in dropped if all(row["status"] != "ok" for _, row in video_rows[video_id])
@@ -811,8 +912,8 @@ class Committer:
 
         pending_segments: dict[str, DataFile | None] = {}
         new_video_rows = 0
-        for batch, duplicates in zip(self._pending, self._duplicates, strict=True):
-            leave = frozenset(video_id for video_id, _, _ in batch.keys if video_id in dropped) | duplicates
+        for index, batch in enumerate(self._pending):
+            leave = self._left_out(index, dropped)
             if batch.videos is not None:
                 videos = self._rewritten("videos", batch.videos.path, leave) if leave else batch.videos
                 if videos is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from index.commits import WrittenBatch
+from index.commits import KEYS_SCHEMA, WrittenBatch
 from index.delta_tables import TABLES, OutputLocation, table_schema, write_data_file
 from index.schema import STATUS_OK, row_id_for, video_id_for
 
@@ -136,8 +136,8 @@ class ResultWriter:
                 must use a fresh one, a committed file is never overwritten).
 
         Returns:
-            The files (None for an empty side), the video rows' ``(video_id, etag, status)`` keys and where their
-            current rows are, for `index.commits.Committer.add`.
+            The files (None for an empty side), the video rows' keys (``video_id``, ``etag``, ``status``) and where
+            their current rows are, for `index.commits.Committer.add`.
         """
         videos, segments = self.rows(batch)
         with_segments = frozenset(segments.column("video_id").to_pylist())
@@ -153,30 +153,28 @@ class ResultWriter:
             else None
             for table, rows in (("videos", videos), ("segments", segments))
         }
-        keys = tuple(
-            zip(
-                videos.column("video_id").to_pylist(),
-                videos.column("etag").to_pylist(),
-                videos.column("status").to_pylist(),
-                strict=True,
-            )
-        )
         is_video = np.asarray(batch["segment_index"]) < 0
-        video_ids = videos.column("video_id").to_pylist()
 
-        def planned(column: str) -> dict[str, str]:
+        def planned(column: str) -> pa.Array:
             if column not in batch:
-                return {}
-            values = [str(v) for v, m in zip(batch[column], is_video, strict=True) if m]
-            return {v: f for v, f in zip(video_ids, values, strict=True) if f}
+                return pa.array([""] * videos.num_rows, pa.string())
+            return pa.array([str(v) if v else "" for v in np.asarray(batch[column])[is_video]], pa.string())
 
+        keys = pa.table(
+            [
+                videos.column("video_id"),
+                videos.column("etag"),
+                videos.column("status"),
+                planned("current_video_file"),
+                planned("current_segment_files"),
+            ],
+            schema=KEYS_SCHEMA,
+        )
         return WrittenBatch(
             videos=files["videos"],
             segments=files["segments"],
             keys=keys,
-            current_video_files=planned("current_video_file"),
-            current_segment_files=planned("current_segment_files"),
-            segment_video_ids=with_segments,
+            segment_video_ids=pa.array(sorted(with_segments), pa.string()),
         )
 
 

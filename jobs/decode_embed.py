@@ -7,12 +7,13 @@ therefore cost the driver about 0.04 CPU-s per 1,000 clips, enough to make one d
 of about 20 GPUs. Here the Dataset moves the planner's blocks of listed videos in and blocks of embed output (small
 rows: an embedding, labels, a thumbnail) out:
 
-- `DecodeEmbed` (a Ray Data actor, one per GPU) takes a block of listed videos and submits `decode_chunk` tasks
-  for ``decode_batch_size`` videos at a time, keeping a bounded number in flight. Each task is a streaming
-  generator: it hands its clips on every ``piece_mib`` of frames, through the object store, straight to the actor.
+- `DecodeEmbed` (a Ray Data actor, one per GPU) takes a planned block of listed videos, in calls of a few hundred
+  (Ray Data's batch size), and for each call submits `decode_chunk` tasks for ``decode_batch_size`` videos at a
+  time, keeping a bounded number in flight. Each task is a streaming generator: it hands its clips on every
+  ``piece_mib`` of frames, through the object store, straight to the actor.
 - The actor embeds clips as they come (``embed_batch_size`` at a time, one thread on the model) and yields the
-  rows; Ray Data gathers a call's output into blocks of its target size (most often one block per call).
-- Two calls run at once in each actor, so one block's decoding starts while the other's last videos finish.
+  rows; Ray Data gathers a block's output into blocks of its target size (most often one).
+- Two blocks run at once in each actor, so one call's decoding starts while the other's last videos finish.
 
 A decode task that dies (its worker killed, out of memory, a crash in a codec) is retried by Ray, which hands on
 only the pieces after those already received. A retry may decode a video differently (a time limit or a storage
@@ -170,7 +171,7 @@ class DecodeEmbed:
         self.video_task = task.options(**options, max_retries=1)  # a video alone, after its chunk's last retry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        # Ray Data gathers what a call yields into blocks of its target size: one block per call, most often.
+        # Ray Data gathers what the calls on one input block yield into blocks of its target size (most often one).
         waiting: list[dict[str, np.ndarray]] = []
         clips = 0
         for piece in self._decoded(batch):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from index.commits import CommitReport, Committer, Planner, WrittenBatch
 from index.delta_tables import (
@@ -340,7 +341,8 @@ class Commits:
             leftover = self.in_flight.pop(meta_ref)
             if written is not None:
                 self.committer.add(written)
-                self.status.update(status for _, _, status in written.keys)
+                counts = pc.value_counts(written.keys.column("status")).to_pylist()
+                self.status.update({count["values"]: count["counts"] for count in counts})
             if left_uris:
                 self.leftovers.append((leftover, int(stats["clips_left_over"]), left_uris))
             self.stats.update(stats)

@@ -116,10 +116,10 @@ def write_batch(
             }
         )
         segments_file = dlt.write_data_file(location, "segments", segments, name=name, embed_dim=DIM)
-    return WrittenBatch(
-        videos=videos_file,
-        segments=segments_file,
-        keys=tuple(zip(ids, etags, status, strict=True)),
+    return WrittenBatch.of(
+        videos_file,
+        segments_file,
+        zip(ids, etags, status, strict=True),
         current_video_files=dict(zip(ids, (str(f) for f in planned["current_video_file"]), strict=True)),
         current_segment_files=dict(zip(ids, (str(f) for f in planned["current_segment_files"]), strict=True)),
     )
@@ -589,7 +589,7 @@ def test_a_video_pending_in_two_batches_is_committed_once(local: OutputLocation)
     assert report.duplicates == 1 and report.videos_committed == 1 and report.replaced == 0
     assert_one_row_and_one_set_each(local, {0, 1, 2})
     with pytest.raises(ValueError, match="names a video twice"):
-        committer.add(WrittenBatch(None, None, ((vid(0), "e0", "ok"), (vid(0), "e0", "ok"))))
+        committer.add(WrittenBatch.of(None, None, ((vid(0), "e0", "ok"), (vid(0), "e0", "ok"))))
 
 
 def test_a_commit_that_landed_but_failed_is_not_made_twice(

@@ -72,7 +72,7 @@ def _commit(location: OutputLocation, data: pa.Table) -> None:
     committer = Committer(location, model_id=MODEL, run_id=uuid.uuid4().hex, versions=versions)
     keys = tuple(zip(data.column("video_id").to_pylist(), etags, data.column("status").to_pylist(), strict=True))
     current = dict(zip(planned["video_id"].tolist(), planned["current_video_file"].tolist(), strict=True))
-    committer.add(WrittenBatch(videos=written, segments=None, keys=keys, current_video_files=current))
+    committer.add(WrittenBatch.of(written, None, keys, current_video_files=current))
     committer.commit()
 
 

@@ -98,11 +98,7 @@ def test_incremental_index_after_replaced_rows(indexed: Path, tmp_path: Path) ->
     )
     current = {row["video_id"]: str(planned["current_video_file"][0])}
     committer = Committer(store.location, model_id=model_id, run_id="rerun", versions=versions)
-    committer.add(
-        WrittenBatch(
-            videos=written, segments=None, keys=((row["video_id"], "changed", "ok"),), current_video_files=current
-        )
-    )
+    committer.add(WrittenBatch.of(written, None, ((row["video_id"], "changed", "ok"),), current_video_files=current))
     assert committer.commit().replaced == 1
     info = build_from_output(store, model_id=model_id)
     incremental = info["indexes"]["videos"]["incremental"]

@@ -60,10 +60,10 @@ def add_video(out: Path, like: dict[str, Any], uri: str, etag: str = "later") ->
     )
     committer = Committer(store.location, model_id=row["model_id"], run_id="later", versions=versions)
     committer.add(
-        WrittenBatch(
-            videos=written,
-            segments=None,
-            keys=((video_id, etag, "ok"),),
+        WrittenBatch.of(
+            written,
+            None,
+            ((video_id, etag, "ok"),),
             current_video_files={video_id: str(planned["current_video_file"][0])},
         )
     )
