@@ -210,7 +210,9 @@ def main() -> None:
         }
         idle: list[float] = []  # driver CPU-s per second of the slowed pass
         for repeat in range(args.repeats):
-            refs = blocks_of(sample, args.slow_blocks * args.videos_per_block[-1], args.videos_per_block[-1])
+            refs = blocks_of(
+                sample, args.slow_blocks * args.videos_per_block[-1] * per_video, args.videos_per_block[-1]
+            )
             s, c, _ = time_drain(
                 refs, work / "out", model=model, rows_per_video=per_video, delay=args.slow_call_seconds
             )

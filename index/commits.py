@@ -104,24 +104,33 @@ def _str_hash(values: Iterable[str | None]) -> np.ndarray:
 
 
 def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A uint64 per video_id: the first 16 hex digits of `video_id_for` ids, else a blake2b hash.
+    """A uint64 per video_id: the first 16 hex digits of a `video_id_for` id (24 hex digits), else a blake2b hash
+    of it. Each id's hash depends on that id alone.
 
-    The fast path reads the Arrow buffer directly, so hashing a whole table creates no Python object per row.
+    The fast path reads the Arrow buffers directly, so hashing a whole table creates no Python object per row.
     """
     array = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     array = array.cast(pa.string())
     n = len(array)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    if array.null_count == 0:
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
-        if np.all(np.diff(offsets) == 24):
-            data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, 24)
-            nibbles = _HEX[data[:, :16]]
-            if not np.any(nibbles == 255):
-                shifts = np.arange(60, -4, -4, dtype=np.uint64)
-                return np.bitwise_or.reduce(nibbles.astype(np.uint64) << shifts, axis=1)
-    return _str_hash(array.to_pylist())
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    fast = valid & (np.diff(offsets) == 24)
+    out = np.zeros(n, dtype=np.uint64)
+    if fast.any():
+        data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+        nibbles = _HEX[data[offsets[:-1][fast, None] + np.arange(16)]]
+        hexadecimal = ~np.any(nibbles == 255, axis=1)
+        shifts = np.arange(60, -4, -4, dtype=np.uint64)
+        out[np.flatnonzero(fast)[hexadecimal]] = np.bitwise_or.reduce(
+            nibbles[hexadecimal].astype(np.uint64) << shifts, axis=1
+        )
+        fast[np.flatnonzero(fast)[~hexadecimal]] = False
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        out[slow] = _str_hash(array.take(pa.array(slow)).to_pylist())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- snapshots
@@ -467,9 +476,13 @@ class Committer:
         Planner actors each saw it listed), is left out of this one.
 
         Raises:
-            ValueError: A batch naming one video twice.
+            ValueError: Keys not of `KEYS_SCHEMA`, a key without a video id, a batch naming one video twice.
         """
+        if not batch.keys.schema.equals(KEYS_SCHEMA):
+            raise ValueError(f"a batch's keys must have the schema {KEYS_SCHEMA}, got {batch.keys.schema}")
         ids = batch.keys.column("video_id")
+        if ids.null_count:
+            raise ValueError(f"a batch has {ids.null_count} keys without a video id")
         if pc.count_distinct(ids).as_py() != batch.keys.num_rows:
             counts = pc.value_counts(ids)
             twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))

@@ -18,7 +18,7 @@ from counting_fs import CountingHandler
 from deltalake import DeltaTable
 
 from index import delta_tables as dlt
-from index.commits import RETRYABLE, CommitReport, Committer, Planner, WrittenBatch
+from index.commits import KEYS_SCHEMA, RETRYABLE, CommitReport, Committer, Planner, WrittenBatch
 from index.delta_tables import OutputLocation
 from index.schema import video_id_for
 
@@ -590,6 +590,20 @@ def test_a_video_pending_in_two_batches_is_committed_once(local: OutputLocation)
     assert_one_row_and_one_set_each(local, {0, 1, 2})
     with pytest.raises(ValueError, match="names a video twice"):
         committer.add(WrittenBatch.of(None, None, ((vid(0), "e0", "ok"), (vid(0), "e0", "ok"))))
+    with pytest.raises(ValueError, match="without a video id"):
+        committer.add(WrittenBatch(None, None, pa.table([[None], [None], ["ok"], [""], [""]], schema=KEYS_SCHEMA)))
+    with pytest.raises(ValueError, match="must have the schema"):
+        committer.add(WrittenBatch(None, None, pa.table({"video_id": [vid(3)], "etag": ["e3"], "status": ["ok"]})))
+
+
+def test_a_video_pending_in_an_earlier_batch_is_found_whatever_else_a_batch_names(local: OutputLocation) -> None:
+    """Pending videos are matched by id hash: a video's hash must not depend on the other ids of its batch (ids that
+    are not `video_id_for` ids hash another way)."""
+    versions = latest_versions(local)
+    committer = Committer(local, model_id=MODEL, run_id="r1", versions=versions)
+    committer.add(WrittenBatch.of(None, None, [(vid(0), "e0", "ok")]))
+    committer.add(WrittenBatch.of(None, None, [(vid(0), "e0", "ok"), ("not-a-video-id", "e", "ok")]))
+    assert committer.pending_videos == 2 and committer.holds([vid(0), "not-a-video-id", vid(1)]) == [True, True, False]
 
 
 def test_a_commit_that_landed_but_failed_is_not_made_twice(
