@@ -67,6 +67,7 @@ RETRYABLE: frozenset[str] = frozenset(
         "access_denied",
         "s3_error",
         "decoder_crashed",  # its decoder's process died: a lost node or a neighbour's memory as well as the video
+        "too_long",  # its clips were over the run's --max-frames-mib: a later run's limit or segments may differ
     }
 )
 """Statuses of a video row that a later run indexes again; every other status is final."""

@@ -69,6 +69,9 @@ class IndexJobConfig:
             are deleted (files replaced by re-indexing, files of killed runs). Keep it longer than any run lasts;
             0 turns vacuuming off.
         decode_timeout_seconds: per-video decode time limit.
+        max_frames_mib: most MiB of decoded frames for one video's clips: a video that needs more (many segments of
+            a long video) is a row with status ``too_long`` (refused before decoding; a later run with a higher
+            limit or longer segments indexes it). A decode task holds up to about twice this for such a video.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
         max_size_bytes: skip larger objects (None: no limit).
@@ -101,6 +104,7 @@ class IndexJobConfig:
     commit_seconds: float = 300.0
     vacuum_retention_hours: float = 7 * 24.0
     decode_timeout_seconds: float = 120.0
+    max_frames_mib: float = 2048.0
     whole_object_max_bytes: int = 32 * 2**20
     min_size_bytes: int = 0
     max_size_bytes: int | None = None
@@ -118,6 +122,8 @@ class IndexJobConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.decode_piece_mib < 2**20:  # NaN and infinity too
             raise ValueError(f"decode_piece_mib must be > 0 and finite (MiB), got {self.decode_piece_mib}")
+        if not 0 < self.max_frames_mib < 2**30:
+            raise ValueError(f"max_frames_mib must be > 0 and finite (MiB), got {self.max_frames_mib}")
         if self.commit_seconds <= 0:
             raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.vacuum_retention_hours < 0:
@@ -182,6 +188,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--commit-seconds", type=float, help="commit finished work at least this often")
     p.add_argument("--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this")
     p.add_argument("--decode-timeout-seconds", type=float)
+    p.add_argument("--max-frames-mib", type=float, help="most MiB of frames per video (more: status too_long)")
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)

@@ -752,6 +752,7 @@ def decoder_args(config: IndexJobConfig, model: ResolvedModel) -> dict[str, Any]
         size=model.image_size,
         segment_seconds=config.segment_seconds,
         timeout_seconds=config.decode_timeout_seconds,
+        max_frame_bytes=int(config.max_frames_mib * 2**20),
         s3_endpoint_url=config.s3_endpoint_url,
         whole_object_max_bytes=config.whole_object_max_bytes,
     )

@@ -138,3 +138,28 @@ def test_rows_say_which_video_they_are_and_how_many_it_made(video: Path, tmp_pat
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), out[key])
     whole = list(stage.iter_batches(batch))  # the default (32 MiB): one batch
     assert len(whole) == 1 and list(whole[0]["segment_index"]) == list(out["segment_index"])
+
+
+def test_a_video_over_the_run_frame_limit_is_a_too_long_row_a_later_run_retries(video: Path, tmp_path: Path) -> None:
+    from index.commits import is_done
+    from jobs.config import IndexJobConfig
+    from jobs.decode_embed import ReadDecode
+    from jobs.pipeline import decoder_args, resolve_run_model
+
+    # The job's flag reaches the decoder: 3 s in 1 s segments, the whole clip and three segments of the tiny model.
+    config = IndexJobConfig(
+        inputs=(str(video),), output=str(tmp_path / "out"), model="vitaclip-tiny", random_weights=True,
+        segment_seconds=1.0,
+    )  # fmt: skip
+    model = resolve_run_model(config)
+    need = 4 * model.num_frames * model.image_size**2 * 3
+    exact = IndexJobConfig(**{**config.to_dict(), "max_frames_mib": need / 2**20})
+    rows = ReadDecode(**decoder_args(exact, model)).decode_one(str(video), video.stat().st_size)
+    assert [r["status"] for r in rows] == ["ok"] * 4 and sum(r["frames"].nbytes for r in rows) == need
+    smaller = IndexJobConfig(**{**config.to_dict(), "max_frames_mib": (need - 1) / 2**20})
+    (row,) = ReadDecode(**decoder_args(smaller, model)).decode_one(str(video), 0)
+    assert row["status"] == "too_long" and "above the limit" in row["error_message"]
+    assert not is_done("e1", "too_long", "e1")  # a later run (a higher limit, longer segments) indexes it again
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_frames_mib"):
+            IndexJobConfig(**{**config.to_dict(), "max_frames_mib": bad})

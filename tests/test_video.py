@@ -52,6 +52,7 @@ from vitaclip.video import (
     sampling_spec,
     uniform_times,
     window_bounds,
+    window_count,
 )
 
 SIZE = 64  # model-side output size used in these tests (small to keep them fast)
@@ -149,6 +150,24 @@ def test_window_bounds() -> None:
     assert window_bounds(3.0, segment_seconds=4.0) == [(0.0, 3.0)]
     with pytest.raises(ValueError, match="overlap"):
         window_bounds(10.0, segment_seconds=4.0, overlap_seconds=4.0)
+
+
+def test_window_count_is_the_number_of_window_bounds() -> None:
+    rng = np.random.default_rng(0)
+    cases = [(10.0, 4.0, 0.0), (8.0, 4.0, 0.0), (3.0, 4.0, 0.0), (0.0, 2.0, 0.0), (10.0, 4.0, 1.0), (0.3, 0.1, 0.0)]
+    for _ in range(3000):
+        segment = float(rng.choice([0.1, 0.3, 1.0, 2.0, 10 / 3, rng.uniform(0.05, 20.0)]))
+        overlap = float(rng.choice([0.0, segment / 3, rng.uniform(0.0, segment * 0.99)]))
+        # Durations on and around a window's end, where float rounding decides whether one more window starts.
+        end = int(rng.integers(0, 300)) * (segment - overlap) + segment
+        nudge = float(rng.choice([0.0, 1e-7, -1e-7, 1e-6, -1e-6, 2e-6, rng.uniform(-1.0, 1.0)]))
+        cases.append((max(0.0, end + nudge), segment, overlap))
+    for duration, segment, overlap in cases:
+        expected = len(window_bounds(duration, segment_seconds=segment, overlap_seconds=overlap))
+        assert window_count(duration, segment_seconds=segment, overlap_seconds=overlap) == expected, (duration, segment)
+    assert window_count(1e6, segment_seconds=0.5) == 2_000_000  # counted without making two million windows
+    with pytest.raises(ValueError, match="overlap"):
+        window_count(10.0, segment_seconds=4.0, overlap_seconds=4.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -573,6 +592,49 @@ def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any])
     with pytest.raises(VideoDecodeError) as error:
         probe(huge)
     assert error.value.reason == "too_large"
+
+
+def write_video_with_a_gap(path: Path, *, last_seconds: int) -> Path:
+    """A tiny file of three 32 px frames, at 0 s, 1 s and `last_seconds`: it claims hours of video."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1)
+        for pts in (0, 1, last_seconds):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), pts % 251, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_clips_past_the_frame_limit_are_refused_before_decoding(tmp_path: Path, make_video: Callable[..., Any]) -> None:
+    # A 1 KB file that claims 5.5 hours: 2 s windows at 224 px would take 11 GiB.
+    gap = write_video_with_a_gap(tmp_path / "gap.mkv", last_seconds=20_000)
+    assert gap.stat().st_size < 4096
+    stats = DecodeStats()
+    with pytest.raises(VideoDecodeError) as error:
+        decode_clips(gap, Windows(2.0, with_whole_video=True), size=224, stats=stats)
+    assert error.value.reason == "too_long"
+    assert "10,002 clips of 8 frames at 224x224" in error.value.message and "2.0 GiB" in error.value.message
+    assert stats.packets_decoded == 0 and stats.frames_converted == 0  # nothing was decoded
+    assert decode_clip(gap, Uniform(8), size=224).frames.shape == (8, 224, 224, 3)  # one clip of it is fine
+
+    # The limit is the bytes of the frames returned, to the byte: centre crops, and whole pictures (crop="none").
+    path, _ = make_video("h264.mp4", codec="h264")
+    for spec, crop in ((Windows(0.5, with_whole_video=True), "center"), (Dense(4, stride=2, num_views=3), "none")):
+        clips = decode_clips(path, spec, size=SIZE, crop=crop)
+        need = sum(clip.frames.nbytes for clip in clips)
+        assert len(clips) > 2 and need > 0
+        exact = decode_clips(path, spec, size=SIZE, crop=crop, max_frame_bytes=need)
+        assert [c.frames.tobytes() for c in exact] == [c.frames.tobytes() for c in clips]
+        with pytest.raises(VideoDecodeError, match="too_long"):
+            decode_clips(path, spec, size=SIZE, crop=crop, max_frame_bytes=need - 1)
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        VideoDecoder(path, max_frame_bytes=0)
 
 
 def test_damaged_files_give_a_clip_or_a_reason(make_video: Callable[..., Any]) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from vitaclip.redact import redact_text
 from vitaclip.video import (
+    DEFAULT_MAX_FRAME_BYTES,
     SamplingSpec,
     Uniform,
     VideoDecodeError,
@@ -99,6 +100,8 @@ class DecodeStage:
         size: square frame size (the model's input size).
         segment_seconds: also emit one clip per consecutive segment of this length (None: whole videos only).
         timeout_seconds: per-video decode time limit.
+        max_frame_bytes: most bytes of frames for one video's clips; a video that needs more (many segments of a
+            long video) is a row with status ``too_long``, refused before decoding.
         opener: turns ``(uri, size_bytes)`` into something the decoder reads (a path, bytes, a file object).
     """
 
@@ -109,6 +112,7 @@ class DecodeStage:
         size: int,
         segment_seconds: float | None = None,
         timeout_seconds: float = 60.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         opener: Opener | None = None,
     ) -> None:
         if num_frames < 1 or size < 1:
@@ -119,6 +123,7 @@ class DecodeStage:
         self.size = size
         self.segment_seconds = segment_seconds
         self.timeout_seconds = timeout_seconds
+        self.max_frame_bytes = max_frame_bytes
         self.opener = opener or open_local
         self.sampling: SamplingSpec = (
             Uniform(num_frames)
@@ -162,7 +167,12 @@ class DecodeStage:
         try:
             # One open and one time limit for the whole video: the whole clip and the segments share one scan and
             # decode the frames they share once; the metadata comes from what decoding learned.
-            with closing_source(source), VideoDecoder(source, timeout_seconds=self.timeout_seconds) as video:
+            with (
+                closing_source(source),
+                VideoDecoder(
+                    source, timeout_seconds=self.timeout_seconds, max_frame_bytes=self.max_frame_bytes
+                ) as video,
+            ):
                 clip, *segments = video.clips(self.sampling, size=self.size)
                 info = video.info
         except VideoDecodeError as exc:  # the status says the reason; the message says the rest

@@ -8,6 +8,7 @@ file). Bad videos raise ``VideoDecodeError`` with a machine-readable ``reason``.
 
 from vitaclip.video._container import SeekableReader, VideoSource
 from vitaclip.video.decode import (
+    DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_PIXELS,
     Clip,
     Crop,
@@ -31,10 +32,12 @@ from vitaclip.video.sampling import (
     sampling_spec,
     uniform_times,
     window_bounds,
+    window_count,
 )
 from vitaclip.video.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, frames_to_tensor, normalize_frames
 
 __all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_PIXELS",
     "OPENAI_DATASET_MEAN",
     "OPENAI_DATASET_STD",
@@ -64,4 +67,5 @@ __all__ = [
     "sampling_spec",
     "uniform_times",
     "window_bounds",
+    "window_count",
 ]

@@ -48,11 +48,13 @@ from vitaclip.video.sampling import (
     View,
     Windows,
     choose_duration,
+    clip_count,
     plan_views,
 )
-from vitaclip.video.transforms import frame_to_rgb
+from vitaclip.video.transforms import frame_to_rgb, resized_size
 
 __all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_PIXELS",
     "Clip",
     "Crop",
@@ -71,6 +73,9 @@ _LOOKAHEAD_BYTES = 32 << 20  # compressed bytes demuxed ahead of the decoder bef
 _MAX_RETREATS = 16  # then seeking is given up for one pass from the start
 SkipMode = Literal["DEFAULT", "NONREF"]
 _T = TypeVar("_T")
+
+DEFAULT_MAX_FRAME_BYTES = 2 << 30
+"""Most bytes of frames one decode may return (all its clips): about an hour of 2 s windows at 224 px."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -501,6 +506,7 @@ def _collect(
     sampling: SamplingSpec,
     stats: DecodeStats,
     square: bool = True,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> tuple[list[Clip], PacketTable | None]:
     """The clips of `sampling` from `opened` (a fresh open of the source; `reopen` opens it again for a rescan or a
     sequential pass), and the packet table when `opened` was demuxed whole."""
@@ -523,6 +529,7 @@ def _collect(
             _numbered_timeline(opened.header, table) if table.synthetic else _timeline_from_scan(opened.header, table)
         )
         stats.index = "demux"
+    _check_frame_bytes(opened.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
     views = plan_views(timeline, sampling)
     thresholds = sorted({int(t) for view in views for t in view.thresholds})
     if not timeline.synthetic:
@@ -536,6 +543,7 @@ def _collect(
             # frames as the decoder shows them instead.
             with reopen() as rescan:
                 timeline = _numbered_timeline(rescan.header, scan_packets(rescan, deadline=deadline))
+            _check_frame_bytes(rescan.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
             views = plan_views(timeline, sampling)
             thresholds = sorted({int(t) for view in views for t in view.thresholds})
             results = None
@@ -546,6 +554,27 @@ def _collect(
             options = {"trust_keyframes": False, "number_frames": timeline.synthetic}
             results = collector(again, **options).run([(None, thresholds)])
     return _assemble(views, results, timeline), table
+
+
+def _check_frame_bytes(
+    header: Header, timeline: Timeline, sampling: SamplingSpec, *, size: int, square: bool, limit: int
+) -> None:
+    """Refuse, before decoding, clips whose frames would take more than `limit` bytes (a long video in short
+    windows, or a file claiming days of duration)."""
+    clips, frames = clip_count(timeline, sampling)
+    width, height = (
+        (size, size)
+        if square
+        else resized_size(header.width, header.height, size=size, sample_aspect_ratio=header.sample_aspect_ratio)
+    )
+    need = clips * frames * width * height * 3
+    if need > limit:
+        seconds = float(timeline.duration * timeline.time_base)
+        raise VideoDecodeError(
+            "too_long",
+            f"{clips:,} clips of {frames} frames at {width}x{height} for {seconds:,.0f} s of video need "
+            f"{need / 2**30:,.1f} GiB of frames, above the limit of {limit / 2**30:.1f} GiB (refused before decoding)",
+        )
 
 
 def _assemble(
@@ -594,6 +623,8 @@ class VideoDecoder:
         num_threads: Decoder threads; 1 suits one decoder per core.
         timeout_seconds: Time limit for everything done with this video, checked between reads, packets and frames.
         max_pixels: Pictures larger than this (width * height) are refused before decoding.
+        max_frame_bytes: Most bytes of frames one `clips` call may return; sampling that asks for more (many windows
+            of a long video) is refused before decoding, as ``too_long``. Decoding holds up to about twice that.
         stats: Optional counters to fill in (what was demuxed, decoded and converted).
 
     Raises (on opening, and from every method):
@@ -614,6 +645,7 @@ class VideoDecoder:
         num_threads: int = 1,
         timeout_seconds: float = 60.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         stats: DecodeStats | None = None,
     ) -> None:
         if not 1 <= num_threads <= 64:
@@ -622,6 +654,9 @@ class VideoDecoder:
             raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
+        self._max_frame_bytes = max_frame_bytes
         self._source = source
         self._num_threads = num_threads
         self._max_pixels = max_pixels
@@ -683,6 +718,7 @@ class VideoDecoder:
                 sampling=sampling,
                 stats=self.stats,
                 square=crop == "center",
+                max_frame_bytes=self._max_frame_bytes,
             )
         if fresh:
             self._table = table
@@ -728,12 +764,14 @@ def decode_clips(
     num_threads: int = 1,
     timeout_seconds: float = 60.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     stats: DecodeStats | None = None,
 ) -> list[Clip]:
     """The clips of `sampling` from one video: `VideoDecoder(source, ...).clips(sampling, size=, crop=)`."""
     with VideoDecoder(
-        source, num_threads=num_threads, timeout_seconds=timeout_seconds, max_pixels=max_pixels, stats=stats
-    ) as decoder:
+        source, num_threads=num_threads, timeout_seconds=timeout_seconds, max_pixels=max_pixels,
+        max_frame_bytes=max_frame_bytes, stats=stats,
+    ) as decoder:  # fmt: skip
         return decoder.clips(sampling, size=size, crop=crop)
 
 

@@ -6,7 +6,9 @@ from typing import Literal, get_args
 
 __all__ = ["DecodeErrorReason", "VideoDecodeError"]
 
-DecodeErrorReason = Literal["empty", "not_a_video", "no_video_stream", "truncated", "corrupt", "too_large", "timeout"]
+DecodeErrorReason = Literal[
+    "empty", "not_a_video", "no_video_stream", "truncated", "corrupt", "too_large", "too_long", "timeout"
+]
 _REASONS = frozenset(get_args(DecodeErrorReason))
 
 
@@ -15,7 +17,8 @@ class VideoDecodeError(Exception):
 
     Attributes:
         reason: Machine-readable cause, one of ``empty``, ``not_a_video``, ``no_video_stream``, ``truncated``,
-            ``corrupt``, ``too_large`` or ``timeout``; pipelines store it as the row's status.
+            ``corrupt``, ``too_large`` (pictures), ``too_long`` (the clips asked for would not fit the memory limit)
+            or ``timeout``; pipelines store it as the row's status.
         message: Human-readable detail, including FFmpeg's own message where there is one.
     """
 

@@ -29,12 +29,14 @@ __all__ = [
     "View",
     "Windows",
     "choose_duration",
+    "clip_count",
     "plan_views",
     "sampling_spec",
     "dense_indices",
     "frame_indices_at",
     "uniform_times",
     "window_bounds",
+    "window_count",
 ]
 
 Sampling = Literal["uniform", "dense", "windows"]
@@ -139,12 +141,7 @@ def window_bounds(
     Returns:
         ``[(start_seconds, end_seconds), ...]``, at least one window.
     """
-    if not segment_seconds > 0.0:
-        raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
-    if not 0.0 <= overlap_seconds < segment_seconds:
-        raise ValueError(f"overlap_seconds must be in [0, segment_seconds), got {overlap_seconds}")
-    if not duration_seconds >= 0.0:
-        raise ValueError(f"duration_seconds must be >= 0, got {duration_seconds}")
+    _check_windows(duration_seconds, segment_seconds, overlap_seconds)
     step = segment_seconds - overlap_seconds
     bounds: list[tuple[float, float]] = []
     k = 0
@@ -155,6 +152,28 @@ def window_bounds(
         if end >= duration_seconds - TIME_EPSILON_SECONDS:
             return bounds
         k += 1
+
+
+def window_count(duration_seconds: float, *, segment_seconds: float, overlap_seconds: float = 0.0) -> int:
+    """``len(window_bounds(...))``, without making the windows (a hostile file may claim a duration of days)."""
+    _check_windows(duration_seconds, segment_seconds, overlap_seconds)
+    step = segment_seconds - overlap_seconds
+    # Window k is the last one when k * step + segment_seconds >= duration - epsilon (as `window_bounds` stops).
+    k = max(0, math.ceil((duration_seconds - TIME_EPSILON_SECONDS - segment_seconds) / step))
+    while k > 0 and (k - 1) * step + segment_seconds >= duration_seconds - TIME_EPSILON_SECONDS:
+        k -= 1
+    while k * step + segment_seconds < duration_seconds - TIME_EPSILON_SECONDS:
+        k += 1
+    return k + 1
+
+
+def _check_windows(duration_seconds: float, segment_seconds: float, overlap_seconds: float) -> None:
+    if not segment_seconds > 0.0:
+        raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
+    if not 0.0 <= overlap_seconds < segment_seconds:
+        raise ValueError(f"overlap_seconds must be in [0, segment_seconds), got {overlap_seconds}")
+    if not duration_seconds >= 0.0:
+        raise ValueError(f"duration_seconds must be >= 0, got {duration_seconds}")
 
 
 # ------------------------------------------------------------------------------------------------ sampling specs
@@ -280,6 +299,23 @@ def _uniform_view(timeline: Timeline, num_frames: int, start: float, end: float)
     times = uniform_times(end - start, num_frames=num_frames, start_seconds=start)
     thresholds = np.array([_threshold(timeline, float(t)) for t in times], dtype=np.int64)
     return View(thresholds, start, end)
+
+
+def clip_count(timeline: Timeline, sampling: SamplingSpec) -> tuple[int, int]:
+    """``(clips, frames per clip)`` that `plan_views` makes for `sampling` on `timeline`, counted without making
+    them."""
+    if isinstance(sampling, Uniform):
+        return 1, sampling.num_frames
+    if isinstance(sampling, Dense):
+        return sampling.num_views, sampling.num_frames
+    if isinstance(sampling, Windows):
+        windows = window_count(
+            float(timeline.duration * timeline.time_base),
+            segment_seconds=sampling.segment_seconds,
+            overlap_seconds=sampling.overlap_seconds,
+        )
+        return windows + sampling.with_whole_video, sampling.num_frames
+    raise TypeError(f"sampling must be Uniform, Dense or Windows, got {type(sampling).__name__}")
 
 
 def plan_views(timeline: Timeline, sampling: SamplingSpec) -> list[View]:
