@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -342,11 +343,12 @@ def open_video(
 def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
     """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes."""
     container, stream = opened.container, opened.stream
-    pts_list: list[int] = []
-    key_list: list[int] = []
-    duration_of: dict[int, int] = {}
+    # Typed arrays, 8 bytes a packet: a hostile stream of millions of tiny packets must not cost 100 bytes each.
+    pts_list = array("q")
+    durations = array("q")
+    key_list = array("q")
     untimed = 0
-    untimed_keys: list[int] = []
+    untimed_keys = array("q")
     packets = container.demux(stream)
     while True:
         deadline.check()
@@ -365,7 +367,7 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
             untimed += 1
             continue
         pts_list.append(pts)
-        duration_of[pts] = packet.duration or 0
+        durations.append(packet.duration or 0)
         if packet.is_keyframe:
             key_list.append(pts)
     if not pts_list:
@@ -380,11 +382,12 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
                 synthetic=True,
             )
         raise VideoDecodeError("truncated", "the video stream holds no packets")
-    frame_pts = np.unique(np.asarray(pts_list, dtype=np.int64))  # [N]
-    keyframes = np.unique(np.asarray(key_list, dtype=np.int64))  # [K]
+    all_pts = np.frombuffer(pts_list, dtype=np.int64)
+    frame_pts = np.unique(all_pts)  # [N]
+    keyframes = np.unique(np.frombuffer(key_list, dtype=np.int64))  # [K]
     median_interval = float(np.median(np.diff(frame_pts))) if frame_pts.size > 1 else 0.0
     last = int(frame_pts[-1])
-    last_duration: float = duration_of.get(last, 0)
+    last_duration: float = int(np.frombuffer(durations, dtype=np.int64)[np.flatnonzero(all_pts == last)[-1]])
     if last_duration <= 0:
         if median_interval > 0:
             last_duration = median_interval
