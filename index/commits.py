@@ -683,7 +683,12 @@ class Committer:
             return dlt.commit(
                 self.location, table, app_id=app_id, app_version=app_version, read_version=read_version, **kwargs
             )
-        except (CommitConflict, ValueError):
+        except ValueError:
+            raise
+        except CommitConflict:
+            # A conditional write retried after a lost answer finds its own commit there and reports a conflict.
+            if dlt.committed_app_version(self.location, table, app_id) == app_version:
+                return read_version + 1
             raise
         except Exception as exc:
             if dlt.committed_app_version(self.location, table, app_id) == app_version:

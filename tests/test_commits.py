@@ -736,3 +736,35 @@ def test_nested_races_leave_one_row_and_segments_only_next_to_ok_rows(tmp_path: 
     for video_id, rows in sets.items():
         assert status.get(video_id) == "ok", (video_id, status.get(video_id), rows)
         assert len({run for run, _ in rows}) == 1 and sorted(i for _, i in rows) == list(range(SEGMENTS))
+
+
+def test_a_commit_that_lands_but_is_reported_as_a_conflict_counts_as_landed(local, monkeypatch) -> None:
+    """A conditional write retried after its answer was lost finds its own commit there: a conflict on the surface.
+    The round must count it as landed, or the rows it moved out of another writer's file are lost to later rounds
+    and a video ends up with two rows."""
+    import index.commits as commits_module
+
+    va = latest_versions(local)
+    planned_a = Planner(local, model_id=MODEL, versions=va)(listing({0: "e2", 1: "e2"}))
+    planned_b = Planner(local, model_id=MODEL, versions=va)(listing({0: "e1", 1: "e1"}))
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=va)
+    b.add(write_batch(local, planned_b, "rb"))
+    b.commit()  # videos 0 and 1 in one file of run rb
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=va)
+    real, fired = dlt.commit, []
+
+    def landed_but_reported_as_conflict(location: Any, table: str, **kwargs: Any) -> int:
+        version = real(location, table, **kwargs)
+        if table == "videos" and not fired:
+            fired.append(version)
+            raise dlt.CommitConflict("the version exists (our own retried write)")
+        return version
+
+    monkeypatch.setattr(commits_module.dlt, "commit", landed_but_reported_as_conflict)
+    a.add(write_batch(local, select(planned_a, {0}), "ra"))
+    assert a.commit().rounds == 1 and fired
+    a.add(write_batch(local, select(planned_a, {1}), "ra"))
+    a.commit()
+    videos, _ = read_tables(local)
+    rows = [(r["video_id"], r["etag"], r["run_id"]) for r in videos.to_pylist()]
+    assert sorted(rows) == sorted([(vid(0), "e2", "ra"), (vid(1), "e2", "ra")])
