@@ -25,9 +25,11 @@ from index.delta_tables import OutputLocation
 from index.tables import data_files
 
 VIDEO_COLUMNS = (
-    "row_id", "video_id", "uri", "labels", "label_scores", "duration_seconds", "status", "etag", "size_bytes",
+    "row_id", "video_id", "uri", "labels", "label_scores", "duration_seconds", "status", "etag", "size_bytes", "run_id",
 )  # fmt: skip
-SEGMENT_COLUMNS = ("row_id", "video_id", "labels", "label_scores", "segment_index", "start_seconds", "end_seconds")
+SEGMENT_COLUMNS = (
+    "row_id", "video_id", "labels", "label_scores", "segment_index", "start_seconds", "end_seconds", "run_id",
+)  # fmt: skip
 _GROUP = "_group"  # index into RowCatalog.groups: (data file, row group) of the row
 _CACHE_BYTES = 64 * 2**20  # row groups' thumbnails or embeddings kept (as Arrow), per catalog
 _MAX_ROW_ID = 2**63 - 1  # row ids are non-negative int64 (`index.schema.row_id_for`)
@@ -123,6 +125,10 @@ class RowCatalog:
         keep = mapped >= 0
         rows = previous.rows.filter(pa.array(keep))
         rows = rows.set_column(rows.schema.get_field_index(_GROUP), _GROUP, pa.array(mapped[keep], pa.int32()))
+        if "run_id" in rows.column_names:
+            rows = rows.set_column(
+                rows.schema.get_field_index("run_id"), "run_id", rows.column("run_id").cast(pa.string())
+            )
         if "labels" in rows.column_names:  # plain again, to meet the new files' rows (encoded once, below)
             item = rows.schema.field("labels").type.value_field.name  # as the files name it ("element")
             plain = rows.column("labels").cast(pa.list_(pa.field(item, pa.string())))
@@ -210,7 +216,10 @@ def _label_names(rows: pa.Table) -> frozenset[str]:
 
 
 def _compact(rows: pa.Table) -> pa.Table:
-    """`rows` with the label names dictionary-encoded (a handful of names repeat over millions of rows)."""
+    """`rows` with the label names and run ids dictionary-encoded (a handful repeat over millions of rows)."""
+    if "run_id" in rows.column_names and rows.num_rows and pa.types.is_string(rows.schema.field("run_id").type):
+        run_ids = rows.column("run_id").combine_chunks().dictionary_encode()
+        rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id", run_ids)
     if "labels" not in rows.column_names or rows.num_rows == 0:
         return rows
     labels = rows.column("labels").combine_chunks()

@@ -18,10 +18,11 @@ The table contract (kept by every writer):
 - After its videos commit, a run removes the stale segment rows of the videos it committed without any (failed, or
   ok and too short) in a clean-up commit on the segments table, reconciled and retried after conflicts like a round:
   only of videos whose committed row is still the run's own, and only rows that no videos commit can still point
-  at: those of the partner files of the row the Planner saw, and those of runs whose rows the videos commit removed.
-  A kill before the clean-up (or a row of those runs moved by another writer's rewrite) leaves stale segment rows
-  next to a row that is not ok: harmless to this contract, as no ok row points at them (a reader of the segments
-  table alone still sees them), and the next commit of that video that adds segment rows removes them.
+  at: those in every segments file the Planner saw holding the video's rows (partners, rewrites, a killed run's),
+  and those of runs whose rows the videos commit removed. A kill before the clean-up leaves stale segment rows next
+  to the video's new row, of another run: search counts a segment only while its video's row is ok and of the
+  segment's run, so none reaches a result (a reader of the segments table alone still sees them, and a join on
+  ``run_id`` leaves them out); the next commit of that video that adds segment rows removes them.
 
 Beyond these rules, the Committer closes a race around the gap between the two commits of a round, where another
 run B commits video X too and our videos commit then conflicts: B's row of X is not DONE for our etag (B listed
@@ -650,7 +651,7 @@ class Committer:
             held = {self._resolve("segments", path, video_id) for path in partners}
             held |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] in runs}
             for path in held:
-                if path is not None and path in snapshots["segments"].sizes:
+                if path is not None and path in snapshots["segments"].sizes and video_id in self._segment_ids(path):
                     targets.setdefault(path, set()).add(video_id)
         version = None
         if targets:
@@ -858,10 +859,10 @@ class Committer:
                     # The run of the row the Planner saw, which this commit removes too: its segment rows may have
                     # moved out of the partner file (another run's rewrite for other videos) where only it finds them.
                     runs |= self._runs_in(video_id, video_files, snapshots["videos"])
-                    bare[video_id] = (
-                        frozenset(set(planned_videos) & set(planned_segments)),
-                        frozenset(runs - {self.run_id}),
-                    )
+                    # Every segments file the Planner saw holding the video's rows: its row's partner, rewrites of it
+                    # (named apart from any videos file), a killed run's. A live run whose segments we remove there
+                    # either loses the videos race to our row (DONE) or commits them again (`_readd`).
+                    bare[video_id] = (frozenset(planned_segments), frozenset(runs - {self.run_id}))
                     segment_files = set()
                 found = False
                 for table, files in (("videos", video_files), ("segments", segment_files)):

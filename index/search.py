@@ -449,26 +449,31 @@ class SearchEngine:
         order = np.flatnonzero(at >= 0)  # candidates still in the table, in score order
         if not len(order):
             return []
-        columns = ["video_id", "labels"] + ([] if name == "segments" else ["duration_seconds"])
+        columns = ["video_id", "labels"] + (["run_id"] if name == "segments" else ["duration_seconds"])
         held = catalog.rows.select(columns).take(at[order])
         keep = np.ones(len(order), dtype=bool)
         if exclude_video is not None:
             keep &= pc.not_equal(held.column("video_id"), exclude_video).to_numpy(zero_copy_only=False)
         if filters.label is not None:
             keep &= _has_label(held.column("labels"), filters.label)
-        if name == "segments":  # the video's row: a segment counts while its video is ok, and by its duration
+        if name == "segments":
+            # The video's row: a segment counts while its video's row is ok and of the run that made the segment
+            # (stale segments of an older version can outlive a run killed before its clean-up), and by its duration.
             picked = np.flatnonzero(keep)
             video_ids = held.column("video_id").take(pa.array(picked)).to_pylist()
+            segment_runs = np.asarray(held.column("run_id").take(pa.array(picked)).to_pylist(), dtype=object)
             videos = self.catalogs["videos"]
             vat = videos.positions([row_id_for(v) for v in video_ids])
             found = vat >= 0
             status = np.full(len(picked), None, dtype=object)
+            video_runs = np.full(len(picked), None, dtype=object)
             duration = np.full(len(picked), np.nan)
             if found.any():
-                taken = videos.rows.select(["status", "duration_seconds"]).take(vat[found])
+                taken = videos.rows.select(["status", "duration_seconds", "run_id"]).take(vat[found])
                 status[found] = taken.column("status").to_pylist()
+                video_runs[found] = taken.column("run_id").to_pylist()
                 duration[found] = taken.column("duration_seconds").to_numpy(zero_copy_only=False)
-            keep[picked] = (status == "ok") & _within(duration, filters)
+            keep[picked] = (status == "ok") & (video_runs == segment_runs) & _within(duration, filters)
         else:
             keep &= _within(held.column("duration_seconds").to_numpy(zero_copy_only=False), filters)
         passing = order[keep]
@@ -509,8 +514,8 @@ class SearchEngine:
             return None
         video_row = video_row or {}
         seg = name == "segments"
-        if seg and video_row.get("status") != "ok":
-            return None  # stale segments of a video whose re-indexing failed
+        if seg and (video_row.get("status") != "ok" or video_row.get("run_id") != row.get("run_id")):
+            return None  # stale segments of an older version of the video
         duration = video_row.get("duration_seconds", row.get("duration_seconds"))
         if not filters.accepts(row["labels"] or [], duration):
             return None

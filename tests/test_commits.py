@@ -768,3 +768,47 @@ def test_a_commit_that_lands_but_is_reported_as_a_conflict_counts_as_landed(loca
     videos, _ = read_tables(local)
     rows = [(r["video_id"], r["etag"], r["run_id"]) for r in videos.to_pylist()]
     assert sorted(rows) == sorted([(vid(0), "e2", "ra"), (vid(1), "e2", "ra")])
+
+
+def _segment_runs(location: OutputLocation) -> dict[str, tuple[str, str, set[str]]]:
+    """video id -> (its row's status, its row's run, the runs of its segment rows)."""
+    videos, segments = read_tables(location)
+    rows = {r["video_id"]: (r["status"], r["run_id"], set()) for r in videos.to_pylist()}
+    for row in segments.to_pylist():
+        rows[row["video_id"]][2].add(row["run_id"])
+    return rows
+
+
+def _one_batch(location: OutputLocation, etags: dict[int, str], run_id: str, **options: Any) -> None:
+    planner = Planner(location, model_id=MODEL, versions=latest_versions(location))
+    committer = Committer(location, model_id=MODEL, run_id=run_id, versions=planner.versions)
+    committer.add(write_batch(location, planner(listing(etags)), run_id, **options))
+    committer.commit()
+
+
+@pytest.mark.parametrize("status", ["ok", "corrupt"])
+def test_a_video_indexed_again_without_segments_loses_the_old_ones_wherever_they_moved(local, status) -> None:
+    """Video 2's segments move to a rewrite named apart from any videos file (run r2 re-indexes 0 with segments and
+    1 without, from one file). When r3 indexes 2 again without segments (too short, or a final failure), the old
+    ones go too."""
+    _one_batch(local, {0: "e0", 1: "e1", 2: "e2"}, "r1")
+    _one_batch(local, {0: "e0b", 1: "e1b"}, "r2", without_segments=frozenset({vid(1)}))
+    _one_batch(local, {2: "e2b"}, "r3", statuses={vid(2): status}, without_segments=frozenset({vid(2)}))
+    assert _segment_runs(local) == {
+        vid(0): ("ok", "r2", {"r2"}),
+        vid(1): ("ok", "r2", set()),
+        vid(2): (status, "r3", set()),
+    }
+
+
+def test_a_killed_run_segments_go_when_the_video_is_indexed_again_without_segments(local) -> None:
+    def kill() -> None:
+        raise Killed
+
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    committer = Committer(local, model_id=MODEL, run_id="r1", versions=planner.versions, before_videos_commit=kill)
+    committer.add(write_batch(local, planner(listing({0: "e0"})), "r1"))
+    with pytest.raises(Killed):
+        committer.commit()  # its segments landed, its video row never did
+    _one_batch(local, {0: "e0b"}, "r2", without_segments=frozenset({vid(0)}))
+    assert _segment_runs(local) == {vid(0): ("ok", "r2", set())}

@@ -130,3 +130,50 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert "s]" in capsys.readouterr().out
     assert cli_main(["search", "--index", str(indexed), "x", "--model", "vitaclip-b16"]) == 2
     assert "built with vitaclip-tiny" in capsys.readouterr().err
+
+
+def test_segments_of_an_older_version_never_come_back(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed between its videos commit and its clean-up leaves the old version's segments next to the new
+    row (indexed again, too short for a segment): search counts a segment only while its video's row is ok and of
+    the run that made it."""
+    import pyarrow as pa
+
+    from index.commits import Committer, Planner, WrittenBatch
+    from index.delta_tables import table_schema, write_data_file
+
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    store = open_store(str(out))
+    with_segments = {r["video_id"] for r in committed(out, "segments")}
+    row = next(r for r in committed(out, "videos") if r["video_id"] in with_segments)
+    versions = tables.table_versions(out)
+    assert versions is not None
+    new = dict(row, run_id="rerun", etag="changed")
+    written = write_data_file(
+        store.location,
+        "videos",
+        pa.Table.from_pylist([new], schema=table_schema("videos", len(new["embedding"]))),
+        name="part-rerun-1.parquet",
+    )
+    planned = Planner(store.location, model_id=row["model_id"], versions=versions)(
+        {"uri": np.asarray([row["uri"]], dtype=object), "etag": np.asarray(["changed"], dtype=object)}
+    )
+    committer = Committer(store.location, model_id=row["model_id"], run_id="rerun", versions=versions)
+    committer.add(
+        WrittenBatch.of(
+            written, None, ((row["video_id"], "changed", "ok"),),
+            current_video_files={row["video_id"]: str(planned["current_video_file"][0])},
+            current_segment_files={row["video_id"]: str(planned["current_segment_files"][0])},
+        )
+    )  # fmt: skip
+    monkeypatch.setattr(Committer, "_clean_up", lambda self, attempt: None)  # killed before its clean-up
+    committer.commit()
+    stale = [r for r in committed(out, "segments") if r["video_id"] == row["video_id"]]
+    assert stale and {r["run_id"] for r in stale} == {row["run_id"]}  # still in the table
+    build_from_output(store, model_id=row["model_id"])
+    engine = SearchEngine(out)
+    hits = engine.search("something moving", k=100, segments=True, per_video=100)
+    assert hits and row["video_id"] not in {h.video_id for h in hits}
+    assert len(hits) == len(committed(out, "segments")) - len(stale)
