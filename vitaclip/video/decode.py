@@ -75,7 +75,8 @@ SkipMode = Literal["DEFAULT", "NONREF"]
 _T = TypeVar("_T")
 
 DEFAULT_MAX_FRAME_BYTES = 2 << 30
-"""Most bytes of frames one decode may return (all its clips): 1,783 clips of 8 frames at 224 px, 59 minutes of 2 s windows."""
+"""Most bytes of frames one decode may return (all its clips): 1,783 clips of 8 frames at 224 px, 59 minutes of 2 s
+windows."""
 
 
 @dataclass(frozen=True, eq=False)
