@@ -40,6 +40,7 @@ from index.segments import (
     hnsw_of,
     ivf_of,
     last_generation,
+    parse_info,
     read_deleted,
     read_info,
     read_segment,
@@ -677,26 +678,34 @@ def _publish(
     *,
     generation: int,
     fetched: set[str] | None,
-) -> int:
+    token: str | None,
+) -> int | None:
     """Writes ``index_info.json`` after the files it names (uploads them first on object stores, ``fetched``: the
-    files downloaded there), then removes older files that neither the replaced info, the new one, nor one another
-    update wrote meanwhile needs, of generations older than this update's. Returns how many it removed."""
+    files downloaded there), only if it is still the one this update started from (`token`; see `Store.put_if`),
+    then removes older files that neither the replaced info nor the new one needs, of generations older than this
+    update's. Returns how many it removed, or None when another update published first (this one's new files are
+    removed again: no info names them)."""
     needed = referenced_files(info)
+    new = sorted(needed - referenced_files(previous))
     if fetched is not None:
         for name in sorted(needed - fetched):
             if (folder / name).is_file():  # written by this update; the others are on the store already
                 output.put_file(f"{INDEX_DIR}/{name}", folder / name)  # multipart past 64 MiB
-        output.put_bytes(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode())  # last: whole indexes
-        current = json.loads(output.get_bytes(f"{INDEX_DIR}/{INFO_FILE}"))  # another run's, if it wrote later
-        names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
-        remove = lambda name: output.delete(f"{INDEX_DIR}/{name}")  # noqa: E731
-    else:
-        write_info(folder, info)
-        current = _info_or_empty(folder)
-        names = [p.name for p in folder.iterdir()]
-        remove = _unlink_in(folder)
-    keep = referenced_files(previous) | needed | referenced_files(current)
-    return remove_unreferenced(names, keep, remove, upto=generation - 1)
+    if not output.put_if(f"{INDEX_DIR}/{INFO_FILE}", json.dumps(info, indent=1).encode(), token):  # last: whole
+        for name in new:
+            output.delete(f"{INDEX_DIR}/{name}")
+        return None
+    # An update publishing after this one started from this info: what it names is this info's or newer than this
+    # generation; updates that lost to this one wrote files of this generation at the oldest. Neither is removed.
+    names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
+    return remove_unreferenced(
+        names, referenced_files(previous) | needed, lambda name: output.delete(f"{INDEX_DIR}/{name}"),
+        upto=generation - 1,
+    )  # fmt: skip
+
+
+PUBLISH_ATTEMPTS = 3
+"""Updates of one index that another update overtook (it published first) start again from its info this often."""
 
 
 def build_from_output(
@@ -712,16 +721,38 @@ def build_from_output(
 
     An existing index of the model follows the tables' logs from the versions recorded in ``index_info.json``
     (``table_versions``): only data files added or removed since are read. A full build, reading the embedding
-    columns of the whole table, happens when asked (`rebuild`, another `kind`), when there is no index, or when
-    the log cannot be followed; each index entry's ``rebuild_reason`` then says why.
+    columns of the whole table, happens when asked (`rebuild`, another `kind`), when there is no index (or its info
+    is damaged), or when the log cannot be followed; each index entry's ``rebuild_reason`` then says why.
+
+    Updates running at once (overlapping runs) publish in turn: one that another overtook starts again from the
+    other's index (`PUBLISH_ATTEMPTS` times, then leaves the index as the others made it, for the next update).
 
     Args:
         output: The output's store (`index.stores.Store`).
     """
-    from index.delta_tables import TABLES
-    from index.tables import as_location, table_states
+    from index.tables import as_location
 
     location = as_location(output)
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        info = _update_once(
+            output, location, model_id=model_id, kind=kind, rebuild=rebuild, tune_queries=tune_queries,
+            recall_target=recall_target,
+        )  # fmt: skip
+        if info is not None:
+            return info
+        log.warning("index: another update published first (attempt %d of %d)", attempt, PUBLISH_ATTEMPTS)
+    log.warning("index: left as the updates running at once made it; the next update catches up")
+    current = output.get_versioned(f"{INDEX_DIR}/{INFO_FILE}")
+    return {**(parse_info(current[0]) if current is not None else {}), "superseded": True}
+
+
+def _update_once(
+    output: Store, location: OutputLocation, *, model_id: str, kind: str, rebuild: bool, **build: Any
+) -> dict[str, Any] | None:
+    """One update of every table's index from the info read now; None when another update published first."""
+    from index.delta_tables import TABLES
+    from index.tables import table_states
+
     states = table_states(location)
     if states is None:
         raise ValueError(f"{location.url} has no output tables: run the indexing job first")
@@ -738,17 +769,20 @@ def build_from_output(
                 output.get_file(f"{INDEX_DIR}/{name}", folder / name)
                 fetched.add(name)
 
-        if local is None and output.exists(f"{INDEX_DIR}/{INFO_FILE}"):
-            fetch(INFO_FILE)
-        previous = _info_or_empty(folder)
-        reason = _full_build_reason(previous, model_id, kind=kind, rebuild=rebuild)
+        read = output.get_versioned(f"{INDEX_DIR}/{INFO_FILE}")
+        previous, reason = {}, ""
+        if read is not None:
+            try:
+                previous = parse_info(read[0])
+            except IndexUnusableError as exc:
+                reason = f"{exc}: built whole"
+        reason = reason or _full_build_reason(previous, model_id, kind=kind, rebuild=rebuild)
         generation = last_generation(previous) + 1  # one per update, growing over the index's life
         entries: dict[str, Any] = {}
         for table in TABLES:
             entry = _table_entry(
                 folder, table, location, model_id, previous=previous, reason=reason, upto=versions[table],
-                table_id=table_ids[table], generation=generation, fetch=fetch, kind=kind, tune_queries=tune_queries,
-                recall_target=recall_target,
+                table_id=table_ids[table], generation=generation, fetch=fetch, kind=kind, **build,
             )  # fmt: skip
             if entry is not None:
                 log.info("index %s: %s, %d vectors in %d segments", table, entry["kind"], entry["count"],
@@ -762,7 +796,11 @@ def build_from_output(
             "table_ids": table_ids,  # a table created again (a new id) is indexed whole, never followed
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        info["removed_files"] = _publish(
-            output, folder, info, previous, generation=generation, fetched=None if local is not None else fetched
-        )
+        removed = _publish(
+            output, folder, info, previous, generation=generation, fetched=None if local is not None else fetched,
+            token=None if read is None else read[1],
+        )  # fmt: skip
+        if removed is None:
+            return None
+        info["removed_files"] = removed
         return info

@@ -281,13 +281,24 @@ def read_info(folder: str | Path, *, check_format: bool = True) -> dict[str, Any
     path = Path(folder) / INFO_FILE
     if not path.is_file():
         raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
-    info = json.loads(path.read_text())
+    info = parse_info(path.read_bytes())
     if check_format and info.get("format_version") != INDEX_FORMAT_VERSION:
         raise IndexUnusableError(
             f"index format version {info.get('format_version')} is not supported (this vitaclip reads "
             f"{INDEX_FORMAT_VERSION}): rebuild it with `vitaclip build-index`"
         )
     return dict(info)
+
+
+def parse_info(data: bytes) -> dict[str, Any]:
+    """An ``index_info.json``'s content. Raises IndexUnusableError when it is not a JSON object (empty, cut short)."""
+    try:
+        info = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IndexUnusableError(f"{INFO_FILE} is damaged ({len(data)} bytes, not JSON: {exc})") from None
+    if not isinstance(info, dict):
+        raise IndexUnusableError(f"{INFO_FILE} is damaged (a JSON {type(info).__name__}, not an object)")
+    return info
 
 
 def write_info(folder: Path, info: dict[str, Any]) -> None:

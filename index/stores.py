@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import uuid
@@ -26,6 +28,7 @@ from index.s3 import (
     client_error_fields,
     make_s3_client,
     parse_s3_uri,
+    read_body,
     read_whole,
     storage_error,
 )
@@ -92,6 +95,24 @@ class Store(abc.ABC):
     def local_path(self, rel_path: str) -> Path | None:
         """The file's path on this machine, or None for a remote store."""
 
+    def get_versioned(self, rel_path: str) -> tuple[bytes, str] | None:
+        """The file's content and a token naming this content for `put_if` (None when there is no file)."""
+        try:
+            data = self.get_bytes(rel_path)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, rel_path: str, data: bytes, token: str | None) -> bool:
+        """Writes `data` only if the file is still the one `token` came with (None: only if there is none); False
+        when another writer changed it first. Atomic on local folders (a lock) and S3 (conditional writes); on stores
+        without conditional writes (``gs://``, ``az://`` through pyarrow.fs) a check just before the write."""
+        current = self.get_versioned(rel_path)
+        if (None if current is None else current[1]) != token:
+            return False
+        self.put_bytes(rel_path, data)
+        return True
+
     @property
     def location(self) -> OutputLocation:
         """The same output for the Delta tables (`index.delta_tables`): URL and endpoint, never credentials."""
@@ -157,6 +178,17 @@ class LocalStore(Store):
 
     def get_bytes(self, rel_path: str) -> bytes:
         return self._path(rel_path).read_bytes()
+
+    def put_if(self, rel_path: str, data: bytes, token: str | None) -> bool:
+        path = self._path(rel_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Writers of one file take turns on a lock file beside it; readers need none (the write is a rename).
+        with open(path.parent / f".{path.name}.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return super().put_if(rel_path, data, token)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def get_file(self, rel_path: str, target: Path) -> None:
         shutil.copyfile(self._path(rel_path), target)
@@ -258,6 +290,37 @@ class S3Store(Store):
             self._raise_missing(error, rel_path)
             raise
 
+    def get_versioned(self, rel_path: str) -> tuple[bytes, str] | None:
+        key = self._key(rel_path)
+
+        def read() -> tuple[bytes, str]:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return read_body(response, expected=response.get("ContentLength")), str(response["ETag"])
+
+        try:
+            return self._call("read", rel_path, read)
+        except StorageError as error:
+            if error.reason == "not_found":
+                return None
+            raise
+
+    def put_if(self, rel_path: str, data: bytes, token: str | None) -> bool:
+        key = self._key(rel_path)
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **condition)
+        except botocore.exceptions.ClientError as error:
+            code, _, status = client_error_fields(error)
+            # 412: changed since (or there is one now); 409: a concurrent conditional write; 404: deleted since.
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            if token is not None and (code in NOT_FOUND_CODES or status == 404):
+                return False
+            raise storage_error(error, uri=self.url_for(rel_path), action="write") from error
+        except botocore.exceptions.BotoCoreError as error:
+            raise storage_error(error, uri=self.url_for(rel_path), action="write") from error
+        return True
+
     def _raise_missing(self, error: StorageError, rel_path: str) -> None:
         """A read of no object raises FileNotFoundError, as the store's contract says (other errors: the caller's)."""
         if error.reason == "not_found":
@@ -321,8 +384,18 @@ class ObjectFsStore(Store):
         return f"{self._base}/{check_rel_path(rel_path)}"
 
     def put_bytes(self, rel_path: str, data: bytes) -> None:
-        with self._fs.open_output_stream(self._path(rel_path)) as out:
-            out.write(data)
+        # Azure's output stream makes an empty blob at once and its content only at close: readers (and a kill in
+        # between) would see an empty file. Written under another name, then copied whole onto the target.
+        temporary = f"{self._path(rel_path)}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+        try:
+            with self._fs.open_output_stream(temporary) as out:
+                out.write(data)
+            self._fs.copy_file(temporary, self._path(rel_path))
+        finally:
+            try:
+                self._fs.delete_file(temporary)
+            except FileNotFoundError:
+                pass
 
     def put_file(self, rel_path: str, source: Path) -> None:
         with open(source, "rb") as src, self._fs.open_output_stream(self._path(rel_path)) as out:
@@ -349,7 +422,7 @@ class ObjectFsStore(Store):
         start = f"{self._base}/{folder}" if folder else self._base
         infos = self._fs.get_file_info(pafs.FileSelector(start, recursive=True, allow_not_found=True))
         found = [i.path[len(self._base) + 1 :] for i in infos if i.type == pafs.FileType.File]
-        return sorted(rel for rel in found if rel.startswith(rel_prefix))
+        return sorted(rel for rel in found if rel.startswith(rel_prefix) and not rel.endswith(_TMP_SUFFIX))
 
     def delete(self, rel_path: str) -> None:
         try:

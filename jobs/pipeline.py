@@ -47,6 +47,7 @@ from index.delta_tables import (
 )
 from index.media import roots_of_inputs
 from index.schema import STATUS_OK, video_id_for
+from index.segments import INDEX_DIR, INFO_FILE
 from jobs.config import IndexJobConfig
 from jobs.decode_embed import DecodeEmbed
 from jobs.ray_resources import (
@@ -530,7 +531,11 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         phases.done("final_commit")
         plan_report: dict[str, Any] = ray.get(planner.report.remote())
         index_info = None
-        if config.build_index and commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0:
+        # Also after a run that only removed rows (new versions of indexed videos that failed): their ids go.
+        changed = sum(commits.status.values()) > 0 and store.exists(f"{INDEX_DIR}/{INFO_FILE}")
+        if config.build_index and (
+            commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0 or changed
+        ):
             # In the planner's process, not on the driver: the index is held whole while it is updated.
             index_info = ray.get(planner.update_index.remote(config, model.model_id))
         ray.kill(planner)

@@ -8,6 +8,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from local_servers import free_port, stop, wait_for_port
@@ -65,3 +66,39 @@ def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path, tiny_
     filesystem, _ = location.filesystem()
     filesystem.create_dir(container)
     check_two_runs(location, azure_env, tmp_path, tiny_checkpoint)
+
+
+def test_small_writes_on_azure_are_whole_and_conditional(azure_env: dict[str, str]) -> None:
+    """Azure's output stream makes an empty blob at once: an info file written through it would read empty until its
+    stream closes (and forever after a kill). Writes go under another name, then are copied whole."""
+    from index.stores import open_store
+
+    container = f"c{os.urandom(6).hex()}"
+    location = OutputLocation.from_url(f"az://{container}/out")
+    filesystem, base = location.filesystem()
+    filesystem.create_dir(container)
+    store = open_store(location.url)
+    store.put_bytes("index/index_info.json", b'{"v": 1}')
+    seen: list[bytes] = []
+
+    class Peeking:
+        """The store's filesystem, reading the target while a write's stream is open."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(filesystem, name)
+
+        def open_output_stream(self, path: str, *args: Any, **kwargs: Any) -> Any:
+            stream = filesystem.open_output_stream(path, *args, **kwargs)
+            with filesystem.open_input_stream(f"{base}/index/index_info.json") as current:
+                seen.append(current.read())
+            return stream
+
+    store._fs = Peeking()  # type: ignore[attr-defined]
+    versioned = store.get_versioned("index/index_info.json")
+    assert versioned is not None and versioned[0] == b'{"v": 1}'
+    assert store.put_if("index/index_info.json", b'{"v": 2}', versioned[1])
+    assert seen == [b'{"v": 1}']  # never empty while the new content was being written
+    assert not store.put_if("index/index_info.json", b'{"v": 3}', versioned[1])  # changed since that token
+    assert not store.put_if("index/index_info.json", b'{"v": 3}', None)  # there is one
+    assert store.get_bytes("index/index_info.json") == b'{"v": 2}'
+    assert store.list("index/") == ["index/index_info.json"]  # no temporary names left or listed

@@ -180,6 +180,18 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
     assert "rebuild_reason" not in info["indexes"]["videos"]
     assert open_index(out).count == 4
 
+    # A run whose only change is a removal (a manifest naming a new version of an indexed video that is no video,
+    # nothing else): its id leaves the index in that run.
+    changed.write_bytes(b"not a video any more " * 100)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"uri\n{changed}\n")
+    assert run([str(manifest)], out) == 0
+    fourth = committed_videos(out)
+    assert {r["uri"]: r["status"] for r in fourth.to_pylist()}[str(changed)] == "not_a_video"
+    info = json.loads((out / "index" / "index_info.json").read_text())
+    assert info["indexes"]["videos"]["incremental"]["removed"] == 1
+    assert open_index(out).count == 3 and new_row["row_id"] not in set(open_index(out).ids.tolist())
+
 
 def _assert_every_video_once(out: Path, videos: list[Path]) -> None:
     """One row per video, every segment of every ok video exactly once, and no segment of an unknown video."""

@@ -18,7 +18,7 @@ from index.build import build_from_output, exact_search
 from index.commits import Committer, Planner, WrittenBatch
 from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
-from index.segments import INFO_FILE, open_index, read_info, referenced_files
+from index.segments import INFO_FILE, IndexUnusableError, open_index, parse_info, read_info, referenced_files
 from index.service import OutputSource
 from index.tables import local_copy, read_table, table_versions
 from jobs.storage import open_store
@@ -149,7 +149,7 @@ def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: P
         assert len(entry["segments"]) <= 1 + 4, [s["count"] for s in entry["segments"]]  # merged, not piled up
         assert entry["deleted"]["count"] >= 1
         _check_search_is_exact(out, location, rng)
-        present = {p.name for p in (out / "index").iterdir()}
+        present = {p.name for p in (out / "index").iterdir() if not p.name.startswith(".")}  # not the lock
         assert present - {INFO_FILE} <= referenced_files(info) | referenced_files(previous)  # superseded: deleted
         previous = info
     assert merged >= 3
@@ -170,7 +170,7 @@ def test_changes_past_a_fraction_of_the_base_rebuild_it(tmp_path: Path, monkeypa
     assert "rows added or deleted since the base of 200" in entry["rebuild_reason"]
     assert len(entry["segments"]) == 1 and entry["segments"][0]["count"] == 260 and entry["deleted"] is None
     _check_search_is_exact(out, location, rng)
-    present = {p.name for p in (out / "index").iterdir()}
+    present = {p.name for p in (out / "index").iterdir() if not p.name.startswith(".")}  # not the lock
     assert present - {INFO_FILE} <= referenced_files(info) | referenced_files(previous)
 
 
@@ -184,6 +184,10 @@ class _Watched:
     def get_file(self, rel_path: str, target: Path) -> None:
         self.downloaded.append(rel_path)
         self._store.get_file(rel_path, target)
+
+    def get_versioned(self, rel_path: str) -> Any:
+        self.downloaded.append(rel_path)
+        return self._store.get_versioned(rel_path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -255,6 +259,57 @@ def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
         info = read_info(out / "index")
         assert all((out / "index" / f).is_file() for f in referenced_files(info))
         _check_search_is_exact(out, location, rng)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_update_overtaken_by_two_others_starts_again_from_theirs(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """A slow update A (read generation g) publishes after B (g+1) and C (g+2, which removed what neither it nor B
+    names: A's new files among them). A gives way and updates again from C's index: nothing it names is missing."""
+    rng = np.random.default_rng(5)
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_server")
+        _, bucket = request.getfixturevalue("s3_bucket")
+        url, options = f"s3://{bucket}/out", {"endpoint_url": endpoint}
+    else:
+        url, options = str(tmp_path / "out"), {}
+    location, _, _ = _indexed_output(url, 200, rng, **options)
+    _commit(location, _rows(_uris(200, 5), rng))
+    publish, published = build._publish, []
+
+    def overtaken(*args: Any, **kwargs: Any) -> int | None:
+        if not published:
+            published.append("A waits")
+            build_from_output(open_store(url, **options), model_id=MODEL)  # B
+            _commit(location, _rows(_uris(205, 5), rng))
+            build_from_output(open_store(url, **options), model_id=MODEL)  # C
+        result = publish(*args, **kwargs)
+        published.append(result)
+        return result
+
+    monkeypatch.setattr(build, "_publish", overtaken)
+    info = build_from_output(open_store(url, **options), model_id=MODEL)  # A
+    # B and C published; A gave way once, then published from C's index.
+    assert [r is None for r in published[1:]] == [False, False, True, False]
+    store = open_store(url, **options)
+    assert parse_info(store.get_bytes(f"index/{INFO_FILE}")) == {k: v for k, v in info.items() if k != "removed_files"}
+    assert all(store.exists(f"index/{name}") for name in referenced_files(info))
+    assert info["indexes"]["videos"]["count"] == 210 and "rebuild_reason" not in info["indexes"]["videos"]
+    folder = local_copy(url, s3_endpoint_url=options.get("endpoint_url"), cache_root=str(tmp_path / "cache"))
+    _check_search_is_exact(folder, location, rng)
+
+
+def test_a_damaged_info_file_is_rebuilt_whole_with_the_reason(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    out = tmp_path / "out"
+    location, store, _ = _indexed_output(str(out), 50, rng)
+    (out / "index" / INFO_FILE).write_bytes(b"")  # a writer killed mid-write on a store without atomic writes
+    with pytest.raises(IndexUnusableError, match="damaged"):
+        read_info(out / "index")
+    info = build_from_output(store, model_id=MODEL)
+    assert "damaged" in info["indexes"]["videos"]["rebuild_reason"] and info["indexes"]["videos"]["count"] == 50
+    _check_search_is_exact(out, location, rng)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
