@@ -51,26 +51,29 @@ def _read_part(store: Store, rel: str, table: str, columns: list[str] | None = N
 
 
 def _newest_rows(store: Store, table: str, parts: list[str]) -> tuple[dict[str, np.ndarray], int | None]:
-    """Part -> sorted row numbers to keep: one row per row id, the newest (an output written before duplicate
-    listings were planned once may hold a video twice); and the parts' embedding size. Only the key columns of
-    every part are held at once."""
+    """Part -> sorted row numbers to keep: one row per (row id, model id), the newest (an output written before
+    duplicate listings were planned once may hold a video twice; every model's rows stay); and the parts' embedding
+    size. Only the key columns of every part are held at once."""
     embed_dim = None
-    ids, stamps, part_of, row_of = [], [], [], []
+    ids, models, stamps, part_of, row_of = [], [], [], [], []
+    model_codes: dict[str, int] = {}
     for index, rel in enumerate(parts):
-        keys, dim = _read_part(store, rel, table, ["row_id", "indexed_at"])
+        keys, dim = _read_part(store, rel, table, ["row_id", "model_id", "indexed_at"])
         if embed_dim is not None and dim != embed_dim:
             raise ValueError(f"{store.url_for(rel)} holds {dim}-dim embeddings, other parts {embed_dim}-dim")
         embed_dim = dim
         ids.append(keys.column("row_id").to_numpy())
+        names = keys.column("model_id").to_pylist()
+        models.append(np.asarray([model_codes.setdefault(str(n), len(model_codes)) for n in names], np.int64))
         stamps.append(keys.column("indexed_at").cast(pa.int64()).to_numpy())
         part_of.append(np.full(keys.num_rows, index, np.int64))
         row_of.append(np.arange(keys.num_rows, dtype=np.int64))
     if not ids:
         return {}, None
-    all_ids, all_stamps = np.concatenate(ids), np.concatenate(stamps)
-    order = np.lexsort((-all_stamps, all_ids))  # by id, newest first
+    all_ids, all_models, all_stamps = np.concatenate(ids), np.concatenate(models), np.concatenate(stamps)
+    order = np.lexsort((-all_stamps, all_models, all_ids))  # by id and model, newest first
     first = np.ones(len(order), bool)
-    first[1:] = all_ids[order][1:] != all_ids[order][:-1]
+    first[1:] = (all_ids[order][1:] != all_ids[order][:-1]) | (all_models[order][1:] != all_models[order][:-1])
     chosen = order[first]
     parts_chosen, rows_chosen = np.concatenate(part_of)[chosen], np.concatenate(row_of)[chosen]
     return {parts[p]: np.sort(rows_chosen[parts_chosen == p]) for p in np.unique(parts_chosen).tolist()}, embed_dim
@@ -91,6 +94,10 @@ def migrate(store: Store) -> dict[str, Any]:
     # One app version per source record: a run again after a kill finds the commits that landed.
     app_version = int(record.get("seq") or 0) + 1
     parts = {table: list(record["files"].get(table, [])) for table in dlt.TABLES}
+    if all(dlt.committed_app_version(location, table, _APP_ID) == app_version for table in dlt.TABLES):
+        # Killed while deleting the old layout (some of its parts may be gone already): finish that.
+        report: dict[str, Any] = {t: {"old_parts": len(parts[t]), "committed_before": True} for t in dlt.TABLES}
+        return _finish(store, location, report)
     embed_dim = None
     winners: dict[str, dict[str, np.ndarray]] = {}
     for table in dlt.TABLES:
@@ -101,7 +108,7 @@ def migrate(store: Store) -> dict[str, Any]:
     if embed_dim is None:
         raise ValueError(f"{location.url} has commit records but no committed rows: delete it and run the job")
     versions = dlt.create_tables(location, embed_dim)
-    report: dict[str, Any] = {"embed_dim": embed_dim}
+    report = {"embed_dim": embed_dim}
     migration = uuid.uuid4().hex
     for table in ("segments", "videos"):  # the job's order: segments never point at missing video rows
         if dlt.committed_app_version(location, table, _APP_ID) == app_version:
@@ -128,7 +135,11 @@ def migrate(store: Store) -> dict[str, Any]:
                 metadata={"vitaclip.migrated_from_commit": str(record.get("seq"))},
             )
         report[table] = {"rows": rows, "files": len(adds), "old_parts": len(parts[table])}
-    # Committed: the old layout goes (parts of tables, records, staging), leaving the Delta files alone.
+    return _finish(store, location, report)
+
+
+def _finish(store: Store, location: dlt.OutputLocation, report: dict[str, Any]) -> dict[str, Any]:
+    """Committed: the old layout goes (parts of tables, staging, and last the records), leaving the Delta files."""
     new_files = {f"{t}/{p}" for t in dlt.TABLES for p in dlt.data_file_paths(dlt.open_table(location, t))}  # type: ignore[arg-type]
     deleted = 0
     for prefix in (*(f"{t}/" for t in dlt.TABLES), _STAGING + "/", _COMMITS + "/"):

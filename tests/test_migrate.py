@@ -20,14 +20,14 @@ from jobs.index_videos import main as job_main
 DIM = 8
 
 
-def _old_rows(uris: list[str], *, when: dt.datetime, run_id: str) -> tuple[pa.Table, pa.Table]:
+def _old_rows(uris: list[str], *, when: dt.datetime, run_id: str, model_id: str = "m@1") -> tuple[pa.Table, pa.Table]:
     rng = np.random.default_rng(len(run_id))
     videos, segments = [], []
     for uri in uris:
         vid = video_id_for(uri)
         emb = rng.normal(size=DIM).astype(np.float32)
         common = dict(
-            labels=["a"], label_scores=[1.0], thumbnail_jpeg=None, model_id="m@1", run_id=run_id, indexed_at=when
+            labels=["a"], label_scores=[1.0], thumbnail_jpeg=None, model_id=model_id, run_id=run_id, indexed_at=when
         )
         videos.append(
             dict(
@@ -128,3 +128,50 @@ def test_a_migration_killed_between_its_commits_runs_again(tmp_path: Path, monke
     assert segments is not None and segments.num_rows == 6  # not twice
     assert not dlt.detect_old_layout(store.location)
     assert {p.name for p in (out / "videos").glob("*.parquet")} == set(tables.data_files(out, "videos"))
+
+
+def test_every_model_rows_are_migrated(tmp_path: Path) -> None:
+    """The previous layout held one row per (video, model): a second model's rows of the same videos stay."""
+    from jobs.migrate import migrate, rows_per_model
+    from jobs.storage import open_store
+
+    out = tmp_path / "out"
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    files: dict[str, list[str]] = {"videos": [], "segments": []}
+    for name, model, when in (("r1", "m@1", t0), ("r2", "m@2", t0 + dt.timedelta(days=1))):
+        for table, rows in zip(("videos", "segments"), _old_rows(["/v/a.mp4", "/v/b.mp4"], when=when, run_id=name,
+                                                                  model_id=model), strict=True):  # fmt: skip
+            (out / table).mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, out / table / f"part-{name}-000000.parquet")
+            files[table].append(f"{table}/part-{name}-000000.parquet")
+    (out / "_commits").mkdir()
+    (out / "_commits" / "0000000001.json").write_text(json.dumps({"seq": 1, "files": files, "consumed_staging": []}))
+    report = migrate(open_store(str(out)))
+    assert report["videos"]["rows"] == 4 and report["segments"]["rows"] == 8
+    assert rows_per_model(open_store(str(out))) == {"m@1": 2, "m@2": 2}
+
+
+def test_a_migration_killed_while_deleting_the_old_layout_finishes(tmp_path: Path) -> None:
+    from jobs.migrate import migrate, rows_per_model
+    from jobs.storage import open_store
+
+    out = tmp_path / "out"
+    _old_output(out)
+    store = open_store(str(out))
+    real_delete, deleted = store.delete, []
+
+    def killed_at_the_second(rel: str) -> None:
+        if len(deleted) == 1:
+            raise KeyboardInterrupt("killed")
+        deleted.append(rel)
+        real_delete(rel)
+
+    store.delete = killed_at_the_second  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        migrate(store)
+    assert deleted and deleted[0].endswith(".parquet")  # an old part is gone, its record is not
+    report = migrate(open_store(str(out)))
+    assert report["videos"]["committed_before"] and report["segments"]["committed_before"]
+    assert rows_per_model(open_store(str(out))) == {"m@1": 3}
+    assert not (out / "_commits").exists() or not any((out / "_commits").iterdir())
+    assert tables.table_versions(out) is not None  # no longer the old layout
