@@ -60,11 +60,14 @@ def build_index_for_output(
         model_id = model_id_for(model, checkpoint)
         if model_id not in ids:
             raise ValueError(f"no committed rows of {model_id}; the output has {ids}")
+    # Text queries only from the weights that made the rows: without them (rows of a checkpoint not given here),
+    # approximate kinds are tuned with synthetic queries instead, and the index says so.
+    same_weights = model_id_for(model, checkpoint) == model_id
     return build_from_output(
         store,
         model_id=model_id,
         kind=kind,
         recall_target=recall_target,
         rebuild=rebuild,
-        tune_queries=label_queries(model, checkpoint),
+        tune_queries=label_queries(model, checkpoint) if same_weights else None,
     )

@@ -105,3 +105,17 @@ def test_without_text_queries_recall_holds_for_queries_as_far_as_text(tmp_path) 
     _, found = open_index(tmp_path).search(far, 10)
     recall = recall_at_k(found, ids[exact_search(data, far, 10)])
     assert recall >= 0.93, (recall, entry["search_params"])  # the 0.95 target, on queries the tuning never saw
+
+
+def test_build_index_tunes_with_text_only_from_the_weights_that_made_the_rows(monkeypatch) -> None:
+    """Rows of a checkpoint not given to `vitaclip build-index`: its label texts would come from other weights, so
+    approximate kinds are tuned with synthetic queries (the index's ``tuned_with`` says which)."""
+    import index.refresh as refresh
+    from vitaclip.registry import model_id_for
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(refresh, "build_from_output", lambda store, **options: seen.update(options) or {})
+    for model_id, text in (("vitaclip-tiny@sha256:" + "0" * 64, False), (model_id_for("vitaclip-tiny", None), True)):
+        monkeypatch.setattr(refresh, "committed_model_ids", lambda store, ids=[model_id]: ids)
+        refresh.build_index_for_output(None, model=None, checkpoint=None, kind="ivf")  # type: ignore[arg-type]
+        assert seen["model_id"] == model_id and callable(seen["tune_queries"]) is text
