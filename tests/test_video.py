@@ -637,6 +637,26 @@ def test_clips_past_the_frame_limit_are_refused_before_decoding(tmp_path: Path, 
         VideoDecoder(path, max_frame_bytes=0)
 
 
+def test_thin_pictures_are_refused_before_scaling(tmp_path: Path) -> None:
+    """A 4 x 6000 picture scaled to a shorter side of 224 px would be 224 x 336,000 (225 MB a frame)."""
+    for width, height, refused in ((4, 6000, True), (6000, 4, True), (16, 256, False), (8, 256, True)):
+        path = tmp_path / f"thin{width}x{height}.mkv"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("rawvideo", rate=1)
+            stream.width, stream.height, stream.pix_fmt = width, height, "gray"
+            for pts in range(2):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width), 100, np.uint8), format="gray")
+                frame.pts = pts
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        if refused:
+            with pytest.raises(VideoDecodeError, match="aspect ratio of 16:1") as error:
+                decode_clip(path, Uniform(2), size=224)
+            assert error.value.reason == "too_large"
+        else:
+            assert decode_clip(path, Uniform(2), size=SIZE).frames.shape == (2, SIZE, SIZE, 3)
+
+
 def test_damaged_files_give_a_clip_or_a_reason(make_video: Callable[..., Any]) -> None:
     rng = np.random.default_rng(1)
     outcomes: list[str] = []

@@ -71,6 +71,9 @@ __all__ = [
 _NONREF_SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video"})
 _LOOKAHEAD_BYTES = 32 << 20  # compressed bytes demuxed ahead of the decoder before it must start
 _MAX_RETREATS = 16  # then seeking is given up for one pass from the start
+# Pictures are scaled with their shorter side to the output size before the crop: a thin one (8 x 20000) would be
+# hundreds of MB per frame. Displayed aspect ratios beyond this are refused.
+MAX_ASPECT_RATIO = 16
 SkipMode = Literal["DEFAULT", "NONREF"]
 _T = TypeVar("_T")
 
@@ -446,6 +449,7 @@ class _Collector:
             raise VideoDecodeError(
                 "too_large", f"decoded a {frame.width}x{frame.height} picture (max {self._max_pixels})"
             )
+        check_aspect(frame.width, frame.height, self._sar)
         self._stats.frames_decoded += 1
         if self._region_kf is not None and pts < self._region_kf:
             return  # a leading picture of an open GOP, shown before the keyframe we started from
@@ -557,11 +561,24 @@ def _collect(
     return _assemble(views, results, timeline), table
 
 
+def check_aspect(width: int, height: int, sample_aspect_ratio: Fraction) -> None:
+    """Refuse a picture whose displayed aspect ratio is beyond `MAX_ASPECT_RATIO` (either way; sizes not known yet,
+    0, pass)."""
+    if width <= 0 or height <= 0 or sample_aspect_ratio <= 0:
+        return
+    long, short = sorted((width * sample_aspect_ratio, Fraction(height)), reverse=True)
+    if long > MAX_ASPECT_RATIO * short:
+        raise VideoDecodeError(
+            "too_large", f"a {width}x{height} picture is beyond an aspect ratio of {MAX_ASPECT_RATIO}:1 (refused)"
+        )
+
+
 def _check_frame_bytes(
     header: Header, timeline: Timeline, sampling: SamplingSpec, *, size: int, square: bool, limit: int
 ) -> None:
-    """Refuse, before decoding, clips whose frames would take more than `limit` bytes (a long video in short
-    windows, or a file claiming days of duration)."""
+    """Refuse, before decoding, thin pictures (`check_aspect`) and clips whose frames would take more than `limit`
+    bytes (a long video in short windows, or a file claiming days of duration)."""
+    check_aspect(header.width, header.height, header.sample_aspect_ratio)
     clips, frames = clip_count(timeline, sampling)
     width, height = (
         (size, size)
