@@ -408,7 +408,7 @@ def _ok_rows(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from index.delta_tables import open_table, table_schema
+    from index.delta_tables import open_table, pyarrow_dataset, table_schema
 
     columns = _ROW_COLUMNS[table]
     condition = (pc.field("model_id") == model_id) & pc.field("embedding").is_valid()
@@ -418,7 +418,7 @@ def _ok_rows(
         dt = open_table(location, table, version=version)
         if dt is None:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, object)
-        dataset = dt.to_pyarrow_dataset()
+        dataset = pyarrow_dataset(location, table, dt)
     else:
         if not files:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, object)

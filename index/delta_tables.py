@@ -202,6 +202,15 @@ class OutputLocation:
         return filesystem, f"{base}/{table}"
 
 
+def pyarrow_dataset(location: OutputLocation, table: str, dt: DeltaTable) -> Any:
+    """A table version's data files as a pyarrow dataset (deltalake's file statistics prune files), read through
+    the output's pyarrow filesystem. deltalake's own Python filesystem handler leaves Arrow threads behind that abort
+    the interpreter at exit about half the time ("terminate called without an active exception", apache/arrow#34314).
+    """
+    filesystem, root = location.table_path(table)
+    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, filesystem))
+
+
 class _RangedGcsReads(pafs.FileSystemHandler):
     """pyarrow's GCS filesystem, except that files opened for random access read through delta-rs's object store.
 

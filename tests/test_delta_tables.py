@@ -636,3 +636,16 @@ def test_duckdb_delta_scan_reads_both_tables(local: OutputLocation, duckdb_delta
         "SELECT count(*) FROM delta_scan(?) WHERE model_id = 'm2'", [local.table_uri("videos")]
     ).fetchone()
     assert skipped == (0,)
+
+
+def test_a_script_that_reads_a_table_exits_cleanly(local: OutputLocation) -> None:
+    """Read through deltalake's own filesystem handler, about half of such scripts died at exit with "terminate
+    called without an active exception" (status 134), whatever they had done."""
+    import subprocess
+    import sys
+
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["a", "b", "c"]), name=fresh_name())])
+    script = f"from index import tables; print(tables.read_table({local.url!r}, 'videos', ['uri']).num_rows)"
+    for _ in range(12):  # it came at random, in one run of five to one of two
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr[-2000:]
