@@ -561,6 +561,13 @@ def _collect(
     return _assemble(views, results, timeline), table
 
 
+def _bytes_text(count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count} bytes"
+
+
 def check_aspect(width: int, height: int, sample_aspect_ratio: Fraction) -> None:
     """Refuse a picture whose displayed aspect ratio is beyond `MAX_ASPECT_RATIO` (either way; sizes not known yet,
     0, pass)."""
@@ -591,7 +598,7 @@ def _check_frame_bytes(
         raise VideoDecodeError(
             "too_long",
             f"{clips:,} clips of {frames} frames at {width}x{height} for {seconds:,.0f} s of video need "
-            f"{need / 2**30:,.1f} GiB of frames, above the limit of {limit / 2**30:.1f} GiB (refused before decoding)",
+            f"{_bytes_text(need)} of frames, above the limit of {_bytes_text(limit)} (refused before decoding)",
         )
 
 
