@@ -468,8 +468,10 @@ def _removed_rows(
     try:  # the dataset's discovery already opens the files
         dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
         rows = dataset.to_table(columns=["row_id", "run_id", "indexed_at"], filter=condition)
-    except (FileNotFoundError, OSError) as exc:
+    except FileNotFoundError as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
+    except OSError as exc:  # storage failing after its retries: the reason must not blame a vacuum
+        raise _FullBuild(f"a data file removed since the index's table version could not be read: {exc}") from exc
     return rows.column("row_id").to_numpy().astype(np.int64), _versions(rows)
 
 
