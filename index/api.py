@@ -10,7 +10,8 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
     GET  /healthz, GET /metrics (Prometheus), GET / (the page)
 
 The request models are the one place input is checked: a request they refuse gets 422 with ``error`` (one line)
-and ``detail`` (pydantic's list). Answers never carry paths, credentials or internals.
+and ``detail`` (pydantic's list, inputs left out and names cut short). Every other refusal is ``{"error": ...}``
+with a fixed message. Answers never carry paths, credentials, internals or what the client sent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
 from collections.abc import Callable
+from http import HTTPStatus
 from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -27,6 +31,8 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.http_media import media_answer, send_media
@@ -34,13 +40,18 @@ from index.media import MediaFile, MediaRefused
 from index.queries import QueryError
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
-from vitaclip.redact import redact_url
+from vitaclip.redact import redact_text, redact_url
 
 log = logging.getLogger("vitaclip.serve")
 
 MAX_EMBEDDING_DIM = 4096
 UPLOAD_PATH = "/search/upload"
 IndexParam = Annotated[str | None, Query(max_length=64, description="which output (default: the first)")]
+CLIENT_CLOSED = 499  # nginx's status for a client that went away: nothing is sent, the metrics count it apart
+MAX_REPORTED_ERRORS = 10  # of a 422: a body with 10,000 unknown keys gets the first ten
+MAX_ECHOED_NAME = 40  # characters of a key name a 422 repeats (a key may be 1 MB long)
+_ROW_FILE = re.compile(r"([0-9]{1,19})\.jpg")  # ASCII digits only: str.isdigit() takes '²'
+_DECLARED_LENGTH = re.compile(rb"[0-9]{1,19}")
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -83,9 +94,11 @@ class TextQuery(FilterFields):
 class SearchRequest(FilterFields):
     """``POST /search``: exactly one of ``text``, ``video_id`` ("more like this") or ``embedding``."""
 
+    # JSON numbers only: lax parsing would take `true` for 1 (query strings, in `FilterFields`, must be parsed).
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="results wanted")
     text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS)
     video_id: str | None = Field(None, min_length=1, max_length=128, description="more like this indexed video")
-    segment_index: int | None = Field(None, ge=0, description="with video_id: more like this moment of it")
+    segment_index: int | None = Field(None, ge=0, strict=True, description="with video_id: more like this moment of it")
     embedding: list[float] | None = Field(
         None, min_length=1, max_length=MAX_EMBEDDING_DIM, description="a raw query vector of the index's dimension"
     )
@@ -177,6 +190,24 @@ def _no_repeated_parameters(request: Request) -> None:
         raise RequestValidationError([{"loc": ["query", *repeated], "msg": "given more than once", "type": "repeated"}])
 
 
+def _short(part: Any) -> Any:
+    """A location part as a 422 may repeat it: a key name the client chose, cut to `MAX_ECHOED_NAME` characters."""
+    if isinstance(part, str) and len(part) > MAX_ECHOED_NAME:
+        return part[:MAX_ECHOED_NAME] + "..."
+    return part
+
+
+def _reported_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic's errors as plain JSON without what was sent: no input, no context, at most `MAX_REPORTED_ERRORS`,
+    key names cut short."""
+    reported = json.loads(json.dumps(list(errors)[:MAX_REPORTED_ERRORS], default=str))
+    for error in reported:
+        error.pop("input", None)  # never echo what was sent (it may be large)
+        error.pop("ctx", None)
+        error["loc"] = [_short(part) for part in error.get("loc", ())[:8]]
+    return reported
+
+
 def _validation_message(errors: Any) -> str:
     parts = []
     for error in errors:
@@ -184,6 +215,16 @@ def _validation_message(errors: Any) -> str:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts) or "invalid request"
+
+
+def _status_message(status: int) -> str:
+    """A fixed message for a status the framework answered (its own texts are fixed too, but need not stay so)."""
+    if status == 400:
+        return "the request body could not be read"
+    try:
+        return HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "refused"
 
 
 class _MediaResponse(Response):
@@ -203,7 +244,12 @@ class _MediaResponse(Response):
 
 
 class RequestLimits:
-    """ASGI middleware: body size (413) and stalled-body (408) limits, and request counts by route and status."""
+    """ASGI middleware: body size (413), stalled-body and slow-body (408) limits, and request counts by route and
+    status.
+
+    A body must arrive whole within the request timeout, and may stall at most the body timeout between chunks (a
+    byte every few seconds would otherwise hold a connection for ever).
+    """
 
     def __init__(self, app: ASGIApp, service: SearchService) -> None:
         self.app = app
@@ -217,13 +263,14 @@ class RequestLimits:
         cap = limits.max_upload_bytes if scope["path"] == UPLOAD_PATH else limits.max_json_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         state: dict[str, Any] = {"status": 500, "answered": False, "received": 0, "body_done": False}
+        body_deadline = time.monotonic() + limits.request_timeout_seconds
 
         async def answer(status: int, message: str) -> None:
             if not state["answered"]:
                 state["answered"], state["status"] = True, status
                 await _error(status, message)(scope, receive, send)
 
-        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+        if declared is not None and (not _DECLARED_LENGTH.fullmatch(declared) or int(declared) > cap):
             await answer(413, f"the request body is larger than {cap} bytes")
             self._count(scope, state["status"])
             return
@@ -231,10 +278,14 @@ class RequestLimits:
         async def limited_receive() -> Message:
             if state["body_done"]:
                 return await receive()
+            left = body_deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), limits.body_timeout_seconds)
+                message = await asyncio.wait_for(receive(), max(0.0, min(limits.body_timeout_seconds, left)))
             except TimeoutError:
-                await answer(408, f"the request body stalled for {limits.body_timeout_seconds:g} s")
+                if left < limits.body_timeout_seconds:
+                    await answer(408, f"the request body took longer than {limits.request_timeout_seconds:g} s")
+                else:
+                    await answer(408, f"the request body stalled for {limits.body_timeout_seconds:g} s")
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
@@ -302,10 +353,7 @@ def create_app(service: SearchService) -> FastAPI:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = json.loads(json.dumps(exc.errors(), default=str))  # plain JSON, whatever the inputs held
-        for error in errors:
-            error.pop("input", None)  # never echo what was sent (it may be large)
-            error.pop("ctx", None)
+        errors = _reported_errors(exc.errors())
         return JSONResponse({"error": _validation_message(errors), "detail": errors}, status_code=422)
 
     @app.exception_handler(UnknownIndex)
@@ -325,12 +373,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(504, "the query took longer than the service's request timeout")
 
     @app.exception_handler(ValueError)
-    async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, str(exc))
+    async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
+        # Deliberate refusals are QueryError (above) or the models' 422; any other ValueError's text may quote
+        # the input or internals, so it stays in the log (cut short: it may be long) and the client gets a fixed one.
+        text = redact_text(str(exc))
+        log.warning("request %s %s refused: %s: %.200s", request.method, request.url.path, type(exc).__name__, text)
+        return _error(400, "the request could not be answered")
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, _exc: Exception) -> JSONResponse:
-        return _error(404, "not found")
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_request: Request, _exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # a limit answered already, or the client left: nothing to log
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
+        # Starlette's and FastAPI's own refusals (404, 405, a body that could not be read) in this API's shape.
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI turns a body cut short into a 400
+            return Response(status_code=CLIENT_CLOSED)
+        return _error(exc.status_code, _status_message(exc.status_code), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, _exc: Exception) -> JSONResponse:
@@ -346,6 +405,13 @@ async def _answer(
     run: Callable[[SearchEngine], list[Hit]],
 ) -> SearchResponse:
     name, engine = service.engine(params.index)
+    table = "segments" if params.segments else "videos"
+    if table not in engine.indexes:  # said here: the engine's own ValueError would reach the client as a fixed text
+        raise QueryError(
+            "this index has no segments: run the job with --segment-seconds"
+            if params.segments
+            else "this index has no videos"
+        )
     started = asyncio.get_running_loop().time()
     hits = await service.run_query(lambda: run(engine))
     took = asyncio.get_running_loop().time() - started
@@ -416,7 +482,7 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
         async for chunk in request.stream():
             data += chunk
         if await request.is_disconnected():
-            return Response(status_code=499)  # a limit answered already, or the client left
+            return Response(status_code=CLIENT_CLOSED)  # a limit answered already, or the client left
         payload = bytes(data)
         return await _answer(
             service,
@@ -447,11 +513,11 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
     @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found)
     async def thumbnail(filename: str, index: IndexParam = None) -> Response:
         """The JPEG thumbnail of a video or segment row (``{row_id}.jpg``)."""
-        stem = filename.removesuffix(".jpg")
-        if stem == filename or not stem.isdigit() or len(stem) > 19:
+        found = _ROW_FILE.fullmatch(filename)
+        if found is None or int(found.group(1)) >= 2**63:
             return _error(404, "thumbnails are /thumbnails/{row_id}.jpg")
         _, engine = service.engine(index)
-        row_id = int(stem)
+        row_id = int(found.group(1))
         data = await service.run_query(lambda: engine.thumbnail(row_id))  # a read: within the query slots
         if data is None:
             return _error(404, "no thumbnail")

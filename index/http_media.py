@@ -9,6 +9,7 @@ lets a server ignore Range), a malformed Range is ignored, and one that starts p
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
@@ -19,6 +20,9 @@ import anyio
 from index.media import MediaFile
 
 CHUNK_BYTES = 256 * 1024
+# A byte position as a Range may give it: ASCII digits only (str.isdigit() takes '²', which int() refuses), at most
+# 18 of them (below 2**63, past any file; int() refuses more than 4300), or nothing (an open end).
+_POSITION = re.compile(r"[0-9]{0,18}")
 
 
 class RangeNotSatisfiable(Exception):
@@ -41,8 +45,8 @@ def parse_range(header: str | None, size_bytes: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None  # another unit, or several ranges: the whole file
     first_text, dash, last_text = spec.strip().partition("-")
-    if not dash or not (first_text.isdigit() or first_text == "") or not (last_text.isdigit() or last_text == ""):
-        return None  # malformed: ignored
+    if not dash or not _POSITION.fullmatch(first_text) or not _POSITION.fullmatch(last_text):
+        return None  # malformed (or a position past any file): ignored
     if first_text == "":
         if last_text == "":
             return None

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from index.media import MediaFile, MediaRefused
 from index.search import SearchEngine
-from vitaclip.redact import redact_text
+from vitaclip.redact import install_log_redaction, redact_text
 
 log = logging.getLogger("vitaclip.serve")
 
@@ -286,7 +286,9 @@ class SearchService:
         chosen = name or self.default
         engine = self.engines.get(chosen)
         if engine is None:
-            raise UnknownIndex(f"no output named {chosen!r}; this service holds {sorted(self.engines)}")
+            # The name is repeated only when it could be one (a few safe characters): a client's text is not echoed.
+            named = f"named {chosen!r}" if NAME_PATTERN.fullmatch(chosen) else "by that name"
+            raise UnknownIndex(f"no output {named}; this service holds {sorted(self.engines)}")
         return chosen, engine
 
     async def run_query(self, work: Callable[[], T]) -> T:
@@ -460,6 +462,8 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
         timeout_keep_alive=5,
         log_level="warning",
     )
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by `uvicorn.Config` just now
+        install_log_redaction(name)  # a traceback may hold a URL with credentials
     return uvicorn.Server(config)
 
 

@@ -234,11 +234,22 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _serve_logging() -> None:
+    """Log lines of the service (uvicorn's are set up with its server) on stderr, credentials masked."""
+    import logging
+
+    from vitaclip.redact import install_log_redaction
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # URLs in messages and tracebacks may carry userinfo or signatures
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from index.service import ServiceLimits, open_service, serve
 
     if args.ray_serve:
         return _serve_on_ray(args)
+    _serve_logging()
     service = open_service(
         args.index,
         **_model_options(args),

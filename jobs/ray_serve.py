@@ -50,7 +50,11 @@ class SearchDeployment:
     """One replica: the outputs opened once, the API app built on them."""
 
     def __init__(self, options: dict[str, Any]) -> None:
+        from vitaclip.redact import install_log_redaction
+
         opts = ServeOptions(**options)
+        for logger in (None, "ray.serve"):  # the replica's log handlers: tracebacks may hold URLs with credentials
+            install_log_redaction(logger)
         single_query_threads(torch_threads=1)  # a replica's parallelism is Serve's concurrent requests
         self.service: SearchService = open_service(
             opts.indexes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -13,7 +14,7 @@ from test_index_job import job_args, make_videos
 
 from jobs.index_videos import main as job_main
 from jobs.storage import StorageError, list_videos, make_s3_client
-from vitaclip.redact import RedactingFormatter, redact_text, redact_url, redact_value
+from vitaclip.redact import RedactingFormatter, install_log_redaction, redact_text, redact_url, redact_value
 
 SECRET = "Sup3rSecretPass"
 
@@ -37,6 +38,20 @@ SECRET = "Sup3rSecretPass"
         ("s3://bucket/videos/a:b@c.mp4", "s3://bucket/videos/a:b@c.mp4"),  # an object key, kept whole
         ("/local/folder", "/local/folder"),
         ("http://minio:9000/?list-type=2&prefix=a", "http://minio:9000/?list-type=2&prefix=a"),
+        # Userinfo in object-store URLs (the secret holds "/"); object keys with ":" and "@" stay whole.
+        (f"s3://AKIAEXAMPLE:wJalr/{SECRET}/K7MDENG@bucket/v.mp4", "s3://***@bucket/v.mp4"),
+        # camelCase names, ";" separators, fragments, path parameters and JWTs.
+        (
+            f"https://h/v?accessKey=AK&secretKey={SECRET}&page=2&monkey=1",
+            "https://h/v?accessKey=***&secretKey=***&page=2&monkey=1",
+        ),
+        (f"https://h/v?a=1;token={SECRET}", "https://h/v?a=1;token=***"),
+        (
+            f"https://app/cb#access_token={SECRET}&token_type=bearer",
+            "https://app/cb#access_token=***&token_type=bearer",
+        ),
+        (f"https://h/p;jsessionid=1;token={SECRET}/v.mp4", "https://h/p;jsessionid=1;token=***/v.mp4"),
+        (f"https://h/?jwt={SECRET}", "https://h/?jwt=***"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
@@ -47,6 +62,41 @@ def test_redact_url(url: str, expected: str) -> None:
 def test_redact_text_keeps_schemes_and_object_keys() -> None:
     text = f"endpoint http://AKIA:{SECRET}/x@minio:9000 failed; bare AKIA:{SECRET}/y@minio:9000; key s3://b/k@x.mp4"
     assert redact_text(text) == "endpoint http://***@minio:9000 failed; bare ***@minio:9000; key s3://b/k@x.mp4"
+
+
+def test_redact_text_masks_passwords_with_quotes_and_object_store_userinfo() -> None:
+    text = f"cannot reach http://user:p'{SECRET}@host:9000/x; nor s3://AKIA:wJ/{SECRET}@bucket/k.mp4 (s3://b/a:b@c)"
+    assert redact_text(text) == "cannot reach http://***@host:9000/x; nor s3://***@bucket/k.mp4 (s3://b/a:b@c)"
+    # Object keys with ":" and "@" stay whole, and so do fragments that hold no secret.
+    assert redact_url(f"gs://user:{SECRET}@bucket/a:b@c.mp4") == "gs://***@bucket/a:b@c.mp4"
+    assert redact_text("see https://h/v.mp4#t=1,2 and s3://b/x:y@z") == "see https://h/v.mp4#t=1,2 and s3://b/x:y@z"
+
+
+def test_redact_text_takes_linear_time() -> None:
+    import time
+
+    started = time.perf_counter()
+    for text in ("a" * 200_000 + "@=", "a:" * 200_000 + "@=", "http://" + "a" * 200_000 + "@x"):
+        redact_text(text)
+    assert time.perf_counter() - started < 2  # a scheme tried at every letter of a long word: minutes
+
+
+def test_log_redaction_keeps_a_formatter_of_its_own() -> None:
+    class Prefixed(logging.Formatter):  # as uvicorn's, which adds a field of its own
+        def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+            record.__dict__["levelprefix"] = record.levelname + ":"
+            return super().formatMessage(record)
+
+    logger = logging.getLogger("test_redaction.prefixed")
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(Prefixed("%(levelprefix)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        install_log_redaction("test_redaction.prefixed")
+        logger.error("cannot reach %s", f"http://u:{SECRET}@h:1/")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.stream.getvalue() == "ERROR: cannot reach http://***@h:1/\n"
 
 
 def test_redact_value_and_log_formatter() -> None:

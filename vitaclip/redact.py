@@ -1,6 +1,7 @@
 """Credentials never reach logs, outputs or messages: URL userinfo and secret-looking query values are masked.
 
-``redact_url("http://user:PASS@minio:9000/?X-Amz-Signature=abc")`` -> ``"http://***@minio:9000/?X-Amz-Signature=***"``.
+``redact_url("http://user:PASS@minio:9000/?X-Amz-Signature=abc")`` -> ``"http://***@minio:9000/?X-Amz-Signature=***"``;
+the same for fragments (``#access_token=``), ``;`` parameters and object-store URLs (``s3://KEY:SECRET@bucket/k``).
 Every place the project writes or prints a URL (run summaries, logs, errors, ``index_info.json``, the service's
 answers) passes it through here; :class:`RedactingFormatter` covers log records, tracebacks included.
 """
@@ -11,52 +12,78 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 
-# Query parameter names whose values are secrets (AWS presigned URLs, SAS tokens, API keys, OAuth tokens).
+# Parameter names whose values are secrets (AWS presigned URLs, SAS tokens, API keys, OAuth tokens, JWTs), matched
+# after camelCase words are split with "_" ("accessKey" -> "access_Key"), so "monkey" is not a secret.
 _SECRET_PARAM = re.compile(
     r"(^|[-_.])(signature|sig|credential|security-token|token|access[-_]?token|api[-_]?key|apikey|key|password|passwd"
-    r"|pwd|pass|secret|auth|authorization|session[-_]?token|code)$|^(se|sp|sv|st|spr|sks|skoid|sktid)$",
+    r"|pwd|pass|secret|auth|authorization|session[-_]?token|code|jwt|assertion)$|^(se|sp|sv|st|spr|sks|skoid|sktid)$",
     re.IGNORECASE,
 )
-# A URL inside free text: scheme://... up to whitespace or a quote/bracket.
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+_CAMEL_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# name=value pairs of a query or fragment, separated by "&" or ";" (and path parameters after ";").
+_QUERY_PAIR = re.compile(r"([^&;=]*)=([^&;]*)")
+_PATH_PARAM = re.compile(r";([^/;=]*)=([^/;]*)")
+# A URL inside free text: scheme://... up to whitespace or a quote/bracket. A scheme starts where a word does: tried
+# at every letter of a long word, the search would take time quadratic in its length.
+_URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+# "scheme://user:password@" inside free text: the password may hold quotes and "/" (AWS secret keys do), which
+# end a URL above. The user part holds no "/", so "s3://bucket/a:b@c.mp4" (an object key) is not userinfo.
+_USERINFO_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.\-])([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@]*:[^\s@]*@")
 # userinfo without a scheme in front, e.g. "user:secret@host" in a netloc printed on its own (the secret may hold
 # "/", as AWS secret keys do).
 _BARE_USERINFO = re.compile(r"(?<![\w/@:])[^\s/@:'\"<>`]+:(?!//)[^\s@'\"<>`]+@(?=[\w.\-\[\]]+)")
-# Schemes whose URLs name bucket objects: any character may be part of a key, "@" and ":" included, and these URLs
-# carry no userinfo in this project, so a key such as "a:b@c.mp4" stays as it is.
+# Schemes whose URLs name bucket objects: any character may be part of a key, "@" and ":" included, so only an
+# authority with a ":" (never in a bucket name) up to the first "@" is userinfo: "s3://AKIA:se/cret@bucket/k" is
+# masked, "s3://bucket/videos/a:b@c.mp4" stays as it is.
 _OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file"})
+_OBJECT_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*:[^@]*@")
+
+
+def _is_secret_name(name: str) -> bool:
+    return _SECRET_PARAM.search(_CAMEL_WORD.sub("_", unquote_plus(name))) is not None
+
+
+def _mask_pairs(text: str, pairs: re.Pattern[str] = _QUERY_PAIR) -> str:
+    """`text` with the value of every secret-looking ``name=value`` pair replaced by ``***`` (the rest as written)."""
+    if "=" not in text:
+        return text
+
+    def mask(found: re.Match[str]) -> str:
+        if not _is_secret_name(found.group(1)):
+            return found.group(0)
+        return found.group(0)[: found.start(2) - found.start(0)] + MASK
+
+    return pairs.sub(mask, text)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its userinfo and secret-looking query values replaced by ``***``; other strings unchanged."""
+    """``url`` with its userinfo and the values of secret-looking query, fragment and path parameters replaced by
+    ``***``; other strings unchanged."""
     if "://" not in url:
         return url
+    scheme = url.split("://", 1)[0]
+    if scheme.lower() in _OBJECT_SCHEMES and _OBJECT_USERINFO.match(url):
+        url = _OBJECT_USERINFO.sub(lambda m: m.group(1) + MASK + "@", url, count=1)
     try:
         parts = urlsplit(url)
     except ValueError:  # an unparsable "URL" (e.g. a bad IPv6 literal): mask everything after the scheme
-        return url.split("://", 1)[0] + "://" + MASK
+        return scheme + "://" + MASK
     netloc = parts.netloc
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
     elif _raw_userinfo(parts.scheme, url):
         # A password written without percent-encoding that holds "/", "?" or "#" ends the netloc early, so the
         # parser sees no userinfo: everything up to the last "@" is masked (a path "@" then masks too much).
-        return redact_url(url.split("://", 1)[0] + "://" + MASK + "@" + url.rsplit("@", 1)[1])
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
-            query = "&".join(
-                f"{quote(k, safe='-_.~')}={MASK if _SECRET_PARAM.search(k) else quote(v, safe='-_.~/')}"
-                for k, v in pairs
-            )
-    if netloc == parts.netloc and query == parts.query:
+        return redact_url(scheme + "://" + MASK + "@" + url.rsplit("@", 1)[1])
+    path = _mask_pairs(parts.path, _PATH_PARAM) if ";" in parts.path else parts.path
+    query, fragment = _mask_pairs(parts.query), _mask_pairs(parts.fragment)
+    if (netloc, path, query, fragment) == (parts.netloc, parts.path, parts.query, parts.fragment):
         return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
 
 
 def _raw_userinfo(scheme: str, url: str) -> bool:
@@ -69,6 +96,8 @@ def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted with :func:`redact_url` (for error messages and log lines)."""
     if "@" not in text and "=" not in text:
         return text
+    if "@" in text:
+        text = _USERINFO_IN_TEXT.sub(lambda m: m.group(1) + MASK + "@", text)
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
     return _BARE_USERINFO.sub(MASK + "@", text) if "@" in text else text
 
@@ -85,18 +114,28 @@ def redact_value(value: Any) -> Any:
 
 
 class RedactingFormatter(logging.Formatter):
-    """A log formatter whose output, traceback included, has credentials in URLs masked."""
+    """A log formatter whose output, traceback included, has credentials in URLs masked.
+
+    Args:
+        inner: a formatter whose output is redacted (uvicorn's adds fields of its own); None: this one formats, with
+            the usual `logging.Formatter` arguments.
+    """
+
+    def __init__(self, *args: Any, inner: logging.Formatter | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))
+        return redact_text(self.inner.format(record) if self.inner is not None else super().format(record))
 
 
-def install_log_redaction(logger: logging.Logger | None = None) -> None:
-    """Makes every handler of ``logger`` (default: the root logger) redact what it writes."""
-    for handler in (logger or logging.getLogger()).handlers:
+def install_log_redaction(logger: logging.Logger | str | None = None) -> None:
+    """Makes every handler of ``logger`` (a logger or its name; default: the root logger) redact what it writes,
+    formatted as before."""
+    if not isinstance(logger, logging.Logger):
+        logger = logging.getLogger(logger)
+    for handler in logger.handlers:
         current = handler.formatter
         if isinstance(current, RedactingFormatter):
             continue
-        fmt = current._fmt if current is not None else None
-        datefmt = current.datefmt if current is not None else None
-        handler.setFormatter(RedactingFormatter(fmt, datefmt))
+        handler.setFormatter(RedactingFormatter(inner=current) if current is not None else RedactingFormatter())

@@ -1,0 +1,385 @@
+"""The search service against hostile clients, beyond the limits of test_service.py: uploads that decode slowly or
+scale to huge pictures, bodies that trickle in, clients that leave, malformed numbers, inputs echoed in errors, and
+credentials in the service's logs.
+
+Served over 127.0.0.1 only; the output is the session's `indexed` fixture.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from index.api import create_app
+from index.queries import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, QueryError, check_clip, jpeg_scan_count
+from index.search import SearchEngine
+from index.service import SearchService, ServiceLimits, serving
+
+SECRET = "Sup3rSecretPass"
+
+
+@pytest.fixture(scope="module")
+def service(engine: SearchEngine) -> SearchService:
+    return SearchService({"main": engine})
+
+
+@pytest.fixture(scope="module")
+def client(service: SearchService) -> TestClient:
+    return TestClient(create_app(service))
+
+
+@pytest.fixture(scope="module")
+def server(service: SearchService) -> Iterator[str]:
+    with serving(service) as url:
+        yield url
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def request(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*_hostport(url), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _metric_lines(url: str, route: str) -> list[str]:
+    text = request(url, "/metrics")[2].decode()
+    return [line for line in text.splitlines() if line.startswith(f'vitaclip_http_requests_total{{route="{route}"')]
+
+
+# ------------------------------------------------------------------------------------------------ test data
+
+
+def _jpeg(color: tuple[int, int, int], *, width: int = 128, height: int = 96, **options: Any) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), color, np.uint8)).save(out, format="JPEG", **options)
+    return out.getvalue()
+
+
+def _scan_bomb(scans: int, **options: Any) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has `scans` scans (libjpeg decodes every one)."""
+    picture = _jpeg((10, 200, 30), progressive=True, **options)
+    assert picture.endswith(b"\xff\xd9")
+    last = picture.rindex(b"\xff\xda")
+    have = picture.count(b"\xff\xda")
+    return picture[:-2] + picture[last:-2] * (scans - have) + b"\xff\xd9"
+
+
+def _mjpeg_clip(frames: list[bytes], *, width: int = 128, height: int = 96) -> bytes:
+    """A Matroska Motion-JPEG clip whose packets are exactly `frames` (4 per second)."""
+    import av
+
+    out_file = io.BytesIO()
+    with av.open(out_file, "w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=4)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        for i, data in enumerate(frames):
+            packet = av.Packet(data)
+            packet.stream = stream
+            packet.pts = packet.dts = i
+            packet.time_base = Fraction(1, 4)
+            out.mux(packet)
+    return out_file.getvalue()
+
+
+def _clip(width: int, height: int, frames: int = 8) -> bytes:
+    import av
+
+    out_file = io.BytesIO()
+    with av.open(out_file, "w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            picture = np.full((height, width, 3), (i * 30, 90, 200), np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    return out_file.getvalue()
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+
+
+def test_jpeg_scans_are_counted_without_decoding() -> None:
+    assert jpeg_scan_count(_jpeg((1, 2, 3))) == 1
+    assert jpeg_scan_count(_jpeg((1, 2, 3), progressive=True)) == 10  # what encoders write for colour
+    assert jpeg_scan_count(_scan_bomb(40)) == 40
+    assert jpeg_scan_count(_scan_bomb(5000)) == MAX_JPEG_SCANS + 1  # stops counting past the limit
+    # Bytes that look like a start of scan inside a metadata segment are skipped with the segment.
+    baseline = _jpeg((1, 2, 3))
+    comment = b"\xff\xfe" + (2 + 8).to_bytes(2, "big") + b"\xff\xda\xff\xda\xff\xda\xff\xda"
+    assert jpeg_scan_count(baseline[:2] + comment + baseline[2:]) == 1
+    # A picture appended after the end of the first counts only for Motion-JPEG packets (FFmpeg reads both fields).
+    assert jpeg_scan_count(baseline + baseline) == 1
+    assert jpeg_scan_count(baseline + baseline, pictures="all") == 2
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(client: TestClient) -> None:
+    started = time.monotonic()
+    response = client.post("/search/upload", content=_scan_bomb(3000, quality=95))
+    assert response.status_code == 400, response.text
+    assert f"more than {MAX_JPEG_SCANS} JPEG scans" in response.json()["error"]
+    assert time.monotonic() - started < 2
+    # Real progressive and baseline pictures are searched.
+    for picture in (_jpeg((200, 30, 30), progressive=True), _jpeg((200, 30, 30)), _scan_bomb(MAX_JPEG_SCANS)):
+        response = client.post("/search/upload?k=2", content=picture)
+        assert response.status_code == 200 and len(response.json()["results"]) == 2, response.text
+
+
+def test_a_motion_jpeg_frame_with_too_many_scans_is_refused(client: TestClient) -> None:
+    frames = [_jpeg((i * 25, 100, 50)) for i in range(8)]
+    check_clip(_mjpeg_clip(frames))  # an ordinary Motion-JPEG clip passes
+    response = client.post("/search/upload?k=1", content=_mjpeg_clip(frames))
+    assert response.status_code == 200 and len(response.json()["results"]) == 1, response.text
+    bomb = _mjpeg_clip(frames[:3] + [_scan_bomb(2000)] + frames[4:])
+    with pytest.raises(QueryError, match="a frame of the clip has more than"):
+        check_clip(bomb)
+    response = client.post("/search/upload", content=bomb)
+    assert response.status_code == 400 and "JPEG scans" in response.json()["error"], response.text
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 600), (600, 1), (10, 10 * MAX_ASPECT_RATIO + 1)])
+def test_thin_pictures_are_refused_before_scaling(client: TestClient, width: int, height: int) -> None:
+    response = client.post("/search/upload", content=_png(width, height))
+    assert response.status_code == 400, response.text
+    assert f"{width}x{height}" in response.json()["error"] and "16 to 1" in response.json()["error"]
+
+
+def test_thin_clips_are_refused_before_decoding(client: TestClient) -> None:
+    response = client.post("/search/upload", content=_clip(16, 16 * (MAX_ASPECT_RATIO + 2)))
+    assert response.status_code == 400, response.text
+    assert "the clip's picture is 16x288" in response.json()["error"]
+    # Up to the limit, pictures and clips are searched.
+    response = client.post("/search/upload?k=1", content=_png(10, 10 * MAX_ASPECT_RATIO))
+    assert response.status_code == 200, response.text
+    response = client.post("/search/upload?k=1", content=_clip(64, 48))
+    assert response.status_code == 200, response.text
+
+
+# ------------------------------------------------------------------------------------------------ bodies
+
+
+def _read_answer(sock: socket.socket, wait_seconds: float) -> bytes:
+    ready, _, _ = select.select([sock], [], [], wait_seconds)
+    return sock.recv(4096) if ready else b""
+
+
+def test_a_body_that_trickles_in_gets_408_at_the_request_timeout(
+    indexed: Path, engine: SearchEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = ServiceLimits(body_timeout_seconds=1.0, request_timeout_seconds=2.0)
+    with serving(SearchService({"main": engine}, limits=limits)) as url:
+        with socket.create_connection(_hostport(url), timeout=10) as sock:
+            sock.sendall(b"POST /search/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            started, answer = time.monotonic(), b""
+            while not answer and time.monotonic() - started < 8:
+                sock.sendall(b"x")  # one byte every 0.4 s: never a stall of 1 s
+                answer = _read_answer(sock, 0.4)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"took longer than 2 s" in answer and time.monotonic() - started < 4
+        lines = _metric_lines(url, "upload")
+        assert any('status="408"' in line for line in lines) and not any('status="500"' in line for line in lines)
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(("path", "route"), [("/search/upload", "upload"), ("/search", "search_post")])
+def test_clients_that_leave_mid_body_are_not_errors(
+    server: str, path: str, route: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(2):
+        with socket.create_connection(_hostport(server), timeout=10) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            sock.sendall(head.encode() + b'{"text": "')
+            time.sleep(0.2)  # the body is being read when the client goes
+    deadline = time.monotonic() + 10
+    counted = f'vitaclip_http_requests_total{{route="{route}",status="499"}} 2.0'
+    while counted not in _metric_lines(server, route) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = _metric_lines(server, route)
+    assert counted in lines, lines
+    assert not any('status="500"' in line for line in lines), lines
+    logged = capfd.readouterr().err + "".join(r.getMessage() for r in caplog.records)
+    assert "Traceback" not in logged and "ClientDisconnect" not in logged and "Exception in ASGI" not in logged
+
+
+def test_a_body_cut_by_the_size_limit_is_answered_413_without_an_error(
+    engine: SearchEngine, capfd: pytest.CaptureFixture[str]
+) -> None:
+    limits = ServiceLimits(max_upload_bytes=1000)
+    with serving(SearchService({"main": engine}, limits=limits)) as url:
+        chunked = b"".join(b"%x\r\n%s\r\n" % (400, b"x" * 400) for _ in range(5)) + b"0\r\n\r\n"
+        status, _, body = request(url, "/search/upload", "POST", {"Transfer-Encoding": "chunked"}, chunked)
+        assert status == 413 and b"larger than 1000 bytes" in body
+        lines = _metric_lines(url, "upload")
+        assert any('status="413"' in line for line in lines) and not any('status="500"' in line for line in lines)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ClientDisconnect" not in err
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def test_malformed_ranges_are_ignored(server: str, indexed: Path) -> None:
+    from index import tables
+
+    found = tables.read_table(indexed, "videos")
+    assert found is not None
+    row = min((r for r in found.to_pylist() if r["status"] == "ok"), key=lambda r: r["size_bytes"])
+    media = f"/media/{row['video_id']}"
+    for value in ("bytes=²-", "bytes=0-²", "bytes=-²", "bytes=¹-9", "bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 30):
+        status, headers, body = request(server, media, headers={"Range": value})
+        assert status == 200 and len(body) == row["size_bytes"], (value[:20], status, body[:200])
+        assert "content-range" not in headers
+    status, headers, body = request(server, media, headers={"Range": "bytes=2-5"})
+    assert status == 206 and len(body) == 4
+
+
+def test_malformed_thumbnail_names_get_a_fixed_404(client: TestClient) -> None:
+    for name in ("%C2%B2.jpg", "%D9%A3.jpg", "1%C2%B2.jpg", "9" * 20 + ".jpg", "9" * 5000 + ".jpg", "-1.jpg"):
+        response = client.get(f"/thumbnails/{name}")
+        assert response.status_code == 404, (name[:20], response.text)
+        assert response.json() == {"error": "thumbnails are /thumbnails/{row_id}.jpg"}
+
+
+def test_unexpected_value_errors_answer_a_fixed_message(indexed: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def encode(texts: Any) -> np.ndarray:
+        raise ValueError(f"internal state at /srv/private/{SECRET}")
+
+    broken = TestClient(create_app(SearchService({"main": SearchEngine(indexed, text_encoder=encode)})))
+    response = broken.get("/search?q=x")
+    assert response.status_code == 400 and response.json() == {"error": "the request could not be answered"}
+    assert any("ValueError" in r.getMessage() for r in caplog.records)  # the operator still sees what happened
+
+
+# ------------------------------------------------------------------------------------------------ echoes
+
+
+def test_an_unknown_index_name_is_not_echoed(client: TestClient) -> None:
+    response = client.get("/search", params={"q": "x", "index": "<script>alert(1)</script>"})
+    assert response.status_code == 404 and "<script>" not in response.text
+    assert "no output by that name" in response.json()["error"]
+    assert "no output named 'nope'" in client.get("/search", params={"q": "x", "index": "nope"}).json()["error"]
+
+
+def test_long_and_many_unknown_keys_are_not_echoed(client: TestClient) -> None:
+    key = "k" * 900_000
+    for response in (
+        client.post("/search", json={"text": "x", key: 1}),
+        client.get(f"/search?q=x&{'z' * 5000}=1"),
+        client.post("/search", json={"text": "x", **{f"unknown{i}": 1 for i in range(2000)}}),
+        client.get("/search?q=x&" + "&".join(f"r{i}=1&r{i}=2" for i in range(500))),
+    ):
+        assert response.status_code == 422 and len(response.content) < 4000, len(response.content)
+        data = response.json()
+        assert len(data["detail"]) <= 10 and all(len(str(part)) <= 43 for e in data["detail"] for part in e["loc"])
+        assert "Extra inputs are not permitted" in data["error"] or "given more than once" in data["error"]
+
+
+# ------------------------------------------------------------------------------------------------ smaller
+
+
+def test_embeddings_whose_length_overflows_are_refused(client: TestClient) -> None:
+    response = client.post("/search", json={"embedding": [1e308] * 32})
+    assert response.status_code == 400 and "length is not a finite number" in response.json()["error"]
+    large = client.post("/search", json={"embedding": [1e150] * 32, "k": 1})  # long, but its length is a number
+    assert large.status_code == 200 and len(large.json()["results"]) == 1
+
+
+@pytest.mark.parametrize(
+    "body", [{"text": "x", "k": True}, {"text": "x", "k": "5"}, {"video_id": "v", "segment_index": True}]
+)
+def test_numbers_in_json_bodies_are_numbers(client: TestClient, body: dict[str, Any]) -> None:
+    response = client.post("/search", json=body)
+    assert response.status_code == 422 and "Input should be a valid integer" in response.json()["error"]
+
+
+def test_framework_refusals_have_the_service_shape(client: TestClient) -> None:
+    response = client.delete("/search")
+    assert response.status_code == 405 and response.json() == {"error": "method not allowed"}
+    assert "GET" in response.headers["allow"]
+    response = client.post("/search", content=b'{"text": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json() == {"error": "the request body could not be read"}
+    assert client.get("/nothing").json() == {"error": "not found"}
+
+
+# ------------------------------------------------------------------------------------------------ logs
+
+_SERVE_WITH_A_FAILING_ROUTE = f"""
+import sys
+from index.search import SearchEngine
+
+def video(self, video_id):
+    raise ConnectionError("refused by http://user:{SECRET}@storage:9000/bucket?X-Amz-Signature={SECRET}")
+
+SearchEngine.video = video
+from jobs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_vitaclip_serve_masks_credentials_in_its_logs(indexed: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-c",
+        _SERVE_WITH_A_FAILING_ROUTE,
+        "serve",
+        "--index",
+        f"main={indexed}",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the service never answered"
+            try:
+                if request(url, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        status, _, body = request(url, "/videos/anything")
+        assert status == 500 and json.loads(body) == {"error": "internal error"}
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "ConnectionError" in err and "Traceback" in err  # the traceback is logged ...
+    assert SECRET not in err and "http://***@storage:9000" in err  # ... with the credentials masked
+    assert "Exception in ASGI application" in err  # uvicorn's own log line went through the redaction too
