@@ -3,6 +3,7 @@ listens, and stopping them."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import time
@@ -37,3 +38,22 @@ def stop(*processes: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an ``http://host:port`` URL."""
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def request(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to a local server: status, headers (lower-case names) and body."""
+    conn = http.client.HTTPConnection(*host_port(url), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import PADDED_EXTRA_BYTES
 from fastapi.testclient import TestClient
+from local_servers import host_port, request
 
 from index import tables
 from index.api import create_app
@@ -51,23 +52,6 @@ def client(service: SearchService) -> TestClient:
 def server(service: SearchService) -> Iterator[str]:
     with serving(service) as url:
         yield url
-
-
-def _hostport(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
-def request(
-    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*_hostport(url), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -288,7 +272,7 @@ def test_media_range_head_and_conditionals_on_a_large_file(server: str, indexed:
     assert status == 200 and headers["content-length"] == str(size)  # the representation changed: the whole file
     # The whole file, read by the client a chunk at a time: the server holds one chunk per response, not the file.
     before = _rss_bytes()
-    conn = http.client.HTTPConnection(*_hostport(server), timeout=60)
+    conn = http.client.HTTPConnection(*host_port(server), timeout=60)
     conn.request("GET", media)
     response = conn.getresponse()
     assert response.status == 200
@@ -305,7 +289,7 @@ def test_a_client_that_leaves_mid_download_frees_the_file(server: str, indexed: 
     row = max(ok_rows(indexed, "videos"), key=lambda r: r["size_bytes"])
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
-        with socket.create_connection(_hostport(server), timeout=10) as sock:
+        with socket.create_connection(host_port(server), timeout=10) as sock:
             sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     deadline = time.monotonic() + 10
@@ -336,14 +320,14 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
         request_timeout_seconds=0.8,
     )
     with serving(SearchService({"slow": _slow_engine(indexed, engine, 0.5)}, limits=limits), parser=parser) as url:
-        host_port = _hostport(url)
+        address = host_port(url)
         # A request head that never ends: closed by the server after the header timeout.
-        with socket.create_connection(host_port, timeout=10) as sock:
+        with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             started = time.monotonic()
             assert sock.recv(4096) == b"" and time.monotonic() - started < 5
         # A body that stalls: 408.
-        with socket.create_connection(host_port, timeout=10) as sock:
+        with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(
                 b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
@@ -353,7 +337,7 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
         assert status == 413 and b"larger than 2048 bytes" in body
         # A GET with a body that looks like a request: one answer per request, the body is never a request.
         smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-        with socket.create_connection(host_port, timeout=10) as sock:
+        with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(
                 b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
                 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -7,7 +7,6 @@ Served over 127.0.0.1 only; the output is the session's `indexed` fixture.
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import select
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from local_servers import host_port, request
 
 from index.api import create_app
 from index.queries import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, QueryError, check_clip, jpeg_scan_count
@@ -46,23 +46,6 @@ def client(service: SearchService) -> TestClient:
 def server(service: SearchService) -> Iterator[str]:
     with serving(service) as url:
         yield url
-
-
-def _hostport(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
-def request(
-    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*_hostport(url), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def _metric_lines(url: str, route: str) -> list[str]:
@@ -201,7 +184,7 @@ def test_a_body_that_trickles_in_gets_408_at_the_request_timeout(
 ) -> None:
     limits = ServiceLimits(body_timeout_seconds=1.0, request_timeout_seconds=2.0)
     with serving(SearchService({"main": engine}, limits=limits)) as url:
-        with socket.create_connection(_hostport(url), timeout=10) as sock:
+        with socket.create_connection(host_port(url), timeout=10) as sock:
             sock.sendall(b"POST /search/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
             started, answer = time.monotonic(), b""
             while not answer and time.monotonic() - started < 8:
@@ -219,7 +202,7 @@ def test_clients_that_leave_mid_body_are_not_errors(
     server: str, path: str, route: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     for _ in range(2):
-        with socket.create_connection(_hostport(server), timeout=10) as sock:
+        with socket.create_connection(host_port(server), timeout=10) as sock:
             head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
             sock.sendall(head.encode() + b'{"text": "')
             time.sleep(0.2)  # the body is being read when the client goes
