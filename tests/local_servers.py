@@ -57,3 +57,16 @@ def request(
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def wait_until_answering(url: str, process: subprocess.Popen[str], *, timeout_s: float = 90) -> None:
+    """Polls ``url/healthz`` until the service started as `process` answers 200 (fails if the process dies)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the service never answered"
+        try:
+            if request(url, "/healthz")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import PADDED_EXTRA_BYTES
 from fastapi.testclient import TestClient
-from local_servers import host_port, request
+from local_servers import host_port, request, wait_until_answering
 
 from index import tables
 from index.api import create_app
@@ -492,15 +492,7 @@ def test_vitaclip_serve_command(indexed: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the service never answered"
-            try:
-                if request(url, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_answering(url, proc)
         status, _, body = request(url, "/search?q=red&k=2&index=main")
         assert status == 200 and len(json.loads(body)["results"]) == 2
     finally:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from local_servers import host_port, request
+from local_servers import host_port, request, wait_until_answering
 
 from index.api import create_app
 from index.queries import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, QueryError, check_clip, jpeg_scan_count
@@ -349,15 +349,7 @@ def test_vitaclip_serve_masks_credentials_in_its_logs(indexed: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the service never answered"
-            try:
-                if request(url, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_answering(url, proc)
         status, _, body = request(url, "/videos/anything")
         assert status == 500 and json.loads(body) == {"error": "internal error"}
     finally:
