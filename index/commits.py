@@ -18,11 +18,13 @@ The table contract (kept by every writer):
 - After its videos commit, a run removes the stale segment rows of the videos it committed without any (failed, or
   ok and too short) in a clean-up commit on the segments table, reconciled and retried after conflicts like a round:
   only of videos whose committed row is still the run's own, and only rows that no videos commit can still point
-  at: those in every segments file the Planner saw holding the video's rows (partners, rewrites, a killed run's),
-  and those of runs whose rows the videos commit removed. A kill before the clean-up leaves stale segment rows next
-  to the video's new row, of another run: search counts a segment only while its video's row is ok and of the
-  segment's run, so none reaches a result (a reader of the segments table alone still sees them, and a join on
-  ``run_id`` leaves them out); the next commit of that video that adds segment rows removes them.
+  at: those of the partner files of the row the Planner saw, and those of runs whose rows the videos commit removed,
+  wherever they are (a rewrite names its file apart from any videos file). A run's own unpartnered file may be a
+  live run's between its two commits and is left alone, as are the segments a kill leaves (before the clean-up, or
+  between a run's two commits): stale rows next to the video's row of another run. Search counts a segment only
+  while its video's row is ok and of the segment's run, so none reaches a result (a reader of the segments table
+  alone still sees them; a join on ``run_id`` leaves them out); the next commit of that video that adds segment
+  rows removes them.
 
 Beyond these rules, the Committer closes a race around the gap between the two commits of a round, where another
 run B commits video X too and our videos commit then conflicts: B's row of X is not DONE for our etag (B listed
@@ -410,7 +412,7 @@ class _Plan:
     replaced: int
     video_rows: int
     # videos committed without segment rows -> (the Planner's segment files of their row, runs of rows replaced)
-    bare: dict[str, tuple[frozenset[str], frozenset[str]]]
+    bare: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]]
 
 
 class Committer:
@@ -463,7 +465,8 @@ class Committer:
         self._committed_segments: dict[str, DataFile | None] | None = None  # set once our segments landed
         self._file_ids: dict[str, frozenset[str]] = {}  # segments file -> its video ids (`_ids_in`)
         self._written_ids: dict[str, pa.Array] = {}  # pending segments file -> its video ids, as the writer sent them
-        self._bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # committed, stale segments not cleaned
+        self._bare: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {}  # stale segments to clean
+        self._run_ids_of_segments: dict[str, pa.Table] = {}  # segments file -> its (video_id, run_id) columns
         # Videos another run finished with a final failure after our segments of them landed (dropped from our
         # videos commit): our segment rows of them belong to no row. Their files: our committed segments files.
         self._orphaned: set[str] = set()
@@ -645,11 +648,14 @@ class Committer:
             for path in held:
                 if path is not None and path in snapshots["segments"].sizes and video_id in self._segment_ids(path):
                     targets.setdefault(path, set()).add(video_id)
-        for video_id, (partners, runs) in self._bare.items():
+        for video_id, (partners, seen, runs) in self._bare.items():
             if any(row["run_id"] != self.run_id for _, row in video_rows.get(video_id, [])):
                 continue  # another run's row replaced ours: its commit took care of the segments
             held = {self._resolve("segments", path, video_id) for path in partners}
             held |= {path for path, row in segment_rows.get(video_id, []) if row["run_id"] in runs}
+            for path in (self._resolve("segments", p, video_id) for p in seen):
+                if path is not None and path in snapshots["segments"].sizes and self._holds(path, video_id, runs):
+                    held.add(path)
             for path in held:
                 if path is not None and path in snapshots["segments"].sizes and video_id in self._segment_ids(path):
                     targets.setdefault(path, set()).add(video_id)
@@ -672,6 +678,16 @@ class Committer:
             self._apply_moves("segments", moves)
         self._bare, self._orphaned, self._orphaned_files = {}, set(), set()
         return version
+
+    def _holds(self, path: str, video_id: str, runs: frozenset[str]) -> bool:
+        """Whether a segments file holds rows of `video_id` made by one of `runs` (two columns, read once)."""
+        if path not in self._run_ids_of_segments:
+            self._run_ids_of_segments[path] = _read_columns(
+                self.location, "segments", path, ["video_id", "run_id"], self.model_id
+            )
+        held = self._run_ids_of_segments[path]
+        mine = held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist()
+        return any(run in runs for run in mine)
 
     def _segment_ids(self, path: str) -> frozenset[str]:
         """Video ids in a segments file: ours read once (`_ids_in`), another writer's from what `_follow_log` read."""
@@ -830,13 +846,14 @@ class Committer:
         video_rows: dict[str, list[tuple[str, dict[str, Any]]]],
         segment_rows: dict[str, list[tuple[str, dict[str, Any]]]],
         dropped: set[str],
-    ) -> tuple[dict[str, dict[str, set[str]]], int, dict[str, tuple[frozenset[str], frozenset[str]]]]:
+    ) -> tuple[dict[str, dict[str, set[str]]], int, dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]]]:
         """The current files holding older rows of the videos we commit (table -> file -> video ids), how many
         video rows that replaces, and the videos committed without segment rows (their stale segment rows go after
-        the videos commit: video id -> (the Planner's partner files, the runs whose rows we remove))."""
+        the videos commit: video id -> (the Planner's partner files, the other segments files it saw holding the
+        video, the runs whose rows we remove))."""
         targets: dict[str, dict[str, set[str]]] = {table: {} for table in dlt.TABLES}
         replaced = 0
-        bare: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        bare: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {}
         known = pa.array(sorted(set(video_rows) | set(segment_rows)), pa.string())
         for index, batch in enumerate(self._pending):
             replacing = self._replacing(index, dropped, known)
@@ -859,10 +876,15 @@ class Committer:
                     # The run of the row the Planner saw, which this commit removes too: its segment rows may have
                     # moved out of the partner file (another run's rewrite for other videos) where only it finds them.
                     runs |= self._runs_in(video_id, video_files, snapshots["videos"])
-                    # Every segments file the Planner saw holding the video's rows: its row's partner, rewrites of it
-                    # (named apart from any videos file), a killed run's. A live run whose segments we remove there
-                    # either loses the videos race to our row (DONE) or commits them again (`_readd`).
-                    bare[video_id] = (frozenset(planned_segments), frozenset(runs - {self.run_id}))
+                    # The partner of the row the Planner saw, and the other segments files it saw holding the video:
+                    # rewrites (named apart from any videos file), where only the replaced runs' rows are stale; a
+                    # run's own unpartnered file may be a live run's between its two commits, and is left alone.
+                    partners = set(planned_videos) & set(planned_segments)
+                    bare[video_id] = (
+                        frozenset(partners),
+                        frozenset(set(planned_segments) - partners),
+                        frozenset(runs - {self.run_id}),
+                    )
                     segment_files = set()
                 found = False
                 for table, files in (("videos", video_files), ("segments", segment_files)):

@@ -801,7 +801,11 @@ def test_a_video_indexed_again_without_segments_loses_the_old_ones_wherever_they
     }
 
 
-def test_a_killed_run_segments_go_when_the_video_is_indexed_again_without_segments(local) -> None:
+def test_a_killed_run_segments_are_left_to_the_video_next_set(local) -> None:
+    """A run killed between its segments commit and its videos commit: its segments look like a live run's in that
+    gap, so a run indexing the video again without segments leaves them, next to a row of another run (which search
+    tells apart); the next commit that adds segments of the video removes them."""
+
     def kill() -> None:
         raise Killed
 
@@ -811,4 +815,6 @@ def test_a_killed_run_segments_go_when_the_video_is_indexed_again_without_segmen
     with pytest.raises(Killed):
         committer.commit()  # its segments landed, its video row never did
     _one_batch(local, {0: "e0b"}, "r2", without_segments=frozenset({vid(0)}))
-    assert _segment_runs(local) == {vid(0): ("ok", "r2", set())}
+    assert _segment_runs(local) == {vid(0): ("ok", "r2", {"r1"})}
+    _one_batch(local, {0: "e0c"}, "r3")
+    assert _segment_runs(local) == {vid(0): ("ok", "r3", {"r3"})}
