@@ -97,11 +97,13 @@ class RunHooks:
         after_write: Called with the number of finished write tasks the driver has received so far.
         before_commit: Called before each commit of the run.
         before_videos_commit: Called between a commit's segments commit and its videos commit.
+        after_commit: Called after each commit of the run landed (before the run's record says so).
     """
 
     after_write: Callable[[int], None] | None = None
     before_commit: Callable[[], None] | None = None
     before_videos_commit: Callable[[], None] | None = None
+    after_commit: Callable[[], None] | None = None
 
 
 class PlanActor:
@@ -385,6 +387,8 @@ class Commits:
             report.segments_committed,
             report.versions,
         )
+        if self.hooks.after_commit:
+            self.hooks.after_commit()
 
 
 class RunRecord:

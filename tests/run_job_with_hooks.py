@@ -6,6 +6,7 @@ ACTION is one of:
     kill-after-write:N       SIGKILL this driver once N written batches reached it
     kill-before-commit:N     SIGKILL it just before its N-th commit
     kill-before-videos:N     SIGKILL it between the segments and videos commits of its N-th commit
+    kill-after-commit:N      SIGKILL it once its N-th commit landed
     hold-before-commit:PATH  before each commit, create PATH.ready.<pid> and wait until PATH.go exists
     none                     run plainly
 
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> int:
         hooks = RunHooks(before_commit=_nth(int(arg)))
     elif kind == "kill-before-videos":
         hooks = RunHooks(before_videos_commit=_nth(int(arg)))
+    elif kind == "kill-after-commit":
+        hooks = RunHooks(after_commit=_nth(int(arg)))
     elif kind == "hold-before-commit":
 
         def hold() -> None:

@@ -223,9 +223,10 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, 
     out = tmp_path / "out"
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    # Points every run with work reaches: its first or second written batch, its first commit, the gap between the
-    # two tables' commits.
-    points = ["kill-after-write:1", "kill-after-write:2", "kill-before-commit:1", "kill-before-videos:1"]
+    # Points every run with work reaches: its first written batch, its first commit, the gap between the two tables'
+    # commits, a landed commit its record does not know of yet. (A second written batch is not among them: a run of
+    # a few videos is one embed call, whose output Ray Data gathers into one block, written by one task.)
+    points = ["kill-after-write:1", "kill-before-commit:1", "kill-before-videos:1", "kill-after-commit:1"]
     actions = [rng.choice(points) for _ in range(10)]
     with ray_head(dashboard=False) as head:
         argv = job_args(
@@ -246,7 +247,7 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, 
             killed += done.returncode == -signal.SIGKILL
             for name in ("videos", "segments"):  # readable after every kill, by any Delta reader
                 DeltaTable(str(out / name)).to_pyarrow_table(columns=["video_id"])
-        assert killed >= 7, (seed, actions)
+        assert killed == len(actions), (seed, actions)
         final = _hooked("none", argv, head.env)
         assert final.returncode == 0, final.stderr[-3000:]
         assert "driver imported: -\n" in final.stdout  # a checkpoint folder's run: no torch in the driver
