@@ -408,7 +408,7 @@ def _ok_rows(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from index.delta_tables import open_table, pyarrow_dataset, table_schema
+    from index.delta_tables import open_table, pyarrow_dataset, scan, table_schema
 
     columns = _ROW_COLUMNS[table]
     condition = (pc.field("model_id") == model_id) & pc.field("embedding").is_valid()
@@ -426,9 +426,7 @@ def _ok_rows(
         schema = pa.schema([f for f in table_schema(table, 1) if f.name in columns])
         dataset = pads.dataset([f"{root}/{f}" for f in files], schema=schema, format="parquet", filesystem=filesystem)
     versioned = files is not None  # a full build needs no versions (and should not read them for every row)
-    rows = dataset.to_table(
-        columns=["row_id", "embedding", *(["run_id", "indexed_at"] if versioned else [])], filter=condition
-    )
+    rows = scan(dataset, ["row_id", "embedding", *(["run_id", "indexed_at"] if versioned else [])], condition)
     ids = rows.column("row_id").to_numpy().astype(np.int64)
     stamps = _versions(rows) if versioned else np.zeros(len(ids), object)
     emb = rows.column("embedding").combine_chunks()
@@ -459,6 +457,8 @@ def _removed_rows(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    from index.delta_tables import scan
+
     if not files:
         return np.zeros(0, np.int64), np.zeros(0, object)
     filesystem, root = location.table_path(table)
@@ -467,7 +467,7 @@ def _removed_rows(
         condition = condition & (pc.field("status") == "ok")
     try:  # the dataset's discovery already opens the files
         dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
-        rows = dataset.to_table(columns=["row_id", "run_id", "indexed_at"], filter=condition)
+        rows = scan(dataset, ["row_id", "run_id", "indexed_at"], condition)
     except FileNotFoundError as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
     except OSError as exc:  # storage failing after its retries: the reason must not blame a vacuum

@@ -53,10 +53,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from index import delta_tables as dlt
-from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile
+from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile, read_file
 from index.schema import video_id_for
 
 RETRYABLE: frozenset[str] = frozenset(
@@ -176,7 +175,7 @@ def _stats_allow(stats: Mapping[str, Any], model_id: str) -> bool:
 def _read_columns(location: OutputLocation, table: str, path: str, columns: list[str], model_id: str) -> pa.Table:
     """Some columns of one data file (column projection), rows of `model_id` only."""
     filesystem, root = location.table_path(table)
-    data = pq.read_table(f"{root}/{path}", columns=[*columns, "model_id"], filesystem=filesystem)
+    data = read_file(filesystem, f"{root}/{path}", [*columns, "model_id"])
     return data.filter(pc.equal(data.column("model_id"), model_id)).select(columns)
 
 
@@ -809,7 +808,7 @@ class Committer:
         parts = []
         filesystem, root = self.location.table_path("segments")
         for path, keys in sorted(wanted.items()):
-            data = pq.read_table(f"{root}/{path}", filesystem=filesystem)
+            data = read_file(filesystem, f"{root}/{path}")
             data = data.filter(pc.equal(data.column("model_id"), self.model_id))
             parts.append(data.filter(pc.is_in(data.column("video_id"), value_set=pa.array(sorted(keys), pa.string()))))
         rows = pa.concat_tables(parts) if parts else None

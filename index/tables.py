@@ -29,6 +29,7 @@ from index.delta_tables import (
     old_layout_message,
     open_table,
     pyarrow_dataset,
+    scan,
 )
 from index.segments import INFO_FILE, referenced_files
 
@@ -124,7 +125,7 @@ def read_table(
     row_filter = (pc.field("model_id") == model_id) if model_id is not None else None
     if where is not None:
         row_filter = where if row_filter is None else row_filter & where
-    data = pyarrow_dataset(location, table, dt).to_table(columns=read_columns, filter=row_filter)
+    data = scan(pyarrow_dataset(location, table, dt), read_columns, row_filter)
     if wanted is not None and read_columns != wanted:
         data = data.select(wanted)
     return data
