@@ -212,29 +212,28 @@ def pyarrow_dataset(location: OutputLocation, table: str, dt: DeltaTable) -> Any
 
 
 # Data files read at once by `scan` on a filesystem written in Python: the reads wait on the network, not the GIL.
-_PYTHON_READERS = 8
+_PYTHON_READERS = 16
 
 
 def scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | None = None) -> pa.Table:
     """``dataset.to_table(columns, filter=where)``, except on a filesystem written in Python (gs://, see
-    `_RangedGcsReads`): there every data file is read on the calling thread, several files at once on Python threads.
+    `_RangedGcsReads`): there each data file is scanned on a Python thread of the caller, several files at once.
 
-    Arrow's own threads hold what a Python file returns (its buffers, the file, the filesystem) and release it when
-    they get the GIL again; a process that ends just after a read left some to be released during the interpreter's
-    finalization, and a thread that asks for the GIL then aborts the process ("terminate called without an active
-    exception", 11 to 15 of 20 short scripts that read a gs:// table). Read on the caller's thread, without
-    pre-buffering, every buffer is released there, before the read returns."""
+    Arrow's own scan threads hold what a Python file returns (its buffers, the file, the filesystem) and release it
+    when they get the GIL again; a process that ends just after a read left some of it to be released during the
+    interpreter's finalization, and a thread that asks for the GIL then aborts the process ("terminate called
+    without an active exception": 11 to 15 of 20 short scripts that read a gs:// table). Scanned with
+    ``use_threads=False``, a file's reader and what it holds are released by the thread that asked for it, before
+    the read returns. Measured on the GCS emulator, reading the keys of 200 files: 3.2 s on 8 such threads, 2.4 s on
+    16, 9.6 s on Arrow's threads; without pre-buffering (a request per column) 16.4 s."""
     if not _python_backed(getattr(dataset, "filesystem", None)):
         return dataset.to_table(columns=columns, filter=where)
     fragments = list(dataset.get_fragments(filter=where))
     if not fragments:
         return dataset.to_table(columns=columns, filter=where)  # reads no file
-    options = ds.ParquetFragmentScanOptions(pre_buffer=False)
 
     def read(fragment: ds.Fragment) -> pa.Table:
-        return fragment.to_table(
-            schema=dataset.schema, columns=columns, filter=where, use_threads=False, fragment_scan_options=options
-        )
+        return fragment.to_table(schema=dataset.schema, columns=columns, filter=where, use_threads=False)
 
     if len(fragments) == 1:
         return read(fragments[0])
@@ -246,9 +245,7 @@ def scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | 
 
 def read_file(filesystem: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet data file (some of its columns), read as `scan` reads it on a filesystem written in Python."""
-    if not _python_backed(filesystem):
-        return pq.read_table(path, columns=columns, filesystem=filesystem)
-    return pq.read_table(path, columns=columns, filesystem=filesystem, use_threads=False, pre_buffer=False)
+    return pq.read_table(path, columns=columns, filesystem=filesystem, use_threads=not _python_backed(filesystem))
 
 
 def _python_backed(filesystem: pafs.FileSystem | None) -> bool:
