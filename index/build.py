@@ -465,13 +465,13 @@ def _removed_rows(
     condition = pc.field("model_id") == model_id
     if table == "videos":
         condition = condition & (pc.field("status") == "ok")
+    # Storage failing after its retries (any other OSError) fails the update as it does on an added file: the
+    # index stays at its version and the next update follows the log again, instead of a whole build now.
     try:  # the dataset's discovery already opens the files
         dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
         rows = scan(dataset, ["row_id", "run_id", "indexed_at"], condition)
     except FileNotFoundError as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
-    except OSError as exc:  # storage failing after its retries: the reason must not blame a vacuum
-        raise _FullBuild(f"a data file removed since the index's table version could not be read: {exc}") from exc
     return rows.column("row_id").to_numpy().astype(np.int64), _versions(rows)
 
 

@@ -440,6 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"vitaclip {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # storage or the network failing after their retries: what failed, not a traceback
+        from vitaclip.redact import redact_text
+
+        print(f"vitaclip {args.command}: error: {type(exc).__name__}: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

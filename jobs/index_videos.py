@@ -41,9 +41,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     setup_logging()
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
-        from jobs.pipeline import run_index_job
+        from jobs import pipeline
 
-        summary = run_index_job(config)
+        try:
+            summary = pipeline.run_index_job(config)
+        except pipeline.IndexUpdateError as exc:  # storage failing after the commits: what holds, no traceback
+            print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
+            return 1
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
         print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2

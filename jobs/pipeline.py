@@ -89,6 +89,18 @@ _CALL_VIDEOS = 512
 _TAIL_BLOCK_VIDEOS = 128  # videos per block of the run's end (held back, cut finer so every decoder ends together)
 
 
+class IndexUpdateError(RuntimeError):
+    """The run's rows are committed, but updating the index from them failed on storage."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"the run's rows are committed, but updating the index failed: {type(cause).__name__}: "
+            f"{str(cause).rstrip('.')}. The "
+            "index stays at its previous version; the next run (or vitaclip build-index) updates it from the "
+            "tables' log"
+        )
+
+
 @dataclass(frozen=True)
 class RunHooks:
     """Points where a test may act inside a run (crash the driver, hold two runs at the same moment).
@@ -541,7 +553,10 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0 or changed
         ):
             # In the planner's process, not on the driver: the index is held whole while it is updated.
-            index_info = ray.get(planner.update_index.remote(config, model.model_id))
+            try:
+                index_info = ray.get(planner.update_index.remote(config, model.model_id))
+            except OSError as exc:  # storage failing after its retries (a Ray task error is also its cause's type)
+                raise IndexUpdateError(getattr(exc, "cause", None) or exc) from exc
         ray.kill(planner)
         phases.done("index_update")
         vacuumed = _vacuum(location, config.vacuum_retention_hours)

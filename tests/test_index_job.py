@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -191,6 +192,60 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
     info = json.loads((out / "index" / "index_info.json").read_text())
     assert info["indexes"]["videos"]["incremental"]["removed"] == 1
     assert open_index(out).count == 3 and new_row["row_id"] not in set(open_index(out).ids.tolist())
+
+
+def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's rows stay committed, the index stays at its version, the message says so without a traceback,
+    and the next run brings the index up to date from the tables' log."""
+    from jobs import pipeline
+    from jobs.cli import main as cli_main
+
+    videos = make_videos(tmp_path / "in", 3, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    info_before = (out / "index" / "index_info.json").read_bytes()
+    kept: dict[Path, bytes] = {}
+
+    def break_removed_files() -> None:  # as a store failing after its retries, on the files the commit removed
+        for table in ("videos", "segments"):
+            referenced = set(tables.data_files(out, table))
+            for path in (out / table).glob("*.parquet"):
+                if path.name not in referenced and path.is_file():
+                    kept[path] = path.read_bytes()
+                    path.unlink()
+                    path.mkdir()
+
+    real = pipeline.run_index_job
+    monkeypatch.setattr(
+        pipeline, "run_index_job", lambda c: real(c, hooks=pipeline.RunHooks(after_commit=break_removed_files))
+    )
+    write_sample_video(videos[0], num_frames=30, fps=12, width=96, height=72, pattern="shape", seed=99)
+    os.utime(videos[0], ns=(1, 10**18))
+    capsys.readouterr()
+    assert run([str(tmp_path / "in")], out) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: the run's rows are committed, but updating the index failed: \w*Error: .+\. The ", err)
+    assert "Traceback" not in err and kept
+    assert (out / "index" / "index_info.json").read_bytes() == info_before
+    replaced = [r for r in committed_videos(out).to_pylist() if r["uri"] == str(videos[0])]
+    assert len(replaced) == 1 and replaced[0]["duration_seconds"] == pytest.approx(2.5, abs=0.2)
+    record = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert record["state"] == "failed" and "updating the index failed" in record["error"]
+
+    assert cli_main(["build-index", str(out)]) == 1  # the command alike: what failed, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("vitaclip build-index: error: IsADirectoryError: ") and "Traceback" not in err
+
+    monkeypatch.setattr(pipeline, "run_index_job", real)
+    for path, data in kept.items():
+        path.rmdir()
+        path.write_bytes(data)
+    assert run([str(tmp_path / "in")], out) == 0
+    entry = json.loads((out / "index" / "index_info.json").read_text())["indexes"]["videos"]
+    assert "rebuild_reason" not in entry and entry["incremental"]["updated"] >= 1
+    assert open_index(out).count == 3
 
 
 def _assert_every_video_once(out: Path, videos: list[Path]) -> None:

@@ -20,7 +20,7 @@ from index.delta_tables import OutputLocation, create_tables, table_schema, writ
 from index.schema import row_id_for, video_id_for
 from index.segments import INFO_FILE, IndexUnusableError, open_index, parse_info, read_info, referenced_files
 from index.service import OutputSource
-from index.tables import local_copy, read_table, table_versions
+from index.tables import data_files, local_copy, read_table, table_versions
 from jobs.storage import open_store
 
 DIM = 16
@@ -363,4 +363,33 @@ def test_tables_created_again_are_indexed_whole_never_followed(tmp_path: Path) -
         _commit(location, _rows(_uris(600 + 10 * i, 3), rng))
     entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
     assert "rebuild_reason" not in entry and entry["count"] == 27
+    _check_search_is_exact(out, location, rng)
+
+
+def test_storage_failing_on_a_removed_file_fails_the_update_and_the_next_one_follows_the_log(tmp_path: Path) -> None:
+    """Only a file that is gone (vacuumed) makes the update build whole; storage failing after its retries fails
+    this update, leaves the index as it was, and the next update follows the log as if nothing had happened."""
+    rng = np.random.default_rng(8)
+    out = tmp_path / "out"
+    location, store, first = _indexed_output(str(out), 40, rng)
+    replaced = _rows(_uris(0, 5), rng)  # new versions of five indexed videos: their old file is rewritten
+    _commit(location, replaced)
+    referenced = set(data_files(location, "videos"))
+    removed = [p for p in (out / "videos").glob("*.parquet") if p.name not in referenced]
+    assert len(removed) == 1
+    kept = removed[0].read_bytes()
+    removed[0].unlink()
+    removed[0].mkdir()  # read as a file: an OSError that is not FileNotFoundError, as from a store failing
+    info_before = (out / "index" / INFO_FILE).read_bytes()
+
+    with pytest.raises(OSError, match="directory"):
+        build_from_output(store, model_id=MODEL)
+    assert (out / "index" / INFO_FILE).read_bytes() == info_before  # the index is as it was
+
+    removed[0].rmdir()
+    removed[0].write_bytes(kept)
+    info = build_from_output(store, model_id=MODEL)
+    entry = info["indexes"]["videos"]
+    assert "rebuild_reason" not in entry, entry.get("rebuild_reason")
+    assert entry["incremental"]["updated"] == 5 and entry["count"] == first["indexes"]["videos"]["count"]
     _check_search_is_exact(out, location, rng)
