@@ -103,6 +103,7 @@ def build_output(out: Path, rows: int, *, rows_per_file: int) -> None:
                 "model_id": [model_id] * n,
                 "run_id": ["synthetic"] * n,
                 "indexed_at": [now] * n,
+                "attempts": np.ones(n, np.int32),
             }
         )
         name = f"part-synthetic-{uuid.uuid4().hex}.parquet"

@@ -72,7 +72,14 @@ RETRYABLE: frozenset[str] = frozenset(
         "too_long",  # its clips were over the run's --max-frames-mib: a later run's limit or segments may differ
     }
 )
-"""Statuses of a video row that a later run indexes again; every other status is final."""
+"""Statuses of a video row that a later run indexes again (up to the planner's ``max_attempts`` runs per ETag);
+every other status is final."""
+
+DEFAULT_MAX_ATTEMPTS = 3
+"""Runs that may try one object (one ETag) before its retryable failure stands: a video that times out or crashes
+its decoder every time must not cost every later run its time limit."""
+
+_MAX_COUNTED_ATTEMPTS = 255  # attempts are held in a byte per committed row
 
 RUN_ID_KEY = "vitaclip.run_id"
 """Custom commit metadata naming the run that made a commit."""
@@ -187,29 +194,49 @@ def _lines(joined: str) -> list[str]:
 
 
 class Planner:
-    """Keeps the listed objects that need work: not DONE in the videos table, each once.
+    """Keeps the listed objects that need work: not DONE in the videos table, not given up on, each once.
 
     Holds the committed keys of one model at fixed table versions in numpy arrays sorted by video_id hash (8 bytes
-    of id hash, 8 of etag hash, 4 of file index and done flag per row), the current file names of both tables and
-    the video ids of unpartnered segment files. A usable Ray Data class UDF: setup in ``__init__``, work in
-    ``__call__``.
+    of id hash, 8 of etag hash, 4 of file index and done flag, 1 of attempts per row), the current file names of
+    both tables and the video ids of unpartnered segment files. A usable Ray Data class UDF: setup in ``__init__``,
+    work in ``__call__``.
+
+    Args:
+        max_attempts: Runs that may try one object (ETag) whose row keeps failing with a retryable status; None
+            retries such rows in every run.
 
     Attributes:
-        counts: ``listed``, ``already_indexed``, ``duplicate_in_listing`` and ``planned`` objects so far.
+        counts: ``listed``, ``already_indexed``, ``duplicate_in_listing``, ``attempts_exhausted`` and ``planned``
+            objects so far.
         video_files: Current data files of the videos table at the planning version.
         segment_files: Current data files of the segments table at the planning version.
     """
 
-    def __init__(self, location: OutputLocation, *, model_id: str, versions: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        location: OutputLocation,
+        *,
+        model_id: str,
+        versions: Mapping[str, int],
+        max_attempts: int | None = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        if max_attempts is not None and not 1 <= max_attempts <= _MAX_COUNTED_ATTEMPTS:
+            raise ValueError(
+                f"max_attempts must be 1 to {_MAX_COUNTED_ATTEMPTS} (or None: no limit), got {max_attempts}"
+            )
         self.location = location
         self.model_id = model_id
         self.versions = dict(versions)
+        self.max_attempts = max_attempts
         keys = dlt.read_keys(location, version=versions["videos"], model_id=model_id)
         files = keys.column("file").combine_chunks().dictionary_encode()
         self._files: list[str] = files.dictionary.to_pylist()  # one entry per file, not per row
         file_index = files.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
         final = pc.invert(pc.is_in(keys.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
         done = pc.and_(final, pc.is_valid(keys.column("etag"))).to_numpy(zero_copy_only=False).astype(bool)
+        # Rows written before schema version 3 have no count: one attempt.
+        attempts = pc.fill_null(keys.column("attempts"), 1).to_numpy(zero_copy_only=False)
+        attempts = np.clip(attempts, 0, _MAX_COUNTED_ATTEMPTS).astype(np.uint8)
         id_hash = _id_hash(keys.column("video_id"))
         etag_hash = _str_hash(keys.column("etag").to_pylist())
         del keys
@@ -217,6 +244,7 @@ class Planner:
         self._id_hash = id_hash[order]
         self._etag_hash = etag_hash[order]
         self._file_code = (file_index | np.where(done, _DONE_BIT, np.uint32(0)).astype(np.uint32))[order]
+        self._attempts = attempts[order]
 
         videos = _snapshot(location, "videos", versions["videos"])
         segments = _snapshot(location, "segments", versions["segments"])
@@ -236,7 +264,13 @@ class Planner:
         order = np.argsort(seg_hash, kind="stable")
         self._seg_hash, self._seg_owner = seg_hash[order], seg_owner[order]
         self._seen: set[int] = set()
-        self.counts = {"listed": 0, "already_indexed": 0, "duplicate_in_listing": 0, "planned": 0}
+        self.counts = {
+            "listed": 0,
+            "already_indexed": 0,
+            "duplicate_in_listing": 0,
+            "attempts_exhausted": 0,
+            "planned": 0,
+        }
 
     @property
     def unpartnered_segment_files(self) -> list[str]:
@@ -246,9 +280,13 @@ class Planner:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Listed objects (``uri``, ``etag``, ``size_bytes``, ``listing_status``, ``listing_error``) -> those to index.
 
-        Adds ``video_id``, ``current_video_file`` (the videos file holding its current row, or ""; several
-        newline-joined if an old output holds more than one row) and ``current_segment_files`` (newline-joined
-        segment files holding its segment rows).
+        Leaves out objects whose committed row is DONE, and objects whose row failed with a retryable status on
+        the same ETag in `max_attempts` runs already (counted as ``attempts_exhausted``).
+
+        Adds ``video_id``, ``attempt`` (the runs that will have tried the object, this one included: one more than
+        its row's ``attempts`` when that row failed retryably on the same ETag, else 1), ``current_video_file``
+        (the videos file holding its current row, or ""; several newline-joined if an old output holds more than
+        one row) and ``current_segment_files`` (newline-joined segment files holding its segment rows).
         """
         uris = [str(u) for u in batch["uri"]]
         n = len(uris)
@@ -261,6 +299,7 @@ class Planner:
         seg_lo = np.searchsorted(self._seg_hash, id_hash, side="left")
         seg_hi = np.searchsorted(self._seg_hash, id_hash, side="right")
         keep = np.zeros(n, dtype=bool)
+        attempt = np.ones(n, dtype=np.int32)
         video_files: list[str] = []
         segment_files: list[str] = []
         self.counts["listed"] += n
@@ -271,11 +310,16 @@ class Planner:
                 continue
             self._seen.add(key)
             codes = self._file_code[lo[i] : hi[i]]
-            if etags[i] is not None and np.any(
-                ((codes & _DONE_BIT) != 0) & (self._etag_hash[lo[i] : hi[i]] == etag_hash[i])
-            ):
-                self.counts["already_indexed"] += 1
-                continue
+            if etags[i] is not None:
+                same = self._etag_hash[lo[i] : hi[i]] == etag_hash[i]
+                if np.any(((codes & _DONE_BIT) != 0) & same):
+                    self.counts["already_indexed"] += 1
+                    continue
+                tried = int(self._attempts[lo[i] : hi[i]][same].max(initial=0))
+                if self.max_attempts is not None and tried >= self.max_attempts:
+                    self.counts["attempts_exhausted"] += 1
+                    continue
+                attempt[i] = min(tried + 1, _MAX_COUNTED_ATTEMPTS)
             keep[i] = True
             current = sorted({self._files[int(c & _FILE_MASK)] for c in codes})
             segs = {path for path in current if path in self.segment_files}  # partners
@@ -285,6 +329,7 @@ class Planner:
         self.counts["planned"] += int(keep.sum())
         out = {name: np.asarray(column)[keep] for name, column in batch.items()}
         out["video_id"] = np.asarray(video_ids, dtype=object)[keep]
+        out["attempt"] = attempt[keep]
         out["current_video_file"] = np.asarray(video_files, dtype=object)
         out["current_segment_files"] = np.asarray(segment_files, dtype=object)
         return out

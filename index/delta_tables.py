@@ -16,6 +16,7 @@ import datetime as dt_
 import json
 import math
 import os
+import random
 import re
 import time
 import urllib.parse
@@ -30,14 +31,26 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import Field as DeltaField
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from index.schema import schema_for
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
+
+_ADDED_COLUMNS: dict[int, dict[str, tuple[pa.Field, ...]]] = {
+    3: {"videos": (pa.field("attempts", pa.int32()),)},
+}
+"""Nullable columns each schema version added to the one before: data files written before them read as nulls.
+
+Version 2 tables are read as they are and upgraded by the first writer (`create_tables`): adding a nullable column
+and raising the version property are metadata-only commits, no data file is rewritten."""
+
+READ_VERSIONS = (2, 3)
+"""Schema versions this vitaclip reads; it writes only `SCHEMA_VERSION`."""
 
 TABLES: tuple[str, ...] = ("videos", "segments")
 
@@ -50,6 +63,7 @@ MAX_STRING_STAT_CHARS = 256
 
 _DEFAULT_DELETED_FILE_RETENTION_HOURS = 7 * 24  # delta.deletedFileRetentionDuration when a table does not set it
 _S3_MAX_ATTEMPTS = 10
+_UPGRADE_ATTEMPTS = 10  # tries of each schema upgrade step by writers upgrading one table at once
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet$")
 Scheme = Literal["file", "s3", "gs", "az", "abfss"]
 
@@ -393,22 +407,29 @@ def _check_table_name(table: str) -> None:
 _DELTA_TYPES = {"embedding": pa.list_(pa.float32()), "indexed_at": pa.timestamp("us", tz="UTC")}
 
 
-def table_schema(table: str, embed_dim: int) -> pa.Schema:
-    """The arrow schema of a table at schema version 2 (`SCHEMA_VERSION`).
+def table_schema(table: str, embed_dim: int, *, version: int = SCHEMA_VERSION) -> pa.Schema:
+    """The arrow schema of a table at a schema version (`READ_VERSIONS`; default `SCHEMA_VERSION`).
 
-    The columns of version 1 (`index.schema`), in the same order, except that ``embedding`` is a variable-size list
-    (its size is the ``vitaclip.embed_dim`` table property) and ``indexed_at`` is in microseconds.
+    Version 2 holds the columns of version 1 (`index.schema`), in the same order, except that ``embedding`` is a
+    variable-size list (its size is the ``vitaclip.embed_dim`` table property) and ``indexed_at`` is in
+    microseconds. Version 3 adds ``attempts`` as the videos table's last column: the runs that have tried the
+    video's current object, this row's run included (null in rows written before version 3).
 
     Raises:
-        ValueError: An unknown table or an embedding size below 1.
+        ValueError: An unknown table or version, or an embedding size below 1.
     """
     _check_table_name(table)
     if embed_dim < 1:
         raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
-    version_1 = schema_for(table, embed_dim)
-    return pa.schema(
-        [f.with_type(_DELTA_TYPES[f.name]) if f.name in _DELTA_TYPES else f for f in version_1.remove_metadata()]
-    )
+    if version not in READ_VERSIONS:
+        raise ValueError(f"unknown schema version {version}; versions: {', '.join(map(str, READ_VERSIONS))}")
+    fields = [
+        f.with_type(_DELTA_TYPES[f.name]) if f.name in _DELTA_TYPES else f
+        for f in schema_for(table, embed_dim).remove_metadata()
+    ]
+    for added_in in range(3, version + 1):  # at the end, where Delta's ADD COLUMN puts them
+        fields += _ADDED_COLUMNS[added_in].get(table, ())
+    return pa.schema(fields)
 
 
 def _table_properties(table: str, embed_dim: int) -> dict[str, str | None]:
@@ -469,8 +490,48 @@ def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | N
                 if dt is None:
                     raise
         check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
+        if schema_version(dt) < SCHEMA_VERSION:
+            dt = _upgrade(location, table, dt)
+            check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
         versions[table] = dt.version()
     return versions
+
+
+def schema_version(dt: DeltaTable) -> int:
+    """The schema version of a table `check_table` accepted."""
+    return int(dt.metadata().configuration[SCHEMA_VERSION_KEY])
+
+
+def _upgrade(location: OutputLocation, table: str, dt: DeltaTable) -> DeltaTable:
+    """Brings a table of an older schema version to `SCHEMA_VERSION` in metadata-only commits (the added columns,
+    then the version property); returns it reopened. Writers upgrading at once take turns: each step is done by
+    whoever commits it first, and a writer whose commit lost re-reads the table and goes on from there. A writer
+    killed between the two commits leaves the columns, which the next one keeps."""
+    for version in range(schema_version(dt) + 1, SCHEMA_VERSION + 1):
+        failure: Exception | None = None
+        for attempt in range(_UPGRADE_ATTEMPTS):
+            if schema_version(dt) >= version:
+                break
+            try:
+                present = set(dt.schema().to_arrow().names)
+                added = [f for f in _ADDED_COLUMNS[version].get(table, ()) if f.name not in present]
+                if added:
+                    dt.alter.add_columns([DeltaField.from_arrow(f) for f in added])
+                    dt = open_table(location, table) or dt
+                dt.alter.set_table_properties({SCHEMA_VERSION_KEY: str(version)}, raise_if_not_exists=False)
+            except Exception as exc:  # delta-rs raises generic errors; another writer may have committed first
+                failure = exc
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+            reopened = open_table(location, table)
+            if reopened is None:
+                raise FileNotFoundError(f"the {table} table at {location.table_uri(table)} disappeared")
+            dt = reopened
+        if schema_version(dt) < version:
+            reason = f": {type(failure).__name__}: {failure}" if failure else ""
+            raise TableMismatchError(
+                f"{location.table_uri(table)} could not be upgraded to schema version {version}{reason}"
+            ) from failure
+    return dt
 
 
 def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, model_id: str | None = None) -> int:
@@ -492,9 +553,10 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
         found = f"a {found_table!r} table" if found_table else "a Delta table without vitaclip properties"
         raise TableMismatchError(f"{where} is {found}; expected vitaclip's {table!r} table")
     found_version = config.get(SCHEMA_VERSION_KEY)
-    if found_version != str(SCHEMA_VERSION):
+    if found_version not in {str(v) for v in READ_VERSIONS}:
         raise TableMismatchError(
-            f"{where} has schema version {found_version or '?'}; this vitaclip reads version {SCHEMA_VERSION}"
+            f"{where} has schema version {found_version or '?'}; this vitaclip reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     try:
         found_dim = int(config.get(EMBED_DIM_KEY, ""))
@@ -505,9 +567,9 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
         raise TableMismatchError(
             f"{where} holds {found_dim}-dim embeddings but {model} makes {embed_dim}-dim ones; use another --output"
         )
-    expected = DeltaSchema.from_arrow(table_schema(table, found_dim))
+    expected = DeltaSchema.from_arrow(table_schema(table, found_dim, version=int(found_version)))
     if json.loads(dt.schema().to_json()) != json.loads(expected.to_json()):
-        raise TableMismatchError(f"{where} columns differ from {table} schema version {SCHEMA_VERSION}")
+        raise TableMismatchError(f"{where} columns differ from {table} schema version {found_version}")
     protocol = dt.protocol()
     if protocol.min_reader_version > 1 or protocol.reader_features:
         # Data files are read directly with pyarrow (read_keys, rewrite_without): deletion vectors or column
@@ -570,6 +632,9 @@ class RemovedFile:
 def _conform(data: pa.Table, table: str, embed_dim: int) -> pa.Table:
     """`data` cast to `table_schema`, with embedding sizes, nulls and millisecond timestamps checked or made so."""
     schema = table_schema(table, embed_dim)
+    for added in (f for columns in _ADDED_COLUMNS.values() for f in columns.get(table, ())):
+        if added.name not in data.column_names:  # rows of a file written before the column (a rewrite's copy)
+            data = data.append_column(added, pa.nulls(data.num_rows, added.type))
     missing = [name for name in schema.names if name not in data.column_names]
     extra = [name for name in data.column_names if name not in schema.names]
     if missing or extra:
@@ -906,17 +971,18 @@ def _parse_commit(version: int, text: str) -> LogCommit:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-KEY_COLUMNS = ("video_id", "etag", "status")
+KEY_COLUMNS = ("video_id", "etag", "status", "attempts")
 
 
 def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Table:
-    """The planning keys of the videos table at `version` for one model: video_id, etag, status and file.
+    """The planning keys of the videos table at `version` for one model: video_id, etag, status, attempts and file.
 
     Reads only those columns and ``model_id`` (column projection; Parquet row-group statistics skip more), from
     the files whose Delta statistics allow `model_id`: embeddings and thumbnails are never downloaded.
 
     Returns:
-        Columns video_id, etag, status, and file (the data file's path relative to the table root).
+        Columns video_id, etag, status, attempts (null in rows written before schema version 3), and file (the
+        data file's path relative to the table root).
     """
     dt = open_table(location, "videos", version=version)
     if dt is None:

@@ -233,6 +233,8 @@ def _result_tables(
             "codec": [c or None for c in col(batch["codec"], vm)],
             "status": [str(s) for s in col(batch["status"], vm)],
             "error_message": [m or None for m in col(batch["error_message"], vm)],
+            # The planner's count; rows of a batch it did not plan (tests, tools) are a first attempt.
+            "attempts": [int(a) for a in col(batch["attempt"], vm)] if "attempt" in batch else [1] * int(vm.sum()),
             **result_columns(vm),
         },
         schema=schemas["videos"],

@@ -72,6 +72,9 @@ class IndexJobConfig:
         max_frames_mib: most MiB of decoded frames for one video's clips: a video that needs more (many segments of
             a long video) is a row with status ``too_long`` (refused before decoding; a later run with a higher
             limit or longer segments indexes it). A decode task holds up to about twice this for such a video.
+        max_attempts: runs that may try one object (one ETag) whose row keeps failing with a retryable status
+            (``timeout``, ``decoder_crashed``, ``too_long``, read errors); after that its row stands until the object
+            changes or a run allows more. 0: retry such rows in every run.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
         max_size_bytes: skip larger objects (None: no limit).
@@ -105,6 +108,7 @@ class IndexJobConfig:
     vacuum_retention_hours: float = 7 * 24.0
     decode_timeout_seconds: float = 120.0
     max_frames_mib: float = 2048.0
+    max_attempts: int = 3
     whole_object_max_bytes: int = 32 * 2**20
     min_size_bytes: int = 0
     max_size_bytes: int | None = None
@@ -124,6 +128,8 @@ class IndexJobConfig:
             raise ValueError(f"decode_piece_mib must be > 0 and finite (MiB), got {self.decode_piece_mib}")
         if not 0 < self.max_frames_mib < 2**30:
             raise ValueError(f"max_frames_mib must be > 0 and finite (MiB), got {self.max_frames_mib}")
+        if not 0 <= self.max_attempts <= 255:
+            raise ValueError(f"max_attempts must be 0 (no limit) to 255, got {self.max_attempts}")
         if self.commit_seconds <= 0:
             raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.vacuum_retention_hours < 0:
@@ -189,6 +195,11 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this")
     p.add_argument("--decode-timeout-seconds", type=float)
     p.add_argument("--max-frames-mib", type=float, help="most MiB of frames per video (more: status too_long)")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        help="runs that may try a video whose row keeps failing retryably (timeout, decoder_crashed...); 0: no limit",
+    )
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)

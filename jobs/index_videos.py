@@ -30,8 +30,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     counts = summary["counts"]
     print(
         f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
-        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice; "
-        f"status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
+        f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice"
+        + (f", {exhausted} failed in every allowed attempt" if (exhausted := counts.get("attempts_exhausted")) else "")
+        + f"; status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
     )
     print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")
 

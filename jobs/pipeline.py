@@ -136,8 +136,9 @@ class PlanActor:
         versions: dict[str, int],
         folder_inputs: Sequence[str],
         decode_workers: int,
+        max_attempts: int | None = None,
     ) -> None:
-        self.planner = Planner(location, model_id=model_id, versions=versions)
+        self.planner = Planner(location, model_id=model_id, versions=versions, max_attempts=max_attempts)
         self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self._other_local_dirs: set[str] = set()
         self._spread = 4 * max(1, decode_workers)  # blocks of the run's end: four per decoder
@@ -524,7 +525,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         pools, device = plan_index_pools_for(config)
         record.embed_device = device
         phases.done("ray_start")
-        planner, block_refs = plan_run(listing, location, model, versions, record.folder_inputs, pools)
+        planner, block_refs = plan_run(
+            listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts
+        )
         phases.done("plan")
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
@@ -634,9 +637,12 @@ def plan_run(
     versions: dict[str, int],
     folder_inputs: Sequence[str],
     pools: IndexPools,
+    *,
+    max_attempts: int = 0,
 ) -> tuple[Any, list[Any]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
-    that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each."""
+    that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
+    `max_attempts` is the config's (0: no limit)."""
     import ray
 
     # The planner needs no CPU of its own: it mostly waits.
@@ -649,6 +655,7 @@ def plan_run(
             versions=versions,
             folder_inputs=folder_inputs,
             decode_workers=pools.decode_workers,
+            max_attempts=max_attempts or None,
         )
     )
     in_flight: list[Any] = []

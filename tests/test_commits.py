@@ -60,6 +60,7 @@ def write_batch(
     statuses: dict[str, str] | None = None,
     thumb_bytes: int = 3,
     without_segments: frozenset[str] = frozenset(),
+    attempts: bool = True,
 ) -> WrittenBatch:
     """What a worker does: one video row per planned object, `SEGMENTS` segment rows for each "ok" one (but those
     `without_segments`: ok videos too short for a segment)."""
@@ -95,6 +96,8 @@ def write_batch(
             **{key: value * n for key, value in common.items()},
         }
     )
+    if attempts and "attempt" in planned:  # as the job's writer does (without: a row of before schema version 3)
+        videos = videos.append_column("attempts", pa.array(planned["attempt"], pa.int32()))
     videos_file = dlt.write_data_file(location, "videos", videos, name=name, embed_dim=DIM)
     with_segments = [
         (v, u) for v, u, s in zip(ids, uris, status, strict=True) if s == "ok" and v not in without_segments
@@ -138,10 +141,15 @@ def select(planned: dict[str, np.ndarray], keep: set[int]) -> dict[str, np.ndarr
 
 
 def run(
-    location: OutputLocation, etags: dict[int, str], run_id: str, *, statuses: dict[int, str] | None = None
+    location: OutputLocation,
+    etags: dict[int, str],
+    run_id: str,
+    *,
+    statuses: dict[int, str] | None = None,
+    max_attempts: int | None = 3,
 ) -> tuple[Planner, CommitReport]:
     """A whole run: plan the listing, write two batches, commit."""
-    planner = Planner(location, model_id=MODEL, versions=latest_versions(location))
+    planner = Planner(location, model_id=MODEL, versions=latest_versions(location), max_attempts=max_attempts)
     planned = planner(listing(etags))
     committer = Committer(location, model_id=MODEL, run_id=run_id, versions=planner.versions)
     status_by_id = {vid(k): s for k, s in (statuses or {}).items()}
@@ -194,12 +202,24 @@ def local(tmp_path: Path) -> OutputLocation:
 def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
     first = {k: f"e{k}" for k in range(4)}
     planner, report = run(local, first, "r1")
-    assert planner.counts == {"listed": 4, "already_indexed": 0, "duplicate_in_listing": 0, "planned": 4}
+    assert planner.counts == {
+        "listed": 4,
+        "already_indexed": 0,
+        "duplicate_in_listing": 0,
+        "attempts_exhausted": 0,
+        "planned": 4,
+    }
     assert report.videos_committed == 4 and report.segments_committed == 4 * SEGMENTS and report.rounds == 1
 
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
     assert len(planner(listing(first))["video_id"]) == 0
-    assert planner.counts == {"listed": 4, "already_indexed": 4, "duplicate_in_listing": 0, "planned": 0}
+    assert planner.counts == {
+        "listed": 4,
+        "already_indexed": 4,
+        "duplicate_in_listing": 0,
+        "attempts_exhausted": 0,
+        "planned": 0,
+    }
 
     # video 3 changed and its re-indexing timed out: a committed row with a retryable status
     assert "timeout" in RETRYABLE
@@ -219,15 +239,23 @@ def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
         "listing_status",
         "listing_error",
         "video_id",
+        "attempt",
         "current_video_file",
         "current_segment_files",
     }
     assert list(planned["etag"]) == ["e1-new", "e3-new"]
+    assert list(planned["attempt"]) == [1, 2]  # another object; the second try of the same one
     assert list(planned["current_video_file"]) == [files[vid(1)], files[vid(3)]]
     assert files[vid(1)] != files[vid(3)]  # r1's file, r2's file
     assert planned["current_segment_files"][0] == files[vid(1)]  # the partner in the segments table
     assert planned["current_segment_files"][1] == ""  # r2 made no segments and removed r1's
-    assert planner.counts == {"listed": 4, "already_indexed": 2, "duplicate_in_listing": 0, "planned": 2}
+    assert planner.counts == {
+        "listed": 4,
+        "already_indexed": 2,
+        "duplicate_in_listing": 0,
+        "attempts_exhausted": 0,
+        "planned": 2,
+    }
 
     # listed twice (in one batch and across batches): planned once; unknown videos have no current files
     planned = planner(listing({7: "e7"}))
@@ -238,8 +266,53 @@ def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
     assert planner.counts["duplicate_in_listing"] == 4 and planner.counts["planned"] == 3
     assert planner.counts["listed"] == sum(v for k, v in planner.counts.items() if k != "listed")
     rows = dlt.read_keys(local, version=planner.versions["videos"], model_id=MODEL).num_rows
-    held = planner._id_hash.nbytes + planner._etag_hash.nbytes + planner._file_code.nbytes
-    assert rows == 4 and held == 20 * rows  # 20 bytes a committed row
+    held = planner._id_hash.nbytes + planner._etag_hash.nbytes + planner._file_code.nbytes + planner._attempts.nbytes
+    assert rows == 4 and held == 21 * rows  # 21 bytes a committed row
+
+
+def test_a_video_that_keeps_failing_is_tried_by_max_attempts_runs(local: OutputLocation) -> None:
+    """A video whose row keeps failing retryably is planned in at most `max_attempts` runs per ETag; the count
+    starts again when the object changes, and a run allowing more (or None: no limit) plans it again."""
+    tried = []
+    for run_id in ("r1", "r2", "r3", "r4"):
+        planner, _ = run(local, {0: "e0", 1: "e1"}, run_id, statuses={0: "timeout", 1: "decoder_crashed"})
+        tried.append(planner.counts["planned"])
+        assert planner.counts["listed"] == sum(v for k, v in planner.counts.items() if k != "listed")
+    assert tried == [2, 2, 2, 0] and planner.counts["attempts_exhausted"] == 2
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert {row["attempts"] for row in rows.values()} == {3} and {row["run_id"] for row in rows.values()} == {"r3"}
+
+    versions = latest_versions(local)
+    planned = Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0", 1: "e1-new"}))
+    assert list(planned["video_id"]) == [vid(1)] and list(planned["attempt"]) == [1]  # a new object
+    more = Planner(local, model_id=MODEL, versions=versions, max_attempts=5)(listing({0: "e0"}))
+    assert list(more["attempt"]) == [4]
+    unlimited = Planner(local, model_id=MODEL, versions=versions, max_attempts=None)
+    assert list(unlimited(listing({0: "e0"}))["attempt"]) == [4]
+    with pytest.raises(ValueError, match="max_attempts must be 1 to 255"):
+        Planner(local, model_id=MODEL, versions=versions, max_attempts=0)
+
+    planner, _ = run(local, {0: "e0"}, "r5", statuses={0: "ok"}, max_attempts=5)  # the fourth try succeeds
+    assert planner.counts["planned"] == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert (rows[vid(0)]["status"], rows[vid(0)]["attempts"]) == ("ok", 4)
+    final = Planner(local, model_id=MODEL, versions=latest_versions(local), max_attempts=None)
+    assert len(final(listing({0: "e0"}))["video_id"]) == 0 and final.counts["already_indexed"] == 1
+
+
+def test_rows_without_an_attempt_count_are_one_attempt(local: OutputLocation) -> None:
+    """Rows written before schema version 3 (attempts null) count as one attempt."""
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    batch = write_batch(local, planner(listing({0: "e0"})), "r1", statuses={vid(0): "timeout"}, attempts=False)
+    committer = Committer(local, model_id=MODEL, run_id="r1", versions=planner.versions)
+    committer.add(batch)
+    committer.commit()
+    videos, _ = read_tables(local)
+    assert videos.column("attempts").to_pylist() == [None]
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local), max_attempts=2)
+    assert list(planner(listing({0: "e0"}))["attempt"]) == [2]
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local), max_attempts=1)
+    assert len(planner(listing({0: "e0"}))["video_id"]) == 0 and planner.counts["attempts_exhausted"] == 1
 
 
 def test_commit_gives_up_when_another_writer_keeps_committing(

@@ -165,7 +165,7 @@ def test_output_location_s3_strips_userinfo_and_sets_options(monkeypatch: pytest
 
 @pytest.mark.parametrize("table", dlt.TABLES)
 def test_table_schema_is_version_1_with_delta_types(table: str) -> None:
-    schema = dlt.table_schema(table, 512)
+    schema = dlt.table_schema(table, 512, version=2)
     old = schema_for(table, 512)
     assert schema.names == old.names and not schema.metadata
     for new_field, old_field in zip(schema, old, strict=True):
@@ -181,6 +181,126 @@ def test_table_schema_is_version_1_with_delta_types(table: str) -> None:
     assert pa.schema(delta.to_arrow()).names == schema.names
 
 
+def test_schema_version_3_adds_attempts_to_videos_only() -> None:
+    videos_2, videos_3 = dlt.table_schema("videos", 8, version=2), dlt.table_schema("videos", 8)
+    at = videos_3.get_field_index("attempts")
+    assert at == len(videos_3) - 1 and videos_3.field("attempts") == pa.field("attempts", pa.int32())
+    assert videos_3.remove(at) == videos_2
+    assert dlt.table_schema("segments", 8) == dlt.table_schema("segments", 8, version=2)
+    with pytest.raises(ValueError, match="unknown schema version 1"):
+        dlt.table_schema("videos", 8, version=1)
+
+
+def version_2_output(location: OutputLocation, rows: pa.Table) -> DataFile:
+    """An output as vitaclip wrote it at schema version 2: tables of that schema and one videos file of `rows`
+    written without the ``attempts`` column, committed."""
+    for table in dlt.TABLES:
+        DeltaTable.create(
+            location.table_uri(table),
+            schema=dlt.table_schema(table, DIM, version=2),
+            configuration={"vitaclip.table": table, "vitaclip.schema_version": "2", "vitaclip.embed_dim": str(DIM)},
+            raise_if_key_not_exists=False,
+            storage_options=location.storage_options(),
+        )
+    old = rows.cast(dlt.table_schema("videos", DIM, version=2))
+    name = fresh_name()
+    filesystem, root = location.table_path("videos")
+    pq.write_table(old, f"{root}/{name}", filesystem=filesystem)
+    stats = json.dumps(dlt.file_stats(old))
+    size = filesystem.get_file_info(f"{root}/{name}").size
+    data_file = DataFile("videos", name, size, old.num_rows, stats, int(time.time() * 1000))
+    add_files(location, "videos", [data_file])
+    return data_file
+
+
+def test_a_version_2_output_is_read_as_it_is_and_upgraded_by_the_first_writer(
+    tmp_path: Path, duckdb_delta: Any
+) -> None:
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    old_rows = video_rows(["a", "b", "c"])
+    old_file = version_2_output(location, old_rows)
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None and dlt.check_table(videos, "videos") == DIM and dlt.schema_version(videos) == 2
+    keys = dlt.read_keys(location, version=1, model_id="m1")  # readers take version 2 as it is
+    assert keys.column("attempts").to_pylist() == [None] * 3
+
+    versions = dlt.create_tables(location, DIM)  # a writer upgrades: the column, then the version property
+    assert versions == {"videos": 3, "segments": 1}
+    for table in dlt.TABLES:
+        dt = dlt.open_table(location, table)
+        assert dt is not None and dlt.schema_version(dt) == 3 and dlt.check_table(dt, table, embed_dim=DIM) == DIM
+        assert dlt.data_file_paths(dt) == ([old_file.path] if table == "videos" else [])  # no data file rewritten
+    assert dlt.create_tables(location, DIM) == versions  # once
+
+    new = dlt.write_data_file(
+        location, "videos", video_rows(["d"]).append_column("attempts", pa.array([2], pa.int32())), name=fresh_name()
+    )
+    kept = dlt.rewrite_without(location, "videos", old_file.path, ["a"], name=fresh_name())  # an old file's copy
+    assert kept is not None
+    dlt.commit(
+        location, "videos", adds=[new, kept], removes=[RemovedFile(old_file.path, old_file.size_bytes)],
+        read_version=3, app_id="test", app_version=1, metadata={},
+    )  # fmt: skip
+    read = DeltaTable(location.table_uri("videos")).to_pyarrow_table().sort_by("video_id")
+    assert read.schema.names == dlt.table_schema("videos", DIM).names
+    assert read.column("video_id").to_pylist() == ["b", "c", "d"]
+    assert read.column("attempts").to_pylist() == [None, None, 2]
+    keys = dlt.read_keys(location, version=4, model_id="m1")
+    assert dict(zip(keys.column("video_id").to_pylist(), keys.column("attempts").to_pylist(), strict=True)) == {
+        "b": None,
+        "c": None,
+        "d": 2,
+    }
+    rows = duckdb_delta.execute(
+        f"SELECT video_id, attempts FROM delta_scan('{location.table_uri('videos')}') ORDER BY video_id"
+    ).fetchall()
+    assert rows == [("b", None), ("c", None), ("d", 2)]
+
+
+_UPGRADE_SCRIPT = """
+import json, sys, time
+from index import delta_tables as dlt
+from index.delta_tables import OutputLocation
+url, endpoint, start_at = sys.argv[1], sys.argv[2] or None, float(sys.argv[3])
+location = OutputLocation.from_url(url, s3_endpoint_url=endpoint)
+time.sleep(max(0.0, start_at - time.time()))
+print(json.dumps(dlt.create_tables(location, int(sys.argv[4]))))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writers_upgrading_one_version_2_output_at_once_agree(where: str, tmp_path: Path, request: Any) -> None:
+    """Three runs (processes) start on one version 2 output at the same moment: each upgrades or finds it upgraded."""
+    import subprocess
+    import sys
+
+    location = (
+        OutputLocation.from_url(str(tmp_path / "out")) if where == "local" else request.getfixturevalue("s3_location")
+    )
+    version_2_output(location, video_rows(["a", "b"]))
+    start_at = str(time.time() + 4)  # after the imports of all three
+    args = [location.url, location.s3_endpoint_url or "", start_at, str(DIM)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UPGRADE_SCRIPT, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    results = [writer.communicate(timeout=120) for writer in writers]
+    assert [w.returncode for w in writers] == [0, 0, 0], [err[-2000:] for _, err in results]
+    versions = [json.loads(out) for out, _ in results]
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None and dlt.schema_version(videos) == 3
+    assert {v["videos"] for v in versions} == {videos.version()} == {3}  # one column commit, one property commit
+    assert pa.schema(videos.schema().to_arrow()).names == dlt.table_schema("videos", DIM).names
+    assert videos.to_pyarrow_table().num_rows == 2
+
+
 def test_create_tables_is_idempotent_and_sets_properties(tmp_path: Path) -> None:
     location = OutputLocation.from_url(str(tmp_path / "out"))
     assert dlt.open_table(location, "videos") is None
@@ -191,7 +311,7 @@ def test_create_tables_is_idempotent_and_sets_properties(tmp_path: Path) -> None
         assert dt is not None and dt.version() == 0
         config = dt.metadata().configuration
         assert config["vitaclip.table"] == table
-        assert config["vitaclip.schema_version"] == str(SCHEMA_VERSION) == "2"
+        assert config["vitaclip.schema_version"] == str(SCHEMA_VERSION) == "3"
         assert config["vitaclip.embed_dim"] == str(DIM)
         assert dlt.check_table(dt, table, embed_dim=DIM) == DIM
 
@@ -211,10 +331,10 @@ def test_mismatched_tables_are_refused_naming_both_values(tmp_path: Path) -> Non
     DeltaTable.create(
         future.table_uri("videos"),
         schema=dlt.table_schema("videos", 8),
-        configuration={"vitaclip.table": "videos", "vitaclip.schema_version": "3", "vitaclip.embed_dim": "8"},
+        configuration={"vitaclip.table": "videos", "vitaclip.schema_version": "4", "vitaclip.embed_dim": "8"},
         raise_if_key_not_exists=False,
     )
-    with pytest.raises(TableMismatchError, match="schema version 3; this vitaclip reads version 2"):
+    with pytest.raises(TableMismatchError, match="schema version 4; this vitaclip reads versions 2, 3"):
         dlt.create_tables(future, 8)
 
     foreign = OutputLocation.from_url(str(tmp_path / "foreign"))
@@ -312,7 +432,7 @@ def test_other_readers_read_the_tables(local: OutputLocation) -> None:
     add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())])
     add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["c"]), name=fresh_name())])
     frame = polars.read_delta(local.table_uri("videos"))
-    assert sorted(frame["video_id"].to_list()) == ["a", "b", "c"] and frame.columns[-1] == "indexed_at"
+    assert sorted(frame["video_id"].to_list()) == ["a", "b", "c"] and frame.columns[-1] == "attempts"
     pandas_frame = DeltaTable(local.table_uri("videos")).to_pandas()
     assert sorted(pandas_frame["video_id"]) == ["a", "b", "c"]
     assert str(pandas_frame["indexed_at"].dt.tz) == "UTC"
@@ -507,10 +627,10 @@ def test_read_keys_reads_only_key_columns_of_the_model(local: OutputLocation, mo
     counting = CountingHandler()
     monkeypatch.setattr(OutputLocation, "filesystem", lambda self: (pafs.PyFileSystem(counting), self.url))
     keys = dlt.read_keys(local, version=version, model_id="m1")
-    assert keys.schema.names == ["video_id", "etag", "status", "file"]
+    assert keys.schema.names == ["video_id", "etag", "status", "attempts", "file"]
     got = sorted(zip(*(keys.column(n).to_pylist() for n in keys.schema.names), strict=True))
-    want = [("a", "etag-a", "ok", m1_a.path), ("b", "etag-b", "decode_error", m1_a.path)]
-    want += [("c", "etag-c", "ok", m1_b.path)] * 5 + [("c", "etag-c", "decode_error", m1_b.path)]
+    want = [("a", "etag-a", "ok", None, m1_a.path), ("b", "etag-b", "decode_error", None, m1_a.path)]
+    want += [("c", "etag-c", "ok", None, m1_b.path)] * 5 + [("c", "etag-c", "decode_error", None, m1_b.path)]
     assert got == sorted(want)
     root = local.table_uri("videos")
     assert set(counting.bytes_read) == {f"{root}/{m1_a.path}", f"{root}/{m1_b.path}"}  # m2's file: skipped by stats

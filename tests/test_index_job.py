@@ -194,6 +194,28 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
     assert open_index(out).count == 3 and new_row["row_id"] not in set(open_index(out).ids.tolist())
 
 
+def test_a_video_that_keeps_failing_stops_costing_runs_after_max_attempts(local_ray, tmp_path: Path, capsys) -> None:
+    """A retryable failure (here too_long: a frame limit below any clip) is tried again by later runs only while
+    fewer than --max-attempts runs have tried that object; a run allowing more tries it again."""
+    make_videos(tmp_path / "in", 2, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out, "--max-frames-mib", "0.001") == 0
+    rows = committed_videos(out).to_pylist()
+    assert [(r["status"], r["attempts"]) for r in rows] == [("too_long", 1)] * 2
+
+    capsys.readouterr()
+    assert run([str(tmp_path / "in")], out, "--max-frames-mib", "0.001", "--max-attempts", "1") == 0
+    record = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert record["counts"]["attempts_exhausted"] == 2 and record["counts"]["processed"] == 0
+    assert "0 videos processed, 0 already indexed, 0 listed twice, 2 failed in every allowed attempt" in (
+        capsys.readouterr().out
+    )
+    assert [r["run_id"] for r in committed_videos(out).to_pylist()] == [r["run_id"] for r in rows]
+
+    assert run([str(tmp_path / "in")], out) == 0  # the default allows three runs: the second try, within limits
+    assert sorted((r["status"], r["attempts"]) for r in committed_videos(out).to_pylist()) == [("ok", 2)] * 2
+
+
 def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
