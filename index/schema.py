@@ -1,8 +1,9 @@
 """Row ids, video ids, ETags of local files, and the column layout of the tables at schema version 1.
 
 Version 1 is the previous output layout (plain Parquet parts whose schema metadata names the table and version),
-read by ``vitaclip migrate``. The Delta tables of today (`index.delta_tables`, schema version 2) take their columns
-from it with two types changed; their version and embedding size are table properties.
+read by ``vitaclip migrate``. The Delta tables of today (`index.delta_tables`, schema versions 2 and 3) take their
+columns from it with two types changed (version 3 adds one column); their version and embedding size are table
+properties.
 """
 
 from __future__ import annotations

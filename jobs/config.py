@@ -71,7 +71,8 @@ class IndexJobConfig:
         decode_timeout_seconds: per-video decode time limit.
         max_frames_mib: most MiB of decoded frames for one video's clips: a video that needs more (many segments of
             a long video) is a row with status ``too_long`` (refused before decoding; a later run with a higher
-            limit or longer segments indexes it). A decode task holds up to about twice this for such a video.
+            limit or longer segments indexes it, within ``max_attempts``). A decode task holds up to about twice
+            this for such a video.
         max_attempts: runs that may try one object (one ETag) whose row keeps failing with a retryable status
             (``timeout``, ``decoder_crashed``, ``too_long``, read errors); after that its row stands until the object
             changes or a run allows more. 0: retry such rows in every run.

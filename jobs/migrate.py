@@ -3,12 +3,12 @@
 The previous layout kept Parquet parts under ``OUT/videos`` and ``OUT/segments``, a commit record per commit under
 ``OUT/_commits/<seq>.json`` (the highest names the live parts) and uncommitted work under ``OUT/_staging``. The
 migration reads the live parts of the latest record one at a time, keeps one row per row id (the newest, as the
-index build did), writes them as Delta data files of schema version 2 and commits each table once (segments, then
-videos). Only then are the old parts, staging and, last, the records deleted, so a migration killed half-way leaves
-the old layout readable and can simply run again: while a record is left the output counts as the old layout (the
-job refuses it, vacuum leaves it alone), and a table whose commit landed already (its app transaction
-``vitaclip-migrate`` at the record's number) is not written again. The index (``OUT/index``) is rebuilt by the next
-run or by ``vitaclip build-index``; run records (``OUT/runs``) stay.
+index build did), writes them as Delta data files of the current schema version (``attempts`` null: unknown) and
+commits each table once (segments, then videos). Only then are the old parts, staging and, last, the records
+deleted, so a migration killed half-way leaves the old layout readable and can simply run again: while a record is
+left the output counts as the old layout (the job refuses it, vacuum leaves it alone), and a table whose commit
+landed already (its app transaction ``vitaclip-migrate`` at the record's number) is not written again. The index
+(``OUT/index``) is rebuilt by the next run or by ``vitaclip build-index``; run records (``OUT/runs``) stay.
 """
 
 from __future__ import annotations
