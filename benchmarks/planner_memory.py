@@ -3,7 +3,7 @@
 The planner actor (`jobs.pipeline.PlanActor`) turns listing pages into object store blocks of the videos that need
 work. This plans synthetic S3 listing pages (4,096 objects each, none indexed yet: every object is planned) in this
 process, at several listing sizes, and prints the Arrow memory the planner holds before it hands out its blocks, and
-the Arrow pool's peak. The committed keys it also holds (about 20 bytes per committed row) are measured by
+the Arrow pool's peak. The committed keys it also holds (about 21 bytes per committed row) are measured by
 `incremental_run.py`; the blocks themselves live in Ray's object store, which spills to disk.
 
     python benchmarks/planner_memory.py --pages 12 50 200

@@ -1,6 +1,6 @@
 """Planning a run against the output tables and committing its rows so that old rows are replaced, never doubled.
 
-`Planner` decides which listed videos need work: it holds the committed keys of the videos table (about 20 bytes
+`Planner` decides which listed videos need work: it holds the committed keys of the videos table (about 21 bytes
 a row, in numpy arrays) and names, for each planned video, the data files holding its current rows. Workers write
 data files; the driver hands them to a `Committer`, which reconciles with what other writers committed meanwhile
 (from the Delta log), drops videos another run finished, removes the old rows of the rest by rewriting their files,
@@ -9,7 +9,9 @@ and commits the segments table, then the videos table, each at exactly the versi
 The table contract (kept by every writer):
 
 - A committed video row for (video_id, model_id) is DONE when its etag equals the listed etag and its status is
-  final (not in `RETRYABLE`).
+  final (not in `RETRYABLE`). A row's ``attempts`` counts the runs that tried its etag; the Planner leaves out a
+  video whose row failed retryably on the listed etag in ``max_attempts`` runs already (not DONE: a run that
+  allows more tries it again).
 - A batch's video rows go to ``videos/<name>`` and its segment rows to ``segments/<name>``: the same name. A segment
   file without a videos file of its name is *unpartnered* (a run killed between its two commits, or a rewrite).
 - A round commits segments first, then videos. A segments commit that adds segment rows of a video also removes all

@@ -2,7 +2,7 @@
 
 One streaming Ray Dataset per run, so the actor pools and the model start once whatever the run's size:
 
-- The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`, about 20 bytes of
+- The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`, about 21 bytes of
   memory per committed row, on that actor), which puts the videos that need work into the object store as blocks
   while it plans them. When the listing ends, those blocks are the Dataset's input.
 - Embed actors (a Ray Data actor pool) take whole blocks and have their videos decoded by Ray tasks on the CPUs,
