@@ -54,6 +54,7 @@ def _rows(uris: list[str], rng: np.random.Generator, *, failed: bool = False) ->
             "model_id": [MODEL] * n,
             "run_id": ["test"] * n,
             "indexed_at": [datetime.now(timezone.utc)] * n,
+            "attempts": np.ones(n, np.int32),
         }
     ).cast(table_schema("videos", DIM), safe=False)
 
