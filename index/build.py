@@ -472,6 +472,8 @@ def _removed_rows(
         rows = scan(dataset, ["row_id", "run_id", "indexed_at"], condition)
     except FileNotFoundError as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
+    except pa.ArrowInvalid as exc:  # damaged on storage: which ids it held is unknown, the live files are not
+        raise _FullBuild(f"a data file removed since the index's table version is not readable Parquet: {exc}") from exc
     return rows.column("row_id").to_numpy().astype(np.int64), _versions(rows)
 
 

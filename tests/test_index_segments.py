@@ -394,3 +394,22 @@ def test_storage_failing_on_a_removed_file_fails_the_update_and_the_next_one_fol
     assert "rebuild_reason" not in entry, entry.get("rebuild_reason")
     assert entry["incremental"]["updated"] == 5 and entry["count"] == first["indexes"]["videos"]["count"]
     _check_search_is_exact(out, location, rng)
+
+
+def test_a_damaged_removed_file_makes_the_update_build_whole_with_the_reason(tmp_path: Path) -> None:
+    """A removed data file that is no Parquet any more (damaged on storage) cannot say which ids it held: the update
+    builds whole from the live files instead of failing every run until vacuum removes it."""
+    rng = np.random.default_rng(9)
+    out = tmp_path / "out"
+    location, store, first = _indexed_output(str(out), 40, rng)
+    _commit(location, _rows(_uris(0, 5), rng))
+    referenced = set(data_files(location, "videos"))
+    removed = [p for p in (out / "videos").glob("*.parquet") if p.name not in referenced]
+    assert len(removed) == 1
+    removed[0].write_bytes(b"not parquet any more" * 50)
+
+    info = build_from_output(store, model_id=MODEL)
+    entry = info["indexes"]["videos"]
+    assert "is not readable Parquet" in entry["rebuild_reason"] and "incremental" not in entry
+    assert entry["count"] == first["indexes"]["videos"]["count"]
+    _check_search_is_exact(out, location, rng)
