@@ -9,9 +9,9 @@ and commits the segments table, then the videos table, each at exactly the versi
 The table contract (kept by every writer):
 
 - A committed video row for (video_id, model_id) is DONE when its etag equals the listed etag and its status is
-  final (not in `RETRYABLE`). A row's ``attempts`` counts the runs that tried its etag; the Planner leaves out a
-  video whose row failed retryably on the listed etag in ``max_attempts`` runs already (not DONE: a run that
-  allows more tries it again).
+  final (not in `RETRYABLE`). A row's ``attempts`` counts the runs that tried its etag and reached the video (a
+  storage failure, `UNCOUNTED`, is not counted); the Planner leaves out a video whose row failed retryably on the
+  listed etag after ``max_attempts`` such tries (not DONE: a run that allows more tries it again).
 - A batch's video rows go to ``videos/<name>`` and its segment rows to ``segments/<name>``: the same name. A segment
   file without a videos file of its name is *unpartnered* (a run killed between its two commits, or a rewrite).
 - A round commits segments first, then videos. A segments commit that adds segment rows of a video also removes all
@@ -77,6 +77,10 @@ RETRYABLE: frozenset[str] = frozenset(
 """Statuses of a video row that a later run indexes again (up to the planner's ``max_attempts`` runs per ETag);
 every other status is final."""
 
+UNCOUNTED: frozenset[str] = frozenset({"unavailable", "s3_error", "access_denied", "read_error", "changed"})
+"""Retryable statuses that do not count as an attempt: the storage failed, not the video. They cost a request, and
+an outage that spans several runs must not use up the attempts of every video it touched."""
+
 DEFAULT_MAX_ATTEMPTS = 3
 """Runs that may try one object (one ETag) before its retryable failure stands: a video that times out or crashes
 its decoder every time must not cost every later run its time limit."""
@@ -89,6 +93,13 @@ RUN_ID_KEY = "vitaclip.run_id"
 _T = TypeVar("_T")
 _DONE_BIT = np.uint32(1 << 31)
 _FILE_MASK = np.uint32((1 << 31) - 1)
+
+
+def recorded_attempts(attempt: Sequence[int] | np.ndarray, status: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """The ``attempts`` a row records: the planner's `attempt` (this run's try included), one less where the run
+    failed in the storage (`UNCOUNTED`), so that only tries that reached the video count."""
+    uncounted = np.fromiter((str(s) in UNCOUNTED for s in status), dtype=np.int64, count=len(status))
+    return np.maximum(np.asarray(attempt, dtype=np.int64) - uncounted, 0).astype(np.int32)
 
 
 def is_done(row_etag: str | None, row_status: str, etag: str | None) -> bool:

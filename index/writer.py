@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from index.commits import KEYS_SCHEMA, WrittenBatch
+from index.commits import KEYS_SCHEMA, WrittenBatch, recorded_attempts
 from index.delta_tables import TABLES, OutputLocation, table_schema, write_data_file
 from index.schema import STATUS_OK, row_id_for, video_id_for
 
@@ -233,8 +233,12 @@ def _result_tables(
             "codec": [c or None for c in col(batch["codec"], vm)],
             "status": [str(s) for s in col(batch["status"], vm)],
             "error_message": [m or None for m in col(batch["error_message"], vm)],
-            # The planner's count; rows of a batch it did not plan (tests, tools) are a first attempt.
-            "attempts": [int(a) for a in col(batch["attempt"], vm)] if "attempt" in batch else [1] * int(vm.sum()),
+            # The planner's count (rows of a batch it did not plan, from tests or tools, are a first attempt), less
+            # this run's try where the storage failed rather than the video.
+            "attempts": recorded_attempts(
+                col(batch["attempt"], vm) if "attempt" in batch else np.ones(int(vm.sum()), np.int64),
+                col(batch["status"], vm),
+            ),
             **result_columns(vm),
         },
         schema=schemas["videos"],

@@ -75,7 +75,8 @@ class IndexJobConfig:
             this for such a video.
         max_attempts: runs that may try one object (one ETag) whose row keeps failing with a retryable status
             (``timeout``, ``decoder_crashed``, ``too_long``, read errors); after that its row stands until the object
-            changes or a run allows more. 0: retry such rows in every run.
+            changes or a run allows more. Tries the storage failed (``unavailable``, ``s3_error``, ...) do not
+            count. 0: retry such rows in every run.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
         max_size_bytes: skip larger objects (None: no limit).

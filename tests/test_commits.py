@@ -18,7 +18,16 @@ from counting_fs import CountingHandler
 from deltalake import DeltaTable
 
 from index import delta_tables as dlt
-from index.commits import KEYS_SCHEMA, RETRYABLE, CommitReport, Committer, Planner, WrittenBatch
+from index.commits import (
+    KEYS_SCHEMA,
+    RETRYABLE,
+    UNCOUNTED,
+    CommitReport,
+    Committer,
+    Planner,
+    WrittenBatch,
+    recorded_attempts,
+)
 from index.delta_tables import OutputLocation
 from index.schema import video_id_for
 
@@ -97,7 +106,7 @@ def write_batch(
         }
     )
     if attempts and "attempt" in planned:  # as the job's writer does (without: a row of before schema version 3)
-        videos = videos.append_column("attempts", pa.array(planned["attempt"], pa.int32()))
+        videos = videos.append_column("attempts", pa.array(recorded_attempts(planned["attempt"], status), pa.int32()))
     videos_file = dlt.write_data_file(location, "videos", videos, name=name, embed_dim=DIM)
     with_segments = [
         (v, u) for v, u, s in zip(ids, uris, status, strict=True) if s == "ok" and v not in without_segments
@@ -298,6 +307,26 @@ def test_a_video_that_keeps_failing_is_tried_by_max_attempts_runs(local: OutputL
     assert (rows[vid(0)]["status"], rows[vid(0)]["attempts"]) == ("ok", 4)
     final = Planner(local, model_id=MODEL, versions=latest_versions(local), max_attempts=None)
     assert len(final(listing({0: "e0"}))["video_id"]) == 0 and final.counts["already_indexed"] == 1
+
+
+def test_storage_failures_do_not_use_up_attempts(local: OutputLocation) -> None:
+    """A video whose storage keeps failing is planned by every run, so an outage that spans more runs than
+    `max_attempts` leaves nothing given up; the tries that reach the video still count."""
+    assert UNCOUNTED < RETRYABLE
+    for run_id in ("r1", "r2", "r3", "r4", "r5"):
+        planner, _ = run(local, {0: "e0", 1: "e1"}, run_id, statuses={0: "unavailable", 1: "access_denied"})
+        assert planner.counts["planned"] == 2 and planner.counts["attempts_exhausted"] == 0
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert [rows[vid(i)]["attempts"] for i in (0, 1)] == [0, 0]
+    for run_id, status in (("t1", "timeout"), ("t2", "s3_error"), ("t3", "timeout"), ("t4", "timeout")):
+        planner, _ = run(local, {0: "e0"}, run_id, statuses={0: status})
+        assert planner.counts["planned"] == 1, run_id
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    assert (rows[vid(0)]["status"], rows[vid(0)]["attempts"]) == ("timeout", 3)  # t2's storage failure not counted
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing({0: "e0"}))["video_id"]) == 0 and planner.counts["attempts_exhausted"] == 1
+    status = np.asarray(["ok", "timeout", "read_error", "changed", "s3_error", "decoder_crashed"], dtype=object)
+    assert recorded_attempts(np.asarray([1, 2, 1, 3, 2, 1]), status).tolist() == [1, 2, 0, 2, 1, 1]
 
 
 def test_rows_without_an_attempt_count_are_one_attempt(local: OutputLocation) -> None:

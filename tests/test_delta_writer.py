@@ -159,3 +159,26 @@ def test_a_decode_with_more_clips_than_it_made_is_a_bug(tmp_path: Path) -> None:
     short = rows.set_column(rows.schema.get_field_index("clip_count"), "clip_count", pa.array([2] * rows.num_rows))
     with pytest.raises(RuntimeError, match="bug: decode .* distinct clips, 2 expected"):
         complete_videos(short)
+
+
+def test_a_try_the_storage_failed_is_not_recorded_as_an_attempt(tmp_path: Path) -> None:
+    """The writer records the planner's attempt for a video it reached, one less where the storage failed."""
+    make_videos(tmp_path / "in", 1, broken=False)
+    embed = EmbedStage(model="vitaclip-tiny", top_k=2)
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    versions = create_tables(location, embed.model.embed_dim, model_id=embed.model_id)
+    listed = _listed(tmp_path / "in")
+    (n,) = {len(v) for v in listed.values()}
+    listed = {k: np.concatenate([v, v]) for k, v in listed.items()}  # the video, and a copy named apart
+    listed["uri"][n:] = [f"{u}.gone" for u in listed["uri"][:n]]
+    listed[LISTING_STATUS][n:] = "read_error"
+    listed[LISTING_ERROR][n:] = "cannot inspect the file: Input/output error"
+    planned = Planner(location, model_id=embed.model_id, versions=versions)(listed)
+    planned["attempt"] = np.full(len(planned["uri"]), 3, dtype=np.int32)  # the third try of each
+    decode = DecodeStage(num_frames=2, size=embed.model.image_size)
+    writer = ResultWriter(
+        location, model_id=embed.model_id, run_id="r", label_names=embed.label_names, embed_dim=embed.model.embed_dim
+    )
+    videos, _ = writer.rows(embed(decode(planned)))
+    attempts = {(row["uri"].endswith(".gone"), row["status"]): row["attempts"] for row in videos.to_pylist()}
+    assert attempts == {(False, "ok"): 3, (True, "read_error"): 2}
