@@ -79,6 +79,9 @@ class IndexJobConfig:
             count. 0: retry such rows in every run.
         whole_object_max_bytes: S3 objects up to this size are read with one GET; larger ones with ranged GETs.
         min_size_bytes: skip smaller objects.
+        follow_outside_symlinks: read symlinks in input folders that lead to files outside them (by default such
+            an entry is a row with status ``outside_folder``, never read; the search service serves no media of
+            them either way).
         max_size_bytes: skip larger objects (None: no limit).
         extensions: video file extensions to list.
         build_index: build ``OUT/index`` after committing.
@@ -115,6 +118,7 @@ class IndexJobConfig:
     min_size_bytes: int = 0
     max_size_bytes: int | None = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    follow_outside_symlinks: bool = False
     build_index: bool = True
 
     def __post_init__(self) -> None:
@@ -206,6 +210,12 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)
     p.add_argument("--extensions", help="comma-separated list")
+    p.add_argument(
+        "--follow-outside-symlinks",
+        action="store_const",
+        const=True,
+        help="read symlinks in input folders to files outside them (else: status outside_folder, not read)",
+    )
     p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
     _show_defaults(p)
     return p

@@ -625,7 +625,12 @@ def run_listing(config: IndexJobConfig) -> Iterator[VideoObject]:
         extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
     )
     return require_any(
-        list_videos(config.inputs, endpoint_url=config.s3_endpoint_url, **filters),
+        list_videos(
+            config.inputs,
+            endpoint_url=config.s3_endpoint_url,
+            follow_outside_symlinks=config.follow_outside_symlinks,
+            **filters,
+        ),
         where=describe_listing(config.inputs, **filters),
     )
 

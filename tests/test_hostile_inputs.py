@@ -53,8 +53,9 @@ def traps(tmp_path_factory) -> dict[str, Any]:
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
     _video(elsewhere / "real.mp4", 8)
-    os.symlink(elsewhere / "real.mp4", src / "outside.mp4")  # decodes fine, but lies outside the input folder
+    os.symlink(elsewhere / "real.mp4", src / "outside.mp4")  # would decode fine, but lies outside the input folder
     os.symlink("/etc/passwd", src / "passwd.mp4")
+    os.symlink(src / "plain.mp4", src / "alias.mp4")  # a link inside the folder is followed
     os.symlink("loop.mp4", src / "loop.mp4")
     os.symlink("missing.mp4", src / "dangling.mp4")
     os.mkfifo(src / "fifo.mp4")  # a decoder would block on it forever
@@ -84,8 +85,9 @@ def test_every_odd_entry_is_a_row_with_a_status_and_the_run_commits(traps: dict[
         LONG_NAME: "ok",
         CRLF_NAME: "ok",
         "x.mp4/inner.mp4": "ok",
-        "outside.mp4": "ok",
-        "passwd.mp4": "not_a_video",
+        "outside.mp4": "outside_folder",
+        "alias.mp4": "ok",
+        "passwd.mp4": "outside_folder",
         "loop.mp4": "broken_link",
         "dangling.mp4": "broken_link",
         "fifo.mp4": "not_a_file",
@@ -159,10 +161,18 @@ def test_media_refuses_what_was_not_indexed_as_a_video(traps: dict[str, Any], se
     assert _request(service, "/media/..%2F..%2Fetc%2Fpasswd")[0] == 404
 
 
-def test_media_refuses_symlinks_out_of_the_input_folder(traps: dict[str, Any], service: tuple[str, int]) -> None:
+def test_symlinks_out_of_the_input_folder_are_never_read(traps: dict[str, Any], service: tuple[str, int]) -> None:
+    """Whoever can write a link into an input folder cannot have other files indexed, or their thumbnails served."""
+    rows = traps["rows"]
+    for name in ("outside.mp4", "passwd.mp4"):
+        row = rows[name]
+        assert row["thumbnail_jpeg"] is None and row["duration_seconds"] is None and row["size_bytes"] < 0, name
+        assert "--follow-outside-symlinks" in row["error_message"]
+        assert _request(service, f"/thumbnails/{row['row_id']}.jpg")[0] == 404
     status, _, body = _request(service, _media(traps, "outside.mp4"))
-    assert status == 403 and json.loads(body)["reason"] == "outside_roots"
+    assert status == 404 and json.loads(body)["reason"] == "not_ok"
     assert str(traps["elsewhere"]).encode() not in body  # no server paths in refusals
+    assert _request(service, _media(traps, "alias.mp4"))[0] == 200
 
 
 def test_media_refuses_a_video_replaced_after_indexing(traps: dict[str, Any], service: tuple[str, int]) -> None:

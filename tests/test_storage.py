@@ -209,6 +209,44 @@ def test_local_folder_walk_is_recursive_sorted_and_fingerprinted(tmp_path: Path)
     assert list(list_videos([str(tmp_path)]))[1].etag != videos[1].etag  # a touched file looks changed
 
 
+def test_symlinks_to_files_outside_a_listed_folder_are_not_read(tmp_path: Path) -> None:
+    """A link inside the folder is followed; one out of it (a sibling whose name extends the folder's included) is a
+    row with a status unless the listing is told to follow it. The folder may itself be reached through a link."""
+    inside, sibling = tmp_path / "in", tmp_path / "in2"
+    (inside / "sub").mkdir(parents=True)
+    sibling.mkdir()
+    (inside / "sub" / "real.mp4").write_bytes(b"123")
+    (sibling / "other.mp4").write_bytes(b"1234")
+    (inside / "a-in.mp4").symlink_to(inside / "sub" / "real.mp4")
+    (inside / "b-relative.mp4").symlink_to(Path("sub") / "real.mp4")
+    (inside / "c-out.mp4").symlink_to(sibling / "other.mp4")
+    (inside / "d-up.mp4").symlink_to(Path("..") / "in2" / "other.mp4")
+    (inside / "e-chain.mp4").symlink_to(inside / "c-out.mp4")  # inside, to a link that leads out
+    (tmp_path / "via").symlink_to(inside)
+
+    def listed(folder: Path, **options: Any) -> dict[str, tuple[str, int]]:
+        found = list_videos([str(folder)], **options)
+        return {Path(v.uri).name: (v.status, v.size_bytes) for v in found}
+
+    for folder in (inside, tmp_path / "via"):
+        rows = listed(folder)
+        assert {name: status for name, (status, _) in rows.items()} == {
+            "a-in.mp4": "",
+            "b-relative.mp4": "",
+            "c-out.mp4": "outside_folder",
+            "d-up.mp4": "outside_folder",
+            "e-chain.mp4": "outside_folder",
+            "real.mp4": "",
+        }
+        assert rows["a-in.mp4"][1] == rows["b-relative.mp4"][1] == 3
+    followed = listed(inside, follow_outside_symlinks=True)
+    assert {name: followed[name] for name in ("c-out.mp4", "d-up.mp4")} == {
+        "c-out.mp4": ("", 4),
+        "d-up.mp4": ("", 4),
+    }
+    assert not any(status for status, _ in followed.values())
+
+
 def test_csv_manifests_with_header_or_plain_lines(s3_bucket: Bucket, s3_server: str, tmp_path: Path) -> None:
     client, bucket = s3_bucket
     etag = put(client, bucket, "m/remote.mp4", b"remote")
@@ -546,3 +584,17 @@ def test_default_extensions_cover_common_containers() -> None:
         "wmv",
         "3gp",
     } == DEFAULT_VIDEO_EXTENSIONS
+
+
+def test_the_job_flag_reaches_the_listing(tmp_path: Path) -> None:
+    from jobs.config import config_from_args
+    from jobs.pipeline import run_listing
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "elsewhere.mp4").write_bytes(b"12")
+    (tmp_path / "in" / "link.mp4").symlink_to(tmp_path / "elsewhere.mp4")
+    argv = [str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--random-weights"]
+    for flags, status in (([], "outside_folder"), (["--follow-outside-symlinks"], "")):
+        config = config_from_args([*argv, *flags])
+        assert config.follow_outside_symlinks == bool(flags)
+        assert [v.status for v in run_listing(config)] == [status]

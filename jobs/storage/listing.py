@@ -91,6 +91,7 @@ def list_videos(
     page_size: int = 1000,
     s3_client: S3Client | None = None,
     endpoint_url: str | None = None,
+    follow_outside_symlinks: bool = False,
 ) -> Iterator[VideoObject]:
     """Streams the videos under each input, in input order and then in key order, filtered by extension and size.
 
@@ -108,6 +109,10 @@ def list_videos(
         max_size_bytes: Largest size kept, inclusive; None for no limit.
         page_size: Keys per S3 listing request.
         s3_client: Client for S3 inputs; one is made with `make_s3_client(endpoint_url=...)` when absent.
+        follow_outside_symlinks: In folders, read symlinks to files outside the folder too. By default they come
+            out with the status ``outside_folder`` and are never read: whoever can write a link into an input
+            folder would otherwise have any file the job can read indexed, and its thumbnail served. Symlinks to
+            files inside the folder are followed either way.
 
     Raises:
         StorageError: At once, for an input that is neither an s3:// URI nor an existing folder or manifest;
@@ -133,6 +138,7 @@ def list_videos(
         max_size_bytes=max_size_bytes,
         page_size=page_size,
         client=client,
+        follow_outside_symlinks=follow_outside_symlinks,
     )
 
 
@@ -178,6 +184,7 @@ def _list_all(
     max_size_bytes: int | None,
     page_size: int,
     client: S3Client,
+    follow_outside_symlinks: bool,
 ) -> Iterator[VideoObject]:
     def keep_name(name: str) -> bool:
         return allowed is None or _extension(name) in allowed
@@ -191,7 +198,7 @@ def _list_all(
         if kind == "s3_prefix":
             found: Iterator[VideoObject] = _list_s3_prefix(client, location, page_size=page_size, keep_name=keep_name)
         elif kind == "folder":
-            found = _list_folder(location, keep_name=keep_name)
+            found = _list_folder(location, keep_name=keep_name, follow_outside_symlinks=follow_outside_symlinks)
         else:
             found = _list_manifest(location, client=client, keep_name=keep_name)
         for video in found:
@@ -230,12 +237,13 @@ def _odd(path: str, status: str, message: str) -> VideoObject:
     return VideoObject(printable_path(path), "", UNKNOWN_SIZE, status=status, error_message=message)
 
 
-def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
+def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str | None) -> Iterator[VideoObject]:
     """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
 
     Entries that cannot be videos come out with a listing `status` instead of stopping the listing: a name that is
-    not valid UTF-8 (`invalid_name`), a dangling symlink or a symlink loop (`broken_link`), a FIFO, socket or device
-    (`not_a_file`, which a decoder would block on), a file that cannot be inspected (`read_error`).
+    not valid UTF-8 (`invalid_name`), a dangling symlink or a symlink loop (`broken_link`), a symlink to a file
+    outside `inside` (`outside_folder`; None: any target), a FIFO, socket or device (`not_a_file`, which a decoder
+    would block on), a file that cannot be inspected (`read_error`).
     """
     try:
         with os.scandir(folder) as scan:
@@ -254,7 +262,7 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool]) -> Iterator[V
         return
     for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
         if sort_name.endswith("/"):
-            yield from _walk_sorted(entry.path, keep_name=keep_name)
+            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside)
             continue
         if not keep_name(entry.path):
             continue
@@ -272,6 +280,13 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool]) -> Iterator[V
             continue
         if stat.S_ISDIR(st.st_mode):
             continue  # a symlinked folder: not followed
+        if inside is not None and entry.is_symlink() and not _is_within(os.path.realpath(entry.path), inside):
+            yield _odd(
+                entry.path,
+                "outside_folder",
+                "symbolic link to a file outside the listed folder: not read (--follow-outside-symlinks reads it)",
+            )
+            continue
         if not stat.S_ISREG(st.st_mode):
             yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
             continue
@@ -281,8 +296,16 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool]) -> Iterator[V
         yield VideoObject(entry.path, local_etag(st), st.st_size)
 
 
-def _list_folder(location: str, *, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
-    yield from _walk_sorted(os.path.abspath(location), keep_name=keep_name)
+def _list_folder(
+    location: str, *, keep_name: Callable[[str], bool], follow_outside_symlinks: bool
+) -> Iterator[VideoObject]:
+    inside = None if follow_outside_symlinks else os.path.realpath(location)
+    yield from _walk_sorted(os.path.abspath(location), keep_name=keep_name, inside=inside)
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether the resolved `path` is `folder` or under it (``/data/in2/x`` is not under ``/data/in``)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 _ManifestRow = tuple[str, "str | None", "int | None"]  # uri, etag, size_bytes
