@@ -63,6 +63,8 @@ class DemoBuildConfig:
         workers: generator processes (None: up to 4).
         threads: torch threads for pretraining, training and evaluation (None: torch's default, one per core; use
             fewer when other work shares the cores: oversubscribed threads slow training down several times).
+        evaluate: score the built checkpoint (the report's numbers; a third of a small build's time). Needed for
+            ``--install``: the packaged model ships with its numbers.
     """
 
     seed: int = 0
@@ -81,6 +83,7 @@ class DemoBuildConfig:
     caption_loss_weight: float = 0.5
     workers: int | None = None
     threads: int | None = None
+    evaluate: bool = True
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> Path:
@@ -369,6 +372,8 @@ def build(
     from vitaclip.demo.world import world_labels
     from vitaclip.registry import create_model, get_model_config
 
+    if install and not config.evaluate:
+        raise ValueError("--install needs the evaluation (the packaged model ships its numbers): drop --no-evaluate")
     work.mkdir(parents=True, exist_ok=True)
     if config.threads:
         import torch
@@ -408,9 +413,11 @@ def build(
     save_checkpoint(model, final)
     model = create_model(None, checkpoint=final)  # as users load it (its model id names the shipped weights)
 
-    t = time.perf_counter()
-    report: dict[str, Any] = evaluate_demo(final, work, recall_png=final / "recall.png")
-    timings["evaluate_seconds"] = time.perf_counter() - t
+    report: dict[str, Any] = {}
+    if config.evaluate:
+        t = time.perf_counter()
+        report = evaluate_demo(final, work, recall_png=final / "recall.png")
+        timings["evaluate_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
     report.update(
         motion_text_similarity=motion_text_similarity(model),
@@ -421,15 +428,24 @@ def build(
         reused_steps=reused,
         started_from=None if from_checkpoint is None else started_from["model_id"],
     )
-    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (work / "report.md").write_text(report_markdown(report))
-    shutil.copy(work / "report.json", final / "report.json")
+    _write_report(report, work, final)
     if install:
         if PACKAGED_DIR.exists():
             shutil.rmtree(PACKAGED_DIR)
         shutil.copytree(final, PACKAGED_DIR)
         print(f"installed {PACKAGED_DIR}")
     return report
+
+
+def _write_report(report: dict[str, Any], work: Path, final: Path) -> None:
+    """``report.json`` in ``work`` and the checkpoint ``final``; ``report.md`` when the build was evaluated."""
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "supervised" in report:
+        (work / "report.md").write_text(report_markdown(report))
+    else:  # not evaluated: an earlier build's table and plot would describe other weights
+        (work / "report.md").unlink(missing_ok=True)
+        (final / "recall.png").unlink(missing_ok=True)
+    shutil.copy(work / "report.json", final / "report.json")
 
 
 def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
@@ -445,8 +461,12 @@ def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     )
     defaults = DemoBuildConfig()
     for name, value in asdict(defaults).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            b.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            continue
         kind = type(value) if value is not None else int
-        b.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+        b.add_argument(flag, type=kind, default=value)
     e = sub.add_parser("evaluate", help="score a checkpoint on freshly generated worlds")
     e.add_argument("--checkpoint", default=str(PACKAGED_DIR))
     e.add_argument("--work", default="out/demo-eval")
@@ -476,8 +496,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.demo"
         return 2
     if getattr(args, "json", False):
         print(json.dumps(report))
-    else:
+    elif "supervised" in report:
         print(report_markdown(report))
+    else:
+        print(f"built {report['model_id']} in {args.work} (not evaluated)")
     return 0
 
 

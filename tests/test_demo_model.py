@@ -151,13 +151,20 @@ def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
     model = create_model(None, checkpoint=tmp_path / "vitaclip-demo")
     assert model.label_names == world_labels() and model.model_id == report["model_id"]
 
-    # A re-run keeps the CLIP pretrained from the same inputs; other pretraining settings pretrain again.
+    # A re-run keeps the CLIP pretrained from the same inputs; other pretraining settings pretrain again. (The
+    # builds below are about reuse: they skip the evaluation, which the build above ran.)
     clip = tmp_path / "clip" / "clip.safetensors"
     before = clip.stat().st_mtime_ns
     assert report["reused_steps"] == []
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "vitaclip-demo" / "recall.png").is_file()
+    config = replace(config, evaluate=False)
     again = build(tmp_path, config)
     assert clip.stat().st_mtime_ns == before
     assert again["reused_steps"] == ["generate", "pretrain", "prompt_training", "prompt_refine", "caption_training"]
+    assert "supervised" not in again and again["model_id"] == report["model_id"]  # same inputs, same weights
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "vitaclip-demo" / "recall.png").exists()
+    with pytest.raises(ValueError, match="--install needs the evaluation"):
+        build(tmp_path, config, install=True)
     assert (tmp_path / "prompts-refine" / "train_summary.json").is_file()
     # The caption cycle trained on the captions (the label loss alone reports no caption loss).
     captions = json.loads((tmp_path / "prompts-captions" / "train_summary.json").read_text())["last"]
@@ -170,6 +177,13 @@ def test_the_rebuild_command_runs_every_step(tmp_path: Path) -> None:
     build(tmp_path, replace(config, pretrain_steps=4))
     assert clip.stat().st_mtime_ns != before
     assert json.loads((tmp_path / "clip" / "clip.json").read_text())["config"]["steps"] == 4
+
+
+def test_the_build_command_refuses_to_install_what_it_did_not_evaluate(tmp_path: Path, capsys) -> None:
+    from jobs.demo import main as demo_main
+
+    assert demo_main(["build", "--work", str(tmp_path / "w"), "--install", "--no-evaluate"]) == 2
+    assert "--install needs the evaluation" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------------------ README command
