@@ -567,8 +567,14 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
         raise TableMismatchError(
             f"{where} holds {found_dim}-dim embeddings but {model} makes {embed_dim}-dim ones; use another --output"
         )
-    expected = DeltaSchema.from_arrow(table_schema(table, found_dim, version=int(found_version)))
-    if json.loads(dt.schema().to_json()) != json.loads(expected.to_json()):
+    # An upgrade between its two commits (`_upgrade`: the next version's columns are in, its version property not
+    # yet) is read as the version it says: the added columns are nullable and readers project the ones they know.
+    accepted = [int(found_version)] + ([int(found_version) + 1] if int(found_version) < SCHEMA_VERSION else [])
+    found_columns = json.loads(dt.schema().to_json())
+    if not any(
+        found_columns == json.loads(DeltaSchema.from_arrow(table_schema(table, found_dim, version=v)).to_json())
+        for v in accepted
+    ):
         raise TableMismatchError(f"{where} columns differ from {table} schema version {found_version}")
     protocol = dt.protocol()
     if protocol.min_reader_version > 1 or protocol.reader_features:

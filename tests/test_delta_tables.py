@@ -301,6 +301,34 @@ def test_writers_upgrading_one_version_2_output_at_once_agree(where: str, tmp_pa
     assert videos.to_pyarrow_table().num_rows == 2
 
 
+def test_an_upgrade_stopped_between_its_two_commits_is_read_and_finished_by_the_next_writer(tmp_path: Path) -> None:
+    """The state every reader and writer can meet while another writer upgrades (or after it was killed): the new
+    version's columns are committed, its version property not yet."""
+    from deltalake.schema import Field as DeltaField
+
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    version_2_output(location, video_rows(["a", "b"]))
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None
+    videos.alter.add_columns([DeltaField.from_arrow(pa.field("attempts", pa.int32()))])  # `_upgrade`'s first step
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None and dlt.schema_version(videos) == 2
+    assert dlt.check_table(videos, "videos", embed_dim=DIM) == DIM
+    keys = dlt.read_keys(location, version=videos.version(), model_id="m1")
+    assert keys.column("attempts").to_pylist() == [None, None]
+    assert dlt.create_tables(location, DIM) == {"videos": 3, "segments": 1}  # only the property commit is left
+    videos = dlt.open_table(location, "videos")
+    assert videos is not None and dlt.schema_version(videos) == 3 and dlt.check_table(videos, "videos") == DIM
+    # Columns of no version stay refused, in the same state.
+    other = OutputLocation.from_url(str(tmp_path / "other"))
+    version_2_output(other, video_rows(["a"]))
+    table = dlt.open_table(other, "videos")
+    assert table is not None
+    table.alter.add_columns([DeltaField.from_arrow(pa.field("retries", pa.int32()))])
+    with pytest.raises(TableMismatchError, match="columns differ from videos schema version 2"):
+        dlt.create_tables(other, DIM)
+
+
 def test_create_tables_is_idempotent_and_sets_properties(tmp_path: Path) -> None:
     location = OutputLocation.from_url(str(tmp_path / "out"))
     assert dlt.open_table(location, "videos") is None
