@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"{'piece MiB':>9} {'pieces':>6} {'decoder MB':>10} {'seconds':>7}")
     for piece_mib in args.piece_mib:
         row = measure(piece_mib)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"planner with {args.decode_workers} decoders; every listed object needs work")
     print(f"{'planned':>9} {'held MB':>8} {'bytes/video':>12} {'blocks':>7} {'s':>6}")
     for pages in sorted(args.pages):

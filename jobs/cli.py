@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -273,7 +274,9 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         limits=_serve_limits(args),
         reload_seconds=args.reload_seconds,
     )
-    ray.init(address=args.ray_address, include_dashboard=False, ignore_reinit_error=True)
+    # Without an address: RAY_ADDRESS (`ray job submit`), else a new local Ray, never one announced on this machine.
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
     run(options, host=args.host, port=args.port, blocking=True)
     return 0

@@ -87,6 +87,9 @@ def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:
     """
     soft_limit = worker_soft_limit(num_cpus or os.cpu_count() or 1)
     return {
+        # A new local Ray even where `ray start` or `ray.cluster_utils` announced another one on this machine (in
+        # <temp>/ray/ray_current_cluster), which a bare `ray.init()` would join: embedded means this run's own.
+        "address": "local",
         "num_cpus": num_cpus,
         "include_dashboard": False,
         "_system_config": {"num_workers_soft_limit": soft_limit},

@@ -325,7 +325,7 @@ def local_ray() -> Iterator[None]:
     """An embedded local Ray with 2 CPUs (the CI machine's), for tests that run the job in this process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
     gc.collect()  # object references a test left in cycles (a kept traceback) go while Ray is still up
     ray.shutdown()
@@ -351,7 +351,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     first = sorted(p for p in videos if p.suffix == ".mp4")[0]
     with open(first, "r+b") as f:
         f.truncate(first.stat().st_size + PADDED_EXTRA_BYTES)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         rc = job_main(
             [str(root / "in"), "--output", str(root / "out"), "--model", "vitaclip-tiny", "--random-weights"]

@@ -63,7 +63,7 @@ def traps(tmp_path_factory) -> dict[str, Any]:
     os.rename(root / "tmp.mp4", os.fsencode(src) + b"/bad\xff\xfename.mp4")  # not valid UTF-8
 
     out = root / "out"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         rc = job_main([str(src), "--output", str(out), "--model", "vitaclip-tiny", "--random-weights"])
     finally:

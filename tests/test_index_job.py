@@ -34,7 +34,7 @@ BROKEN = {"empty.mp4": b"", "noise.mp4": bytes(range(256)) * 64, "notes.mkv": b"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -467,7 +467,7 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
     manifest = tmp_path / "list.csv"
     manifest.write_text("uri\n" + "\n".join(str(v) for v in videos[:2]) + "\n")
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         # The folder twice and a manifest naming two of its files: every video is planned once.
         assert main(job_args([str(tmp_path / "in"), str(tmp_path / "in"), str(manifest)], out)) == 0
@@ -483,7 +483,7 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
 def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     make_videos(tmp_path / "in", 1, broken=False)
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         assert main(job_args([str(tmp_path / "in")], out, "--no-index")) == 0  # vitaclip-tiny: 32-dim
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -508,7 +508,7 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
 )
 def test_a_run_that_cannot_fit_is_refused_at_once(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
     make_videos(tmp_path / "in", 1, broken=False)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         assert main(job_args([str(tmp_path / "in")], tmp_path / "out", *extra)) == 2
     finally:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_with_s3(s3_server: str):
     """An embedded Ray started after the S3 fixture set its dummy credentials, so workers inherit them."""
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield s3_server
     ray.shutdown()
 

@@ -62,3 +62,31 @@ def test_embedded_ray_keeps_idle_workers_beside_full_actor_pools(keep: bool) -> 
     assert len(first) == 3
     kept = again == first  # the second round ran on the first round's three workers
     assert kept == keep, (first, again)
+
+
+def test_the_embedded_ray_is_new_where_another_cluster_is_announced() -> None:
+    """`ray start` and `ray.cluster_utils` announce their cluster in <temp>/ray/ray_current_cluster, which a bare
+    `ray.init()` joins (and refuses the job's settings there). The job's embedded Ray (no --ray-address, no
+    RAY_ADDRESS) is its own all the same."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from ray_head import ROOT, free_port
+
+    temp = Path(tempfile.mkdtemp(prefix="vc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing answers there
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        code = "from jobs.ray_resources import init_ray; print(init_ray(num_cpus=1).cpus)"
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env={**env, "RAY_TMPDIR": str(temp)}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split()[-1] == "1.0"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -391,7 +391,7 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         options = ServeOptions(indexes=[f"main={indexed}"], replicas=2, num_cpus_per_replica=0.5)
         run(options, port=port, blocking=False)
