@@ -102,8 +102,11 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
 
 
 def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
-    """Object refs of blocks of `videos_per_block` videos holding about `rows` rows: the sample under new URIs."""
+    """Blocks (`jobs.pipeline.PlannedBlock`, as the planner makes them) of `videos_per_block` videos holding about
+    `rows` rows: the sample under new URIs."""
     import ray
+
+    from jobs.pipeline import PlannedBlock, _block_metadata
 
     uris = sample.column("uri").to_pylist()
     per_video = len(uris) / len(set(uris))
@@ -114,7 +117,8 @@ def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
         for start in range(done, min(done + videos_per_block, videos_needed), len(set(uris))):
             renamed = [f"s3://bench/{start + sorted(set(uris)).index(u):09d}.mp4" for u in uris]
             parts.append(sample.set_column(sample.schema.get_field_index("uri"), "uri", pa.array(renamed)))
-        refs.append(ray.put(pa.concat_tables(parts)))
+        block = pa.concat_tables(parts)
+        refs.append(PlannedBlock(ray.put(block), _block_metadata(block)))
         done += videos_per_block
     return refs
 
@@ -142,7 +146,7 @@ def time_drain(
     from index.commits import Committer
     from index.delta_tables import OutputLocation, create_tables
     from jobs.config import IndexJobConfig
-    from jobs.pipeline import _CALL_VIDEOS, Commits, RunHooks, drain
+    from jobs.pipeline import _CALL_VIDEOS, Commits, RunHooks, blocks_dataset, drain
 
     shutil.rmtree(out, ignore_errors=True)
     location = OutputLocation.from_url(str(out))
@@ -154,7 +158,7 @@ def time_drain(
         commit_seconds=config.commit_seconds,
         hooks=RunHooks(),
     )
-    ds = ray.data.from_arrow_refs(refs).map_batches(
+    ds = blocks_dataset(refs).map_batches(
         _Embedder,
         fn_constructor_kwargs={"delay": delay},
         batch_format="pyarrow",

@@ -167,14 +167,16 @@ class PlanActor:
         import ray
 
         pending = pa.concat_tables(self._pending)
-        self._refs += [ray.put(pending.slice(i, min(block_videos, videos - i))) for i in range(0, videos, block_videos)]
+        for i in range(0, videos, block_videos):
+            block = pending.slice(i, min(block_videos, videos - i))
+            self._refs.append(PlannedBlock(ray.put(block), _block_metadata(block)))
         rest = pending.slice(videos)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
 
-    def blocks(self) -> list[Any]:
-        """References to the object store blocks of the planned objects, in listing order: whole blocks of
-        ``_BLOCK_VIDEOS`` videos, then the run's end (all of a small run) in at least four blocks per decoder."""
+    def blocks(self) -> list[PlannedBlock]:
+        """The object store blocks of the planned objects, in listing order: whole blocks of ``_BLOCK_VIDEOS``
+        videos, then the run's end (all of a small run) in at least four blocks per decoder."""
         if self._pending_rows:  # fewer than the tail and one whole block: cut in `_spread` blocks
             self._put(-(-self._pending_rows // self._spread), self._pending_rows)
         refs, self._refs = self._refs, []
@@ -187,6 +189,50 @@ class PlanActor:
         """`update_index` in this already started process (saves a worker start); the keys are dropped first."""
         del self.planner
         return update_index(config, model_id)
+
+
+@dataclass(frozen=True)
+class PlannedBlock:
+    """A block of planned objects in the object store, with the Ray Data metadata of a Dataset's input block (None
+    where this Ray has no such class)."""
+
+    ref: Any
+    metadata: Any
+
+
+def _block_metadata(block: pa.Table) -> Any:
+    """What `ray.data.from_arrow_refs` computes in a remote task per block (a worker process that imports Ray Data:
+    about 2 s on the critical path of every run, measured on two cores), computed where the block is made."""
+    try:
+        from ray.data.block import BlockMetadataWithSchema
+    except ImportError:  # a Ray before the class: `blocks_dataset` takes the public path
+        return None
+    return BlockMetadataWithSchema.from_block(block)
+
+
+def blocks_dataset(blocks: Sequence[PlannedBlock]) -> Any:
+    """The Dataset of the planner's blocks: `ray.data.from_arrow_refs` without its metadata tasks, as that function
+    builds it from the metadata the planner computed (Ray Data internals; the public function where they differ)."""
+    import ray
+
+    metadata = [b.metadata for b in blocks]
+    refs = [b.ref for b in blocks]
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.from_operators import FromArrow
+        from ray.data._internal.stats import DatasetStats
+        from ray.data.context import DataContext
+        from ray.data.dataset import MaterializedDataset
+    except ImportError:
+        return ray.data.from_arrow_refs(refs)
+    if any(m is None for m in metadata):
+        return ray.data.from_arrow_refs(refs)
+    context = DataContext.get_current().copy()
+    try:
+        plan = LogicalPlan(FromArrow(refs, metadata), context)
+        return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
+    except TypeError:  # other signatures in another Ray
+        return ray.data.from_arrow_refs(refs)
 
 
 def _planned_schema(schema: pa.Schema) -> pa.Schema:
@@ -525,7 +571,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         pools, device = plan_index_pools_for(config)
         record.embed_device = device
         phases.done("ray_start")
-        planner, block_refs = plan_run(
+        planner, blocks = plan_run(
             listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts
         )
         phases.done("plan")
@@ -534,8 +580,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             before_videos_commit=hooks.before_videos_commit,
         )  # fmt: skip
         commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
-        if block_refs:
-            ds = index_dataset(config, block_refs, model, pools)
+        if blocks:
+            ds = index_dataset(config, blocks, model, pools)
             try:
                 drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
             except Exception as exc:
@@ -543,7 +589,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
                 if load_error is None:
                     raise
                 raise load_error from None
-        del block_refs
+        del blocks
         phases.done("decode_embed_write")
         commits.collect(wait=True)
         commits.commit()
@@ -644,7 +690,7 @@ def plan_run(
     pools: IndexPools,
     *,
     max_attempts: int = 0,
-) -> tuple[Any, list[Any]]:
+) -> tuple[Any, list[PlannedBlock]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
     that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
     `max_attempts` is the config's (0: no limit)."""
@@ -670,9 +716,9 @@ def plan_run(
         if len(in_flight) >= _PLANS_IN_FLIGHT:
             planned += ray.get(in_flight.pop(0))
     planned += sum(ray.get(in_flight))
-    block_refs = ray.get(planner.blocks.remote())
-    log.info("planned %d videos in %d blocks", planned, len(block_refs))
-    return planner, block_refs
+    blocks: list[PlannedBlock] = ray.get(planner.blocks.remote())
+    log.info("planned %d videos in %d blocks", planned, len(blocks))
+    return planner, blocks
 
 
 def run_summary(
@@ -739,13 +785,18 @@ def _block_entries(bundle: Any) -> Iterator[tuple[Any, int]]:
 
 
 def index_dataset(
-    config: IndexJobConfig, block_refs: list[Any], model: ResolvedModel, pools: IndexPools, *, stage: type = DecodeEmbed
+    config: IndexJobConfig,
+    blocks: Sequence[PlannedBlock],
+    model: ResolvedModel,
+    pools: IndexPools,
+    *,
+    stage: type = DecodeEmbed,
 ) -> Any:
     """The run's one Dataset over the planned blocks: embed actors that have them decoded by CPU tasks
     (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes."""
     import ray
 
-    ds: ray.data.Dataset = ray.data.from_arrow_refs(block_refs)
+    ds: ray.data.Dataset = blocks_dataset(blocks)
     # Each embed actor may keep every decoder busy, with half as many tasks again queued, so that one actor (the
     # pool's start, the run's end) feeds them all; more tasks than decoders wait in Ray's queue, where they hold no
     # memory. Its two calls at once share them: one block's decoding starts while the other's last videos finish.

@@ -32,7 +32,7 @@ def _page(start: int, count: int) -> Any:
 def _blocks(planner: pipeline.PlanActor) -> list[list[str]]:
     import ray
 
-    return [ray.get(ref).column("uri").to_pylist() for ref in planner.blocks()]
+    return [ray.get(block.ref).column("uri").to_pylist() for block in planner.blocks()]
 
 
 def test_a_small_run_is_spread_over_every_decoder(tmp_path: Path) -> None:
@@ -59,3 +59,24 @@ def test_a_large_run_goes_out_in_whole_blocks_as_it_is_planned_and_ends_finer(tm
     assert tail // 8 <= max(end) <= (tail + block) // 8 + 1 and max(end) - min(end) <= max(end) // 2
     assert [u for b in blocks for u in b] == [f"/v/{k:06d}.mp4" for k in range(7000)]
     assert planner.blocks() == []  # handed out once
+
+
+def test_the_dataset_of_the_blocks_needs_no_metadata_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's Dataset is built from the metadata the planner computed with each block: `ray.data.from_arrow_refs`
+    (a remote task per block, in a worker that must import Ray Data first) is not used with this Ray, and the
+    Dataset holds the blocks' rows in listing order."""
+    import ray.data
+
+    planner = _planner(tmp_path, decode_workers=2)
+    planner.plan(_page(0, 100))
+    blocks = planner.blocks()
+    assert all(b.metadata is not None and b.metadata.num_rows == ray.get(b.ref).num_rows for b in blocks)
+
+    def public_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("ray.data.from_arrow_refs was used: Ray Data's internals changed")
+
+    monkeypatch.setattr(ray.data, "from_arrow_refs", public_path)
+    ds = pipeline.blocks_dataset(blocks)
+    assert ds.num_blocks() == len(blocks) and ds.count() == 100
+    assert ds.schema().names == ray.get(blocks[0].ref).schema.names
+    assert [row["uri"] for row in ds.iter_rows()] == [f"/v/{k:06d}.mp4" for k in range(100)]
