@@ -30,7 +30,9 @@ fi
 .venv/bin/ruff format --check . || exit 1
 .venv/bin/mypy || exit 1
 .venv/bin/python scripts/check_function_length.py || exit 1
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers, whole test files each (module fixtures start once); tests marked `serial` run alone
+# (tests/conftest.py). VITACLIP_TEST_WORKERS=0 runs everything in one process.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${VITACLIP_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: failing" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import io
 import itertools
@@ -12,7 +13,7 @@ import threading
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,23 @@ _BODY_FAULTS = ("truncate", "incomplete")  # only for GetObject
 
 
 # ----------------------------------------------------------------------------------------------------- S3 server
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """With pytest-xdist workers (`scripts/run-tests.sh` runs two), a test marked ``serial`` runs alone: it holds
+    an exclusive lock while every other test holds a shared one, from its setup (fixtures of any scope that it
+    starts) to its teardown. Such tests time something (a timeout, Ray's idle-worker reaping, node failure
+    detection) that the other worker's CPU load would change. Without workers, nothing is locked."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return (yield)
+    with open(f"/tmp/vitaclip-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("serial") else fcntl.LOCK_SH)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

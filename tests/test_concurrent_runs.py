@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ray_head import ROOT, ray_head
 from test_index_job import make_videos
 from test_index_job_s3 import upload_folder
@@ -121,6 +122,7 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
         assert third["counts"]["planned"] == 0 and third["counts"]["already_indexed"] == len(uris)
 
 
+@pytest.mark.serial
 def test_a_worker_node_removed_mid_run(
     s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, tiny_checkpoint: Path
 ) -> None:

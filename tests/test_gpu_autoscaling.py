@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from ray_head import ROOT, RayHead, ray_head
 from test_index_job import job_args, make_videos
 
@@ -38,6 +39,7 @@ def _job(argv: list[str], head: RayHead) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.serial
 def test_auto_waits_for_the_first_gpu_node_or_fails_saying_so(tmp_path: Path, tiny_checkpoint: Path) -> None:
     make_videos(tmp_path / "in", 2, broken=False)
     out = tmp_path / "out"

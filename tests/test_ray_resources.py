@@ -8,6 +8,7 @@ import time
 import pytest
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("keep", [True, False])
 def test_embedded_ray_keeps_idle_workers_beside_full_actor_pools(keep: bool) -> None:
     """Actors that fill every CPU make Ray end idle task workers beyond one per CPU after a second; the job's

@@ -72,6 +72,7 @@ def test_redact_text_masks_passwords_with_quotes_and_object_store_userinfo() -> 
     assert redact_text("see https://h/v.mp4#t=1,2 and s3://b/x:y@z") == "see https://h/v.mp4#t=1,2 and s3://b/x:y@z"
 
 
+@pytest.mark.serial
 def test_redact_text_takes_linear_time() -> None:
     import time
 

@@ -309,6 +309,7 @@ def _slow_engine(indexed: Path, engine: SearchEngine, seconds: float) -> SearchE
     return SearchEngine(indexed, text_encoder=encode)
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEngine, parser: str) -> None:
     limits = ServiceLimits(

@@ -129,6 +129,7 @@ def test_jpeg_scans_are_counted_without_decoding() -> None:
     assert jpeg_scan_count(baseline + baseline, pictures="all") == 2
 
 
+@pytest.mark.serial
 def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(client: TestClient) -> None:
     started = time.monotonic()
     response = client.post("/search/upload", content=_scan_bomb(3000, quality=95))
@@ -179,6 +180,7 @@ def _read_answer(sock: socket.socket, wait_seconds: float) -> bytes:
     return sock.recv(4096) if ready else b""
 
 
+@pytest.mark.serial
 def test_a_body_that_trickles_in_gets_408_at_the_request_timeout(
     indexed: Path, engine: SearchEngine, caplog: pytest.LogCaptureFixture
 ) -> None:

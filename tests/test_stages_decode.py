@@ -74,6 +74,7 @@ class SlowReader:
         self._file.close()
 
 
+@pytest.mark.serial
 def test_one_time_limit_covers_the_whole_video(tmp_path: Path) -> None:
     # Unhurried, the slow source decodes, clips and metadata from one open input, after many reads.
     video = write_sample_video(tmp_path / "long.mp4", num_frames=240, fps=24, width=320, height=240)

@@ -689,6 +689,7 @@ def test_undecodable_metadata_text_is_ignored(make_video: Callable[..., Any]) ->
     assert clip_indices(clip.frames) == expected_uniform(truth, 2.5, 8)
 
 
+@pytest.mark.serial
 def test_timeout_bounds_a_slow_source(video_dir: Path) -> None:
     path = write_sample_video(video_dir / "slow.mp4", num_frames=120, width=128, height=96, gop=12)
     reader = CountingReader(path, delay_seconds=0.05)
