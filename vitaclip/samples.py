@@ -385,6 +385,17 @@ def _sample_layout(
     )
 
 
+def _short_clip_bframes(codec: str, num_frames: int, bframes: int | None) -> int | None:
+    """No B-frames in hevc clips of fewer than 3 frames: libx265 gave them packets without timestamps now and then
+    (about one write in four after a VP9 encode in the process), which the MP4 muxer refuses ("pts/dts pair
+    unsupported")."""
+    if codec != "hevc" or num_frames >= 3:
+        return bframes
+    if bframes:
+        raise ValueError(f"hevc samples of {num_frames} frames cannot have B-frames (got bframes={bframes})")
+    return 0
+
+
 def write_sample_video(
     path: str | os.PathLike[str],
     *,
@@ -413,7 +424,8 @@ def write_sample_video(
         codec: ``h264`` (libx264), ``hevc`` (libx265), ``vp9`` (libvpx-vp9), ``av1`` (SVT-AV1 or libaom), ``mpeg4`` or
             ``mpeg2`` (mpeg2video).
         gop: Keyframe interval in frames; defaults to two seconds.
-        bframes: Consecutive B-frames (alt-ref frames for VP9); defaults to 2, or 0 for ``mpeg4``, AV1 and AVI.
+        bframes: Consecutive B-frames (alt-ref frames for VP9); defaults to 2, or 0 for ``mpeg4``, AV1, AVI and
+            ``hevc`` clips of fewer than 3 frames.
         rotation: Display rotation in degrees counter-clockwise (0, 90, 180 or 270), stored as a display matrix.
         pix_fmt: Encoder pixel format, for example ``yuv420p10le``; defaults to ``yuv420p`` (``yuv444p`` for odd
             sizes with h264/hevc).
@@ -431,6 +443,7 @@ def write_sample_video(
         RuntimeError: no encoder for ``codec`` is built into this FFmpeg (see ``available_sample_codecs``).
     """
     out = Path(path)
+    bframes = _short_clip_bframes(codec, num_frames, bframes)
     layout = _sample_layout(
         out, codec=codec, fps=fps, width=width, height=height, gop=gop, bframes=bframes, rotation=rotation,
         pix_fmt=pix_fmt, sample_aspect_ratio=sample_aspect_ratio,
