@@ -30,9 +30,9 @@ fi
 .venv/bin/ruff format --check . || exit 1
 .venv/bin/mypy || exit 1
 .venv/bin/python scripts/check_function_length.py || exit 1
-# Two pytest-xdist workers, whole test files each (module fixtures start once); tests marked `serial` run alone
-# (tests/conftest.py). VITACLIP_TEST_WORKERS=0 runs everything in one process.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n "${VITACLIP_TEST_WORKERS:-2}" --dist loadfile "$@"
+# Two pytest-xdist workers; the files of whole job runs are queued first and a worker that runs out takes over the
+# other's queue (tests/conftest.py); tests marked `serial` run alone. VITACLIP_TEST_WORKERS=0: one process.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${VITACLIP_TEST_WORKERS:-2}" --dist worksteal "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: failing" >&2

@@ -35,6 +35,33 @@ _BODY_FAULTS = ("truncate", "incomplete")  # only for GetObject
 # ----------------------------------------------------------------------------------------------------- S3 server
 
 
+_LONG_FILES = (
+    "test_index_job.py",
+    "test_training.py",
+    "test_concurrent_runs.py",
+    "test_demo_model.py",
+    "test_gcs_output.py",
+    "test_azure_output.py",
+    "test_index_job_s3.py",
+    "test_redaction.py",
+    "test_gpu_autoscaling.py",
+    "test_ray_job_submit.py",
+    "test_gpu_check.py",
+    "test_infra.py",
+    "test_evaluation.py",
+    "test_hostile_inputs.py",
+)
+"""Test files of whole job runs (Ray clusters, many processes), longest first by their time on two cores."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files of `_LONG_FILES` first, in that order, each file's tests in their own order. With pytest-xdist's
+    `worksteal` (`scripts/run-tests.sh`) the first worker starts on them and the other one on the short tests,
+    taking over queued job runs as it runs out: fewer job runs at once on two cores, and none left alone at the end."""
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
     """With pytest-xdist workers (`scripts/run-tests.sh` runs two), a test marked ``serial`` runs alone: it holds
