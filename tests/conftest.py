@@ -36,12 +36,12 @@ _BODY_FAULTS = ("truncate", "incomplete")  # only for GetObject
 
 
 _LONG_FILES = (
+    "test_concurrent_runs.py",
     "test_index_job.py",
     "test_training.py",
-    "test_concurrent_runs.py",
-    "test_demo_model.py",
     "test_gcs_output.py",
     "test_azure_output.py",
+    "test_demo_model.py",
     "test_index_job_s3.py",
     "test_redaction.py",
     "test_gpu_autoscaling.py",
@@ -51,15 +51,19 @@ _LONG_FILES = (
     "test_evaluation.py",
     "test_hostile_inputs.py",
 )
-"""Test files of whole job runs (Ray clusters, many processes), longest first by their time on two cores."""
+"""Test files of whole job runs (Ray clusters, many processes), those holding the longest tests first."""
+
+_LONG_TESTS = frozenset({"test_drivers_killed_at_random_points_leave_every_video_once"})
+"""Tests that go first in their file (one file's tests stay together: its module fixtures start once)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The files of `_LONG_FILES` first, in that order, each file's tests in their own order. With pytest-xdist's
-    `worksteal` (`scripts/run-tests.sh`) the first worker starts on them and the other one on the short tests,
-    taking over queued job runs as it runs out: fewer job runs at once on two cores, and none left alone at the end."""
+    """The files of `_LONG_FILES` first, in that order, `_LONG_TESTS` first in theirs, the rest in their order.
+    With pytest-xdist's `worksteal` (`scripts/run-tests.sh`) the first worker starts on the longest job runs while
+    the other runs the short tests, then takes over queued job runs: fewer job runs at once on two cores, and no
+    long one left alone at the end."""
     rank = {name: i for i, name in enumerate(_LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.name not in _LONG_TESTS))
 
 
 @pytest.hookimpl(wrapper=True)
