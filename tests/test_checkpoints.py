@@ -688,3 +688,140 @@ def test_saving_the_same_weights_gives_the_same_bytes(tmp_path: Path) -> None:
     assert digests == {hashlib.sha256((Path(shipped) / "model.safetensors").read_bytes()).hexdigest()}
     again = create_model(None, checkpoint=tmp_path / "copy-0")
     assert again.model_id == model.model_id
+
+
+def _edit_meta(folder: Path, config: dict | None = None, **top: object) -> None:
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"].update(config or {})
+    meta.update(top)
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_config_names_only_packaged_files_or_files_of_its_folder(tmp_path: Path) -> None:
+    """config.json is data: its label_set and tokenizer must not make the loader read other files of the machine
+    (their lines would become the labels written to the tables and returned by the service)."""
+    from vitaclip.registry import default_label_names, resolve_model
+
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = not-for-labels\n")
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("clip-tiny-frames"), folder)
+    _edit_meta(folder, label_names=None, default_labels=None)
+    (folder / "inside-link.txt").symlink_to(secret)
+    for key, value in [
+        ("label_set", str(secret)),
+        ("label_set", "../credentials"),
+        ("label_set", "inside-link.txt"),  # a link in the folder to a file outside it
+        ("tokenizer", str(secret)),
+        ("tokenizer", "../../vitaclip/model.py"),
+    ]:
+        _edit_meta(folder, {"label_set": None, "tokenizer": None, key: value})
+        for load in (
+            lambda: vitaclip.create_model(None, checkpoint=folder),
+            lambda: resolve_model(None, folder),
+            lambda: default_label_names(None, folder),
+        ):
+            with pytest.raises(CheckpointError, match=rf"config\.{key}"):
+                load()
+
+    # A file of the folder is read; one that is no gzip BPE file is a CheckpointError, not a gzip error.
+    (folder / "my-labels.txt").write_text("jumping\nswimming\n")
+    _edit_meta(folder, {"label_set": "my-labels.txt", "tokenizer": None})
+    assert vitaclip.create_model(None, checkpoint=folder).label_names == ("jumping", "swimming")
+    assert resolve_model(None, folder).label_names == ("jumping", "swimming")
+    (folder / "words.txt.gz").write_text("not gzip")
+    _edit_meta(folder, {"tokenizer": "words.txt.gz"})
+    with pytest.raises(CheckpointError, match="not a gzip-compressed BPE merges file"):
+        vitaclip.create_model(None, checkpoint=folder)
+
+
+def test_saving_copies_a_label_file_given_as_a_path_into_the_folder(tmp_path: Path) -> None:
+    labels = tmp_path / "mine.txt"
+    labels.write_text("cooking\ndancing\nrowing\n")
+    model = vitaclip.create_model(vitaclip.get_model_config("clip-tiny-frames").replace(label_set=str(labels)))
+    vitaclip.save_checkpoint(model, tmp_path / "ckpt")
+    labels.unlink()
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["config"]["label_set"] == "label_set.txt"
+    _edit_meta(tmp_path / "ckpt", label_names=None, default_labels=None)
+    loaded = vitaclip.create_model(None, checkpoint=tmp_path / "ckpt")
+    assert loaded.label_names == ("cooking", "dancing", "rowing")
+    # Saving the loaded model again, into its own folder, keeps the file.
+    vitaclip.save_checkpoint(loaded, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "label_set.txt").read_text() == "cooking\ndancing\nrowing\n"
+
+
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    good = json.loads((folder / "config.json").read_text())
+    backbone = good["config"]["backbone_config"]
+    for change, match in [
+        ({"num_frames": 10**12}, r"wrong shapes .*temporal"),
+        ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "layers": 10**7}}}, "10000000"),
+        ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "width": 10**6}}}, "wrong shapes"),
+    ]:
+        (folder / "config.json").write_text(json.dumps({**good, "config": {**good["config"], **change}}))
+        with pytest.raises(CheckpointError, match=match):
+            vitaclip.create_model(None, checkpoint=folder)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (float("nan"), "NaN or infinity"),
+        (float("inf"), "NaN or infinity"),
+        (torch.int32, "another kind than the model's floats"),
+        (torch.bool, "another kind than the model's floats"),
+        (torch.complex64, "another kind than the model's floats"),
+    ],
+)
+def test_weights_a_cast_would_change_or_that_are_not_finite_are_refused(
+    value: object, match: str, tmp_path: Path
+) -> None:
+    model = vitaclip.create_model("clip-tiny-frames")
+    state = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    key = "visual.conv1.weight"
+    if isinstance(value, float):
+        state[key][0, 0, 0, 0] = value
+    else:
+        state[key] = state[key].to(value)
+    torch.save(state, tmp_path / "clip.pth")
+    with pytest.raises(CheckpointError, match=match):
+        vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "clip.pth")
+
+
+def test_deeply_wrapped_and_odd_official_checkpoints_are_checkpoint_errors(tmp_path: Path) -> None:
+    state = {k: v for k, v in vitaclip.create_model("clip-tiny-frames").clip.state_dict().items()}
+    nested: dict = {"state_dict": state}
+    for _ in range(20):  # deeper than the loader looks (torch.save itself recurses: it cannot write thousands)
+        nested = {"model": nested}
+    torch.save(nested, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match="no state dict within"):
+        vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "nested.pth")
+
+    meta = json.loads((GOLDEN / "official_full.json").read_text())
+    from synthetic import official_state_dict
+
+    official = official_state_dict(meta["shapes"])
+    for name, change in [
+        ("no-fc1", {"visual.blocks.0.mlp.fc1.weight": None}),
+        ("no-ln-final", {"textual.ln_final.weight": None}),
+        ("cls-0d", {"visual.cls_token": torch.tensor(1.0)}),
+        ("cls-empty", {"visual.cls_token": torch.zeros(0)}),
+        ("pos-empty", {"visual.pos_embed": torch.zeros(0, 64)}),
+        ("ctx-1d", {"prompt_learner.ctx": torch.zeros(4)}),
+    ]:
+        damaged = {k: v for k, v in {**official, **change}.items() if v is not None}
+        torch.save({"model": damaged}, tmp_path / f"{name}.pth")
+        with pytest.raises(CheckpointError, match="official checkpoint"):
+            vitaclip.create_model(
+                base_config(meta), checkpoint=tmp_path / f"{name}.pth", label_names=meta["class_names"]
+            )
+
+
+def test_a_format_version_of_true_is_no_version(tmp_path: Path) -> None:
+    vitaclip.save_checkpoint(vitaclip.create_model("clip-tiny-frames"), tmp_path / "c")
+    _edit_meta(tmp_path / "c", format_version=True)
+    with pytest.raises(CheckpointError, match="format version True is not supported"):
+        vitaclip.create_model(None, checkpoint=tmp_path / "c")

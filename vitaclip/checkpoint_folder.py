@@ -12,8 +12,11 @@ import hashlib
 import json
 import math
 import struct
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from vitaclip.labels import list_label_sets
 
 FORMAT_NAME = "vitaclip-checkpoint"
 FORMAT_VERSION = 1
@@ -70,9 +73,10 @@ def read_folder_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         format_name = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{folder}: not a vitaclip checkpoint (format={format_name!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # JSON true equals 1 in Python
         raise CheckpointError(
-            f"{folder}: checkpoint format version {meta.get('format_version')} is not supported (this vitaclip reads "
+            f"{folder}: checkpoint format version {version!r} is not supported (this vitaclip reads "
             f"version {FORMAT_VERSION})"
         )
     return meta
@@ -162,3 +166,61 @@ def check_folder(path: str | Path) -> dict[str, Any]:
     if check_safetensors_header(weights) == 0:
         raise CheckpointError(f"{weights}: holds no tensors")
     return meta
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A name that stays in the folder it is joined to: no separators, not ``.``/``..``/hidden, no NUL."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def is_packaged_data_file(name: object) -> bool:
+    """``name`` is a file shipped in ``vitaclip/data`` (tokenizers, label lists)."""
+    return is_plain_file_name(name) and resources.files("vitaclip").joinpath("data").joinpath(str(name)).is_file()
+
+
+def checkpoint_config(meta: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``config.json``'s model config with the files it names checked: ``label_set`` and ``tokenizer`` may name only
+    a packaged label set or data file, or a file inside the checkpoint folder (returned as its path).
+
+    A checkpoint is data: its config must not make the loader read other files of the machine (their lines would
+    become labels written to the outputs and returned by the service).
+
+    Raises:
+        CheckpointError: a field naming anything else, with what is allowed.
+    """
+    folder = folder_of(path)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: no model config in it (a 'config' mapping is expected)")
+    config = dict(config)
+    for key, packaged in (("label_set", list_label_sets()), ("tokenizer", None)):
+        value = config.get(key)
+        if value is None or (value in packaged if packaged is not None else is_packaged_data_file(value)):
+            continue
+        config[key] = str(_file_in_folder(folder, key, value, packaged))
+    return config
+
+
+def _file_in_folder(folder: Path, key: str, value: object, packaged: list[str] | None) -> Path:
+    allowed = f"a packaged label set {packaged}" if packaged is not None else "a tokenizer packaged in vitaclip/data"
+    where = f"{folder / CONFIG_FILE}: config.{key}"
+    if not is_plain_file_name(value):
+        raise CheckpointError(
+            f"{where} must be {allowed} or the name of a file in the checkpoint folder, got {value!r}"
+        )
+    file = folder / str(value)
+    try:
+        resolved = file.resolve(strict=True)
+        inside = resolved.parent == folder.resolve(strict=True) and resolved.is_file()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        inside = False
+    if not inside:
+        raise CheckpointError(
+            f"{where} names {value!r}, which is neither {allowed} nor a file in the checkpoint folder"
+        )
+    return resolved

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -29,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -39,12 +41,15 @@ from vitaclip.checkpoint_folder import (
     FORMAT_VERSION,
     WEIGHTS_FILE,
     CheckpointError,
+    checkpoint_config,
     file_sha256,
+    is_packaged_data_file,
     is_vitaclip_checkpoint,
     read_folder_meta,
     verified_weights,
 )
 from vitaclip.config import TextContextConfig, VitaClipConfig
+from vitaclip.labels import list_label_sets
 from vitaclip.model import VitaClip, backbone_model_config
 
 CheckpointFormat = Literal["official", "openai", "vitaclip"]
@@ -123,12 +128,20 @@ def load_torch_file(path: str | Path) -> Any:
         return _torch_load(f, path)
 
 
+_MAX_WRAPPING = 8  # {"model": {"state_dict": ...}} levels around a state dict
+
+
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """Finds the state dict inside a loaded object and strips DDP's ``module.`` prefix."""
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "module"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return _unwrap(obj[key], path)
+    for _ in range(_MAX_WRAPPING + 1):
+        if not isinstance(obj, Mapping):
+            break
+        inner = [obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)]
+        if not inner:
+            break
+        obj = inner[0]
+    else:
+        raise CheckpointError(f"{path}: no state dict within {_MAX_WRAPPING} levels of model/state_dict/module keys")
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: no state dict found (got {type(obj).__name__})")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -286,25 +299,46 @@ def _official_backbone(state: Mapping[str, torch.Tensor], base: VitaClipConfig) 
     return {"backbone": None, "backbone_config": inferred}
 
 
+# What `config_from_official` reads the model's shape from, with the number of dimensions of each.
+_OFFICIAL_SHAPE_KEYS: dict[str, int | tuple[int, ...]] = {
+    "visual.patch_embed.proj.weight": 4,
+    "visual.cls_token": 1,
+    "visual.pos_embed": 2,
+    "visual.proj": 2,
+    "visual.time_embed": 2,
+    "logit_scale": 0,
+    "visual.blocks.0.mlp.fc1.weight": 2,
+    "textual.ln_final.weight": 1,
+    "textual.positional_embedding": 2,
+    "textual.token_embedding.weight": 2,
+}
+_OFFICIAL_OPTIONAL_NDIMS: dict[str, int | tuple[int, ...]] = {
+    "prompt_learner.ctx": (2, 3),
+    "visual.global_prompts": 3,
+    "visual.blocks.0.local_prompts": 3,
+}
+
+
 def config_from_official(state: Mapping[str, torch.Tensor], base: VitaClipConfig) -> VitaClipConfig:
     """Infers the backbone shape, T, G, local prompts, summary token and text context from official tensors.
 
     ``base`` supplies what tensors cannot tell: attention heads, the text context's name position, the label set.
     """
-    _require(
-        state,
-        "visual.patch_embed.proj.weight",
-        "visual.cls_token",
-        "visual.pos_embed",
-        "visual.proj",
-        "visual.time_embed",
-        "logit_scale",
-    )
     if "textual.token_embedding.weight" not in state:
         raise CheckpointError(
             "official checkpoint has no text tower (textual.*): it was saved in zero-shot mode; Vita-CLIP needs the "
             "text tower stored with it"
         )
+    _require(state, *_OFFICIAL_SHAPE_KEYS)
+    odd = [
+        f"{k} {tuple(state[k].shape)} (expected {ndim} dimensions)"
+        for k, ndim in {**_OFFICIAL_SHAPE_KEYS, **_OFFICIAL_OPTIONAL_NDIMS}.items()
+        if k in state and (state[k].ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)) or 0 in state[k].shape)
+    ]
+    if "visual.pos_embed" in state and not odd and state["visual.pos_embed"].shape[0] < 2:
+        odd.append(f"visual.pos_embed {tuple(state['visual.pos_embed'].shape)} (expected a CLS row and patch rows)")
+    if odd:
+        raise CheckpointError(f"official checkpoint tensors of unexpected shapes: {odd[:6]}")
     ctx = state.get("prompt_learner.ctx")
     text_context = None
     if ctx is not None:
@@ -361,28 +395,75 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def _shape_mismatches(own: Mapping[str, Sequence[int]], theirs: Mapping[str, Sequence[int]]) -> list[str]:
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(theirs[k])} vs model {tuple(own[k])}"
+        for k in set(own) & set(theirs)
+        if tuple(theirs[k]) != tuple(own[k])
+    )
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors {missing[:6]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensors {unexpected[:6]}")
+    if wrong:
+        parts.append(f"wrong shapes {wrong[:6]}")
+    return parts
+
+
+def _value_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tensors a cast would silently change (a complex, integer or boolean tensor for a float weight) or that hold
+    NaN or infinity: they load without an error and give NaN embeddings, written as ``ok`` rows."""
+    wrong_dtype = sorted(
+        f"{k}: {state[k].dtype} for {own[k].dtype}"
+        for k in own
+        if own[k].is_floating_point() and not state[k].is_floating_point()
+    )
+    not_finite = sorted(k for k in own if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()))
+    parts = []
+    if wrong_dtype:
+        parts.append(f"tensors of another kind than the model's floats {wrong_dtype[:6]}")
+    if not_finite:
+        parts.append(f"{len(not_finite)} tensors holding NaN or infinity {not_finite[:6]}")
+    return parts
+
+
 def _load_strict(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *, model_name: str | None = None
 ) -> None:
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors {missing[:6]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors {unexpected[:6]}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong[:6]}")
+    parts = _shape_mismatches({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    parts = parts or _value_problems(own, state)
+    if parts:
         name = model_name or getattr(getattr(model, "config", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not match model {name}: " + "; ".join(parts))
     model.load_state_dict(dict(state), strict=True)
+
+
+def _check_fits(config: VitaClipConfig, label_names: Sequence[str] | None, weights: Path) -> None:
+    """Compares the model a config builds with the weights file's header before anything is allocated: a config
+    that does not match its tensors (``num_frames: 10**12``, a million layers) is refused instead of exhausting
+    memory. The model is built on the meta device; its layers are counted first, as each costs Python objects."""
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
+    backbone = backbone_model_config(config)
+    for tower in ("vision_cfg", "text_cfg"):
+        layers = backbone.get(tower, {}).get("layers")
+        if isinstance(layers, int) and layers > len(shapes):
+            raise CheckpointError(
+                f"checkpoint {weights} does not match model {config.name}: its config asks for {layers} "
+                f"{tower.split('_')[0]} layers and the file holds {len(shapes)} tensors"
+            )
+    with torch.device("meta"):
+        model = VitaClip(config, label_names=label_names)
+    parts = _shape_mismatches({k: v.shape for k, v in model.state_dict().items()}, shapes)
+    if parts:
+        raise CheckpointError(f"checkpoint {weights} does not match model {config.name}: " + "; ".join(parts))
 
 
 def load_official(
@@ -474,15 +555,34 @@ def _save_safetensors(state: Mapping[str, torch.Tensor], path: str, metadata: di
         f.write(struct.pack("<Q", len(text)) + text + data)
 
 
+_COPIED_FILES = {"label_set": "label_set.txt", "tokenizer": "tokenizer.txt.gz"}
+
+
+def _portable_config(config: VitaClipConfig, out_dir: Path) -> VitaClipConfig:
+    """The config a folder records: a label set or tokenizer given as a path is copied into the folder and named by
+    its file name there, as a checkpoint may name only packaged files or its own (`checkpoint_config`)."""
+    changes = {}
+    for key, target in _COPIED_FILES.items():
+        value = getattr(config, key)
+        packaged = value in list_label_sets() if key == "label_set" else is_packaged_data_file(value)
+        if value is None or packaged:
+            continue
+        if Path(value).resolve() != (out_dir / target).resolve():
+            shutil.copyfile(value, out_dir / target)
+        changes[key] = target
+    return config.replace(**changes) if changes else config
+
+
 def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     """Writes ``out_dir/model.safetensors`` and ``out_dir/config.json`` (last, atomically). Returns the sha256."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = _portable_config(model.config, out_dir)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".tmp")
     os.close(fd)
     try:
-        _save_safetensors(state, tmp, {"format": FORMAT_NAME, "config": model.config.to_json()})
+        _save_safetensors(state, tmp, {"format": FORMAT_NAME, "config": config.to_json()})
         sha = file_sha256(tmp)
         os.replace(tmp, out_dir / WEIGHTS_FILE)
     finally:
@@ -491,7 +591,7 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": model.config.to_dict(),
+        "config": config.to_dict(),
         "label_names": list(model.text_context.label_names) if model.text_context is not None else None,
         "default_labels": list(model.label_names) if model.label_names is not None else None,
         "weights_file": WEIGHTS_FILE,
@@ -508,11 +608,19 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
     meta = read_folder_meta(folder)
     weights, sha = verified_weights(folder, meta)
     try:
-        config = VitaClipConfig.from_dict(meta["config"])
+        config = VitaClipConfig.from_dict(checkpoint_config(meta, folder))
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as exc:  # wrong keys or types in a hand-edited config.json
         raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
-    trained = meta.get("label_names")
-    model = VitaClip(config, label_names=trained if trained else label_names)
+    names = meta.get("label_names") or label_names
+    try:
+        _check_fits(config, names, weights)
+        model = VitaClip(config, label_names=names)
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # a tokenizer or label set the config names that cannot be read
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
     if label_names is not None:
         model.label_names = tuple(label_names)
     elif meta.get("default_labels") is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from vitaclip.checkpoint_folder import is_packaged_data_file
 from vitaclip.config import VitaClipConfig, backbone_model_config, format_model_id, model_name_of
 from vitaclip.labels import load_label_set
 from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
@@ -35,10 +36,13 @@ def get_tokenizer(bpe: str | None = None) -> SimpleTokenizer:
     if bpe is None:
         return SimpleTokenizer()
     packaged = resources.files("vitaclip").joinpath("data").joinpath(bpe)
-    path = Path(str(packaged)) if packaged.is_file() else Path(bpe)
+    path = Path(str(packaged)) if is_packaged_data_file(bpe) else Path(bpe)
     if not path.is_file():
         raise ValueError(f"tokenizer {bpe!r} is neither a file packaged in vitaclip/data nor an existing path")
-    return SimpleTokenizer(bpe_path=str(path))
+    try:
+        return SimpleTokenizer(bpe_path=str(path))
+    except (OSError, EOFError, ValueError, IndexError) as exc:  # gzip, UTF-8 and merges-line errors
+        raise ValueError(f"tokenizer {bpe!r} is not a gzip-compressed BPE merges file: {exc}") from None
 
 
 def _clean_name(name: str) -> str:

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitaclip.checkpoint_folder import CONFIG_FILE, CheckpointError, is_vitaclip_checkpoint
+from vitaclip.checkpoint_folder import CONFIG_FILE, CheckpointError, checkpoint_config, is_vitaclip_checkpoint
 from vitaclip.config import VitaClipConfig, format_model_id
 
 if TYPE_CHECKING:  # torch and the model load only where a model is built: planning needs neither
@@ -181,7 +181,7 @@ def resolve_model(
     found = _with_packaged(name, checkpoint)
     if found is not None and is_vitaclip_checkpoint(found):
         meta = checkpoint_meta(found)
-        config, model_id, defaults = _config_of(meta, found), _id_of(meta), _labels_of(meta)
+        config, model_id, defaults = _config_of(meta, found), _id_of(meta), _labels_of(meta, found)
     else:
         config = _named_config(name)
         model_id = _id_of_named(config, found)
@@ -204,7 +204,7 @@ def _named_config(name: str | None) -> VitaClipConfig:
 
 def _config_of(meta: dict[str, Any], checkpoint: str | Path) -> VitaClipConfig:
     try:
-        return VitaClipConfig.from_dict(meta["config"])
+        return VitaClipConfig.from_dict(checkpoint_config(meta, checkpoint))
     except ValueError as exc:
         raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
 
@@ -225,9 +225,9 @@ def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
     return VitaClip(config).model_id
 
 
-def _labels_of(meta: dict[str, Any]) -> tuple[str, ...] | None:
+def _labels_of(meta: dict[str, Any], checkpoint: str | Path) -> tuple[str, ...] | None:
     names = meta.get("default_labels") or meta.get("label_names")
-    return tuple(names) if names else _label_set(meta["config"].get("label_set"))
+    return tuple(names) if names else _label_set(checkpoint_config(meta, checkpoint).get("label_set"))
 
 
 def _label_set(label_set: str | None) -> tuple[str, ...] | None:
@@ -252,7 +252,7 @@ def default_label_names(name: str | None, checkpoint: str | Path | None) -> tupl
     """The labels a model scores by default: a vitaclip checkpoint's recorded labels, else the config's label set."""
     found = _with_packaged(name, checkpoint)
     if found is not None and is_vitaclip_checkpoint(found):
-        return _labels_of(checkpoint_meta(found))
+        return _labels_of(checkpoint_meta(found), found)
     return None if name is None else _label_set(get_model_config(name).label_set)
 
 
