@@ -541,12 +541,19 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
 # ------------------------------------------------------------------------------------------ uvicorn protocol
 
 
-def guarded_protocol(header_timeout_seconds: float, parser: Literal["auto", "httptools", "h11"] = "auto") -> type:
+def guarded_protocol(
+    header_timeout_seconds: float,
+    parser: Literal["auto", "httptools", "h11"] = "auto",
+    *,
+    max_head_bytes: int = 64 << 10,
+) -> type:
     """uvicorn's HTTP protocol (`parser`; auto: httptools when installed, else h11), closing connections that have
-    not sent a whole request head within the timeout.
+    not sent a whole request head within the timeout, and answering 431 to a head past ``max_head_bytes``.
 
     uvicorn limits idle keep-alive connections but not a request head that never ends; such connections would
-    hold service slots forever.
+    hold service slots forever. httptools sets no size on a head either: one header of 10 MB, or 100,000 headers,
+    were read whole, and a few connections sending such heads held hundreds of MB. (h11 has its own limit, which
+    `_server` sets to the same size.)
     """
     Base: Any
     try:
@@ -557,9 +564,17 @@ def guarded_protocol(header_timeout_seconds: float, parser: Literal["auto", "htt
         if parser == "httptools":
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+    counts_head = hasattr(Base, "on_headers_complete")  # httptools' parser callbacks; h11 bounds heads itself
+    too_large = f"request head larger than {max_head_bytes} bytes".encode()
+    refusal = (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(too_large), too_large)
+    )
 
     class GuardedProtocol(Base):  # type: ignore[misc]
         _head_timer: asyncio.TimerHandle | None = None
+        _in_head = True  # between requests or inside a request head: what arrives counts against the head size
+        _head_bytes = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -575,8 +590,22 @@ def guarded_protocol(header_timeout_seconds: float, parser: Literal["auto", "htt
             if waiting and not self.transport.is_closing():
                 self.transport.close()  # no request in progress: the head never came
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Counted after parsing: a chunk that completes a head (and may carry body bytes) is not counted.
+            if counts_head and self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_head_bytes:
+                    self.transport.write(refusal)
+                    self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            self._in_head, self._head_bytes = True, 0
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:

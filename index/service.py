@@ -43,6 +43,7 @@ class ServiceLimits:
         max_upload_bytes: largest picture or clip uploaded as a query.
         request_timeout_seconds: a query that takes longer gets 504 (its thread finishes on its own).
         header_timeout_seconds: a connection that has not sent a whole request head by then is closed.
+        max_head_bytes: largest request head (request line and headers); a larger one gets 431.
         body_timeout_seconds: a request body that stalls for this long between chunks gets 408.
         max_concurrent_queries: queries computed at once; more wait. Text queries computed together are encoded in
             one batch (`index.search.QueryBatcher`), so the default (twice the cores, 4 to 16) keeps batches
@@ -55,13 +56,15 @@ class ServiceLimits:
     max_upload_bytes: int = 20 << 20
     request_timeout_seconds: float = 30.0
     header_timeout_seconds: float = 10.0
+    max_head_bytes: int = 64 << 10
     body_timeout_seconds: float = 10.0
     max_concurrent_queries: int = field(default_factory=lambda: max(4, min(16, 2 * (os.cpu_count() or 2))))
     queue_timeout_seconds: float = 10.0
     max_connections: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_json_bytes", "max_upload_bytes", "max_concurrent_queries", "max_connections"):
+        sizes = ("max_json_bytes", "max_upload_bytes", "max_head_bytes", "max_concurrent_queries", "max_connections")
+        for name in sizes:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds"):
@@ -457,7 +460,8 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
         create_app(service),
         host=host,
         port=port,
-        http=guarded_protocol(limits.header_timeout_seconds, parser),
+        http=guarded_protocol(limits.header_timeout_seconds, parser, max_head_bytes=limits.max_head_bytes),
+        h11_max_incomplete_event_size=limits.max_head_bytes,
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=5,
         log_level="warning",

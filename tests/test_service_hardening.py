@@ -360,3 +360,44 @@ def test_vitaclip_serve_masks_credentials_in_its_logs(indexed: Path) -> None:
     assert "ConnectionError" in err and "Traceback" in err  # the traceback is logged ...
     assert SECRET not in err and "http://***@storage:9000" in err  # ... with the credentials masked
     assert "Exception in ASGI application" in err  # uvicorn's own log line went through the redaction too
+
+
+def _raw_exchange(address: tuple[str, int], data: bytes, *, chunk: int = 65536) -> bytes:
+    with socket.create_connection(address, timeout=20) as sock:
+        try:
+            for i in range(0, len(data), chunk):
+                sock.sendall(data[i : i + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the rest arrived
+        answer = b""
+        try:
+            while piece := sock.recv(65536):
+                answer += piece
+        except ConnectionResetError:
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_request_heads_past_the_size_limit_are_refused_and_bodies_do_not_count(
+    service: SearchService, parser: str
+) -> None:
+    limits = ServiceLimits(max_head_bytes=8192)
+    refused = b"HTTP/1.1 431" if parser == "httptools" else b"HTTP/1.1 400"  # h11 answers its own limit with 400
+    with serving(SearchService(service.engines, limits=limits), parser=parser) as url:
+        address = host_port(url)
+        close = b"Connection: close\r\n"
+        one_large = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n" + close + b"\r\n"
+        many = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * 20_000 + close + b"\r\n"
+        for head in (one_large, many):
+            assert _raw_exchange(address, head, chunk=4096).startswith(refused)
+        # Just under the limit: answered.
+        fits = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 7000 + b"\r\n" + close + b"\r\n"
+        assert _raw_exchange(address, fits).startswith(b"HTTP/1.1 200")
+        # A body sent with its head, much larger than a head may be, is a body.
+        body = json.dumps({"text": "red", "k": 1}).encode() + b" " * 300_000
+        post = (
+            b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (len(body), close, body)
+        )
+        assert _raw_exchange(address, post, chunk=len(post)).startswith(b"HTTP/1.1 200")
