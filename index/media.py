@@ -6,8 +6,9 @@ one gate, independent of any web framework: it opens the file only when
 
 - the row's status is ``ok`` (a row that failed to decode was never shown to be a video);
 - the URI is a local path (``s3://`` objects are not served from here);
-- its resolved path lies inside one of the input roots recorded at index time (``runs/<run_id>.json``,
-  ``input_roots``), so no symlink leads out of them;
+- its resolved path lies inside one of the input folders recorded at index time (``runs/<run_id>.json``,
+  ``input_roots``), or directly in the folder of a file that a manifest or an argument listed (``input_file_dirs``:
+  not its subfolders, so a manifest naming ``/x.mp4`` does not open the whole machine), so no symlink leads out;
 - the opened object is a regular file, is the path that was checked, and its size and modification time still
   match the row's ETag.
 
@@ -21,7 +22,7 @@ import mimetypes
 import os
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,12 +75,24 @@ def _opened_path(fd: int) -> str | None:
     return None
 
 
-def open_media(row: Mapping[str, Any], roots: Sequence[str]) -> MediaFile:
+@dataclass(frozen=True)
+class MediaRoots:
+    """Where indexed files may resolve to: inside a listed folder (``folders``, resolved) or directly in the folder of
+    a file listed on its own (``file_dirs``, resolved; their subfolders are not included)."""
+
+    folders: tuple[str, ...] = ()
+    file_dirs: tuple[str, ...] = ()
+
+    def allow(self, resolved: str) -> bool:
+        return any(_inside(resolved, root) for root in self.folders) or os.path.dirname(resolved) in self.file_dirs
+
+
+def open_media(row: Mapping[str, Any], roots: MediaRoots) -> MediaFile:
     """Opens the file of an indexed row for serving, or raises :class:`MediaRefused`.
 
     Args:
         row: the row's ``uri``, ``status``, ``etag`` and ``size_bytes``.
-        roots: resolved input folders recorded at index time (:func:`recorded_roots`).
+        roots: what the runs recorded at index time (:func:`recorded_roots`).
     """
     if row.get("status") != STATUS_OK:
         raise MediaRefused("not_ok", "this row is not a decoded video")
@@ -89,7 +102,7 @@ def open_media(row: Mapping[str, Any], roots: Sequence[str]) -> MediaFile:
     if not os.path.isabs(uri) or "\x00" in uri:
         raise MediaRefused("not_local", "the row does not name a local file")
     resolved = os.path.realpath(uri)
-    if not any(_inside(resolved, root) for root in roots):
+    if not roots.allow(resolved):
         raise MediaRefused("outside_roots", "the file is not inside the indexed input folders", http_status=403)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -130,18 +143,20 @@ def roots_of_inputs(local_paths: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
-def recorded_roots(out_dir: str | Path) -> list[str]:
-    """The input roots every run recorded in ``OUT/runs/*.json`` (a run writes them when it starts and ends)."""
+def recorded_roots(out_dir: str | Path) -> MediaRoots:
+    """The input folders and file folders every run recorded in ``OUT/runs/*.json`` (a run writes them when it starts
+    and ends)."""
     folder = Path(out_dir) / RUNS_DIR
-    roots: set[str] = set()
+    found: dict[str, set[str]] = {"input_roots": set(), "input_file_dirs": set()}
     if not folder.is_dir():
-        return []
+        return MediaRoots()
     for path in folder.glob("*.json"):
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        found = summary.get("input_roots") if isinstance(summary, dict) else None
-        if isinstance(found, list):
-            roots.update(r for r in found if isinstance(r, str) and os.path.isabs(r))
-    return sorted(roots)
+        for key, roots in found.items():
+            listed = summary.get(key) if isinstance(summary, dict) else None
+            if isinstance(listed, list):
+                roots.update(r for r in listed if isinstance(r, str) and os.path.isabs(r))
+    return MediaRoots(folders=tuple(sorted(found["input_roots"])), file_dirs=tuple(sorted(found["input_file_dirs"])))

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from index.catalog import RowCatalog
 from index.delta_tables import OutputLocation
-from index.media import RUNS_DIR, MediaFile, MediaRefused, open_media, recorded_roots
+from index.media import RUNS_DIR, MediaFile, MediaRefused, MediaRoots, open_media, recorded_roots
 from index.queries import QueryError, embedding_query, upload_frames
 from index.schema import row_id_for
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
@@ -198,7 +198,7 @@ class SearchEngine:
         }
         self._encode_lock = threading.Lock()
         self._roots_lock = threading.Lock()
-        self._roots: list[str] = []
+        self._roots = MediaRoots()
         self._roots_stamp: int | None = None
         self._vector_lock = threading.Lock()
         self._vectors: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -270,13 +270,13 @@ class SearchEngine:
             raise MediaRefused("not_indexed", "no such video")
         return open_media(row, self._media_roots())
 
-    def _media_roots(self) -> list[str]:
+    def _media_roots(self) -> MediaRoots:
         """Input roots recorded by the runs, re-read when a run has written since the last look."""
         runs = self.root / RUNS_DIR
         try:
             stamp = runs.stat().st_mtime_ns
         except OSError:
-            return []
+            return MediaRoots()
         with self._roots_lock:
             if self._roots_stamp != stamp:
                 self._roots = recorded_roots(self.root)

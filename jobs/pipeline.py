@@ -739,7 +739,8 @@ def run_summary(
     return {
         **{key: record.start[key] for key in ("run_id", "output", "model_id", "started_at")},
         "state": "committed",
-        "input_roots": roots_of_inputs([*record.folder_inputs, *plan_report["other_local_dirs"]]),
+        "input_roots": roots_of_inputs(record.folder_inputs),
+        "input_file_dirs": sorted({os.path.realpath(d) for d in plan_report["other_local_dirs"]}),
         "elapsed_seconds": round(elapsed, 3),
         "counts": {**plan_report["counts"], "processed": processed},
         "status": dict(commits.status),

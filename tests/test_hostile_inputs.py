@@ -19,7 +19,7 @@ import pytest
 import ray
 
 from index import tables
-from index.media import MediaRefused, open_media, recorded_roots
+from index.media import MediaRefused, MediaRoots, open_media, recorded_roots
 from index.schema import local_etag, video_id_for
 from index.search import SearchEngine
 from index.service import SearchService, serving
@@ -102,7 +102,7 @@ def test_every_odd_entry_is_a_row_with_a_status_and_the_run_commits(traps: dict[
     summary_files = list((traps["out"] / "runs").glob("*.json"))
     summary = json.loads(summary_files[0].read_text())
     assert summary["state"] == "committed" and summary["status"]["ok"] == 8
-    assert summary["input_roots"] == [os.path.realpath(traps["src"])]
+    assert summary["input_roots"] == [os.path.realpath(traps["src"])] and summary["input_file_dirs"] == []
 
 
 def test_a_file_deleted_between_listing_and_reading_is_a_row(tmp_path: Path) -> None:
@@ -208,17 +208,17 @@ def test_open_media_rules(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     video = _video(root / "v.mp4", 1)
-    roots = [os.path.realpath(root)]
+    roots = MediaRoots(folders=(os.path.realpath(root),))
     media = open_media(_row(video), roots)
     with media.file as f:
         assert f.read() == video.read_bytes() and media.size_bytes == video.stat().st_size
 
-    def refused(row: dict[str, Any], which: list[str] = roots) -> MediaRefused:
+    def refused(row: dict[str, Any], which: MediaRoots = roots) -> MediaRefused:
         with pytest.raises(MediaRefused) as info:
             open_media(row, which).close()
         return info.value
 
-    assert refused(_row(video), []).reason == "outside_roots"  # nothing recorded: nothing served
+    assert refused(_row(video), MediaRoots()).reason == "outside_roots"  # nothing recorded: nothing served
     assert refused(_row(video, "not_a_video")).reason == "not_ok"
     assert refused({"uri": "s3://bucket/v.mp4", "status": "ok", "etag": "x", "size_bytes": 1}).reason == "remote"
     assert refused({"uri": "relative/v.mp4", "status": "ok"}).reason == "not_local"
@@ -233,7 +233,13 @@ def test_open_media_rules(tmp_path: Path) -> None:
     # A root recorded through a symlinked folder still matches the resolved file.
     link_root = tmp_path / "link"
     os.symlink(root, link_root)
-    open_media(_row(link_root / "v.mp4"), [os.path.realpath(link_root)]).close()
+    open_media(_row(link_root / "v.mp4"), MediaRoots(folders=(os.path.realpath(link_root),))).close()
+    # A file listed on its own allows its folder, not the folder's subfolders.
+    (root / "sub").mkdir()
+    deeper = _video(root / "sub" / "w.mp4", 2)
+    flat = MediaRoots(file_dirs=(os.path.realpath(root),))
+    open_media(_row(video), flat).close()
+    assert refused(_row(deeper), flat).reason == "outside_roots"
 
 
 def test_recorded_roots_read_every_run(tmp_path: Path) -> None:
@@ -241,6 +247,11 @@ def test_recorded_roots_read_every_run(tmp_path: Path) -> None:
     (tmp_path / "runs" / "a.json").write_text(json.dumps({"input_roots": ["/data/a"]}))
     (tmp_path / "runs" / "b.json").write_text(json.dumps({"input_roots": ["/data/b", "relative/ignored"]}))
     (tmp_path / "runs" / "c.json").write_text("{not json")
-    assert recorded_roots(tmp_path) == ["/data/a", "/data/b"]
+    (tmp_path / "runs" / "d.json").write_text(json.dumps({"input_roots": [], "input_file_dirs": ["/"]}))
+    roots = recorded_roots(tmp_path)
+    assert roots == MediaRoots(folders=("/data/a", "/data/b"), file_dirs=("/",))
+    # A manifest that named /x.mp4 allows files directly in /, not the machine.
+    assert roots.allow("/x.mp4") and roots.allow("/data/a/deep/v.mp4")
+    assert not roots.allow("/etc/passwd") and not roots.allow("/root/.ssh/id_rsa")
     shutil.rmtree(tmp_path / "runs")
-    assert recorded_roots(tmp_path) == []
+    assert recorded_roots(tmp_path) == MediaRoots()
