@@ -17,6 +17,7 @@ with a fixed message. Answers never carry paths, credentials, internals or what 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -539,6 +540,49 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
 
 
 # ------------------------------------------------------------------------------------------ uvicorn protocol
+
+
+def is_loopback_name(host: str) -> bool:
+    """``localhost``, ``*.localhost`` (RFC 6761: always this machine) or a loopback address (``127.0.0.1``, ``::1``)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """Answers 400 to a request whose ``Host`` names none of the allowed hosts (compared without the port).
+
+    A service on a loopback address is reachable from any web page its user opens through DNS rebinding: the page's
+    own host name is re-pointed to 127.0.0.1 and its scripts then read the service as same-origin. The browser
+    still sends that host name, which is refused here. ``loopback`` allows every loopback name and address.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed: tuple[str, ...], loopback: bool) -> None:
+        self.app = app
+        self.allowed = frozenset(h.strip("[]").lower() for h in allowed)
+        self.loopback = loopback
+
+    def allows(self, host_header: str) -> bool:
+        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header  # name:port
+        if host.startswith("["):  # [v6]:port
+            host = host[: host.find("]") + 1]
+        host = host.strip("[]").lower()
+        return host in self.allowed or (self.loopback and is_loopback_name(host))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            found = [v for k, v in scope["headers"] if k == b"host"]
+            if found and not self.allows(found[0].decode("latin-1")):
+                response = JSONResponse(
+                    {"error": "this host name is not served here (see vitaclip serve --allowed-host)"}, status_code=400
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def guarded_protocol(

@@ -50,6 +50,9 @@ class ServiceLimits:
             forming: on 2 cores 1.2 ms of CPU per query with 4 or 8 at once against 2.2 ms one at a time.
         queue_timeout_seconds: a query that waited this long for a slot gets 503 with Retry-After.
         max_connections: open connections and requests before uvicorn answers 503.
+        allowed_hosts: host names (``Host`` header, without the port) answered besides loopback names when the service
+            listens on a loopback address; on any other address, when given, the only names answered. Others get
+            400: a loopback service must not answer a page whose host name was re-pointed to it (DNS rebinding).
     """
 
     max_json_bytes: int = 1 << 20
@@ -61,6 +64,7 @@ class ServiceLimits:
     max_concurrent_queries: int = field(default_factory=lambda: max(4, min(16, 2 * (os.cpu_count() or 2))))
     queue_timeout_seconds: float = 10.0
     max_connections: int = 256
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = ("max_json_bytes", "max_upload_bytes", "max_head_bytes", "max_concurrent_queries", "max_connections")
@@ -453,11 +457,14 @@ def open_service(
 def _server(service: SearchService, host: str, port: int, parser: HttpParser = "auto") -> Any:
     import uvicorn
 
-    from index.api import create_app, guarded_protocol
+    from index.api import HostCheck, create_app, guarded_protocol, is_loopback_name
 
     limits = service.limits
+    app: Any = create_app(service)
+    if is_loopback_name(host) or limits.allowed_hosts:
+        app = HostCheck(app, allowed=limits.allowed_hosts, loopback=is_loopback_name(host))
     config = uvicorn.Config(
-        create_app(service),
+        app,
         host=host,
         port=port,
         http=guarded_protocol(limits.header_timeout_seconds, parser, max_head_bytes=limits.max_head_bytes),

@@ -219,6 +219,7 @@ def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
         "max_upload_bytes": int(args.max_upload_mb * 2**20),
         "request_timeout_seconds": args.request_timeout,
         "max_connections": args.max_connections,
+        "allowed_hosts": tuple(args.allowed_host),
     }
     if args.max_concurrent_queries is not None:
         limits["max_concurrent_queries"] = args.max_concurrent_queries
@@ -394,6 +395,14 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or clip query (MiB)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients may use (Host header) besides localhost and loopback addresses; repeat for several. "
+        "On a non-loopback --host, the only names answered when given",
+    )
     p.add_argument(
         "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: 2 x cores, 4-16)"
     )

@@ -290,7 +290,7 @@ def test_a_client_that_leaves_mid_download_frees_the_file(server: str, indexed: 
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
         with socket.create_connection(host_port(server), timeout=10) as sock:
-            sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     deadline = time.monotonic() + 10
     while len(os.listdir("/proc/self/fd")) > fds_before and time.monotonic() < deadline:
@@ -324,24 +324,25 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
         address = host_port(url)
         # A request head that never ends: closed by the server after the header timeout.
         with socket.create_connection(address, timeout=10) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             started = time.monotonic()
             assert sock.recv(4096) == b"" and time.monotonic() - started < 5
         # A body that stalls: 408.
         with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(
-                b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
             )
             assert sock.recv(4096).startswith(b"HTTP/1.1 408")
         # Bodies past the limit, declared or not: 413.
         status, _, body = request(url, "/search", "POST", {"Content-Type": "application/json"}, b"[" + b"1," * 2000)
         assert status == 413 and b"larger than 2048 bytes" in body
         # A GET with a body that looks like a request: one answer per request, the body is never a request.
-        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
-                + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+                + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
             )
             answers = b""
             while data := sock.recv(65536):

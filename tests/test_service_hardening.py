@@ -187,7 +187,7 @@ def test_a_body_that_trickles_in_gets_408_at_the_request_timeout(
     limits = ServiceLimits(body_timeout_seconds=1.0, request_timeout_seconds=2.0)
     with serving(SearchService({"main": engine}, limits=limits)) as url:
         with socket.create_connection(host_port(url), timeout=10) as sock:
-            sock.sendall(b"POST /search/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            sock.sendall(b"POST /search/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
             started, answer = time.monotonic(), b""
             while not answer and time.monotonic() - started < 8:
                 sock.sendall(b"x")  # one byte every 0.4 s: never a stall of 1 s
@@ -205,7 +205,8 @@ def test_clients_that_leave_mid_body_are_not_errors(
 ) -> None:
     for _ in range(2):
         with socket.create_connection(host_port(server), timeout=10) as sock:
-            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            head += "Content-Length: 500\r\n\r\n"
             sock.sendall(head.encode() + b'{"text": "')
             time.sleep(0.2)  # the body is being read when the client goes
     deadline = time.monotonic() + 10
@@ -401,3 +402,45 @@ def test_request_heads_past_the_size_limit_are_refused_and_bodies_do_not_count(
             b"Content-Length: %d\r\n%s\r\n%s" % (len(body), close, body)
         )
         assert _raw_exchange(address, post, chunk=len(post)).startswith(b"HTTP/1.1 200")
+
+
+def _status_for_host(address: tuple[str, int], host: str) -> int:
+    answer = _raw_exchange(address, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_loopback_service_answers_only_loopback_and_allowed_host_names(service: SearchService) -> None:
+    """DNS rebinding: a page whose host name was re-pointed to 127.0.0.1 must not read the service."""
+    with serving(service) as url:
+        address = host_port(url)
+        loopback = (f"127.0.0.1:{address[1]}", "localhost", "LOCALHOST:8000", "[::1]:8000", "127.0.0.2", "a.localhost")
+        for host in loopback:
+            assert _status_for_host(address, host) == 200, host
+        others = ("attacker.example", f"attacker.example:{address[1]}", "127.0.0.1.nip.io", "localhost.example")
+        for host in others:
+            assert _status_for_host(address, host) == 400, host
+        query = b"GET /search?q=red HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        answer = _raw_exchange(address, query)
+        assert b"not served here" in answer and b"video_id" not in answer
+    limits = ServiceLimits(allowed_hosts=("search.internal",))
+    with serving(SearchService(service.engines, limits=limits)) as url:
+        address = host_port(url)
+        assert _status_for_host(address, "search.internal:8000") == 200
+        assert _status_for_host(address, "localhost") == 200
+        assert _status_for_host(address, "other.internal") == 400
+
+
+def test_host_check_on_other_addresses_answers_only_the_allowed_names() -> None:
+    from index.api import HostCheck
+
+    check = HostCheck(create_app, allowed=("search.example.com", "[fd00::5]"), loopback=False)
+    assert check.allows("search.example.com:443") and check.allows("SEARCH.example.com")
+    assert check.allows("[fd00::5]:80")
+    assert not check.allows("localhost") and not check.allows("127.0.0.1") and not check.allows("evil.example")
+
+
+def test_vitaclip_serve_takes_allowed_hosts() -> None:
+    from jobs.cli import _serve_limits, build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "out", "--allowed-host", "a.example", "--allowed-host", "b"])
+    assert ServiceLimits(**_serve_limits(args)).allowed_hosts == ("a.example", "b")
