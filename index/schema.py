@@ -25,9 +25,12 @@ class SchemaError(ValueError):
     """A table written by an unknown or incompatible version of vitaclip."""
 
 
+LOCAL_ETAG_PREFIX = "local-"
+
+
 def local_etag(stat: os.stat_result) -> str:
     """The ``etag`` of a local file: changes when its size or modification time does."""
-    return f"local-{stat.st_size}-{stat.st_mtime_ns}"
+    return f"{LOCAL_ETAG_PREFIX}{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def video_id_for(uri: str) -> str:

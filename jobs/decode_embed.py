@@ -51,10 +51,14 @@ class ReadDecode(DecodeStage):
         self._client: Any = None
         super().__init__(opener=self._open, **kwargs)
 
-    def _open(self, uri: str, size_bytes: int) -> Any:
+    def _open(self, uri: str, size_bytes: int, etag: str | None) -> Any:
         if uri.startswith("s3://") and self._client is None:
             self._client = make_s3_client(endpoint_url=self._endpoint)
-        return open_video(uri, size_bytes=size_bytes, s3_client=self._client, whole_object_max_bytes=self._whole_max)
+        # The listed ETag: an object replaced since it was listed (or named by a stale manifest) is a `changed` row,
+        # never indexed under an ETag it does not have.
+        return open_video(
+            uri, size_bytes=size_bytes, etag=etag, s3_client=self._client, whole_object_max_bytes=self._whole_max
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]
         # A generator: rows are handed on as they are decoded, so a decoder never holds a whole batch of long

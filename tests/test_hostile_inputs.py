@@ -255,3 +255,74 @@ def test_recorded_roots_read_every_run(tmp_path: Path) -> None:
     assert not roots.allow("/etc/passwd") and not roots.allow("/root/.ssh/id_rsa")
     shutil.rmtree(tmp_path / "runs")
     assert recorded_roots(tmp_path) == MediaRoots()
+
+
+def _decoded_status(stage: ReadDecode, uri: str, etag: str, size: int) -> tuple[str, str]:
+    import numpy as np
+
+    batch = {
+        "uri": np.asarray([uri], dtype=object),
+        "etag": np.asarray([etag], dtype=object),
+        "size_bytes": np.asarray([size]),
+    }
+    (out,) = stage(batch)
+    return str(out["status"][0]), str(out["error_message"][0])
+
+
+def test_a_video_changed_since_it_was_listed_is_a_changed_row(tmp_path: Path, s3_bucket: tuple[Any, str]) -> None:
+    """Never indexed under an ETag it does not have: a local file or an S3 object replaced after listing, or named by
+    a stale manifest (an old S3 Inventory), is `changed` (retried, not counted), not an ok row of other content."""
+    video = _video(tmp_path / "v.mp4", 1)
+    (listed,) = list(list_videos([str(tmp_path)]))
+    stage = ReadDecode(num_frames=2, size=32, s3_endpoint_url=None, whole_object_max_bytes=1 << 20)
+    assert _decoded_status(stage, listed.uri, listed.etag, listed.size_bytes)[0] == "ok"
+    _video(tmp_path / "other.mp4", 2)
+    os.replace(tmp_path / "other.mp4", video)  # replaced after listing
+    status, message = _decoded_status(stage, listed.uri, listed.etag, listed.size_bytes)
+    assert status == "changed" and "changed since it was listed" in message
+
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="v.mp4", Body=video.read_bytes())
+    size, etag = video.stat().st_size, client.head_object(Bucket=bucket, Key="v.mp4")["ETag"]
+    endpoint = client.meta.endpoint_url
+    for whole_max in (1 << 20, 1024):  # one GET, then ranged GETs
+        s3_stage = ReadDecode(num_frames=2, size=32, s3_endpoint_url=endpoint, whole_object_max_bytes=whole_max)
+        assert _decoded_status(s3_stage, f"s3://{bucket}/v.mp4", etag, size)[0] == "ok"
+        stale = _decoded_status(s3_stage, f"s3://{bucket}/v.mp4", '"' + "0" * 32 + '"', size)
+        assert stale[0] == "changed" and "changed while reading" in stale[1], (whole_max, stale)
+
+
+_READ_AS_USER = """
+import json, sys
+from jobs.decode_embed import ReadDecode
+stage = ReadDecode(num_frames=2, size=32, s3_endpoint_url=None, whole_object_max_bytes=1 << 20)
+(row,) = stage.decode_one(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+print(json.dumps({"status": row["status"], "message": row["error_message"]}))
+"""
+
+
+def test_an_unreadable_file_is_access_denied_which_the_next_run_retries(tmp_path: Path) -> None:
+    """Permission denied is the storage's failure, not a damaged video: it was a final `corrupt` row, so fixing the
+    permission never got the video indexed."""
+    import subprocess
+    import sys
+
+    from index.commits import RETRYABLE, UNCOUNTED
+
+    video = _video(tmp_path / "locked.mp4", 3)
+    (listed,) = list(list_videos([str(tmp_path)]))
+    video.chmod(0)
+    # As root, drop the capabilities that skip permission checks, so the mode applies as to any other user.
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", _READ_AS_USER, listed.uri, str(listed.size_bytes), listed.etag],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["status"] == "access_denied" and "permission denied" in row["message"]
+    assert "access_denied" in RETRYABLE and "access_denied" in UNCOUNTED

@@ -41,7 +41,7 @@ def test_bad_inputs_become_status_rows(tmp_path: Path) -> None:
     text = tmp_path / "notes.mp4"
     text.write_bytes(b"this is not a video\n" * 50)
 
-    def failing_opener(uri: str, size_bytes: int) -> Any:
+    def failing_opener(uri: str, size_bytes: int, etag: str | None) -> Any:
         raise ConnectionError("connection reset")
 
     (row,) = DecodeStage(num_frames=4, size=32).decode_one(str(text), text.stat().st_size)
@@ -80,7 +80,7 @@ def test_one_time_limit_covers_the_whole_video(tmp_path: Path) -> None:
     video = write_sample_video(tmp_path / "long.mp4", num_frames=240, fps=24, width=320, height=240)
     readers: list[SlowReader] = []
 
-    def opener(uri: str, size_bytes: int) -> SlowReader:
+    def opener(uri: str, size_bytes: int, etag: str | None) -> SlowReader:
         readers.append(SlowReader(Path(uri), delay=0.05))
         return readers[-1]
 

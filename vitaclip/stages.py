@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitaclip.readable import check_readable
 from vitaclip.redact import redact_text
 from vitaclip.video import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
 VideoSource = Any  # a path, bytes, or a seekable binary file object
-Opener = Callable[[str, int], VideoSource]
+Opener = Callable[[str, int, "str | None"], VideoSource]  # (uri, size_bytes, listed etag or None) -> source
 
 READ_ERROR = "read_error"
 NOT_FOUND = "not_found"
@@ -69,16 +70,18 @@ _BASE_ROW: dict[str, Any] = {
 # Also per clip: "pts_seconds", float64 [T], the timestamps of the frames taken (zeros when not ok).
 
 
-def open_local(uri: str, size_bytes: int) -> VideoSource:
-    """The default opener: a local path as it is, once it is known to be a regular file.
+def open_local(uri: str, size_bytes: int, etag: str | None = None) -> VideoSource:
+    """The default opener: a local path as it is, once it is known to be a readable regular file.
 
     Raises:
         FileNotFoundError: the file is gone (deleted since it was listed).
+        UnreadableSource: it cannot be read (permission denied).
         OSError: it is not a regular file (a FIFO would block the decoder) or cannot be inspected.
     """
     st = os.stat(uri)
     if not stat.S_ISREG(st.st_mode):
         raise OSError(f"not a regular file: {uri}")
+    check_readable(uri)
     return uri
 
 
@@ -102,7 +105,8 @@ class DecodeStage:
         timeout_seconds: per-video decode time limit.
         max_frame_bytes: most bytes of frames for one video's clips; a video that needs more (many segments of a
             long video) is a row with status ``too_long``, refused before decoding.
-        opener: turns ``(uri, size_bytes)`` into something the decoder reads (a path, bytes, a file object).
+        opener: turns ``(uri, size_bytes, etag)`` into something the decoder reads (a path, bytes, a file object);
+            ``etag`` is the listed one (None when unknown), for openers that check the object is still that one.
     """
 
     def __init__(
@@ -145,10 +149,10 @@ class DecodeStage:
             decode_seconds=decode_seconds,
         )
 
-    def _source_or_failed_row(self, uri: str, size_bytes: int) -> VideoSource | dict[str, Any]:
+    def _source_or_failed_row(self, uri: str, size_bytes: int, etag: str | None) -> VideoSource | dict[str, Any]:
         """The opener's source for a video, or the failed row of a video that cannot be read."""
         try:
-            return self.opener(uri, size_bytes)
+            return self.opener(uri, size_bytes, etag)
         except FileNotFoundError:
             return self.failed_row(NOT_FOUND, "the file is gone (deleted since it was listed)")
         except Exception as exc:  # per-video boundary: any read failure becomes this video's status
@@ -158,10 +162,11 @@ class DecodeStage:
                 return self.failed_row(reason, str(exc))
             return self.failed_row(READ_ERROR, f"{type(exc).__name__}: {exc}")
 
-    def decode_one(self, uri: str, size_bytes: int) -> list[dict[str, Any]]:
-        """Rows (whole video first, then segments) for one video, or one failed row."""
+    def decode_one(self, uri: str, size_bytes: int, etag: str | None = None) -> list[dict[str, Any]]:
+        """Rows (whole video first, then segments) for one video, or one failed row. ``etag``: the listed one, which
+        the opener may check (the job's does: a video changed since it was listed is a ``changed`` row)."""
         start = time.perf_counter()
-        source = self._source_or_failed_row(uri, size_bytes)
+        source = self._source_or_failed_row(uri, size_bytes, etag)
         if isinstance(source, dict):
             return [source]
         try:
@@ -178,11 +183,14 @@ class DecodeStage:
         except VideoDecodeError as exc:  # the status says the reason; the message says the rest
             return [self.failed_row(exc.reason, exc.message, decode_seconds=time.perf_counter() - start)]
         except Exception as exc:  # per-video boundary: record, never crash the job
-            return [
-                self.failed_row(
-                    INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", decode_seconds=time.perf_counter() - start
-                )
-            ]
+            # A source read while decoding (S3 ranges) names its failure (changed, unavailable, ...): keep it.
+            reason = getattr(exc, "reason", None)
+            status, message = (
+                (reason, str(exc))
+                if isinstance(reason, str) and reason in READ_REASONS
+                else (INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            )
+            return [self.failed_row(status, message, decode_seconds=time.perf_counter() - start)]
         meta = dict(
             _BASE_ROW,
             duration_seconds=float(info.duration_seconds),
@@ -247,7 +255,8 @@ class DecodeStage:
             if listed is not None and listed[i]:
                 rows = [self.failed_row(str(listed[i]), str(batch[LISTING_ERROR][i]))]
             else:
-                rows = self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i]))
+                etag = None if etags is None or not etags[i] else str(etags[i])
+                rows = self.decode_one(str(batch["uri"][i]), int(batch["size_bytes"][i]), etag)
             decode_id = decode_id_for(str(batch["uri"][i]), "" if etags is None else str(etags[i]))
             for row in rows:
                 row.update(decode_id=decode_id, clip_count=len(rows))

@@ -21,7 +21,9 @@ from index.s3 import (
     read_whole,
     with_retries,
 )
+from index.schema import LOCAL_ETAG_PREFIX, local_etag
 from jobs.storage.listing import UNKNOWN_SIZE, printable_path
+from vitaclip.readable import UnreadableSource, check_readable
 
 
 def open_video(
@@ -50,14 +52,7 @@ def open_video(
         StorageError: The object is missing, refused, changed, or could not be read whole after retries.
     """
     if not uri.startswith("s3://"):
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
-        except OSError:
-            raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
-        if not regular:  # a FIFO or device would block the decoder
-            raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_found", uri=uri)
-        return path
+        return _open_local(uri, etag)
     bucket, key = parse_s3_uri(uri)
     client = s3_client if s3_client is not None else make_s3_client()
     if size_bytes is None or size_bytes == UNKNOWN_SIZE:
@@ -81,6 +76,25 @@ def open_video(
         max_attempts=max_attempts,
         backoff_seconds=backoff_seconds,
     )
+
+
+def _open_local(uri: str, etag: str | None) -> str:
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the decoder
+        raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_found", uri=uri)
+    if etag is not None and etag.startswith(LOCAL_ETAG_PREFIX) and local_etag(st) != etag:
+        raise StorageError(
+            f"{printable_path(path)} changed since it was listed (size or modification time)", reason="changed", uri=uri
+        )
+    try:
+        check_readable(path)
+    except UnreadableSource as exc:
+        raise StorageError(f"cannot read {printable_path(path)}: {exc}", reason="access_denied", uri=uri) from None
+    return path
 
 
 class S3RangeReader(io.RawIOBase):
