@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from jobs.storage import DEFAULT_VIDEO_EXTENSIONS
 from vitaclip.config import check_field_types, load_yaml_mapping
 
 DEFAULT_EXTENSIONS = tuple(sorted(DEFAULT_VIDEO_EXTENSIONS))
+
+
+DEFAULT_MODEL = "vitaclip-b16"
 
 
 def _has_packaged_weights(model: str) -> bool:
@@ -27,8 +31,24 @@ def _check_model(model: str, checkpoint: str | None) -> None:
     from vitaclip.registry import get_model_config
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
-        return  # the checkpoint folder carries its own config
+        # The folder carries its own config; a --model that names another model is a mistake worth a word (the
+        # default name cannot be told from one given, so it stands for "the checkpoint's").
+        name = _folder_model_name(checkpoint)
+        if model not in (name, DEFAULT_MODEL):
+            raise ValueError(
+                f"--model {model!r} is not the model of checkpoint {checkpoint} ({name!r} in its config.json): give "
+                f"{name!r} or leave --model out"
+            )
+        return
     get_model_config(model)  # ValueError: unknown model ...; registered models: ...
+
+
+def _folder_model_name(checkpoint: str) -> str | None:
+    from vitaclip.checkpoint_folder import read_folder_meta
+
+    config = read_folder_meta(checkpoint).get("config")
+    name = config.get("name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
 
 
 @dataclass(frozen=True)
@@ -89,7 +109,7 @@ class IndexJobConfig:
 
     inputs: tuple[str, ...]
     output: str
-    model: str = "vitaclip-b16"
+    model: str = DEFAULT_MODEL
     checkpoint: str | None = None
     random_weights: bool = False
     labels: str | None = None
@@ -136,20 +156,29 @@ class IndexJobConfig:
             raise ValueError(f"max_frames_mib must be > 0 and finite (MiB), got {self.max_frames_mib}")
         if not 0 <= self.max_attempts <= 255:
             raise ValueError(f"max_attempts must be 0 (no limit) to 255, got {self.max_attempts}")
-        if self.commit_seconds <= 0:
-            raise ValueError(f"commit_seconds must be > 0, got {self.commit_seconds}")
-        if self.vacuum_retention_hours < 0:
+        # Written `not x > 0` so that NaN is refused too.
+        for name in ("commit_seconds", "decode_timeout_seconds"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite (seconds), got {getattr(self, name)}")
+        if not 0 <= self.vacuum_retention_hours < math.inf:
             raise ValueError(f"vacuum_retention_hours must be >= 0 (0: no vacuum), got {self.vacuum_retention_hours}")
+        if self.whole_object_max_bytes < 0 or self.min_size_bytes < 0:
+            raise ValueError(
+                f"whole_object_max_bytes and min_size_bytes must be >= 0, got {self.whole_object_max_bytes} and "
+                f"{self.min_size_bytes}"
+            )
+        if self.max_size_bytes is not None and self.max_size_bytes < self.min_size_bytes:
+            raise ValueError(f"max_size_bytes ({self.max_size_bytes}) is below min_size_bytes ({self.min_size_bytes})")
         if self.embed_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
-        if self.gpu_wait_seconds < 0:
+        if not 0 <= self.gpu_wait_seconds < math.inf:
             raise ValueError(f"gpu_wait_seconds must be >= 0, got {self.gpu_wait_seconds}")
         if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
             raise ValueError("cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.segment_seconds is not None and self.segment_seconds <= 0:
-            raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
+        if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
+            raise ValueError(f"segment_seconds must be > 0 and finite, got {self.segment_seconds}")
         _check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(

@@ -445,7 +445,26 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "decode_piece_mib must be > 0 and finite (MiB), got 0.0" in capsys.readouterr().err
     assert main(job_args([str(tmp_path)], tmp_path / "o", "--decode-piece-mib", "inf")) == 2
     assert "decode_piece_mib must be > 0 and finite (MiB), got inf" in capsys.readouterr().err
+    # Values that would fail only in the decoder, as an `error` row per video that uses up its attempts, are refused.
+    for flag, value, message in [
+        ("--decode-timeout-seconds", "0", "decode_timeout_seconds must be > 0 and finite (seconds), got 0.0"),
+        ("--decode-timeout-seconds", "nan", "decode_timeout_seconds must be > 0 and finite (seconds), got nan"),
+        ("--commit-seconds", "nan", "commit_seconds must be > 0 and finite (seconds), got nan"),
+        ("--whole-object-max-bytes", "-5", "whole_object_max_bytes and min_size_bytes must be >= 0"),
+        ("--segment-seconds", "inf", "segment_seconds must be > 0 and finite"),
+    ]:
+        assert main(job_args([str(tmp_path)], tmp_path / "o", flag, value)) == 2, flag
+        assert message in capsys.readouterr().err, flag
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_model_name_that_is_not_the_checkpoint_folders_is_refused(tmp_path: Path, tiny_checkpoint, capsys) -> None:
+    base = [str(tmp_path), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint)]
+    for model in ("nosuchmodel", "vitaclip-demo"):
+        assert main([*base, "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {model!r} is not the model of checkpoint" in err and "'vitaclip-tiny'" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_videos_decoded_in_pieces_are_committed_whole(local_ray, tmp_path: Path) -> None:
