@@ -9,7 +9,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from index.s3 import (
     MiB,
     S3Client,
     StorageError,
+    StorageErrorReason,
     client_error_fields,
     make_s3_client,
     parse_s3_uri,
@@ -83,6 +86,11 @@ class Store(abc.ABC):
     def list(self, rel_prefix: str = "") -> list[str]:
         """Sorted relative paths of all files whose path starts with `rel_prefix` (a folder ends with `/`)."""
 
+    def check_writable(self) -> None:
+        """Raises `StorageError` when a run could not write here (checked before any work); a no-op where a write
+        itself is the only test (object stores)."""
+        return None
+
     @abc.abstractmethod
     def delete(self, rel_path: str) -> None:
         """Removes the file; a missing one is not an error."""
@@ -133,15 +141,45 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _os_reason(exc: OSError) -> StorageErrorReason:
+    return "access_denied" if isinstance(exc, PermissionError) else "invalid_input"
+
+
 class LocalStore(Store):
     """A folder; writes go to a temporary file beside the target, then `os.replace`."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
+        if _PERCENT_ESCAPE.search(str(self.root)):
+            # delta-rs decodes percent escapes in table paths (as paths and as file:// URLs alike): a table in
+            # "o%41" would be written to "oA" and never found again.
+            raise StorageError(
+                f"output location {self.root}: Delta Lake tables cannot live under a folder whose name holds a percent "
+                "escape (%XX): choose another folder name",
+                reason="invalid_input",
+            )
         if self.root.exists() and not self.root.is_dir():
             raise StorageError(f"output location {self.root} exists and is not a folder", reason="invalid_input")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"output location {self.root} cannot be made: {exc.strerror or exc}", reason=_os_reason(exc)
+            ) from None
         self.url = str(self.root)
+
+    def check_writable(self) -> None:
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".vitaclip-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StorageError(
+                f"output location {self.root} is not writable: {exc.strerror or exc}", reason=_os_reason(exc)
+            ) from None
 
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"

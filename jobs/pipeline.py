@@ -555,6 +555,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
 
     hooks = hooks or RunHooks()
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
+    store.check_writable()
     location = store.location
     model = resolve_run_model(config)
     log.info("model %s, output %s", model.model_id, redact_url(location.url))

@@ -458,6 +458,29 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
+def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "in").mkdir()
+    for output, message in [
+        (tmp_path / "a-file" / "sub", "cannot be made: Not a directory"),
+        (Path("/proc/vitaclip-out"), "cannot be made"),
+        (tmp_path / "o%41", "percent escape"),  # delta-rs would write o%41/videos to oA/videos
+    ]:
+        assert main(job_args([str(tmp_path / "in")], output)) == 2, output
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "oA").exists() and not (tmp_path / "o%41").exists()
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    # As root, drop the capabilities that skip permission checks.
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*prefix, *job_command([str(tmp_path / "in")], read_only)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2 and "is not writable: Permission denied" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_model_name_that_is_not_the_checkpoint_folders_is_refused(tmp_path: Path, tiny_checkpoint, capsys) -> None:
     base = [str(tmp_path), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint)]
     for model in ("nosuchmodel", "vitaclip-demo"):
