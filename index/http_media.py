@@ -20,9 +20,15 @@ import anyio
 from index.media import MediaFile
 
 CHUNK_BYTES = 256 * 1024
-# A byte position as a Range may give it: ASCII digits only (str.isdigit() takes '²', which int() refuses), at most
-# 18 of them (below 2**63, past any file; int() refuses more than 4300), or nothing (an open end).
-_POSITION = re.compile(r"[0-9]{0,18}")
+# A byte position as a Range may give it: ASCII digits only (str.isdigit() takes '²', which int() refuses), or nothing
+# (an open end). RFC 9110 sets no length: a longer number than 18 digits (leading zeros aside) is past any file.
+_POSITION = re.compile(r"[0-9]*")
+_PAST_ANY_FILE = 2**63
+
+
+def _position(text: str) -> int:
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 18 else _PAST_ANY_FILE  # int() of 4,300 digits or more raises
 
 
 class RangeNotSatisfiable(Exception):
@@ -50,16 +56,16 @@ def parse_range(header: str | None, size_bytes: int) -> tuple[int, int] | None:
     if first_text == "":
         if last_text == "":
             return None
-        suffix = int(last_text)  # the last N bytes
+        suffix = _position(last_text)  # the last N bytes
         if suffix == 0 or size_bytes == 0:
             raise RangeNotSatisfiable(size_bytes)
         return max(0, size_bytes - suffix), size_bytes - 1
-    first = int(first_text)
-    if last_text and int(last_text) < first:
+    first = _position(first_text)
+    if last_text and _position(last_text) < first:
         return None  # malformed
     if first >= size_bytes:
         raise RangeNotSatisfiable(size_bytes)
-    return first, min(int(last_text) if last_text else size_bytes - 1, size_bytes - 1)
+    return first, min(_position(last_text) if last_text else size_bytes - 1, size_bytes - 1)
 
 
 def _not_modified_since(value: str, mtime_seconds: float) -> bool:
@@ -94,7 +100,8 @@ def media_answer(media: MediaFile, request_headers: Mapping[str, str], *, method
     }
     match = request_headers.get("if-none-match")
     if match is not None:
-        if match.strip() == "*" or media.etag in [tag.strip() for tag in match.split(",")]:
+        # Weak comparison (RFC 9110 13.1.2): W/"x" matches "x".
+        if match.strip() == "*" or media.etag in [tag.strip().removeprefix("W/") for tag in match.split(",")]:
             return MediaAnswer(304, headers, None)
     elif "if-modified-since" in request_headers and _not_modified_since(request_headers["if-modified-since"], mtime):
         return MediaAnswer(304, headers, None)
