@@ -56,7 +56,8 @@ class IndexJobConfig:
     """What one indexing run does.
 
     Attributes:
-        inputs: ``s3://bucket/prefix``, local folders, or manifest files (CSV/Parquet with a ``uri`` column).
+        inputs: ``s3://bucket/prefix``, local folders, or manifests (``.txt``, ``.csv``, ``.csv.gz``, ``.parquet``,
+            or an S3 Inventory ``manifest.json``; see `jobs.storage.listing`).
         output: a local folder or an ``s3://bucket/prefix``.
         model: registered model name or JSON config.
         checkpoint: weights (official .pth, OpenAI/open_clip, vitaclip folder). Required unless ``random_weights`` or
@@ -195,7 +196,12 @@ _FIELDS = {f.name: f for f in dataclasses.fields(IndexJobConfig)}
 
 def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Index videos: embeddings, labels, Delta tables, FAISS.")
-    p.add_argument("inputs", nargs="*", help="s3://bucket/prefix, local folders, or manifest files (CSV/Parquet)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="s3://bucket/prefix, local folders, or manifests (.txt, .csv, .csv.gz, .parquet, an S3 Inventory "
+        "manifest.json)",
+    )
     p.add_argument("--output", help="output folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
     p.add_argument("--model", help="registered model name or JSON config (default: vitaclip-b16)")

@@ -1,28 +1,73 @@
-"""Streamed video listings: local folders, S3 prefixes and manifests (CSV or Parquet, S3 Inventory included), one
-`VideoObject` per video with a fingerprint that changes when its content does. Odd entries (broken links, FIFOs,
-undecodable names) are listed with a status instead of stopping the listing."""
+"""Streamed video listings: local folders, S3 prefixes and manifests, one `VideoObject` per video with a
+fingerprint that changes when its content does. Odd entries (broken links, FIFOs, undecodable names, URIs the job
+cannot read) are listed with a status instead of stopping the listing.
+
+Manifests, local or on S3:
+
+- ``.txt``: one entry per line, taken verbatim (only the line ending is removed: spaces, commas and quotes are part
+  of the name). Blank lines are left out, and so are comments: lines that start with ``#`` followed by a space, a
+  tab or the line's end (``# note``, ``#``). ``#1.mp4`` is a name; a name that starts with ``#`` and a space is
+  written ``./# name.mp4`` (or as an absolute path).
+- ``.csv`` (or ``.csv.gz``): a header with a ``uri`` column (``etag`` and ``size_bytes`` optional; header names are
+  stripped and case-insensitive) or, without one, the first cell of each row. Cells are names as written, never
+  stripped; a quoted cell may hold commas, quotes and line breaks. A row whose line starts with an unquoted ``#``
+  followed by a space, a tab, a comma or the line's end is a comment; a quoted cell never is (``"# a.mp4"``).
+- ``.parquet``: columns ``uri`` and optional ``etag`` and ``size_bytes``, or an S3 Inventory Parquet data file
+  (``bucket``, ``key``, ``size``, ``e_tag``, ...).
+- ``.json``: the ``manifest.json`` of an S3 Inventory report (CSV or Parquet; ORC is refused); its data files are
+  read from the destination bucket or, for a local manifest.json, from a local copy next to it when there is one.
+  Inventory rows become ``s3://bucket/key`` with the inventory's size and ETag; non-current versions and delete
+  markers are left out; CSV keys are URL-decoded.
+
+Text manifests are UTF-8 (with or without a byte order mark) or UTF-16 with a byte order mark; bytes that are not
+valid raise `StorageError` naming the manifest and the line. Entries are ``s3://`` URIs, ``file://`` URIs (only
+``file:///abs/path`` or ``file://localhost/abs/path``, percent-decoded), absolute paths, or paths relative to the
+manifest's folder (for a manifest on S3, keys relative to its prefix, a leading ``./`` dropped). Local paths are
+normalised (`os.path.normpath`), so that a video listed by a folder and by a manifest has one URI. An entry with
+another scheme (``gs://``, ``http://``, ...) or a ``file://`` URI naming another host is a row with the status
+``unsupported_uri`` and a message naming the manifest and line, never read as a path.
+"""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import errno
+import gzip
 import itertools
+import json
 import os
+import re
 import stat
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote, unquote_plus
 
 import botocore.exceptions
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from index.s3 import EmptyInputError, S3Client, StorageError, make_s3_client, parse_s3_uri, storage_error, with_retries
+from index.s3 import (
+    EmptyInputError,
+    S3Client,
+    StorageError,
+    StorageErrorReason,
+    make_s3_client,
+    parse_s3_uri,
+    storage_error,
+    with_retries,
+)
 from index.schema import local_etag
+from vitaclip.redact import redact_text, redact_url
 
 DEFAULT_VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {"mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp"}
 )
-MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".txt", ".parquet")
+MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz", ".txt", ".parquet", ".json")
 UNKNOWN_SIZE = -1
 """`VideoObject.size_bytes` of a manifest row whose object could not be found; reading it reports why."""
 
@@ -96,12 +141,14 @@ def list_videos(
     """Streams the videos under each input, in input order and then in key order, filtered by extension and size.
 
     Each input is an `s3://bucket/prefix` (a raw S3 prefix, listed page by page), a local folder (walked
-    recursively, in the same order as S3 would list the relative paths), or a manifest: a `.csv` or `.txt`
-    (a header with a `uri` column and optional `etag` and `size_bytes` columns, or one URI per line) or a
-    `.parquet` with those columns, local or on S3. Relative manifest entries are relative to the manifest's folder;
-    rows without an ETag or size are looked up, and entries that cannot be found come out with
-    `size_bytes=UNKNOWN_SIZE` and an empty ETag so that reading them records why. Zero-byte objects are kept by
-    default: they become rows with a status downstream.
+    recursively, in the same order as S3 would list the relative paths), or a manifest, local or on S3 (see the
+    module docstring): a `.txt` (one entry per line), a `.csv` or `.csv.gz` (a header with a `uri` column and
+    optional `etag` and `size_bytes` columns, or the first cell of each row), a `.parquet` with those columns or an
+    S3 Inventory Parquet data file, or an S3 Inventory report's `manifest.json`. Manifests are read in batches,
+    never whole. Relative manifest entries are relative to the manifest's folder; rows without an ETag or size are
+    looked up, and entries that cannot be found come out with `size_bytes=UNKNOWN_SIZE` and an empty ETag so that
+    reading them records why; entries the job cannot read (``gs://``, ``http://``) come out with the status
+    ``unsupported_uri``. Zero-byte objects are kept by default: they become rows with a status downstream.
 
     Args:
         extensions: Allowed suffixes, case-insensitive, without dots; None allows any.
@@ -116,7 +163,9 @@ def list_videos(
 
     Raises:
         StorageError: At once, for an input that is neither an s3:// URI nor an existing folder or manifest;
-            while iterating, for a missing bucket, refused credentials or S3 failing past its retries.
+            while iterating, for a missing bucket, refused credentials or S3 failing past its retries, or a
+            manifest that cannot be read (bad text encoding, malformed CSV, JSON or Parquet, a bad size_bytes),
+            naming the manifest and, where it applies, the line.
     """
     if isinstance(inputs, str):
         raise TypeError("inputs must be a sequence of locations, not one string")
@@ -308,24 +357,84 @@ def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-_ManifestRow = tuple[str, "str | None", "int | None"]  # uri, etag, size_bytes
+class _ManifestRow(NamedTuple):
+    """One entry of a manifest as written: a URI or path, and the ETag and size when the manifest gives them."""
+
+    uri: str
+    etag: str | None
+    size_bytes: int | None
+    line: int
+    """Where it is in its manifest, for messages: the line of a .txt or CSV file, the row of a data file."""
 
 
 def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
     on_s3 = location.startswith("s3://")
     base = location.rsplit("/", 1)[0] if on_s3 else os.path.dirname(os.path.abspath(location))
-    for uri, etag, size_bytes in _manifest_rows(location, client=client):
-        if not on_s3 and not uri.startswith("s3://") and not os.path.isabs(uri):
-            uri = os.path.normpath(os.path.join(base, uri))
-        elif on_s3 and not uri.startswith("s3://") and not uri.startswith("/"):
-            uri = f"{base}/{uri}"
-        if not keep_name(uri):
+    for row in _manifest_rows(location, client=client):
+        video = _resolve_entry(row, base=base, on_s3=on_s3, where=location)
+        if not keep_name(video.uri):
             continue
-        if etag is None or size_bytes is None:
-            looked_up = _look_up(uri, client=client)
-            etag = looked_up.etag if etag is None else etag
-            size_bytes = looked_up.size_bytes if size_bytes is None else size_bytes
-        yield VideoObject(uri, etag, size_bytes)
+        if video.status or (row.etag is not None and row.size_bytes is not None):
+            yield video
+            continue
+        looked_up = _look_up(video.uri, client=client)
+        etag = looked_up.etag if row.etag is None else row.etag
+        yield VideoObject(video.uri, etag, looked_up.size_bytes if row.size_bytes is None else row.size_bytes)
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> VideoObject:
+    """The listed location of a manifest entry (ETag and size as given, or empty and UNKNOWN_SIZE), or a row with the
+    status ``unsupported_uri`` for a URI the job cannot read."""
+    uri = row.uri
+    scheme = _SCHEME.match(uri)
+    if scheme is None:
+        if on_s3 and not uri.startswith("/"):
+            while uri.startswith("./"):
+                uri = uri[2:]
+            uri = f"{base}/{uri}"  # a key next to the manifest's, as written (but a leading "./")
+        else:
+            uri = _normalize_path(os.path.join(base, uri))  # an absolute path stays itself
+    elif scheme.group(1).lower() == "s3":
+        uri = "s3://" + uri[scheme.end() :]
+    elif scheme.group(1).lower() == "file":
+        path, problem = _file_uri_path(uri[scheme.end() :])
+        if problem:
+            return _unsupported(row, problem, where=where)
+        uri = _normalize_path(path)
+    else:
+        problem = f"the job reads s3:// objects, local paths and file:// URIs, not {scheme.group(1)}://"
+        return _unsupported(row, problem, where=where)
+    return VideoObject(uri, row.etag or "", UNKNOWN_SIZE if row.size_bytes is None else row.size_bytes)
+
+
+def _normalize_path(path: str) -> str:
+    """`path` as the folder listing spells it: no ``.``, ``..``, doubled or trailing separators (``//a`` too)."""
+    normalized = os.path.normpath(path)
+    return "/" + normalized.lstrip("/") if normalized.startswith("//") else normalized
+
+
+def _file_uri_path(rest: str) -> tuple[str, str]:
+    """The local path of a ``file://`` URI from what follows ``file://``, or an empty path and the problem."""
+    host, _, path = rest.partition("/")
+    if host.lower() not in ("", "localhost"):
+        return "", f"file:// URI with the host {host!r}: only file:///path and file://localhost/path are local"
+    if "?" in path or "#" in path:
+        return "", "file:// URI with a query or fragment: write '?' as %3F and '#' as %23 in a file name"
+    try:
+        decoded = unquote("/" + path, errors="strict")
+    except UnicodeDecodeError:
+        return "", "file:// URI whose %-escapes are not UTF-8"
+    if "\x00" in decoded:
+        return "", "file:// URI with a NUL character"
+    return decoded, ""
+
+
+def _unsupported(row: _ManifestRow, problem: str, *, where: str) -> VideoObject:
+    message = f"{problem} (line {row.line} of {redact_text(where)})"
+    return VideoObject(redact_url(row.uri), "", UNKNOWN_SIZE, status="unsupported_uri", error_message=message)
 
 
 def _head(uri: str, *, client: S3Client, action: str) -> Any:
@@ -358,65 +467,240 @@ def _look_up(uri: str, *, client: S3Client) -> VideoObject:
 
 
 def _manifest_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]:
-    if location.lower().endswith(".parquet"):
-        source: Any = location
-        if location.startswith("s3://"):
-            from jobs.storage.reading import S3RangeReader  # reading imports this module
+    name = location.lower()
+    if name.endswith(".json"):
+        yield from _inventory_rows(location, client=client)
+    elif name.endswith(".parquet"):
+        yield from _parquet_rows(_parquet_source(location, client=client), where=location)
+    elif name.endswith(".txt"):
+        yield from _txt_rows(_text_lines(_byte_chunks(location, client=client), where=location))
+    else:  # .csv, .csv.gz
+        yield from _csv_rows(_text_lines(_byte_chunks(location, client=client), where=location), where=location)
 
-            head = _head(location, client=client, action="read manifest")
-            source = S3RangeReader(location, s3_client=client, size_bytes=int(head["ContentLength"]))
-        yield from _parquet_rows(source, where=location)
-        return
+
+# ----------------------------------------------------------------------------------------------- manifest bytes
+
+_CHUNK_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _open_binary(location: str, *, client: S3Client) -> Iterator[Any]:
+    """A local file or an S3 object's body as a binary stream; a ``.gz`` one decompressed as it is read."""
     if location.startswith("s3://"):
         bucket, key = parse_s3_uri(location)
+        raw: Any = client.get_object(Bucket=bucket, Key=key)["Body"]
+    else:
+        raw = open(location, "rb")  # closed below
+    try:
+        yield gzip.GzipFile(fileobj=raw, mode="rb") if location.lower().endswith(".gz") else raw
+    finally:
+        raw.close()
+
+
+@contextlib.contextmanager
+def _manifest_errors(location: str) -> Iterator[None]:
+    """Turns failures to read `location` (S3, the file system, gzip) into `StorageError` naming it."""
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise storage_error(error, uri=location, action="read manifest") from error
+    except (OSError, EOFError, zlib.error) as error:
+        reason: StorageErrorReason = "access_denied" if isinstance(error, PermissionError) else "invalid_input"
+        raise StorageError(f"cannot read the manifest {location}: {error}", reason=reason, uri=location) from error
+
+
+def _byte_chunks(location: str, *, client: S3Client) -> Iterator[bytes]:
+    """The bytes of a manifest file, local or on S3, in chunks of about 1 MiB (decompressed when ``.gz``)."""
+    with _manifest_errors(location), _open_binary(location, client=client) as stream:
+        while chunk := stream.read(_CHUNK_BYTES):
+            yield chunk
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _text_lines(chunks: Iterator[bytes], *, where: str) -> Iterator[tuple[int, str]]:
+    """(line number, line with its ending) of a text manifest, streamed: UTF-8 with or without a byte order mark, or
+    UTF-16 with one (what Excel and PowerShell write). Lines end at ``\\n``, ``\\r\\n`` or ``\\r``.
+
+    Raises:
+        StorageError: A byte sequence that is not valid in the encoding, or a NUL character (UTF-16 without a byte
+            order mark, or a binary file), naming the manifest and the line.
+    """
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= 3:
+            break
+    encoding = "utf-8"
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            encoding, head = name, head[len(bom) :]
+            break
+    decoder = codecs.getincrementaldecoder(encoding)()
+    number, pending = 1, ""
+    pieces: Iterator[bytes | None] = itertools.chain([head], chunks, [None])
+    for piece in pieces:
+        final = piece is None
         try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"]
-            lines = (line.decode("utf-8") for line in body.iter_lines())
-            yield from _csv_rows(lines, where=location)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            raise storage_error(error, uri=location, action="read manifest") from error
-        return
-    with open(location, newline="", encoding="utf-8") as handle:
-        yield from _csv_rows(handle, where=location)
+            pending += decoder.decode(piece or b"", final=final)
+        except UnicodeDecodeError as error:
+            raise _decode_error(error, pending, number, encoding=encoding, where=where) from None
+        start = 0
+        for end in _LINE_END.finditer(pending):
+            if end.group() == "\r" and end.end() == len(pending) and not final:
+                break  # maybe the first half of "\r\n"
+            yield _checked_line(pending[start : end.end()], number, where=where)
+            number, start = number + 1, end.end()
+        pending = pending[start:]
+    if pending:
+        yield _checked_line(pending, number, where=where)
 
 
-def _parse_size(value: Any, *, where: str) -> int | None:
+def _checked_line(line: str, number: int, *, where: str) -> tuple[int, str]:
+    if "\x00" in line:
+        raise StorageError(
+            f"{where} line {number}: a NUL character (a UTF-16 file without a byte order mark, or not text at all?): "
+            "save the manifest as UTF-8, or as UTF-16 with a byte order mark",
+            reason="invalid_input",
+            uri=where,
+        )
+    return number, line
+
+
+def _decode_error(error: UnicodeDecodeError, pending: str, number: int, *, encoding: str, where: str) -> StorageError:
+    """The error for bytes that are not `encoding`, on the line where they are (`pending`: decoded text not yet split
+    into lines, starting on line `number`)."""
+    before = bytes(error.object[: error.start]).decode(encoding, errors="replace")
+    line = number + len(_LINE_END.findall(pending + before))
+    label = "UTF-8" if encoding == "utf-8" else "UTF-16"
+    bad = bytes(error.object[error.start : error.end])
+    return StorageError(
+        f"{where} line {line}: not valid {label} text ({error.reason}, bytes {bad!r}): "
+        "save the manifest as UTF-8, or as UTF-16 with a byte order mark",
+        reason="invalid_input",
+        uri=where,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- .txt and CSV
+
+# "#" followed by a space, a tab or the line's end (in CSV: also a comma) starts a comment; "#1.mp4" is a name.
+_TXT_COMMENT = re.compile(r"#(?:[ \t\r\n]|$)")
+_CSV_COMMENT = re.compile(r"#(?:[ \t\r\n,]|$)")
+
+
+def _txt_rows(lines: Iterable[tuple[int, str]]) -> Iterator[_ManifestRow]:
+    """One entry per line, verbatim without its line ending; blank lines and comments are left out."""
+    for number, line in lines:
+        entry = line.rstrip("\r\n")
+        if entry.strip() and not _TXT_COMMENT.match(entry):
+            yield _ManifestRow(entry, None, None, number)
+
+
+def _csv_records(lines: Iterable[tuple[int, str]], *, where: str) -> Iterator[tuple[int, list[str]]]:
+    """CSV records with the line each starts on. A line that starts a record with an unquoted "#" and then a space,
+    tab, comma or the line's end is a comment, left out before parsing (a quoted cell is never one)."""
+    state = {"first_line": 0, "at_start": True}
+
+    def feed() -> Iterator[str]:
+        for number, line in lines:
+            if state["at_start"]:
+                if _CSV_COMMENT.match(line):
+                    continue
+                state["first_line"], state["at_start"] = number, False
+            yield line
+
+    reader = csv.reader(feed())
+    try:
+        for cells in reader:
+            state["at_start"] = True
+            yield state["first_line"], cells
+    except csv.Error as error:
+        raise StorageError(
+            f"{where} line {state['first_line']}: not valid CSV: {error}", reason="invalid_input", uri=where
+        ) from error
+
+
+def _csv_rows(lines: Iterable[tuple[int, str]], *, where: str) -> Iterator[_ManifestRow]:
+    """Rows of a CSV manifest: with a header naming a ``uri`` column (``etag``, ``size_bytes`` optional; header
+    names are case-insensitive and stripped), or without one, the first cell of each row. Cells are not stripped."""
+    header: list[str] | None = None
+    for number, cells in _csv_records(lines, where=where):
+        if not any(cell.strip() for cell in cells):
+            continue
+        if header is None:
+            names = [cell.strip().lower() for cell in cells]
+            header = names if "uri" in names else []
+            if header:
+                continue
+            _refuse_inventory_data(cells, number, where=where)
+        if not header:
+            if cells[0].strip():
+                yield _ManifestRow(cells[0], None, None, number)
+            continue
+        values = dict(zip(header, cells, strict=False))  # short rows leave columns out
+        uri = values.get("uri", "")
+        if not uri.strip():
+            raise StorageError(f"{where} line {number}: a row has no uri: {cells!r}", reason="invalid_input", uri=where)
+        size_bytes = _parse_size(values.get("size_bytes"), where=where, line=number)
+        yield _ManifestRow(uri, _clean_etag(values.get("etag")), size_bytes, number)
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]")
+
+
+def _refuse_inventory_data(cells: list[str], number: int, *, where: str) -> None:
+    """Refuses a header-less CSV whose first row looks like S3 Inventory data (a bucket name, then a key with a "/" or
+    a "."): without its manifest.json, which column is which is unknown, and the first cells (bucket names) name no
+    video. A header such as ``path,label`` does not look like one."""
+    if len(cells) >= 2 and _BUCKET_NAME.fullmatch(cells[0]) and ("/" in cells[1] or "." in cells[1]):
+        raise StorageError(
+            f"{where} looks like an S3 Inventory CSV data file (line {number} starts with the bucket {cells[0]!r}): "
+            "give the inventory's manifest.json, which names its columns, or a CSV with a 'uri' header",
+            reason="invalid_input",
+            uri=where,
+        )
+
+
+def _clean_etag(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().strip('"')
+    return text or None
+
+
+def _parse_size(value: Any, *, where: str, line: int) -> int | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         size = int(value)
     except (TypeError, ValueError):
         raise StorageError(
-            f"{where}: size_bytes {value!r} is not an integer", reason="invalid_input", uri=where
+            f"{where} line {line}: size_bytes {value!r} is not an integer", reason="invalid_input", uri=where
         ) from None
     if size < 0:
-        raise StorageError(f"{where}: size_bytes {size} is negative", reason="invalid_input", uri=where)
+        raise StorageError(f"{where} line {line}: size_bytes {size} is negative", reason="invalid_input", uri=where)
     return size
 
 
-def _csv_rows(lines: Iterable[str], *, where: str) -> Iterator[_ManifestRow]:
-    header: list[str] | None = None
-    for row in csv.reader(lines):
-        cells = [cell.strip().lstrip("\ufeff") for cell in row]
-        if not any(cells) or cells[0].startswith("#"):
-            continue
-        if header is None:
-            lowered = [cell.lower() for cell in cells]
-            header = lowered if "uri" in lowered else []
-            if header:
-                continue
-        if not header:
-            yield cells[0], None, None
-            continue
-        values = dict(zip(header, cells, strict=False))  # short rows leave columns out
-        uri = values.get("uri", "")
-        if not uri:
-            raise StorageError(f"{where}: a row has no uri: {row!r}", reason="invalid_input", uri=where)
-        etag = values.get("etag") or None
-        yield uri, etag, _parse_size(values.get("size_bytes"), where=where)
+# ----------------------------------------------------------------------------------------------- Parquet
+
+
+def _parquet_source(location: str, *, client: S3Client) -> Any:
+    """What pyarrow opens for a Parquet file: a local path, or a ranged reader of an S3 object."""
+    if not location.startswith("s3://"):
+        return location
+    from jobs.storage.reading import S3RangeReader  # reading imports this module
+
+    head = _head(location, client=client, action="read manifest")
+    return S3RangeReader(location, s3_client=client, size_bytes=int(head["ContentLength"]))
 
 
 def _parquet_rows(source: Any, *, where: str) -> Iterator[_ManifestRow]:
+    """Rows of a Parquet manifest (``uri``, optional ``etag`` and ``size_bytes``) or of an S3 Inventory Parquet data
+    file (``bucket``, ``key``, optional ``size``, ``e_tag``, ``is_latest``, ``is_delete_marker``), in batches."""
     try:
         table = pq.ParquetFile(source)
     except (OSError, ValueError) as error:
@@ -426,15 +710,179 @@ def _parquet_rows(source: Any, *, where: str) -> Iterator[_ManifestRow]:
             f"{where} is not a readable Parquet file: {error}", reason="invalid_input", uri=where
         ) from error
     names = set(table.schema_arrow.names)
+    if "uri" not in names and {"bucket", "key"} <= names:
+        columns = [name for name in _INVENTORY_COLUMNS if name in names]
+        row = 1
+        for batch in table.iter_batches(columns=columns, batch_size=4096):
+            yield from _inventory_batch_rows(batch, url_encoded=False, where=where, first_row=row)
+            row += batch.num_rows
+        return
     if "uri" not in names:
         raise StorageError(
-            f"{where} has no 'uri' column (columns: {', '.join(sorted(names))})", reason="invalid_input", uri=where
+            f"{where} has no 'uri' column, nor S3 Inventory 'bucket' and 'key' columns (columns: "
+            f"{', '.join(sorted(names))})",
+            reason="invalid_input",
+            uri=where,
         )
     columns = [name for name in ("uri", "etag", "size_bytes") if name in names]
+    row = 0
     for batch in table.iter_batches(columns=columns, batch_size=4096):
         data = batch.to_pydict()
         empty: list[Any] = [None] * batch.num_rows
         for uri, etag, size in zip(data["uri"], data.get("etag", empty), data.get("size_bytes", empty), strict=True):
+            row += 1
             if not uri:
-                raise StorageError(f"{where}: a row has no uri", reason="invalid_input", uri=where)
-            yield str(uri), (str(etag) if etag else None), _parse_size(size, where=where)
+                raise StorageError(f"{where} row {row}: a row has no uri", reason="invalid_input", uri=where)
+            yield _ManifestRow(str(uri), _clean_etag(etag), _parse_size(size, where=where, line=row), row)
+
+
+# ----------------------------------------------------------------------------------------------- S3 Inventory
+
+_INVENTORY_COLUMNS = ("bucket", "key", "size", "e_tag", "is_latest", "is_delete_marker")
+# CSV inventories name their columns in manifest.json's fileSchema ("Bucket, Key, Size, ETag, ..."): the Parquet
+# names of the columns read here.
+_CSV_INVENTORY_NAMES = {
+    "bucket": "bucket",
+    "key": "key",
+    "size": "size",
+    "etag": "e_tag",
+    "islatest": "is_latest",
+    "isdeletemarker": "is_delete_marker",
+}
+
+
+def _inventory_batch_rows(
+    batch: pa.RecordBatch, *, url_encoded: bool, where: str, first_row: int
+) -> Iterator[_ManifestRow]:
+    """``s3://bucket/key`` rows of a batch of inventory data; non-current versions, delete markers and folder
+    markers are left out. CSV inventories URL-encode their keys (a space as ``+``)."""
+    data = batch.to_pydict()
+    empty: list[Any] = [None] * batch.num_rows
+    columns = [data["bucket"], data["key"], *(data.get(name, empty) for name in _INVENTORY_COLUMNS[2:])]
+    for row, (bucket, key, size, etag, latest, deleted) in enumerate(zip(*columns, strict=True), start=first_row):
+        if _is(latest, False) or _is(deleted, True):
+            continue
+        if not bucket or not key:
+            raise StorageError(f"{where} row {row}: no bucket or key", reason="invalid_input", uri=where)
+        if url_encoded:
+            key = unquote_plus(key)
+        if key.endswith("/"):
+            continue
+        size_bytes = _parse_size(size, where=where, line=row)
+        yield _ManifestRow(f"s3://{bucket}/{key}", _clean_etag(etag), size_bytes, row)
+
+
+def _is(value: Any, flag: bool) -> bool:
+    """Whether an inventory flag (a bool in Parquet, "true"/"false" in CSV) is set to `flag`."""
+    if isinstance(value, str):
+        return value.strip().lower() == str(flag).lower()
+    return value is flag
+
+
+def _inventory_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]:
+    """The objects of an S3 Inventory report given by its manifest.json, data file after data file, each streamed."""
+    manifest = _inventory_manifest(location, client=client)
+    file_format = str(manifest["fileFormat"]).upper()
+    if file_format == "ORC":
+        raise StorageError(
+            f"{location}: ORC inventories are not read: configure the inventory's output format as CSV or Parquet",
+            reason="invalid_input",
+            uri=location,
+        )
+    columns = _inventory_csv_columns(manifest, where=location) if file_format == "CSV" else []
+    destination = _destination_bucket(manifest.get("destinationBucket"))
+    for entry in manifest["files"]:
+        data_location = _inventory_data_location(location, str(entry["key"]), destination=destination)
+        if file_format == "CSV":
+            yield from _inventory_csv_rows(data_location, columns, client=client)
+        else:
+            yield from _parquet_rows(_parquet_source(data_location, client=client), where=data_location)
+
+
+def _inventory_manifest(location: str, *, client: S3Client) -> dict[str, Any]:
+    """The parsed manifest.json of an inventory report (a few kB: read whole), checked."""
+    try:
+        manifest = json.loads(b"".join(_byte_chunks(location, client=client)).decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StorageError(f"{location} is not valid JSON: {error}", reason="invalid_input", uri=location) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, list)
+        or not all(isinstance(entry, dict) and isinstance(entry.get("key"), str) for entry in files)
+        or str(manifest.get("fileFormat", "")).upper() not in ("CSV", "PARQUET", "ORC")
+    ):
+        raise StorageError(
+            f"{location} is not an S3 Inventory manifest.json (a 'fileFormat' of CSV, Parquet or ORC and a list of "
+            "'files' with their 'key')",
+            reason="invalid_input",
+            uri=location,
+        )
+    return manifest
+
+
+def _inventory_csv_columns(manifest: dict[str, Any], *, where: str) -> list[str]:
+    """The column names of a CSV inventory's data files, from fileSchema ("Bucket, Key, Size, ..."), the columns read
+    here under their Parquet names."""
+    names = [name.strip() for name in str(manifest.get("fileSchema", "")).split(",")]
+    columns = [_CSV_INVENTORY_NAMES.get(name.lower(), name) for name in names]
+    if "bucket" not in columns or "key" not in columns:
+        raise StorageError(
+            f"{where}: the fileSchema {manifest.get('fileSchema')!r} has no Bucket and Key columns",
+            reason="invalid_input",
+            uri=where,
+        )
+    return columns
+
+
+def _destination_bucket(value: Any) -> str | None:
+    """The bucket of a destinationBucket ARN (``arn:aws:s3:::name``), or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    bucket = value.split(":", 5)[5] if value.startswith("arn:") and value.count(":") >= 5 else value
+    return bucket if bucket and "/" not in bucket else None
+
+
+def _inventory_data_location(manifest: str, key: str, *, destination: str | None) -> str:
+    """Where a data file of an inventory is: in the destination bucket for a manifest.json on S3 (its own bucket when
+    it names none); for a local one, a local copy (the key, or its end, under the manifest's folder or one of its
+    parents: a copy of the destination bucket, of the report's folder, or all in one folder), else the destination
+    bucket."""
+    if manifest.startswith("s3://"):
+        return f"s3://{destination or parse_s3_uri(manifest)[0]}/{key}"
+    parts = [part for part in key.split("/") if part not in ("", ".", "..")]
+    folders = [os.path.dirname(os.path.abspath(manifest))]
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    for start in range(len(parts)):
+        for folder in folders:
+            candidate = os.path.join(folder, *parts[start:])
+            if os.path.isfile(candidate):
+                return candidate
+    if destination is None:
+        raise StorageError(
+            f"{manifest}: the data file {key!r} was not found under the manifest's folder or its parents, and the "
+            "manifest names no destinationBucket to read it from",
+            reason="invalid_input",
+            uri=manifest,
+        )
+    return f"s3://{destination}/{key}"
+
+
+def _inventory_csv_rows(location: str, columns: list[str], *, client: S3Client) -> Iterator[_ManifestRow]:
+    """Rows of a CSV inventory data file (usually ``.csv.gz``, no header), read in batches of about 1 MiB."""
+    wanted = [name for name in _INVENTORY_COLUMNS if name in columns]
+    read_options = pacsv.ReadOptions(column_names=columns, block_size=_CHUNK_BYTES, use_threads=False)
+    convert_options = pacsv.ConvertOptions(include_columns=wanted, column_types=dict.fromkeys(wanted, pa.string()))
+    with _manifest_errors(location), _open_binary(location, client=client) as stream:
+        try:
+            reader = pacsv.open_csv(stream, read_options=read_options, convert_options=convert_options)
+            row = 1
+            for batch in reader:
+                yield from _inventory_batch_rows(batch, url_encoded=True, where=location, first_row=row)
+                row += batch.num_rows
+        except pa.ArrowInvalid as error:
+            if "Empty CSV file" in str(error):
+                return
+            raise StorageError(
+                f"{location} is not a readable inventory CSV file: {error}", reason="invalid_input", uri=location
+            ) from error
