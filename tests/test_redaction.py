@@ -64,6 +64,12 @@ def test_redact_text_keeps_schemes_and_object_keys() -> None:
     assert redact_text(text) == "endpoint http://***@minio:9000 failed; bare ***@minio:9000; key s3://b/k@x.mp4"
 
 
+def test_redact_text_keeps_the_punctuation_after_a_url() -> None:
+    masked = redact_text("error: https://host/x?Signature=ABC, retrying")
+    assert masked == "error: https://host/x?Signature=***, retrying"
+    assert redact_text("(see http://u:pw@h/a?token=T).") == "(see http://***@h/a?token=***)."
+
+
 def test_redact_text_masks_passwords_with_quotes_and_object_store_userinfo() -> None:
     text = f"cannot reach http://user:p'{SECRET}@host:9000/x; nor s3://AKIA:wJ/{SECRET}@bucket/k.mp4 (s3://b/a:b@c)"
     assert redact_text(text) == "cannot reach http://***@host:9000/x; nor s3://***@bucket/k.mp4 (s3://b/a:b@c)"

@@ -92,13 +92,20 @@ def _raw_userinfo(scheme: str, url: str) -> bool:
     return scheme.lower() not in _OBJECT_SCHEMES and "@" in rest and ":" in rest.rsplit("@", 1)[0]
 
 
+def _redact_found_url(found: re.Match[str]) -> str:
+    # Punctuation that ends a sentence around a URL ("..., retrying") is text, not part of its last value.
+    url = found.group(0)
+    core = url.rstrip(",.;:!?)")
+    return redact_url(core) + url[len(core) :]
+
+
 def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted with :func:`redact_url` (for error messages and log lines)."""
     if "@" not in text and "=" not in text:
         return text
     if "@" in text:
         text = _USERINFO_IN_TEXT.sub(lambda m: m.group(1) + MASK + "@", text)
-    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    text = _URL_IN_TEXT.sub(_redact_found_url, text)
     return _BARE_USERINFO.sub(MASK + "@", text) if "@" in text else text
 
 
