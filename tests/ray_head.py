@@ -20,9 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports: each socket stays bound until all are picked (ports picked one after another
+    can repeat, and Ray refuses a head whose components share one)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _processes_holding(marker: bytes) -> list[int]:
@@ -56,7 +64,7 @@ class RayHead:
 
     def add_node(self, *, num_cpus: int = 1, num_gpus: int = 0) -> None:
         """Starts a worker node on this machine (GPUs are logical only); stopped with the head."""
-        ports = [free_port() for _ in range(6)]
+        ports = free_ports(6)
         done = subprocess.run(
             [
                 self.ray_bin,
@@ -88,7 +96,7 @@ def ray_head(num_cpus: int = 2, *, dashboard: bool = True) -> Iterator[RayHead]:
     `ray job submit` needs it) the head starts sooner and its processes use less CPU while the test runs."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     # Every port the head opens is a free one: defaults (the agent's 52365) may be held by another Ray on the host.
-    port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
+    port, dash, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
     temp_dir = Path("/tmp") / f"vc-ray-{os.getpid()}-{port}"
     # Ray 2.5x clusters require a token; the test's own token, shared by the head and its clients.
     token = secrets.token_hex(32)
