@@ -67,6 +67,9 @@ class IndexJobConfig:
         top_k: labels kept per video and segment.
         num_frames: frames per clip; None: the model's training T.
         segment_seconds: also embed consecutive segments of this length.
+        replace_settings: when the output records other row settings for this model (``num_frames``,
+            ``segment_seconds``, ``top_k``, labels; `index.row_settings`), record this run's instead of refusing the
+            run. Rows indexed before keep theirs until their videos change.
         s3_endpoint_url: S3-compatible endpoint (MinIO, a local server); None: AWS.
         ray_address: an existing Ray cluster (``auto``, ``ray://...``); None: start an embedded local Ray.
         num_cpus: CPUs of the embedded local Ray (None: all).
@@ -117,6 +120,7 @@ class IndexJobConfig:
     top_k: int = 5
     num_frames: int | None = None
     segment_seconds: float | None = None
+    replace_settings: bool = False
     s3_endpoint_url: str | None = None
     ray_address: str | None = None
     num_cpus: int | None = None
@@ -211,6 +215,12 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     p.add_argument("--top-k", type=int)
     p.add_argument("--num-frames", type=int)
     p.add_argument("--segment-seconds", type=float, help="also embed consecutive segments of this many seconds")
+    p.add_argument(
+        "--replace-settings",
+        action="store_const",
+        const=True,
+        help="record this run's frames, segments, top-k and labels over the output's (else a difference is refused)",
+    )
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, a local server)")
     p.add_argument("--ray-address", help="existing Ray cluster; default: start an embedded local Ray")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray")

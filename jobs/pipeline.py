@@ -19,6 +19,7 @@ Then the index follows the tables' logs (`index.build.build_from_output`), unref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from index.delta_tables import (
     vacuum,
 )
 from index.media import roots_of_inputs
+from index.row_settings import RowSettings, check_row_settings
 from index.schema import STATUS_OK, video_id_for
 from index.segments import INDEX_DIR, INFO_FILE
 from jobs.config import IndexJobConfig
@@ -548,8 +550,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
 
     Raises:
         ValueError: The run is refused before any work (an output in the previous layout, a table of another
-            embedding size, a run that cannot fit the cluster, nothing listed) or a bad input; its run record
-            then says ``failed``.
+            embedding size, other row settings than the output records for the model, a run that cannot fit the
+            cluster, nothing listed) or a bad input; its run record then says ``failed`` (from the cluster on).
     """
     import ray
 
@@ -563,6 +565,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         raise ValueError(old_layout_message(location))
     # One embedding size per output (a table property): another model's size is refused before any work.
     versions = create_tables(location, model.embed_dim, model_id=model.model_id)
+    # So are other frames, segments, top-k or labels than the rows of this model already there have.
+    replaced = check_row_settings(store, row_settings(config, model), replace=config.replace_settings)
     record = RunRecord(store, config, model_id=model.model_id, versions=versions)
     log.info("run %s", record.run_id)
     phases = Phases()
@@ -612,10 +616,23 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         vacuumed = _vacuum(location, config.vacuum_retention_hours)
         phases.done("vacuum")
         summary = run_summary(record, model, pools, commits, plan_report, index_info, vacuumed)
+        if replaced is not None:
+            summary["replaced_settings"] = dataclasses.asdict(replaced)
         return record.finish({**summary, "phase_seconds": phases.seconds})
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc)
         raise
+
+
+def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:
+    """What this run's rows depend on besides the model: compared with the output's record before any work."""
+    return RowSettings(
+        model_id=model.model_id,
+        num_frames=model.num_frames,
+        segment_seconds=config.segment_seconds,
+        top_k=min(config.top_k, len(model.label_names)),
+        labels=tuple(model.label_names),
+    )
 
 
 def model_load_error(exc: BaseException) -> ValueError | None:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
+import vitaclip
 from index import tables
 from index.schema import video_id_for
 from index.segments import open_index
@@ -539,6 +540,38 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     from deltalake import DeltaTable
 
     assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
+
+
+def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, tmp_path: Path, capsys) -> None:
+    """Already indexed videos are skipped, so a run with other row settings would mix two kinds of rows: refused
+    before any work, naming the difference, unless --replace-settings makes its settings the output's."""
+    make_videos(tmp_path / "in", 2, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out, "--no-index") == 0
+    frames = json.loads(next((out / "settings").glob("*.json")).read_text())["num_frames"]
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join([*vitaclip.load_label_set("kinetics400"), "folding origami"]) + "\n")
+    for extra, expected in [
+        (["--num-frames", str(frames + 2)], f"num_frames: {frames} (this run: {frames + 2})"),
+        (["--segment-seconds", "1"], "segment_seconds: none (this run: 1)"),
+        (["--top-k", "2"], "top_k: 5 (this run: 2)"),
+        (["--labels", str(labels)], "this run adds 'folding origami'"),
+    ]:
+        assert run([str(tmp_path / "in")], out, "--no-index", *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and "--replace-settings" in err, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, no run recorded
+
+    make_videos(tmp_path / "in", 1, start=2, broken=False)
+    assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "2", "--replace-settings") == 0
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["replaced_settings"]["top_k"] == 5
+    assert summary["counts"]["processed"] == 1 and summary["counts"]["already_indexed"] == 2
+    assert sorted(len(labels) for labels in committed_videos(out).column("labels").to_pylist()) == [2, 5, 5]
+    assert run([str(tmp_path / "in")], out, "--no-index") == 2  # the recorded top_k is now 2
+    assert "top_k: 2 (this run: 5)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
