@@ -585,6 +585,16 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+def host_checked(app: ASGIApp, *, bind_host: str | None, allowed_hosts: tuple[str, ...]) -> ASGIApp:
+    """`app` behind a `HostCheck` where one is needed: a server on a loopback address answers loopback names and
+    `allowed_hosts`; one on another address (None: not known here) answers only `allowed_hosts` when some are given,
+    any name otherwise."""
+    loopback = bind_host is not None and is_loopback_name(bind_host)
+    if not loopback and not allowed_hosts:
+        return app
+    return HostCheck(app, allowed=allowed_hosts, loopback=loopback)
+
+
 def guarded_protocol(
     header_timeout_seconds: float,
     parser: Literal["auto", "httptools", "h11"] = "auto",

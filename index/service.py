@@ -457,12 +457,10 @@ def open_service(
 def _server(service: SearchService, host: str, port: int, parser: HttpParser = "auto") -> Any:
     import uvicorn
 
-    from index.api import HostCheck, create_app, guarded_protocol, is_loopback_name
+    from index.api import create_app, guarded_protocol, host_checked
 
     limits = service.limits
-    app: Any = create_app(service)
-    if is_loopback_name(host) or limits.allowed_hosts:
-        app = HostCheck(app, allowed=limits.allowed_hosts, loopback=is_loopback_name(host))
+    app = host_checked(create_app(service), bind_host=host, allowed_hosts=limits.allowed_hosts)
     config = uvicorn.Config(
         app,
         host=host,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ray import serve
@@ -34,6 +34,10 @@ class ServeOptions:
     num_gpus_per_replica: float = 0.0
     limits: dict[str, Any] = field(default_factory=dict)  # ServiceLimits fields
     reload_seconds: float = 60.0  # each replica loads an output again when a run updated its index
+    # The address Serve's HTTP proxy listens on (`run` sets it): on a loopback address the replicas answer only
+    # loopback Host names and `limits.allowed_hosts` (DNS rebinding, as `vitaclip serve`); None (a Serve config
+    # file's proxy on 0.0.0.0): only `limits.allowed_hosts` when given, any name otherwise.
+    proxy_host: str | None = None
 
     def __post_init__(self) -> None:
         parse_index_specs(self.indexes)  # names checked before any replica starts
@@ -53,6 +57,7 @@ class SearchDeployment:
         from vitaclip.redact import install_log_redaction
 
         opts = ServeOptions(**options)
+        self.proxy_host = opts.proxy_host
         for logger in (None, "ray.serve"):  # the replica's log handlers: tracebacks may hold URLs with credentials
             install_log_redaction(logger)
         single_query_threads(torch_threads=1)  # a replica's parallelism is Serve's concurrent requests
@@ -67,9 +72,10 @@ class SearchDeployment:
         )
 
     def __serve_build_asgi_app__(self) -> Any:
-        from index.api import create_app
+        from index.api import create_app, host_checked
 
-        return create_app(self.service)
+        app = create_app(self.service)
+        return host_checked(app, bind_host=self.proxy_host, allowed_hosts=self.service.limits.allowed_hosts)
 
 
 def application(options: ServeOptions) -> Any:
@@ -89,4 +95,6 @@ def app_builder(args: dict[str, Any]) -> Any:
 def run(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> Any:
     """Starts Serve's HTTP proxy on `host`:`port` and the application on the connected Ray cluster."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(application(options), name="vitaclip-search", route_prefix="/", blocking=blocking)
+    return serve.run(
+        application(replace(options, proxy_host=host)), name="vitaclip-search", route_prefix="/", blocking=blocking
+    )

@@ -414,6 +414,10 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
         assert status == 206 and len(body) == 10 and headers["content-range"].startswith("bytes 0-9/")
         status, headers, body = request(url, media, "HEAD")
         assert status == 200 and body == b"" and int(headers["content-length"]) > 10
+        # A loopback proxy answers loopback names only, as `vitaclip serve` does (DNS rebinding).
+        status, _, body = request(url, "/search?q=red", headers={"Host": f"evil.example:{port}"})
+        assert status == 400 and b"--allowed-host" in body and b"results" not in body
+        assert request(url, "/healthz", headers={"Host": f"localhost:{port}"})[0] == 200
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -451,6 +451,18 @@ def test_host_check_on_other_addresses_answers_only_the_allowed_names() -> None:
     assert not check.allows("localhost") and not check.allows("127.0.0.1") and not check.allows("evil.example")
 
 
+def test_host_checks_are_where_a_bind_address_needs_them() -> None:
+    """Both servers (one process and the Ray Serve replicas) wrap their app with `host_checked`."""
+    from index.api import HostCheck, host_checked
+
+    app = object()
+    assert host_checked(app, bind_host="0.0.0.0", allowed_hosts=()) is app  # type: ignore[arg-type]
+    assert host_checked(app, bind_host=None, allowed_hosts=()) is app  # type: ignore[arg-type]
+    for bind, allowed, loopback in [("127.0.0.1", (), True), ("::1", ("a",), True), (None, ("a",), False)]:
+        checked = host_checked(app, bind_host=bind, allowed_hosts=allowed)  # type: ignore[arg-type]
+        assert isinstance(checked, HostCheck) and checked.loopback is loopback and checked.app is app
+
+
 def test_vitaclip_serve_takes_allowed_hosts() -> None:
     from jobs.cli import _serve_limits, build_parser
 
