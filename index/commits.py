@@ -43,6 +43,7 @@ Nothing here imports Ray: the job wraps `Planner` as a Ray Data actor and runs `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import time
@@ -58,7 +59,7 @@ import pyarrow.compute as pc
 
 from index import delta_tables as dlt
 from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile, read_file
-from index.schema import video_id_for
+from index.schema import STATUS_DELETED, video_id_for
 
 RETRYABLE: frozenset[str] = frozenset(
     {
@@ -92,7 +93,8 @@ RUN_ID_KEY = "vitaclip.run_id"
 
 _T = TypeVar("_T")
 _DONE_BIT = np.uint32(1 << 31)
-_FILE_MASK = np.uint32((1 << 31) - 1)
+_GONE_BIT = np.uint32(1 << 30)  # the row says the video was deleted (`STATUS_DELETED`)
+_FILE_MASK = np.uint32((1 << 30) - 1)
 
 
 def recorded_attempts(attempt: Sequence[int] | np.ndarray, status: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -220,7 +222,7 @@ class Planner:
 
     Attributes:
         counts: ``listed``, ``already_indexed``, ``duplicate_in_listing``, ``attempts_exhausted`` and ``planned``
-            objects so far.
+            objects so far, and ``no_longer_listed`` (set by the job's planner actor when it prunes).
         video_files: Current data files of the videos table at the planning version.
         segment_files: Current data files of the segments table at the planning version.
     """
@@ -247,6 +249,7 @@ class Planner:
         file_index = files.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
         final = pc.invert(pc.is_in(keys.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
         done = pc.and_(final, pc.is_valid(keys.column("etag"))).to_numpy(zero_copy_only=False).astype(bool)
+        gone = pc.equal(keys.column("status"), STATUS_DELETED).to_numpy(zero_copy_only=False).astype(bool)
         # Rows written before schema version 3 have no count: one attempt.
         attempts = pc.fill_null(keys.column("attempts"), 1).to_numpy(zero_copy_only=False)
         attempts = np.clip(attempts, 0, _MAX_COUNTED_ATTEMPTS).astype(np.uint8)
@@ -256,7 +259,8 @@ class Planner:
         order = np.argsort(id_hash, kind="stable")
         self._id_hash = id_hash[order]
         self._etag_hash = etag_hash[order]
-        self._file_code = (file_index | np.where(done, _DONE_BIT, np.uint32(0)).astype(np.uint32))[order]
+        flags = np.where(done, _DONE_BIT, np.uint32(0)) | np.where(gone, _GONE_BIT, np.uint32(0))
+        self._file_code = (file_index | flags.astype(np.uint32))[order]
         self._attempts = attempts[order]
 
         videos = _snapshot(location, "videos", versions["videos"])
@@ -283,7 +287,36 @@ class Planner:
             "duplicate_in_listing": 0,
             "attempts_exhausted": 0,
             "planned": 0,
+            "no_longer_listed": 0,
         }
+
+    def missing(self, scopes: Sequence[str]) -> pa.Table:
+        """Listed objects for the committed videos of the model under `scopes` (URI prefixes) that the listing so
+        far did not name and whose row does not say ``deleted`` already: ``uri``, an empty ``etag``, an unknown
+        ``size_bytes`` and the listing status ``deleted``, to plan like listed ones (their rows are replaced).
+
+        Reads the ``video_id`` and ``uri`` columns of only the files holding such rows.
+        """
+        seen = np.fromiter(self._seen, dtype=np.uint64, count=len(self._seen))
+        unseen = ~np.isin(self._id_hash, seen) & ((self._file_code & _GONE_BIT) == 0)
+        hashes = self._id_hash[unseen]
+        uris: list[str] = []
+        for index in np.unique(self._file_code[unseen] & _FILE_MASK) if scopes else ():
+            rows = _read_columns(self.location, "videos", self._files[int(index)], ["video_id", "uri"], self.model_id)
+            under = functools.reduce(pc.or_, [pc.starts_with(rows.column("uri"), scope) for scope in scopes])
+            wanted = np.isin(_id_hash(rows.column("video_id")), hashes) & under.to_numpy(zero_copy_only=False)
+            uris.extend(rows.column("uri").filter(pa.array(wanted)).to_pylist())
+        uris = sorted(set(uris))
+        message = "no longer listed under this run's inputs: deleted, or left out by the run's filters"
+        return pa.table(
+            {
+                "uri": pa.array(uris, pa.string()),
+                "etag": pa.array([""] * len(uris), pa.string()),
+                "size_bytes": pa.array([-1] * len(uris), pa.int64()),
+                "listing_status": pa.array([STATUS_DELETED] * len(uris), pa.string()),
+                "listing_error": pa.array([message] * len(uris), pa.string()),
+            }
+        )
 
     @property
     def unpartnered_segment_files(self) -> list[str]:

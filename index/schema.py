@@ -19,6 +19,8 @@ _VERSION_KEY = b"vitaclip.schema_version"
 
 # Failure kinds of the `status` column besides "ok" (decode reasons from vitaclip.video plus I/O failures).
 STATUS_OK = "ok"
+STATUS_DELETED = "deleted"
+"""A video no longer listed under its run's inputs (``--prune-missing``): its row stays, without embedding."""
 
 
 class SchemaError(ValueError):

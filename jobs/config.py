@@ -108,6 +108,10 @@ class IndexJobConfig:
             them either way).
         max_size_bytes: skip larger objects (None: no limit).
         extensions: video file extensions to list.
+        prune_missing: once the listing has ended, replace the row of every indexed video under a folder or
+            ``s3://`` prefix input that the listing no longer names (deleted, or left out by the filters) with a row
+            of status ``deleted``, which leaves search and the index in the same commit. An input under which
+            nothing was listed is left alone; manifest inputs are refused.
         build_index: build ``OUT/index`` after committing.
     """
 
@@ -144,6 +148,7 @@ class IndexJobConfig:
     max_size_bytes: int | None = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     follow_outside_symlinks: bool = False
+    prune_missing: bool = False
     build_index: bool = True
 
     def __post_init__(self) -> None:
@@ -260,6 +265,12 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         action="store_const",
         const=True,
         help="read symlinks in input folders to files outside them (else: status outside_folder, not read)",
+    )
+    p.add_argument(
+        "--prune-missing",
+        action="store_const",
+        const=True,
+        help="rows of indexed videos no longer listed under the folder or s3:// inputs become status deleted",
     )
     p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
     _show_defaults(p)

@@ -65,6 +65,7 @@ from jobs.storage import (
     VideoObject,
     describe_listing,
     list_videos,
+    listed_scopes,
     open_store,
     require_any,
 )
@@ -148,12 +149,20 @@ class PlanActor:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._refs: list[Any] = []
+        self._listed_under: Counter[str] = Counter()  # listed objects per `--prune-missing` scope
+        self._scopes: tuple[str, ...] = ()
+
+    def prune_under(self, scopes: Sequence[str]) -> None:
+        """Counts the objects listed under each of `scopes`, for `plan_missing`."""
+        self._scopes = tuple(scopes)
 
     def plan(self, listed: pa.Table) -> int:
         """Plans one batch of listed objects; returns how many need work."""
         for uri in listed.column("uri").to_pylist():
             if "://" not in uri and not uri.startswith(self._folders):
                 self._other_local_dirs.add(os.path.dirname(uri))
+        for scope in self._scopes:
+            self._listed_under[scope] += int(pc.sum(pc.starts_with(listed.column("uri"), scope)).as_py() or 0)
         batch = {name: listed.column(name).to_numpy(zero_copy_only=False) for name in listed.column_names}
         planned = self.planner(batch)
         table = pa.table({name: pa.array(list(values)) for name, values in planned.items()})
@@ -163,6 +172,17 @@ class PlanActor:
             if self._pending_rows >= self._tail + _BLOCK_VIDEOS:
                 self._put(_BLOCK_VIDEOS, (self._pending_rows - self._tail) // _BLOCK_VIDEOS * _BLOCK_VIDEOS)
         return table.num_rows
+
+    def plan_missing(self) -> tuple[int, list[str]]:
+        """Once the listing has ended: plans a ``deleted`` row for each committed video under the scopes given to
+        `prune_under` that the listing did not name. A scope under which nothing was listed (an unmounted folder, a
+        prefix emptied by mistake) is left alone. Returns how many were planned, and the scopes left alone."""
+        scopes = [scope for scope in self._scopes if self._listed_under[scope] > 0]
+        missing = self.planner.missing(scopes)
+        planned = self.plan(missing) if missing.num_rows else 0
+        self.planner.counts["listed"] -= missing.num_rows
+        self.planner.counts["no_longer_listed"] = missing.num_rows
+        return planned, [scope for scope in self._scopes if scope not in scopes]
 
     def _put(self, block_videos: int, videos: int) -> None:
         """The first `videos` held videos into the object store, in blocks of `block_videos`."""
@@ -559,6 +579,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     store.check_writable()
     location = store.location
+    prune_scopes = listed_scopes(config.inputs) if config.prune_missing else []  # manifests refused at once
     model = resolve_run_model(config)
     log.info("model %s, output %s", model.model_id, redact_url(location.url))
     if detect_old_layout(location):
@@ -577,8 +598,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         record.embed_device = device
         phases.done("ray_start")
         planner, blocks = plan_run(
-            listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts
-        )
+            listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
+            prune_scopes=prune_scopes,
+        )  # fmt: skip
         phases.done("plan")
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
@@ -708,10 +730,12 @@ def plan_run(
     pools: IndexPools,
     *,
     max_attempts: int = 0,
+    prune_scopes: Sequence[str] = (),
 ) -> tuple[Any, list[PlannedBlock]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
     that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
-    `max_attempts` is the config's (0: no limit)."""
+    `max_attempts` is the config's (0: no limit); committed videos under `prune_scopes` that the listing does not
+    name are planned as ``deleted`` rows."""
     import ray
 
     # The planner needs no CPU of its own: it mostly waits.
@@ -729,11 +753,18 @@ def plan_run(
     )
     in_flight: list[Any] = []
     planned = 0
+    if prune_scopes:
+        in_flight.append(planner.prune_under.remote(prune_scopes))
     for listed in _listing_tables(listing):
         in_flight.append(planner.plan.remote(listed))
         if len(in_flight) >= _PLANS_IN_FLIGHT:
-            planned += ray.get(in_flight.pop(0))
-    planned += sum(ray.get(in_flight))
+            planned += ray.get(in_flight.pop(0)) or 0
+    planned += sum(n or 0 for n in ray.get(in_flight))
+    if prune_scopes:
+        pruned, left_alone = ray.get(planner.plan_missing.remote())
+        planned += pruned
+        for scope in left_alone:
+            log.warning("nothing listed under %s: its indexed videos are not pruned", redact_url(scope))
     blocks: list[PlannedBlock] = ray.get(planner.blocks.remote())
     log.info("planned %d videos in %d blocks", planned, len(blocks))
     return planner, blocks

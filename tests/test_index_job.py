@@ -542,6 +542,50 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
 
 
+def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
+    local_ray, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--prune-missing: a deleted video's row becomes status deleted and leaves the index and the segments, only
+    under the run's inputs, never under an input that lists nothing; a video put back is indexed again."""
+    kept = make_videos(tmp_path / "in", 3, broken=False)
+    others = make_videos(tmp_path / "other", 2, start=3, broken=False)
+    out = tmp_path / "out"
+    flags = ("--segment-seconds", "1.5")
+    assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags) == 0
+    gone_path, *_ = kept
+    gone_id = video_id_for(str(gone_path))
+    saved = gone_path.read_bytes()
+    gone_path.unlink()
+    for path in others:  # an input that now lists nothing (unmounted, emptied by mistake): left alone
+        path.unlink()
+    assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags, "--prune-missing") == 0
+    assert f"nothing listed under {tmp_path / 'other'}/: its indexed videos are not pruned" in caplog.text
+
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["counts"]["no_longer_listed"] == 1 and summary["status"] == {"deleted": 1}
+    rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
+    assert len(rows) == 5 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
+    assert [rows[str(p)]["status"] for p in [*kept[1:], *others]] == ["ok"] * 4
+    index = open_index(out)
+    assert index.count == 4 and rows[str(gone_path)]["row_id"] not in set(index.ids.tolist())
+    segments = tables.read_table(out, "segments")
+    assert segments is not None and gone_id not in set(segments.column("video_id").to_pylist())
+
+    assert run([str(tmp_path / "in")], out, *flags, "--prune-missing") == 0  # already deleted: nothing to do
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["counts"]["no_longer_listed"] == 0 and summary["counts"]["processed"] == 0
+
+    gone_path.write_bytes(saved)  # put back: indexed again
+    assert run([str(tmp_path / "in")], out, *flags) == 0
+    assert {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}[str(gone_path)] == "ok"
+    assert open_index(out).count == 5
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{kept[1]}\n")
+    assert run([str(manifest)], out, *flags, "--prune-missing") == 2
+    assert "--prune-missing needs folder or s3:// prefix inputs" in capsys.readouterr().err
+
+
 def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, tmp_path: Path, capsys) -> None:
     """Already indexed videos are skipped, so a run with other row settings would mix two kinds of rows: refused
     before any work, naming the difference, unless --replace-settings makes its settings the output's."""

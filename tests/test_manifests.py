@@ -348,3 +348,19 @@ def test_inventory_on_s3_is_streamed(s3_bucket: Bucket, tmp_path: Path, file_for
     # A local manifest.json whose data files are not here reads them from its destination bucket.
     (tmp_path / "manifest.json").write_bytes(next(iter(files.values())))
     assert listed(tmp_path / "manifest.json", s3_client=client) == EXPECTED
+
+
+def test_listed_scopes_are_what_a_listing_covers_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prune-missing prunes only under these: every listed URI of a folder or prefix starts with its scope."""
+    from jobs.storage import listed_scopes
+
+    found = videos(tmp_path / "in", "a.mp4", "sub/b.mp4")
+    monkeypatch.chdir(tmp_path)
+    scopes = listed_scopes(["in/", "s3://bucket/videos/2026"])
+    assert scopes == [f"{tmp_path / 'in'}/", "s3://bucket/videos/2026"]
+    assert all(v.uri.startswith(scopes[0]) for v in found.values()) and len(found) == 2
+    assert not f"{tmp_path / 'in2'}/x.mp4".startswith(scopes[0])  # a sibling folder with a longer name
+    (tmp_path / "list.txt").write_text("in/a.mp4\n")
+    for manifest in ("list.txt", "s3://bucket/inventory/manifest.json"):
+        with pytest.raises(ValueError, match="--prune-missing needs folder or s3:// prefix inputs"):
+            listed_scopes(["in", manifest])

@@ -15,6 +15,7 @@ from jobs.storage.listing import (
     VideoObject,
     describe_listing,
     list_videos,
+    listed_scopes,
     printable_path,
     require_any,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "VideoObject",
     "describe_listing",
     "list_videos",
+    "listed_scopes",
     "make_s3_client",
     "open_store",
     "open_video",

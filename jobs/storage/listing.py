@@ -225,6 +225,26 @@ def _classify_input(location: str) -> _InputKind:
     )
 
 
+def listed_scopes(inputs: Sequence[str]) -> list[str]:
+    """The URI prefixes the listing of `inputs` covers whole: every object under one, filters allowing, is listed.
+
+    A folder's is its absolute path and a separator (the prefix of the paths it lists), an ``s3://`` prefix is
+    itself. A run that prunes rows of videos no longer listed (``--prune-missing``) prunes only under these.
+
+    Raises:
+        ValueError: An input is a manifest: it names objects, not a place whose missing objects could be told.
+    """
+    scopes = []
+    for location, kind in zip(inputs, (_classify_input(i) for i in inputs), strict=True):
+        if kind in ("manifest", "s3_manifest"):
+            raise ValueError(
+                f"--prune-missing needs folder or s3:// prefix inputs: {location} is a manifest, which names objects "
+                "rather than a place whose deleted objects could be told"
+            )
+        scopes.append(location if kind == "s3_prefix" else os.path.abspath(location).rstrip(os.sep) + os.sep)
+    return scopes
+
+
 def _list_all(
     inputs: list[tuple[str, _InputKind]],
     *,
