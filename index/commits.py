@@ -208,6 +208,45 @@ def _lines(joined: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- planner
 
 
+class _SeenIds:
+    """The video id hashes a run has listed so far: a sorted array (8 bytes each) and a set of the latest ones, merged
+    into the array when it holds `recent_max` (a Python set of ints costs about 70 bytes an entry, which at tens of
+    millions of listed objects is gigabytes on the planner)."""
+
+    def __init__(self, recent_max: int = 1 << 18) -> None:
+        self._sorted = np.zeros(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+        self._recent_max = recent_max
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def in_array(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` were seen before the latest merge (the set holds the rest)."""
+        if not len(self._sorted):
+            return np.zeros(len(hashes), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted, hashes), len(self._sorted) - 1)
+        return self._sorted[at] == hashes
+
+    def add(self, key: int, *, in_array: bool) -> bool:
+        """Adds `key`; False when it was seen already (`in_array`: what `in_array` said of it)."""
+        if in_array or key in self._recent:
+            return False
+        self._recent.add(key)
+        return True
+
+    def merge(self) -> None:
+        """Moves the set into the array when it is full (a linear merge)."""
+        if len(self._recent) >= self._recent_max:
+            self._sorted = self.array()
+            self._recent = set()
+
+    def array(self) -> np.ndarray:
+        """Every hash seen, sorted."""
+        recent = np.sort(np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent)))
+        return np.insert(self._sorted, np.searchsorted(self._sorted, recent), recent)
+
+
 class Planner:
     """Keeps the listed objects that need work: not DONE in the videos table, not given up on, each once.
 
@@ -280,7 +319,7 @@ class Planner:
         seg_owner = np.concatenate(owners) if owners else np.zeros(0, np.uint32)
         order = np.argsort(seg_hash, kind="stable")
         self._seg_hash, self._seg_owner = seg_hash[order], seg_owner[order]
-        self._seen: set[int] = set()
+        self._seen = _SeenIds()
         self.counts = {
             "listed": 0,
             "already_indexed": 0,
@@ -292,13 +331,12 @@ class Planner:
 
     def missing(self, scopes: Sequence[str]) -> pa.Table:
         """Listed objects for the committed videos of the model under `scopes` (URI prefixes) that the listing so
-        far did not name and whose row does not say ``deleted`` already: ``uri``, an empty ``etag``, an unknown
+        far did not name and whose row does not say ``deleted`` already: ``uri``, a null ``etag``, an unknown
         ``size_bytes`` and the listing status ``deleted``, to plan like listed ones (their rows are replaced).
 
         Reads the ``video_id`` and ``uri`` columns of only the files holding such rows.
         """
-        seen = np.fromiter(self._seen, dtype=np.uint64, count=len(self._seen))
-        unseen = ~np.isin(self._id_hash, seen) & ((self._file_code & _GONE_BIT) == 0)
+        unseen = ~np.isin(self._id_hash, self._seen.array()) & ((self._file_code & _GONE_BIT) == 0)
         hashes = self._id_hash[unseen]
         uris: list[str] = []
         for index in np.unique(self._file_code[unseen] & _FILE_MASK) if scopes else ():
@@ -311,7 +349,7 @@ class Planner:
         return pa.table(
             {
                 "uri": pa.array(uris, pa.string()),
-                "etag": pa.array([""] * len(uris), pa.string()),
+                "etag": pa.array([None] * len(uris), pa.string()),  # planned even where the row's etag is empty
                 "size_bytes": pa.array([-1] * len(uris), pa.int64()),
                 "listing_status": pa.array([STATUS_DELETED] * len(uris), pa.string()),
                 "listing_error": pa.array([message] * len(uris), pa.string()),
@@ -349,12 +387,11 @@ class Planner:
         video_files: list[str] = []
         segment_files: list[str] = []
         self.counts["listed"] += n
+        seen_before = self._seen.in_array(id_hash)
         for i in range(n):
-            key = int(id_hash[i])
-            if key in self._seen:
+            if not self._seen.add(int(id_hash[i]), in_array=bool(seen_before[i])):
                 self.counts["duplicate_in_listing"] += 1
                 continue
-            self._seen.add(key)
             codes = self._file_code[lo[i] : hi[i]]
             if etags[i] is not None:
                 same = self._etag_hash[lo[i] : hi[i]] == etag_hash[i]
@@ -373,6 +410,7 @@ class Planner:
             video_files.append("\n".join(current))
             segment_files.append("\n".join(sorted(segs)))
         self.counts["planned"] += int(keep.sum())
+        self._seen.merge()
         out = {name: np.asarray(column)[keep] for name, column in batch.items()}
         out["video_id"] = np.asarray(video_ids, dtype=object)[keep]
         out["attempt"] = attempt[keep]

@@ -920,3 +920,22 @@ def test_a_killed_run_segments_are_left_to_the_video_next_set(local) -> None:
     assert _segment_runs(local) == {vid(0): ("ok", "r2", {"r1"})}
     _one_batch(local, {0: "e0c"}, "r3")
     assert _segment_runs(local) == {vid(0): ("ok", "r3", {"r3"})}
+
+
+def test_seen_ids_find_every_duplicate_across_merges() -> None:
+    """The planner's record of listed ids (a sorted array plus a small set, merged when the set is full) answers as a
+    set would, for repeats within a batch, across batches and across merges."""
+    from index.commits import _SeenIds
+
+    rng = np.random.default_rng(7)
+    seen, reference = _SeenIds(recent_max=50), set()
+    for _ in range(40):
+        batch = rng.integers(0, 2**64 - 1, size=30, dtype=np.uint64, endpoint=True)
+        batch[::3] = rng.choice(np.fromiter(reference, np.uint64), size=10) if reference else batch[::3]
+        before = seen.in_array(batch)
+        for i, key in enumerate(batch.tolist()):
+            assert seen.add(key, in_array=bool(before[i])) is (key not in reference)
+            reference.add(key)
+        seen.merge()
+    assert len(seen) == len(reference) and seen.array().tolist() == sorted(reference)
+    assert len(seen._recent) < 50  # merged along the way: the set stays small

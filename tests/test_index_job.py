@@ -549,22 +549,27 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     under the run's inputs, never under an input that lists nothing; a video put back is indexed again."""
     kept = make_videos(tmp_path / "in", 3, broken=False)
     others = make_videos(tmp_path / "other", 2, start=3, broken=False)
+    dangling = tmp_path / "in" / "dangling.mp4"  # a row with status broken_link and no ETag
+    dangling.symlink_to(tmp_path / "nowhere.mp4")
     out = tmp_path / "out"
     flags = ("--segment-seconds", "1.5")
     assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags) == 0
+    assert {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}[str(dangling)] == "broken_link"
     gone_path, *_ = kept
     gone_id = video_id_for(str(gone_path))
     saved = gone_path.read_bytes()
     gone_path.unlink()
+    dangling.unlink()
     for path in others:  # an input that now lists nothing (unmounted, emptied by mistake): left alone
         path.unlink()
     assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags, "--prune-missing") == 0
     assert f"nothing listed under {tmp_path / 'other'}/: its indexed videos are not pruned" in caplog.text
 
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
-    assert summary["counts"]["no_longer_listed"] == 1 and summary["status"] == {"deleted": 1}
+    assert summary["counts"]["no_longer_listed"] == 2 and summary["status"] == {"deleted": 2}
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
-    assert len(rows) == 5 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
+    assert len(rows) == 6 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
+    assert rows[str(dangling)]["status"] == "deleted"
     assert [rows[str(p)]["status"] for p in [*kept[1:], *others]] == ["ok"] * 4
     index = open_index(out)
     assert index.count == 4 and rows[str(gone_path)]["row_id"] not in set(index.ids.tolist())
