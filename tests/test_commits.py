@@ -217,6 +217,7 @@ def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
         "duplicate_in_listing": 0,
         "attempts_exhausted": 0,
         "planned": 4,
+        "no_longer_listed": 0,
     }
     assert report.videos_committed == 4 and report.segments_committed == 4 * SEGMENTS and report.rounds == 1
 
@@ -228,6 +229,7 @@ def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
         "duplicate_in_listing": 0,
         "attempts_exhausted": 0,
         "planned": 0,
+        "no_longer_listed": 0,
     }
 
     # video 3 changed and its re-indexing timed out: a committed row with a retryable status
@@ -264,6 +266,7 @@ def test_planner_plans_only_what_is_not_done(local: OutputLocation) -> None:
         "duplicate_in_listing": 0,
         "attempts_exhausted": 0,
         "planned": 2,
+        "no_longer_listed": 0,
     }
 
     # listed twice (in one batch and across batches): planned once; unknown videos have no current files
@@ -939,3 +942,25 @@ def test_seen_ids_find_every_duplicate_across_merges() -> None:
         seen.merge()
     assert len(seen) == len(reference) and seen.array().tolist() == sorted(reference)
     assert len(seen._recent) < 50  # merged along the way: the set stays small
+
+
+def test_planner_names_committed_videos_the_listing_left_out_under_a_scope(local: OutputLocation) -> None:
+    """`Planner.missing` (--prune-missing): committed, not listed this run, under a scope, not already deleted."""
+    run(local, {k: f"e{k}" for k in range(4)}, "r1")
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planner(listing({0: "e0", 2: "e2"}))
+    assert planner.missing(["s3://in/"]).column("uri").to_pylist() == [uri_of(1), uri_of(3)]
+    assert planner.missing(["s3://in/v3"]).column("uri").to_pylist() == [uri_of(3)]
+    assert planner.missing(["s3://other/"]).num_rows == 0 and planner.missing([]).num_rows == 0
+    missing = planner.missing(["s3://in/"])
+    assert missing.column("listing_status").to_pylist() == ["deleted"] * 2
+    assert missing.column("etag").null_count == 2  # planned whatever the row's etag
+    planned = planner({name: missing.column(name).to_numpy(zero_copy_only=False) for name in missing.column_names})
+    assert list(planned["video_id"]) == [vid(1), vid(3)] and all(planned["current_video_file"])
+
+    run(local, {1: None, 3: None}, "r2", statuses={1: "deleted", 3: "deleted"})  # as the job commits them
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planner(listing({0: "e0", 2: "e2"}))
+    assert planner.missing(["s3://in/"]).num_rows == 0  # rows that say deleted are left alone
+    planned = planner(listing({3: "e3-back"}))  # a video put back is indexed again
+    assert list(planned["video_id"]) == [vid(3)]
