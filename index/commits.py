@@ -1,10 +1,11 @@
 """Planning a run against the output tables and committing its rows so that old rows are replaced, never doubled.
 
 `Planner` decides which listed videos need work: it holds the committed keys of the videos table (about 21 bytes
-a row, in numpy arrays) and names, for each planned video, the data files holding its current rows. Workers write
-data files; the driver hands them to a `Committer`, which reconciles with what other writers committed meanwhile
-(from the Delta log), drops videos another run finished, removes the old rows of the rest by rewriting their files,
-and commits the segments table, then the videos table, each at exactly the version it reconciled against.
+a row, in numpy arrays, and 14 per listed object) and names, for each planned video, the data files holding its
+current rows. Workers write data files; the driver hands them to a `Committer`, which reconciles with what other
+writers committed meanwhile (from the Delta log), drops videos another run finished, removes the old rows of the rest
+by rewriting their files, and commits the segments table, then the videos table, each at exactly the version it
+reconciled against.
 
 The table contract (kept by every writer):
 

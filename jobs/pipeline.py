@@ -3,8 +3,8 @@
 One streaming Ray Dataset per run, so the actor pools and the model start once whatever the run's size:
 
 - The driver streams the listing (page by page) to a planner actor (`index.commits.Planner`, about 21 bytes of
-  memory per committed row, on that actor), which puts the videos that need work into the object store as blocks
-  while it plans them. When the listing ends, those blocks are the Dataset's input.
+  memory per committed row and 14 per listed object, on that actor), which puts the videos that need work into the
+  object store as blocks while it plans them. When the listing ends, those blocks are the Dataset's input.
 - Embed actors (a Ray Data actor pool) take whole blocks and have their videos decoded by Ray tasks on the CPUs,
   which hand the frames straight to them (`jobs.decode_embed`): decoded frames never pass through the driver.
 - The driver takes the embed output as block references, never rows, and groups them into write tasks that turn
