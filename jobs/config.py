@@ -111,7 +111,11 @@ class IndexJobConfig:
         prune_missing: once the listing has ended, replace the row of every indexed video under a folder or
             ``s3://`` prefix input that the listing no longer names (deleted, or left out by the filters) with a row
             of status ``deleted``, which leaves search and the index in the same commit. An input under which
-            nothing was listed is left alone; manifest inputs are refused.
+            nothing was listed is left alone; manifest inputs need ``prune_scopes``.
+        prune_scopes: with ``prune_missing``, the places (``s3://bucket/prefix`` or folders) that the run's listing
+            covers whole, instead of its folder and prefix inputs: what a manifest such as an S3 Inventory report
+            covers (its bucket, or the prefix its inventory is filtered on). Rows under them that the listing does
+            not name are pruned.
         build_index: build ``OUT/index`` after committing.
     """
 
@@ -149,6 +153,7 @@ class IndexJobConfig:
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     follow_outside_symlinks: bool = False
     prune_missing: bool = False
+    prune_scopes: tuple[str, ...] = ()
     build_index: bool = True
 
     def __post_init__(self) -> None:
@@ -189,6 +194,11 @@ class IndexJobConfig:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
             raise ValueError(f"segment_seconds must be > 0 and finite, got {self.segment_seconds}")
+        if self.prune_scopes and not self.prune_missing:
+            raise ValueError("prune_scopes are for --prune-missing runs: give --prune-missing too")
+        for scope in self.prune_scopes:
+            if not scope or ("://" in scope and not scope.startswith("s3://")):
+                raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {scope!r}")
         _check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
@@ -272,6 +282,13 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         const=True,
         help="rows of indexed videos no longer listed under the folder or s3:// inputs become status deleted",
     )
+    p.add_argument(
+        "--prune-scope",
+        dest="prune_scopes",
+        action="append",
+        help="with --prune-missing: a place the listing covers whole (s3://bucket/prefix, a folder), instead of the "
+        "inputs; needed for manifests (repeatable)",
+    )
     p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
     _show_defaults(p)
     return p
@@ -317,6 +334,10 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.index_v
         values["extensions"] = tuple(e.strip().lstrip(".").lower() for e in values["extensions"].split(",") if e)
     elif values.get("extensions") is not None:
         values["extensions"] = tuple(values["extensions"])
+    if isinstance(values.get("prune_scopes"), str):
+        values["prune_scopes"] = (values["prune_scopes"],)
+    elif values.get("prune_scopes") is not None:
+        values["prune_scopes"] = tuple(values["prune_scopes"])
     values.setdefault("output", "")
     if isinstance(values.get("inputs"), (list, tuple)):
         values["inputs"] = tuple(str(i) if isinstance(i, os.PathLike) else i for i in values["inputs"])

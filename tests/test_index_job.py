@@ -588,7 +588,14 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{kept[1]}\n")
     assert run([str(manifest)], out, *flags, "--prune-missing") == 2
-    assert "--prune-missing needs folder or s3:// prefix inputs" in capsys.readouterr().err
+    assert "--prune-missing needs folder or s3:// prefix inputs, or --prune-scope" in capsys.readouterr().err
+    assert run([str(manifest)], out, *flags, "--prune-scope", str(tmp_path / "in")) == 2
+    assert "give --prune-missing too" in capsys.readouterr().err
+    # A manifest with the place it covers whole: the rest of that place is pruned, nothing outside it.
+    assert run([str(manifest)], out, *flags, "--prune-missing", "--prune-scope", str(tmp_path / "in")) == 0
+    statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
+    assert [statuses[str(p)] for p in kept] == ["deleted", "ok", "deleted"]
+    assert [statuses[str(p)] for p in others] == ["ok", "ok"]
 
 
 def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, tmp_path: Path, capsys) -> None:

@@ -360,7 +360,10 @@ def test_listed_scopes_are_what_a_listing_covers_whole(tmp_path: Path, monkeypat
     assert scopes == [f"{tmp_path / 'in'}/", "s3://bucket/videos/2026"]
     assert all(v.uri.startswith(scopes[0]) for v in found.values()) and len(found) == 2
     assert not f"{tmp_path / 'in2'}/x.mp4".startswith(scopes[0])  # a sibling folder with a longer name
+    assert listed_scopes(["s3://bucket"]) == ["s3://bucket/"]  # the whole bucket, not s3://bucket2/
     (tmp_path / "list.txt").write_text("in/a.mp4\n")
     for manifest in ("list.txt", "s3://bucket/inventory/manifest.json"):
-        with pytest.raises(ValueError, match="--prune-missing needs folder or s3:// prefix inputs"):
+        with pytest.raises(ValueError, match="--prune-missing needs folder or s3:// prefix inputs, or --prune-scope"):
             listed_scopes(["in", manifest])
+    # What a manifest covers, declared: it replaces the inputs' scopes.
+    assert listed_scopes(["list.txt"], ["s3://media", "in"]) == ["s3://media/", f"{tmp_path / 'in'}/"]

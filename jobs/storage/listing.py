@@ -225,24 +225,36 @@ def _classify_input(location: str) -> _InputKind:
     )
 
 
-def listed_scopes(inputs: Sequence[str]) -> list[str]:
+def listed_scopes(inputs: Sequence[str], declared: Sequence[str] = ()) -> list[str]:
     """The URI prefixes the listing of `inputs` covers whole: every object under one, filters allowing, is listed.
 
     A folder's is its absolute path and a separator (the prefix of the paths it lists), an ``s3://`` prefix is
     itself. A run that prunes rows of videos no longer listed (``--prune-missing``) prunes only under these.
+    `declared` scopes (``--prune-scope``: what a manifest covers) replace those of the inputs.
 
     Raises:
-        ValueError: An input is a manifest: it names objects, not a place whose missing objects could be told.
+        ValueError: An input is a manifest and no scope is declared: a manifest names objects, not a place whose
+            missing objects could be told.
     """
+    if declared:
+        return [_scope_of(scope, "s3_prefix" if scope.startswith("s3://") else "folder") for scope in declared]
     scopes = []
     for location, kind in zip(inputs, (_classify_input(i) for i in inputs), strict=True):
         if kind in ("manifest", "s3_manifest"):
             raise ValueError(
-                f"--prune-missing needs folder or s3:// prefix inputs: {location} is a manifest, which names objects "
-                "rather than a place whose deleted objects could be told"
+                f"--prune-missing needs folder or s3:// prefix inputs, or --prune-scope: {location} is a manifest, "
+                "which names objects rather than a place whose deleted objects could be told (give the place it "
+                "covers whole, such as the bucket of an S3 Inventory report, with --prune-scope)"
             )
-        scopes.append(location if kind == "s3_prefix" else os.path.abspath(location).rstrip(os.sep) + os.sep)
+        scopes.append(_scope_of(location, kind))
     return scopes
+
+
+def _scope_of(location: str, kind: _InputKind) -> str:
+    if kind == "s3_prefix":  # the listed keys' URIs start with it (``s3://b`` is ``s3://b/``, never ``s3://b2/``)
+        bucket, prefix = parse_s3_uri(location)
+        return f"s3://{bucket}/{prefix}"
+    return os.path.abspath(location).rstrip(os.sep) + os.sep
 
 
 def _list_all(
