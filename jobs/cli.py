@@ -178,6 +178,21 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from jobs.runs import format_runs, read_runs, read_settings
+    from jobs.storage import open_store
+
+    if "://" not in args.output and not os.path.isdir(args.output):
+        raise ValueError(f"no output folder at {args.output}")
+    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    records = read_runs(store, last=args.last)
+    if args.json:
+        print(json.dumps(records, indent=1, default=str))
+    else:
+        print(format_runs(records, read_settings(store), url=store.url))
+    return 0
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from index.service import OutputSource
 
@@ -353,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the job's output folder or s3:// prefix")
     p.add_argument("--s3-endpoint-url", default=None)
     p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("runs", help="the latest runs on an output: state, counts, errors, and its recorded settings")
+    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("--last", type=int, default=20, help="how many of the latest runs")
+    p.add_argument("--json", action="store_true", help="the run records as JSON")
+    p.add_argument("--s3-endpoint-url", default=None)
+    p.set_defaults(func=_cmd_runs)
 
     _add_search_parser(sub)
     _add_serve_parser(sub)

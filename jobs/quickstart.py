@@ -176,3 +176,4 @@ def _print_searches(output: Path, truth: dict[str, dict[str, Any]], config: Quic
     print(f"\nmore: vitaclip search --index {output} 'green star bouncing'")
     print(f"      vitaclip serve --index {output}   (a search page on http://127.0.0.1:8000)")
     print(f"      DuckDB: SELECT uri, status, labels FROM delta_scan('{output / 'videos'}')")
+    print(f"      vitaclip runs {output}   (the runs on this output and its recorded settings)")

@@ -173,3 +173,30 @@ def test_bad_training_config_files_are_one_clear_line(tmp_path: Path, capsys, ya
     assert expected in line and str(config) in line
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--train-list", "x.csv", "--output", "o"]) == 2
     assert "config file" in _one_line_error(capsys)
+
+
+def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys) -> None:
+    from jobs.config import IndexJobConfig
+    from jobs.pipeline import RunRecord
+    from jobs.storage import LocalStore
+
+    store = LocalStore(tmp_path / "out")
+    config = IndexJobConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), model="vitaclip-tiny",
+                            random_weights=True)  # fmt: skip
+    running = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
+    (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
+    assert main(["runs", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 4
+    by_id = {line.split()[0]: line for line in lines[1:]}
+    assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
+    assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
+    assert by_id["zz-damaged"].split()[1] == "unreadable"
+    assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
+    (only,) = json.loads(capsys.readouterr().out)
+    assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
+    assert main(["runs", str(tmp_path / "nowhere")]) == 2
+    assert "no output folder at" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()

@@ -629,6 +629,15 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
     assert run([str(tmp_path / "in")], out, "--no-index") == 2  # the recorded top_k is now 2
     assert "top_k: 2 (this run: 5)" in capsys.readouterr().err
 
+    from jobs.cli import main as cli_main
+
+    assert cli_main(["runs", str(out)]) == 0  # what an operator reads after a night
+    shown = capsys.readouterr().out.splitlines()
+    run_ids = sorted(p.stem for p in (out / "runs").glob("*.json"))
+    assert len(run_ids) == 2 and [line.split()[:2] for line in shown[1:3]] == [[i, "committed"] for i in run_ids]
+    assert shown[1].split()[-2:] == ["ok", "2"] and shown[2].split()[-2:] == ["ok", "1"]
+    assert shown[3].startswith("settings of vitaclip-tiny@sha256:") and "top_k 2, 400 labels" in shown[3], shown
+
 
 @pytest.mark.parametrize(
     ("extra", "expected"),

@@ -1,0 +1,94 @@
+"""``vitaclip runs OUT``: the latest runs on an output (from ``OUT/runs/<run_id>.json``) and its recorded settings.
+
+What an operator checks after a night: did the run commit, how much did it do, what failed, and how long it took;
+a run whose record still says ``running`` either runs now or lost its driver (a kill leaves the record as it was).
+Reads only the last `last` records (run ids sort by start time) and the settings records, never the tables.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from index.row_settings import SETTINGS_DIR, RowSettings
+from index.stores import Store
+from vitaclip.redact import redact_text, redact_url
+
+RUNS_DIR = "runs"
+_ERROR_CHARS = 160
+
+
+def read_runs(store: Store, *, last: int = 20) -> list[dict[str, Any]]:
+    """The last `last` run records, oldest first; one that cannot be read is ``{"run_id", "state": "unreadable"}``."""
+    if last < 1:
+        raise ValueError(f"last must be >= 1, got {last}")
+    names = [name for name in store.list(f"{RUNS_DIR}/") if name.endswith(".json")]
+    records = []
+    for name in names[-last:]:
+        run_id = name.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            record = json.loads(store.get_bytes(name))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError, FileNotFoundError) as exc:
+            record = {"run_id": run_id, "state": "unreadable", "error": f"{name}: {type(exc).__name__}: {exc}"}
+        records.append(record)
+    return records
+
+
+def read_settings(store: Store) -> list[RowSettings]:
+    """The row settings recorded per model on the output (`index.row_settings`); damaged records are skipped."""
+    found = []
+    for name in store.list(f"{SETTINGS_DIR}/"):
+        if name.endswith(".json"):
+            try:
+                found.append(RowSettings.from_json(store.get_bytes(name), where=name))
+            except (ValueError, FileNotFoundError):
+                continue
+    return found
+
+
+def _statuses(record: dict[str, Any]) -> str:
+    status = record.get("status") or {}
+    return ", ".join(f"{name} {count}" for name, count in sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _row(record: dict[str, Any]) -> list[str]:
+    counts = record.get("counts") or {}
+    started = str(record.get("started_at") or "")[:19].replace("T", " ")
+    seconds = record.get("elapsed_seconds")
+    state = str(record.get("state", "?"))
+    if state == "committed":
+        what = _statuses(record) or "nothing to do"
+    elif state == "running":
+        what = "no end recorded: running now, or its driver was killed"
+    else:
+        what = redact_text(str(record.get("error") or ""))[:_ERROR_CHARS]
+    return [
+        str(record.get("run_id", "?")),
+        state,
+        started,
+        "-" if seconds is None else f"{seconds:.1f}",
+        str(counts.get("listed", "-")),
+        str(counts.get("processed", "-")),
+        what,
+    ]
+
+
+def format_runs(records: list[dict[str, Any]], settings: list[RowSettings], *, url: str) -> str:
+    """The runs as a table, then the recorded settings per model."""
+    if not records:
+        lines = [f"no runs recorded under {redact_url(url)}/{RUNS_DIR}/"]
+    else:
+        header = ["run", "state", "started (UTC)", "seconds", "listed", "processed", "rows by status / error"]
+        rows = [header, *(_row(record) for record in records)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]
+        lines = [line.rstrip() for line in lines]
+    for recorded in settings:
+        segments = "none" if recorded.segment_seconds is None else f"{recorded.segment_seconds:g} s"
+        lines.append(
+            f"settings of {recorded.model_id}: num_frames {recorded.num_frames}, segments {segments}, "
+            f"top_k {recorded.top_k}, {len(recorded.labels)} labels"
+        )
+    return "\n".join(lines)
