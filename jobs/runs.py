@@ -48,15 +48,21 @@ def read_settings(store: Store) -> list[RowSettings]:
     return found
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _statuses(record: dict[str, Any]) -> str:
-    status = record.get("status") or {}
+    status = {str(k): v for k, v in _mapping(record.get("status")).items() if isinstance(v, int)}
     return ", ".join(f"{name} {count}" for name, count in sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _row(record: dict[str, Any]) -> list[str]:
-    counts = record.get("counts") or {}
+    """One run's cells; a record of another shape (edited by hand, another version) shows what it has."""
+    counts = _mapping(record.get("counts"))
     started = str(record.get("started_at") or "")[:19].replace("T", " ")
     seconds = record.get("elapsed_seconds")
+    seconds = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
     state = str(record.get("state", "?"))
     if state == "committed":
         what = _statuses(record) or "nothing to do"

@@ -187,13 +187,16 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
+    odd = {"run_id": "yy-odd", "state": "committed", "elapsed_seconds": "soon", "counts": [1], "status": {"ok": "x"}}
+    (tmp_path / "out" / "runs" / "yy-odd.json").write_text(json.dumps(odd))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 4
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 5
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
+    assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
     assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
