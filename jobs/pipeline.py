@@ -47,7 +47,7 @@ from index.delta_tables import (
     vacuum,
 )
 from index.media import roots_of_inputs
-from index.row_settings import RowSettings, check_row_settings
+from index.row_settings import RowSettings, SettingsMismatchError, check_row_settings
 from index.schema import STATUS_OK, video_id_for
 from index.segments import INDEX_DIR, INFO_FILE
 from jobs.config import IndexJobConfig
@@ -396,10 +396,18 @@ class Commits:
     object reference, its row count and its videos' URIs) for the next write task, unless every one of their videos
     was written whole by another task meanwhile."""
 
-    def __init__(self, committer: Committer, *, commit_seconds: float, hooks: RunHooks) -> None:
+    def __init__(
+        self,
+        committer: Committer,
+        *,
+        commit_seconds: float,
+        hooks: RunHooks,
+        settings_check: Callable[[], None] | None = None,
+    ) -> None:
         self.committer = committer
         self.commit_seconds = commit_seconds
         self.hooks = hooks
+        self.settings_check = settings_check  # raises when the output's recorded row settings are no longer the run's
         self.in_flight: dict[Any, Any] = {}  # a write's metadata reference -> its leftover clips' reference
         self.leftovers: list[tuple[Any, int, list[str]]] = []
         self.received = 0
@@ -460,6 +468,8 @@ class Commits:
             return
         if self.hooks.before_commit:
             self.hooks.before_commit()
+        if self.settings_check is not None:
+            self.settings_check()
         report = self.committer.commit()
         self.reports.append(report)
         log.info(
@@ -588,7 +598,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     # One embedding size per output (a table property): another model's size is refused before any work.
     versions = create_tables(location, model.embed_dim, model_id=model.model_id)
     # So are other frames, segments, top-k or labels than the rows of this model already there have.
-    replaced = check_row_settings(store, row_settings(config, model), replace=config.replace_settings)
+    settings = row_settings(config, model)
+    replaced = check_row_settings(store, settings, replace=config.replace_settings)
     record = RunRecord(store, config, model_id=model.model_id, versions=versions)
     log.info("run %s", record.run_id)
     phases = Phases()
@@ -607,7 +618,10 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
         )  # fmt: skip
-        commits = Commits(committer, commit_seconds=config.commit_seconds, hooks=hooks)
+        commits = Commits(
+            committer, commit_seconds=config.commit_seconds, hooks=hooks,
+            settings_check=lambda: settings_unchanged(store, settings),
+        )  # fmt: skip
         if blocks:
             ds = index_dataset(config, blocks, model, pools)
             try:
@@ -656,6 +670,21 @@ def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:
         top_k=min(config.top_k, len(model.label_names)),
         labels=tuple(model.label_names),
     )
+
+
+def settings_unchanged(store: Store, settings: RowSettings) -> None:
+    """Checked before each commit: a run that replaced the output's row settings since this run started (``--replace-
+    settings``) makes this run's rows the old kind, which it must not commit after that run's.
+
+    Raises:
+        SettingsMismatchError: The recorded settings are no longer this run's; nothing more of it is committed.
+    """
+    try:
+        check_row_settings(store, settings)
+    except SettingsMismatchError as exc:
+        raise SettingsMismatchError(
+            f"another run recorded other row settings during this run, whose uncommitted rows are dropped: {exc}"
+        ) from None
 
 
 def model_load_error(exc: BaseException) -> ValueError | None:

@@ -542,6 +542,38 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
 
 
+def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray, tmp_path: Path) -> None:
+    """Run B's --replace-settings lands while run A (the old settings) is still running: A's next commit is refused,
+    so no row of the old kind lands after B's."""
+    import jobs.pipeline as pipeline
+    from index.row_settings import RowSettings, SettingsMismatchError, check_row_settings, settings_path
+    from jobs.config import config_from_args
+    from jobs.storage import open_store
+
+    make_videos(tmp_path / "in", 2, broken=False)
+    out = tmp_path / "out"
+    config = config_from_args(job_args([str(tmp_path / "in")], out, "--no-index"))
+    store = open_store(str(out))
+
+    def replaced_meanwhile() -> None:  # what run B does with --top-k 2 --replace-settings
+        (recorded,) = [p for p in (out / "settings").glob("*.json")]
+        ours = json.loads(recorded.read_text())
+        check_row_settings(store, RowSettings(**{**_settings_fields(ours), "top_k": 2}), replace=True)
+        assert settings_path(ours["model_id"]).endswith(recorded.name)
+
+    with pytest.raises(SettingsMismatchError, match="another run recorded other row settings during this run"):
+        pipeline.run_index_job(config, hooks=pipeline.RunHooks(before_commit=replaced_meanwhile))
+    table = tables.read_table(out, "videos")
+    assert table is None or table.num_rows == 0  # nothing of run A committed
+    (record,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert record["state"] == "failed" and "top_k: 2 (this run: 5)" in record["error"]
+
+
+def _settings_fields(recorded: dict) -> dict:
+    """The `RowSettings` fields of a settings record as read from its file."""
+    return {k: (tuple(v) if k == "labels" else v) for k, v in recorded.items() if k not in ("format", "recorded_at")}
+
+
 def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     local_ray, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
 ) -> None:
