@@ -637,17 +637,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         commits.commit()
         phases.done("final_commit")
         plan_report: dict[str, Any] = ray.get(planner.report.remote())
-        index_info = None
-        # Also after a run that only removed rows (new versions of indexed videos that failed): their ids go.
-        changed = sum(commits.status.values()) > 0 and store.exists(f"{INDEX_DIR}/{INFO_FILE}")
-        if config.build_index and (
-            commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0 or changed
-        ):
-            # In the planner's process, not on the driver: the index is held whole while it is updated.
-            try:
-                index_info = ray.get(planner.update_index.remote(config, model.model_id))
-            except OSError as exc:  # storage failing after its retries (a Ray task error is also its cause's type)
-                raise IndexUpdateError(getattr(exc, "cause", None) or exc) from exc
+        index_info = update_run_index(config, store, planner, commits, plan_report, model_id=model.model_id)
         ray.kill(planner)
         phases.done("index_update")
         vacuumed = _vacuum(location, config.vacuum_retention_hours)
@@ -659,6 +649,35 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc)
         raise
+
+
+def update_run_index(
+    config: IndexJobConfig,
+    store: Store,
+    planner: Any,
+    commits: Commits,
+    plan_report: dict[str, Any],
+    *,
+    model_id: str,
+) -> dict[str, Any] | None:
+    """The index update at the end of a run (None when there is nothing to index or ``--no-index``), run in the
+    planner's process, not on the driver: the index is held whole while it is updated.
+
+    Raises:
+        IndexUpdateError: The storage failed after its retries.
+    """
+    import ray
+
+    # Also after a run that only removed rows (new versions of indexed videos that failed): their ids go.
+    changed = sum(commits.status.values()) > 0 and store.exists(f"{INDEX_DIR}/{INFO_FILE}")
+    indexable = commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0
+    if not config.build_index or not (indexable or changed):
+        return None
+    try:
+        info: dict[str, Any] = ray.get(planner.update_index.remote(config, model_id))
+    except OSError as exc:  # storage failing after its retries (a Ray task error is also its cause's type)
+        raise IndexUpdateError(getattr(exc, "cause", None) or exc) from exc
+    return info
 
 
 def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:
