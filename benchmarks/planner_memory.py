@@ -6,6 +6,10 @@ process, at several listing sizes, and prints the Arrow memory the planner holds
 the Arrow pool's peak. The committed keys it also holds (about 21 bytes per committed row) are measured by
 `incremental_run.py`; the blocks themselves live in Ray's object store, which spills to disk.
 
+Also the Python heap it holds (tracemalloc, so the seconds are slower than a real run): mostly the ids of the
+listed objects, kept to plan a video listed twice once, next to what a Python set of the same ids (the structure
+before `index.commits._SeenIds`) holds, measured in the same run.
+
     python benchmarks/planner_memory.py --pages 12 50 200
 """
 
@@ -21,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(pages: int, decode_workers: int) -> tuple[int, int, int, float]:
-    """(planned videos, Arrow bytes held before `blocks`, blocks, seconds) for one fresh planner."""
+def measure(pages: int, decode_workers: int) -> tuple[int, int, int, float, int, int]:
+    """(planned videos, Arrow bytes held before `blocks`, blocks, seconds, Python heap bytes held, Python heap bytes
+    of a set of the same ids) for one fresh planner."""
+    import tracemalloc
+
     import pyarrow as pa
 
     from index.delta_tables import OutputLocation, create_tables
@@ -35,6 +42,8 @@ def measure(pages: int, decode_workers: int) -> tuple[int, int, int, float]:
         location, model_id="m1", versions=versions, folder_inputs=[], decode_workers=decode_workers
     )
     base = pa.total_allocated_bytes()
+    tracemalloc.start()
+    py_base = tracemalloc.get_traced_memory()[0]
     start = time.perf_counter()
     for page in range(pages):
         objects = [
@@ -44,8 +53,16 @@ def measure(pages: int, decode_workers: int) -> tuple[int, int, int, float]:
         (table,) = pipeline._listing_tables(objects)
         planner.plan(table)
     held = pa.total_allocated_bytes() - base
+    seconds = time.perf_counter() - start
+    py_held = tracemalloc.get_traced_memory()[0] - py_base
+    ids = planner.planner._seen.array()
+    before_set = tracemalloc.get_traced_memory()[0]
+    as_set = set(ids.tolist())
+    set_bytes = tracemalloc.get_traced_memory()[0] - before_set
+    del as_set
+    tracemalloc.stop()
     blocks = planner.blocks()
-    return pages * pipeline._LISTING_BATCH, held, len(blocks), time.perf_counter() - start
+    return pages * pipeline._LISTING_BATCH, held, len(blocks), seconds, py_held, set_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"planner with {args.decode_workers} decoders; every listed object needs work")
-    print(f"{'planned':>9} {'held MB':>8} {'bytes/video':>12} {'blocks':>7} {'s':>6}")
+    header = f"{'planned':>9} {'held MB':>8} {'bytes/video':>12} {'blocks':>7} {'s':>6}"
+    print(f"{header} {'heap B/video':>13} {'set B/video':>12}")
     for pages in sorted(args.pages):
-        planned, held, blocks, seconds = measure(pages, args.decode_workers)
-        print(f"{planned:>9,} {held / 1e6:>8.2f} {held / planned:>12.2f} {blocks:>7,} {seconds:>6.1f}")
+        planned, held, blocks, seconds, heap, as_set = measure(pages, args.decode_workers)
+        print(
+            f"{planned:>9,} {held / 1e6:>8.2f} {held / planned:>12.2f} {blocks:>7,} {seconds:>6.1f}"
+            f" {heap / planned:>13.1f} {as_set / planned:>12.1f}"
+        )
     ray.shutdown()
     return 0
 
