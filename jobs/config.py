@@ -116,6 +116,10 @@ class IndexJobConfig:
             covers whole, instead of its folder and prefix inputs: what a manifest such as an S3 Inventory report
             covers (its bucket, or the prefix its inventory is filtered on). Rows under them that the listing does
             not name are pruned.
+        prune_max: with ``prune_missing``, the largest share of a scope's videos (those listed plus those no
+            longer listed) that one run may mark ``deleted``. A scope past it is pruned not at all: the run commits
+            the rest of its work, records the counts (``prune_held_back``) and exits 3, for a person to look (a
+            subfolder unmounted under a listed folder, a prefix renamed). 1: no limit.
         build_index: build ``OUT/index`` after committing.
     """
 
@@ -154,6 +158,7 @@ class IndexJobConfig:
     follow_outside_symlinks: bool = False
     prune_missing: bool = False
     prune_scopes: tuple[str, ...] = ()
+    prune_max: float = 0.1
     build_index: bool = True
 
     def __post_init__(self) -> None:
@@ -196,6 +201,8 @@ class IndexJobConfig:
             raise ValueError(f"segment_seconds must be > 0 and finite, got {self.segment_seconds}")
         if self.prune_scopes and not self.prune_missing:
             raise ValueError("prune_scopes are for --prune-missing runs: give --prune-missing too")
+        if not 0 <= self.prune_max <= 1:  # NaN too
+            raise ValueError(f"prune_max is a share of a scope's videos, 0 to 1, got {self.prune_max}")
         for scope in self.prune_scopes:
             if not scope or ("://" in scope and not scope.startswith("s3://")):
                 raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {scope!r}")
@@ -266,6 +273,14 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         type=int,
         help="runs that may try a video whose row keeps failing retryably (timeout, decoder_crashed...); 0: no limit",
     )
+    _add_listing_options(p)
+    p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
+    _show_defaults(p)
+    return p
+
+
+def _add_listing_options(p: argparse.ArgumentParser) -> None:
+    """What the job reads from its inputs, and which indexed videos it prunes."""
     p.add_argument("--whole-object-max-bytes", type=int, help="larger S3 objects are read with ranged GETs")
     p.add_argument("--min-size-bytes", type=int)
     p.add_argument("--max-size-bytes", type=int)
@@ -289,9 +304,12 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         help="with --prune-missing: a place the listing covers whole (s3://bucket/prefix, a folder), instead of the "
         "inputs; needed for manifests (repeatable)",
     )
-    p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
-    _show_defaults(p)
-    return p
+    p.add_argument(
+        "--prune-max",
+        type=float,
+        help="with --prune-missing: the largest share (0-1) of a scope's videos one run may mark deleted; past it "
+        "the scope is not pruned and the run exits 3 (1: no limit)",
+    )
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
-    """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input."""
+    """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input, 3
+    when it committed but held back pruning (`--prune-max`), 1 on other failures."""
     setup_logging()
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
@@ -56,7 +57,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         return 1
     print_summary(summary)
-    return 0
+    for held in summary.get("prune_held_back") or ():
+        total = held["no_longer_listed"] + held["listed"]
+        print(
+            f"{prog}: error: pruning held back under {redact_text(held['scope'])}: {held['no_longer_listed']} of "
+            f"{total} videos no longer listed, more than --prune-max {config.prune_max:g}; if they were deleted, "
+            "run once with a larger --prune-max",
+            file=sys.stderr,
+        )
+    return 3 if summary.get("prune_held_back") else 0
 
 
 def exit_process(code: int) -> NoReturn:

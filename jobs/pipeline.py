@@ -151,10 +151,14 @@ class PlanActor:
         self._refs: list[Any] = []
         self._listed_under: Counter[str] = Counter()  # listed objects per `--prune-missing` scope
         self._scopes: tuple[str, ...] = ()
+        self._prune_max = 1.0
+        self._held_back: list[dict[str, Any]] = []
 
-    def prune_under(self, scopes: Sequence[str]) -> None:
-        """Counts the objects listed under each of `scopes`, for `plan_missing`."""
+    def prune_under(self, scopes: Sequence[str], max_share: float = 1.0) -> None:
+        """Counts the objects listed under each of `scopes`, for `plan_missing`, which prunes no scope where more
+        than `max_share` of its videos (listed, or no longer listed) would go."""
         self._scopes = tuple(scopes)
+        self._prune_max = max_share
 
     def plan(self, listed: pa.Table) -> int:
         """Plans one batch of listed objects; returns how many need work."""
@@ -179,10 +183,23 @@ class PlanActor:
         prefix emptied by mistake) is left alone. Returns how many were planned, and the scopes left alone."""
         scopes = [scope for scope in self._scopes if self._listed_under[scope] > 0]
         missing = self.planner.missing(scopes)
+        missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
         planned = self.plan(missing) if missing.num_rows else 0
         self.planner.counts["listed"] -= missing.num_rows
         self.planner.counts["no_longer_listed"] = missing.num_rows
         return planned, [scope for scope in self._scopes if scope not in scopes]
+
+    def _within_prune_max(self, uris: pa.ChunkedArray, scopes: Sequence[str]) -> pa.Array:
+        """Which of the no longer listed `uris` may be pruned: none under a scope where they are more than the
+        prune share of its videos (recorded in `_held_back` for the run record and the exit status)."""
+        keep = np.ones(len(uris), dtype=bool)
+        for scope in scopes:
+            under = pc.starts_with(uris, scope).to_numpy(zero_copy_only=False)
+            gone, listed = int(under.sum()), self._listed_under[scope]
+            if gone > self._prune_max * (gone + listed):
+                keep &= ~under
+                self._held_back.append({"scope": scope, "no_longer_listed": gone, "listed": listed})
+        return pa.array(keep)
 
     def _put(self, block_videos: int, videos: int) -> None:
         """The first `videos` held videos into the object store, in blocks of `block_videos`."""
@@ -205,7 +222,11 @@ class PlanActor:
         return refs
 
     def report(self) -> dict[str, Any]:
-        return {"counts": dict(self.planner.counts), "other_local_dirs": sorted(self._other_local_dirs)}
+        return {
+            "counts": dict(self.planner.counts),
+            "other_local_dirs": sorted(self._other_local_dirs),
+            "prune_held_back": self._held_back,
+        }
 
     def update_index(self, config: IndexJobConfig, model_id: str) -> dict[str, Any]:
         """`update_index` in this already started process (saves a worker start); the keys are dropped first."""
@@ -611,7 +632,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         phases.done("ray_start")
         planner, blocks = plan_run(
             listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
-            prune_scopes=prune_scopes,
+            prune_scopes=prune_scopes, prune_max=config.prune_max,
         )  # fmt: skip
         phases.done("plan")
         committer = Committer(
@@ -780,11 +801,12 @@ def plan_run(
     *,
     max_attempts: int = 0,
     prune_scopes: Sequence[str] = (),
+    prune_max: float = 1.0,
 ) -> tuple[Any, list[PlannedBlock]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
     that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
     `max_attempts` is the config's (0: no limit); committed videos under `prune_scopes` that the listing does not
-    name are planned as ``deleted`` rows."""
+    name are planned as ``deleted`` rows, except under a scope where they are more than `prune_max` of its videos."""
     import ray
 
     # The planner needs no CPU of its own: it mostly waits.
@@ -803,7 +825,7 @@ def plan_run(
     in_flight: list[Any] = []
     planned = 0
     if prune_scopes:
-        in_flight.append(planner.prune_under.remote(prune_scopes))
+        in_flight.append(planner.prune_under.remote(prune_scopes, prune_max))
     for listed in _listing_tables(listing):
         in_flight.append(planner.plan.remote(listed))
         if len(in_flight) >= _PLANS_IN_FLIGHT:
@@ -814,6 +836,14 @@ def plan_run(
         planned += pruned
         for scope in left_alone:
             log.warning("nothing listed under %s: its indexed videos are not pruned", redact_url(scope))
+        for held in ray.get(planner.report.remote())["prune_held_back"]:
+            log.error(
+                "%s: %d of its %d videos are no longer listed, more than --prune-max %g of them: none marked "
+                "deleted (an unmounted subfolder, a renamed prefix?); if they were deleted, run once with a larger "
+                "--prune-max",
+                redact_url(held["scope"]), held["no_longer_listed"], held["no_longer_listed"] + held["listed"],
+                prune_max,
+            )  # fmt: skip
     blocks: list[PlannedBlock] = ray.get(planner.blocks.remote())
     log.info("planned %d videos in %d blocks", planned, len(blocks))
     return planner, blocks
@@ -841,6 +871,7 @@ def run_summary(
         "input_file_dirs": sorted({os.path.realpath(d) for d in plan_report["other_local_dirs"]}),
         "elapsed_seconds": round(elapsed, 3),
         "counts": {**plan_report["counts"], "processed": processed},
+        "prune_held_back": plan_report["prune_held_back"],
         "status": dict(commits.status),
         "clips_embedded": clips,
         "throughput": {

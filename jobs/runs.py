@@ -66,6 +66,10 @@ def _row(record: dict[str, Any]) -> list[str]:
     state = str(record.get("state", "?"))
     if state == "committed":
         what = _statuses(record) or "nothing to do"
+        held = [h for h in record.get("prune_held_back") or () if isinstance(h, dict)]
+        if held:
+            gone = sum(h["no_longer_listed"] for h in held if isinstance(h.get("no_longer_listed"), int))
+            what += f"; pruning held back ({gone} no longer listed, --prune-max)"
     elif state == "running":
         what = "no end recorded: running now, or its driver was killed"
     else:

@@ -189,14 +189,18 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
     odd = {"run_id": "yy-odd", "state": "committed", "elapsed_seconds": "soon", "counts": [1], "status": {"ok": "x"}}
     (tmp_path / "out" / "runs" / "yy-odd.json").write_text(json.dumps(odd))
+    held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2},
+            "prune_held_back": [{"scope": "/v/", "no_longer_listed": 40, "listed": 60}, "odd"]}  # fmt: skip
+    (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 5
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 6
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
+    assert by_id["xx-held"].endswith("ok 2; pruning held back (40 no longer listed, --prune-max)")
     assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"

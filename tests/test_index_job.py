@@ -453,6 +453,8 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
         ("--commit-seconds", "nan", "commit_seconds must be > 0 and finite (seconds), got nan"),
         ("--whole-object-max-bytes", "-5", "whole_object_max_bytes and min_size_bytes must be >= 0"),
         ("--segment-seconds", "inf", "segment_seconds must be > 0 and finite"),
+        ("--prune-max", "1.5", "prune_max is a share of a scope's videos, 0 to 1, got 1.5"),
+        ("--prune-max", "nan", "prune_max is a share of a scope's videos, 0 to 1, got nan"),
     ]:
         assert main(job_args([str(tmp_path)], tmp_path / "o", flag, value)) == 2, flag
         assert message in capsys.readouterr().err, flag
@@ -594,7 +596,16 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     dangling.unlink()
     for path in others:  # an input that now lists nothing (unmounted, emptied by mistake): left alone
         path.unlink()
-    assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags, "--prune-missing") == 0
+    # Half of what `in` held is gone: past the default --prune-max (0.1), so nothing is pruned and the run exits 3.
+    assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags, "--prune-missing") == 3
+    assert f"pruning held back under {tmp_path / 'in'}/: 2 of 4 videos no longer listed" in capsys.readouterr().err
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["state"] == "committed" and summary["counts"]["no_longer_listed"] == 0
+    assert summary["prune_held_back"] == [{"scope": f"{tmp_path / 'in'}/", "no_longer_listed": 2, "listed": 2}]
+    assert "deleted" not in {r["status"] for r in committed_videos(out).to_pylist()}
+    caplog.clear()
+    inputs = [str(tmp_path / "in"), str(tmp_path / "other")]
+    assert run(inputs, out, *flags, "--prune-missing", "--prune-max", "0.5") == 0  # 2 of 4: not more than half
     assert f"nothing listed under {tmp_path / 'other'}/: its indexed videos are not pruned" in caplog.text
 
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
@@ -624,7 +635,8 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     assert run([str(manifest)], out, *flags, "--prune-scope", str(tmp_path / "in")) == 2
     assert "give --prune-missing too" in capsys.readouterr().err
     # A manifest with the place it covers whole: the rest of that place is pruned, nothing outside it.
-    assert run([str(manifest)], out, *flags, "--prune-missing", "--prune-scope", str(tmp_path / "in")) == 0
+    prune = ("--prune-missing", "--prune-scope", str(tmp_path / "in"), "--prune-max", "1")
+    assert run([str(manifest)], out, *flags, *prune) == 0
     statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
     assert [statuses[str(p)] for p in kept] == ["deleted", "ok", "deleted"]
     assert [statuses[str(p)] for p in others] == ["ok", "ok"]
