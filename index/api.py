@@ -7,7 +7,7 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
     POST /search/upload?k=..  body: a picture (JPEG, PNG, ...) or a short clip, embedded with the index's model
     GET  /indexes            the outputs this service holds
     GET  /videos/{video_id}, GET /thumbnails/{row_id}.jpg, GET|HEAD /media/{video_id}   (?index=NAME)
-    GET  /healthz, GET /metrics (Prometheus), GET / (the page)
+    GET  /healthz, GET /metrics (Prometheus), GET / (the page; `index.web`: its headers and the docs' assets)
 
 The request models are the one place input is checked: a request they refuse gets 422 with ``error`` (one line)
 and ``detail`` (pydantic's list, inputs left out and names cut short). Every other refusal is ``{"error": ...}``
@@ -24,13 +24,12 @@ import re
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -41,6 +40,7 @@ from index.media import MediaFile, MediaRefused
 from index.queries import QueryError
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
+from index.web import SecurityHeaders, add_docs_routes, add_page_route
 from vitaclip.redact import redact_text, redact_url
 
 log = logging.getLogger("vitaclip.serve")
@@ -314,19 +314,19 @@ class RequestLimits:
         self.service.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
-def _page() -> str:
-    return resources.files("index").joinpath("static").joinpath("index.html").read_text(encoding="utf-8")
-
-
 def create_app(service: SearchService) -> FastAPI:
     """The ASGI app for `service` (uvicorn: `index.service.serve`; Ray Serve: `jobs.ray_serve`)."""
     app = FastAPI(
         title="vitaclip search",
         summary="Text, video, picture and embedding search over videos indexed with Vita-CLIP.",
         version="1",
+        docs_url=None,  # `add_docs_routes`: the same docs, assets served here rather than from a CDN
+        redoc_url=None,
     )
     app.add_middleware(RequestLimits, service=service)
-    page = _page()
+    app.add_middleware(SecurityHeaders)  # outermost: the limits' own answers carry the headers too
+    add_page_route(app)
+    add_docs_routes(app, title="vitaclip search")
     _add_error_handlers(app)
     _add_search_routes(app, service)
     _add_object_routes(app, service)
@@ -343,10 +343,6 @@ def create_app(service: SearchService) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page_route() -> HTMLResponse:
-        return HTMLResponse(page)
 
     return app
 

@@ -457,6 +457,7 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
         f"--user-data-dir={tmp_path / 'profile'}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: policy violations show there
     browser = webdriver.Chrome(service=Service(found[1]), options=options)
     try:
         browser.get(server + "/")
@@ -480,6 +481,12 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
         cards[1].find_element(By.CSS_SELECTOR, "button.more").click()
         WebDriverWait(browser, 20).until(lambda b: "(like " in b.find_element(By.ID, "status").text)
         assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 5  # the other videos
+        # The API docs render with no network beyond this service (the machine reaches no CDN).
+        browser.get(server + "/docs")
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 8)
+        assert "/search" in browser.find_element(By.ID, "swagger-ui").text
+        blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not blocked, blocked  # the page's and the docs' policies let all of their own work run
     finally:
         browser.quit()
 

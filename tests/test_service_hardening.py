@@ -468,3 +468,58 @@ def test_vitaclip_serve_takes_allowed_hosts() -> None:
 
     args = build_parser().parse_args(["serve", "--index", "out", "--allowed-host", "a.example", "--allowed-host", "b"])
     assert ServiceLimits(**_serve_limits(args)).allowed_hosts == ("a.example", "b")
+
+
+# ------------------------------------------------------------------------------------------------ browsers
+
+
+def test_every_answer_carries_the_browser_headers(client: TestClient, indexed: Path) -> None:
+    """nosniff, no framing and no referrer on pages, JSON, thumbnails, media, errors and the limits' own answers."""
+    hit = client.get("/search", params={"q": "red", "k": 1}).json()["results"][0]
+    answers = [
+        client.get("/"),
+        client.get("/docs"),
+        client.get("/search", params={"q": "red"}),
+        client.get(hit["thumbnail_url"]),
+        client.get(hit["media_url"].split("#")[0], headers={"Range": "bytes=0-9"}),
+        client.get("/nowhere"),
+        client.post("/search", content=b"x" * (2 * 2**20), headers={"content-type": "application/json"}),  # 413
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 200, 206, 404, 413]
+    for answer in answers:
+        headers = answer.headers
+        assert (headers["x-content-type-options"], headers["x-frame-options"]) == ("nosniff", "DENY"), answer.url
+        assert headers["referrer-policy"] == "no-referrer"
+    assert "content-security-policy" not in answers[3].headers  # a picture: no document to restrict
+
+
+def test_the_page_and_the_docs_allow_only_their_own_code() -> None:
+    """The page's policy names the hash of its one inline script and style; /docs loads Swagger UI from this
+    service (no CDN), and nothing else."""
+    import base64
+    import hashlib
+    import re
+
+    from fastapi import FastAPI
+
+    from index.web import SecurityHeaders, add_docs_routes, add_page_route
+
+    app = FastAPI(docs_url=None, redoc_url=None)
+    app.add_middleware(SecurityHeaders)
+    add_page_route(app)
+    add_docs_routes(app, title="t")
+    client = TestClient(app)
+    page = client.get("/")
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    (script,) = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'" and policy["default-src"] == "'none'"
+    assert policy["frame-ancestors"] == "'none'" and "'unsafe-inline'" not in policy["style-src"]
+    docs = client.get("/docs")
+    sources = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert sorted(sources) == ["/docs/favicon.png", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"]
+    assert "'unsafe-inline'" not in docs.headers["content-security-policy"].split("script-src", 1)[1].split(";")[0]
+    bundle = client.get("/docs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert b"SwaggerUIBundle" in bundle.content
+    assert client.get("/docs/..%2Fconsts.py").status_code == 404 and client.get("/redoc").status_code == 404
