@@ -304,6 +304,17 @@ def test_dockerfiles_pin_the_base_and_run_as_non_root() -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==\S+", line) for line in pins)
     names = {line.split("==")[0].lower().replace("_", "-") for line in pins}
     assert {"torch", "ray", "open-clip-torch", "faiss-cpu", "faiss-gpu-cu12", "av", "boto3", "pyarrow"} <= names
+    # Every requirement of the image's extras is pinned (an unpinned one installs whatever is newest at build time).
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib  # type: ignore[no-redef]
+    project = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["project"]
+    required = [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+    required += project["optional-dependencies"]["serve"]
+    for requirement in required:
+        name = re.match(r"[A-Za-z0-9_.\-]+", requirement)
+        assert name and name.group(0).lower().replace("_", "-") in names, requirement
 
 
 # ----------------------------------------------------------------------------------------------------- scripts
