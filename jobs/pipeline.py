@@ -871,7 +871,7 @@ def run_summary(
         "input_file_dirs": sorted({os.path.realpath(d) for d in plan_report["other_local_dirs"]}),
         "elapsed_seconds": round(elapsed, 3),
         "counts": {**plan_report["counts"], "processed": processed},
-        "prune_held_back": plan_report["prune_held_back"],
+        "prune_held_back": [dict(held, scope=redact_url(held["scope"])) for held in plan_report["prune_held_back"]],
         "status": dict(commits.status),
         "clips_embedded": clips,
         "throughput": {
