@@ -58,19 +58,12 @@ _LONG_TESTS = frozenset({"test_drivers_killed_at_random_points_leave_every_video
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``serial`` first, then the files of `_LONG_FILES`, in that order, `_LONG_TESTS` first in
-    theirs, the rest in their order. With pytest-xdist's `worksteal` (`scripts/run-tests.sh`) the first worker
-    starts on the serial tests while the other runs short tests (so a serial test waits for a short test to end,
-    never for a long job run), then on the longest job runs; the other takes over queued job runs once its short
-    tests are done: fewer job runs at once on two cores, and no long one left alone at the end."""
+    """The files of `_LONG_FILES` first, in that order, `_LONG_TESTS` first in theirs, the rest in their order.
+    With pytest-xdist's `worksteal` (`scripts/run-tests.sh`) the first worker starts on the longest job runs while
+    the other runs the short tests, then takes over queued job runs: fewer job runs at once on two cores, and no
+    long one left alone at the end."""
     rank = {name: i for i, name in enumerate(_LONG_FILES)}
-    items.sort(
-        key=lambda item: (
-            item.get_closest_marker("serial") is None,
-            rank.get(item.path.name, len(rank)),
-            item.name not in _LONG_TESTS,
-        )
-    )
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.name not in _LONG_TESTS))
 
 
 @pytest.hookimpl(wrapper=True)
