@@ -16,4 +16,7 @@ if ! .venv/bin/python -c 'import torch, torchvision' 2>/dev/null; then
     esac
 fi
 "${PIP[@]}" -e ".[dev,serve]"
+# Bytecode for the project's own modules (pip compiles only what it installs): where PYTHONDONTWRITEBYTECODE is set,
+# every process (each Ray worker of a run) would otherwise compile them again, ~0.15 s for the job's modules.
+.venv/bin/python -m compileall -q -j 0 vitaclip jobs index >/dev/null
 echo "vitaclip is installed in .venv"
