@@ -576,7 +576,7 @@ class HostCheck:
                 response = JSONResponse(
                     {"error": "this host name is not served here (see vitaclip serve --allowed-host)"}, status_code=400
                 )
-                await response(scope, receive, send)
+                await SecurityHeaders(response)(scope, receive, send)  # the app's own headers sit inside this check
                 return
         await self.app(scope, receive, send)
 

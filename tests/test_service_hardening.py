@@ -434,6 +434,8 @@ def test_a_loopback_service_answers_only_loopback_and_allowed_host_names(service
         query = b"GET /search?q=red HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
         answer = _raw_exchange(address, query)
         assert b"not served here" in answer and b"video_id" not in answer
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"x-content-type-options: nosniff" in head and b"x-frame-options: deny" in head
     limits = ServiceLimits(allowed_hosts=("search.internal",))
     with serving(SearchService(service.engines, limits=limits)) as url:
         address = host_port(url)
