@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vitaclip.video import DEFAULT_MAX_PIXELS, Uniform, VideoDecodeError, decode_clip
+from vitaclip.video import DEFAULT_MAX_PIXELS, Uniform, VideoDecodeError, decode_clip, open_options
 from vitaclip.video.transforms import frame_to_rgb
 
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -120,7 +120,12 @@ def check_clip(data: bytes, *, timeout_seconds: float = UPLOAD_DECODE_SECONDS) -
     import av
 
     try:
-        container = av.open(io.BytesIO(data), "r", timeout=(timeout_seconds, timeout_seconds))
+        container = av.open(
+            io.BytesIO(data),
+            "r",
+            container_options=open_options(is_path=False),  # an upload never opens files or sockets
+            timeout=(timeout_seconds, timeout_seconds),
+        )
     except (av.error.FFmpegError, OSError, ValueError):
         return
     with container:

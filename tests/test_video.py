@@ -606,6 +606,37 @@ def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any])
     assert error.value.reason == "too_large"
 
 
+def test_inputs_that_name_other_files_or_sockets_are_refused(
+    tmp_path: Path, make_video: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file list (FFmpeg's concat demuxer) or a session description (SDP: binds the UDP ports it names) is data,
+    never directions: given as a path, bytes or a file object it is refused, and nothing it names is opened."""
+    import socket
+
+    path, _ = make_video("h264.mp4", codec="h264")
+    (tmp_path / "real.mp4").write_bytes(path.read_bytes())
+    listing = tmp_path / "list.mp4"
+    listing.write_text("ffconcat version 1.0\nfile real.mp4\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    sdp = tmp_path / "session.mp4"
+    sdp.write_bytes(
+        b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        + f"m=video {port} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n".encode()
+    )
+    for hostile in (listing, sdp):
+        for source in (hostile, hostile.read_bytes(), io.BytesIO(hostile.read_bytes())):
+            started = time.monotonic()
+            assert _reason(source) == "not_a_video", (hostile.name, type(source).__name__)
+            assert time.monotonic() - started < 5, "an SDP input waited for packets on its ports"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as after:
+        after.bind(("127.0.0.1", port))  # free: nothing bound the port the description named
+    monkeypatch.chdir(tmp_path)  # a relative path names the file, whatever "proto:" it looks like
+    (tmp_path / "concat:real.mp4").write_bytes(path.read_bytes())
+    assert decode_clip("concat:real.mp4", Uniform(2), size=SIZE).frames.shape[0] == 2
+
+
 def write_video_with_a_gap(path: Path, *, last_seconds: int) -> Path:
     """A tiny file of three 32 px frames, at 0 s, 1 s and `last_seconds`: it claims hours of video."""
     with av.open(str(path), "w") as container:

@@ -6,7 +6,7 @@ encoded bytes or seekable binary file-like objects (an S3 object read with range
 file). Bad videos raise ``VideoDecodeError`` with a machine-readable ``reason``.
 """
 
-from vitaclip.video._container import SeekableReader, VideoSource
+from vitaclip.video._container import SeekableReader, VideoSource, open_options
 from vitaclip.video.decode import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -49,6 +49,7 @@ __all__ = [
     "Sampling",
     "SamplingSpec",
     "SeekableReader",
+    "open_options",
     "Uniform",
     "VideoDecoder",
     "VideoDecodeError",

@@ -38,6 +38,42 @@ VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Seeka
 """A local path, the encoded bytes, or a seekable binary file-like object (for example an S3 object reader)."""
 
 MAX_DURATION_SECONDS = 1e6  # about 11.6 days: anything longer is corrupt metadata
+
+# Demuxers that open further resources named inside the input (playlists, file lists, session descriptions that
+# bind sockets, numbered image sequences, filter graphs) or read devices. An input is always untrusted data: it is
+# read as the one stream of bytes it is, never as directions to open other files or the network.
+_REFERRING_DEMUXERS = frozenset(
+    {
+        "concat", "hls", "applehttp", "dash", "sdp", "rtp", "rtsp", "sap", "image2", "imf", "lavfi",
+        "webm_dash_manifest", "alsa", "oss", "fbdev", "kmsgrab", "x11grab", "video4linux2", "v4l2", "avisynth",
+        "vapoursynth", "libcdio", "openal", "pulse", "jack", "dshow", "gdigrab", "avfoundation",
+    }
+)  # fmt: skip
+
+
+def _allowed_demuxers() -> str:
+    names: set[str] = set()
+    for name in av.formats_available:
+        try:
+            av.format.ContainerFormat(name, "r")
+        except ValueError:
+            continue  # a muxer only
+        names.update(name.split(","))  # "mov,mp4,m4a,..." is one demuxer; FFmpeg matches each of its names
+    return ",".join(sorted(names - _REFERRING_DEMUXERS))
+
+
+def open_options(*, is_path: bool) -> dict[str, str]:
+    """FFmpeg options for opening an untrusted input: the demuxers that read only the input itself, and no
+    protocol but the local file a path names (none for bytes and file objects, which PyAV reads through its own
+    I/O), so that nothing the input says can make FFmpeg open another file or a socket."""
+    global _ALLOWED_DEMUXERS
+    if _ALLOWED_DEMUXERS is None:
+        _ALLOWED_DEMUXERS = _allowed_demuxers()
+    return {"format_whitelist": _ALLOWED_DEMUXERS, "protocol_whitelist": "file" if is_path else "data"}
+
+
+_ALLOWED_DEMUXERS: str | None = None
+
 MAX_FPS = 1000.0
 
 # Demuxers that turn text or character art into pictures; a text file is not a video.
@@ -309,7 +345,7 @@ def open_video(
     file: Any
     is_file_like = False
     if isinstance(source, (str, os.PathLike)):
-        file = os.fspath(source)
+        file = os.path.abspath(os.fspath(source))  # FFmpeg reads "proto:name" as a URL; "/..." is always a file
     elif isinstance(source, (bytes, bytearray, memoryview)):
         file = _GuardedReader(io.BytesIO(source if isinstance(source, bytes) else bytes(source)), deadline)
     else:
@@ -319,7 +355,13 @@ def open_video(
     # PyAV's own timeout interrupts a single blocking FFmpeg call (for example a probe that never ends).
     timeout = max(1.0, deadline.remaining())
     try:
-        container = av.open(file, "r", timeout=(timeout, timeout), metadata_errors="replace")
+        container = av.open(
+            file,
+            "r",
+            container_options=open_options(is_path=isinstance(file, str)),
+            timeout=(timeout, timeout),
+            metadata_errors="replace",
+        )
     except DeadlineExceeded as e:
         raise VideoDecodeError("timeout", str(e)) from None
     except FileNotFoundError:
