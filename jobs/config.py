@@ -193,10 +193,18 @@ class IndexJobConfig:
             raise ValueError(f"embed_device must be auto, gpu or cpu, got {self.embed_device!r}")
         if not 0 <= self.gpu_wait_seconds < math.inf:
             raise ValueError(f"gpu_wait_seconds must be >= 0, got {self.gpu_wait_seconds}")
-        if self.cpus_per_embed_worker <= 0 or self.gpus_per_embed_worker < 0:
-            raise ValueError("cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if not 0 < self.cpus_per_embed_worker < math.inf or not 0 <= self.gpus_per_embed_worker < math.inf:  # NaN
+            raise ValueError(
+                "cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0, both finite, got "
+                f"{self.cpus_per_embed_worker} and {self.gpus_per_embed_worker}"
+            )
+        for name in ("num_cpus", "decode_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or left out: sized to the machine), got {getattr(self, name)}")
+        if self.ray_address is not None:
+            _check_ray_address(self.ray_address)
+        if self.num_frames is not None and not 1 <= self.num_frames <= MAX_NUM_FRAMES:
+            raise ValueError(f"num_frames must be 1 to {MAX_NUM_FRAMES}, got {self.num_frames}")
         if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
             raise ValueError(f"segment_seconds must be > 0 and finite, got {self.segment_seconds}")
         if self.prune_scopes and not self.prune_missing:
@@ -215,6 +223,25 @@ class IndexJobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_NUM_FRAMES = 1024  # frames per clip: Vita-CLIP samples 8-32; more is a typo, refused before any work
+
+
+def _check_ray_address(address: str) -> None:
+    """Refuses an address Ray would retry for minutes: an empty one, or a port outside 1-65535."""
+    if address in ("auto", "local"):
+        return
+    rest = address.split("://", 1)[1] if "://" in address else address
+    if rest.startswith("["):  # [v6 address]:port
+        host, _, after = rest.partition("]")
+        colon, port = after[:1], after[1:]
+    else:
+        host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host.strip("["):
+        raise ValueError(f"ray_address must be auto, host:port or ray://host:port, got {address!r}")
+    if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"ray_address has no valid port (1-65535): {address!r}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(IndexJobConfig)}

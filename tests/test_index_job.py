@@ -455,8 +455,24 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
         ("--segment-seconds", "inf", "segment_seconds must be > 0 and finite"),
         ("--prune-max", "1.5", "prune_max is a share of a scope's videos, 0 to 1, got 1.5"),
         ("--prune-max", "nan", "prune_max is a share of a scope's videos, 0 to 1, got nan"),
+        # Resources: refused here, not after Ray starts (or silently taken as the default, or capped).
+        ("--decode-workers", "0", "decode_workers must be >= 1 (or left out: sized to the machine), got 0"),
+        ("--decode-workers", "-1", "decode_workers must be >= 1"),
+        ("--num-cpus", "0", "num_cpus must be >= 1"),
+        ("--cpus-per-embed-worker", "nan", "cpus_per_embed_worker must be > 0 and gpus_per_embed_worker >= 0"),
+        ("--cpus-per-embed-worker", "inf", "both finite, got inf"),
+        ("--gpus-per-embed-worker", "nan", "both finite"),
+        ("--ray-address", "not-a-host:99999", "ray_address has no valid port (1-65535): 'not-a-host:99999'"),
+        ("--ray-address", "ray://:", "ray_address must be auto, host:port or ray://host:port"),
+        # Every clip would be over the frames limit (and a failed row's empty frames would take that memory).
+        ("--num-frames", "100000000", "num_frames must be 1 to 1024, got 100000000"),
+        (
+            "--num-frames",
+            "1000 --max-frames-mib 8",
+            "1000 frames at 64 px are 12 MiB per clip, over --max-frames-mib 8",
+        ),
     ]:
-        assert main(job_args([str(tmp_path)], tmp_path / "o", flag, value)) == 2, flag
+        assert main(job_args([str(tmp_path)], tmp_path / "o", flag, *value.split())) == 2, flag
         assert message in capsys.readouterr().err, flag
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
