@@ -128,6 +128,8 @@ def test_file_uris_are_local_paths_and_other_schemes_are_rows(tmp_path: Path) ->
         "gs://bucket/v.mp4\n"
         "http://user:s3cr3t@example.com/v.mp4\n"
         "gs://bucket/notes.txt\n"  # filtered by extension like any other entry
+        "s3://AKIAKEY:s3cr3t@media/v.mp4\n"  # never kept as a row's uri (the table would hold the secret)
+        "https://media.example.com/v.mp4?X-Amz-Signature=s3cr3t\n"  # a row, not dropped for its query
     )
     rows = listed(manifest)
     assert rows[:4] == [
@@ -142,12 +144,15 @@ def test_file_uris_are_local_paths_and_other_schemes_are_rows(tmp_path: Path) ->
         (f"file://{folder}/odd?.mp4", "unsupported_uri", UNKNOWN_SIZE),
         ("gs://bucket/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
         ("http://***@example.com/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
+        ("s3://***@media/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
+        ("https://media.example.com/v.mp4?X-Amz-Signature=***", "unsupported_uri", UNKNOWN_SIZE),
     ]
+    assert "credentials" in odd[4].error_message and "line 10 of" in odd[4].error_message
     assert "host 'otherhost'" in odd[0].error_message and "line 5 of" in odd[0].error_message
     assert "%3F" in odd[1].error_message
     assert "gs://" in odd[2].error_message and "s3://" in odd[2].error_message
     assert str(manifest) in odd[2].error_message and "line 7" in odd[2].error_message
-    assert not any("s3cr3t" in v.uri + v.error_message for v in rows)
+    assert not any("s3cr3t" in v.uri + v.error_message or "AKIAKEY" in v.uri + v.error_message for v in rows)
 
 
 def test_absolute_paths_are_normalised_like_relative_ones(tmp_path: Path) -> None:

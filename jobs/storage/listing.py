@@ -404,7 +404,9 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
     base = location.rsplit("/", 1)[0] if on_s3 else os.path.dirname(os.path.abspath(location))
     for row in _manifest_rows(location, client=client):
         video = _resolve_entry(row, base=base, on_s3=on_s3, where=location)
-        if not keep_name(video.uri):
+        # A URI the job cannot read is filtered by its path, without a query (a presigned https:// URL of an .mp4
+        # is a row saying why it is not read, not a line dropped without a trace).
+        if not keep_name(video.uri) and not (video.status and keep_name(re.split(r"[?#]", video.uri, maxsplit=1)[0])):
             continue
         if video.status or (row.etag is not None and row.size_bytes is not None):
             yield video
@@ -431,6 +433,9 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
             uri = _normalize_path(os.path.join(base, uri))  # an absolute path stays itself
     elif scheme.group(1).lower() == "s3":
         uri = "s3://" + uri[scheme.end() :]
+        if "@" in uri[5:].split("/", 1)[0]:  # a bucket name holds no "@": userinfo, kept out of every row
+            problem = "s3:// URI with credentials in it: the job takes credentials from the AWS chain only"
+            return _unsupported(row, problem, where=where)
     elif scheme.group(1).lower() == "file":
         path, problem = _file_uri_path(uri[scheme.end() :])
         if problem:
