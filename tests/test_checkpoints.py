@@ -735,6 +735,42 @@ def test_a_checkpoint_config_names_only_packaged_files_or_files_of_its_folder(tm
         vitaclip.create_model(None, checkpoint=folder)
 
 
+def test_a_checkpoint_config_cannot_load_towers_from_elsewhere(tmp_path: Path) -> None:
+    """timm_* and hf_* tower options make open_clip load a model from a local folder (``local-dir:``) or the
+    network (``hf-hub:``): a checkpoint's config is refused before anything is opened or fetched."""
+    from vitaclip.registry import resolve_model
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    good = json.loads((folder / "config.json").read_text())
+    opened: list[str] = []
+    watched = str(outside)  # an audit hook stays for the whole process: it keeps only what this test looks for
+    sys.addaudithook(
+        lambda event, args: opened.append(str(args[0])) if event == "open" and watched in str(args[0]) else None
+    )
+    for tower, options in [
+        ("vision_cfg", {"timm_model_name": f"local-dir:{outside}", "timm_model_pretrained": True}),
+        ("vision_cfg", {"timm_model_name": "hf-hub:someone/model"}),
+        ("text_cfg", {"hf_model_name": "someone/model", "hf_tokenizer_name": "someone/model"}),
+    ]:
+        meta = json.loads(json.dumps(good))
+        meta["config"]["backbone_config"][tower].update(options)
+        (folder / "config.json").write_text(json.dumps(meta))
+        opened.clear()
+        for load in (lambda: vitaclip.create_model(None, checkpoint=folder), lambda: resolve_model(None, folder)):
+            with pytest.raises((CheckpointError, ValueError), match=rf"backbone_config\.{tower} sets .*not supported"):
+                load()
+        assert not opened, opened
+    # Options left at their defaults are fine.
+    meta = json.loads(json.dumps(good))
+    meta["config"]["backbone_config"]["vision_cfg"].update(timm_model_name=None, timm_model_pretrained=False)
+    (folder / "config.json").write_text(json.dumps(meta))
+    assert vitaclip.create_model(None, checkpoint=folder).model_id == resolve_model(None, folder).model_id
+
+
 def test_saving_copies_a_label_file_given_as_a_path_into_the_folder(tmp_path: Path) -> None:
     labels = tmp_path / "mine.txt"
     labels.write_text("cooking\ndancing\nrowing\n")

@@ -197,6 +197,7 @@ class VitaClipConfig:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.backbone_config is not None:
             object.__setattr__(self, "backbone_config", json.loads(json.dumps(dict(self.backbone_config))))
+            _check_towers_are_built_here(self.name, self.backbone_config)
 
     @property
     def image_size(self) -> int:
@@ -257,6 +258,23 @@ class VitaClipConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def _check_towers_are_built_here(name: object, backbone_config: Mapping[str, Any]) -> None:
+    """Refuses an inline backbone config whose towers open_clip would load from elsewhere: ``timm_*`` (a timm model,
+    which reads ``local-dir:`` folders and fetches ``hf-hub:`` names) and ``hf_*`` (a Hugging Face model) options.
+    Such a config comes with a checkpoint, which is data: it must not make the loader read other files or the
+    network. Vita-CLIP drives open_clip's own ViT and text transformer, which need neither."""
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = backbone_config.get(tower)
+        if not isinstance(cfg, Mapping):
+            continue
+        loaded = sorted(k for k, v in cfg.items() if k.startswith(("timm_", "hf_")) and v not in (None, False, ""))
+        if loaded:
+            raise ValueError(
+                f"config {name!r}: backbone_config.{tower} sets {loaded}: towers loaded through timm or Hugging Face "
+                "are not supported (Vita-CLIP uses open_clip's ViT and text transformer)"
+            )
 
 
 def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
