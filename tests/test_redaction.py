@@ -50,8 +50,22 @@ SECRET = "Sup3rSecretPass"
             f"https://app/cb#access_token={SECRET}&token_type=bearer",
             "https://app/cb#access_token=***&token_type=bearer",
         ),
-        (f"https://h/p;jsessionid=1;token={SECRET}/v.mp4", "https://h/p;jsessionid=1;token=***/v.mp4"),
+        (f"https://h/p;jsessionid=1;token={SECRET}/v.mp4", "https://h/p;jsessionid=***;token=***/v.mp4"),
         (f"https://h/?jwt={SECRET}", "https://h/?jwt=***"),
+        # Run-together lower-case names, session ids, HMACs, tickets, plural credentials; AWS signature v2 URLs.
+        (
+            f"https://h/?secretkey={SECRET}&accesskey=A&privatekey=B&authtoken=C&clientsecret=D&credentials=E",
+            "https://h/?secretkey=***&accesskey=***&privatekey=***&authtoken=***&clientsecret=***&credentials=***",
+        ),
+        (
+            f"https://h/v?hmac={SECRET}&ticket=T&pw=P&sessionid=S",
+            "https://h/v?hmac=***&ticket=***&pw=***&sessionid=***",
+        ),
+        (
+            f"https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=AKIA&Expires=1&Signature={SECRET}",
+            "https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=***&Expires=1&Signature=***",
+        ),
+        ("https://h/v?keyframe=1&passenger=2&turkey=3", "https://h/v?keyframe=1&passenger=2&turkey=3"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

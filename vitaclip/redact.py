@@ -19,8 +19,10 @@ MASK = "***"
 # Parameter names whose values are secrets (AWS presigned URLs, SAS tokens, API keys, OAuth tokens, JWTs), matched
 # after camelCase words are split with "_" ("accessKey" -> "access_Key"), so "monkey" is not a secret.
 _SECRET_PARAM = re.compile(
-    r"(^|[-_.])(signature|sig|credential|security-token|token|access[-_]?token|api[-_]?key|apikey|key|password|passwd"
-    r"|pwd|pass|secret|auth|authorization|session[-_]?token|code|jwt|assertion)$|^(se|sp|sv|st|spr|sks|skoid|sktid)$",
+    r"(^|[-_.]|aws)(signature|sig|credentials?|security-token|token|access[-_]?token|api[-_]?key|apikey|key|password"
+    r"|passwd|pwd|pw|pass|secret|auth|authorization|session[-_]?token|code|jwt|assertion|hmac|ticket|j?session[-_]?id"
+    r"|secret[-_]?key|access[-_]?key([-_]?id)?|private[-_]?key|auth[-_]?token|client[-_]?secret)$"
+    r"|^(se|sp|sv|st|spr|sks|skoid|sktid)$",
     re.IGNORECASE,
 )
 _CAMEL_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
