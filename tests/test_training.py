@@ -207,6 +207,26 @@ def test_optimizer_refuses_frozen_weights() -> None:
         build_optimizer(model, config)
 
 
+def test_resume_refuses_damaged_weights(tmp_path: Path) -> None:
+    """Resuming checks the weights' recorded sha256: a damaged copy (same size, other bytes) is refused."""
+    from vitaclip.checkpoints import CheckpointError
+    from vitaclip.training import load_training_checkpoint, save_training_checkpoint
+    from vitaclip.training.optim import build_scaler, build_scheduler
+
+    model = create_model("vitaclip-tiny", label_names=LABELS)
+    config = TrainConfig(train_list="x", output="x")
+    optimizer = build_optimizer(model, config)
+    scheduler, scaler = build_scheduler(optimizer, config), build_scaler("fp32", torch.device("cpu"))
+    folder = save_training_checkpoint(tmp_path / "step", model, optimizer, scheduler, scaler, step=3, samples_seen=6)
+    assert load_training_checkpoint(folder, model, optimizer, scheduler, scaler).step == 3
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the last tensor: still a well-formed safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_training_checkpoint(folder, model, optimizer, scheduler, scaler)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(motion_data: dict[str, Path], tmp_path: Path) -> None:
     recipe = ["--steps", "8", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "5e-3", "--warmup-steps", "2"]
     recipe += ["--save-every", "3", "--keep-last", "5", "--log-every", "1"]

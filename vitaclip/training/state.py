@@ -125,12 +125,16 @@ def load_training_checkpoint(
     """
     import safetensors.torch
 
+    from vitaclip.checkpoint_folder import check_folder
+
     folder = Path(folder)
+    # The weights' recorded sha256 and safetensors header first: a damaged copy is refused, never trained on.
+    meta = check_folder(folder)
     state = load_torch_file(folder / TRAINING_STATE_FILE)  # tensors and containers only, never TorchScript
     names = model.trainable_parameter_names()
     if list(state["trainable"]) != names:
         raise ValueError(f"{folder}: trained parameters {state['trainable']} do not match the model's {names}")
-    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    weights = safetensors.torch.load_file(str(folder / meta.get("weights_file", WEIGHTS_FILE)), device="cpu")
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
