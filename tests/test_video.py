@@ -24,6 +24,7 @@ from video_helpers import (
     frame_at,
     ground_truth,
     write_avi_with_b_frames,
+    write_indexed_video,
 )
 
 from vitaclip.samples import (
@@ -466,6 +467,15 @@ def test_bytes_and_file_objects_match_paths(make_video: Callable[..., Any], name
         np.testing.assert_array_equal(clip.frames, from_path.frames)
         np.testing.assert_allclose(clip.pts_seconds, from_path.pts_seconds)
     assert clip_indices(from_file.frames) == expected_uniform(truth, probe(path).duration_seconds, 8)
+
+
+def test_the_default_video_track_is_decoded(video_dir: Path) -> None:
+    # A one-frame preview track comes first; players show the second, flagged default.
+    path = write_indexed_video(video_dir / "preview_first.mkv", num_frames=48, preview_track=True)
+    info = probe(path)
+    assert (info.codec, info.width, info.height) == ("h264", 128, 96)
+    clip = decode_clip(path, Uniform(4), size=SIZE)
+    assert clip_indices(clip.frames) == [6, 18, 30, 42]
 
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])

@@ -129,3 +129,62 @@ def write_avi_with_b_frames(path: Path, *, num_frames: int, fps: int = 24) -> Pa
         for packet in stream.encode(None):
             container.mux(packet)
     return path
+
+
+def write_indexed_video(
+    path: Path,
+    *,
+    num_frames: int = 48,
+    fps: int = 24,
+    first_pts: int = 0,
+    audio_seconds: float = 0.0,
+    preview_track: bool = False,
+    container_options: dict[str, str] | None = None,
+) -> Path:
+    """H.264 frames drawing their index (``vitaclip.samples.render_frame``), in the container of ``path``'s extension.
+
+    Args:
+        first_pts: The first frame's timestamp in frames (a recording cut from a longer one starts late).
+        audio_seconds: Add a silent AAC track this long (it may run past the video).
+        preview_track: Put a one-frame MJPEG track without the default flag before the video, which is flagged
+            default (a thumbnail track some tools write).
+        container_options: Muxer options, for example ``{"movflags": "faststart"}``.
+    """
+    from fractions import Fraction
+
+    from vitaclip.samples import render_frame
+
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        if preview_track:
+            preview = container.add_stream("mjpeg", rate=1)
+            preview.width, preview.height, preview.pix_fmt = 64, 48, "yuvj420p"
+            preview.disposition = av.stream.Disposition(0)
+        stream = container.add_stream(
+            "libx264", rate=fps, options={"preset": "veryfast", "x264-params": f"keyint={fps}:bframes=2"}
+        )
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.disposition = av.stream.Disposition.default
+        audio = container.add_stream("aac", rate=48000, layout="mono") if audio_seconds > 0 else None
+        if preview_track:
+            still = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")
+            still = still.reformat(format="yuvj420p")
+            still.pts, still.time_base = 0, Fraction(1, 1)
+            for packet in [*preview.encode(still), *preview.encode(None)]:
+                container.mux(packet)
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(render_frame(index, width=128, height=96), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = first_pts + index, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+        if audio is not None:
+            for k in range(round(audio_seconds * 48000 / 1024)):
+                silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                silence.sample_rate, silence.pts, silence.time_base = 48000, k * 1024, Fraction(1, 48000)
+                for packet in audio.encode(silence):
+                    container.mux(packet)
+            for packet in audio.encode(None):
+                container.mux(packet)
+    return path

@@ -321,7 +321,9 @@ def _pick_stream(container: InputContainer) -> VideoStream:
             raise VideoDecodeError("not_a_video", f"{container.format.name!r} input has no streams")
         kinds = sorted({s.type for s in container.streams})
         raise VideoDecodeError("no_video_stream", f"input has only {', '.join(kinds)} streams")
-    return videos[0]
+    # The track players show: the one flagged default (a file may hold a small preview track before it), else the first.
+    default = [s for s in videos if s.disposition & av.stream.Disposition.default]
+    return default[0] if default else videos[0]
 
 
 def _check_source(source: VideoSource) -> None:
