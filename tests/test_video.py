@@ -23,6 +23,7 @@ from video_helpers import (
     expected_uniform,
     frame_at,
     ground_truth,
+    trim_mp4_start,
     write_avi_with_b_frames,
     write_indexed_video,
 )
@@ -467,6 +468,27 @@ def test_bytes_and_file_objects_match_paths(make_video: Callable[..., Any], name
         np.testing.assert_array_equal(clip.frames, from_path.frames)
         np.testing.assert_allclose(clip.pts_seconds, from_path.pts_seconds)
     assert clip_indices(from_file.frames) == expected_uniform(truth, probe(path).duration_seconds, 8)
+
+
+def test_frames_an_edit_list_cuts_are_not_shown(make_video: Callable[..., Any], video_dir: Path) -> None:
+    # Trimmed in place at 1.25 s, mid-GOP: players show frames 30..95; the demuxer hands out 24..29 flagged discard.
+    source, _ = make_video("untrimmed.mp4", num_frames=96, gop=24)
+    path = trim_mp4_start(source, video_dir / "trimmed.mp4", seconds=1.25)
+    truth = ground_truth(path)
+    assert (truth.indices[0], len(truth.indices)) == (30, 66)
+    for method in ("metadata", "demux"):
+        info = probe(path, method=method)  # type: ignore[arg-type]
+        assert (info.num_frames, info.duration_seconds) == (66, pytest.approx(2.75)), method
+    with open(path, "rb") as file:
+        for source in (path, path.read_bytes(), file):
+            with VideoDecoder(source) as video:
+                whole = video.clip(Uniform(8), size=SIZE)
+                (first,) = video.clips(Dense(4, stride=1, start_fraction=0.0), size=SIZE)
+            assert clip_indices(whole.frames) == expected_uniform(truth, 2.75, 8)
+            assert clip_indices(first.frames) == [30, 31, 32, 33]
+            np.testing.assert_allclose(first.pts_seconds, np.arange(4) / 24)
+    views = decode_clips(path, Dense(4, stride=3, num_views=2), size=SIZE)
+    assert [clip_indices(view.frames) for view in views] == [[30, 33, 36, 39], [86, 89, 92, 95]]
 
 
 def test_the_default_video_track_is_decoded(video_dir: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,3 +190,37 @@ def write_indexed_video(
             for packet in audio.encode(None):
                 container.mux(packet)
     return path
+
+
+def _mp4_boxes(data: bytes | bytearray, path: list[str], start: int = 0, end: int | None = None) -> Iterator[int]:
+    """Offsets of the bodies of the boxes at ``path`` (``["moov", "trak", "mdhd"]``), in file order."""
+    end = len(data) if end is None else end
+    offset = start
+    while offset + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        size = size or end - offset
+        if kind.decode("latin1") == path[0]:
+            if len(path) == 1:
+                yield offset + 8
+            else:
+                yield from _mp4_boxes(data, path[1:], offset + 8, offset + size)
+        offset += size
+
+
+def trim_mp4_start(source: Path, out: Path, *, seconds: float) -> Path:
+    """Copy an MP4 whose first track's edit list starts ``seconds`` later (a phone's trim-in-place export): players
+    show the frames from there, the samples before it stay in the file (those after the last keyframe flagged
+    discarded by the demuxer, to decode from it)."""
+    data = bytearray(source.read_bytes())
+    mvhd = next(_mp4_boxes(data, ["moov", "mvhd"]))
+    movie_scale = struct.unpack(">I", data[mvhd + 12 : mvhd + 16])[0]  # version 0 boxes, as FFmpeg writes them
+    mdhd = next(_mp4_boxes(data, ["moov", "trak", "mdia", "mdhd"]))
+    media_scale = struct.unpack(">I", data[mdhd + 12 : mdhd + 16])[0]
+    elst = next(_mp4_boxes(data, ["moov", "trak", "edts", "elst"]))
+    assert data[elst] == 0, "version 0 edit list expected"
+    entry = elst + 8 + 12 * (struct.unpack(">I", data[elst + 4 : elst + 8])[0] - 1)  # the last (played) entry
+    segment, media_time = struct.unpack(">Ii", data[entry : entry + 8])
+    new = (segment - round(seconds * movie_scale), media_time + round(seconds * media_scale))
+    struct.pack_into(">Ii", data, entry, *new)
+    out.write_bytes(bytes(data))
+    return out

@@ -153,13 +153,25 @@ def _timeline_from_scan(header: Header, table: PacketTable) -> Timeline:
 
 
 def _first_keyframe_pts(opened: OpenedVideo, start_pts: int) -> int | None:
+    """The first keyframe's timestamp; when an MP4 edit list cuts it (discarded packets), the first shown frame's."""
     opened.container.seek(start_pts, stream=opened.stream, backward=True)
+    keyframe: int | None = None
+    shown: list[int] = []
     for n, packet in enumerate(opened.container.demux(opened.stream)):
         if n >= 64 or packet.size == 0:
             break
-        if packet.is_keyframe:
-            return packet.pts if packet.pts is not None else packet.dts
-    return None
+        pts = packet.pts if packet.pts is not None else packet.dts
+        if keyframe is None:
+            if not packet.is_keyframe:
+                continue
+            if not packet.is_discard:
+                return pts
+            keyframe = pts
+        elif packet.is_keyframe:
+            break  # the next group of pictures: the first shown frame lies before it
+        if pts is not None and not packet.is_discard:
+            shown.append(pts)
+    return min(shown) if shown else None
 
 
 # Demuxers whose seek index comes from the file's own index (MP4/MOV moov, Matroska cues, AVI idx1, ASF). Others,
@@ -381,7 +393,8 @@ class _Collector:
             self._region_kf = pts
         self._lookahead.append(packet)
         self._lookahead_bytes += packet.size
-        if pts >= self._region_kf:
+        if pts >= self._region_kf and not packet.is_discard:
+            # A discarded packet (cut by an MP4 edit list) is decoded for the frames after it but never shown.
             bisect.insort(self._seen, pts)
         if packet.dts is not None and (self._max_dts is None or packet.dts > self._max_dts):
             self._max_dts = packet.dts
