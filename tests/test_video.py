@@ -470,6 +470,58 @@ def test_bytes_and_file_objects_match_paths(make_video: Callable[..., Any], name
     assert clip_indices(from_file.frames) == expected_uniform(truth, probe(path).duration_seconds, 8)
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "seconds"),
+    [
+        ("late_start.mkv", {"num_frames": 60, "first_pts": 120}, 2.5),  # timestamps start at 5 s
+        ("long_audio.mkv", {"num_frames": 48, "audio_seconds": 6.0}, 1.999),  # the audio runs on to 6 s
+        ("late_start.flv", {"num_frames": 48}, 2.0),  # B-frames: the first frame is shown at 83 ms
+    ],
+)
+def test_the_duration_is_the_video_streams_not_the_files(
+    video_dir: Path, name: str, options: dict, seconds: float
+) -> None:
+    # Matroska and FLV give no duration per stream; the file's runs from time 0 and over every stream.
+    path = write_indexed_video(video_dir / name, **options)
+    truth = ground_truth(path)
+    assert probe(path).duration_seconds == pytest.approx(seconds, abs=1e-3)
+    expected = expected_uniform(truth, seconds, 8)
+    with open(path, "rb") as file:
+        for source in (path, path.read_bytes(), file):
+            with VideoDecoder(source) as video:
+                clip = video.clip(Uniform(8), size=SIZE)
+                assert video.info.duration_seconds == pytest.approx(seconds, abs=1e-3)
+            assert clip_indices(clip.frames) == expected
+            assert clip.end_seconds == pytest.approx(seconds, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("cut.mkv", {}), ("cut.mp4", {"container_options": {"movflags": "faststart"}})]
+)
+def test_a_cut_off_upload_gives_the_frames_it_holds(video_dir: Path, name: str, options: dict) -> None:
+    # Cut half-way: the header still says 4 s. Every source samples the 2 s there are and says so, never padding the
+    # clip with the last frame.
+    whole = write_indexed_video(video_dir / f"whole_{name}", num_frames=96, **options)
+    data = whole.read_bytes()
+    path = video_dir / name
+    path.write_bytes(data[: len(data) // 2])
+    truth = ground_truth(path)
+    seconds = float(truth.pts_seconds[-1]) + 1 / 24
+    assert 1.5 < seconds < 2.5
+    assert probe(path).duration_seconds == pytest.approx(seconds, abs=2e-3)
+    results = []
+    with open(path, "rb") as file:
+        for source in (path, path.read_bytes(), file):
+            with VideoDecoder(source) as video:
+                clips = video.clips(Windows(1.0, num_frames=4, with_whole_video=True), size=SIZE)
+                results.append(([clip_indices(clip.frames) for clip in clips], video.info.duration_seconds))
+    assert results[1] == results[0] and results[2] == results[0]
+    indices, duration = results[0]
+    assert duration == pytest.approx(seconds, abs=2e-3)
+    assert indices[0] == expected_uniform(truth, duration, 4)
+    assert len(indices) == 3  # the whole video and two 1 s windows
+
+
 def test_frames_an_edit_list_cuts_are_not_shown(make_video: Callable[..., Any], video_dir: Path) -> None:
     # Trimmed in place at 1.25 s, mid-GOP: players show frames 30..95; the demuxer hands out 24..29 flagged discard.
     source, _ = make_video("untrimmed.mp4", num_frames=96, gop=24)

@@ -36,7 +36,7 @@ def ground_truth(path: str | os.PathLike[str]) -> Truth:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert stream.time_base is not None
-        for frame in container.decode(stream):
+        for frame in _decoded(container.demux(stream)):
             assert frame.pts is not None
             seconds = float(frame.pts * stream.time_base)
             image = np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90) % 4)
@@ -53,6 +53,17 @@ def ground_truth(path: str | os.PathLike[str]) -> Truth:
         width=width,
         height=height,
     )
+
+
+def _decoded(packets: Iterator[av.Packet]) -> Iterator[av.VideoFrame]:
+    for packet in packets:
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            continue  # the last packet of a cut-off file
+        for frame in frames:
+            assert isinstance(frame, av.VideoFrame)
+            yield frame
 
 
 def frame_at(truth: Truth, seconds: float) -> int:

@@ -8,7 +8,7 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Literal, Protocol, Union
 
@@ -16,9 +16,11 @@ import av
 import av.error
 import numpy as np
 from av.container import InputContainer
+from av.packet import Packet
 from av.video.stream import VideoStream
 
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
+from vitaclip.video.sampling import durations_agree
 
 DEFAULT_MAX_PIXELS = 8192 * 4320
 """Largest picture (width * height) decoded by default: DCI 8K."""
@@ -147,6 +149,10 @@ class Header:
     has_b_frames: bool
     index_has_dts: bool  # ISO-BMFF sample tables index decode timestamps
     index_complete: bool  # the seek index lists every frame (sample tables), not just some keyframes
+    # The duration is the whole file's (the stream has none): `check_container_duration` has not yet compared it with
+    # the video's own last packets.
+    duration_from_container: bool = False
+    index_past_end: bool = False  # the seek index places frames past the end of the input (a cut-off upload)
 
     def seconds(self, ticks: float | Fraction) -> float:
         return float(ticks * self.time_base)
@@ -270,15 +276,28 @@ def _sane_fraction(value: Fraction | None) -> Fraction | None:
     return value
 
 
-def _read_header(container: InputContainer, stream: VideoStream) -> Header:
+def _index_past_end(stream: VideoStream, size_bytes: int) -> bool:
+    entries = stream.index_entries
+    if len(entries) == 0:
+        return False
+    last = entries[len(entries) - 1]
+    return last.pos >= 0 and last.pos + last.size > size_bytes
+
+
+def _read_header(container: InputContainer, stream: VideoStream, *, size_bytes: int) -> Header:
     time_base = _sane_fraction(stream.time_base)
     if time_base is None:
         raise VideoDecodeError("corrupt", f"video stream has no usable time base ({stream.time_base})")
     duration_ticks: Fraction | None = None
+    from_container = False
     if stream.duration is not None and stream.duration > 0:
         duration_ticks = Fraction(stream.duration)
     elif container.duration is not None and container.duration > 0:
-        duration_ticks = Fraction(container.duration, av.time_base) / time_base
+        # The whole file's (Matroska, FLV): it runs from time 0, not from the video's first frame, and covers every
+        # stream (audio may run on past the video). The start is taken off here; the end is checked against the
+        # video's last packets before the duration is used without a demux of every packet.
+        duration_ticks = Fraction(container.duration, av.time_base) / time_base - (stream.start_time or 0)
+        from_container = True
     if duration_ticks is not None and not 0 < duration_ticks * time_base <= MAX_DURATION_SECONDS:
         duration_ticks = None
     fps: float | None = None
@@ -309,6 +328,8 @@ def _read_header(container: InputContainer, stream: VideoStream) -> Header:
         has_b_frames=bool(ctx.has_b_frames),
         index_has_dts=is_iso_bmff,
         index_complete=is_iso_bmff or container.format.name == "avi",
+        duration_from_container=from_container and duration_ticks is not None,
+        index_past_end=_index_past_end(stream, size_bytes),
     )
 
 
@@ -352,7 +373,8 @@ def open_video(
 ) -> Iterator[OpenedVideo]:
     """Open ``source``, pick its video stream and refuse oversized pictures; the container is closed on exit."""
     _check_source(source)
-    if _source_size(source) == 0:
+    size_bytes = _source_size(source)
+    if size_bytes == 0:
         raise VideoDecodeError("empty", "the input has zero bytes")
     file: Any
     is_file_like = False
@@ -382,7 +404,7 @@ def open_video(
         raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {e}") from None
     with container:
         stream = _pick_stream(container)
-        header = _read_header(container, stream)
+        header = _read_header(container, stream, size_bytes=size_bytes)
         if header.width * header.height > max_pixels:
             raise VideoDecodeError(
                 "too_large", f"{header.width}x{header.height} exceeds max_pixels={max_pixels} (refused before decoding)"
@@ -394,26 +416,45 @@ def open_video(
         yield OpenedVideo(container=container, stream=stream, header=header, is_file_like=is_file_like)
 
 
+def _shown_packets(opened: OpenedVideo, deadline: Deadline) -> Iterator[Packet]:
+    """The video stream's packets from the current position, less flush and discarded ones (cut by an MP4 edit list:
+    decoded for the frames after them, never shown). A damaged tail ends them: what was read before it stays."""
+    packets = opened.container.demux(opened.stream)
+    while True:
+        deadline.check()
+        try:
+            packet = next(packets)
+        except (StopIteration, av.error.FFmpegError):
+            return
+        if packet.size > 0 and not packet.is_discard:
+            yield packet
+
+
+def _packets_end(all_pts: array, durations: array, header: Header) -> tuple[np.ndarray, Fraction, float]:
+    """Unique sorted timestamps ``[N]``, the end of the last shown frame (its duration, else the median interval,
+    else the nominal rate) and the median interval, of packets' timestamps and durations (ticks)."""
+    pts = np.frombuffer(all_pts, dtype=np.int64)
+    frame_pts = np.unique(pts)  # [N]
+    median_interval = float(np.median(np.diff(frame_pts))) if frame_pts.size > 1 else 0.0
+    last = int(frame_pts[-1])
+    last_duration: float = int(np.frombuffer(durations, dtype=np.int64)[np.flatnonzero(pts == last)[-1]])
+    if last_duration <= 0:
+        if median_interval > 0:
+            last_duration = median_interval
+        elif header.average_fps:
+            last_duration = float(1 / (header.average_fps * header.time_base))
+    return frame_pts, Fraction(last) + Fraction(last_duration), median_interval
+
+
 def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
     """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes."""
-    container, stream = opened.container, opened.stream
     # Typed arrays, 8 bytes a packet: a hostile stream of millions of tiny packets must not cost 100 bytes each.
     pts_list = array("q")
     durations = array("q")
     key_list = array("q")
     untimed = 0
     untimed_keys = array("q")
-    packets = container.demux(stream)
-    while True:
-        deadline.check()
-        try:
-            packet = next(packets)
-        except StopIteration:
-            break
-        except av.error.FFmpegError:
-            break  # a damaged tail: keep what was read before it
-        if packet.size == 0 or packet.is_discard:
-            continue  # discarded: cut by an MP4 edit list, decoded for the frames after it but never shown
+    for packet in _shown_packets(opened, deadline):
         pts = packet.pts if packet.pts is not None else packet.dts
         if pts is None:
             if packet.is_keyframe:
@@ -436,24 +477,61 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
                 synthetic=True,
             )
         raise VideoDecodeError("truncated", "the video stream holds no packets")
-    all_pts = np.frombuffer(pts_list, dtype=np.int64)
-    frame_pts = np.unique(all_pts)  # [N]
-    keyframes = np.unique(np.frombuffer(key_list, dtype=np.int64))  # [K]
-    median_interval = float(np.median(np.diff(frame_pts))) if frame_pts.size > 1 else 0.0
-    last = int(frame_pts[-1])
-    last_duration: float = int(np.frombuffer(durations, dtype=np.int64)[np.flatnonzero(all_pts == last)[-1]])
-    if last_duration <= 0:
-        if median_interval > 0:
-            last_duration = median_interval
-        elif opened.header.average_fps:
-            last_duration = float(1 / (opened.header.average_fps * opened.header.time_base))
+    frame_pts, end_pts, median_interval = _packets_end(pts_list, durations, opened.header)
     return PacketTable(
         pts=frame_pts,
-        keyframe_pts=keyframes,
-        end_pts=Fraction(last) + Fraction(last_duration),
+        keyframe_pts=np.unique(np.frombuffer(key_list, dtype=np.int64)),  # [K]
+        end_pts=end_pts,
         median_interval=median_interval,
         time_base=opened.header.time_base,
     )
+
+
+_TAIL_MAX_PACKETS = 4096  # a last group of pictures longer than this leaves a container's duration unchecked
+
+
+def _tail_end(opened: OpenedVideo, deadline: Deadline) -> tuple[Fraction, float] | None:
+    """End of the video stream's last shown frame and the median interval there, from a seek to the last keyframe
+    before the header's end and a demux of what follows (no decoding); None when that finds nothing in reach."""
+    header = opened.header
+    assert header.duration_ticks is not None and header.start_pts is not None
+    target = header.start_pts + int(header.duration_ticks)
+    step = max(1, round(1 / header.time_base))  # one second
+    for _ in range(3):  # some demuxers (FLV) land past the last packet when asked for the very end: step back
+        try:
+            opened.container.seek(target, stream=opened.stream, backward=True)
+        except av.error.FFmpegError:
+            return None
+        pts_list, durations = array("q"), array("q")
+        for packet in _shown_packets(opened, deadline):
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is not None:
+                pts_list.append(pts)
+                durations.append(packet.duration or 0)
+            if len(pts_list) > _TAIL_MAX_PACKETS:
+                return None
+        if pts_list:
+            _, end, median_interval = _packets_end(pts_list, durations, header)
+            return end, median_interval
+        target -= step
+        step *= 4
+    return None
+
+
+def check_container_duration(opened: OpenedVideo, *, deadline: Deadline) -> None:
+    """Check a duration taken from the whole container (`Header.duration_from_container`) against the end of the
+    video's own last packets, read after a seek near the end, and keep the packets' when they disagree (audio that
+    runs on past the video, an upload cut off after its header was written). Leaves the input at its end."""
+    header = opened.header
+    if not header.duration_from_container or header.duration_ticks is None or header.start_pts is None:
+        return
+    duration = header.duration_ticks
+    tail = _tail_end(opened, deadline)
+    if tail is not None:
+        measured = tail[0] - header.start_pts
+        if measured > 0 and not durations_agree(duration, measured, tail[1]):
+            duration = measured
+    opened.header = replace(header, duration_ticks=duration, duration_from_container=False)
 
 
 IndexKind = Literal["pts", "dts"]

@@ -16,7 +16,7 @@ import bisect
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Literal, TypeVar
 
@@ -35,6 +35,7 @@ from vitaclip.video._container import (
     PacketTable,
     VideoSource,
     as_decode_errors,
+    check_container_duration,
     keyframe_index,
     open_video,
     scan_packets,
@@ -180,20 +181,24 @@ def _first_keyframe_pts(opened: OpenedVideo, start_pts: int) -> int | None:
 _INDEXED_DEMUXERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "asf"})
 
 
-def _timeline_from_index(opened: OpenedVideo) -> Timeline | None:
-    header = opened.header
+def _timeline_from_index(opened: OpenedVideo, deadline: Deadline) -> Timeline | None:
     if not _INDEXED_DEMUXERS.intersection(opened.container.format.name.split(",")):
         return None
-    if header.duration_ticks is None or header.start_pts is None:
+    if opened.header.index_past_end:
+        return None  # the index lists frames the input does not hold (a cut-off upload): find those it does
+    start_pts = opened.header.start_pts
+    if opened.header.duration_ticks is None or start_pts is None:
         return None
     try:
+        check_container_duration(opened, deadline=deadline)
         # The first keyframe's own timestamp, not the header's start (AVI's can be a frame off); the seek also makes
         # Matroska load its cues.
-        start = _first_keyframe_pts(opened, header.start_pts)
+        start = _first_keyframe_pts(opened, start_pts)
     except av.error.FFmpegError:
         return None
+    header = opened.header
     index = keyframe_index(opened.stream, has_dts=header.index_has_dts)
-    if start is None or index is None:
+    if start is None or index is None or header.duration_ticks is None:
         return None
     return Timeline(
         start=start,
@@ -538,14 +543,19 @@ def _collect(
     timeline, table = None, None
     if opened.is_file_like and not isinstance(sampling, Dense):
         # Remote reads are what costs here: take keyframes from the container's index and read only what is needed.
-        timeline = _timeline_from_index(opened)
+        timeline = _timeline_from_index(opened, deadline)
         if timeline is not None:
             stats.index = "container"
     if timeline is None:
         table = scan_packets(opened, deadline=deadline)
-        timeline = (
-            _numbered_timeline(opened.header, table) if table.synthetic else _timeline_from_scan(opened.header, table)
-        )
+        if table.synthetic:
+            timeline = _numbered_timeline(opened.header, table)
+        else:
+            timeline = _timeline_from_scan(opened.header, table)
+            if opened.header.duration_ticks is not None:
+                # What the clips span is the video's duration (`info` reports it): the header's may count data the
+                # input lacks (a cut-off upload) or other streams.
+                opened.header = replace(opened.header, duration_ticks=timeline.duration, duration_from_container=False)
         stats.index = "demux"
     _check_frame_bytes(opened.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
     views = plan_views(timeline, sampling)

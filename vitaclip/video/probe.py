@@ -15,6 +15,7 @@ from vitaclip.video._container import (
     PacketTable,
     VideoSource,
     as_decode_errors,
+    check_container_duration,
     keyframe_index,
     open_video,
     scan_packets,
@@ -58,6 +59,8 @@ class VideoInfo:
 def _metadata_is_sane(header: Header) -> bool:
     if header.duration_ticks is None or header.average_fps is None or header.start_pts is None:
         return False
+    if header.index_past_end:
+        return False  # the header describes more than the input holds (a cut-off upload)
     if header.frames > 0:
         expected = header.seconds(header.duration_ticks) * header.average_fps
         return abs(header.frames - expected) <= max(2.0, 0.1 * header.frames)
@@ -122,7 +125,9 @@ def probe(
                 table = scan_packets(opened, deadline=deadline)
                 rotation = _rotation_after_scan(source, opened, table, deadline=deadline, max_pixels=max_pixels)
                 return _info(opened, table, rotation)
-            return _info(opened, None, _first_frame_rotation(opened, deadline))
+            rotation = _first_frame_rotation(opened, deadline)
+            check_container_duration(opened, deadline=deadline)
+            return _info(opened, None, rotation)
 
 
 def info_after_decode(

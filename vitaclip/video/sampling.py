@@ -29,6 +29,7 @@ __all__ = [
     "View",
     "Windows",
     "choose_duration",
+    "durations_agree",
     "clip_count",
     "plan_views",
     "sampling_spec",
@@ -279,15 +280,18 @@ class View:
     end_seconds: float
 
 
+def durations_agree(meta: Fraction, measured: Fraction, median_interval: float) -> bool:
+    """Whether a container's duration and one measured from packets (ticks) agree: within two frames or 2 %."""
+    return abs(float(meta - measured)) <= max(2 * median_interval, 0.02 * float(measured))
+
+
 def choose_duration(header: Header, table: PacketTable) -> Fraction:
     """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets."""
     start = int(table.pts[0])
     scanned = table.end_pts - start
     meta = header.duration_ticks
-    if meta is not None and not table.synthetic:
-        tolerance = max(2 * table.median_interval, 0.02 * float(scanned))
-        if abs(float(meta - scanned)) <= tolerance:
-            return meta
+    if meta is not None and not table.synthetic and durations_agree(meta, scanned, table.median_interval):
+        return meta
     return scanned
 
 
