@@ -164,3 +164,26 @@ def test_a_video_over_the_run_frame_limit_is_a_too_long_row_a_later_run_retries(
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="max_frames_mib"):
             IndexJobConfig(**{**config.to_dict(), "max_frames_mib": bad})
+
+
+def test_a_cut_off_upload_gives_the_same_rows_from_a_path_and_a_reader(tmp_path: Path) -> None:
+    # Half of a 4 s upload: its header still says 4 s. Read as a path or through a reader (the job's ranged S3
+    # reads), the rows cover the 2 s there are and say so; no segment repeats the last frame past the data.
+    whole = write_sample_video(tmp_path / "whole.mkv", num_frames=96, width=96, height=72, gop=24)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    stages = [
+        DecodeStage(num_frames=4, size=32, segment_seconds=1.0),
+        DecodeStage(num_frames=4, size=32, segment_seconds=1.0, opener=lambda uri, size, etag: open(uri, "rb")),
+    ]
+    by_path, by_reader = (stage.decode_one(str(cut), cut.stat().st_size) for stage in stages)
+    assert len(by_path) == len(by_reader) == 3  # the whole video and two 1 s segments
+    for path_row, reader_row in zip(by_path, by_reader, strict=True):
+        assert path_row["status"] == reader_row["status"] == "ok"
+        for key in ("duration_seconds", "start_seconds", "end_seconds"):
+            assert path_row[key] == pytest.approx(reader_row[key]), key
+        np.testing.assert_array_equal(path_row["frames"], reader_row["frames"])
+    duration = by_path[0]["duration_seconds"]
+    assert 1.5 < duration < 2.5
+    assert by_path[0]["end_seconds"] == by_path[-1]["end_seconds"] == pytest.approx(duration)

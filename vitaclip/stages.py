@@ -206,7 +206,7 @@ class DecodeStage:
                 meta,
                 frames=clip.frames,
                 pts_seconds=clip.pts_seconds,
-                end_seconds=float(info.duration_seconds),
+                end_seconds=float(clip.end_seconds),
                 thumbnail_jpeg=_thumbnail(clip.frames[len(clip.frames) // 2]),
             )
         ]
