@@ -6,12 +6,16 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
     POST /search            {"text" | "video_id" (+ "segment_index") | "embedding", "k", filters, "index"}
     POST /search/upload?k=..  body: a picture (JPEG, PNG, ...) or a short clip, embedded with the index's model
     GET  /indexes            the outputs this service holds
-    GET  /videos/{video_id}, GET /thumbnails/{row_id}.jpg, GET|HEAD /media/{video_id}   (?index=NAME)
+    GET  /videos/{video_id}, GET /thumbnails/{row_id}.jpg, GET /media/{video_id}   (?index=NAME)
     GET  /healthz, GET /metrics (Prometheus), GET / (the page; `index.web`: its headers and the docs' assets)
+
+Every GET route answers HEAD too (the same status and headers, no body: load balancers check health with HEAD).
 
 The request models are the one place input is checked: a request they refuse gets 422 with ``error`` (one line)
 and ``detail`` (pydantic's list, inputs left out and names cut short). Every other refusal is ``{"error": ...}``
-with a fixed message. Answers never carry paths, credentials, internals or what the client sent.
+with a fixed message. Answers never carry credentials, internals or what the client sent, and no server path but
+one: an indexed video's ``uri`` (in each hit and in ``/videos/{video_id}``), which for a local video is the absolute
+path of its file on the server (an object store URI for others; credentials masked in both).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
@@ -35,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from index.http_media import media_answer, send_media
+from index.http_media import ResponseAbandoned, media_answer, send_media
 from index.media import MediaFile, MediaRefused
 from index.queries import QueryError
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
@@ -47,6 +52,7 @@ log = logging.getLogger("vitaclip.serve")
 
 MAX_EMBEDDING_DIM = 4096
 UPLOAD_PATH = "/search/upload"
+MEDIA_PREFIX = "/media/"
 IndexParam = Annotated[str | None, Query(max_length=64, description="which output (default: the first)")]
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: nothing is sent, the metrics count it apart
 MAX_REPORTED_ERRORS = 10  # of a 422: a body with 10,000 unknown keys gets the first ten
@@ -121,7 +127,10 @@ class UploadQuery(FilterFields):
 
 
 class HitOut(BaseModel):
-    uri: str = Field(description="the indexed object (credentials masked)")
+    uri: str = Field(
+        description="the indexed object: an object store URI, or a local file's absolute path on the server "
+        "(credentials masked)"
+    )
     score: float
     video_id: str
     row_id: int
@@ -185,8 +194,8 @@ def _error(status: int, message: str, reason: str | None = None, headers: dict[s
 
 
 def _no_repeated_parameters(request: Request) -> None:
-    keys = [key for key, _ in request.query_params.multi_items()]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    counts = Counter(key for key, _ in request.query_params.multi_items())  # linear: 12,000 keys took 2 s with count()
+    repeated = sorted(key for key, count in counts.items() if count > 1)
     if repeated:
         raise RequestValidationError([{"loc": ["query", *repeated], "msg": "given more than once", "type": "repeated"}])
 
@@ -314,6 +323,34 @@ class RequestLimits:
         self.service.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
+class HeadAsGet:
+    """ASGI middleware: a HEAD request is answered as its GET would be, without the body (RFC 9110 9.3.2).
+
+    FastAPI's routes take only the methods they declare, so every GET route answered HEAD with 405, and load
+    balancers check health with HEAD. ``/media`` declares HEAD itself: there HEAD never reads the file.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"].startswith(MEDIA_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def without_body(message: Message) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.body":
+                if ended:
+                    return
+                ended = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
 def create_app(service: SearchService) -> FastAPI:
     """The ASGI app for `service` (uvicorn: `index.service.serve`; Ray Serve: `jobs.ray_serve`)."""
     app = FastAPI(
@@ -324,6 +361,7 @@ def create_app(service: SearchService) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(RequestLimits, service=service)
+    app.add_middleware(HeadAsGet)  # outside the limits: they count the route the GET found
     app.add_middleware(SecurityHeaders)  # outermost: the limits' own answers carry the headers too
     add_page_route(app)
     add_docs_routes(app, title="vitaclip search")
@@ -389,8 +427,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, _status_message(exc.status_code), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
-    async def internal(request: Request, _exc: Exception) -> JSONResponse:
-        log.exception("request %s %s failed", request.method, request.url.path)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, ResponseAbandoned):  # logged where it happened; too late to answer anyway
+            log.exception("request %s %s failed", request.method, request.url.path)
         return _error(500, "internal error")
 
 
@@ -410,7 +449,7 @@ async def _answer(
             else "this index has no videos"
         )
     started = asyncio.get_running_loop().time()
-    hits = await service.run_query(lambda: run(engine))
+    hits = await service.run_query(lambda: run(engine), kind="upload" if kind == "upload" else "query")
     took = asyncio.get_running_loop().time() - started
     service.metrics.search_seconds.labels(index=name, kind=kind).observe(took)
     return SearchResponse(
@@ -572,10 +611,13 @@ class HostCheck:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             found = [v for k, v in scope["headers"] if k == b"host"]
-            if found and not self.allows(found[0].decode("latin-1")):
-                response = JSONResponse(
-                    {"error": "this host name is not served here (see vitaclip serve --allowed-host)"}, status_code=400
-                )
+            refusal = None
+            if len(found) > 1:  # RFC 9112 3.2: a server must answer 400 (a proxy may read another one than we check)
+                refusal = "a request may have only one Host header"
+            elif found and not self.allows(found[0].decode("latin-1")):
+                refusal = "this host name is not served here (see vitaclip serve --allowed-host)"
+            if refusal is not None:
+                response = JSONResponse({"error": refusal}, status_code=400)
                 await SecurityHeaders(response)(scope, receive, send)  # the app's own headers sit inside this check
                 return
         await self.app(scope, receive, send)
@@ -591,19 +633,97 @@ def host_checked(app: ASGIApp, *, bind_host: str | None, allowed_hosts: tuple[st
     return HostCheck(app, allowed=allowed_hosts, loopback=loopback)
 
 
+def _head_part(tail: bytes, data: bytes) -> int:
+    """How many bytes of `data` belong to a request head, given the last bytes of the head before it (`tail`): up
+    to the blank line that ends the head, or all of them."""
+    joined = tail + data
+    ends = [found + len(mark) for mark in (b"\r\n\r\n", b"\n\n") if (found := joined.find(mark)) >= 0]
+    return max(0, min(ends) - len(tail)) if ends else len(data)
+
+
+class _HeadSize:
+    """A uvicorn protocol's part that answers 431 to a request head past ``head_limit_bytes`` (None: no limit), for
+    httptools' protocol: its parser callbacks say where a head ends (``on_headers_complete``)."""
+
+    head_limit_bytes: int | None = None
+    head_refusal = b""
+    transport: asyncio.Transport
+    _in_head = True  # between requests or inside a request head: what arrives counts against the head size
+    _head_bytes = 0
+    _head_tail = b""  # the head's last bytes so far: its blank line may come split over two reads
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_limit_bytes is None or not self._in_head or self.transport.is_closing():
+            super().data_received(data)  # type: ignore[misc]
+            return
+        # Counted before parsing, up to the head's end: a head's bytes and nothing of the body that follows.
+        counted = _head_part(self._head_tail, data)
+        self._head_tail = (self._head_tail + data[:counted])[-3:]
+        if not self._count_head(counted, self.head_limit_bytes):
+            return
+        super().data_received(data)  # type: ignore[misc]
+        if self._in_head:  # no head ended there after all (blank lines before a request line): all of it counts
+            self._count_head(len(data) - counted, self.head_limit_bytes)
+
+    def _count_head(self, size: int, limit: int) -> bool:
+        """Adds `size` bytes to the head; past `limit` answers 431 and closes (False)."""
+        self._head_bytes += size
+        if self._head_bytes <= limit:
+            return True
+        if not self.transport.is_closing():
+            self.transport.write(self.head_refusal)
+            self.transport.close()
+        return False
+
+
+class _SendTimeout:
+    """A uvicorn protocol's part that closes a connection whose client reads nothing of an answer for
+    ``send_limit_seconds``: the transport's buffer stays full (the transport paused writing) that long."""
+
+    send_limit_seconds = 30.0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    _send_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_limit_seconds, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timeout(self) -> None:
+        self._send_timer = None
+        self.transport.abort()  # close() would wait for the client to read what is buffered: maybe never
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_send_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
 def guarded_protocol(
     header_timeout_seconds: float,
     parser: Literal["auto", "httptools", "h11"] = "auto",
     *,
     max_head_bytes: int = 64 << 10,
+    send_timeout_seconds: float = 30.0,
 ) -> type:
     """uvicorn's HTTP protocol (`parser`; auto: httptools when installed, else h11), closing connections that have
-    not sent a whole request head within the timeout, and answering 431 to a head past ``max_head_bytes``.
+    not sent a whole request head within the timeout, answering 431 to a head past ``max_head_bytes``, and closing
+    connections whose client reads nothing of an answer for ``send_timeout_seconds``.
 
     uvicorn limits idle keep-alive connections but not a request head that never ends; such connections would
     hold service slots forever. httptools sets no size on a head either: one header of 10 MB, or 100,000 headers,
     were read whole, and a few connections sending such heads held hundreds of MB. (h11 has its own limit, which
-    `_server` sets to the same size.)
+    `_server` sets to the same size.) Nor does uvicorn limit a client that stops reading: a few hundred of them,
+    each in the middle of a video, held every connection slot for good (`/healthz` answered 503).
     """
     Base: Any
     try:
@@ -621,10 +741,11 @@ def guarded_protocol(
         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(too_large), too_large)
     )
 
-    class GuardedProtocol(Base):  # type: ignore[misc]
+    class GuardedProtocol(_SendTimeout, _HeadSize, Base):  # type: ignore[misc]
+        send_limit_seconds = send_timeout_seconds
+        head_limit_bytes = max_head_bytes if counts_head else None
+        head_refusal = refusal
         _head_timer: asyncio.TimerHandle | None = None
-        _in_head = True  # between requests or inside a request head: what arrives counts against the head size
-        _head_bytes = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -640,22 +761,13 @@ def guarded_protocol(
             if waiting and not self.transport.is_closing():
                 self.transport.close()  # no request in progress: the head never came
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # Counted after parsing: a chunk that completes a head (and may carry body bytes) is not counted.
-            if counts_head and self._in_head and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > max_head_bytes:
-                    self.transport.write(refusal)
-                    self.transport.close()
-
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._in_head, self._head_bytes = True, 0
+            self._in_head, self._head_bytes, self._head_tail = True, 0, b""
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:

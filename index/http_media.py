@@ -8,6 +8,7 @@ lets a server ignore Range), a malformed Range is ignored, and one that starts p
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ import anyio
 
 from index.media import MediaFile
 
+log = logging.getLogger("vitaclip.serve")
+
 CHUNK_BYTES = 256 * 1024
 # A byte position as a Range may give it: ASCII digits only (str.isdigit() takes '²', which int() refuses), or nothing
 # (an open end). RFC 9110 sets no length: a longer number than 18 digits (leading zeros aside) is past any file.
@@ -29,6 +32,12 @@ _PAST_ANY_FILE = 2**63
 def _position(text: str) -> int:
     digits = text.lstrip("0")
     return int(digits or "0") if len(digits) <= 18 else _PAST_ANY_FILE  # int() of 4,300 digits or more raises
+
+
+class ResponseAbandoned(Exception):
+    """A response given up after it started (its file became shorter while it was sent). The cause is logged as one
+    warning where it happened; the server closes the connection (the client sees a body cut short), and
+    `index.service` keeps uvicorn from logging it again as an error with a traceback."""
 
 
 class RangeNotSatisfiable(Exception):
@@ -125,7 +134,12 @@ def media_answer(media: MediaFile, request_headers: Mapping[str, str], *, method
 
 async def send_media(media: MediaFile, answer: MediaAnswer, receive: Any, send: Any) -> None:
     """Sends `answer` over ASGI, reading the span from the file a chunk at a time; stops when the client goes away
-    and closes the file in every case."""
+    and closes the file in every case.
+
+    Raises:
+        ResponseAbandoned: the file became shorter while it was sent (after the status and headers were).
+    """
+    cut_short: list[int] = []  # the bytes sent, when the file ended before the span did
 
     async def stream(scope: anyio.CancelScope) -> None:
         await send(
@@ -144,7 +158,8 @@ async def send_media(media: MediaFile, answer: MediaAnswer, receive: Any, send: 
                 size = min(CHUNK_BYTES, last - position + 1)
                 chunk = await anyio.to_thread.run_sync(os.pread, fd, size, position)
                 if not chunk:
-                    raise OSError("the media file became shorter while it was sent")
+                    cut_short.append(position - answer.span[0])
+                    break
                 position += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": position <= last})
         scope.cancel()
@@ -160,3 +175,10 @@ async def send_media(media: MediaFile, answer: MediaAnswer, receive: Any, send: 
             await stream(group.cancel_scope)
     finally:
         media.close()
+    if cut_short:
+        log.warning(
+            "a media file became shorter while it was sent (%d of %s bytes sent): connection closed",
+            cut_short[0],
+            answer.headers.get("Content-Length"),
+        )
+        raise ResponseAbandoned()

@@ -149,14 +149,21 @@ def check_clip(data: bytes, *, timeout_seconds: float = UPLOAD_DECODE_SECONDS) -
 
 
 def video_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:
-    """`num_frames` frames sampled uniformly from an uploaded clip, as the job samples whole videos."""
-    check_clip(data)
+    """`num_frames` frames sampled uniformly from an uploaded clip, as the job samples whole videos.
+
+    Checking and decoding share one `UPLOAD_DECODE_SECONDS` limit: each with its own held a query slot twice as long.
+    """
+    deadline = time.monotonic() + UPLOAD_DECODE_SECONDS
+    check_clip(data, timeout_seconds=UPLOAD_DECODE_SECONDS)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise QueryError(f"reading the clip took longer than {UPLOAD_DECODE_SECONDS:g} s")
     try:
         clip = decode_clip(
             data,
             Uniform(num_frames),
             size=size,
-            timeout_seconds=UPLOAD_DECODE_SECONDS,
+            timeout_seconds=left,
             max_pixels=min(DEFAULT_MAX_PIXELS, MAX_UPLOAD_PIXELS),
         )
     except VideoDecodeError as exc:
@@ -165,12 +172,20 @@ def video_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:
 
 
 def upload_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:
-    """The frames a query upload stands for: a picture repeated, or a video's uniformly sampled frames."""
+    """The frames a query upload stands for: a picture repeated, or a video's uniformly sampled frames.
+
+    Raises:
+        QueryError: the upload cannot be used; any `OSError` of reading it is one (FFmpeg's errors are OSErrors,
+            `FileNotFoundError` among them): an upload is the client's data, never the service's fault.
+    """
     if not data:
         raise QueryError("the upload is empty")
-    if is_image(data):
-        return image_frames(data, num_frames=num_frames, size=size)
-    return video_frames(data, num_frames=num_frames, size=size)
+    try:
+        if is_image(data):
+            return image_frames(data, num_frames=num_frames, size=size)
+        return video_frames(data, num_frames=num_frames, size=size)
+    except OSError as exc:
+        raise QueryError(f"the upload is not a decodable picture or video ({type(exc).__name__})") from None
 
 
 def embedding_query(values: Any, dim: int) -> np.ndarray:

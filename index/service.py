@@ -45,9 +45,15 @@ class ServiceLimits:
         header_timeout_seconds: a connection that has not sent a whole request head by then is closed.
         max_head_bytes: largest request head (request line and headers); a larger one gets 431.
         body_timeout_seconds: a request body that stalls for this long between chunks gets 408.
+        send_timeout_seconds: an answer the client reads nothing of for this long (the server's send buffer stays
+            full) is abandoned and its connection closed; the client gets a cut-off body. Without it, clients that
+            stop reading a video held their connections for good, and a few hundred of them every connection slot.
         max_concurrent_queries: queries computed at once; more wait. Text queries computed together are encoded in
             one batch (`index.search.QueryBatcher`), so the default (twice the cores, 4 to 16) keeps batches
             forming: on 2 cores 1.2 ms of CPU per query with 4 or 8 at once against 2.2 ms one at a time.
+        max_concurrent_uploads: of those, how many may be uploads (None: half, at least 1; at most all of them).
+            An upload decodes for up to 10 s: uploads alone could otherwise hold every slot and text searches get
+            503.
         queue_timeout_seconds: a query that waited this long for a slot gets 503 with Retry-After.
         max_connections: open connections and requests before uvicorn answers 503.
         allowed_hosts: host names (``Host`` header, without the port) answered besides loopback names when the service
@@ -61,7 +67,9 @@ class ServiceLimits:
     header_timeout_seconds: float = 10.0
     max_head_bytes: int = 64 << 10
     body_timeout_seconds: float = 10.0
+    send_timeout_seconds: float = 30.0
     max_concurrent_queries: int = field(default_factory=lambda: max(4, min(16, 2 * (os.cpu_count() or 2))))
+    max_concurrent_uploads: int | None = None
     queue_timeout_seconds: float = 10.0
     max_connections: int = 256
     allowed_hosts: tuple[str, ...] = ()
@@ -71,9 +79,27 @@ class ServiceLimits:
         for name in sizes:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds"):
+        for name in (
+            "request_timeout_seconds",
+            "header_timeout_seconds",
+            "body_timeout_seconds",
+            "send_timeout_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        uploads = self.max_concurrent_uploads
+        if uploads is not None and not 1 <= uploads <= self.max_concurrent_queries:
+            raise ValueError(
+                f"max_concurrent_uploads must be 1 to {self.max_concurrent_queries} (max_concurrent_queries), "
+                f"got {uploads}"
+            )
+
+    @property
+    def upload_slots(self) -> int:
+        """How many queries at once may be uploads."""
+        if self.max_concurrent_uploads is not None:
+            return self.max_concurrent_uploads
+        return max(1, self.max_concurrent_queries // 2)
 
 
 class Busy(Exception):
@@ -214,7 +240,7 @@ class SearchService:
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: tuple[asyncio.Semaphore, asyncio.Semaphore] | None = None  # (queries, uploads among them)
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
         self._failed: dict[str, tuple[str, float]] = {}  # (stamp, when) of a failed reload: retried only later
@@ -298,19 +324,31 @@ class SearchService:
             raise UnknownIndex(f"no output {named}; this service holds {sorted(self.engines)}")
         return chosen, engine
 
-    async def run_query(self, work: Callable[[], T]) -> T:
-        """Runs `work` in a thread once a query slot is free, within the queue and request time limits."""
+    async def run_query(self, work: Callable[[], T], *, kind: Literal["query", "upload"] = "query") -> T:
+        """Runs `work` in a thread once a query slot is free, within the queue and request time limits.
+
+        An upload takes one of the fewer upload slots first (`ServiceLimits.max_concurrent_uploads`), so that
+        uploads, which decode for seconds, leave query slots to other queries.
+        """
         if self._slots is None:  # made on first use, inside the serving event loop
-            self._slots = asyncio.Semaphore(self.limits.max_concurrent_queries)
-        slots = self._slots
+            limits = self.limits
+            self._slots = (asyncio.Semaphore(limits.max_concurrent_queries), asyncio.Semaphore(limits.upload_slots))
+        queries, uploads = self._slots
+        held = [uploads, queries] if kind == "upload" else [queries]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.queue_timeout_seconds
+        taken: list[asyncio.Semaphore] = []
         self.metrics.waiting.inc()
         try:
-            await asyncio.wait_for(slots.acquire(), self.limits.queue_timeout_seconds)
+            for slots in held:  # one queue timeout for both
+                await asyncio.wait_for(slots.acquire(), max(0.001, deadline - loop.time()))
+                taken.append(slots)
         except TimeoutError:
+            for slots in taken:
+                slots.release()
             raise Busy() from None
         finally:
             self.metrics.waiting.dec()
-        loop = asyncio.get_running_loop()
 
         def in_thread() -> T:
             self.metrics.in_flight.inc()
@@ -318,7 +356,8 @@ class SearchService:
                 return work()
             finally:
                 self.metrics.in_flight.dec()
-                loop.call_soon_threadsafe(slots.release)  # held until the work ends, even after a timeout
+                for slots in held:  # held until the work ends, even after a timeout
+                    loop.call_soon_threadsafe(slots.release)
 
         future = loop.run_in_executor(None, in_thread)
         try:
@@ -454,6 +493,14 @@ def open_service(
     return service
 
 
+def _not_abandoned(record: logging.LogRecord) -> bool:
+    """Leaves out uvicorn's traceback for a response the app abandoned on purpose (`ResponseAbandoned`: logged
+    already, as one warning); uvicorn closes the connection, which is all that is left to do."""
+    from index.http_media import ResponseAbandoned
+
+    return not (record.exc_info and isinstance(record.exc_info[1], ResponseAbandoned))
+
+
 def _server(service: SearchService, host: str, port: int, parser: HttpParser = "auto") -> Any:
     import uvicorn
 
@@ -465,7 +512,12 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
         app,
         host=host,
         port=port,
-        http=guarded_protocol(limits.header_timeout_seconds, parser, max_head_bytes=limits.max_head_bytes),
+        http=guarded_protocol(
+            limits.header_timeout_seconds,
+            parser,
+            max_head_bytes=limits.max_head_bytes,
+            send_timeout_seconds=limits.send_timeout_seconds,
+        ),
         h11_max_incomplete_event_size=limits.max_head_bytes,
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=5,
@@ -473,6 +525,7 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
     )
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by `uvicorn.Config` just now
         install_log_redaction(name)  # a traceback may hold a URL with credentials
+    logging.getLogger("uvicorn.error").addFilter(_not_abandoned)  # added once: the same function each time
     return uvicorn.Server(config)
 
 

@@ -525,3 +525,223 @@ def test_the_page_and_the_docs_allow_only_their_own_code() -> None:
     assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
     assert b"SwaggerUIBundle" in bundle.content
     assert client.get("/docs/..%2Fconsts.py").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+# ------------------------------------------------------------------------------------------------ slow readers
+
+
+def _largest_video(indexed: Path) -> dict[str, Any]:
+    from index import tables
+
+    found = tables.read_table(indexed, "videos")
+    assert found is not None
+    return max((r for r in found.to_pylist() if r["status"] == "ok"), key=lambda r: r["size_bytes"])
+
+
+def _health_status(url: str) -> int:
+    try:
+        return request(url, "/healthz")[0]
+    except OSError:
+        return 0
+
+
+@pytest.mark.serial
+def test_clients_that_stop_reading_a_video_lose_their_connection(engine: SearchEngine, indexed: Path) -> None:
+    """A client that reads nothing for the send timeout is cut off, and its connection slot freed: a few hundred
+    such clients held every slot for good (`/healthz` answered 503)."""
+    row = _largest_video(indexed)  # 300 MiB: far more than any socket buffers
+    limits = ServiceLimits(send_timeout_seconds=1.0, max_connections=4)
+    with serving(SearchService({"main": engine}, limits=limits)) as url:
+        stalled = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(host_port(url))
+            sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            stalled.append(sock)
+        try:
+            time.sleep(0.3)
+            assert _health_status(url) == 503  # 3 stalled connections and this one: the limit
+            deadline = time.monotonic() + 10
+            while _health_status(url) != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _health_status(url) == 200
+            for sock in stalled:  # what the client had received, then the end: the body was abandoned
+                received = 0
+                sock.settimeout(10)
+                try:
+                    while piece := sock.recv(1 << 20):
+                        received += len(piece)
+                except ConnectionResetError:
+                    pass
+                assert received < row["size_bytes"] // 10, received
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_a_media_file_that_shrinks_while_sent_is_one_warning(
+    service: SearchService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from index.media import MediaFile
+
+    video = tmp_path / "shrunk.mp4"
+    video.write_bytes(b"v" * 1000)
+    # Opened and checked at 600,000 bytes, then cut to 1,000 while it is sent.
+    opened = MediaFile(video.open("rb"), size_bytes=600_000, mtime_ns=0, content_type="video/mp4", etag='"e"')
+    monkeypatch.setattr(service, "media_target", lambda engine, video_id: opened)
+    with serving(service) as url, socket.create_connection(host_port(url), timeout=10) as sock:
+        sock.sendall(b"GET /media/anything HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: 600000" in head.lower()
+    assert body == b"v" * 1000  # what there was, then the connection closed: a body cut short
+    warnings = [r for r in caplog.records if r.levelno >= 30]
+    assert [r.levelno for r in warnings] == [30] and "became shorter" in warnings[0].getMessage(), warnings
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in ASGI" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------ review findings
+
+
+def test_repeated_query_keys_are_found_in_linear_time(client: TestClient) -> None:
+    from index.api import _no_repeated_parameters
+
+    comparisons = 0
+
+    class Key(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            nonlocal comparisons
+            comparisons += 1
+            return str.__eq__(self, other)
+
+    class Params:
+        def multi_items(self) -> list[tuple[str, str]]:
+            return [(Key(f"k{i}"), "1") for i in range(500)]
+
+    class Request:
+        query_params = Params()
+
+    _no_repeated_parameters(Request())  # type: ignore[arg-type]
+    assert comparisons < 5000  # list.count() for each key compared 500 x 500 times
+    # 12,000 distinct keys (a 55 KB query string took 2 s of CPU) and a repeated one.
+    response = client.get("/search?q=x&" + "".join(f"{i:x}&" for i in range(12_000)) + "k=1&k=2")
+    assert response.status_code == 422 and "k: given more than once" in response.json()["error"], response.text
+
+
+def _head_of(size_bytes: int, *, many: bool) -> bytes:
+    """A request head of exactly `size_bytes` bytes: one large header or many small ones, padded by one header."""
+    start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    headers = b"X-A: b\r\n" * ((size_bytes - len(start) - 100) // 8 if many else 0)
+    rest = size_bytes - len(start) - len(headers) - 2  # the blank line
+    head = start + headers + b"X-P: " + b"p" * (rest - 7) + b"\r\n\r\n"
+    assert len(head) == size_bytes
+    return head
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_request_head_one_byte_past_the_limit_gets_431(service: SearchService, many: bool) -> None:
+    """The head is counted to its blank line before it is parsed: one that arrived whole passed up to twice the
+    limit (the read that ended it was not counted)."""
+    limits = ServiceLimits(max_head_bytes=8192)
+    with serving(SearchService(service.engines, limits=limits), parser="httptools") as url:
+        address = host_port(url)
+        assert _raw_exchange(address, _head_of(8192, many=many)).startswith(b"HTTP/1.1 200")
+        assert _raw_exchange(address, _head_of(8193, many=many)).startswith(b"HTTP/1.1 431")
+        assert _raw_exchange(address, _head_of(16_000, many=many)).startswith(b"HTTP/1.1 431")
+
+
+def test_a_request_with_two_host_headers_gets_400(service: SearchService) -> None:
+    with serving(service) as url:
+        address = host_port(url)
+        for hosts in (("127.0.0.1", "evil.example"), ("evil.example", "127.0.0.1"), ("localhost", "127.0.0.1")):
+            head = "GET /healthz HTTP/1.1\r\n" + "".join(f"Host: {h}\r\n" for h in hosts) + "Connection: close\r\n\r\n"
+            answer = _raw_exchange(address, head.encode())
+            assert answer.startswith(b"HTTP/1.1 400") and b"only one Host header" in answer, (hosts, answer)
+
+
+def test_head_is_answered_wherever_get_is(client: TestClient, indexed: Path) -> None:
+    hit = client.get("/search", params={"q": "red", "k": 1}).json()["results"][0]
+    same_length = ["/", "/docs", "/openapi.json", f"/videos/{hit['video_id']}", hit["thumbnail_url"]]
+    for path in [*same_length, "/healthz", "/indexes", "/metrics", "/search?q=red", "/docs/swagger-ui.css"]:
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+        if path in same_length:
+            assert head.headers["content-length"] == got.headers["content-length"], path
+    assert client.head("/nothing").status_code == 404
+    assert client.head("/search/upload").status_code == 405  # POST only
+
+
+def test_check_and_decode_of_an_upload_share_one_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from index import queries
+
+    given: dict[str, float] = {}
+
+    def check(data: bytes, *, timeout_seconds: float) -> None:
+        given["check"] = timeout_seconds
+        time.sleep(0.3)
+
+    def decode(*args: Any, timeout_seconds: float, **kwargs: Any) -> Any:
+        given["decode"] = timeout_seconds
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(queries, "check_clip", check)
+    monkeypatch.setattr(queries, "decode_clip", decode)
+    with pytest.raises(RuntimeError, match="stop here"):
+        queries.video_frames(b"clip", num_frames=2, size=32)
+    assert given["check"] == queries.UPLOAD_DECODE_SECONDS
+    assert given["decode"] <= queries.UPLOAD_DECODE_SECONDS - 0.3
+
+
+def test_os_errors_of_an_upload_are_400(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from index import queries
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/srv/private/part.ts")
+
+    monkeypatch.setattr(queries, "decode_clip", decode)
+    response = client.post("/search/upload", content=_clip(64, 48))
+    assert response.status_code == 400, response.text
+    assert "FileNotFoundError" in response.json()["error"] and "/srv" not in response.text
+
+
+@pytest.mark.serial
+def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def slow_upload(*args: Any, **kwargs: Any) -> list[Any]:
+        release.wait(20)
+        return []
+
+    monkeypatch.setattr(engine, "search_upload", slow_upload)
+    limits = ServiceLimits(max_concurrent_queries=2, queue_timeout_seconds=1.0)
+    assert limits.upload_slots == 1
+    statuses: list[int] = []
+    with serving(SearchService({"main": engine}, limits=limits)) as url:
+        uploads = [
+            threading.Thread(target=lambda: statuses.append(request(url, "/search/upload", "POST", body=b"x")[0]))
+            for _ in range(3)
+        ]
+        for thread in uploads:
+            thread.start()
+        time.sleep(0.3)
+        assert request(url, "/search?q=red&k=1")[0] == 200  # a slot stayed free for it
+        time.sleep(1.2)  # the uploads past the upload slots waited their queue timeout
+        release.set()
+        for thread in uploads:
+            thread.join(30)
+    assert sorted(statuses) == [200, 503, 503]
+    with pytest.raises(ValueError, match="max_concurrent_uploads"):
+        ServiceLimits(max_concurrent_queries=2, max_concurrent_uploads=3)
