@@ -235,9 +235,11 @@ def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
         "request_timeout_seconds": args.request_timeout,
         "max_connections": args.max_connections,
         "allowed_hosts": tuple(args.allowed_host),
+        "send_timeout_seconds": args.send_timeout,
     }
-    if args.max_concurrent_queries is not None:
-        limits["max_concurrent_queries"] = args.max_concurrent_queries
+    for name in ("max_concurrent_queries", "max_concurrent_uploads"):
+        if getattr(args, name) is not None:
+            limits[name] = getattr(args, name)
     return limits
 
 
@@ -427,6 +429,18 @@ def _add_serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: 2 x cores, 4-16)"
+    )
+    p.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=None,
+        help="of those, how many may be picture or clip queries (default: half, at least 1)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an answer may wait on a client that reads nothing before its connection is dropped",
     )
     p.add_argument(
         "--reload-seconds",

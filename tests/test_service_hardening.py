@@ -470,6 +470,12 @@ def test_vitaclip_serve_takes_allowed_hosts() -> None:
 
     args = build_parser().parse_args(["serve", "--index", "out", "--allowed-host", "a.example", "--allowed-host", "b"])
     assert ServiceLimits(**_serve_limits(args)).allowed_hosts == ("a.example", "b")
+    options = ["--max-concurrent-queries", "6", "--max-concurrent-uploads", "2", "--send-timeout", "5"]
+    limits = ServiceLimits(**_serve_limits(build_parser().parse_args(["serve", "--index", "out", *options])))
+    assert (limits.upload_slots, limits.send_timeout_seconds) == (2, 5.0)
+    with pytest.raises(ValueError, match="max_concurrent_uploads must be 1 to 4"):
+        too_many = ["--max-concurrent-queries", "4", "--max-concurrent-uploads", "9"]
+        ServiceLimits(**_serve_limits(build_parser().parse_args(["serve", "--index", "o", *too_many])))
 
 
 # ------------------------------------------------------------------------------------------------ browsers
