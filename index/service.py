@@ -343,10 +343,12 @@ class SearchService:
             for slots in held:  # one queue timeout for both
                 await asyncio.wait_for(slots.acquire(), max(0.001, deadline - loop.time()))
                 taken.append(slots)
-        except TimeoutError:
+        except BaseException as exc:  # a timeout, or the request cancelled while it waited for its second slot
             for slots in taken:
                 slots.release()
-            raise Busy() from None
+            if isinstance(exc, TimeoutError):
+                raise Busy() from None
+            raise
         finally:
             self.metrics.waiting.dec()
 
