@@ -596,7 +596,7 @@ def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
     clip_mib = model.num_frames * model.image_size**2 * 3 / 2**20
     if clip_mib > config.max_frames_mib:  # every video would be refused as too_long, each after its decode
         raise ValueError(
-            f"{model.num_frames} frames at {model.image_size} px are {clip_mib:.0f} MiB per clip, over "
+            f"{model.num_frames} frames at {model.image_size} px are {clip_mib:.3g} MiB per clip, over "
             f"--max-frames-mib {config.max_frames_mib:g}: lower --num-frames or raise --max-frames-mib"
         )
     return model

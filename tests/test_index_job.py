@@ -196,16 +196,19 @@ def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> N
 
 
 def test_a_video_that_keeps_failing_stops_costing_runs_after_max_attempts(local_ray, tmp_path: Path, capsys) -> None:
-    """A retryable failure (here too_long: a frame limit below any clip) is tried again by later runs only while
-    fewer than --max-attempts runs have tried that object; a run allowing more tries it again."""
+    """A retryable failure (here too_long: a frame limit that holds one clip but not a video's 0.5 s segments) is
+    tried again by later runs only while fewer than --max-attempts runs have tried that object; a run allowing more
+    tries it again."""
     make_videos(tmp_path / "in", 2, broken=False)
     out = tmp_path / "out"
-    assert run([str(tmp_path / "in")], out, "--max-frames-mib", "0.001") == 0
+    segments = ("--segment-seconds", "0.5")
+    tight = (*segments, "--max-frames-mib", "0.2")  # one 8-frame clip is about 0.1 MiB; 3 s of segments are 0.8
+    assert run([str(tmp_path / "in")], out, *tight) == 0
     rows = committed_videos(out).to_pylist()
     assert [(r["status"], r["attempts"]) for r in rows] == [("too_long", 1)] * 2
 
     capsys.readouterr()
-    assert run([str(tmp_path / "in")], out, "--max-frames-mib", "0.001", "--max-attempts", "1") == 0
+    assert run([str(tmp_path / "in")], out, *tight, "--max-attempts", "1") == 0
     record = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert record["counts"]["attempts_exhausted"] == 2 and record["counts"]["processed"] == 0
     assert "0 videos processed, 0 already indexed, 0 listed twice, 2 failed in every allowed attempt" in (
@@ -213,7 +216,7 @@ def test_a_video_that_keeps_failing_stops_costing_runs_after_max_attempts(local_
     )
     assert [r["run_id"] for r in committed_videos(out).to_pylist()] == [r["run_id"] for r in rows]
 
-    assert run([str(tmp_path / "in")], out) == 0  # the default allows three runs: the second try, within limits
+    assert run([str(tmp_path / "in")], out, *segments) == 0  # the default allows three: the second try, in limits
     assert sorted((r["status"], r["attempts"]) for r in committed_videos(out).to_pylist()) == [("ok", 2)] * 2
 
 
@@ -469,7 +472,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
         (
             "--num-frames",
             "1000 --max-frames-mib 8",
-            "1000 frames at 64 px are 12 MiB per clip, over --max-frames-mib 8",
+            "1000 frames at 64 px are 11.7 MiB per clip, over --max-frames-mib 8",
         ),
     ]:
         assert main(job_args([str(tmp_path)], tmp_path / "o", flag, *value.split())) == 2, flag
