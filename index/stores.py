@@ -9,7 +9,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -141,7 +140,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+def _refuse_percent(location: str) -> None:
+    """Delta Lake tables cannot live under a path holding ``%``: delta-rs decodes percent escapes in table paths (as
+    paths, file:// URLs and object keys alike), so a table in "o%41" would be written to "oA" and never found again,
+    and DuckDB's ``delta_scan`` fails on a bare ``%``."""
+    if "%" in location:
+        raise StorageError(
+            f"output location {redact_url(location)}: Delta Lake tables cannot live under a path holding '%' (delta-rs "
+            "reads %XX as a percent escape): choose another name",
+            reason="invalid_input",
+            uri=location,
+        )
 
 
 def _os_reason(exc: OSError) -> StorageErrorReason:
@@ -153,14 +162,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
-        if _PERCENT_ESCAPE.search(str(self.root)):
-            # delta-rs decodes percent escapes in table paths (as paths and as file:// URLs alike): a table in
-            # "o%41" would be written to "oA" and never found again.
-            raise StorageError(
-                f"output location {self.root}: Delta Lake tables cannot live under a folder whose name holds a percent "
-                "escape (%XX): choose another folder name",
-                reason="invalid_input",
-            )
+        _refuse_percent(str(self.root))
         if self.root.exists() and not self.root.is_dir():
             raise StorageError(f"output location {self.root} exists and is not a folder", reason="invalid_input")
         try:
@@ -273,6 +275,7 @@ class S3Store(Store):
         self.bucket, prefix = parse_s3_uri(url)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        _refuse_percent(self.url)
         self._client = s3_client
         # Parts of the threshold's size: S3 allows 10,000 parts, so 64 MiB parts reach 625 GiB per object.
         self._transfer = boto3.s3.transfer.TransferConfig(
@@ -281,6 +284,12 @@ class S3Store(Store):
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
+
+    def check_writable(self) -> None:
+        """A missing bucket or a prefix this run may not list fails here, before any work (one listing call; whether
+        a write is allowed shows at the first write)."""
+        prefix = self.prefix
+        self._call("list", "", lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1))
 
     def _key(self, rel_path: str) -> str:
         return self.prefix + check_rel_path(rel_path)
@@ -413,6 +422,7 @@ class ObjectFsStore(Store):
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
+        _refuse_percent(self.url)
         self._fs, self._base = OutputLocation.from_url(self.url).filesystem()
 
     def __repr__(self) -> str:

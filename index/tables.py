@@ -31,7 +31,8 @@ from index.delta_tables import (
     pyarrow_dataset,
     scan,
 )
-from index.segments import INFO_FILE, referenced_files
+from index.segments import INFO_FILE, IndexUnusableError, referenced_files
+from vitaclip.redact import redact_url
 
 if TYPE_CHECKING:
     from index.stores import Store
@@ -194,6 +195,11 @@ def local_copy(
         infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
         listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
         if folder == "index":
+            if f"index/{INFO_FILE}" not in listed:  # say where it is missing: the output, not this cache
+                raise IndexUnusableError(
+                    f"no index at {redact_url(location.url)} (index/{INFO_FILE} missing, or the bucket or container "
+                    "does not exist): run the job on it, or build one with `vitaclip build-index`"
+                )
             _drop_superseded(cache / "index", {rel.rsplit("/", 1)[-1] for rel in listed})
             listed.sort(key=lambda rel: rel.endswith(f"/{INFO_FILE}"))  # the info file last: it names the others
         for rel in listed:

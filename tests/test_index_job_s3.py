@@ -129,3 +129,13 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
     rc = main(job_args([f"s3://{bucket}/nothing-here/"], tmp_path / "out", "--s3-endpoint-url", ray_with_s3))
     assert rc == 2
     assert "no videos under" in capsys.readouterr().err
+    # Outputs: a missing bucket, or a prefix delta-rs would decode, are one line before any work.
+    (tmp_path / "in").mkdir()
+    for output, message in [
+        (f"s3://{bucket}-missing/out", f"bucket '{bucket}-missing' does not exist"),
+        (f"s3://{bucket}/o%41", "holding '%'"),
+    ]:
+        rc = main(job_args([str(tmp_path / "in")], output, "--s3-endpoint-url", ray_with_s3))  # type: ignore[arg-type]
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+    assert client.list_objects_v2(Bucket=bucket, Prefix="o").get("KeyCount", 0) == 0

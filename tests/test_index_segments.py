@@ -230,6 +230,10 @@ def test_s3_update_downloads_no_segment_it_does_not_merge(
     listed = client.list_objects_v2(Bucket=bucket, Prefix="out/index/")["Contents"]
     assert {p.name for p in (folder / "index").iterdir()} == {o["Key"].rsplit("/", 1)[-1] for o in listed}
     _check_search_is_exact(folder, location, rng)
+    # An output with no index (a missing bucket, a prefix never indexed) is named as such, not as the cache folder.
+    for missing in (f"s3://{bucket}-missing/out", f"s3://{bucket}/never-indexed"):
+        with pytest.raises(IndexUnusableError, match=f"no index at {missing} "):
+            local_copy(missing, s3_endpoint_url=s3_server, cache_root=str(tmp_path / "cache"))
 
 
 def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
