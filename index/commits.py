@@ -51,7 +51,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -513,6 +513,7 @@ class CommitReport:
         replaced: Old video rows removed.
         rounds: Commit rounds it took (1 without conflicts).
         duplicates: Video rows left out because the video was pending in another batch already.
+        wrote: Whether this call made a table commit (False when another writer had committed all its videos).
     """
 
     versions: dict[str, int]
@@ -523,6 +524,7 @@ class CommitReport:
     replaced: int
     rounds: int
     duplicates: int = 0
+    wrote: bool = True
 
 
 @dataclass
@@ -674,7 +676,10 @@ class Committer:
         """
         report = self._retry(self._commit_round)
         if self._bare or self._orphaned:
-            report.versions["segments"] = self._retry(self._clean_up) or report.versions["segments"]
+            cleaned = self._retry(self._clean_up)
+            if cleaned is not None:
+                report.versions["segments"] = cleaned
+                report = replace(report, wrote=True)
         return report
 
     def _retry(self, step: Callable[[int], _T]) -> _T:
@@ -752,6 +757,7 @@ class Committer:
             replaced=plan.replaced,
             rounds=attempt,
             duplicates=duplicates,
+            wrote=bool(plan.segment_adds or plan.segment_removes or plan.video_adds or plan.video_removes),
         )
 
     def _clean_up(self, attempt: int) -> int | None:

@@ -63,6 +63,7 @@ from jobs.ray_resources import (
 from jobs.storage import (
     Store,
     VideoObject,
+    absolute_path,
     describe_listing,
     list_videos,
     listed_scopes,
@@ -142,7 +143,7 @@ class PlanActor:
         max_attempts: int | None = None,
     ) -> None:
         self.planner = Planner(location, model_id=model_id, versions=versions, max_attempts=max_attempts)
-        self._folders = tuple(os.path.abspath(f).rstrip(os.sep) + os.sep for f in folder_inputs)
+        self._folders = tuple(absolute_path(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self._other_local_dirs: set[str] = set()
         self._spread = 4 * max(1, decode_workers)  # blocks of the run's end: four per decoder
         self._tail = self._spread * _TAIL_BLOCK_VIDEOS  # videos held back for the end
@@ -893,7 +894,8 @@ def run_summary(
         "commit": {
             "planned_at_versions": record.start["planned_at_versions"],
             "versions": reports[-1].versions if reports else record.start["planned_at_versions"],
-            "commits": len(reports),
+            "commits": sum(r.wrote for r in reports),  # calls that committed to a table
+            "commit_calls": len(reports),
             "write_tasks": commits.received,
             "videos_committed": sum(r.videos_committed for r in reports),
             "segments_committed": sum(r.segments_committed for r in reports),

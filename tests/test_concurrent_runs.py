@@ -108,6 +108,8 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
             assert all(s["counts"]["planned"] == 2 for s in summaries)
             assert sum(s["commit"]["videos_committed"] for s in summaries) == 2
             assert sum(s["commit"]["dropped_done_by_another_run"] for s in summaries) == 2
+            # The loser's call committed nothing: its record says so.
+            assert sorted((s["commit"]["commits"], s["commit"]["commit_calls"]) for s in summaries) == [(0, 1), (1, 1)]
 
         # Two runs started together end to end, over new videos, with the index.
         folder = tmp_path / "in-last"

@@ -254,7 +254,7 @@ def _scope_of(location: str, kind: _InputKind) -> str:
     if kind == "s3_prefix":  # the listed keys' URIs start with it (``s3://b`` is ``s3://b/``, never ``s3://b2/``)
         bucket, prefix = parse_s3_uri(location)
         return f"s3://{bucket}/{prefix}"
-    return os.path.abspath(location).rstrip(os.sep) + os.sep
+    return absolute_path(location).rstrip(os.sep) + os.sep
 
 
 def _list_all(
@@ -381,7 +381,7 @@ def _list_folder(
     location: str, *, keep_name: Callable[[str], bool], follow_outside_symlinks: bool
 ) -> Iterator[VideoObject]:
     inside = None if follow_outside_symlinks else os.path.realpath(location)
-    yield from _walk_sorted(os.path.abspath(location), keep_name=keep_name, inside=inside)
+    yield from _walk_sorted(absolute_path(location), keep_name=keep_name, inside=inside)
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -401,7 +401,7 @@ class _ManifestRow(NamedTuple):
 
 def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
     on_s3 = location.startswith("s3://")
-    base = location.rsplit("/", 1)[0] if on_s3 else os.path.dirname(os.path.abspath(location))
+    base = location.rsplit("/", 1)[0] if on_s3 else os.path.dirname(absolute_path(location))
     for row in _manifest_rows(location, client=client):
         video = _resolve_entry(row, base=base, on_s3=on_s3, where=location)
         # A URI the job cannot read is filtered by its path, without a query (a presigned https:// URL of an .mp4
@@ -445,6 +445,12 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
         problem = f"the job reads s3:// objects, local paths and file:// URIs, not {scheme.group(1)}://"
         return _unsupported(row, problem, where=where)
     return VideoObject(uri, row.etag or "", UNKNOWN_SIZE if row.size_bytes is None else row.size_bytes)
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute as the folder listing spells its files: ``//data/in`` is ``/data/in`` (POSIX keeps two
+    leading slashes in `os.path.abspath`), so one folder given two ways is one scope and one set of rows."""
+    return _normalize_path(os.path.abspath(path))
 
 
 def _normalize_path(path: str) -> str:
@@ -887,7 +893,7 @@ def _inventory_data_location(manifest: str, key: str, *, destination: str | None
     if manifest.startswith("s3://"):
         return f"s3://{destination or parse_s3_uri(manifest)[0]}/{key}"
     parts = [part for part in key.split("/") if part not in ("", ".", "..")]
-    folders = [os.path.dirname(os.path.abspath(manifest))]
+    folders = [os.path.dirname(absolute_path(manifest))]
     while os.path.dirname(folders[-1]) != folders[-1]:
         folders.append(os.path.dirname(folders[-1]))
     for start in range(len(parts)):
