@@ -292,7 +292,9 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     )
     p.add_argument("--rows-per-file", type=int, help="clip rows per written data file pair")
     p.add_argument("--commit-seconds", type=float, help="commit finished work at least this often")
-    p.add_argument("--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this (0: no vacuum)")
+    p.add_argument(
+        "--vacuum-retention-hours", type=float, help="delete unreferenced data files older than this (0: no vacuum)"
+    )
     p.add_argument("--decode-timeout-seconds", type=float)
     p.add_argument("--max-frames-mib", type=float, help="most MiB of frames per video (more: status too_long)")
     p.add_argument(

@@ -694,7 +694,8 @@ def test_inputs_that_name_other_files_or_sockets_are_refused(
     tmp_path: Path, make_video: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file list (FFmpeg's concat demuxer) or a session description (SDP: binds the UDP ports it names) is data,
-    never directions: given as a path, bytes or a file object it is refused, and nothing it names is opened."""
+    never directions: given as a path, bytes or a file object it is refused, and nothing it names is opened. A still
+    picture named .mp4 is not a video."""
     import socket
 
     path, _ = make_video("h264.mp4", codec="h264")
@@ -716,6 +717,27 @@ def test_inputs_that_name_other_files_or_sockets_are_refused(
             assert time.monotonic() - started < 5, "an SDP input waited for packets on its ports"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as after:
         after.bind(("127.0.0.1", port))  # free: nothing bound the port the description named
+    # A still picture named as a video is not one; raw Motion JPEG (JPEG pictures one after another) is.
+    from PIL import Image
+
+    for kind in ("PNG", "JPEG"):
+        still = tmp_path / f"still-{kind}.mp4"
+        Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(still, format=kind)
+        for source in (still, still.read_bytes(), io.BytesIO(still.read_bytes())):
+            with pytest.raises(VideoDecodeError, match="still picture") as refused:
+                decode_clip(source, Uniform(2), size=SIZE)
+            assert refused.value.reason == "not_a_video", (kind, type(source).__name__)
+    mjpeg = tmp_path / "raw.mjpeg"
+    with av.open(str(mjpeg), "w", format="mjpeg") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(6):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), "rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    for source in (mjpeg, mjpeg.read_bytes()):
+        assert decode_clip(source, Uniform(3), size=SIZE).frames.shape[0] == 3
     monkeypatch.chdir(tmp_path)  # a relative path names the file, whatever "proto:" it looks like
     (tmp_path / "concat:real.mp4").write_bytes(path.read_bytes())
     assert decode_clip("concat:real.mp4", Uniform(2), size=SIZE).frames.shape[0] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import time
@@ -61,11 +62,15 @@ def _allowed_demuxers() -> str:
         except ValueError:
             continue  # a muxer only
         names.update(name.split(","))  # "mov,mp4,m4a,..." is one demuxer; FFmpeg matches each of its names
-    return ",".join(sorted(names - _REFERRING_DEMUXERS))
+    # Still pictures (png_pipe, jpeg_pipe, ...: one image read as a one-frame stream) are not videos; animated
+    # formats (gif, apng, webp animations through their own demuxers) and raw Motion JPEG (mjpeg) stay.
+    stills = {name for name in names if name.endswith("_pipe") or name == "image2pipe"}
+    return ",".join(sorted(names - _REFERRING_DEMUXERS - stills))
 
 
 def open_options(*, is_path: bool) -> dict[str, str]:
-    """FFmpeg options for opening an untrusted input: the demuxers that read only the input itself, and no
+    """FFmpeg options for opening an untrusted input: the demuxers of moving pictures that read only the input
+    itself (a still picture, even one named .mp4, is refused as not a video), and no
     protocol but the local file a path names (none for bytes and file objects, which PyAV reads through its own
     I/O), so that nothing the input says can make FFmpeg open another file or a socket."""
     global _ALLOWED_DEMUXERS
@@ -401,7 +406,13 @@ def open_video(
     except FileNotFoundError:
         raise
     except av.error.FFmpegError as e:
-        raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {e}") from None
+        said = (
+            "a format not read as video (a still picture, a playlist, a file list or a session description is "
+            "refused: see open_options), or damaged"
+            if e.errno == errno.EINVAL  # what FFmpeg says of a probed format outside the whitelist
+            else str(e)
+        )
+        raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {said}") from None
     with container:
         stream = _pick_stream(container)
         header = _read_header(container, stream, size_bytes=size_bytes)
