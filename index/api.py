@@ -45,7 +45,7 @@ from index.media import MediaFile, MediaRefused
 from index.queries import QueryError
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
-from index.web import SecurityHeaders, add_docs_routes, add_page_route
+from index.web import SECURITY_HEADERS, SecurityHeaders, add_docs_routes, add_page_route
 from vitaclip.redact import redact_text, redact_url
 
 log = logging.getLogger("vitaclip.serve")
@@ -708,6 +708,21 @@ class _SendTimeout:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
+def _parser_refusal(status: HTTPStatus, message: str) -> bytes:
+    """A whole HTTP answer to a request the parser refused before the app saw it (malformed, head too large): JSON
+    ``{"error": ...}`` with the headers every answer carries (`index.web.SecurityHeaders`), then the connection
+    closes."""
+    body = json.dumps({"error": message}).encode()
+    head = [
+        f"HTTP/1.1 {status.value} {status.phrase}".encode(),
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+        *(name + b": " + value for name, value in SECURITY_HEADERS),
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
 def guarded_protocol(
     header_timeout_seconds: float,
     parser: Literal["auto", "httptools", "h11"] = "auto",
@@ -735,10 +750,8 @@ def guarded_protocol(
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
     counts_head = hasattr(Base, "on_headers_complete")  # httptools' parser callbacks; h11 bounds heads itself
-    too_large = f"request head larger than {max_head_bytes} bytes".encode()
-    refusal = (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(too_large), too_large)
+    refusal = _parser_refusal(
+        HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head larger than {max_head_bytes} bytes"
     )
 
     class GuardedProtocol(_SendTimeout, _HeadSize, Base):  # type: ignore[misc]
@@ -764,6 +777,10 @@ def guarded_protocol(
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:  # the parser's refusals, answered as the app's are
+            self.transport.write(_parser_refusal(HTTPStatus.BAD_REQUEST, msg))
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -27,7 +27,7 @@ _DOCS_ASSETS = {  # served name -> (file of fastapi_offline's static folder, med
     "swagger-ui.css": ("swagger-ui.css", "text/css; charset=utf-8"),
     "favicon.png": ("favicon.png", "image/png"),
 }
-_HEADERS = (
+SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
@@ -50,7 +50,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
-                headers += [(name, value) for name, value in _HEADERS if name not in present]
+                headers += [(name, value) for name, value in SECURITY_HEADERS if name not in present]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -666,6 +666,28 @@ def test_a_request_head_one_byte_past_the_limit_gets_431(service: SearchService,
         assert _raw_exchange(address, _head_of(16_000, many=many)).startswith(b"HTTP/1.1 431")
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_requests_the_parser_refuses_are_answered_like_the_apps_refusals(service: SearchService, parser: str) -> None:
+    """A malformed request, or a head past the limit, never reaches the app: its answer is still JSON with the
+    security headers, and the connection closes."""
+    limits = ServiceLimits(max_head_bytes=8192)
+    with serving(SearchService(service.engines, limits=limits), parser=parser) as url:
+        address = host_port(url)
+        malformed = b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ten\r\n\r\n"
+        for request in (malformed, _head_of(200_000, many=False)):  # h11 counts only a head still arriving
+            answer = _raw_exchange(address, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            assert lines[0].split()[1] in (b"400", b"431"), answer[:200]
+            assert b"content-type: application/json" in lines and b"connection: close" in lines, head
+            assert {
+                b"x-content-type-options: nosniff",
+                b"x-frame-options: deny",
+                b"referrer-policy: no-referrer",
+            } <= set(lines), head
+            assert json.loads(body)["error"], body
+
+
 def test_a_request_with_two_host_headers_gets_400(service: SearchService) -> None:
     with serving(service) as url:
         address = host_port(url)
