@@ -38,7 +38,17 @@ def _latest_record(store: Store) -> dict[str, Any]:
     records = [p for p in store.list(_COMMITS + "/") if p.endswith(".json")]
     if not records:
         raise ValueError(f"{store.url} has no commit records of the previous layout: nothing to migrate")
-    return dict(json.loads(store.get_bytes(max(records))))
+    latest = max(records)
+    try:
+        record = json.loads(store.get_bytes(latest))
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            raise ValueError("not a commit record: no 'files' object")
+    except ValueError as exc:  # JSONDecodeError too
+        raise ValueError(
+            f"the latest commit record {store.url_for(latest)} is damaged ({exc}): restore it, or delete it to "
+            "migrate what the record before it names"
+        ) from None
+    return record
 
 
 def _read_part(store: Store, rel: str, table: str, columns: list[str] | None = None) -> tuple[pa.Table, int]:
@@ -94,8 +104,10 @@ def migrate(store: Store) -> dict[str, Any]:
     # One app version per source record: a run again after a kill finds the commits that landed.
     app_version = int(record.get("seq") or 0) + 1
     parts = {table: list(record["files"].get(table, [])) for table in dlt.TABLES}
-    if all(dlt.committed_app_version(location, table, _APP_ID) == app_version for table in dlt.TABLES):
-        # Killed while deleting the old layout (some of its parts may be gone already): finish that.
+    if dlt.committed_app_version(location, "videos", _APP_ID) == app_version:
+        # Killed while deleting the old layout (some of its parts may be gone already): finish that. The videos
+        # table commits last, so both tables are done (a migration of another version committed a table only
+        # when it had rows).
         report: dict[str, Any] = {t: {"old_parts": len(parts[t]), "committed_before": True} for t in dlt.TABLES}
         return _finish(store, location, report)
     embed_dim = None
@@ -112,7 +124,7 @@ def migrate(store: Store) -> dict[str, Any]:
     migration = uuid.uuid4().hex
     for table in ("segments", "videos"):  # the job's order: segments never point at missing video rows
         if dlt.committed_app_version(location, table, _APP_ID) == app_version:
-            report[table] = {"rows": None, "files": None, "old_parts": len(parts[table]), "committed_before": True}
+            report[table] = {"old_parts": len(parts[table]), "committed_before": True}
             continue  # a migration killed after this commit: done
         adds = []
         rows = 0
@@ -123,17 +135,16 @@ def migrate(store: Store) -> dict[str, Any]:
             name = f"part-migrated-{migration}-{index:06d}.parquet"
             adds.append(dlt.write_data_file(location, table, data, name=name, embed_dim=embed_dim))
             rows += data.num_rows
-        if adds:
-            dlt.commit(
-                location,
-                table,
-                adds=adds,
-                removes=[],
-                read_version=versions[table],
-                app_id=_APP_ID,
-                app_version=app_version,
-                metadata={"vitaclip.migrated_from_commit": str(record.get("seq"))},
-            )
+        dlt.commit(  # also with no rows: the commit records that this table is done
+            location,
+            table,
+            adds=adds,
+            removes=[],
+            read_version=versions[table],
+            app_id=_APP_ID,
+            app_version=app_version,
+            metadata={"vitaclip.migrated_from_commit": str(record.get("seq"))},
+        )
         report[table] = {"rows": rows, "files": len(adds), "old_parts": len(parts[table])}
     return _finish(store, location, report)
 

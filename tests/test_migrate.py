@@ -49,14 +49,17 @@ def _old_rows(uris: list[str], *, when: dt.datetime, run_id: str, model_id: str 
     )
 
 
-def _old_output(out: Path) -> None:
-    """Two committed runs (the second re-indexed one video and, listed twice, holds it twice) and staged work."""
+def _old_output(out: Path, *, segments: bool = True) -> None:
+    """Two committed runs (the second re-indexed one video and, listed twice, holds it twice) and staged work; with
+    no segment rows when not `segments` (runs without --segment-seconds)."""
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     first = _old_rows(["/v/a.mp4", "/v/b.mp4", "/v/c.mp4"], when=t0, run_id="r1")
     second = _old_rows(["/v/a.mp4"], when=t0 + dt.timedelta(days=1), run_id="r2")
     files: dict[str, list[str]] = {"videos": [], "segments": []}
-    for name, (videos, segments) in (("r1", first), ("r2", second)):
-        for table, rows in (("videos", videos), ("segments", segments)):
+    for name, (videos, segment_rows) in (("r1", first), ("r2", second)):
+        for table, rows in (("videos", videos), ("segments", segment_rows)):
+            if table == "segments" and not segments:
+                continue
             rel = f"{table}/part-{name}-000000.parquet"
             (out / table).mkdir(parents=True, exist_ok=True)
             pq.write_table(rows, out / rel)
@@ -151,12 +154,16 @@ def test_every_model_rows_are_migrated(tmp_path: Path) -> None:
     assert rows_per_model(open_store(str(out))) == {"m@1": 2, "m@2": 2}
 
 
-def test_a_migration_killed_while_deleting_the_old_layout_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("segments", [True, False])
+def test_a_migration_killed_while_deleting_the_old_layout_finishes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], segments: bool
+) -> None:
+    """Also of an output without segment rows (an empty table is committed too, so a rerun knows it is done)."""
     from jobs.migrate import migrate, rows_per_model
     from jobs.storage import open_store
 
     out = tmp_path / "out"
-    _old_output(out)
+    _old_output(out, segments=segments)
     store = open_store(str(out))
     real_delete, deleted = store.delete, []
 
@@ -170,8 +177,25 @@ def test_a_migration_killed_while_deleting_the_old_layout_finishes(tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         migrate(store)
     assert deleted and deleted[0].endswith(".parquet")  # an old part is gone, its record is not
-    report = migrate(open_store(str(out)))
-    assert report["videos"]["committed_before"] and report["segments"]["committed_before"]
+    capsys.readouterr()
+    assert cli_main(["migrate", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "videos: committed by an earlier, interrupted migrate" in said and "segments: committed by" in said, said
     assert rows_per_model(open_store(str(out))) == {"m@1": 3}
     assert not (out / "_commits").exists() or not any((out / "_commits").iterdir())
     assert tables.table_versions(out) is not None  # no longer the old layout
+
+
+def test_a_damaged_commit_record_is_named_and_nothing_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    _old_output(out)
+    record = out / "_commits" / "0000000002.json"
+    for damaged in ('{"seq": 2, "files": {"videos": [', '{"seq": 2}', "[]"):
+        record.write_text(damaged)
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert cli_main(["migrate", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"the latest commit record {record} is damaged" in err and "Traceback" not in err, err
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
