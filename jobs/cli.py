@@ -129,11 +129,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build_index(args: argparse.Namespace) -> int:
-    from index.refresh import build_index_for_output
+def _existing_output(output: str, *, endpoint_url: str | None) -> Any:
+    """The store of an output a command reads (never made: a mistyped local path is an error, not a new folder)."""
     from jobs.storage import open_store
 
-    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    if "://" not in output or output.startswith("file://"):
+        folder = output.removeprefix("file://")
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(f"no output folder at {folder!r}")
+    return open_store(output, endpoint_url=endpoint_url)
+
+
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    from index.refresh import build_index_for_output
+
+    store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
     info = build_index_for_output(
         store,
         model=args.model,
@@ -142,6 +152,8 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         recall_target=args.recall_target,
         rebuild=args.rebuild,
     )
+    if not info["indexes"]:
+        print(f"nothing to index: no row of {info['model_id']} has status ok (see `vitaclip runs {args.output}`)")
     for name, entry in info["indexes"].items():
         measured = entry.get("measured", {})
         deleted = (entry.get("deleted") or {}).get("count", 0)
@@ -164,13 +176,17 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from jobs.migrate import migrate, rows_per_model
-    from jobs.storage import open_store
 
-    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
     report = migrate(store)
     for table in ("videos", "segments"):
         done = report[table]
-        print(f"{table}: {done['rows']} rows from {done['old_parts']} old parts -> {done['files']} Delta data files")
+        if done.get("committed_before"):  # a migration killed after this table's commit, finished now
+            print(f"{table}: committed by an earlier, interrupted migrate ({done['old_parts']} old parts)")
+        else:
+            print(
+                f"{table}: {done['rows']} rows from {done['old_parts']} old parts -> {done['files']} Delta data files"
+            )
     print(
         f"deleted {report['deleted_old_files']} files of the old layout; video rows per model: {rows_per_model(store)}"
     )
@@ -180,11 +196,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     from jobs.runs import format_runs, read_runs, read_settings
-    from jobs.storage import open_store
 
-    if "://" not in args.output and not os.path.isdir(args.output):
-        raise ValueError(f"no output folder at {args.output}")
-    store = open_store(args.output, endpoint_url=args.s3_endpoint_url)
+    store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
     records = read_runs(store, last=args.last)
     if args.json:
         print(json.dumps(records, indent=1, default=str))
@@ -488,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"vitaclip {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`vitaclip runs OUT | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 0
     except OSError as exc:  # storage or the network failing after their retries: what failed, not a traceback
         from vitaclip.redact import redact_text
 

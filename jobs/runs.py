@@ -22,18 +22,24 @@ def read_runs(store: Store, *, last: int = 20) -> list[dict[str, Any]]:
     """The last `last` run records, oldest first; one that cannot be read is ``{"run_id", "state": "unreadable"}``."""
     if last < 1:
         raise ValueError(f"last must be >= 1, got {last}")
-    names = [name for name in store.list(f"{RUNS_DIR}/") if name.endswith(".json")]
+    names = [name for name in store.list(f"{RUNS_DIR}/") if name.endswith(".json") and name.count("/") == 1]
     records = []
     for name in names[-last:]:
         run_id = name.rsplit("/", 1)[-1].removesuffix(".json")
         try:
-            record = json.loads(store.get_bytes(name))
+            record = json.loads(store.get_bytes(name), parse_constant=_no_constant)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError, FileNotFoundError) as exc:
             record = {"run_id": run_id, "state": "unreadable", "error": f"{name}: {type(exc).__name__}: {exc}"}
+        record.setdefault("run_id", run_id)
         records.append(record)
     return records
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity (which Python writes, but strict JSON readers such as jq refuse) read as null."""
+    return None
 
 
 def read_settings(store: Store) -> list[RowSettings]:
@@ -66,7 +72,8 @@ def _row(record: dict[str, Any]) -> list[str]:
     state = str(record.get("state", "?"))
     if state == "committed":
         what = _statuses(record) or "nothing to do"
-        held = [h for h in record.get("prune_held_back") or () if isinstance(h, dict)]
+        listed_back = record.get("prune_held_back")
+        held = [h for h in listed_back if isinstance(h, dict)] if isinstance(listed_back, list) else []
         if held:
             gone = sum(h["no_longer_listed"] for h in held if isinstance(h.get("no_longer_listed"), int))
             what += f"; pruning held back ({gone} no longer listed, --prune-max)"

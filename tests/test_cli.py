@@ -187,8 +187,11 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
-    odd = {"run_id": "yy-odd", "state": "committed", "elapsed_seconds": "soon", "counts": [1], "status": {"ok": "x"}}
-    (tmp_path / "out" / "runs" / "yy-odd.json").write_text(json.dumps(odd))
+    # Of another shape: no run_id (the file names it), NaN (not JSON to strict readers), prune_held_back not a list.
+    odd = {"state": "committed", "elapsed_seconds": float("nan"), "counts": [1], "status": {"ok": "x"}}
+    (tmp_path / "out" / "runs" / "yy-odd.json").write_text(json.dumps({**odd, "prune_held_back": 5}))
+    (tmp_path / "out" / "runs" / "sub").mkdir()
+    (tmp_path / "out" / "runs" / "sub" / "not-a-run.json").write_text("{}")  # not a run record: not listed
     held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2},
             "prune_held_back": [{"scope": "/v/", "no_longer_listed": 40, "listed": 60}, "odd"]}  # fmt: skip
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
@@ -204,6 +207,11 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
-    assert main(["runs", str(tmp_path / "nowhere")]) == 2
-    assert "no output folder at" in capsys.readouterr().err
-    assert not (tmp_path / "nowhere").exists()
+    assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
+    strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 5
+    for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
+        for nowhere in (str(tmp_path / "nowhere"), ""):
+            assert main([command, nowhere]) == 2, command
+            assert "no output folder at" in capsys.readouterr().err, command
+        assert not (tmp_path / "nowhere").exists(), command
