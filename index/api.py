@@ -446,7 +446,7 @@ async def _answer(
         raise QueryError(
             "this index has no segments: run the job with --segment-seconds"
             if params.segments
-            else "this index has no videos"
+            else "this index has no videos: no row has status ok yet (see `vitaclip runs OUT`)"
         )
     started = asyncio.get_running_loop().time()
     hits = await service.run_query(lambda: run(engine), kind="upload" if kind == "upload" else "query")

@@ -211,7 +211,8 @@ def _label_names(rows: pa.Table) -> frozenset[str]:
         return frozenset()
     names = pc.list_flatten(rows.column("labels"))
     if pa.types.is_dictionary(names.type):
-        return frozenset(str(n) for n in pa.chunked_array([c.dictionary for c in names.chunks]).to_pylist())
+        dictionaries = pa.chunked_array([c.dictionary for c in names.chunks], type=names.type.value_type)
+        return frozenset(str(n) for n in dictionaries.to_pylist())  # no chunks: rows without labels (all failed)
     return frozenset(pc.unique(names).to_pylist())
 
 

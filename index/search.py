@@ -293,7 +293,7 @@ class SearchEngine:
             raise ValueError(
                 "this index has no segments: run the job with --segment-seconds"
                 if segments
-                else "this index has no videos"
+                else "this index has no videos: no row has status ok yet (see `vitaclip runs OUT`)"
             )
         return name
 

@@ -222,7 +222,11 @@ def write_segment(folder: Path, name: str, generation: int, vindex: VectorIndex)
     )
     folder.mkdir(parents=True, exist_ok=True)
     faiss_path, ids_path, *vec = (folder / f for f in seg.files(name))
-    faiss.write_index(vindex.index, str(faiss_path))
+    try:
+        faiss.write_index(vindex.index, str(faiss_path))
+    except RuntimeError as exc:  # faiss says what fopen or fwrite said, inside a C++ trace
+        said = str(exc).rpartition(" for writing: ")[2] or str(exc)  # "... could not open P for writing: WHY"
+        raise OSError(f"cannot write the index file {faiss_path}: {said}") from None
     np.save(ids_path, np.asarray(vindex.ids, dtype=np.int64))
     if vec:
         np.save(vec[0], np.asarray(vindex.vectors, dtype=np.float32))
@@ -298,7 +302,32 @@ def parse_info(data: bytes) -> dict[str, Any]:
         raise IndexUnusableError(f"{INFO_FILE} is damaged ({len(data)} bytes, not JSON: {exc})") from None
     if not isinstance(info, dict):
         raise IndexUnusableError(f"{INFO_FILE} is damaged (a JSON {type(info).__name__}, not an object)")
+    wrong = _wrong_shape(info)
+    if wrong:
+        raise IndexUnusableError(f"{INFO_FILE} is damaged ({wrong})")
     return info
+
+
+def _wrong_shape(info: dict[str, Any]) -> str | None:
+    """What in a parsed ``index_info.json`` is not of the shape the index writes (an edit by hand, another tool)."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    expected: dict[str, tuple[type, ...]] = {"indexes": (dict,), "table_versions": (dict,), "table_ids": (dict,)}
+    for key, types in expected.items():
+        if key in info and not isinstance(info[key], types):
+            return f"{key} is a JSON {type(info[key]).__name__}, not an object"
+    if "generation" in info and not is_int(info["generation"]):
+        return "generation is not an integer"
+    if not all(is_int(v) for v in info.get("table_versions", {}).values()):
+        return "table_versions holds a value that is not an integer"
+    for name, entry in info.get("indexes", {}).items():
+        if not isinstance(entry, dict):
+            return f"indexes.{name} is not an object"
+        if not isinstance(entry.get("segments", []), list) or not is_int(entry.get("count", 0)):
+            return f"indexes.{name} has segments that are not a list or a count that is not an integer"
+    return None
 
 
 def write_info(folder: Path, info: dict[str, Any]) -> None:

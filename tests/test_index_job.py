@@ -220,6 +220,24 @@ def test_a_video_that_keeps_failing_stops_costing_runs_after_max_attempts(local_
     assert sorted((r["status"], r["attempts"]) for r in committed_videos(out).to_pylist()) == [("ok", 2)] * 2
 
 
+def test_an_output_where_every_video_failed_says_so_in_build_index_and_search(
+    local_ray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs.cli import main as cli_main
+
+    for name, data in BROKEN.items():
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    capsys.readouterr()
+    assert cli_main(["build-index", str(out)]) == 0
+    assert "nothing to index: no row of vitaclip-tiny@" in capsys.readouterr().out
+    assert cli_main(["search", "--index", str(out), "a red circle"]) == 2
+    err = capsys.readouterr().err
+    assert "this index has no videos: no row has status ok yet" in err and "Traceback" not in err, err
+
+
 def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,6 +4,7 @@ After every update a search equals exact search over the table's current ok rows
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -309,11 +310,18 @@ def test_a_damaged_info_file_is_rebuilt_whole_with_the_reason(tmp_path: Path) ->
     rng = np.random.default_rng(6)
     out = tmp_path / "out"
     location, store, _ = _indexed_output(str(out), 50, rng)
-    (out / "index" / INFO_FILE).write_bytes(b"")  # a writer killed mid-write on a store without atomic writes
-    with pytest.raises(IndexUnusableError, match="damaged"):
-        read_info(out / "index")
-    info = build_from_output(store, model_id=MODEL)
-    assert "damaged" in info["indexes"]["videos"]["rebuild_reason"] and info["indexes"]["videos"]["count"] == 50
+    good = json.loads((out / "index" / INFO_FILE).read_bytes())
+    # A writer killed mid-write on a store without atomic writes; JSON of another shape (edited by hand).
+    damaged: list[Any] = [b"", {"indexes": None}, {"indexes": {"videos": None}}, {"table_versions": None}]
+    damaged += [{"table_ids": []}, {"generation": "x"}, {"table_versions": {"videos": "1"}}]
+    for damage in damaged:
+        data = damage if isinstance(damage, bytes) else json.dumps({**good, **damage}).encode()
+        (out / "index" / INFO_FILE).write_bytes(data)
+        with pytest.raises(IndexUnusableError, match="damaged"):
+            read_info(out / "index")
+        info = build_from_output(store, model_id=MODEL)
+        entry = info["indexes"]["videos"]
+        assert "damaged" in entry["rebuild_reason"] and entry["count"] == 50, damage
     _check_search_is_exact(out, location, rng)
 
 
@@ -417,3 +425,22 @@ def test_a_damaged_removed_file_makes_the_update_build_whole_with_the_reason(tmp
     assert "is not readable Parquet" in entry["rebuild_reason"] and "incremental" not in entry
     assert entry["count"] == first["indexes"]["videos"]["count"]
     _check_search_is_exact(out, location, rng)
+
+
+def test_an_index_file_that_cannot_be_written_is_an_os_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """faiss reports a failed write as a RuntimeError with a C++ location; the update says which file and why, as
+    an OSError (one line from the CLI), and the published index stays as it was."""
+    from index import segments
+
+    rng = np.random.default_rng(8)
+    out = tmp_path / "out"
+    location, store, before = _indexed_output(str(out), 20, rng)
+    _commit(location, _rows(_uris(100, 3), rng))
+    monkeypatch.setattr(segments, "new_file_id", lambda generation: f"{generation:06d}-blocked")
+    for generation in range(10):
+        (out / "index" / f"videos.{generation:06d}-blocked.faiss").mkdir()  # where the new segment would go
+    with pytest.raises(OSError, match=r"cannot write the index file .*videos\.0+\d-blocked\.faiss: .*directory"):
+        build_from_output(store, model_id=MODEL)
+    assert read_info(out / "index") == {k: v for k, v in before.items() if k != "removed_files"}
