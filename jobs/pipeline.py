@@ -181,8 +181,10 @@ class PlanActor:
     def plan_missing(self) -> tuple[int, list[str]]:
         """Once the listing has ended: plans a ``deleted`` row for each committed video under the scopes given to
         `prune_under` that the listing did not name. A scope under which nothing was listed (an unmounted folder, a
-        prefix emptied by mistake) is left alone. Returns how many were planned, and the scopes left alone."""
-        scopes = [scope for scope in self._scopes if self._listed_under[scope] > 0]
+        prefix emptied by mistake) is left alone, unless the prune share has no limit (1: a folder moved or deleted
+        whole). Returns how many were planned, and the scopes left alone."""
+        no_limit = self._prune_max >= 1.0
+        scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
         missing = self.planner.missing(scopes)
         missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
         planned = self.plan(missing) if missing.num_rows else 0
@@ -227,6 +229,9 @@ class PlanActor:
             "counts": dict(self.planner.counts),
             "other_local_dirs": sorted(self._other_local_dirs),
             "prune_held_back": self._held_back,
+            "prune_left_alone": [scope for scope in self._scopes if self._listed_under[scope] == 0]
+            if self._prune_max < 1.0
+            else [],
         }
 
     def update_index(self, config: IndexJobConfig, model_id: str) -> dict[str, Any]:
@@ -842,7 +847,11 @@ def plan_run(
         pruned, left_alone = ray.get(planner.plan_missing.remote())
         planned += pruned
         for scope in left_alone:
-            log.warning("nothing listed under %s: its indexed videos are not pruned", redact_url(scope))
+            log.warning(
+                "nothing listed under %s: its indexed videos are not pruned (if it was moved or deleted whole, run "
+                "once with --prune-max 1)",
+                redact_url(scope),
+            )
         for held in ray.get(planner.report.remote())["prune_held_back"]:
             log.error(
                 "%s: %d of its %d videos are no longer listed, more than --prune-max %g of them: none marked "
@@ -879,6 +888,7 @@ def run_summary(
         "elapsed_seconds": round(elapsed, 3),
         "counts": {**plan_report["counts"], "processed": processed},
         "prune_held_back": [dict(held, scope=redact_url(held["scope"])) for held in plan_report["prune_held_back"]],
+        "prune_left_alone": [redact_url(scope) for scope in plan_report.get("prune_left_alone", [])],
         "status": dict(commits.status),
         "clips_embedded": clips,
         "throughput": {

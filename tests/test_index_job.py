@@ -654,6 +654,7 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
 
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert summary["counts"]["no_longer_listed"] == 2 and summary["status"] == {"deleted": 2}
+    assert summary["prune_left_alone"] == [f"{tmp_path / 'other'}/"]
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
     assert len(rows) == 6 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
     assert rows[str(dangling)]["status"] == "deleted"
@@ -662,13 +663,18 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     assert index.count == 4 and rows[str(gone_path)]["row_id"] not in set(index.ids.tolist())
     segments = tables.read_table(out, "segments")
     assert segments is not None and gone_id not in set(segments.column("video_id").to_pylist())
+    # The other folder was deleted whole after all: --prune-max 1 (no limit) prunes a scope that lists nothing.
+    assert run(inputs, out, *flags, "--prune-missing", "--prune-max", "1") == 0
+    rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
+    assert [rows[str(p)]["status"] for p in others] == ["deleted"] * 2 and open_index(out).count == 2
 
     assert run([str(tmp_path / "in")], out, *flags, "--prune-missing") == 0  # already deleted: nothing to do
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert summary["counts"]["no_longer_listed"] == 0 and summary["counts"]["processed"] == 0
 
     gone_path.write_bytes(saved)  # put back: indexed again
-    assert run([str(tmp_path / "in")], out, *flags) == 0
+    make_videos(tmp_path / "other", 2, start=3, broken=False)
+    assert run(inputs, out, *flags) == 0
     assert {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}[str(gone_path)] == "ok"
     assert open_index(out).count == 5
 
