@@ -284,6 +284,9 @@ def referenced_files(info: dict[str, Any]) -> set[str]:
 def read_info(folder: str | Path, *, check_format: bool = True) -> dict[str, Any]:
     path = Path(folder) / INFO_FILE
     if not path.is_file():
+        output = Path(folder).parent
+        if Path(folder).name == INDEX_DIR and not output.is_dir():  # a mistyped output: not "build an index"
+            raise IndexUnusableError(f"no output folder at {output}")
         raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
     info = parse_info(path.read_bytes())
     if check_format and info.get("format_version") != INDEX_FORMAT_VERSION:

@@ -189,7 +189,7 @@ class OutputSource:
                 filesystem, base = location.filesystem()
                 with filesystem.open_input_stream(f"{base}/{INDEX_DIR}/{INFO_FILE}") as f:
                     data = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no index, or an output path that is a file: said by `open`
             return None
         return hashlib.sha256(data).hexdigest()
 
@@ -531,12 +531,31 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
     return uvicorn.Server(config)
 
 
-def serve(service: SearchService, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serves `service` with uvicorn until interrupted (a header timeout guards against half-sent requests)."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (0: a free port), for `serve` to listen on. Raises ValueError saying why it
+    cannot be bound (in use, no such address, a port that needs privileges), before anything slow is loaded."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # gaierror too: a host name that does not resolve
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve(
+    service: SearchService, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None
+) -> None:
+    """Serves `service` with uvicorn until interrupted (a header timeout guards against half-sent requests), on
+    `sock` when given (`listen_socket`, bound before the service loaded), else on `host`:`port`."""
     single_query_threads(torch_threads=1)  # this process serves; see the function for why
+    sock = sock if sock is not None else listen_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
     names = ", ".join(f"{n} ({sum(i.count for i in e.indexes.values())} vectors)" for n, e in service.engines.items())
-    print(f"vitaclip search service on http://{host}:{port}/ (API at /docs): {names}", flush=True)
-    _server(service, host, port).run()
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"vitaclip search service on http://{shown}:{bound_port}/ (API at /docs): {names}", flush=True)
+    _server(service, host, bound_port).run(sockets=[sock])
 
 
 @contextlib.contextmanager
@@ -547,9 +566,7 @@ def serving(
 
     `port` 0 takes a free port; `parser` picks uvicorn's HTTP parser (auto: httptools when installed, else h11).
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen_socket(host, port)
     server = _server(service, host, sock.getsockname()[1], parser)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vitaclip-serve")
     thread.start()

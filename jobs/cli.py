@@ -277,9 +277,11 @@ def _serve_logging() -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from index.service import ServiceLimits, open_service, serve
+    from index.service import ServiceLimits, listen_socket, open_service, serve
 
+    sock = listen_socket(args.host, args.port)  # in use, or no such address: said before minutes of loading
     if args.ray_serve:
+        sock.close()  # Ray Serve's proxy binds it
         return _serve_on_ray(args)
     _serve_logging()
     service = open_service(
@@ -288,7 +290,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=ServiceLimits(**_serve_limits(args)),
         reload_seconds=args.reload_seconds,
     )
-    serve(service, host=args.host, port=args.port)
+    serve(service, host=args.host, port=args.port, sock=sock)
     return 0
 
 
@@ -317,6 +319,13 @@ def _cmd_index(argv: Sequence[str]) -> int:
     from jobs.index_videos import main as index_main
 
     return index_main(argv, prog="vitaclip index")
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535 (0: any free one), got {text!r}")
+    return port
 
 
 def _version() -> str:
@@ -428,7 +437,7 @@ def _add_serve_parser(sub: Any) -> None:
     )
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535, 0 for any free one (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or clip query (MiB)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")

@@ -215,3 +215,25 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
             assert main([command, nowhere]) == 2, command
             assert "no output folder at" in capsys.readouterr().err, command
         assert not (tmp_path / "nowhere").exists(), command
+
+
+def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: Path, capsys) -> None:
+    """A port out of range or in use, or an output that is not there, is one line (exit 2), said before any index
+    or model loads (the port is checked first: here the output does not even exist)."""
+    import socket
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--index", str(tmp_path), "--port", "70000"])
+    assert exited.value.code == 2 and "a port is 1-65535 (0: any free one), got '70000'" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--index", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    for output in (tmp_path / "nowhere", tmp_path / "a-file"):
+        for command in (["search", "--index", str(output), "red"], ["serve", "--index", str(output), "--port", "0"]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert f"no output folder at {output}" in err and "Traceback" not in err, err
