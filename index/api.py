@@ -71,7 +71,12 @@ class FilterFields(BaseModel):
 
     k: int = Field(10, ge=1, le=MAX_K, description="results wanted")
     segments: bool = Field(False, description="search moments (segments) instead of whole videos")
-    label: str | None = Field(None, min_length=1, max_length=200, description="only rows with this top label")
+    label: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="only rows whose stored labels (the top-k) include this exact name",
+    )
     min_duration: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds, whole video")
     max_duration: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds, whole video")
     index: str | None = Field(None, max_length=64, description="which output (see /indexes); default: the first")

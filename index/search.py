@@ -39,10 +39,12 @@ class Filters:
     max_duration: float | None = None
 
     def check(self) -> None:
+        if self.label is not None and not isinstance(self.label, str):
+            raise ValueError(f"label must be a label name (a string), got {self.label!r}")
         for field_name in ("min_duration", "max_duration"):
             value = getattr(self, field_name)
-            if value is not None and (not np.isfinite(value) or value < 0):
-                raise ValueError(f"{field_name} must be a number >= 0, got {value}")
+            if value is not None and (not _is_number(value) or not np.isfinite(value) or value < 0):
+                raise ValueError(f"{field_name} must be a finite number of seconds >= 0, got {value!r}")
         if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
             raise ValueError(f"min_duration {self.min_duration} is above max_duration {self.max_duration}")
 
@@ -52,6 +54,14 @@ class Filters:
         if self.min_duration is not None and (duration is None or duration < self.min_duration):
             return False
         return not (self.max_duration is not None and (duration is None or duration > self.max_duration))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -283,10 +293,12 @@ class SearchEngine:
                 self._roots_stamp = stamp
             return self._roots
 
-    def _check(self, k: int, segments: bool, filters: Filters) -> str:
+    def _check(self, k: int, segments: bool, filters: Filters, per_video: int = 1) -> str:
         """The index name a query goes to, after checking what every kind of query shares."""
-        if not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+        if not _is_count(k) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+        if not _is_count(per_video) or per_video < 1:
+            raise ValueError(f"per_video must be an integer >= 1, got {per_video!r}")
         filters.check()
         name = "segments" if segments else "videos"
         if name not in self.indexes:
@@ -313,13 +325,15 @@ class SearchEngine:
         Raises:
             ValueError: an empty or over-long query, k out of range, or segments asked of an index without them.
         """
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"the query must be text (a string), got {type(text).__name__}")
         text = (text or "").strip()
         if not text:
             raise ValueError("the query is empty")
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(f"the query has {len(text)} characters; at most {MAX_QUERY_CHARS} are allowed")
         filters = Filters(label=label, min_duration=min_duration, max_duration=max_duration)
-        name = self._check(k, segments, filters)
+        name = self._check(k, segments, filters, per_video)
         query = np.asarray(self._encode_one(text), dtype=np.float32)  # [E]
         return self.search_vector(query, k=k, name=name, filters=filters, per_video=per_video)
 
@@ -353,7 +367,12 @@ class SearchEngine:
     def search_upload(
         self, data: bytes, *, k: int = 10, segments: bool = False, filters: Filters | None = None
     ) -> list[Hit]:
-        """Top ``k`` hits for an uploaded picture or short clip, embedded by the index's own model."""
+        """Top ``k`` hits for an uploaded picture or short clip (the file's bytes), embedded by the index's own
+        model."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(
+                f"search_upload takes the file's bytes (Path(...).read_bytes()), got {type(data).__name__}"
+            )
         filters = filters or Filters()
         name = self._check(k, segments, filters)
         return self.search_vector(self.encode_upload(data), k=k, name=name, filters=filters)

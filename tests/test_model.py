@@ -128,6 +128,7 @@ def test_learned_labels_use_their_own_context_row() -> None:
     # Underscored spellings match the same learned row.
     with torch.no_grad():
         torch.testing.assert_close(model.encode_labels(["air_drumming"]), after[1:2])
+        torch.testing.assert_close(model.encode_labels("air drumming"), after[1:2])  # one name, not 12 letters
 
 
 def test_unknown_labels_fall_back_to_template_ensemble(tiny: vitaclip.VitaClip) -> None:

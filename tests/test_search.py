@@ -63,6 +63,25 @@ def test_filters_keep_k_results(indexed: Path, engine: SearchEngine) -> None:
         engine.search("   ")
     with pytest.raises(ValueError, match="between 1 and 100"):
         engine.search("x", k=0)
+    # The Python API refuses what the HTTP API refuses, instead of answering something else (k=2.5 gave 3 hits,
+    # per_video=0 none, k="3" a TypeError).
+    for wrong, message in [
+        (dict(k=2.5), "k must be an integer"),
+        (dict(k=True), "k must be an integer"),
+        (dict(k="3"), "k must be an integer"),
+        (dict(per_video=0), "per_video must be an integer >= 1"),
+        (dict(per_video=1.5), "per_video must be an integer >= 1"),
+        (dict(min_duration="5"), "min_duration must be a finite number"),
+        (dict(max_duration=float("nan")), "max_duration must be a finite number"),
+        (dict(label=3), "label must be a label name"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            engine.search("x", **wrong)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the query must be text"):
+        engine.search(b"red")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="takes the file's bytes"):
+        engine.search_upload(str(indexed / "some.mp4"))  # type: ignore[arg-type]
+    assert len(engine.search("x", k=np.int64(2))) == 2  # a NumPy integer is an integer
 
 
 def test_incremental_index_after_replaced_rows(indexed: Path, tmp_path: Path) -> None:

@@ -338,6 +338,8 @@ class VitaClip(nn.Module):
         learner builds it); with a generic context every name gets ``<context> <name>.``; any other name falls back to
         the zero-shot prompt ensemble of the plain CLIP text tower.
         """
+        if isinstance(label_names, str):  # one name, not its characters
+            label_names = [label_names]
         names = list(label_names) if label_names is not None else list(self.label_names or ())
         if not names:
             raise ValueError("no label names: pass label_names or create the model with a label set")
