@@ -277,8 +277,11 @@ def _build_base(
     plan = plan_index(
         len(vectors), vectors.shape[1], kind=kind, memory_budget_bytes=memory_budget_bytes, flat_max=flat_max
     )
+    auto_note = None
     if plan.nlist and plan.nlist * 39 > len(vectors):
-        plan = IndexPlan("flat", "IDMap2,Flat")  # too few vectors to train the clusters: exact is better anyway
+        # Too few vectors to train the clusters: exact is better anyway (said when another kind was asked for).
+        auto_note = f"{len(vectors)} vectors are too few to train {plan.kind} ({plan.nlist} lists): exact search"
+        plan = IndexPlan("flat", "IDMap2,Flat")
     start = time.perf_counter()
     index = _train_and_add(plan, vectors, ids)
     build_seconds = time.perf_counter() - start
@@ -288,7 +291,6 @@ def _build_base(
         tune_queries = tune_queries() if approximate else None
     queries = tune_queries if tune_queries is not None else default_queries(vectors)
     tuning = tune(vindex, vectors, queries, recall_target=recall_target)
-    auto_note = None
     if kind == "auto" and plan.kind == "ivf" and 2 * int(tuning["value"]) >= plan.nlist:
         # The recall target needs most of the lists: the data has no cluster structure IVF can use (nearly
         # isotropic vectors), and scanning most lists is slower than exact search. Exact it is.

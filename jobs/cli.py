@@ -163,6 +163,8 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
             f"params {entry.get('search_params') or '-'}, recall@10 {measured.get('recall_at_10', '-')}, "
             f"p50 {measured.get('p50_ms', '-')} ms"
         )
+        if entry.get("auto_choice"):
+            print(f"  kind: {entry['auto_choice']}")
         if entry.get("rebuild_reason"):
             print(f"  built whole: {entry['rebuild_reason']}")
         elif "incremental" in entry:

@@ -137,6 +137,10 @@ def test_cli_build_index_says_how_it_built(indexed: Path, tmp_path: Path, capsys
     assert cli_main(["build-index", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "followed the tables' log: 0 added, 0 replaced, 0 removed, 0 data files read" in printed, printed
+    # A kind asked for that these few vectors cannot train is built exact, and the output says why.
+    assert cli_main(["build-index", str(out), "--kind", "ivf"]) == 0
+    printed = capsys.readouterr().out
+    assert "videos: flat" in printed and "are too few to train ivf" in printed, printed
 
 
 def test_cli_search_json(indexed: Path, capsys) -> None:
