@@ -227,21 +227,45 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     from index.service import single_query_threads
 
+    if bool(args.query) == (args.like is not None):
+        raise ValueError("give the text to search for, or --like FILE (a picture or a short clip), not both")
+    upload = _read_upload(args.like) if args.like is not None else None  # a wrong path: said before the model loads
     single_query_threads()
     engine = _engine(args)
-    hits = engine.search(
-        " ".join(args.query),
-        k=args.k,
-        segments=args.segments,
-        label=args.label,
-        min_duration=args.min_duration,
-        max_duration=args.max_duration,
-    )
+    if upload is not None:
+        from index.search import Filters
+
+        filters = Filters(label=args.label, min_duration=args.min_duration, max_duration=args.max_duration)
+        hits = engine.search_upload(upload, k=args.k, segments=args.segments, filters=filters)
+    else:
+        hits = engine.search(
+            " ".join(args.query),
+            k=args.k,
+            segments=args.segments,
+            label=args.label,
+            min_duration=args.min_duration,
+            max_duration=args.max_duration,
+        )
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
     else:
         print(format_hits(hits, segments=args.segments))
     return 0
+
+
+_MAX_LIKE_BYTES = 256 * 2**20
+
+
+def _read_upload(path: str) -> bytes:
+    """The bytes of a picture or clip to search by (what ``POST /search/upload`` takes), at most 256 MiB."""
+    try:
+        size = os.path.getsize(path)
+        if size > _MAX_LIKE_BYTES:
+            raise ValueError(f"--like {path}: {size:,} bytes, above {_MAX_LIKE_BYTES:,}: use a shorter clip")
+        with open(path, "rb") as f:
+            return f.read(_MAX_LIKE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"--like {path}: {exc.strerror or exc}") from None
 
 
 def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
@@ -418,7 +442,8 @@ def _add_search_parser(sub: Any) -> None:
     p = sub.add_parser("search", help="search the index by text")
     p.add_argument("--index", required=True, help="the job's output folder or s3:// prefix")
     _add_model_options(p)
-    p.add_argument("query", nargs="+", help="the text to search for")
+    p.add_argument("query", nargs="*", help="the text to search for")
+    p.add_argument("--like", metavar="FILE", help="search by a picture or a short clip instead of text")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.add_argument("--segments", action="store_true", help="search moments of long videos")

@@ -153,6 +153,18 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert "s]" in capsys.readouterr().out
     assert cli_main(["search", "--index", str(indexed), "x", "--model", "vitaclip-b16"]) == 2
     assert "built with vitaclip-tiny" in capsys.readouterr().err
+    # By a clip instead of text: an indexed video finds itself first (decoded and embedded as the job did).
+    row = next(r for r in committed(indexed, "videos") if r["status"] == "ok")
+    assert cli_main(["search", "--index", str(indexed), "--like", row["uri"], "-k", "3", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)[0]
+    assert first["video_id"] == row["video_id"] and first["score"] > 0.99, first
+    for argv, message in [
+        (["--like", row["uri"], "words"], "not both"),
+        ([], "give the text to search for, or --like FILE"),
+        (["--like", str(indexed / "missing.mp4")], "missing.mp4: No such file or directory"),
+    ]:
+        assert cli_main(["search", "--index", str(indexed), *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_segments_of_an_older_version_never_come_back(
