@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from jobs.config import config_from_args
-from vitaclip.redact import install_log_redaction, redact_text
+from vitaclip.redact import install_log_redaction, redact_text, terminal_text
 
 
 def setup_logging() -> None:
@@ -48,13 +48,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
         try:
             summary = pipeline.run_index_job(config)
         except pipeline.IndexUpdateError as exc:  # storage failing after the commits: what holds, no traceback
-            print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
+            print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
             return 1
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
-        print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
         return 2
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
-        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        print(terminal_text(redact_text(traceback.format_exc()), lines=True), file=sys.stderr, end="")
         return 1
     print_summary(summary)
     for held in summary.get("prune_held_back") or ():

@@ -12,7 +12,7 @@ from typing import Any
 
 from index.row_settings import SETTINGS_DIR, RowSettings
 from index.stores import Store
-from vitaclip.redact import redact_text, redact_url
+from vitaclip.redact import redact_text, redact_url, terminal_text
 
 RUNS_DIR = "runs"
 _ERROR_CHARS = 160
@@ -108,4 +108,4 @@ def format_runs(records: list[dict[str, Any]], settings: list[RowSettings], *, u
             f"settings of {recorded.model_id}: num_frames {recorded.num_frames}, segments {segments}, "
             f"top_k {recorded.top_k}, {len(recorded.labels)} labels"
         )
-    return "\n".join(lines)
+    return "\n".join(terminal_text(line) for line in lines)  # names and messages hold no terminal controls

@@ -134,6 +134,35 @@ def test_redact_value_and_log_formatter() -> None:
     assert SECRET not in text and "***@h:1" in text and "ConnectionError" in text
 
 
+def test_names_with_terminal_controls_are_printed_escaped(tmp_path: Path, capsys) -> None:
+    """A file name holding escape sequences, carriage returns or bells reaches logs, errors, search results and
+    `vitaclip runs` as text (``\\x1b``), never as controls a terminal acts on; a formatter's own colours stay."""
+    from index.search import Hit
+    from jobs.cli import format_hits
+    from jobs.cli import main as cli_main
+    from jobs.runs import format_runs
+    from vitaclip.redact import terminal_text
+
+    hostile = "clip\x1b[2J\x1b]0;owned\x07\rfake.mp4"
+    assert terminal_text(hostile) == "clip\\x1b[2J\\x1b]0;owned\\x07\\x0dfake.mp4"
+    assert terminal_text("a\nb\tc", lines=True) == "a\nb\tc" and terminal_text("a\nb") == "a\\x0ab"
+
+    class Coloured(logging.Formatter):  # as uvicorn's on a terminal
+        def format(self, record: logging.LogRecord) -> str:
+            return "\x1b[31m" + super().format(record) + "\x1b[0m"
+
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "cannot read %s", (hostile,), None)
+    text = RedactingFormatter(inner=Coloured("%(message)s")).format(record)
+    assert text == "\x1b[31mcannot read " + terminal_text(hostile) + "\x1b[0m"
+    hit = Hit(0.5, "v", 1, hostile, None, None, None, ["a\x1bb"], [0.5], None)
+    assert "\x1b" not in format_hits([hit], segments=False) and "\\x1b[2J" in format_hits([hit], segments=False)
+    runs = format_runs([{"run_id": "r", "state": "failed", "error": hostile}], [], url=str(tmp_path))
+    assert "\x1b" not in runs and "\r" not in runs and "\\x1b]0;owned" in runs
+    assert cli_main(["search", "--index", str(tmp_path / hostile), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J" in err, err
+
+
 @pytest.fixture
 def dummy_aws(monkeypatch) -> None:
     """Credentials that are only ever offered to a closed loopback port."""

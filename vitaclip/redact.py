@@ -122,8 +122,22 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+# Control characters a terminal acts on (escape sequences, carriage returns, bells): a file name holding them, printed
+# as it is, could rewrite what an operator sees. Newlines and tabs stay where text spans lines (tracebacks).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text: str, *, lines: bool = False) -> str:
+    """`text` with the control characters a terminal would act on written as ``\\xNN`` (with `lines`, newlines and
+    tabs kept): for what the project prints of names it did not choose (file names, URIs, messages quoting them)."""
+    pattern = _CONTROLS_BUT_LINES if lines else _CONTROLS
+    return pattern.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
 class RedactingFormatter(logging.Formatter):
-    """A log formatter whose output, traceback included, has credentials in URLs masked.
+    """A log formatter whose output, traceback included, has credentials in URLs masked and the control characters
+    a terminal acts on escaped (`terminal_text`; a file name cannot rewrite the log's screen).
 
     Args:
         inner: a formatter whose output is redacted (uvicorn's adds fields of its own); None: this one formats, with
@@ -135,7 +149,14 @@ class RedactingFormatter(logging.Formatter):
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_text(self.inner.format(record) if self.inner is not None else super().format(record))
+        # Escaped in the message and the traceback only: a formatter's own colours (uvicorn's on a terminal) stay.
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = terminal_text(record.getMessage(), lines=True), None
+        safe.__dict__.pop("color_message", None)  # uvicorn's coloured copy of the message, formatted from the args
+        if record.exc_info and record.exc_info[0] is not None:
+            safe.exc_text = terminal_text(self.formatException(record.exc_info), lines=True)
+        formatted = self.inner.format(safe) if self.inner is not None else super().format(safe)
+        return redact_text(formatted)
 
 
 def install_log_redaction(logger: logging.Logger | str | None = None) -> None:
