@@ -192,7 +192,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "yy-odd.json").write_text(json.dumps({**odd, "prune_held_back": 5}))
     (tmp_path / "out" / "runs" / "sub").mkdir()
     (tmp_path / "out" / "runs" / "sub" / "not-a-run.json").write_text("{}")  # not a run record: not listed
-    held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2},
+    held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2}, "prune_left_alone": ["/w/"],
             "prune_held_back": [{"scope": "/v/", "no_longer_listed": 40, "listed": 60}, "odd"]}  # fmt: skip
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
     assert main(["runs", str(tmp_path / "out")]) == 0
@@ -203,7 +203,9 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
-    assert by_id["xx-held"].endswith("ok 2; pruning held back (40 no longer listed, --prune-max)")
+    assert by_id["xx-held"].endswith(
+        "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
+    )
     assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
