@@ -191,7 +191,28 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train")
         raise ValueError("give --train-list (a path,label list or a Parquet manifest)")
     if not config.output:
         raise ValueError("give --output (a folder or s3://bucket/prefix)")
+    config = _local_paths_absolute(config)
+    try:
+        load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)  # before any worker starts
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--label-names {config.label_names}: {getattr(exc, 'strerror', None) or exc}") from None
     return config, ray
+
+
+def _local_paths_absolute(config: TrainConfig) -> TrainConfig:
+    """The recipe with its local paths absolute: Ray's workers run in a folder of Ray's own, where a relative path
+    names nothing (a relative --output put every checkpoint under Ray's session folder)."""
+
+    def absolute(value: str) -> str:
+        return os.path.abspath(value) if value and "://" not in value else value
+
+    changes = {name: absolute(getattr(config, name)) for name in ("train_list", "output", "data_root", "val_list")
+               if getattr(config, name)}  # fmt: skip
+    for name in ("checkpoint", "label_names"):  # these also take names (a model tag, a packaged label set)
+        value = getattr(config, name)
+        if value and "://" not in value and (os.sep in value or os.path.exists(value)):
+            changes[name] = absolute(value)
+    return dataclasses.replace(config, **changes)
 
 
 # ------------------------------------------------------------------------------------------------ reading inputs

@@ -376,6 +376,10 @@ def test_ray_train_with_default_resources_finishes(motion_data: dict[str, Path],
     args[args.index("--train-list") + 1] = str(captioned)
     args.remove("--local")
     args += ["--num-frames", "4", "--log-every", "1"]
+    # Paths relative to where the command runs: Ray's workers run elsewhere, so the driver makes them absolute (a
+    # relative --output put the checkpoints under Ray's session folder; a relative label file crashed the worker).
+    for flag in ("--output", "--label-names"):
+        args[args.index(flag) + 1] = os.path.relpath(args[args.index(flag) + 1], REPO)
     proc = run_guarded(["-m", "jobs.train", *args])
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((output / "train_summary.json").read_text())
@@ -486,12 +490,14 @@ def test_config_defaults_are_the_official_recipe_and_yaml_flags_override(tmp_pat
     yaml_file.write_text("train_list: a.csv\noutput: out\nsteps: 10\nbatch-size: 32\nlr: 0.001\n")
     config, ray = train_job.config_from_args(["--config", str(yaml_file), "--steps", "20", "--local"])
     assert (config.train_list, config.steps, config.batch_size, config.optimizer.lr, ray.local) == (
-        "a.csv",
+        os.path.abspath("a.csv"),  # workers run in another folder
         20,
         32,
         1e-3,
         True,
     )
+    with pytest.raises(ValueError, match="--label-names missing-labels.txt: No such file"):
+        train_job.config_from_args(["--config", str(yaml_file), "--label-names", "missing-labels.txt"])
     with pytest.raises(ValueError, match="multiple"):
         TrainConfig(train_list="x", output="y", batch_size=10, micro_batch_size=4)
     assert train_job.main(["--config", str(yaml_file), "--batch-size", "30", "--micro-batch-size", "7"]) == 2
