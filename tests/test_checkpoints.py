@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -810,6 +811,7 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp
         (torch.int32, "another kind than the model's floats"),
         (torch.bool, "another kind than the model's floats"),
         (torch.complex64, "another kind than the model's floats"),
+        ("float8-nan", "NaN or infinity"),  # float8 has no isfinite of its own: was a NotImplementedError
     ],
 )
 def test_weights_a_cast_would_change_or_that_are_not_finite_are_refused(
@@ -820,6 +822,9 @@ def test_weights_a_cast_would_change_or_that_are_not_finite_are_refused(
     key = "visual.conv1.weight"
     if isinstance(value, float):
         state[key][0, 0, 0, 0] = value
+    elif value == "float8-nan":
+        state[key] = state[key].to(torch.float8_e4m3fn)
+        state[key][0, 0, 0, 0] = float("nan")
     else:
         state[key] = state[key].to(value)
     torch.save(state, tmp_path / "clip.pth")
@@ -847,6 +852,7 @@ def test_deeply_wrapped_and_odd_official_checkpoints_are_checkpoint_errors(tmp_p
         ("cls-empty", {"visual.cls_token": torch.zeros(0)}),
         ("pos-empty", {"visual.pos_embed": torch.zeros(0, 64)}),
         ("ctx-1d", {"prompt_learner.ctx": torch.zeros(4)}),
+        ("local-prompts-differ", {"visual.blocks.1.local_prompts": torch.zeros(1, 4, 64)}),  # was a stack error
     ]:
         damaged = {k: v for k, v in {**official, **change}.items() if v is not None}
         torch.save({"model": damaged}, tmp_path / f"{name}.pth")
@@ -854,6 +860,26 @@ def test_deeply_wrapped_and_odd_official_checkpoints_are_checkpoint_errors(tmp_p
             vitaclip.create_model(
                 base_config(meta), checkpoint=tmp_path / f"{name}.pth", label_names=meta["class_names"]
             )
+
+
+def test_a_torch_save_zip_with_compressed_entries_is_refused_before_unpickling(tmp_path: Path) -> None:
+    """torch.save stores its entries; a deflated pickle of a few KB expanded to gigabytes while it was read (a zip
+    bomb): such an archive is refused from its directory, in no time, before anything is inflated."""
+    import zipfile
+
+    torch.save(vitaclip.create_model("clip-tiny-frames").clip.state_dict(), tmp_path / "clip.pth")
+    with zipfile.ZipFile(tmp_path / "clip.pth") as src:
+        with zipfile.ZipFile(tmp_path / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                dst.writestr(info.filename, data + b"\0" * (64 << 20) if info.filename.endswith("data.pkl") else data)
+    # 64 MiB more pickle in less than 1 MiB more file.
+    assert (tmp_path / "bomb.pth").stat().st_size < (tmp_path / "clip.pth").stat().st_size + (1 << 20)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="compressed entries"):
+        vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "bomb.pth")
+    assert time.monotonic() - started < 5
+    vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "clip.pth")  # as torch.save wrote it: loads
 
 
 def test_a_format_version_of_true_is_no_version(tmp_path: Path) -> None:

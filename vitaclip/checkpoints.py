@@ -76,6 +76,11 @@ def _zip_layout(f: BinaryIO, path: Path) -> Literal["pickle", "torch.save", "oth
         with zipfile.ZipFile(f) as zf:
             if not _torchscript.is_torch_save_layout(zf):
                 return "other"
+            compressed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if compressed:  # torch.save stores entries as they are; a deflated pickle can expand to gigabytes
+                raise CheckpointError(
+                    f"{path}: refusing this zip archive: compressed entries {compressed[:3]} (torch.save writes none)"
+                )
         # Python's zip reader saw torch.save's layout; torch's own reader (the one torch.load uses) must not see a
         # TorchScript archive either, as a crafted zip can read differently to two readers.
         f.seek(0)
@@ -386,6 +391,11 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     if local:
         if sorted(local) != list(range(len(local))):
             raise CheckpointError(f"local prompts found for layers {sorted(local)} only")
+        shapes = {tuple(tokens.shape) for tokens in local.values()}
+        if len(shapes) > 1:
+            raise CheckpointError(
+                f"not an official checkpoint of one shape: local prompts differ across layers {sorted(shapes)}"
+            )
         out["local_prompts.tokens"] = torch.stack([local[i] for i in range(len(local))])
     # open_clip keeps its own logit_scale; keep it equal to the model's.
     out["clip.logit_scale"] = out["logit_scale"].clone()
@@ -413,6 +423,12 @@ def _shape_mismatches(own: Mapping[str, Sequence[int]], theirs: Mapping[str, Seq
     return parts
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.element_size() == 1:  # float8 kinds: no isfinite of their own; their values are exact in float32
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
 def _value_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
     """Tensors a cast would silently change (a complex, integer or boolean tensor for a float weight) or that hold
     NaN or infinity: they load without an error and give NaN embeddings, written as ``ok`` rows."""
@@ -421,7 +437,7 @@ def _value_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
         for k in own
         if own[k].is_floating_point() and not state[k].is_floating_point()
     )
-    not_finite = sorted(k for k in own if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()))
+    not_finite = sorted(k for k in own if state[k].is_floating_point() and not _all_finite(state[k]))
     parts = []
     if wrong_dtype:
         parts.append(f"tensors of another kind than the model's floats {wrong_dtype[:6]}")
