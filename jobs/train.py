@@ -206,8 +206,8 @@ def _local_paths_absolute(config: TrainConfig) -> TrainConfig:
     def absolute(value: str) -> str:
         return os.path.abspath(value) if value and "://" not in value else value
 
-    changes = {name: absolute(getattr(config, name)) for name in ("train_list", "output", "data_root", "val_list")
-               if getattr(config, name)}  # fmt: skip
+    paths = ("train_list", "output", "data_root", "val_list")
+    changes: dict[str, Any] = {name: absolute(getattr(config, name)) for name in paths if getattr(config, name)}
     for name in ("checkpoint", "label_names"):  # these also take names (a model tag, a packaged label set)
         value = getattr(config, name)
         if value and "://" not in value and (os.sep in value or os.path.exists(value)):
