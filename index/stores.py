@@ -157,6 +157,21 @@ def _os_reason(exc: OSError) -> StorageErrorReason:
     return "access_denied" if isinstance(exc, PermissionError) else "invalid_input"
 
 
+def _refuse_odd_key_prefix(url: str, prefix: str) -> None:
+    """An object-store output whose prefix delta-rs would read as another place: ``?`` and ``#`` end a URL's path
+    (the tables went to ``o``, the runs and the index to ``o#1``), and ``.``, ``..`` or empty segments (``//``) are
+    collapsed or refused by its object stores while this store writes the key as it is."""
+    segments = prefix.strip("/").split("/") if prefix.strip("/") else []
+    odd = sorted({c for c in "?#" if c in prefix}) + sorted({repr(seg) for seg in segments if seg in ("", ".", "..")})
+    if odd or prefix.startswith("/"):
+        raise StorageError(
+            f"output location {redact_url(url)}: Delta Lake tables need a prefix without '?', '#', '.' or '..' "
+            f"segments or doubled '/' (found {', '.join(odd) or 'a leading /'}): choose another prefix",
+            reason="invalid_input",
+            uri=url,
+        )
+
+
 class LocalStore(Store):
     """A folder; writes go to a temporary file beside the target, then `os.replace`."""
 
@@ -276,6 +291,7 @@ class S3Store(Store):
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         _refuse_percent(self.url)
+        _refuse_odd_key_prefix(self.url, prefix)
         self._client = s3_client
         # Parts of the threshold's size: S3 allows 10,000 parts, so 64 MiB parts reach 625 GiB per object.
         self._transfer = boto3.s3.transfer.TransferConfig(
@@ -423,6 +439,7 @@ class ObjectFsStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         _refuse_percent(self.url)
+        _refuse_odd_key_prefix(self.url, self.url.split("://", 1)[1].partition("/")[2])
         self._fs, self._base = OutputLocation.from_url(self.url).filesystem()
 
     def __repr__(self) -> str:
