@@ -130,6 +130,7 @@ def test_file_uris_are_local_paths_and_other_schemes_are_rows(tmp_path: Path) ->
         "gs://bucket/notes.txt\n"  # filtered by extension like any other entry
         "s3://AKIAKEY:s3cr3t@media/v.mp4\n"  # never kept as a row's uri (the table would hold the secret)
         "https://media.example.com/v.mp4?X-Amz-Signature=s3cr3t\n"  # a row, not dropped for its query
+        "s3:///v.mp4\ns3://Bad Bucket/v.mp4\n"  # no read could succeed: a final status, not a read_error every run
     )
     rows = listed(manifest)
     assert rows[:4] == [
@@ -146,7 +147,10 @@ def test_file_uris_are_local_paths_and_other_schemes_are_rows(tmp_path: Path) ->
         ("http://***@example.com/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
         ("s3://***@media/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
         ("https://media.example.com/v.mp4?X-Amz-Signature=***", "unsupported_uri", UNKNOWN_SIZE),
+        ("s3:///v.mp4", "unsupported_uri", UNKNOWN_SIZE),
+        ("s3://Bad Bucket/v.mp4", "unsupported_uri", UNKNOWN_SIZE),
     ]
+    assert "without a valid bucket name" in odd[-1].error_message
     assert "credentials" in odd[4].error_message and "line 10 of" in odd[4].error_message
     assert "host 'otherhost'" in odd[0].error_message and "line 5 of" in odd[0].error_message
     assert "%3F" in odd[1].error_message

@@ -417,6 +417,7 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+_ANY_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,254}")  # the rules of today's and of legacy S3 buckets
 
 
 def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> VideoObject:
@@ -433,9 +434,12 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
             uri = _normalize_path(os.path.join(base, uri))  # an absolute path stays itself
     elif scheme.group(1).lower() == "s3":
         uri = "s3://" + uri[scheme.end() :]
-        if "@" in uri[5:].split("/", 1)[0]:  # a bucket name holds no "@": userinfo, kept out of every row
+        bucket, _, key = uri[5:].partition("/")
+        if "@" in bucket:  # a bucket name holds no "@": userinfo, kept out of every row
             problem = "s3:// URI with credentials in it: the job takes credentials from the AWS chain only"
             return _unsupported(row, problem, where=where)
+        if not _ANY_BUCKET_NAME.fullmatch(bucket) or not key:  # no read could ever succeed: not retried by every run
+            return _unsupported(row, "s3:// URI without a valid bucket name and key (s3://bucket/key)", where=where)
     elif scheme.group(1).lower() == "file":
         path, problem = _file_uri_path(uri[scheme.end() :])
         if problem:
