@@ -412,6 +412,12 @@ class SearchService:
         if self._s3 is None:
             self._s3 = make_s3_client(endpoint_url=self.s3_endpoint_url, max_attempts=3)
         bucket, key = parse_s3_uri(str(row["uri"]))
+        if any(segment in (".", "..") for segment in key.split("/")):
+            # Browsers and HTTP clients collapse dot segments (escaped ones too) before sending: the link would ask
+            # for another key (a 403 on S3's signature, or another object on a server that checks none).
+            raise MediaRefused(
+                "unservable", "this object's key has '.' or '..' segments, which no URL can carry", http_status=409
+            )
         try:
             head = self._s3.head_object(Bucket=bucket, Key=key)
         except Exception:  # any failure to confirm the object: refuse, without the storage's message

@@ -561,3 +561,18 @@ def test_query_batcher_encodes_concurrent_texts_together() -> None:
         outcomes = [f.exception(timeout=10) for f in failing]
     assert isinstance(outcomes[0], RuntimeError)
     assert batcher("again").tolist() == [5, ord("a")]  # the batcher still works after a failure
+
+
+def test_s3_keys_with_dot_segments_get_no_link_that_would_name_another_key() -> None:
+    """Clients collapse ``.`` and ``..`` path segments (escaped or not) before sending, so a presigned link to
+    ``in/../up.mp4`` asks for ``up.mp4``: such an object is refused with 409, before S3 is even asked."""
+    import types
+
+    from index.media import MediaRefused
+    from index.service import SearchService
+
+    unreachable = types.SimpleNamespace(_s3=object(), s3_endpoint_url=None)  # any call to S3 would fail
+    for key in ("in/../up.mp4", "in/./dot.mp4", "../x.mp4", "a/.."):
+        with pytest.raises(MediaRefused) as refused:
+            SearchService._presign(unreachable, {"uri": f"s3://b/{key}", "etag": "e"})  # type: ignore[arg-type]
+        assert refused.value.http_status == 409 and "'.' or '..' segments" in refused.value.message
