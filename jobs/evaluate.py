@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.ray_resources import init_ray, plan_decode_pool
-from vitaclip.redact import redact_text
+from vitaclip.redact import install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("vitaclip.eval")
 
@@ -422,7 +422,7 @@ def run_eval(config: EvalConfig, mode: Mode) -> dict[str, Any]:
             probs = ev.average_view_probabilities(logits)
             labels = [y for _, y in entries]
             metrics = ev.classification_metrics(probs, labels, split_names)
-            metrics["decode_errors"] = sum(1 for e in errors if e)
+            metrics["decode_errors"] = _warn_unread(uris, errors)
             metrics["split"] = split_name
             results.append(metrics)
             if key == "model" and config.confusion_png and len(split_names) <= ev.CONFUSION_MAX_CLASSES:
@@ -456,11 +456,27 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  {s['split']:<8} top-1 {s['top1']:6.2f}   top-5 {s['top5']:6.2f}   ({s['num_videos']} videos)")
     if "baseline" in report:
         print(line("baseline", report["baseline"]))
+    _print_unread(report.get("decode_errors", sum(s.get("decode_errors", 0) for s in report.get("splits", []))))
+
+
+def _warn_unread(uris: Sequence[str], errors: Sequence[str]) -> int:
+    """Logs the videos that could not be read (the first five, with why); returns how many."""
+    unread = [f"{redact_url(uri)}: {error}" for uri, error in zip(uris, errors, strict=True) if error]
+    if unread:
+        log.warning("%d of %d videos could not be read (scored as wrong): %s", len(unread), len(uris), unread[:5])
+    return len(unread)
+
+
+def _print_unread(count: int) -> None:
+    """Says how many listed videos could not be read: they stay in the counts, scored as wrong answers."""
+    if count:
+        print(f"{count} listed video(s) could not be read or decoded: counted as wrong (logged above)")
 
 
 def main(argv: Sequence[str] | None = None, mode: Mode | None = None) -> int:
     """``vitaclip eval``; 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # the names of unreadable videos: credentials masked, terminal controls escaped
     try:
         config = eval_config_from_args(sys.argv[1:] if argv is None else argv)
         chosen: Mode = config.mode or mode or ("zero-shot" if config.protocol else "supervised")
@@ -540,7 +556,7 @@ def run_retrieval(config: RetrievalConfig) -> dict[str, Any]:
             text_feats = torch.cat([m.encode_text(texts[i : i + 256]).float().cpu() for i in range(0, len(texts), 256)])
         sim = text_feats @ video_feats.t()  # [num_captions, num_videos]
         metrics = ev.retrieval_metrics(sim, [index[v] for v, _ in rows])
-        metrics["decode_errors"] = sum(1 for e in errors if e)
+        metrics["decode_errors"] = _warn_unread(videos, errors)
         if key == "model":
             report.update(metrics)
         else:
@@ -561,6 +577,7 @@ def run_retrieval(config: RetrievalConfig) -> dict[str, Any]:
 def main_retrieval(argv: Sequence[str] | None = None) -> int:
     """``vitaclip eval-retrieval``; 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # the names of unreadable videos: credentials masked, terminal controls escaped
     try:
         config = retrieval_config_from_args(sys.argv[1:] if argv is None else argv)
         report = run_retrieval(config)
@@ -585,6 +602,7 @@ def main_retrieval(argv: Sequence[str] | None = None) -> int:
                 f"{name:<19} {direction:<14} {d['r1']:6.2f}  {d['r5']:6.2f}  {d['r10']:6.2f}  "
                 f"{d['median_rank']:5.1f}  {d['mean_rank']:6.1f}"
             )
+    _print_unread(report.get("decode_errors", 0))
     if report.get("plot"):
         print(f"recall at k: {report['plot']}")
     return 0

@@ -188,7 +188,7 @@ def test_three_spatial_views_of_a_wide_video_cover_it_end_to_end(tmp_path: Path)
 
 
 def test_eval_cli_json_baseline_and_confusion_png(
-    videos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    videos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     from vitaclip.checkpoints import save_checkpoint
 
@@ -208,6 +208,12 @@ def test_eval_cli_json_baseline_and_confusion_png(
     out = capsys.readouterr().out
     assert "+/-" in out
     assert eval_job.main([*args[:-2], "--views", "3y1"]) == 2
+    # A listed video that is not there counts as a wrong answer, and the text report says so.
+    (tmp_path / "with-missing.csv").write_text("v0.mkv,0\nnope.mkv,1\n")
+    assert eval_job.main([*args, "--list", str(tmp_path / "with-missing.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "1 listed video(s) could not be read or decoded: counted as wrong" in out, out
+    assert "nope.mkv" in caplog.text and "1 of 2 videos could not be read" in caplog.text, caplog.text
 
 
 def test_eval_retrieval_cli(videos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
