@@ -816,6 +816,8 @@ def run_training(
     output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
     steps_done = output.checkpoint_steps()
     start_step = steps_done[-1] if steps_done else 0
+    if start_step:
+        _check_same_recipe(config, output.read_text("train_config.json"), output.url)
     loop_config = {
         "config": config.to_dict(),
         "data_start_step": start_step,
@@ -828,7 +830,31 @@ def run_training(
         else:
             _run_ray(config, ray, loop_config, start_step)
     text = output.read_text("train_summary.json")
-    return json.loads(text) if text else {"output": output.url, "steps": config.steps, "resumed_from_step": start_step}
+    summary = (
+        json.loads(text) if text else {"output": output.url, "steps": config.steps, "resumed_from_step": start_step}
+    )
+    return {**summary, "already_done": start_step >= config.steps}
+
+
+# What a resumed run must share with the run it resumes: the schedule, the data order and what is trained. Paths may
+# move (data copied elsewhere) and the operational knobs (logging, saving, decoding threads) may change.
+_RECIPE_FIELDS = ("model", "steps", "batch_size", "num_frames", "sampling", "stride", "temporal_jitter", "seed",
+                  "optimizer", "augment", "caption_loss_weight")  # fmt: skip
+
+
+def _check_same_recipe(config: TrainConfig, recorded_text: str | None, url: str) -> None:
+    """Refuses to resume an output with another recipe: the learning-rate schedule and the data positions are
+    functions of the step and of these fields, so a resumed run with other values would not be the run it claims."""
+    if not recorded_text:
+        return
+    recorded, current = json.loads(recorded_text), config.to_dict()
+    differ = [f"{name}: {recorded[name]!r} there, {current[name]!r} now" for name in _RECIPE_FIELDS
+              if name in recorded and recorded[name] != current[name]]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"{url} holds a run of another recipe ({'; '.join(differ)}): resuming it would change its schedule "
+            "mid-run; give the same values, or start a new --output with --checkpoint naming this one"
+        )
 
 
 def _run_ray(config: TrainConfig, ray_config: RayTrainConfig, loop_config: dict[str, Any], start_step: int) -> None:
@@ -898,6 +924,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.train
         print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     last = summary.get("last") or {}
+    if summary.get("already_done"):
+        print(f"nothing to train: {summary.get('output')} has reached step {summary.get('steps')} already")
+        return 0
     print(
         f"trained {summary.get('steps')} steps (resumed from {summary.get('resumed_from_step', 0)}); "
         f"loss {last.get('loss', float('nan')):.4f}, accuracy {last.get('accuracy', float('nan')):.3f}; "

@@ -227,7 +227,9 @@ def test_resume_refuses_damaged_weights(tmp_path: Path) -> None:
         load_training_checkpoint(folder, model, optimizer, scheduler, scaler)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(motion_data: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_after_sigkill_matches_an_uninterrupted_run(
+    motion_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     recipe = ["--steps", "8", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "5e-3", "--warmup-steps", "2"]
     recipe += ["--save-every", "3", "--keep-last", "5", "--log-every", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -259,9 +261,18 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(motion_data: dict[str
         for name, tensor in value.items():
             assert torch.equal(at_kill["optimizer"]["state"][key][name], tensor), (key, name)
 
+    # Another schedule is refused (it would change the learning rate mid-run), before anything is trained.
+    other = [*recipe[:1], "12", *recipe[2:]]
+    capsys.readouterr()
+    assert train_job.main(train_args(motion_data, killed, *other)) == 2
+    assert "steps: 8 there, 12 now" in capsys.readouterr().err
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step-000000003"]
     assert train_job.main(train_args(motion_data, killed, *recipe)) == 0
     summary = json.loads((killed / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 3
+    capsys.readouterr()
+    assert train_job.main(train_args(motion_data, killed, *recipe)) == 0  # finished: says so, trains nothing
+    assert f"nothing to train: {killed} has reached step 8 already" in capsys.readouterr().out
     final_a = safetensors.torch.load_file(str(straight / "checkpoints/step-000000008/model.safetensors"))
     final_b = safetensors.torch.load_file(str(killed / "checkpoints/step-000000008/model.safetensors"))
     for name, tensor in final_a.items():
