@@ -56,6 +56,26 @@ def test_own_format_round_trip_is_exact(tmp_path: Path) -> None:
     assert vitaclip.create_model(None, checkpoint=tmp_path / "ckpt" / "model.safetensors").model_id == loaded.model_id
 
 
+def test_saved_checkpoints_are_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """Written through temporary files, the weights were private (0600) and training step folders 0700: another
+    account, or a service reading the checkpoint, could not. They get the mode a plain write gives."""
+    from vitaclip.training.state import save_training_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        model = vitaclip.create_model("clip-tiny-frames")
+        vitaclip.save_checkpoint(model, tmp_path / "c")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad] or [torch.zeros(1)], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        save_training_checkpoint(tmp_path / "step", model, optimizer, scheduler, scaler, step=1, samples_seen=2)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "step").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "step" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_own_format_detects_tampering_and_versions(tmp_path: Path) -> None:
     model = vitaclip.create_model("clip-tiny-frames")
     vitaclip.save_checkpoint(model, tmp_path / "c")

@@ -589,6 +589,14 @@ def _portable_config(config: VitaClipConfig, out_dir: Path) -> VitaClipConfig:
     return config.replace(**changes) if changes else config
 
 
+def umask_mode(*, folder: bool = False) -> int:
+    """The mode a plain ``open`` or ``mkdir`` would give (0o666 or 0o777 less the umask), for files and folders made
+    through `tempfile` (0o600 and 0o700: a checkpoint another account or a service reads would be unreadable)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     """Writes ``out_dir/model.safetensors`` and ``out_dir/config.json`` (last, atomically). Returns the sha256."""
     out_dir = Path(out_dir)
@@ -600,6 +608,7 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     try:
         _save_safetensors(state, tmp, {"format": FORMAT_NAME, "config": config.to_json()})
         sha = file_sha256(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out_dir / WEIGHTS_FILE)
     finally:
         if os.path.exists(tmp):

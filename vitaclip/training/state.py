@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitaclip.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_vitaclip_checkpoint, load_torch_file, save_checkpoint
+from vitaclip.checkpoints import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    is_vitaclip_checkpoint,
+    load_torch_file,
+    save_checkpoint,
+    umask_mode,
+)
 from vitaclip.model import VitaClip
 from vitaclip.training.config import CHECKPOINTS_DIR, TRAINING_STATE_FILE
 
@@ -86,6 +93,7 @@ def save_training_checkpoint(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    os.chmod(tmp, umask_mode(folder=True))  # readable as any folder made here, not private as mkdtemp makes it
     try:
         save_checkpoint(model, tmp)
         state = {
