@@ -95,10 +95,16 @@ def test_a_csv_without_uri_header_lists_first_cells(tmp_path: Path, s3_bucket: B
     assert listed(manifest) == [found["a.mp4"]]
     client, bucket = s3_bucket
     client.put_object(Bucket=bucket, Key="m/v.mp4", Body=b"12")
-    client.put_object(Bucket=bucket, Key="m/list.txt", Body=b"./v.mp4\n")
-    assert [(v.uri, v.size_bytes) for v in listed(f"s3://{bucket}/m/list.txt", s3_client=client)] == [
-        (f"s3://{bucket}/m/v.mp4", 2)
+    local = found["a.mp4"].uri
+    client.put_object(Bucket=bucket, Key="m/list.txt", Body=f"./v.mp4\n{local}\nfile://{local}\n".encode())
+    rows = listed(f"s3://{bucket}/m/list.txt", s3_client=client)
+    # Keys beside an S3 manifest are objects; files of the machines are not named by what is written to a bucket.
+    assert [(v.uri, v.size_bytes, v.status) for v in rows] == [
+        (f"s3://{bucket}/m/v.mp4", 2, ""),
+        (local, UNKNOWN_SIZE, "unsupported_uri"),
+        (f"file://{local}", UNKNOWN_SIZE, "unsupported_uri"),
     ]
+    assert "names objects" in rows[1].error_message
 
 
 def test_csv_errors_name_the_line(tmp_path: Path) -> None:

@@ -425,8 +425,12 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
     status ``unsupported_uri`` for a URI the job cannot read."""
     uri = row.uri
     scheme = _SCHEME.match(uri)
+    local = (scheme is None and uri.startswith("/")) or (scheme is not None and scheme.group(1).lower() == "file")
+    if on_s3 and local:  # whoever may write to the bucket must not make the workers read their own files
+        problem = "a manifest on S3 names objects (s3:// URIs or keys beside it), not files of the machines"
+        return _unsupported(row, problem, where=where)
     if scheme is None:
-        if on_s3 and not uri.startswith("/"):
+        if on_s3:
             while uri.startswith("./"):
                 uri = uri[2:]
             uri = f"{base}/{uri}"  # a key next to the manifest's, as written (but a leading "./")
