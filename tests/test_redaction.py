@@ -146,6 +146,9 @@ def test_names_with_terminal_controls_are_printed_escaped(tmp_path: Path, capsys
     hostile = "clip\x1b[2J\x1b]0;owned\x07\rfake.mp4"
     assert terminal_text(hostile) == "clip\\x1b[2J\\x1b]0;owned\\x07\\x0dfake.mp4"
     assert terminal_text("a\nb\tc", lines=True) == "a\nb\tc" and terminal_text("a\nb") == "a\\x0ab"
+    reversed_name = "clip\u202egpj.exe\u2066x\u2028y\u200f"  # reads "clipexe.jpg" on a screen that applies it
+    assert terminal_text(reversed_name, lines=True) == "clip\\u202egpj.exe\\u2066x\\u2028y\\u200f"
+    assert terminal_text("été — 東京 ✓") == "été — 東京 ✓"  # other non-ASCII text stays as it is
 
     class Coloured(logging.Formatter):  # as uvicorn's on a terminal
         def format(self, record: logging.LogRecord) -> str:

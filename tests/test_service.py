@@ -432,6 +432,12 @@ def _chromium() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
+def _first_result(browser: Any) -> dict[str, Any]:
+    return browser.execute_async_script(
+        "const done = arguments[0]; fetch('/search?q=red&k=1').then((r) => r.json()).then((b) => done(b.results[0]));"
+    )
+
+
 def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
     found = _chromium()
     assert found is not None, "Debian's chromium and chromium-driver are needed (scripts/setup.sh installs them)"
@@ -472,6 +478,10 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
         img = cards[0].find_element(By.TAG_NAME, "img")
         WebDriverWait(browser, 10).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
         assert "results in" in browser.find_element(By.ID, "status").text
+        # A name or label holding a bidirectional override or a line separator shows it as text, not reordered.
+        hostile = {**_first_result(browser), "uri": "s3://b/clip\u202egpj.exe", "labels": ["a\u2066b\u2028c"]}
+        shown = browser.execute_script("return card(arguments[0]).innerText", hostile)
+        assert "clip\\u202egpj.exe" in shown and "a\\u2066b\\u2028c (" in shown and "\u202e" not in shown, shown
         # The thumbnail plays the video from the matched moment (the browser reads it with Range requests).
         img.click()
         video = cards[0].find_element(By.TAG_NAME, "video")

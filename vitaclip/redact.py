@@ -123,16 +123,25 @@ def redact_value(value: Any) -> Any:
 
 
 # Control characters a terminal acts on (escape sequences, carriage returns, bells): a file name holding them, printed
-# as it is, could rewrite what an operator sees. Newlines and tabs stay where text spans lines (tracebacks).
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROLS_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# as it is, could rewrite what an operator sees. Newlines and tabs stay where text spans lines (tracebacks). The
+# bidirectional marks, embeddings, overrides and isolates and the Unicode line separators are escaped too: they reorder
+# or break what follows them ("clip\u202egpj.exe" reads "clipexe.jpg").
+_FORMATTING = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_FORMATTING}]")
+_CONTROLS_BUT_LINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_FORMATTING}]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def terminal_text(text: str, *, lines: bool = False) -> str:
-    """`text` with the control characters a terminal would act on written as ``\\xNN`` (with `lines`, newlines and
-    tabs kept): for what the project prints of names it did not choose (file names, URIs, messages quoting them)."""
+    """`text` with the control characters a terminal would act on written as ``\\xNN``, and the bidirectional and line
+    separator characters as ``\\uNNNN`` (with `lines`, newlines and tabs kept): for what the project prints of names it
+    did not choose (file names, URIs, messages quoting them)."""
     pattern = _CONTROLS_BUT_LINES if lines else _CONTROLS
-    return pattern.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    return pattern.sub(_escaped, text)
 
 
 class RedactingFormatter(logging.Formatter):
