@@ -654,6 +654,8 @@ class HostCheck:
             refusal = None
             if len(found) > 1:  # RFC 9112 3.2: a server must answer 400 (a proxy may read another one than we check)
                 refusal = "a request may have only one Host header"
+            elif not found and scope.get("http_version") == "1.1":  # RFC 9112 3.2: 400 too (HTTP/1.0 may omit it)
+                refusal = "an HTTP/1.1 request must name its host (the Host header)"
             elif found and not self.allows(found[0].decode("latin-1")):
                 refusal = "this host name is not served here (see vitaclip serve --allowed-host)"
             if refusal is not None:

@@ -717,6 +717,17 @@ def test_a_request_with_two_host_headers_gets_400(service: SearchService) -> Non
             assert answer.startswith(b"HTTP/1.1 400") and b"only one Host header" in answer, (hosts, answer)
 
 
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_a_request_must_name_its_host_in_http_1_1(service: SearchService, parser: str) -> None:
+    with serving(service, parser=parser) as url:
+        address = host_port(url)
+        answer = _raw_exchange(address, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert answer.startswith(b"HTTP/1.1 400") and ("Host" in error or parser == "h11"), answer  # h11: its own
+        answer = _raw_exchange(address, b"GET /healthz HTTP/1.0\r\n\r\n")  # HTTP/1.0 had no Host header
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
 def test_head_is_answered_wherever_get_is(client: TestClient, indexed: Path) -> None:
     hit = client.get("/search", params={"q": "red", "k": 1}).json()["results"][0]
     same_length = ["/", "/docs", "/openapi.json", f"/videos/{hit['video_id']}", hit["thumbnail_url"]]
