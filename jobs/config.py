@@ -257,7 +257,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     )
     p.add_argument("--output", help="output folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
-    p.add_argument("--model", help="registered model name or JSON config (default: vitaclip-b16)")
+    p.add_argument("--model", help="registered model name or JSON config")
     p.add_argument("--checkpoint", help="model weights: official .pth, OpenAI/open_clip, or a vitaclip folder")
     p.add_argument("--random-weights", action="store_const", const=True, help="allow running without --checkpoint")
     p.add_argument("--labels", help="label set (kinetics400) or a file with one label per line")

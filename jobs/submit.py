@@ -9,7 +9,8 @@ checkpoint may exist only on the cluster. ::
         --checkpoint /models/vitaclip-b16
 
 Token authentication: the token is read from ``--auth-token-file``, else ``RAY_AUTH_TOKEN``, else the file named by
-``RAY_AUTH_TOKEN_PATH``, else Ray's default (``~/.ray/auth_token``); it is sent as a header and never printed.
+``RAY_AUTH_TOKEN_PATH`` (which must then hold one), else Ray's default (``~/.ray/auth_token``); it is sent as a header
+and never printed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shlex
 import sys
 import time
@@ -139,12 +141,15 @@ def auth_headers(token_file: str | None) -> dict[str, str]:
             raise ValueError(f"{token_file} is empty")
     elif os.environ.get("RAY_AUTH_TOKEN"):
         token = os.environ["RAY_AUTH_TOKEN"].strip()
-    else:
-        candidates = [os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")]
-        for candidate in candidates:
-            if candidate and Path(candidate).is_file():
-                token = Path(candidate).read_text().strip()
-                break
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):  # named on purpose: a missing file is an error, not a fallback
+        named = os.environ["RAY_AUTH_TOKEN_PATH"]
+        if not Path(named).is_file():
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH names {named!r}, which is not a file")
+        token = Path(named).read_text().strip()
+        if not token:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH names {named!r}, which is empty")
+    elif (default := Path.home() / ".ray" / "auth_token").is_file():
+        token = default.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -159,6 +164,20 @@ def build_runtime_env(args: argparse.Namespace) -> dict[str, Any]:
     if args.requirements:
         runtime_env["pip"] = read_requirements(args.requirements)
     return runtime_env
+
+
+_EXCEPTION_LINE = re.compile(r"^\w+(?:Error|Exception): .+")
+
+
+def _server_reason(message: str) -> str:
+    """The reason in a refusal whose text carries the server's tracebacks (a reused submission id): the last
+    exception line, after the status line."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    status = message.split("Traceback", 1)[0].strip().rstrip(":")
+    reasons = [line.strip() for line in message.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+    reason = reasons[-1] if reasons else "the server's traceback holds no reason"
+    return f"{status}: {reason}" if status else reason
 
 
 def _submit(client: Any, **kwargs: Any) -> str:
@@ -225,10 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             entrypoint_num_gpus=args.entrypoint_num_gpus,
         )
     except Exception as exc:  # connection refused, authentication, a rejected runtime_env: one clear line
-        print(
-            redact_text(f"vitaclip submit: error: submitting to {args.address} failed: {type(exc).__name__}: {exc}"),
-            file=sys.stderr,
-        )
+        failure = f"submitting to {args.address} failed: {type(exc).__name__}: {_server_reason(str(exc))}"
+        print(redact_text(f"vitaclip submit: error: {failure}"), file=sys.stderr)
         return 1
     print(f"submission id: {submission_id}", flush=True)
     if not args.wait:

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -426,7 +427,9 @@ def test_fetch_checkpoint_copies_a_file_or_a_folder(s3_bucket: tuple[Any, str], 
 # ----------------------------------------------------------------------------------------------------- submit
 
 
-def test_submit_checks_the_job_flags_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_checks_the_job_flags_before_connecting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nowhere = f"http://127.0.0.1:{_free_port()}"
     assert submit.main(["--address", nowhere, "--", "in/", "--output", "out/", "--modle", "x"]) == 2
     assert "unrecognized arguments: --modle" in capsys.readouterr().err
@@ -435,6 +438,17 @@ def test_submit_checks_the_job_flags_before_connecting(capsys: pytest.CaptureFix
     assert submit.main(["--address", nowhere, "--metadata", "novalue", "--", "in", "--output", "o", "--no-index"]) == 2
     # A --config that only the cluster has is accepted; the connection then fails (exit 1), nothing printed secret.
     assert submit.main(["--address", nowhere, "--no-working-dir", "--", "--config", "/cluster/only.yaml"]) == 1
+    # A token path named on purpose that holds no token is an error, never a silent fallback to ~/.ray/auth_token.
+    job = ["--", "in/", "--output", "out/", "--model", "vitaclip-tiny", "--random-weights"]
+    for name, content in (("missing", None), ("empty", "\n")):
+        token_path = tmp_path / name
+        if content is not None:
+            token_path.write_text(content)
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
+        assert submit.main(["--address", nowhere, "--no-working-dir", *job]) == 2
+        err = capsys.readouterr().err
+        assert f"RAY_AUTH_TOKEN_PATH names {str(token_path)!r}" in err and ("not a file" in err or "empty" in err), err
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
     args, job = submit.split_argv(["--wait", "--metadata", "a=b", "s3://b/v/", "--output", "s3://b/o/"])
     assert (
         args.wait
@@ -545,6 +559,12 @@ def test_submit_wait_returns_1_when_the_job_fails(
     ]
     assert submit.main(argv) == 1
     assert "FAILED" in capsys.readouterr().out
+    # A submission id already used is refused in one line, not with the server's traceback.
+    reused = ["--submission-id", f"vitaclip-test-{uuid.uuid4().hex[:8]}"]
+    assert submit.main([*argv[:4], *reused, *argv[5:]]) == 0  # without --wait: submitted
+    assert submit.main([*argv[:4], *reused, *argv[5:]]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_local_stack_stops_cleanly(local_stack: dict[str, Any]) -> None:
