@@ -200,9 +200,14 @@ def _error(status: int, message: str, reason: str | None = None, headers: dict[s
 
 def _no_repeated_parameters(request: Request) -> None:
     counts = Counter(key for key, _ in request.query_params.multi_items())  # linear: 12,000 keys took 2 s with count()
-    repeated = sorted(key for key, count in counts.items() if count > 1)
-    if repeated:
-        raise RequestValidationError([{"loc": ["query", *repeated], "msg": "given more than once", "type": "repeated"}])
+    repeated = sorted(key for key, count in counts.items() if count > 1)[:MAX_REPORTED_ERRORS]
+    if repeated:  # one error per name (their names joined read as one dotted path); an empty name said as such
+        raise RequestValidationError(
+            [
+                {"loc": ["query", key or "(empty name)"], "msg": "given more than once", "type": "repeated"}
+                for key in repeated
+            ]
+        )
 
 
 MAX_BODY_KEYS = 32  # a search request has a dozen fields
@@ -576,7 +581,9 @@ def _filter_kwargs(params: FilterFields) -> dict[str, Any]:
 def _add_object_routes(app: FastAPI, service: SearchService) -> None:
     not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
 
-    @app.get("/videos/{video_id}", responses=not_found)
+    once = [Depends(_no_repeated_parameters)]  # which output is meant must not depend on which copy a reader takes
+
+    @app.get("/videos/{video_id}", responses=not_found, dependencies=once)
     async def video(video_id: str, index: IndexParam = None) -> JSONResponse:
         """An indexed video's row (no embedding, credentials masked)."""
         name, engine = service.engine(index)
@@ -586,7 +593,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         safe = dict(row, uri=redact_url(str(row["uri"])), thumbnail_url=f"/thumbnails/{row['row_id']}.jpg?index={name}")
         return JSONResponse(json.loads(json.dumps(safe, default=str)))
 
-    @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found)
+    @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found, dependencies=once)
     async def thumbnail(filename: str, index: IndexParam = None) -> Response:
         """The JPEG thumbnail of a video or segment row (``{row_id}.jpg``)."""
         found = _ROW_FILE.fullmatch(filename)
@@ -599,8 +606,12 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
             return _error(404, "no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.head("/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_head")
-    @app.get("/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_get")
+    @app.head(
+        "/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_head", dependencies=once
+    )
+    @app.get(
+        "/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_get", dependencies=once
+    )
     async def media(request: Request, video_id: str, index: IndexParam = None) -> Response:
         """The indexed video: streamed with Range (206) and conditional requests (304) for local files, a
         presigned URL (307) for ``s3://`` objects. Only indexed, unchanged objects inside the recorded inputs."""

@@ -664,6 +664,18 @@ def test_repeated_query_keys_are_found_in_linear_time(client: TestClient) -> Non
     assert response.status_code == 422 and "k: given more than once" in response.json()["error"], response.text
 
 
+def test_every_route_taking_index_refuses_it_twice(client: TestClient) -> None:
+    hit = client.get("/search", params={"q": "red", "k": 1}).json()["results"][0]
+    for path in (f"/videos/{hit['video_id']}", f"/media/{hit['video_id']}", hit["thumbnail_url"].split("?")[0]):
+        assert client.get(path).status_code == 200, path
+        for method in (client.get, client.head):
+            response = method(path + "?index=a&index=b")
+            assert response.status_code == 422, (path, response.status_code)
+        assert "index: given more than once" in client.get(path + "?index=a&index=b").json()["error"]
+    answer = client.get("/search?q=x&=1&=2&a=1&a=2").json()["error"]
+    assert answer == "(empty name): given more than once; a: given more than once", answer
+
+
 def _head_of(size_bytes: int, *, many: bool) -> bytes:
     """A request head of exactly `size_bytes` bytes: one large header or many small ones, padded by one header."""
     start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
