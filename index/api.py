@@ -245,6 +245,26 @@ async def _plain_json_body(request: Request) -> None:
         return  # not JSON: FastAPI's own parse says so
 
 
+UPLOAD_TYPES = ("image/", "video/", "application/octet-stream")
+
+
+def _upload_content_type(request: Request) -> None:
+    """Refuses an upload not typed as a picture, a video or bytes. A page on another site may POST a body without
+    asking (a "simple" request: no type, text/plain, a form) and, though it cannot read the answer, keep the upload
+    slots and decoders busy; the types accepted here make the browser ask first, and this service never consents."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not content_type.startswith(UPLOAD_TYPES):
+        shown = f"Content-Type {_short(content_type)!r}" if content_type else "no Content-Type"
+        raise _UploadTypeRefused(
+            f"an upload with {shown}: send the picture or clip as image/..., video/... or application/octet-stream "
+            "(curl: -H 'Content-Type: image/jpeg')"
+        )
+
+
+class _UploadTypeRefused(Exception):
+    pass
+
+
 def _short(part: Any) -> Any:
     """A location part as a 422 may repeat it: a key name the client chose, cut to `MAX_ECHOED_NAME` characters."""
     if isinstance(part, str) and len(part) > MAX_ECHOED_NAME:
@@ -436,6 +456,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         errors = _reported_errors(exc.errors())
         return JSONResponse({"error": _validation_message(errors), "detail": errors}, status_code=422)
 
+    @app.exception_handler(_UploadTypeRefused)
+    async def upload_type(_request: Request, exc: _UploadTypeRefused) -> JSONResponse:
+        return _error(415, str(exc))
+
     @app.exception_handler(UnknownIndex)
     async def unknown(_request: Request, exc: UnknownIndex) -> JSONResponse:
         return _error(404, str(exc))
@@ -549,11 +573,14 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
         UPLOAD_PATH,
         response_model=SearchResponse,
         responses=errors,
-        dependencies=[Depends(_no_repeated_parameters)],
+        dependencies=[Depends(_upload_content_type), Depends(_no_repeated_parameters)],
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/*", "video/*")},
+                "content": {
+                    m: {"schema": {"type": "string", "format": "binary"}}
+                    for m in ("image/*", "video/*", "application/octet-stream")
+                },
             }
         },
     )

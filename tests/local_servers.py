@@ -46,6 +46,9 @@ def host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+OCTETS = {"Content-Type": "application/octet-stream"}  # what an upload to /search/upload is sent as
+
+
 def request(
     url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
 ) -> tuple[int, dict[str, str], bytes]:

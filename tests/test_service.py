@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import PADDED_EXTRA_BYTES
 from fastapi.testclient import TestClient
-from local_servers import host_port, request, wait_until_answering
+from local_servers import OCTETS, host_port, request, wait_until_answering
 
 from index import tables
 from index.api import create_app
@@ -190,17 +190,24 @@ def test_uploaded_clip_and_picture(client: TestClient, indexed: Path) -> None:
     row = min(rows, key=lambda r: r["size_bytes"])  # not the padded one
     data = Path(row["uri"]).read_bytes()
     # The same file, decoded and embedded by the service as the job did: it finds itself at cosine 1.
-    found = client.post("/search/upload?k=2", content=data).json()
+    found = client.post("/search/upload?k=2", content=data, headers=OCTETS).json()
     assert found["kind"] == "upload" and found["results"][0]["video_id"] == row["video_id"]
     assert found["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
     picture = io.BytesIO()
     Image.fromarray(np.full((90, 120, 3), (200, 30, 30), np.uint8)).save(picture, format="PNG")
-    response = client.post("/search/upload?k=4&segments=true", content=picture.getvalue())
+    response = client.post("/search/upload?k=4&segments=true", content=picture.getvalue(), headers=OCTETS)
     assert response.status_code == 200 and len(response.json()["results"]) == 4
+    # Typed as a picture or video, or as bytes: what a cross-origin page cannot send without asking first.
+    png = {"Content-Type": "image/png; charset=binary"}
+    assert client.post("/search/upload?k=1", content=picture.getvalue(), headers=png).status_code == 200
+    for sent in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        response = client.post("/search/upload?k=1", content=picture.getvalue(), headers=sent)
+        error = response.json()["error"]
+        assert response.status_code == 415 and "image/..., video/... or application/octet-stream" in error, error
     for junk, message in ((b"", "empty"), (b"\x89PNG\r\n\x1a\nnot really", "not a readable picture")):
-        response = client.post("/search/upload", content=junk)
+        response = client.post("/search/upload", content=junk, headers=OCTETS)
         assert response.status_code == 400 and message in response.json()["error"]
-    response = client.post("/search/upload", content=b"\x00" * 5000)
+    response = client.post("/search/upload", content=b"\x00" * 5000, headers=OCTETS)
     assert response.status_code == 400 and "not a decodable picture or video" in response.json()["error"]
 
 

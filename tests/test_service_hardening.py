@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from local_servers import host_port, request, wait_until_answering
+from local_servers import OCTETS, host_port, request, wait_until_answering
 
 from index.api import create_app
 from index.queries import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, QueryError, check_clip, jpeg_scan_count
@@ -132,43 +132,43 @@ def test_jpeg_scans_are_counted_without_decoding() -> None:
 @pytest.mark.serial
 def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(client: TestClient) -> None:
     started = time.monotonic()
-    response = client.post("/search/upload", content=_scan_bomb(3000, quality=95))
+    response = client.post("/search/upload", content=_scan_bomb(3000, quality=95), headers=OCTETS)
     assert response.status_code == 400, response.text
     assert f"more than {MAX_JPEG_SCANS} JPEG scans" in response.json()["error"]
     assert time.monotonic() - started < 2
     # Real progressive and baseline pictures are searched.
     for picture in (_jpeg((200, 30, 30), progressive=True), _jpeg((200, 30, 30)), _scan_bomb(MAX_JPEG_SCANS)):
-        response = client.post("/search/upload?k=2", content=picture)
+        response = client.post("/search/upload?k=2", content=picture, headers=OCTETS)
         assert response.status_code == 200 and len(response.json()["results"]) == 2, response.text
 
 
 def test_a_motion_jpeg_frame_with_too_many_scans_is_refused(client: TestClient) -> None:
     frames = [_jpeg((i * 25, 100, 50)) for i in range(8)]
     check_clip(_mjpeg_clip(frames))  # an ordinary Motion-JPEG clip passes
-    response = client.post("/search/upload?k=1", content=_mjpeg_clip(frames))
+    response = client.post("/search/upload?k=1", content=_mjpeg_clip(frames), headers=OCTETS)
     assert response.status_code == 200 and len(response.json()["results"]) == 1, response.text
     bomb = _mjpeg_clip(frames[:3] + [_scan_bomb(2000)] + frames[4:])
     with pytest.raises(QueryError, match="a frame of the clip has more than"):
         check_clip(bomb)
-    response = client.post("/search/upload", content=bomb)
+    response = client.post("/search/upload", content=bomb, headers=OCTETS)
     assert response.status_code == 400 and "JPEG scans" in response.json()["error"], response.text
 
 
 @pytest.mark.parametrize(("width", "height"), [(1, 600), (600, 1), (10, 10 * MAX_ASPECT_RATIO + 1)])
 def test_thin_pictures_are_refused_before_scaling(client: TestClient, width: int, height: int) -> None:
-    response = client.post("/search/upload", content=_png(width, height))
+    response = client.post("/search/upload", content=_png(width, height), headers=OCTETS)
     assert response.status_code == 400, response.text
     assert f"{width}x{height}" in response.json()["error"] and "16 to 1" in response.json()["error"]
 
 
 def test_thin_clips_are_refused_before_decoding(client: TestClient) -> None:
-    response = client.post("/search/upload", content=_clip(16, 16 * (MAX_ASPECT_RATIO + 2)))
+    response = client.post("/search/upload", content=_clip(16, 16 * (MAX_ASPECT_RATIO + 2)), headers=OCTETS)
     assert response.status_code == 400, response.text
     assert "the clip's picture is 16x288" in response.json()["error"]
     # Up to the limit, pictures and clips are searched.
-    response = client.post("/search/upload?k=1", content=_png(10, 10 * MAX_ASPECT_RATIO))
+    response = client.post("/search/upload?k=1", content=_png(10, 10 * MAX_ASPECT_RATIO), headers=OCTETS)
     assert response.status_code == 200, response.text
-    response = client.post("/search/upload?k=1", content=_clip(64, 48))
+    response = client.post("/search/upload?k=1", content=_clip(64, 48), headers=OCTETS)
     assert response.status_code == 200, response.text
 
 
@@ -187,7 +187,10 @@ def test_a_body_that_trickles_in_gets_408_at_the_request_timeout(
     limits = ServiceLimits(body_timeout_seconds=1.0, request_timeout_seconds=2.0)
     with serving(SearchService({"main": engine}, limits=limits)) as url:
         with socket.create_connection(host_port(url), timeout=10) as sock:
-            sock.sendall(b"POST /search/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
+            sock.sendall(
+                b"POST /search/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: video/mp4\r\n"
+                b"Content-Length: 1000\r\n\r\n"
+            )
             started, answer = time.monotonic(), b""
             while not answer and time.monotonic() - started < 8:
                 sock.sendall(b"x")  # one byte every 0.4 s: never a stall of 1 s
@@ -205,7 +208,8 @@ def test_clients_that_leave_mid_body_are_not_errors(
 ) -> None:
     for _ in range(2):
         with socket.create_connection(host_port(server), timeout=10) as sock:
-            head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            kind = "application/json" if path == "/search" else "application/octet-stream"
+            head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {kind}\r\n"
             head += "Content-Length: 500\r\n\r\n"
             sock.sendall(head.encode() + b'{"text": "')
             time.sleep(0.2)  # the body is being read when the client goes
@@ -226,7 +230,7 @@ def test_a_body_cut_by_the_size_limit_is_answered_413_without_an_error(
     limits = ServiceLimits(max_upload_bytes=1000)
     with serving(SearchService({"main": engine}, limits=limits)) as url:
         chunked = b"".join(b"%x\r\n%s\r\n" % (400, b"x" * 400) for _ in range(5)) + b"0\r\n\r\n"
-        status, _, body = request(url, "/search/upload", "POST", {"Transfer-Encoding": "chunked"}, chunked)
+        status, _, body = request(url, "/search/upload", "POST", {"Transfer-Encoding": "chunked", **OCTETS}, chunked)
         assert status == 413 and b"larger than 1000 bytes" in body
         lines = _metric_lines(url, "upload")
         assert any('status="413"' in line for line in lines) and not any('status="500"' in line for line in lines)
@@ -781,7 +785,7 @@ def test_os_errors_of_an_upload_are_400(client: TestClient, monkeypatch: pytest.
         raise FileNotFoundError(2, "No such file or directory", "/srv/private/part.ts")
 
     monkeypatch.setattr(queries, "decode_clip", decode)
-    response = client.post("/search/upload", content=_clip(64, 48))
+    response = client.post("/search/upload", content=_clip(64, 48), headers=OCTETS)
     assert response.status_code == 400, response.text
     assert "FileNotFoundError" in response.json()["error"] and "/srv" not in response.text
 
@@ -802,7 +806,7 @@ def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkey
     statuses: list[int] = []
     with serving(SearchService({"main": engine}, limits=limits)) as url:
         uploads = [
-            threading.Thread(target=lambda: statuses.append(request(url, "/search/upload", "POST", body=b"x")[0]))
+            threading.Thread(target=lambda: statuses.append(request(url, "/search/upload", "POST", OCTETS, b"x")[0]))
             for _ in range(3)
         ]
         for thread in uploads:
