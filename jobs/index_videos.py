@@ -25,6 +25,15 @@ def setup_logging() -> None:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU variant it tried
 
 
+def _commit_words(commit: dict[str, Any]) -> str:
+    """What the run's commits added: a run that lost every video to another run committing them first says so."""
+    committed = commit.get("videos_committed", 0)
+    dropped = commit.get("dropped_done_by_another_run", 0)
+    return f"; {committed} video rows committed" + (
+        f", {dropped} left out: another run committed them first" if dropped else ""
+    )
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The two lines a finished run prints: its counts and where its record is."""
     counts = summary["counts"]
@@ -32,7 +41,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
         f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice"
         + (f", {exhausted} failed in every allowed attempt" if (exhausted := counts.get("attempts_exhausted")) else "")
-        + f"; status {json.dumps(summary['status'])}; {summary['elapsed_seconds']} s"
+        + f"; status {json.dumps(summary['status'])}{_commit_words(summary.get('commit', {}))}; "
+        f"{summary['elapsed_seconds']} s"
     )
     print(f"summary: {summary['output'].rstrip('/')}/runs/{summary['run_id']}.json")
 

@@ -77,6 +77,9 @@ def _row(record: dict[str, Any]) -> list[str]:
         if held:
             gone = sum(h["no_longer_listed"] for h in held if isinstance(h.get("no_longer_listed"), int))
             what += f"; pruning held back ({gone} no longer listed, --prune-max)"
+        dropped = _mapping(record.get("commit")).get("dropped_done_by_another_run")
+        if isinstance(dropped, int) and dropped > 0:
+            what += f"; {dropped} left out, another run committed them first"
         left_alone = record.get("prune_left_alone")
         if isinstance(left_alone, list) and left_alone:
             what += f"; {len(left_alone)} scope(s) listed nothing, not pruned"

@@ -78,8 +78,15 @@ def _summary(client: Any, bucket: str, run_id: str) -> dict[str, Any]:
 
 
 def test_two_runs_committing_at_the_same_moment_and_started_together(
-    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, tiny_checkpoint: Path
+    s3_server: str,
+    s3_bucket: tuple[Any, str],
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from jobs.index_videos import print_summary
+    from jobs.runs import format_runs
+
     client, bucket = s3_bucket
     location = OutputLocation.from_url(f"s3://{bucket}/out", s3_endpoint_url=s3_server)
     uris: list[str] = []
@@ -110,6 +117,13 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
             assert sum(s["commit"]["dropped_done_by_another_run"] for s in summaries) == 2
             # The loser's call committed nothing: its record says so.
             assert sorted((s["commit"]["commits"], s["commit"]["commit_calls"]) for s in summaries) == [(0, 1), (1, 1)]
+            # What the loser prints and what `vitaclip runs` shows of it say that another run committed its videos.
+            loser = min(summaries, key=lambda s: s["commit"]["videos_committed"])
+            print_summary(loser)
+            printed = capsys.readouterr().out
+            assert "; 0 video rows committed, 2 left out: another run committed them first;" in printed, printed
+            shown = format_runs(summaries, [], url=location.url).splitlines()
+            assert sum("2 left out, another run committed them first" in line for line in shown) == 1, shown
 
         # Two runs started together end to end, over new videos, with the index.
         folder = tmp_path / "in-last"
