@@ -315,7 +315,7 @@ def test_unreadable_files(tmp_path: Path, content: bytes, match: str) -> None:
 
 def test_unknown_layout_and_missing_file(tmp_path: Path) -> None:
     torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+    with pytest.raises(CheckpointError, match=r"other\.pth: unknown checkpoint format"):  # which file: named
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "nope.pth")

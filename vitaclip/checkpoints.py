@@ -176,7 +176,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
-def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
+def detect_format(state: Mapping[str, torch.Tensor], path: str | Path | None = None) -> CheckpointFormat:
+    """The format of a state dict by its keys; `path` names the file in the error."""
     keys = set(state)
     if "visual.time_embed" in keys or "visual.patch_embed.proj.weight" in keys or "prompt_learner.ctx" in keys:
         return "official"
@@ -185,8 +186,9 @@ def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
     if any(k.startswith("clip.visual.") for k in keys):
         return "vitaclip"
     sample = sorted(keys)[:5]
+    where = f"{path}: " if path is not None else ""
     raise CheckpointError(
-        f"unknown checkpoint format (first keys: {sample}); expected official Vita-CLIP, "
+        f"{where}unknown checkpoint format (first keys: {sample}); expected official Vita-CLIP, "
         "OpenAI/open_clip CLIP or a vitaclip checkpoint folder"
     )
 
@@ -491,7 +493,7 @@ def load_official(
 ) -> VitaClip:
     """A Vita-CLIP model from an official checkpoint; ``base`` is the named config it is read against."""
     state = read_state_dict(path) if state is None else state
-    if detect_format(state) != "official":
+    if detect_format(state, path) != "official":
         raise CheckpointError(f"{path} is not an official Vita-CLIP checkpoint")
     config = config_from_official(state, base)
     names = _label_names_for(config, label_names, state.get("prompt_learner.ctx"))
@@ -538,7 +540,7 @@ def load_backbone(
 ) -> VitaClip:
     """A fresh Vita-CLIP model (prompts initialised) on OpenAI/open_clip backbone weights."""
     state = read_state_dict(path) if state is None else state
-    if detect_format(state) != "openai":
+    if detect_format(state, path) != "openai":
         raise CheckpointError(f"{path} is not an OpenAI/open_clip CLIP checkpoint")
     model = VitaClip(config, label_names=label_names)
     # Metadata scalars of OpenAI's files and the (recomputed) causal mask are not weights.
@@ -665,7 +667,7 @@ def load_checkpoint(
     if Path(path).is_dir():
         raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint")
     state = read_state_dict(path)
-    state_format = detect_format(state)
+    state_format = detect_format(state, path)
     if config is None:
         raise CheckpointError(f"{path} is a {state_format} checkpoint: name the model it belongs to")
     if state_format == "official":
