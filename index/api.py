@@ -35,9 +35,11 @@ from urllib.parse import quote
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.http_media import ResponseAbandoned, media_answer, send_media
@@ -489,17 +491,32 @@ def _add_error_handlers(app: FastAPI) -> None:
         return Response(status_code=CLIENT_CLOSED)  # a limit answered already, or the client left: nothing to log
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: HTTPException) -> Response:
         # Starlette's and FastAPI's own refusals (404, 405, a body that could not be read) in this API's shape.
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI turns a body cut short into a 400
             return Response(status_code=CLIENT_CLOSED)
-        return _error(exc.status_code, _status_message(exc.status_code), headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(app, request)
+        return _error(exc.status_code, _status_message(exc.status_code), headers=headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, ResponseAbandoned):  # logged where it happened; too late to answer anyway
             log.exception("request %s %s failed", request.method, request.url.path)
         return _error(500, "internal error")
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method some route takes at this path (Starlette's 405 names only the first route's), HEAD wherever GET
+    is (`HeadAsGet`)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:  # the path matches
+            methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 async def _answer(

@@ -331,7 +331,9 @@ def test_numbers_in_json_bodies_are_numbers(client: TestClient, body: dict[str, 
 def test_framework_refusals_have_the_service_shape(client: TestClient) -> None:
     response = client.delete("/search")
     assert response.status_code == 405 and response.json() == {"error": "method not allowed"}
-    assert "GET" in response.headers["allow"]
+    assert response.headers["allow"] == "GET, HEAD, POST"  # the methods of every route at the path
+    assert client.put("/healthz").headers["allow"] == "GET, HEAD"
+    assert client.get("/search/upload").headers["allow"] == "POST"
     response = client.post("/search", content=b'{"text": "\xff\xfe"}', headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json() == {"error": "the request body could not be read"}
     assert client.get("/nothing").json() == {"error": "not found"}
