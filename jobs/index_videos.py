@@ -49,7 +49,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
     """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input, 3
-    when it committed but held back pruning (`--prune-max`), 1 on other failures."""
+    when it committed but held back pruning (`--prune-max`), 130 when interrupted, 1 on other failures."""
     setup_logging()
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
@@ -63,6 +63,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
         print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the run's record says "interrupted"; its commits stay
+        print(
+            f"\n{prog}: interrupted: what this run committed stays, and the next run plans only the rest",
+            file=sys.stderr,
+        )
+        return 130
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(terminal_text(redact_text(traceback.format_exc()), lines=True), file=sys.stderr, end="")
         return 1

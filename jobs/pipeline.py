@@ -540,8 +540,11 @@ class RunRecord:
         """Records a run that was refused, failed or interrupted, instead of "running" for ever. A failure to write
         the record is logged: the run's own error is the one that propagates."""
         error = redact_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+        state = "failed"
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGINT from a scheduler: not the run's own failure
+            state, error = "interrupted", "interrupted (Ctrl-C or SIGINT); its commits stay"
         try:
-            self._write(dict(self.start, state="failed", error=error))
+            self._write(dict(self.start, state=state, error=error))
         except Exception as write_error:  # the output may be what failed
             log.warning("could not record the failure in runs/%s.json: %s", self.run_id, redact_text(str(write_error)))
 

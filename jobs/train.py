@@ -915,7 +915,7 @@ def _run_ray(config: TrainConfig, ray_config: RayTrainConfig, loop_config: dict[
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.train") -> int:
-    """Trains (or resumes) a run; 0 when it reached its last step, 2 on bad input."""
+    """Trains (or resumes) a run; 0 when it reached its last step, 2 on bad input, 130 when interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config, ray = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
@@ -923,6 +923,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.train
     except ValueError as exc:
         print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\n{prog}: interrupted: the same command resumes from the last step saved in the output",
+            file=sys.stderr,
+        )
+        return 130
     last = summary.get("last") or {}
     if summary.get("already_done"):
         print(f"nothing to train: {summary.get('output')} has reached step {summary.get('steps')} already")

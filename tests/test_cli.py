@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,6 +187,8 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     running = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
+    stopped = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    stopped.fail(KeyboardInterrupt())
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
     # Of another shape: no run_id (the file names it), NaN (not JSON to strict readers), prune_held_back not a list.
     odd = {"state": "committed", "elapsed_seconds": float("nan"), "counts": [1], "status": {"ok": "x"}}
@@ -197,11 +200,12 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 6
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 7
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
+    assert by_id[stopped.run_id].split()[1] == "interrupted" and "its commits stay" in by_id[stopped.run_id]
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
@@ -211,12 +215,33 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 5
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 6
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
             assert "no output folder at" in capsys.readouterr().err, command
         assert not (tmp_path / "nowhere").exists(), command
+
+
+def test_an_interrupted_run_or_training_says_what_stays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C is one line and exit 130, not a traceback (the run's record says "interrupted": above)."""
+    from jobs import pipeline, train
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_index_job", interrupted)
+    monkeypatch.setattr(train, "config_from_args", interrupted)  # Ctrl-C while Ray starts
+    job = [str(tmp_path), "--output", str(tmp_path / "out"), "--model", "vitaclip-tiny", "--random-weights"]
+    assert main(["index", *job]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: what this run committed stays" in err and "Traceback" not in err, err
+    (tmp_path / "train.csv").write_text("path,label\n")
+    assert main(["train", "--train-list", str(tmp_path / "train.csv"), "--output", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the same command resumes" in err and "Traceback" not in err, err
 
 
 def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: Path, capsys) -> None:
