@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ def _commit_words(commit: dict[str, Any]) -> str:
     )
 
 
+INTERRUPTED = "interrupted: what this run committed stays, and the next run plans only the rest"
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The two lines a finished run prints: its counts and where its record is."""
     counts = summary["counts"]
@@ -49,7 +53,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index_videos") -> int:
     """Runs one indexing run; returns 0 when it committed (bad videos are rows, not failures), 2 on bad input, 3
-    when it committed but held back pruning (`--prune-max`), 130 when interrupted, 1 on other failures."""
+    when it committed but held back pruning (`--prune-max`), 130 when interrupted (143: SIGTERM), 1 on other
+    failures."""
     setup_logging()
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
@@ -63,12 +68,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
         print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the run's record says "interrupted"; its commits stay
-        print(
-            f"\n{prog}: interrupted: what this run committed stays, and the next run plans only the rest",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run's record says "interrupted"; its commits stay
+        print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM (ray job stop, a pod's end): Ray's handler in the driver exits with 15
+        if exc.code != signal.SIGTERM:
+            raise
+        print(f"\n{prog}: {INTERRUPTED} (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(terminal_text(redact_text(traceback.format_exc()), lines=True), file=sys.stderr, end="")
         return 1

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import time
 import uuid
 from collections import Counter
@@ -541,8 +542,10 @@ class RunRecord:
         the record is logged: the run's own error is the one that propagates."""
         error = redact_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
         state = "failed"
-        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGINT from a scheduler: not the run's own failure
-            state, error = "interrupted", "interrupted (Ctrl-C or SIGINT); its commits stay"
+        # Ctrl-C or SIGINT, or SIGTERM (Ray's handler in the driver exits with the signal's number): not a failure
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == signal.SIGTERM):
+            how = "SIGTERM" if isinstance(exc, SystemExit) else "Ctrl-C or SIGINT"
+            state, error = "interrupted", f"interrupted ({how}); its commits stay"
         try:
             self._write(dict(self.start, state=state, error=error))
         except Exception as write_error:  # the output may be what failed

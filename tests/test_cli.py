@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,8 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
     stopped = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     stopped.fail(KeyboardInterrupt())
+    terminated = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    terminated.fail(SystemExit(signal.SIGTERM))
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
     # Of another shape: no run_id (the file names it), NaN (not JSON to strict readers), prune_held_back not a list.
     odd = {"state": "committed", "elapsed_seconds": float("nan"), "counts": [1], "status": {"ok": "x"}}
@@ -200,12 +204,13 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 7
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 8
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
-    assert by_id[stopped.run_id].split()[1] == "interrupted" and "its commits stay" in by_id[stopped.run_id]
+    assert by_id[stopped.run_id].split()[1] == "interrupted" and "(Ctrl-C or SIGINT)" in by_id[stopped.run_id]
+    assert by_id[terminated.run_id].split()[1] == "interrupted" and "(SIGTERM)" in by_id[terminated.run_id]
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
@@ -215,7 +220,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 6
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 7
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
@@ -238,6 +243,13 @@ def test_an_interrupted_run_or_training_says_what_stays(
     assert main(["index", *job]) == 130
     err = capsys.readouterr().err
     assert "interrupted: what this run committed stays" in err and "Traceback" not in err, err
+    # SIGTERM (ray job stop, a pod's end): Ray's handler in the driver raises SystemExit(15).
+    monkeypatch.setattr(pipeline, "run_index_job", lambda *a, **k: sys.exit(signal.SIGTERM))
+    assert main(["index", *job]) == 143
+    assert "interrupted: what this run committed stays" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "run_index_job", lambda *a, **k: sys.exit(4))
+    with pytest.raises(SystemExit):  # another exit is not an interruption
+        main(["index", *job])
     (tmp_path / "train.csv").write_text("path,label\n")
     assert main(["train", "--train-list", str(tmp_path / "train.csv"), "--output", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
