@@ -688,6 +688,11 @@ def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any])
     with pytest.raises(VideoDecodeError) as error:
         probe(huge)
     assert error.value.reason == "too_large"
+    for size in ("W30000 H30000", "W0 H0"):  # FFmpeg refuses these headers itself, with EBUSY ("resource busy")
+        with pytest.raises(VideoDecodeError) as error:
+            probe(f"YUV4MPEG2 {size} F25:1 Ip A1:1 C420jpeg\nFRAME\n".encode() + bytes(1000))
+        assert error.value.reason == "corrupt" and "header is invalid" in str(error.value), str(error.value)
+        assert "busy" not in str(error.value)
 
 
 def test_inputs_that_name_other_files_or_sockets_are_refused(

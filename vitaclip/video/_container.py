@@ -406,12 +406,15 @@ def open_video(
     except FileNotFoundError:
         raise
     except av.error.FFmpegError as e:
-        said = (
-            "a format not read as video (a still picture, a playlist, a file list or a session description is "
-            "refused: see open_options), or damaged"
-            if e.errno == errno.EINVAL  # what FFmpeg says of a probed format outside the whitelist
-            else str(e)
-        )
+        if e.errno == errno.EINVAL:  # what FFmpeg says of a probed format outside the whitelist
+            said = (
+                "a format not read as video (a still picture, a playlist, a file list or a session description is "
+                "refused: see open_options), or damaged"
+            )
+        elif e.errno == errno.EBUSY:  # how FFmpeg's demuxers refuse an impossible header (YUV4MPEG2 0x0, 30000x30000)
+            said = "its header is invalid (a picture size of zero or past FFmpeg's limits, or damaged)"
+        else:
+            said = str(e)
         raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {said}") from None
     with container:
         stream = _pick_stream(container)
