@@ -247,6 +247,25 @@ async def _plain_json_body(request: Request) -> None:
         return  # not JSON: FastAPI's own parse says so
 
 
+def _same_site_or_navigation(request: Request) -> None:
+    """Refuses what a page on another site makes a browser send here (Fetch Metadata: ``Sec-Fetch-Site:
+    cross-site``), except a top-level GET navigation (a link to a video or to the page). An ``<img>`` or a
+    ``fetch()`` on any site a user opens could otherwise run searches through the user's browser, from where it
+    reaches (127.0.0.1, a company network), and take the query slots: it cannot read the answers (no CORS), but
+    the work is done. Clients other than browsers send no such header; same-site pages (another port of this
+    host, a sibling subdomain) are not refused."""
+    headers = request.headers
+    if headers.get("sec-fetch-site") != "cross-site":
+        return
+    navigation = headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+    if not (navigation and request.method in ("GET", "HEAD")):
+        raise _CrossSiteRefused
+
+
+class _CrossSiteRefused(Exception):
+    pass
+
+
 UPLOAD_TYPES = ("image/", "video/", "application/octet-stream")
 
 
@@ -426,6 +445,7 @@ def create_app(service: SearchService) -> FastAPI:
         version="1",
         docs_url=None,  # `add_docs_routes`: the same docs, assets served here rather than from a CDN
         redoc_url=None,
+        dependencies=[Depends(_same_site_or_navigation)],
     )
     app.add_middleware(RequestLimits, service=service)
     app.add_middleware(HeadAsGet)  # outside the limits: they count the route the GET found
@@ -457,6 +477,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _reported_errors(exc.errors())
         return JSONResponse({"error": _validation_message(errors), "detail": errors}, status_code=422)
+
+    @app.exception_handler(_CrossSiteRefused)
+    async def cross_site(_request: Request, _exc: _CrossSiteRefused) -> JSONResponse:
+        return _error(403, "a request a page on another site made: refused (open this service's own page)")
 
     @app.exception_handler(_UploadTypeRefused)
     async def upload_type(_request: Request, exc: _UploadTypeRefused) -> JSONResponse:

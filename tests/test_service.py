@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,43 @@ def _chromium() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
+def _count(url: str, route: str, status: str) -> float:
+    prefix = f'vitaclip_http_requests_total{{route="{route}",status="{status}"}} '
+    metrics = request(url, "/metrics")[2].decode()
+    return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+@contextmanager
+def _other_site_page(server: str) -> Iterator[str]:
+    """A page at http://localhost:PORT/ (another site than the service's 127.0.0.1) that requests the service."""
+    import http.server
+
+    target = server + "/search?q=sent+by+another+site"
+    html = (
+        f'<img src="{target}&k=1"><script>fetch("{target}&k=2", {{mode: "no-cors"}})</script>'
+        f'<a id="link" href="{server}/">the service</a>'
+    ).encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's protocol)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def _first_result(browser: Any) -> dict[str, Any]:
     return browser.execute_async_script(
         "const done = arguments[0]; fetch('/search?q=red&k=1').then((r) => r.json()).then((b) => done(b.results[0]));"
@@ -498,6 +536,15 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
         cards[1].find_element(By.CSS_SELECTOR, "button.more").click()
         WebDriverWait(browser, 20).until(lambda b: "(like " in b.find_element(By.ID, "status").text)
         assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 5  # the other videos
+        # A page on another site (served from "localhost", another site than "127.0.0.1") makes the browser send
+        # an <img> and a no-cors fetch here: both are refused before any search runs; a link to the page opens it.
+        refused_before = _count(server, "search", "403")
+        with _other_site_page(server) as page:
+            browser.get(page)
+            WebDriverWait(browser, 20).until(lambda b: _count(server, "search", "403") >= refused_before + 2)
+            browser.find_element(By.ID, "link").click()
+            WebDriverWait(browser, 10).until(lambda b: b.current_url.startswith(server))
+            assert browser.find_element(By.ID, "q").is_displayed()  # a navigation from there is allowed
         # The API docs render with no network beyond this service (the machine reaches no CDN).
         browser.get(server + "/docs")
         WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 8)

@@ -328,6 +328,24 @@ def test_numbers_in_json_bodies_are_numbers(client: TestClient, body: dict[str, 
     assert response.status_code == 422 and "Input should be a valid integer" in response.json()["error"]
 
 
+def test_requests_a_page_on_another_site_makes_are_refused(client: TestClient) -> None:
+    """Fetch Metadata: a browser says which site made a request; only a top-level GET navigation may come from
+    another site. Clients without the headers (curl, SearchClient) and same-origin or same-site pages pass."""
+    hit = client.get("/search", params={"q": "red", "k": 1}).json()["results"][0]
+    other = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    for path in ("/search?q=red", hit["thumbnail_url"], hit["media_url"].split("#")[0], "/indexes", "/"):
+        response = client.get(path, headers=other)
+        assert response.status_code == 403 and "another site" in response.json()["error"], path
+        assert client.get(path, headers=link).status_code == 200, path  # a link followed from elsewhere
+        for site in ("same-origin", "same-site", "none"):
+            assert client.get(path, headers={**other, "Sec-Fetch-Site": site}).status_code == 200, (path, site)
+    posted = client.post("/search", json={"text": "red"}, headers={**link, "Sec-Fetch-Mode": "navigate"})
+    assert posted.status_code == 403  # a form posted from another site is a navigation, but not a GET
+    iframe = client.get("/", headers={**link, "Sec-Fetch-Dest": "iframe"})
+    assert iframe.status_code == 403
+
+
 def test_framework_refusals_have_the_service_shape(client: TestClient) -> None:
     response = client.delete("/search")
     assert response.status_code == 405 and response.json() == {"error": "method not allowed"}
