@@ -295,15 +295,27 @@ def test_media_range_head_and_conditionals_on_a_large_file(server: str, indexed:
 
 def test_a_client_that_leaves_mid_download_frees_the_file(server: str, indexed: Path) -> None:
     row = max(ok_rows(indexed, "videos"), key=lambda r: r["size_bytes"])
-    fds_before = len(os.listdir("/proc/self/fd"))
+    video = os.path.realpath(row["uri"])
+
+    def open_on_video() -> int:  # this process's descriptors open on that file (others come and go meanwhile)
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}") == video
+            except OSError:  # closed while listed
+                continue
+        return count
+
+    assert open_on_video() == 0
     for _ in range(3):
         with socket.create_connection(host_port(server), timeout=10) as sock:
             sock.sendall(f"GET /media/{row['video_id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert open_on_video() >= 1  # being sent
     deadline = time.monotonic() + 10
-    while len(os.listdir("/proc/self/fd")) > fds_before and time.monotonic() < deadline:
+    while open_on_video() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(os.listdir("/proc/self/fd")) <= fds_before  # every opened video closed
+    assert open_on_video() == 0  # every opened video closed
 
 
 # ------------------------------------------------------------------------------------------------ limits
