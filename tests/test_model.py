@@ -25,8 +25,8 @@ def random_video(B: int, T: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def test_prompt_tokens_enter_and_leave_each_block(tiny: vitaclip.VitaClip) -> None:
-    """Attention sees CLS + T local + G global + patches + summary; the MLP sees CLS + G + patches; blocks
-    return CLS + patches."""
+    """Attention sees CLS + T local + G global + patches + summary; so does the MLP (per token: the slots' results
+    are overwritten by the next block); the output is pooled from CLS."""
     B, T = 2, 5  # T differs from the training T (8) on purpose
     G = tiny.config.num_global_prompts
     N = (tiny.image_size // tiny.clip.visual.patch_size[0]) ** 2
@@ -44,8 +44,53 @@ def test_prompt_tokens_enter_and_leave_each_block(tiny: vitaclip.VitaClip) -> No
     D = tiny.clip.visual.conv1.out_channels
     layers = len(tiny.clip.visual.transformer.resblocks)
     assert seen["attn"] == [(B * T, 1 + T + G + N + 1, D)] * layers
-    assert seen["mlp"] == [(B * T, 1 + G + N, D)] * layers
+    assert seen["mlp"] == [(B * T, 1 + T + G + N + 1, D)] * layers
     assert out.shape == (B, tiny.embed_dim)
+
+
+def _reference_encode_video(model: vitaclip.VitaClip, video: torch.Tensor) -> torch.Tensor:
+    """The official block structure, written out: each block concatenates its prompts and summary around the
+    activation, attends, strips the frame-level tokens, runs the MLP over CLS + global prompts + patches only and
+    strips the global prompts again."""
+    visual = model.clip.visual
+    B, T, _, H, W = video.shape
+    x = visual.conv1(video.reshape(B * T, 3, H, W)).flatten(2).transpose(1, 2) + model.patch_bias
+    x = torch.cat([visual.class_embedding.expand(B * T, 1, -1), x], dim=1) + visual.positional_embedding
+    assert model.temporal is not None and model.global_prompts is not None and model.cls_proj is not None
+    assert model.summary is not None and model.local_prompts is not None
+    x = visual.ln_pre((x.view(B, T, *x.shape[1:]) + model.temporal(T)[None, :, None, :]).flatten(0, 1))
+    for layer, block in enumerate(visual.transformer.resblocks):
+        g = model.global_prompts.tokens[layer]
+        x = torch.cat([x[:, :1], g.expand(B * T, -1, -1), x[:, 1:]], dim=1)
+        cls_projected = model.cls_proj[layer](x[:, 0].view(B, T, -1))
+        local = model.local_prompts(layer, cls_projected).repeat_interleave(T, dim=0)
+        summary = model.summary(layer, cls_projected).reshape(B * T, 1, -1)
+        h = torch.cat([x[:, :1], local, x[:, 1:], summary], dim=1)
+        h = h + block.attention(block.ln_1(h))
+        x = torch.cat([h[:, :1], h[:, 1 + T : -1]], dim=1)
+        x = x + block.mlp(block.ln_2(x))
+        x = torch.cat([x[:, :1], x[:, 1 + g.shape[0] :]], dim=1)
+    return F.normalize((visual.ln_post(x[:, 0]) @ visual.proj).view(B, T, -1).mean(dim=1), dim=-1)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_token_slots_give_the_official_block_structure_and_gradients(T: int) -> None:
+    """Prompts written into slots of one layout (no per-block concatenation) compute what concatenating and
+    stripping them around every block computes: the same features, and the same gradients for every trainable
+    parameter (the slot writes are in place, under autograd)."""
+    model = vitaclip.create_model("vitaclip-tiny")
+    video = random_video(2, T, seed=T)
+    grads = []
+    for encode in (model.encode_video, lambda v: _reference_encode_video(model, v)):
+        model.zero_grad(set_to_none=True)
+        out = encode(video)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["<out>"] = out.detach()
+    ours, reference = grads
+    assert set(ours) == set(reference) and len(ours) > 4  # the prompts, summary and temporal weights got gradients
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_all_prompts_off_is_clip_frame_averaging() -> None:

@@ -236,44 +236,54 @@ class VitaClip(nn.Module):
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [B*T, 1+N, D]
         if self.temporal is not None:
             x = (x.view(B, T, *x.shape[1:]) + self.temporal(T).to(x.dtype)[None, :, None, :]).flatten(0, 1)
-        x = visual.ln_pre(x)
+        x = self._with_token_slots(visual.ln_pre(x), T)  # [B*T, 1+L+G+N+S, D]
         for layer, block in enumerate(visual.transformer.resblocks):
             x = self._video_block(layer, block, x, B, T)
         cls_out = visual.ln_post(x[:, 0]) @ visual.proj  # [B*T, E]
         features = cls_out.view(B, T, -1).mean(dim=1)  # [B, E]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _video_block(self, layer: int, block: Any, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """One backbone block with Vita-CLIP's tokens. ``x``: ``[B*T, 1+N, D]`` -> same shape."""
-        num_global = 0
-        if self.global_prompts is not None:
-            g = self.global_prompts.tokens[layer].to(x.dtype)  # [G, D]
-            num_global = g.shape[0]
-            x = torch.cat([x[:, :1], g.expand(B * T, -1, -1), x[:, 1:]], dim=1)  # [B*T, 1+G+N, D]
+    def _slot_counts(self, T: int) -> tuple[int, int, int]:
+        """Tokens each block adds around a frame's CLS and patches: local prompts (one per frame of the video),
+        global prompts, summary token."""
+        num_local = T if self.local_prompts is not None else 0
+        num_global = self.global_prompts.num_prompts if self.global_prompts is not None else 0
+        return num_local, num_global, int(self.summary is not None)
 
-        # Tokens visible inside attention only: [CLS | local prompts | global prompts, patches | summary].
-        head, tail = [x[:, :1]], [x[:, 1:]]
-        num_local = num_summary = 0
-        if self.cls_proj is not None:
-            cls_projected = self.cls_proj[layer](x[:, 0].view(B, T, -1))  # [B, T, D]
+    def _with_token_slots(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """``[B*T, 1+N, D]`` -> ``[B*T, 1+L+G+N+S, D]``: the layout every block attends over, [CLS | local prompts |
+        global prompts | patches | summary], made once per video batch. Each block writes its own prompt and summary
+        tokens into the slots in place (a few tokens per frame) instead of concatenating and slicing the whole
+        activation around them (four full copies per block: a quarter of the encoder's GPU time)."""
+        num_local, num_global, num_summary = self._slot_counts(T)
+        if not (num_local or num_global or num_summary):
+            return x
+        before = x.new_zeros(x.shape[0], num_local + num_global, x.shape[2])
+        after = x.new_zeros(x.shape[0], num_summary, x.shape[2])
+        return torch.cat([x[:, :1], before, x[:, 1:], after], dim=1)
+
+    def _video_block(self, layer: int, block: Any, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """One backbone block with Vita-CLIP's tokens, on the layout of :meth:`_with_token_slots` (same shape out).
+
+        Attention sees every token. The MLP, a per-token map, runs over the prompt and summary slots too; what it
+        makes of them is overwritten by the next block's tokens and never reaches the CLS token, so the result is
+        the official block's, which feeds only CLS, global prompts and patches to the MLP."""
+        num_local, num_global, num_summary = self._slot_counts(T)
+        if num_global:
+            assert self.global_prompts is not None
+            x[:, 1 + num_local : 1 + num_local + num_global] = self.global_prompts.tokens[layer].to(x.dtype)
+        if self.cls_proj is not None and (num_local or num_summary):
+            # A copy of the CLS tokens under autograd: the slot writes below change x in place.
+            cls = x[:, 0].clone() if torch.is_grad_enabled() else x[:, 0]
+            cls_projected = self.cls_proj[layer](cls.view(B, T, -1))  # [B, T, D]
             if self.summary is not None:
-                summary = self.summary(layer, cls_projected)  # [B, T, D]
-                tail.append(summary.reshape(B * T, 1, -1))  # frame t sees summary t
-                num_summary = 1
+                x[:, -1] = self.summary(layer, cls_projected).reshape(B * T, -1)  # frame t sees summary t
             if self.local_prompts is not None:
                 local = self.local_prompts(layer, cls_projected)  # [B, T, D]
-                head.append(local.repeat_interleave(T, dim=0))  # [B*T, T, D]: every frame sees all T
-                num_local = T
-        h = torch.cat(head + tail, dim=1) if len(head) + len(tail) > 2 else x
-        h = h + block.ls_1(block.attention(block.ln_1(h)))
-        if num_local or num_summary:
-            x = torch.cat([h[:, :1], h[:, 1 + num_local : h.shape[1] - num_summary]], dim=1)
-        else:
-            x = h
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        if num_global:
-            x = torch.cat([x[:, :1], x[:, 1 + num_global :]], dim=1)
-        return x
+                frames = x.view(B, T, *x.shape[1:])
+                frames[:, :, 1 : 1 + num_local] = local[:, None]  # every frame of a video sees all T
+        x = x + block.ls_1(block.attention(block.ln_1(x)))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     # ------------------------------------------------------------------ text
 
