@@ -400,6 +400,9 @@ SECTIONS: dict[str, tuple[Callable[[argparse.Namespace, torch.device, Budget], d
 
 
 def run_sections(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Runs the chosen sections in order; the report is rewritten after each one, so a machine taken back (or a
+    command stopped at its time limit) still leaves the sections that finished, and each section's result is also
+    printed as one JSON line."""
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -415,7 +418,9 @@ def run_sections(args: argparse.Namespace, device: torch.device) -> dict[str, An
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         result["seconds"] = round(time.perf_counter() - started, 1)
         report["sections"][name] = result
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(f"{name}: {'ok' if result['ok'] else 'FAILED ' + result['error']} in {result['seconds']} s", flush=True)
+        print(json.dumps({name: {k: v for k, v in result.items() if k != "trace"}}, default=str), flush=True)
     return report
 
 
@@ -460,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --dry-run on a machine without a GPU", file=sys.stderr)
         return 2
     report = run_sections(args, device)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     print(f"report: {args.out}")
     return 0 if all(r.get("ok") for r in report["sections"].values()) else 1

@@ -15,6 +15,8 @@ WHEELS=(
     "ray==2.60.0" "av==18.1.0" "deltalake==1.6.6" "arro3-core==0.9.1" "deprecated==3.0.1" "faiss-cpu==1.15.1"
     "open_clip_torch==3.3.0" "ftfy==6.3.1" "wcwidth==0.9.4" "boto3==1.44.8" "botocore==1.44.8"
     "s3transfer==0.19.3" "jmespath==1.1.0"
+    # ray imports jsonschema (runtime-env schemas); the image has attrs but not these
+    "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0" "rpds-py==2026.9.1"
 )
 for wheel in "${WHEELS[@]}"; do
     "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
