@@ -74,3 +74,43 @@ def test_a_half_precision_overflow_is_recomputed_in_float32(demo_frames: np.ndar
     got = _run(stage, demo_frames[:6])
     np.testing.assert_allclose(got["embedding"], reference["embedding"][:6], atol=1e-5)
     assert (got["label_indices"] == reference["label_indices"][:6]).all()
+
+
+def test_compiled_float16_autocast_keeps_the_float32_answers(demo_frames: np.ndarray, reference: dict) -> None:
+    """The CUDA path of a large run (float16 autocast, torch.compile of the video tower) on the CPU with the same
+    dtypes. The last batch, of 36 videos, is padded to the batch size: one compiled graph serves both."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    stage = EmbedStage(model="vitaclip-demo", device="cpu", dtype=torch.float16, batch_size=64, torch_compile=True)
+    assert stage.compiled is not None
+    got = _run(stage, demo_frames)  # batches of 64 and 36
+    assert stage.compiled is not None and stage.compiled_once  # compiled, not fallen back to eager
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert len(got["embedding"]) == 100
+    cos_min, top1 = _agreement(reference, got)
+    assert cos_min >= 0.9999, f"lowest cosine {cos_min:.6f}"
+    assert top1 >= 0.99, f"top-1 label the same for {top1:.1%}"
+    assert EmbedStage(model="vitaclip-demo", device="cpu").compiled is None  # CPUs: eager unless asked
+
+
+def test_a_compiler_that_fails_leaves_the_stage_eager(
+    demo_frames: np.ndarray, reference: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where compiling fails (here: Inductor's C++ compiler does not exist), the stage warns once and computes the
+    same answers eagerly."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached build would need no compiler
+    torch._dynamo.reset()
+    stage = EmbedStage(model="vitaclip-demo", device="cpu", dtype=torch.float32, batch_size=50, torch_compile=True)
+    with caplog.at_level("WARNING", logger="vitaclip.stages"):
+        got = _run(stage, demo_frames[:100])
+    torch._dynamo.reset()
+    assert stage.compiled is None and not stage.compiled_once
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    np.testing.assert_array_equal(got["label_indices"], reference["label_indices"])
+    np.testing.assert_allclose(got["embedding"], reference["embedding"], atol=1e-6)
