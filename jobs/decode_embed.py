@@ -176,14 +176,19 @@ class DecodeEmbed:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         # Ray Data gathers what the calls on one input block yield into blocks of its target size (most often one).
+        # Whole embed batches go to the model as they fill up, the rest waits for the next piece: a compiled model
+        # runs one batch size, which a partial batch is padded to.
         waiting: list[dict[str, np.ndarray]] = []
         clips = 0
         for piece in self._decoded(batch):
             waiting.append(piece)
             clips += len(piece["decode_id"])
             if clips >= self.embed_batch_size:
-                yield self._embed(_concat(waiting))
-                waiting, clips = [], 0
+                ready = _concat(waiting)
+                whole = clips - clips % self.embed_batch_size
+                yield self._embed(_rows(ready, slice(0, whole)))
+                waiting = [_rows(ready, slice(whole, clips))] if whole < clips else []
+                clips -= whole
         if waiting:
             yield self._embed(_concat(waiting))
 

@@ -91,6 +91,7 @@ _BLOCK_VIDEOS = 2048
 # Most videos per call of the embed actor (Ray Data's batch size): a block is decoded and embedded in calls of this
 # many, one after the other; the run's end goes out in smaller blocks, which Ray Data bundles back up to this.
 _CALL_VIDEOS = 512
+_COMPILE_MIN_VIDEOS_PER_ACTOR = 100_000  # `--embed-compile auto`: see `compile_video_tower`
 _TAIL_BLOCK_VIDEOS = 128  # videos per block of the run's end (held back, cut finer so every decoder ends together)
 
 
@@ -212,7 +213,7 @@ class PlanActor:
         pending = pa.concat_tables(self._pending)
         for i in range(0, videos, block_videos):
             block = pending.slice(i, min(block_videos, videos - i))
-            self._refs.append(PlannedBlock(ray.put(block), _block_metadata(block)))
+            self._refs.append(PlannedBlock(ray.put(block), _block_metadata(block), block.num_rows))
         rest = pending.slice(videos)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
@@ -244,10 +245,11 @@ class PlanActor:
 @dataclass(frozen=True)
 class PlannedBlock:
     """A block of planned objects in the object store, with the Ray Data metadata of a Dataset's input block (None
-    where this Ray has no such class)."""
+    where this Ray has no such class) and its number of videos."""
 
     ref: Any
     metadata: Any
+    videos: int = 0
 
 
 def _block_metadata(block: pa.Table) -> Any:
@@ -971,6 +973,7 @@ def index_dataset(
                 top_k=config.top_k,
                 batch_size=config.embed_batch_size,
                 device=None if pools.use_gpu else "cpu",
+                torch_compile=compile_video_tower(config, pools, sum(b.videos for b in blocks)),
             ),
         ),
         batch_size=_CALL_VIDEOS,  # a planned block in a few calls (the end's smaller blocks go together)
@@ -984,6 +987,16 @@ def index_dataset(
         # Kubernetes head) takes no embed actor.
         num_cpus=0.0 if pools.use_gpu else 0.01,
     )
+
+
+def compile_video_tower(config: IndexJobConfig, pools: IndexPools, planned_videos: int) -> bool:
+    """Whether the embed actors `torch.compile` the video tower: ``--embed-compile on``/``off``, or for ``auto``
+    GPU actors on a run whose planned videos give each actor at least ``_COMPILE_MIN_VIDEOS_PER_ACTOR``. Compiling
+    costs each actor about 35 s before its first batch and saves about 0.5 ms per video of ViT-B/16 on an H200
+    (benchmarks/RESULTS.md), so it pays back after about 65,000 videos per actor; a small nightly run stays eager."""
+    if config.embed_compile != "auto":
+        return config.embed_compile == "on"
+    return pools.use_gpu and planned_videos >= _COMPILE_MIN_VIDEOS_PER_ACTOR * max(1, pools.embed_workers)
 
 
 def decoder_args(config: IndexJobConfig, model: ResolvedModel) -> dict[str, Any]:

@@ -91,3 +91,27 @@ def test_the_embedded_ray_is_new_where_another_cluster_is_announced() -> None:
         assert done.stdout.split()[-1] == "1.0"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_video_tower_is_compiled_for_large_gpu_runs_only() -> None:
+    """`--embed-compile auto` compiles on GPU actors when every actor's share of the planned videos pays back the
+    compile; `on` and `off` are kept as given."""
+    from jobs.config import IndexJobConfig
+    from jobs.pipeline import _COMPILE_MIN_VIDEOS_PER_ACTOR, compile_video_tower
+    from jobs.ray_resources import IndexPools
+
+    gpu = IndexPools(decode_workers=16, cpus_per_decoder=1, embed_workers=4, cpus_per_embedder=0, gpus_per_embedder=1)
+    cpu = IndexPools(decode_workers=1, cpus_per_decoder=1, embed_workers=1, cpus_per_embedder=1, gpus_per_embedder=0)
+    auto = IndexJobConfig(inputs=["in"], output="out", model="vitaclip-demo")
+    enough = 4 * _COMPILE_MIN_VIDEOS_PER_ACTOR
+    assert compile_video_tower(auto, gpu, enough)
+    assert not compile_video_tower(auto, gpu, enough - 1)  # one actor's share short of paying back
+    assert not compile_video_tower(auto, cpu, 10 * enough)  # CPU actors: eager unless asked
+    assert compile_video_tower(
+        IndexJobConfig(inputs=["in"], output="out", model="vitaclip-demo", embed_compile="on"), cpu, 1
+    )
+    assert not compile_video_tower(
+        IndexJobConfig(inputs=["in"], output="out", model="vitaclip-demo", embed_compile="off"), gpu, 10 * enough
+    )
+    with pytest.raises(ValueError, match="embed_compile must be auto, on or off"):
+        IndexJobConfig(inputs=["in"], output="out", model="vitaclip-demo", embed_compile="sometimes")
