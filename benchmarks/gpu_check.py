@@ -10,6 +10,8 @@ still run):
 - ``model``: vitaclip-b16 ``encode_video`` videos/s over a batch sweep in the embed stage's precision (float16
   autocast over float32 weights, SDPA attention) and with bf16 weights, peak memory and MFU; ``--compile`` adds a
   torch.compile run; ``--official-src`` times the official implementation with identical weights;
+- ``stage``: the job's embed stage (uint8 frames in, labels out) on 512 random videos at batch 32 and 128: videos/s
+  eager and, with ``--compile``, compiled, and the first call's seconds;
 - ``agreement``: the embed stage (float16 autocast) against float32 on vitaclip-demo demo-world videos (top-1 labels,
   cosine) and on vitaclip-b16 random inputs (cosine);
 - ``faiss``: flat and IVF indexes at 1M and 10M x 512 (GPU when faiss has GPU support): build seconds, recall@10
@@ -22,6 +24,7 @@ still run):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -68,6 +71,8 @@ def sizes(args: argparse.Namespace) -> dict[str, Any]:
             "train_batch": 2,
             "train_steps": 2,
             "job_videos": 6,
+            "stage_videos": 8,
+            "stage_batches": [4],
         }
     return {
         "model": "vitaclip-b16",
@@ -79,6 +84,8 @@ def sizes(args: argparse.Namespace) -> dict[str, Any]:
         "train_batch": 32,
         "train_steps": 10,
         "job_videos": 2000,
+        "stage_videos": 512,
+        "stage_batches": [32, 128],
     }
 
 
@@ -211,6 +218,37 @@ def _official(args: argparse.Namespace, s: dict[str, Any], device: torch.device)
     x = torch.randn(batch, config.num_frames, 3, model.image_size, model.image_size, device=device)
     with torch.inference_mode():
         return model_throughput.time_official(official, model, x, repeats=s["repeats"], cuda=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+
+
+def section_stage(args: argparse.Namespace, device: torch.device, budget: Budget) -> dict[str, Any]:
+    """The embed stage as the job's actors run it (uint8 frames from the host to labels back), eager and, with
+    ``--compile``, compiled: videos/s per batch size and the first call's seconds (compiling)."""
+    from vitaclip.stages import EmbedStage
+
+    s = sizes(args)
+    runs: list[dict[str, Any]] = []
+    frames: np.ndarray | None = None
+    for compiled in (False, True) if args.compile else (False,):
+        for batch in s["stage_batches"]:
+            if budget.left() <= 0:
+                break
+            stage = EmbedStage(model=s["model"], device=str(device), batch_size=batch, torch_compile=compiled)
+            if frames is None:
+                T, S = stage.model.config.num_frames, stage.model.image_size
+                frames = np.random.default_rng(0).integers(0, 256, (s["stage_videos"], T, S, S, 3), dtype=np.uint8)
+            rows = {"frames": frames, "status": np.asarray(["ok"] * len(frames), dtype=object)}
+            start = time.perf_counter()
+            stage(rows)
+            first = time.perf_counter() - start
+            seconds = _time(functools.partial(stage, rows), torch.device("cpu"), repeats=3, warmup=0)  # it synchronises
+            runs.append(
+                {"compiled": compiled, "batch": batch, "videos_per_second": round(len(frames) / seconds, 1),
+                 "first_call_seconds": round(first, 1), "dtype": str(stage.autocast or stage.model.dtype)}
+            )  # fmt: skip
+    return {"model": s["model"], "videos": s["stage_videos"], "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------------- agreement
@@ -392,6 +430,7 @@ def section_job(args: argparse.Namespace, device: torch.device, budget: Budget) 
 
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace, torch.device, Budget], dict[str, Any]], float]] = {
     "model": (section_model, 120.0),
+    "stage": (section_stage, 150.0),
     "agreement": (section_agreement, 60.0),
     "faiss": (section_faiss, 120.0),
     "train": (section_train, 60.0),
@@ -430,6 +469,9 @@ def print_table(report: dict[str, Any]) -> None:
     for run in sections.get("model", {}).get("runs", []):
         mfu = f", MFU {run['mfu']:.1%}" if "mfu" in run else ""
         print(f"  encode_video {run['mode']:>22} batch {run['batch']:>4}: {run['videos_per_second']:>9} videos/s{mfu}")
+    for run in sections.get("stage", {}).get("runs", []):
+        mode = "compiled" if run["compiled"] else "eager"
+        print(f"  embed stage {mode:>8} batch {run['batch']:>4}: {run['videos_per_second']:>9} videos/s")
     agreement = sections.get("agreement", {})
     for name, value in agreement.items():
         if isinstance(value, dict):

@@ -56,7 +56,10 @@ def test_dry_run_covers_every_section(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert set(sections) == {"model", "agreement", "faiss", "train", "job"}
+    assert set(sections) == {"model", "stage", "agreement", "faiss", "train", "job"}
+    assert [r["compiled"] for r in sections["stage"]["runs"]] == [False] and sections["stage"]["runs"][0][
+        "videos_per_second"
+    ] > 0
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     modes = {run["mode"] for run in sections["model"]["runs"]}
     assert modes == {"fp16-autocast", "bf16-weights"} and sections["model"]["gflops_per_video"] > 0
