@@ -92,7 +92,7 @@ def test_compiled_float16_autocast_keeps_the_float32_answers(demo_frames: np.nda
     cos_min, top1 = _agreement(reference, got)
     assert cos_min >= 0.9999, f"lowest cosine {cos_min:.6f}"
     assert top1 >= 0.99, f"top-1 label the same for {top1:.1%}"
-    assert EmbedStage(model="vitaclip-demo", device="cpu").compiled is None  # CPUs: eager unless asked
+    assert EmbedStage(model="vitaclip-demo", device="cpu").compiled is None  # eager unless asked
 
 
 def test_a_compiler_that_fails_leaves_the_stage_eager(

@@ -320,7 +320,7 @@ class EmbedStage:
             too, for tests).
         mixed: with a bf16 or fp16 `dtype`, float32 weights under autocast, label features and normalisation in
             float32 (False: weights and everything else in `dtype`).
-        torch_compile: run the video tower through `torch.compile` (None: on CUDA only; the job decides per run).
+        torch_compile: run the video tower through `torch.compile` (the job decides per run: large runs on GPUs).
             It fuses the normalisations, activations and casts around the matrix products: vitaclip-b16 on an H200,
             this stage at batch 128 under float16 autocast, 699 -> 1,118 videos/s (benchmarks/RESULTS.md). The first
             forward pass compiles (about 35 s there); a partial batch is padded to `batch_size`, so nothing compiles
@@ -338,7 +338,7 @@ class EmbedStage:
         batch_size: int = 32,
         dtype: torch.dtype | None = None,
         mixed: bool = True,
-        torch_compile: bool | None = None,
+        torch_compile: bool = False,
     ) -> None:
         import torch
 
@@ -366,7 +366,7 @@ class EmbedStage:
         self.staging: list[torch.Tensor] | None = None  # page-locked upload buffers (CUDA)
         self.compiled: Callable[..., Any] | None = None
         self.compiled_once = False
-        if torch_compile if torch_compile is not None else self.device.type == "cuda":
+        if torch_compile:  # not by default: one file to label, or a small run, would wait for the compiler
             self.compiled = torch.compile(self.model.encode_video)  # compiles on its first call
 
     def _encode(self, x: Any) -> Any:
