@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from vitaclip.redact import redact_text, terminal_text
 
@@ -546,5 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> NoReturn:
+    """The `vitaclip` command: `main`, then the job's way of ending the process (`jobs.index_videos.exit_process`:
+    an indexing run stopped by SIGTERM exits with 143, not with the abort of Ray's core worker at teardown)."""
+    from jobs.index_videos import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -781,3 +781,51 @@ def test_any_failure_is_recorded_and_a_failed_vacuum_is_only_a_warning(
     assert sorted(r["state"] for r in records) == ["committed", "failed"]  # not "running" for ever
     (failed,) = [r for r in records if r["state"] == "failed"]
     assert failed["error"] == "RuntimeError: the committer gave up"
+
+
+def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path) -> None:
+    """`ray job stop` and a pod's end send SIGTERM: the driver records the run as interrupted and exits with 143
+    (128 + SIGTERM), not with the abort (-6) of Ray's core worker while the interpreter tears down, which a SIGTERM
+    while the driver waited on the planner used to end in."""
+    import threading
+
+    from vitaclip.demo.world import generate, world_labels
+
+    generate(tmp_path / "in", 200, seed=3, labels=world_labels())
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.index_videos", str(tmp_path / "in"), "--output", str(out)]
+    job = subprocess.Popen(
+        [*cmd, "--model", "vitaclip-demo", "--no-index"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    planned = threading.Event()  # Ray is up and the run under way
+
+    def read() -> None:
+        assert job.stdout is not None
+        for line in job.stdout:  # the log and the messages
+            lines.append(line)
+            if " embed device: " in line:  # Ray is up; the planner is at work
+                planned.set()
+        planned.set()  # the job ended first: the assertions below say how
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        planned.wait(120)
+        time.sleep(0.5)
+        assert job.poll() is None, "the run ended before it could be stopped:\n" + "".join(lines)[-3000:]
+        job.send_signal(signal.SIGTERM)
+        job.wait(120)
+        reader.join(10)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = "".join(lines)
+    assert job.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "(SIGTERM)" in output
+    (record,) = (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))
+    assert record["state"] == "interrupted", record

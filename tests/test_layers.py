@@ -39,7 +39,7 @@ def test_imports_go_one_way() -> None:
 
 def test_the_command_line_lives_at_the_top() -> None:
     scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
-    assert re.findall(r'^vitaclip\s*=\s*"([^"]+)"', scripts, re.M) == ["jobs.cli:main"]
+    assert re.findall(r'^vitaclip\s*=\s*"([^"]+)"', scripts, re.M) == ["jobs.cli:run"]
 
 
 def test_function_length_check_flags_long_functions_unless_marked(tmp_path: Path) -> None:
