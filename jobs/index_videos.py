@@ -98,13 +98,11 @@ def exit_process(code: int) -> NoReturn:
     what is frozen here is never collected (files are flushed by their owners and at exit as before)."""
     gc.freeze()
     if code == 128 + signal.SIGTERM:
-        # Stopped by SIGTERM (ray job stop, a pod's end): the Ray core worker in this process can abort while the
-        # interpreter tears down (SIGABRT, exit -6; seen in 1 of 9 tries here), which would hide the 143 that a
-        # supervisor reads. What the run committed and its record are written by now: stop Ray (the embedded
-        # cluster with it) as the interpreter's exit would, then end here, streams flushed.
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        # Stopped by SIGTERM (ray job stop, a pod's end): the Ray core worker in this process can abort in
+        # ray.shutdown() or while the interpreter tears down (SIGABRT, exit -6: an actor whose creation the stop
+        # cancelled fails a check), which would hide the 143 that a supervisor reads. What the run committed and its
+        # record are written by now: end here, streams flushed. An embedded Ray's processes end with their driver;
+        # a cluster's drop the driver's work.
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
