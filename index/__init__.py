@@ -5,7 +5,29 @@ in, the FAISS index built from them and the search over it (engine and HTTP serv
 opens read-only, and its ``.search(queries, k)`` returns ``(scores, ids)``.
 """
 
-from index.build import build_index
-from index.segments import open_index
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {"build_index": "index.build", "open_index": "index.segments"}
 
 __all__ = ["build_index", "open_index"]
+
+if TYPE_CHECKING:
+    from index.build import build_index
+    from index.segments import open_index
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily: a decode worker importing `index.s3` pays for FAISS, delta-rs and pandas otherwise (about 1 s of CPU).
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'index' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

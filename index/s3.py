@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-import boto3
-import botocore.config
 import botocore.exceptions
 
 from vitaclip.redact import redact_text
@@ -137,6 +135,9 @@ def make_s3_client(
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    import boto3  # here: a decode task reading local files never needs it (0.25 s of import)
+    import botocore.config
+
     custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = botocore.config.Config(
         retries={"total_max_attempts": max_attempts, "mode": retry_mode},

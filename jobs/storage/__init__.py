@@ -6,21 +6,37 @@ nothing) raises `StorageError` with the location in the message; a single unread
 `reason` the job records on that video's row instead of stopping the run.
 """
 
-from index.s3 import EmptyInputError, S3Client, StorageError, StorageErrorReason, make_s3_client, parse_s3_uri
-from index.stores import LocalStore, ObjectFsStore, S3Store, Store, open_store
-from jobs.storage.listing import (
-    DEFAULT_VIDEO_EXTENSIONS,
-    MANIFEST_SUFFIXES,
-    UNKNOWN_SIZE,
-    VideoObject,
-    absolute_path,
-    describe_listing,
-    list_videos,
-    listed_scopes,
-    printable_path,
-    require_any,
-)
-from jobs.storage.reading import S3RangeReader, open_video
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names load lazily: a decode task needs `reading` only, not the output stores (delta-rs, pandas, FAISS).
+_EXPORTS = {
+    "EmptyInputError": "index.s3",
+    "S3Client": "index.s3",
+    "StorageError": "index.s3",
+    "StorageErrorReason": "index.s3",
+    "make_s3_client": "index.s3",
+    "parse_s3_uri": "index.s3",
+    "LocalStore": "index.stores",
+    "ObjectFsStore": "index.stores",
+    "S3Store": "index.stores",
+    "Store": "index.stores",
+    "open_store": "index.stores",
+    "DEFAULT_VIDEO_EXTENSIONS": "jobs.storage.listing",
+    "MANIFEST_SUFFIXES": "jobs.storage.listing",
+    "UNKNOWN_SIZE": "jobs.storage.listing",
+    "VideoObject": "jobs.storage.listing",
+    "absolute_path": "jobs.storage.listing",
+    "describe_listing": "jobs.storage.listing",
+    "list_videos": "jobs.storage.listing",
+    "listed_scopes": "jobs.storage.listing",
+    "printable_path": "jobs.storage.listing",
+    "require_any": "jobs.storage.listing",
+    "S3RangeReader": "jobs.storage.reading",
+    "open_video": "jobs.storage.reading",
+}
 
 __all__ = [
     "DEFAULT_VIDEO_EXTENSIONS",
@@ -47,3 +63,33 @@ __all__ = [
     "printable_path",
     "require_any",
 ]
+
+if TYPE_CHECKING:
+    from index.s3 import EmptyInputError, S3Client, StorageError, StorageErrorReason, make_s3_client, parse_s3_uri
+    from index.stores import LocalStore, ObjectFsStore, S3Store, Store, open_store
+    from jobs.storage.listing import (
+        DEFAULT_VIDEO_EXTENSIONS,
+        MANIFEST_SUFFIXES,
+        UNKNOWN_SIZE,
+        VideoObject,
+        absolute_path,
+        describe_listing,
+        list_videos,
+        listed_scopes,
+        printable_path,
+        require_any,
+    )
+    from jobs.storage.reading import S3RangeReader, open_video
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jobs.storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
