@@ -106,7 +106,7 @@ def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
     `rows` rows: the sample under new URIs."""
     import ray
 
-    from jobs.pipeline import PlannedBlock, _block_metadata
+    from jobs.pipeline import PlannedBlock
 
     uris = sample.column("uri").to_pylist()
     per_video = len(uris) / len(set(uris))
@@ -118,7 +118,7 @@ def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
             renamed = [f"s3://bench/{start + sorted(set(uris)).index(u):09d}.mp4" for u in uris]
             parts.append(sample.set_column(sample.schema.get_field_index("uri"), "uri", pa.array(renamed)))
         block = pa.concat_tables(parts)
-        refs.append(PlannedBlock(ray.put(block), _block_metadata(block)))
+        refs.append(PlannedBlock.of(ray.put(block), block))
         done += videos_per_block
     return refs
 

@@ -213,7 +213,7 @@ class PlanActor:
         pending = pa.concat_tables(self._pending)
         for i in range(0, videos, block_videos):
             block = pending.slice(i, min(block_videos, videos - i))
-            self._refs.append(PlannedBlock(ray.put(block), _block_metadata(block), block.num_rows))
+            self._refs.append(PlannedBlock.of(ray.put(block), block))
         rest = pending.slice(videos)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
@@ -244,22 +244,20 @@ class PlanActor:
 
 @dataclass(frozen=True)
 class PlannedBlock:
-    """A block of planned objects in the object store, with the Ray Data metadata of a Dataset's input block (None
-    where this Ray has no such class) and its number of videos."""
+    """A block of planned objects in the object store, with what a Dataset's input block needs as metadata (its
+    rows, bytes and schema), taken where the block is made: `ray.data.from_arrow_refs` computes them in a remote task
+    per block, a worker process that imports Ray Data (about 2 s on the critical path of every run on two cores).
+    The planner does not import Ray Data either (0.5-0.8 s more before its first block); the driver, which has it,
+    builds Ray Data's metadata objects (`blocks_dataset`)."""
 
     ref: Any
-    metadata: Any
-    videos: int = 0
+    videos: int
+    size_bytes: int | None = None
+    schema: pa.Schema | None = None
 
-
-def _block_metadata(block: pa.Table) -> Any:
-    """What `ray.data.from_arrow_refs` computes in a remote task per block (a worker process that imports Ray Data:
-    about 2 s on the critical path of every run, measured on two cores), computed where the block is made."""
-    try:
-        from ray.data.block import BlockMetadataWithSchema
-    except ImportError:  # a Ray before the class: `blocks_dataset` takes the public path
-        return None
-    return BlockMetadataWithSchema.from_block(block)
+    @classmethod
+    def of(cls, ref: Any, block: pa.Table) -> PlannedBlock:
+        return cls(ref, block.num_rows, block.nbytes, block.schema)
 
 
 def blocks_dataset(blocks: Sequence[PlannedBlock]) -> Any:
@@ -267,20 +265,26 @@ def blocks_dataset(blocks: Sequence[PlannedBlock]) -> Any:
     builds it from the metadata the planner computed (Ray Data internals; the public function where they differ)."""
     import ray
 
-    metadata = [b.metadata for b in blocks]
     refs = [b.ref for b in blocks]
     try:
         from ray.data._internal.logical.interfaces import LogicalPlan
         from ray.data._internal.logical.operators.from_operators import FromArrow
         from ray.data._internal.stats import DatasetStats
+        from ray.data.block import BlockMetadataWithSchema
         from ray.data.context import DataContext
         from ray.data.dataset import MaterializedDataset
     except ImportError:
         return ray.data.from_arrow_refs(refs)
-    if any(m is None for m in metadata):
+    if any(b.size_bytes is None or b.schema is None for b in blocks):
         return ray.data.from_arrow_refs(refs)
     context = DataContext.get_current().copy()
     try:
+        metadata: list[Any] = [
+            BlockMetadataWithSchema(
+                num_rows=b.videos, size_bytes=b.size_bytes, exec_stats=None, input_files=None, schema=b.schema
+            )
+            for b in blocks
+        ]
         plan = LogicalPlan(FromArrow(refs, metadata), context)
         return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
     except TypeError:  # other signatures in another Ray
