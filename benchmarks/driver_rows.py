@@ -8,7 +8,7 @@ as fast as the write tasks take them, through a Dataset shaped like the job's:
 
 1. The job's own stages (`ReadDecode`, `TimedEmbed`, vitaclip-demo, ``--segment-seconds 2``) process a few generated
    10 s videos once; their output rows (video and segment rows: embeddings, labels, JPEG thumbnails) are repeated
-   under new URIs into blocks of ``--videos-per-block`` videos (the planner's `jobs.pipeline._BLOCK_VIDEOS`,
+   under new URIs into blocks of ``--videos-per-block`` videos (the planner's `jobs.planning._BLOCK_VIDEOS`,
    2,048; the end of a run is cut into blocks of 128), put in the object store before timing.
 2. Timed: a Dataset over those blocks with one actor pool standing for the job's `jobs.decode_embed.DecodeEmbed`
    (same pool options: two blocks at once per actor, each in calls of `jobs.pipeline._CALL_VIDEOS` videos), which
@@ -102,11 +102,11 @@ def sample_rows(work: Path, videos: int = 8) -> pa.Table:
 
 
 def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
-    """Blocks (`jobs.pipeline.PlannedBlock`, as the planner makes them) of `videos_per_block` videos holding about
+    """Blocks (`jobs.planning.PlannedBlock`, as the planner makes them) of `videos_per_block` videos holding about
     `rows` rows: the sample under new URIs."""
     import ray
 
-    from jobs.pipeline import PlannedBlock
+    from jobs.planning import PlannedBlock
 
     uris = sample.column("uri").to_pylist()
     per_video = len(uris) / len(set(uris))

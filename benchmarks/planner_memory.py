@@ -1,6 +1,6 @@
 """What the run's planner holds in memory while it plans a large listing (issue 13: memory bounded by a constant).
 
-The planner actor (`jobs.pipeline.PlanActor`) turns listing pages into object store blocks of the videos that need
+The planner actor (`jobs.planning.PlanActor`) turns listing pages into object store blocks of the videos that need
 work. This plans synthetic S3 listing pages (4,096 objects each, none indexed yet: every object is planned) in this
 process, at several listing sizes, and prints the Arrow memory the planner holds before it hands out its blocks, and
 the Arrow pool's peak. The committed keys it also holds (about 21 bytes per committed row) are measured by
@@ -33,12 +33,12 @@ def measure(pages: int, decode_workers: int) -> tuple[int, int, int, float, int,
     import pyarrow as pa
 
     from index.delta_tables import OutputLocation, create_tables
-    from jobs import pipeline
+    from jobs import pipeline, planning
     from jobs.storage import VideoObject
 
     location = OutputLocation.from_url(tempfile.mkdtemp(prefix="vitaclip-plan-") + "/out")
     versions = create_tables(location, 4, model_id="m1")
-    planner = pipeline.PlanActor(
+    planner = planning.PlanActor(
         location, model_id="m1", versions=versions, folder_inputs=[], decode_workers=decode_workers
     )
     base = pa.total_allocated_bytes()
