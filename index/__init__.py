@@ -7,9 +7,11 @@ opens read-only, and its ``.search(queries, k)`` returns ``(scores, ids)``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vitaclip._lazy import lazy_exports
+
+# Lazily: a decode worker importing `index.s3` would pay for FAISS, delta-rs and pandas otherwise (about 1 s of CPU).
 _EXPORTS = {"build_index": "index.build", "open_index": "index.segments"}
 
 __all__ = ["build_index", "open_index"]
@@ -19,15 +21,4 @@ if TYPE_CHECKING:
     from index.segments import open_index
 
 
-def __getattr__(name: str) -> Any:
-    # Lazily: a decode worker importing `index.s3` pays for FAISS, delta-rs and pandas otherwise (about 1 s of CPU).
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'index' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -8,8 +8,9 @@ nothing) raises `StorageError` with the location in the message; a single unread
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vitaclip._lazy import lazy_exports
 
 # Names load lazily: a decode task needs `reading` only, not the output stores (delta-rs, pandas, FAISS).
 _EXPORTS = {
@@ -82,14 +83,4 @@ if TYPE_CHECKING:
     from jobs.storage.reading import S3RangeReader, open_video
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jobs.storage' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
