@@ -325,6 +325,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve_on_ray(args: argparse.Namespace) -> int:
     import ray
 
+    from jobs.ray_resources import sigterm_to_python
     from jobs.ray_serve import ServeOptions, run
 
     options = ServeOptions(
@@ -338,6 +339,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     # Without an address: RAY_ADDRESS (`ray job submit`), else a new local Ray, never one announced on this machine.
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    sigterm_to_python()  # a stopped service ends through Python's handler, not Abseil's abort 3 s later
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
     run(options, host=args.host, port=args.port, blocking=True)
     return 0

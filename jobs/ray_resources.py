@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,7 +77,23 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(**embedded_ray_options(num_cpus), log_to_driver=True)
+        sigterm_to_python()
     return read_cluster()
+
+
+def sigterm_to_python() -> None:
+    """Gives SIGTERM back to Python's handler after ``ray.init``, in the main thread.
+
+    Ray's core worker installs Abseil's failure signal handler in the driver for SIGTERM too. It prints a stack, passes
+    the signal on to Python's handler (Ray's, which raises ``SystemExit(15)``) and arms a 3 s alarm that aborts the
+    process: a driver that takes longer to end its run (record it as interrupted, stop its actors) dies with SIGABRT
+    (-6) instead of the 143 a supervisor reads. Crash signals (SIGSEGV, SIGABRT, ...) keep Abseil's stack dumps.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread can set handlers; ray.init installed none there either
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is not None:  # None: set outside Python, left alone
+        signal.signal(signal.SIGTERM, handler)  # the same Python handler, installed again at the C level
 
 
 def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:

@@ -93,6 +93,35 @@ def test_the_embedded_ray_is_new_where_another_cluster_is_announced() -> None:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_sigterm_after_ray_init_reaches_python_without_an_abort() -> None:
+    """Ray's core worker puts Abseil's failure handler on SIGTERM in the driver: it passes the signal on to Python
+    but arms a 3 s alarm that aborts the process, so a driver that takes longer to end its run dies with -6, not
+    the 143 a supervisor reads. After `init_ray` SIGTERM goes to Python alone: the process outlives the alarm."""
+    import subprocess
+    import sys
+
+    from ray_head import ROOT
+
+    code = """
+import os, signal, time
+from jobs.ray_resources import init_ray
+init_ray(num_cpus=1)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+except SystemExit as exc:  # Ray's Python handler
+    print("exit", exc.code, flush=True)
+time.sleep(5)  # past Abseil's 3 s alarm, which aborts a process it armed
+print("alive", flush=True)
+os._exit(143)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 143, done.stdout + done.stderr[-3000:]
+    assert done.stdout.split() == ["exit", "15", "alive"]
+    assert "SIGTERM received" not in done.stderr  # Abseil's stack dump: its handler never ran
+
+
 def test_the_video_tower_is_compiled_for_large_gpu_runs_only() -> None:
     """`--embed-compile auto` compiles on GPU actors when every actor's share of the planned videos pays back the
     compile; `on` and `off` are kept as given."""
