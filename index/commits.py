@@ -34,7 +34,9 @@ run B commits video X too and our videos commit then conflicts: B's row of X is 
 another etag), so we replace it; if B's segments commit removed our X segments, we commit them again from our data
 file. (If B's row is DONE we drop X: our segments commit removed B's X segments only if it added ours, of the same
 etag, which stay as X's set; when B's row is a final failure no row has segments, and our clean-up commit removes
-our landed segment rows of X.)
+our landed segment rows of X.) Before our segments commit, a row of B with another etag that is the one the object
+has now (`current_etags`) drops X as if DONE: B listed the object after it changed, we before. After it, our
+segments have replaced B's, so our row replaces B's too, and the next run redoes X.
 
 Assumptions: a data file holds the rows of one model and one run (rows carry the committing run's ``run_id``); run
 ids are unique per `Committer`; files removed during a run are not vacuumed before it ends.
@@ -507,7 +509,9 @@ class CommitReport:
         versions: Table versions after the commit.
         videos_committed: New video rows committed.
         segments_committed: New segment rows committed (rows of dropped videos left in place included).
-        dropped: Videos not committed because another writer committed them DONE meanwhile.
+        dropped: Videos not committed because another writer committed them DONE meanwhile, or (`superseded`) of
+            the version the object has now.
+        superseded: Of `dropped`, the videos another writer committed of a newer version of the object than ours.
         readded: Videos whose segment rows, committed by us in an earlier round, another writer removed before
             our videos commit landed: committed again from our data file.
         replaced: Old video rows removed.
@@ -523,6 +527,7 @@ class CommitReport:
     readded: int
     replaced: int
     rounds: int
+    superseded: int = 0
     duplicates: int = 0
     wrote: bool = True
 
@@ -540,6 +545,7 @@ class _Plan:
     readded: set[str]
     dropped: set[str]
     dropped_not_ok: set[str]  # dropped videos whose winning row is a final failure (no segment set belongs to it)
+    superseded: set[str]  # dropped videos whose winning row is of a newer version of the object (`_superseded`)
     replaced: int
     video_rows: int
     # videos committed without segment rows -> (the Planner's segment files of their row, runs of rows replaced)
@@ -557,6 +563,9 @@ class Committer:
         rewrite: Rewrites a committed file without some videos' rows; `delta_tables.rewrite_without` by default.
         max_rounds: Commit rounds (conflicts included) before giving up.
         before_videos_commit: Called between the segments commit and the videos commit (tests kill a run there).
+        current_etags: Looks up the ETags objects have now (``uris -> etags``, None where unknown). With it, a video
+            whose row another run committed meanwhile, of another version of the object, is left out when that row
+            is of the object as it is now and ours is not (our listing was the older): `superseded`.
     """
 
     def __init__(
@@ -569,6 +578,7 @@ class Committer:
         rewrite: Rewrite | None = None,
         max_rounds: int = 20,
         before_videos_commit: Callable[[], None] | None = None,
+        current_etags: Callable[[Sequence[str]], Sequence[str | None]] | None = None,
     ) -> None:
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
@@ -578,6 +588,7 @@ class Committer:
         self.max_rounds = max_rounds
         self._rewrite: Rewrite = rewrite or dlt.rewrite_without
         self._before_videos_commit = before_videos_commit
+        self._current_etags = current_etags
         self._embed_dim = dlt.table_embed_dim(location, "videos")
         self._reconciled = {table: int(versions[table]) for table in dlt.TABLES}
         self._round = 0
@@ -753,6 +764,7 @@ class Committer:
             videos_committed=plan.video_rows,
             segments_committed=segment_rows,
             dropped=len(plan.dropped),
+            superseded=len(plan.superseded),
             readded=len(plan.readded),
             replaced=plan.replaced,
             rounds=attempt,
@@ -908,6 +920,37 @@ class Committer:
                 found.setdefault(row["video_id"], []).append((path, row))
         return found
 
+    def _superseded(
+        self, video_rows: Mapping[str, list[tuple[str, dict[str, Any]]]], etags: Mapping[str, Any], done: set[str]
+    ) -> set[str]:
+        """Videos (not `done`) whose row another writer committed since we planned, of the ETag the object has now,
+        while ours is of another: that writer listed the object after it changed, we before. Committing ours would
+        put the older version back until the next run. Looked up only for rows other writers added with another ETag
+        than ours (rare: the object changed between two overlapping runs' listings, or an older row another writer's
+        rewrite carried along); an unknown ETag leaves ours to replace theirs."""
+        if self._current_etags is None:
+            return set()
+        theirs = {
+            (video_id, path, row["etag"])
+            for video_id, rows in video_rows.items()
+            if video_id not in done
+            for path, row in rows
+            if row["etag"] is not None and row["etag"] != etags[video_id]
+        }
+        if not theirs:
+            return set()
+        uris: dict[str, str] = {}
+        for path in sorted({path for _, path, _ in theirs}):
+            held = _read_columns(self.location, "videos", path, ["video_id", "uri"], self.model_id)
+            uris.update(zip(held.column("video_id").to_pylist(), held.column("uri").to_pylist(), strict=True))
+        asked = sorted({uris[video_id] for video_id, _, _ in theirs if video_id in uris})
+        now = dict(zip(asked, self._current_etags(asked), strict=True))
+        return {
+            video_id
+            for video_id, _, etag in theirs
+            if video_id in uris and now[uris[video_id]] is not None and now[uris[video_id]] == etag
+        }
+
     def _runs_in(self, video_id: str, paths: set[str | None], snapshot: _Snapshot) -> set[str]:
         """Run ids of `video_id`'s rows in current videos files (each file's two columns read once)."""
         runs: set[str] = set()
@@ -1059,6 +1102,8 @@ class Committer:
             for video_id, rows in video_rows.items()
             if any(is_done(row["etag"], row["status"], etags[video_id]) for _, row in rows)
         }
+        superseded = self._superseded(video_rows, etags, dropped) if self._committed_segments is None else set()
+        dropped |= superseded
         dropped_not_ok = {
             video_id for video_id in dropped if all(row["status"] != "ok" for _, row in video_rows[video_id])
         }
@@ -1112,6 +1157,7 @@ class Committer:
             readded=readded,
             dropped=dropped,
             dropped_not_ok=dropped_not_ok,
+            superseded=superseded,
             replaced=replaced,
             video_rows=new_video_rows,
             bare=bare,

@@ -20,6 +20,7 @@ Then the index follows the tables' logs (`index.build.build_from_output`), unref
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ from jobs.ray_resources import (
 from jobs.storage import (
     Store,
     VideoObject,
+    current_etags,
     describe_listing,
     list_videos,
     listed_scopes,
@@ -506,6 +508,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
+            current_etags=functools.partial(current_etags, endpoint_url=config.s3_endpoint_url),
         )  # fmt: skip
         commits = Commits(
             committer, commit_seconds=config.commit_seconds, hooks=hooks,
@@ -767,6 +770,8 @@ def run_summary(
             "segments_committed": sum(r.segments_committed for r in reports),
             "replaced": sum(r.replaced for r in reports),
             "dropped_done_by_another_run": sum(r.dropped for r in reports),
+            # of those, videos the other run committed of a newer version of the object than this run listed
+            "superseded_by_a_newer_version": sum(r.superseded for r in reports),
             "conflict_rounds": sum(r.rounds - 1 for r in reports),
             # Clips of videos cut across blocks, passed on to a later write (counted once per pass), and clips not
             # written: copies (a retried task's output) and, at the end, pieces of videos that never arrived whole.

@@ -514,6 +514,85 @@ def test_segments_landed_then_videos_conflict_does_not_add_segments_twice(local:
     assert len(added_by_rb) == len(set(added_by_rb))
 
 
+def _stale_and_fresh_runs(
+    local: OutputLocation, now: str | None, *, race: bool = False
+) -> tuple[CommitReport, list[list[str]]]:
+    """Video 0 changes twice while two runs overlap: ra lists it as "e0-a", it changes, rb lists it as "e0-b" and
+    commits first (before ra plans its commit, or with `race` between ra's segments and videos commits); then ra
+    commits with ETag lookups that say the object is `now`. Video 1 is listed alike by both (rb's row is DONE for
+    ra), video 2 by ra alone (rb's rewrite of r1's file carries r1's row of it along: looked up too, as it is now).
+    Returns ra's report and the lookups it asked for."""
+    run(local, {0: "e0", 1: "e1", 2: "e2"}, "r1")
+    versions = latest_versions(local)
+    asked: list[list[str]] = []
+
+    def lookup(uris: Any) -> list[str | None]:
+        asked.append(list(uris))
+        return [now if uri == uri_of(0) else "e2-new" for uri in uris]
+
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions, current_etags=lookup)
+    a.add(
+        write_batch(
+            local,
+            Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0-a", 1: "e1-new", 2: "e2-new"})),
+            "ra",
+        )
+    )
+    b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
+    b.add(
+        write_batch(local, Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0-b", 1: "e1-new"})), "rb")
+    )
+    if race:
+        reports: list[CommitReport] = []
+
+        def rb_commits_once() -> None:
+            if not reports:
+                reports.append(b.commit())
+
+        a._before_videos_commit = rb_commits_once
+    else:
+        b.commit()
+    return a.commit(), asked
+
+
+def test_a_run_that_listed_an_older_version_leaves_the_newer_row_in_place(local: OutputLocation) -> None:
+    """A run that listed a video before it changed and commits after another run committed the changed video keeps
+    out of its way: committing its row would put the older version back until the next run."""
+    report, asked = _stale_and_fresh_runs(local, "e0-b")
+    assert asked == [[uri_of(0), uri_of(2)]]  # those whose rows other writers added have another ETag than ours
+    assert report.superseded == 1 and report.dropped == 2  # video 0 superseded, video 1 DONE by rb
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert {k: (rows[vid(k)]["etag"], rows[vid(k)]["run_id"]) for k in range(3)} == {
+        0: ("e0-b", "rb"),
+        1: ("e1-new", "rb"),
+        2: ("e2-new", "ra"),
+    }
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert len(planner(listing({0: "e0-b", 1: "e1-new", 2: "e2-new"}))["uri"]) == 0  # the next run plans nothing
+
+
+@pytest.mark.parametrize("now", ["e0-a", "e0-c", None])
+def test_a_row_of_the_current_version_or_of_an_unknown_one_replaces_the_other_run(
+    local: OutputLocation, now: str | None
+) -> None:
+    """Ours is of the object as it is now ("e0-a"), or neither row is ("e0-c": it changed again), or the lookup
+    could not tell (None): ours replaces the other run's row, as without lookups."""
+    report, asked = _stale_and_fresh_runs(local, now)
+    assert asked == [[uri_of(0), uri_of(2)]]
+    assert report.superseded == 0 and report.dropped == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert (rows[vid(0)]["etag"], rows[vid(0)]["run_id"]) == ("e0-a", "ra")
+
+
+def test_a_newer_row_landing_between_our_two_commits_is_replaced_consistently(local: OutputLocation) -> None:
+    """rb commits between ra's segments and videos commits: ra's segments commit has already replaced rb's segments
+    of video 0, so ra keeps its row (one row and one set each; the next run sees the changed ETag and redoes it)."""
+    report, asked = _stale_and_fresh_runs(local, "e0-b", race=True)
+    assert report.rounds == 2 and report.superseded == 0 and asked == []
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert (rows[vid(0)]["etag"], rows[vid(0)]["run_id"]) == ("e0-a", "ra")
+
+
 def _two_runs_reindexing(local: OutputLocation, etags: dict[int, str]) -> tuple[Committer, Committer]:
     """Commits ``etags`` as run r1, then plans them changed for runs ra (all ok) and rb (video 0 timed out)."""
     run(local, etags, "r1")

@@ -382,3 +382,25 @@ def test_listed_scopes_are_what_a_listing_covers_whole(tmp_path: Path, monkeypat
             listed_scopes(["in", manifest])
     # What a manifest covers, declared: it replaces the inputs' scopes.
     assert listed_scopes(["list.txt"], ["s3://media", "in"]) == ["s3://media/", f"{tmp_path / 'in'}/"]
+
+
+def test_current_etags_are_what_a_listing_gives_now(tmp_path: Path, s3_bucket: Bucket) -> None:
+    """The lookups a commit makes for a video another run committed with another ETag: local files and S3 objects
+    as a listing of them would give them now; a missing one is None (not an error)."""
+    from jobs.storage import current_etags
+
+    found = videos(tmp_path / "in", "a.mp4", "b.mp4")
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="v/c.mp4", Body=b"first")
+    first = client.head_object(Bucket=bucket, Key="v/c.mp4")["ETag"].strip('"')
+    client.put_object(Bucket=bucket, Key="v/c.mp4", Body=b"second, changed since it was listed")
+    (tmp_path / "in" / "b.mp4").write_bytes(b"changed")
+    os.utime(tmp_path / "in" / "b.mp4", ns=(1, 1))  # another size and time: another local ETag
+    uris = [found["a.mp4"].uri, found["b.mp4"].uri, f"s3://{bucket}/v/c.mp4", f"s3://{bucket}/v/gone.mp4"]
+    now = current_etags([*uris, str(tmp_path / "in" / "gone.mp4")], s3_client=client)
+    assert now[0] == found["a.mp4"].etag
+    assert now[1] is not None and now[1] != found["b.mp4"].etag
+    assert now[1] == list(list_videos([str(tmp_path / "in")], extensions=None))[1].etag
+    assert now[2] is not None and now[2] != first
+    assert now[2] == next(iter(list_videos([f"s3://{bucket}/v/"], s3_client=client, extensions=None))).etag
+    assert now[3:] == [None, None]

@@ -517,6 +517,24 @@ def _look_up(uri: str, *, client: S3Client) -> VideoObject:
     return VideoObject(uri, local_etag(st), st.st_size)
 
 
+def current_etags(
+    uris: Sequence[str], *, endpoint_url: str | None = None, s3_client: S3Client | None = None
+) -> list[str | None]:
+    """The ETags the listed objects at `uris` have now, as a listing would give them (None: missing, refused or not
+    answering), one lookup each: for the few videos of a run that another run committed meanwhile with another ETag."""
+    client = s3_client
+    found: list[str | None] = []
+    for uri in uris:
+        if client is None and uri.startswith("s3://"):
+            client = make_s3_client(endpoint_url=endpoint_url)
+        try:
+            etag = _look_up(uri, client=client).etag  # type: ignore[arg-type]  # local paths need no client
+        except StorageError:
+            etag = ""
+        found.append(etag or None)
+    return found
+
+
 def _manifest_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]:
     name = location.lower()
     if name.endswith(".json"):
