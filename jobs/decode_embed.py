@@ -12,7 +12,8 @@ rows: an embedding, labels, a thumbnail) out:
   time, keeping a bounded number in flight. Each task is a streaming generator: it hands its clips on every
   ``piece_mib`` of frames, through the object store, straight to the actor.
 - The actor embeds clips as they come (``embed_batch_size`` at a time, one thread on the model) and yields the
-  rows; Ray Data gathers a block's output into blocks of its target size (most often one).
+  rows; Ray Data gathers a block's output into blocks of its target size (most often one). Its model loads in
+  the background while the first blocks decode: a call holds their frames (up to ``hold_mib``) until it is ready.
 - Two blocks run at once in each actor, so one call's decoding starts while the other's last videos finish.
 
 A decode task that dies (its worker killed, out of memory, a crash in a codec) is retried by Ray, which hands on
@@ -40,6 +41,10 @@ from vitaclip.stages import DecodeStage, EmbedStage, decode_id_for
 DECODER_CRASHED = "decoder_crashed"
 _DECODE_RETRIES = 3  # Ray's own retries of a decode task whose worker died (a chunk, then each of its videos once)
 _PIECES_AHEAD = 2  # pieces a decode task may run ahead of the actor that takes them
+# Decoded frames a call holds while the model loads (two calls at once: twice this per actor). The load takes
+# seconds (torch and open_clip imports, the weights, the label features; about 35 s more with torch.compile), long
+# enough for the decoders to finish the first blocks: without a hold they would wait for the model.
+_HOLD_MIB = 256.0
 
 
 class ReadDecode(DecodeStage):
@@ -140,6 +145,8 @@ class DecodeEmbed:
         embed: `TimedEmbed`'s arguments.
         cpu_threads: torch threads when the model runs on CPUs (the actor reserves no CPU, so Ray sets one).
         decode: the decode task's function (`decode_chunk`; tests wrap it).
+        hold_mib: MiB of decoded frames each call holds while the model loads (decoding goes on meanwhile; at
+            this bound the call waits for the model).
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class DecodeEmbed:
         embed: dict[str, Any],
         cpu_threads: int = 1,
         decode: Callable[..., Iterator[Any]] = decode_chunk,
+        hold_mib: float = _HOLD_MIB,
     ) -> None:
         import ray
 
@@ -169,6 +177,7 @@ class DecodeEmbed:
         self.free_slots = in_flight
         self.slots = threading.Condition()
         self.piece_bytes = int(piece_mib * 2**20)
+        self.hold_bytes = int(hold_mib * 2**20)
         task = ray.remote(decode)
         options = dict(num_cpus=decode_cpus, num_returns="streaming", _generator_backpressure_num_objects=_PIECES_AHEAD)
         self.chunk_task = task.options(**options, max_retries=_DECODE_RETRIES)
@@ -177,18 +186,21 @@ class DecodeEmbed:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         # Ray Data gathers what the calls on one input block yield into blocks of its target size (most often one).
         # Whole embed batches go to the model as they fill up, the rest waits for the next piece: a compiled model
-        # runs one batch size, which a partial batch is padded to.
+        # runs one batch size, which a partial batch is padded to. While the model loads, decoding goes on: the
+        # call holds up to `hold_bytes` of decoded frames rather than wait for the model with its decoders idle.
         waiting: list[dict[str, np.ndarray]] = []
-        clips = 0
+        clips = held = 0
         for piece in self._decoded(batch):
             waiting.append(piece)
             clips += len(piece["decode_id"])
-            if clips >= self.embed_batch_size:
+            held += piece["frames"].nbytes
+            if clips >= self.embed_batch_size and (self.embed_ready.is_set() or held >= self.hold_bytes):
                 ready = _concat(waiting)
                 whole = clips - clips % self.embed_batch_size
                 yield self._embed(_rows(ready, slice(0, whole)))
                 waiting = [_rows(ready, slice(whole, clips))] if whole < clips else []
                 clips -= whole
+                held = waiting[0]["frames"].nbytes if waiting else 0
         if waiting:
             yield self._embed(_concat(waiting))
 

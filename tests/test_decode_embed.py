@@ -4,6 +4,8 @@ they die or raise. Run here in the test process (the actor's code, not an actor)
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,54 @@ def test_decode_chunk_hands_on_pieces_of_the_given_size(tmp_path: Path) -> None:
     pieces = list(decode_chunk(batch, decoder, 3 * clip))  # 8 clips: 3 + 3 + 2, cut inside the second video
     assert [len(p["uri"]) for p in pieces] == [3, 3, 2]
     assert [len(p["uri"]) for p in decode_chunk(batch, decoder, 32 * 2**20)] == [8]
+
+
+def _loads_after_decoding(markers: Path, chunks: int, wait_seconds: float, seen: list[int]) -> type[DecodeEmbed]:
+    """A DecodeEmbed whose model is ready only once `chunks` decode tasks have ended (or `wait_seconds` passed);
+    `seen` gets how many had ended by then."""
+
+    class SlowModel(DecodeEmbed):
+        def load_embed(self, embed: dict[str, Any]) -> Any:
+            deadline = time.monotonic() + wait_seconds
+            while len(list(markers.iterdir())) < chunks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(len(list(markers.iterdir())))
+            return super().load_embed(embed)
+
+    return SlowModel
+
+
+def _marking(markers: Path) -> Any:
+    def decode(videos: dict[str, np.ndarray], decoder: dict[str, Any], piece_bytes: int) -> Any:
+        yield from decode_chunk(videos, decoder, piece_bytes)
+        (markers / uuid.uuid4().hex).touch()  # this task's pieces were all taken
+
+    return decode
+
+
+def test_decoding_goes_on_while_the_model_loads(local_ray, tmp_path: Path) -> None:
+    """Three decode tasks of two, two and one videos, two at a time, every clip a piece of its own, batches of 4
+    clips: a call that waited for the model at its first full batch would never start the third task (nor take
+    the second's pieces), so the model (which waits for all three) would be ready only at its deadline."""
+    batch = _videos(tmp_path / "in", [f"v{i}.mp4" for i in range(5)])
+    markers = tmp_path / "ended"
+    markers.mkdir()
+    seen: list[int] = []
+    stage = _loads_after_decoding(markers, 3, 60.0, seen)(**{**_stage_args(), "decode": _marking(markers)})
+    rows = _rows(stage, batch)
+    assert seen == [3]
+    assert Counter(rows["uri"].tolist()) == {uri: 4 for uri in batch["uri"].tolist()}
+    assert set(rows["status"].tolist()) == {"ok"} and np.isfinite(rows["embedding"]).all()
+
+
+def test_what_a_call_holds_while_the_model_loads_is_bounded(local_ray, tmp_path: Path) -> None:
+    """With no frames to hold, a call waits for the model at its first full batch: the decode tasks stop there
+    (two pieces ahead at most) and the third is never started before the model is ready."""
+    batch = _videos(tmp_path / "in", [f"v{i}.mp4" for i in range(5)])
+    markers = tmp_path / "ended"
+    markers.mkdir()
+    seen: list[int] = []
+    args = {**_stage_args(), "decode": _marking(markers), "hold_mib": 0.0}
+    rows = _rows(_loads_after_decoding(markers, 3, 3.0, seen)(**args), batch)
+    assert len(seen) == 1 and seen[0] < 3
+    assert Counter(rows["uri"].tolist()) == {uri: 4 for uri in batch["uri"].tolist()}  # then all of it, as ever
