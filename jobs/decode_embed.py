@@ -26,6 +26,7 @@ one per task. A video whose task keeps dying, or that is still incomplete after 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -188,21 +189,36 @@ class DecodeEmbed:
         # Whole embed batches go to the model as they fill up, the rest waits for the next piece: a compiled model
         # runs one batch size, which a partial batch is padded to. While the model loads, decoding goes on: the
         # call holds up to `hold_bytes` of decoded frames rather than wait for the model with its decoders idle.
-        waiting: list[dict[str, np.ndarray]] = []
+        waiting: deque[dict[str, np.ndarray]] = deque()
         clips = held = 0
-        for piece in self._decoded(batch):
-            waiting.append(piece)
-            clips += len(piece["decode_id"])
-            held += piece["frames"].nbytes
-            if clips >= self.embed_batch_size and (self.embed_ready.is_set() or held >= self.hold_bytes):
-                ready = _concat(waiting)
-                whole = clips - clips % self.embed_batch_size
-                yield self._embed(_rows(ready, slice(0, whole)))
-                waiting = [_rows(ready, slice(whole, clips))] if whole < clips else []
-                clips -= whole
-                held = waiting[0]["frames"].nbytes if waiting else 0
+        for piece in itertools.chain(self._decoded(batch), [None]):  # None: the block's last piece has come
+            if piece is not None:
+                waiting.append(piece)
+                clips += len(piece["decode_id"])
+                held += piece["frames"].nbytes
+            while clips >= self.embed_batch_size and (
+                piece is None or self.embed_ready.is_set() or held >= self.hold_bytes
+            ):
+                rows = self._whole_batches(waiting)
+                clips -= len(rows["decode_id"])
+                held -= rows["frames"].nbytes
+                yield self._embed(rows)
         if waiting:
-            yield self._embed(_concat(waiting))
+            yield self._embed(_concat(list(waiting)))
+
+    def _whole_batches(self, waiting: deque[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Whole embed batches made of the fewest pieces at the front of `waiting` (what is left of the last piece
+        goes back to the front): what a call holds is never copied whole at once."""
+        taken: list[dict[str, np.ndarray]] = []
+        clips = 0
+        while clips < self.embed_batch_size:
+            taken.append(waiting.popleft())
+            clips += len(taken[-1]["decode_id"])
+        ready = _concat(taken)
+        whole = clips - clips % self.embed_batch_size
+        if whole < clips:
+            waiting.appendleft(_rows(ready, slice(whole, clips)))
+        return _rows(ready, slice(0, whole))
 
     def load_embed(self, embed: dict[str, Any]) -> Any:
         return TimedEmbed(**embed)

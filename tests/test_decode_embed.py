@@ -152,9 +152,11 @@ def test_decode_chunk_hands_on_pieces_of_the_given_size(tmp_path: Path) -> None:
     assert [len(p["uri"]) for p in decode_chunk(batch, decoder, 32 * 2**20)] == [8]
 
 
-def _loads_after_decoding(markers: Path, chunks: int, wait_seconds: float, seen: list[int]) -> type[DecodeEmbed]:
+def _loads_after_decoding(
+    markers: Path, chunks: int, wait_seconds: float, seen: list[int], embedded: list[int] | None = None
+) -> type[DecodeEmbed]:
     """A DecodeEmbed whose model is ready only once `chunks` decode tasks have ended (or `wait_seconds` passed);
-    `seen` gets how many had ended by then."""
+    `seen` gets how many had ended by then, `embedded` the clips of each call to the model."""
 
     class SlowModel(DecodeEmbed):
         def load_embed(self, embed: dict[str, Any]) -> Any:
@@ -163,6 +165,11 @@ def _loads_after_decoding(markers: Path, chunks: int, wait_seconds: float, seen:
                 time.sleep(0.05)
             seen.append(len(list(markers.iterdir())))
             return super().load_embed(embed)
+
+        def _embed(self, clips: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if embedded is not None:
+                embedded.append(len(clips["decode_id"]))
+            return super()._embed(clips)
 
     return SlowModel
 
@@ -183,9 +190,12 @@ def test_decoding_goes_on_while_the_model_loads(local_ray, tmp_path: Path) -> No
     markers = tmp_path / "ended"
     markers.mkdir()
     seen: list[int] = []
-    stage = _loads_after_decoding(markers, 3, 60.0, seen)(**{**_stage_args(), "decode": _marking(markers)})
+    embedded: list[int] = []
+    stage = _loads_after_decoding(markers, 3, 60.0, seen, embedded)(**{**_stage_args(), "decode": _marking(markers)})
     rows = _rows(stage, batch)
     assert seen == [3]
+    # What the call held (all 20 clips) went to the model a batch at a time, never copied together.
+    assert sum(embedded) == 20 and max(embedded) == 4
     assert Counter(rows["uri"].tolist()) == {uri: 4 for uri in batch["uri"].tolist()}
     assert set(rows["status"].tolist()) == {"ok"} and np.isfinite(rows["embedding"]).all()
 
