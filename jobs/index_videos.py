@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from jobs.config import config_from_args
+from jobs.ray_resources import stopped_by_sigterm
 from vitaclip.redact import install_log_redaction, redact_text, terminal_text
 
 
@@ -72,8 +73,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run's record says "interrupted"; its commits stay
         print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
         return 130
-    except SystemExit as exc:  # SIGTERM (ray job stop, a pod's end): Ray's handler in the driver exits with 15
-        if exc.code != signal.SIGTERM:
+    except SystemExit as exc:  # SIGTERM (ray job stop, a pod's end): Ray's handler in the driver exits
+        if not stopped_by_sigterm(exc):
             raise
         print(f"\n{prog}: {INTERRUPTED} (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import platform
-import signal
 import time
 import uuid
 from collections import Counter
@@ -62,6 +61,7 @@ from jobs.ray_resources import (
     plan_index_pools,
     read_cluster,
     resolve_embed_device,
+    stopped_by_sigterm,
 )
 from jobs.storage import (
     Store,
@@ -394,8 +394,8 @@ class RunRecord:
         the record is logged: the run's own error is the one that propagates."""
         error = redact_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
         state = "failed"
-        # Ctrl-C or SIGINT, or SIGTERM (Ray's handler in the driver exits with the signal's number): not a failure
-        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == signal.SIGTERM):
+        # Ctrl-C or SIGINT, or SIGTERM (Ray's handler in the driver exits; `stopped_by_sigterm`): not a failure
+        if isinstance(exc, KeyboardInterrupt) or stopped_by_sigterm(exc):
             how = "SIGTERM" if isinstance(exc, SystemExit) else "Ctrl-C or SIGINT"
             state, error = "interrupted", f"interrupted ({how}); its commits stay"
         try:

@@ -92,8 +92,28 @@ def sigterm_to_python() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread can set handlers; ray.init installed none there either
     handler = signal.getsignal(signal.SIGTERM)
-    if handler is not None:  # None: set outside Python, left alone
-        signal.signal(signal.SIGTERM, handler)  # the same Python handler, installed again at the C level
+    if handler is None:  # set outside Python: left alone
+        return
+    if not callable(handler):  # the default action or ignored: installed again at the C level as it is
+        signal.signal(signal.SIGTERM, handler)
+        return
+    python_handler = handler
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _SIGTERM_RECEIVED.set()
+        python_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # Python's handler again at the C level, noting that SIGTERM came
+
+
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def stopped_by_sigterm(exc: BaseException) -> bool:
+    """Whether `exc` is how SIGTERM ends this driver. Ray's handler raises ``SystemExit(15)``, but one that lands in a
+    blocking ``ray.get`` or ``ray.wait`` comes out of it as ``SystemExit(1)``; after `sigterm_to_python`, that one
+    counts too once SIGTERM was received."""
+    return isinstance(exc, SystemExit) and (exc.code == signal.SIGTERM or _SIGTERM_RECEIVED.is_set())
 
 
 def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:

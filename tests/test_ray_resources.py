@@ -122,6 +122,35 @@ os._exit(143)
     assert "SIGTERM received" not in done.stderr  # Abseil's stack dump: its handler never ran
 
 
+def test_sigterm_during_a_blocking_ray_get_is_still_a_sigterm() -> None:
+    """Ray turns the ``SystemExit(15)`` its handler raises inside a blocking ``ray.get`` into ``SystemExit(1)``: a
+    driver stopped while it waited on the planner exited with 1 and recorded a failed run. `stopped_by_sigterm`
+    tells it apart from any other exit of 1 once SIGTERM came."""
+    import subprocess
+    import sys
+
+    from ray_head import ROOT
+
+    code = """
+import os, signal, threading, time
+import ray
+from jobs.ray_resources import init_ray, stopped_by_sigterm
+print("before", stopped_by_sigterm(SystemExit(1)), stopped_by_sigterm(SystemExit(15)), flush=True)
+init_ray(num_cpus=1)
+slow = ray.remote(lambda: time.sleep(60))
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    ray.get(slow.remote())
+except BaseException as exc:
+    print("after", type(exc).__name__, stopped_by_sigterm(exc), flush=True)
+os._exit(0)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.split() == ["before", "False", "True", "after", "SystemExit", "True"], done.stdout
+
+
 def test_the_video_tower_is_compiled_for_large_gpu_runs_only() -> None:
     """`--embed-compile auto` compiles on GPU actors when every actor's share of the planned videos pays back the
     compile; `on` and `off` are kept as given."""
