@@ -50,6 +50,7 @@ from vitaclip.video import (
     dense_indices,
     frame_indices_at,
     frames_to_tensor,
+    normalize_frames,
     probe,
     sampling_spec,
     uniform_times,
@@ -1007,3 +1008,23 @@ def test_import_does_not_load_the_cloud_stack() -> None:
     code = "import sys, vitaclip.video; print('ray' in sys.modules, 'boto3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalize_frames_is_the_reference_formula_bit_for_bit(channels_last: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 16, 20, 3) if channels_last else (2, 3, 3, 16, 20)
+    frames = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    x = frames.movedim(-1, -3) if channels_last else frames
+    reference = (x.to(torch.float32) / 255.0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    out = normalize_frames(frames, mean, std, channels_last=channels_last)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    assert torch.equal(out, reference)
+    assert out.stride() == reference.stride()  # the layout the model's first convolution sees is unchanged
+
+
+def test_normalize_frames_leaves_float_input_alone() -> None:
+    frames = torch.full((1, 2, 3, 4, 4), 51.0)
+    normalize_frames(frames, channels_last=False)
+    assert torch.equal(frames, torch.full((1, 2, 3, 4, 4), 51.0))
