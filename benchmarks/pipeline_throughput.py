@@ -13,8 +13,8 @@ set, and steady state (fixed cost excluded, from the slopes).
 
 The two sides are timed alternately, one decode-only pass then one job run per repeat. A job run starts once the
 previous run's actors have exited (their teardown belongs to the previous run). On a shared machine, each timed pass
-waits for other processes to go quiet and is repeated when they kept more than ``--max-other-cores`` busy during it;
-the cores they used are printed for every pass.
+waits for other processes to go quiet and is repeated when they, or the host (a virtual machine's stolen time), kept
+more than ``--max-other-cores`` busy during it; the cores they used are printed for every pass.
 
 With ``--decode-stage`` each repeat also times the job's decoding alone on Ray Data (the run's Dataset with embed
 actors that have no model: the blocks its planner cuts are decoded by the same tasks and the frames dropped;
@@ -122,28 +122,39 @@ def _own_processes(table: dict[int, tuple[int, float, bytes]]) -> set[int]:
     return own
 
 
+def _steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to others while this machine's CPUs wanted to run (``steal`` in /proc/stat,
+    all CPUs together; 0 on bare metal)."""
+    # cpu user nice system idle iowait irq softirq steal ...
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 class _Snapshot:
-    """CPU seconds of every process, and which of them are ours, at one moment."""
+    """CPU seconds of every process, which of them are ours, and the machine's stolen CPU time, at one moment."""
 
     def __init__(self) -> None:
         self.table = _proc_table()
         self.own = _own_processes(self.table)
+        self.steal = _steal_seconds()
 
 
 def _other_cpu_seconds(before: _Snapshot, after: _Snapshot) -> float:
-    """CPU seconds that processes other than ours used between two snapshots.
+    """CPU seconds that processes other than ours used between two snapshots, and that the host took from this
+    virtual machine (steal: its other tenants, on a shared host).
 
     Processes are ours if they were descendants of this one at either moment (Ray's workers come and go, and the
     ones that exit take their CPU time with them, so ours are not counted by subtraction from the machine's total).
     """
     ours = before.own | after.own
-    return sum(
+    others = sum(
         cpu - before.table.get(pid, (0, 0.0, b""))[1] for pid, (_, cpu, _) in after.table.items() if pid not in ours
     )
+    return others + max(0.0, after.steal - before.steal)
 
 
 def _other_cores(seconds: float) -> float:
-    """Cores that other processes kept busy over the next ``seconds``."""
+    """Cores that other processes (or the host) kept busy over the next ``seconds``."""
     before = _Snapshot()
     time.sleep(seconds)
     return _other_cpu_seconds(before, _Snapshot()) / seconds
@@ -399,7 +410,7 @@ def report(
         d, j = statistics.median(decode_times[n]), statistics.median(job_times[n])
         medians[n] = (d, j)
         print(f"{n:6d} {n / d:16.2f} {n / j:8.2f} {d / j:11.2f}")
-    print("\nper repeat: decode-only s / job s (cores other processes kept busy during each)")
+    print("\nper repeat: decode-only s / job s (cores other processes or the host kept busy during each)")
     for n in sizes:
         passes = zip(decode_times[n], job_times[n], other_cores[n], strict=True)
         print(f"{n:6d}  " + "  ".join(f"{dt:.2f} ({do:.2f}) / {jt:.2f} ({jo:.2f})" for dt, jt, (do, jo) in passes))
