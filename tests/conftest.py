@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -64,6 +65,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     long one left alone at the end."""
     rank = {name: i for i, name in enumerate(_LONG_FILES)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.name not in _LONG_TESTS))
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Names a failure the moment it happens, with the minutes since the session started: `-q` output otherwise
+    names failures only at the end, which a run cut short by its time limit never reaches. Under pytest-xdist this
+    runs in the controller, which receives every worker's reports (and a report for a worker that died)."""
+    if not report.failed:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    reason = crash.message.splitlines()[0] if crash is not None and crash.message else str(report.longrepr)[-300:]
+    minutes = (time.monotonic() - _SESSION_START) / 60
+    print(f"\n[{minutes:.1f} min] FAILED ({report.when}) {report.nodeid}: {reason}", flush=True)
 
 
 @pytest.hookimpl(wrapper=True)
