@@ -60,6 +60,15 @@ EMBEDDED_IDLE_WORKERS = 8
 Ray, the local stack and the cluster manifests under ``infra/`` all use `worker_soft_limit`)."""
 
 
+EMBEDDED_WORKER_NICENESS = 0
+"""Niceness of the embedded Ray's workers, which decode and embed. Ray starts workers at 15 so that on a node of
+its own they yield to its raylet and GCS; on a machine it shares (a workstation, a CI runner), any process at the
+usual 0 that keeps a core busy then takes about 28 times their share of it (Linux's CFS weights 1024 against 36).
+Measured on 2 cores beside two busy processes: an 8-video run took 32 s with workers at 0 and had not finished after
+280 s at 15 (20 s with nothing beside it). Clusters started with ``ray start`` keep Ray's default (dedicated nodes);
+``infra/local/stack.py``, one machine shared with its user, sets 0 too."""
+
+
 def worker_soft_limit(cpus: int) -> int:
     """Ray's ``num_workers_soft_limit`` for a node of `cpus` CPUs: one worker per CPU, which the decode and embed
     actors fill, plus `EMBEDDED_IDLE_WORKERS` for write tasks and the planner."""
@@ -122,6 +131,8 @@ def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:
     Ray ends idle workers after a second once a node runs more workers than it has CPUs, which the actor pools
     always do: every write task would then start (and import into) a new worker process. The embedded Ray keeps
     `EMBEDDED_IDLE_WORKERS` more (`worker_soft_limit`).
+
+    Its workers run at the driver's priority (`EMBEDDED_WORKER_NICENESS`), not at Ray's default niceness of 15.
     """
     soft_limit = worker_soft_limit(num_cpus or os.cpu_count() or 1)
     return {
@@ -130,7 +141,7 @@ def embedded_ray_options(num_cpus: int | None) -> dict[str, Any]:
         "address": "local",
         "num_cpus": num_cpus,
         "include_dashboard": False,
-        "_system_config": {"num_workers_soft_limit": soft_limit},
+        "_system_config": {"num_workers_soft_limit": soft_limit, "worker_niceness": EMBEDDED_WORKER_NICENESS},
     }
 
 

@@ -22,6 +22,12 @@ from typing import Any, NamedTuple
 
 import pytest
 
+# Every Ray the tests start (in-process `ray.init`, `ray start` heads, `ray.cluster_utils` nodes; each inherits the
+# environment) runs its workers at niceness 0, as the job's embedded Ray does (jobs.ray_resources). At Ray's default
+# of 15 they stand in badly for a cluster's dedicated nodes: the other pytest-xdist worker, at 0, would take about
+# 28 times their share of a core whenever it is busy, and a run that takes 20 s alone would not finish in minutes.
+os.environ["RAY_worker_niceness"] = "0"
+
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "throttle", "reset", "truncate")
 """Faults `inject_s3_faults` injects by default. Also available: "incomplete" (a body that errors when read short)."""
 

@@ -77,6 +77,20 @@ def _summary(client: Any, bucket: str, run_id: str) -> dict[str, Any]:
     return dict(json.loads(client.get_object(Bucket=bucket, Key=f"out/runs/{run_id}.json")["Body"].read()))
 
 
+def _wait_until_both_hold(jobs: list[subprocess.Popen[str]], folder: Path, pattern: str) -> None:
+    """Waits until both runs wait at their commit; otherwise stops them and fails with the end of their logs."""
+    deadline = time.monotonic() + 240
+    while len(list(folder.glob(pattern))) < len(jobs):
+        if all(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
+        held = len(list(folder.glob(pattern)))
+        for job in jobs:
+            job.kill()
+        logs = "\n\n".join(f"run {i}:\n{job.communicate(timeout=60)[1][-3000:]}" for i, job in enumerate(jobs))
+        pytest.fail(f"{held} of {len(jobs)} runs reached their commits:\n{logs}")
+
+
 def test_two_runs_committing_at_the_same_moment_and_started_together(
     s3_server: str,
     s3_bucket: tuple[Any, str],
@@ -101,11 +115,7 @@ def test_two_runs_committing_at_the_same_moment_and_started_together(
             uris += _upload(client, bucket, folder, f"raw/r{round_}")
             gate = tmp_path / f"gate{round_}"
             jobs = [_start(f"hold-before-commit:{gate}", argv, head.env) for _ in range(2)]
-            deadline = time.monotonic() + 240
-            while len(list(tmp_path.glob(f"gate{round_}.ready.*"))) < 2:
-                assert all(job.poll() is None for job in jobs), [job.communicate()[1][-3000:] for job in jobs]
-                assert time.monotonic() < deadline, "the runs never reached their commits"
-                time.sleep(0.05)
+            _wait_until_both_hold(jobs, tmp_path, f"gate{round_}.ready.*")
             Path(f"{gate}.go").touch()
             run_ids = [_finish(job) for job in jobs]
             _check_once(location, uris)

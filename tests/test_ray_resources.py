@@ -65,6 +65,37 @@ def test_embedded_ray_keeps_idle_workers_beside_full_actor_pools(keep: bool) -> 
     assert kept == keep, (first, again)
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_embedded_ray_workers_run_at_the_drivers_priority(ours: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded Ray's tasks and actors run at the driver's niceness; Ray's own default (the second case, which
+    shows that the first would fail without the setting) is 15, under which any busy process beside the job starves
+    its decoders."""
+    import ray
+
+    from jobs.ray_resources import embedded_ray_options
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # the test session's own setting (conftest.py)
+    options = embedded_ray_options(1)
+    if not ours:
+        options["_system_config"] = {k: v for k, v in options["_system_config"].items() if k != "worker_niceness"}
+    ray.init(**options, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=0.5)
+        def niceness() -> int:
+            return os.nice(0)
+
+        @ray.remote(num_cpus=0.5)
+        class Actor:
+            def niceness(self) -> int:
+                return os.nice(0)
+
+        seen = {ray.get(niceness.remote()), ray.get(Actor.remote().niceness.remote())}  # type: ignore[attr-defined]
+    finally:
+        ray.shutdown()
+    assert seen == ({os.nice(0)} if ours else {15})
+
+
 def test_the_embedded_ray_is_new_where_another_cluster_is_announced() -> None:
     """`ray start` and `ray.cluster_utils` announce their cluster in <temp>/ray/ray_current_cluster, which a bare
     `ray.init()` joins (and refuses the job's settings there). The job's embedded Ray (no --ray-address, no

@@ -367,7 +367,10 @@ def run_guarded(argv: list[str], *, timeout: float = RAY_RUN_TIMEOUT_SECONDS) ->
             os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes share the driver's group
         except ProcessLookupError:
             pass
-        proc.communicate()
+        try:
+            proc.communicate(timeout=30)  # a process that left the group may hold the pipes open
+        except subprocess.TimeoutExpired:
+            pass
         pytest.fail(
             f"{' '.join(argv[:2])} still running after {timeout:.0f} s (waiting for resources?):\n{err[-4000:]}"
         )

@@ -342,6 +342,9 @@ def _start_ray(stack: Stack, env: dict[str, str], ports: dict[str, int], num_cpu
     # Idle workers kept for write tasks beside the actor pools: CPUs + 8, as the embedded Ray and the cluster
     # manifests keep (jobs.ray_resources.worker_soft_limit; this script imports nothing of the project).
     env = {**env, "RAY_num_workers_soft_limit": str((num_cpus or os.cpu_count() or 1) + 8)}
+    # Workers at the priority of everything else on this machine, not Ray's 15, under which any busy process of the
+    # user's starves the job's decoders (jobs.ray_resources.EMBEDDED_WORKER_NICENESS).
+    env["RAY_worker_niceness"] = "0"
     log_path = stack.logs_dir / "ray.log"
     log_path.unlink(missing_ok=True)
     proc = _spawn(cmd, env=env, log_path=log_path, cwd=stack.state_dir)
