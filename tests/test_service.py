@@ -408,12 +408,13 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
     import ray
     from ray import serve
 
+    from jobs.ray_resources import embedded_ray_options
     from jobs.ray_serve import DEPLOYMENT_NAME, ServeOptions, run
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(**embedded_ray_options(2), ignore_reinit_error=True, log_to_driver=False)  # as `serve --ray-serve` does
     try:
         options = ServeOptions(indexes=[f"main={indexed}"], replicas=2, num_cpus_per_replica=0.5)
         run(options, port=port, blocking=False)
