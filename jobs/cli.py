@@ -325,7 +325,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve_on_ray(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.ray_resources import embedded_ray_options, sigterm_to_python
+    from jobs.ray_resources import sigterm_to_python, start_embedded_ray
     from jobs.ray_serve import ServeOptions, run
 
     options = ServeOptions(
@@ -342,7 +342,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     if address:
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     else:
-        ray.init(**embedded_ray_options(None), ignore_reinit_error=True)
+        start_embedded_ray(None, ignore_reinit_error=True)
     sigterm_to_python()  # a stopped service ends through Python's handler, not Abseil's abort 3 s later
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
     run(options, host=args.host, port=args.port, blocking=True)

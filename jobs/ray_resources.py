@@ -11,6 +11,7 @@ system shares the cores by demand, so every default fits a 1- or 2-core machine 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from jobs.evaluate import EvalSourceConfig
     from jobs.train import RayTrainConfig
     from vitaclip.training import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 MIN_DECODE_CPUS = 0.1  # the smallest CPU share a decoder (task or actor) is given when CPUs are scarce
 
@@ -62,11 +65,13 @@ Ray, the local stack and the cluster manifests under ``infra/`` all use `worker_
 
 EMBEDDED_WORKER_NICENESS = 0
 """Niceness of the embedded Ray's workers, which decode and embed. Ray starts workers at 15 so that on a node of
-its own they yield to its raylet and GCS; on a machine it shares (a workstation, a CI runner), any process at the
-usual 0 that keeps a core busy then takes about 28 times their share of it (Linux's CFS weights 1024 against 36).
-Measured on 2 cores beside two busy processes: an 8-video run took 32 s with workers at 0 and had not finished after
-280 s at 15 (20 s with nothing beside it). Clusters started with ``ray start`` keep Ray's default (dedicated nodes);
-``infra/local/stack.py``, one machine shared with its user, sets 0 too."""
+its own they yield to its raylet and GCS. Linux weighs niceness between the processes of one scheduling group (a
+session under autogroup, a cgroup): there any process at the usual 0 that keeps a core busy (a build started from
+the same shell, the other worker of a CI test run) takes about 28 times their share of it (CFS weights 1024
+against 36). Measured on 2 cores beside two busy processes of its session: an 8-video run took 32 s with workers
+at 0 and had not finished after 280 s at 15 (20 s alone; `benchmarks/shared_machine.py`). Clusters started with
+``ray start`` keep Ray's default (dedicated nodes); ``infra/local/stack.py``, one machine shared with its user,
+sets 0 too."""
 
 
 def worker_soft_limit(cpus: int) -> int:
@@ -85,9 +90,66 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(**embedded_ray_options(num_cpus), log_to_driver=True)
+            start_embedded_ray(num_cpus, log_to_driver=True)
         sigterm_to_python()
     return read_cluster()
+
+
+EMBEDDED_START_ATTEMPTS = 2
+
+
+def start_embedded_ray(num_cpus: int | None, **init_args: Any) -> None:
+    """``ray.init`` of the embedded Ray (`embedded_ray_options`), tried again once when its node misses Ray's
+    startup wait. Ray gives a new node's raylet a fixed 30 s to register with its GCS and then raises "The current
+    node timed out during startup"; on a machine briefly starved of CPU or disk (seen in CI beside another test
+    run) that happens to a start that would have taken a little longer. The processes the failed attempt started
+    (GCS, raylet and their helpers: this process's new descendants) are stopped before the second attempt."""
+    import ray
+
+    for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+        before = _descendant_pids()
+        try:
+            ray.init(**embedded_ray_options(num_cpus), **init_args)
+            return
+        except Exception as exc:
+            if attempt == EMBEDDED_START_ATTEMPTS or "timed out during startup" not in str(exc):
+                raise
+            left = sorted(_descendant_pids() - before)
+            logger.warning(
+                "the embedded Ray did not start in time (%s); stopping %d processes, trying again", exc, len(left)
+            )
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def _descendant_pids() -> set[int]:
+    """This process's children, their children and so on (Linux; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ')'
+        children.setdefault(int(stat[stat.rindex(b")") + 2 :].split()[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def sigterm_to_python() -> None:

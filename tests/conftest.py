@@ -24,8 +24,8 @@ import pytest
 
 # Every Ray the tests start (in-process `ray.init`, `ray start` heads, `ray.cluster_utils` nodes; each inherits the
 # environment) runs its workers at niceness 0, as the job's embedded Ray does (jobs.ray_resources). At Ray's default
-# of 15 they stand in badly for a cluster's dedicated nodes: the other pytest-xdist worker, at 0, would take about
-# 28 times their share of a core whenever it is busy, and a run that takes 20 s alone would not finish in minutes.
+# of 15 they stand in badly for a cluster's dedicated nodes: the other pytest-xdist worker, at 0 in the same session,
+# would take about 28 times their share of a core whenever it is busy, and a 20 s run would not finish in minutes.
 os.environ["RAY_worker_niceness"] = "0"
 
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "throttle", "reset", "truncate")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,6 +96,57 @@ def test_embedded_ray_workers_run_at_the_drivers_priority(ours: bool, monkeypatc
     finally:
         ray.shutdown()
     assert seen == ({os.nice(0)} if ours else {15})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"  # a zombie has ended
+
+
+def test_an_embedded_ray_that_misses_rays_startup_wait_starts_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray gives a new node 30 s to register with its GCS, then raises. The embedded start tries once more, after
+    stopping what the failed attempt started. Here the first attempt's GCS never finds its node, and node.py's
+    clock jumps past the 30 s at the first lookup."""
+    import ray
+    import ray._private.node as node_module
+    import ray._private.services as services
+
+    from jobs.ray_resources import _descendant_pids, start_embedded_ray
+
+    real_time, real_get_node = node_module.time, services.get_node
+    skipped = [0.0]
+    first: dict[str, Any] = {}
+
+    class Clock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_time, name)
+
+        def monotonic(self) -> float:
+            return real_time.monotonic() + skipped[0]
+
+    def get_node(gcs_address: str, node_id: str) -> Any:
+        first.setdefault("gcs", gcs_address)
+        if gcs_address != first["gcs"]:
+            return real_get_node(gcs_address, node_id)
+        first.setdefault("processes", _descendant_pids())
+        skipped[0] += 31
+        raise RuntimeError("node not found (as when the raylet is slow to register)")
+
+    monkeypatch.setattr(node_module, "time", Clock())
+    monkeypatch.setattr(services, "get_node", get_node)
+    try:
+        start_embedded_ray(1, log_to_driver=False)
+        assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 1
+    finally:
+        ray.shutdown()
+    assert "the embedded Ray did not start in time" in caplog.text
+    assert len(first["processes"]) >= 3  # its GCS, raylet and the raylet's agent at least
+    assert not [pid for pid in first["processes"] if _alive(pid)]
 
 
 def test_the_embedded_ray_is_new_where_another_cluster_is_announced() -> None:
