@@ -11,6 +11,7 @@ system shares the cores by demand, so every default fits a 1- or 2-core machine 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -114,15 +115,25 @@ def start_embedded_ray(num_cpus: int | None, **init_args: Any) -> None:
         except Exception as exc:
             if attempt == EMBEDDED_START_ATTEMPTS or "timed out during startup" not in str(exc):
                 raise
-            left = sorted(_descendant_pids() - before)
+            stopped = _stop_new_descendants(before)
             logger.warning(
-                "the embedded Ray did not start in time (%s); stopping %d processes, trying again", exc, len(left)
+                "the embedded Ray did not start in time (%s); stopped %d processes, trying again", exc, stopped
             )
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+
+
+def _stop_new_descendants(before: set[int]) -> int:
+    """Kills this process's descendants that are not in `before`; returns how many. They are frozen first (SIGSTOP)
+    until no new one appears, so none forks a child that the kill of its parent would orphan and leave running."""
+    frozen: set[int] = set()
+    while new := _descendant_pids() - before - frozen:
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(frozen)
 
 
 def _descendant_pids() -> set[int]:

@@ -44,6 +44,17 @@ def _processes_holding(marker: bytes) -> list[int]:
     return pids
 
 
+def _processes_with_files_under(folder: Path) -> list[int]:
+    """Processes other than this one with a file open under ``folder`` (a Ray process's logs in its temp dir)."""
+    prefix, pids = f"{folder}/", []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                    pids.append(int(entry.name))
+    return pids
+
+
 @dataclass(frozen=True)
 class RayHead:
     address: str  # for `ray.init(address=...)` and the job's --ray-address
@@ -145,7 +156,10 @@ def ray_head(num_cpus: int = 2, *, dashboard: bool = True) -> Iterator[RayHead]:
         # those whose command line does not name it (the client server, the dashboard and runtime env agents) hold
         # its token; left running they use CPU during the tests that follow.
         subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True, timeout=60)
-        for pid in _processes_holding(f"RAY_AUTH_TOKEN={token}".encode()):
+        # A node's dashboard agent can have neither (its title replaces its command line, and its environment has no
+        # token): left running once its raylet is gone, it spun on a core for the rest of a CI run. Its logs are open.
+        held = {*_processes_holding(f"RAY_AUTH_TOKEN={token}".encode()), *_processes_with_files_under(temp_dir)}
+        for pid in held:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(1)
