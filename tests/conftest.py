@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from local_ray import start_local_ray
 
 # Every Ray the tests start (in-process `ray.init`, `ray start` heads, `ray.cluster_utils` nodes; each inherits the
 # environment) runs its workers at niceness 0, as the job's embedded Ray does (jobs.ray_resources). At Ray's default
@@ -396,7 +397,7 @@ def local_ray() -> Iterator[None]:
     """An embedded local Ray with 2 CPUs (the CI machine's), for tests that run the job in this process."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     yield
     gc.collect()  # object references a test left in cycles (a kept traceback) go while Ray is still up
     ray.shutdown()
@@ -422,7 +423,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     first = sorted(p for p in videos if p.suffix == ".mp4")[0]
     with open(first, "r+b") as f:
         f.truncate(first.stat().st_size + PADDED_EXTRA_BYTES)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         rc = job_main(
             [str(root / "in"), "--output", str(root / "out"), "--model", "vitaclip-tiny", "--random-weights"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import ray
+from local_ray import start_local_ray
 
 from index import tables
 from index.media import MediaRefused, MediaRoots, open_media, recorded_roots
@@ -63,7 +64,7 @@ def traps(tmp_path_factory) -> dict[str, Any]:
     os.rename(root / "tmp.mp4", os.fsencode(src) + b"/bad\xff\xfename.mp4")  # not valid UTF-8
 
     out = root / "out"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         rc = job_main([str(src), "--output", str(out), "--model", "vitaclip-tiny", "--random-weights"])
     finally:

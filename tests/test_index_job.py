@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import ray
+from local_ray import start_local_ray
 
 import vitaclip
 from index import tables
@@ -35,7 +36,7 @@ BROKEN = {"empty.mp4": b"", "noise.mp4": bytes(range(256)) * 64, "notes.mkv": b"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -550,7 +551,7 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
     manifest = tmp_path / "list.csv"
     manifest.write_text("uri\n" + "\n".join(str(v) for v in videos[:2]) + "\n")
     out = tmp_path / "out"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         # The folder twice (once spelled //x/./: one folder to POSIX) and a manifest naming two of its files: every
         # video is planned once.
@@ -572,7 +573,7 @@ def test_a_video_listed_twice_is_indexed_once(tmp_path: Path) -> None:
 def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     make_videos(tmp_path / "in", 1, broken=False)
     out = tmp_path / "out"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         assert main(job_args([str(tmp_path / "in")], out, "--no-index")) == 0  # vitaclip-tiny: 32-dim
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -742,7 +743,7 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
 )
 def test_a_run_that_cannot_fit_is_refused_at_once(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
     make_videos(tmp_path / "in", 1, broken=False)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         assert main(job_args([str(tmp_path / "in")], tmp_path / "out", *extra)) == 2
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 from fault_proxy import FaultProxy
+from local_ray import start_local_ray
 from test_index_job import BROKEN, job_args, make_videos
 
 from index import tables
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_with_s3(s3_server: str):
     """An embedded Ray started after the S3 fixture set its dummy credentials, so workers inherit them."""
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield s3_server
     ray.shutdown()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from local_ray import start_local_ray
+
 
 def test_readme_python_example_runs(capsys) -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
@@ -30,7 +32,7 @@ def test_readme_table_readers_run_offline(tmp_path: Path, monkeypatch, capsys) -
     (tmp_path / "in" / "broken.mp4").write_bytes(b"not a video" * 10)
     monkeypatch.chdir(tmp_path)
     out = "out/quickstart/index-output"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     try:
         assert main(["in", "--output", out, "--model", "vitaclip-tiny", "--random-weights", "--no-index"]) == 0
         capsys.readouterr()

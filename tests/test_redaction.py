@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from local_ray import start_local_ray
 from test_index_job import job_args, make_videos
 
 from jobs.index_videos import main as job_main
@@ -194,7 +195,7 @@ def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dum
     make_videos(tmp_path / "in", 2, broken=False)
     endpoint = f"http://user:{SECRET}@127.0.0.1:{_closed_port()}"
     out = tmp_path / "out"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray()
     try:
         # Local input and output: the endpoint is configured but never contacted; the run commits.
         assert job_main(job_args([str(tmp_path / "in")], out, "--s3-endpoint-url", endpoint, "--no-index")) == 0

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import PADDED_EXTRA_BYTES
 from fastapi.testclient import TestClient
+from local_ray import start_local_ray
 from local_servers import OCTETS, host_port, request, wait_until_answering
 
 from index import tables
@@ -408,13 +409,12 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
     import ray
     from ray import serve
 
-    from jobs.ray_resources import embedded_ray_options
     from jobs.ray_serve import DEPLOYMENT_NAME, ServeOptions, run
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(**embedded_ray_options(2), ignore_reinit_error=True, log_to_driver=False)  # as `serve --ray-serve` does
+    start_local_ray()  # the embedded Ray, as `serve --ray-serve` starts it
     try:
         options = ServeOptions(indexes=[f"main={indexed}"], replicas=2, num_cpus_per_replica=0.5)
         run(options, port=port, blocking=False)
