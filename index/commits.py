@@ -70,7 +70,6 @@ RETRYABLE: frozenset[str] = frozenset(
         "timeout",
         "error",
         "unavailable",
-        "truncated",
         "changed",
         "access_denied",
         "s3_error",
@@ -79,7 +78,8 @@ RETRYABLE: frozenset[str] = frozenset(
     }
 )
 """Statuses of a video row that a later run indexes again (up to the planner's ``max_attempts`` runs per ETag);
-every other status is final."""
+every other status is final: a verdict on the object's bytes (``truncated``, ``corrupt``, ``not_a_video``, ...) stands
+until its ETag changes. A body that the storage kept cutting short is a ``read_error``, not ``truncated``."""
 
 UNCOUNTED: frozenset[str] = frozenset({"unavailable", "s3_error", "access_denied", "read_error", "changed"})
 """Retryable statuses that do not count as an attempt: the storage failed, not the video. They cost a request, and

@@ -26,7 +26,7 @@ StorageErrorReason = Literal[
     "access_denied",  # refused or missing credentials
     "not_found",  # the object is gone
     "changed",  # the object changed (ETag or size) while it was being read
-    "truncated",  # bodies kept arriving shorter than announced
+    "read_error",  # bodies kept arriving shorter than announced
     "unavailable",  # transient failures outlasted the retries
     "s3_error",  # any other refusal from S3
     "empty",  # a listing matched nothing where something was required
@@ -212,7 +212,7 @@ def storage_error(error: BaseException, *, uri: str, action: str) -> StorageErro
         return StorageError(f"cannot {action} {uri} ({said})", reason="s3_error", uri=uri)
     if isinstance(error, ShortRead):
         return StorageError(
-            f"cannot {action} {uri}: the body kept arriving truncated ({error})", reason="truncated", uri=uri
+            f"cannot {action} {uri}: the body kept arriving truncated ({error})", reason="read_error", uri=uri
         )
     return StorageError(
         f"cannot {action} {uri}: S3 unreachable after retries ({type(error).__name__}: {error})",

@@ -332,6 +332,18 @@ def test_storage_failures_do_not_use_up_attempts(local: OutputLocation) -> None:
     assert recorded_attempts(np.asarray([1, 2, 1, 3, 2, 1]), status).tolist() == [1, 2, 0, 2, 1, 1]
 
 
+def test_a_verdict_on_the_bytes_stands_until_the_etag_changes(local: OutputLocation) -> None:
+    """A video cut short (`truncated`, the decoder's verdict on the file) fails the same way every time: the next
+    run leaves it alone. A body that S3 kept cutting short is a `read_error`, tried again and never counted."""
+    assert "truncated" not in RETRYABLE and "read_error" in UNCOUNTED
+    run(local, {0: "e0", 1: "e1"}, "r1", statuses={0: "truncated", 1: "read_error"})
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert list(planner(listing({0: "e0", 1: "e1"}))["video_id"]) == [vid(1)]
+    assert planner.counts["already_indexed"] == 1 and planner.counts["attempts_exhausted"] == 0
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    assert list(planner(listing({0: "e0-rewritten"}))["video_id"]) == [vid(0)]  # another object: tried anew
+
+
 def test_rows_without_an_attempt_count_are_one_attempt(local: OutputLocation) -> None:
     """Rows written before schema version 3 (attempts null) count as one attempt."""
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,24 @@ def test_txt_lines_are_taken_verbatim(tmp_path: Path) -> None:
     # extensions=None: "trail.mp4 " has the extension "mp4 ", which a folder listing would leave out too
     indented = VideoObject(str(tmp_path / "in" / "\t# an indented hash is a name, not a comment"), "", UNKNOWN_SIZE)
     assert listed(manifest, extensions=None) == [*(found[name] for name in [*names, "# spaced.mp4"]), indented]
+
+
+def test_entries_left_out_by_the_extension_filter_are_reported(tmp_path: Path, caplog) -> None:
+    found = videos(tmp_path / "in", "a.mp4", "trail.mp4 ", "notes.txt")
+    manifest = tmp_path / "in" / "list.txt"
+    manifest.write_text("a.mp4\ntrail.mp4 \nnotes.txt\n")
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert listed(manifest) == [found["a.mp4"]]
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"{manifest}: 2 entries left out: not named with a video extension (--extensions), such as "
+        "'trail.mp4 ' (line 2)"  # as written there
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert len(listed(manifest, extensions=None)) == 3
+    assert not caplog.records
 
 
 def test_csv_cells_are_names_as_written(tmp_path: Path) -> None:

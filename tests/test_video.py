@@ -169,6 +169,7 @@ def test_window_count_is_the_number_of_window_bounds() -> None:
         expected = len(window_bounds(duration, segment_seconds=segment, overlap_seconds=overlap))
         assert window_count(duration, segment_seconds=segment, overlap_seconds=overlap) == expected, (duration, segment)
     assert window_count(1e6, segment_seconds=0.5) == 2_000_000  # counted without making two million windows
+    assert window_count(10.0, segment_seconds=5e-324) == 2**53  # the smallest float: a count, not an OverflowError
     with pytest.raises(ValueError, match="overlap"):
         window_count(10.0, segment_seconds=4.0, overlap_seconds=4.0)
 

@@ -37,6 +37,7 @@ import errno
 import gzip
 import itertools
 import json
+import logging
 import os
 import re
 import stat
@@ -63,6 +64,8 @@ from index.s3 import (
 )
 from index.schema import local_etag
 from vitaclip.redact import redact_text, redact_url
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {"mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp"}
@@ -402,11 +405,13 @@ class _ManifestRow(NamedTuple):
 def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str], bool]) -> Iterator[VideoObject]:
     on_s3 = location.startswith("s3://")
     base = location.rsplit("/", 1)[0] if on_s3 else os.path.dirname(absolute_path(location))
+    skipped = _SkippedEntries(location)
     for row in _manifest_rows(location, client=client):
         video = _resolve_entry(row, base=base, on_s3=on_s3, where=location)
         # A URI the job cannot read is filtered by its path, without a query (a presigned https:// URL of an .mp4
         # is a row saying why it is not read, not a line dropped without a trace).
         if not keep_name(video.uri) and not (video.status and keep_name(re.split(r"[?#]", video.uri, maxsplit=1)[0])):
+            skipped.add(row)
             continue
         if video.status or (row.etag is not None and row.size_bytes is not None):
             yield video
@@ -414,6 +419,33 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
         looked_up = _look_up(video.uri, client=client)
         etag = looked_up.etag if row.etag is None else row.etag
         yield VideoObject(video.uri, etag, looked_up.size_bytes if row.size_bytes is None else row.size_bytes)
+    skipped.report()
+
+
+class _SkippedEntries:
+    """Counts a manifest's entries left out by the extension filter and says so once it has been read: an entry
+    that a person wrote (``in/v.mp4 `` with a trailing space) never disappears without a trace. Inventories list
+    every object of a bucket, so theirs is an info line."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.count = 0
+        self.first: _ManifestRow | None = None
+
+    def add(self, row: _ManifestRow) -> None:
+        self.count += 1
+        self.first = self.first or row
+
+    def report(self) -> None:
+        if self.first is None:
+            return
+        written = not self.location.lower().endswith((".json", ".parquet"))
+        log.log(
+            logging.WARNING if written else logging.INFO,
+            "%s: %d %s left out: not named with a video extension (--extensions), such as %r (%s %d)",
+            redact_url(self.location), self.count, "entry" if self.count == 1 else "entries",
+            redact_url(self.first.uri), "line" if written else "row", self.first.line,
+        )  # fmt: skip
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")

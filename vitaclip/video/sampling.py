@@ -155,12 +155,20 @@ def window_bounds(
         k += 1
 
 
+MAX_WINDOW_COUNT = 2**53
+"""The most windows `window_count` counts (floats count integers exactly up to here)."""
+
+
 def window_count(duration_seconds: float, *, segment_seconds: float, overlap_seconds: float = 0.0) -> int:
-    """``len(window_bounds(...))``, without making the windows (a hostile file may claim a duration of days)."""
+    """``len(window_bounds(...))``, without making the windows (a hostile file may claim a duration of days).
+    Counts past ``MAX_WINDOW_COUNT`` (windows of a few picoseconds) are given as that number."""
     _check_windows(duration_seconds, segment_seconds, overlap_seconds)
     step = segment_seconds - overlap_seconds
     # Window k is the last one when k * step + segment_seconds >= duration - epsilon (as `window_bounds` stops).
-    k = max(0, math.ceil((duration_seconds - TIME_EPSILON_SECONDS - segment_seconds) / step))
+    last = (duration_seconds - TIME_EPSILON_SECONDS - segment_seconds) / step  # inf for a subnormal step
+    if last >= MAX_WINDOW_COUNT:
+        return MAX_WINDOW_COUNT
+    k = max(0, math.ceil(last))
     while k > 0 and (k - 1) * step + segment_seconds >= duration_seconds - TIME_EPSILON_SECONDS:
         k -= 1
     while k * step + segment_seconds < duration_seconds - TIME_EPSILON_SECONDS:
