@@ -38,8 +38,12 @@ def test_readme_table_readers_run_offline(tmp_path: Path, monkeypatch, capsys) -
         capsys.readouterr()
         scope: dict = {}
         exec(compile(block, "README.md", "exec"), scope)
+        (reader,) = re.findall(r"`(from index\.tables import read_table; [^`]+)`", readme)  # the exit-safe reader
+        exec(compile(reader.replace("; ", "\n__frame = ", 1), "README.md", "exec"), scope)
+        frame = scope["__frame"]
     finally:
         ray.shutdown()
     said = capsys.readouterr().out
     assert "│ ok" in said and "not_a_video" in said and "v0.mp4" in said, said
     assert scope["pl"].read_delta(f"{out}/videos").height == 3
+    assert sorted(frame["status"]) == ["not_a_video", "ok", "ok"] and list(frame.columns) == ["uri", "status"]
