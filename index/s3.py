@@ -25,6 +25,8 @@ StorageErrorReason = Literal[
     "no_such_bucket",
     "access_denied",  # refused or missing credentials
     "not_found",  # the object is gone
+    "not_a_file",  # a local path names a folder, FIFO, socket or device
+    "broken_link",  # a local path is a symbolic link loop
     "changed",  # the object changed (ETag or size) while it was being read
     "read_error",  # bodies kept arriving shorter than announced
     "unavailable",  # transient failures outlasted the retries

@@ -598,3 +598,21 @@ def test_the_job_flag_reaches_the_listing(tmp_path: Path) -> None:
         config = config_from_args([*argv, *flags])
         assert config.follow_outside_symlinks == bool(flags)
         assert [v.status for v in run_listing(config)] == [status]
+
+
+def test_local_paths_that_name_no_file_say_what_they_name(tmp_path: Path) -> None:
+    """A manifest may name any local path: a folder is `not_a_file` and a link loop `broken_link`, as a folder
+    listing says of them, and the decode stage keeps those statuses."""
+    from jobs.decode_embed import ReadDecode
+
+    (tmp_path / "folder.mp4").mkdir()
+    os.symlink(tmp_path / "loop-b.mp4", tmp_path / "loop-a.mp4")
+    os.symlink(tmp_path / "loop-a.mp4", tmp_path / "loop-b.mp4")
+    expected = {"folder.mp4": "not_a_file", "loop-a.mp4": "broken_link", "missing.mp4": "not_found"}
+    stage = ReadDecode(num_frames=2, size=32, s3_endpoint_url=None, whole_object_max_bytes=1 << 20)
+    for name, reason in expected.items():
+        with pytest.raises(StorageError) as caught:
+            open_video(str(tmp_path / name), size_bytes=None)
+        assert caught.value.reason == reason, (name, str(caught.value))
+        (row,) = stage.decode_one(str(tmp_path / name), 0)
+        assert row["status"] == reason, (name, row["error_message"])

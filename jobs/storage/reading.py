@@ -5,6 +5,7 @@ mixed."""
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import os
 import stat
@@ -82,10 +83,16 @@ def _open_local(uri: str, etag: str | None) -> str:
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     try:
         st = os.stat(path)
-    except OSError:
+    except OSError as exc:  # statuses as a folder listing gives them
+        if exc.errno == errno.ELOOP:
+            raise StorageError(f"symbolic link loop: {printable_path(path)}", reason="broken_link", uri=uri) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise StorageError(
+                f"cannot reach {printable_path(path)}: permission denied", reason="access_denied", uri=uri
+            ) from None
         raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the decoder
-        raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_found", uri=uri)
+    if not stat.S_ISREG(st.st_mode):  # a folder; a FIFO or device would block the decoder
+        raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_a_file", uri=uri)
     if etag is not None and etag.startswith(LOCAL_ETAG_PREFIX) and local_etag(st) != etag:
         raise StorageError(
             f"{printable_path(path)} changed since it was listed (size or modification time)", reason="changed", uri=uri
