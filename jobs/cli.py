@@ -220,7 +220,7 @@ def _engine(args: argparse.Namespace) -> Any:
 def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
     lines = []
     for rank, hit in enumerate(hits, 1):
-        span = f" [{hit.start_seconds:.1f}-{hit.end_seconds:.1f} s]" if segments else ""
+        span = f" [{hit.start_seconds:.2f}-{hit.end_seconds:.2f} s]" if segments else ""
         labels = ", ".join(hit.labels[:3])
         lines.append(terminal_text(f"{rank:2d}. {hit.score:.3f}  {hit.uri}{span}  ({labels})"))
     return "\n".join(lines) if lines else "no results"
