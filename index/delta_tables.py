@@ -37,6 +37,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from index.schema import schema_for
+from vitaclip.redact import endpoint_without_userinfo
 
 SCHEMA_VERSION = 3
 """Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
@@ -134,7 +135,7 @@ class OutputLocation:
                 raise ValueError(f"s3_endpoint_url is only for s3:// outputs, got {normalized!r}")
             return cls(url=normalized)
         endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return cls(url=normalized, s3_endpoint_url=_strip_userinfo(endpoint) if endpoint else None)
+        return cls(url=normalized, s3_endpoint_url=endpoint_without_userinfo(endpoint) if endpoint else None)
 
     @property
     def scheme(self) -> Scheme:
@@ -373,21 +374,6 @@ def _azure_filesystem() -> pafs.FileSystem:
             dfs_storage_scheme=emulator.scheme,
         )
     return pafs.AzureFileSystem(**options)
-
-
-def _strip_userinfo(endpoint: str) -> str:
-    # The messages never quote the URL: what looks like a bad port may be an unencoded password.
-    shape = "s3_endpoint_url must look like http(s)://host[:port] (credentials come from the AWS chain)"
-    try:
-        parts = urllib.parse.urlsplit(endpoint)
-        port = parts.port
-    except ValueError:
-        raise ValueError(shape) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(shape)
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    netloc = f"{host}:{port}" if port else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _aws_region() -> str:

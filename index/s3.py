@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import botocore.exceptions
 
-from vitaclip.redact import redact_text
+from vitaclip.redact import endpoint_without_userinfo, redact_text
 
 S3Client = Any
 """A boto3 S3 client (boto3 ships no type stubs)."""
@@ -130,7 +130,8 @@ def make_s3_client(
 
     Args:
         endpoint_url: An S3-compatible server (MinIO, moto); also taken from `AWS_ENDPOINT_URL_S3` or
-            `AWS_ENDPOINT_URL` when unset. Such servers get path-style addressing.
+            `AWS_ENDPOINT_URL` when unset. Such servers get path-style addressing. A user or password in it is
+            dropped (credentials come from the AWS chain), so presigned URLs never carry it.
         max_attempts: Attempts per request, the first included; transient errors (500, 503, throttling, resets)
             are retried with botocore's backoff.
         retry_mode: botocore's retry mode; `adaptive` also rate-limits the client after throttling.
@@ -140,7 +141,9 @@ def make_s3_client(
     import boto3  # here: a decode task reading local files never needs it (0.25 s of import)
     import botocore.config
 
-    custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    custom_endpoint = endpoint_url or _endpoint_from_environment()
+    if custom_endpoint:  # given to boto3 without userinfo, which it would copy into every presigned URL
+        custom_endpoint = endpoint_without_userinfo(custom_endpoint)
     config = botocore.config.Config(
         retries={"total_max_attempts": max_attempts, "mode": retry_mode},
         connect_timeout=connect_timeout_seconds,
@@ -151,7 +154,15 @@ def make_s3_client(
     )
     # A session per client: the default session is not safe to share between threads while creating clients.
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
+    return session.client("s3", endpoint_url=custom_endpoint, region_name=region_name, config=config)
+
+
+def _endpoint_from_environment() -> str | None:
+    """The endpoint boto3 would take from the environment (``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``,
+    unless ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true)."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -92,25 +93,37 @@ def test_s3_in_and_out_with_faults(ray_with_s3: str, s3_bucket, tmp_path: Path) 
     text = store.get_bytes(summary_rel[0]).decode()
     assert "testing" not in text.replace('"testing', "")  # the dummy secret never lands in the summary
 
-    # The search service over that output: an S3 video is served as a presigned URL while it is the version indexed.
+    _served_from_s3(client, bucket, rows, videos[0], endpoint=ray_with_s3, cache=tmp_path / "cache")
+
+
+def _served_from_s3(client: Any, bucket: str, rows: dict[str, Any], video: Path, *, endpoint: str, cache: Path) -> None:
+    """The search service over the job's output on S3: an S3 video is served as a presigned URL while it is the
+    version indexed."""
     from fastapi.testclient import TestClient
 
     from index.api import create_app
     from index.service import OutputSource, SearchService
 
-    source = OutputSource(f"s3://{bucket}/out", s3_endpoint_url=ray_with_s3, cache_root=str(tmp_path / "cache"))
-    service = SearchService({"s3": source.open()}, s3_endpoint_url=ray_with_s3)
+    source = OutputSource(f"s3://{bucket}/out", s3_endpoint_url=endpoint, cache_root=str(cache))
+    service = SearchService({"s3": source.open()}, s3_endpoint_url=endpoint)
     client_http = TestClient(create_app(service))
-    row = rows[videos[0].name]
+    row = rows[video.name]
     thumbnail = client_http.get(f"/thumbnails/{row_id_for(row['video_id'])}.jpg")  # from the table on S3
     assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
-    assert not list((tmp_path / "cache").rglob("*.parquet"))  # only the index and run records are copied
+    assert not list(cache.rglob("*.parquet"))  # only the index and run records are copied
     answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)
     assert answer.status_code == 307 and answer.headers["cache-control"] == "no-store"
     location = answer.headers["location"]
-    assert location.startswith(ray_with_s3) and "Signature" in location
+    assert location.startswith(endpoint) and "Signature" in location
     with urllib.request.urlopen(location, timeout=30) as fetched:
-        assert fetched.read() == videos[0].read_bytes()
+        assert fetched.read() == video.read_bytes()
+    # An endpoint given with a user and password (which S3 never reads): the link a client gets carries neither.
+    with_userinfo = endpoint.replace("://", "://user:PASSW0RD@", 1)
+    answer = TestClient(create_app(SearchService({"s3": source.open()}, s3_endpoint_url=with_userinfo))).get(
+        f"/media/{row['video_id']}", follow_redirects=False
+    )
+    assert answer.status_code == 307 and answer.headers["location"].startswith(endpoint)
+    assert "PASSW0RD" not in answer.headers["location"] and "user" not in answer.headers["location"]
     key = row["uri"].split("/", 3)[3]
     client.put_object(Bucket=bucket, Key=key, Body=b"replaced after indexing")
     answer = client_http.get(f"/media/{row['video_id']}", follow_redirects=False)

@@ -188,7 +188,8 @@ def test_connection_errors_do_not_show_the_password(dummy_aws: None) -> None:
     client = make_s3_client(endpoint_url=f"http://user:{SECRET}@127.0.0.1:{_closed_port()}", max_attempts=1)
     with pytest.raises(StorageError) as info:
         list(list_videos(["s3://bucket/videos/"], s3_client=client))
-    assert SECRET not in str(info.value) and "***@127.0.0.1" in str(info.value)
+    # The client never held the user and password: the endpoint it names has none.
+    assert SECRET not in str(info.value) and '"http://127.0.0.1:' in str(info.value) and "user" not in str(info.value)
 
 
 def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dummy_aws: None) -> None:
@@ -205,7 +206,7 @@ def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dum
         ray.shutdown()
     assert rc == 2
     captured = capfd.readouterr()
-    assert SECRET not in captured.out + captured.err and "***@127.0.0.1" in captured.err
+    assert SECRET not in captured.out + captured.err and '"http://127.0.0.1:' in captured.err
     summaries = list((out / "runs").glob("*.json"))
     assert summaries
     for path in summaries:
@@ -223,3 +224,20 @@ def test_an_endpoint_with_an_unencoded_password_is_refused_without_quoting_it() 
         assert SECRET not in str(info.value) and "http(s)://host[:port]" in str(info.value)
     ok = OutputLocation.from_url("s3://bucket/out", s3_endpoint_url=f"http://u:{SECRET}@127.0.0.1:9000/")
     assert ok.s3_endpoint_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", None])
+def test_s3_clients_never_hold_an_endpoints_userinfo(monkeypatch, variable: str | None) -> None:
+    """boto3 copies an endpoint's user and password into every presigned URL; the clients get the endpoint without
+    them, whether it is given or comes from the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    endpoint = f"http://user:{SECRET}@127.0.0.1:9"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, endpoint)
+    client = make_s3_client(endpoint_url=None if variable else endpoint, region_name="us-east-1")
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    link = client.generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k.mp4"}, ExpiresIn=60)
+    assert link.startswith("http://127.0.0.1:9/b/k.mp4?") and SECRET not in link and "user" not in link

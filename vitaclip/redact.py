@@ -168,6 +168,27 @@ class RedactingFormatter(logging.Formatter):
         return redact_text(formatted)
 
 
+def endpoint_without_userinfo(endpoint: str) -> str:
+    """An S3-compatible endpoint URL as ``scheme://host[:port][/path]``: no user, password, query or fragment.
+    Credentials come from the AWS chain; userinfo in an endpoint would travel in every presigned URL.
+
+    Raises:
+        ValueError: Not an http(s) URL with a host (the message never quotes it).
+    """
+    # The messages never quote the URL: what looks like a bad port may be an unencoded password.
+    shape = "s3_endpoint_url must look like http(s)://host[:port] (credentials come from the AWS chain)"
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        raise ValueError(shape) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(shape)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
 def install_log_redaction(logger: logging.Logger | str | None = None) -> None:
     """Makes every handler of ``logger`` (a logger or its name; default: the root logger) redact what it writes,
     formatted as before."""
