@@ -10,6 +10,7 @@ Every function takes an output as an `OutputLocation`, a URL or path, or a `inde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -33,6 +34,8 @@ from index.delta_tables import (
 )
 from index.segments import INFO_FILE, IndexUnusableError, referenced_files
 from vitaclip.redact import redact_url
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from index.stores import Store
@@ -168,6 +171,19 @@ def _drop_superseded(folder: Path, listed: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _cacheable(rel: str, location: OutputLocation) -> bool:
+    """Whether an object of the output (its key below the output's prefix) may be copied into the cache: plain
+    segments only. A key such as ``index/../../../x`` (whoever can write to the bucket can make one) would land
+    outside the cache; vitaclip never writes such keys, so it is left out, and said."""
+    parts = rel.split("/")
+    if all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part for part in parts):
+        return True
+    log.warning(
+        "%s: object %r left out of the local copy: not a file vitaclip writes", redact_url(location.url), rel[:200]
+    )
+    return False
+
+
 def local_copy(
     output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None, tables: bool = True
 ) -> Path:
@@ -194,6 +210,7 @@ def local_copy(
     for folder in ("videos", "segments", "index", "runs") if tables else ("index", "runs"):
         infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
         listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
+        listed = [rel for rel in listed if _cacheable(rel, location)]
         if folder == "index":
             if f"index/{INFO_FILE}" not in listed:  # say where it is missing: the output, not this cache
                 raise IndexUnusableError(

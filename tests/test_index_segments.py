@@ -237,6 +237,23 @@ def test_s3_update_downloads_no_segment_it_does_not_merge(
             local_copy(missing, s3_endpoint_url=s3_server, cache_root=str(tmp_path / "cache"))
 
 
+def test_a_key_with_dot_segments_never_leaves_the_cache(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, caplog
+) -> None:
+    """Whoever can write to the output's bucket can make a key such as ``out/index/../../x``; copied as it is named,
+    it would land outside the output's cache folder (clients collapse the dots, so it reads the bucket's ``x``)."""
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="out/index/index_info.json", Body=b'{"format_version": 4, "indexes": {}}')
+    client.put_object(Bucket=bucket, Key="out/index/../../escaped", Body=b"outside")
+    client.put_object(Bucket=bucket, Key="escaped", Body=b"outside")
+    with caplog.at_level("WARNING", logger="index.tables"):
+        folder = local_copy(f"s3://{bucket}/out", s3_endpoint_url=s3_server, cache_root=str(tmp_path), tables=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        f"{folder.name}/index/index_info.json"
+    ]
+    assert "out/index/../../escaped" not in caplog.text and "index/../../escaped" in caplog.text
+
+
 def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
     """Two runs finishing together update one index: whichever info lands last, every file it names exists."""
     import threading
