@@ -233,6 +233,18 @@ def test_config_json_round_trip_and_errors() -> None:
         vitaclip.TextContextConfig(position="left")  # type: ignore[arg-type]
 
 
+def test_a_backbone_is_a_registered_name_built_here(tmp_path) -> None:
+    """A checkpoint's config names its backbone; open_clip would also take a folder anywhere (``local-dir:``) or a
+    Hugging Face repository (``hf-hub:``), and its registered timm or Hugging Face towers load from elsewhere."""
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    for name in (f"local-dir:{tmp_path}", "hf-hub:org/repo", "../ViT-B-16", "", "ViT-B-16 "):
+        with pytest.raises(ValueError, match="registered open_clip model name"):
+            vitaclip.VitaClipConfig(name="x", backbone=name)
+    with pytest.raises(ValueError, match="timm"):
+        _ = vitaclip.VitaClipConfig(name="x", backbone="EVA02-B-16").embed_dim  # registered, on a timm tower
+    assert vitaclip.VitaClipConfig(name="x", backbone="ViT-B-16").embed_dim == 512
+
+
 def test_registered_recipe_matches_the_release() -> None:
     config = vitaclip.get_model_config("vitaclip-b16")
     assert config.backbone == "ViT-B-16-quickgelu"

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -198,6 +199,12 @@ class VitaClipConfig:
         if self.backbone_config is not None:
             object.__setattr__(self, "backbone_config", json.loads(json.dumps(dict(self.backbone_config))))
             _check_towers_are_built_here(self.name, self.backbone_config)
+        elif not _BACKBONE_NAME.fullmatch(self.backbone or ""):
+            # open_clip also takes "local-dir:PATH" (a folder anywhere) and "hf-hub:ORG/REPO" (the network)
+            raise ValueError(
+                f"config {self.name!r}: backbone must be a registered open_clip model name such as "
+                f"'ViT-B-16-quickgelu' (letters, digits, '.', '_', '-'), got {str(self.backbone)[:80]!r}"
+            )
 
     @property
     def image_size(self) -> int:
@@ -260,6 +267,10 @@ class VitaClipConfig:
         return cls.from_dict(json.loads(text))
 
 
+_BACKBONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""An open_clip model name: no scheme (``local-dir:``, ``hf-hub:``), no path."""
+
+
 def _check_towers_are_built_here(name: object, backbone_config: Mapping[str, Any]) -> None:
     """Refuses an inline backbone config whose towers open_clip would load from elsewhere: ``timm_*`` (a timm model,
     which reads ``local-dir:`` folders and fetches ``hf-hub:`` names) and ``hf_*`` (a Hugging Face model) options.
@@ -285,15 +296,17 @@ def backbone_model_config(config: VitaClipConfig) -> dict[str, Any]:
     """
     if config.backbone_config is not None:
         return dict(config.backbone_config)
-    assert config.backbone is not None
+    assert config.backbone is not None and _BACKBONE_NAME.fullmatch(config.backbone)
     text = _open_clip_config_text(config.backbone)
     if text is not None:
-        return dict(json.loads(text))
-    import open_clip  # a layout without the JSON files: ask open_clip itself
+        cfg = json.loads(text)
+    else:
+        import open_clip  # a layout without the JSON files: ask open_clip itself
 
-    cfg = open_clip.get_model_config(config.backbone)
-    if cfg is None:
-        raise ValueError(f"open_clip has no model config named {config.backbone!r}")
+        cfg = open_clip.get_model_config(config.backbone)
+        if cfg is None:
+            raise ValueError(f"open_clip has no model config named {config.backbone!r}")
+    _check_towers_are_built_here(config.name, cfg)  # a registered timm or Hugging Face model is not built either
     return dict(cfg)
 
 
