@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -35,7 +36,7 @@ def load_label_set(name_or_path: str) -> tuple[str, ...]:
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not names:
         raise ValueError(f"label set {name_or_path!r} has no names")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, seen in collections.Counter(names).items() if seen > 1)  # linear: sets may be large
     if dupes:
         raise ValueError(f"label set {name_or_path!r} repeats names: {dupes[:5]}")
     return names
