@@ -377,7 +377,10 @@ class Planner:
         """
         uris = [str(u) for u in batch["uri"]]
         n = len(uris)
-        etags = [None if e is None or (isinstance(e, float) and np.isnan(e)) else str(e) for e in batch["etag"]]
+        etags = [
+            None if e is None or (isinstance(e, (float, np.floating)) and np.isnan(e)) else str(e)
+            for e in batch["etag"]
+        ]
         video_ids = [video_id_for(u) for u in uris]
         id_hash = _id_hash(pa.array(video_ids, pa.string()))
         etag_hash = _str_hash(etags)

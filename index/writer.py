@@ -10,6 +10,7 @@ their old rows live in) for the driver's `index.commits.Committer`. Rows never p
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -178,6 +179,14 @@ class ResultWriter:
         )
 
 
+def _etag(value: Any) -> str | None:
+    """A row's ETag; None for a row marked deleted (its null arrives as None or as NaN: a block whose ETags are all
+    null has a null-typed column, which Ray Data hands over as float32 NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return None
+    return str(value)
+
+
 def _result_tables(
     batch: dict[str, np.ndarray],
     *,
@@ -224,7 +233,7 @@ def _result_tables(
             "video_id": col(video_ids, vm),
             "row_id": [row_id_for(v) for v in col(video_ids, vm)],
             "uri": [str(u) for u in col(batch["uri"], vm)],
-            "etag": [str(e) for e in col(batch["etag"], vm)],
+            "etag": [_etag(e) for e in col(batch["etag"], vm)],
             "size_bytes": [int(s) for s in col(batch["size_bytes"], vm)],
             "duration_seconds": [None if np.isnan(d) else float(d) for d in col(batch["duration_seconds"], vm)],
             "fps": [None if np.isnan(f) else float(f) for f in col(batch["fps"], vm)],

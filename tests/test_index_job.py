@@ -659,6 +659,7 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
     assert len(rows) == 6 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
     assert rows[str(dangling)]["status"] == "deleted"
+    assert rows[str(gone_path)]["etag"] is None  # no object, no ETag (not the string "None")
     assert [rows[str(p)]["status"] for p in [*kept[1:], *others]] == ["ok"] * 4
     index = open_index(out)
     assert index.count == 4 and rows[str(gone_path)]["row_id"] not in set(index.ids.tolist())
