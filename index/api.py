@@ -685,7 +685,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         presigned URL (307) for ``s3://`` objects. Only indexed, unchanged objects inside the recorded inputs."""
         _, engine = service.engine(index)
         try:
-            target = await asyncio.get_running_loop().run_in_executor(None, service.media_target, engine, video_id)
+            target = await service.media(engine, video_id)
         except MediaRefused as refused:
             return _error(refused.http_status, refused.message, refused.reason)
         if isinstance(target, str):

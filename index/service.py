@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -32,6 +33,17 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PRESIGN_SECONDS = 900
 RELOAD_RETRY_SECONDS = 600.0  # a reload that failed is tried again on the same index_info.json after this
+_MEDIA_THREADS = 8
+"""Media lookups (a file's checks, or an object store's HEAD before a presigned link) at once per service."""
+
+
+def _close_late_file(future: asyncio.Future[MediaFile | str]) -> None:
+    """Closes what a media lookup opened after its request had already been answered 504."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    target = future.result()
+    if isinstance(target, MediaFile):
+        target.close()
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,7 @@ class SearchService:
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
+        self._media_pool: ThreadPoolExecutor | None = None
         self._slots: tuple[asyncio.Semaphore, asyncio.Semaphore] | None = None  # (queries, uploads among them)
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
@@ -394,6 +407,19 @@ class SearchService:
             )
         return out
 
+    async def media(self, engine: SearchEngine, video_id: str) -> MediaFile | str:
+        """`media_target` on the service's own media threads, never the query threads: an object store that does
+        not answer holds media requests only, and text searches go on. A lookup that takes longer than the request
+        timeout is refused with 504 (a file it opens afterwards is closed)."""
+        if self._media_pool is None:
+            self._media_pool = ThreadPoolExecutor(_MEDIA_THREADS, thread_name_prefix="vitaclip-media")
+        future = asyncio.get_running_loop().run_in_executor(self._media_pool, self.media_target, engine, video_id)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
+        except TimeoutError:
+            future.add_done_callback(_close_late_file)
+            raise MediaRefused("unavailable", "the storage did not answer in time", http_status=504) from None
+
     def media_target(self, engine: SearchEngine, video_id: str) -> MediaFile | str:
         """The opened local file of an indexed video, or a presigned URL for an indexed ``s3://`` object that is
         still the version indexed.
@@ -410,7 +436,10 @@ class SearchService:
         from index.s3 import make_s3_client, parse_s3_uri
 
         if self._s3 is None:
-            self._s3 = make_s3_client(endpoint_url=self.s3_endpoint_url, max_attempts=3)
+            # A request waits on this check: seconds, not the job's minutes of retries (at most 2 x (3 + 5) s).
+            self._s3 = make_s3_client(
+                endpoint_url=self.s3_endpoint_url, max_attempts=2, connect_timeout_seconds=3, read_timeout_seconds=5
+            )
         bucket, key = parse_s3_uri(str(row["uri"]))
         if any(segment in (".", "..") for segment in key.split("/")):
             # Browsers and HTTP clients collapse dot segments (escaped ones too) before sending: the link would ask

@@ -840,3 +840,38 @@ def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkey
     assert sorted(statuses) == [200, 503, 503]
     with pytest.raises(ValueError, match="max_concurrent_uploads"):
         ServiceLimits(max_concurrent_queries=2, max_concurrent_uploads=3)
+
+
+def test_a_storage_that_never_answers_holds_media_requests_only(tmp_path: Path, monkeypatch) -> None:
+    """Media lookups of ``s3://`` rows ask the object store before they hand out a link. An endpoint that accepts
+    connections and never answers holds them (each until the request timeout: 504), on the service's own media
+    threads: searches, which run on the query threads, are answered meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_index_segments import DIM, _indexed_output
+
+    from index.tables import read_table
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    _indexed_output(str(tmp_path / "out"), 12, np.random.default_rng(0))  # s3:// rows
+    video_ids = read_table(tmp_path / "out", "videos", ["video_id"]).column("video_id").to_pylist()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes the connections; nothing ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        limits = ServiceLimits(request_timeout_seconds=3.0)
+        engine = SearchEngine(tmp_path / "out", text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
+        service = SearchService({"main": engine}, s3_endpoint_url=endpoint, limits=limits)
+        query = json.dumps({"embedding": [1.0] + [0.0] * (DIM - 1), "k": 3}).encode()
+        with serving(service) as base, ThreadPoolExecutor(len(video_ids)) as pool:
+            media = [pool.submit(request, base, f"/media/{vid}") for vid in video_ids]
+            time.sleep(0.5)  # every media thread waits on the endpoint now, and more requests queue for them
+            start = time.monotonic()
+            status, _, body = request(base, "/search", "POST", {"Content-Type": "application/json"}, query)
+            searched = time.monotonic() - start
+            answers = [f.result(timeout=60) for f in media]
+    assert status == 200 and len(json.loads(body)["results"]) == 3 and searched < 2.0, (status, searched)
+    assert {a[0] for a in answers} == {504}, {a[0] for a in answers}
+    assert all(json.loads(a[2])["reason"] == "unavailable" for a in answers)
