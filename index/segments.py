@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,15 +235,31 @@ def write_segment(folder: Path, name: str, generation: int, vindex: VectorIndex)
 
 
 def read_segment(folder: Path, name: str, seg: Segment, *, gpu: bool = False) -> VectorIndex:
-    path = str(folder / f"{name}.{seg.id}.faiss")
+    """One segment's FAISS index, ids (and vectors to rerank with) from `folder`.
+
+    Raises:
+        IndexUnusableError: A file that is missing, unreadable or disagrees with the others (rebuild the index).
+    """
+    stem = _plain_file_name(f"{name}.{seg.id}")
+    path = str(folder / f"{stem}.faiss")
     try:
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # kinds that cannot be memory-mapped are read whole
-        index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
+        try:
+            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # kinds that cannot be memory-mapped are read whole
+            index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
+        ids = np.load(folder / f"{stem}.ids.npy")
+    except RuntimeError:  # faiss's message is a C++ trace
+        raise IndexUnusableError(
+            f"index file {stem} cannot be read (not a FAISS index, or cut short); {_REBUILD}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise IndexUnusableError(f"index file {stem} cannot be read ({said}); {_REBUILD}") from None
+    if ids.ndim != 1 or len(ids) != index.ntotal:
+        raise IndexUnusableError(f"index file {stem}: {len(ids)} ids for {index.ntotal} vectors; {_REBUILD}")
     if gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    ids = np.load(folder / f"{name}.{seg.id}.ids.npy")
-    vectors = np.load(folder / f"{name}.{seg.id}.vectors.npy", mmap_mode="r") if seg.rerank else None
+    vectors = np.load(folder / f"{stem}.vectors.npy", mmap_mode="r") if seg.rerank else None
     vindex = VectorIndex(index, ids, vectors, IndexPlan(seg.kind, seg.factory, rerank=seg.rerank))
     if seg.search_params:
         vindex.set_params(**seg.search_params)
@@ -260,7 +277,19 @@ def write_deleted(folder: Path, name: str, generation: int, deleted: np.ndarray)
 
 def read_deleted(folder: Path, entry: dict[str, Any]) -> np.ndarray:
     file = (entry.get("deleted") or {}).get("file")
-    return np.load(folder / file).reshape(-1, 2) if file else np.zeros((0, 2), np.int64)
+    return np.load(folder / _plain_file_name(str(file))).reshape(-1, 2) if file else np.zeros((0, 2), np.int64)
+
+
+_REBUILD = "rebuild the index with `vitaclip build-index OUT --rebuild`"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def _plain_file_name(name: str) -> str:
+    """A file name from an ``index_info.json`` (written by whoever can write the output): a name in the index
+    folder, never a path."""
+    if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise IndexUnusableError(f"index_info.json names a file {name[:80]!r} outside the index folder; {_REBUILD}")
+    return name
 
 
 def segments_of(entry: dict[str, Any]) -> list[Segment]:

@@ -254,6 +254,30 @@ def test_a_key_with_dot_segments_never_leaves_the_cache(
     assert "out/index/../../escaped" not in caplog.text and "index/../../escaped" in caplog.text
 
 
+def test_index_files_that_are_broken_or_named_outside_say_so(tmp_path: Path) -> None:
+    """Whoever can write to an output can break its index files or point ``index_info.json`` elsewhere: opening it
+    says which file and how to rebuild, never a FAISS trace, and never reads outside the index folder."""
+    out = tmp_path / "out"
+    _indexed_output(str(out), 30, np.random.default_rng(3))
+    info_path = out / "index" / INFO_FILE
+    info = json.loads(info_path.read_text())
+    (faiss_file,) = (out / "index").glob("videos.*.faiss")
+    saved = faiss_file.read_bytes()
+    for broken in (b"", b"not an index" * 10, saved[: len(saved) // 2]):
+        faiss_file.write_bytes(broken)
+        with pytest.raises(IndexUnusableError, match=rf"index file {faiss_file.stem} cannot be read .*--rebuild"):
+            open_index(out)
+    faiss_file.write_bytes(saved)
+    assert open_index(out).count == 30
+    outside = tmp_path / "elsewhere.npy"
+    np.save(outside, np.zeros((0, 2), np.int64))
+    for bad in (str(outside), "../elsewhere.npy"):
+        info["indexes"]["videos"]["deleted"] = {"file": bad}
+        info_path.write_text(json.dumps(info))
+        with pytest.raises(IndexUnusableError, match="outside the index folder"):
+            open_index(out)
+
+
 def test_two_updates_at_once_leave_a_whole_index(tmp_path: Path) -> None:
     """Two runs finishing together update one index: whichever info lands last, every file it names exists."""
     import threading
