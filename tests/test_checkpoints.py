@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -814,9 +815,16 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp
     good = json.loads((folder / "config.json").read_text())
     backbone = good["config"]["backbone_config"]
     for change, match in [
-        ({"num_frames": 10**12}, r"wrong shapes .*temporal"),
+        ({"num_frames": 1000}, r"wrong shapes .*temporal"),
+        (
+            {"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "layers": 200}}},
+            "200 vision layers",
+        ),
+        ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "width": 4096}}}, "wrong shapes"),
+        # beyond any CLIP: refused by the bounds before the model is even planned
+        ({"num_frames": 10**12}, r"num_frames must be at most 1024, got 1000000000000"),
         ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "layers": 10**7}}}, "10000000"),
-        ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "width": 10**6}}}, "wrong shapes"),
+        ({"backbone_config": {**backbone, "vision_cfg": {**backbone["vision_cfg"], "width": 10**6}}}, "width must be"),
     ]:
         (folder / "config.json").write_text(json.dumps({**good, "config": {**good["config"], **change}}))
         with pytest.raises(CheckpointError, match=match):
@@ -907,3 +915,287 @@ def test_a_format_version_of_true_is_no_version(tmp_path: Path) -> None:
     _edit_meta(tmp_path / "c", format_version=True)
     with pytest.raises(CheckpointError, match="format version True is not supported"):
         vitaclip.create_model(None, checkpoint=tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+# Small files that made the loader allocate or compute without bound, or end in a raw traceback.
+
+
+def _official(tmp_path: Path, name: str, change: dict[str, torch.Tensor | None]) -> Path:
+    """The golden tiny official checkpoint with tensors replaced (None: removed), saved as torch.save writes it."""
+    from synthetic import official_state_dict
+
+    meta = json.loads((GOLDEN / "official_full.json").read_text())
+    state = {k: v for k, v in {**official_state_dict(meta["shapes"]), **change}.items() if v is not None}
+    torch.save({"model": state}, tmp_path / name)
+    return tmp_path / name
+
+
+def _load_official(path: Path) -> vitaclip.VitaClip:
+    meta = json.loads((GOLDEN / "official_full.json").read_text())
+    return vitaclip.create_model(base_config(meta), checkpoint=path, label_names=meta["class_names"])
+
+
+def test_tensors_that_repeat_their_storage_are_refused(tmp_path: Path) -> None:
+    """torch.load rebuilds a tensor with the size and strides its pickle declares: a stride of 0 makes one stored
+    float a tensor of any shape, and an official checkpoint's model is built to its tensors' shapes (a 4-byte storage
+    declaring width 32768 made the loader allocate 13 GB per block). Such tensors are refused as they are read."""
+    path = _official(tmp_path, "expanded.pth", {"visual.blocks.0.mlp.fc1.weight": torch.zeros(1).expand(256, 64)})
+    with pytest.raises(CheckpointError, match=r"expanded\.pth: refusing tensor .*fc1\.weight.*strides \[0, 0\]"):
+        _load_official(path)
+    torch.save({"a": torch.zeros(1).expand(1 << 20, 1 << 20)}, tmp_path / "huge_view.pth")
+    with pytest.raises(CheckpointError, match=r"refusing tensor 'a'.*\[1048576, 1048576\]"):
+        load_torch_file(tmp_path / "huge_view.pth")
+    # Many tensors viewing one storage: each fits it, together they declare 40 MB over 4 MB.
+    shared = torch.zeros(1 << 20)
+    torch.save({f"visual.blocks.{i}.x": shared[:] for i in range(10)}, tmp_path / "shared.pth")
+    with pytest.raises(CheckpointError, match="declare 41943040 bytes over 4194304 bytes of storage"):
+        read_state_dict(tmp_path / "shared.pth")
+    # Transposed, sliced and tied tensors, as real checkpoints hold them, load.
+    base = torch.arange(24.0).view(4, 6)
+    torch.save({"t": base.t(), "s": base[1:3, 2:], "tied": base, "tied_again": base}, tmp_path / "ok.pth")
+    assert torch.equal(read_state_dict(tmp_path / "ok.pth")["t"], base.t())
+
+
+def test_an_official_model_is_planned_on_the_meta_device_before_it_is_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official format's model size comes from its tensors: a model that does not fit them is refused from a
+    meta-device copy, before memory is allocated for it."""
+    from vitaclip import checkpoints
+
+    built: list[str] = []
+    real_model = checkpoints.VitaClip
+
+    def spy(*args: object, **kwargs: object) -> vitaclip.VitaClip:
+        model = real_model(*args, **kwargs)
+        built.append(model.device.type)
+        return model
+
+    monkeypatch.setattr(checkpoints, "VitaClip", spy)
+    path = _official(tmp_path, "wide_text.pth", {"textual.ln_final.weight": torch.ones(128)})  # text width 32 elsewhere
+    with pytest.raises(CheckpointError, match=r"wide_text\.pth does not match .*wrong shapes .*token_embedding"):
+        _load_official(path)
+    assert built == ["meta"]
+    _load_official(_official(tmp_path, "ok.pth", {}))
+    assert built == ["meta", "meta", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        # no textual.transformer.resblocks.*: 0 text layers (was a ZeroDivisionError in open_clip)
+        ("no_text_layers", r"text_cfg\.layers must be an integer from 1 to 256, got 0"),
+        # width 129 has no whole number of 64-wide heads (was an AssertionError in torch's attention)
+        ("width_129", r"vision_cfg\.width 129 is not a multiple of head_width 64"),
+        # layers named by keys only, far more than any CLIP
+        ("260_layers", r"260 layers under visual\.blocks\., more than 256"),
+    ],
+)
+def test_inconsistent_official_checkpoints_are_checkpoint_errors_naming_the_file(
+    change: str, match: str, tmp_path: Path
+) -> None:
+    from synthetic import official_state_dict
+
+    meta = json.loads((GOLDEN / "official_full.json").read_text())
+    state = official_state_dict(meta["shapes"])
+    if change == "no_text_layers":
+        edit: dict[str, torch.Tensor | None] = {k: None for k in state if k.startswith("textual.transformer.")}
+    elif change == "width_129":
+        edit = {"visual.cls_token": torch.zeros(129)}
+    else:
+        edit = {f"visual.blocks.{i}.norm1.weight": torch.ones(64) for i in range(2, 260)}
+    path = _official(tmp_path, f"{change}.pth", edit)
+    with pytest.raises(CheckpointError, match=match) as raised:
+        _load_official(path)
+    assert str(path) in str(raised.value)
+    config_file = tmp_path / "official-tiny.json"
+    config_file.write_text(base_config(meta).to_json())
+    assert cli_main(["convert", str(path), str(tmp_path / "out"), "--model", str(config_file)]) == 2
+
+
+def _laughs(depth: int, *, kind: str) -> bytes:
+    """Protocol-2 opcodes of ``T[depth]`` with ``T[i] = (T[i-1], T[i-1])`` (tuples) or ``[T[i-1], T[i-1]]`` (lists),
+    the halves shared through the memo (index i): a few bytes per level, 2**depth leaves as a tree."""
+    out = b")q\x00" if kind == "tuple" else b"]q\x00"
+    for i in range(1, depth + 1):
+        get = b"h" + bytes([i - 1])
+        out += (get + get + b"\x86" if kind == "tuple" else b"(" + get + get + b"l") + b"q" + bytes([i])
+    return out
+
+
+def _torch_save_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """torch.save's zip layout around a hand-written data.pkl (no storages)."""
+    buffer = io.BytesIO()
+    torch.save({"a": torch.zeros(1)}, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/0"):
+                dst.writestr(info, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    return path
+
+
+def _legacy_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """torch.save's format before torch 1.6 (consecutive pickles, no zip) around a hand-written object pickle."""
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    head = [pickle.dumps(v, protocol=2) for v in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True})]
+    path.write_bytes(b"".join(head) + data_pkl + pickle.dumps([], protocol=2))
+    return path
+
+
+DEPTH = 22  # 4 million leaves: beyond the bound, yet the old loader got through it in seconds (40 levels: forever)
+
+
+@pytest.mark.parametrize(
+    "case", ["torch.save dict key", "legacy dict key", "torchscript dict key", "torchscript device", "torchscript pid"]
+)
+def test_pickle_billion_laughs_are_refused_before_unpickling(case: str, tmp_path: Path) -> None:
+    """A pickle of a few hundred bytes shares halves through its memo, 2**depth elements as a tree: hashing it as a
+    dict key, or formatting it into torch.device or an error message, walked every one (40 levels: a hang). Refused
+    from the opcodes, before anything is unpickled, in torch.load's path and the TorchScript reader alike."""
+    path = tmp_path / "laughs.pt"
+    tuples, lists = _laughs(DEPTH, kind="tuple"), _laughs(DEPTH, kind="list")
+    top = b"h" + bytes([DEPTH])
+    if case == "torch.save dict key":
+        _torch_save_with_pickle(path, b"\x80\x02" + tuples + b"}" + top + b"K\x00s.")
+    elif case == "legacy dict key":
+        _legacy_with_pickle(path, b"\x80\x02" + tuples + b"}" + top + b"K\x00s.")
+    elif case == "torchscript dict key":
+        hand_archive(path, tuples + b"}" + top + b"Ns")
+    elif case == "torchscript device":
+        device = p_global("torch", "device") + b"(" + top + b"tR"
+        hand_archive(path, lists + p_module(weight=p_tensor(6, (6,), (1,)), where=device))
+    else:
+        hand_archive(path, lists + top + b"Q")  # BINPERSID: the tree as a persistent id
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"laughs\.pt: .* reuses memoized objects until one holds"):
+        read_state_dict(path)
+    assert time.monotonic() - started < 5
+
+
+def test_deeply_nested_pickles_are_refused(tmp_path: Path) -> None:
+    nested = b"\x80\x02" + b"]" * 2000 + b"a" * 1999 + b"."  # a list in a list ... 2000 deep
+    with pytest.raises(CheckpointError, match="nests objects deeper than 1000 levels"):
+        read_state_dict(_torch_save_with_pickle(tmp_path / "deep.pth", nested))
+
+
+def test_values_from_a_torchscript_pickle_are_checked_before_they_are_formatted(tmp_path: Path) -> None:
+    """Under the bound, a shared tree is still no persistent id or device: named by its type, not formatted whole."""
+    lists, top = _laughs(10, kind="list"), b"h" + bytes([10])
+    with pytest.raises(CheckpointError, match=r"refers to a list, not to a storage"):
+        read_state_dict(hand_archive(tmp_path / "pid.pt", lists + top + b"Q"))
+    device = p_global("torch", "device") + b"(" + top + b"tR"
+    archive = hand_archive(tmp_path / "device.pt", lists + p_module(weight=p_tensor(6, (6,), (1,)), where=device))
+    with pytest.raises(CheckpointError, match=r"builds a torch\.device of a list"):
+        read_state_dict(archive)
+
+
+def test_torchscript_state_dict_keys_are_bounded(tmp_path: Path) -> None:
+    """A module name is memoized once and can be reused at every level of a module tree: keys (and the work to make
+    them) grew with the square of the depth from a small pickle."""
+    long_name = "n" * 700
+    nested = p_module(weight=p_tensor(6, (6,), (1,)))
+    for _ in range(3):
+        nested = p_module(weight=b"N", **{long_name: nested})
+    with pytest.raises(CheckpointError, match="a path longer than 2000 characters"):
+        read_state_dict(hand_archive(tmp_path / "long.pt", nested))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_real_checkpoints_pass_the_pickle_checks(tmp_path: Path) -> None:
+    """The bounds leave a wide margin over real files: state dicts (zip and legacy format), tied weights, shared
+    modules and an optimizer's state."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = torch.nn.Embedding(10, 4)
+            self.out = torch.nn.Linear(4, 10, bias=False)
+            self.out.weight = self.embedding.weight
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)] * 20)  # one module, 20 times
+
+    tied = Tied()
+    state = tiny_clip_state()
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        loaded = read_state_dict(tmp_path / name)
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), name
+    torch.save(tied.state_dict(), tmp_path / "tied.pt")
+    assert torch.equal(read_state_dict(tmp_path / "tied.pt")["out.weight"], tied.embedding.weight)
+    optimizer = torch.optim.AdamW(tied.parameters())
+    tied.embedding.weight.grad = torch.ones(10, 4)
+    optimizer.step()
+    torch.save({"optimizer": optimizer.state_dict(), "step": 1}, tmp_path / "train.pt")
+    assert load_torch_file(tmp_path / "train.pt")["optimizer"]["state"][0]["step"] == 1
+
+
+def test_a_gzip_bomb_tokenizer_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """open_clip's SimpleTokenizer reads its merges file whole: 1.5e9 newlines gzip to 1.5 MB and took > 15 GB. A
+    folder's tokenizer is read in chunks first, up to 16 MiB decompressed."""
+    import gzip
+
+    import open_clip
+
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("clip-tiny-frames"), folder)
+    (folder / "tokenizer.txt.gz").write_bytes(gzip.compress(b"a" * (17 << 20), compresslevel=1))
+    _edit_meta(folder, {"tokenizer": "tokenizer.txt.gz"})
+    with pytest.raises(CheckpointError, match=r"config\.json: tokenizer .*tokenizer\.txt\.gz decompresses to more"):
+        vitaclip.create_model(None, checkpoint=folder)
+    assert cli_main(["convert", str(folder), str(tmp_path / "out")]) == 2
+    # A real merges file (open_clip's, 1.3 MB decompressed) in the folder loads.
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    shutil.copyfile(bpe, folder / "tokenizer.txt.gz")
+    assert vitaclip.create_model(None, checkpoint=folder).config.tokenizer == str(
+        (folder / "tokenizer.txt.gz").resolve()
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("folder") / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("clip-tiny-frames"), folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "match"),
+    [
+        ("label_names", 5, r"'label_names' must be a list of label names \(strings\), got int"),
+        ("label_names", list(range(5)), "'label_names' must be a list of label names .*got a list holding a int"),
+        ("label_names", ["a", None], "'label_names' must be a list of label names .*got a list holding a NoneType"),
+        ("default_labels", 5, "'default_labels' must be a list of label names"),
+        ("default_labels", "abc", "'default_labels' must be a list of label names .*got str"),  # not ('a', 'b', 'c')
+        ("vision_cfg", [1], r"backbone_config\.vision_cfg must be a mapping of open_clip options, got list"),
+        ("text_cfg", None, r"backbone_config\.text_cfg must be a mapping of open_clip options, got null"),
+        ("embed_dim", "32", r"backbone_config\.embed_dim must be an integer from 1 to 8192, got '32'"),
+        ("vision_cfg.layers", "2", r"vision_cfg\.layers must be an integer from 1 to 256, got '2'"),
+        ("vision_cfg.patch_size", 0, r"vision_cfg\.patch_size must be an integer from 1 to 64, got 0"),
+        ("vision_cfg.head_width", 0, r"vision_cfg\.head_width must be an integer from 1 to 64, got 0"),
+        ("vision_cfg.width", 10**9, r"vision_cfg\.width must be an integer from 1 to 8192, got 1000000000"),
+        ("vision_cfg.bogus", 1, r"vision_cfg has options open_clip does not know: \['bogus'\]"),
+        ("vision_cfg.act_kwargs", {"x": 1}, "open_clip cannot build this model: TypeError"),
+    ],
+)
+def test_malformed_folder_configs_are_checkpoint_errors(
+    where: str, value: object, match: str, tiny_folder: Path, tmp_path: Path
+) -> None:
+    """Hand-edited config.json fields of a wrong type or size: one CheckpointError naming the file (exit 2 from the
+    command line), not a TypeError, ZeroDivisionError or an allocation inside open_clip."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_folder, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    if where in ("label_names", "default_labels"):
+        meta[where] = value
+    else:
+        tower, _, key = where.rpartition(".")
+        target = meta["config"]["backbone_config"]
+        (target[tower] if tower else target)[key] = value
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=match) as raised:
+        vitaclip.create_model(None, checkpoint=folder)
+    assert str(folder / "config.json") in str(raised.value)
+    assert cli_main(["convert", str(folder), str(tmp_path / "out")]) == 2

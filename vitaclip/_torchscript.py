@@ -19,8 +19,9 @@ Archive layout (``torch.jit.save``), every entry under one folder ``<name>/``: `
 ``data/<key>`` (raw storage bytes, stored uncompressed), ``byteorder`` (absent in old archives: little),
 ``code/__torch__/...py`` (TorchScript source), ``constants.pkl`` and ``constants/<key>`` (tensors the code uses as
 constants; not weights, not read), ``version``, ``.data/...``. Hostile input is bounded: storages must fit their
-entries and all of them together the file, memo indices must come in sequence, module trees have depth and size
-limits.
+entries and all of them together the file, memo indices must come in sequence, no object of the pickle may nest
+too deep or hold far more elements than the pickle has bytes (`check_pickle`, which `vitaclip.checkpoints` runs on
+``torch.save`` files too), module trees have depth and size limits.
 """
 
 from __future__ import annotations
@@ -32,15 +33,24 @@ import re
 import sys
 import zipfile
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import torch
 
 MAX_PICKLE_BYTES = 16 << 20
+MAX_PICKLE_DEPTH = 1000  # containers in containers; a state dict nests 5 deep, a TorchScript module 2 per submodule
+# Tree size of any one object a pickle builds (see `check_pickle`): torch.save's state dicts and optimizer states
+# measure 0.16-0.3 elements per pickle byte (ViT-L/14's state dict: 15k in 90 kB), TorchScript archives 0.2-0.3; a
+# "billion laughs" makes 2**40 in 300 bytes.
+MAX_TREE_NODES_BASE = 1 << 20
+MAX_TREE_NODES_PER_BYTE = 2
 MAX_CODE_BYTES = 64 << 20  # all code files read, together
 MAX_MODULE_DEPTH = 200
 MAX_MODULE_VISITS = 200_000
+MAX_STATE_TENSORS = 100_000  # a state dict's entries (ViT-L/14: 742)
+MAX_KEY_CHARS = 2000  # a state dict key ("transformer.resblocks.11.attn.in_proj_weight": 45)
 MAX_TENSOR_DIMS = 64
 _READ_CHUNK_BYTES = 16 << 20
 
@@ -75,6 +85,10 @@ _MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
 
 class ArchiveError(ValueError):
     """A zip archive that is malformed, larger than its file allows, or that needs its own code to be loaded."""
+
+
+class UnsafePickleError(ArchiveError):
+    """A well-formed pickle whose objects nest too deep or, sharing memoized parts, are too large to walk."""
 
 
 class ScriptObject:
@@ -138,7 +152,7 @@ def read_state_dict(zf: zipfile.ZipFile, *, archive_bytes: int) -> dict[str, tor
     """
     prefix = archive_prefix(zf)
     data = _read_entry(zf, prefix + "data.pkl", MAX_PICKLE_BYTES)
-    _check_opcodes(data)
+    check_pickle(io.BytesIO(data), "data.pkl", refused_opcodes=_REFUSED_OPCODES)
     unpickler = _Unpickler(data, _StorageReader(zf, prefix, archive_bytes=archive_bytes))
     try:
         root = unpickler.load()
@@ -159,25 +173,145 @@ def read_state_dict(zf: zipfile.ZipFile, *, archive_bytes: int) -> dict[str, tor
 # ---------------------------------------------------------------------------------------------- unpickling
 
 
-def _check_opcodes(data: bytes) -> None:
-    """Refuses opcodes that bypass find_class, and memo indices out of sequence (the unpickler sizes its memo by them).
+def check_pickle(stream: BinaryIO, name: str, *, refused_opcodes: Collection[str] = ()) -> None:
+    """Reads one pickle from ``stream`` as opcodes, without unpickling it, and refuses what the unpickler or the code
+    after it could not survive: ``refused_opcodes``; memo indices out of sequence (the C unpickler sizes its memo by
+    them); objects nested deeper than `MAX_PICKLE_DEPTH`; and objects that are far larger as trees than the pickle.
 
-    Picklers number memo entries 0, 1, 2, ...; a pickle that puts or gets a larger index is refused before unpickling.
+    The last is the "billion laughs": a pickle may reuse a memoized object (GET) anywhere, so ``L1 = [L0, L0]``,
+    ``L2 = [L1, L1]``, ... make 2**40 elements out of a few hundred bytes, and hashing such a dict key, comparing it
+    or formatting it into a message walks every one of them. Each object's size as a tree (every use of a shared
+    object counted again) must stay within `MAX_TREE_NODES_BASE` + `MAX_TREE_NODES_PER_BYTE` per pickle byte; real
+    checkpoints reuse little (a memoized class, string or tensor per tensor) and stay far below it.
+
+    Raises:
+        ArchiveError: naming ``name`` and what was refused.
     """
+    start = stream.tell()
+    shape = _PickleShape(name)
     puts = 0
     try:
-        for opcode, arg, pos in pickletools.genops(data):
-            if opcode.name in _REFUSED_OPCODES:
-                raise ArchiveError(f"data.pkl uses the {opcode.name} opcode (byte {pos}); TorchScript never writes it")
+        for opcode, arg, pos in pickletools.genops(stream):
+            if opcode.name in refused_opcodes:
+                raise ArchiveError(f"{name} uses the {opcode.name} opcode (byte {pos}); TorchScript never writes it")
             if opcode.name in _MEMO_OPCODES:
                 limit = puts if "PUT" in opcode.name else puts - 1
                 if not isinstance(arg, int) or not 0 <= arg <= limit:
-                    raise ArchiveError(f"data.pkl uses memo index {arg!r} (byte {pos}) out of sequence")
+                    raise ArchiveError(f"{name} uses memo index {arg!r} (byte {pos}) out of sequence")
             puts += opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+            shape.step(opcode, arg)
     except ArchiveError:
         raise
     except Exception as exc:  # pickletools raises ValueError and friends on malformed input
-        raise ArchiveError(f"data.pkl is not a valid pickle: {exc}") from exc
+        raise ArchiveError(f"{name} is not a valid pickle: {exc}") from exc
+    shape.check(MAX_TREE_NODES_BASE + MAX_TREE_NODES_PER_BYTE * (stream.tell() - start))
+
+
+_MARK: Any = object()  # a stack entry: the MARK opcode's
+_LEAF = -1  # a stack entry: an object that holds no others (numbers, strings, globals, the empty tuple)
+_NEW_CONTAINERS = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"}  # empty, and filled by the opcodes below
+_FILL_FROM_STACK = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}  # items popped into the object under them
+_FILL_TO_MARK = {"APPENDS", "SETITEMS", "ADDITEMS"}  # items down to the mark, popped into the object under it
+
+
+class _PickleShape:
+    """The objects a pickle builds, as a graph: each container or built object is a node that records its leaves
+    and the nodes it holds (once per use), followed through the stack and the memo as the unpickler would."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._stack: list[Any] = []
+        self._memo: dict[int, int] = {}
+        self._leaves: list[int] = []  # per node: 1 (itself) + the leaves it holds
+        self._held: dict[int, list[int]] = {}  # per node: the nodes it holds, one entry per use
+
+    def step(self, opcode: pickletools.OpcodeInfo, arg: Any) -> None:
+        name = opcode.name
+        if name == "MARK":
+            self._stack.append(_MARK)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            self._memo[len(self._memo) if name == "MEMOIZE" else arg] = self._top()
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in self._memo:
+                raise ArchiveError(f"{self._name} reads memo index {arg} before it is set")
+            self._stack.append(self._memo[arg])
+        elif name == "DUP":
+            self._stack.append(self._top())
+        elif name in ("POP", "POP_MARK"):  # POP on an empty stack (above the last mark) pops the mark
+            self._pop(1) if name == "POP" and self._stack and self._stack[-1] is not _MARK else self._pop_mark()
+        elif name in _FILL_FROM_STACK or name in _FILL_TO_MARK:
+            items = self._pop(_FILL_FROM_STACK[name]) if name in _FILL_FROM_STACK else self._pop_mark()
+            self._add(self._top(), items)
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            marked = pickletools.markobject in opcode.stack_before
+            items = self._pop_mark() if marked else self._pop(len(opcode.stack_before))
+            if opcode.stack_after:
+                self._stack.append(self._new(items) if items or name in _NEW_CONTAINERS else _LEAF)
+
+    def _top(self) -> Any:
+        if not self._stack or self._stack[-1] is _MARK:
+            raise ArchiveError(f"{self._name} uses an object its stack does not hold")
+        return self._stack[-1]
+
+    def _pop(self, count: int) -> list[Any]:
+        items = self._stack[len(self._stack) - count :]
+        if len(items) != count or any(item is _MARK for item in items):
+            raise ArchiveError(f"{self._name} uses an object its stack does not hold")
+        del self._stack[len(self._stack) - count :]
+        return items
+
+    def _pop_mark(self) -> list[Any]:
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i] is _MARK:
+                items = self._stack[i + 1 :]
+                del self._stack[i:]
+                return items
+        raise ArchiveError(f"{self._name} pops to a mark it never set")
+
+    def _new(self, items: list[Any]) -> int:
+        node = len(self._leaves)
+        self._leaves.append(1)
+        self._add(node, items)
+        return node
+
+    def _add(self, node: int, items: list[Any]) -> None:
+        if node == _LEAF:
+            return  # state set on a global or a number: walking containers never reaches it
+        held = [item for item in items if item != _LEAF]
+        self._leaves[node] += len(items) - len(held)
+        if held:
+            self._held.setdefault(node, []).extend(held)
+
+    def check(self, max_nodes: int) -> None:
+        """Refuses a node nested deeper than `MAX_PICKLE_DEPTH` or larger than ``max_nodes`` as a tree. A node that
+        holds one of its own ancestors (a module that refers to itself) counts it once, not without end."""
+        sizes = [0] * len(self._leaves)
+        depths = [0] * len(self._leaves)
+        state = bytearray(len(self._leaves))  # 0: not seen, 1: on the walk, 2: done
+        for root in range(len(self._leaves)):
+            if state[root]:
+                continue
+            state[root] = 1
+            walk = [(root, iter(self._held.get(root, ())))]
+            while walk:
+                node, held = walk[-1]
+                child = next((c for c in held if not state[c]), None)
+                if child is not None:
+                    state[child] = 1
+                    walk.append((child, iter(self._held.get(child, ()))))
+                    continue
+                walk.pop()
+                state[node] = 2
+                done = [c for c in self._held.get(node, ()) if state[c] == 2]  # the others are its ancestors
+                size = self._leaves[node] + len(self._held.get(node, ())) - len(done) + sum(sizes[c] for c in done)
+                sizes[node] = min(size, max_nodes + 1)
+                depths[node] = 1 + max((depths[c] for c in done), default=0)
+                if depths[node] > MAX_PICKLE_DEPTH:
+                    raise UnsafePickleError(f"{self._name} nests objects deeper than {MAX_PICKLE_DEPTH} levels")
+                if sizes[node] > max_nodes:
+                    raise UnsafePickleError(
+                        f"{self._name} reuses memoized objects until one holds more than {max_nodes} elements"
+                    )
 
 
 class _Unpickler(pickle.Unpickler):
@@ -203,10 +337,10 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ArchiveError(f"data.pkl refers to {str(pid)[:80]!r}, not to a storage")
+            raise ArchiveError(f"data.pkl refers to {_short(pid)}, not to a storage")
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType) or not isinstance(location, str):
-            raise ArchiveError(f"data.pkl refers to storage {str(key)[:40]!r} with a malformed type or location")
+            raise ArchiveError(f"data.pkl refers to storage {_short(key)} with a malformed type or location")
         return self._storages.get(key, storage_type, numel)
 
 
@@ -223,9 +357,9 @@ class _StorageReader:
 
     def get(self, key: Any, storage_type: _StorageType, numel: Any) -> _Storage:
         if not isinstance(key, str) or not _STORAGE_KEY.fullmatch(key):
-            raise ArchiveError(f"data.pkl names storage {str(key)[:40]!r}; storage keys are numbers")
+            raise ArchiveError(f"data.pkl names storage {_short(key)}; storage keys are numbers")
         if not _is_int(numel) or numel < 0:
-            raise ArchiveError(f"storage {key} declares {str(numel)[:40]} elements")
+            raise ArchiveError(f"storage {key} declares {_short(numel)} elements")
         dtype = storage_type.dtype
         if key in self._read:
             seen = self._read[key]
@@ -298,6 +432,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _short(value: Any) -> str:
+    """A value from data.pkl for a message, cut before it is formatted: a container is named by its type only, as
+    formatting one that shares its parts through the memo could take without end."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if _is_int(value) and value.bit_length() <= 64:
+        return str(value)
+    return f"a {type(value).__name__}"
+
+
 def _rebuild_tensor(
     storage: Any,
     storage_offset: Any,
@@ -350,7 +494,9 @@ def _restore_type_tag(value: Any, type_str: Any) -> Any:
 
 def _device(kind: Any, index: Any = None) -> str:
     """``torch.device`` as the plain string it was built from; a device attribute is never a weight."""
-    return f"{kind}:{index}" if index is not None else str(kind)
+    if not isinstance(kind, str) or not (index is None or (_is_int(index) and index.bit_length() <= 64)):
+        raise ArchiveError(f"data.pkl builds a torch.device of {_short(kind)}, not of a device name and index")
+    return f"{kind[:40]}:{index}" if index is not None else kind[:40]
 
 
 _ALLOWED_FUNCTIONS: dict[str, Any] = {
@@ -417,6 +563,13 @@ def _collect(
     visits[0] += 1
     if len(ancestors) >= MAX_MODULE_DEPTH or visits[0] > MAX_MODULE_VISITS:
         raise ArchiveError(f"the module tree is deeper than {MAX_MODULE_DEPTH} or larger than {MAX_MODULE_VISITS}")
+    if len(prefix) > MAX_KEY_CHARS or len(out) > MAX_STATE_TENSORS:
+        # A name the memo shares across nested modules, or one dict of attributes shared by many modules, would make
+        # keys or entries without end from a small pickle.
+        raise ArchiveError(
+            f"the module tree names more than {MAX_STATE_TENSORS} tensors or a path longer than "
+            f"{MAX_KEY_CHARS} characters"
+        )
     if id(obj) in ancestors:
         raise ArchiveError(f"module {prefix.rstrip('.')} contains itself")
     attributes = obj.state
@@ -431,6 +584,8 @@ def _collect(
             raise ArchiveError(f"module {obj.qualified_name} declares {name} but data.pkl holds no value for it")
         value = attributes[name]
         if isinstance(value, torch.Tensor):
+            if len(prefix) + len(name) > MAX_KEY_CHARS:
+                raise ArchiveError(f"a tensor of module {prefix[:80]}... has a name longer than {MAX_KEY_CHARS}")
             out[prefix + name] = value
         elif value is not None:  # a None parameter (Linear without bias) is not in a state dict
             raise ArchiveError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")

@@ -7,6 +7,12 @@ loading, nor to ``torch.load``, which hands them to ``torch.jit.load``: any zip 
 layout is read by `vitaclip._torchscript` as data (an allow-listed unpickler, storages copied from the zip), and
 anything it cannot read that way is refused with a `CheckpointError`.
 
+A small file must not make the loader allocate or compute without bound: every pickle is read as opcodes before it is
+unpickled (`_torchscript.check_pickle`: nesting, objects shared through the memo), every tensor must fit its storage
+(a stride of 0 declares any shape over 4 bytes), and a model whose sizes come from the file (the official format's
+tensors, a folder's ``config.json``) is checked against the ``MAX_*`` bounds of `vitaclip.model` and built on the meta
+device and compared with the file's tensors before any memory is allocated for it.
+
 Formats:
     ``official``: the official trainer's ``checkpoint-N.pth`` (``{"model": state_dict}``, keys with a ``module.``
         prefix) and the released Vita-CLIP-B file: keys ``visual.*``, ``textual.*``, ``prompt_learner.*``,
@@ -18,6 +24,7 @@ Formats:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -26,7 +33,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -50,7 +57,7 @@ from vitaclip.checkpoint_folder import (
 )
 from vitaclip.config import TextContextConfig, VitaClipConfig
 from vitaclip.labels import list_label_sets
-from vitaclip.model import VitaClip, backbone_model_config
+from vitaclip.model import MAX_LAYERS, VitaClip, backbone_model_config, check_backbone_config
 
 CheckpointFormat = Literal["official", "openai", "vitaclip"]
 
@@ -97,16 +104,51 @@ def _read_torchscript(f: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     try:
         f.seek(0)
         with zipfile.ZipFile(f) as zf:
-            return _torchscript.read_state_dict(zf, archive_bytes=os.fstat(f.fileno()).st_size)
+            state = _torchscript.read_state_dict(zf, archive_bytes=os.fstat(f.fileno()).st_size)
     except Exception as exc:  # ArchiveError names what was refused; zipfile raises its own errors on damaged entries
         raise CheckpointError(f"{path}: refusing this zip archive: {exc}") from exc
+    _check_tensors(iter(state.items()), path)
+    return state
+
+
+_LEGACY_PICKLES = 5  # torch.save's format before torch 1.6: magic number, version, system info, object, storage keys
+_CONTAINERS = (Mapping, list, tuple, set, frozenset)
+_SHARED_BYTES_ALLOWED = 16 << 20  # beyond twice the storages: small tensors shared many times (a module used twice)
+
+
+def _check_pickles(f: BinaryIO, path: Path) -> None:
+    """`_torchscript.check_pickle` on every pickle ``torch.load`` will unpickle, before it does: the ``data.pkl`` of a
+    ``torch.save`` zip, read through torch's own zip reader (the one torch.load uses), or the pickles at the start of
+    a legacy file. A pickle of a few hundred bytes can otherwise keep the loader busy without end."""
+    f.seek(0)
+    is_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    limit = _torchscript.MAX_PICKLE_BYTES
+    try:
+        f.seek(0)
+        if is_zip:
+            reader = torch._C.PyTorchFileReader(f)
+            if reader.get_record_size("data.pkl") > limit:
+                raise CheckpointError(f"{path}: refusing to unpickle it: its data.pkl is larger than {limit} bytes")
+            _torchscript.check_pickle(io.BytesIO(reader.get_record("data.pkl")), "data.pkl")
+        else:
+            head = io.BytesIO(f.read(limit))
+            for _ in range(_LEGACY_PICKLES):
+                _torchscript.check_pickle(head, f"the pickle at byte {head.tell()}")
+    except _torchscript.UnsafePickleError as exc:
+        raise CheckpointError(f"{path}: refusing to unpickle it: {exc}") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # ArchiveError on malformed pickles; torch's zip reader fails in its own ways
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
 
 
 def _torch_load(f: BinaryIO, path: Path) -> Any:
-    """``torch.load(weights_only=True)`` of a legacy pickle or ``torch.save`` zip (see `_zip_layout`)."""
+    """``torch.load(weights_only=True)`` of a legacy pickle or ``torch.save`` zip (see `_zip_layout`), its pickles
+    checked first (`_check_pickles`) and its tensors after (`_check_tensors`)."""
+    _check_pickles(f, path)
     try:
         f.seek(0)
-        return torch.load(f, map_location="cpu", weights_only=True)
+        loaded = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # Keep torch's diagnosis (which global was blocked) and drop its advice to load unsafely.
         blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -118,6 +160,80 @@ def _torch_load(f: BinaryIO, path: Path) -> Any:
         ) from exc
     except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+    if isinstance(loaded, (torch.Tensor, *_CONTAINERS)):
+        _check_tensors(_loaded_tensors(loaded), path)
+    return loaded
+
+
+def _loaded_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(where, tensor)`` for every tensor in the containers of a loaded object, each object visited once; ``where``
+    is the path of keys and indices to it (cut to 200 characters: keys come from the file)."""
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("", obj)]
+    while todo:
+        where, item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            yield where, item
+            continue
+        pairs = item.items() if isinstance(item, Mapping) else enumerate(item)
+        for key, value in pairs:
+            if isinstance(value, (torch.Tensor, *_CONTAINERS)):
+                todo.append((f"{where}.{_key_name(key)}"[-200:] if where else _key_name(key), value))
+
+
+def _key_name(key: Any) -> str:
+    """A key of a loaded container for a message: a string or small integer as it is, anything else by its type."""
+    if isinstance(key, str):
+        return key[:200]
+    return str(key) if isinstance(key, int) and key.bit_length() <= 64 else type(key).__name__
+
+
+def _overlaps(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether two elements of a strided layout can be the same storage element (a stride of 0, or a stride smaller
+    than the span of the dimensions inside it). Contiguous tensors, their transposes and slices never do."""
+    span = 1
+    for step, size in sorted((st, n) for n, st in zip(shape, stride, strict=True) if n > 1):
+        if step < span:
+            return True
+        span += (size - 1) * step
+    return False
+
+
+def _tensor_problem(tensor: torch.Tensor) -> str | None:
+    if tensor.layout != torch.strided:
+        return f"is a {tensor.layout} tensor, not a dense one"
+    if tensor.numel() == 0:
+        return None
+    nbytes = tensor.untyped_storage().nbytes()
+    if tensor.numel() * tensor.element_size() > nbytes or _overlaps(tensor.shape, tensor.stride()):
+        return (
+            f"declares shape {list(tensor.shape)} with strides {list(tensor.stride())} over a storage of {nbytes} "
+            "bytes: its elements would repeat storage elements"
+        )
+    return None
+
+
+def _check_tensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Refuses tensors that declare more elements than their storage holds (size and strides are the pickle's to
+    choose: a stride of 0 makes 4 bytes of storage a tensor of any shape, and a model built to that shape allocates
+    it), and tensors that together declare more than twice the bytes of their storages (one storage shared by every
+    layer's weights: tied weights share one storage between two tensors)."""
+    storages: dict[int, int] = {}
+    declared = 0
+    for where, tensor in tensors:
+        problem = _tensor_problem(tensor)
+        if problem is not None:
+            raise CheckpointError(f"{path}: refusing tensor {where[:200]!r}: it {problem}")
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        declared += tensor.numel() * tensor.element_size()
+    if declared > 2 * sum(storages.values()) + _SHARED_BYTES_ALLOWED:
+        raise CheckpointError(
+            f"{path}: refusing its tensors: they declare {declared} bytes over {sum(storages.values())} bytes of "
+            "storage, sharing storages far more than tied weights do"
+        )
 
 
 def load_torch_file(path: str | Path) -> Any:
@@ -149,9 +265,12 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no state dict within {_MAX_WRAPPING} levels of model/state_dict/module keys")
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: no state dict found (got {type(obj).__name__})")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: the state dict holds no tensors")
+    odd = next((k for k in tensors if not isinstance(k, str)), None)
+    if odd is not None:  # named by its type only: formatting an untrusted key could walk it without end
+        raise CheckpointError(f"{path}: the state dict holds a tensor under a {type(odd).__name__} key, not a name")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
@@ -247,9 +366,11 @@ def map_official_key(key: str) -> str:
 
 
 def _count_layers(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    found = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    found = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d{1,9})\.", k)] if m}
+    if len(found) > MAX_LAYERS:
+        raise CheckpointError(f"official checkpoint has {len(found)} layers under {prefix}, more than {MAX_LAYERS}")
     if found != set(range(len(found))):
-        raise CheckpointError(f"layers under {prefix} are not numbered 0..N-1: {sorted(found)}")
+        raise CheckpointError(f"layers under {prefix} are not numbered 0..N-1: {sorted(found)[:12]}")
     return len(found)
 
 
@@ -470,15 +591,19 @@ def _check_fits(config: VitaClipConfig, label_names: Sequence[str] | None, weigh
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
     backbone = backbone_model_config(config)
+    check_backbone_config(backbone)
     for tower in ("vision_cfg", "text_cfg"):
-        layers = backbone.get(tower, {}).get("layers")
-        if isinstance(layers, int) and layers > len(shapes):
+        layers = backbone[tower].get("layers", 12)
+        if layers > len(shapes):
             raise CheckpointError(
                 f"checkpoint {weights} does not match model {config.name}: its config asks for {layers} "
                 f"{tower.split('_')[0]} layers and the file holds {len(shapes)} tensors"
             )
-    with torch.device("meta"):
-        model = VitaClip(config, label_names=label_names)
+    try:
+        with torch.device("meta"):
+            model = VitaClip(config, label_names=label_names)
+    except (TypeError, AssertionError, ArithmeticError, RuntimeError, IndexError, KeyError) as exc:
+        raise ValueError(f"model {config.name!r} cannot be built: {type(exc).__name__}: {exc}") from None
     parts = _shape_mismatches({k: v.shape for k, v in model.state_dict().items()}, shapes)
     if parts:
         raise CheckpointError(f"checkpoint {weights} does not match model {config.name}: " + "; ".join(parts))
@@ -491,23 +616,50 @@ def load_official(
     label_names: Sequence[str] | None,
     state: Mapping[str, torch.Tensor] | None = None,
 ) -> VitaClip:
-    """A Vita-CLIP model from an official checkpoint; ``base`` is the named config it is read against."""
+    """A Vita-CLIP model from an official checkpoint; ``base`` is the named config it is read against.
+
+    The model's sizes come from the file's tensors, so it is first built on the meta device and compared with them:
+    nothing is allocated for a model the file does not hold. Every problem is a `CheckpointError` naming the file.
+    """
     state = read_state_dict(path) if state is None else state
     if detect_format(state, path) != "official":
         raise CheckpointError(f"{path} is not an official Vita-CLIP checkpoint")
-    config = config_from_official(state, base)
-    names = _label_names_for(config, label_names, state.get("prompt_learner.ctx"))
+    try:
+        config = config_from_official(state, base)
+        names = _label_names_for(config, label_names, state.get("prompt_learner.ctx"))
+        converted = convert_official_state(state)
+        with torch.device("meta"):
+            planned = _official_model(config, names, converted)
+    except ValueError as exc:  # CheckpointError, or a config open_clip or VitaClip refuses (a size beyond the bounds)
+        raise (exc if str(path) in str(exc) else CheckpointError(f"{path}: {exc}")) from None
+    except (TypeError, AssertionError, ArithmeticError, RuntimeError, IndexError, KeyError) as exc:
+        # Inconsistent tensors reach open_clip as inconsistent sizes (a width no head count divides, no text layers).
+        raise CheckpointError(f"{path}: not a usable official checkpoint: {type(exc).__name__}: {exc}") from None
+    parts = _shape_mismatches(_shapes(planned.state_dict()), _shapes(converted))
+    if parts:
+        raise CheckpointError(f"official checkpoint {path} does not match model {config.name}: " + "; ".join(parts))
+    model = _official_model(config, names, converted)
+    _load_strict(model, converted, f"official checkpoint {path}")
+    model.source_sha256 = file_sha256(path)
+    return model
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Sequence[int]]:
+    return {k: v.shape for k, v in state.items()}
+
+
+def _official_model(
+    config: VitaClipConfig, names: Sequence[str] | None, converted: dict[str, torch.Tensor]
+) -> VitaClip:
+    """The model an official checkpoint loads into (random weights, on the current device). A generic context whose
+    training label names were not given drops its stored label prompts, from the model and from ``converted``: they
+    cannot be matched to names, and every name's prompt is built from the token embedding instead."""
     model = VitaClip(config, label_names=names)
-    converted = convert_official_state(state)
     if model.text_context is not None and not model.text_context.label_names:
-        # A generic context whose training label names were not given: its stored label prompts cannot be matched to
-        # names, and every name's prompt is built from the token embedding instead.
         converted.pop("text_context.token_prefix", None)
         converted.pop("text_context.token_suffix", None)
         model.text_context.register_buffer("token_prefix", None)
         model.text_context.register_buffer("token_suffix", None)
-    _load_strict(model, converted, f"official checkpoint {path}")
-    model.source_sha256 = file_sha256(path)
     return model
 
 
@@ -630,9 +782,22 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     return sha
 
 
+def _recorded_labels(meta: Mapping[str, Any], key: str, folder: Path) -> tuple[str, ...] | None:
+    """``config.json``'s ``label_names`` or ``default_labels``: None or a list of names (a string is no list)."""
+    names = meta.get(key)
+    if names is None:
+        return None
+    odd = [type(n).__name__ for n in names if not isinstance(n, str)] if isinstance(names, list) else []
+    if not isinstance(names, list) or odd:
+        kind = f"a list holding a {odd[0]}" if odd else type(names).__name__
+        raise CheckpointError(f"{folder / CONFIG_FILE}: '{key}' must be a list of label names (strings), got {kind}")
+    return tuple(names)
+
+
 def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None) -> VitaClip:
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     meta = read_folder_meta(folder)
+    recorded, defaults = _recorded_labels(meta, "label_names", folder), _recorded_labels(meta, "default_labels", folder)
     weights, sha = verified_weights(folder, meta)
     try:
         config = VitaClipConfig.from_dict(checkpoint_config(meta, folder))
@@ -640,7 +805,7 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
         raise
     except (TypeError, ValueError) as exc:  # wrong keys or types in a hand-edited config.json
         raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
-    names = meta.get("label_names") or label_names
+    names = recorded or label_names
     try:
         _check_fits(config, names, weights)
         model = VitaClip(config, label_names=names)
@@ -650,8 +815,8 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
         raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
     if label_names is not None:
         model.label_names = tuple(label_names)
-    elif meta.get("default_labels") is not None:
-        model.label_names = tuple(meta["default_labels"])
+    elif defaults is not None:
+        model.label_names = defaults
     state = read_state_dict(weights)
     _load_strict(model, state, f"checkpoint {weights}")
     model.source_sha256 = sha

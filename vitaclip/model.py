@@ -7,8 +7,10 @@ backbone's own pieces (``conv1``, ``ln_pre``, each block's ``ln_1``/``attention`
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,18 @@ from vitaclip.zeroshot import TEMPLATES
 
 __all__ = ["VitaClip", "backbone_model_config", "build_backbone", "format_model_id", "model_name_of"]
 
+# Bounds on a config's sizes, far above any CLIP (ViT-bigG: width 1664, 48 layers; multilingual vocabularies: 250k
+# tokens). Configs come with checkpoints, which are data: a size beyond these is refused before anything is built.
+MAX_WIDTH = 8192
+MAX_LAYERS = 256
+MAX_IMAGE_SIZE = 4096
+MAX_CONTEXT_LENGTH = 4096
+MAX_VOCAB_SIZE = 1 << 20
+MAX_MLP_RATIO = 16
+MAX_NUM_FRAMES = 1024
+MAX_PROMPTS = 1024  # global or local prompt tokens per layer, text context tokens
+MAX_TOKENIZER_BYTES = 16 << 20  # a BPE merges file, decompressed (CLIP's is 1.3 MB)
+
 
 @lru_cache(maxsize=8)
 def get_tokenizer(bpe: str | None = None) -> SimpleTokenizer:
@@ -40,9 +54,28 @@ def get_tokenizer(bpe: str | None = None) -> SimpleTokenizer:
     if not path.is_file():
         raise ValueError(f"tokenizer {bpe!r} is neither a file packaged in vitaclip/data nor an existing path")
     try:
-        return SimpleTokenizer(bpe_path=str(path))
+        too_large = _decompresses_beyond(path, MAX_TOKENIZER_BYTES)
+        tokenizer = None if too_large else SimpleTokenizer(bpe_path=str(path))
     except (OSError, EOFError, ValueError, IndexError) as exc:  # gzip, UTF-8 and merges-line errors
         raise ValueError(f"tokenizer {bpe!r} is not a gzip-compressed BPE merges file: {exc}") from None
+    if tokenizer is None:
+        raise ValueError(
+            f"tokenizer {path} decompresses to more than {MAX_TOKENIZER_BYTES} bytes; a BPE merges file is a few MB "
+            "(refused)"
+        )
+    return tokenizer
+
+
+def _decompresses_beyond(path: Path, limit: int) -> bool:
+    """Whether a gzip file decompresses to more than ``limit`` bytes, read in chunks up to there: ``SimpleTokenizer``
+    reads the whole file into memory, and a gzip bomb of a few MB expands to gigabytes."""
+    size = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                return True
+    return False
 
 
 def _clean_name(name: str) -> str:
@@ -55,18 +88,70 @@ def _as_sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
+def _size(tower: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int | None) -> int:
+    """``tower[key]`` (open_clip's ``default`` when absent; None: required), an integer from ``low`` to ``high``."""
+    value = tower.get(key, default)
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        got = "nothing" if key not in tower else repr(value)[:40]
+        raise ValueError(f"{where}.{key} must be an integer from {low} to {high}, got {got}")
+    return value
+
+
+def _tower(cfg: Mapping[str, Any], key: str, fields_of: type, where: str) -> Mapping[str, Any]:
+    tower = cfg.get(key)
+    if not isinstance(tower, Mapping):
+        got = "null" if tower is None else type(tower).__name__
+        raise ValueError(f"{where}.{key} must be a mapping of open_clip options, got {got}")
+    unknown = sorted(str(k)[:40] for k in set(tower) - {f.name for f in dataclasses.fields(fields_of)})
+    if unknown:
+        raise ValueError(f"{where}.{key} has options open_clip does not know: {unknown[:6]}")
+    ratio = tower.get("mlp_ratio", 4.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= MAX_MLP_RATIO):
+        raise ValueError(f"{where}.{key}.mlp_ratio must be a number above 0, at most {MAX_MLP_RATIO}")
+    return tower
+
+
+def check_backbone_config(cfg: Mapping[str, Any], *, where: str = "backbone_config") -> None:
+    """Checks the sizes and options of an open_clip ViT config (`backbone_model_config`) before anything is built:
+    each size an integer within the ``MAX_*`` bounds, widths that split into whole heads, no option open_clip does not
+    know. A checkpoint's config is data; a wrong one must be one clear ValueError, not a TypeError or an allocation
+    of terabytes inside open_clip."""
+    unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
+    if unknown or cfg.get("custom_text"):
+        raise ValueError(f"{where}: unsupported open_clip options {sorted(str(k)[:40] for k in unknown)[:6]}")
+    _size(cfg, "embed_dim", where, 1, MAX_WIDTH, None)
+    vision = _tower(cfg, "vision_cfg", open_clip.model.CLIPVisionCfg, where)
+    image_size = _size(vision, "image_size", f"{where}.vision_cfg", 1, MAX_IMAGE_SIZE, 224)
+    _size(vision, "patch_size", f"{where}.vision_cfg", 1, image_size, 16)
+    _size(vision, "layers", f"{where}.vision_cfg", 1, MAX_LAYERS, 12)
+    width = _size(vision, "width", f"{where}.vision_cfg", 1, MAX_WIDTH, 768)
+    head_width = _size(vision, "head_width", f"{where}.vision_cfg", 1, width, 64)
+    if width % head_width:
+        raise ValueError(f"{where}.vision_cfg.width {width} is not a multiple of head_width {head_width}")
+    text = _tower(cfg, "text_cfg", open_clip.model.CLIPTextCfg, where)
+    _size(text, "context_length", f"{where}.text_cfg", 1, MAX_CONTEXT_LENGTH, 77)
+    _size(text, "vocab_size", f"{where}.text_cfg", 1, MAX_VOCAB_SIZE, 49408)
+    _size(text, "layers", f"{where}.text_cfg", 1, MAX_LAYERS, 12)
+    text_width = _size(text, "width", f"{where}.text_cfg", 1, MAX_WIDTH, 512)
+    heads = _size(text, "heads", f"{where}.text_cfg", 1, text_width, 8)
+    if text_width % heads:
+        raise ValueError(f"{where}.text_cfg.width {text_width} is not a multiple of {heads} heads")
+
+
 def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     """Builds the open_clip model of a config (random weights) and checks it is a ViT CLIP we can drive."""
     cfg = backbone_model_config(config)
-    unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
-    if unknown or cfg.get("custom_text"):
-        raise ValueError(f"backbone {config.backbone or 'config'}: unsupported open_clip options {sorted(unknown)}")
-    clip = open_clip.model.CLIP(
-        embed_dim=cfg["embed_dim"],
-        vision_cfg=cfg["vision_cfg"],
-        text_cfg=cfg["text_cfg"],
-        quick_gelu=bool(cfg.get("quick_gelu", False)),
-    )
+    where = f"backbone {config.backbone}" if config.backbone else "backbone_config"
+    check_backbone_config(cfg, where=where)
+    try:
+        clip = open_clip.model.CLIP(
+            embed_dim=cfg["embed_dim"],
+            vision_cfg=cfg["vision_cfg"],
+            text_cfg=cfg["text_cfg"],
+            quick_gelu=bool(cfg.get("quick_gelu", False)),
+        )
+    except (TypeError, ValueError, AssertionError, ArithmeticError) as exc:  # an option's value open_clip rejects
+        raise ValueError(f"{where}: open_clip cannot build this model: {type(exc).__name__}: {exc}") from None
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ValueError(
@@ -79,6 +164,21 @@ def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     if clip.text_pool_type != "argmax":
         raise ValueError(f"backbone {config.backbone!r}: text pooling must be 'argmax' (CLIP's end token)")
     return clip
+
+
+def _check_sizes(config: VitaClipConfig) -> None:
+    """Bounds the Vita-CLIP additions' sizes, as `check_backbone_config` bounds the backbone's."""
+    tokens = config.text_context.num_tokens if config.text_context is not None else 0
+    for name, value, high in (
+        ("num_frames", config.num_frames, MAX_NUM_FRAMES),
+        ("num_global_prompts", config.num_global_prompts, MAX_PROMPTS),
+        ("num_local_prompts", config.num_local_prompts, MAX_PROMPTS),
+        ("text_context.num_tokens", tokens, MAX_PROMPTS),
+    ):
+        if value > high:
+            raise ValueError(f"model {config.name!r}: {name} must be at most {high}, got {value}")
+    if not -(1 << 63) <= config.seed < 1 << 64:  # torch.manual_seed's range
+        raise ValueError(f"model {config.name!r}: seed must fit in 64 bits, got {config.seed}")
 
 
 class VitaClip(nn.Module):
@@ -96,6 +196,7 @@ class VitaClip(nn.Module):
 
     def __init__(self, config: VitaClipConfig, *, label_names: Sequence[str] | None = None) -> None:
         super().__init__()
+        _check_sizes(config)
         self.config = config
         if label_names is None and config.label_set is not None:
             label_names = load_label_set(config.label_set)
