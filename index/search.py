@@ -39,8 +39,8 @@ class Filters:
     max_duration: float | None = None
 
     def check(self) -> None:
-        if self.label is not None and not isinstance(self.label, str):
-            raise ValueError(f"label must be a label name (a string), got {self.label!r}")
+        if self.label is not None and not (isinstance(self.label, str) and self.label.strip()):
+            raise ValueError(f"label must be a label name (a non-empty string), got {str(self.label)[:80]!r}")
         for field_name in ("min_duration", "max_duration"):
             value = getattr(self, field_name)
             if value is not None and (not _is_number(value) or not np.isfinite(value) or value < 0):

@@ -152,6 +152,8 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
         assert {"uri", "score", "video_id", "start_seconds", "end_seconds", "labels"} <= set(r)
     assert cli_main(["search", "--index", str(indexed), "x", "--segments", "-k", "1"]) == 0
     assert re.search(r" \[\d+\.\d\d-\d+\.\d\d s\]", capsys.readouterr().out)  # 0.25 s segments print as such
+    assert cli_main(["search", "--index", str(indexed), "x", "--label", " "]) == 2  # as the API refuses it
+    assert "non-empty" in capsys.readouterr().err
     assert cli_main(["search", "--index", str(indexed), "x", "--model", "vitaclip-b16"]) == 2
     assert "built with vitaclip-tiny" in capsys.readouterr().err
     # By a clip instead of text: an indexed video finds itself first (decoded and embedded as the job did).
