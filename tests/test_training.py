@@ -227,6 +227,43 @@ def test_resume_refuses_damaged_weights(tmp_path: Path) -> None:
         load_training_checkpoint(folder, model, optimizer, scheduler, scaler)
 
 
+def test_resume_refuses_a_malformed_state_and_weights_the_loader_would_refuse(tmp_path: Path) -> None:
+    """A training state of another shape, and weights that would broadcast, change dtype class or hold NaN, are
+    refused naming the file, before anything is copied into the model."""
+    from vitaclip.training import load_training_checkpoint, save_training_checkpoint
+    from vitaclip.training.optim import build_scaler, build_scheduler
+    from vitaclip.training.state import _check_resumed_weights
+
+    model = create_model("vitaclip-tiny", label_names=LABELS)
+    config = TrainConfig(train_list="x", output="x")
+    optimizer = build_optimizer(model, config)
+    scheduler, scaler = build_scheduler(optimizer, config), build_scaler("fp32", torch.device("cpu"))
+    folder = save_training_checkpoint(tmp_path / "step", model, optimizer, scheduler, scaler, step=3, samples_seen=6)
+    state_file = folder / "training_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for state, said in (
+        ([1, 2], "not a vitaclip training state"),
+        ({k: v for k, v in saved.items() if k != "rng"}, "lacks ['rng']"),
+        ({**saved, "step": -1}, "whole numbers"),
+        ({**saved, "trainable": "temporal"}, "list of parameter names"),
+    ):
+        torch.save(state, state_file)
+        with pytest.raises(ValueError, match=re.escape(said)) as refused:
+            load_training_checkpoint(folder, model, optimizer, scheduler, scaler)
+        assert str(state_file) in str(refused.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    own = model.state_dict()
+    name = next(n for n, v in own.items() if v.ndim == 2)
+    for value, said in (
+        (torch.ones(1), "has shape (1,)"),
+        (torch.zeros(own[name].shape, dtype=torch.int64), "torch.int64"),
+        (torch.full(own[name].shape, float("nan")), "NaN"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            _check_resumed_weights({**own, name: value}, own, folder)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(
     motion_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

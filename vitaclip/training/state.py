@@ -139,6 +139,7 @@ def load_training_checkpoint(
     # The weights' recorded sha256 and safetensors header first: a damaged copy is refused, never trained on.
     meta = check_folder(folder)
     state = load_torch_file(folder / TRAINING_STATE_FILE)  # tensors and containers only, never TorchScript
+    _check_training_state(state, folder / TRAINING_STATE_FILE)
     names = model.trainable_parameter_names()
     if list(state["trainable"]) != names:
         raise ValueError(f"{folder}: trained parameters {state['trainable']} do not match the model's {names}")
@@ -147,6 +148,7 @@ def load_training_checkpoint(
     missing = sorted(set(own) - set(weights))
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}")
+    _check_resumed_weights(weights, own, folder)  # all of them before any is copied
     with torch.no_grad():
         for name, value in weights.items():
             if name in own:
@@ -159,6 +161,38 @@ def load_training_checkpoint(
     return TrainingState(
         step=int(state["step"]), samples_seen=int(state["samples_seen"]), extra=json.loads(state["extra"])
     )
+
+
+_STATE_KEYS = ("step", "samples_seen", "trainable", "optimizer", "scheduler", "scaler", "rng", "extra")
+
+
+def _check_training_state(state: Any, path: Path) -> None:
+    """The shape of what `save_training_checkpoint` writes, before any of it is used."""
+    if not isinstance(state, dict) or state.get("format") != "vitaclip-training-state":
+        raise ValueError(f"{path}: not a vitaclip training state (a dict with format 'vitaclip-training-state')")
+    lacking = [key for key in _STATE_KEYS if key not in state]
+    if lacking:
+        raise ValueError(f"{path}: the training state lacks {lacking}")
+    if not all(isinstance(state[key], int) and not isinstance(state[key], bool) and state[key] >= 0 for key in
+               ("step", "samples_seen")):  # fmt: skip
+        raise ValueError(f"{path}: step and samples_seen must be whole numbers >= 0")
+    if not (isinstance(state["trainable"], list) and all(isinstance(n, str) for n in state["trainable"])):
+        raise ValueError(f"{path}: trainable must be a list of parameter names")
+    if not isinstance(state["extra"], str):
+        raise ValueError(f"{path}: extra must be a JSON text")
+
+
+def _check_resumed_weights(weights: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """Each weight the model has: the model's exact shape (no broadcasting), a floating dtype where the model's is
+    one, and finite values, as the checkpoint loader requires of any weights."""
+    for name, mine in own.items():
+        value = weights[name]
+        if tuple(value.shape) != tuple(mine.shape):
+            raise ValueError(f"{folder}: {name} has shape {tuple(value.shape)}, the model's is {tuple(mine.shape)}")
+        if mine.is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"{folder}: {name} is {value.dtype}, the model's is {mine.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{folder}: {name} holds NaN or infinity")
 
 
 def checkpoint_dir_name(step: int) -> str:
