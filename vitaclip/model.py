@@ -111,6 +111,35 @@ def _tower(cfg: Mapping[str, Any], key: str, fields_of: type, where: str) -> Map
     return tower
 
 
+# Each tower's sizes in the order they are checked: (option, its largest value or the option it may not exceed,
+# open_clip's default when absent).
+_VISION_SIZES = (
+    ("vision_cfg", "image_size", MAX_IMAGE_SIZE, 224),
+    ("vision_cfg", "patch_size", "image_size", 16),
+    ("vision_cfg", "layers", MAX_LAYERS, 12),
+    ("vision_cfg", "width", MAX_WIDTH, 768),
+    ("vision_cfg", "head_width", "width", 64),
+)
+_TEXT_SIZES = (
+    ("text_cfg", "context_length", MAX_CONTEXT_LENGTH, 77),
+    ("text_cfg", "vocab_size", MAX_VOCAB_SIZE, 49408),
+    ("text_cfg", "layers", MAX_LAYERS, 12),
+    ("text_cfg", "width", MAX_WIDTH, 512),
+    ("text_cfg", "heads", "width", 8),
+)
+
+
+def _tower_sizes(
+    tower: Mapping[str, Any], table: Sequence[tuple[str, str, int | str, int]], where: str
+) -> dict[str, int]:
+    """A tower's sizes, each checked by `_size` against its row of `table`."""
+    sizes: dict[str, int] = {}
+    for tower_key, key, high, default in table:
+        limit = sizes[high] if isinstance(high, str) else high
+        sizes[key] = _size(tower, key, f"{where}.{tower_key}", 1, limit, default)
+    return sizes
+
+
 def check_backbone_config(cfg: Mapping[str, Any], *, where: str = "backbone_config") -> None:
     """Checks the sizes and options of an open_clip ViT config (`backbone_model_config`) before anything is built:
     each size an integer within the ``MAX_*`` bounds, widths that split into whole heads, no option open_clip does not
@@ -120,22 +149,14 @@ def check_backbone_config(cfg: Mapping[str, Any], *, where: str = "backbone_conf
     if unknown or cfg.get("custom_text"):
         raise ValueError(f"{where}: unsupported open_clip options {sorted(str(k)[:40] for k in unknown)[:6]}")
     _size(cfg, "embed_dim", where, 1, MAX_WIDTH, None)
-    vision = _tower(cfg, "vision_cfg", open_clip.model.CLIPVisionCfg, where)
-    image_size = _size(vision, "image_size", f"{where}.vision_cfg", 1, MAX_IMAGE_SIZE, 224)
-    _size(vision, "patch_size", f"{where}.vision_cfg", 1, image_size, 16)
-    _size(vision, "layers", f"{where}.vision_cfg", 1, MAX_LAYERS, 12)
-    width = _size(vision, "width", f"{where}.vision_cfg", 1, MAX_WIDTH, 768)
-    head_width = _size(vision, "head_width", f"{where}.vision_cfg", 1, width, 64)
-    if width % head_width:
-        raise ValueError(f"{where}.vision_cfg.width {width} is not a multiple of head_width {head_width}")
-    text = _tower(cfg, "text_cfg", open_clip.model.CLIPTextCfg, where)
-    _size(text, "context_length", f"{where}.text_cfg", 1, MAX_CONTEXT_LENGTH, 77)
-    _size(text, "vocab_size", f"{where}.text_cfg", 1, MAX_VOCAB_SIZE, 49408)
-    _size(text, "layers", f"{where}.text_cfg", 1, MAX_LAYERS, 12)
-    text_width = _size(text, "width", f"{where}.text_cfg", 1, MAX_WIDTH, 512)
-    heads = _size(text, "heads", f"{where}.text_cfg", 1, text_width, 8)
-    if text_width % heads:
-        raise ValueError(f"{where}.text_cfg.width {text_width} is not a multiple of {heads} heads")
+    vision = _tower_sizes(_tower(cfg, "vision_cfg", open_clip.model.CLIPVisionCfg, where), _VISION_SIZES, where)
+    if vision["width"] % vision["head_width"]:
+        raise ValueError(
+            f"{where}.vision_cfg.width {vision['width']} is not a multiple of head_width {vision['head_width']}"
+        )
+    text = _tower_sizes(_tower(cfg, "text_cfg", open_clip.model.CLIPTextCfg, where), _TEXT_SIZES, where)
+    if text["width"] % text["heads"]:
+        raise ValueError(f"{where}.text_cfg.width {text['width']} is not a multiple of {text['heads']} heads")
 
 
 def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
