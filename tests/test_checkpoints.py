@@ -25,6 +25,7 @@ import vitaclip
 from jobs.cli import main as cli_main
 from vitaclip.checkpoints import CheckpointError, load_torch_file, read_state_dict
 from vitaclip.model import build_backbone
+from vitaclip.registry import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_official_golden import GOLDEN, base_config, write_official_checkpoint  # noqa: E402
@@ -1178,18 +1179,28 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("vision_cfg.width", 10**9, r"vision_cfg\.width must be an integer from 1 to 8192, got 1000000000"),
         ("vision_cfg.bogus", 1, r"vision_cfg has options open_clip does not know: \['bogus'\]"),
         ("vision_cfg.act_kwargs", {"x": 1}, "open_clip cannot build this model: TypeError"),
+        ("backbone_config", {"embed_dim": 32}, r"backbone_config\.vision_cfg must be a mapping .*got null"),
+        ("config.mean", 5, r"mean must be a list of 3 numbers, got '5'"),
+        ("config.std", [0.2, 0.0, 0.2], "std 3 above 0"),  # frames are divided by it: NaN embeddings
+        ("config.std", [0.2, float("nan"), 0.2], "std 3 above 0"),
+        ("config.mean", [0.5, float("inf"), 0.5], "mean must be 3 finite numbers"),
     ],
 )
 def test_malformed_folder_configs_are_checkpoint_errors(
     where: str, value: object, match: str, tiny_folder: Path, tmp_path: Path
 ) -> None:
     """Hand-edited config.json fields of a wrong type or size: one CheckpointError naming the file (exit 2 from the
-    command line), not a TypeError, ZeroDivisionError or an allocation inside open_clip."""
+    command line), not a TypeError, KeyError, ZeroDivisionError or an allocation inside open_clip. All but the two
+    that need open_clip to tell are refused where the job's torch-free driver reads the config, before any work."""
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_folder, folder)
     meta = json.loads((folder / "config.json").read_text())
     if where in ("label_names", "default_labels"):
         meta[where] = value
+    elif where == "backbone_config":
+        meta["config"][where] = value
+    elif where.startswith("config."):
+        meta["config"][where.removeprefix("config.")] = value
     else:
         tower, _, key = where.rpartition(".")
         target = meta["config"]["backbone_config"]
@@ -1198,4 +1209,9 @@ def test_malformed_folder_configs_are_checkpoint_errors(
     with pytest.raises(CheckpointError, match=match) as raised:
         vitaclip.create_model(None, checkpoint=folder)
     assert str(folder / "config.json") in str(raised.value)
+    assert str(raised.value).count(str(folder)) == 1  # the file named once
     assert cli_main(["convert", str(folder), str(tmp_path / "out")]) == 2
+    if where not in ("vision_cfg.bogus", "vision_cfg.act_kwargs"):
+        with pytest.raises(CheckpointError, match=match) as raised:
+            resolve_model(None, str(folder))  # what the job's driver plans with (no torch, no open_clip)
+        assert str(raised.value).count(str(folder)) == 1

@@ -224,3 +224,15 @@ def _file_in_folder(folder: Path, key: str, value: object, packaged: list[str] |
             f"{where} names {value!r}, which is neither {allowed} nor a file in the checkpoint folder"
         )
     return resolved
+
+
+def recorded_labels(meta: dict[str, Any], key: str, folder: Path) -> tuple[str, ...] | None:
+    """``config.json``'s ``label_names`` or ``default_labels``: None or a list of names (a string is no list)."""
+    names = meta.get(key)
+    if names is None:
+        return None
+    odd = [type(n).__name__ for n in names if not isinstance(n, str)] if isinstance(names, list) else []
+    if not isinstance(names, list) or odd:
+        kind = f"a list holding a {odd[0]}" if odd else type(names).__name__
+        raise CheckpointError(f"{folder / CONFIG_FILE}: '{key}' must be a list of label names (strings), got {kind}")
+    return tuple(names)

@@ -53,11 +53,12 @@ from vitaclip.checkpoint_folder import (
     is_packaged_data_file,
     is_vitaclip_checkpoint,
     read_folder_meta,
+    recorded_labels,
     verified_weights,
 )
-from vitaclip.config import TextContextConfig, VitaClipConfig
+from vitaclip.config import MAX_LAYERS, TextContextConfig, VitaClipConfig
 from vitaclip.labels import list_label_sets
-from vitaclip.model import MAX_LAYERS, VitaClip, backbone_model_config, check_backbone_config
+from vitaclip.model import VitaClip, backbone_model_config, check_backbone_config
 
 CheckpointFormat = Literal["official", "openai", "vitaclip"]
 
@@ -782,22 +783,10 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     return sha
 
 
-def _recorded_labels(meta: Mapping[str, Any], key: str, folder: Path) -> tuple[str, ...] | None:
-    """``config.json``'s ``label_names`` or ``default_labels``: None or a list of names (a string is no list)."""
-    names = meta.get(key)
-    if names is None:
-        return None
-    odd = [type(n).__name__ for n in names if not isinstance(n, str)] if isinstance(names, list) else []
-    if not isinstance(names, list) or odd:
-        kind = f"a list holding a {odd[0]}" if odd else type(names).__name__
-        raise CheckpointError(f"{folder / CONFIG_FILE}: '{key}' must be a list of label names (strings), got {kind}")
-    return tuple(names)
-
-
 def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None) -> VitaClip:
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     meta = read_folder_meta(folder)
-    recorded, defaults = _recorded_labels(meta, "label_names", folder), _recorded_labels(meta, "default_labels", folder)
+    recorded, defaults = recorded_labels(meta, "label_names", folder), recorded_labels(meta, "default_labels", folder)
     weights, sha = verified_weights(folder, meta)
     try:
         config = VitaClipConfig.from_dict(checkpoint_config(meta, folder))

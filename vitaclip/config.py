@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import re
 import types
 import typing
@@ -24,6 +25,18 @@ ContextKind = Literal["generic", "class_specific"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Bounds on a config's sizes, far above any CLIP (ViT-bigG: width 1664, 48 layers; multilingual vocabularies: 250k
+# tokens). Configs come with checkpoints, which are data: a size beyond these is refused when the config is read,
+# before anything is planned or built (the job's torch-free driver included).
+MAX_WIDTH = 8192
+MAX_LAYERS = 256
+MAX_IMAGE_SIZE = 4096
+MAX_CONTEXT_LENGTH = 4096
+MAX_VOCAB_SIZE = 1 << 20
+MAX_MLP_RATIO = 16
+MAX_NUM_FRAMES = 1024
+MAX_PROMPTS = 1024  # global or local prompt tokens per layer, text context tokens
 
 
 _FIELD_TYPES: dict[type, dict[str, Any]] = {}
@@ -196,15 +209,34 @@ class VitaClipConfig:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            # frames are divided by std: a zero or NaN would make every embedding NaN, silently
+            raise ValueError(f"mean must be 3 finite numbers and std 3 above 0, got {self.mean} and {self.std}")
+        self._check_sizes()
         if self.backbone_config is not None:
             object.__setattr__(self, "backbone_config", json.loads(json.dumps(dict(self.backbone_config))))
             _check_towers_are_built_here(self.name, self.backbone_config)
+            check_backbone_sizes(self.backbone_config, where=f"config {self.name!r}: backbone_config")
         elif not _BACKBONE_NAME.fullmatch(self.backbone or ""):
             # open_clip also takes "local-dir:PATH" (a folder anywhere) and "hf-hub:ORG/REPO" (the network)
             raise ValueError(
                 f"config {self.name!r}: backbone must be a registered open_clip model name such as "
                 f"'ViT-B-16-quickgelu' (letters, digits, '.', '_', '-'), got {str(self.backbone)[:80]!r}"
             )
+
+    def _check_sizes(self) -> None:
+        """Bounds the Vita-CLIP additions' sizes, as `check_backbone_sizes` bounds the backbone's."""
+        tokens = self.text_context.num_tokens if self.text_context is not None else 0
+        for name, value, high in (
+            ("num_frames", self.num_frames, MAX_NUM_FRAMES),
+            ("num_global_prompts", self.num_global_prompts, MAX_PROMPTS),
+            ("num_local_prompts", self.num_local_prompts, MAX_PROMPTS),
+            ("text_context.num_tokens", tokens, MAX_PROMPTS),
+        ):
+            if value > high:
+                raise ValueError(f"model {self.name!r}: {name} must be at most {high}, got {value}")
+        if not -(1 << 63) <= self.seed < 1 << 64:  # torch.manual_seed's range
+            raise ValueError(f"model {self.name!r}: seed must fit in 64 bits, got {self.seed}")
 
     @property
     def image_size(self) -> int:
@@ -247,6 +279,9 @@ class VitaClipConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
         values = dict(data)
+        for key in ("mean", "std"):
+            if key in values and not isinstance(values[key], (list, tuple)):
+                raise ValueError(f"{key} must be a list of 3 numbers, got {str(values[key])[:40]!r}")
         ctx = values.get("text_context")
         if isinstance(ctx, Mapping):
             ctx_known = {f.name for f in dataclasses.fields(TextContextConfig)}
@@ -265,6 +300,73 @@ class VitaClipConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def _size(tower: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int | None) -> int:
+    """``tower[key]`` (open_clip's ``default`` when absent; None: required), an integer from ``low`` to ``high``."""
+    value = tower.get(key, default)
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        got = "nothing" if key not in tower else repr(value)[:40]
+        raise ValueError(f"{where}.{key} must be an integer from {low} to {high}, got {got}")
+    return value
+
+
+def backbone_tower(cfg: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    """``cfg[key]`` (``vision_cfg`` or ``text_cfg``), which must be a mapping with a sane ``mlp_ratio``."""
+    tower = cfg.get(key)
+    if not isinstance(tower, Mapping):
+        got = "null" if tower is None else type(tower).__name__
+        raise ValueError(f"{where}.{key} must be a mapping of open_clip options, got {got}")
+    ratio = tower.get("mlp_ratio", 4.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= MAX_MLP_RATIO):
+        raise ValueError(f"{where}.{key}.mlp_ratio must be a number above 0, at most {MAX_MLP_RATIO}")
+    return tower
+
+
+# Each tower's sizes in the order they are checked: (option, its largest value or the option it may not exceed,
+# open_clip's default when absent).
+_VISION_SIZES = (
+    ("image_size", MAX_IMAGE_SIZE, 224),
+    ("patch_size", "image_size", 16),
+    ("layers", MAX_LAYERS, 12),
+    ("width", MAX_WIDTH, 768),
+    ("head_width", "width", 64),
+)
+_TEXT_SIZES = (
+    ("context_length", MAX_CONTEXT_LENGTH, 77),
+    ("vocab_size", MAX_VOCAB_SIZE, 49408),
+    ("layers", MAX_LAYERS, 12),
+    ("width", MAX_WIDTH, 512),
+    ("heads", "width", 8),
+)
+
+
+def _tower_sizes(cfg: Mapping[str, Any], tower_key: str, where: str) -> dict[str, int]:
+    """A tower's sizes, each checked by `_size` against its row of the tower's table."""
+    tower = backbone_tower(cfg, tower_key, where)
+    sizes: dict[str, int] = {}
+    for key, high, default in _VISION_SIZES if tower_key == "vision_cfg" else _TEXT_SIZES:
+        limit = sizes[high] if isinstance(high, str) else high
+        sizes[key] = _size(tower, key, f"{where}.{tower_key}", 1, limit, default)
+    return sizes
+
+
+def check_backbone_sizes(cfg: Mapping[str, Any], *, where: str = "backbone_config") -> None:
+    """Checks an open_clip ViT config's shape without open_clip: known top-level options, each size an integer within
+    the ``MAX_*`` bounds, widths that split into whole heads. A checkpoint's config is data; a wrong one must be one
+    clear ValueError when it is read, not a KeyError in the planner or an allocation of terabytes in open_clip."""
+    unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
+    if unknown or cfg.get("custom_text"):
+        raise ValueError(f"{where}: unsupported open_clip options {sorted(str(k)[:40] for k in unknown)[:6]}")
+    _size(cfg, "embed_dim", where, 1, MAX_WIDTH, None)
+    vision = _tower_sizes(cfg, "vision_cfg", where)
+    if vision["width"] % vision["head_width"]:
+        raise ValueError(
+            f"{where}.vision_cfg.width {vision['width']} is not a multiple of head_width {vision['head_width']}"
+        )
+    text = _tower_sizes(cfg, "text_cfg", where)
+    if text["width"] % text["heads"]:
+        raise ValueError(f"{where}.text_cfg.width {text['width']} is not a multiple of {text['heads']} heads")
 
 
 _BACKBONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -23,23 +23,26 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from vitaclip.checkpoint_folder import is_packaged_data_file
-from vitaclip.config import VitaClipConfig, backbone_model_config, format_model_id, model_name_of
+from vitaclip.config import (
+    VitaClipConfig,
+    backbone_model_config,
+    backbone_tower,
+    check_backbone_sizes,
+    format_model_id,
+    model_name_of,
+)
 from vitaclip.labels import load_label_set
 from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
 from vitaclip.zeroshot import TEMPLATES
 
-__all__ = ["VitaClip", "backbone_model_config", "build_backbone", "format_model_id", "model_name_of"]
+__all__ = [
+    "VitaClip",
+    "backbone_model_config",
+    "build_backbone",
+    "format_model_id",
+    "model_name_of",
+]
 
-# Bounds on a config's sizes, far above any CLIP (ViT-bigG: width 1664, 48 layers; multilingual vocabularies: 250k
-# tokens). Configs come with checkpoints, which are data: a size beyond these is refused before anything is built.
-MAX_WIDTH = 8192
-MAX_LAYERS = 256
-MAX_IMAGE_SIZE = 4096
-MAX_CONTEXT_LENGTH = 4096
-MAX_VOCAB_SIZE = 1 << 20
-MAX_MLP_RATIO = 16
-MAX_NUM_FRAMES = 1024
-MAX_PROMPTS = 1024  # global or local prompt tokens per layer, text context tokens
 MAX_TOKENIZER_BYTES = 16 << 20  # a BPE merges file, decompressed (CLIP's is 1.3 MB)
 
 
@@ -88,75 +91,15 @@ def _as_sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
-def _size(tower: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int | None) -> int:
-    """``tower[key]`` (open_clip's ``default`` when absent; None: required), an integer from ``low`` to ``high``."""
-    value = tower.get(key, default)
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
-        got = "nothing" if key not in tower else repr(value)[:40]
-        raise ValueError(f"{where}.{key} must be an integer from {low} to {high}, got {got}")
-    return value
-
-
-def _tower(cfg: Mapping[str, Any], key: str, fields_of: type, where: str) -> Mapping[str, Any]:
-    tower = cfg.get(key)
-    if not isinstance(tower, Mapping):
-        got = "null" if tower is None else type(tower).__name__
-        raise ValueError(f"{where}.{key} must be a mapping of open_clip options, got {got}")
-    unknown = sorted(str(k)[:40] for k in set(tower) - {f.name for f in dataclasses.fields(fields_of)})
-    if unknown:
-        raise ValueError(f"{where}.{key} has options open_clip does not know: {unknown[:6]}")
-    ratio = tower.get("mlp_ratio", 4.0)
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= MAX_MLP_RATIO):
-        raise ValueError(f"{where}.{key}.mlp_ratio must be a number above 0, at most {MAX_MLP_RATIO}")
-    return tower
-
-
-# Each tower's sizes in the order they are checked: (option, its largest value or the option it may not exceed,
-# open_clip's default when absent).
-_VISION_SIZES = (
-    ("vision_cfg", "image_size", MAX_IMAGE_SIZE, 224),
-    ("vision_cfg", "patch_size", "image_size", 16),
-    ("vision_cfg", "layers", MAX_LAYERS, 12),
-    ("vision_cfg", "width", MAX_WIDTH, 768),
-    ("vision_cfg", "head_width", "width", 64),
-)
-_TEXT_SIZES = (
-    ("text_cfg", "context_length", MAX_CONTEXT_LENGTH, 77),
-    ("text_cfg", "vocab_size", MAX_VOCAB_SIZE, 49408),
-    ("text_cfg", "layers", MAX_LAYERS, 12),
-    ("text_cfg", "width", MAX_WIDTH, 512),
-    ("text_cfg", "heads", "width", 8),
-)
-
-
-def _tower_sizes(
-    tower: Mapping[str, Any], table: Sequence[tuple[str, str, int | str, int]], where: str
-) -> dict[str, int]:
-    """A tower's sizes, each checked by `_size` against its row of `table`."""
-    sizes: dict[str, int] = {}
-    for tower_key, key, high, default in table:
-        limit = sizes[high] if isinstance(high, str) else high
-        sizes[key] = _size(tower, key, f"{where}.{tower_key}", 1, limit, default)
-    return sizes
-
-
 def check_backbone_config(cfg: Mapping[str, Any], *, where: str = "backbone_config") -> None:
-    """Checks the sizes and options of an open_clip ViT config (`backbone_model_config`) before anything is built:
-    each size an integer within the ``MAX_*`` bounds, widths that split into whole heads, no option open_clip does not
-    know. A checkpoint's config is data; a wrong one must be one clear ValueError, not a TypeError or an allocation
-    of terabytes inside open_clip."""
-    unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
-    if unknown or cfg.get("custom_text"):
-        raise ValueError(f"{where}: unsupported open_clip options {sorted(str(k)[:40] for k in unknown)[:6]}")
-    _size(cfg, "embed_dim", where, 1, MAX_WIDTH, None)
-    vision = _tower_sizes(_tower(cfg, "vision_cfg", open_clip.model.CLIPVisionCfg, where), _VISION_SIZES, where)
-    if vision["width"] % vision["head_width"]:
-        raise ValueError(
-            f"{where}.vision_cfg.width {vision['width']} is not a multiple of head_width {vision['head_width']}"
-        )
-    text = _tower_sizes(_tower(cfg, "text_cfg", open_clip.model.CLIPTextCfg, where), _TEXT_SIZES, where)
-    if text["width"] % text["heads"]:
-        raise ValueError(f"{where}.text_cfg.width {text['width']} is not a multiple of {text['heads']} heads")
+    """Checks an open_clip ViT config (`backbone_model_config`) before anything is built: its sizes
+    (`vitaclip.config.check_backbone_sizes`) and no tower option open_clip does not know."""
+    check_backbone_sizes(cfg, where=where)
+    for key, fields_of in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
+        tower = backbone_tower(cfg, key, where)
+        unknown = sorted(str(k)[:40] for k in set(tower) - {f.name for f in dataclasses.fields(fields_of)})
+        if unknown:
+            raise ValueError(f"{where}.{key} has options open_clip does not know: {unknown[:6]}")
 
 
 def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
@@ -187,21 +130,6 @@ def build_backbone(config: VitaClipConfig) -> open_clip.CLIP:
     return clip
 
 
-def _check_sizes(config: VitaClipConfig) -> None:
-    """Bounds the Vita-CLIP additions' sizes, as `check_backbone_config` bounds the backbone's."""
-    tokens = config.text_context.num_tokens if config.text_context is not None else 0
-    for name, value, high in (
-        ("num_frames", config.num_frames, MAX_NUM_FRAMES),
-        ("num_global_prompts", config.num_global_prompts, MAX_PROMPTS),
-        ("num_local_prompts", config.num_local_prompts, MAX_PROMPTS),
-        ("text_context.num_tokens", tokens, MAX_PROMPTS),
-    ):
-        if value > high:
-            raise ValueError(f"model {config.name!r}: {name} must be at most {high}, got {value}")
-    if not -(1 << 63) <= config.seed < 1 << 64:  # torch.manual_seed's range
-        raise ValueError(f"model {config.name!r}: seed must fit in 64 bits, got {config.seed}")
-
-
 class VitaClip(nn.Module):
     """A video-text model: frozen CLIP ViT + Vita-CLIP prompts.
 
@@ -217,7 +145,6 @@ class VitaClip(nn.Module):
 
     def __init__(self, config: VitaClipConfig, *, label_names: Sequence[str] | None = None) -> None:
         super().__init__()
-        _check_sizes(config)
         self.config = config
         if label_names is None and config.label_set is not None:
             label_names = load_label_set(config.label_set)

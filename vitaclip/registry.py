@@ -10,7 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitaclip.checkpoint_folder import CONFIG_FILE, CheckpointError, checkpoint_config, is_vitaclip_checkpoint
+from vitaclip.checkpoint_folder import (
+    CONFIG_FILE,
+    CheckpointError,
+    checkpoint_config,
+    is_vitaclip_checkpoint,
+    recorded_labels,
+)
 from vitaclip.config import VitaClipConfig, format_model_id
 
 if TYPE_CHECKING:  # torch and the model load only where a model is built: planning needs neither
@@ -50,9 +56,7 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     if not isinstance(meta["config"].get("name"), str) or not isinstance(meta.get("weights_sha256"), str):
         raise CheckpointError(f"{path}: 'config.name' and 'weights_sha256' must be strings")
     for key in ("default_labels", "label_names"):
-        names = meta.get(key)
-        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise CheckpointError(f"{path}: '{key}' must be a list of label names")
+        recorded_labels(meta, key, path.parent)
     return meta
 
 
@@ -205,6 +209,8 @@ def _named_config(name: str | None) -> VitaClipConfig:
 def _config_of(meta: dict[str, Any], checkpoint: str | Path) -> VitaClipConfig:
     try:
         return VitaClipConfig.from_dict(checkpoint_config(meta, checkpoint))
+    except CheckpointError:
+        raise  # names the file already
     except ValueError as exc:
         raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
 
