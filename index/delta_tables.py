@@ -33,11 +33,11 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake import Field as DeltaField
 from deltalake import Schema as DeltaSchema
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from index.schema import schema_for
-from vitaclip.redact import endpoint_without_userinfo
+from vitaclip.redact import endpoint_without_userinfo, redact_text, refuse_object_userinfo
 
 SCHEMA_VERSION = 3
 """Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
@@ -65,12 +65,18 @@ MAX_STRING_STAT_CHARS = 256
 _DEFAULT_DELETED_FILE_RETENTION_HOURS = 7 * 24  # delta.deletedFileRetentionDuration when a table does not set it
 _S3_MAX_ATTEMPTS = 10
 _UPGRADE_ATTEMPTS = 10  # tries of each schema upgrade step by writers upgrading one table at once
+MAX_RETENTION_HOURS = 1_000_000  # about 114 years; delta-rs's own limit is near 2.5e12 hours (it panics past it)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet$")
 Scheme = Literal["file", "s3", "gs", "az", "abfss"]
 
 
 class TableMismatchError(ValueError):
     """An output table this vitaclip cannot use: another table, schema version or embedding size."""
+
+
+class TableUnreadableError(ValueError):
+    """A Delta table whose log cannot be read: a commit file cut short or damaged, or a protocol this delta-rs does
+    not support."""
 
 
 class CommitConflict(RuntimeError):
@@ -118,6 +124,7 @@ class OutputLocation:
         Raises:
             ValueError: An unsupported scheme, a missing bucket, or an endpoint given for a non-S3 output.
         """
+        refuse_object_userinfo(url, "output")
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
@@ -437,6 +444,12 @@ def open_table(location: OutputLocation, table: str, *, version: int | None = No
             if attempt + 1 == _S3_MAX_ATTEMPTS or location.scheme == "file":
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt))
+        except DeltaError as exc:  # a damaged log: its reason in one line, not delta-rs's backtrace
+            reason = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            at = "" if version is None else f" at version {version}"
+            raise TableUnreadableError(
+                f"{location.table_uri(table)}{at} cannot be read as a Delta table: {reason[:300]}"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -1062,8 +1075,8 @@ def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = Tru
     delta-rs takes whole hours: a fraction is rounded up (files are kept longer, never shorter). Vacuum records
     its own commits, so a run committing at the same time gets `CommitConflict` and retries.
     """
-    if retention_hours < 0:
-        raise ValueError(f"retention_hours must be >= 0, got {retention_hours}")
+    if not 0 <= retention_hours <= MAX_RETENTION_HOURS:  # delta-rs panics past its time range (NaN too)
+        raise ValueError(f"retention_hours must be 0 to {MAX_RETENTION_HOURS:,}, got {retention_hours}")
     if detect_old_layout(location):  # the old parts sit untracked in the table folders until migrated
         raise ValueError(old_layout_message(location))
     hours = math.ceil(retention_hours)

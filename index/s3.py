@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import botocore.exceptions
 
-from vitaclip.redact import endpoint_without_userinfo, redact_text
+from vitaclip.redact import endpoint_without_userinfo, has_object_userinfo, redact_text, redact_url
 
 S3Client = Any
 """A boto3 S3 client (boto3 ships no type stubs)."""
@@ -169,6 +169,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Splits `s3://bucket/key/or/prefix` into bucket and key (the key may be empty)."""
     if not uri.startswith("s3://"):
         raise StorageError(f"not an s3:// URI: {uri!r}", reason="invalid_input", uri=uri)
+    if has_object_userinfo(uri):  # botocore would name "KEY:SECRET" as an invalid bucket in its errors
+        raise StorageError(
+            f"{redact_url(uri)} has credentials in it: S3 credentials come from the standard AWS chain only",
+            reason="invalid_input",
+            uri=redact_url(uri),
+        )
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"no bucket in {uri!r}: expected s3://bucket/prefix", reason="invalid_input", uri=uri)

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from index.delta_tables import MAX_RETENTION_HOURS
 from jobs.storage import DEFAULT_VIDEO_EXTENSIONS
 from vitaclip.config import check_field_types, load_yaml_mapping
+from vitaclip.redact import redact_url, refuse_object_userinfo
 
 DEFAULT_EXTENSIONS = tuple(sorted(DEFAULT_VIDEO_EXTENSIONS))
 
@@ -171,6 +173,8 @@ class IndexJobConfig:
             raise ValueError("give at least one input (s3://bucket/prefix, a folder or a manifest)")
         if not self.output:
             raise ValueError("give --output (a folder or s3://bucket/prefix)")
+        for what, url in [("input", i) for i in self.inputs] + [("output", self.output)]:
+            refuse_object_userinfo(url, what)
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -184,8 +188,11 @@ class IndexJobConfig:
         for name in ("commit_seconds", "decode_timeout_seconds"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite (seconds), got {getattr(self, name)}")
-        if not 0 <= self.vacuum_retention_hours < math.inf:
-            raise ValueError(f"vacuum_retention_hours must be >= 0 (0: no vacuum), got {self.vacuum_retention_hours}")
+        if not 0 <= self.vacuum_retention_hours <= MAX_RETENTION_HOURS:
+            raise ValueError(
+                f"vacuum_retention_hours must be 0 (no vacuum) to {MAX_RETENTION_HOURS:,}, got "
+                f"{self.vacuum_retention_hours}"
+            )
         if self.whole_object_max_bytes < 0 or self.min_size_bytes < 0:
             raise ValueError(
                 f"whole_object_max_bytes and min_size_bytes must be >= 0, got {self.whole_object_max_bytes} and "
@@ -219,7 +226,8 @@ class IndexJobConfig:
             raise ValueError(f"prune_max is a share of a scope's videos, 0 to 1, got {self.prune_max}")
         for scope in self.prune_scopes:
             if not scope or ("://" in scope and not scope.startswith("s3://")):
-                raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {scope!r}")
+                raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {redact_url(scope)!r}")
+            refuse_object_userinfo(scope, "prune scope")
         _check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
@@ -379,6 +387,11 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.index_v
     """Parses flags (and ``--config`` YAML) into a config; raises ValueError with a clear message."""
     args = build_parser(prog).parse_args(list(argv))
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for name in ("inputs", "extensions", "prune_scopes"):  # a YAML file's values come as any type
+        value = values.get(name)
+        if value is not None and not isinstance(value, (str, list, tuple)):
+            kind = type(value).__name__
+            raise ValueError(f"{args.config}: {name} must be a list of strings (or one string), got {kind}")
     for name, value in vars(args).items():
         if name in ("config", "inputs") or value is None:
             continue

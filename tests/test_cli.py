@@ -91,6 +91,9 @@ def test_misspelt_model_is_named_before_checkpoint_advice(tmp_path: Path, capsys
         ("embed_batch_size: 1.5\n", "embed_batch_size must be an integer"),
         ("segment_seconds: ten\n", "segment_seconds must be a number or null"),
         ("top_kk: 3\n", "unknown option 'top_kk'"),
+        ("inputs: 5\n", "inputs must be a list of strings (or one string), got int"),
+        ("extensions: {mp4: 1}\n", "extensions must be a list of strings (or one string), got dict"),
+        ("prune_missing: true\nprune_scopes: 5\n", "prune_scopes must be a list of strings (or one string), got int"),
     ],
 )
 def test_bad_config_files_are_one_clear_line(tmp_path: Path, capsys, yaml_text: str, expected: str) -> None:
@@ -277,3 +280,24 @@ def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: P
             assert main(command) == 2, command
             err = capsys.readouterr().err
             assert f"no output folder at {output}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("where", ["input", "output", "runs", "search"])
+def test_object_urls_with_credentials_are_refused_before_any_request(
+    tmp_path: Path, capsys, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``s3://KEY:SE/CRET@bucket/...``: the secret's "/" ends the authority, so a client would take "KEY:SE" for a
+    bucket and print it in its "invalid bucket name" error (stderr, the run record). Refused up front, masked."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: no request may be needed
+    url = "s3://AKIAEXAMPLEKEY:wJalr/XUtnFEMI+K7MDENG@media/videos/"
+    argv = {
+        "input": ["index", url, "--output", str(tmp_path / "o"), "--model", "vitaclip-demo"],
+        "output": ["index", str(tmp_path), "--output", url, "--model", "vitaclip-demo"],
+        "runs": ["runs", url],
+        "search": ["search", "--index", url, "a red circle"],
+    }[where]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "has credentials in it" in line and "s3://***@media/videos" in line
+    assert "AKIAEXAMPLEKEY" not in line and "wJalr" not in line
+    assert not (tmp_path / "o").exists()

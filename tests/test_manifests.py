@@ -134,6 +134,24 @@ def test_csv_errors_name_the_line(tmp_path: Path) -> None:
     manifest.write_text("uri,etag\nok.mp4,1\n,abc\n")
     with pytest.raises(StorageError, match=r"bad.csv line 3: a row has no uri"):
         listed(manifest)
+    manifest.write_text("uri,size_bytes\nok.mp4,1\nx.mp4,99999999999999999999\n")  # past int64: was an OverflowError
+    with pytest.raises(StorageError, match=r"bad.csv line 3: size_bytes 99999999999999999999 is too large"):
+        listed(manifest)
+
+
+def test_uris_with_blanks_before_them_are_rows_not_paths(tmp_path: Path) -> None:
+    """Cells and lines are taken as written, so " https://user:pw@host/v.mp4" (a space after a CSV comma) is no
+    URI by its first character: it was a relative local path, with the password in the row's uri."""
+    (tmp_path / "list.txt").write_text(" https://user:s3cr3t@example.com/v.mp4\n\ts3://AKIAKEY:s3/cr3t@media/w.mp4\n")
+    (tmp_path / "list.csv").write_text("size_bytes,uri\n100, https://user:s3cr3t@example.com/v.mp4\n")
+    rows = listed(tmp_path / "list.txt") + listed(tmp_path / "list.csv")
+    assert [(v.status, v.uri) for v in rows] == [
+        ("unsupported_uri", " https://***@example.com/v.mp4"),
+        ("unsupported_uri", "\ts3://***@media/w.mp4"),
+        ("unsupported_uri", " https://***@example.com/v.mp4"),
+    ]
+    assert all("blanks before it" in v.error_message for v in rows)
+    assert not any("s3cr3t" in v.uri + v.error_message or "AKIAKEY" in v.uri + v.error_message for v in rows)
 
 
 # ----------------------------------------------------------------------------------------------- locations

@@ -67,6 +67,9 @@ def redact_url(url: str) -> str:
     ``***``; other strings unchanged."""
     if "://" not in url:
         return url
+    if url[:1].isspace():  # blanks before a URL (a manifest cell as written): the URL after them, masked
+        bare = url.lstrip()
+        return url[: len(url) - len(bare)] + redact_url(bare)
     scheme = url.split("://", 1)[0]
     if scheme.lower() in _OBJECT_SCHEMES and _OBJECT_USERINFO.match(url):
         url = _OBJECT_USERINFO.sub(lambda m: m.group(1) + MASK + "@", url, count=1)
@@ -86,6 +89,23 @@ def redact_url(url: str) -> str:
     if (netloc, path, query, fragment) == (parts.netloc, parts.path, parts.query, parts.fragment):
         return url
     return urlunsplit((parts.scheme, netloc, path, query, fragment))
+
+
+def has_object_userinfo(url: str) -> bool:
+    """Whether an object-store URL carries credentials before its bucket (``s3://KEY:SECRET@bucket/...``, the
+    secret possibly holding "/"): no bucket or container name holds ":" or "@"."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    return scheme in _OBJECT_SCHEMES and scheme != "file" and _OBJECT_USERINFO.match(url) is not None
+
+
+def refuse_object_userinfo(url: str, what: str) -> None:
+    """Raises ValueError (the URL masked) for an object-store URL with credentials in it: they would reach the
+    storage client's error messages as a bucket name, and vitaclip takes credentials from the standard chain only."""
+    if has_object_userinfo(url):
+        raise ValueError(
+            f"{what} {redact_url(url)} has credentials in it: give them through the standard chain of the store "
+            "(for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role), never in the URL"
+        )
 
 
 def _raw_userinfo(scheme: str, url: str) -> bool:

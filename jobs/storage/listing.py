@@ -63,7 +63,7 @@ from index.s3 import (
     with_retries,
 )
 from index.schema import local_etag
-from vitaclip.redact import redact_text, redact_url
+from vitaclip.redact import has_object_userinfo, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,9 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
     if on_s3 and local:  # whoever may write to the bucket must not make the workers read their own files
         problem = "a manifest on S3 names objects (s3:// URIs or keys beside it), not files of the machines"
         return _unsupported(row, problem, where=where)
+    if scheme is None and _SCHEME.match(uri.lstrip()):  # " https://user:pw@host/...": not a relative path
+        problem = "a URI with blanks before it (manifest cells and lines are taken as written)"
+        return _unsupported(row, problem, where=where)
     if scheme is None:
         if on_s3:
             while uri.startswith("./"):
@@ -471,7 +474,7 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
     elif scheme.group(1).lower() == "s3":
         uri = "s3://" + uri[scheme.end() :]
         bucket, _, key = uri[5:].partition("/")
-        if "@" in bucket:  # a bucket name holds no "@": userinfo, kept out of every row
+        if "@" in bucket or has_object_userinfo(uri):  # no bucket name holds "@" (or ":"): userinfo, kept out
             problem = "s3:// URI with credentials in it: the job takes credentials from the AWS chain only"
             return _unsupported(row, problem, where=where)
         if not _ANY_BUCKET_NAME.fullmatch(bucket) or not key:  # no read could ever succeed: not retried by every run
@@ -781,8 +784,12 @@ def _parse_size(value: Any, *, where: str, line: int) -> int | None:
         raise StorageError(
             f"{where} line {line}: size_bytes {value!r} is not an integer", reason="invalid_input", uri=where
         ) from None
-    if size < 0:
-        raise StorageError(f"{where} line {line}: size_bytes {size} is negative", reason="invalid_input", uri=where)
+    if not 0 <= size < 2**63:  # sizes are int64 in every table
+        raise StorageError(
+            f"{where} line {line}: size_bytes {size} is {'negative' if size < 0 else 'too large (2**63 or more)'}",
+            reason="invalid_input",
+            uri=where,
+        )
     return size
 
 
