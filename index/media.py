@@ -101,7 +101,10 @@ def open_media(row: Mapping[str, Any], roots: MediaRoots) -> MediaFile:
         raise MediaRefused("remote", "media of remote objects are not served")
     if not os.path.isabs(uri) or "\x00" in uri:
         raise MediaRefused("not_local", "the row does not name a local file")
-    resolved = os.path.realpath(uri)
+    try:
+        resolved = os.path.realpath(uri)  # raises while a folder on the path is being swapped for a link
+    except (OSError, ValueError):
+        raise MediaRefused("changed", "the file's folder changed while it was looked up", http_status=409) from None
     if not roots.allow(resolved):
         raise MediaRefused("outside_roots", "the file is not inside the indexed input folders", http_status=403)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)

@@ -6,6 +6,7 @@ copies an S3 output to a local cache first. A segment is found only while its vi
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -19,12 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index.catalog import RowCatalog
-from index.delta_tables import OutputLocation
+from index.delta_tables import OutputLocation, TableUnreadableError
 from index.media import RUNS_DIR, MediaFile, MediaRefused, MediaRoots, open_media, recorded_roots
 from index.queries import QueryError, embedding_query, upload_frames
 from index.schema import row_id_for
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
-from index.tables import table_versions
+from index.tables import table_states
+from vitaclip.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 500
 MAX_K = 100
@@ -182,7 +186,7 @@ class SearchEngine:
                 f"the index is now of model {self.model_id}, not {queries_from.model_id}: start the service again"
             )
         self.location = tables or OutputLocation.from_url(str(self.root))
-        self.table_versions = table_versions(self.location)
+        self.table_versions, latest = self._indexed_versions()
         # Reloading (`queries_from`): index segments and data files never change, so what the earlier engine holds
         # of them is taken over and only what the update wrote is read.
         same = queries_from is not None and (queries_from.root, queries_from.location.url) == (
@@ -196,16 +200,18 @@ class SearchEngine:
             )
             for name in self.info["indexes"]
         }
-        self.catalogs: dict[str, RowCatalog] = {
-            name: RowCatalog(
-                self.location,
-                name,
-                self.model_id,
-                version=(self.table_versions or {}).get(name),  # the versions this engine says it answers from
-                previous=before.catalogs.get(name) if before else None,
-            )
-            for name in sorted({"videos", *self.indexes})
-        }
+        try:
+            self.catalogs = self._catalogs(self.table_versions, before)
+        except (OSError, TableUnreadableError) as exc:
+            if self.table_versions == latest:
+                raise
+            log.warning(
+                "%s: the tables at the index's versions %s cannot be read (%s); answering from their latest "
+                "versions %s, whose rows may not match the index's vectors: rebuild the index (vitaclip build-index)",
+                self.root, self.table_versions, redact_text(str(exc))[:200], latest,
+            )  # fmt: skip
+            self.table_versions = latest
+            self.catalogs = self._catalogs(latest, before)
         self._encode_lock = threading.Lock()
         self._roots_lock = threading.Lock()
         self._roots = MediaRoots()
@@ -225,6 +231,45 @@ class SearchEngine:
         self._encode_one = QueryBatcher(self.encode)
 
     # ------------------------------------------------------------------ loading
+
+    def _indexed_versions(self) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+        """(the table versions this engine answers from, the tables' latest versions).
+
+        It answers from the versions the index was built from (``index_info.json``), so that a hit's row is the one
+        its vector was made from. Tables can be ahead of their index: after a run with ``--no-index`` or whose index
+        update failed, or between a run's commit and its index update. Their latest rows include videos deleted or
+        failed since, and new versions of videos whose vectors in the index are still the old ones. The latest
+        versions are used only for a table the info has no version of, or one created again since (a new id).
+        """
+        states = table_states(self.location)
+        if states is None:
+            if self.info["indexes"]:
+                raise IndexUnusableError(
+                    f"{self.root}: the index holds vectors but the output has no tables: restore the output's "
+                    "videos and segments tables, or run the job on it again"
+                )
+            return None, None
+        latest, ids = states
+        recorded = self.info.get("table_versions") or {}
+        recorded_ids = self.info.get("table_ids") or {}
+        versions = {}
+        for table, version in latest.items():
+            old = recorded.get(table)
+            same_table = old is not None and old <= version and recorded_ids.get(table, ids[table]) == ids[table]
+            versions[table] = version if old is None or not same_table else int(old)
+        return versions, latest
+
+    def _catalogs(self, versions: dict[str, int] | None, before: SearchEngine | None) -> dict[str, RowCatalog]:
+        return {
+            name: RowCatalog(
+                self.location,
+                name,
+                self.model_id,
+                version=(versions or {}).get(name),
+                previous=before.catalogs.get(name) if before else None,
+            )
+            for name in sorted({"videos", *self.indexes})
+        }
 
     def _model_encoder(self, model: str | None, checkpoint: str | None, device: str | None) -> Any:
         import torch
@@ -468,7 +513,7 @@ class SearchEngine:
         order = np.flatnonzero(at >= 0)  # candidates still in the table, in score order
         if not len(order):
             return []
-        columns = ["video_id", "labels"] + (["run_id"] if name == "segments" else ["duration_seconds"])
+        columns = ["video_id", "labels"] + (["run_id"] if name == "segments" else ["duration_seconds", "status"])
         held = catalog.rows.select(columns).take(at[order])
         keep = np.ones(len(order), dtype=bool)
         if exclude_video is not None:
@@ -493,7 +538,8 @@ class SearchEngine:
                 video_runs[found] = taken.column("run_id").to_pylist()
                 duration[found] = taken.column("duration_seconds").to_numpy(zero_copy_only=False)
             keep[picked] = (status == "ok") & (video_runs == segment_runs) & _within(duration, filters)
-        else:
+        else:  # a video whose row is no longer ok (the index behind its table) is no hit
+            keep &= pc.equal(held.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False)
             keep &= _within(held.column("duration_seconds").to_numpy(zero_copy_only=False), filters)
         passing = order[keep]
         hits: list[Hit] = []
@@ -533,7 +579,9 @@ class SearchEngine:
             return None
         video_row = video_row or {}
         seg = name == "segments"
-        if seg and (video_row.get("status") != "ok" or video_row.get("run_id") != row.get("run_id")):
+        if video_row.get("status", row.get("status")) != "ok":
+            return None  # a video deleted or failed since the index was built
+        if seg and video_row.get("run_id") != row.get("run_id"):
             return None  # stale segments of an older version of the video
         duration = video_row.get("duration_seconds", row.get("duration_seconds"))
         if not filters.accepts(row["labels"] or [], duration):

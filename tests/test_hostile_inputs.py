@@ -11,6 +11,8 @@ import http.client
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,46 @@ def test_open_media_rules(tmp_path: Path) -> None:
     flat = MediaRoots(file_dirs=(os.path.realpath(root),))
     open_media(_row(video), flat).close()
     assert refused(_row(deeper), flat).reason == "outside_roots"
+
+
+def test_a_folder_swapped_for_a_link_while_media_is_looked_up_is_a_refusal(tmp_path: Path) -> None:
+    """A deploy that swaps a folder on an indexed path for a symlink (``mv -T``), over and over while ``/media`` is
+    asked for the file: each request is served or refused (`MediaRefused`), never an OSError (a 500) from resolving
+    the path halfway through the swap, and never the other folder's file."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    video = _video(root / "sub" / "x.mp4", 1)
+    _video(elsewhere / "x.mp4", 2)
+    row, roots = _row(video), MediaRoots(folders=(os.path.realpath(root),))
+    expected = video.read_bytes()
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(root / "sub", root / "sub.real")
+            os.symlink(elsewhere, root / "sub")
+            os.unlink(root / "sub")
+            os.rename(root / "sub.real", root / "sub")
+
+    swapping = threading.Thread(target=swap)
+    swapping.start()
+    outcomes: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                with open_media(row, roots).file as f:
+                    assert f.read() == expected  # the indexed file, never the other folder's
+                outcome = "served"
+            except MediaRefused as refused:
+                outcome = refused.reason
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finally:
+        stop.set()
+        swapping.join()
+    assert set(outcomes) <= {"served", "outside_roots", "missing", "changed"}, outcomes
+    assert outcomes.get("served", 0) > 0 and sum(outcomes.values()) > outcomes["served"]
 
 
 def test_recorded_roots_read_every_run(tmp_path: Path) -> None:

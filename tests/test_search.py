@@ -216,3 +216,80 @@ def test_segments_of_an_older_version_never_come_back(
     hits = engine.search("something moving", k=100, segments=True, per_video=100)
     assert hits and row["video_id"] not in {h.video_id for h in hits}
     assert len(hits) == len(committed(out, "segments")) - len(stale)
+
+
+def _commit_without_index_update(out: Path, row: dict, **changes: object) -> None:
+    """Commits a new version of `row`'s video as a run with ``--no-index`` would (or one killed before its index
+    update): the tables move on, the index stays at the versions it was built from."""
+    import pyarrow as pa
+
+    from index.commits import Committer, Planner, WrittenBatch
+    from index.delta_tables import table_schema, write_data_file
+
+    store = open_store(str(out))
+    versions = tables.table_versions(out)
+    assert versions is not None
+    new = dict(row, run_id="rerun", etag="changed", **changes)
+    written = write_data_file(
+        store.location,
+        "videos",
+        pa.Table.from_pylist([new], schema=table_schema("videos", len(row["embedding"]))),
+        name="part-rerun-1.parquet",
+    )
+    planned = Planner(store.location, model_id=row["model_id"], versions=versions)(
+        {"uri": np.asarray([row["uri"]], dtype=object), "etag": np.asarray(["changed"], dtype=object)}
+    )
+    committer = Committer(store.location, model_id=row["model_id"], run_id="rerun", versions=versions)
+    committer.add(
+        WrittenBatch.of(
+            written, None, ((row["video_id"], "changed", str(new["status"])),),
+            current_video_files={row["video_id"]: str(planned["current_video_file"][0])},
+            current_segment_files={row["video_id"]: str(planned["current_segment_files"][0])},
+        )
+    )  # fmt: skip
+    committer.commit()
+
+
+def test_an_index_behind_its_tables_answers_from_the_versions_it_was_built_from(indexed: Path, tmp_path: Path) -> None:
+    """A run that committed without updating the index (``--no-index``, a failed update, a service started between
+    a run's commit and its index update): the engine's rows are those of the table versions the index was built
+    from, so a hit is the row its vector was made from; a video whose row is no longer ok is never a hit."""
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    row = next(r for r in committed(out, "videos") if r["status"] == "ok")
+    query = np.asarray(row["embedding"], dtype=np.float32)
+    query /= np.linalg.norm(query)
+    _commit_without_index_update(
+        out, row, status="not_a_video", embedding=None, labels=None, label_scores=None, thumbnail_jpeg=None
+    )
+    info = json.loads((out / "index" / "index_info.json").read_text())
+    latest = tables.table_versions(out)
+    assert latest is not None and latest["videos"] == info["table_versions"]["videos"] + 1
+
+    engine = SearchEngine(out)
+    assert engine.table_versions == info["table_versions"]
+    hit = next(h for h in engine.search_vector(query, k=100) if h.video_id == row["video_id"])
+    assert hit.labels == list(row["labels"]) and hit.uri == row["uri"]  # the indexed row, not the failed one
+
+    # An index that names no table versions (older outputs) is answered from the latest rows: not ok, no hit.
+    del info["table_versions"]
+    (out / "index" / "index_info.json").write_text(json.dumps(info))
+    engine = SearchEngine(out)
+    assert engine.table_versions == latest
+    assert row["video_id"] not in {h.video_id for h in engine.search_vector(query, k=100)}
+
+
+def test_an_index_without_its_tables_or_with_a_damaged_log_is_one_clear_error(
+    indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(indexed, damaged)
+    last = sorted((damaged / "videos" / "_delta_log").glob("*.json"))[-1]
+    last.write_bytes(last.read_bytes()[:50])  # a commit cut short
+    assert cli_main(["search", "--index", str(damaged), "a circle"]) == 2
+    assert "cannot be read as a Delta table" in capsys.readouterr().err
+    gone = tmp_path / "gone"
+    shutil.copytree(indexed, gone)
+    shutil.rmtree(gone / "videos")
+    assert cli_main(["search", "--index", str(gone), "a circle"]) == 2  # was: "no results", exit 0
+    assert "the index holds vectors but the output has no tables" in capsys.readouterr().err
