@@ -6,7 +6,6 @@ copies an S3 output to a local cache first. A segment is found only while its vi
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -20,15 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index.catalog import RowCatalog
-from index.delta_tables import OutputLocation, TableUnreadableError
+from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, MediaRoots, open_media, recorded_roots
 from index.queries import QueryError, embedding_query, upload_frames
 from index.schema import row_id_for
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
-from index.tables import table_states
-from vitaclip.redact import redact_text
-
-log = logging.getLogger(__name__)
+from index.tables import table_versions
 
 MAX_QUERY_CHARS = 500
 MAX_K = 100
@@ -186,7 +182,7 @@ class SearchEngine:
                 f"the index is now of model {self.model_id}, not {queries_from.model_id}: start the service again"
             )
         self.location = tables or OutputLocation.from_url(str(self.root))
-        self.table_versions, latest = self._indexed_versions()
+        self.table_versions = self._latest_versions()
         # Reloading (`queries_from`): index segments and data files never change, so what the earlier engine holds
         # of them is taken over and only what the update wrote is read.
         same = queries_from is not None and (queries_from.root, queries_from.location.url) == (
@@ -200,18 +196,7 @@ class SearchEngine:
             )
             for name in self.info["indexes"]
         }
-        try:
-            self.catalogs = self._catalogs(self.table_versions, before)
-        except (OSError, TableUnreadableError) as exc:
-            if self.table_versions == latest:
-                raise
-            log.warning(
-                "%s: the tables at the index's versions %s cannot be read (%s); answering from their latest "
-                "versions %s, whose rows may not match the index's vectors: rebuild the index (vitaclip build-index)",
-                self.root, self.table_versions, redact_text(str(exc))[:200], latest,
-            )  # fmt: skip
-            self.table_versions = latest
-            self.catalogs = self._catalogs(latest, before)
+        self.catalogs = self._catalogs(self.table_versions, before)
         self._encode_lock = threading.Lock()
         self._roots_lock = threading.Lock()
         self._roots = MediaRoots()
@@ -232,32 +217,20 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ loading
 
-    def _indexed_versions(self) -> tuple[dict[str, int] | None, dict[str, int] | None]:
-        """(the table versions this engine answers from, the tables' latest versions).
+    def _latest_versions(self) -> dict[str, int] | None:
+        """The tables' latest versions, which the engine answers from (None: no tables, and so no index either).
 
-        It answers from the versions the index was built from (``index_info.json``), so that a hit's row is the one
-        its vector was made from. Tables can be ahead of their index: after a run with ``--no-index`` or whose index
-        update failed, or between a run's commit and its index update. Their latest rows include videos deleted or
-        failed since, and new versions of videos whose vectors in the index are still the old ones. The latest
-        versions are used only for a table the info has no version of, or one created again since (a new id).
+        The tables can be ahead of their index (after a run with ``--no-index`` or whose index update failed, or
+        between a run's commit and its index update): a video deleted or failed since is then never a hit (its row
+        is no longer ok), and one replaced since is ranked by its indexed vector until the index follows.
         """
-        states = table_states(self.location)
-        if states is None:
-            if self.info["indexes"]:
-                raise IndexUnusableError(
-                    f"{self.root}: the index holds vectors but the output has no tables: restore the output's "
-                    "videos and segments tables, or run the job on it again"
-                )
-            return None, None
-        latest, ids = states
-        recorded = self.info.get("table_versions") or {}
-        recorded_ids = self.info.get("table_ids") or {}
-        versions = {}
-        for table, version in latest.items():
-            old = recorded.get(table)
-            same_table = old is not None and old <= version and recorded_ids.get(table, ids[table]) == ids[table]
-            versions[table] = version if old is None or not same_table else int(old)
-        return versions, latest
+        versions = table_versions(self.location)
+        if versions is None and self.info["indexes"]:
+            raise IndexUnusableError(
+                f"{self.root}: the index holds vectors but the output has no tables: restore the output's videos "
+                "and segments tables, or run the job on it again"
+            )
+        return versions
 
     def _catalogs(self, versions: dict[str, int] | None, before: SearchEngine | None) -> dict[str, RowCatalog]:
         return {
