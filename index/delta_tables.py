@@ -36,6 +36,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
+from index.s3 import StorageError
 from index.schema import schema_for
 from vitaclip.redact import endpoint_without_userinfo, redact_text, refuse_object_userinfo
 
@@ -439,7 +440,14 @@ def open_table(location: OutputLocation, table: str, *, version: int | None = No
             return DeltaTable(location.table_uri(table), version=version, storage_options=location.storage_options())
         except TableNotFoundError:
             return None
-        except OSError:
+        except OSError as exc:
+            if "<Code>NoSuchBucket</Code>" in str(exc):  # final: no retry, and one line instead of delta-rs's chain
+                bucket = urllib.parse.urlsplit(location.url).netloc
+                raise StorageError(
+                    f"bucket {bucket!r} does not exist (cannot read {location.table_uri(table)})",
+                    reason="no_such_bucket",
+                    uri=location.table_uri(table),
+                ) from None
             # delta-rs does not retry its log reads: a throttled or dropped request (503, reset) fails the open.
             if attempt + 1 == _S3_MAX_ATTEMPTS or location.scheme == "file":
                 raise

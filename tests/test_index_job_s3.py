@@ -15,6 +15,7 @@ from test_index_job import BROKEN, job_args, make_videos
 
 from index import tables
 from index.schema import row_id_for
+from jobs.cli import main as cli_main
 from jobs.index_videos import main
 from jobs.storage import make_s3_client, open_store
 
@@ -158,3 +159,10 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, err
     assert client.list_objects_v2(Bucket=bucket, Prefix="o").get("KeyCount", 0) == 0
+    # The commands that read an output: the same line (build-index read the tables with delta-rs, which retried
+    # for 16 s and printed its error chain, exit 1).
+    missing = f"s3://{bucket}-missing/out"
+    for argv in (["build-index", missing], ["runs", missing], ["search", "--index", missing, "a circle"]):
+        assert cli_main([*argv, "--s3-endpoint-url", ray_with_s3]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{bucket}-missing" in err and "Traceback" not in err and "\x1b" not in err, err
