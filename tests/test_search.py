@@ -171,56 +171,9 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
         assert message in capsys.readouterr().err, argv
 
 
-def test_segments_of_an_older_version_never_come_back(
-    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run killed between its videos commit and its clean-up leaves the old version's segments next to the new
-    row (indexed again, too short for a segment): search counts a segment only while its video's row is ok and of
-    the run that made it."""
-    import pyarrow as pa
-
-    from index.commits import Committer, Planner, WrittenBatch
-    from index.delta_tables import table_schema, write_data_file
-
-    out = tmp_path / "out"
-    shutil.copytree(indexed, out)
-    store = open_store(str(out))
-    with_segments = {r["video_id"] for r in committed(out, "segments")}
-    row = next(r for r in committed(out, "videos") if r["video_id"] in with_segments)
-    versions = tables.table_versions(out)
-    assert versions is not None
-    new = dict(row, run_id="rerun", etag="changed")
-    written = write_data_file(
-        store.location,
-        "videos",
-        pa.Table.from_pylist([new], schema=table_schema("videos", len(new["embedding"]))),
-        name="part-rerun-1.parquet",
-    )
-    planned = Planner(store.location, model_id=row["model_id"], versions=versions)(
-        {"uri": np.asarray([row["uri"]], dtype=object), "etag": np.asarray(["changed"], dtype=object)}
-    )
-    committer = Committer(store.location, model_id=row["model_id"], run_id="rerun", versions=versions)
-    committer.add(
-        WrittenBatch.of(
-            written, None, ((row["video_id"], "changed", "ok"),),
-            current_video_files={row["video_id"]: str(planned["current_video_file"][0])},
-            current_segment_files={row["video_id"]: str(planned["current_segment_files"][0])},
-        )
-    )  # fmt: skip
-    monkeypatch.setattr(Committer, "_clean_up", lambda self, attempt: None)  # killed before its clean-up
-    committer.commit()
-    stale = [r for r in committed(out, "segments") if r["video_id"] == row["video_id"]]
-    assert stale and {r["run_id"] for r in stale} == {row["run_id"]}  # still in the table
-    build_from_output(store, model_id=row["model_id"])
-    engine = SearchEngine(out)
-    hits = engine.search("something moving", k=100, segments=True, per_video=100)
-    assert hits and row["video_id"] not in {h.video_id for h in hits}
-    assert len(hits) == len(committed(out, "segments")) - len(stale)
-
-
-def _commit_without_index_update(out: Path, row: dict, **changes: object) -> None:
-    """Commits a new version of `row`'s video as a run with ``--no-index`` would (or one killed before its index
-    update): the tables move on, the index stays at the versions it was built from."""
+def _commit_new_version(out: Path, row: dict, **changes: object) -> None:
+    """Commits a new version of `row`'s video (another ETag, `changes` on top) as a run does, without updating the
+    index: the tables move on, the index stays at the versions it was built from."""
     import pyarrow as pa
 
     from index.commits import Committer, Planner, WrittenBatch
@@ -250,6 +203,29 @@ def _commit_without_index_update(out: Path, row: dict, **changes: object) -> Non
     committer.commit()
 
 
+def test_segments_of_an_older_version_never_come_back(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed between its videos commit and its clean-up leaves the old version's segments next to the new
+    row (indexed again, too short for a segment): search counts a segment only while its video's row is ok and of
+    the run that made it."""
+    from index.commits import Committer
+
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    with_segments = {r["video_id"] for r in committed(out, "segments")}
+    row = next(r for r in committed(out, "videos") if r["video_id"] in with_segments)
+    monkeypatch.setattr(Committer, "_clean_up", lambda self, attempt: None)  # killed before its clean-up
+    _commit_new_version(out, row)
+    stale = [r for r in committed(out, "segments") if r["video_id"] == row["video_id"]]
+    assert stale and {r["run_id"] for r in stale} == {row["run_id"]}  # still in the table
+    build_from_output(open_store(str(out)), model_id=row["model_id"])
+    engine = SearchEngine(out)
+    hits = engine.search("something moving", k=100, segments=True, per_video=100)
+    assert hits and row["video_id"] not in {h.video_id for h in hits}
+    assert len(hits) == len(committed(out, "segments")) - len(stale)
+
+
 def test_a_video_whose_row_is_no_longer_ok_is_never_a_hit_while_the_index_is_behind(
     indexed: Path, tmp_path: Path
 ) -> None:
@@ -262,7 +238,7 @@ def test_a_video_whose_row_is_no_longer_ok_is_never_a_hit_while_the_index_is_beh
     query = np.asarray(row["embedding"], dtype=np.float32)
     query /= np.linalg.norm(query)
     assert row["video_id"] in {h.video_id for h in SearchEngine(out).search_vector(query, k=100)}
-    _commit_without_index_update(
+    _commit_new_version(
         out, row, status="not_a_video", embedding=None, labels=None, label_scores=None, thumbnail_jpeg=None
     )
     info = json.loads((out / "index" / "index_info.json").read_text())
