@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from jobs.config import config_from_args
-from jobs.ray_resources import stopped_by_sigterm
+from jobs.ray_resources import RayUnreachableError, stopped_by_sigterm
 from vitaclip.redact import install_log_redaction, redact_text, terminal_text
 
 
@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
         print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
         return 2
+    except RayUnreachableError as exc:  # the cluster may come back: not a configuration error
+        print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run's record says "interrupted"; its commits stay
         print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
         return 130

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vitaclip.redact import redact_url
+
 if TYPE_CHECKING:
     from jobs.evaluate import EvalSourceConfig
     from jobs.train import RayTrainConfig
@@ -81,6 +83,10 @@ def worker_soft_limit(cpus: int) -> int:
     return max(1, cpus) + EMBEDDED_IDLE_WORKERS
 
 
+class RayUnreachableError(ConnectionError):
+    """The Ray cluster a run was given (``--ray-address``, ``RAY_ADDRESS``) could not be reached."""
+
+
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:
     """Connects to Ray (``address``, else ``RAY_ADDRESS`` as set by ``ray job submit``) or starts an embedded local
     one with ``num_cpus`` CPUs (None: all cores); an already initialised Ray is used as it is. Returns its size."""
@@ -89,7 +95,12 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except ConnectionError as exc:  # a timeout or no cluster there: one line, not Ray's traceback
+                raise RayUnreachableError(
+                    f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}"
+                ) from None
         else:
             start_embedded_ray(num_cpus, log_to_driver=True)
         sigterm_to_python()

@@ -501,6 +501,28 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
+def test_a_ray_cluster_that_cannot_be_reached_is_one_line(tmp_path: Path) -> None:
+    """--ray-address naming a cluster that does not answer: Ray's client gives up after its timeout (about 30 s);
+    the run says so in one line and exits 1 (the cluster may come back), not with Ray's traceback."""
+    (tmp_path / "in").mkdir()
+    write_sample_video(tmp_path / "in" / "a.mp4", num_frames=12, fps=12, width=64, height=48)
+    argv = [str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--model", "vitaclip-demo"]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.index_videos", *argv, "--ray-address", "ray://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: cannot connect to the Ray cluster at ray://127.0.0.1:1: ray client connection timeout")
+    )
+
+
 def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "in").mkdir()
