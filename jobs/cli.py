@@ -323,9 +323,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
-    import ray
-
-    from jobs.ray_resources import sigterm_to_python, start_embedded_ray
+    from jobs.ray_resources import connect_ray, sigterm_to_python, start_embedded_ray
     from jobs.ray_serve import ServeOptions, run
 
     options = ServeOptions(
@@ -340,7 +338,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     # set up as the job's embedded one (replicas at the priority of the machine's other processes).
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+        connect_ray(address, include_dashboard=False, ignore_reinit_error=True)
     else:
         start_embedded_ray(None, ignore_reinit_error=True)
     sigterm_to_python()  # a stopped service ends through Python's handler, not Abseil's abort 3 s later

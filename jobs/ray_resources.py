@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,6 +89,46 @@ class RayUnreachableError(ConnectionError):
     """The Ray cluster a run was given (``--ray-address``, ``RAY_ADDRESS``) could not be reached."""
 
 
+RAY_ANSWER_WAIT_SECONDS = 15.0  # how long a cluster's address may refuse connections before a run gives up
+
+
+def check_ray_answers(address: str, *, wait_seconds: float = RAY_ANSWER_WAIT_SECONDS) -> None:
+    """Raises `RayUnreachableError` when nothing accepts a TCP connection at a ``host:port`` or ``ray://host:port``
+    address within `wait_seconds` (tried once a second: a head that is restarting gets that long). Ray itself
+    would retry a GCS address with nothing behind it for minutes before failing. Other forms (``auto``, a bare
+    host) are left to Ray."""
+    target = address.strip()
+    target = target[len("ray://") :] if target.lower().startswith("ray://") else target
+    host, sep, port = target.rstrip("/").rpartition(":")
+    if not sep or not host or "/" in target.rstrip("/") or not port.isdigit() or not 0 < int(port) < 65536:
+        return
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(1.0, min(5.0, wait_seconds))):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                reason = exc.strerror or type(exc).__name__
+                raise RayUnreachableError(
+                    f"cannot connect to the Ray cluster at {redact_url(address)}: nothing answered there for "
+                    f"{wait_seconds:g} s ({reason})"
+                ) from None
+        time.sleep(1.0)
+
+
+def connect_ray(address: str, **init_args: Any) -> None:
+    """``ray.init`` of the cluster at `address`; one that does not answer is a `RayUnreachableError` (one line,
+    not Ray's traceback or its minutes of retries)."""
+    import ray
+
+    check_ray_answers(address)
+    try:
+        ray.init(address=address, **init_args)
+    except ConnectionError as exc:  # a timeout or no cluster there: one line, not Ray's traceback
+        raise RayUnreachableError(f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}") from None
+
+
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:
     """Connects to Ray (``address``, else ``RAY_ADDRESS`` as set by ``ray job submit``) or starts an embedded local
     one with ``num_cpus`` CPUs (None: all cores); an already initialised Ray is used as it is. Returns its size."""
@@ -95,12 +137,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Clus
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            try:
-                ray.init(address=address, log_to_driver=True)
-            except ConnectionError as exc:  # a timeout or no cluster there: one line, not Ray's traceback
-                raise RayUnreachableError(
-                    f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}"
-                ) from None
+            connect_ray(address, log_to_driver=True)
         else:
             start_embedded_ray(num_cpus, log_to_driver=True)
         sigterm_to_python()

@@ -258,3 +258,36 @@ def test_the_video_tower_is_compiled_for_large_gpu_runs_only() -> None:
     )
     with pytest.raises(ValueError, match="embed_compile must be auto, on or off"):
         IndexJobConfig(inputs=["in"], output="out", model="vitaclip-demo", embed_compile="sometimes")
+
+
+def test_a_ray_address_is_checked_for_an_answer_before_ray_retries_it() -> None:
+    """`check_ray_answers`: an address where something listens passes at once; one where nothing does is
+    refused after the wait (tried again within it: a head that comes up in time is found); forms Ray resolves
+    itself are left to it."""
+    import socket
+    import threading
+
+    from jobs.ray_resources import RayUnreachableError, check_ray_answers
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f" RAY://127.0.0.1:{port}/"):
+            check_ray_answers(address, wait_seconds=0)
+    for address in ("auto", "local", "head-without-port", "127.0.0.1:notaport", "http://127.0.0.1:1/x"):
+        check_ray_answers(address, wait_seconds=0)  # nothing tried
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RayUnreachableError, match=rf"127\.0\.0\.1:{port}: nothing answered there for 0 s"):
+        check_ray_answers(f"127.0.0.1:{port}", wait_seconds=0)
+
+    late = socket.socket()
+    late.bind(("127.0.0.1", port))
+    threading.Timer(1.5, late.listen).start()  # the head comes up while the run waits
+    try:
+        check_ray_answers(f"127.0.0.1:{port}", wait_seconds=10)
+    finally:
+        late.close()
