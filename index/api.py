@@ -844,6 +844,60 @@ def _parser_refusal(status: HTTPStatus, message: str) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+_BUSY_BODY = json.dumps(
+    {"error": "the service is at its connection limit (--max-connections): try again shortly"}
+).encode()
+
+
+async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer past the connection limit, in place of uvicorn's plain-text one: JSON with the security headers,
+    ``retry-after``, and the connection closed."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_BUSY_BODY)).encode()),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+        *SECURITY_HEADERS,
+    ]
+    await send({"type": "http.response.start", "status": HTTPStatus.SERVICE_UNAVAILABLE.value, "headers": headers})
+    await send({"type": "http.response.body", "body": _BUSY_BODY})
+
+
+class _ConnectionLimit:
+    """A uvicorn protocol's part that answers requests past the server's ``limit_concurrency`` with `_busy`.
+    uvicorn's own check answers them with plain text and none of the security headers, without the app; the same
+    check is made here instead, and uvicorn's is turned off."""
+
+    app: Any
+    connections: set[Any]
+    tasks: set[Any]
+    logger: logging.Logger
+    limit_concurrency: int | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+
+    def _busy_now(self) -> bool:
+        limit = self.max_connections
+        return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+
+    def _start_request(self, start: Callable[[], None]) -> None:
+        """Runs uvicorn's request start (`start`) with `_busy` as the app while past the limit."""
+        if not self._busy_now():
+            start()
+            return
+        self.logger.warning("Exceeded concurrency limit.")
+        app, self.app = self.app, _busy
+        try:
+            start()
+        finally:
+            self.app = app
+
+    def handle_events(self) -> None:  # h11's request start
+        self._start_request(super().handle_events)  # type: ignore[misc]
+
+
 def guarded_protocol(
     header_timeout_seconds: float,
     parser: Literal["auto", "httptools", "h11"] = "auto",
@@ -875,7 +929,7 @@ def guarded_protocol(
         HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head larger than {max_head_bytes} bytes"
     )
 
-    class GuardedProtocol(_SendTimeout, _HeadSize, Base):  # type: ignore[misc]
+    class GuardedProtocol(_ConnectionLimit, _SendTimeout, _HeadSize, Base):  # type: ignore[misc]
         send_limit_seconds = send_timeout_seconds
         head_limit_bytes = max_head_bytes if counts_head else None
         head_refusal = refusal
@@ -895,9 +949,9 @@ def guarded_protocol(
             if waiting and not self.transport.is_closing():
                 self.transport.close()  # no request in progress: the head never came
 
-        def on_headers_complete(self) -> None:
+        def on_headers_complete(self) -> None:  # httptools' request start
             self._in_head = False
-            super().on_headers_complete()
+            self._start_request(super().on_headers_complete)
 
         def send_400_response(self, msg: str) -> None:  # the parser's refusals, answered as the app's are
             self.transport.write(_parser_refusal(HTTPStatus.BAD_REQUEST, msg))

@@ -67,7 +67,7 @@ class ServiceLimits:
             An upload decodes for up to 10 s: uploads alone could otherwise hold every slot and text searches get
             503.
         queue_timeout_seconds: a query that waited this long for a slot gets 503 with Retry-After.
-        max_connections: open connections and requests before uvicorn answers 503.
+        max_connections: open connections and requests before a new request gets 503 (JSON, with Retry-After).
         allowed_hosts: host names (``Host`` header, without the port) answered besides loopback names when the service
             listens on a loopback address; on any other address, when given, the only names answered. Others get
             400: a loopback service must not answer a page whose host name was re-pointed to it (DNS rebinding).

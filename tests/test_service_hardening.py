@@ -744,6 +744,40 @@ def test_requests_the_parser_refuses_are_answered_like_the_apps_refusals(service
             assert json.loads(body)["error"], body
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_requests_past_the_connection_limit_get_json_with_the_security_headers(
+    service: SearchService, parser: str
+) -> None:
+    """Past `max_connections` the answer is a 503 like the app's refusals (JSON, the security headers,
+    ``retry-after``), not uvicorn's plain text without them; once connections close, requests are served again."""
+    limits = ServiceLimits(max_connections=3)
+    with serving(SearchService(service.engines, limits=limits), parser=parser) as url:
+        address = host_port(url)
+        held = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # the server has taken them
+            answer = _raw_exchange(address, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        finally:
+            for sock in held:
+                sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 503"), answer[:300]
+        assert {
+            b"content-type: application/json",
+            b"connection: close",
+            b"retry-after: 1",
+            b"x-content-type-options: nosniff",
+            b"x-frame-options: deny",
+            b"referrer-policy: no-referrer",
+        } <= set(lines), head
+        assert "connection limit" in json.loads(body)["error"]
+        deadline = time.monotonic() + 10
+        while _health_status(url) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _health_status(url) == 200
+
+
 def test_a_request_with_two_host_headers_gets_400(service: SearchService) -> None:
     with serving(service) as url:
         address = host_port(url)
