@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import secrets
 import time
 import urllib.parse
 import uuid
@@ -131,6 +132,63 @@ def _str_hash(values: Iterable[str | None]) -> np.ndarray:
     )
 
 
+_WIDE = 64  # bytes of a string `_keyed_hash` mixes in numpy; longer strings (rare for ETags) go through blake2b
+_ROWS_PER_PASS = 1 << 15  # strings per numpy pass: bounds the pass's scratch memory to a few MB
+_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit reaches every output bit."""
+    h = (h ^ (h >> np.uint64(30))) * _M2
+    h = (h ^ (h >> np.uint64(27))) * _M3
+    return h ^ (h >> np.uint64(31))
+
+
+def _keyed_hash(values: pa.Array | pa.ChunkedArray, key: int) -> np.ndarray:
+    """A uint64 per string (0 for null), for equality tests inside one process: the string's length and its bytes,
+    8 at a time, mixed into a state that starts from `key` (random per `Planner`, so that which strings collide
+    cannot be worked out ahead). Reads the Arrow buffers directly: no Python object per row. Strings over
+    ``_WIDE`` bytes are hashed with blake2b keyed by `key`."""
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    array = array.cast(pa.string())
+    n = len(array)
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
+    lengths = np.diff(offsets)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    data_buffer = array.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data, np.zeros(_WIDE, np.uint8)])  # a string's padding may read past the last one
+    seed = np.uint64(key & (2**64 - 1))
+    short = np.flatnonzero(valid & (lengths <= _WIDE))
+    for start in range(0, len(short), _ROWS_PER_PASS):
+        rows = short[start : start + _ROWS_PER_PASS]
+        width = int(-(-int(lengths[rows].max(initial=0)) // 8) * 8)
+        h = _mix(seed ^ (lengths[rows].astype(np.uint64) * _M1))
+        if width:
+            columns = np.arange(width)
+            raw = data[offsets[rows, None] + columns]
+            raw[columns >= lengths[rows, None]] = 0
+            words = np.ascontiguousarray(raw).view("<u8")
+            for j in range(words.shape[1]):
+                h = _mix((h ^ words[:, j]) * _M1)
+        out[rows] = h | np.uint64(1)  # never 0, the null's value
+    long = np.flatnonzero(valid & (lengths > _WIDE))
+    if len(long):
+        salt = (key & (2**64 - 1)).to_bytes(8, "little")
+        out[long] = np.fromiter(
+            (
+                int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8, key=salt).digest(), "little") | 1
+                for v in array.take(pa.array(long)).to_pylist()
+            ),
+            dtype=np.uint64,
+            count=len(long),
+        )
+    return out
+
+
 def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A uint64 per video_id: the first 16 hex digits of a `video_id_for` id (24 hex digits), else a blake2b hash
     of it. Each id's hash depends on that id alone.
@@ -148,13 +206,15 @@ def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     out = np.zeros(n, dtype=np.uint64)
     if fast.any():
         data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
-        nibbles = _HEX[data[offsets[:-1][fast, None] + np.arange(16)]]
-        hexadecimal = ~np.any(nibbles == 255, axis=1)
-        shifts = np.arange(60, -4, -4, dtype=np.uint64)
-        out[np.flatnonzero(fast)[hexadecimal]] = np.bitwise_or.reduce(
-            nibbles[hexadecimal].astype(np.uint64) << shifts, axis=1
-        )
-        fast[np.flatnonzero(fast)[~hexadecimal]] = False
+        candidates = np.flatnonzero(fast)
+        for start in range(0, len(candidates), _ROWS_PER_PASS):
+            rows = candidates[start : start + _ROWS_PER_PASS]
+            nibbles = _HEX[data[offsets[rows, None] + np.arange(16)]]
+            hexadecimal = ~np.any(nibbles == 255, axis=1)
+            # Two hex digits per byte, the first the high one: 8 bytes read as a big-endian number.
+            pairs = np.ascontiguousarray((nibbles[hexadecimal, 0::2] << 4) | nibbles[hexadecimal, 1::2])
+            out[rows[hexadecimal]] = pairs.view(">u8")[:, 0]
+            fast[rows[~hexadecimal]] = False
     slow = np.flatnonzero(~fast)
     if len(slow):
         out[slow] = _str_hash(array.take(pa.array(slow)).to_pylist())
@@ -296,7 +356,8 @@ class Planner:
         attempts = pc.fill_null(keys.column("attempts"), 1).to_numpy(zero_copy_only=False)
         attempts = np.clip(attempts, 0, _MAX_COUNTED_ATTEMPTS).astype(np.uint8)
         id_hash = _id_hash(keys.column("video_id"))
-        etag_hash = _str_hash(keys.column("etag").to_pylist())
+        self._etag_key = secrets.randbits(64)
+        etag_hash = _keyed_hash(keys.column("etag"), self._etag_key)
         del keys
         order = np.argsort(id_hash, kind="stable")
         self._id_hash = id_hash[order]
@@ -383,7 +444,7 @@ class Planner:
         ]
         video_ids = [video_id_for(u) for u in uris]
         id_hash = _id_hash(pa.array(video_ids, pa.string()))
-        etag_hash = _str_hash(etags)
+        etag_hash = _keyed_hash(pa.array(etags, pa.string()), self._etag_key)
         lo = np.searchsorted(self._id_hash, id_hash, side="left")
         hi = np.searchsorted(self._id_hash, id_hash, side="right")
         seg_lo = np.searchsorted(self._seg_hash, id_hash, side="left")

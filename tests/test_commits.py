@@ -1055,3 +1055,48 @@ def test_planner_names_committed_videos_the_listing_left_out_under_a_scope(local
     assert planner.missing(["s3://in/"]).num_rows == 0  # rows that say deleted are left alone
     planned = planner(listing({3: "e3-back"}))  # a video put back is indexed again
     assert list(planned["video_id"]) == [vid(3)]
+
+
+def test_the_planners_etag_hash_tells_strings_apart_without_a_python_object_per_row() -> None:
+    """`_keyed_hash`: equal strings, equal values wherever they sit (sliced arrays, chunks, passes); different
+    strings, different values; null 0 and nothing else 0; strings past the numpy width hashed the same way every
+    time; another key, other values."""
+    from index.commits import _ROWS_PER_PASS, _WIDE, _keyed_hash
+
+    rng = np.random.default_rng(7)
+    n = _ROWS_PER_PASS * 2 + 123  # several passes
+    lengths = rng.integers(0, _WIDE + 20, n)
+    alphabet = np.array(list('0123456789abcdef-"\x00é'))
+    strings = ["".join(rng.choice(alphabet, k)) for k in lengths]
+    strings[:6] = ["", "\x00", "\x00\x00", "a", "a\x00", '"d41d8cd98f00b204e9800998ecf8427e"']
+    values: list[str | None] = [*strings, None]
+    key = 123456789
+    whole = _keyed_hash(pa.array(values, pa.string()), key)
+    assert whole[-1] == 0 and np.all(whole[:-1] != 0)
+    distinct = dict(zip(strings, whole[:-1].tolist(), strict=True))
+    assert len(set(distinct.values())) == len(distinct)  # no two different strings collide
+    assert [distinct[s] for s in strings] == whole[:-1].tolist()  # equal strings, equal values
+    sliced = pa.array(values, pa.string()).slice(1000, 5000)
+    assert np.array_equal(_keyed_hash(sliced, key), whole[1000:6000])
+    chunked = pa.chunked_array([pa.array(values[:777], pa.string()), pa.array(values[777:], pa.string())])
+    assert np.array_equal(_keyed_hash(chunked, key), whole)
+    assert np.array_equal(_keyed_hash(pa.array(values, pa.large_string()), key), whole)
+    reordered = _keyed_hash(pa.array(values[::-1], pa.string()), key)
+    assert np.array_equal(reordered, whole[::-1])
+    other = _keyed_hash(pa.array(values, pa.string()), key + 1)
+    assert np.count_nonzero(other[:-1] == whole[:-1]) == 0
+    assert np.array_equal(_keyed_hash(pa.array([], pa.string()), key), np.zeros(0, np.uint64))
+    assert np.array_equal(_keyed_hash(pa.array([None, None], pa.string()), key), np.zeros(2, np.uint64))
+
+
+def test_video_id_hashes_are_the_ids_first_16_hex_digits_across_passes() -> None:
+    from index.commits import _ROWS_PER_PASS, _id_hash, _str_hash
+
+    ids: list[str | None] = [video_id_for(f"/videos/{i}.mp4") for i in range(_ROWS_PER_PASS + 50)]
+    odd = ["ABCDEF0123456789abcdef01", "g" * 24, "short", "0" * 24, None]
+    values = pa.array(ids + odd, pa.string())
+    hashes = _id_hash(values)
+    assert hashes[: len(ids)].tolist() == [int(v[:16], 16) for v in ids if v is not None]
+    assert hashes[len(ids) : -1].tolist() == [*_str_hash(odd[:3]).tolist(), 0]  # blake2b unless lowercase hex
+    assert hashes[-1] == _str_hash([None])[0] == 0
+    assert np.array_equal(_id_hash(values.slice(7, 40_000)), hashes[7:40_007])
