@@ -269,7 +269,7 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         help="s3://bucket/prefix, local folders, or manifests (.txt, .csv, .csv.gz, .parquet, an S3 Inventory "
         "manifest.json)",
     )
-    p.add_argument("--output", help="output folder or s3://bucket/prefix")
+    p.add_argument("--output", help="output folder, or s3://bucket/prefix (gs://, az:// too)")
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
     p.add_argument("--model", help="registered model name or JSON config")
     p.add_argument("--checkpoint", help="model weights: official .pth, OpenAI/open_clip, or a vitaclip folder")
@@ -376,10 +376,21 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    out = load_yaml_mapping(path)
-    for name in out:
+    """A ``--config`` file's options. Its keys are the flags' names (``top_k`` or ``top-k``, ``no_index: true``,
+    ``prune_scope``) or the config's fields (``build_index: false``, ``prune_scopes``)."""
+    out: dict[str, Any] = {}
+    for key, value in load_yaml_mapping(path).items():
+        name = str(key).replace("-", "_")
+        if name == "no_index":
+            if not isinstance(value, bool):
+                raise ValueError(f"{path}: no_index must be true or false, got {value!r}")
+            name, value = "build_index", not value
+        name = "prune_scopes" if name == "prune_scope" else name
         if name not in _FIELDS and name != "inputs":
-            raise ValueError(f"{path}: unknown option {name!r}; allowed: {sorted(_FIELDS)}")
+            raise ValueError(f"{path}: unknown option {key!r}; allowed: {sorted(_FIELDS)}")
+        if name in out:
+            raise ValueError(f"{path}: {key!r} repeats an option given under another name")
+        out[name] = value
     return out
 
 

@@ -23,14 +23,13 @@ def test_models_lists_registry(capsys) -> None:
 def test_label_prints_json_and_status_for_bad_files(tmp_path: Path, capsys) -> None:
     video = write_sample_video(tmp_path / "v.mp4", num_frames=24, fps=12, width=96, height=72, pattern="shape")
     (tmp_path / "bad.mp4").write_bytes(b"")
-    rc = main(
-        ["label", str(video), str(tmp_path / "bad.mp4"), "--model", "vitaclip-tiny", "--random-weights", "--top-k", "2"]
-        + ["--json"]
-    )
+    inputs = [str(video), str(tmp_path / "bad.mp4"), str(tmp_path / "never-there.mp4")]
+    rc = main(["label", *inputs, "--model", "vitaclip-tiny", "--random-weights", "--top-k", "2", "--json"])
     results = json.loads(capsys.readouterr().out)
     assert rc == 1  # one input failed
     assert results[0]["status"] == "ok" and len(results[0]["labels"]) == 2 and len(results[0]["pts_seconds"]) == 8
     assert results[1]["status"] == "empty"
+    assert results[2]["status"] == "not_found" and "never there" in results[2]["error_message"]
 
 
 def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -94,6 +93,8 @@ def test_misspelt_model_is_named_before_checkpoint_advice(tmp_path: Path, capsys
         ("inputs: 5\n", "inputs must be a list of strings (or one string), got int"),
         ("extensions: {mp4: 1}\n", "extensions must be a list of strings (or one string), got dict"),
         ("prune_missing: true\nprune_scopes: 5\n", "prune_scopes must be a list of strings (or one string), got int"),
+        ("no_index: 1\n", "no_index must be true or false, got 1"),
+        ("no_index: true\nbuild_index: true\n", "'build_index' repeats an option"),
     ],
 )
 def test_bad_config_files_are_one_clear_line(tmp_path: Path, capsys, yaml_text: str, expected: str) -> None:
@@ -103,6 +104,24 @@ def test_bad_config_files_are_one_clear_line(tmp_path: Path, capsys, yaml_text: 
     assert main([*argv, str(config)]) == 2
     line = _one_line_error(capsys)
     assert expected in line and str(config) in line
+
+
+def test_config_file_keys_may_be_the_flags_names(tmp_path: Path) -> None:
+    """`--config` takes the flags' names as keys (`no-index`, `prune_scope`, `top-k`), as `--help` says, as well
+    as the config's own fields."""
+    from jobs.config import config_from_args
+
+    config = tmp_path / "job.yaml"
+    argv = [str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-demo", "--config", str(config)]
+    config.write_text("no_index: true\nprune-missing: true\nprune_scope: [s3://b/p]\ntop-k: 4\n")
+    made = config_from_args(argv)
+    assert (made.build_index, made.prune_missing, made.prune_scopes, made.top_k) == (False, True, ("s3://b/p",), 4)
+    config.write_text("build_index: false\nprune_missing: true\nprune_scopes: s3://b/p\n")
+    made = config_from_args(argv)
+    assert (made.build_index, made.prune_scopes) == (False, ("s3://b/p",))
+    config.write_text("no-index: false\n")
+    assert config_from_args(argv).build_index is True
+    assert config_from_args([*argv, "--no-index"]).build_index is False  # flags override the file
 
 
 def test_missing_config_file_is_one_clear_line(tmp_path: Path, capsys) -> None:
