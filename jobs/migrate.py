@@ -13,10 +13,12 @@ landed already (its app transaction ``vitaclip-migrate`` at the record's number)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,8 +164,20 @@ def _finish(store: Store, location: dlt.OutputLocation, report: dict[str, Any]) 
             store.delete(rel)
             deleted += 1
     report["deleted_old_files"] = deleted
+    for old in (_STAGING, _COMMITS):  # a local output's old folders, now empty (object stores have none)
+        folder = store.local_path(old)
+        if folder is not None and folder.is_dir() and not folder.is_symlink():
+            _remove_empty_folders(folder)
     log.info("migrated %s: %s", location.url, report)
     return report
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """`root` and the folders under it that are empty, deepest first; a folder that holds anything stays."""
+    folders = [p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()]
+    for folder in [*sorted(folders, key=lambda p: len(p.parts), reverse=True), root]:
+        with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+            folder.rmdir()
 
 
 def rows_per_model(store: Store) -> dict[str, int]:
