@@ -229,8 +229,10 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     from index.service import single_query_threads
 
-    if bool(args.query) == (args.like is not None):
+    if args.query and args.like is not None:
         raise ValueError("give the text to search for, or --like FILE (a picture or a short clip), not both")
+    if not args.query and args.like is None:
+        raise ValueError("give the text to search for, or --like FILE (a picture or a short clip)")
     upload = _read_upload(args.like) if args.like is not None else None  # a wrong path: said before the model loads
     single_query_threads()
     engine = _engine(args)
@@ -366,6 +368,18 @@ def _version() -> str:
     return __version__
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one to name and its text does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if not action.option_strings or hidden or "default" in text:
+            return text
+        return f"{text} (default: {default})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitaclip", description="Vita-CLIP video embeddings, labels and search.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -411,9 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval-retrieval", help="text-to-video retrieval recall of a checkpoint", add_help=False)
 
     p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
-    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
     p.add_argument("--kind", default="auto", help="auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
-    p.add_argument("--recall-target", type=float, default=0.95)
+    p.add_argument(
+        "--recall-target",
+        type=float,
+        default=0.95,
+        help="recall at 10 that approximate kinds tune their search setting (nprobe, efSearch) to reach",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild instead of extending")
     p.add_argument("--model", default=None, help="the rows' model (default: the only one in the output)")
     p.add_argument("--checkpoint", default=None)
@@ -421,12 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_build_index)
 
     p = sub.add_parser("migrate", help="convert an output of the previous layout (_commits/) to Delta tables")
-    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
     p.add_argument("--s3-endpoint-url", default=None)
     p.set_defaults(func=_cmd_migrate)
 
     p = sub.add_parser("runs", help="the latest runs on an output: state, counts, errors, and its recorded settings")
-    p.add_argument("output", help="the job's output folder or s3:// prefix")
+    p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
     p.add_argument("--last", type=int, default=20, help="how many of the latest runs")
     p.add_argument("--json", action="store_true", help="the run records as JSON")
     p.add_argument("--s3-endpoint-url", default=None)
@@ -434,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_search_parser(sub)
     _add_serve_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _DefaultsShown
     return parser
 
 
@@ -445,12 +466,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_parser(sub: Any) -> None:
-    p = sub.add_parser("search", help="search the index by text")
-    p.add_argument("--index", required=True, help="the job's output folder or s3:// prefix")
+    p = sub.add_parser("search", help="search the index by text, or by a picture or clip (--like)")
+    p.add_argument("--index", required=True, help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
     _add_model_options(p)
     p.add_argument("query", nargs="*", help="the text to search for")
     p.add_argument("--like", metavar="FILE", help="search by a picture or a short clip instead of text")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="how many results")
     p.add_argument("--json", action="store_true")
     p.add_argument("--segments", action="store_true", help="search moments of long videos")
     p.add_argument("--label", default=None, help="only videos with this label among their top labels")
@@ -469,8 +490,8 @@ def _add_serve_parser(sub: Any) -> None:
         help="an output folder or s3:// prefix, named NAME in requests (?index=NAME); repeat for several outputs",
     )
     _add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535, 0 for any free one (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535, 0 for any free one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or clip query (MiB)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")

@@ -451,7 +451,7 @@ def _write_report(report: dict[str, Any], work: Path, final: Path) -> None:
 def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 95 minutes on 2 CPUs)")
+    b = sub.add_parser("build", help="generate, pretrain, train prompts, evaluate (about 105 minutes on 2 CPUs)")
     b.add_argument("--work", default="out/demo-build", help="working folder (worlds, CLIP, prompts, report)")
     b.add_argument("--install", action="store_true", help="replace the packaged vitaclip-demo checkpoint")
     b.add_argument(

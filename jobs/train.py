@@ -72,7 +72,9 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
     p.add_argument("--model", help="registered model name or JSON config (default: vitaclip-b16)")
     p.add_argument("--checkpoint", help="start from: OpenAI/open_clip CLIP weights or a Vita-CLIP checkpoint")
-    p.add_argument("--train-list", help="path,label list or Parquet manifest (local or s3://)")
+    p.add_argument(
+        "--train-list", help="path,label list, CSV with a header (captions) or Parquet manifest (local or s3://)"
+    )
     p.add_argument("--val-list", help="held-out list, evaluated every --eval-every steps")
     p.add_argument("--label-names", help="label set (kinetics400, hmdb51, ucf101) or a file, training order")
     p.add_argument("--data-root", help="prefix of relative list paths (folder or s3://bucket/prefix)")

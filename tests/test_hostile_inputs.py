@@ -121,7 +121,8 @@ def test_a_file_deleted_between_listing_and_reading_is_a_row(tmp_path: Path) -> 
         "size_bytes": np.asarray([v.size_bytes for v in listed]),
     }
     (out,) = stage(batch)  # the job's stage yields its rows in batches of whole videos
-    assert list(out["status"]) == ["not_found"] and "gone" in str(out["error_message"][0])
+    assert list(out["status"]) == ["not_found"]
+    assert str(out["error_message"][0]) == f"no file at {tmp_path / 'gone.mp4'}"
 
 
 # ----------------------------------------------------------------------------------------------- the service

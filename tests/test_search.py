@@ -164,7 +164,7 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert first["video_id"] == row["video_id"] and first["score"] > 0.99, first
     for argv, message in [
         (["--like", row["uri"], "words"], "not both"),
-        ([], "give the text to search for, or --like FILE"),
+        ([], "give the text to search for, or --like FILE (a picture or a short clip)\n"),  # neither: no "not both"
         (["--like", str(indexed / "missing.mp4")], "missing.mp4: No such file or directory"),
     ]:
         assert cli_main(["search", "--index", str(indexed), *argv]) == 2, argv
