@@ -430,7 +430,8 @@ def _ok_rows(
         schema = pa.schema([f for f in table_schema(table, 1) if f.name in columns])
         dataset = pads.dataset([f"{root}/{f}" for f in files], schema=schema, format="parquet", filesystem=filesystem)
     versioned = files is not None  # a full build needs no versions (and should not read them for every row)
-    rows = scan(dataset, ["row_id", "embedding", *(["run_id", "indexed_at"] if versioned else [])], condition)
+    wanted = ["row_id", "embedding", *(["run_id", "indexed_at"] if versioned else [])]
+    rows = scan(dataset, wanted, condition, where_columns=["model_id", *(["status"] if table == "videos" else [])])
     ids = rows.column("row_id").to_numpy().astype(np.int64)
     stamps = _versions(rows) if versioned else np.zeros(len(ids), object)
     emb = rows.column("embedding").combine_chunks()
@@ -473,7 +474,8 @@ def _removed_rows(
     # index stays at its version and the next update follows the log again, instead of a whole build now.
     try:  # the dataset's discovery already opens the files
         dataset = pads.dataset([f"{root}/{f}" for f in files], format="parquet", filesystem=filesystem)
-        rows = scan(dataset, ["row_id", "run_id", "indexed_at"], condition)
+        where = ["model_id", *(["status"] if table == "videos" else [])]
+        rows = scan(dataset, ["row_id", "run_id", "indexed_at"], condition, where_columns=where)
     except FileNotFoundError as exc:
         raise _FullBuild(f"a data file removed since the index's table version is gone (vacuumed): {exc}") from exc
     except pa.ArrowInvalid as exc:  # damaged on storage: which ids it held is unknown, the live files are not

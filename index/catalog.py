@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.delta_tables import OutputLocation
+from index.schema import plain_types
 from index.tables import data_files
 
 VIDEO_COLUMNS = (
@@ -106,7 +107,7 @@ class RowCatalog:
         groups = []
         parquet = self._open(self.files[file_index])
         for group in range(parquet.num_row_groups):
-            rows = parquet.read_row_group(group, columns=[*self.columns, "model_id"])
+            rows = plain_types(parquet.read_row_group(group, columns=[*self.columns, "model_id"]))
             rows = rows.filter(pc.equal(rows.column("model_id"), self.model_id)).drop_columns(["model_id"])
             if rows.num_rows:
                 groups.append((group, rows))
@@ -192,6 +193,7 @@ class RowCatalog:
         """(row ids, `column`) of this model's rows in one row group, and the bytes they hold."""
         file_index, row_group = self.groups[group]
         read = self._open(self.files[file_index]).read_row_group(row_group, columns=["row_id", "model_id", column])
+        read = plain_types(read)
         read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
         return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes
 

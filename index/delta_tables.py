@@ -37,7 +37,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from deltalake.transaction import AddAction, RemoveAction
 
 from index.s3 import StorageError
-from index.schema import schema_for
+from index.schema import plain_schema, plain_types, schema_for
 from vitaclip.redact import endpoint_without_userinfo, redact_text, refuse_object_userinfo
 
 SCHEMA_VERSION = 3
@@ -238,9 +238,20 @@ def pyarrow_dataset(location: OutputLocation, table: str, dt: DeltaTable) -> Any
 _PYTHON_READERS = 16
 
 
-def scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | None = None) -> pa.Table:
-    """``dataset.to_table(columns, filter=where)``, except on a filesystem written in Python (gs://, see
-    `_RangedGcsReads`): there each data file is scanned on a Python thread of the caller, several files at once.
+def scan(
+    dataset: ds.Dataset,
+    columns: list[str] | None,
+    where: pc.Expression | None = None,
+    *,
+    where_columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """``dataset.to_table(columns, filter=where)`` in the plain column types whatever types the files hold, and on a
+    filesystem written in Python (gs://, see `_RangedGcsReads`) each data file scanned on a Python thread of the
+    caller, several files at once.
+
+    Arrow cannot push a filter into a file whose columns are view types (``string_view``: other writers' files, see
+    `plain_types`): it has no kernel between such a file's statistics and the dataset's plain type. Then the
+    filter's columns (`where_columns`; None: all columns) are read with the others and the rows filtered here.
 
     Arrow's own scan threads hold what a Python file returns (its buffers, the file, the filesystem) and release it
     when they get the GIL again; a process that ends just after a read left some of it to be released during the
@@ -249,6 +260,20 @@ def scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | 
     ``use_threads=False``, a file's reader and what it holds are released by the thread that asked for it, before
     the read returns. Measured on the GCS emulator, reading the keys of 200 files: 3.2 s on 8 such threads, 2.4 s on
     16, 9.6 s on Arrow's threads; without pre-buffering (a request per column) 16.4 s."""
+    plain = plain_schema(dataset.schema)
+    if not plain.equals(dataset.schema):
+        dataset = dataset.replace_schema(plain)
+    try:
+        return _scan(dataset, columns, where)
+    except pa.ArrowNotImplementedError:
+        if where is None:
+            raise
+    wanted = None if columns is None or where_columns is None else [*columns, *set(where_columns) - set(columns)]
+    rows = _scan(dataset, wanted, None).filter(where)
+    return rows if columns is None else rows.select(columns)
+
+
+def _scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | None) -> pa.Table:
     if not _python_backed(getattr(dataset, "filesystem", None)):
         return dataset.to_table(columns=columns, filter=where)
     fragments = list(dataset.get_fragments(filter=where))
@@ -267,8 +292,10 @@ def scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression | 
 
 
 def read_file(filesystem: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet data file (some of its columns), read as `scan` reads it on a filesystem written in Python."""
-    return pq.read_table(path, columns=columns, filesystem=filesystem, use_threads=not _python_backed(filesystem))
+    """One Parquet data file (some of its columns) in the plain column types, read as `scan` reads it on a
+    filesystem written in Python."""
+    table = pq.read_table(path, columns=columns, filesystem=filesystem, use_threads=not _python_backed(filesystem))
+    return plain_types(table)
 
 
 def _python_backed(filesystem: pafs.FileSystem | None) -> bool:
@@ -472,7 +499,7 @@ def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | N
         model_id: Named in the error when an existing table holds another embedding size.
 
     Raises:
-        TableMismatchError: An existing table this vitaclip cannot write (see `check_table`).
+        TableMismatchError: An existing table this vitaclip cannot write (see `check_table`, `check_writable`).
     """
     versions: dict[str, int] = {}
     for table in TABLES:
@@ -497,6 +524,7 @@ def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | N
                 if dt is None:
                     raise
         check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
+        check_writable(dt, table)
         if schema_version(dt) < SCHEMA_VERSION:
             dt = _upgrade(location, table, dt)
             check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
@@ -592,6 +620,56 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
             f"(features {protocol.reader_features or []}); vitaclip reads version 1 tables"
         )
     return found_dim
+
+
+# Delta writer features a vitaclip commit honours (those below that change what a writer must do are checked by
+# their table property in `check_writable`); a table that needs any other is refused before a run writes to it.
+_WRITER_FEATURES_KNOWN = frozenset(
+    {
+        "appendOnly",
+        "invariants",
+        "checkConstraints",
+        "changeDataFeed",
+        "generatedColumns",
+        "identityColumns",
+        "timestampNtz",
+        "domainMetadata",
+    }
+)
+
+
+def check_writable(dt: DeltaTable, table: str) -> None:
+    """Raises `TableMismatchError` when a table that `check_table` accepted carries Delta writer settings a
+    vitaclip commit would break, typically set by an analyst's tool: append-only (the job replaces and deletes
+    rows), CHECK constraints (the job's files are not checked against them), the change data feed or row tracking
+    (the job writes neither change files nor row ids), or writer features this vitaclip does not know."""
+    where = dt.table_uri.rstrip("/")
+    config = {key.lower(): str(value).strip().lower() for key, value in dt.metadata().configuration.items()}
+    fix = f"unset it (DeltaTable({where!r}).alter) or give the job another --output"
+    if config.get("delta.appendonly") == "true":
+        raise TableMismatchError(
+            f"{where} is append-only (delta.appendOnly), but a run replaces and deletes rows: {fix}"
+        )
+    constraints = sorted(
+        key.removeprefix("delta.constraints.") for key in config if key.startswith("delta.constraints.")
+    )
+    if constraints:
+        raise TableMismatchError(
+            f"{where} has CHECK constraints ({', '.join(constraints)}), which a run's files are not checked against: "
+            f"drop them (DeltaTable({where!r}).alter.drop_constraint) or give the job another --output"
+        )
+    for key, what in (
+        ("delta.enablechangedatafeed", "the change data feed"),
+        ("delta.enablerowtracking", "row tracking"),
+    ):
+        if config.get(key) == "true":
+            raise TableMismatchError(f"{where} has {what} on ({key}), which a run does not write: {fix}")
+    unknown = sorted(set(dt.protocol().writer_features or ()) - _WRITER_FEATURES_KNOWN)
+    if unknown:
+        raise TableMismatchError(
+            f"{where} needs Delta writer features {unknown}, which this vitaclip does not write; give the job "
+            "another --output"
+        )
 
 
 def detect_old_layout(location: OutputLocation) -> bool:
@@ -829,6 +907,7 @@ def commit(
         raise CommitConflict(
             f"{location.table_uri(table)} is at version {latest.version()}, the commit was planned at {read_version}"
         )
+    check_writable(latest, table)  # settings an analyst changed while the run worked: refused, not retried
     _check_added_files_exist(location, table, adds)
     if removes:
         held = {urllib.parse.unquote(path) for path in pa.table(latest.get_add_actions()).column("path").to_pylist()}
@@ -1007,7 +1086,7 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
     paths = [f"{root}/{_relative_file(uri, table_uri, location.table_uri('videos'))}" for uri in uris]
     schema = pa.schema([f for f in table_schema("videos", 1) if f.name in (*KEY_COLUMNS, "model_id")])
     dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
-    scanned = scan(dataset, [*KEY_COLUMNS, "__filename"], pc.field("model_id") == model_id)
+    scanned = scan(dataset, [*KEY_COLUMNS, "__filename"], pc.field("model_id") == model_id, where_columns=["model_id"])
     prefix = f"{root}/"
     files = pc.utf8_slice_codeunits(scanned.column("__filename"), len(prefix))
     return pa.table(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -132,3 +133,35 @@ def check_schema(schema: pa.Schema, table: str) -> int:
     if not schema.remove_metadata().equals(expected.remove_metadata()):
         raise SchemaError(f"{table} table columns differ from schema version {SCHEMA_VERSION}")
     return embed_dim
+
+
+def plain_type(kind: pa.DataType) -> pa.DataType:
+    """`kind` with Arrow's view types (``string_view``, ``binary_view``, ``list_view``), also nested, replaced by
+    the plain ones the tables' schemas use."""
+    if kind == pa.string_view():
+        return pa.string()
+    if kind == pa.binary_view():
+        return pa.binary()
+    if pa.types.is_list_view(kind) or pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(plain_type(kind.value_type)))
+    if pa.types.is_large_list_view(kind) or pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(plain_type(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(plain_type(field.type)) for field in kind])
+    return kind
+
+
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with view types replaced by plain ones (`plain_type`)."""
+    return pa.schema([field.with_type(plain_type(field.type)) for field in schema], metadata=schema.metadata)
+
+
+_Columns = TypeVar("_Columns", pa.Table, pa.RecordBatch)
+
+
+def plain_types(table: _Columns) -> _Columns:
+    """`table` with its view-typed columns cast to the plain types. Other writers of a table (delta-rs's delete,
+    update and merge; polars) write ``string_view`` and ``binary_view`` columns, which Arrow's compute functions
+    and concatenation do not mix with the plain ones."""
+    schema = plain_schema(table.schema)
+    return table if schema.equals(table.schema) else table.cast(schema)

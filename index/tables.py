@@ -129,7 +129,8 @@ def read_table(
     row_filter = (pc.field("model_id") == model_id) if model_id is not None else None
     if where is not None:
         row_filter = where if row_filter is None else row_filter & where
-    data = scan(pyarrow_dataset(location, table, dt), read_columns, row_filter)
+    where_columns = ["model_id"] if where is None else None  # a caller's condition: its columns are not known
+    data = scan(pyarrow_dataset(location, table, dt), read_columns, row_filter, where_columns=where_columns)
     if wanted is not None and read_columns != wanted:
         data = data.select(wanted)
     return data

@@ -672,6 +672,66 @@ def test_read_keys_reads_only_key_columns_of_the_model(local: OutputLocation, mo
     assert dlt.read_keys(local, version=version, model_id="m3").num_rows == 0
 
 
+def test_files_other_writers_make_with_view_types_are_read(local: OutputLocation) -> None:
+    """delta-rs's delete, update and merge (also polars) rewrite data files with string_view and binary_view
+    columns. Arrow pushed the readers' model_id filter into them and failed ("no kernel matching (string,
+    string_view)"): the job's planning, search and index updates all crashed. They read them as the plain types."""
+    from index.build import _ok_rows, _removed_rows
+    from index.catalog import RowCatalog
+    from index.tables import read_table
+
+    first = dlt.write_data_file(local, "videos", video_rows(["a", "b", "c", "d"]), name=fresh_name())
+    add_files(local, "videos", [first])
+    table = DeltaTable(local.table_uri("videos"))
+    table.delete("video_id = 'b'")  # an analyst's delete: the file is rewritten without b
+    version = table.version()
+    (rewritten,) = dlt.data_file_paths(DeltaTable(local.table_uri("videos")))
+    kinds = pq.read_schema(f"{local.table_uri('videos')}/{rewritten}")
+    assert kinds.field("model_id").type == pa.string_view() and kinds.field("thumbnail_jpeg").type == pa.binary_view()
+
+    keys = dlt.read_keys(local, version=version, model_id="m1")
+    assert sorted(keys.column("video_id").to_pylist()) == ["a", "c", "d"]
+    assert keys.schema.field("video_id").type == pa.string()
+    rows = read_table(local, "videos", ["video_id", "thumbnail_jpeg"], model_id="m1")
+    assert rows is not None and sorted(rows.column("video_id").to_pylist()) == ["a", "c", "d"]
+    assert rows.schema.field("thumbnail_jpeg").type == pa.binary()
+    assert read_table(local, "videos", ["video_id"], model_id="m1", where=pc.field("status") == "ok").num_rows == 2
+    vectors, ids, _ = _ok_rows(local, "videos", "m1", version=version, files=[rewritten])
+    assert sorted(ids.tolist()) == [0, 2] and vectors.shape == (2, DIM)  # d failed: no embedding
+    removed, _ = _removed_rows(local, "videos", "m1", [first.path])
+    assert sorted(removed.tolist()) == [0, 1, 2]  # the ok rows of the file the delete removed
+    catalog = RowCatalog(local, "videos", "m1", ["row_id", "video_id", "status"], version=version)
+    assert sorted(catalog.rows.column("video_id").to_pylist()) == ["a", "c", "d"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.alter.set_table_properties({"delta.appendOnly": "true"}), "is append-only"),
+        (lambda t: t.alter.add_constraint({"no_deleted": "status <> 'deleted'"}), r"CHECK constraints \(no_deleted\)"),
+        (lambda t: t.alter.set_table_properties({"delta.enableChangeDataFeed": "true"}), "the change data feed on"),
+    ],
+)
+def test_tables_set_up_so_that_a_run_would_break_them_are_refused_before_writing(
+    local: OutputLocation, change: Any, message: str
+) -> None:
+    """Writer settings an analyst's tool puts on a table: refused when a run starts (`create_tables`) and at a
+    commit planned before they appeared, as a `TableMismatchError` (one line, no retries), committing nothing. An
+    append-only table made every commit fail as a lost race, retried for half a minute, after the other table had
+    committed; rows breaking a CHECK constraint were committed."""
+    versions = dlt.create_tables(local, DIM)
+    data_file = dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())
+    change(DeltaTable(local.table_uri("videos")))
+    changed = DeltaTable(local.table_uri("videos")).version()
+    with pytest.raises(TableMismatchError, match=message):
+        dlt.create_tables(local, DIM)
+    with pytest.raises(TableMismatchError, match=message):
+        dlt.commit(
+            local, "videos", adds=[data_file], removes=[], read_version=changed, app_id="t", app_version=1, metadata={}
+        )
+    assert DeltaTable(local.table_uri("videos")).version() == changed > versions["videos"]
+
+
 def test_rewrite_without_drops_exactly_the_given_ids(local: OutputLocation) -> None:
     original = dlt.write_data_file(local, "videos", video_rows(["a", "b", "c", "d"]), name=fresh_name())
     rewrite = dlt.rewrite_without(local, "videos", original.path, {"b", "d", "not-there"}, name=fresh_name())

@@ -62,7 +62,7 @@ from index.s3 import (
     storage_error,
     with_retries,
 )
-from index.schema import local_etag
+from index.schema import local_etag, plain_types
 from vitaclip.redact import has_object_userinfo, redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -822,6 +822,7 @@ def _parquet_rows(source: Any, *, where: str) -> Iterator[_ManifestRow]:
         columns = [name for name in _INVENTORY_COLUMNS if name in names]
         row = 1
         for batch in table.iter_batches(columns=columns, batch_size=4096):
+            batch = plain_types(batch)  # string_view columns (polars writes them) as plain strings
             yield from _inventory_batch_rows(batch, url_encoded=False, where=where, first_row=row)
             row += batch.num_rows
         return
