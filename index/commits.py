@@ -463,13 +463,17 @@ class Planner:
             if etags[i] is not None:
                 same = self._etag_hash[lo[i] : hi[i]] == etag_hash[i]
                 if np.any(((codes & _DONE_BIT) != 0) & same):
-                    self.counts["already_indexed"] += 1
-                    continue
-                tried = int(self._attempts[lo[i] : hi[i]][same].max(initial=0))
-                if self.max_attempts is not None and tried >= self.max_attempts:
-                    self.counts["attempts_exhausted"] += 1
-                    continue
-                attempt[i] = min(tried + 1, _MAX_COUNTED_ATTEMPTS)
+                    # Done, unless it has two rows (another writer appended a copy): indexed again, its commit
+                    # replaces both.
+                    if len(codes) == 1:
+                        self.counts["already_indexed"] += 1
+                        continue
+                else:
+                    tried = int(self._attempts[lo[i] : hi[i]][same].max(initial=0))
+                    if self.max_attempts is not None and tried >= self.max_attempts:
+                        self.counts["attempts_exhausted"] += 1
+                        continue
+                    attempt[i] = min(tried + 1, _MAX_COUNTED_ATTEMPTS)
             keep[i] = True
             current = sorted({self._files[int(c & _FILE_MASK)] for c in codes})
             segs = {path for path in current if path in self.segment_files}  # partners

@@ -1100,3 +1100,23 @@ def test_video_id_hashes_are_the_ids_first_16_hex_digits_across_passes() -> None
     assert hashes[len(ids) : -1].tolist() == [*_str_hash(odd[:3]).tolist(), 0]  # blake2b unless lowercase hex
     assert hashes[-1] == _str_hash([None])[0] == 0
     assert np.array_equal(_id_hash(values.slice(7, 40_000)), hashes[7:40_007])
+
+
+def test_a_video_with_two_rows_is_indexed_again_and_left_with_one(local: OutputLocation) -> None:
+    """A copy of a committed row appended by another writer (an analyst's `write_deltalake(mode="append")`): the
+    planner plans that video again although it is done, and the commit replaces both rows with one."""
+    from deltalake import write_deltalake
+
+    run(local, {k: f"e{k}" for k in range(3)}, "r1")
+    videos = DeltaTable(local.table_uri("videos"))
+    table = videos.to_pyarrow_table()
+    copy = table.filter(pa.array([v == vid(1) for v in table.column("video_id").to_pylist()]))
+    write_deltalake(local.table_uri("videos"), copy, mode="append")
+    assert Counter(DeltaTable(local.table_uri("videos")).to_pyarrow_table().column("video_id").to_pylist())[vid(1)] == 2
+
+    planner, _ = run(local, {k: f"e{k}" for k in range(3)}, "r2")
+    assert planner.counts["already_indexed"] == 2 and planner.counts["planned"] == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert rows[vid(1)]["run_id"] == "r2" and rows[vid(0)]["run_id"] == "r1"
+    planner, _ = run(local, {k: f"e{k}" for k in range(3)}, "r3")
+    assert planner.counts["planned"] == 0
