@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["submit"]:
         from jobs.submit import main as submit_main
 
-        return submit_main(argv[1:])
+        return submit_main(argv[1:], prog="vitaclip submit")
     if argv[:1] == ["train"]:
         from jobs.train import main as train_main
 

@@ -50,9 +50,9 @@ AGENT_WAIT_SECONDS = 60.0
 """How long to retry a submission that a just-started head refuses with "No available agent"."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vitaclip submit",
+        prog=prog,
         description="Submit the indexing job (python -m jobs.index_videos) to a Ray cluster.",
         epilog="Everything after `--` (or any argument not listed above) is a flag or input of the indexing job.",
         allow_abbrev=False,
@@ -77,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+def split_argv(argv: Sequence[str], prog: str = "python -m jobs.submit") -> tuple[argparse.Namespace, list[str]]:
     """This command's options, and the job's arguments (after ``--``, or whatever this parser does not know)."""
     argv = list(argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     if "--" in argv:
         cut = argv.index("--")
         return parser.parse_args(argv[:cut]), argv[cut + 1 :]
@@ -213,10 +213,10 @@ def wait_for_job(client: Any, submission_id: str, *, poll_seconds: float = 2.0) 
         time.sleep(poll_seconds)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit") -> int:
     """Submits the job; prints its submission id. With ``--wait``: 0 if it SUCCEEDED, 1 otherwise; 2: bad usage."""
     try:
-        args, job_args = split_argv(sys.argv[1:] if argv is None else argv)
+        args, job_args = split_argv(sys.argv[1:] if argv is None else argv, prog)
     except SystemExit as exc:  # argparse printed the usage
         return int(exc.code or 0) if isinstance(exc.code, int) else 2
     try:
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_env = build_runtime_env(args)
         headers = auth_headers(args.auth_token_file)
     except (OSError, ValueError) as exc:
-        print(f"vitaclip submit: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
 
     from ray.job_submission import JobSubmissionClient
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except Exception as exc:  # connection refused, authentication, a rejected runtime_env: one clear line
         failure = f"submitting to {args.address} failed: {type(exc).__name__}: {_server_reason(str(exc))}"
-        print(redact_text(f"vitaclip submit: error: {failure}"), file=sys.stderr)
+        print(redact_text(f"{prog}: error: {failure}"), file=sys.stderr)
         return 1
     print(f"submission id: {submission_id}", flush=True)
     if not args.wait:

@@ -174,6 +174,17 @@ def test_job_commands_show_the_command_typed(capsys, command: str, usage: str) -
     assert capsys.readouterr().out.startswith(f"usage: {usage}")
 
 
+def test_submit_help_names_the_command_typed(capsys) -> None:
+    from jobs.submit import main as submit_main
+
+    assert main(["submit", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: vitaclip submit")
+    assert submit_main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m jobs.submit")
+    assert submit_main(["--metadata", "novalue", "--", "in", "--output", "o"]) == 2
+    assert capsys.readouterr().err.startswith("python -m jobs.submit: error:")
+
+
 def test_eval_of_the_packaged_model_needs_no_checkpoint(tmp_path: Path, capsys) -> None:
     """The packaged model has weights: eval must not ask for --checkpoint (it fails later, on the missing list)."""
     rc = main(["eval", "--model", "vitaclip-demo", "--list", str(tmp_path / "missing.csv"), "--label-names", "demo"])
