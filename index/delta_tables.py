@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -238,6 +239,10 @@ def pyarrow_dataset(location: OutputLocation, table: str, dt: DeltaTable) -> Any
 _PYTHON_READERS = 16
 
 
+FILE_INDEX = "__fragment_index"
+"""A column `scan` can add: each row's data file as its position in ``dataset.files`` (int32)."""
+
+
 def scan(
     dataset: ds.Dataset,
     columns: list[str] | None,
@@ -279,9 +284,16 @@ def _scan(dataset: ds.Dataset, columns: list[str] | None, where: pc.Expression |
     fragments = list(dataset.get_fragments(filter=where))
     if not fragments:
         return dataset.to_table(columns=columns, filter=where)  # reads no file
+    # A fragment scanned alone is fragment 0 of its scan: its place in the dataset is added here.
+    wanted = columns if columns is None or FILE_INDEX not in columns else [c for c in columns if c != FILE_INDEX]
+    place = {path: i for i, path in enumerate(dataset.files)} if wanted is not columns else {}
 
     def read(fragment: ds.Fragment) -> pa.Table:
-        return fragment.to_table(schema=dataset.schema, columns=columns, filter=where, use_threads=False)
+        rows = fragment.to_table(schema=dataset.schema, columns=wanted, filter=where, use_threads=False)
+        if not place:
+            return rows
+        index = pa.array(np.full(rows.num_rows, place[fragment.path], np.int32))
+        return rows.add_column(columns.index(FILE_INDEX), FILE_INDEX, index)  # type: ignore[union-attr]
 
     if len(fragments) == 1:
         return read(fragments[0])
@@ -1074,7 +1086,7 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
 
     Returns:
         Columns video_id, etag, status, attempts (null in rows written before schema version 3), and file (the
-        data file's path relative to the table root).
+        data file's path relative to the table root, dictionary-encoded over every file the model may be in).
     """
     dt = open_table(location, "videos", version=version)
     if dt is None:
@@ -1083,15 +1095,25 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
     table_uri = dt.table_uri.rstrip("/")
     uris = dt.file_uris(file_pruning_predicate=[("model_id", "=", model_id)])
     filesystem, root = location.table_path("videos")
-    paths = [f"{root}/{_relative_file(uri, table_uri, location.table_uri('videos'))}" for uri in uris]
+    relative = [_relative_file(uri, table_uri, location.table_uri("videos")) for uri in uris]
     schema = pa.schema([f for f in table_schema("videos", 1) if f.name in (*KEY_COLUMNS, "model_id")])
+    paths = [f"{root}/{path}" for path in relative]
     dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
-    scanned = scan(dataset, [*KEY_COLUMNS, "__filename"], pc.field("model_id") == model_id, where_columns=["model_id"])
-    prefix = f"{root}/"
-    files = pc.utf8_slice_codeunits(scanned.column("__filename"), len(prefix))
+    scanned = scan(dataset, [*KEY_COLUMNS, FILE_INDEX], pc.field("model_id") == model_id, where_columns=["model_id"])
+    # The file of each row as a code into one list of paths: 4 bytes a row, not its path's string.
+    names = pa.array(relative, pa.string())
+    files = pa.chunked_array(
+        [pa.DictionaryArray.from_arrays(chunk, names) for chunk in scanned.column(FILE_INDEX).chunks],
+        pa.dictionary(pa.int32(), pa.string()),
+    )
     return pa.table(
         [*(scanned.column(name) for name in KEY_COLUMNS), files],
-        schema=pa.schema([*(schema.field(name) for name in KEY_COLUMNS), pa.field("file", pa.string(), False)]),
+        schema=pa.schema(
+            [
+                *(schema.field(name) for name in KEY_COLUMNS),
+                pa.field("file", pa.dictionary(pa.int32(), pa.string()), False),
+            ]
+        ),
     )
 
 

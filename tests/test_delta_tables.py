@@ -656,6 +656,7 @@ def test_read_keys_reads_only_key_columns_of_the_model(local: OutputLocation, mo
     monkeypatch.setattr(OutputLocation, "filesystem", lambda self: (pafs.PyFileSystem(counting), self.url))
     keys = dlt.read_keys(local, version=version, model_id="m1")
     assert keys.schema.names == ["video_id", "etag", "status", "attempts", "file"]
+    assert keys.schema.field("file").type == pa.dictionary(pa.int32(), pa.string())  # 4 bytes a row, not a path
     got = sorted(zip(*(keys.column(n).to_pylist() for n in keys.schema.names), strict=True))
     want = [("a", "etag-a", "ok", None, m1_a.path), ("b", "etag-b", "decode_error", None, m1_a.path)]
     want += [("c", "etag-c", "ok", None, m1_b.path)] * 5 + [("c", "etag-c", "decode_error", None, m1_b.path)]
@@ -692,6 +693,7 @@ def test_files_other_writers_make_with_view_types_are_read(local: OutputLocation
     keys = dlt.read_keys(local, version=version, model_id="m1")
     assert sorted(keys.column("video_id").to_pylist()) == ["a", "c", "d"]
     assert keys.schema.field("video_id").type == pa.string()
+    assert set(keys.column("file").to_pylist()) == {rewritten}
     rows = read_table(local, "videos", ["video_id", "thumbnail_jpeg"], model_id="m1")
     assert rows is not None and sorted(rows.column("video_id").to_pylist()) == ["a", "c", "d"]
     assert rows.schema.field("thumbnail_jpeg").type == pa.binary()
@@ -702,6 +704,17 @@ def test_files_other_writers_make_with_view_types_are_read(local: OutputLocation
     assert sorted(removed.tolist()) == [0, 1, 2]  # the ok rows of the file the delete removed
     catalog = RowCatalog(local, "videos", "m1", ["row_id", "video_id", "status"], version=version)
     assert sorted(catalog.rows.column("video_id").to_pylist()) == ["a", "c", "d"]
+    later = dlt.write_data_file(local, "videos", video_rows(["e"]), name=fresh_name())
+    both = dict(
+        zip(
+            *(
+                dlt.read_keys(local, version=add_files(local, "videos", [later]), model_id="m1").column(n).to_pylist()
+                for n in ("video_id", "file")
+            ),
+            strict=True,
+        )
+    )
+    assert both == {"a": rewritten, "c": rewritten, "d": rewritten, "e": later.path}  # each row's own file
 
 
 @pytest.mark.parametrize(
