@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from index.commits import Planner
 from index.delta_tables import OutputLocation
-from jobs.storage.listing import absolute_path
+from jobs.storage.listing import absolute_path, scope_prefixes
 
 if TYPE_CHECKING:
     from jobs.config import IndexJobConfig
@@ -77,7 +77,7 @@ class PlanActor:
             if "://" not in uri and not uri.startswith(self._folders):
                 self._other_local_dirs.add(os.path.dirname(uri))
         for scope in self._scopes:
-            self._listed_under[scope] += int(pc.sum(pc.starts_with(listed.column("uri"), scope)).as_py() or 0)
+            self._listed_under[scope] += int(np.sum(_under(listed.column("uri"), scope)))
         batch = {name: listed.column(name).to_numpy(zero_copy_only=False) for name in listed.column_names}
         planned = self.planner(batch)
         table = pa.table({name: pa.array(list(values)) for name, values in planned.items()})
@@ -95,7 +95,7 @@ class PlanActor:
         whole). Returns how many were planned, and the scopes left alone."""
         no_limit = self._prune_max >= 1.0
         scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
-        missing = self.planner.missing(scopes)
+        missing = self.planner.missing([prefix for scope in scopes for prefix in scope_prefixes(scope)])
         missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
         planned = self.plan(missing) if missing.num_rows else 0
         self.planner.counts["listed"] -= missing.num_rows
@@ -107,7 +107,7 @@ class PlanActor:
         prune share of its videos (recorded in `_held_back` for the run record and the exit status)."""
         keep = np.ones(len(uris), dtype=bool)
         for scope in scopes:
-            under = pc.starts_with(uris, scope).to_numpy(zero_copy_only=False)
+            under = _under(uris, scope)
             gone, listed = int(under.sum()), self._listed_under[scope]
             if gone > self._prune_max * (gone + listed):
                 keep &= ~under
@@ -181,3 +181,12 @@ def update_index(config: IndexJobConfig, model_id: str) -> dict[str, Any]:
 
     store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     return build_from_output(store, model_id=model_id, tune_queries=label_queries(config.model, config.checkpoint))
+
+
+def _under(uris: pa.Array | pa.ChunkedArray, scope: str) -> np.ndarray:
+    """Which `uris` are under a listed scope (`jobs.storage.listing.scope_prefixes`), as a bool mask."""
+    prefixes = scope_prefixes(scope)
+    mask = np.zeros(len(uris), dtype=bool)
+    for prefix in prefixes:
+        mask |= pc.starts_with(uris, prefix).to_numpy(zero_copy_only=False).astype(bool)
+    return mask

@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ from vitaclip.samples import write_sample_video
 
 LONG_NAME = "l" * 251 + ".mp4"  # 255 bytes, the most most file systems allow
 CRLF_NAME = "crlf\r\nX-Injected: yes.mp4"
+BAD_NAME = os.fsdecode(b"bad\xff\xfename.mp4")  # not valid UTF-8
+
+
+def _local_path(uri: str) -> str:
+    """A row's local path; a name that is not UTF-8 is in a ``file://`` URI, its bytes %-escaped."""
+    return os.fsdecode(urllib.parse.unquote_to_bytes(uri.removeprefix("file://"))) if uri.startswith("file:") else uri
 
 
 def _video(path: Path, seed: int) -> Path:
@@ -74,7 +81,7 @@ def traps(tmp_path_factory) -> dict[str, Any]:
     assert rc == 0
     table = tables.read_table(out, "videos")
     assert table is not None
-    rows = {os.path.relpath(r["uri"], src): r for r in table.to_pylist()}
+    rows = {os.path.relpath(_local_path(r["uri"]), src): r for r in table.to_pylist()}
     return {"root": root, "src": src, "out": out, "rows": rows, "elsewhere": elsewhere}
 
 
@@ -94,14 +101,15 @@ def test_every_odd_entry_is_a_row_with_a_status_and_the_run_commits(traps: dict[
         "loop.mp4": "broken_link",
         "dangling.mp4": "broken_link",
         "fifo.mp4": "not_a_file",
-        "bad\\xff\\xfename.mp4": "invalid_name",
+        BAD_NAME: "invalid_name",
     }
     assert {name: r["status"] for name, r in rows.items()} == expected
     for name, row in rows.items():
         if row["status"] != "ok":
             assert row["error_message"] and row["embedding"] is None, name
     assert "symbolic link loop" in rows["loop.mp4"]["error_message"]
-    assert "not valid UTF-8" in rows["bad\\xff\\xfename.mp4"]["error_message"]
+    assert "not valid UTF-8: " in rows[BAD_NAME]["error_message"]
+    assert rows[BAD_NAME]["uri"] == f"file://{traps['src']}/bad%FF%FEname.mp4"
     summary_files = list((traps["out"] / "runs").glob("*.json"))
     summary = json.loads(summary_files[0].read_text())
     assert summary["state"] == "committed" and summary["status"]["ok"] == 8

@@ -654,6 +654,8 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     others = make_videos(tmp_path / "other", 2, start=3, broken=False)
     dangling = tmp_path / "in" / "dangling.mp4"  # a row with status broken_link and no ETag
     dangling.symlink_to(tmp_path / "nowhere.mp4")
+    odd_name = os.fsencode(tmp_path / "in") + b"/odd\xff.mp4"  # a row with status invalid_name and a file:// URI
+    shutil.copyfile(kept[1], odd_name)
     out = tmp_path / "out"
     flags = ("--segment-seconds", "1.5")
     assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags) == 0
@@ -667,10 +669,10 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
         path.unlink()
     # Half of what `in` held is gone: past the default --prune-max (0.1), so nothing is pruned and the run exits 3.
     assert run([str(tmp_path / "in"), str(tmp_path / "other")], out, *flags, "--prune-missing") == 3
-    assert f"pruning held back under {tmp_path / 'in'}/: 2 of 4 videos no longer listed" in capsys.readouterr().err
+    assert f"pruning held back under {tmp_path / 'in'}/: 2 of 5 videos no longer listed" in capsys.readouterr().err
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert summary["state"] == "committed" and summary["counts"]["no_longer_listed"] == 0
-    assert summary["prune_held_back"] == [{"scope": f"{tmp_path / 'in'}/", "no_longer_listed": 2, "listed": 2}]
+    assert summary["prune_held_back"] == [{"scope": f"{tmp_path / 'in'}/", "no_longer_listed": 2, "listed": 3}]
     assert "deleted" not in {r["status"] for r in committed_videos(out).to_pylist()}
     caplog.clear()
     inputs = [str(tmp_path / "in"), str(tmp_path / "other")]
@@ -681,7 +683,7 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     assert summary["counts"]["no_longer_listed"] == 2 and summary["status"] == {"deleted": 2}
     assert summary["prune_left_alone"] == [f"{tmp_path / 'other'}/"]
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
-    assert len(rows) == 6 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
+    assert len(rows) == 7 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
     assert rows[str(dangling)]["status"] == "deleted"
     assert rows[str(gone_path)]["etag"] is None  # no object, no ETag (not the string "None")
     assert [rows[str(p)]["status"] for p in [*kept[1:], *others]] == ["ok"] * 4
@@ -716,6 +718,7 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
     assert [statuses[str(p)] for p in kept] == ["deleted", "ok", "deleted"]
     assert [statuses[str(p)] for p in others] == ["ok", "ok"]
+    assert statuses[f"file://{tmp_path / 'in'}/odd%FF.mp4"] == "deleted"  # under the scope though not UTF-8
 
 
 def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, tmp_path: Path, capsys) -> None:

@@ -209,6 +209,25 @@ def test_local_folder_walk_is_recursive_sorted_and_fingerprinted(tmp_path: Path)
     assert list(list_videos([str(tmp_path)]))[1].etag != videos[1].etag  # a touched file looks changed
 
 
+def test_a_name_that_is_not_utf8_never_shares_a_uri_with_another_file(tmp_path: Path) -> None:
+    """A file whose name holds the byte 0xff and one whose name spells that byte as the text ``\\xff``: two rows.
+    With ``\\x`` escapes both had the URI of the second, and the planner dropped one as listed twice. Its URI is a
+    ``file://`` URI with the bytes %-escaped; a manifest naming that URI names the same file."""
+    (tmp_path / "bad\\xff%FF.mp4").write_bytes(b"1")
+    with open(os.fsencode(tmp_path) + b"/bad\xff%FF.mp4", "wb") as f:
+        f.write(b"2")
+    videos = list(list_videos([str(tmp_path)]))
+    assert sorted((v.uri, v.status) for v in videos) == [
+        (str(tmp_path / "bad\\xff%FF.mp4"), ""),
+        (f"file://{tmp_path}/bad%FF%25FF.mp4", "invalid_name"),
+    ]
+    assert "not valid UTF-8: " in videos[1].error_message and "bad\\xff%FF.mp4" in videos[1].error_message
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"file://{tmp_path}/bad%FF%25FF.mp4\n")
+    (named,) = list_videos([str(manifest)])
+    assert named.uri == videos[1].uri  # the same file, the same row (refused: its %-escapes are not UTF-8)
+
+
 def test_symlinks_to_files_outside_a_listed_folder_are_not_read(tmp_path: Path) -> None:
     """A link inside the folder is followed; one out of it (a sibling whose name extends the folder's included) is a
     row with a status unless the listing is told to follow it. The folder may itself be reached through a link."""

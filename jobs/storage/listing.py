@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import quote, unquote, unquote_plus
 
 import botocore.exceptions
 import pyarrow as pa
@@ -317,8 +317,27 @@ def printable_path(path: str) -> str:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def listed_uri(path: str) -> str:
+    """The row URI of a listed local file: its path, or, for a path that is not valid UTF-8, a ``file://`` URI of its
+    bytes with %-escapes (``%`` itself as ``%25``). No valid path is a ``file://`` URI (manifests' are decoded), so
+    two files never share a URI: ``\\xff`` escapes would make ``bad<0xff>.mp4`` the name ``bad\\xff.mp4`` has."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path), safe="/")
+
+
+def scope_prefixes(scope: str) -> tuple[str, ...]:
+    """The URI prefixes of the rows under a listed scope (`listed_scopes`): a folder's rows include the ``file://``
+    URIs of its files whose names are not UTF-8 (`listed_uri`)."""
+    if not scope.startswith("/"):
+        return (scope,)
+    return scope, "file://" + quote(os.fsencode(scope), safe="/")
+
+
 def _odd(path: str, status: str, message: str) -> VideoObject:
-    return VideoObject(printable_path(path), "", UNKNOWN_SIZE, status=status, error_message=message)
+    return VideoObject(listed_uri(path), "", UNKNOWN_SIZE, status=status, error_message=message)
 
 
 def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str | None) -> Iterator[VideoObject]:
@@ -375,7 +394,7 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str |
             yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
             continue
         if printable_path(entry.path) != entry.path:
-            yield _odd(entry.path, "invalid_name", "the file name is not valid UTF-8 (shown with \\x escapes)")
+            yield _odd(entry.path, "invalid_name", f"the file name is not valid UTF-8: {printable_path(entry.path)}")
             continue
         yield VideoObject(entry.path, local_etag(st), st.st_size)
 
