@@ -25,7 +25,9 @@ from video_helpers import (
     ground_truth,
     trim_mp4_start,
     write_avi_with_b_frames,
+    write_concatenated_ts,
     write_indexed_video,
+    write_mkv_with_block_times,
 )
 
 from vitaclip.samples import (
@@ -335,6 +337,33 @@ def test_out_of_order_timestamps_fall_back_to_output_order(video_dir: Path) -> N
         assert stats.sequential_fallback
     views = decode_clips(path, Dense(4, stride=4, num_views=2), size=SIZE)
     assert [clip_indices(v.frames) for v in views] == [[0, 4, 8, 12], [47, 51, 55, 59]]
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled", "all equal"])
+def test_timestamps_that_cannot_be_display_times_are_numbered_in_output_order(video_dir: Path, order: str) -> None:
+    """Block times that run backwards, come in any order or are all one: each clip used to be the first frame in
+    the file, over and over. Such a stream's frames are numbered as they come out, at the nominal rate."""
+    times = {
+        "reversed": [83 * (23 - i) for i in range(24)],
+        "shuffled": [83 * int(i) for i in np.random.default_rng(0).permutation(24)],
+        "all equal": [0] * 24,
+    }[order]
+    path = write_mkv_with_block_times(video_dir / f"times-{order.replace(' ', '-')}.mkv", times, fps=12)
+    for source in (path, path.read_bytes()):  # demuxed whole, and read as a file object through the container index
+        stats = DecodeStats()
+        clip = decode_clip(source, Uniform(8), size=SIZE, stats=stats)
+        assert clip_indices(clip.frames) == [int((i + 0.5) * 24 / 8) for i in range(8)]
+        assert clip.end_seconds == pytest.approx(2.0) and stats.sequential_fallback
+
+
+def test_timestamps_that_start_again_mid_file_keep_every_part(video_dir: Path) -> None:
+    """`cat a.ts b.ts`: b's timestamps start at zero again. Only a's frames were ever picked, over a's duration."""
+    path = write_concatenated_ts(video_dir / "joined.ts", parts=2, frames_per_part=40, fps=2)
+    clip = decode_clip(path, Uniform(8), size=SIZE)
+    assert clip_indices(clip.frames) == [int((i + 0.5) * 80 / 8) for i in range(8)]
+    assert clip.end_seconds == pytest.approx(40.0)
+    windows = decode_clips(path, Windows(10.0), size=SIZE)
+    assert [w.start_seconds for w in windows] == [0.0, 10.0, 20.0, 30.0]
 
 
 def test_variable_frame_rate_uses_timestamps(make_video: Callable[..., Any]) -> None:

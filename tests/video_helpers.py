@@ -235,3 +235,82 @@ def trim_mp4_start(source: Path, out: Path, *, seconds: float) -> Path:
     struct.pack_into(">Ii", data, entry, *new)
     out.write_bytes(bytes(data))
     return out
+
+
+def _ebml_number(data: bytes | bytearray, offset: int, *, keep_marker: bool) -> tuple[int, int]:
+    """An EBML variable-length number at `offset`: (value, length). IDs keep their length marker, sizes drop it."""
+    length = 1
+    while length <= 8 and not data[offset] & (0x80 >> (length - 1)):
+        length += 1
+    value = int.from_bytes(data[offset : offset + length], "big")
+    return (value if keep_marker else value & ((1 << (7 * length)) - 1)), length
+
+
+def _block_times(data: bytes | bytearray, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
+    """(is a block's, offset, length) of the times in the Matroska clusters between `start` and `end`: each
+    cluster's timestamp, then its (Simple)Blocks' 16-bit timestamps relative to it, in file order."""
+    offset = start
+    while offset < end:
+        element, id_length = _ebml_number(data, offset, keep_marker=True)
+        size, size_length = _ebml_number(data, offset + id_length, keep_marker=False)
+        body = offset + id_length + size_length
+        if size == (1 << (7 * size_length)) - 1:  # unknown size: runs to the end of its parent
+            size = end - body
+        if element in (0x18538067, 0x1F43B675, 0xA0):  # Segment, Cluster, BlockGroup
+            yield from _block_times(data, body, body + size)
+        elif element == 0xE7:  # the cluster's timestamp
+            yield False, body, size
+        elif element in (0xA3, 0xA1):  # SimpleBlock, Block: track number, then the timestamp
+            yield True, body + _ebml_number(data, body, keep_marker=False)[1], 2
+        offset = body + size
+
+
+def write_mkv_with_block_times(path: Path, block_ms: list[int], *, fps: int = 12) -> Path:
+    """An intra-only (FFV1) Matroska video of ``len(block_ms)`` indexed frames whose blocks carry the given times
+    (milliseconds) in file order, as a broken muxer or a careless edit could leave them."""
+    from vitaclip.samples import render_frame
+
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for index in range(len(block_ms)):
+            frame = av.VideoFrame.from_ndarray(render_frame(index, width=128, height=96), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    times = list(_block_times(data, 0, len(data)))
+    blocks = [offset for is_block, offset, _ in times if is_block]
+    assert len(blocks) == len(block_ms), "one block per frame expected"
+    for is_block, offset, length in times:
+        if not is_block:
+            data[offset : offset + length] = bytes(length)  # every cluster at 0: block times are the times
+    for offset, ms in zip(blocks, block_ms, strict=True):
+        struct.pack_into(">h", data, offset, ms)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_concatenated_ts(path: Path, *, parts: int = 2, frames_per_part: int = 40, fps: int = 2) -> Path:
+    """MPEG-TS files of indexed frames joined byte by byte (``cat a.ts b.ts``): each part's timestamps start again
+    at zero, the frame index runs on across parts."""
+    from vitaclip.samples import render_frame
+
+    data = b""
+    for part in range(parts):
+        one = path.with_name(f"{path.stem}-part{part}.ts")
+        with av.open(str(one), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=fps, options={"qscale": "2"})
+            stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+            stream.codec_context.gop_size = 10
+            for index in range(frames_per_part):
+                picture = render_frame(part * frames_per_part + index, width=128, height=96)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        data += one.read_bytes()
+        one.unlink()
+    path.write_bytes(data)
+    return path

@@ -460,37 +460,61 @@ def _packets_end(all_pts: array, durations: array, header: Header) -> tuple[np.n
     return frame_pts, Fraction(last) + Fraction(last_duration), median_interval
 
 
+_MAX_REORDER = 32
+"""Packets a stream may show out of their decode order: a decoder holds at most 16 pictures back (H.264, HEVC)."""
+
+
+def _order_unreliable(pts: np.ndarray) -> bool:
+    """Whether timestamps in decode order (`pts`, [N]) cannot be a stream's presentation times: a packet further from
+    its place in presentation order than any decoder reorders (timestamps that restart, as in files concatenated
+    byte by byte, run backwards or jump far ahead), or most packets sharing a timestamp with another."""
+    if pts.size < 2:
+        return False
+    order = np.argsort(pts, kind="stable")  # [N]
+    displaced = np.abs(order - np.arange(pts.size)).max()
+    return bool(displaced > _MAX_REORDER) or 2 * np.unique(pts).size < pts.size
+
+
 def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
-    """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes."""
+    """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes.
+
+    Timestamps that cannot be presentation times (decode timestamps that go back, or `_order_unreliable`) are
+    dropped like absent ones: the packets are numbered in order at the nominal rate and the frames decoded in one
+    pass, numbered as they come out."""
     # Typed arrays, 8 bytes a packet: a hostile stream of millions of tiny packets must not cost 100 bytes each.
     pts_list = array("q")
     durations = array("q")
     key_list = array("q")
-    untimed = 0
-    untimed_keys = array("q")
+    count = 0
+    key_positions = array("q")  # keyframes' places among all packets, for a table numbered in packet order
+    last_dts: int | None = None
+    dts_back = False  # decode timestamps only grow in a stream whose timestamps mean anything
     for packet in _shown_packets(opened, deadline):
+        if packet.is_keyframe:
+            key_positions.append(count)
+        count += 1
+        if packet.dts is not None:
+            dts_back = dts_back or (last_dts is not None and packet.dts < last_dts)
+            last_dts = packet.dts
         pts = packet.pts if packet.pts is not None else packet.dts
         if pts is None:
-            if packet.is_keyframe:
-                untimed_keys.append(untimed)
-            untimed += 1
             continue
         pts_list.append(pts)
         durations.append(packet.duration or 0)
         if packet.is_keyframe:
             key_list.append(pts)
-    if not pts_list:
-        if untimed:
-            fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
-            return PacketTable(
-                pts=np.arange(untimed, dtype=np.int64),
-                keyframe_pts=np.asarray(untimed_keys, dtype=np.int64),
-                end_pts=Fraction(untimed),
-                median_interval=1.0,
-                time_base=1 / fps,
-                synthetic=True,
-            )
+    if not count:
         raise VideoDecodeError("truncated", "the video stream holds no packets")
+    if not pts_list or dts_back or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64)):
+        fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
+        return PacketTable(
+            pts=np.arange(count, dtype=np.int64),
+            keyframe_pts=np.asarray(key_positions, dtype=np.int64),
+            end_pts=Fraction(count),
+            median_interval=1.0,
+            time_base=1 / fps,
+            synthetic=True,
+        )
     frame_pts, end_pts, median_interval = _packets_end(pts_list, durations, opened.header)
     return PacketTable(
         pts=frame_pts,

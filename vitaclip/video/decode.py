@@ -373,6 +373,13 @@ class _Collector:
             self._end_of_stream()
             return
         pts = packet.pts if packet.pts is not None else packet.dts
+        if (
+            not self._number_frames
+            and packet.dts is not None
+            and self._max_dts is not None
+            and packet.dts < self._max_dts
+        ):
+            raise _TimestampsUnreliable(f"decode timestamp {packet.dts} after {self._max_dts}")  # all else assumes not
         if self._number_frames or (pts is None and not self._trust_keyframes):
             # Packet timestamps are meaningless (or absent) here: decode everything, output order decides.
             self._lookahead.append(packet)
@@ -469,12 +476,13 @@ class _Collector:
             )
         check_aspect(frame.width, frame.height, self._sar)
         self._stats.frames_decoded += 1
+        if self._latest is not None and pts < self._latest_pts:
+            # A decoder shows frames in presentation order: these timestamps are not presentation times.
+            raise _TimestampsUnreliable(f"frame at {pts} came out after {self._latest_pts}")
         if self._region_kf is not None and pts < self._region_kf:
             return  # a leading picture of an open GOP, shown before the keyframe we started from
-        if self._latest is not None and pts <= self._latest_pts:
-            if self._trust_keyframes and pts < self._latest_pts:
-                raise _TimestampsUnreliable(f"frame at {pts} came out after {self._latest_pts}")
-            return  # a repeated or out-of-order timestamp in a plain pass: keep the first
+        if self._latest is not None and pts == self._latest_pts:
+            return  # a repeated timestamp: keep the first
         # Frames come out in presentation order: every target before this frame is answered by the previous one.
         while self._head < len(self._pending) and self._pending[self._head] < pts:
             if self._latest is not None:
@@ -560,6 +568,16 @@ def _collect(
     _check_frame_bytes(opened.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
     views = plan_views(timeline, sampling)
     thresholds = sorted({int(t) for view in views for t in view.thresholds})
+
+    def renumbered() -> tuple[Timeline, list[View], list[int]]:
+        # Frames came out of order (for example B-frames in AVI, which stores no presentation times, or timestamps
+        # that run backwards): number the frames as the decoder shows them instead.
+        with reopen() as rescan:
+            numbered = _numbered_timeline(rescan.header, scan_packets(rescan, deadline=deadline))
+        _check_frame_bytes(rescan.header, numbered, sampling, size=size, square=square, limit=max_frame_bytes)
+        numbered_views = plan_views(numbered, sampling)
+        return numbered, numbered_views, sorted({int(t) for view in numbered_views for t in view.thresholds})
+
     if not timeline.synthetic:
         try:
             seeking = collector(opened, start_pts=timeline.start)
@@ -567,20 +585,19 @@ def _collect(
         except _SeekUnreliable:
             results = None
         except _TimestampsUnreliable:
-            # Frames came out of order (for example B-frames in AVI, which stores no presentation times): number the
-            # frames as the decoder shows them instead.
-            with reopen() as rescan:
-                timeline = _numbered_timeline(rescan.header, scan_packets(rescan, deadline=deadline))
-            _check_frame_bytes(rescan.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
-            views = plan_views(timeline, sampling)
-            thresholds = sorted({int(t) for view in views for t in view.thresholds})
+            timeline, views, thresholds = renumbered()
             results = None
     if results is None or all(r is None for r in results.values()):
         # No usable timestamps, seeking failed, or keyframe flags led nowhere: one plain pass from the start.
         stats.sequential_fallback = True
-        with reopen() as again:
-            options = {"trust_keyframes": False, "number_frames": timeline.synthetic}
-            results = collector(again, **options).run([(None, thresholds)])
+        try:
+            with reopen() as again:
+                options = {"trust_keyframes": False, "number_frames": timeline.synthetic}
+                results = collector(again, **options).run([(None, thresholds)])
+        except _TimestampsUnreliable:
+            timeline, views, thresholds = renumbered()
+            with reopen() as again:
+                results = collector(again, trust_keyframes=False, number_frames=True).run([(None, thresholds)])
     return _assemble(views, results, timeline), table
 
 
