@@ -13,7 +13,7 @@ from typing import Any
 from index.delta_tables import MAX_RETENTION_HOURS
 from jobs.storage import DEFAULT_VIDEO_EXTENSIONS
 from vitaclip.config import check_field_types, load_yaml_mapping
-from vitaclip.redact import redact_url, refuse_object_userinfo
+from vitaclip.redact import endpoint_without_userinfo, redact_url, refuse_object_userinfo
 
 DEFAULT_EXTENSIONS = tuple(sorted(DEFAULT_VIDEO_EXTENSIONS))
 
@@ -175,6 +175,8 @@ class IndexJobConfig:
             raise ValueError("give --output (a folder or s3://bucket/prefix)")
         for what, url in [("input", i) for i in self.inputs] + [("output", self.output)]:
             refuse_object_userinfo(url, what)
+        if self.s3_endpoint_url:  # userinfo dropped here: never recorded, logged or sent
+            object.__setattr__(self, "s3_endpoint_url", endpoint_without_userinfo(self.s3_endpoint_url))
         for name in ("top_k", "embed_workers", "decode_batch_size", "embed_batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

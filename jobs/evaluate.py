@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.ray_resources import init_ray, plan_decode_pool
-from vitaclip.redact import install_log_redaction, redact_text, redact_url
+from vitaclip.redact import endpoint_without_userinfo, install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("vitaclip.eval")
 
@@ -64,6 +64,10 @@ class EvalSourceConfig:
     num_cpus: int | None = None
     decode_workers: int | None = None
     decode_cpus: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.s3_endpoint_url:  # userinfo dropped here: never recorded, logged or sent
+            object.__setattr__(self, "s3_endpoint_url", endpoint_without_userinfo(self.s3_endpoint_url))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from index.service import SearchService, ServiceLimits, open_service, parse_index_specs, single_query_threads
+from vitaclip.redact import endpoint_without_userinfo
 
 DEPLOYMENT_NAME = "VitaclipSearch"
 
@@ -41,6 +42,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         parse_index_specs(self.indexes)  # names checked before any replica starts
+        if self.s3_endpoint_url:  # userinfo dropped here: never recorded, logged or sent
+            object.__setattr__(self, "s3_endpoint_url", endpoint_without_userinfo(self.s3_endpoint_url))
         if not math.isfinite(self.reload_seconds) or self.reload_seconds < 0:
             raise ValueError(f"reload_seconds must be a number >= 0 (0: never), got {self.reload_seconds}")
         if self.replicas < 1:

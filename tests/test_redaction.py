@@ -67,6 +67,15 @@ SECRET = "Sup3rSecretPass"
             "https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=***&Expires=1&Signature=***",
         ),
         ("https://h/v?keyframe=1&passenger=2&turkey=3", "https://h/v?keyframe=1&passenger=2&turkey=3"),
+        (
+            f"https://h/v?pass_word={SECRET}&passphrase=P&bearer=B&password=Q",
+            "https://h/v?pass_word=***&passphrase=***&bearer=***&password=***",
+        ),
+        # A presigned URL inside another URL's query, %-encoded: its secret pairs too.
+        (
+            f"https://app/login?next=%2Fk.mp4%3FX-Amz-Signature%3D{SECRET}%26max-keys%3D5&page=2",
+            "https://app/login?next=%2Fk.mp4%3FX-Amz-Signature%3D***%26max-keys%3D5&page=2",
+        ),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
@@ -77,6 +86,10 @@ def test_redact_url(url: str, expected: str) -> None:
 def test_redact_text_keeps_schemes_and_object_keys() -> None:
     text = f"endpoint http://AKIA:{SECRET}/x@minio:9000 failed; bare AKIA:{SECRET}/y@minio:9000; key s3://b/k@x.mp4"
     assert redact_text(text) == "endpoint http://***@minio:9000 failed; bare ***@minio:9000; key s3://b/k@x.mp4"
+
+
+def test_redact_text_masks_userinfo_whatever_stands_before_the_scheme() -> None:
+    assert redact_text(f"1http://u:{SECRET}@h/x and x1s3://AKIA:{SECRET}@b/k") == "1http://***@h/x and x1s3://***@b/k"
 
 
 def test_redact_text_keeps_the_punctuation_after_a_url() -> None:
@@ -194,7 +207,9 @@ def test_connection_errors_do_not_show_the_password(dummy_aws: None) -> None:
 
 def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dummy_aws: None) -> None:
     make_videos(tmp_path / "in", 2, broken=False)
-    endpoint = f"http://user:{SECRET}@127.0.0.1:{_closed_port()}"
+    # A password with a space in it: no pattern in free text can tell where it starts; the config drops it.
+    port = _closed_port()
+    endpoint = f"http://user:{SECRET} {SECRET}@127.0.0.1:{port}"
     out = tmp_path / "out"
     start_local_ray()
     try:
@@ -212,7 +227,7 @@ def test_job_summary_logs_and_errors_hold_no_password(tmp_path: Path, capfd, dum
     for path in summaries:
         text = path.read_text()
         assert SECRET not in text
-        assert json.loads(text)["config"]["s3_endpoint_url"].startswith("http://***@127.0.0.1:")
+        assert json.loads(text)["config"]["s3_endpoint_url"] == f"http://127.0.0.1:{port}"
 
 
 def test_an_endpoint_with_an_unencoded_password_is_refused_without_quoting_it() -> None:

@@ -20,7 +20,8 @@ MASK = "***"
 # after camelCase words are split with "_" ("accessKey" -> "access_Key"), so "monkey" is not a secret.
 _SECRET_PARAM = re.compile(
     r"(^|[-_.]|aws)(signature|sig|credentials?|security-token|token|access[-_]?token|api[-_]?key|apikey|key|password"
-    r"|passwd|pwd|pw|pass|secret|auth|authorization|session[-_]?token|code|jwt|assertion|hmac|ticket|j?session[-_]?id"
+    r"|pass[-_]?word|passwd|passphrase|pwd|pw|pass|secret|auth|authorization|bearer|session[-_]?token|code|jwt|assertion"
+    r"|hmac|ticket|j?session[-_]?id"
     r"|secret[-_]?key|access[-_]?key([-_]?id)?|private[-_]?key|auth[-_]?token|client[-_]?secret)$"
     r"|^(se|sp|sv|st|spr|sks|skoid|sktid)$",
     re.IGNORECASE,
@@ -32,9 +33,15 @@ _PATH_PARAM = re.compile(r";([^/;=]*)=([^/;]*)")
 # A URL inside free text: scheme://... up to whitespace or a quote/bracket. A scheme starts where a word does: tried
 # at every letter of a long word, the search would take time quadratic in its length.
 _URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
-# "scheme://user:password@" inside free text: the password may hold quotes and "/" (AWS secret keys do), which
-# end a URL above. The user part holds no "/", so "s3://bucket/a:b@c.mp4" (an object key) is not userinfo.
-_USERINFO_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.\-])([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@]*:[^\s@]*@")
+# "://user:password@" inside free text, whatever stands before it ("1http://u:pw@h" too): the password may hold
+# quotes and "/" (AWS secret keys do), which end a URL above. The user part holds no "/", so
+# "s3://bucket/a:b@c.mp4" (an object key) is not userinfo. A literal start: searched for, never tried everywhere.
+_USERINFO_IN_TEXT = re.compile(r"(://)[^\s/@]*:[^\s@]*@")
+# A secret pair of a %-encoded query inside a URL's query ("?next=...%3FX-Amz-Signature%3D<secret>"): the name up
+# to an encoded "=", the value up to an encoded "&" or ";" (or a plain one).
+_ENCODED_PAIR = re.compile(
+    r"((?:[^&;=%]|%(?!3[Dd]|26|3[Bb])[0-9A-Fa-f]{2})*)%3[Dd]((?:[^&;%]|%(?!26|3[Bb])[0-9A-Fa-f]{2})*)"
+)
 # userinfo without a scheme in front, e.g. "user:secret@host" in a netloc printed on its own (the secret may hold
 # "/", as AWS secret keys do).
 _BARE_USERINFO = re.compile(r"(?<![\w/@:])[^\s/@:'\"<>`]+:(?!//)[^\s@'\"<>`]+@(?=[\w.\-\[\]]+)")
@@ -59,6 +66,8 @@ def _mask_pairs(text: str, pairs: re.Pattern[str] = _QUERY_PAIR) -> str:
             return found.group(0)
         return found.group(0)[: found.start(2) - found.start(0)] + MASK
 
+    if pairs is _QUERY_PAIR and "%3" in text.upper():
+        text = _ENCODED_PAIR.sub(mask, text)
     return pairs.sub(mask, text)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from vitaclip.config import check_field_types
+from vitaclip.redact import endpoint_without_userinfo
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Sampling = Literal["uniform", "dense"]
@@ -158,6 +159,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if self.s3_endpoint_url:  # userinfo dropped here: never recorded, logged or sent
+            object.__setattr__(self, "s3_endpoint_url", endpoint_without_userinfo(self.s3_endpoint_url))
         if not self.caption_loss_weight >= 0:
             raise ValueError(f"caption_loss_weight must be >= 0, got {self.caption_loss_weight}")
         positive = ("steps", "batch_size", "micro_batch_size", "world_size", "stride", "save_every")
