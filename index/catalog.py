@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index.delta_tables import OutputLocation
+from index.delta_tables import OutputLocation, open_parquet
 from index.schema import plain_types
 from index.tables import data_files
 
@@ -99,13 +99,14 @@ class RowCatalog:
         self._cache_bytes = 0
         self._lock = threading.Lock()
 
-    def _open(self, name: str) -> pq.ParquetFile:
-        return pq.ParquetFile(self._filesystem.open_input_file(f"{self._folder}/{name}"))
+    def _open(self, name: str, columns: Sequence[str] = (), row_group: int | None = None) -> pq.ParquetFile:
+        """A data file to read `columns` of one row group (None: all) from."""
+        return open_parquet(self._filesystem, f"{self._folder}/{name}", columns, row_group)
 
     def _read(self, file_index: int) -> list[tuple[int, pa.Table]]:
         """(row group, its rows of this model) of one data file, the held columns only."""
         groups = []
-        parquet = self._open(self.files[file_index])
+        parquet = self._open(self.files[file_index], [*self.columns, "model_id"])
         for group in range(parquet.num_row_groups):
             rows = plain_types(parquet.read_row_group(group, columns=[*self.columns, "model_id"]))
             rows = rows.filter(pc.equal(rows.column("model_id"), self.model_id)).drop_columns(["model_id"])
@@ -192,7 +193,8 @@ class RowCatalog:
     def _read_cells(self, group: int, column: str) -> tuple[np.ndarray, pa.Array, int]:
         """(row ids, `column`) of this model's rows in one row group, and the bytes they hold."""
         file_index, row_group = self.groups[group]
-        read = self._open(self.files[file_index]).read_row_group(row_group, columns=["row_id", "model_id", column])
+        columns = ["row_id", "model_id", column]
+        read = self._open(self.files[file_index], columns, row_group).read_row_group(row_group, columns=columns)
         read = plain_types(read)
         read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
         return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes
