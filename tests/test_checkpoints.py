@@ -841,6 +841,7 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp
         (torch.bool, "another kind than the model's floats"),
         (torch.complex64, "another kind than the model's floats"),
         ("float8-nan", "NaN or infinity"),  # float8 has no isfinite of its own: was a NotImplementedError
+        ("float64-huge", "NaN or infinity"),  # finite in float64, infinity in the model's float32: loaded before
     ],
 )
 def test_weights_a_cast_would_change_or_that_are_not_finite_are_refused(
@@ -854,11 +855,23 @@ def test_weights_a_cast_would_change_or_that_are_not_finite_are_refused(
     elif value == "float8-nan":
         state[key] = state[key].to(torch.float8_e4m3fn)
         state[key][0, 0, 0, 0] = float("nan")
+    elif value == "float64-huge":
+        state[key] = state[key].to(torch.float64)
+        state[key][0, 0, 0, 0] = 1e300
     else:
         state[key] = state[key].to(value)
     torch.save(state, tmp_path / "clip.pth")
     with pytest.raises(CheckpointError, match=match):
         vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "clip.pth")
+
+
+def test_weights_past_the_range_of_a_half_precision_model_are_refused(tmp_path: Path) -> None:
+    state = {k: v.clone() for k, v in vitaclip.create_model("clip-tiny-frames").clip.state_dict().items()}
+    state["visual.conv1.weight"][0, 0, 0, 0] = 1e6  # float32; float16 ends at 65504
+    torch.save(state, tmp_path / "clip.pth")
+    assert vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "clip.pth") is not None
+    with pytest.raises(CheckpointError, match="NaN or infinity"):
+        vitaclip.create_model("clip-tiny-frames", checkpoint=tmp_path / "clip.pth", dtype=torch.float16)
 
 
 def test_deeply_wrapped_and_odd_official_checkpoints_are_checkpoint_errors(tmp_path: Path) -> None:

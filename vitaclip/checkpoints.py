@@ -555,18 +555,24 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 def _value_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
     """Tensors a cast would silently change (a complex, integer or boolean tensor for a float weight) or that hold
-    NaN or infinity: they load without an error and give NaN embeddings, written as ``ok`` rows."""
+    NaN or infinity once cast to the model's type (1e300 in float64 is infinity in float32, 1e6 in float16): they
+    load without an error and give NaN embeddings, written as ``ok`` rows."""
     wrong_dtype = sorted(
         f"{k}: {state[k].dtype} for {own[k].dtype}"
         for k in own
         if own[k].is_floating_point() and not state[k].is_floating_point()
     )
-    not_finite = sorted(k for k in own if state[k].is_floating_point() and not _all_finite(state[k]))
+    not_finite = sorted(
+        k
+        for k in own
+        if state[k].is_floating_point()
+        and not _all_finite(state[k].to(own[k].dtype) if own[k].is_floating_point() else state[k])
+    )
     parts = []
     if wrong_dtype:
         parts.append(f"tensors of another kind than the model's floats {wrong_dtype[:6]}")
     if not_finite:
-        parts.append(f"{len(not_finite)} tensors holding NaN or infinity {not_finite[:6]}")
+        parts.append(f"{len(not_finite)} tensors holding NaN or infinity (in the model's type) {not_finite[:6]}")
     return parts
 
 

@@ -137,6 +137,13 @@ def create_model(
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    if checkpoint is not None and dtype is not None:  # weights past the new type's range (float16: 65504)
+        weights = model.state_dict().items()
+        overflowed = sorted(k for k, t in weights if t.is_floating_point() and not t.isfinite().all())
+        if overflowed:
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: {len(overflowed)} tensors hold NaN or infinity in {dtype} {overflowed[:6]}"
+            )
     return model
 
 
