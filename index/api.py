@@ -707,6 +707,10 @@ def is_loopback_name(host: str) -> bool:
         return False
 
 
+# A Host header: a name (RFC 3986 reg-name characters), an IPv4 address or a bracketed IPv6 one, and a port.
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::([0-9]{0,5}))?")
+
+
 class HostCheck:
     """Answers 400 to a request whose ``Host`` names none of the allowed hosts (compared without the port).
 
@@ -721,10 +725,10 @@ class HostCheck:
         self.loopback = loopback
 
     def allows(self, host_header: str) -> bool:
-        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header  # name:port
-        if host.startswith("["):  # [v6]:port
-            host = host[: host.find("]") + 1]
-        host = host.strip("[]").lower()
+        authority = _HOST_HEADER.fullmatch(host_header)  # RFC 9110 7.2: uri-host [":" port], nothing else
+        if authority is None or (authority.group(2) and int(authority.group(2)) > 65535):
+            return False  # "127.0.0.1:80@evil.example", "localhost:99999"
+        host = authority.group(1).strip("[]").lower()
         return host in self.allowed or (self.loopback and is_loopback_name(host))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

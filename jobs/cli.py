@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -263,13 +264,24 @@ _MAX_LIKE_BYTES = 256 * 2**20
 def _read_upload(path: str) -> bytes:
     """The bytes of a picture or clip to search by (what ``POST /search/upload`` takes), at most 256 MiB."""
     try:
-        size = os.path.getsize(path)
-        if size > _MAX_LIKE_BYTES:
-            raise ValueError(f"--like {path}: {size:,} bytes, above {_MAX_LIKE_BYTES:,}: use a shorter clip")
-        with open(path, "rb") as f:
-            return f.read(_MAX_LIKE_BYTES + 1)
+        # Opened without waiting (a FIFO would block until a writer came) and checked to be a regular file.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ValueError(f"--like {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise ValueError(f"--like {path}: not a regular file (a FIFO, device or folder)")
+            if found.st_size > _MAX_LIKE_BYTES:
+                too_big = f"{found.st_size:,} bytes, above {_MAX_LIKE_BYTES:,}"
+                raise ValueError(f"--like {path}: {too_big}: use a shorter clip")
+            data = f.read(_MAX_LIKE_BYTES + 1)
+        except OSError as exc:
+            raise ValueError(f"--like {path}: {exc.strerror or exc}") from None
+    if len(data) > _MAX_LIKE_BYTES:
+        raise ValueError(f"--like {path}: more than {_MAX_LIKE_BYTES:,} bytes: use a shorter clip")
+    return data
 
 
 def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -162,10 +163,15 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert cli_main(["search", "--index", str(indexed), "--like", row["uri"], "-k", "3", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)[0]
     assert first["video_id"] == row["video_id"] and first["score"] > 0.99, first
+    fifo = indexed.parent / "fifo.mp4"
+    if not fifo.exists():
+        os.mkfifo(fifo)
     for argv, message in [
         (["--like", row["uri"], "words"], "not both"),
         ([], "give the text to search for, or --like FILE (a picture or a short clip)\n"),  # neither: no "not both"
         (["--like", str(indexed / "missing.mp4")], "missing.mp4: No such file or directory"),
+        (["--like", str(fifo)], "fifo.mp4: not a regular file"),  # opening it waited for a writer forever
+        (["--like", "/dev/zero"], "/dev/zero: not a regular file"),  # read 256 MiB before it was refused
     ]:
         assert cli_main(["search", "--index", str(indexed), *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -495,6 +495,10 @@ def test_host_check_on_other_addresses_answers_only_the_allowed_names() -> None:
     assert check.allows("search.example.com:443") and check.allows("SEARCH.example.com")
     assert check.allows("[fd00::5]:80")
     assert not check.allows("localhost") and not check.allows("127.0.0.1") and not check.allows("evil.example")
+    loopback = HostCheck(create_app, allowed=(), loopback=True)
+    assert loopback.allows("localhost:8000") and loopback.allows("[::1]") and loopback.allows("127.0.0.1:")
+    for odd in ("127.0.0.1:80@evil.example", "localhost:99999", "localhost:80:80", "local host", "[::1", ""):
+        assert not loopback.allows(odd), odd  # not a host and port: refused, whatever a proxy would make of it
 
 
 def test_host_checks_are_where_a_bind_address_needs_them() -> None:
