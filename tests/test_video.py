@@ -24,9 +24,11 @@ from video_helpers import (
     frame_at,
     ground_truth,
     trim_mp4_start,
+    with_display_matrix,
     write_avi_with_b_frames,
     write_concatenated_ts,
     write_indexed_video,
+    write_marked_mp4,
     write_mkv_with_block_times,
 )
 
@@ -306,6 +308,39 @@ def test_uniform_is_frame_exact_for_variants(make_video: Callable[..., Any], nam
     assert clip_indices(clip.frames) == expected_uniform(truth, info.duration_seconds, 8)
     assert (info.width, info.height) == (options.get("width", 128), options.get("height", 96))
     assert info.rotation == options.get("rotation", 0)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "corner", "rotation"),
+    [
+        ((1, 0, 0, 1), "top-left", 0),
+        ((0, 1, -1, 0), "top-right", 270),  # turned clockwise (a phone held upright)
+        ((-1, 0, 0, -1), "bottom-right", 180),
+        ((0, -1, 1, 0), "bottom-left", 90),
+        ((-1, 0, 0, 1), "top-right", 0),  # mirrored left to right (a front camera): was turned upside down
+        ((1, 0, 0, -1), "bottom-left", 180),  # mirrored top to bottom: was shown as stored
+        ((0, 0, 0, 0), "top-left", 0),  # no matrix at all: shown as stored (was turned a quarter)
+    ],
+)
+def test_display_matrices_turn_and_mirror_the_picture(
+    video_dir: Path, matrix: tuple[int, int, int, int], corner: str, rotation: int
+) -> None:
+    source = video_dir / "marked.mp4"
+    if not source.exists():
+        write_marked_mp4(source)
+    path = with_display_matrix(source, video_dir / f"matrix-{'_'.join(map(str, matrix))}.mp4", matrix)
+    frame = decode_clip(path, Uniform(1), size=32, crop="none").frames[0, ..., 0].astype(float)  # [H, W]
+    h, w = frame.shape
+    quarters = {
+        "top-left": frame[: h // 2, : w // 2],
+        "top-right": frame[: h // 2, w // 2 :],
+        "bottom-left": frame[h // 2 :, : w // 2],
+        "bottom-right": frame[h // 2 :, w // 2 :],
+    }
+    assert max(quarters, key=lambda name: quarters[name].mean()) == corner
+    assert (w < h) == (rotation in (90, 270))  # 64 x 32 stored
+    info = probe(path)
+    assert info.rotation == rotation and (info.width, info.height) == ((32, 64) if w < h else (64, 32))
 
 
 def test_non_square_pixels_are_displayed_wide(video_dir: Path) -> None:

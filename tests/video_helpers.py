@@ -314,3 +314,29 @@ def write_concatenated_ts(path: Path, *, parts: int = 2, frames_per_part: int = 
         one.unlink()
     path.write_bytes(data)
     return path
+
+
+def write_marked_mp4(path: Path, *, width: int = 64, height: int = 32) -> Path:
+    """An H.264 MP4 whose pictures are black with a white square in the top-left corner (orientation checks)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        picture = np.zeros((height, width, 3), np.uint8)
+        picture[: height // 4, : height // 4] = 255
+        for _ in range(6):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def with_display_matrix(source: Path, out: Path, matrix: tuple[int, int, int, int]) -> Path:
+    """A copy of an MP4 whose (first) track header holds the display matrix a, b, c, d (as -1, 0 or 1)."""
+    data = bytearray(source.read_bytes())
+    tkhd = next(_mp4_boxes(data, ["moov", "trak", "tkhd"]))
+    assert data[tkhd] == 0, "version 0 track header expected"
+    a, b, c, d = (v << 16 for v in matrix)  # 16.16 fixed point; u, v, w: 0, 0, 1 (2.30)
+    struct.pack_into(">9i", data, tkhd + 40, a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    out.write_bytes(bytes(data))
+    return out

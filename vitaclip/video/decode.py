@@ -52,7 +52,7 @@ from vitaclip.video.sampling import (
     clip_count,
     plan_views,
 )
-from vitaclip.video.transforms import frame_to_rgb, resized_size
+from vitaclip.video.transforms import display_rotation, frame_to_rgb, resized_size
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -501,7 +501,7 @@ class _Collector:
         rgb = self._converted.get(pts)
         if rgb is None:
             rgb = frame_to_rgb(frame, size=self._size, sample_aspect_ratio=self._sar, square=self._square)
-            self._stats.rotation = (round(frame.rotation / 90) % 4) * 90
+            self._stats.rotation = display_rotation(frame)
             self._converted[pts] = rgb
             self._stats.frames_converted += 1
         self._results[t] = (pts, rgb)

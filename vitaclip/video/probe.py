@@ -21,6 +21,7 @@ from vitaclip.video._container import (
     scan_packets,
 )
 from vitaclip.video.sampling import choose_duration
+from vitaclip.video.transforms import display_rotation
 
 __all__ = ["VideoInfo", "info_after_decode", "probe"]
 
@@ -79,7 +80,7 @@ def _first_frame_rotation(opened: OpenedVideo, deadline: Deadline) -> int:
         except av.error.FFmpegError:
             continue
         if frames:
-            return (round(frames[0].rotation / 90) % 4) * 90
+            return display_rotation(frames[0])
     return 0
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from av.video.frame import VideoFrame
@@ -51,11 +52,53 @@ def frame_to_rgb(
     if square:
         top, left = (out_height - size) // 2, (out_width - size) // 2
         crop = rgb[top : top + size, left : left + size]  # [size, size, 3]
-    # The display matrix turns the stored picture counter-clockwise, as np.rot90 does for positive k.
-    turns = round(frame.rotation / 90) % 4
-    if turns:
-        crop = np.rot90(crop, k=turns)
+    transpose, flip_columns, flip_rows = display_transform(frame)
+    if transpose:
+        crop = crop.transpose(1, 0, 2)
+    if flip_columns:
+        crop = crop[:, ::-1]
+    if flip_rows:
+        crop = crop[::-1]
     return np.ascontiguousarray(crop)
+
+
+def display_transform(frame: VideoFrame) -> tuple[bool, bool, bool]:
+    """How the frame's display matrix shows the stored picture: (transpose, then flip columns, then flip rows).
+
+    The matrix maps a stored pixel (x, y) to x' = a x + c y, y' = b x + d y (FFmpeg's display matrix). Turns and
+    mirror images (front cameras) are those with a, d = +-1 and b = c = 0, or the reverse; any other matrix (all
+    zeros, a turn by another angle) is ignored, as players show such pictures as stored."""
+    matrix = _display_matrix(frame)
+    scale = max((abs(v) for v in matrix), default=0.0) if matrix is not None else 0.0
+    if matrix is None or not 0 < scale < math.inf:
+        return False, False, False
+    a, b, c, d = (0 if abs(v) < 0.01 * scale else (1 if v > 0 else -1) for v in matrix)
+    if a and d and not b and not c:
+        return False, a < 0, d < 0
+    if b and c and not a and not d:
+        return True, c < 0, b < 0
+    return False, False, False
+
+
+def display_rotation(frame: VideoFrame) -> int:
+    """The turn the frame's display matrix applies, in degrees counter-clockwise (0, 90, 180 or 270; a picture
+    stored upright on its side). A mirror image reports the turn that leaves it mirrored left to right."""
+    transpose, flip_columns, flip_rows = display_transform(frame)
+    if transpose:
+        return 270 if flip_columns else 90
+    return 180 if flip_rows else 0
+
+
+def _display_matrix(frame: VideoFrame) -> tuple[float, float, float, float] | None:
+    """(a, b, c, d) of the frame's display matrix (16.16 fixed point), or None when it has none."""
+    found: Any = frame.side_data.get("DISPLAYMATRIX")
+    if found is None:
+        return None
+    raw = bytes(found)  # the side data's buffer
+    if len(raw) < 36:
+        return None
+    values = np.frombuffer(raw[:36], dtype="<i4").astype(np.float64) / 65536.0
+    return float(values[0]), float(values[1]), float(values[3]), float(values[4])
 
 
 def frames_to_tensor(
