@@ -81,6 +81,11 @@ class TableUnreadableError(ValueError):
     not support."""
 
 
+class DataFilesMissingError(TableUnreadableError):
+    """A table version names data files that are gone from the storage (deleted by hand, by another tool, or by a
+    vacuum that outran a commit): no reader can read it until they are removed from the table."""
+
+
 class CommitConflict(RuntimeError):
     """Another writer committed to the table since the version a commit was planned against."""
 
@@ -1038,8 +1043,9 @@ def commit(
 
 
 # Files younger than this cannot have been vacuumed: vacuum's retention is whole hours, at least one (the job turns
-# vacuum off at 0); ten minutes of it allow for the storage's clock running ahead of this one.
-_VACUUM_SAFE_AGE_MS = 50 * 60 * 1000
+# vacuum off at 0); half an hour of it allows for the storage's clock running ahead of this one (S3 refuses requests
+# signed more than 15 minutes off its clock).
+_VACUUM_SAFE_AGE_MS = 30 * 60 * 1000
 
 
 def _check_added_files_exist(location: OutputLocation, table: str, adds: Sequence[DataFile]) -> None:
@@ -1179,8 +1185,13 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
     relative = [_relative_file(uri, table_uri, location.table_uri("videos")) for uri in uris]
     schema = pa.schema([f for f in table_schema("videos", 1) if f.name in (*KEY_COLUMNS, "model_id")])
     paths = [f"{root}/{path}" for path in relative]
-    dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
-    scanned = scan(dataset, [*KEY_COLUMNS, FILE_INDEX], pc.field("model_id") == model_id, where_columns=["model_id"])
+    try:
+        dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
+        where = pc.field("model_id") == model_id
+        scanned = scan(dataset, [*KEY_COLUMNS, FILE_INDEX], where, where_columns=["model_id"])
+    except OSError:
+        check_data_files(location, "videos", version, relative)
+        raise
     # The file of each row as a code into one list of paths: 4 bytes a row, not its path's string.
     names = pa.array(relative, pa.string())
     files = pa.chunked_array(
@@ -1196,6 +1207,22 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
             ]
         ),
     )
+
+
+def check_data_files(location: OutputLocation, table: str, version: int, files: Sequence[str]) -> None:
+    """Raises `DataFilesMissingError` naming the data `files` (relative to the table root) of a table version that
+    are gone: one request per file, so only after a read of them failed."""
+    filesystem, root = location.table_path(table)
+    infos = filesystem.get_file_info([f"{root}/{path}" for path in files])
+    gone = [path for path, info in zip(files, infos, strict=True) if info.type != pafs.FileType.File]
+    if gone:
+        uri = redact_text(location.table_uri(table))
+        raise DataFilesMissingError(
+            f"the {table} table at {uri} (version {version}) names {len(gone)} data files that are gone "
+            f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}), deleted by hand or by another tool: no "
+            f"reader can read it. delta-rs's repair removes them from the table (python -c \"from deltalake import "
+            f"DeltaTable; DeltaTable('{uri}').repair()\"); the next run indexes their videos again"
+        )
 
 
 def data_file_paths(dt: DeltaTable) -> list[str]:

@@ -500,10 +500,15 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         pools, device = plan_index_pools_for(config)
         record.embed_device = device
         phases.done("ray_start")
-        planner, blocks = plan_run(
-            listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
-            prune_scopes=prune_scopes, prune_max=config.prune_max,
-        )  # fmt: skip
+        try:
+            planner, blocks = plan_run(
+                listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
+                prune_scopes=prune_scopes, prune_max=config.prune_max,
+            )  # fmt: skip
+        except ray.exceptions.RayTaskError as exc:  # the planner refused the output (data files gone): one line
+            if isinstance(exc.cause, ValueError):
+                raise ValueError(str(exc.cause)) from None
+            raise
         phases.done("plan")
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,

@@ -52,7 +52,6 @@ class PlanActor:
         decode_workers: int,
         max_attempts: int | None = None,
     ) -> None:
-        self.planner = Planner(location, model_id=model_id, versions=versions, max_attempts=max_attempts)
         self._folders = tuple(absolute_path(f).rstrip(os.sep) + os.sep for f in folder_inputs)
         self._other_local_dirs: set[str] = set()
         self._spread = 4 * max(1, decode_workers)  # blocks of the run's end: four per decoder
@@ -64,15 +63,28 @@ class PlanActor:
         self._scopes: tuple[str, ...] = ()
         self._prune_max = 1.0
         self._held_back: list[dict[str, Any]] = []
+        # A table the run cannot plan from (data files gone) is refused at the first call, as an error of that
+        # call: an actor whose creation failed reports only that it died, with a traceback.
+        self._refusal: ValueError | None = None
+        try:
+            self.planner = Planner(location, model_id=model_id, versions=versions, max_attempts=max_attempts)
+        except ValueError as exc:
+            self._refusal = exc
+
+    def _usable(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
 
     def prune_under(self, scopes: Sequence[str], max_share: float = 1.0) -> None:
         """Counts the objects listed under each of `scopes`, for `plan_missing`, which prunes no scope where more
         than `max_share` of its videos (listed, or no longer listed) would go."""
+        self._usable()
         self._scopes = tuple(scopes)
         self._prune_max = max_share
 
     def plan(self, listed: pa.Table) -> int:
         """Plans one batch of listed objects; returns how many need work."""
+        self._usable()
         for uri in listed.column("uri").to_pylist():
             if "://" not in uri and not uri.startswith(self._folders):
                 self._other_local_dirs.add(os.path.dirname(uri))

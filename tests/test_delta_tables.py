@@ -803,6 +803,10 @@ def test_a_commit_never_names_a_file_that_is_gone(local: OutputLocation) -> None
         patch.setattr(OutputLocation, "table_path", lambda loc, t: looked_up.append(t) or real_path(loc, t))
         dlt._check_added_files_exist(local, "videos", [young])
         assert not looked_up
+        # Written 40 minutes ago by this clock: a storage clock 20 minutes ahead makes it an hour old to a vacuum.
+        older = dataclasses.replace(young, modification_time_ms=int((time.time() - 2400) * 1000))
+        dlt._check_added_files_exist(local, "videos", [older])
+        assert looked_up and set(looked_up) == {"videos"}
         with pytest.raises(FileNotFoundError):
             dlt._check_added_files_exist(local, "videos", [pending])  # an old one is
     assert looked_up == ["videos"]

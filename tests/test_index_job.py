@@ -294,6 +294,34 @@ def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     assert open_index(out).count == 3
 
 
+def test_a_data_file_deleted_from_under_the_table_is_one_line_until_repaired(
+    local_ray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A committed data file deleted by hand or by another tool: every later run died in the planner's creation,
+    with a traceback. It is one line naming the file and delta-rs's repair; after the repair the next run indexes
+    the file's videos again and the index follows (in full: the removed file cannot be read)."""
+    from deltalake import DeltaTable
+
+    videos = make_videos(tmp_path / "in", 3, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    (committed,) = tables.data_files(out, "videos")
+    (out / "videos" / committed).unlink()
+    capsys.readouterr()
+    assert run([str(tmp_path / "in")], out) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("python -m jobs.index_videos: error: the videos table"), err
+    assert committed in last and "repair()" in last
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert sorted(r["state"] for r in records) == ["committed", "failed"]
+    DeltaTable(str(out / "videos")).repair()
+    assert run([str(tmp_path / "in")], out) == 0
+    rows = committed_videos(out).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(map(str, videos)) and {r["status"] for r in rows} == {"ok"}
+    assert sorted(open_index(out).ids.tolist()) == sorted(r["row_id"] for r in rows)
+
+
 def _assert_every_video_once(out: Path, videos: list[Path]) -> None:
     """One row per video, every segment of every ok video exactly once, and no segment of an unknown video."""
     table = tables.read_table(out, "videos")
