@@ -283,8 +283,10 @@ class Commits:
         commit_seconds: float,
         hooks: RunHooks,
         settings_check: Callable[[], None] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.committer = committer
+        self.on_commit = on_commit  # the run record's sign of life
         self.commit_seconds = commit_seconds
         self.hooks = hooks
         self.settings_check = settings_check  # raises when the output's recorded row settings are no longer the run's
@@ -358,6 +360,8 @@ class Commits:
             report.segments_committed,
             report.versions,
         )
+        if self.on_commit is not None:
+            self.on_commit()
         if self.hooks.after_commit:
             self.hooks.after_commit()
 
@@ -388,6 +392,14 @@ class RunRecord:
 
     def _write(self, record: dict[str, Any]) -> None:
         self.store.put_bytes(f"runs/{self.run_id}.json", json.dumps(record, indent=1, default=str).encode())
+
+    def alive(self) -> None:
+        """Records the time of the run's latest commit (``alive_at``): a record that says "running" long after it
+        is one whose driver was most likely killed. A failure to write it is only logged."""
+        try:
+            self._write(dict(self.start, alive_at=datetime.now(timezone.utc).isoformat()))
+        except Exception as write_error:
+            log.warning("could not update runs/%s.json: %s", self.run_id, redact_text(str(write_error)))
 
     def fail(self, exc: BaseException) -> None:
         """Records a run that was refused, failed or interrupted, instead of "running" for ever. A failure to write
@@ -517,7 +529,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         )  # fmt: skip
         commits = Commits(
             committer, commit_seconds=config.commit_seconds, hooks=hooks,
-            settings_check=lambda: settings_unchanged(store, settings),
+            settings_check=lambda: settings_unchanged(store, settings), on_commit=record.alive,
         )  # fmt: skip
         if blocks:
             ds = index_dataset(config, blocks, model, pools)

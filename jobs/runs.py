@@ -8,6 +8,7 @@ Reads only the last `last` records (run ids sort by start time) and the settings
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from index.row_settings import SETTINGS_DIR, RowSettings
@@ -63,6 +64,20 @@ def _statuses(record: dict[str, Any]) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _age(stamp: Any) -> str | None:
+    """How long ago an ISO time was, in words ("3 h 12 min"); None for anything else."""
+    try:
+        then = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    minutes = max(0, int((datetime.now(timezone.utc) - then).total_seconds() // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes < 48 * 60 else f"{minutes // (24 * 60)} days"
+
+
 def _row(record: dict[str, Any]) -> list[str]:
     """One run's cells; a record of another shape (edited by hand, another version) shows what it has."""
     counts = _mapping(record.get("counts"))
@@ -85,6 +100,9 @@ def _row(record: dict[str, Any]) -> list[str]:
             what += f"; {len(left_alone)} scope(s) listed nothing, not pruned"
     elif state == "running":
         what = "no end recorded: running now, or its driver was killed"
+        heard = _age(record.get("alive_at") or record.get("started_at"))
+        if heard is not None:
+            what += f" (last heard of {heard} ago, at its {'last commit' if record.get('alive_at') else 'start'})"
     else:
         what = redact_text(str(record.get("error") or ""))[:_ERROR_CHARS]
     return [

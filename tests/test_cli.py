@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +237,16 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2}, "prune_left_alone": ["/w/"],
             "prune_held_back": [{"scope": "/v/", "no_longer_listed": 40, "listed": 60}, "odd"]}  # fmt: skip
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
+    running.alive()  # after a commit
+    started = (datetime.now(timezone.utc) - timedelta(hours=3, minutes=5, seconds=30)).isoformat()
+    (tmp_path / "out" / "runs" / "ww-lost.json").write_text(json.dumps({"state": "running", "started_at": started}))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 8
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 9
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
+    assert "(last heard of 0 min ago, at its last commit)" in by_id[running.run_id]
+    assert by_id["ww-lost"].endswith("(last heard of 3 h 5 min ago, at its start)")  # a killed run, most likely
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
     assert by_id["zz-damaged"].split()[1] == "unreadable"
     assert by_id[stopped.run_id].split()[1] == "interrupted" and "(Ctrl-C or SIGINT)" in by_id[stopped.run_id]
@@ -254,7 +260,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 7
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 8
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
