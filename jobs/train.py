@@ -276,7 +276,9 @@ def load_entries(
     if uri.endswith(".parquet") or data[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(data))
+        # On the calling thread: Arrow's scan threads would hold the Python bytes past the read, and a short
+        # script that ends right after it aborts at exit ("terminate called without an active exception").
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
         column = "path" if "path" in table.column_names else "uri"
         has = {c for c in ("label", "caption") if c in table.column_names}
         if column not in table.column_names or not has:
