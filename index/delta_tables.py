@@ -71,6 +71,16 @@ MAX_RETENTION_HOURS = 1_000_000  # about 114 years; delta-rs's own limit is near
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*\.parquet$")
 Scheme = Literal["file", "s3", "gs", "az", "abfss"]
 
+# Columns whose values rarely repeat within a data file: dictionary-encoding them fills a dictionary page that
+# overflows, then writes them plainly anyway. Left plain from the start, a file of 2,048 video rows (512-dim
+# embeddings, JPEG thumbnails) takes about 0.7 times the CPU and 4 % fewer bytes (benchmarks/data_file_writes.py);
+# the columns whose values repeat (status, codec, labels, model and run ids) keep dictionaries.
+_RESULT_PLAIN = frozenset({"row_id", "embedding", "label_scores", "thumbnail_jpeg"})
+_PLAIN_COLUMNS = {
+    "videos": _RESULT_PLAIN | {"video_id", "uri", "etag", "size_bytes", "duration_seconds"},
+    "segments": _RESULT_PLAIN | {"start_seconds", "end_seconds"},  # a video's segments share its id and URI
+}
+
 
 class TableMismatchError(ValueError):
     """An output table this vitaclip cannot use: another table, schema version or embedding size."""
@@ -909,10 +919,23 @@ def table_embed_dim(location: OutputLocation, table: str) -> int:
     return check_table(dt, table)
 
 
+def parquet_options(table: str, schema: pa.Schema) -> dict[str, Any]:
+    """`pq.write_table` options of a data file of `table`: zstd, and dictionary encoding only for the columns whose
+    values repeat (Parquet names a list column's values ``<name>.list.element``)."""
+    repeated = []
+    for schema_field in schema:
+        if schema_field.name in _PLAIN_COLUMNS[table]:
+            continue
+        nested = pa.types.is_list(schema_field.type) or pa.types.is_fixed_size_list(schema_field.type)
+        repeated.append(f"{schema_field.name}.list.element" if nested else schema_field.name)
+    return {"compression": "zstd", "use_dictionary": repeated}
+
+
 def write_data_file(
     location: OutputLocation, table: str, data: pa.Table, *, name: str, embed_dim: int | None = None
 ) -> DataFile:
-    """Writes rows as one Parquet data file (zstd) in a table's folder, ready for `commit`; nothing is committed.
+    """Writes rows as one Parquet data file (`parquet_options`) in a table's folder, ready for `commit`; nothing
+    is committed.
 
     Runs where the rows are made (Ray workers). A file that is never committed is invisible to readers and goes
     at the next `vacuum`.
@@ -941,14 +964,15 @@ def write_data_file(
     target = f"{root}/{name}"
     if filesystem.get_file_info(target).type != pafs.FileType.NotFound:
         raise FileExistsError(f"data file {name} exists in {location.table_uri(table)}; names must be fresh")
+    options = parquet_options(table, conformed.schema)
     if isinstance(filesystem, pafs.LocalFileSystem):
         # Local files appear whole (temp file, then rename); an object store PUT is atomic already.
         filesystem.create_dir(root, recursive=True)
         temporary = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(conformed, temporary, filesystem=filesystem, compression="zstd")
+        pq.write_table(conformed, temporary, filesystem=filesystem, **options)
         filesystem.move(temporary, target)
     else:
-        pq.write_table(conformed, target, filesystem=filesystem, compression="zstd")
+        pq.write_table(conformed, target, filesystem=filesystem, **options)
     info = filesystem.get_file_info(target)
     mtime = info.mtime_ns // 1_000_000 if info.mtime_ns else int(time.time() * 1000)
     return DataFile(

@@ -411,6 +411,33 @@ def test_written_and_committed_rows_read_back_equal(local: OutputLocation) -> No
     assert DeltaTable(local.table_uri("segments")).to_pyarrow_table().num_rows == 3
 
 
+@pytest.mark.parametrize("table", ["videos", "segments"])
+def test_data_files_dictionary_encode_only_columns_whose_values_repeat(local: OutputLocation, table: str) -> None:
+    rows = video_rows([f"v{k}" for k in range(40)]) if table == "videos" else segment_rows("a", 40)
+    data_file = dlt.write_data_file(local, table, rows, name=fresh_name(), embed_dim=DIM)
+    metadata = pq.read_metadata(os.path.join(local.table_uri(table), data_file.path))
+    encodings = {
+        metadata.schema.column(i).path: metadata.row_group(0).column(i).encodings for i in range(metadata.num_columns)
+    }
+    assert set(encodings) == {
+        f"{f.name}.list.element" if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type) else f.name
+        for f in dlt.table_schema(table, DIM)
+    }  # every column named as Parquet names it, so none falls back to the default
+    dictionary = {path for path, kinds in encodings.items() if "RLE_DICTIONARY" in kinds}
+    plain = {"video_id", "row_id", "uri", "embedding.list.element", "label_scores.list.element", "thumbnail_jpeg"}
+    repeated = {"labels.list.element", "model_id", "run_id", "indexed_at"}
+    if table == "videos":
+        plain |= {"etag", "size_bytes", "duration_seconds"}
+        repeated |= {"status", "codec", "width", "height", "fps"}
+    else:
+        plain |= {"start_seconds", "end_seconds"}
+        plain -= {"video_id", "uri"}  # one video's segments: these repeat
+        repeated |= {"video_id", "uri", "segment_index"}
+    assert not plain & dictionary and repeated <= dictionary and plain | repeated <= set(encodings)
+    assert DeltaTable(local.table_uri(table)).version() == 0  # written, not committed
+    assert pq.read_table(os.path.join(local.table_uri(table), data_file.path)).num_rows == 40
+
+
 def test_write_data_file_refuses_bad_data_and_names(local: OutputLocation) -> None:
     with pytest.raises(ValueError, match=r"embeddings have \[3\] values; the table holds 4-dim"):
         dlt.write_data_file(local, "videos", video_rows(["a", "b"], dim=3), name=fresh_name())
