@@ -63,6 +63,7 @@ from jobs.ray_resources import (
     resolve_embed_device,
     stopped_by_sigterm,
 )
+from jobs.runs import in_words
 from jobs.storage import (
     Store,
     VideoObject,
@@ -89,6 +90,7 @@ _PLANS_IN_FLIGHT = 4  # planner calls the driver lets run ahead of the listing
 # many, one after the other; the run's end goes out in smaller blocks, which Ray Data bundles back up to this.
 _CALL_VIDEOS = 512
 _COMPILE_MIN_VIDEOS_PER_ACTOR = 100_000  # `--embed-compile auto`: see `compile_video_tower`
+_PROGRESS_SECONDS = 60.0  # how often a run logs how far it is (`Progress`)
 
 
 class IndexUpdateError(RuntimeError):
@@ -284,8 +286,10 @@ class Commits:
         hooks: RunHooks,
         settings_check: Callable[[], None] | None = None,
         on_commit: Callable[[], None] | None = None,
+        planned_videos: int = 0,
     ) -> None:
         self.committer = committer
+        self.progress = Progress(planned_videos)  # logged as writes finish
         self.on_commit = on_commit  # the run record's sign of life
         self.commit_seconds = commit_seconds
         self.hooks = hooks
@@ -323,6 +327,7 @@ class Commits:
             self.received += 1
             if self.hooks.after_write:
                 self.hooks.after_write(self.received)
+        self.progress.maybe_log(self.status)
 
     def take_leftovers(self) -> tuple[list[tuple[Any, int]], list[str]]:
         """The leftover clips to pass on (references and row counts), and the URIs among them of videos written
@@ -364,6 +369,46 @@ class Commits:
             self.on_commit()
         if self.hooks.after_commit:
             self.hooks.after_commit()
+
+
+class Progress:
+    """A run's progress line, logged every `every` seconds while it writes: videos finished (their rows written) of
+    those planned, the rate since the run's writing started, the time left at that rate, and the statuses so far
+    (a nightly run over millions of videos otherwise says nothing between its commits)."""
+
+    def __init__(
+        self, planned: int, *, every: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.planned = planned
+        self.every = _PROGRESS_SECONDS if every is None else every
+        self.clock = clock
+        self.started = self.last = clock()
+
+    def maybe_log(self, status: Counter[str]) -> str | None:
+        """Logs and returns the line when `every` seconds have passed since the last one; None otherwise."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return None
+        self.last = now
+        line = self.line(status, now - self.started)
+        log.info("%s", line)
+        return line
+
+    def line(self, status: Counter[str], seconds: float) -> str:
+        done = sum(status.values())
+        rate = done / seconds if seconds > 0 else 0.0
+        if self.planned:
+            share = min(100.0, 100.0 * done / self.planned)
+            text = f"progress: {done:,} of {self.planned:,} videos ({share:.1f} %) in {in_words(seconds)}"
+        else:
+            text = f"progress: {done:,} videos in {in_words(seconds)}"
+        text += f", {rate:.1f} videos/s"
+        left = self.planned - done
+        if self.planned and left > 0 and rate > 0:
+            text += f", about {in_words(left / rate)} left"
+        if status:
+            text += "; " + ", ".join(f"{name} {count:,}" for name, count in sorted(status.items()))
+        return text
 
 
 class RunRecord:
@@ -528,8 +573,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             current_etags=functools.partial(current_etags, endpoint_url=config.s3_endpoint_url),
         )  # fmt: skip
         commits = Commits(
-            committer, commit_seconds=config.commit_seconds, hooks=hooks,
-            settings_check=lambda: settings_unchanged(store, settings), on_commit=record.alive,
+            committer, commit_seconds=config.commit_seconds, hooks=hooks, on_commit=record.alive,
+            settings_check=lambda: settings_unchanged(store, settings), planned_videos=sum(b.videos for b in blocks),
         )  # fmt: skip
         if blocks:
             ds = index_dataset(config, blocks, model, pools)

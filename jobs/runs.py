@@ -8,6 +8,7 @@ Reads only the last `last` records (run ids sort by start time) and the settings
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -64,6 +65,17 @@ def _statuses(record: dict[str, Any]) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def in_words(seconds: float) -> str:
+    """A duration in words: "40 s", "12 min", "3 h 12 min", "4 days" (rounded down)."""
+    whole = max(0, int(seconds)) if math.isfinite(seconds) else 0
+    if whole < 60:
+        return f"{whole} s"
+    minutes = whole // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes < 48 * 60 else f"{minutes // (24 * 60)} days"
+
+
 def _age(stamp: Any) -> str | None:
     """How long ago an ISO time was, in words ("3 h 12 min"); None for anything else."""
     try:
@@ -72,10 +84,7 @@ def _age(stamp: Any) -> str | None:
         return None
     if then.tzinfo is None:
         then = then.replace(tzinfo=timezone.utc)
-    minutes = max(0, int((datetime.now(timezone.utc) - then).total_seconds() // 60))
-    if minutes < 60:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min" if minutes < 48 * 60 else f"{minutes // (24 * 60)} days"
+    return in_words((datetime.now(timezone.utc) - then).total_seconds())
 
 
 def _row(record: dict[str, Any]) -> list[str]:

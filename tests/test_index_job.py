@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -820,10 +821,13 @@ def test_any_failure_is_recorded_and_a_failed_vacuum_is_only_a_warning(
         raise OSError("the store went away")
 
     monkeypatch.setattr(pipeline, "vacuum", unreachable)
+    monkeypatch.setattr(pipeline, "_PROGRESS_SECONDS", 0.0)  # a progress line at every step of the driver's loop
+    caplog.set_level(logging.INFO, logger="vitaclip.job")
     make_videos(tmp_path / "in", 2, broken=False)
     summary = pipeline.run_index_job(config_from_args(job_args([str(tmp_path / "in")], tmp_path / "out")))
     assert summary["state"] == "committed" and summary["vacuumed_files"] is None  # the commits stand
     assert "vacuum failed (the run's commits stand): OSError: the store went away" in caplog.text
+    assert re.search(r"progress: [0-2] of 2 videos \([0-9.]+ %\) in \d+ s, [0-9.]+ videos/s", caplog.text)
 
     def broken_commit() -> None:
         raise RuntimeError("the committer gave up")

@@ -1,0 +1,58 @@
+"""A running job's progress line (jobs.pipeline.Progress) and durations in words (jobs.runs.in_words)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import pytest
+
+from jobs.pipeline import Progress
+from jobs.runs import in_words
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (0, "0 s"),
+        (59.9, "59 s"),
+        (60, "1 min"),
+        (3599, "59 min"),
+        (3600 + 5 * 60 + 30, "1 h 5 min"),
+        (47 * 3600 + 59 * 60, "47 h 59 min"),
+        (5 * 86400, "5 days"),
+        (-3, "0 s"),  # a clock that stepped back
+        (float("inf"), "0 s"),
+        (float("nan"), "0 s"),
+    ],
+)
+def test_in_words(seconds: float, words: str) -> None:
+    assert in_words(seconds) == words
+
+
+def test_progress_is_logged_every_interval_with_the_rate_and_the_time_left(caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    progress = Progress(1000, every=60, clock=lambda: now[0])
+    status: Counter[str] = Counter()
+    caplog.set_level(logging.INFO, logger="vitaclip.job")
+    now[0] += 59
+    status.update(ok=100)
+    assert progress.maybe_log(status) is None  # not a minute yet
+    now[0] += 1
+    status.update(ok=190, corrupt=10)
+    line = progress.maybe_log(status)
+    assert line == "progress: 300 of 1,000 videos (30.0 %) in 1 min, 5.0 videos/s, about 2 min left; corrupt 10, ok 290"
+    assert line in caplog.text
+    now[0] += 30
+    assert progress.maybe_log(status) is None  # half a minute since the last line
+    now[0] += 30
+    status.update(ok=700)
+    last = "progress: 1,000 of 1,000 videos (100.0 %) in 2 min, 8.3 videos/s; corrupt 10, ok 990"  # none left
+    assert progress.maybe_log(status) == last
+
+
+def test_progress_without_a_planned_count_or_time() -> None:
+    assert Progress(0).line(Counter(ok=3), 2.0) == "progress: 3 videos in 2 s, 1.5 videos/s; ok 3"
+    assert Progress(10).line(Counter(), 0.0) == "progress: 0 of 10 videos (0.0 %) in 0 s, 0.0 videos/s"
+    # More rows than planned (a video another planner also handed out): never past 100 %, no time left.
+    assert Progress(2).line(Counter(ok=3), 3.0) == "progress: 3 of 2 videos (100.0 %) in 3 s, 1.0 videos/s; ok 3"
