@@ -1256,11 +1256,15 @@ def data_file_paths(dt: DeltaTable) -> list[str]:
 
 
 def _relative_file(uri: str, *table_uris: str) -> str:
-    """The path of a data file URI relative to its table root (delta-rs gives absolute URIs)."""
+    """The path of a data file URI relative to its table root. delta-rs gives absolute URIs with the root's
+    characters percent-encoded (``/out/my%20out/videos/part-1.parquet``, ``file:///out/out%231/videos/``), a
+    location names it as written (``/out/my out/videos``): both are compared decoded. (A root holding ``%`` itself is
+    refused by `index.stores`.)"""
+    path = urllib.parse.unquote(uri.removeprefix("file://"))
     for table_uri in table_uris:
-        for prefix in (table_uri.rstrip("/") + "/", "file://" + table_uri.rstrip("/") + "/"):
-            if uri.startswith(prefix):
-                return uri[len(prefix) :]
+        root = urllib.parse.unquote(table_uri.removeprefix("file://")).rstrip("/") + "/"
+        if path.startswith(root):
+            return path[len(root) :]
     raise ValueError(f"data file {uri} is not under the table root {table_uris[0]}")
 
 

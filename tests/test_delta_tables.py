@@ -700,6 +700,17 @@ def test_read_keys_reads_only_key_columns_of_the_model(local: OutputLocation, mo
     assert dlt.read_keys(local, version=version, model_id="m3").num_rows == 0
 
 
+@pytest.mark.parametrize("name", ["my out", "out#1", "outü", "a+b;c"])
+def test_read_keys_under_a_root_whose_characters_delta_rs_encodes(tmp_path: Path, name: str) -> None:
+    location = OutputLocation.from_url(str(tmp_path / name / "out"))
+    dlt.create_tables(location, DIM)
+    data_file = dlt.write_data_file(location, "videos", video_rows(["a", "b"]), name=fresh_name())
+    version = add_files(location, "videos", [data_file])
+    keys = dlt.read_keys(location, version=version, model_id="m1")
+    assert sorted(keys.column("video_id").to_pylist()) == ["a", "b"]
+    assert set(keys.column("file").to_pylist()) == {data_file.path}
+
+
 def test_files_other_writers_make_with_view_types_are_read(local: OutputLocation) -> None:
     """delta-rs's delete, update and merge (also polars) rewrite data files with string_view and binary_view
     columns. Arrow pushed the readers' model_id filter into them and failed ("no kernel matching (string,
