@@ -93,10 +93,11 @@ class IndexJobConfig:
             store): what a decoder holds beyond one video's clips, and a unit of the embed actors' read-ahead.
         rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
         commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
-            most this much. Pending rows are written out at least every half of it.
+            most this much, and each embed actor's call in progress (up to 512 videos, handed on when it ends).
+            Pending rows are written out at least every half of it.
         vacuum_retention_hours: at the end of a run, data files that no table version younger than this references
             are deleted (files replaced by re-indexing, files of killed runs). Keep it longer than any run lasts;
-            0 turns vacuuming off.
+            0 turns vacuuming off. Whole hours (delta-rs vacuums by the hour).
         decode_timeout_seconds: per-video decode time limit.
         max_frames_mib: most MiB of decoded frames for one video's clips: a video that needs more (many segments of
             a long video) is a row with status ``too_long`` (refused before decoding; a later run with a higher
@@ -195,6 +196,9 @@ class IndexJobConfig:
                 f"vacuum_retention_hours must be 0 (no vacuum) to {MAX_RETENTION_HOURS:,}, got "
                 f"{self.vacuum_retention_hours}"
             )
+        if self.vacuum_retention_hours != int(self.vacuum_retention_hours):
+            # delta-rs vacuums by whole hours; a fraction would be rounded, silently keeping files longer.
+            raise ValueError(f"vacuum_retention_hours must be whole hours, got {self.vacuum_retention_hours}")
         if self.whole_object_max_bytes < 0 or self.min_size_bytes < 0:
             raise ValueError(
                 f"whole_object_max_bytes and min_size_bytes must be >= 0, got {self.whole_object_max_bytes} and "

@@ -509,6 +509,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
         ("--prune-max", "nan", "prune_max is a share of a scope's videos, 0 to 1, got nan"),
         # delta-rs panics past its time range, after the run committed (a BaseException: a crashed run)
         ("--vacuum-retention-hours", "1e13", "vacuum_retention_hours must be 0 (no vacuum) to 1,000,000"),
+        ("--vacuum-retention-hours", "0.5", "vacuum_retention_hours must be whole hours, got 0.5"),  # not 1 h
         # Resources: refused here, not after Ray starts (or silently taken as the default, or capped).
         ("--decode-workers", "0", "decode_workers must be >= 1 (or left out: sized to the machine), got 0"),
         ("--decode-workers", "-1", "decode_workers must be >= 1"),
