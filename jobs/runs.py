@@ -96,6 +96,10 @@ def _row(record: dict[str, Any]) -> list[str]:
     state = str(record.get("state", "?"))
     if state == "committed":
         what = _statuses(record) or "nothing to do"
+        exhausted = counts.get("attempts_exhausted")
+        if isinstance(exhausted, int) and not isinstance(exhausted, bool) and exhausted > 0:
+            # Not planned any more (`--max-attempts`): unindexed, though the run had nothing to do for them.
+            what += f"; {exhausted} failed in every allowed attempt (--max-attempts)"
         listed_back = record.get("prune_held_back")
         held = [h for h in listed_back if isinstance(h, dict)] if isinstance(listed_back, list) else []
         if held:

@@ -238,12 +238,14 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     held = {"run_id": "xx-held", "state": "committed", "status": {"ok": 2}, "prune_left_alone": ["/w/"],
             "prune_held_back": [{"scope": "/v/", "no_longer_listed": 40, "listed": 60}, "odd"]}  # fmt: skip
     (tmp_path / "out" / "runs" / "xx-held.json").write_text(json.dumps(held))
+    spent = {"run_id": "vv-spent", "state": "committed", "status": {}, "counts": {"listed": 3, "attempts_exhausted": 3}}
+    (tmp_path / "out" / "runs" / "vv-spent.json").write_text(json.dumps(spent))  # nothing planned: all failed before
     running.alive()  # after a commit
     started = (datetime.now(timezone.utc) - timedelta(hours=3, minutes=5, seconds=30)).isoformat()
     (tmp_path / "out" / "runs" / "ww-lost.json").write_text(json.dumps({"state": "running", "started_at": started}))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 9
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 10
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
@@ -256,12 +258,13 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
     )
+    assert by_id["vv-spent"].endswith("nothing to do; 3 failed in every allowed attempt (--max-attempts)")
     assert main(["runs", str(tmp_path / "out"), "--last", "1", "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 8
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 9
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
