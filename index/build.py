@@ -37,6 +37,7 @@ from index.segments import (
     IndexUnusableError,
     Segment,
     VectorIndex,
+    file_generation,
     hnsw_of,
     ivf_of,
     last_generation,
@@ -788,6 +789,11 @@ def _update_once(
                 reason = f"{exc}: built whole"
         reason = reason or _full_build_reason(previous, model_id, kind=kind, rebuild=rebuild)
         generation = last_generation(previous) + 1  # one per update, growing over the index's life
+        if not previous:
+            # No usable info (damaged, deleted): number this build past the files an earlier info named, so that
+            # publishing it removes them as unreferenced instead of leaving them for good.
+            names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
+            generation = max([generation, *(file_generation(name) + 1 for name in names)])
         entries: dict[str, Any] = {}
         for table in TABLES:
             entry = _table_entry(

@@ -19,7 +19,15 @@ from index.build import build_from_output, exact_search
 from index.commits import Committer, Planner, WrittenBatch
 from index.delta_tables import OutputLocation, create_tables, table_schema, write_data_file
 from index.schema import row_id_for, video_id_for
-from index.segments import INFO_FILE, IndexUnusableError, open_index, parse_info, read_info, referenced_files
+from index.segments import (
+    INFO_FILE,
+    IndexUnusableError,
+    file_generation,
+    open_index,
+    parse_info,
+    read_info,
+    referenced_files,
+)
 from index.service import OutputSource
 from index.tables import data_files, local_copy, read_table, table_versions
 from jobs.storage import open_store
@@ -347,6 +355,11 @@ def test_an_update_overtaken_by_two_others_starts_again_from_theirs(
     _check_search_is_exact(folder, location, rng)
 
 
+def _index_files(out: Path) -> set[str]:
+    """The index files in an output's index folder (not the info, nor the hidden lock)."""
+    return {p.name for p in (out / "index").iterdir() if p.name != INFO_FILE and not p.name.startswith(".")}
+
+
 def test_a_damaged_info_file_is_rebuilt_whole_with_the_reason(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     out = tmp_path / "out"
@@ -360,9 +373,18 @@ def test_a_damaged_info_file_is_rebuilt_whole_with_the_reason(tmp_path: Path) ->
         (out / "index" / INFO_FILE).write_bytes(data)
         with pytest.raises(IndexUnusableError, match="damaged"):
             read_info(out / "index")
+        files_before = _index_files(out)
         info = build_from_output(store, model_id=MODEL)
         entry = info["indexes"]["videos"]
         assert "damaged" in entry["rebuild_reason"] and entry["count"] == 50, damage
+        # The files the damaged info named are gone (numbered past them, the new ones are newer): none pile up.
+        assert _index_files(out) == referenced_files(info), damage
+        assert min(file_generation(name) for name in referenced_files(info)) > max(
+            file_generation(name) for name in files_before
+        )
+    (out / "index" / INFO_FILE).unlink()  # deleted by hand: the same
+    info = build_from_output(store, model_id=MODEL)
+    assert _index_files(out) == referenced_files(info)
     _check_search_is_exact(out, location, rng)
 
 
