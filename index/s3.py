@@ -151,6 +151,9 @@ def make_s3_client(
         max_pool_connections=max_pool_connections,
         # Custom servers seldom resolve bucket subdomains (and never on an IP address).
         s3={"addressing_style": "path"} if custom_endpoint else None,
+        # Presigned URLs (the service's /media redirects) signed with SigV4: botocore signs them with SigV2 in
+        # us-east-1, which S3 refuses for buckets created since mid-2020.
+        signature_version="s3v4",
     )
     # A session per client: the default session is not safe to share between threads while creating clients.
     session = boto3.session.Session()
