@@ -106,6 +106,23 @@ def test_redact_text_masks_passwords_with_quotes_and_object_store_userinfo() -> 
     assert redact_text("see https://h/v.mp4#t=1,2 and s3://b/x:y@z") == "see https://h/v.mp4#t=1,2 and s3://b/x:y@z"
 
 
+def test_redact_text_masks_credentials_quoted_in_a_storage_error_body() -> None:
+    body = (  # S3's SignatureDoesNotMatch, as a storage client quotes it in its error message
+        'Generic S3 error: <?xml version="1.0" encoding="UTF-8"?><Error><Code>SignatureDoesNotMatch</Code>'
+        f"<Message>The request signature we calculated does not match</Message><AWSAccessKeyId>AKIA{SECRET}"
+        f"</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256\n20261205T000000Z\n{SECRET}/s3/aws4_request</StringToSign>"
+        f"<SignatureProvided>{SECRET}</SignatureProvided><StringToSignBytes>41 57 53</StringToSignBytes>"
+        f"<CanonicalRequest>GET\n/b/k\nX-Amz-Credential=AKIA{SECRET}</CanonicalRequest>"
+        f"<SessionToken>{SECRET}</SessionToken><RequestId>4442587FB7D0A2F9</RequestId><Key>videos/a.mp4</Key></Error>"
+    )
+    masked = redact_text(body)
+    assert SECRET not in masked and "AKIA" not in masked and "41 57 53" not in masked
+    assert "<AWSAccessKeyId>***</AWSAccessKeyId>" in masked and "<SignatureProvided>***</SignatureProvided>" in masked
+    # What says what went wrong stays.
+    assert "<Code>SignatureDoesNotMatch</Code>" in masked and "<RequestId>4442587FB7D0A2F9</RequestId>" in masked
+    assert "<Key>videos/a.mp4</Key>" in masked and masked.startswith("Generic S3 error: <?xml")
+
+
 @pytest.mark.serial
 def test_redact_text_takes_linear_time() -> None:
     import time

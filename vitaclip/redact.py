@@ -52,6 +52,15 @@ _OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "f
 _OBJECT_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*:[^@]*@")
 
 
+# Elements of a storage server's XML error body that quote credentials or what was signed with them (S3's
+# SignatureDoesNotMatch names the access key id and echoes the signature, the string to sign and the canonical
+# request, whose query holds X-Amz-Credential); storage clients put such bodies into their error messages.
+_XML_SECRET = re.compile(
+    r"<((?:AWS)?AccessKeyId|SignatureProvided|StringToSign(?:Bytes)?|CanonicalRequest(?:Bytes)?"
+    r"|[A-Za-z]*(?:Token|Secret|Password|Signature|Credential)s?)>[^<]*</\1>"
+)
+
+
 def _is_secret_name(name: str) -> bool:
     return _SECRET_PARAM.search(_CAMEL_WORD.sub("_", unquote_plus(name))) is not None
 
@@ -131,7 +140,10 @@ def _redact_found_url(found: re.Match[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside ``text`` redacted with :func:`redact_url` (for error messages and log lines)."""
+    """Every URL inside ``text`` redacted with :func:`redact_url`, and credentials quoted in a storage server's
+    XML error body masked (for error messages and log lines)."""
+    if "</" in text:
+        text = _XML_SECRET.sub(lambda m: f"<{m.group(1)}>{MASK}</{m.group(1)}>", text)
     if "@" not in text and "=" not in text:
         return text
     if "@" in text:
