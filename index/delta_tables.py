@@ -12,6 +12,7 @@ Ray workers); nothing imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt_
 import json
 import math
@@ -931,6 +932,13 @@ def parquet_options(table: str, schema: pa.Schema) -> dict[str, Any]:
     return {"compression": "zstd", "use_dictionary": repeated}
 
 
+def _write_parquet(filesystem: pafs.FileSystem, path: str, data: pa.Table, options: dict[str, Any]) -> int:
+    """Writes `data` as one Parquet file at `path`; returns the bytes written."""
+    with filesystem.open_output_stream(path) as stream:
+        pq.write_table(data, stream, **options)
+        return int(stream.tell())
+
+
 def write_data_file(
     location: OutputLocation, table: str, data: pa.Table, *, name: str, embed_dim: int | None = None
 ) -> DataFile:
@@ -969,11 +977,20 @@ def write_data_file(
         # Local files appear whole (temp file, then rename); an object store PUT is atomic already.
         filesystem.create_dir(root, recursive=True)
         temporary = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(conformed, temporary, filesystem=filesystem, **options)
+        written = _write_parquet(filesystem, temporary, conformed, options)
         filesystem.move(temporary, target)
     else:
-        pq.write_table(conformed, target, filesystem=filesystem, **options)
+        written = _write_parquet(filesystem, target, conformed, options)
     info = filesystem.get_file_info(target)
+    if info.size != written:
+        # A store that kept something else than was sent (a worker without credentials whose unsigned upload a
+        # server stored with its chunk framing): committed, the file would make the table unreadable for good.
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(target)
+        raise OSError(
+            f"data file {name} in {redact_text(location.table_uri(table))} holds {info.size} bytes where {written} "
+            "were written: the store did not keep it as sent (an unsigned upload from a worker without credentials?)"
+        )
     mtime = info.mtime_ns // 1_000_000 if info.mtime_ns else int(time.time() * 1000)
     return DataFile(
         table=table,

@@ -438,6 +438,74 @@ def test_data_files_dictionary_encode_only_columns_whose_values_repeat(local: Ou
     assert pq.read_table(os.path.join(local.table_uri(table), data_file.path)).num_rows == 40
 
 
+class _FramingHandler(pafs.FileSystemHandler):
+    """A local store that keeps an upload with a chunk header in front (as a server keeps an unsigned
+    ``aws-chunked`` upload): what it holds is not what was sent."""
+
+    def __init__(self) -> None:
+        self.inner = pafs.LocalFileSystem()
+
+    def get_type_name(self) -> str:
+        return "framing"
+
+    def equals(self, other: Any) -> bool:
+        return other is self
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(selector)
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> Any:
+        stream = self.inner.open_output_stream(path)
+        stream.write(b"78AC\r\n")
+        sent = [0]
+
+        class Framed:
+            closed = False
+
+            def write(self, data: Any) -> int:
+                sent[0] += len(data)
+                return int(stream.write(data))
+
+            def tell(self) -> int:
+                return sent[0]
+
+            def flush(self) -> None:
+                stream.flush()
+
+            def close(self) -> None:
+                self.closed = True
+                stream.close()
+
+        return pa.PythonFile(Framed(), mode="w")
+
+    def delete_file(self, path: str) -> None:
+        self.inner.delete_file(path)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.inner.create_dir(path, recursive=recursive)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    delete_dir = delete_dir_contents = delete_root_dir_contents = move = copy_file = _unsupported
+    open_input_file = open_input_stream = open_append_stream = _unsupported
+
+
+def test_a_data_file_the_store_did_not_keep_as_written_is_refused(
+    local: OutputLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(OutputLocation, "filesystem", lambda self: (pafs.PyFileSystem(_FramingHandler()), self.url))
+    with pytest.raises(OSError, match=r"holds (\d+) bytes where (?!\1)\d+ were written: the store did not keep it"):
+        dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name="part-framed.parquet", embed_dim=DIM)
+    assert not os.path.exists(os.path.join(local.table_uri("videos"), "part-framed.parquet"))  # removed again
+
+
 def test_write_data_file_refuses_bad_data_and_names(local: OutputLocation) -> None:
     with pytest.raises(ValueError, match=r"embeddings have \[3\] values; the table holds 4-dim"):
         dlt.write_data_file(local, "videos", video_rows(["a", "b"], dim=3), name=fresh_name())
