@@ -437,9 +437,14 @@ def resolve_embed_device(
     to zero), it asks the autoscaler for one embed actor's GPUs and waits up to `wait_seconds` for them: a job meant
     for GPUs never quietly embeds on CPUs.
 
+    ``gpu`` on a cluster (not an embedded Ray, whose size is checked by `plan_index_pools`) without a GPU now asks
+    the autoscaler the same way and waits as long: without one, the embed actor would wait for a GPU for ever.
+
     Raises:
-        ValueError: ``auto`` waited `wait_seconds` and no GPU joined (with what to do instead).
+        ValueError: ``auto`` or ``gpu`` waited `wait_seconds` and no GPU joined (with what to do instead).
     """
+    if requested == "gpu" and not embedded and 0 < gpus_per_embed_worker and cluster.gpus < gpus_per_embed_worker:
+        return _wait_for_gpus(gpus_per_embed_worker, wait_seconds=wait_seconds, poll_seconds=poll_seconds, asked="gpu")
     if requested in ("gpu", "cpu"):
         return EmbedDevice(requested, f"--embed-device {requested}")
     if gpus_per_embed_worker <= 0:
@@ -454,7 +459,7 @@ def resolve_embed_device(
     return _wait_for_gpus(gpus_per_embed_worker, wait_seconds=wait_seconds, poll_seconds=poll_seconds)
 
 
-def _wait_for_gpus(gpus: float, *, wait_seconds: float, poll_seconds: float) -> EmbedDevice:
+def _wait_for_gpus(gpus: float, *, wait_seconds: float, poll_seconds: float, asked: str = "auto") -> EmbedDevice:
     import logging
     import time
 
@@ -462,22 +467,28 @@ def _wait_for_gpus(gpus: float, *, wait_seconds: float, poll_seconds: float) -> 
     from ray.autoscaler.sdk import request_resources
 
     log = logging.getLogger("vitaclip.job")
-    log.info("auto: the autoscaler can add GPU nodes; asking for %s and waiting up to %.0f s", count(gpus, "GPU"),
-             wait_seconds)  # fmt: skip
+    why = "the autoscaler can add GPU nodes" if asked == "auto" else "--embed-device gpu and no GPU in the cluster"
+    log.info("%s: %s; asking for %s and waiting up to %.0f s", asked, why, count(gpus, "GPU"), wait_seconds)
     started = time.monotonic()
     request_resources(bundles=[{"GPU": gpus}])
     try:
         while time.monotonic() - started < wait_seconds:
             if float(ray.cluster_resources().get("GPU", 0)) >= gpus:
                 waited = time.monotonic() - started
-                return EmbedDevice("gpu", f"auto: a GPU node joined after {waited:.0f} s", waited_seconds=waited)
+                return EmbedDevice("gpu", f"{asked}: a GPU node joined after {waited:.0f} s", waited_seconds=waited)
             time.sleep(poll_seconds)
     finally:
         request_resources(bundles=[])  # the embed pool's own requests keep what it needs from here on
+    if asked == "auto":
+        raise ValueError(
+            f"--embed-device auto: the cluster's autoscaler can add GPU nodes, but none joined within "
+            f"{wait_seconds:g} s; check the GPU node group (quota, image, node selectors), raise --gpu-wait-seconds, "
+            "or embed on CPUs with --embed-device cpu"
+        )
     raise ValueError(
-        f"--embed-device auto: the cluster's autoscaler can add GPU nodes, but none joined within {wait_seconds:g} s; "
-        "check the GPU node group (quota, image, node selectors), raise --gpu-wait-seconds, or embed on CPUs with "
-        "--embed-device cpu"
+        f"--embed-device gpu: the cluster has no GPU and none joined within {wait_seconds:g} s (no autoscaler added "
+        "one); give it GPU nodes (or a GPU node group), raise --gpu-wait-seconds, or embed on CPUs with "
+        "--embed-device cpu or auto"
     )
 
 

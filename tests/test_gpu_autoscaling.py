@@ -56,6 +56,11 @@ def test_auto_waits_for_the_first_gpu_node_or_fails_saying_so(tmp_path: Path, ti
         (failed,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
         assert failed["state"] == "failed" and "none joined within 3 s" in failed["error"]
         assert (tables.read_table(out, "videos", ["video_id"]) or pa.table({"video_id": []})).num_rows == 0
+        # --embed-device gpu on the cluster without GPUs: the same bounded wait, not an embed actor waiting for ever.
+        asked = _job([*argv, "--embed-device", "gpu", "--gpu-wait-seconds", "3"], head)
+        _, err = asked.communicate(timeout=300)
+        assert asked.returncode != 0
+        assert "--embed-device gpu: the cluster has no GPU and none joined within 3 s" in err, err[-3000:]
         # The GPU node joins while the run waits: the run embeds on it.
         job = _job([*argv, "--gpu-wait-seconds", "240"], head)
         assert job.stderr is not None
