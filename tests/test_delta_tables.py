@@ -610,6 +610,26 @@ def _race(location: OutputLocation, commits: list[dict[str, Any]]) -> list[int |
     return results
 
 
+def test_the_readme_readers_read_an_output_on_s3(s3_server: str, s3_location: OutputLocation) -> None:
+    import polars as pl
+
+    from index.stores import open_store
+    from index.tables import read_table
+
+    dlt.create_tables(s3_location, DIM)
+    add_files(
+        s3_location, "videos", [dlt.write_data_file(s3_location, "videos", video_rows(["a", "b"]), name=fresh_name())]
+    )
+    want = {"s3://in/a.mp4": "ok", "s3://in/b.mp4": "decode_error"}
+    options = {"AWS_ENDPOINT_URL": s3_server, "AWS_ALLOW_HTTP": "true"}  # as the README shows them
+    url = s3_location.table_uri("videos")
+    frame = DeltaTable(url, storage_options=options).to_pandas(columns=["uri", "status"])
+    assert dict(zip(frame["uri"], frame["status"], strict=True)) == want
+    assert dict(pl.read_delta(url, storage_options=options).select("uri", "status").iter_rows()) == want
+    rows = read_table(open_store(s3_location.url, endpoint_url=s3_server), "videos", ["uri", "status"])
+    assert rows is not None and dict(zip(*rows.to_pydict().values(), strict=True)) == want
+
+
 def test_concurrent_commits_on_s3_exactly_one_wins(s3_location: OutputLocation) -> None:
     assert dlt.create_tables(s3_location, DIM) == {"videos": 0, "segments": 0}
     writers = 4
