@@ -5,6 +5,7 @@ side and the search service read through it."""
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -302,10 +303,15 @@ class S3Store(Store):
         return f"S3Store({self.url!r})"
 
     def check_writable(self) -> None:
-        """A missing bucket or a prefix this run may not list fails here, before any work (one listing call; whether
-        a write is allowed shows at the first write)."""
+        """A missing bucket, or a prefix this run may not list or write to, fails here, before any work: one listing
+        call, then an empty probe object written and deleted (a run that could not write would otherwise fail at
+        its first table write, after the decoding)."""
         prefix = self.prefix
         self._call("list", "", lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1))
+        probe = f".vitaclip-write-check-{uuid.uuid4().hex}"
+        self.put_bytes(probe, b"")
+        with contextlib.suppress(StorageError):  # a store that may write but not delete: vacuum warns later
+            self.delete(probe)
 
     def _key(self, rel_path: str) -> str:
         return self.prefix + check_rel_path(rel_path)

@@ -172,6 +172,37 @@ def test_refused_credentials_say_access_denied_without_secrets(
     assert s3_strict_auth.secret_access_key not in str(caught.value)
 
 
+def test_an_output_prefix_that_may_be_read_but_not_written_is_refused_before_any_work(
+    s3_bucket: Bucket, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import uuid
+
+    import boto3
+    from conftest import _set_auth_enforcement
+
+    from index.stores import open_store
+
+    _, bucket = s3_bucket
+    iam = boto3.session.Session().client("iam", endpoint_url=s3_server, region_name="us-east-1")
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    allow = [{"Effect": "Allow", "Action": ["s3:List*", "s3:Get*"], "Resource": ["*"]}]
+    policy = json.dumps({"Version": "2012-10-17", "Statement": allow})
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=policy)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    previous = _set_auth_enforcement(s3_server, "0")
+    try:
+        store = open_store(f"s3://{bucket}/out", endpoint_url=s3_server)
+        with pytest.raises(StorageError, match=f"access denied: cannot write s3://{bucket}/out/") as caught:
+            store.check_writable()  # the listing is allowed; the write probe is not
+        assert caught.value.reason == "access_denied" and key["SecretAccessKey"] not in str(caught.value)
+    finally:
+        _set_auth_enforcement(s3_server, previous)
+
+
 def test_missing_credentials_say_so(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
