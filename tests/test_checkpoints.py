@@ -321,6 +321,15 @@ def test_unknown_layout_and_missing_file(tmp_path: Path) -> None:
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "nope.pth")
+    # A URL is not "missing": it says checkpoints are local files (and shows no credentials).
+    for url in ("s3://AKIA:se/cret@media/models/demo/", "https://host/m.pt?X-Amz-Signature=abc"):
+        with pytest.raises(CheckpointError, match="is a URL: checkpoints are read from this machine's files") as caught:
+            vitaclip.create_model("vitaclip-tiny", checkpoint=url)
+        assert "cret" not in str(caught.value) and "abc" not in str(caught.value)
+    from vitaclip.registry import model_id_for
+
+    with pytest.raises(CheckpointError, match="is a URL"):
+        model_id_for("vitaclip-tiny", "s3://media/models/m.pt")
     with pytest.raises(ValueError, match="model name"):
         vitaclip.create_model(None)
 

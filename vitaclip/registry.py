@@ -18,6 +18,7 @@ from vitaclip.checkpoint_folder import (
     recorded_labels,
 )
 from vitaclip.config import VitaClipConfig, format_model_id
+from vitaclip.redact import redact_url
 
 if TYPE_CHECKING:  # torch and the model load only where a model is built: planning needs neither
     import torch
@@ -129,7 +130,7 @@ def create_model(
         config = get_model_config(name)
     if checkpoint is not None:
         if not Path(checkpoint).exists():
-            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+            raise _missing_checkpoint(checkpoint)
         model = load_checkpoint(checkpoint, config=config, label_names=label_names)
     else:
         assert config is not None
@@ -231,7 +232,7 @@ def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
 
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+            raise _missing_checkpoint(checkpoint)
         return format_model_id(config.name, file_sha256(checkpoint))
     from vitaclip.model import VitaClip  # random weights: their id is the hash of the initialised weights
 
@@ -294,3 +295,14 @@ def require_trained_weights(model_name: str | None, checkpoint: str | None, *, r
             f"model {model_name!r} needs --checkpoint: without trained weights its labels mean nothing (the packaged "
             "demo model is --model vitaclip-demo; pass --random-weights for a smoke run)"
         )
+
+
+def _missing_checkpoint(checkpoint: str | Path) -> CheckpointError:
+    """The error for a checkpoint that is not on this machine; a URL says that only local paths are read."""
+    text = str(checkpoint)
+    if "://" in text:
+        return CheckpointError(
+            f"checkpoint {redact_url(text)} is a URL: checkpoints are read from this machine's files only; copy it "
+            "here first (on Kubernetes, infra/k8s/base/fetch_checkpoint.py does so in an init container)"
+        )
+    return CheckpointError(f"checkpoint {checkpoint} does not exist")
