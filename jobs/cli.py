@@ -579,8 +579,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # storage or the network failing after their retries: what failed, not a traceback
         said = terminal_text(redact_text(str(exc)), lines=True)
-        print(f"vitaclip {args.command}: error: {type(exc).__name__}: {said}", file=sys.stderr)
-        return 1
+        hint = storage_hint(said)
+        print(f"vitaclip {args.command}: error: {type(exc).__name__}: {said}{hint}", file=sys.stderr)
+        return 2 if hint else 1
+
+
+# What the object store clients (pyarrow's AWS SDK, delta-rs, botocore) say when the configuration is wrong, not the
+# storage: the endpoint cannot be reached, or the credentials are missing, wrong or not allowed.
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode: 7", "Could not connect to the endpoint URL", "Connection refused")
+_DENIED = (
+    "ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH", "Unable to locate credentials", "No AWS credentials", "MissingCredentials",
+)  # fmt: skip
+
+
+def storage_hint(message: str) -> str:
+    """What to check, appended to a storage error's message, when it names a configuration problem ("" else)."""
+    if any(mark in message for mark in _UNREACHABLE):
+        return " (the storage endpoint cannot be reached: check --s3-endpoint-url or AWS_ENDPOINT_URL, and the network)"
+    if any(mark in message for mark in _DENIED):
+        return (
+            " (access refused: check the credentials the standard AWS chain resolves to and their permissions on "
+            "this bucket and prefix)"
+        )
+    return ""
 
 
 def run() -> NoReturn:

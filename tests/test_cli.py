@@ -341,3 +341,22 @@ def test_object_urls_with_credentials_are_refused_before_any_request(
     assert "has credentials in it" in line and "s3://***@media/videos" in line
     assert "AKIAEXAMPLEKEY" not in line and "wJalr" not in line
     assert not (tmp_path / "o").exists()
+
+
+def test_storage_configuration_errors_say_what_to_check(
+    s3_server: str, s3_bucket: Any, s3_strict_auth: Any, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from jobs.cli import storage_hint
+
+    # What pyarrow's S3 client and delta-rs say (quoted from runs against a wrong endpoint and a wrong secret).
+    unreachable = "When reading information for key 'x': AWS Error NETWORK_CONNECTION during HeadObject: curlCode: 7"
+    assert "check --s3-endpoint-url" in storage_hint(unreachable)
+    assert "check the credentials" in storage_hint("AWS Error ACCESS_DENIED during HeadObject operation")
+    assert storage_hint("No such file or directory: /out/index/x.faiss") == ""  # not a configuration problem
+    _, bucket = s3_bucket
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-do-not-print")
+    assert main(["search", "--index", f"s3://{bucket}/out", "a red car", "--s3-endpoint-url", s3_server]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitaclip search: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "check the credentials" in err and "wrong-secret" not in err and "AKIAWRONG" not in err
