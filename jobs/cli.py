@@ -338,7 +338,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
     from jobs.ray_resources import connect_ray, sigterm_to_python, start_embedded_ray
-    from jobs.ray_serve import ServeOptions, run
+    from jobs.ray_serve import ServeOptions, run, stop
 
     options = ServeOptions(
         indexes=args.index,
@@ -357,7 +357,14 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         start_embedded_ray(None, ignore_reinit_error=True)
     sigterm_to_python()  # a stopped service ends through Python's handler, not Abseil's abort 3 s later
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
-    run(options, host=args.host, port=args.port, blocking=True)
+    try:
+        run(options, host=args.host, port=args.port, blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C; SIGTERM arrives as SystemExit (`sigterm_to_python`)
+        stop()
+        return 130
+    except SystemExit:
+        stop()
+        raise
     return 0
 
 

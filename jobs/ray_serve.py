@@ -95,9 +95,19 @@ def app_builder(args: dict[str, Any]) -> Any:
     return application(ServeOptions(**args))
 
 
+APP_NAME = "vitaclip-search"
+
+
 def run(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> Any:
     """Starts Serve's HTTP proxy on `host`:`port` and the application on the connected Ray cluster."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(
-        application(replace(options, proxy_host=host)), name="vitaclip-search", route_prefix="/", blocking=blocking
-    )
+    return serve.run(application(replace(options, proxy_host=host)), name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def stop() -> None:
+    """Deletes the application, and stops Serve (its proxy frees the port) when no other application runs: a
+    service started on a cluster by ``vitaclip serve --ray-serve`` ends with its command, as a local one does."""
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()

@@ -409,7 +409,7 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
     import ray
     from ray import serve
 
-    from jobs.ray_serve import DEPLOYMENT_NAME, ServeOptions, run
+    from jobs.ray_serve import DEPLOYMENT_NAME, ServeOptions, run, stop
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -439,6 +439,13 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
         status, _, body = request(url, "/search?q=red", headers={"Host": f"evil.example:{port}"})
         assert status == 400 and b"--allowed-host" in body and b"results" not in body
         assert request(url, "/healthz", headers={"Host": f"localhost:{port}"})[0] == 200
+        # What `vitaclip serve --ray-serve` does when stopped (Ctrl-C, SIGTERM): the app goes, and with no other
+        # application left, Serve's proxy frees the port (on a cluster they would outlive the command).
+        stop()
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past closed connections, not a listener
+            again.bind(("127.0.0.1", port))
+            again.listen()
     finally:
         serve.shutdown()
         ray.shutdown()
