@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -166,6 +168,32 @@ def _endpoint_from_environment() -> str | None:
     if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
         return None
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def check_endpoint_reachable(endpoint_url: str | None = None, *, timeout_seconds: float = 5.0) -> None:
+    """Raises `OSError` at once when a custom S3 endpoint (given, or from the environment) takes no TCP connection.
+
+    For interactive commands: the object store clients retry a refused connection with backoff for a minute or more
+    before they give up, which is right for a nightly job riding out a blip and wrong for someone waiting on a search.
+    One connection attempt settles the common mistakes (a wrong port or host, a server not started) in milliseconds.
+    AWS's own endpoints are not probed.
+    """
+    endpoint = endpoint_url or _endpoint_from_environment()
+    if not endpoint:
+        return
+    shown = redact_url(endpoint_without_userinfo(endpoint))
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port that is not a number
+        raise ValueError(f"S3 endpoint {shown!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"S3 endpoint {shown!r} is not an http:// or https:// URL")
+    try:
+        socket.create_connection((host, port), timeout=timeout_seconds).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OSError(f"Could not connect to the endpoint URL {shown}: {reason}") from None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

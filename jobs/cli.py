@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vitaclip.redact import redact_text, terminal_text
+from vitaclip.redact import redact_text, refuse_object_userinfo, terminal_text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
@@ -577,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_endpoint(args)
         return int(args.func(args))
     except ValueError as exc:  # configuration and checkpoint errors: a clear message, no traceback
         print(f"vitaclip {args.command}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
@@ -589,6 +590,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = storage_hint(said)
         print(f"vitaclip {args.command}: error: {type(exc).__name__}: {said}{hint}", file=sys.stderr)
         return 2 if hint else 1
+
+
+def _check_endpoint(args: argparse.Namespace) -> None:
+    """Fails at once when a command reads an s3:// output through a custom endpoint that takes no connection (the
+    clients would retry for over a minute first)."""
+    named = getattr(args, "output", None) or getattr(args, "index", None)
+    locations = [_output_of(x) for x in (named if isinstance(named, list) else [named]) if isinstance(x, str)]
+    if any(x.lower().startswith("s3://") for x in locations):
+        for location in locations:  # a URL with credentials is refused before any connection
+            refuse_object_userinfo(location, "output")
+        from index.s3 import check_endpoint_reachable
+
+        check_endpoint_reachable(getattr(args, "s3_endpoint_url", None))
+
+
+def _output_of(spec: str) -> str:
+    """The output of an ``--index`` value, which serve takes as ``[NAME=]OUT`` (as `index.service.parse_index_specs`
+    reads it: a name holds no "/" and no "://")."""
+    name, sep, out = spec.partition("=")
+    return out if sep and "/" not in name else spec
 
 
 # What the object store clients (pyarrow's AWS SDK, delta-rs, botocore) say when the configuration is wrong, not the

@@ -360,3 +360,28 @@ def test_storage_configuration_errors_say_what_to_check(
     err = capsys.readouterr().err
     assert err.startswith("vitaclip search: error: ") and len(err.strip().splitlines()) == 1, err
     assert "check the credentials" in err and "wrong-secret" not in err and "AKIAWRONG" not in err
+
+
+@pytest.mark.parametrize("command", ["search", "runs", "build-index", "serve"])
+def test_an_endpoint_that_takes_no_connection_fails_at_once(
+    command: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object store clients retry a refused connection for over a minute; the commands try one connection first
+    and stop with what to check (the clients' own message names no endpoint)."""
+    import socket
+
+    with socket.socket() as free:  # a loopback port nothing listens on once this socket is closed
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{free.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    out = "s3://media/nightly"
+    argv = {
+        "search": ["search", "--index", out, "a red car"],
+        "runs": ["runs", out],
+        "build-index": ["build-index", out],
+        "serve": ["serve", "--index", f"main={out}", "--port", "0"],
+    }[command]
+    assert main([*argv, "--s3-endpoint-url", endpoint]) == 2
+    line = _one_line_error(capsys)
+    assert f"Could not connect to the endpoint URL {endpoint}" in line and "check --s3-endpoint-url" in line, line
