@@ -597,6 +597,23 @@ def open_table(location: OutputLocation, table: str, *, version: int | None = No
     raise AssertionError("unreachable")
 
 
+_COMMIT_FILE = re.compile(r"(\d{20})\.json")
+
+
+def latest_version(location: OutputLocation, table: str) -> int | None:
+    """A table's latest version, from the names in its log folder (one listing; no log entry, checkpoint or data file
+    is read, so the cost does not grow with the table); None when there is no table.
+
+    For polling (the search service checks every minute whether a run committed): opening the table would read its
+    checkpoint, whose size follows the number of data files. Commit entries are written whole or not at all
+    (a conditional put on object stores, a rename locally), so a listed name is a committed version.
+    """
+    filesystem, root = location.table_path(table)
+    listed = filesystem.get_file_info(pafs.FileSelector(f"{root}/_delta_log", allow_not_found=True))
+    versions = [int(m.group(1)) for info in listed if (m := _COMMIT_FILE.fullmatch(info.base_name))]
+    return max(versions, default=None)
+
+
 def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | None = None) -> dict[str, int]:
     """Creates the missing tables of an output and checks all of them; returns each table's latest version.
 

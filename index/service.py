@@ -174,8 +174,8 @@ class OutputSource:
     A local output is read in place. Of an object-store output (``s3://``, ``gs://``, ``az://``) the index and the
     run records are copied to a local cache (`index.tables.local_copy`, refreshed before each load) and the tables
     are read where they are: the columns search answers with, then a thumbnail's or a stored embedding's row group
-    when asked (thumbnails are most of a table's bytes). A change is noticed from
-    ``index/index_info.json`` alone (a few KB read per check), which an index update writes last.
+    when asked (thumbnails are most of a table's bytes). A change is noticed from ``index/index_info.json`` (a few
+    KB read per check), which an index update writes last, and from the tables' latest versions.
     """
 
     def __init__(self, output: str, *, s3_endpoint_url: str | None = None, cache_root: str | None = None) -> None:
@@ -186,24 +186,27 @@ class OutputSource:
 
     def stamp(self) -> str | None:
         """A digest of the output's ``index_info.json`` (a few KB; modification times on object stores have one
-        second's resolution, too coarse to tell two updates apart); None when there is none."""
+        second's resolution, too coarse to tell two updates apart) and of its tables' latest versions (their logs: a
+        run's commits change the rows search answers with before its index update, and without one after a
+        ``--no-index`` run or a failed update); None when there is no index."""
         import hashlib
 
-        from index.delta_tables import OutputLocation
+        from index.delta_tables import TABLES, OutputLocation, latest_version
         from index.segments import INDEX_DIR, INFO_FILE
 
+        location = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url)
         try:
             if "://" not in self.output or self.output.startswith("file://"):
                 with open(os.path.join(self.output.removeprefix("file://"), INDEX_DIR, INFO_FILE), "rb") as f:
                     data = f.read()
             else:
-                location = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url)
                 filesystem, base = location.filesystem()
                 with filesystem.open_input_stream(f"{base}/{INDEX_DIR}/{INFO_FILE}") as f:
                     data = f.read()
         except (FileNotFoundError, NotADirectoryError):  # no index, or an output path that is a file: said by `open`
             return None
-        return hashlib.sha256(data).hexdigest()
+        versions = ",".join(str(latest_version(location, table)) for table in TABLES)
+        return hashlib.sha256(data + b"\0" + versions.encode()).hexdigest()
 
     def open(self, **engine_options: Any) -> SearchEngine:
         """A search engine over the output as it is now (an update that lands while it loads is noticed by the

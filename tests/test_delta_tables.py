@@ -973,3 +973,32 @@ def test_a_script_that_reads_a_table_exits_cleanly(local: OutputLocation) -> Non
     for _ in range(12):  # it came at random, in one run of five to one of two
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_latest_version_lists_the_log_and_reads_no_entry(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    location = (
+        OutputLocation.from_url(str(tmp_path / "out")) if where == "local" else request.getfixturevalue("s3_location")
+    )
+    assert dlt.latest_version(location, "videos") is None  # no table yet
+    dlt.create_tables(location, DIM)
+    for k in range(3):
+        add_files(
+            location,
+            "videos",
+            [dlt.write_data_file(location, "videos", video_rows([f"v{k}", f"w{k}"]), name=fresh_name())],
+        )
+    table = DeltaTable(location.table_uri("videos"), storage_options=location.storage_options())
+    table.create_checkpoint()  # a checkpoint (and its _last_checkpoint) beside the entries is no version
+    add_files(location, "videos", [dlt.write_data_file(location, "videos", video_rows(["x", "y"]), name=fresh_name())])
+    table.update_incremental()
+    assert dlt.latest_version(location, "videos") == table.version() == 4
+    assert dlt.latest_version(location, "segments") == 0
+    filesystem, root = location.table_path("videos")
+    for info in filesystem.get_file_info(pafs.FileSelector(f"{root}/_delta_log")):
+        if info.base_name.endswith(".json"):  # the listing decides: an entry's content is never read
+            with filesystem.open_output_stream(info.path) as f:
+                f.write(b"not json")
+    assert dlt.latest_version(location, "videos") == 4

@@ -43,14 +43,16 @@ def ok_video(out: Path) -> dict[str, Any]:
     return next(r for r in found.to_pylist() if r["status"] == "ok")
 
 
-def add_video(out: Path, like: dict[str, Any], uri: str, etag: str = "later") -> str:
-    """Commits an ok row for the video at `uri` (with `like`'s embedding; a new version of it when it is indexed
-    already) as a run does, then updates the index; returns the video's id."""
+def add_video(
+    out: Path, like: dict[str, Any], uri: str, etag: str = "later", *, status: str = "ok", update_index: bool = True
+) -> str:
+    """Commits a row for the video at `uri` (with `like`'s embedding; a new version of it when it is indexed
+    already) as a run does, then updates the index (unless not asked to); returns the video's id."""
     store = open_store(str(out))
     versions = tables.table_versions(out)
     assert versions is not None
     video_id = video_id_for(uri)
-    row = dict(like, uri=uri, video_id=video_id, row_id=row_id_for(video_id), etag=etag, run_id="later")
+    row = dict(like, uri=uri, video_id=video_id, row_id=row_id_for(video_id), etag=etag, run_id="later", status=status)
     schema = table_schema("videos", len(row["embedding"]))
     written = write_data_file(
         store.location, "videos", pa.Table.from_pylist([row], schema=schema), name=f"part-later-{uuid.uuid4()}.parquet"
@@ -63,12 +65,13 @@ def add_video(out: Path, like: dict[str, Any], uri: str, etag: str = "later") ->
         WrittenBatch.of(
             written,
             None,
-            ((video_id, etag, "ok"),),
+            ((video_id, etag, status),),
             current_video_files={video_id: str(planned["current_video_file"][0])},
         )
     )
     committer.commit()
-    build_from_output(store, model_id=row["model_id"])
+    if update_index:
+        build_from_output(store, model_id=row["model_id"])
     return video_id
 
 
@@ -139,6 +142,31 @@ def test_a_running_service_loads_the_index_a_run_updated(indexed: Path, tmp_path
     same_rows(service.engines["main"], out)
     loaded = client.get("/indexes").json()[0]["loaded_at"]
     assert loaded.endswith("Z") and loaded >= time.strftime("%Y-%m-%dT%H:%M", time.gmtime(second.loaded_at))
+
+
+def test_a_running_service_follows_commits_without_an_index_update(indexed: Path, tmp_path: Path) -> None:
+    """After a ``--no-index`` run (or one whose index update failed) the tables are ahead of the index: a running
+    service notices their new versions, so a video whose new version failed is no hit any more, as in a new one."""
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    like = ok_video(out)
+    query = {"embedding": like["embedding"], "k": 3}
+    assert like["video_id"] in {h["video_id"] for h in client.post("/search", json=query).json()["results"]}
+    info = (out / INDEX_DIR / INFO_FILE).read_bytes()
+
+    add_video(out, like, like["uri"], etag="broken", status="corrupt", update_index=False)
+    assert (out / INDEX_DIR / INFO_FILE).read_bytes() == info  # the index did not change
+    assert service.reload_changed() == ["main"]
+    assert client.get(f"/videos/{like['video_id']}").json()["status"] == "corrupt"
+    assert like["video_id"] not in {h["video_id"] for h in client.post("/search", json=query).json()["results"]}
+    versions = client.get("/indexes").json()[0]["table_versions"]
+    assert versions == tables.table_versions(out)
+    fresh = TestClient(create_app(open_service([f"main={out}"], reload_seconds=0)))
+    answer = client.post("/search", json=query).json()["results"]
+    assert fresh.post("/search", json=query).json()["results"] == answer
+    assert service.reload_changed() == []
 
 
 def test_a_failed_reload_keeps_the_loaded_index(
