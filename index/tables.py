@@ -32,7 +32,7 @@ from index.delta_tables import (
     pyarrow_dataset,
     scan,
 )
-from index.segments import INFO_FILE, IndexUnusableError, referenced_files
+from index.segments import INFO_FILE, IndexUnusableError, parse_info, referenced_files
 from vitaclip.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -209,25 +209,84 @@ def local_copy(
     root = Path(cache_root) if cache_root else Path.home() / ".cache" / "vitaclip" / "outputs"
     cache = root / hashlib.sha256(location.url.encode()).hexdigest()[:16]
     for folder in ("videos", "segments", "index", "runs") if tables else ("index", "runs"):
+        if folder == "index":
+            _copy_index(filesystem, base, cache, location)
+            continue
         infos = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
         listed = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
-        listed = [rel for rel in listed if _cacheable(rel, location)]
-        if folder == "index":
-            if f"index/{INFO_FILE}" not in listed:  # say where it is missing: the output, not this cache
-                raise IndexUnusableError(
-                    f"no index at {redact_url(location.url)} (index/{INFO_FILE} missing, or the bucket or container "
-                    "does not exist): run the job on it, or build one with `vitaclip build-index`"
-                )
-            _drop_superseded(cache / "index", {rel.rsplit("/", 1)[-1] for rel in listed})
-            listed.sort(key=lambda rel: rel.endswith(f"/{INFO_FILE}"))  # the info file last: it names the others
-        for rel in listed:
-            target = cache / rel
-            if target.exists() and _written_once(folder, rel):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # per copier
-            with filesystem.open_input_stream(f"{base}/{rel}") as src, open(partial, "wb") as out:
-                while chunk := src.read(8 * 2**20):  # streamed: index files can be many GiB
-                    out.write(chunk)
-            os.replace(partial, target)
+        for rel in (rel for rel in listed if _cacheable(rel, location)):
+            if not ((cache / rel).exists() and _written_once(folder, rel)):
+                _fetch(filesystem, f"{base}/{rel}", cache / rel)
     return cache
+
+
+_INDEX_COPY_TRIES = 5
+
+
+def _copy_index(filesystem: Any, base: str, cache: Path, location: OutputLocation) -> None:
+    """Copies one published version of the index: its info file (read once), the files that info names, then the
+    info itself into the cache, last.
+
+    An update may publish while this copies (a nightly run, while a service starts): the info read first stays the
+    one copied, so the cache never pairs one update's info with another's files. A file it names that the output
+    no longer has was removed by a later update's clean-up: the copy starts again from the newer info. A file
+    missing while the info is unchanged is missing for good; the engine's load says so.
+    """
+    folder, remote = cache / "index", f"{base}/index"
+    for _ in range(_INDEX_COPY_TRIES):
+        data = _read_info_bytes(filesystem, remote, location)
+        try:
+            names = referenced_files(parse_info(data))
+        except IndexUnusableError:  # damaged: copied as it is, and the engine's load says what is wrong with it
+            names = set()
+        names = {name for name in names if _cacheable(f"index/{name}", location)}
+        _drop_superseded(folder, names | {INFO_FILE})
+        try:
+            for name in sorted(names):
+                if not (folder / name).exists():  # index files are written once under a name never reused
+                    _fetch(filesystem, f"{remote}/{name}", folder / name)
+        except FileNotFoundError:
+            if _read_info_bytes(filesystem, remote, location) != data:
+                continue  # superseded while copying: copy the newer update
+        _write_atomically(folder / INFO_FILE, data)
+        return
+    raise IndexUnusableError(
+        f"the index at {redact_url(location.url)} changed {_INDEX_COPY_TRIES} times while it was being copied; "
+        "try again"
+    )
+
+
+def _read_info_bytes(filesystem: Any, remote: str, location: OutputLocation) -> bytes:
+    try:
+        with filesystem.open_input_stream(f"{remote}/{INFO_FILE}") as f:
+            return bytes(f.read())
+    except FileNotFoundError:  # say where it is missing: the output, not this cache
+        raise IndexUnusableError(
+            f"no index at {redact_url(location.url)} (index/{INFO_FILE} missing, or the bucket or container does not "
+            "exist): run the job on it, or build one with `vitaclip build-index`"
+        ) from None
+
+
+def _partial_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # one per copier
+
+
+def _fetch(filesystem: Any, path: str, target: Path) -> None:
+    """Copies one object into the cache under a temporary name, then renames it into place (streamed: index files
+    can be many GiB). Raises FileNotFoundError when there is no such object."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_name(target)
+    try:
+        with filesystem.open_input_stream(path) as src, open(partial, "wb") as out:
+            while chunk := src.read(8 * 2**20):
+                out.write(chunk)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_name(target)
+    partial.write_bytes(data)
+    os.replace(partial, target)
