@@ -434,6 +434,7 @@ class RunRecord:
             "config": self.safe_config,
         }
         self._write(self.start)
+        log.info("run %s", self.run_id)
 
     def _write(self, record: dict[str, Any]) -> None:
         self.store.put_bytes(f"runs/{self.run_id}.json", json.dumps(record, indent=1, default=str).encode())
@@ -446,17 +447,28 @@ class RunRecord:
         except Exception as write_error:
             log.warning("could not update runs/%s.json: %s", self.run_id, redact_text(str(write_error)))
 
-    def fail(self, exc: BaseException) -> None:
-        """Records a run that was refused, failed or interrupted, instead of "running" for ever. A failure to write
-        the record is logged: the run's own error is the one that propagates."""
+    def fail(self, exc: BaseException, commits: Commits | None = None) -> None:
+        """Records a run that was refused, failed or interrupted, instead of "running" for ever, with what it
+        committed before (`commits`: its rows stay). A failure to write the record is logged: the run's own error is
+        the one that propagates."""
         error = redact_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
         state = "failed"
         # Ctrl-C or SIGINT, or SIGTERM (Ray's handler in the driver exits; `stopped_by_sigterm`): not a failure
         if isinstance(exc, KeyboardInterrupt) or stopped_by_sigterm(exc):
             how = "SIGTERM" if isinstance(exc, SystemExit) else "Ctrl-C or SIGINT"
             state, error = "interrupted", f"interrupted ({how}); its commits stay"
+        record = dict(self.start, state=state, error=error, elapsed_seconds=round(time.time() - self.started, 3))
+        if commits is not None and commits.reports:
+            reports = commits.reports
+            record["counts"] = {"processed": sum(commits.status.values())}
+            record["status"] = dict(commits.status)
+            record["commit"] = {
+                "versions": reports[-1].versions,
+                "videos_committed": sum(r.videos_committed for r in reports),
+                "segments_committed": sum(r.segments_committed for r in reports),
+            }
         try:
-            self._write(dict(self.start, state=state, error=error))
+            self._write(record)
         except Exception as write_error:  # the output may be what failed
             log.warning("could not record the failure in runs/%s.json: %s", self.run_id, redact_text(str(write_error)))
 
@@ -548,9 +560,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     # So are other frames, segments, top-k or labels than the rows of this model already there have.
     settings = row_settings(config, model)
     replaced = check_row_settings(store, settings, replace=config.replace_settings)
-    record = RunRecord(store, config, model_id=model.model_id, versions=versions)
-    log.info("run %s", record.run_id)
+    record = RunRecord(store, config, model_id=model.model_id, versions=versions)  # logs the run's id
     phases = Phases()
+    commits: Commits | None = None
     try:
         listing = run_listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
         phases.done("prepare")
@@ -601,7 +613,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             summary["replaced_settings"] = dataclasses.asdict(replaced)
         return record.finish({**summary, "phase_seconds": phases.seconds})
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
-        record.fail(exc)
+        record.fail(exc, commits)
         raise
 
 
@@ -618,9 +630,10 @@ def update_run_index(
     planner's process, not on the driver: the index is held whole while it is updated.
 
     Raises:
-        IndexUpdateError: The storage failed after its retries.
+        IndexUpdateError: The storage failed after its retries, or the planner's process died (out of memory).
     """
     import ray
+    import ray.exceptions
 
     # Also after a run that only removed rows (new versions of indexed videos that failed): their ids go.
     changed = sum(commits.status.values()) > 0 and store.exists(f"{INDEX_DIR}/{INFO_FILE}")
@@ -631,6 +644,8 @@ def update_run_index(
         info: dict[str, Any] = ray.get(planner.update_index.remote(config, model_id))
     except OSError as exc:  # storage failing after its retries (a Ray task error is also its cause's type)
         raise IndexUpdateError(getattr(exc, "cause", None) or exc) from exc
+    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:  # killed, out of memory
+        raise IndexUpdateError(exc) from exc
     return info
 
 

@@ -118,6 +118,8 @@ def _row(record: dict[str, Any]) -> list[str]:
             what += f" (last heard of {heard} ago, at its {'last commit' if record.get('alive_at') else 'start'})"
     else:
         what = redact_text(str(record.get("error") or ""))[:_ERROR_CHARS]
+        if _statuses(record):  # what it committed before it failed: those rows stay
+            what = f"committed {_statuses(record)}, then: {what}"
     return [
         str(record.get("run_id", "?")),
         state,

@@ -280,6 +280,12 @@ def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     assert len(replaced) == 1 and replaced[0]["duration_seconds"] == pytest.approx(2.5, abs=0.2)
     record = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert record["state"] == "failed" and "updating the index failed" in record["error"]
+    # What it committed before failing (those rows stay), in the record and in `vitaclip runs`.
+    assert record["status"] == {"ok": 1} and record["counts"]["processed"] == 1
+    assert record["commit"]["videos_committed"] == 1 and record["commit"]["versions"]["videos"] >= 2
+    assert cli_main(["runs", str(out), "--last", "1"]) == 0
+    listed = capsys.readouterr().out
+    assert "committed ok 1, then: IndexUpdateError: the run's rows are committed" in listed, listed
 
     assert cli_main(["build-index", str(out)]) == 1  # the command alike: what failed, no traceback
     err = capsys.readouterr().err
@@ -293,6 +299,33 @@ def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     entry = json.loads((out / "index" / "index_info.json").read_text())["indexes"]["videos"]
     assert "rebuild_reason" not in entry and entry["incremental"]["updated"] >= 1
     assert open_index(out).count == 3
+
+
+def test_an_index_update_whose_process_dies_says_the_rows_are_committed(local_ray, tmp_path: Path) -> None:
+    """The update runs in the planner's process, which holds the index whole: killed (out of memory), the run still
+    says its rows are committed and the next run updates the index, not a bare Ray traceback."""
+    import types
+
+    from jobs import pipeline
+    from jobs.storage import open_store
+
+    @ray.remote(num_cpus=0)
+    class Dying:
+        def update_index(self, config: object, model_id: str) -> None:
+            os._exit(1)
+
+    planner = Dying.remote()  # type: ignore[attr-defined]
+    commits = types.SimpleNamespace(status={"ok": 1})
+    config = types.SimpleNamespace(build_index=True)
+    with pytest.raises(pipeline.IndexUpdateError, match="rows are committed, but updating the index failed: Actor"):
+        pipeline.update_run_index(
+            config,  # type: ignore[arg-type]
+            open_store(str(tmp_path / "out")),
+            planner,
+            commits,  # type: ignore[arg-type]
+            {"counts": {"already_indexed": 0}},
+            model_id="m",
+        )
 
 
 def test_a_data_file_deleted_from_under_the_table_is_one_line_until_repaired(
