@@ -442,10 +442,18 @@ def test_ray_serve_two_replicas_answer_as_one_process(indexed: Path, client: Tes
         # What `vitaclip serve --ray-serve` does when stopped (Ctrl-C, SIGTERM): the app goes, and with no other
         # application left, Serve's proxy frees the port (on a cluster they would outlive the command).
         stop()
-        with socket.socket() as again:
-            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past closed connections, not a listener
-            again.bind(("127.0.0.1", port))
-            again.listen()
+        deadline = time.monotonic() + 30  # the proxy's process exits after Serve's shutdown returns
+        while True:
+            with socket.socket() as again:
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past closed connections, not a listener
+                try:
+                    again.bind(("127.0.0.1", port))
+                    again.listen()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.2)
     finally:
         serve.shutdown()
         ray.shutdown()
