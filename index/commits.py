@@ -73,6 +73,7 @@ RETRYABLE: frozenset[str] = frozenset(
         "unavailable",
         "changed",
         "access_denied",
+        "archived",  # counted: tried --max-attempts runs, then left alone until restored and a run allows more
         "s3_error",
         "decoder_crashed",  # its decoder's process died: a lost node or a neighbour's memory as well as the video
         "too_long",  # its clips were over the run's --max-frames-mib: a later run's limit or segments may differ

@@ -26,6 +26,7 @@ StorageErrorReason = Literal[
     "invalid_input",  # the location is malformed or names nothing
     "no_such_bucket",
     "access_denied",  # refused or missing credentials
+    "archived",  # in an archive storage class (Glacier Flexible Retrieval, Deep Archive): restore it to read it
     "not_found",  # the object is gone
     "not_a_file",  # a local path names a folder, FIFO, socket or device
     "broken_link",  # a local path is a symbolic link loop
@@ -243,6 +244,12 @@ def storage_error(error: BaseException, *, uri: str, action: str) -> StorageErro
             bucket = uri[len("s3://") :].partition("/")[0]
             return StorageError(
                 f"bucket {bucket!r} does not exist (cannot {action} {uri})", reason="no_such_bucket", uri=uri
+            )
+        if code == "InvalidObjectState":  # a 403 too, but about the object's storage class, not the credentials
+            return StorageError(
+                f"{uri} is archived ({said}): restore it (S3 RestoreObject) to have it indexed",
+                reason="archived",
+                uri=uri,
             )
         if code in _ACCESS_CODES or status == 403:
             return StorageError(

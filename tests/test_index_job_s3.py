@@ -168,3 +168,38 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
         assert cli_main([*argv, "--s3-endpoint-url", ray_with_s3]) == 2, argv
         err = capsys.readouterr().err
         assert f"{bucket}-missing" in err and "Traceback" not in err and "\x1b" not in err, err
+
+
+def test_archived_objects_are_a_status_of_their_own_tried_max_attempts_times(
+    ray_with_s3: str, s3_bucket, tmp_path: Path
+) -> None:
+    """An object in Glacier or Deep Archive cannot be read before it is restored (S3's InvalidObjectState, a 403):
+    not a credentials problem, and not worth a read every night for ever."""
+    client, bucket = s3_bucket
+    videos = make_videos(tmp_path / "in", 2, broken=False)
+    client.put_object(Bucket=bucket, Key="cold/ok.mp4", Body=videos[0].read_bytes())
+    for key, storage_class in (("cold/glacier.mp4", "GLACIER"), ("cold/deep.mp4", "DEEP_ARCHIVE")):
+        client.put_object(Bucket=bucket, Key=key, Body=videos[1].read_bytes(), StorageClass=storage_class)
+    out = f"s3://{bucket}/cold-out"
+    args = [f"s3://{bucket}/cold/", "--output", out, "--s3-endpoint-url", ray_with_s3, "--model", "vitaclip-tiny"]
+    args += ["--random-weights", "--max-attempts", "2"]
+    store = open_store(out, s3_client=make_s3_client(endpoint_url=ray_with_s3))
+
+    def rows() -> dict[str, dict[str, Any]]:
+        table = tables.read_table(store, "videos")
+        assert table is not None
+        return {r["uri"].rsplit("/", 1)[1]: r for r in table.to_pylist()}
+
+    for attempt in (1, 2):
+        assert main(args) == 0
+        found = rows()
+        assert found["ok.mp4"]["status"] == "ok"
+        for name in ("glacier.mp4", "deep.mp4"):
+            assert found[name]["status"] == "archived" and found[name]["attempts"] == attempt, found[name]
+            assert "restore it" in found[name]["error_message"]
+            assert "credentials" not in found[name]["error_message"]
+    assert main(args) == 0  # both tried --max-attempts times: left alone, and counted as such
+    runs = sorted(p for p in store.list("runs/") if p.endswith(".json"))
+    record = json.loads(store.get_bytes(runs[-1]))
+    assert record["counts"]["attempts_exhausted"] == 2 and record["counts"]["processed"] == 0
+    assert rows()["glacier.mp4"]["attempts"] == 2
