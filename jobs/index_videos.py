@@ -47,6 +47,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"run {summary['run_id']}: {counts.get('processed', 0)} videos processed, "
         f"{counts.get('already_indexed', 0)} already indexed, {counts.get('duplicate_in_listing', 0)} listed twice"
         + (f", {exhausted} failed in every allowed attempt" if (exhausted := counts.get("attempts_exhausted")) else "")
+        + (
+            f", {unlisted} folders not readable (left as they are)"
+            if (unlisted := len(summary["unlisted_folders"]))
+            else ""
+        )
         + f"; status {json.dumps(summary['status'])}{_commit_words(summary.get('commit', {}))}; "
         f"{summary['elapsed_seconds']} s"
     )

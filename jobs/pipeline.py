@@ -74,6 +74,7 @@ from jobs.storage import (
     open_store,
     require_any,
 )
+from jobs.storage.listing import UNLISTED_FOLDER
 from vitaclip.redact import redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
@@ -153,7 +154,8 @@ def blocks_dataset(blocks: Sequence[PlannedBlock]) -> Any:
         return ray.data.from_arrow_refs(refs)
 
 
-def _listing_tables(objects: Iterable[VideoObject]) -> Iterator[pa.Table]:
+def _listing_tables(objects: Iterable[VideoObject], unlisted: list[str]) -> Iterator[pa.Table]:
+    """The listing in tables of ``_LISTING_BATCH`` objects; folders it could not read go to `unlisted`."""
     batch: list[VideoObject] = []
 
     def table() -> pa.Table:
@@ -168,6 +170,9 @@ def _listing_tables(objects: Iterable[VideoObject]) -> Iterator[pa.Table]:
         )
 
     for obj in objects:
+        if obj.status == UNLISTED_FOLDER:
+            unlisted.append(obj.uri)
+            continue
         batch.append(obj)
         if len(batch) >= _LISTING_BATCH:
             yield table()
@@ -774,11 +779,13 @@ def plan_run(
     planned = 0
     if prune_scopes:
         in_flight.append(planner.prune_under.remote(prune_scopes, prune_max))
-    for listed in _listing_tables(listing):
+    unlisted: list[str] = []  # subfolders that could not be read: no row, and nothing under them is pruned
+    for listed in _listing_tables(listing, unlisted):
         in_flight.append(planner.plan.remote(listed))
         if len(in_flight) >= _PLANS_IN_FLIGHT:
             planned += ray.get(in_flight.pop(0)) or 0
     planned += sum(n or 0 for n in ray.get(in_flight))
+    ray.get(planner.spare.remote(unlisted))
     if prune_scopes:
         pruned, left_alone = ray.get(planner.plan_missing.remote())
         planned += pruned
@@ -825,6 +832,7 @@ def run_summary(
         "counts": {**plan_report["counts"], "processed": processed},
         "prune_held_back": [dict(held, scope=redact_url(held["scope"])) for held in plan_report["prune_held_back"]],
         "prune_left_alone": [redact_url(scope) for scope in plan_report.get("prune_left_alone", [])],
+        "unlisted_folders": plan_report.get("unlisted_folders", []),
         "status": dict(commits.status),
         "clips_embedded": clips,
         "throughput": {

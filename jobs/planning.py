@@ -63,6 +63,7 @@ class PlanActor:
         self._scopes: tuple[str, ...] = ()
         self._prune_max = 1.0
         self._held_back: list[dict[str, Any]] = []
+        self._unlisted: list[str] = []  # folders the listing could not read: nothing under them is pruned
         # A table the run cannot plan from (data files gone) is refused at the first call, as an error of that
         # call: an actor whose creation failed reports only that it died, with a traceback.
         self._refusal: ValueError | None = None
@@ -81,6 +82,11 @@ class PlanActor:
         self._usable()
         self._scopes = tuple(scopes)
         self._prune_max = max_share
+
+    def spare(self, folders: Sequence[str]) -> None:
+        """Folders the listing could not read (`UNLISTED_FOLDER`): `plan_missing` prunes no video under them, since
+        the listing could not say whether they are still there."""
+        self._unlisted = list(folders)
 
     def plan(self, listed: pa.Table) -> int:
         """Plans one batch of listed objects; returns how many need work."""
@@ -109,6 +115,9 @@ class PlanActor:
         scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
         missing = self.planner.missing([prefix for scope in scopes for prefix in scope_prefixes(scope)])
         missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
+        if self._unlisted:
+            unknown = np.logical_or.reduce([_under(missing.column("uri"), f) for f in self._unlisted])
+            missing = missing.filter(pa.array(~unknown))
         planned = self.plan(missing) if missing.num_rows else 0
         self.planner.counts["listed"] -= missing.num_rows
         self.planner.counts["no_longer_listed"] = missing.num_rows
@@ -154,6 +163,7 @@ class PlanActor:
             "prune_left_alone": [scope for scope in self._scopes if self._listed_under[scope] == 0]
             if self._prune_max < 1.0
             else [],
+            "unlisted_folders": self._unlisted,
         }
 
     def update_index(self, config: IndexJobConfig, model_id: str) -> dict[str, Any]:

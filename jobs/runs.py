@@ -108,6 +108,9 @@ def _row(record: dict[str, Any]) -> list[str]:
         dropped = _mapping(record.get("commit")).get("dropped_done_by_another_run")
         if isinstance(dropped, int) and dropped > 0:
             what += f"; {dropped} left out, another run committed them first"
+        unlisted = record.get("unlisted_folders")
+        if isinstance(unlisted, list) and unlisted:
+            what += f"; {len(unlisted)} folder(s) not readable, left as they are"
         left_alone = record.get("prune_left_alone")
         if isinstance(left_alone, list) and left_alone:
             what += f"; {len(left_alone)} scope(s) listed nothing, not pruned"

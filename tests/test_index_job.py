@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -706,6 +707,37 @@ def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray
 def _settings_fields(recorded: dict) -> dict:
     """The `RowSettings` fields of a settings record as read from its file."""
     return {k: (tuple(v) if k == "labels" else v) for k, v in recorded.items() if k not in ("format", "recorded_at")}
+
+
+def test_a_subfolder_that_cannot_be_listed_is_left_as_it_is(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """One unreadable subfolder (permission denied) does not fail the run: the rest is indexed, the folder's videos
+    keep their rows (pruning spares them: the listing cannot tell whether they are there), and the run says so."""
+    from jobs.storage import listing
+
+    videos = make_videos(tmp_path / "in", 4, broken=False)  # two each under in/a and in/b
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    locked = tmp_path / "in" / "a"
+    added = write_sample_video(tmp_path / "in" / "b" / "new.mp4", num_frames=30, fps=12, width=96, height=72)
+    scandir = os.scandir
+
+    def refusing(path: Any) -> Any:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", refusing)
+    capsys.readouterr()
+    assert run([str(tmp_path / "in")], out, "--prune-missing", "--prune-max", "1") == 0
+    assert "1 folders not readable (left as they are)" in capsys.readouterr().out
+    rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
+    assert {uri: row["status"] for uri, row in rows.items()} == {str(p): "ok" for p in [*videos, added]}
+    summary = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert summary["unlisted_folders"] == [f"{locked}/"] and summary["status"] == {"ok": 1}
+    monkeypatch.setattr(listing.os, "scandir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert run([str(tmp_path / "in")], out) == 2  # the input folder itself: nothing can be listed, the run fails
 
 
 def test_prune_missing_marks_videos_no_longer_listed_as_deleted(

@@ -73,6 +73,10 @@ DEFAULT_VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz", ".txt", ".parquet", ".json")
 UNKNOWN_SIZE = -1
 """`VideoObject.size_bytes` of a manifest row whose object could not be found; reading it reports why."""
+UNLISTED_FOLDER = "unlisted_folder"
+"""The status of a listing entry that is no video: a subfolder that could not be read (permission denied). Its
+``uri`` is the folder's path with a trailing separator; the job leaves the folder's videos as they are (no row is
+written for it, and pruning spares the videos committed under it)."""
 
 
 @dataclass(frozen=True)
@@ -340,13 +344,17 @@ def _odd(path: str, status: str, message: str) -> VideoObject:
     return VideoObject(listed_uri(path), "", UNKNOWN_SIZE, status=status, error_message=message)
 
 
-def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str | None) -> Iterator[VideoObject]:
+def _walk_sorted(
+    folder: str, *, keep_name: Callable[[str], bool], inside: str | None, top: bool = True
+) -> Iterator[VideoObject]:
     """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
 
     Entries that cannot be videos come out with a listing `status` instead of stopping the listing: a name that is
     not valid UTF-8 (`invalid_name`), a dangling symlink or a symlink loop (`broken_link`), a symlink to a file
     outside `inside` (`outside_folder`; None: any target), a FIFO, socket or device (`not_a_file`, which a decoder
-    would block on), a file that cannot be inspected (`read_error`).
+    would block on), a file that cannot be inspected (`read_error`), a subfolder that cannot be read
+    (`UNLISTED_FOLDER`, the folder itself: its videos are unknown). A top folder that cannot be read fails the
+    listing.
     """
     try:
         with os.scandir(folder) as scan:
@@ -358,6 +366,15 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str |
                     is_dir = False
                 entries.append((entry.name + "/" if is_dir else entry.name, entry))
     except PermissionError as error:
+        if not top:
+            log.warning(
+                "cannot list folder %s (permission denied): its videos are left as they are by this run",
+                printable_path(folder),
+            )
+            yield _odd(
+                folder.rstrip(os.sep) + os.sep, UNLISTED_FOLDER, "permission denied: the folder cannot be listed"
+            )
+            return
         raise StorageError(
             f"access denied: cannot list folder {printable_path(folder)}", reason="access_denied", uri=folder
         ) from error
@@ -365,7 +382,7 @@ def _walk_sorted(folder: str, *, keep_name: Callable[[str], bool], inside: str |
         return
     for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
         if sort_name.endswith("/"):
-            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside)
+            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside, top=False)
             continue
         if not keep_name(entry.path):
             continue
