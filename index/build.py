@@ -789,11 +789,15 @@ def _update_once(
                 reason = f"{exc}: built whole"
         reason = reason or _full_build_reason(previous, model_id, kind=kind, rebuild=rebuild)
         generation = last_generation(previous) + 1  # one per update, growing over the index's life
+        names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
         if not previous:
             # No usable info (damaged, deleted): number this build past the files an earlier info named, so that
             # publishing it removes them as unreferenced instead of leaving them for good.
-            names = [rel.rsplit("/", 1)[-1] for rel in output.list(INDEX_DIR + "/")]
             generation = max([generation, *(file_generation(name) + 1 for name in names)])
+        elif not reason and (missing := sorted(referenced_files(previous) - set(names))):
+            # Deleted or never copied (an edit, a partial restore): following the log would keep naming them.
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            reason = f"index files that {INFO_FILE} names are missing ({shown}): built whole"
         entries: dict[str, Any] = {}
         for table in TABLES:
             entry = _table_entry(

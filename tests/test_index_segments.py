@@ -27,6 +27,7 @@ from index.segments import (
     parse_info,
     read_info,
     referenced_files,
+    segments_of,
 )
 from index.service import OutputSource
 from index.tables import data_files, local_copy, read_table, table_versions
@@ -141,11 +142,12 @@ def test_updates_add_segments_and_deletions_without_reading_the_base(tmp_path: P
         changed = [f"s3://archive/v/{i:06d}.mp4" for i in rng.choice(next_uri - 5, 3, replace=False)]
         _commit(location, pa.concat_tables([_rows(new, rng), _rows(changed[:2], rng)]))  # 5 new, 2 new versions
         _commit(location, _rows(changed[2:], rng, failed=True))  # a new version that failed: out of the index
-        hidden = base_file.rename(base_file.with_suffix(".away"))  # the update must not need the base
+        kept = base_file.read_bytes()
+        base_file.write_bytes(b"not a FAISS index")  # the update must not read the base (it may see it is there)
         try:
             info = build_from_output(store, model_id=MODEL)
         finally:
-            hidden.rename(base_file)
+            base_file.write_bytes(kept)
         entry = info["indexes"]["videos"]
         assert "rebuild_reason" not in entry, entry.get("rebuild_reason")
         assert entry["segments"][0] == base
@@ -421,6 +423,27 @@ def test_a_damaged_info_file_is_rebuilt_whole_with_the_reason(tmp_path: Path) ->
     info = build_from_output(store, model_id=MODEL)
     assert _index_files(out) == referenced_files(info)
     _check_search_is_exact(out, location, rng)
+
+
+def test_index_files_gone_from_under_the_info_are_rebuilt_not_followed(tmp_path: Path) -> None:
+    """A segment file deleted by hand or lost in a partial restore: an update that followed the log would publish
+    an info naming it again (every search failing while runs succeed); it builds whole instead, and says why."""
+    rng = np.random.default_rng(7)
+    out = tmp_path / "out"
+    location, store, _ = _indexed_output(str(out), 40, rng)
+    _commit(location, _rows(_uris(40, 5), rng))
+    build_from_output(store, model_id=MODEL)  # a base and one delta segment
+    info = read_info(out / "index")
+    lost = f"videos.{segments_of(info['indexes']['videos'])[-1].id}.faiss"
+    (out / "index" / lost).unlink()
+    _commit(location, _rows(_uris(45, 5), rng))
+    info = build_from_output(store, model_id=MODEL)
+    entry = info["indexes"]["videos"]
+    assert f"index files that {INFO_FILE} names are missing ({lost})" in entry["rebuild_reason"]
+    assert entry["count"] == 50 and all((out / "index" / name).is_file() for name in referenced_files(info))
+    _check_search_is_exact(out, location, rng)
+    info = build_from_output(store, model_id=MODEL)  # whole again: the next update follows the log
+    assert "rebuild_reason" not in info["indexes"]["videos"]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
