@@ -602,11 +602,13 @@ _COMMIT_FILE = re.compile(r"(\d{20})\.json")
 
 def latest_version(location: OutputLocation, table: str) -> int | None:
     """A table's latest version, from the names in its log folder (one listing; no log entry, checkpoint or data file
-    is read, so the cost does not grow with the table); None when there is no table.
+    is read); None when there is no table.
 
     For polling (the search service checks every minute whether a run committed): opening the table would read its
-    checkpoint, whose size follows the number of data files. Commit entries are written whole or not at all
-    (a conditional put on object stores, a rename locally), so a listed name is a committed version.
+    checkpoint, whose size follows the number of data files (megabytes past millions of rows, every minute), where
+    the listing follows the log entries kept (``delta.logRetentionDuration``, 30 days by default: a few pages).
+    Commit entries are written whole or not at all (a conditional put on object stores, a rename locally), so a
+    listed name is a committed version.
     """
     filesystem, root = location.table_path(table)
     listed = filesystem.get_file_info(pafs.FileSelector(f"{root}/_delta_log", allow_not_found=True))
