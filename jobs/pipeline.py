@@ -154,8 +154,9 @@ def blocks_dataset(blocks: Sequence[PlannedBlock]) -> Any:
         return ray.data.from_arrow_refs(refs)
 
 
-def _listing_tables(objects: Iterable[VideoObject], unlisted: list[str]) -> Iterator[pa.Table]:
+def _listing_tables(objects: Iterable[VideoObject], unlisted: list[str] | None = None) -> Iterator[pa.Table]:
     """The listing in tables of ``_LISTING_BATCH`` objects; folders it could not read go to `unlisted`."""
+    unlisted = [] if unlisted is None else unlisted
     batch: list[VideoObject] = []
 
     def table() -> pa.Table:
