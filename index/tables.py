@@ -207,7 +207,8 @@ def local_copy(
     location = OutputLocation.from_url(output, s3_endpoint_url=s3_endpoint_url)
     filesystem, base = location.filesystem()
     root = Path(cache_root) if cache_root else Path.home() / ".cache" / "vitaclip" / "outputs"
-    cache = root / hashlib.sha256(location.url.encode()).hexdigest()[:16]
+    # One folder per output and endpoint: a bucket of the same name on another server is another output.
+    cache = root / hashlib.sha256(f"{location.url}\0{location.s3_endpoint_url or ''}".encode()).hexdigest()[:16]
     for folder in ("videos", "segments", "index", "runs") if tables else ("index", "runs"):
         if folder == "index":
             _copy_index(filesystem, base, cache, location)
@@ -217,6 +218,11 @@ def local_copy(
         for rel in (rel for rel in listed if _cacheable(rel, location)):
             if not ((cache / rel).exists() and _written_once(folder, rel)):
                 _fetch(filesystem, f"{base}/{rel}", cache / rel)
+        if folder == "runs":  # records deleted from the output go here too: they name the folders media come from
+            kept = set(listed)
+            for path in (cache / folder).glob("*"):
+                if path.is_file() and not path.name.startswith(".") and f"{folder}/{path.name}" not in kept:
+                    path.unlink(missing_ok=True)
     return cache
 
 

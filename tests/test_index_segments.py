@@ -281,6 +281,26 @@ def test_a_copy_made_while_updates_publish_is_one_whole_index(
         _check_search_is_exact(folder, location, rng)
 
 
+def test_the_cache_follows_the_output_s_run_records_and_endpoint(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    """Run records name the folders whose files the service serves: one deleted from the output leaves the cache
+    too, and a bucket of the same name on another server never shares a cache folder with this one."""
+    client, bucket = s3_bucket
+    info = {"format_version": 4, "indexes": {}}
+    client.put_object(Bucket=bucket, Key="out/index/index_info.json", Body=json.dumps(info).encode())
+    for run in ("r1", "r2"):
+        client.put_object(Bucket=bucket, Key=f"out/runs/{run}.json", Body=b'{"input_roots": ["/srv/videos"]}')
+    url, cache = f"s3://{bucket}/out", str(tmp_path / "cache")
+    folder = local_copy(url, s3_endpoint_url=s3_server, cache_root=cache, tables=False)
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["r1.json", "r2.json"]
+    client.delete_object(Bucket=bucket, Key="out/runs/r1.json")
+    assert local_copy(url, s3_endpoint_url=s3_server, cache_root=cache, tables=False) == folder
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["r2.json"]
+    other = local_copy(url, s3_endpoint_url=s3_server.replace("127.0.0.1", "localhost"), cache_root=cache, tables=False)
+    assert other != folder
+
+
 def test_a_key_with_dot_segments_never_leaves_the_cache(
     s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, caplog
 ) -> None:
