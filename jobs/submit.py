@@ -19,11 +19,13 @@ import argparse
 import asyncio
 import contextlib
 import io
+import ipaddress
 import os
 import re
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,11 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
     p.add_argument("--no-working-dir", action="store_true", help="upload nothing: the cluster's image has the code")
     p.add_argument("--exclude", action="append", default=[], help="also leave this pattern out of the upload")
     p.add_argument("--requirements", help="a requirements file: its packages go in the runtime_env's pip list")
-    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument(
+        "--python",
+        default=None,
+        help="interpreter on the cluster (default: this one for a cluster on a loopback address, else python)",
+    )
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="job metadata (repeatable)")
@@ -75,6 +81,18 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
     p.add_argument("--no-validate", action="store_true", help="skip the local check of the job's flags")
     p.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
     return p
+
+
+def default_python(address: str) -> str:
+    """The job's interpreter when ``--python`` is not given: this process's for a cluster on this machine (a head
+    started as ``.venv/bin/ray start --head`` runs its jobs with the PATH of the shell it was started from, whose
+    ``python`` may lack vitaclip's packages), else the cluster's ``python``."""
+    host = urllib.parse.urlsplit(address if "://" in address else f"http://{address}").hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return sys.executable if loopback else "python"
 
 
 def split_argv(argv: Sequence[str], prog: str = "python -m jobs.submit") -> tuple[argparse.Namespace, list[str]]:
@@ -231,7 +249,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
 
     from ray.job_submission import JobSubmissionClient
 
-    entrypoint = shlex.join([args.python, "-m", "jobs.index_videos", *job_args])
+    entrypoint = shlex.join([args.python or default_python(args.address), "-m", "jobs.index_videos", *job_args])
     try:
         client = JobSubmissionClient(args.address, headers=headers)
         submission_id = _submit(
