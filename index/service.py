@@ -525,7 +525,9 @@ def open_service(
     engines, sources = {}, {}
     for name, out in parse_index_specs(specs):
         started = time.perf_counter()
-        sources[name] = OutputSource(out, s3_endpoint_url=s3_endpoint_url)
+        # The endpoint is for the s3:// outputs among several (and for the media links of s3:// inputs), not the rest.
+        endpoint = s3_endpoint_url if out.lower().startswith("s3://") else None
+        sources[name] = OutputSource(out, s3_endpoint_url=endpoint)
         engines[name] = sources[name].open(model=model, checkpoint=checkpoint, device=device)
         log.info("loaded output %s in %.1f s", name, time.perf_counter() - started)
     service = SearchService(engines, limits=limits, s3_endpoint_url=s3_endpoint_url, sources=sources)

@@ -254,3 +254,26 @@ def test_thumbnails_and_stored_vectors_read_one_row_group(engine: SearchEngine) 
     assert row is not None and row["row_id"] == row_id and engine.video(row["video_id"]) == row
     stored = engine.row_vector(row["video_id"])
     assert stored.shape == (engine.indexes["videos"].dim,) and abs(float(np.linalg.norm(stored)) - 1) < 1e-4
+
+
+def test_one_service_serves_local_and_s3_outputs_with_one_endpoint(
+    indexed: Path, s3_server: str, s3_bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vitaclip serve --index a=LOCAL --index b=s3://... --s3-endpoint-url URL``: the endpoint is the S3 output's
+    (and the media links'), not a mistake made about the local one."""
+    client, bucket = s3_bucket
+    for path in indexed.rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket=bucket, Key=f"copy/{path.relative_to(indexed).as_posix()}", Body=path.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path))  # the object store output's cache
+    service = open_service(
+        [f"local={indexed}", f"remote=s3://{bucket}/copy"], s3_endpoint_url=s3_server, reload_seconds=0
+    )
+    http = TestClient(create_app(service))
+    like = ok_video(indexed)
+    query = {"embedding": like["embedding"], "k": 3}
+    local = http.post("/search", params={"index": "local"}, json=query).json()["results"]
+    remote = http.post("/search", params={"index": "remote"}, json=query).json()["results"]
+    assert [h["video_id"] for h in local] == [h["video_id"] for h in remote] and local[0]["video_id"] == like[
+        "video_id"
+    ]
