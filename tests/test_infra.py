@@ -593,4 +593,3 @@ def test_submit_runs_the_job_with_this_interpreter_on_a_local_cluster() -> None:
         assert submit.default_python(local) == sys.executable, local
     for remote in ("http://ray-head.svc:8265", "http://10.0.0.5:8265", "https://ray.example.com"):
         assert submit.default_python(remote) == "python", remote
-

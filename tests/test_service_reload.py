@@ -274,6 +274,5 @@ def test_one_service_serves_local_and_s3_outputs_with_one_endpoint(
     query = {"embedding": like["embedding"], "k": 3}
     local = http.post("/search", params={"index": "local"}, json=query).json()["results"]
     remote = http.post("/search", params={"index": "remote"}, json=query).json()["results"]
-    assert [h["video_id"] for h in local] == [h["video_id"] for h in remote] and local[0]["video_id"] == like[
-        "video_id"
-    ]
+    assert [h["video_id"] for h in local] == [h["video_id"] for h in remote]
+    assert local[0]["video_id"] == like["video_id"]
