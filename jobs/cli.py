@@ -337,7 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
-    from jobs.ray_resources import connect_ray, sigterm_to_python, start_embedded_ray
+    from jobs.ray_resources import Demand, connect_ray, read_cluster, require_fit, sigterm_to_python, start_embedded_ray
     from jobs.ray_serve import ServeOptions, run, stop
 
     options = ServeOptions(
@@ -355,6 +355,9 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         connect_ray(address, include_dashboard=False, ignore_reinit_error=True)
     else:
         start_embedded_ray(None, ignore_reinit_error=True)
+    # Replicas the cluster cannot hold would wait for ever while the others answer (Serve warns every 30 s).
+    replicas = Demand("replica", args.replicas, args.num_cpus_per_replica)
+    require_fit("the service", [replicas], read_cluster(), hint="lower --replicas or --num-cpus-per-replica")
     sigterm_to_python()  # a stopped service ends through Python's handler, not Abseil's abort 3 s later
     print(f"vitaclip search on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/", flush=True)
     try:

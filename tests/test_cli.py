@@ -385,3 +385,15 @@ def test_an_endpoint_that_takes_no_connection_fails_at_once(
     assert main([*argv, "--s3-endpoint-url", endpoint]) == 2
     line = _one_line_error(capsys)
     assert f"Could not connect to the endpoint URL {endpoint}" in line and "check --s3-endpoint-url" in line, line
+
+
+def test_ray_serve_refuses_replicas_the_cluster_cannot_hold(local_ray, tmp_path: Path, capsys) -> None:
+    """The replicas that fit would answer while the others waited for ever (and Serve warned every 30 s)."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    argv = ["serve", "--index", str(tmp_path), "--ray-serve", "--replicas", str(cpus + 1), "--port", "0"]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert f"the service needs {cpus + 1} CPUs and 0 GPUs ({cpus + 1} replicas x 1 CPU) but the Ray cluster" in line
+    assert "lower --replicas or --num-cpus-per-replica" in line
