@@ -7,6 +7,8 @@ Everything runs locally (an embedded Ray, a local output folder) and needs no cr
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +175,21 @@ def _print_searches(output: Path, truth: dict[str, dict[str, Any]], config: Quic
             caption = spec["caption"] if spec else "?"
             mark = "match" if spec and _describes(query, spec) else ""
             print(f"  {rank}. {hit.score:.3f}  {Path(hit.uri).name:16s} {caption:55s} {mark}")
-    print(f"\nmore: vitaclip search --index {output} 'green star bouncing'")
-    print(f"      vitaclip serve --index {output}   (a search page on http://127.0.0.1:8000)")
+    vitaclip = command_name()
+    print(f"\nmore: {vitaclip} search --index {output} 'green star bouncing'")
+    print(f"      {vitaclip} serve --index {output}   (a search page on http://127.0.0.1:8000)")
     print(f"      DuckDB: SELECT uri, status, labels FROM delta_scan('{output / 'videos'}')")
-    print(f"      vitaclip runs {output}   (the runs on this output and its recorded settings)")
+    print(f"      {vitaclip} runs {output}   (the runs on this output and its recorded settings)")
+
+
+def command_name() -> str:
+    """How to type the ``vitaclip`` command here: its bare name when the shell finds this environment's, else its
+    path (``.venv/bin/vitaclip`` after the README's setup, whose environment is not activated)."""
+    installed = Path(sys.prefix) / "bin" / "vitaclip"
+    found = shutil.which("vitaclip")
+    if found is not None and Path(found).resolve() == installed.resolve():
+        return "vitaclip"
+    try:
+        return str(installed.relative_to(Path.cwd()))
+    except ValueError:
+        return str(installed)

@@ -397,3 +397,21 @@ def test_ray_serve_refuses_replicas_the_cluster_cannot_hold(local_ray, tmp_path:
     line = _one_line_error(capsys)
     assert f"the service needs {cpus + 1} CPUs and 0 GPUs ({cpus + 1} replicas x 1 CPU) but the Ray cluster" in line
     assert "lower --replicas or --num-cpus-per-replica" in line
+
+
+def test_the_quickstart_names_the_command_as_it_can_be_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the README's setup the environment is not activated: the hints it prints must run as shown."""
+    import os
+
+    from jobs.quickstart import command_name
+
+    installed = Path(sys.prefix) / "bin" / "vitaclip"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vitaclip found by the shell
+    monkeypatch.chdir(Path(sys.prefix).parent)
+    assert command_name() == str(installed.relative_to(Path(sys.prefix).parent))
+    monkeypatch.chdir(tmp_path)
+    assert command_name() == str(installed)
+    monkeypatch.setenv("PATH", f"{installed.parent}{os.pathsep}{tmp_path}")  # activated
+    assert command_name() == "vitaclip"
