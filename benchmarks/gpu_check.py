@@ -255,13 +255,17 @@ def section_stage(args: argparse.Namespace, device: torch.device, budget: Budget
 
 
 def section_agreement(args: argparse.Namespace, device: torch.device, budget: Budget) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-demo-") as folder:
+        return _agreement(args, device, budget, Path(folder))
+
+
+def _agreement(args: argparse.Namespace, device: torch.device, budget: Budget, folder: Path) -> dict[str, Any]:
     from vitaclip.demo.world import generate, world_labels
     from vitaclip.stages import EmbedStage
     from vitaclip.video import Uniform, decode_clip
 
     s = sizes(args)
     half = torch.float16  # the embed stage's CUDA default, on CPUs too in the dry run (same dtype path)
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-demo-"))
     generate(folder, s["agreement_videos"], seed=7, labels=world_labels())
     frames = np.stack([decode_clip(str(p), Uniform(8), size=64).frames for p in sorted(folder.rglob("*.mp4"))])
     out: dict[str, Any] = {"half_dtype": str(half).removeprefix("torch.")}
@@ -394,11 +398,15 @@ def gpu_utilisation(device: torch.device, every_seconds: float = 0.5) -> Iterato
 
 
 def section_job(args: argparse.Namespace, device: torch.device, budget: Budget) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-job-") as work:
+        return _job(args, device, Path(work))
+
+
+def _job(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, Any]:
     from jobs.index_videos import main as job_main
     from vitaclip.demo.world import generate, world_labels
 
     s = sizes(args)
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-job-"))
     generate(work / "in", s["job_videos"], seed=3, labels=world_labels())
     argv = [str(work / "in"), "--output", str(work / "out"), "--model", "vitaclip-demo", "--no-index"]
     argv += ["--embed-device", "gpu" if device.type == "cuda" else "cpu", "--embed-workers", "1"]

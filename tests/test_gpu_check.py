@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def test_wheels_are_packed_into_parts_that_fit_and_join_back(tmp_path: Path) -> 
 
 def test_dry_run_covers_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
+    scratch = set(Path(tempfile.gettempdir()).glob("gpu-check-*"))
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
         cwd=tmp_path,
@@ -70,3 +72,4 @@ def test_dry_run_covers_every_section(tmp_path: Path) -> None:
     assert sections["train"]["steps_per_second"] > 0
     assert sections["job"]["videos_per_second"] > 0 and sections["job"]["embed_device"] == "cpu"
     assert "sections failed: none" in done.stdout
+    assert set(Path(tempfile.gettempdir()).glob("gpu-check-*")) <= scratch  # its videos and outputs removed
