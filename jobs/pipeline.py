@@ -552,12 +552,12 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     import ray
 
     hooks = hooks or RunHooks()
+    # Manifests without --prune-scope and unusable models or checkpoints are refused before the output is touched.
+    prune_scopes = listed_scopes(config.inputs, config.prune_scopes) if config.prune_missing else []
+    model = resolve_run_model(config)
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     store.check_writable()
     location = store.location
-    # Manifests without --prune-scope are refused at once.
-    prune_scopes = listed_scopes(config.inputs, config.prune_scopes) if config.prune_missing else []
-    model = resolve_run_model(config)
     log.info("model %s, output %s", model.model_id, redact_url(location.url))
     if detect_old_layout(location):
         raise ValueError(old_layout_message(location))

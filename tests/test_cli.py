@@ -399,9 +399,7 @@ def test_ray_serve_refuses_replicas_the_cluster_cannot_hold(local_ray, tmp_path:
     assert "lower --replicas or --num-cpus-per-replica" in line
 
 
-def test_the_quickstart_names_the_command_as_it_can_be_typed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_quickstart_names_the_command_as_it_can_be_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the README's setup the environment is not activated: the hints it prints must run as shown."""
     import os
 
@@ -415,3 +413,11 @@ def test_the_quickstart_names_the_command_as_it_can_be_typed(
     assert command_name() == str(installed)
     monkeypatch.setenv("PATH", f"{installed.parent}{os.pathsep}{tmp_path}")  # activated
     assert command_name() == "vitaclip"
+
+
+def test_an_index_run_refused_for_its_checkpoint_leaves_no_output(tmp_path: Path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    argv = ["index", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope")]
+    assert main(argv) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
