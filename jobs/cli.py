@@ -255,6 +255,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
     else:
         print(format_hits(hits, segments=args.segments))
+        known = engine.catalogs["videos"].label_names
+        if not hits and args.label is not None and args.label not in known:
+            shown = ", ".join(sorted(known)[:3])
+            print(terminal_text(f"(no row has the label {args.label!r}; labels are written as in: {shown}, ...)"))
     return 0
 
 

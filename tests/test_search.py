@@ -155,6 +155,8 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
     assert re.search(r" \[\d+\.\d\d-\d+\.\d\d s\]", capsys.readouterr().out)  # 0.25 s segments print as such
     assert cli_main(["search", "--index", str(indexed), "x", "--label", " "]) == 2  # as the API refuses it
     assert "non-empty" in capsys.readouterr().err
+    assert cli_main(["search", "--index", str(indexed), "x", "--label", "Dancing Macarena"]) == 0
+    assert "no results\n(no row has the label 'Dancing Macarena'; labels are written as in: " in capsys.readouterr().out
     assert cli_main(["search", "--index", str(indexed), "x", "--model", "vitaclip-b16"]) == 2
     assert "built with vitaclip-tiny" in capsys.readouterr().err
     # By a clip instead of text: an indexed video finds itself first (decoded and embedded as the job did).
