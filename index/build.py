@@ -279,9 +279,11 @@ def _build_base(
         len(vectors), vectors.shape[1], kind=kind, memory_budget_bytes=memory_budget_bytes, flat_max=flat_max
     )
     auto_note = None
-    if plan.nlist and plan.nlist * 39 > len(vectors):
-        # Too few vectors to train the clusters: exact is better anyway (said when another kind was asked for).
-        auto_note = f"{len(vectors)} vectors are too few to train {plan.kind} ({plan.nlist} lists): exact search"
+    if plan.nlist and (plan.nlist * 39 > len(vectors) or plan.nlist < 2):
+        # Too few vectors to train the clusters (one list is an exact scan with extra steps): exact is better
+        # anyway (said when another kind was asked for).
+        lists = f"{plan.nlist} list" + ("s" if plan.nlist != 1 else "")
+        auto_note = f"{len(vectors)} vectors are too few to train {plan.kind} ({lists}): exact search"
         plan = IndexPlan("flat", "IDMap2,Flat")
     start = time.perf_counter()
     index = _train_and_add(plan, vectors, ids)

@@ -76,6 +76,14 @@ def test_auto_takes_exact_search_when_ivf_would_scan_most_lists(tmp_path) -> Non
     assert forced["kind"] == "ivf"  # an explicit kind is kept
 
 
+@pytest.mark.parametrize("count", [20, 40, 77])
+def test_too_few_vectors_for_two_lists_are_searched_exactly(tmp_path, count: int) -> None:
+    """One IVF list is an exact scan with extra steps: as few vectors as that get exact search, and say why."""
+    data = clustered(count)
+    entry = build_index(data, np.arange(count), tmp_path, kind="ivf", model_id="m")
+    assert entry["kind"] == "flat" and "too few to train ivf (1 list)" in entry["auto_choice"], entry
+
+
 def test_ids_map_back_and_model_mismatch_is_refused(tmp_path) -> None:
     data = clustered(500)
     ids = np.random.default_rng(3).choice(2**62, 500, replace=False).astype(np.int64)
