@@ -192,11 +192,12 @@ def local_copy(
     one on an object store (``s3://``, ``gs://``, ``az://``), for the search engine.
 
     Data files, Delta commits and index segments never change once written and are fetched once; the index's info
-    file, the run records and the log's checkpoint pointer are fetched again, and index files an update superseded
-    are dropped from the cache. Several processes may copy into one cache at once (service replicas on a node).
+    file, the run records and the log's checkpoint pointer are fetched again; index files an update superseded and
+    run records deleted from the output are dropped from the cache. The index is copied as one published version
+    (`_copy_index`). Several processes may copy into one cache at once (service replicas on a node).
     With ``tables=False`` only the index and the run records are copied (the search engine then reads the tables
     where they are: `index.search.SearchEngine`'s `tables`). The cache lives under ``~/.cache/vitaclip/outputs`` (or
-    `cache_root`), one folder per output URL.
+    `cache_root`), one folder per output URL and S3 endpoint.
     """
     import hashlib
 
