@@ -194,9 +194,11 @@ class OutputSource:
         from index.delta_tables import TABLES, OutputLocation, latest_version
         from index.segments import INDEX_DIR, INFO_FILE
 
-        location = OutputLocation.from_url(self.output, s3_endpoint_url=self.s3_endpoint_url)
+        local = "://" not in self.output or self.output.startswith("file://")
+        # As `open` reads it: a local output's tables with no endpoint (given one, `vitaclip search` kept working).
+        location = OutputLocation.from_url(self.output, s3_endpoint_url=None if local else self.s3_endpoint_url)
         try:
-            if "://" not in self.output or self.output.startswith("file://"):
+            if local:
                 with open(os.path.join(self.output.removeprefix("file://"), INDEX_DIR, INFO_FILE), "rb") as f:
                     data = f.read()
             else:

@@ -276,3 +276,11 @@ def test_one_service_serves_local_and_s3_outputs_with_one_endpoint(
     remote = http.post("/search", params={"index": "remote"}, json=query).json()["results"]
     assert [h["video_id"] for h in local] == [h["video_id"] for h in remote]
     assert local[0]["video_id"] == like["video_id"]
+
+
+def test_a_local_output_given_an_s3_endpoint_still_opens(indexed: Path) -> None:
+    """`vitaclip search --index LOCAL --s3-endpoint-url URL` (the endpoint of its inputs, say) opens the output."""
+    from index.service import OutputSource
+
+    source = OutputSource(str(indexed), s3_endpoint_url="http://127.0.0.1:9")
+    assert source.stamp() is not None and source.open().info["indexes"]
