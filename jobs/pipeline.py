@@ -464,10 +464,8 @@ class RunRecord:
             how = "SIGTERM" if isinstance(exc, SystemExit) else "Ctrl-C or SIGINT"
             state, error = "interrupted", f"interrupted ({how}); its commits stay"
         record = dict(self.start, state=state, error=error, elapsed_seconds=round(time.time() - self.started, 3))
-        if commits is not None and commits.reports:
+        if commits is not None and commits.reports:  # what its commits landed (rows collected since are not)
             reports = commits.reports
-            record["counts"] = {"processed": sum(commits.status.values())}
-            record["status"] = dict(commits.status)
             record["commit"] = {
                 "versions": reports[-1].versions,
                 "videos_committed": sum(r.videos_committed for r in reports),

@@ -114,10 +114,10 @@ class PlanActor:
         no_limit = self._prune_max >= 1.0
         scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
         missing = self.planner.missing([prefix for scope in scopes for prefix in scope_prefixes(scope)])
-        missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
-        if self._unlisted:
+        if self._unlisted:  # before the share: videos under a folder that could not be read are not missing
             unknown = np.logical_or.reduce([_under(missing.column("uri"), f) for f in self._unlisted])
             missing = missing.filter(pa.array(~unknown))
+        missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
         planned = self.plan(missing) if missing.num_rows else 0
         self.planner.counts["listed"] -= missing.num_rows
         self.planner.counts["no_longer_listed"] = missing.num_rows

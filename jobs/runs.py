@@ -121,8 +121,9 @@ def _row(record: dict[str, Any]) -> list[str]:
             what += f" (last heard of {heard} ago, at its {'last commit' if record.get('alive_at') else 'start'})"
     else:
         what = redact_text(str(record.get("error") or ""))[:_ERROR_CHARS]
-        if _statuses(record):  # what it committed before it failed: those rows stay
-            what = f"committed {_statuses(record)}, then: {what}"
+        landed = _mapping(record.get("commit")).get("videos_committed")
+        if isinstance(landed, int) and not isinstance(landed, bool) and landed > 0:  # those rows stay
+            what = f"{landed} video rows committed, then: {what}"
     return [
         str(record.get("run_id", "?")),
         state,

@@ -282,11 +282,10 @@ def test_storage_failing_while_the_index_updates_fails_the_run_clearly(
     record = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert record["state"] == "failed" and "updating the index failed" in record["error"]
     # What it committed before failing (those rows stay), in the record and in `vitaclip runs`.
-    assert record["status"] == {"ok": 1} and record["counts"]["processed"] == 1
     assert record["commit"]["videos_committed"] == 1 and record["commit"]["versions"]["videos"] >= 2
     assert cli_main(["runs", str(out), "--last", "1"]) == 0
     listed = capsys.readouterr().out
-    assert "committed ok 1, then: IndexUpdateError: the run's rows are committed" in listed, listed
+    assert "1 video rows committed, then: IndexUpdateError: the run's rows are committed" in listed, listed
 
     assert cli_main(["build-index", str(out)]) == 1  # the command alike: what failed, no traceback
     err = capsys.readouterr().err
@@ -729,13 +728,18 @@ def test_a_subfolder_that_cannot_be_listed_is_left_as_it_is(
         return scandir(path)
 
     monkeypatch.setattr(listing.os, "scandir", refusing)
+    gone = videos[0]  # in/b: really deleted
+    gone.unlink()
     capsys.readouterr()
-    assert run([str(tmp_path / "in")], out, "--prune-missing", "--prune-max", "1") == 0
+    # 1 of the 4 videos the listing can speak for is gone (within --prune-max 0.4); the locked folder's 2 are not
+    # counted as gone, which would make 3 of 6 and hold all pruning back.
+    assert run([str(tmp_path / "in")], out, "--prune-missing", "--prune-max", "0.4") == 0
     assert "1 folders not readable (left as they are)" in capsys.readouterr().out
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
-    assert {uri: row["status"] for uri, row in rows.items()} == {str(p): "ok" for p in [*videos, added]}
+    expected = {str(p): "ok" for p in [*videos[1:], added]}
+    assert {uri: row["status"] for uri, row in rows.items()} == {**expected, str(gone): "deleted"}
     summary = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
-    assert summary["unlisted_folders"] == [f"{locked}/"] and summary["status"] == {"ok": 1}
+    assert summary["unlisted_folders"] == [f"{locked}/"] and summary["status"] == {"ok": 1, "deleted": 1}
     monkeypatch.setattr(listing.os, "scandir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
     assert run([str(tmp_path / "in")], out) == 2  # the input folder itself: nothing can be listed, the run fails
 
