@@ -279,7 +279,7 @@ def _build_base(
         len(vectors), vectors.shape[1], kind=kind, memory_budget_bytes=memory_budget_bytes, flat_max=flat_max
     )
     auto_note = None
-    if plan.nlist and (plan.nlist * 39 > len(vectors) or plan.nlist < 2):
+    if plan.nlist and (plan.nlist * 39 > len(vectors) or (plan.nlist < 2 and plan.kind in ("ivf", "ivfpq"))):
         # Too few vectors to train the clusters (one list is an exact scan with extra steps): exact is better
         # anyway (said when another kind was asked for).
         lists = f"{plan.nlist} list" + ("s" if plan.nlist != 1 else "")
