@@ -239,6 +239,8 @@ def _copy_index(filesystem: Any, base: str, cache: Path, location: OutputLocatio
     no longer has was removed by a later update's clean-up: the copy starts again from the newer info. A file
     missing while the info is unchanged is missing for good; the engine's load says so.
     """
+    import pyarrow.fs as pafs
+
     folder, remote = cache / "index", f"{base}/index"
     for _ in range(_INDEX_COPY_TRIES):
         data = _read_info_bytes(filesystem, remote, location)
@@ -247,7 +249,10 @@ def _copy_index(filesystem: Any, base: str, cache: Path, location: OutputLocatio
         except IndexUnusableError:  # damaged: copied as it is, and the engine's load says what is wrong with it
             names = set()
         names = {name for name in names if _cacheable(f"index/{name}", location)}
-        _drop_superseded(folder, names | {INFO_FILE})
+        # Kept too: what the output still has, which another process sharing this cache may be copying for the
+        # version it read (an update removes the files of the version before the one it replaces only).
+        stored = filesystem.get_file_info(pafs.FileSelector(remote, allow_not_found=True))
+        _drop_superseded(folder, names | {INFO_FILE} | {info.base_name for info in stored})
         try:
             for name in sorted(names):
                 if not (folder / name).exists():  # index files are written once under a name never reused
