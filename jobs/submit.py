@@ -19,13 +19,11 @@ import argparse
 import asyncio
 import contextlib
 import io
-import ipaddress
 import os
 import re
 import shlex
 import sys
 import time
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,11 +66,7 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
     p.add_argument("--no-working-dir", action="store_true", help="upload nothing: the cluster's image has the code")
     p.add_argument("--exclude", action="append", default=[], help="also leave this pattern out of the upload")
     p.add_argument("--requirements", help="a requirements file: its packages go in the runtime_env's pip list")
-    p.add_argument(
-        "--python",
-        default=None,
-        help="interpreter on the cluster (default: this one for a cluster on a loopback address, else python)",
-    )
+    p.add_argument("--python", default="python", help="interpreter on the cluster")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="job metadata (repeatable)")
@@ -81,18 +75,6 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
     p.add_argument("--no-validate", action="store_true", help="skip the local check of the job's flags")
     p.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
     return p
-
-
-def default_python(address: str) -> str:
-    """The job's interpreter when ``--python`` is not given: this process's for a cluster on this machine (a head
-    started as ``.venv/bin/ray start --head`` runs its jobs with the PATH of the shell it was started from, whose
-    ``python`` may lack vitaclip's packages), else the cluster's ``python``."""
-    host = urllib.parse.urlsplit(address if "://" in address else f"http://{address}").hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    return sys.executable if loopback else "python"
 
 
 def split_argv(argv: Sequence[str], prog: str = "python -m jobs.submit") -> tuple[argparse.Namespace, list[str]]:
@@ -249,7 +231,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
 
     from ray.job_submission import JobSubmissionClient
 
-    entrypoint = shlex.join([args.python or default_python(args.address), "-m", "jobs.index_videos", *job_args])
+    entrypoint = shlex.join([args.python, "-m", "jobs.index_videos", *job_args])
     try:
         client = JobSubmissionClient(args.address, headers=headers)
         submission_id = _submit(
@@ -278,7 +260,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
     info = client.get_job_info(submission_id)
     message = f": {info.message}" if getattr(info, "message", None) and status != "SUCCEEDED" else ""
     print(redact_text(f"job {submission_id} {status}{message}"), flush=True)
+    if status == "FAILED" and _lacks_packages(client, submission_id):
+        print(
+            f"the job's interpreter ({args.python!r} on the cluster) lacks vitaclip's packages: pass --python with "
+            "the cluster's environment (for a head started here as .venv/bin/ray start --head: --python "
+            ".venv/bin/python, absolute), or start the head from an activated environment",
+            flush=True,
+        )
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _lacks_packages(client: Any, submission_id: str) -> bool:
+    """Whether a failed job's logs say the interpreter could not import the job or its packages."""
+    try:
+        logs = str(client.get_job_logs(submission_id))
+    except Exception:  # noqa: BLE001 - only a hint depends on it
+        return False
+    return "ModuleNotFoundError: No module named" in logs
 
 
 if __name__ == "__main__":
