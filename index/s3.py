@@ -12,6 +12,7 @@ import random
 import socket
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -184,6 +185,8 @@ def check_endpoint_reachable(endpoint_url: str | None = None, *, timeout_seconds
         return
     shown = redact_url(endpoint_without_userinfo(endpoint))
     parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return  # reached through a proxy: a direct connection says nothing
     try:
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:  # a port that is not a number
@@ -247,7 +250,7 @@ def storage_error(error: BaseException, *, uri: str, action: str) -> StorageErro
             )
         if code == "InvalidObjectState":  # a 403 too, but about the object's storage class, not the credentials
             return StorageError(
-                f"{uri} is archived ({said}): restore it (S3 RestoreObject) to have it indexed",
+                f"{uri} is archived ({said}): restore it (S3 RestoreObject) before it can be read",
                 reason="archived",
                 uri=uri,
             )

@@ -255,10 +255,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
     else:
         print(format_hits(hits, segments=args.segments))
-        known = engine.catalogs["videos"].label_names
+        catalog = engine.catalogs.get("segments" if args.segments else "videos")
+        known = catalog.label_names if catalog is not None else frozenset()
         if not hits and args.label is not None and args.label not in known:
-            shown = ", ".join(sorted(known)[:3])
-            print(terminal_text(f"(no row has the label {args.label!r}; labels are written as in: {shown}, ...)"))
+            shown = f"; labels are written as in: {', '.join(sorted(known)[:3])}, ..." if known else ""
+            print(terminal_text(f"(no row has the label {args.label!r}{shown})"))
     return 0
 
 

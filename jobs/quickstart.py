@@ -187,8 +187,8 @@ def command_name() -> str:
     path (``.venv/bin/vitaclip`` after the README's setup, whose environment is not activated)."""
     installed = Path(sys.prefix) / "bin" / "vitaclip"
     found = shutil.which("vitaclip")
-    if found is not None and Path(found).resolve() == installed.resolve():
-        return "vitaclip"
+    if not installed.exists() or (found is not None and Path(found).resolve() == installed.resolve()):
+        return "vitaclip"  # installed elsewhere (pip --user, a system package): on the PATH
     try:
         return str(installed.relative_to(Path.cwd()))
     except ValueError:

@@ -421,3 +421,23 @@ def test_an_index_run_refused_for_its_checkpoint_leaves_no_output(tmp_path: Path
     assert main(argv) == 2
     assert "does not exist" in _one_line_error(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_endpoint_probe_stands_aside_for_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the endpoint is reached through a proxy, a direct connection says nothing about it."""
+    import socket
+
+    from index.s3 import check_endpoint_reachable
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{free.getsockname()[1]}"
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(OSError, match="Could not connect to the endpoint URL"):
+        check_endpoint_reachable(endpoint)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    check_endpoint_reachable(endpoint)  # the clients go through the proxy: not probed
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(OSError, match="Could not connect"):
+        check_endpoint_reachable(endpoint)
