@@ -67,6 +67,7 @@ from jobs.runs import in_words
 from jobs.storage import (
     Store,
     VideoObject,
+    classify_inputs,
     current_etags,
     describe_listing,
     list_videos,
@@ -550,9 +551,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     import ray
 
     hooks = hooks or RunHooks()
-    # Manifests without --prune-scope and unusable models or checkpoints are refused before the output is touched.
-    prune_scopes = listed_scopes(config.inputs, config.prune_scopes) if config.prune_missing else []
-    model = resolve_run_model(config)
+    prune_scopes, model = _refusals_before_output(config)
     store: Store = open_store(config.output, endpoint_url=config.s3_endpoint_url)
     store.check_writable()
     location = store.location
@@ -619,6 +618,14 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc, commits)
         raise
+
+
+def _refusals_before_output(config: IndexJobConfig) -> tuple[list[str], ResolvedModel]:
+    """The run's prune scopes and model, checked before the output is touched: inputs that name nothing (a
+    mistyped folder), manifests without ``--prune-scope`` and unusable models or checkpoints are refused here."""
+    classify_inputs(config.inputs)
+    prune_scopes = listed_scopes(config.inputs, config.prune_scopes) if config.prune_missing else []
+    return prune_scopes, resolve_run_model(config)
 
 
 def update_run_index(

@@ -485,6 +485,15 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "o" / "videos").exists()
 
 
+def test_a_mistyped_input_folder_fails_before_the_output_is_touched(tmp_path: Path, capsys) -> None:
+    make_videos(tmp_path / "in", 1, broken=False)
+    rc = main(
+        [str(tmp_path / "in"), str(tmp_path / "inn"), "--output", str(tmp_path / "o"), "--model", "vitaclip-demo"]
+    )
+    assert rc == 2 and "inn" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # no tables, settings or run record for a run that could not start
+
+
 def test_a_folder_checkpoint_that_does_not_fit_its_model_fails_the_run_clearly(
     local_ray, tmp_path: Path, tiny_checkpoint: Path, capsys
 ) -> None:

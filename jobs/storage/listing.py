@@ -183,7 +183,7 @@ def list_videos(
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     allowed = _normalize_extensions(extensions)
-    kinds = [_classify_input(location) for location in inputs]
+    kinds = classify_inputs(inputs)
     client = s3_client
     if client is None and any(kind != "folder" for kind in kinds):  # manifests may name S3 objects
         client = make_s3_client(endpoint_url=endpoint_url)
@@ -203,6 +203,16 @@ _InputKind = Literal["s3_prefix", "s3_manifest", "folder", "manifest"]
 
 def _is_manifest_name(name: str) -> bool:
     return name.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def classify_inputs(inputs: Sequence[str]) -> list[_InputKind]:
+    """What each input is (an S3 prefix or manifest, a local folder or manifest), from its name and a local stat
+    only: no listing, no request.
+
+    Raises:
+        StorageError: For an input that is neither an s3:// URI nor an existing folder or manifest.
+    """
+    return [_classify_input(location) for location in inputs]
 
 
 def _classify_input(location: str) -> _InputKind:
