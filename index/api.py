@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -57,6 +58,7 @@ UPLOAD_PATH = "/search/upload"
 MEDIA_PREFIX = "/media/"
 IndexParam = Annotated[str | None, Query(max_length=64, description="which output (default: the first)")]
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: nothing is sent, the metrics count it apart
+PARSE_ON_LOOP_BYTES = 16 << 10  # JSON bodies larger than this are parsed on a thread
 MAX_REPORTED_ERRORS = 10  # of a 422: a body with 10,000 unknown keys gets the first ten
 MAX_ECHOED_NAME = 40  # characters of a key name a 422 repeats (a key may be 1 MB long)
 _ROW_FILE = re.compile(r"([0-9]{1,19})\.jpg")  # ASCII digits only: str.isdigit() takes '²'
@@ -239,12 +241,31 @@ async def _plain_json_body(request: Request) -> None:
             [{"loc": ["header", "content-type"], "msg": "send the query as JSON with Content-Type: application/json",
               "type": "content_type"}]
         )  # fmt: skip
+    body = await request.body()
     try:
-        json.loads(await request.body(), object_pairs_hook=_pairs_checked)
+        if len(body) > PARSE_ON_LOOP_BYTES:  # parsing 256 KiB of nested lists takes tens of ms: off the event loop
+            parsed = await run_in_threadpool(json.loads, body, object_pairs_hook=_pairs_checked)
+        else:
+            parsed = json.loads(body, object_pairs_hook=_pairs_checked)
     except _BodyRefused as exc:
         raise RequestValidationError([{"loc": ["body"], "msg": str(exc), "type": "body_shape"}]) from None
     except ValueError:
         return  # not JSON: FastAPI's own parse says so
+    request._json = parsed  # what Starlette's `Request.json()` keeps: FastAPI takes it instead of parsing again
+
+
+class _JsonBodyRoute(APIRoute):
+    """A route whose JSON body `_plain_json_body` checks and parses once, before FastAPI reads it (a dependency
+    runs only after FastAPI has parsed the body: every body was parsed twice on the event loop)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            await _plain_json_body(request)
+            return await handler(request)
+
+        return checked
 
 
 def _same_site_or_navigation(request: Request) -> None:
@@ -296,12 +317,16 @@ def _short(part: Any) -> Any:
 def _reported_errors(errors: Any) -> list[dict[str, Any]]:
     """Pydantic's errors as plain JSON without what was sent: no input, no context, at most `MAX_REPORTED_ERRORS`,
     key names cut short."""
-    reported = json.loads(json.dumps(list(errors)[:MAX_REPORTED_ERRORS], default=str))
-    for error in reported:
-        error.pop("input", None)  # never echo what was sent (it may be large)
-        error.pop("ctx", None)
-        error["loc"] = [_short(part) for part in error.get("loc", ())[:8]]
-    return reported
+    # Built from the three fields kept: each error holds what was sent (`input`, maybe a 256 KiB list), which must
+    # not be serialised only to be dropped.
+    return [
+        {
+            "type": str(error.get("type", "")),
+            "loc": [_short(part) if isinstance(part, str | int) else str(part) for part in error.get("loc", ())[:8]],
+            "msg": str(error.get("msg", "")),
+        }
+        for error in list(errors)[:MAX_REPORTED_ERRORS]
+    ]
 
 
 def _validation_message(errors: Any) -> str:
@@ -583,7 +608,6 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
             lambda e: e.search(params.q, k=params.k, segments=params.segments, **_filter_kwargs(params)),
         )
 
-    @app.post("/search", response_model=SearchResponse, responses=errors, dependencies=[Depends(_plain_json_body)])
     async def search_post(body: SearchRequest) -> SearchResponse:
         """Text, "more like this" (an indexed video or one of its segments) or a raw embedding."""
         filters, k, segments = body.filters(), body.k, body.segments
@@ -610,6 +634,11 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
             lambda e: e.search_embedding(vector, k=k, segments=segments, filters=filters),
         )
 
+    app.router.add_api_route(
+        "/search", search_post, methods=["POST"], response_model=SearchResponse, responses=errors,
+        route_class_override=_JsonBodyRoute,
+    )  # fmt: skip
+
     @app.post(
         UPLOAD_PATH,
         response_model=SearchResponse,
@@ -627,19 +656,19 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
     )
     async def upload(request: Request, params: Annotated[UploadQuery, Query()]) -> SearchResponse | Response:
         """A picture or a short clip (the request body, up to the service's upload limit) as the query."""
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-        if await request.is_disconnected():
-            return Response(status_code=CLIENT_CLOSED)  # a limit answered already, or the client left
-        payload = bytes(data)
-        return await _answer(
-            service,
-            params,
-            "upload",
-            None,
-            lambda e: e.search_upload(payload, k=params.k, segments=params.segments, filters=params.filters()),
-        )
+        async with service.upload_body():  # bodies held at once are bounded before one is read
+            chunks = [chunk async for chunk in request.stream()]
+            if await request.is_disconnected():
+                return Response(status_code=CLIENT_CLOSED)  # a limit answered already, or the client left
+            data = b"".join(chunks)
+            del chunks
+            return await _answer(
+                service,
+                params,
+                "upload",
+                None,
+                lambda e: e.search_upload(data, k=params.k, segments=params.segments, filters=params.filters()),
+            )
 
 
 def _filter_kwargs(params: FilterFields) -> dict[str, Any]:

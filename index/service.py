@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -73,7 +73,7 @@ class ServiceLimits:
             400: a loopback service must not answer a page whose host name was re-pointed to it (DNS rebinding).
     """
 
-    max_json_bytes: int = 1 << 20
+    max_json_bytes: int = 256 << 10  # the largest request (4,096 floats, pretty-printed) is about 130 KB
     max_upload_bytes: int = 20 << 20
     request_timeout_seconds: float = 30.0
     header_timeout_seconds: float = 10.0
@@ -259,6 +259,7 @@ class SearchService:
         self._s3: Any = None
         self._media_pool: ThreadPoolExecutor | None = None
         self._slots: tuple[asyncio.Semaphore, asyncio.Semaphore] | None = None  # (queries, uploads among them)
+        self._upload_bodies: asyncio.Semaphore | None = None
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
         self._failed: dict[str, tuple[str, float]] = {}  # (stamp, when) of a failed reload: retried only later
@@ -341,6 +342,24 @@ class SearchService:
             named = f"named {chosen!r}" if NAME_PATTERN.fullmatch(chosen) else "by that name"
             raise UnknownIndex(f"no output {named}; this service holds {sorted(self.engines)}")
         return chosen, engine
+
+    @contextlib.asynccontextmanager
+    async def upload_body(self) -> AsyncIterator[None]:
+        """Held from before an upload's body is read until its answer: at most twice the upload slots at once, so
+        that the uploads received or waiting for a slot hold at most that many bodies (each up to
+        `ServiceLimits.max_upload_bytes`; bodies were read whole first, and 256 connections could hold 5 GiB).
+        Others wait within the queue timeout, then get 503 (`Busy`) before their body is read."""
+        if self._upload_bodies is None:  # made on first use, inside the serving event loop
+            self._upload_bodies = asyncio.Semaphore(2 * self.limits.upload_slots)
+        bodies = self._upload_bodies
+        try:
+            await asyncio.wait_for(bodies.acquire(), self.limits.queue_timeout_seconds)
+        except TimeoutError:
+            raise Busy() from None
+        try:
+            yield
+        finally:
+            bodies.release()
 
     async def run_query(self, work: Callable[[], T], *, kind: Literal["query", "upload"] = "query") -> T:
         """Runs `work` in a thread once a query slot is free, within the queue and request time limits.
