@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt_
 import json
+import logging
 import math
 import os
 import random
@@ -40,7 +41,9 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from index.s3 import StorageError
 from index.schema import plain_schema, plain_types, schema_for
-from vitaclip.redact import endpoint_without_userinfo, redact_text, refuse_object_userinfo
+from vitaclip.redact import endpoint_without_userinfo, redact_text, redact_url, refuse_object_userinfo
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 """Version of the table schemas below; stored as the table property ``vitaclip.schema_version``."""
@@ -616,7 +619,9 @@ def latest_version(location: OutputLocation, table: str) -> int | None:
     return max(versions, default=None)
 
 
-def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | None = None) -> dict[str, int]:
+def create_tables(
+    location: OutputLocation, embed_dim: int, *, model_id: str | None = None, into_old_layout: bool = False
+) -> dict[str, int]:
     """Creates the missing tables of an output and checks all of them; returns each table's latest version.
 
     Idempotent, and safe when two processes create at once: the loser of the race re-opens the winner's table and
@@ -625,14 +630,19 @@ def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | N
     Args:
         embed_dim: The embedding size of the model that will write; an existing table must hold the same.
         model_id: Named in the error when an existing table holds another embedding size.
+        into_old_layout: Create tables in folders that hold the previous layout's parts (`vitaclip migrate`).
 
     Raises:
-        TableMismatchError: An existing table this vitaclip cannot write (see `check_table`, `check_writable`).
+        TableMismatchError: An existing table this vitaclip cannot write (see `check_table`, `check_writable`), or a
+            table folder that holds other files and no table: the folder would be the table's, and a vacuum
+            deletes data files no commit names.
     """
     versions: dict[str, int] = {}
     for table in TABLES:
         dt = open_table(location, table)
         if dt is None:
+            if not into_old_layout:
+                _refuse_foreign_files(location, table)
             try:
                 dt = DeltaTable.create(
                     location.table_uri(table),
@@ -658,6 +668,20 @@ def create_tables(location: OutputLocation, embed_dim: int, *, model_id: str | N
             check_table(dt, table, embed_dim=embed_dim, model_id=model_id)
         versions[table] = dt.version()
     return versions
+
+
+def _refuse_foreign_files(location: OutputLocation, table: str) -> None:
+    """Refuses to make a table in a folder that already holds files (one listing of the folder itself)."""
+    filesystem, root = location.table_path(table)
+    listed = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    foreign = sorted(info.base_name for info in listed if info.base_name != "_delta_log")
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise TableMismatchError(
+            f"{redact_url(location.table_uri(table))} holds files and no Delta table ({shown}): an output's "
+            f"{'/'.join(TABLES)} folders hold its tables only; give --output a folder of its own (not one holding "
+            "the videos)"
+        )
 
 
 def schema_version(dt: DeltaTable) -> int:
@@ -1368,9 +1392,48 @@ def vacuum(location: OutputLocation, *, retention_hours: float, full: bool = Tru
             deleted[table] = 0
             continue
         enforce = hours >= _retention_hours_of(dt)
-        files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=enforce, full=full)
-        deleted[table] = len(files) + (_sweep_temporaries(location, table, hours) if full else 0)
+        # delta-rs's own vacuum only for what commits removed: its full mode deletes every file of the table folder
+        # the log does not name, whoever put it there (videos given as the output's `videos` folder went too).
+        files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=enforce, full=False)
+        deleted[table] = len(files)
+        if full:
+            deleted[table] += _sweep_orphans(location, table, hours, enforce, already=set(files)) + _sweep_temporaries(
+                location, table, hours
+            )
     return deleted
+
+
+_DATA_FILE_RE = re.compile(
+    r"^part-[A-Za-z0-9._=-]*\.parquet$"
+)  # data files as Delta writers name them (vitaclip's too)
+
+
+def _sweep_orphans(location: OutputLocation, table: str, hours: int, enforce: bool, *, already: set[str]) -> int:
+    """Deletes the data files no commit ever named (left by killed runs or lost commit races) that are older than
+    `hours`: of the unnamed files delta-rs's full vacuum would delete, those named like a data file, in the table
+    folder itself. Any other file found there is left alone and logged."""
+    dt = open_table(location, table)
+    if dt is None:
+        return 0
+    unnamed = set(dt.vacuum(retention_hours=hours, dry_run=True, enforce_retention_duration=enforce, full=True))
+    unnamed -= already  # the files commits removed, deleted just before (their removes are still in the log)
+    orphans = [path for path in unnamed if _DATA_FILE_RE.match(path)]
+    others = sorted(unnamed.difference(orphans))
+    if others:
+        log.warning(
+            "%s holds %d files that are not data files of the table (%s): left alone; the table's folder should "
+            "hold the table only",
+            redact_url(location.table_uri(table)),
+            len(others),
+            ", ".join(repr(p) for p in others[:3]) + (", ..." if len(others) > 3 else ""),
+        )
+    filesystem, root = location.table_path(table)
+    swept = 0
+    for path in orphans:
+        with contextlib.suppress(FileNotFoundError):  # another vacuum took it
+            filesystem.delete_file(f"{root}/{path}")
+            swept += 1
+    return swept
 
 
 def _sweep_temporaries(location: OutputLocation, table: str, hours: int) -> int:

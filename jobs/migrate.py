@@ -121,7 +121,7 @@ def migrate(store: Store) -> dict[str, Any]:
         embed_dim = dim if dim is not None else embed_dim
     if embed_dim is None:
         raise ValueError(f"{location.url} has commit records but no committed rows: delete it and run the job")
-    versions = dlt.create_tables(location, embed_dim)
+    versions = dlt.create_tables(location, embed_dim, into_old_layout=True)
     report = {"embed_dim": embed_dim}
     migration = uuid.uuid4().hex
     for table in ("segments", "videos"):  # the job's order: segments never point at missing video rows

@@ -912,6 +912,42 @@ def test_a_commit_never_names_a_file_that_is_gone(local: OutputLocation) -> None
     assert DeltaTable(local.table_uri("videos")).to_pyarrow_table().column("video_id").to_pylist() == ["a"]
 
 
+def test_vacuum_deletes_only_data_files(local: OutputLocation, caplog: pytest.LogCaptureFixture) -> None:
+    """delta-rs's full vacuum deletes every file of the table folder that no commit names: videos kept in the
+    folder given as the output's ``videos`` (``index media/videos --output media``) went with the first run."""
+    root = Path(local.table_uri("videos"))
+    others = [root / "holiday.mp4", root / "2025" / "wedding.mp4", root / "notes.txt", root / "part-1.mp4"]
+    orphan = root / dlt.write_data_file(local, "videos", video_rows(["x"]), name=fresh_name()).path
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a user's file")
+    for path in [*others, orphan]:
+        os.utime(path, (time.time() - 30 * 86400, time.time() - 30 * 86400))
+    assert dlt.vacuum(local, retention_hours=24) == {"videos": 1, "segments": 0}
+    assert not orphan.exists() and all(path.read_bytes() == b"a user's file" for path in others)
+    assert any("4 files that are not data files" in r.getMessage() and "holiday.mp4" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tables_are_not_made_in_a_folder_holding_other_files(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    if where == "s3":
+        location: OutputLocation = request.getfixturevalue("s3_location")
+    else:
+        location = OutputLocation.from_url(str(tmp_path / "media"))
+    filesystem, root = location.table_path("videos")
+    filesystem.create_dir(root)
+    with filesystem.open_output_stream(f"{root}/clip.mp4") as f:
+        f.write(b"a video")
+    with pytest.raises(dlt.TableMismatchError, match=r"holds files and no Delta table \('clip.mp4'\)"):
+        dlt.create_tables(location, DIM)
+    assert dlt.open_table(location, "videos") is None
+    assert filesystem.get_file_info(f"{root}/_delta_log").type == pafs.FileType.NotFound
+    assert dlt.create_tables(OutputLocation.from_url(str(tmp_path / "empty")), DIM) == {"videos": 0, "segments": 0}
+
+
 def test_vacuum_sweeps_temporaries_of_killed_local_writes(local: OutputLocation) -> None:
     root = local.table_uri("videos")
     old, young = (os.path.join(root, f".{fresh_name()}.{uuid.uuid4().hex}.tmp") for _ in range(2))

@@ -494,6 +494,17 @@ def test_a_mistyped_input_folder_fails_before_the_output_is_touched(tmp_path: Pa
     assert not (tmp_path / "o").exists()  # no tables, settings or run record for a run that could not start
 
 
+def test_an_output_whose_table_folder_holds_the_videos_is_refused(tmp_path: Path, capsys) -> None:
+    """``index media/videos --output media``: the table would be made in the videos' folder, whose files a vacuum
+    deletes once no commit names them (the first run deleted every video older than the retention)."""
+    videos = make_videos(tmp_path / "media" / "videos", 2, broken=False)
+    before = {p: p.read_bytes() for p in videos}
+    rc = main([str(tmp_path / "media" / "videos"), "--output", str(tmp_path / "media"), "--model", "vitaclip-demo"])
+    assert rc == 2 and "holds files and no Delta table" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in videos} == before
+    assert not (tmp_path / "media" / "videos" / "_delta_log").exists()
+
+
 def test_a_folder_checkpoint_that_does_not_fit_its_model_fails_the_run_clearly(
     local_ray, tmp_path: Path, tiny_checkpoint: Path, capsys
 ) -> None:
