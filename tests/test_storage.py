@@ -240,6 +240,28 @@ def test_local_folder_walk_is_recursive_sorted_and_fingerprinted(tmp_path: Path)
     assert list(list_videos([str(tmp_path)]))[1].etag != videos[1].etag  # a touched file looks changed
 
 
+def test_a_subfolder_past_the_path_limit_is_one_unlisted_entry(tmp_path: Path) -> None:
+    """A folder whose path is longer than PATH_MAX (4,096 bytes) cannot be listed by path: it failed the whole run
+    (OSError ENAMETOOLONG) with nothing indexed; it is an unlisted folder now, like one that permission hides."""
+    from jobs.storage.listing import UNLISTED_FOLDER
+
+    (tmp_path / "ok.mp4").write_bytes(b"1")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(22):  # 22 folders of 200 characters, made relative to their parent (no path is that long)
+            os.mkdir("d" * 200, dir_fd=fd)
+            deeper = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+    finally:
+        os.close(fd)
+    listed = list(list_videos([str(tmp_path)]))
+    assert [(v.uri, v.status) for v in listed if v.status != UNLISTED_FOLDER] == [(str(tmp_path / "ok.mp4"), "")]
+    (unlisted,) = [v for v in listed if v.status == UNLISTED_FOLDER]
+    assert unlisted.uri.startswith(str(tmp_path / ("d" * 200))) and len(unlisted.uri) > 4096
+    assert "File name too long" in unlisted.error_message
+
+
 def test_a_name_that_is_not_utf8_never_shares_a_uri_with_another_file(tmp_path: Path) -> None:
     """A file whose name holds the byte 0xff and one whose name spells that byte as the text ``\\xff``: two rows.
     With ``\\x`` escapes both had the URI of the second, and the planner dropped one as listed twice. Its URI is a

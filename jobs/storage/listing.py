@@ -375,21 +375,23 @@ def _walk_sorted(
                 except OSError:
                     is_dir = False
                 entries.append((entry.name + "/" if is_dir else entry.name, entry))
-    except PermissionError as error:
-        if not top:
-            log.warning(
-                "cannot list folder %s (permission denied): its videos are left as they are by this run",
-                printable_path(folder),
-            )
-            yield _odd(
-                folder.rstrip(os.sep) + os.sep, UNLISTED_FOLDER, "permission denied: the folder cannot be listed"
-            )
-            return
-        raise StorageError(
-            f"access denied: cannot list folder {printable_path(folder)}", reason="access_denied", uri=folder
-        ) from error
     except FileNotFoundError:  # removed since its parent was read
         return
+    except OSError as error:  # permission denied, a path past PATH_MAX, a folder swapped for a file, EIO, ESTALE
+        why = "permission denied" if isinstance(error, PermissionError) else (error.strerror or type(error).__name__)
+        if not top:
+            log.warning(
+                "cannot list folder %s (%s): its videos are left as they are by this run", printable_path(folder), why
+            )
+            yield _odd(folder.rstrip(os.sep) + os.sep, UNLISTED_FOLDER, f"{why}: the folder cannot be listed")
+            return
+        if isinstance(error, PermissionError):
+            raise StorageError(
+                f"access denied: cannot list folder {printable_path(folder)}", reason="access_denied", uri=folder
+            ) from error
+        raise StorageError(
+            f"cannot list folder {printable_path(folder)}: {why}", reason="read_error", uri=folder
+        ) from error
     for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
         if sort_name.endswith("/"):
             yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside, top=False)
