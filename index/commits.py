@@ -74,6 +74,7 @@ RETRYABLE: frozenset[str] = frozenset(
         "changed",
         "access_denied",
         "archived",  # counted: tried --max-attempts runs, then left alone until restored and a run allows more
+        "not_found",  # gone when read: moved away and back (same size and time), or re-uploaded with the same bytes
         "s3_error",
         "decoder_crashed",  # its decoder's process died: a lost node or a neighbour's memory as well as the video
         "too_long",  # its clips were over the run's --max-frames-mib: a later run's limit or segments may differ

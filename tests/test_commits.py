@@ -332,6 +332,15 @@ def test_storage_failures_do_not_use_up_attempts(local: OutputLocation) -> None:
     assert recorded_attempts(np.asarray([1, 2, 1, 3, 2, 1]), status).tolist() == [1, 2, 0, 2, 1, 1]
 
 
+def test_a_video_gone_when_read_is_tried_again_when_listed_again(local: OutputLocation) -> None:
+    """A file moved away during a run and put back (same size and time), or an object deleted and uploaded again
+    with the same bytes (same ETag), is listed with the ETag of its ``not_found`` row: that row stood for good."""
+    run(local, {0: "e0"}, "r1", statuses={0: "not_found"})
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planned = planner(listing({0: "e0"}))
+    assert list(planned["video_id"]) == [vid(0)] and list(planned["attempt"]) == [2]  # counted, like a timeout
+
+
 def test_a_verdict_on_the_bytes_stands_until_the_etag_changes(local: OutputLocation) -> None:
     """A video cut short (`truncated`, the decoder's verdict on the file) fails the same way every time: the next
     run leaves it alone. A body that S3 kept cutting short is a `read_error`, tried again and never counted."""
@@ -863,12 +872,12 @@ def test_our_landed_segments_go_when_another_run_finishes_the_video_as_a_failure
     b = Committer(local, model_id=MODEL, run_id="rb", versions=versions)
     a.add(write_batch(local, Planner(local, model_id=MODEL, versions=versions)(seen), "ra"))
     b.add(write_batch(local, Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0"})), "rb",
-                      statuses={vid(0): "not_found"}))  # fmt: skip
+                      statuses={vid(0): "not_a_video"}))  # fmt: skip
     a._before_videos_commit = lambda: (b.commit(), setattr(a, "_before_videos_commit", None))  # type: ignore[func-returns-value]
     report = a.commit()
     assert report.dropped == 1 and report.videos_committed == 1
     rows = assert_one_row_and_one_set_each(local, {0, 1})
-    assert rows[vid(0)]["run_id"] == "rb" and rows[vid(0)]["status"] == "not_found"
+    assert rows[vid(0)]["run_id"] == "rb" and rows[vid(0)]["status"] == "not_a_video"
     assert rows[vid(1)]["run_id"] == "ra"
 
 
@@ -883,7 +892,7 @@ def test_nested_races_leave_one_row_and_segments_only_next_to_ok_rows(tmp_path: 
     rnd = random.Random(seed)
     local = OutputLocation.from_url(str(tmp_path / "out"))
     dlt.create_tables(local, DIM)
-    outcomes = ["ok", "ok", "bare", "not_found"]
+    outcomes = ["ok", "ok", "bare", "not_a_video"]
 
     def batch(planned: dict[str, np.ndarray], run_id: str, chosen: dict[str, str]) -> WrittenBatch:
         statuses = {v: ("ok" if s == "bare" else s) for v, s in chosen.items()}
