@@ -997,15 +997,16 @@ class Committer:
         while ours is of another: that writer listed the object after it changed, we before. Committing ours would
         put the older version back until the next run. Looked up only for rows other writers added with another ETag
         than ours (rare: the object changed between two overlapping runs' listings, or an older row another writer's
-        rewrite carried along); an unknown ETag leaves ours to replace theirs."""
+        rewrite carried along); an unknown ETag leaves ours to replace theirs. A ``deleted`` row (a prune) is the
+        newest version of an object that is gone: ours is dropped while the object is still gone."""
         if self._current_etags is None:
             return set()
-        theirs = {
-            (video_id, path, row["etag"])
+        theirs = {  # (video, file, the ETag their row says the object has now: None for gone)
+            (video_id, path, None if row["status"] == STATUS_DELETED else row["etag"])
             for video_id, rows in video_rows.items()
             if video_id not in done
             for path, row in rows
-            if row["etag"] is not None and row["etag"] != etags[video_id]
+            if (row["etag"] is not None and row["etag"] != etags[video_id]) or row["status"] == STATUS_DELETED
         }
         if not theirs:
             return set()
@@ -1015,11 +1016,8 @@ class Committer:
             uris.update(zip(held.column("video_id").to_pylist(), held.column("uri").to_pylist(), strict=True))
         asked = sorted({uris[video_id] for video_id, _, _ in theirs if video_id in uris})
         now = dict(zip(asked, self._current_etags(asked), strict=True))
-        return {
-            video_id
-            for video_id, _, etag in theirs
-            if video_id in uris and now[uris[video_id]] is not None and now[uris[video_id]] == etag
-        }
+        # An ETag that cannot be found now (None) matches only a prune's row: it is unknown for any other.
+        return {video_id for video_id, _, etag in theirs if video_id in uris and now[uris[video_id]] == etag}
 
     def _runs_in(self, video_id: str, paths: set[str | None], snapshot: _Snapshot) -> set[str]:
         """Run ids of `video_id`'s rows in current videos files (each file's two columns read once)."""

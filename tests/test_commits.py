@@ -576,6 +576,27 @@ def _stale_and_fresh_runs(
     return a.commit(), asked
 
 
+@pytest.mark.parametrize("now", [None, "e0-back"])
+def test_a_run_that_listed_a_video_before_a_prune_never_puts_it_back_while_it_is_gone(
+    local: OutputLocation, now: str | None
+) -> None:
+    """ra lists video 0 (changed), the file is deleted, a prune (rb) commits its ``deleted`` row, then ra commits:
+    its ``ok`` row replaced the deleted one, and search returned a file that no longer exists until the next prune.
+    The object is looked up: while it is gone, ra's row is dropped; put back, ra's row goes in as before."""
+    run(local, {0: "e0", 1: "e1"}, "r1")
+    versions = latest_versions(local)
+    a = Committer(local, model_id=MODEL, run_id="ra", versions=versions, current_etags=lambda uris: [now] * len(uris))
+    a.add(write_batch(local, Planner(local, model_id=MODEL, versions=versions)(listing({0: "e0-new"})), "ra"))
+    run(local, {0: None}, "rb", statuses={0: "deleted"})  # as a --prune-missing run commits it
+    report = a.commit()
+    rows = assert_one_row_and_one_set_each(local, {0, 1})
+    if now is None:
+        assert report.superseded == 1 and report.videos_committed == 0
+        assert (rows[vid(0)]["run_id"], rows[vid(0)]["status"]) == ("rb", "deleted")
+    else:
+        assert (rows[vid(0)]["run_id"], rows[vid(0)]["status"]) == ("ra", "ok")
+
+
 def test_a_run_that_listed_an_older_version_leaves_the_newer_row_in_place(local: OutputLocation) -> None:
     """A run that listed a video before it changed and commits after another run committed the changed video keeps
     out of its way: committing its row would put the older version back until the next run."""
