@@ -651,6 +651,9 @@ def update_run_index(
     indexable = commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0
     if not config.build_index or not (indexable or changed):
         return None
+    other = _index_of_another_model(store, model_id)
+    if other is not None:
+        return {"left_as_it_is": f"the index holds {other}'s rows, not this run's model's"}
     try:
         info: dict[str, Any] = ray.get(planner.update_index.remote(config, model_id))
     except OSError as exc:  # storage failing after its retries (a Ray task error is also its cause's type)
@@ -658,6 +661,27 @@ def update_run_index(
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:  # killed, out of memory
         raise IndexUpdateError(exc) from exc
     return info
+
+
+def _index_of_another_model(store: Store, model_id: str) -> str | None:
+    """The model of ``OUT/index`` when it is not `model_id` (None otherwise). An output holds rows of several models
+    (one row per video per model) and an index of one: a run of another model (a candidate checkpoint tried on the
+    output) commits its rows and leaves the index alone, which a rebuild from that model's rows alone would have
+    emptied of every video of the model searches use (and a schedule of each model rebuilt it whole every run)."""
+    try:
+        info = json.loads(store.get_bytes(f"{INDEX_DIR}/{INFO_FILE}"))
+    except (FileNotFoundError, ValueError):  # no index, or one the update replaces (it says why)
+        return None
+    indexed = info.get("model_id") if isinstance(info, dict) else None
+    if not isinstance(indexed, str) or indexed == model_id:
+        return None
+    log.warning(
+        "the index holds the rows of %s, not of this run's model %s: left as it is (this run's rows are committed; "
+        "`vitaclip build-index OUT --model ... --checkpoint ... --rebuild` makes it this model's index)",
+        indexed,
+        model_id,
+    )
+    return indexed
 
 
 def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:

@@ -485,6 +485,33 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "o" / "videos").exists()
 
 
+def test_a_run_of_another_model_leaves_the_index_as_it_is(
+    local_ray, tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An output holds rows of several models and an index of one: a run of another checkpoint of the same size
+    (a candidate tried on the output) rebuilt the index from its own rows alone, and every video of the model
+    searches use left search (a schedule of each rebuilt it whole every run)."""
+    import torch
+
+    import vitaclip
+
+    candidate = vitaclip.create_model("vitaclip-tiny")
+    with torch.no_grad():
+        next(candidate.parameters()).add_(0.01)
+    vitaclip.save_checkpoint(candidate, tmp_path / "candidate")
+    make_videos(tmp_path / "in", 2, broken=False)
+    out = tmp_path / "out"
+    assert main(job_args([str(tmp_path / "in")], out, checkpoint=tiny_checkpoint)) == 0
+    info = (out / "index" / "index_info.json").read_text()
+    assert main(job_args([str(tmp_path / "in")], out, checkpoint=tmp_path / "candidate")) == 0
+    assert (out / "index" / "index_info.json").read_text() == info
+    assert any("left as it is" in r.getMessage() for r in caplog.records)
+    rows = committed_videos(out)
+    assert rows.num_rows == 4 and len(set(rows.column("model_id").to_pylist())) == 2
+    summary = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert "left_as_it_is" in summary["index"]
+
+
 def test_a_mistyped_input_folder_fails_before_the_output_is_touched(tmp_path: Path, capsys) -> None:
     make_videos(tmp_path / "in", 1, broken=False)
     rc = main(
