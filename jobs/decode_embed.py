@@ -72,6 +72,24 @@ class ReadDecode(DecodeStage):
         yield from self.iter_batches(batch)
 
 
+def status_rows(batch: dict[str, np.ndarray], *, decoder: dict[str, Any], embed_dim: int, top_k: int) -> Any:
+    """A Ray Data task for a run whose planned objects all carry a listing status (a prune's ``deleted`` rows,
+    objects the listing refused): their rows as `DecodeEmbed` gives them, with no decode task, no embed actor, no
+    model load and no GPU asked for (a prune-only run started the embed pool and loaded the model for them)."""
+    for rows in DecodeStage(num_frames=decoder["num_frames"], size=decoder["size"]).iter_batches(batch):
+        if len(rows["status"]) and any(status == "ok" for status in rows["status"]):
+            raise ValueError("status_rows takes objects the listing gave a status only")
+        out = {key: value for key, value in rows.items() if key != "frames"}
+        n = len(out["status"])
+        out.update(
+            embedding=np.zeros((n, embed_dim), dtype=np.float32),
+            label_indices=np.full((n, top_k), -1, dtype=np.int32),
+            label_scores=np.zeros((n, top_k), dtype=np.float32),
+            embed_seconds=np.zeros(n),
+        )
+        yield out
+
+
 class TimedEmbed(EmbedStage):
     """EmbedStage that records its own seconds per clip, for the run summary."""
 

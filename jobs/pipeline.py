@@ -52,7 +52,7 @@ from index.row_settings import RowSettings, SettingsMismatchError, check_row_set
 from index.schema import STATUS_OK, video_id_for
 from index.segments import INDEX_DIR, INFO_FILE
 from jobs.config import IndexJobConfig
-from jobs.decode_embed import DecodeEmbed
+from jobs.decode_embed import DecodeEmbed, status_rows
 from jobs.planning import PlanActor, PlannedBlock
 from jobs.ray_resources import (
     EmbedDevice,
@@ -917,10 +917,22 @@ def index_dataset(
     stage: type = DecodeEmbed,
 ) -> Any:
     """The run's one Dataset over the planned blocks: embed actors that have them decoded by CPU tasks
-    (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes."""
+    (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes. Blocks whose objects
+    all carry a listing status (a prune-only run) go through plain tasks: no model, no embed actor."""
     import ray
 
     ds: ray.data.Dataset = blocks_dataset(blocks)
+    if stage is DecodeEmbed and not any(b.to_decode is None or b.to_decode for b in blocks):
+        return ds.map_batches(
+            status_rows,  # type: ignore[arg-type]  # a generator of column dicts, as Ray Data takes
+            fn_kwargs=dict(
+                decoder=decoder_args(config, model),
+                embed_dim=model.embed_dim,
+                top_k=min(config.top_k, len(model.label_names)),
+            ),
+            batch_size=_CALL_VIDEOS,
+            num_cpus=0.25,
+        )
     # Each embed actor may keep every decoder busy, with half as many tasks again queued, so that one actor (the
     # pool's start, the run's end) feeds them all; more tasks than decoders wait in Ray's queue, where they hold no
     # memory. Its two calls at once share them: one block's decoding starts while the other's last videos finish.

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # task), whatever its rows: without segments (one row per video) blocks of 512 took 0.0067 driver CPU-s per further
 # 1,000 rows, of 2,048 0.0012 (net of the time-bound work; benchmarks/driver_rows.py).
 _BLOCK_VIDEOS = 2048
+_LISTING_STATUS = "listing_status"  # `vitaclip.stages.LISTING_STATUS` (that module imports PyAV, not needed here)
 _TAIL_BLOCK_VIDEOS = 128  # videos per block of the run's end (held back, cut finer so every decoder ends together)
 
 
@@ -184,10 +185,14 @@ class PlannedBlock:
     videos: int
     size_bytes: int | None = None
     schema: pa.Schema | None = None
+    to_decode: int | None = None  # of `videos`, those without a listing status (None: not counted)
 
     @classmethod
     def of(cls, ref: Any, block: pa.Table) -> PlannedBlock:
-        return cls(ref, block.num_rows, block.nbytes, block.schema)
+        to_decode = block.num_rows
+        if _LISTING_STATUS in block.column_names:
+            to_decode = int(pc.sum(pc.equal(pc.fill_null(block.column(_LISTING_STATUS), ""), "")).as_py() or 0)
+        return cls(ref, block.num_rows, block.nbytes, block.schema, to_decode)
 
 
 def _planned_schema(schema: pa.Schema) -> pa.Schema:

@@ -827,6 +827,8 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
 
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert summary["counts"]["no_longer_listed"] == 2 and summary["status"] == {"deleted": 2}
+    # Nothing to decode: written by plain tasks, the model never ran (an embed actor's seconds would count).
+    assert summary["throughput"]["embed_clips_per_worker_second"] is None
     assert summary["prune_left_alone"] == [f"{tmp_path / 'other'}/"]
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
     assert len(rows) == 7 and rows[str(gone_path)]["status"] == "deleted" and rows[str(gone_path)]["embedding"] is None
