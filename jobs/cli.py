@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import stat
 import sys
@@ -273,11 +274,16 @@ def _read_upload(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ValueError(f"--like {path}: {exc.strerror or exc}") from None
+    try:
+        found = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ValueError(f"--like {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(found.st_mode):  # before fdopen, which refuses a folder with a bare IsADirectoryError
+        os.close(fd)
+        raise ValueError(f"--like {path}: not a regular file (a FIFO, device or folder)")
     with os.fdopen(fd, "rb") as f:
         try:
-            found = os.fstat(fd)
-            if not stat.S_ISREG(found.st_mode):
-                raise ValueError(f"--like {path}: not a regular file (a FIFO, device or folder)")
             if found.st_size > _MAX_LIKE_BYTES:
                 too_big = f"{found.st_size:,} bytes, above {_MAX_LIKE_BYTES:,}"
                 raise ValueError(f"--like {path}: {too_big}: use a shorter clip")
@@ -382,6 +388,29 @@ def _cmd_index(argv: Sequence[str]) -> int:
     return index_main(argv, prog="vitaclip index")
 
 
+def _recall_target(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"a recall target is above 0 and at most 1, got {text!r}")
+    return value
+
+
+_MAX_UPLOAD_MIB = 4096
+
+
+def _upload_mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= _MAX_UPLOAD_MIB:  # NaN and infinity too
+        raise argparse.ArgumentTypeError(f"an upload limit is above 0 and at most {_MAX_UPLOAD_MIB} MiB, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     port = int(text) if text.strip().isdigit() else -1
     if not 0 <= port <= 65535:
@@ -456,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="auto", help="auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
     p.add_argument(
         "--recall-target",
-        type=float,
+        type=_recall_target,
         default=0.95,
         help="recall at 10 that approximate kinds tune their search setting (nprobe, efSearch) to reach",
     )
@@ -519,7 +548,7 @@ def _add_serve_parser(sub: Any) -> None:
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535, 0 for any free one")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or clip query (MiB)")
+    p.add_argument("--max-upload-mb", type=_upload_mib, default=20.0, help="largest picture or clip query (MiB)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a query gets 504")
     p.add_argument("--max-connections", type=int, default=256, help="connections before new ones get 503")
     p.add_argument(

@@ -19,6 +19,7 @@ DEFAULT_EXTENSIONS = tuple(sorted(DEFAULT_VIDEO_EXTENSIONS))
 
 
 DEFAULT_MODEL = "vitaclip-b16"
+DEFAULT_PRUNE_MAX = 0.1  # largest share of a scope's videos --prune-missing prunes in one run
 
 
 def _has_packaged_weights(model: str) -> bool:
@@ -165,7 +166,7 @@ class IndexJobConfig:
     follow_outside_symlinks: bool = False
     prune_missing: bool = False
     prune_scopes: tuple[str, ...] = ()
-    prune_max: float = 0.1
+    prune_max: float = DEFAULT_PRUNE_MAX
     build_index: bool = True
 
     def __post_init__(self) -> None:
@@ -230,6 +231,8 @@ class IndexJobConfig:
             raise ValueError("prune_scopes are for --prune-missing runs: give --prune-missing too")
         if not 0 <= self.prune_max <= 1:  # NaN too
             raise ValueError(f"prune_max is a share of a scope's videos, 0 to 1, got {self.prune_max}")
+        if self.prune_max != DEFAULT_PRUNE_MAX and not self.prune_missing:
+            raise ValueError("prune_max is for --prune-missing runs: give --prune-missing too")
         for scope in self.prune_scopes:
             if not scope or ("://" in scope and not scope.startswith("s3://")):
                 raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {redact_url(scope)!r}")

@@ -308,6 +308,14 @@ def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: P
     with pytest.raises(SystemExit) as exited:
         main(["serve", "--index", str(tmp_path), "--port", "70000"])
     assert exited.value.code == 2 and "a port is 1-65535 (0: any free one), got '70000'" in capsys.readouterr().err
+    for value in ("inf", "nan", "0", "1e300"):  # inf crashed, nan was a raw message, 1e300 lifted the limit
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", "--index", str(tmp_path), "--max-upload-mb", value])
+        assert exited.value.code == 2 and "an upload limit is above 0 and at most 4096 MiB" in capsys.readouterr().err
+    for value in ("nan", "inf", "-1", "5", "0"):  # written into index_info.json as NaN, or used as the extremes
+        with pytest.raises(SystemExit) as exited:
+            main(["build-index", str(tmp_path), "--recall-target", value])
+        assert exited.value.code == 2 and "a recall target is above 0 and at most 1" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -587,6 +587,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, capsys) -> None:
         ("--segment-seconds", "inf", "segment_seconds must be > 0 and finite"),
         ("--prune-max", "1.5", "prune_max is a share of a scope's videos, 0 to 1, got 1.5"),
         ("--prune-max", "nan", "prune_max is a share of a scope's videos, 0 to 1, got nan"),
+        ("--prune-max", "0.5", "prune_max is for --prune-missing runs: give --prune-missing too"),
         # delta-rs panics past its time range, after the run committed (a BaseException: a crashed run)
         ("--vacuum-retention-hours", "1e13", "vacuum_retention_hours must be 0 (no vacuum) to 1,000,000"),
         ("--vacuum-retention-hours", "0.5", "vacuum_retention_hours must be whole hours, got 0.5"),  # not 1 h

@@ -174,6 +174,7 @@ def test_cli_search_json(indexed: Path, capsys) -> None:
         (["--like", str(indexed / "missing.mp4")], "missing.mp4: No such file or directory"),
         (["--like", str(fifo)], "fifo.mp4: not a regular file"),  # opening it waited for a writer forever
         (["--like", "/dev/zero"], "/dev/zero: not a regular file"),  # read 256 MiB before it was refused
+        (["--like", str(indexed)], "not a regular file"),  # a folder: a bare IsADirectoryError, exit 1
     ]:
         assert cli_main(["search", "--index", str(indexed), *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
