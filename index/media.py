@@ -60,7 +60,7 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _content_type(path: str) -> str:
+def content_type(path: str) -> str:
     kind = mimetypes.guess_type(path, strict=False)[0]
     return kind if kind and kind.startswith("video/") else "application/octet-stream"
 
@@ -130,7 +130,7 @@ def open_media(row: Mapping[str, Any], roots: MediaRoots) -> MediaFile:
         file=file,
         size_bytes=st.st_size,
         mtime_ns=st.st_mtime_ns,
-        content_type=_content_type(resolved),
+        content_type=content_type(resolved),
         etag=f'"{st.st_size:x}-{st.st_mtime_ns:x}"',
     )
 

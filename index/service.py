@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from index.media import MediaFile, MediaRefused
+from index.media import MediaFile, MediaRefused, content_type
+from index.queries import QueryError
 from index.search import SearchEngine
 from vitaclip.redact import install_log_redaction, redact_text
 
@@ -402,6 +403,9 @@ class SearchService:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
         except TimeoutError:
+            # Answered 504 already: what the work raises later is the client's problem (a refused query) or logged
+            # once here, never asyncio's "Future exception was never retrieved" error with a traceback.
+            future.add_done_callback(_late_outcome)
             raise QueryTimeout() from None
 
     def describe(self) -> list[dict[str, Any]]:
@@ -477,11 +481,24 @@ class SearchService:
             raise MediaRefused("missing", "the object is gone or unreadable") from None
         if str(head.get("ETag", "")).strip('"') != row.get("etag"):  # listings store ETags unquoted
             raise MediaRefused("changed", "the object changed since it was indexed", http_status=410)
-        return str(
-            self._s3.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
-            )
-        )
+        # The answer's type is part of the signature: the object's stored Content-Type (text/html on an HTML and
+        # MP4 polyglot, which decodes as a video) would have the link open it as a page on the store's origin.
+        params = {
+            "Bucket": bucket,
+            "Key": key,
+            "ResponseContentType": content_type(key),
+            "ResponseContentDisposition": "inline",
+        }
+        return str(self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=PRESIGN_SECONDS))
+
+
+def _late_outcome(future: asyncio.Future[Any]) -> None:
+    """Takes the outcome of a query that finished after its 504 (an unexpected error is logged as a warning)."""
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, (QueryError, ValueError)):
+        log.warning("a query that timed out failed later: %s: %s", type(exc).__name__, redact_text(str(exc)))
 
 
 def single_query_threads(*, torch_threads: int | None = None) -> None:

@@ -120,6 +120,9 @@ def _served_from_s3(client: Any, bucket: str, rows: dict[str, Any], video: Path,
     assert "X-Amz-Signature=" in location and "AWSAccessKeyId=" not in location
     with urllib.request.urlopen(location, timeout=30) as fetched:
         assert fetched.read() == video.read_bytes()
+        # The type the link answers with is signed in it, whatever type the object was stored with (text/html
+        # on a polyglot that decodes as a video would open as a page on the store's origin).
+        assert fetched.headers["Content-Type"] == "video/mp4"
     # An endpoint given with a user and password (which S3 never reads): the link a client gets carries neither.
     with_userinfo = endpoint.replace("://", "://user:PASSW0RD@", 1)
     answer = TestClient(create_app(SearchService({"s3": source.open()}, s3_endpoint_url=with_userinfo))).get(

@@ -909,6 +909,32 @@ def test_os_errors_of_an_upload_are_400(client: TestClient, monkeypatch: pytest.
 
 
 @pytest.mark.serial
+def test_a_query_that_fails_after_its_timeout_is_not_an_error(
+    engine: SearchEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A query answered 504 whose work later raised left asyncio's "Future exception was never retrieved" ERROR
+    with a traceback in the log (alerts on ERROR lines went off for a client's bad query)."""
+    import gc
+    import threading
+
+    release, failed = threading.Event(), threading.Event()
+
+    def fails_late(*args: Any, **kwargs: Any) -> list[Any]:
+        release.wait(20)
+        failed.set()
+        raise QueryError("the embedding is the zero vector")
+
+    monkeypatch.setattr(engine, "search", fails_late)
+    with serving(SearchService({"main": engine}, limits=ServiceLimits(request_timeout_seconds=0.5))) as url:
+        assert request(url, "/search?q=red&k=1")[0] == 504
+        release.set()
+        assert failed.wait(20)
+        time.sleep(0.3)  # the future's outcome reaches the event loop
+        gc.collect()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= 40]
+
+
+@pytest.mark.serial
 def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
