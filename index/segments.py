@@ -156,10 +156,14 @@ class VectorIndex:
 
 def _queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if q.ndim != 2:
+        raise ValueError(f"queries are one vector or a [n, {dim}] array, got shape {q.shape}")
     if q.shape[1] != dim:
         raise ValueError(f"queries have dimension {q.shape[1]}, the index {dim}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not np.isfinite(q).all():  # FAISS answers NaN with ids of -1, silently
+        raise ValueError("queries hold NaN or infinity")
     return q
 
 
@@ -451,7 +455,10 @@ class SegmentedIndex:
         self.segments[0][1].set_params(**params)  # the base; later segments are exact
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the `k` nearest live rows per query, best first: at most `count` columns (FAISS makes
+        room for `k` per query: 10**9 asked of 15 vectors ended the process); ids of -1 where fewer are found."""
         q = _queries(queries, self.dim, k)
+        k = min(k, max(1, self.count))
         all_scores, all_ids = [], []
         for (_, vindex), selector in zip(self.segments, self._selectors, strict=True):
             if vindex.count == 0:

@@ -585,3 +585,18 @@ def test_an_index_file_that_cannot_be_written_is_an_os_error_naming_it(
     with pytest.raises(OSError, match=r"cannot write the index file .*videos\.0+\d-blocked\.faiss: .*directory"):
         build_from_output(store, model_id=MODEL)
     assert read_info(out / "index") == {k: v for k, v in before.items() if k != "removed_files"}
+
+
+def test_searching_the_index_in_process_refuses_what_faiss_would_not(tmp_path: Path) -> None:
+    """`open_index(OUT).search` asked FAISS for k results per query whatever the count (k=10**9 on 15 vectors
+    ended the process), took a 3-D array as the wrong dimension and answered NaN queries with ids of -1."""
+    _indexed_output(str(tmp_path / "out"), 15, np.random.default_rng(3))
+    index = open_index(tmp_path / "out")
+    query = np.ones((1, DIM), np.float32) / np.sqrt(DIM)
+    scores, ids = index.search(query, 10**9)
+    assert scores.shape == ids.shape == (1, 15) and sorted(ids[0].tolist()) == sorted(index.ids.tolist())
+    assert index.search(query, 3)[1].shape == (1, 3)
+    with pytest.raises(ValueError, match="one vector or a"):
+        index.search(np.ones((2, 1, DIM), np.float32), 3)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        index.search(np.full((1, DIM), np.nan, np.float32), 3)
