@@ -685,7 +685,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         """An indexed video's row (no embedding, credentials masked)."""
         name, engine = service.engine(index)
         row = engine.video(video_id)
-        if row is None:
+        if row is None or row.get("status") != "ok":  # rows of files that failed were never indexed
             return _error(404, "no such video")
         safe = dict(row, uri=redact_url(str(row["uri"])), thumbnail_url=f"/thumbnails/{row['row_id']}.jpg?index={name}")
         return JSONResponse(json.loads(json.dumps(safe, default=str)))

@@ -294,7 +294,7 @@ class SearchEngine:
             MediaRefused: no such video, or a file that must not be served (with a safe message and HTTP status).
         """
         row = self.video(video_id)
-        if row is None:
+        if row is None or row.get("status") != "ok":  # a failed row was never indexed: answered as unknown ids are
             raise MediaRefused("not_indexed", "no such video")
         return open_media(row, self._media_roots())
 
