@@ -31,6 +31,7 @@ StorageErrorReason = Literal[
     "not_found",  # the object is gone
     "not_a_file",  # a local path names a folder, FIFO, socket or device
     "broken_link",  # a local path is a symbolic link loop
+    "outside_folder",  # a local path under an input folder resolves outside it (a link swapped in after listing)
     "changed",  # the object changed (ETag or size) while it was being read
     "read_error",  # bodies kept arriving shorter than announced
     "unavailable",  # transient failures outlasted the retries

@@ -51,9 +51,17 @@ _HOLD_MIB = 256.0
 class ReadDecode(DecodeStage):
     """DecodeStage reading from local files or S3 (ranged GETs for large objects)."""
 
-    def __init__(self, *, s3_endpoint_url: str | None, whole_object_max_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        s3_endpoint_url: str | None,
+        whole_object_max_bytes: int,
+        local_roots: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._endpoint = s3_endpoint_url
         self._whole_max = whole_object_max_bytes
+        self._roots = local_roots
         self._client: Any = None
         super().__init__(opener=self._open, **kwargs)
 
@@ -63,7 +71,12 @@ class ReadDecode(DecodeStage):
         # The listed ETag: an object replaced since it was listed (or named by a stale manifest) is a `changed` row,
         # never indexed under an ETag it does not have.
         return open_video(
-            uri, size_bytes=size_bytes, etag=etag, s3_client=self._client, whole_object_max_bytes=self._whole_max
+            uri,
+            size_bytes=size_bytes,
+            etag=etag,
+            s3_client=self._client,
+            whole_object_max_bytes=self._whole_max,
+            local_roots=self._roots,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]

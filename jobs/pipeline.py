@@ -75,7 +75,7 @@ from jobs.storage import (
     open_store,
     require_any,
 )
-from jobs.storage.listing import UNLISTED_FOLDER
+from jobs.storage.listing import UNLISTED_FOLDER, absolute_path
 from vitaclip.redact import redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
@@ -989,6 +989,10 @@ def decoder_args(config: IndexJobConfig, model: ResolvedModel) -> dict[str, Any]
         max_frame_bytes=int(config.max_frames_mib * 2**20),
         s3_endpoint_url=config.s3_endpoint_url,
         whole_object_max_bytes=config.whole_object_max_bytes,
+        # Files listed from these folders are read only while they resolve inside them (checked again when read).
+        local_roots=None
+        if config.follow_outside_symlinks
+        else [absolute_path(i) for i in config.inputs if "://" not in i and os.path.isdir(i)],
     )
 
 

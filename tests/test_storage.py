@@ -281,6 +281,33 @@ def test_a_name_that_is_not_utf8_never_shares_a_uri_with_another_file(tmp_path: 
     assert named.uri == videos[1].uri  # the same file, the same row (refused: its %-escapes are not UTF-8)
 
 
+def test_a_file_swapped_for_a_link_out_of_its_folder_after_listing_is_not_read(tmp_path: Path) -> None:
+    """The listing refuses links out of an input folder, but a listed file replaced by such a link (with the size
+    and time of the file it names: a `stat` gives them) before its read had that file indexed and its thumbnail
+    stored. Reads check again where a path under an input folder resolves."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "private").mkdir()
+    secret = tmp_path / "private" / "secret.mp4"
+    secret.write_bytes(b"someone else's video")
+    listed = tmp_path / "in" / "decoy.mp4"
+    listed.write_bytes(b"\0" * len(secret.read_bytes()))
+    os.utime(listed, ns=(secret.stat().st_atime_ns, secret.stat().st_mtime_ns))
+    (video,) = list_videos([str(tmp_path / "in")])
+    (tmp_path / "in" / "swap.tmp").symlink_to(secret)
+    os.replace(tmp_path / "in" / "swap.tmp", listed)  # after the listing: same size and time as listed
+    roots = [str(tmp_path / "in")]
+    with pytest.raises(StorageError, match="now a symbolic link to a file outside the listed folder") as caught:
+        open_video(video.uri, size_bytes=video.size_bytes, etag=video.etag, local_roots=roots)
+    assert caught.value.reason == "outside_folder"
+    assert open_video(video.uri, size_bytes=video.size_bytes, etag=video.etag) == video.uri  # --follow-outside-symlinks
+    inside = tmp_path / "in" / "alias.mp4"
+    inside.symlink_to(tmp_path / "in" / "decoy.mp4")
+    (tmp_path / "in" / "real.mp4").write_bytes(b"x")
+    os.replace(tmp_path / "in" / "decoy.mp4", tmp_path / "in" / "old-link")
+    (tmp_path / "in" / "decoy.mp4").symlink_to(tmp_path / "in" / "real.mp4")  # a link inside the folder: read
+    assert open_video(str(inside), size_bytes=None, local_roots=roots) == str(inside)
+
+
 def test_symlinks_to_files_outside_a_listed_folder_are_not_read(tmp_path: Path) -> None:
     """A link inside the folder is followed; one out of it (a sibling whose name extends the folder's included) is a
     row with a status unless the listing is told to follow it. The folder may itself be reached through a link."""

@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from index.s3 import (
@@ -38,6 +39,7 @@ def open_video(
     max_cached_blocks: int = 4,
     max_attempts: int = 5,
     backoff_seconds: float = 0.2,
+    local_roots: Sequence[str] | None = None,
 ) -> str | bytes | S3RangeReader:
     """A source the decoder can open: a local path as given, a small S3 object's bytes, or a ranged reader.
 
@@ -48,12 +50,15 @@ def open_video(
         whole_object_max_bytes: S3 objects up to this size are read in one GET; larger ones are read in ranges.
         block_size_bytes: Bytes per ranged GET (the read-ahead) of the ranged reader.
         max_attempts: Tries per GET, against resets, 5xx, throttling and short bodies, with exponential backoff.
+        local_roots: The run's input folders whose symlinks to files outside them are not read (None: any file):
+            a path under one of them must still resolve inside it when read, not only when listed (a listed file
+            swapped for a link to another file, between the listing and the read, hours apart on a large run).
 
     Raises:
         StorageError: The object is missing, refused, changed, or could not be read whole after retries.
     """
     if not uri.startswith("s3://"):
-        return _open_local(uri, etag)
+        return _open_local(uri, etag, local_roots)
     bucket, key = parse_s3_uri(uri)
     client = s3_client if s3_client is not None else make_s3_client()
     if size_bytes is None or size_bytes == UNKNOWN_SIZE:
@@ -79,8 +84,19 @@ def open_video(
     )
 
 
-def _open_local(uri: str, etag: str | None) -> str:
+def _open_local(uri: str, etag: str | None, roots: Sequence[str] | None = None) -> str:
     path = uri[len("file://") :] if uri.startswith("file://") else uri
+    for root in roots or ():
+        folder = os.path.abspath(root)
+        if path.startswith(folder.rstrip(os.sep) + os.sep):  # listed from this folder: read only inside it
+            resolved, inside = os.path.realpath(path), os.path.realpath(folder)
+            if not (resolved == inside or resolved.startswith(inside.rstrip(os.sep) + os.sep)):
+                raise StorageError(
+                    f"{printable_path(path)} is now a symbolic link to a file outside the listed folder: not read "
+                    "(--follow-outside-symlinks reads it)",
+                    reason="outside_folder",
+                    uri=uri,
+                )
     try:
         st = os.stat(path)
     except OSError as exc:  # statuses as a folder listing gives them
