@@ -441,3 +441,32 @@ def test_current_etags_are_what_a_listing_gives_now(tmp_path: Path, s3_bucket: B
     assert now[2] is not None and now[2] != first
     assert now[2] == next(iter(list_videos([f"s3://{bucket}/v/"], s3_client=client, extensions=None))).etag
     assert now[3:] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"uri": pa.array([b"/tmp/x.mp4"], pa.binary())}, "column 'uri' holds binary, not text"),
+        ({"uri": pa.array([123], pa.int64())}, "column 'uri' holds int64, not text"),
+        ({"uri": ["/tmp/x.mp4"], "size_bytes": pa.array([1.5])}, "column 'size_bytes' holds double, not whole numbers"),
+    ],
+)
+def test_parquet_manifest_columns_of_another_type_are_refused(tmp_path: Path, columns: dict, message: str) -> None:
+    """A binary uri became the path "b'/tmp/x.mp4'" (a not_found row), an integer one a file named by the number, a
+    size of 1.5 the size 1: the manifest is refused, naming the column."""
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table(columns), manifest)
+    with pytest.raises(StorageError, match=message) as caught:
+        list(list_videos([str(manifest)]))
+    assert caught.value.reason == "invalid_input" and "list.parquet" in str(caught.value)
+
+
+def test_parquet_manifest_text_that_is_not_utf8_names_the_manifest(tmp_path: Path) -> None:
+    data = b"/tmp/ok.mp4/tmp/bad\xff.mp4"
+    offsets = pa.py_buffer(pa.array([0, 11, len(data)], pa.int32()).buffers()[1])
+    uris = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(data)])  # as another writer made it
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": uris}), manifest)
+    with pytest.raises(StorageError, match=r"list.parquet rows 1-2: cannot be read as text") as caught:
+        list(list_videos([str(manifest)]))
+    assert caught.value.reason == "invalid_input"

@@ -882,15 +882,38 @@ def _parquet_rows(source: Any, *, where: str) -> Iterator[_ManifestRow]:
             uri=where,
         )
     columns = [name for name in ("uri", "etag", "size_bytes") if name in names]
+    _check_manifest_types(table.schema_arrow, columns, where=where)
     row = 0
     for batch in table.iter_batches(columns=columns, batch_size=4096):
-        data = batch.to_pydict()
+        try:
+            data = plain_types(batch).to_pydict()
+        except (UnicodeDecodeError, pa.ArrowException) as error:  # text that another tool wrote as bytes
+            raise StorageError(
+                f"{where} rows {row + 1}-{row + batch.num_rows}: cannot be read as text: {error}",
+                reason="invalid_input",
+                uri=where,
+            ) from None
         empty: list[Any] = [None] * batch.num_rows
         for uri, etag, size in zip(data["uri"], data.get("etag", empty), data.get("size_bytes", empty), strict=True):
             row += 1
             if not uri:
                 raise StorageError(f"{where} row {row}: a row has no uri", reason="invalid_input", uri=where)
             yield _ManifestRow(str(uri), _clean_etag(etag), _parse_size(size, where=where, line=row), row)
+
+
+def _check_manifest_types(schema: pa.Schema, columns: Sequence[str], *, where: str) -> None:
+    """Refuses a Parquet manifest whose columns are not text (``uri``, ``etag``) or whole numbers (``size_bytes``):
+    a binary ``uri`` became the path ``b'/x.mp4'``, an integer one a path named by the number, a ``size_bytes`` of
+    1.5 the size 1."""
+    expected = {"uri": "text", "etag": "text", "size_bytes": "whole numbers"}
+    for name in columns:
+        kind = schema.field(name).type
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+        ok = text if expected[name] == "text" else pa.types.is_integer(kind)
+        if not (ok or pa.types.is_null(kind)):
+            raise StorageError(
+                f"{where}: column {name!r} holds {kind}, not {expected[name]}", reason="invalid_input", uri=where
+            )
 
 
 # ----------------------------------------------------------------------------------------------- S3 Inventory
