@@ -270,6 +270,21 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     torch.save({"model": {"x": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "evil.pth")
+    # A bare pickle (pickle.dump, not torch.save) was refused as "not a valid pickle": it is one, of the wrong kind.
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "bare.pth", "wb") as f:
+        pickle.dump({"model": Touch(str(marker))}, f)
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: 1 pickle\(s\) and nothing after"):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "bare.pth")
+    assert not marker.exists()
+
+
+class Touch:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: D105
+        return (open, (self.path, "w"))
 
 
 def test_official_checkpoint_errors(tmp_path: Path) -> None:

@@ -133,7 +133,12 @@ def _check_pickles(f: BinaryIO, path: Path) -> None:
             _torchscript.check_pickle(io.BytesIO(reader.get_record("data.pkl")), "data.pkl")
         else:
             head = io.BytesIO(f.read(limit))
-            for _ in range(_LEGACY_PICKLES):
+            for count in range(_LEGACY_PICKLES):
+                if count and head.tell() == len(head.getbuffer()):
+                    raise CheckpointError(
+                        f"{path}: not a PyTorch checkpoint: {count} pickle(s) and nothing after (torch.save writes a "
+                        f"zip archive, or before torch 1.6 {_LEGACY_PICKLES} pickles): refused, never unpickled"
+                    )
                 _torchscript.check_pickle(head, f"the pickle at byte {head.tell()}")
     except _torchscript.UnsafePickleError as exc:
         raise CheckpointError(f"{path}: refusing to unpickle it: {exc}") from None
