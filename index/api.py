@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.http_media import ResponseAbandoned, media_answer, send_media
 from index.media import MediaFile, MediaRefused
-from index.queries import QueryError
+from index.queries import QueryError, StorageUnavailable
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
 from index.web import SECURITY_HEADERS, SecurityHeaders, add_docs_routes, add_page_route
@@ -519,6 +519,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bad_query(_request: Request, exc: QueryError) -> JSONResponse:
         return _error(400 if "no such" not in str(exc) else 404, str(exc))
 
+    @app.exception_handler(StorageUnavailable)
+    async def storage_failed(_request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.warning("a read of the output failed: %s", redact_text(str(exc.__cause__ or exc)))
+        return _error(503, "the output's storage did not answer: try again", headers={"Retry-After": "5"})
+
     @app.exception_handler(Busy)
     async def busy(_request: Request, _exc: Busy) -> JSONResponse:
         return _error(503, "the service is busy: every query slot stayed taken", headers={"Retry-After": "1"})
@@ -592,6 +597,23 @@ async def _answer(
     )
 
 
+async def _more_like(service: SearchService, body: SearchRequest, video_id: str) -> SearchResponse:
+    """``POST /search`` with ``video_id``: its stored vector is read on the media threads (`run_storage`), and only
+    the search takes a query slot."""
+    filters, k, segments, segment_index = body.filters(), body.k, body.segments, body.segment_index
+    _, engine = service.engine(body.index)
+    stored = await service.run_storage(lambda: engine.row_vector(video_id, segment_index))
+    return await _answer(
+        service,
+        body,
+        "video",
+        video_id,
+        lambda e: e.more_like(
+            video_id, segment_index=segment_index, k=k, segments=segments, filters=filters, vector=stored
+        ),
+    )
+
+
 def _add_search_routes(app: FastAPI, service: SearchService) -> None:
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 413, 503, 504)}
 
@@ -617,14 +639,7 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
                 service, body, "text", text, lambda e: e.search(text, k=k, segments=segments, **_filter_kwargs(body))
             )
         if body.video_id is not None:
-            video_id, segment_index = body.video_id, body.segment_index
-            return await _answer(
-                service,
-                body,
-                "video",
-                video_id,
-                lambda e: e.more_like(video_id, segment_index=segment_index, k=k, segments=segments, filters=filters),
-            )
+            return await _more_like(service, body, body.video_id)
         vector = body.embedding
         return await _answer(
             service,
@@ -698,7 +713,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
             return _error(404, "thumbnails are /thumbnails/{row_id}.jpg")
         _, engine = service.engine(index)
         row_id = int(found.group(1))
-        data = await service.run_query(lambda: engine.thumbnail(row_id))  # a read: within the query slots
+        data = await service.run_storage(lambda: engine.thumbnail(row_id))  # a read: on the media threads
         if data is None:
             return _error(404, "no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})

@@ -44,6 +44,11 @@ class QueryError(ValueError):
     """A query that cannot be answered as given; the message is meant for the client."""
 
 
+class StorageUnavailable(Exception):
+    """The output's storage failed a read a query needs (a stored vector, a thumbnail): not the query's fault, and
+    not a row that is gone (answered 503: try again)."""
+
+
 def is_image(data: bytes) -> bool:
     """Whether `data` starts like a JPEG, PNG, GIF, BMP or WebP picture (anything else is tried as a video)."""
     return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from index.catalog import RowCatalog
 from index.delta_tables import OutputLocation
 from index.media import RUNS_DIR, MediaFile, MediaRefused, MediaRoots, open_media, recorded_roots
-from index.queries import QueryError, embedding_query, upload_frames
+from index.queries import QueryError, StorageUnavailable, embedding_query, upload_frames
 from index.schema import row_id_for
 from index.segments import INDEX_DIR, IndexUnusableError, SegmentedIndex, open_index, read_info
 from index.tables import table_versions
@@ -371,15 +371,17 @@ class SearchEngine:
         k: int = 10,
         segments: bool = False,
         filters: Filters | None = None,
+        vector: np.ndarray | None = None,
     ) -> list[Hit]:
-        """Other videos (or moments, with `segments`) like an indexed video, or like one of its segments.
+        """Other videos (or moments, with `segments`) like an indexed video, or like one of its segments (`vector`:
+        its `row_vector`, read already).
 
         Raises:
             QueryError: the video (or segment) is not in the index.
         """
         filters = filters or Filters()
         name = self._check(k, segments, filters)
-        query = self.row_vector(video_id, segment_index)
+        query = self.row_vector(video_id, segment_index) if vector is None else vector
         return self.search_vector(query, k=k, name=name, filters=filters, exclude_video=video_id)
 
     def search_upload(
@@ -422,8 +424,12 @@ class SearchEngine:
             return cached
         try:
             stored = self.catalogs[name].cell(row["row_id"], "embedding")
-        except (OSError, pa.ArrowException):  # vacuumed or damaged since this engine loaded
-            stored = None  # vacuumed since this engine loaded: a reload brings the current files
+        except FileNotFoundError:  # vacuumed since this engine loaded: a reload brings the current files
+            stored = None
+        except OSError as exc:  # the storage failed (no answer, refused): the row may well be there
+            raise StorageUnavailable(f"reading the stored vector failed: {type(exc).__name__}") from exc
+        except pa.ArrowException:  # damaged since this engine loaded
+            stored = None
         if stored is None:
             raise QueryError("the row is no longer in the table")
         vector = embedding_query(stored, self.indexes[name].dim)
@@ -578,8 +584,12 @@ class SearchEngine:
         for catalog in self.catalogs.values():
             try:
                 data = catalog.cell(row_id, "thumbnail_jpeg")
-            except (OSError, pa.ArrowException):  # vacuumed or damaged since this engine loaded
-                return None  # vacuumed since this engine loaded
+            except FileNotFoundError:  # vacuumed since this engine loaded
+                return None
+            except OSError as exc:  # the storage failed: not "no thumbnail"
+                raise StorageUnavailable(f"reading the thumbnail failed: {type(exc).__name__}") from exc
+            except pa.ArrowException:  # damaged since this engine loaded
+                return None
             if data:
                 return bytes(data)
         return None

@@ -435,13 +435,27 @@ class SearchService:
             )
         return out
 
+    def _media_threads(self) -> ThreadPoolExecutor:
+        if self._media_pool is None:
+            self._media_pool = ThreadPoolExecutor(_MEDIA_THREADS, thread_name_prefix="vitaclip-media")
+        return self._media_pool
+
+    async def run_storage(self, work: Callable[[], T]) -> T:
+        """`work`, a read of the output's files a request needs (a thumbnail, a stored vector), on the media threads,
+        never in a query slot: an object store that does not answer holds such requests only (each until the
+        request timeout: 504), and text searches go on (it held every slot, and searches of every output got 503)."""
+        future = asyncio.get_running_loop().run_in_executor(self._media_threads(), work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
+        except TimeoutError:
+            future.add_done_callback(_late_outcome)
+            raise QueryTimeout() from None
+
     async def media(self, engine: SearchEngine, video_id: str) -> MediaFile | str:
         """`media_target` on the service's own media threads, never the query threads: an object store that does
         not answer holds media requests only, and text searches go on. A lookup that takes longer than the request
         timeout is refused with 504 (a file it opens afterwards is closed)."""
-        if self._media_pool is None:
-            self._media_pool = ThreadPoolExecutor(_MEDIA_THREADS, thread_name_prefix="vitaclip-media")
-        future = asyncio.get_running_loop().run_in_executor(self._media_pool, self.media_target, engine, video_id)
+        future = asyncio.get_running_loop().run_in_executor(self._media_threads(), self.media_target, engine, video_id)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
         except TimeoutError:

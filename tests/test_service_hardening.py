@@ -966,6 +966,54 @@ def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkey
         ServiceLimits(max_concurrent_queries=2, max_concurrent_uploads=3)
 
 
+@pytest.mark.serial
+def test_reads_of_the_output_take_no_query_slot(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thumbnails and "more like this" read the output's files (a row group, on an object store when the output is
+    one) while they held a query slot: with the store not answering, a few of them took every slot and searches
+    of every output got 503. They read on the media threads now; only the search itself takes a slot."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    hit = engine.search("red", k=1)[0]
+    release = threading.Event()
+    real_thumbnail, real_vector = engine.thumbnail, engine.row_vector
+
+    def stalled(read: Any) -> Any:
+        return lambda *args, **kwargs: (release.wait(20), read(*args, **kwargs))[1]
+
+    monkeypatch.setattr(engine, "thumbnail", stalled(real_thumbnail))
+    monkeypatch.setattr(engine, "row_vector", stalled(real_vector))
+    limits = ServiceLimits(max_concurrent_queries=2, queue_timeout_seconds=1.0, request_timeout_seconds=15.0)
+    like = json.dumps({"video_id": hit.video_id, "k": 2}).encode()
+    with serving(SearchService({"main": engine}, limits=limits)) as url, ThreadPoolExecutor(6) as pool:
+        reads = [pool.submit(request, url, f"/thumbnails/{hit.row_id}.jpg") for _ in range(3)]
+        json_type = {"Content-Type": "application/json"}
+        reads += [pool.submit(request, url, "/search", "POST", json_type, like) for _ in range(3)]
+        time.sleep(0.5)
+        assert request(url, "/search?q=red&k=1")[0] == 200  # every slot was taken by the reads: 503
+        release.set()
+        assert {f.result(timeout=30)[0] for f in reads} == {200}
+
+
+def test_a_storage_failure_is_not_a_missing_row(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read the storage failed was answered as a row that is gone (400 "no longer in the table", 404 "no
+    thumbnail"): it is 503 (try again); a file gone from the storage still reads as gone."""
+    hit = engine.search("red", k=1)[0]
+    client = TestClient(create_app(SearchService({"main": engine})))
+    like = {"video_id": hit.video_id, "k": 2}
+    engine._vectors.clear()
+    for error, like_status, thumbnail_status in [
+        (OSError("When reading information: AWS Error NETWORK_CONNECTION"), 503, 503),
+        (FileNotFoundError("vacuumed"), 400, 404),
+    ]:
+        for catalog in engine.catalogs.values():
+            monkeypatch.setattr(catalog, "cell", lambda *args, error=error: (_ for _ in ()).throw(error))
+        answer = client.post("/search", json=like)
+        assert answer.status_code == like_status, answer.text
+        assert ("storage did not answer" in answer.json()["error"]) == (like_status == 503)
+        assert client.get(f"/thumbnails/{hit.row_id}.jpg").status_code == thumbnail_status
+
+
 def test_a_storage_that_never_answers_holds_media_requests_only(tmp_path: Path, monkeypatch) -> None:
     """Media lookups of ``s3://`` rows ask the object store before they hand out a link. An endpoint that accepts
     connections and never answers holds them (each until the request timeout: 504), on the service's own media
