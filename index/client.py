@@ -12,13 +12,16 @@ client.search_embedding([0.1] * 512, k=5)        # a raw vector of the index's d
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from vitaclip.redact import redact_url
 
 
 class SearchError(Exception):
@@ -34,20 +37,38 @@ class SearchClient:
     """Queries one search service.
 
     Args:
-        url: the service's base URL (``http://host:port``).
+        url: the service's base URL (``http://host:port``); a user and password in it
+            (``https://user:password@host``) are sent as HTTP Basic authentication, never as part of the address.
         index: the output to search when the service holds several (None: the service's default).
         timeout_seconds: per request.
+        headers: sent with every request, such as ``{"Authorization": "Bearer ..."}`` for the authenticating proxy
+            the service is put behind.
     """
 
-    def __init__(self, url: str, *, index: str | None = None, timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        index: str | None = None,
+        timeout_seconds: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"the service URL must start with http:// or https://, got {url!r}")
-        self.url = url.rstrip("/")
+            raise ValueError(f"the service URL must start with http:// or https://, got {redact_url(url)!r}")
+        parts = urllib.parse.urlsplit(url)
+        self.headers = dict(headers or {})
+        if parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            secret = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            self.headers.setdefault("Authorization", f"Basic {token}")
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        self.url = urllib.parse.urlunsplit(parts).rstrip("/")
         self.index = index
         self.timeout_seconds = timeout_seconds
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, content_type: str | None = None) -> Any:
-        request = urllib.request.Request(self.url + path, data=body, method=method)
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=self.headers)
         if content_type:
             request.add_header("Content-Type", content_type)
         try:
@@ -55,7 +76,8 @@ class SearchClient:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             try:
-                message = json.loads(err.read()).get("error", err.reason)
+                answer = json.loads(err.read())
+                message = answer.get("error", err.reason) if isinstance(answer, dict) else err.reason
             except ValueError:
                 message = str(err.reason)
             raise SearchError(err.code, str(message)) from None

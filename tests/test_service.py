@@ -402,6 +402,45 @@ def test_python_client(server: str, indexed: Path) -> None:
         SearchClient("localhost:8000")
 
 
+def test_the_client_authenticates_to_a_proxy_and_never_shows_its_password() -> None:
+    """The README puts an authenticating proxy in front of the service: the client had no way to send credentials,
+    a user and password in its URL failed as a host name, and a refused URL was echoed with its password."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            status, body = (200, b'{"status": "ok"}') if self.headers.get("Authorization") else (401, b'["denied"]')
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        assert SearchClient(f"http://me:S3CRET%40x@{address}").health() == {"status": "ok"}
+        assert seen[-1] == ("/healthz", "Basic " + base64.b64encode(b"me:S3CRET@x").decode())
+        assert SearchClient(f"http://{address}", headers={"Authorization": "Bearer t0ken"}).health()["status"] == "ok"
+        assert seen[-1][1] == "Bearer t0ken"
+        with pytest.raises(SearchError, match="HTTP 401"):  # an error body that is JSON but not an object
+            SearchClient(f"http://{address}").health()
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match="http") as refused:
+        SearchClient("ftp://me:S3CRET@host/")
+    assert "S3CRET" not in str(refused.value)
+
+
 # ------------------------------------------------------------------------------------------------ Ray Serve
 
 
