@@ -877,6 +877,49 @@ def test_thin_pictures_are_refused_before_scaling(tmp_path: Path) -> None:
             assert decode_clip(path, Uniform(2), size=SIZE).frames.shape == (2, SIZE, SIZE, 3)
 
 
+def test_a_frame_larger_than_the_header_says_is_refused_before_it_is_allocated(tmp_path: Path) -> None:
+    """The pixel limit was checked on the header and on each decoded frame: a Motion JPEG stream whose header says
+    64 x 48 and two of whose packets are 6000 x 6000 pictures had FFmpeg allocate them first (a 16k x 16k 4:4:4
+    frame is 0.8 GB per decoder). FFmpeg now refuses them itself; the frames the stream holds are decoded."""
+    from PIL import Image
+
+    small = tmp_path / "small.avi"
+    with av.open(str(small), "w") as out:
+        stream = out.add_stream("mjpeg", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((6000, 6000, 3), np.uint8)).save(big, "JPEG", quality=10, subsampling=0)
+    bomb = tmp_path / "bomb.avi"
+    with av.open(str(small)) as src, av.open(str(bomb), "w") as dst:
+        source = src.streams.video[0]
+        target = dst.add_stream_from_template(source)
+        for i, packet in enumerate(p for p in src.demux(source) if p.size):
+            if i in (4, 8):
+                swapped = av.Packet(big.getvalue())
+                swapped.pts, swapped.dts, swapped.time_base = packet.pts, packet.dts, packet.time_base
+                packet = swapped
+            packet.stream = target
+            dst.mux(packet)
+    script = (
+        "import resource, sys; from vitaclip.video import decode_clip, Uniform; "
+        "clip = decode_clip(sys.argv[1], Uniform(8), size=32); "
+        "print(clip.frames.shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    peaks = {}
+    for path in (small, bomb):
+        done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        frames, peaks[path.name] = map(int, done.stdout.split())
+        assert frames == 8
+    assert peaks["bomb.avi"] < peaks["small.avi"] + 40, peaks  # MiB: a 6000 x 6000 4:4:4 frame alone is 103
+
+
 def test_damaged_files_give_a_clip_or_a_reason(make_video: Callable[..., Any]) -> None:
     rng = np.random.default_rng(1)
     outcomes: list[str] = []

@@ -398,6 +398,8 @@ def open_video(
             file,
             "r",
             container_options=open_options(is_path=isinstance(file, str)),
+            # Also for the frames FFmpeg decodes while probing the streams (where they are known before it).
+            options={"max_pixels": str(max_pixels)},
             timeout=(timeout, timeout),
             metadata_errors="replace",
         )
@@ -424,6 +426,9 @@ def open_video(
                 "too_large", f"{header.width}x{header.height} exceeds max_pixels={max_pixels} (refused before decoding)"
             )
         ctx = stream.codec_context
+        # FFmpeg's own limit too: a frame larger than the header said (a stream that changes size midway) is
+        # refused before it is allocated, not after (a 16k x 16k 4:4:4 picture is 0.8 GB).
+        ctx.options = {**ctx.options, "max_pixels": str(max_pixels)}
         ctx.thread_count = num_threads
         # Slice threads add no latency; frame threads are only worth it when one decoder gets several cores.
         ctx.thread_type = "SLICE" if num_threads == 1 else "AUTO"
