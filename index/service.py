@@ -615,6 +615,9 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
         h11_max_incomplete_event_size=limits.max_head_bytes,
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=5,
+        # No WebSocket routes: a handshake is a plain request (404 with the browser headers), not uvicorn's
+        # WebSocket layer answering on its own (403, without them).
+        ws="none",
         log_level="warning",
     )
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by `uvicorn.Config` just now

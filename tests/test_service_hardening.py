@@ -520,6 +520,19 @@ def test_request_heads_past_the_size_limit_are_refused_and_bodies_do_not_count(
         assert _raw_exchange(address, post, chunk=len(post)).startswith(b"HTTP/1.1 200")
 
 
+def test_a_websocket_handshake_is_a_plain_request(service: SearchService) -> None:
+    """The service has no WebSocket routes; uvicorn's WebSocket layer answered handshakes itself (403, text, none of
+    the browser headers every answer carries)."""
+    with serving(service) as url, socket.create_connection(host_port(url), timeout=10) as sock:
+        sock.sendall(
+            b"GET /search HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = _read_answer(sock, 5.0)
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert not head.startswith(b"http/1.1 101") and b"x-content-type-options: nosniff" in head, head
+
+
 def _status_for_host(address: tuple[str, int], host: str) -> int:
     answer = _raw_exchange(address, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     return int(answer.split(b" ", 2)[1])
