@@ -487,7 +487,8 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, Any]:
-        stats = {name: engine.stats() for name, engine in service.engines.items()}
+        engines = service.engines.items()
+        stats = {name: {**engine.stats(), "output_gone": name in service.gone} for name, engine in engines}
         return {"status": "ok", "indexes": stats}
 
     @app.get("/metrics", response_class=Response)

@@ -264,6 +264,7 @@ class SearchService:
         self.sources = dict(sources or {})
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
         self._failed: dict[str, tuple[str, float]] = {}  # (stamp, when) of a failed reload: retried only later
+        self.gone: set[str] = set()  # outputs whose index was loaded and is no longer there (deleted, moved)
         self._reload_lock = threading.Lock()
         self._stop_reloading = threading.Event()
         self._reloader: threading.Thread | None = None
@@ -289,6 +290,7 @@ class SearchService:
 
     def _reload(self, name: str, source: OutputSource) -> bool:
         stamp = self._stamp(name)
+        self._note_gone(name, gone=stamp is None and self._stamps.get(name) is not None)
         if stamp is None or stamp == self._stamps.get(name):
             return False
         failed_stamp, failed_at = self._failed.get(name, ("", 0.0))
@@ -312,6 +314,21 @@ class SearchService:
         count = sum(i.count for i in engine.indexes.values())
         log.info("output %s: reloaded (%d vectors) in %.1f s", name, count, time.perf_counter() - started)
         return True
+
+    def _note_gone(self, name: str, *, gone: bool) -> None:
+        """Says once when a loaded output's index disappears (the output deleted or moved: searches go on from the
+        loaded index, its media and files cannot be served) and once when it is back; `/healthz` lists it."""
+        if gone and name not in self.gone:
+            self.gone.add(name)
+            log.warning(
+                "output %s: its index is no longer there (the output deleted or moved?): answering from the index "
+                "loaded at %s",
+                name,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.engines[name].loaded_at)),
+            )
+        elif not gone and name in self.gone:
+            self.gone.discard(name)
+            log.info("output %s: its index is there again", name)
 
     def start_reloading(self, seconds: float) -> None:
         """Checks every `seconds` for outputs whose index changed and loads them again (a daemon thread)."""

@@ -195,6 +195,27 @@ def test_a_failed_reload_keeps_the_loaded_index(
     assert after == before
 
 
+def test_an_output_moved_away_while_served_is_said_once(
+    indexed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An output deleted or moved while served went unnoticed: searches answered from memory, /healthz said ok,
+    /media refused with a misleading message, nothing was logged."""
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    assert client.get("/healthz").json()["indexes"]["main"]["output_gone"] is False
+    out.rename(tmp_path / "moved")
+    with caplog.at_level(logging.INFO, logger="vitaclip.serve"):
+        assert service.reload_changed() == [] and service.reload_changed() == []
+        assert caplog.text.count("its index is no longer there") == 1
+        assert client.get("/healthz").json()["indexes"]["main"]["output_gone"] is True
+        (tmp_path / "moved").rename(out)
+        assert service.reload_changed() == []  # the same index: nothing to load again
+        assert "its index is there again" in caplog.text
+    assert client.get("/healthz").json()["indexes"]["main"]["output_gone"] is False
+
+
 def test_an_output_indexed_after_the_service_started_empty(indexed: Path, tmp_path: Path) -> None:
     like = ok_video(indexed)
     out = tmp_path / "out"
