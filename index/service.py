@@ -265,9 +265,9 @@ class SearchService:
         self._stamps = {name: source.loaded_stamp for name, source in self.sources.items()}
         self._failed: dict[str, tuple[str, float]] = {}  # (stamp, when) of a failed reload: retried only later
         self.gone: set[str] = set()  # outputs whose index was loaded and is no longer there (deleted, moved)
-        self._reload_lock = threading.Lock()
+        self._reload_locks = {name: threading.Lock() for name in self.sources}  # one reload of an output at a time
         self._stop_reloading = threading.Event()
-        self._reloader: threading.Thread | None = None
+        self._reloaders: list[threading.Thread] = []
         self.metrics = Metrics(self)
 
     def _stamp(self, name: str) -> str | None:
@@ -285,10 +285,13 @@ class SearchService:
         vacuumed under it, another model) keeps its loaded index; the same update is tried again after
         ``RELOAD_RETRY_SECONDS`` (a transient failure), a newer one at once.
         """
-        with self._reload_lock:
-            return [name for name, source in self.sources.items() if self._reload(name, source)]
+        return [name for name, source in self.sources.items() if self._reload(name, source)]
 
     def _reload(self, name: str, source: OutputSource) -> bool:
+        with self._reload_locks[name]:
+            return self._reload_one(name, source)
+
+    def _reload_one(self, name: str, source: OutputSource) -> bool:
         stamp = self._stamp(name)
         self._note_gone(name, gone=stamp is None and self._stamps.get(name) is not None)
         if stamp is None or stamp == self._stamps.get(name):
@@ -331,26 +334,31 @@ class SearchService:
             log.info("output %s: its index is there again", name)
 
     def start_reloading(self, seconds: float) -> None:
-        """Checks every `seconds` for outputs whose index changed and loads them again (a daemon thread)."""
+        """Checks every `seconds` for outputs whose index changed and loads them again: a daemon thread per output,
+        so that a store that does not answer (its check waits out the client's retries, a minute or more) delays
+        that output's reloads only."""
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"reload seconds must be a number >= 0 (0: never), got {seconds}")
-        if seconds == 0 or not self.sources or self._reloader is not None:
+        if seconds == 0 or not self.sources or self._reloaders:
             return
 
-        def loop() -> None:
+        def loop(name: str, source: OutputSource) -> None:
             while not self._stop_reloading.wait(seconds):
                 try:
-                    self.reload_changed()
+                    self._reload(name, source)
                 except Exception as exc:  # noqa: BLE001 - a bug here must not end reloading for good
-                    log.error("checking outputs for updates failed: %s: %s", type(exc).__name__, redact_text(str(exc)))
+                    log.error("checking output %s for updates failed: %s: %s", name, type(exc).__name__,
+                              redact_text(str(exc)))  # fmt: skip
 
-        self._reloader = threading.Thread(target=loop, daemon=True, name="vitaclip-reload")
-        self._reloader.start()
+        for name, source in self.sources.items():
+            thread = threading.Thread(target=loop, args=(name, source), daemon=True, name=f"vitaclip-reload-{name}")
+            thread.start()
+            self._reloaders.append(thread)
 
     def stop_reloading(self) -> None:
         self._stop_reloading.set()
-        if self._reloader is not None:
-            self._reloader.join(timeout=60)
+        for thread in self._reloaders:
+            thread.join(timeout=60)
 
     def engine(self, name: str | None) -> tuple[str, SearchEngine]:
         chosen = name or self.default

@@ -216,6 +216,31 @@ def test_an_output_moved_away_while_served_is_said_once(
     assert client.get("/healthz").json()["indexes"]["main"]["output_gone"] is False
 
 
+def test_an_output_whose_store_does_not_answer_delays_no_other_reload(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One loop checked every output in turn: the check of an object store that did not answer (70 s of the
+    client's retries) held every other output's reloads as long. Each output has its own loop now."""
+    import threading
+
+    for name in ("a", "b"):
+        shutil.copytree(indexed, tmp_path / name)
+    service = open_service([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"], reload_seconds=0)
+    release, checked = threading.Event(), []
+    monkeypatch.setattr(service.sources["a"], "stamp", lambda: release.wait(30) and None)
+    real_stamp = service.sources["b"].stamp
+    monkeypatch.setattr(service.sources["b"], "stamp", lambda: checked.append(1) or real_stamp())
+    service.start_reloading(0.1)
+    try:
+        deadline = time.monotonic() + 20
+        while len(checked) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(checked) >= 3  # b is checked again and again while a's check hangs
+    finally:
+        release.set()
+        service.stop_reloading()
+
+
 def test_an_output_indexed_after_the_service_started_empty(indexed: Path, tmp_path: Path) -> None:
     like = ok_video(indexed)
     out = tmp_path / "out"
