@@ -416,7 +416,7 @@ def open_video(
         elif e.errno == errno.EBUSY:  # how FFmpeg's demuxers refuse an impossible header (YUV4MPEG2 0x0, 30000x30000)
             said = "its header is invalid (a picture size of zero or past FFmpeg's limits, or damaged)"
         else:
-            said = str(e)
+            said = e.strerror or str(e)  # without the file name (the row names it; a stream's is '<none>')
         raise VideoDecodeError(_classify_open_error(source, e), f"cannot open input: {said}") from None
     with container:
         stream = _pick_stream(container)
