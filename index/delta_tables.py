@@ -674,7 +674,8 @@ def _refuse_foreign_files(location: OutputLocation, table: str) -> None:
     """Refuses to make a table in a folder that already holds files (one listing of the folder itself)."""
     filesystem, root = location.table_path(table)
     listed = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    foreign = sorted(info.base_name for info in listed if info.base_name != "_delta_log")
+    # Names starting with '.' or '_' (a .DS_Store, the log) are not a table's data: no vacuum ever deletes them.
+    foreign = sorted(info.base_name for info in listed if not info.base_name.startswith((".", "_")))
     if foreign:
         shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise TableMismatchError(

@@ -946,6 +946,9 @@ def test_tables_are_not_made_in_a_folder_holding_other_files(
     assert dlt.open_table(location, "videos") is None
     assert filesystem.get_file_info(f"{root}/_delta_log").type == pafs.FileType.NotFound
     assert dlt.create_tables(OutputLocation.from_url(str(tmp_path / "empty")), DIM) == {"videos": 0, "segments": 0}
+    (tmp_path / "finder" / "videos").mkdir(parents=True)
+    (tmp_path / "finder" / "videos" / ".DS_Store").write_bytes(b"\0")  # hidden: never deleted, not refused
+    assert dlt.create_tables(OutputLocation.from_url(str(tmp_path / "finder")), DIM) == {"videos": 0, "segments": 0}
 
 
 def test_vacuum_sweeps_temporaries_of_killed_local_writes(local: OutputLocation) -> None:
