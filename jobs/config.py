@@ -128,6 +128,8 @@ class IndexJobConfig:
             the rest of its work, records the counts (``prune_held_back``) and exits 3, for a person to look (a
             subfolder unmounted under a listed folder, a prefix renamed). 1: no limit.
         build_index: build ``OUT/index`` after committing.
+        switch_index: when ``OUT/index`` holds another model's rows, rebuild it from this model's (else it is left
+            as it is: a run of a candidate model must not take the index searches use).
     """
 
     inputs: tuple[str, ...]
@@ -168,6 +170,7 @@ class IndexJobConfig:
     prune_scopes: tuple[str, ...] = ()
     prune_max: float = DEFAULT_PRUNE_MAX
     build_index: bool = True
+    switch_index: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -332,6 +335,12 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
     )
     _add_listing_options(p)
     p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
+    p.add_argument(
+        "--switch-index",
+        action="store_const",
+        const=True,
+        help="when OUT/index holds another model's rows, make it this model's (else it is left as it is)",
+    )
     _show_defaults(p)
     return p
 

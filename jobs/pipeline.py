@@ -651,7 +651,7 @@ def update_run_index(
     indexable = commits.status.get(STATUS_OK, 0) + plan_report["counts"]["already_indexed"] > 0
     if not config.build_index or not (indexable or changed):
         return None
-    other = _index_of_another_model(store, model_id)
+    other = None if config.switch_index else _index_of_another_model(store, model_id)
     if other is not None:
         return {"left_as_it_is": f"the index holds {other}'s rows, not this run's model's"}
     try:
@@ -677,7 +677,8 @@ def _index_of_another_model(store: Store, model_id: str) -> str | None:
         return None
     log.warning(
         "the index holds the rows of %s, not of this run's model %s: left as it is (this run's rows are committed; "
-        "`vitaclip build-index OUT --model ... --checkpoint ... --rebuild` makes it this model's index)",
+        "a run with --switch-index, or `vitaclip build-index OUT --model ... --checkpoint ... --rebuild`, makes it "
+        "this model's index)",
         indexed,
         model_id,
     )

@@ -108,6 +108,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
         random_weights=config.random_weights,
         num_cpus=config.num_cpus,
         top_k=config.top_k,
+        switch_index=True,  # a re-run after a model update searches with that model
     )
     summary = run_index_job(job)
     print_summary(summary)

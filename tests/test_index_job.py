@@ -510,6 +510,9 @@ def test_a_run_of_another_model_leaves_the_index_as_it_is(
     assert rows.num_rows == 4 and len(set(rows.column("model_id").to_pylist())) == 2
     summary = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert "left_as_it_is" in summary["index"]
+    assert main(job_args([str(tmp_path / "in")], out, "--switch-index", checkpoint=tmp_path / "candidate")) == 0
+    switched = json.loads((out / "index" / "index_info.json").read_text())
+    assert switched["model_id"] != json.loads(info)["model_id"] and switched["indexes"]["videos"]["count"] == 2
 
 
 def test_a_mistyped_input_folder_fails_before_the_output_is_touched(tmp_path: Path, capsys) -> None:
