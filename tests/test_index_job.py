@@ -316,7 +316,7 @@ def test_an_index_update_whose_process_dies_says_the_rows_are_committed(local_ra
 
     planner = Dying.remote()  # type: ignore[attr-defined]
     commits = types.SimpleNamespace(status={"ok": 1})
-    config = types.SimpleNamespace(build_index=True)
+    config = types.SimpleNamespace(build_index=True, switch_index=False)
     with pytest.raises(pipeline.IndexUpdateError, match="rows are committed, but updating the index failed: Actor"):
         pipeline.update_run_index(
             config,  # type: ignore[arg-type]
