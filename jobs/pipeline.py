@@ -55,6 +55,7 @@ from jobs.config import IndexJobConfig
 from jobs.decode_embed import DecodeEmbed, status_rows
 from jobs.planning import PlanActor, PlannedBlock
 from jobs.ray_resources import (
+    Cluster,
     EmbedDevice,
     IndexPools,
     init_ray,
@@ -482,29 +483,47 @@ class RunRecord:
         return summary
 
 
-def plan_index_pools_for(config: IndexJobConfig) -> tuple[IndexPools, EmbedDevice]:
-    """Starts or attaches to Ray, decides the embed device (``auto`` may wait for an autoscaler's first GPU node)
-    and sizes the run's pools."""
+def _embedded_ray(config: IndexJobConfig) -> bool:
+    return not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def start_index_ray(config: IndexJobConfig) -> tuple[Cluster, IndexPools]:
+    """Starts or attaches to Ray and sizes the run's pools to the cluster as it is now, refusing at once what it
+    cannot hold. The embed device is settled later (`settle_embed_device`), and only for a run with videos to embed:
+    a run with nothing new never asks an autoscaler for a GPU node, nor waits for one."""
     cluster = init_ray(address=config.ray_address, num_cpus=config.num_cpus)
-    embedded = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    return cluster, _size_pools(config, cluster, config.embed_device)
+
+
+def settle_embed_device(config: IndexJobConfig, cluster: Cluster) -> tuple[IndexPools, EmbedDevice]:
+    """Decides the embed device (``auto`` may wait for an autoscaler's first GPU node) and sizes the pools for it."""
     device = resolve_embed_device(
         config.embed_device,
         cluster,
-        embedded=embedded,
+        embedded=_embedded_ray(config),
         gpus_per_embed_worker=config.gpus_per_embed_worker,
         wait_seconds=config.gpu_wait_seconds,
     )
     log.info("embed device: %s (%s)", device.device, device.reason)
-    pools = plan_index_pools(
-        read_cluster() if device.waited_seconds else cluster,
-        embed_device=device.device,
+    return _size_pools(config, read_cluster() if device.waited_seconds else cluster, device.device), device
+
+
+def plan_index_pools_for(config: IndexJobConfig) -> tuple[IndexPools, EmbedDevice]:
+    """`start_index_ray`, then `settle_embed_device` at once (for a run known to embed, like the benchmarks')."""
+    cluster, _ = start_index_ray(config)
+    return settle_embed_device(config, cluster)
+
+
+def _size_pools(config: IndexJobConfig, cluster: Cluster, embed_device: str) -> IndexPools:
+    return plan_index_pools(
+        cluster,
+        embed_device=embed_device,
         embed_workers=config.embed_workers,
         gpus_per_embed_worker=config.gpus_per_embed_worker,
         cpus_per_embed_worker=config.cpus_per_embed_worker,
         decode_workers=config.decode_workers,
-        embedded=embedded,
+        embedded=_embedded_ray(config),
     )
-    return pools, device
 
 
 def resolve_run_model(config: IndexJobConfig) -> ResolvedModel:
@@ -569,8 +588,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     try:
         listing = run_listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
         phases.done("prepare")
-        pools, device = plan_index_pools_for(config)
-        record.embed_device = device
+        cluster, pools = start_index_ray(config)
         phases.done("ray_start")
         try:
             planner, blocks = plan_run(
@@ -582,6 +600,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
                 raise ValueError(str(exc.cause)) from None
             raise
         phases.done("plan")
+        if any(b.to_decode is None or b.to_decode for b in blocks):  # a GPU wait counts in decode_embed_write
+            pools, record.embed_device = settle_embed_device(config, cluster)
         committer = Committer(
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
@@ -872,8 +892,8 @@ def run_summary(
             "embed_clips_per_worker_second": round(clips / embed_seconds, 3) if embed_seconds else None,
             "decode_workers": pools.decode_workers,
             "embed_workers_max": pools.embed_workers,
-            "embed_device": "gpu" if pools.use_gpu else "cpu",
-            "embed_device_reason": record.embed_device.reason if record.embed_device else None,
+            "embed_device": ("gpu" if pools.use_gpu else "cpu") if record.embed_device else None,
+            "embed_device_reason": record.embed_device.reason if record.embed_device else "nothing to embed",
             "waited_for_gpu_seconds": round(record.embed_device.waited_seconds, 1) if record.embed_device else 0.0,
         },
         "commit": {

@@ -87,6 +87,28 @@ def test_auto_waits_for_the_first_gpu_node_or_fails_saying_so(tmp_path: Path, ti
     assert record["status"] == {"ok": 2}
 
 
+def test_a_run_with_nothing_to_embed_neither_asks_for_a_gpu_nor_waits(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """The device is settled after planning: a run whose listed objects need no decoding (nothing new, only
+    deletions or listing statuses to record; here a dangling symbolic link) never asks the autoscaler for a GPU
+    node, so a nightly run with nothing new costs no GPU node start and cannot fail for the lack of one."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "gone.mp4").symlink_to(tmp_path / "missing.mp4")
+    out = tmp_path / "out"
+    with ray_head(2, dashboard=False) as head:
+        _report_gpu_group(head, max_nodes=1)
+        argv = job_args(
+            [str(tmp_path / "in")], out, "--ray-address", head.address, "--no-index", checkpoint=tiny_checkpoint
+        )
+        run = _job([*argv, "--gpu-wait-seconds", "3"], head)
+        _, err = run.communicate(timeout=300)
+    assert run.returncode == 0 and "waiting up to" not in err, err[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert record["status"] == {"broken_link": 1}
+    assert (record["throughput"]["embed_device"], record["throughput"]["embed_device_reason"]) == (
+        None, "nothing to embed"
+    )  # fmt: skip
+
+
 def test_auto_without_gpus_to_add_embeds_on_cpus_at_once() -> None:
     no_gpus = Cluster(cpus=2, gpus=0, free_cpus=2, node_cpus=2, node_gpus=0)
     # Not connected to a cluster that reports GPU node groups: nothing to wait for.
