@@ -939,9 +939,13 @@ def index_dataset(
 ) -> Any:
     """The run's one Dataset over the planned blocks: embed actors that have them decoded by CPU tasks
     (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes. Blocks whose objects
-    all carry a listing status (a prune-only run) go through plain tasks: no model, no embed actor."""
+    all carry a listing status (a prune-only run) go through plain tasks: no model, no embed actor.
+
+    Ray Data's own progress lines are off: they count blocks, not videos, and took seven log lines every 10 s of a
+    run; the driver logs its `Progress` line once a minute."""
     import ray
 
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds: ray.data.Dataset = blocks_dataset(blocks)
     if stage is DecodeEmbed and not any(b.to_decode is None or b.to_decode for b in blocks):
         return ds.map_batches(

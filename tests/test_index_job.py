@@ -414,6 +414,7 @@ def test_drivers_killed_at_random_points_leave_every_video_once(tmp_path: Path, 
         final = _hooked("none", argv, head.env)
         assert final.returncode == 0, final.stderr[-3000:]
         assert "driver imported: -\n" in final.stdout  # a checkpoint folder's run: no torch in the driver
+        assert "Total Progress" not in final.stderr + final.stdout  # Ray Data's block counts: not logged
         _assert_every_video_once(out, videos)
         again = _hooked("none", argv, head.env)
         assert again.returncode == 0, again.stderr[-3000:]
