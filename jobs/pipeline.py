@@ -946,6 +946,7 @@ def index_dataset(
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its line saying they are off
     ds: ray.data.Dataset = blocks_dataset(blocks)
     if stage is DecodeEmbed and not any(b.to_decode is None or b.to_decode for b in blocks):
         return ds.map_batches(

@@ -974,6 +974,36 @@ def test_any_failure_is_recorded_and_a_failed_vacuum_is_only_a_warning(
     assert failed["error"] == "RuntimeError: the committer gave up"
 
 
+def _descendants(root: int) -> dict[int, str]:
+    """Processes under `root` now (pid -> command name), from /proc."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            pid = int(stat.parent.name)
+            names[pid] = text[text.index("(") + 1 : text.rindex(")")]
+            parents[pid] = int(text[text.rindex(")") + 2 :].split()[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = names[pid]
+                frontier.append(pid)
+    return found
+
+
+def _alive(pid: int, name: str) -> bool:
+    """Whether `pid` still runs `name` (and is not a zombie: its parent may not have reaped it yet)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.index("(") + 1 : text.rindex(")")] == name and text[text.rindex(")") + 2] != "Z"
+
+
 def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path) -> None:
     """`ray job stop` and a pod's end send SIGTERM: the driver records the run as interrupted and exits with 143
     (128 + SIGTERM), not with the abort (-6) of Ray's core worker while the interpreter tears down, which a SIGTERM
@@ -1009,6 +1039,7 @@ def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path)
         planned.wait(120)
         time.sleep(0.5)
         assert job.poll() is None, "the run ended before it could be stopped:\n" + "".join(lines)[-3000:]
+        started = _descendants(job.pid)  # the embedded Ray: GCS, raylet, its agents and workers
         job.send_signal(signal.SIGTERM)
         job.wait(120)
         reader.join(10)
@@ -1018,5 +1049,10 @@ def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path)
     output = "".join(lines)
     assert job.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "(SIGTERM)" in output
+    # Every process of its Ray ends with it (the raylet's agents stayed on, orphaned, when it was killed outright).
+    deadline = time.monotonic() + 30
+    while (left := {pid: name for pid, name in started.items() if _alive(pid, name)}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
     (record,) = (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))
     assert record["state"] == "interrupted", record
