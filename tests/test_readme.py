@@ -30,7 +30,10 @@ def test_readme_table_readers_run_offline(tmp_path: Path, monkeypatch, capsys) -
     for i in range(2):
         write_sample_video(tmp_path / "in" / f"v{i}.mp4", num_frames=24, fps=12, width=64, height=48, seed=i)
     (tmp_path / "in" / "broken.mp4").write_bytes(b"not a video" * 10)
-    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "my work #1 été"  # a home folder's space (and more) in the output's absolute path
+    work.mkdir()
+    (tmp_path / "in").rename(work / "in")
+    monkeypatch.chdir(work)
     out = "out/quickstart/index-output"
     start_local_ray()
     try:
@@ -45,5 +48,5 @@ def test_readme_table_readers_run_offline(tmp_path: Path, monkeypatch, capsys) -
         ray.shutdown()
     said = capsys.readouterr().out
     assert "│ ok" in said and "not_a_video" in said and "v0.mp4" in said, said
-    assert scope["pl"].read_delta(f"{out}/videos").height == 3
+    assert scope["pl"].read_delta(f"{out}/videos", use_pyarrow=True).height == 3
     assert sorted(frame["status"]) == ["not_a_video", "ok", "ok"] and list(frame.columns) == ["uri", "status"]
