@@ -183,7 +183,13 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from jobs.migrate import migrate, rows_per_model
 
+    from index.delta_tables import detect_old_layout, open_table
+
     store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
+    if not detect_old_layout(store.location) and open_table(store.location, "videos") is not None:
+        # Done already: a deploy step that runs `migrate` before every run needs no `|| true`.
+        print(f"{redact_text(store.location.url)} already holds Delta tables: nothing to migrate")
+        return 0
     report = migrate(store)
     for table in ("videos", "segments"):
         done = report[table]

@@ -92,8 +92,8 @@ def test_old_layout_is_refused_then_migrated(tmp_path: Path, capsys: pytest.Capt
     assert segments is not None and segments.num_rows == 6
     assert not (out / "_commits").exists() and not (out / "_staging").exists()  # no empty folders left either
     assert {p.name for p in (out / "videos").glob("*.parquet")} == set(tables.data_files(out, "videos"))
-    assert cli_main(["migrate", str(out)]) == 2  # already migrated
-    assert "already holds Delta tables" in capsys.readouterr().err
+    assert cli_main(["migrate", str(out)]) == 0  # already migrated: nothing to do, not an error
+    assert "already holds Delta tables: nothing to migrate" in capsys.readouterr().out
 
 
 def test_a_migration_killed_between_its_commits_runs_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
