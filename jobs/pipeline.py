@@ -19,6 +19,7 @@ Then the index follows the tables' logs (`index.build.build_from_output`), unref
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 import uuid
 from collections import Counter
@@ -335,7 +337,7 @@ class Commits:
             self.received += 1
             if self.hooks.after_write:
                 self.hooks.after_write(self.received)
-        self.progress.maybe_log(self.status)
+        self.progress.update(self.status)
 
     def take_leftovers(self) -> tuple[list[tuple[Any, int]], list[str]]:
         """The leftover clips to pass on (references and row counts), and the URIs among them of videos written
@@ -380,9 +382,12 @@ class Commits:
 
 
 class Progress:
-    """A run's progress line, logged every `every` seconds while it writes: videos finished (their rows written) of
-    those planned, the rate since the run's writing started, the time left at that rate, and the statuses so far
-    (a nightly run over millions of videos otherwise says nothing between its commits)."""
+    """A run's progress line, logged every `every` seconds while it decodes, embeds and writes: videos finished
+    (their rows written) of those planned, the rate since the run's writing started, the time left at that rate,
+    the clips embedded so far (rows that reached the driver, written in batches: a run's first writes may come
+    minutes after its first embeddings) and the statuses so far (a nightly run over millions of videos otherwise
+    says nothing between its commits). `running` logs from a thread of its own, so a line comes on time even while
+    the driver waits for the Dataset's next output."""
 
     def __init__(
         self, planned: int, *, every: float | None = None, clock: Callable[[], float] = time.monotonic
@@ -391,16 +396,47 @@ class Progress:
         self.every = _PROGRESS_SECONDS if every is None else every
         self.clock = clock
         self.started = self.last = clock()
+        self.clips = 0
+        self._status: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
-    def maybe_log(self, status: Counter[str]) -> str | None:
+    def update(self, status: Counter[str] | None = None, *, clips: int = 0) -> None:
+        """Takes the statuses of the rows written so far (a copy) and `clips` more embedded clips."""
+        with self._lock:
+            if status is not None:
+                self._status = Counter(status)
+            self.clips += clips
+
+    def maybe_log(self, status: Counter[str] | None = None) -> str | None:
         """Logs and returns the line when `every` seconds have passed since the last one; None otherwise."""
         now = self.clock()
-        if now - self.last < self.every:
-            return None
-        self.last = now
-        line = self.line(status, now - self.started)
+        with self._lock:
+            if status is not None:
+                self._status = Counter(status)
+            if now - self.last < self.every:
+                return None
+            self.last = now
+            line = self.line(self._status, now - self.started)
         log.info("%s", line)
         return line
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Logs the line every `every` seconds from a daemon thread while the block runs."""
+        poll = max(0.05, min(1.0, self.every))
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(poll):
+                self.maybe_log()
+
+        thread = threading.Thread(target=run, name="vitaclip-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def line(self, status: Counter[str], seconds: float) -> str:
         done = sum(status.values())
@@ -414,6 +450,8 @@ class Progress:
         left = self.planned - done
         if self.planned and left > 0 and rate > 0:
             text += f", about {in_words(left / rate)} left"
+        if self.clips:
+            text += f"; {self.clips:,} clips embedded"
         if status:
             text += "; " + ", ".join(f"{name} {count:,}" for name, count in sorted(status.items()))
         return text
@@ -1074,20 +1112,21 @@ def drain(
         pending_rows += num_rows
 
     warm: Any = None
-    for bundle in ds.iter_internal_ref_bundles():
-        if warm is None:
-            # The pools hold their workers by now: an idle worker that has imported the write path is ready for
-            # the first write task instead of a cold start (imports alone take seconds) at the end of a small run.
-            warm = ray.remote(warm_write_worker).options(num_cpus=0).remote()
-        for block_ref, num_rows in _block_entries(bundle):
-            add(block_ref, num_rows)
-        if pending_rows >= config.rows_per_file or time.monotonic() - first_pending >= flush_seconds:
-            flush()
-        commits.collect()
-        take_leftovers()
-        if time.monotonic() - commits.last_commit >= config.commit_seconds:
-            commits.collect(wait=True)
-            commits.commit()
+    with commits.progress.running():
+        for bundle in ds.iter_internal_ref_bundles():
+            if warm is None:  # the pools hold their workers now: an idle one with the write path imported is
+                # ready for the first write (imports alone take seconds) at the end of a small run
+                warm = ray.remote(warm_write_worker).options(num_cpus=0).remote()
+            for block_ref, num_rows in _block_entries(bundle):
+                add(block_ref, num_rows)
+                commits.progress.update(clips=num_rows)
+            if pending_rows >= config.rows_per_file or time.monotonic() - first_pending >= flush_seconds:
+                flush()
+            commits.collect()
+            take_leftovers()
+            if time.monotonic() - commits.last_commit >= config.commit_seconds:
+                commits.collect(wait=True)
+                commits.commit()
     flush()
     commits.collect(wait=True)
     take_leftovers()

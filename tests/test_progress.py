@@ -56,3 +56,28 @@ def test_progress_without_a_planned_count_or_time() -> None:
     assert Progress(10).line(Counter(), 0.0) == "progress: 0 of 10 videos (0.0 %) in 0 s, 0.0 videos/s"
     # More rows than planned (a video another planner also handed out): never past 100 %, no time left.
     assert Progress(2).line(Counter(ok=3), 3.0) == "progress: 3 of 2 videos (100.0 %) in 3 s, 1.0 videos/s; ok 3"
+
+
+def test_the_line_comes_on_time_while_the_driver_waits_and_counts_embedded_clips(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Writes go in batches (minutes apart on a large run): the line says what was embedded meanwhile, and is
+    logged from a thread of its own, not only when the driver's loop gets an output."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="vitaclip.job")
+    progress = Progress(1200, every=0.2)
+    progress.update(clips=7500)
+    with progress.running():
+        deadline = time.monotonic() + 10
+        while "progress:" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # the driver, waiting on the Dataset: nothing calls the progress here
+    assert "progress: 0 of 1,200 videos (0.0 %) in 0 s, 0.0 videos/s; 7,500 clips embedded" in caplog.text
+    progress.update(Counter(ok=2), clips=10)
+    assert (
+        progress.line(Counter(ok=2), 4.0)
+        == "progress: 2 of 1,200 videos (0.2 %) in 4 s, 0.5 videos/s, about 39 min left; 7,510 clips embedded; ok 2"
+    )
+    caplog.clear()
+    time.sleep(0.5)
+    assert "progress:" not in caplog.text  # the thread ended with the block
