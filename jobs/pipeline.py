@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ from jobs.ray_resources import (
 )
 from jobs.runs import in_words
 from jobs.storage import (
+    EmptyInputError,
     Store,
     VideoObject,
     classify_inputs,
@@ -822,15 +824,22 @@ def run_listing(config: IndexJobConfig) -> Iterator[VideoObject]:
     filters: dict[str, Any] = dict(
         extensions=config.extensions, min_size_bytes=config.min_size_bytes, max_size_bytes=config.max_size_bytes
     )
-    return require_any(
-        list_videos(
-            config.inputs,
-            endpoint_url=config.s3_endpoint_url,
-            follow_outside_symlinks=config.follow_outside_symlinks,
-            **filters,
-        ),
-        where=describe_listing(config.inputs, **filters),
-    )
+    listing = list_videos(
+        config.inputs, endpoint_url=config.s3_endpoint_url, follow_outside_symlinks=config.follow_outside_symlinks,
+        **filters,
+    )  # fmt: skip
+    if config.prune_missing and config.prune_max >= 1:  # an input deleted or moved whole: its videos are pruned
+        first = next(listing, None)
+        return itertools.chain(() if first is None else (first,), listing)
+    try:
+        return require_any(listing, where=describe_listing(config.inputs, **filters))
+    except EmptyInputError as exc:
+        if not config.prune_missing:
+            raise
+        raise EmptyInputError(
+            f"{exc}; if the videos indexed under it were deleted or moved whole, run once with --prune-missing "
+            "--prune-max 1 to mark them deleted"
+        ) from None
 
 
 def plan_run(

@@ -850,8 +850,12 @@ def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     assert index.count == 4 and rows[str(gone_path)]["row_id"] not in set(index.ids.tolist())
     segments = tables.read_table(out, "segments")
     assert segments is not None and gone_id not in set(segments.column("video_id").to_pylist())
-    # The other folder was deleted whole after all: --prune-max 1 (no limit) prunes a scope that lists nothing.
-    assert run(inputs, out, *flags, "--prune-missing", "--prune-max", "1") == 0
+    # The other folder was emptied for good: alone, it lists nothing, which is refused (a wrong or unmounted input)
+    # and names the way out; --prune-max 1 (no limit) prunes a scope that lists nothing, alone too.
+    capsys.readouterr()
+    assert run([str(tmp_path / "other")], out, *flags, "--prune-missing") == 2
+    assert "run once with --prune-missing --prune-max 1" in capsys.readouterr().err
+    assert run([str(tmp_path / "other")], out, *flags, "--prune-missing", "--prune-max", "1") == 0
     rows = {r["uri"]: r for r in committed_videos(out).to_pylist()}
     assert [rows[str(p)]["status"] for p in others] == ["deleted"] * 2 and open_index(out).count == 2
 
