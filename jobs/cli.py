@@ -181,9 +181,8 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from jobs.migrate import migrate, rows_per_model
-
     from index.delta_tables import detect_old_layout, open_table
+    from jobs.migrate import migrate, rows_per_model
 
     store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
     if not detect_old_layout(store.location) and open_table(store.location, "videos") is not None:

@@ -229,6 +229,11 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     stopped.fail(KeyboardInterrupt())
     terminated = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     terminated.fail(SystemExit(signal.SIGTERM))
+    from ray.exceptions import RayTaskError
+
+    rendered = '\x1b[36mray::write_blocks()\x1b[39m (pid=1, ip=127.0.0.1)\n  File "pipeline.py", line 1\nOSError: x'
+    task_failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    task_failed.fail(RayTaskError("write_blocks", rendered, OSError("upload body lost")).as_instanceof_cause())
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
     # Of another shape: no run_id (the file names it), NaN (not JSON to strict readers), prune_held_back not a list.
     odd = {"state": "committed", "elapsed_seconds": float("nan"), "counts": [1], "status": {"ok": "x"}}
@@ -245,7 +250,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "ww-lost.json").write_text(json.dumps({"state": "running", "started_at": started}))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 10
+    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 11
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
@@ -254,6 +259,9 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert by_id["zz-damaged"].split()[1] == "unreadable"
     assert by_id[stopped.run_id].split()[1] == "interrupted" and "(Ctrl-C or SIGINT)" in by_id[stopped.run_id]
     assert by_id[terminated.run_id].split()[1] == "interrupted" and "(SIGTERM)" in by_id[terminated.run_id]
+    # A Ray task's error: the task's own exception in one line, not Ray's coloured traceback of it.
+    error = json.loads((tmp_path / "out" / "runs" / f"{task_failed.run_id}.json").read_text())["error"]
+    assert error == "OSError in a Ray task: upload body lost", error
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
@@ -264,7 +272,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 9
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 10
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
