@@ -101,10 +101,30 @@ class RayHead:
         assert done.returncode == 0, done.stderr[-3000:]
 
 
+_START_ATTEMPTS = 2
+"""`ray start --head` tries: Ray gives a node a fixed 30 s to register with its GCS, which a CI machine busy with
+the other test worker's Ray cluster has missed ("The current node timed out during startup"); a second start on
+fresh ports follows, as the job's own embedded Ray does (`jobs.ray_resources.start_embedded_ray`)."""
+
+
 @contextmanager
 def ray_head(num_cpus: int = 2, *, dashboard: bool = True) -> Iterator[RayHead]:
     """Starts a head node with `num_cpus` CPUs; stops exactly its processes afterwards. Without ``dashboard`` (only
     `ray job submit` needs it) the head starts sooner and its processes use less CPU while the test runs."""
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        head, error = _start_head(num_cpus, dashboard=dashboard)
+        if head is not None:
+            break
+        assert attempt < _START_ATTEMPTS and "timed out during startup" in error, error
+    assert head is not None
+    try:
+        yield head
+    finally:
+        _stop_head(head.temp_dir, head.env["RAY_AUTH_TOKEN"])
+
+
+def _start_head(num_cpus: int, *, dashboard: bool) -> tuple[RayHead | None, str]:
+    """The started head, or None and `ray start`'s error (after stopping what that start left running)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     # Every port the head opens is a free one: defaults (the agent's 52365) may be held by another Ray on the host.
     port, dash, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
@@ -148,19 +168,22 @@ def ray_head(num_cpus: int = 2, *, dashboard: bool = True) -> Iterator[RayHead]:
         text=True,
         timeout=180,
     )
-    assert start.returncode == 0, start.stderr[-3000:]
-    try:
-        yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin, temp_dir)
-    finally:
-        # Stop this head only (not other Ray instances on the host): its processes hold its temp dir's session, and
-        # those whose command line does not name it (the client server, the dashboard and runtime env agents) hold
-        # its token; left running they use CPU during the tests that follow.
-        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True, timeout=60)
-        # A node's dashboard agent can have neither (its title replaces its command line, and its environment has no
-        # token): left running once its raylet is gone, it spun on a core for the rest of a CI run. Its logs are open.
-        held = {*_processes_holding(f"RAY_AUTH_TOKEN={token}".encode()), *_processes_with_files_under(temp_dir)}
-        for pid in held:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(1)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    if start.returncode != 0:
+        _stop_head(temp_dir, token)
+        return None, start.stderr[-3000:]
+    return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin, temp_dir), ""
+
+
+def _stop_head(temp_dir: Path, token: str) -> None:
+    # Stop this head only (not other Ray instances on the host): its processes hold its temp dir's session, and
+    # those whose command line does not name it (the client server, the dashboard and runtime env agents) hold
+    # its token; left running they use CPU during the tests that follow.
+    subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True, timeout=60)
+    # A node's dashboard agent can have neither (its title replaces its command line, and its environment has no
+    # token): left running once its raylet is gone, it spun on a core for the rest of a CI run. Its logs are open.
+    held = {*_processes_holding(f"RAY_AUTH_TOKEN={token}".encode()), *_processes_with_files_under(temp_dir)}
+    for pid in held:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -351,8 +351,16 @@ def _start_ray(stack: Stack, env: dict[str, str], ports: dict[str, int], num_cpu
     dashboard = f"http://127.0.0.1:{ports['dashboard']}"
     token = stack.token_file.read_text().strip()
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    retried = False
     while True:
         if proc.poll() is not None:
+            # Ray gives the node a fixed 30 s to register with its GCS, which a busy machine can miss: once more.
+            if not retried and "timed out during startup" in _tail(log_path):
+                _stop_group("ray", proc.pid)
+                _log("the Ray head missed Ray's startup wait (a busy machine?): starting it again")
+                proc, retried = _spawn(cmd, env=env, log_path=log_path, cwd=stack.state_dir), True
+                deadline = time.monotonic() + START_TIMEOUT_SECONDS
+                continue
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_tail(log_path)}")
         try:  # the Jobs API answers once the dashboard is up and accepts the token
             request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
