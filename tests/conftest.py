@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import ray  # imported before any test captures output: see below
 from local_ray import start_local_ray
+
+# Ray sets up its loggers' stream handlers when first imported, on the sys.stderr of that moment: first imported
+# inside a test that captures output (capsys), they wrote to that test's closed capture ever after ("--- Logging
+# error ---" in a later test's stderr, in one process: VITACLIP_TEST_WORKERS=0). Imported here, they write to the
+# session's stream.
 
 # Every Ray the tests start (in-process `ray.init`, `ray start` heads, `ray.cluster_utils` nodes; each inherits the
 # environment) runs its workers at niceness 0, as the job's embedded Ray does (jobs.ray_resources). At Ray's default
@@ -395,7 +401,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """An embedded local Ray with 2 CPUs (the CI machine's), for tests that run the job in this process."""
-    import ray
 
     start_local_ray()
     yield
@@ -413,7 +418,6 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The first video is padded with 300 MiB of zeros after its last box (a sparse file: no disk used), so media
     requests have a large indexed file to stream.
     """
-    import ray
     from test_index_job import make_videos
 
     from jobs.index_videos import main as job_main
