@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vitaclip.redact import redact_text, refuse_object_userinfo, terminal_text
+from vitaclip.redact import printable_name, redact_text, refuse_object_userinfo, terminal_text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
@@ -94,10 +94,10 @@ def _print_labels(results: list[dict[str, Any]], as_json: bool) -> None:
         return
     for r in results:
         if r["status"] != "ok":
-            print(terminal_text(f"{r['uri']}: {r['status']}: {r['error_message']}"))
+            print(terminal_text(f"{printable_name(r['uri'])}: {r['status']}: {r['error_message']}"))
             continue
         tops = ", ".join(f"{n} ({p:.3f})" for n, p in zip(r["labels"], r["label_scores"], strict=True))
-        print(terminal_text(f"{r['uri']}: {tops}"))
+        print(terminal_text(f"{printable_name(r['uri'])}: {tops}"))
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
@@ -229,7 +229,7 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
     for rank, hit in enumerate(hits, 1):
         span = f" [{hit.start_seconds:.2f}-{hit.end_seconds:.2f} s]" if segments else ""
         labels = ", ".join(hit.labels[:3])
-        lines.append(terminal_text(f"{rank:2d}. {hit.score:.3f}  {hit.uri}{span}  ({labels})"))
+        lines.append(terminal_text(f"{rank:2d}. {hit.score:.3f}  {printable_name(hit.uri)}{span}  ({labels})"))
     return "\n".join(lines) if lines else "no results"
 
 
@@ -622,13 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_endpoint(args)
         return int(args.func(args))
     except ValueError as exc:  # configuration and checkpoint errors: a clear message, no traceback
-        print(f"vitaclip {args.command}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
+        print(f"vitaclip {args.command}: error: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (`vitaclip runs OUT | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return 0
     except OSError as exc:  # storage or the network failing after their retries: what failed, not a traceback
-        said = terminal_text(redact_text(str(exc)), lines=True)
+        said = terminal_text(redact_text(str(exc)))
         hint = storage_hint(said)
         print(f"vitaclip {args.command}: error: {type(exc).__name__}: {said}{hint}", file=sys.stderr)
         return 2 if hint else 1

@@ -13,13 +13,12 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from jobs.config import config_from_args
 from jobs.ray_resources import RayUnreachableError, stopped_by_sigterm
-from vitaclip.redact import install_log_redaction, redact_text, terminal_text
+from vitaclip.redact import install_log_redaction, redact_text, terminal_text, traceback_text
 
 
 def setup_logging() -> None:
@@ -71,13 +70,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
         try:
             summary = pipeline.run_index_job(config)
         except pipeline.IndexUpdateError as exc:  # storage failing after the commits: what holds, no traceback
-            print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
+            print(f"{prog}: error: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
             return 1
     except ValueError as exc:  # bad configuration, missing bucket, wrong credentials, unreadable checkpoint
-        print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
+        print(f"{prog}: error: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
         return 2
     except RayUnreachableError as exc:  # the cluster may come back: not a configuration error
-        print(f"{prog}: error: {terminal_text(redact_text(str(exc)), lines=True)}", file=sys.stderr)
+        print(f"{prog}: error: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGINT: the run's record says "interrupted"; its commits stay
         print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
@@ -88,7 +87,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
         print(f"\n{prog}: {INTERRUPTED} (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
-        print(terminal_text(redact_text(traceback.format_exc()), lines=True), file=sys.stderr, end="")
+        print(redact_text(traceback_text(sys.exc_info())), file=sys.stderr, end="")
         return 1
     print_summary(summary)
     for held in summary.get("prune_held_back") or ():

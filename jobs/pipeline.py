@@ -529,8 +529,8 @@ def _error_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
         where = getattr(exc, "function_name", None) or "a Ray task"
-        return terminal_text(f"{type(cause).__name__} in {where}: {cause}", lines=True)
-    return terminal_text(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}", lines=True)
+        return terminal_text(f"{type(cause).__name__} in {where}: {cause}")
+    return terminal_text(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
 
 
 def _embedded_ray(config: IndexJobConfig) -> bool:

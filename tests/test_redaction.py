@@ -197,6 +197,68 @@ def test_names_with_terminal_controls_are_printed_escaped(tmp_path: Path, capsys
     assert "\x1b" not in err and "\\x1b[2J" in err, err
 
 
+def test_a_name_quoted_in_a_log_line_or_an_error_forges_no_line_of_its_own(tmp_path: Path, capsys) -> None:
+    """A folder or file name holding a newline and text shaped like a log line printed that text as a line of its
+    own: newlines were kept in every log message and error. Messages are one line now; a traceback keeps its lines
+    but each exception's message is one line."""
+    import sys
+
+    from jobs.cli import main as cli_main
+    from vitaclip.redact import traceback_text
+
+    forged = "x\n2026-12-06 08:00:00,000 vitaclip.job INFO committed 0 videos; all good"
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "cannot list folder %s (%s)", (forged, "why"), None)
+    text = RedactingFormatter("%(levelname)s %(message)s").format(record)
+    assert (
+        "\n" not in text
+        and text
+        == "WARNING cannot list folder x\\x0a2026-12-06 08:00:00,000 vitaclip.job INFO "
+        "committed 0 videos; all good (why)"
+    )
+    try:
+        try:
+            raise OSError(f"no file at {forged}")
+        except OSError as exc:
+            raise ValueError(f"bad input: {forged}") from exc
+    except ValueError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+        shown = [traceback_text(sys.exc_info()), RedactingFormatter("%(message)s").format(record)]
+    for text in shown:
+        lines = text.splitlines()
+        assert not [line for line in lines if line.startswith("2026-12-06")], text
+        assert "ValueError: bad input: x\\x0a2026" in text and "OSError: no file at x\\x0a2026" in text
+        assert any(line.startswith("  File ") for line in lines)  # the traceback's own lines stay
+    assert cli_main(["search", "--index", str(tmp_path / forged), "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x\\x0a2026-12-06" in err, err
+
+
+def test_names_that_differ_print_differently() -> None:
+    """A name spelling ``\\x1b`` printed like one holding the escape character, a name spelling ``\\xff`` like one
+    holding the byte 0xff, and a zero-width space not at all: names are printed with the backslash doubled and the
+    invisible characters escaped."""
+    from index.search import Hit
+    from jobs.cli import format_hits
+    from jobs.storage import printable_path
+    from vitaclip.redact import printable_name
+
+    names = ["lit\\x1b[31m.mp4", "lit\x1b[31m.mp4", "bad\\xff.mp4", "bad\udcff.mp4", "zwsp\u200b.mp4", "zwsp.mp4"]
+    printed = [printable_name(n) for n in names]
+    assert len(set(printed)) == len(names), printed
+    assert printed[:5] == [
+        "lit\\\\x1b[31m.mp4",
+        "lit\\x1b[31m.mp4",
+        "bad\\\\xff.mp4",
+        "bad\\xff.mp4",
+        "zwsp\\u200b.mp4",
+    ]
+    assert [printable_path(n) for n in names] == printed
+    assert printable_name("été — 東京 ✓ a/b c") == "été — 東京 ✓ a/b c"  # other text stays as it is
+    hits = [Hit(0.5, "v", 1, f"/videos/{n}", None, None, None, ["a"], [0.5], None) for n in names[:2]]
+    first, second = format_hits(hits, segments=False).splitlines()
+    assert first.replace(" 1.", "") != second.replace(" 2.", "") and "\\\\x1b" in first and "\x1b" not in second
+
+
 @pytest.fixture
 def dummy_aws(monkeypatch) -> None:
     """Credentials that are only ever offered to a closed loopback port."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -166,23 +167,63 @@ def redact_value(value: Any) -> Any:
 # Control characters a terminal acts on (escape sequences, carriage returns, bells): a file name holding them, printed
 # as it is, could rewrite what an operator sees. Newlines and tabs stay where text spans lines (tracebacks). The
 # bidirectional marks, embeddings, overrides and isolates and the Unicode line separators are escaped too: they reorder
-# or break what follows them ("clip\u202egpj.exe" reads "clipexe.jpg").
-_FORMATTING = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+# or break what follows them ("clip\u202egpj.exe" reads "clipexe.jpg"); so are the invisible ones (zero-width spaces
+# and joiners, word joiners, the byte order mark, soft hyphens, tag characters), which make two names print alike.
+_FORMATTING = (
+    "\u00ad\u061c\u180e\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\U000e0000-\U000e007f"
+)
 _CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_FORMATTING}]")
 _CONTROLS_BUT_LINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_FORMATTING}]")
+# What `printable_name` escapes besides: the backslash its escapes start with, and lone surrogates (the bytes of a
+# file name that are not UTF-8, as Python keeps them).
+_NAME_ESCAPES = re.compile(f"[\\\\\ud800-\udfff\x00-\x1f\x7f-\x9f{_FORMATTING}]")
 
 
 def _escaped(found: re.Match[str]) -> str:
     code = ord(found.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def terminal_text(text: str, *, lines: bool = False) -> str:
-    """`text` with the control characters a terminal would act on written as ``\\xNN``, and the bidirectional and line
-    separator characters as ``\\uNNNN`` (with `lines`, newlines and tabs kept): for what the project prints of names it
-    did not choose (file names, URIs, messages quoting them)."""
+    """`text` with the control characters a terminal would act on written as ``\\xNN``, and the bidirectional, line
+    separator and invisible characters as ``\\uNNNN`` (with `lines`, newlines and tabs kept: tracebacks only, as
+    a name quoted in a one-line message could otherwise forge a line of its own): for what the project prints of
+    text that may quote names it did not choose (messages). Names themselves go through `printable_name`."""
     pattern = _CONTROLS_BUT_LINES if lines else _CONTROLS
     return pattern.sub(_escaped, text)
+
+
+def printable_name(name: str) -> str:
+    """A file name, key or URI as one line of valid UTF-8 that no other name prints as: `terminal_text`'s escapes
+    (newlines and tabs included), bytes that are not UTF-8 as ``\\xNN``, and the backslash itself doubled, so that a
+    name spelling ``\\x1b`` and one holding the escape character, or ``\\xff`` and the byte 0xff, stay apart."""
+    return _NAME_ESCAPES.sub(_escaped, name)
+
+
+def traceback_text(exc_info: Any) -> str:
+    """A formatted traceback (`logging.Formatter.formatException`'s ``exc_info``) for a terminal or a log: lines kept,
+    but each exception's message on one line (`terminal_text`), so that a name quoted in one forges no line."""
+    text = "".join(traceback.format_exception(*exc_info))
+    pending, seen = [exc_info[1]], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__: the traceback says so as it is
+            message = ""
+        if "\n" in message or "\r" in message:
+            text = text.replace(message, terminal_text(message))
+        pending.extend([exc.__cause__, exc.__context__, *getattr(exc, "exceptions", ())])
+    return terminal_text(text, lines=True)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -201,10 +242,10 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # Escaped in the message and the traceback only: a formatter's own colours (uvicorn's on a terminal) stay.
         safe = logging.makeLogRecord(record.__dict__)
-        safe.msg, safe.args = terminal_text(record.getMessage(), lines=True), None
+        safe.msg, safe.args = terminal_text(record.getMessage()), None  # one line: a quoted name forges none
         safe.__dict__.pop("color_message", None)  # uvicorn's coloured copy of the message, formatted from the args
         if record.exc_info and record.exc_info[0] is not None:
-            safe.exc_text = terminal_text(self.formatException(record.exc_info), lines=True)
+            safe.exc_text = traceback_text(record.exc_info)
         formatted = self.inner.format(safe) if self.inner is not None else super().format(safe)
         return redact_text(formatted)
 

@@ -63,7 +63,7 @@ from index.s3 import (
     with_retries,
 )
 from index.schema import local_etag, plain_types
-from vitaclip.redact import has_object_userinfo, redact_text, redact_url
+from vitaclip.redact import has_object_userinfo, printable_name, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -323,12 +323,18 @@ def _list_s3_prefix(
 
 
 def printable_path(path: str) -> str:
-    """A path as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xNN``."""
+    """A path as one line of valid UTF-8 text that no other path prints as (`vitaclip.redact.printable_name`): bytes
+    that are not UTF-8 (kept by Python as surrogates) become ``\\xNN``, control and invisible characters are escaped,
+    a backslash is doubled."""
+    return printable_name(path)
+
+
+def _is_utf8(path: str) -> bool:
     try:
         path.encode("utf-8")
-        return path
+        return True
     except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+        return False
 
 
 def listed_uri(path: str) -> str:
@@ -422,7 +428,7 @@ def _walk_sorted(
         if not stat.S_ISREG(st.st_mode):
             yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
             continue
-        if printable_path(entry.path) != entry.path:
+        if not _is_utf8(entry.path):
             yield _odd(entry.path, "invalid_name", f"the file name is not valid UTF-8: {printable_path(entry.path)}")
             continue
         yield VideoObject(entry.path, local_etag(st), st.st_size)
