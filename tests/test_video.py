@@ -588,6 +588,41 @@ def test_a_cut_off_upload_gives_the_frames_it_holds(video_dir: Path, name: str, 
     assert len(indices) == 3  # the whole video and two 1 s windows
 
 
+def _top_boxes(data: bytes) -> dict[bytes, tuple[int, int]]:
+    """An MP4's top-level boxes: type -> (offset, size)."""
+    boxes, offset = {}, 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes[data[offset + 4 : offset + 8]] = (offset, size)
+        offset += size
+    return boxes
+
+
+def test_an_upload_cut_before_any_frame_is_truncated_not_corrupt(video_dir: Path) -> None:
+    """An MP4 whose header comes first, cut before its first picture ends, decodes no frame: it was called
+    ``corrupt`` (damaged) where the file is only cut short (an upload or recording that stopped), as is one that
+    holds its ``ftyp`` box alone. Garbage in a whole file's media data stays ``corrupt``."""
+    whole = write_indexed_video(
+        video_dir / "whole_fast.mp4", num_frames=96, container_options={"movflags": "faststart"}
+    )
+    data = whole.read_bytes()
+    boxes = _top_boxes(data)
+    assert boxes[b"moov"][0] < boxes[b"mdat"][0]  # the header first
+    cut = data[: boxes[b"mdat"][0] + 8 + 64]  # the header whole, 64 bytes of the first picture
+    path = video_dir / "cut_early.mp4"
+    path.write_bytes(cut)
+    with open(path, "rb") as file:
+        for source in (path, cut, file):
+            with pytest.raises(VideoDecodeError) as info:
+                decode_clip(source, size=SIZE)
+            assert info.value.reason == "truncated", info.value
+            assert "ends before its media data" in info.value.message
+    assert _reason(data[: boxes[b"ftyp"][1]]) == "truncated"  # the ftyp box alone
+    start, size = boxes[b"mdat"]
+    garbage = data[: start + 8] + bytes(size - 8) + data[start + size :]  # whole, but no picture in it
+    assert _reason(garbage) == "corrupt"
+
+
 def test_frames_an_edit_list_cuts_are_not_shown(make_video: Callable[..., Any], video_dir: Path) -> None:
     # Trimmed in place at 1.25 s, mid-GOP: players show frames 30..95; the demuxer hands out 24..29 flagged discard.
     source, _ = make_video("untrimmed.mp4", num_frames=96, gop=24)

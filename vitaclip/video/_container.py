@@ -227,21 +227,23 @@ def _read_at(source: VideoSource, offset: int, size: int) -> bytes:
 
 
 def _iso_bmff_truncated(source: VideoSource, total: int) -> bool | None:
-    """Walk the top-level boxes of an MP4/MOV: True if one runs past the end, False if complete, None if unknown."""
-    offset = 0
+    """Walk the top-level boxes of an MP4/MOV: True if one runs past the end or the file ends before any ``moov`` box
+    (its header: a recording or an upload cut short), False if complete, None if unknown."""
+    offset, header_seen = 0, False
     for _ in range(10_000):
         if offset == total:
-            return False
+            return not header_seen
         header = _read_at(source, offset, 16)
         if len(header) < 8:
             return True
         size = int.from_bytes(header[:4], "big")
+        header_seen = header_seen or header[4:8] == b"moov"
         if size == 1:
             if len(header) < 16:
                 return True
             size = int.from_bytes(header[8:16], "big")
         elif size == 0:  # box extends to the end of the file
-            return False
+            return not header_seen
         if size < 8:
             return None
         offset += size
@@ -250,9 +252,22 @@ def _iso_bmff_truncated(source: VideoSource, total: int) -> bool | None:
     return None
 
 
+def cut_short(source: VideoSource) -> bool:
+    """Whether an input that decoded no frame is an MP4/MOV cut short (`_iso_bmff_truncated`): its header may be
+    whole (written first) while the media data it indexes ends early."""
+    try:
+        head = _head_bytes(source, 64)
+        return head[4:8] in _ISO_BMFF_BOXES and _iso_bmff_truncated(source, _source_size(source)) is True
+    except OSError:
+        return False
+
+
+_ISO_BMFF_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+
+
 def _looks_like_container(head: bytes) -> bool:
     return (
-        head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+        head[4:8] in _ISO_BMFF_BOXES
         or head.startswith((b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"YUV4MPEG2", b"\x00\x00\x01\xba"))
         or (head.startswith(b"RIFF") and head[8:12] in (b"AVI ", b"AVIX"))
     )
@@ -266,7 +281,7 @@ def _classify_open_error(source: VideoSource, error: Exception) -> DecodeErrorRe
         return "corrupt"
     if not _looks_like_container(head):
         return "not_a_video"
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+    if head[4:8] in _ISO_BMFF_BOXES:
         truncated = _iso_bmff_truncated(source, total)
         if truncated is not None:
             return "truncated" if truncated else "corrupt"

@@ -36,6 +36,7 @@ from vitaclip.video._container import (
     VideoSource,
     as_decode_errors,
     check_container_duration,
+    cut_short,
     keyframe_index,
     open_video,
     scan_packets,
@@ -81,6 +82,9 @@ _T = TypeVar("_T")
 DEFAULT_MAX_FRAME_BYTES = 2 << 30
 """Most bytes of frames one decode may return (all its clips): 1,783 clips of 8 frames at 224 px, 59 minutes of 2 s
 windows."""
+
+
+_NO_FRAME = "no frame could be decoded"
 
 
 @dataclass(frozen=True, eq=False)
@@ -649,7 +653,7 @@ def _assemble(
 ) -> list[Clip]:
     found = sorted((t, r) for t, r in results.items() if r is not None)
     if not found:
-        raise VideoDecodeError("corrupt", "no frame could be decoded")
+        raise VideoDecodeError("corrupt", _NO_FRAME)
     found_thresholds = [t for t, _ in found]
     clips = []
     for view in views:
@@ -774,17 +778,22 @@ class VideoDecoder:
             assert opened is not None
             fresh = not self._used
             self._used = True
-            clips, table = _collect(
-                opened,
-                self._open,
-                deadline=self._deadline,
-                size=size,
-                max_pixels=self._max_pixels,
-                sampling=sampling,
-                stats=self.stats,
-                square=crop == "center",
-                max_frame_bytes=self._max_frame_bytes,
-            )
+            try:
+                clips, table = _collect(
+                    opened,
+                    self._open,
+                    deadline=self._deadline,
+                    size=size,
+                    max_pixels=self._max_pixels,
+                    sampling=sampling,
+                    stats=self.stats,
+                    square=crop == "center",
+                    max_frame_bytes=self._max_frame_bytes,
+                )
+            except VideoDecodeError as error:
+                if error.reason == "corrupt" and error.message == _NO_FRAME and cut_short(self._source):
+                    raise VideoDecodeError("truncated", f"{_NO_FRAME}: the file ends before its media data") from None
+                raise
         if fresh:
             self._table = table
         return clips
