@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
 from av.video.frame import VideoFrame
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never need it
@@ -91,7 +92,10 @@ def display_rotation(frame: VideoFrame) -> int:
 
 def _display_matrix(frame: VideoFrame) -> tuple[float, float, float, float] | None:
     """(a, b, c, d) of the frame's display matrix (16.16 fixed point), or None when it has none."""
-    found: Any = frame.side_data.get("DISPLAYMATRIX")
+    # A container of our own, not `frame.side_data`: the frame caches that one, which refers back to it, and the
+    # cycle kept every frame read so (its picture buffers, and through them the decoder's threads, 16 per video at
+    # 4096 px) until a garbage collection.
+    found: Any = SideDataContainer(frame).get("DISPLAYMATRIX")  # type: ignore[call-arg]  # (the stub lacks it)
     if found is None:
         return None
     raw = bytes(found)  # the side data's buffer
