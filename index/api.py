@@ -249,6 +249,9 @@ async def _plain_json_body(request: Request) -> None:
             parsed = json.loads(body, object_pairs_hook=_pairs_checked)
     except _BodyRefused as exc:
         raise RequestValidationError([{"loc": ["body"], "msg": str(exc), "type": "body_shape"}]) from None
+    except RecursionError:  # thousands of nested brackets: the parser's recursion limit (no request nests so)
+        msg = "the JSON body nests too deeply"
+        raise RequestValidationError([{"loc": ["body"], "msg": msg, "type": "body_shape"}]) from None
     except ValueError:
         return  # not JSON: FastAPI's own parse says so
     request._json = parsed  # what Starlette's `Request.json()` keeps: FastAPI takes it instead of parsing again

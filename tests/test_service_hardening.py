@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import select
 import socket
 import subprocess
@@ -334,6 +335,22 @@ def test_long_and_many_unknown_keys_are_not_echoed(client: TestClient) -> None:
         assert len(data["detail"]) <= 10 and all(len(str(part)) <= 43 for e in data["detail"] for part in e["loc"])
         expected = ("Extra inputs are not permitted", "given more than once", "more than the 32 a search request")
         assert any(text in data["error"] for text in expected), data["error"]
+
+
+def test_deeply_nested_json_is_refused_without_an_error(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Thousands of nested brackets made the JSON parser raise RecursionError, which is not a ValueError: 500, and
+    two tracebacks in the log per 5 KB request, which any client could send in a loop."""
+    bodies = [
+        "[" * 5000 + "]" * 5000,
+        '{"a":' * 3000 + "1" + "}" * 3000,
+        '{"embedding": ' + "[" * 5000 + "]" * 5000 + "}",
+    ]
+    with caplog.at_level(logging.WARNING):
+        for body in bodies:
+            response = client.post("/search", content=body, headers={"Content-Type": "application/json"})
+            assert response.status_code == 422 and "nests too deeply" in response.json()["error"], response.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert client.post("/search", json={"text": "x", "k": 1}).status_code == 200  # and the service still answers
 
 
 # ------------------------------------------------------------------------------------------------ smaller
