@@ -605,8 +605,8 @@ async def _more_like(service: SearchService, body: SearchRequest, video_id: str)
     """``POST /search`` with ``video_id``: its stored vector is read on the media threads (`run_storage`), and only
     the search takes a query slot."""
     filters, k, segments, segment_index = body.filters(), body.k, body.segments, body.segment_index
-    _, engine = service.engine(body.index)
-    stored = await service.run_storage(lambda: engine.row_vector(video_id, segment_index))
+    name, engine = service.engine(body.index)
+    stored = await service.run_storage(name, lambda: engine.row_vector(video_id, segment_index))
     return await _answer(
         service,
         body,
@@ -715,9 +715,9 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         found = _ROW_FILE.fullmatch(filename)
         if found is None or int(found.group(1)) >= 2**63:
             return _error(404, "thumbnails are /thumbnails/{row_id}.jpg")
-        _, engine = service.engine(index)
+        name, engine = service.engine(index)
         row_id = int(found.group(1))
-        data = await service.run_storage(lambda: engine.thumbnail(row_id))  # a read: on the media threads
+        data = await service.run_storage(name, lambda: engine.thumbnail(row_id))  # a read: on the media threads
         if data is None:
             return _error(404, "no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -731,9 +731,9 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
     async def media(request: Request, video_id: str, index: IndexParam = None) -> Response:
         """The indexed video: streamed with Range (206) and conditional requests (304) for local files, a
         presigned URL (307) for ``s3://`` objects. Only indexed, unchanged objects inside the recorded inputs."""
-        _, engine = service.engine(index)
+        name, engine = service.engine(index)
         try:
-            target = await service.media(engine, video_id)
+            target = await service.media(name, engine, video_id)
         except MediaRefused as refused:
             return _error(refused.http_status, refused.message, refused.reason)
         if isinstance(target, str):

@@ -258,7 +258,7 @@ class SearchService:
         self.limits = limits or ServiceLimits()
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
-        self._media_pool: ThreadPoolExecutor | None = None
+        self._media_pools: dict[str, ThreadPoolExecutor] = {}  # per output: a store that hangs holds its own only
         self._slots: tuple[asyncio.Semaphore, asyncio.Semaphore] | None = None  # (queries, uploads among them)
         self._upload_bodies: asyncio.Semaphore | None = None
         self.sources = dict(sources or {})
@@ -460,27 +460,34 @@ class SearchService:
             )
         return out
 
-    def _media_threads(self) -> ThreadPoolExecutor:
-        if self._media_pool is None:
-            self._media_pool = ThreadPoolExecutor(_MEDIA_THREADS, thread_name_prefix="vitaclip-media")
-        return self._media_pool
+    def _media_threads(self, output: str) -> ThreadPoolExecutor:
+        """The media threads of one output: an object store that does not answer holds its own output's media
+        requests only (with one pool for all, a hung bucket kept a local output's videos waiting for seconds)."""
+        pool = self._media_pools.get(output)
+        if pool is None:
+            pool = self._media_pools.setdefault(
+                output, ThreadPoolExecutor(_MEDIA_THREADS, thread_name_prefix=f"vitaclip-media-{output}")
+            )
+        return pool
 
-    async def run_storage(self, work: Callable[[], T]) -> T:
-        """`work`, a read of the output's files a request needs (a thumbnail, a stored vector), on the media threads,
-        never in a query slot: an object store that does not answer holds such requests only (each until the
-        request timeout: 504), and text searches go on (it held every slot, and searches of every output got 503)."""
-        future = asyncio.get_running_loop().run_in_executor(self._media_threads(), work)
+    async def run_storage(self, output: str, work: Callable[[], T]) -> T:
+        """`work`, a read of the output's files a request needs (a thumbnail, a stored vector), on the output's
+        media threads, never in a query slot: an object store that does not answer holds such requests of its
+        output only (each until the request timeout: 504), and text searches go on (it held every slot, and
+        searches of every output got 503)."""
+        future = asyncio.get_running_loop().run_in_executor(self._media_threads(output), work)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
         except TimeoutError:
             future.add_done_callback(_late_outcome)
             raise QueryTimeout() from None
 
-    async def media(self, engine: SearchEngine, video_id: str) -> MediaFile | str:
-        """`media_target` on the service's own media threads, never the query threads: an object store that does
-        not answer holds media requests only, and text searches go on. A lookup that takes longer than the request
-        timeout is refused with 504 (a file it opens afterwards is closed)."""
-        future = asyncio.get_running_loop().run_in_executor(self._media_threads(), self.media_target, engine, video_id)
+    async def media(self, output: str, engine: SearchEngine, video_id: str) -> MediaFile | str:
+        """`media_target` on the output's own media threads, never the query threads: an object store that does
+        not answer holds media requests of its output only, and text searches go on. A lookup that takes longer
+        than the request timeout is refused with 504 (a file it opens afterwards is closed)."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._media_threads(output), self.media_target, engine, video_id)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout_seconds)
         except TimeoutError:
@@ -500,7 +507,9 @@ class SearchService:
         return engine.open_media(video_id)
 
     def _presign(self, row: Mapping[str, Any]) -> str:
-        from index.s3 import make_s3_client, parse_s3_uri
+        import botocore.exceptions
+
+        from index.s3 import is_transient, make_s3_client, parse_s3_uri
 
         if self._s3 is None:
             # A request waits on this check: seconds, not the job's minutes of retries (at most 2 x (3 + 5) s).
@@ -516,7 +525,12 @@ class SearchService:
             )
         try:
             head = self._s3.head_object(Bucket=bucket, Key=key)
-        except Exception:  # any failure to confirm the object: refuse, without the storage's message
+        except Exception as exc:  # any failure to confirm the object: refuse, without the storage's message
+            if is_transient(exc) or not isinstance(exc, botocore.exceptions.ClientError):
+                # No answer, a timeout, a 5xx or throttling: the store's trouble, maybe for a moment, not a verdict
+                # on the object (a 404 is one clients keep).
+                log.warning("media: the object store did not answer the check of an object (%s)", type(exc).__name__)
+                raise MediaRefused("unavailable", "the storage did not answer", http_status=503) from None
             raise MediaRefused("missing", "the object is gone or unreadable") from None
         if str(head.get("ETag", "")).strip('"') != row.get("etag"):  # listings store ETags unquoted
             raise MediaRefused("changed", "the object changed since it was indexed", http_status=410)

@@ -1044,10 +1044,13 @@ def test_a_storage_failure_is_not_a_missing_row(engine: SearchEngine, monkeypatc
         assert client.get(f"/thumbnails/{hit.row_id}.jpg").status_code == thumbnail_status
 
 
-def test_a_storage_that_never_answers_holds_media_requests_only(tmp_path: Path, monkeypatch) -> None:
+def test_a_storage_that_never_answers_holds_media_requests_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: SearchEngine
+) -> None:
     """Media lookups of ``s3://`` rows ask the object store before they hand out a link. An endpoint that accepts
-    connections and never answers holds them (each until the request timeout: 504), on the service's own media
-    threads: searches, which run on the query threads, are answered meanwhile."""
+    connections and never answers holds them (each until the request timeout: 504), on the media threads of their
+    output: searches, which run on the query threads, are answered meanwhile, and so are the media requests of
+    another output (all outputs shared eight media threads, and a local video waited 5-19 s behind a hung bucket)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from test_index_segments import DIM, _indexed_output
@@ -1064,16 +1067,47 @@ def test_a_storage_that_never_answers_holds_media_requests_only(tmp_path: Path, 
         silent.listen(64)  # the kernel completes the connections; nothing ever reads or answers
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         limits = ServiceLimits(request_timeout_seconds=3.0)
-        engine = SearchEngine(tmp_path / "out", text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
-        service = SearchService({"main": engine}, s3_endpoint_url=endpoint, limits=limits)
+        on_s3 = SearchEngine(tmp_path / "out", text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
+        service = SearchService({"main": on_s3, "local": engine}, s3_endpoint_url=endpoint, limits=limits)
         query = json.dumps({"embedding": [1.0] + [0.0] * (DIM - 1), "k": 3}).encode()
+        local_video = engine.search("red", k=1)[0].video_id
         with serving(service) as base, ThreadPoolExecutor(len(video_ids)) as pool:
             media = [pool.submit(request, base, f"/media/{vid}") for vid in video_ids]
             time.sleep(0.5)  # every media thread waits on the endpoint now, and more requests queue for them
             start = time.monotonic()
             status, _, body = request(base, "/search", "POST", {"Content-Type": "application/json"}, query)
             searched = time.monotonic() - start
+            start = time.monotonic()
+            local_status = request(base, f"/media/{local_video}?index=local", "HEAD")[0]
+            local_seconds = time.monotonic() - start
             answers = [f.result(timeout=60) for f in media]
     assert status == 200 and len(json.loads(body)["results"]) == 3 and searched < 2.0, (status, searched)
+    assert local_status == 200 and local_seconds < 2.0, (local_status, local_seconds)
     assert {a[0] for a in answers} == {504}, {a[0] for a in answers}
     assert all(json.loads(a[2])["reason"] == "unavailable" for a in answers)
+
+
+def test_a_storage_that_refuses_connections_is_unavailable_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check of an ``s3://`` row's object answered 404 "gone" whatever failed, a store that cannot be reached
+    as well: clients keep a 404. It is 503 (try again), with a warning in the log (404 stays for objects the store
+    says are gone: `test_index_job_s3`)."""
+    from test_index_segments import DIM, _indexed_output
+
+    from index.tables import read_table
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    _indexed_output(str(tmp_path / "out"), 4, np.random.default_rng(0))  # s3:// rows
+    video_id = read_table(tmp_path / "out", "videos", ["video_id"]).column("video_id")[0].as_py()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: connections refused
+        engine = SearchEngine(tmp_path / "out", text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
+        client = TestClient(create_app(SearchService({"main": engine}, s3_endpoint_url=endpoint)))
+        with caplog.at_level(logging.WARNING, logger="vitaclip.serve"):
+            answer = client.get(f"/media/{video_id}", follow_redirects=False)
+    assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
+    assert "did not answer the check of an object (EndpointConnectionError)" in caplog.text
