@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +23,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vitaclip.redact import redact_url
+from vitaclip.redact import printable_name, redact_url
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects come back as errors: urllib follows them with every header of the request (``Authorization``
+    included, to any host, https to http too) and turns a POST into a GET."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 class SearchError(Exception):
@@ -56,6 +69,11 @@ class SearchClient:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"the service URL must start with http:// or https://, got {redact_url(url)!r}")
         parts = urllib.parse.urlsplit(url)
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise ValueError(
+                f"the service URL is its base address (http://host:port[/path]), with no query or fragment: got "
+                f"{redact_url(url)!r}"
+            )
         self.headers = dict(headers or {})
         if parts.username is not None or parts.password is not None:
             user = urllib.parse.unquote(parts.username or "")
@@ -72,9 +90,16 @@ class SearchClient:
         if content_type:
             request.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
+            with _OPENER.open(request, timeout=self.timeout_seconds) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                where = redact_url(err.headers.get("Location", "") or "")
+                raise SearchError(
+                    err.code,
+                    f"the service answered with a redirect to {where!r}, which is not followed (it would take this "
+                    "client's credentials and query there); give the address it names as the URL",
+                ) from None
             try:
                 answer = json.loads(err.read())
                 message = answer.get("error", err.reason) if isinstance(answer, dict) else err.reason
@@ -115,8 +140,15 @@ class SearchClient:
     def search_file(
         self, path: str | Path, *, k: int = 10, segments: bool = False, **filters: Any
     ) -> list[dict[str, Any]]:
-        """Hits for a picture or a short clip, embedded by the service with the index's model."""
-        data = Path(path).read_bytes()
+        """Hits for a picture or a short clip, embedded by the service with the index's model.
+
+        Raises:
+            ValueError: `path` is not a regular file (a FIFO would block, ``/dev/zero`` never end)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open would wait for a writer
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{printable_name(str(path))} is not a regular file: nothing to send as a query")
+            data = file.read()
         params = self._params(k, segments, filters)
         query = urllib.parse.urlencode({key: str(v).lower() if isinstance(v, bool) else v for key, v in params.items()})
         return list(

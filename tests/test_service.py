@@ -441,6 +441,74 @@ def test_the_client_authenticates_to_a_proxy_and_never_shows_its_password() -> N
     assert "S3CRET" not in str(refused.value)
 
 
+def test_the_client_takes_its_credentials_nowhere_else(tmp_path: Path) -> None:
+    """A redirect from the service's address was followed with every header of the request: another host got the
+    proxy's Basic credentials or bearer token (https to http too), and the search came back as that host's GET
+    answer. Redirects are refused now; so are base URLs with a query or fragment (requests went to "/" and failed as
+    405), and query files that are not regular files (a FIFO blocked, /dev/zero read forever)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[int, str, str | None]] = []
+
+    def handler(answer: Any) -> type[BaseHTTPRequestHandler]:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                seen.append((self.server.server_address[1], self.path, self.headers.get("Authorization")))
+                answer(self)
+
+            do_POST = do_GET  # noqa: N815
+
+        return Handler
+
+    def elsewhere(request: BaseHTTPRequestHandler) -> None:
+        body = b'{"results": [{"uri": "planted"}], "status": "ok"}'
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), handler(elsewhere))
+
+    def redirect(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(302)
+        request.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}/search")
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), handler(redirect))
+    for server in (first, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{first.server_address[1]}"
+        for client in (
+            SearchClient(f"http://alice:S3cret@{address}"),
+            SearchClient(f"http://{address}", headers={"Authorization": "Bearer TOKEN123"}),
+        ):
+            with pytest.raises(SearchError, match="HTTP 302: the service answered with a redirect") as refused:
+                client.search("red")
+            assert "S3cret" not in str(refused.value) and "TOKEN123" not in str(refused.value)
+            with pytest.raises(SearchError, match="HTTP 302"):
+                client.health()
+    finally:
+        first.shutdown()
+        other.shutdown()
+    assert seen and {port for port, _, _ in seen} == {first.server_address[1]}  # the other host heard nothing
+    for url in (f"http://{address}/?token=X", f"http://{address}#frag"):
+        with pytest.raises(ValueError, match="no query or fragment") as refused:
+            SearchClient(url)
+        assert "token=X" not in str(refused.value)
+    fifo = tmp_path / "query.mp4"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ValueError, match="not a regular file"):
+            SearchClient(f"http://{address}").search_file(path)
+
+
 # ------------------------------------------------------------------------------------------------ Ray Serve
 
 
