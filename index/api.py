@@ -820,6 +820,7 @@ class _HeadSize:
 
     head_limit_bytes: int | None = None
     head_refusal = b""
+    refusal_hooks: tuple[Callable[[str], None], ...] = ()  # `guarded_protocol`'s ``on_refusal``
     transport: asyncio.Transport
     _in_head = True  # between requests or inside a request head: what arrives counts against the head size
     _head_bytes = 0
@@ -844,9 +845,15 @@ class _HeadSize:
         if self._head_bytes <= limit:
             return True
         if not self.transport.is_closing():
+            self._refused("head_too_large")
             self.transport.write(self.head_refusal)
             self.transport.close()
         return False
+
+    def _refused(self, reason: str) -> None:
+        """Counted for the operator: what never reaches the app."""
+        for hook in self.refusal_hooks:
+            hook(reason)
 
 
 class _SendTimeout:
@@ -940,6 +947,7 @@ class _ConnectionLimit:
             start()
             return
         self.logger.warning("Exceeded concurrency limit.")
+        self._refused("max_connections")  # type: ignore[attr-defined]
         app, self.app = self.app, _busy
         try:
             start()
@@ -956,6 +964,7 @@ def guarded_protocol(
     *,
     max_head_bytes: int = 64 << 10,
     send_timeout_seconds: float = 30.0,
+    on_refusal: Callable[[str], None] | None = None,
 ) -> type:
     """uvicorn's HTTP protocol (`parser`; auto: httptools when installed, else h11), closing connections that have
     not sent a whole request head within the timeout, answering 431 to a head past ``max_head_bytes``, and closing
@@ -966,6 +975,10 @@ def guarded_protocol(
     were read whole, and a few connections sending such heads held hundreds of MB. (h11 has its own limit, which
     `_server` sets to the same size.) Nor does uvicorn limit a client that stops reading: a few hundred of them,
     each in the middle of a video, held every connection slot for good (`/healthz` answered 503).
+
+    `on_refusal` is called with the reason of each request or connection turned away before the app sees it
+    (``max_connections``, ``bad_request``, ``head_too_large``, ``head_timeout``), for the service's metrics: a flood
+    of such connections shows there, not only as other clients' 503s.
     """
     Base: Any
     try:
@@ -985,6 +998,7 @@ def guarded_protocol(
         send_limit_seconds = send_timeout_seconds
         head_limit_bytes = max_head_bytes if counts_head else None
         head_refusal = refusal
+        refusal_hooks = (on_refusal,) if on_refusal is not None else ()
         _head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
@@ -999,6 +1013,8 @@ def guarded_protocol(
         def _head_timeout(self) -> None:
             waiting = self.cycle is None or self.cycle.response_complete
             if waiting and not self.transport.is_closing():
+                if self._head_bytes or self.cycle is None:  # a head begun or never sent; not an idle keep-alive
+                    self._refused("head_timeout")
                 self.transport.close()  # no request in progress: the head never came
 
         def on_headers_complete(self) -> None:  # httptools' request start
@@ -1006,6 +1022,7 @@ def guarded_protocol(
             self._start_request(super().on_headers_complete)
 
         def send_400_response(self, msg: str) -> None:  # the parser's refusals, answered as the app's are
+            self._refused("bad_request")
             self.transport.write(_parser_refusal(HTTPStatus.BAD_REQUEST, msg))
             self.transport.close()
 

@@ -127,6 +127,9 @@ class UnknownIndex(LookupError):
     """A request named an output this service does not hold (answered 404)."""
 
 
+REFUSAL_REASONS = ("max_connections", "bad_request", "head_too_large", "head_timeout")
+
+
 class Metrics:
     """Prometheus metrics of one service, in a registry of its own (several services can share a process)."""
 
@@ -144,6 +147,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refused = Counter(
+            "vitaclip_http_refused",
+            "Requests and connections turned away before the app (not in vitaclip_http_requests_total), by reason: "
+            "max_connections (answered 503), bad_request (400), head_too_large (431), head_timeout (closed).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)  # shown at 0 from the start
         self.in_flight = Gauge("vitaclip_queries_in_flight", "Queries computing now.", registry=self.registry)
         self.waiting = Gauge("vitaclip_queries_waiting", "Queries waiting for a slot.", registry=self.registry)
         vectors = Gauge(
@@ -650,6 +662,7 @@ def _server(service: SearchService, host: str, port: int, parser: HttpParser = "
             parser,
             max_head_bytes=limits.max_head_bytes,
             send_timeout_seconds=limits.send_timeout_seconds,
+            on_refusal=lambda reason: service.metrics.refused.labels(reason=reason).inc(),
         ),
         h11_max_incomplete_event_size=limits.max_head_bytes,
         limit_concurrency=limits.max_connections,

@@ -73,3 +73,14 @@ def wait_until_answering(url: str, process: subprocess.Popen[str], *, timeout_s:
                 return
         except OSError:
             time.sleep(0.2)
+
+
+def refused_counts(url: str) -> dict[str, float]:
+    """``vitaclip_http_refused_total`` by reason, from the service's /metrics."""
+    text = request(url, "/metrics")[2].decode()
+    prefix = 'vitaclip_http_refused_total{reason="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }

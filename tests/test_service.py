@@ -25,7 +25,7 @@ import pytest
 from conftest import PADDED_EXTRA_BYTES
 from fastapi.testclient import TestClient
 from local_ray import start_local_ray
-from local_servers import OCTETS, host_port, request, wait_until_answering
+from local_servers import OCTETS, host_port, refused_counts, request, wait_until_answering
 
 from index import tables
 from index.api import create_app
@@ -348,6 +348,7 @@ def test_limits_against_slow_and_hostile_clients(indexed: Path, engine: SearchEn
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             started = time.monotonic()
             assert sock.recv(4096) == b"" and time.monotonic() - started < 5
+        assert refused_counts(url)["head_timeout"] == 1  # counted for the operator
         # A body that stalls: 408.
         with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(

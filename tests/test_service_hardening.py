@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from local_servers import OCTETS, host_port, request, wait_until_answering
+from local_servers import OCTETS, host_port, refused_counts, request, wait_until_answering
 
 from index.api import create_app
 from index.queries import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, QueryError, check_clip, jpeg_scan_count
@@ -836,6 +836,9 @@ def test_requests_the_parser_refuses_are_answered_like_the_apps_refusals(service
                 b"referrer-policy: no-referrer",
             } <= set(lines), head
             assert json.loads(body)["error"], body
+        # Counted where an operator looks (these never reach the app, so not in vitaclip_http_requests_total).
+        expected = {"bad_request": 1.0, "head_too_large": 1.0} if parser == "httptools" else {"bad_request": 2.0}
+        assert refused_counts(url) == {"max_connections": 0.0, "head_timeout": 0.0, "head_too_large": 0.0} | expected
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
@@ -870,6 +873,7 @@ def test_requests_past_the_connection_limit_get_json_with_the_security_headers(
         while _health_status(url) != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _health_status(url) == 200
+        assert refused_counts(url)["max_connections"] >= 1  # a flood of held connections shows in the metrics
 
 
 def test_a_request_with_two_host_headers_gets_400(service: SearchService) -> None:
