@@ -720,7 +720,8 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         data = await service.run_storage(name, lambda: engine.thumbnail(row_id))  # a read: on the media threads
         if data is None:
             return _error(404, "no thumbnail")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        # A browser may keep it a while; a shared cache (a proxy in front, maybe authenticating) must not.
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.head(
         "/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_head", dependencies=once

@@ -132,6 +132,7 @@ def test_text_search_over_http(server: str, indexed: Path) -> None:
     first = data["results"][0]
     status, headers, body = request(server, first["thumbnail_url"])
     assert status == 200 and headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    assert headers["cache-control"] == "private, max-age=3600"  # no shared cache keeps an index's pictures
     status, _, body = request(server, f"/videos/{first['video_id']}")
     assert status == 200 and json.loads(body)["uri"] == first["uri"] and "embedding" not in json.loads(body)
     assert first["media_url"].startswith(f"/media/{first['video_id']}?index=main#t=")
