@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -89,6 +90,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(redact_text(traceback_text(sys.exc_info())), file=sys.stderr, end="")
         return 1
+    # Committed and recorded: a SIGTERM now (a pod's end, `ray job stop`) would only turn the exit status into 143,
+    # "interrupted", for a run whose record says committed (a CronJob would count it failed). Printing is left.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print_summary(summary)
     for held in summary.get("prune_held_back") or ():
         total = held["no_longer_listed"] + held["listed"]

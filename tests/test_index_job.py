@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -1006,6 +1007,34 @@ def _alive(pid: int, name: str) -> bool:
     except OSError:
         return False
     return text[text.index("(") + 1 : text.rindex(")")] == name and text[text.rindex(")") + 2] != "Z"
+
+
+def test_a_sigterm_after_the_run_committed_does_not_make_it_a_failure(tmp_path: Path) -> None:
+    """A SIGTERM that came once the run had committed and written its record (while it printed its summary) ended
+    the process with 143, "interrupted", though the record said committed: a CronJob counted the run failed and
+    might run it again. From then on SIGTERM is ignored; the run exits 0."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from jobs import index_videos, pipeline
+
+        pipeline.run_index_job = lambda config: {"run_id": "r", "state": "committed"}
+
+        def print_summary(summary):
+            os.kill(os.getpid(), signal.SIGTERM)  # a pod's end, right after the commit
+            print("summary printed", flush=True)
+
+        index_videos.print_summary = print_summary
+        index_videos.exit_process(index_videos.main(sys.argv[1:]))
+        """
+    )
+    (tmp_path / "in").mkdir()
+    args = [str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "vitaclip-demo"]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0 and "summary printed" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path) -> None:
