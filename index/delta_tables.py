@@ -1316,6 +1316,24 @@ def data_file_paths(dt: DeltaTable) -> list[str]:
     return sorted(urllib.parse.unquote(p) for p in actions.column("path").to_pylist())
 
 
+def may_hold_model(location: OutputLocation, table: str, model_id: str) -> bool:
+    """Whether the table's current files may hold rows of `model_id`, from the log's file statistics only (no data
+    file is read): False when no file's ``model_id`` range includes it. A file without statistics may."""
+    dt = open_table(location, table)
+    if dt is None:
+        return False
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return False
+    if "min.model_id" not in actions.column_names or "max.model_id" not in actions.column_names:
+        return True
+    lows, highs = actions.column("min.model_id").to_pylist(), actions.column("max.model_id").to_pylist()
+    for low, high in zip(lows, highs, strict=True):
+        if low is None or high is None or low <= model_id <= high:
+            return True
+    return False
+
+
 def _relative_file(uri: str, *table_uris: str) -> str:
     """The path of a data file URI relative to its table root. delta-rs gives absolute URIs with the root's
     characters percent-encoded (``/out/my%20out/videos/part-1.parquet``, ``file:///out/out%231/videos/``), a

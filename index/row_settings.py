@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -119,13 +120,23 @@ def settings_path(model_id: str) -> str:
     return f"{SETTINGS_DIR}/{hashlib.sha256(model_id.encode()).hexdigest()[:24]}.json"
 
 
-def check_row_settings(store: Store, settings: RowSettings, *, replace: bool = False) -> RowSettings | None:
+def check_row_settings(
+    store: Store,
+    settings: RowSettings,
+    *,
+    replace: bool = False,
+    has_rows: Callable[[], bool] | None = None,
+) -> RowSettings | None:
     """Records `settings` for the output's first run with this model; later runs must match them.
 
     Args:
         store: The run's output.
         settings: This run's settings.
         replace: Record `settings` over different recorded ones instead of refusing the run.
+        has_rows: Whether the output may hold rows of the model: when it holds none, different recorded settings
+            describe nothing (a run refused or failed before its first commit recorded them) and are replaced
+            without `replace`. Not for a running run's checks: a run that has not committed yet would take over
+            the settings of another one that is about to.
 
     Returns:
         The settings recorded before this run when `replace` replaced them, else None.
@@ -151,8 +162,18 @@ def check_row_settings(store: Store, settings: RowSettings, *, replace: bool = F
         found = settings.differences(recorded)
         if not found:
             return None
-        if not replace:
+        unused = not replace and has_rows is not None and not has_rows()
+        if not replace and not unused:
             raise SettingsMismatchError(_mismatch_message(store, settings.model_id, found))
+        if unused:
+            if store.put_if(path, settings.to_json(), token):
+                log.info(
+                    "the recorded row settings of %s describe no committed rows (a run stopped before its first "
+                    "commit recorded them): this run's replace them (%s)",
+                    settings.model_id, "; ".join(found),
+                )  # fmt: skip
+                return None
+            continue  # changed meanwhile: compare again
         if store.put_if(path, settings.to_json(), token):
             log.warning(
                 "row settings of %s replaced (%s); rows indexed before keep the old ones until their videos change",

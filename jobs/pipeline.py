@@ -47,6 +47,7 @@ from index.delta_tables import (
     OutputLocation,
     create_tables,
     detect_old_layout,
+    may_hold_model,
     old_layout_message,
     vacuum,
 )
@@ -625,13 +626,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     store.check_writable()
     location = store.location
     log.info("model %s, output %s", model.model_id, redact_url(location.url))
-    if detect_old_layout(location):
-        raise ValueError(old_layout_message(location))
-    # One embedding size per output (a table property): another model's size is refused before any work.
-    versions = create_tables(location, model.embed_dim, model_id=model.model_id)
-    # So are other frames, segments, top-k or labels than the rows of this model already there have.
-    settings = row_settings(config, model)
-    replaced = check_row_settings(store, settings, replace=config.replace_settings)
+    versions, settings, replaced = _prepare_output(config, store, model)
     record = RunRecord(store, config, model_id=model.model_id, versions=versions)  # logs the run's id
     phases = Phases()
     commits: Commits | None = None
@@ -688,6 +683,34 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
         record.fail(exc, commits)
         raise
+
+
+def _prepare_output(
+    config: IndexJobConfig, store: Store, model: ResolvedModel
+) -> tuple[dict[str, int], RowSettings, RowSettings | None]:
+    """The output's tables (created on the first run) at their current versions, this run's row settings and the
+    recorded ones it replaced. A refusal (an output in the previous layout; a table of another embedding size, or
+    other row settings than the rows of this model have) comes before any work; past the layout check it is
+    recorded as a failed run, so that a nightly run refused every night shows in `vitaclip runs`."""
+    location = store.location
+    if detect_old_layout(location):
+        raise ValueError(old_layout_message(location))
+    try:
+        # One embedding size per output (a table property): another model's size is refused before any work.
+        versions = create_tables(location, model.embed_dim, model_id=model.model_id)
+        # So are other frames, segments, top-k or labels than the rows of this model already there have.
+        settings = row_settings(config, model)
+        replaced = check_row_settings(
+            store, settings, replace=config.replace_settings,
+            has_rows=lambda: may_hold_model(location, "videos", model.model_id),
+        )  # fmt: skip
+    except ValueError as refusal:
+        try:
+            RunRecord(store, config, model_id=model.model_id, versions={}).fail(refusal)
+        except Exception as write_error:  # the refusal is what the operator must read
+            log.warning("could not record the refused run: %s", redact_text(str(write_error)))
+        raise
+    return versions, settings, replaced
 
 
 def _refusals_before_output(config: IndexJobConfig) -> tuple[list[str], ResolvedModel]:

@@ -735,6 +735,26 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
 
 
+def test_settings_recorded_by_a_run_that_committed_nothing_do_not_refuse_the_next(
+    local_ray, tmp_path: Path, capsys
+) -> None:
+    """A first run refused after it recorded its row settings (here: it asked for more decoders than the cluster
+    has) left them behind, and the corrected run was refused for "other settings" of rows that did not exist. With
+    no committed row of the model, recorded settings describe nothing and the next run's replace them; once rows
+    exist, other settings are refused as before."""
+    make_videos(tmp_path / "in", 1, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "3", "--decode-workers", "50") == 2
+    assert "CPU" in capsys.readouterr().err
+    assert json.loads(next((out / "settings").glob("*.json")).read_text())["top_k"] == 3  # recorded before
+    assert run([str(tmp_path / "in")], out, "--no-index") == 0  # top-k 5: no refusal
+    assert json.loads(next((out / "settings").glob("*.json")).read_text())["top_k"] == 5
+    assert committed_videos(out).num_rows == 1
+    capsys.readouterr()
+    assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "3") == 2  # now rows of top-k 5 exist
+    assert "top_k: 5 (this run: 3)" in capsys.readouterr().err
+
+
 def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray, tmp_path: Path) -> None:
     """Run B's --replace-settings lands while run A (the old settings) is still running: A's next commit is refused,
     so no row of the old kind lands after B's."""
@@ -892,7 +912,7 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
     out = tmp_path / "out"
     assert run([str(tmp_path / "in")], out, "--no-index") == 0
     frames = json.loads(next((out / "settings").glob("*.json")).read_text())["num_frames"]
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.parent.name != "runs")
     capsys.readouterr()
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join([*vitaclip.load_label_set("kinetics400"), "folding origami"]) + "\n")
@@ -905,7 +925,10 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
         assert run([str(tmp_path / "in")], out, "--no-index", *extra) == 2, extra
         err = capsys.readouterr().err
         assert expected in err and "--replace-settings" in err, err
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, no run recorded
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.parent.name != "runs") == before  # nothing written
+    refused = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    refused = [r for r in refused if r["state"] == "failed"]  # but each refusal recorded, for `vitaclip runs`
+    assert len(refused) == 4 and all("--replace-settings" in r["error"] for r in refused)
 
     make_videos(tmp_path / "in", 1, start=2, broken=False)
     assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "2", "--replace-settings") == 0
@@ -920,10 +943,14 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
 
     assert cli_main(["runs", str(out)]) == 0  # what an operator reads after a night
     shown = capsys.readouterr().out.splitlines()
-    run_ids = sorted(p.stem for p in (out / "runs").glob("*.json"))
-    assert len(run_ids) == 2 and [line.split()[:2] for line in shown[1:3]] == [[i, "committed"] for i in run_ids]
-    assert shown[1].split()[-2:] == ["ok", "2"] and shown[2].split()[-2:] == ["ok", "1"]
-    assert shown[3].startswith("settings of vitaclip-tiny@sha256:") and "top_k 2, 400 labels" in shown[3], shown
+    records = {p.stem: json.loads(p.read_text())["state"] for p in (out / "runs").glob("*.json")}
+    assert sorted(records.values()) == ["committed"] * 2 + ["failed"] * 5
+    committed = [line for line in shown[1:] if line.split()[1:2] == ["committed"]]
+    assert [line.split()[0] for line in committed] == sorted(i for i, state in records.items() if state == "committed")
+    assert committed[0].split()[-2:] == ["ok", "2"] and committed[1].split()[-2:] == ["ok", "1"]
+    assert sum(line.split()[1:2] == ["failed"] for line in shown[1:]) == 5  # the refused runs show
+    (settings_line,) = [line for line in shown if line.startswith("settings of vitaclip-tiny@sha256:")]
+    assert "top_k 2, 400 labels" in settings_line, shown
 
 
 @pytest.mark.parametrize(
