@@ -155,6 +155,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
         kind=args.kind,
         recall_target=args.recall_target,
         rebuild=args.rebuild,
+        switch=args.switch_index,
     )
     if not info["indexes"]:
         print(f"nothing to index: no row of {info['model_id']} has status ok (see `vitaclip runs {args.output}`)")
@@ -485,20 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="rebuild or re-score the vitaclip-demo model (python -m jobs.demo)", add_help=False)
     sub.add_parser("eval-retrieval", help="text-to-video retrieval recall of a checkpoint", add_help=False)
 
-    p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
-    p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
-    p.add_argument("--kind", default="auto", help="auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
-    p.add_argument(
-        "--recall-target",
-        type=_recall_target,
-        default=0.95,
-        help="recall at 10 that approximate kinds tune their search setting (nprobe, efSearch) to reach",
-    )
-    p.add_argument("--rebuild", action="store_true", help="rebuild instead of extending")
-    p.add_argument("--model", default=None, help="the rows' model (default: the only one in the output)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--s3-endpoint-url", default=None)
-    p.set_defaults(func=_cmd_build_index)
+    _add_build_index_parser(sub)
 
     p = sub.add_parser("migrate", help="convert an output of the previous layout (_commits/) to Delta tables")
     p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
@@ -524,6 +512,30 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="the weights the index was built with")
     p.add_argument("--device", default=None)
     p.add_argument("--s3-endpoint-url", default=None)
+
+
+def _add_build_index_parser(sub: Any) -> None:
+    p = sub.add_parser("build-index", help="build or extend OUT/index from the committed rows")
+    p.add_argument("output", help="the job's output: a folder, or an s3://, gs:// or az:// prefix")
+    p.add_argument("--kind", default="auto", help="auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
+    p.add_argument(
+        "--recall-target",
+        type=_recall_target,
+        default=0.95,
+        help="recall at 10 that approximate kinds tune their search setting (nprobe, efSearch) to reach",
+    )
+    p.add_argument("--rebuild", action="store_true", help="rebuild instead of extending")
+    p.add_argument(
+        "--model", default=None, help="the rows' model (default: the index's, else the only one in the output)"
+    )
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument(
+        "--switch-index",
+        action="store_true",
+        help="make OUT/index the named model's when it holds another model's rows (refused without it)",
+    )
+    p.add_argument("--s3-endpoint-url", default=None)
+    p.set_defaults(func=_cmd_build_index)
 
 
 def _add_search_parser(sub: Any) -> None:

@@ -770,8 +770,8 @@ def _index_of_another_model(store: Store, model_id: str) -> str | None:
         return None
     log.warning(
         "the index holds the rows of %s, not of this run's model %s: left as it is (this run's rows are committed; "
-        "a run with --switch-index, or `vitaclip build-index OUT --model ... --checkpoint ... --rebuild`, makes it "
-        "this model's index)",
+        "a run with --switch-index, or `vitaclip build-index OUT --model ... --checkpoint ... --rebuild "
+        "--switch-index`, makes it this model's index)",
         indexed,
         model_id,
     )

@@ -488,7 +488,7 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path: Path, capsys) -> 
 
 
 def test_a_run_of_another_model_leaves_the_index_as_it_is(
-    local_ray, tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+    local_ray, tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture, capsys
 ) -> None:
     """An output holds rows of several models and an index of one: a run of another checkpoint of the same size
     (a candidate tried on the output) rebuilt the index from its own rows alone, and every video of the model
@@ -512,6 +512,42 @@ def test_a_run_of_another_model_leaves_the_index_as_it_is(
     assert rows.num_rows == 4 and len(set(rows.column("model_id").to_pylist())) == 2
     summary = json.loads(max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert "left_as_it_is" in summary["index"]
+    # `vitaclip build-index OUT --rebuild` (the README's fix after rows are edited) failed on such an output ("rows
+    # of several models"), and one naming a model whose index it is not switched the index silently.
+    from jobs.cli import main as cli_main
+
+    indexed = json.loads(info)["model_id"]
+    assert cli_main(["build-index", str(out), "--rebuild"]) == 0  # the index's own model
+    assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] == indexed
+    other = [
+        "build-index",
+        str(out),
+        "--rebuild",
+        "--model",
+        "vitaclip-tiny",
+        "--checkpoint",
+        str(tmp_path / "candidate"),
+    ]
+    assert cli_main(other) == 2
+    assert "--switch-index" in capsys.readouterr().err
+    assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] == indexed
+    assert cli_main([*other, "--switch-index"]) == 0
+    assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] != indexed
+    assert (
+        cli_main(
+            [
+                "build-index",
+                str(out),
+                "--rebuild",
+                "--model",
+                "vitaclip-tiny",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--switch-index",
+            ]
+        )
+        == 0
+    )
     assert main(job_args([str(tmp_path / "in")], out, "--switch-index", checkpoint=tmp_path / "candidate")) == 0
     switched = json.loads((out / "index" / "index_info.json").read_text())
     assert switched["model_id"] != json.loads(info)["model_id"] and switched["indexes"]["videos"]["count"] == 2
