@@ -130,6 +130,7 @@ def test_build_index_tunes_with_text_only_from_the_weights_that_made_the_rows(mo
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(refresh, "build_from_output", lambda store, **options: seen.update(options) or {})
+    monkeypatch.setattr(refresh, "indexed_model_id", lambda store: None)  # no index yet
     for model_id, text in (("vitaclip-tiny@sha256:" + "0" * 64, False), (model_id_for("vitaclip-tiny", None), True)):
         monkeypatch.setattr(refresh, "committed_model_ids", lambda store, ids=[model_id]: ids)
         refresh.build_index_for_output(None, model=None, checkpoint=None, kind="ivf")  # type: ignore[arg-type]

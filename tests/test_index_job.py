@@ -758,14 +758,17 @@ def test_a_model_of_another_embedding_size_is_refused_before_any_work(tmp_path: 
     start_local_ray()
     try:
         assert main(job_args([str(tmp_path / "in")], out, "--no-index")) == 0  # vitaclip-tiny: 32-dim
-        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        before = sorted(p.relative_to(out) for p in out.rglob("*") if p.parent.name != "runs")
         argv = [str(tmp_path / "in"), "--output", str(out), "--model", "vitaclip-demo", "--no-index"]
         assert main(argv) == 2  # vitaclip-demo: another size
     finally:
         ray.shutdown()
     err = capsys.readouterr().err
     assert "holds 32-dim embeddings" in err and "vitaclip-demo" in err and "use another --output" in err, err
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, nothing committed
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.parent.name != "runs") == before  # nothing written
+    records = sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda r: r["run_id"])
+    assert [r["state"] for r in records] == ["committed", "failed"]  # the refusal is a recorded run
+    assert "holds 32-dim embeddings" in records[1]["error"] and records[1]["model_id"].startswith("vitaclip-demo@")
     from deltalake import DeltaTable
 
     assert DeltaTable(str(out / "videos")).metadata().configuration["vitaclip.embed_dim"] == "32"
