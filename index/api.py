@@ -49,7 +49,7 @@ from index.queries import QueryError, StorageUnavailable
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
 from index.web import SECURITY_HEADERS, SecurityHeaders, add_docs_routes, add_page_route
-from vitaclip.redact import redact_text, redact_url
+from vitaclip.redact import has_object_userinfo, redact_text, redact_url
 
 log = logging.getLogger("vitaclip.serve")
 
@@ -183,13 +183,23 @@ class ErrorOut(BaseModel):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+def row_uri(uri: str) -> str:
+    """A row's URI as answered. An ``s3://`` or ``gs://`` URI names a key, in which "?" and "#" are characters, not a
+    query: masking "secret-looking" parameters there answered another key (``v/q?token=***.mp4``). Only
+    credentials before a bucket are masked in those (rows never hold them unmasked); other URIs as `redact_url`."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("s3", "s3a", "gs", "gcs"):
+        return redact_url(uri) if has_object_userinfo(uri) else uri
+    return redact_url(uri)
+
+
 def _hit_out(hit: Hit, name: str) -> HitOut:
     suffix = f"?index={quote(name)}"
     media = f"/media/{quote(hit.video_id, safe='')}{suffix}"
     if hit.start_seconds is not None and hit.end_seconds is not None:
         media += f"#t={hit.start_seconds:g},{hit.end_seconds:g}"
     return HitOut(
-        **dict(hit.to_dict(), uri=redact_url(hit.uri)),
+        **dict(hit.to_dict(), uri=row_uri(hit.uri)),
         thumbnail_url=f"/thumbnails/{hit.row_id}.jpg{suffix}",
         media_url=media,
     )
@@ -706,7 +716,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         row = engine.video(video_id)
         if row is None or row.get("status") != "ok":  # rows of files that failed were never indexed
             return _error(404, "no such video")
-        safe = dict(row, uri=redact_url(str(row["uri"])), thumbnail_url=f"/thumbnails/{row['row_id']}.jpg?index={name}")
+        safe = dict(row, uri=row_uri(str(row["uri"])), thumbnail_url=f"/thumbnails/{row['row_id']}.jpg?index={name}")
         return JSONResponse(json.loads(json.dumps(safe, default=str)))
 
     @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found, dependencies=once)

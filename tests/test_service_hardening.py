@@ -1115,3 +1115,28 @@ def test_a_storage_that_refuses_connections_is_unavailable_not_missing(
             answer = client.get(f"/media/{video_id}", follow_redirects=False)
     assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
     assert "did not answer the check of an object (EndpointConnectionError)" in caplog.text
+
+
+def test_object_keys_are_answered_as_they_are(tmp_path: Path) -> None:
+    """An S3 key may hold "?" and "#": masking "secret-looking" query values in it answered a key that does not
+    exist (``s3://b/v/q?token=***#frag.mp4``). Keys are answered as they are; a URL's query is still masked."""
+    from test_index_segments import DIM, MODEL, _commit, _rows
+
+    from index.api import row_uri
+    from index.build import build_from_output
+    from index.delta_tables import OutputLocation, create_tables
+    from index.stores import open_store
+
+    keys = ["s3://archive/v/q?token=abc#frag.mp4", "s3://archive/v/x?X-Amz-Signature=1.mp4", "s3://archive/v/plain.mp4"]
+    location = OutputLocation.from_url(str(tmp_path / "out"))
+    create_tables(location, DIM, model_id=MODEL)
+    _commit(location, _rows(keys, np.random.default_rng(0)))
+    build_from_output(open_store(str(tmp_path / "out")), model_id=MODEL)
+    engine = SearchEngine(tmp_path / "out", text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
+    client = TestClient(create_app(SearchService({"main": engine})))
+    answer = client.post("/search", json={"embedding": [1.0] + [0.0] * (DIM - 1), "k": 3})
+    assert answer.status_code == 200 and sorted(h["uri"] for h in answer.json()["results"]) == sorted(keys)
+    for hit in answer.json()["results"]:
+        assert client.get(f"/videos/{hit['video_id']}").json()["uri"] == hit["uri"]
+    assert row_uri("s3://KEY:SECRET@archive/v/a.mp4") == "s3://***@archive/v/a.mp4"  # credentials still masked
+    assert "sekret" not in row_uri("https://host/v.mp4?X-Amz-Signature=sekret")
