@@ -219,6 +219,27 @@ def test_convert_official_to_own_format_keeps_outputs(tmp_path: Path) -> None:
     assert converted.label_names == tuple(meta["class_names"])
 
 
+def test_saving_into_a_folder_never_writes_through_its_links(tmp_path: Path) -> None:
+    """`save_checkpoint` (and `vitaclip convert`) wrote config.json through a fixed temporary name and copied a label
+    set onto its final name: links already in the folder (``config.json.tmp``, ``label_set.txt``) had it write the
+    files they name, outside the folder."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("walking\nrunning\n")
+    model = vitaclip.create_model("vitaclip-tiny", label_names=None)
+    model.config = model.config.replace(label_set=str(labels))
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {name: tmp_path / f"victim-{name}" for name in ("config.json.tmp", "label_set.txt", "config.json")}
+    for name, victim in victims.items():
+        victim.write_text("untouched")
+        (out / name).symlink_to(victim)
+    vitaclip.save_checkpoint(model, out)
+    assert all(victim.read_text() == "untouched" for victim in victims.values())
+    assert not (out / "config.json").is_symlink() and not (out / "label_set.txt").is_symlink()
+    assert (out / "label_set.txt").read_text() == "walking\nrunning\n"
+    assert vitaclip.create_model(None, checkpoint=out).config.label_set == str(out / "label_set.txt")
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

@@ -24,6 +24,7 @@ Formats:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -33,7 +34,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -750,7 +751,7 @@ def _portable_config(config: VitaClipConfig, out_dir: Path) -> VitaClipConfig:
         if value is None or packaged:
             continue
         if Path(value).resolve() != (out_dir / target).resolve():
-            shutil.copyfile(value, out_dir / target)
+            _replace_file(out_dir, target, functools.partial(_copy_into, str(value)))
         changes[key] = target
     return config.replace(**changes) if changes else config
 
@@ -788,10 +789,28 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": sha,
     }
-    tmp_cfg = out_dir / (CONFIG_FILE + ".tmp")
-    tmp_cfg.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_cfg, out_dir / CONFIG_FILE)
+    text = json.dumps(meta, indent=2) + "\n"
+    _replace_file(out_dir, CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return sha
+
+
+def _copy_into(source: str, tmp: str) -> None:
+    shutil.copyfile(source, tmp)
+
+
+def _replace_file(out_dir: Path, name: str, write: Callable[[str], Any]) -> None:
+    """``out_dir/name`` replaced atomically by what `write` puts in a new file of its own (`tempfile.mkstemp`:
+    created, never opened through a link). A fixed temporary name, or writing to ``name`` itself, followed a symlink
+    already in the folder: `vitaclip convert` into a folder holding ``config.json.tmp -> elsewhere`` wrote there."""
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, out_dir / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None) -> VitaClip:
