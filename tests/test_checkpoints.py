@@ -240,6 +240,28 @@ def test_saving_into_a_folder_never_writes_through_its_links(tmp_path: Path) -> 
     assert vitaclip.create_model(None, checkpoint=out).config.label_set == str(out / "label_set.txt")
 
 
+def test_a_label_name_too_long_to_tokenize_is_refused_at_once(tmp_path: Path) -> None:
+    """The BPE tokenizer's time grows with the square of a word's length: a checkpoint whose config.json holds a
+    label name of 30,000 letters took 14 s to load (a 1 MB one would take hours at every start). Names past
+    1,000 characters are refused before any tokenizing, in config.json and in label files alike."""
+    from vitaclip.labels import MAX_LABEL_CHARS
+
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    long = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(30_000))
+    meta["label_names"] = ["walking", long]
+    meta["default_labels"] = ["walking", long]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="label name 2 is 30,000 characters long"):
+        vitaclip.create_model(None, checkpoint=tmp_path / "ckpt")
+    assert time.perf_counter() - start < 5
+    labels = tmp_path / "labels.txt"
+    labels.write_text("walking\n" + "x" * (MAX_LABEL_CHARS + 1) + "\n")
+    with pytest.raises(ValueError, match="more than 1,000"):
+        vitaclip.load_label_set(str(labels))
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

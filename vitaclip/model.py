@@ -31,7 +31,7 @@ from vitaclip.config import (
     format_model_id,
     model_name_of,
 )
-from vitaclip.labels import load_label_set
+from vitaclip.labels import check_label_names, load_label_set
 from vitaclip.prompts import GlobalPrompts, LocalPrompts, SummaryToken, TemporalEmbedding, TextContext
 from vitaclip.zeroshot import TEMPLATES
 
@@ -148,6 +148,8 @@ class VitaClip(nn.Module):
         self.config = config
         if label_names is None and config.label_set is not None:
             label_names = load_label_set(config.label_set)
+        if label_names is not None:
+            check_label_names(list(label_names), f"model {config.name!r}")
         self.label_names: tuple[str, ...] | None = tuple(label_names) if label_names is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
