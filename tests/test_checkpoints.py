@@ -262,6 +262,22 @@ def test_a_label_name_too_long_to_tokenize_is_refused_at_once(tmp_path: Path) ->
         vitaclip.load_label_set(str(labels))
 
 
+def test_weights_that_overflow_are_refused_not_written_as_nan(tmp_path: Path) -> None:
+    """Finite weights that overflow in float32 (3e38 in the first convolution) gave NaN embeddings and labels
+    scored "nan" with exit 0: a run would write NaN rows marked ok. The embed stage refuses the model instead."""
+    from vitaclip.samples import write_sample_video
+    from vitaclip.stages import label_files
+
+    model = vitaclip.create_model("vitaclip-tiny")
+    with torch.no_grad():
+        model.clip.visual.conv1.weight.fill_(3e38)
+    vitaclip.save_checkpoint(model, tmp_path / "huge")
+    video = write_sample_video(tmp_path / "v.mp4", num_frames=24, fps=12, width=64, height=48)
+    with pytest.raises(ValueError, match="the model is unusable.*video embeddings are not finite"):
+        label_files([str(video)], model=None, checkpoint=str(tmp_path / "huge"), device="cpu")
+    assert label_files([str(video)], model="vitaclip-tiny", checkpoint=None, device="cpu")[0]["status"] == "ok"
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import stat
 import time
@@ -303,6 +304,9 @@ class Launched:
     done: Any
 
 
+UNUSABLE_MODEL = "the model is unusable (its weights or config overflow in float32)"
+
+
 class EmbedStage:
     """Embeds clips and labels them: ``frames`` in; ``embedding``, ``label_indices``, ``label_scores`` out.
 
@@ -366,6 +370,8 @@ class EmbedStage:
         with torch.inference_mode():
             self.label_features = self.model.encode_labels(names).float()  # [K, E]
             self.scale = float(self.model.logit_scale.float().exp())
+        if not bool(torch.isfinite(self.label_features).all()) or not math.isfinite(self.scale):
+            raise ValueError(f"{UNUSABLE_MODEL}: its label features or logit scale are not finite")
         self.staging: list[torch.Tensor] | None = None  # page-locked upload buffers (CUDA)
         self.compiled: Callable[..., Any] | None = None
         self.compiled_once = False
@@ -448,9 +454,15 @@ class EmbedStage:
         if launched.done is not None:
             launched.done.synchronize()
         finite, feats, top_i, top_p = launched.host
-        if self.autocast is not None and not bool(finite):
-            feats = torch.nn.functional.normalize(self.model.encode_video(launched.x, normalize=False).float(), dim=-1)
-            top_p, top_i = top_k_scores(feats, self.label_features, k=self.top_k, logit_scale=self.scale)
+        if not bool(finite):
+            if self.autocast is not None:  # half precision overflowed: float32
+                raw = self.model.encode_video(launched.x, normalize=False).float()
+                feats = torch.nn.functional.normalize(raw, dim=-1)
+                top_p, top_i = top_k_scores(feats, self.label_features, k=self.top_k, logit_scale=self.scale)
+            if self.autocast is None or not bool(torch.isfinite(raw).all()):
+                # Pixels are finite whatever the video: weights or a config (mean, std) that overflow in float32.
+                # Refused, never rows of NaN marked ok.
+                raise ValueError(f"{UNUSABLE_MODEL}: its video embeddings are not finite (NaN or infinity)")
         return feats.cpu().numpy(), top_i.cpu().numpy(), top_p.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
