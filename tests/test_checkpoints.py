@@ -278,6 +278,54 @@ def test_weights_that_overflow_are_refused_not_written_as_nan(tmp_path: Path) ->
     assert label_files([str(video)], model="vitaclip-tiny", checkpoint=None, device="cpu")[0]["status"] == "ok"
 
 
+def _two_faced_zip(tmp_path: Path, elements: int) -> Path:
+    """A torch.save zip that reads two ways: Python's zip reader finds a directory of stored entries (bytes put
+    before an archive are allowed for), torch's reader the one the end record points at, whose storage entry is
+    deflated and inflates to `elements` float32 values (its data.pkl declares that many)."""
+    ok = tmp_path / "ok.pt"
+    torch.save({"visual.conv1.weight": torch.arange(4, dtype=torch.float32)}, ok)
+    with zipfile.ZipFile(ok) as src:
+        entries = {name.replace("ok/", "x/"): src.read(name) for name in src.namelist()}
+    size = b"J" + struct.pack("<i", elements)
+    entries["x/data.pkl"] = (
+        entries["x/data.pkl"].replace(b"K\x04t", size + b"t", 1).replace(b"K\x04\x85", size + b"\x85", 1)
+    )
+
+    def build(deflated: bool) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            for name, data in entries.items():
+                info = zipfile.ZipInfo(name)
+                if deflated and name == "x/data/0":
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    archive.writestr(info, bytes(elements * 4))
+                else:
+                    archive.writestr(info, data)
+        return out.getvalue()
+
+    def split(archive: bytes) -> tuple[bytes, bytes, bytes]:
+        size, offset = struct.unpack("<II", archive[-22:][12:20])
+        return archive[:offset], archive[offset : offset + size], archive[-22:]
+
+    (t_body, t_dir, t_end), (p_body, p_dir, _) = split(build(True)), split(build(False))
+    path = tmp_path / "two-faced.pt"
+    path.write_bytes(t_body + t_dir + p_body.ljust(len(t_body), b"\0") + p_dir + t_end)
+    return path
+
+
+def test_a_zip_that_reads_two_ways_is_refused_before_anything_inflates(tmp_path: Path) -> None:
+    """Python's zip reader checked that entries are stored, torch's reader (which torch.load uses) read another
+    directory: a 1 MB file inflated 512 MB. Both readers must see the same entries of the same sizes."""
+    path = _two_faced_zip(tmp_path, 4 << 20)  # 16 MB from a file of tens of KB
+    assert path.stat().st_size < 200_000
+    with zipfile.ZipFile(path) as python_view:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in python_view.infolist())
+    with open(path, "rb") as f:
+        assert torch._C.PyTorchFileReader(f).get_record_size("data/0") == 16 << 20  # what torch.load would inflate
+    with pytest.raises(CheckpointError, match="read differently to torch"):
+        read_state_dict(path)
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

@@ -90,10 +90,15 @@ def _zip_layout(f: BinaryIO, path: Path) -> Literal["pickle", "torch.save", "oth
                 raise CheckpointError(
                     f"{path}: refusing this zip archive: compressed entries {compressed[:3]} (torch.save writes none)"
                 )
-        # Python's zip reader saw torch.save's layout; torch's own reader (the one torch.load uses) must not see a
-        # TorchScript archive either, as a crafted zip can read differently to two readers.
+            seen = {i.filename.partition("/")[2]: i.file_size for i in zf.infolist()}
+        # Python's zip reader saw torch.save's layout, stored; torch's own reader (the one torch.load uses) must see
+        # the same entries of the same sizes, as a crafted zip can read differently to two readers (a directory
+        # Python finds after bytes put before it, another at the offset torch reads): a TorchScript archive, or
+        # deflated entries inflating to gigabytes from a file of a megabyte.
         f.seek(0)
-        if "constants.pkl" in torch._C.PyTorchFileReader(f).get_all_records():
+        reader = torch._C.PyTorchFileReader(f)
+        records = {name: reader.get_record_size(name) for name in reader.get_all_records()}
+        if records != seen or sum(records.values()) > os.fstat(f.fileno()).st_size:
             raise CheckpointError(f"{path}: refusing this zip archive: its entries read differently to torch")
     except CheckpointError:
         raise
