@@ -256,11 +256,22 @@ class DecodeEmbed:
 
     def _load(self, embed: dict[str, Any], cpu_threads: int) -> None:
         try:
+            embed = dict(embed)
+            expected = embed.pop("expected_model_id", None)
             if embed.get("device") == "cpu":
                 import torch
 
                 torch.set_num_threads(max(1, cpu_threads))
             self.embed = self.load_embed(embed)
+            loaded = getattr(self.embed, "model_id", expected)
+            if expected is not None and loaded != expected:
+                # The rows are written as the run's model: weights the checkpoint holds now must not be theirs.
+                from vitaclip.checkpoint_folder import CheckpointError
+
+                raise CheckpointError(
+                    f"the checkpoint changed since the run began: it now holds {loaded}, the run's rows are of "
+                    f"{expected}; run again"
+                )
         except BaseException as exc:  # raised by the first call that needs the model
             self.embed_failure = exc
         finally:

@@ -1060,6 +1060,8 @@ def index_dataset(
                 batch_size=config.embed_batch_size,
                 device=None if pools.use_gpu else "cpu",
                 torch_compile=compile_video_tower(config, pools, sum(b.videos for b in blocks)),
+                # Checked by each actor once loaded: a checkpoint replaced during the run must not make rows.
+                expected_model_id=model.model_id if config.checkpoint is not None else None,
             ),
         ),
         batch_size=_CALL_VIDEOS,  # a planned block in a few calls (the end's smaller blocks go together)

@@ -326,6 +326,48 @@ def test_a_zip_that_reads_two_ways_is_refused_before_anything_inflates(tmp_path:
         read_state_dict(path)
 
 
+def test_the_weights_loaded_are_the_weights_hashed(tmp_path: Path) -> None:
+    """The folder's weights were hashed by one open and loaded by another: with the file swapped between them, 142
+    of 346 loads named the good file's sha256 as their model id and held the other weights. Hash and load now read
+    one open file; a load either holds the recorded weights or fails."""
+    import threading
+
+    model = vitaclip.create_model("vitaclip-tiny")
+    vitaclip.save_checkpoint(model, tmp_path / "ckpt")
+    good = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.clip.visual.conv1.weight.add_(1.0)
+    vitaclip.save_checkpoint(model, tmp_path / "other")
+    other = (tmp_path / "other" / "model.safetensors").read_bytes()
+    expected = vitaclip.create_model(None, checkpoint=tmp_path / "ckpt").clip.visual.conv1.weight.detach().clone()
+    stop = threading.Event()
+
+    def swap() -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            staged = tmp_path / "ckpt" / f".staged{i % 2}"
+            staged.write_bytes(other if i % 2 else good)
+            os.replace(staged, tmp_path / "ckpt" / "model.safetensors")
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    wrong = loaded = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                weights = vitaclip.create_model(None, checkpoint=tmp_path / "ckpt").clip.visual.conv1.weight
+            except CheckpointError:
+                continue
+            loaded += 1
+            wrong += not torch.equal(weights, expected)
+    finally:
+        stop.set()
+        swapper.join()
+    assert wrong == 0, f"{wrong} of {loaded} loads held other weights than their model id names"
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

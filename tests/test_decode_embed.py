@@ -211,3 +211,23 @@ def test_what_a_call_holds_while_the_model_loads_is_bounded(local_ray, tmp_path:
     rows = _rows(_loads_after_decoding(markers, 3, 3.0, seen)(**args), batch)
     assert len(seen) == 1 and seen[0] < 3
     assert Counter(rows["uri"].tolist()) == {uri: 4 for uri in batch["uri"].tolist()}  # then all of it, as ever
+
+
+def test_an_actor_refuses_weights_other_than_the_runs(tmp_path: Path) -> None:
+    """The driver names the run's model from the checkpoint's bytes when it plans; the actors load the checkpoint
+    later (minutes, on other nodes). A checkpoint replaced in between made rows stamped with the run's model id
+    from other weights: each actor now checks the model it loaded against the run's."""
+    import vitaclip
+    from vitaclip.checkpoint_folder import CheckpointError
+    from vitaclip.registry import model_id_for
+
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), tmp_path / "ckpt")
+    run_model = model_id_for("vitaclip-tiny", str(tmp_path / "ckpt"))
+    embed = dict(_stage_args()["embed"], checkpoint=str(tmp_path / "ckpt"))
+    for expected, refused in ((run_model, False), ("vitaclip-tiny@sha256:" + "0" * 64, True)):
+        stage = DecodeEmbed(**{**_stage_args(), "embed": dict(embed, expected_model_id=expected)})
+        assert stage.embed_ready.wait(120)
+        failure = stage.embed_failure
+        assert isinstance(failure, CheckpointError) == refused, failure
+        if refused:
+            assert "the checkpoint changed since the run began" in str(failure) and run_model in str(failure)

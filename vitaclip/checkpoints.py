@@ -25,6 +25,7 @@ Formats:
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -290,21 +291,47 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads tensors from a ``.pth``/``.pt``/``.bin``, TorchScript archive or ``.safetensors`` file, safely."""
-    path = Path(path)
+    return _read_state_dict(Path(path), hashed=False)[0]
+
+
+def read_state_dict_and_sha256(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """`read_state_dict` and the sha256 of the very bytes read (one open file for both): a file replaced between a
+    hash and a load by path gave a model id naming weights that were not the ones loaded."""
+    state, sha = _read_state_dict(Path(path), hashed=True)
+    assert sha is not None
+    return state, sha
+
+
+def _read_state_dict(path: Path, *, hashed: bool) -> tuple[dict[str, torch.Tensor], str | None]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
-    if path.suffix == ".safetensors":
-        try:
-            return safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
-    with open(path, "rb") as f:  # one open file for the checks and the load: the path cannot change in between
+    with open(path, "rb") as f:  # one open file for the hash, the checks and the load: the path cannot change
+        sha = _sha256_of(f) if hashed else None
+        if path.suffix == ".safetensors":
+            # The same open file by its /proc name (Linux), else its bytes: never the path again.
+            same = f"/proc/self/fd/{f.fileno()}"
+            try:
+                if os.path.exists(same):
+                    return safetensors.torch.load_file(same, device="cpu"), sha
+                f.seek(0)
+                return safetensors.torch.load(f.read()), sha
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
         if _zip_layout(f, path) == "other":
-            return _read_torchscript(f, path)
+            return _read_torchscript(f, path), sha
         obj = _torch_load(f, path)
-    return _unwrap(obj, path)
+    return _unwrap(obj, path), sha
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    f.seek(0)
+    return digest.hexdigest()
 
 
 def detect_format(state: Mapping[str, torch.Tensor], path: str | Path | None = None) -> CheckpointFormat:
@@ -633,13 +660,15 @@ def load_official(
     *,
     label_names: Sequence[str] | None,
     state: Mapping[str, torch.Tensor] | None = None,
+    sha256: str | None = None,
 ) -> VitaClip:
     """A Vita-CLIP model from an official checkpoint; ``base`` is the named config it is read against.
 
     The model's sizes come from the file's tensors, so it is first built on the meta device and compared with them:
     nothing is allocated for a model the file does not hold. Every problem is a `CheckpointError` naming the file.
     """
-    state = read_state_dict(path) if state is None else state
+    if state is None:
+        state, sha256 = read_state_dict_and_sha256(path)
     if detect_format(state, path) != "official":
         raise CheckpointError(f"{path} is not an official Vita-CLIP checkpoint")
     try:
@@ -658,7 +687,7 @@ def load_official(
         raise CheckpointError(f"official checkpoint {path} does not match model {config.name}: " + "; ".join(parts))
     model = _official_model(config, names, converted)
     _load_strict(model, converted, f"official checkpoint {path}")
-    model.source_sha256 = file_sha256(path)
+    model.source_sha256 = sha256 if sha256 is not None else file_sha256(path)
     return model
 
 
@@ -707,9 +736,11 @@ def load_backbone(
     *,
     label_names: Sequence[str] | None,
     state: Mapping[str, torch.Tensor] | None = None,
+    sha256: str | None = None,
 ) -> VitaClip:
     """A fresh Vita-CLIP model (prompts initialised) on OpenAI/open_clip backbone weights."""
-    state = read_state_dict(path) if state is None else state
+    if state is None:
+        state, sha256 = read_state_dict_and_sha256(path)
     if detect_format(state, path) != "openai":
         raise CheckpointError(f"{path} is not an OpenAI/open_clip CLIP checkpoint")
     model = VitaClip(config, label_names=label_names)
@@ -720,7 +751,7 @@ def load_backbone(
     with torch.no_grad():
         model.logit_scale.copy_(model.clip.logit_scale)
     model.refresh_label_prompts()
-    model.source_sha256 = file_sha256(path)
+    model.source_sha256 = sha256 if sha256 is not None else file_sha256(path)
     return model
 
 
@@ -841,7 +872,9 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
         model.label_names = tuple(label_names)
     elif defaults is not None:
         model.label_names = defaults
-    state = read_state_dict(weights)
+    state, loaded = read_state_dict_and_sha256(weights)
+    if loaded != sha:
+        raise CheckpointError(f"{weights}: the file changed while it was loaded (its sha256 is no longer {sha})")
     _load_strict(model, state, f"checkpoint {weights}")
     model.source_sha256 = sha
     return model
@@ -855,12 +888,12 @@ def load_checkpoint(
         return load_vitaclip(path, label_names=label_names)
     if Path(path).is_dir():
         raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint")
-    state = read_state_dict(path)
+    state, sha = read_state_dict_and_sha256(path)
     state_format = detect_format(state, path)
     if config is None:
         raise CheckpointError(f"{path} is a {state_format} checkpoint: name the model it belongs to")
     if state_format == "official":
-        return load_official(path, config, label_names=label_names, state=state)
+        return load_official(path, config, label_names=label_names, state=state, sha256=sha)
     if state_format == "openai":
-        return load_backbone(path, config, label_names=label_names, state=state)
+        return load_backbone(path, config, label_names=label_names, state=state, sha256=sha)
     raise CheckpointError(f"{path}: a bare vitaclip state dict needs its config.json beside it")
