@@ -368,6 +368,20 @@ def test_the_weights_loaded_are_the_weights_hashed(tmp_path: Path) -> None:
     assert wrong == 0, f"{wrong} of {loaded} loads held other weights than their model id names"
 
 
+def test_a_weights_file_linked_out_of_its_folder_is_refused_without_its_hash(tmp_path: Path) -> None:
+    """model.safetensors as a link to another file of the machine was hashed and the refusal quoted that hash: an
+    oracle for what any readable file holds. A weights file must be a file of the folder."""
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    secret = tmp_path / "secret"
+    secret.write_text("hunter2\n")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="a link to a file outside the folder") as refused:
+        vitaclip.create_model(None, checkpoint=folder)
+    assert hashlib.sha256(b"hunter2\n").hexdigest() not in str(refused.value)
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

@@ -95,6 +95,14 @@ def verified_weights(path: str | Path, meta: dict[str, Any]) -> tuple[Path, str]
     weights = folder / name
     if not weights.is_file():
         raise CheckpointError(f"{folder}: weights file {weights.name} is missing")
+    try:
+        inside = weights.resolve(strict=True).parent == folder.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        inside = False
+    if not inside:
+        # Its sha256, quoted by the refusal below, would tell anyone who can place a checkpoint what any file the
+        # process can read holds (one guess at a time).
+        raise CheckpointError(f"{folder}: weights file {weights.name} is a link to a file outside the folder")
     sha = file_sha256(weights)
     if sha != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights}: sha256 {sha} does not match the recorded {meta.get('weights_sha256')}")
