@@ -1047,7 +1047,18 @@ class Committer:
         key = (table, path, ids)
         if key not in self._rewrites:
             name = self._names.setdefault((path, ids), f"part-{self.run_id}-{uuid.uuid4().hex}.parquet")
-            self._rewrites[key] = self._rewrite(self.location, table, path, ids, name=name, embed_dim=self._embed_dim)
+            try:
+                self._rewrites[key] = self._rewrite(
+                    self.location, table, path, ids, name=name, embed_dim=self._embed_dim
+                )
+            except FileNotFoundError:
+                # The file to rewrite (often this run's own, not yet committed, after another run committed some of
+                # its videos) was deleted: by a vacuum whose retention is shorter than it waited for its commit.
+                raise FileNotFoundError(
+                    f"a data file of the {table} table to rewrite is gone before this run's commit (deleted by a "
+                    f"vacuum with a retention shorter than the time since it was written?): {path}; nothing was "
+                    "committed by this round, its videos are planned again by the next run"
+                ) from None
         return self._rewrites[key]
 
     def _copy_segment_rows(self, wanted: Mapping[str, set[str]]) -> DataFile | None:

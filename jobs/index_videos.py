@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
             raise
         print(f"\n{prog}: {INTERRUPTED} (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except OSError as exc:  # storage failing after its retries, or files gone: what failed, not a traceback
+        print(f"{prog}: error: {type(exc).__name__}: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
+        return 1
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(redact_text(traceback_text(sys.exc_info())), file=sys.stderr, end="")
         return 1

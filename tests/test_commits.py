@@ -1150,3 +1150,22 @@ def test_a_video_with_two_rows_is_indexed_again_and_left_with_one(local: OutputL
     assert rows[vid(1)]["run_id"] == "r2" and rows[vid(0)]["run_id"] == "r1"
     planner, _ = run(local, {k: f"e{k}" for k in range(3)}, "r3")
     assert planner.counts["planned"] == 0
+
+
+def test_a_file_to_rewrite_gone_before_the_commit_says_why(local: OutputLocation) -> None:
+    """A file the commit must rewrite (a run's own, after another run committed some of its videos) deleted by a
+    vacuum whose retention was shorter than the wait for the commit: a bare FileNotFoundError naming the path
+    reached the operator. The error now says what happened and that nothing of the round was committed."""
+    run(local, {k: f"e{k}" for k in range(4)}, "r1")
+    before = latest_versions(local)
+    planner = Planner(local, model_id=MODEL, versions=before)
+    planned = planner(listing({0: "e0-new"}))  # one of r1's file's four videos changed: that file is rewritten
+
+    def vacuumed(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    committer = Committer(local, model_id=MODEL, run_id="r2", versions=planner.versions, rewrite=vacuumed)
+    committer.add(write_batch(local, planned, "r2"))
+    with pytest.raises(FileNotFoundError, match="gone before this run's commit .*nothing was committed"):
+        committer.commit()
+    assert latest_versions(local) == before

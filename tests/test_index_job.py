@@ -1075,6 +1075,23 @@ def _alive(pid: int, name: str) -> bool:
     return text[text.index("(") + 1 : text.rindex(")")] == name and text[text.rindex(")") + 2] != "Z"
 
 
+def test_storage_failing_is_reported_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An OSError out of a run (storage failing after its retries, a data file deleted before its commit) printed a
+    traceback, as a bug does; `vitaclip build-index` and the other commands say what failed in one line."""
+    from jobs import pipeline
+
+    def gone(config: Any) -> Any:
+        raise FileNotFoundError("a data file of the videos table to rewrite is gone before this run's commit")
+
+    monkeypatch.setattr(pipeline, "run_index_job", gone)
+    (tmp_path / "in").mkdir()
+    assert main([str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "vitaclip-demo"]) == 1
+    err = capsys.readouterr().err
+    assert "error: FileNotFoundError: a data file of the videos table" in err and "Traceback" not in err, err
+
+
 def test_a_sigterm_after_the_run_committed_does_not_make_it_a_failure(tmp_path: Path) -> None:
     """A SIGTERM that came once the run had committed and written its record (while it printed its summary) ended
     the process with 143, "interrupted", though the record said committed: a CronJob counted the run failed and
