@@ -519,35 +519,18 @@ def test_a_run_of_another_model_leaves_the_index_as_it_is(
     indexed = json.loads(info)["model_id"]
     assert cli_main(["build-index", str(out), "--rebuild"]) == 0  # the index's own model
     assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] == indexed
-    other = [
-        "build-index",
-        str(out),
-        "--rebuild",
-        "--model",
-        "vitaclip-tiny",
-        "--checkpoint",
-        str(tmp_path / "candidate"),
-    ]
-    assert cli_main(other) == 2
+
+    def rebuild(checkpoint: Path, *extra: str) -> int:
+        return cli_main(
+            ["build-index", str(out), "--rebuild", "--model", "vitaclip-tiny", "--checkpoint", str(checkpoint), *extra]
+        )
+
+    assert rebuild(tmp_path / "candidate") == 2
     assert "--switch-index" in capsys.readouterr().err
     assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] == indexed
-    assert cli_main([*other, "--switch-index"]) == 0
+    assert rebuild(tmp_path / "candidate", "--switch-index") == 0
     assert json.loads((out / "index" / "index_info.json").read_text())["model_id"] != indexed
-    assert (
-        cli_main(
-            [
-                "build-index",
-                str(out),
-                "--rebuild",
-                "--model",
-                "vitaclip-tiny",
-                "--checkpoint",
-                str(tiny_checkpoint),
-                "--switch-index",
-            ]
-        )
-        == 0
-    )
+    assert rebuild(tiny_checkpoint, "--switch-index") == 0  # back: the job's --switch-index below switches again
     assert main(job_args([str(tmp_path / "in")], out, "--switch-index", checkpoint=tmp_path / "candidate")) == 0
     switched = json.loads((out / "index" / "index_info.json").read_text())
     assert switched["model_id"] != json.loads(info)["model_id"] and switched["indexes"]["videos"]["count"] == 2
