@@ -131,8 +131,9 @@ def exit_process(code: int) -> NoReturn:
 def stop_embedded_ray() -> None:
     """Ends the processes that the raylet of a Ray node started by this process (none when it attached to a
     cluster) started: the GCS and the raylet end with this process, but the raylet, killed outright then, left its
-    dashboard and runtime-env agents (about 210 MB) running, one pair per interrupted run. Stopping the raylet
-    itself first would end this process with the core worker's exit 1 instead of 143. Linux (/proc) only."""
+    dashboard and runtime-env agents (about 210 MB) running, one pair per interrupted run; they are killed (they
+    hold nothing a run needs). Stopping the raylet itself first would end this process with the core worker's exit
+    1 instead of 143. Linux (/proc) only."""
     if "ray" not in sys.modules:
         return
     try:
@@ -142,7 +143,10 @@ def stop_embedded_ray() -> None:
         raylets: set[int] = {p.process.pid for p in node.all_processes.get("raylet", ())} if node is not None else set()
         for pid in _children_of(raylets):
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
+                # SIGKILL: an agent still starting, or shutting down gracefully with its raylet gone, outlived the
+                # job by over 30 s after SIGTERM on a loaded machine; waiting for them would let the core worker
+                # see its node die and end this process with 1.
+                os.kill(pid, signal.SIGKILL)
     except Exception as exc:
         print(f"could not stop the embedded Ray's agents: {exc}", file=sys.stderr)
 
