@@ -969,6 +969,7 @@ def test_a_query_that_fails_after_its_timeout_is_not_an_error(
 
 
 @pytest.mark.serial
+@pytest.mark.serial  # timed: an upload that reached the service late, on a loaded machine, found the slot free
 def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
