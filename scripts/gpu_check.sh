@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check on a GPU machine (benchmarks/gpu_check.py). The wheels come in parts (scripts/gpu_wheels.sh, run
+# The GPU check on a GPU machine (benchmarks/gpu_check.py). The packages come in parts (scripts/gpu_wheels.sh, run
 # here first), one part per call because one call carries at most 64 MiB:
 #
 #   bash scripts/gpu_check.sh stage     # in each call that carries a part (.whl/N): keeps it under .gpu-stage/,
-#                                       # which stays on the machine between calls while it is warm
-#   bash scripts/gpu_check.sh run       # last: installs the staged wheels into .gpu-site/ and runs the check
+#                                       # which stays on the machine between calls while it is warm (30 s)
+#   bash scripts/gpu_check.sh run       # last: unpacks what is whole into .gpu-site/ and runs the check
 #   bash scripts/gpu_check.sh run --sections model faiss --compile    # options go to gpu_check.py
+#
+# Carry the part holding site-core.tar.xz last: if the machine went back between calls and the other part is gone,
+# every section but the job still runs (the job's section then fails, saying that Ray is missing).
 #
 # The report goes to $OUT/gpu_check.json (the device tool brings $OUT back), else ./gpu_check.json.
 set -euo pipefail
@@ -26,8 +29,14 @@ case "${1:-run}" in
         shift || true
         if [ -d .gpu-stage ]; then
             "$PY" scripts/pack_wheels.py --join .gpu-stage
-            "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-                --target .gpu-site .gpu-stage/*.whl
+            mkdir -p .gpu-site
+            for archive in .gpu-stage/*.tar.xz; do
+                [ -f "$archive" ] && tar -xJf "$archive" -C .gpu-site && rm "$archive"
+            done
+            if compgen -G ".gpu-stage/*.whl" > /dev/null; then
+                "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                    --target .gpu-site .gpu-stage/*.whl
+            fi
         fi
         export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds what the GPU check carries to a GPU machine whose image has PyTorch (Python 3.12, x86-64) but not
-# vitaclip's other packages: the wheels, cut into parts .whl/1, .whl/2, ... of at most 54 MiB each (one call to the
-# machine carries at most 64 MiB). Run it here, once; scripts/gpu_check.sh says how the parts travel.
+# vitaclip's other packages: the wheels, unpacked and recompressed with xz (scripts/pack_wheels.py site) into
+# site-core.tar.xz (PyAV, open_clip, FAISS: every section but the job) and site-job.tar.xz (Ray, deltalake, boto3),
+# cut into parts .whl/1, .whl/2 of at most 53 MiB each (one call to the machine carries at most 64 MiB, the
+# ~9 MiB working tree included). Run it here, once (about 5 minutes); scripts/gpu_check.sh says how the parts travel.
 #
 # faiss: faiss-gpu-cu12 wheels need CUDA 12 libraries the image (CUDA 13) lacks, so faiss-cpu is carried and the
 # check's FAISS section reports CPU numbers and says so. To measure faiss-gpu, carry a faiss-gpu build for the
-# image's CUDA as one more part (or use an image with it) and the same section runs it on the GPU.
+# image's CUDA as one more part (a .whl there is installed with pip) and the same section runs it on the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -23,7 +25,10 @@ for wheel in "${WHEELS[@]}"; do
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl/all "$wheel"
 done
-"$PY" scripts/pack_wheels.py .whl/all .whl --part-mib 54  # + the ~7 MiB working tree <= 64 MiB
-rm -rf .whl/all
-echo "next: for each part N, one call on the GPU machine carrying .whl/N: bash scripts/gpu_check.sh stage"
-echo "then: bash scripts/gpu_check.sh run   (its report lands in \$OUT/gpu_check.json)"
+# Ray's Java jars, RLlib, Serve, LLM, workflows and the dashboard's web client: the job imports none of them (~55 MB unpacked).
+"$PY" scripts/pack_wheels.py site .whl/all .whl/site --core av faiss_cpu open_clip_torch ftfy wcwidth \
+    --drop ray/jars ray/rllib ray/serve ray/llm ray/workflow ray/dashboard/client/build '*.js.map'
+"$PY" scripts/pack_wheels.py .whl/site .whl --part-mib 53  # + the ~9 MiB working tree <= 64 MiB
+rm -rf .whl/all .whl/site
+echo "next: one call per part carrying .whl/N: bash scripts/gpu_check.sh stage; the part holding site-core.tar.xz"
+echo "last, as: bash scripts/gpu_check.sh stage && bash scripts/gpu_check.sh run   (report: \$OUT/gpu_check.json)"

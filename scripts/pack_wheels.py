@@ -1,20 +1,37 @@
-"""Packs a folder of wheels into parts that each fit what one call to a GPU machine may carry (64 MiB).
+"""Packs what the GPU check needs into parts that each fit what one call to a GPU machine may carry (64 MiB).
 
-Wheels larger than a part (ray's is ~77 MB) are cut into byte ranges named ``<wheel>.part-NN``; the GPU side joins
-them again (`join_parts`). Parts are filled largest piece first.
+Two steps here, one there:
 
-    python scripts/pack_wheels.py .whl/all .whl --part-mib 60      # -> .whl/1, .whl/2, ...
-    python scripts/pack_wheels.py --join .gpu-stage                 # on the GPU machine: whole wheels again
+    python scripts/pack_wheels.py site .whl/all .whl/site --core av faiss_cpu open_clip_torch ftfy wcwidth \\
+        --drop ray/jars ray/rllib                           # wheels -> site-core.tar.xz, site-job.tar.xz
+    python scripts/pack_wheels.py .whl/site .whl --part-mib 53      # -> .whl/1, .whl/2, ...
+    python scripts/pack_wheels.py --join .gpu-stage                 # on the GPU machine: whole files again
+
+``site`` unpacks the wheels as pip would install them (files at the top of the site folder, executable bits kept)
+and recompresses them with xz: 200 MB of wheels become about 105 MB, two calls instead of four. The distributions
+named by ``--core`` (the encoder, decoding, FAISS) go into their own archive, so a call that carries it can run
+every section but the job even if the other archive never arrives.
+
+Files larger than a part are cut into byte ranges named ``<file>.part-<i>of<n>``; the GPU side joins a file only
+when all its pieces are there (`join_parts`). Parts are filled largest piece first.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import lzma
+import re
 import shutil
 import sys
+import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 MIB = 2**20
+PIECE = re.compile(r"^(?P<name>.+)\.part-(?P<index>\d+)of(?P<count>\d+)$")
+CARRIED = ("*.whl", "*.tar.xz")
 
 
 def plan_parts(sizes: dict[str, int], limit: int) -> list[list[tuple[str, int, int]]]:
@@ -42,7 +59,8 @@ def plan_parts(sizes: dict[str, int], limit: int) -> list[list[tuple[str, int, i
 
 
 def write_parts(source: Path, target: Path, limit: int) -> list[Path]:
-    sizes = {p.name: p.stat().st_size for p in sorted(source.glob("*.whl"))}
+    files = sorted({p for pattern in CARRIED for p in source.glob(pattern)})
+    sizes = {p.name: p.stat().st_size for p in files}
     plan = plan_parts(sizes, limit)
     folders = []
     for number, pieces in enumerate(plan, start=1):
@@ -50,8 +68,8 @@ def write_parts(source: Path, target: Path, limit: int) -> list[Path]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for name, start, end in pieces:
-            whole = start == 0 and end == sizes[name]
-            out = folder / (name if whole else f"{name}.part-{start // limit:02d}")
+            count = -(-sizes[name] // limit)
+            out = folder / (name if count == 1 else f"{name}.part-{start // limit}of{count}")
             with (source / name).open("rb") as src, out.open("wb") as dst:
                 src.seek(start)
                 dst.write(src.read(end - start))
@@ -59,36 +77,95 @@ def write_parts(source: Path, target: Path, limit: int) -> list[Path]:
     return folders
 
 
-def join_parts(folder: Path) -> list[Path]:
-    """Joins ``<wheel>.part-NN`` pieces in `folder` into their wheels (pieces removed); returns the wheels."""
-    groups: dict[str, list[Path]] = {}
-    for piece in folder.glob("*.whl.part-*"):
-        groups.setdefault(piece.name.rsplit(".part-", 1)[0], []).append(piece)
-    for name, pieces in groups.items():
+def join_parts(folder: Path) -> tuple[list[Path], list[str]]:
+    """Joins complete sets of ``<file>.part-<i>of<n>`` pieces in `folder` (pieces removed); returns the whole files
+    there and, for each file whose pieces are not all there yet, a line naming the missing ones."""
+    groups: dict[tuple[str, int], dict[int, Path]] = {}
+    for piece in folder.iterdir():
+        match = PIECE.match(piece.name)
+        if match:
+            key = (match["name"], int(match["count"]))
+            groups.setdefault(key, {})[int(match["index"])] = piece
+    missing = []
+    for (name, count), pieces in sorted(groups.items()):
+        absent = sorted(set(range(count)) - set(pieces))
+        if absent:
+            missing.append(f"{name}: pieces {absent} of {count} not carried yet")
+            continue
         with (folder / name).open("wb") as dst:
-            for piece in sorted(pieces, key=lambda p: int(p.name.rsplit("-", 1)[1])):
-                dst.write(piece.read_bytes())
-        for piece in pieces:
+            for index in range(count):
+                dst.write(pieces[index].read_bytes())
+        for piece in pieces.values():
             piece.unlink()
-    return sorted(folder.glob("*.whl"))
+    whole = sorted({p for pattern in CARRIED for p in folder.glob(pattern)})
+    return whole, missing
+
+
+def _unpack_wheel(wheel: Path, site: Path) -> None:
+    """The wheel's files as pip installs them into a target folder (``*.data`` scripts aside), with the executable
+    bits the wheel records (Ray's server binaries need them)."""
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            path = site / info.filename
+            if not path.resolve().is_relative_to(site.resolve()):
+                raise ValueError(f"{wheel.name}: {info.filename} is outside the wheel")
+            archive.extract(info, site)
+            if not info.is_dir():
+                path.chmod(0o755 if (info.external_attr >> 16) & 0o111 else 0o644)
+
+
+def _dropped(relative: str, drop: list[str]) -> bool:
+    return any(relative == d or relative.startswith(d.rstrip("/") + "/") or fnmatch.fnmatch(relative, d) for d in drop)
+
+
+def build_sites(wheels: Path, target: Path, core: list[str], drop: list[str]) -> list[Path]:
+    """``site-core.tar.xz`` (the distributions named in `core`) and ``site-job.tar.xz`` (the others), without the
+    paths in `drop` (folders or patterns relative to the site, e.g. ``ray/jars`` or ``*.js.map``)."""
+    target.mkdir(parents=True, exist_ok=True)
+    archives = []
+    with tempfile.TemporaryDirectory(prefix="gpu-site-") as scratch:
+        groups: dict[str, list[Path]] = {"core": [], "job": []}
+        for wheel in sorted(wheels.glob("*.whl")):
+            distribution = wheel.name.split("-", 1)[0]
+            groups["core" if distribution in core else "job"].append(wheel)
+        for group, members in groups.items():
+            site = Path(scratch) / group
+            site.mkdir()
+            for wheel in members:
+                _unpack_wheel(wheel, site)
+            out = target / f"site-{group}.tar.xz"
+            with lzma.open(out, "wb", preset=9) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+                for path in sorted(site.rglob("*")):
+                    relative = path.relative_to(site).as_posix()
+                    if not path.is_dir() and not _dropped(relative, drop):
+                        tar.add(path, arcname=relative, recursive=False)
+            archives.append(out)
+    return archives
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path)
-    p.add_argument("target", type=Path, nargs="?")
-    p.add_argument("--part-mib", type=float, default=60.0)
-    p.add_argument("--join", action="store_true", help="join pieces in SOURCE into wheels")
+    p.add_argument("source", nargs="+", help="[site] SOURCE [TARGET]")
+    p.add_argument("--part-mib", type=float, default=53.0)
+    p.add_argument("--join", action="store_true", help="join complete sets of pieces in SOURCE")
+    p.add_argument("--core", nargs="*", default=[], help="site: distributions for site-core.tar.xz")
+    p.add_argument("--drop", nargs="*", default=[], help="site: paths left out of the archives")
     args = p.parse_args(argv)
     if args.join:
-        wheels = join_parts(args.source)
-        print(f"{len(wheels)} wheels in {args.source}")
+        whole, missing = join_parts(Path(args.source[0]))
+        print(f"{len(whole)} whole files in {args.source[0]}: {' '.join(w.name for w in whole)}")
+        for line in missing:
+            print(f"incomplete: {line}")
         return 0
-    if args.target is None:
-        p.error("give SOURCE and TARGET")
-    for folder in write_parts(args.source, args.target, int(args.part_mib * MIB)):
+    if args.source[0] == "site" and len(args.source) == 3:
+        for archive in build_sites(Path(args.source[1]), Path(args.source[2]), args.core, args.drop):
+            print(f"{archive}: {archive.stat().st_size / MIB:.1f} MiB")
+        return 0
+    if len(args.source) != 2:
+        p.error("give SOURCE TARGET, or site WHEELS TARGET, or --join FOLDER")
+    for folder in write_parts(Path(args.source[0]), Path(args.source[1]), int(args.part_mib * MIB)):
         total = sum(f.stat().st_size for f in folder.iterdir())
-        print(f"{folder}: {total / MIB:.1f} MiB, {len(list(folder.iterdir()))} files")
+        print(f"{folder}: {total / MIB:.1f} MiB, {' '.join(sorted(f.name for f in folder.iterdir()))}")
     return 0
 
 

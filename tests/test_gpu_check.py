@@ -7,7 +7,9 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +23,11 @@ def _pack_module():
     return module
 
 
-def test_wheels_are_packed_into_parts_that_fit_and_join_back(tmp_path: Path) -> None:
+def test_files_are_packed_into_parts_that_fit_and_join_back_only_when_whole(tmp_path: Path) -> None:
     pack = _pack_module()
     source = tmp_path / "all"
     source.mkdir()
-    sizes = {"big-1.0-py3-none-any.whl": 2500, "mid-1.0-py3-none-any.whl": 700, "small-1.0-py3-none-any.whl": 90}
+    sizes = {"site-job.tar.xz": 2500, "site-core.tar.xz": 700, "small-1.0-py3-none-any.whl": 90}
     digests = {}
     for name, size in sizes.items():
         data = bytes((i * 7 + len(name)) % 256 for i in range(size))
@@ -33,16 +35,46 @@ def test_wheels_are_packed_into_parts_that_fit_and_join_back(tmp_path: Path) -> 
         digests[name] = hashlib.sha256(data).hexdigest()
     folders = pack.write_parts(source, tmp_path / "parts", 1000)
     assert all(sum(f.stat().st_size for f in folder.iterdir()) <= 1000 for folder in folders)
-    assert len(folders) == 4  # 3 pieces of the big wheel, the others packed beside them
+    assert len(folders) == 4  # 3 pieces of the big file, the others packed beside them
     staged = tmp_path / "stage"
     staged.mkdir()
     for folder in folders:  # what the GPU machine accumulates, one part per call
         for piece in folder.iterdir():
             (staged / piece.name).write_bytes(piece.read_bytes())
-    wheels = pack.join_parts(staged)
-    assert {w.name for w in wheels} == set(sizes)
-    assert {w.name: hashlib.sha256(w.read_bytes()).hexdigest() for w in wheels} == digests
+        whole, missing = pack.join_parts(staged)
+        if folder != folders[-1]:  # a file is joined only once all its pieces are there
+            assert "site-job.tar.xz" not in {w.name for w in whole} and missing
+    assert {w.name for w in whole} == set(sizes) and not missing
+    assert {w.name: hashlib.sha256(w.read_bytes()).hexdigest() for w in whole} == digests
     assert not list(staged.glob("*.part-*"))
+
+
+def _wheel(path: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, (data, mode) in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100000 | mode) << 16
+            archive.writestr(info, data)
+
+
+def test_sites_unpack_wheels_as_installed_keeping_executables_and_leaving_out_dropped_paths(tmp_path: Path) -> None:
+    pack = _pack_module()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels / "av-1.0-cp312-abi3-any.whl", {"av/__init__.py": (b"x = 1\n", 0o644)})
+    _wheel(
+        wheels / "ray-1.0-cp312-cp312-any.whl",
+        {"ray/__init__.py": (b"", 0o644), "ray/core/raylet": (b"\x7fELF", 0o755), "ray/jars/big.jar": (b"j", 0o644),
+         "ray/ui/main.js.map": (b"{}", 0o644)},
+    )  # fmt: skip
+    archives = pack.build_sites(wheels, tmp_path / "site", core=["av"], drop=["ray/jars", "*.js.map"])
+    assert [a.name for a in archives] == ["site-core.tar.xz", "site-job.tar.xz"]
+    members = {}
+    for archive in archives:
+        with tarfile.open(archive, "r:xz") as tar:
+            members[archive.name] = {m.name: m.mode & 0o777 for m in tar.getmembers()}
+    assert members["site-core.tar.xz"] == {"av/__init__.py": 0o644}
+    assert members["site-job.tar.xz"] == {"ray/__init__.py": 0o644, "ray/core/raylet": 0o755}
 
 
 def test_dry_run_covers_every_section(tmp_path: Path) -> None:
