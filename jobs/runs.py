@@ -87,6 +87,15 @@ def _age(stamp: Any) -> str | None:
     return in_words((datetime.now(timezone.utc) - then).total_seconds())
 
 
+def _model(model_id: Any) -> str:
+    """A model id as a column: its name and the first 8 hex digits of its weights' sha256 (``vitaclip-demo@1f2e3d4c``),
+    enough to tell two checkpoints of one config apart; the settings lines below the table give whole ids."""
+    if not isinstance(model_id, str):
+        return "-"
+    name, _, digest = model_id.partition("@sha256:")
+    return f"{name}@{digest[:8]}" if digest else model_id
+
+
 def _row(record: dict[str, Any]) -> list[str]:
     """One run's cells; a record of another shape (edited by hand, another version) shows what it has."""
     counts = _mapping(record.get("counts"))
@@ -127,6 +136,7 @@ def _row(record: dict[str, Any]) -> list[str]:
     return [
         str(record.get("run_id", "?")),
         state,
+        _model(record.get("model_id")),
         started,
         "-" if seconds is None else f"{seconds:.1f}",
         str(counts.get("listed", "-")),
@@ -140,7 +150,7 @@ def format_runs(records: list[dict[str, Any]], settings: list[RowSettings], *, u
     if not records:
         lines = [f"no runs recorded under {redact_url(url)}/{RUNS_DIR}/"]
     else:
-        header = ["run", "state", "started (UTC)", "seconds", "listed", "processed", "rows by status / error"]
+        header = ["run", "state", "model", "started (UTC)", "seconds", "listed", "processed", "rows by status / error"]
         rows = [header, *(_row(record) for record in records)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]

@@ -222,7 +222,8 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     store = LocalStore(tmp_path / "out")
     config = IndexJobConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), model="vitaclip-tiny",
                             random_weights=True)  # fmt: skip
-    running = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    model_id = "vitaclip-tiny@sha256:" + "0123456789abcdef" * 4
+    running = RunRecord(store, config, model_id=model_id, versions={"videos": 0, "segments": 0})
     failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     failed.fail(RuntimeError("the store at https://user:hunter2@minio.example/x went away"))
     stopped = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
@@ -250,8 +251,9 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "ww-lost.json").write_text(json.dumps({"state": "running", "started_at": started}))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "state", "started"] and len(lines) == 11
+    assert lines[0].split()[:4] == ["run", "state", "model", "started"] and len(lines) == 11
     by_id = {line.split()[0]: line for line in lines[1:]}
+    assert by_id[running.run_id].split()[2] == "vitaclip-tiny@01234567"  # two checkpoints of one config differ here
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
     assert by_id["ww-lost"].endswith("(last heard of 3 h 5 min ago, at its start)")  # a killed run, most likely
@@ -262,7 +264,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     # A Ray task's error: the task's own exception in one line, not Ray's coloured traceback of it.
     error = json.loads((tmp_path / "out" / "runs" / f"{task_failed.run_id}.json").read_text())["error"]
     assert error == "OSError in a Ray task: upload body lost", error
-    assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "nothing", "to", "do"]
+    assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "-", "nothing", "to", "do"]
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
     )
