@@ -382,6 +382,18 @@ def test_a_weights_file_linked_out_of_its_folder_is_refused_without_its_hash(tmp
     assert hashlib.sha256(b"hunter2\n").hexdigest() not in str(refused.value)
 
 
+def test_a_folder_whose_config_json_is_no_regular_file_says_so(tmp_path: Path) -> None:
+    """A FIFO (or a folder) named config.json was reported as "a folder without config.json"; never opened."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    os.mkfifo(folder / "config.json")  # opening it would block: the check must not read it
+    with pytest.raises(CheckpointError, match=r"config\.json is not a regular file"):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="a folder without config.json"):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=folder)
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

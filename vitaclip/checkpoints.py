@@ -887,6 +887,9 @@ def load_checkpoint(
     if is_vitaclip_checkpoint(path):
         return load_vitaclip(path, label_names=label_names)
     if Path(path).is_dir():
+        config_file = Path(path) / CONFIG_FILE
+        if config_file.exists() or config_file.is_symlink():  # a FIFO, a device, a folder or a dangling link
+            raise CheckpointError(f"{config_file} is not a regular file: not a vitaclip checkpoint")
         raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint")
     state, sha = read_state_dict_and_sha256(path)
     state_format = detect_format(state, path)
