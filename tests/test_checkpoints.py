@@ -394,6 +394,20 @@ def test_a_folder_whose_config_json_is_no_regular_file_says_so(tmp_path: Path) -
         vitaclip.create_model("vitaclip-tiny", checkpoint=folder)
 
 
+def test_a_legacy_file_whose_storage_declares_more_than_it_holds_is_refused_in_words(tmp_path: Path) -> None:
+    """torch's own message ran its numbers into an unformatted "expected %ld got %ld"."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf, _use_new_zipfile_serialization=False)  # before torch 1.6: pickles
+    data = bytearray(buf.getvalue())
+    at = data.rfind((4).to_bytes(8, "little"))  # the storage's element count, just before its bytes
+    data[at : at + 8] = (2**31).to_bytes(8, "little")
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="declares another size than the bytes it holds") as refused:
+        read_state_dict(path)
+    assert "%ld" not in str(refused.value)
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

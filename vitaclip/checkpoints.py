@@ -152,7 +152,7 @@ def _check_pickles(f: BinaryIO, path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as exc:  # ArchiveError on malformed pickles; torch's zip reader fails in its own ways
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_torch_reason(exc)}") from None
 
 
 def _torch_load(f: BinaryIO, path: Path) -> Any:
@@ -172,7 +172,7 @@ def _torch_load(f: BinaryIO, path: Path) -> Any:
             f"than tensors and containers ({reason})"
         ) from exc
     except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, IndexError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_torch_reason(exc)}") from exc
     if isinstance(loaded, (torch.Tensor, *_CONTAINERS)):
         _check_tensors(_loaded_tensors(loaded), path)
     return loaded
@@ -292,6 +292,15 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads tensors from a ``.pth``/``.pt``/``.bin``, TorchScript archive or ``.safetensors`` file, safely."""
     return _read_state_dict(Path(path), hashed=False)[0]
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The first line of torch's error, in words where torch garbles it: a legacy file whose storage declares more
+    bytes than it holds says "storage has wrong byte size: expected %ld got %ld" with the numbers run together."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if "storage has wrong byte size" in first:
+        return "a tensor storage declares another size than the bytes it holds (damaged or truncated)"
+    return first
 
 
 def read_state_dict_and_sha256(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
