@@ -93,7 +93,8 @@ def _model(model_id: Any) -> str:
     if not isinstance(model_id, str):
         return "-"
     name, _, digest = model_id.partition("@sha256:")
-    return f"{name}@{digest[:8]}" if digest else model_id
+    weights, plus, config = digest.partition("+")  # "+config:..." (`vitaclip.checkpoint_folder.config_suffix`)
+    return f"{name}@{weights[:8]}{plus}{config}" if digest else model_id
 
 
 def _row(record: dict[str, Any]) -> list[str]:

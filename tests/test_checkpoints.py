@@ -408,6 +408,33 @@ def test_a_legacy_file_whose_storage_declares_more_than_it_holds_is_refused_in_w
     assert "%ld" not in str(refused.value)
 
 
+def test_a_config_json_edited_since_the_weights_were_saved_is_another_model(tmp_path: Path) -> None:
+    """The model id names the weights file; config.json beside it decides what they compute. Another mean and std
+    (or tower option, tokenizer, text context) made other embeddings under the same id, mixed into one table and
+    one index: such a folder is a model of its own (``+config:``), for the driver and the loaded model alike."""
+    folder = tmp_path / "ckpt"
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), folder)
+    saved = json.loads((folder / "config.json").read_text())
+    original = resolve_model(None, folder).model_id
+    assert "+config:" not in original and vitaclip.create_model(None, checkpoint=folder).model_id == original
+
+    def edit(**change: object) -> tuple[str, vitaclip.VitaClip]:
+        (folder / "config.json").write_text(json.dumps({**saved, "config": {**saved["config"], **change}}))
+        model = vitaclip.create_model(None, checkpoint=folder)
+        assert model.model_id == resolve_model(None, folder).model_id  # what the driver plans = what actors load
+        return model.model_id, model
+
+    edited, model = edit(mean=[0.2, 0.3, 0.4])
+    assert edited.startswith(original + "+config:")
+    assert model.config.mean == (0.2, 0.3, 0.4)  # frames are normalised with it: other embeddings
+    assert edit(mean=[0.2, 0.3, 0.4])[0] == edited  # the same edit, the same id
+    assert edit(std=[0.5, 0.5, 0.5])[0] not in (original, edited)
+    # The seed only draws weights that the file replaces: not the model.
+    assert edit(seed=7)[0] == original
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert resolve_model(None, folder).model_id == original
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

@@ -214,6 +214,12 @@ def test_bad_training_config_files_are_one_clear_line(tmp_path: Path, capsys, ya
     assert "config file" in _one_line_error(capsys)
 
 
+def _model_cell(model_id: str) -> str:
+    from jobs.runs import _model
+
+    return _model(model_id)
+
+
 def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys) -> None:
     from jobs.config import IndexJobConfig
     from jobs.pipeline import RunRecord
@@ -254,6 +260,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert lines[0].split()[:4] == ["run", "state", "model", "started"] and len(lines) == 11
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert by_id[running.run_id].split()[2] == "vitaclip-tiny@01234567"  # two checkpoints of one config differ here
+    assert _model_cell(model_id + "+config:0a1b2c3d4e5f") == "vitaclip-tiny@01234567+config:0a1b2c3d4e5f"
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
     assert by_id["ww-lost"].endswith("(last heard of 3 h 5 min ago, at its start)")  # a killed run, most likely

@@ -162,6 +162,57 @@ def _span(path: Path, name: str, entry: Any) -> tuple[int, int, str]:
     return begin, end, name
 
 
+# What a run's rows do not depend on beyond its model id: the name is in the id, the frames, top labels and label set
+# are the rows' recorded settings (`index.row_settings`), the seed only draws weights that the file replaces.
+_NOT_MODEL_FIELDS = frozenset({"name", "num_frames", "label_set", "seed"})
+
+
+def recorded_config(weights: Path) -> dict[str, Any] | None:
+    """The model config ``model.safetensors`` was saved with (its header's ``__metadata__``), or None where it
+    records none (a file made elsewhere) or one this vitaclip cannot read. Reads the header only."""
+    try:
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 2 <= length <= _MAX_HEADER_BYTES:
+                return None
+            metadata = json.loads(f.read(length)).get("__metadata__") or {}
+        config = json.loads(metadata["config"]) if isinstance(metadata.get("config"), str) else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def model_fields(config: dict[str, Any]) -> str | None:
+    """The fields of a model config that change what the weights compute (architecture options, normalisation,
+    text context, tokenizer), as canonical JSON; None for a config that does not parse."""
+    from vitaclip.config import VitaClipConfig
+
+    try:
+        full = VitaClipConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError, KeyError):
+        return None
+    return json.dumps({k: v for k, v in full.items() if k not in _NOT_MODEL_FIELDS}, sort_keys=True, default=str)
+
+
+def config_suffix(meta: dict[str, Any], weights: Path) -> str:
+    """What a folder's model id adds to ``NAME@sha256:WEIGHTS`` when ``config.json`` describes another model than the
+    one the weights file was saved with: ``+config:<12 hex digits>`` of the fields that differ in effect (see
+    `model_fields`), else nothing.
+
+    The id names the weights file, whose header records the config it was saved with; a config.json edited since
+    (another mean and std, tokenizer or tower option) makes other embeddings from the same weights, so it is another
+    model, with rows and an index of its own, never mixed with the first one's under one id."""
+    saved = recorded_config(weights)
+    current = meta.get("config")
+    if saved is None or not isinstance(current, dict):
+        return ""
+    now = model_fields(current)
+    if now is None or now == model_fields(saved):
+        return ""
+    return "+config:" + hashlib.sha256(now.encode()).hexdigest()[:12]
+
+
 def check_folder(path: str | Path) -> dict[str, Any]:
     """What a driver checks of a vitaclip checkpoint folder before any work, without torch: ``config.json`` (format,
     version), the weights' sha256 against the recorded one, and the safetensors header. Returns ``config.json``.

@@ -51,6 +51,7 @@ from vitaclip.checkpoint_folder import (
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_config,
+    config_suffix,
     file_sha256,
     is_packaged_data_file,
     is_vitaclip_checkpoint,
@@ -886,6 +887,7 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
         raise CheckpointError(f"{weights}: the file changed while it was loaded (its sha256 is no longer {sha})")
     _load_strict(model, state, f"checkpoint {weights}")
     model.source_sha256 = sha
+    model.id_suffix = config_suffix(meta, weights)  # config.json edited since the weights were saved: another model
     return model
 
 

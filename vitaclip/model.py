@@ -155,6 +155,7 @@ class VitaClip(nn.Module):
             torch.manual_seed(config.seed)
             self._build(config)
         self.source_sha256: str | None = None  # sha256 of the checkpoint file the weights came from
+        self.id_suffix = ""  # a folder whose config.json describes another model than its weights were saved as
         # Label features of a model without learned text context depend on frozen weights only: forward() computes
         # them once per training phase instead of running the text tower on every step.
         self._frozen_label_features: torch.Tensor | None = None
@@ -244,10 +245,11 @@ class VitaClip(nn.Module):
 
     @property
     def model_id(self) -> str:
-        """Model name + sha256 of the weights' source: the id every output row carries."""
+        """Model name + sha256 of the weights' source: the id every output row carries (with ``+config:...`` for a
+        checkpoint folder whose config.json was edited since its weights were saved)."""
         if self.source_sha256 is None:
             self.source_sha256 = self.weights_sha256()
-        return format_model_id(self.config.name, self.source_sha256)
+        return format_model_id(self.config.name, self.source_sha256) + self.id_suffix
 
     def weights_sha256(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes, bytes): identifies randomly initialised models."""

@@ -193,7 +193,7 @@ def resolve_model(
     found = _with_packaged(name, checkpoint)
     if found is not None and is_vitaclip_checkpoint(found):
         meta = checkpoint_meta(found)
-        config, model_id, defaults = _config_of(meta, found), _id_of(meta), _labels_of(meta, found)
+        config, model_id, defaults = _config_of(meta, found), _id_of(meta, found), _labels_of(meta, found)
     else:
         config = _named_config(name)
         model_id = _id_of_named(config, found)
@@ -223,8 +223,15 @@ def _config_of(meta: dict[str, Any], checkpoint: str | Path) -> VitaClipConfig:
         raise CheckpointError(f"{_config_path(checkpoint)}: {exc}") from None
 
 
-def _id_of(meta: dict[str, Any]) -> str:
-    return format_model_id(meta["config"]["name"], meta["weights_sha256"])
+def _id_of(meta: dict[str, Any], checkpoint: str | Path) -> str:
+    """``NAME@sha256:WEIGHTS`` of a vitaclip folder, and ``+config:...`` where its config.json was edited since the
+    weights were saved (`vitaclip.checkpoint_folder.config_suffix`)."""
+    from vitaclip.checkpoint_folder import WEIGHTS_FILE, config_suffix, folder_of
+
+    name = meta.get("weights_file", WEIGHTS_FILE)
+    plain = isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+    suffix = config_suffix(meta, folder_of(checkpoint) / name) if plain else ""  # a bad name is refused at load
+    return format_model_id(meta["config"]["name"], meta["weights_sha256"]) + suffix
 
 
 def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
@@ -258,7 +265,7 @@ def model_id_for(name: str | None, checkpoint: str | Path | None) -> str:
     """
     found = _with_packaged(name, checkpoint)
     if found is not None and is_vitaclip_checkpoint(found):
-        return _id_of(checkpoint_meta(found))
+        return _id_of(checkpoint_meta(found), found)
     return _id_of_named(_named_config(name), found)
 
 
