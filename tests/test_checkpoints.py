@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -433,6 +435,15 @@ def test_a_config_json_edited_since_the_weights_were_saved_is_another_model(tmp_
     assert edit(seed=7)[0] == original
     (folder / "config.json").write_text(json.dumps(saved))
     assert resolve_model(None, folder).model_id == original
+    # Reading the saved config never blocks: weights replaced by a FIFO are refused at load, not waited on.
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    resolved = concurrent.futures.ThreadPoolExecutor(1).submit(resolve_model, None, folder)
+    try:
+        assert resolved.result(timeout=30).model_id == original
+    finally:
+        with contextlib.suppress(OSError):  # a reader stuck on it (the bug) gets an end of file, so the test ends
+            os.close(os.open(folder / "model.safetensors", os.O_WRONLY | os.O_NONBLOCK))
 
 
 def tiny_clip_state() -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import struct
 from importlib import resources
 from pathlib import Path
@@ -171,7 +173,12 @@ def recorded_config(weights: Path) -> dict[str, Any] | None:
     """The model config ``model.safetensors`` was saved with (its header's ``__metadata__``), or None where it
     records none (a file made elsewhere) or one this vitaclip cannot read. Reads the header only."""
     try:
-        with open(weights, "rb") as f:
+        # Never blocks: a FIFO or device named as the weights is no file to read (the load refuses it).
+        fd = os.open(weights, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             if not 2 <= length <= _MAX_HEADER_BYTES:
