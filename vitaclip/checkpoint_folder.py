@@ -197,7 +197,7 @@ def model_fields(config: dict[str, Any]) -> str | None:
 
     try:
         full = VitaClipConfig.from_dict(config).to_dict()
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
         return None
     return json.dumps({k: v for k, v in full.items() if k not in _NOT_MODEL_FIELDS}, sort_keys=True, default=str)
 
@@ -214,8 +214,8 @@ def config_suffix(meta: dict[str, Any], weights: Path) -> str:
     current = meta.get("config")
     if saved is None or not isinstance(current, dict):
         return ""
-    now = model_fields(current)
-    if now is None or now == model_fields(saved):
+    now, then = model_fields(current), model_fields(saved)
+    if now is None or then is None or now == then:  # one that does not parse: refused at load, or not a record
         return ""
     return "+config:" + hashlib.sha256(now.encode()).hexdigest()[:12]
 
