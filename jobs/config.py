@@ -240,6 +240,10 @@ class IndexJobConfig:
             if not scope or ("://" in scope and not scope.startswith("s3://")):
                 raise ValueError(f"a prune scope is an s3://bucket/prefix or a folder, got {redact_url(scope)!r}")
             refuse_object_userinfo(scope, "prune scope")
+        if self.checkpoint is not None:  # a training output: its latest checkpoint, the same for every actor
+            from vitaclip.checkpoint_folder import concrete_checkpoint
+
+            object.__setattr__(self, "checkpoint", str(concrete_checkpoint(self.checkpoint)))
         _check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(

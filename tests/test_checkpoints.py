@@ -446,6 +446,31 @@ def test_a_config_json_edited_since_the_weights_were_saved_is_another_model(tmp_
             os.close(os.open(folder / "model.safetensors", os.O_WRONLY | os.O_NONBLOCK))
 
 
+def test_a_training_output_folder_is_accepted_wherever_a_checkpoint_is(tmp_path: Path, capsys) -> None:
+    """index, label, search and build-index said "a folder without config.json" (build-index: "does not exist")
+    for the folder `vitaclip train --output` wrote; it stands for its latest complete checkpoint."""
+    from jobs.config import IndexJobConfig
+
+    output = tmp_path / "train"
+    for step, seed in ((4, 0), (8, 1)):
+        model = vitaclip.VitaClip(vitaclip.get_model_config("vitaclip-tiny").replace(seed=seed))
+        vitaclip.save_checkpoint(model, output / "checkpoints" / f"step-{step:09d}")
+    (output / "checkpoints" / "step-000000012").mkdir()  # one being written: not complete, not taken
+    latest = output / "checkpoints" / "step-000000008"
+    want = vitaclip.create_model(None, checkpoint=latest).model_id
+    assert vitaclip.create_model(None, checkpoint=output).model_id == want
+    assert resolve_model(None, output).model_id == want
+    config = IndexJobConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), model="vitaclip-tiny",
+                            checkpoint=str(output))  # fmt: skip
+    assert config.checkpoint == str(latest)  # every embed actor loads that one, whatever training writes meanwhile
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for call in (lambda: vitaclip.create_model("vitaclip-tiny", checkpoint=empty),
+                 lambda: resolve_model("vitaclip-tiny", empty)):  # fmt: skip
+        with pytest.raises(CheckpointError, match="folder without config.json: not a vitaclip checkpoint, nor a"):
+            call()
+
+
 def tiny_clip_state() -> dict[str, torch.Tensor]:
     clip = build_backbone(vitaclip.get_model_config("vitaclip-tiny"))
     with torch.no_grad():

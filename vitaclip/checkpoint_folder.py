@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import struct
 from importlib import resources
@@ -24,6 +25,7 @@ FORMAT_NAME = "vitaclip-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"  # a training output's checkpoints: checkpoints/step-NNNNNNNNN/
 
 # Every dtype of the safetensors format and its size in bits (the sub-byte float types pack several per byte).
 _DTYPE_BITS = {
@@ -55,6 +57,31 @@ def is_vitaclip_checkpoint(path: str | Path) -> bool:
     return (path.is_dir() and (path / CONFIG_FILE).is_file()) or (
         path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file()
     )
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_training_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``output/checkpoints`` as ``(step, folder)``, oldest first."""
+    root = Path(output) / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            m = _STEP_DIR.match(entry.name)
+            if m and (entry / CONFIG_FILE).is_file() and (entry / WEIGHTS_FILE).is_file():
+                found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def concrete_checkpoint(checkpoint: str | Path) -> str | Path:
+    """A checkpoint argument as the folder or file to load: a training output folder (no config.json of its own,
+    ``checkpoints/step-*`` inside) stands for its latest complete checkpoint; anything else is returned as given."""
+    path = Path(checkpoint)
+    if "://" in str(checkpoint) or not path.is_dir() or (path / CONFIG_FILE).exists():
+        return checkpoint
+    found = list_training_checkpoints(path)
+    return str(found[-1][1]) if found else checkpoint
 
 
 def folder_of(path: str | Path) -> Path:

@@ -45,12 +45,14 @@ import torch
 
 from vitaclip import _torchscript
 from vitaclip.checkpoint_folder import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_config,
+    concrete_checkpoint,
     config_suffix,
     file_sha256,
     is_packaged_data_file,
@@ -894,14 +896,19 @@ def load_vitaclip(path: str | Path, *, label_names: Sequence[str] | None = None)
 def load_checkpoint(
     path: str | Path, *, config: VitaClipConfig | None, label_names: Sequence[str] | None = None
 ) -> VitaClip:
-    """Loads any supported checkpoint; ``config`` is required for the official and OpenAI/open_clip formats."""
+    """Loads any supported checkpoint; ``config`` is required for the official and OpenAI/open_clip formats. A
+    training output folder loads its latest complete checkpoint."""
+    path = concrete_checkpoint(path)
     if is_vitaclip_checkpoint(path):
         return load_vitaclip(path, label_names=label_names)
     if Path(path).is_dir():
         config_file = Path(path) / CONFIG_FILE
         if config_file.exists() or config_file.is_symlink():  # a FIFO, a device, a folder or a dangling link
             raise CheckpointError(f"{config_file} is not a regular file: not a vitaclip checkpoint")
-        raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint")
+        raise CheckpointError(
+            f"{path} is a folder without {CONFIG_FILE}: not a vitaclip checkpoint, nor a training output with "
+            f"checkpoints ({CHECKPOINTS_DIR}/step-*/)"
+        )
     state, sha = read_state_dict_and_sha256(path)
     state_format = detect_format(state, path)
     if config is None:

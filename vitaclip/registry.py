@@ -76,7 +76,11 @@ def packaged_checkpoint(name: str | None) -> Path | None:
 
 
 def _with_packaged(name: str | None, checkpoint: str | Path | None) -> str | Path | None:
-    return checkpoint if checkpoint is not None else packaged_checkpoint(name)
+    """The checkpoint to read: the one given (a training output folder: its latest checkpoint), else the packaged
+    weights of `name`, if any."""
+    from vitaclip.checkpoint_folder import concrete_checkpoint
+
+    return concrete_checkpoint(checkpoint) if checkpoint is not None else packaged_checkpoint(name)
 
 
 def get_model_config(name: str) -> VitaClipConfig:
@@ -117,8 +121,8 @@ def create_model(
     from vitaclip.checkpoints import load_checkpoint
     from vitaclip.model import VitaClip
 
-    if isinstance(name, str):
-        checkpoint = _with_packaged(name, checkpoint)
+    if isinstance(name, str) or checkpoint is not None:
+        checkpoint = _with_packaged(name if isinstance(name, str) else None, checkpoint)
     config: VitaClipConfig | None
     if isinstance(name, VitaClipConfig):
         config = name
@@ -238,6 +242,11 @@ def _id_of_named(config: VitaClipConfig, checkpoint: str | Path | None) -> str:
     from vitaclip.checkpoint_folder import file_sha256
 
     if checkpoint is not None:
+        if Path(checkpoint).is_dir():
+            raise CheckpointError(
+                f"{checkpoint} is a folder without config.json: not a vitaclip checkpoint, nor a training output with "
+                "checkpoints (checkpoints/step-*/)"
+            )
         if not Path(checkpoint).is_file():
             raise _missing_checkpoint(checkpoint)
         return format_model_id(config.name, file_sha256(checkpoint))

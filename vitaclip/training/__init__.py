@@ -15,13 +15,13 @@ weights), CPUs float32.
 
 from __future__ import annotations
 
+from vitaclip.checkpoint_folder import CHECKPOINTS_DIR, list_training_checkpoints
 from vitaclip.training.augment import (
     augment_clip,
     normalize_video,
     random_resized_box,
 )
 from vitaclip.training.config import (
-    CHECKPOINTS_DIR,
     TRAINING_STATE_FILE,
     AugmentConfig,
     OptimizerConfig,
@@ -55,7 +55,6 @@ from vitaclip.training.state import (
     TrainingState,
     checkpoint_dir_name,
     latest_checkpoint,
-    list_training_checkpoints,
     load_training_checkpoint,
     resolve_checkpoint_path,
     rng_state,

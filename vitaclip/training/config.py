@@ -21,7 +21,6 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Sampling = Literal["uniform", "dense"]
 
 TRAINING_STATE_FILE = "training_state.pt"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)

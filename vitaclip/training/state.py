@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -16,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitaclip.checkpoint_folder import list_training_checkpoints
 from vitaclip.checkpoints import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     is_vitaclip_checkpoint,
     load_torch_file,
@@ -25,9 +24,7 @@ from vitaclip.checkpoints import (
     umask_mode,
 )
 from vitaclip.model import VitaClip
-from vitaclip.training.config import CHECKPOINTS_DIR, TRAINING_STATE_FILE
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from vitaclip.training.config import TRAINING_STATE_FILE
 
 
 def rng_state() -> dict[str, Any]:
@@ -197,18 +194,6 @@ def _check_resumed_weights(weights: Mapping[str, torch.Tensor], own: Mapping[str
 
 def checkpoint_dir_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def list_training_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``output/checkpoints`` as ``(step, folder)``, oldest first."""
-    root = Path(output) / CHECKPOINTS_DIR
-    found = []
-    if root.is_dir():
-        for entry in root.iterdir():
-            m = _STEP_DIR.match(entry.name)
-            if m and (entry / CONFIG_FILE).is_file() and (entry / WEIGHTS_FILE).is_file():
-                found.append((int(m.group(1)), entry))
-    return sorted(found)
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
