@@ -7,6 +7,7 @@ Everything runs locally (an embedded Ray, a local output folder) and needs no cr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -52,16 +53,23 @@ class QuickstartConfig:
 
 
 def generate_inputs(folder: Path, num_videos: int, *, seed: int) -> dict[str, dict[str, Any]]:
-    """Writes demo videos and one broken file under `folder`; returns each video's spec by file stem."""
+    """Writes demo videos and one broken file under `folder`; returns each video's spec by its absolute path (the
+    output may hold other videos of the same file names: a later `vitaclip index` into it)."""
     from vitaclip.demo.world import generate, world_labels
 
     generated = generate(folder, num_videos, seed=seed, labels=world_labels())
+    paths = {path.stem: path for path in generated.video_paths}
     truth = {}
     for line in generated.manifest_path.read_text(encoding="utf-8").splitlines():
         spec = json.loads(line)
-        truth[spec["name"]] = spec
+        truth[_key(paths[spec["name"]])] = spec
     (folder / "broken.mp4").write_bytes(b"not a video, to show how failures are recorded\n")
     return truth
+
+
+def _key(path_or_uri: str | Path) -> str:
+    """A local video's absolute path, as the job's listing gives it in ``uri``."""
+    return os.path.abspath(path_or_uri)
 
 
 def label_agreement(rows: Sequence[dict[str, Any]], truth: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -69,7 +77,7 @@ def label_agreement(rows: Sequence[dict[str, Any]], truth: dict[str, dict[str, A
     label has the right colour, shape and motion (None when no labelled row has a truth)."""
     from vitaclip.demo.world import parse_label
 
-    scored = [(truth[Path(r["uri"]).stem]["label"], r["labels"]) for r in rows if Path(r["uri"]).stem in truth]
+    scored = [(truth[_key(r["uri"])]["label"], r["labels"]) for r in rows if _key(r["uri"]) in truth]
     scored = [(t, labels) for t, labels in scored if labels]
     if not scored:
         return None
@@ -112,13 +120,13 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     )
     summary = run_index_job(job)
     print_summary(summary)
-    agreement = _print_rows(output, truth, config, model_id=summary["model_id"])
+    agreement = _print_rows(output, videos, truth, config, model_id=summary["model_id"])
     _print_searches(output, truth, config)
     return {"summary": summary, "agreement": agreement}
 
 
 def _print_rows(
-    output: Path, truth: dict[str, dict[str, Any]], config: QuickstartConfig, *, model_id: str
+    output: Path, videos: Path, truth: dict[str, dict[str, Any]], config: QuickstartConfig, *, model_id: str
 ) -> dict[str, Any] | None:
     import pyarrow.compute as pc
 
@@ -129,13 +137,17 @@ def _print_rows(
     assert table is not None
     # An output keeps one row per video and model: a re-run after a model update shows this model's rows only.
     table = table.filter(pc.equal(table.column("model_id"), model_id))
+    everything = table.num_rows
+    # Its own videos (and broken file) only: a later `vitaclip index` into this output adds others.
+    table = table.filter(pc.starts_with(table.column("uri"), _key(videos) + os.sep))
     rows = table.sort_by("uri").select(["uri", "status", "labels", "label_scores"]).to_pylist()
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    print(f"\n{table.num_rows} rows in {output / 'videos'} (a Delta Lake table, {ok} ok); the first few:")
+    others = f"; {everything - table.num_rows} rows of other videos not shown" if everything > table.num_rows else ""
+    print(f"\n{table.num_rows} rows in {output / 'videos'} (a Delta Lake table, {ok} ok{others}); the first few:")
     print(f"  {'file':16s} {'status':12s} {'truth':30s} top labels (probability)")
     for row in rows[: config.show]:
         name = Path(row["uri"]).name
-        spec = truth.get(Path(name).stem)
+        spec = truth.get(_key(row["uri"]))
         true_label = spec["label"] if spec else "-"
         if row["status"] == "ok":
             tops = ", ".join(f"{n} ({p:.2f})" for n, p in zip(row["labels"], row["label_scores"], strict=True))
@@ -172,7 +184,7 @@ def _print_searches(output: Path, truth: dict[str, dict[str, Any]], config: Quic
     for query in QUICKSTART_QUERIES:
         print(f'\nsearch "{query}":')
         for rank, hit in enumerate(engine.search(query, k=3), start=1):
-            spec = truth.get(Path(hit.uri).stem)
+            spec = truth.get(_key(hit.uri))
             caption = spec["caption"] if spec else "?"
             mark = "match" if spec and _describes(query, spec) else ""
             print(f"  {rank}. {hit.score:.3f}  {Path(hit.uri).name:16s} {caption:55s} {mark}")

@@ -213,6 +213,20 @@ def test_quickstart_labels_and_finds_the_demo_videos(local_ray, tmp_path: Path, 
     )
     caption_recall = found / sum(len(spec["captions"]) for spec in manifest)
     assert caption_recall >= CAPTION_RECALL_FLOOR, caption_recall
+    # Other videos of the same file names indexed into the output (the README's later `vitaclip index`): the
+    # quickstart scored and captioned them as its own by file name.
+    from vitaclip.demo.world import generate, world_labels
+
+    generate(tmp_path / "other", 8, seed=11, labels=world_labels())
+    other = ["index", str(tmp_path / "other"), "--output", str(tmp_path / "index-output"), "--model", "vitaclip-demo"]
+    other += ["--top-k", "3"]  # the quickstart's recorded setting (README)
+    assert main([*other, "--no-index"]) == 0
+    capsys.readouterr()
+    assert main(["quickstart", "--output", str(tmp_path), "--num-videos", "120", "--seed", "3"]) == 0
+    again = capsys.readouterr().out
+    summary = next(line for line in out.splitlines() if line.startswith("top-1 label is the generator's truth"))
+    assert summary in again.splitlines()  # the same 120 videos scored: the others left out
+    assert "(a Delta Lake table, 120 ok; 8 rows of other videos not shown); the first few:" in again, again
 
 
 def test_quickstart_marks_a_match_by_what_the_query_names() -> None:
@@ -229,15 +243,16 @@ def test_label_agreement_scores_against_the_truth() -> None:
     from jobs.quickstart import label_agreement
 
     truth = {
-        "a": {"label": "red circle moving up"},
-        "b": {"label": "blue square growing"},
-        "c": {"label": "green star rotating"},
+        "/v/a.mp4": {"label": "red circle moving up"},
+        "/v/b.mp4": {"label": "blue square growing"},
+        "/v/c.mp4": {"label": "green star rotating"},
     }
     rows = [
         {"uri": "/v/a.mp4", "labels": ["red circle moving up", "red circle bouncing"]},  # top-1 right
         {"uri": "/v/b.mp4", "labels": ["blue circle growing", "blue square growing"]},  # top-2 right, shape wrong
         {"uri": "/v/c.mp4", "labels": None},  # failed: not scored
         {"uri": "/v/broken.mp4", "labels": ["red circle moving up"]},  # no truth: not scored
+        {"uri": "/elsewhere/a.mp4", "labels": ["blue star rotating"]},  # another folder's a.mp4: not scored
     ]
     agreement = label_agreement(rows, truth)
     assert agreement == {"videos": 2, "top1": 0.5, "topk": 1.0, "colour": 1.0, "shape": 0.5, "motion": 1.0}
