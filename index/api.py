@@ -587,6 +587,9 @@ def _allowed_methods(app: FastAPI, request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+_NO_SEGMENTS = "this index has no segments: run the job with --segment-seconds"
+
+
 async def _answer(
     service: SearchService,
     params: FilterFields,
@@ -598,7 +601,7 @@ async def _answer(
     table = "segments" if params.segments else "videos"
     if table not in engine.indexes:  # said here: the engine's own ValueError would reach the client as a fixed text
         raise QueryError(
-            "this index has no segments: run the job with --segment-seconds"
+            _NO_SEGMENTS
             if params.segments
             else "this index has no videos: no row has status ok yet (see `vitaclip runs OUT`)"
         )
@@ -616,6 +619,8 @@ async def _more_like(service: SearchService, body: SearchRequest, video_id: str)
     the search takes a query slot."""
     filters, k, segments, segment_index = body.filters(), body.k, body.segments, body.segment_index
     name, engine = service.engine(body.index)
+    if (segment_index is not None or segments) and "segments" not in engine.indexes:
+        raise QueryError(_NO_SEGMENTS)  # not "no such segment": no segment of any video was indexed
     stored = await service.run_storage(name, lambda: engine.row_vector(video_id, segment_index))
     return await _answer(
         service,

@@ -365,7 +365,8 @@ def build(
 
     Re-running on the same ``work`` folder resumes: complete worlds and a CLIP pretrained with the same settings are
     kept, and prompt training resumes from its latest checkpoint. ``from_checkpoint`` (a demo build's checkpoint,
-    such as the packaged one) skips pretraining and the first two prompt cycles: the caption cycle starts from it.
+    such as one of a build with ``caption_steps=0``) skips pretraining and the first two prompt cycles: the caption
+    cycle starts from it.
     """
     from jobs.train import resolve_checkpoint
     from vitaclip.checkpoints import save_checkpoint
@@ -456,8 +457,8 @@ def _build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     b.add_argument("--install", action="store_true", help="replace the packaged vitaclip-demo checkpoint")
     b.add_argument(
         "--from-checkpoint",
-        help="a demo build's checkpoint (the packaged one: vitaclip/pretrained/vitaclip-demo) to run only the caption "
-        "cycle from, skipping pretraining and the first prompt cycles",
+        help="a demo build's checkpoint to run only the caption cycle from, skipping pretraining and the first prompt "
+        "cycles: one of a build with --caption-steps 0 (OUT/vitaclip-demo), as the packaged weights were made",
     )
     defaults = DemoBuildConfig()
     for name, value in asdict(defaults).items():

@@ -108,6 +108,21 @@ def test_bad_query_bodies_are_refused_with_a_message(
     assert response.status_code == status and message in response.json()["error"], response.text
 
 
+def test_more_like_a_moment_on_an_output_without_segments_says_it_has_none(engine: SearchEngine, indexed: Path) -> None:
+    """It said "no such segment in the index", as if that one video's segment were missing."""
+    import copy
+
+    whole_videos = copy.copy(engine)  # the same output as if indexed without --segment-seconds
+    whole_videos.indexes = {name: index for name, index in engine.indexes.items() if name != "segments"}
+    client = TestClient(create_app(SearchService({"main": whole_videos})))
+    video_id = ok_rows(indexed, "videos")[0]["video_id"]
+    for body in ({"video_id": video_id, "segment_index": 0}, {"video_id": video_id, "segments": True}):
+        response = client.post("/search", json=body)
+        assert response.status_code == 400, response.text  # as a text search with segments on such an output
+        assert response.json()["error"] == "this index has no segments: run the job with --segment-seconds"
+    assert client.post("/search", json={"video_id": video_id}).status_code == 200  # its videos still answer
+
+
 def test_non_finite_embeddings_are_refused(client: TestClient) -> None:
     body = '{"embedding": [' + ", ".join(["NaN"] + ["0.1"] * 31) + "]}"
     response = client.post("/search", content=body, headers={"Content-Type": "application/json"})
