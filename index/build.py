@@ -150,12 +150,32 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, *, see
             ivf = ivf_of(index)
             if ivf is not None:
                 ivf.cp.seed = seed
+            _warn_once_of_few_points(index, len(sample))
             index.train(np.ascontiguousarray(sample))
     for start in range(0, len(vectors), 65_536):
         index.add_with_ids(
             np.ascontiguousarray(vectors[start : start + 65_536]), np.ascontiguousarray(ids[start : start + 65_536])
         )
     return index
+
+
+def _warn_once_of_few_points(index: faiss.Index, points: int) -> None:
+    """One log line where `points` are few to train `index`'s clusterings, instead of FAISS's own warning printed
+    once per clustering (32 identical lines for the codebooks of a product quantizer trained on 300 vectors)."""
+    ivf = ivf_of(index)
+    parts = [("coarse", ivf.cp, ivf.nlist)] if ivf is not None else []
+    pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else getattr(index, "pq", None)
+    if pq is not None:
+        parts.append((f"{pq.M} product-quantizer", pq.cp, pq.ksub))
+    few = [(name, cp.min_points_per_centroid * k, k) for name, cp, k in parts]
+    few = [(name, need, k) for name, need, k in few if points < need]
+    if few:
+        said = ", ".join(
+            f"{need:,} for the {name} clustering{'s' * (name != 'coarse')} of {k}" for name, need, k in few
+        )
+        log.warning("training the index on %s vectors, fewer than FAISS asks for (%s): recall may be low", points, said)
+        for _, cp, _ in parts:
+            cp.min_points_per_centroid = 1  # said once above
 
 
 def tune(

@@ -91,6 +91,15 @@ def test_a_factory_string_asked_for_is_kept(tmp_path) -> None:
     assert chosen["factory"] == "IVF1,PQ8np"
 
 
+def test_training_on_few_vectors_is_said_once(tmp_path, capfd, caplog) -> None:
+    """FAISS printed its warning once per clustering: 32 identical lines for the codebooks of ivfpq on 300 vectors."""
+    with caplog.at_level("WARNING", logger="vitaclip.index"):
+        build_index(clustered(300), np.arange(300), tmp_path, kind="ivfpq", model_id="m")
+    assert "WARNING clustering" not in capfd.readouterr().err
+    (said,) = [r.getMessage() for r in caplog.records if "fewer than FAISS asks for" in r.getMessage()]
+    assert said.startswith("training the index on 300 vectors") and "product-quantizer clusterings of 256" in said
+
+
 def test_ids_map_back_and_model_mismatch_is_refused(tmp_path) -> None:
     data = clustered(500)
     ids = np.random.default_rng(3).choice(2**62, 500, replace=False).astype(np.int64)
