@@ -68,8 +68,10 @@ def generate_inputs(folder: Path, num_videos: int, *, seed: int) -> dict[str, di
 
 
 def _key(path_or_uri: str | Path) -> str:
-    """A local video's absolute path, as the job's listing gives it in ``uri``."""
-    return os.path.abspath(path_or_uri)
+    """A local video's absolute path, as the job's listing spells it in ``uri`` (``//tmp/x`` is ``/tmp/x``)."""
+    from jobs.storage.listing import absolute_path
+
+    return absolute_path(str(path_or_uri))
 
 
 def label_agreement(rows: Sequence[dict[str, Any]], truth: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

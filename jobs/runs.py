@@ -18,6 +18,7 @@ from vitaclip.redact import redact_text, redact_url, terminal_text
 
 RUNS_DIR = "runs"
 _ERROR_CHARS = 160
+_MODEL_CHARS = 64  # the settings lines below the table give whole ids
 
 
 def read_runs(store: Store, *, last: int = 20) -> list[dict[str, Any]]:
@@ -94,7 +95,8 @@ def _model(model_id: Any) -> str:
         return "-"
     name, _, digest = model_id.partition("@sha256:")
     weights, plus, config = digest.partition("+")  # "+config:..." (`vitaclip.checkpoint_folder.config_suffix`)
-    return f"{name}@{weights[:8]}{plus}{config}" if digest else model_id
+    cell = f"{name}@{weights[:8]}{plus}{config}" if digest else model_id
+    return cell if len(cell) <= _MODEL_CHARS else cell[: _MODEL_CHARS - 3] + "..."
 
 
 def _row(record: dict[str, Any]) -> list[str]:

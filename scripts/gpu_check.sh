@@ -31,7 +31,11 @@ case "${1:-run}" in
             "$PY" scripts/pack_wheels.py --join .gpu-stage
             mkdir -p .gpu-site
             for archive in .gpu-stage/*.tar.xz; do
-                [ -f "$archive" ] && tar -xJf "$archive" -C .gpu-site && rm "$archive"
+                [ -f "$archive" ] || continue
+                # Python's own xz and tar readers: the image need not have the xz program; a damaged archive stops here
+                "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="tar")' \
+                    "$archive" .gpu-site || { echo "could not unpack $archive: build the parts again" >&2; exit 1; }
+                rm "$archive"
             done
             if compgen -G ".gpu-stage/*.whl" > /dev/null; then
                 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \

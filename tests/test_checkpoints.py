@@ -433,6 +433,9 @@ def test_a_config_json_edited_since_the_weights_were_saved_is_another_model(tmp_
     assert edit(std=[0.5, 0.5, 0.5])[0] not in (original, edited)
     # The seed only draws weights that the file replaces: not the model.
     assert edit(seed=7)[0] == original
+    context = {**saved["config"]["text_context"], "init_words": "a video of a person doing this now"}  # init
+    assert edit(text_context=context)[0] == original
+    assert edit(mean=[0, 0, 0])[0] == edit(mean=[0.0, 0.0, 0.0])[0] != original  # numbers by value
     (folder / "config.json").write_text(json.dumps(saved))
     assert resolve_model(None, folder).model_id == original
     # Reading the saved config never blocks: weights replaced by a FIFO are refused at load, not waited on.

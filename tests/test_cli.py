@@ -261,6 +261,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert by_id[running.run_id].split()[2] == "vitaclip-tiny@01234567"  # two checkpoints of one config differ here
     assert _model_cell(model_id + "+config:0a1b2c3d4e5f") == "vitaclip-tiny@01234567+config:0a1b2c3d4e5f"
+    assert len(_model_cell("x" * 3000 + "@sha256:" + "0" * 64)) == 64  # the settings lines give whole ids
     assert "no end recorded: running now, or its driver was killed" in by_id[running.run_id]
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
     assert by_id["ww-lost"].endswith("(last heard of 3 h 5 min ago, at its start)")  # a killed run, most likely

@@ -239,6 +239,12 @@ def test_quickstart_marks_a_match_by_what_the_query_names() -> None:
     assert not _describes("green circle growing", spec) and not _describes("red ball jumping", spec)
 
 
+def test_quickstart_spells_paths_as_the_listing_does() -> None:
+    from jobs.quickstart import _key
+
+    assert _key("//tmp/q/videos/a.mp4") == "/tmp/q/videos/a.mp4" == _key("/tmp/q/./videos//a.mp4")
+
+
 def test_label_agreement_scores_against_the_truth() -> None:
     from jobs.quickstart import label_agreement
 

@@ -200,6 +200,8 @@ def recorded_config(weights: Path) -> dict[str, Any] | None:
     """The model config ``model.safetensors`` was saved with (its header's ``__metadata__``), or None where it
     records none (a file made elsewhere) or one this vitaclip cannot read. Reads the header only."""
     try:
+        if weights.resolve(strict=True).parent != weights.parent.resolve(strict=True):
+            return None  # a link out of the folder: never read (the load refuses it)
         # Never blocks: a FIFO or device named as the weights is no file to read (the load refuses it).
         fd = os.open(weights, os.O_RDONLY | os.O_NONBLOCK)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -212,8 +214,8 @@ def recorded_config(weights: Path) -> dict[str, Any] | None:
                 return None
             metadata = json.loads(f.read(length)).get("__metadata__") or {}
         config = json.loads(metadata["config"]) if isinstance(metadata.get("config"), str) else None
-    except (OSError, ValueError, RecursionError, AttributeError):
-        return None
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError, RuntimeError):
+        return None  # TypeError: a read that would block gives None; RuntimeError: a symlink loop (Python < 3.13)
     return config if isinstance(config, dict) else None
 
 
@@ -224,9 +226,25 @@ def model_fields(config: dict[str, Any]) -> str | None:
 
     try:
         full = VitaClipConfig.from_dict(config).to_dict()
-    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+        if isinstance(full.get("text_context"), dict):  # its init words only initialise what the weights replace
+            full["text_context"] = {k: v for k, v in full["text_context"].items() if k != "init_words"}
+        fields = {k: v for k, v in full.items() if k not in _NOT_MODEL_FIELDS}
+        return json.dumps(_numbers_alike(fields), sort_keys=True, default=str)
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError):
         return None
-    return json.dumps({k: v for k, v in full.items() if k not in _NOT_MODEL_FIELDS}, sort_keys=True, default=str)
+
+
+def _numbers_alike(value: Any) -> Any:
+    """`value` with every number as a float (``4`` and ``4.0`` are one setting) and tuples as lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _numbers_alike(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers_alike(v) for v in value]
+    return value
 
 
 def config_suffix(meta: dict[str, Any], weights: Path) -> str:
