@@ -969,14 +969,14 @@ def test_a_query_that_fails_after_its_timeout_is_not_an_error(
 
 
 @pytest.mark.serial
-@pytest.mark.serial  # timed: an upload that reached the service late, on a loaded machine, found the slot free
 def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
 
     def slow_upload(*args: Any, **kwargs: Any) -> list[Any]:
-        release.wait(20)
+        holding.set()
+        release.wait(30)
         return []
 
     monkeypatch.setattr(engine, "search_upload", slow_upload)
@@ -990,9 +990,13 @@ def test_uploads_leave_query_slots_to_text_searches(engine: SearchEngine, monkey
         ]
         for thread in uploads:
             thread.start()
-        time.sleep(0.3)
+        assert holding.wait(20)  # one upload holds the upload slot
         assert request(url, "/search?q=red&k=1")[0] == 200  # a slot stayed free for it
-        time.sleep(1.2)  # the uploads past the upload slots waited their queue timeout
+        # The other two wait their queue timeout and get 503 while the slot is held, however late they arrived (a
+        # fixed sleep let one that reached the service late on a loaded machine find the slot free).
+        deadline = time.monotonic() + 20
+        while len(statuses) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         release.set()
         for thread in uploads:
             thread.join(30)
