@@ -12,14 +12,17 @@ and recompresses them with xz: 200 MB of wheels become about 105 MB, two calls i
 named by ``--core`` (the encoder, decoding, FAISS) go into their own archive, so a call that carries it can run
 every section but the job even if the other archive never arrives.
 
-Files larger than a part are cut into byte ranges named ``<file>.part-<i>of<n>``; the GPU side joins a file only
-when all its pieces are there (`join_parts`). Parts are filled largest piece first.
+Files larger than a part are cut into byte ranges named ``<file>.part-<i>of<n>.<sha>`` (the first 16 hex digits of
+the whole file's SHA-256); the GPU side joins a file only when all its pieces of one build are there and checks the
+joined file against that digest (`join_parts`): pieces of two builds are never mixed. Parts are filled largest
+piece first; writing them clears the parts of an earlier build.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import lzma
 import re
 import shutil
@@ -30,7 +33,8 @@ import zipfile
 from pathlib import Path
 
 MIB = 2**20
-PIECE = re.compile(r"^(?P<name>.+)\.part-(?P<index>\d+)of(?P<count>\d+)$")
+PIECE = re.compile(r"^(?P<name>.+)\.part-(?P<index>\d+)of(?P<count>\d+)\.(?P<digest>[0-9a-f]{16})$")
+DIGEST_CHARS = 16
 CARRIED = ("*.whl", "*.tar.xz")
 
 
@@ -58,18 +62,33 @@ def plan_parts(sizes: dict[str, int], limit: int) -> list[list[tuple[str, int, i
     return parts
 
 
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
 def write_parts(source: Path, target: Path, limit: int) -> list[Path]:
+    """The files of `source` in numbered part folders under `target` (``1``, ``2``, ...; those of an earlier build
+    removed first, so that no stale part is carried)."""
     files = sorted({p for pattern in CARRIED for p in source.glob(pattern)})
     sizes = {p.name: p.stat().st_size for p in files}
+    digests = {p.name: _digest(p) for p in files}
     plan = plan_parts(sizes, limit)
+    if target.is_dir():
+        for old in target.iterdir():
+            if old.is_dir() and old.name.isdigit():
+                shutil.rmtree(old)
     folders = []
     for number, pieces in enumerate(plan, start=1):
         folder = target / str(number)
-        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for name, start, end in pieces:
             count = -(-sizes[name] // limit)
-            out = folder / (name if count == 1 else f"{name}.part-{start // limit}of{count}")
+            piece = f"{name}.part-{start // limit}of{count}.{digests[name]}"
+            out = folder / (name if count == 1 else piece)
             with (source / name).open("rb") as src, out.open("wb") as dst:
                 src.seek(start)
                 dst.write(src.read(end - start))
@@ -78,25 +97,30 @@ def write_parts(source: Path, target: Path, limit: int) -> list[Path]:
 
 
 def join_parts(folder: Path) -> tuple[list[Path], list[str]]:
-    """Joins complete sets of ``<file>.part-<i>of<n>`` pieces in `folder` (pieces removed); returns the whole files
-    there and, for each file whose pieces are not all there yet, a line naming the missing ones."""
-    groups: dict[tuple[str, int], dict[int, Path]] = {}
+    """Joins complete sets of ``<file>.part-<i>of<n>.<sha>`` pieces of one build in `folder` (pieces removed) and
+    checks each joined file against its digest; returns the whole files there and a line for each file whose
+    pieces are not all there yet (naming the missing ones) or whose joined bytes do not match (file removed)."""
+    groups: dict[tuple[str, int, str], dict[int, Path]] = {}
     for piece in folder.iterdir():
         match = PIECE.match(piece.name)
         if match:
-            key = (match["name"], int(match["count"]))
+            key = (match["name"], int(match["count"]), match["digest"])
             groups.setdefault(key, {})[int(match["index"])] = piece
     missing = []
-    for (name, count), pieces in sorted(groups.items()):
+    for (name, count, digest), pieces in sorted(groups.items()):
         absent = sorted(set(range(count)) - set(pieces))
         if absent:
-            missing.append(f"{name}: pieces {absent} of {count} not carried yet")
+            missing.append(f"{name} (build {digest}): pieces {absent} of {count} not carried yet")
             continue
-        with (folder / name).open("wb") as dst:
+        joined = folder / name
+        with joined.open("wb") as dst:
             for index in range(count):
                 dst.write(pieces[index].read_bytes())
         for piece in pieces.values():
             piece.unlink()
+        if _digest(joined) != digest:
+            joined.unlink()
+            missing.append(f"{name} (build {digest}): joined pieces do not match their digest: build the parts again")
     whole = sorted({p for pattern in CARRIED for p in folder.glob(pattern)})
     return whole, missing
 

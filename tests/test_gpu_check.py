@@ -49,6 +49,32 @@ def test_files_are_packed_into_parts_that_fit_and_join_back_only_when_whole(tmp_
     assert not list(staged.glob("*.part-*"))
 
 
+def test_pieces_of_two_builds_are_never_joined_together_and_a_damaged_join_is_refused(tmp_path: Path) -> None:
+    pack = _pack_module()
+    builds = []
+    for seed in (1, 2):  # the same file name and size, other bytes: two builds of the same wheel
+        source = tmp_path / f"all{seed}"
+        source.mkdir()
+        (source / "site-job.tar.xz").write_bytes(bytes((i * seed) % 251 for i in range(2500)))
+        (tmp_path / "parts" / "7").mkdir(parents=True, exist_ok=True)  # a part folder of an earlier, longer build
+        builds.append(pack.write_parts(source, tmp_path / "parts", 1000))
+        assert not (tmp_path / "parts" / "7").exists()
+        builds[-1] = {p.name: p.read_bytes() for folder in builds[-1] for p in folder.iterdir()}
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    first, second = (sorted(b.items()) for b in builds)
+    for name, data in first[:2] + second[2:]:  # pieces 0-1 of one build, piece 2 of the other
+        (stage / name).write_bytes(data)
+    whole, missing = pack.join_parts(stage)
+    assert not whole and len(missing) == 2 and all("not carried yet" in line for line in missing)
+    name, data = second[0]
+    (stage / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the second build complete, one byte damaged
+    (stage / second[1][0]).write_bytes(second[1][1])
+    whole, missing = pack.join_parts(stage)
+    assert not whole and any("do not match" in line for line in missing)
+    assert not (stage / "site-job.tar.xz").exists()
+
+
 def _wheel(path: Path, files: dict[str, tuple[bytes, int]]) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         for name, (data, mode) in files.items():
