@@ -21,6 +21,7 @@ path of its file on the server (an object store URI for others; credentials mask
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -45,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.http_media import ResponseAbandoned, media_answer, send_media
 from index.media import MediaFile, MediaRefused
-from index.queries import QueryError, StorageUnavailable
+from index.queries import QueryError, StorageUnavailable, UploadTimeout
 from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
 from index.web import SECURITY_HEADERS, SecurityHeaders, add_docs_routes, add_page_route
@@ -224,6 +225,26 @@ def _no_repeated_parameters(request: Request) -> None:
         )
 
 
+def _only_parameters(*names: str) -> Callable[[Request], None]:
+    """A route dependency refusing query parameters other than `names` (422): a misspelt ``?indx=news`` answered
+    from the default output, and ``POST /search?index=news`` (whose output is named in the body) quietly too."""
+    allowed = frozenset(names)
+
+    def check(request: Request) -> None:
+        unknown = sorted({key for key in request.query_params if key not in allowed})[:MAX_REPORTED_ERRORS]
+        if unknown:
+            where = f"takes only {', '.join(sorted(allowed))}" if allowed else "takes none (the body holds the query)"
+            raise RequestValidationError(
+                [
+                    {"loc": ["query", key or "(empty name)"], "msg": f"unknown query parameter: this route {where}",
+                     "type": "extra_forbidden"}
+                    for key in unknown
+                ]
+            )  # fmt: skip
+
+    return check
+
+
 MAX_BODY_KEYS = 32  # a search request has a dozen fields
 
 
@@ -377,6 +398,15 @@ class _MediaResponse(Response):
 # ---------------------------------------------------------------------------------------------------- the app
 
 
+CONNECTION_CLOSING = "vitaclip.connection_closing"  # scope key: the request's connection is closing (set by
+# `guarded_protocol`)
+
+
+class ClientGone(ResponseAbandoned):
+    """An answer whose connection closed while it was sent (the client left, or read nothing for the send timeout):
+    nothing to log, nothing more to send (uvloop raises a RuntimeError on a write to a closed transport)."""
+
+
 class RequestLimits:
     """ASGI middleware: body size (413), stalled-body and slow-body (408) limits, and request counts by route and
     status.
@@ -434,7 +464,14 @@ class RequestLimits:
                 return  # a limit already answered this request
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-            await send(message)
+            try:
+                await send(message)
+            except Exception as exc:
+                closing = scope.get(CONNECTION_CLOSING)
+                if closing is None or not closing():
+                    raise  # a bug in the answer, not a client gone
+                state["status"] = CLIENT_CLOSED
+                raise ClientGone() from exc
 
         try:
             await self.app(scope, limited_receive, tracked_send)
@@ -532,6 +569,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueryError)
     async def bad_query(_request: Request, exc: QueryError) -> JSONResponse:
         return _error(400 if "no such" not in str(exc) else 404, str(exc))
+
+    @app.exception_handler(UploadTimeout)
+    async def upload_too_slow(_request: Request, exc: UploadTimeout) -> JSONResponse:
+        return _error(503, str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(StorageUnavailable)
     async def storage_failed(_request: Request, exc: StorageUnavailable) -> JSONResponse:
@@ -670,7 +711,7 @@ def _add_search_routes(app: FastAPI, service: SearchService) -> None:
 
     app.router.add_api_route(
         "/search", search_post, methods=["POST"], response_model=SearchResponse, responses=errors,
-        route_class_override=_JsonBodyRoute,
+        route_class_override=_JsonBodyRoute, dependencies=[Depends(_only_parameters())],
     )  # fmt: skip
 
     @app.post(
@@ -712,7 +753,8 @@ def _filter_kwargs(params: FilterFields) -> dict[str, Any]:
 def _add_object_routes(app: FastAPI, service: SearchService) -> None:
     not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
 
-    once = [Depends(_no_repeated_parameters)]  # which output is meant must not depend on which copy a reader takes
+    # Which output is meant must not depend on which copy a reader takes, nor on a misspelt name being ignored.
+    once = [Depends(_no_repeated_parameters), Depends(_only_parameters("index"))]
 
     @app.get("/videos/{video_id}", responses=not_found, dependencies=once)
     async def video(video_id: str, index: IndexParam = None) -> JSONResponse:
@@ -725,7 +767,7 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         return JSONResponse(json.loads(json.dumps(safe, default=str)))
 
     @app.get("/thumbnails/{filename}", response_class=Response, responses=not_found, dependencies=once)
-    async def thumbnail(filename: str, index: IndexParam = None) -> Response:
+    async def thumbnail(request: Request, filename: str, index: IndexParam = None) -> Response:
         """The JPEG thumbnail of a video or segment row (``{row_id}.jpg``)."""
         found = _ROW_FILE.fullmatch(filename)
         if found is None or int(found.group(1)) >= 2**63:
@@ -735,8 +777,13 @@ def _add_object_routes(app: FastAPI, service: SearchService) -> None:
         data = await service.run_storage(name, lambda: engine.thumbnail(row_id))  # a read: on the media threads
         if data is None:
             return _error(404, "no thumbnail")
-        # A browser may keep it a while; a shared cache (a proxy in front, maybe authenticating) must not.
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        # A browser may keep it, a shared cache (a proxy in front, maybe authenticating) must not; the URL stays
+        # when a new version of the video replaces the row, so the browser asks again each time (304 if the same).
+        tag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+        headers = {"Cache-Control": "private, no-cache", "ETag": tag}
+        if tag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.head(
         "/media/{video_id}", response_class=Response, responses=not_found, operation_id="media_head", dependencies=once
@@ -870,6 +917,43 @@ class _HeadSize:
         """Counted for the operator: what never reaches the app."""
         for hook in self.refusal_hooks:
             hook(reason)
+
+
+class _LingeringTransport:
+    """A transport whose ``close()``, while the client may still be sending a request body the answer came before
+    (413, a busy upload slot, on a connection the client asked to close), ends the answer with a FIN and reads on
+    for up to `linger_seconds`, dropping what comes, before it closes: closing at once with unread data makes the
+    kernel send a reset, and most clients (urllib, requests) then report the reset instead of the answer."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any, linger_seconds: float) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._linger_seconds = linger_seconds
+        self._timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        body_unread = cycle is not None and cycle.response_complete and cycle.more_body
+        if self.lingering or not body_unread or self._transport.is_closing() or not self._transport.can_write_eof():
+            self.cancel()
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()
+        self._timer = self._protocol.loop.call_later(self._linger_seconds, self._transport.close)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
 
 
 class _SendTimeout:
@@ -1016,10 +1100,28 @@ def guarded_protocol(
         head_refusal = refusal
         refusal_hooks = (on_refusal,) if on_refusal is not None else ()
         _head_timer: asyncio.TimerHandle | None = None
+        _linger: _LingeringTransport
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self._linger = _LingeringTransport(transport, self, linger_seconds=header_timeout_seconds)
+            self.transport = self._linger  # type: ignore[assignment]  # uvicorn's cycles write through it
             self._arm()
+
+        def _start_request(self, start: Callable[[], None]) -> None:
+            super()._start_request(start)
+            if self.cycle is not None:  # the app's send tells a client gone from a bug by this (`RequestLimits`)
+                self.cycle.scope[CONNECTION_CLOSING] = self.transport.is_closing
+
+        def data_received(self, data: bytes) -> None:
+            if not self._linger.lingering:
+                super().data_received(data)  # while lingering: the rest of a refused body, dropped unparsed
+
+        def eof_received(self) -> bool | None:
+            if self._linger.lingering:
+                self._linger.close()  # the client has sent all it will
+                return None
+            return super().eof_received()  # type: ignore[no-any-return]
 
         def _arm(self) -> None:
             if self._head_timer is not None:
@@ -1044,12 +1146,25 @@ def guarded_protocol(
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._in_head, self._head_bytes, self._head_tail = True, 0, b""
+            if self.cycle is not None and self.cycle.more_body:
+                # Answered before its body was read (413, a busy upload slot): the rest of the body is read and
+                # dropped by the parser, not counted as the next head (it was: 431 and a close, so the client,
+                # still sending, got a reset instead of the answer). The head timer bounds how long that takes.
+                self._in_head = False
+            else:
+                self._in_head, self._head_bytes, self._head_tail = True, 0, b""
             self._arm()
+
+        def on_message_complete(self) -> None:  # httptools: a request's body has ended
+            super().on_message_complete()
+            if self.cycle is not None and self.cycle.response_complete and not self._in_head:
+                self._in_head, self._head_bytes, self._head_tail = True, 0, b""  # the next request's head
+                self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
+            self._linger.cancel()
             super().connection_lost(exc)
 
     return GuardedProtocol

@@ -44,6 +44,17 @@ class QueryError(ValueError):
     """A query that cannot be answered as given; the message is meant for the client."""
 
 
+class UploadTimeout(QueryError):
+    """An upload whose checks and decoding took longer than `UPLOAD_DECODE_SECONDS`: a long or high-resolution
+    clip, or a busy service; not proof that the file is broken (answered 503, not 400)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"decoding the upload took longer than the service's {seconds:g} s limit (a long or high-resolution clip, "
+            "or a busy service): send a shorter or smaller clip, or try again later"
+        )
+
+
 class StorageUnavailable(Exception):
     """The output's storage failed a read a query needs (a stored vector, a thumbnail): not the query's fault, and
     not a row that is gone (answered 503: try again)."""
@@ -148,7 +159,7 @@ def check_clip(data: bytes, *, timeout_seconds: float = UPLOAD_DECODE_SECONDS) -
                 if packet.size:
                     _check_jpeg(memoryview(packet), "a frame of the clip", "all")
                 if time.monotonic() > deadline:
-                    raise QueryError(f"reading the clip took longer than {timeout_seconds:g} s")
+                    raise UploadTimeout(timeout_seconds)
         except av.error.FFmpegError:
             return  # damaged data: the decoder reports it
 
@@ -162,7 +173,7 @@ def video_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:
     check_clip(data, timeout_seconds=UPLOAD_DECODE_SECONDS)
     left = deadline - time.monotonic()
     if left <= 0:
-        raise QueryError(f"reading the clip took longer than {UPLOAD_DECODE_SECONDS:g} s")
+        raise UploadTimeout(UPLOAD_DECODE_SECONDS)
     try:
         clip = decode_clip(
             data,
@@ -172,6 +183,8 @@ def video_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:
             max_pixels=min(DEFAULT_MAX_PIXELS, MAX_UPLOAD_PIXELS),
         )
     except VideoDecodeError as exc:
+        if exc.reason == "timeout":
+            raise UploadTimeout(UPLOAD_DECODE_SECONDS) from None
         raise QueryError(f"the upload is not a decodable picture or video ({exc.reason})") from None
     return np.asarray(clip.frames)
 

@@ -147,7 +147,17 @@ def test_text_search_over_http(server: str, indexed: Path) -> None:
     first = data["results"][0]
     status, headers, body = request(server, first["thumbnail_url"])
     assert status == 200 and headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
-    assert headers["cache-control"] == "private, max-age=3600"  # no shared cache keeps an index's pictures
+    # No shared cache keeps an index's pictures; a browser asks again (a replaced video keeps the URL)
+    assert headers["cache-control"] == "private, no-cache" and headers["etag"].startswith('"')
+    status, _, again = request(server, first["thumbnail_url"], headers={"If-None-Match": headers["etag"]})
+    assert status == 304 and again == b""
+    assert request(server, first["thumbnail_url"], headers={"If-None-Match": '"other"'})[0] == 200
+    # Parameters a route does not take are refused, not ignored (a misspelt ?indx= served the default output)
+    assert request(server, f"/videos/{first['video_id']}?indx=main")[0] == 422
+    status, _, body = request(
+        server, "/search?index=nope", "POST", {"Content-Type": "application/json"}, b'{"text": "red", "k": 1}'
+    )
+    assert status == 422 and "the body holds the query" in json.loads(body)["error"]
     status, _, body = request(server, f"/videos/{first['video_id']}")
     assert status == 200 and json.loads(body)["uri"] == first["uri"] and "embedding" not in json.loads(body)
     assert first["media_url"].startswith(f"/media/{first['video_id']}?index=main#t=")

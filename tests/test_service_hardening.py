@@ -265,6 +265,51 @@ def test_a_body_cut_by_the_size_limit_is_answered_413_without_an_error(
     assert "Traceback" not in err and "ClientDisconnect" not in err
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_an_upload_refused_before_its_body_is_read_reaches_a_client_that_sends_it_whole(
+    engine: SearchEngine, tmp_path: Path, parser: str
+) -> None:
+    """urllib (the project's client, and most others) sends the whole body before it reads the answer, and asks
+    for the connection to be closed: closing at once with the body unread made the kernel reset the connection,
+    and the client saw "Connection reset by peer" or "Broken pipe" instead of the 413."""
+    from index.client import SearchClient, SearchError
+
+    big = tmp_path / "big.mp4"
+    big.write_bytes(b"\0" * (4 << 20))
+    limits = ServiceLimits(max_upload_bytes=1000)
+    with serving(SearchService({"main": engine}, limits=limits), parser=parser) as url:
+        client = SearchClient(url)
+        for _ in range(3):
+            with pytest.raises(SearchError) as refused:
+                client.search_file(big)
+            assert refused.value.status == 413 and "larger than 1000 bytes" in str(refused.value)
+        assert client.health()["status"] == "ok"  # and the service goes on
+
+
+def test_answers_a_client_never_reads_end_without_errors(
+    engine: SearchEngine, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined searches from a client that reads nothing: the send timeout closes the connection while an
+    answer is being written; that is a client gone (499), not two tracebacks per connection in the log."""
+    limits = ServiceLimits(send_timeout_seconds=1.0)
+    with serving(SearchService({"main": engine}, limits=limits)) as url:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(host_port(url))
+        try:
+            sock.sendall(b"GET /search?q=red+circle&k=100 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 3000)
+            deadline = time.monotonic() + 20
+            while 'status="499"' not in "".join(_metric_lines(url, "search")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            lines = _metric_lines(url, "search")
+        finally:
+            sock.close()
+    assert any('status="499"' in line for line in lines), lines
+    assert not any('status="500"' in line for line in lines), lines
+    logged = capfd.readouterr().err + "".join(r.getMessage() for r in caplog.records)
+    assert "Traceback" not in logged and "Exception in ASGI" not in logged and "failed" not in logged, logged[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ numbers
 
 
@@ -940,6 +985,23 @@ def test_os_errors_of_an_upload_are_400(client: TestClient, monkeypatch: pytest.
     response = client.post("/search/upload", content=_clip(64, 48), headers=OCTETS)
     assert response.status_code == 400, response.text
     assert "FileNotFoundError" in response.json()["error"] and "/srv" not in response.text
+
+
+def test_an_upload_that_decodes_past_the_time_limit_is_503_not_a_broken_file(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder's time limit says the clip is heavy or the service busy, not that the file is bad (it was a 400
+    "not a decodable picture or video (timeout)", whose answer depended on the load)."""
+    from index import queries
+    from vitaclip.video import VideoDecodeError
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        raise VideoDecodeError("timeout", "decoding took longer than 10 s")
+
+    monkeypatch.setattr(queries, "decode_clip", decode)
+    response = client.post("/search/upload", content=_clip(64, 48), headers=OCTETS)
+    assert response.status_code == 503, response.text
+    assert "longer than the service's" in response.json()["error"] and response.headers["retry-after"] == "5"
 
 
 @pytest.mark.serial

@@ -320,8 +320,11 @@ def test_one_service_serves_local_and_s3_outputs_with_one_endpoint(
     http = TestClient(create_app(service))
     like = ok_video(indexed)
     query = {"embedding": like["embedding"], "k": 3}
-    local = http.post("/search", params={"index": "local"}, json=query).json()["results"]
-    remote = http.post("/search", params={"index": "remote"}, json=query).json()["results"]
+    # The output is named in the body: a ?index= on a POST was ignored (both went to the first output)
+    local = http.post("/search", json={**query, "index": "local"}).json()
+    remote = http.post("/search", json={**query, "index": "remote"}).json()
+    assert (local["index"], remote["index"]) == ("local", "remote")
+    local, remote = local["results"], remote["results"]
     assert [h["video_id"] for h in local] == [h["video_id"] for h in remote]
     assert local[0]["video_id"] == like["video_id"]
 
