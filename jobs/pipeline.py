@@ -62,6 +62,7 @@ from jobs.ray_resources import (
     Cluster,
     EmbedDevice,
     IndexPools,
+    check_command_line,
     init_ray,
     plan_index_pools,
     read_cluster,
@@ -716,6 +717,10 @@ def _prepare_output(
 def _refusals_before_output(config: IndexJobConfig) -> tuple[list[str], ResolvedModel]:
     """The run's prune scopes and model, checked before the output is touched: inputs that name nothing (a
     mistyped folder), manifests without ``--prune-scope`` and unusable models or checkpoints are refused here."""
+    import ray
+
+    if not ray.is_initialized():
+        check_command_line()  # before the run record: Ray could not start
     classify_inputs(config.inputs)
     prune_scopes = listed_scopes(config.inputs, config.prune_scopes) if config.prune_missing else []
     return prune_scopes, resolve_run_model(config)

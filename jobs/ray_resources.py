@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -117,11 +118,35 @@ def check_ray_answers(address: str, *, wait_seconds: float = RAY_ANSWER_WAIT_SEC
         time.sleep(1.0)
 
 
+def check_command_line() -> None:
+    """Refuses, before Ray starts, a process whose command line is not UTF-8 (a folder named with other bytes):
+    Ray sends the command line to its GCS as UTF-8 text and its start fails with a codec error naming nothing.
+
+    Raises:
+        ValueError: Naming the argument."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            arguments = f.read().split(b"\0")
+    except OSError:  # not Linux: what Python decoded
+        arguments = [os.fsencode(a) for a in sys.argv]
+    for argument in arguments:
+        try:
+            argument.decode("utf-8")
+        except UnicodeDecodeError:
+            shown = argument.decode("utf-8", "backslashreplace")
+            raise ValueError(
+                f"the command line holds an argument that is not UTF-8 ({shown}), which Ray cannot start with: give "
+                "a parent folder, or a symbolic link to it with a UTF-8 name (files inside with such names are rows "
+                "as usual)"
+            ) from None
+
+
 def connect_ray(address: str, **init_args: Any) -> None:
     """``ray.init`` of the cluster at `address`; one that does not answer is a `RayUnreachableError` (one line,
     not Ray's traceback or its minutes of retries)."""
     import ray
 
+    check_command_line()
     check_ray_answers(address)
     try:
         ray.init(address=address, **init_args)
@@ -155,6 +180,7 @@ def start_embedded_ray(num_cpus: int | None, **init_args: Any) -> None:
     (GCS, raylet and their helpers: this process's new descendants) are stopped before the second attempt."""
     import ray
 
+    check_command_line()
     for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
         before = _descendant_pids()
         try:

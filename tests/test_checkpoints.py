@@ -258,6 +258,19 @@ def test_a_label_name_too_long_to_tokenize_is_refused_at_once(tmp_path: Path) ->
     with pytest.raises(CheckpointError, match="label name 2 is 30,000 characters long"):
         vitaclip.create_model(None, checkpoint=tmp_path / "ckpt")
     assert time.perf_counter() - start < 5
+    # The default labels alone (what the model scores when no label set is given) are held to the same limits
+    from vitaclip.labels import MAX_LABELS
+
+    for defaults, match in [
+        (["walking", long], "'default_labels': label name 2"),
+        ([f"l{i}" for i in range(MAX_LABELS + 1)], "more than"),
+    ]:
+        meta["label_names"], meta["default_labels"] = None, defaults
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=match):
+            vitaclip.create_model(None, checkpoint=tmp_path / "ckpt")
+        with pytest.raises(CheckpointError, match=match):
+            vitaclip.registry.resolve_model(None, checkpoint=tmp_path / "ckpt")  # the torch-free driver's read
     labels = tmp_path / "labels.txt"
     labels.write_text("walking\n" + "x" * (MAX_LABEL_CHARS + 1) + "\n")
     with pytest.raises(ValueError, match="more than 1,000"):

@@ -291,3 +291,26 @@ def test_a_ray_address_is_checked_for_an_answer_before_ray_retries_it() -> None:
         check_ray_answers(f"127.0.0.1:{port}", wait_seconds=10)
     finally:
         late.close()
+
+
+def test_a_command_line_that_is_not_utf8_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """Ray sends the process's command line to its GCS as UTF-8: a folder named with other bytes made `ray.init`
+    fail with a codec error that named nothing (after the run record was written)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "odd\udcffin").mkdir()
+    code = (
+        "import sys\nfrom jobs.index_videos import main\n"
+        "sys.exit(main([sys.argv[1], '--output', sys.argv[2], '--model', 'vitaclip-tiny', '--random-weights']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, os.fsencode(str(tmp_path / "odd\udcffin")), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "not UTF-8 (" in done.stderr and "odd\\xffin" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "runs").exists()  # refused before any work: no failed run recorded

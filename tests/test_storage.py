@@ -153,6 +153,35 @@ def test_inputs_that_name_nothing_fail_at_once(tmp_path: Path) -> None:
         assert caught.value.reason == "invalid_input"
 
 
+def test_an_input_whose_dotdot_follows_a_link_is_refused(tmp_path: Path) -> None:
+    """``hop/..`` where hop links elsewhere: the system opens the link target's parent, the listing (which spells
+    paths without ``..``) would have walked the folder holding the link, and checked links against the other."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "videos").mkdir()
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "hop").symlink_to(tmp_path / "real" / "sub")
+    with pytest.raises(StorageError, match=r"'\.\.' after a symbolic link leads to .*real/videos") as caught:
+        list_videos([str(tmp_path / "hop" / ".." / "videos")])
+    assert caught.value.reason == "invalid_input"
+    (tmp_path / "plain").mkdir()  # '..' without a link: the same place either way, listed as before
+    (listed,) = list_videos([str(tmp_path / "plain" / ".." / "videos")])
+    assert listed.uri == str(tmp_path / "videos" / "a.mp4")
+
+
+def test_a_manifest_line_longer_than_any_path_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """A 100 MiB file without a line break took a minute and 800 MB (each chunk searched the whole line again)."""
+    from jobs.storage.listing import MAX_MANIFEST_LINE_CHARS
+
+    manifest = tmp_path / "list.txt"
+    with manifest.open("w") as f:
+        f.write(str(tmp_path / "a.mp4") + "\n")
+        f.write("x" * (64 << 20))
+    with pytest.raises(StorageError, match=f"line 2 is longer than {MAX_MANIFEST_LINE_CHARS} characters") as caught:
+        list(list_videos([str(manifest)]))
+    assert caught.value.reason == "invalid_input"
+
+
 def test_refused_credentials_say_access_denied_without_secrets(
     s3_bucket: Bucket, s3_strict_auth: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,9 +325,15 @@ def test_a_file_swapped_for_a_link_out_of_its_folder_after_listing_is_not_read(t
     (tmp_path / "in" / "swap.tmp").symlink_to(secret)
     os.replace(tmp_path / "in" / "swap.tmp", listed)  # after the listing: same size and time as listed
     roots = [str(tmp_path / "in")]
-    with pytest.raises(StorageError, match="now a symbolic link to a file outside the listed folder") as caught:
+    with pytest.raises(StorageError, match="is a symbolic link to a file outside .*in, a listed folder") as caught:
         open_video(video.uri, size_bytes=video.size_bytes, etag=video.etag, local_roots=roots)
     assert caught.value.reason == "outside_folder"
+    # ... and its row says so, as the listing's would: a final status, not a storage failure tried every run
+    from jobs.decode_embed import ReadDecode
+
+    decoder = ReadDecode(num_frames=2, size=32, s3_endpoint_url=None, whole_object_max_bytes=1 << 20, local_roots=roots)
+    (row,) = decoder.decode_one(video.uri, video.size_bytes, video.etag)
+    assert row["status"] == "outside_folder", row
     assert open_video(video.uri, size_bytes=video.size_bytes, etag=video.etag) == video.uri  # --follow-outside-symlinks
     inside = tmp_path / "in" / "alias.mp4"
     inside.symlink_to(tmp_path / "in" / "decoy.mp4")

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vitaclip.labels import list_label_sets
+from vitaclip.labels import check_label_names, list_label_sets
 
 FORMAT_NAME = "vitaclip-checkpoint"
 FORMAT_VERSION = 1
@@ -346,4 +346,8 @@ def recorded_labels(meta: dict[str, Any], key: str, folder: Path) -> tuple[str, 
     if not isinstance(names, list) or odd:
         kind = f"a list holding a {odd[0]}" if odd else type(names).__name__
         raise CheckpointError(f"{folder / CONFIG_FILE}: '{key}' must be a list of label names (strings), got {kind}")
+    try:  # default labels too: each is encoded with every template when the model loads
+        check_label_names(names, f"{folder / CONFIG_FILE} '{key}'")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     return tuple(names)

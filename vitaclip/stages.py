@@ -55,7 +55,7 @@ INTERNAL_ERROR = "error"
 # Kinds of read failure an opener's exception may name in its ``reason`` (the job's storage errors do).
 READ_REASONS = frozenset(
     {"not_found", "not_a_file", "broken_link", "changed", "read_error", "unavailable", "access_denied", "archived"}
-    | {"s3_error"}
+    | {"s3_error", "outside_folder"}
 )
 # Columns a listing may set for entries it already knows are unreadable (e.g. "broken_link"): no read is tried.
 LISTING_STATUS, LISTING_ERROR = "listing_status", "listing_error"

@@ -225,6 +225,7 @@ def _classify_input(location: str) -> _InputKind:
             reason="invalid_input",
             uri=location,
         )
+    _same_place_as_written(location)
     if os.path.isdir(location):
         return "folder"
     if os.path.isfile(location) and _is_manifest_name(location):
@@ -240,6 +241,22 @@ def _classify_input(location: str) -> _InputKind:
         reason="invalid_input",
         uri=location,
     )
+
+
+def _same_place_as_written(location: str) -> None:
+    """Refuses a local input whose ``..`` follows a symbolic link: the system resolves ``link/..`` to the link
+    target's parent, the listing (which spells paths without ``..``) to the folder holding the link, so the files
+    listed and the files read would be of two places."""
+    if ".." not in location.split(os.sep):
+        return
+    read, written = os.path.realpath(location), os.path.realpath(absolute_path(location))
+    if read != written:
+        raise StorageError(
+            f"input {printable_path(location)}: '..' after a symbolic link leads to {printable_path(read)}, the path "
+            f"as written to {printable_path(written)}: give the folder without '..'",
+            reason="invalid_input",
+            uri=location,
+        )
 
 
 def listed_scopes(inputs: Sequence[str], declared: Sequence[str] = ()) -> list[str]:
@@ -498,8 +515,12 @@ class _SkippedEntries:
             logging.WARNING if written else logging.INFO,
             "%s: %d %s left out: not named with a video extension (--extensions), such as %r (%s %d)",
             redact_url(self.location), self.count, "entry" if self.count == 1 else "entries",
-            redact_url(self.first.uri), "line" if written else "row", self.first.line,
+            _shortened(redact_url(self.first.uri)), "line" if written else "row", self.first.line,
         )  # fmt: skip
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -705,6 +726,13 @@ def _text_lines(chunks: Iterator[bytes], *, where: str) -> Iterator[tuple[int, s
             pending += decoder.decode(piece or b"", final=final)
         except UnicodeDecodeError as error:
             raise _decode_error(error, pending, number, encoding=encoding, where=where) from None
+        if len(pending) > MAX_MANIFEST_LINE_CHARS and not _LINE_END.search(pending, 0, MAX_MANIFEST_LINE_CHARS + 1):
+            raise StorageError(  # no path or URI is this long; read on, the line would take the memory it has
+                f"{where} line {number} is longer than {MAX_MANIFEST_LINE_CHARS} characters: not a list of paths or "
+                "URIs (one per line)",
+                reason="invalid_input",
+                uri=where,
+            )
         start = 0
         for end in _LINE_END.finditer(pending):
             if end.group() == "\r" and end.end() == len(pending) and not final:
@@ -714,6 +742,10 @@ def _text_lines(chunks: Iterator[bytes], *, where: str) -> Iterator[tuple[int, s
         pending = pending[start:]
     if pending:
         yield _checked_line(pending, number, where=where)
+
+
+MAX_MANIFEST_LINE_CHARS = 1 << 16
+"""Longest line of a text manifest: a Linux path is at most 4,096 bytes, an S3 key 1,024, a presigned URL a few KB."""
 
 
 def _checked_line(line: str, number: int, *, where: str) -> tuple[int, str]:

@@ -92,8 +92,8 @@ def _open_local(uri: str, etag: str | None, roots: Sequence[str] | None = None) 
             resolved, inside = os.path.realpath(path), os.path.realpath(folder)
             if not (resolved == inside or resolved.startswith(inside.rstrip(os.sep) + os.sep)):
                 raise StorageError(
-                    f"{printable_path(path)} is now a symbolic link to a file outside the listed folder: not read "
-                    "(--follow-outside-symlinks reads it)",
+                    f"{printable_path(path)} is a symbolic link to a file outside {printable_path(folder)}, a listed "
+                    "folder it is in: not read (--follow-outside-symlinks reads it)",
                     reason="outside_folder",
                     uri=uri,
                 )
