@@ -956,6 +956,90 @@ class _LingeringTransport:
         return self.lingering or self._transport.is_closing()
 
 
+class _HeadTimer:
+    """A uvicorn protocol's part closing a connection that has not sent a whole request head within
+    ``head_timeout_seconds`` of connecting or of the previous answer (`_HeadSize` counts the head's bytes)."""
+
+    head_timeout_seconds = 10.0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+    _head_timer: asyncio.TimerHandle | None = None
+    _in_head: bool
+    _head_bytes: int
+    _head_tail: bytes
+    _refused: Callable[[str], None]  # `_HeadSize`'s
+
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_seconds, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and not self.transport.is_closing():
+            if self._head_bytes or self.cycle is None:  # a head begun or never sent; not an idle keep-alive
+                self._refused("head_timeout")
+            self.transport.close()  # no request in progress: the head never came
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.cycle is not None and self.cycle.more_body:
+            # Answered before its body was read (413, a busy upload slot): the rest of the body is read and
+            # dropped by the parser, not counted as the next head (it was: 431 and a close, so the client,
+            # still sending, got a reset instead of the answer). The head timer bounds how long that takes.
+            self._in_head = False
+        else:
+            self._in_head, self._head_bytes, self._head_tail = True, 0, b""
+        self._arm()
+
+    def on_message_complete(self) -> None:  # httptools: a request's body has ended
+        super().on_message_complete()  # type: ignore[misc]
+        if self.cycle is not None and self.cycle.response_complete and not self._in_head:
+            self._in_head, self._head_bytes, self._head_tail = True, 0, b""  # the next request's head
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class _LingerOnClose:
+    """A uvicorn protocol's part: its connection closes through a `_LingeringTransport` (the rest of a body the
+    answer came before is read and dropped unparsed, then the connection closes), and each request's scope holds
+    whether its connection is closing (`CONNECTION_CLOSING`: the app's send then tells a client gone from a bug)."""
+
+    linger_seconds = 10.0
+    cycle: Any
+    transport: asyncio.Transport
+    _linger: _LingeringTransport
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._linger = _LingeringTransport(transport, self, linger_seconds=self.linger_seconds)
+        self.transport = self._linger  # type: ignore[assignment]  # uvicorn's cycles write through it
+
+    def _start_request(self, start: Callable[[], None]) -> None:
+        super()._start_request(start)  # type: ignore[misc]
+        if self.cycle is not None:
+            self.cycle.scope[CONNECTION_CLOSING] = self.transport.is_closing
+
+    def data_received(self, data: bytes) -> None:
+        if not self._linger.lingering:
+            super().data_received(data)  # type: ignore[misc]  # while lingering: dropped unparsed
+
+    def eof_received(self) -> bool | None:
+        if self._linger.lingering:
+            self._linger.close()  # the client has sent all it will
+            return None
+        return super().eof_received()  # type: ignore[misc,no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._linger.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
 class _SendTimeout:
     """A uvicorn protocol's part that closes a connection whose client reads nothing of an answer for
     ``send_limit_seconds``: the transport's buffer stays full (the transport paused writing) that long."""
@@ -1094,46 +1178,16 @@ def guarded_protocol(
         HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head larger than {max_head_bytes} bytes"
     )
 
-    class GuardedProtocol(_ConnectionLimit, _SendTimeout, _HeadSize, Base):  # type: ignore[misc]
+    class GuardedProtocol(_HeadTimer, _LingerOnClose, _ConnectionLimit, _SendTimeout, _HeadSize, Base):  # type: ignore[misc]
         send_limit_seconds = send_timeout_seconds
         head_limit_bytes = max_head_bytes if counts_head else None
         head_refusal = refusal
         refusal_hooks = (on_refusal,) if on_refusal is not None else ()
-        _head_timer: asyncio.TimerHandle | None = None
-        _linger: _LingeringTransport
+        linger_seconds = head_timeout_seconds = header_timeout_seconds
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._linger = _LingeringTransport(transport, self, linger_seconds=header_timeout_seconds)
-            self.transport = self._linger  # type: ignore[assignment]  # uvicorn's cycles write through it
             self._arm()
-
-        def _start_request(self, start: Callable[[], None]) -> None:
-            super()._start_request(start)
-            if self.cycle is not None:  # the app's send tells a client gone from a bug by this (`RequestLimits`)
-                self.cycle.scope[CONNECTION_CLOSING] = self.transport.is_closing
-
-        def data_received(self, data: bytes) -> None:
-            if not self._linger.lingering:
-                super().data_received(data)  # while lingering: the rest of a refused body, dropped unparsed
-
-        def eof_received(self) -> bool | None:
-            if self._linger.lingering:
-                self._linger.close()  # the client has sent all it will
-                return None
-            return super().eof_received()  # type: ignore[no-any-return]
-
-        def _arm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(header_timeout_seconds, self._head_timeout)
-
-        def _head_timeout(self) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete
-            if waiting and not self.transport.is_closing():
-                if self._head_bytes or self.cycle is None:  # a head begun or never sent; not an idle keep-alive
-                    self._refused("head_timeout")
-                self.transport.close()  # no request in progress: the head never came
 
         def on_headers_complete(self) -> None:  # httptools' request start
             self._in_head = False
@@ -1143,28 +1197,5 @@ def guarded_protocol(
             self._refused("bad_request")
             self.transport.write(_parser_refusal(HTTPStatus.BAD_REQUEST, msg))
             self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.cycle is not None and self.cycle.more_body:
-                # Answered before its body was read (413, a busy upload slot): the rest of the body is read and
-                # dropped by the parser, not counted as the next head (it was: 431 and a close, so the client,
-                # still sending, got a reset instead of the answer). The head timer bounds how long that takes.
-                self._in_head = False
-            else:
-                self._in_head, self._head_bytes, self._head_tail = True, 0, b""
-            self._arm()
-
-        def on_message_complete(self) -> None:  # httptools: a request's body has ended
-            super().on_message_complete()
-            if self.cycle is not None and self.cycle.response_complete and not self._in_head:
-                self._in_head, self._head_bytes, self._head_tail = True, 0, b""  # the next request's head
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._linger.cancel()
-            super().connection_lost(exc)
 
     return GuardedProtocol

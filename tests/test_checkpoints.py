@@ -1520,3 +1520,20 @@ def test_malformed_folder_configs_are_checkpoint_errors(
         with pytest.raises(CheckpointError, match=match) as raised:
             resolve_model(None, str(folder))  # what the job's driver plans with (no torch, no open_clip)
         assert str(raised.value).count(str(folder)) == 1
+
+
+def test_a_config_name_that_would_forge_or_bloat_the_model_id_is_refused(tmp_path: Path) -> None:
+    """The name starts every row's model id: one holding ``@sha256:`` made `vitaclip runs` show a forged hash, a
+    10 MB one was copied into every row, and one ending in .json was read back as a config file's path."""
+    vitaclip.save_checkpoint(vitaclip.create_model("vitaclip-tiny"), tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for name in ["vitaclip-b16@sha256:" + "0" * 64, "x" * 129, "a\nb", "other.json", "-flag", "a/b", ""]:
+        meta["config"]["name"] = name
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="letters, digits"):
+            vitaclip.registry.resolve_model(None, checkpoint=tmp_path / "ckpt")
+        with pytest.raises(ValueError, match="letters, digits"):
+            vitaclip.create_model(None, checkpoint=tmp_path / "ckpt")
+    meta["config"]["name"] = "my-model_v2.1"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    assert vitaclip.registry.resolve_model(None, checkpoint=tmp_path / "ckpt").model_id.startswith("my-model_v2.1@")

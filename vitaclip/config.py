@@ -154,6 +154,9 @@ class TextContextConfig:
             )
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 @dataclass(frozen=True)
 class VitaClipConfig:
     """A Vita-CLIP model: an open_clip ViT backbone plus learned video and text prompts.
@@ -195,7 +198,14 @@ class VitaClipConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_field_types(self, where=f"model config {self.name!r}: " if isinstance(self.name, str) else "")
+        check_field_types(self, where=f"model config {self.name[:60]!r}: " if isinstance(self.name, str) else "")
+        if not _MODEL_NAME.fullmatch(self.name) or self.name.endswith(".json"):
+            # It starts every row's model id (NAME@sha256:...+config:...) and names the config to load back.
+            shown = repr(self.name[:60]) + ("..." if len(self.name) > 60 else "")
+            raise ValueError(
+                f"model config name {shown}: letters, digits, '.', '_' and '-' only, at most 128 characters, starting "
+                "with a letter or digit and not ending in .json (it is the start of every row's model id)"
+            )
         if (self.backbone is None) == (self.backbone_config is None):
             raise ValueError(f"config {self.name!r}: give exactly one of backbone (a name) or backbone_config")
         if self.num_frames < 1:
