@@ -46,6 +46,15 @@ class SearchError(Exception):
         self.message = message
 
 
+class NoAnswer(SearchError):
+    """No HTTP answer came: the service could not be reached, or the connection broke or timed out (`status` 0)."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.status = 0
+        self.message = message
+
+
 class SearchClient:
     """Queries one search service.
 
@@ -106,6 +115,11 @@ class SearchClient:
             except ValueError:
                 message = str(err.reason)
             raise SearchError(err.code, str(message)) from None
+        except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out: no answer to report
+            reason = err.reason if isinstance(err, urllib.error.URLError) else err
+            raise NoAnswer(
+                f"no answer from {redact_url(self.url)} to {method} {path.split('?')[0]}: {reason}"
+            ) from None
 
     def _params(self, k: int, segments: bool, filters: dict[str, Any]) -> dict[str, Any]:
         params: dict[str, Any] = {"k": k, "segments": segments}

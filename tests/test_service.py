@@ -427,6 +427,15 @@ def test_python_client(server: str, indexed: Path) -> None:
         client.search("x", k=1000)
     with pytest.raises(ValueError, match="http"):
         SearchClient("localhost:8000")
+    # No answer at all (nothing listening, a reset): the client's own error, not urllib's, and no password in it
+    from index.client import NoAnswer
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(NoAnswer, match=rf"no answer from http://127.0.0.1:{port} to GET /healthz") as gone:
+        SearchClient(f"http://me:S3CRET@127.0.0.1:{port}").health()
+    assert gone.value.status == 0 and "S3CRET" not in str(gone.value) and isinstance(gone.value, SearchError)
 
 
 def test_the_client_authenticates_to_a_proxy_and_never_shows_its_password() -> None:
