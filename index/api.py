@@ -37,7 +37,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -89,6 +89,14 @@ class FilterFields(BaseModel):
     def filters(self) -> Filters:
         return Filters(label=self.label, min_duration=self.min_duration, max_duration=self.max_duration)
 
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k_digits(cls, value: Any) -> Any:
+        # From a query string: digits only (lax parsing took "5_0" for 50 and " 5 " for 5).
+        if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 6):
+            raise ValueError("k must be a whole number written in digits")
+        return value
+
     @model_validator(mode="after")
     def _durations_in_order(self) -> FilterFields:
         if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
@@ -116,7 +124,7 @@ class SearchRequest(FilterFields):
     text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS)
     video_id: str | None = Field(None, min_length=1, max_length=128, description="more like this indexed video")
     segment_index: int | None = Field(None, ge=0, strict=True, description="with video_id: more like this moment of it")
-    embedding: list[float] | None = Field(
+    embedding: list[Annotated[float, Strict()]] | None = Field(  # JSON numbers only: not true, not "1"
         None, min_length=1, max_length=MAX_EMBEDDING_DIM, description="a raw query vector of the index's dimension"
     )
 
@@ -283,6 +291,9 @@ async def _plain_json_body(request: Request) -> None:
     except RecursionError:  # thousands of nested brackets: the parser's recursion limit (no request nests so)
         msg = "the JSON body nests too deeply"
         raise RequestValidationError([{"loc": ["body"], "msg": msg, "type": "body_shape"}]) from None
+    except UnicodeDecodeError:  # FastAPI's parse would answer 400 "could not be read": a body that is not JSON is 422
+        msg = "the JSON body is not UTF-8 text"
+        raise RequestValidationError([{"loc": ["body"], "msg": msg, "type": "json_invalid"}]) from None
     except ValueError:
         return  # not JSON: FastAPI's own parse says so
     request._json = parsed  # what Starlette's `Request.json()` keeps: FastAPI takes it instead of parsing again

@@ -226,6 +226,10 @@ def embedding_query(values: Any, dim: int) -> np.ndarray:
         norm = float(np.linalg.norm(vector))
     if not math.isfinite(norm):
         raise QueryError("the embedding's length is not a finite number (its values are too large)")
-    if norm == 0.0:
-        raise QueryError("the embedding is the zero vector")
+    if norm == 0.0:  # or values so small that their squares underflow (1e-200): scaled up, their direction stays
+        scale = float(np.abs(vector).max())
+        if scale == 0.0:
+            raise QueryError("the embedding is the zero vector")
+        vector = vector / scale
+        norm = float(np.linalg.norm(vector))
     return (vector / norm).astype(np.float32)

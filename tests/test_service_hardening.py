@@ -406,6 +406,28 @@ def test_embeddings_whose_length_overflows_are_refused(client: TestClient) -> No
     assert response.status_code == 400 and "length is not a finite number" in response.json()["error"]
     large = client.post("/search", json={"embedding": [1e150] * 32, "k": 1})  # long, but its length is a number
     assert large.status_code == 200 and len(large.json()["results"]) == 1
+    # Values so small that their squares underflow have a direction too (it was "the embedding is the zero vector")
+    small = client.post("/search", json={"embedding": [1e-200] * 32, "k": 1})
+    assert small.status_code == 200 and small.json()["results"][0]["video_id"] == large.json()["results"][0]["video_id"]
+    zero = client.post("/search", json={"embedding": [0.0] * 32, "k": 1})
+    assert zero.status_code == 400 and "zero vector" in zero.json()["error"]
+
+
+@pytest.mark.parametrize("values", [[True] * 32, ["1"] * 32])
+def test_embedding_values_are_json_numbers(client: TestClient, values: list[Any]) -> None:
+    response = client.post("/search", json={"embedding": values})
+    assert response.status_code == 422 and "Input should be a valid number" in response.json()["error"]
+
+
+@pytest.mark.parametrize("k", ["5_0", "%205%20", "%D9%A5"])
+def test_k_in_a_query_string_is_digits(client: TestClient, k: str) -> None:
+    response = client.get(f"/search?q=x&k={k}")
+    assert response.status_code == 422 and "whole number written in digits" in response.json()["error"]
+
+
+def test_a_json_body_that_is_not_utf8_is_422(client: TestClient) -> None:
+    response = client.post("/search", content=b'{"text": "red\xff"}', headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "not UTF-8" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
