@@ -449,6 +449,12 @@ def test_a_config_json_edited_since_the_weights_were_saved_is_another_model(tmp_
     context = {**saved["config"]["text_context"], "init_words": "a video of a person doing this now"}  # init
     assert edit(text_context=context)[0] == original
     assert edit(mean=[0, 0, 0])[0] == edit(mean=[0.0, 0.0, 0.0])[0] != original  # numbers by value
+    # A class-specific context's label names say which learned row is which label: reordered, the same weights
+    # score other labels (the weights header records them since this was found; older files record nothing)
+    assert saved["config"]["text_context"]["kind"] == "class_specific" and len(set(saved["label_names"])) > 1
+    (folder / "config.json").write_text(json.dumps({**saved, "label_names": saved["label_names"][::-1]}))
+    relabelled = vitaclip.create_model(None, checkpoint=folder).model_id
+    assert relabelled.startswith(original + "+config:") and relabelled == resolve_model(None, folder).model_id
     (folder / "config.json").write_text(json.dumps(saved))
     assert resolve_model(None, folder).model_id == original
     # Reading the saved config never blocks: weights replaced by a FIFO are refused at load, not waited on.

@@ -196,27 +196,44 @@ def _span(path: Path, name: str, entry: Any) -> tuple[int, int, str]:
 _NOT_MODEL_FIELDS = frozenset({"name", "num_frames", "label_set", "seed"})
 
 
+LABEL_NAMES_SHA256 = "label_names_sha256"
+"""The weights header's record of a class-specific context's label names (which learned row is which label)."""
+
+
+def label_names_digest(names: Any) -> str:
+    return hashlib.sha256(json.dumps(names, ensure_ascii=False).encode()).hexdigest()
+
+
 def recorded_config(weights: Path) -> dict[str, Any] | None:
     """The model config ``model.safetensors`` was saved with (its header's ``__metadata__``), or None where it
     records none (a file made elsewhere) or one this vitaclip cannot read. Reads the header only."""
+    metadata = recorded_metadata(weights)
+    try:
+        config = json.loads(metadata["config"]) if isinstance(metadata.get("config"), str) else None
+    except (ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def recorded_metadata(weights: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of the weights file's safetensors header (empty where it has none or cannot be read)."""
     try:
         if weights.resolve(strict=True).parent != weights.parent.resolve(strict=True):
-            return None  # a link out of the folder: never read (the load refuses it)
+            return {}  # a link out of the folder: never read (the load refuses it)
         # Never blocks: a FIFO or device named as the weights is no file to read (the load refuses it).
         fd = os.open(weights, os.O_RDONLY | os.O_NONBLOCK)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            return None
+            return {}
         with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             if not 2 <= length <= _MAX_HEADER_BYTES:
-                return None
+                return {}
             metadata = json.loads(f.read(length)).get("__metadata__") or {}
-        config = json.loads(metadata["config"]) if isinstance(metadata.get("config"), str) else None
     except (OSError, ValueError, RecursionError, AttributeError, TypeError, RuntimeError):
-        return None  # TypeError: a read that would block gives None; RuntimeError: a symlink loop (Python < 3.13)
-    return config if isinstance(config, dict) else None
+        return {}  # TypeError: a read that would block gives None; RuntimeError: a symlink loop (Python < 3.13)
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def model_fields(config: dict[str, Any]) -> str | None:
@@ -255,14 +272,22 @@ def config_suffix(meta: dict[str, Any], weights: Path) -> str:
     The id names the weights file, whose header records the config it was saved with; a config.json edited since
     (another mean and std, tokenizer or tower option) makes other embeddings from the same weights, so it is another
     model, with rows and an index of its own, never mixed with the first one's under one id."""
+    recorded = recorded_metadata(weights)
     saved = recorded_config(weights)
     current = meta.get("config")
     if saved is None or not isinstance(current, dict):
         return ""
     now, then = model_fields(current), model_fields(saved)
-    if now is None or then is None or now == then:  # one that does not parse: refused at load, or not a record
+    if now is None or then is None:  # one that does not parse: refused at load, or not a record
         return ""
-    return "+config:" + hashlib.sha256(now.encode()).hexdigest()[:12]
+    # A class-specific context's label names say which learned row is which label: reordered or renamed in
+    # config.json, the same weights score other labels (recorded at save time; older files record nothing).
+    labels_then = recorded.get(LABEL_NAMES_SHA256)
+    labels_now = label_names_digest(meta.get("label_names")) if isinstance(labels_then, str) else None
+    if now == then and labels_now == labels_then:
+        return ""
+    key = now if labels_now == labels_then else f"{now}\0label_names:{labels_now}"
+    return "+config:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def check_folder(path: str | Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from vitaclip.checkpoint_folder import (
     CONFIG_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LABEL_NAMES_SHA256,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_config,
@@ -57,6 +58,7 @@ from vitaclip.checkpoint_folder import (
     file_sha256,
     is_packaged_data_file,
     is_vitaclip_checkpoint,
+    label_names_digest,
     read_folder_meta,
     recorded_labels,
     verified_weights,
@@ -821,7 +823,11 @@ def save_checkpoint(model: VitaClip, out_dir: str | Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".tmp")
     os.close(fd)
     try:
-        _save_safetensors(state, tmp, {"format": FORMAT_NAME, "config": config.to_json()})
+        metadata = {"format": FORMAT_NAME, "config": config.to_json()}
+        if model.text_context is not None and config.text_context is not None:
+            if config.text_context.kind == "class_specific":  # which learned row is which label
+                metadata[LABEL_NAMES_SHA256] = label_names_digest(list(model.text_context.label_names))
+        _save_safetensors(state, tmp, metadata)
         sha = file_sha256(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, out_dir / WEIGHTS_FILE)
