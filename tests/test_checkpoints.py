@@ -1543,3 +1543,24 @@ def test_a_config_name_that_would_forge_or_bloat_the_model_id_is_refused(tmp_pat
     meta["config"]["name"] = "my-model_v2.1"
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
     assert vitaclip.registry.resolve_model(None, checkpoint=tmp_path / "ckpt").model_id.startswith("my-model_v2.1@")
+
+
+def test_a_json_config_named_like_a_registered_model_but_other_is_another_model(tmp_path: Path) -> None:
+    """``--model edited.json`` keeping the registered name with other mean and std: the same weights file gave
+    other embeddings under the registered model's id (rows of two models in one table and one index)."""
+    config = vitaclip.get_model_config("vitaclip-tiny")
+    weights = tmp_path / "clip.pt"
+    torch.save(vitaclip.create_model(config).clip.state_dict(), weights)
+    edited = tmp_path / "tiny-mean.json"
+    edited.write_text(json.dumps({**config.to_dict(), "mean": [0.9, 0.1, 0.1]}))
+    same = tmp_path / "tiny-same.json"
+    same.write_text(json.dumps({**config.to_dict(), "num_frames": 4}))  # frames are a row setting, not the model
+    plain = resolve_model("vitaclip-tiny", weights).model_id
+    other = resolve_model(str(edited), weights).model_id
+    assert "+config:" not in plain and other.startswith(plain + "+config:")
+    assert vitaclip.create_model(str(edited), checkpoint=weights).model_id == other  # what the actors load
+    assert vitaclip.create_model("vitaclip-tiny", checkpoint=weights).model_id == plain
+    assert resolve_model(str(same), weights).model_id == plain
+    renamed = tmp_path / "mine.json"  # a name of its own is its own model: no suffix needed
+    renamed.write_text(json.dumps({**config.to_dict(), "name": "mine", "mean": [0.9, 0.1, 0.1]}))
+    assert resolve_model(str(renamed), weights).model_id.startswith("mine@sha256:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,22 @@ def get_model_config(name: str) -> VitaClipConfig:
     raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
 
 
+def preset_suffix(config: VitaClipConfig) -> str:
+    """What a model id adds for a config named like a registered model but describing another one (a JSON config
+    file or an edited config object keeping the registered name, with other mean and std, text context or tower
+    options): ``+config:<12 hex digits>`` of its model fields (`vitaclip.checkpoint_folder.model_fields`), so that
+    the same weights under it never share an id with the registered model; empty otherwise."""
+    from vitaclip.checkpoint_folder import model_fields
+
+    preset = _presets().get(config.name)
+    if preset is None:
+        return ""
+    now, then = model_fields(config.to_dict()), model_fields(preset.to_dict())
+    if now is None or then is None or now == then:
+        return ""
+    return "+config:" + hashlib.sha256(now.encode()).hexdigest()[:12]
+
+
 def create_model(
     name: str | VitaClipConfig | None,
     *,
@@ -139,6 +156,8 @@ def create_model(
     else:
         assert config is not None
         model = VitaClip(config, label_names=label_names)
+    if config is not None and not (checkpoint is not None and is_vitaclip_checkpoint(checkpoint)):
+        model.id_suffix = preset_suffix(model.config)  # a folder's id follows its own recorded config instead
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -200,7 +219,7 @@ def resolve_model(
         config, model_id, defaults = _config_of(meta, found), _id_of(meta, found), _labels_of(meta, found)
     else:
         config = _named_config(name)
-        model_id = _id_of_named(config, found)
+        model_id = _id_of_named(config, found) + preset_suffix(config)
         defaults = _label_set(config.label_set)
     return ResolvedModel(
         name=name,
