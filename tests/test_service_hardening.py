@@ -463,7 +463,7 @@ def test_framework_refusals_have_the_service_shape(client: TestClient) -> None:
     assert client.put("/healthz").headers["allow"] == "GET, HEAD"
     assert client.get("/search/upload").headers["allow"] == "POST"
     response = client.post("/search", content=b'{"text": "\xff\xfe"}', headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and response.json() == {"error": "the request body could not be read"}
+    assert response.status_code == 422 and response.json()["error"] == "the JSON body is not UTF-8 text"  # not JSON
     assert client.get("/nothing").json() == {"error": "not found"}
 
 
