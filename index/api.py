@@ -94,7 +94,7 @@ class FilterFields(BaseModel):
     def _k_digits(cls, value: Any) -> Any:
         # From a query string: digits only (lax parsing took "5_0" for 50 and " 5 " for 5).
         if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 6):
-            raise ValueError("k must be a whole number written in digits")
+            raise ValueError("must be a whole number written in digits")
         return value
 
     @model_validator(mode="after")

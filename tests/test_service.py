@@ -66,7 +66,7 @@ def server(service: SearchService) -> Iterator[str]:
         ("q=%20%20", "q is empty"),
         ("q=" + "x" * 501, "q: String should have at most 500 characters"),
         ("q=cat&k=0", "k: Input should be greater than or equal to 1"),
-        ("q=cat&k=abc", "k: Input should be a valid integer"),
+        ("q=cat&k=abc", "k: must be a whole number written in digits"),
         ("q=cat&k=101", "k: Input should be less than or equal to 100"),
         ("q=cat&colour=red", "colour: Extra inputs are not permitted"),
         ("q=cat&min_duration=long", "min_duration: Input should be a valid number"),
