@@ -233,13 +233,14 @@ class _Snapshot:
     version: int
     sizes: dict[str, int]
     model_range: dict[str, tuple[str | None, str | None]]
+    transactions: dict[str, int | None]  # of the app ids asked for
 
     def may_hold(self, path: str, model_id: str) -> bool:
         low, high = self.model_range.get(path, (None, None))
         return (low is None or low <= model_id) and (high is None or model_id <= high)
 
 
-def _snapshot(location: OutputLocation, table: str, version: int | None = None) -> _Snapshot:
+def _snapshot(location: OutputLocation, table: str, version: int | None = None, apps: Iterable[str] = ()) -> _Snapshot:
     dt = dlt.open_table(location, table, version=version)
     if dt is None:
         raise FileNotFoundError(f"no Delta table at {location.table_uri(table)}; create_tables first")
@@ -250,7 +251,8 @@ def _snapshot(location: OutputLocation, table: str, version: int | None = None) 
     highs = (
         actions.column("max.model_id").to_pylist() if "max.model_id" in actions.column_names else [None] * len(paths)
     )
-    return _Snapshot(dt.version(), sizes, dict(zip(paths, zip(lows, highs, strict=True), strict=True)))
+    ranges = dict(zip(paths, zip(lows, highs, strict=True), strict=True))
+    return _Snapshot(dt.version(), sizes, ranges, {app_id: dt.transaction_version(app_id) for app_id in apps})
 
 
 def _stats_allow(stats: Mapping[str, Any], model_id: str) -> bool:
@@ -636,6 +638,9 @@ class Committer:
         current_etags: Looks up the ETags objects have now (``uris -> etags``, None where unknown). With it, a video
             whose row another run committed meanwhile, of another version of the object, is left out when that row
             is of the object as it is now and ours is not (our listing was the older): `superseded`.
+        require: App transaction versions of the videos table every round needs (the run's row settings,
+            `index.row_settings`): checked before its segments commit and, atomically, by its videos commit; another
+            version raises `delta_tables.RecordChangedError` and the round commits nothing more.
     """
 
     def __init__(
@@ -649,6 +654,7 @@ class Committer:
         max_rounds: int = 20,
         before_videos_commit: Callable[[], None] | None = None,
         current_etags: Callable[[Sequence[str]], Sequence[str | None]] | None = None,
+        require: Mapping[str, int] | None = None,
     ) -> None:
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
@@ -659,6 +665,7 @@ class Committer:
         self._rewrite: Rewrite = rewrite or dlt.rewrite_without
         self._before_videos_commit = before_videos_commit
         self._current_etags = current_etags
+        self._require = dict(require or {})
         self._embed_dim = dlt.table_embed_dim(location, "videos")
         self._reconciled = {table: int(versions[table]) for table in dlt.TABLES}
         self._round = 0
@@ -779,7 +786,15 @@ class Committer:
 
     def _commit_round(self, attempt: int) -> CommitReport:
         self._round += 1
-        snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
+        snapshots = {table: _snapshot(self.location, table, apps=self._require) for table in dlt.TABLES}
+        for app_id, expected in self._require.items():  # early: the videos commit checks again, atomically
+            found = snapshots["videos"].transactions[app_id]
+            if found != expected:
+                raise dlt.RecordChangedError(
+                    f"the videos table records {app_id} version {found} at {snapshots['videos'].version}, not "
+                    f"{expected}",
+                    app_id=app_id, expected=expected, found=found,
+                )  # fmt: skip
         for table in dlt.TABLES:
             self._follow_log(table, snapshots[table])
         pending = self._pending_keys()
@@ -813,6 +828,7 @@ class Committer:
                 app_id=f"vitaclip:{self.run_id}:videos",
                 app_version=self._round,
                 metadata={**metadata, "vitaclip.videos": str(plan.video_rows)},
+                require=self._require,
             )
             self._reconciled["videos"] = versions["videos"]
             self._apply_moves("videos", plan.moves)

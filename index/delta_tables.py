@@ -104,6 +104,15 @@ class CommitConflict(RuntimeError):
     """Another writer committed to the table since the version a commit was planned against."""
 
 
+class RecordChangedError(ValueError):
+    """An app transaction a commit required (`commit`'s ``require``) has another version at the version it commits
+    on: another writer changed what the commit's rows depend on (`index.row_settings`). Not retried."""
+
+    def __init__(self, message: str, *, app_id: str, expected: int, found: int | None) -> None:
+        super().__init__(message)
+        self.app_id, self.expected, self.found = app_id, expected, found
+
+
 class LogUnavailableError(LookupError):
     """A commit of the Delta log is gone (cleaned up after its retention): read the table in full instead."""
 
@@ -817,6 +826,11 @@ def check_writable(dt: DeltaTable, table: str) -> None:
     ):
         if config.get(key) == "true":
             raise TableMismatchError(f"{where} has {what} on ({key}), which a run does not write: {fix}")
+    if "delta.settransactionretentionduration" in config:
+        raise TableMismatchError(
+            f"{where} expires app transactions (delta.setTransactionRetentionDuration), in which runs record their "
+            f"row settings and commits: {fix}"
+        )
     unknown = sorted(set(dt.protocol().writer_features or ()) - _WRITER_FEATURES_KNOWN)
     if unknown:
         raise TableMismatchError(
@@ -1059,6 +1073,7 @@ def commit(
     app_id: str,
     app_version: int,
     metadata: Mapping[str, str],
+    require: Mapping[str, int] | None = None,
 ) -> int:
     """Adds and removes data files in one atomic commit at exactly ``read_version + 1``; returns that version.
 
@@ -1074,9 +1089,11 @@ def commit(
         app_id: Identifies the writer (e.g. ``vitaclip-index``).
         app_version: Increases with each commit of that writer.
         metadata: Custom keys for the commit (run id, counts); they land at the top level of the commit info.
+        require: App transaction versions the commit needs at `read_version` (a later change is a conflict).
 
     Raises:
         CommitConflict: Another writer committed since `read_version`.
+        RecordChangedError: An app transaction of `require` has another version at `read_version`.
         ValueError: A file of another table, or a removal of a file the table does not hold at `read_version`.
     """
     _check_table_name(table)
@@ -1091,6 +1108,7 @@ def commit(
             f"{location.table_uri(table)} is at version {latest.version()}, the commit was planned at {read_version}"
         )
     check_writable(latest, table)  # settings an analyst changed while the run worked: refused, not retried
+    check_records(latest, require or {})
     _check_added_files_exist(location, table, adds)
     if removes:
         held = {urllib.parse.unquote(path) for path in pa.table(latest.get_add_actions()).column("path").to_pylist()}
@@ -1124,6 +1142,40 @@ def commit(
         latest.create_write_transaction(actions, "append", latest.schema(), commit_properties=properties)
     except CommitFailedError as exc:
         raise CommitConflict(f"{location.table_uri(table)} changed since version {read_version}: {exc}") from exc
+    return read_version + 1
+
+
+def check_records(dt: DeltaTable, require: Mapping[str, int]) -> None:
+    """Raises `RecordChangedError` for the first app id of `require` whose transaction version `dt` does not hold."""
+    for app_id, expected in require.items():
+        found = dt.transaction_version(app_id)
+        if found != expected:
+            raise RecordChangedError(
+                f"{dt.table_uri.rstrip('/')} records {app_id} version {found} at table version {dt.version()}, not "
+                f"{expected}",
+                app_id=app_id, expected=expected, found=found,
+            )  # fmt: skip
+
+
+def record(dt: DeltaTable, app_id: str, version: int, *, metadata: Mapping[str, str] | None = None) -> int:
+    """Records an app transaction ``(app_id, version)`` in a commit of its own at exactly ``dt.version() + 1``, which
+    adds and removes no data file; returns that version.
+
+    Delta keeps the last version of each app id in the table's state (`DeltaTable.transaction_version`), so this is
+    a small record ordered with every commit: one that `commit` requires (``require``) either lands before it, or
+    conflicts and sees it.
+
+    Raises:
+        CommitConflict: Another writer committed after `dt`'s version.
+    """
+    read_version = dt.version()
+    properties = CommitProperties(
+        custom_metadata=dict(metadata or {}), max_commit_retries=0, app_transactions=[Transaction(app_id, version)]
+    )
+    try:
+        dt.create_write_transaction([], "append", dt.schema(), commit_properties=properties)
+    except CommitFailedError as exc:
+        raise CommitConflict(f"{dt.table_uri.rstrip('/')} changed since version {read_version}: {exc}") from exc
     return read_version + 1
 
 

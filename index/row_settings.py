@@ -1,4 +1,4 @@
-"""The settings a model's rows were made with, recorded once per output: ``OUT/settings/<hash of model_id>.json``.
+"""The settings a model's rows were made with, recorded once per output and checked by every commit.
 
 A row's embedding depends on the frames sampled (``num_frames``) and, for the segments table, on the segment length;
 its labels on the label set and ``top_k``. Planning skips every video already indexed under the model id, so a run
@@ -8,8 +8,15 @@ before any work and is refused on a difference (`SettingsMismatchError`), naming
 make its settings the recorded ones (``--replace-settings``: rows indexed before keep theirs until their videos
 change).
 
-The record is written with a conditional write (`index.stores.Store.put_if`), so two first runs with different
-settings on one new output cannot both record theirs: the second sees the first's and is refused.
+Where they are recorded: an app transaction of the videos table, ``vitaclip.row_settings.<hash of model_id>``, whose
+version is a digest of the settings (Delta keeps each app id's last version in the table's state), and
+``OUT/settings/<hash of model_id>/<digest>.json`` what they are. The transaction is the record: it is set by a
+conditional commit of its own (`delta_tables.record`), and each of a run's videos commits requires it to be the
+run's at the version it commits on (`delta_tables.commit`'s ``require``). A run that replaced the settings while
+another was running is thus ordered in the table's log like any commit: the other run's rows committed before it
+stand, and every commit after it fails (the other run stops, saying so) instead of adding rows of the old kind.
+Outputs written before this record existed hold ``OUT/settings/<hash of model_id>.json`` alone; it is read while
+the table records nothing for the model, and the first run that checks it records it.
 """
 
 from __future__ import annotations
@@ -24,14 +31,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from index import delta_tables as dlt
+from index.delta_tables import CommitConflict
 from index.stores import Store
 from vitaclip.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 SETTINGS_DIR = "settings"
+APP_PREFIX = "vitaclip.row_settings."
+"""App ids ``APP_PREFIX + <hash of model_id>`` of the videos table: the digest of the model's recorded settings."""
 _FORMAT = 1
-_MAX_TRIES = 8  # conditional writes lost to other runs, each of which then recorded settings to compare with
+_MAX_TRIES = 8  # conditional commits lost to other writers, after each of which the record is read again
 _NAMES_SHOWN = 3
 
 
@@ -55,9 +66,18 @@ class RowSettings:
         if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
             raise ValueError(f"segment_seconds must be > 0 and finite, got {self.segment_seconds}")
 
-    def to_json(self) -> bytes:
+    def _record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"format": _FORMAT, **dataclasses.asdict(self)}
         record["labels"] = list(self.labels)
+        return record
+
+    def digest(self) -> int:
+        """60 bits naming these settings: the version of the table's record, and (in hex) its file's name."""
+        canonical = json.dumps(self._record(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return int(hashlib.sha256(canonical.encode()).hexdigest()[:15], 16)
+
+    def to_json(self) -> bytes:
+        record = self._record()
         record["recorded_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return json.dumps(record, indent=1).encode()
 
@@ -115,9 +135,59 @@ def _label_change(recorded: tuple[str, ...], ours: tuple[str, ...]) -> str:
     return f"{len(recorded)} recorded, {len(ours)} in this run; " + " and ".join(parts)
 
 
-def settings_path(model_id: str) -> str:
-    """Where a model's settings are recorded, relative to the output (model ids hold ``:``, kept out of names)."""
-    return f"{SETTINGS_DIR}/{hashlib.sha256(model_id.encode()).hexdigest()[:24]}.json"
+def _model_hash(model_id: str) -> str:
+    return hashlib.sha256(model_id.encode()).hexdigest()[:24]  # model ids hold ``:``, kept out of names and keys
+
+
+def settings_app_id(model_id: str) -> str:
+    """The videos table's app id whose transaction version is the digest of a model's settings."""
+    return APP_PREFIX + _model_hash(model_id)
+
+
+def settings_path(model_id: str, digest: int) -> str:
+    """Where the settings of `digest` are written, relative to the output."""
+    return f"{SETTINGS_DIR}/{_model_hash(model_id)}/{digest:015x}.json"
+
+
+def legacy_settings_path(model_id: str) -> str:
+    """Where outputs written before the table's record recorded a model's settings."""
+    return f"{SETTINGS_DIR}/{_model_hash(model_id)}.json"
+
+
+def required_records(settings: RowSettings) -> dict[str, int]:
+    """What each videos commit of a run with `settings` requires of the table (`delta_tables.commit`)."""
+    return {settings_app_id(settings.model_id): settings.digest()}
+
+
+def recorded_settings(store: Store, model_id: str, digest: int | None) -> RowSettings | None:
+    """The settings recorded for `model_id` on an output whose videos table records `digest` for it (None: none,
+    or only in the file of earlier versions).
+
+    Raises:
+        ValueError: The record the table names is missing or damaged (the message names its file).
+    """
+    if digest is None:
+        path = legacy_settings_path(model_id)
+        try:
+            data = store.get_bytes(path)
+        except FileNotFoundError:
+            return None
+        recorded = RowSettings.from_json(data, where=redact_url(store.url_for(path)))
+    else:
+        path = settings_path(model_id, digest)
+        where = redact_url(store.url_for(path))
+        try:
+            recorded = RowSettings.from_json(store.get_bytes(path), where=where)
+        except FileNotFoundError:
+            raise ValueError(
+                f"{where}: the record of the row settings the videos table names for {model_id} is missing; restore "
+                "it, or pass --replace-settings to record this run's"
+            ) from None
+        if recorded.digest() != digest:
+            raise ValueError(f"{where}: not the settings of its name (edited?); restore it or pass --replace-settings")
+    if recorded.model_id != model_id:
+        raise ValueError(f"{redact_url(store.url_for(path))} records model {recorded.model_id!r}, not {model_id!r}")
+    return recorded
 
 
 def check_row_settings(
@@ -130,57 +200,102 @@ def check_row_settings(
     """Records `settings` for the output's first run with this model; later runs must match them.
 
     Args:
-        store: The run's output.
+        store: The run's output; its tables exist (`delta_tables.create_tables`).
         settings: This run's settings.
-        replace: Record `settings` over different recorded ones instead of refusing the run.
+        replace: Record `settings` over different (or unreadable) recorded ones instead of refusing the run.
         has_rows: Whether the output may hold rows of the model: when it holds none, different recorded settings
             describe nothing (a run refused or failed before its first commit recorded them) and are replaced
-            without `replace`. Not for a running run's checks: a run that has not committed yet would take over
-            the settings of another one that is about to.
+            without `replace`. A run that recorded them and commits later fails then (its commits require them).
 
     Returns:
         The settings recorded before this run when `replace` replaced them, else None.
 
     Raises:
         SettingsMismatchError: Recorded settings differ and `replace` is false; the message names each difference.
-        ValueError: The record is damaged or from an unknown version.
+        ValueError: The record is damaged or from an unknown version (and `replace` is false).
     """
-    path = settings_path(settings.model_id)
+    app_id, ours = settings_app_id(settings.model_id), settings.digest()
+    replaced: RowSettings | None = None
     for _ in range(_MAX_TRIES):
-        current = store.get_versioned(path)
-        if current is None:
-            if store.put_if(path, settings.to_json(), None):
-                log.info("recorded the row settings of %s in %s", settings.model_id, path)
-                return None
-            continue  # another run recorded first: compare with theirs
-        data, token = current
-        recorded = RowSettings.from_json(data, where=redact_url(store.url_for(path)))
-        if recorded.model_id != settings.model_id:
-            raise ValueError(
-                f"{redact_url(store.url_for(path))} records model {recorded.model_id!r}, not {settings.model_id!r}"
-            )
-        found = settings.differences(recorded)
-        if not found:
-            return None
-        unused = not replace and has_rows is not None and not has_rows()
-        if not replace and not unused:
+        dt = dlt.open_table(store.location, "videos")
+        if dt is None:
+            raise FileNotFoundError(f"no videos table at {redact_url(store.url)}: create the tables first")
+        digest = dt.transaction_version(app_id)
+        if digest == ours:
+            return replaced  # recorded (by this call's commit that lost its answer, or by a run like this one)
+
+        def unused() -> bool:  # asked only when the record differs: it reads the table's file statistics
+            return not replace and has_rows is not None and not has_rows()
+
+        try:
+            recorded = recorded_settings(store, settings.model_id, digest)
+        except ValueError as damaged:
+            if not (replace or unused()):
+                raise
+            log.warning("the recorded row settings cannot be read and are replaced by this run's: %s", damaged)
+            recorded = None
+        found = [] if recorded is None else settings.differences(recorded)
+        if found and not replace and not unused():
             raise SettingsMismatchError(_mismatch_message(store, settings.model_id, found))
-        if unused:
-            if store.put_if(path, settings.to_json(), token):
-                log.info(
-                    "the recorded row settings of %s describe no committed rows (a run stopped before its first "
-                    "commit recorded them): this run's replace them (%s)",
-                    settings.model_id, "; ".join(found),
-                )  # fmt: skip
-                return None
-            continue  # changed meanwhile: compare again
-        if store.put_if(path, settings.to_json(), token):
+        store.put_if(settings_path(settings.model_id, ours), settings.to_json(), None)  # False: written already
+        try:
+            dlt.record(dt, app_id, ours, metadata={"vitaclip.row_settings_of": settings.model_id})
+        except CommitConflict:
+            continue  # another writer committed first: read the record again
+        replaced = recorded if found and replace else None
+        if not found:
+            log.info("recorded the row settings of %s (%s)", settings.model_id, app_id)
+        elif replace:
             log.warning(
                 "row settings of %s replaced (%s); rows indexed before keep the old ones until their videos change",
                 settings.model_id, "; ".join(found),
             )  # fmt: skip
-            return recorded
-    raise RuntimeError(f"{redact_url(store.url_for(path))} kept changing under {_MAX_TRIES} tries; run again")
+        else:
+            log.info(
+                "the recorded row settings of %s describe no committed rows (a run stopped before its first commit "
+                "recorded them): this run's replace them (%s)",
+                settings.model_id, "; ".join(found),
+            )  # fmt: skip
+        return replaced
+    raise RuntimeError(f"the videos table of {redact_url(store.url)} kept changing under {_MAX_TRIES} tries; run again")
+
+
+def changed_during_run(store: Store, settings: RowSettings) -> SettingsMismatchError:
+    """The error of a run whose commit found another run's settings recorded (`delta_tables.RecordChangedError`)."""
+    try:
+        dt = dlt.open_table(store.location, "videos")
+        digest = dt.transaction_version(settings_app_id(settings.model_id)) if dt is not None else None
+        recorded = recorded_settings(store, settings.model_id, digest)
+        found = [] if recorded is None else settings.differences(recorded)
+        detail = _mismatch_message(store, settings.model_id, found) if found else "their record names other ones"
+    except (ValueError, OSError) as exc:
+        detail = f"their record cannot be read: {exc}"
+    return SettingsMismatchError(
+        f"another run recorded other row settings during this run, whose uncommitted rows are dropped: {detail}"
+    )
+
+
+def recorded_per_model(store: Store) -> list[RowSettings]:
+    """The row settings recorded per model on an output (for ``vitaclip runs``); unreadable records are left out."""
+    try:
+        dt = dlt.open_table(store.location, "videos")
+    except (ValueError, OSError):
+        dt = None
+    found: dict[str, RowSettings] = {}  # by the hash of the model id
+    for name in store.list(f"{SETTINGS_DIR}/"):
+        if not name.endswith(".json"):
+            continue
+        try:
+            settings = RowSettings.from_json(store.get_bytes(name), where=name)
+        except (ValueError, FileNotFoundError):
+            continue
+        if settings.model_id in found:
+            continue
+        digest = dt.transaction_version(settings_app_id(settings.model_id)) if dt is not None else None
+        legacy = name == legacy_settings_path(settings.model_id)
+        if (digest is None and legacy) or (digest is not None and name == settings_path(settings.model_id, digest)):
+            found[settings.model_id] = settings
+    return list(found.values())
 
 
 def _mismatch_message(store: Store, model_id: str, found: list[str]) -> str:

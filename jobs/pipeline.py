@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from index.commits import CommitReport, Committer, WrittenBatch
 from index.delta_tables import (
     OutputLocation,
+    RecordChangedError,
     create_tables,
     detect_old_layout,
     may_hold_model,
@@ -52,7 +53,7 @@ from index.delta_tables import (
     vacuum,
 )
 from index.media import roots_of_inputs
-from index.row_settings import RowSettings, SettingsMismatchError, check_row_settings
+from index.row_settings import RowSettings, changed_during_run, check_row_settings, required_records
 from index.schema import STATUS_OK, video_id_for
 from index.segments import INDEX_DIR, INFO_FILE
 from jobs.config import IndexJobConfig
@@ -298,7 +299,7 @@ class Commits:
         *,
         commit_seconds: float,
         hooks: RunHooks,
-        settings_check: Callable[[], None] | None = None,
+        settings_changed: Callable[[], Exception] | None = None,
         on_commit: Callable[[], None] | None = None,
         planned_videos: int = 0,
     ) -> None:
@@ -307,7 +308,7 @@ class Commits:
         self.on_commit = on_commit  # the run record's sign of life
         self.commit_seconds = commit_seconds
         self.hooks = hooks
-        self.settings_check = settings_check  # raises when the output's recorded row settings are no longer the run's
+        self.settings_changed = settings_changed  # the error of a commit refused for other recorded row settings
         self.in_flight: dict[Any, Any] = {}  # a write's metadata reference -> its leftover clips' reference
         self.leftovers: list[tuple[Any, int, list[str]]] = []
         self.received = 0
@@ -369,9 +370,12 @@ class Commits:
             return
         if self.hooks.before_commit:
             self.hooks.before_commit()
-        if self.settings_check is not None:
-            self.settings_check()
-        report = self.committer.commit()
+        try:
+            report = self.committer.commit()
+        except RecordChangedError:
+            if self.settings_changed is None:
+                raise
+            raise self.settings_changed() from None
         self.reports.append(report)
         log.info(
             "committed %d videos and %d segment rows: tables at versions %s",
@@ -652,10 +656,11 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             location, model_id=model.model_id, run_id=record.run_id, versions=versions,
             before_videos_commit=hooks.before_videos_commit,
             current_etags=functools.partial(current_etags, endpoint_url=config.s3_endpoint_url),
+            require=required_records(settings),
         )  # fmt: skip
         commits = Commits(
             committer, commit_seconds=config.commit_seconds, hooks=hooks, on_commit=record.alive,
-            settings_check=lambda: settings_unchanged(store, settings), planned_videos=sum(b.videos for b in blocks),
+            settings_changed=lambda: changed_during_run(store, settings), planned_videos=sum(b.videos for b in blocks),
         )  # fmt: skip
         if blocks:
             ds = index_dataset(config, blocks, model, pools)
@@ -792,21 +797,6 @@ def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:
         top_k=min(config.top_k, len(model.label_names)),
         labels=tuple(model.label_names),
     )
-
-
-def settings_unchanged(store: Store, settings: RowSettings) -> None:
-    """Checked before each commit: a run that replaced the output's row settings since this run started (``--replace-
-    settings``) makes this run's rows the old kind, which it must not commit after that run's.
-
-    Raises:
-        SettingsMismatchError: The recorded settings are no longer this run's; nothing more of it is committed.
-    """
-    try:
-        check_row_settings(store, settings)
-    except SettingsMismatchError as exc:
-        raise SettingsMismatchError(
-            f"another run recorded other row settings during this run, whose uncommitted rows are dropped: {exc}"
-        ) from None
 
 
 def model_load_error(exc: BaseException) -> ValueError | None:

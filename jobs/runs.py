@@ -2,7 +2,8 @@
 
 What an operator checks after a night: did the run commit, how much did it do, what failed, and how long it took;
 a run whose record still says ``running`` either runs now or lost its driver (a kill leaves the record as it was).
-Reads only the last `last` records (run ids sort by start time) and the settings records, never the tables.
+Reads only the last `last` records (run ids sort by start time), the settings records and the videos table's
+properties (its log), never a data file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from index.row_settings import SETTINGS_DIR, RowSettings
+from index.row_settings import RowSettings, recorded_per_model
 from index.stores import Store
 from vitaclip.redact import redact_text, redact_url, terminal_text
 
@@ -46,15 +47,8 @@ def _no_constant(name: str) -> None:
 
 
 def read_settings(store: Store) -> list[RowSettings]:
-    """The row settings recorded per model on the output (`index.row_settings`); damaged records are skipped."""
-    found = []
-    for name in store.list(f"{SETTINGS_DIR}/"):
-        if name.endswith(".json"):
-            try:
-                found.append(RowSettings.from_json(store.get_bytes(name), where=name))
-            except (ValueError, FileNotFoundError):
-                continue
-    return found
+    """The row settings recorded per model on the output (`index.row_settings`); damaged records are left out."""
+    return recorded_per_model(store)
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -7,8 +7,9 @@ import gc
 import io
 import itertools
 import json
-import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -112,17 +113,29 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_MOTO_PROCESS = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the test session closes the pipe (or ends)
+server.stop()
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Endpoint URL (`http://127.0.0.1:<port>`) of a moto S3 server that runs for the whole session.
+
+    The server runs in a process of its own, as a real S3 endpoint does: a client call that holds the GIL while it
+    waits for an answer (delta-rs's table alterations do) would otherwise stop the server it waits for.
 
     While it runs, the environment holds dummy credentials (`testing`) and region (`us-east-1`), `AWS_ENDPOINT_URL`
     points at the server so that even a client made without `endpoint_url` cannot reach AWS, shared AWS config
     files and the instance metadata service are out of reach, and every other `AWS_*` variable is unset. All of it
     is restored when the session ends.
     """
-    from moto.server import ThreadedMotoServer
-
     patch = pytest.MonkeyPatch()
     for name in list(os.environ):
         if name.startswith("AWS_"):
@@ -135,21 +148,26 @@ def s3_server() -> Iterator[str]:
     patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for name in ("NO_PROXY", "no_proxy"):  # a configured HTTP proxy must not see loopback traffic
         patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"])))
-    werkzeug_log = logging.getLogger("werkzeug")
-    werkzeug_level = werkzeug_log.level
-    werkzeug_log.setLevel(logging.ERROR)  # one line per request otherwise
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     try:
-        _, port = server.get_host_and_port()
-        endpoint = f"http://127.0.0.1:{port}"
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the moto server did not start (exit code {server.poll()})")
+        endpoint = f"http://127.0.0.1:{int(port)}"
         patch.setenv("AWS_ENDPOINT_URL", endpoint)
         yield endpoint
     finally:
-        server.stop()
+        if server.stdin is not None:
+            server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         patch.undo()
-        werkzeug_log.setLevel(werkzeug_level)
 
 
 @pytest.fixture

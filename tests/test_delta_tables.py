@@ -822,6 +822,10 @@ def test_files_other_writers_make_with_view_types_are_read(local: OutputLocation
         (lambda t: t.alter.set_table_properties({"delta.appendOnly": "true"}), "is append-only"),
         (lambda t: t.alter.add_constraint({"no_deleted": "status <> 'deleted'"}), r"CHECK constraints \(no_deleted\)"),
         (lambda t: t.alter.set_table_properties({"delta.enableChangeDataFeed": "true"}), "the change data feed on"),
+        (
+            lambda t: t.alter.set_table_properties({"delta.setTransactionRetentionDuration": "interval 1 days"}),
+            "expires app transactions",
+        ),
     ],
 )
 def test_tables_set_up_so_that_a_run_would_break_them_are_refused_before_writing(

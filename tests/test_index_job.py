@@ -768,20 +768,65 @@ def test_settings_recorded_by_a_run_that_committed_nothing_do_not_refuse_the_nex
     out = tmp_path / "out"
     assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "3", "--decode-workers", "50") == 2
     assert "CPU" in capsys.readouterr().err
-    assert json.loads(next((out / "settings").glob("*.json")).read_text())["top_k"] == 3  # recorded before
+    assert [s.top_k for s in recorded_settings(out)] == [3]  # recorded before
     assert run([str(tmp_path / "in")], out, "--no-index") == 0  # top-k 5: no refusal
-    assert json.loads(next((out / "settings").glob("*.json")).read_text())["top_k"] == 5
+    assert [s.top_k for s in recorded_settings(out)] == [5]
     assert committed_videos(out).num_rows == 1
     capsys.readouterr()
     assert run([str(tmp_path / "in")], out, "--no-index", "--top-k", "3") == 2  # now rows of top-k 5 exist
     assert "top_k: 5 (this run: 3)" in capsys.readouterr().err
 
 
-def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray, tmp_path: Path) -> None:
-    """Run B's --replace-settings lands while run A (the old settings) is still running: A's next commit is refused,
-    so no row of the old kind lands after B's."""
+def recorded_settings(out: Path) -> list[Any]:
+    """The row settings an output records, per model (what `vitaclip runs` shows)."""
+    from index.row_settings import recorded_per_model
+    from jobs.storage import open_store
+
+    return recorded_per_model(open_store(str(out)))
+
+
+@pytest.mark.parametrize("moment", ["before_commit", "before_videos_commit"])
+def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray, tmp_path: Path, moment: str) -> None:
+    """Run B's --replace-settings lands while run A (the old settings) is still running, before A's commit call or
+    between its segments commit and its videos commit: A's videos commit is refused, so no row of the old kind lands
+    after B's record (A's segment rows, without a video row of theirs, reach no search result)."""
+    import dataclasses
+
     import jobs.pipeline as pipeline
-    from index.row_settings import RowSettings, SettingsMismatchError, check_row_settings, settings_path
+    from index.row_settings import SettingsMismatchError, check_row_settings
+    from jobs.config import config_from_args
+    from jobs.storage import open_store
+
+    make_videos(tmp_path / "in", 2, broken=False)
+    out = tmp_path / "out"
+    config = config_from_args(job_args([str(tmp_path / "in")], out, "--no-index", "--segment-seconds", "1"))
+    store = open_store(str(out))
+
+    def replaced_meanwhile() -> None:  # what run B does with --top-k 2 --replace-settings
+        (ours,) = recorded_settings(out)
+        check_row_settings(store, dataclasses.replace(ours, top_k=2), replace=True)
+
+    with pytest.raises(SettingsMismatchError, match="another run recorded other row settings during this run"):
+        pipeline.run_index_job(config, hooks=pipeline.RunHooks(**{moment: replaced_meanwhile}))
+    table = tables.read_table(out, "videos")
+    assert table is None or table.num_rows == 0  # nothing of run A committed
+    (record,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert record["state"] == "failed" and "top_k: 2 (this run: 5)" in record["error"]
+    assert [s.top_k for s in recorded_settings(out)] == [2]
+
+
+def test_a_run_whose_settings_another_run_took_over_before_its_first_commit_commits_nothing(
+    local_ray, tmp_path: Path
+) -> None:
+    """Run A recorded its settings and has not committed yet; run B, with other labels, finds no rows of the model
+    and takes the record over (no --replace-settings needed: the record describes nothing yet), here while A is
+    between its settings check and its videos commit. A's commit must not land then: its rows would carry the old
+    labels under settings that say the new ones (rows with 5 and 3 labels under one model)."""
+    import dataclasses
+
+    import jobs.pipeline as pipeline
+    from index.delta_tables import may_hold_model
+    from index.row_settings import SettingsMismatchError, check_row_settings
     from jobs.config import config_from_args
     from jobs.storage import open_store
 
@@ -790,23 +835,17 @@ def test_a_run_commits_nothing_after_another_run_replaced_the_settings(local_ray
     config = config_from_args(job_args([str(tmp_path / "in")], out, "--no-index"))
     store = open_store(str(out))
 
-    def replaced_meanwhile() -> None:  # what run B does with --top-k 2 --replace-settings
-        (recorded,) = [p for p in (out / "settings").glob("*.json")]
-        ours = json.loads(recorded.read_text())
-        check_row_settings(store, RowSettings(**{**_settings_fields(ours), "top_k": 2}), replace=True)
-        assert settings_path(ours["model_id"]).endswith(recorded.name)
+    def other_run_starts() -> None:
+        (ours,) = recorded_settings(out)
+        theirs = dataclasses.replace(ours, labels=ours.labels[:3], top_k=3)
+        has_rows = lambda: may_hold_model(store.location, "videos", ours.model_id)  # noqa: E731
+        assert check_row_settings(store, theirs, has_rows=has_rows) is None  # taken over, not refused
 
     with pytest.raises(SettingsMismatchError, match="another run recorded other row settings during this run"):
-        pipeline.run_index_job(config, hooks=pipeline.RunHooks(before_commit=replaced_meanwhile))
+        pipeline.run_index_job(config, hooks=pipeline.RunHooks(before_videos_commit=other_run_starts))
     table = tables.read_table(out, "videos")
-    assert table is None or table.num_rows == 0  # nothing of run A committed
-    (record,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
-    assert record["state"] == "failed" and "top_k: 2 (this run: 5)" in record["error"]
-
-
-def _settings_fields(recorded: dict) -> dict:
-    """The `RowSettings` fields of a settings record as read from its file."""
-    return {k: (tuple(v) if k == "labels" else v) for k, v in recorded.items() if k not in ("format", "recorded_at")}
+    assert table is None or table.num_rows == 0
+    assert [len(s.labels) for s in recorded_settings(out)] == [3]
 
 
 def test_a_subfolder_that_cannot_be_listed_is_left_as_it_is(
@@ -933,7 +972,7 @@ def test_other_frames_segments_or_labels_are_refused_until_replaced(local_ray, t
     make_videos(tmp_path / "in", 2, broken=False)
     out = tmp_path / "out"
     assert run([str(tmp_path / "in")], out, "--no-index") == 0
-    frames = json.loads(next((out / "settings").glob("*.json")).read_text())["num_frames"]
+    (frames,) = [s.num_frames for s in recorded_settings(out)]
     before = sorted(p.relative_to(out) for p in out.rglob("*") if p.parent.name != "runs")
     capsys.readouterr()
     labels = tmp_path / "labels.txt"

@@ -1,7 +1,8 @@
 """The row settings recorded per model on an output: first run records, later runs match or are refused.
 
-Stores are real: a local folder, and an S3 prefix on the local moto server (conditional writes). The job's own
-refusal (exit code, nothing committed) is in tests/test_index_job.py.
+Stores are real: a local folder, and an S3 prefix on the local moto server (conditional writes), each with the
+output's Delta tables, whose videos table property is the record. The job's own refusal (exit code, nothing
+committed) and a run that another run's replaced settings stop are in tests/test_index_job.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from typing import Any
 
 import pytest
 
-from index.row_settings import RowSettings, SettingsMismatchError, check_row_settings, settings_path
-from index.stores import LocalStore, S3Store, Store
+from index import delta_tables as dlt
+from index.row_settings import (
+    RowSettings,
+    SettingsMismatchError,
+    check_row_settings,
+    legacy_settings_path,
+    recorded_per_model,
+    settings_app_id,
+    settings_path,
+)
+from index.stores import Store, open_store
 
 MODEL = "vitaclip-tiny@sha256:" + "ab" * 32
 LABELS = ("walking", "running", "jumping", "swimming", "dancing")
@@ -28,17 +38,33 @@ def settings(**changes: Any) -> RowSettings:
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "local":
-        return LocalStore(tmp_path / "out")
-    client, bucket = request.getfixturevalue("s3_bucket")
-    return S3Store(f"s3://{bucket}/out", s3_client=client)
+        opened = open_store(str(tmp_path / "out"))
+    else:
+        _, bucket = request.getfixturevalue("s3_bucket")
+        opened = open_store(f"s3://{bucket}/out", endpoint_url=request.getfixturevalue("s3_server"))
+    dlt.create_tables(opened.location, 4)
+    return opened
+
+
+def recorded_digest(store: Store, model_id: str = MODEL) -> int | None:
+    """The digest the videos table records for the model (what every videos commit requires)."""
+    table = dlt.open_table(store.location, "videos")
+    assert table is not None
+    return table.transaction_version(settings_app_id(model_id))
 
 
 def test_the_first_run_records_and_the_same_settings_pass(store: Store) -> None:
     assert check_row_settings(store, settings()) is None
-    recorded = json.loads(store.get_bytes(settings_path(MODEL)))
+    assert recorded_digest(store) == settings().digest()
+    recorded = json.loads(store.get_bytes(settings_path(MODEL, settings().digest())))
     assert recorded["model_id"] == MODEL and recorded["num_frames"] == 8 and recorded["labels"] == list(LABELS)
+    version = dlt.latest_version(store.location, "videos")
     assert check_row_settings(store, settings()) is None
-    assert check_row_settings(store, settings(model_id=MODEL[:-2] + "cd", top_k=1)) is None  # another model: its own
+    assert dlt.latest_version(store.location, "videos") == version  # the same settings commit nothing
+    other = settings(model_id=MODEL[:-2] + "cd", top_k=1)
+    assert check_row_settings(store, other) is None  # another model: its own record
+    assert recorded_digest(store, other.model_id) == other.digest() and recorded_digest(store) == settings().digest()
+    assert sorted(s.model_id for s in recorded_per_model(store)) == sorted([MODEL, other.model_id])
 
 
 @pytest.mark.parametrize(
@@ -54,12 +80,11 @@ def test_the_first_run_records_and_the_same_settings_pass(store: Store) -> None:
 )
 def test_other_settings_are_refused_naming_both_values(store: Store, change: dict[str, Any], expected: str) -> None:
     check_row_settings(store, settings())
-    before = store.get_bytes(settings_path(MODEL))
     with pytest.raises(SettingsMismatchError) as refused:
         check_row_settings(store, settings(**change))
     message = str(refused.value)
     assert expected in message and MODEL in message and "--replace-settings" in message, message
-    assert store.get_bytes(settings_path(MODEL)) == before
+    assert recorded_digest(store) == settings().digest()
 
 
 def test_many_label_changes_are_summed_up() -> None:
@@ -75,19 +100,68 @@ def test_replace_records_the_new_settings_and_returns_the_old(store: Store) -> N
     check_row_settings(store, settings())
     replaced = check_row_settings(store, settings(num_frames=16), replace=True)
     assert replaced == settings()
+    assert recorded_digest(store) == settings(num_frames=16).digest()
     assert check_row_settings(store, settings(num_frames=16)) is None
     with pytest.raises(SettingsMismatchError, match="num_frames: 16 \\(this run: 8\\)"):
         check_row_settings(store, settings())
 
 
-def test_a_damaged_record_is_a_clear_error(store: Store) -> None:
-    store.put_bytes(settings_path(MODEL), b'{"format": 1, "model_id": ')
+def test_settings_that_describe_no_rows_are_replaced_and_rows_make_them_stand(store: Store) -> None:
+    check_row_settings(store, settings())
+    assert check_row_settings(store, settings(top_k=3), has_rows=lambda: False) is None
+    assert recorded_digest(store) == settings(top_k=3).digest()
+    with pytest.raises(SettingsMismatchError, match="top_k: 3 \\(this run: 4\\)"):
+        check_row_settings(store, settings(top_k=4), has_rows=lambda: True)
+
+
+def test_a_damaged_record_is_a_clear_error_and_replace_replaces_it(store: Store) -> None:
+    check_row_settings(store, settings())
+    path = settings_path(MODEL, settings().digest())
+    store.put_bytes(path, b'{"format": 1, "model_id": ')
     with pytest.raises(ValueError, match="not a settings record this vitaclip reads") as refused:
-        check_row_settings(store, settings())
-    assert settings_path(MODEL) in str(refused.value)
-    store.put_bytes(settings_path(MODEL), json.dumps({"format": 99}).encode())
+        check_row_settings(store, settings(top_k=3))
+    assert path in str(refused.value)
+    store.put_bytes(path, json.dumps({"format": 99}).encode())
     with pytest.raises(ValueError, match="unknown format 99"):
-        check_row_settings(store, settings())
+        check_row_settings(store, settings(top_k=3))
+    store.put_bytes(path, settings(num_frames=2).to_json())  # readable, but not the settings the table names
+    with pytest.raises(ValueError, match="not the settings of its name"):
+        check_row_settings(store, settings(top_k=3))
+    store.delete(path)
+    with pytest.raises(ValueError, match="is missing; restore it, or pass --replace-settings"):
+        check_row_settings(store, settings(top_k=3))
+    assert check_row_settings(store, settings(top_k=3), replace=True) is None  # nothing readable was replaced
+    assert recorded_digest(store) == settings(top_k=3).digest()
+
+
+def test_an_output_recorded_before_the_table_property_is_read_and_taken_over(store: Store) -> None:
+    """Outputs of earlier versions recorded ``settings/<hash>.json`` alone: compared like the property's record,
+    and the first run that matches it records the property."""
+    store.put_bytes(legacy_settings_path(MODEL), settings().to_json())
+    with pytest.raises(SettingsMismatchError, match="num_frames: 8 \\(this run: 16\\)"):
+        check_row_settings(store, settings(num_frames=16))
+    assert recorded_digest(store) is None
+    assert [s.num_frames for s in recorded_per_model(store)] == [8]
+    assert check_row_settings(store, settings()) is None
+    assert recorded_digest(store) == settings().digest()
+    assert recorded_per_model(store) == [settings()]  # the old file is not listed twice
+
+
+def test_a_settings_record_changes_no_row_and_no_metadata(store: Store) -> None:
+    """The record is a commit of its own that adds and removes no file and leaves the table's metadata alone, so
+    the index follows the log past it (a metadata change would make it rebuild) and readers see the same rows."""
+    before = dlt.latest_version(store.location, "videos")
+    assert before is not None
+    check_row_settings(store, settings())
+    check_row_settings(store, settings(top_k=2), replace=True)
+    after = dlt.latest_version(store.location, "videos")
+    changes = dlt.log_changes(store.location, "videos", after_version=before, upto_version=after)
+    assert len(changes) == 2
+    assert all(not c.adds and not c.removes and not c.changes_metadata for c in changes)
+    assert [c.app_transactions for c in changes] == [
+        {settings_app_id(MODEL): settings().digest()},
+        {settings_app_id(MODEL): settings(top_k=2).digest()},
+    ]
 
 
 def test_first_runs_with_different_settings_racing_record_one(store: Store) -> None:
@@ -109,9 +183,9 @@ def test_first_runs_with_different_settings_racing_record_one(store: Store) -> N
         thread.start()
     for thread in threads:
         thread.join()
-    winner = json.loads(store.get_bytes(settings_path(MODEL)))["num_frames"]
+    winner = next(c for c in candidates if c.digest() == recorded_digest(store))
     for candidate, outcome in zip(candidates, outcomes, strict=True):
-        assert outcome == ("recorded or matched" if candidate.num_frames == winner else "refused")
+        assert outcome == ("recorded or matched" if candidate == winner else "refused")
 
 
 def test_bad_settings_are_refused() -> None:
