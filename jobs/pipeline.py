@@ -665,7 +665,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
         if blocks:
             ds = index_dataset(config, blocks, model, pools)
             try:
-                drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
+                with quiet_model_load_failure():
+                    drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
             except Exception as exc:
                 load_error = model_load_error(exc)
                 if load_error is None:
@@ -797,6 +798,42 @@ def row_settings(config: IndexJobConfig, model: ResolvedModel) -> RowSettings:
         top_k=min(config.top_k, len(model.label_names)),
         labels=tuple(model.label_names),
     )
+
+
+class _ModelLoadFailureFilter(logging.Filter):
+    """Drops console records of Ray Data from the first one about a model the embed actors could not load
+    (`model_load_error`) on: that record and the next repeat the loader's traceback twice within Ray Data's own
+    (over 150 lines, one of them asking for a Ray bug report), where the run reports the failure in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if not self.seen and record.exc_info and record.exc_info[1] is not None:
+            self.seen = model_load_error(record.exc_info[1]) is not None
+        return not self.seen
+
+
+@contextlib.contextmanager
+def quiet_model_load_failure() -> Iterator[None]:
+    """While the run's Dataset runs: Ray Data's console handlers leave a model load failure to the run's own
+    message (its log file under the Ray session keeps every record)."""
+    consoles = [
+        handler
+        for handler in logging.getLogger("ray.data").handlers
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    ]
+    quiet = _ModelLoadFailureFilter()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
 
 
 def model_load_error(exc: BaseException) -> ValueError | None:
