@@ -26,6 +26,9 @@ import hashlib
 import json
 import logging
 import math
+import operator
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +45,7 @@ SETTINGS_DIR = "settings"
 APP_PREFIX = "vitaclip.row_settings."
 """App ids ``APP_PREFIX + <hash of model_id>`` of the videos table: the digest of the model's recorded settings."""
 _FORMAT = 1
+_FENCE_FORMAT = 2  # the same fields at the legacy path: versions before the table's record refuse the output
 _MAX_TRIES = 8  # conditional commits lost to other writers, after each of which the record is read again
 _NAMES_SHOWN = 3
 
@@ -61,6 +65,12 @@ class RowSettings:
     labels: tuple[str, ...]
 
     def __post_init__(self) -> None:
+        # One value, one digest: `segment_seconds: 2` from a config file and `--segment-seconds 2` are one setting.
+        object.__setattr__(self, "num_frames", operator.index(self.num_frames))
+        object.__setattr__(self, "top_k", operator.index(self.top_k))
+        if self.segment_seconds is not None:
+            object.__setattr__(self, "segment_seconds", float(self.segment_seconds))
+        object.__setattr__(self, "labels", tuple(str(name) for name in self.labels))
         if self.num_frames < 1 or self.top_k < 1 or not self.labels:
             raise ValueError(f"bad row settings: {self}")
         if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
@@ -76,8 +86,15 @@ class RowSettings:
         canonical = json.dumps(self._record(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return int(hashlib.sha256(canonical.encode()).hexdigest()[:15], 16)
 
-    def to_json(self) -> bytes:
+    def to_json(self, *, fence: bool = False) -> bytes:
+        """The record's file; `fence`: the file at the legacy path, in a format earlier versions refuse."""
         record = self._record()
+        if fence:
+            record["format"] = _FENCE_FORMAT
+            record["note"] = (
+                "recorded in the videos table's log (app transaction vitaclip.row_settings.*); this file stops "
+                "vitaclip versions that do not read that record from writing to this output"
+            )
         record["recorded_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return json.dumps(record, indent=1).encode()
 
@@ -86,7 +103,7 @@ class RowSettings:
         """Parses a recorded file; a damaged or unknown one is a ValueError naming `where`."""
         try:
             record = json.loads(data)
-            if record.get("format") != _FORMAT:
+            if record.get("format") not in (_FORMAT, _FENCE_FORMAT):
                 raise ValueError(f"unknown format {record.get('format')!r} (this vitaclip writes {_FORMAT})")
             segment = record["segment_seconds"]
             return cls(
@@ -216,12 +233,13 @@ def check_row_settings(
     """
     app_id, ours = settings_app_id(settings.model_id), settings.digest()
     replaced: RowSettings | None = None
-    for _ in range(_MAX_TRIES):
+    for attempt in range(_MAX_TRIES):
         dt = dlt.open_table(store.location, "videos")
         if dt is None:
             raise FileNotFoundError(f"no videos table at {redact_url(store.url)}: create the tables first")
         digest = dt.transaction_version(app_id)
         if digest == ours:
+            _write_files(store, settings)  # a file lost or edited since is written again (it is this run's)
             return replaced  # recorded (by this call's commit that lost its answer, or by a run like this one)
 
         def unused() -> bool:  # asked only when the record differs: it reads the table's file statistics
@@ -237,11 +255,13 @@ def check_row_settings(
         found = [] if recorded is None else settings.differences(recorded)
         if found and not replace and not unused():
             raise SettingsMismatchError(_mismatch_message(store, settings.model_id, found))
-        store.put_if(settings_path(settings.model_id, ours), settings.to_json(), None)  # False: written already
+        _write_files(store, settings, fence=False)  # before the record names it
         try:
             dlt.record(dt, app_id, ours, metadata={"vitaclip.row_settings_of": settings.model_id})
         except CommitConflict:
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
             continue  # another writer committed first: read the record again
+        _write_files(store, settings)
         replaced = recorded if found and replace else None
         if not found:
             log.info("recorded the row settings of %s (%s)", settings.model_id, app_id)
@@ -260,6 +280,24 @@ def check_row_settings(
     raise RuntimeError(f"the videos table of {redact_url(store.url)} kept changing under {_MAX_TRIES} tries; run again")
 
 
+def _write_files(store: Store, settings: RowSettings, *, fence: bool = True) -> None:
+    """Writes the settings' file where it is missing or does not hold them, and with `fence` the legacy path's file
+    that earlier versions refuse (they would otherwise record and commit their own settings, unaware of the table's
+    record). Two reads when both are in place, as in every run after the first."""
+    paths = [(settings_path(settings.model_id, settings.digest()), False)]
+    paths += [(legacy_settings_path(settings.model_id), True)] if fence else []
+    for path, fenced in paths:
+        current = store.get_versioned(path)
+        if current is not None:
+            try:
+                held = RowSettings.from_json(current[0], where=path)
+                if held.digest() == settings.digest() and (json.loads(current[0])["format"] == _FENCE_FORMAT) == fenced:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass  # damaged: written again
+        store.put_bytes(path, settings.to_json(fence=fenced))
+
+
 def changed_during_run(store: Store, settings: RowSettings) -> SettingsMismatchError:
     """The error of a run whose commit found another run's settings recorded (`delta_tables.RecordChangedError`)."""
     try:
@@ -267,9 +305,13 @@ def changed_during_run(store: Store, settings: RowSettings) -> SettingsMismatchE
         digest = dt.transaction_version(settings_app_id(settings.model_id)) if dt is not None else None
         recorded = recorded_settings(store, settings.model_id, digest)
         found = [] if recorded is None else settings.differences(recorded)
-        detail = _mismatch_message(store, settings.model_id, found) if found else "their record names other ones"
+        detail = (
+            _mismatch_message(store, settings.model_id, found)
+            if found
+            else "the record changed during this run (replaced, then set back?): run again"
+        )
     except (ValueError, OSError) as exc:
-        detail = f"their record cannot be read: {exc}"
+        detail = f"their record cannot be read ({exc}); run again once it is fixed"
     return SettingsMismatchError(
         f"another run recorded other row settings during this run, whose uncommitted rows are dropped: {detail}"
     )
@@ -281,21 +323,26 @@ def recorded_per_model(store: Store) -> list[RowSettings]:
         dt = dlt.open_table(store.location, "videos")
     except (ValueError, OSError):
         dt = None
-    found: dict[str, RowSettings] = {}  # by the hash of the model id
+    model_ids: dict[str, str] = {}  # hash of the model id -> the id, from any of its files
     for name in store.list(f"{SETTINGS_DIR}/"):
-        if not name.endswith(".json"):
-            continue
+        model_hash = name.removeprefix(f"{SETTINGS_DIR}/").split("/")[0].removesuffix(".json")
+        if name.endswith(".json") and model_hash not in model_ids:
+            try:
+                model_id = RowSettings.from_json(store.get_bytes(name), where=name).model_id
+            except (ValueError, FileNotFoundError):
+                continue
+            if _model_hash(model_id) == model_hash:
+                model_ids[model_hash] = model_id
+    found = []
+    for model_id in model_ids.values():
+        digest = dt.transaction_version(settings_app_id(model_id)) if dt is not None else None
         try:
-            settings = RowSettings.from_json(store.get_bytes(name), where=name)
-        except (ValueError, FileNotFoundError):
+            recorded = recorded_settings(store, model_id, digest)
+        except ValueError:
             continue
-        if settings.model_id in found:
-            continue
-        digest = dt.transaction_version(settings_app_id(settings.model_id)) if dt is not None else None
-        legacy = name == legacy_settings_path(settings.model_id)
-        if (digest is None and legacy) or (digest is not None and name == settings_path(settings.model_id, digest)):
-            found[settings.model_id] = settings
-    return list(found.values())
+        if recorded is not None:
+            found.append(recorded)
+    return found
 
 
 def _mismatch_message(store: Store, model_id: str, found: list[str]) -> str:

@@ -2,8 +2,8 @@
 
 What an operator checks after a night: did the run commit, how much did it do, what failed, and how long it took;
 a run whose record still says ``running`` either runs now or lost its driver (a kill leaves the record as it was).
-Reads only the last `last` records (run ids sort by start time), the settings records and the videos table's
-properties (its log), never a data file.
+Reads only the last `last` records (run ids sort by start time), the settings files and the videos table's state
+(its log: which settings are recorded), never a data file.
 """
 
 from __future__ import annotations

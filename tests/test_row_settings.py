@@ -164,6 +164,55 @@ def test_a_settings_record_changes_no_row_and_no_metadata(store: Store) -> None:
     ]
 
 
+def test_one_value_from_a_config_file_or_a_flag_is_one_setting(store: Store) -> None:
+    """`segment_seconds: 2` in a YAML file is an int, `--segment-seconds 2` a float: the same settings, one record
+    (the int's digest named a file whose float content no longer matched it: a false "edited?" refusal)."""
+    assert settings(segment_seconds=2) == settings(segment_seconds=2.0)
+    assert settings(segment_seconds=2).digest() == settings(segment_seconds=2.0).digest()
+    check_row_settings(store, settings(segment_seconds=2))
+    version = dlt.latest_version(store.location, "videos")
+    assert check_row_settings(store, settings(segment_seconds=2.0)) is None
+    assert dlt.latest_version(store.location, "videos") == version
+
+
+def test_earlier_versions_find_a_file_they_refuse(store: Store) -> None:
+    """Versions before the table's record read ``settings/<hash>.json`` only: had it stayed theirs, they would
+    commit rows of their own settings under another run's record. Each record writes it in a format they refuse
+    (theirs: format 1 only), over an earlier version's file too."""
+    store.put_bytes(legacy_settings_path(MODEL), settings().to_json())  # an output of an earlier version
+    check_row_settings(store, settings())
+    fence = json.loads(store.get_bytes(legacy_settings_path(MODEL)))
+    assert fence["format"] == 2 and fence["top_k"] == settings().top_k
+    check_row_settings(store, settings(top_k=2), replace=True)
+    assert json.loads(store.get_bytes(legacy_settings_path(MODEL)))["top_k"] == 2
+    store.put_bytes(legacy_settings_path(MODEL), settings(top_k=2).to_json())  # an earlier version wrote it back
+    check_row_settings(store, settings(top_k=2))
+    assert json.loads(store.get_bytes(legacy_settings_path(MODEL)))["format"] == 2
+
+
+def test_a_run_writes_its_own_record_file_again_when_it_was_lost_or_edited(store: Store) -> None:
+    check_row_settings(store, settings())
+    path = settings_path(MODEL, settings().digest())
+    store.delete(path)
+    assert recorded_per_model(store) == []  # nothing readable to show
+    check_row_settings(store, settings())
+    assert RowSettings.from_json(store.get_bytes(path), where=path) == settings()
+    store.put_bytes(path, settings(top_k=3).to_json())  # edited by hand
+    assert recorded_per_model(store) == []  # not shown as if it were the record
+    check_row_settings(store, settings())
+    assert recorded_per_model(store) == [settings()]
+
+
+def test_a_file_left_at_the_name_of_new_settings_is_replaced_by_them(store: Store) -> None:
+    """A file already at the name a replacement records (edited by hand, or left from a write cut short) must not
+    stand for the new settings."""
+    check_row_settings(store, settings())
+    store.put_bytes(settings_path(MODEL, settings(top_k=2).digest()), settings(top_k=4).to_json())
+    check_row_settings(store, settings(top_k=2), replace=True)
+    assert recorded_per_model(store) == [settings(top_k=2)]
+    assert check_row_settings(store, settings(top_k=2)) is None
+
+
 def test_first_runs_with_different_settings_racing_record_one(store: Store) -> None:
     """Runs starting together on a new output: one records its settings, every other one compares with them."""
     candidates = [settings(num_frames=n) for n in (4, 8, 12, 16)] * 2
