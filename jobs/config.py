@@ -226,6 +226,7 @@ class IndexJobConfig:
                 raise ValueError(f"{name} must be >= 1 (or left out: sized to the machine), got {getattr(self, name)}")
         if self.ray_address is not None:
             _check_ray_address(self.ray_address)
+            self._absolute_paths()
         if self.num_frames is not None and not 1 <= self.num_frames <= MAX_NUM_FRAMES:
             raise ValueError(f"num_frames must be 1 to {MAX_NUM_FRAMES}, got {self.num_frames}")
         if self.segment_seconds is not None and not 0 < self.segment_seconds < math.inf:
@@ -248,14 +249,29 @@ class IndexJobConfig:
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
                 f"model {self.model!r} needs --checkpoint: without weights its embeddings and labels mean nothing "
-                "(pass --random-weights for a smoke run)"
+                "(the packaged demo model is --model vitaclip-demo; pass --random-weights for a smoke run)"
             )
+
+    def _absolute_paths(self) -> None:
+        """Local paths made absolute for a cluster: its processes resolve a relative path against their own working
+        folder, not this shell's (the rows went to ./out here and the index update, in an actor, looked for out/
+        under the head's folder)."""
+        object.__setattr__(self, "inputs", tuple(_absolute(i) for i in self.inputs))
+        object.__setattr__(self, "output", _absolute(self.output))
+        object.__setattr__(self, "prune_scopes", tuple(_absolute(s) for s in self.prune_scopes))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", _absolute(self.checkpoint))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 MAX_NUM_FRAMES = 1024  # frames per clip: Vita-CLIP samples 8-32; more is a typo, refused before any work
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (in this process's working folder); URIs (``s3://``, ``file://``) as they are."""
+    return path if not path or "://" in path else os.path.abspath(path)  # an empty one is refused as it is
 
 
 def _check_ray_address(address: str) -> None:

@@ -745,7 +745,8 @@ def update_run_index(
     planner's process, not on the driver: the index is held whole while it is updated.
 
     Raises:
-        IndexUpdateError: The storage failed after its retries, or the planner's process died (out of memory).
+        IndexUpdateError: The storage failed after its retries, the planner's process died (out of memory), or the
+            update refused the output (a ValueError there).
     """
     import ray
     import ray.exceptions
@@ -764,6 +765,10 @@ def update_run_index(
         raise IndexUpdateError(getattr(exc, "cause", None) or exc) from exc
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:  # killed, out of memory
         raise IndexUpdateError(exc) from exc
+    except ray.exceptions.RayTaskError as exc:  # a refusal in the planner's process: its message, not its traceback
+        if not isinstance(exc.cause, ValueError):
+            raise
+        raise IndexUpdateError(exc.cause) from exc
     return info
 
 

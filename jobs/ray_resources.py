@@ -151,7 +151,15 @@ def connect_ray(address: str, **init_args: Any) -> None:
     try:
         ray.init(address=address, **init_args)
     except ConnectionError as exc:  # a timeout or no cluster there: one line, not Ray's traceback
-        raise RayUnreachableError(f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}") from None
+        # Its port answered (`check_ray_answers`): a cluster with token authentication (`ray start --head` turns it
+        # on) refuses a process that has no token, which Ray reports as a failed connection.
+        hint = (
+            "; if the cluster uses token authentication (as `ray start --head` does by default), set "
+            "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH)"
+            if not os.environ.get("RAY_AUTH_MODE")
+            else ""
+        )
+        raise RayUnreachableError(f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}{hint}") from None
 
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Cluster:

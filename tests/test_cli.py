@@ -467,3 +467,20 @@ def test_the_endpoint_probe_stands_aside_for_a_proxy(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with pytest.raises(OSError, match="Could not connect"):
         check_endpoint_reachable(endpoint)
+
+
+def test_local_paths_given_to_a_cluster_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster's processes resolve relative paths in their own working folders: with --ray-address, the rows
+    were committed to ./out and the index update (an actor) looked for out/ under the head's folder. URIs stay."""
+    from jobs.config import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "vitaclip-tiny", "--random-weights"]
+    config = config_from_args(
+        ["videos", "s3://bucket/raw/", "--output", "out", "--prune-missing", "--prune-scope", "videos", *common]
+        + ["--ray-address", "127.0.0.1:6379"]
+    )
+    assert config.inputs == (str(tmp_path / "videos"), "s3://bucket/raw/")
+    assert config.output == str(tmp_path / "out") and config.prune_scopes == (str(tmp_path / "videos"),)
+    embedded = config_from_args(["videos", "--output", "out", *common])  # the job's own Ray works in this folder
+    assert embedded.inputs == ("videos",) and embedded.output == "out"
