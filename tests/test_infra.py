@@ -592,3 +592,13 @@ def test_local_stack_stops_cleanly(local_stack: dict[str, Any]) -> None:
         assert not stack._port_open(port), f"port {port} still open"
     assert not (state_dir / "state.json").exists() and not (state_dir / "auth_token").exists()
     assert not Path(local_stack["ray"]["temp_dir"]).exists()
+
+
+def test_the_local_stack_refuses_a_port_ray_gives_its_workers(tmp_path: Path) -> None:
+    """`--ray-port 16490` made `ray start` fail with a traceback after the S3 server was up: refused first."""
+    done = subprocess.run(
+        [sys.executable, str(INFRA / "local" / "stack.py"), "up", "--state-dir", str(tmp_path), "--ray-port", "16490"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--ray-port 16490 is in the range Ray gives its workers" in done.stderr
+    assert "Traceback" not in done.stderr and not any(tmp_path.iterdir())

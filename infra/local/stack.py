@@ -77,7 +77,7 @@ def _pick_port(preferred: int, taken: set[int]) -> int:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
         # Ray hands out worker ports from 10002-19999 by default: keep its other ports out of that range.
-        if port not in taken and not 10002 <= port <= 19999:
+        if port not in taken and port not in _WORKER_PORTS:
             taken.add(port)
             return port
 
@@ -557,8 +557,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_WORKER_PORTS = range(10002, 20000)  # Ray hands these to workers by default; its other ports must stay out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("ray_port", "dashboard_port"):
+        if getattr(args, flag, 0) in _WORKER_PORTS:
+            parser.error(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)} is in the range Ray gives its workers "
+                f"({_WORKER_PORTS.start}-{_WORKER_PORTS.stop - 1}): choose a port outside it"
+            )
     return {"up": up, "down": down, "status": status}[args.command](args)
 
 
