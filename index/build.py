@@ -513,8 +513,10 @@ def _moved(new_ids: np.ndarray, new_versions: np.ndarray, old_ids: np.ndarray, o
 
 
 def _net_changes(location: OutputLocation, table: str, after: int, upto: int) -> tuple[list[str], list[str]]:
-    """Data files added and removed between two table versions, from the log's JSON commits only."""
-    from index.delta_tables import LogUnavailableError, log_changes
+    """Data files added and removed between two table versions, from the log's JSON commits only (and, when one
+    changed the table's metadata, the metadata at `after`: a change of only other properties or of the protocol
+    leaves the rows as they read)."""
+    from index.delta_tables import LogUnavailableError, log_changes, metadata_of, open_table, rows_shape
 
     try:
         commits = log_changes(location, table, after_version=after, upto_version=upto)
@@ -522,9 +524,15 @@ def _net_changes(location: OutputLocation, table: str, after: int, upto: int) ->
         raise _FullBuild(str(exc)) from exc
     added: dict[str, None] = {}
     removed: dict[str, None] = {}
+    shape = None
     for entry in commits:
-        if entry.changes_metadata:
-            raise _FullBuild(f"commit {entry.version} of the {table} table changed its metadata")
+        if entry.metadata is not None:
+            if shape is None:
+                before = open_table(location, table, version=after) if after >= 0 else None
+                shape = rows_shape(metadata_of(before)) if before is not None else ()
+            if rows_shape(entry.metadata) != shape:
+                raise _FullBuild(f"commit {entry.version} of the {table} table changed its columns or properties")
+            shape = rows_shape(entry.metadata)
         for path in entry.removes:
             if path in added:
                 del added[path]  # added and removed within the span: never indexed

@@ -38,8 +38,10 @@ our landed segment rows of X.) Before our segments commit, a row of B with anoth
 has now (`current_etags`) drops X as if DONE: B listed the object after it changed, we before. After it, our
 segments have replaced B's, so our row replaces B's too, and the next run redoes X.
 
-Assumptions: a data file holds the rows of one model and one run (rows carry the committing run's ``run_id``); run
-ids are unique per `Committer`; files removed during a run are not vacuumed before it ends.
+Assumptions: a data file written by a run holds the rows of one model and one run (rows carry the committing run's
+``run_id``), but a file merged by other tools (``optimize.compact``) may hold rows of several, so every read and
+rewrite picks rows by model; run ids are unique per `Committer`; files removed during a run are not vacuumed before
+it ends.
 
 Nothing here imports Ray: the job wraps `Planner` as a Ray Data actor and runs `Committer` on the driver.
 """
@@ -507,6 +509,7 @@ class Rewrite(Protocol):
         path: str,
         video_ids: Collection[str],
         *,
+        model_id: str,
         name: str,
         embed_dim: int | None = None,
     ) -> DataFile | None: ...
@@ -1065,7 +1068,7 @@ class Committer:
             name = self._names.setdefault((path, ids), f"part-{self.run_id}-{uuid.uuid4().hex}.parquet")
             try:
                 self._rewrites[key] = self._rewrite(
-                    self.location, table, path, ids, name=name, embed_dim=self._embed_dim
+                    self.location, table, path, ids, model_id=self.model_id, name=name, embed_dim=self._embed_dim
                 )
             except FileNotFoundError:
                 # The file to rewrite (often this run's own, not yet committed, after another run committed some of

@@ -260,7 +260,15 @@ def pyarrow_dataset(location: OutputLocation, table: str, dt: DeltaTable) -> Any
     the interpreter at exit about half the time ("terminate called without an active exception", apache/arrow#34314).
     """
     filesystem, root = location.table_path(table)
-    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, filesystem))
+    files = pafs.SubTreeFileSystem(root, filesystem)
+    if "deletionVectors" not in (dt.protocol().reader_features or ()):
+        return dt.to_pyarrow_dataset(filesystem=files)
+    # deltalake refuses a table that may have deletion vectors, even when no file has one: the same dataset without
+    # its statistics pruning, once `check_table`'s test holds for this version.
+    refuse_deletion_vectors(dt)
+    parquet = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=True))
+    fragments = [parquet.make_fragment(path, filesystem=files) for path in data_file_paths(dt)]
+    return ds.FileSystemDataset(fragments, pa.schema(dt.schema().to_arrow()), parquet, files)
 
 
 # Data files read at once by `scan` on a filesystem written in Python: the reads wait on the network, not the GIL.
@@ -768,20 +776,71 @@ def check_table(dt: DeltaTable, table: str, *, embed_dim: int | None = None, mod
     # yet) is read as the version it says: the added columns are nullable and readers project the ones they know.
     accepted = [int(found_version)] + ([int(found_version) + 1] if int(found_version) < SCHEMA_VERSION else [])
     found_columns = json.loads(dt.schema().to_json())
-    if not any(
-        found_columns == json.loads(DeltaSchema.from_arrow(table_schema(table, found_dim, version=v)).to_json())
-        for v in accepted
-    ):
-        raise TableMismatchError(f"{where} columns differ from {table} schema version {found_version}")
+    expected = [
+        json.loads(DeltaSchema.from_arrow(table_schema(table, found_dim, version=v)).to_json()) for v in accepted
+    ]
+    if found_columns not in expected:
+        raise TableMismatchError(
+            f"{where} columns differ from {table} schema version {found_version} "
+            f"({_column_differences(found_columns, expected[0])}): restore the version before the change "
+            f"(DeltaTable({where!r}).history() lists the commits, .restore(version) goes back) or give the job "
+            "another --output"
+        )
+    partitions = list(dt.metadata().partition_columns)
+    if partitions:
+        # The partition values live in the folder names, not in the data files, which vitaclip reads directly.
+        raise TableMismatchError(
+            f"{where} is partitioned by {', '.join(partitions)}, and vitaclip's tables are not: restore the version "
+            f"before (DeltaTable({where!r}).history() lists the commits, .restore(version) goes back) or give the "
+            "job another --output"
+        )
     protocol = dt.protocol()
-    if protocol.min_reader_version > 1 or protocol.reader_features:
-        # Data files are read directly with pyarrow (read_keys, rewrite_without): deletion vectors or column
-        # mapping would make those reads wrong.
+    features = set(protocol.reader_features or ())
+    if protocol.min_reader_version not in (1, 3) or features - _READER_FEATURES_KNOWN:
+        # Data files are read directly with pyarrow (read_keys, rewrite_without): column mapping would make those
+        # reads wrong.
         raise TableMismatchError(
             f"{where} needs Delta reader version {protocol.min_reader_version} "
-            f"(features {protocol.reader_features or []}); vitaclip reads version 1 tables"
+            f"(features {protocol.reader_features or []}); vitaclip reads version 1 tables, and version 3 ones with "
+            f"the features {sorted(_READER_FEATURES_KNOWN)}"
         )
+    if "deletionVectors" in features:
+        refuse_deletion_vectors(dt)
     return found_dim
+
+
+def refuse_deletion_vectors(dt: DeltaTable) -> None:
+    """Raises `TableMismatchError` when a data file of the table version has a deletion vector.
+
+    Turning deletion vectors on cannot be undone (the protocol stays upgraded), so a table that allows them is read
+    while none of its files has one: rows deleted through one would come back in vitaclip's direct file reads.
+    """
+    if any(batch.num_rows for batch in dt.deletion_vectors()):
+        raise TableMismatchError(
+            f"{dt.table_uri.rstrip('/')} has rows deleted through deletion vectors, which vitaclip does not apply: "
+            "purge them (Spark: REORG TABLE ... APPLY (PURGE) rewrites those files without the rows) and unset "
+            "delta.enableDeletionVectors, or give the job another --output"
+        )
+
+
+# Delta reader features a table may need and still be read by vitaclip: deletion vectors while no data file has one
+# (`check_table` looks), and types the exact column check already rules out (delta-rs lists ``variantType`` when it
+# upgrades a table to table features).
+_READER_FEATURES_KNOWN = frozenset({"deletionVectors", "variantType", "timestampNtz"})
+
+
+def _column_differences(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    """What an analyst's change did to a table's columns, in a few words (Delta schema JSON on both sides)."""
+    have = {f["name"]: f for f in found.get("fields", [])}
+    want = {f["name"]: f for f in expected.get("fields", [])}
+    parts = []
+    if extra := [name for name in have if name not in want]:
+        parts.append(f"added: {', '.join(extra)}")
+    if missing := [name for name in want if name not in have]:
+        parts.append(f"missing: {', '.join(missing)}")
+    if changed := [name for name in want if name in have and have[name] != want[name]]:
+        parts.append(f"changed: {', '.join(changed)}")
+    return "; ".join(parts) or "the order of the columns"
 
 
 # Delta writer features a vitaclip commit honours (those below that change what a writer must do are checked by
@@ -796,6 +855,8 @@ _WRITER_FEATURES_KNOWN = frozenset(
         "identityColumns",
         "timestampNtz",
         "domainMetadata",
+        "deletionVectors",  # a vitaclip commit writes none, and check_table refuses tables whose files have any
+        "variantType",  # with timestampNtz: a column type, and the columns are checked to be vitaclip's
     }
 )
 
@@ -1234,6 +1295,7 @@ class LogCommit:
         commit_info: Its ``commitInfo`` action; custom metadata keys are at the top level.
         app_transactions: App id -> version of its ``txn`` actions.
         changes_metadata: Whether it changed the table's metadata or protocol (schema, properties).
+        metadata: Its ``metaData`` action (the table's whole new metadata), None when it has none.
     """
 
     version: int
@@ -1242,6 +1304,31 @@ class LogCommit:
     commit_info: dict[str, Any] = field(default_factory=dict)
     app_transactions: dict[str, int] = field(default_factory=dict)
     changes_metadata: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+def rows_shape(metadata: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a table's metadata (a ``metaData`` action) decides which rows its data files hold and how they read:
+    the table's id, columns, partitioning and vitaclip's own properties. Other properties (an analyst's
+    ``delta.checkpointInterval``, statistics settings) change none of it."""
+    configuration = metadata.get("configuration") or {}
+    return (
+        metadata.get("id"),
+        json.loads(metadata.get("schemaString") or "null"),
+        tuple(metadata.get("partitionColumns") or ()),
+        tuple(sorted((k, v) for k, v in configuration.items() if k.startswith("vitaclip."))),
+    )
+
+
+def metadata_of(dt: DeltaTable) -> dict[str, Any]:
+    """An opened table version's metadata in the shape of a log ``metaData`` action (the keys `rows_shape` reads)."""
+    meta = dt.metadata()
+    return {
+        "id": meta.id,
+        "schemaString": dt.schema().to_json(),
+        "partitionColumns": list(meta.partition_columns),
+        "configuration": dict(meta.configuration),
+    }
 
 
 def log_changes(location: OutputLocation, table: str, *, after_version: int, upto_version: int) -> list[LogCommit]:
@@ -1277,6 +1364,7 @@ def _parse_commit(version: int, text: str) -> LogCommit:
     commit_info: dict[str, Any] = {}
     app_transactions: dict[str, int] = {}
     changes_metadata = False
+    metadata = None
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -1293,7 +1381,8 @@ def _parse_commit(version: int, text: str) -> LogCommit:
             app_transactions[action["txn"]["appId"]] = int(action["txn"]["version"])
         elif "metaData" in action or "protocol" in action:
             changes_metadata = True
-    return LogCommit(version, tuple(adds), tuple(removes), commit_info, app_transactions, changes_metadata)
+            metadata = action.get("metaData", metadata)
+    return LogCommit(version, tuple(adds), tuple(removes), commit_info, app_transactions, changes_metadata, metadata)
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -1405,22 +1494,29 @@ def rewrite_without(
     path: str,
     video_ids: Collection[str],
     *,
+    model_id: str,
     name: str,
     embed_dim: int | None = None,
 ) -> DataFile | None:
-    """Writes a copy of a data file without the rows of `video_ids`; None when no row is left.
+    """Writes a copy of a data file without the rows of `video_ids` under `model_id`; None when no row is left.
 
     Used when re-indexed videos replace their old rows: commit the copy as an add and the old file as a remove.
+    A file may hold rows of several models (a job writes one model's rows per file, but an ``optimize.compact``
+    or a rewrite by other tools merges files): the rows of the same videos under other models stay.
 
     Args:
         path: The data file, relative to the table root.
+        model_id: The model whose rows of `video_ids` go.
         name: The new file's name (see `write_data_file`).
         embed_dim: The table's embedding size; None reads it from the table properties.
     """
     filesystem, root = location.table_path(table)
     data = read_file(filesystem, f"{root}/{path}")
-    drop = pc.is_in(data.column("video_id"), value_set=pa.array(sorted(set(video_ids)), pa.string()))
-    rest = data.filter(pc.invert(drop))
+    drop = pc.and_(
+        pc.is_in(data.column("video_id"), value_set=pa.array(sorted(set(video_ids)), pa.string())),
+        pc.equal(data.column("model_id"), model_id),
+    )
+    rest = data.filter(pc.invert(pc.fill_null(drop, False)))
     if rest.num_rows == 0:
         return None
     return write_data_file(location, table, rest, name=name, embed_dim=embed_dim)

@@ -235,7 +235,9 @@ def test_a_version_2_output_is_read_as_it_is_and_upgraded_by_the_first_writer(
     new = dlt.write_data_file(
         location, "videos", video_rows(["d"]).append_column("attempts", pa.array([2], pa.int32())), name=fresh_name()
     )
-    kept = dlt.rewrite_without(location, "videos", old_file.path, ["a"], name=fresh_name())  # an old file's copy
+    kept = dlt.rewrite_without(
+        location, "videos", old_file.path, ["a"], model_id="m1", name=fresh_name()
+    )  # an old file's copy
     assert kept is not None
     dlt.commit(
         location, "videos", adds=[new, kept], removes=[RemovedFile(old_file.path, old_file.size_bytes)],
@@ -325,8 +327,26 @@ def test_an_upgrade_stopped_between_its_two_commits_is_read_and_finished_by_the_
     table = dlt.open_table(other, "videos")
     assert table is not None
     table.alter.add_columns([DeltaField.from_arrow(pa.field("retries", pa.int32()))])
-    with pytest.raises(TableMismatchError, match="columns differ from videos schema version 2"):
+    with pytest.raises(TableMismatchError, match=r"columns differ from videos schema version 2 \(added: retries\)"):
         dlt.create_tables(other, DIM)
+
+
+def test_a_partitioned_table_is_refused_saying_so(local: OutputLocation) -> None:
+    """A table rewritten with ``partition_by`` (the partition values move from the data files to folder names): the
+    job said data files were gone and pointed at repair(), search failed on a missing column."""
+    from deltalake import write_deltalake
+
+    dlt.create_tables(local, DIM)
+    add_files(local, "videos", [dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())])
+    rows = DeltaTable(local.table_uri("videos")).to_pyarrow_table()
+    write_deltalake(
+        local.table_uri("videos"), rows, mode="overwrite", partition_by=["model_id"], schema_mode="overwrite"
+    )
+    dt = dlt.open_table(local, "videos")
+    assert dt is not None and dt.metadata().partition_columns == ["model_id"]
+    for call in (lambda: dlt.check_table(dt, "videos"), lambda: dlt.create_tables(local, DIM)):
+        with pytest.raises(TableMismatchError, match=r"is partitioned by model_id, .*\.restore\(version\)"):
+            call()
 
 
 def test_create_tables_is_idempotent_and_sets_properties(tmp_path: Path) -> None:
@@ -638,7 +658,7 @@ def test_concurrent_removals_of_one_file_on_s3_conflict(s3_location: OutputLocat
     add_files(s3_location, "videos", [old])
     removed = RemovedFile(old.path, old.size_bytes)
     rewrites = [
-        dlt.rewrite_without(s3_location, "videos", old.path, [drop], name=fresh_name(), embed_dim=DIM)
+        dlt.rewrite_without(s3_location, "videos", old.path, [drop], model_id="m1", name=fresh_name(), embed_dim=DIM)
         for drop in ("a", "b")
     ]
     results = _race(
@@ -694,7 +714,7 @@ def test_concurrent_create_tables_on_s3(s3_location: OutputLocation) -> None:
 def test_log_changes_lists_exactly_what_was_committed(local: OutputLocation) -> None:
     first = dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())
     dlt.commit(local, "videos", adds=[first], removes=[], read_version=0, app_id="job", app_version=1, metadata={})
-    rewrite = dlt.rewrite_without(local, "videos", first.path, ["a"], name=fresh_name(), embed_dim=DIM)
+    rewrite = dlt.rewrite_without(local, "videos", first.path, ["a"], model_id="m1", name=fresh_name(), embed_dim=DIM)
     newer = dlt.write_data_file(local, "videos", video_rows(["a"], run_id="r2"), name=fresh_name())
     assert rewrite is not None
     dlt.commit(
@@ -850,7 +870,9 @@ def test_tables_set_up_so_that_a_run_would_break_them_are_refused_before_writing
 
 def test_rewrite_without_drops_exactly_the_given_ids(local: OutputLocation) -> None:
     original = dlt.write_data_file(local, "videos", video_rows(["a", "b", "c", "d"]), name=fresh_name())
-    rewrite = dlt.rewrite_without(local, "videos", original.path, {"b", "d", "not-there"}, name=fresh_name())
+    rewrite = dlt.rewrite_without(
+        local, "videos", original.path, {"b", "d", "not-there"}, model_id="m1", name=fresh_name()
+    )
     assert rewrite is not None and rewrite.num_rows == 2 and rewrite.path != original.path
     data = pq.read_table(os.path.join(local.table_uri("videos"), rewrite.path))
     kept = pq.read_table(os.path.join(local.table_uri("videos"), original.path)).filter(
@@ -858,13 +880,27 @@ def test_rewrite_without_drops_exactly_the_given_ids(local: OutputLocation) -> N
     )
     assert data.equals(kept)
     assert json.loads(rewrite.stats)["maxValues"]["video_id"] == "c"
-    assert dlt.rewrite_without(local, "videos", original.path, ["a", "b", "c", "d"], name=fresh_name()) is None
+    assert (
+        dlt.rewrite_without(local, "videos", original.path, ["a", "b", "c", "d"], model_id="m1", name=fresh_name())
+        is None
+    )
+
+
+def test_rewrite_without_keeps_the_rows_of_other_models(local: OutputLocation) -> None:
+    """A file holding rows of two models (a compaction merged them): only the given model's rows of the videos go."""
+    mixed = pa.concat_tables([video_rows(["a", "b"]), video_rows(["a", "b"], model_id="m2")])
+    original = dlt.write_data_file(local, "videos", mixed, name=fresh_name())
+    rewrite = dlt.rewrite_without(local, "videos", original.path, {"a"}, model_id="m1", name=fresh_name())
+    assert rewrite is not None
+    data = pq.read_table(os.path.join(local.table_uri("videos"), rewrite.path))
+    kept = sorted(zip(data.column("video_id").to_pylist(), data.column("model_id").to_pylist(), strict=True))
+    assert kept == [("a", "m2"), ("b", "m1"), ("b", "m2")]
 
 
 def test_vacuum_deletes_removed_and_orphaned_files(local: OutputLocation) -> None:
     old = dlt.write_data_file(local, "videos", video_rows(["a", "b"]), name=fresh_name())
     add_files(local, "videos", [old])
-    new = dlt.rewrite_without(local, "videos", old.path, ["a"], name=fresh_name(), embed_dim=DIM)
+    new = dlt.rewrite_without(local, "videos", old.path, ["a"], model_id="m1", name=fresh_name(), embed_dim=DIM)
     assert new is not None
     dlt.commit(
         local,

@@ -520,6 +520,30 @@ def test_tables_created_again_are_indexed_whole_never_followed(tmp_path: Path) -
     _check_search_is_exact(out, location, rng)
 
 
+def test_an_analysts_table_settings_are_followed_and_a_column_change_is_refused(tmp_path: Path) -> None:
+    """Every metadata commit made the next update build whole (and train again), even one that only set
+    ``delta.checkpointInterval`` or turned deletion vectors on. Only the columns, partitioning, the table's id and
+    vitaclip's properties decide how rows read."""
+    from deltalake import DeltaTable
+    from deltalake.schema import Field as DeltaField
+
+    rng = np.random.default_rng(11)
+    out = tmp_path / "out"
+    location, store, first = _indexed_output(str(out), 40, rng)
+    videos = DeltaTable(location.table_uri("videos"))
+    videos.alter.set_table_properties({"delta.checkpointInterval": "5", "delta.dataSkippingNumIndexedCols": "8"})
+    videos.alter.set_table_properties({"delta.enableDeletionVectors": "true"})  # a protocol upgrade too
+    _commit(location, _rows(_uris(100, 6), rng))
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "rebuild_reason" not in entry, entry.get("rebuild_reason")
+    assert entry["count"] == first["indexes"]["videos"]["count"] + 6
+    _check_search_is_exact(out, location, rng)
+
+    DeltaTable(location.table_uri("videos")).alter.add_columns([DeltaField.from_arrow(pa.field("note", pa.string()))])
+    with pytest.raises(ValueError, match=r"columns differ .*\(added: note\)"):
+        build_from_output(store, model_id=MODEL)  # refused before anything is built; the index stays as it was
+
+
 def test_storage_failing_on_a_removed_file_fails_the_update_and_the_next_one_follows_the_log(tmp_path: Path) -> None:
     """Only a file that is gone (vacuumed) makes the update build whole; storage failing after its retries fails
     this update, leaves the index as it was, and the next update follows the log as if nothing had happened."""
