@@ -331,6 +331,36 @@ def test_an_upgrade_stopped_between_its_two_commits_is_read_and_finished_by_the_
         dlt.create_tables(other, DIM)
 
 
+def test_a_table_with_deletion_vectors_on_is_used_until_a_file_has_one(local: OutputLocation) -> None:
+    """Turning deletion vectors on upgrades the protocol for good, and every reader and writer refused the output
+    with nothing to undo. Such a table is used while no data file has a deletion vector; a real one (written as
+    Spark writes it) is refused with the purge to run, by the job and by the index's reads; a delete by delta-rs
+    rewrites the file, and the table is usable again."""
+    from deletion_vectors import add_deletion_vector
+
+    from index.build import _ok_rows
+
+    dlt.create_tables(local, DIM)
+    first = dlt.write_data_file(local, "videos", video_rows(["a", "b", "c"]), name=fresh_name())
+    add_files(local, "videos", [first])
+    DeltaTable(local.table_uri("videos")).alter.set_table_properties({"delta.enableDeletionVectors": "true"})
+    assert dlt.create_tables(local, DIM)["videos"] == 2  # accepted: read and written
+    later = dlt.write_data_file(local, "videos", video_rows(["d", "e"]), name=fresh_name())
+    version = add_files(local, "videos", [later])
+    vectors, ids, _ = _ok_rows(local, "videos", "m1", version=version)
+    assert sorted(ids.tolist()) == [0, 1] and vectors.shape == (2, DIM)  # the ok rows, read without delta-rs's check
+
+    version = add_deletion_vector(local.table_uri("videos"), first.path, [0])  # a, deleted as Spark would
+    with pytest.raises(TableMismatchError, match=r"deleted through deletion vectors.*REORG TABLE"):
+        dlt.create_tables(local, DIM)
+    with pytest.raises(TableMismatchError, match="deleted through deletion vectors"):
+        _ok_rows(local, "videos", "m1", version=version)
+    DeltaTable(local.table_uri("videos")).delete("video_id = 'b'")  # delta-rs rewrites the file, without its vector
+    assert dlt.check_table(DeltaTable(local.table_uri("videos")), "videos") == DIM
+    rows = DeltaTable(local.table_uri("videos")).scan(columns=["video_id"]).read_all()
+    assert sorted(pa.table(rows).column("video_id").to_pylist()) == ["c", "d", "e"]
+
+
 def test_a_partitioned_table_is_refused_saying_so(local: OutputLocation) -> None:
     """A table rewritten with ``partition_by`` (the partition values move from the data files to folder names): the
     job said data files were gone and pointed at repair(), search failed on a missing column."""
