@@ -528,7 +528,17 @@ def _net_changes(location: OutputLocation, table: str, after: int, upto: int) ->
     for entry in commits:
         if entry.metadata is not None:
             if shape is None:
-                before = open_table(location, table, version=after) if after >= 0 else None
+                try:
+                    before = open_table(location, table, version=after) if after >= 0 else None
+                except (OSError, ValueError) as exc:
+                    before, reason = None, f": {exc}"
+                else:
+                    reason = " (its log was cleaned up)"
+                if before is None and after >= 0:
+                    raise _FullBuild(
+                        f"commit {entry.version} of the {table} table changed its metadata, and version {after} "
+                        f"cannot be read to compare{reason}"
+                    )
                 shape = rows_shape(metadata_of(before)) if before is not None else ()
             if rows_shape(entry.metadata) != shape:
                 raise _FullBuild(f"commit {entry.version} of the {table} table changed its columns or properties")

@@ -539,6 +539,18 @@ def test_an_analysts_table_settings_are_followed_and_a_column_change_is_refused(
     assert entry["count"] == first["indexes"]["videos"]["count"] + 6
     _check_search_is_exact(out, location, rng)
 
+    # A property change whose table version before it is no longer in the log (a checkpoint, then log cleanup):
+    # nothing to compare with, built whole saying why.
+    videos = DeltaTable(location.table_uri("videos"))
+    videos.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 days"})
+    DeltaTable(location.table_uri("videos")).create_checkpoint()
+    DeltaTable(location.table_uri("videos")).cleanup_metadata()
+    _commit(location, _rows(_uris(200, 2), rng))
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "cannot be read to compare (its log was cleaned up)" in entry["rebuild_reason"]
+    assert entry["count"] == first["indexes"]["videos"]["count"] + 8
+    _check_search_is_exact(out, location, rng)
+
     DeltaTable(location.table_uri("videos")).alter.add_columns([DeltaField.from_arrow(pa.field("note", pa.string()))])
     with pytest.raises(ValueError, match=r"columns differ .*\(added: note\)"):
         build_from_output(store, model_id=MODEL)  # refused before anything is built; the index stays as it was
