@@ -27,7 +27,10 @@ The table contract (kept by every writer):
   between a run's two commits): stale rows next to the video's row of another run. Search counts a segment only
   while its video's row is ok and of the segment's run, so none reaches a result (a reader of the segments table
   alone still sees them; a join on ``run_id`` leaves them out); the next commit of that video that adds segment
-  rows removes them.
+  rows removes them. A video no run will commit again (its row is final, or deleted) keeps them until a later run's
+  clean-up commit removes those in unpartnered files whose video's row is not ok, made by runs whose record says
+  they ended (`Planner.abandoned_segments`): a live run's, between its two commits, look the same but its record
+  says "running" (a killed run's too, for ever: its rows stay).
 
 Beyond these rules, the Committer closes a race around the gap between the two commits of a round, where another
 run B commits video X too and our videos commit then conflicts: B's row of X is not DONE for our etag (B listed
@@ -50,7 +53,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
+import re
 import secrets
 import time
 import urllib.parse
@@ -65,7 +70,7 @@ import pyarrow.compute as pc
 
 from index import delta_tables as dlt
 from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile, read_file
-from index.schema import STATUS_DELETED, video_id_for
+from index.schema import STATUS_DELETED, STATUS_OK, video_id_for
 
 RETRYABLE: frozenset[str] = frozenset(
     {
@@ -102,7 +107,29 @@ RUN_ID_KEY = "vitaclip.run_id"
 _T = TypeVar("_T")
 _DONE_BIT = np.uint32(1 << 31)
 _GONE_BIT = np.uint32(1 << 30)  # the row says the video was deleted (`STATUS_DELETED`)
-_FILE_MASK = np.uint32((1 << 30) - 1)
+_OK_BIT = np.uint32(1 << 29)  # the row's status is "ok"
+_FILE_MASK = np.uint32((1 << 29) - 1)
+FINISHED_STATES = frozenset({"committed", "failed", "interrupted"})
+"""States of a run record (``OUT/runs/<run_id>.json``) written when its run ended: it commits nothing more."""
+_RUN_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+
+
+def finished_runs(location: OutputLocation, run_ids: Collection[str]) -> set[str]:
+    """Those of `run_ids` whose run record says the run ended (`FINISHED_STATES`). A run without a readable record,
+    or still "running" (live, or killed: it cannot say), is not."""
+    filesystem, base = location.filesystem()
+    found = set()
+    for run_id in sorted(run_ids):
+        if not _RUN_ID.fullmatch(run_id):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{base}/runs/{run_id}.json") as stream:
+                record = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("run_id") == run_id and record.get("state") in FINISHED_STATES:
+            found.add(run_id)
+    return found
 
 
 def recorded_attempts(attempt: Sequence[int] | np.ndarray, status: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -358,6 +385,7 @@ class Planner:
         final = pc.invert(pc.is_in(keys.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
         done = pc.and_(final, pc.is_valid(keys.column("etag"))).to_numpy(zero_copy_only=False).astype(bool)
         gone = pc.equal(keys.column("status"), STATUS_DELETED).to_numpy(zero_copy_only=False).astype(bool)
+        ok = pc.fill_null(pc.equal(keys.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False)
         # Rows written before schema version 3 have no count: one attempt.
         attempts = pc.fill_null(keys.column("attempts"), 1).to_numpy(zero_copy_only=False)
         attempts = np.clip(attempts, 0, _MAX_COUNTED_ATTEMPTS).astype(np.uint8)
@@ -369,6 +397,7 @@ class Planner:
         self._id_hash = id_hash[order]
         self._etag_hash = etag_hash[order]
         flags = np.where(done, _DONE_BIT, np.uint32(0)) | np.where(gone, _GONE_BIT, np.uint32(0))
+        flags |= np.where(ok, _OK_BIT, np.uint32(0))
         self._file_code = (file_index | flags.astype(np.uint32))[order]
         self._attempts = attempts[order]
 
@@ -380,11 +409,16 @@ class Planner:
             path for path in segments.sizes if path not in videos.sizes and segments.may_hold(path, model_id)
         )
         hashes, owners = [], []
+        # Segment rows in unpartnered files of videos whose current row is not ok (or that have none): left by a
+        # run killed before its clean-up commit, or a live run's between its two commits (`abandoned_segments`).
+        self._stale: dict[int, set[tuple[str, str, str]]] = {}  # id hash -> {(file, video id, run id)}
         for index, path in enumerate(self._unpartnered):
-            ids = _read_columns(location, "segments", path, ["video_id"], model_id).column("video_id")
-            unique = np.unique(_id_hash(ids))
+            rows = _read_columns(location, "segments", path, ["video_id", "run_id"], model_id)
+            row_hashes = _id_hash(rows.column("video_id"))
+            unique = np.unique(row_hashes)
             hashes.append(unique)
             owners.append(np.full(len(unique), index, dtype=np.uint32))
+            self._note_stale(path, rows, row_hashes)
         seg_hash = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         seg_owner = np.concatenate(owners) if owners else np.zeros(0, np.uint32)
         order = np.argsort(seg_hash, kind="stable")
@@ -397,6 +431,40 @@ class Planner:
             "attempts_exhausted": 0,
             "planned": 0,
             "no_longer_listed": 0,
+        }
+
+    def _note_stale(self, path: str, rows: pa.Table, row_hashes: np.ndarray) -> None:
+        """Notes the segment rows of `path` (an unpartnered file) whose video's current row is not ok or missing."""
+        lo = np.searchsorted(self._id_hash, row_hashes, side="left")
+        hi = np.searchsorted(self._id_hash, row_hashes, side="right")
+        ok = np.zeros(len(row_hashes), dtype=bool)
+        found = lo < hi
+        ok[found] = (self._file_code[lo[found]] & _OK_BIT) != 0
+        for i in np.flatnonzero(hi - lo > 1).tolist():  # two rows of one video (a copy another writer appended)
+            ok[i] = bool(np.any(self._file_code[lo[i] : hi[i]] & _OK_BIT))
+        stale = pa.array(np.flatnonzero(~ok))
+        video_ids = rows.column("video_id").take(stale).to_pylist()
+        run_ids = rows.column("run_id").take(stale).to_pylist()
+        for h, video_id, run_id in zip(row_hashes[~ok].tolist(), video_ids, run_ids, strict=True):
+            self._stale.setdefault(int(h), set()).add((path, str(video_id), str(run_id)))
+
+    def abandoned_segments(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Segment rows no run will remove, for the committing run's clean-up: video id -> (the unpartnered files
+        holding them, the runs that made them), for videos this run did not plan whose current row (at the planning
+        versions) is not ok or missing, and rows made by runs that ended (`finished_runs`). A run killed between
+        its videos commit and its clean-up commit leaves such rows (of a video it pruned or found failed, made by
+        the run before); rows of a run that may still be live are left alone."""
+        found: dict[str, tuple[set[str], set[str]]] = {}
+        for entries in self._stale.values():
+            for path, video_id, run_id in entries:
+                paths, runs = found.setdefault(video_id, (set(), set()))
+                paths.add(path)
+                runs.add(run_id)
+        ended = finished_runs(self.location, set().union(*(runs for _, runs in found.values())))
+        return {
+            video_id: (sorted(paths), sorted(runs))
+            for video_id, (paths, runs) in sorted(found.items())
+            if runs <= ended  # all: a file's rows of the video go whole
         }
 
     def missing(self, scopes: Sequence[str]) -> pa.Table:
@@ -487,6 +555,9 @@ class Planner:
             video_files.append("\n".join(current))
             segment_files.append("\n".join(sorted(segs)))
         self.counts["planned"] += int(keep.sum())
+        if self._stale and keep.any():  # planned videos' segments are this run's to replace
+            for h in id_hash[keep].tolist():
+                self._stale.pop(int(h), None)
         self._seen.merge()
         out = {name: np.asarray(column)[keep] for name, column in batch.items()}
         out["video_id"] = np.asarray(video_ids, dtype=object)[keep]
@@ -694,7 +765,22 @@ class Committer:
         self._orphaned: set[str] = set()
         self._run_ids: dict[str, pa.Table] = {}  # videos file -> (video_id, run_id), for `_runs_in`
         self._orphaned_files: set[str] = set()
+        # Other runs' segment rows no run will remove (`Planner.abandoned_segments`): video id -> (files, runs).
+        self._abandoned: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._last_failure = ""
+
+    def clean_up_abandoned(self, abandoned: Mapping[str, tuple[Collection[str], Collection[str]]]) -> None:
+        """Has the next `commit` remove other runs' segment rows that no run will remove (from
+        `Planner.abandoned_segments`: video id -> (files, the ended runs that made the rows)), in its clean-up
+        commit: of each video that no other writer committed since the planning versions, the files that still hold
+        its rows, made by those runs only."""
+        for video_id, (paths, runs) in abandoned.items():
+            self._abandoned[video_id] = (frozenset(paths), frozenset(runs))
+
+    @property
+    def pending_clean_up(self) -> bool:
+        """Whether a `commit` has segment rows to clean up even with no video pending."""
+        return bool(self._bare or self._orphaned or self._abandoned)
 
     def add(self, batch: WrittenBatch) -> None:
         """Queues a written batch for the next `commit`.
@@ -765,8 +851,21 @@ class Committer:
             RuntimeError: Another writer kept committing for `max_rounds` rounds (after the videos commit, of the
                 clean-up: the next call retries it).
         """
-        report = self._retry(self._commit_round)
-        if self._bare or self._orphaned:
+        if self._pending:
+            report = self._retry(self._commit_round)
+        else:  # a clean-up only
+            versions = dict(self._reconciled)
+            report = CommitReport(
+                versions,
+                videos_committed=0,
+                segments_committed=0,
+                dropped=0,
+                readded=0,
+                replaced=0,
+                rounds=0,
+                wrote=False,
+            )
+        if self.pending_clean_up:
             cleaned = self._retry(self._clean_up)
             if cleaned is not None:
                 report.versions["segments"] = cleaned
@@ -872,9 +971,10 @@ class Committer:
         snapshots = {table: _snapshot(self.location, table) for table in dlt.TABLES}
         for table in dlt.TABLES:
             self._follow_log(table, snapshots[table])
-        ids = sorted(set(self._bare) | self._orphaned)
+        ids = sorted(set(self._bare) | self._orphaned | set(self._abandoned))
         video_rows, segment_rows = self._rows_of("videos", ids), self._rows_of("segments", ids)
         targets: dict[str, set[str]] = {}
+        self._abandoned_targets(targets, video_rows, snapshots["segments"])
         for video_id in sorted(self._orphaned):
             rows = video_rows.get(video_id, [])
             if not rows or any(row["status"] == "ok" for _, row in rows):
@@ -912,8 +1012,37 @@ class Committer:
             )
             self._reconciled["segments"] = version
             self._apply_moves("segments", moves)
-        self._bare, self._orphaned, self._orphaned_files = {}, set(), set()
+        self._bare, self._orphaned, self._orphaned_files, self._abandoned = {}, set(), set(), {}
         return version
+
+    def _abandoned_targets(
+        self,
+        targets: dict[str, set[str]],
+        video_rows: Mapping[str, list[tuple[str, dict[str, Any]]]],
+        segments: _Snapshot,
+    ) -> None:
+        """Adds the files of `_abandoned` videos to clean up to `targets` (see `clean_up_abandoned`)."""
+        ids = sorted(self._abandoned)
+        ours = self._held(_id_hash(pa.array(ids, pa.string()))).tolist() if ids else []
+        for video_id, committed_by_us in zip(ids, ours, strict=True):
+            if committed_by_us or video_rows.get(video_id):
+                continue  # a row committed since the planning: its commits see to the video's segments
+            paths, runs = self._abandoned[video_id]
+            for path in (self._resolve("segments", p, video_id) for p in paths):
+                if path is None or path not in segments.sizes:
+                    continue  # rewritten by another writer since: left for a later run
+                if self._made_only_by(path, video_id, runs):
+                    targets.setdefault(path, set()).add(video_id)
+
+    def _made_only_by(self, path: str, video_id: str, runs: frozenset[str]) -> bool:
+        """Whether a segments file holds rows of `video_id`, all made by `runs` (two columns, read once)."""
+        if path not in self._run_ids_of_segments:
+            self._run_ids_of_segments[path] = _read_columns(
+                self.location, "segments", path, ["video_id", "run_id"], self.model_id
+            )
+        held = self._run_ids_of_segments[path]
+        made = set(held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist())
+        return bool(made) and made <= runs
 
     def _holds(self, path: str, video_id: str, runs: frozenset[str]) -> bool:
         """Whether a segments file holds rows of `video_id` made by one of `runs` (two columns, read once)."""

@@ -366,7 +366,7 @@ class Commits:
 
     def commit(self) -> None:
         self.last_commit = time.monotonic()
-        if not self.committer.pending_videos:
+        if not self.committer.pending_videos and not self.committer.pending_clean_up:
             return
         if self.hooks.before_commit:
             self.hooks.before_commit()
@@ -658,6 +658,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             current_etags=functools.partial(current_etags, endpoint_url=config.s3_endpoint_url),
             require=required_records(settings),
         )  # fmt: skip
+        committer.clean_up_abandoned(ray.get(planner.abandoned_segments.remote()))
         commits = Commits(
             committer, commit_seconds=config.commit_seconds, hooks=hooks, on_commit=record.alive,
             settings_changed=lambda: changed_during_run(store, settings), planned_videos=sum(b.videos for b in blocks),

@@ -156,6 +156,11 @@ class PlanActor:
         refs, self._refs = self._refs, []
         return refs
 
+    def abandoned_segments(self) -> dict[str, tuple[list[str], list[str]]]:
+        """`Planner.abandoned_segments`, once the listing is planned: for the run's clean-up commit."""
+        self._usable()
+        return self.planner.abandoned_segments()
+
     def report(self) -> dict[str, Any]:
         return {
             "counts": dict(self.planner.counts),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt_
+import json
 import os
 import threading
 import uuid
@@ -756,6 +757,62 @@ def test_a_video_reindexed_as_a_failure_loses_its_old_segments(local: OutputLoca
     _, report = run(local, {2: "e2-new", 3: "e3-newer"}, "r3", statuses={3: "corrupt"})
     rows = assert_one_row_and_one_set_each(local, set(range(4)))
     assert rows[vid(3)]["status"] == "corrupt" and rows[vid(2)]["run_id"] == "r3"
+
+
+def _record(location: OutputLocation, run_id: str, state: str) -> None:
+    """The run record a job writes (``OUT/runs/<run_id>.json``), as far as `finished_runs` reads it."""
+    folder = Path(location.url.removeprefix("file://")) / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "state": state}))
+
+
+def _plan_and_commit(location: OutputLocation, etags: dict[int, str], run_id: str) -> CommitReport:
+    """A run as the job makes it: plans, hands the abandoned segment rows to its Committer, commits."""
+    planner = Planner(location, model_id=MODEL, versions=latest_versions(location))
+    planned = planner(listing(etags))
+    committer = Committer(location, model_id=MODEL, run_id=run_id, versions=planner.versions)
+    committer.clean_up_abandoned(planner.abandoned_segments())
+    if len(planned["video_id"]):
+        committer.add(write_batch(location, planned, run_id))
+    return committer.commit()
+
+
+def test_segments_a_run_killed_before_its_clean_up_left_are_removed_by_a_later_run(
+    local: OutputLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """r2 re-indexed two videos as failures, committed their rows and was killed before its clean-up commit: r1's
+    segment rows of them stayed for good (no later run plans a video whose row is final), and in the segments
+    index. A later run removes them once r1's record says it ended; while it says "running" (a live run between
+    its two commits looks the same), they stay."""
+    etags = {k: f"e{k}" for k in range(4)}
+    run(local, etags, "r1")
+    changed = {**etags, 1: "e1-new", 2: "e2-new"}
+
+    def killed(self: Committer, attempt: int) -> None:
+        raise Killed("killed before the clean-up commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Committer, "_clean_up", killed)
+        with pytest.raises(Killed):
+            run(local, changed, "r2", statuses={1: "not_a_video", 2: "corrupt"})
+    _record(local, "r2", "running")
+    _, segments = read_tables(local)
+    left = {
+        v
+        for v, r in zip(segments.column("video_id").to_pylist(), segments.column("run_id").to_pylist(), strict=True)
+        if r == "r1"
+    }
+    assert left == {vid(k) for k in range(4)}  # r1's rows of 1 and 2 are stale: their rows are r2's failures
+
+    _record(local, "r1", "running")  # not known to have ended: nothing is removed
+    report = _plan_and_commit(local, changed, "r3")
+    assert not report.wrote and read_tables(local)[1].num_rows == segments.num_rows
+    _record(local, "r1", "committed")
+    report = _plan_and_commit(local, changed, "r4")
+    assert report.wrote and report.videos_committed == 0
+    rows = assert_one_row_and_one_set_each(local, set(range(4)))  # segments only next to ok rows
+    assert rows[vid(1)]["status"] == "not_a_video" and rows[vid(0)]["run_id"] == "r1"
+    assert _plan_and_commit(local, changed, "r5").wrote is False  # nothing left to do
 
 
 def test_clean_up_leaves_the_segments_another_run_committed_since(local: OutputLocation) -> None:
