@@ -1489,7 +1489,14 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("vision_cfg.head_width", 0, r"vision_cfg\.head_width must be an integer from 1 to 64, got 0"),
         ("vision_cfg.width", 10**9, r"vision_cfg\.width must be an integer from 1 to 8192, got 1000000000"),
         ("vision_cfg.bogus", 1, r"vision_cfg has options open_clip does not know: \['bogus'\]"),
-        ("vision_cfg.act_kwargs", {"x": 1}, "open_clip cannot build this model: TypeError"),
+        ("vision_cfg.act_kwargs", {"x": 1}, r"vision_cfg\.act_kwargs must be null or \{\}"),
+        # Built, then failed at the first forward pass (a string eps), or silently built another model (any string
+        # is true to Python: "false" turned QuickGELU on).
+        ("text_cfg.norm_kwargs", {"eps": "x"}, r'text_cfg\.norm_kwargs must be null or \{"eps": a number'),
+        ("quick_gelu", "false", r'backbone_config\.quick_gelu must be true or false, got "false"'),
+        ("vision_cfg.attentional_pool", "no", r"vision_cfg\.attentional_pool must be true or false"),
+        ("vision_cfg.output_tokens", True, r"vision_cfg\.output_tokens must be false"),
+        ("vision_cfg.patch_dropout", 2, r"vision_cfg\.patch_dropout must be a number from 0 to below 1"),
         ("backbone_config", {"embed_dim": 32}, r"backbone_config\.vision_cfg must be a mapping .*got null"),
         ("config.mean", 5, r"mean must be a list of 3 numbers, got '5'"),
         ("config.std", [0.2, 0.0, 0.2], "std 3 above 0"),  # frames are divided by it: NaN embeddings
@@ -1502,7 +1509,7 @@ def test_malformed_folder_configs_are_checkpoint_errors(
 ) -> None:
     """Hand-edited config.json fields of a wrong type or size: one CheckpointError naming the file (exit 2 from the
     command line), not a TypeError, KeyError, ZeroDivisionError or an allocation inside open_clip. All but the two
-    that need open_clip to tell are refused where the job's torch-free driver reads the config, before any work."""
+    that needs open_clip to tell is refused where the job's torch-free driver reads the config, before any work."""
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_folder, folder)
     meta = json.loads((folder / "config.json").read_text())
@@ -1522,7 +1529,7 @@ def test_malformed_folder_configs_are_checkpoint_errors(
     assert str(folder / "config.json") in str(raised.value)
     assert str(raised.value).count(str(folder)) == 1  # the file named once
     assert cli_main(["convert", str(folder), str(tmp_path / "out")]) == 2
-    if where not in ("vision_cfg.bogus", "vision_cfg.act_kwargs"):
+    if where != "vision_cfg.bogus":
         with pytest.raises(CheckpointError, match=match) as raised:
             resolve_model(None, str(folder))  # what the job's driver plans with (no torch, no open_clip)
         assert str(raised.value).count(str(folder)) == 1

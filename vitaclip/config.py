@@ -15,7 +15,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -361,14 +361,82 @@ def _tower_sizes(cfg: Mapping[str, Any], tower_key: str, where: str) -> dict[str
     return sizes
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The other options of open_clip's towers (CLIPVisionCfg, CLIPTextCfg) and the values they may take: open_clip hands
+# them to its layers without checking, so a wrong type built a model that failed at its first forward pass (a
+# string LayerNorm eps) or silently did something else (a truthy string). Options open_clip does not know are
+# refused where open_clip is at hand (`vitaclip.model.check_backbone_config`); the ``timm_*`` and ``hf_*`` ones by
+# `_check_towers_are_built_here`.
+_TOWER_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{
+        key: ("true or false", lambda v: isinstance(v, bool))
+        for key in (
+            "attentional_pool",
+            "no_ln_pre",
+            "final_ln_after_pool",
+            "qk_norm",
+            "scaled_cosine_attn",
+            "scale_heads",
+            "scale_attn_inner",
+            "scale_attn",
+            "scale_fc",
+            "embed_cls",
+            "no_causal_mask",
+            "proj_bias",
+        )
+    },  # fmt: skip
+    **{
+        key: (
+            "a whole number from 0 to 2**31",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
+        )
+        for key in ("attn_pooler_queries", "attn_pooler_heads", "pad_id", "eos_id")
+    },
+    **{key: ("text", lambda v: isinstance(v, str)) for key in ("pos_embed_type", "pool_type", "proj_type")},
+    **{key: ("text or null", lambda v: v is None or isinstance(v, str)) for key in ("block_type", "tokenizer_mode")},
+    "ls_init_value": ("a number or null", lambda v: v is None or _is_number(v)),
+    "patch_dropout": ("a number from 0 to below 1", lambda v: _is_number(v) and 0 <= v < 1),
+    "output_tokens": ("false (Vita-CLIP takes the pooled features)", lambda v: v is False),
+    "act_kwargs": ("null or {} (the activation takes no options)", lambda v: v is None or v == {}),
+    "tokenizer_kwargs": ("null or {} (vitaclip's tokenizer takes no options)", lambda v: v is None or v == {}),
+    "norm_kwargs": (
+        'null or {"eps": a number above 0, below 1}',
+        lambda v: (
+            v is None
+            or (isinstance(v, Mapping) and set(v) <= {"eps"} and all(_is_number(e) and 0 < e < 1 for e in v.values()))
+        ),
+    ),
+}
+
+
+def _check_tower_options(tower: Mapping[str, Any], where: str) -> None:
+    for key, value in tower.items():
+        if key in _TOWER_OPTIONS and not _TOWER_OPTIONS[key][1](value):
+            raise ValueError(
+                f"{where}.{key} must be {_TOWER_OPTIONS[key][0]}, got {json.dumps(value, default=str)[:40]}"
+            )
+
+
 def check_backbone_sizes(cfg: Mapping[str, Any], *, where: str = "backbone_config") -> None:
     """Checks an open_clip ViT config's shape without open_clip: known top-level options, each size an integer within
-    the ``MAX_*`` bounds, widths that split into whole heads. A checkpoint's config is data; a wrong one must be one
-    clear ValueError when it is read, not a KeyError in the planner or an allocation of terabytes in open_clip."""
+    the ``MAX_*`` bounds, widths that split into whole heads, the types of the towers' other options. A checkpoint's
+    config is data; a wrong one must be one clear ValueError when it is read, not a KeyError in the planner, an
+    allocation of terabytes in open_clip or a model that fails (or computes something else) once it runs."""
     unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "custom_text"}
     if unknown or cfg.get("custom_text"):
         raise ValueError(f"{where}: unsupported open_clip options {sorted(str(k)[:40] for k in unknown)[:6]}")
+    if not isinstance(cfg.get("quick_gelu", False), bool):  # bool("false") is True: the other activation
+        raise ValueError(
+            f"{where}.quick_gelu must be true or false, got {json.dumps(cfg['quick_gelu'], default=str)[:40]}"
+        )
+    if not _is_number(cfg.get("init_logit_scale", 1.0)):
+        raise ValueError(f"{where}.init_logit_scale must be a number")
     _size(cfg, "embed_dim", where, 1, MAX_WIDTH, None)
+    for tower_key in ("vision_cfg", "text_cfg"):
+        _check_tower_options(backbone_tower(cfg, tower_key, where), f"{where}.{tower_key}")
     vision = _tower_sizes(cfg, "vision_cfg", where)
     if vision["width"] % vision["head_width"]:
         raise ValueError(
