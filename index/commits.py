@@ -125,9 +125,10 @@ def finished_runs(location: OutputLocation, run_ids: Collection[str]) -> set[str
         try:
             with filesystem.open_input_stream(f"{base}/runs/{run_id}.json") as stream:
                 record = json.loads(stream.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # gone, not JSON, nested too deep: not known to have ended
             continue
-        if isinstance(record, dict) and record.get("run_id") == run_id and record.get("state") in FINISHED_STATES:
+        state = record.get("state") if isinstance(record, dict) and record.get("run_id") == run_id else None
+        if isinstance(state, str) and state in FINISHED_STATES:
             found.add(run_id)
     return found
 
@@ -759,11 +760,11 @@ class Committer:
         self._file_ids: dict[str, frozenset[str]] = {}  # segments file -> its video ids (`_ids_in`)
         self._written_ids: dict[str, pa.Array] = {}  # pending segments file -> its video ids, as the writer sent them
         self._bare: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {}  # stale segments to clean
-        self._run_ids_of_segments: dict[str, pa.Table] = {}  # segments file -> its (video_id, run_id) columns
+        self._run_ids_of_segments: dict[str, dict[str, frozenset[str]]] = {}  # segments file -> video id -> runs
         # Videos another run finished with a final failure after our segments of them landed (dropped from our
         # videos commit): our segment rows of them belong to no row. Their files: our committed segments files.
         self._orphaned: set[str] = set()
-        self._run_ids: dict[str, pa.Table] = {}  # videos file -> (video_id, run_id), for `_runs_in`
+        self._run_ids: dict[str, dict[str, frozenset[str]]] = {}  # videos file -> video id -> runs, for `_runs_in`
         self._orphaned_files: set[str] = set()
         # Other runs' segment rows no run will remove (`Planner.abandoned_segments`): video id -> (files, runs).
         self._abandoned: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
@@ -1035,24 +1036,31 @@ class Committer:
                     targets.setdefault(path, set()).add(video_id)
 
     def _made_only_by(self, path: str, video_id: str, runs: frozenset[str]) -> bool:
-        """Whether a segments file holds rows of `video_id`, all made by `runs` (two columns, read once)."""
-        if path not in self._run_ids_of_segments:
-            self._run_ids_of_segments[path] = _read_columns(
-                self.location, "segments", path, ["video_id", "run_id"], self.model_id
-            )
-        held = self._run_ids_of_segments[path]
-        made = set(held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist())
+        """Whether a segments file holds rows of `video_id`, all made by `runs`."""
+        made = self._segment_runs(path).get(video_id, frozenset())
         return bool(made) and made <= runs
 
     def _holds(self, path: str, video_id: str, runs: frozenset[str]) -> bool:
-        """Whether a segments file holds rows of `video_id` made by one of `runs` (two columns, read once)."""
-        if path not in self._run_ids_of_segments:
-            self._run_ids_of_segments[path] = _read_columns(
-                self.location, "segments", path, ["video_id", "run_id"], self.model_id
-            )
-        held = self._run_ids_of_segments[path]
-        mine = held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist()
-        return any(run in runs for run in mine)
+        """Whether a segments file holds rows of `video_id` made by one of `runs`."""
+        return not self._segment_runs(path).get(video_id, frozenset()).isdisjoint(runs)
+
+    def _segment_runs(self, path: str) -> dict[str, frozenset[str]]:
+        return self._runs_by_video("segments", path)
+
+    def _runs_by_video(self, table: str, path: str) -> dict[str, frozenset[str]]:
+        """Video id -> the runs that made its rows, of one data file (two columns, read and grouped once: looked up
+        per video, a filter of the whole file each time cost videos x rows)."""
+        cache = self._run_ids_of_segments if table == "segments" else self._run_ids
+        if path not in cache:
+            held = _read_columns(self.location, table, path, ["video_id", "run_id"], self.model_id)
+            pairs = held.group_by(["video_id", "run_id"]).aggregate([])
+            grouped: dict[str, set[str]] = {}
+            for video_id, run_id in zip(
+                pairs.column("video_id").to_pylist(), pairs.column("run_id").to_pylist(), strict=True
+            ):
+                grouped.setdefault(video_id, set()).add(run_id)
+            cache[path] = {v: frozenset(r) for v, r in grouped.items()}
+        return cache[path]
 
     def _segment_ids(self, path: str) -> frozenset[str]:
         """Video ids in a segments file: ours read once (`_ids_in`), another writer's from what `_follow_log` read."""
@@ -1173,12 +1181,7 @@ class Committer:
         for path in paths:
             if path is None or path not in snapshot.sizes:
                 continue
-            if path not in self._run_ids:
-                self._run_ids[path] = _read_columns(
-                    self.location, "videos", path, ["video_id", "run_id"], self.model_id
-                )
-            held = self._run_ids[path]
-            runs.update(held.filter(pc.equal(held.column("video_id"), video_id)).column("run_id").to_pylist())
+            runs.update(self._runs_by_video("videos", path).get(video_id, ()))
         return runs
 
     def _ids_in(self, path: str) -> frozenset[str]:

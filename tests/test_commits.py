@@ -804,6 +804,15 @@ def test_segments_a_run_killed_before_its_clean_up_left_are_removed_by_a_later_r
     }
     assert left == {vid(k) for k in range(4)}  # r1's rows of 1 and 2 are stale: their rows are r2's failures
 
+    runs = Path(local.url.removeprefix("file://")) / "runs"
+    for record in (
+        '{"run_id": "r1", "state": ["committed"]}',
+        "[" * 100_000,
+        "\xff",
+        '{"run_id": "r0", "state": "committed"}',
+    ):
+        (runs / "r1.json").write_text(record, encoding="latin-1")  # not a record saying r1 ended: left alone
+        assert not _plan_and_commit(local, changed, "r3").wrote
     _record(local, "r1", "running")  # not known to have ended: nothing is removed
     report = _plan_and_commit(local, changed, "r3")
     assert not report.wrote and read_tables(local)[1].num_rows == segments.num_rows
