@@ -68,6 +68,7 @@ def server(service: SearchService) -> Iterator[str]:
         ("q=cat&k=0", "k: Input should be greater than or equal to 1"),
         ("q=cat&k=abc", "k: must be a whole number written in digits"),
         ("q=cat&k=101", "k: Input should be less than or equal to 100"),
+        ("q=cat&k=100000000", "k: Input should be less than or equal to 100"),  # digits, too many to parse
         ("q=cat&colour=red", "colour: Extra inputs are not permitted"),
         ("q=cat&min_duration=long", "min_duration: Input should be a valid number"),
         ("q=cat&min_duration=-1", "min_duration: Input should be greater than or equal to 0"),
