@@ -70,7 +70,7 @@ import pyarrow.compute as pc
 
 from index import delta_tables as dlt
 from index.delta_tables import CommitConflict, DataFile, OutputLocation, RemovedFile, read_file
-from index.schema import STATUS_DELETED, STATUS_OK, video_id_for
+from index.schema import STATUS_DELETED, STATUS_OK, plain_types, video_id_for
 
 RETRYABLE: frozenset[str] = frozenset(
     {
@@ -298,6 +298,40 @@ def _read_columns(location: OutputLocation, table: str, path: str, columns: list
     return data.filter(pc.equal(data.column("model_id"), model_id)).select(columns)
 
 
+def _distinct_runs(location: OutputLocation, table: str, path: str, columns: list[str], model_id: str) -> pa.Table:
+    """`_read_columns` with each run of consecutive rows of equal values cut to its first row: which values a file
+    holds, for one row per video instead of one per segment (a video's segment rows lie together as written, and
+    compaction keeps them so). The columns are read as Parquet's dictionaries and the runs found by comparing
+    their integer codes: no string per row is made, hashed or compared."""
+    filesystem, root = location.table_path(table)
+    wanted = [*columns, "model_id"]
+    data = read_file(filesystem, f"{root}/{path}", wanted, as_dictionary=wanted)
+    pieces = []
+    for batch in data.to_batches():
+        coded = [_dictionary_of(batch.column(name)) for name in wanted]
+        change = np.zeros(batch.num_rows, dtype=bool)
+        change[:1] = True
+        for column in coded:
+            codes = column.indices.to_numpy(zero_copy_only=False)
+            change[1:] |= codes[1:] != codes[:-1]
+        starts = pa.array(np.flatnonzero(change))
+        taken = [column.take(starts).cast(column.type.value_type) for column in coded]
+        pieces.append(plain_types(pa.table(taken, names=wanted)))
+    if not pieces:
+        return pa.table({name: pa.array([], pa.string()) for name in columns})
+    runs = pa.concat_tables(pieces)
+    return runs.filter(pc.equal(runs.column("model_id"), model_id)).select(columns)
+
+
+def _dictionary_of(column: pa.Array) -> pa.DictionaryArray:
+    """A column as a dictionary array without nulls in its codes (a file written without dictionaries is encoded
+    here)."""
+    encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
+    if encoded.null_count:
+        encoded = pc.dictionary_encode(encoded.dictionary_decode(), null_encoding="encode")
+    return encoded
+
+
 def _lines(joined: str) -> list[str]:
     return [line for line in joined.split("\n") if line]
 
@@ -414,7 +448,7 @@ class Planner:
         # run killed before its clean-up commit, or a live run's between its two commits (`abandoned_segments`).
         self._stale: dict[int, set[tuple[str, str, str]]] = {}  # id hash -> {(file, video id, run id)}
         for index, path in enumerate(self._unpartnered):
-            rows = _read_columns(location, "segments", path, ["video_id", "run_id"], model_id)
+            rows = _distinct_runs(location, "segments", path, ["video_id", "run_id"], model_id)
             row_hashes = _id_hash(rows.column("video_id"))
             unique = np.unique(row_hashes)
             hashes.append(unique)
@@ -1052,7 +1086,7 @@ class Committer:
         per video, a filter of the whole file each time cost videos x rows)."""
         cache = self._run_ids_of_segments if table == "segments" else self._run_ids
         if path not in cache:
-            held = _read_columns(self.location, table, path, ["video_id", "run_id"], self.model_id)
+            held = _distinct_runs(self.location, table, path, ["video_id", "run_id"], self.model_id)
             pairs = held.group_by(["video_id", "run_id"]).aggregate([])
             grouped: dict[str, set[str]] = {}
             for video_id, run_id in zip(
@@ -1189,7 +1223,7 @@ class Committer:
         if path not in self._file_ids:
             ids = self._written_ids.get(path)
             if ids is None:
-                ids = _read_columns(self.location, "segments", path, ["video_id"], self.model_id).column("video_id")
+                ids = _distinct_runs(self.location, "segments", path, ["video_id"], self.model_id).column("video_id")
             self._file_ids[path] = frozenset(ids.to_pylist())
         return self._file_ids[path]
 

@@ -352,12 +352,21 @@ def _scan(
         return pa.concat_tables(pool.map(scan_one, fragments))
 
 
-def read_file(filesystem: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+def read_file(
+    filesystem: pafs.FileSystem, path: str, columns: list[str] | None = None, *, as_dictionary: Sequence[str] = ()
+) -> pa.Table:
     """One Parquet data file (some of its columns) in the plain column types, read as `scan` reads it on a
-    filesystem written in Python."""
-    if _python_backed(filesystem):
-        return plain_types(pq.read_table(pa.BufferReader(caller_image(filesystem, path, columns)), columns=columns))
-    return plain_types(pq.read_table(path, columns=columns, filesystem=filesystem))
+    filesystem written in Python; the columns named in `as_dictionary` as dictionary arrays (Parquet's own
+    dictionary pages, not a string per row)."""
+    dictionary = list(as_dictionary) or None
+    source: Any = pa.BufferReader(caller_image(filesystem, path, columns)) if _python_backed(filesystem) else path
+    read = pq.read_table(
+        source,
+        columns=columns,
+        filesystem=None if _python_backed(filesystem) else filesystem,
+        read_dictionary=dictionary,
+    )
+    return plain_types(read)
 
 
 def open_parquet(

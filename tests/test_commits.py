@@ -1154,6 +1154,47 @@ def test_seen_ids_find_every_duplicate_across_merges() -> None:
     assert len(seen._recent) < 50  # merged along the way: the set stays small
 
 
+@pytest.mark.parametrize(
+    "layout", ["runs", "no_dictionaries", "small_row_groups", "string_views", "shuffled", "two_models", "empty"]
+)
+def test_a_files_distinct_values_are_read_as_runs_whatever_wrote_it(local: OutputLocation, layout: str) -> None:
+    """Which (video, run) pairs a segments file holds is read as one row per run of equal rows, from Parquet's
+    dictionary codes: the same pairs as a plain read, for files written without dictionaries, in many row groups,
+    with view types (polars, delta-rs's merge), in any order and with another model's rows between."""
+    import pyarrow.parquet as pq
+
+    from index.commits import _distinct_runs, _read_columns
+
+    rng = np.random.default_rng(3)
+    pairs = [(vid(k), f"run-{k % 3}") for k in range(400)]
+    rows = [(v, r, "m2" if layout == "two_models" and k % 5 == 0 else MODEL) for k, (v, r) in enumerate(pairs)]
+    rows = [row for row in rows for _ in range(7)]  # seven segments a video, together
+    if layout == "shuffled":
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    if layout == "empty":
+        rows = []
+    names = ["video_id", "run_id", "model_id"]
+    kind = pa.string_view() if layout == "string_views" else pa.string()
+    data = pa.table([pa.array([row[i] for row in rows], kind) for i in range(3)], names=names)
+    folder = Path(local.table_uri("segments"))
+    pq.write_table(
+        data,
+        folder / "written.parquet",
+        use_dictionary=layout != "no_dictionaries",
+        row_group_size=100 if layout == "small_row_groups" else None,
+    )
+    runs = _distinct_runs(local, "segments", "written.parquet", ["video_id", "run_id"], MODEL)
+    plain = _read_columns(local, "segments", "written.parquet", ["video_id", "run_id"], MODEL)
+    assert runs.schema == pa.schema([("video_id", pa.string()), ("run_id", pa.string())])
+    expected = set(zip(*(plain.column(name).to_pylist() for name in ("video_id", "run_id")), strict=True))
+    assert set(zip(*(runs.column(name).to_pylist() for name in ("video_id", "run_id")), strict=True)) == expected
+    assert expected == {(v, r) for v, r, m in rows if m == MODEL}
+    if layout in ("runs", "no_dictionaries", "string_views", "two_models"):
+        assert runs.num_rows == len(expected)  # one row per video, not per segment
+    elif layout == "small_row_groups":
+        assert runs.num_rows <= len(expected) + len(rows) // 100  # at most one more per row group
+
+
 def test_planner_names_committed_videos_the_listing_left_out_under_a_scope(local: OutputLocation) -> None:
     """`Planner.missing` (--prune-missing): committed, not listed this run, under a scope, not already deleted."""
     run(local, {k: f"e{k}" for k in range(4)}, "r1")
