@@ -162,6 +162,8 @@ def check_clip(data: bytes, *, timeout_seconds: float = UPLOAD_DECODE_SECONDS) -
                     raise UploadTimeout(timeout_seconds)
         except av.error.FFmpegError:
             return  # damaged data: the decoder reports it
+        except IndexError:
+            return  # PyAV's end of a demux where a stream appeared midway: every packet has been checked
 
 
 def video_frames(data: bytes, *, num_frames: int, size: int) -> np.ndarray:

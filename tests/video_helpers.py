@@ -316,6 +316,24 @@ def write_concatenated_ts(path: Path, *, parts: int = 2, frames_per_part: int = 
     return path
 
 
+def with_stray_pid(source: Path, out: Path, *, after: float = 1 / 3) -> Path:
+    """An MPEG-TS whose first video PES start past `after` of the file moves to a PID no table names (a bit error in
+    a broadcast capture, or a private stream): FFmpeg adds a stream for it while demuxing, after the header."""
+    data = bytearray(source.read_bytes())
+    pat = data[:188]
+    assert pat[0] == 0x47
+    for k in range(int(len(data) * after) // 188, len(data) // 188):
+        p = k * 188
+        pid = ((data[p + 1] & 0x1F) << 8) | data[p + 2]
+        if data[p] == 0x47 and data[p + 1] & 0x40 and pid == 0x100:  # a PES start on the video PID (PyAV's 0x100)
+            data[p + 1] = (data[p + 1] & 0xE0) | 0x14  # PID 0x100 -> 0x1400
+            break
+    else:
+        raise AssertionError("no video PES start found")
+    out.write_bytes(bytes(data))
+    return out
+
+
 def write_marked_mp4(path: Path, *, width: int = 64, height: int = 32) -> Path:
     """An H.264 MP4 whose pictures are black with a white square in the top-left corner (orientation checks)."""
     with av.open(str(path), "w") as container:

@@ -450,10 +450,29 @@ def open_video(
         yield OpenedVideo(container=container, stream=stream, header=header, is_file_like=is_file_like)
 
 
+def video_packets(container: InputContainer, stream: VideoStream) -> Iterator[Packet]:
+    """`container.demux(stream)` from the current position up to and including the stream's end marker (PyAV's
+    empty packet, which decoding takes as "flush"), then no more.
+
+    Why not PyAV's iterator alone: a stream may appear after the header (an MPEG-TS whose programme table gains a
+    stream midway, or a packet on a new PID), and PyAV 18's demux then ends with an IndexError while it makes the
+    end markers of the streams it knew of. The video stream's marker comes before that, and nothing of the video
+    after it; an IndexError before it ends the packets as the end of the input would."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, IndexError):
+            return
+        yield packet
+        if packet.size == 0:
+            return
+
+
 def _shown_packets(opened: OpenedVideo, deadline: Deadline) -> Iterator[Packet]:
     """The video stream's packets from the current position, less flush and discarded ones (cut by an MP4 edit list:
     decoded for the frames after them, never shown). A damaged tail ends them: what was read before it stays."""
-    packets = opened.container.demux(opened.stream)
+    packets = video_packets(opened.container, opened.stream)
     while True:
         deadline.check()
         try:

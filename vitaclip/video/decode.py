@@ -40,6 +40,7 @@ from vitaclip.video._container import (
     keyframe_index,
     open_video,
     scan_packets,
+    video_packets,
 )
 from vitaclip.video.errors import VideoDecodeError
 from vitaclip.video.sampling import (
@@ -162,7 +163,7 @@ def _first_keyframe_pts(opened: OpenedVideo, start_pts: int) -> int | None:
     opened.container.seek(start_pts, stream=opened.stream, backward=True)
     keyframe: int | None = None
     shown: list[int] = []
-    for n, packet in enumerate(opened.container.demux(opened.stream)):
+    for n, packet in enumerate(video_packets(opened.container, opened.stream)):
         if n >= 64 or packet.size == 0:
             break
         pts = packet.pts if packet.pts is not None else packet.dts
@@ -291,7 +292,7 @@ class _Collector:
                 continue
             if keyframe is None:
                 if self._packets is None:
-                    self._reset_region(self._container.demux(self._stream))
+                    self._reset_region(video_packets(self._container, self._stream))
             elif not (
                 self._packets is not None
                 and not self._eof
@@ -316,7 +317,7 @@ class _Collector:
         except av.error.FFmpegError as e:
             raise _SeekUnreliable(str(e)) from None
         self._stats.seeks += 1
-        self._reset_region(self._container.demux(self._stream))
+        self._reset_region(video_packets(self._container, self._stream))
         self._seek_target = target
         self._may_retreat = may_retreat
 

@@ -19,6 +19,7 @@ from vitaclip.video._container import (
     keyframe_index,
     open_video,
     scan_packets,
+    video_packets,
 )
 from vitaclip.video.sampling import choose_duration
 from vitaclip.video.transforms import display_rotation
@@ -71,7 +72,7 @@ def _metadata_is_sane(header: Header) -> bool:
 def _first_frame_rotation(opened: OpenedVideo, deadline: Deadline) -> int:
     """Rotation from the first decoded frame's display matrix (PyAV exposes no stream-level side data)."""
     stream = opened.stream
-    for n, packet in enumerate(opened.container.demux(stream)):
+    for n, packet in enumerate(video_packets(opened.container, stream)):
         deadline.check()
         if n >= _ROTATION_PROBE_PACKETS:
             break
