@@ -390,6 +390,9 @@ def test_timestamps_that_cannot_be_display_times_are_numbered_in_output_order(vi
         clip = decode_clip(source, Uniform(8), size=SIZE, stats=stats)
         assert clip_indices(clip.frames) == [int((i + 0.5) * 24 / 8) for i in range(8)]
         assert clip.end_seconds == pytest.approx(2.0) and stats.sequential_fallback
+        with VideoDecoder(source) as video:  # what the job's row says: the timeline the clips span
+            video.clips(Windows(0.5, with_whole_video=True), size=SIZE)
+            assert (video.info.duration_seconds, video.info.fps, video.info.num_frames) == (2.0, 12.0, 24)
 
 
 def test_timestamps_that_start_again_mid_file_keep_every_part(video_dir: Path) -> None:
@@ -400,6 +403,9 @@ def test_timestamps_that_start_again_mid_file_keep_every_part(video_dir: Path) -
     assert clip.end_seconds == pytest.approx(40.0)
     windows = decode_clips(path, Windows(10.0), size=SIZE)
     assert [w.start_seconds for w in windows] == [0.0, 10.0, 20.0, 30.0]
+    with VideoDecoder(path) as video:  # the row's duration: the parts' 40 s, not the header's 20
+        assert video.clips(Windows(10.0), size=SIZE)[-1].end_seconds == 40.0
+        assert (video.info.duration_seconds, video.info.fps, video.info.num_frames) == (40.0, 2.0, 80)
 
 
 def test_a_stream_that_appears_midway_leaves_the_video_whole(video_dir: Path) -> None:

@@ -543,9 +543,9 @@ def _collect(
     stats: DecodeStats,
     square: bool = True,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-) -> tuple[list[Clip], PacketTable | None]:
+) -> tuple[list[Clip], PacketTable | None, Timeline]:
     """The clips of `sampling` from `opened` (a fresh open of the source; `reopen` opens it again for a rescan or a
-    sequential pass), and the packet table when `opened` was demuxed whole."""
+    sequential pass), the packet table when `opened` was demuxed whole, and the timeline the clips were cut from."""
 
     def collector(video: OpenedVideo, **options: Any) -> _Collector:
         return _Collector(
@@ -603,7 +603,7 @@ def _collect(
             timeline, views, thresholds = renumbered()
             with reopen() as again:
                 results = collector(again, trust_keyframes=False, number_frames=True).run([(None, thresholds)])
-    return _assemble(views, results, timeline), table
+    return _assemble(views, results, timeline), table, timeline
 
 
 def _bytes_text(count: int) -> str:
@@ -736,6 +736,7 @@ class VideoDecoder:
         self._opened: OpenedVideo | None = None
         self._used = False  # the open input has been read (a second decode opens the source again)
         self._table: PacketTable | None = None
+        self._numbered: Timeline | None = None  # the frames as numbered by decoding, when timestamps were not used
         self._info: Any = None
 
     def _open(self) -> AbstractContextManager[OpenedVideo]:
@@ -780,7 +781,7 @@ class VideoDecoder:
             fresh = not self._used
             self._used = True
             try:
-                clips, table = _collect(
+                clips, table, timeline = _collect(
                     opened,
                     self._open,
                     deadline=self._deadline,
@@ -797,6 +798,7 @@ class VideoDecoder:
                 raise
         if fresh:
             self._table = table
+            self._numbered = timeline if timeline.synthetic else None
         return clips
 
     def clip(self, sampling: Uniform | Dense | None = None, *, size: int = 224, crop: Crop = "center") -> Clip:
@@ -822,6 +824,18 @@ class VideoDecoder:
                         self._opened, self._table, self.stats.rotation, source=self._source, deadline=self._deadline,
                         max_pixels=self._max_pixels,
                     )  # fmt: skip
+                    if self._numbered is not None:
+                        # Timestamps that could not be used (files joined byte by byte, all equal): the duration
+                        # and rate are those of the frames as decoding numbered them, which the clips span.
+                        seconds = float(self._numbered.duration * self._numbered.time_base)
+                        self._info = replace(
+                            self._info,
+                            duration_seconds=seconds,
+                            fps=float(1 / self._numbered.time_base),
+                            num_frames=int(self._numbered.duration),  # frames numbered 0, 1, ...: one tick each
+                            num_frames_exact=True,
+                            keyframe_seconds=None,
+                        )
                 else:
                     self._info = probe(
                         self._source, timeout_seconds=max(self._deadline.remaining(), 1e-3),
