@@ -717,6 +717,11 @@ def test_default_extensions_cover_common_containers() -> None:
         "flv",
         "wmv",
         "3gp",
+        "mts",
+        "m2ts",
+        "vob",
+        "ogv",
+        "mxf",
     } == DEFAULT_VIDEO_EXTENSIONS
 
 

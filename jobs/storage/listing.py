@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {"mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "wmv", "3gp"}
+    | {"mts", "m2ts", "vob", "ogv", "mxf"}  # camcorders (AVCHD), DVDs, Ogg, broadcast
 )
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz", ".txt", ".parquet", ".json")
 UNKNOWN_SIZE = -1
