@@ -107,8 +107,20 @@ def validate_job_args(job_args: Sequence[str]) -> None:
         lines = stderr.getvalue().strip().splitlines()
         raise ValueError(f"job flags: {lines[-1] if lines else 'could not be parsed'}") from None
     if namespace.config and not Path(namespace.config).is_file():
+        _refuse_relative_output(namespace.output)
         return  # a YAML file that only the cluster has: the flags themselves parsed
-    config_from_args(list(job_args))
+    _refuse_relative_output(config_from_args(list(job_args)).output)
+
+
+def _refuse_relative_output(output: str | None) -> None:
+    """A relative local output would be written on the cluster inside the job's uploaded working_dir (Ray's package
+    cache, deleted with it), or the worker's own folder: never where the user looked."""
+    if output and "://" not in output and not os.path.isabs(output):
+        raise ValueError(
+            f"--output {output!r} is a relative path: on the cluster the job runs in its uploaded working_dir (Ray's "
+            "package cache, deleted later), not in this folder; give an absolute path on the cluster's machines or "
+            "an s3:// URI"
+        )
 
 
 def parse_metadata(items: Sequence[str]) -> dict[str, str]:

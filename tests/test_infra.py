@@ -435,11 +435,19 @@ def test_submit_checks_the_job_flags_before_connecting(
     assert "unrecognized arguments: --modle" in capsys.readouterr().err
     assert submit.main(["--address", nowhere, "in/", "--output", "out/"]) == 2  # no checkpoint, no --random-weights
     assert "--checkpoint" in capsys.readouterr().err
-    assert submit.main(["--address", nowhere, "--metadata", "novalue", "--", "in", "--output", "o", "--no-index"]) == 2
+    assert (
+        submit.main(
+            ["--address", nowhere, "--metadata", "novalue", "--", "in", "--output", "/o", "--model", "vitaclip-demo"]
+        )
+        == 2
+    )
+    assert "--metadata wants KEY=VALUE" in capsys.readouterr().err
     # A --config that only the cluster has is accepted; the connection then fails (exit 1), nothing printed secret.
     assert submit.main(["--address", nowhere, "--no-working-dir", "--", "--config", "/cluster/only.yaml"]) == 1
     # A token path named on purpose that holds no token is an error, never a silent fallback to ~/.ray/auth_token.
-    job = ["--", "in/", "--output", "out/", "--model", "vitaclip-tiny", "--random-weights"]
+    assert submit.main(["--address", nowhere, "--", "in/", "--output", "out/", "--model", "vitaclip-demo"]) == 2
+    assert "--output 'out/' is a relative path: on the cluster" in capsys.readouterr().err
+    job = ["--", "in/", "--output", "/data/out/", "--model", "vitaclip-tiny", "--random-weights"]
     for name, content in (("missing", None), ("empty", "\n")):
         token_path = tmp_path / name
         if content is not None:
