@@ -249,13 +249,16 @@ class SearchEngine:
 
         import vitaclip
         from vitaclip.model import model_name_of
+        from vitaclip.registry import is_vitaclip_checkpoint
 
         name = model or model_name_of(self.model_id)
-        try:
-            encoder = vitaclip.create_model(name, checkpoint=checkpoint, device=device)
+        folder = model is None and checkpoint is not None and is_vitaclip_checkpoint(checkpoint)
+        try:  # a vitaclip checkpoint folder carries its own config, whatever its model's name
+            encoder = vitaclip.create_model(None if folder else name, checkpoint=checkpoint, device=device)
         except ValueError as exc:
             raise IndexUnusableError(
-                f"cannot load the index's model {name!r} to encode queries ({exc}); pass --model and --checkpoint"
+                f"cannot load the index's model {name!r} to encode queries ({exc}); pass --checkpoint (a vitaclip "
+                "checkpoint folder), or --model and --checkpoint"
             ) from exc
         if encoder.model_id != self.model_id:
             raise IndexUnusableError(

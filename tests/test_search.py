@@ -145,6 +145,36 @@ def test_cli_build_index_says_how_it_built(indexed: Path, tmp_path: Path, capsys
     assert "videos: flat" in printed and "are too few to train ivf" in printed, printed
 
 
+def test_an_output_of_a_checkpoint_folder_is_searched_with_the_folder_alone(tmp_path: Path, capsys) -> None:
+    """A model known only by its checkpoint folder (a converted or trained one, its config named as its author
+    chose): search asked for the unregistered name and said to pass --model, where the folder is the model."""
+    import dataclasses
+
+    import ray
+    from local_ray import start_local_ray
+    from test_index_job import make_videos
+
+    import vitaclip
+    from jobs.index_videos import main as job_main
+    from vitaclip.registry import get_model_config
+
+    config = dataclasses.replace(get_model_config("vitaclip-tiny"), name="house-tiny")
+    folder = tmp_path / "house-tiny"
+    vitaclip.save_checkpoint(vitaclip.create_model(config), folder)
+    make_videos(tmp_path / "in", 2)
+    start_local_ray()
+    try:
+        assert job_main([str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", str(folder)]) == 0
+    finally:
+        ray.shutdown()
+    capsys.readouterr()
+    query = ["search", "--index", str(tmp_path / "out"), "a", "red", "circle", "--json"]
+    assert cli_main(query) == 2
+    assert "pass --checkpoint (a vitaclip checkpoint folder)" in capsys.readouterr().err
+    assert cli_main([*query, "--checkpoint", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
 def test_cli_search_json(indexed: Path, capsys) -> None:
     assert cli_main(["search", "--index", str(indexed), "a", "red", "circle", "-k", "2", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
