@@ -42,6 +42,7 @@ from vitaclip.stages import DecodeStage, EmbedStage, decode_id_for
 DECODER_CRASHED = "decoder_crashed"
 _DECODE_RETRIES = 3  # Ray's own retries of a decode task whose worker died (a chunk, then each of its videos once)
 _PIECES_AHEAD = 2  # pieces a decode task may run ahead of the actor that takes them
+_PROGRESS_SECONDS = 1.0  # how often an embed actor tells the run's progress line what it finished
 # Decoded frames a call holds while the model loads (two calls at once: twice this per actor). The load takes
 # seconds (torch and open_clip imports, the weights, the label features; about 35 s more with torch.compile), long
 # enough for the decoders to finish the first blocks: without a hold they would wait for the model.
@@ -179,6 +180,7 @@ class DecodeEmbed:
         decode: the decode task's function (`decode_chunk`; tests wrap it).
         hold_mib: MiB of decoded frames each call holds while the model loads (decoding goes on meanwhile; at
             this bound the call waits for the model).
+        progress: an actor told the videos and clips embedded (`PlanActor.note_embedded`) about once a second.
     """
 
     def __init__(
@@ -193,8 +195,13 @@ class DecodeEmbed:
         cpu_threads: int = 1,
         decode: Callable[..., Iterator[Any]] = decode_chunk,
         hold_mib: float = _HOLD_MIB,
+        progress: Any = None,
     ) -> None:
         import ray
+
+        self.progress = progress
+        self.unreported = [0, 0]  # videos and clips embedded since the last `progress` message
+        self.reported_at = time.monotonic()
 
         # The model loads in the background (torch, open_clip, weights, label features: seconds), so that the first
         # block's decode tasks start as soon as Ray Data hands it over.
@@ -283,6 +290,13 @@ class DecodeEmbed:
             raise self.embed_failure  # as the model's loader raised it (the driver reports a bad checkpoint as such)
         with self.embed_lock:
             out: dict[str, np.ndarray] = self.embed(clips)
+            if self.progress is not None:
+                self.unreported[0] += int(np.count_nonzero(np.asarray(clips["segment_index"]) < 0))  # whole videos
+                self.unreported[1] += len(clips["segment_index"])
+                if time.monotonic() - self.reported_at >= _PROGRESS_SECONDS:
+                    self.progress.note_embedded.remote(*self.unreported)
+                    self.unreported = [0, 0]
+                    self.reported_at = time.monotonic()
             return out
 
     def _submit(self, videos: dict[str, np.ndarray], *, single: bool) -> tuple[Any, _Chunk]:

@@ -407,6 +407,10 @@ class Progress:
         self.clips = 0
         self._status: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # Videos and clips the embed actors have finished (`PlanActor.embedded`), asked for before each line: their
+        # rows reach the driver only when a call's block is written, minutes apart on a small run.
+        self.embedded_source: Callable[[], tuple[int, int]] | None = None
+        self._embedded = (0, 0)
 
     def update(self, status: Counter[str] | None = None, *, clips: int = 0) -> None:
         """Takes the statuses of the rows written so far (a copy) and `clips` more embedded clips."""
@@ -418,6 +422,13 @@ class Progress:
     def maybe_log(self, status: Counter[str] | None = None) -> str | None:
         """Logs and returns the line when `every` seconds have passed since the last one; None otherwise."""
         now = self.clock()
+        if now - self.last < self.every:
+            return None
+        if self.embedded_source is not None:
+            try:
+                self._embedded = self.embedded_source()
+            except Exception as exc:  # a line without it rather than none
+                log.debug("embedded counts not available: %s", exc)
         with self._lock:
             if status is not None:
                 self._status = Counter(status)
@@ -447,7 +458,8 @@ class Progress:
             thread.join()
 
     def line(self, status: Counter[str], seconds: float) -> str:
-        done = sum(status.values())
+        written = sum(status.values())
+        done = max(written, self._embedded[0])  # a video embedded is done but for its write
         rate = done / seconds if seconds > 0 else 0.0
         if self.planned:
             share = min(100.0, 100.0 * done / self.planned)
@@ -458,8 +470,11 @@ class Progress:
         left = self.planned - done
         if self.planned and left > 0 and rate > 0:
             text += f", about {in_words(left / rate)} left"
-        if self.clips:
-            text += f"; {self.clips:,} clips embedded"
+        clips = max(self.clips, self._embedded[1])
+        if clips:
+            text += f"; {clips:,} clips embedded"
+        if done > written:
+            text += f"; {written:,} written"
         if status:
             text += "; " + ", ".join(f"{name} {count:,}" for name, count in sorted(status.items()))
         return text
@@ -663,8 +678,9 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             committer, commit_seconds=config.commit_seconds, hooks=hooks, on_commit=record.alive,
             settings_changed=lambda: changed_during_run(store, settings), planned_videos=sum(b.videos for b in blocks),
         )  # fmt: skip
+        commits.progress.embedded_source = lambda: tuple(ray.get(planner.embedded.remote(), timeout=30))
         if blocks:
-            ds = index_dataset(config, blocks, model, pools)
+            ds = index_dataset(config, blocks, model, pools, progress=planner)
             try:
                 with quiet_model_load_failure():
                     drain(ds, commits, config, location=location, model=model, run_id=record.run_id)
@@ -1054,10 +1070,12 @@ def index_dataset(
     pools: IndexPools,
     *,
     stage: type = DecodeEmbed,
+    progress: Any = None,
 ) -> Any:
     """The run's one Dataset over the planned blocks: embed actors that have them decoded by CPU tasks
     (`jobs.decode_embed`); the driver drains it. Benchmarks pass a `stage` that only decodes. Blocks whose objects
-    all carry a listing status (a prune-only run) go through plain tasks: no model, no embed actor.
+    all carry a listing status (a prune-only run) go through plain tasks: no model, no embed actor. `progress`: an
+    actor the embed actors tell what they finished (`PlanActor.note_embedded`), for the progress line.
 
     Ray Data's own progress lines are off: they count blocks, not videos, and took seven log lines every 10 s of a
     run; the driver logs its `Progress` line once a minute."""
@@ -1084,6 +1102,7 @@ def index_dataset(
     return ds.map_batches(
         stage,
         fn_constructor_kwargs=dict(
+            **({} if progress is None else {"progress": progress}),
             decoder=decoder_args(config, model),
             decode_cpus=pools.cpus_per_decoder,
             decode_batch_size=config.decode_batch_size,

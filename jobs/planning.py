@@ -68,6 +68,7 @@ class PlanActor:
         # A table the run cannot plan from (data files gone) is refused at the first call, as an error of that
         # call: an actor whose creation failed reports only that it died, with a traceback.
         self._refusal: ValueError | None = None
+        self._embedded = [0, 0]  # videos and clips the embed actors have finished (`note_embedded`)
         try:
             self.planner = Planner(location, model_id=model_id, versions=versions, max_attempts=max_attempts)
         except ValueError as exc:
@@ -160,6 +161,15 @@ class PlanActor:
         """`Planner.abandoned_segments`, once the listing is planned: for the run's clean-up commit."""
         self._usable()
         return self.planner.abandoned_segments()
+
+    def note_embedded(self, videos: int, clips: int) -> None:
+        """Counts videos and clips an embed actor finished (sent about once a second each, not awaited)."""
+        self._embedded[0] += videos
+        self._embedded[1] += clips
+
+    def embedded(self) -> tuple[int, int]:
+        """Videos and clips the embed actors have finished so far, for the driver's progress line."""
+        return self._embedded[0], self._embedded[1]
 
     def report(self) -> dict[str, Any]:
         return {

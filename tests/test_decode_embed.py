@@ -75,6 +75,35 @@ def test_every_clip_of_every_video_once(local_ray, tmp_path: Path) -> None:
     assert np.allclose(np.linalg.norm(rows["embedding"], axis=1), 1.0, atol=1e-4)
 
 
+def test_the_actor_tells_the_progress_line_what_it_embedded(local_ray, tmp_path: Path, monkeypatch) -> None:
+    """A call's rows reach the driver when its whole block is written (512 videos a call: minutes on a small run,
+    where the line said 0 % throughout): the actor tells the run's planner what it finished as it goes."""
+    import ray
+
+    from jobs import decode_embed
+
+    @ray.remote
+    class Tally:
+        def __init__(self) -> None:
+            self.counts = [0, 0]
+
+        def note_embedded(self, videos: int, clips: int) -> None:
+            self.counts = [self.counts[0] + videos, self.counts[1] + clips]
+
+        def embedded(self) -> tuple[int, int]:
+            return self.counts[0], self.counts[1]
+
+    monkeypatch.setattr(decode_embed, "_PROGRESS_SECONDS", 0.0)  # a message after every embed batch
+    tally = Tally.remote()  # type: ignore[attr-defined]
+    batch = _videos(tmp_path, [f"v{i}.mp4" for i in range(5)])
+    stage = _stage(decode_chunk, progress=tally)
+    outputs = stage(batch)
+    first = next(outputs)  # one embed batch: told before the call has ended
+    assert ray.get(tally.embedded.remote()) == (int((first["segment_index"] < 0).sum()), len(first["segment_index"]))
+    list(outputs)
+    assert ray.get(tally.embedded.remote()) == (5, 20)  # the whole videos and their three segments each
+
+
 def test_a_video_that_kills_its_decoder_becomes_a_row(local_ray, tmp_path: Path) -> None:
     """Its task dies on every retry; the chunk's other video (already handed on) is kept once, and the video that
     still kills a decoder alone gets a ``decoder_crashed`` row. The other chunks are untouched."""

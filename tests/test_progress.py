@@ -81,3 +81,27 @@ def test_the_line_comes_on_time_while_the_driver_waits_and_counts_embedded_clips
     caplog.clear()
     time.sleep(0.5)
     assert "progress:" not in caplog.text  # the thread ended with the block
+
+
+def test_the_line_counts_what_the_embed_actors_finished_before_it_is_written(caplog: pytest.LogCaptureFixture) -> None:
+    """Rows reach the driver a call's block at a time: the line counts the videos the actors say they embedded."""
+    now = [0.0]
+    progress = Progress(1200, every=60, clock=lambda: now[0])
+    embedded = [(0, 0)]
+    progress.embedded_source = lambda: embedded[0]
+    caplog.set_level(logging.INFO, logger="vitaclip.job")
+    now[0], embedded[0] = 120.0, (812, 9744)
+    line = progress.maybe_log(Counter(ok=500, corrupt=12))
+    assert line == (
+        "progress: 812 of 1,200 videos (67.7 %) in 2 min, 6.8 videos/s, about 57 s left; 9,744 clips embedded; "
+        "512 written; corrupt 12, ok 500"
+    )
+
+    def unreachable() -> tuple[int, int]:
+        raise TimeoutError("the planner did not answer")
+
+    progress.embedded_source = unreachable  # the last counts stand; a line all the same
+    now[0] = 180.0
+    assert progress.maybe_log(Counter(ok=900)) == (
+        "progress: 900 of 1,200 videos (75.0 %) in 3 min, 5.0 videos/s, about 1 min left; 9,744 clips embedded; ok 900"
+    )
