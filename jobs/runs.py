@@ -18,7 +18,7 @@ from index.stores import Store
 from vitaclip.redact import redact_text, redact_url, terminal_text
 
 RUNS_DIR = "runs"
-_ERROR_CHARS = 160
+_ERROR_CHARS = 400  # of a failed run's error in the table (the last column: it wraps); --json has all
 _MODEL_CHARS = 64  # the settings lines below the table give whole ids
 
 
@@ -126,7 +126,9 @@ def _row(record: dict[str, Any]) -> list[str]:
         if heard is not None:
             what += f" (last heard of {heard} ago, at its {'last commit' if record.get('alive_at') else 'start'})"
     else:
-        what = redact_text(str(record.get("error") or ""))[:_ERROR_CHARS]
+        what = redact_text(str(record.get("error") or ""))
+        if len(what) > _ERROR_CHARS:
+            what = what[: _ERROR_CHARS - 1] + "…"  # the rest with --json
         landed = _mapping(record.get("commit")).get("videos_committed")
         if isinstance(landed, int) and not isinstance(landed, bool) and landed > 0:  # those rows stay
             what = f"{landed} video rows committed, then: {what}"

@@ -241,6 +241,8 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     rendered = '\x1b[36mray::write_blocks()\x1b[39m (pid=1, ip=127.0.0.1)\n  File "pipeline.py", line 1\nOSError: x'
     task_failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
     task_failed.fail(RayTaskError("write_blocks", rendered, OSError("upload body lost")).as_instanceof_cause())
+    long_failed = RunRecord(store, config, model_id="m", versions={"videos": 0, "segments": 0})
+    long_failed.fail(ValueError("rows were made with other settings: " + "x" * 500 + " top_k: 3 (this run: 5)"))
     (tmp_path / "out" / "runs" / "zz-damaged.json").write_text("{not json")
     # Of another shape: no run_id (the file names it), NaN (not JSON to strict readers), prune_held_back not a list.
     odd = {"state": "committed", "elapsed_seconds": float("nan"), "counts": [1], "status": {"ok": "x"}}
@@ -257,7 +259,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     (tmp_path / "out" / "runs" / "ww-lost.json").write_text(json.dumps({"state": "running", "started_at": started}))
     assert main(["runs", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["run", "state", "model", "started"] and len(lines) == 11
+    assert lines[0].split()[:4] == ["run", "state", "model", "started"] and len(lines) == 12
     by_id = {line.split()[0]: line for line in lines[1:]}
     assert by_id[running.run_id].split()[2] == "vitaclip-tiny@01234567"  # two checkpoints of one config differ here
     assert _model_cell(model_id + "+config:0a1b2c3d4e5f") == "vitaclip-tiny@01234567+config:0a1b2c3d4e5f"
@@ -266,6 +268,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert re.search(r"\(last heard of \d+ s ago, at its last commit\)", by_id[running.run_id])
     assert by_id["ww-lost"].endswith("(last heard of 3 h 5 min ago, at its start)")  # a killed run, most likely
     assert "RuntimeError: the store at" in by_id[failed.run_id] and "hunter2" not in by_id[failed.run_id]
+    assert by_id[long_failed.run_id].endswith("x…")  # cut, and saying so (--json has it whole)
     assert by_id["zz-damaged"].split()[1] == "unreadable"
     assert by_id[stopped.run_id].split()[1] == "interrupted" and "(Ctrl-C or SIGINT)" in by_id[stopped.run_id]
     assert by_id[terminated.run_id].split()[1] == "interrupted" and "(SIGTERM)" in by_id[terminated.run_id]
@@ -282,7 +285,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert only["run_id"] == "zz-damaged" and only["state"] == "unreadable"
     assert main(["runs", str(tmp_path / "out"), "--json"]) == 0
     strict = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 10
+    assert [r["run_id"] for r in strict if r["run_id"] == "yy-odd"] == ["yy-odd"] and len(strict) == 11
     for command in ("runs", "build-index", "migrate"):  # commands that read an output never make one
         for nowhere in (str(tmp_path / "nowhere"), ""):
             assert main([command, nowhere]) == 2, command
