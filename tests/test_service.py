@@ -760,6 +760,9 @@ def test_serve_config_builds_the_application() -> None:
     assert app["import_path"] == "jobs.ray_serve:app_builder"
     assert ServeOptions(**app["args"]).replicas == 4
     assert app_builder(app["args"]) is not None
+    # A config whose proxy listens on loopback names it (Serve does not tell replicas): the replicas' Host check.
+    assert ServeOptions(**{**app["args"], "proxy_host": "127.0.0.1"}).proxy_host == "127.0.0.1"
+    assert "# proxy_host: 127.0.0.1" in (Path(__file__).parents[1] / "infra" / "serve" / "search.yaml").read_text()
     with pytest.raises(ValueError, match="replicas must be >= 1"):
         ServeOptions(indexes=["a=/x"], replicas=0)
     with pytest.raises(TypeError):
