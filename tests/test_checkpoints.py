@@ -584,8 +584,13 @@ def test_official_checkpoint_errors(tmp_path: Path) -> None:
         vitaclip.create_model(config, checkpoint=tmp_path / "extra.pth", label_names=meta["class_names"])
 
     torch.save({"model": state}, tmp_path / "ok.pth")
-    with pytest.raises(CheckpointError, match="covers 5 labels but 2"):
+    with pytest.raises(CheckpointError, match="covers 5 labels but 2 label names were given: .*--label-names"):
         vitaclip.create_model(config, checkpoint=tmp_path / "ok.pth", label_names=["a", "b"])
+    with pytest.raises(CheckpointError, match="covers 5 labels but no label names were given"):
+        vitaclip.create_model(config, checkpoint=tmp_path / "ok.pth")
+    # The default model's label set does not fit: the model named is the suspect, not the labels.
+    with pytest.raises(CheckpointError, match=r"but model 'vitaclip-b16' comes with 400 label names .*model\?"):
+        vitaclip.create_model("vitaclip-b16", checkpoint=tmp_path / "ok.pth")
 
 
 @pytest.mark.parametrize(

@@ -736,10 +736,19 @@ def _label_names_for(
     else:
         names = None
     if ctx is not None and ctx.ndim == 3 and (names is None or len(names) != ctx.shape[0]):
-        got = "none" if names is None else str(len(names))
+        if names is None:
+            got = "no label names were given"
+        elif label_names is None:  # the config's own label set: the config may be another model's
+            got = (
+                f"model {config.name!r} comes with {len(names)} label names (its label set {config.label_set!r}: is "
+                "it the checkpoint's model?)"
+            )
+        else:
+            got = f"{len(names)} label names were given"
         raise CheckpointError(
-            f"the checkpoint's class-specific text context covers {ctx.shape[0]} labels but {got} label names were "
-            "given: pass label_names=[...] in training order (the official checkpoint stores no names)"
+            f"the checkpoint's class-specific text context covers {ctx.shape[0]} labels but {got}: give its label "
+            "names in training order (--label-names on the command line, label_names=[...] in Python; the official "
+            "checkpoint stores none)"
         )
     return names
 
