@@ -63,7 +63,9 @@ def generate_inputs(folder: Path, num_videos: int, *, seed: int) -> dict[str, di
     for line in generated.manifest_path.read_text(encoding="utf-8").splitlines():
         spec = json.loads(line)
         truth[_key(paths[spec["name"]])] = spec
-    (folder / "broken.mp4").write_bytes(b"not a video, to show how failures are recorded\n")
+    broken, content = folder / "broken.mp4", b"not a video, to show how failures are recorded\n"
+    if not broken.is_file() or broken.read_bytes() != content:  # unchanged: not listed as a new version
+        broken.write_bytes(content)
     return truth
 
 

@@ -329,8 +329,17 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path) -> None:
     for key in a:
         assert a[key] != d[key], f"{key} is the same for seeds 3 and 4"
 
+    files = sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file())
+    os.utime(files[0], ns=(0, 0))  # an old copy of the same bytes: kept too
+    (tmp_path / "a" / "videos" / first.video_paths[1].name).write_bytes(b"damaged")
+    before = {p: p.stat().st_mtime_ns for p in files}
     world.generate(tmp_path / "a", 5, seed=3, workers=2)  # a re-run overwrites in place
     assert _folder_bytes(tmp_path / "a") == a
+    # What holds its bytes already is left alone, modification time included (a local listing's ETag follows it:
+    # the quickstart run again re-embedded all its videos); the damaged file is written again.
+    changed = {p for p in files if p.stat().st_mtime_ns != before[p]}
+    assert changed == {tmp_path / "a" / "videos" / first.video_paths[1].name}
+    assert files[0].stat().st_mtime_ns == 0
 
 
 def test_generate_split_keeps_splits_apart(tmp_path: Path) -> None:

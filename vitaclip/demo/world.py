@@ -603,6 +603,13 @@ def write_video(
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` in one step; a file that holds `data` already is left as it is (its modification
+    time, which a local listing's ETag follows, too: a demo written again is not indexed again)."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # not there (or not readable): written
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
