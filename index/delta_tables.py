@@ -90,6 +90,11 @@ class TableMismatchError(ValueError):
     """An output table this vitaclip cannot use: another table, schema version or embedding size."""
 
 
+class NotAnOutputError(TableMismatchError):
+    """A folder given as an output that holds other files where its tables would go (the videos, most often): no
+    run of it is recorded there."""
+
+
 class TableUnreadableError(ValueError):
     """A Delta table whose log cannot be read: a commit file cut short or damaged, or a protocol this delta-rs does
     not support."""
@@ -704,7 +709,7 @@ def _refuse_foreign_files(location: OutputLocation, table: str) -> None:
     foreign = sorted(info.base_name for info in listed if not info.base_name.startswith((".", "_")))
     if foreign:
         shown = ", ".join(repr(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise TableMismatchError(
+        raise NotAnOutputError(
             f"{redact_url(location.table_uri(table))} holds files and no Delta table ({shown}): an output's "
             f"{'/'.join(TABLES)} folders hold its tables only; give --output a folder of its own (not one holding "
             "the videos)"

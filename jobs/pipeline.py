@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 
 from index.commits import CommitReport, Committer, WrittenBatch
 from index.delta_tables import (
+    NotAnOutputError,
     OutputLocation,
     RecordChangedError,
     create_tables,
@@ -729,6 +730,8 @@ def _prepare_output(
             has_rows=lambda: may_hold_model(location, "videos", model.model_id),
         )  # fmt: skip
     except ValueError as refusal:
+        if isinstance(refusal, NotAnOutputError):  # the user's own folder (the videos'): nothing written in it
+            raise
         try:
             RunRecord(store, config, model_id=model.model_id, versions={}).fail(refusal)
         except Exception as write_error:  # the refusal is what the operator must read

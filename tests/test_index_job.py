@@ -554,6 +554,7 @@ def test_an_output_whose_table_folder_holds_the_videos_is_refused(tmp_path: Path
     assert rc == 2 and "holds files and no Delta table" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in videos} == before
     assert not (tmp_path / "media" / "videos" / "_delta_log").exists()
+    assert [p.name for p in (tmp_path / "media").iterdir()] == ["videos"]  # no run record in the user's folder
 
 
 def test_a_folder_checkpoint_that_does_not_fit_its_model_fails_the_run_clearly(
