@@ -314,12 +314,27 @@ def referenced_files(info: dict[str, Any]) -> set[str]:
     return files
 
 
+def _not_an_output(folder: Path) -> str:
+    """Why `folder` has no index to search: an output of the previous layout, or no output at all (the outputs in
+    its subfolders named)."""
+    if (folder / "_commits").is_dir():
+        return f"{folder} is an output of the previous layout: convert it with `vitaclip migrate {folder}`"
+    inside = sorted(sub.name for sub in folder.iterdir() if (sub / "videos" / "_delta_log").is_dir())[:5]
+    where = f" (outputs in its subfolders: {', '.join(inside)})" if inside else ""
+    return (
+        f"{folder} is not an output of the indexing job (no videos table){where}: give the folder the job wrote "
+        "(its --output)"
+    )
+
+
 def read_info(folder: str | Path, *, check_format: bool = True) -> dict[str, Any]:
     path = Path(folder) / INFO_FILE
     if not path.is_file():
         output = Path(folder).parent
         if Path(folder).name == INDEX_DIR and not output.is_dir():  # a mistyped output: not "build an index"
             raise IndexUnusableError(f"no output folder at {output}")
+        if Path(folder).name == INDEX_DIR and not (output / "videos" / "_delta_log").is_dir():
+            raise IndexUnusableError(_not_an_output(output))
         raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
     info = parse_info(path.read_bytes())
     if check_format and info.get("format_version") != INDEX_FORMAT_VERSION:

@@ -349,6 +349,19 @@ def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: P
             assert main(command) == 2, command
             err = capsys.readouterr().err
             assert f"no output folder at {output}" in err and "Traceback" not in err, err
+    # A folder that is not an output says so (naming outputs inside it), not "build it with build-index", which then
+    # found no rows; one of the previous layout points at migrate; an output with tables and no index at build-index.
+    parent = tmp_path / "quickstart"
+    (parent / "index-output" / "videos" / "_delta_log").mkdir(parents=True)
+    (tmp_path / "old" / "_commits").mkdir(parents=True)
+    for output, hint in (
+        (parent, f"{parent} is not an output of the indexing job (no videos table) (outputs in its subfolders: "
+                 "index-output)"),
+        (tmp_path / "old", f"convert it with `vitaclip migrate {tmp_path / 'old'}`"),
+        (parent / "index-output", "build it with `vitaclip build-index`"),
+    ):  # fmt: skip
+        assert main(["search", "--index", str(output), "red"]) == 2
+        assert hint in capsys.readouterr().err, output
 
 
 @pytest.mark.parametrize("where", ["input", "output", "runs", "search"])
