@@ -82,7 +82,7 @@ def open_local(uri: str, size_bytes: int, etag: str | None = None) -> VideoSourc
     """The default opener: a local path as it is, once it is known to be a readable regular file.
 
     Raises:
-        FileNotFoundError: no file at the path (deleted since it was listed, or never there).
+        FileNotFoundError: no file at the path (removed, or never there).
         UnreadableSource: it cannot be read (permission denied).
         OSError: it is not a regular file (a FIFO would block the decoder) or cannot be inspected.
     """
@@ -162,7 +162,7 @@ class DecodeStage:
         try:
             return self.opener(uri, size_bytes, etag)
         except FileNotFoundError:
-            return self.failed_row(NOT_FOUND, "no file at this path (deleted since it was listed, or never there)")
+            return self.failed_row(NOT_FOUND, "no file at this path (removed, or never there)")
         except Exception as exc:  # per-video boundary: any read failure becomes this video's status
             # Storage errors name their kind (not_found, changed, unavailable, ...): keep it as the status.
             reason = getattr(exc, "reason", None)
