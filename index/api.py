@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from index.http_media import ResponseAbandoned, media_answer, send_media
 from index.media import MediaFile, MediaRefused
 from index.queries import QueryError, StorageUnavailable, UploadTimeout
-from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine
+from index.search import MAX_K, MAX_QUERY_CHARS, Filters, Hit, SearchEngine, unknown_label_note
 from index.service import Busy, QueryTimeout, SearchService, UnknownIndex
 from index.web import SECURITY_HEADERS, SecurityHeaders, add_docs_routes, add_page_route
 from vitaclip.redact import has_object_userinfo, redact_text, redact_url
@@ -170,6 +170,9 @@ class SearchResponse(BaseModel):
     index: str
     results: list[HitOut]
     took_ms: float
+    notes: list[str] = Field(
+        default_factory=list, description="why there are no results where it can be told: a label no row has"
+    )
 
 
 class IndexOut(BaseModel):
@@ -663,8 +666,14 @@ async def _answer(
     hits = await service.run_query(lambda: run(engine), kind="upload" if kind == "upload" else "query")
     took = asyncio.get_running_loop().time() - started
     service.metrics.search_seconds.labels(index=name, kind=kind).observe(took)
+    note = unknown_label_note(engine, params.label, segments=params.segments) if not hits else None
     return SearchResponse(
-        kind=kind, query=query, index=name, results=[_hit_out(h, name) for h in hits], took_ms=round(took * 1000, 2)
+        kind=kind,
+        query=query,
+        index=name,
+        results=[_hit_out(h, name) for h in hits],
+        took_ms=round(took * 1000, 2),
+        notes=[note] if note else [],
     )
 
 

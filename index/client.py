@@ -19,6 +19,7 @@ import stat
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ class SearchClient:
 
     def _post(self, query: dict[str, Any], k: int, segments: bool, filters: dict[str, Any]) -> list[dict[str, Any]]:
         body = json.dumps({**query, **self._params(k, segments, filters)}).encode()
-        return list(self._request("POST", "/search", body=body, content_type="application/json")["results"])
+        return _results(self._request("POST", "/search", body=body, content_type="application/json"))
 
     def search(self, text: str, *, k: int = 10, segments: bool = False, **filters: Any) -> list[dict[str, Any]]:
         """Hits for a text query; filters: ``label``, ``min_duration``, ``max_duration``."""
@@ -165,10 +166,8 @@ class SearchClient:
             data = file.read()
         params = self._params(k, segments, filters)
         query = urllib.parse.urlencode({key: str(v).lower() if isinstance(v, bool) else v for key, v in params.items()})
-        return list(
-            self._request("POST", f"/search/upload?{query}", body=data, content_type="application/octet-stream")[
-                "results"
-            ]
+        return _results(
+            self._request("POST", f"/search/upload?{query}", body=data, content_type="application/octet-stream")
         )
 
     def indexes(self) -> list[dict[str, Any]]:
@@ -177,3 +176,10 @@ class SearchClient:
 
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/healthz"))
+
+
+def _results(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """A search answer's hits; its notes (a label no row has) as warnings, which say why there are none."""
+    for note in answer.get("notes") or ():
+        warnings.warn(f"vitaclip search: {note}", UserWarning, stacklevel=3)
+    return list(answer["results"])

@@ -632,3 +632,16 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def unknown_label_note(engine: SearchEngine, label: str | None, *, segments: bool) -> str | None:
+    """Why a search filtered by `label` found nothing, when no row of the index has that label (labels are exact
+    names: a misspelling finds nothing); None when some row has it, or there is no label filter."""
+    if label is None:
+        return None
+    catalog = engine.catalogs.get("segments" if segments else "videos")
+    known = catalog.label_names if catalog is not None else frozenset()
+    if label in known:
+        return None
+    shown = f"; labels are written as in: {', '.join(sorted(known)[:3])}, ..." if known else ""
+    return f"no row has the label {label!r}{shown}"

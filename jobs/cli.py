@@ -235,6 +235,7 @@ def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from index.search import unknown_label_note
     from index.service import single_query_threads
 
     if args.query and args.like is not None:
@@ -262,11 +263,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
     else:
         print(format_hits(hits, segments=args.segments))
-        catalog = engine.catalogs.get("segments" if args.segments else "videos")
-        known = catalog.label_names if catalog is not None else frozenset()
-        if not hits and args.label is not None and args.label not in known:
-            shown = f"; labels are written as in: {', '.join(sorted(known)[:3])}, ..." if known else ""
-            print(terminal_text(f"(no row has the label {args.label!r}{shown})"))
+        note = unknown_label_note(engine, args.label, segments=args.segments) if not hits else None
+        if note is not None:
+            print(terminal_text(f"({note})"))
     return 0
 
 

@@ -245,7 +245,10 @@ def test_filters_keep_k_results_over_http(client: TestClient, indexed: Path) -> 
     label = rows[0]["labels"][-1]
     with_label = {r["video_id"] for r in rows if label in r["labels"]}
     data = client.get("/search", params={"q": "anything", "k": 10, "label": label}).json()
-    assert {h["video_id"] for h in data["results"]} == with_label
+    assert {h["video_id"] for h in data["results"]} == with_label and data["notes"] == []
+    # A label no row has: no results, and a note that says why (the CLI's hint; labels are exact names).
+    data = client.post("/search", json={"text": "anything", "label": label.upper() + "!"}).json()
+    assert data["results"] == [] and data["notes"][0].startswith(f"no row has the label {label.upper() + '!'!r}")
     short = sorted(r["duration_seconds"] for r in rows)[2]
     data = client.post("/search", json={"text": "anything", "k": 10, "max_duration": short}).json()
     expected = {r["video_id"] for r in rows if r["duration_seconds"] <= short}
@@ -424,6 +427,8 @@ def test_python_client(server: str, indexed: Path) -> None:
     assert [o["name"] for o in client.indexes()] == ["main", "second"]
     assert SearchClient(server, index="second").search("red", k=1, max_duration=100.0)[0]["media_url"].find("second")
     assert client.health()["status"] == "ok"
+    with pytest.warns(UserWarning, match="vitaclip search: no row has the label 'no such label'"):
+        assert client.search("red", label="no such label") == []
     with pytest.raises(SearchError, match="HTTP 422: k: Input should be less than or equal to 100"):
         client.search("x", k=1000)
     with pytest.raises(ValueError, match="http"):
