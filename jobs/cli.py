@@ -435,7 +435,7 @@ class _DefaultsShown(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        hidden = default is None or default is False or default is argparse.SUPPRESS or default == []
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default in ([], (), "")
         if not action.option_strings or hidden or "default" in text:
             return text
         return f"{text} (default: {default})".strip()

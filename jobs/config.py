@@ -386,6 +386,7 @@ def _add_listing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prune-scope",
         dest="prune_scopes",
+        metavar="SCOPE",
         action="append",
         help="with --prune-missing: a place the listing covers whole (s3://bucket/prefix, a folder), instead of the "
         "inputs; needed for manifests (repeatable)",

@@ -53,6 +53,7 @@ AGENT_WAIT_SECONDS = 60.0
 def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
+        usage=f"{prog} [options] -- JOB FLAGS...",
         description="Submit the indexing job (python -m jobs.index_videos) to a Ray cluster.",
         epilog="Everything after `--` (or any argument not listed above) is a flag or input of the indexing job.",
         allow_abbrev=False,
@@ -66,7 +67,7 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
     p.add_argument("--no-working-dir", action="store_true", help="upload nothing: the cluster's image has the code")
     p.add_argument("--exclude", action="append", default=[], help="also leave this pattern out of the upload")
     p.add_argument("--requirements", help="a requirements file: its packages go in the runtime_env's pip list")
-    p.add_argument("--python", default="python", help="interpreter on the cluster")
+    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="job metadata (repeatable)")
