@@ -28,16 +28,17 @@ def _has_packaged_weights(model: str) -> bool:
     return packaged_checkpoint(model) is not None
 
 
-def _check_model(model: str, checkpoint: str | None) -> None:
-    """A misspelt model name says so (before any advice about checkpoints)."""
+def _check_model(model: str, checkpoint: str | None, *, given: bool = False) -> None:
+    """A misspelt model name says so (before any advice about checkpoints). `given`: the name was asked for (a flag,
+    a YAML key), so even the default name must be the checkpoint folder's."""
     from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import get_model_config
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
         # The folder carries its own config; a --model that names another model is a mistake worth a word (the
-        # default name cannot be told from one given, so it stands for "the checkpoint's").
+        # default name, unless given, stands for "the checkpoint's").
         name = _folder_model_name(checkpoint)
-        if model not in (name, DEFAULT_MODEL):
+        if model != name and (given or model != DEFAULT_MODEL):
             raise ValueError(
                 f"--model {model!r} is not the model of checkpoint {checkpoint} ({name!r} in its config.json): give "
                 f"{name!r} or leave --model out"
@@ -463,6 +464,9 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.index_v
     if isinstance(values.get("inputs"), (list, tuple)):
         values["inputs"] = tuple(str(i) if isinstance(i, os.PathLike) else i for i in values["inputs"])
     try:
-        return IndexJobConfig(**values)
+        config = IndexJobConfig(**values)
+        if "model" in values:  # asked for: the checkpoint's model, whatever its name
+            _check_model(config.model, config.checkpoint, given=True)
+        return config
     except ValueError as exc:
         raise ValueError(f"{args.config}: {exc}" if args.config else str(exc)) from None

@@ -31,6 +31,7 @@ import vitaclip
 from index import tables
 from index.schema import video_id_for
 from index.segments import open_index
+from jobs.config import DEFAULT_MODEL, config_from_args
 from jobs.index_videos import main
 from vitaclip.samples import write_sample_video
 
@@ -694,10 +695,12 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path: Path, caps
 
 def test_a_model_name_that_is_not_the_checkpoint_folders_is_refused(tmp_path: Path, tiny_checkpoint, capsys) -> None:
     base = [str(tmp_path), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint)]
-    for model in ("nosuchmodel", "vitaclip-demo"):
+    for model in ("nosuchmodel", "vitaclip-demo", DEFAULT_MODEL):  # the default's name too, when given
         assert main([*base, "--model", model]) == 2
         err = capsys.readouterr().err
         assert f"--model {model!r} is not the model of checkpoint" in err and "'vitaclip-tiny'" in err, err
+    assert config_from_args(base).checkpoint is not None  # left out: the folder's model
+    assert config_from_args([*base, "--model", "vitaclip-tiny"]).model == "vitaclip-tiny"
 
 
 def test_videos_decoded_in_pieces_are_committed_whole(local_ray, tmp_path: Path) -> None:
