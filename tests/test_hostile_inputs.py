@@ -356,6 +356,29 @@ print(json.dumps({"status": row["status"], "message": row["error_message"]}))
 """
 
 
+def test_a_folder_that_can_be_read_but_not_searched_lists_its_files_as_access_denied(tmp_path: Path) -> None:
+    """A folder without its x bit: its names can be read, its files not inspected. Permission, as for a file that
+    cannot be read (retried once fixed), not a read error."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "no-search"
+    folder.mkdir()
+    _video(folder / "a.mp4", 3)
+    folder.chmod(0o444)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    root = Path(__file__).resolve().parents[1]
+    script = "import sys; from jobs.storage import list_videos; print([v.status for v in list_videos([sys.argv[1]])])"
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-c", script, str(folder)],
+            capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+        )  # fmt: skip
+    finally:
+        folder.chmod(0o755)
+    assert done.stdout.strip().splitlines()[-1] == "['access_denied']", done.stdout
+
+
 def test_an_unreadable_file_is_access_denied_which_the_next_run_retries(tmp_path: Path) -> None:
     """Permission denied is the storage's failure, not a damaged video: it was a final `corrupt` row, so fixing the
     permission never got the video indexed."""

@@ -431,6 +431,8 @@ def _walk_sorted(
         except OSError as error:
             if error.errno == errno.ELOOP:
                 yield _odd(entry.path, "broken_link", "symbolic link loop")
+            elif isinstance(error, PermissionError):  # a folder readable but not searchable (no x bit)
+                yield _odd(entry.path, "access_denied", f"cannot inspect the file: {error.strerror or error}")
             else:
                 yield _odd(entry.path, "read_error", f"cannot inspect the file: {error.strerror or error}")
             continue
