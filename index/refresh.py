@@ -77,7 +77,10 @@ def build_index_for_output(
         )
     # Text queries only from the weights that made the rows: without them (rows of a checkpoint not given here),
     # approximate kinds are tuned with synthetic queries instead, and the index says so.
-    same_weights = model_id_for(model, checkpoint) == model_id
+    try:
+        same_weights = model_id_for(model, checkpoint) == model_id
+    except ValueError:  # a model known only by its checkpoint folder, which was not given: no text queries
+        same_weights = False
     return build_from_output(
         store,
         model_id=model_id,
