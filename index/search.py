@@ -248,13 +248,16 @@ class SearchEngine:
         import torch
 
         import vitaclip
+        from vitaclip.checkpoint_folder import folder_model_name
         from vitaclip.model import model_name_of
         from vitaclip.registry import is_vitaclip_checkpoint
 
         name = model or model_name_of(self.model_id)
-        folder = model is None and checkpoint is not None and is_vitaclip_checkpoint(checkpoint)
-        try:  # a vitaclip checkpoint folder carries its own config, whatever its model's name
-            encoder = vitaclip.create_model(None if folder else name, checkpoint=checkpoint, device=device)
+        folder = checkpoint if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else None
+        try:  # a vitaclip checkpoint folder carries its own config, whatever its name; a --model must be it
+            if folder is not None and model is not None and model != folder_model_name(folder):
+                raise ValueError(f"--model {model!r} is not the model of checkpoint {checkpoint}")
+            encoder = vitaclip.create_model(None if folder is not None else name, checkpoint=checkpoint, device=device)
         except ValueError as exc:
             raise IndexUnusableError(
                 f"cannot load the index's model {name!r} to encode queries ({exc}); pass --checkpoint (a vitaclip "

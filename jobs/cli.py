@@ -19,8 +19,11 @@ from vitaclip.redact import printable_name, redact_text, refuse_object_userinfo,
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
     p.add_argument(
-        "--model", default=default_model, help=f"registered model name or JSON config (default: {default_model})"
+        "--model",
+        default=None,
+        help=f"registered model name or JSON config (default: {default_model}, or a checkpoint folder's own)",
     )
+    p.set_defaults(default_model=default_model)
     p.add_argument("--checkpoint", default=None, help="official .pth, OpenAI/open_clip weights, or vitaclip folder")
     p.add_argument(
         "--random-weights",
@@ -29,6 +32,21 @@ def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitacli
     )
     p.add_argument("--labels", default=None, help="label set name (kinetics400) or a file with one label per line")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def _given_model(model: str | None, checkpoint: str | None) -> str | None:
+    """``--model`` as given; refused when it names another model than a checkpoint folder's own (a folder carries its
+    config, which would otherwise win without a word)."""
+    if model is not None and checkpoint is not None:
+        from jobs.config import check_model
+
+        check_model(model, checkpoint, given=True)
+    return model
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """The model of a command that builds one: ``--model``, checked against a checkpoint folder, else the default."""
+    return _given_model(args.model, args.checkpoint) or args.default_model
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -103,7 +121,7 @@ def _print_labels(results: list[dict[str, Any]], as_json: bool) -> None:
 def _cmd_label(args: argparse.Namespace) -> int:
     results = label_videos(
         args.videos,
-        model_name=args.model,
+        model_name=_model_name(args),
         checkpoint=args.checkpoint,
         labels=args.labels,
         top_k=args.top_k,
@@ -125,7 +143,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         show=args.show,
         num_cpus=args.num_cpus,
         top_k=args.top_k,
-        model=args.model,
+        model=_model_name(args),
         checkpoint=args.checkpoint,
         random_weights=args.random_weights,
     )
@@ -222,7 +240,8 @@ def _engine(args: argparse.Namespace) -> Any:
     from index.service import OutputSource
 
     source = OutputSource(args.index, s3_endpoint_url=args.s3_endpoint_url)
-    return source.open(model=args.model, checkpoint=args.checkpoint, device=args.device)
+    model = _given_model(args.model, args.checkpoint)
+    return source.open(model=model, checkpoint=args.checkpoint, device=args.device)
 
 
 def format_hits(hits: Sequence[Any], *, segments: bool) -> str:
@@ -317,7 +336,7 @@ def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     """What every output of a service is opened with (the same for one process and for Ray Serve replicas)."""
     return {
-        "model": args.model,
+        "model": _given_model(args.model, args.checkpoint),
         "checkpoint": args.checkpoint,
         "device": args.device,
         "s3_endpoint_url": args.s3_endpoint_url,

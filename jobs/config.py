@@ -28,16 +28,16 @@ def _has_packaged_weights(model: str) -> bool:
     return packaged_checkpoint(model) is not None
 
 
-def _check_model(model: str, checkpoint: str | None, *, given: bool = False) -> None:
+def check_model(model: str, checkpoint: str | None, *, given: bool = False) -> None:
     """A misspelt model name says so (before any advice about checkpoints). `given`: the name was asked for (a flag,
     a YAML key), so even the default name must be the checkpoint folder's."""
-    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
+    from vitaclip.checkpoint_folder import folder_model_name, is_vitaclip_checkpoint
     from vitaclip.registry import get_model_config
 
     if checkpoint is not None and is_vitaclip_checkpoint(checkpoint):
         # The folder carries its own config; a --model that names another model is a mistake worth a word (the
         # default name, unless given, stands for "the checkpoint's").
-        name = _folder_model_name(checkpoint)
+        name = folder_model_name(checkpoint)
         if model != name and (given or model != DEFAULT_MODEL):
             raise ValueError(
                 f"--model {model!r} is not the model of checkpoint {checkpoint} ({name!r} in its config.json): give "
@@ -45,14 +45,6 @@ def _check_model(model: str, checkpoint: str | None, *, given: bool = False) -> 
             )
         return
     get_model_config(model)  # ValueError: unknown model ...; registered models: ...
-
-
-def _folder_model_name(checkpoint: str) -> str | None:
-    from vitaclip.checkpoint_folder import read_folder_meta
-
-    config = read_folder_meta(checkpoint).get("config")
-    name = config.get("name") if isinstance(config, dict) else None
-    return name if isinstance(name, str) else None
 
 
 @dataclass(frozen=True)
@@ -246,7 +238,7 @@ class IndexJobConfig:
             from vitaclip.checkpoint_folder import concrete_checkpoint
 
             object.__setattr__(self, "checkpoint", str(concrete_checkpoint(self.checkpoint)))
-        _check_model(self.model, self.checkpoint)
+        check_model(self.model, self.checkpoint)
         if self.checkpoint is None and not self.random_weights and not _has_packaged_weights(self.model):
             raise ValueError(
                 f"model {self.model!r} needs --checkpoint: without weights its embeddings and labels mean nothing "
@@ -466,7 +458,7 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.index_v
     try:
         config = IndexJobConfig(**values)
         if "model" in values:  # asked for: the checkpoint's model, whatever its name
-            _check_model(config.model, config.checkpoint, given=True)
+            check_model(config.model, config.checkpoint, given=True)
         return config
     except ValueError as exc:
         raise ValueError(f"{args.config}: {exc}" if args.config else str(exc)) from None

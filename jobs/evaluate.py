@@ -362,6 +362,10 @@ def _check_model(config: EvalSourceConfig) -> None:
     from vitaclip.registry import require_trained_weights
 
     if config.checkpoint is not None and ("://" in config.checkpoint or is_vitaclip_checkpoint(config.checkpoint)):
+        if config.model is not None and "://" not in config.checkpoint:
+            from jobs.config import check_model
+
+            check_model(config.model, config.checkpoint, given=True)  # not silently the folder's other model
         return  # a vitaclip folder carries its config; a remote one is checked once fetched
     require_trained_weights(config.model or "vitaclip-b16", config.checkpoint, random_weights=config.random_weights)
 

@@ -39,6 +39,18 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "unknown model 'vitaclip-b99'" in capsys.readouterr().err
 
 
+def test_label_refuses_a_model_that_is_not_the_checkpoint_folders(tmp_path: Path, tiny_checkpoint, capsys) -> None:
+    """A checkpoint folder carries its config, which won over --model without a word (labels of another model)."""
+    video = write_sample_video(tmp_path / "v.mp4", num_frames=12, fps=12, width=64, height=64, pattern="shape")
+    for model in ("vitaclip-demo", "vitaclip-b16"):  # the default's name too, when given
+        assert main(["label", str(video), "--model", model, "--checkpoint", str(tiny_checkpoint)]) == 2
+        line = _one_line_error(capsys)
+        assert f"--model {model!r} is not the model of checkpoint" in line and "'vitaclip-tiny'" in line, line
+    for given in ([], ["--model", "vitaclip-tiny"]):  # the folder's own name, or none
+        assert main(["label", str(video), *given, "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["status"] == "ok"
+
+
 def test_index_subcommand_passes_flags_to_the_job(tmp_path: Path, capsys) -> None:
     assert main(["index", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "vitaclip-b16"]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
@@ -197,6 +209,14 @@ def test_eval_of_the_packaged_model_needs_no_checkpoint(tmp_path: Path, capsys) 
     assert "unknown model 'vitaclip-dmeo'" in capsys.readouterr().err
     assert main(["eval", "--model", "vitaclip-tiny", *known]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_model_that_is_not_the_checkpoint_folders(tmp_path: Path, tiny_checkpoint, capsys) -> None:
+    known = ["--list", str(tmp_path / "missing.csv"), "--label-names", "kinetics400"]
+    assert main(["eval", "--model", "vitaclip-b16", "--checkpoint", str(tiny_checkpoint), *known]) == 2
+    assert "--model 'vitaclip-b16' is not the model of checkpoint" in _one_line_error(capsys)
+    assert main(["eval", "--model", "vitaclip-tiny", "--checkpoint", str(tiny_checkpoint), *known]) == 2
+    assert "missing.csv" in _one_line_error(capsys)  # the model is right: on to the missing list
 
 
 @pytest.mark.parametrize(

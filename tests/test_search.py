@@ -173,6 +173,10 @@ def test_an_output_of_a_checkpoint_folder_is_searched_with_the_folder_alone(tmp_
     assert "pass --checkpoint (a vitaclip checkpoint folder)" in capsys.readouterr().err
     assert cli_main([*query, "--checkpoint", str(folder)]) == 0
     assert json.loads(capsys.readouterr().out)
+    assert cli_main([*query, "--checkpoint", str(folder), "--model", "vitaclip-tiny"]) == 2  # not the folder's
+    assert "--model 'vitaclip-tiny' is not the model of checkpoint" in capsys.readouterr().err
+    assert cli_main([*query, "--checkpoint", str(folder), "--model", "house-tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)
     # Rebuilt without the folder: tuned with synthetic queries (it said "unknown model 'house-tiny'"); with it, text.
     assert cli_main(["build-index", str(tmp_path / "out"), "--rebuild"]) == 0
     assert cli_main(["build-index", str(tmp_path / "out"), "--rebuild", "--checkpoint", str(folder)]) == 0

@@ -111,6 +111,13 @@ def read_folder_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def folder_model_name(path: str | Path) -> str | None:
+    """The model name a vitaclip checkpoint folder's ``config.json`` records (None when it records none)."""
+    config = read_folder_meta(path).get("config")
+    name = config.get("name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def verified_weights(path: str | Path, meta: dict[str, Any]) -> tuple[Path, str]:
     """The folder's weights file and its sha256, which must be the one ``config.json`` records.
 
