@@ -821,6 +821,35 @@ def _audio_only(path: Path) -> Path:
     return path
 
 
+def _audio_with_cover_art(path: Path) -> Path:
+    """An MP3 with its album picture: a video stream flagged as attached picture, which is no video."""
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("mp3", rate=16000)
+        cover = container.add_stream("mjpeg")
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+        for packet in [*cover.encode(picture.reformat(format="yuvj420p")), *cover.encode(None)]:
+            container.mux(packet)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = i * 1152
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    return path
+
+
+def test_audio_files_say_what_they_hold(tmp_path: Path) -> None:
+    for path, holds in [
+        (_audio_only(tmp_path / "audio.m4a"), "only audio"),
+        (_audio_with_cover_art(tmp_path / "song.mp3"), "only audio and cover art"),  # was "only audio, video"
+    ]:
+        with pytest.raises(VideoDecodeError) as error:
+            decode_clip(path, size=SIZE)
+        assert error.value.reason == "no_video_stream" and f"no video stream, {holds}" in str(error.value), error.value
+
+
 def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any]) -> None:
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")

@@ -370,8 +370,9 @@ def _pick_stream(container: InputContainer) -> VideoStream:
     if not videos:
         if len(container.streams) == 0:
             raise VideoDecodeError("not_a_video", f"{container.format.name!r} input has no streams")
-        kinds = sorted({s.type for s in container.streams})
-        raise VideoDecodeError("no_video_stream", f"input has only {', '.join(kinds)} streams")
+        kinds = sorted({"cover art" if s in container.streams.video else s.type for s in container.streams})
+        held = " and ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+        raise VideoDecodeError("no_video_stream", f"input has no video stream, only {held}")
     # The track players show: the one flagged default (a file may hold a small preview track before it), else the first.
     default = [s for s in videos if s.disposition & av.stream.Disposition.default]
     return default[0] if default else videos[0]
