@@ -850,6 +850,25 @@ def test_audio_files_say_what_they_hold(tmp_path: Path) -> None:
         assert error.value.reason == "no_video_stream" and f"no video stream, {holds}" in str(error.value), error.value
 
 
+def test_pictures_past_the_limit_are_too_large_whatever_the_codec(tmp_path: Path) -> None:
+    """FFmpeg zeroes a stream's size past max_pixels when it opens a decoder with that limit; codecs whose size is
+    known only from the container's header (FFV1) then read as 0x0 and failed as `corrupt`."""
+    for container_format in ("mkv", "avi", "nut"):
+        path = tmp_path / f"ffv1.{container_format}"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("ffv1", rate=1)
+            stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+            picture = av.VideoFrame.from_ndarray(np.zeros((96, 96), np.uint8), format="yuv420p")
+            for packet in [*stream.encode(picture), *stream.encode(None)]:
+                container.mux(packet)
+        data = path.read_bytes()
+        for source in (path, data, io.BytesIO(data)):
+            with pytest.raises(VideoDecodeError) as error:
+                decode_clip(source, size=SIZE, max_pixels=96 * 64 - 1)
+            assert error.value.reason == "too_large" and "96x64 exceeds" in str(error.value), error.value
+        assert decode_clip(path, size=SIZE, max_pixels=2 * 96 * 64).frames.shape[0] > 0  # under it: decoded
+
+
 def test_bad_inputs_have_reasons(tmp_path: Path, make_video: Callable[..., Any]) -> None:
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")

@@ -397,28 +397,10 @@ def open_video(
     size_bytes = _source_size(source)
     if size_bytes == 0:
         raise VideoDecodeError("empty", "the input has zero bytes")
-    file: Any
-    is_file_like = False
-    if isinstance(source, (str, os.PathLike)):
-        file = os.path.abspath(os.fspath(source))  # FFmpeg reads "proto:name" as a URL; "/..." is always a file
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        file = _GuardedReader(io.BytesIO(source if isinstance(source, bytes) else bytes(source)), deadline)
-    else:
-        source.seek(0)
-        file = _GuardedReader(source, deadline)
-        is_file_like = True
-    # PyAV's own timeout interrupts a single blocking FFmpeg call (for example a probe that never ends).
-    timeout = max(1.0, deadline.remaining())
+    is_file_like = not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview))
     try:
-        container = av.open(
-            file,
-            "r",
-            container_options=open_options(is_path=isinstance(file, str)),
-            # Also for the frames FFmpeg decodes while probing the streams (where they are known before it).
-            options={"max_pixels": str(max_pixels)},
-            timeout=(timeout, timeout),
-            metadata_errors="replace",
-        )
+        # Also for the frames FFmpeg decodes while probing the streams (where they are known before it).
+        container = _open_container(source, deadline, options={"max_pixels": str(max_pixels)})
     except DeadlineExceeded as e:
         raise VideoDecodeError("timeout", str(e)) from None
     except FileNotFoundError:
@@ -437,9 +419,12 @@ def open_video(
     with container:
         stream = _pick_stream(container)
         header = _read_header(container, stream, size_bytes=size_bytes)
-        if header.width * header.height > max_pixels:
+        width, height = header.width, header.height
+        if not (width and height):  # FFmpeg zeroes a size past max_pixels when it opens a decoder with that limit
+            width, height = _size_in_header(source, stream.index, deadline)
+        if width * height > max_pixels:
             raise VideoDecodeError(
-                "too_large", f"{header.width}x{header.height} exceeds max_pixels={max_pixels} (refused before decoding)"
+                "too_large", f"{width}x{height} exceeds max_pixels={max_pixels} (refused before decoding)"
             )
         ctx = stream.codec_context
         # FFmpeg's own limit too: a frame larger than the header said (a stream that changes size midway) is
@@ -449,6 +434,51 @@ def open_video(
         # Slice threads add no latency; frame threads are only worth it when one decoder gets several cores.
         ctx.thread_type = "SLICE" if num_threads == 1 else "AUTO"
         yield OpenedVideo(container=container, stream=stream, header=header, is_file_like=is_file_like)
+
+
+def _open_container(
+    source: VideoSource, deadline: Deadline, *, options: dict[str, str], no_decoders: bool = False
+) -> InputContainer:
+    """`av.open` of an untrusted source (`open_options`); ``no_decoders``: probe without opening any decoder."""
+    file: Any
+    if isinstance(source, (str, os.PathLike)):
+        file = os.path.abspath(os.fspath(source))  # FFmpeg reads "proto:name" as a URL; "/..." is always a file
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        file = _GuardedReader(io.BytesIO(source if isinstance(source, bytes) else bytes(source)), deadline)
+    else:
+        source.seek(0)
+        file = _GuardedReader(source, deadline)
+    container_options = open_options(is_path=isinstance(file, str))
+    if no_decoders:
+        container_options["codec_whitelist"] = "none"
+    # PyAV's own timeout interrupts a single blocking FFmpeg call (for example a probe that never ends).
+    timeout = max(1.0, deadline.remaining())
+    return av.open(
+        file,
+        "r",
+        container_options=container_options,
+        options=options,
+        timeout=(timeout, timeout),
+        metadata_errors="replace",
+    )
+
+
+def _size_in_header(source: VideoSource, index: int, deadline: Deadline) -> tuple[int, int]:
+    """The picture size the container's header gives stream ``index``, read with no decoder opened (so none
+    allocates a picture); (0, 0) when it gives none or cannot be read again. A file object is left where it was."""
+    reader = None if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) else source
+    position = reader.tell() if reader is not None else 0
+    try:
+        with _open_container(source, deadline, options={}, no_decoders=True) as again:
+            stream = again.streams[index] if index < len(again.streams) else None
+            if stream is None or stream.type != "video" or stream.codec_context is None:
+                return 0, 0
+            return max(0, int(stream.codec_context.width or 0)), max(0, int(stream.codec_context.height or 0))
+    except (av.error.FFmpegError, DeadlineExceeded, OSError):
+        return 0, 0
+    finally:
+        if reader is not None:
+            reader.seek(position)
 
 
 def video_packets(container: InputContainer, stream: VideoStream) -> Iterator[Packet]:
