@@ -379,6 +379,14 @@ def test_symlinks_to_files_outside_a_listed_folder_are_not_read(tmp_path: Path) 
         "d-up.mp4": ("", 4),
     }
     assert not any(status for status, _ in followed.values())
+    # The kernel's files say size 0 and read something else each time (the reader's environment): a listed one
+    # became `changed`, retried every run.
+    (inside / "f-environ.mp4").symlink_to("/proc/self/environ")
+    assert listed(inside, follow_outside_symlinks=True)["f-environ.mp4"][0] == "not_a_file"
+    for path in (inside / "f-environ.mp4", Path("/proc/self/environ")):  # as a manifest names it, or swapped in
+        with pytest.raises(StorageError, match="kernel's /proc or /sys") as caught:
+            open_video(str(path), size_bytes=None)
+        assert caught.value.reason == "not_a_file"
 
 
 def test_csv_manifests_with_header_or_plain_lines(s3_bucket: Bucket, s3_server: str, tmp_path: Path) -> None:

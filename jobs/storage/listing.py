@@ -448,10 +448,20 @@ def _walk_sorted(
         if not stat.S_ISREG(st.st_mode):
             yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
             continue
+        if st.st_size == 0 and is_kernel_file(entry.path):  # its size says 0 whatever it reads: never the same
+            yield _odd(entry.path, "not_a_file", "a file of the kernel's /proc or /sys, not a stored file")
+            continue
         if not _is_utf8(entry.path):
             yield _odd(entry.path, "invalid_name", f"the file name is not valid UTF-8: {printable_path(entry.path)}")
             continue
         yield VideoObject(entry.path, local_etag(st), st.st_size)
+
+
+def is_kernel_file(path: str) -> bool:
+    """Whether ``path`` resolves into /proc or /sys, whose regular files report size 0 and read what the kernel
+    makes of the reading process (its environment, say)."""
+    real = os.path.realpath(path)
+    return any(_is_within(real, root) for root in ("/proc", "/sys"))
 
 
 def _list_folder(

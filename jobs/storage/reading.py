@@ -24,7 +24,7 @@ from index.s3 import (
     with_retries,
 )
 from index.schema import LOCAL_ETAG_PREFIX, local_etag
-from jobs.storage.listing import UNKNOWN_SIZE, printable_path
+from jobs.storage.listing import UNKNOWN_SIZE, is_kernel_file, printable_path
 from vitaclip.readable import UnreadableSource, check_readable
 
 
@@ -109,6 +109,9 @@ def _open_local(uri: str, etag: str | None, roots: Sequence[str] | None = None) 
         raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
     if not stat.S_ISREG(st.st_mode):  # a folder; a FIFO or device would block the decoder
         raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_a_file", uri=uri)
+    if st.st_size == 0 and is_kernel_file(path):
+        why = f"a file of the kernel's /proc or /sys: {printable_path(path)}"
+        raise StorageError(why, reason="not_a_file", uri=uri)
     if etag is not None and etag.startswith(LOCAL_ETAG_PREFIX) and local_etag(st) != etag:
         raise StorageError(
             f"{printable_path(path)} changed since it was listed (size or modification time)", reason="changed", uri=uri
