@@ -699,6 +699,37 @@ def test_frames_an_edit_list_cuts_are_not_shown(make_video: Callable[..., Any], 
     assert [clip_indices(view.frames) for view in views] == [[30, 33, 36, 39], [86, 89, 92, 95]]
 
 
+def _mp4_shown_late(path: Path, *, num_frames: int, fps: int, late_seconds: int) -> Path:
+    """An MP4 whose display times all lie ``late_seconds`` after its decode times, with no edit list to say so."""
+    with av.open(str(path), "w", options={"use_editlist": "0"}) as container:
+        stream = container.add_stream("libx264", rate=fps, options={"x264-params": f"keyint={fps}:bframes=0"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for i in [*range(num_frames), None]:
+            picture = None
+            if i is not None:
+                image = render_frame(i, width=128, height=96, num_frames=num_frames)
+                picture = av.VideoFrame.from_ndarray(image, format="rgb24")
+                picture.pts = i
+            for packet in stream.encode(picture):
+                packet.pts += int(late_seconds / packet.time_base)
+                container.mux(packet)
+    return path
+
+
+def test_display_times_long_after_decode_times_pick_the_right_frames(video_dir: Path) -> None:
+    """MP4 indexes decode times, and seeks to display times land late; a retreat before the first display time
+    sought that (decode) time and took a later keyframe's frame for the first targets ([48, 48, 48, 48, 54, ...])."""
+    path = _mp4_shown_late(video_dir / "late.mp4", num_frames=96, fps=24, late_seconds=3)
+    truth = ground_truth(path)
+    assert truth.indices == list(range(96))
+    with VideoDecoder(path) as video:
+        assert clip_indices(video.clip(Uniform(8), size=SIZE).frames) == expected_uniform(truth, 4.0, 8)
+        (first,) = video.clips(Dense(4, stride=1, start_fraction=0.0), size=SIZE)
+    assert clip_indices(first.frames) == [0, 1, 2, 3]
+    views = decode_clips(path, Dense(4, stride=3, num_views=3), size=SIZE)
+    assert [clip_indices(view.frames) for view in views] == [[0, 3, 6, 9], [43, 46, 49, 52], [86, 89, 92, 95]]
+
+
 def test_the_default_video_track_is_decoded(video_dir: Path) -> None:
     # A one-frame preview track comes first; players show the second, flagged default.
     path = write_indexed_video(video_dir / "preview_first.mkv", num_frames=48, preview_track=True)

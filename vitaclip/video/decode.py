@@ -336,7 +336,11 @@ class _Collector:
             earlier = min(earlier, self._seek_target - step * 2 ** max(0, self._retreats - 2))
         if self._start_pts is not None and earlier < self._start_pts:
             # Back before the start: a keyframe after the target is the stream's first; earlier targets get its frame.
-            self._seek(earlier, may_retreat=False)
+            # Seek to the index's first entry: MP4 indexes decode times, which without an edit list may lie seconds
+            # before the display times (pts = dts + 3 s), and a seek to a display time just before the start then
+            # lands on a later keyframe.
+            entries = self._stream.index_entries
+            self._seek(min(earlier, entries[0].timestamp) if len(entries) else earlier, may_retreat=False)
         else:
             self._seek(earlier, may_retreat=True)
 
