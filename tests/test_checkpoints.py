@@ -969,6 +969,42 @@ def test_malformed_torchscript_archives_are_refused(
         read_state_dict(path)
 
 
+def p_set_state(target: bytes, name: str, value: bytes) -> bytes:
+    """``target``, then BUILD with the slot state ``(None, {name: value})`` (setattr on it), then POP."""
+    return target + b"N}" + p_str(name) + value + b"s\x86b0"
+
+
+REBUILD = p_global("torch._utils", "_rebuild_tensor_v2")
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        p_set_state(REBUILD, "__defaults__", p_tuple(p_int(7))),  # the function the global names
+        # The same function handed back by an allowed call that returns its argument.
+        p_set_state(
+            p_global("torch.jit._pickle", "restore_type_tag") + p_tuple(REBUILD, p_str("x")) + b"R",
+            "__defaults__",
+            p_tuple(p_int(7)),
+        ),
+        p_set_state(p_global("torch.jit._pickle", "build_intlist"), "__code__", b"N"),
+    ],
+)
+def test_a_torchscript_pickle_cannot_change_the_readers_functions(prefix: bytes, tmp_path: Path) -> None:
+    """BUILD on an allowed global set attributes of the reader's own functions, for every later load of the
+    process (its defaults, say: genuine archives then failed with 'malformed size')."""
+    from vitaclip import _torchscript
+
+    values = torch.arange(6, dtype=torch.float32)
+    module = p_module(weight=p_tensor(6, (3, 2), (1, 3)))
+    hostile = hand_archive(tmp_path / "hostile.pt", prefix + module, storage=values.numpy().tobytes())
+    with pytest.raises(CheckpointError, match="sets the state of"):
+        read_state_dict(hostile)
+    assert _torchscript._rebuild_tensor.__defaults__ == (None,)
+    genuine = hand_archive(tmp_path / "ok.pt", module, storage=values.numpy().tobytes())
+    assert torch.equal(read_state_dict(genuine)["weight"], values.view(2, 3).t())
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [

@@ -33,7 +33,7 @@ import re
 import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar
 
@@ -314,6 +314,29 @@ class _PickleShape:
                     )
 
 
+class _Call:
+    """An allowed function as a pickle sees it: a fresh object per global that calls it, whose state a pickle cannot
+    set. BUILD on the function itself would set its attributes (its ``__defaults__``, say) for every later load of
+    the process."""
+
+    __slots__ = ("_function", "_name")
+    _function: Callable[..., Any]
+    _name: str
+
+    def __init__(self, function: Callable[..., Any], name: str) -> None:
+        object.__setattr__(self, "_function", function)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise ArchiveError(f"data.pkl sets the state of {self._name}, a function; refusing it")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ArchiveError(f"data.pkl sets the state of {self._name}, a function; refusing it")
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, storages: _StorageReader) -> None:
         super().__init__(io.BytesIO(data))
@@ -329,7 +352,8 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name, _STORAGE_DTYPES[name])
         if qualified in _ALLOWED_FUNCTIONS:
-            return _ALLOWED_FUNCTIONS[qualified]
+            allowed = _ALLOWED_FUNCTIONS[qualified]
+            return allowed if isinstance(allowed, type) else _Call(allowed, qualified)
         raise ArchiveError(
             f"data.pkl names the global {qualified}, which a TorchScript archive of weights does not need (allowed: "
             "__torch__ classes, tensors, storages and TorchScript's list helpers); refusing it"
