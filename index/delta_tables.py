@@ -125,6 +125,34 @@ class LogUnavailableError(LookupError):
 # ----------------------------------------------------------------------------------------------------- location
 
 
+def refuse_percent(location: str) -> None:
+    """Delta Lake tables cannot live under a path holding ``%``: delta-rs decodes percent escapes in table paths (as
+    paths, file:// URLs and object keys alike), so a table in "o%41" would be written to "oA" and never found again,
+    and DuckDB's ``delta_scan`` fails on a bare ``%``."""
+    if "%" in location:
+        raise StorageError(
+            f"output location {redact_url(location)}: Delta Lake tables cannot live under a path holding '%' (delta-rs "
+            "reads %XX as a percent escape): choose another name",
+            reason="invalid_input",
+            uri=location,
+        )
+
+
+def refuse_odd_key_prefix(url: str, prefix: str) -> None:
+    """An object-store output whose prefix delta-rs would read as another place: ``?`` and ``#`` end a URL's path
+    (the tables went to ``o``, the runs and the index to ``o#1``), and ``.``, ``..`` or empty segments (``//``) are
+    collapsed or refused by its object stores while this store writes the key as it is."""
+    segments = prefix.strip("/").split("/") if prefix.strip("/") else []
+    odd = sorted({c for c in "?#" if c in prefix}) + sorted({repr(seg) for seg in segments if seg in ("", ".", "..")})
+    if odd or prefix.startswith("/"):
+        raise StorageError(
+            f"output location {redact_url(url)}: Delta Lake tables need a prefix without '?', '#', '.' or '..' "
+            f"segments or doubled '/' (found {', '.join(odd) or 'a leading /'}): choose another prefix",
+            reason="invalid_input",
+            uri=url,
+        )
+
+
 @dataclass(frozen=True)
 class OutputLocation:
     """Where an output lives: a local folder or an object store prefix, plus how to reach it, without secrets.
@@ -171,6 +199,9 @@ class OutputLocation:
             raise ValueError(f"unsupported output URL {url!r}; use a local folder, s3://, gs://, az:// or abfss://")
         if not parts.netloc:
             raise ValueError(f"output URL {url!r} names no bucket or container")
+        # What urlsplit would drop or a store collapse ('?', '#', '..') names another place: refused, not read.
+        refuse_percent(url)
+        refuse_odd_key_prefix(url, url.split("://", 1)[1].partition("/")[2])
         normalized = f"{scheme}://{parts.netloc}{parts.path}".rstrip("/")
         if scheme != "s3":
             if s3_endpoint_url is not None:

@@ -21,7 +21,7 @@ import boto3.exceptions
 import boto3.s3.transfer
 import botocore.exceptions
 
-from index.delta_tables import OutputLocation
+from index.delta_tables import OutputLocation, refuse_odd_key_prefix, refuse_percent
 from index.s3 import (
     NOT_FOUND_CODES,
     MiB,
@@ -141,36 +141,8 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _refuse_percent(location: str) -> None:
-    """Delta Lake tables cannot live under a path holding ``%``: delta-rs decodes percent escapes in table paths (as
-    paths, file:// URLs and object keys alike), so a table in "o%41" would be written to "oA" and never found again,
-    and DuckDB's ``delta_scan`` fails on a bare ``%``."""
-    if "%" in location:
-        raise StorageError(
-            f"output location {redact_url(location)}: Delta Lake tables cannot live under a path holding '%' (delta-rs "
-            "reads %XX as a percent escape): choose another name",
-            reason="invalid_input",
-            uri=location,
-        )
-
-
 def _os_reason(exc: OSError) -> StorageErrorReason:
     return "access_denied" if isinstance(exc, PermissionError) else "invalid_input"
-
-
-def _refuse_odd_key_prefix(url: str, prefix: str) -> None:
-    """An object-store output whose prefix delta-rs would read as another place: ``?`` and ``#`` end a URL's path
-    (the tables went to ``o``, the runs and the index to ``o#1``), and ``.``, ``..`` or empty segments (``//``) are
-    collapsed or refused by its object stores while this store writes the key as it is."""
-    segments = prefix.strip("/").split("/") if prefix.strip("/") else []
-    odd = sorted({c for c in "?#" if c in prefix}) + sorted({repr(seg) for seg in segments if seg in ("", ".", "..")})
-    if odd or prefix.startswith("/"):
-        raise StorageError(
-            f"output location {redact_url(url)}: Delta Lake tables need a prefix without '?', '#', '.' or '..' "
-            f"segments or doubled '/' (found {', '.join(odd) or 'a leading /'}): choose another prefix",
-            reason="invalid_input",
-            uri=url,
-        )
 
 
 class LocalStore(Store):
@@ -178,7 +150,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
-        _refuse_percent(str(self.root))
+        refuse_percent(str(self.root))
         if self.root.exists() and not self.root.is_dir():
             raise StorageError(f"output location {self.root} exists and is not a folder", reason="invalid_input")
         try:
@@ -291,8 +263,8 @@ class S3Store(Store):
         self.bucket, prefix = parse_s3_uri(url)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        _refuse_percent(self.url)
-        _refuse_odd_key_prefix(self.url, prefix)
+        refuse_percent(self.url)
+        refuse_odd_key_prefix(self.url, prefix)
         self._client = s3_client
         # Parts of the threshold's size: S3 allows 10,000 parts, so 64 MiB parts reach 625 GiB per object.
         self._transfer = boto3.s3.transfer.TransferConfig(
@@ -444,8 +416,8 @@ class ObjectFsStore(Store):
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        _refuse_percent(self.url)
-        _refuse_odd_key_prefix(self.url, self.url.split("://", 1)[1].partition("/")[2])
+        refuse_percent(self.url)
+        refuse_odd_key_prefix(self.url, self.url.split("://", 1)[1].partition("/")[2])
         self._fs, self._base = OutputLocation.from_url(self.url).filesystem()
 
     def __repr__(self) -> str:

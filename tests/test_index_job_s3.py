@@ -171,6 +171,12 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
         assert cli_main([*argv, "--s3-endpoint-url", ray_with_s3]) == 2, argv
         err = capsys.readouterr().err
         assert f"{bucket}-missing" in err and "Traceback" not in err and "\x1b" not in err, err
+    # Read as another place (search answered from s3://bucket/o for o?x=1, o#1 and x/../o): refused as the job does.
+    for odd in (f"s3://{bucket}/o?x=1", f"s3://{bucket}/o#1", f"s3://{bucket}/x/../o", f"s3://{bucket}//o"):
+        for argv in (["build-index", odd], ["runs", odd], ["search", "--index", odd, "a circle"]):
+            assert cli_main([*argv, "--s3-endpoint-url", ray_with_s3]) == 2, argv
+            err = capsys.readouterr().err
+            assert "need a prefix without '?', '#'" in err and "Traceback" not in err, (argv, err)
 
 
 def test_archived_objects_are_a_status_of_their_own_tried_max_attempts_times(
