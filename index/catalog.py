@@ -32,6 +32,7 @@ SEGMENT_COLUMNS = (
     "row_id", "video_id", "labels", "label_scores", "segment_index", "start_seconds", "end_seconds", "run_id",
 )  # fmt: skip
 _GROUP = "_group"  # index into RowCatalog.groups: (data file, row group) of the row
+_CELL_READ_ATTEMPTS = 3  # per S3 request of a read made while a client waits (thumbnails, stored vectors)
 _CACHE_BYTES = 64 * 2**20  # row groups' thumbnails or embeddings kept (as Arrow), per catalog
 _MAX_ROW_ID = 2**63 - 1  # row ids are non-negative int64 (`index.schema.row_id_for`)
 
@@ -63,6 +64,9 @@ class RowCatalog:
         self.columns = list(columns or (VIDEO_COLUMNS if table == "videos" else SEGMENT_COLUMNS))
         self.location = location
         self._filesystem, base = location.filesystem()
+        # A thumbnail or a stored vector is read while a client waits: few tries, so a store that is down answers
+        # "unavailable" within the request's time limit.
+        self._cell_filesystem, _ = location.filesystem(attempts=_CELL_READ_ATTEMPTS)
         self._folder = f"{base}/{table}"
         self.files = data_files(location, table, version=version)  # names in the table's folder, each written once
         self.groups: list[tuple[int, int]] = []  # (index into files, row group)
@@ -194,7 +198,8 @@ class RowCatalog:
         """(row ids, `column`) of this model's rows in one row group, and the bytes they hold."""
         file_index, row_group = self.groups[group]
         columns = ["row_id", "model_id", column]
-        read = self._open(self.files[file_index], columns, row_group).read_row_group(row_group, columns=columns)
+        parquet = open_parquet(self._cell_filesystem, f"{self._folder}/{self.files[file_index]}", columns, row_group)
+        read = parquet.read_row_group(row_group, columns=columns)
         read = plain_types(read)
         read = read.filter(pc.equal(read.column("model_id"), self.model_id))  # a file may hold several models
         return read.column("row_id").to_numpy(), read.column(column).combine_chunks(), read.nbytes

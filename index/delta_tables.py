@@ -245,11 +245,12 @@ class OutputLocation:
                 options["AWS_ALLOW_HTTP"] = "true"
         return options
 
-    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+    def filesystem(self, *, attempts: int = _S3_MAX_ATTEMPTS) -> tuple[pafs.FileSystem, str]:
         """A pyarrow filesystem and the output's base path in it, for reading and writing data and log files.
 
         S3 uses the standard credential chain, the endpoint (``endpoint_override`` and its scheme) when one is set
-        and path-style addressing.
+        and path-style addressing; ``attempts`` per request (fewer for reads a client waits on: a store that is
+        down then fails them in seconds, not after a minute of back-off).
         """
         if self.scheme == "file":
             return pafs.LocalFileSystem(), self.url
@@ -257,7 +258,7 @@ class OutputLocation:
         base = f"{parts.netloc}{parts.path}".rstrip("/")
         if self.scheme == "s3":
             # Throttling (503 SlowDown), 500s and dropped connections are retried with backoff, as boto3 does.
-            retry = pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS)
+            retry = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
             if not self.s3_endpoint_url:
                 return pafs.S3FileSystem(region=_aws_region(), retry_strategy=retry), base
             endpoint = urllib.parse.urlsplit(self.s3_endpoint_url)

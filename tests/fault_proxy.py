@@ -118,6 +118,11 @@ class FaultProxy:
             self.requests = n
             return next(self._kinds) if n % self.every_nth == 0 else None
 
+    def fail_every_request(self, kind: str = "reset") -> None:
+        """From now on every request gets fault ``kind``: the store is down."""
+        with self._lock:
+            self.every_nth, self._kinds = 1, itertools.cycle([kind])
+
     def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self

@@ -1206,6 +1206,36 @@ def test_a_storage_that_refuses_connections_is_unavailable_not_missing(
     assert "did not answer the check of an object (EndpointConnectionError)" in caplog.text
 
 
+def test_a_store_that_goes_down_fails_reads_in_seconds_not_at_the_request_timeout(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    """Thumbnails and stored vectors of an ``s3://`` output are read while the client waits. With the store down
+    (connections refused) those reads backed off for about a minute: the client got 504 at the request timeout,
+    and the reads held the output's media threads long after. They fail in seconds now: 503."""
+    from fault_proxy import FaultProxy
+    from test_index_segments import DIM, _indexed_output
+
+    from index.service import OutputSource
+
+    _, bucket = s3_bucket
+    with FaultProxy(s3_server, every_nth=1 << 30) as proxy:
+        _indexed_output(f"s3://{bucket}/out", 4, np.random.default_rng(0), endpoint_url=proxy.url)
+        source = OutputSource(f"s3://{bucket}/out", s3_endpoint_url=proxy.url, cache_root=str(tmp_path / "cache"))
+        engine = source.open(text_encoder=lambda texts: np.eye(DIM, dtype=np.float32)[: len(texts)])
+        hit = engine.search_vector(np.eye(DIM, dtype=np.float32)[0], k=1)[0]
+        limits = ServiceLimits(request_timeout_seconds=30)
+        client = TestClient(create_app(SearchService({"main": engine}, limits=limits)))
+        proxy.fail_every_request("reset")
+        for method, path, body in [
+            ("GET", f"/thumbnails/{hit.row_id}.jpg", None),
+            ("POST", "/search", {"video_id": hit.video_id, "k": 2}),
+        ]:
+            start = time.monotonic()
+            answer = client.request(method, path, json=body)
+            seconds = time.monotonic() - start
+            assert answer.status_code == 503 and seconds < 15, (path, answer.status_code, seconds, answer.text)
+
+
 def test_object_keys_are_answered_as_they_are(tmp_path: Path) -> None:
     """An S3 key may hold "?" and "#": masking "secret-looking" query values in it answered a key that does not
     exist (``s3://b/v/q?token=***#frag.mp4``). Keys are answered as they are; a URL's query is still masked."""
