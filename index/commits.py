@@ -91,7 +91,9 @@ RETRYABLE: frozenset[str] = frozenset(
 every other status is final: a verdict on the object's bytes (``truncated``, ``corrupt``, ``not_a_video``, ...) stands
 until its ETag changes. A body that the storage kept cutting short is a ``read_error``, not ``truncated``."""
 
-UNCOUNTED: frozenset[str] = frozenset({"unavailable", "s3_error", "access_denied", "read_error", "changed"})
+STATUS_CHANGED = "changed"  # the object's ETag (a file's size or time) was not the listed one when it was read
+
+UNCOUNTED: frozenset[str] = frozenset({"unavailable", "s3_error", "access_denied", "read_error", STATUS_CHANGED})
 """Retryable statuses that do not count as an attempt: the storage failed, not the video. They cost a request, and
 an outage that spans several runs must not use up the attempts of every video it touched."""
 
@@ -693,6 +695,9 @@ class CommitReport:
         dropped: Videos not committed because another writer committed them DONE meanwhile, or (`superseded`) of
             the version the object has now.
         superseded: Of `dropped`, the videos another writer committed of a newer version of the object than ours.
+        stale_listings: Videos not committed because their read found the object changed since it was listed (a
+            stale manifest or inventory) while an older row of the video exists: that row stays (it may well be of
+            the object's current version), where a ``changed`` row would have taken its place.
         readded: Videos whose segment rows, committed by us in an earlier round, another writer removed before
             our videos commit landed: committed again from our data file.
         replaced: Old video rows removed.
@@ -710,7 +715,20 @@ class CommitReport:
     rounds: int
     superseded: int = 0
     duplicates: int = 0
+    stale_listings: int = 0
     wrote: bool = True
+
+
+def _stale_listings(pending: pa.Table, video_rows: Mapping[str, Any]) -> set[str]:
+    """The pending videos whose read found the object changed since it was listed and that have an older row (the
+    Planner saw one, or another writer committed one): such a result says nothing of the video, only that the
+    listing was stale, so it never replaces a row."""
+    changed = pending.filter(pc.equal(pending.column("status"), STATUS_CHANGED))
+    if changed.num_rows == 0:
+        return set()
+    ids = changed.column("video_id").to_pylist()
+    seen = pc.not_equal(changed.column("current_video_file"), "").to_pylist()
+    return {video_id for video_id, older in zip(ids, seen, strict=True) if older or video_id in video_rows}
 
 
 @dataclass
@@ -727,6 +745,7 @@ class _Plan:
     dropped: set[str]
     dropped_not_ok: set[str]  # dropped videos whose winning row is a final failure (no segment set belongs to it)
     superseded: set[str]  # dropped videos whose winning row is of a newer version of the object (`_superseded`)
+    stale_listings: set[str]  # dropped videos read as changed since listed, that have an older row (which stays)
     replaced: int
     video_rows: int
     # videos committed without segment rows -> (the Planner's segment files of their row, runs of rows replaced)
@@ -986,8 +1005,9 @@ class Committer:
             versions=versions,
             videos_committed=plan.video_rows,
             segments_committed=segment_rows,
-            dropped=len(plan.dropped),
+            dropped=len(plan.dropped) - len(plan.stale_listings),
             superseded=len(plan.superseded),
+            stale_listings=len(plan.stale_listings),
             readded=len(plan.readded),
             replaced=plan.replaced,
             rounds=attempt,
@@ -1371,6 +1391,8 @@ class Committer:
         dropped_not_ok = {
             video_id for video_id in dropped if all(row["status"] != "ok" for _, row in video_rows[video_id])
         }
+        stale_listings = _stale_listings(pending, video_rows) - dropped
+        dropped |= stale_listings
         committed = self._committed_segments
         readd_file, readded = (
             self._readd(committed, snapshots["segments"], segment_rows, dropped)
@@ -1422,6 +1444,7 @@ class Committer:
             dropped=dropped,
             dropped_not_ok=dropped_not_ok,
             superseded=superseded,
+            stale_listings=stale_listings,
             replaced=replaced,
             video_rows=new_video_rows,
             bare=bare,

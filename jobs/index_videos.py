@@ -33,8 +33,11 @@ def _commit_words(commit: dict[str, Any]) -> str:
     """What the run's commits added: a run that lost every video to another run committing them first says so."""
     committed = commit.get("videos_committed", 0)
     dropped = commit.get("dropped_done_by_another_run", 0)
-    return f"; {committed} video rows committed" + (
-        f", {dropped} left out: another run committed them first" if dropped else ""
+    stale = commit.get("changed_since_listed_rows_kept", 0)
+    return (
+        f"; {committed} video rows committed"
+        + (f", {dropped} left out: another run committed them first" if dropped else "")
+        + (f", {stale} left out: changed since listed (a stale listing), their committed rows kept" if stale else "")
     )
 
 

@@ -1045,6 +1045,8 @@ def run_summary(
             "dropped_done_by_another_run": sum(r.dropped for r in reports),
             # of those, videos the other run committed of a newer version of the object than this run listed
             "superseded_by_a_newer_version": sum(r.superseded for r in reports),
+            # read as changed since listed (a stale manifest or inventory): the video's committed row stays
+            "changed_since_listed_rows_kept": sum(r.stale_listings for r in reports),
             "conflict_rounds": sum(r.rounds - 1 for r in reports),
             # Clips of videos cut across blocks, passed on to a later write (counted once per pass), and clips not
             # written: copies (a retried task's output) and, at the end, pieces of videos that never arrived whole.

@@ -342,6 +342,31 @@ def test_a_video_gone_when_read_is_tried_again_when_listed_again(local: OutputLo
     assert list(planned["video_id"]) == [vid(0)] and list(planned["attempt"]) == [2]  # counted, like a timeout
 
 
+def test_a_read_that_found_the_listing_stale_never_replaces_a_row(local: OutputLocation) -> None:
+    """A stale manifest or inventory lists an object's old ETag; its read fails ``changed`` (the object is not that
+    version any more). That said nothing of the video, yet its row replaced the current ok one (the video left
+    search). It stays now, whoever committed it; a video with no row still gets its ``changed`` row (shown, retried)."""
+    run(local, {0: "e0-new", 1: "e1-new"}, "r1")  # the current versions, indexed
+    planner, report = run(local, {0: "e0-old", 1: "e1-new", 2: "e2-old"}, "r2", statuses={0: "changed", 2: "changed"})
+    assert planner.counts["planned"] == 2  # 0 (another ETag than its row) and 2 (new)
+    assert (report.stale_listings, report.dropped, report.videos_committed) == (1, 0, 1)
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert {k: (rows[vid(k)]["etag"], rows[vid(k)]["status"]) for k in range(3)} == {
+        0: ("e0-new", "ok"),
+        1: ("e1-new", "ok"),
+        2: ("e2-old", "changed"),
+    }
+    # Another writer's row of the video, committed while this run read it, stays too.
+    planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
+    planned = planner(listing({0: "e0-stale"}))
+    run(local, {0: "e0-newer"}, "r3")
+    committer = Committer(local, model_id=MODEL, run_id="r4", versions=planner.versions)
+    committer.add(write_batch(local, planned, "r4", statuses={vid(0): "changed"}))
+    assert committer.commit().stale_listings == 1
+    rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
+    assert (rows[vid(0)]["etag"], rows[vid(0)]["status"], rows[vid(0)]["run_id"]) == ("e0-newer", "ok", "r3")
+
+
 def test_a_verdict_on_the_bytes_stands_until_the_etag_changes(local: OutputLocation) -> None:
     """A video cut short (`truncated`, the decoder's verdict on the file) fails the same way every time: the next
     run leaves it alone. A body that S3 kept cutting short is a `read_error`, tried again and never counted."""
