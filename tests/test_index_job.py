@@ -29,7 +29,7 @@ from local_servers import free_port
 
 import vitaclip
 from index import tables
-from index.schema import video_id_for
+from index.schema import LOCAL_ETAG_PREFIX, video_id_for
 from index.segments import open_index
 from jobs.config import DEFAULT_MODEL, config_from_args
 from jobs.index_videos import main
@@ -153,6 +153,27 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
     assert len(frame) == len(rows) and set(frame["status"]) == {r["status"] for r in rows.values()}
     polars_frame = pl.read_delta(str(out / "videos"))
     assert polars_frame.height == len(rows) and polars_frame["embedding"].list.len().max() == 32
+
+
+def test_a_stale_manifest_leaves_the_current_rows_in_place(local_ray, tmp_path: Path, capsys) -> None:
+    """An inventory a day old names an indexed file with the ETag it had then. Its read finds the file changed:
+    the video's current row stays (it was replaced by a `changed` row of the old ETag, out of search), and the
+    summary says so; first or second among the inputs, the same."""
+    (video,) = make_videos(tmp_path / "in", 1, broken=False)
+    stale = f"{LOCAL_ETAG_PREFIX}{video.stat().st_size}-{video.stat().st_mtime_ns - 10**9}"  # a second older
+    manifest = tmp_path / "inventory.csv"
+    manifest.write_text(f"uri,etag\n{video},{stale}\n")
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    (row,) = committed_videos(out).to_pylist()
+    for inputs in ([str(manifest), str(tmp_path / "in")], [str(tmp_path / "in"), str(manifest)]):
+        capsys.readouterr()
+        assert run(inputs, out) == 0
+        printed = capsys.readouterr().out
+        (now,) = committed_videos(out).to_pylist()
+        assert (now["etag"], now["status"], now["run_id"]) == (row["etag"], "ok", row["run_id"]), inputs
+        if inputs[0] == str(manifest):
+            assert '{"changed": 1}' in printed and "1 left out: changed since listed" in printed, printed
 
 
 def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> None:
