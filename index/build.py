@@ -20,7 +20,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -512,10 +512,14 @@ def _moved(new_ids: np.ndarray, new_versions: np.ndarray, old_ids: np.ndarray, o
     return np.asarray([old.get(i) == v for i, v in zip(new_ids.tolist(), new_versions.tolist(), strict=True)], bool)
 
 
-def _net_changes(location: OutputLocation, table: str, after: int, upto: int) -> tuple[list[str], list[str]]:
+def _net_changes(
+    location: OutputLocation, table: str, after: int, upto: int
+) -> tuple[list[str], list[str], dict[str, int]]:
     """Data files added and removed between two table versions, from the log's JSON commits only (and, when one
     changed the table's metadata, the metadata at `after`: a change of only other properties or of the protocol
-    leaves the rows as they read)."""
+    leaves the rows as they read), and of the added files those another writer than the job added (path -> the
+    commit's version): an analyst's compaction, rewrite or append."""
+    from index.commits import RUN_ID_KEY
     from index.delta_tables import LogUnavailableError, log_changes, metadata_of, open_table, rows_shape
 
     try:
@@ -524,6 +528,7 @@ def _net_changes(location: OutputLocation, table: str, after: int, upto: int) ->
         raise _FullBuild(str(exc)) from exc
     added: dict[str, None] = {}
     removed: dict[str, None] = {}
+    foreign: dict[str, int] = {}
     shape = None
     for entry in commits:
         if entry.metadata is not None:
@@ -546,11 +551,14 @@ def _net_changes(location: OutputLocation, table: str, after: int, upto: int) ->
         for path in entry.removes:
             if path in added:
                 del added[path]  # added and removed within the span: never indexed
+                foreign.pop(path, None)
             else:
                 removed[path] = None
         for add in entry.adds:
             added[add.path] = None
-    return list(added), list(removed)
+            if RUN_ID_KEY not in entry.commit_info:
+                foreign[add.path] = entry.version
+    return list(added), list(removed), foreign
 
 
 def _follow_log(
@@ -580,9 +588,11 @@ def _follow_log(
     if not segments:
         raise _FullBuild("the index lists no segments")
     base, deltas = segments[0], segments[1:]
-    added_files, removed_files = _net_changes(location, name, after, upto)
+    added_files, removed_files, foreign = _net_changes(location, name, after, upto)
     new_vectors, new_ids, new_stamps = _ok_rows(location, name, model_id, version=upto, files=added_files)
     old_ids, old_stamps = _removed_rows(location, name, model_id, removed_files)
+    if foreign:
+        _refuse_appended_rows(location, name, model_id, upto, foreign, old_ids)
     # Replacing one video rewrites its data file without that row: the file's other rows come back unchanged in the
     # added file. They stay where they are indexed; only new versions and removed rows count.
     moved = _moved(new_ids, new_stamps, old_ids, old_stamps)
@@ -633,6 +643,25 @@ def _follow_log(
     )
     entry.pop("rebuild_reason", None)
     return entry
+
+
+def _refuse_appended_rows(
+    location: OutputLocation, name: str, model_id: str, upto: int, foreign: Mapping[str, int], old_ids: np.ndarray
+) -> None:
+    """Another writer's data files may rewrite rows (a compaction, an analyst's delete or update: their ids come
+    from the files it removed) or add rows (an append, copies of rows included): those ids may be indexed already,
+    in a segment the update does not read, and would be indexed twice (and counted twice).
+
+    Raises:
+        _FullBuild: a row of such a file whose id none of the removed files held.
+    """
+    _, ids, _ = _ok_rows(location, name, model_id, version=upto, files=list(foreign))
+    appended = ~np.isin(ids, old_ids)
+    if appended.any():
+        raise _FullBuild(
+            f"{int(appended.sum())} rows were added by another writer than the job (commit {min(foreign.values())} "
+            f"of the {name} table): the index is rebuilt, so that no row is indexed twice"
+        )
 
 
 def _merge(

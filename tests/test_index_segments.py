@@ -556,6 +556,31 @@ def test_an_analysts_table_settings_are_followed_and_a_column_change_is_refused(
         build_from_output(store, model_id=MODEL)  # refused before anything is built; the index stays as it was
 
 
+def test_rows_another_writer_appends_are_never_indexed_twice(tmp_path: Path) -> None:
+    """An analyst's compaction or delete rewrites rows: the update follows it. An append may hold copies of indexed
+    rows (in segments the update does not read): each id was indexed twice and the count overstated the vectors
+    until a rebuild. The update builds whole, saying why."""
+    from deltalake import DeltaTable, write_deltalake
+
+    rng = np.random.default_rng(12)
+    out = tmp_path / "out"
+    location, store, first = _indexed_output(str(out), 40, rng)
+    table = DeltaTable(location.table_uri("videos"))
+    table.optimize.compact()
+    table.delete(f"video_id = '{video_id_for(_uris(0, 1)[0])}'")
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "rebuild_reason" not in entry and entry["count"] == 39, entry
+    rows = DeltaTable(location.table_uri("videos")).to_pyarrow_table()
+    write_deltalake(location.table_uri("videos"), rows.slice(0, 10), mode="append")  # copies of 10 indexed rows
+    entry = build_from_output(store, model_id=MODEL)["indexes"]["videos"]
+    assert "10 rows were added by another writer than the job" in entry["rebuild_reason"], entry
+    assert entry["count"] == 39
+    index = open_index(out)
+    assert index.count == 39
+    _, ids = index.search(np.asarray(rows.column("embedding")[0].as_py(), dtype=np.float32), 39)
+    assert len(set(ids[0].tolist())) == 39  # every id once
+
+
 def test_storage_failing_on_a_removed_file_fails_the_update_and_the_next_one_follows_the_log(tmp_path: Path) -> None:
     """Only a file that is gone (vacuumed) makes the update build whole; storage failing after its retries fails
     this update, leaves the index as it was, and the next update follows the log as if nothing had happened."""
