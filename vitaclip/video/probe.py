@@ -35,7 +35,9 @@ class VideoInfo:
 
     Attributes:
         duration_seconds: From the first frame's start to the last frame's end.
-        fps: Average frame rate.
+        fps: Frame rate: frames / duration where the frames were counted (``num_frames_exact``: MP4/MOV and AVI
+            sample tables, a demux), else the rate the container declares (Matroska/WebM's default frame duration,
+            MPEG-TS's), which for variable-rate video is nominal, not the average.
         num_frames: Number of frames; exact when ``num_frames_exact``, else ``duration * fps`` rounded.
         num_frames_exact: Whether ``num_frames`` was counted (sample table or demuxed packets).
         width: Displayed width: after the sample aspect ratio and rotation.
