@@ -8,7 +8,10 @@
 
 The S3 server is MinIO when a ``minio`` binary is on PATH, else moto's server (``--s3-server`` picks one). The Ray
 head runs with token authentication; the token is written to ``STATE_DIR/auth_token`` (mode 0600) and never
-printed. Ports, process ids and paths go to ``STATE_DIR/state.json``. Everything listens on 127.0.0.1 only.
+printed. Ports, process ids and paths go to ``STATE_DIR/state.json``. The S3 server and Ray's dashboard listen on
+127.0.0.1 only; Ray's own servers (GCS, raylet, object manager, the metrics export port and the agents) listen on every
+interface of the machine, as Ray offers no setting to bind them to one: the GCS and raylets refuse callers without the
+token, but the metrics port answers anyone who reaches it. Run the stack where a firewall keeps those ports in.
 
 ``down`` stops exactly the processes ``up`` started (by process id and their process group): it never runs
 ``ray stop``, which would also stop every other Ray instance of this user on the machine.
