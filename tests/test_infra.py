@@ -422,6 +422,12 @@ def test_fetch_checkpoint_copies_a_file_or_a_folder(s3_bucket: tuple[Any, str], 
     assert (tmp_path / "b" / "vita_clip_b16.pth").read_bytes() == b"y" * 10
     assert fetch.main(["", str(tmp_path / "c")]) == 0 and not (tmp_path / "c").exists()
     assert fetch.main([f"s3://{bucket}/nothing/here/", str(tmp_path / "d")]) == 1
+    # Whoever writes to the prefix cannot place files outside DEST (a key with '..' landed two folders up).
+    (tmp_path / "e" / "models").mkdir(parents=True)
+    client.put_object(Bucket=bucket, Key="evil/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="evil/../../escaped.txt", Body=b"x")
+    assert fetch.main([f"s3://{bucket}/evil/", str(tmp_path / "e" / "models" / "checkpoint")]) == 1
+    assert [p.name for p in tmp_path.rglob("escaped.txt")] == []
 
 
 # ----------------------------------------------------------------------------------------------------- submit

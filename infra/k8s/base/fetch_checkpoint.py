@@ -30,6 +30,15 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _local_path(dest: Path, relative: str, key: str) -> Path:
+    """Where an object lands: ``relative`` (a key's part after the prefix) under ``dest``. Keys with ``..``, ``.`` or
+    empty parts are refused: whoever writes to the bucket must not place files outside ``dest``."""
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"object key {key!r} has '.', '..' or empty path parts: refusing to copy it under {dest}")
+    return dest.joinpath(*parts)
+
+
 def _client() -> Any:
     import boto3
     import botocore.config
@@ -59,7 +68,7 @@ def fetch(src: str, dest: Path, *, client: Any | None = None) -> list[Path]:
     if key and not key.endswith("/"):
         try:
             head = client.head_object(Bucket=bucket, Key=key)
-            objects.append((key, int(head["ContentLength"]), dest / PurePosixPath(key).name))
+            objects.append((key, int(head["ContentLength"]), _local_path(dest, PurePosixPath(key).name, key)))
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
@@ -69,7 +78,7 @@ def fetch(src: str, dest: Path, *, client: Any | None = None) -> list[Path]:
             for entry in page.get("Contents", ()):
                 relative = entry["Key"][len(key) :]
                 if relative and not relative.endswith("/"):
-                    objects.append((entry["Key"], int(entry["Size"]), dest.joinpath(*PurePosixPath(relative).parts)))
+                    objects.append((entry["Key"], int(entry["Size"]), _local_path(dest, relative, entry["Key"])))
     if not objects:
         raise FileNotFoundError(f"nothing at {src}")
     for obj_key, size_bytes, path in objects:
