@@ -63,7 +63,11 @@ def build_parser(prog: str = "python -m jobs.submit") -> argparse.ArgumentParser
         default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
         help=f"Ray dashboard address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})",
     )
-    p.add_argument("--working-dir", default=str(REPO_ROOT), help="uploaded as the job's working_dir (default: repo)")
+    p.add_argument(
+        "--working-dir",
+        default=None,
+        help="uploaded as the job's working_dir (default: this checkout; none for an installed vitaclip)",
+    )
     p.add_argument("--no-working-dir", action="store_true", help="upload nothing: the cluster's image has the code")
     p.add_argument("--exclude", action="append", default=[], help="also leave this pattern out of the upload")
     p.add_argument("--requirements", help="a requirements file: its packages go in the runtime_env's pip list")
@@ -166,10 +170,24 @@ def auth_headers(token_file: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _is_checkout(folder: Path) -> bool:
+    """Whether ``folder`` is a source tree of the project (not the site-packages an installed vitaclip lives in)."""
+    return (folder / "pyproject.toml").is_file() and (folder / "jobs").is_dir() and (folder / "vitaclip").is_dir()
+
+
 def build_runtime_env(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's runtime_env. Without ``--working-dir``, this checkout is uploaded; an installed vitaclip (``pip
+    install .``, as the images do) uploads nothing, as with ``--no-working-dir``: its folder is site-packages."""
     runtime_env: dict[str, Any] = {}
+    if args.working_dir is None and not args.no_working_dir and not _is_checkout(REPO_ROOT):
+        print(
+            "vitaclip submit: vitaclip runs here as an installed package (no checkout at this path): nothing is "
+            "uploaded and the cluster runs its own vitaclip; give --working-dir DIR to upload a checkout",
+            file=sys.stderr,
+        )
+        args.no_working_dir = True
     if not args.no_working_dir:
-        working_dir = Path(args.working_dir)
+        working_dir = Path(args.working_dir if args.working_dir is not None else REPO_ROOT)
         if not working_dir.is_dir():
             raise ValueError(f"--working-dir {args.working_dir!r} is not a folder")
         runtime_env["working_dir"] = str(working_dir)

@@ -471,6 +471,25 @@ def test_submit_checks_the_job_flags_before_connecting(
     )
 
 
+def test_submit_uploads_this_checkout_and_never_site_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From a checkout, the default working_dir is the checkout. An installed vitaclip (``pip install .``, as the
+    images have it) lives in site-packages: that folder (gigabytes of packages) was the default upload."""
+    job = ["--", "s3://b/v/", "--output", "s3://b/o/", "--model", "vitaclip-tiny", "--random-weights"]
+    args, _ = submit.split_argv(job)
+    assert submit.build_runtime_env(args)["working_dir"] == str(submit.REPO_ROOT)
+    site_packages = tmp_path / "site-packages"
+    (site_packages / "jobs").mkdir(parents=True)
+    (site_packages / "vitaclip").mkdir()
+    monkeypatch.setattr(submit, "REPO_ROOT", site_packages)
+    args, _ = submit.split_argv(job)
+    assert "working_dir" not in submit.build_runtime_env(args)
+    assert "runs here as an installed package" in capsys.readouterr().err
+    args, _ = submit.split_argv(["--working-dir", str(tmp_path), *job])  # asked for: uploaded
+    assert submit.build_runtime_env(args)["working_dir"] == str(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------------- local stack
 
 
