@@ -153,12 +153,16 @@ def connect_ray(address: str, **init_args: Any) -> None:
     except ConnectionError as exc:  # a timeout or no cluster there: one line, not Ray's traceback
         # Its port answered (`check_ray_answers`): a cluster with token authentication (`ray start --head` turns it
         # on) refuses a process that has no token, which Ray reports as a failed connection.
-        hint = (
-            "; if the cluster uses token authentication (as `ray start --head` does by default), set "
-            "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH)"
-            if not os.environ.get("RAY_AUTH_MODE")
-            else ""
-        )
+        if not os.environ.get("RAY_AUTH_MODE"):
+            hint = (
+                "; if the cluster uses token authentication (as `ray start --head` does by default), set "
+                "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH)"
+            )
+        else:  # Ray reports a token the cluster refuses (its log: InvalidAuthToken) as a failed connection too
+            hint = (
+                "; its port answers: if Ray logged InvalidAuthToken above, the token is not the cluster's (check "
+                "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+            )
         raise RayUnreachableError(f"cannot connect to the Ray cluster at {redact_url(address)}: {exc}{hint}") from None
 
 

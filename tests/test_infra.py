@@ -608,6 +608,26 @@ def test_submit_wait_returns_1_when_the_job_fails(
     assert "already exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_token_the_cluster_refuses_is_named_as_the_likely_cause(local_stack: dict[str, Any], tmp_path: Path) -> None:
+    """Ray reports a wrong token as a cluster it cannot connect to; the job's one line says to check the token."""
+    make_videos(tmp_path / "in", 1, broken=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-cluster-token")
+    address = f"127.0.0.1:{local_stack['ray']['port']}"
+    job = [str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "vitaclip-tiny", "--random-weights"]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.index_videos", *job, "--ray-address", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "cannot connect to the Ray cluster" in last and "the token is not the cluster's" in last, last
+    assert "not-the-cluster-token" not in done.stderr + done.stdout
+
+
 def test_local_stack_stops_cleanly(local_stack: dict[str, Any]) -> None:
     stack = _load_script(INFRA / "local" / "stack.py")
     state_dir = Path(local_stack["token_file"]).parent
