@@ -142,8 +142,11 @@ def refuse_odd_key_prefix(url: str, prefix: str) -> None:
     """An object-store output whose prefix delta-rs would read as another place: ``?`` and ``#`` end a URL's path
     (the tables went to ``o``, the runs and the index to ``o#1``), and ``.``, ``..`` or empty segments (``//``) are
     collapsed or refused by its object stores while this store writes the key as it is."""
-    segments = prefix.strip("/").split("/") if prefix.strip("/") else []
+    body = prefix[:-1] if prefix.endswith("/") else prefix  # one trailing '/' closes the prefix; two are a segment
+    segments = body.split("/") if body else []
     odd = sorted({c for c in "?#" if c in prefix}) + sorted({repr(seg) for seg in segments if seg in ("", ".", "..")})
+    if any(ord(c) < 32 or ord(c) == 127 for c in prefix):  # URL parsers drop tabs and newlines, keys keep them
+        odd.append("a control character")
     if odd or prefix.startswith("/"):
         raise StorageError(
             f"output location {redact_url(url)}: Delta Lake tables need a prefix without '?', '#', '.' or '..' "
@@ -201,7 +204,9 @@ class OutputLocation:
             raise ValueError(f"output URL {url!r} names no bucket or container")
         # What urlsplit would drop or a store collapse ('?', '#', '..') names another place: refused, not read.
         refuse_percent(url)
-        refuse_odd_key_prefix(url, url.split("://", 1)[1].partition("/")[2])
+        bucket, _, prefix = url.split("://", 1)[1].partition("/")
+        refuse_odd_key_prefix(url, prefix)
+        refuse_odd_key_prefix(url, bucket)  # '?' or '#' after the bucket's name: urlsplit reads the bare bucket
         normalized = f"{scheme}://{parts.netloc}{parts.path}".rstrip("/")
         if scheme != "s3":
             if s3_endpoint_url is not None:

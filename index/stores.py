@@ -265,6 +265,7 @@ class S3Store(Store):
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         refuse_percent(self.url)
         refuse_odd_key_prefix(self.url, prefix)
+        refuse_odd_key_prefix(self.url, self.bucket)  # '?' or '#' in it: the tables are read from the bare bucket
         self._client = s3_client
         # Parts of the threshold's size: S3 allows 10,000 parts, so 64 MiB parts reach 625 GiB per object.
         self._transfer = boto3.s3.transfer.TransferConfig(

@@ -159,6 +159,8 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
         (f"s3://{bucket}/o?x=1", "need a prefix without '?', '#'"),
         (f"s3://{bucket}/op/../oq", "need a prefix without '?', '#'"),
         (f"s3://{bucket}//o", "need a prefix without '?', '#'"),
+        (f"s3://{bucket}/o//", "need a prefix without '?', '#'"),  # tables went to o, runs and index to o//
+        (f"s3://{bucket}/o\tp", "need a prefix without '?', '#'"),  # urlsplit drops the tab, the key keeps it
     ]:
         rc = main(job_args([str(tmp_path / "in")], output, "--s3-endpoint-url", ray_with_s3))  # type: ignore[arg-type]
         err = capsys.readouterr().err
@@ -172,7 +174,8 @@ def test_s3_errors_are_clear(ray_with_s3: str, s3_bucket, tmp_path: Path, capsys
         err = capsys.readouterr().err
         assert f"{bucket}-missing" in err and "Traceback" not in err and "\x1b" not in err, err
     # Read as another place (search answered from s3://bucket/o for o?x=1, o#1 and x/../o): refused as the job does.
-    for odd in (f"s3://{bucket}/o?x=1", f"s3://{bucket}/o#1", f"s3://{bucket}/x/../o", f"s3://{bucket}//o"):
+    odd_outputs = (f"s3://{bucket}/o?x=1", f"s3://{bucket}/o#1", f"s3://{bucket}/x/../o", f"s3://{bucket}//o")
+    for odd in (*odd_outputs, f"s3://{bucket}/o//", f"s3://{bucket}#x"):
         for argv in (["build-index", odd], ["runs", odd], ["search", "--index", odd, "a circle"]):
             assert cli_main([*argv, "--s3-endpoint-url", ray_with_s3]) == 2, argv
             err = capsys.readouterr().err
