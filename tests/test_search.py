@@ -164,7 +164,9 @@ def test_an_output_of_a_checkpoint_folder_is_searched_with_the_folder_alone(tmp_
     make_videos(tmp_path / "in", 2)
     start_local_ray()
     try:
-        assert job_main([str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", str(folder)]) == 0
+        # Named as the folder names itself (the job's embed actors asked the registry for it: "unknown model").
+        job = [str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", str(folder)]
+        assert job_main([*job, "--model", "house-tiny"]) == 0
     finally:
         ray.shutdown()
     capsys.readouterr()
@@ -177,6 +179,9 @@ def test_an_output_of_a_checkpoint_folder_is_searched_with_the_folder_alone(tmp_
     assert "--model 'vitaclip-tiny' is not the model of checkpoint" in capsys.readouterr().err
     assert cli_main([*query, "--checkpoint", str(folder), "--model", "house-tiny"]) == 0
     assert json.loads(capsys.readouterr().out)
+    video = str(sorted((tmp_path / "in").rglob("*.mp4"))[0])
+    assert cli_main(["label", video, "--checkpoint", str(folder), "--model", "house-tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "ok"
     # Rebuilt without the folder: tuned with synthetic queries (it said "unknown model 'house-tiny'"); with it, text.
     assert cli_main(["build-index", str(tmp_path / "out"), "--rebuild"]) == 0
     assert cli_main(["build-index", str(tmp_path / "out"), "--rebuild", "--checkpoint", str(folder)]) == 0

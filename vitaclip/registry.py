@@ -110,6 +110,15 @@ def preset_suffix(config: VitaClipConfig) -> str:
     return "+config:" + hashlib.sha256(now.encode()).hexdigest()[:12]
 
 
+def _is_the_folders_own_name(name: str, checkpoint: str | Path | None) -> bool:
+    """Whether ``name`` is not a registered model but the name a vitaclip checkpoint folder's config gives itself."""
+    if checkpoint is None or name in _presets() or not is_vitaclip_checkpoint(checkpoint):
+        return False
+    from vitaclip.checkpoint_folder import folder_model_name
+
+    return folder_model_name(checkpoint) == name
+
+
 def create_model(
     name: str | VitaClipConfig | None,
     *,
@@ -147,6 +156,8 @@ def create_model(
         if checkpoint is None or not is_vitaclip_checkpoint(checkpoint):
             raise ValueError("create_model needs a model name unless the checkpoint is a vitaclip checkpoint folder")
         config = None
+    elif _is_the_folders_own_name(name, checkpoint):
+        config = None  # a converted or trained model known only by its folder: the folder's config is the model
     else:
         config = get_model_config(name)
     if checkpoint is not None:
