@@ -383,7 +383,12 @@ def test_symlinks_to_files_outside_a_listed_folder_are_not_read(tmp_path: Path) 
     # became `changed`, retried every run.
     (inside / "f-environ.mp4").symlink_to("/proc/self/environ")
     assert listed(inside, follow_outside_symlinks=True)["f-environ.mp4"][0] == "not_a_file"
-    for path in (inside / "f-environ.mp4", Path("/proc/self/environ")):  # as a manifest names it, or swapped in
+    kernel = [inside / "f-environ.mp4", Path("/proc/self/environ")]
+    if os.path.ismount("/sys") and Path("/sys/kernel/uevent_seqnum").is_file():  # sysfs files say 4096 bytes
+        (inside / "g-sys.mp4").symlink_to("/sys/kernel/uevent_seqnum")
+        assert listed(inside, follow_outside_symlinks=True)["g-sys.mp4"][0] == "not_a_file"
+        kernel.append(inside / "g-sys.mp4")
+    for path in kernel:  # as a manifest names it, or swapped in
         with pytest.raises(StorageError, match="kernel's /proc or /sys") as caught:
             open_video(str(path), size_bytes=None)
         assert caught.value.reason == "not_a_file"

@@ -34,6 +34,7 @@ import codecs
 import contextlib
 import csv
 import errno
+import functools
 import gzip
 import itertools
 import json
@@ -448,7 +449,7 @@ def _walk_sorted(
         if not stat.S_ISREG(st.st_mode):
             yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
             continue
-        if st.st_size == 0 and is_kernel_file(entry.path):  # its size says 0 whatever it reads: never the same
+        if is_kernel_file(entry.path, st):  # its size says 0 (or a page) whatever it reads: never the same
             yield _odd(entry.path, "not_a_file", "a file of the kernel's /proc or /sys, not a stored file")
             continue
         if not _is_utf8(entry.path):
@@ -457,11 +458,26 @@ def _walk_sorted(
         yield VideoObject(entry.path, local_etag(st), st.st_size)
 
 
-def is_kernel_file(path: str) -> bool:
-    """Whether ``path`` resolves into /proc or /sys, whose regular files report size 0 and read what the kernel
-    makes of the reading process (its environment, say)."""
-    real = os.path.realpath(path)
+def is_kernel_file(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` (``st``: its stat) is a file of the kernel's /proc or /sys: they report size 0 (or a page)
+    and read what the kernel makes of the reading process (its environment, say)."""
+    if st.st_dev in _kernel_devices():
+        return True
+    if st.st_size != 0:
+        return False
+    real = os.path.realpath(path)  # a size of 0 also on file systems mounted below them (cgroups)
     return any(_is_within(real, root) for root in ("/proc", "/sys"))
+
+
+@functools.cache
+def _kernel_devices() -> frozenset[int]:
+    """The devices of /proc and /sys where they are mounted (not folders of the root file system)."""
+    found = set()
+    for root in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            if os.path.ismount(root) and os.stat(root).st_dev != os.stat("/").st_dev:
+                found.add(os.stat(root).st_dev)
+    return frozenset(found)
 
 
 def _list_folder(

@@ -109,7 +109,7 @@ def _open_local(uri: str, etag: str | None, roots: Sequence[str] | None = None) 
         raise StorageError(f"no file at {printable_path(path)}", reason="not_found", uri=uri) from None
     if not stat.S_ISREG(st.st_mode):  # a folder; a FIFO or device would block the decoder
         raise StorageError(f"not a regular file: {printable_path(path)}", reason="not_a_file", uri=uri)
-    if st.st_size == 0 and is_kernel_file(path):
+    if is_kernel_file(path, st):
         why = f"a file of the kernel's /proc or /sys: {printable_path(path)}"
         raise StorageError(why, reason="not_a_file", uri=uri)
     if etag is not None and etag.startswith(LOCAL_ETAG_PREFIX) and local_etag(st) != etag:
