@@ -977,6 +977,16 @@ def p_set_state(target: bytes, name: str, value: bytes) -> bytes:
 REBUILD = p_global("torch._utils", "_rebuild_tensor_v2")
 
 
+def test_a_torchscript_pickle_cannot_set_the_state_of_a_tensor_it_built(tmp_path: Path) -> None:
+    """BUILD on a rebuilt tensor runs torch's own ``__setstate__``: requires_grad and backward hooks (which the
+    rebuild refuses) came back set."""
+    tensor = p_tensor(6, (3, 2), (1, 3))
+    state = p_tuple(b"\x88", b"N", p_global("torch", "device"))  # (requires_grad=True, None, hooks=a callable)
+    path = hand_archive(tmp_path / "hooked.pt", p_module(weight=tensor + state + b"b"))
+    with pytest.raises(CheckpointError, match="whose state data.pkl set after building it"):
+        read_state_dict(path)
+
+
 @pytest.mark.parametrize(
     "prefix",
     [

@@ -610,6 +610,8 @@ def _collect(
         if isinstance(value, torch.Tensor):
             if len(prefix) + len(name) > MAX_KEY_CHARS:
                 raise ArchiveError(f"a tensor of module {prefix[:80]}... has a name longer than {MAX_KEY_CHARS}")
+            if value.requires_grad or getattr(value, "_backward_hooks", None):  # set by BUILD after it was rebuilt
+                raise ArchiveError(f"{prefix}{name} is a tensor whose state data.pkl set after building it")
             out[prefix + name] = value
         elif value is not None:  # a None parameter (Linear without bias) is not in a state dict
             raise ArchiveError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
