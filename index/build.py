@@ -591,10 +591,8 @@ def _follow_log(
     added_files, removed_files, foreign = _net_changes(location, name, after, upto)
     new_vectors, new_ids, new_stamps = _ok_rows(location, name, model_id, version=upto, files=added_files)
     old_ids, old_stamps = _removed_rows(location, name, model_id, removed_files)
-    if foreign:
-        _refuse_appended_rows(location, name, model_id, upto, foreign, old_ids)
-    # Replacing one video rewrites its data file without that row: the file's other rows come back unchanged in the
-    # added file. They stay where they are indexed; only new versions and removed rows count.
+    _refuse_appended_rows(location, name, model_id, upto, foreign, old_ids)
+    # A data file rewritten without one video's row brings its other rows back unchanged: they stay where indexed.
     moved = _moved(new_ids, new_stamps, old_ids, old_stamps)
     removed = np.unique(old_ids[~np.isin(old_ids, new_ids[moved])])
     if moved.any():
@@ -655,6 +653,8 @@ def _refuse_appended_rows(
     Raises:
         _FullBuild: a row of such a file whose id none of the removed files held.
     """
+    if not foreign:
+        return
     _, ids, _ = _ok_rows(location, name, model_id, version=upto, files=list(foreign))
     appended = ~np.isin(ids, old_ids)
     if appended.any():
