@@ -8,6 +8,7 @@ import os
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,11 @@ def run(
         if len(chunk["video_id"]):
             committer.add(write_batch(location, chunk, run_id, statuses=status_by_id))
     return planner, committer.commit()
+
+
+def fields_of(rows: dict[str, dict[str, Any]], videos: Iterable[int], *names: str) -> dict[int, tuple[Any, ...]]:
+    """Video k -> the named fields of its committed row, for the videos asked for."""
+    return {k: tuple(rows[vid(k)][name] for name in names) for k in videos}
 
 
 def read_tables(location: OutputLocation) -> tuple[pa.Table, pa.Table]:
@@ -351,11 +357,8 @@ def test_a_read_that_found_the_listing_stale_never_replaces_a_row(local: OutputL
     assert planner.counts["planned"] == 2  # 0 (another ETag than its row) and 2 (new)
     assert (report.stale_listings, report.dropped, report.videos_committed) == (1, 0, 1)
     rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
-    assert {k: (rows[vid(k)]["etag"], rows[vid(k)]["status"]) for k in range(3)} == {
-        0: ("e0-new", "ok"),
-        1: ("e1-new", "ok"),
-        2: ("e2-old", "changed"),
-    }
+    expected = {0: ("e0-new", "ok"), 1: ("e1-new", "ok"), 2: ("e2-old", "changed")}
+    assert fields_of(rows, range(3), "etag", "status") == expected
     # Another writer's row of the video, committed while this run read it, stays too.
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
     planned = planner(listing({0: "e0-stale"}))
@@ -653,11 +656,8 @@ def test_a_run_that_listed_an_older_version_leaves_the_newer_row_in_place(local:
     assert asked == [[uri_of(0), uri_of(2)]]  # those whose rows other writers added have another ETag than ours
     assert report.superseded == 1 and report.dropped == 2  # video 0 superseded, video 1 DONE by rb
     rows = assert_one_row_and_one_set_each(local, {0, 1, 2})
-    assert {k: (rows[vid(k)]["etag"], rows[vid(k)]["run_id"]) for k in range(3)} == {
-        0: ("e0-b", "rb"),
-        1: ("e1-new", "rb"),
-        2: ("e2-new", "ra"),
-    }
+    expected = {0: ("e0-b", "rb"), 1: ("e1-new", "rb"), 2: ("e2-new", "ra")}
+    assert fields_of(rows, range(3), "etag", "run_id") == expected
     planner = Planner(local, model_id=MODEL, versions=latest_versions(local))
     assert len(planner(listing({0: "e0-b", 1: "e1-new", 2: "e2-new"}))["uri"]) == 0  # the next run plans nothing
 
