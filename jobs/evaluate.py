@@ -177,18 +177,19 @@ def build_retrieval_parser(prog: str = "vitaclip eval-retrieval") -> argparse.Ar
 def load_model(config: EvalSourceConfig, label_names: Sequence[str] | None) -> Any:
     import torch
 
-    from jobs.train import resolve_checkpoint
+    from jobs.train import checkpoint_on_disk
     from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import create_model, require_trained_weights
 
     require_trained_weights(config.model or "vitaclip-b16", config.checkpoint, random_weights=config.random_weights)
-    checkpoint = (
-        resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
-    )
-    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else (config.model or "vitaclip-b16")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = create_model(name, checkpoint=checkpoint, device=device, dtype=dtype)
+    if config.checkpoint:
+        with checkpoint_on_disk(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) as checkpoint:
+            name = None if is_vitaclip_checkpoint(checkpoint) else (config.model or "vitaclip-b16")
+            model = create_model(name, checkpoint=checkpoint, device=device, dtype=dtype)
+    else:
+        model = create_model(config.model or "vitaclip-b16", device=device, dtype=dtype)
     if label_names is not None:
         model.label_names = tuple(label_names)
     return model

@@ -38,6 +38,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,10 +341,23 @@ class Output:
 
     @property
     def scratch(self) -> Path:
-        """A local folder for S3 checkpoints on their way up or down."""
+        """A local folder for S3 checkpoints on their way up or down, removed by `close`."""
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="vitaclip-train-"))
         return self._scratch
+
+    def close(self) -> None:
+        """Removes the scratch folder: a checkpoint downloaded to resume or to evaluate (gigabytes for B/16 with its
+        optimizer state) would otherwise stay in the node's temporary folder after every run."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def checkpoint_steps(self) -> list[int]:
         if not self.is_s3:
@@ -406,17 +420,27 @@ class Output:
         return path.read_text() if path.is_file() else None
 
 
-def resolve_checkpoint(location: str, *, s3_endpoint_url: str | None = None) -> str:
-    """A checkpoint argument as a local path: a training output folder (local or S3) becomes its latest checkpoint;
-    anything else is returned as given."""
-    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
-
-    if location.startswith("s3://"):
-        out = Output(location, s3_endpoint_url=s3_endpoint_url)
+@contextmanager
+def checkpoint_on_disk(location: str, *, s3_endpoint_url: str | None = None) -> Iterator[str]:
+    """A checkpoint argument as a local path while the block runs: an S3 training output's latest checkpoint is
+    downloaded to a temporary folder, removed when the block ends; a local one is `resolve_checkpoint`'s."""
+    if not location.startswith("s3://"):
+        yield resolve_checkpoint(location)
+        return
+    with Output(location, s3_endpoint_url=s3_endpoint_url) as out:
         steps = out.checkpoint_steps()
         if not steps:
             raise ValueError(f"{location}: no complete checkpoint under {CHECKPOINTS_DIR}/")
-        return str(out.local_checkpoint(steps[-1]))
+        yield str(out.local_checkpoint(steps[-1]))
+
+
+def resolve_checkpoint(location: str) -> str:
+    """A local checkpoint argument as a path: a training output folder becomes its latest checkpoint; anything else
+    is returned as given. (`checkpoint_on_disk` takes S3 outputs too.)"""
+    from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
+
+    if location.startswith("s3://"):
+        raise ValueError(f"{location}: an S3 checkpoint is downloaded by checkpoint_on_disk")
     path = Path(location)
     if path.is_dir() and not is_vitaclip_checkpoint(path):
         from vitaclip.training import resolve_checkpoint_path
@@ -459,9 +483,12 @@ def _model_for(config: TrainConfig, label_names: Sequence[str], s3_endpoint_url:
     from vitaclip.checkpoint_folder import is_vitaclip_checkpoint
     from vitaclip.registry import create_model
 
-    checkpoint = resolve_checkpoint(config.checkpoint, s3_endpoint_url=s3_endpoint_url) if config.checkpoint else None
-    name = None if checkpoint is not None and is_vitaclip_checkpoint(checkpoint) else config.model
-    model = create_model(name, checkpoint=checkpoint, label_names=list(label_names))
+    if config.checkpoint:
+        with checkpoint_on_disk(config.checkpoint, s3_endpoint_url=s3_endpoint_url) as checkpoint:
+            name = None if is_vitaclip_checkpoint(checkpoint) else config.model
+            model = create_model(name, checkpoint=checkpoint, label_names=list(label_names))
+    else:
+        model = create_model(config.model, label_names=list(label_names))
     if model.text_context is not None and model.text_context.class_specific:
         trained = [n.replace("_", " ").strip() for n in model.text_context.label_names]
         wanted = [n.replace("_", " ").strip() for n in label_names]
@@ -544,6 +571,7 @@ def _start_worker(config: TrainConfig, *, distributed: bool) -> _Worker:
     steps_done = output.checkpoint_steps()
     if steps_done:
         state = load_training_checkpoint(output.local_checkpoint(steps_done[-1]), model, optimizer, scheduler, scaler)
+        output.close()  # the download (on S3) is loaded
         start_step = state.step
         if rank == 0:
             log.info("resumed from step %d (%s)", start_step, output.url)
@@ -745,9 +773,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         config, worker.model, worker.ddp_model, worker.optimizer, worker.scheduler, worker.scaler, worker.device,
         worker.precision, worker.world_size, worker.start_step,
     )  # fmt: skip
-    last, seconds = run_steps(parts, stream, recorder.step if recorder is not None else None)
-    if recorder is not None:
-        recorder.finish(last, seconds)
+    try:
+        last, seconds = run_steps(parts, stream, recorder.step if recorder is not None else None)
+        if recorder is not None:
+            recorder.finish(last, seconds)
+    finally:
+        worker.output.close()  # checkpoints on their way up to S3
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -885,10 +916,11 @@ def _run_ray(config: TrainConfig, ray_config: RayTrainConfig, loop_config: dict[
     output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
     output.write_bytes("train_resources.json", json.dumps(resources, indent=2).encode())
     loop_config = {**loop_config, "config": config.to_dict()}
-    checkpoint = (
-        resolve_checkpoint(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) if config.checkpoint else None
-    )
-    model_config = resolve_config(config.model, checkpoint)
+    if config.checkpoint:
+        with checkpoint_on_disk(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) as checkpoint:
+            model_config = resolve_config(config.model, checkpoint)
+    else:
+        model_config = resolve_config(config.model, None)
     image_size = model_config.image_size
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = _rank_datasets(config, start_step, model_config, image_size, plan.decode)

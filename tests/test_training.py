@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -340,11 +341,18 @@ def test_ray_train_two_workers_on_s3(
     args[args.index("--output") + 1] = output
     args += ["--num-workers", "2", "--save-every", "2", "--keep-last", "1"]  # CPUs and decoders: sized to the machine
     args += ["--s3-endpoint-url", endpoint, "--log-every", "1"]
+    scratch_before = _scratch_folders()
     try:
         assert train_job.main(args) == 0
         _check_s3_outputs(client, bucket, output, endpoint, capsys)
+        # Checkpoints on their way up, and those downloaded to evaluate, leave nothing in the temporary folder.
+        assert _scratch_folders() - scratch_before == set()
     finally:
         ray.shutdown()
+
+
+def _scratch_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("vitaclip-train-*"))
 
 
 def _check_s3_outputs(client: Any, bucket: str, output: str, endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -353,10 +361,11 @@ def _check_s3_outputs(client: Any, bucket: str, output: str, endpoint: str, caps
     assert not any(k.startswith("run/checkpoints/step-000000002/") for k in keys)  # keep_last=1
     summary = json.loads(client.get_object(Bucket=bucket, Key="run/train_summary.json")["Body"].read())
     assert summary["world_size"] == 2 and summary["last"]["step"] == 4 and summary["last"]["valid_videos"] == 8
-    # The S3 output folder is a checkpoint for evaluation (its latest one).
-    local = train_job.resolve_checkpoint(output, s3_endpoint_url=endpoint)
-    model = create_model(None, checkpoint=local)
+    # The S3 output folder is a checkpoint for evaluation (its latest one), on disk while it is used.
+    with train_job.checkpoint_on_disk(output, s3_endpoint_url=endpoint) as local:
+        model = create_model(None, checkpoint=local)
     assert model.label_names == tuple(LABELS)
+    assert Path(local).name == "step-000000004" and not Path(local).exists()
     # Evaluation straight from S3: the run's output folder as the checkpoint, list and videos on S3.
     capsys.readouterr()
     eval_args = [
