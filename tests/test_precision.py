@@ -7,6 +7,8 @@ features in float32) meets them with room; bf16 is kept as an option and runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,11 +78,18 @@ def test_a_half_precision_overflow_is_recomputed_in_float32(demo_frames: np.ndar
     assert (got["label_indices"] == reference["label_indices"][:6]).all()
 
 
-def test_compiled_float16_autocast_keeps_the_float32_answers(demo_frames: np.ndarray, reference: dict) -> None:
+def test_compiled_float16_autocast_keeps_the_float32_answers(
+    demo_frames: np.ndarray, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CUDA path of a large run (float16 autocast, torch.compile of the video tower) on the CPU with the same
     dtypes. The last batch, of 36 videos, is padded to the batch size: one compiled graph serves both."""
+    import torch._inductor.codecache as codecache
     from torch._dynamo.utils import counters
 
+    # Inductor's caches (~150 MB of C++ headers and generated code here) go with the test's folder, not into the
+    # machine's /tmp (the precompiled headers' folder is fixed when torch imports, hence the attribute).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(codecache, "_HEADER_DIR", str(tmp_path / "inductor" / "precompiled_headers"), raising=False)
     torch._dynamo.reset()
     counters.clear()
     stage = EmbedStage(model="vitaclip-demo", device="cpu", dtype=torch.float16, batch_size=64, torch_compile=True)
