@@ -1147,8 +1147,13 @@ def write_data_file(
         # Local files appear whole (temp file, then rename); an object store PUT is atomic already.
         filesystem.create_dir(root, recursive=True)
         temporary = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-        written = _write_parquet(filesystem, temporary, conformed, options)
-        filesystem.move(temporary, target)
+        try:
+            written = _write_parquet(filesystem, temporary, conformed, options)
+            filesystem.move(temporary, target)
+        except BaseException:  # a full disk, a kill: no part file left for each attempt
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(temporary)
+            raise
     else:
         written = _write_parquet(filesystem, target, conformed, options)
     info = filesystem.get_file_info(target)

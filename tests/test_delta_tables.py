@@ -547,6 +547,37 @@ def test_write_data_file_refuses_bad_data_and_names(local: OutputLocation) -> No
     assert sorted(os.listdir(local.table_uri("videos"))) == ["_delta_log", "part-same.parquet"]  # no temp files left
 
 
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys, os
+from index import delta_tables as dlt
+from index.delta_tables import OutputLocation
+import test_delta_tables as t
+location = OutputLocation.from_url(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # as a full disk or a quota: no file grows past 4 KiB
+try:
+    dlt.write_data_file(location, "videos", t.video_rows([f"v{i}" for i in range(400)]), name="part-big.parquet")
+except OSError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_data_file_that_cannot_be_written_whole_leaves_no_temporary_file(local: OutputLocation) -> None:
+    """A write that fails part way (a full disk, a quota; here the kernel's file size limit) raises, and its hidden
+    temporary file goes with it: Ray retries a failed write task, and each attempt left one behind."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, local.url], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("OSError") and "File too large" in done.stdout, done.stdout
+    assert sorted(os.listdir(local.table_uri("videos"))) == ["_delta_log"]
+
+
 def test_file_stats_are_exact(local: OutputLocation) -> None:
     rows = video_rows(["b", "a", "c"], model_id="m-7")
     long_uri = "s3://in/" + "x" * 300
