@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vitaclip.redact import printable_name, redact_text, refuse_object_userinfo, terminal_text
+from vitaclip.redact import error_line, printable_name, redact_text, refuse_object_userinfo, terminal_text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
@@ -658,9 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return 0
     except OSError as exc:  # storage or the network failing after their retries: what failed, not a traceback
-        said = terminal_text(redact_text(str(exc)))
+        said = redact_text(error_line(exc))
         hint = storage_hint(said)
-        print(f"vitaclip {args.command}: error: {type(exc).__name__}: {said}{hint}", file=sys.stderr)
+        print(f"vitaclip {args.command}: error: {said}{hint}", file=sys.stderr)
         return 2 if hint else 1
 
 

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from jobs.config import config_from_args
 from jobs.ray_resources import RayUnreachableError, stopped_by_sigterm
-from vitaclip.redact import install_log_redaction, redact_text, terminal_text, traceback_text
+from vitaclip.redact import error_line, install_log_redaction, redact_text, terminal_text, traceback_text
 
 
 def setup_logging() -> None:
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
             raise
         print(f"\n{prog}: {INTERRUPTED} (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except OSError as exc:  # storage failing after its retries, or files gone: what failed, not a traceback
-        print(f"{prog}: error: {type(exc).__name__}: {terminal_text(redact_text(str(exc)))}", file=sys.stderr)
+    except OSError as exc:  # storage failing after its retries, a full disk, files gone: what failed, no traceback
+        print(f"{prog}: error: {redact_text(error_line(exc))}", file=sys.stderr)
         return 1
     except Exception:  # a bug: the traceback matters, but not the credentials an endpoint URL may carry
         print(redact_text(traceback_text(sys.exc_info())), file=sys.stderr, end="")

@@ -85,7 +85,7 @@ from jobs.storage import (
     require_any,
 )
 from jobs.storage.listing import UNLISTED_FOLDER, absolute_path
-from vitaclip.redact import redact_text, redact_url, redact_value, terminal_text
+from vitaclip.redact import error_line, redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
 if TYPE_CHECKING:
@@ -521,7 +521,7 @@ class RunRecord:
         """Records a run that was refused, failed or interrupted, instead of "running" for ever, with what it
         committed before (`commits`: its rows stay). A failure to write the record is logged: the run's own error is
         the one that propagates."""
-        error = redact_text(_error_line(exc))
+        error = redact_text(error_line(exc))
         state = "failed"
         # Ctrl-C or SIGINT, or SIGTERM (Ray's handler in the driver exits; `stopped_by_sigterm`): not a failure
         if isinstance(exc, KeyboardInterrupt) or stopped_by_sigterm(exc):
@@ -543,16 +543,6 @@ class RunRecord:
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         self._write(summary)
         return summary
-
-
-def _error_line(exc: BaseException) -> str:
-    """A run's failure in the words its record keeps: a Ray task's error as the task's own exception (Ray renders
-    it as the task's whole traceback, with terminal colours), control characters escaped."""
-    cause = getattr(exc, "cause", None)
-    if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
-        where = getattr(exc, "function_name", None) or "a Ray task"
-        return terminal_text(f"{type(cause).__name__} in {where}: {cause}")
-    return terminal_text(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
 
 
 def _embedded_ray(config: IndexJobConfig) -> bool:

@@ -294,7 +294,7 @@ def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys
     assert by_id[terminated.run_id].split()[1] == "interrupted" and "(SIGTERM)" in by_id[terminated.run_id]
     # A Ray task's error: the task's own exception in one line, not Ray's coloured traceback of it.
     error = json.loads((tmp_path / "out" / "runs" / f"{task_failed.run_id}.json").read_text())["error"]
-    assert error == "OSError in a Ray task: upload body lost", error
+    assert error == "OSError in write_blocks: upload body lost", error
     assert by_id["yy-odd"].split()[1:] == ["committed", "-", "-", "-", "-", "nothing", "to", "do"]
     assert by_id["xx-held"].endswith(
         "ok 2; pruning held back (40 no longer listed, --prune-max); 1 scope(s) listed nothing, not pruned"
@@ -339,6 +339,30 @@ def test_an_interrupted_run_or_training_says_what_stays(
     assert main(["train", "--train-list", str(tmp_path / "train.csv"), "--output", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "interrupted: the same command resumes" in err and "Traceback" not in err, err
+
+
+def test_a_write_task_that_fails_on_a_full_disk_is_one_line_naming_the_task_and_its_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray task's OSError (a full disk under the output) reaches the driver as RayTaskError(OSError), whose message
+    is the task's whole rendered traceback: the command's last line is the task's own error, once, and exit 1."""
+    from ray.exceptions import RayTaskError
+
+    from jobs import pipeline
+
+    cause = OSError(28, "No space left on device")
+    rendered = '\x1b[36mray::write_blocks()\x1b[39m (pid=1, ip=127.0.0.1)\n  File "index/writer.py", line 1\n' + str(
+        cause
+    )
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise RayTaskError("write_blocks", rendered, cause).as_instanceof_cause()
+
+    monkeypatch.setattr(pipeline, "run_index_job", full_disk)
+    job = [str(tmp_path), "--output", str(tmp_path / "out"), "--model", "vitaclip-tiny", "--random-weights"]
+    assert main(["index", *job]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "vitaclip index: error: OSError in write_blocks: [Errno 28] No space left on device", err
 
 
 def test_serve_and_search_refuse_what_they_cannot_use_before_loading(tmp_path: Path, capsys) -> None:

@@ -206,6 +206,24 @@ def printable_name(name: str) -> str:
     return _NAME_ESCAPES.sub(_escaped, name)
 
 
+def error_line(exc: BaseException) -> str:
+    """An error as one line for an operator (a run's record, a command's last line): ``Type: message``, a
+    `ValueError`'s message alone, and a Ray task's error as the task's own exception and where it was raised (Ray
+    renders its message as the task's whole traceback, with terminal colours). Control characters are escaped;
+    credentials are not redacted here (`redact_text`)."""
+    cause = getattr(exc, "cause", None)
+    if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
+        # The task's name: kept by a RayTaskError, lost by the copy Ray raises as the cause's type (its message
+        # still starts "ray::<name>()").
+        named = _RAY_TASK_NAME.search(str(exc)[:500])
+        where = getattr(exc, "function_name", None) or (named.group(1) if named else "a Ray task")
+        return terminal_text(f"{type(cause).__name__} in {where}: {cause}")
+    return terminal_text(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+
+
+_RAY_TASK_NAME = re.compile(r"ray::([A-Za-z_][\w.]*)\(")
+
+
 def traceback_text(exc_info: Any) -> str:
     """A formatted traceback (`logging.Formatter.formatException`'s ``exc_info``) for a terminal or a log: lines kept,
     but each exception's message on one line (`terminal_text`), so that a name quoted in one forges no line."""
