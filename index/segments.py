@@ -23,6 +23,7 @@ finds every file it names; an update deletes only files that neither the info it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -226,16 +227,36 @@ def write_segment(folder: Path, name: str, generation: int, vindex: VectorIndex)
         dict(vindex.params),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    faiss_path, ids_path, *vec = (folder / f for f in seg.files(name))
+    paths = [folder / f for f in seg.files(name)]
+    faiss_path, ids_path, *vec = paths
     try:
-        faiss.write_index(vindex.index, str(faiss_path))
-    except RuntimeError as exc:  # faiss says what fopen or fwrite said, inside a C++ trace
-        said = str(exc).rpartition(" for writing: ")[2] or str(exc)  # "... could not open P for writing: WHY"
-        raise OSError(f"cannot write the index file {faiss_path}: {said}") from None
-    np.save(ids_path, np.asarray(vindex.ids, dtype=np.int64))
-    if vec:
-        np.save(vec[0], np.asarray(vindex.vectors, dtype=np.float32))
+        _write_faiss(vindex.index, faiss_path)
+        np.save(ids_path, np.asarray(vindex.ids, dtype=np.int64))
+        if vec:
+            np.save(vec[0], np.asarray(vindex.vectors, dtype=np.float32))
+    except BaseException:  # a full disk: no partial files of a segment no index names
+        for path in paths:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
     return seg
+
+
+def _write_faiss(index: Any, path: Path) -> None:
+    """Writes a FAISS index through a Python file. `faiss.write_index` to a path fails silently where the system
+    refuses the last buffered bytes (a full disk): its stdio stream is flushed in a destructor that ignores the error,
+    and a file cut short would be published. A Python file raises at the write or the close that fails."""
+    try:
+        with open(path, "wb") as file:
+            writer = faiss.PyCallbackIOWriter(file.write)  # type: ignore[attr-defined]  # not in its stubs
+            try:
+                faiss.write_index(index, writer)
+            finally:
+                del writer
+    except OSError as exc:
+        raise OSError(f"cannot write the index file {path}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # faiss's own refusal, inside a C++ trace
+        raise OSError(f"cannot write the index file {path}: {str(exc).strip().splitlines()[-1][:300]}") from None
 
 
 def read_segment(folder: Path, name: str, seg: Segment, *, gpu: bool = False) -> VectorIndex:
@@ -384,8 +405,13 @@ def _wrong_shape(info: dict[str, Any]) -> str | None:
 def write_info(folder: Path, info: dict[str, Any]) -> None:
     """Replaces ``index_info.json`` atomically (a reader sees the old or the new one, whole)."""
     tmp = folder / f".{INFO_FILE}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, folder / INFO_FILE)
+    try:
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, folder / INFO_FILE)
+    except BaseException:  # a full disk: the old info stays, whole, and no temporary is left
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_generation(name: str) -> int:

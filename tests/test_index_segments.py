@@ -648,6 +648,43 @@ def test_an_index_file_that_cannot_be_written_is_an_os_error_naming_it(
     assert read_info(out / "index") == {k: v for k, v in before.items() if k != "removed_files"}
 
 
+_FULL_DISK_BUILD = """
+import resource, signal, sys
+from index.build import build_from_output
+from jobs.storage import open_store
+store = open_store(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # as a full disk: no file grows past 4 KiB
+try:
+    build_from_output(store, model_id=sys.argv[2])
+except OSError as exc:
+    print(exc)
+"""
+
+
+def test_an_index_file_cut_short_by_a_full_disk_is_removed_and_said_in_one_line(tmp_path: Path) -> None:
+    """A segment whose FAISS file cannot be written whole (a full disk; here the kernel's file size limit) leaves no
+    partial file, the error is the system's reason rather than faiss's C++ trace, and the index stays as it was."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(9)
+    out = tmp_path / "out"
+    location, _, before = _indexed_output(str(out), 20, rng)
+    _commit(location, _rows(_uris(100, 100), rng))  # 100 vectors of 16 floats: a 6.4 kB segment
+    files_before = sorted(p.name for p in (out / "index").iterdir())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_BUILD, str(out), MODEL], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout.strip()
+    assert said.startswith("cannot write the index file ") and said.endswith(": File too large"), said
+    assert sorted(p.name for p in (out / "index").iterdir()) == files_before
+    assert read_info(out / "index") == {k: v for k, v in before.items() if k != "removed_files"}
+
+
 def test_searching_the_index_in_process_refuses_what_faiss_would_not(tmp_path: Path) -> None:
     """`open_index(OUT).search` asked FAISS for k results per query whatever the count (k=10**9 on 15 vectors
     ended the process), took a 3-D array as the wrong dimension and answered NaN queries with ids of -1."""
