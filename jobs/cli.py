@@ -146,6 +146,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         model=_model_name(args),
         checkpoint=args.checkpoint,
         random_weights=args.random_weights,
+        replace_settings=args.replace_settings,
     )
     run_quickstart(config)
     return 0
@@ -495,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=8, help="rows to print")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--replace-settings",
+        action="store_true",
+        help="make this run's row settings (--top-k) the output's recorded ones (as for vitaclip index)",
+    )
     p.set_defaults(func=_cmd_quickstart)
 
     sub.add_parser("index", help="run the indexing job (same flags as python -m jobs.index_videos)", add_help=False)

@@ -39,6 +39,8 @@ class QuickstartConfig:
         num_cpus: CPUs of the embedded local Ray (None: all).
         top_k: Labels kept per video.
         model, checkpoint, random_weights: The model, as for ``vitaclip index``.
+        replace_settings: Make this run's row settings (``top_k``) the output's recorded ones, as for ``vitaclip
+            index``; without it a re-run with another ``top_k`` on the same output is refused.
     """
 
     output: str = "out/quickstart"
@@ -50,6 +52,7 @@ class QuickstartConfig:
     model: str = "vitaclip-demo"
     checkpoint: str | None = None
     random_weights: bool = False
+    replace_settings: bool = False
 
 
 def generate_inputs(folder: Path, num_videos: int, *, seed: int) -> dict[str, dict[str, Any]]:
@@ -120,6 +123,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
         random_weights=config.random_weights,
         num_cpus=config.num_cpus,
         top_k=config.top_k,
+        replace_settings=config.replace_settings,
         switch_index=True,  # a re-run after a model update searches with that model
     )
     summary = run_index_job(job)

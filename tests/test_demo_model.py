@@ -227,6 +227,13 @@ def test_quickstart_labels_and_finds_the_demo_videos(local_ray, tmp_path: Path, 
     summary = next(line for line in out.splitlines() if line.startswith("top-1 label is the generator's truth"))
     assert summary in again.splitlines()  # the same 120 videos scored: the others left out
     assert "(a Delta Lake table, 120 ok; 8 rows of other videos not shown); the first few:" in again, again
+    # Another --top-k on the same output is refused, naming the flag that takes it, which the quickstart accepts.
+    quickstart = ["quickstart", "--output", str(tmp_path), "--num-videos", "120", "--seed", "3", "--top-k", "4"]
+    assert main(quickstart) == 2
+    assert "--replace-settings" in capsys.readouterr().err
+    assert main([*quickstart, "--replace-settings"]) == 0
+    replaced = capsys.readouterr().out
+    assert "121 already indexed" in replaced, replaced  # rows indexed before keep theirs until their videos change
 
 
 def test_quickstart_marks_a_match_by_what_the_query_names() -> None:
