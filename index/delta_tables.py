@@ -640,6 +640,10 @@ def _table_properties(table: str, embed_dim: int) -> dict[str, str | None]:
 # ----------------------------------------------------------------------------------------------------- tables
 
 
+_NO_BUCKET_CODES = {"<Code>NoSuchBucket</Code>": "bucket", "<Code>ContainerNotFound</Code>": "container"}
+"""The error codes in a delta-rs error (the store's XML answer) of a bucket (S3, GCS) or container (Azure) missing."""
+
+
 def open_table(location: OutputLocation, table: str, *, version: int | None = None) -> DeltaTable | None:
     """Opens one table at its latest version (or `version`); None when there is no Delta table there yet."""
     for attempt in range(_S3_MAX_ATTEMPTS):
@@ -648,10 +652,11 @@ def open_table(location: OutputLocation, table: str, *, version: int | None = No
         except TableNotFoundError:
             return None
         except OSError as exc:
-            if "<Code>NoSuchBucket</Code>" in str(exc):  # final: no retry, and one line instead of delta-rs's chain
+            missing = next((kind for code, kind in _NO_BUCKET_CODES.items() if code in str(exc)), None)
+            if missing:  # final: no retry, and one line instead of delta-rs's chain
                 bucket = urllib.parse.urlsplit(location.url).netloc
                 raise StorageError(
-                    f"bucket {bucket!r} does not exist (cannot read {location.table_uri(table)})",
+                    f"{missing} {bucket!r} does not exist (cannot read {location.table_uri(table)}): create it first",
                     reason="no_such_bucket",
                     uri=location.table_uri(table),
                 ) from None

@@ -68,6 +68,25 @@ def test_job_on_an_azure_output(azure_env: dict[str, str], tmp_path: Path, tiny_
     check_two_runs(location, azure_env, tmp_path, tiny_checkpoint)
 
 
+def test_a_container_that_does_not_exist_is_one_line_and_exit_2(
+    azure_env: dict[str, str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """As a bucket missing on S3: a configuration error (exit 2) in one line, not delta-rs's chain of Azure errors
+    with its XML answer and terminal colours."""
+    from test_index_job import job_command, make_videos
+
+    make_videos(tmp_path / "in", 1, broken=False)
+    container = f"c{os.urandom(6).hex()}"  # never created
+    command = job_command([str(tmp_path / "in")], f"az://{container}/out", checkpoint=tiny_checkpoint)
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **azure_env}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"error: container {container!r} does not exist (cannot read az://{container}/out/videos): "
+                         "create it first"), last  # fmt: skip
+    assert "Traceback" not in done.stderr and "<Code>" not in done.stderr
+
+
 def test_small_writes_on_azure_are_whole_and_conditional(azure_env: dict[str, str]) -> None:
     """Azure's output stream makes an empty blob at once: an info file written through it would read empty until its
     stream closes (and forever after a kill). Writes go under another name, then are copied whole."""
