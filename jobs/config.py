@@ -347,7 +347,13 @@ def build_parser(prog: str = "python -m jobs.index_videos") -> argparse.Argument
         help="runs that may try a video whose row keeps failing retryably (timeout, decoder_crashed...); 0: no limit",
     )
     _add_listing_options(p)
-    p.add_argument("--no-index", dest="build_index", action="store_const", const=False, help="skip the FAISS index")
+    p.add_argument(
+        "--no-index",
+        dest="build_index",
+        action="store_const",
+        const=False,
+        help="skip the FAISS index (default: build it)",
+    )
     p.add_argument(
         "--switch-index",
         action="store_const",
