@@ -201,6 +201,19 @@ def check_endpoint_reachable(endpoint_url: str | None = None, *, timeout_seconds
         raise OSError(f"Could not connect to the endpoint URL {shown}: {reason}") from None
 
 
+def check_credentials_found(uri: str, action: str = "read") -> None:
+    """Raises `StorageError` (a ValueError: a configuration error) at once when the standard AWS chain finds no
+    credentials, in the words the job uses, instead of the store's ACCESS_DENIED from the first request."""
+    import boto3
+
+    try:
+        found = boto3.session.Session().get_credentials()
+    except _CREDENTIAL_EXCEPTIONS as exc:
+        raise storage_error(exc, uri=uri, action=action) from None
+    if found is None:
+        raise storage_error(botocore.exceptions.NoCredentialsError(), uri=uri, action=action)
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Splits `s3://bucket/key/or/prefix` into bucket and key (the key may be empty)."""
     if not uri.startswith("s3://"):

@@ -678,9 +678,10 @@ def _check_endpoint(args: argparse.Namespace) -> None:
     if any(x.lower().startswith("s3://") for x in locations):
         for location in locations:  # a URL with credentials is refused before any connection
             refuse_object_userinfo(location, "output")
-        from index.s3 import check_endpoint_reachable
+        from index.s3 import check_credentials_found, check_endpoint_reachable
 
         check_endpoint_reachable(getattr(args, "s3_endpoint_url", None))
+        check_credentials_found(next(x for x in locations if x.lower().startswith("s3://")))
 
 
 def _output_of(spec: str) -> str:

@@ -449,6 +449,27 @@ def test_storage_configuration_errors_say_what_to_check(
 
 
 @pytest.mark.parametrize("command", ["search", "runs", "build-index", "serve"])
+def test_no_credentials_at_all_are_said_as_the_job_says_them(
+    command: str, s3_server: str, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """With no credentials in the standard chain the readers said the store's ACCESS_DENIED (exit 1 or 2 by
+    command); they say what the job says, before any request, exit 2."""
+    _, bucket = s3_bucket
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    out = f"s3://{bucket}/out"
+    argv = {
+        "search": ["search", "--index", out, "a red car"],
+        "runs": ["runs", out],
+        "build-index": ["build-index", out],
+        "serve": ["serve", "--index", f"main={out}", "--port", "0"],
+    }[command]
+    assert main([*argv, "--s3-endpoint-url", s3_server]) == 2
+    line = _one_line_error(capsys)
+    assert f"cannot read {out}: no usable AWS credentials in the standard chain" in line, line
+
+
+@pytest.mark.parametrize("command", ["search", "runs", "build-index", "serve"])
 def test_an_endpoint_that_takes_no_connection_fails_at_once(
     command: str, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
