@@ -259,8 +259,9 @@ class SearchEngine:
                 raise ValueError(f"--model {model!r} is not the model of checkpoint {checkpoint}")
             encoder = vitaclip.create_model(None if folder is not None else name, checkpoint=checkpoint, device=device)
         except ValueError as exc:
+            whose = "the given" if model is not None else "the index's"
             raise IndexUnusableError(
-                f"cannot load the index's model {name!r} to encode queries ({exc}); pass --checkpoint (a vitaclip "
+                f"cannot load {whose} model {name!r} to encode queries ({exc}); pass --checkpoint (a vitaclip "
                 "checkpoint folder), or --model and --checkpoint"
             ) from exc
         if encoder.model_id != self.model_id:

@@ -172,7 +172,10 @@ def test_an_output_of_a_checkpoint_folder_is_searched_with_the_folder_alone(tmp_
     capsys.readouterr()
     query = ["search", "--index", str(tmp_path / "out"), "a", "red", "circle", "--json"]
     assert cli_main(query) == 2
-    assert "pass --checkpoint (a vitaclip checkpoint folder)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot load the index's model 'house-tiny'" in err and "pass --checkpoint (a vitaclip checkpoint" in err
+    assert cli_main([*query, "--model", "vitaclip-tiny", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "cannot load the given model 'vitaclip-tiny'" in capsys.readouterr().err  # the user's, not the index's
     assert cli_main([*query, "--checkpoint", str(folder)]) == 0
     assert json.loads(capsys.readouterr().out)
     assert cli_main([*query, "--checkpoint", str(folder), "--model", "vitaclip-tiny"]) == 2  # not the folder's
