@@ -700,6 +700,8 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
         img = cards[0].find_element(By.TAG_NAME, "img")
         WebDriverWait(browser, 10).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
         assert "results in" in browser.find_element(By.ID, "status").text
+        errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors  # a page load and a search log nothing (a missing icon was a 404 here)
         # A name or label holding a bidirectional override or a line separator shows it as text, not reordered.
         hostile = {**_first_result(browser), "uri": "s3://b/clip\u202egpj.exe", "labels": ["a\u2066b\u2028c"]}
         shown = browser.execute_script("return card(arguments[0]).innerText", hostile)
