@@ -653,7 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return main_retrieval(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser: its usage and "vitaclip search: error", not the top level's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         _check_endpoint(args)
         return int(args.func(args))

@@ -67,6 +67,26 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quickstart", "--bogus"],
+        ["models", "--bogus"],
+        ["search", "--index", "o", "--bogus", "q"],
+        ["runs", "o", "--bogus"],
+    ],
+)
+def test_an_unknown_flag_is_refused_by_the_command_that_was_given_it(argv: list[str], capsys) -> None:
+    """Said with the command's usage and name (the top-level parser said "vitaclip: error" with the list of
+    commands), exit 2 as argparse does."""
+    command = argv[0]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"vitaclip {command}: error: unrecognized arguments: --bogus" in err, err
+    assert err.startswith(f"usage: vitaclip {command}"), err
+
+
 def test_label_refuses_random_weights_unless_asked(tmp_path: Path, capsys) -> None:
     video = write_sample_video(tmp_path / "v.mp4", num_frames=12, fps=12, width=64, height=64, pattern="shape")
     assert main(["label", str(video)]) == 2  # the default model has no packaged weights
