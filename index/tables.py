@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,19 +158,37 @@ def _written_once(folder: str, rel: str) -> bool:
     return folder == "index" and bool(_SEGMENT_FILE.search(rel.rsplit("/", 1)[-1]))
 
 
+_ABANDONED_PARTIAL_SECONDS = 15 * 60
+"""A partial copy untouched this long was abandoned (its copier was killed, or stopped mid-copy at exit: reloads run
+in a daemon thread); one being written is touched at every chunk of 8 MiB."""
+
+
 def _drop_superseded(folder: Path, listed: set[str]) -> None:
     """Removes cached index files that the output no longer has, except those the cached info file still names
-    (a process sharing the cache may be loading them; they go at the next update) and other copiers' partial
-    files."""
+    (a process sharing the cache may be loading them; they go at the next update), and partial copies abandoned by
+    their copier (`_ABANDONED_PARTIAL_SECONDS`; a copy under way is left alone, whichever process makes it)."""
     if not folder.is_dir():
         return
     try:
         named = referenced_files(json.loads((folder / INFO_FILE).read_text()))
     except (OSError, ValueError):
         named = set()
+    _remove_abandoned_partials(folder)
     for path in folder.iterdir():
         if path.name not in listed and path.name not in named and not path.name.startswith("."):
             path.unlink(missing_ok=True)
+
+
+def _remove_abandoned_partials(folder: Path) -> None:
+    """Removes the partial copies in `folder` that no copier has touched for `_ABANDONED_PARTIAL_SECONDS`: a base
+    index's copy cut short is GiB, and named for its copier only (no later copy replaces it)."""
+    abandoned_before = time.time() - _ABANDONED_PARTIAL_SECONDS
+    for path in folder.glob(".*.partial"):
+        try:
+            if path.stat().st_mtime < abandoned_before:
+                path.unlink(missing_ok=True)
+        except OSError:  # gone meanwhile
+            continue
 
 
 def _cacheable(rel: str, location: OutputLocation) -> bool:
@@ -220,6 +239,7 @@ def local_copy(
             if not ((cache / rel).exists() and _written_once(folder, rel)):
                 _fetch(filesystem, f"{base}/{rel}", cache / rel)
         if folder == "runs":  # records deleted from the output go here too: they name the folders media come from
+            _remove_abandoned_partials(cache / folder)
             kept = set(listed)
             for path in (cache / folder).glob("*"):
                 if path.is_file() and not path.name.startswith(".") and f"{folder}/{path.name}" not in kept:

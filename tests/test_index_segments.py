@@ -5,6 +5,7 @@ After every update a search equals exact search over the table's current ok rows
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -299,6 +300,32 @@ def test_the_cache_follows_the_output_s_run_records_and_endpoint(
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["r2.json"]
     other = local_copy(url, s3_endpoint_url=s3_server.replace("127.0.0.1", "localhost"), cache_root=cache, tables=False)
     assert other != folder
+
+
+def test_partial_copies_abandoned_by_a_killed_copier_leave_the_cache(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A service stopped mid-copy (SIGTERM while its reload thread copies a base index of GiB, or kill -9) left
+    ``.NAME.<pid>.<x>.partial`` for ever: no later copy has its name. Untouched for 15 minutes, it goes at the next
+    copy; one being written (touched at every 8 MiB) stays, whichever process writes it."""
+    client, bucket = s3_bucket
+    info = {"format_version": 4, "indexes": {}}
+    client.put_object(Bucket=bucket, Key="out/index/index_info.json", Body=json.dumps(info).encode())
+    client.put_object(Bucket=bucket, Key="out/runs/r1.json", Body=b'{"input_roots": ["/srv/videos"]}')
+    url, cache = f"s3://{bucket}/out", str(tmp_path / "cache")
+    folder = local_copy(url, s3_endpoint_url=s3_server, cache_root=cache, tables=False)
+    partials = {}
+    for sub in ("index", "runs"):
+        for age in ("old", "fresh"):
+            partial = folder / sub / f".videos.000000-{age}.faiss.4242.0123abcd.partial"
+            partial.write_bytes(b"cut short")
+            partials[sub, age] = partial
+        old = partials[sub, "old"].stat().st_mtime - 16 * 60
+        os.utime(partials[sub, "old"], (old, old))
+    assert local_copy(url, s3_endpoint_url=s3_server, cache_root=cache, tables=False) == folder
+    assert {key: path.exists() for key, path in partials.items()} == {
+        ("index", "old"): False, ("index", "fresh"): True, ("runs", "old"): False, ("runs", "fresh"): True
+    }  # fmt: skip
 
 
 def test_a_key_with_dot_segments_never_leaves_the_cache(
