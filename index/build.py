@@ -15,12 +15,15 @@ similar size are merged; the base is rebuilt (and retrained) once the changes si
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -826,6 +829,41 @@ def build_from_output(
     return {**(parse_info(current[0]) if current is not None else {}), "superseded": True}
 
 
+_SCRATCH_PREFIX = "vitaclip-index-"
+_ABANDONED_SCRATCH_SECONDS = 15 * 60
+
+
+@contextlib.contextmanager
+def _scratch_folder() -> Iterator[Path]:
+    """A temporary folder for an object store output's index files on their way down and up (a base index of GiB,
+    its vectors for re-ranked kinds), named for this process: those of processes that died in an update (kill -9, an
+    OOM kill, a node's eviction) go at the next update on the machine, once untouched for 15 minutes."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{_SCRATCH_PREFIX}*"):
+        pid = path.name[len(_SCRATCH_PREFIX) :].partition("-")[0]
+        try:
+            if (
+                pid.isdigit()
+                and not _running(int(pid))
+                and path.stat().st_mtime < time.time() - _ABANDONED_SCRATCH_SECONDS
+            ):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone meanwhile
+            continue
+    with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-") as folder:
+        yield Path(folder)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _update_once(
     output: Store, location: OutputLocation, *, model_id: str, kind: str, rebuild: bool, **build: Any
 ) -> dict[str, Any] | None:
@@ -838,8 +876,8 @@ def _update_once(
         raise ValueError(f"{location.url} has no output tables: run the indexing job first")
     versions, table_ids = states
     local = output.local_path(INDEX_DIR)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = local if local is not None else Path(tmp)
+    with _scratch_folder() as tmp:
+        folder = local if local is not None else tmp
         folder.mkdir(parents=True, exist_ok=True)
         fetched: set[str] = set()
 

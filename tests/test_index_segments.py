@@ -302,6 +302,39 @@ def test_the_cache_follows_the_output_s_run_records_and_endpoint(
     assert other != folder
 
 
+def test_an_update_on_an_object_store_clears_the_scratch_of_updates_that_died(
+    s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 output's index files pass through a local folder; an update killed there (kill -9, an OOM kill) left it
+    in the temporary folder for good, a whole base index for a rebuild. The next update on the machine removes those
+    of processes no longer running, once untouched for 15 minutes, and its own when it ends."""
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    (tmp_path / "tmp").mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    folders = {
+        "dead, old": tmp_path / "tmp" / f"vitaclip-index-{dead}-abc",
+        "dead, fresh": tmp_path / "tmp" / f"vitaclip-index-{dead}-def",
+        "running, old": tmp_path / "tmp" / f"vitaclip-index-{os.getpid()}-ghi",
+    }
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "videos.000000-a.faiss").write_bytes(b"x" * 100)
+        if name.endswith("old"):
+            old = folder.stat().st_mtime - 16 * 60
+            os.utime(folder, (old, old))
+    _indexed_output(f"s3://{s3_bucket[1]}/out", 20, np.random.default_rng(5), endpoint_url=s3_server)
+    assert {name: folder.exists() for name, folder in folders.items()} == {
+        "dead, old": False, "dead, fresh": True, "running, old": True
+    }  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(f.name for f in list(folders.values())[1:])
+
+
 def test_partial_copies_abandoned_by_a_killed_copier_leave_the_cache(
     s3_server: str, s3_bucket: tuple[Any, str], tmp_path: Path
 ) -> None:
