@@ -10,8 +10,10 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,32 @@ _COPY_CHUNK_BYTES = 8 * MiB
 _TMP_SUFFIX = ".tmp-write"
 
 T = TypeVar("T")
+
+_WRITE_TEMPORARY = re.compile(r"^\.?[^/]+\.[0-9a-f]{32}" + re.escape(_TMP_SUFFIX) + "$")
+_STORE_FOLDERS = ("index", "runs", "settings")
+
+
+def sweep_write_temporaries(location: OutputLocation, hours: float) -> int:
+    """Deletes the temporary files of `Store` writes killed before their rename (a local folder's hidden
+    ``.<name>.<hex>.tmp-write``, an object store's ``<name>.<hex>.tmp-write``) in the output's index, run and
+    settings folders, older than `hours`; returns how many. No reader lists them, so nothing else ever removed them.
+    S3 writes whole objects and leaves none: not listed."""
+    import pyarrow.fs as pafs
+
+    if location.scheme == "s3":
+        return 0
+    filesystem, base = location.filesystem()
+    cutoff_ns = time.time_ns() - int(hours * 3600 * 1_000_000_000)
+    swept = 0
+    for folder in _STORE_FOLDERS:
+        found = filesystem.get_file_info(pafs.FileSelector(f"{base}/{folder}", recursive=True, allow_not_found=True))
+        for info in found:
+            old = (info.mtime_ns or 0) < cutoff_ns
+            if info.type == pafs.FileType.File and old and _WRITE_TEMPORARY.match(info.base_name):
+                with contextlib.suppress(FileNotFoundError):  # another run's sweep took it
+                    filesystem.delete_file(info.path)
+                    swept += 1
+    return swept
 
 
 def check_rel_path(rel_path: str, *, prefix: bool = False) -> str:

@@ -57,6 +57,7 @@ from index.media import roots_of_inputs
 from index.row_settings import RowSettings, changed_during_run, check_row_settings, required_records
 from index.schema import STATUS_OK, video_id_for
 from index.segments import INDEX_DIR, INFO_FILE
+from index.stores import sweep_write_temporaries
 from jobs.config import IndexJobConfig
 from jobs.decode_embed import DecodeEmbed, status_rows
 from jobs.planning import PlanActor, PlannedBlock
@@ -878,7 +879,9 @@ def _vacuum(location: OutputLocation, retention_hours: float) -> dict[str, int] 
     if retention_hours <= 0:
         return None
     try:
-        return vacuum(location, retention_hours=retention_hours)
+        vacuumed = vacuum(location, retention_hours=retention_hours)
+        temporaries = sweep_write_temporaries(location, retention_hours)
+        return {**vacuumed, "write_temporaries": temporaries} if temporaries else vacuumed
     except Exception as exc:
         log.warning("vacuum failed (the run's commits stand): %s: %s", type(exc).__name__, redact_text(str(exc)))
         return None

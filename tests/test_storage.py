@@ -768,3 +768,37 @@ def test_local_paths_that_name_no_file_say_what_they_name(tmp_path: Path) -> Non
         assert caught.value.reason == reason, (name, str(caught.value))
         (row,) = stage.decode_one(str(tmp_path / name), 0)
         assert row["status"] == reason, (name, row["error_message"])
+
+
+def test_the_run_s_vacuum_sweeps_writes_killed_before_their_rename(tmp_path: Path) -> None:
+    """A write of the index info, a run record or a settings file killed before its rename left a temporary that no
+    reader lists and nothing removed; the end-of-run vacuum deletes those older than its retention."""
+    import time
+    import uuid
+
+    from index.delta_tables import OutputLocation, create_tables
+    from jobs.pipeline import _vacuum
+    from jobs.storage import LocalStore
+
+    out = tmp_path / "out"
+    location = OutputLocation.from_url(str(out))
+    create_tables(location, 4, model_id="m@sha256:test")
+    LocalStore(out).put_bytes("index/index_info.json", b"{}")
+    LocalStore(out).put_bytes("runs/r1.json", b"{}")
+    killed = {
+        "index": out / "index" / f".index_info.json.{uuid.uuid4().hex}.tmp-write",
+        "runs": out / "runs" / f".r2.json.{uuid.uuid4().hex}.tmp-write",
+        "settings": out / "settings" / "abc" / f".def.json.{uuid.uuid4().hex}.tmp-write",
+    }
+    fresh = out / "runs" / f".r3.json.{uuid.uuid4().hex}.tmp-write"  # a write under way
+    kept = [out / "runs" / "r1.json", out / "index" / "index_info.json", out / "runs" / ".r1.json.lock", fresh]
+    for path in [*killed.values(), *kept[2:]]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{")
+    two_hours_ago = time.time() - 2 * 3600
+    for path in [*killed.values(), out / "runs" / ".r1.json.lock"]:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    vacuumed = _vacuum(location, 1)
+    assert vacuumed is not None and vacuumed["write_temporaries"] == 3
+    assert not any(path.exists() for path in killed.values())
+    assert all(path.exists() for path in kept)
