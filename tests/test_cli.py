@@ -468,6 +468,16 @@ def test_storage_configuration_errors_say_what_to_check(
     assert "check the credentials" in err and "wrong-secret" not in err and "AKIAWRONG" not in err
 
 
+def _reader_command(command: str, out: str) -> list[str]:
+    """The arguments of a command that reads output `out`."""
+    return {
+        "search": ["search", "--index", out, "a red car"],
+        "runs": ["runs", out],
+        "build-index": ["build-index", out],
+        "serve": ["serve", "--index", f"main={out}", "--port", "0"],
+    }[command]
+
+
 @pytest.mark.parametrize("command", ["search", "runs", "build-index", "serve"])
 def test_no_credentials_at_all_are_said_as_the_job_says_them(
     command: str, s3_server: str, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch, capsys
@@ -478,12 +488,7 @@ def test_no_credentials_at_all_are_said_as_the_job_says_them(
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     out = f"s3://{bucket}/out"
-    argv = {
-        "search": ["search", "--index", out, "a red car"],
-        "runs": ["runs", out],
-        "build-index": ["build-index", out],
-        "serve": ["serve", "--index", f"main={out}", "--port", "0"],
-    }[command]
+    argv = _reader_command(command, out)
     assert main([*argv, "--s3-endpoint-url", s3_server]) == 2
     line = _one_line_error(capsys)
     assert f"cannot read {out}: no usable AWS credentials in the standard chain" in line, line
@@ -503,12 +508,7 @@ def test_an_endpoint_that_takes_no_connection_fails_at_once(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
     out = "s3://media/nightly"
-    argv = {
-        "search": ["search", "--index", out, "a red car"],
-        "runs": ["runs", out],
-        "build-index": ["build-index", out],
-        "serve": ["serve", "--index", f"main={out}", "--port", "0"],
-    }[command]
+    argv = _reader_command(command, out)
     assert main([*argv, "--s3-endpoint-url", endpoint]) == 2
     line = _one_line_error(capsys)
     assert f"Could not connect to the endpoint URL {endpoint}" in line and "check --s3-endpoint-url" in line, line
