@@ -9,7 +9,10 @@ as fast as the write tasks take them, through a Dataset shaped like the job's:
 1. The job's own stages (`ReadDecode`, `TimedEmbed`, vitaclip-demo, ``--segment-seconds 2``) process a few generated
    10 s videos once; their output rows (video and segment rows: embeddings, labels, JPEG thumbnails) are repeated
    under new URIs into blocks of ``--videos-per-block`` videos (the planner's `jobs.planning._BLOCK_VIDEOS`,
-   2,048; the end of a run is cut into blocks of 128), put in the object store before timing.
+   2,048; the end of a run is cut into blocks of 128), each one Arrow chunk per column as the job's stages make
+   them, put in the object store before timing. (Until 2026-12-07 a block held one chunk per 8 sample videos, 256
+   at 2,048 videos: Ray deserializes each chunk on its own, which cost the stand-in actor about 120 us of CPU per
+   row, 5 times what it costs now, and held the rows/s, so the driver's time-bound work, to about 10,000.)
 2. Timed: a Dataset over those blocks with one actor pool standing for the job's `jobs.decode_embed.DecodeEmbed`
    (same pool options: two blocks at once per actor, each in calls of `jobs.pipeline._CALL_VIDEOS` videos), which
    hands each call's rows on as its output. In the job that actor has the block's videos decoded by Ray tasks it
@@ -117,7 +120,7 @@ def blocks_of(sample: pa.Table, rows: int, videos_per_block: int) -> list[Any]:
         for start in range(done, min(done + videos_per_block, videos_needed), len(set(uris))):
             renamed = [f"s3://bench/{start + sorted(set(uris)).index(u):09d}.mp4" for u in uris]
             parts.append(sample.set_column(sample.schema.get_field_index("uri"), "uri", pa.array(renamed)))
-        block = pa.concat_tables(parts)
+        block = pa.concat_tables(parts).combine_chunks()  # contiguous, as the job's rows are made
         refs.append(PlannedBlock.of(ray.put(block), block))
         done += videos_per_block
     return refs
