@@ -223,6 +223,20 @@ def _keyed_hash(values: pa.Array | pa.ChunkedArray, key: int) -> np.ndarray:
     return out
 
 
+def _uniform_id_hash(array: pa.Array, offsets: np.ndarray) -> np.ndarray | None:
+    """`_id_hash` of an array holding only `video_id_for` ids (the job's batches): their bytes are one (n, 24)
+    matrix, read without gathering. None for any other array."""
+    n = len(array)
+    if array.null_count or int(offsets[-1] - offsets[0]) != 24 * n or not (np.diff(offsets) == 24).all():
+        return None
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    nibbles = _HEX[data.reshape(n, 24)[:, :16]]
+    if (nibbles == 255).any():
+        return None
+    pairs = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
+    return pairs.view(">u8")[:, 0].astype(np.uint64)
+
+
 def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A uint64 per video_id: the first 16 hex digits of a `video_id_for` id (24 hex digits), else a blake2b hash
     of it. Each id's hash depends on that id alone.
@@ -235,6 +249,9 @@ def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
+    uniform = _uniform_id_hash(array, offsets)
+    if uniform is not None:
+        return uniform
     valid = array.is_valid().to_numpy(zero_copy_only=False)
     fast = valid & (np.diff(offsets) == 24)
     out = np.zeros(n, dtype=np.uint64)
@@ -850,11 +867,12 @@ class Committer:
         ids = batch.keys.column("video_id")
         if ids.null_count:
             raise ValueError(f"a batch has {ids.null_count} keys without a video id")
-        if pc.count_distinct(ids).as_py() != batch.keys.num_rows:
+        hashes = _id_hash(ids)
+        # Distinct hashes are distinct ids; equal ones are a duplicate or (rarely) two ids of one hash.
+        if len(np.unique(hashes)) != len(hashes) and pc.count_distinct(ids).as_py() != batch.keys.num_rows:
             counts = pc.value_counts(ids)
             twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
             raise ValueError(f"a batch names a video twice: {sorted(twice.to_pylist())}")
-        hashes = _id_hash(ids)
         fresh = ~self._held(hashes)
         self._pending_hashes.update(hashes[fresh].tolist())
         self._pending_count += int(fresh.sum())
@@ -874,8 +892,10 @@ class Committer:
         if len(self._committed_hashes):
             at = np.searchsorted(self._committed_hashes, hashes).clip(max=len(self._committed_hashes) - 1)
             committed = self._committed_hashes[at] == hashes
-        pending = self._pending_hashes
-        return committed | np.fromiter((h in pending for h in hashes.tolist()), dtype=bool, count=len(hashes))
+        pending, values = self._pending_hashes, hashes.tolist()
+        if pending.isdisjoint(values):  # the usual case, checked in C
+            return committed
+        return committed | np.fromiter((h in pending for h in values), dtype=bool, count=len(values))
 
     @property
     def pending_videos(self) -> int:

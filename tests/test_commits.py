@@ -930,6 +930,8 @@ def test_a_video_pending_in_two_batches_is_committed_once(local: OutputLocation)
     assert_one_row_and_one_set_each(local, {0, 1, 2})
     with pytest.raises(ValueError, match="names a video twice"):
         committer.add(WrittenBatch.of(None, None, ((vid(0), "e0", "ok"), (vid(0), "e0", "ok"))))
+    # two ids of one hash (their first 16 hex digits) are two videos, not one named twice
+    committer.add(WrittenBatch.of(None, None, ((f"{'ab' * 8}00000000", "e", "ok"), (f"{'ab' * 8}11111111", "e", "ok"))))
     with pytest.raises(ValueError, match="without a video id"):
         committer.add(WrittenBatch(None, None, pa.table([[None], [None], ["ok"], [""], [""]], schema=KEYS_SCHEMA)))
     with pytest.raises(ValueError, match="must have the schema"):
@@ -1285,6 +1287,15 @@ def test_video_id_hashes_are_the_ids_first_16_hex_digits_across_passes() -> None
     assert hashes[len(ids) : -1].tolist() == [*_str_hash(odd[:3]).tolist(), 0]  # blake2b unless lowercase hex
     assert hashes[-1] == _str_hash([None])[0] == 0
     assert np.array_equal(_id_hash(values.slice(7, 40_000)), hashes[7:40_007])
+    # Only ids, 24 bytes each (a job's batch): read as one matrix, sliced or not; any other 24-byte value among them
+    # is hashed as above.
+    only_ids = pa.array(ids[:1000], pa.string())
+    assert _id_hash(only_ids).tolist() == [int(v[:16], 16) for v in ids[:1000] if v is not None]
+    assert np.array_equal(_id_hash(only_ids.slice(3, 500)), hashes[3:503])
+    for other in ("ABCDEF0123456789abcdef01", "g" * 24, "0123456789abcdef0123456g"[::-1]):
+        mixed = _id_hash(pa.array([*ids[:10], other], pa.string()))
+        assert np.array_equal(mixed[:10], hashes[:10])
+        assert mixed[10] == _str_hash([other])[0]
 
 
 def test_a_video_with_two_rows_is_indexed_again_and_left_with_one(local: OutputLocation) -> None:
