@@ -85,7 +85,9 @@ class IndexJobConfig:
         embed_batch_size: clips per embed forward pass.
         decode_piece_mib: MiB of decoded frames a decode task hands to its embed actor at a time (through the object
             store): what a decoder holds beyond one video's clips, and a unit of the embed actors' read-ahead.
-        rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task.
+        rows_per_file: clip rows (videos and segments) gathered into one pair of Delta data files by a write task
+            (8,192: files of about 20-60 MB with thumbnails; each write task also costs the driver about 2 ms, so
+            fewer, larger ones keep its CPU per row down at cluster row rates).
         commit_seconds: finished work is committed at least this often (and at the end): a killed run loses at
             most this much, and each embed actor's call in progress (up to 512 videos, handed on when it ends).
             Pending rows are written out at least every half of it.
@@ -148,7 +150,7 @@ class IndexJobConfig:
     decode_batch_size: int = 4
     embed_batch_size: int = 32
     decode_piece_mib: float = 32.0
-    rows_per_file: int = 2048
+    rows_per_file: int = 8192
     commit_seconds: float = 300.0
     vacuum_retention_hours: float = 7 * 24.0
     decode_timeout_seconds: float = 120.0
