@@ -346,6 +346,22 @@ class Commits:
                 self.hooks.after_write(self.received)
         self.progress.update(self.status)
 
+    def abandon(self, seconds: float = 2.0) -> None:
+        """After a failure: reads the outcome of each write that has ended within `seconds` (both values of a failed
+        one), so that Ray does not print their errors as unhandled after the run's own message, and forgets the
+        rest. Files written and not committed are removed by a later run's vacuum."""
+        import ray
+
+        refs = list(self.in_flight)
+        ended, _ = ray.wait(refs, num_returns=len(refs), timeout=seconds, fetch_local=False) if refs else ([], [])
+        for meta_ref in ended:
+            try:
+                ray.get(meta_ref)
+            except Exception:  # its second value holds the same error
+                with contextlib.suppress(Exception):
+                    ray.get(self.in_flight[meta_ref])
+        self.in_flight.clear()
+
     def take_leftovers(self) -> tuple[list[tuple[Any, int]], list[str]]:
         """The leftover clips to pass on (references and row counts), and the URIs among them of videos written
         whole since (their rows are copies). A leftover whose videos were all written whole is dropped here."""
@@ -697,6 +713,8 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             summary["replaced_settings"] = dataclasses.asdict(replaced)
         return record.finish({**summary, "phase_seconds": phases.seconds})
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
+        if commits is not None:
+            commits.abandon()
         record.fail(exc, commits)
         raise
 

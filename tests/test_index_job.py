@@ -1221,3 +1221,60 @@ def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path)
     assert not left, left
     (record,) = (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))
     assert record["state"] == "interrupted", record
+
+
+def test_a_failed_run_leaves_no_write_error_for_ray_to_report_as_unhandled(
+    local_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray prints a task's error ("Unhandled error", its whole traceback) when the references to its results go
+    unread: after a run that failed on one write, every other write that failed, below the run's one-line error.
+    `Commits.abandon` (on any failure) reads the ended ones and lets the run's error go without waiting for the
+    others."""
+    from typing import cast
+
+    from ray._private import worker as ray_worker
+
+    from jobs.pipeline import Commits, RunHooks
+
+    reported: list[Exception] = []
+    monkeypatch.setattr(ray_worker, "_unhandled_error_handler", reported.append)
+
+    @ray.remote(num_returns=2, num_cpus=0, max_retries=0)
+    def full_disk() -> tuple[Any, Any]:
+        raise OSError(28, "No space left on device")
+
+    @ray.remote(num_returns=2, num_cpus=0, max_retries=0)
+    def slow_write() -> tuple[Any, Any]:
+        time.sleep(120)
+        return (None, {}, []), None
+
+    def failed_writes(*, abandon: bool) -> Any:
+        commits = Commits(cast(Any, None), commit_seconds=300.0, hooks=RunHooks())
+        for task in (full_disk, full_disk, slow_write):
+            commits.submit(task)
+        refs = list(commits.in_flight)
+        ray.wait(refs[:2], num_returns=2, timeout=60, fetch_local=False)
+        time.sleep(0.5)  # the failed tasks' second values are in too
+        if abandon:
+            start = time.monotonic()
+            commits.abandon()
+            assert time.monotonic() - start < 10 and not commits.in_flight  # not waiting for the slow write
+        slow = refs[2]
+        del commits, refs
+        import gc
+
+        gc.collect()
+        time.sleep(1)
+        return slow
+
+    slow = failed_writes(abandon=False)  # the references dropped unread: Ray reports the failed writes
+    ray.cancel(slow, force=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(slow, timeout=30)
+    assert reported and all("No space left on device" in str(e) for e in reported), reported
+    reported.clear()
+    slow = failed_writes(abandon=True)
+    ray.cancel(slow, force=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(slow, timeout=30)
+    assert reported == []
