@@ -275,7 +275,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
             entrypoint_num_gpus=args.entrypoint_num_gpus,
         )
     except Exception as exc:  # connection refused, authentication, a rejected runtime_env: one clear line
-        failure = f"submitting to {args.address} failed: {type(exc).__name__}: {_server_reason(str(exc))}"
+        reason = _server_reason(str(exc))
+        if args.submission_id and f"submission_id {args.submission_id} already exists" in reason:
+            failure = (
+                f"{args.address} has a job with submission id {args.submission_id} already: give another "
+                "--submission-id, or none for one Ray chooses"
+            )
+            print(redact_text(f"{prog}: error: {failure}"), file=sys.stderr)
+            return 2
+        failure = f"submitting to {args.address} failed: {type(exc).__name__}: {reason}"
         print(redact_text(f"{prog}: error: {failure}"), file=sys.stderr)
         return 1
     print(f"submission id: {submission_id}", flush=True)
