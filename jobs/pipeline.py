@@ -352,14 +352,16 @@ class Commits:
         rest. Files written and not committed are removed by a later run's vacuum."""
         import ray
 
-        refs = list(self.in_flight)
+        refs, deadline = list(self.in_flight), time.monotonic() + seconds
         ended, _ = ray.wait(refs, num_returns=len(refs), timeout=seconds, fetch_local=False) if refs else ([], [])
-        for meta_ref in ended:
+        for meta_ref in ended:  # (a result lost with its node would be made again: the gets are bounded too)
             try:
-                ray.get(meta_ref)
+                ray.get(meta_ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                continue
             except Exception:  # its second value holds the same error
                 with contextlib.suppress(Exception):
-                    ray.get(self.in_flight[meta_ref])
+                    ray.get(self.in_flight[meta_ref], timeout=max(0.0, deadline - time.monotonic()))
         self.in_flight.clear()
 
     def take_leftovers(self) -> tuple[list[tuple[Any, int]], list[str]]:
@@ -713,10 +715,19 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             summary["replaced_settings"] = dataclasses.asdict(replaced)
         return record.finish({**summary, "phase_seconds": phases.seconds})
     except BaseException as exc:  # a refusal, a failure or an interrupt: the record says so, the error propagates
-        if commits is not None:
-            commits.abandon()
-        record.fail(exc, commits)
+        _failed(record, exc, commits)
         raise
+
+
+def _failed(record: RunRecord, exc: BaseException, commits: Commits | None) -> None:
+    """Records a run's failure, then reads its ended writes (`Commits.abandon`) without getting in the way of its
+    error or of an interrupt: the record comes first (`ray job stop` sends SIGKILL 3 s after its SIGTERM)."""
+    record.fail(exc, commits)
+    if commits is not None:
+        try:
+            commits.abandon(0.0 if isinstance(exc, (KeyboardInterrupt, SystemExit)) else 2.0)
+        except BaseException as abandon_error:  # a second Ctrl-C, Ray gone
+            log.debug("reading the ended writes failed: %r", abandon_error)
 
 
 def _prepare_output(

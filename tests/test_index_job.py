@@ -1082,8 +1082,12 @@ def test_any_failure_is_recorded_and_a_failed_vacuum_is_only_a_warning(
     def broken_commit() -> None:
         raise RuntimeError("the committer gave up")
 
+    def interrupted_again(self: object, seconds: float = 2.0) -> None:  # a second Ctrl-C while reading the writes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Commits, "abandon", interrupted_again)
     make_videos(tmp_path / "in", 1, start=5, broken=False)
-    with pytest.raises(RuntimeError, match="gave up"):
+    with pytest.raises(RuntimeError, match="gave up"):  # the run's own error, recorded first
         pipeline.run_index_job(
             config_from_args(job_args([str(tmp_path / "in")], tmp_path / "out")),
             hooks=pipeline.RunHooks(before_commit=broken_commit),
