@@ -95,8 +95,11 @@ class FilterFields(BaseModel):
         # From a query string: digits only (lax parsing took "5_0" for 50 and " 5 " for 5).
         if isinstance(value, str) and not (value.isascii() and value.isdigit()):
             raise ValueError("must be a whole number written in digits")
-        if isinstance(value, str) and len(value) > 6:  # not parsed: int() of a long string is slow
-            raise ValueError(f"Input should be less than or equal to {MAX_K}")
+        if isinstance(value, str):
+            digits = value.lstrip("0") or "0"  # "0000005" is 5, as int() reads it
+            if len(digits) > 6:  # not parsed: int() of a long string is slow
+                raise ValueError(f"Input should be less than or equal to {MAX_K}")
+            return digits
         return value
 
     @model_validator(mode="after")
@@ -299,8 +302,11 @@ async def _plain_json_body(request: Request) -> None:
     except UnicodeDecodeError:  # FastAPI's parse would answer 400 "could not be read": a body that is not JSON is 422
         msg = "the JSON body is not UTF-8 text"
         raise RequestValidationError([{"loc": ["body"], "msg": msg, "type": "json_invalid"}]) from None
-    except ValueError:
+    except json.JSONDecodeError:
         return  # not JSON: FastAPI's own parse says so
+    except ValueError:  # valid JSON Python will not read: an integer of more digits than int() converts (4,300)
+        msg = "the JSON body holds a number too long to read"
+        raise RequestValidationError([{"loc": ["body"], "msg": msg, "type": "json_invalid"}]) from None
     request._json = parsed  # what Starlette's `Request.json()` keeps: FastAPI takes it instead of parsing again
 
 

@@ -425,6 +425,22 @@ def test_k_in_a_query_string_is_digits(client: TestClient, k: str) -> None:
     assert response.status_code == 422 and "whole number written in digits" in response.json()["error"]
 
 
+def test_k_with_leading_zeros_is_read_as_its_number(client: TestClient) -> None:
+    """k=0000005 is 5 (it was refused as over the maximum: the length check came before the zeros were dropped)."""
+    response = client.get("/search?q=x&k=0000002")
+    assert response.status_code == 200 and len(response.json()["results"]) == 2, response.text
+    over = client.get("/search?q=x&k=0000000101")
+    assert over.status_code == 422 and "less than or equal to 100" in over.json()["error"]
+
+
+def test_a_json_number_python_will_not_read_is_422(client: TestClient) -> None:
+    """Valid JSON with an integer of more digits than Python converts (4,300) was answered 400 "could not be read"
+    by FastAPI's second parse; a body that is JSON but not a query is 422, as every such refusal."""
+    body = b'{"text": "x", "k": ' + b"9" * 5000 + b"}"
+    response = client.post("/search", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"] == "the JSON body holds a number too long to read"
+
+
 def test_a_json_body_that_is_not_utf8_is_422(client: TestClient) -> None:
     response = client.post("/search", content=b'{"text": "red\xff"}', headers={"content-type": "application/json"})
     assert response.status_code == 422 and "not UTF-8" in response.json()["error"]
