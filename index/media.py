@@ -9,6 +9,9 @@ one gate, independent of any web framework: it opens the file only when
 - its resolved path lies inside one of the input folders recorded at index time (``runs/<run_id>.json``,
   ``input_roots``), or directly in the folder of a file that a manifest or an argument listed (``input_file_dirs``:
   not its subfolders, so a manifest naming ``/x.mp4`` does not open the whole machine), so no symlink leads out;
+- and inside one of the service's own ``--media-root`` folders when it has them (`MediaRoots.only_under`): the
+  run records are the output's, so whoever can write the output chooses the recorded folders; of an object-store
+  output, which machines other than the service's host write, no local file is served without them;
 - the opened object is a regular file, is the path that was checked, and its size and modification time still
   match the row's ETag.
 
@@ -82,9 +85,13 @@ class MediaRoots:
 
     folders: tuple[str, ...] = ()
     file_dirs: tuple[str, ...] = ()
+    only_under: tuple[str, ...] | None = None  # the service's --media-root folders (resolved); None: no such limit
 
     def allow(self, resolved: str) -> bool:
         return any(_inside(resolved, root) for root in self.folders) or os.path.dirname(resolved) in self.file_dirs
+
+    def allowed_by_service(self, resolved: str) -> bool:
+        return self.only_under is None or any(_inside(resolved, root) for root in self.only_under)
 
 
 def open_media(row: Mapping[str, Any], roots: MediaRoots) -> MediaFile:
@@ -107,6 +114,9 @@ def open_media(row: Mapping[str, Any], roots: MediaRoots) -> MediaFile:
         raise MediaRefused("changed", "the file's folder changed while it was looked up", http_status=409) from None
     if not roots.allow(resolved):
         raise MediaRefused("outside_roots", "the file is not inside the indexed input folders", http_status=403)
+    if not roots.allowed_by_service(resolved):
+        message = "local files of this output are served only inside the service's --media-root folders"
+        raise MediaRefused("outside_media_roots", message, http_status=403)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(resolved, flags)

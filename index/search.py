@@ -6,6 +6,7 @@ copies an S3 output to a local cache first. A segment is found only while its vi
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -182,6 +183,7 @@ class SearchEngine:
                 f"the index is now of model {self.model_id}, not {queries_from.model_id}: start the service again"
             )
         self.location = tables or OutputLocation.from_url(str(self.root))
+        self.remote = "://" in self.location.url and not self.location.url.startswith("file://")  # an object store
         self.table_versions = self._latest_versions()
         # Reloading (`queries_from`): index segments and data files never change, so what the earlier engine holds
         # of them is taken over and only what the update wrote is read.
@@ -294,8 +296,13 @@ class SearchEngine:
         row = catalog.row(row_id_for(video_id, segment_index)) if catalog is not None else None
         return row if row is not None and row["video_id"] == video_id else None
 
-    def open_media(self, video_id: str) -> MediaFile:
+    def open_media(self, video_id: str, *, only_under: tuple[str, ...] | None = None) -> MediaFile:
         """The indexed file of a video, opened and checked (:func:`index.media.open_media`); the caller closes it.
+
+        Args:
+            only_under: resolved folders of this host the file must also be inside (the service's
+                ``--media-root``). None: none for a local output; for an object-store output no local file is
+                served (its run records, which name the folders, are written by whoever can write the bucket).
 
         Raises:
             MediaRefused: no such video, or a file that must not be served (with a safe message and HTTP status).
@@ -303,7 +310,9 @@ class SearchEngine:
         row = self.video(video_id)
         if row is None or row.get("status") != "ok":  # a failed row was never indexed: answered as unknown ids are
             raise MediaRefused("not_indexed", "no such video")
-        return open_media(row, self._media_roots())
+        if only_under is None and self.remote:
+            only_under = ()
+        return open_media(row, dataclasses.replace(self._media_roots(), only_under=only_under))
 
     def _media_roots(self) -> MediaRoots:
         """Input roots recorded by the runs, re-read when a run has written since the last look."""
@@ -422,7 +431,7 @@ class SearchEngine:
         """The stored embedding of an indexed video (or of one of its segments), read from its table by row id."""
         name = "videos" if segment_index is None else "segments"
         row = self._row(name, video_id, -1 if segment_index is None else segment_index)
-        if row is None or (name == "videos" and row.get("status") != "ok"):
+        if row is None or not self._served(name, row):
             what = "video" if segment_index is None else "segment"
             raise QueryError(f"no such {what} in the index")
         with self._vector_lock:
@@ -585,10 +594,26 @@ class SearchEngine:
             segment_index=row["segment_index"] if seg else None,
         )
 
+    def _served(self, name: str, row: dict[str, Any] | None) -> bool:
+        """Whether a row of table `name` is one the index answers with (search results' rule, `_hit`): its video's
+        current row is ok, and a segment row is of that row's run. A video deleted or failed since, and the segments
+        of an older version of it, are served by no endpoint (thumbnails, more like this)."""
+        if row is None:
+            return False
+        video_row = row if name == "videos" else self._row("videos", row["video_id"])
+        if video_row is None or video_row.get("status") != "ok":
+            return False
+        return name == "videos" or video_row.get("run_id") == row.get("run_id")
+
     def thumbnail(self, row_id: int) -> bytes | None:
-        """The JPEG thumbnail of an indexed video or segment row, read from the row group holding it (a row id
-        this engine does not hold reads nothing)."""
-        for catalog in self.catalogs.values():
+        """The JPEG thumbnail of an indexed video or segment row that the index answers with (`_served`), read
+        from the row group holding it (a row id this engine does not hold reads nothing)."""
+        for name, catalog in self.catalogs.items():
+            row = catalog.row(row_id)
+            if row is None:
+                continue
+            if not self._served(name, row):
+                return None
             try:
                 data = catalog.cell(row_id, "thumbnail_jpeg")
             except FileNotFoundError:  # vacuumed since this engine loaded

@@ -72,6 +72,10 @@ class ServiceLimits:
         allowed_hosts: host names (``Host`` header, without the port) answered besides loopback names when the service
             listens on a loopback address; on any other address, when given, the only names answered. Others get
             400: a loopback service must not answer a page whose host name was re-pointed to it (DNS rebinding).
+        media_roots: folders of this host that ``/media`` may serve local files from (resolved when the service
+            starts), on top of the folders the runs recorded. None: a local output serves from what its runs
+            recorded; an object-store output serves no local file (its run records are written by whoever can write
+            the bucket, and name folders of the machines that ran the job).
     """
 
     max_json_bytes: int = 256 << 10  # the largest request (4,096 floats, pretty-printed) is about 130 KB
@@ -86,6 +90,7 @@ class ServiceLimits:
     queue_timeout_seconds: float = 10.0
     max_connections: int = 256
     allowed_hosts: tuple[str, ...] = ()
+    media_roots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         sizes = ("max_json_bytes", "max_upload_bytes", "max_head_bytes", "max_concurrent_queries", "max_connections")
@@ -268,6 +273,8 @@ class SearchService:
         self.engines = dict(engines)
         self.default = next(iter(self.engines))
         self.limits = limits or ServiceLimits()
+        roots = self.limits.media_roots
+        self._media_roots = None if roots is None else tuple(os.path.realpath(r) for r in roots)
         self.s3_endpoint_url = s3_endpoint_url
         self._s3: Any = None
         self._media_pools: dict[str, ThreadPoolExecutor] = {}  # per output: a store that hangs holds its own only
@@ -516,7 +523,7 @@ class SearchService:
         row = engine.video(video_id)
         if row is not None and str(row.get("uri", "")).startswith("s3://") and row.get("status") == "ok":
             return self._presign(row)
-        return engine.open_media(video_id)
+        return engine.open_media(video_id, only_under=self._media_roots)
 
     def _presign(self, row: Mapping[str, Any]) -> str:
         import botocore.exceptions

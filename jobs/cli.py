@@ -320,6 +320,14 @@ def _read_upload(path: str) -> bytes:
     return data
 
 
+def _media_root(path: str) -> str:
+    """A ``--media-root`` folder as an absolute path; one that is not a folder is refused (a typo would serve
+    nothing, silently)."""
+    if "://" in path or not os.path.isdir(path):
+        raise ValueError(f"--media-root {path}: not a folder of this host")
+    return os.path.abspath(path)
+
+
 def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
     limits = {
         "max_upload_bytes": int(args.max_upload_mb * 2**20),
@@ -327,6 +335,7 @@ def _serve_limits(args: argparse.Namespace) -> dict[str, Any]:
         "max_connections": args.max_connections,
         "allowed_hosts": tuple(args.allowed_host),
         "send_timeout_seconds": args.send_timeout,
+        "media_roots": None if args.media_root is None else tuple(_media_root(r) for r in args.media_root),
     }
     for name in ("max_concurrent_queries", "max_concurrent_uploads"):
         if getattr(args, name) is not None:
@@ -599,6 +608,15 @@ def _add_serve_parser(sub: Any) -> None:
         metavar="NAME",
         help="a host name clients may use (Host header) besides localhost and loopback addresses; repeat for several. "
         "On a non-loopback --host, the only names answered when given",
+    )
+    p.add_argument(
+        "--media-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder of this host /media may serve local video files from (they must also be inside the input "
+        "folders the runs recorded); repeat for several. Default: a local output serves from the folders its runs "
+        "recorded, an object-store output serves no local file",
     )
     p.add_argument(
         "--max-concurrent-queries", type=int, default=None, help="queries computed at once (default: 2 x cores, 4-16)"

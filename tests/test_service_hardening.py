@@ -699,6 +699,23 @@ def test_vitaclip_serve_takes_allowed_hosts() -> None:
         ServiceLimits(**_serve_limits(build_parser().parse_args(["serve", "--index", "o", *too_many])))
 
 
+def test_vitaclip_serve_takes_media_roots(tmp_path: Path) -> None:
+    from jobs.cli import _serve_limits, build_parser
+
+    def limits(*options: str) -> ServiceLimits:
+        return ServiceLimits(**_serve_limits(build_parser().parse_args(["serve", "--index", "out", *options])))
+
+    assert limits().media_roots is None  # the outputs' recorded folders (none of an object-store output's)
+    (tmp_path / "a").mkdir()
+    assert limits("--media-root", str(tmp_path / "a"), "--media-root", str(tmp_path)).media_roots == (
+        str(tmp_path / "a"),
+        str(tmp_path),
+    )
+    for wrong in (str(tmp_path / "missing"), "s3://bucket/videos"):  # a typo would serve nothing, silently
+        with pytest.raises(ValueError, match=f"--media-root {wrong}: not a folder of this host"):
+            limits("--media-root", wrong)
+
+
 # ------------------------------------------------------------------------------------------------ browsers
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -32,7 +33,7 @@ from index.delta_tables import OutputLocation, create_tables, table_schema, writ
 from index.schema import row_id_for, video_id_for
 from index.search import SearchEngine
 from index.segments import INDEX_DIR, INFO_FILE, Segment
-from index.service import SearchService, open_service
+from index.service import SearchService, ServiceLimits, open_service
 from index.tables import _drop_superseded
 from jobs.storage import open_store
 
@@ -169,6 +170,44 @@ def test_a_running_service_follows_commits_without_an_index_update(indexed: Path
     answer = client.post("/search", json=query).json()["results"]
     assert fresh.post("/search", json=query).json()["results"] == answer
     assert service.reload_changed() == []
+
+
+def test_thumbnails_and_more_like_this_follow_the_rows_search_answers_with(indexed: Path, tmp_path: Path) -> None:
+    """A video whose row no longer says ok (deleted with another tool, here delta-rs) is no search hit, no media and
+    no video: its thumbnails and "more like this" of it, or of one of its moments, answered still (row ids come
+    from the URI, so an old link or a known path reached the frames of a video taken down)."""
+    from deltalake import DeltaTable
+
+    out = tmp_path / "out"
+    shutil.copytree(indexed, out)
+    service = open_service([f"main={out}"], reload_seconds=0)
+    client = TestClient(create_app(service))
+    like, other = [r for r in tables.read_table(out, "videos").to_pylist() if r["status"] == "ok"][:2]
+    video_id = like["video_id"]
+    moment = {"video_id": video_id, "segment_index": 0, "segments": True, "k": 3}
+    urls = [f"/thumbnails/{row_id_for(video_id)}.jpg", f"/thumbnails/{row_id_for(video_id, 0)}.jpg"]
+    assert [client.get(url).status_code for url in urls] == [200, 200]
+    assert client.post("/search", json={"video_id": video_id, "k": 3}).status_code == 200
+    assert client.post("/search", json=moment).status_code == 200
+
+    DeltaTable(str(out / "videos")).update(predicate=f"video_id = '{video_id}'", updates={"status": "'deleted'"})
+    assert service.reload_changed() == ["main"]
+    assert client.get(f"/videos/{video_id}").status_code == 404
+    assert [client.get(url).status_code for url in urls] == [404, 404]
+    assert client.post("/search", json={"video_id": video_id, "k": 3}).status_code == 404
+    assert client.post("/search", json=moment).status_code == 404
+    # Another video's thumbnails and moments are served as before.
+    assert client.get(f"/thumbnails/{row_id_for(other['video_id'], 0)}.jpg").status_code == 200
+    assert client.post("/search", json=dict(moment, video_id=other["video_id"])).status_code == 200
+
+    # Segment rows of an older version of a video (its row now of another run) are not served either.
+    DeltaTable(str(out / "videos")).update(
+        predicate=f"video_id = '{other['video_id']}'", updates={"run_id": "'a-later-run'"}
+    )
+    assert service.reload_changed() == ["main"]
+    assert client.get(f"/thumbnails/{row_id_for(other['video_id'])}.jpg").status_code == 200
+    assert client.get(f"/thumbnails/{row_id_for(other['video_id'], 0)}.jpg").status_code == 404
+    assert client.post("/search", json=dict(moment, video_id=other["video_id"])).status_code == 404
 
 
 def test_a_failed_reload_keeps_the_loaded_index(
@@ -327,6 +366,35 @@ def test_one_service_serves_local_and_s3_outputs_with_one_endpoint(
     local, remote = local["results"], remote["results"]
     assert [h["video_id"] for h in local] == [h["video_id"] for h in remote]
     assert local[0]["video_id"] == like["video_id"]
+
+    # The run records of an object-store output are written by whoever can write the bucket and name folders of
+    # the machines that ran the job: its local files are served only inside the service's --media-root folders.
+    head = {"Range": "bytes=0-15"}
+    media = f"/media/{like['video_id']}"
+    assert http.get(media + "?index=local", headers=head).status_code == 206
+    refused = http.get(media + "?index=remote", headers=head)
+    assert refused.status_code == 403 and "--media-root" in refused.json()["error"], refused.text
+    folder = os.path.dirname(like["uri"])
+    limits = ServiceLimits(media_roots=(folder,))
+    rooted = TestClient(
+        create_app(
+            open_service(
+                [f"local={indexed}", f"remote=s3://{bucket}/copy"],
+                s3_endpoint_url=s3_server,
+                reload_seconds=0,
+                limits=limits,
+            )
+        )
+    )
+    assert rooted.get(media + "?index=remote", headers=head).status_code == 206
+    assert rooted.get(media + "?index=local", headers=head).status_code == 206
+    elsewhere = TestClient(
+        create_app(
+            open_service([f"local={indexed}"], reload_seconds=0, limits=ServiceLimits(media_roots=(str(tmp_path),)))
+        )
+    )
+    outside = elsewhere.get(media, headers=head)  # a local output's recorded folders, outside its --media-root
+    assert outside.status_code == 403 and "--media-root" in outside.json()["error"], outside.text
 
 
 def test_a_local_output_given_an_s3_endpoint_still_opens(indexed: Path) -> None:
