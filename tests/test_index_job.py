@@ -156,9 +156,11 @@ def test_local_folder_end_to_end(local_ray, tmp_path: Path) -> None:
 
 
 def test_a_stale_manifest_leaves_the_current_rows_in_place(local_ray, tmp_path: Path, capsys) -> None:
-    """An inventory a day old names an indexed file with the ETag it had then. Its read finds the file changed:
-    the video's current row stays (it was replaced by a `changed` row of the old ETag, out of search), and the
-    summary says so; first or second among the inputs, the same."""
+    """An inventory a day old names an indexed file with the ETag it had then. Alone, its read finds the file
+    changed: the video's current row stays (it was replaced by a `changed` row of the old ETag, out of search), and
+    the summary says so. Given with the folder, first or second among the inputs, the folder's listing (the file as
+    it is now) is the one kept: nothing to do; and once the file is replaced, it is indexed again (the manifest's
+    entry, listed first, made it `already indexed` under its old ETag for as long as the two were given)."""
     (video,) = make_videos(tmp_path / "in", 1, broken=False)
     stale = f"{LOCAL_ETAG_PREFIX}{video.stat().st_size}-{video.stat().st_mtime_ns - 10**9}"  # a second older
     manifest = tmp_path / "inventory.csv"
@@ -166,14 +168,24 @@ def test_a_stale_manifest_leaves_the_current_rows_in_place(local_ray, tmp_path: 
     out = tmp_path / "out"
     assert run([str(tmp_path / "in")], out) == 0
     (row,) = committed_videos(out).to_pylist()
-    for inputs in ([str(manifest), str(tmp_path / "in")], [str(tmp_path / "in"), str(manifest)]):
+    for inputs in ([str(manifest), str(tmp_path / "in")], [str(tmp_path / "in"), str(manifest)], [str(manifest)]):
         capsys.readouterr()
         assert run(inputs, out) == 0
         printed = capsys.readouterr().out
         (now,) = committed_videos(out).to_pylist()
         assert (now["etag"], now["status"], now["run_id"]) == (row["etag"], "ok", row["run_id"]), inputs
-        if inputs[0] == str(manifest):
+        if len(inputs) == 1:
             assert '{"changed": 1}' in printed and "1 left out: changed since listed" in printed, printed
+        else:
+            assert "0 videos processed, 1 already indexed, 1 listed twice" in printed, printed
+
+    # Replaced since the inventory: indexed again whatever the order of the inputs.
+    manifest.write_text(f"uri,etag\n{video},{row['etag']}\n")  # the report names it as it was indexed
+    write_sample_video(video, num_frames=30, fps=12, width=96, height=72, pattern="shape", seed=99)
+    os.utime(video, ns=(1, 10**18))
+    assert run([str(manifest), str(tmp_path / "in")], out) == 0
+    (now,) = committed_videos(out).to_pylist()
+    assert now["status"] == "ok" and now["etag"] != row["etag"] and now["size_bytes"] == video.stat().st_size
 
 
 def test_rerun_does_no_work_and_picks_up_changes(local_ray, tmp_path: Path) -> None:

@@ -147,7 +147,11 @@ def list_videos(
     endpoint_url: str | None = None,
     follow_outside_symlinks: bool = False,
 ) -> Iterator[VideoObject]:
-    """Streams the videos under each input, in input order and then in key order, filtered by extension and size.
+    """Streams the videos under each input, filtered by extension and size: the live listings (folders, S3
+    prefixes) first, then the manifests, each in input order and then in key order. An object both name keeps the
+    live listing's entry (the planner keeps the first of a video listed twice): the object as it is now, where an
+    inventory report may be a day old (its ETag then says `changed` when read, or `already indexed` for a video
+    replaced since).
 
     Each input is an `s3://bucket/prefix` (a raw S3 prefix, listed page by page), a local folder (walked
     recursively, in the same order as S3 would list the relative paths), or a manifest, local or on S3 (see the
@@ -189,8 +193,9 @@ def list_videos(
     client = s3_client
     if client is None and any(kind != "folder" for kind in kinds):  # manifests may name S3 objects
         client = make_s3_client(endpoint_url=endpoint_url)
+    live_first = sorted(zip(inputs, kinds, strict=True), key=lambda pair: pair[1] in ("manifest", "s3_manifest"))
     return _list_all(
-        list(zip(inputs, kinds, strict=True)),
+        live_first,
         allowed=allowed,
         min_size_bytes=min_size_bytes,
         max_size_bytes=max_size_bytes,
