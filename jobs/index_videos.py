@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     when it committed but held back pruning (`--prune-max`), 130 when interrupted (143: SIGTERM), 1 on other
     failures."""
     setup_logging()
+    quit_on_a_second_interrupt(prog)
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
         from jobs import pipeline
@@ -112,22 +113,53 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     return 3 if summary.get("prune_held_back") else 0
 
 
+def quit_on_a_second_interrupt(prog: str) -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt once: the run records itself as interrupted and ends. A second one
+    while it does (a slow store, Ray's shutdown) ends the process at once, its embedded Ray's agents stopped: it
+    used to interrupt Ray's shutdown with a traceback (at times a segfault) and leave the agents running. Only in
+    the main thread, and only where SIGINT has Python's own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def again(signum: int, frame: Any) -> None:
+        print(f"\n{prog}: interrupted again: ending now (the run's record may still say running)", file=sys.stderr)
+        _end_now(128 + signal.SIGINT)
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, again)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+
+
+def _end_now(code: int) -> NoReturn:
+    """Ends the process here: embedded Ray's agents stopped, streams flushed, no interpreter teardown."""
+    stop_embedded_ray()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def exit_process(code: int) -> NoReturn:
     """Ends the process with ``code`` without the interpreter's last garbage collections: with torch and open_clip
     loaded they walk millions of objects, about 1.3 s of CPU at every run's end. Only as a process's last step:
     what is frozen here is never collected (files are flushed by their owners and at exit as before)."""
     gc.freeze()
-    if code == 128 + signal.SIGTERM:
-        # Stopped by SIGTERM (ray job stop, a pod's end): the Ray core worker in this process can abort in
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        # Stopped by SIGTERM (ray job stop, a pod's end) or Ctrl-C: the Ray core worker in this process can abort in
         # ray.shutdown() or while the interpreter tears down (SIGABRT, exit -6: an actor whose creation the stop
-        # cancelled fails a check), which would hide the 143 that a supervisor reads. What the run committed and its
-        # record are written by now: end here, streams flushed. A cluster's processes drop the driver's work; an
-        # embedded Ray's are stopped here (`stop_embedded_ray`).
-        stop_embedded_ray()
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
+        # cancelled fails a check), which would hide the 143 that a supervisor reads, and a second Ctrl-C would
+        # interrupt that shutdown. What the run committed and its record are written by now: end here, streams
+        # flushed. A cluster's processes drop the driver's work; an embedded Ray's are stopped here
+        # (`stop_embedded_ray`).
+        for name in ("SIGINT", "SIGTERM"):
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        _end_now(code)
     sys.exit(code)
 
 

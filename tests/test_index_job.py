@@ -1185,10 +1185,13 @@ def test_a_sigterm_after_the_run_committed_does_not_make_it_a_failure(tmp_path: 
     assert done.returncode == 0 and "summary printed" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
-def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["sigterm", "sigint_twice"])
+def test_a_stopped_job_exits_with_its_signal_and_an_interrupted_record(tmp_path: Path, stop: str) -> None:
     """`ray job stop` and a pod's end send SIGTERM: the driver records the run as interrupted and exits with 143
     (128 + SIGTERM), not with the abort (-6) of Ray's core worker while the interpreter tears down, which a SIGTERM
-    while the driver waited on the planner used to end in."""
+    while the driver waited on the planner used to end in. Ctrl-C pressed twice (0.3 s apart) exits with 130: the
+    second one interrupted Ray's shutdown, with a traceback ("Exception ignored in atexit callback"), at times a
+    segfault, and left the raylet's agents running."""
     import threading
 
     from vitaclip.demo.world import generate, world_labels
@@ -1221,22 +1224,30 @@ def test_sigterm_ends_the_job_with_143_and_an_interrupted_record(tmp_path: Path)
         time.sleep(0.5)
         assert job.poll() is None, "the run ended before it could be stopped:\n" + "".join(lines)[-3000:]
         started = _descendants(job.pid)  # the embedded Ray: GCS, raylet, its agents and workers
-        job.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            job.send_signal(signal.SIGTERM)
+        else:
+            job.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            job.send_signal(signal.SIGINT)
         job.wait(120)
         reader.join(10)
     finally:
         if job.poll() is None:
             job.kill()
     output = "".join(lines)
-    assert job.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "(SIGTERM)" in output
+    assert job.returncode == (128 + signal.SIGTERM if stop == "sigterm" else 130), output[-3000:]
+    assert ("(SIGTERM)" if stop == "sigterm" else "interrupted") in output
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
     # Every process of its Ray ends with it (the raylet's agents stayed on, orphaned, when it was killed outright).
     deadline = time.monotonic() + 30
     while (left := {pid: name for pid, name in started.items() if _alive(pid, name)}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, left
     (record,) = (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))
-    assert record["state"] == "interrupted", record
+    # A second Ctrl-C that came while the run was writing its record ends the process before it is written.
+    again = "interrupted again: ending now" in output
+    assert record["state"] == "interrupted" or (again and record["state"] == "running"), (record, output[-3000:])
 
 
 def test_a_failed_run_leaves_no_write_error_for_ray_to_report_as_unhandled(
