@@ -19,6 +19,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -548,9 +549,74 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     with open(tmp_path / "bare.pth", "wb") as f:
         pickle.dump({"model": Touch(str(marker))}, f)
-    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: 1 pickle\(s\) and nothing after"):
+    with pytest.raises(CheckpointError, match=r"the pickle at byte 0 names the global io.open"):
         vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "bare.pth")
     assert not marker.exists()
+    with open(tmp_path / "bare.pth", "wb") as f:  # one of the right kind: still no checkpoint
+        pickle.dump({"model": {"x": 1.0}}, f)
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: 1 pickle\(s\) and nothing after"):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "bare.pth")
+
+
+class _Call:
+    """What a pickle calls, with the arguments it chooses (torch's weights_only unpickler allows these)."""
+
+    def __init__(self, target: Any, *args: Any) -> None:
+        self.target, self.args = target, args
+
+    def __reduce__(self):  # noqa: D105
+        return (self.target, self.args)
+
+
+@pytest.mark.parametrize(
+    ("payload", "refusal"),
+    [
+        # 1.2 KB that torch.load turns into a 3.6 GB uninitialised tensor (its storage as large as it says)
+        (_Call(torch.Tensor, 30000, 30000), "names the global torch.Tensor"),
+        (_Call(bytearray, 3_000_000_000), "names the global __builtin__.bytearray"),
+        (_Call(torch.FloatStorage, 1 << 30), "calls torch.FloatStorage"),  # a storage type: a tag, never called
+        # a meta tensor has no storage: the storage checks passed it, and the model was built at its size
+        (torch.empty(1 << 40, device="meta"), "names the global torch._utils._rebuild_meta_tensor_no_storage"),
+    ],
+)
+def test_pickles_that_build_large_objects_from_a_few_bytes_are_refused(
+    tmp_path: Path, payload: Any, refusal: str
+) -> None:
+    """torch's weights_only unpickler runs no code, but lets a pickle call tensor and buffer constructors with its
+    own numbers: a few bytes of checkpoint took gigabytes before any check of the tensors. Only the calls torch.save
+    writes for tensors and plain containers are allowed, before torch.load runs (found by review)."""
+    for legacy in (False, True):
+        torch.save({"model": {"x": payload}}, tmp_path / "big.pth", _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError, match=refusal):
+            read_state_dict(tmp_path / "big.pth")
+
+
+def test_what_torch_save_writes_for_tensors_and_containers_loads(tmp_path: Path) -> None:
+    """The calls and globals allowed are those of torch.save's pickles of tensors (every dtype), parameters, views,
+    ordered dicts, bytes, sets, sizes, devices and dtypes: a training state and the official layout load."""
+    layer = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    layer(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
+    saved = {
+        "model": {f"t{i}": torch.ones(2, 3, dtype=dtype) for i, dtype in enumerate(dtypes)},
+        "parameters": dict(layer.named_parameters()),
+        "view": torch.arange(16.0).reshape(4, 4)[1:, ::2],
+        "optimizer": optimizer.state_dict(),
+        "other": {"bytes": b"\x00\xff", "set": {1, 2}, "size": torch.Size([2, 3]), "device": torch.device("cpu")},
+        "dtype": torch.float16,
+        "numbers": (1, 2.5, 1 + 2j, None, True, "text"),
+    }
+    for legacy in (False, True):  # float8 (`_rebuild_tensor_v3`): torch's legacy format cannot hold it
+        torch.save(
+            saved if legacy else {**saved, "float8": torch.zeros(2, dtype=torch.float8_e4m3fn)},
+            tmp_path / "state.pt",
+            _use_new_zipfile_serialization=not legacy,
+        )
+        loaded = load_torch_file(tmp_path / "state.pt")
+        assert loaded["other"] == saved["other"] and loaded["numbers"] == saved["numbers"]
+        assert torch.equal(loaded["view"], saved["view"]) and loaded["model"]["t3"].dtype == torch.float64
 
 
 class Touch:
@@ -1622,3 +1688,36 @@ def test_a_json_config_named_like_a_registered_model_but_other_is_another_model(
     renamed = tmp_path / "mine.json"  # a name of its own is its own model: no suffix needed
     renamed.write_text(json.dumps({**config.to_dict(), "name": "mine", "mean": [0.9, 0.1, 0.1]}))
     assert resolve_model(str(renamed), weights).model_id.startswith("mine@sha256:")
+
+
+def test_configs_and_label_files_are_read_only_when_small_and_regular(tmp_path: Path) -> None:
+    """A 1 GB sparse config.json (no disk used) took 2 GB of memory to refuse, and a FIFO put there in place of the
+    file would have blocked the load: both are refused from their size or kind, before any read (found by review)."""
+    from vitaclip.labels import load_label_set
+
+    model = vitaclip.create_model("vitaclip-tiny")
+    vitaclip.save_checkpoint(model, tmp_path / "c")
+    config = tmp_path / "c" / "config.json"
+    config.unlink()
+    with open(config, "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(CheckpointError, match=r"the checkpoint config is 1,073,741,824 bytes, more than 67,108,864"):
+        vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "c")
+    config.unlink()
+    os.mkfifo(config)
+    with pytest.raises(CheckpointError, match="not a regular file"):  # never opened for reading: no wait
+        vitaclip.create_model("vitaclip-tiny", checkpoint=tmp_path / "c")
+    labels = tmp_path / "labels.txt"
+    with open(labels, "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(ValueError, match=r"label set .* is 1,073,741,824 bytes, more than 67,108,864"):
+        load_label_set(str(labels))
+
+
+def test_a_safetensors_header_past_16_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """safetensors parses headers up to 100 MB: 1.6M empty entries took 34 s and 3 GB before any check."""
+    path = tmp_path / "many.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'.ljust(17 << 20)
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"refusing its safetensors header of 17,825,792 bytes"):
+        read_state_dict(path)

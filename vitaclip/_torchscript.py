@@ -173,10 +173,21 @@ def read_state_dict(zf: zipfile.ZipFile, *, archive_bytes: int) -> dict[str, tor
 # ---------------------------------------------------------------------------------------------- unpickling
 
 
-def check_pickle(stream: BinaryIO, name: str, *, refused_opcodes: Collection[str] = ()) -> None:
+def check_pickle(
+    stream: BinaryIO,
+    name: str,
+    *,
+    refused_opcodes: Collection[str] = (),
+    calls: Collection[str] | None = None,
+    names: Callable[[str], bool] | None = None,
+) -> None:
     """Reads one pickle from ``stream`` as opcodes, without unpickling it, and refuses what the unpickler or the code
     after it could not survive: ``refused_opcodes``; memo indices out of sequence (the C unpickler sizes its memo by
     them); objects nested deeper than `MAX_PICKLE_DEPTH`; and objects that are far larger as trees than the pickle.
+    With `calls`, every object the pickle calls (REDUCE, NEWOBJ, OBJ, INST) must be a global named in it; with
+    `names`, every global it names must pass it (globals it names but never calls: type tags such as a storage
+    type). An unpickler that allows calling ``torch.Tensor`` or a storage type builds a tensor of any size from two
+    numbers, and ``bytearray(3_000_000_000)`` is 3 GB from a few bytes.
 
     The last is the "billion laughs": a pickle may reuse a memoized object (GET) anywhere, so ``L1 = [L0, L0]``,
     ``L2 = [L1, L1]``, ... make 2**40 elements out of a few hundred bytes, and hashing such a dict key, comparing it
@@ -188,7 +199,7 @@ def check_pickle(stream: BinaryIO, name: str, *, refused_opcodes: Collection[str
         ArchiveError: naming ``name`` and what was refused.
     """
     start = stream.tell()
-    shape = _PickleShape(name)
+    shape = _PickleShape(name, calls=calls, names=names)
     puts = 0
     try:
         for opcode, arg, pos in pickletools.genops(stream):
@@ -208,6 +219,24 @@ def check_pickle(stream: BinaryIO, name: str, *, refused_opcodes: Collection[str
 
 
 _MARK: Any = object()  # a stack entry: the MARK opcode's
+_CALLING = {"REDUCE": 0, "NEWOBJ": 0, "NEWOBJ_EX": 0, "OBJ": 0}  # opcodes that call an object: its place in the items
+_TEXT_OPCODES = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+
+
+@dataclass(frozen=True)
+class _Global:
+    """A stack entry: a global the pickle named (``module.name``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A stack entry: a string (the module and name of STACK_GLOBAL come from two of them)."""
+
+    value: str
+
+
 _LEAF = -1  # a stack entry: an object that holds no others (numbers, strings, globals, the empty tuple)
 _NEW_CONTAINERS = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"}  # empty, and filled by the opcodes below
 _FILL_FROM_STACK = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}  # items popped into the object under them
@@ -218,8 +247,12 @@ class _PickleShape:
     """The objects a pickle builds, as a graph: each container or built object is a node that records its leaves
     and the nodes it holds (once per use), followed through the stack and the memo as the unpickler would."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, *, calls: Collection[str] | None = None, names: Callable[[str], bool] | None = None
+    ) -> None:
         self._name = name
+        self._calls = None if calls is None else frozenset(calls)
+        self._names = names
         self._stack: list[Any] = []
         self._memo: dict[int, int] = {}
         self._leaves: list[int] = []  # per node: 1 (itself) + the leaves it holds
@@ -242,11 +275,41 @@ class _PickleShape:
         elif name in _FILL_FROM_STACK or name in _FILL_TO_MARK:
             items = self._pop(_FILL_FROM_STACK[name]) if name in _FILL_FROM_STACK else self._pop_mark()
             self._add(self._top(), items)
+        elif name in _TEXT_OPCODES:
+            self._stack.append(_Text(str(arg)))
+        elif name in ("GLOBAL", "STACK_GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ") if name != "STACK_GLOBAL" else self._stack_global()
+            found = self._named(f"{module}.{attr}")
+            if name == "INST":
+                self._called(found)
+                self._stack.append(self._new(self._pop_mark()))
+            else:
+                self._stack.append(found)
         elif name not in ("PROTO", "FRAME", "STOP"):
             marked = pickletools.markobject in opcode.stack_before
             items = self._pop_mark() if marked else self._pop(len(opcode.stack_before))
+            if name in _CALLING:
+                self._called(items[_CALLING[name]] if items else None)
             if opcode.stack_after:
                 self._stack.append(self._new(items) if items or name in _NEW_CONTAINERS else _LEAF)
+
+    def _stack_global(self) -> tuple[str, str, str]:
+        module, attr = self._pop(2)
+        if not (isinstance(module, _Text) and isinstance(attr, _Text)):
+            raise ArchiveError(f"{self._name} names a global by objects that are not strings")
+        return module.value, ".", attr.value
+
+    def _named(self, full: str) -> _Global:
+        if self._names is not None and not self._names(full):
+            raise UnsafePickleError(f"{self._name} names the global {full[:200]}, which a tensor checkpoint never does")
+        return _Global(full)
+
+    def _called(self, target: Any) -> None:
+        if self._calls is None:
+            return
+        if not isinstance(target, _Global) or target.name not in self._calls:
+            what = target.name[:200] if isinstance(target, _Global) else "an object it built"
+            raise UnsafePickleError(f"{self._name} calls {what}, which a tensor checkpoint never does")
 
     def _top(self) -> Any:
         if not self._stack or self._stack[-1] is _MARK:
@@ -274,10 +337,10 @@ class _PickleShape:
         self._add(node, items)
         return node
 
-    def _add(self, node: int, items: list[Any]) -> None:
-        if node == _LEAF:
+    def _add(self, node: Any, items: list[Any]) -> None:
+        if not isinstance(node, int) or node == _LEAF:
             return  # state set on a global or a number: walking containers never reaches it
-        held = [item for item in items if item != _LEAF]
+        held = [item for item in items if isinstance(item, int) and item != _LEAF]
         self._leaves[node] += len(items) - len(held)
         if held:
             self._held.setdefault(node, []).extend(held)

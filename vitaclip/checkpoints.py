@@ -50,6 +50,7 @@ from vitaclip.checkpoint_folder import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LABEL_NAMES_SHA256,
+    MAX_HEADER_BYTES,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_config,
@@ -129,6 +130,37 @@ _CONTAINERS = (Mapping, list, tuple, set, frozenset)
 _SHARED_BYTES_ALLOWED = 16 << 20  # beyond twice the storages: small tensors shared many times (a module used twice)
 
 
+# What a pickle written by torch.save of tensors and plain containers calls (tensors, parameters, ordered dicts, bytes
+# in protocol 2, sets, sizes, devices), and the globals it names only as type tags (storage types, dtypes). torch's
+# weights_only unpickler allows more: calling torch.Tensor, a storage type or bytearray with numbers makes a tensor
+# or buffer of any size from a few bytes, and _rebuild_parameter_with_state, _rebuild_meta_tensor_no_storage and the
+# other rebuild functions make tensors the checks below cannot trust (attributes set on them, no storage).
+_TORCH_SAVE_CALLS = frozenset(
+    {
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",  # dtypes without a typed storage (float8 kinds)
+        "torch._utils._rebuild_parameter",
+        "collections.OrderedDict",
+        "_codecs.encode",
+        "torch.Size",
+        "torch.device",
+        *(f"{module}.{kind}" for module in ("builtins", "__builtin__") for kind in ("set", "frozenset", "complex")),
+    }
+)
+_DTYPE_NAMES = frozenset(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
+_STORAGE_TAG = re.compile(r"torch\.(\w+Storage|storage\.(Untyped|Typed)Storage)")
+
+
+def _torch_save_name(name: str) -> bool:
+    """Whether a torch.save pickle may name the global `name` (calls are checked on their own: `_TORCH_SAVE_CALLS`)."""
+    module, _, attr = name.rpartition(".")
+    return (
+        name in _TORCH_SAVE_CALLS
+        or _STORAGE_TAG.fullmatch(name) is not None
+        or (module == "torch" and attr in _DTYPE_NAMES)
+    )
+
+
 def _check_pickles(f: BinaryIO, path: Path) -> None:
     """`_torchscript.check_pickle` on every pickle ``torch.load`` will unpickle, before it does: the ``data.pkl`` of a
     ``torch.save`` zip, read through torch's own zip reader (the one torch.load uses), or the pickles at the start of
@@ -142,7 +174,9 @@ def _check_pickles(f: BinaryIO, path: Path) -> None:
             reader = torch._C.PyTorchFileReader(f)
             if reader.get_record_size("data.pkl") > limit:
                 raise CheckpointError(f"{path}: refusing to unpickle it: its data.pkl is larger than {limit} bytes")
-            _torchscript.check_pickle(io.BytesIO(reader.get_record("data.pkl")), "data.pkl")
+            _torchscript.check_pickle(
+                io.BytesIO(reader.get_record("data.pkl")), "data.pkl", calls=_TORCH_SAVE_CALLS, names=_torch_save_name
+            )
         else:
             head = io.BytesIO(f.read(limit))
             for count in range(_LEGACY_PICKLES):
@@ -151,7 +185,9 @@ def _check_pickles(f: BinaryIO, path: Path) -> None:
                         f"{path}: not a PyTorch checkpoint: {count} pickle(s) and nothing after (torch.save writes a "
                         f"zip archive, or before torch 1.6 {_LEGACY_PICKLES} pickles): refused, never unpickled"
                     )
-                _torchscript.check_pickle(head, f"the pickle at byte {head.tell()}")
+                _torchscript.check_pickle(
+                    head, f"the pickle at byte {head.tell()}", calls=_TORCH_SAVE_CALLS, names=_torch_save_name
+                )
     except _torchscript.UnsafePickleError as exc:
         raise CheckpointError(f"{path}: refusing to unpickle it: {exc}") from None
     except CheckpointError:
@@ -242,6 +278,12 @@ def _check_tensors(tensors: Iterator[tuple[str, torch.Tensor]], path: Path) -> N
     storages: dict[int, int] = {}
     declared = 0
     for where, tensor in tensors:
+        # A plain CPU tensor with no attributes of its own (a pickle that sets some can shadow the methods below).
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.device.type != "cpu" or vars(tensor):
+            raise CheckpointError(
+                f"{path}: refusing tensor {where[:200]!r}: not a plain CPU tensor ({type(tensor).__name__} on "
+                f"{tensor.device.type}{', with attributes of its own' if vars(tensor) else ''})"
+            )
         problem = _tensor_problem(tensor)
         if problem is not None:
             raise CheckpointError(f"{path}: refusing tensor {where[:200]!r}: it {problem}")
@@ -324,6 +366,13 @@ def _read_state_dict(path: Path, *, hashed: bool) -> tuple[dict[str, torch.Tenso
     with open(path, "rb") as f:  # one open file for the hash, the checks and the load: the path cannot change
         sha = _sha256_of(f) if hashed else None
         if path.suffix == ".safetensors":
+            f.seek(0)
+            head = f.read(8)
+            if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: refusing its safetensors header of {struct.unpack('<Q', head)[0]:,} bytes (at most "
+                    f"{MAX_HEADER_BYTES:,}: a model's is a few hundred KB)"
+                )
             # The same open file by its /proc name (Linux), else its bytes: never the path again.
             same = f"/proc/self/fd/{f.fileno()}"
             try:

@@ -8,6 +8,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from vitaclip.readable import read_small_text
+
 _PACKAGED = {
     "kinetics400": "kinetics400.txt",
     "hmdb51": "hmdb51.txt",
@@ -51,7 +53,10 @@ def load_label_set(name_or_path: str) -> tuple[str, ...]:
             raise ValueError(
                 f"label set {name_or_path!r} is neither a packaged set {list_label_sets()} nor a readable file"
             )
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = read_small_text(path, f"label set {name_or_path!r}")
+        except OSError as exc:
+            raise ValueError(f"label set {name_or_path!r}: {exc.strerror or exc}") from None
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     check_label_names(names, f"label set {name_or_path!r}")
     if not names:

@@ -30,3 +30,30 @@ def check_readable(path: str) -> None:
         os.close(os.open(path, flags))
     except PermissionError:
         raise UnreadableSource("permission denied: the file cannot be read", "access_denied") from None
+
+
+MAX_SMALL_FILE_BYTES = 64 << 20  # a checkpoint's config.json (its label names included) or a label file
+
+
+def read_small_text(path: str | os.PathLike[str], what: str, *, limit: int = MAX_SMALL_FILE_BYTES) -> str:
+    """The UTF-8 text of a small regular file (a config, a label list), refused past `limit` bytes before it is read:
+    a 1 GB sparse ``config.json`` took 2 GB of memory to refuse. A FIFO or device is refused without blocking.
+
+    Raises:
+        OSError: it cannot be opened or read.
+        ValueError: not a regular file, larger than `limit`, or not UTF-8 (naming `what`).
+    """
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise ValueError(f"{what} is not a regular file")
+        if found.st_size > limit:
+            raise ValueError(f"{what} is {found.st_size:,} bytes, more than {limit:,}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} is more than {limit:,} bytes")
+    return data.decode("utf-8")

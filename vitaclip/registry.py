@@ -19,6 +19,7 @@ from vitaclip.checkpoint_folder import (
     recorded_labels,
 )
 from vitaclip.config import VitaClipConfig, format_model_id
+from vitaclip.readable import read_small_text
 from vitaclip.redact import redact_url
 
 if TYPE_CHECKING:  # torch and the model load only where a model is built: planning needs neither
@@ -50,7 +51,7 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     """
     path = _config_path(checkpoint)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_small_text(path, "the checkpoint config"))
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint config: {exc}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
