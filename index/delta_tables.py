@@ -41,7 +41,7 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from index.s3 import StorageError
 from index.schema import plain_schema, plain_types, schema_for
-from vitaclip.redact import endpoint_without_userinfo, redact_text, redact_url, refuse_object_userinfo
+from vitaclip.redact import endpoint_without_userinfo, redact_text, redact_url, refuse_object_userinfo, terminal_text
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,18 @@ class LogUnavailableError(LookupError):
 def refuse_percent(location: str) -> None:
     """Delta Lake tables cannot live under a path holding ``%``: delta-rs decodes percent escapes in table paths (as
     paths, file:// URLs and object keys alike), so a table in "o%41" would be written to "oA" and never found again,
-    and DuckDB's ``delta_scan`` fails on a bare ``%``."""
-    if "%" in location:
+    and DuckDB's ``delta_scan`` fails on a bare ``%``. Nor under one holding a control character (delta-rs refuses
+    the path as illegal, after the run had made its folders and recorded itself) or a backslash (delta-rs reads it
+    as a folder separator: "o\\bs" became "o/bs")."""
+    odd = [c for c in "%\\" if c in location] + (
+        ["a control character"] if any(ord(c) < 32 or ord(c) == 127 for c in location) else []
+    )
+    if odd:
+        found = ", ".join(repr(c) if len(c) == 1 else c for c in odd)
         raise StorageError(
-            f"output location {redact_url(location)}: Delta Lake tables cannot live under a path holding '%' (delta-rs "
-            "reads %XX as a percent escape): choose another name",
+            f"output location {terminal_text(redact_url(location))}: Delta Lake tables cannot live under a path "
+            f"holding '%' (delta-rs reads %XX as a percent escape), a backslash or a control character (found "
+            f"{found}): choose another name",
             reason="invalid_input",
             uri=location,
         )

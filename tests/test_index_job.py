@@ -710,11 +710,16 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(tmp_path: Path, caps
         (Path("/proc/vitaclip-out"), "cannot be made"),
         (tmp_path / "o%41", "holding '%'"),  # delta-rs would write o%41/videos to oA/videos
         (tmp_path / "o%", "holding '%'"),  # DuckDB's delta_scan fails on a bare percent sign
+        (tmp_path / "o\tab", "(found a control character)"),  # delta-rs: "illegal character", after a run began
+        (tmp_path / "o\nline", "(found a control character)"),
+        (tmp_path / "o\\bs", "(found '\\\\')"),  # delta-rs read it as a separator: o/bs/videos
     ]:
         assert main(job_args([str(tmp_path / "in")], output)) == 2, output
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not output.exists(), output  # refused before anything is made or recorded
     assert not (tmp_path / "oA").exists() and not (tmp_path / "o%41").exists() and not (tmp_path / "o%").exists()
+    assert not (tmp_path / "o").exists()
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
     # As root, drop the capabilities that skip permission checks.
