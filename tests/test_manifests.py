@@ -419,6 +419,16 @@ def test_listed_scopes_are_what_a_listing_covers_whole(tmp_path: Path, monkeypat
             listed_scopes(["in", manifest])
     # What a manifest covers, declared: it replaces the inputs' scopes.
     assert listed_scopes(["list.txt"], ["s3://media", "in"]) == ["s3://media/", f"{tmp_path / 'in'}/"]
+    # s3://media/in as a scope for the input s3://media/in/ marked the indexed videos of s3://media/in2/ deleted (a
+    # raw key prefix; found by review). Other scopes are as declared: a moved folder's old place, a manifest's bucket.
+    with pytest.raises(ValueError, match=r"--prune-scope s3://media/in is a raw key prefix: .* give s3://media/in/"):
+        listed_scopes(["s3://media/in/", "in"], ["s3://media/in"])
+    assert listed_scopes(["s3://media/in/"], ["s3://media/in/", "s3://media/old", "in"]) == [
+        "s3://media/in/",
+        "s3://media/old",
+        f"{tmp_path / 'in'}/",
+    ]
+    assert listed_scopes(["list.txt", "s3://media/in/"], ["s3://media/in"]) == ["s3://media/in"]  # a manifest's
 
 
 def test_current_etags_are_what_a_listing_gives_now(tmp_path: Path, s3_bucket: Bucket) -> None:

@@ -278,7 +278,21 @@ def listed_scopes(inputs: Sequence[str], declared: Sequence[str] = ()) -> list[s
             missing objects could be told.
     """
     if declared:
-        return [_scope_of(scope, "s3_prefix" if scope.startswith("s3://") else "folder") for scope in declared]
+        scopes = [_scope_of(scope, "s3_prefix" if scope.startswith("s3://") else "folder") for scope in declared]
+        kinds = [_classify_input(i) for i in inputs]
+        # With a manifest among the inputs a raw prefix may be what it covers (an inventory filtered on one).
+        manifests = {"manifest", "s3_manifest"} & set(kinds)
+        listed = [] if manifests else [i for i, kind in zip(inputs, kinds, strict=True) if kind == "s3_prefix"]
+        for scope in scopes:
+            # A raw key prefix naming a listed prefix's folder without its '/' (s3://b/in for the input s3://b/in/)
+            # covers its siblings (s3://b/in2/) too, which the listing never looks at: their videos would be pruned.
+            wider = [i for i in listed if not scope.endswith("/") and _scope_of(i, "s3_prefix").startswith(scope + "/")]
+            if wider:
+                raise ValueError(
+                    f"--prune-scope {scope} is a raw key prefix: it covers {scope}*, not only the input {wider[0]} "
+                    f"(videos under {scope}2/, say, would be marked deleted): give {scope}/"
+                )
+        return scopes
     scopes = []
     for location, kind in zip(inputs, (_classify_input(i) for i in inputs), strict=True):
         if kind in ("manifest", "s3_manifest"):
