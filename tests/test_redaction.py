@@ -254,6 +254,18 @@ def test_names_that_differ_print_differently() -> None:
     ]
     assert [printable_path(n) for n in names] == printed
     assert printable_name("été — 東京 ✓ a/b c") == "été — 東京 ✓ a/b c"  # other text stays as it is
+    # Two spellings of one text in Unicode (NFC, and as macOS writes names: "e" and a combining accent) printed
+    # alike (found by review): the one not in NFC has what NFC would change written out.
+    twins = ["caf\u00e9.mp4", "cafe\u0301.mp4", "\u00c5.mp4", "\u212b.mp4", "\uac00.mp4", "\u1100\u1161.mp4"]
+    assert [printable_name(n) for n in twins] == [
+        "caf\u00e9.mp4",
+        "cafe\\u0301.mp4",
+        "\u00c5.mp4",
+        "\\u212b.mp4",
+        "\uac00.mp4",
+        "\\u1100\\u1161.mp4",
+    ]
+    assert printable_name("n\u0303o\u0301") == "n\\u0303o\\u0301" and printable_name("ñó") == "ñó"
     hits = [Hit(0.5, "v", 1, f"/videos/{n}", None, None, None, ["a"], [0.5], None) for n in names[:2]]
     first, second = format_hits(hits, segments=False).splitlines()
     assert first.replace(" 1.", "") != second.replace(" 2.", "") and "\\\\x1b" in first and "\x1b" not in second

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -202,8 +203,30 @@ def terminal_text(text: str, *, lines: bool = False) -> str:
 def printable_name(name: str) -> str:
     """A file name, key or URI as one line of valid UTF-8 that no other name prints as: `terminal_text`'s escapes
     (newlines and tabs included), bytes that are not UTF-8 as ``\\xNN``, and the backslash itself doubled, so that a
-    name spelling ``\\x1b`` and one holding the escape character, or ``\\xff`` and the byte 0xff, stay apart."""
-    return _NAME_ESCAPES.sub(_escaped, name)
+    name spelling ``\\x1b`` and one holding the escape character, or ``\\xff`` and the byte 0xff, stay apart. A name
+    not in Unicode's NFC form (as macOS writes names: "e" and a combining accent) also has the characters NFC would
+    change or combine written out (``cafe\\u0301``), so it never prints as the NFC name it looks like."""
+    printed = _NAME_ESCAPES.sub(_escaped, name)
+    if printed.isascii() or unicodedata.is_normalized("NFC", name):
+        return printed
+    return "".join(
+        _NAME_ESCAPES.sub(_escaped, c) if _NAME_ESCAPES.match(c) else (_escape_char(c) if _composes(c) else c)
+        for c in name
+    )
+
+
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _composes(c: str) -> bool:
+    """Whether NFC may change `c` or combine it with the character before it: a combining mark, a character with
+    a decomposition of its own (the Angstrom sign), a conjoining Hangul jamo."""
+    code = ord(c)
+    if 0x1100 <= code <= 0x11FF or 0xA960 <= code <= 0xA97F or 0xD7B0 <= code <= 0xD7FF:
+        return True
+    return unicodedata.category(c).startswith("M") or unicodedata.normalize("NFC", c) != c
 
 
 def error_line(exc: BaseException) -> str:
