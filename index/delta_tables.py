@@ -128,11 +128,12 @@ class LogUnavailableError(LookupError):
 def refuse_percent(location: str) -> None:
     """Delta Lake tables cannot live under a path holding ``%``: delta-rs decodes percent escapes in table paths (as
     paths, file:// URLs and object keys alike), so a table in "o%41" would be written to "oA" and never found again,
-    and DuckDB's ``delta_scan`` fails on a bare ``%``. Nor under one holding a control character (delta-rs refuses
+    and DuckDB's ``delta_scan`` fails on a bare ``%``. Nor a local one holding a control character (delta-rs refuses
     the path as illegal, after the run had made its folders and recorded itself) or a backslash (delta-rs reads it
-    as a folder separator: "o\\bs" became "o/bs")."""
-    odd = [c for c in "%\\" if c in location] + (
-        ["a control character"] if any(ord(c) < 32 or ord(c) == 127 for c in location) else []
+    as a folder separator: "o\\bs" became "o/bs"); object-store prefixes are checked by `refuse_odd_key_prefix`."""
+    local = "://" not in location or location.startswith("file://")  # object-store keys: `refuse_odd_key_prefix`
+    odd = [c for c in ("%\\" if local else "%") if c in location] + (
+        ["a control character"] if local and any(ord(c) < 32 or ord(c) == 127 for c in location) else []
     )
     if odd:
         found = ", ".join(repr(c) if len(c) == 1 else c for c in odd)

@@ -77,6 +77,16 @@ def test_entries_left_out_by_the_extension_filter_are_reported(tmp_path: Path, c
     with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
         assert len(listed(manifest, extensions=None)) == 3
     assert not caplog.records
+    # A folder's files left out are said once too, as an info line (a folder holds other files as a rule): they
+    # went without a trace (found by review).
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert listed(tmp_path / "in") == [found["a.mp4"]]
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        f"{tmp_path / 'in'}: 3 files left out: not named with a video extension (--extensions), such as "
+        f"{tmp_path / 'in' / 'list.txt'}"
+    )
 
 
 def test_csv_cells_are_names_as_written(tmp_path: Path) -> None:

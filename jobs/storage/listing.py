@@ -332,14 +332,52 @@ def _list_all(
 
     for location, kind in inputs:
         if kind == "s3_prefix":
-            found: Iterator[VideoObject] = _list_s3_prefix(client, location, page_size=page_size, keep_name=keep_name)
+            left_out = _SkippedNames(location)
+            found: Iterator[VideoObject] = _list_s3_prefix(
+                client, location, page_size=page_size, keep_name=left_out.counting(keep_name)
+            )
         elif kind == "folder":
-            found = _list_folder(location, keep_name=keep_name, follow_outside_symlinks=follow_outside_symlinks)
+            left_out = _SkippedNames(location)
+            found = _list_folder(
+                location, keep_name=left_out.counting(keep_name), follow_outside_symlinks=follow_outside_symlinks
+            )
         else:
+            left_out = None
             found = _list_manifest(location, client=client, keep_name=keep_name)
         for video in found:
             if keep_size(video.size_bytes):
                 yield video
+        if left_out is not None:
+            left_out.report()
+
+
+class _SkippedNames:
+    """Counts the files of a folder or prefix listing left out by the extension filter and says so, in one info
+    line, once it has been listed: a video named ``v.mp4 `` (a trailing space) or ``v.mp4.part`` is not indexed
+    without a trace. A folder holds other files as a rule, so it is not a warning."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.count = 0
+        self.first: str | None = None
+
+    def counting(self, keep_name: Callable[[str], bool]) -> Callable[[str], bool]:
+        def keep(name: str) -> bool:
+            if keep_name(name):
+                return True
+            self.count += 1
+            self.first = self.first or name
+            return False
+
+        return keep
+
+    def report(self) -> None:
+        if self.first is not None:
+            log.info(
+                "%s: %d %s left out: not named with a video extension (--extensions), such as %s",
+                redact_url(self.location), self.count, "file" if self.count == 1 else "files",
+                printable_name(_shortened(redact_url(self.first))),
+            )  # fmt: skip
 
 
 def _list_s3_prefix(
