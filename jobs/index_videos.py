@@ -67,7 +67,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     when it committed but held back pruning (`--prune-max`), 130 when interrupted (143: SIGTERM), 1 on other
     failures."""
     setup_logging()
-    quit_on_a_second_interrupt(prog)
+    previous = quit_on_a_second_interrupt(prog)
+    try:
+        return _main(argv, prog)
+    finally:  # a later run in this process (tests, a library's caller) gets its own first interrupt
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     try:
         config = config_from_args(sys.argv[1:] if argv is None else argv, prog=prog)
         from jobs import pipeline
@@ -113,15 +121,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m jobs.index
     return 3 if summary.get("prune_held_back") else 0
 
 
-def quit_on_a_second_interrupt(prog: str) -> None:
+def quit_on_a_second_interrupt(prog: str) -> Any:
     """Ctrl-C (SIGINT) raises KeyboardInterrupt once: the run records itself as interrupted and ends. A second one
     while it does (a slow store, Ray's shutdown) ends the process at once, its embedded Ray's agents stopped: it
     used to interrupt Ray's shutdown with a traceback (at times a segfault) and leave the agents running. Only in
-    the main thread, and only where SIGINT has Python's own handler."""
+    the main thread, and only where SIGINT has Python's own handler. Returns that handler, for the caller to put
+    back (None: nothing was changed)."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
 
     def again(signum: int, frame: Any) -> None:
         print(f"\n{prog}: interrupted again: ending now (the run's record may still say running)", file=sys.stderr)
@@ -132,6 +142,7 @@ def quit_on_a_second_interrupt(prog: str) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, first)
+    return previous
 
 
 def _end_now(code: int) -> NoReturn:
