@@ -93,6 +93,14 @@ class ServiceLimits:
     media_roots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        roots = self.media_roots
+        if roots is not None:  # from a Serve config's YAML: a bare string made a root of every character, '/' first
+            if isinstance(roots, (str, bytes)) or not all(isinstance(r, str) for r in roots):
+                raise ValueError(f"media_roots must be a list of folders, got {roots!r}")
+            for root in roots:
+                if not os.path.isabs(root) or not os.path.isdir(root):
+                    raise ValueError(f"media root {root!r} is not an absolute path to a folder of this host")
+            object.__setattr__(self, "media_roots", tuple(roots))
         sizes = ("max_json_bytes", "max_upload_bytes", "max_head_bytes", "max_concurrent_queries", "max_connections")
         for name in sizes:
             if getattr(self, name) < 1:

@@ -714,6 +714,14 @@ def test_vitaclip_serve_takes_media_roots(tmp_path: Path) -> None:
     for wrong in (str(tmp_path / "missing"), "s3://bucket/videos"):  # a typo would serve nothing, silently
         with pytest.raises(ValueError, match=f"--media-root {wrong}: not a folder of this host"):
             limits("--media-root", wrong)
+    # A Serve config's `limits:` come as YAML: one folder written as a string made a root of every character ('/'
+    # among them: every file), and relative or missing folders were taken as they are (found by review).
+    with pytest.raises(ValueError, match="media_roots must be a list of folders"):
+        ServiceLimits(media_roots=str(tmp_path))  # type: ignore[arg-type]
+    for wrong in ("videos", str(tmp_path / "missing")):
+        with pytest.raises(ValueError, match="is not an absolute path to a folder of this host"):
+            ServiceLimits(media_roots=[wrong])  # type: ignore[arg-type]
+    assert ServiceLimits(media_roots=[str(tmp_path)]).media_roots == (str(tmp_path),)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ browsers
