@@ -431,8 +431,14 @@ def test_listed_scopes_are_what_a_listing_covers_whole(tmp_path: Path, monkeypat
     assert listed_scopes(["list.txt"], ["s3://media", "in"]) == ["s3://media/", f"{tmp_path / 'in'}/"]
     # s3://media/in as a scope for the input s3://media/in/ marked the indexed videos of s3://media/in2/ deleted (a
     # raw key prefix; found by review). Other scopes are as declared: a moved folder's old place, a manifest's bucket.
-    with pytest.raises(ValueError, match=r"--prune-scope s3://media/in is a raw key prefix: .* give s3://media/in/"):
-        listed_scopes(["s3://media/in/", "in"], ["s3://media/in"])
+    for inputs, scope in (
+        (["s3://media/in/", "in"], "s3://media/in"),
+        (["s3://media/in/"], "s3://media/i"),
+        (["s3://media/in/clips/"], "s3://media/in/cl"),
+    ):
+        with pytest.raises(ValueError, match=rf"--prune-scope {scope} is a raw key prefix: .* give the input's"):
+            listed_scopes(inputs, [scope])
+    assert listed_scopes(["s3://media/in/", "s3://media/in"], ["s3://media/in"]) == ["s3://media/in"]  # an input's
     assert listed_scopes(["s3://media/in/"], ["s3://media/in/", "s3://media/old", "in"]) == [
         "s3://media/in/",
         "s3://media/old",

@@ -283,14 +283,22 @@ def listed_scopes(inputs: Sequence[str], declared: Sequence[str] = ()) -> list[s
         # With a manifest among the inputs a raw prefix may be what it covers (an inventory filtered on one).
         manifests = {"manifest", "s3_manifest"} & set(kinds)
         listed = [] if manifests else [i for i, kind in zip(inputs, kinds, strict=True) if kind == "s3_prefix"]
-        for scope in scopes:
-            # A raw key prefix naming a listed prefix's folder without its '/' (s3://b/in for the input s3://b/in/)
-            # covers its siblings (s3://b/in2/) too, which the listing never looks at: their videos would be pruned.
-            wider = [i for i in listed if not scope.endswith("/") and _scope_of(i, "s3_prefix").startswith(scope + "/")]
+        own = {_scope_of(i, "s3_prefix") for i in listed}
+        for scope in (s for s in scopes if s not in own):  # an input's own scope covers what it lists
+            # A raw key prefix that a listed prefix extends (s3://b/in or s3://b/i for the input s3://b/in/) covers
+            # that prefix's siblings (s3://b/in2/) too, which the listing never looks at: their videos would be pruned.
+            wider = [
+                i
+                for i in listed
+                if not scope.endswith("/")
+                and _scope_of(i, "s3_prefix").startswith(scope)
+                and _scope_of(i, "s3_prefix") != scope
+            ]
             if wider:
                 raise ValueError(
-                    f"--prune-scope {scope} is a raw key prefix: it covers {scope}*, not only the input {wider[0]} "
-                    f"(videos under {scope}2/, say, would be marked deleted): give {scope}/"
+                    f"--prune-scope {scope} is a raw key prefix: it covers every key starting so, not only the input "
+                    f"{wider[0]} (videos under {scope}2/, say, would be marked deleted): give the input's folder, "
+                    f"{_scope_of(wider[0], 's3_prefix')}"
                 )
         return scopes
     scopes = []
