@@ -1712,6 +1712,9 @@ def test_configs_and_label_files_are_read_only_when_small_and_regular(tmp_path: 
         f.truncate(1 << 30)
     with pytest.raises(ValueError, match=r"label set .* is 1,073,741,824 bytes, more than 67,108,864"):
         load_label_set(str(labels))
+    labels.write_bytes(b"dog\ncat\xff\n")
+    with pytest.raises(ValueError, match=r"label set .*labels.txt' is not UTF-8 text \(byte 7\)"):
+        load_label_set(str(labels))
 
 
 def test_a_safetensors_header_past_16_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:

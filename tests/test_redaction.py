@@ -266,6 +266,9 @@ def test_names_that_differ_print_differently() -> None:
         "\\u1100\\u1161.mp4",
     ]
     assert printable_name("n\u0303o\u0301") == "n\\u0303o\\u0301" and printable_name("ñó") == "ñó"
+    # The C1 control U+0085 and the byte 0x85 of a name that is not UTF-8 both printed as \x85 (found by review).
+    assert printable_name("clip\x85.mp4") == "clip\\u0085.mp4"
+    assert printable_name(b"clip\x85.mp4".decode("utf-8", "surrogateescape")) == "clip\\x85.mp4"
     hits = [Hit(0.5, "v", 1, f"/videos/{n}", None, None, None, ["a"], [0.5], None) for n in names[:2]]
     first, second = format_hits(hits, segments=False).splitlines()
     assert first.replace(" 1.", "") != second.replace(" 2.", "") and "\\\\x1b" in first and "\x1b" not in second

@@ -56,4 +56,7 @@ def read_small_text(path: str | os.PathLike[str], what: str, *, limit: int = MAX
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{what} is more than {limit:,} bytes")
-    return data.decode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} is not UTF-8 text (byte {exc.start})") from None

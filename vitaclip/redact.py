@@ -186,7 +186,7 @@ def _escaped(found: re.Match[str]) -> str:
         return "\\\\"
     if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
         return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
+    if code < 0x80:  # \xNN above 0x7f is kept for the bytes that are not UTF-8: U+0085 and the byte 0x85 differ
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
