@@ -350,14 +350,24 @@ def test_an_interrupted_run_or_training_says_what_stays(
     assert main(["index", *job]) == 130
     err = capsys.readouterr().err
     assert "interrupted: what this run committed stays" in err and "Traceback" not in err, err
+
     # A real Ctrl-C during a run, in this process: the first is the run's (recorded, one line), and once the run
     # has returned Python's own handler is back, so a later run gets its own first interrupt too (the handler that
     # ends the process on a second Ctrl-C stayed, and ended the next run at its first; found by review).
-    monkeypatch.setattr(pipeline, "run_index_job", lambda *a, **k: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))
-    for _ in range(2):
-        assert main(["index", *job]) == 130
-        assert "interrupted: what this run committed stays" in capsys.readouterr().err
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    def ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        raise AssertionError("SIGINT did not interrupt the run")
+
+    monkeypatch.setattr(pipeline, "run_index_job", ctrl_c)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore SIGINT
+    try:
+        for _ in range(2):
+            assert main(["index", *job]) == 130
+            assert "interrupted: what this run committed stays" in capsys.readouterr().err
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     # SIGTERM (ray job stop, a pod's end): Ray's handler in the driver raises SystemExit(15).
     monkeypatch.setattr(pipeline, "run_index_job", lambda *a, **k: sys.exit(signal.SIGTERM))
     assert main(["index", *job]) == 143
