@@ -108,6 +108,9 @@ class IndexJobConfig:
         follow_outside_symlinks: read symlinks in input folders that lead to files outside them (by default such
             an entry is a row with status ``outside_folder``, never read; the search service serves no media of
             them either way).
+        include_hidden: list hidden entries in input folders and under ``s3://`` prefixes too: files and folders
+            whose name starts with ``.`` (a trash folder, a snapshot folder, macOS's ``._`` resource forks), left
+            out by default. Inputs given by name and manifest entries are listed whatever their names.
         max_size_bytes: skip larger objects (None: no limit).
         extensions: video file extensions to list.
         prune_missing: once the listing has ended, replace the row of every indexed video under a folder or
@@ -161,6 +164,7 @@ class IndexJobConfig:
     max_size_bytes: int | None = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     follow_outside_symlinks: bool = False
+    include_hidden: bool = False
     prune_missing: bool = False
     prune_scopes: tuple[str, ...] = ()
     prune_max: float = DEFAULT_PRUNE_MAX
@@ -377,6 +381,12 @@ def _add_listing_options(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         help="read symlinks in input folders to files outside them (else: status outside_folder, not read)",
+    )
+    p.add_argument(
+        "--include-hidden",
+        action="store_const",
+        const=True,
+        help="list files and folders whose name starts with '.' in input folders and prefixes (else left out)",
     )
     p.add_argument(
         "--prune-missing",

@@ -938,7 +938,7 @@ def run_listing(config: IndexJobConfig) -> Iterator[VideoObject]:
     )
     listing = list_videos(
         config.inputs, endpoint_url=config.s3_endpoint_url, follow_outside_symlinks=config.follow_outside_symlinks,
-        **filters,
+        include_hidden=config.include_hidden, **filters,
     )  # fmt: skip
     if config.prune_missing and config.prune_max >= 1:  # an input deleted or moved whole: its videos are pruned
         first = next(listing, None)

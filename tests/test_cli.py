@@ -158,6 +158,10 @@ def test_config_file_keys_may_be_the_flags_names(tmp_path: Path) -> None:
     config.write_text("no-index: false\n")
     assert config_from_args(argv).build_index is True
     assert config_from_args([*argv, "--no-index"]).build_index is False  # flags override the file
+    assert config_from_args(argv).include_hidden is False  # hidden entries are left out by default
+    assert config_from_args([*argv, "--include-hidden"]).include_hidden is True
+    config.write_text("include-hidden: true\n")
+    assert config_from_args(argv).include_hidden is True
 
 
 def test_missing_config_file_is_one_clear_line(tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import random
@@ -32,6 +33,7 @@ from jobs.storage import (
     open_video,
     require_any,
 )
+from jobs.storage.listing import is_hidden_key
 
 Bucket = tuple[Any, str]
 
@@ -802,3 +804,65 @@ def test_the_run_s_vacuum_sweeps_writes_killed_before_their_rename(tmp_path: Pat
     assert vacuumed is not None and vacuumed["write_temporaries"] == 3
     assert not any(path.exists() for path in killed.values())
     assert all(path.exists() for path in kept)
+
+
+def test_hidden_entries_are_left_out_of_folders_and_said_once(tmp_path: Path, caplog: Any) -> None:
+    # macOS's resource forks (`._clip.mp4`, copied beside every video on exFAT or SMB), a desktop trash and a
+    # snapshot folder: a name starting with "." is not listed below an input, as Spark and pyarrow leave it out.
+    root = tmp_path / ".videos"  # the input itself is named: listed whatever its name
+    for name in ("a.mp4", "._a.mp4", ".Trash-1000/files/b.mp4", "sub/c.mp4", "sub/.snapshot/hourly.0/c.mp4"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"v")
+
+    def names(**options: Any) -> list[str]:
+        return [os.path.relpath(v.uri, root) for v in list_videos([str(root)], **options)]
+
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert names() == ["a.mp4", "sub/c.mp4"]
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{root}: 3 hidden entries left out (a name starting with '.'), such as {root / '.Trash-1000'}; "
+        "--include-hidden lists them"
+    )
+    assert names(include_hidden=True) == [
+        ".Trash-1000/files/b.mp4", "._a.mp4", "a.mp4", "sub/.snapshot/hourly.0/c.mp4", "sub/c.mp4"
+    ]  # fmt: skip
+    # A manifest's entries are named one by one: listed whatever their names.
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{root / '._a.mp4'}\n{root / 'a.mp4'}\n")
+    assert [Path(v.uri).name for v in list_videos([str(manifest)])] == ["._a.mp4", "a.mp4"]
+
+
+def test_hidden_keys_are_left_out_under_s3_prefixes(s3_bucket: Bucket) -> None:
+    client, bucket = s3_bucket
+    for key in ("in/a.mp4", "in/._a.mp4", "in/.trash/b.mp4", "in/x/.c.mp4", "in/x/c.mp4", "in.mp4"):
+        put(client, bucket, key, b"v")
+
+    def keys(prefix: str, **options: Any) -> list[str]:
+        listed = list_videos([f"s3://{bucket}/{prefix}"], s3_client=client, **options)
+        return [video.uri.split("/", 3)[3] for video in listed]
+
+    assert keys("in/") == ["in/a.mp4", "in/x/c.mp4"]
+    assert keys("in") == ["in.mp4", "in/a.mp4", "in/x/c.mp4"]  # a raw prefix: "in.mp4" is under it, not hidden
+    assert keys("") == ["in.mp4", "in/a.mp4", "in/x/c.mp4"]
+    assert keys("in/.trash/") == ["in/.trash/b.mp4"]  # named by the input
+    assert keys("in/.") == ["in/._a.mp4", "in/.trash/b.mp4"]  # the prefix begins these names: named too
+    everything = ["in/._a.mp4", "in/.trash/b.mp4", "in/a.mp4", "in/x/.c.mp4", "in/x/c.mp4"]
+    assert keys("in/", include_hidden=True) == everything
+
+
+@pytest.mark.parametrize(
+    ("key", "prefix", "hidden"),
+    [
+        ("v/.a.mp4", "v/", True),
+        ("v/.a.mp4", "v", True),
+        ("v/.a.mp4", "v/.", False),
+        ("v/.a.mp4", "v/.a", False),
+        (".a/b.mp4", "", True),
+        ("v/a.b/c.mp4", "v/", False),
+        ("v/a/./c.mp4", "v/", True),  # a key is a name, not a path: "." is a part whose name starts with "."
+        ("v/x.mp4", "v/", False),
+    ],
+)
+def test_is_hidden_key(key: str, prefix: str, hidden: bool) -> None:
+    assert is_hidden_key(key, prefix) is hidden

@@ -146,6 +146,7 @@ def list_videos(
     s3_client: S3Client | None = None,
     endpoint_url: str | None = None,
     follow_outside_symlinks: bool = False,
+    include_hidden: bool = False,
 ) -> Iterator[VideoObject]:
     """Streams the videos under each input, filtered by extension and size: the live listings (folders, S3
     prefixes) first, then the manifests, each in input order and then in key order. An object both name keeps the
@@ -202,6 +203,7 @@ def list_videos(
         page_size=page_size,
         client=client,
         follow_outside_symlinks=follow_outside_symlinks,
+        include_hidden=include_hidden,
     )
 
 
@@ -329,6 +331,7 @@ def _list_all(
     page_size: int,
     client: S3Client,
     follow_outside_symlinks: bool,
+    include_hidden: bool,
 ) -> Iterator[VideoObject]:
     def keep_name(name: str) -> bool:
         return allowed is None or _extension(name) in allowed
@@ -339,24 +342,28 @@ def _list_all(
         return size_bytes >= min_size_bytes and (max_size_bytes is None or size_bytes <= max_size_bytes)
 
     for location, kind in inputs:
+        left_out = _SkippedNames(location)
+        hidden = None if include_hidden else _SkippedHidden(location)
         if kind == "s3_prefix":
-            left_out = _SkippedNames(location)
             found: Iterator[VideoObject] = _list_s3_prefix(
-                client, location, page_size=page_size, keep_name=left_out.counting(keep_name)
+                client, location, page_size=page_size, keep_name=left_out.counting(keep_name), hidden=hidden
             )
         elif kind == "folder":
-            left_out = _SkippedNames(location)
             found = _list_folder(
-                location, keep_name=left_out.counting(keep_name), follow_outside_symlinks=follow_outside_symlinks
+                location,
+                keep_name=left_out.counting(keep_name),
+                follow_outside_symlinks=follow_outside_symlinks,
+                hidden=hidden,
             )
         else:
-            left_out = None
             found = _list_manifest(location, client=client, keep_name=keep_name)
         for video in found:
             if keep_size(video.size_bytes):
                 yield video
-        if left_out is not None:
+        if kind in ("s3_prefix", "folder"):
             left_out.report()
+            if hidden is not None:
+                hidden.report()
 
 
 class _SkippedNames:
@@ -388,8 +395,46 @@ class _SkippedNames:
             )  # fmt: skip
 
 
+class _SkippedHidden:
+    """Counts the hidden entries (a name starting with ``.``) a folder or prefix listing leaves out, and says so in
+    one info line once it has been listed: a hidden folder is one entry, as it is not walked; under a prefix each
+    key below a hidden name is one."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.count = 0
+        self.first: str | None = None
+
+    def note(self, name: str) -> None:
+        self.count += 1
+        self.first = self.first or name
+
+    def report(self) -> None:
+        if self.first is not None:
+            log.info(
+                "%s: %d hidden %s left out (a name starting with '.'), such as %s; --include-hidden lists them",
+                redact_url(self.location), self.count, "entry" if self.count == 1 else "entries",
+                printable_name(_shortened(redact_url(self.first))),
+            )  # fmt: skip
+
+
+def is_hidden_key(key: str, prefix: str) -> bool:
+    """Whether an S3 key listed under the raw `prefix` has a hidden name below it: a ``/``-separated part that
+    starts with ``.``, other than the part the prefix itself ends in (``in/.h`` names ``.h...`` explicitly)."""
+    rest = key[len(prefix) :]
+    parts = rest.split("/")
+    if prefix and not prefix.endswith("/"):
+        parts = parts[1:]  # the end of a name the prefix began
+    return any(part.startswith(".") for part in parts)
+
+
 def _list_s3_prefix(
-    client: S3Client, location: str, *, page_size: int, keep_name: Callable[[str], bool]
+    client: S3Client,
+    location: str,
+    *,
+    page_size: int,
+    keep_name: Callable[[str], bool],
+    hidden: _SkippedHidden | None = None,
 ) -> Iterator[VideoObject]:
     bucket, prefix = parse_s3_uri(location)
     pages = client.get_paginator("list_objects_v2").paginate(
@@ -399,7 +444,12 @@ def _list_s3_prefix(
         for page in pages:  # one request per page, made only when the previous page has been consumed
             for entry in page.get("Contents", ()):
                 key = entry["Key"]
-                if key.endswith("/") or not keep_name(key):
+                if key.endswith("/"):
+                    continue
+                if hidden is not None and is_hidden_key(key, prefix):
+                    hidden.note(f"s3://{bucket}/{key}")
+                    continue
+                if not keep_name(key):
                     continue
                 yield VideoObject(f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"'), int(entry["Size"]))
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
@@ -445,7 +495,12 @@ def _odd(path: str, status: str, message: str) -> VideoObject:
 
 
 def _walk_sorted(
-    folder: str, *, keep_name: Callable[[str], bool], inside: str | None, top: bool = True
+    folder: str,
+    *,
+    keep_name: Callable[[str], bool],
+    inside: str | None,
+    top: bool = True,
+    hidden: _SkippedHidden | None = None,
 ) -> Iterator[VideoObject]:
     """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
 
@@ -454,7 +509,7 @@ def _walk_sorted(
     outside `inside` (`outside_folder`; None: any target), a FIFO, socket or device (`not_a_file`, which a decoder
     would block on), a file that cannot be inspected (`read_error`), a subfolder that cannot be read
     (`UNLISTED_FOLDER`, the folder itself: its videos are unknown). A top folder that cannot be read fails the
-    listing.
+    listing. With `hidden`, entries whose name starts with ``.`` are left out (and counted there).
     """
     try:
         with os.scandir(folder) as scan:
@@ -483,44 +538,49 @@ def _walk_sorted(
             f"cannot list folder {printable_path(folder)}: {why}", reason="read_error", uri=folder
         ) from error
     for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
+        if hidden is not None and entry.name.startswith("."):
+            hidden.note(entry.path)
+            continue
         if sort_name.endswith("/"):
-            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside, top=False)
+            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside, top=False, hidden=hidden)
             continue
         if not keep_name(entry.path):
             continue
-        try:
-            st = entry.stat()  # follows symlinks
-        except FileNotFoundError:
-            if entry.is_symlink():
-                yield _odd(entry.path, "broken_link", "symbolic link to a missing file")
-            continue  # removed since the folder was read
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                yield _odd(entry.path, "broken_link", "symbolic link loop")
-            elif isinstance(error, PermissionError):  # a folder readable but not searchable (no x bit)
-                yield _odd(entry.path, "access_denied", f"cannot inspect the file: {error.strerror or error}")
-            else:
-                yield _odd(entry.path, "read_error", f"cannot inspect the file: {error.strerror or error}")
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            continue  # a symlinked folder: not followed
-        if inside is not None and entry.is_symlink() and not _is_within(os.path.realpath(entry.path), inside):
-            yield _odd(
-                entry.path,
-                "outside_folder",
-                "symbolic link to a file outside the listed folder: not read (--follow-outside-symlinks reads it)",
-            )
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            yield _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
-            continue
-        if is_kernel_file(entry.path, st):  # its size says 0 (or a page) whatever it reads: never the same
-            yield _odd(entry.path, "not_a_file", "a file of the kernel's /proc or /sys, not a stored file")
-            continue
-        if not _is_utf8(entry.path):
-            yield _odd(entry.path, "invalid_name", f"the file name is not valid UTF-8: {printable_path(entry.path)}")
-            continue
-        yield VideoObject(entry.path, local_etag(st), st.st_size)
+        found = _listed_file(entry, inside=inside)
+        if found is not None:
+            yield found
+
+
+def _listed_file(entry: os.DirEntry[str], *, inside: str | None) -> VideoObject | None:
+    """A folder entry that is not a folder, as `_walk_sorted` lists it: a video, a row with a listing status, or
+    None (removed since the folder was read, or a symlinked folder)."""
+    try:
+        st = entry.stat()  # follows symlinks
+    except FileNotFoundError:
+        if entry.is_symlink():
+            return _odd(entry.path, "broken_link", "symbolic link to a missing file")
+        return None  # removed since the folder was read
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return _odd(entry.path, "broken_link", "symbolic link loop")
+        if isinstance(error, PermissionError):  # a folder readable but not searchable (no x bit)
+            return _odd(entry.path, "access_denied", f"cannot inspect the file: {error.strerror or error}")
+        return _odd(entry.path, "read_error", f"cannot inspect the file: {error.strerror or error}")
+    if stat.S_ISDIR(st.st_mode):
+        return None  # a symlinked folder: not followed
+    if inside is not None and entry.is_symlink() and not _is_within(os.path.realpath(entry.path), inside):
+        return _odd(
+            entry.path,
+            "outside_folder",
+            "symbolic link to a file outside the listed folder: not read (--follow-outside-symlinks reads it)",
+        )
+    if not stat.S_ISREG(st.st_mode):
+        return _odd(entry.path, "not_a_file", "not a regular file (a FIFO, socket or device)")
+    if is_kernel_file(entry.path, st):  # its size says 0 (or a page) whatever it reads: never the same
+        return _odd(entry.path, "not_a_file", "a file of the kernel's /proc or /sys, not a stored file")
+    if not _is_utf8(entry.path):
+        return _odd(entry.path, "invalid_name", f"the file name is not valid UTF-8: {printable_path(entry.path)}")
+    return VideoObject(entry.path, local_etag(st), st.st_size)
 
 
 def is_kernel_file(path: str, st: os.stat_result) -> bool:
@@ -546,10 +606,14 @@ def _kernel_devices() -> frozenset[int]:
 
 
 def _list_folder(
-    location: str, *, keep_name: Callable[[str], bool], follow_outside_symlinks: bool
+    location: str,
+    *,
+    keep_name: Callable[[str], bool],
+    follow_outside_symlinks: bool,
+    hidden: _SkippedHidden | None = None,
 ) -> Iterator[VideoObject]:
     inside = None if follow_outside_symlinks else os.path.realpath(location)
-    yield from _walk_sorted(absolute_path(location), keep_name=keep_name, inside=inside)
+    yield from _walk_sorted(absolute_path(location), keep_name=keep_name, inside=inside, hidden=hidden)
 
 
 def _is_within(path: str, folder: str) -> bool:
