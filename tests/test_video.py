@@ -651,6 +651,30 @@ def test_an_upload_cut_before_any_frame_is_truncated_not_corrupt(video_dir: Path
     assert _reason(garbage) == "corrupt"
 
 
+def test_a_whole_mp4_whose_index_points_outside_it_is_corrupt_not_truncated(video_dir: Path) -> None:
+    """A whole MP4 (every top-level box there) whose chunk offsets (``stco``) were overwritten reads no packet: it was
+    called ``truncated`` (cut short, worth waiting for the rest of an upload) where the file is damaged."""
+    whole = write_indexed_video(video_dir / "whole_for_stco.mp4", num_frames=48)
+    data = bytearray(whole.read_bytes())
+    at = data.find(b"stco")
+    assert at > 0
+    count = int.from_bytes(data[at + 8 : at + 12], "big")
+    data[at + 12 : at + 12 + 4 * count] = b"\xff\xff\xff\x00" * count  # every chunk past the end of the file
+    path = video_dir / "bad_stco.mp4"
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as file:
+        for source in (path, bytes(data), file):
+            with pytest.raises(VideoDecodeError) as info:
+                decode_clip(source, size=SIZE)
+            assert info.value.reason == "corrupt", info.value
+            assert "its index (moov) is damaged" in info.value.message
+    with pytest.raises(VideoDecodeError) as info:
+        probe(path, method="demux")
+    assert info.value.reason == "corrupt", info.value
+    # Cut short inside its media data (the header first), the same stream still reads as cut short.
+    assert _reason(whole.read_bytes()[: _top_boxes(whole.read_bytes())[b"mdat"][0] + 8]) == "truncated"
+
+
 def test_a_decoded_video_leaves_nothing_to_the_garbage_collector(make_video: Callable[..., Any]) -> None:
     """Reading a frame's display matrix through `frame.side_data` made a reference cycle (the frame caches the
     container, which refers back to it): every converted frame, its picture buffers and through them the decoder's

@@ -262,6 +262,20 @@ def cut_short(source: VideoSource) -> bool:
         return False
 
 
+def whole_iso_bmff(source: VideoSource) -> bool:
+    """Whether an input is an MP4/MOV whose top-level boxes are all there (`_iso_bmff_truncated` says complete): a
+    stream of it with no packet to read has a damaged index, not a file cut short."""
+    try:
+        head = _head_bytes(source, 64)
+        return head[4:8] in _ISO_BMFF_BOXES and _iso_bmff_truncated(source, _source_size(source)) is False
+    except OSError:
+        return False
+
+
+NO_PACKETS = "the video stream holds no packets"
+DAMAGED_INDEX = f"{NO_PACKETS} that can be read, yet the file is whole: its index (moov) is damaged"
+
+
 _ISO_BMFF_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
 
 
@@ -574,7 +588,7 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
         if packet.is_keyframe:
             key_list.append(pts)
     if not count:
-        raise VideoDecodeError("truncated", "the video stream holds no packets")
+        raise VideoDecodeError("truncated", NO_PACKETS)
     if not pts_list or dts_back or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64)):
         fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
         return PacketTable(

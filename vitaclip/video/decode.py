@@ -27,7 +27,9 @@ from av.packet import Packet
 from av.video.frame import VideoFrame
 
 from vitaclip.video._container import (
+    DAMAGED_INDEX,
     DEFAULT_MAX_PIXELS,
+    NO_PACKETS,
     Deadline,
     DeadlineExceeded,
     Header,
@@ -41,6 +43,7 @@ from vitaclip.video._container import (
     open_video,
     scan_packets,
     video_packets,
+    whole_iso_bmff,
 )
 from vitaclip.video.errors import VideoDecodeError
 from vitaclip.video.sampling import (
@@ -799,6 +802,8 @@ class VideoDecoder:
             except VideoDecodeError as error:
                 if error.reason == "corrupt" and error.message == _NO_FRAME and cut_short(self._source):
                     raise VideoDecodeError("truncated", f"{_NO_FRAME}: the file ends before its media data") from None
+                if error.reason == "truncated" and error.message == NO_PACKETS and whole_iso_bmff(self._source):
+                    raise VideoDecodeError("corrupt", DAMAGED_INDEX) from None
                 raise
         if fresh:
             self._table = table

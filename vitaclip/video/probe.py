@@ -8,7 +8,9 @@ from typing import Literal
 import av.error
 
 from vitaclip.video._container import (
+    DAMAGED_INDEX,
     DEFAULT_MAX_PIXELS,
+    NO_PACKETS,
     Deadline,
     Header,
     OpenedVideo,
@@ -20,7 +22,9 @@ from vitaclip.video._container import (
     open_video,
     scan_packets,
     video_packets,
+    whole_iso_bmff,
 )
+from vitaclip.video.errors import VideoDecodeError
 from vitaclip.video.sampling import choose_duration
 from vitaclip.video.transforms import display_rotation
 
@@ -126,7 +130,12 @@ def probe(
     with as_decode_errors(deadline, "cannot read the video stream"):
         with open_video(source, deadline=deadline, max_pixels=max_pixels) as opened:
             if method == "demux" or not _metadata_is_sane(opened.header):
-                table = scan_packets(opened, deadline=deadline)
+                try:
+                    table = scan_packets(opened, deadline=deadline)
+                except VideoDecodeError as error:
+                    if error.reason == "truncated" and error.message == NO_PACKETS and whole_iso_bmff(source):
+                        raise VideoDecodeError("corrupt", DAMAGED_INDEX) from None
+                    raise
                 rotation = _rotation_after_scan(source, opened, table, deadline=deadline, max_pixels=max_pixels)
                 return _info(opened, table, rotation)
             rotation = _first_frame_rotation(opened, deadline)
