@@ -521,22 +521,33 @@ class Planner:
             if runs <= ended  # all: a file's rows of the video go whole
         }
 
-    def missing(self, scopes: Sequence[str]) -> pa.Table:
+    def missing(self, scopes: Sequence[str], *, indexed_before: float | None = None) -> pa.Table:
         """Listed objects for the committed videos of the model under `scopes` (URI prefixes) that the listing so
         far did not name and whose row does not say ``deleted`` already: ``uri``, a null ``etag``, an unknown
         ``size_bytes`` and the listing status ``deleted``, to plan like listed ones (their rows are replaced).
+        With `indexed_before` (seconds since the epoch: when a manifest among the inputs was made), rows indexed
+        at or after it are left out, and counted as ``indexed_after_manifest``: the manifest could not name them.
 
-        Reads the ``video_id`` and ``uri`` columns of only the files holding such rows.
+        Reads the ``video_id`` and ``uri`` (and ``indexed_at``) columns of only the files holding such rows.
         """
         unseen = ~np.isin(self._id_hash, self._seen.array()) & ((self._file_code & _GONE_BIT) == 0)
         hashes = self._id_hash[unseen]
+        columns = ["video_id", "uri"] if indexed_before is None else ["video_id", "uri", "indexed_at"]
         uris: list[str] = []
+        newer: set[str] = set()
         for index in np.unique(self._file_code[unseen] & _FILE_MASK) if scopes else ():
-            rows = _read_columns(self.location, "videos", self._files[int(index)], ["video_id", "uri"], self.model_id)
+            rows = _read_columns(self.location, "videos", self._files[int(index)], columns, self.model_id)
             under = functools.reduce(pc.or_, [pc.starts_with(rows.column("uri"), scope) for scope in scopes])
             wanted = np.isin(_id_hash(rows.column("video_id")), hashes) & under.to_numpy(zero_copy_only=False)
+            if indexed_before is not None:
+                millis = rows.column("indexed_at").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+                later = pc.greater_equal(millis, int(indexed_before * 1000)).to_numpy(zero_copy_only=False)
+                newer.update(rows.column("uri").filter(pa.array(wanted & later)).to_pylist())
+                wanted &= ~later
             uris.extend(rows.column("uri").filter(pa.array(wanted)).to_pylist())
-        uris = sorted(set(uris))
+        if indexed_before is not None:
+            self.counts["indexed_after_manifest"] = len(newer)
+        uris = sorted(set(uris) - newer)
         message = "no longer listed under this run's inputs: deleted, or left out by the run's filters"
         return pa.table(
             {

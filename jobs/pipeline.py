@@ -85,7 +85,7 @@ from jobs.storage import (
     open_store,
     require_any,
 )
-from jobs.storage.listing import UNLISTED_FOLDER, absolute_path
+from jobs.storage.listing import UNLISTED_FOLDER, absolute_path, manifests_made_at
 from vitaclip.redact import error_line, redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
@@ -662,13 +662,14 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
     commits: Commits | None = None
     try:
         listing = run_listing(config)  # before Ray starts: a wrong bucket or an empty prefix fails fast
+        manifest_made_at = prune_manifests_made_at(config)
         phases.done("prepare")
         cluster, pools = start_index_ray(config)
         phases.done("ray_start")
         try:
             planner, blocks = plan_run(
                 listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
-                prune_scopes=prune_scopes, prune_max=config.prune_max,
+                prune_scopes=prune_scopes, prune_max=config.prune_max, prune_indexed_before=manifest_made_at,
             )  # fmt: skip
         except ray.exceptions.RayTaskError as exc:  # the planner refused the output (data files gone): one line
             if isinstance(exc.cause, ValueError):
@@ -954,6 +955,21 @@ def run_listing(config: IndexJobConfig) -> Iterator[VideoObject]:
         ) from None
 
 
+def prune_manifests_made_at(config: IndexJobConfig) -> float | None:
+    """With `--prune-missing` and manifests among the inputs: when the oldest of them was made. A video indexed
+    after that (by a run over a live listing, say, since yesterday's inventory report) is not pruned for being
+    absent from it."""
+    if not config.prune_missing:
+        return None
+    made_at = manifests_made_at(config.inputs, endpoint_url=config.s3_endpoint_url)
+    if made_at is not None:
+        log.info(
+            "--prune-missing with a manifest made at %s: videos indexed since are not pruned (it cannot name them)",
+            datetime.fromtimestamp(made_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        )
+    return made_at
+
+
 def plan_run(
     listing: Iterable[VideoObject],
     location: OutputLocation,
@@ -965,11 +981,13 @@ def plan_run(
     max_attempts: int = 0,
     prune_scopes: Sequence[str] = (),
     prune_max: float = 1.0,
+    prune_indexed_before: float | None = None,
 ) -> tuple[Any, list[PlannedBlock]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
     that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
     `max_attempts` is the config's (0: no limit); committed videos under `prune_scopes` that the listing does not
-    name are planned as ``deleted`` rows, except under a scope where they are more than `prune_max` of its videos."""
+    name are planned as ``deleted`` rows, except under a scope where they are more than `prune_max` of its videos,
+    and those indexed at or after `prune_indexed_before` (when a manifest among the inputs was made)."""
     import ray
 
     # The planner needs no CPU of its own: it mostly waits.
@@ -988,7 +1006,7 @@ def plan_run(
     in_flight: list[Any] = []
     planned = 0
     if prune_scopes:
-        in_flight.append(planner.prune_under.remote(prune_scopes, prune_max))
+        in_flight.append(planner.prune_under.remote(prune_scopes, prune_max, indexed_before=prune_indexed_before))
     unlisted: list[str] = []  # subfolders that could not be read: no row, and nothing under them is pruned
     for listed in _listing_tables(listing, unlisted):
         in_flight.append(planner.plan.remote(listed))

@@ -63,6 +63,7 @@ class PlanActor:
         self._listed_under: Counter[str] = Counter()  # listed objects per `--prune-missing` scope
         self._scopes: tuple[str, ...] = ()
         self._prune_max = 1.0
+        self._indexed_before: float | None = None
         self._held_back: list[dict[str, Any]] = []
         self._unlisted: list[str] = []  # folders the listing could not read: nothing under them is pruned
         # A table the run cannot plan from (data files gone) is refused at the first call, as an error of that
@@ -78,12 +79,16 @@ class PlanActor:
         if self._refusal is not None:
             raise self._refusal
 
-    def prune_under(self, scopes: Sequence[str], max_share: float = 1.0) -> None:
+    def prune_under(
+        self, scopes: Sequence[str], max_share: float = 1.0, *, indexed_before: float | None = None
+    ) -> None:
         """Counts the objects listed under each of `scopes`, for `plan_missing`, which prunes no scope where more
-        than `max_share` of its videos (listed, or no longer listed) would go."""
+        than `max_share` of its videos (listed, or no longer listed) would go, and no video indexed at or after
+        `indexed_before` (when the oldest manifest among the inputs was made: it cannot name them)."""
         self._usable()
         self._scopes = tuple(scopes)
         self._prune_max = max_share
+        self._indexed_before = indexed_before
 
     def spare(self, folders: Sequence[str]) -> None:
         """Folders the listing could not read (`UNLISTED_FOLDER`): `plan_missing` prunes no video under them, since
@@ -115,7 +120,9 @@ class PlanActor:
         whole). Returns how many were planned, and the scopes left alone."""
         no_limit = self._prune_max >= 1.0
         scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
-        missing = self.planner.missing([prefix for scope in scopes for prefix in scope_prefixes(scope)])
+        missing = self.planner.missing(
+            [prefix for scope in scopes for prefix in scope_prefixes(scope)], indexed_before=self._indexed_before
+        )
         if self._unlisted:  # before the share: videos under a folder that could not be read are not missing
             unknown = np.logical_or.reduce([_under(missing.column("uri"), f) for f in self._unlisted])
             missing = missing.filter(pa.array(~unknown))

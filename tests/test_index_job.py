@@ -928,6 +928,26 @@ def test_a_subfolder_that_cannot_be_listed_is_left_as_it_is(
     assert run([str(tmp_path / "in")], out) == 2  # the input folder itself: nothing can be listed, the run fails
 
 
+def test_prune_with_a_manifest_spares_videos_indexed_after_it_was_made(local_ray, tmp_path: Path) -> None:
+    """A manifest (yesterday's inventory report) cannot name a video uploaded since: one that a run over the live
+    folder indexed after the manifest was made is not pruned for being absent from it (it was, and came back the
+    next night with the next report, decoded again)."""
+    a, b, c = make_videos(tmp_path / "in", 3, broken=False)
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out) == 0
+    manifest = tmp_path / "inventory.txt"  # made after the first run: names a, not b (deleted since), not d
+    manifest.write_text(f"{a}\n{c}\n")
+    time.sleep(0.1)
+    (d,) = make_videos(tmp_path / "in", 1, start=3, broken=False)  # uploaded after the manifest
+    assert run([str(tmp_path / "in")], out) == 0
+    prune = ("--prune-missing", "--prune-scope", str(tmp_path / "in"), "--prune-max", "1")
+    assert run([str(manifest)], out, *prune) == 0
+    statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
+    assert [statuses[str(p)] for p in (a, b, c, d)] == ["ok", "deleted", "ok", "ok"]
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["counts"]["no_longer_listed"] == 1 and summary["counts"]["indexed_after_manifest"] == 1
+
+
 def test_prune_missing_marks_videos_no_longer_listed_as_deleted(
     local_ray, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
 ) -> None:

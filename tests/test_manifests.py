@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.storage import UNKNOWN_SIZE, StorageError, VideoObject, list_videos
+from jobs.storage.listing import manifests_made_at
 
 Bucket = tuple[Any, str]
 
@@ -496,3 +498,30 @@ def test_parquet_manifest_text_that_is_not_utf8_names_the_manifest(tmp_path: Pat
     with pytest.raises(StorageError, match=r"list.parquet rows 1-2: cannot be read as text") as caught:
         list(list_videos([str(manifest)]))
     assert caught.value.reason == "invalid_input"
+
+
+def test_manifests_made_at_is_the_oldest_manifests_time(tmp_path: Path, s3_bucket: Any) -> None:
+    """What `--prune-missing` spares rows indexed after: an inventory report's creationTimestamp, else the
+    manifest's modification time (a local file's, an S3 object's LastModified); None with no manifest."""
+    client, bucket = s3_bucket
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.mp4\n")
+    os.utime(listing, (1_700_000_000, 1_700_000_000))
+    inventory = tmp_path / "manifest.json"
+    inventory.write_text(json.dumps({"fileFormat": "CSV", "files": [], "creationTimestamp": "1600000000000"}))
+    (tmp_path / "folder").mkdir()
+    assert manifests_made_at([str(tmp_path / "folder")]) is None
+    assert manifests_made_at([str(listing)]) == 1_700_000_000
+    assert manifests_made_at([str(tmp_path / "folder"), str(listing), str(inventory)]) == 1_600_000_000
+    inventory.write_text(json.dumps({"fileFormat": "CSV", "files": []}))  # no creationTimestamp: the file's time
+    os.utime(inventory, (1_650_000_000, 1_650_000_000))
+    assert manifests_made_at([str(inventory)]) == 1_650_000_000
+    before = time.time() - 5
+    client.put_object(Bucket=bucket, Key="m/list.txt", Body=b"v.mp4\n")
+    client.put_object(Bucket=bucket, Key="m/manifest.json", Body=json.dumps(
+        {"fileFormat": "Parquet", "files": [], "creationTimestamp": "1500000000000"}
+    ).encode())  # fmt: skip
+    assert before <= manifests_made_at([f"s3://{bucket}/m/list.txt"], s3_client=client) <= time.time() + 5
+    assert manifests_made_at([f"s3://{bucket}/m/list.txt", f"s3://{bucket}/m/manifest.json"], s3_client=client) == (
+        1_500_000_000
+    )

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import stat
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -813,6 +814,37 @@ def _manifest_rows(location: str, *, client: S3Client) -> Iterator[_ManifestRow]
         yield from _txt_rows(_text_lines(_byte_chunks(location, client=client), where=location))
     else:  # .csv, .csv.gz
         yield from _csv_rows(_text_lines(_byte_chunks(location, client=client), where=location), where=location)
+
+
+def manifests_made_at(
+    inputs: Sequence[str], *, endpoint_url: str | None = None, s3_client: S3Client | None = None
+) -> float | None:
+    """When the oldest manifest among `inputs` was made, in seconds since the epoch (None: no manifest among them):
+    an S3 Inventory report's ``creationTimestamp``, else the manifest file's modification time. A manifest cannot
+    name an object made after it, so `--prune-missing` prunes no video indexed later than this."""
+    found: list[float] = []
+    client = s3_client
+    for location, kind in zip(inputs, classify_inputs(inputs), strict=True):
+        if kind not in ("manifest", "s3_manifest"):
+            continue
+        if client is None and kind == "s3_manifest":
+            client = make_s3_client(endpoint_url=endpoint_url)
+        found.append(_manifest_made_at(location, client=client))  # type: ignore[arg-type]  # local: no client
+    return min(found, default=None)
+
+
+def _manifest_made_at(location: str, *, client: S3Client) -> float:
+    if location.lower().endswith(".json"):
+        stamp = _inventory_manifest(location, client=client).get("creationTimestamp")
+        try:
+            made = int(str(stamp)) / 1000  # milliseconds since the epoch, as a string
+        except ValueError:
+            made = -1.0
+        if 0 < made < time.time() + 86_400:
+            return made
+    if location.startswith("s3://"):
+        return float(_head(location, client=client, action="read").get("LastModified").timestamp())
+    return os.stat(location).st_mtime
 
 
 # ----------------------------------------------------------------------------------------------- manifest bytes
