@@ -377,46 +377,42 @@ class _SkippedNames:
         self.count = 0
         self.first: str | None = None
 
+    def note(self, name: str) -> None:
+        self.count += 1
+        self.first = self.first or name
+
     def counting(self, keep_name: Callable[[str], bool]) -> Callable[[str], bool]:
         def keep(name: str) -> bool:
             if keep_name(name):
                 return True
-            self.count += 1
-            self.first = self.first or name
+            self.note(name)
             return False
 
         return keep
 
     def report(self) -> None:
         if self.first is not None:
-            log.info(
-                "%s: %d %s left out: not named with a video extension (--extensions), such as %s",
-                redact_url(self.location), self.count, "file" if self.count == 1 else "files",
-                printable_name(_shortened(redact_url(self.first))),
-            )  # fmt: skip
+            first = printable_name(_shortened(redact_url(self.first)))
+            log.info("%s: %s", redact_url(self.location), self.said(self.count, first))
+
+    @staticmethod
+    def said(count: int, first: str) -> str:
+        files = "file" if count == 1 else "files"
+        return f"{count} {files} left out: not named with a video extension (--extensions), such as {first}"
 
 
-class _SkippedHidden:
+class _SkippedHidden(_SkippedNames):
     """Counts the hidden entries (a name starting with ``.``) a folder or prefix listing leaves out, and says so in
     one info line once it has been listed: a hidden folder is one entry, as it is not walked; under a prefix each
     key below a hidden name is one."""
 
-    def __init__(self, location: str) -> None:
-        self.location = location
-        self.count = 0
-        self.first: str | None = None
-
-    def note(self, name: str) -> None:
-        self.count += 1
-        self.first = self.first or name
-
-    def report(self) -> None:
-        if self.first is not None:
-            log.info(
-                "%s: %d hidden %s left out (a name starting with '.'), such as %s; --include-hidden lists them",
-                redact_url(self.location), self.count, "entry" if self.count == 1 else "entries",
-                printable_name(_shortened(redact_url(self.first))),
-            )  # fmt: skip
+    @staticmethod
+    def said(count: int, first: str) -> str:
+        entries = "entry" if count == 1 else "entries"
+        return (
+            f"{count} hidden {entries} left out (a name starting with '.'), such as {first}; --include-hidden lists "
+            "them"
+        )
 
 
 def is_hidden_key(key: str, prefix: str) -> bool:
