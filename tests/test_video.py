@@ -671,8 +671,24 @@ def test_a_whole_mp4_whose_index_points_outside_it_is_corrupt_not_truncated(vide
     with pytest.raises(VideoDecodeError) as info:
         probe(path, method="demux")
     assert info.value.reason == "corrupt", info.value
-    # Cut short inside its media data (the header first), the same stream still reads as cut short.
-    assert _reason(whole.read_bytes()[: _top_boxes(whole.read_bytes())[b"mdat"][0] + 8]) == "truncated"
+    # Cut where a box ends before any media data: a header alone (faststart), a fragmented recording's init segment
+    # alone: cut short, though every box there is whole (found by review).
+    fast = write_indexed_video(
+        video_dir / "fast_for_cut.mp4", num_frames=48, container_options={"movflags": "faststart"}
+    )
+    fast_bytes = fast.read_bytes()
+    assert _reason(fast_bytes[: _top_boxes(fast_bytes)[b"mdat"][0]]) == "truncated"
+    fragmented = write_indexed_video(
+        video_dir / "fragmented.mp4",
+        num_frames=48,
+        container_options={"movflags": "frag_keyframe+empty_moov+default_base_moof"},
+    ).read_bytes()
+    init = fragmented[: fragmented.index(b"moof") - 4]  # ftyp and moov (no samples): up to the first fragment
+    assert b"mdat" not in init and b"moov" in init
+    assert _reason(init) == "truncated"
+    with pytest.raises(VideoDecodeError) as info:
+        probe(init, method="demux")
+    assert info.value.reason == "truncated"
 
 
 def test_a_decoded_video_leaves_nothing_to_the_garbage_collector(make_video: Callable[..., Any]) -> None:

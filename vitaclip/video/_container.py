@@ -229,27 +229,32 @@ def _read_at(source: VideoSource, offset: int, size: int) -> bytes:
 def _iso_bmff_truncated(source: VideoSource, total: int) -> bool | None:
     """Walk the top-level boxes of an MP4/MOV: True if one runs past the end or the file ends before any ``moov`` box
     (its header: a recording or an upload cut short), False if complete, None if unknown."""
-    offset, header_seen = 0, False
+    return _walk_boxes(source, total)[0]
+
+
+def _walk_boxes(source: VideoSource, total: int) -> tuple[bool | None, set[bytes]]:
+    """`_iso_bmff_truncated`'s answer, and the types of the top-level boxes walked."""
+    offset, seen = 0, set[bytes]()
     for _ in range(10_000):
         if offset == total:
-            return not header_seen
+            return b"moov" not in seen, seen
         header = _read_at(source, offset, 16)
         if len(header) < 8:
-            return True
+            return True, seen
         size = int.from_bytes(header[:4], "big")
-        header_seen = header_seen or header[4:8] == b"moov"
+        seen.add(bytes(header[4:8]))
         if size == 1:
             if len(header) < 16:
-                return True
+                return True, seen
             size = int.from_bytes(header[8:16], "big")
         elif size == 0:  # box extends to the end of the file
-            return not header_seen
+            return b"moov" not in seen, seen
         if size < 8:
-            return None
+            return None, seen
         offset += size
         if offset > total:
-            return True
-    return None
+            return True, seen
+    return None, seen
 
 
 def cut_short(source: VideoSource) -> bool:
@@ -263,11 +268,16 @@ def cut_short(source: VideoSource) -> bool:
 
 
 def whole_iso_bmff(source: VideoSource) -> bool:
-    """Whether an input is an MP4/MOV whose top-level boxes are all there (`_iso_bmff_truncated` says complete): a
-    stream of it with no packet to read has a damaged index, not a file cut short."""
+    """Whether an input is an MP4/MOV whose top-level boxes are all there (`_iso_bmff_truncated` says complete), its
+    media data (``mdat``) among them: a stream of it with no packet to read has a damaged index, not a file cut short.
+    A file cut where a box ends before any media data (a header alone, a fragmented file's init segment) is cut
+    short."""
     try:
         head = _head_bytes(source, 64)
-        return head[4:8] in _ISO_BMFF_BOXES and _iso_bmff_truncated(source, _source_size(source)) is False
+        if head[4:8] not in _ISO_BMFF_BOXES:
+            return False
+        truncated, seen = _walk_boxes(source, _source_size(source))
+        return truncated is False and b"mdat" in seen
     except OSError:
         return False
 

@@ -20,7 +20,8 @@ class VideoDecodeError(Exception):
             ``corrupt``, ``too_large`` (pictures), ``too_long`` (the clips asked for would not fit the memory limit)
             or ``timeout``; pipelines store it as the row's status. ``truncated`` means no video packet could be read
             (or the header is cut off, or the file ends before the media data its header indexes and no frame
-            decodes); a video cut off part-way decodes the frames it holds, with their duration.
+            decodes); a video cut off part-way decodes the frames it holds, with their duration. A whole MP4 (its
+            media data there) whose index points outside it reads no packet either: ``corrupt``.
         message: Human-readable detail, including FFmpeg's own message where there is one.
     """
 
