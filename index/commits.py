@@ -521,12 +521,15 @@ class Planner:
             if runs <= ended  # all: a file's rows of the video go whole
         }
 
-    def missing(self, scopes: Sequence[str], *, indexed_before: float | None = None) -> pa.Table:
+    def missing(
+        self, scopes: Sequence[str], *, indexed_before: float | None = None, listed_live: Sequence[str] = ()
+    ) -> pa.Table:
         """Listed objects for the committed videos of the model under `scopes` (URI prefixes) that the listing so
         far did not name and whose row does not say ``deleted`` already: ``uri``, a null ``etag``, an unknown
         ``size_bytes`` and the listing status ``deleted``, to plan like listed ones (their rows are replaced).
         With `indexed_before` (seconds since the epoch: when a manifest among the inputs was made), rows indexed
         at or after it are left out, and counted as ``indexed_after_manifest``: the manifest could not name them.
+        Rows under `listed_live` (prefixes of folder and prefix inputs, listed whole as they are now) are not.
 
         Reads the ``video_id`` and ``uri`` (and ``indexed_at``) columns of only the files holding such rows.
         """
@@ -540,8 +543,10 @@ class Planner:
             under = functools.reduce(pc.or_, [pc.starts_with(rows.column("uri"), scope) for scope in scopes])
             wanted = np.isin(_id_hash(rows.column("video_id")), hashes) & under.to_numpy(zero_copy_only=False)
             if indexed_before is not None:
-                millis = rows.column("indexed_at").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
-                later = pc.greater_equal(millis, int(indexed_before * 1000)).to_numpy(zero_copy_only=False)
+                micros = rows.column("indexed_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+                later = pc.greater_equal(micros, int(indexed_before * 1e6)).to_numpy(zero_copy_only=False)
+                for prefix in listed_live:
+                    later &= ~pc.starts_with(rows.column("uri"), prefix).to_numpy(zero_copy_only=False)
                 newer.update(rows.column("uri").filter(pa.array(wanted & later)).to_pylist())
                 wanted &= ~later
             uris.extend(rows.column("uri").filter(pa.array(wanted)).to_pylist())

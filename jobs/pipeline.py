@@ -85,7 +85,7 @@ from jobs.storage import (
     open_store,
     require_any,
 )
-from jobs.storage.listing import UNLISTED_FOLDER, absolute_path, manifests_made_at
+from jobs.storage.listing import UNLISTED_FOLDER, absolute_path, live_scopes, manifests_made_at
 from vitaclip.redact import error_line, redact_text, redact_url, redact_value
 from vitaclip.stages import LISTING_ERROR, LISTING_STATUS
 
@@ -670,6 +670,7 @@ def run_index_job(config: IndexJobConfig, *, hooks: RunHooks | None = None) -> d
             planner, blocks = plan_run(
                 listing, location, model, versions, record.folder_inputs, pools, max_attempts=config.max_attempts,
                 prune_scopes=prune_scopes, prune_max=config.prune_max, prune_indexed_before=manifest_made_at,
+                live_scopes=live_scopes(config.inputs), hidden_left_out=not config.include_hidden,
             )  # fmt: skip
         except ray.exceptions.RayTaskError as exc:  # the planner refused the output (data files gone): one line
             if isinstance(exc.cause, ValueError):
@@ -982,12 +983,16 @@ def plan_run(
     prune_scopes: Sequence[str] = (),
     prune_max: float = 1.0,
     prune_indexed_before: float | None = None,
+    live_scopes: Sequence[str] = (),
+    hidden_left_out: bool = False,
 ) -> tuple[Any, list[PlannedBlock]]:
     """Streams the listing to a planner actor (`PlanActor`); returns it and the object store blocks of the videos
     that need work, small enough that every decoder gets some and at most ``_BLOCK_VIDEOS`` videos each.
     `max_attempts` is the config's (0: no limit); committed videos under `prune_scopes` that the listing does not
     name are planned as ``deleted`` rows, except under a scope where they are more than `prune_max` of its videos,
-    and those indexed at or after `prune_indexed_before` (when a manifest among the inputs was made)."""
+    and those indexed at or after `prune_indexed_before` (when a manifest among the inputs was made) outside the
+    `live_scopes` (folder and prefix inputs); with `hidden_left_out`, those with a hidden name under a live scope
+    outside the share (`PlanActor.prune_under`)."""
     import ray
 
     # The planner needs no CPU of its own: it mostly waits.
@@ -1006,7 +1011,15 @@ def plan_run(
     in_flight: list[Any] = []
     planned = 0
     if prune_scopes:
-        in_flight.append(planner.prune_under.remote(prune_scopes, prune_max, indexed_before=prune_indexed_before))
+        in_flight.append(
+            planner.prune_under.remote(
+                prune_scopes,
+                prune_max,
+                indexed_before=prune_indexed_before,
+                live=live_scopes,
+                hidden_left_out=hidden_left_out,
+            )  # fmt: skip
+        )
     unlisted: list[str] = []  # subfolders that could not be read: no row, and nothing under them is pruned
     for listed in _listing_tables(listing, unlisted):
         in_flight.append(planner.plan.remote(listed))
@@ -1015,25 +1028,40 @@ def plan_run(
     planned += sum(n or 0 for n in ray.get(in_flight))
     ray.get(planner.spare.remote(unlisted))
     if prune_scopes:
-        pruned, left_alone = ray.get(planner.plan_missing.remote())
-        planned += pruned
-        for scope in left_alone:
-            log.warning(
-                "nothing listed under %s: its indexed videos are not pruned (if it was moved or deleted whole, run "
-                "once with --prune-max 1)",
-                redact_url(scope),
-            )
-        for held in ray.get(planner.report.remote())["prune_held_back"]:
-            log.error(
-                "%s: %d of its %d videos are no longer listed, more than --prune-max %g of them: none marked "
-                "deleted (an unmounted subfolder, a renamed prefix?); if they were deleted, run once with a larger "
-                "--prune-max",
-                redact_url(held["scope"]), held["no_longer_listed"], held["no_longer_listed"] + held["listed"],
-                prune_max,
-            )  # fmt: skip
+        planned += _plan_missing(planner, prune_max)
     blocks: list[PlannedBlock] = ray.get(planner.blocks.remote())
     log.info("planned %d videos in %d blocks", planned, len(blocks))
     return planner, blocks
+
+
+def _plan_missing(planner: Any, prune_max: float) -> int:
+    """The planner's ``deleted`` rows once the listing has ended (`PlanActor.plan_missing`), and what it left alone
+    said in the log; returns how many it planned."""
+    import ray
+
+    pruned, left_alone = ray.get(planner.plan_missing.remote())
+    for scope in left_alone:
+        log.warning(
+            "nothing listed under %s: its indexed videos are not pruned (if it was moved or deleted whole, run "
+            "once with --prune-max 1)",
+            redact_url(scope),
+        )
+    report = ray.get(planner.report.remote())
+    if report["counts"].get("no_longer_listed_hidden"):
+        log.info(
+            "%d indexed videos with a hidden name (a part starting with '.') are marked deleted: the listing "
+            "leaves such entries out (--include-hidden lists them)",
+            report["counts"]["no_longer_listed_hidden"],
+        )
+    for held in report["prune_held_back"]:
+        log.error(
+            "%s: %d of its %d videos are no longer listed, more than --prune-max %g of them: none marked "
+            "deleted (an unmounted subfolder, a renamed prefix?); if they were deleted, run once with a larger "
+            "--prune-max",
+            redact_url(held["scope"]), held["no_longer_listed"], held["no_longer_listed"] + held["listed"],
+            prune_max,
+        )  # fmt: skip
+    return int(pruned)
 
 
 def run_summary(

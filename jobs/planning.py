@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from index.commits import Planner
 from index.delta_tables import OutputLocation
-from jobs.storage.listing import absolute_path, scope_prefixes
+from jobs.storage.listing import absolute_path, is_hidden_key, scope_prefixes
 
 if TYPE_CHECKING:
     from jobs.config import IndexJobConfig
@@ -64,6 +64,8 @@ class PlanActor:
         self._scopes: tuple[str, ...] = ()
         self._prune_max = 1.0
         self._indexed_before: float | None = None
+        self._live: tuple[str, ...] = ()
+        self._hidden_left_out = False
         self._held_back: list[dict[str, Any]] = []
         self._unlisted: list[str] = []  # folders the listing could not read: nothing under them is pruned
         # A table the run cannot plan from (data files gone) is refused at the first call, as an error of that
@@ -80,15 +82,26 @@ class PlanActor:
             raise self._refusal
 
     def prune_under(
-        self, scopes: Sequence[str], max_share: float = 1.0, *, indexed_before: float | None = None
+        self,
+        scopes: Sequence[str],
+        max_share: float = 1.0,
+        *,
+        indexed_before: float | None = None,
+        live: Sequence[str] = (),
+        hidden_left_out: bool = False,
     ) -> None:
         """Counts the objects listed under each of `scopes`, for `plan_missing`, which prunes no scope where more
         than `max_share` of its videos (listed, or no longer listed) would go, and no video indexed at or after
-        `indexed_before` (when the oldest manifest among the inputs was made: it cannot name them)."""
+        `indexed_before` (when the oldest manifest among the inputs was made: it cannot name them) unless it is
+        under one of the `live` scopes (folder and prefix inputs, listed as they are now). With `hidden_left_out`,
+        videos with a hidden name below a live scope (which the listing leaves out) are pruned outside the share:
+        an output indexed with them (``--include-hidden``, or before they were left out) is not held back."""
         self._usable()
         self._scopes = tuple(scopes)
         self._prune_max = max_share
         self._indexed_before = indexed_before
+        self._live = tuple(live)
+        self._hidden_left_out = hidden_left_out
 
     def spare(self, folders: Sequence[str]) -> None:
         """Folders the listing could not read (`UNLISTED_FOLDER`): `plan_missing` prunes no video under them, since
@@ -121,28 +134,46 @@ class PlanActor:
         no_limit = self._prune_max >= 1.0
         scopes = [scope for scope in self._scopes if no_limit or self._listed_under[scope] > 0]
         missing = self.planner.missing(
-            [prefix for scope in scopes for prefix in scope_prefixes(scope)], indexed_before=self._indexed_before
+            [prefix for scope in scopes for prefix in scope_prefixes(scope)],
+            indexed_before=self._indexed_before,
+            listed_live=[prefix for scope in self._live for prefix in scope_prefixes(scope)],
         )
         if self._unlisted:  # before the share: videos under a folder that could not be read are not missing
             unknown = np.logical_or.reduce([_under(missing.column("uri"), f) for f in self._unlisted])
             missing = missing.filter(pa.array(~unknown))
-        missing = missing.filter(self._within_prune_max(missing.column("uri"), scopes))
+        hidden = self._hidden(missing.column("uri"))
+        if self._hidden_left_out:
+            self.planner.counts["no_longer_listed_hidden"] = int(hidden.sum())
+        within = self._within_prune_max(missing.column("uri"), scopes, hidden)
+        missing = missing.filter(pa.array(within | hidden))
         planned = self.plan(missing) if missing.num_rows else 0
         self.planner.counts["listed"] -= missing.num_rows
         self.planner.counts["no_longer_listed"] = missing.num_rows
         return planned, [scope for scope in self._scopes if scope not in scopes]
 
-    def _within_prune_max(self, uris: pa.ChunkedArray, scopes: Sequence[str]) -> pa.Array:
+    def _hidden(self, uris: pa.ChunkedArray) -> np.ndarray:
+        """Which no longer listed `uris` have a hidden name below a live scope, when the listing leaves those out."""
+        mask = np.zeros(len(uris), dtype=bool)
+        if not self._hidden_left_out:
+            return mask
+        for prefix in (prefix for scope in self._live for prefix in scope_prefixes(scope)):
+            under = pc.starts_with(uris, prefix).to_numpy(zero_copy_only=False).astype(bool)
+            for i in np.flatnonzero(under & ~mask):
+                mask[i] = is_hidden_key(str(uris[int(i)]), prefix)
+        return mask
+
+    def _within_prune_max(self, uris: pa.ChunkedArray, scopes: Sequence[str], apart: np.ndarray) -> np.ndarray:
         """Which of the no longer listed `uris` may be pruned: none under a scope where they are more than the
-        prune share of its videos (recorded in `_held_back` for the run record and the exit status)."""
+        prune share of its videos (recorded in `_held_back` for the run record and the exit status). Those
+        `apart` (hidden names) are not counted."""
         keep = np.ones(len(uris), dtype=bool)
         for scope in scopes:
-            under = _under(uris, scope)
+            under = _under(uris, scope) & ~apart
             gone, listed = int(under.sum()), self._listed_under[scope]
             if gone > self._prune_max * (gone + listed):
                 keep &= ~under
                 self._held_back.append({"scope": scope, "no_longer_listed": gone, "listed": listed})
-        return pa.array(keep)
+        return keep
 
     def _put(self, block_videos: int, videos: int) -> None:
         """The first `videos` held videos into the object store, in blocks of `block_videos`."""

@@ -946,6 +946,31 @@ def test_prune_with_a_manifest_spares_videos_indexed_after_it_was_made(local_ray
     assert [statuses[str(p)] for p in (a, b, c, d)] == ["ok", "deleted", "ok", "ok"]
     summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
     assert summary["counts"]["no_longer_listed"] == 1 and summary["counts"]["indexed_after_manifest"] == 1
+    # Beside a live listing of the same place, what that listing no longer names is gone, however new its row
+    # (the manifest's time spared it: found by review).
+    d.unlink()
+    assert run([str(tmp_path / "in"), str(manifest)], out, *prune) == 0
+    statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
+    assert [statuses[str(p)] for p in (a, c, d)] == ["ok", "ok", "deleted"]
+
+
+def test_prune_after_hidden_entries_were_indexed_prunes_them_outside_the_share(local_ray, tmp_path: Path) -> None:
+    """An output indexed with hidden entries (--include-hidden, or before the listing left them out: a ._clip.mp4
+    beside every video) is pruned of them by a plain --prune-missing run: not held back by --prune-max, which they
+    would exceed at once (found by review)."""
+    videos = make_videos(tmp_path / "in", 3, broken=False)
+    forks = [video.with_name("._" + video.name) for video in videos]
+    for fork in forks:
+        fork.write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    out = tmp_path / "out"
+    assert run([str(tmp_path / "in")], out, "--include-hidden") == 0
+    assert {r["status"] for r in committed_videos(out).to_pylist()} == {"ok", "not_a_video"}
+    assert run([str(tmp_path / "in")], out, "--prune-missing") == 0  # 3 of 6 gone, past the default 0.1
+    statuses = {r["uri"]: r["status"] for r in committed_videos(out).to_pylist()}
+    assert [statuses[str(p)] for p in videos] == ["ok"] * 3
+    assert [statuses[str(p)] for p in forks] == ["deleted"] * 3
+    summary = json.loads(sorted((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    assert summary["counts"]["no_longer_listed_hidden"] == 3 and summary["prune_held_back"] == []
 
 
 def test_prune_missing_marks_videos_no_longer_listed_as_deleted(

@@ -525,3 +525,26 @@ def test_manifests_made_at_is_the_oldest_manifests_time(tmp_path: Path, s3_bucke
     assert manifests_made_at([f"s3://{bucket}/m/list.txt", f"s3://{bucket}/m/manifest.json"], s3_client=client) == (
         1_500_000_000
     )
+
+
+def test_a_manifest_time_that_cannot_be_when_it_was_made_bounds_nothing(tmp_path: Path, caplog: Any) -> None:
+    """A creationTimestamp written in seconds (1970-01-20 as milliseconds) falls back to the file's time; a file
+    time before 2006 or in the future (a build that reset it) bounds no pruning, with a warning: read as it is, it
+    would spare every video (found by review)."""
+    inventory = tmp_path / "manifest.json"
+    inventory.write_text(json.dumps({"fileFormat": "CSV", "files": [], "creationTimestamp": "1700000000"}))
+    os.utime(inventory, (1_650_000_000, 1_650_000_000))
+    assert manifests_made_at([str(inventory)]) == 1_650_000_000
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.mp4\n")
+    for bad in (1.0, time.time() + 10 * 86_400):
+        os.utime(listing, (bad, bad))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="jobs.storage.listing"):
+            assert manifests_made_at([str(listing)]) is None
+            assert manifests_made_at([str(listing), str(inventory)]) == 1_650_000_000
+        assert "cannot be when it was made" in caplog.text
+    # A number past Python's 4,300 digits is a clear error naming the manifest, not a bare ValueError.
+    inventory.write_text('{"fileFormat": "CSV", "files": [], "creationTimestamp": ' + "9" * 5000 + "}")
+    with pytest.raises(StorageError, match="manifest.json is not valid JSON"):
+        manifests_made_at([str(inventory)])

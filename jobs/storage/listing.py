@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import datetime
 import errno
 import functools
 import gzip
@@ -314,6 +315,16 @@ def listed_scopes(inputs: Sequence[str], declared: Sequence[str] = ()) -> list[s
             )
         scopes.append(_scope_of(location, kind))
     return scopes
+
+
+def live_scopes(inputs: Sequence[str]) -> list[str]:
+    """The scopes (`listed_scopes`) of the folder and ``s3://`` prefix inputs among `inputs`: listed as they are
+    now, whole, unlike a manifest's."""
+    return [
+        _scope_of(location, kind)
+        for location, kind in zip(inputs, classify_inputs(inputs), strict=True)
+        if kind in ("folder", "s3_prefix")
+    ]
 
 
 def _scope_of(location: str, kind: _InputKind) -> str:
@@ -825,22 +836,47 @@ def manifests_made_at(
             continue
         if client is None and kind == "s3_manifest":
             client = make_s3_client(endpoint_url=endpoint_url)
-        found.append(_manifest_made_at(location, client=client))  # type: ignore[arg-type]  # local: no client
+        made = _manifest_made_at(location, client=client)  # type: ignore[arg-type]  # local: no client
+        if made is not None:
+            found.append(made)
     return min(found, default=None)
 
 
-def _manifest_made_at(location: str, *, client: S3Client) -> float:
+_FIRST_PLAUSIBLE_TIME = 1_141_171_200.0  # 2006-03-01, before S3 and every manifest the job could be given
+
+
+def _plausible(made: float) -> bool:
+    return _FIRST_PLAUSIBLE_TIME <= made <= time.time() + 86_400
+
+
+def _manifest_made_at(location: str, *, client: S3Client) -> float | None:
     if location.lower().endswith(".json"):
         stamp = _inventory_manifest(location, client=client).get("creationTimestamp")
         try:
             made = int(str(stamp)) / 1000  # milliseconds since the epoch, as a string
         except ValueError:
             made = -1.0
-        if 0 < made < time.time() + 86_400:
+        if _plausible(made):
             return made
     if location.startswith("s3://"):
-        return float(_head(location, client=client, action="read").get("LastModified").timestamp())
-    return os.stat(location).st_mtime
+        made = float(_head(location, client=client, action="read").get("LastModified").timestamp())
+    else:
+        made = os.stat(location).st_mtime
+    if _plausible(made):
+        return made
+    log.warning(
+        "%s: its time (%s) cannot be when it was made (before 2006, or in the future): --prune-missing spares no "
+        "video for being newer than it",
+        redact_url(location), _utc(made),
+    )  # fmt: skip
+    return None
+
+
+def _utc(seconds: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.0f} s after the epoch"
 
 
 # ----------------------------------------------------------------------------------------------- manifest bytes
@@ -1207,7 +1243,7 @@ def _inventory_manifest(location: str, *, client: S3Client) -> dict[str, Any]:
     """The parsed manifest.json of an inventory report (a few kB: read whole), checked."""
     try:
         manifest = json.loads(b"".join(_byte_chunks(location, client=client)).decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError, or a number past Python's 4,300 digits
         raise StorageError(f"{location} is not valid JSON: {error}", reason="invalid_input", uri=location) from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (
