@@ -257,6 +257,65 @@ def test_uniform_is_frame_exact_for_every_codec(make_video: Callable[..., Any], 
     assert stats.packets_decoded < len(truth.indices)
 
 
+def _encode_frames(
+    path: Path, codec: str, options: dict[str, str], *, n: int, width: int, height: int, **kw: Any
+) -> Path:
+    """`n` frames of `render_frame`'s pattern at 24 fps; ``all_key``: every packet flagged as a keyframe."""
+    with av.open(str(path), "w", format=kw.get("format")) as container:
+        stream = container.add_stream(codec, rate=24, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+
+        def mux(packets: Any) -> None:
+            for packet in packets:
+                packet.is_keyframe = packet.is_keyframe or kw.get("all_key", False)
+                container.mux(packet)
+
+        for i in range(n):
+            rgb = render_frame(i, width=width, height=height, num_frames=n)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 24)
+            mux(stream.encode(frame))
+        mux(stream.encode(None))
+    return path
+
+
+def test_pictures_a_container_flags_as_keyframes_wrongly_are_decoded_from_the_start(tmp_path: Path) -> None:
+    """An MP4 whose every packet is flagged as a keyframe (no sync-sample table), FFmpeg's H.261 in AVI, and H.264
+    with periodic intra refresh: a seek to such a "keyframe" decoded pictures without their references, which came
+    back as grey smears (or a half-refreshed picture) with status ok. The first picture after a seek must be a
+    keyframe's; else the clip is decoded in one pass from the start (found by review)."""
+    cases = [
+        ("allkey.mp4", "mpeg4", {"qscale": "2", "g": "48"}, 48, 160, 120, {"all_key": True}),
+        ("h261.avi", "h261", {"qscale": "2"}, 48, 176, 144, {}),
+        ("refresh.mp4", "libx264", {"x264-params": "keyint=12:intra-refresh=1:bframes=0"}, 96, 160, 120, {}),
+    ]
+    for name, codec, options, n, width, height, kw in cases:
+        path = _encode_frames(tmp_path / name, codec, options, n=n, width=width, height=height, **kw)
+        stats = DecodeStats()
+        clip = decode_clip(path, Uniform(8), size=SIZE, stats=stats)
+        assert clip_indices(clip.frames) == [int((i + 0.5) * n / 8) for i in range(8)], name
+        assert stats.sequential_fallback, name
+    # Honest flags keep the seeks.
+    path = _encode_frames(tmp_path / "honest.mp4", "mpeg4", {"qscale": "2", "g": "12"}, n=48, width=160, height=120)
+    stats = DecodeStats()
+    assert clip_indices(decode_clip(path, Uniform(8), size=SIZE, stats=stats).frames) == [3, 9, 15, 21, 27, 33, 39, 45]
+    assert not stats.sequential_fallback
+
+
+def test_mpeg_ps_and_nut_durations_end_where_the_last_frame_ends(tmp_path: Path) -> None:
+    """FFmpeg's duration of an MPEG-PS or NUT stream ends where its last frame starts: kept when it agreed with the
+    packets within two frames, it made the duration one frame short and every sampled frame one early (found by
+    review)."""
+    mpg = write_sample_video(tmp_path / "v.mpg", num_frames=48, fps=24, width=160, height=120, codec="mpeg2")
+    nut = _encode_frames(tmp_path / "v.nut", "ffv1", {}, n=48, width=160, height=120, format="nut")
+    for path in (mpg, nut):
+        for method in ("metadata", "demux"):
+            assert probe(path, method=method).duration_seconds == pytest.approx(2.0), (path.name, method)
+        clip = decode_clip(path, Uniform(8), size=SIZE)
+        assert clip_indices(clip.frames) == [3, 9, 15, 21, 27, 33, 39, 45], path.name
+        assert clip.end_seconds == pytest.approx(2.0)
+
+
 def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("sparse.mp4", num_frames=120, gop=24)
     stats = DecodeStats()

@@ -21,7 +21,7 @@ from av.packet import Packet
 from av.video.stream import VideoStream
 
 from vitaclip.video.errors import DecodeErrorReason, VideoDecodeError
-from vitaclip.video.sampling import durations_agree
+from vitaclip.video.sampling import durations_agree, ends_at_last_start
 
 DEFAULT_MAX_PIXELS = 8192 * 4320
 """Largest picture (width * height) decoded by default: DCI 8K."""
@@ -154,8 +154,8 @@ class Header:
     has_b_frames: bool
     index_has_dts: bool  # ISO-BMFF sample tables index decode timestamps
     index_complete: bool  # the seek index lists every frame (sample tables), not just some keyframes
-    # The duration is the whole file's (the stream has none): `check_container_duration` has not yet compared it with
-    # the video's own last packets.
+    # The duration is the whole file's (the stream has none) or an estimate (MPEG-PS, NUT): `check_container_duration`
+    # has not yet compared it with the video's own last packets.
     duration_from_container: bool = False
     index_past_end: bool = False  # the seek index places frames past the end of the input (a cut-off upload)
 
@@ -328,6 +328,9 @@ def _index_past_end(stream: VideoStream, size_bytes: int) -> bool:
     return last.pos >= 0 and last.pos + last.size > size_bytes
 
 
+_ESTIMATED_DURATION_FORMATS = frozenset({"mpeg", "nut"})
+
+
 def _read_header(container: InputContainer, stream: VideoStream, *, size_bytes: int) -> Header:
     time_base = _sane_fraction(stream.time_base)
     if time_base is None:
@@ -336,6 +339,9 @@ def _read_header(container: InputContainer, stream: VideoStream, *, size_bytes: 
     from_container = False
     if stream.duration is not None and stream.duration > 0:
         duration_ticks = Fraction(stream.duration)
+        # MPEG-PS and NUT have no duration of their own: FFmpeg's is estimated from timestamps and ends where the last
+        # frame starts (one frame short). Checked against the last packets like a whole container's.
+        from_container = bool(_ESTIMATED_DURATION_FORMATS.intersection(container.format.name.split(",")))
     elif container.duration is not None and container.duration > 0:
         # The whole file's (Matroska, FLV): it runs from time 0, not from the video's first frame, and covers every
         # stream (audio may run on past the video). The start is taken off here; the end is checked against the
@@ -622,9 +628,10 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
 _TAIL_MAX_PACKETS = 4096  # a last group of pictures longer than this leaves a container's duration unchecked
 
 
-def _tail_end(opened: OpenedVideo, deadline: Deadline) -> tuple[Fraction, float] | None:
-    """End of the video stream's last shown frame and the median interval there, from a seek to the last keyframe
-    before the header's end and a demux of what follows (no decoding); None when that finds nothing in reach."""
+def _tail_end(opened: OpenedVideo, deadline: Deadline) -> tuple[Fraction, float, int] | None:
+    """End of the video stream's last shown frame, the median interval there and the last frame's start, from a seek
+    to the last keyframe before the header's end and a demux of what follows (no decoding); None when that finds
+    nothing in reach."""
     header = opened.header
     assert header.duration_ticks is not None and header.start_pts is not None
     target = header.start_pts + int(header.duration_ticks)
@@ -643,8 +650,8 @@ def _tail_end(opened: OpenedVideo, deadline: Deadline) -> tuple[Fraction, float]
             if len(pts_list) > _TAIL_MAX_PACKETS:
                 return None
         if pts_list:
-            _, end, median_interval = _packets_end(pts_list, durations, header)
-            return end, median_interval
+            frame_pts, end, median_interval = _packets_end(pts_list, durations, header)
+            return end, median_interval, int(frame_pts[-1])
         target -= step
         step *= 4
     return None
@@ -661,7 +668,10 @@ def check_container_duration(opened: OpenedVideo, *, deadline: Deadline) -> None
     tail = _tail_end(opened, deadline)
     if tail is not None:
         measured = tail[0] - header.start_pts
-        if measured > 0 and not durations_agree(duration, measured, tail[1]):
+        if measured > 0 and (
+            not durations_agree(duration, measured, tail[1])
+            or ends_at_last_start(duration, measured, tail[2] - header.start_pts, tail[1])
+        ):
             duration = measured
     opened.header = replace(header, duration_ticks=duration, duration_from_container=False)
 

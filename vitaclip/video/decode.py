@@ -281,6 +281,7 @@ class _Collector:
         self._latest: VideoFrame | None = None
         self._latest_pts = 0
         self._region_kf: int | None = None
+        self._key_checked = False  # the region's first picture shown was checked to be a keyframe's
         self._fed = False
         self._eof = False
         self._flushed = False
@@ -415,6 +416,7 @@ class _Collector:
             self._latest = None
             self._fed = False
             self._region_kf = pts
+            self._key_checked = False
         self._lookahead.append(packet)
         self._lookahead_bytes += packet.size
         if pts >= self._region_kf and not packet.is_discard:
@@ -493,6 +495,13 @@ class _Collector:
             raise _TimestampsUnreliable(f"frame at {pts} came out after {self._latest_pts}")
         if self._region_kf is not None and pts < self._region_kf:
             return  # a leading picture of an open GOP, shown before the keyframe we started from
+        if self._trust_keyframes and not self._number_frames and not self._key_checked:
+            self._key_checked = True
+            if not frame.key_frame:
+                # The packet flagged as a keyframe decodes to a picture that needs earlier ones (a container that
+                # flags every packet: an MP4 without its sync-sample table, FFmpeg's H.261 in AVI): every picture
+                # decoded from such a "keyframe" would be garbage. One pass from the start instead.
+                raise _SeekUnreliable("a packet flagged as a keyframe did not decode to a keyframe")
         if self._latest is not None and pts == self._latest_pts:
             return  # a repeated timestamp: keep the first
         # Frames come out in presentation order: every target before this frame is answered by the previous one.

@@ -29,6 +29,7 @@ __all__ = [
     "View",
     "Windows",
     "choose_duration",
+    "ends_at_last_start",
     "durations_agree",
     "clip_count",
     "plan_views",
@@ -294,13 +295,23 @@ def durations_agree(meta: Fraction, measured: Fraction, median_interval: float) 
 
 
 def choose_duration(header: Header, table: PacketTable) -> Fraction:
-    """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets."""
+    """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets. A container
+    duration that ends where the last frame starts (MPEG-PS, NUT: one frame short) is the packets' end short of that
+    frame's own duration, never the video's: the packets' end it is."""
     start = int(table.pts[0])
     scanned = table.end_pts - start
     meta = header.duration_ticks
-    if meta is not None and not table.synthetic and durations_agree(meta, scanned, table.median_interval):
-        return meta
-    return scanned
+    if meta is None or table.synthetic or not durations_agree(meta, scanned, table.median_interval):
+        return scanned
+    if ends_at_last_start(meta, scanned, int(table.pts.max()) - start, table.median_interval):
+        return scanned
+    return meta
+
+
+def ends_at_last_start(meta: Fraction, measured: Fraction, last_start: float, median_interval: float) -> bool:
+    """Whether a container's duration (ticks from the first frame) ends where the last frame starts, short of the
+    end `measured` from the packets: MPEG-PS and NUT count the last frame without its own duration."""
+    return meta < measured and abs(float(meta) - last_start) <= max(1.0, 0.01 * median_interval)
 
 
 def _threshold(timeline: Timeline, seconds: float) -> int:
