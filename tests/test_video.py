@@ -260,10 +260,13 @@ def test_uniform_is_frame_exact_for_every_codec(make_video: Callable[..., Any], 
 def _encode_frames(
     path: Path, codec: str, options: dict[str, str], *, n: int, width: int, height: int, **kw: Any
 ) -> Path:
-    """`n` frames of `render_frame`'s pattern at 24 fps; ``all_key``: every packet flagged as a keyframe."""
+    """`n` frames of `render_frame`'s pattern at 24 fps (pts from ``pts_offset``); ``all_key``: every packet flagged
+    as a keyframe; ``bframes``: B-frames between references."""
     with av.open(str(path), "w", format=kw.get("format")) as container:
         stream = container.add_stream(codec, rate=24, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if "bframes" in kw:
+            stream.codec_context.gop_size, stream.codec_context.max_b_frames = 48, kw["bframes"]
 
         def mux(packets: Any) -> None:
             for packet in packets:
@@ -273,7 +276,7 @@ def _encode_frames(
         for i in range(n):
             rgb = render_frame(i, width=width, height=height, num_frames=n)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = i, Fraction(1, 24)
+            frame.pts, frame.time_base = i + kw.get("pts_offset", 0), Fraction(1, 24)
             mux(stream.encode(frame))
         mux(stream.encode(None))
     return path
@@ -314,6 +317,36 @@ def test_mpeg_ps_and_nut_durations_end_where_the_last_frame_ends(tmp_path: Path)
         clip = decode_clip(path, Uniform(8), size=SIZE)
         assert clip_indices(clip.frames) == [3, 9, 15, 21, 27, 33, 39, 45], path.name
         assert clip.end_seconds == pytest.approx(2.0)
+
+
+def test_an_edit_list_that_cuts_the_first_keyframe_keeps_the_seeks(tmp_path: Path) -> None:
+    """A keyframe an MP4 edit list cuts is decoded but not shown: the first picture shown after it is no keyframe,
+    which is no reason to decode the whole video in one pass (found by review)."""
+    x264 = {"x264-params": "keyint=48:min-keyint=48:scenecut=0:bframes=3"}
+    path = _encode_frames(tmp_path / "cut.mp4", "libx264", x264, n=240, width=160, height=128, pts_offset=-20)
+    stats = DecodeStats()
+    clip = decode_clip(path, Uniform(8), size=SIZE, stats=stats)
+    assert clip_indices(clip.frames) == [20 + int((i + 0.5) * 220 / 8) for i in range(8)]
+    assert not stats.sequential_fallback and stats.packets_decoded < 200
+
+
+def test_mpeg_ps_durations_and_untimed_packets_give_the_whole_video(tmp_path: Path) -> None:
+    """FFmpeg estimates an MPEG-PS duration from timestamps, short of the last frame by one or two: it is always the
+    packets' end now, in decode and both probe methods. H.264 in MPEG-PS needs a timestamp only every 0.7 s: a table
+    of the timed packets spanned a third of the video, whose clip then ended at 3.5 s of 10 (found by review)."""
+    cases = [
+        ("a.mpg", "mpeg1video", "mpeg", {"qscale": "3"}, 240),
+        ("b.mpg", "mpeg2video", "vob", {"qscale": "3"}, 241),
+        ("c.mpg", "libx264", "vob", {"x264-params": "keyint=48:min-keyint=48:scenecut=0:bframes=3"}, 240),
+    ]
+    for name, codec, container, options, n in cases:
+        kw = {"format": container} | ({} if codec == "libx264" else {"bframes": 2})
+        path = _encode_frames(tmp_path / name, codec, options, n=n, width=160, height=128, **kw)
+        for method in ("metadata", "demux"):
+            assert probe(path, method=method).duration_seconds == pytest.approx(n / 24), (name, method)
+        clip = decode_clip(path, Uniform(8), size=SIZE)
+        assert clip_indices(clip.frames) == [int((i + 0.5) * n / 8) for i in range(8)], name
+        assert clip.end_seconds == pytest.approx(n / 24), name
 
 
 def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any]) -> None:

@@ -154,8 +154,8 @@ class Header:
     has_b_frames: bool
     index_has_dts: bool  # ISO-BMFF sample tables index decode timestamps
     index_complete: bool  # the seek index lists every frame (sample tables), not just some keyframes
-    # The duration is the whole file's (the stream has none) or an estimate (MPEG-PS, NUT): `check_container_duration`
-    # has not yet compared it with the video's own last packets.
+    # The duration is the whole file's (the stream has none): `check_container_duration` has not yet compared it with
+    # the video's own last packets.
     duration_from_container: bool = False
     index_past_end: bool = False  # the seek index places frames past the end of the input (a cut-off upload)
 
@@ -328,9 +328,6 @@ def _index_past_end(stream: VideoStream, size_bytes: int) -> bool:
     return last.pos >= 0 and last.pos + last.size > size_bytes
 
 
-_ESTIMATED_DURATION_FORMATS = frozenset({"mpeg", "nut"})
-
-
 def _read_header(container: InputContainer, stream: VideoStream, *, size_bytes: int) -> Header:
     time_base = _sane_fraction(stream.time_base)
     if time_base is None:
@@ -339,9 +336,6 @@ def _read_header(container: InputContainer, stream: VideoStream, *, size_bytes: 
     from_container = False
     if stream.duration is not None and stream.duration > 0:
         duration_ticks = Fraction(stream.duration)
-        # MPEG-PS and NUT have no duration of their own: FFmpeg's is estimated from timestamps and ends where the last
-        # frame starts (one frame short). Checked against the last packets like a whole container's.
-        from_container = bool(_ESTIMATED_DURATION_FORMATS.intersection(container.format.name.split(",")))
     elif container.duration is not None and container.duration > 0:
         # The whole file's (Matroska, FLV): it runs from time 0, not from the video's first frame, and covers every
         # stream (audio may run on past the video). The start is taken off here; the end is checked against the
@@ -579,8 +573,8 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
     """Demux every packet of the video stream (no decoding) to learn all timestamps and keyframes.
 
     Timestamps that cannot be presentation times (decode timestamps that go back, or `_order_unreliable`) are
-    dropped like absent ones: the packets are numbered in order at the nominal rate and the frames decoded in one
-    pass, numbered as they come out."""
+    dropped like absent ones, as they are when more than a few packets have none: the packets are numbered in order
+    at the nominal rate and the frames decoded in one pass, numbered as they come out."""
     # Typed arrays, 8 bytes a packet: a hostile stream of millions of tiny packets must not cost 100 bytes each.
     pts_list = array("q")
     durations = array("q")
@@ -605,7 +599,15 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
             key_list.append(pts)
     if not count:
         raise VideoDecodeError("truncated", NO_PACKETS)
-    if not pts_list or dts_back or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64)):
+    # Packets without any timestamp (H.264 in MPEG-PS, which needs one only every 0.7 s) are frames the timestamps
+    # leave out: a table of the others would span a third of the video. Past a few, they are numbered instead.
+    untimed = count - len(pts_list)
+    if (
+        not pts_list
+        or dts_back
+        or untimed > max(1, count // 100)
+        or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64))
+    ):
         fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
         return PacketTable(
             pts=np.arange(count, dtype=np.int64),

@@ -282,6 +282,7 @@ class _Collector:
         self._latest_pts = 0
         self._region_kf: int | None = None
         self._key_checked = False  # the region's first picture shown was checked to be a keyframe's
+        self._kf_shown = True  # the region's keyframe is shown (not cut by an MP4 edit list)
         self._fed = False
         self._eof = False
         self._flushed = False
@@ -406,6 +407,7 @@ class _Collector:
             if self._may_retreat and pts > t:
                 raise _Overshoot(pts, packet.dts)
             self._region_kf = pts
+            self._kf_shown = not packet.is_discard
         elif self._trust_keyframes and packet.is_keyframe and self._region_kf < pts <= t:
             # A later keyframe still at or before the next target: start there, never decoding what lies between.
             if self._fed:
@@ -417,6 +419,7 @@ class _Collector:
             self._fed = False
             self._region_kf = pts
             self._key_checked = False
+            self._kf_shown = not packet.is_discard
         self._lookahead.append(packet)
         self._lookahead_bytes += packet.size
         if pts >= self._region_kf and not packet.is_discard:
@@ -497,7 +500,8 @@ class _Collector:
             return  # a leading picture of an open GOP, shown before the keyframe we started from
         if self._trust_keyframes and not self._number_frames and not self._key_checked:
             self._key_checked = True
-            if not frame.key_frame:
+            # A keyframe an edit list cuts is decoded, not shown: the first picture shown after it is not one.
+            if self._kf_shown and not frame.key_frame:
                 # The packet flagged as a keyframe decodes to a picture that needs earlier ones (a container that
                 # flags every packet: an MP4 without its sync-sample table, FFmpeg's H.261 in AVI): every picture
                 # decoded from such a "keyframe" would be garbage. One pass from the start instead.

@@ -25,7 +25,7 @@ from vitaclip.video._container import (
     whole_iso_bmff,
 )
 from vitaclip.video.errors import VideoDecodeError
-from vitaclip.video.sampling import choose_duration
+from vitaclip.video.sampling import ESTIMATED_DURATION_FORMATS, choose_duration
 from vitaclip.video.transforms import display_rotation
 
 __all__ = ["VideoInfo", "info_after_decode", "probe"]
@@ -67,6 +67,8 @@ class VideoInfo:
 def _metadata_is_sane(header: Header) -> bool:
     if header.duration_ticks is None or header.average_fps is None or header.start_pts is None:
         return False
+    if ESTIMATED_DURATION_FORMATS.intersection(header.format_name.split(",")):
+        return False  # FFmpeg estimated the duration from timestamps: the packets' end it is
     if header.index_past_end:
         return False  # the header describes more than the input holds (a cut-off upload)
     if header.frames > 0:

@@ -28,6 +28,7 @@ __all__ = [
     "Uniform",
     "View",
     "Windows",
+    "ESTIMATED_DURATION_FORMATS",
     "choose_duration",
     "ends_at_last_start",
     "durations_agree",
@@ -294,6 +295,11 @@ def durations_agree(meta: Fraction, measured: Fraction, median_interval: float) 
     return abs(float(meta - measured)) <= max(2 * median_interval, 0.02 * float(measured))
 
 
+ESTIMATED_DURATION_FORMATS = frozenset({"mpeg", "nut"})
+"""Formats with no duration of their own: FFmpeg's is estimated from timestamps (it ends where the last frame starts,
+or earlier where MPEG-PS packets carry no timestamp). Their duration is always the demuxed packets'."""
+
+
 def choose_duration(header: Header, table: PacketTable) -> Fraction:
     """Trust the container's duration when it agrees with the demuxed packets, otherwise the packets. A container
     duration that ends where the last frame starts (MPEG-PS, NUT: one frame short) is the packets' end short of that
@@ -301,7 +307,8 @@ def choose_duration(header: Header, table: PacketTable) -> Fraction:
     start = int(table.pts[0])
     scanned = table.end_pts - start
     meta = header.duration_ticks
-    if meta is None or table.synthetic or not durations_agree(meta, scanned, table.median_interval):
+    estimated = ESTIMATED_DURATION_FORMATS.intersection(header.format_name.split(","))
+    if meta is None or table.synthetic or estimated or not durations_agree(meta, scanned, table.median_interval):
         return scanned
     if ends_at_last_start(meta, scanned, int(table.pts.max()) - start, table.median_interval):
         return scanned
