@@ -349,6 +349,39 @@ def test_mpeg_ps_durations_and_untimed_packets_give_the_whole_video(tmp_path: Pa
         assert clip.end_seconds == pytest.approx(n / 24), name
 
 
+def test_a_file_object_whose_index_fails_is_read_from_its_start(tmp_path: Path) -> None:
+    """A file object's keyframes come from the container's index; where that fails (the one keyframe of an MP4 is
+    one its edit list cuts), the demux of every packet ran from where the index reading left the input: 110 of
+    155 frames, a 4.6 s video of 6.5 s, segments labelled with the wrong times (found by review). It starts from a
+    fresh open now, as a path does."""
+    options = {"g": "240", "keyint_min": "240", "sc_threshold": "0", "bf": "3"}
+    path = _encode_frames(tmp_path / "cut.mp4", "libx264", options, n=175, width=160, height=128, pts_offset=-20)
+    by_path = VideoDecoder(path)
+    with by_path, open(path, "rb") as file, VideoDecoder(file) as by_file:
+        clips = [
+            decoder.clips(Windows(2.0, num_frames=4, with_whole_video=True), size=SIZE)
+            for decoder in (by_path, by_file)
+        ]
+        assert by_file.info.duration_seconds == pytest.approx(by_path.info.duration_seconds)
+        assert by_file.info.duration_seconds == pytest.approx(155 / 24, abs=0.01)
+    assert len(clips[0]) == len(clips[1]) == 5  # the whole video, then four windows of 2 s
+    for a, b in zip(*clips, strict=True):
+        assert clip_indices(a.frames) == clip_indices(b.frames)
+        assert (a.start_seconds, a.end_seconds) == pytest.approx((b.start_seconds, b.end_seconds))
+
+
+def test_a_variable_rate_mp4s_fps_is_its_frames_over_its_duration(tmp_path: Path) -> None:
+    """The README promises frames / duration where the container counts frames: FFmpeg's average rate of a
+    variable-rate MP4 is rounded to a standard one (25 for 25.11) (found by review)."""
+    path = write_sample_video(
+        tmp_path / "vfr.mp4", width=160, height=120, num_frames=175, fps=24, codec="h264", vfr=True
+    )
+    info = probe(path)
+    assert info.num_frames == 175 and info.num_frames_exact
+    assert info.fps == pytest.approx(175 / info.duration_seconds)
+    assert probe(path, method="demux").fps == pytest.approx(info.fps)
+
+
 def test_seeking_decodes_only_the_needed_stretches(make_video: Callable[..., Any]) -> None:
     path, truth = make_video("sparse.mp4", num_frames=120, gop=24)
     stats = DecodeStats()

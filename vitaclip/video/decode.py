@@ -552,6 +552,19 @@ def _numbered_timeline(header: Header, table: PacketTable) -> Timeline:
     )
 
 
+def _scanned_timeline(opened: OpenedVideo, deadline: Deadline) -> tuple[PacketTable, Timeline]:
+    """The packet table of a demux of every packet of `opened` (from where it is), and the timeline it gives."""
+    table = scan_packets(opened, deadline=deadline)
+    if table.synthetic:
+        return table, _numbered_timeline(opened.header, table)
+    timeline = _timeline_from_scan(opened.header, table)
+    if opened.header.duration_ticks is not None:
+        # What the clips span is the video's duration (`info` reports it): the header's may count data the input
+        # lacks (a cut-off upload) or other streams.
+        opened.header = replace(opened.header, duration_ticks=timeline.duration, duration_from_container=False)
+    return table, timeline
+
+
 def _collect(
     opened: OpenedVideo,
     reopen: Callable[[], AbstractContextManager[OpenedVideo]],
@@ -563,9 +576,11 @@ def _collect(
     stats: DecodeStats,
     square: bool = True,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    use_index: bool = True,
 ) -> tuple[list[Clip], PacketTable | None, Timeline]:
     """The clips of `sampling` from `opened` (a fresh open of the source; `reopen` opens it again for a rescan or a
-    sequential pass), the packet table when `opened` was demuxed whole, and the timeline the clips were cut from."""
+    sequential pass), the packet table when the source was demuxed whole, and the timeline the clips were cut from.
+    A file object's keyframes are taken from the container's index where it has them (`use_index`)."""
 
     def collector(video: OpenedVideo, **options: Any) -> _Collector:
         return _Collector(
@@ -574,21 +589,23 @@ def _collect(
 
     results: dict[int, tuple[int, np.ndarray] | None] | None = None
     timeline, table = None, None
-    if opened.is_file_like and not isinstance(sampling, Dense):
+    if use_index and opened.is_file_like and not isinstance(sampling, Dense):
         # Remote reads are what costs here: take keyframes from the container's index and read only what is needed.
         timeline = _timeline_from_index(opened, deadline)
         if timeline is not None:
             stats.index = "container"
-    if timeline is None:
-        table = scan_packets(opened, deadline=deadline)
-        if table.synthetic:
-            timeline = _numbered_timeline(opened.header, table)
         else:
-            timeline = _timeline_from_scan(opened.header, table)
-            if opened.header.duration_ticks is not None:
-                # What the clips span is the video's duration (`info` reports it): the header's may count data the
-                # input lacks (a cut-off upload) or other streams.
-                opened.header = replace(opened.header, duration_ticks=timeline.duration, duration_from_container=False)
+            # Read in vain, the index left the input past its first packets (or at its end): a demux of every packet
+            # from there would miss frames. Everything starts again from a fresh open.
+            with reopen() as fresh:
+                found = _collect(
+                    fresh, reopen, deadline=deadline, size=size, max_pixels=max_pixels, sampling=sampling,
+                    stats=stats, square=square, max_frame_bytes=max_frame_bytes, use_index=False,
+                )  # fmt: skip
+                opened.header = fresh.header
+            return found
+    if timeline is None:
+        table, timeline = _scanned_timeline(opened, deadline)
         stats.index = "demux"
     _check_frame_bytes(opened.header, timeline, sampling, size=size, square=square, limit=max_frame_bytes)
     views = plan_views(timeline, sampling)

@@ -179,8 +179,10 @@ def _info(opened: OpenedVideo, table: PacketTable | None, rotation: int) -> Vide
         assert header.duration_ticks is not None and header.average_fps is not None
         assert header.start_pts is not None
         duration_seconds = header.seconds(header.duration_ticks)
-        fps = header.average_fps
         exact = header.frames > 0
+        # Frames over duration where the container counts frames (FFmpeg rounds a variable rate's average to a
+        # standard one), else the declared rate.
+        fps = header.frames / duration_seconds if exact and duration_seconds > 0 else header.average_fps
         num_frames = header.frames if exact else max(1, round(duration_seconds * fps))
         # Only sample tables (MP4/MOV, AVI) list every keyframe (Matroska cues may list one per cluster), and MP4
         # tables hold decode timestamps, which are not display times when B-frames reorder.
