@@ -298,11 +298,31 @@ def test_pictures_a_container_flags_as_keyframes_wrongly_are_decoded_from_the_st
         clip = decode_clip(path, Uniform(8), size=SIZE, stats=stats)
         assert clip_indices(clip.frames) == [int((i + 0.5) * n / 8) for i in range(8)], name
         assert stats.sequential_fallback, name
-    # Honest flags keep the seeks.
-    path = _encode_frames(tmp_path / "honest.mp4", "mpeg4", {"qscale": "2", "g": "12"}, n=48, width=160, height=120)
-    stats = DecodeStats()
-    assert clip_indices(decode_clip(path, Uniform(8), size=SIZE, stats=stats).frames) == [3, 9, 15, 21, 27, 33, 39, 45]
-    assert not stats.sequential_fallback
+    # Honest flags keep the seeks, also where the decoder never flags a keyframe as one (QuickTime Animation: it
+    # calls no picture inter-coded either; found by review).
+    honest = _encode_frames(tmp_path / "honest.mp4", "mpeg4", {"qscale": "2", "g": "12"}, n=48, width=160, height=120)
+    with av.open(str(tmp_path / "qtrle.mov"), "w") as container:
+        stream = container.add_stream("qtrle", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "rgb24"
+        stream.codec_context.gop_size = 12
+        for i in range(48):
+            frame = av.VideoFrame.from_ndarray(render_frame(i, width=160, height=120, num_frames=48), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 24)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    for path in (honest, tmp_path / "qtrle.mov"):
+        stats = DecodeStats()
+        assert clip_indices(decode_clip(path, Uniform(8), size=SIZE, stats=stats).frames) == [
+            3,
+            9,
+            15,
+            21,
+            27,
+            33,
+            39,
+            45,
+        ]
+        assert not stats.sequential_fallback and stats.packets_decoded < 48, path.name
 
 
 def test_mpeg_ps_and_nut_durations_end_where_the_last_frame_ends(tmp_path: Path) -> None:
@@ -334,10 +354,12 @@ def test_mpeg_ps_durations_and_untimed_packets_give_the_whole_video(tmp_path: Pa
     """FFmpeg estimates an MPEG-PS duration from timestamps, short of the last frame by one or two: it is always the
     packets' end now, in decode and both probe methods. H.264 in MPEG-PS needs a timestamp only every 0.7 s: a table
     of the timed packets spanned a third of the video, whose clip then ended at 3.5 s of 10 (found by review)."""
+    x264 = {"x264-params": "keyint=48:min-keyint=48:scenecut=0:bframes=3"}
     cases = [
         ("a.mpg", "mpeg1video", "mpeg", {"qscale": "3"}, 240),
         ("b.mpg", "mpeg2video", "vob", {"qscale": "3"}, 241),
-        ("c.mpg", "libx264", "vob", {"x264-params": "keyint=48:min-keyint=48:scenecut=0:bframes=3"}, 240),
+        ("c.mpg", "libx264", "vob", x264, 240),
+        ("d.mpg", "libx264", "vob", x264, 3),  # one of three packets untimed: a third of the frames (found by review)
     ]
     for name, codec, container, options, n in cases:
         kw = {"format": container} | ({} if codec == "libx264" else {"bframes": 2})

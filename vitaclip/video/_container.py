@@ -600,14 +600,9 @@ def scan_packets(opened: OpenedVideo, *, deadline: Deadline) -> PacketTable:
     if not count:
         raise VideoDecodeError("truncated", NO_PACKETS)
     # Packets without any timestamp (H.264 in MPEG-PS, which needs one only every 0.7 s) are frames the timestamps
-    # leave out: a table of the others would span a third of the video. Past a few, they are numbered instead.
+    # leave out: a table of the others would span a third of the video. Past 1% of them, they are numbered instead.
     untimed = count - len(pts_list)
-    if (
-        not pts_list
-        or dts_back
-        or untimed > max(1, count // 100)
-        or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64))
-    ):
+    if not pts_list or dts_back or untimed > count // 100 or _order_unreliable(np.frombuffer(pts_list, dtype=np.int64)):
         fps = Fraction(opened.header.average_fps or 25).limit_denominator(1001)
         return PacketTable(
             pts=np.arange(count, dtype=np.int64),

@@ -142,6 +142,9 @@ class _Overshoot(Exception):
         self.dts = dts
 
 
+_INTER_PICTURES = frozenset({2, 3, 4, 6})  # AVPictureType P, B, S (global motion) and SP: decoded from others
+
+
 class _SeekUnreliable(Exception):
     pass
 
@@ -500,8 +503,10 @@ class _Collector:
             return  # a leading picture of an open GOP, shown before the keyframe we started from
         if self._trust_keyframes and not self._number_frames and not self._key_checked:
             self._key_checked = True
-            # A keyframe an edit list cuts is decoded, not shown: the first picture shown after it is not one.
-            if self._kf_shown and not frame.key_frame:
+            # A keyframe an edit list cuts is decoded, not shown: the first picture shown after it is not one. Only
+            # a picture its decoder calls inter-coded counts: some (QuickTime Animation, CineForm, Flash Screen
+            # Video) never flag a keyframe as one.
+            if self._kf_shown and not frame.key_frame and int(frame.pict_type) in _INTER_PICTURES:
                 # The packet flagged as a keyframe decodes to a picture that needs earlier ones (a container that
                 # flags every packet: an MP4 without its sync-sample table, FFmpeg's H.261 in AVI): every picture
                 # decoded from such a "keyframe" would be garbage. One pass from the start instead.
