@@ -47,7 +47,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 from urllib.parse import quote, unquote, unquote_plus
 
 import botocore.exceptions
@@ -378,19 +378,26 @@ def _list_all(
                 hidden.report()
 
 
-class _SkippedNames:
-    """Counts the files of a folder or prefix listing left out by the extension filter and says so, in one info
-    line, once it has been listed: a video named ``v.mp4 `` (a trailing space) or ``v.mp4.part`` is not indexed
-    without a trace. A folder holds other files as a rule, so it is not a warning."""
+_T = TypeVar("_T")
+
+
+class _LeftOut(Generic[_T]):
+    """What a listing of `location` left out: how many, and the first of them, for one line once it has been read."""
 
     def __init__(self, location: str) -> None:
         self.location = location
         self.count = 0
-        self.first: str | None = None
+        self.first: _T | None = None
 
-    def note(self, name: str) -> None:
+    def note(self, item: _T) -> None:
         self.count += 1
-        self.first = self.first or name
+        self.first = self.first or item
+
+
+class _SkippedNames(_LeftOut[str]):
+    """Counts the files of a folder or prefix listing left out by the extension filter and says so, in one info
+    line, once it has been listed: a video named ``v.mp4 `` (a trailing space) or ``v.mp4.part`` is not indexed
+    without a trace. A folder holds other files as a rule, so it is not a warning."""
 
     def counting(self, keep_name: Callable[[str], bool]) -> Callable[[str], bool]:
         def keep(name: str) -> bool:
@@ -648,7 +655,7 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
         # A URI the job cannot read is filtered by its path, without a query (a presigned https:// URL of an .mp4
         # is a row saying why it is not read, not a line dropped without a trace).
         if not keep_name(video.uri) and not (video.status and keep_name(re.split(r"[?#]", video.uri, maxsplit=1)[0])):
-            skipped.add(row)
+            skipped.note(row)
             continue
         if video.status or (row.etag is not None and row.size_bytes is not None):
             yield video
@@ -659,19 +666,10 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
     skipped.report()
 
 
-class _SkippedEntries:
+class _SkippedEntries(_LeftOut["_ManifestRow"]):
     """Counts a manifest's entries left out by the extension filter and says so once it has been read: an entry
     that a person wrote (``in/v.mp4 `` with a trailing space) never disappears without a trace. Inventories list
     every object of a bucket, so theirs is an info line."""
-
-    def __init__(self, location: str) -> None:
-        self.location = location
-        self.count = 0
-        self.first: _ManifestRow | None = None
-
-    def add(self, row: _ManifestRow) -> None:
-        self.count += 1
-        self.first = self.first or row
 
     def report(self) -> None:
         if self.first is None:
