@@ -151,6 +151,43 @@ def test_csv_errors_name_the_line(tmp_path: Path) -> None:
         listed(manifest)
 
 
+def test_a_local_files_etag_and_size_are_its_own_whatever_the_manifest_says(tmp_path: Path) -> None:
+    """A manifest's ETag for a local file that is not the file's own kind (size and modification time) could never
+    be checked on read: the file was indexed under it, and once replaced, the same manifest's next run said "already
+    indexed" and kept the old row for ever. Such an entry, or a size that is not its ETag's, is looked up; a
+    file's own ETag is taken as given (the read checks it: a stale one is a `changed` row)."""
+    found = videos(tmp_path / "in", "a.mp4", "b.mp4", "c.mp4", "d.mp4")
+    own = found["c.mp4"].etag
+    stale = f"local-{found['d.mp4'].size_bytes}-1"
+    manifest = tmp_path / "in" / "list.csv"
+    manifest.write_text(
+        "uri,etag,size_bytes\n"
+        "a.mp4,bogus-etag,5\n"  # another kind of ETag: looked up
+        f"b.mp4,{own},1000\n"  # a size that is not its ETag's: looked up
+        f"c.mp4,{own},5\n"  # c.mp4's own ETag (a copy of the same size) and size: taken
+        f"d.mp4,{stale},5\n"  # its own kind, stale: taken, and refused on read as changed
+    )
+    assert listed(manifest) == [found["a.mp4"], found["b.mp4"], VideoObject(found["c.mp4"].uri, own, 5),
+                                VideoObject(found["d.mp4"].uri, stale, 5)]  # fmt: skip
+
+    from jobs.storage import open_video
+
+    with pytest.raises(StorageError, match="changed since it was listed") as caught:
+        open_video(found["d.mp4"].uri, size_bytes=5, etag=stale)
+    assert caught.value.reason == "changed"
+
+
+def test_a_path_with_a_nul_is_an_unsupported_row(tmp_path: Path) -> None:
+    """A Parquet (or quoted CSV) cell may hold a NUL, which no file name does: it stopped the run with "embedded
+    null byte", naming neither the manifest nor the row."""
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": ["ok.mp4", "nul\x00x.mp4"]}), manifest)
+    (tmp_path / "ok.mp4").write_bytes(b"1")
+    ok, nul = listed(manifest)
+    assert (ok.uri, ok.status) == (str(tmp_path / "ok.mp4"), "")
+    assert nul.status == "unsupported_uri" and "NUL" in nul.error_message and "list.parquet" in nul.error_message
+
+
 def test_uris_with_blanks_before_them_are_rows_not_paths(tmp_path: Path) -> None:
     """Cells and lines are taken as written, so " https://user:pw@host/v.mp4" (a space after a CSV comma) is no
     URI by its first character: it was a relative local path, with the password in the row's uri."""
@@ -361,7 +398,7 @@ def test_lone_inventory_files_and_gzipped_csv_manifests(tmp_path: Path) -> None:
     (tmp_path / "list.csv.gz").write_bytes(gzip.compress(b"uri,size_bytes,etag\ns3://b/k.mp4,5,e\nlocal.mp4,6,f\n"))
     assert listed(tmp_path / "list.csv.gz") == [
         VideoObject("s3://b/k.mp4", "e", 5),
-        VideoObject(str(tmp_path / "local.mp4"), "f", 6),
+        VideoObject(str(tmp_path / "local.mp4"), "", UNKNOWN_SIZE),  # a file's ETag is its own: looked up (none)
     ]
     # An inventory CSV data file alone does not say which column is which: its manifest.json does.
     (tmp_path / "part.csv.gz").write_bytes(inventory_csv(OBJECTS))

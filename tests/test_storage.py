@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,39 @@ def test_a_subfolder_past_the_path_limit_is_one_unlisted_entry(tmp_path: Path) -
     (unlisted,) = [v for v in listed if v.status == UNLISTED_FOLDER]
     assert unlisted.uri.startswith(str(tmp_path / ("d" * 200))) and len(unlisted.uri) > 4096
     assert "File name too long" in unlisted.error_message
+
+
+def test_a_folder_tree_deeper_than_pythons_recursion_limit_is_listed(tmp_path: Path) -> None:
+    """A folder per level, 1,200 levels (paths of 2,400 bytes, within PATH_MAX): a walk that recursed once per level
+    failed the run with a RecursionError at about 985 levels, and nothing was indexed. Anyone who could make folders
+    in an input share could stop every nightly run."""
+    import sys
+
+    (tmp_path / "top.mp4").write_bytes(b"1")
+    levels = sys.getrecursionlimit() + 200
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(levels):
+            os.mkdir("a", dir_fd=fd)
+            deeper = os.open("a", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        os.close(os.open("deep.mp4", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        os.close(os.open("z.mp4", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+    (tmp_path / "b.mp4").write_bytes(b"2")
+    deep = str(tmp_path / os.path.join(*["a"] * levels))
+    try:
+        listed = [(v.uri, v.status) for v in list_videos([str(tmp_path)])]
+    finally:  # shutil.rmtree (pytest's clean-up of old temporary folders) recurses once per level too
+        subprocess.run(["rm", "-rf", str(tmp_path / "a")], check=True)
+    assert listed == [
+        (f"{deep}/deep.mp4", ""),
+        (f"{deep}/z.mp4", ""),
+        (str(tmp_path / "b.mp4"), ""),
+        (str(tmp_path / "top.mp4"), ""),
+    ]
 
 
 def test_a_name_that_is_not_utf8_never_shares_a_uri_with_another_file(tmp_path: Path) -> None:

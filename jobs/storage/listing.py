@@ -65,7 +65,7 @@ from index.s3 import (
     storage_error,
     with_retries,
 )
-from index.schema import local_etag, plain_types
+from index.schema import LOCAL_ETAG_PREFIX, local_etag, plain_types
 from vitaclip.redact import has_object_userinfo, printable_name, redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -514,7 +514,6 @@ def _walk_sorted(
     *,
     keep_name: Callable[[str], bool],
     inside: str | None,
-    top: bool = True,
     hidden: _SkippedHidden | None = None,
 ) -> Iterator[VideoObject]:
     """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
@@ -525,6 +524,42 @@ def _walk_sorted(
     would block on), a file that cannot be inspected (`read_error`), a subfolder that cannot be read
     (`UNLISTED_FOLDER`, the folder itself: its videos are unknown). A top folder that cannot be read fails the
     listing. With `hidden`, entries whose name starts with ``.`` are left out (and counted there).
+
+    The walk keeps its own stack of open folders, one sorted list each: a tree as deep as paths allow (a folder
+    per level, thousands of levels) is listed, not a RecursionError that would fail the run.
+    """
+    top = _sorted_entries(folder, top=True)
+    assert not isinstance(top, VideoObject)  # a top folder that cannot be read raises
+    stack = [iter(top)]
+    while stack:
+        pair = next(stack[-1], None)
+        if pair is None:
+            stack.pop()
+            continue
+        sort_name, entry = pair
+        if hidden is not None and entry.name.startswith("."):
+            hidden.note(entry.path)
+            continue
+        if sort_name.endswith("/"):
+            below = _sorted_entries(entry.path, top=False)
+            if isinstance(below, VideoObject):
+                yield below
+            else:
+                stack.append(iter(below))
+            continue
+        if not keep_name(entry.path):
+            continue
+        found = _listed_file(entry, inside=inside)
+        if found is not None:
+            yield found
+
+
+def _sorted_entries(folder: str, *, top: bool) -> list[tuple[str, os.DirEntry[str]]] | VideoObject:
+    """A folder's entries as `_walk_sorted` orders them (a subfolder's sort name ends with ``/``); none when it was
+    removed since its parent was read; an `UNLISTED_FOLDER` row for a subfolder that cannot be read.
+
+    Raises:
+        StorageError: The top folder cannot be read.
     """
     try:
         with os.scandir(folder) as scan:
@@ -536,15 +571,14 @@ def _walk_sorted(
                     is_dir = False
                 entries.append((entry.name + "/" if is_dir else entry.name, entry))
     except FileNotFoundError:  # removed since its parent was read
-        return
+        return []
     except OSError as error:  # permission denied, a path past PATH_MAX, a folder swapped for a file, EIO, ESTALE
         why = "permission denied" if isinstance(error, PermissionError) else (error.strerror or type(error).__name__)
         if not top:
             log.warning(
                 "cannot list folder %s (%s): its videos are left as they are by this run", printable_path(folder), why
             )
-            yield _odd(folder.rstrip(os.sep) + os.sep, UNLISTED_FOLDER, f"{why}: the folder cannot be listed")
-            return
+            return _odd(folder.rstrip(os.sep) + os.sep, UNLISTED_FOLDER, f"{why}: the folder cannot be listed")
         if isinstance(error, PermissionError):
             raise StorageError(
                 f"access denied: cannot list folder {printable_path(folder)}", reason="access_denied", uri=folder
@@ -552,18 +586,7 @@ def _walk_sorted(
         raise StorageError(
             f"cannot list folder {printable_path(folder)}: {why}", reason="read_error", uri=folder
         ) from error
-    for sort_name, entry in sorted(entries, key=lambda pair: pair[0]):
-        if hidden is not None and entry.name.startswith("."):
-            hidden.note(entry.path)
-            continue
-        if sort_name.endswith("/"):
-            yield from _walk_sorted(entry.path, keep_name=keep_name, inside=inside, top=False, hidden=hidden)
-            continue
-        if not keep_name(entry.path):
-            continue
-        found = _listed_file(entry, inside=inside)
-        if found is not None:
-            yield found
+    return sorted(entries, key=lambda pair: pair[0])
 
 
 def _listed_file(entry: os.DirEntry[str], *, inside: str | None) -> VideoObject | None:
@@ -657,13 +680,37 @@ def _list_manifest(location: str, *, client: S3Client, keep_name: Callable[[str]
         if not keep_name(video.uri) and not (video.status and keep_name(re.split(r"[?#]", video.uri, maxsplit=1)[0])):
             skipped.note(row)
             continue
-        if video.status or (row.etag is not None and row.size_bytes is not None):
+        if video.status:
             yield video
             continue
+        etag, size_bytes = _given_etag_and_size(row, video.uri)
+        if etag is not None and size_bytes is not None:
+            yield VideoObject(video.uri, etag, size_bytes)
+            continue
         looked_up = _look_up(video.uri, client=client)
-        etag = looked_up.etag if row.etag is None else row.etag
-        yield VideoObject(video.uri, etag, looked_up.size_bytes if row.size_bytes is None else row.size_bytes)
+        yield VideoObject(
+            video.uri,
+            looked_up.etag if etag is None else etag,
+            looked_up.size_bytes if size_bytes is None else size_bytes,
+        )
     skipped.report()
+
+
+def _given_etag_and_size(row: _ManifestRow, uri: str) -> tuple[str | None, int | None]:
+    """The ETag and size a manifest entry gives that the job takes as listed (None: looked up).
+
+    An object's are taken as given (an inventory's, S3 checks the ETag on every read). A local file's ETag is its
+    size and modification time (`index.schema.local_etag`), checked on read: any other ETag could never be checked,
+    so a file replaced since would keep its old row for ever; such an entry, or one whose size is not its ETag's, is
+    looked up (a ``stat``) instead."""
+    if uri.startswith("s3://"):
+        return row.etag, row.size_bytes
+    if row.etag is None or not row.etag.startswith(LOCAL_ETAG_PREFIX):
+        return None, None
+    size = row.etag[len(LOCAL_ETAG_PREFIX) :].partition("-")[0]
+    if not size.isdigit() or (row.size_bytes is not None and int(size) != row.size_bytes):
+        return None, None
+    return row.etag, int(size)
 
 
 class _SkippedEntries(_LeftOut["_ManifestRow"]):
@@ -708,6 +755,8 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
             while uri.startswith("./"):
                 uri = uri[2:]
             uri = f"{base}/{uri}"  # a key next to the manifest's, as written (but a leading "./")
+        elif "\x00" in uri:  # no file name holds one (a Parquet or CSV cell may)
+            return _unsupported(row, "a path with a NUL character", where=where)
         else:
             uri = _normalize_path(os.path.join(base, uri))  # an absolute path stays itself
     elif scheme.group(1).lower() == "s3":
