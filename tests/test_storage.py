@@ -867,6 +867,43 @@ def test_hidden_entries_are_left_out_of_folders_and_said_once(tmp_path: Path, ca
     assert [Path(v.uri).name for v in list_videos([str(manifest)])] == ["._a.mp4", "a.mp4"]
 
 
+def test_keys_ending_in_a_slash_with_data_are_files_not_folder_markers(s3_bucket: Bucket, caplog: Any) -> None:
+    """An object named ``clip.mp4/`` that holds data was dropped with the empty folder markers, without a trace; it
+    is a name now, which the extension filter leaves out and counts (all files are listed without it)."""
+    client, bucket = s3_bucket
+    put(client, bucket, "p/dir/", b"")
+    put(client, bucket, "p/data.mp4/", b"v" * 10)
+    put(client, bucket, "p/a.mp4", b"v")
+
+    def keys(**options: Any) -> list[str]:
+        listed = list_videos([f"s3://{bucket}/p/"], s3_client=client, **options)
+        return [video.uri.split("/", 3)[3] for video in listed]
+
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert keys() == ["p/a.mp4"]
+    (record,) = caplog.records
+    assert "1 file left out: not named with a video extension" in record.getMessage()
+    assert record.getMessage().endswith("such as p/data.mp4/")
+    assert keys(extensions=None) == ["p/a.mp4", "p/data.mp4/"]
+
+
+def test_symbolic_links_to_folders_are_counted_not_followed(tmp_path: Path, caplog: Any) -> None:
+    """A link to a folder is not walked (a loop, or a tree listed twice, is one link away): it was left out without a
+    word, or counted as a file not named with a video extension."""
+    root = tmp_path / "in"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "a.mp4").write_bytes(b"v")
+    (root / "linked.mp4").symlink_to(root / "real")
+    (root / "linked").symlink_to(tmp_path)
+    with caplog.at_level(logging.INFO, logger="jobs.storage.listing"):
+        assert [v.uri for v in list_videos([str(root)])] == [str(root / "real" / "a.mp4")]
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{root}: 2 symbolic links to folders not followed, such as {root / 'linked'}; give the folder itself as an "
+        "input to list it"
+    )
+
+
 def test_hidden_keys_are_left_out_under_s3_prefixes(s3_bucket: Bucket) -> None:
     client, bucket = s3_bucket
     for key in ("in/a.mp4", "in/._a.mp4", "in/.trash/b.mp4", "in/x/.c.mp4", "in/x/c.mp4", "in.mp4"):

@@ -356,6 +356,7 @@ def _list_all(
     for location, kind in inputs:
         left_out = _SkippedNames(location)
         hidden = None if include_hidden else _SkippedHidden(location)
+        linked = _SkippedLinkedFolders(location)
         if kind == "s3_prefix":
             found: Iterator[VideoObject] = _list_s3_prefix(
                 client, location, page_size=page_size, keep_name=left_out.counting(keep_name), hidden=hidden
@@ -366,6 +367,7 @@ def _list_all(
                 keep_name=left_out.counting(keep_name),
                 follow_outside_symlinks=follow_outside_symlinks,
                 hidden=hidden,
+                linked=linked,
             )
         else:
             found = _list_manifest(location, client=client, keep_name=keep_name)
@@ -374,6 +376,7 @@ def _list_all(
                 yield video
         if kind in ("s3_prefix", "folder"):
             left_out.report()
+            linked.report()
             if hidden is not None:
                 hidden.report()
 
@@ -433,6 +436,18 @@ class _SkippedHidden(_SkippedNames):
         )
 
 
+class _SkippedLinkedFolders(_SkippedNames):
+    """Counts the symbolic links to folders a folder listing does not follow (a loop, or a tree listed twice, is one
+    link away), and says so in one info line once it has been listed."""
+
+    @staticmethod
+    def said(count: int, first: str) -> str:
+        links = "symbolic link" if count == 1 else "symbolic links"
+        return (
+            f"{count} {links} to folders not followed, such as {first}; give the folder itself as an input to list it"
+        )
+
+
 def is_hidden_key(key: str, prefix: str) -> bool:
     """Whether an S3 key listed under the raw `prefix` has a hidden name below it: a ``/``-separated part that
     starts with ``.``, other than the part the prefix itself ends in (``in/.h`` names ``.h...`` explicitly)."""
@@ -459,7 +474,7 @@ def _list_s3_prefix(
         for page in pages:  # one request per page, made only when the previous page has been consumed
             for entry in page.get("Contents", ()):
                 key = entry["Key"]
-                if key.endswith("/"):
+                if key.endswith("/") and not entry.get("Size"):  # a folder marker (one with data is a file's name)
                     continue
                 if hidden is not None and is_hidden_key(key, prefix):
                     hidden.note(f"s3://{bucket}/{key}")
@@ -515,8 +530,10 @@ def _walk_sorted(
     keep_name: Callable[[str], bool],
     inside: str | None,
     hidden: _SkippedHidden | None = None,
+    linked: _SkippedLinkedFolders | None = None,
 ) -> Iterator[VideoObject]:
-    """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed.
+    """Files under `folder`, ordered like the sorted relative paths; symlinked folders are not followed (counted in
+    `linked`).
 
     Entries that cannot be videos come out with a listing `status` instead of stopping the listing: a name that is
     not valid UTF-8 (`invalid_name`), a dangling symlink or a symlink loop (`broken_link`), a symlink to a file
@@ -546,6 +563,10 @@ def _walk_sorted(
                 yield below
             else:
                 stack.append(iter(below))
+            continue
+        if _is_linked_folder(entry):
+            if linked is not None:
+                linked.note(entry.path)
             continue
         if not keep_name(entry.path):
             continue
@@ -587,6 +608,13 @@ def _sorted_entries(folder: str, *, top: bool) -> list[tuple[str, os.DirEntry[st
             f"cannot list folder {printable_path(folder)}: {why}", reason="read_error", uri=folder
         ) from error
     return sorted(entries, key=lambda pair: pair[0])
+
+
+def _is_linked_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()  # is_dir follows the link
+    except OSError:  # a loop, or gone: `_listed_file` says which
+        return False
 
 
 def _listed_file(entry: os.DirEntry[str], *, inside: str | None) -> VideoObject | None:
@@ -649,9 +677,10 @@ def _list_folder(
     keep_name: Callable[[str], bool],
     follow_outside_symlinks: bool,
     hidden: _SkippedHidden | None = None,
+    linked: _SkippedLinkedFolders | None = None,
 ) -> Iterator[VideoObject]:
     inside = None if follow_outside_symlinks else os.path.realpath(location)
-    yield from _walk_sorted(absolute_path(location), keep_name=keep_name, inside=inside, hidden=hidden)
+    yield from _walk_sorted(absolute_path(location), keep_name=keep_name, inside=inside, hidden=hidden, linked=linked)
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -1253,9 +1282,9 @@ def _inventory_batch_rows(
             raise StorageError(f"{where} row {row}: no bucket or key", reason="invalid_input", uri=where)
         if url_encoded:
             key = unquote_plus(key)
-        if key.endswith("/"):
-            continue
         size_bytes = _parse_size(size, where=where, line=row)
+        if key.endswith("/") and not size_bytes:  # a folder marker (one with data is a file's name)
+            continue
         yield _ManifestRow(f"s3://{bucket}/{key}", _clean_etag(etag), size_bytes, row)
 
 
