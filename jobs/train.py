@@ -77,7 +77,11 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
         "--train-list", help="path,label list, CSV with a header (captions) or Parquet manifest (local or s3://)"
     )
     p.add_argument("--val-list", help="held-out list, evaluated every --eval-every steps")
-    p.add_argument("--label-names", help="label set (kinetics400, hmdb51, ucf101) or a file, training order")
+    p.add_argument(
+        "--label-names",
+        help="label set (kinetics400, hmdb51, ucf101, demo) or a file, training order (default: the model's own: "
+        "kinetics400 for the Vita-CLIP models, demo for vitaclip-demo)",
+    )
     p.add_argument("--data-root", help="prefix of relative list paths (folder or s3://bucket/prefix)")
     p.add_argument("--output", help="output folder or s3://bucket/prefix")
     for name, kind in (
@@ -195,6 +199,8 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train")
     if not config.output:
         raise ValueError("give --output (a folder or s3://bucket/prefix)")
     config = _local_paths_absolute(config)
+    if not config.label_names:
+        config = dataclasses.replace(config, label_names=model_label_set(config))
     try:
         load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)  # before any worker starts
     except (OSError, UnicodeDecodeError) as exc:
@@ -254,12 +260,42 @@ def read_bytes(uri: str, *, s3_endpoint_url: str | None = None) -> bytes:
     return Path(path).read_bytes()
 
 
-def load_label_names(name_or_path: str, *, s3_endpoint_url: str | None = None) -> tuple[str, ...]:
-    """A packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``) or a local/S3 file with one name per line."""
-    from vitaclip.evaluation import PACKAGED_CLASS_LISTS, load_class_list
+def model_label_set(config: TrainConfig) -> str:
+    """The label set the run's model labels with (its config's, or its checkpoint folder's): what a run trains on
+    when ``--label-names`` is left out. Kinetics-400 was everyone's default: a caption-only run of vitaclip-demo
+    saved a checkpoint labelling the demo's videos as "celebrating" and "sneezing".
 
+    Raises:
+        ValueError: The model has no label set of its own (give ``--label-names``).
+    """
+    from vitaclip.registry import resolve_config
+
+    if config.checkpoint:
+        with checkpoint_on_disk(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) as checkpoint:
+            model_config = resolve_config(config.model, checkpoint)
+    else:
+        model_config = resolve_config(config.model, None)
+    if not model_config.label_set:
+        raise ValueError(
+            f"model {model_config.name!r} has no label set of its own: give --label-names (a packaged set, such as "
+            "kinetics400, or a file with one name per line)"
+        )
+    log.info("training labels: %s, the model's label set (--label-names chooses others)", model_config.label_set)
+    return model_config.label_set
+
+
+def load_label_names(name_or_path: str, *, s3_endpoint_url: str | None = None) -> tuple[str, ...]:
+    """A packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``, ``demo``) or a local/S3 file with one name per
+    line."""
+    from vitaclip.evaluation import PACKAGED_CLASS_LISTS, load_class_list
+    from vitaclip.labels import list_label_sets, load_label_set
+
+    if not name_or_path:
+        raise ValueError("no training label names: give a label set or a file (the train command uses the model's)")
     if name_or_path in PACKAGED_CLASS_LISTS:
         return load_class_list(name_or_path)
+    if name_or_path in list_label_sets():
+        return load_label_set(name_or_path)
     text = read_bytes(name_or_path, s3_endpoint_url=s3_endpoint_url).decode("utf-8")
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not names:
@@ -806,10 +842,15 @@ def _rank_datasets(
     config: TrainConfig, start_step: int, model_config: Any, image_size: int, decode: DecodePool
 ) -> dict[str, Any]:
     """One ordered Ray Data stream per training worker: sample counters -> decoded, augmented clips."""
+    from vitaclip.training.data import UnknownLabel
+
     label_names = load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
-    entries = load_entries(
-        config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
-    )
+    try:
+        entries = load_entries(
+            config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
+        )
+    except UnknownLabel as exc:
+        raise UnknownLabel(f"{exc} ({redact_text(config.label_names)}; --label-names chooses them)") from None
     check_entries(entries, config, config.train_list)
     per_worker = config.per_worker_batch_size
     num_samples = max(0, config.steps - start_step) * per_worker

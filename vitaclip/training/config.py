@@ -95,8 +95,9 @@ class TrainConfig:
             ``path`` (or ``uri``/``video``) and ``label`` and/or ``caption`` columns, or a Parquet manifest with those
             columns; local or ``s3://``. Rows repeating a path give that video several captions (one is drawn per
             sample); a list with captions may leave out labels (caption-only training).
-        label_names: the training labels in order: a packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``) or
-            a file with one name per line.
+        label_names: the training labels in order: a packaged label set (``kinetics400``, ``hmdb51``, ``ucf101``,
+            ``demo``) or a file with one name per line (empty: the model's own label set, which the train command
+            resolves before the run starts).
         output: folder or ``s3://bucket/prefix`` for checkpoints, metrics and plots.
         model: registered model name or JSON config (the model's config decides prompts and text context).
         checkpoint: weights to start from: OpenAI/open_clip CLIP weights (a fresh set of prompts on a frozen
@@ -130,7 +131,7 @@ class TrainConfig:
     """
 
     train_list: str = ""
-    label_names: str = "kinetics400"
+    label_names: str = ""
     output: str = ""
     model: str = "vitaclip-b16"
     checkpoint: str | None = None

@@ -125,8 +125,12 @@ def parse_label(value: Any, label_index: Mapping[str, int], *, where: str) -> in
         return label
     key = text.replace("_", " ").strip().lower()
     if key not in label_index:
-        raise ValueError(f"{where}: label {text!r} is not one of the label names")
+        raise UnknownLabel(f"{where}: label {text!r} is not one of the label names")
     return label_index[key]
+
+
+class UnknownLabel(ValueError):
+    """A training list's label that is not one of the run's label names."""
 
 
 def label_lookup(label_names: Sequence[str]) -> dict[str, int]:
