@@ -54,6 +54,12 @@ class QuickstartConfig:
     random_weights: bool = False
     replace_settings: bool = False
 
+    def __post_init__(self) -> None:
+        if self.num_videos < 1:
+            raise ValueError(f"--num-videos must be >= 1, got {self.num_videos}")
+        if self.show < 0:
+            raise ValueError(f"--show must be >= 0, got {self.show}")
+
 
 def generate_inputs(folder: Path, num_videos: int, *, seed: int) -> dict[str, dict[str, Any]]:
     """Writes demo videos and one broken file under `folder`; returns each video's spec by its absolute path (the
@@ -112,10 +118,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     out = Path(config.output)
     videos, output = out / "videos", out / "index-output"
-    truth = generate_inputs(videos, config.num_videos, seed=config.seed)
-    print(f"wrote {config.num_videos} demo videos (and one broken file) under {videos}")
-    setup_logging()
-    job = IndexJobConfig(
+    job = IndexJobConfig(  # checked before hundreds of videos are written (--top-k 0 failed after them)
         inputs=(str(videos),),
         output=str(output),
         model=config.model,
@@ -126,6 +129,15 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
         replace_settings=config.replace_settings,
         switch_index=True,  # a re-run after a model update searches with that model
     )
+    for folder in (out, videos, videos / "videos", output):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} exists and is not a folder: give --output a folder (made if missing)")
+    try:
+        truth = generate_inputs(videos, config.num_videos, seed=config.seed)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise ValueError(f"cannot write the demo videos under {videos}: {exc.strerror or exc}") from None
+    print(f"wrote {config.num_videos} demo videos (and one broken file) under {videos}")
+    setup_logging()
     summary = run_index_job(job)
     print_summary(summary)
     agreement = _print_rows(output, videos, truth, config, model_id=summary["model_id"])

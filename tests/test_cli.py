@@ -568,6 +568,20 @@ def test_the_quickstart_names_the_command_as_it_can_be_typed(tmp_path: Path, mon
     assert command_name() == "vitaclip"
 
 
+def test_the_quickstart_refuses_bad_flags_before_writing_any_video(tmp_path: Path, capsys) -> None:
+    """--top-k 0 failed after 300 videos were written; --num-videos 0 ran the job, then advised a build-index that
+    had nothing to index; an --output that is a file was a NotADirectoryError with exit 1 (a bug's)."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--output", str(out), "--top-k", "0"]) == 2
+    assert "top_k must be >= 1" in _one_line_error(capsys)
+    assert main(["quickstart", "--output", str(out), "--num-videos", "0"]) == 2
+    assert "--num-videos must be >= 1, got 0" in _one_line_error(capsys)
+    assert not out.exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["quickstart", "--output", str(tmp_path / "afile"), "--num-videos", "1"]) == 2
+    assert f"{tmp_path / 'afile'} exists and is not a folder" in _one_line_error(capsys)
+
+
 def test_an_index_run_refused_for_its_checkpoint_leaves_no_output(tmp_path: Path, capsys) -> None:
     (tmp_path / "in").mkdir()
     argv = ["index", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope")]
