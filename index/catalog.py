@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index.delta_tables import OutputLocation, open_parquet
+from index.delta_tables import OutputLocation, check_data_files, open_parquet
 from index.schema import plain_types
 from index.tables import data_files
 
@@ -81,12 +81,16 @@ class RowCatalog:
                 pieces += [kept] if kept.num_rows else []
                 known = set(previous.files)
         new = [i for i, name in enumerate(self.files) if name not in known]
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(new)))) as pool:  # object stores: latency-bound
-            for file_index, groups in zip(new, pool.map(self._read, new), strict=True):
-                for row_group, rows in groups:
-                    marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
-                    pieces.append(rows.append_column(_GROUP, marker))
-                    self.groups.append((file_index, row_group))
+        try:
+            with ThreadPoolExecutor(max_workers=min(16, max(1, len(new)))) as pool:  # object stores: latency-bound
+                for file_index, groups in zip(new, pool.map(self._read, new), strict=True):
+                    for row_group, rows in groups:
+                        marker = pa.array(np.full(rows.num_rows, len(self.groups), dtype=np.int32))
+                        pieces.append(rows.append_column(_GROUP, marker))
+                        self.groups.append((file_index, row_group))
+        except FileNotFoundError:  # a data file deleted by hand: which, and delta-rs's repair, not Arrow's error
+            check_data_files(location, table, version, [self.files[i] for i in new])
+            raise
         if pieces:
             rows = pa.concat_tables(pieces, promote_options="permissive")
             order = np.argsort(rows.column("row_id").to_numpy(), kind="stable")

@@ -1504,16 +1504,17 @@ def read_keys(location: OutputLocation, *, version: int, model_id: str) -> pa.Ta
     )
 
 
-def check_data_files(location: OutputLocation, table: str, version: int, files: Sequence[str]) -> None:
-    """Raises `DataFilesMissingError` naming the data `files` (relative to the table root) of a table version that
-    are gone: one request per file, so only after a read of them failed."""
+def check_data_files(location: OutputLocation, table: str, version: int | None, files: Sequence[str]) -> None:
+    """Raises `DataFilesMissingError` naming the data `files` (relative to the table root) of a table version (None:
+    the current one) that are gone: one request per file, so only after a read of them failed."""
     filesystem, root = location.table_path(table)
     infos = filesystem.get_file_info([f"{root}/{path}" for path in files])
     gone = [path for path, info in zip(files, infos, strict=True) if info.type != pafs.FileType.File]
     if gone:
         uri = redact_text(location.table_uri(table))
         raise DataFilesMissingError(
-            f"the {table} table at {uri} (version {version}) names {len(gone)} data files that are gone "
+            f"the {table} table at {uri} ({'its current version' if version is None else f'version {version}'}) "
+            f"names {len(gone)} data files that are gone "
             f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}), deleted by hand or by another tool: no "
             f"reader can read it. delta-rs's repair removes them from the table (python -c \"from deltalake import "
             f"DeltaTable; DeltaTable('{uri}').repair()\"); the next run indexes their videos again"

@@ -357,7 +357,10 @@ def read_info(folder: str | Path, *, check_format: bool = True) -> dict[str, Any
         if Path(folder).name == INDEX_DIR and not (output / "videos" / "_delta_log").is_dir():
             raise IndexUnusableError(_not_an_output(output))
         raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
-    info = parse_info(path.read_bytes())
+    try:
+        info = parse_info(path.read_bytes())
+    except IndexUnusableError as exc:  # for the one who searches: what mends it
+        raise IndexUnusableError(f"{exc}: {_REBUILD}") from None
     if check_format and info.get("format_version") != INDEX_FORMAT_VERSION:
         raise IndexUnusableError(
             f"index format version {info.get('format_version')} is not supported (this vitaclip reads "

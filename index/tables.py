@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from index.delta_tables import (
     TABLES,
     OutputLocation,
+    check_data_files,
     check_table,
     data_file_paths,
     detect_old_layout,
@@ -131,7 +132,11 @@ def read_table(
     if where is not None:
         row_filter = where if row_filter is None else row_filter & where
     where_columns = ["model_id"] if where is None else None  # a caller's condition: its columns are not known
-    data = scan(pyarrow_dataset(location, table, dt), read_columns, row_filter, where_columns=where_columns)
+    try:
+        data = scan(pyarrow_dataset(location, table, dt), read_columns, row_filter, where_columns=where_columns)
+    except FileNotFoundError:  # a data file deleted by hand: which, and delta-rs's repair, not Arrow's error
+        check_data_files(location, table, dt.version(), data_file_paths(dt))
+        raise
     if wanted is not None and read_columns != wanted:
         data = data.select(wanted)
     return data

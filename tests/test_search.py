@@ -318,3 +318,18 @@ def test_an_index_without_its_tables_or_with_a_damaged_log_is_one_clear_error(
     shutil.rmtree(gone / "videos")
     assert cli_main(["search", "--index", str(gone), "a circle"]) == 2  # was: "no results", exit 0
     assert "the index holds vectors but the output has no tables" in capsys.readouterr().err
+    # A data file deleted by hand: which, and delta-rs's repair (the job says so too), not Arrow's FileNotFoundError.
+    lost = tmp_path / "lost"
+    shutil.copytree(indexed, lost)
+    part = sorted((lost / "videos").glob("*.parquet"))[0]
+    part.unlink()
+    assert cli_main(["search", "--index", str(lost), "a circle"]) == 2
+    err = capsys.readouterr().err
+    assert f"names 1 data files that are gone ({part.name})" in err and ".repair()" in err, err
+    # A damaged index_info.json: what mends it.
+    cut = tmp_path / "cut"
+    shutil.copytree(indexed, cut)
+    (cut / "index" / "index_info.json").write_bytes(b"")
+    assert cli_main(["search", "--index", str(cut), "a circle"]) == 2
+    err = capsys.readouterr().err
+    assert "index_info.json is damaged" in err and "vitaclip build-index OUT --rebuild" in err, err
