@@ -335,7 +335,7 @@ def referenced_files(info: dict[str, Any]) -> set[str]:
     return files
 
 
-def _not_an_output(folder: Path) -> str:
+def not_an_output(folder: Path) -> str:
     """Why `folder` has no index to search: an output of the previous layout, or no output at all (the outputs in
     its subfolders named)."""
     if (folder / "_commits").is_dir():
@@ -355,7 +355,7 @@ def read_info(folder: str | Path, *, check_format: bool = True) -> dict[str, Any
         if Path(folder).name == INDEX_DIR and not output.is_dir():  # a mistyped output: not "build an index"
             raise IndexUnusableError(f"no output folder at {output}")
         if Path(folder).name == INDEX_DIR and not (output / "videos" / "_delta_log").is_dir():
-            raise IndexUnusableError(_not_an_output(output))
+            raise IndexUnusableError(not_an_output(output))
         raise IndexUnusableError(f"no index at {folder} ({INFO_FILE} missing): build it with `vitaclip build-index`")
     try:
         info = parse_info(path.read_bytes())

@@ -12,9 +12,10 @@ import os
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-from vitaclip.redact import error_line, printable_name, redact_text, refuse_object_userinfo, terminal_text
+from vitaclip.redact import error_line, printable_name, redact_text, redact_url, refuse_object_userinfo, terminal_text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str = "vitaclip-b16") -> None:
@@ -230,11 +231,28 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
     store = _existing_output(args.output, endpoint_url=args.s3_endpoint_url)
     records = read_runs(store, last=args.last)
+    if not records:
+        _require_output(store, args.output)
     if args.json:
         print(json.dumps(records, indent=1, default=str))
     else:
         print(format_runs(records, read_settings(store), url=store.url))
     return 0
+
+
+def _require_output(store: Any, given: str) -> None:
+    """Refuses a folder or prefix that is no output of the indexing job (no tables): "no runs recorded", exit 0,
+    answered the parent folder of an output as if it were an empty one."""
+    from index.segments import not_an_output
+    from index.tables import table_versions
+
+    if table_versions(store) is not None:
+        return
+    if "://" not in given:
+        raise ValueError(not_an_output(Path(given)))
+    raise ValueError(
+        f"{redact_url(store.url)} is not an output of the indexing job (no videos table): give its --output"
+    )
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -577,7 +595,7 @@ def _add_search_parser(sub: Any) -> None:
     _add_model_options(p)
     p.add_argument("query", nargs="*", help="the text to search for")
     p.add_argument("--like", metavar="FILE", help="search by a picture or a short clip instead of text")
-    p.add_argument("-k", type=int, default=10, help="how many results")
+    p.add_argument("-k", type=int, default=10, help="how many results, 1-100 (as the service allows)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--segments", action="store_true", help="search moments of long videos")
     p.add_argument("--label", default=None, help="only videos with this label among their top labels")

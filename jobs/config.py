@@ -410,18 +410,32 @@ def _add_listing_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+# What an option left unset means, where its config default is None or empty ("default: none" said nothing).
+_UNSET_MEANS = {
+    "checkpoint": "the model's packaged weights (vitaclip-demo); others need one",
+    "labels": "the model's label set",
+    "num_frames": "the model's",
+    "segment_seconds": "whole videos only",
+    "s3_endpoint_url": "AWS's, or AWS_ENDPOINT_URL",
+    "num_cpus": "all of this machine's",
+    "decode_workers": "one per CPU of the cluster",
+    "max_size_bytes": "no limit",
+    "prune_scopes": "the inputs",
+}
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Appends each option's default (from the config dataclass: flags default to None so YAML can fill them)."""
     for action in parser._actions:
         field_ = _FIELDS.get(action.dest)
-        if field_ is None or action.dest in ("inputs", "output") or not action.option_strings:
+        if field_ is None or action.dest in ("inputs", "output", "build_index") or not action.option_strings:
+            continue
+        if "default" in (action.help or ""):  # its text says it
             continue
         default = field_.default
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
-        if action.dest == "build_index":
-            continue
-        shown = "none" if default is None else default
+        shown = _UNSET_MEANS.get(action.dest, "none") if default is None or default == "" else default
         action.help = f"{action.help or ''} (default: {shown})".strip()
 
 

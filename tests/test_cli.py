@@ -268,6 +268,16 @@ def _model_cell(model_id: str) -> str:
     return _model(model_id)
 
 
+def test_runs_of_a_folder_that_is_no_output_is_an_error(tmp_path: Path, capsys) -> None:
+    """The parent folder of an output answered "no runs recorded", exit 0, as if it were an empty output."""
+    (tmp_path / "out" / "videos" / "_delta_log").mkdir(parents=True)  # an output, as far as the check goes
+    assert main(["runs", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not an output of the indexing job" in (err := _one_line_error(capsys))
+    assert "outputs in its subfolders: out" in err
+    assert main(["runs", str(tmp_path / "empty")]) == 2  # missing: as before
+    _one_line_error(capsys)
+
+
 def test_runs_shows_running_failed_and_unreadable_records(tmp_path: Path, capsys) -> None:
     from jobs.config import IndexJobConfig
     from jobs.pipeline import RunRecord
