@@ -112,7 +112,7 @@ class PlanActor:
         """Plans one batch of listed objects; returns how many need work."""
         self._usable()
         for uri in listed.column("uri").to_pylist():
-            if "://" not in uri and not uri.startswith(self._folders):
+            if "://" not in uri and "\x00" not in uri and not uri.startswith(self._folders):
                 self._other_local_dirs.add(os.path.dirname(uri))
         for scope in self._scopes:
             self._listed_under[scope] += int(np.sum(_under(listed.column("uri"), scope)))

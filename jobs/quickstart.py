@@ -131,7 +131,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     )
     for folder in (out, videos, videos / "videos", output):
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} exists and is not a folder: give --output a folder (made if missing)")
+            raise ValueError(f"{folder} exists and is not a folder: move it away, or give another --output")
     try:
         truth = generate_inputs(videos, config.num_videos, seed=config.seed)
     except OSError as exc:  # a read-only folder, a full disk

@@ -199,13 +199,29 @@ def config_from_args(argv: Sequence[str], *, prog: str = "python -m jobs.train")
     if not config.output:
         raise ValueError("give --output (a folder or s3://bucket/prefix)")
     config = _local_paths_absolute(config)
-    if not config.label_names:
-        config = dataclasses.replace(config, label_names=model_label_set(config))
+    if config.label_names:  # left out: the model's, or a resumed run's (`with_label_names`, once the output is read)
+        check_label_names_readable(config)
+    return config, ray
+
+
+def check_label_names_readable(config: TrainConfig) -> None:
+    """Reads the run's label names once before any worker starts, to refuse a missing or unreadable file in one
+    line."""
     try:
-        load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)  # before any worker starts
+        load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--label-names {config.label_names}: {getattr(exc, 'strerror', None) or exc}") from None
-    return config, ray
+
+
+def with_label_names(config: TrainConfig, recorded_text: str | None) -> TrainConfig:
+    """`config` with its label names when left out: those of the run it resumes (`recorded_text`, its
+    ``train_config.json``), else the model's own label set (`model_label_set`)."""
+    if config.label_names:
+        return config
+    recorded = json.loads(recorded_text).get("label_names") if recorded_text else None
+    config = config.replace(label_names=recorded if isinstance(recorded, str) and recorded else model_label_set(config))
+    check_label_names_readable(config)
+    return config
 
 
 def _local_paths_absolute(config: TrainConfig) -> TrainConfig:
@@ -268,20 +284,31 @@ def model_label_set(config: TrainConfig) -> str:
     Raises:
         ValueError: The model has no label set of its own (give ``--label-names``).
     """
-    from vitaclip.registry import resolve_config
+    from vitaclip.labels import list_label_sets, load_label_set
+    from vitaclip.registry import default_label_names, resolve_config
 
     if config.checkpoint:
         with checkpoint_on_disk(config.checkpoint, s3_endpoint_url=config.s3_endpoint_url) as checkpoint:
             model_config = resolve_config(config.model, checkpoint)
+            own = default_label_names(config.model, checkpoint)  # a vitaclip checkpoint's recorded labels
     else:
         model_config = resolve_config(config.model, None)
-    if not model_config.label_set:
+        own = None
+    label_set = model_config.label_set
+    if own is not None and (not label_set or load_label_set(label_set) != tuple(own)):
+        label_set = next((name for name in list_label_sets() if load_label_set(name) == tuple(own)), None)
+        if label_set is None:
+            raise ValueError(
+                f"the checkpoint was trained on {len(own)} labels of its own, not a packaged set: give --label-names "
+                "(a file with its names, one per line, or another label set)"
+            )
+    if not label_set:
         raise ValueError(
             f"model {model_config.name!r} has no label set of its own: give --label-names (a packaged set, such as "
             "kinetics400, or a file with one name per line)"
         )
-    log.info("training labels: %s, the model's label set (--label-names chooses others)", model_config.label_set)
-    return model_config.label_set
+    log.info("training labels: %s, the model's label set (--label-names chooses others)", label_set)
+    return label_set
 
 
 def load_label_names(name_or_path: str, *, s3_endpoint_url: str | None = None) -> tuple[str, ...]:
@@ -842,15 +869,10 @@ def _rank_datasets(
     config: TrainConfig, start_step: int, model_config: Any, image_size: int, decode: DecodePool
 ) -> dict[str, Any]:
     """One ordered Ray Data stream per training worker: sample counters -> decoded, augmented clips."""
-    from vitaclip.training.data import UnknownLabel
-
     label_names = load_label_names(config.label_names, s3_endpoint_url=config.s3_endpoint_url)
-    try:
-        entries = load_entries(
-            config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
-        )
-    except UnknownLabel as exc:
-        raise UnknownLabel(f"{exc} ({redact_text(config.label_names)}; --label-names chooses them)") from None
+    entries = load_entries(
+        config.train_list, label_names, data_root=config.data_root, s3_endpoint_url=config.s3_endpoint_url
+    )
     check_entries(entries, config, config.train_list)
     per_worker = config.per_worker_batch_size
     num_samples = max(0, config.steps - start_step) * per_worker
@@ -892,8 +914,10 @@ def run_training(
     output = Output(config.output, s3_endpoint_url=config.s3_endpoint_url)
     steps_done = output.checkpoint_steps()
     start_step = steps_done[-1] if steps_done else 0
+    recorded = output.read_text("train_config.json") if start_step else None
+    config = with_label_names(config, recorded)
     if start_step:
-        _check_same_recipe(config, output.read_text("train_config.json"), output.url)
+        _check_same_recipe(config, recorded, output.url)
     loop_config = {
         "config": config.to_dict(),
         "data_start_step": start_step,
@@ -901,10 +925,15 @@ def run_training(
         "distributed": not ray.local,
     }
     if start_step < config.steps:
-        if ray.local:
-            train_loop({**loop_config, "config": config.replace(world_size=1).to_dict()})
-        else:
-            _run_ray(config, ray, loop_config, start_step)
+        from vitaclip.training.data import UnknownLabel
+
+        try:
+            if ray.local:
+                train_loop({**loop_config, "config": config.replace(world_size=1).to_dict()})
+            else:
+                _run_ray(config, ray, loop_config, start_step)  # its driver reads the list first
+        except UnknownLabel as exc:
+            raise UnknownLabel(f"{exc} ({redact_text(config.label_names)}; --label-names chooses them)") from None
     text = output.read_text("train_summary.json")
     summary = (
         json.loads(text) if text else {"output": output.url, "steps": config.steps, "resumed_from_step": start_step}
@@ -915,7 +944,7 @@ def run_training(
 # What a resumed run must share with the run it resumes: the schedule, the data order and what is trained. Paths may
 # move (data copied elsewhere) and the operational knobs (logging, saving, decoding threads) may change.
 _RECIPE_FIELDS = ("model", "steps", "batch_size", "num_frames", "sampling", "stride", "temporal_jitter", "seed",
-                  "optimizer", "augment", "caption_loss_weight")  # fmt: skip
+                  "optimizer", "augment", "caption_loss_weight", "label_names")  # fmt: skip
 
 
 def _check_same_recipe(config: TrainConfig, recorded_text: str | None, url: str) -> None:

@@ -163,11 +163,12 @@ def test_a_local_files_etag_and_size_are_its_own_whatever_the_manifest_says(tmp_
     manifest.write_text(
         "uri,etag,size_bytes\n"
         "a.mp4,bogus-etag,5\n"  # another kind of ETag: looked up
+        "a.mp4,local-\u00b2-5,\n"  # not digits as int() reads them (it raised, naming nothing): looked up
         f"b.mp4,{own},1000\n"  # a size that is not its ETag's: looked up
         f"c.mp4,{own},5\n"  # c.mp4's own ETag (a copy of the same size) and size: taken
         f"d.mp4,{stale},5\n"  # its own kind, stale: taken, and refused on read as changed
     )
-    assert listed(manifest) == [found["a.mp4"], found["b.mp4"], VideoObject(found["c.mp4"].uri, own, 5),
+    assert listed(manifest) == [found["a.mp4"], found["a.mp4"], found["b.mp4"], VideoObject(found["c.mp4"].uri, own, 5),
                                 VideoObject(found["d.mp4"].uri, stale, 5)]  # fmt: skip
 
     from jobs.storage import open_video
@@ -186,6 +187,9 @@ def test_a_path_with_a_nul_is_an_unsupported_row(tmp_path: Path) -> None:
     ok, nul = listed(manifest)
     assert (ok.uri, ok.status) == (str(tmp_path / "ok.mp4"), "")
     assert nul.status == "unsupported_uri" and "NUL" in nul.error_message and "list.parquet" in nul.error_message
+    # Named by a file:// URI of its bytes, as a name that is not UTF-8 is: its raw path failed the run's summary
+    # (os.path.realpath of its folder) after everything was committed.
+    assert nul.uri == f"file://{tmp_path}/nul%00x.mp4"
 
 
 def test_uris_with_blanks_before_them_are_rows_not_paths(tmp_path: Path) -> None:

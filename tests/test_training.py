@@ -29,6 +29,8 @@ import torch
 import vitaclip
 from jobs import evaluate as eval_job
 from jobs import train as train_job
+from vitaclip.checkpoints import save_checkpoint
+from vitaclip.labels import load_label_set
 from vitaclip.registry import create_model, get_model_config
 from vitaclip.training import (
     AugmentConfig,
@@ -559,17 +561,32 @@ def test_config_defaults_are_the_official_recipe_and_yaml_flags_override(tmp_pat
     )
     with pytest.raises(ValueError, match="--label-names missing-labels.txt: No such file"):
         train_job.config_from_args(["--config", str(yaml_file), "--label-names", "missing-labels.txt"])
-    # Without --label-names, the model's own label set: Kinetics-400 was every model's default, and a caption-only
-    # run of vitaclip-demo saved a checkpoint that labelled the demo's videos with Kinetics' names.
-    assert config.label_names == "kinetics400"  # vitaclip-b16's
+    # Without --label-names, the model's own label set (a resumed run's: those it recorded): Kinetics-400 was every
+    # model's default, and a caption-only run of vitaclip-demo saved a checkpoint that labelled the demo's videos with
+    # Kinetics' names.
+    assert config.label_names == "" and train_job.with_label_names(config, None).label_names == "kinetics400"
+    recorded = json.dumps({**config.to_dict(), "label_names": "hmdb51"})
+    assert train_job.with_label_names(config, recorded).label_names == "hmdb51"
     demo = Path(vitaclip.__file__).parent / "pretrained" / "vitaclip-demo"
     for flags in (["--model", "vitaclip-demo"], ["--model", "vitaclip-demo", "--checkpoint", str(demo)]):
         config, _ = train_job.config_from_args(["--config", str(yaml_file), *flags])
-        assert config.label_names == "demo" and train_job.load_label_names("demo")[0] == "red circle moving left"
+        assert train_job.with_label_names(config, None).label_names == "demo"
+    assert train_job.load_label_names("demo")[0] == "red circle moving left"
+    # A checkpoint trained here records its labels: those, when they are a packaged set; else --label-names.
+    for names, expected in ((load_label_set("hmdb51"), "hmdb51"), (LABELS, None)):
+        saved = tmp_path / f"ck-{len(names)}"
+        save_checkpoint(create_model("vitaclip-tiny", label_names=list(names)), saved)
+        config, _ = train_job.config_from_args(["--config", str(yaml_file), "--checkpoint", str(saved)])
+        if expected is not None:
+            assert train_job.with_label_names(config, None).label_names == expected
+        else:
+            with pytest.raises(ValueError, match=f"trained on {len(LABELS)} labels of its own.*give --label-names"):
+                train_job.with_label_names(config, None)
     labelless = tmp_path / "labelless.json"
     labelless.write_text(json.dumps({**json.loads(get_model_config("vitaclip-tiny").to_json()), "label_set": None}))
+    config, _ = train_job.config_from_args(["--config", str(yaml_file), "--model", str(labelless)])
     with pytest.raises(ValueError, match="has no label set of its own: give --label-names"):
-        train_job.config_from_args(["--config", str(yaml_file), "--model", str(labelless)])
+        train_job.with_label_names(config, None)
     with pytest.raises(ValueError, match="multiple"):
         TrainConfig(train_list="x", output="y", batch_size=10, micro_batch_size=4)
     assert train_job.main(["--config", str(yaml_file), "--batch-size", "30", "--micro-batch-size", "7"]) == 2

@@ -442,10 +442,8 @@ class _SkippedLinkedFolders(_SkippedNames):
 
     @staticmethod
     def said(count: int, first: str) -> str:
-        links = "symbolic link" if count == 1 else "symbolic links"
-        return (
-            f"{count} {links} to folders not followed, such as {first}; give the folder itself as an input to list it"
-        )
+        links = "symbolic link to a folder" if count == 1 else "symbolic links to folders"
+        return f"{count} {links} not followed, such as {first}; give the folder itself as an input to list it"
 
 
 def is_hidden_key(key: str, prefix: str) -> bool:
@@ -737,7 +735,7 @@ def _given_etag_and_size(row: _ManifestRow, uri: str) -> tuple[str | None, int |
     if row.etag is None or not row.etag.startswith(LOCAL_ETAG_PREFIX):
         return None, None
     size = row.etag[len(LOCAL_ETAG_PREFIX) :].partition("-")[0]
-    if not size.isdigit() or (row.size_bytes is not None and int(size) != row.size_bytes):
+    if not (size.isascii() and size.isdigit()) or (row.size_bytes is not None and int(size) != row.size_bytes):
         return None, None
     return row.etag, int(size)
 
@@ -784,8 +782,9 @@ def _resolve_entry(row: _ManifestRow, *, base: str, on_s3: bool, where: str) -> 
             while uri.startswith("./"):
                 uri = uri[2:]
             uri = f"{base}/{uri}"  # a key next to the manifest's, as written (but a leading "./")
-        elif "\x00" in uri:  # no file name holds one (a Parquet or CSV cell may)
-            return _unsupported(row, "a path with a NUL character", where=where)
+        elif "\x00" in uri:  # no file name holds one (a Parquet or CSV cell may): a row named by a file:// URI
+            named = "file://" + quote(os.fsencode(_normalize_path(os.path.join(base, uri))), safe="/")
+            return _unsupported(row._replace(uri=named), "a path with a NUL character", where=where)
         else:
             uri = _normalize_path(os.path.join(base, uri))  # an absolute path stays itself
     elif scheme.group(1).lower() == "s3":
@@ -1282,10 +1281,19 @@ def _inventory_batch_rows(
             raise StorageError(f"{where} row {row}: no bucket or key", reason="invalid_input", uri=where)
         if url_encoded:
             key = unquote_plus(key)
-        size_bytes = _parse_size(size, where=where, line=row)
-        if key.endswith("/") and not size_bytes:  # a folder marker (one with data is a file's name)
+        if key.endswith("/") and _is_folder_marker(size):  # a folder marker (one with data is a file's name)
             continue
+        size_bytes = _parse_size(size, where=where, line=row)
         yield _ManifestRow(f"s3://{bucket}/{key}", _clean_etag(etag), size_bytes, row)
+
+
+def _is_folder_marker(size: Any) -> bool:
+    """Whether an inventory row whose key ends in ``/`` is a folder marker: no data (or a size that says nothing,
+    which a marker's row was never refused for)."""
+    try:
+        return not int(size or 0)
+    except (TypeError, ValueError):
+        return True
 
 
 def _is(value: Any, flag: bool) -> bool:
