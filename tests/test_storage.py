@@ -295,13 +295,15 @@ def test_a_subfolder_past_the_path_limit_is_one_unlisted_entry(tmp_path: Path) -
 
 
 def test_a_folder_tree_deeper_than_pythons_recursion_limit_is_listed(tmp_path: Path) -> None:
-    """A folder per level, 1,200 levels (paths of 2,400 bytes, within PATH_MAX): a walk that recursed once per level
-    failed the run with a RecursionError at about 985 levels, and nothing was indexed. Anyone who could make folders
-    in an input share could stop every nightly run."""
+    """A folder per level, 1,500 levels (paths of 3,000 bytes, within PATH_MAX): a walk that recursed once per level
+    failed the run with a RecursionError at about 985 levels (Python's default limit, 1,000, set here: a test
+    worker may run with a higher one), and nothing was indexed. Anyone who could make folders in an input share
+    could stop every nightly run."""
     import sys
 
     (tmp_path / "top.mp4").write_bytes(b"1")
-    levels = sys.getrecursionlimit() + 200
+    levels = 1500
+    assert len(str(tmp_path)) + 2 * levels + 10 < 4096, tmp_path  # within PATH_MAX: listed, not unlisted
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         for _ in range(levels):
@@ -315,9 +317,12 @@ def test_a_folder_tree_deeper_than_pythons_recursion_limit_is_listed(tmp_path: P
         os.close(fd)
     (tmp_path / "b.mp4").write_bytes(b"2")
     deep = str(tmp_path / os.path.join(*["a"] * levels))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
     try:
         listed = [(v.uri, v.status) for v in list_videos([str(tmp_path)])]
     finally:  # shutil.rmtree (pytest's clean-up of old temporary folders) recurses once per level too
+        sys.setrecursionlimit(limit)
         subprocess.run(["rm", "-rf", str(tmp_path / "a")], check=True)
     assert listed == [
         (f"{deep}/deep.mp4", ""),
